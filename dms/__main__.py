@@ -1,0 +1,3 @@
+from dms.cli.app import run
+
+run()

@@ -1,0 +1,254 @@
+"""The actor base: behaviours, replies, callbacks and children on a pykka thread.
+
+The actor's thread finishes the receive pipeline that the system started:
+behaviour lookup -> size class -> capability -> payload validation -> handler.
+A handler returns its result (sent as the reply), raises :class:`Refusal`
+(an error reply with that code), raises anything else (an error reply with
+``handler_error``; the actor keeps running), or calls ``request.defer()`` to
+answer later, typically from an ``invoke(..., on_reply=...)`` callback. No
+handler ever blocks on another actor's reply, so actors that invoke each other
+cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+from pydantic import BaseModel, ValidationError
+
+from dms.actor.behaviour import Behaviour, declared_behaviours
+from dms.actor.codes import ErrorCode, Refusal
+from dms.actor.envelope import Envelope, Sealed
+from dms.actor.handle import Handle
+from dms.actor.system import ActorContext, ActorRef, ActorSystem, Call, Inbound, Outcome
+from dms.actor.timers import TimerHandle
+from dms.security.identity import Identity
+
+log = logging.getLogger("dms.actor")
+
+
+class Responder:
+    """Answers a deferred request once, from any thread."""
+
+    def __init__(self, actor: ActorRef, envelope: Envelope) -> None:
+        self._actor = actor
+        self._envelope = envelope
+        self._done = False
+        self._lock = threading.Lock()
+
+    def _claim(self) -> bool:
+        with self._lock:
+            if self._done:
+                return False
+            self._done = True
+            return True
+
+    def ok(self, result: Any = None) -> None:
+        if self._claim():
+            self._actor.system.reply(self._envelope, result, self._actor)
+
+    def fail(self, code: ErrorCode | str, reason: str) -> None:
+        if self._claim():
+            self._actor.system.refuse(self._envelope, Refusal(code, reason), self._actor)
+
+
+class Request:
+    """What a handler receives: the verified envelope and its (validated) payload."""
+
+    def __init__(self, actor: ActorRef, envelope: Envelope, payload: Any) -> None:
+        self.envelope = envelope
+        self.payload = payload
+        self._actor = actor
+        self.responder: Responder | None = None
+
+    @property
+    def sender(self) -> Handle:
+        return self.envelope.sender
+
+    @property
+    def deferred(self) -> bool:
+        return self.responder is not None
+
+    def defer(self) -> Responder:
+        """Answer later: the handler's return value is then ignored."""
+        if self.responder is None:
+            self.responder = Responder(self._actor, self.envelope)
+        return self.responder
+
+
+class Actor(pykka.ThreadingActor):
+    """Base of every dms actor. Subclasses declare behaviours with ``@behaviour``.
+
+    Override :meth:`stopping` (not ``on_stop``) for clean-up; children are
+    stopped after it.
+    """
+
+    def __init__(self, context: ActorContext) -> None:
+        super().__init__()
+        self.context = context
+        self._behaviours: dict[str, Behaviour] = {
+            path: Behaviour(
+                path=spec.path,
+                handler=spec.handler.__get__(self),
+                public=spec.public,
+                payload=spec.payload,
+                data=spec.data,
+                capability=spec.capability,
+            )
+            for path, spec in declared_behaviours(type(self)).items()
+        }
+        self._children: list[ActorRef] = []
+        self._ref: ActorRef | None = None
+
+    # ---- who am I ----------------------------------------------------------------
+
+    @property
+    def system(self) -> ActorSystem:
+        return self.context.system
+
+    @property
+    def identity(self) -> Identity:
+        return self.context.identity
+
+    @property
+    def handle(self) -> Handle:
+        return self.context.handle
+
+    @property
+    def ref(self) -> ActorRef:
+        if self._ref is None:
+            self._ref = ActorRef(self.system, self.identity, self.handle, self.actor_ref)
+        return self._ref
+
+    # ---- messaging (any of these may be called from handlers) -------------------
+
+    def send(self, to: Handle, behaviour: str, payload: Any = None, **kw: Any) -> None:
+        self.ref.send(to, behaviour, payload, **kw)
+
+    def invoke(
+        self,
+        to: Handle,
+        behaviour: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        on_reply: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        """Request/reply without blocking: ``on_reply(outcome)`` runs in this actor."""
+        self.ref.invoke(to, behaviour, payload, timeout=timeout, on_reply=on_reply)
+
+    def publish(self, topic: str, behaviour: str, payload: Any = None, **kw: Any) -> None:
+        self.ref.publish(topic, behaviour, payload, **kw)
+
+    def subscribe(self, topic: str) -> None:
+        self.system.subscribe(topic, self.handle.address.inbox)
+
+    def register(
+        self,
+        path: str,
+        handler: Callable[[Request], Any],
+        *,
+        public: bool = False,
+        payload: type[BaseModel] | None = None,
+        data: bool = False,
+    ) -> None:
+        self._behaviours[path] = Behaviour(
+            path=path, handler=handler, public=public, payload=payload, data=data
+        )
+
+    def unregister(self, path: str) -> None:
+        self._behaviours.pop(path, None)
+
+    def spawn(self, cls: type[Actor], *args: Any, inbox: str | None = None, **kw: Any) -> ActorRef:
+        """Start a child actor with its own key; it stops when this actor stops."""
+        child = self.system.spawn(cls, *args, inbox=inbox, **kw)
+        self._children.append(child)
+        return child
+
+    def call_later(self, delay_s: float, fn: Callable[[], Any]) -> TimerHandle:
+        """Run ``fn`` in this actor's thread after ``delay_s``."""
+        pykka_ref = self.actor_ref
+
+        def fire() -> None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                pykka_ref.tell(Call(fn))
+
+        return self.system.timers.call_later(delay_s, fire)
+
+    # ---- hooks -------------------------------------------------------------------
+
+    def on_message(self, message: Any) -> Any:
+        """Messages told to the actor that are not envelopes; override to use."""
+        log.warning("%s ignored a %s", self.handle.address.inbox, type(message).__name__)
+
+    def stopping(self) -> None:
+        """Clean-up before the actor's children stop and it leaves its system."""
+
+    # ---- pykka -------------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        try:
+            if isinstance(message, Inbound):
+                self._handle(message.sealed)
+            elif isinstance(message, Call):
+                message.fn(*message.args)
+            else:
+                return self.on_message(message)
+        except Exception:
+            # The actor must outlive any bug in a callback or hook.
+            log.exception("%s failed on %s", self.handle.address.inbox, type(message).__name__)
+        return None
+
+    def on_stop(self) -> None:
+        try:
+            self.stopping()
+        finally:
+            for child in self._children:
+                child.stop()
+
+    def _handle(self, sealed: Sealed) -> None:
+        env = sealed.envelope
+        request: Request | None = None
+        try:
+            spec = self._behaviours.get(env.behaviour)
+            if spec is None:
+                raise Refusal(
+                    ErrorCode.UNKNOWN_BEHAVIOUR,
+                    f"{self.handle.address.inbox} has no behaviour {env.behaviour}",
+                )
+            if not spec.data and sealed.size > self.system.limits.max_control_bytes:
+                raise Refusal(
+                    ErrorCode.TOO_LARGE,
+                    f"{sealed.size} bytes exceed the control limit "
+                    f"{self.system.limits.max_control_bytes} of {env.behaviour}",
+                )
+            self.system.policy.authorize(env, spec)
+            payload = env.payload
+            if spec.payload is not None:
+                try:
+                    payload = spec.payload.model_validate(payload)
+                except ValidationError as exc:
+                    raise Refusal(ErrorCode.BAD_PAYLOAD, _first_error(exc)) from None
+            request = Request(self.ref, env, payload)
+            result = spec.handler(request)
+        except Refusal as refusal:
+            self.system.refuse(env, refusal, self.ref)
+            return
+        except Exception as exc:
+            log.exception("handler of %s raised", env.behaviour)
+            refusal = Refusal(ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+            self.system.refuse(env, refusal, self.ref)
+            return
+        if not request.deferred:
+            self.system.reply(env, result, self.ref)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "payload"
+    return f"{where}: {err['msg']}"

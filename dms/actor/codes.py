@@ -1,0 +1,67 @@
+"""Refusal codes and the exceptions that carry them.
+
+Every refusal of the receive pipeline has its own code, so a caller (or a
+script reading ``--json``) can tell a bad signature from an expired message
+without parsing prose. See ``specs/actor.md``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from dms.errors import DmsError
+
+
+class ErrorCode(StrEnum):
+    TOO_LARGE = "too_large"
+    MALFORMED = "malformed"
+    EXPIRED = "expired"
+    EXPIRY_TOO_FAR = "expiry_too_far"
+    CLOCK_SKEW = "clock_skew"
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_SIGNER = "wrong_signer"
+    REPLAYED = "replayed"
+    UNKNOWN_ACTOR = "unknown_actor"
+    UNKNOWN_BEHAVIOUR = "unknown_behaviour"
+    FORBIDDEN = "forbidden"
+    BAD_PAYLOAD = "bad_payload"
+    HANDLER_ERROR = "handler_error"
+    UNREACHABLE = "unreachable"
+    TIMEOUT = "timeout"
+    STOPPED = "stopped"
+
+
+class Refusal(Exception):
+    """Raised inside the runtime or a handler to refuse a message with a code.
+
+    A handler may raise it with any code (usually ``BAD_PAYLOAD`` or
+    ``FORBIDDEN``); the caller receives it as a :class:`RemoteError`.
+    """
+
+    def __init__(self, code: ErrorCode | str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = str(code)
+        self.reason = reason
+
+
+class RemoteError(DmsError):
+    """An error reply: the receiver (or the runtime on the way) refused the request."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class InvokeTimeout(RemoteError):
+    """No reply came before the request expired."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(ErrorCode.TIMEOUT, reason)
+
+
+class Unreachable(RemoteError):
+    """The transport could not hand the message to the destination's host."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(ErrorCode.UNREACHABLE, reason)

@@ -1,0 +1,272 @@
+"""The signed envelope and its binary wire format.
+
+Wire format (all integers big-endian)::
+
+    b"DMS1" | u32 header length | header | payload | signature (64 bytes)
+
+``header`` is a MessagePack array of the routing fields in a fixed order and
+``payload`` is the MessagePack encoding of the message body with map keys
+sorted, so the encoding is a function of the envelope (canonical) and large
+``bytes`` travel as raw binary, never base64. The Ed25519 signature covers
+every byte before it. A receiver checks the total size before decoding
+anything, and verifies the signature over the bytes it received: it never
+re-encodes to verify.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dms.actor.codes import ErrorCode, Refusal
+from dms.actor.handle import Address, Handle
+from dms.security.identity import SIGNATURE_BYTES, Identity, verify_signature
+
+MAGIC = b"DMS1"
+_PREFIX = struct.Struct(">4sI")
+PREFIX_BYTES = _PREFIX.size
+MAX_HEADER_BYTES = 64 * 1024
+NONCE_BYTES = 16
+
+REPLY_PREFIX = "/dms/actor/replyto/"
+
+
+class Envelope(BaseModel):
+    """One message to a behaviour of an actor (``to``) or of a topic's subscribers."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    to: Handle | None = None
+    sender: Handle = Field(alias="from")
+    signer: bytes
+    behaviour: str = Field(min_length=1, max_length=512)
+    payload: Any = None
+    nonce: bytes = Field(min_length=NONCE_BYTES, max_length=NONCE_BYTES)
+    issued_at: int  # unix ns
+    expiry: int  # unix ns
+    reply_to: str | None = None
+    topic: str | None = None
+    caps: list[bytes] = []
+
+    @property
+    def expects_reply(self) -> bool:
+        return self.reply_to is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A decoded envelope with the exact bytes its signature covers."""
+
+    envelope: Envelope
+    signed: bytes
+    signature: bytes
+    size: int
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_BYTES)
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def reply_path(nonce: bytes) -> str:
+    return REPLY_PREFIX + nonce.hex()
+
+
+def make_envelope(
+    sender: Handle,
+    signer: bytes,
+    behaviour: str,
+    payload: Any = None,
+    *,
+    to: Handle | None = None,
+    ttl_s: float,
+    expect_reply: bool = False,
+    topic: str | None = None,
+    caps: list[bytes] | None = None,
+    nonce: bytes | None = None,
+) -> Envelope:
+    nonce = nonce or new_nonce()
+    issued = now_ns()
+    return Envelope(
+        to=to,
+        sender=sender,
+        signer=signer,
+        behaviour=behaviour,
+        payload=payload,
+        nonce=nonce,
+        issued_at=issued,
+        expiry=issued + int(ttl_s * 1e9),
+        reply_to=reply_path(nonce) if expect_reply else None,
+        topic=topic,
+        caps=caps or [],
+    )
+
+
+_SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
+
+
+def _canonical(value: Any) -> Any:
+    """Sort map keys recursively so equal payloads encode to equal bytes."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if isinstance(value, dict):
+        for key in value:
+            if type(key) is not str:
+                raise TypeError(f"payload map keys must be strings, not {type(key).__name__}")
+        return {k: v if type(v) in _SCALARS else _canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [v if type(v) in _SCALARS else _canonical(v) for v in value]
+    if isinstance(value, BaseModel):
+        return _canonical(value.model_dump(mode="python", by_alias=True))
+    return value
+
+
+def _handle_fields(handle: Handle | None) -> list[Any]:
+    if handle is None:
+        return [None, None, None]
+    return [handle.id, handle.address.host, handle.address.inbox]
+
+
+def encode_payload(payload: Any) -> bytes:
+    try:
+        return msgpack.packb(_canonical(payload), use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise Refusal(ErrorCode.BAD_PAYLOAD, f"payload cannot be encoded: {exc}") from None
+
+
+def seal(envelope: Envelope, identity: Identity) -> bytes:
+    """Encode and sign; ``identity`` should be the key of ``envelope.signer``."""
+    header = msgpack.packb(
+        [
+            *_handle_fields(envelope.to),
+            *_handle_fields(envelope.sender),
+            envelope.signer,
+            envelope.behaviour,
+            envelope.nonce,
+            envelope.issued_at,
+            envelope.expiry,
+            envelope.reply_to,
+            envelope.topic,
+            list(envelope.caps),
+        ],
+        use_bin_type=True,
+    )
+    body = _PREFIX.pack(MAGIC, len(header)) + header + encode_payload(envelope.payload)
+    return body + identity.sign(body)
+
+
+def _split(frame: bytes) -> tuple[bytes, int]:
+    """The header bytes and where the payload starts; raises ``Refusal(MALFORMED)``."""
+    if len(frame) < PREFIX_BYTES + SIGNATURE_BYTES:
+        raise Refusal(ErrorCode.MALFORMED, f"frame of {len(frame)} bytes is too short")
+    magic, header_len = _PREFIX.unpack_from(frame)
+    if magic != MAGIC:
+        raise Refusal(ErrorCode.MALFORMED, "not a dms envelope (bad magic)")
+    end = PREFIX_BYTES + header_len
+    if header_len > MAX_HEADER_BYTES or end > len(frame) - SIGNATURE_BYTES:
+        raise Refusal(ErrorCode.MALFORMED, "header length out of range")
+    return frame[PREFIX_BYTES:end], end
+
+
+def _unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise Refusal(ErrorCode.MALFORMED, f"undecodable: {type(exc).__name__}") from None
+
+
+def _handle_from(fields: list[Any]) -> Handle | None:
+    key, host, inbox = fields
+    if key is None and host is None and inbox is None:
+        return None
+    if type(key) is not bytes or type(host) is not str or type(inbox) is not str:
+        raise Refusal(ErrorCode.MALFORMED, "bad handle in header")
+    return _cached_handle(key, host, inbox)
+
+
+# Handles recur (a node talks to few actors) and are immutable: build each once.
+@lru_cache(maxsize=4096)
+def _cached_handle(key: bytes, host: str, inbox: str) -> Handle:
+    try:
+        return Handle(id=key, address=Address(host=host, inbox=inbox))
+    except ValidationError as exc:
+        raise Refusal(ErrorCode.MALFORMED, f"bad handle: {str(exc).splitlines()[0]}") from None
+
+
+def _envelope_from_header(header: list[Any], payload: Any) -> Envelope:
+    if not isinstance(header, list) or len(header) != 14:
+        raise Refusal(ErrorCode.MALFORMED, "header is not a 14-field array")
+    try:
+        return Envelope(
+            to=_handle_from(header[0:3]),
+            sender=_handle_from(header[3:6]),
+            signer=header[6],
+            behaviour=header[7],
+            payload=payload,
+            nonce=header[8],
+            issued_at=header[9],
+            expiry=header[10],
+            reply_to=header[11],
+            topic=header[12],
+            caps=header[13],
+        )
+    except (ValidationError, TypeError, ValueError) as exc:
+        raise Refusal(ErrorCode.MALFORMED, f"bad header: {str(exc).splitlines()[0]}") from None
+
+
+def peek(frame: bytes) -> Envelope | None:
+    """Best effort: the routing fields of a frame that will not be decoded in full.
+
+    Used to address an error reply to the sender of an oversized frame; the
+    payload is not read and the result is not authenticated.
+    """
+    try:
+        header, _ = _split(frame)
+        return _envelope_from_header(_unpack(header), None)
+    except Refusal:
+        return None
+
+
+def unseal(frame: bytes, max_bytes: int) -> Sealed:
+    """Size check, then decode. The signature is checked by :func:`verify`."""
+    if len(frame) > max_bytes:
+        raise Refusal(ErrorCode.TOO_LARGE, f"envelope of {len(frame)} bytes exceeds {max_bytes}")
+    header, payload_start = _split(frame)
+    decoded_header = _unpack(header)
+    payload = _unpack(frame[payload_start:-SIGNATURE_BYTES])
+    envelope = _envelope_from_header(decoded_header, payload)
+    return Sealed(
+        envelope=envelope,
+        signed=frame[:-SIGNATURE_BYTES],
+        signature=frame[-SIGNATURE_BYTES:],
+        size=len(frame),
+    )
+
+
+def verify(sealed: Sealed) -> None:
+    """Signature by ``signer`` over the received bytes, and ``signer`` is the sender."""
+    env = sealed.envelope
+    if not verify_signature(env.signer, sealed.signature, sealed.signed):
+        raise Refusal(ErrorCode.BAD_SIGNATURE, "signature does not match the envelope")
+    if env.signer != env.sender.id:
+        raise Refusal(ErrorCode.WRONG_SIGNER, "envelope is signed by a key other than its sender")
+
+
+def check_time(envelope: Envelope, now: int, max_ttl_s: float, clock_skew_s: float) -> None:
+    if envelope.expiry <= now:
+        raise Refusal(ErrorCode.EXPIRED, "envelope has expired")
+    if envelope.expiry - now > max_ttl_s * 1e9:
+        raise Refusal(ErrorCode.EXPIRY_TOO_FAR, f"expiry is more than {max_ttl_s:g} s away")
+    if envelope.issued_at - now > clock_skew_s * 1e9:
+        raise Refusal(ErrorCode.CLOCK_SKEW, "envelope is issued in the future")

@@ -1,0 +1,559 @@
+"""One actor system per node: the receive pipeline, routing and pending replies.
+
+Inbound frames from any transport enter :meth:`ActorSystem.receive`:
+
+    size -> decode -> expiry -> signature -> sender/peer binding -> replay
+         -> (reply? resolve the pending invoke) -> route to inbox or topic
+
+and the target actor's thread finishes the pipeline (behaviour lookup ->
+capability -> payload validation -> handler; see ``dms.actor.actor``). A
+refusal anywhere produces a signed error reply when the sender asked for one,
+and a log line always.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pykka
+from pydantic import BaseModel, Field
+
+from dms.actor.codes import ErrorCode, InvokeTimeout, Refusal, RemoteError
+from dms.actor.envelope import (
+    REPLY_PREFIX,
+    Envelope,
+    Sealed,
+    check_time,
+    make_envelope,
+    now_ns,
+    peek,
+    seal,
+    unseal,
+    verify,
+)
+from dms.actor.handle import ROOT_INBOX, Address, Handle
+from dms.actor.policy import CapabilityPolicy
+from dms.actor.replay import ReplayCache
+from dms.actor.timers import TimerHandle, Timers
+from dms.actor.transport import Transport
+from dms.security.identity import Identity, IdentityError, public_key_from_peer_id
+from dms.security.trust import TrustStore
+
+if TYPE_CHECKING:
+    from dms.actor.actor import Actor
+
+log = logging.getLogger("dms.actor")
+
+MIB = 1024 * 1024
+REFUSAL_TTL_S = 5.0
+
+
+class Limits(BaseModel):
+    """The pipeline's bounds; ``dms.config.Settings`` holds the user's values."""
+
+    max_data_bytes: int = Field(default=16 * MIB, ge=1024)
+    max_control_bytes: int = Field(default=1 * MIB, ge=1024)
+    max_ttl_s: float = Field(default=3600.0, gt=0)
+    clock_skew_s: float = Field(default=60.0, ge=0)
+    invoke_timeout_s: float = Field(default=10.0, gt=0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an invoke came to: a result or an error, handed to callbacks."""
+
+    result: Any = None
+    error: RemoteError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def value(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A verified envelope on its way to an actor's mailbox."""
+
+    sealed: Sealed
+
+
+@dataclass(frozen=True)
+class Call:
+    """Run ``fn(*args)`` in the receiving actor's thread."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+
+
+@dataclass
+class _Pending:
+    target: Handle
+    behaviour: str
+    future: Future[Any]
+    timer: TimerHandle | None = None
+    callback: Callable[[Outcome], None] | None = None
+    callback_actor: pykka.ActorRef[Any] | None = None
+
+
+@dataclass(frozen=True)
+class ActorContext:
+    """What a new actor is given: its system, key and handle."""
+
+    system: ActorSystem
+    identity: Identity
+    handle: Handle
+
+
+def reply_payload(result: Any = None, error: Refusal | None = None) -> dict[str, Any]:
+    if error is None:
+        return {"ok": True, "result": result}
+    return {"ok": False, "code": error.code, "reason": error.reason}
+
+
+class ActorRef:
+    """A thread-safe handle on a local actor: send, invoke and publish as it.
+
+    The same object serves code outside the actor (tests, the CLI relay,
+    benchmarks) and the actor itself (``Actor.ref``).
+    """
+
+    def __init__(
+        self,
+        system: ActorSystem,
+        identity: Identity,
+        handle: Handle,
+        pykka_ref: pykka.ActorRef[Any],
+    ) -> None:
+        self.system = system
+        self.identity = identity
+        self.handle = handle
+        self.pykka_ref = pykka_ref
+
+    @property
+    def did(self) -> str:
+        return self.handle.did
+
+    def envelope(
+        self,
+        behaviour: str,
+        payload: Any = None,
+        *,
+        to: Handle | None = None,
+        ttl_s: float | None = None,
+        expect_reply: bool = False,
+        topic: str | None = None,
+    ) -> Envelope:
+        return make_envelope(
+            self.handle,
+            self.identity.public_key,
+            behaviour,
+            payload,
+            to=to,
+            ttl_s=ttl_s or self.system.limits.invoke_timeout_s,
+            expect_reply=expect_reply,
+            topic=topic,
+        )
+
+    def seal(self, envelope: Envelope) -> bytes:
+        return self.system.seal(envelope, self.identity)
+
+    def send(
+        self, to: Handle, behaviour: str, payload: Any = None, *, ttl_s: float | None = None
+    ) -> None:
+        """Fire and forget; raises ``Unreachable`` if the destination host cannot be reached."""
+        self.system.route(self.seal(self.envelope(behaviour, payload, to=to, ttl_s=ttl_s)), to)
+
+    def invoke(
+        self,
+        to: Handle,
+        behaviour: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        on_reply: Callable[[Outcome], None] | None = None,
+    ) -> Future[Any]:
+        """Request/reply. The future fails with ``RemoteError`` or ``InvokeTimeout``.
+
+        With ``on_reply``, the outcome is also handed to that callback in this
+        actor's own thread, which is how handlers wait without blocking.
+        """
+        timeout = timeout or self.system.limits.invoke_timeout_s
+        env = self.envelope(behaviour, payload, to=to, ttl_s=timeout, expect_reply=True)
+        return self.system.invoke_frame(
+            self.seal(env),
+            env,
+            timeout,
+            callback=on_reply,
+            callback_actor=self.pykka_ref if on_reply else None,
+        )
+
+    def ask(
+        self, to: Handle, behaviour: str, payload: Any = None, *, timeout: float | None = None
+    ) -> Any:
+        """Blocking invoke, for code outside actors. Never call it inside a handler."""
+        timeout = timeout or self.system.limits.invoke_timeout_s
+        return self.invoke(to, behaviour, payload, timeout=timeout).result(timeout + 1.0)
+
+    def publish(
+        self, topic: str, behaviour: str, payload: Any = None, *, ttl_s: float | None = None
+    ) -> None:
+        env = self.envelope(behaviour, payload, ttl_s=ttl_s, topic=topic)
+        self.system.publish(topic, self.seal(env))
+
+    def tell(self, message: Any) -> None:
+        self.pykka_ref.tell(message)
+
+    def is_alive(self) -> bool:
+        return self.pykka_ref.is_alive()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.system.stop_actor(self.handle.address.inbox, timeout)
+
+
+class ActorSystem:
+    """The actors of one node, their transport and their shared pipeline state."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        transport: Transport,
+        *,
+        limits: Limits | None = None,
+        trust: TrustStore | None = None,
+    ) -> None:
+        if transport.peer_id != identity.peer_id:
+            raise ValueError("the transport's peer id must be the node key's peer id")
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.transport = transport
+        self.limits = limits or Limits()
+        self.trust = trust or TrustStore(None)
+        self.timers = Timers(f"dms-timers-{self.peer_id[-6:]}")
+        self.policy = CapabilityPolicy(self.trust, self.is_local)
+        self._lock = threading.Lock()
+        self._actors: dict[str, ActorRef] = {}
+        self._local_keys: set[bytes] = {identity.public_key}
+        self._subscribers: dict[str, set[str]] = defaultdict(set)
+        self._pending: dict[bytes, _Pending] = {}
+        self._replay = ReplayCache()
+        self._root_handle = Handle(
+            id=identity.public_key, address=Address(host=self.peer_id, inbox=ROOT_INBOX)
+        )
+        self._stopped = False
+        transport.start(self.receive)
+
+    # ---- actors -----------------------------------------------------------------
+
+    def spawn(
+        self,
+        cls: type[Actor],
+        *args: Any,
+        inbox: str | None = None,
+        identity: Identity | None = None,
+        **kwargs: Any,
+    ) -> ActorRef:
+        """Start an actor of ``cls`` with its own key (or ``identity``) at ``inbox``."""
+        identity = identity or Identity.generate()
+        inbox = inbox or f"{cls.__name__.lower()}-{identity.public_key[:6].hex()}"
+        handle = Handle(id=identity.public_key, address=Address(host=self.peer_id, inbox=inbox))
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("actor system is stopped")
+            if inbox in self._actors:
+                raise ValueError(f"inbox {inbox!r} is taken")
+            self._local_keys.add(identity.public_key)
+        context = ActorContext(system=self, identity=identity, handle=handle)
+        pykka_ref = cls.start(context, *args, **kwargs)
+        ref = ActorRef(self, identity, handle, pykka_ref)
+        with self._lock:
+            self._actors[inbox] = ref
+        return ref
+
+    def actor(self, inbox: str) -> ActorRef | None:
+        with self._lock:
+            return self._actors.get(inbox)
+
+    def stop_actor(self, inbox: str, timeout: float = 5.0) -> None:
+        with self._lock:
+            ref = self._actors.pop(inbox, None)
+            if ref is None:
+                return
+            if ref.identity.public_key != self.identity.public_key:
+                self._local_keys.discard(ref.identity.public_key)
+            for members in self._subscribers.values():
+                members.discard(inbox)
+        with contextlib.suppress(pykka.ActorDeadError):
+            ref.pykka_ref.stop(block=True, timeout=timeout)
+
+    def is_local(self, public_key: bytes) -> bool:
+        return public_key in self._local_keys
+
+    def subscribe(self, topic: str, inbox: str) -> None:
+        with self._lock:
+            first = not self._subscribers[topic]
+            self._subscribers[topic].add(inbox)
+        if first:
+            self.transport.subscribe(topic)
+
+    def stop(self) -> None:
+        """Stop every actor, fail every pending invoke, detach from the network."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            inboxes = list(self._actors)
+        for inbox in inboxes:
+            self.stop_actor(inbox)
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for p in pending:
+            self._complete(p, Outcome(error=RemoteError(ErrorCode.STOPPED, "actor system stopped")))
+        self.transport.stop()
+        self.timers.stop()
+
+    # ---- outbound ----------------------------------------------------------------
+
+    def seal(self, envelope: Envelope, identity: Identity) -> bytes:
+        try:
+            frame = seal(envelope, identity)
+        except Refusal as r:
+            raise RemoteError(r.code, r.reason) from None
+        if len(frame) > self.limits.max_data_bytes:
+            raise RemoteError(
+                ErrorCode.TOO_LARGE,
+                f"envelope of {len(frame)} bytes exceeds {self.limits.max_data_bytes}",
+            )
+        return frame
+
+    def route(self, frame: bytes, to: Handle) -> None:
+        if to.address.host == self.peer_id:
+            self.receive(frame, self.peer_id)
+        else:
+            self.transport.send(to.address.host, frame)
+
+    def publish(self, topic: str, frame: bytes) -> None:
+        self.transport.publish(topic, frame)
+        with self._lock:
+            local = bool(self._subscribers.get(topic))
+        if local:
+            self.receive(frame, self.peer_id)
+
+    def invoke_frame(
+        self,
+        frame: bytes,
+        envelope: Envelope,
+        timeout: float,
+        *,
+        callback: Callable[[Outcome], None] | None = None,
+        callback_actor: pykka.ActorRef[Any] | None = None,
+    ) -> Future[Any]:
+        """Send a sealed request and await its reply (used by relays and tests too)."""
+        if envelope.to is None or envelope.reply_to is None:
+            raise ValueError("invoke needs a destination and a reply path")
+        future: Future[Any] = Future()
+        pending = _Pending(
+            target=envelope.to,
+            behaviour=envelope.behaviour,
+            future=future,
+            callback=callback,
+            callback_actor=callback_actor,
+        )
+        nonce = envelope.nonce
+        with self._lock:
+            self._pending[nonce] = pending
+        pending.timer = self.timers.call_later(timeout, lambda: self._expire(nonce, timeout))
+        try:
+            self.route(frame, envelope.to)
+        except RemoteError as err:
+            self._take_and_complete(nonce, Outcome(error=err))
+        return future
+
+    def _send_reply(self, request: Envelope, payload: dict[str, Any], as_: ActorRef | None) -> None:
+        if request.reply_to is None or request.behaviour.startswith(REPLY_PREFIX):
+            return
+        ttl_s = (request.expiry - now_ns()) / 1e9
+        if not payload["ok"]:
+            # A refusal must reach the caller even when the request itself had expired.
+            ttl_s = max(ttl_s, REFUSAL_TTL_S)
+        if ttl_s <= 0:
+            log.info("reply to %s dropped: the request expired", request.behaviour)
+            return
+        sender = as_.handle if as_ else self._root_handle
+        identity = as_.identity if as_ else self.identity
+        env = make_envelope(
+            sender, identity.public_key, request.reply_to, payload, to=request.sender, ttl_s=ttl_s
+        )
+        try:
+            frame = self.seal(env, identity)
+        except RemoteError as err:
+            env = env.model_copy(
+                update={"payload": reply_payload(error=Refusal(err.code, err.reason))}
+            )
+            frame = self.seal(env, identity)
+        try:
+            self.route(frame, request.sender)
+        except RemoteError as err:
+            log.info("reply to %s not delivered: %s", request.sender.did, err)
+
+    def reply(self, request: Envelope, result: Any, as_: ActorRef) -> None:
+        self._send_reply(request, reply_payload(result), as_)
+
+    def refuse(self, request: Envelope, refusal: Refusal, as_: ActorRef | None = None) -> None:
+        """Log a refusal and, if the sender expects a reply, tell it why."""
+        log.warning(
+            "refused %s from %s: %s: %s",
+            request.behaviour,
+            request.sender.did,
+            refusal.code,
+            refusal.reason,
+        )
+        self._send_reply(request, reply_payload(error=refusal), as_)
+
+    # ---- inbound -----------------------------------------------------------------
+
+    def receive(self, frame: bytes, from_peer: str | None) -> None:
+        """Entry point for transports: run the system half of the pipeline."""
+        try:
+            sealed = unseal(frame, self.limits.max_data_bytes)
+        except Refusal as refusal:
+            claimed = peek(frame) if refusal.code == ErrorCode.TOO_LARGE else None
+            if claimed is not None:
+                self.refuse(claimed, refusal)
+            else:
+                log.warning(
+                    "dropped frame from %s: %s: %s", from_peer, refusal.code, refusal.reason
+                )
+            return
+        env = sealed.envelope
+        try:
+            check_time(env, now_ns(), self.limits.max_ttl_s, self.limits.clock_skew_s)
+            verify(sealed)
+            self._check_peer(env, from_peer)
+            if not self._replay.first_sight(env.signer, env.nonce, env.expiry, now_ns()):
+                raise Refusal(ErrorCode.REPLAYED, "nonce already seen from this signer")
+            if env.behaviour.startswith(REPLY_PREFIX):
+                self._resolve(env)
+            elif env.to is None:
+                self._deliver_topic(sealed)
+            else:
+                self._deliver_direct(sealed)
+        except Refusal as refusal:
+            self.refuse(env, refusal)
+
+    def _check_peer(self, env: Envelope, from_peer: str | None) -> None:
+        """The envelope came from the host it names, and a root actor is its host's key."""
+        if from_peer is None:
+            return
+        if env.sender.address.host != from_peer:
+            raise Refusal(ErrorCode.WRONG_SIGNER, "sender's host is not the peer it came from")
+        if env.sender.address.inbox == ROOT_INBOX:
+            try:
+                host_key = public_key_from_peer_id(from_peer)
+            except IdentityError:
+                host_key = None
+            if host_key != env.signer:
+                raise Refusal(ErrorCode.WRONG_SIGNER, "root actor is not signed by its peer's key")
+
+    def _deliver_direct(self, sealed: Sealed) -> None:
+        to = sealed.envelope.to
+        assert to is not None
+        with self._lock:
+            ref = self._actors.get(to.address.inbox) if to.address.host == self.peer_id else None
+        if ref is None or ref.handle.id != to.id:
+            raise Refusal(
+                ErrorCode.UNKNOWN_ACTOR, f"no actor {to.address.inbox} with that key here"
+            )
+        try:
+            ref.pykka_ref.tell(Inbound(sealed))
+        except pykka.ActorDeadError:
+            raise Refusal(ErrorCode.STOPPED, f"actor {to.address.inbox} has stopped") from None
+
+    def _deliver_topic(self, sealed: Sealed) -> None:
+        topic = sealed.envelope.topic
+        if topic is None:
+            raise Refusal(ErrorCode.MALFORMED, "envelope has neither a destination nor a topic")
+        with self._lock:
+            refs = [self._actors[i] for i in self._subscribers.get(topic, ()) if i in self._actors]
+        for ref in refs:
+            try:
+                ref.pykka_ref.tell(Inbound(sealed))
+            except pykka.ActorDeadError:
+                continue
+
+    def _resolve(self, reply: Envelope) -> None:
+        try:
+            nonce = bytes.fromhex(reply.behaviour[len(REPLY_PREFIX) :])
+        except ValueError:
+            raise Refusal(ErrorCode.MALFORMED, "bad reply path") from None
+        with self._lock:
+            pending = self._pending.get(nonce)
+            if pending is None:
+                log.debug("late or unknown reply %s dropped", reply.behaviour)
+                return
+            if not self._answers(pending.target, reply.signer):
+                log.warning("reply for %s signed by an unexpected key dropped", pending.behaviour)
+                return
+            del self._pending[nonce]
+        payload = reply.payload
+        if not isinstance(payload, dict) or "ok" not in payload:
+            outcome = Outcome(error=RemoteError(ErrorCode.MALFORMED, "malformed reply"))
+        elif payload["ok"]:
+            outcome = Outcome(result=payload.get("result"))
+        else:
+            code = str(payload.get("code", ErrorCode.MALFORMED))
+            reason = str(payload.get("reason", ""))
+            outcome = Outcome(error=RemoteError(code, reason))
+        self._complete(pending, outcome)
+
+    @staticmethod
+    def _answers(target: Handle, signer: bytes) -> bool:
+        """A reply may come from the target actor or from its host node (refusals)."""
+        if signer == target.id:
+            return True
+        try:
+            return public_key_from_peer_id(target.address.host) == signer
+        except IdentityError:
+            return False
+
+    def _expire(self, nonce: bytes, timeout: float) -> None:
+        with self._lock:
+            pending = self._pending.get(nonce)
+        if pending is None:
+            return
+        err = InvokeTimeout(
+            f"no reply from {pending.target.did} to {pending.behaviour} within {timeout:g} s"
+        )
+        self._take_and_complete(nonce, Outcome(error=err))
+
+    def _take_and_complete(self, nonce: bytes, outcome: Outcome) -> None:
+        with self._lock:
+            pending = self._pending.pop(nonce, None)
+        if pending is not None:
+            self._complete(pending, outcome)
+
+    @staticmethod
+    def _complete(pending: _Pending, outcome: Outcome) -> None:
+        if pending.timer is not None:
+            pending.timer.cancel()
+        if outcome.error is not None:
+            pending.future.set_exception(outcome.error)
+        else:
+            pending.future.set_result(outcome.result)
+        if pending.callback is not None and pending.callback_actor is not None:
+            try:
+                pending.callback_actor.tell(Call(pending.callback, (outcome,)))
+            except pykka.ActorDeadError:
+                log.info("reply for %s arrived after its actor stopped", pending.behaviour)

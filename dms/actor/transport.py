@@ -1,0 +1,32 @@
+"""What an actor system needs from a network: frames to hosts and topics.
+
+A transport moves opaque frames. It calls ``receiver(frame, from_peer)`` for
+every inbound frame (``from_peer`` is the authenticated peer id where the
+transport knows it, else None); the actor system does everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+Receiver = Callable[[bytes, str | None], None]
+
+
+class Transport(Protocol):
+    @property
+    def peer_id(self) -> str: ...
+
+    def start(self, receiver: Receiver) -> None: ...
+
+    def send(self, peer_id: str, frame: bytes) -> None:
+        """Hand a frame to ``peer_id``'s host; raise ``Unreachable`` if it cannot."""
+
+    def publish(self, topic: str, frame: bytes) -> None:
+        """Deliver to every other host subscribed to ``topic``."""
+
+    def subscribe(self, topic: str) -> None: ...
+
+    def unsubscribe(self, topic: str) -> None: ...
+
+    def stop(self) -> None: ...

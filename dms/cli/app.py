@@ -1,0 +1,51 @@
+"""The ``dms`` command. User mistakes end in one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from dms import __version__
+from dms.cli import config, key
+from dms.cli.output import error
+from dms.errors import DmsError
+
+app = typer.Typer(
+    name="dms",
+    help="dms: a peer-to-peer device management service for privacy-preserving data mining.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(key.app, name="key")
+app.add_typer(config.app, name="config")
+
+
+@app.command("version")
+def version() -> None:
+    """Print the dms version."""
+    typer.echo(__version__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; click reports usage errors itself, we report ``DmsError``."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except DmsError as exc:
+        error(str(exc))
+        return exc.exit_code
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        error(str(exc.code))
+        return 1
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,96 @@
+"""Effective configuration: defaults < ``DMS_HOME/config.toml`` < ``DMS_*`` variables.
+
+``load_settings()`` is the only way to build :class:`Settings`; it finds the
+home folder first (``DMS_HOME`` or ``~/.dms``) because the TOML file lives there.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from dms.errors import DmsError
+
+MIB = 1024 * 1024
+
+
+class ConfigError(DmsError):
+    """A configuration file or variable with a bad value."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DMS_", extra="forbid")
+
+    home: Path = Field(default=Path("~/.dms"), description="node folder")
+    db_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite file DMS_HOME/dms.db"
+    )
+    passphrase: SecretStr | None = Field(default=None, description="keystore passphrase")
+    api_port: int = Field(default=9999, ge=0, le=65535)
+    max_data_bytes: int = Field(default=16 * MIB, ge=1024, description="largest envelope")
+    max_control_bytes: int = Field(
+        default=1 * MIB, ge=1024, description="largest envelope for a control behaviour"
+    )
+    max_ttl_s: float = Field(default=3600.0, gt=0, description="longest accepted expiry")
+    clock_skew_s: float = Field(default=60.0, ge=0)
+    invoke_timeout_s: float = Field(default=10.0, gt=0)
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.home / 'dms.db'}"
+
+    def shown(self) -> dict[str, Any]:
+        """The effective values as plain data, secrets masked."""
+        data = self.model_dump(mode="json")
+        for name, value in data.items():
+            if isinstance(getattr(self, name), SecretStr) and value is not None:
+                data[name] = "********"
+        data["database_url"] = self.database_url
+        return data
+
+
+def home_from_env() -> Path:
+    return Path(os.environ.get("DMS_HOME") or "~/.dms").expanduser()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    home = Path(overrides.pop("home", None) or home_from_env()).expanduser()
+    toml_path = home / "config.toml"
+    if toml_path.exists():
+        try:
+            tomllib.loads(toml_path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{toml_path} is not valid TOML: {exc}") from None
+
+    class _HomeSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=toml_path)
+
+    try:
+        settings = _HomeSettings(home=home, **overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"bad configuration value for '{where}': {err['msg']}") from None
+    return settings

@@ -1,0 +1,19 @@
+"""The one error type a user sees.
+
+A :class:`DmsError` carries a one-line message meant for a person; the CLI
+prints it as ``error: <message>`` and exits non-zero, never with a traceback.
+Anything else that escapes is a bug and keeps its traceback.
+"""
+
+
+class DmsError(Exception):
+    """A user-facing failure with a one-line explanation."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,0 +1,130 @@
+"""Ed25519 identities: one key gives the DID, the actor id and the libp2p peer id.
+
+The DID is ``did:key:z<base58btc(0xed01 || public key)>``. The peer id is the
+libp2p identity multihash of the protobuf-encoded public key, written in
+base58btc (``12D3KooW...``); it is computed here so that the lower layers do
+not import libp2p, and a test checks it against py-libp2p's own derivation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import base58
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from dms.errors import DmsError
+
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+_DID_KEY_PREFIX = "did:key:z"
+_ED25519_MULTICODEC = b"\xed\x01"
+# protobuf PublicKey{Type: Ed25519 (1), Data: <32 bytes>}
+_LIBP2P_KEY_PREFIX = b"\x08\x01\x12\x20"
+# identity multihash (code 0x00) of 36 bytes
+_IDENTITY_MULTIHASH_PREFIX = b"\x00\x24"
+
+
+class IdentityError(DmsError):
+    """A DID, peer id or key that cannot be parsed."""
+
+
+# base58 is pure Python (~70 us a call); the keys a node meets are few, so cache.
+@lru_cache(maxsize=4096)
+def did_from_public_key(public_key: bytes) -> str:
+    _check_public_key(public_key)
+    return _DID_KEY_PREFIX + base58.b58encode(_ED25519_MULTICODEC + public_key).decode()
+
+
+@lru_cache(maxsize=4096)
+def public_key_from_did(did: str) -> bytes:
+    if not did.startswith(_DID_KEY_PREFIX):
+        raise IdentityError(f"not an Ed25519 did:key: {did!r}")
+    try:
+        raw = base58.b58decode(did[len(_DID_KEY_PREFIX) :])
+    except ValueError as exc:
+        raise IdentityError(f"not an Ed25519 did:key: {did!r}") from exc
+    if not raw.startswith(_ED25519_MULTICODEC) or len(raw) != 2 + PUBLIC_KEY_BYTES:
+        raise IdentityError(f"not an Ed25519 did:key: {did!r}")
+    return raw[2:]
+
+
+@lru_cache(maxsize=4096)
+def peer_id_from_public_key(public_key: bytes) -> str:
+    _check_public_key(public_key)
+    multihash = _IDENTITY_MULTIHASH_PREFIX + _LIBP2P_KEY_PREFIX + public_key
+    return base58.b58encode(multihash).decode()
+
+
+@lru_cache(maxsize=4096)
+def public_key_from_peer_id(peer_id: str) -> bytes:
+    """The Ed25519 public key embedded in a ``12D3KooW...`` peer id."""
+    try:
+        raw = base58.b58decode(peer_id)
+    except ValueError as exc:
+        raise IdentityError(f"not a peer id: {peer_id!r}") from exc
+    prefix = _IDENTITY_MULTIHASH_PREFIX + _LIBP2P_KEY_PREFIX
+    if not raw.startswith(prefix) or len(raw) != len(prefix) + PUBLIC_KEY_BYTES:
+        raise IdentityError(f"not an Ed25519 peer id: {peer_id!r}")
+    return raw[len(prefix) :]
+
+
+def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def _check_public_key(public_key: bytes) -> None:
+    if len(public_key) != PUBLIC_KEY_BYTES:
+        raise IdentityError(f"an Ed25519 public key has 32 bytes, not {len(public_key)}")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A private Ed25519 key and the names derived from it."""
+
+    private_key: Ed25519PrivateKey = field(repr=False)
+    public_key: bytes
+    did: str
+    peer_id: str
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls.from_private_key(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> Identity:
+        if len(raw) != 32:
+            raise IdentityError(f"an Ed25519 private key has 32 bytes, not {len(raw)}")
+        return cls.from_private_key(Ed25519PrivateKey.from_private_bytes(raw))
+
+    @classmethod
+    def from_private_key(cls, key: Ed25519PrivateKey) -> Identity:
+        public = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        return cls(
+            private_key=key,
+            public_key=public,
+            did=did_from_public_key(public),
+            peer_id=peer_id_from_public_key(public),
+        )
+
+    def private_bytes(self) -> bytes:
+        return self.private_key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
+    def sign(self, message: bytes) -> bytes:
+        return self.private_key.sign(message)

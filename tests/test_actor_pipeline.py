@@ -1,0 +1,348 @@
+"""The receive pipeline, end to end between real actor systems on the in-memory transport."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+from pydantic import BaseModel
+
+from dms.actor import (
+    ROOT_INBOX,
+    Actor,
+    ErrorCode,
+    InvokeTimeout,
+    Limits,
+    Outcome,
+    Refusal,
+    RemoteError,
+    Request,
+    behaviour,
+    make_envelope,
+    seal,
+)
+from dms.actor.envelope import PREFIX_BYTES
+from dms.security import Identity
+
+
+class Greeting(BaseModel):
+    name: str
+
+
+class Service(Actor):
+    def __init__(self, context, peer=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(context)
+        self.peer = peer
+        self.calls = 0
+
+    @behaviour("/test/echo", public=True)
+    def echo(self, request: Request) -> object:
+        self.calls += 1
+        return request.payload
+
+    @behaviour("/test/greet", public=True, payload=Greeting)
+    def greet(self, request: Request) -> str:
+        return f"hello {request.payload.name}"
+
+    @behaviour("/test/boom", public=True)
+    def boom(self, request: Request) -> None:
+        raise RuntimeError("handler exploded")
+
+    @behaviour("/test/refuse", public=True)
+    def refuse(self, request: Request) -> None:
+        raise Refusal(ErrorCode.BAD_PAYLOAD, "no thanks")
+
+    @behaviour("/test/private")
+    def private(self, request: Request) -> str:
+        return "secret"
+
+    @behaviour("/test/silent", public=True)
+    def silent(self, request: Request) -> None:
+        request.defer()  # never answers
+
+    @behaviour("/test/blob", public=True, data=True)
+    def blob(self, request: Request) -> int:
+        return len(request.payload)
+
+    @behaviour("/test/relay", public=True)
+    def relay(self, request: Request) -> None:
+        """Ask the peer, which asks us back; answer when its answer arrives."""
+        responder = request.defer()
+
+        def done(outcome: Outcome) -> None:
+            if outcome.ok:
+                responder.ok({"peer_said": outcome.result})
+            else:
+                assert outcome.error is not None
+                responder.fail(outcome.error.code, outcome.error.reason)
+
+        self.invoke(self.peer, "/test/callback", request.payload, timeout=5, on_reply=done)
+
+    @behaviour("/test/callback", public=True)
+    def callback(self, request: Request) -> None:
+        responder = request.defer()
+        self.invoke(
+            request.sender,
+            "/test/echo",
+            {"back": request.payload},
+            timeout=5,
+            on_reply=lambda outcome: responder.ok(outcome.value()),
+        )
+
+
+@pytest.fixture
+def pair(make_node):  # type: ignore[no-untyped-def]
+    a, b = make_node(), make_node()
+    ra = a.spawn(Service, inbox=ROOT_INBOX, identity=a.identity)
+    rb = b.spawn(Service, inbox=ROOT_INBOX, identity=b.identity)
+    return ra, rb
+
+
+def code_of(future, timeout: float = 5.0) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(RemoteError) as info:
+        future.result(timeout)
+    return info.value.code
+
+
+def test_invoke_round_trip_carries_bytes(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    payload = {"blob": bytes(range(256)), "n": [1, 2.5, None, True], "s": "é"}
+    assert a.ask(b.handle, "/test/echo", payload) == payload
+
+
+def test_payload_model_is_validated(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    assert a.ask(b.handle, "/test/greet", {"name": "ada"}) == "hello ada"
+    assert code_of(a.invoke(b.handle, "/test/greet", {"nom": "ada"})) == ErrorCode.BAD_PAYLOAD
+
+
+def test_tampered_payload_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    env = a.envelope("/test/echo", {"amount": 10}, to=b.handle, expect_reply=True)
+    frame = bytearray(a.seal(env))
+    frame[-64 - 2] ^= 0x01  # inside the payload, just before the signature
+    future = a.system.invoke_frame(bytes(frame), env, 5)
+    assert code_of(future) == ErrorCode.BAD_SIGNATURE
+
+
+def test_wrong_signer_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    mallory = Identity.generate()
+    forged = make_envelope(
+        a.handle,
+        mallory.public_key,
+        "/test/echo",
+        {"x": 1},
+        to=b.handle,
+        ttl_s=5,
+        expect_reply=True,
+    )
+    future = a.system.invoke_frame(seal(forged, mallory), forged, 5)
+    assert code_of(future) == ErrorCode.WRONG_SIGNER
+
+
+def test_expired_envelope_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    env = a.envelope("/test/echo", 1, to=b.handle, expect_reply=True, ttl_s=5)
+    past = env.model_copy(update={"issued_at": env.issued_at - 10**10, "expiry": env.issued_at - 1})
+    future = a.system.invoke_frame(a.seal(past), past, 5)
+    assert code_of(future) == ErrorCode.EXPIRED
+
+
+def test_replayed_nonce_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    env = a.envelope("/test/echo", "once", to=b.handle, expect_reply=True)
+    frame = a.seal(env)
+    assert a.system.invoke_frame(frame, env, 5).result(5) == "once"
+    assert code_of(a.system.invoke_frame(frame, env, 5)) == ErrorCode.REPLAYED
+    assert b.pykka_ref.proxy().calls.get() == 1  # the handler ran once
+
+
+def test_unknown_behaviour_gets_error_reply(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    assert code_of(a.invoke(b.handle, "/test/nothing-here")) == ErrorCode.UNKNOWN_BEHAVIOUR
+
+
+def test_unknown_actor_gets_error_reply(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    ghost = b.handle.model_copy(
+        update={"address": b.handle.address.model_copy(update={"inbox": "x"})}
+    )
+    assert code_of(a.invoke(ghost, "/test/echo")) == ErrorCode.UNKNOWN_ACTOR
+
+
+def test_handler_error_is_replied_and_actor_survives(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    future = a.invoke(b.handle, "/test/boom")
+    with pytest.raises(RemoteError) as info:
+        future.result(5)
+    assert info.value.code == ErrorCode.HANDLER_ERROR
+    assert "handler exploded" in info.value.reason
+    assert a.ask(b.handle, "/test/echo", "still here") == "still here"
+
+
+def test_handler_refusal_keeps_its_code(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    future = a.invoke(b.handle, "/test/refuse")
+    with pytest.raises(RemoteError) as info:
+        future.result(5)
+    assert (info.value.code, info.value.reason) == (ErrorCode.BAD_PAYLOAD, "no thanks")
+
+
+def test_private_behaviour_needs_local_or_root_sender(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    assert code_of(a.invoke(b.handle, "/test/private")) == ErrorCode.FORBIDDEN
+    b.system.trust.anchor_root(a.did)
+    assert a.ask(b.handle, "/test/private") == "secret"
+
+
+def test_child_actor_is_trusted_by_its_node(make_node) -> None:  # type: ignore[no-untyped-def]
+    node = make_node()
+    root = node.spawn(Service, inbox=ROOT_INBOX, identity=node.identity)
+    child = node.spawn(Service)
+    assert child.ask(root.handle, "/test/private") == "secret"
+    assert child.handle.id != root.handle.id
+
+
+def test_invoke_to_silent_actor_times_out_clearly(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    started = time.monotonic()
+    future = a.invoke(b.handle, "/test/silent", timeout=0.3)
+    with pytest.raises(InvokeTimeout) as info:
+        future.result(5)
+    assert time.monotonic() - started < 2.0
+    assert info.value.code == ErrorCode.TIMEOUT
+    assert "/test/silent" in str(info.value)
+
+
+def test_actors_invoking_each_other_from_handlers_do_not_deadlock(make_node) -> None:  # type: ignore[no-untyped-def]
+    a_sys, b_sys = make_node(), make_node()
+    b = b_sys.spawn(Service, inbox=ROOT_INBOX, identity=b_sys.identity)
+    a = a_sys.spawn(Service, b.handle, inbox=ROOT_INBOX, identity=a_sys.identity)
+    # a.relay -> b.callback -> a.echo -> (b answers) -> (a answers)
+    results = [a.invoke(a.handle, "/test/relay", i, timeout=5) for i in range(20)]
+    assert [r.result(10) for r in results] == [{"peer_said": {"back": i}} for i in range(20)]
+
+
+def test_oversized_envelope_is_refused_before_decoding(make_node, memnet) -> None:  # type: ignore[no-untyped-def]
+    small = Limits(max_data_bytes=64 * 1024, max_control_bytes=8 * 1024)
+    a_sys, b_sys = make_node(), make_node(limits=small)
+    a = a_sys.spawn(Service, inbox=ROOT_INBOX, identity=a_sys.identity)
+    b = b_sys.spawn(Service, inbox=ROOT_INBOX, identity=b_sys.identity)
+    env = a.envelope("/test/blob", b"\x00" * 100_000, to=b.handle, expect_reply=True)
+    frame = a.seal(env)  # the sender's own limit is the default 16 MiB
+    # Garble the payload: if the receiver decoded it, it would fail as malformed.
+    garbled = frame[: len(frame) - 64 - 50_000] + b"\xc1" * 50_000 + frame[-64:]
+    future = a_sys.invoke_frame(garbled, env, 5)
+    assert code_of(future) == ErrorCode.TOO_LARGE
+
+
+def test_sender_refuses_its_own_oversized_envelope_at_once(make_node) -> None:  # type: ignore[no-untyped-def]
+    a_sys = make_node(limits=Limits(max_data_bytes=4096))
+    a = a_sys.spawn(Service, inbox=ROOT_INBOX, identity=a_sys.identity)
+    with pytest.raises(RemoteError) as info:
+        a.invoke(a.handle, "/test/blob", b"x" * 10_000)
+    assert info.value.code == ErrorCode.TOO_LARGE
+
+
+def test_control_behaviour_has_a_lower_limit(make_node) -> None:  # type: ignore[no-untyped-def]
+    limits = Limits(max_data_bytes=1024 * 1024, max_control_bytes=4096)
+    a_sys, b_sys = make_node(limits=limits), make_node(limits=limits)
+    a = a_sys.spawn(Service, inbox=ROOT_INBOX, identity=a_sys.identity)
+    b = b_sys.spawn(Service, inbox=ROOT_INBOX, identity=b_sys.identity)
+    big = b"y" * 10_000
+    assert a.ask(b.handle, "/test/blob", big) == len(big)  # data behaviour
+    assert code_of(a.invoke(b.handle, "/test/echo", big)) == ErrorCode.TOO_LARGE
+
+
+def test_unreachable_host_fails_at_once(pair, memnet) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    b.system.transport.stop()
+    assert code_of(a.invoke(b.handle, "/test/echo", timeout=5), timeout=1) == ErrorCode.UNREACHABLE
+
+
+def test_envelope_from_wrong_peer_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    env = a.envelope("/test/echo", 1, to=b.handle, expect_reply=True)
+    frame = a.seal(env)
+    # Delivered as if a third host had sent it: the root actor's key is not that peer's.
+    b.system.receive(frame, Identity.generate().peer_id)
+    # No reply can be awaited for a spoofed path, but the handler must not have run.
+    assert b.pykka_ref.proxy().calls.get() == 0
+
+
+def test_broadcast_reaches_every_subscriber(make_node) -> None:  # type: ignore[no-untyped-def]
+    seen: list[tuple[str, object]] = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    class Listener(Actor):
+        def on_start(self) -> None:
+            self.subscribe("news")
+            self.register("/broadcast/hello", self.hello, public=True)
+
+        def hello(self, request: Request) -> None:
+            with lock:
+                seen.append((self.handle.address.host, request.payload))
+                if len(seen) == 4:
+                    done.set()
+
+    systems = [make_node() for _ in range(4)]
+    refs = [s.spawn(Listener, inbox=ROOT_INBOX, identity=s.identity) for s in systems]
+    for ref in refs:  # on_start has run once the actor answers
+        ref.pykka_ref.proxy().handle.get()
+    refs[0].publish("news", "/broadcast/hello", {"v": 1})
+    assert done.wait(5)
+    assert sorted(h for h, _ in seen) == sorted(s.peer_id for s in systems)
+    assert all(p == {"v": 1} for _, p in seen)
+
+
+def test_lossy_network_is_reproducible(make_node) -> None:  # type: ignore[no-untyped-def]
+    from dms.actor import MemoryNetwork
+
+    def run(seed: int) -> list[bool]:
+        net = MemoryNetwork(loss=0.3, seed=seed)
+        a_sys, b_sys = make_node(network=net), make_node(network=net)
+        a = a_sys.spawn(Service, inbox=ROOT_INBOX, identity=a_sys.identity)
+        b = b_sys.spawn(Service, inbox=ROOT_INBOX, identity=b_sys.identity)
+        outcomes = []
+        for i in range(20):
+            try:
+                a.ask(b.handle, "/test/echo", i, timeout=0.2)
+                outcomes.append(True)
+            except InvokeTimeout:
+                outcomes.append(False)
+        net.close()
+        return outcomes
+
+    first, second = run(7), run(7)
+    assert first == second
+    assert 0 < sum(first) < 20
+
+
+def test_latency_is_injected(make_node) -> None:  # type: ignore[no-untyped-def]
+    from dms.actor import MemoryNetwork
+
+    net = MemoryNetwork(latency_s=0.05)
+    a_sys, b_sys = make_node(network=net), make_node(network=net)
+    a = a_sys.spawn(Service, inbox=ROOT_INBOX, identity=a_sys.identity)
+    b = b_sys.spawn(Service, inbox=ROOT_INBOX, identity=b_sys.identity)
+    started = time.monotonic()
+    assert a.ask(b.handle, "/test/echo", "slow") == "slow"
+    assert time.monotonic() - started >= 0.1  # there and back
+    net.close()
+
+
+def test_stopped_system_fails_pending_invokes(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    future = a.invoke(b.handle, "/test/silent", timeout=30)
+    a.system.stop()
+    assert code_of(future, timeout=2) == ErrorCode.STOPPED
+
+
+def test_prefix_size_is_stable() -> None:
+    # The wire format is an interface: magic + u32 header length.
+    assert PREFIX_BYTES == 8
+    assert dataclasses.is_dataclass(__import__("dms.actor.envelope").actor.envelope.Sealed)

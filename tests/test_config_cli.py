@@ -1,0 +1,112 @@
+"""Configuration precedence and the `dms key` / `dms config` commands, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dms.cli.app import main
+from dms.config import ConfigError, load_settings
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dms", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+def test_env_overrides_file_overrides_default(
+    dms_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dms_home.mkdir(parents=True)
+    (dms_home / "config.toml").write_text("api_port = 7000\nmax_ttl_s = 60\n")
+    assert load_settings().api_port == 7000
+    monkeypatch.setenv("DMS_API_PORT", "7001")
+    settings = load_settings()
+    assert (settings.api_port, settings.max_ttl_s, settings.invoke_timeout_s) == (7001, 60, 10)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("api_port = [", "not valid TOML"),
+        ("api_port = 'x'", "api_port"),
+        ("nonsense = 1", "nonsense"),
+    ],
+)
+def test_bad_config_file_is_a_clean_error(dms_home: Path, content: str, message: str) -> None:
+    dms_home.mkdir(parents=True)
+    (dms_home / "config.toml").write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_settings()
+
+
+def test_config_show_masks_secrets(dms_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "show", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["passphrase"] == "********"
+    assert "correct horse" not in json.dumps(shown)
+    assert shown["home"] == str(dms_home)
+
+
+def test_key_commands_in_a_temp_home(dms_home: Path) -> None:
+    created = run_cli("key", "new", "dms", "--json")
+    assert created.returncode == 0, created.stderr
+    did = json.loads(created.stdout)["did"]
+    assert run_cli("key", "new", "user").returncode == 0
+
+    shown = run_cli("key", "did", "dms")
+    assert shown.stdout.strip() == did
+    listed = json.loads(run_cli("key", "list", "--json").stdout)
+    assert sorted(k["context"] for k in listed) == ["dms", "user"]
+    assert (dms_home / "key" / "dms.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (("key", "did", "user"), {}, "no key 'user'"),
+        (("key", "new", "Bad Name"), {}, "invalid key context"),
+        (("config", "show"), {"DMS_API_PORT": "many"}, "api_port"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(
+    dms_home: Path, args: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    result = run_cli(*args, env=env)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_no_passphrase_without_terminal_is_a_clean_error(dms_home: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DMS_PASSPHRASE"}
+    result = subprocess.run(
+        [sys.executable, "-m", "dms", "key", "new", "dms"],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "DMS_PASSPHRASE" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_wrong_passphrase_from_cli_layer(dms_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dms.security import Keystore, KeystoreError
+
+    assert run_cli("key", "new", "dms").returncode == 0
+    monkeypatch.setenv("DMS_PASSPHRASE", "not it")
+    with pytest.raises(KeystoreError, match="wrong passphrase"):
+        Keystore(dms_home).load("dms")

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from dms import __version__
-from dms.cli import config, key
+from dms.cli import config, key, mine
 from dms.cli.output import error
 from dms.errors import DmsError
 
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 app.add_typer(key.app, name="key")
 app.add_typer(config.app, name="config")
+app.add_typer(mine.app, name="mine")
 
 
 @app.command("version")

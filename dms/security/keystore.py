@@ -17,13 +17,18 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from pydantic import BaseModel, ValidationError
 
 from dms.errors import DmsError
 from dms.security.identity import Identity, did_from_public_key, peer_id_from_public_key
+from dms.security.sealing import (
+    DEFAULT_SCRYPT_N,
+    ScryptParams,
+    SealedBox,
+    WrongPassphrase,
+    seal,
+    unseal,
+)
 
 KEYSTORE_VERSION = 1
 CONTEXT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -32,13 +37,6 @@ PASSPHRASE_ENV = "DMS_PASSPHRASE"
 
 class KeystoreError(DmsError):
     """A key that cannot be created, found or opened."""
-
-
-class ScryptParams(BaseModel):
-    n: int = 2**15
-    r: int = 8
-    p: int = 1
-    salt: str  # hex
 
 
 class KeyFile(BaseModel):
@@ -84,11 +82,6 @@ def passphrase_from_env_or_prompt(context: str, confirm: bool) -> str:
     return value
 
 
-def _derive(passphrase: str, params: ScryptParams) -> bytes:
-    kdf = Scrypt(salt=bytes.fromhex(params.salt), length=32, n=params.n, r=params.r, p=params.p)
-    return kdf.derive(passphrase.encode())
-
-
 def _associated_data(context: str, public_key_hex: str) -> bytes:
     return f"dms-keystore/v{KEYSTORE_VERSION}/{context}/{public_key_hex}".encode()
 
@@ -100,7 +93,7 @@ class Keystore:
         self,
         home: Path,
         passphrase: PassphraseSource = passphrase_from_env_or_prompt,
-        scrypt_n: int = 2**15,
+        scrypt_n: int = DEFAULT_SCRYPT_N,
     ) -> None:
         self.folder = Path(home) / "key"
         self._passphrase = passphrase
@@ -123,11 +116,12 @@ class Keystore:
             raise KeystoreError(f"key '{context}' already exists ({info.did}); not overwritten")
         passphrase = self._passphrase(context, True)
         identity = identity or Identity.generate()
-        params = ScryptParams(n=self._scrypt_n, salt=os.urandom(16).hex())
-        nonce = os.urandom(12)
         public_hex = identity.public_key.hex()
-        sealed = AESGCM(_derive(passphrase, params)).encrypt(
-            nonce, identity.private_bytes(), _associated_data(context, public_hex)
+        box = seal(
+            passphrase,
+            identity.private_bytes(),
+            _associated_data(context, public_hex),
+            n=self._scrypt_n,
         )
         doc = KeyFile(
             context=context,
@@ -135,9 +129,9 @@ class Keystore:
             peer_id=identity.peer_id,
             public_key=public_hex,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            kdf_params=params,
-            nonce=nonce.hex(),
-            ciphertext=sealed.hex(),
+            kdf_params=box.kdf_params,
+            nonce=box.nonce,
+            ciphertext=box.ciphertext,
         )
         self.folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)
@@ -153,13 +147,10 @@ class Keystore:
         """Decrypt the key of ``context``; a wrong passphrase is a clean error."""
         doc = self._read(context)
         passphrase = self._passphrase(context, False)
+        box = SealedBox(kdf_params=doc.kdf_params, nonce=doc.nonce, ciphertext=doc.ciphertext)
         try:
-            raw = AESGCM(_derive(passphrase, doc.kdf_params)).decrypt(
-                bytes.fromhex(doc.nonce),
-                bytes.fromhex(doc.ciphertext),
-                _associated_data(context, doc.public_key),
-            )
-        except InvalidTag:
+            raw = unseal(passphrase, box, _associated_data(context, doc.public_key))
+        except WrongPassphrase:
             raise KeystoreError(
                 f"wrong passphrase for key '{context}' (or its file was altered)"
             ) from None

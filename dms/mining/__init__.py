@@ -1,0 +1,13 @@
+"""Privacy-preserving data mining: schemes, algorithms, owner and worker sides.
+
+Depends on nothing else in ``dms``. Each algorithm has a data-owner side
+(keys, encryption, decryption) and a worker side (computes on ciphertexts,
+never holds a secret key) that talk through pydantic messages with ``bytes``
+payloads. ``dms.mining.local`` runs both sides in one process.
+"""
+
+from dms.mining.distance import Distance
+from dms.mining.errors import MiningError
+from dms.mining.local import MiningResult, run_classification, run_clustering
+
+__all__ = ["Distance", "MiningError", "MiningResult", "run_classification", "run_clustering"]

@@ -1,0 +1,1 @@
+"""Encryption schemes: Liu (real-valued, fast, not IND-CPA), CKKS (TenSEAL), FDH-OPE."""

@@ -9,11 +9,13 @@ Message flow (``specs/mining.md``)::
     worker --KnnVotes-->      owner    majority label per query
 
 Liu: the worker sends the signed per-attribute differences (linear, so they
-decrypt); the owner computes the distance. CKKS: training columns are packed
-(one ciphertext per attribute per chunk of N/2 rows) and each query value is
-encrypted replicated across a chunk, so a query costs O(a) ciphertext
-operations per chunk; Euclidean distances are computed homomorphically
-(sum of squared differences), Manhattan ones from decrypted differences.
+decrypt); the owner computes the distance. CKKS: each ciphertext packs
+R = N/2 // a training rows attribute-major (slot j*R + r holds row r's
+attribute j); a query is encrypted once, each value repeated R times in its
+attribute's block. Per query and packed ciphertext the worker does one
+subtraction and (Euclidean) one squaring: a query costs about n*a / (N/2)
+ciphertext operations, and no rotations. The owner sums the a blocks after
+decryption (it learns only per-attribute differences of its own rows).
 """
 
 from __future__ import annotations
@@ -44,18 +46,17 @@ class KnnStart(BaseModel):
     labels: list[Label]
     context: bytes | None = None
     train: NDArray | None = None  # Liu: n x a x m
-    columns: list[list[bytes]] | None = None  # CKKS: a x chunks (zero-padded to full chunks)
+    blocks: list[bytes] | None = None  # CKKS: R rows x a attributes per ciphertext, zero-padded
 
 
 class KnnQuery(BaseModel):
     queries: NDArray | None = None  # Liu: q x a x m
-    replicated: list[list[bytes]] | None = None  # CKKS: per query, a replicated ciphertexts
+    replicated: list[bytes] | None = None  # CKKS: one ciphertext per query, values repeated R times
 
 
 class KnnDistances(BaseModel):
     differences: NDArray | None = None  # Liu: q x n x a x m
-    squared: list[list[bytes]] | None = None  # CKKS Euclidean: per query, per chunk
-    per_attribute: list[list[list[bytes]]] | None = None  # CKKS Manhattan: query, attribute, chunk
+    blocks: list[list[bytes]] | None = None  # CKKS: per query, per block: (t - q)^2 or (t - q)
 
 
 class KnnNeighbours(BaseModel):
@@ -97,7 +98,7 @@ class KnnOwner:
         self.scale = peak if scheme == "ckks" and peak > 0 else 1.0
         self.train = centred / self.scale
         self.block_budget = block_budget
-        self.chunk = 0
+        self.rows_per_block = 0
         self.timings = {"keygen": 0.0, "encrypt": 0.0, "decrypt": 0.0}
 
     def start(self) -> KnnStart:
@@ -112,17 +113,18 @@ class KnnOwner:
         began = time.perf_counter()
         message = KnnStart(scheme=self.scheme, distance=self.distance, k=self.k, labels=self.labels)
         if isinstance(self.keys, CkksKeys):
-            n = self.train.shape[0]
-            self.chunk = min(self.keys.slots, n)
-            padded_rows = -(-n // self.chunk) * self.chunk
-            padded = np.zeros((padded_rows, self.train.shape[1]))
+            n, a = self.train.shape
+            if a > self.keys.slots:
+                raise MiningError(f"{a} attributes exceed the {self.keys.slots} CKKS slots")
+            rows = min(self.keys.slots // a, n)
+            self.rows_per_block = rows
+            padded = np.zeros((-(-n // rows) * rows, a))
             padded[:n] = self.train
             message.context = self.keys.public_context_bytes()
-            message.columns = (
-                self.keys.encrypt_columns(padded)
-                if self.chunk == self.keys.slots
-                else [[self.keys.encrypt(padded[:, j]).serialize()] for j in range(padded.shape[1])]
-            )
+            message.blocks = [
+                self.keys.encrypt(padded[i : i + rows].T.ravel()).serialize()
+                for i in range(0, padded.shape[0], rows)
+            ]
         else:
             message.train = NDArray.of(self.keys.encrypt(self.train))
         self.timings["encrypt"] += time.perf_counter() - began
@@ -139,7 +141,7 @@ class KnnOwner:
     def query_blocks(self, test: np.ndarray) -> list[np.ndarray]:
         prepared = self.prepare(test)
         per_query = self.train.shape[0] * self.train.shape[1]
-        step = 1 if self.scheme == "ckks" else max(1, self.block_budget // max(per_query, 1))
+        step = 8 if self.scheme == "ckks" else max(1, self.block_budget // max(per_query, 1))
         return [prepared[i : i + step] for i in range(0, prepared.shape[0], step)]
 
     def query(self, block: np.ndarray) -> KnnQuery:
@@ -147,7 +149,7 @@ class KnnOwner:
         if isinstance(self.keys, CkksKeys):
             message = KnnQuery(
                 replicated=[
-                    [self.keys.encrypt(np.full(self.chunk, value)).serialize() for value in row]
+                    self.keys.encrypt(np.repeat(row, self.rows_per_block)).serialize()
                     for row in block
                 ]
             )
@@ -162,25 +164,19 @@ class KnnOwner:
         began = time.perf_counter()
         n = self.train.shape[0]
         if isinstance(self.keys, CkksKeys):
-            if message.squared is not None:
-                dist = np.array(
-                    [
-                        np.concatenate([self.keys.decrypt(c) for c in chunks])[:n]
-                        for chunks in message.squared
-                    ]
-                )
-            elif message.per_attribute is not None:
-                dist = np.array(
-                    [
-                        sum(
-                            np.abs(np.concatenate([self.keys.decrypt(c) for c in chunks])[:n])
-                            for chunks in attributes
-                        )
-                        for attributes in message.per_attribute
-                    ]
-                )
-            else:
+            if message.blocks is None:
                 raise MiningError("worker sent no distances")
+            a, rows = self.train.shape[1], self.rows_per_block
+            # Euclidean blocks arrive squared; Manhattan ones as signed differences.
+            fold = np.asarray if self.distance is Distance.EUCLIDEAN else np.abs
+            dist = np.array(
+                [
+                    np.concatenate(
+                        [fold(self.keys.decrypt(c).reshape(a, rows)).sum(axis=0) for c in blocks]
+                    )[:n]
+                    for blocks in message.blocks
+                ]
+            )
         else:
             if message.differences is None or self.keys is None:
                 raise MiningError("worker sent no differences")
@@ -198,12 +194,10 @@ class KnnWorker:
         self.compute_s = 0.0
         self.context: ts.Context | None = None
         if start.scheme == "ckks":
-            if start.context is None or start.columns is None:
-                raise MiningError("a CKKS job needs a public context and packed columns")
+            if start.context is None or start.blocks is None:
+                raise MiningError("a CKKS job needs a public context and packed rows")
             self.context = load_public_context(start.context)
-            self.columns = [
-                [ts.ckks_vector_from(self.context, c) for c in column] for column in start.columns
-            ]
+            self.blocks = [ts.ckks_vector_from(self.context, b) for b in start.blocks]
         else:
             if start.train is None:
                 raise MiningError("a Liu job needs encrypted training rows")
@@ -214,27 +208,13 @@ class KnnWorker:
         if self.context is not None:
             if message.replicated is None:
                 raise MiningError("a CKKS query needs replicated ciphertexts")
-            queries = [
-                [ts.ckks_vector_from(self.context, c) for c in row] for row in message.replicated
-            ]
-            chunks = len(self.columns[0])
-            if self.start.distance is Distance.EUCLIDEAN:
-                out = KnnDistances(
-                    squared=[
-                        [self._squared(query, c).serialize() for c in range(chunks)]
-                        for query in queries
-                    ]
-                )
-            else:
-                out = KnnDistances(
-                    per_attribute=[
-                        [
-                            [(column[c] - q).serialize() for c in range(chunks)]
-                            for column, q in zip(self.columns, query, strict=True)
-                        ]
-                        for query in queries
-                    ]
-                )
+            square = self.start.distance is Distance.EUCLIDEAN
+            out = KnnDistances(
+                blocks=[
+                    [self._difference(block, query, square).serialize() for block in self.blocks]
+                    for query in (ts.ckks_vector_from(self.context, q) for q in message.replicated)
+                ]
+            )
         else:
             if message.queries is None:
                 raise MiningError("a Liu query needs encrypted query rows")
@@ -243,14 +223,10 @@ class KnnWorker:
         self.compute_s += time.perf_counter() - began
         return out
 
-    def _squared(self, query: list[ts.CKKSVector], chunk: int) -> ts.CKKSVector:
-        total: ts.CKKSVector | None = None
-        for column, value in zip(self.columns, query, strict=True):
-            diff = column[chunk] - value
-            term = diff * diff
-            total = term if total is None else total + term
-        assert total is not None
-        return total
+    @staticmethod
+    def _difference(block: ts.CKKSVector, query: ts.CKKSVector, square: bool) -> ts.CKKSVector:
+        diff = block - query
+        return diff * diff if square else diff
 
     def vote(self, message: KnnNeighbours) -> KnnVotes:
         indices = message.indices.array()

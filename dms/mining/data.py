@@ -1,7 +1,7 @@
 """Reading CSV data and generating seeded synthetic sets.
 
-A CSV may start with a header row (detected: a first row with a cell that is
-not a number, followed by a numeric row). Features must be numbers; a label
+A CSV may start with a header row (detected: a column with text in the first
+row and a number in the second). Features must be numbers; a label
 column (k-NN training and optionally test files) may hold any text. Every
 problem is a :class:`MiningError` naming the file, row and column.
 """
@@ -35,6 +35,15 @@ def _is_number(cell: str) -> bool:
     return True
 
 
+def _looks_like_header(rows: list[list[str]]) -> bool:
+    """Text above a number in some column (a label column is text in every row)."""
+    first = rows[0]
+    if len(rows) == 1:
+        return not any(_is_number(c) for c in first)
+    second = rows[1]
+    return any(not _is_number(a) and _is_number(b) for a, b in zip(first, second, strict=False))
+
+
 def _read_rows(path: Path) -> tuple[list[str] | None, list[list[str]]]:
     if not path.exists():
         raise MiningError(f"{path}: no such file")
@@ -50,7 +59,7 @@ def _read_rows(path: Path) -> tuple[list[str] | None, list[list[str]]]:
     if not rows:
         raise MiningError(f"{path}: the file is empty")
     header = None
-    if not all(_is_number(c) for c in rows[0]):
+    if _looks_like_header(rows):
         header, rows = rows[0], rows[1:]
     if not rows:
         raise MiningError(f"{path}: the file has a header but no data rows")

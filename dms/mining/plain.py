@@ -155,10 +155,11 @@ def knn(
     return out
 
 
-def boundary_ties(distances: np.ndarray, k: int) -> np.ndarray:
-    """Queries whose k+1 nearest include two exactly equal distances (order may flip)."""
+def boundary_ties(distances: np.ndarray, k: int, rtol: float = 1e-9) -> np.ndarray:
+    """Queries whose k+1 nearest include two equal distances (equal up to float rounding:
+    values such as 0.1 make distances that are equal in exact arithmetic differ by 1e-16)."""
     part = np.sort(distances, axis=1)[:, : k + 1]
-    return (np.diff(part, axis=1) == 0).any(axis=1)
+    return (np.diff(part, axis=1) <= rtol * np.maximum(np.abs(part[:, 1:]), 1e-300)).any(axis=1)
 
 
 def _blocks(rows: int, width: int, budget: int = 8_000_000) -> list[slice]:

@@ -1,0 +1,236 @@
+"""`dms mine` as a user runs it: outputs, formats, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dms.cli.app import main
+from dms.mining.data import read_table, read_test_table
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dms", *args],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
+
+
+def test_skmeans_writes_labels_and_result(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    code = main(
+        [
+            "mine",
+            "skmeans",
+            "--data",
+            str(EXAMPLES / "iris.csv"),
+            "--k",
+            "3",
+            "--out",
+            str(out),
+            "--local",
+            "--json",
+            "--compare",
+        ]
+    )
+    # iris.csv carries the species column: clustering wants numbers only.
+    assert code != 0
+    code = main(
+        [
+            "mine",
+            "skmeans",
+            "--data",
+            str(EXAMPLES / "iris-features.csv"),
+            "--k",
+            "3",
+            "--out",
+            str(out),
+            "--local",
+            "--json",
+            "--compare",
+        ]
+    )
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads((out / "result.json").read_text())
+    assert printed == saved
+    assert saved["algorithm"] == "skmeans" and saved["scheme"] == "ckks"
+    assert saved["converged"] is True and len(saved["centroids"]) == 3
+    assert set(saved["timings"]) == {"keygen", "encrypt", "compute", "decrypt", "total"}
+    assert saved["comparison"]["label_agreement"] == 1.0
+    rows = list(csv.reader((out / "labels.csv").open()))
+    assert rows[0] == ["label"] and len(rows) == 151
+
+
+def test_sknn_reports_accuracy_when_test_has_labels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "knn"
+    code = main(
+        [
+            "mine",
+            "sknn",
+            "--train",
+            str(EXAMPLES / "iris.csv"),
+            "--test",
+            str(EXAMPLES / "iris-features.csv"),
+            "--k",
+            "5",
+            "--scheme",
+            "liu",
+            "--distance",
+            "MANHATHAN",
+            "--out",
+            str(out),
+            "--local",
+            "--json",
+        ]
+    )
+    assert code == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["distance"] == "manhattan" and result["comparison"] is None
+    labels = [r[0] for r in csv.reader((out / "labels.csv").open())][1:]
+    assert len(labels) == 150 and set(labels) <= {"setosa", "versicolor", "virginica"}
+
+    code = main(
+        [
+            "mine",
+            "knn",
+            "--train",
+            str(EXAMPLES / "iris.csv"),
+            "--test",
+            str(EXAMPLES / "iris.csv"),
+            "--k",
+            "1",
+            "--out",
+            str(out),
+            "--local",
+            "--json",
+        ]
+    )
+    assert code == 0
+    assert json.loads((out / "result.json").read_text())["comparison"]["accuracy"] == 1.0
+    capsys.readouterr()
+
+
+def test_key_folder_is_reused_and_sealed(
+    tmp_path: Path, dms_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys"
+    args = [
+        "mine",
+        "skmeans",
+        "--data",
+        str(EXAMPLES / "iris-features.csv"),
+        "--k",
+        "3",
+        "--scheme",
+        "liu",
+        "--keys",
+        str(keys),
+        "--out",
+        str(tmp_path / "o"),
+        "--local",
+        "--json",
+    ]
+    assert main(args) == 0
+    assert {p.name for p in keys.iterdir()} == {"secretkey", "meta.json"}
+    sealed = (keys / "secretkey").read_text()
+    assert '"k"' not in sealed and "ciphertext" in sealed
+    assert main(args) == 0  # loads the same keys
+    os.environ["DMS_PASSPHRASE"] = "wrong"
+    assert main(args) == 1
+    assert "wrong passphrase" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, args, message",
+    [
+        (None, ("--k", "2"), "no such file"),
+        ("", ("--k", "2"), "empty"),
+        ("a,b\n1,2\n3,x\n", ("--k", "1"), "row 3, column 'b': 'x' is not a number"),
+        ("1,2\n3,4\n", ("--k", "0"), "k must be at least 1"),
+        ("1,2\n3,4\n", ("--k", "3"), "k = 3 exceeds the 2 records"),
+        ("1,2\n3,4,5\n", ("--k", "1"), "row 2 has 3 cells"),
+        ("1,2\n3,4\n", ("--k", "1", "--distance", "cosine"), "unknown distance"),
+        ("1,2\n3,4\n", ("--k", "1", "--scheme", "rsa"), "unknown scheme"),
+    ],
+)
+def test_bad_clustering_input_is_one_line(
+    tmp_path: Path, content: str | None, args: tuple[str, ...], message: str
+) -> None:
+    data = tmp_path / "data.csv"
+    if content is not None:
+        data.write_text(content)
+    result = run_cli(
+        "mine", "skmeans", "--data", str(data), "--out", str(tmp_path / "o"), "--local", *args
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "labels.csv").exists()
+
+
+def test_mismatched_train_and_test_columns(tmp_path: Path) -> None:
+    test = tmp_path / "test.csv"
+    test.write_text("1,2\n3,4\n")
+    result = run_cli(
+        "mine",
+        "sknn",
+        "--train",
+        str(EXAMPLES / "iris.csv"),
+        "--test",
+        str(test),
+        "--k",
+        "3",
+        "--out",
+        str(tmp_path / "o"),
+        "--local",
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "test rows have 2 columns; training has 4 features" in result.stderr
+
+
+def test_local_is_required_for_now(tmp_path: Path) -> None:
+    result = run_cli(
+        "mine",
+        "kmeans",
+        "--data",
+        str(EXAMPLES / "iris-features.csv"),
+        "--k",
+        "3",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert result.returncode != 0 and "--local" in result.stderr
+
+
+def test_csv_reading_rules(tmp_path: Path) -> None:
+    no_header = tmp_path / "plain.csv"
+    no_header.write_text("1,2,a\n3,4,b\n")
+    table = read_table(no_header, label=True)
+    assert table.labels == ["a", "b"] and table.features.tolist() == [[1, 2], [3, 4]]
+    named = tmp_path / "named.csv"
+    named.write_text("kind,x,y\na,1,2\nb,3,4\n")
+    table = read_table(named, label=True, label_column="kind")
+    assert table.labels == ["a", "b"] and table.columns == ["x", "y"]
+    with_label = tmp_path / "test.csv"
+    with_label.write_text("kind,x,y\nb,5,6\n")
+    assert read_test_table(with_label, table).labels == ["b"]
+    without = tmp_path / "test2.csv"
+    without.write_text("5,6\n")
+    assert read_test_table(without, table).labels is None

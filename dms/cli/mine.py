@@ -20,6 +20,7 @@ from dms.mining.data import read_table, read_test_table, write_labels
 from dms.mining.keyfolder import load_keys, save_keys
 from dms.mining.local import knn_ties
 from dms.mining.metrics import accuracy, adjusted_rand_index
+from dms.mining.schemes import new_keys
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
 from dms.security.keystore import passphrase_from_env_or_prompt
@@ -79,7 +80,7 @@ def _keys(folder: Path | None, scheme: str, level: int) -> CkksKeys | LiuKey | N
         if not isinstance(keys, expected):
             raise MineError(f"{folder} holds {type(keys).__name__} keys, not {scheme} keys")
         return keys
-    keys = CkksKeys.generate(level) if scheme == "ckks" else LiuKey.generate(level)
+    keys = new_keys(scheme, level)
     save_keys(folder, keys, sealer)
     return keys
 

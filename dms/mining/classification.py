@@ -32,6 +32,7 @@ from dms.mining.arrays import NDArray
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError
 from dms.mining.plain import check_k, nearest, vote
+from dms.mining.schemes import new_keys
 from dms.mining.schemes.ckks import CkksKeys, load_public_context
 from dms.mining.schemes.liu import LiuKey
 
@@ -104,11 +105,7 @@ class KnnOwner:
     def start(self) -> KnnStart:
         began = time.perf_counter()
         if self.keys is None:
-            self.keys = (
-                CkksKeys.generate(self.level)
-                if self.scheme == "ckks"
-                else LiuKey.generate(self.level)
-            )
+            self.keys = new_keys(self.scheme, self.level)
         self.timings["keygen"] += time.perf_counter() - began
         began = time.perf_counter()
         message = KnnStart(scheme=self.scheme, distance=self.distance, k=self.k, labels=self.labels)

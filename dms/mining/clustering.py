@@ -43,6 +43,7 @@ from dms.mining.plain import (
     initial_centroids,
     update_centroids,
 )
+from dms.mining.schemes import new_keys
 from dms.mining.schemes.ckks import CkksKeys, chunk_slices, load_public_context
 from dms.mining.schemes.fdhope import OpeKey
 from dms.mining.schemes.liu import LiuKey
@@ -120,11 +121,7 @@ class ClusterOwner:
     def start(self) -> ClusterStart:
         began = time.perf_counter()
         if self.keys is None:
-            self.keys = (
-                CkksKeys.generate(self.level)
-                if self.scheme == "ckks"
-                else LiuKey.generate(self.level)
-            )
+            self.keys = new_keys(self.scheme, self.level)
         self.timings["keygen"] += time.perf_counter() - began
         began = time.perf_counter()
         message = ClusterStart(

@@ -234,3 +234,31 @@ def test_csv_reading_rules(tmp_path: Path) -> None:
     without = tmp_path / "test2.csv"
     without.write_text("5,6\n")
     assert read_test_table(without, table).labels is None
+
+
+def test_synthetic_generator_is_seeded(tmp_path: Path) -> None:
+    from dms.mining.data import _main as generate
+
+    paths = [tmp_path / f"{i}.csv" for i in range(3)]
+    for path, seed in zip(paths, (4, 4, 5), strict=True):
+        assert (
+            generate(
+                [
+                    "classification",
+                    "--n",
+                    "50",
+                    "--a",
+                    "3",
+                    "--classes",
+                    "2",
+                    "--seed",
+                    str(seed),
+                    "--out",
+                    str(path),
+                ]
+            )
+            == 0
+        )
+    assert paths[0].read_text() == paths[1].read_text() != paths[2].read_text()
+    table = read_table(paths[0], label=True)
+    assert table.features.shape == (50, 3) and set(table.labels or []) <= {"class0", "class1"}

@@ -262,3 +262,21 @@ def test_synthetic_generator_is_seeded(tmp_path: Path) -> None:
     assert paths[0].read_text() == paths[1].read_text() != paths[2].read_text()
     table = read_table(paths[0], label=True)
     assert table.features.shape == (50, 3) and set(table.labels or []) <= {"class0", "class1"}
+
+
+def test_unusable_output_path_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run_cli(
+        "mine",
+        "kmeans",
+        "--data",
+        str(EXAMPLES / "iris-features.csv"),
+        "--k",
+        "3",
+        "--out",
+        str(blocker / "out"),
+        "--local",
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert str(blocker) in result.stderr and len(result.stderr.strip().splitlines()) == 1

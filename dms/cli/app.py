@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     except DmsError as exc:
         error(str(exc))
         return exc.exit_code
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # A path the user gave (--out, --keys, DMS_HOME) that cannot be used as asked.
+        error(f"{exc.filename}: {exc.strerror or exc}")
+        return 1
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or 0

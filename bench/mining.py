@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from dms.mining import Distance, run_classification, run_clustering
+from dms.mining import run_classification, run_clustering
 from dms.mining.classification import KnnOwner, KnnWorker
 from dms.mining.data import blobs
 from dms.mining.metrics import adjusted_rand_index
@@ -148,7 +148,6 @@ def main() -> int:
     parser.add_argument("--naive-test", type=int, default=4)
     parser.add_argument("--json", action="store_true", help="one JSON line per case")
     args = parser.parse_args()
-    _ = Distance.EUCLIDEAN  # the cases use the default distance
     for n in args.sizes:
         clustering_cases(n, args.json)
         classification_cases(n, args.n_test, args.json)

@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     clock_skew_s: float = Field(default=60.0, ge=0)
     invoke_timeout_s: float = Field(default=10.0, gt=0)
     log_level: str = "INFO"
+    listen: list[str] = Field(
+        default_factory=lambda: ["/ip4/0.0.0.0/tcp/9000"], description="libp2p listen multiaddrs"
+    )
+    bootstrap: list[str] = Field(
+        default_factory=list, description="peers to dial at start (multiaddrs with /p2p/)"
+    )
+    mdns: bool = Field(default=False, description="find peers on the LAN with mDNS")
+    dial_timeout_s: float = Field(default=5.0, gt=0, description="give up dialing a peer after")
 
     @classmethod
     def settings_customise_sources(

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 from dms.actor.codes import Unreachable
 from dms.actor.timers import Timers
-from dms.actor.transport import Receiver
+from dms.actor.transport import Receiver, Undeliverable
 
 
 class MemoryNetwork:
@@ -83,7 +83,7 @@ class MemoryTransport:
     def peer_id(self) -> str:
         return self._peer_id
 
-    def start(self, receiver: Receiver) -> None:
+    def start(self, receiver: Receiver, undeliverable: Undeliverable | None = None) -> None:
         self._network._attach(self._peer_id, receiver)
 
     def send(self, peer_id: str, frame: bytes) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pykka
 from pydantic import BaseModel, Field
 
-from dms.actor.codes import ErrorCode, InvokeTimeout, Refusal, RemoteError
+from dms.actor.codes import ErrorCode, InvokeTimeout, Refusal, RemoteError, Unreachable
 from dms.actor.envelope import (
     REPLY_PREFIX,
     Envelope,
@@ -252,7 +252,7 @@ class ActorSystem:
             id=identity.public_key, address=Address(host=self.peer_id, inbox=ROOT_INBOX)
         )
         self._stopped = False
-        transport.start(self.receive)
+        transport.start(self.receive, self.undeliverable)
 
     # ---- actors -----------------------------------------------------------------
 
@@ -421,6 +421,13 @@ class ActorSystem:
             refusal.reason,
         )
         self._send_reply(request, reply_payload(error=refusal), as_)
+
+    def undeliverable(self, frame: bytes, reason: str) -> None:
+        """A frame the transport took but lost: fail its invoke now, not at the timeout."""
+        env = peek(frame)
+        if env is None or env.reply_to is None:
+            return
+        self._take_and_complete(env.nonce, Outcome(error=Unreachable(reason)))
 
     # ---- inbound -----------------------------------------------------------------
 

@@ -11,13 +11,16 @@ from collections.abc import Callable
 from typing import Protocol
 
 Receiver = Callable[[bytes, str | None], None]
+# Called with a frame a transport accepted but could not deliver after all, and why.
+Undeliverable = Callable[[bytes, str], None]
 
 
 class Transport(Protocol):
     @property
     def peer_id(self) -> str: ...
 
-    def start(self, receiver: Receiver) -> None: ...
+    def start(self, receiver: Receiver, undeliverable: Undeliverable | None = None) -> None:
+        """Attach; ``undeliverable`` hears of frames lost after ``send`` returned."""
 
     def send(self, peer_id: str, frame: bytes) -> None:
         """Hand a frame to ``peer_id``'s host; raise ``Unreachable`` if it cannot."""

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from dms import __version__
-from dms.cli import config, key, mine
+from dms.cli import actor, config, key, mine, node, peers
 from dms.cli.output import error
 from dms.errors import DmsError
 
@@ -21,6 +21,10 @@ app = typer.Typer(
 app.add_typer(key.app, name="key")
 app.add_typer(config.app, name="config")
 app.add_typer(mine.app, name="mine")
+app.add_typer(actor.app, name="actor")
+app.add_typer(peers.app, name="peers")
+app.command("init")(node.init)
+app.command("run")(node.run)
 
 
 @app.command("version")

@@ -34,3 +34,35 @@ def emit_fields(data: dict[str, Any], title: str | None = None) -> None:
 
 def error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def jsonable(value: Any) -> Any:
+    """Reply data as JSON can hold it: bytes become hex."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(jsonable(value))
+    return "" if value is None else str(jsonable(value))
+
+
+def emit_result(result: Any, json_out: bool, title: str | None = None) -> None:
+    """Print a behaviour's reply: fields, a table of records, or a plain value."""
+    if json_out:
+        emit_json(jsonable(result))
+    elif isinstance(result, dict):
+        emit_table(title, ["field", "value"], [(k, _cell(v)) for k, v in result.items()])
+    elif isinstance(result, list) and result and all(isinstance(r, dict) for r in result):
+        columns = list(dict.fromkeys(k for r in result for k in r))
+        emit_table(title, columns, [[_cell(r.get(c)) for c in columns] for r in result])
+    elif isinstance(result, list):
+        emit_table(title, ["value"], [[_cell(r)] for r in result])
+    else:
+        console.print(_cell(result) if result is not None else "ok")

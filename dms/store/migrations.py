@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from dms.store.models import Base, Event, Setting
+from dms.store.models import Base, Event, KnownPeer, Setting
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ def _create(*models: type[Base]) -> Callable[[Connection], None]:
 
 MIGRATIONS: list[Migration] = [
     Migration(1, "node settings and event log", _create(Setting, Event)),
+    Migration(2, "known peers, for reconnecting after a restart", _create(KnownPeer)),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1].version

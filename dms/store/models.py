@@ -45,3 +45,13 @@ class Event(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     kind: Mapped[str] = mapped_column(String(64), index=True)
     data: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
+class KnownPeer(Base):
+    """A peer this node has been connected to, so it can dial it again after a restart."""
+
+    __tablename__ = "known_peers"
+
+    peer_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    addrs: Mapped[Any] = mapped_column(JSON, nullable=False, default=list)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,620 @@
+"""The libp2p transport: one py-libp2p host per node, on a trio thread of its own.
+
+The host runs TCP + Noise + Yamux with the node's Ed25519 key, so the node's
+DID and its peer id are one key. Actor threads cross into trio with
+``trio.from_thread``; inbound frames are handed to the actor system's receiver
+on the trio thread (the receiver only verifies and ``tell``s, it never blocks).
+
+- Unicast: protocol ``/dms/actor/1.0.0``, length-prefixed frames (see
+  ``dms.network.frames``), one reused outbound stream per peer.
+- Broadcast: gossipsub, with a topic validator that drops bad signatures and
+  expired envelopes before they propagate.
+- Discovery: bootstrap addresses, known peers from the store, optional mDNS,
+  and a Kademlia DHT to find a peer's addresses by its id.
+- ping and identify answer as in every libp2p implementation (host defaults).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+from libp2p import create_yamux_muxer_option, new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.host.ping import PingService
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub import pubsub as pubsub_module
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.tools.anyio_service import background_trio_service
+
+from dms.actor.codes import Refusal, Unreachable
+from dms.actor.envelope import check_time, now_ns, unseal, verify
+from dms.actor.transport import Receiver, Undeliverable
+from dms.network.frames import PREFIX, FrameError, FrameReader, encode_frame
+from dms.network.settings import NetworkSettings, parse_multiaddr
+from dms.security.identity import Identity
+
+log = logging.getLogger("dms.network")
+
+ACTOR_PROTOCOL = TProtocol("/dms/actor/1.0.0")
+START_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
+
+
+class NetworkError(Exception):
+    """The host could not start or an operation on it failed; the message says why."""
+
+
+@dataclass
+class _Outbound:
+    """One reused stream to a peer and the queue its writer task drains.
+
+    The writer coalesces whatever frames are queued into one stream write, so
+    a burst of sends costs one Yamux frame and one Noise message, not one each.
+    """
+
+    peer_id: str
+    stream: INetStream
+    queue: trio.MemorySendChannel[bytes]
+    pending: trio.MemoryReceiveChannel[bytes]
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class PeerInfoView:
+    """A connected peer as the node shows it."""
+
+    peer_id: str
+    addrs: list[str]
+
+
+def envelope_is_valid(
+    frame: bytes, publisher: str, max_bytes: int, max_ttl_s: float, skew_s: float
+) -> bool:
+    """The gossip validator: signed, in time, and published by the host it names."""
+    try:
+        sealed = unseal(frame, max_bytes)
+        check_time(sealed.envelope, now_ns(), max_ttl_s, skew_s)
+        verify(sealed)
+    except Refusal as refusal:
+        log.info("gossip from %s rejected: %s: %s", publisher, refusal.code, refusal.reason)
+        return False
+    if sealed.envelope.sender.address.host != publisher:
+        log.info("gossip from %s rejected: sender names another host", publisher)
+        return False
+    return True
+
+
+class Libp2pTransport:
+    """A :class:`dms.actor.Transport` over py-libp2p, plus the peer operations a node offers."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        settings: NetworkSettings | None = None,
+        *,
+        known_addrs: list[str] | None = None,
+        max_ttl_s: float = 3600.0,
+        clock_skew_s: float = 60.0,
+    ) -> None:
+        self.identity = identity
+        self.settings = settings or NetworkSettings()
+        self._known_addrs = list(known_addrs or [])
+        self._max_ttl_s = max_ttl_s
+        self._clock_skew_s = clock_skew_s
+        self._receiver: Receiver | None = None
+        self._undeliverable: Undeliverable | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_ident: int | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._nursery: trio.Nursery | None = None
+        self._host: IHost | None = None
+        self._pubsub: Pubsub | None = None
+        self._router: GossipSub | None = None
+        self._dht: KadDHT | None = None
+        self._ping: PingService | None = None
+        self._outbound: dict[str, _Outbound] = {}
+        self._dialing: dict[str, trio.Lock] = {}
+        self._topics: dict[str, trio.CancelScope] = {}
+        self._stopped = False
+        self.frames_in = 0
+        self.frames_refused = 0
+
+    # ---- Transport ---------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    def start(self, receiver: Receiver, undeliverable: Undeliverable | None = None) -> None:
+        """Start the host and return once it listens; ``NetworkError`` if it cannot."""
+        self._receiver = receiver
+        self._undeliverable = undeliverable
+        self._thread = threading.Thread(
+            target=self._run, name=f"dms-libp2p-{self.peer_id[-6:]}", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT_S):
+            raise NetworkError("the libp2p host did not start within 30 s")
+        if self._error is not None:
+            raise NetworkError(f"the libp2p host could not start: {self._error}") from None
+
+    def send(self, peer_id: str, frame: bytes) -> None:
+        """Queue a frame for ``peer_id``; dial first (blocking) if no stream is open.
+
+        Raises ``Unreachable`` when the dial fails. A write that fails later on an
+        open stream is retried once on a fresh stream, then reported through
+        the ``undeliverable`` callback given to :meth:`start`.
+        """
+        data = encode_frame(frame)
+        outbound = self._outbound.get(peer_id)
+        if outbound is not None and not outbound.closed and self._token is not None:
+            try:
+                self._token.run_sync_soon(self._enqueue, outbound, data)
+            except trio.RunFinishedError:
+                raise Unreachable("the network is stopped") from None
+            return
+        if self._on_trio_thread():
+            # Refusals are sent from the receive path, which runs on the trio thread.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._send_or_report, peer_id, data)
+            return
+        try:
+            self._call(self._send, peer_id, data)
+        except NetworkError as err:
+            raise Unreachable(str(err)) from None
+
+    def publish(self, topic: str, frame: bytes) -> None:
+        if self._on_trio_thread():
+            assert self._nursery is not None
+            self._nursery.start_soon(self._publish, topic, frame)
+            return
+        self._call(self._publish, topic, frame)
+
+    def subscribe(self, topic: str) -> None:
+        self._call(self._subscribe, topic)
+
+    def unsubscribe(self, topic: str) -> None:
+        self._call(self._unsubscribe, topic)
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._token is not None and self._stop is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10.0)
+
+    # ---- peer operations (any thread) -------------------------------------------
+
+    def addrs(self) -> list[str]:
+        """Full listen multiaddrs, each ending in ``/p2p/<peer id>``."""
+        assert self._host is not None
+        suffix = f"/p2p/{self.peer_id}"
+        out = []
+        for addr in self._host.get_addrs():
+            text = str(addr)
+            out.append(text if text.endswith(suffix) else text + suffix)
+        return out
+
+    def connect(self, multiaddr: str) -> str:
+        """Dial a ``.../p2p/<peer id>`` address; return the peer id."""
+        try:
+            info = info_from_p2p_addr(parse_multiaddr(multiaddr))
+        except ValueError as exc:
+            raise NetworkError(str(exc)) from None
+        except Exception:
+            raise NetworkError(f"{multiaddr} has no /p2p/<peer id> part") from None
+        self._call(self._connect, info)
+        return info.peer_id.to_base58()
+
+    def ping(self, peer_id: str) -> float:
+        """Round trip of the standard libp2p ping, in milliseconds."""
+        return self._call(self._ping_peer, peer_id)
+
+    def peers(self) -> list[PeerInfoView]:
+        return self._call(self._peers)
+
+    def dht_peers(self) -> list[str]:
+        if self._dht is None:
+            return []
+        return [p.to_base58() for p in self._dht.routing_table.get_peer_ids()]
+
+    def scores(self) -> dict[str, float]:
+        """gossipsub's score of each connected peer over the topics we are in."""
+        return self._call(self._scores)
+
+    def is_connected(self, peer_id: str) -> bool:
+        return any(p.peer_id == peer_id for p in self.peers())
+
+    # ---- bridging ------------------------------------------------------------------
+
+    def _on_trio_thread(self) -> bool:
+        return threading.get_ident() == self._thread_ident
+
+    def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        if self._token is None or self._stopped:
+            raise NetworkError("the network is stopped")
+        try:
+            return trio.from_thread.run(fn, *args, trio_token=self._token)
+        except trio.RunFinishedError:
+            raise NetworkError("the network is stopped") from None
+
+    def _run(self) -> None:
+        self._thread_ident = threading.get_ident()
+        try:
+            trio.run(self._main)
+        except BaseException as exc:
+            log.debug("libp2p host ended", exc_info=True)
+            self._error = _root_cause(exc)
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._stop = trio.Event()
+        gossip = self.settings.gossip
+        # py-libp2p reads this module constant when a subscription is made; 32 drops
+        # messages silently under any burst, so it is raised for the whole process.
+        pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(
+            pubsub_module.SUBSCRIPTION_CHANNEL_SIZE, gossip.subscription_queue
+        )
+        key_pair = create_new_key_pair(self.identity.private_bytes())
+        listen = [parse_multiaddr(a) for a in self.settings.listen]
+        host = new_host(
+            key_pair=key_pair,
+            sec_opt={
+                NOISE_PROTOCOL_ID: NoiseTransport(
+                    key_pair, noise_privkey=create_x25519_key_pair().private_key
+                )
+            },
+            muxer_opt=create_yamux_muxer_option(),
+            listen_addrs=listen,
+            enable_mDNS=self.settings.mdns,
+        )
+        self._host = host
+        self._ping = PingService(host)
+        router = GossipSub(
+            protocols=[PROTOCOL_ID_V11],
+            degree=gossip.degree,
+            degree_low=gossip.degree_low,
+            degree_high=gossip.degree_high,
+            heartbeat_interval=gossip.heartbeat_s,  # type: ignore[arg-type]
+            heartbeat_initial_delay=0.1,
+            max_messages_per_topic_per_second=gossip.max_messages_per_topic_per_s,
+        )
+        pubsub = Pubsub(host, router, strict_signing=True)
+        self._pubsub = pubsub
+        self._router = router
+        async with host.run(listen_addrs=listen):
+            host.set_stream_handler(ACTOR_PROTOCOL, self._on_stream)
+            async with (
+                background_trio_service(pubsub),
+                background_trio_service(router),
+                self._maybe_dht(host),
+            ):
+                await pubsub.wait_until_ready()
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._keep_connected)
+                    self._ready.set()
+                    await self._stop.wait()
+                    nursery.cancel_scope.cancel()
+                for outbound in list(self._outbound.values()):
+                    self._close(outbound)
+                    with contextlib.suppress(Exception):
+                        await outbound.stream.close()
+                self._outbound.clear()
+
+    @contextlib.asynccontextmanager
+    async def _maybe_dht(self, host: IHost) -> AsyncIterator[None]:
+        if not self.settings.dht:
+            yield
+            return
+        dht = KadDHT(host, DHTMode.SERVER)
+        self._dht = dht
+        async with background_trio_service(dht):
+            yield
+
+    # ---- unicast -------------------------------------------------------------------
+
+    async def _on_stream(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id.to_base58()
+        reader = FrameReader(stream, self.settings.max_frame_bytes)
+        try:
+            while True:
+                frame = await reader.next()
+                self.frames_in += 1
+                self._deliver(frame, peer)
+        except FrameError as err:
+            self.frames_refused += 1
+            log.warning("dropped stream from %s: %s", peer, err)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+        except EOFError:
+            with contextlib.suppress(Exception):
+                await stream.close()
+        except Exception as exc:  # a reset or a closed connection ends the stream
+            log.debug("stream from %s ended: %s", peer, exc)
+
+    def _deliver(self, frame: bytes, peer: str | None) -> None:
+        assert self._receiver is not None
+        try:
+            self._receiver(frame, peer)
+        except Exception:
+            log.exception("receiver failed on a frame from %s", peer)
+
+    def _enqueue(self, outbound: _Outbound, data: bytes) -> None:
+        if outbound.closed:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._send_or_report, outbound.peer_id, data)
+        else:
+            outbound.queue.send_nowait(data)
+
+    async def _send(self, peer_id: str, data: bytes) -> None:
+        outbound = await self._outbound_to(peer_id)
+        self._enqueue(outbound, data)
+
+    async def _send_or_report(self, peer_id: str, data: bytes) -> None:
+        try:
+            await self._send(peer_id, data)
+        except NetworkError as err:
+            self._report([data], str(err))
+
+    def _report(self, batch: list[bytes], reason: str) -> None:
+        log.info("%d frame(s) undeliverable: %s", len(batch), reason)
+        if self._undeliverable is None:
+            return
+        for data in batch:
+            try:
+                self._undeliverable(data[PREFIX.size :], reason)
+            except Exception:
+                log.exception("undeliverable callback failed")
+
+    async def _outbound_to(self, peer_id: str) -> _Outbound:
+        outbound = self._outbound.get(peer_id)
+        if outbound is not None and not outbound.closed:
+            return outbound
+        lock = self._dialing.setdefault(peer_id, trio.Lock())
+        async with lock:
+            outbound = self._outbound.get(peer_id)
+            if outbound is not None and not outbound.closed:
+                return outbound
+            pid = _peer(peer_id)
+            assert self._host is not None and self._nursery is not None
+            try:
+                with trio.fail_after(self.settings.dial_timeout_s):
+                    await self._ensure_connected(pid)
+                    stream = await self._host.new_stream(pid, [ACTOR_PROTOCOL])
+            except trio.TooSlowError:
+                raise NetworkError(
+                    f"peer {peer_id} is unreachable: no connection within "
+                    f"{self.settings.dial_timeout_s:g} s"
+                ) from None
+            except NetworkError:
+                raise
+            except Exception as exc:
+                raise NetworkError(f"peer {peer_id} is unreachable: {_why(exc)}") from None
+            queue, pending = trio.open_memory_channel[bytes](math.inf)
+            outbound = _Outbound(peer_id, stream, queue, pending)
+            self._outbound[peer_id] = outbound
+            self._nursery.start_soon(self._write_loop, outbound)
+            return outbound
+
+    async def _write_loop(self, outbound: _Outbound) -> None:
+        async for data in outbound.pending:
+            batch = [data, *_drain(outbound.pending)]
+            try:
+                await outbound.stream.write(b"".join(batch))
+            except Exception as exc:
+                # The peer restarted or the connection dropped: retry once on a fresh stream.
+                self._close(outbound)
+                batch += _drain(outbound.pending)
+                log.info("stream to %s broke (%s); redialing", outbound.peer_id, _why(exc))
+                try:
+                    fresh = await self._outbound_to(outbound.peer_id)
+                except NetworkError as err:
+                    self._report(batch, str(err))
+                    return
+                for item in batch:
+                    self._enqueue(fresh, item)
+                return
+
+    def _close(self, outbound: _Outbound) -> None:
+        outbound.closed = True
+        outbound.queue.close()
+        if self._outbound.get(outbound.peer_id) is outbound:
+            del self._outbound[outbound.peer_id]
+
+    async def _ensure_connected(self, pid: ID) -> None:
+        assert self._host is not None
+        if self._host.get_network().get_connections(pid):
+            return
+        addrs = self._host.get_peerstore().addrs(pid) if _has_addrs(self._host, pid) else []
+        if not addrs and self._dht is not None:
+            found = await self._dht.find_peer(pid)
+            addrs = list(found.addrs) if found is not None else []
+        if not addrs:
+            raise NetworkError(f"peer {pid.to_base58()} is unreachable: no known address")
+        await self._host.connect(PeerInfo(pid, addrs))
+
+    # ---- gossip --------------------------------------------------------------------
+
+    async def _publish(self, topic: str, frame: bytes) -> None:
+        assert self._pubsub is not None
+        try:
+            await self._pubsub.publish(topic, frame)
+        except Exception as exc:
+            log.warning("publish on %s failed: %s", topic, _why(exc))
+
+    async def _subscribe(self, topic: str) -> None:
+        if topic in self._topics:
+            return
+        assert self._pubsub is not None and self._nursery is not None
+        limits = (self.settings.max_frame_bytes, self._max_ttl_s, self._clock_skew_s)
+
+        def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            return envelope_is_valid(msg.data, ID(msg.from_id).to_base58(), *limits)
+
+        self._pubsub.set_topic_validator(topic, validate, False)
+        subscription = await self._pubsub.subscribe(topic)
+        scope = trio.CancelScope()
+        self._topics[topic] = scope
+        me = self._host.get_id().to_bytes() if self._host else b""
+
+        async def pump() -> None:
+            with scope:
+                while True:
+                    msg = await subscription.get()
+                    if msg.from_id == me:
+                        continue  # the actor system delivered our own message already
+                    self._deliver(msg.data, ID(msg.from_id).to_base58())
+
+        self._nursery.start_soon(pump)
+
+    async def _unsubscribe(self, topic: str) -> None:
+        scope = self._topics.pop(topic, None)
+        if scope is None:
+            return
+        scope.cancel()
+        assert self._pubsub is not None
+        await self._pubsub.unsubscribe(topic)
+        self._pubsub.remove_topic_validator(topic)
+
+    # ---- discovery -----------------------------------------------------------------
+
+    async def _connect(self, info: PeerInfo) -> None:
+        assert self._host is not None
+        try:
+            with trio.fail_after(self.settings.dial_timeout_s):
+                await self._host.connect(info)
+        except trio.TooSlowError:
+            raise NetworkError(
+                f"no connection to {info.peer_id} within {self.settings.dial_timeout_s:g} s"
+            ) from None
+        except Exception as exc:
+            raise NetworkError(f"cannot connect to {info.peer_id}: {_why(exc)}") from None
+        if self._dht is not None:
+            with contextlib.suppress(Exception):
+                await self._dht.add_peer(info.peer_id, skip_server_mode_check=True)
+
+    async def _keep_connected(self) -> None:
+        """Dial bootstrap and remembered peers now, and again whenever they drop."""
+        while True:
+            targets = []
+            for text in [*self.settings.bootstrap, *self._known_addrs]:
+                try:
+                    info = info_from_p2p_addr(parse_multiaddr(text))
+                except Exception:
+                    log.warning("ignoring peer address without /p2p/: %s", text)
+                    continue
+                if info.peer_id.to_base58() == self.peer_id:
+                    continue
+                assert self._host is not None
+                if not self._host.get_network().get_connections(info.peer_id):
+                    targets.append(info)
+            async with trio.open_nursery() as nursery:
+                for info in targets:
+                    nursery.start_soon(self._connect_quietly, info)
+            await trio.sleep(self.settings.reconnect_interval_s)
+
+    async def _connect_quietly(self, info: PeerInfo) -> None:
+        try:
+            await self._connect(info)
+        except NetworkError as err:
+            log.info("%s", err)
+
+    async def _ping_peer(self, peer_id: str) -> float:
+        pid = _peer(peer_id)
+        assert self._ping is not None
+        try:
+            with trio.fail_after(self.settings.dial_timeout_s):
+                await self._ensure_connected(pid)
+                start = time.perf_counter()
+                await self._ping.ping(pid, 1)
+                return (time.perf_counter() - start) * 1000.0
+        except trio.TooSlowError:
+            raise NetworkError(
+                f"peer {peer_id} did not answer ping within {self.settings.dial_timeout_s:g} s"
+            ) from None
+        except NetworkError:
+            raise
+        except Exception as exc:
+            raise NetworkError(f"ping to {peer_id} failed: {_why(exc)}") from None
+
+    async def _scores(self) -> dict[str, float]:
+        assert self._host is not None
+        router = self._router
+        topics = list(self._topics)
+        out = {}
+        for pid in self._host.get_network().get_connections_map():
+            scorer = getattr(router, "scorer", None)
+            out[pid.to_base58()] = float(scorer.score(pid, topics)) if scorer else 0.0
+        return out
+
+    async def _peers(self) -> list[PeerInfoView]:
+        assert self._host is not None
+        network = self._host.get_network()
+        out = []
+        for pid, conns in network.get_connections_map().items():
+            if not conns:
+                continue
+            addrs = self._host.get_peerstore().addrs(pid) if _has_addrs(self._host, pid) else []
+            out.append(PeerInfoView(pid.to_base58(), [str(a) for a in addrs]))
+        return sorted(out, key=lambda p: p.peer_id)
+
+
+def _drain(channel: trio.MemoryReceiveChannel[bytes]) -> list[bytes]:
+    items = []
+    while True:
+        try:
+            items.append(channel.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return items
+
+
+def _peer(peer_id: str) -> ID:
+    try:
+        return ID.from_base58(peer_id)
+    except Exception:
+        raise NetworkError(f"{peer_id!r} is not a peer id") from None
+
+
+def _has_addrs(host: IHost, pid: ID) -> bool:
+    try:
+        return bool(host.get_peerstore().addrs(pid))
+    except Exception:
+        return False
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

@@ -1,0 +1,48 @@
+"""What a libp2p host is configured with (filled from ``dms.config.Settings`` and flags)."""
+
+from __future__ import annotations
+
+from multiaddr import Multiaddr
+from pydantic import BaseModel, Field, field_validator
+
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/9000"
+
+
+class GossipSettings(BaseModel):
+    """gossipsub knobs; py-libp2p's defaults suit neither our latency nor our rates.
+
+    See ``specs/network.md`` for why each value was chosen.
+    """
+
+    heartbeat_s: float = Field(default=1.0, gt=0)
+    degree: int = Field(default=6, ge=1)
+    degree_low: int = Field(default=4, ge=1)
+    degree_high: int = Field(default=12, ge=1)
+    max_messages_per_topic_per_s: float = Field(default=1000.0, gt=0)
+    subscription_queue: int = Field(default=4096, ge=32)
+
+
+class NetworkSettings(BaseModel):
+    listen: list[str] = Field(default_factory=lambda: [DEFAULT_LISTEN])
+    bootstrap: list[str] = Field(default_factory=list)
+    mdns: bool = False
+    dht: bool = True
+    dial_timeout_s: float = Field(default=5.0, gt=0)
+    max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    reconnect_interval_s: float = Field(default=10.0, gt=0)
+    gossip: GossipSettings = Field(default_factory=GossipSettings)
+
+    @field_validator("listen", "bootstrap")
+    @classmethod
+    def _multiaddrs(cls, values: list[str]) -> list[str]:
+        for value in values:
+            parse_multiaddr(value)
+        return values
+
+
+def parse_multiaddr(text: str) -> Multiaddr:
+    """A multiaddr, or a ``ValueError`` that says which text was wrong."""
+    try:
+        return Multiaddr(text)
+    except Exception as exc:
+        raise ValueError(f"not a multiaddr: {text!r} ({exc})") from None

@@ -1,0 +1,190 @@
+"""A running node: keys, store, libp2p transport, actor system, node actor, local API.
+
+:class:`Node` is the composition root used by ``dms run``, by the integration
+fixture and by the benchmarks; ``start`` brings the parts up in dependency
+order and ``stop`` takes them down in reverse (streams closed, peers flushed to
+the store, ``api.json`` removed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from dms import __version__
+from dms.actor import ROOT_INBOX, ActorRef, ActorSystem, Limits
+from dms.config import Settings
+from dms.errors import DmsError
+from dms.network.host import Libp2pTransport, NetworkError
+from dms.network.peerbook import PeerBook
+from dms.network.settings import NetworkSettings
+from dms.node.api import LocalApi
+from dms.node.node import NodeActor
+from dms.security import Identity, Keystore, TrustStore
+from dms.store import Database, open_database
+
+log = logging.getLogger("dms.node")
+
+NODE_KEY = "dms"
+USER_KEY = "user"
+
+
+class NodeError(DmsError):
+    """The node cannot start as configured; the message says what to do."""
+
+
+def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
+    """The network part of the user's settings, with command-line overrides."""
+    values: dict[str, Any] = {
+        "listen": settings.listen,
+        "bootstrap": settings.bootstrap,
+        "mdns": settings.mdns,
+        "dial_timeout_s": settings.dial_timeout_s,
+        "max_frame_bytes": settings.max_data_bytes + 1024,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return NetworkSettings(**values)
+    except ValueError as exc:
+        raise NodeError(str(exc).splitlines()[-1].strip() or str(exc)) from None
+
+
+def load_node_identity(settings: Settings) -> Identity:
+    keystore = Keystore(settings.home)
+    if not keystore.exists(NODE_KEY):
+        raise NodeError(f"{settings.home} holds no node key yet: run 'dms init' first")
+    return keystore.load(NODE_KEY)
+
+
+def limits_from(settings: Settings) -> Limits:
+    return Limits(
+        max_data_bytes=settings.max_data_bytes,
+        max_control_bytes=settings.max_control_bytes,
+        max_ttl_s=settings.max_ttl_s,
+        clock_skew_s=settings.clock_skew_s,
+        invoke_timeout_s=settings.invoke_timeout_s,
+    )
+
+
+class Node:
+    """One node's parts, started and stopped together."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        identity: Identity,
+        network: NetworkSettings,
+        *,
+        api_port: int | None = None,
+        db: Database | None = None,
+    ) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.network_settings = network
+        self.api_port = settings.api_port if api_port is None else api_port
+        self._db = db
+        self.db: Database | None = None
+        self.transport: Libp2pTransport | None = None
+        self.system: ActorSystem | None = None
+        self.node: ActorRef | None = None
+        self.api: LocalApi | None = None
+        self.started = 0.0
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    def start(self, *, serve_api: bool = True) -> Node:
+        home = self.settings.home
+        self.started = time.monotonic()
+        try:
+            self.db = self._db or open_database(self.settings.database_url)
+            peerbook = PeerBook(self.db)
+            self.transport = Libp2pTransport(
+                self.identity,
+                self.network_settings,
+                known_addrs=peerbook.dial_addrs(),
+                max_ttl_s=self.settings.max_ttl_s,
+                clock_skew_s=self.settings.clock_skew_s,
+            )
+            trust = TrustStore.for_context(home, NODE_KEY)
+            self.system = ActorSystem(
+                self.identity, self.transport, limits=limits_from(self.settings), trust=trust
+            )
+            self.node = self.system.spawn(
+                NodeActor, self.transport, peerbook, inbox=ROOT_INBOX, identity=self.identity
+            )
+            if serve_api:
+                self.api = LocalApi(self.system, self.health)
+                self.api.start(self.api_port)
+                self.api.record(home)
+            self.db.record("node.started", peer_id=self.peer_id, addrs=self.transport.addrs())
+        except NetworkError as err:
+            self.stop()
+            raise NodeError(str(err)) from None
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.api is not None:
+            self.api.stop(self.settings.home)
+            self.api = None
+        if self.system is not None:
+            self.system.stop()  # stops the node actor (peers flushed) and the transport
+            self.system = None
+        elif self.transport is not None:
+            self.transport.stop()
+        self.transport = None
+        if self.db is not None:
+            with contextlib.suppress(Exception):
+                self.db.record("node.stopped", peer_id=self.peer_id)
+            if self._db is None:
+                self.db.close()
+            self.db = None
+
+    def addrs(self) -> list[str]:
+        assert self.transport is not None
+        return self.transport.addrs()
+
+    def health(self) -> dict[str, Any]:
+        uptime = time.monotonic() - self.started if self.started else 0.0
+        return {
+            "status": "running",
+            "node_id": self.identity.public_key.hex(),
+            "did": self.identity.did,
+            "peer_id": self.peer_id,
+            "version": __version__,
+            "uptime_s": round(uptime, 3),
+        }
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def init_home(home: Path) -> dict[str, Any]:
+    """Create the node and user keys if missing and anchor the user as root; idempotent."""
+    keystore = Keystore(home)
+    created = []
+    for context in (NODE_KEY, USER_KEY):
+        if not keystore.exists(context):
+            keystore.new(context)
+            created.append(context)
+    user = keystore.info(USER_KEY)
+    node = keystore.info(NODE_KEY)
+    anchored = TrustStore.for_context(home, NODE_KEY).anchor_root(user.did)
+    return {
+        "home": str(home),
+        "created": created,
+        "node_did": node.did,
+        "peer_id": node.peer_id,
+        "user_did": user.did,
+        "root_anchored": anchored,
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from dms.actor import ActorSystem, Limits, MemoryNetwork
 from dms.security import Identity
+from dms.sim.cluster import LocalCluster
 
 NodeFactory = Callable[..., ActorSystem]
 
@@ -45,3 +47,26 @@ def dms_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for var in ("DMS_DB_URL", "DMS_API_PORT"):
         monkeypatch.delenv(var, raising=False)
     return home
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCluster]:
+    """Real dms nodes (libp2p on 127.0.0.1, SQLite homes) in this process; all stop at the end.
+
+    ``cluster.start(n)`` starts n nodes, each bootstrapping from up to three
+    running ones; ``cluster.restart(node)`` restarts one from its home.
+    """
+    for var in ("DMS_HOME", "DMS_DB_URL", "DMS_API_PORT", "DMS_BOOTSTRAP", "DMS_LISTEN"):
+        monkeypatch.delenv(var, raising=False)
+    with LocalCluster(tmp_path / "cluster") as nodes:
+        yield nodes
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "") -> None:
+    """Poll until ``predicate()`` is true; fail the test with ``what`` if it never is."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what or predicate}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -252,6 +252,8 @@ class ActorSystem:
             id=identity.public_key, address=Address(host=self.peer_id, inbox=ROOT_INBOX)
         )
         self._stopped = False
+        # Refusals by code, for status pages and tests: a refusal is never silent.
+        self.refusals: Counter[str] = Counter()
         transport.start(self.receive, self.undeliverable)
 
     # ---- actors -----------------------------------------------------------------
@@ -413,6 +415,7 @@ class ActorSystem:
 
     def refuse(self, request: Envelope, refusal: Refusal, as_: ActorRef | None = None) -> None:
         """Log a refusal and, if the sender expects a reply, tell it why."""
+        self.refusals[str(refusal.code)] += 1
         log.warning(
             "refused %s from %s: %s: %s",
             request.behaviour,
@@ -440,6 +443,7 @@ class ActorSystem:
             if claimed is not None:
                 self.refuse(claimed, refusal)
             else:
+                self.refusals[str(refusal.code)] += 1
                 log.warning(
                     "dropped frame from %s: %s: %s", from_peer, refusal.code, refusal.reason
                 )

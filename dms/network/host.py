@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import trio
 from libp2p import create_yamux_muxer_option, new_host
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -75,6 +75,37 @@ class _Outbound:
     queue: trio.MemorySendChannel[bytes]
     pending: trio.MemoryReceiveChannel[bytes]
     closed: bool = False
+
+    @property
+    def usable(self) -> bool:
+        """Open, and its connection not closed under it (the peer stopped or restarted)."""
+        conn = self.stream.muxed_conn
+        return not self.closed and not getattr(conn, "is_closed", False)
+
+
+class _Disconnects(INotifee):
+    """Forget a peer's outbound stream as soon as its last connection closes."""
+
+    def __init__(self, transport: Libp2pTransport) -> None:
+        self._transport = transport
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._transport._forget_if_disconnected(conn.muxed_conn.peer_id)
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: Any) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -168,7 +199,7 @@ class Libp2pTransport:
         """
         data = encode_frame(frame)
         outbound = self._outbound.get(peer_id)
-        if outbound is not None and not outbound.closed and self._token is not None:
+        if outbound is not None and outbound.usable and self._token is not None:
             try:
                 self._token.run_sync_soon(self._enqueue, outbound, data)
             except trio.RunFinishedError:
@@ -246,6 +277,11 @@ class Libp2pTransport:
         """gossipsub's score of each connected peer over the topics we are in."""
         return self._call(self._scores)
 
+    def mesh_peers(self, topic: str) -> list[str]:
+        """Peers in this node's gossipsub mesh for ``topic`` (full-message relays)."""
+        mesh = self._router.mesh.get(topic, set()) if self._router else set()
+        return sorted(p.to_base58() for p in list(mesh))
+
     def is_connected(self, peer_id: str) -> bool:
         return any(p.peer_id == peer_id for p in self.peers())
 
@@ -310,6 +346,7 @@ class Libp2pTransport:
         self._router = router
         async with host.run(listen_addrs=listen):
             host.set_stream_handler(ACTOR_PROTOCOL, self._on_stream)
+            host.get_network().register_notifee(_Disconnects(self))
             async with (
                 background_trio_service(pubsub),
                 background_trio_service(router),
@@ -326,6 +363,9 @@ class Libp2pTransport:
                     self._close(outbound)
                     with contextlib.suppress(Exception):
                         await outbound.stream.close()
+            # Close every connection now, so peers see this node leave at once.
+            with contextlib.suppress(Exception), trio.move_on_after(5):
+                await host.close()
                 self._outbound.clear()
 
     @contextlib.asynccontextmanager
@@ -366,8 +406,17 @@ class Libp2pTransport:
         except Exception:
             log.exception("receiver failed on a frame from %s", peer)
 
+    def _forget_if_disconnected(self, pid: ID) -> None:
+        outbound = self._outbound.get(pid.to_base58())
+        if outbound is None or self._host is None:
+            return
+        if not self._host.get_network().get_connections(pid):
+            self._close(outbound)
+
     def _enqueue(self, outbound: _Outbound, data: bytes) -> None:
-        if outbound.closed:
+        if not outbound.usable:
+            if not outbound.closed:
+                self._close(outbound)
             assert self._nursery is not None
             self._nursery.start_soon(self._send_or_report, outbound.peer_id, data)
         else:
@@ -395,13 +444,15 @@ class Libp2pTransport:
 
     async def _outbound_to(self, peer_id: str) -> _Outbound:
         outbound = self._outbound.get(peer_id)
-        if outbound is not None and not outbound.closed:
+        if outbound is not None and outbound.usable:
             return outbound
         lock = self._dialing.setdefault(peer_id, trio.Lock())
         async with lock:
             outbound = self._outbound.get(peer_id)
-            if outbound is not None and not outbound.closed:
+            if outbound is not None and outbound.usable:
                 return outbound
+            if outbound is not None:
+                self._close(outbound)
             pid = _peer(peer_id)
             assert self._host is not None and self._nursery is not None
             try:

@@ -23,7 +23,8 @@ class PeerBook:
         now = datetime.now(UTC)
         with self._db.session() as session:
             for peer in peers:
-                addrs = [a for a in peer.addrs if "/p2p/" not in a][:MAX_ADDRS_PER_PEER]
+                bare = (a.split("/p2p/")[0] for a in peer.addrs)
+                addrs = list(dict.fromkeys(a for a in bare if a))[:MAX_ADDRS_PER_PEER]
                 if not addrs:
                     continue
                 row = session.get(KnownPeer, peer.peer_id)

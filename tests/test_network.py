@@ -1,0 +1,99 @@
+"""Real nodes on libp2p over loopback: invoke, broadcast, restart, unreachable peers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dms.actor import ActorRef, RemoteError
+from dms.node.client import root_handle
+from dms.node.daemon import Node
+from dms.node.node import BROADCAST_TOPIC
+from dms.sim.cluster import LocalCluster
+from tests.conftest import wait_for
+
+
+def root(node: Node) -> ActorRef:
+    assert node.node is not None
+    return node.node
+
+
+def connected(a: Node, b: Node) -> bool:
+    assert a.transport is not None
+    return a.transport.is_connected(b.peer_id)
+
+
+def test_invoke_across_the_network(cluster: LocalCluster) -> None:
+    a, b, c = cluster.start(3)
+    for other in (a, b):
+        wait_for(lambda o=other: connected(c, o), what="bootstrap connections")
+    reply = root(a).ask(root_handle(c.peer_id), "/public/hello", timeout=10)
+    assert reply == {"message": "hello", "did": c.identity.did, "peer_id": c.peer_id}
+    status = root(c).ask(root_handle(a.peer_id), "/public/status", timeout=10)
+    assert status["peer_id"] == a.peer_id and status["status"] == "running"
+
+
+def test_owner_behaviours_are_refused_to_other_nodes(cluster: LocalCluster) -> None:
+    a, b = cluster.start(2)
+    wait_for(lambda: connected(b, a), what="bootstrap connection")
+    with pytest.raises(RemoteError) as caught:
+        root(a).ask(root_handle(b.peer_id), "/dms/node/peers/list", timeout=10)
+    assert caught.value.code == "forbidden"
+
+
+def test_broadcast_reaches_every_subscriber(cluster: LocalCluster) -> None:
+    nodes = cluster.start(5)
+    for node in nodes:
+        # Every node's gossip mesh holds the peers it is connected to.
+        assert node.transport is not None
+        wait_for(
+            lambda n=node: n.transport is not None
+            and len(n.transport.mesh_peers(BROADCAST_TOPIC)) >= 1
+            and len(n.transport.mesh_peers(BROADCAST_TOPIC)) == len(n.transport.peers()),
+            what="gossip mesh",
+        )
+    sender = nodes[0]
+    root(sender).publish(BROADCAST_TOPIC, "/broadcast/hello", {"message": "hi all"})
+
+    def heard(node: Node) -> list[dict[str, object]]:
+        return root(node).ask(root(node).handle, "/public/hellos", timeout=5)
+
+    for node in nodes[1:]:
+        wait_for(lambda n=node: heard(n), timeout=10, what=f"hello at {node.peer_id}")
+        (hello,) = heard(node)
+        assert hello["from"] == sender.identity.did and hello["message"] == "hi all"
+    # The publisher hears its own broadcast once, through its local subscription.
+    assert len(heard(sender)) == 1
+
+
+def test_restarted_node_reconnects_and_is_reachable(cluster: LocalCluster) -> None:
+    a, b = cluster.start(2)
+    wait_for(lambda: connected(b, a), what="bootstrap connection")
+    assert root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=10)["peer_id"] == b.peer_id
+    b = cluster.restart(b)  # same home and key, a new port, no bootstrap flag
+    wait_for(lambda: connected(b, a), what="the restarted node dialing its known peers")
+    assert root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=10)["peer_id"] == b.peer_id
+
+
+def test_unknown_peer_is_a_clear_error_within_the_timeout(cluster: LocalCluster) -> None:
+    (a,) = cluster.start(1)
+    stranger = "12D3KooWPFKFJf9NhYrEDsrqM231jX1rszkZD59mazCQymVR7w7A"
+    started = time.monotonic()
+    with pytest.raises(RemoteError) as caught:
+        root(a).ask(root_handle(stranger), "/public/hello", timeout=5)
+    assert caught.value.code == "unreachable"
+    assert stranger in caught.value.reason
+    assert time.monotonic() - started < 5
+
+
+def test_stopped_peer_is_a_clear_error_within_the_timeout(cluster: LocalCluster) -> None:
+    a, b = cluster.start(2)
+    wait_for(lambda: connected(b, a), what="bootstrap connection")
+    root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=10)
+    b.stop()
+    started = time.monotonic()
+    with pytest.raises(RemoteError) as caught:
+        root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=6)
+    assert caught.value.code in {"unreachable", "timeout"}
+    assert time.monotonic() - started < 7

@@ -12,7 +12,7 @@ import typer
 
 from dms.cli.common import JsonOption, settings
 from dms.cli.output import emit_fields, emit_json
-from dms.node.daemon import Node, init_home, load_node_identity, network_settings
+from dms.node.home import init_home, load_node_identity
 
 
 def init(json_out: JsonOption = False) -> None:
@@ -40,6 +40,8 @@ def run(
     json_out: JsonOption = False,
 ) -> None:
     """Run this home's node until SIGINT or SIGTERM."""
+    from dms.node.daemon import Node, network_settings  # libp2p loads only for this command
+
     cfg = settings()
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

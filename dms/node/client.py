@@ -14,7 +14,7 @@ from typing import Any
 
 from dms.actor import ROOT_INBOX, Address, Handle, RemoteError, make_envelope, seal
 from dms.node.api import ApiClient
-from dms.node.daemon import NODE_KEY, USER_KEY, NodeError
+from dms.node.home import NODE_KEY, USER_KEY, NodeError
 from dms.security import Identity, Keystore
 from dms.security.identity import (
     IdentityError,

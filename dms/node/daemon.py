@@ -11,30 +11,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from dms import __version__
 from dms.actor import ROOT_INBOX, ActorRef, ActorSystem, Limits
 from dms.config import Settings
-from dms.errors import DmsError
 from dms.network.host import Libp2pTransport, NetworkError
 from dms.network.peerbook import PeerBook
 from dms.network.settings import NetworkSettings
 from dms.node.api import LocalApi
+from dms.node.home import NODE_KEY, NodeError
 from dms.node.node import NodeActor
-from dms.security import Identity, Keystore, TrustStore
+from dms.security import Identity, TrustStore
 from dms.store import Database, open_database
 
 log = logging.getLogger("dms.node")
-
-NODE_KEY = "dms"
-USER_KEY = "user"
-
-
-class NodeError(DmsError):
-    """The node cannot start as configured; the message says what to do."""
-
 
 def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
     """The network part of the user's settings, with command-line overrides."""
@@ -50,13 +41,6 @@ def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
         return NetworkSettings(**values)
     except ValueError as exc:
         raise NodeError(str(exc).splitlines()[-1].strip() or str(exc)) from None
-
-
-def load_node_identity(settings: Settings) -> Identity:
-    keystore = Keystore(settings.home)
-    if not keystore.exists(NODE_KEY):
-        raise NodeError(f"{settings.home} holds no node key yet: run 'dms init' first")
-    return keystore.load(NODE_KEY)
 
 
 def limits_from(settings: Settings) -> Limits:
@@ -167,24 +151,3 @@ class Node:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def init_home(home: Path) -> dict[str, Any]:
-    """Create the node and user keys if missing and anchor the user as root; idempotent."""
-    keystore = Keystore(home)
-    created = []
-    for context in (NODE_KEY, USER_KEY):
-        if not keystore.exists(context):
-            keystore.new(context)
-            created.append(context)
-    user = keystore.info(USER_KEY)
-    node = keystore.info(NODE_KEY)
-    anchored = TrustStore.for_context(home, NODE_KEY).anchor_root(user.did)
-    return {
-        "home": str(home),
-        "created": created,
-        "node_did": node.did,
-        "peer_id": node.peer_id,
-        "user_did": user.did,
-        "root_anchored": anchored,
-    }

@@ -1,0 +1,144 @@
+"""``dms init``, ``dms run`` and the behaviour CLI, as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_for
+
+STRANGER = "12D3KooWPFKFJf9NhYrEDsrqM231jX1rszkZD59mazCQymVR7w7A"
+
+
+def env_for(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DMS_")}
+    env.update(DMS_HOME=str(home), DMS_PASSPHRASE="correct horse battery staple")
+    return env
+
+
+def dms(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dms", *args],
+        env=env_for(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def dms_json(home: Path, *args: str) -> Any:
+    done = dms(home, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+class Daemon:
+    def __init__(self, home: Path, *extra: str) -> None:
+        self.home = home
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dms", "run", "--listen", "/ip4/127.0.0.1/tcp/0",
+             "--api-port", "0", "--json", *extra],
+            env=env_for(home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, self.proc.stderr.read() if self.proc.stderr else "no output"
+        self.info = json.loads(line)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def homes(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    one, two = tmp_path / "one", tmp_path / "two"
+    for home in (one, two):
+        assert dms(home, "init").returncode == 0
+    yield one, two
+
+
+def test_init_is_idempotent(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    first = dms_json(home, "init")
+    again = dms_json(home, "init")
+    assert first["created"] == ["dms", "user"] and first["root_anchored"] is True
+    assert again["created"] == [] and again["root_anchored"] is False
+    assert first["peer_id"] == again["peer_id"] and first["user_did"] == again["user_did"]
+
+
+def test_run_without_keys_says_to_init(tmp_path: Path) -> None:
+    done = dms(tmp_path / "empty", "run", "--api-port", "0")
+    assert done.returncode != 0
+    assert "dms init" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_without_a_running_node_is_a_clear_error(homes: tuple[Path, Path]) -> None:
+    done = dms(homes[0], "peers", "list")
+    assert done.returncode != 0
+    assert "no node is running" in done.stderr and "dms run" in done.stderr
+
+
+def test_two_daemons_peers_ping_and_remote_invoke(homes: tuple[Path, Path]) -> None:
+    one, two = homes
+    first = Daemon(one)
+    second = None
+    try:
+        addr = first.info["addrs"][0]
+        assert addr.endswith(f"/p2p/{first.info['peer_id']}")
+        second = Daemon(two, "--bootstrap", addr)
+
+        # /health on the recorded loopback port names this home's node.
+        port = json.loads((one / "api.json").read_text())["port"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            health = json.load(response)
+        assert health["peer_id"] == first.info["peer_id"] and health["status"] == "running"
+        assert {"node_id", "did", "version", "uptime_s"} <= set(health)
+
+        wait_for(
+            lambda: any(
+                p["peer_id"] == first.info["peer_id"]
+                for p in dms_json(two, "peers", "list")
+            ),
+            timeout=30,
+            what="the second daemon to list the first",
+        )
+        pong = dms_json(two, "peers", "ping", first.info["peer_id"])
+        assert pong["peer_id"] == first.info["peer_id"] and pong["rtt_ms"] > 0
+        me = dms_json(two, "peers", "self")
+        assert me["peer_id"] == second.info["peer_id"]
+
+        hello = dms_json(two, "actor", "cmd", "/public/hello", "--dest", first.info["did"])
+        assert hello["peer_id"] == first.info["peer_id"]
+
+        # The first node does not trust the second node's user: a clear refusal.
+        denied = dms(two, "actor", "cmd", "/dms/node/peers/list", "--dest", first.info["peer_id"])
+        assert denied.returncode != 0 and "forbidden" in denied.stderr
+
+        started = time.monotonic()
+        lost = dms(two, "actor", "cmd", "/public/hello", "--dest", STRANGER, "--timeout", "4")
+        assert lost.returncode != 0
+        assert "unreachable" in lost.stderr and STRANGER in lost.stderr
+        assert time.monotonic() - started < 15  # the timeout plus interpreter start-up
+        assert "Traceback" not in lost.stderr + denied.stderr
+
+        bad = dms(two, "actor", "cmd", "/public/hello", "--payload", "{not json")
+        assert bad.returncode != 0 and "--payload is not JSON" in bad.stderr
+    finally:
+        codes = [d.stop() for d in (second, first) if d is not None]
+    assert codes == [0, 0] if second else [0]
+    assert not (one / "api.json").exists()

@@ -8,6 +8,7 @@ joined by bootstrap addresses, as a person would join them.
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,15 @@ class LocalCluster:
 
     def start(self, count: int) -> list[Node]:
         return [self.add() for _ in range(count)]
+
+    def wait_linked(self, timeout: float = 30.0) -> None:
+        """Return once every node has a connection (bootstrap dials are asynchronous)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(n.transport is not None and n.transport.peers() for n in self.nodes):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"nodes not linked within {timeout:g} s")
 
     def restart(self, node: Node) -> Node:
         """Stop ``node`` and start it again from the same home and key."""

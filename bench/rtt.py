@@ -1,0 +1,202 @@
+"""Signed invoke between two dms nodes over libp2p vs a bare py-libp2p echo, same run.
+
+- ``raw_p50_ms``: two bare py-libp2p hosts (TCP + Noise + Yamux), each on its
+  own trio thread as dms runs them, echo an envelope-sized message over one
+  persistent stream.
+- ``dms_p50_ms``: an invoke from one dms node's root actor to an echo actor on
+  another: sign, frame, stream, verify, actor mailbox, reply, verify.
+- ``dms_msgs_per_s``: one-way sends, pipelined, counted when the receiving actor
+  has handled the last one.
+
+Samples alternate in blocks between raw and dms so both see the same machine
+load. Prints one JSON line with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p import create_yamux_muxer_option, new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from multiaddr import Multiaddr
+
+from dms.actor import Actor, Request, behaviour
+from dms.node.client import root_handle
+from dms.sim.cluster import LocalCluster
+
+ECHO = TProtocol("/bench/echo/1.0.0")
+LOOPBACK = Multiaddr("/ip4/127.0.0.1/tcp/0")
+
+
+class Echo(Actor):
+    @behaviour("/bench/echo", public=True)
+    def echo(self, request: Request) -> Any:
+        return request.payload
+
+
+class Counter(Actor):
+    def __init__(self, context: Any, expected: int, done: threading.Event) -> None:
+        super().__init__(context)
+        self.expected = expected
+        self.done = done
+        self.count = 0
+
+    @behaviour("/bench/count", public=True)
+    def count_one(self, request: Request) -> None:
+        self.count += 1
+        if self.count == self.expected:
+            self.done.set()
+
+
+def _host() -> IHost:
+    key_pair = create_new_key_pair()
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt=create_yamux_muxer_option(),
+    )
+
+
+class RawEcho:
+    """Two bare hosts on two trio threads; ``block(n)`` runs n echoes on the client side."""
+
+    def __init__(self, size: int) -> None:
+        self.message = b"\x01" * size
+        self._addr: str | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stream: INetStream | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        threading.Thread(target=trio.run, args=(self._server,), daemon=True).start()
+        self._ready.wait(30)
+        self._ready.clear()
+        threading.Thread(target=trio.run, args=(self._client,), daemon=True).start()
+        self._ready.wait(30)
+
+    async def _server(self) -> None:
+        host = _host()
+        async with host.run([LOOPBACK]):
+
+            async def echo(stream: INetStream) -> None:
+                while data := await stream.read(65536):
+                    await stream.write(data)
+
+            host.set_stream_handler(ECHO, echo)
+            self._addr = f"{host.get_addrs()[0]}"
+            if "/p2p/" not in self._addr:
+                self._addr += f"/p2p/{host.get_id().to_base58()}"
+            self._ready.set()
+            await trio.to_thread.run_sync(self._stop.wait)
+
+    async def _client(self) -> None:
+        host = _host()
+        async with host.run([LOOPBACK]):
+            assert self._addr is not None
+            info = info_from_p2p_addr(Multiaddr(self._addr))
+            await host.connect(info)
+            self._stream = await host.new_stream(info.peer_id, [ECHO])
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await trio.to_thread.run_sync(self._stop.wait)
+
+    async def _echoes(self, n: int) -> list[float]:
+        assert self._stream is not None
+        out = []
+        for _ in range(n):
+            start = time.perf_counter()
+            await self._stream.write(self.message)
+            got = 0
+            while got < len(self.message):
+                got += len(await self._stream.read(65536))
+            out.append(time.perf_counter() - start)
+        return out
+
+    def block(self, n: int) -> list[float]:
+        return trio.from_thread.run(self._echoes, n, trio_token=self._token)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-n", type=int, default=1500, help="round trips of each kind")
+    parser.add_argument("--sends", type=int, default=5000, help="pipelined one-way sends")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp, LocalCluster(Path(tmp)) as cluster:
+        caller_node, callee_node = cluster.start(2)
+        cluster.wait_linked()
+        assert caller_node.node is not None and callee_node.system is not None
+        caller = caller_node.node
+        echo = callee_node.system.spawn(Echo)
+        done = threading.Event()
+        counter = callee_node.system.spawn(Counter, args.sends, done)
+        payload = {"seq": 0, "data": "x" * 64}
+        caller.ask(root_handle(callee_node.peer_id), "/public/hello", timeout=30)
+        envelope_bytes = len(caller.seal(caller.envelope("/bench/echo", payload, to=echo.handle)))
+        raw = RawEcho(envelope_bytes)
+
+        raw_samples: list[float] = []
+        dms_samples: list[float] = []
+        failed = 0
+        block = 50
+        for _ in range(max(1, args.n // block)):
+            raw_samples += raw.block(block)
+            for _ in range(block):
+                start = time.perf_counter()
+                try:
+                    caller.ask(echo.handle, "/bench/echo", payload, timeout=10)
+                except Exception:
+                    failed += 1
+                    continue
+                dms_samples.append(time.perf_counter() - start)
+        raw.close()
+
+        start = time.perf_counter()
+        for i in range(args.sends):
+            caller.send(counter.handle, "/bench/count", {"seq": i})
+        delivered = done.wait(120)
+        send_s = time.perf_counter() - start
+
+    raw_p50 = statistics.median(raw_samples) * 1e3
+    dms_p50 = statistics.median(dms_samples) * 1e3
+    result = {
+        "bench": "rtt",
+        "raw_p50_ms": round(raw_p50, 3),
+        "dms_p50_ms": round(dms_p50, 3),
+        "ratio": round(dms_p50 / raw_p50, 3),
+        "dms_msgs_per_s": round(args.sends / send_s, 1) if delivered else 0.0,
+        "dms_p95_ms": round(statistics.quantiles(dms_samples, n=20)[-1] * 1e3, 3),
+        "raw_p95_ms": round(statistics.quantiles(raw_samples, n=20)[-1] * 1e3, 3),
+        "envelope_bytes": envelope_bytes,
+        "failed": failed,
+        "n": len(dms_samples),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>16}: {value}")
+    return 0 if delivered and not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -125,6 +125,18 @@ def test_two_daemons_peers_ping_and_remote_invoke(homes: tuple[Path, Path]) -> N
         hello = dms_json(two, "actor", "cmd", "/public/hello", "--dest", first.info["did"])
         assert hello["peer_id"] == first.info["peer_id"]
 
+        first_id = first.info["peer_id"]
+        sent = dms_json(two, "actor", "broadcast", "/dms/broadcast", "message=hi from two")
+        assert sent == {"published": "/dms/broadcast"}
+        wait_for(
+            lambda: any(
+                h["message"] == "hi from two"
+                for h in dms_json(two, "actor", "cmd", "/public/hellos", "--dest", first_id)
+            ),
+            timeout=20,
+            what="the broadcast at the first node",
+        )
+
         # The first node does not trust the second node's user: a clear refusal.
         denied = dms(two, "actor", "cmd", "/dms/node/peers/list", "--dest", first.info["peer_id"])
         assert denied.returncode != 0 and "forbidden" in denied.stderr

@@ -97,3 +97,19 @@ def test_stopped_peer_is_a_clear_error_within_the_timeout(cluster: LocalCluster)
         root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=6)
     assert caught.value.code in {"unreachable", "timeout"}
     assert time.monotonic() - started < 7
+
+
+def test_peer_without_a_known_address_is_found_through_the_dht(cluster: LocalCluster) -> None:
+    a = cluster.add()
+    b = cluster.add(bootstrap=[a.addrs()[0]])
+    c = cluster.add(bootstrap=[b.addrs()[0]])  # a and c share no connection and no address
+    wait_for(lambda: connected(a, b) and connected(c, b), what="the chain a - b - c")
+    assert not connected(a, c)
+    wait_for(
+        lambda: b.peer_id in root(a).ask(root(a).handle, "/dms/node/peers/dht")["peers"],
+        what="b in a's DHT routing table",
+    )
+    reply = root(a).ask(root_handle(c.peer_id), "/public/hello", timeout=10)
+    assert reply["peer_id"] == c.peer_id
+    scores = root(a).ask(root(a).handle, "/dms/node/peers/score")
+    assert {s["peer_id"] for s in scores} >= {b.peer_id, c.peer_id}

@@ -83,8 +83,9 @@ class _Outbound:
         return not self.closed and not getattr(conn, "is_closed", False)
 
 
-class _Disconnects(INotifee):
-    """Forget a peer's outbound stream as soon as its last connection closes."""
+class _ConnectionEvents(INotifee):
+    """Forget a peer's outbound stream once its last connection closes; put new
+    peers (inbound ones too) in the DHT routing table."""
 
     def __init__(self, transport: Libp2pTransport) -> None:
         self._transport = transport
@@ -99,7 +100,7 @@ class _Disconnects(INotifee):
         pass
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
-        pass
+        self._transport._on_connected(conn.muxed_conn.peer_id)
 
     async def listen(self, network: INetwork, multiaddr: Any) -> None:
         pass
@@ -346,7 +347,7 @@ class Libp2pTransport:
         self._router = router
         async with host.run(listen_addrs=listen):
             host.set_stream_handler(ACTOR_PROTOCOL, self._on_stream)
-            host.get_network().register_notifee(_Disconnects(self))
+            host.get_network().register_notifee(_ConnectionEvents(self))
             async with (
                 background_trio_service(pubsub),
                 background_trio_service(router),
@@ -405,6 +406,16 @@ class Libp2pTransport:
             self._receiver(frame, peer)
         except Exception:
             log.exception("receiver failed on a frame from %s", peer)
+
+    def _on_connected(self, pid: ID) -> None:
+        if self._dht is not None and self._nursery is not None:
+            self._nursery.start_soon(self._add_to_dht, pid)
+
+    async def _add_to_dht(self, pid: ID) -> None:
+        await trio.sleep(0.5)  # after identify, so the peer's listen addresses are known
+        if self._dht is not None:
+            with contextlib.suppress(Exception):
+                await self._dht.add_peer(pid, skip_server_mode_check=True)
 
     def _forget_if_disconnected(self, pid: ID) -> None:
         outbound = self._outbound.get(pid.to_base58())

@@ -154,3 +154,16 @@ def test_two_daemons_peers_ping_and_remote_invoke(homes: tuple[Path, Path]) -> N
         codes = [d.stop() for d in (second, first) if d is not None]
     assert codes == [0, 0] if second else [0]
     assert not (one / "api.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--bootstrap", "/ip4/nope"), ("--listen", "not-a-multiaddr")],
+)
+def test_run_with_a_bad_address_is_a_one_line_error(
+    homes: tuple[Path, Path], flag: str, value: str
+) -> None:
+    done = dms(homes[0], "run", "--api-port", "0", flag, value)
+    assert done.returncode != 0
+    assert f"bad {flag.removeprefix('--')}" in done.stderr and value in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

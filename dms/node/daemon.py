@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
 from dms import __version__
 from dms.actor import ROOT_INBOX, ActorRef, ActorSystem, Limits
 from dms.config import Settings
@@ -39,8 +41,10 @@ def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return NetworkSettings(**values)
-    except ValueError as exc:
-        raise NodeError(str(exc).splitlines()[-1].strip() or str(exc)) from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"][:1])
+        raise NodeError(f"bad {where}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def limits_from(settings: Settings) -> Limits:

@@ -114,7 +114,8 @@ class LocalApi:
         """Check the CLI's envelope, then hand it to the actor system."""
         try:
             sealed = unseal(frame, self.system.limits.max_data_bytes)
-            check_time(sealed.envelope, now_ns(), self.system.limits.max_ttl_s, 60.0)
+            limits = self.system.limits
+            check_time(sealed.envelope, now_ns(), limits.max_ttl_s, limits.clock_skew_s)
             verify(sealed)
         except Refusal as refusal:
             return reply_payload(error=refusal)

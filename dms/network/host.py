@@ -458,32 +458,37 @@ class Libp2pTransport:
         if outbound is not None and outbound.usable:
             return outbound
         lock = self._dialing.setdefault(peer_id, trio.Lock())
-        async with lock:
-            outbound = self._outbound.get(peer_id)
-            if outbound is not None and outbound.usable:
+        try:
+            async with lock:
+                outbound = self._outbound.get(peer_id)
+                if outbound is not None and outbound.usable:
+                    return outbound
+                if outbound is not None:
+                    self._close(outbound)
+                pid = _peer(peer_id)
+                assert self._host is not None and self._nursery is not None
+                try:
+                    with trio.fail_after(self.settings.dial_timeout_s):
+                        await self._ensure_connected(pid)
+                        stream = await self._host.new_stream(pid, [ACTOR_PROTOCOL])
+                except trio.TooSlowError:
+                    raise NetworkError(
+                        f"peer {peer_id} is unreachable: no connection within "
+                        f"{self.settings.dial_timeout_s:g} s"
+                    ) from None
+                except NetworkError:
+                    raise
+                except Exception as exc:
+                    raise NetworkError(f"peer {peer_id} is unreachable: {_why(exc)}") from None
+                queue, pending = trio.open_memory_channel[bytes](math.inf)
+                outbound = _Outbound(peer_id, stream, queue, pending)
+                self._outbound[peer_id] = outbound
+                self._nursery.start_soon(self._write_loop, outbound)
                 return outbound
-            if outbound is not None:
-                self._close(outbound)
-            pid = _peer(peer_id)
-            assert self._host is not None and self._nursery is not None
-            try:
-                with trio.fail_after(self.settings.dial_timeout_s):
-                    await self._ensure_connected(pid)
-                    stream = await self._host.new_stream(pid, [ACTOR_PROTOCOL])
-            except trio.TooSlowError:
-                raise NetworkError(
-                    f"peer {peer_id} is unreachable: no connection within "
-                    f"{self.settings.dial_timeout_s:g} s"
-                ) from None
-            except NetworkError:
-                raise
-            except Exception as exc:
-                raise NetworkError(f"peer {peer_id} is unreachable: {_why(exc)}") from None
-            queue, pending = trio.open_memory_channel[bytes](math.inf)
-            outbound = _Outbound(peer_id, stream, queue, pending)
-            self._outbound[peer_id] = outbound
-            self._nursery.start_soon(self._write_loop, outbound)
-            return outbound
+        finally:
+            # One lock per peer being dialed, not per peer id ever seen (users type ids).
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._dialing.pop(peer_id, None)
 
     async def _write_loop(self, outbound: _Outbound) -> None:
         async for data in outbound.pending:

@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from dms.errors import DmsError
+from dms.resources.preferences import Preferences
 
 MIB = 1024 * 1024
 
@@ -53,6 +54,12 @@ class Settings(BaseSettings):
     )
     mdns: bool = Field(default=False, description="find peers on the LAN with mDNS")
     dial_timeout_s: float = Field(default=5.0, gt=0, description="give up dialing a peer after")
+    heartbeat_s: float = Field(
+        default=2.0, ge=0.1, le=300, description="announce this node on the heartbeat topic every"
+    )
+    preferences: Preferences = Field(
+        default_factory=Preferences, description="the work this node accepts"
+    )
 
     @classmethod
     def settings_customise_sources(

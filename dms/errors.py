@@ -10,6 +10,7 @@ class DmsError(Exception):
     """A user-facing failure with a one-line explanation."""
 
     exit_code: int = 1
+    code: str = "invalid"  # the error code a behaviour replies with when this escapes it
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -27,6 +27,7 @@ from dms.actor.envelope import Envelope, Sealed
 from dms.actor.handle import Handle
 from dms.actor.system import ActorContext, ActorRef, ActorSystem, Call, Inbound, Outcome
 from dms.actor.timers import TimerHandle
+from dms.errors import DmsError
 from dms.security.identity import Identity
 
 log = logging.getLogger("dms.actor")
@@ -238,6 +239,9 @@ class Actor(pykka.ThreadingActor):
             result = spec.handler(request)
         except Refusal as refusal:
             self.system.refuse(env, refusal, self.ref)
+            return
+        except DmsError as exc:  # a request the handler declined, with a reason people read
+            self.system.refuse(env, Refusal(exc.code, exc.message), self.ref)
             return
         except Exception as exc:
             log.exception("handler of %s raised", env.behaviour)

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from dms import __version__
-from dms.cli import actor, config, key, mine, node, peers
+from dms.cli import actor, config, key, mine, node, peers, resources
 from dms.cli.output import error
 from dms.errors import DmsError
 
@@ -25,6 +25,10 @@ app.add_typer(actor.app, name="actor")
 app.add_typer(peers.app, name="peers")
 app.command("init")(node.init)
 app.command("run")(node.run)
+app.command("onboard")(resources.onboard)
+app.command("offboard")(resources.offboard)
+app.command("benchmark")(resources.benchmark)
+app.command("resources")(resources.resources)
 
 
 @app.command("version")

@@ -10,10 +10,9 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dms.cli.common import JsonOption
-from dms.cli.output import console, emit_fields, emit_json
+from dms.cli.output import emit_fields, emit_json, progress_bar
 from dms.errors import DmsError
 from dms.mining import Distance, MiningError, MiningResult, run_classification, run_clustering
 from dms.mining.data import read_table, read_test_table, write_labels
@@ -85,29 +84,6 @@ def _keys(folder: Path | None, scheme: str, level: int) -> CkksKeys | LiuKey | N
     return keys
 
 
-@contextmanager
-def _progress(enabled: bool, label: str, total: int | None) -> Iterator[Callable[..., None]]:
-    if not enabled:
-        yield lambda *a, **k: None
-        return
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-    ]
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(label, total=total, detail="")
-
-        def update(completed: int, detail: str = "", total: int | None = None) -> None:
-            progress.update(
-                task, completed=completed, detail=detail, **({"total": total} if total else {})
-            )
-
-        yield update
-
-
 def _write(out: Path, result: MiningResult) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_labels(out / "labels.csv", result.labels)
@@ -165,7 +141,7 @@ def _clustering(algorithm: str) -> Callable[..., None]:
                 "seed": seed,
                 "max_iterations": max_iterations,
             }
-            with _progress(not json_out, f"{algorithm} rounds", max_iterations) as progress:
+            with progress_bar(not json_out, f"{algorithm} rounds", max_iterations) as progress:
                 result = run_clustering(
                     algorithm,
                     table.features,
@@ -219,7 +195,7 @@ def _classification(algorithm: str) -> Callable[..., None]:
             queries = read_test_table(test, training)
             assert training.labels is not None
             owner_keys = _keys(keys, scheme, level) if algorithm != "knn" else None
-            with _progress(not json_out, f"{algorithm} queries", None) as progress:
+            with progress_bar(not json_out, f"{algorithm} queries", None) as progress:
                 result = run_classification(
                     algorithm,
                     training.features,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 # emoji=False: rich would otherwise render the ":key:" of "did:key:..." as an emoji.
@@ -66,3 +68,27 @@ def emit_result(result: Any, json_out: bool, title: str | None = None) -> None:
         emit_table(title, ["value"], [[_cell(r)] for r in result])
     else:
         console.print(_cell(result) if result is not None else "ok")
+
+
+@contextmanager
+def progress_bar(enabled: bool, label: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """A transient progress bar; ``update(completed, detail, total)`` moves it."""
+    if not enabled:
+        yield lambda *a, **k: None
+        return
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(label, total=total, detail="")
+
+        def update(completed: int, detail: str = "", total: int | None = None) -> None:
+            progress.update(
+                task, completed=completed, detail=detail, **({"total": total} if total else {})
+            )
+
+        yield update

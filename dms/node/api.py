@@ -51,6 +51,10 @@ class ApiError(DmsError):
     """The local node cannot be reached, or it is not this home's node."""
 
 
+class WrongNodeError(ApiError):
+    """The API on the recorded address answers for another node."""
+
+
 class ApiAddress(BaseModel):
     host: str
     port: int
@@ -142,9 +146,7 @@ class LocalApi:
         except RemoteError as err:
             return reply_payload(error=Refusal(err.code, err.reason))
         except TimeoutError:
-            return reply_payload(
-                error=Refusal(ErrorCode.TIMEOUT, f"no reply within {timeout:g} s")
-            )
+            return reply_payload(error=Refusal(ErrorCode.TIMEOUT, f"no reply within {timeout:g} s"))
 
 
 def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
@@ -217,9 +219,7 @@ class ApiClient:
         return json.loads(body)
 
     def relay(self, kind: str, frame: bytes, timeout: float) -> dict[str, Any]:
-        _, body = self._request(
-            "POST", f"/actor/{kind}?timeout={timeout:g}", frame, timeout + 5.0
-        )
+        _, body = self._request("POST", f"/actor/{kind}?timeout={timeout:g}", frame, timeout + 5.0)
         answer = msgpack.unpackb(body, raw=False)
         if not isinstance(answer, dict) or "ok" not in answer:
             raise ApiError("the node sent an answer that is not a reply")
@@ -246,7 +246,7 @@ class ApiClient:
             conn.close()
         peer = response.getheader(PEER_HEADER)
         if peer != self.expected_peer_id:
-            raise ApiError(
+            raise WrongNodeError(
                 f"the API at {where} belongs to node {peer}, not to this home's node "
                 f"{self.expected_peer_id}; restart 'dms run' for {self.home}"
             )

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dms.actor import ROOT_INBOX, Address, Handle, RemoteError, make_envelope, seal
-from dms.node.api import ApiClient
+from dms.node.api import ApiClient, ApiError, WrongNodeError
 from dms.node.home import NODE_KEY, USER_KEY, NodeError
 from dms.security import Identity, Keystore
 from dms.security.identity import (
@@ -96,3 +96,19 @@ def _result(answer: dict[str, Any]) -> Any:
     if answer.get("ok"):
         return answer.get("result")
     raise RemoteError(str(answer.get("code", "error")), str(answer.get("reason", "")))
+
+
+def running_node(home: Path) -> NodeClient | None:
+    """A client of this home's daemon if one answers, else None (the CLI then works on
+    the store directly). A daemon of another node on the recorded port is an error."""
+    keystore = Keystore(home)
+    if not keystore.exists(NODE_KEY) or not keystore.exists(USER_KEY):
+        return None
+    try:
+        client = NodeClient(home)
+        client.health()
+    except WrongNodeError:
+        raise
+    except ApiError:
+        return None
+    return client

@@ -20,14 +20,18 @@ from dms.actor import ROOT_INBOX, ActorRef, ActorSystem, Limits
 from dms.config import Settings
 from dms.network.host import Libp2pTransport, NetworkError
 from dms.network.peerbook import PeerBook
+from dms.network.peertable import PeerTable
 from dms.network.settings import NetworkSettings
 from dms.node.api import LocalApi
 from dms.node.home import NODE_KEY, NodeError
 from dms.node.node import NodeActor
+from dms.node.services import NodeServices
+from dms.resources import Onboarder, ResourceLedger
 from dms.security import Identity, TrustStore
 from dms.store import Database, open_database
 
 log = logging.getLogger("dms.node")
+
 
 def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
     """The network part of the user's settings, with command-line overrides."""
@@ -79,6 +83,8 @@ class Node:
         self.system: ActorSystem | None = None
         self.node: ActorRef | None = None
         self.api: LocalApi | None = None
+        self.ledger: ResourceLedger | None = None
+        self.peer_table = PeerTable()
         self.started = 0.0
 
     @property
@@ -102,8 +108,19 @@ class Node:
             self.system = ActorSystem(
                 self.identity, self.transport, limits=limits_from(self.settings), trust=trust
             )
+            self.ledger = ResourceLedger(self.db)
+            services = NodeServices(
+                home=home,
+                network=self.transport,
+                peerbook=peerbook,
+                ledger=self.ledger,
+                onboarder=Onboarder(self.db, home, self.ledger),
+                preferences=self.settings.preferences,
+                peer_table=self.peer_table,
+                heartbeat_s=self.settings.heartbeat_s,
+            )
             self.node = self.system.spawn(
-                NodeActor, self.transport, peerbook, inbox=ROOT_INBOX, identity=self.identity
+                NodeActor, services, inbox=ROOT_INBOX, identity=self.identity
             )
             if serve_api:
                 self.api = LocalApi(self.system, self.health)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from dms.store.models import Base, Event, KnownPeer, Setting
+from dms.store.models import Base, Event, KnownPeer, Lease, Onboarding, Setting
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ def _create(*models: type[Base]) -> Callable[[Connection], None]:
 MIGRATIONS: list[Migration] = [
     Migration(1, "node settings and event log", _create(Setting, Event)),
     Migration(2, "known peers, for reconnecting after a restart", _create(KnownPeer)),
+    Migration(3, "onboarding and resource leases", _create(Onboarding, Lease)),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, String
+from sqlalchemy import JSON, DateTime, Float, Index, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -55,3 +55,38 @@ class KnownPeer(Base):
     peer_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     addrs: Mapped[Any] = mapped_column(JSON, nullable=False, default=list)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Onboarding(Base):
+    """What the owner contributed to the network (one row; none means not onboarded)."""
+
+    __tablename__ = "onboarding"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cpu_milli: Mapped[int] = mapped_column(Integer, nullable=False)
+    ram_mib: Mapped[int] = mapped_column(Integer, nullable=False)
+    disk_mib: Mapped[int] = mapped_column(Integer, nullable=False)
+    gpu: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    price: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    updated_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class Lease(Base):
+    """Resources held for someone: a lease (``locked``, until ``expires_at``) or an
+    allocation (``allocated``, until released). Ended rows stay for the record."""
+
+    __tablename__ = "leases"
+    __table_args__ = (Index("ix_leases_state", "state"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    cpu_milli: Mapped[int] = mapped_column(Integer, nullable=False)
+    ram_mib: Mapped[int] = mapped_column(Integer, nullable=False)
+    disk_mib: Mapped[int] = mapped_column(Integer, nullable=False)
+    gpu: Mapped[int] = mapped_column(Integer, nullable=False)
+    holder: Mapped[str] = mapped_column(String(256), nullable=False, default="")
+    ref: Mapped[str] = mapped_column(String(256), nullable=False, default="")
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    committed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -1,0 +1,148 @@
+"""``dms onboard``, ``offboard``, ``benchmark`` and ``resources``.
+
+Each works whether or not the daemon runs: with a daemon the change goes
+through its ``/dms/node/onboarding/*`` behaviours (so it applies live and
+peers hear of it); without one it is made in the store directly, under the
+same rules (``dms.resources.onboarding``). The benchmark always runs here, in
+the CLI, so the user sees its progress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+
+from dms.cli.actor import TimeoutOption
+from dms.cli.common import JsonOption, settings
+from dms.cli.output import emit_json, emit_result, emit_table, jsonable, progress_bar
+from dms.config import Settings
+from dms.node.client import NodeClient, running_node
+from dms.resources import Capability, Onboarder, OnboardRequest, checked_amounts
+from dms.store import open_database
+
+
+@contextmanager
+def _offline(cfg: Settings) -> Iterator[Onboarder]:
+    db = open_database(cfg.database_url)
+    try:
+        yield Onboarder(db, cfg.home)
+    finally:
+        db.close()
+
+
+def _measure(cfg: Settings, show: bool) -> Capability:
+    """Run the benchmark here with a progress bar; the store keeps it via the caller."""
+    from dms.resources.benchmark import run_benchmark
+
+    with progress_bar(show, "benchmark", 5) as update:
+        return run_benchmark(cfg.home, lambda step, done, total: update(done, step, total))
+
+
+def _steps(update: Callable[..., None]) -> Callable[[str, int, int], None]:
+    return lambda step, done, total: update(done, step, total)
+
+
+def _show_status(status: dict[str, Any], json_out: bool, title: str) -> None:
+    if json_out:
+        emit_json(jsonable(status))
+        return
+    pools = [k for k in ("onboarded", "free", "locked", "allocated") if k in status]
+    if pools:
+        rows = [
+            [k, v["cpu"], v["ram_gib"], v["disk_gib"], v["gpu"]]
+            for k, v in ((k, status[k]) for k in pools)
+            if isinstance(v, dict)
+        ]
+        emit_table(title, ["pool", "cpu (cores)", "ram (GiB)", "disk (GiB)", "gpu"], rows)
+    capability = status.get("capability")
+    rest = {k: v for k, v in status.items() if k not in pools and k != "capability"}
+    if rest:
+        emit_result(rest, False)
+    if isinstance(capability, dict):
+        emit_result(capability, False, title="registered capability")
+
+
+def onboard(
+    cpu: Annotated[str, typer.Option("--cpu", help="Cores to contribute (2, 0.5, 500m).")],
+    ram: Annotated[str, typer.Option("--ram", help="RAM, GiB unless a unit is given (4, 512MiB).")],
+    disk: Annotated[str, typer.Option("--disk", help="Disk, GiB unless a unit is given.")],
+    gpu: Annotated[int, typer.Option("--gpu", help="GPUs to contribute.")] = 0,
+    price: Annotated[float, typer.Option("--price", help="Price asked per allocation-hour.")] = 0.0,
+    benchmark: Annotated[
+        bool, typer.Option("--benchmark", help="Measure the capability again.")
+    ] = False,
+    timeout: TimeoutOption = 60.0,
+    json_out: JsonOption = False,
+) -> None:
+    """Contribute part of this machine; run again to change the amounts."""
+    cfg = settings()
+    request = OnboardRequest(cpu=cpu, ram=ram, disk=disk, gpu=gpu, price=price, benchmark=benchmark)
+    checked_amounts(request, cfg.home)  # a mistake costs nothing: checked before measuring
+    client = running_node(cfg.home)
+    if client is None:
+        with _offline(cfg) as onboarder:
+            if onboarder.needs_benchmark(request):
+                request.capability = _measure(cfg, not json_out)
+            status = onboarder.onboard(request)
+    else:
+        state = client.invoke("/dms/node/onboarding/status", timeout=timeout)
+        if benchmark or state.get("capability") is None:
+            request.capability = _measure(cfg, not json_out)
+        status = client.invoke(
+            "/dms/node/onboarding/onboard", request.model_dump(mode="json"), timeout=timeout
+        )
+    _show_status(status, json_out, "onboarded")
+
+
+def offboard(
+    force: Annotated[
+        bool, typer.Option("--force", help="Stop running allocations and release them.")
+    ] = False,
+    timeout: TimeoutOption = 30.0,
+    json_out: JsonOption = False,
+) -> None:
+    """Withdraw this machine; refused while allocations run unless --force."""
+    cfg = settings()
+    client = running_node(cfg.home)
+    if client is None:
+        with _offline(cfg) as onboarder:
+            result = onboarder.offboard(force)
+    else:
+        result = client.invoke("/dms/node/onboarding/offboard", {"force": force}, timeout=timeout)
+    if json_out:
+        emit_json(jsonable(result))
+    else:
+        released = result.get("released", [])
+        emit_result({"offboarded": True, "released": len(released)}, False)
+
+
+def benchmark(timeout: TimeoutOption = 30.0, json_out: JsonOption = False) -> None:
+    """Measure this machine's capability (cpu, memory, disk, CKKS, Liu) and register it."""
+    cfg = settings()
+    capability = _measure(cfg, not json_out)
+    client = running_node(cfg.home)
+    if client is None:
+        with _offline(cfg) as onboarder:
+            onboarder.register(capability)
+    else:
+        client.invoke(
+            "/dms/node/onboarding/capability",
+            {"capability": capability.model_dump(mode="json")},
+            timeout=timeout,
+        )
+    emit_result(capability.model_dump(mode="json"), json_out, title="capability")
+
+
+def resources(timeout: TimeoutOption = 10.0, json_out: JsonOption = False) -> None:
+    """The resource pools: onboarded = free + locked + allocated."""
+    cfg = settings()
+    client: NodeClient | None = running_node(cfg.home)
+    if client is None:
+        with _offline(cfg) as onboarder:
+            pools = onboarder.ledger.pools().as_dict()
+    else:
+        pools = client.invoke("/dms/node/resources/pools", timeout=timeout)
+    _show_status(pools, json_out, "resources")

@@ -1,0 +1,146 @@
+"""The peers table: who is out there, built from heartbeats (as EDGELESS does).
+
+Every node announces itself on :data:`HEARTBEAT_TOPIC` every ``interval_s``
+with its capability summary, free resources, load, the deadline by which its
+next heartbeat will have come, and a nonce drawn once per process. A peer whose
+deadline passes is ``gone``; a heartbeat with a new nonce means the peer
+restarted (its earlier promises are void); a ``leaving`` heartbeat marks it
+gone at once. The table knows nothing about what the figures mean: it keeps
+them for the bidder, the orchestrator and ``dms peers list``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+HEARTBEAT_TOPIC = "/dms/heartbeat"
+HEARTBEAT_BEHAVIOUR = "/broadcast/heartbeat"
+DEADLINE_FACTOR = 3.0  # a peer may miss two heartbeats before it is gone
+
+ALIVE, GONE = "alive", "gone"
+
+
+class Heartbeat(BaseModel):
+    """One announcement; who sent it is the envelope's verified sender."""
+
+    model_config = ConfigDict(extra="ignore")  # newer nodes may add fields
+
+    nonce: str = Field(min_length=8, max_length=64)
+    seq: int = Field(ge=0)
+    interval_s: float = Field(gt=0, le=3600)
+    deadline_s: float = Field(gt=0, le=3 * 3600)
+    onboarded: dict[str, float] = Field(default_factory=dict)
+    free: dict[str, float] = Field(default_factory=dict)
+    allocations: int = Field(default=0, ge=0)
+    load: float = Field(default=0.0, ge=0)
+    price: float = Field(default=0.0, ge=0)
+    scores: dict[str, float] = Field(default_factory=dict)
+    leaving: bool = False
+
+
+@dataclass
+class PeerRecord:
+    peer_id: str
+    did: str
+    nonce: str
+    status: str
+    first_seen: float  # wall clock, for people
+    last_seen: float
+    deadline: float  # table clock (monotonic)
+    restarts: int = 0
+    heartbeat: Heartbeat | None = None
+    history: list[str] = field(default_factory=list)
+
+    def as_dict(self, now_wall: float | None = None) -> dict[str, Any]:
+        now_wall = time.time() if now_wall is None else now_wall
+        hb = self.heartbeat
+        return {
+            "peer_id": self.peer_id,
+            "did": self.did,
+            "status": self.status,
+            "last_seen_s": round(max(0.0, now_wall - self.last_seen), 3),
+            "restarts": self.restarts,
+            "nonce": self.nonce,
+            "onboarded": hb.onboarded if hb else {},
+            "free": hb.free if hb else {},
+            "allocations": hb.allocations if hb else 0,
+            "load": hb.load if hb else 0.0,
+            "price": hb.price if hb else 0.0,
+            "scores": hb.scores if hb else {},
+        }
+
+
+class PeerTable:
+    """Thread-safe: the node actor writes it, orchestrators read it."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        history: int = 8,
+    ) -> None:
+        self._clock, self._wall = clock, wall
+        self._peers: dict[str, PeerRecord] = {}
+        self._lock = threading.Lock()
+        self._history = history
+
+    def observe(self, peer_id: str, did: str, beat: Heartbeat) -> str:
+        """Take in one heartbeat; returns what it meant: ``joined``, ``alive``,
+        ``returned`` (was gone, same process), ``restarted`` (new nonce) or ``left``."""
+        now, wall = self._clock(), self._wall()
+        with self._lock:
+            record = self._peers.get(peer_id)
+            if record is None:
+                record = PeerRecord(peer_id, did, beat.nonce, ALIVE, wall, wall, now)
+                self._peers[peer_id] = record
+                event = "joined"
+            elif record.nonce != beat.nonce:
+                record.restarts += 1
+                record.nonce = beat.nonce
+                event = "restarted"
+            elif record.status == GONE and not beat.leaving:
+                event = "returned"
+            else:
+                event = "alive"
+            if beat.leaving:
+                record.status, event = GONE, "left"
+            else:
+                record.status = ALIVE
+            record.did = did
+            record.heartbeat = beat
+            record.last_seen = wall
+            record.deadline = now + beat.deadline_s
+            if event != "alive":
+                record.history = [*record.history, event][-self._history :]
+            return event
+
+    def sweep(self) -> list[str]:
+        """Mark peers past their deadline as gone; returns the ones that just went."""
+        now = self._clock()
+        gone = []
+        with self._lock:
+            for record in self._peers.values():
+                if record.status == ALIVE and now > record.deadline:
+                    record.status = GONE
+                    record.history = [*record.history, "expired"][-self._history :]
+                    gone.append(record.peer_id)
+        return gone
+
+    def get(self, peer_id: str) -> PeerRecord | None:
+        with self._lock:
+            return self._peers.get(peer_id)
+
+    def records(self, status: str | None = None) -> list[PeerRecord]:
+        with self._lock:
+            rows = list(self._peers.values())
+        rows.sort(key=lambda r: r.peer_id)
+        return [r for r in rows if status is None or r.status == status]
+
+    def alive(self) -> list[PeerRecord]:
+        return self.records(ALIVE)

@@ -1,0 +1,29 @@
+"""What the node actor works with besides the actor system: handed in by the daemon.
+
+Every field may be absent (``None``) so the node actor also runs on the
+in-memory transport in unit tests, where there is no store or libp2p host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dms.network.host import Libp2pTransport
+from dms.network.peerbook import PeerBook
+from dms.network.peertable import PeerTable
+from dms.resources import Onboarder, Preferences, ResourceLedger
+
+
+@dataclass
+class NodeServices:
+    home: Path | None = None
+    network: Libp2pTransport | None = None
+    peerbook: PeerBook | None = None
+    ledger: ResourceLedger | None = None
+    onboarder: Onboarder | None = None
+    preferences: Preferences = field(default_factory=Preferences)
+    peer_table: PeerTable = field(default_factory=PeerTable)
+    heartbeat_s: float = 2.0
+    remember_every_s: float = 30.0
+    expire_every_s: float = 1.0

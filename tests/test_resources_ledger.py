@@ -1,0 +1,380 @@
+"""The resource ledger: onboarded = free + locked + allocated, under any interleaving."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from dms.resources import (
+    ALLOCATED,
+    EXPIRED,
+    LOCKED,
+    RELEASED,
+    ResourceError,
+    ResourceLedger,
+    Resources,
+)
+from dms.store import open_database
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_ledger(path: Path, clock: Clock | None = None) -> ResourceLedger:
+    db = open_database(f"sqlite:///{path}")
+    return ResourceLedger(db, clock or Clock())
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, clock: Clock) -> ResourceLedger:
+    ledger = make_ledger(tmp_path / "dms.db", clock)
+    ledger.onboard(Resources(cpu=4, ram=8, disk=100))
+    return ledger
+
+
+def res(cpu: float = 0, ram: float = 0, disk: float = 0) -> Resources:
+    return Resources(cpu=cpu, ram=ram, disk=disk)
+
+
+def test_lock_commit_release_move_amounts_between_pools(ledger: ResourceLedger) -> None:
+    lease = ledger.lock(res(cpu=1, ram=2), lease_s=30, holder="did:key:x", ref="job-1")
+    pools = ledger.pools()
+    assert pools.locked == res(cpu=1, ram=2) and pools.free == res(cpu=3, ram=6, disk=100)
+    ledger.commit(lease.id)
+    pools = ledger.pools()
+    assert pools.locked.is_zero() and pools.allocated == res(cpu=1, ram=2)
+    assert pools.allocations == 1
+    assert ledger.release(lease.id).state == RELEASED
+    assert ledger.pools().free == res(cpu=4, ram=8, disk=100)
+
+
+def test_a_lock_that_does_not_fit_names_what_is_short(ledger: ResourceLedger) -> None:
+    ledger.lock(res(cpu=3), lease_s=30)
+    with pytest.raises(ResourceError) as err:
+        ledger.lock(res(cpu=2, ram=9), lease_s=30)
+    assert err.value.code == "insufficient"
+    assert "cpu 2 cores > 1 cores free" in err.value.message
+    assert "ram 9 GiB > 8 GiB free" in err.value.message
+    assert ledger.pools().locked == res(cpu=3)
+
+
+def test_nothing_can_be_locked_before_onboarding(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path / "dms.db")
+    with pytest.raises(ResourceError, match="not onboarded"):
+        ledger.lock(res(cpu=1), lease_s=30)
+
+
+def test_an_expired_lease_frees_its_resources_at_once_and_cannot_be_committed(
+    ledger: ResourceLedger, clock: Clock
+) -> None:
+    lease = ledger.lock(res(cpu=4), lease_s=5)
+    assert ledger.pools().free.cpu_milli == 0
+    clock.now += 5.001
+    assert ledger.pools().free.cpu_milli == 4000  # before any sweep
+    with pytest.raises(ResourceError) as err:
+        ledger.commit(lease.id)
+    assert err.value.code == "expired"
+    assert ledger.lease(lease.id).state == EXPIRED
+
+
+def test_expire_marks_only_leases_past_their_time(ledger: ResourceLedger, clock: Clock) -> None:
+    short = ledger.lock(res(cpu=1), lease_s=1)
+    long = ledger.lock(res(cpu=1), lease_s=100)
+    done = ledger.lock(res(cpu=1), lease_s=1)
+    ledger.commit(done.id)
+    clock.now += 2
+    assert ledger.expire() == [short.id]
+    assert ledger.lease(long.id).state == LOCKED
+    assert ledger.lease(done.id).state == ALLOCATED
+
+
+def test_commit_twice_and_release_twice_are_harmless(ledger: ResourceLedger) -> None:
+    lease = ledger.lock(res(cpu=1), lease_s=30)
+    ledger.commit(lease.id)
+    ledger.commit(lease.id)
+    ledger.release(lease.id)
+    ledger.release(lease.id)
+    assert ledger.pools().free == res(cpu=4, ram=8, disk=100)
+    with pytest.raises(ResourceError, match="is released"):
+        ledger.commit(lease.id)
+    with pytest.raises(ResourceError, match="no lease"):
+        ledger.release("nope")
+
+
+def test_onboarding_can_change_while_what_is_held_still_fits(ledger: ResourceLedger) -> None:
+    lease = ledger.lock(res(cpu=2, ram=4), lease_s=30)
+    ledger.commit(lease.id)
+    ledger.onboard(res(cpu=2, ram=5, disk=10))
+    assert ledger.pools().free == res(ram=1, disk=10)
+    with pytest.raises(ResourceError) as err:
+        ledger.onboard(res(cpu=1, ram=5, disk=10))
+    assert err.value.code == "conflict" and "cpu 1 cores < 2 cores in use" in err.value.message
+    assert ledger.pools().onboarded == res(cpu=2, ram=5, disk=10)
+
+
+def test_offboard_refuses_while_allocations_live_unless_forced(ledger: ResourceLedger) -> None:
+    lease = ledger.lock(res(cpu=1), lease_s=30)
+    ledger.commit(lease.id)
+    with pytest.raises(ResourceError, match="1 allocation"):
+        ledger.offboard()
+    assert ledger.pools().is_onboarded
+    released = ledger.offboard(force=True)
+    assert [r.id for r in released] == [lease.id]
+    assert not ledger.pools().is_onboarded and ledger.lease(lease.id).state == RELEASED
+
+
+def test_state_survives_reopening_the_store(tmp_path: Path, clock: Clock) -> None:
+    ledger = make_ledger(tmp_path / "dms.db", clock)
+    ledger.onboard(res(cpu=2, ram=2, disk=2))
+    alloc = ledger.lock(res(cpu=1), lease_s=30)
+    ledger.commit(alloc.id)
+    held = ledger.lock(res(ram=1), lease_s=30)
+    ledger.db.close()
+    again = make_ledger(tmp_path / "dms.db", clock)
+    pools = again.pools()
+    assert pools.allocated == res(cpu=1) and pools.locked == res(ram=1)
+    assert {v.id for v in again.live()} == {alloc.id, held.id}
+
+
+# ---- model-based: the ledger against a model of it ----------------------------------
+
+amounts = st.builds(
+    Resources,
+    cpu_milli=st.integers(0, 3000),
+    ram_mib=st.integers(0, 4096),
+    disk_mib=st.integers(0, 2048),
+    gpu=st.integers(0, 1),
+)
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    """Every step: the ledger's pools equal the model's, and never oversubscribe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folder = tempfile.TemporaryDirectory()
+        self.clock = Clock()
+        self.ledger = make_ledger(Path(self.folder.name) / "dms.db", self.clock)
+        self.onboarded = Resources(cpu_milli=4000, ram_mib=8192, disk_mib=4096, gpu=1)
+        self.ledger.onboard(self.onboarded)
+        self.held: dict[str, tuple[str, Resources, float | None]] = {}
+
+    def teardown(self) -> None:
+        self.ledger.db.close()
+        self.folder.cleanup()
+
+    def _live(self) -> dict[str, tuple[str, Resources]]:
+        now = self.clock.now
+        return {
+            i: (state, amount)
+            for i, (state, amount, expires) in self.held.items()
+            if state == ALLOCATED or (state == LOCKED and expires is not None and expires > now)
+        }
+
+    def _in_use(self) -> Resources:
+        total = Resources()
+        for _, amount in self._live().values():
+            total = total + amount
+        return total
+
+    @rule(amount=amounts, lease_s=st.floats(0.5, 20))
+    def lock(self, amount: Resources, lease_s: float) -> None:
+        fits = (self._in_use() + amount).fits_in(self.onboarded)
+        try:
+            lease = self.ledger.lock(amount, lease_s)
+        except ResourceError as err:
+            assert amount.is_zero() or not fits, err
+            return
+        assert fits and not amount.is_zero()
+        self.held[lease.id] = (LOCKED, amount, self.clock.now + lease_s)
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def commit(self, data: st.DataObject) -> None:
+        lease_id = data.draw(st.sampled_from(sorted(self.held)))
+        state, amount, expires = self.held[lease_id]
+        live = lease_id in self._live()
+        try:
+            self.ledger.commit(lease_id)
+        except ResourceError:
+            assert not live or state != LOCKED
+            if state == LOCKED:
+                self.held[lease_id] = (EXPIRED, amount, None)
+            return
+        assert live
+        self.held[lease_id] = (ALLOCATED, amount, None)
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        lease_id = data.draw(st.sampled_from(sorted(self.held)))
+        self.ledger.release(lease_id)
+        state, amount, _ = self.held[lease_id]
+        if state in (LOCKED, ALLOCATED):
+            self.held[lease_id] = (RELEASED, amount, None)
+
+    @rule(seconds=st.floats(0, 10))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    @rule()
+    def expire(self) -> None:
+        self.ledger.expire()
+
+    @rule(amount=amounts)
+    def onboard_change(self, amount: Resources) -> None:
+        try:
+            self.ledger.onboard(amount)
+        except ResourceError:
+            assert amount.is_zero() or not self._in_use().fits_in(amount)
+            return
+        assert self._in_use().fits_in(amount)
+        self.onboarded = amount
+
+    @invariant()
+    def pools_match_the_model(self) -> None:
+        pools = self.ledger.pools()
+        assert pools.violations() == []
+        live = self._live()
+        locked, allocated = Resources(), Resources()
+        for state, amount in live.values():
+            if state == LOCKED:
+                locked = locked + amount
+            else:
+                allocated = allocated + amount
+        assert pools.onboarded == self.onboarded
+        assert pools.locked == locked and pools.allocated == allocated
+        assert pools.free + pools.locked + pools.allocated == pools.onboarded
+
+
+TestLedgerModel = LedgerMachine.TestCase
+TestLedgerModel.settings = settings(
+    max_examples=40, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip
+
+
+# ---- threads: any interleaving keeps the invariant -----------------------------------
+
+op = st.one_of(
+    st.tuples(st.just("lock"), amounts, st.floats(0.01, 0.3)),
+    st.tuples(st.just("commit"), st.integers(0, 50)),
+    st.tuples(st.just("release"), st.integers(0, 50)),
+    st.tuples(st.just("expire")),
+    st.tuples(st.just("onboard"), amounts),
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plans=st.lists(st.lists(op, min_size=5, max_size=30), min_size=4, max_size=4))
+def test_concurrent_threads_never_oversubscribe(plans: list[list[tuple]]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        ledger = ResourceLedger(open_database(f"sqlite:///{folder}/dms.db"))
+        ledger.onboard(Resources(cpu_milli=4000, ram_mib=8192, disk_mib=4096, gpu=1))
+        seen: list[str] = []
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def run(plan: list[tuple]) -> None:
+            try:
+                for step in plan:
+                    try:
+                        if step[0] == "lock":
+                            seen.append(ledger.lock(step[1], step[2]).id)
+                        elif step[0] in ("commit", "release") and seen:
+                            lease_id = seen[step[1] % len(seen)]
+                            getattr(ledger, step[0])(lease_id)
+                        elif step[0] == "expire":
+                            ledger.expire()
+                        elif step[0] == "onboard":
+                            ledger.onboard(step[1])
+                    except ResourceError:
+                        pass
+            except BaseException as exc:  # surfaced in the main thread
+                errors.append(exc)
+
+        def audit() -> None:
+            while not stop.is_set():
+                violations = ledger.pools().violations()
+                if violations:
+                    errors.append(AssertionError(violations))
+
+        threads = [threading.Thread(target=run, args=(plan,)) for plan in plans]
+        auditor = threading.Thread(target=audit)
+        auditor.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stop.set()
+        auditor.join()
+        assert errors == []
+        pools = ledger.pools()
+        assert pools.violations() == []
+        live = Resources()
+        for lease in ledger.live():
+            live = live + lease.resources
+        assert live == pools.locked + pools.allocated
+        ledger.db.close()
+
+
+# ---- two processes, one SQLite file ---------------------------------------------------
+
+
+def _grab(path: str, seed: int, attempts: int, out: multiprocessing.Queue) -> None:
+    ledger = ResourceLedger(open_database(f"sqlite:///{path}"))
+    rng = random.Random(seed)
+    mine: list[str] = []
+    refused = 0
+    for _ in range(attempts):
+        try:
+            lease = ledger.lock(Resources(cpu_milli=500, ram_mib=256), lease_s=300)
+        except ResourceError:
+            refused += 1
+            if mine and rng.random() < 0.3:
+                ledger.release(mine.pop(rng.randrange(len(mine))))
+            continue
+        if rng.random() < 0.5:
+            ledger.commit(lease.id)
+        mine.append(lease.id)
+    out.put((mine, refused))
+
+
+def test_two_processes_on_one_sqlite_file_never_oversubscribe(tmp_path: Path) -> None:
+    path = str(tmp_path / "dms.db")
+    ledger = ResourceLedger(open_database(f"sqlite:///{path}"))
+    ledger.onboard(Resources(cpu=4, ram=8, disk=1))  # room for 8 leases of 0.5 cores
+    spawn = multiprocessing.get_context("spawn")
+    out = spawn.Queue()
+    procs = [spawn.Process(target=_grab, args=(path, seed, 60, out)) for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    held = [lease_id for mine, _ in results for lease_id in mine]
+    pools = ledger.pools()
+    assert pools.violations() == []
+    assert 0 < len(held) <= 8  # 8 leases of 0.5 cores fill the pool; none taken twice
+    assert len(set(held)) == len(held)
+    assert {lease.id for lease in ledger.live()} == set(held)
+    assert all(refused > 0 for _, refused in results)

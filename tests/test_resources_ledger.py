@@ -209,7 +209,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.held)
     @rule(data=st.data())
     def commit(self, data: st.DataObject) -> None:
-        lease_id = data.draw(st.sampled_from(sorted(self.held)))
+        lease_id = data.draw(st.sampled_from(list(self.held)))
         state, amount, expires = self.held[lease_id]
         live = lease_id in self._live()
         try:
@@ -225,7 +225,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.held)
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
-        lease_id = data.draw(st.sampled_from(sorted(self.held)))
+        lease_id = data.draw(st.sampled_from(list(self.held)))
         self.ledger.release(lease_id)
         state, amount, _ = self.held[lease_id]
         if state in (LOCKED, ALLOCATED):

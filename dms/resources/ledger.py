@@ -18,14 +18,18 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Row, and_, insert, or_, select, text, update
 
 from dms.errors import DmsError
 from dms.resources.amounts import KINDS, ZERO, Resources, show
 from dms.store import Database
-from dms.store.models import Event, Lease, Onboarding
+from dms.store.models import Event, Lease, Onboarding, utcnow
+
+LEASES = Lease.__table__
+ONBOARDING = Onboarding.__table__
+EVENTS = Event.__table__
 
 LOCKED, ALLOCATED, RELEASED, EXPIRED = "locked", "allocated", "released", "expired"
 LIVE_STATES = (LOCKED, ALLOCATED)
@@ -98,18 +102,39 @@ class LeaseView:
         }
 
 
-def _amounts(row: Lease | Onboarding) -> Resources:
+def _amounts(row: Row[Any]) -> Resources:
     return Resources(
         cpu_milli=row.cpu_milli, ram_mib=row.ram_mib, disk_mib=row.disk_mib, gpu=row.gpu
     )
 
 
-def _view(row: Lease) -> LeaseView:
+def _view(row: Row[Any]) -> LeaseView:
     return LeaseView(row.id, row.state, _amounts(row), row.holder, row.ref, row.expires_at)
 
 
+# Live leases and allocations, summed per state: the one query every transition runs.
+_SUMS = text(
+    "SELECT state, SUM(cpu_milli), SUM(ram_mib), SUM(disk_mib), SUM(gpu), COUNT(*) "
+    "FROM leases WHERE state = 'allocated' OR (state = 'locked' AND expires_at > :now) "
+    "GROUP BY state"
+)
+
+
+def _live_clause(now: float) -> Any:
+    return or_(
+        LEASES.c.state == ALLOCATED, and_(LEASES.c.state == LOCKED, LEASES.c.expires_at > now)
+    )
+
+
+def _event(conn: Connection, kind: str, data: dict[str, Any]) -> None:
+    conn.execute(insert(EVENTS).values(kind=kind, data=data, at=utcnow()))
+
+
 class ResourceLedger:
-    """Onboarding, leases and allocations of one node, kept in its store."""
+    """Onboarding, leases and allocations of one node, kept in its store.
+
+    Transitions use SQLAlchemy Core on one connection each: they run many times
+    a second, and the ORM's unit of work would cost more than the SQL."""
 
     def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
@@ -118,18 +143,20 @@ class ResourceLedger:
     # ---- reading -------------------------------------------------------------------
 
     def pools(self) -> Pools:
-        with self.db.session() as s:
-            return self._pools(s, self.clock())
+        with self.db.transaction() as conn:
+            return self._pools(conn, self.clock())
 
     def lease(self, lease_id: str) -> LeaseView:
-        with self.db.session() as s:
-            return _view(self._get(s, lease_id))
+        with self.db.transaction() as conn:
+            return _view(self._get(conn, lease_id))
 
     def live(self) -> list[LeaseView]:
         """Leases that still hold resources and allocations, oldest first."""
         now = self.clock()
-        with self.db.session() as s:
-            rows = s.scalars(select(Lease).where(self._live_clause(now)).order_by(Lease.created_at))
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                select(LEASES).where(_live_clause(now)).order_by(LEASES.c.created_at)
+            )
             return [_view(r) for r in rows]
 
     # ---- transitions -----------------------------------------------------------------
@@ -141,8 +168,8 @@ class ResourceLedger:
         if price < 0:
             raise ResourceError("invalid", "price must not be negative")
         now = self.clock()
-        with self.db.session() as s:
-            pools = self._pools(s, now)
+        with self.db.transaction() as conn:
+            pools = self._pools(conn, now)
             in_use = pools.locked + pools.allocated
             conflicts = [
                 f"{kind} {show(kind, want)} < {show(kind, used)} in use"
@@ -156,27 +183,20 @@ class ResourceLedger:
                     "conflict",
                     "cannot onboard less than is locked or allocated: " + "; ".join(conflicts),
                 )
-            s.merge(
-                Onboarding(
-                    id=1,
-                    cpu_milli=amounts.cpu_milli,
-                    ram_mib=amounts.ram_mib,
-                    disk_mib=amounts.disk_mib,
-                    gpu=amounts.gpu,
-                    price=price,
-                    updated_at=now,
-                )
-            )
-            s.add(Event(kind="resources.onboarded", data={**amounts.human(), "price": price}))
-            s.flush()
-            return self._pools(s, now)
+            values = {**amounts.model_dump(), "price": price, "updated_at": now}
+            if pools.is_onboarded or conn.execute(select(ONBOARDING.c.id)).first():
+                conn.execute(update(ONBOARDING).where(ONBOARDING.c.id == 1).values(**values))
+            else:
+                conn.execute(insert(ONBOARDING).values(id=1, **values))
+            _event(conn, "resources.onboarded", {**amounts.human(), "price": price})
+            return self._pools(conn, now)
 
     def offboard(self, force: bool = False) -> list[LeaseView]:
         """Withdraw from the network. Refused while anything is held, unless ``force``,
         which releases every lease and allocation (returned, so the caller can stop them)."""
         now = self.clock()
-        with self.db.session() as s:
-            live = list(s.scalars(select(Lease).where(self._live_clause(now))))
+        with self.db.transaction() as conn:
+            live = [_view(r) for r in conn.execute(select(LEASES).where(_live_clause(now)))]
             if live and not force:
                 allocs = sum(1 for r in live if r.state == ALLOCATED)
                 raise ResourceError(
@@ -184,13 +204,15 @@ class ResourceLedger:
                     f"{allocs} allocation(s) and {len(live) - allocs} lease(s) are live; "
                     "use --force to stop them and offboard",
                 )
-            for row in live:
-                row.state, row.ended_at = RELEASED, now
-            onboarding = s.get(Onboarding, 1)
-            if onboarding is not None:
-                s.delete(onboarding)
-            s.add(Event(kind="resources.offboarded", data={"released": [r.id for r in live]}))
-            return [_view(r) for r in live]
+            if live:
+                conn.execute(
+                    update(LEASES)
+                    .where(LEASES.c.id.in_([r.id for r in live]))
+                    .values(state=RELEASED, ended_at=now)
+                )
+            conn.execute(ONBOARDING.delete())
+            _event(conn, "resources.offboarded", {"released": [r.id for r in live]})
+            return live
 
     def lock(
         self, request: Resources, lease_s: float, holder: str = "", ref: str = ""
@@ -202,46 +224,48 @@ class ResourceLedger:
         if not 0 < lease_s <= MAX_LEASE_S:
             raise ResourceError("invalid", f"lease_s must be in (0, {MAX_LEASE_S:g}]")
         now = self.clock()
-        with self.db.session() as s:
-            pools = self._pools(s, now)
+        with self.db.transaction() as conn:
+            pools = self._pools(conn, now)
             if not pools.is_onboarded:
                 raise ResourceError("not_onboarded", "this node is not onboarded")
             short = request.shortfall(pools.free)
             if short:
                 raise ResourceError("insufficient", "not enough resources: " + "; ".join(short))
-            row = Lease(
-                id=uuid.uuid4().hex,
-                state=LOCKED,
-                cpu_milli=request.cpu_milli,
-                ram_mib=request.ram_mib,
-                disk_mib=request.disk_mib,
-                gpu=request.gpu,
-                holder=holder,
-                ref=ref,
-                created_at=now,
-                expires_at=now + lease_s,
+            lease = LeaseView(uuid.uuid4().hex, LOCKED, request, holder, ref, now + lease_s)
+            conn.execute(
+                insert(LEASES).values(
+                    id=lease.id,
+                    state=LOCKED,
+                    **request.model_dump(),
+                    holder=holder,
+                    ref=ref,
+                    created_at=now,
+                    expires_at=lease.expires_at,
+                )
             )
-            s.add(row)
-            return _view(row)
+            return lease
 
     def commit(self, lease_id: str, ref: str | None = None) -> LeaseView:
         """Turn a live lease into an allocation (same id)."""
         now = self.clock()
-        with self.db.session() as s:
-            row = self._get(s, lease_id)
+        with self.db.transaction() as conn:
+            row = self._get(conn, lease_id)
             if row.state == ALLOCATED:
                 return _view(row)  # committing twice is harmless: a retried message
-            expired = row.state == LOCKED and (row.expires_at or 0) <= now
-            if expired:
-                row.state, row.ended_at = EXPIRED, now
-            elif row.state != LOCKED:
+            if row.state != LOCKED:
                 raise ResourceError("ended", f"lease {lease_id} is {row.state}")
+            expired = (row.expires_at or 0) <= now
+            if expired:
+                values: dict[str, Any] = {"state": EXPIRED, "ended_at": now}
             else:
-                row.state, row.committed_at, row.expires_at = ALLOCATED, now, None
+                values = {"state": ALLOCATED, "committed_at": now, "expires_at": None}
                 if ref is not None:
-                    row.ref = ref
-                s.add(Event(kind="resources.allocated", data={"id": row.id, "ref": row.ref}))
-            view = _view(row)
+                    values["ref"] = ref
+                _event(
+                    conn, "resources.allocated", {"id": lease_id, "ref": values.get("ref", row.ref)}
+                )
+            conn.execute(update(LEASES).where(LEASES.c.id == lease_id).values(**values))
+            view = _view(self._get(conn, lease_id))
         if expired:  # raised after the transaction, so the expiry is recorded
             raise ResourceError("expired", f"lease {lease_id} expired before commit")
         return view
@@ -249,59 +273,59 @@ class ResourceLedger:
     def release(self, lease_id: str) -> LeaseView:
         """Give back a lease or an allocation; releasing an ended one changes nothing."""
         now = self.clock()
-        with self.db.session() as s:
-            row = self._get(s, lease_id)
-            if row.state in LIVE_STATES:
-                if row.state == ALLOCATED:
-                    s.add(Event(kind="resources.released", data={"id": row.id, "ref": row.ref}))
-                row.state, row.ended_at = RELEASED, now
-            return _view(row)
+        with self.db.transaction() as conn:
+            row = self._get(conn, lease_id)
+            if row.state not in LIVE_STATES:
+                return _view(row)
+            if row.state == ALLOCATED:
+                _event(conn, "resources.released", {"id": row.id, "ref": row.ref})
+            conn.execute(
+                update(LEASES).where(LEASES.c.id == lease_id).values(state=RELEASED, ended_at=now)
+            )
+            return _view(self._get(conn, lease_id))
 
     def expire(self) -> list[str]:
         """Mark leases past their expiry as ``expired``; returns their ids."""
         now = self.clock()
-        with self.db.session() as s:
+        with self.db.transaction() as conn:
             ids = list(
-                s.scalars(select(Lease.id).where(Lease.state == LOCKED, Lease.expires_at <= now))
+                conn.scalars(
+                    select(LEASES.c.id).where(LEASES.c.state == LOCKED, LEASES.c.expires_at <= now)
+                )
             )
             if ids:
-                s.execute(
-                    update(Lease).where(Lease.id.in_(ids)).values(state=EXPIRED, ended_at=now)
+                conn.execute(
+                    update(LEASES).where(LEASES.c.id.in_(ids)).values(state=EXPIRED, ended_at=now)
                 )
             return ids
 
     # ---- internals -------------------------------------------------------------------
 
     @staticmethod
-    def _live_clause(now: float):  # type: ignore[no-untyped-def]
-        return or_(Lease.state == ALLOCATED, and_(Lease.state == LOCKED, Lease.expires_at > now))
+    def _pools(conn: Connection, now: float) -> Pools:
+        onboarding = conn.execute(select(ONBOARDING).where(ONBOARDING.c.id == 1)).first()
+        sums = {row[0]: row for row in conn.execute(_SUMS, {"now": now})}
 
-    def _pools(self, s: Session, now: float) -> Pools:
-        onboarding = s.get(Onboarding, 1, populate_existing=True)
-        live_locked = and_(Lease.state == LOCKED, Lease.expires_at > now)
-        columns = []
-        for col in (Lease.cpu_milli, Lease.ram_mib, Lease.disk_mib, Lease.gpu):
-            columns.append(func.coalesce(func.sum(case((live_locked, col), else_=0)), 0))
-            columns.append(
-                func.coalesce(func.sum(case((Lease.state == ALLOCATED, col), else_=0)), 0)
-            )
-        columns.append(func.count(case((live_locked, 1))))
-        columns.append(func.count(case((Lease.state == ALLOCATED, 1))))
-        row = s.execute(select(*columns).where(Lease.state.in_(LIVE_STATES))).one()
-        locked = Resources.of([int(row[i]) for i in (0, 2, 4, 6)])
-        allocated = Resources.of([int(row[i]) for i in (1, 3, 5, 7)])
+        def pool(state: str) -> tuple[Resources, int]:
+            row = sums.get(state)
+            if row is None:
+                return ZERO, 0
+            return Resources.of([int(v or 0) for v in row[1:5]]), int(row[5])
+
+        locked, leases = pool(LOCKED)
+        allocated, allocations = pool(ALLOCATED)
         return Pools(
             onboarded=_amounts(onboarding) if onboarding is not None else ZERO,
             locked=locked,
             allocated=allocated,
             price=onboarding.price if onboarding is not None else 0.0,
-            leases=int(row[8]),
-            allocations=int(row[9]),
+            leases=leases,
+            allocations=allocations,
         )
 
     @staticmethod
-    def _get(s: Session, lease_id: str) -> Lease:
-        row = s.get(Lease, lease_id, populate_existing=True)
+    def _get(conn: Connection, lease_id: str) -> Row[Any]:
+        row = conn.execute(select(LEASES).where(LEASES.c.id == lease_id)).first()
         if row is None:
             raise ResourceError("unknown", f"no lease or allocation {lease_id!r}")
         return row

@@ -3,18 +3,22 @@
 SQLite (the default, ``DMS_HOME/dms.db``) runs in WAL mode with a busy
 timeout, and every transaction starts with ``BEGIN IMMEDIATE``: writers queue
 for the lock up front instead of failing midway, which is what lets several
-threads and processes share one file safely. Any other SQLAlchemy URL (for
-example PostgreSQL) uses that database's own transactions.
+threads and processes share one file safely. Within one process, threads also
+queue on a lock before they begin: SQLite admits one writer at a time anyway,
+and its busy handler sleeps in steps of milliseconds where a thread lock wakes
+the next writer at once. Any other SQLAlchemy URL (for example PostgreSQL)
+uses that database's own transactions.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, select
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -64,6 +68,7 @@ class Database:
             else:
                 self.engine = create_engine(url, pool_pre_ping=True)
             self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+            self._writer = threading.RLock() if url.startswith("sqlite") else nullcontext()
             self.version = self._migrate()
         except ArgumentError as exc:
             raise StoreError(f"bad database URL {url!r}: {exc}") from None
@@ -73,8 +78,14 @@ class Database:
     @contextmanager
     def session(self) -> Iterator[Session]:
         """One transaction: committed on success, rolled back on any error."""
-        with self._sessions() as session, session.begin():
+        with self._writer, self._sessions() as session, session.begin():
             yield session
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One transaction on a Core connection, for hot paths that skip the ORM."""
+        with self._writer, self.engine.begin() as conn:
+            yield conn
 
     def close(self) -> None:
         self.engine.dispose()

@@ -210,7 +210,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def commit(self, data: st.DataObject) -> None:
         lease_id = data.draw(st.sampled_from(list(self.held)))
-        state, amount, expires = self.held[lease_id]
+        state, amount, _ = self.held[lease_id]
         live = lease_id in self._live()
         try:
             self.ledger.commit(lease_id)

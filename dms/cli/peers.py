@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from dms.cli.actor import TimeoutOption
 from dms.cli.common import JsonOption, settings
-from dms.cli.output import emit_result
+from dms.cli.output import emit_json, emit_result, emit_table, jsonable
 from dms.node.client import NodeClient
 
 app = typer.Typer(help="This node's peers: list, self, ping, connect.")
@@ -19,10 +19,38 @@ def _call(behaviour: str, payload: dict[str, str] | None, timeout: float, json_o
     emit_result(result, json_out, title=behaviour)
 
 
+def _pair(row: dict[str, Any], key: str) -> str:
+    free, total = row.get("free", {}).get(key), row.get("onboarded", {}).get(key)
+    return "" if total is None else f"{free:g}/{total:g}"
+
+
 @app.command("list")
 def list_peers(timeout: TimeoutOption = 10.0, json_out: JsonOption = False) -> None:
-    """Peers this node is connected to."""
-    _call("/dms/node/peers/list", None, timeout, json_out)
+    """Peers known from heartbeats or connections: status, free/total resources, scores."""
+    rows = NodeClient(settings().home).invoke("/dms/node/peers/list", None, timeout=timeout)
+    if json_out:
+        emit_json(jsonable(rows))
+        return
+    table = []
+    for row in rows:
+        scores = row.get("scores") or {}
+        seen = row.get("last_seen_s")
+        table.append(
+            [
+                row["peer_id"],
+                row.get("status", ""),
+                "" if seen is None else f"{seen:.1f}s ago",
+                _pair(row, "cpu"),
+                _pair(row, "ram_gib"),
+                _pair(row, "disk_gib"),
+                scores.get("cpu_single_mops", ""),
+                scores.get("ckks_mul_per_s", ""),
+                row.get("restarts", ""),
+            ]
+        )
+    columns = ["peer id", "status", "last seen", "cpu free/total", "ram GiB", "disk GiB",
+               "cpu Mops", "ckks mul/s", "restarts"]  # fmt: skip
+    emit_table("peers", columns, table)
 
 
 @app.command("self")

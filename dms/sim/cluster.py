@@ -61,6 +61,13 @@ class LocalCluster:
         self.nodes[self.nodes.index(node)] = fresh
         return fresh
 
+    def crash(self, node: Node) -> None:
+        """Take ``node`` off the network abruptly: its host stops before the node can say
+        goodbye, as when the process is killed; then the rest of it stops."""
+        if node.transport is not None:
+            node.transport.stop()
+        node.stop()
+
     def stop(self) -> None:
         for node in reversed(self.nodes):
             node.stop()

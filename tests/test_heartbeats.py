@@ -1,0 +1,102 @@
+"""The peers table: heartbeats on loopback, deadlines, restarts, and the table's rules."""
+
+from __future__ import annotations
+
+from dms.network.peertable import ALIVE, GONE, Heartbeat, PeerTable
+from dms.resources import Resources
+from dms.sim.cluster import LocalCluster
+from tests.conftest import wait_for
+
+INTERVAL = 1.0
+
+
+def beat(nonce: str = "aaaaaaaa", deadline_s: float = 3.0, **kw: object) -> Heartbeat:
+    return Heartbeat(nonce=nonce, seq=0, interval_s=1.0, deadline_s=deadline_s, **kw)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_table_marks_deadlines_restarts_and_leaving() -> None:
+    clock = FakeClock()
+    table = PeerTable(clock=clock)
+    assert table.observe("p1", "did:key:1", beat()) == "joined"
+    assert table.observe("p1", "did:key:1", beat()) == "alive"
+    clock.now += 2.9
+    assert table.sweep() == []
+    clock.now += 0.2
+    assert table.sweep() == ["p1"] and table.get("p1").status == GONE
+    assert table.observe("p1", "did:key:1", beat()) == "returned"
+    assert table.observe("p1", "did:key:1", beat(nonce="bbbbbbbb")) == "restarted"
+    assert table.get("p1").restarts == 1 and table.get("p1").status == ALIVE
+    assert table.observe("p1", "did:key:1", beat(nonce="bbbbbbbb", leaving=True)) == "left"
+    assert table.get("p1").status == GONE
+
+
+def _tables_complete(nodes: list) -> bool:
+    return all(
+        {r.peer_id for r in n.peer_table.alive()} == {m.peer_id for m in nodes if m is not n}
+        for n in nodes
+    )
+
+
+def test_five_nodes_see_each_other_and_notice_stops_and_restarts(
+    cluster: LocalCluster,
+) -> None:
+    cluster.settings["heartbeat_s"] = INTERVAL
+    nodes = cluster.start(5)
+    cluster.wait_linked()
+    wait_for(lambda: _tables_complete(nodes), 2 * INTERVAL, "every node to see the other four")
+    record = nodes[0].peer_table.get(nodes[1].peer_id)
+    assert record is not None and record.heartbeat is not None
+    assert record.heartbeat.deadline_s == 3 * INTERVAL and record.did == nodes[1].identity.did
+
+    # A crashed node (no goodbye) is marked gone by its deadline.
+    crashed = nodes[4]
+    deadline_s = 3 * INTERVAL
+    cluster.crash(crashed)
+    others = nodes[:4]
+    wait_for(
+        lambda: all(n.peer_table.get(crashed.peer_id).status == GONE for n in others),
+        deadline_s + INTERVAL,  # the deadline, plus the sweep's half-interval step and slack
+        "the crashed node to be marked gone",
+    )
+
+    # A restarted node (same key, new process nonce) is recognized as restarted.
+    victim = nodes[3]
+    before = nodes[0].peer_table.get(victim.peer_id).nonce
+    fresh = cluster.restart(victim)
+    fresh.transport.connect(nodes[0].addrs()[0])
+    wait_for(
+        lambda: (r := nodes[0].peer_table.get(victim.peer_id)) is not None
+        and r.nonce != before
+        and r.status == ALIVE,
+        5 * INTERVAL,
+        "the restarted node to be seen with a new nonce",
+    )
+    assert nodes[0].peer_table.get(victim.peer_id).restarts == 1
+    assert "restarted" in nodes[0].peer_table.get(victim.peer_id).history
+
+
+def test_peers_list_shows_status_and_resources_from_heartbeats(cluster: LocalCluster) -> None:
+    cluster.settings["heartbeat_s"] = INTERVAL
+    a, b = cluster.start(2)
+    cluster.wait_linked()
+    b.ledger.onboard(Resources(cpu=1, ram=1, disk=1))
+    wait_for(
+        lambda: (r := a.peer_table.get(b.peer_id)) is not None
+        and r.heartbeat is not None
+        and r.heartbeat.onboarded.get("cpu") == 1.0,
+        3 * INTERVAL,
+        "b's onboarding to show in a's table",
+    )
+    rows = a.node.ask(a.node.handle, "/dms/node/peers/list")
+    row = next(r for r in rows if r["peer_id"] == b.peer_id)
+    assert row["status"] == ALIVE and row["connected"] is True
+    assert row["free"]["cpu"] == 1.0 and row["onboarded"]["ram_gib"] == 1.0
+    assert row["last_seen_s"] < 3 * INTERVAL

@@ -3,65 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.clitools import Daemon, dms, dms_json
 from tests.conftest import wait_for
 
 STRANGER = "12D3KooWPFKFJf9NhYrEDsrqM231jX1rszkZD59mazCQymVR7w7A"
-
-
-def env_for(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DMS_")}
-    env.update(DMS_HOME=str(home), DMS_PASSPHRASE="correct horse battery staple")
-    return env
-
-
-def dms(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dms", *args],
-        env=env_for(home),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def dms_json(home: Path, *args: str) -> Any:
-    done = dms(home, *args, "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-class Daemon:
-    def __init__(self, home: Path, *extra: str) -> None:
-        self.home = home
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dms", "run", "--listen", "/ip4/127.0.0.1/tcp/0",
-             "--api-port", "0", "--json", *extra],
-            env=env_for(home),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, self.proc.stderr.read() if self.proc.stderr else "no output"
-        self.info = json.loads(line)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=20)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ def test_preferences_come_from_config_toml_and_show_in_config_show(tmp_path: Pat
 
 def test_an_unknown_preference_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("[preferences]\nminprice = 1\n")
-    with pytest.raises(ConfigError, match="preferences.minprice"):
+    with pytest.raises(ConfigError, match=r"preferences\.minprice"):
         load_settings(home=tmp_path)
 
 

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(
         default=2.0, ge=0.1, le=300, description="announce this node on the heartbeat topic every"
     )
+    labels: list[str] = Field(
+        default_factory=list, description="labels of this node that jobs may require"
+    )
+    orphan_s: float = Field(
+        default=15.0, gt=0, description="stop an allocation whose requester is gone this long"
+    )
     preferences: Preferences = Field(
         default_factory=Preferences, description="the work this node accepts"
     )

@@ -215,6 +215,15 @@ class ActorRef:
     def tell(self, message: Any) -> None:
         self.pykka_ref.tell(message)
 
+    def tell_call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in the actor's thread (from any thread); dropped if it stopped."""
+        with contextlib.suppress(pykka.ActorDeadError):
+            self.pykka_ref.tell(Call(fn, args))
+
+    def stop_soon(self) -> None:
+        """Stop without waiting: safe from the actor's own thread."""
+        self.system.stop_actor(self.handle.address.inbox, timeout=0, block=False)
+
     def is_alive(self) -> bool:
         return self.pykka_ref.is_alive()
 
@@ -287,7 +296,7 @@ class ActorSystem:
         with self._lock:
             return self._actors.get(inbox)
 
-    def stop_actor(self, inbox: str, timeout: float = 5.0) -> None:
+    def stop_actor(self, inbox: str, timeout: float = 5.0, block: bool = True) -> None:
         with self._lock:
             ref = self._actors.pop(inbox, None)
             if ref is None:
@@ -297,7 +306,7 @@ class ActorSystem:
             for members in self._subscribers.values():
                 members.discard(inbox)
         with contextlib.suppress(pykka.ActorDeadError):
-            ref.pykka_ref.stop(block=True, timeout=timeout)
+            ref.pykka_ref.stop(block=block, timeout=timeout if block else None)
 
     def is_local(self, public_key: bytes) -> bool:
         return public_key in self._local_keys

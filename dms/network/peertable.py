@@ -41,6 +41,7 @@ class Heartbeat(BaseModel):
     load: float = Field(default=0.0, ge=0)
     price: float = Field(default=0.0, ge=0)
     scores: dict[str, float] = Field(default_factory=dict)
+    labels: list[str] = Field(default_factory=list, max_length=64)
     leaving: bool = False
 
 
@@ -73,6 +74,7 @@ class PeerRecord:
             "load": hb.load if hb else 0.0,
             "price": hb.price if hb else 0.0,
             "scores": hb.scores if hb else {},
+            "labels": hb.labels if hb else [],
         }
 
 

@@ -118,6 +118,8 @@ class Node:
                 preferences=self.settings.preferences,
                 peer_table=self.peer_table,
                 heartbeat_s=self.settings.heartbeat_s,
+                labels=self.settings.labels,
+                orphan_s=self.settings.orphan_s,
             )
             self.node = self.system.spawn(
                 NodeActor, services, inbox=ROOT_INBOX, identity=self.identity

@@ -3,9 +3,10 @@
 It answers the public behaviours any peer may call and the ``/dms/node/*``
 behaviours its owner (the root-anchored user key) calls through the CLI. The
 behaviours are grouped by purpose into mixins: peers and heartbeats
-(``dms.node.peering``), onboarding, resources and hardware
-(``dms.node.provider``). Slow work runs on a worker pool and answers through
-``Request.defer``, so the node's mailbox never stalls.
+(``dms.node.peering``), placement in both roles (``dms.node.deploying``),
+onboarding, resources and hardware (``dms.node.provider``). Slow work runs on
+a worker pool and answers through ``Request.defer``, so the node's mailbox
+never stalls.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from dms import __version__
 from dms.actor import ActorContext, Request, behaviour
+from dms.node.deploying import DeployingBehaviours
 from dms.node.peering import PeeringBehaviours
 from dms.node.provider import ProviderBehaviours
 from dms.node.services import NodeServices
@@ -30,7 +32,7 @@ class HelloPayload(BaseModel):
     message: str = Field(default="hello", max_length=1024)
 
 
-class NodeActor(PeeringBehaviours, ProviderBehaviours):
+class NodeActor(PeeringBehaviours, DeployingBehaviours, ProviderBehaviours):
     def __init__(self, context: ActorContext, services: NodeServices | None = None) -> None:
         super().__init__(context, services)
         self.started = time.monotonic()
@@ -39,6 +41,7 @@ class NodeActor(PeeringBehaviours, ProviderBehaviours):
     def on_start(self) -> None:
         self.subscribe(BROADCAST_TOPIC)
         self.start_provider()
+        self.start_deploying()
         self.start_peering()
 
     def stopping(self) -> None:

@@ -75,6 +75,7 @@ class PeeringBehaviours(NodeBase):
             if hasattr(os, "getloadavg")
             else 0.0,
             "leaving": leaving,
+            "labels": self.services.labels,
         }
         beat.update(self.resource_summary())
         self._beats += 1

@@ -27,3 +27,6 @@ class NodeServices:
     heartbeat_s: float = 2.0
     remember_every_s: float = 30.0
     expire_every_s: float = 1.0
+    labels: list[str] = field(default_factory=list)
+    orphan_s: float = 15.0  # stop an allocation whose requester is gone this long
+    supervise_s: float = 1.0  # how often a requester checks its running allocations

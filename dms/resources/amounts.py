@@ -28,7 +28,7 @@ _MIB_PER = {
 _MILLI_PER = {"": 1000.0, "core": 1000.0, "cores": 1000.0, "m": 1.0}
 
 
-class AmountError(DmsError):
+class AmountError(DmsError, ValueError):
     """An amount that is not a number with a known unit, or is not positive."""
 
 

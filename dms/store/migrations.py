@@ -12,7 +12,16 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from dms.store.models import Base, Event, KnownPeer, Lease, Onboarding, Setting
+from dms.store.models import (
+    Base,
+    BidRecord,
+    DeploymentRecord,
+    Event,
+    KnownPeer,
+    Lease,
+    Onboarding,
+    Setting,
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ MIGRATIONS: list[Migration] = [
     Migration(1, "node settings and event log", _create(Setting, Event)),
     Migration(2, "known peers, for reconnecting after a restart", _create(KnownPeer)),
     Migration(3, "onboarding and resource leases", _create(Onboarding, Lease)),
+    Migration(4, "deployments and the bid indices", _create(DeploymentRecord, BidRecord)),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1].version

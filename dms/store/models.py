@@ -90,3 +90,38 @@ class Lease(Base):
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     committed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class DeploymentRecord(Base):
+    """A deployment this node requested: its spec and state, saved on every transition."""
+
+    __tablename__ = "deployments"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    spec: Mapped[Any] = mapped_column(JSON, nullable=False)
+    slots: Mapped[Any] = mapped_column(JSON, nullable=False)
+    events: Mapped[Any] = mapped_column(JSON, nullable=False, default=list)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    updated_at: Mapped[float] = mapped_column(Float, nullable=False)
+    running_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class BidRecord(Base):
+    """The bid indices: bids this node sent (provider) and received (requester)."""
+
+    __tablename__ = "bids"
+    __table_args__ = (Index("ix_bids_deployment", "deployment_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    direction: Mapped[str] = mapped_column(String(8), nullable=False)  # sent | received
+    peer_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    slot: Mapped[str] = mapped_column(String(128), nullable=False)
+    lease_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    price: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16), nullable=False)  # offer|decline|won|lost
+    reason: Mapped[str] = mapped_column(String(512), nullable=False, default="")
+    at: Mapped[float] = mapped_column(Float, nullable=False)

@@ -1,0 +1,194 @@
+"""An allocation: a child actor of the provider's node that runs one executor.
+
+States: ``pending -> starting -> running -> completed | failed | stopped``.
+The executor runs on its own thread; the actor's mailbox stays free to answer
+``status``, ``logs`` and ``stop``. On every change of state the allocation
+tells its requester (``/dms/deployment/update``, best effort: the requester
+also polls), and when it ends it gives its resources back through ``on_end``.
+Only the requester's host and this node (and its owner) may call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+from dms.actor import Actor, ActorContext, ErrorCode, Handle, Refusal, Request, behaviour
+from dms.jobs.executors import ExecutorError, executor_for
+
+UPDATE_BEHAVIOUR = "/dms/deployment/update"
+LOG_LINES = 200
+
+
+class AllocationState(StrEnum):
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+TERMINAL = frozenset({AllocationState.COMPLETED, AllocationState.FAILED, AllocationState.STOPPED})
+
+
+class AllocationActor(Actor):
+    def __init__(
+        self,
+        context: ActorContext,
+        *,
+        lease_id: str,
+        deployment_id: str,
+        slot: str,
+        executor: str,
+        params: dict[str, Any],
+        requester_host: str,
+        reply_to: Handle | None = None,
+        on_end: Callable[[str, str], None] | None = None,
+        requester_gone: Callable[[], bool] | None = None,
+        watch_s: float = 1.0,
+        linger_s: float = 120.0,
+    ) -> None:
+        super().__init__(context)
+        self.lease_id, self.deployment_id, self.slot = lease_id, deployment_id, slot
+        self.executor_kind, self.params = executor, params
+        self.executor = executor_for(executor)
+        self.executor.check(params)
+        self.requester_host, self.reply_to = requester_host, reply_to
+        self._on_end, self._requester_gone = on_end, requester_gone
+        self._watch_s, self._linger_s = watch_s, linger_s
+        self.state = AllocationState.PENDING
+        self.result: Any = None
+        self.error: str | None = None
+        self.created_at = time.time()
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self.logs: deque[str] = deque(maxlen=LOG_LINES)
+        self._halt = threading.Event()
+        self._halt_reason = ""
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self.start_work()
+
+    def start_work(self) -> None:
+        if self.state != AllocationState.PENDING:
+            return
+        self._set(AllocationState.STARTING)
+        self.started_at = time.time()
+        thread = threading.Thread(
+            target=self._work, name=f"dms-alloc-{self.lease_id[:8]}", daemon=True
+        )
+        thread.start()
+        self._set(AllocationState.RUNNING)
+        if self._requester_gone is not None:
+            self.call_later(self._watch_s, self._watch)
+
+    def _work(self) -> None:
+        try:
+            result = self.executor.run(self.params, self._halt, self._log)
+        except ExecutorError as exc:
+            self.ref.tell_call(self._finished, None, str(exc))
+        except Exception as exc:  # a bug in an executor fails the allocation, not the node
+            self.ref.tell_call(self._finished, None, f"{type(exc).__name__}: {exc}")
+        else:
+            self.ref.tell_call(self._finished, result, None)
+
+    def _finished(self, result: Any, error: str | None) -> None:
+        if self._halt.is_set():
+            self.error = self._halt_reason or "stopped"
+            self._set(AllocationState.STOPPED)
+        elif error is not None:
+            self.error = error
+            self._set(AllocationState.FAILED)
+        else:
+            self.result = result
+            self._set(AllocationState.COMPLETED)
+
+    def _watch(self) -> None:
+        if self.state in TERMINAL:
+            return
+        if self._requester_gone is not None and self._requester_gone():
+            self.request_stop("the requester is gone")
+            return
+        self.call_later(self._watch_s, self._watch)
+
+    def request_stop(self, reason: str) -> None:
+        if self.state in TERMINAL:
+            return
+        self._halt_reason = reason
+        self._halt.set()
+        if self.state == AllocationState.PENDING:
+            self.error = reason
+            self._set(AllocationState.STOPPED)
+
+    def stopping(self) -> None:
+        if self.state not in TERMINAL:
+            self._halt_reason = self._halt_reason or "the node stopped"
+            self._halt.set()
+
+    def _set(self, state: AllocationState) -> None:
+        self.state = state
+        self._log(f"state: {state.value}")
+        if state in TERMINAL:
+            self.ended_at = time.time()
+            if self._on_end is not None:
+                self._on_end(self.lease_id, state.value)
+            self.call_later(self._linger_s, self.ref.stop_soon)
+        if self.reply_to is not None:
+            # Best effort: the requester polls too, and may be unreachable for a while.
+            with contextlib.suppress(Exception):
+                self.send(self.reply_to, UPDATE_BEHAVIOUR, self.status_dict(), ttl_s=30)
+
+    def _log(self, line: str) -> None:
+        self.logs.append(f"{time.strftime('%H:%M:%S')} {line}")
+
+    def status_dict(self) -> dict[str, Any]:
+        return {
+            "lease_id": self.lease_id,
+            "deployment_id": self.deployment_id,
+            "slot": self.slot,
+            "executor": self.executor_kind,
+            "state": self.state.value,
+            "result": self.result,
+            "error": self.error,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "peer_id": self.system.peer_id,
+        }
+
+    # ---- behaviours ----------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        host = request.sender.address.host
+        if host not in (self.requester_host, self.system.peer_id):
+            raise Refusal(ErrorCode.FORBIDDEN, "only the requester may manage this allocation")
+
+    @behaviour("/dms/allocation/status", public=True)
+    def status(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return self.status_dict()
+
+    @behaviour("/dms/allocation/logs", public=True)
+    def get_logs(self, request: Request) -> list[str]:
+        self._authorize(request)
+        return list(self.logs)
+
+    # (Not named start/stop: those are pykka's.)
+    @behaviour("/dms/allocation/start", public=True)
+    def start_requested(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        self.start_work()
+        return self.status_dict()
+
+    @behaviour("/dms/allocation/stop", public=True)
+    def stop_requested(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        self.request_stop(f"stopped by {request.sender.address.host}")
+        return self.status_dict()

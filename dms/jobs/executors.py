@@ -1,0 +1,89 @@
+"""Executors: what an allocation runs. Each validates its own parameters up front.
+
+``compute`` is the built-in test workload: sleep or keep one core busy for a
+bounded time, then return a small result; ``fail`` makes it fail with that
+message (for failure handling tests). The mining executor joins later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dms.errors import DmsError
+
+Log = Callable[[str], None]
+
+
+class ExecutorError(DmsError):
+    """Bad executor parameters, or the workload failed."""
+
+
+class Executor(Protocol):
+    kind: str
+
+    def check(self, params: dict[str, Any]) -> None:
+        """Raise ``ExecutorError`` if ``params`` cannot run."""
+
+    def run(self, params: dict[str, Any], stop: threading.Event, log: Log) -> Any:
+        """Run to completion (or until ``stop``), returning a result that msgpack can carry."""
+
+
+class ComputeParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["sleep", "cpu"] = "sleep"
+    seconds: float = Field(default=0.0, ge=0, le=3600)
+    fail: str | None = Field(default=None, max_length=512)
+
+
+class ComputeExecutor:
+    kind = "compute"
+
+    def _params(self, params: dict[str, Any]) -> ComputeParams:
+        try:
+            return ComputeParams.model_validate(params)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ExecutorError(f"compute params: {where}: {err['msg']}") from None
+
+    def check(self, params: dict[str, Any]) -> None:
+        self._params(params)
+
+    def run(self, params: dict[str, Any], stop: threading.Event, log: Log) -> Any:
+        p = self._params(params)
+        log(f"compute: {p.mode} for {p.seconds:g} s")
+        started = time.monotonic()
+        rounds = 0
+        if p.mode == "sleep":
+            stop.wait(p.seconds)
+        else:
+            digest = b"dms"
+            while time.monotonic() - started < p.seconds and not stop.is_set():
+                for _ in range(1000):
+                    digest = hashlib.sha256(digest).digest()
+                rounds += 1
+        if stop.is_set():
+            raise ExecutorError("stopped")
+        if p.fail:
+            raise ExecutorError(p.fail)
+        elapsed = round(time.monotonic() - started, 3)
+        log(f"compute: done in {elapsed:g} s")
+        return {"mode": p.mode, "seconds": elapsed, "rounds": rounds}
+
+
+EXECUTORS: dict[str, Executor] = {ComputeExecutor.kind: ComputeExecutor()}
+
+
+def executor_for(kind: str) -> Executor:
+    try:
+        return EXECUTORS[kind]
+    except KeyError:
+        known = ", ".join(sorted(EXECUTORS))
+        raise ExecutorError(f"no executor {kind!r} on this node (has: {known})") from None

@@ -1,0 +1,141 @@
+"""Job specs: a deployment of one or more allocations, loaded from YAML or JSON.
+
+A mistake in a file is a :class:`JobSpecError` that names the field and the
+line it is on (``allocations.0.resources.cpu (line 7): ...``): the file is
+parsed with PyYAML's composer, which keeps each node's position, and JSON is
+read the same way (JSON is YAML for this purpose).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dms.errors import DmsError
+from dms.resources import Resources
+
+Strategy = Literal["score", "round-robin", "two-choices", "random"]
+STRATEGIES: tuple[str, ...] = ("score", "round-robin", "two-choices", "random")
+MAX_SLOTS = 256
+
+
+class JobSpecError(DmsError):
+    """A job file that cannot be used, with the field and line at fault."""
+
+
+class Constraints(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_peers: list[str] = Field(default_factory=list, description="only these peer ids")
+    exclude_peers: list[str] = Field(default_factory=list, description="never these peer ids")
+    labels: list[str] = Field(default_factory=list, description="labels a node must have")
+    min_scores: dict[str, float] = Field(
+        default_factory=dict, description="lowest benchmark scores accepted, by name"
+    )
+    max_price: float | None = Field(default=None, ge=0, description="most the job pays")
+
+
+class AllocationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    executor: str = Field(min_length=1, max_length=64)
+    resources: Resources
+    count: int = Field(default=1, ge=1, le=MAX_SLOTS)
+    params: dict[str, Any] = Field(default_factory=dict)
+    constraints: Constraints = Field(default_factory=Constraints)
+
+    @field_validator("resources")
+    @classmethod
+    def _some(cls, value: Resources) -> Resources:
+        if value.is_zero():
+            raise ValueError("an allocation needs some cpu, ram or disk")
+        return value
+
+
+class DeploymentSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="deployment", min_length=1, max_length=128)
+    allocations: list[AllocationSpec] = Field(min_length=1)
+    strategy: Strategy = "score"
+    deadline_s: float = Field(default=60.0, gt=0, le=7 * 24 * 3600, description="to be running")
+    bid_window_s: float = Field(default=0.25, gt=0, le=30, description="longest wait for bids")
+    lease_s: float = Field(default=10.0, gt=0, le=600, description="how long a bid holds")
+
+    @field_validator("allocations")
+    @classmethod
+    def _unique(cls, value: list[AllocationSpec]) -> list[AllocationSpec]:
+        names = [a.name for a in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"allocation names must be unique: {', '.join(duplicates)}")
+        if sum(a.count for a in value) > MAX_SLOTS:
+            raise ValueError(f"at most {MAX_SLOTS} allocations in all")
+        return value
+
+    def slots(self) -> list[tuple[str, AllocationSpec]]:
+        """Each allocation repeated ``count`` times, named ``name`` or ``name.i``."""
+        out = []
+        for spec in self.allocations:
+            if spec.count == 1:
+                out.append((spec.name, spec))
+            else:
+                out.extend((f"{spec.name}.{i}", spec) for i in range(spec.count))
+        return out
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The 1-based line of the value at ``loc`` (or of its nearest existing parent)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            match = node.value[part] if part < len(node.value) else None
+        else:
+            match = None
+        if match is None:
+            break
+        node = match
+        line = node.start_mark.line + 1
+    return line
+
+
+def parse_spec(text: str, source: str = "job file") -> DeploymentSpec:
+    try:
+        tree = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise JobSpecError(f"{source}{where}: not valid YAML or JSON: {problem}") from None
+    if not isinstance(data, dict):
+        raise JobSpecError(
+            f"{source}: expected a mapping with 'allocations', got {type(data).__name__}"
+        )
+    try:
+        return DeploymentSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(tree, loc)
+        where = f" (line {line})" if line else ""
+        message = err["msg"].removeprefix("Value error, ")
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise JobSpecError(f"{source}: {field}{where}: {message}{more}") from None
+
+
+def load_spec(path: Path) -> DeploymentSpec:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise JobSpecError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobSpecError(f"{path}: cannot read: {exc}") from None
+    return parse_spec(text, str(path))

@@ -1,0 +1,359 @@
+"""The node's placement behaviours, in both roles.
+
+Provider (any peer may call; the lease holder is the caller's host, which the
+libp2p connection authenticates): ``/dms/deployment/{request,commit,allocate,
+revert}``. Requester (the owner): ``/dms/node/deployment/{new,list,status,logs,
+manifest,shutdown}``, each deployment run by a :class:`DeploymentActor` child.
+A mixin of :class:`dms.node.node.NodeActor`; see ``specs/orchestration.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dms.actor import ActorRef, ErrorCode, Refusal, Request, behaviour
+from dms.jobs.allocation import AllocationActor
+from dms.jobs.executors import ExecutorError
+from dms.jobs.spec import DeploymentSpec
+from dms.network.peertable import GONE
+from dms.node.base import NodeBase
+from dms.orchestrator.bidder import BidderView, make_bid
+from dms.orchestrator.deployment import (
+    SHUTDOWN,
+    DeploymentActor,
+    Orchestration,
+    allocation_handle,
+    new_deployment_id,
+    summarize,
+)
+from dms.orchestrator.messages import (
+    ALLOCATE,
+    BID,
+    COMMIT,
+    DEPLOYMENT_TOPIC,
+    REQUEST,
+    REVERT,
+    AllocateRequest,
+    BidRequest,
+    CommitRequest,
+    RevertRequest,
+)
+from dms.orchestrator.store import DeploymentStore
+from dms.resources import ALLOCATED, ResourceError
+
+log = logging.getLogger("dms.node")
+DEPLOYMENT_REF = "dep:"
+
+
+class NewDeployment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    spec: DeploymentSpec
+
+
+class DeploymentId(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=64)
+
+
+class DeployingBehaviours(NodeBase):
+    _orchestration: Orchestration | None = None
+    _deployments: dict[str, ActorRef]
+    _allocations: dict[str, ActorRef]
+    _alloc_lock: threading.Lock
+
+    def start_deploying(self) -> None:
+        self._deployments, self._allocations = {}, {}
+        self._alloc_lock = threading.Lock()
+        self.subscribe(DEPLOYMENT_TOPIC)
+        db = self.services.onboarder.db if self.services.onboarder else None
+        if db is None:
+            return
+        self._orchestration = Orchestration(
+            peer_table=self.services.peer_table,
+            store=DeploymentStore(db),
+            on_end=self._deployment_ended,
+            supervise_s=self.services.supervise_s,
+        )
+        self._clean_orphaned_allocations()
+        for row in self._orchestration.store.active():
+            try:
+                spec = DeploymentSpec.model_validate(row["spec"])
+            except Exception as exc:
+                log.warning("deployment %s cannot resume: %s", row["id"], exc)
+                continue
+            self._spawn_deployment(row["id"], spec, saved=row)
+
+    def _clean_orphaned_allocations(self) -> None:
+        """Allocations made for deployments ran in the process that died: release them
+        (their requesters see them gone and place them again)."""
+        ledger = self.services.ledger
+        if ledger is None:
+            return
+        for lease in ledger.live():
+            if lease.state == ALLOCATED and lease.ref.startswith(DEPLOYMENT_REF):
+                ledger.release(lease.id)
+                ledger.db.record("allocation.cleaned", id=lease.id, ref=lease.ref)
+
+    # ---- provider ----------------------------------------------------------------------
+
+    def _bidder(self) -> BidderView:
+        if self.services.ledger is None:
+            raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node does not take work")
+        scores = self._capability.scores() if getattr(self, "_capability", None) else {}
+        return BidderView(
+            peer_id=self.system.peer_id,
+            did=self.identity.did,
+            ledger=self.services.ledger,
+            preferences=self.services.preferences,
+            scores=scores,
+            labels=self.services.labels,
+        )
+
+    @behaviour(REQUEST, public=True, payload=BidRequest)
+    def bid_request(self, request: Request) -> Any:
+        """Answer a bid request: the bid is the reply (direct) or is sent to ``reply_to``
+        (a request heard on the deployment topic)."""
+        payload: BidRequest = request.payload
+        requester = request.sender.address.host
+        if requester == self.system.peer_id:
+            return None  # our own gossip request
+        bid = make_bid(payload, requester, request.sender.did, self._bidder())
+        self._record_sent(bid)
+        if payload.reply_to is not None:
+            if bid.offers:  # a gossip request gets an answer only when there is an offer
+                self.send(payload.reply_to, BID, bid.model_dump(), ttl_s=payload.lease_s)
+            return None
+        return bid.model_dump()
+
+    def _record_sent(self, bid: Any) -> None:
+        if self._orchestration is None:
+            return
+        me = {
+            "deployment_id": bid.deployment_id,
+            "direction": "sent",
+            "peer_id": self.system.peer_id,
+        }
+        rows = [
+            {**me, "slot": o.slot, "lease_id": o.lease_id, "price": o.price, "outcome": "offer"}
+            for o in bid.offers
+        ] + [
+            {**me, "slot": d.slot, "outcome": "decline", "reason": d.reason[:512]}
+            for d in bid.declines
+        ]
+        try:
+            self._orchestration.store.record_bids(rows)
+        except Exception as exc:
+            log.warning("bid index not written: %s", exc)
+
+    def _held_by_caller(self, request: Request, lease_id: str) -> None:
+        lease = self._ledger().lease(lease_id)
+        if lease.holder != request.sender.address.host:
+            raise Refusal(ErrorCode.FORBIDDEN, f"lease {lease_id} is not held by the caller")
+
+    @behaviour(COMMIT, public=True, payload=CommitRequest)
+    def commit(self, request: Request) -> dict[str, Any]:
+        p: CommitRequest = request.payload
+        self._held_by_caller(request, p.lease_id)
+        return self._ledger().commit(p.lease_id).as_dict()
+
+    @behaviour(ALLOCATE, public=True, payload=AllocateRequest)
+    def allocate(self, request: Request) -> dict[str, Any]:
+        p: AllocateRequest = request.payload
+        self._held_by_caller(request, p.lease_id)
+        lease = self._ledger().lease(p.lease_id)
+        if lease.state != ALLOCATED:
+            raise ResourceError("ended", f"lease {p.lease_id} is {lease.state}, not committed")
+        with self._alloc_lock:
+            existing = self._allocations.get(p.lease_id)
+        if existing is not None:  # a retried allocate: the same allocation
+            return {"allocation": existing.handle.model_dump(), "status": None}
+        requester = request.sender.address.host
+        try:
+            child = self.spawn(
+                AllocationActor,
+                lease_id=p.lease_id,
+                deployment_id=p.deployment_id,
+                slot=p.slot,
+                executor=p.executor,
+                params=p.params,
+                requester_host=requester,
+                reply_to=p.reply_to,
+                on_end=self._allocation_ended,
+                requester_gone=lambda: self._requester_gone(requester),
+                inbox=f"alloc-{p.lease_id[:16]}",
+            )
+        except ExecutorError:
+            self._ledger().release(p.lease_id)
+            raise
+        with self._alloc_lock:
+            self._allocations[p.lease_id] = child
+        # The allocation starts its work as it starts; its state changes reach the
+        # requester as updates (and by polling).
+        return {"allocation": child.handle.model_dump(), "status": {"state": "starting"}}
+
+    @behaviour(REVERT, public=True, payload=RevertRequest)
+    def revert(self, request: Request) -> dict[str, Any]:
+        p: RevertRequest = request.payload
+        released = []
+        for lease_id in p.lease_ids:
+            try:
+                self._held_by_caller(request, lease_id)
+            except (Refusal, ResourceError):
+                continue
+            self._stop_allocation(lease_id, "reverted by the requester")
+            released.append(self._ledger().release(lease_id).id)
+        return {"released": released}
+
+    def _requester_gone(self, peer_id: str) -> bool:
+        record = self.services.peer_table.get(peer_id)
+        return (
+            record is not None
+            and record.status == GONE
+            and time.time() - record.last_seen > self.services.orphan_s
+        )
+
+    def _allocation_ended(self, lease_id: str, state: str) -> None:
+        """From the allocation's thread: give its resources back."""
+        with self._alloc_lock:
+            self._allocations.pop(lease_id, None)
+        if self.services.ledger is not None:
+            try:
+                self.services.ledger.release(lease_id)
+            except ResourceError as exc:
+                log.warning("allocation %s not released: %s", lease_id, exc)
+
+    def _stop_allocation(self, lease_id: str, reason: str) -> None:
+        with self._alloc_lock:
+            child = self._allocations.get(lease_id)
+        if child is not None:
+            with contextlib.suppress(Exception):  # already stopped: nothing to do
+                child.pykka_ref.proxy().request_stop(reason)
+
+    def allocations_released(self, ids: list[str]) -> None:
+        for lease_id in ids:
+            self._stop_allocation(lease_id, "released by the node's owner")
+
+    # ---- requester (owner) -------------------------------------------------------------
+
+    def _orch(self) -> Orchestration:
+        if self._orchestration is None:
+            raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node keeps no deployment store")
+        return self._orchestration
+
+    def _spawn_deployment(
+        self, deployment_id: str, spec: DeploymentSpec, saved: dict[str, Any] | None = None
+    ) -> ActorRef:
+        child = self.spawn(
+            DeploymentActor,
+            self._orch(),
+            deployment_id,
+            spec,
+            saved,
+            inbox=f"deployment-{deployment_id}",
+        )
+        self._deployments[deployment_id] = child
+        return child
+
+    def _deployment_ended(self, deployment_id: str) -> None:
+        self.ref.tell_call(self._deployments.pop, deployment_id, None)
+
+    @behaviour("/dms/node/deployment/new", payload=NewDeployment)
+    def deployment_new(self, request: Request) -> dict[str, Any]:
+        deployment_id = new_deployment_id()
+        self._spawn_deployment(deployment_id, request.payload.spec)
+        return {"id": deployment_id}
+
+    @behaviour("/dms/node/deployment/list")
+    def deployment_list(self, request: Request) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": row["id"],
+                "name": row["name"],
+                "state": row["state"],
+                "allocations": len(row["slots"]),
+                "created_at": row["created_at"],
+            }
+            for row in self._orch().store.list()
+        ]
+
+    def _row(self, deployment_id: str) -> dict[str, Any]:
+        row = self._orch().store.get(deployment_id)
+        if row is None:
+            raise Refusal("unknown", f"no deployment {deployment_id!r}")
+        return row
+
+    @behaviour("/dms/node/deployment/status", payload=DeploymentId)
+    def deployment_status(self, request: Request) -> dict[str, Any]:
+        return summarize(self._row(request.payload.id))
+
+    @behaviour("/dms/node/deployment/manifest", payload=DeploymentId)
+    def deployment_manifest(self, request: Request) -> dict[str, Any]:
+        """Where each allocation runs, and why each bid won or lost."""
+        row = self._row(request.payload.id)
+        return {
+            "id": row["id"],
+            "state": row["state"],
+            "slots": [
+                {
+                    "slot": s["slot"],
+                    "status": s["status"],
+                    "peer_id": s["peer_id"],
+                    "lease_id": s["lease_id"],
+                    "allocation": (
+                        {"inbox": s["allocation"]["inbox"], "host": s["allocation"]["host"]}
+                        if s["allocation"]
+                        else None
+                    ),
+                    "excluded": s["excluded"],
+                    "reasons": s["reasons"],
+                }
+                for s in row["slots"]
+            ],
+            "bids": [
+                {k: b[k] for k in ("peer_id", "slot", "outcome", "price", "reason")}
+                for b in self._orch().store.bids(row["id"])
+                if b["direction"] == "received"
+            ],
+        }
+
+    @behaviour("/dms/node/deployment/logs", payload=DeploymentId)
+    def deployment_logs(self, request: Request) -> None:
+        row = self._row(request.payload.id)
+        ref = self.ref
+
+        def gather() -> dict[str, Any]:
+            logs: dict[str, Any] = {}
+            for slot in row["slots"]:
+                if slot["allocation"] is None:
+                    continue
+                handle = allocation_handle(slot["allocation"])
+                try:
+                    logs[slot["slot"]] = ref.ask(handle, "/dms/allocation/logs", timeout=5)
+                except Exception as exc:
+                    logs[slot["slot"]] = [f"(no logs: {exc})"]
+            return {"id": row["id"], "logs": logs, "events": row["events"]}
+
+        self.in_background(request, gather)
+
+    @behaviour("/dms/node/deployment/shutdown", payload=DeploymentId)
+    def deployment_shutdown(self, request: Request) -> Any:
+        deployment_id = request.payload.id
+        child = self._deployments.get(deployment_id)
+        if child is None:
+            return summarize(self._row(deployment_id))  # already ended
+        responder = request.defer()
+
+        def done(outcome: Any) -> None:
+            if outcome.ok:
+                responder.ok(outcome.result)
+            else:
+                responder.fail(outcome.error.code, outcome.error.reason)
+
+        self.invoke(child.handle, SHUTDOWN, on_reply=done)
+        return None

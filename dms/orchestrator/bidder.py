@@ -1,0 +1,105 @@
+"""The provider's side of a bid request: semantic checks, then resources, then a bid.
+
+Checks run in a fixed order and the first that fails is the slot's decline
+reason, sent back so the requester can explain (NuNet users asked "why did no
+node bid?"): executor, the node's preferences, the job's constraints, price,
+and only then the ledger, whose lease is what makes the offer binding.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from dms.jobs.executors import EXECUTORS
+from dms.orchestrator.messages import Bid, BidRequest, Decline, Offer, SlotRequest
+from dms.resources import Preferences, ResourceError, ResourceLedger
+
+
+@dataclass
+class BidderView:
+    """What the bidder knows of its own node."""
+
+    peer_id: str
+    did: str
+    ledger: ResourceLedger
+    preferences: Preferences
+    scores: dict[str, float] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+
+
+def semantic_refusal(
+    slot: SlotRequest, me: BidderView, requester_did: str, price: float, allocations: int
+) -> str | None:
+    """Why this node cannot take ``slot`` whatever its free resources, or None."""
+    if slot.executor not in EXECUTORS:
+        return f"no executor {slot.executor!r} on this node"
+    c = slot.constraints
+    refusal = me.preferences.refusal(
+        kind=slot.executor, requester=requester_did, max_price=c.max_price, allocations=allocations
+    )
+    if refusal:
+        return refusal
+    if me.peer_id in c.exclude_peers:
+        return "this node is excluded by the job"
+    if c.include_peers and me.peer_id not in c.include_peers:
+        return "this node is not among the job's included peers"
+    missing = [label for label in c.labels if label not in me.labels]
+    if missing:
+        return f"this node lacks the labels {', '.join(missing)}"
+    for name, minimum in sorted(c.min_scores.items()):
+        score = me.scores.get(name)
+        if score is None:
+            return f"this node has no benchmark score {name!r}"
+        if score < minimum:
+            return f"benchmark {name} {score:g} < {minimum:g} required"
+    if c.max_price is not None and price > c.max_price:
+        return f"this node asks {price:g}, the job pays at most {c.max_price:g}"
+    return None
+
+
+def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: BidderView) -> Bid:
+    """Check every slot and lease what fits; leases are held for ``request.lease_s``.
+
+    Slots are tried from a random starting point: providers that can take only
+    some of the slots then offer different ones, and one round places more."""
+    pools = me.ledger.pools()
+    offers: list[Offer] = []
+    declines: list[Decline] = []
+    start = random.randrange(len(request.slots))
+    for slot in request.slots[start:] + request.slots[:start]:
+        reason = semantic_refusal(slot, me, requester_did, pools.price, pools.allocations)
+        if reason is None:
+            try:
+                lease = me.ledger.lock(
+                    slot.resources,
+                    request.lease_s,
+                    holder=requester_peer,
+                    ref=f"dep:{request.deployment_id}/{slot.slot}",
+                )
+            except ResourceError as err:
+                reason = err.message
+            else:
+                assert lease.expires_at is not None
+                offers.append(
+                    Offer(
+                        slot=slot.slot,
+                        lease_id=lease.id,
+                        price=pools.price,
+                        expires_at=lease.expires_at,
+                    )
+                )
+                continue
+        declines.append(Decline(slot=slot.slot, reason=reason))
+    after = me.ledger.pools() if offers else pools
+    return Bid(
+        deployment_id=request.deployment_id,
+        peer_id=me.peer_id,
+        did=me.did,
+        offers=offers,
+        declines=declines,
+        price=pools.price,
+        scores=me.scores,
+        free=after.free.human(),
+        onboarded=after.onboarded.human(),
+    )

@@ -1,0 +1,136 @@
+"""Choosing among bids: ``score``, ``round-robin``, ``two-choices``, ``random``.
+
+Each strategy assigns every open slot at most one offer, and says why every
+offer won or lost; the requester records those reasons with the decision.
+
+``score`` is the requester's comparator, deterministic: free capacity after
+the offer (cpu .4, ram .3, disk .2, gpu .1, as NuNet weighs it) + 0.3 x the
+bidder's ``cpu_single_mops`` relative to the best bidder - 0.3 x its price
+relative to the dearest, minus 0.2 for each slot the peer already won in this
+round (spreading a deployment makes it survive one provider); ties go to the
+lower peer id. The other three are the reference system's load balancers,
+run by the requester: a round-robin cursor over peer ids, the better of two
+random offers (more free cpu wins), and a uniformly random offer.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+
+from dms.orchestrator.messages import Bid, Offer
+
+WEIGHTS = {"cpu": 0.4, "ram_gib": 0.3, "disk_gib": 0.2, "gpu": 0.1}
+SPREAD_PENALTY = 0.2
+
+
+@dataclass(frozen=True)
+class Candidate:
+    bid: Bid
+    offer: Offer
+
+    @property
+    def peer_id(self) -> str:
+        return self.bid.peer_id
+
+
+@dataclass
+class Decision:
+    winners: dict[str, Candidate]  # slot -> chosen offer
+    reasons: dict[tuple[str, str], str]  # (peer id, slot) -> why it won or lost
+
+
+class RoundRobin:
+    """A cursor over peer ids shared by a node's deployments (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._last = ""
+        self._lock = threading.Lock()
+
+    def pick(self, peers: list[str]) -> str:
+        with self._lock:
+            ordered = sorted(peers)
+            chosen = next((p for p in ordered if p > self._last), ordered[0])
+            self._last = chosen
+            return chosen
+
+
+def free_fraction(bid: Bid) -> float:
+    total = 0.0
+    for kind, weight in WEIGHTS.items():
+        onboarded = bid.onboarded.get(kind, 0) or 0
+        if onboarded > 0:
+            total += weight * (bid.free.get(kind, 0) or 0) / onboarded
+    return total
+
+
+def _scores(candidates: list[Candidate]) -> dict[str, float]:
+    best_cpu = max((c.bid.scores.get("cpu_single_mops", 0.0) for c in candidates), default=0.0)
+    dearest = max((c.offer.price for c in candidates), default=0.0)
+    out = {}
+    for c in candidates:
+        score = free_fraction(c.bid)
+        if best_cpu > 0:
+            score += 0.3 * c.bid.scores.get("cpu_single_mops", 0.0) / best_cpu
+        if dearest > 0:
+            score -= 0.3 * c.offer.price / dearest
+        out[c.peer_id] = round(score, 4)
+    return out
+
+
+def select(
+    strategy: str,
+    offers: dict[str, list[Candidate]],
+    rng: random.Random,
+    cursor: RoundRobin,
+) -> Decision:
+    winners: dict[str, Candidate] = {}
+    reasons: dict[tuple[str, str], str] = {}
+    won: dict[str, int] = {}
+    for slot in sorted(offers):
+        candidates = sorted(offers[slot], key=lambda c: c.peer_id)
+        if not candidates:
+            continue
+        if strategy == "score":
+            base = _scores(candidates)
+            final = {p: s - SPREAD_PENALTY * won.get(p, 0) for p, s in base.items()}
+            chosen = min(candidates, key=lambda c: (-final[c.peer_id], c.peer_id))
+            why_won = f"won: score {final[chosen.peer_id]:.3f}, best of {len(candidates)}"
+            top = final[chosen.peer_id]
+            why_lost = {
+                c.peer_id: f"lost: score {final[c.peer_id]:.3f} < {top:.3f}"
+                if final[c.peer_id] < top
+                else f"lost: tied at {top:.3f}, lower peer id wins"
+                for c in candidates
+            }
+        elif strategy == "round-robin":
+            peer = cursor.pick([c.peer_id for c in candidates])
+            chosen = next(c for c in candidates if c.peer_id == peer)
+            why_won = "won: next in round-robin order"
+            why_lost = {c.peer_id: f"lost: round-robin chose {peer}" for c in candidates}
+        elif strategy == "two-choices":
+            pair = rng.sample(candidates, 2) if len(candidates) >= 2 else candidates
+            chosen = max(pair, key=lambda c: (c.bid.free.get("cpu", 0.0), c.peer_id))
+            other = [c.peer_id for c in pair if c is not chosen]
+            why_won = (
+                f"won: more free cpu than {other[0]}" if other else "won: the only offer drawn"
+            )
+            drawn = {c.peer_id for c in pair}
+            why_lost = {
+                c.peer_id: "lost: less free cpu in the pair drawn"
+                if c.peer_id in drawn
+                else "lost: not among the two drawn"
+                for c in candidates
+            }
+        elif strategy == "random":
+            chosen = rng.choice(candidates)
+            why_won = f"won: drawn at random from {len(candidates)}"
+            why_lost = {c.peer_id: "lost: not drawn" for c in candidates}
+        else:
+            raise ValueError(f"unknown strategy {strategy!r}")
+        winners[slot] = chosen
+        won[chosen.peer_id] = won.get(chosen.peer_id, 0) + 1
+        for c in candidates:
+            reasons[(c.peer_id, slot)] = why_won if c is chosen else why_lost[c.peer_id]
+    return Decision(winners=winners, reasons=reasons)

@@ -1,0 +1,180 @@
+"""Decentralized placement on N real nodes (libp2p on loopback, one process).
+
+One node requests; every other node is onboarded and bids. M single-allocation
+deployments (a ``compute`` allocation that returns at once) are placed one
+after another, then all at once. Figures:
+
+- ``p50_ms`` / ``p95_ms``: request (the ``/dms/node/deployment/new`` call) to
+  running (every allocation started on its provider), sequential phase;
+- ``placements_per_s``: concurrent phase, M placements over the time to the
+  last one running;
+- ``messages_per_placement``: unicast frames received by all nodes (requests,
+  bids, commits, allocations, replies, status) per placement; heartbeats and
+  other gossip are not counted;
+- ``leaked_leases``: leases and allocations still live on any node once every
+  deployment completed (losers are reverted at once, so this must be 0);
+- ``success_rate``: deployments that completed, over all.
+
+The baseline, measured in the same run, is ``floor_ms``: the p50 of one signed
+invoke round trip from the requester to a provider (``/public/hello``); a
+placement needs at least three (bid, commit, allocate).
+Prints one JSON line with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dms.actor import ROOT_INBOX, Address, Handle
+from dms.jobs.spec import DeploymentSpec
+from dms.resources import Resources
+from dms.security.identity import public_key_from_peer_id
+from dms.sim.cluster import LocalCluster
+
+TERMINAL = ("completed", "failed", "shutdown")
+
+
+def spec(i: int, strategy: str) -> dict[str, Any]:
+    return DeploymentSpec.model_validate(
+        {
+            "name": f"bench-{i}",
+            "strategy": strategy,
+            "deadline_s": 30,
+            "allocations": [
+                {
+                    "name": "w",
+                    "executor": "compute",
+                    "resources": {"cpu": "100m", "ram": "64MiB"},
+                    "params": {"seconds": 0},
+                }
+            ],
+        }  # fmt: skip
+    ).model_dump()
+
+
+def frames(nodes: list) -> int:
+    return sum(n.transport.frames_in for n in nodes if n.transport is not None)
+
+
+def wait_all(req: Any, ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+    store = req.node_actor_store
+    deadline = time.monotonic() + timeout
+    rows: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        rows = {i: store.get(i) or {} for i in ids}
+        if all(r.get("state") in TERMINAL for r in rows.values()):
+            break
+        time.sleep(0.01)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--nodes", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=40)
+    parser.add_argument("--strategy", default="score")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args()
+
+    from dms.orchestrator.store import DeploymentStore
+
+    with LocalCluster(Path(tempfile.mkdtemp(prefix="dms-placement-")), heartbeat_s=2.0) as c:
+        nodes = c.start(args.nodes)
+        c.wait_linked(timeout=120)
+        for n in nodes[1:]:
+            n.ledger.onboard(Resources(cpu=4, ram=8, disk=10))
+        req = nodes[0]
+        req.node_actor_store = DeploymentStore(req.db)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # every provider known, with its resources
+            known = [r for r in req.peer_table.alive() if r.heartbeat and r.heartbeat.onboarded]
+            if len([r for r in known if r.heartbeat.onboarded.get("cpu")]) >= args.nodes - 1:
+                break
+            time.sleep(0.1)
+
+        # Floor: one signed invoke round trip to a provider.
+        target = Handle(
+            id=public_key_from_peer_id(nodes[1].peer_id),
+            address=Address(host=nodes[1].peer_id, inbox=ROOT_INBOX),
+        )
+        floor = []
+        for _ in range(50):
+            t = time.perf_counter()
+            req.node.ask(target, "/public/hello")
+            floor.append(time.perf_counter() - t)
+
+        def new(i: int) -> tuple[str, float]:
+            t0 = time.time()
+            dep = req.node.ask(
+                req.node.handle, "/dms/node/deployment/new", {"spec": spec(i, args.strategy)}
+            )
+            return dep["id"], t0
+
+        # Sequential phase.
+        latencies, states = [], []
+        before = frames(nodes)
+        for i in range(args.jobs):
+            dep_id, t0 = new(i)
+            row = wait_all(req, [dep_id], 30)[dep_id]
+            states.append(row.get("state"))
+            if row.get("running_at"):
+                latencies.append(row["running_at"] - t0)
+        seq_frames = frames(nodes) - before
+
+        # Concurrent phase.
+        before = frames(nodes)
+        started = time.time()
+        submitted = [new(args.jobs + i) for i in range(args.jobs)]
+        rows = wait_all(req, [d for d, _ in submitted], 60)
+        conc_frames = frames(nodes) - before
+        running = [r["running_at"] for r in rows.values() if r.get("running_at")]
+        states += [r.get("state") for r in rows.values()]
+        span = (max(running) - started) if running else float("inf")
+
+        time.sleep(0.5)  # reverts in flight land
+        leaked = sum(len(n.ledger.live()) for n in nodes)
+        if os.environ.get("DMS_BENCH_DEBUG"):
+            for n in nodes:
+                for lease in n.ledger.live():
+                    print(
+                        n.peer_id[-6:],
+                        lease.state,
+                        lease.ref,
+                        lease.expires_at - time.time(),
+                        file=sys.stderr,
+                    )
+
+    latencies_ms = sorted(x * 1000 for x in latencies)
+    figures = {
+        "bench": "placement",
+        "nodes": args.nodes,
+        "jobs": args.jobs,
+        "strategy": args.strategy,
+        "success_rate": round(states.count("completed") / len(states), 3),
+        "p50_ms": round(statistics.median(latencies_ms), 1) if latencies_ms else None,
+        "p95_ms": round(latencies_ms[int(0.95 * (len(latencies_ms) - 1))], 1)
+        if latencies_ms
+        else None,
+        "placements_per_s": round(len(running) / span, 1) if running else 0.0,
+        "messages_per_placement": round((seq_frames + conc_frames) / (2 * args.jobs), 1),
+        "leaked_leases": leaked,
+        "floor_ms": round(statistics.median(floor) * 1000, 2),
+    }
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        for key, value in figures.items():
+            print(f"{key:>24}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

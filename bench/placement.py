@@ -56,8 +56,13 @@ def spec(i: int, strategy: str) -> dict[str, Any]:
                     "params": {"seconds": 0},
                 }
             ],
-        }  # fmt: skip
+        }
     ).model_dump()
+
+
+def say(what: str) -> None:
+    """Progress on stderr (stdout is the one JSON line)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
 
 
 def frames(nodes: list) -> int:
@@ -81,14 +86,28 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--strategy", default="score")
+    parser.add_argument(
+        "--heartbeat-budget",
+        type=float,
+        default=60.0,
+        help="gossip heartbeats/s received by all simulated nodes together",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
 
     from dms.orchestrator.store import DeploymentStore
 
-    with LocalCluster(Path(tempfile.mkdtemp(prefix="dms-placement-")), heartbeat_s=2.0) as c:
+    # All N nodes share this one process (and its GIL): py-libp2p spends a few ms of
+    # CPU on every gossip message each node receives, so the heartbeat budget is set
+    # to keep the whole simulation's gossip under about half a core. Real nodes each
+    # have their own machine and keep the default budget.
+    budget = min(10.0, args.heartbeat_budget * 1.0 / args.nodes)
+    root = Path(tempfile.mkdtemp(prefix="dms-placement-"))
+    with LocalCluster(root, heartbeat_s=2.0, heartbeat_budget_per_s=budget) as c:
+        say(f"starting {args.nodes} nodes")
         nodes = c.start(args.nodes)
         c.wait_linked(timeout=120)
+        say("linked; waiting for every provider's heartbeat")
         for n in nodes[1:]:
             n.ledger.onboard(Resources(cpu=4, ram=8, disk=10))
         req = nodes[0]
@@ -100,6 +119,7 @@ def main() -> int:
                 break
             time.sleep(0.1)
 
+        say("peers table complete")
         # Floor: one signed invoke round trip to a provider.
         target = Handle(
             id=public_key_from_peer_id(nodes[1].peer_id),
@@ -129,6 +149,7 @@ def main() -> int:
                 latencies.append(row["running_at"] - t0)
         seq_frames = frames(nodes) - before
 
+        say(f"sequential phase done: {len(latencies)} running")
         # Concurrent phase.
         before = frames(nodes)
         started = time.time()
@@ -139,6 +160,7 @@ def main() -> int:
         states += [r.get("state") for r in rows.values()]
         span = (max(running) - started) if running else float("inf")
 
+        say(f"concurrent phase done: {len(running)} running")
         time.sleep(0.5)  # reverts in flight land
         leaked = sum(len(n.ledger.live()) for n in nodes)
         if os.environ.get("DMS_BENCH_DEBUG"):

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(
         default=2.0, ge=0.1, le=300, description="announce this node on the heartbeat topic every"
     )
+    heartbeat_budget_per_s: float = Field(
+        default=10.0, gt=0, description="most heartbeats a second the whole network sends"
+    )
     labels: list[str] = Field(
         default_factory=list, description="labels of this node that jobs may require"
     )

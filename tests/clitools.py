@@ -39,8 +39,18 @@ class Daemon:
     def __init__(self, home: Path, *extra: str) -> None:
         self.home = home
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dms", "run", "--listen", "/ip4/127.0.0.1/tcp/0",
-             "--api-port", "0", "--json", *extra],
+            [
+                sys.executable,
+                "-m",
+                "dms",
+                "run",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--api-port",
+                "0",
+                "--json",
+                *extra,
+            ],
             env=env_for(home),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -63,8 +63,7 @@ def test_two_daemons_peers_ping_and_remote_invoke(homes: tuple[Path, Path]) -> N
 
         wait_for(
             lambda: any(
-                p["peer_id"] == first.info["peer_id"]
-                for p in dms_json(two, "peers", "list")
+                p["peer_id"] == first.info["peer_id"] for p in dms_json(two, "peers", "list")
             ),
             timeout=30,
             what="the second daemon to list the first",

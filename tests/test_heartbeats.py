@@ -73,9 +73,11 @@ def test_five_nodes_see_each_other_and_notice_stops_and_restarts(
     fresh = cluster.restart(victim)
     fresh.transport.connect(nodes[0].addrs()[0])
     wait_for(
-        lambda: (r := nodes[0].peer_table.get(victim.peer_id)) is not None
-        and r.nonce != before
-        and r.status == ALIVE,
+        lambda: (
+            (r := nodes[0].peer_table.get(victim.peer_id)) is not None
+            and r.nonce != before
+            and r.status == ALIVE
+        ),
         5 * INTERVAL,
         "the restarted node to be seen with a new nonce",
     )
@@ -89,9 +91,11 @@ def test_peers_list_shows_status_and_resources_from_heartbeats(cluster: LocalClu
     cluster.wait_linked()
     b.ledger.onboard(Resources(cpu=1, ram=1, disk=1))
     wait_for(
-        lambda: (r := a.peer_table.get(b.peer_id)) is not None
-        and r.heartbeat is not None
-        and r.heartbeat.onboarded.get("cpu") == 1.0,
+        lambda: (
+            (r := a.peer_table.get(b.peer_id)) is not None
+            and r.heartbeat is not None
+            and r.heartbeat.onboarded.get("cpu") == 1.0
+        ),
         3 * INTERVAL,
         "b's onboarding to show in a's table",
     )

@@ -48,9 +48,11 @@ def test_broadcast_reaches_every_subscriber(cluster: LocalCluster) -> None:
         # Every node's gossip mesh holds the peers it is connected to.
         assert node.transport is not None
         wait_for(
-            lambda n=node: n.transport is not None
-            and len(n.transport.mesh_peers(BROADCAST_TOPIC)) >= 1
-            and len(n.transport.mesh_peers(BROADCAST_TOPIC)) == len(n.transport.peers()),
+            lambda n=node: (
+                n.transport is not None
+                and len(n.transport.mesh_peers(BROADCAST_TOPIC)) >= 1
+                and len(n.transport.mesh_peers(BROADCAST_TOPIC)) == len(n.transport.peers())
+            ),
             what="gossip mesh",
         )
     sender = nodes[0]

@@ -81,9 +81,12 @@ def test_a_daemon_killed_with_sigkill_restores_what_was_committed(tmp_path: Path
     daemon = Daemon(home)
     try:
         # Live changes go through the daemon.
-        assert dms_json(home, "onboard", "--cpu", "1.5", "--ram", "4", "--disk", "4")[
-            "onboarded"
-        ]["cpu"] == 1.5
+        assert (
+            dms_json(home, "onboard", "--cpu", "1.5", "--ram", "4", "--disk", "4")["onboarded"][
+                "cpu"
+            ]
+            == 1.5
+        )
         allocation = lock(home, 600, cpu="1", ram="1GiB")
         done = dms(home, "actor", "cmd", "/dms/node/resources/commit",
                    "--payload", json.dumps({"id": allocation["id"]}), "--json")  # fmt: skip

@@ -141,8 +141,9 @@ class AllocationActor(Actor):
             if self._on_end is not None:
                 self._on_end(self.lease_id, state.value)
             self.call_later(self._linger_s, self.ref.stop_soon)
-        if self.reply_to is not None:
-            # Best effort: the requester polls too, and may be unreachable for a while.
+        if self.reply_to is not None and state in TERMINAL:
+            # Only the end is news: the requester learns of the start from the allocate
+            # reply. Best effort: it polls too, and may be unreachable for a while.
             with contextlib.suppress(Exception):
                 self.send(self.reply_to, UPDATE_BEHAVIOUR, self.status_dict(), ttl_s=30)
 

@@ -15,9 +15,9 @@ class GossipSettings(BaseModel):
     """
 
     heartbeat_s: float = Field(default=1.0, gt=0)
-    degree: int = Field(default=6, ge=1)
-    degree_low: int = Field(default=4, ge=1)
-    degree_high: int = Field(default=12, ge=1)
+    degree: int = Field(default=4, ge=1)
+    degree_low: int = Field(default=3, ge=1)
+    degree_high: int = Field(default=6, ge=1)
     max_messages_per_topic_per_s: float = Field(default=1000.0, gt=0)
     subscription_queue: int = Field(default=4096, ge=32)
 

@@ -118,6 +118,7 @@ class Node:
                 preferences=self.settings.preferences,
                 peer_table=self.peer_table,
                 heartbeat_s=self.settings.heartbeat_s,
+                heartbeat_budget_per_s=self.settings.heartbeat_budget_per_s,
                 labels=self.settings.labels,
                 orphan_s=self.settings.orphan_s,
             )

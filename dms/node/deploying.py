@@ -49,6 +49,7 @@ from dms.resources import ALLOCATED, ResourceError
 
 log = logging.getLogger("dms.node")
 DEPLOYMENT_REF = "dep:"
+BID_INDEX_FLUSH_S = 0.5
 
 
 class NewDeployment(BaseModel):
@@ -69,6 +70,7 @@ class DeployingBehaviours(NodeBase):
 
     def start_deploying(self) -> None:
         self._deployments, self._allocations = {}, {}
+        self._unwritten_bids: list[dict[str, Any]] = []
         self._alloc_lock = threading.Lock()
         self.subscribe(DEPLOYMENT_TOPIC)
         db = self.services.onboarder.db if self.services.onboarder else None
@@ -132,6 +134,7 @@ class DeployingBehaviours(NodeBase):
         return bid.model_dump()
 
     def _record_sent(self, bid: Any) -> None:
+        """Queue this bid for the bid index; written in batches, off the bidding path."""
         if self._orchestration is None:
             return
         me = {
@@ -146,27 +149,30 @@ class DeployingBehaviours(NodeBase):
             {**me, "slot": d.slot, "outcome": "decline", "reason": d.reason[:512]}
             for d in bid.declines
         ]
-        try:
-            self._orchestration.store.record_bids(rows)
-        except Exception as exc:
-            log.warning("bid index not written: %s", exc)
+        if not self._unwritten_bids:
+            self.call_later(BID_INDEX_FLUSH_S, self._flush_bids)
+        self._unwritten_bids.extend(rows)
 
-    def _held_by_caller(self, request: Request, lease_id: str) -> None:
-        lease = self._ledger().lease(lease_id)
-        if lease.holder != request.sender.address.host:
-            raise Refusal(ErrorCode.FORBIDDEN, f"lease {lease_id} is not held by the caller")
+    def _flush_bids(self) -> None:
+        rows, self._unwritten_bids = self._unwritten_bids, []
+        if rows and self._orchestration is not None:
+            try:
+                self._orchestration.store.record_bids(rows)
+            except Exception as exc:
+                log.warning("bid index not written: %s", exc)
 
     @behaviour(COMMIT, public=True, payload=CommitRequest)
     def commit(self, request: Request) -> dict[str, Any]:
         p: CommitRequest = request.payload
-        self._held_by_caller(request, p.lease_id)
-        return self._ledger().commit(p.lease_id).as_dict()
+        holder = request.sender.address.host
+        return self._ledger().commit(p.lease_id, holder=holder).as_dict()
 
     @behaviour(ALLOCATE, public=True, payload=AllocateRequest)
     def allocate(self, request: Request) -> dict[str, Any]:
         p: AllocateRequest = request.payload
-        self._held_by_caller(request, p.lease_id)
         lease = self._ledger().lease(p.lease_id)
+        if lease.holder != request.sender.address.host:
+            raise Refusal(ErrorCode.FORBIDDEN, f"lease {p.lease_id} is not held by the caller")
         if lease.state != ALLOCATED:
             raise ResourceError("ended", f"lease {p.lease_id} is {lease.state}, not committed")
         with self._alloc_lock:
@@ -200,15 +206,11 @@ class DeployingBehaviours(NodeBase):
     @behaviour(REVERT, public=True, payload=RevertRequest)
     def revert(self, request: Request) -> dict[str, Any]:
         p: RevertRequest = request.payload
-        released = []
-        for lease_id in p.lease_ids:
-            try:
-                self._held_by_caller(request, lease_id)
-            except (Refusal, ResourceError):
-                continue
-            self._stop_allocation(lease_id, "reverted by the requester")
-            released.append(self._ledger().release(lease_id).id)
-        return {"released": released}
+        holder = request.sender.address.host
+        released = self._ledger().release_many(p.lease_ids, holder=holder)
+        for lease in released:
+            self._stop_allocation(lease.id, "reverted by the requester")
+        return {"released": [lease.id for lease in released]}
 
     def _requester_gone(self, peer_id: str) -> bool:
         record = self.services.peer_table.get(peer_id)

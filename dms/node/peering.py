@@ -64,8 +64,15 @@ class PeeringBehaviours(NodeBase):
 
     # ---- heartbeat -----------------------------------------------------------------
 
+    def heartbeat_interval(self) -> float:
+        """``heartbeat_s``, stretched so the whole network sends at most
+        ``heartbeat_budget_per_s`` heartbeats a second: each node's gossip load stays
+        flat as the network grows (N / interval heartbeats reach every node)."""
+        peers = len(self.peer_table.records()) + 1
+        return max(self.services.heartbeat_s, peers / self.services.heartbeat_budget_per_s)
+
     def heartbeat(self, leaving: bool = False) -> dict[str, Any]:
-        interval = self.services.heartbeat_s
+        interval = self.heartbeat_interval()
         beat: dict[str, Any] = {
             "nonce": self.nonce,
             "seq": self._beats,
@@ -86,7 +93,7 @@ class PeeringBehaviours(NodeBase):
             self.publish(HEARTBEAT_TOPIC, HEARTBEAT_BEHAVIOUR, self.heartbeat())
         except Exception as exc:  # a busy store or a stopping host: try next time
             log.warning("heartbeat not sent: %s", exc)
-        self.call_later(self.services.heartbeat_s, self._heartbeat)
+        self.call_later(self.heartbeat_interval(), self._heartbeat)
 
     def announce(self) -> None:
         """Send a heartbeat now (after onboarding changes), not at the next tick."""

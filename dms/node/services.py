@@ -25,8 +25,9 @@ class NodeServices:
     preferences: Preferences = field(default_factory=Preferences)
     peer_table: PeerTable = field(default_factory=PeerTable)
     heartbeat_s: float = 2.0
+    heartbeat_budget_per_s: float = 10.0
     remember_every_s: float = 30.0
-    expire_every_s: float = 1.0
+    expire_every_s: float = 5.0  # bookkeeping only: expired leases stop counting at once
     labels: list[str] = field(default_factory=list)
     orphan_s: float = 15.0  # stop an allocation whose requester is gone this long
     supervise_s: float = 1.0  # how often a requester checks its running allocations

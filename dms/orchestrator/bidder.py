@@ -67,18 +67,23 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
     offers: list[Offer] = []
     declines: list[Decline] = []
     start = random.randrange(len(request.slots))
+    wanted: list[SlotRequest] = []
     for slot in request.slots[start:] + request.slots[:start]:
         reason = semantic_refusal(slot, me, requester_did, pools.price, pools.allocations)
         if reason is None:
-            try:
-                lease = me.ledger.lock(
-                    slot.resources,
-                    request.lease_s,
-                    holder=requester_peer,
-                    ref=f"dep:{request.deployment_id}/{slot.slot}",
-                )
-            except ResourceError as err:
-                reason = err.message
+            wanted.append(slot)
+        else:
+            declines.append(Decline(slot=slot.slot, reason=reason))
+    after = pools
+    if wanted:
+        leases, after = me.ledger.lock_many(
+            [(s.resources, f"dep:{request.deployment_id}/{s.slot}") for s in wanted],
+            request.lease_s,
+            holder=requester_peer,
+        )
+        for slot, lease in zip(wanted, leases, strict=True):
+            if isinstance(lease, ResourceError):
+                declines.append(Decline(slot=slot.slot, reason=lease.message))
             else:
                 assert lease.expires_at is not None
                 offers.append(
@@ -89,9 +94,6 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
                         expires_at=lease.expires_at,
                     )
                 )
-                continue
-        declines.append(Decline(slot=slot.slot, reason=reason))
-    after = me.ledger.pools() if offers else pools
     return Bid(
         deployment_id=request.deployment_id,
         peer_id=me.peer_id,

@@ -146,6 +146,7 @@ class DeploymentActor(Actor):
         self._round_scheduled = False
         self._retry_s = orchestration.retry_s
         self._misses: dict[str, int] = {}
+        self._dirty = False
         self.messages = 0
 
     @staticmethod
@@ -173,7 +174,6 @@ class DeploymentActor(Actor):
         else:
             self._event(f"deployment {self.spec.name!r}: {len(self.slots)} allocation(s)")
             self._save()
-        self.subscribe(DEPLOYMENT_TOPIC + "/" + self.id)
         self._schedule_round(0.0)
         self.call_later(self.o.supervise_s, self._supervise)
 
@@ -200,12 +200,14 @@ class DeploymentActor(Actor):
             self._event(f"state: {state}")
 
     def _event(self, what: str) -> None:
+        self._dirty = True
         events = self.row["events"]
         events.append({"at": round(time.time(), 3), "what": what})
         if len(events) > EVENT_MEMORY:
             del events[: len(events) - EVENT_MEMORY]
 
     def _save(self) -> None:
+        self._dirty = False
         self.row["slots"] = list(self.slots.values())
         try:
             self.o.store.save(self.row)
@@ -595,7 +597,8 @@ class DeploymentActor(Actor):
             self._set_state("committing")
         elif self._round_scheduled:
             self._set_state("queued")
-        self._save()
+        if self._dirty:  # every transition appends an event; a status echo changes nothing
+            self._save()
 
     # ---- owner -------------------------------------------------------------------------
 

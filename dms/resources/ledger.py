@@ -219,37 +219,68 @@ class ResourceLedger:
     ) -> LeaseView:
         """Hold ``request`` for ``lease_s`` seconds; raises ``ResourceError`` with the reason
         (not onboarded, or which kinds are short) when it does not fit."""
-        if request.is_zero():
-            raise ResourceError("invalid", "a lease must ask for some resources")
+        results, _ = self.lock_many([(request, ref)], lease_s, holder)
+        if isinstance(results[0], ResourceError):
+            raise results[0]
+        return results[0]
+
+    def lock_many(
+        self, requests: list[tuple[Resources, str]], lease_s: float, holder: str = ""
+    ) -> tuple[list[LeaseView | ResourceError], Pools]:
+        """Lock each ``(request, ref)`` that still fits, in order, in one transaction (a bid
+        for several allocations); returns a lease or the reason for each, and the pools after."""
         if not 0 < lease_s <= MAX_LEASE_S:
             raise ResourceError("invalid", f"lease_s must be in (0, {MAX_LEASE_S:g}]")
         now = self.clock()
+        results: list[LeaseView | ResourceError] = []
         with self.db.transaction() as conn:
             pools = self._pools(conn, now)
-            if not pools.is_onboarded:
-                raise ResourceError("not_onboarded", "this node is not onboarded")
-            short = request.shortfall(pools.free)
-            if short:
-                raise ResourceError("insufficient", "not enough resources: " + "; ".join(short))
-            lease = LeaseView(uuid.uuid4().hex, LOCKED, request, holder, ref, now + lease_s)
-            conn.execute(
-                insert(LEASES).values(
-                    id=lease.id,
-                    state=LOCKED,
-                    **request.model_dump(),
-                    holder=holder,
-                    ref=ref,
-                    created_at=now,
-                    expires_at=lease.expires_at,
+            locked = pools.locked
+            for request, ref in requests:
+                free = Resources.of(
+                    [max(0, v) for v in pools.onboarded.minus(locked + pools.allocated)]
                 )
-            )
-            return lease
+                if request.is_zero():
+                    results.append(ResourceError("invalid", "a lease must ask for some resources"))
+                    continue
+                if not pools.is_onboarded:
+                    results.append(ResourceError("not_onboarded", "this node is not onboarded"))
+                    continue
+                short = request.shortfall(free)
+                if short:
+                    reason = "not enough resources: " + "; ".join(short)
+                    results.append(ResourceError("insufficient", reason))
+                    continue
+                lease = LeaseView(uuid.uuid4().hex, LOCKED, request, holder, ref, now + lease_s)
+                conn.execute(
+                    insert(LEASES).values(
+                        id=lease.id,
+                        state=LOCKED,
+                        **request.model_dump(),
+                        holder=holder,
+                        ref=ref,
+                        created_at=now,
+                        expires_at=lease.expires_at,
+                    )
+                )
+                locked = locked + request
+                results.append(lease)
+        after = Pools(
+            onboarded=pools.onboarded,
+            locked=locked,
+            allocated=pools.allocated,
+            price=pools.price,
+            allocations=pools.allocations,
+            leases=pools.leases + sum(isinstance(r, LeaseView) for r in results),
+        )
+        return results, after
 
-    def commit(self, lease_id: str, ref: str | None = None) -> LeaseView:
-        """Turn a live lease into an allocation (same id)."""
+    def commit(self, lease_id: str, ref: str | None = None, holder: str | None = None) -> LeaseView:
+        """Turn a live lease into an allocation (same id); ``holder``, when given, must be
+        the one the lease was made for."""
         now = self.clock()
         with self.db.transaction() as conn:
-            row = self._get(conn, lease_id)
+            row = self._get(conn, lease_id, holder)
             if row.state == ALLOCATED:
                 return _view(row)  # committing twice is harmless: a retried message
             if row.state != LOCKED:
@@ -270,19 +301,36 @@ class ResourceLedger:
             raise ResourceError("expired", f"lease {lease_id} expired before commit")
         return view
 
-    def release(self, lease_id: str) -> LeaseView:
+    def release(self, lease_id: str, holder: str | None = None) -> LeaseView:
         """Give back a lease or an allocation; releasing an ended one changes nothing."""
+        return self.release_many([lease_id], holder, strict=True)[0]
+
+    def release_many(
+        self, lease_ids: list[str], holder: str | None = None, strict: bool = False
+    ) -> list[LeaseView]:
+        """Release several in one transaction. Unknown ids, and ids not held by ``holder``
+        when it is given, raise with ``strict`` and are skipped without it."""
         now = self.clock()
+        out = []
         with self.db.transaction() as conn:
-            row = self._get(conn, lease_id)
-            if row.state not in LIVE_STATES:
-                return _view(row)
-            if row.state == ALLOCATED:
-                _event(conn, "resources.released", {"id": row.id, "ref": row.ref})
-            conn.execute(
-                update(LEASES).where(LEASES.c.id == lease_id).values(state=RELEASED, ended_at=now)
-            )
-            return _view(self._get(conn, lease_id))
+            for lease_id in lease_ids:
+                try:
+                    row = self._get(conn, lease_id, holder)
+                except ResourceError:
+                    if strict:
+                        raise
+                    continue
+                if row.state in LIVE_STATES:
+                    if row.state == ALLOCATED:
+                        _event(conn, "resources.released", {"id": row.id, "ref": row.ref})
+                    conn.execute(
+                        update(LEASES)
+                        .where(LEASES.c.id == lease_id)
+                        .values(state=RELEASED, ended_at=now)
+                    )
+                    row = self._get(conn, lease_id)
+                out.append(_view(row))
+        return out
 
     def expire(self) -> list[str]:
         """Mark leases past their expiry as ``expired``; returns their ids."""
@@ -324,8 +372,10 @@ class ResourceLedger:
         )
 
     @staticmethod
-    def _get(conn: Connection, lease_id: str) -> Row[Any]:
+    def _get(conn: Connection, lease_id: str, holder: str | None = None) -> Row[Any]:
         row = conn.execute(select(LEASES).where(LEASES.c.id == lease_id)).first()
         if row is None:
             raise ResourceError("unknown", f"no lease or allocation {lease_id!r}")
+        if holder is not None and row.holder != holder:
+            raise ResourceError("forbidden", f"lease {lease_id} is not held by the caller")
         return row

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from dms import __version__
-from dms.cli import actor, config, key, mine, node, peers, resources
+from dms.cli import actor, config, jobs, key, mine, node, peers, resources
 from dms.cli.output import error
 from dms.errors import DmsError
 
@@ -29,6 +29,9 @@ app.command("onboard")(resources.onboard)
 app.command("offboard")(resources.offboard)
 app.command("benchmark")(resources.benchmark)
 app.command("resources")(resources.resources)
+app.add_typer(jobs.job_app, name="job")
+app.command("deploy")(jobs.deploy)
+app.add_typer(jobs.deployment_app, name="deployment")
 
 
 @app.command("version")

@@ -1,0 +1,171 @@
+"""``dms job validate``, ``dms deploy`` and ``dms deployment ...``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dms.cli.actor import TimeoutOption
+from dms.cli.common import JsonOption, settings
+from dms.cli.output import console, emit_json, emit_result, emit_table, jsonable
+from dms.jobs.spec import load_spec
+from dms.node.client import NodeClient
+
+job_app = typer.Typer(help="Job files: check them before deploying.")
+deployment_app = typer.Typer(help="Deployments this node requested.")
+
+TERMINAL = ("completed", "failed", "shutdown")
+FileArg = Annotated[Path, typer.Argument(help="A job file (YAML or JSON).")]
+IdArg = Annotated[str, typer.Argument(help="Deployment id.")]
+
+
+@job_app.command("validate")
+def validate(path: FileArg, json_out: JsonOption = False) -> None:
+    """Check a job file; errors name the field and the line."""
+    spec = load_spec(path)
+    summary = {
+        "valid": True,
+        "name": spec.name,
+        "strategy": spec.strategy,
+        "allocations": [
+            {"name": a.name, "executor": a.executor, "count": a.count, **a.resources.human()}
+            for a in spec.allocations
+        ],
+        "deadline_s": spec.deadline_s,
+    }
+    emit_result(summary, json_out, title=str(path))
+
+
+def _client() -> NodeClient:
+    return NodeClient(settings().home)
+
+
+def _status(client: NodeClient, deployment_id: str, timeout: float) -> dict[str, Any]:
+    return client.invoke("/dms/node/deployment/status", {"id": deployment_id}, timeout=timeout)
+
+
+def _show_status(status: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        emit_json(jsonable(status))
+        return
+    head = {k: status[k] for k in ("id", "name", "state", "strategy") if k in status}
+    emit_result(head, False, title="deployment")
+    emit_table(
+        "allocations",
+        ["slot", "status", "peer", "attempts", "error"],
+        [
+            [s["slot"], s["status"], s["peer_id"] or "", s["attempts"], s["error"] or ""]
+            for s in status["slots"]
+        ],
+    )
+
+
+def deploy(
+    path: FileArg,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Show progress until the deployment ends.")
+    ] = False,
+    timeout: TimeoutOption = 10.0,
+    json_out: JsonOption = False,
+) -> None:
+    """Place a job on the network: bid request, bids, commit, allocate."""
+    spec = load_spec(path)
+    client = _client()
+    created = client.invoke(
+        "/dms/node/deployment/new", {"spec": spec.model_dump(mode="json")}, timeout=timeout
+    )
+    deployment_id = created["id"]
+    if not follow:
+        if json_out:
+            emit_json(created)
+        else:
+            hint = f"'dms deployment status {deployment_id}' shows its progress"
+            console.print(f"deployment {deployment_id} submitted; {hint}")
+        return
+    seen = 0
+    status: dict[str, Any] = {}
+    while True:
+        status = _status(client, deployment_id, timeout)
+        events = status.get("events", [])
+        if not json_out:
+            for event in events[seen:]:
+                stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
+                console.print(f"{stamp}  {event['what']}", highlight=False)
+        seen = len(events)
+        if status["state"] in TERMINAL:
+            break
+        time.sleep(0.2)
+    _show_status(status, json_out)
+    if status["state"] != "completed":
+        raise typer.Exit(1)
+
+
+@deployment_app.command("list")
+def list_deployments(timeout: TimeoutOption = 10.0, json_out: JsonOption = False) -> None:
+    """Deployments this node requested, newest first."""
+    rows = _client().invoke("/dms/node/deployment/list", timeout=timeout)
+    emit_result(rows, json_out, title="deployments")
+
+
+@deployment_app.command("status")
+def status(
+    deployment_id: IdArg, timeout: TimeoutOption = 10.0, json_out: JsonOption = False
+) -> None:
+    """State of a deployment and of each allocation."""
+    _show_status(_status(_client(), deployment_id, timeout), json_out)
+
+
+@deployment_app.command("logs")
+def logs(deployment_id: IdArg, timeout: TimeoutOption = 20.0, json_out: JsonOption = False) -> None:
+    """The deployment's events and each allocation's log lines."""
+    result = _client().invoke("/dms/node/deployment/logs", {"id": deployment_id}, timeout=timeout)
+    if json_out:
+        emit_json(jsonable(result))
+        return
+    for event in result["events"]:
+        stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
+        console.print(f"{stamp}  {event['what']}", highlight=False)
+    for slot, lines in result["logs"].items():
+        console.print(f"--- {slot}", highlight=False)
+        for line in lines:
+            console.print(line, highlight=False)
+
+
+@deployment_app.command("manifest")
+def manifest(
+    deployment_id: IdArg, timeout: TimeoutOption = 10.0, json_out: JsonOption = False
+) -> None:
+    """Where each allocation runs, and why each bid won or lost."""
+    result = _client().invoke(
+        "/dms/node/deployment/manifest", {"id": deployment_id}, timeout=timeout
+    )
+    if json_out:
+        emit_json(jsonable(result))
+        return
+    emit_table(
+        f"deployment {result['id']} ({result['state']})",
+        ["slot", "status", "peer", "lease"],
+        [
+            [s["slot"], s["status"], s["peer_id"] or "", s["lease_id"] or ""]
+            for s in result["slots"]
+        ],
+    )
+    emit_table(
+        "bids",
+        ["slot", "peer", "outcome", "price", "reason"],
+        [[b["slot"], b["peer_id"], b["outcome"], b["price"], b["reason"]] for b in result["bids"]],
+    )
+
+
+@deployment_app.command("shutdown")
+def shutdown(
+    deployment_id: IdArg, timeout: TimeoutOption = 10.0, json_out: JsonOption = False
+) -> None:
+    """Stop every allocation of a deployment and release what it holds."""
+    result = _client().invoke(
+        "/dms/node/deployment/shutdown", {"id": deployment_id}, timeout=timeout
+    )
+    _show_status(result, json_out)

@@ -1,0 +1,265 @@
+"""Placement on real nodes (libp2p on loopback): bid request, bids, commit, allocate."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from dms.jobs.spec import DeploymentSpec
+from dms.node.daemon import Node
+from dms.resources import Resources
+from dms.sim.cluster import LocalCluster
+from tests.conftest import wait_for
+
+HEARTBEAT = 0.5
+TERMINAL = ("completed", "failed", "shutdown")
+
+
+def spec(count: int = 1, cpu: str = "500m", strategy: str = "score", **kw: Any) -> dict:
+    params = kw.pop("params", {"seconds": 0.2})
+    constraints = kw.pop("constraints", {})
+    return DeploymentSpec.model_validate(
+        {
+            "name": kw.pop("name", "test"),
+            "strategy": strategy,
+            "deadline_s": kw.pop("deadline_s", 20),
+            "allocations": [
+                {
+                    "name": "w",
+                    "executor": "compute",
+                    "count": count,
+                    "resources": {"cpu": cpu, "ram": "64MiB"},
+                    "params": params,
+                    "constraints": constraints,
+                }
+            ],
+            **kw,
+        }
+    ).model_dump(mode="json")
+
+
+def owner(node: Node, behaviour: str, payload: Any = None) -> Any:
+    assert node.node is not None
+    return node.node.ask(node.node.handle, behaviour, payload, timeout=10)
+
+
+def deploy(node: Node, job: dict) -> str:
+    return owner(node, "/dms/node/deployment/new", {"spec": job})["id"]
+
+
+def status(node: Node, deployment_id: str) -> dict:
+    return owner(node, "/dms/node/deployment/status", {"id": deployment_id})
+
+
+def wait_state(node: Node, deployment_id: str, states: tuple[str, ...], timeout: float) -> dict:
+    found: dict = {}
+
+    def reached() -> bool:
+        found.update(status(node, deployment_id))
+        return found["state"] in states
+
+    wait_for(reached, timeout, f"deployment {deployment_id} to reach {states}")
+    return found
+
+
+def providers(cluster: LocalCluster, count: int, cpu: float = 2) -> list[Node]:
+    nodes = [cluster.add() for _ in range(count)]
+    for node in nodes:
+        assert node.ledger is not None
+        node.ledger.onboard(Resources(cpu=cpu, ram=4, disk=4))
+    return nodes
+
+
+def wait_known(requester: Node, peers: list[Node]) -> None:
+    def known() -> bool:
+        for peer in peers:
+            record = requester.peer_table.get(peer.peer_id)
+            if record is None or record.status != "alive" or record.heartbeat is None:
+                return False
+            if not record.heartbeat.onboarded.get("cpu"):
+                return False
+        return True
+
+    wait_for(known, 15, "the requester to know every provider's resources")
+
+
+def live_leases(nodes: list[Node]) -> int:
+    return sum(len(n.ledger.live()) for n in nodes if n.ledger is not None)
+
+
+@pytest.fixture
+def net(cluster: LocalCluster) -> LocalCluster:
+    cluster.settings.update(heartbeat_s=HEARTBEAT, orphan_s=3.0)
+    return cluster
+
+
+def test_a_deployment_of_several_allocations_is_placed_and_completes(net: LocalCluster) -> None:
+    requester = net.add()
+    peers = providers(net, 3)
+    net.wait_linked()
+    wait_known(requester, peers)
+    dep = deploy(requester, spec(count=4))
+    done = wait_state(requester, dep, TERMINAL, 20)
+    assert done["state"] == "completed", done["events"]
+    assert [s["status"] for s in done["slots"]] == ["completed"] * 4
+    assert all(s["result"]["mode"] == "sleep" for s in done["slots"])
+    manifest = owner(requester, "/dms/node/deployment/manifest", {"id": dep})
+    won = [b for b in manifest["bids"] if b["outcome"] == "won"]
+    assert len(won) >= 4 and all(b["reason"].startswith("won: score") for b in won)
+    assert any(b["outcome"] == "lost" and b["reason"].startswith("lost:") for b in manifest["bids"])
+    wait_for(lambda: live_leases(peers) == 0, 5, "every lease and allocation to be released")
+    logs = owner(requester, "/dms/node/deployment/logs", {"id": dep})
+    assert any("state: completed" in line for lines in logs["logs"].values() for line in lines)
+
+
+def test_two_requesters_racing_for_the_last_capacity_never_double_book(
+    net: LocalCluster,
+) -> None:
+    a, b = net.add(), net.add()
+    (provider,) = providers(net, 1, cpu=1)  # room for exactly one allocation of 1 core
+    net.wait_linked()
+    wait_known(a, [provider])
+    wait_known(b, [provider])
+    peak = {"allocated": 0}
+    stop = threading.Event()
+
+    def watch() -> None:
+        assert provider.ledger is not None
+        while not stop.is_set():
+            pools = provider.ledger.pools()
+            assert pools.violations() == []
+            peak["allocated"] = max(peak["allocated"], pools.allocated.cpu_milli)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    job = spec(cpu="1", params={"seconds": 1.0})
+    ids = {}
+    racers = [
+        threading.Thread(target=lambda n=n: ids.__setitem__(n, deploy(n, job))) for n in (a, b)
+    ]
+    for t in racers:
+        t.start()
+    for t in racers:
+        t.join()
+    try:
+        first = wait_state(a, ids[a], TERMINAL, 30)
+        second = wait_state(b, ids[b], TERMINAL, 30)
+    finally:
+        stop.set()
+        watcher.join()
+    assert first["state"] == second["state"] == "completed"
+    assert peak["allocated"] == 1000  # one at a time, never two
+    runs = sorted(
+        [(first["running_at"], first["ended_at"]), (second["running_at"], second["ended_at"])]
+    )
+    assert runs[1][0] >= runs[0][1] - 0.05  # the loser waited queued for the capacity
+    loser = first if first["running_at"] > second["running_at"] else second
+    assert any("queued" in e["what"] for e in loser["events"])
+
+
+def test_a_provider_killed_after_commit_has_its_allocation_placed_again(
+    net: LocalCluster,
+) -> None:
+    requester = net.add()
+    peers = providers(net, 3)
+    net.wait_linked()
+    wait_known(requester, peers)
+    dep = deploy(requester, spec(params={"seconds": 4.0}))
+    running = wait_state(requester, dep, ("running",), 15)
+    victim = next(p for p in peers if p.peer_id == running["slots"][0]["peer_id"])
+    net.crash(victim)
+    done = wait_state(requester, dep, TERMINAL, 30)
+    assert done["state"] == "completed", done["events"]
+    slot = done["slots"][0]
+    assert slot["peer_id"] != victim.peer_id and slot["attempts"] == 2
+    assert any("placing it again" in e["what"] for e in done["events"])
+
+
+def test_a_restarted_requester_resumes_and_leaks_no_leases(net: LocalCluster) -> None:
+    requester = net.add()
+    peers = providers(net, 3)
+    net.wait_linked()
+    wait_known(requester, peers)
+    job = spec(count=2, params={"seconds": 2.0}, lease_s=2)
+    dep = deploy(requester, job)
+    wait_state(requester, dep, ("running",), 15)
+    requester = net.restart(requester)
+    for p in peers:
+        requester.transport.connect(p.addrs()[0])
+    wait_known(requester, peers)
+    done = wait_state(requester, dep, TERMINAL, 30)
+    assert done["state"] == "completed", done["events"]
+    assert any("resumed" in e["what"] for e in done["events"])
+    # Bids that lost while the requester was away expire with their leases.
+    wait_for(lambda: live_leases(peers) == 0, 2 + 6, "no lease or allocation left anywhere")
+
+
+def test_a_requester_restarted_while_placing_reverts_and_leaks_nothing(
+    net: LocalCluster,
+) -> None:
+    requester = net.add()
+    peers = providers(net, 3)
+    net.wait_linked()
+    wait_known(requester, peers)
+    dep = deploy(requester, spec(count=3, params={"seconds": 0.5}, lease_s=2))
+    requester = net.restart(requester)  # somewhere between bidding and running
+    for p in peers:
+        requester.transport.connect(p.addrs()[0])
+    wait_known(requester, peers)
+    done = wait_state(requester, dep, TERMINAL, 30)
+    assert done["state"] == "completed", done["events"]
+    wait_for(lambda: live_leases(peers) == 0, 2 + 6, "no lease or allocation left anywhere")
+
+
+def test_a_job_no_peer_can_run_fails_within_its_deadline_with_each_peers_reason(
+    net: LocalCluster,
+) -> None:
+    requester = net.add()
+    peers = providers(net, 2, cpu=1)
+    net.wait_linked()
+    wait_known(requester, peers)
+    started = time.monotonic()
+    dep = deploy(requester, spec(cpu="500m", deadline_s=2, constraints={"labels": ["gpu-a100"]}))
+    done = wait_state(requester, dep, TERMINAL, 10)
+    assert time.monotonic() - started < 2 + 3  # the deadline plus one retry step
+    assert done["state"] == "failed"
+    summary = done["events"][-1]["what"]
+    assert "not placed within the deadline" in summary
+    for p in peers:
+        assert f"{p.peer_id[-8:]}: declined: this node lacks the labels gpu-a100" in summary
+
+
+@pytest.mark.parametrize("strategy", ["score", "round-robin", "two-choices", "random"])
+def test_every_strategy_places_and_explains(net: LocalCluster, strategy: str) -> None:
+    requester = net.add()
+    peers = providers(net, 3)
+    net.wait_linked()
+    wait_known(requester, peers)
+    dep = deploy(requester, spec(count=3, strategy=strategy, params={"seconds": 0}))
+    done = wait_state(requester, dep, TERMINAL, 20)
+    assert done["state"] == "completed", done["events"]
+    manifest = owner(requester, "/dms/node/deployment/manifest", {"id": dep})
+    won = {b["reason"] for b in manifest["bids"] if b["outcome"] == "won"}
+    expected = {
+        "score": "won: score",
+        "round-robin": "won: next in round-robin order",
+        "two-choices": "won: ",
+        "random": "won: drawn at random",
+    }[strategy]
+    assert won and all(r.startswith(expected) for r in won)
+
+
+def test_shutdown_stops_running_allocations_and_releases_them(net: LocalCluster) -> None:
+    requester = net.add()
+    peers = providers(net, 2)
+    net.wait_linked()
+    wait_known(requester, peers)
+    dep = deploy(requester, spec(count=2, params={"seconds": 30}))
+    wait_state(requester, dep, ("running",), 15)
+    result = owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
+    assert result["state"] == "shutdown"
+    wait_for(lambda: live_leases(peers) == 0, 5, "the stopped allocations to be released")

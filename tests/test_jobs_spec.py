@@ -1,0 +1,106 @@
+"""Job files: errors name the field and the line; the CLI says so in one line."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from dms.jobs.spec import JobSpecError, load_spec, parse_spec
+from dms.orchestrator.messages import Bid, Offer
+from dms.orchestrator.selection import Candidate, RoundRobin, select
+from tests.clitools import dms
+
+GOOD = """\
+name: demo
+strategy: two-choices
+allocations:
+  - name: w
+    executor: compute
+    count: 2
+    resources: {cpu: 500m, ram: 256MiB}
+    params: {seconds: 1}
+"""
+
+
+def test_a_good_file_expands_counts_into_named_slots() -> None:
+    spec = parse_spec(GOOD)
+    assert [name for name, _ in spec.slots()] == ["w.0", "w.1"]
+    assert spec.allocations[0].resources.cpu_milli == 500
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("500m", "lots"), "allocations.0.resources (line 7): cpu: 'lots' is not a number"),
+        (("two-choices", "best"), "strategy (line 2): Input should be 'score'"),
+        (("count: 2", "count: 0"), "allocations.0.count (line 6): Input should be greater"),
+        (("params", "parms"), "allocations.0.parms (line 8): Extra inputs are not permitted"),
+        (("name: w", "name: 'w x'"), "allocations.0.name (line 4): String should match"),
+        (("{cpu: 500m, ram: 256MiB}", "{cpu: 0}"), "(line 7): an allocation needs some cpu"),
+    ],
+)
+def test_errors_name_the_field_and_line(change: tuple[str, str], expected: str) -> None:
+    with pytest.raises(JobSpecError) as err:
+        parse_spec(GOOD.replace(*change), "job.yaml")
+    assert expected in str(err.value)
+
+
+def test_json_files_and_broken_files(tmp_path: Path) -> None:
+    good = tmp_path / "job.json"
+    good.write_text(json.dumps({"allocations": [{"name": "a", "executor": "compute",
+                                                 "resources": {"cpu": 1}}]}))  # fmt: skip
+    assert load_spec(good).allocations[0].resources.cpu_milli == 1000
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("allocations: [\n")
+    with pytest.raises(JobSpecError, match=r"broken.yaml \(line 2\): not valid YAML or JSON"):
+        load_spec(broken)
+    with pytest.raises(JobSpecError, match="no such file"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_dms_job_validate(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(GOOD)
+    bad.write_text(GOOD.replace("count: 2", "count: -1"))
+    done = dms(tmp_path, "job", "validate", str(good), "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["valid"] is True
+    done = dms(tmp_path, "job", "validate", str(bad))
+    assert done.returncode == 1 and "allocations.0.count (line 6)" in done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0
+
+
+def _bid(peer: str, free_cpu: float, price: float = 0.0, cpu_score: float = 0.0) -> Candidate:
+    bid = Bid(
+        deployment_id="d",
+        peer_id=peer,
+        did="did:key:x",
+        price=price,
+        scores={"cpu_single_mops": cpu_score} if cpu_score else {},
+        free={"cpu": free_cpu, "ram_gib": 1, "disk_gib": 1, "gpu": 0},
+        onboarded={"cpu": 4, "ram_gib": 1, "disk_gib": 1, "gpu": 0},
+    )
+    return Candidate(bid, Offer(slot="w", lease_id=f"lease-{peer}", price=price, expires_at=0))
+
+
+def test_score_prefers_free_capacity_speed_and_low_price_deterministically() -> None:
+    offers = {"w": [_bid("b", 1.0), _bid("a", 3.0), _bid("c", 3.0, price=5.0)]}
+    decision = select("score", offers, random.Random(1), RoundRobin())
+    assert decision.winners["w"].peer_id == "a"
+    assert decision.reasons[("b", "w")].startswith("lost: score")
+    tie = {"w": [_bid("z", 2.0), _bid("y", 2.0)]}
+    assert select("score", tie, random.Random(), RoundRobin()).winners["w"].peer_id == "y"
+    faster = {"w": [_bid("a", 2.0, cpu_score=50), _bid("b", 2.0, cpu_score=100)]}
+    assert select("score", faster, random.Random(), RoundRobin()).winners["w"].peer_id == "b"
+
+
+def test_round_robin_cycles_and_two_choices_takes_the_freer_of_the_pair() -> None:
+    cursor = RoundRobin()
+    offers = {"w": [_bid("a", 1), _bid("b", 1), _bid("c", 1)]}
+    picks = [select("round-robin", offers, random.Random(), cursor).winners["w"].peer_id
+             for _ in range(4)]  # fmt: skip
+    assert picks == ["a", "b", "c", "a"]
+    pair = {"w": [_bid("a", 0.5), _bid("b", 3.5)]}
+    assert select("two-choices", pair, random.Random(3), cursor).winners["w"].peer_id == "b"

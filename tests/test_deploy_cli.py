@@ -1,0 +1,62 @@
+"""``dms deploy`` and ``dms deployment ...`` against two running daemons, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.clitools import Daemon, dms, dms_json
+from tests.conftest import wait_for
+
+JOB = """\
+name: cli-demo
+strategy: score
+deadline_s: 20
+allocations:
+  - name: w
+    executor: compute
+    count: 2
+    resources: {cpu: 100m, ram: 64MiB}
+    params: {seconds: 0.5}
+"""
+
+
+def test_deploy_follow_then_inspect_the_deployment(tmp_path: Path) -> None:
+    requester, provider = tmp_path / "requester", tmp_path / "provider"
+    for home in (requester, provider):
+        assert dms(home, "init").returncode == 0
+        (home / "config.toml").write_text("heartbeat_s = 0.5\n")
+    done = dms(provider, "onboard", "--cpu", "1", "--ram", "1", "--disk", "1", timeout=120)
+    assert done.returncode == 0, done.stderr
+    p = Daemon(provider)
+    r = Daemon(requester, "--bootstrap", p.info["addrs"][0])
+    try:
+        wait_for(
+            lambda: any(
+                row.get("onboarded", {}).get("cpu") == 1.0
+                for row in dms_json(requester, "peers", "list")
+            ),
+            20,
+            "the requester to hear the provider's heartbeat",
+        )
+        job = tmp_path / "job.yaml"
+        job.write_text(JOB)
+        done = dms(requester, "deploy", str(job), "--follow")
+        assert done.returncode == 0, done.stderr
+        assert "chose" in done.stdout and "completed" in done.stdout
+        deployments = dms_json(requester, "deployment", "list")
+        assert deployments[0]["name"] == "cli-demo" and deployments[0]["state"] == "completed"
+        dep = deployments[0]["id"]
+        status = dms_json(requester, "deployment", "status", dep)
+        assert [s["status"] for s in status["slots"]] == ["completed", "completed"]
+        manifest = dms_json(requester, "deployment", "manifest", dep)
+        assert {s["peer_id"] for s in manifest["slots"]} == {p.info["peer_id"]}
+        logs = dms_json(requester, "deployment", "logs", dep)
+        assert len(logs["logs"]) == 2
+        missing = dms(requester, "deployment", "status", "nope")
+        assert missing.returncode == 1 and "no deployment 'nope'" in missing.stderr
+        submitted = json.loads(dms(requester, "deploy", str(job), "--json").stdout)
+        assert len(submitted["id"]) == 16
+    finally:
+        assert r.stop() == 0
+        assert p.stop() == 0

@@ -33,6 +33,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.ping import PingService
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub import pubsub as pubsub_module
@@ -330,6 +331,12 @@ class Libp2pTransport:
             muxer_opt=create_yamux_muxer_option(),
             listen_addrs=listen,
             enable_mDNS=self.settings.mdns,
+            connection_config=ConnectionConfig(
+                min_connections=self.settings.min_connections,
+                low_watermark=self.settings.min_connections,
+                high_watermark=self.settings.max_connections,
+                max_connections=self.settings.max_connections,
+            ),
         )
         self._host = host
         self._ping = PingService(host)

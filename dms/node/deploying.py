@@ -129,9 +129,21 @@ class DeployingBehaviours(NodeBase):
         self._record_sent(bid)
         if payload.reply_to is not None:
             if bid.offers:  # a gossip request gets an answer only when there is an offer
-                self.send(payload.reply_to, BID, bid.model_dump(), ttl_s=payload.lease_s)
+                leases = [o.lease_id for o in bid.offers]
+                self.invoke(
+                    payload.reply_to,
+                    BID,
+                    bid.model_dump(),
+                    timeout=payload.lease_s,
+                    on_reply=lambda outcome: self._bid_refused(outcome, leases),
+                )
             return None
         return bid.model_dump()
+
+    def _bid_refused(self, outcome: Any, lease_ids: list[str]) -> None:
+        """A bid nobody took (the deployment ended, or it never arrived): free it now."""
+        if not outcome.ok and self.services.ledger is not None:
+            self.services.ledger.release_many(lease_ids)
 
     def _record_sent(self, bid: Any) -> None:
         """Queue this bid for the bid index; written in batches, off the bidding path."""
@@ -207,7 +219,10 @@ class DeployingBehaviours(NodeBase):
     def revert(self, request: Request) -> dict[str, Any]:
         p: RevertRequest = request.payload
         holder = request.sender.address.host
-        released = self._ledger().release_many(p.lease_ids, holder=holder)
+        ids = list(p.lease_ids)
+        if p.everything:
+            ids += self._ledger().live_ids(f"{DEPLOYMENT_REF}{p.deployment_id}/", holder)
+        released = self._ledger().release_many(ids, holder=holder)
         for lease in released:
             self._stop_allocation(lease.id, "reverted by the requester")
         return {"released": [lease.id for lease in released]}

@@ -146,6 +146,7 @@ class DeploymentActor(Actor):
         self._round_scheduled = False
         self._retry_s = orchestration.retry_s
         self._misses: dict[str, int] = {}
+        self._uncertain: set[str] = set()  # peers that may hold leases we do not know of
         self._dirty = False
         self.messages = 0
 
@@ -215,6 +216,11 @@ class DeploymentActor(Actor):
             log.warning("deployment %s not saved: %s", self.id, exc)
 
     def _finish(self, state: str, what: str) -> None:
+        # Whatever a provider may still hold for this deployment (a bid whose reply was
+        # lost, a slot that did not complete) goes back now, not at its lease's expiry.
+        unfinished = {s["peer_id"] for s in self.slots.values() if s["status"] != "completed"}
+        for peer in sorted((self._uncertain | unfinished) - {None}):
+            self._revert(peer, [], everything=True)
         self._set_state(state)
         self._event(what)
         self.row["ended_at"] = time.time()
@@ -333,6 +339,7 @@ class DeploymentActor(Actor):
             self._take_bid(rid, bid)
         else:
             self._answered.add(peer)
+            self._uncertain.add(peer)  # it may have locked before the reply got lost
             assert outcome.error is not None
             self._note_reason(
                 peer, list(self._offers), f"{outcome.error.code}: {outcome.error.reason}"
@@ -551,13 +558,15 @@ class DeploymentActor(Actor):
         self._reopen(slot, reason, time.time())
         self._schedule_round(0.0)
 
-    def _revert(self, peer: str | None, lease_ids: list[str]) -> None:
-        if not peer or not lease_ids:
+    def _revert(self, peer: str | None, lease_ids: list[str], everything: bool = False) -> None:
+        if not peer or not (lease_ids or everything):
             return
+        payload = {"deployment_id": self.id, "lease_ids": lease_ids, "everything": everything}
         try:
-            self.send(node_handle(peer), REVERT, {"deployment_id": self.id, "lease_ids": lease_ids})
+            self.send(node_handle(peer), REVERT, payload)
             self.messages += 1
         except Exception as exc:  # an unreachable peer's leases expire on their own
+            self._uncertain.add(peer)
             log.debug("revert to %s not sent: %s", peer, exc)
 
     def _fail_unplaced(self, late: list[dict[str, Any]]) -> None:

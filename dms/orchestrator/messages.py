@@ -84,4 +84,5 @@ class AllocateRequest(_Message):
 
 class RevertRequest(_Message):
     deployment_id: str = Field(pattern=ID_PATTERN)
-    lease_ids: list[str] = Field(min_length=1, max_length=MAX_SLOTS)
+    lease_ids: list[str] = Field(default_factory=list, max_length=MAX_SLOTS)
+    everything: bool = False  # also every other lease the caller holds for this deployment

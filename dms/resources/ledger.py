@@ -332,6 +332,19 @@ class ResourceLedger:
                 out.append(_view(row))
         return out
 
+    def live_ids(self, ref_prefix: str, holder: str) -> list[str]:
+        """Ids of live leases and allocations of ``holder`` whose ref starts with the prefix."""
+        now = self.clock()
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                select(LEASES.c.id).where(
+                    _live_clause(now),
+                    LEASES.c.holder == holder,
+                    LEASES.c.ref.startswith(ref_prefix, autoescape=True),
+                )
+            )
+            return [r.id for r in rows]
+
     def expire(self) -> list[str]:
         """Mark leases past their expiry as ``expired``; returns their ids."""
         now = self.clock()

@@ -193,29 +193,41 @@ class Libp2pTransport:
             raise NetworkError(f"the libp2p host could not start: {self._error}") from None
 
     def send(self, peer_id: str, frame: bytes) -> None:
-        """Queue a frame for ``peer_id``; dial first (blocking) if no stream is open.
+        """Queue a frame for ``peer_id`` without waiting: never blocks the calling actor.
 
-        Raises ``Unreachable`` when the dial fails. A write that fails later on an
-        open stream is retried once on a fresh stream, then reported through
-        the ``undeliverable`` callback given to :meth:`start`.
+        With no stream open yet, the stream is opened (dialing if needed, bounded
+        by ``dial_timeout_s``) on the trio thread; if that fails, or a write on an
+        open stream fails twice, the frame is reported through the
+        ``undeliverable`` callback given to :meth:`start`, which fails a pending
+        invoke at once with ``unreachable`` and the reason. Raises ``Unreachable``
+        only when the network is stopped.
         """
         data = encode_frame(frame)
         outbound = self._outbound.get(peer_id)
-        if outbound is not None and outbound.usable and self._token is not None:
-            try:
-                self._token.run_sync_soon(self._enqueue, outbound, data)
-            except trio.RunFinishedError:
-                raise Unreachable("the network is stopped") from None
-            return
         if self._on_trio_thread():
             # Refusals are sent from the receive path, which runs on the trio thread.
-            assert self._nursery is not None
-            self._nursery.start_soon(self._send_or_report, peer_id, data)
+            if outbound is not None and outbound.usable:
+                self._enqueue(outbound, data)
+            else:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._send_or_report, peer_id, data)
             return
+        if self._token is None:
+            raise Unreachable("the network is stopped")
         try:
-            self._call(self._send, peer_id, data)
-        except NetworkError as err:
-            raise Unreachable(str(err)) from None
+            if outbound is not None and outbound.usable:
+                self._token.run_sync_soon(self._enqueue, outbound, data)
+            else:
+                self._token.run_sync_soon(self._start_send, peer_id, data)
+        except trio.RunFinishedError:
+            raise Unreachable("the network is stopped") from None
+
+    def _start_send(self, peer_id: str, data: bytes) -> None:
+        outbound = self._outbound.get(peer_id)
+        if outbound is not None and outbound.usable:
+            self._enqueue(outbound, data)
+        elif self._nursery is not None:
+            self._nursery.start_soon(self._send_or_report, peer_id, data)
 
     def publish(self, topic: str, frame: bytes) -> None:
         if self._on_trio_thread():

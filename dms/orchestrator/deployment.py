@@ -240,8 +240,11 @@ class DeploymentActor(Actor):
         return [s for s in self.slots.values() if s["status"] == "open"]
 
     def _candidates(self, open_slots: list[dict[str, Any]]) -> list[str]:
-        """The best fresh peers from the table that could take some open slot."""
-        scored: dict[str, float] = {}
+        """Fresh peers from the table that could take some open slot: a weighted random
+        sample, freer peers likelier. Every requester reads much the same table, so
+        taking the top few by free capacity would send every concurrent request to
+        the same providers; sampling spreads them (the power of d choices)."""
+        weights: dict[str, float] = {}
         for record in self.o.peer_table.alive():
             for slot in open_slots:
                 spec = self.by_slot[slot["slot"]]
@@ -256,10 +259,11 @@ class DeploymentActor(Actor):
                 hb = record.heartbeat
                 assert hb is not None
                 onboarded = hb.onboarded.get("cpu") or 1.0
-                scored[peer] = (hb.free.get("cpu", 0.0) / onboarded) + self.o.rng.random() * 0.05
+                weights[peer] = 0.05 + max(0.0, hb.free.get("cpu", 0.0) / onboarded)
                 break
-        ranked = sorted(scored, key=lambda p: -scored[p])
-        return ranked[: max(self.o.min_ask, self.o.fanout * len(open_slots))]
+        # Efraimidis-Spirakis: a weighted sample without replacement.
+        keyed = sorted(weights, key=lambda p: -(self.o.rng.random() ** (1.0 / weights[p])))
+        return keyed[: max(self.o.min_ask, self.o.fanout * len(open_slots))]
 
     def _round(self) -> None:
         self._round_scheduled = False

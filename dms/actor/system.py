@@ -172,7 +172,8 @@ class ActorRef:
     def send(
         self, to: Handle, behaviour: str, payload: Any = None, *, ttl_s: float | None = None
     ) -> None:
-        """Fire and forget; raises ``Unreachable`` if the destination host cannot be reached."""
+        """Fire and forget. A destination that turns out unreachable is logged by the
+        transport; ``Unreachable`` is raised only when the network is stopped."""
         self.system.route(self.seal(self.envelope(behaviour, payload, to=to, ttl_s=ttl_s)), to)
 
     def invoke(

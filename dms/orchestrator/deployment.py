@@ -62,6 +62,7 @@ SHUTDOWN = "/dms/deployment/shutdown"
 STATUS = "/dms/allocation/status"
 STOP = "/dms/allocation/stop"
 EVENT_MEMORY = 200
+BID_GRACE_S = 2.0  # after the window: how long a round with an empty slot waits for answers
 
 
 def node_handle(peer_id: str) -> Handle:
@@ -323,7 +324,7 @@ class DeploymentActor(Actor):
                 ttl_s=self.spec.bid_window_s + 2.0,
             )
             self.messages += 1
-        self.call_later(self.spec.bid_window_s, lambda: self._close(rid))
+        self.call_later(self.spec.bid_window_s, lambda: self._window_ends(rid))
         if not peers and not self._gossiped:
             self._close(rid)
 
@@ -376,6 +377,18 @@ class DeploymentActor(Actor):
     def _maybe_close(self, rid: int) -> None:
         if not self._gossiped and self._asked <= self._answered:
             self._close(rid)
+
+    def _window_ends(self, rid: int) -> None:
+        """Close the round, unless a slot has no offer yet and asked peers still owe an
+        answer: busy providers answer late, and a round closed empty only to throw
+        their bids back would be retried anyway. Then wait for them, up to the bid
+        request's own timeout."""
+        waiting = self._asked - self._answered
+        empty = [name for name, offers in self._offers.items() if not offers]
+        if empty and waiting and not self._gossiped:
+            self.call_later(BID_GRACE_S, lambda: self._close(rid))
+            return
+        self._close(rid)
 
     def _close(self, rid: int) -> None:
         if rid != self.round or rid in self._closed or self.state in TERMINAL:

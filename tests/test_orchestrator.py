@@ -90,6 +90,15 @@ def live_leases(nodes: list[Node]) -> int:
     return sum(len(n.ledger.live()) for n in nodes if n.ledger is not None)
 
 
+def network(net: LocalCluster, count: int = 3, cpu: float = 2) -> tuple[Node, list[Node]]:
+    """A requester and ``count`` onboarded providers it knows from their heartbeats."""
+    requester = net.add()
+    peers = providers(net, count, cpu=cpu)
+    net.wait_linked()
+    wait_known(requester, peers)
+    return requester, peers
+
+
 @pytest.fixture
 def net(cluster: LocalCluster) -> LocalCluster:
     cluster.settings.update(heartbeat_s=HEARTBEAT, orphan_s=3.0)
@@ -97,10 +106,7 @@ def net(cluster: LocalCluster) -> LocalCluster:
 
 
 def test_a_deployment_of_several_allocations_is_placed_and_completes(net: LocalCluster) -> None:
-    requester = net.add()
-    peers = providers(net, 3)
-    net.wait_linked()
-    wait_known(requester, peers)
+    requester, peers = network(net, 3)
     dep = deploy(requester, spec(count=4))
     done = wait_state(requester, dep, TERMINAL, 20)
     assert done["state"] == "completed", done["events"]
@@ -164,10 +170,7 @@ def test_two_requesters_racing_for_the_last_capacity_never_double_book(
 def test_a_provider_killed_after_commit_has_its_allocation_placed_again(
     net: LocalCluster,
 ) -> None:
-    requester = net.add()
-    peers = providers(net, 3)
-    net.wait_linked()
-    wait_known(requester, peers)
+    requester, peers = network(net, 3)
     dep = deploy(requester, spec(params={"seconds": 4.0}))
     running = wait_state(requester, dep, ("running",), 15)
     victim = next(p for p in peers if p.peer_id == running["slots"][0]["peer_id"])
@@ -180,10 +183,7 @@ def test_a_provider_killed_after_commit_has_its_allocation_placed_again(
 
 
 def test_a_restarted_requester_resumes_and_leaks_no_leases(net: LocalCluster) -> None:
-    requester = net.add()
-    peers = providers(net, 3)
-    net.wait_linked()
-    wait_known(requester, peers)
+    requester, peers = network(net, 3)
     job = spec(count=2, params={"seconds": 2.0}, lease_s=2)
     dep = deploy(requester, job)
     wait_state(requester, dep, ("running",), 15)
@@ -201,10 +201,7 @@ def test_a_restarted_requester_resumes_and_leaks_no_leases(net: LocalCluster) ->
 def test_a_requester_restarted_while_placing_reverts_and_leaks_nothing(
     net: LocalCluster,
 ) -> None:
-    requester = net.add()
-    peers = providers(net, 3)
-    net.wait_linked()
-    wait_known(requester, peers)
+    requester, peers = network(net, 3)
     dep = deploy(requester, spec(count=3, params={"seconds": 0.5}, lease_s=2))
     requester = net.restart(requester)  # somewhere between bidding and running
     for p in peers:
@@ -218,10 +215,7 @@ def test_a_requester_restarted_while_placing_reverts_and_leaks_nothing(
 def test_a_job_no_peer_can_run_fails_within_its_deadline_with_each_peers_reason(
     net: LocalCluster,
 ) -> None:
-    requester = net.add()
-    peers = providers(net, 2, cpu=1)
-    net.wait_linked()
-    wait_known(requester, peers)
+    requester, peers = network(net, 2, cpu=1)
     started = time.monotonic()
     dep = deploy(requester, spec(cpu="500m", deadline_s=2, constraints={"labels": ["gpu-a100"]}))
     done = wait_state(requester, dep, TERMINAL, 10)
@@ -235,10 +229,7 @@ def test_a_job_no_peer_can_run_fails_within_its_deadline_with_each_peers_reason(
 
 @pytest.mark.parametrize("strategy", ["score", "round-robin", "two-choices", "random"])
 def test_every_strategy_places_and_explains(net: LocalCluster, strategy: str) -> None:
-    requester = net.add()
-    peers = providers(net, 3)
-    net.wait_linked()
-    wait_known(requester, peers)
+    requester, _ = network(net, 3)
     dep = deploy(requester, spec(count=3, strategy=strategy, params={"seconds": 0}))
     done = wait_state(requester, dep, TERMINAL, 20)
     assert done["state"] == "completed", done["events"]
@@ -254,10 +245,7 @@ def test_every_strategy_places_and_explains(net: LocalCluster, strategy: str) ->
 
 
 def test_shutdown_stops_running_allocations_and_releases_them(net: LocalCluster) -> None:
-    requester = net.add()
-    peers = providers(net, 2)
-    net.wait_linked()
-    wait_known(requester, peers)
+    requester, peers = network(net, 2)
     dep = deploy(requester, spec(count=2, params={"seconds": 30}))
     wait_state(requester, dep, ("running",), 15)
     result = owner(requester, "/dms/node/deployment/shutdown", {"id": dep})

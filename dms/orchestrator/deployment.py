@@ -57,7 +57,6 @@ from dms.security.identity import public_key_from_peer_id
 log = logging.getLogger("dms.orchestrator")
 
 TERMINAL = frozenset({"completed", "failed", "shutdown"})
-SLOT_DONE = frozenset({"completed"})
 SHUTDOWN = "/dms/deployment/shutdown"
 STATUS = "/dms/allocation/status"
 STOP = "/dms/allocation/stop"
@@ -185,8 +184,9 @@ class DeploymentActor(Actor):
         for slot in self.slots.values():
             if slot["status"] in ("committing", "allocating"):
                 self._revert(slot["peer_id"], [slot["lease_id"]])
-                self._reopen(slot, "the requester restarted before it was running", now)
-            elif slot["status"] in ("open", "bidding"):
+                # Not the peer's fault: it stays eligible.
+                self._reopen(slot, "the requester restarted before it was running", now, False)
+            elif slot["status"] == "open":
                 slot["status"] = "open"
                 slot["placing_since"] = now
         self._event("resumed after a restart")
@@ -558,10 +558,10 @@ class DeploymentActor(Actor):
 
     # ---- failures ----------------------------------------------------------------------
 
-    def _reopen(self, slot: dict[str, Any], reason: str, now: float) -> None:
+    def _reopen(self, slot: dict[str, Any], reason: str, now: float, exclude: bool = True) -> None:
         if slot["peer_id"]:
             slot["reasons"][slot["peer_id"]] = reason
-            if slot["peer_id"] not in slot["excluded"]:
+            if exclude and slot["peer_id"] not in slot["excluded"]:
                 slot["excluded"].append(slot["peer_id"])
         slot.update(status="open", peer_id=None, lease_id=None, allocation=None,
                     placing_since=now, running_at=None, error=reason)  # fmt: skip

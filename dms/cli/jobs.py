@@ -43,8 +43,16 @@ def _client() -> NodeClient:
     return NodeClient(settings().home)
 
 
-def _status(client: NodeClient, deployment_id: str, timeout: float) -> dict[str, Any]:
-    return client.invoke("/dms/node/deployment/status", {"id": deployment_id}, timeout=timeout)
+def _ask(what: str, deployment_id: str, timeout: float, client: NodeClient | None = None) -> Any:
+    """``/dms/node/deployment/<what>`` for one deployment."""
+    return (client or _client()).invoke(
+        f"/dms/node/deployment/{what}", {"id": deployment_id}, timeout=timeout
+    )
+
+
+def _print_event(event: dict[str, Any]) -> None:
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
+    console.print(f"{stamp}  {event['what']}", highlight=False)
 
 
 def _show_status(status: dict[str, Any], json_out: bool) -> None:
@@ -88,12 +96,11 @@ def deploy(
     seen = 0
     status: dict[str, Any] = {}
     while True:
-        status = _status(client, deployment_id, timeout)
+        status = _ask("status", deployment_id, timeout, client)
         events = status.get("events", [])
         if not json_out:
             for event in events[seen:]:
-                stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
-                console.print(f"{stamp}  {event['what']}", highlight=False)
+                _print_event(event)
         seen = len(events)
         if status["state"] in TERMINAL:
             break
@@ -115,19 +122,18 @@ def status(
     deployment_id: IdArg, timeout: TimeoutOption = 10.0, json_out: JsonOption = False
 ) -> None:
     """State of a deployment and of each allocation."""
-    _show_status(_status(_client(), deployment_id, timeout), json_out)
+    _show_status(_ask("status", deployment_id, timeout), json_out)
 
 
 @deployment_app.command("logs")
 def logs(deployment_id: IdArg, timeout: TimeoutOption = 20.0, json_out: JsonOption = False) -> None:
     """The deployment's events and each allocation's log lines."""
-    result = _client().invoke("/dms/node/deployment/logs", {"id": deployment_id}, timeout=timeout)
+    result = _ask("logs", deployment_id, timeout)
     if json_out:
         emit_json(jsonable(result))
         return
     for event in result["events"]:
-        stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
-        console.print(f"{stamp}  {event['what']}", highlight=False)
+        _print_event(event)
     for slot, lines in result["logs"].items():
         console.print(f"--- {slot}", highlight=False)
         for line in lines:
@@ -139,9 +145,7 @@ def manifest(
     deployment_id: IdArg, timeout: TimeoutOption = 10.0, json_out: JsonOption = False
 ) -> None:
     """Where each allocation runs, and why each bid won or lost."""
-    result = _client().invoke(
-        "/dms/node/deployment/manifest", {"id": deployment_id}, timeout=timeout
-    )
+    result = _ask("manifest", deployment_id, timeout)
     if json_out:
         emit_json(jsonable(result))
         return
@@ -165,7 +169,5 @@ def shutdown(
     deployment_id: IdArg, timeout: TimeoutOption = 10.0, json_out: JsonOption = False
 ) -> None:
     """Stop every allocation of a deployment and release what it holds."""
-    result = _client().invoke(
-        "/dms/node/deployment/shutdown", {"id": deployment_id}, timeout=timeout
-    )
+    result = _ask("shutdown", deployment_id, timeout)
     _show_status(result, json_out)

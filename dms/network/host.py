@@ -49,6 +49,7 @@ from dms.actor.envelope import check_time, now_ns, unseal, verify
 from dms.actor.transport import Receiver, Undeliverable
 from dms.network.frames import PREFIX, FrameError, FrameReader, encode_frame
 from dms.network.settings import NetworkSettings, parse_multiaddr
+from dms.network.tuning import apply_libp2p_tuning
 from dms.security.identity import Identity
 
 log = logging.getLogger("dms.network")
@@ -326,6 +327,7 @@ class Libp2pTransport:
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
         gossip = self.settings.gossip
+        apply_libp2p_tuning()
         # py-libp2p reads this module constant when a subscription is made; 32 drops
         # messages silently under any burst, so it is raised for the whole process.
         pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(

@@ -18,6 +18,8 @@ from dms.resources import (
     EXPIRED,
     LOCKED,
     RELEASED,
+    LeaseView,
+    Pools,
     ResourceError,
     ResourceLedger,
     Resources,
@@ -93,6 +95,25 @@ def test_an_expired_lease_frees_its_resources_at_once_and_cannot_be_committed(
         ledger.commit(lease.id)
     assert err.value.code == "expired"
     assert ledger.lease(lease.id).state == EXPIRED
+
+
+def test_a_screen_sees_the_pools_and_its_refusals_lock_nothing(ledger: ResourceLedger) -> None:
+    ledger.lock(res(cpu=1), lease_s=5)
+    seen = []
+
+    def screen(pools: Pools) -> list[str | None]:
+        seen.append(pools.locked.cpu_milli)
+        return ["too cheap", None]
+
+    results, after = ledger.lock_many(
+        [(res(cpu=1), "a"), (res(cpu=1), "b")], lease_s=5, screen=screen
+    )
+    assert seen == [1000]  # what the transaction read, with the earlier lease
+    refused, lease = results
+    assert isinstance(refused, ResourceError) and refused.code == "declined"
+    assert str(refused) == "too cheap"
+    assert isinstance(lease, LeaseView) and lease.ref == "b"
+    assert after.locked.cpu_milli == ledger.pools().locked.cpu_milli == 2000
 
 
 def test_expire_marks_only_leases_past_their_time(ledger: ResourceLedger, clock: Clock) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from dms.jobs.executors import EXECUTORS
 from dms.orchestrator.messages import Bid, BidRequest, Decline, Offer, SlotRequest
-from dms.resources import Preferences, ResourceError, ResourceLedger
+from dms.resources import Pools, Preferences, ResourceError, ResourceLedger
 
 
 @dataclass
@@ -63,44 +63,44 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
 
     Slots are tried from a random starting point: providers that can take only
     some of the slots then offer different ones, and one round places more."""
-    pools = me.ledger.pools()
     offers: list[Offer] = []
     declines: list[Decline] = []
     start = random.randrange(len(request.slots))
-    wanted: list[SlotRequest] = []
-    for slot in request.slots[start:] + request.slots[:start]:
-        reason = semantic_refusal(slot, me, requester_did, pools.price, pools.allocations)
-        if reason is None:
-            wanted.append(slot)
+    slots = request.slots[start:] + request.slots[:start]
+
+    def screen(pools: Pools) -> list[str | None]:
+        return [
+            semantic_refusal(slot, me, requester_did, pools.price, pools.allocations)
+            for slot in slots
+        ]
+
+    # One transaction: the checks that need the pools run on what it read.
+    leases, after = me.ledger.lock_many(
+        [(s.resources, f"dep:{request.deployment_id}/{s.slot}") for s in slots],
+        request.lease_s,
+        holder=requester_peer,
+        screen=screen,
+    )
+    for slot, lease in zip(slots, leases, strict=True):
+        if isinstance(lease, ResourceError):
+            declines.append(Decline(slot=slot.slot, reason=lease.message))
         else:
-            declines.append(Decline(slot=slot.slot, reason=reason))
-    after = pools
-    if wanted:
-        leases, after = me.ledger.lock_many(
-            [(s.resources, f"dep:{request.deployment_id}/{s.slot}") for s in wanted],
-            request.lease_s,
-            holder=requester_peer,
-        )
-        for slot, lease in zip(wanted, leases, strict=True):
-            if isinstance(lease, ResourceError):
-                declines.append(Decline(slot=slot.slot, reason=lease.message))
-            else:
-                assert lease.expires_at is not None
-                offers.append(
-                    Offer(
-                        slot=slot.slot,
-                        lease_id=lease.id,
-                        price=pools.price,
-                        expires_at=lease.expires_at,
-                    )
+            assert lease.expires_at is not None
+            offers.append(
+                Offer(
+                    slot=slot.slot,
+                    lease_id=lease.id,
+                    price=after.price,
+                    expires_at=lease.expires_at,
                 )
+            )
     return Bid(
         deployment_id=request.deployment_id,
         peer_id=me.peer_id,
         did=me.did,
         offers=offers,
         declines=declines,
-        price=pools.price,
+        price=after.price,
         scores=me.scores,
         free=after.free.human(),
         onboarded=after.onboarded.human(),

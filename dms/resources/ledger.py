@@ -10,13 +10,23 @@ file cannot both take the last core.
 leases and allocations, so it cannot drift from them. A lease past its
 ``expires_at`` stops counting at once, even before :meth:`ResourceLedger.expire`
 marks it ``expired`` for the record.
+
+Reading the pools is the hot path (every bid, every heartbeat), so
+:meth:`ResourceLedger.pools` keeps the last answer until this ledger writes
+again or the earliest live lease expires, whichever comes first. The ledger is
+the only writer of its store while it lives (the daemon's; the CLI writes the
+store itself only when no daemon runs); transitions read inside their own
+transaction and never use the snapshot.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +124,8 @@ def _view(row: Row[Any]) -> LeaseView:
 
 # Live leases and allocations, summed per state: the one query every transition runs.
 _SUMS = text(
-    "SELECT state, SUM(cpu_milli), SUM(ram_mib), SUM(disk_mib), SUM(gpu), COUNT(*) "
+    "SELECT state, SUM(cpu_milli), SUM(ram_mib), SUM(disk_mib), SUM(gpu), COUNT(*), "
+    "MIN(expires_at) "
     "FROM leases WHERE state = 'allocated' OR (state = 'locked' AND expires_at > :now) "
     "GROUP BY state"
 )
@@ -139,12 +150,25 @@ class ResourceLedger:
     def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.clock = clock
+        # (pools, valid until): dropped by every write; see the module docstring.
+        self._snapshot: tuple[Pools, float] | None = None
+        self._writes = 0
+        self._snapshot_lock = threading.Lock()
 
     # ---- reading -------------------------------------------------------------------
 
     def pools(self) -> Pools:
+        now = self.clock()
+        snapshot = self._snapshot
+        if snapshot is not None and now < snapshot[1]:
+            return snapshot[0]
+        writes = self._writes
         with self.db.transaction() as conn:
-            return self._pools(conn, self.clock())
+            pools, valid_until = self._read_pools(conn, now)
+        with self._snapshot_lock:
+            if writes == self._writes:  # no write landed meanwhile: the answer is current
+                self._snapshot = (pools, valid_until)
+        return pools
 
     def lease(self, lease_id: str) -> LeaseView:
         with self.db.transaction() as conn:
@@ -168,7 +192,7 @@ class ResourceLedger:
         if price < 0:
             raise ResourceError("invalid", "price must not be negative")
         now = self.clock()
-        with self.db.transaction() as conn:
+        with self._writing() as conn:
             pools = self._pools(conn, now)
             in_use = pools.locked + pools.allocated
             conflicts = [
@@ -195,7 +219,7 @@ class ResourceLedger:
         """Withdraw from the network. Refused while anything is held, unless ``force``,
         which releases every lease and allocation (returned, so the caller can stop them)."""
         now = self.clock()
-        with self.db.transaction() as conn:
+        with self._writing() as conn:
             live = [_view(r) for r in conn.execute(select(LEASES).where(_live_clause(now)))]
             if live and not force:
                 allocs = sum(1 for r in live if r.state == ALLOCATED)
@@ -225,18 +249,31 @@ class ResourceLedger:
         return results[0]
 
     def lock_many(
-        self, requests: list[tuple[Resources, str]], lease_s: float, holder: str = ""
+        self,
+        requests: list[tuple[Resources, str]],
+        lease_s: float,
+        holder: str = "",
+        screen: Callable[[Pools], list[str | None]] | None = None,
     ) -> tuple[list[LeaseView | ResourceError], Pools]:
         """Lock each ``(request, ref)`` that still fits, in order, in one transaction (a bid
-        for several allocations); returns a lease or the reason for each, and the pools after."""
+        for several allocations); returns a lease or the reason for each, and the pools after.
+
+        ``screen(pools)``, when given, sees the pools the transaction read and returns a
+        refusal (or ``None``) for each request: a bidder's checks that depend on price or
+        on the allocations held cost no second transaction. A refusal comes back as a
+        ``ResourceError`` with code ``declined``."""
         if not 0 < lease_s <= MAX_LEASE_S:
             raise ResourceError("invalid", f"lease_s must be in (0, {MAX_LEASE_S:g}]")
         now = self.clock()
         results: list[LeaseView | ResourceError] = []
-        with self.db.transaction() as conn:
+        with self._writing() as conn:
             pools = self._pools(conn, now)
+            refusals = screen(pools) if screen is not None else [None] * len(requests)
             locked = pools.locked
-            for request, ref in requests:
+            for (request, ref), refusal in zip(requests, refusals, strict=True):
+                if refusal is not None:
+                    results.append(ResourceError("declined", refusal))
+                    continue
                 free = Resources.of(
                     [max(0, v) for v in pools.onboarded.minus(locked + pools.allocated)]
                 )
@@ -279,7 +316,7 @@ class ResourceLedger:
         """Turn a live lease into an allocation (same id); ``holder``, when given, must be
         the one the lease was made for."""
         now = self.clock()
-        with self.db.transaction() as conn:
+        with self._writing() as conn:
             row = self._get(conn, lease_id, holder)
             if row.state == ALLOCATED:
                 return _view(row)  # committing twice is harmless: a retried message
@@ -312,7 +349,7 @@ class ResourceLedger:
         when it is given, raise with ``strict`` and are skipped without it."""
         now = self.clock()
         out = []
-        with self.db.transaction() as conn:
+        with self._writing() as conn:
             for lease_id in lease_ids:
                 try:
                     row = self._get(conn, lease_id, holder)
@@ -348,7 +385,7 @@ class ResourceLedger:
     def expire(self) -> list[str]:
         """Mark leases past their expiry as ``expired``; returns their ids."""
         now = self.clock()
-        with self.db.transaction() as conn:
+        with self._writing() as conn:
             ids = list(
                 conn.scalars(
                     select(LEASES.c.id).where(LEASES.c.state == LOCKED, LEASES.c.expires_at <= now)
@@ -362,10 +399,29 @@ class ResourceLedger:
 
     # ---- internals -------------------------------------------------------------------
 
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A write transaction; the pools snapshot is dropped once it ends (committed or
+        not: a reader that started meanwhile must not keep what it saw)."""
+        try:
+            with self.db.transaction() as conn:
+                yield conn
+        finally:
+            with self._snapshot_lock:
+                self._writes += 1
+                self._snapshot = None
+
+    @classmethod
+    def _pools(cls, conn: Connection, now: float) -> Pools:
+        return cls._read_pools(conn, now)[0]
+
     @staticmethod
-    def _pools(conn: Connection, now: float) -> Pools:
+    def _read_pools(conn: Connection, now: float) -> tuple[Pools, float]:
+        """The pools at ``now``, and until when they hold (the next lease expiry)."""
         onboarding = conn.execute(select(ONBOARDING).where(ONBOARDING.c.id == 1)).first()
         sums = {row[0]: row for row in conn.execute(_SUMS, {"now": now})}
+        locked_row = sums.get(LOCKED)
+        valid_until = float(locked_row[6]) if locked_row is not None else math.inf
 
         def pool(state: str) -> tuple[Resources, int]:
             row = sums.get(state)
@@ -375,7 +431,7 @@ class ResourceLedger:
 
         locked, leases = pool(LOCKED)
         allocated, allocations = pool(ALLOCATED)
-        return Pools(
+        pools = Pools(
             onboarded=_amounts(onboarding) if onboarding is not None else ZERO,
             locked=locked,
             allocated=allocated,
@@ -383,6 +439,7 @@ class ResourceLedger:
             leases=leases,
             allocations=allocations,
         )
+        return pools, valid_until
 
     @staticmethod
     def _get(conn: Connection, lease_id: str, holder: str | None = None) -> Row[Any]:

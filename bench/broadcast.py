@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dms.actor import Actor, Request, behaviour
-from dms.sim.cluster import LocalCluster
+from dms.sim.cluster import LocalCluster, shared_process_heartbeat_budget
 
 TOPIC = "/bench/broadcast"
 
@@ -50,7 +50,13 @@ def main() -> int:
 
     arrivals: dict[str, float] = {}
     lock = threading.Lock()
-    with tempfile.TemporaryDirectory() as tmp, LocalCluster(Path(tmp)) as cluster:
+    # The nodes' heartbeats are the background gossip; scaled as for every simulation
+    # in one process (see shared_process_heartbeat_budget).
+    budget = shared_process_heartbeat_budget(args.nodes)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalCluster(Path(tmp), heartbeat_budget_per_s=budget) as cluster,
+    ):
         nodes = cluster.start(args.nodes)
         cluster.wait_linked()
         probes = [n.system.spawn(Probe, arrivals, lock) for n in nodes if n.system is not None]

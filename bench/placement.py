@@ -38,7 +38,11 @@ from dms.actor import ROOT_INBOX, Address, Handle
 from dms.jobs.spec import DeploymentSpec
 from dms.resources import Resources
 from dms.security.identity import public_key_from_peer_id
-from dms.sim.cluster import LocalCluster
+from dms.sim.cluster import (
+    SHARED_PROCESS_HEARTBEATS_PER_S,
+    LocalCluster,
+    shared_process_heartbeat_budget,
+)
 
 TERMINAL = ("completed", "failed", "shutdown")
 
@@ -95,7 +99,7 @@ def main() -> int:
     parser.add_argument(
         "--heartbeat-budget",
         type=float,
-        default=60.0,
+        default=SHARED_PROCESS_HEARTBEATS_PER_S,
         help="gossip heartbeats/s received by all simulated nodes together",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON line")
@@ -103,11 +107,8 @@ def main() -> int:
 
     from dms.orchestrator.store import DeploymentStore
 
-    # All N nodes share this one process (and its GIL): py-libp2p spends a few ms of
-    # CPU on every gossip message each node receives, so the heartbeat budget is set
-    # to keep the whole simulation's gossip under about half a core. Real nodes each
-    # have their own machine and keep the default budget.
-    budget = min(10.0, args.heartbeat_budget * 1.0 / args.nodes)
+    # All N nodes share this one process (and its GIL): see shared_process_heartbeat_budget.
+    budget = shared_process_heartbeat_budget(args.nodes, args.heartbeat_budget)
     root = Path(tempfile.mkdtemp(prefix="dms-placement-"))
     with LocalCluster(root, heartbeat_s=2.0, heartbeat_budget_per_s=budget) as c:
         say(f"starting {args.nodes} nodes")

@@ -18,6 +18,22 @@ from dms.node.daemon import Node, network_settings
 from dms.security import Identity
 
 LOOPBACK_LISTEN = "/ip4/127.0.0.1/tcp/0"
+# Gossip heartbeats a second that all nodes of one process receive together.
+SHARED_PROCESS_HEARTBEATS_PER_S = 60.0
+
+
+def shared_process_heartbeat_budget(
+    nodes: int, received_per_s: float = SHARED_PROCESS_HEARTBEATS_PER_S
+) -> float:
+    """The ``heartbeat_budget_per_s`` for ``nodes`` simulated in one process.
+
+    Every node receives every heartbeat, so N nodes in one process (and one GIL)
+    do N times the gossip work of one real node: py-libp2p spends ~1.7 ms of CPU
+    on each message received. The budget is scaled so the whole simulation
+    receives about ``received_per_s`` heartbeats a second (~10-20 % of a core),
+    never more than a real node's default of 10 sent a second network-wide.
+    """
+    return min(10.0, received_per_s / max(1, nodes))
 
 
 class LocalCluster:

@@ -141,7 +141,12 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, LocalCluster(Path(tmp)) as cluster:
+    # Each node on a trio thread of its own, as in production (one node per process)
+    # and as the raw pair runs.
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalCluster(Path(tmp), shared_loop=False) as cluster,
+    ):
         caller_node, callee_node = cluster.start(2)
         cluster.wait_linked()
         assert caller_node.node is not None and callee_node.system is not None

@@ -136,6 +136,47 @@ def envelope_is_valid(
     return True
 
 
+class SharedLoop:
+    """One trio event loop, on one thread, that several transports' hosts run in.
+
+    A process normally runs one node, and its host has a trio thread of its own.
+    A simulation runs N nodes in one process; with a thread each, every frame
+    between two of them crosses threads and waits for the GIL, a cost no real
+    deployment pays. ``LocalCluster`` therefore runs its hosts as tasks of one
+    loop: still N hosts with their own keys, sockets, Noise and Yamux sessions.
+    """
+
+    def __init__(self, name: str = "dms-libp2p-shared") -> None:
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stop: trio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), name=name, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT_S):
+            raise NetworkError("the shared trio loop did not start")
+        self.ident = self._thread.ident
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._ready.set()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        assert self._token is not None and self._nursery is not None
+        self._token.run_sync_soon(self._nursery.start_soon, fn)
+
+    def close(self) -> None:
+        if self._token is not None and self._stop is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._stop.set)
+        self._thread.join(10.0)
+
+
 class Libp2pTransport:
     """A :class:`dms.actor.Transport` over py-libp2p, plus the peer operations a node offers."""
 
@@ -147,6 +188,7 @@ class Libp2pTransport:
         known_addrs: list[str] | None = None,
         max_ttl_s: float = 3600.0,
         clock_skew_s: float = 60.0,
+        loop: SharedLoop | None = None,
     ) -> None:
         self.identity = identity
         self.settings = settings or NetworkSettings()
@@ -155,9 +197,11 @@ class Libp2pTransport:
         self._clock_skew_s = clock_skew_s
         self._receiver: Receiver | None = None
         self._undeliverable: Undeliverable | None = None
+        self._loop = loop
         self._thread: threading.Thread | None = None
         self._thread_ident: int | None = None
         self._ready = threading.Event()
+        self._done = threading.Event()
         self._error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
@@ -184,10 +228,14 @@ class Libp2pTransport:
         """Start the host and return once it listens; ``NetworkError`` if it cannot."""
         self._receiver = receiver
         self._undeliverable = undeliverable
-        self._thread = threading.Thread(
-            target=self._run, name=f"dms-libp2p-{self.peer_id[-6:]}", daemon=True
-        )
-        self._thread.start()
+        if self._loop is not None:
+            self._thread_ident = self._loop.ident
+            self._loop.spawn(self._run_in_loop)
+        else:
+            self._thread = threading.Thread(
+                target=self._run, name=f"dms-libp2p-{self.peer_id[-6:]}", daemon=True
+            )
+            self._thread.start()
         if not self._ready.wait(START_TIMEOUT_S):
             raise NetworkError("the libp2p host did not start within 30 s")
         if self._error is not None:
@@ -252,6 +300,8 @@ class Libp2pTransport:
                 self._token.run_sync_soon(self._stop.set)
         if self._thread is not None:
             self._thread.join(10.0)
+        elif self._loop is not None:
+            self._done.wait(10.0)
 
     # ---- peer operations (any thread) -------------------------------------------
 
@@ -322,6 +372,20 @@ class Libp2pTransport:
             self._error = _root_cause(exc)
         finally:
             self._ready.set()
+            self._done.set()
+
+    async def _run_in_loop(self) -> None:
+        """``_main`` as a task of a shared loop: its failure ends this host only."""
+        try:
+            await self._main()
+        except trio.Cancelled:
+            raise
+        except BaseException as exc:
+            log.debug("libp2p host ended", exc_info=True)
+            self._error = _root_cause(exc)
+        finally:
+            self._ready.set()
+            self._done.set()
 
     async def _main(self) -> None:
         self._token = trio.lowlevel.current_trio_token()

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from dms import __version__
 from dms.actor import ROOT_INBOX, ActorRef, ActorSystem, Limits
 from dms.config import Settings
-from dms.network.host import Libp2pTransport, NetworkError
+from dms.network.host import Libp2pTransport, NetworkError, SharedLoop
 from dms.network.peerbook import PeerBook
 from dms.network.peertable import PeerTable
 from dms.network.settings import NetworkSettings
@@ -72,8 +72,10 @@ class Node:
         *,
         api_port: int | None = None,
         db: Database | None = None,
+        loop: SharedLoop | None = None,
     ) -> None:
         self.settings = settings
+        self._loop = loop
         self.identity = identity
         self.network_settings = network
         self.api_port = settings.api_port if api_port is None else api_port
@@ -103,6 +105,7 @@ class Node:
                 known_addrs=peerbook.dial_addrs(),
                 max_ttl_s=self.settings.max_ttl_s,
                 clock_skew_s=self.settings.clock_skew_s,
+                loop=self._loop,
             )
             trust = TrustStore.for_context(home, NODE_KEY)
             self.system = ActorSystem(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dms.config import load_settings
+from dms.network.host import SharedLoop
 from dms.network.settings import NetworkSettings
 from dms.node.daemon import Node, network_settings
 from dms.security import Identity
@@ -37,8 +38,19 @@ def shared_process_heartbeat_budget(
 
 
 class LocalCluster:
-    def __init__(self, root: Path, *, serve_api: bool = False, seed: int = 0, **settings: Any):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        serve_api: bool = False,
+        seed: int = 0,
+        shared_loop: bool = True,
+        **settings: Any,
+    ):
         self.root = Path(root)
+        # One trio loop for every host (see SharedLoop), made when the first node starts.
+        self._shared = shared_loop
+        self._loop: SharedLoop | None = None
         self.serve_api = serve_api
         self.settings = settings
         self.nodes: list[Node] = []
@@ -87,13 +99,20 @@ class LocalCluster:
     def stop(self) -> None:
         for node in reversed(self.nodes):
             node.stop()
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
 
     def _start(self, name: str, identity: Identity, bootstrap: list[str]) -> Node:
         settings = load_settings(home=self.root / name, api_port=0, **self.settings)
         network: NetworkSettings = network_settings(
             settings, listen=[LOOPBACK_LISTEN], bootstrap=bootstrap
         )
-        return Node(settings, identity, network, api_port=0).start(serve_api=self.serve_api)
+        if self._shared and self._loop is None:
+            self._loop = SharedLoop()
+        return Node(settings, identity, network, api_port=0, loop=self._loop).start(
+            serve_api=self.serve_api
+        )
 
     def __enter__(self) -> LocalCluster:
         return self

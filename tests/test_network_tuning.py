@@ -126,3 +126,33 @@ def test_gossip_sender_records_are_checked_once_and_delivery_is_unchanged(
     # 20 messages reach 3 peers, each RPC with a signed record: verified once per
     # (receiving host, sender) pair, not once per RPC.
     assert len(checks) <= 12
+
+
+def test_a_subscription_is_announced_again_for_peers_that_missed_it(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.pubsub import Pubsub
+
+    a, b = cluster.start(2)
+    cluster.wait_linked()
+    announced: list[str] = []
+    original = Pubsub.message_all_peers
+
+    async def counted(self: Pubsub, raw: bytes, announce: Any = None) -> None:
+        rpc = rpc_pb2.RPC.FromString(raw)
+        announced.extend(s.topicid for s in rpc.subscriptions if s.subscribe)
+        await original(self, raw, announce)
+
+    monkeypatch.setattr(Pubsub, "message_all_peers", counted)
+    assert a.system is not None and b.system is not None
+    heard: list[Any] = []
+    a.system.spawn(Listener, heard)
+    # Once when subscribing (py-libp2p), then again (a peer whose pubsub stream was
+    # still opening would otherwise never learn of it).
+    wait_for(lambda: announced.count(TOPIC) >= 3, timeout=10, what="announcements")
+    b.system.spawn(Listener, [])
+    assert b.node is not None
+    wait_for(lambda: b.transport is not None and b.transport.mesh_peers(TOPIC), what="mesh")
+    b.node.publish(TOPIC, "/test/tuning", {"i": 1})
+    wait_for(lambda: heard == [{"i": 1}], what="delivery")

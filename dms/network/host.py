@@ -55,6 +55,8 @@ from dms.security.identity import Identity
 log = logging.getLogger("dms.network")
 
 ACTOR_PROTOCOL = TProtocol("/dms/actor/1.0.0")
+# Seconds after a subscription at which it is announced again (see _announce_again).
+ANNOUNCE_AGAIN_S = (1.0, 4.0)
 START_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
@@ -647,6 +649,29 @@ class Libp2pTransport:
                     self._deliver(msg.data, ID(msg.from_id).to_base58())
 
         self._nursery.start_soon(pump)
+        self._nursery.start_soon(self._announce_again, topic)
+
+    async def _announce_again(self, topic: str) -> None:
+        """Send our subscription to every peer again, a little later.
+
+        py-libp2p announces a subscription only to peers whose outbound queue
+        exists at that moment; a peer whose pubsub stream is still being set up
+        gets neither the announcement nor (its hello having gone out already)
+        the topic later, and the two never learn of each other on that topic
+        (seen in bench/broadcast.py: a node cut off from a topic for minutes).
+        Subscribing twice is harmless to a peer, so repeating the announcement
+        closes the window."""
+        assert self._pubsub is not None
+        for delay in ANNOUNCE_AGAIN_S:
+            await trio.sleep(delay)
+            if topic not in self._topics:
+                return
+            try:
+                packet, subopt = self._pubsub._build_announce_rpc(topic, subscribe=True)
+                await self._pubsub.message_all_peers(packet.SerializeToString(), announce=subopt)
+            except Exception as exc:  # a py-libp2p without these: the first announcement stands
+                log.debug("subscription to %s not announced again: %s", topic, _why(exc))
+                return
 
     async def _unsubscribe(self, topic: str) -> None:
         scope = self._topics.pop(topic, None)

@@ -1,5 +1,10 @@
 """Decentralized placement on N real nodes (libp2p on loopback, one process).
 
+The nodes are ``LocalCluster``'s: N hosts with their own keys, listeners, Noise
+and Yamux sessions, run as tasks of one trio loop, and heartbeats scaled to the
+process (``shared_process_heartbeat_budget``); see specs/network.md and
+specs/node.md for why a simulation runs that way.
+
 One node requests; every other node is onboarded and bids. M single-allocation
 deployments (a ``compute`` allocation that returns at once) are placed one
 after another, then all at once. Figures:

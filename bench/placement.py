@@ -130,8 +130,16 @@ def main() -> int:
             if len([r for r in known if r.heartbeat.onboarded.get("cpu")]) >= args.nodes - 1:
                 break
             time.sleep(0.1)
-
-        say("peers table complete")
+        # Steady state: every node has heard every other, so none is still in the fast
+        # heartbeats of a node that has just joined (they would load the run, not the
+        # placements). Bounded: after 60 s more the run goes on regardless.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if all(len(n.peer_table.alive()) >= args.nodes - 1 for n in nodes):
+                break
+            time.sleep(0.1)
+        settled = all(len(n.peer_table.alive()) >= args.nodes - 1 for n in nodes)
+        say(f"peers table complete; every table complete: {settled}")
         # Floor: one signed invoke round trip to a provider.
         target = Handle(
             id=public_key_from_peer_id(nodes[1].peer_id),

@@ -115,3 +115,19 @@ def test_peer_without_a_known_address_is_found_through_the_dht(cluster: LocalClu
     assert reply["peer_id"] == c.peer_id
     scores = root(a).ask(root(a).handle, "/dms/node/peers/score")
     assert {s["peer_id"] for s in scores} >= {b.peer_id, c.peer_id}
+
+
+def test_a_peer_known_only_by_its_heartbeat_addresses_can_be_dialed(
+    cluster: LocalCluster,
+) -> None:
+    a = cluster.add(bootstrap=[])
+    b = cluster.add(bootstrap=[])
+    assert a.transport is not None and b.transport is not None
+    with pytest.raises(RemoteError) as caught:  # no connection, no address, no DHT peer
+        root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=10)
+    assert caught.value.code == "unreachable"
+    # What a heartbeat carries: b's own addresses, plus one naming another peer,
+    # which must not be filed under b.
+    a.transport.learn_addrs(b.peer_id, [*b.addrs(), f"/ip4/10.9.9.9/tcp/1/p2p/{a.peer_id}"])
+    reply = root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=10)
+    assert reply["peer_id"] == b.peer_id

@@ -55,6 +55,8 @@ from dms.security.identity import Identity
 log = logging.getLogger("dms.network")
 
 ACTOR_PROTOCOL = TProtocol("/dms/actor/1.0.0")
+# How long addresses learnt from a heartbeat stay in the peerstore.
+LEARNED_ADDR_TTL_S = 600
 # Seconds after a subscription at which it is announced again (see _announce_again).
 ANNOUNCE_AGAIN_S = (1.0, 4.0)
 START_TIMEOUT_S = 30.0
@@ -316,6 +318,36 @@ class Libp2pTransport:
             text = str(addr)
             out.append(text if text.endswith(suffix) else text + suffix)
         return out
+
+    def learn_addrs(self, peer_id: str, addrs: list[str]) -> None:
+        """Remember where ``peer_id`` listens (from its signed heartbeat), so a request
+        to a peer known only through gossip can dial it; never blocks. Addresses that
+        name another peer, or do not parse, are ignored."""
+        if self._token is None or self._stopped or peer_id == self.peer_id:
+            return
+        suffix = f"/p2p/{peer_id}"
+        parsed = []
+        for text in addrs:
+            if "/p2p/" in text and not text.endswith(suffix):
+                continue
+            try:
+                parsed.append(parse_multiaddr(text.removesuffix(suffix)))
+            except ValueError:
+                continue
+        if parsed:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._add_addrs, peer_id, parsed)
+
+    def _add_addrs(self, peer_id: str, addrs: list[Any]) -> None:
+        # Runs as a trio callback: an exception here would end the host.
+        try:
+            if self._host is None:
+                return
+            pid = _peer(peer_id)
+            if not _has_addrs(self._host, pid):
+                self._host.get_peerstore().add_addrs(pid, addrs, LEARNED_ADDR_TTL_S)
+        except Exception as exc:
+            log.debug("addresses of %s not kept: %s", peer_id, _why(exc))
 
     def connect(self, multiaddr: str) -> str:
         """Dial a ``.../p2p/<peer id>`` address; return the peer id."""

@@ -43,6 +43,8 @@ class Heartbeat(BaseModel):
     scores: dict[str, float] = Field(default_factory=dict)
     labels: list[str] = Field(default_factory=list, max_length=64)
     leaving: bool = False
+    # The sender's listen multiaddrs: a peer heard only through gossip can be dialed.
+    addrs: list[str] = Field(default_factory=list, max_length=16)
 
 
 @dataclass

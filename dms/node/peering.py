@@ -83,10 +83,20 @@ class PeeringBehaviours(NodeBase):
             else 0.0,
             "leaving": leaving,
             "labels": self.services.labels,
+            "addrs": self._listen_addrs(),
         }
         beat.update(self.resource_summary())
         self._beats += 1
         return beat
+
+    def _listen_addrs(self) -> list[str]:
+        network = self.services.network
+        if network is None:
+            return []
+        try:
+            return network.addrs()[:16]
+        except Exception:  # a host still starting or stopping: the next beat has them
+            return []
 
     def _heartbeat(self) -> None:
         try:
@@ -115,7 +125,10 @@ class PeeringBehaviours(NodeBase):
             return
         if sender.address.host != peer_id:
             raise Refusal(ErrorCode.WRONG_SIGNER, "a heartbeat must come from a node's root")
-        event = self.peer_table.observe(peer_id, sender.did, request.payload)
+        beat: Heartbeat = request.payload
+        event = self.peer_table.observe(peer_id, sender.did, beat)
+        if beat.addrs and self.services.network is not None:
+            self.services.network.learn_addrs(peer_id, beat.addrs)
         if event != "alive":
             log.info("peer %s %s", peer_id, event)
 

@@ -399,17 +399,11 @@ class Libp2pTransport:
 
     def _run(self) -> None:
         self._thread_ident = threading.get_ident()
-        try:
-            trio.run(self._main)
-        except BaseException as exc:
-            log.debug("libp2p host ended", exc_info=True)
-            self._error = _root_cause(exc)
-        finally:
-            self._ready.set()
-            self._done.set()
+        trio.run(self._run_in_loop)
 
     async def _run_in_loop(self) -> None:
-        """``_main`` as a task of a shared loop: its failure ends this host only."""
+        """``_main`` in its loop (its own, or a shared one): a failure ends this host
+        only, and is kept for ``start`` to report."""
         try:
             await self._main()
         except trio.Cancelled:

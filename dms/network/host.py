@@ -57,8 +57,6 @@ log = logging.getLogger("dms.network")
 ACTOR_PROTOCOL = TProtocol("/dms/actor/1.0.0")
 # How long addresses learnt from a heartbeat stay in the peerstore.
 LEARNED_ADDR_TTL_S = 600
-# Seconds after a subscription at which it is announced again (see _announce_again).
-ANNOUNCE_AGAIN_S = (1.0, 4.0)
 START_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
@@ -454,6 +452,7 @@ class Libp2pTransport:
             heartbeat_interval=gossip.heartbeat_s,  # type: ignore[arg-type]
             heartbeat_initial_delay=0.1,
             max_messages_per_topic_per_second=gossip.max_messages_per_topic_per_s,
+            adaptive_gossip_enabled=False,
         )
         # Our envelopes are signed and the validator checks them (and that the sender is
         # the publishing host): a second libp2p signature per message only costs CPU.
@@ -524,7 +523,9 @@ class Libp2pTransport:
 
     def _on_connected(self, pid: ID) -> None:
         if self._dht is not None and self._nursery is not None:
-            self._nursery.start_soon(self._add_to_dht, pid)
+            # A connection can complete while the host shuts down (nursery closed).
+            with contextlib.suppress(RuntimeError):
+                self._nursery.start_soon(self._add_to_dht, pid)
 
     async def _add_to_dht(self, pid: ID) -> None:
         await trio.sleep(0.5)  # after identify, so the peer's listen addresses are known
@@ -675,29 +676,6 @@ class Libp2pTransport:
                     self._deliver(msg.data, ID(msg.from_id).to_base58())
 
         self._nursery.start_soon(pump)
-        self._nursery.start_soon(self._announce_again, topic)
-
-    async def _announce_again(self, topic: str) -> None:
-        """Send our subscription to every peer again, a little later.
-
-        py-libp2p announces a subscription only to peers whose outbound queue
-        exists at that moment; a peer whose pubsub stream is still being set up
-        gets neither the announcement nor (its hello having gone out already)
-        the topic later, and the two never learn of each other on that topic
-        (seen in bench/broadcast.py: a node cut off from a topic for minutes).
-        Subscribing twice is harmless to a peer, so repeating the announcement
-        closes the window."""
-        assert self._pubsub is not None
-        for delay in ANNOUNCE_AGAIN_S:
-            await trio.sleep(delay)
-            if topic not in self._topics:
-                return
-            try:
-                packet, subopt = self._pubsub._build_announce_rpc(topic, subscribe=True)
-                await self._pubsub.message_all_peers(packet.SerializeToString(), announce=subopt)
-            except Exception as exc:  # a py-libp2p without these: the first announcement stands
-                log.debug("subscription to %s not announced again: %s", topic, _why(exc))
-                return
 
     async def _unsubscribe(self, topic: str) -> None:
         scope = self._topics.pop(topic, None)

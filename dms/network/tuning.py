@@ -1,7 +1,8 @@
-"""Process-wide corrections to py-libp2p's per-message costs.
+"""Process-wide corrections to py-libp2p's per-message costs and gossip races.
 
 py-libp2p (0.8) does work on every message that its specs do not ask for, and
-a node pays it on every frame it reads. Two corrections, each applied once per
+a node pays it on every frame it reads; its gossipsub also departs from the
+spec in three ways that cost messages. Five corrections, each applied once per
 process by :func:`apply_libp2p_tuning` and each skipped, with a log line, when
 the library no longer has the shape it was written against:
 
@@ -23,6 +24,31 @@ the library no longer has the shape it was written against:
 
 Measured with an idle 50-node cluster in one process (``bench/placement.py``'s
 settings): 4.0 ms of CPU per gossip message received before, 1.7 ms after.
+
+- **A pruner backs off too** (gossipsub v1.1 spec, go-libp2p). When a mesh is
+  over ``degree_high`` the heartbeat PRUNEs peers but, unlike go-libp2p, records
+  no backoff for them, so a later heartbeat may GRAFT the same peer again; the
+  pruned peer (which did record one) calls that a GRAFT flood, penalises the
+  pruner and PRUNEs it back. On a well-connected node this churned every mesh
+  (hundreds of "GRAFT flood" warnings a minute in a 20-node cluster, broadcast
+  p95 tripled). The heartbeat's prunes now record the backoff, as the spec says.
+- **No opportunistic grafting without peer scoring** (go-libp2p semantics).
+  It exists to replace poorly scoring mesh peers; go-libp2p runs it only with
+  score parameters set, every 60th heartbeat, when the mesh's median score is
+  under a threshold. py-libp2p runs it on every heartbeat of every topic and,
+  with no score parameters (ours: envelopes are signed and checked, which is
+  our defence), grafts peers whenever scores differ at all. Every heartbeat
+  then pushed meshes past ``degree_high``; the prunes that followed put, within
+  a minute, nearly every pair of a 20-node cluster in backoff, and meshes fell
+  apart (nodes with no mesh peer, heartbeats not reaching whole groups).
+- **Subscriptions repeated to every new pubsub stream.** A node tells a peer
+  its topics once, in the hello on its own stream to that peer, and later
+  subscriptions only to peers whose outbound queue exists at that moment. A
+  subscription made while a peer is being registered reaches it by neither
+  path, and a peer that re-opens its stream to us (after its old one died) has
+  forgotten our topics, while our stream to it, still open, will not say them
+  again. Either way the two never meet on the topic. So whenever a peer opens a
+  pubsub stream to us, we send it our current topics once we can write to it.
 """
 
 from __future__ import annotations
@@ -38,6 +64,8 @@ log = logging.getLogger("dms.network")
 
 SENDER_RECORD_MEMO = 4096
 SENDER_RECORD_REFRESH_S = 600.0
+# How long a new pubsub stream's peer may take to become writable for us.
+SUBSCRIPTION_REPEAT_WAIT_S = 30.0
 
 _applied = False
 _lock = threading.Lock()
@@ -52,6 +80,9 @@ def apply_libp2p_tuning() -> None:
         _applied = True
         _batch_yamux_window_updates()
         _memoize_sender_records()
+        _back_off_pruned_peers()
+        _no_opportunistic_grafting()
+        _repeat_subscriptions_to_new_streams()
 
 
 def _batch_yamux_window_updates() -> None:
@@ -118,3 +149,62 @@ def _memoize_sender_records() -> None:
 
     for module in modules:
         module.maybe_consume_signed_record = consume_once
+
+
+def _back_off_pruned_peers() -> None:
+    from libp2p.pubsub.gossipsub import GossipSub
+
+    if not all(hasattr(GossipSub, n) for n in ("mesh_heartbeat", "_add_back_off")):
+        log.info("py-libp2p's gossipsub changed shape; its heartbeat prunes are left as they are")
+        return
+    mesh_heartbeat = GossipSub.mesh_heartbeat
+
+    def mesh_heartbeat_with_backoff(self: Any) -> Any:
+        to_graft, to_prune = mesh_heartbeat(self)
+        for peer, topics in to_prune.items():
+            for topic in topics:
+                self._add_back_off(peer, topic, False)
+        return to_graft, to_prune
+
+    GossipSub.mesh_heartbeat = mesh_heartbeat_with_backoff
+
+
+def _no_opportunistic_grafting() -> None:
+    from libp2p.pubsub.gossipsub import GossipSub
+
+    if not hasattr(GossipSub, "_perform_opportunistic_grafting"):
+        log.info("py-libp2p's gossipsub changed shape; opportunistic grafting left as it is")
+        return
+
+    def no_grafting(self: Any, topic: str, peers_to_graft: Any) -> int:
+        return 0
+
+    GossipSub._perform_opportunistic_grafting = no_grafting
+
+
+def _repeat_subscriptions_to_new_streams() -> None:
+    from libp2p.pubsub.pubsub import Pubsub
+
+    needed = ("continuously_read_stream", "wait_for_peer", "get_hello_packet")
+    if not all(hasattr(Pubsub, n) for n in needed):
+        log.info("py-libp2p's pubsub changed shape; subscriptions are announced as before")
+        return
+    read_stream = Pubsub.continuously_read_stream
+
+    async def tell_topics_when_writable(self: Any, peer_id: Any) -> None:
+        try:
+            await self.wait_for_peer(peer_id, SUBSCRIPTION_REPEAT_WAIT_S)
+        except Exception:  # never registered (gone, or refused): nothing to repeat to
+            return
+        queue = getattr(self, "peer_queues", {}).get(peer_id)
+        if queue is None or not self.topic_ids:
+            return
+        if not queue.push(self.get_hello_packet()):
+            log.debug("subscriptions not repeated to %s: its queue is full", peer_id)
+
+    async def read_stream_and_tell_topics(self: Any, stream: Any) -> None:
+        if self.manager.is_running:
+            self.manager.run_task(tell_topics_when_writable, self, stream.muxed_conn.peer_id)
+        await read_stream(self, stream)
+
+    Pubsub.continuously_read_stream = read_stream_and_tell_topics

@@ -1,11 +1,13 @@
 """One gossip broadcast to N real dms nodes on loopback: who got it, and how fast.
 
 N nodes start in this process, each bootstrapping from up to three running
-ones (a connected, sparse graph, as a real network is). Once every node's
-peers table holds every other node (start-up is over) and its gossipsub mesh
-has formed (``mesh_ready_s`` from the probes' start; at most 30 s more for the
-mesh, then the broadcast goes anyway), one node publishes a signed envelope on a topic
-every node's probe actor subscribes to; each probe notes when its actor ran
+ones; as real nodes do, they then dial the peers whose heartbeats name their
+addresses, up to the connection manager's minimum. Once start-up is over
+(``LocalCluster.wait_settled``: every peers table complete, connections
+stable) and every gossipsub mesh has formed (``mesh_ready_s`` from the probes'
+start; at most 30 s more for the mesh, then the broadcast goes anyway), one
+node publishes a signed envelope on a topic every node's probe actor subscribes
+to; each probe notes when its actor ran
 the behaviour. Latency is publish-call to handler, per receiving node.
 Prints one JSON line with --json.
 """
@@ -63,13 +65,9 @@ def main() -> int:
         cluster.wait_linked()
         probes = [n.system.spawn(Probe, arrivals, lock) for n in nodes if n.system is not None]
         mesh_started = time.perf_counter()
-        # Steady state first: every node has heard every other's heartbeat, so the
-        # start-up burst (fast first heartbeats, identify, DHT) is over.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if all(len(n.peer_table.alive()) >= len(nodes) - 1 for n in nodes):
-                break
-            time.sleep(0.1)
+        # Steady state first (LocalCluster.wait_settled): start-up's fast heartbeats
+        # and dials are over.
+        cluster.wait_settled(timeout=60)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             ready = all(

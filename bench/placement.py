@@ -130,16 +130,10 @@ def main() -> int:
             if len([r for r in known if r.heartbeat.onboarded.get("cpu")]) >= args.nodes - 1:
                 break
             time.sleep(0.1)
-        # Steady state: every node has heard every other, so none is still in the fast
-        # heartbeats of a node that has just joined (they would load the run, not the
-        # placements). Bounded: after 60 s more the run goes on regardless.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if all(len(n.peer_table.alive()) >= args.nodes - 1 for n in nodes):
-                break
-            time.sleep(0.1)
-        settled = all(len(n.peer_table.alive()) >= args.nodes - 1 for n in nodes)
-        say(f"peers table complete; every table complete: {settled}")
+        # Steady state (LocalCluster.wait_settled): start-up's fast heartbeats and
+        # dials would load the run, not the placements. After 60 s it goes on anyway.
+        settled = c.wait_settled(timeout=60)
+        say(f"peers table complete; start-up settled: {settled}")
         # Floor: one signed invoke round trip to a provider.
         target = Handle(
             id=public_key_from_peer_id(nodes[1].peer_id),

@@ -55,6 +55,8 @@ def test_five_nodes_see_each_other_and_notice_stops_and_restarts(
     record = nodes[0].peer_table.get(nodes[1].peer_id)
     assert record is not None and record.heartbeat is not None
     assert record.heartbeat.deadline_s == 3 * INTERVAL and record.did == nodes[1].identity.did
+    # It says where it listens, so a peer that only heard it can dial it.
+    assert record.heartbeat.addrs == nodes[1].addrs()
 
     # A crashed node (no goodbye) is marked gone by its deadline.
     crashed = nodes[4]

@@ -83,10 +83,20 @@ class PeeringBehaviours(NodeBase):
             else 0.0,
             "leaving": leaving,
             "labels": self.services.labels,
+            "addrs": self._listen_addrs(),
         }
         beat.update(self.resource_summary())
         self._beats += 1
         return beat
+
+    def _listen_addrs(self) -> list[str]:
+        network = self.services.network
+        if network is None:
+            return []
+        try:
+            return network.addrs()[:16]
+        except Exception:  # a host still starting or stopping: the next beat has them
+            return []
 
     def _heartbeat(self) -> None:
         try:

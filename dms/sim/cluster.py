@@ -85,6 +85,36 @@ class LocalCluster:
             time.sleep(0.05)
         raise TimeoutError(f"nodes not linked within {timeout:g} s")
 
+    def wait_settled(self, timeout: float = 60.0, quiet_s: float = 2.0) -> bool:
+        """Wait for the end of start-up; return whether it ended within ``timeout``.
+
+        Start-up is over when every node's peers table holds every other node
+        (so none is still in a newcomer's fast heartbeats), every node holds as
+        many connections as its connection manager wants (``min_connections``,
+        or every other node in a smaller cluster: it dials the peers whose
+        heartbeats named their addresses, in waves about 10 s apart, each dial
+        a Noise handshake), and no count has changed for ``quiet_s``. A burst
+        of dials or fast heartbeats would load whatever is measured next.
+        """
+        deadline = time.monotonic() + timeout
+        last: list[int] | None = None
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            running = [n for n in self.nodes if n.transport is not None]
+            others = len(running) - 1
+            tables = all(len(n.peer_table.alive()) >= others for n in running)
+            counts = [len(n.transport.peers()) for n in running if n.transport is not None]
+            wanted = all(
+                c >= min(n.network_settings.min_connections, others)
+                for n, c in zip(running, counts, strict=True)
+            )
+            if counts != last:
+                last, quiet_since = counts, time.monotonic()
+            elif tables and wanted and time.monotonic() - quiet_since >= quiet_s:
+                return True
+            time.sleep(0.2)
+        return False
+
     def restart(self, node: Node) -> Node:
         """Stop ``node`` and start it again from the same home and key."""
         name = node.settings.home.name

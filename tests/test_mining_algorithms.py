@@ -53,14 +53,16 @@ def test_skmeans_with_kmeanspp_matches_plain(scheme: str) -> None:
 
 @pytest.mark.parametrize("scheme", ["ckks", "liu"])
 def test_dbskmeans_agrees_with_kmeans_on_iris(scheme: str) -> None:
-    # The OPE keys are random; the median over runs is the figure to hold.
+    # The OPE keys are random; the median over runs is the figure to hold. About one
+    # CKKS run in five ends in the two-cluster optimum (ARI ~0.5), so a median over 5
+    # runs missed about one time in ten; over 31 it misses about one in a thousand.
     plain = run_clustering("kmeans", IRIS, 3, init="kmeans++", seed=0)
     aris = [
         adjusted_rand_index(
             run_clustering("dbskmeans", IRIS, 3, scheme=scheme, init="kmeans++", seed=0).labels,
             plain.labels,
         )
-        for _ in range(5)
+        for _ in range(31)
     ]
     assert float(np.median(aris)) >= 0.9
 

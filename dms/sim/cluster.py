@@ -100,13 +100,13 @@ class LocalCluster:
         last: list[int] | None = None
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
-            running = [n for n in self.nodes if n.transport is not None]
+            running = [(n, n.transport) for n in self.nodes if n.transport is not None]
             others = len(running) - 1
-            tables = all(len(n.peer_table.alive()) >= others for n in running)
-            counts = [len(n.transport.peers()) for n in running if n.transport is not None]
+            tables = all(len(n.peer_table.alive()) >= others for n, _ in running)
+            counts = [len(transport.peers()) for _, transport in running]
             wanted = all(
-                c >= min(n.network_settings.min_connections, others)
-                for n, c in zip(running, counts, strict=True)
+                count >= min(n.network_settings.min_connections, others)
+                for (n, _), count in zip(running, counts, strict=True)
             )
             if counts != last:
                 last, quiet_since = counts, time.monotonic()

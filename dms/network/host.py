@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,6 +47,7 @@ from dms.actor.codes import Refusal, Unreachable
 from dms.actor.envelope import check_time, now_ns, unseal, verify
 from dms.actor.transport import Receiver, Undeliverable
 from dms.network.frames import PREFIX, FrameError, FrameReader, encode_frame
+from dms.network.outbox import Outbox
 from dms.network.settings import NetworkSettings, parse_multiaddr
 from dms.network.tuning import apply_libp2p_tuning
 from dms.security.identity import Identity
@@ -68,7 +68,7 @@ class NetworkError(Exception):
 
 @dataclass
 class _Outbound:
-    """One reused stream to a peer and the queue its writer task drains.
+    """One reused stream to a peer and the frames its writer task drains.
 
     The writer coalesces whatever frames are queued into one stream write, so
     a burst of sends costs one Yamux frame and one Noise message, not one each.
@@ -76,15 +76,17 @@ class _Outbound:
 
     peer_id: str
     stream: INetStream
-    queue: trio.MemorySendChannel[bytes]
-    pending: trio.MemoryReceiveChannel[bytes]
-    closed: bool = False
+    outbox: Outbox
+
+    @property
+    def closed(self) -> bool:
+        return self.outbox.closed
 
     @property
     def usable(self) -> bool:
         """Open, and its connection not closed under it (the peer stopped or restarted)."""
         conn = self.stream.muxed_conn
-        return not self.closed and not getattr(conn, "is_closed", False)
+        return not self.outbox.closed and not getattr(conn, "is_closed", False)
 
 
 class _ConnectionEvents(INotifee):
@@ -263,13 +265,14 @@ class Libp2pTransport:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._send_or_report, peer_id, data)
             return
+        # The common case needs no trip through trio's entry queue: the writer task
+        # wakes on the outbox's descriptor.
+        if outbound is not None and outbound.usable and outbound.outbox.put(data):
+            return
         if self._token is None:
             raise Unreachable("the network is stopped")
         try:
-            if outbound is not None and outbound.usable:
-                self._token.run_sync_soon(self._enqueue, outbound, data)
-            else:
-                self._token.run_sync_soon(self._start_send, peer_id, data)
+            self._token.run_sync_soon(self._start_send, peer_id, data)
         except trio.RunFinishedError:
             raise Unreachable("the network is stopped") from None
 
@@ -546,8 +549,9 @@ class Libp2pTransport:
                 self._close(outbound)
             assert self._nursery is not None
             self._nursery.start_soon(self._send_or_report, outbound.peer_id, data)
-        else:
-            outbound.queue.send_nowait(data)
+        elif not outbound.outbox.put(data):
+            assert self._nursery is not None
+            self._nursery.start_soon(self._send_or_report, outbound.peer_id, data)
 
     async def _send(self, peer_id: str, data: bytes) -> None:
         outbound = await self._outbound_to(peer_id)
@@ -596,8 +600,7 @@ class Libp2pTransport:
                     raise
                 except Exception as exc:
                     raise NetworkError(f"peer {peer_id} is unreachable: {_why(exc)}") from None
-                queue, pending = trio.open_memory_channel[bytes](math.inf)
-                outbound = _Outbound(peer_id, stream, queue, pending)
+                outbound = _Outbound(peer_id, stream, Outbox())
                 self._outbound[peer_id] = outbound
                 self._nursery.start_soon(self._write_loop, outbound)
                 return outbound
@@ -607,27 +610,29 @@ class Libp2pTransport:
                 self._dialing.pop(peer_id, None)
 
     async def _write_loop(self, outbound: _Outbound) -> None:
-        async for data in outbound.pending:
-            batch = [data, *_drain(outbound.pending)]
-            try:
-                await outbound.stream.write(b"".join(batch))
-            except Exception as exc:
-                # The peer restarted or the connection dropped: retry once on a fresh stream.
-                self._close(outbound)
-                batch += _drain(outbound.pending)
-                log.info("stream to %s broke (%s); redialing", outbound.peer_id, _why(exc))
+        try:
+            while batch := await outbound.outbox.take():
                 try:
-                    fresh = await self._outbound_to(outbound.peer_id)
-                except NetworkError as err:
-                    self._report(batch, str(err))
+                    await outbound.stream.write(b"".join(batch))
+                except Exception as exc:
+                    # The peer restarted or the connection dropped: retry once on a fresh
+                    # stream.
+                    self._close(outbound)
+                    batch += outbound.outbox.take_nowait()
+                    log.info("stream to %s broke (%s); redialing", outbound.peer_id, _why(exc))
+                    try:
+                        fresh = await self._outbound_to(outbound.peer_id)
+                    except NetworkError as err:
+                        self._report(batch, str(err))
+                        return
+                    for item in batch:
+                        self._enqueue(fresh, item)
                     return
-                for item in batch:
-                    self._enqueue(fresh, item)
-                return
+        finally:
+            outbound.outbox.release()
 
     def _close(self, outbound: _Outbound) -> None:
-        outbound.closed = True
-        outbound.queue.close()
+        outbound.outbox.close()
         if self._outbound.get(outbound.peer_id) is outbound:
             del self._outbound[outbound.peer_id]
 
@@ -767,15 +772,6 @@ class Libp2pTransport:
             addrs = self._host.get_peerstore().addrs(pid) if _has_addrs(self._host, pid) else []
             out.append(PeerInfoView(pid.to_base58(), [str(a) for a in addrs]))
         return sorted(out, key=lambda p: p.peer_id)
-
-
-def _drain(channel: trio.MemoryReceiveChannel[bytes]) -> list[bytes]:
-    items = []
-    while True:
-        try:
-            items.append(channel.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-            return items
 
 
 def _peer(peer_id: str) -> ID:

@@ -5,11 +5,17 @@
   persistent stream.
 - ``dms_p50_ms``: an invoke from one dms node's root actor to an echo actor on
   another: sign, frame, stream, verify, actor mailbox, reply, verify.
+- ``floor_p50_ms`` and ``floor_ratio``: the same bare echo plus only what the
+  design asks of every invoke (DESIGN.md decisions 1 and 2), with no dms code
+  but the outbox: the caller is a thread outside trio and signs the request;
+  the peer's trio thread hands it to an actor thread, which verifies it and
+  signs the reply; the caller's trio thread verifies the reply and wakes the
+  caller. What dms adds on top of the floor is its own cost.
 - ``dms_msgs_per_s``: one-way sends, pipelined, counted when the receiving actor
   has handled the last one.
 
-Samples alternate in blocks between raw and dms so both see the same machine
-load. Prints one JSON line with --json.
+Samples alternate in blocks between raw, floor and dms so all see the same
+machine load. Prints one JSON line with --json.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import pykka
 import trio
 from libp2p import create_yamux_muxer_option, new_host
 from libp2p.abc import IHost, INetStream
@@ -36,7 +44,10 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
 
 from dms.actor import Actor, Request, behaviour
+from dms.network.outbox import Outbox
 from dms.node.client import root_handle
+from dms.security import Identity, verify_signature
+from dms.security.identity import SIGNATURE_BYTES
 from dms.sim.cluster import LocalCluster
 
 ECHO = TProtocol("/bench/echo/1.0.0")
@@ -89,15 +100,14 @@ class RawEcho:
         threading.Thread(target=trio.run, args=(self._client,), daemon=True).start()
         self._ready.wait(30)
 
+    async def _echo(self, stream: INetStream) -> None:
+        while data := await stream.read(65536):
+            await stream.write(data)
+
     async def _server(self) -> None:
         host = _host()
         async with host.run([LOOPBACK]):
-
-            async def echo(stream: INetStream) -> None:
-                while data := await stream.read(65536):
-                    await stream.write(data)
-
-            host.set_stream_handler(ECHO, echo)
+            host.set_stream_handler(ECHO, self._echo)
             self._addr = f"{host.get_addrs()[0]}"
             if "/p2p/" not in self._addr:
                 self._addr += f"/p2p/{host.get_id().to_base58()}"
@@ -112,8 +122,14 @@ class RawEcho:
             await host.connect(info)
             self._stream = await host.new_stream(info.peer_id, [ECHO])
             self._token = trio.lowlevel.current_trio_token()
-            self._ready.set()
-            await trio.to_thread.run_sync(self._stop.wait)
+            async with trio.open_nursery() as nursery:
+                self._client_tasks(nursery)
+                self._ready.set()
+                await trio.to_thread.run_sync(self._stop.wait)
+                nursery.cancel_scope.cancel()
+
+    def _client_tasks(self, nursery: trio.Nursery) -> None:
+        """Background tasks of the client's loop; the bare echo has none."""
 
     async def _echoes(self, n: int) -> list[float]:
         assert self._stream is not None
@@ -121,9 +137,7 @@ class RawEcho:
         for _ in range(n):
             start = time.perf_counter()
             await self._stream.write(self.message)
-            got = 0
-            while got < len(self.message):
-                got += len(await self._stream.read(65536))
+            await _read_exactly(self._stream, len(self.message))
             out.append(time.perf_counter() - start)
         return out
 
@@ -132,6 +146,93 @@ class RawEcho:
 
     def close(self) -> None:
         self._stop.set()
+
+
+async def _read_exactly(stream: INetStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await stream.read(65536)
+        if not chunk:
+            raise EOFError("echo stream closed")
+        data += chunk
+    return data
+
+
+async def _write_from(outbox: Outbox, stream: INetStream) -> None:
+    try:
+        while batch := await outbox.take():
+            await stream.write(b"".join(batch))
+    finally:
+        outbox.release()
+
+
+class _Signer(pykka.ThreadingActor):
+    """The peer's actor: verifies each request and signs its reply, nothing else."""
+
+    def __init__(self, key: Identity, caller_key: bytes, replies: Outbox) -> None:
+        super().__init__()
+        self.key = key
+        self.caller_key = caller_key
+        self.replies = replies
+
+    def on_receive(self, message: bytes) -> None:
+        body, signature = message[:-SIGNATURE_BYTES], message[-SIGNATURE_BYTES:]
+        if not verify_signature(self.caller_key, signature, body):
+            raise RuntimeError("floor request signature failed")
+        self.replies.put(body + self.key.sign(body))
+
+
+class FloorEcho(RawEcho):
+    """The bare echo plus the design's fixed costs: a caller thread outside trio, an
+    actor thread at the peer, an Ed25519 signature on each leg and its check."""
+
+    def __init__(self, size: int) -> None:
+        self.caller, self.callee = Identity.generate(), Identity.generate()
+        self._requests = Outbox()
+        self._waiting: Future[bytes] | None = None
+        super().__init__(size)
+        self.body = self.message[:-SIGNATURE_BYTES]
+
+    async def _echo(self, stream: INetStream) -> None:
+        replies = Outbox()
+        actor = _Signer.start(self.callee, self.caller.public_key, replies)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_write_from, replies, stream)
+                while True:
+                    actor.tell(await _read_exactly(stream, len(self.message)))
+        finally:
+            actor.stop(block=False)
+            replies.close()
+
+    def _client_tasks(self, nursery: trio.Nursery) -> None:
+        assert self._stream is not None
+        nursery.start_soon(_write_from, self._requests, self._stream)
+        nursery.start_soon(self._read_replies)
+
+    async def _read_replies(self) -> None:
+        assert self._stream is not None
+        while True:
+            reply = await _read_exactly(self._stream, len(self.message))
+            body, signature = reply[:-SIGNATURE_BYTES], reply[-SIGNATURE_BYTES:]
+            if not verify_signature(self.callee.public_key, signature, body):
+                raise RuntimeError("floor reply signature failed")
+            assert self._waiting is not None
+            self._waiting.set_result(reply)
+
+    def block(self, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            start = time.perf_counter()
+            self._waiting = Future()
+            self._requests.put(self.body + self.caller.sign(self.body))
+            self._waiting.result(10)
+            out.append(time.perf_counter() - start)
+        return out
+
+    def close(self) -> None:
+        self._requests.close()
+        super().close()
 
 
 def main() -> int:
@@ -158,13 +259,16 @@ def main() -> int:
         caller.ask(root_handle(callee_node.peer_id), "/public/hello", timeout=30)
         envelope_bytes = len(caller.seal(caller.envelope("/bench/echo", payload, to=echo.handle)))
         raw = RawEcho(envelope_bytes)
+        floor = FloorEcho(envelope_bytes)
 
         raw_samples: list[float] = []
+        floor_samples: list[float] = []
         dms_samples: list[float] = []
         failed = 0
         block = 50
         for _ in range(max(1, args.n // block)):
             raw_samples += raw.block(block)
+            floor_samples += floor.block(block)
             for _ in range(block):
                 start = time.perf_counter()
                 try:
@@ -174,6 +278,7 @@ def main() -> int:
                     continue
                 dms_samples.append(time.perf_counter() - start)
         raw.close()
+        floor.close()
 
         start = time.perf_counter()
         for i in range(args.sends):
@@ -183,12 +288,15 @@ def main() -> int:
 
     raw_p50 = statistics.median(raw_samples) * 1e3
     dms_p50 = statistics.median(dms_samples) * 1e3
+    floor_p50 = statistics.median(floor_samples) * 1e3
     result = {
         "bench": "rtt",
         "raw_p50_ms": round(raw_p50, 3),
         "dms_p50_ms": round(dms_p50, 3),
         "ratio": round(dms_p50 / raw_p50, 3),
         "dms_msgs_per_s": round(args.sends / send_s, 1) if delivered else 0.0,
+        "floor_p50_ms": round(floor_p50, 3),
+        "floor_ratio": round(floor_p50 / raw_p50, 3),
         "dms_p95_ms": round(statistics.quantiles(dms_samples, n=20)[-1] * 1e3, 3),
         "raw_p95_ms": round(statistics.quantiles(raw_samples, n=20)[-1] * 1e3, 3),
         "envelope_bytes": envelope_bytes,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -123,3 +125,23 @@ def test_release_closes_the_descriptor_and_later_puts_touch_nothing() -> None:
             os.eventfd_read(reused)
     finally:
         os.close(reused)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no RLIMIT_NOFILE")
+def test_the_open_file_limit_is_lifted_to_the_hard_one() -> None:
+    """A descriptor per outbound stream on top of a socket per connection does not fit
+    a 1024 soft limit at scale; a starting host lifts the soft limit to the hard one."""
+    script = (
+        "import resource\n"
+        "from dms.network.host import raise_open_file_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "raise_open_file_limit()\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    soft, hard = int(out[0]), int(out[1])
+    assert soft > 256
+    assert soft == hard or hard < 0  # RLIM_INFINITY is -1: lifted to a finite ceiling

@@ -58,6 +58,8 @@ ACTOR_PROTOCOL = TProtocol("/dms/actor/1.0.0")
 # How long addresses learnt from a heartbeat stay in the peerstore.
 LEARNED_ADDR_TTL_S = 600
 START_TIMEOUT_S = 30.0
+# Where the hard limit is "unlimited" (macOS), a soft limit past this may be refused.
+FD_LIMIT_WITHOUT_HARD_LIMIT = 10240
 
 T = TypeVar("T")
 
@@ -232,6 +234,7 @@ class Libp2pTransport:
         """Start the host and return once it listens; ``NetworkError`` if it cannot."""
         self._receiver = receiver
         self._undeliverable = undeliverable
+        raise_open_file_limit()
         if self._loop is not None:
             self._thread_ident = self._loop.ident
             self._loop.spawn(self._run_in_loop)
@@ -772,6 +775,24 @@ class Libp2pTransport:
             addrs = self._host.get_peerstore().addrs(pid) if _has_addrs(self._host, pid) else []
             out.append(PeerInfoView(pid.to_base58(), [str(a) for a in addrs]))
         return sorted(out, key=lambda p: p.peer_id)
+
+
+def raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard limit (no-op where there is none).
+
+    Each connection holds a socket and each outbound stream a wake-up descriptor
+    (``Outbox``), so a node near ``max_connections``, or a simulation of many nodes
+    in one process, needs more than 1024, a common soft default.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, FD_LIMIT_WITHOUT_HARD_LIMIT)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _peer(peer_id: str) -> ID:

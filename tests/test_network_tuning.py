@@ -170,3 +170,30 @@ def test_meshes_stay_whole_when_every_node_connects_to_every_other(
         mesh = node.transport.mesh_peers(HEARTBEAT_TOPIC)
         settings = node.network_settings.gossip
         assert settings.degree_low <= len(mesh) <= settings.degree_high, (node.peer_id, mesh)
+
+
+def test_waiting_for_a_peer_that_never_registers_leaves_nothing_behind(
+    cluster: LocalCluster,
+) -> None:
+    """py-libp2p's ``wait_for_peer`` keeps its event after a timeout; a node that
+    meets many short-lived peers would collect one per peer, for good."""
+    import trio
+    from libp2p.peer.id import ID
+
+    from dms.network.tuning import tell_topics_when_writable
+    from dms.security import Identity
+
+    (node,) = cluster.start(1)
+    assert node.transport is not None and node.transport._pubsub is not None
+    pubsub = node.transport._pubsub
+    ghost = ID.from_base58(Identity.generate().peer_id)
+
+    async def wait_twice() -> None:
+        async with trio.open_nursery() as nursery:
+            # A second waiter with a longer wait keeps the event until it gives up too.
+            nursery.start_soon(tell_topics_when_writable, pubsub, ghost, 0.6)
+            await tell_topics_when_writable(pubsub, ghost, 0.2)
+            assert ghost in pubsub._peer_added_events
+        assert ghost not in pubsub._peer_added_events
+
+    trio.from_thread.run(wait_twice, trio_token=node.transport._token)

@@ -60,6 +60,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import trio
+
 log = logging.getLogger("dms.network")
 
 SENDER_RECORD_MEMO = 4096
@@ -182,6 +184,29 @@ def _no_opportunistic_grafting() -> None:
     GossipSub._perform_opportunistic_grafting = no_grafting
 
 
+async def tell_topics_when_writable(
+    pubsub: Any, peer_id: Any, wait_s: float = SUBSCRIPTION_REPEAT_WAIT_S
+) -> None:
+    """Push our topics to ``peer_id`` once pubsub can write to it (within ``wait_s``)."""
+    try:
+        await pubsub.wait_for_peer(peer_id, wait_s)
+    except trio.TooSlowError:
+        # Never registered (gone, or refused). py-libp2p leaves the event it waited on
+        # in ``_peer_added_events`` for good; drop it unless another task still waits.
+        events = getattr(pubsub, "_peer_added_events", {})
+        event = events.get(peer_id)
+        if event is not None and not event.statistics().tasks_waiting:
+            del events[peer_id]
+        return
+    except Exception:
+        return
+    queue = getattr(pubsub, "peer_queues", {}).get(peer_id)
+    if queue is None or not pubsub.topic_ids:
+        return
+    if not queue.push(pubsub.get_hello_packet()):
+        log.debug("subscriptions not repeated to %s: its queue is full", peer_id)
+
+
 def _repeat_subscriptions_to_new_streams() -> None:
     from libp2p.pubsub.pubsub import Pubsub
 
@@ -190,17 +215,6 @@ def _repeat_subscriptions_to_new_streams() -> None:
         log.info("py-libp2p's pubsub changed shape; subscriptions are announced as before")
         return
     read_stream = Pubsub.continuously_read_stream
-
-    async def tell_topics_when_writable(self: Any, peer_id: Any) -> None:
-        try:
-            await self.wait_for_peer(peer_id, SUBSCRIPTION_REPEAT_WAIT_S)
-        except Exception:  # never registered (gone, or refused): nothing to repeat to
-            return
-        queue = getattr(self, "peer_queues", {}).get(peer_id)
-        if queue is None or not self.topic_ids:
-            return
-        if not queue.push(self.get_hello_packet()):
-            log.debug("subscriptions not repeated to %s: its queue is full", peer_id)
 
     async def read_stream_and_tell_topics(self: Any, stream: Any) -> None:
         if self.manager.is_running:

@@ -8,7 +8,7 @@
 - ``floor_p50_ms`` and ``floor_ratio``: the same bare echo plus only what the
   design asks of every invoke (DESIGN.md decisions 1 and 2), with no dms code
   but the outbox: the caller is a thread outside trio and signs the request;
-  the peer's trio thread hands it to an actor thread, which verifies it and
+  the peer's trio thread verifies it and hands it to an actor thread, which
   signs the reply; the caller's trio thread verifies the reply and wakes the
   caller. What dms adds on top of the floor is its own cost.
 - ``dms_msgs_per_s``: one-way sends, pipelined, counted when the receiving actor
@@ -167,19 +167,24 @@ async def _write_from(outbox: Outbox, stream: INetStream) -> None:
 
 
 class _Signer(pykka.ThreadingActor):
-    """The peer's actor: verifies each request and signs its reply, nothing else."""
+    """The peer's actor: signs the reply to each (already verified) request."""
 
-    def __init__(self, key: Identity, caller_key: bytes, replies: Outbox) -> None:
+    use_daemon_thread = True  # a bench that fails must still exit
+
+    def __init__(self, key: Identity, replies: Outbox) -> None:
         super().__init__()
         self.key = key
-        self.caller_key = caller_key
         self.replies = replies
 
-    def on_receive(self, message: bytes) -> None:
-        body, signature = message[:-SIGNATURE_BYTES], message[-SIGNATURE_BYTES:]
-        if not verify_signature(self.caller_key, signature, body):
-            raise RuntimeError("floor request signature failed")
+    def on_receive(self, body: bytes) -> None:
         self.replies.put(body + self.key.sign(body))
+
+
+def _verified_body(message: bytes, public_key: bytes) -> bytes:
+    body, signature = message[:-SIGNATURE_BYTES], message[-SIGNATURE_BYTES:]
+    if not verify_signature(public_key, signature, body):
+        raise RuntimeError("floor signature failed")
+    return body
 
 
 class FloorEcho(RawEcho):
@@ -194,13 +199,15 @@ class FloorEcho(RawEcho):
         self.body = self.message[:-SIGNATURE_BYTES]
 
     async def _echo(self, stream: INetStream) -> None:
+        # As DESIGN.md has it: the network thread verifies, then tells the actor.
         replies = Outbox()
-        actor = _Signer.start(self.callee, self.caller.public_key, replies)
+        actor = _Signer.start(self.callee, replies)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_write_from, replies, stream)
                 while True:
-                    actor.tell(await _read_exactly(stream, len(self.message)))
+                    request = await _read_exactly(stream, len(self.message))
+                    actor.tell(_verified_body(request, self.caller.public_key))
         finally:
             actor.stop(block=False)
             replies.close()
@@ -214,9 +221,7 @@ class FloorEcho(RawEcho):
         assert self._stream is not None
         while True:
             reply = await _read_exactly(self._stream, len(self.message))
-            body, signature = reply[:-SIGNATURE_BYTES], reply[-SIGNATURE_BYTES:]
-            if not verify_signature(self.callee.public_key, signature, body):
-                raise RuntimeError("floor reply signature failed")
+            _verified_body(reply, self.callee.public_key)
             assert self._waiting is not None
             self._waiting.set_result(reply)
 

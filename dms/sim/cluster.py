@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from dms.security import Identity
 LOOPBACK_LISTEN = "/ip4/127.0.0.1/tcp/0"
 # Gossip heartbeat copies a second that all nodes of one process receive together.
 SHARED_PROCESS_HEARTBEATS_PER_S = 60.0
+# Threads that stop nodes together when a cluster ends.
+MAX_PARALLEL_STOPS = 32
 
 
 def shared_process_heartbeat_budget(
@@ -131,8 +134,13 @@ class LocalCluster:
         node.stop()
 
     def stop(self) -> None:
-        for node in reversed(self.nodes):
-            node.stop()
+        """Stop every node at once. One after another, each host's goodbye waits on a
+        loop still busy with the running nodes' dials and gossip (up to 10 s each: a
+        50-node simulation took minutes to end)."""
+        if self.nodes:
+            workers = min(len(self.nodes), MAX_PARALLEL_STOPS)
+            with ThreadPoolExecutor(workers, thread_name_prefix="dms-sim-stop") as pool:
+                list(pool.map(Node.stop, self.nodes))
         if self._loop is not None:
             self._loop.close()
             self._loop = None

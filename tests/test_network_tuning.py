@@ -197,3 +197,39 @@ def test_waiting_for_a_peer_that_never_registers_leaves_nothing_behind(
         assert ghost not in pubsub._peer_added_events
 
     trio.from_thread.run(wait_twice, trio_token=node.transport._token)
+
+
+def test_each_node_checks_a_broadcast_signature_once(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The topic validator verifies a gossip envelope; the actor system does not
+    verify the same bytes again."""
+    from dms.actor import envelope
+
+    nodes = cluster.start(4)
+    cluster.wait_linked()
+    seen: list[list[Any]] = [[] for _ in nodes]
+    for node, heard in zip(nodes, seen, strict=True):
+        assert node.system is not None
+        node.system.spawn(Listener, heard)
+    wait_for(
+        lambda: all(n.transport is not None and n.transport.mesh_peers(TOPIC) for n in nodes),
+        what="a gossip mesh on the topic",
+    )
+    checks: list[bytes] = []
+    original = envelope.verify_signature
+
+    def counted(public_key: bytes, signature: bytes, message: bytes) -> bool:
+        if TOPIC.encode() in message:
+            checks.append(signature)
+        return original(public_key, signature, message)
+
+    monkeypatch.setattr(envelope, "verify_signature", counted)
+    assert nodes[0].node is not None
+    for i in range(20):
+        nodes[0].node.publish(TOPIC, "/test/tuning", {"i": i})
+    wait_for(lambda: all(len(s) == 20 for s in seen), what="every message everywhere")
+    # Three receiving nodes check each message once (in the validator), and the
+    # publisher once for its own listener: 80. Checking twice per receiver was 140.
+    assert len(checks) == 4 * 20
+    assert all(checks.count(sig) == 4 for sig in set(checks))

@@ -444,8 +444,13 @@ class ActorSystem:
 
     # ---- inbound -----------------------------------------------------------------
 
-    def receive(self, frame: bytes, from_peer: str | None) -> None:
-        """Entry point for transports: run the system half of the pipeline."""
+    def receive(
+        self, frame: bytes, from_peer: str | None, *, signature_checked: bool = False
+    ) -> None:
+        """Entry point for transports: run the system half of the pipeline.
+
+        ``signature_checked``: the transport verified these very bytes already.
+        """
         try:
             sealed = unseal(frame, self.limits.max_data_bytes)
         except Refusal as refusal:
@@ -461,7 +466,7 @@ class ActorSystem:
         env = sealed.envelope
         try:
             check_time(env, now_ns(), self.limits.max_ttl_s, self.limits.clock_skew_s)
-            verify(sealed)
+            verify(sealed, signature_checked=signature_checked)
             self._check_peer(env, from_peer)
             if not self._replay.first_sight(env.signer, env.nonce, env.expiry, now_ns()):
                 raise Refusal(ErrorCode.REPLAYED, "nonce already seen from this signer")

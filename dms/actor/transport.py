@@ -2,7 +2,9 @@
 
 A transport moves opaque frames. It calls ``receiver(frame, from_peer)`` for
 every inbound frame (``from_peer`` is the authenticated peer id where the
-transport knows it, else None); the actor system does everything else.
+transport knows it, else None); the actor system does everything else. A
+transport that has itself verified a frame's signature (a gossip validator)
+says so with ``signature_checked=True``, and the check is not repeated.
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-Receiver = Callable[[bytes, str | None], None]
+
+class Receiver(Protocol):
+    def __call__(
+        self, frame: bytes, from_peer: str | None, *, signature_checked: bool = False
+    ) -> None: ...
+
+
 # Called with a frame a transport accepted but could not deliver after all, and why.
 Undeliverable = Callable[[bytes, str], None]
 

@@ -46,6 +46,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from dms.actor.codes import Refusal, Unreachable
 from dms.actor.envelope import check_time, now_ns, unseal, verify
 from dms.actor.transport import Receiver, Undeliverable
+from dms.network.checked import CheckedFrames
 from dms.network.frames import PREFIX, FrameError, FrameReader, encode_frame
 from dms.network.outbox import Outbox
 from dms.network.settings import NetworkSettings, parse_multiaddr
@@ -126,13 +127,19 @@ class PeerInfoView:
 
 
 def envelope_is_valid(
-    frame: bytes, publisher: str, max_bytes: int, max_ttl_s: float, skew_s: float
+    frame: bytes,
+    publisher: str,
+    max_bytes: int,
+    max_ttl_s: float,
+    skew_s: float,
+    *,
+    signature_checked: bool = False,
 ) -> bool:
     """The gossip validator: signed, in time, and published by the host it names."""
     try:
         sealed = unseal(frame, max_bytes)
         check_time(sealed.envelope, now_ns(), max_ttl_s, skew_s)
-        verify(sealed)
+        verify(sealed, signature_checked=signature_checked)
     except Refusal as refusal:
         log.info("gossip from %s rejected: %s: %s", publisher, refusal.code, refusal.reason)
         return False
@@ -220,6 +227,7 @@ class Libp2pTransport:
         self._outbound: dict[str, _Outbound] = {}
         self._dialing: dict[str, trio.Lock] = {}
         self._topics: dict[str, trio.CancelScope] = {}
+        self._checked = CheckedFrames()  # gossip frames the topic validator verified
         self._stopped = False
         self.frames_in = 0
         self.frames_refused = 0
@@ -520,10 +528,10 @@ class Libp2pTransport:
         except Exception as exc:  # a reset or a closed connection ends the stream
             log.debug("stream from %s ended: %s", peer, exc)
 
-    def _deliver(self, frame: bytes, peer: str | None) -> None:
+    def _deliver(self, frame: bytes, peer: str | None, *, signature_checked: bool = False) -> None:
         assert self._receiver is not None
         try:
-            self._receiver(frame, peer)
+            self._receiver(frame, peer, signature_checked=signature_checked)
         except Exception:
             log.exception("receiver failed on a frame from %s", peer)
 
@@ -665,15 +673,25 @@ class Libp2pTransport:
             return
         assert self._pubsub is not None and self._nursery is not None
         limits = (self.settings.max_frame_bytes, self._max_ttl_s, self._clock_skew_s)
+        assert self._host is not None
+        my_id = self._host.get_id()
 
         def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
-            return envelope_is_valid(msg.data, ID(msg.from_id).to_base58(), *limits)
+            # Our own publication was sealed by our actor system (or verified by the
+            # local API that relayed it): all but its signature is checked.
+            own = forwarder == my_id
+            publisher = ID(msg.from_id).to_base58()
+            if not envelope_is_valid(msg.data, publisher, *limits, signature_checked=own):
+                return False
+            if not own:
+                self._checked.remember(msg.data)
+            return True
 
         self._pubsub.set_topic_validator(topic, validate, False)
         subscription = await self._pubsub.subscribe(topic)
         scope = trio.CancelScope()
         self._topics[topic] = scope
-        me = self._host.get_id().to_bytes() if self._host else b""
+        me = my_id.to_bytes()
 
         async def pump() -> None:
             with scope:
@@ -681,7 +699,8 @@ class Libp2pTransport:
                     msg = await subscription.get()
                     if msg.from_id == me:
                         continue  # the actor system delivered our own message already
-                    self._deliver(msg.data, ID(msg.from_id).to_base58())
+                    checked = self._checked.take(msg.data)
+                    self._deliver(msg.data, ID(msg.from_id).to_base58(), signature_checked=checked)
 
         self._nursery.start_soon(pump)
 

@@ -11,6 +11,7 @@ from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, YamuxStream
 
 from dms.actor import Actor, Request, behaviour
 from dms.network.peertable import HEARTBEAT_TOPIC
+from dms.node.daemon import Node
 from dms.sim.cluster import LocalCluster
 from tests.conftest import wait_for
 
@@ -46,6 +47,21 @@ class Listener(Actor):
 
 
 TOPIC = "/test/tuning"
+
+
+def listening_nodes(cluster: LocalCluster, count: int) -> tuple[list[Node], list[list[Any]]]:
+    """``count`` nodes, each with a Listener on TOPIC, once the topic has a mesh."""
+    nodes = cluster.start(count)
+    cluster.wait_linked()
+    seen: list[list[Any]] = [[] for _ in nodes]
+    for node, heard in zip(nodes, seen, strict=True):
+        assert node.system is not None
+        node.system.spawn(Listener, heard)
+    wait_for(
+        lambda: all(n.transport is not None and n.transport.mesh_peers(TOPIC) for n in nodes),
+        what="a gossip mesh on the topic",
+    )
+    return nodes, seen
 
 
 @pytest.fixture
@@ -103,16 +119,7 @@ def test_gossip_sender_records_are_checked_once_and_delivery_is_unchanged(
 ) -> None:
     from libp2p.peer import envelope as peer_envelope
 
-    nodes = cluster.start(4)
-    cluster.wait_linked()
-    seen: list[list[Any]] = [[] for _ in nodes]
-    for node, heard in zip(nodes, seen, strict=True):
-        assert node.system is not None
-        node.system.spawn(Listener, heard)
-    wait_for(
-        lambda: all(n.transport is not None and n.transport.mesh_peers(TOPIC) for n in nodes),
-        what="a gossip mesh on the topic",
-    )
+    nodes, seen = listening_nodes(cluster, 4)
     checks: list[int] = []
     original = peer_envelope.consume_envelope
 
@@ -206,16 +213,7 @@ def test_each_node_checks_a_broadcast_signature_once(
     verify the same bytes again."""
     from dms.actor import envelope
 
-    nodes = cluster.start(4)
-    cluster.wait_linked()
-    seen: list[list[Any]] = [[] for _ in nodes]
-    for node, heard in zip(nodes, seen, strict=True):
-        assert node.system is not None
-        node.system.spawn(Listener, heard)
-    wait_for(
-        lambda: all(n.transport is not None and n.transport.mesh_peers(TOPIC) for n in nodes),
-        what="a gossip mesh on the topic",
-    )
+    nodes, seen = listening_nodes(cluster, 4)
     checks: list[bytes] = []
     original = envelope.verify_signature
 

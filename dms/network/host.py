@@ -89,7 +89,7 @@ class _Outbound:
     def usable(self) -> bool:
         """Open, and its connection not closed under it (the peer stopped or restarted)."""
         conn = self.stream.muxed_conn
-        return not self.outbox.closed and not getattr(conn, "is_closed", False)
+        return not self.closed and not getattr(conn, "is_closed", False)
 
 
 class _ConnectionEvents(INotifee):

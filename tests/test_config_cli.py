@@ -71,6 +71,24 @@ def test_key_commands_in_a_temp_home(dms_home: Path) -> None:
     assert (dms_home / "key" / "dms.json").exists()
 
 
+def test_key_list_keeps_identifiers_whole_in_a_narrow_terminal(dms_home: Path) -> None:
+    """A DID is copied from the table into the next command: it must never be
+    wrapped; columns that do not fit are left out, and the user is told."""
+    for context in ("dms", "user"):
+        assert run_cli("key", "new", context).returncode == 0
+    dids = {k["did"] for k in json.loads(run_cli("key", "list", "--json").stdout)}
+
+    narrow = run_cli("key", "list", env={"COLUMNS": "80"})
+    assert narrow.returncode == 0, narrow.stderr
+    assert all(did in narrow.stdout for did in dids)
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
+    assert "not shown" in narrow.stdout and "--json" in narrow.stdout
+
+    wide = run_cli("key", "list", env={"COLUMNS": "200"})
+    assert all(did in wide.stdout for did in dids)
+    assert "peer id" in wide.stdout and "not shown" not in wide.stdout
+
+
 @pytest.mark.parametrize(
     "args, env, message",
     [

@@ -68,6 +68,7 @@ def _show_status(status: dict[str, Any], json_out: bool) -> None:
             [s["slot"], s["status"], s["peer_id"] or "", s["attempts"], s["error"] or ""]
             for s in status["slots"]
         ],
+        whole=["peer"],
     )
 
 
@@ -156,11 +157,13 @@ def manifest(
             [s["slot"], s["status"], s["peer_id"] or "", s["lease_id"] or ""]
             for s in result["slots"]
         ],
+        whole=["peer"],
     )
     emit_table(
         "bids",
         ["slot", "peer", "outcome", "price", "reason"],
         [[b["slot"], b["peer_id"], b["outcome"], b["price"], b["reason"]] for b in result["bids"]],
+        whole=["peer"],
     )
 
 

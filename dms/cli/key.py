@@ -46,4 +46,6 @@ def list_keys(json_out: JsonOption = False) -> None:
             "keys",
             ["context", "did", "peer id", "created"],
             [(k.context, k.did, k.peer_id, k.created_at) for k in keys],
+            whole=["did", "peer id"],
+            hideable=["peer id", "created"],
         )

@@ -21,13 +21,44 @@ def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=str) + "\n")
 
 
-def emit_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def emit_table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    whole: Sequence[str] = (),
+    hideable: Sequence[str] = (),
+) -> None:
+    """A table for a person.
+
+    ``whole`` columns (identifiers a person copies into the next command) are never
+    wrapped. When the terminal is too narrow for every column at its natural width,
+    ``hideable`` columns are left out, the last first, and a note says so: a table
+    squeezed to unreadable slivers helps nobody, and ``--json`` has everything.
+    """
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
+
+    def natural(i: int) -> int:  # content width plus the cell's padding and border
+        return max([len(columns[i]), *(len(row[i]) for row in cells)]) + 3
+
+    shown = list(range(len(columns)))
+    hidden: list[str] = []
+    for name in reversed(hideable):
+        if sum(natural(i) for i in shown) + 1 <= console.width:
+            break
+        if name in columns:
+            shown.remove(columns.index(name))
+            hidden.insert(0, name)
     table = Table(title=title, show_header=True, header_style="bold")
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+    for i in shown:
+        if columns[i] in whole:
+            table.add_column(columns[i], no_wrap=True, min_width=natural(i) - 3)
+        else:
+            table.add_column(columns[i], overflow="fold")
+    for row in cells:
+        table.add_row(*(row[i] for i in shown))
     console.print(table)
+    if hidden:
+        console.print(f"({', '.join(hidden)} not shown: widen the terminal or use --json)")
 
 
 def emit_fields(data: dict[str, Any], title: str | None = None) -> None:

@@ -39,7 +39,7 @@ def list_peers(timeout: TimeoutOption = 10.0, json_out: JsonOption = False) -> N
             [
                 row["peer_id"],
                 row.get("status", ""),
-                "" if seen is None else f"{seen:.1f}s ago",
+                "" if seen is None else f"{seen:.1f}s",
                 _pair(row, "cpu"),
                 _pair(row, "ram_gib"),
                 _pair(row, "disk_gib"),
@@ -48,9 +48,11 @@ def list_peers(timeout: TimeoutOption = 10.0, json_out: JsonOption = False) -> N
                 row.get("restarts", ""),
             ]
         )
-    columns = ["peer id", "status", "last seen", "cpu free/total", "ram GiB", "disk GiB",
+    columns = ["peer id", "status", "seen", "cpu", "ram GiB", "disk GiB",
                "cpu Mops", "ckks mul/s", "restarts"]  # fmt: skip
-    emit_table("peers", columns, table)
+    emit_table(
+        "peers (resources: free/total)", columns, table, whole=["peer id"], hideable=columns[2:]
+    )
 
 
 @app.command("self")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -37,6 +38,22 @@ def test_run_without_keys_says_to_init(tmp_path: Path) -> None:
     done = dms(tmp_path / "empty", "run", "--api-port", "0")
     assert done.returncode != 0
     assert "dms init" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_daemon_logs_libp2p_warnings_with_time_and_source(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """py-libp2p's warnings (a peer's DHT stream failing, ...) are part of the node's
+    log, not bare lines on stderr with no time or source."""
+    import libp2p  # noqa: F401  (its import detaches the libp2p logger)
+
+    from dms.cli.node import configure_daemon_logging
+
+    monkeypatch.delenv("LIBP2P_DEBUG", raising=False)
+    monkeypatch.setattr(logging.getLogger("libp2p"), "propagate", False)
+    configure_daemon_logging("INFO")
+    logging.getLogger("libp2p.kad_dht.kad_dht").warning("Failed to read DHT message")
+    assert "libp2p.kad_dht.kad_dht" in [r.name for r in caplog.records]
 
 
 def test_cli_without_a_running_node_is_a_clear_error(homes: tuple[Path, Path]) -> None:

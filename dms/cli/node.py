@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -25,6 +26,20 @@ def init(json_out: JsonOption = False) -> None:
         emit_fields(report, title="dms init")
 
 
+def configure_daemon_logging(level: str) -> None:
+    """One format for every line the daemon logs, py-libp2p's included.
+
+    py-libp2p detaches its ``libp2p`` logger at import unless ``LIBP2P_DEBUG`` asks
+    for its own handlers; its warnings then reach stderr through logging's last
+    resort, bare, with no time or source. Send them through ours instead.
+    """
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not os.environ.get("LIBP2P_DEBUG"):
+        logging.getLogger("libp2p").propagate = True
+
+
 def run(
     listen: Annotated[
         list[str] | None, typer.Option("--listen", help="Multiaddr to listen on (repeatable).")
@@ -43,9 +58,7 @@ def run(
     from dms.node.daemon import Node, network_settings  # libp2p loads only for this command
 
     cfg = settings()
-    logging.basicConfig(
-        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_daemon_logging(cfg.log_level)
     network = network_settings(
         cfg,
         listen=listen or None,

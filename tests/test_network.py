@@ -34,6 +34,22 @@ def test_invoke_across_the_network(cluster: LocalCluster) -> None:
     assert status["peer_id"] == a.peer_id and status["status"] == "running"
 
 
+def test_a_node_whose_host_died_cannot_take_the_others_down(cluster: LocalCluster) -> None:
+    """Simulated nodes share one trio loop. A node whose host stopped under its actors
+    (a crash) gets a clear ``unreachable`` when they send; before, the send reached
+    the loop after the host's nursery had closed and ended the loop, every other
+    node's network with it."""
+    a, b, c = cluster.start(3)
+    cluster.wait_linked()
+    assert root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=10)["peer_id"] == b.peer_id
+    assert c.transport is not None
+    c.transport.stop()
+    with pytest.raises(RemoteError) as refused:
+        root(c).send(root_handle(a.peer_id), "/public/hello")
+    assert refused.value.code == "unreachable"
+    assert root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=10)["peer_id"] == b.peer_id
+
+
 def test_owner_behaviours_are_refused_to_other_nodes(cluster: LocalCluster) -> None:
     a, b = cluster.start(2)
     wait_for(lambda: connected(b, a), what="bootstrap connection")

@@ -273,14 +273,13 @@ class Libp2pTransport:
             if outbound is not None and outbound.usable:
                 self._enqueue(outbound, data)
             else:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._send_or_report, peer_id, data)
+                self._send_soon(peer_id, data)
             return
         # The common case needs no trip through trio's entry queue: the writer task
         # wakes on the outbox's descriptor.
         if outbound is not None and outbound.usable and outbound.outbox.put(data):
             return
-        if self._token is None:
+        if self._token is None or self._stopped:
             raise Unreachable("the network is stopped")
         try:
             self._token.run_sync_soon(self._start_send, peer_id, data)
@@ -291,13 +290,32 @@ class Libp2pTransport:
         outbound = self._outbound.get(peer_id)
         if outbound is not None and outbound.usable:
             self._enqueue(outbound, data)
-        elif self._nursery is not None:
-            self._nursery.start_soon(self._send_or_report, peer_id, data)
+        else:
+            self._send_soon(peer_id, data)
+
+    def _start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+        """Start a task of this host; False once it has stopped.
+
+        Callbacks queued with ``run_sync_soon`` may run after this host's nursery
+        closed (in a shared loop the trio token outlives it), and an exception
+        there would end the whole loop, every other host in it included.
+        """
+        nursery = self._nursery
+        if nursery is None:
+            return False
+        try:
+            nursery.start_soon(fn, *args)
+        except RuntimeError:  # "Nursery is closed to new arrivals": stopping
+            return False
+        return True
+
+    def _send_soon(self, peer_id: str, data: bytes) -> None:
+        if not self._start_soon(self._send_or_report, peer_id, data):
+            self._report([data], "the network is stopped")
 
     def publish(self, topic: str, frame: bytes) -> None:
         if self._on_trio_thread():
-            assert self._nursery is not None
-            self._nursery.start_soon(self._publish, topic, frame)
+            self._start_soon(self._publish, topic, frame)
             return
         self._call(self._publish, topic, frame)
 
@@ -536,10 +554,9 @@ class Libp2pTransport:
             log.exception("receiver failed on a frame from %s", peer)
 
     def _on_connected(self, pid: ID) -> None:
-        if self._dht is not None and self._nursery is not None:
+        if self._dht is not None:
             # A connection can complete while the host shuts down (nursery closed).
-            with contextlib.suppress(RuntimeError):
-                self._nursery.start_soon(self._add_to_dht, pid)
+            self._start_soon(self._add_to_dht, pid)
 
     async def _add_to_dht(self, pid: ID) -> None:
         await trio.sleep(0.5)  # after identify, so the peer's listen addresses are known
@@ -558,11 +575,9 @@ class Libp2pTransport:
         if not outbound.usable:
             if not outbound.closed:
                 self._close(outbound)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._send_or_report, outbound.peer_id, data)
+            self._send_soon(outbound.peer_id, data)
         elif not outbound.outbox.put(data):
-            assert self._nursery is not None
-            self._nursery.start_soon(self._send_or_report, outbound.peer_id, data)
+            self._send_soon(outbound.peer_id, data)
 
     async def _send(self, peer_id: str, data: bytes) -> None:
         outbound = await self._outbound_to(peer_id)

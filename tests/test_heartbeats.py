@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
-from dms.network.peertable import ALIVE, GONE, Heartbeat, PeerTable
+import time
+from collections.abc import Callable
+
+import pytest
+
+from dms.actor import ROOT_INBOX, Address, ErrorCode, Handle, Limits, Refusal, make_envelope, seal
+from dms.network.peertable import (
+    ALIVE,
+    GONE,
+    HEARTBEAT_BEHAVIOUR,
+    HEARTBEAT_TOPIC,
+    Heartbeat,
+    PeerTable,
+)
+from dms.node.peering import check_relayed_heartbeat
 from dms.resources import Resources
+from dms.security import Identity
 from dms.sim.cluster import LocalCluster
 from tests.conftest import wait_for
 
@@ -106,3 +121,80 @@ def test_peers_list_shows_status_and_resources_from_heartbeats(cluster: LocalClu
     assert row["status"] == ALIVE and row["connected"] is True
     assert row["free"]["cpu"] == 1.0 and row["onboarded"]["ram_gib"] == 1.0
     assert row["last_seen_s"] < 3 * INTERVAL
+
+
+def test_a_newcomer_learns_the_network_from_one_peer_at_once(cluster: LocalCluster) -> None:
+    """With a long heartbeat interval (a large network's), a node that joins must not
+    wait for each peer's next heartbeat to see it: one peer relays what it heard."""
+    cluster.settings["heartbeat_s"] = 60.0  # no peer beats again within this test
+    first = cluster.start(3)
+    cluster.wait_linked()
+    wait_for(lambda: _tables_complete(first), 20, "the first three to know each other")
+    # Past gossipsub's message cache (5 of its 1 s heartbeats): gossip can no longer
+    # hand the newcomer those heartbeats (IHAVE/IWANT), only a peer's relay can.
+    time.sleep(6)
+
+    newcomer = cluster.add(bootstrap=[first[0].addrs()[0]])
+    wait_for(
+        lambda: {r.peer_id for r in newcomer.peer_table.alive()} == {n.peer_id for n in first},
+        5,
+        "the newcomer to know every peer from the one it asked",
+    )
+    record = newcomer.peer_table.get(first[2].peer_id)
+    assert record is not None and record.heartbeat is not None
+    assert record.did == first[2].identity.did and record.heartbeat.addrs == first[2].addrs()
+    # Asking introduced the newcomer to the peer it asked.
+    wait_for(lambda: first[0].peer_table.get(newcomer.peer_id) is not None, 5, "the introduction")
+
+
+def _heartbeat_frame(
+    signer: Identity | None = None,
+    inbox: str = ROOT_INBOX,
+    behaviour: str = HEARTBEAT_BEHAVIOUR,
+    payload: dict[str, object] | None = None,
+    ttl_s: float = 30.0,
+    host: Identity | None = None,
+) -> tuple[bytes, Identity]:
+    node = host or Identity.generate()
+    key = signer or node
+    sender = Handle(id=key.public_key, address=Address(host=node.peer_id, inbox=inbox))
+    payload = payload or beat(nonce="a" * 16).model_dump()
+    env = make_envelope(
+        sender, key.public_key, behaviour, payload, topic=HEARTBEAT_TOPIC, ttl_s=ttl_s
+    )
+    return seal(env, key), node
+
+
+def test_a_relayed_heartbeat_is_taken_only_as_its_sender_signed_it() -> None:
+    frame, node = _heartbeat_frame()
+    relayed = check_relayed_heartbeat(frame, Limits())
+    assert (relayed.peer_id, relayed.did, relayed.beat.nonce) == (node.peer_id, node.did, "a" * 16)
+
+
+def _tampered() -> bytes:
+    frame = _heartbeat_frame()[0]
+    return frame.replace(b"a" * 16, b"b" * 16)  # another nonce, under the same signature
+
+
+@pytest.mark.parametrize(
+    "make, code",
+    [
+        (_tampered, ErrorCode.BAD_SIGNATURE),
+        (lambda: _heartbeat_frame(behaviour="/dms/node/peers/list")[0], ErrorCode.MALFORMED),
+        (lambda: _heartbeat_frame(ttl_s=-1)[0], ErrorCode.EXPIRED),
+        # An actor of that node, not its root, cannot speak for the node.
+        (
+            lambda: _heartbeat_frame(signer=Identity.generate(), inbox="worker")[0],
+            ErrorCode.WRONG_SIGNER,
+        ),
+        (lambda: _heartbeat_frame(payload={"nonce": "x"})[0], ErrorCode.BAD_PAYLOAD),
+        (lambda: b"not an envelope", ErrorCode.MALFORMED),
+    ],
+    ids=["tampered", "not-a-heartbeat", "expired", "not-the-root", "bad-payload", "garbage"],
+)
+def test_a_relayed_heartbeat_that_gossip_would_refuse_is_refused(
+    make: Callable[[], bytes], code: str
+) -> None:
+    with pytest.raises(Refusal) as refused:
+        check_relayed_heartbeat(make(), Limits())
+    assert refused.value.code == code

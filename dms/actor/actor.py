@@ -61,9 +61,12 @@ class Responder:
 class Request:
     """What a handler receives: the verified envelope and its (validated) payload."""
 
-    def __init__(self, actor: ActorRef, envelope: Envelope, payload: Any) -> None:
+    def __init__(
+        self, actor: ActorRef, envelope: Envelope, payload: Any, sealed: Sealed | None = None
+    ) -> None:
         self.envelope = envelope
         self.payload = payload
+        self.sealed = sealed  # the signed bytes, for handlers that keep or relay them
         self._actor = actor
         self.responder: Responder | None = None
 
@@ -143,8 +146,8 @@ class Actor(pykka.ThreadingActor):
         """Request/reply without blocking: ``on_reply(outcome)`` runs in this actor."""
         self.ref.invoke(to, behaviour, payload, timeout=timeout, on_reply=on_reply)
 
-    def publish(self, topic: str, behaviour: str, payload: Any = None, **kw: Any) -> None:
-        self.ref.publish(topic, behaviour, payload, **kw)
+    def publish(self, topic: str, behaviour: str, payload: Any = None, **kw: Any) -> bytes:
+        return self.ref.publish(topic, behaviour, payload, **kw)
 
     def subscribe(self, topic: str) -> None:
         self.system.subscribe(topic, self.handle.address.inbox)
@@ -235,7 +238,7 @@ class Actor(pykka.ThreadingActor):
                     payload = spec.payload.model_validate(payload)
                 except ValidationError as exc:
                     raise Refusal(ErrorCode.BAD_PAYLOAD, _first_error(exc)) from None
-            request = Request(self.ref, env, payload)
+            request = Request(self.ref, env, payload, sealed)
             result = spec.handler(request)
         except Refusal as refusal:
             self.system.refuse(env, refusal, self.ref)

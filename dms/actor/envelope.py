@@ -69,6 +69,11 @@ class Sealed:
     signature: bytes
     size: int
 
+    @property
+    def frame(self) -> bytes:
+        """The envelope as it travelled, signature included (to keep or relay)."""
+        return self.signed + self.signature
+
 
 def new_nonce() -> bytes:
     return os.urandom(NONCE_BYTES)

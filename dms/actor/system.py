@@ -209,9 +209,11 @@ class ActorRef:
 
     def publish(
         self, topic: str, behaviour: str, payload: Any = None, *, ttl_s: float | None = None
-    ) -> None:
-        env = self.envelope(behaviour, payload, ttl_s=ttl_s, topic=topic)
-        self.system.publish(topic, self.seal(env))
+    ) -> bytes:
+        """Broadcast on ``topic``; returns the sealed envelope as it was sent."""
+        frame = self.seal(self.envelope(behaviour, payload, ttl_s=ttl_s, topic=topic))
+        self.system.publish(topic, frame)
+        return frame
 
     def tell(self, message: Any) -> None:
         self.pykka_ref.tell(message)

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 HEARTBEAT_TOPIC = "/dms/heartbeat"
 HEARTBEAT_BEHAVIOUR = "/broadcast/heartbeat"
+# A node's latest heartbeat from each live peer, as each peer signed it.
+HEARTBEATS_BEHAVIOUR = "/dms/node/peers/heartbeats"
 DEADLINE_FACTOR = 3.0  # a peer may miss two heartbeats before it is gone
 
 ALIVE, GONE = "alive", "gone"
@@ -94,10 +96,15 @@ class PeerTable:
         self._lock = threading.Lock()
         self._history = history
 
-    def observe(self, peer_id: str, did: str, beat: Heartbeat) -> str:
+    def observe(self, peer_id: str, did: str, beat: Heartbeat, sent_at: float | None = None) -> str:
         """Take in one heartbeat; returns what it meant: ``joined``, ``alive``,
-        ``returned`` (was gone, same process), ``restarted`` (new nonce) or ``left``."""
+        ``returned`` (was gone, same process), ``restarted`` (new nonce) or ``left``.
+
+        ``sent_at`` (wall clock): when the peer sent a heartbeat that reaches us
+        late, relayed by another peer; its deadline then runs from that time.
+        """
         now, wall = self._clock(), self._wall()
+        age = 0.0 if sent_at is None else min(max(0.0, wall - sent_at), beat.deadline_s)
         with self._lock:
             record = self._peers.get(peer_id)
             if record is None:
@@ -118,8 +125,8 @@ class PeerTable:
                 record.status = ALIVE
             record.did = did
             record.heartbeat = beat
-            record.last_seen = wall
-            record.deadline = now + beat.deadline_s
+            record.last_seen = wall - age
+            record.deadline = now - age + beat.deadline_s
             if event != "alive":
                 record.history = [*record.history, event][-self._history :]
             return event

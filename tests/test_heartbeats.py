@@ -16,7 +16,7 @@ from dms.network.peertable import (
     Heartbeat,
     PeerTable,
 )
-from dms.node.peering import check_relayed_heartbeat
+from dms.node.heartbeat_sync import check_relayed_heartbeat
 from dms.resources import Resources
 from dms.security import Identity
 from dms.sim.cluster import LocalCluster

@@ -1,83 +1,34 @@
 """The node's peer behaviours: ``/dms/node/peers/*`` and the heartbeat it sends and hears.
 
 A mixin of :class:`dms.node.node.NodeActor`; see ``specs/node.md`` for the
-heartbeat format and timing.
+heartbeat format and timing, and ``dms.node.heartbeat_sync`` for heartbeats
+passed on between peers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from dms.actor import ErrorCode, Outcome, Refusal, Request, behaviour
-from dms.actor.envelope import check_time, now_ns, unseal, verify
-from dms.actor.system import Limits
+from dms.actor import ErrorCode, Refusal, Request, behaviour
+from dms.actor.envelope import peek
 from dms.network.host import Libp2pTransport
 from dms.network.peertable import (
     DEADLINE_FACTOR,
     HEARTBEAT_BEHAVIOUR,
     HEARTBEAT_TOPIC,
-    HEARTBEATS_BEHAVIOUR,
     Heartbeat,
     PeerTable,
 )
-from dms.node.base import NodeBase
-from dms.node.client import root_handle
+from dms.node.heartbeat_sync import HEARTBEAT_MAX_TTL_S, HeartbeatSync, SignedHeartbeat
 from dms.security.identity import peer_id_from_public_key
 
 log = logging.getLogger("dms.node")
-
-
-# After start, ask a connected peer for the heartbeats it holds (three times: at
-# first, the peers it asks may be new too). Without it a newcomer learns of each
-# peer only at that peer's next heartbeat, N / heartbeat_budget_per_s seconds away.
-SYNC_AFTER_S = (1.0, 4.0, 12.0)
-# At most this many heartbeats in one relay, and at most half the control limit.
-RELAY_MAX = 256
-# Heartbeats live as long as their deadline, so a peer can relay the last one it
-# heard, but no longer than this (a receiver refuses expiries beyond its max_ttl_s).
-HEARTBEAT_MAX_TTL_S = 600.0
-
-
-@dataclass(frozen=True)
-class RelayedHeartbeat:
-    peer_id: str
-    did: str
-    beat: Heartbeat
-    sent_at: float  # wall clock, seconds
-
-
-def check_relayed_heartbeat(frame: bytes, limits: Limits) -> RelayedHeartbeat:
-    """A heartbeat envelope that another peer passed on, checked as if it had come by
-    gossip: a heartbeat, in time, signed by its sender, the root actor of its peer.
-    Raises ``Refusal``."""
-    sealed = unseal(frame, limits.max_control_bytes)
-    env = sealed.envelope
-    if env.topic != HEARTBEAT_TOPIC or env.behaviour != HEARTBEAT_BEHAVIOUR or env.to is not None:
-        raise Refusal(ErrorCode.MALFORMED, "not a heartbeat")
-    check_time(env, now_ns(), limits.max_ttl_s, limits.clock_skew_s)
-    verify(sealed)
-    peer_id = peer_id_from_public_key(env.signer)
-    if env.sender.address.host != peer_id:
-        raise Refusal(ErrorCode.WRONG_SIGNER, "a heartbeat must come from a node's root")
-    try:
-        beat = Heartbeat.model_validate(env.payload)
-    except ValidationError as exc:
-        raise Refusal(ErrorCode.BAD_PAYLOAD, str(exc).splitlines()[0]) from None
-    return RelayedHeartbeat(peer_id, env.sender.did, beat, env.issued_at / 1e9)
-
-
-class HeartbeatsPayload(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    # The asker's own latest heartbeat: asking introduces it too.
-    heartbeat: bytes | None = Field(default=None, max_length=64 * 1024)
 
 
 class PingPayload(BaseModel):
@@ -90,20 +41,15 @@ class ConnectPayload(BaseModel):
     address: str = Field(min_length=1, description="a multiaddr ending in /p2p/<peer id>")
 
 
-class PeeringBehaviours(NodeBase):
+class PeeringBehaviours(HeartbeatSync):
     nonce: str = ""
     _beats: int = 0
-    _own_frame: bytes | None = None
 
     def start_peering(self) -> None:
         self.nonce = secrets.token_hex(8)  # new per process: peers see a restart
-        # The latest heartbeat heard from each peer, as signed, oldest first: relayed
-        # to newcomers (/dms/node/peers/heartbeats).
-        self._frames: dict[str, bytes] = {}
+        self.start_heartbeat_sync()
         self.subscribe(HEARTBEAT_TOPIC)
         self.call_later(0.0, self._heartbeat)
-        for delay_s in SYNC_AFTER_S:
-            self.call_later(delay_s, self._sync_peers)
         self.call_later(self.services.heartbeat_s / 2, self._sweep)
         if self.services.peerbook is not None and self.services.network is not None:
             self.call_later(1.0, self._remember_peers)
@@ -160,7 +106,9 @@ class PeeringBehaviours(NodeBase):
         # Valid until the deadline it announces, so peers can pass it on meanwhile.
         ttl_s = min(beat["deadline_s"], HEARTBEAT_MAX_TTL_S, self.system.limits.max_ttl_s)
         frame = self.publish(HEARTBEAT_TOPIC, HEARTBEAT_BEHAVIOUR, beat, ttl_s=ttl_s)
-        self._own_frame = None if leaving else frame
+        env = peek(frame)
+        signed = SignedHeartbeat(env.issued_at, env.expiry, frame) if env is not None else None
+        self.keep_own_heartbeat(None if leaving else signed)
 
     def _heartbeat(self) -> None:
         self.announce()
@@ -186,98 +134,30 @@ class PeeringBehaviours(NodeBase):
             return
         if sender.address.host != peer_id:
             raise Refusal(ErrorCode.WRONG_SIGNER, "a heartbeat must come from a node's root")
-        frame = request.sealed.frame if request.sealed is not None else None
-        self._take_heartbeat(peer_id, sender.did, request.payload, frame)
+        sealed = request.sealed
+        signed = (
+            SignedHeartbeat(sealed.envelope.issued_at, sealed.envelope.expiry, sealed.frame)
+            if sealed
+            else None
+        )
+        self.take_heartbeat(peer_id, sender.did, request.payload, signed)
 
-    def _take_heartbeat(
+    def take_heartbeat(
         self,
         peer_id: str,
         did: str,
         beat: Heartbeat,
-        frame: bytes | None,
+        signed: SignedHeartbeat | None,
         sent_at: float | None = None,
         via: str | None = None,
     ) -> str:
         event = self.peer_table.observe(peer_id, did, beat, sent_at)
         if beat.addrs and self.services.network is not None:
             self.services.network.learn_addrs(peer_id, beat.addrs)
-        self._frames.pop(peer_id, None)
-        if frame is not None and not beat.leaving:
-            self._frames[peer_id] = frame  # now the newest
+        self.keep_heartbeat(peer_id, None if beat.leaving else signed)
         if event != "alive":
             log.info("peer %s %s%s", peer_id, event, f" (heard from {via})" if via else "")
         return event
-
-    # ---- heartbeats relayed to newcomers ----------------------------------------------
-
-    @behaviour(HEARTBEATS_BEHAVIOUR, public=True, payload=HeartbeatsPayload)
-    def peers_heartbeats(self, request: Request) -> dict[str, list[bytes]]:
-        """This node's heartbeat and the latest one of each live peer, newest first, each
-        as its sender signed it: what gossip already told everyone, for a newcomer."""
-        asker = request.sender.address.host
-        if request.payload.heartbeat is not None:
-            self._adopt_heartbeats(asker, [request.payload.heartbeat], only_from=asker)
-        alive = {r.peer_id for r in self.peer_table.alive()} - {asker}
-        frames = [self._own_frame] if self._own_frame is not None else []
-        budget = self.system.limits.max_control_bytes // 2 - sum(map(len, frames))
-        for peer_id, frame in reversed(self._frames.items()):
-            if len(frames) >= RELAY_MAX or len(frame) > budget:
-                break
-            if peer_id in alive:
-                frames.append(frame)
-                budget -= len(frame)
-        return {"heartbeats": frames}
-
-    def _sync_peers(self) -> None:
-        network = self.services.network
-        if network is None:
-            return
-        try:
-            connected = [p.peer_id for p in network.peers()]
-        except Exception as exc:  # a host still starting or stopping: the next try
-            log.debug("no peers to ask for heartbeats: %s", exc)
-            return
-        if connected:
-            source = random.choice(connected)
-            self.invoke(
-                root_handle(source),
-                HEARTBEATS_BEHAVIOUR,
-                {"heartbeat": self._own_frame},
-                on_reply=lambda outcome: self._relayed_to_me(source, outcome),
-            )
-
-    def _relayed_to_me(self, source: str, outcome: Outcome) -> None:
-        frames = outcome.result.get("heartbeats") if isinstance(outcome.result, dict) else None
-        if not outcome.ok or not isinstance(frames, list):
-            log.debug("no heartbeats from %s: %s", source, outcome.error or "not a list")
-            return
-        self._adopt_heartbeats(source, frames[:RELAY_MAX])
-
-    def _adopt_heartbeats(
-        self, source: str, frames: list[Any], only_from: str | None = None
-    ) -> None:
-        """Take in the heartbeats ``source`` passed on, each checked as gossip would be,
-        where they are newer than what this node heard itself."""
-        for frame in frames:
-            try:
-                if not isinstance(frame, bytes):
-                    raise Refusal(ErrorCode.MALFORMED, "not an envelope")
-                relayed = check_relayed_heartbeat(frame, self.system.limits)
-            except Refusal as refusal:
-                self.system.refusals[str(refusal.code)] += 1
-                log.warning("heartbeat relayed by %s refused: %s", source, refusal)
-                continue
-            if only_from is not None and relayed.peer_id != only_from:
-                self.system.refusals[str(ErrorCode.WRONG_SIGNER)] += 1
-                log.warning("peer %s introduced itself with another's heartbeat", source)
-                continue
-            if relayed.peer_id == self.system.peer_id or relayed.beat.leaving:
-                continue
-            known = self.peer_table.get(relayed.peer_id)
-            if known is None or relayed.sent_at > known.last_seen:  # news, not an echo
-                self._take_heartbeat(
-                    relayed.peer_id, relayed.did, relayed.beat, frame, relayed.sent_at, source
-                )
 
     # ---- peers (owner) ---------------------------------------------------------------
 

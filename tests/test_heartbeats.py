@@ -13,9 +13,11 @@ from dms.network.peertable import (
     GONE,
     HEARTBEAT_BEHAVIOUR,
     HEARTBEAT_TOPIC,
+    HEARTBEATS_BEHAVIOUR,
     Heartbeat,
     PeerTable,
 )
+from dms.node.client import root_handle
 from dms.node.heartbeat_sync import check_relayed_heartbeat
 from dms.resources import Resources
 from dms.security import Identity
@@ -145,6 +147,17 @@ def test_a_newcomer_learns_the_network_from_one_peer_at_once(cluster: LocalClust
     assert record.did == first[2].identity.did and record.heartbeat.addrs == first[2].addrs()
     # Asking introduced the newcomer to the peer it asked.
     wait_for(lambda: first[0].peer_table.get(newcomer.peer_id) is not None, 5, "the introduction")
+
+    # The answer holds what the asker lacks: everything for an empty hand, nothing
+    # for a hand that holds it all.
+    assert newcomer.node is not None
+    ask = newcomer.node.ask
+    answer = ask(root_handle(first[0].peer_id), HEARTBEATS_BEHAVIOUR, {}, timeout=10)
+    relayed = [check_relayed_heartbeat(f, Limits()) for f in answer["heartbeats"]]
+    assert {r.peer_id for r in relayed} == {n.peer_id for n in first}
+    have = {r.peer_id: r.signed.issued_at for r in relayed}
+    answer = ask(root_handle(first[0].peer_id), HEARTBEATS_BEHAVIOUR, {"have": have}, timeout=10)
+    assert answer == {"heartbeats": []}
 
 
 def _heartbeat_frame(

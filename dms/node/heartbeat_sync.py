@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dms.actor import ErrorCode, Limits, Outcome, Refusal, Request, behaviour
+from dms.actor import Envelope, ErrorCode, Limits, Outcome, Refusal, Request, behaviour
 from dms.actor.envelope import check_time, now_ns, unseal, verify
 from dms.network.peertable import (
     HEARTBEAT_BEHAVIOUR,
@@ -60,6 +60,10 @@ class SignedHeartbeat:
     expiry: int  # unix ns, from the envelope
     frame: bytes
 
+    @classmethod
+    def of(cls, envelope: Envelope, frame: bytes) -> SignedHeartbeat:
+        return cls(envelope.issued_at, envelope.expiry, frame)
+
 
 @dataclass(frozen=True)
 class RelayedHeartbeat:
@@ -90,8 +94,7 @@ def check_relayed_heartbeat(frame: bytes, limits: Limits) -> RelayedHeartbeat:
         beat = Heartbeat.model_validate(env.payload)
     except ValidationError as exc:
         raise Refusal(ErrorCode.BAD_PAYLOAD, str(exc).splitlines()[0]) from None
-    signed = SignedHeartbeat(env.issued_at, env.expiry, frame)
-    return RelayedHeartbeat(peer_id, env.sender.did, beat, signed)
+    return RelayedHeartbeat(peer_id, env.sender.did, beat, SignedHeartbeat.of(env, frame))
 
 
 class HeartbeatsPayload(BaseModel):
@@ -130,8 +133,15 @@ class HeartbeatSync(NodeBase):
         sent_at: float | None = None,
         via: str | None = None,
     ) -> str:
-        """File a verified heartbeat in the peers table (the peering mixin's)."""
-        raise NotImplementedError
+        """File a verified heartbeat: the peers table, the peer's addresses, and the
+        envelope to pass on. ``via``: the peer that passed it on."""
+        event = self.services.peer_table.observe(peer_id, did, beat, sent_at)
+        if beat.addrs and self.services.network is not None:
+            self.services.network.learn_addrs(peer_id, beat.addrs)
+        self.keep_heartbeat(peer_id, None if beat.leaving else signed)
+        if event != "alive":
+            log.info("peer %s %s%s", peer_id, event, f" (heard from {via})" if via else "")
+        return event
 
     # ---- serving -----------------------------------------------------------------------
 

@@ -107,7 +107,7 @@ class PeeringBehaviours(HeartbeatSync):
         ttl_s = min(beat["deadline_s"], HEARTBEAT_MAX_TTL_S, self.system.limits.max_ttl_s)
         frame = self.publish(HEARTBEAT_TOPIC, HEARTBEAT_BEHAVIOUR, beat, ttl_s=ttl_s)
         env = peek(frame)
-        signed = SignedHeartbeat(env.issued_at, env.expiry, frame) if env is not None else None
+        signed = SignedHeartbeat.of(env, frame) if env is not None else None
         self.keep_own_heartbeat(None if leaving else signed)
 
     def _heartbeat(self) -> None:
@@ -135,29 +135,8 @@ class PeeringBehaviours(HeartbeatSync):
         if sender.address.host != peer_id:
             raise Refusal(ErrorCode.WRONG_SIGNER, "a heartbeat must come from a node's root")
         sealed = request.sealed
-        signed = (
-            SignedHeartbeat(sealed.envelope.issued_at, sealed.envelope.expiry, sealed.frame)
-            if sealed
-            else None
-        )
+        signed = SignedHeartbeat.of(sealed.envelope, sealed.frame) if sealed else None
         self.take_heartbeat(peer_id, sender.did, request.payload, signed)
-
-    def take_heartbeat(
-        self,
-        peer_id: str,
-        did: str,
-        beat: Heartbeat,
-        signed: SignedHeartbeat | None,
-        sent_at: float | None = None,
-        via: str | None = None,
-    ) -> str:
-        event = self.peer_table.observe(peer_id, did, beat, sent_at)
-        if beat.addrs and self.services.network is not None:
-            self.services.network.learn_addrs(peer_id, beat.addrs)
-        self.keep_heartbeat(peer_id, None if beat.leaving else signed)
-        if event != "alive":
-            log.info("peer %s %s%s", peer_id, event, f" (heard from {via})" if via else "")
-        return event
 
     # ---- peers (owner) ---------------------------------------------------------------
 

@@ -187,15 +187,19 @@ class HeartbeatSync(NodeBase):
         source = random.choice(connected)
         newest = list(self._heard.items())[-DIGEST_MAX:]
         own = self._own_heartbeat
-        self.invoke(
-            root_handle(source),
-            HEARTBEATS_BEHAVIOUR,
-            {
-                "heartbeat": own.frame if own is not None else None,
-                "have": {peer_id: signed.issued_at for peer_id, signed in newest},
-            },
-            on_reply=lambda outcome: self._answered(source, outcome),
-        )
+        try:
+            self.invoke(
+                root_handle(source),
+                HEARTBEATS_BEHAVIOUR,
+                {
+                    "heartbeat": own.frame if own is not None else None,
+                    "have": {peer_id: signed.issued_at for peer_id, signed in newest},
+                },
+                on_reply=lambda outcome: self._answered(source, outcome),
+            )
+        except Exception as exc:  # the network stopping: keep the schedule all the same
+            log.debug("could not ask %s for heartbeats: %s", source, exc)
+            self.call_later(SYNC_EVERY_S, self._sync)
 
     def _answered(self, source: str, outcome: Outcome) -> None:
         result: Any = outcome.result

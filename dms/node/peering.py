@@ -124,6 +124,7 @@ class PeeringBehaviours(HeartbeatSync):
     def _sweep(self) -> None:
         for peer_id in self.peer_table.sweep():
             log.info("peer %s is gone (missed its heartbeat deadline)", peer_id)
+            self.keep_heartbeat(peer_id, None)  # expired with the deadline: nothing to pass on
         self.call_later(self.services.heartbeat_s / 2, self._sweep)
 
     @behaviour(HEARTBEAT_BEHAVIOUR, public=True, payload=Heartbeat)

@@ -36,10 +36,10 @@ class TimerHandle:
 
     def cancel(self) -> None:
         timers = self._timers
-        if timers is None or self.cancelled:
+        if timers is None:  # already taken off the heap: nothing to count
             self.cancelled = True
-            return
-        timers._cancel(self)
+        else:
+            timers._cancel(self)
 
 
 _Entry = tuple[float, int, TimerHandle, Callable[[], None]]

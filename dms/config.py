@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     orphan_s: float = Field(
         default=15.0, gt=0, description="stop an allocation whose requester is gone this long"
     )
+    chunk_quota: int = Field(
+        default=2048 * MIB, ge=0, description="most bytes the chunk store may hold"
+    )
     preferences: Preferences = Field(
         default_factory=Preferences, description="the work this node accepts"
     )

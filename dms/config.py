@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     max_ttl_s: float = Field(default=3600.0, gt=0, description="longest accepted expiry")
     clock_skew_s: float = Field(default=60.0, ge=0)
     invoke_timeout_s: float = Field(default=10.0, gt=0)
+    replay_cache_size: int = Field(
+        default=200_000,
+        ge=1000,
+        description="envelopes remembered against replay; older ones are refused when full",
+    )
     log_level: str = "INFO"
     listen: list[str] = Field(
         default_factory=lambda: ["/ip4/0.0.0.0/tcp/9000"], description="libp2p listen multiaddrs"

@@ -8,11 +8,11 @@ under the sha256 of its bytes in ``DMS_HOME/chunks``. See specs/chunks.md.
 resumption. A chunk lost or spoiled in transit costs at most 1 MiB to fetch
 again. One chunk fits in memory per stream at once, and a transfer yields to
 the control stream between chunks. It is also large enough that the cost per
-chunk stays small: one file, one 32-byte hash in the manifest, one request.
-At the default 2 GiB quota a store holds at most 2048 chunks, so a manifest
-of the whole quota is about 2048 × (32-byte hash + size) < 100 KiB. That fits
-well within a 1 MiB control envelope. With 64 KiB chunks the same manifest
-would be 16 times larger and would not fit. Chunks are fixed-size, not
+chunk stays small: one file, one hash in the manifest, one request. At the
+default 2 GiB quota a store holds at most 2048 chunks. A manifest of the whole
+quota lists 2048 hex hashes, 132 KiB in MessagePack, which fits well within a
+1 MiB control envelope. With 64 KiB chunks it would be 2.06 MiB and would not
+fit. Chunks are fixed-size, not
 content-defined: what is deduplicated is a whole blob sent again (the same
 public context for several allocations on one provider), and fixed cuts find
 that.

@@ -1,0 +1,252 @@
+"""Blind k-NN (CKKS): the worker holds no labels and learns no neighbours.
+
+One request/response per block of queries::
+
+    owner  --BlindKnnStart-->     worker  public context, Enc(training rows) packed by
+                                          column (a x chunks); no labels
+    owner  --BlindKnnQuery-->     worker  a block of ``block`` queries, each a ciphertexts
+                                          (value q_j in every slot); the last block is
+                                          padded with dummy queries
+    worker --BlindKnnDistances--> owner   per query, Enc(sum_j (T_j - q_j)^2) per chunk
+                                          (Euclidean), or Enc(T_j - q_j) per attribute
+                                          and chunk (Manhattan)
+    ... one query/distances exchange per block; the owner ranks and votes itself.
+
+The owner decrypts, ranks (distances within the tie tolerance count as equal and are
+ordered by index, as plaintext ``knn`` orders exact ties), counts the queries whose
+k + 1 nearest hold such a near-tie, and votes with its own labels. The worker's
+operations depend only on (a, chunks, block): per query a * chunks subtractions and
+squarings, no rotations, no Galois keys.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import tenseal as ts
+from pydantic import BaseModel
+
+from dms.mining.blind_kmeans import (
+    _shape,
+    blind_keys,
+    check_keys,
+    decrypt_rows,
+    load_vectors,
+    pack_columns,
+    replicate,
+    tolerance,
+)
+from dms.mining.distance import Distance
+from dms.mining.errors import MiningError
+from dms.mining.plain import check_k, vote
+from dms.mining.schemes.ckks import CkksKeys, load_public_context
+
+Label = str | int | float
+DEFAULT_BLOCK = 8
+
+
+class BlindKnnStart(BaseModel):
+    protocol: Literal["blind"] = "blind"
+    distance: Distance
+    attributes: int
+    chunks: int
+    slots: int
+    block: int  # queries per BlindKnnQuery, always
+    context: bytes  # public CKKS context: no secret key, no Galois keys
+    columns: list[list[bytes]]  # a x chunks: Enc(T[:, j]) packed, zero-padded
+
+
+class BlindKnnQuery(BaseModel):
+    queries: list[list[bytes]]  # block x a: Enc(q_j) in every slot
+
+
+class BlindKnnDistances(BaseModel):
+    # per query: Euclidean, chunks ciphertexts Enc(sum_j (T_j - q_j)^2);
+    # Manhattan, a * chunks ciphertexts Enc(T_j - q_j), index j * chunks + c.
+    distances: list[list[bytes]]
+
+
+def nearest_with_ties(distances: np.ndarray, k: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest per row, nearest first; distances within ``tol`` of each other (chained)
+    count as equal and go by index, as plaintext ``nearest`` orders exact ties. Also which
+    rows had a near-tie among their k + 1 nearest."""
+    order = np.argsort(distances, axis=1, kind="stable")
+    ranked = np.take_along_axis(distances, order, axis=1)
+    gaps = np.diff(ranked, axis=1)
+    group = np.concatenate(
+        [np.zeros((ranked.shape[0], 1), dtype=np.int64), np.cumsum(gaps > tol, axis=1)], axis=1
+    )
+    out = np.empty((ranked.shape[0], k), dtype=np.int64)
+    for r in range(ranked.shape[0]):
+        within = np.lexsort((order[r], group[r]))
+        out[r] = order[r][within][:k]
+    tied = (gaps[:, :k] <= tol).any(axis=1)
+    return out, tied
+
+
+class BlindKnnOwner:
+    """Holds training rows, labels, queries and keys; ranks and votes after decryption."""
+
+    def __init__(
+        self,
+        train: np.ndarray,
+        labels: Sequence[Label],
+        k: int,
+        *,
+        distance: Distance = Distance.EUCLIDEAN,
+        level: int = 128,
+        keys: CkksKeys | None = None,
+        block: int = DEFAULT_BLOCK,
+        tie_tolerance: float | None = None,
+    ) -> None:
+        train = np.asarray(train, dtype=np.float64)
+        if train.ndim != 2:
+            raise MiningError("training rows must be an n x a table")
+        check_k(k, train.shape[0], "training records")
+        if len(labels) != train.shape[0]:
+            raise MiningError("one label per training record is needed")
+        if block < 1:
+            raise MiningError(f"queries per block must be at least 1, not {block}")
+        self.distance, self.k, self.level, self.block = Distance.parse(distance), k, level, block
+        self.labels = list(labels)
+        self.keys = check_keys(keys)
+        # Translation and uniform scaling keep every distance order; CKKS wants values near 1.
+        self.offset = train.mean(axis=0)
+        peak = float(np.abs(train - self.offset).max(initial=0.0))
+        self.scale = peak if peak > 0 else 1.0
+        self.train = (train - self.offset) / self.scale
+        self.n, self.a = self.train.shape
+        self.tol = tolerance(self.a) if tie_tolerance is None else tie_tolerance
+        self.pending: list[int] = []  # real queries in each block sent and not yet answered
+        self.near_ties = 0
+        self.timings = {"keygen": 0.0, "encrypt": 0.0, "decrypt": 0.0}
+
+    @property
+    def chunks(self) -> int:
+        assert self.keys is not None
+        return -(-self.n // self.keys.slots)
+
+    def start(self) -> BlindKnnStart:
+        began = time.perf_counter()
+        if self.keys is None:
+            self.keys = blind_keys(self.level)
+        self.timings["keygen"] += time.perf_counter() - began
+        began = time.perf_counter()
+        message = BlindKnnStart(
+            distance=self.distance,
+            attributes=self.a,
+            chunks=self.chunks,
+            slots=self.keys.slots,
+            block=self.block,
+            context=self.keys.public_context_bytes(),
+            columns=pack_columns(self.keys, self.train),
+        )
+        self.timings["encrypt"] += time.perf_counter() - began
+        return message
+
+    def prepare(self, test: np.ndarray) -> np.ndarray:
+        test = np.asarray(test, dtype=np.float64)
+        if test.ndim != 2 or test.shape[1] != self.a:
+            raise MiningError(f"test rows have {test.shape[-1]} attributes, training rows {self.a}")
+        return (test - self.offset) / self.scale
+
+    def query_blocks(self, test: np.ndarray) -> list[np.ndarray]:
+        prepared = self.prepare(test)
+        return [prepared[i : i + self.block] for i in range(0, prepared.shape[0], self.block)]
+
+    def query(self, block: np.ndarray) -> BlindKnnQuery:
+        """Encrypt one block (from ``query_blocks``), padded to ``block`` queries."""
+        assert self.keys is not None
+        if not 1 <= block.shape[0] <= self.block:
+            raise MiningError(f"a query block holds 1 to {self.block} rows")
+        began = time.perf_counter()
+        padded = np.zeros((self.block, self.a))
+        padded[: block.shape[0]] = block
+        message = BlindKnnQuery(queries=[replicate(self.keys, row) for row in padded])
+        self.timings["encrypt"] += time.perf_counter() - began
+        self.pending.append(block.shape[0])
+        return message
+
+    def neighbours(self, message: BlindKnnDistances) -> tuple[np.ndarray, np.ndarray]:
+        """Decrypt the oldest pending block's distances -> (indices q x k, distances q x n)."""
+        assert self.keys is not None
+        if not self.pending:
+            raise MiningError("distances arrived for no query")
+        per_query = self.chunks * (1 if self.distance is Distance.EUCLIDEAN else self.a)
+        _shape(message.distances, self.block, per_query, "distances")
+        real = self.pending.pop(0)
+        began = time.perf_counter()
+        if self.distance is Distance.EUCLIDEAN:
+            dist = np.array([decrypt_rows(self.keys, q, self.n) for q in message.distances[:real]])
+        else:
+            dist = np.array(
+                [
+                    sum(
+                        np.abs(
+                            decrypt_rows(
+                                self.keys, q[j * self.chunks : (j + 1) * self.chunks], self.n
+                            )
+                        )
+                        for j in range(self.a)
+                    )
+                    for q in message.distances[:real]
+                ]
+            )
+        self.timings["decrypt"] += time.perf_counter() - began
+        indices, tied = nearest_with_ties(dist, self.k, self.tol)
+        self.near_ties += int(tied.sum())
+        return indices, dist
+
+    def vote(self, indices: np.ndarray) -> list[Label]:
+        return [vote([self.labels[i] for i in row]) for row in indices]
+
+    def classify(self, message: BlindKnnDistances) -> list[Label]:
+        """Predictions for the oldest pending block, voted with the owner's own labels."""
+        return self.vote(self.neighbours(message)[0])
+
+
+class BlindKnnWorker:
+    """Computes encrypted distances in a fixed sequence; never sees a label or an index."""
+
+    def __init__(self, start: BlindKnnStart) -> None:
+        self.distance, self.a, self.chunks, self.block = (
+            start.distance,
+            start.attributes,
+            start.chunks,
+            start.block,
+        )
+        if self.a < 1 or self.chunks < 1 or self.block < 1:
+            raise MiningError("a blind job needs attributes, chunks and block of at least 1")
+        _shape(start.columns, self.a, self.chunks, "columns")
+        self.context = load_public_context(start.context)
+        self.slots = start.slots
+        self.columns = [load_vectors(self.context, column, self.slots) for column in start.columns]
+        self.compute_s = 0.0
+
+    def distances(self, message: BlindKnnQuery) -> BlindKnnDistances:
+        began = time.perf_counter()
+        _shape(message.queries, self.block, self.a, "queries")
+        out = [
+            self._query(load_vectors(self.context, query, self.slots)) for query in message.queries
+        ]
+        self.compute_s += time.perf_counter() - began
+        return BlindKnnDistances(distances=out)
+
+    def _query(self, query: list[ts.CKKSVector]) -> list[bytes]:
+        if self.distance is Distance.EUCLIDEAN:
+            out = []
+            for c in range(self.chunks):
+                total = (self.columns[0][c] - query[0]).square()
+                for j in range(1, self.a):
+                    total += (self.columns[j][c] - query[j]).square()
+                out.append(total.serialize())
+            return out
+        # Manhattan: the differences, brought down a level (x 1.0) to halve their bytes.
+        return [
+            ((self.columns[j][c] - query[j]) * 1.0).serialize()
+            for j in range(self.a)
+            for c in range(self.chunks)
+        ]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Literal
 
 import numpy as np
@@ -128,26 +129,43 @@ def load_vectors(context: ts.Context, raw: Sequence[bytes], slots: int) -> list[
     return vectors
 
 
-def _shape(rows: Sequence[Sequence[bytes]], outer: int, inner: int, what: str) -> None:
+def check_shape(rows: Sequence[Sequence[bytes]], outer: int, inner: int, what: str) -> None:
     if len(rows) != outer or any(len(row) != inner for row in rows):
         raise MiningError(f"{what} must be {outer} x {inner} ciphertexts")
 
 
+def shard_rows(n: int, shards: int) -> list[slice]:
+    """``n`` records in ``shards`` contiguous runs of near-equal size, in order."""
+    bounds = np.linspace(0, n, shards + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in pairwise(bounds)]
+
+
+Next = Literal["distances", "sums"]
+
+
 class BlindClusterStart(BaseModel):
+    """A shard's opening message, at the owner's current step (a worker placed again
+    mid-job resumes there): ``next`` says what its first ``round()`` computes."""
+
     protocol: Literal["blind"] = "blind"
     distance: Distance
     k: int
     attributes: int
-    chunks: int
+    chunks: int  # of this shard
     slots: int
+    exchange: int = 0  # request/response steps done so far (two per iteration)
+    iteration: int = 0  # k-means iterations whose distances were computed
+    next: Next = "distances"
     context: bytes  # public CKKS context: no secret key, no Galois keys
     columns: list[list[bytes]]  # a x chunks: Enc(D[:, j]) packed, zero-padded
-    centroids: list[list[bytes]]  # k x a: Enc(C[y][j]) in every slot
+    centroids: list[list[bytes]] = []  # next == distances: k x a, Enc(C[y][j]) in every slot
+    masks: list[list[bytes]] = []  # next == sums: (k - 1) x chunks one-hot masks
 
 
 class BlindClusterRound(BaseModel):
+    exchange: int  # 1, 2, ...: this answer completes that step
     iteration: int
-    step: Literal["distances", "sums"]
+    step: Next
     # distances, Euclidean: k x chunks, Enc(sum_j (X_j - C_yj)^2);
     # distances, Manhattan: (k * a) x chunks, Enc(X_j - C_yj), row y * a + j;
     # sums: k x a, Enc(sum_c M_y,c * X_j,c), slots not yet summed.
@@ -162,7 +180,12 @@ class BlindClusterUpdate(BaseModel):
 
 
 class BlindClusterOwner:
-    """Holds the data, the keys and every plaintext; the worker only multiplies ciphertexts."""
+    """Holds the data, the keys and every plaintext; the workers only compute on ciphertexts.
+
+    With ``shards`` > 1 each worker holds a contiguous run of records; the owner joins
+    their distances in record order and adds their partial sums, so the labels are those
+    of one worker holding everything.
+    """
 
     def __init__(
         self,
@@ -176,6 +199,7 @@ class BlindClusterOwner:
         seed: int | None = None,
         level: int = 128,
         keys: CkksKeys | None = None,
+        shards: int = 1,
         tie_tolerance: float | None = None,
     ) -> None:
         if max_iterations < 1:
@@ -183,6 +207,8 @@ class BlindClusterOwner:
         data = np.asarray(data, dtype=np.float64)
         if data.ndim != 2 or data.shape[0] == 0:
             raise MiningError("blind k-means needs a non-empty n x a table")
+        if not 1 <= shards <= data.shape[0]:
+            raise MiningError(f"{shards} shards for {data.shape[0]} records")
         self.distance, self.k, self.level = Distance.parse(distance), k, level
         self.min_error, self.max_iterations = min_error, max_iterations
         self.keys = check_keys(keys)
@@ -193,6 +219,7 @@ class BlindClusterOwner:
         self.scale = peak if peak > 0 else 1.0
         self.data = (data - self.offset) / self.scale
         self.n, self.a = self.data.shape
+        self.shards = shard_rows(self.n, shards)
         self.centroids = initial_centroids(self.data, k, init, seed)
         self.tol = tolerance(self.a) if tie_tolerance is None else tie_tolerance
         self.labels = np.zeros(self.n, dtype=np.int64)
@@ -200,15 +227,21 @@ class BlindClusterOwner:
         self.near_ties: list[int] = []  # per iteration: records whose nearest two were within tol
         self.converged = False
         self.iteration = 0
+        self.exchange = 0
         self.expect: Literal["distances", "sums", "nothing"] = "distances"
+        self._centroid_cts: list[list[bytes]] | None = None  # current Enc(C), for every shard
+        self._masks: list[list[list[bytes]]] = []  # current masks, per shard
         self.timings = {"keygen": 0.0, "encrypt": 0.0, "decrypt": 0.0}
 
-    @property
-    def chunks(self) -> int:
+    def chunks(self, shard: int = 0) -> int:
         assert self.keys is not None
-        return -(-self.n // self.keys.slots)
+        rows = self.shards[shard]
+        return -(-(rows.stop - rows.start) // self.keys.slots)
 
-    def start(self) -> BlindClusterStart:
+    def start(self, shard: int = 0) -> BlindClusterStart:
+        """Shard ``shard``'s opening message at the current step."""
+        if self.expect == "nothing":
+            raise MiningError("the job is finished: there is nothing left to start")
         began = time.perf_counter()
         if self.keys is None:
             self.keys = blind_keys(self.level)
@@ -218,60 +251,91 @@ class BlindClusterOwner:
             distance=self.distance,
             k=self.k,
             attributes=self.a,
-            chunks=self.chunks,
+            chunks=self.chunks(shard),
             slots=self.keys.slots,
+            exchange=self.exchange,
+            iteration=self.iteration,
+            next=self.expect,
             context=self.keys.public_context_bytes(),
-            columns=pack_columns(self.keys, self.data),
-            centroids=self._encrypted_centroids(),
+            columns=pack_columns(self.keys, self.data[self.shards[shard]]),
         )
+        if self.expect == "distances":
+            message.centroids = self._encrypted_centroids()
+        else:
+            message.masks = self._masks[shard]
         self.timings["encrypt"] += time.perf_counter() - began
         return message
 
     def _encrypted_centroids(self) -> list[list[bytes]]:
+        """Enc(C) for the current centroids, made once and sent to every shard."""
         assert self.keys is not None
-        return [replicate(self.keys, row) for row in self.centroids]
+        if self._centroid_cts is None:
+            self._centroid_cts = [replicate(self.keys, row) for row in self.centroids]
+        return self._centroid_cts
 
     def receive(self, message: BlindClusterRound) -> BlindClusterUpdate:
-        if message.step != self.expect:
-            raise MiningError(f"expected the worker's {self.expect}, got {message.step}")
-        if message.step == "distances":
-            return self._assign(message)
-        return self._update(message)
+        """One worker holds every record: its answer gives the next update."""
+        return self.receive_shards([message])[0]
 
-    def _assign(self, message: BlindClusterRound) -> BlindClusterUpdate:
+    def receive_shards(self, messages: list[BlindClusterRound]) -> list[BlindClusterUpdate]:
+        """Every shard's answer to the current step, in shard order -> each shard's update."""
+        if len(messages) != len(self.shards):
+            raise MiningError(f"{len(messages)} answers for {len(self.shards)} shards")
+        for message in messages:
+            if message.step != self.expect or message.exchange != self.exchange + 1:
+                raise MiningError(
+                    f"expected the workers' {self.expect} for step {self.exchange + 1}, "
+                    f"got {message.step} for step {message.exchange}"
+                )
+        self.exchange += 1
+        if self.expect == "distances":
+            return self._assign(messages)
+        return self._update(messages)
+
+    def _assign(self, messages: list[BlindClusterRound]) -> list[BlindClusterUpdate]:
         assert self.keys is not None
-        keys, n, k, a = self.keys, self.n, self.k, self.a
+        keys, k, a = self.keys, self.k, self.a
         euclidean = self.distance is Distance.EUCLIDEAN
-        _shape(message.ciphertexts, k if euclidean else k * a, self.chunks, "distances")
         began = time.perf_counter()
-        rows = [decrypt_rows(keys, chunks, n) for chunks in message.ciphertexts]
-        if euclidean:
-            dist = np.stack(rows, axis=1)
-        else:
-            dist = np.abs(np.stack(rows, axis=1).reshape(n, k, a)).sum(axis=2)
+        parts = []
+        for shard, (message, rows) in enumerate(zip(messages, self.shards, strict=True)):
+            chunks, n = self.chunks(shard), rows.stop - rows.start
+            check_shape(message.ciphertexts, k if euclidean else k * a, chunks, "distances")
+            decrypted = np.stack([decrypt_rows(keys, c, n) for c in message.ciphertexts], axis=1)
+            if not euclidean:
+                decrypted = np.abs(decrypted.reshape(n, k, a)).sum(axis=2)
+            parts.append(decrypted)
+        dist = np.concatenate(parts)
         self.timings["decrypt"] += time.perf_counter() - began
         self.iteration += 1
         self.labels, tied = assign_with_ties(dist, self.tol)
         self.near_ties.append(int(tied.sum()))
         began = time.perf_counter()
-        slots = keys.slots
-        masks = [
-            [
-                encrypt_padded(keys, (self.labels[i : i + slots] == y).astype(np.float64))
-                for i in range(0, n, slots)
-            ]
-            for y in range(k - 1)
-        ]
+        self._masks = [self._shard_masks(self.labels[rows]) for rows in self.shards]
         self.timings["encrypt"] += time.perf_counter() - began
         self.expect = "sums"
-        return BlindClusterUpdate(done=False, step="masks", masks=masks)
+        return [BlindClusterUpdate(done=False, step="masks", masks=m) for m in self._masks]
 
-    def _update(self, message: BlindClusterRound) -> BlindClusterUpdate:
+    def _shard_masks(self, labels: np.ndarray) -> list[list[bytes]]:
         assert self.keys is not None
-        _shape(message.ciphertexts, self.k, self.a, "sums")
+        slots = self.keys.slots
+        return [
+            [
+                encrypt_padded(self.keys, (labels[i : i + slots] == y).astype(np.float64))
+                for i in range(0, len(labels), slots)
+            ]
+            for y in range(self.k - 1)
+        ]
+
+    def _update(self, messages: list[BlindClusterRound]) -> list[BlindClusterUpdate]:
+        assert self.keys is not None
         began = time.perf_counter()
-        sums = np.array([[self.keys.decrypt(c).sum() for c in row] for row in message.ciphertexts])
+        sums = np.zeros((self.k, self.a))
+        for message in messages:  # each shard's partial sums
+            check_shape(message.ciphertexts, self.k, self.a, "sums")
+            sums += [[self.keys.decrypt(c).sum() for c in row] for row in message.ciphertexts]
         self.timings["decrypt"] += time.perf_counter() - began
+        self._masks = []
         counts = np.bincount(self.labels, minlength=self.k)  # the owner's own assignment
         new = self.centroids.copy()
         filled = counts > 0
@@ -279,18 +343,26 @@ class BlindClusterOwner:
         change = centroid_change(self._units(self.centroids), self._units(new))
         self.changes.append(change)
         self.centroids = new
+        self._centroid_cts = None
         self.converged = change <= self.min_error
         if self.converged or self.iteration >= self.max_iterations:
             self.expect = "nothing"
-            return BlindClusterUpdate(done=True, step="done")
+            return [BlindClusterUpdate(done=True, step="done") for _ in self.shards]
         began = time.perf_counter()
         centroids = self._encrypted_centroids()
         self.timings["encrypt"] += time.perf_counter() - began
         self.expect = "distances"
-        return BlindClusterUpdate(done=False, step="centroids", centroids=centroids)
+        return [
+            BlindClusterUpdate(done=False, step="centroids", centroids=centroids)
+            for _ in self.shards
+        ]
 
     def _units(self, centroids: np.ndarray) -> np.ndarray:
         return centroids * self.scale + self.offset
+
+    @property
+    def done(self) -> bool:
+        return self.expect == "nothing"
 
     def outcome(self) -> ClusteringOutcome:
         return ClusteringOutcome(
@@ -314,37 +386,47 @@ class BlindClusterWorker:
         )
         if self.k < 1 or self.a < 1 or self.chunks < 1:
             raise MiningError("a blind job needs k, attributes and chunks of at least 1")
-        _shape(start.columns, self.a, self.chunks, "columns")
+        check_shape(start.columns, self.a, self.chunks, "columns")
         self.context = load_public_context(start.context)
         self.slots = start.slots
         self.columns = [load_vectors(self.context, column, self.slots) for column in start.columns]
-        self.centroids: list[list[ts.CKKSVector]] | None = self._centroids(start.centroids)
+        self.centroids: list[list[ts.CKKSVector]] | None = None
         self.masks: list[list[ts.CKKSVector]] | None = None
-        self.iteration = 0
+        if start.next == "distances":
+            self.centroids = self._centroids(start.centroids)
+        else:
+            self.masks = self._masks(start.masks)
+        self.exchange = start.exchange
+        self.iteration = start.iteration
         self.done = False
         self.compute_s = 0.0
 
     def _centroids(self, raw: list[list[bytes]]) -> list[list[ts.CKKSVector]]:
-        _shape(raw, self.k, self.a, "centroids")
+        check_shape(raw, self.k, self.a, "centroids")
+        return [load_vectors(self.context, row, self.slots) for row in raw]
+
+    def _masks(self, raw: list[list[bytes]]) -> list[list[ts.CKKSVector]]:
+        check_shape(raw, self.k - 1, self.chunks, "masks")
         return [load_vectors(self.context, row, self.slots) for row in raw]
 
     def round(self) -> BlindClusterRound:
         began = time.perf_counter()
         if self.centroids is not None:
             self.iteration += 1
-            message = BlindClusterRound(
-                iteration=self.iteration, step="distances", ciphertexts=self._distances()
-            )
+            step: Next = "distances"
+            ciphertexts = self._distances()
             self.centroids = None
         elif self.masks is not None:
-            message = BlindClusterRound(
-                iteration=self.iteration, step="sums", ciphertexts=self._sums()
-            )
+            step = "sums"
+            ciphertexts = self._sums()
             self.masks = None
         else:
             raise MiningError("nothing to compute: the owner's update has not arrived")
+        self.exchange += 1
         self.compute_s += time.perf_counter() - began
-        return message
+        return BlindClusterRound(
+            exchange=self.exchange, iteration=self.iteration, step=step, ciphertexts=ciphertexts
+        )
 
     def _distances(self) -> list[list[bytes]]:
         assert self.centroids is not None
@@ -396,8 +478,7 @@ class BlindClusterWorker:
             return
         began = time.perf_counter()
         if message.step == "masks":
-            _shape(message.masks, self.k - 1, self.chunks, "masks")
-            self.masks = [load_vectors(self.context, row, self.slots) for row in message.masks]
+            self.masks = self._masks(message.masks)
         elif message.step == "centroids":
             self.centroids = self._centroids(message.centroids)
         else:

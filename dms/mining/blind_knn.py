@@ -30,13 +30,14 @@ import tenseal as ts
 from pydantic import BaseModel
 
 from dms.mining.blind_kmeans import (
-    _shape,
     blind_keys,
     check_keys,
+    check_shape,
     decrypt_rows,
     load_vectors,
     pack_columns,
     replicate,
+    shard_rows,
     tolerance,
 )
 from dms.mining.distance import Distance
@@ -100,6 +101,7 @@ class BlindKnnOwner:
         level: int = 128,
         keys: CkksKeys | None = None,
         block: int = DEFAULT_BLOCK,
+        shards: int = 1,
         tie_tolerance: float | None = None,
     ) -> None:
         train = np.asarray(train, dtype=np.float64)
@@ -119,17 +121,21 @@ class BlindKnnOwner:
         self.scale = peak if peak > 0 else 1.0
         self.train = (train - self.offset) / self.scale
         self.n, self.a = self.train.shape
+        if not 1 <= shards <= self.n:
+            raise MiningError(f"{shards} shards for {self.n} training records")
+        self.shards = shard_rows(self.n, shards)
         self.tol = tolerance(self.a) if tie_tolerance is None else tie_tolerance
-        self.pending: list[int] = []  # real queries in each block sent and not yet answered
+        self.block_rows = 0  # real queries in the block being answered
         self.near_ties = 0
         self.timings = {"keygen": 0.0, "encrypt": 0.0, "decrypt": 0.0}
 
-    @property
-    def chunks(self) -> int:
+    def chunks(self, shard: int = 0) -> int:
         assert self.keys is not None
-        return -(-self.n // self.keys.slots)
+        rows = self.shards[shard]
+        return -(-(rows.stop - rows.start) // self.keys.slots)
 
-    def start(self) -> BlindKnnStart:
+    def start(self, shard: int = 0) -> BlindKnnStart:
+        """Shard ``shard``'s opening message: its training rows, encrypted, and no labels."""
         began = time.perf_counter()
         if self.keys is None:
             self.keys = blind_keys(self.level)
@@ -138,11 +144,11 @@ class BlindKnnOwner:
         message = BlindKnnStart(
             distance=self.distance,
             attributes=self.a,
-            chunks=self.chunks,
+            chunks=self.chunks(shard),
             slots=self.keys.slots,
             block=self.block,
             context=self.keys.public_context_bytes(),
-            columns=pack_columns(self.keys, self.train),
+            columns=pack_columns(self.keys, self.train[self.shards[shard]]),
         )
         self.timings["encrypt"] += time.perf_counter() - began
         return message
@@ -157,8 +163,9 @@ class BlindKnnOwner:
         prepared = self.prepare(test)
         return [prepared[i : i + self.block] for i in range(0, prepared.shape[0], self.block)]
 
-    def query(self, block: np.ndarray) -> BlindKnnQuery:
-        """Encrypt one block (from ``query_blocks``), padded to ``block`` queries."""
+    def query(self, block: np.ndarray, shard: int = 0) -> BlindKnnQuery:
+        """Encrypt one block (from ``query_blocks``), padded to ``block`` queries. The
+        same message serves every shard; one block is answered at a time."""
         assert self.keys is not None
         if not 1 <= block.shape[0] <= self.block:
             raise MiningError(f"a query block holds 1 to {self.block} rows")
@@ -167,38 +174,50 @@ class BlindKnnOwner:
         padded[: block.shape[0]] = block
         message = BlindKnnQuery(queries=[replicate(self.keys, row) for row in padded])
         self.timings["encrypt"] += time.perf_counter() - began
-        self.pending.append(block.shape[0])
+        self.block_rows = block.shape[0]
         return message
 
     def neighbours(self, message: BlindKnnDistances) -> tuple[np.ndarray, np.ndarray]:
-        """Decrypt the oldest pending block's distances -> (indices q x k, distances q x n)."""
-        assert self.keys is not None
-        if not self.pending:
+        """One worker holds every training row: -> (indices q x k, distances q x n)."""
+        return self.neighbours_shards([message])
+
+    def neighbours_shards(self, messages: list[BlindKnnDistances]) -> tuple[np.ndarray, np.ndarray]:
+        """Every shard's distances for the current block, in shard order: decrypted and
+        joined in training-row order, then ranked (near-ties by index, counted)."""
+        if len(messages) != len(self.shards):
+            raise MiningError(f"{len(messages)} answers for {len(self.shards)} shards")
+        if not self.block_rows:
             raise MiningError("distances arrived for no query")
-        per_query = self.chunks * (1 if self.distance is Distance.EUCLIDEAN else self.a)
-        _shape(message.distances, self.block, per_query, "distances")
-        real = self.pending.pop(0)
         began = time.perf_counter()
-        if self.distance is Distance.EUCLIDEAN:
-            dist = np.array([decrypt_rows(self.keys, q, self.n) for q in message.distances[:real]])
-        else:
-            dist = np.array(
-                [
-                    sum(
-                        np.abs(
-                            decrypt_rows(
-                                self.keys, q[j * self.chunks : (j + 1) * self.chunks], self.n
-                            )
-                        )
-                        for j in range(self.a)
-                    )
-                    for q in message.distances[:real]
-                ]
-            )
+        dist = np.concatenate(
+            [self._distances(m, shard) for shard, m in enumerate(messages)], axis=1
+        )
         self.timings["decrypt"] += time.perf_counter() - began
+        self.block_rows = 0
         indices, tied = nearest_with_ties(dist, self.k, self.tol)
         self.near_ties += int(tied.sum())
         return indices, dist
+
+    def _distances(self, message: BlindKnnDistances, shard: int) -> np.ndarray:
+        assert self.keys is not None
+        chunks, rows = self.chunks(shard), self.shards[shard]
+        n = rows.stop - rows.start
+        euclidean = self.distance is Distance.EUCLIDEAN
+        check_shape(
+            message.distances, self.block, chunks * (1 if euclidean else self.a), "distances"
+        )
+        real = message.distances[: self.block_rows]
+        if euclidean:
+            return np.array([decrypt_rows(self.keys, q, n) for q in real])
+        return np.array(
+            [
+                sum(
+                    np.abs(decrypt_rows(self.keys, q[j * chunks : (j + 1) * chunks], n))
+                    for j in range(self.a)
+                )
+                for q in real
+            ]
+        )
 
     def vote(self, indices: np.ndarray) -> list[Label]:
         return [vote([self.labels[i] for i in row]) for row in indices]
@@ -220,7 +239,7 @@ class BlindKnnWorker:
         )
         if self.a < 1 or self.chunks < 1 or self.block < 1:
             raise MiningError("a blind job needs attributes, chunks and block of at least 1")
-        _shape(start.columns, self.a, self.chunks, "columns")
+        check_shape(start.columns, self.a, self.chunks, "columns")
         self.context = load_public_context(start.context)
         self.slots = start.slots
         self.columns = [load_vectors(self.context, column, self.slots) for column in start.columns]
@@ -228,7 +247,7 @@ class BlindKnnWorker:
 
     def distances(self, message: BlindKnnQuery) -> BlindKnnDistances:
         began = time.perf_counter()
-        _shape(message.queries, self.block, self.a, "queries")
+        check_shape(message.queries, self.block, self.a, "queries")
         out = [
             self._query(load_vectors(self.context, query, self.slots)) for query in message.queries
         ]

@@ -124,6 +124,7 @@ class Node:
                 heartbeat_budget_per_s=self.settings.heartbeat_budget_per_s,
                 labels=self.settings.labels,
                 orphan_s=self.settings.orphan_s,
+                chunk_quota=self.settings.chunk_quota,
             )
             self.node = self.system.spawn(
                 NodeActor, services, inbox=ROOT_INBOX, identity=self.identity

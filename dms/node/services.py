@@ -31,3 +31,4 @@ class NodeServices:
     labels: list[str] = field(default_factory=list)
     orphan_s: float = 15.0  # stop an allocation whose requester is gone this long
     supervise_s: float = 1.0  # how often a requester checks its running allocations
+    chunk_quota: int = 2 * 1024**3  # most bytes the chunk store holds (dms.store.chunks)

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from dms.mining.blind_kmeans import BlindClusterOwner, BlindClusterWorker
+from dms.mining.blind_knn import BlindKnnOwner, BlindKnnWorker
 from dms.mining.classification import KnnOwner, KnnWorker, Label
 from dms.mining.clustering import ClusterOwner, ClusterWorker
 from dms.mining.distance import Distance
@@ -33,6 +35,7 @@ from dms.mining.wire import Wire
 CLUSTERING = ("kmeans", "skmeans", "dbskmeans")
 CLASSIFICATION = ("knn", "sknn")
 SCHEMES = ("ckks", "liu")
+PROTOCOLS = ("blind", "udm")
 
 
 class Timings(BaseModel):
@@ -46,6 +49,7 @@ class Timings(BaseModel):
 class MiningResult(BaseModel):
     algorithm: str
     scheme: str  # "plain" for the baselines
+    protocol: str = "plain"  # blind | udm | plain (see resolve_protocol)
     distance: str
     k: int
     records: int
@@ -56,6 +60,9 @@ class MiningResult(BaseModel):
     timings: Timings = Field(default_factory=Timings)
     bytes_to_worker: int = 0
     bytes_to_owner: int = 0
+    # blind protocol: decrypted distances within the tie tolerance, which CKKS noise
+    # could order either way (k-means: records, summed over iterations; k-NN: queries)
+    near_ties: int | None = None
     comparison: dict[str, Any] | None = None
     labels: list[Label] = Field(default_factory=list, exclude=True)
 
@@ -68,6 +75,32 @@ def check_scheme(scheme: str) -> Literal["ckks", "liu"]:
     if scheme not in SCHEMES:
         raise MiningError(f"unknown scheme {scheme!r}: use ckks or liu")
     return scheme  # type: ignore[return-value]
+
+
+def resolve_protocol(algorithm: str, scheme: str, protocol: str | None = None) -> str:
+    """``blind`` (the worker sees CKKS ciphertexts and the public context only) is the
+    default for CKKS skmeans and sknn; ``udm`` is the reference system's protocol, and
+    the only one for Liu and dbskmeans. ``plain`` for the plaintext baselines."""
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise MiningError(f"unknown protocol {protocol!r}: use blind or udm")
+    if algorithm in ("kmeans", "knn"):
+        if protocol is not None:
+            raise MiningError(f"{algorithm} runs in the clear: a protocol applies to skmeans, sknn")
+        return "plain"
+    if protocol != "blind":
+        return protocol or ("blind" if scheme == "ckks" and algorithm != "dbskmeans" else "udm")
+    if algorithm == "dbskmeans":
+        raise MiningError(
+            "dbskmeans is the reference's double-blind UDM protocol (FDH-OPE); "
+            "for k-means where the worker sees only ciphertexts use skmeans --protocol blind"
+        )
+    if scheme != "ckks":
+        raise MiningError(
+            "the blind protocol needs CKKS: Liu's scheme is not IND-CPA (about m known "
+            "plaintext/ciphertext pairs reveal its key), so a worker holding only Liu "
+            "ciphertexts is not blind; use --scheme ckks, or --protocol udm with Liu"
+        )
+    return "blind"
 
 
 def run_clustering(
@@ -85,10 +118,12 @@ def run_clustering(
     keys: CkksKeys | LiuKey | None = None,
     on_round: RoundCallback | None = None,
     wire: Wire | None = None,
+    protocol: str | None = None,
 ) -> MiningResult:
     if algorithm not in CLUSTERING:
         raise MiningError(f"unknown clustering algorithm {algorithm!r}")
     check_k(k, data.shape[0])
+    protocol = resolve_protocol(algorithm, scheme, protocol)
     began = time.perf_counter()
     base = {
         "algorithm": algorithm,
@@ -111,6 +146,32 @@ def run_clustering(
         timings = Timings(compute=time.perf_counter() - began)
         result = MiningResult(scheme="plain", **base)
         wire = wire or Wire()
+    elif protocol == "blind":
+        wire = wire or Wire()
+        blind = BlindClusterOwner(
+            data,
+            k,
+            distance=distance,
+            min_error=min_error,
+            max_iterations=max_iterations,
+            init=init,
+            seed=seed,
+            level=level,
+            keys=keys,  # type: ignore[arg-type]  # a Liu key is refused with a reason
+        )
+        blind_worker = BlindClusterWorker(wire.to_worker(blind.start()))
+        while True:  # two steps per iteration: distances -> masks, sums -> centroids
+            step = wire.to_worker(blind.receive(wire.to_owner(blind_worker.round())))
+            blind_worker.update(step)
+            if on_round and step.step != "masks":
+                on_round(len(blind.changes), blind.changes[-1])
+            if step.done:
+                break
+        outcome = blind.outcome()
+        timings = Timings(**blind.timings, compute=blind_worker.compute_s)
+        result = MiningResult(
+            scheme=scheme, protocol=protocol, near_ties=sum(blind.near_ties), **base
+        )
     else:
         wire = wire or Wire()
         owner = ClusterOwner(
@@ -136,7 +197,7 @@ def run_clustering(
                 break
         outcome = owner.outcome()
         timings = Timings(**owner.timings, compute=worker.compute_s)
-        result = MiningResult(scheme=scheme, **base)
+        result = MiningResult(scheme=scheme, protocol=protocol, **base)
     timings.total = time.perf_counter() - began
     result.iterations, result.converged = outcome.iterations, outcome.converged
     result.centroids = outcome.centroids.tolist()
@@ -159,9 +220,11 @@ def run_classification(
     keys: CkksKeys | LiuKey | None = None,
     on_block: Callable[[int, int], None] | None = None,
     wire: Wire | None = None,
+    protocol: str | None = None,
 ) -> MiningResult:
     if algorithm not in CLASSIFICATION:
         raise MiningError(f"unknown classification algorithm {algorithm!r}")
+    protocol = resolve_protocol(algorithm, scheme, protocol)
     check_k(k, train.shape[0], "training records")
     if test.shape[1] != train.shape[1]:
         raise MiningError(
@@ -181,6 +244,30 @@ def run_classification(
         result = MiningResult(
             scheme="plain", **base, timings=Timings(compute=time.perf_counter() - began)
         )
+    elif protocol == "blind":
+        blind = BlindKnnOwner(
+            train,
+            labels,
+            k,
+            distance=distance,
+            level=level,
+            keys=keys,  # type: ignore[arg-type]  # a Liu key is refused with a reason
+        )
+        blind_worker = BlindKnnWorker(wire.to_worker(blind.start()))
+        predictions = []
+        blocks = blind.query_blocks(test)
+        for done, block in enumerate(blocks, start=1):
+            query = wire.to_worker(blind.query(block))
+            predictions.extend(blind.classify(wire.to_owner(blind_worker.distances(query))))
+            if on_block:
+                on_block(done, len(blocks))
+        result = MiningResult(
+            scheme=scheme,
+            protocol=protocol,
+            near_ties=blind.near_ties,
+            **base,
+            timings=Timings(**blind.timings, compute=blind_worker.compute_s),
+        )
     else:
         owner = KnnOwner(
             train, labels, k, scheme=check_scheme(scheme), distance=distance, level=level, keys=keys
@@ -195,7 +282,10 @@ def run_classification(
             if on_block:
                 on_block(done, len(blocks))
         result = MiningResult(
-            scheme=scheme, **base, timings=Timings(**owner.timings, compute=worker.compute_s)
+            scheme=scheme,
+            protocol=protocol,
+            **base,
+            timings=Timings(**owner.timings, compute=worker.compute_s),
         )
     result.timings.total = time.perf_counter() - began
     result.labels = list(predictions)

@@ -39,7 +39,7 @@ class Probe(Actor):
     def on_start(self) -> None:
         self.subscribe(TOPIC)
 
-    @behaviour("/bench/broadcast", public=True)
+    @behaviour("/bench/broadcast", public=True, topic=TOPIC)
     def arrived(self, request: Request) -> None:
         with self.lock:
             self.arrivals.setdefault(self.system.peer_id, time.perf_counter())

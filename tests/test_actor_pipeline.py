@@ -281,7 +281,7 @@ def test_broadcast_reaches_every_subscriber(make_node) -> None:  # type: ignore[
     class Listener(Actor):
         def on_start(self) -> None:
             self.subscribe("news")
-            self.register("/broadcast/hello", self.hello, public=True)
+            self.register("/broadcast/hello", self.hello, public=True, topic="news")
 
         def hello(self, request: Request) -> None:
             with lock:

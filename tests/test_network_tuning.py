@@ -41,7 +41,7 @@ class Listener(Actor):
         self.heard = heard
         self.subscribe(TOPIC)
 
-    @behaviour("/test/tuning", public=True)
+    @behaviour("/test/tuning", public=True, topic="/test/tuning")  # TOPIC
     def hear(self, request: Request) -> None:
         self.heard.append(request.payload)
 

@@ -13,6 +13,7 @@ cannot deadlock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -95,17 +96,15 @@ class Actor(pykka.ThreadingActor):
     def __init__(self, context: ActorContext) -> None:
         super().__init__()
         self.context = context
-        self._behaviours: dict[str, Behaviour] = {
-            path: Behaviour(
-                path=spec.path,
-                handler=spec.handler.__get__(self),
-                public=spec.public,
-                payload=spec.payload,
-                data=spec.data,
-                capability=spec.capability,
-            )
-            for path, spec in declared_behaviours(type(self)).items()
-        }
+        # Shared with the system, which reads a behaviour's topic and size class
+        # before it decodes a payload (see ActorSystem.receive).
+        self._behaviours: dict[str, Behaviour] = context.behaviours
+        self._behaviours.update(
+            {
+                path: dataclasses.replace(spec, handler=spec.handler.__get__(self))
+                for path, spec in declared_behaviours(type(self)).items()
+            }
+        )
         self._children: list[ActorRef] = []
         self._ref: ActorRef | None = None
 
@@ -160,9 +159,10 @@ class Actor(pykka.ThreadingActor):
         public: bool = False,
         payload: type[BaseModel] | None = None,
         data: bool = False,
+        topic: str | None = None,
     ) -> None:
         self._behaviours[path] = Behaviour(
-            path=path, handler=handler, public=public, payload=payload, data=data
+            path=path, handler=handler, public=public, payload=payload, data=data, topic=topic
         )
 
     def unregister(self, path: str) -> None:
@@ -224,6 +224,11 @@ class Actor(pykka.ThreadingActor):
                 raise Refusal(
                     ErrorCode.UNKNOWN_BEHAVIOUR,
                     f"{self.handle.address.inbox} has no behaviour {env.behaviour}",
+                )
+            if env.to is None and spec.topic != env.topic:
+                raise Refusal(
+                    ErrorCode.NOT_FOR_TOPIC,
+                    f"{env.behaviour} is not a behaviour for broadcasts on {env.topic}",
                 )
             if not spec.data and sealed.size > self.system.limits.max_control_bytes:
                 raise Refusal(

@@ -4,6 +4,11 @@ Declared on an actor class with :func:`behaviour`, or at run time with
 ``Actor.register``. The path is also the capability name (as in NuNet's DMS):
 a ``public`` behaviour is open to every signed sender; any other one passes
 the capability policy of the node (see ``dms.actor.policy``).
+
+A broadcast (an envelope with a topic and no destination) runs only a behaviour
+declared for that topic (``topic=``); any other one is refused with
+``not_for_topic``, so a broadcast cannot make every subscriber run a unicast
+behaviour.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class Behaviour:
     payload: type[BaseModel] | None = None
     data: bool = False  # may carry up to max_data_bytes; control ones are capped lower
     capability: str | None = None  # defaults to the path
+    topic: str | None = None  # the topic whose broadcasts may run it (None: unicast only)
 
     @property
     def required_capability(self) -> str:
@@ -38,8 +44,10 @@ def behaviour(
     payload: type[BaseModel] | None = None,
     data: bool = False,
     capability: str | None = None,
+    topic: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Mark an actor method as the handler of ``path``."""
+    """Mark an actor method as the handler of ``path``; ``topic``: broadcasts on that
+    topic may run it too (it stays open to direct envelopes as its capability says)."""
 
     def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
         setattr(
@@ -52,6 +60,7 @@ def behaviour(
                 payload=payload,
                 data=data,
                 capability=capability,
+                topic=topic,
             ),
         )
         return fn

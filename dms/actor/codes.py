@@ -29,6 +29,16 @@ class ErrorCode(StrEnum):
     UNREACHABLE = "unreachable"
     TIMEOUT = "timeout"
     STOPPED = "stopped"
+    # A broadcast for a behaviour that its subscribers did not declare for that topic.
+    NOT_FOR_TOPIC = "not_for_topic"
+    # A broadcast that asks for a reply (every subscriber would answer: amplification).
+    BROADCAST_REPLY = "broadcast_reply"
+    # Issued before the oldest envelope the full replay cache still remembers.
+    REPLAY_WINDOW = "replay_window"
+    # The local API: the caller did not prove it can read DMS_HOME (no or a wrong token).
+    UNAUTHORIZED = "unauthorized"
+    # The local API: a Host header that is not a loopback name (a browser page's request).
+    BAD_HOST = "bad_host"
 
 
 class Refusal(Exception):

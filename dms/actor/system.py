@@ -19,12 +19,13 @@ import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pykka
 from pydantic import BaseModel, Field
 
+from dms.actor.behaviour import Behaviour
 from dms.actor.codes import ErrorCode, InvokeTimeout, Refusal, RemoteError, Unreachable
 from dms.actor.envelope import (
     REPLY_PREFIX,
@@ -109,11 +110,16 @@ class _Pending:
 
 @dataclass(frozen=True)
 class ActorContext:
-    """What a new actor is given: its system, key and handle."""
+    """What a new actor is given: its system, key and handle.
+
+    ``behaviours`` is the actor's table of behaviours, which the system reads too:
+    a broadcast is delivered only to the behaviour declared for its topic.
+    """
 
     system: ActorSystem
     identity: Identity
     handle: Handle
+    behaviours: dict[str, Behaviour] = field(default_factory=dict)
 
 
 def reply_payload(result: Any = None, error: Refusal | None = None) -> dict[str, Any]:
@@ -258,6 +264,7 @@ class ActorSystem:
         self._actors: dict[str, ActorRef] = {}
         self._local_keys: set[bytes] = {identity.public_key}
         self._subscribers: dict[str, set[str]] = defaultdict(set)
+        self._behaviours: dict[str, dict[str, Behaviour]] = {}  # inbox -> its behaviours
         self._pending: dict[bytes, _Pending] = {}
         self._replay = ReplayCache()
         self._root_handle = Handle(
@@ -289,7 +296,15 @@ class ActorSystem:
                 raise ValueError(f"inbox {inbox!r} is taken")
             self._local_keys.add(identity.public_key)
         context = ActorContext(system=self, identity=identity, handle=handle)
-        pykka_ref = cls.start(context, *args, **kwargs)
+        with self._lock:
+            self._behaviours[inbox] = context.behaviours
+        try:
+            pykka_ref = cls.start(context, *args, **kwargs)
+        except BaseException:
+            with self._lock:
+                self._behaviours.pop(inbox, None)
+                self._local_keys.discard(identity.public_key)
+            raise
         ref = ActorRef(self, identity, handle, pykka_ref)
         with self._lock:
             self._actors[inbox] = ref
@@ -304,6 +319,7 @@ class ActorSystem:
             ref = self._actors.pop(inbox, None)
             if ref is None:
                 return
+            self._behaviours.pop(inbox, None)
             if ref.identity.public_key != self.identity.public_key:
                 self._local_keys.discard(ref.identity.public_key)
             for members in self._subscribers.values():
@@ -398,6 +414,8 @@ class ActorSystem:
     def _send_reply(self, request: Envelope, payload: dict[str, Any], as_: ActorRef | None) -> None:
         if request.reply_to is None or request.behaviour.startswith(REPLY_PREFIX):
             return
+        if request.to is None:
+            return  # a broadcast is never answered: every subscriber would answer
         ttl_s = (request.expiry - now_ns()) / 1e9
         if not payload["ok"]:
             # A refusal must reach the caller even when the request itself had expired.
@@ -470,6 +488,8 @@ class ActorSystem:
             check_time(env, now_ns(), self.limits.max_ttl_s, self.limits.clock_skew_s)
             verify(sealed, signature_checked=signature_checked)
             self._check_peer(env, from_peer)
+            if env.to is None:
+                self._check_broadcast(env)
             if not self._replay.first_sight(env.signer, env.nonce, env.expiry, now_ns()):
                 raise Refusal(ErrorCode.REPLAYED, "nonce already seen from this signer")
             if env.behaviour.startswith(REPLY_PREFIX):
@@ -509,12 +529,27 @@ class ActorSystem:
         except pykka.ActorDeadError:
             raise Refusal(ErrorCode.STOPPED, f"actor {to.address.inbox} has stopped") from None
 
-    def _deliver_topic(self, sealed: Sealed) -> None:
-        topic = sealed.envelope.topic
-        if topic is None:
+    @staticmethod
+    def _check_broadcast(env: Envelope) -> None:
+        if env.topic is None:
             raise Refusal(ErrorCode.MALFORMED, "envelope has neither a destination nor a topic")
+        if env.reply_to is not None:
+            raise Refusal(ErrorCode.BROADCAST_REPLY, "a broadcast may not ask for a reply")
+
+    def _deliver_topic(self, sealed: Sealed) -> None:
+        """To every subscriber of the topic that declared the behaviour for that topic."""
+        env = sealed.envelope
+        topic, path = env.topic, env.behaviour
         with self._lock:
-            refs = [self._actors[i] for i in self._subscribers.get(topic, ()) if i in self._actors]
+            inboxes = [i for i in self._subscribers.get(topic or "", ()) if i in self._actors]
+            refs = [
+                self._actors[i]
+                for i in inboxes
+                if (spec := self._behaviours.get(i, {}).get(path)) is not None
+                and spec.topic == topic
+            ]
+        if inboxes and not refs:
+            raise Refusal(ErrorCode.NOT_FOR_TOPIC, f"{path} is not a behaviour for {topic}")
         for ref in refs:
             try:
                 ref.pykka_ref.tell(Inbound(sealed))

@@ -117,7 +117,7 @@ class DeployingBehaviours(NodeBase):
             labels=self.services.labels,
         )
 
-    @behaviour(REQUEST, public=True, payload=BidRequest)
+    @behaviour(REQUEST, public=True, payload=BidRequest, topic=DEPLOYMENT_TOPIC)
     def bid_request(self, request: Request) -> Any:
         """Answer a bid request: the bid is the reply (direct) or is sent to ``reply_to``
         (a request heard on the deployment topic)."""

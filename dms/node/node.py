@@ -70,7 +70,7 @@ class NodeActor(PeeringBehaviours, DeployingBehaviours, ProviderBehaviours):
             "peers": len(network.peers()) if network else 0,
         }
 
-    @behaviour("/broadcast/hello", public=True, payload=HelloPayload)
+    @behaviour("/broadcast/hello", public=True, payload=HelloPayload, topic=BROADCAST_TOPIC)
     def broadcast_hello(self, request: Request) -> None:
         payload: HelloPayload = request.payload
         self.hellos.append(

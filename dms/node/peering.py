@@ -127,7 +127,7 @@ class PeeringBehaviours(HeartbeatSync):
             self.keep_heartbeat(peer_id, None)  # expired with the deadline: nothing to pass on
         self.call_later(self.services.heartbeat_s / 2, self._sweep)
 
-    @behaviour(HEARTBEAT_BEHAVIOUR, public=True, payload=Heartbeat)
+    @behaviour(HEARTBEAT_BEHAVIOUR, public=True, payload=Heartbeat, topic=HEARTBEAT_TOPIC)
     def heard_heartbeat(self, request: Request) -> None:
         sender = request.sender
         peer_id = peer_id_from_public_key(sender.id)

@@ -6,23 +6,58 @@ The executor runs on its own thread; the actor's mailbox stays free to answer
 tells its requester (``/dms/deployment/update``, best effort: the requester
 also polls), and when it ends it gives its resources back through ``on_end``.
 Only the requester's host and this node (and its owner) may call it.
+
+An interactive executor (``mining``) also opens a session: the requester's
+deployment actor (the mining session) invokes ``/dms/allocation/session`` with
+one operation at a time. Operations run on a thread of their own, so the
+mailbox keeps answering ``status`` while a round computes; payloads travel as
+parcels (inline, or chunks pulled through the node's courier).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from dms.actor import Actor, ActorContext, ErrorCode, Handle, Refusal, Request, behaviour
+from dms.errors import DmsError
 from dms.jobs.executors import ExecutorError, executor_for
+from dms.jobs.mining import join_context
+from dms.network.transfer import Courier, Parcel
+from dms.resources import Resources
+
+log = logging.getLogger("dms.jobs")
 
 UPDATE_BEHAVIOUR = "/dms/deployment/update"
+SESSION_BEHAVIOUR = "/dms/allocation/session"
 LOG_LINES = 200
+
+
+class SessionCall(BaseModel):
+    """One operation of an interactive executor, with its payload as a parcel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    op: str = Field(min_length=1, max_length=32)
+    parcel: Parcel = Field(default_factory=Parcel)
+    # Sent apart from the parcel so its chunks are shared by every shard on this node.
+    context: Parcel | None = None
+
+
+class SessionAnswer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    parcel: Parcel = Field(default_factory=Parcel)
+    compute_s: float = 0.0
 
 
 class AllocationState(StrEnum):
@@ -53,12 +88,23 @@ class AllocationActor(Actor):
         requester_gone: Callable[[], bool] | None = None,
         watch_s: float = 1.0,
         linger_s: float = 120.0,
+        resources: Resources | None = None,
+        courier: Courier | None = None,
     ) -> None:
         super().__init__(context)
         self.lease_id, self.deployment_id, self.slot = lease_id, deployment_id, slot
         self.executor_kind, self.params = executor, params
         self.executor = executor_for(executor)
-        self.executor.check(params)
+        self.executor.check(params, resources)
+        self.session: Any = None
+        self._courier = courier
+        self._session_thread: ThreadPoolExecutor | None = None
+        self._calls = 0
+        if getattr(self.executor, "interactive", False):
+            if courier is None:
+                raise ExecutorError(f"{executor} needs the node's chunk store and network")
+            self.session = self.executor.session(params, self._log)  # type: ignore[attr-defined]
+            self._session_thread = ThreadPoolExecutor(1, thread_name_prefix="dms-session")
         self.requester_host, self.reply_to = requester_host, reply_to
         self._on_end, self._requester_gone = on_end, requester_gone
         self._watch_s, self._linger_s = watch_s, linger_s
@@ -92,7 +138,12 @@ class AllocationActor(Actor):
 
     def _work(self) -> None:
         try:
-            result = self.executor.run(self.params, self._halt, self._log)
+            if self.session is not None:
+                result = self.executor.run(  # type: ignore[call-arg]
+                    self.params, self._halt, self._log, session=self.session
+                )
+            else:
+                result = self.executor.run(self.params, self._halt, self._log)
         except ExecutorError as exc:
             self.ref.tell_call(self._finished, None, str(exc))
         except Exception as exc:  # a bug in an executor fails the allocation, not the node
@@ -132,12 +183,22 @@ class AllocationActor(Actor):
         if self.state not in TERMINAL:
             self._halt_reason = self._halt_reason or "the node stopped"
             self._halt.set()
+        self._end_session()
+
+    def _end_session(self) -> None:
+        """Stop taking operations and free every chunk this allocation held."""
+        if self._session_thread is not None:
+            self._session_thread.shutdown(wait=False, cancel_futures=True)
+        if self._courier is not None:
+            self._courier.release(self._chunk_owner)
+            self._courier.release(f"{self._chunk_owner}:out")
 
     def _set(self, state: AllocationState) -> None:
         self.state = state
         self._log(f"state: {state.value}")
         if state in TERMINAL:
             self.ended_at = time.time()
+            self._end_session()
             if self._on_end is not None:
                 self._on_end(self.lease_id, state.value)
             self.call_later(self._linger_s, self.ref.stop_soon)
@@ -175,6 +236,54 @@ class AllocationActor(Actor):
     def status(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         return self.status_dict()
+
+    @property
+    def _chunk_owner(self) -> str:
+        return f"alloc:{self.lease_id}"
+
+    @behaviour(SESSION_BEHAVIOUR, public=True, payload=SessionCall)
+    def session_call(self, request: Request) -> None:
+        """One operation of the session; only the requester's actor that placed this
+        allocation (the mining session) may call it."""
+        if self.reply_to is None or request.sender.id != self.reply_to.id:
+            raise Refusal(ErrorCode.FORBIDDEN, "only the session that placed it may drive it")
+        if self.session is None or self._session_thread is None or self._courier is None:
+            raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, f"{self.executor_kind} has no session")
+        if self.state != AllocationState.RUNNING:
+            raise Refusal(ErrorCode.STOPPED, f"the allocation is {self.state.value}")
+        call: SessionCall = request.payload
+        responder = request.defer()
+        courier, peer, owner = self._courier, self.requester_host, self._chunk_owner
+        self._calls += 1
+        out_owner = f"{owner}:out"
+
+        def work() -> None:
+            try:
+                # The previous answer was fetched before this call was made: free it.
+                courier.release(out_owner)
+                body = courier.unpack(call.parcel, peer, owner)
+                if call.context is not None:
+                    body = join_context(body, courier.unpack(call.context, peer, owner))
+                began = time.perf_counter()
+                out = self.session.call(call.op, body)
+                compute_s = time.perf_counter() - began
+                answer = SessionAnswer(
+                    parcel=courier.pack(out, peer, out_owner), compute_s=compute_s
+                )
+            except DmsError as exc:
+                self._log(f"session {call.op} refused: {exc.message}")
+                responder.fail(exc.code if exc.code != "invalid" else ErrorCode.BAD_PAYLOAD,
+                               exc.message)  # fmt: skip
+            except Exception as exc:  # a bug in the executor fails the call, not the node
+                log.exception("session %s failed", call.op)
+                responder.fail(ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+            else:
+                responder.ok(answer.model_dump())
+
+        try:
+            self._session_thread.submit(work)
+        except RuntimeError:  # shut down: the allocation ended meanwhile
+            responder.fail(ErrorCode.STOPPED, "the allocation has ended")
 
     @behaviour("/dms/allocation/logs", public=True)
     def get_logs(self, request: Request) -> list[str]:

@@ -2,7 +2,9 @@
 
 ``compute`` is the built-in test workload: sleep or keep one core busy for a
 bounded time, then return a small result; ``fail`` makes it fail with that
-message (for failure handling tests). The mining executor joins later.
+message (for failure handling tests). ``mining`` (``dms.jobs.mining``) is the
+worker side of encrypted mining; it is *interactive*: besides ``run`` it opens
+a session that the requester drives (``/dms/allocation/session``).
 """
 
 from __future__ import annotations
@@ -10,25 +12,22 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dms.errors import DmsError
+from dms.jobs.base import ExecutorError, Log
+from dms.jobs.mining import MiningExecutor
+from dms.resources import Resources
 
-Log = Callable[[str], None]
-
-
-class ExecutorError(DmsError):
-    """Bad executor parameters, or the workload failed."""
+__all__ = ["EXECUTORS", "Executor", "ExecutorError", "Log", "executor_for"]
 
 
 class Executor(Protocol):
     kind: str
 
-    def check(self, params: dict[str, Any]) -> None:
-        """Raise ``ExecutorError`` if ``params`` cannot run."""
+    def check(self, params: dict[str, Any], resources: Resources | None = None) -> None:
+        """Raise ``ExecutorError`` if ``params`` cannot run (within ``resources``)."""
 
     def run(self, params: dict[str, Any], stop: threading.Event, log: Log) -> Any:
         """Run to completion (or until ``stop``), returning a result that msgpack can carry."""
@@ -53,7 +52,7 @@ class ComputeExecutor:
             where = ".".join(str(p) for p in err["loc"])
             raise ExecutorError(f"compute params: {where}: {err['msg']}") from None
 
-    def check(self, params: dict[str, Any]) -> None:
+    def check(self, params: dict[str, Any], resources: Resources | None = None) -> None:
         self._params(params)
 
     def run(self, params: dict[str, Any], stop: threading.Event, log: Log) -> Any:
@@ -78,7 +77,10 @@ class ComputeExecutor:
         return {"mode": p.mode, "seconds": elapsed, "rounds": rounds}
 
 
-EXECUTORS: dict[str, Executor] = {ComputeExecutor.kind: ComputeExecutor()}
+EXECUTORS: dict[str, Executor] = {
+    ComputeExecutor.kind: ComputeExecutor(),
+    MiningExecutor.kind: MiningExecutor(),
+}
 
 
 def executor_for(kind: str) -> Executor:

@@ -29,6 +29,7 @@ import tenseal as ts
 from pydantic import BaseModel
 
 from dms.mining.arrays import NDArray
+from dms.mining.clustering import shard_rows
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError
 from dms.mining.plain import check_k, nearest, vote
@@ -82,6 +83,7 @@ class KnnOwner:
         level: int = 128,
         keys: CkksKeys | LiuKey | None = None,
         block_budget: int = 4_000_000,
+        shards: int = 1,
     ) -> None:
         if scheme not in ("liu", "ckks"):
             raise MiningError(f"unknown scheme {scheme!r}: use ckks or liu")
@@ -99,31 +101,42 @@ class KnnOwner:
         self.scale = peak if scheme == "ckks" and peak > 0 else 1.0
         self.train = centred / self.scale
         self.block_budget = block_budget
-        self.rows_per_block = 0
+        if not 1 <= shards <= train.shape[0]:
+            raise MiningError(f"{shards} shards for {train.shape[0]} training records")
+        self.shards = shard_rows(train.shape[0], shards)
+        self._rows_per_block = [0] * shards
         self.timings = {"keygen": 0.0, "encrypt": 0.0, "decrypt": 0.0}
 
-    def start(self) -> KnnStart:
+    @property
+    def rows_per_block(self) -> int:
+        return self._rows_per_block[0]
+
+    def start(self, shard: int = 0, *, share_labels: bool = True) -> KnnStart:
+        """The opening message for one shard's worker. ``share_labels=False``: the worker
+        gets no labels, and the owner votes itself (:meth:`vote`)."""
         began = time.perf_counter()
         if self.keys is None:
             self.keys = new_keys(self.scheme, self.level)
         self.timings["keygen"] += time.perf_counter() - began
         began = time.perf_counter()
-        message = KnnStart(scheme=self.scheme, distance=self.distance, k=self.k, labels=self.labels)
+        train = self.train[self.shards[shard]]
+        labels = self.labels[self.shards[shard]] if share_labels else []
+        message = KnnStart(scheme=self.scheme, distance=self.distance, k=self.k, labels=labels)
         if isinstance(self.keys, CkksKeys):
-            n, a = self.train.shape
+            n, a = train.shape
             if a > self.keys.slots:
                 raise MiningError(f"{a} attributes exceed the {self.keys.slots} CKKS slots")
             rows = min(self.keys.slots // a, n)
-            self.rows_per_block = rows
+            self._rows_per_block[shard] = rows
             padded = np.zeros((-(-n // rows) * rows, a))
-            padded[:n] = self.train
+            padded[:n] = train
             message.context = self.keys.public_context_bytes()
             message.blocks = [
                 self.keys.encrypt(padded[i : i + rows].T.ravel()).serialize()
                 for i in range(0, padded.shape[0], rows)
             ]
         else:
-            message.train = NDArray.of(self.keys.encrypt(self.train))
+            message.train = NDArray.of(self.keys.encrypt(train))
         self.timings["encrypt"] += time.perf_counter() - began
         return message
 
@@ -141,12 +154,12 @@ class KnnOwner:
         step = 8 if self.scheme == "ckks" else max(1, self.block_budget // max(per_query, 1))
         return [prepared[i : i + step] for i in range(0, prepared.shape[0], step)]
 
-    def query(self, block: np.ndarray) -> KnnQuery:
+    def query(self, block: np.ndarray, shard: int = 0) -> KnnQuery:
         began = time.perf_counter()
         if isinstance(self.keys, CkksKeys):
             message = KnnQuery(
                 replicated=[
-                    self.keys.encrypt(np.repeat(row, self.rows_per_block)).serialize()
+                    self.keys.encrypt(np.repeat(row, self._rows_per_block[shard])).serialize()
                     for row in block
                 ]
             )
@@ -158,28 +171,53 @@ class KnnOwner:
 
     def neighbours(self, message: KnnDistances) -> tuple[KnnNeighbours, np.ndarray]:
         """Decrypt, rank, and return the neighbours with the decrypted distances."""
+        return self.neighbours_shards([message])
+
+    def neighbours_shards(self, messages: list[KnnDistances]) -> tuple[KnnNeighbours, np.ndarray]:
+        """Every shard's distances for one block of queries, in shard order: decrypted
+        and joined in training-row order, so ranks (and ties, by index) are those of
+        one worker holding every row."""
+        if len(messages) != len(self.shards):
+            raise MiningError(f"{len(messages)} answers for {len(self.shards)} shards")
         began = time.perf_counter()
-        n = self.train.shape[0]
+        parts = [self._distances(m, i) for i, m in enumerate(messages)]
+        if len({p.shape[0] for p in parts}) != 1:
+            raise MiningError("shards answered for different numbers of queries")
+        dist = np.concatenate(parts, axis=1)
+        self.timings["decrypt"] += time.perf_counter() - began
+        return KnnNeighbours(indices=NDArray.of(nearest(dist, self.k).astype(np.int64))), dist
+
+    def _distances(self, message: KnnDistances, shard: int) -> np.ndarray:
+        rows = self.shards[shard]
+        n = rows.stop - rows.start
         if isinstance(self.keys, CkksKeys):
             if message.blocks is None:
                 raise MiningError("worker sent no distances")
-            a, rows = self.train.shape[1], self.rows_per_block
+            a, per = self.train.shape[1], self._rows_per_block[shard]
+            expected = -(-n // per) * a * per
             # Euclidean blocks arrive squared; Manhattan ones as signed differences.
             fold = np.asarray if self.distance is Distance.EUCLIDEAN else np.abs
-            dist = np.array(
-                [
+            out = []
+            for blocks in message.blocks:
+                values = [self.keys.decrypt(c) for c in blocks]
+                if sum(v.shape[0] for v in values) < expected:
+                    raise MiningError("worker sent fewer distances than its shard has rows")
+                out.append(
                     np.concatenate(
-                        [fold(self.keys.decrypt(c).reshape(a, rows)).sum(axis=0) for c in blocks]
+                        [fold(v[: a * per].reshape(a, per)).sum(axis=0) for v in values]
                     )[:n]
-                    for blocks in message.blocks
-                ]
-            )
-        else:
-            if message.differences is None or self.keys is None:
-                raise MiningError("worker sent no differences")
-            dist = self.distance.reduce(self.keys.decrypt(message.differences.array()))
-        self.timings["decrypt"] += time.perf_counter() - began
-        return KnnNeighbours(indices=NDArray.of(nearest(dist, self.k).astype(np.int64))), dist
+                )
+            return np.array(out)
+        if message.differences is None or self.keys is None:
+            raise MiningError("worker sent no differences")
+        diffs = message.differences.array()
+        if diffs.ndim != 4 or diffs.shape[1] != n:
+            raise MiningError("worker sent differences of the wrong shape")
+        return self.distance.reduce(self.keys.decrypt(diffs))
+
+    def vote(self, neighbours: KnnNeighbours) -> list[Label]:
+        """The owner's own majority vote: the worker never needs the labels."""
+        return [vote([self.labels[i] for i in row]) for row in neighbours.indices.array()]
 
 
 class KnnWorker:

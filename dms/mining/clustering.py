@@ -24,6 +24,7 @@ the owner learns nothing it did not already know (its own data and the labels).
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Literal
 
@@ -57,6 +58,7 @@ class ClusterStart(BaseModel):
     scheme: Scheme
     distance: Distance
     k: int
+    iteration: int = 0  # rounds already done (a worker placed again resumes there)
     udm: NDArray  # n x k x a: plaintext (skmeans) or FDH-OPE ciphertexts (dbskmeans)
     context: bytes | None = None  # CKKS public context
     data: NDArray | None = None  # Liu: n x a x m
@@ -77,6 +79,12 @@ class ClusterUpdate(BaseModel):
     udm: NDArray | None = None  # DBSKMeans: FDH-OPE(D - C_new) under a fresh key, n x k x a
 
 
+def shard_rows(n: int, shards: int) -> list[slice]:
+    """``n`` records in ``shards`` contiguous runs of near-equal size, in order."""
+    bounds = np.linspace(0, n, shards + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
 class ClusterOwner:
     """Holds the data and every key; encrypts, decrypts, decides convergence."""
 
@@ -94,9 +102,14 @@ class ClusterOwner:
         seed: int | None = None,
         level: int = 128,
         keys: CkksKeys | LiuKey | None = None,
+        shards: int = 1,
     ) -> None:
         if scheme not in ("liu", "ckks"):
             raise MiningError(f"unknown scheme {scheme!r}: use ckks or liu")
+        if not 1 <= shards <= data.shape[0]:
+            raise MiningError(
+                f"{shards} shards for {data.shape[0]} records: use 1 to {data.shape[0]}"
+            )
         if max_iterations < 1:
             raise MiningError(f"max iterations must be at least 1, not {max_iterations}")
         data = np.asarray(data, dtype=np.float64)
@@ -117,70 +130,134 @@ class ClusterOwner:
         self.changes: list[float] = []
         self.converged = False
         self.timings = {"keygen": 0.0, "encrypt": 0.0, "decrypt": 0.0}
+        self.shards = shard_rows(data.shape[0], shards)
+        # Liu, several shards: each worker's encrypted centroids follow its own shard's
+        # means; the owner mirrors them in the clear to recover those means.
+        self._local_centroids = [self.centroids.copy() for _ in self.shards]
 
-    def start(self) -> ClusterStart:
+    @property
+    def iteration(self) -> int:
+        return len(self.changes)
+
+    def start(self, shard: int = 0) -> ClusterStart:
+        """The opening message for one shard's worker, at the current round (so a worker
+        placed again mid-job resumes where the others are)."""
         began = time.perf_counter()
         if self.keys is None:
             self.keys = new_keys(self.scheme, self.level)
         self.timings["keygen"] += time.perf_counter() - began
         began = time.perf_counter()
+        rows = self.data[self.shards[shard]]
         message = ClusterStart(
             algorithm=self.algorithm,
             scheme=self.scheme,
             distance=self.distance,
             k=self.k,
-            udm=self._udm(),
+            iteration=self.iteration,
+            udm=self._udm(rows),
         )
         if isinstance(self.keys, CkksKeys):
             message.context = self.keys.public_context_bytes()
-            message.columns = self.keys.encrypt_columns(self.data)
+            message.columns = self.keys.encrypt_columns(rows)
         else:
-            message.data = NDArray.of(self.keys.encrypt(self.data))
+            self._local_centroids[shard] = self.centroids.copy()
+            message.data = NDArray.of(self.keys.encrypt(rows))
             message.centroids = NDArray.of(self.keys.encrypt(self.centroids))
         self.timings["encrypt"] += time.perf_counter() - began
         return message
 
     def receive(self, message: ClusterRound) -> ClusterUpdate:
+        """One worker holds all the records: its round gives the next update."""
+        return self.receive_shards([message])[0]
+
+    def receive_shards(self, messages: list[ClusterRound]) -> list[ClusterUpdate]:
+        """Every shard's round, in shard order: the new centroids from their partial
+        results, and the update for each shard's worker."""
+        if len(messages) != len(self.shards):
+            raise MiningError(f"{len(messages)} rounds for {len(self.shards)} shards")
         began = time.perf_counter()
-        labels = message.labels.array().astype(np.int64)
-        if (
-            labels.shape != (self.data.shape[0],)
-            or labels.min(initial=0) < 0
-            or labels.max(initial=0) >= self.k
-        ):
-            raise MiningError("worker returned labels of the wrong shape or range")
+        parts = [self._labels_of(m, rows) for m, rows in zip(messages, self.shards, strict=True)]
+        labels = np.concatenate(parts)
         if isinstance(self.keys, CkksKeys):
-            if message.weighted is None:
-                raise MiningError("worker sent no weighted columns")
-            new = self.centroids.copy()
-            counts = np.bincount(labels, minlength=self.k)
-            for j, chunks in enumerate(message.weighted):
-                column = np.concatenate([self.keys.decrypt(c) for c in chunks])[: len(labels)]
-                sums = np.bincount(labels, weights=column, minlength=self.k)
-                new[counts > 0, j] = sums[counts > 0]
+            new = self._ckks_centroids(messages, parts, labels)
         else:
-            if message.shift is None or self.keys is None:
-                raise MiningError("worker sent no encrypted shift")
-            new = self.centroids - self.keys.decrypt(message.shift.array())
+            new = self._liu_centroids(messages, parts)
         self.timings["decrypt"] += time.perf_counter() - began
         shift = self.centroids - new
         change = centroid_change(self.centroids, new)
         self.changes.append(change)
         self.centroids, self.labels = new, labels
         self.converged = change <= self.min_error
-        done = self.converged or message.iteration >= self.max_iterations
-        if done:
-            return ClusterUpdate(done=True)
+        if self.converged or self.iteration >= self.max_iterations:
+            return [ClusterUpdate(done=True) for _ in self.shards]
         if self.algorithm == "dbskmeans":
             began = time.perf_counter()
-            update = ClusterUpdate(done=False, udm=self._udm())
+            updates = [ClusterUpdate(done=False, udm=self._udm(self.data[s])) for s in self.shards]
             self.timings["encrypt"] += time.perf_counter() - began
-            return update
-        return ClusterUpdate(done=False, shift=NDArray.of(shift))
+            return updates
+        return [ClusterUpdate(done=False, shift=NDArray.of(shift)) for _ in self.shards]
 
-    def _udm(self) -> NDArray:
+    def _labels_of(self, message: ClusterRound, rows: slice) -> np.ndarray:
+        labels = message.labels.array().astype(np.int64)
+        if (
+            labels.shape != (rows.stop - rows.start,)
+            or labels.min(initial=0) < 0
+            or labels.max(initial=0) >= self.k
+        ):
+            raise MiningError("worker returned labels of the wrong shape or range")
+        return labels
+
+    def _ckks_centroids(
+        self, messages: list[ClusterRound], parts: list[np.ndarray], labels: np.ndarray
+    ) -> np.ndarray:
+        """Slot x holds D[x][j] / |C_label(x)| counted within its shard: the owner folds
+        the slots per label, rescaling each shard's local counts to the global ones."""
+        assert isinstance(self.keys, CkksKeys)
+        new = self.centroids.copy()
+        counts = np.bincount(labels, minlength=self.k)
+        sums = np.zeros((self.k, self.data.shape[1]))
+        for message, part in zip(messages, parts, strict=True):
+            if message.weighted is None or len(message.weighted) != self.data.shape[1]:
+                raise MiningError("worker sent no weighted columns, or the wrong number")
+            local = np.bincount(part, minlength=self.k)
+            for j, chunks in enumerate(message.weighted):
+                column = np.concatenate([self.keys.decrypt(c) for c in chunks])
+                if column.shape[0] < len(part):
+                    raise MiningError("worker sent weighted columns shorter than its shard")
+                column = column[: len(part)]
+                if len(self.shards) > 1:
+                    column = column * local[part]
+                sums[:, j] += np.bincount(part, weights=column, minlength=self.k)
+        if len(self.shards) > 1:
+            sums[counts > 0] /= counts[counts > 0, None]
+        new[counts > 0] = sums[counts > 0]
+        return new
+
+    def _liu_centroids(self, messages: list[ClusterRound], parts: list[np.ndarray]) -> np.ndarray:
+        assert isinstance(self.keys, LiuKey)
+        for message in messages:
+            if message.shift is None or message.shift.shape[:2] != [self.k, self.data.shape[1]]:
+                raise MiningError("worker sent no encrypted shift, or one of the wrong shape")
+        if len(self.shards) == 1:
+            return self.centroids - self.keys.decrypt(messages[0].shift.array())  # type: ignore[union-attr]
+        # Each worker moved its encrypted centroids to its own shard's means: recover
+        # those, then weigh them by the shard's cluster sizes.
+        weighted = np.zeros_like(self.centroids)
+        counts = np.zeros(self.k)
+        for i, (message, part) in enumerate(zip(messages, parts, strict=True)):
+            assert message.shift is not None
+            local_new = self._local_centroids[i] - self.keys.decrypt(message.shift.array())
+            self._local_centroids[i] = local_new
+            local = np.bincount(part, minlength=self.k)
+            weighted += local[:, None] * local_new
+            counts += local
+        new = self.centroids.copy()
+        new[counts > 0] = weighted[counts > 0] / counts[counts > 0, None]
+        return new
+
+    def _udm(self, rows: np.ndarray) -> NDArray:
         """U = D - C, in the clear for SKMeans, under a fresh FDH-OPE key for DBSKMeans."""
-        udm = self.data[:, None, :] - self.centroids[None, :, :]
+        udm = rows[:, None, :] - self.centroids[None, :, :]
         if self.algorithm == "dbskmeans":
             udm = OpeKey.generate(udm).encrypt(udm)
         return NDArray.of(udm)
@@ -203,7 +280,7 @@ class ClusterWorker:
         self.distance = start.distance
         self.k = start.k
         self.udm = start.udm.array()
-        self.iteration = 0
+        self.iteration = start.iteration
         self.context: ts.Context | None = None
         self.columns: list[list[ts.CKKSVector]] = []
         if start.scheme == "ckks":

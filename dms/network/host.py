@@ -50,6 +50,7 @@ from dms.network.checked import CheckedFrames
 from dms.network.frames import PREFIX, FrameError, FrameReader, encode_frame
 from dms.network.outbox import Outbox
 from dms.network.settings import NetworkSettings, parse_multiaddr
+from dms.network.transfer import CHUNK_PROTOCOL, Offers, read_chunks, serve_chunks
 from dms.network.tuning import apply_libp2p_tuning
 from dms.security.identity import Identity
 
@@ -229,6 +230,11 @@ class Libp2pTransport:
         self._topics: dict[str, trio.CancelScope] = {}
         self._checked = CheckedFrames()  # gossip frames the topic validator verified
         self._stopped = False
+        # The manifests this node serves on the chunk protocol (set by the node's courier).
+        self.offers: Offers | None = None
+        # Sees every inbound frame and chunk as it arrives: (peer id, bytes). For tests
+        # that check what a node is sent (specs/mining.md, "What each party learns").
+        self.tap: Callable[[str, bytes], None] | None = None
         self.frames_in = 0
         self.frames_refused = 0
 
@@ -493,6 +499,7 @@ class Libp2pTransport:
         self._router = router
         async with host.run(listen_addrs=listen):
             host.set_stream_handler(ACTOR_PROTOCOL, self._on_stream)
+            host.set_stream_handler(CHUNK_PROTOCOL, self._on_chunk_stream)
             host.get_network().register_notifee(_ConnectionEvents(self))
             async with (
                 background_trio_service(pubsub),
@@ -546,8 +553,51 @@ class Libp2pTransport:
         except Exception as exc:  # a reset or a closed connection ends the stream
             log.debug("stream from %s ended: %s", peer, exc)
 
+    # ---- bulk transfer (dms.network.transfer) ----------------------------------------
+
+    async def _on_chunk_stream(self, stream: INetStream) -> None:
+        if self.offers is None:
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        await serve_chunks(stream, self.offers)
+
+    def fetch_chunks(
+        self, peer_id: str, manifest_id: str, hashes: list[str], max_chunk_bytes: int
+    ) -> list[tuple[str, bytes]]:
+        """Pull chunks of a manifest from ``peer_id`` on a stream of their own (blocking;
+        not from an actor's mailbox). Returns what arrived, in order, possibly fewer."""
+        return self._call(self._fetch_chunks, peer_id, manifest_id, hashes, max_chunk_bytes)
+
+    async def _fetch_chunks(
+        self, peer_id: str, manifest_id: str, hashes: list[str], max_chunk_bytes: int
+    ) -> list[tuple[str, bytes]]:
+        pid = _peer(peer_id)
+        assert self._host is not None
+        try:
+            with trio.fail_after(self.settings.dial_timeout_s):
+                await self._ensure_connected(pid)
+                stream = await self._host.new_stream(pid, [CHUNK_PROTOCOL])
+        except trio.TooSlowError:
+            raise NetworkError(f"peer {peer_id} is unreachable for chunks") from None
+        except NetworkError:
+            raise
+        except Exception as exc:
+            raise NetworkError(f"peer {peer_id} is unreachable: {_why(exc)}") from None
+        try:
+            arrived = await read_chunks(stream, manifest_id, hashes, max_chunk_bytes)
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()
+        if self.tap is not None:
+            for _, data in arrived:
+                self.tap(peer_id, data)
+        return arrived
+
     def _deliver(self, frame: bytes, peer: str | None, *, signature_checked: bool = False) -> None:
         assert self._receiver is not None
+        if self.tap is not None:
+            self.tap(peer or "", frame)
         try:
             self._receiver(frame, peer, signature_checked=signature_checked)
         except Exception:

@@ -25,16 +25,20 @@ class NodeBase(Actor):
         self,
         request: Request,
         work: Callable[[], Any],
-        then: Callable[[Any], None] | None = None,
+        then: Callable[[Any], Any] | None = None,
     ) -> None:
         """Run slow ``work`` (network waits, benchmarks) off the mailbox and answer when it
-        is done; ``then`` runs back in the actor with the result, before the reply."""
+        is done; ``then`` runs back in the actor with the result, before the reply (what
+        it returns, if not None, is the reply instead)."""
         responder = request.defer()
 
         def finish(result: Any) -> None:
-            if then is not None:
-                then(result)
-            responder.ok(result)
+            try:
+                answer = then(result) if then is not None else None
+            except DmsError as err:
+                responder.fail(err.code, err.message)
+                return
+            responder.ok(result if answer is None else answer)
 
         def done(future: Future[Any]) -> None:
             try:

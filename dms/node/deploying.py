@@ -44,6 +44,7 @@ from dms.orchestrator.messages import (
     CommitRequest,
     RevertRequest,
 )
+from dms.orchestrator.mining import MiningSessionActor
 from dms.orchestrator.store import DeploymentStore
 from dms.resources import ALLOCATED, ResourceError
 
@@ -89,7 +90,11 @@ class DeployingBehaviours(NodeBase):
             except Exception as exc:
                 log.warning("deployment %s cannot resume: %s", row["id"], exc)
                 continue
-            self._spawn_deployment(row["id"], spec, saved=row)
+            # A mining session's keys were in memory: it fails, releasing every lease.
+            mining = any(a.executor == "mining" for a in spec.allocations)
+            self._spawn_deployment(
+                row["id"], spec, saved=row, kind=MiningSessionActor if mining else DeploymentActor
+            )
 
     def _clean_orphaned_allocations(self) -> None:
         """Allocations made for deployments ran in the process that died: release them
@@ -204,6 +209,8 @@ class DeployingBehaviours(NodeBase):
                 reply_to=p.reply_to,
                 on_end=self._allocation_ended,
                 requester_gone=lambda: self._requester_gone(requester),
+                resources=lease.resources,
+                courier=getattr(self, "courier", None),
                 inbox=f"alloc-{p.lease_id[:16]}",
             )
         except ExecutorError:
@@ -264,10 +271,14 @@ class DeployingBehaviours(NodeBase):
         return self._orchestration
 
     def _spawn_deployment(
-        self, deployment_id: str, spec: DeploymentSpec, saved: dict[str, Any] | None = None
+        self,
+        deployment_id: str,
+        spec: DeploymentSpec,
+        saved: dict[str, Any] | None = None,
+        kind: type[DeploymentActor] = DeploymentActor,
     ) -> ActorRef:
         child = self.spawn(
-            DeploymentActor,
+            kind,
             self._orch(),
             deployment_id,
             spec,

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from dms import __version__
 from dms.actor import ActorContext, Request, behaviour
 from dms.node.deploying import DeployingBehaviours
+from dms.node.mining import MiningBehaviours
 from dms.node.peering import PeeringBehaviours
 from dms.node.provider import ProviderBehaviours
 from dms.node.services import NodeServices
@@ -32,7 +33,7 @@ class HelloPayload(BaseModel):
     message: str = Field(default="hello", max_length=1024)
 
 
-class NodeActor(PeeringBehaviours, DeployingBehaviours, ProviderBehaviours):
+class NodeActor(PeeringBehaviours, MiningBehaviours, DeployingBehaviours, ProviderBehaviours):
     def __init__(self, context: ActorContext, services: NodeServices | None = None) -> None:
         super().__init__(context, services)
         self.started = time.monotonic()
@@ -41,6 +42,7 @@ class NodeActor(PeeringBehaviours, DeployingBehaviours, ProviderBehaviours):
     def on_start(self) -> None:
         self.subscribe(BROADCAST_TOPIC)
         self.start_provider()
+        self.start_mining()
         self.start_deploying()
         self.start_peering()
 

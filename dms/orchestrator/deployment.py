@@ -178,8 +178,31 @@ class DeploymentActor(Actor):
         self._schedule_round(0.0)
         self.call_later(self.o.supervise_s, self._supervise)
 
+    # ---- hooks for subclasses (the mining session) -------------------------------------
+
+    def resumable(self) -> bool:
+        """Whether this deployment may carry on after its node restarted."""
+        return True
+
+    def slot_running(self, slot: dict[str, Any]) -> None:
+        """A slot's allocation has just started running (its handle is in the slot)."""
+
+    def slot_lost(self, slot: dict[str, Any], reason: str) -> None:
+        """A slot's allocation is gone (before the slot is reopened)."""
+
+    def heard_from(self, slot: dict[str, Any]) -> bool:
+        """Whether the slot's allocation answered something else lately (session traffic
+        counts as liveness: a poll that times out behind a large transfer is no death)."""
+        return False
+
+    def ended(self, state: str, what: str) -> None:
+        """The deployment reached a terminal state."""
+
     def _resume(self) -> None:
         """After a restart: revert what was half done, keep supervising what runs."""
+        if not self.resumable():
+            self._finish("failed", "the requester restarted, and this deployment cannot resume")
+            return
         now = time.time()
         for slot in self.slots.values():
             if slot["status"] in ("committing", "allocating"):
@@ -226,9 +249,12 @@ class DeploymentActor(Actor):
         self._event(what)
         self.row["ended_at"] = time.time()
         self._save()
-        if self.o.on_end is not None:
-            self.o.on_end(self.id)
-        self.ref.stop_soon()
+        try:
+            self.ended(state, what)
+        finally:
+            if self.o.on_end is not None:
+                self.o.on_end(self.id)
+            self.ref.stop_soon()
 
     # ---- bid rounds ----------------------------------------------------------------
 
@@ -394,7 +420,11 @@ class DeploymentActor(Actor):
         if rid != self.round or rid in self._closed or self.state in TERMINAL:
             return
         self._closed.add(rid)
-        decision = select(self.spec.strategy, self._offers, self.o.rng, self.o.cursor)
+        taken: dict[str, int] = {}
+        for slot in self.slots.values():
+            if slot["peer_id"] and slot["status"] in ("committing", "allocating", "running"):
+                taken[slot["peer_id"]] = taken.get(slot["peer_id"], 0) + 1
+        decision = select(self.spec.strategy, self._offers, self.o.rng, self.o.cursor, taken)
         records = []
         losers: dict[str, list[str]] = {}
         for name, candidates in self._offers.items():
@@ -485,6 +515,8 @@ class DeploymentActor(Actor):
         slot["running_at"] = time.time()
         self._event(f"{name}: running on {slot['peer_id'][-8:]}")
         self._apply_status(slot, outcome.result.get("status") or {})
+        if slot["status"] == "running":
+            self.slot_running(slot)
         self._settle()
 
     # ---- supervision -----------------------------------------------------------------
@@ -551,6 +583,8 @@ class DeploymentActor(Actor):
         self._settle()
 
     def _poll_failed(self, slot: dict[str, Any], reason: str) -> None:
+        if self.heard_from(slot):
+            return
         misses = self._misses.get(slot["slot"], 0) + 1
         self._misses[slot["slot"]] = misses
         if misses >= 2:
@@ -559,6 +593,7 @@ class DeploymentActor(Actor):
     # ---- failures ----------------------------------------------------------------------
 
     def _reopen(self, slot: dict[str, Any], reason: str, now: float, exclude: bool = True) -> None:
+        self.slot_lost(slot, reason)
         if slot["peer_id"]:
             slot["reasons"][slot["peer_id"]] = reason
             if exclude and slot["peer_id"] not in slot["excluded"]:
@@ -591,10 +626,14 @@ class DeploymentActor(Actor):
         for slot in late:
             reasons = "; ".join(f"{p[-8:]}: {r}" for p, r in sorted(slot["reasons"].items()))
             parts.append(f"{slot['slot']}: {reasons or 'no peer fits'}")
+        self._abort("not placed within the deadline: " + " | ".join(parts))
+
+    def _abort(self, what: str) -> None:
+        """Fail the deployment: stop what runs, give every lease back."""
         for slot in self.slots.values():
             if slot["status"] in ("running", "committing", "allocating"):
                 self._stop_slot(slot)
-        self._finish("failed", "not placed within the deadline: " + " | ".join(parts))
+        self._finish("failed", what)
 
     def _stop_slot(self, slot: dict[str, Any]) -> None:
         if slot.get("allocation") is not None:

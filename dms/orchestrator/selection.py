@@ -7,7 +7,8 @@ offer won or lost; the requester records those reasons with the decision.
 the offer (cpu .4, ram .3, disk .2, gpu .1, as NuNet weighs it) + 0.3 x the
 bidder's ``cpu_single_mops`` relative to the best bidder - 0.3 x its price
 relative to the dearest, minus 0.2 for each slot the peer already won in this
-round (spreading a deployment makes it survive one provider); ties go to the
+round or holds already (spreading a deployment makes it survive one provider,
+and puts a mining job's shards on distinct peers when enough bid); ties go to the
 lower peer id. The other three are the reference system's load balancers,
 run by the requester: a round-robin cursor over peer ids, the better of two
 random offers (more free cpu wins), and a uniformly random offer.
@@ -84,10 +85,13 @@ def select(
     offers: dict[str, list[Candidate]],
     rng: random.Random,
     cursor: RoundRobin,
+    taken: dict[str, int] | None = None,
 ) -> Decision:
+    """``taken``: slots of this deployment each peer already holds (``score`` spreads
+    new slots away from them too)."""
     winners: dict[str, Candidate] = {}
     reasons: dict[tuple[str, str], str] = {}
-    won: dict[str, int] = {}
+    won: dict[str, int] = dict(taken or {})
     for slot in sorted(offers):
         candidates = sorted(offers[slot], key=lambda c: c.peer_id)
         if not candidates:

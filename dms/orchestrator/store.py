@@ -8,10 +8,11 @@ from typing import Any
 from sqlalchemy import insert, select, update
 
 from dms.store import Database
-from dms.store.models import BidRecord, DeploymentRecord
+from dms.store.models import BidRecord, DeploymentRecord, MiningSessionRecord
 
 DEPLOYMENTS = DeploymentRecord.__table__
 BIDS = BidRecord.__table__
+MINING = MiningSessionRecord.__table__
 ACTIVE_STATES = ("queued", "bidding", "committing", "allocating", "running", "stopping")
 
 
@@ -60,3 +61,21 @@ class DeploymentStore:
                 select(BIDS).where(BIDS.c.deployment_id == deployment_id).order_by(BIDS.c.id)
             )
             return [dict(r._mapping) for r in rows]
+
+    # ---- mining sessions (their deployment has the same id) ---------------------------
+
+    def save_mining(self, row: dict[str, Any]) -> None:
+        """Insert or update a mining session's row; only the columns given change."""
+        now = time.time()
+        with self.db.transaction() as conn:
+            done = conn.execute(
+                update(MINING).where(MINING.c.id == row["id"]).values(**row, updated_at=now)
+            )
+            if done.rowcount == 0:
+                conn.execute(insert(MINING).values(**{"created_at": now, **row, "updated_at": now}))
+
+    def mining(self, session_id: str, *, labels: bool = False) -> dict[str, Any] | None:
+        columns = [c for c in MINING.c if labels or c.name != "labels"]
+        with self.db.transaction() as conn:
+            row = conn.execute(select(*columns).where(MINING.c.id == session_id)).first()
+            return dict(row._mapping) if row is not None else None

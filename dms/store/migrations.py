@@ -19,6 +19,7 @@ from dms.store.models import (
     Event,
     KnownPeer,
     Lease,
+    MiningSessionRecord,
     Onboarding,
     Setting,
 )
@@ -43,6 +44,7 @@ MIGRATIONS: list[Migration] = [
     Migration(2, "known peers, for reconnecting after a restart", _create(KnownPeer)),
     Migration(3, "onboarding and resource leases", _create(Onboarding, Lease)),
     Migration(4, "deployments and the bid indices", _create(DeploymentRecord, BidRecord)),
+    Migration(5, "mining sessions: progress, checkpoints, results", _create(MiningSessionRecord)),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1].version

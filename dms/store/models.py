@@ -125,3 +125,19 @@ class BidRecord(Base):
     outcome: Mapped[str] = mapped_column(String(16), nullable=False)  # offer|decline|won|lost
     reason: Mapped[str] = mapped_column(String(512), nullable=False, default="")
     at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class MiningSessionRecord(Base):
+    """A data owner's mining session: its progress, its checkpoint each round, its result."""
+
+    __tablename__ = "mining_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # its deployment's id
+    algorithm: Mapped[str] = mapped_column(String(32), nullable=False)
+    phase: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    progress: Mapped[Any] = mapped_column(JSON, nullable=False, default=dict)
+    checkpoint: Mapped[Any] = mapped_column(JSON, nullable=True)
+    result: Mapped[Any] = mapped_column(JSON, nullable=True)
+    labels: Mapped[Any] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    updated_at: Mapped[float] = mapped_column(Float, nullable=False)

@@ -1,0 +1,369 @@
+"""The ``mining`` executor: the worker side of encrypted mining, driven by the data owner.
+
+It is interactive. The allocation stays running while the owner's mining
+session invokes ``/dms/allocation/session`` with one operation at a time
+(``specs/mining.md``, "Placed on other nodes"):
+
+    start   the opening message (ClusterStart / KnnStart) -> builds the worker
+    step    an optional ClusterUpdate -> applies it, computes the next round
+    query   a KnnQuery -> the encrypted distances
+    run     plaintext kmeans / knn placed as they are (the worker sees the data)
+    finish  the session is over: the executor returns and the allocation completes
+
+The parameters are small and say what the worker must expect. Everything it
+receives is checked against them: a context at another security level, a
+context that holds a secret key, or rows, attributes or clusters other than
+announced are refused with a reason, before any work.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Literal
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dms.jobs.base import ExecutorError, Log
+from dms.mining import Distance, MiningError
+from dms.mining.classification import KnnDistances, KnnQuery, KnnStart, KnnWorker
+from dms.mining.clustering import ClusterStart, ClusterUpdate, ClusterWorker
+from dms.mining.placed import PlainJob, PlainResult
+from dms.mining.plain import kmeans, knn
+from dms.mining.schemes.ckks import LEVELS, load_public_context
+from dms.mining.wire import decode, encode
+from dms.resources import Resources
+
+MIB = 1024 * 1024
+BASE_BYTES = 96 * MIB  # the interpreter, TenSEAL and numpy, before any data
+CONTEXT_BYTES = {128: 24 * MIB, 192: 96 * MIB, 256: 384 * MIB}  # keys in memory
+LIU_COMPONENTS = {128: 3, 192: 4, 256: 6}
+KNN_BLOCK = 8  # queries per CKKS query block (KnnOwner.query_blocks)
+
+Algorithm = Literal["kmeans", "skmeans", "dbskmeans", "knn", "sknn"]
+PLAINTEXT = ("kmeans", "knn")
+
+
+class MiningParams(BaseModel):
+    """What a mining allocation will be asked to do; small, and checked at bid time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Algorithm
+    scheme: Literal["ckks", "liu", "plain"] = "ckks"
+    level: Literal[128, 192, 256] = 128
+    k: int = Field(ge=1, le=100_000)
+    n: int = Field(ge=1, le=50_000_000, description="records (training rows for k-NN) here")
+    a: int = Field(ge=1, le=1_000_000, description="attributes per record")
+    queries: int = Field(default=0, ge=0, le=10_000_000, description="k-NN queries")
+    distance: Literal["euclidean", "manhattan"] = "euclidean"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MiningParams:
+        plain = self.algorithm in PLAINTEXT
+        if plain != (self.scheme == "plain"):
+            want = "plain" if plain else "ckks or liu"
+            raise ValueError(f"{self.algorithm} runs with scheme {want}, not {self.scheme}")
+        if self.algorithm in ("kmeans", "skmeans", "dbskmeans") and self.k > self.n:
+            raise ValueError(f"k = {self.k} clusters for {self.n} records")
+        return self
+
+    def estimated_bytes(self) -> int:
+        """Peak memory of the worker, from the sizes alone (a generous estimate)."""
+        n, a, k = self.n, self.a, self.k
+        if self.scheme == "ckks":
+            degree, _, bits = LEVELS[self.level]
+            ciphertext = 2 * degree * (len(bits) - 1) * 8
+            slots = degree // 2
+            if self.algorithm == "sknn":
+                rows = max(1, min(slots // a, n))
+                blocks = -(-n // rows)
+                held = blocks + KNN_BLOCK * blocks * 2  # training blocks + one answer, twice
+            else:
+                held = 2 * a * -(-n // slots)  # columns + weighted copies
+            data = held * ciphertext + CONTEXT_BYTES[self.level]
+        elif self.scheme == "liu":
+            m = LIU_COMPONENTS[self.level]
+            data = 2 * n * a * m * 8
+            if self.algorithm == "sknn":
+                data += 2 * min(n, 4_000_000) * a * m * 8  # one block of differences
+        else:
+            data = 3 * n * a * 8
+        if self.algorithm in ("skmeans", "dbskmeans", "kmeans"):
+            data += 3 * n * k * a * 8  # U, its update, and a copy while decoding
+        return BASE_BYTES + data
+
+
+def parse_params(params: dict[str, Any]) -> MiningParams:
+    try:
+        return MiningParams.model_validate(params)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "params"
+        message = err["msg"].removeprefix("Value error, ")
+        raise ExecutorError(f"mining params: {where}: {message}") from None
+
+
+class _Ops:
+    """The worker's state for one session; one operation at a time (the allocation's
+    session thread), never on the allocation's mailbox."""
+
+    def __init__(self, params: MiningParams) -> None:
+        self.params = params
+        self.cluster: ClusterWorker | None = None
+        self.classify: KnnWorker | None = None
+        self.rounds = 0
+        self.queries = 0
+
+    def start(self, body: bytes) -> bytes:
+        p = self.params
+        if p.algorithm in ("skmeans", "dbskmeans"):
+            start = _decode(ClusterStart, body)
+            self._check_cluster_start(start)
+            self.cluster = ClusterWorker(start)
+        elif p.algorithm == "sknn":
+            knn_start = _decode(KnnStart, body)
+            self._check_knn_start(knn_start)
+            self.classify = KnnWorker(knn_start)
+        else:
+            raise ExecutorError(f"{p.algorithm} takes 'run', not 'start'")
+        return b""
+
+    def step(self, body: bytes) -> bytes:
+        if self.cluster is None:
+            raise ExecutorError("no clustering session started here")
+        if body:
+            update = _decode(ClusterUpdate, body)
+            self._check_update(update)
+            self.cluster.update(update)
+        self.rounds += 1
+        return encode(self.cluster.round())
+
+    def query(self, body: bytes) -> bytes:
+        if self.classify is None:
+            raise ExecutorError("no k-NN session started here")
+        message = _decode(KnnQuery, body)
+        count = len(message.replicated or []) or (
+            message.queries.shape[0] if message.queries else 0
+        )
+        if count == 0 or count > max(KNN_BLOCK, 4_000_000 // max(self.params.n * self.params.a, 1)):
+            raise ExecutorError(f"a query block of {count} queries is out of range")
+        if message.queries is not None and message.queries.shape[1:2] != [self.params.a]:
+            raise ExecutorError("query rows do not have the announced attributes")
+        self.queries += count
+        answer: KnnDistances = self.classify.distances(message)
+        return encode(answer)
+
+    def run(self, body: bytes) -> bytes:
+        """Plaintext baselines placed as they are: the worker sees the data."""
+        p = self.params
+        job = _decode(PlainJob, body)
+        data = job.data.array()
+        if data.shape != (p.n, p.a):
+            raise ExecutorError(f"data of shape {data.shape}, announced ({p.n}, {p.a})")
+        distance = Distance.parse(p.distance)
+        if p.algorithm == "kmeans":
+            outcome = kmeans(
+                data,
+                p.k,
+                distance=distance,
+                min_error=job.min_error,
+                max_iterations=job.max_iterations,
+                init=job.init,
+                seed=job.seed,
+            )
+            self.rounds = outcome.iterations
+            return encode(
+                PlainResult(
+                    labels=outcome.labels.tolist(),
+                    iterations=outcome.iterations,
+                    converged=outcome.converged,
+                    centroids=outcome.centroids.tolist(),
+                    changes=list(outcome.changes),
+                )
+            )
+        if job.test is None or job.labels is None:
+            raise ExecutorError("knn needs training labels and test rows")
+        test = job.test.array()
+        if test.ndim != 2 or test.shape[1] != p.a or len(job.labels) != p.n:
+            raise ExecutorError("test rows or labels do not match the announced sizes")
+        predictions = knn(data, job.labels, test, p.k, distance=distance)
+        self.queries = len(predictions)
+        return encode(PlainResult(labels=list(predictions)))
+
+    # ---- checks on what arrives ----------------------------------------------------
+
+    def _check_context(self, raw: bytes | None) -> None:
+        if raw is None:
+            raise ExecutorError("a CKKS job needs a public context")
+        try:
+            context = load_public_context(raw)
+        except MiningError as exc:
+            raise ExecutorError(str(exc)) from None
+        except Exception as exc:
+            raise ExecutorError(f"not a CKKS context: {type(exc).__name__}") from None
+        degree, log_scale, _ = LEVELS[self.params.level]
+        got = context.data.seal_context().key_context_data().parms().poly_modulus_degree()
+        if got != degree or context.global_scale != 2.0**log_scale:
+            raise ExecutorError(
+                f"the context has N = {got} and scale 2^{np.log2(context.global_scale):g}; "
+                f"level {self.params.level} announced N = {degree}, scale 2^{log_scale}"
+            )
+
+    def _check_cluster_start(self, start: ClusterStart) -> None:
+        p = self.params
+        if (start.algorithm, start.scheme, str(start.distance), start.k) != (
+            p.algorithm,
+            p.scheme,
+            p.distance,
+            p.k,
+        ):
+            raise ExecutorError("the start message does not match the announced job")
+        if start.udm.shape != [p.n, p.k, p.a]:
+            raise ExecutorError(f"U has shape {start.udm.shape}, announced {[p.n, p.k, p.a]}")
+        if p.scheme == "ckks":
+            self._check_context(start.context)
+            slots = LEVELS[p.level][0] // 2
+            if start.columns is None or len(start.columns) != p.a:
+                raise ExecutorError("a CKKS start needs one packed column per attribute")
+            if any(len(column) != -(-p.n // slots) for column in start.columns):
+                raise ExecutorError("packed columns do not hold the announced records")
+        else:
+            m = LIU_COMPONENTS[p.level]
+            if start.data is None or start.data.shape != [p.n, p.a, m]:
+                raise ExecutorError("Liu data does not have the announced shape")
+            if start.centroids is None or start.centroids.shape != [p.k, p.a, m]:
+                raise ExecutorError("Liu centroids do not have the announced shape")
+
+    def _check_knn_start(self, start: KnnStart) -> None:
+        p = self.params
+        if (start.scheme, str(start.distance), start.k) != (p.scheme, p.distance, p.k):
+            raise ExecutorError("the start message does not match the announced job")
+        if start.labels and len(start.labels) != p.n:
+            raise ExecutorError("labels do not match the announced training rows")
+        if p.scheme == "ckks":
+            self._check_context(start.context)
+            rows = max(1, min((LEVELS[p.level][0] // 2) // p.a, p.n))
+            if start.blocks is None or len(start.blocks) != -(-p.n // rows):
+                raise ExecutorError("packed training rows do not hold the announced records")
+        else:
+            m = LIU_COMPONENTS[p.level]
+            if start.train is None or start.train.shape != [p.n, p.a, m]:
+                raise ExecutorError("Liu training rows do not have the announced shape")
+
+    def _check_update(self, update: ClusterUpdate) -> None:
+        p = self.params
+        if update.shift is not None and update.shift.shape != [p.k, p.a]:
+            raise ExecutorError("the shift does not have the announced shape")
+        if update.udm is not None and update.udm.shape != [p.n, p.k, p.a]:
+            raise ExecutorError("the new U does not have the announced shape")
+
+
+def split_context(start: bytes) -> tuple[bytes, bytes | None]:
+    """An opening message without its public context, and the context apart: shipped
+    as a parcel of its own, its chunks are shared by every shard on one node."""
+    message = msgpack.unpackb(start, raw=False)
+    if not isinstance(message, dict) or not isinstance(message.get("context"), bytes):
+        return start, None
+    context = message.pop("context")
+    return msgpack.packb(message, use_bin_type=True), context
+
+
+def join_context(body: bytes, context: bytes) -> bytes:
+    """Put a context shipped apart back into its opening message."""
+    try:
+        message = msgpack.unpackb(body, raw=False)
+    except Exception:
+        raise ExecutorError("the opening message is not MessagePack") from None
+    if not isinstance(message, dict):
+        raise ExecutorError("an opening message with a context must be a map")
+    message["context"] = context
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def _decode(kind: type[BaseModel], body: bytes) -> Any:
+    try:
+        return decode(kind, body)
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise ExecutorError(f"not a valid {kind.__name__}: {first}") from None
+
+
+OPS = ("start", "step", "query", "run", "finish")
+
+
+class MiningSession:
+    """One allocation's worker: operations in, answers out, until ``finish`` or stop."""
+
+    def __init__(self, params: MiningParams, log: Log) -> None:
+        self.params = params
+        self._ops = _Ops(params)
+        self._log = log
+        self.finished = threading.Event()
+        self.compute_s = 0.0
+        self.cpu_s = 0.0
+
+    def call(self, op: str, body: bytes) -> bytes:
+        if op not in OPS:
+            raise ExecutorError(f"unknown session operation {op!r} (known: {', '.join(OPS)})")
+        if self.finished.is_set():
+            raise ExecutorError("the session has finished")
+        if op == "finish":
+            self.finished.set()
+            return b""
+        began, cpu = time.perf_counter(), time.thread_time()
+        try:
+            out: bytes = getattr(self._ops, op)(body)
+        except MiningError as exc:
+            raise ExecutorError(str(exc)) from None
+        finally:
+            self.compute_s += time.perf_counter() - began
+            self.cpu_s += time.thread_time() - cpu
+        if op == "step":
+            self._log(f"round {self._ops.rounds} computed")
+        elif op in ("start", "run"):
+            self._log(f"{op}: {len(body) / MIB:.1f} MiB received")
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "rounds": self._ops.rounds,
+            "queries": self._ops.queries,
+            "compute_s": round(self.compute_s, 3),
+            "cpu_s": round(self.cpu_s, 3),
+        }
+
+
+class MiningExecutor:
+    kind = "mining"
+    interactive = True
+
+    def check(self, params: dict[str, Any], resources: Resources | None = None) -> None:
+        p = parse_params(params)
+        if resources is not None and resources.ram_mib:
+            need = p.estimated_bytes()
+            if need > resources.ram_mib * MIB:
+                raise ExecutorError(
+                    f"this job needs about {need / MIB:.0f} MiB of memory; "
+                    f"the lease holds {resources.ram_mib} MiB"
+                )
+
+    def session(self, params: dict[str, Any], log: Log) -> MiningSession:
+        return MiningSession(parse_params(params), log)
+
+    def run(
+        self,
+        params: dict[str, Any],
+        stop: threading.Event,
+        log: Log,
+        session: MiningSession | None = None,
+    ) -> Any:
+        """Wait while the owner drives the session; the result is its summary."""
+        if session is None:
+            raise ExecutorError("a mining allocation needs its session")
+        while not session.finished.wait(0.2):
+            if stop.is_set():
+                raise ExecutorError("stopped")
+        return session.summary()

@@ -1,0 +1,349 @@
+"""The data owner's side of a mining job whose workers run elsewhere, one per shard.
+
+A *driver* holds the owner's state (data, keys, centroids or neighbours) and
+turns it into operations for the workers, one step at a time:
+
+    start(i)        -> the bytes of shard i's opening message (None: no start)
+    request(i, at)  -> (operation, bytes) for shard i's part of the current step
+    accept(i, raw)  -> take shard i's answer
+    advance()       -> every shard answered: combine, decide; True when finished
+    outcome()       -> the labels (or predictions) and the result's fields
+
+It knows nothing of networks or actors (``dms.orchestrator.mining`` places the
+workers and moves the bytes), so a worker lost mid-job costs only a new
+``start(i)``: the message is built from the owner's current state, and the
+new worker resumes at the current step. The byte encoding is
+``dms.mining.wire``, as for ``--local``, so the same settings give the same
+labels.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from dms.mining.arrays import NDArray
+from dms.mining.classification import KnnDistances, KnnOwner, Label
+from dms.mining.clustering import ClusterOwner, ClusterRound, ClusterUpdate
+from dms.mining.distance import Distance
+from dms.mining.errors import MiningError
+from dms.mining.plain import DEFAULT_MAX_ITERATIONS, DEFAULT_MIN_ERROR
+from dms.mining.schemes.ckks import CkksKeys
+from dms.mining.schemes.liu import LiuKey
+from dms.mining.wire import decode, encode
+
+Algorithm = Literal["kmeans", "skmeans", "dbskmeans", "knn", "sknn"]
+CLUSTERING = ("kmeans", "skmeans", "dbskmeans")
+MAX_SHARDS = 64
+
+
+class MiningSettings(BaseModel):
+    """The owner's settings for one job (everything but the data and the keys)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Algorithm
+    scheme: Literal["ckks", "liu", "plain"] = "ckks"
+    level: Literal[128, 192, 256] = 128
+    k: int = Field(ge=1)
+    distance: Literal["euclidean", "manhattan"] = "euclidean"
+    min_error: float = Field(default=DEFAULT_MIN_ERROR, ge=0)
+    max_iterations: int = Field(default=DEFAULT_MAX_ITERATIONS, ge=1, le=10_000)
+    init: Literal["first", "kmeans++"] = "first"
+    seed: int | None = None
+    shards: int = Field(default=1, ge=1, le=MAX_SHARDS)
+
+    @property
+    def plaintext(self) -> bool:
+        return self.algorithm in ("kmeans", "knn")
+
+
+class PlainJob(BaseModel):
+    """A plaintext baseline placed as it is: the worker sees the data."""
+
+    data: NDArray  # the records (k-means) or the training rows (k-NN)
+    test: NDArray | None = None
+    labels: list[Label] | None = None
+    min_error: float = DEFAULT_MIN_ERROR
+    max_iterations: int = DEFAULT_MAX_ITERATIONS
+    init: str = "first"
+    seed: int | None = None
+
+
+class PlainResult(BaseModel):
+    labels: list[Label]
+    iterations: int | None = None
+    converged: bool | None = None
+    centroids: list[list[float]] | None = None
+    changes: list[float] = Field(default_factory=list)
+
+
+def shard_sizes(settings: MiningSettings, rows: int) -> list[int]:
+    from dms.mining.clustering import shard_rows
+
+    return [s.stop - s.start for s in shard_rows(rows, settings.shards)]
+
+
+class Driver:
+    """What every driver offers; see the module docstring."""
+
+    shards: int = 1
+    iteration: int = 0  # steps combined so far
+    changes: list[float]
+
+    def prepare(self) -> None: ...
+
+    def start(self, shard: int) -> bytes | None:
+        return None
+
+    def request(self, shard: int, worker_at: int) -> tuple[str, bytes]:
+        raise NotImplementedError
+
+    def accept(self, shard: int, raw: bytes) -> None:
+        raise NotImplementedError
+
+    def advance(self) -> bool:
+        raise NotImplementedError
+
+    def outcome(self) -> tuple[list[Label], dict[str, Any]]:
+        raise NotImplementedError
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"iteration": self.iteration}
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return {}
+
+
+class ClusterDriver(Driver):
+    """SKMeans and DBSKMeans: rounds of (labels + encrypted material) -> an update each."""
+
+    def __init__(
+        self, settings: MiningSettings, data: np.ndarray, keys: CkksKeys | LiuKey | None
+    ) -> None:
+        self.settings, self.data, self.keys = settings, data, keys
+        self.shards = settings.shards
+        self.owner: ClusterOwner | None = None
+        self._answers: dict[int, ClusterRound] = {}
+        self._updates: list[ClusterUpdate] | None = None
+        self._lock = threading.Lock()  # the owner's state: start() may race advance()
+        self.changes = []
+
+    def prepare(self) -> None:
+        s = self.settings
+        self.owner = ClusterOwner(
+            self.data,
+            s.k,
+            algorithm=s.algorithm,  # type: ignore[arg-type]
+            scheme=s.scheme,  # type: ignore[arg-type]
+            distance=Distance.parse(s.distance),
+            min_error=s.min_error,
+            max_iterations=s.max_iterations,
+            init=s.init,
+            seed=s.seed,
+            level=s.level,
+            keys=self.keys,
+            shards=s.shards,
+        )
+        # Keys and encryption happen while bids are collected: each shard's opening
+        # message is ready when its worker is.
+        with self._lock:
+            self._starts = {i: (0, encode(self.owner.start(i))) for i in range(s.shards)}
+
+    @property
+    def iteration(self) -> int:  # type: ignore[override]
+        return self.owner.iteration if self.owner else 0
+
+    def start(self, shard: int) -> bytes | None:
+        """Shard ``shard``'s opening message at the current round."""
+        assert self.owner is not None
+        with self._lock:
+            at, raw = self._starts.pop(shard, (-1, b""))
+            if at == self.owner.iteration:
+                return raw
+            return encode(self.owner.start(shard))
+
+    def request(self, shard: int, worker_at: int) -> tuple[str, bytes]:
+        """A worker that started at the current round needs no update; one a round
+        behind gets the last one."""
+        if worker_at >= self.iteration or self._updates is None:
+            return "step", b""
+        return "step", encode(self._updates[shard])
+
+    def accept(self, shard: int, raw: bytes) -> None:
+        self._answers[shard] = decode(ClusterRound, raw)
+
+    def advance(self) -> bool:
+        assert self.owner is not None
+        if sorted(self._answers) != list(range(self.shards)):
+            raise MiningError("not every shard has answered this round")
+        with self._lock:
+            updates = self.owner.receive_shards([self._answers[i] for i in range(self.shards)])
+        self._answers.clear()
+        self._updates = updates
+        self.changes = list(self.owner.changes)
+        return updates[0].done
+
+    def outcome(self) -> tuple[list[Label], dict[str, Any]]:
+        assert self.owner is not None
+        outcome = self.owner.outcome()
+        return outcome.labels.tolist(), {
+            "iterations": outcome.iterations,
+            "converged": outcome.converged,
+            "centroids": outcome.centroids.tolist(),
+        }
+
+    def checkpoint(self) -> dict[str, Any]:
+        owner = self.owner
+        if owner is None:
+            return {"iteration": 0}
+        return {
+            "iteration": owner.iteration,
+            "changes": list(owner.changes),
+            "centroids": (owner.centroids * owner.scale).tolist(),
+            "converged": owner.converged,
+        }
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return dict(self.owner.timings) if self.owner else {}
+
+
+class KnnDriver(Driver):
+    """SKNN: blocks of queries; each shard answers with distances to its rows, the
+    owner ranks over every shard and votes with its own labels."""
+
+    def __init__(
+        self,
+        settings: MiningSettings,
+        train: np.ndarray,
+        labels: Sequence[Label],
+        test: np.ndarray,
+        keys: CkksKeys | LiuKey | None,
+    ) -> None:
+        self.settings, self.train, self.labels, self.test, self.keys = (
+            settings,
+            train,
+            list(labels),
+            test,
+            keys,
+        )
+        self.shards = settings.shards
+        self.owner: KnnOwner | None = None
+        self.blocks: list[np.ndarray] = []
+        self.block = 0
+        self.predictions: list[Label] = []
+        self._answers: dict[int, KnnDistances] = {}
+        self._queries: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+        self.changes = []
+
+    def prepare(self) -> None:
+        s = self.settings
+        self.owner = KnnOwner(
+            self.train,
+            self.labels,
+            s.k,
+            scheme=s.scheme,  # type: ignore[arg-type]
+            distance=Distance.parse(s.distance),
+            level=s.level,
+            keys=self.keys,
+            shards=s.shards,
+        )
+        self.blocks = self.owner.query_blocks(self.test)
+        self._starts = {i: encode(self.owner.start(i, share_labels=False)) for i in range(s.shards)}
+
+    @property
+    def iteration(self) -> int:  # type: ignore[override]
+        return self.block
+
+    def start(self, shard: int) -> bytes | None:
+        assert self.owner is not None
+        with self._lock:
+            # Encrypted once, while bids are collected; a worker placed again gets the same.
+            return self._starts[shard]
+
+    def request(self, shard: int, worker_at: int) -> tuple[str, bytes]:
+        assert self.owner is not None
+        with self._lock:
+            if shard not in self._queries:
+                self._queries[shard] = encode(self.owner.query(self.blocks[self.block], shard))
+            return "query", self._queries[shard]
+
+    def accept(self, shard: int, raw: bytes) -> None:
+        self._answers[shard] = decode(KnnDistances, raw)
+
+    def advance(self) -> bool:
+        assert self.owner is not None
+        with self._lock:
+            neighbours, _ = self.owner.neighbours_shards(
+                [self._answers[i] for i in range(self.shards)]
+            )
+            self.predictions.extend(self.owner.vote(neighbours))
+            self._answers.clear()
+            self._queries.clear()
+            self.block += 1
+        return self.block >= len(self.blocks)
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.blocks)
+
+    def outcome(self) -> tuple[list[Label], dict[str, Any]]:
+        return list(self.predictions), {}
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return dict(self.owner.timings) if self.owner else {}
+
+
+class PlainDriver(Driver):
+    """kmeans / knn placed in the clear, on one worker."""
+
+    def __init__(
+        self,
+        settings: MiningSettings,
+        data: np.ndarray,
+        labels: Sequence[Label] | None = None,
+        test: np.ndarray | None = None,
+    ) -> None:
+        if settings.shards != 1:
+            raise MiningError(f"{settings.algorithm} in the clear runs on one shard")
+        self.settings = settings
+        s = settings
+        self.job = PlainJob(
+            data=NDArray.of(data),
+            test=NDArray.of(test) if test is not None else None,
+            labels=list(labels) if labels is not None else None,
+            min_error=s.min_error,
+            max_iterations=s.max_iterations,
+            init=s.init,
+            seed=s.seed,
+        )
+        self.result: PlainResult | None = None
+        self.changes = []
+
+    def request(self, shard: int, worker_at: int) -> tuple[str, bytes]:
+        return "run", encode(self.job)
+
+    def accept(self, shard: int, raw: bytes) -> None:
+        self.result = decode(PlainResult, raw)
+
+    def advance(self) -> bool:
+        assert self.result is not None
+        self.changes = list(self.result.changes)
+        self.iteration = self.result.iterations or 1
+        return True
+
+    def outcome(self) -> tuple[list[Label], dict[str, Any]]:
+        assert self.result is not None
+        r = self.result
+        extra: dict[str, Any] = {}
+        if r.iterations is not None:
+            extra = {"iterations": r.iterations, "converged": r.converged, "centroids": r.centroids}
+        return list(r.labels), extra

@@ -1,0 +1,368 @@
+"""Bulk data between nodes: signed manifests, content-addressed chunks, a stream of their own.
+
+An envelope stays small (DESIGN.md decision 9). A payload larger than
+``INLINE_BYTES`` travels as a :class:`Parcel` that holds a :class:`Manifest`
+instead of the bytes: the manifest names the source peer (which holds the
+chunks), the one audience peer that may pull them, the total size and the
+sha256 of each chunk. The manifest rides in a signed envelope, so the receiver
+knows who vouches for every chunk hash.
+
+The receiver pulls the chunks it lacks on protocol ``/dms/chunks/1.0.0``, on a
+stream of its own, so a transfer never queues behind or in front of the control
+stream to the same peer (yamux multiplexes the two with separate windows):
+
+    request   u32 len | msgpack {"m": manifest id, "c": [chunk hash, ...]}
+    response  per requested chunk, in order:
+              u32 len | 0x00 | chunk bytes        (the chunk)
+              u32 len | 0x01 | reason (utf-8)     (a refusal; the stream ends)
+
+Every chunk is checked against its hash before it is stored; a bad one is
+refused and asked for again. An interrupted transfer resumes with only the
+missing chunks, and chunks the receiver already holds (the same public context
+for a second shard) are never asked for. The source serves a manifest only to
+its audience, authenticated by the libp2p connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import msgpack
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+from pydantic import BaseModel, ConfigDict, Field
+
+from dms.errors import DmsError
+from dms.network.frames import FrameError, FrameReader, encode_frame
+from dms.store.chunks import CHUNK_BYTES, ChunkError, ChunkStore
+
+log = logging.getLogger("dms.transfer")
+
+CHUNK_PROTOCOL = TProtocol("/dms/chunks/1.0.0")
+INLINE_BYTES = 256 * 1024  # a payload up to this travels inside its envelope
+MAX_PARCEL_BYTES = 4 * 1024**3
+MAX_CHUNKS = MAX_PARCEL_BYTES // (64 * 1024)
+BATCH_CHUNKS = 16  # chunks asked for on one stream (16 MiB)
+REQUEST_MAX_BYTES = 64 * 1024
+FETCH_ATTEMPTS = 6
+CHUNK_OK = b"\x00"
+CHUNK_REFUSED = b"\x01"
+MANIFEST_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+class TransferError(DmsError):
+    """A parcel could not be fetched (source unreachable, refused, or chunks kept failing)."""
+
+    code = "transfer_failed"
+
+
+class Manifest(BaseModel):
+    """What a receiver may pull, from whom; signed as part of the envelope that carries it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=MANIFEST_ID_PATTERN)
+    source: str = Field(min_length=1, max_length=128)  # the peer that serves the chunks
+    audience: str = Field(min_length=1, max_length=128)  # the only peer that may pull them
+    size: int = Field(ge=0, le=MAX_PARCEL_BYTES)
+    chunk_bytes: int = Field(ge=1024, le=CHUNK_BYTES)
+    chunks: list[str] = Field(max_length=MAX_CHUNKS)
+
+    def chunk_sizes(self) -> list[tuple[str, int]]:
+        """Each chunk's hash with its size (all full but the last)."""
+        out = []
+        for i, h in enumerate(self.chunks):
+            out.append((h, min(self.chunk_bytes, self.size - i * self.chunk_bytes)))
+        return out
+
+
+class Parcel(BaseModel):
+    """A payload as a message field: its bytes inline, or the manifest to pull them by."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inline: bytes | None = None
+    manifest: Manifest | None = None
+
+    @property
+    def size(self) -> int:
+        if self.manifest is not None:
+            return self.manifest.size
+        return len(self.inline or b"")
+
+
+class ChunkNetwork(Protocol):
+    """What the courier needs from a transport (``Libp2pTransport`` provides it)."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    def fetch_chunks(
+        self, peer_id: str, manifest_id: str, hashes: list[str], max_chunk_bytes: int
+    ) -> list[tuple[str, bytes]]: ...
+
+
+@dataclass
+class _Offer:
+    manifest: Manifest
+    owner: str
+
+
+@dataclass
+class Offers:
+    """The manifests this node serves, by id; shared by the courier and the stream handler."""
+
+    store: ChunkStore
+    _offers: dict[str, _Offer] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    served_chunks: int = 0
+    served_bytes: int = 0
+
+    def add(self, manifest: Manifest, owner: str) -> None:
+        with self._lock:
+            self._offers[manifest.id] = _Offer(manifest, owner)
+
+    def get(self, manifest_id: str) -> Manifest | None:
+        with self._lock:
+            offer = self._offers.get(manifest_id)
+        return offer.manifest if offer else None
+
+    def withdraw(self, owner: str) -> None:
+        with self._lock:
+            for mid in [m for m, o in self._offers.items() if o.owner == owner]:
+                del self._offers[mid]
+
+    def count_served(self, size: int) -> None:
+        with self._lock:
+            self.served_chunks += 1
+            self.served_bytes += size
+
+
+def refusal_for(manifest: Manifest | None, peer: str, hashes: list[str]) -> str | None:
+    """Why ``peer`` may not pull ``hashes`` of ``manifest``, or None."""
+    if manifest is None:
+        return "no such manifest here (withdrawn, or never offered)"
+    if peer != manifest.audience:
+        return "this manifest is for another peer"
+    allowed = set(manifest.chunks)
+    if any(h not in allowed for h in hashes):
+        return "a requested chunk is not in the manifest"
+    return None
+
+
+async def serve_chunks(
+    stream: INetStream, offers: Offers, tap: Callable[[str, bytes], None] | None = None
+) -> None:
+    """The source side of one request: check the asker, then stream the chunks."""
+    peer = stream.muxed_conn.peer_id.to_base58()
+    reader = FrameReader(stream, REQUEST_MAX_BYTES)
+    try:
+        request = msgpack.unpackb(
+            await reader.next(), raw=False, max_bin_len=0, max_str_len=256, max_array_len=4096
+        )
+        if tap is not None:
+            tap(peer, msgpack.packb(request))
+        manifest_id, hashes = str(request["m"]), [str(h) for h in request["c"]]
+    except (FrameError, EOFError, ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+        log.info("bad chunk request from %s: %s", peer, exc)
+        await _reset(stream)
+        return
+    manifest = offers.get(manifest_id)
+    reason = refusal_for(manifest, peer, hashes)
+    try:
+        if reason is not None:
+            log.warning("chunk request from %s refused: %s", peer, reason)
+            await stream.write(encode_frame(CHUNK_REFUSED + reason.encode()))
+        else:
+            for h in hashes:
+                try:
+                    # Disk reads (and the hash check on read) stay off the trio thread.
+                    data = await trio.to_thread.run_sync(offers.store.get, h)
+                except ChunkError as exc:  # gone, or corrupted on disk
+                    await stream.write(encode_frame(CHUNK_REFUSED + str(exc).encode()))
+                    break
+                await stream.write(encode_frame(CHUNK_OK + data))
+                offers.count_served(len(data))
+        await stream.close()
+    except Exception as exc:  # the asker went away mid-transfer: it will resume
+        log.info("chunk stream to %s ended: %s", peer, exc)
+        await _reset(stream)
+
+
+async def read_chunks(
+    stream: INetStream, manifest_id: str, hashes: list[str], max_chunk_bytes: int
+) -> list[tuple[str, bytes]]:
+    """The receiving side of one request: what arrived, in order (possibly fewer)."""
+    await stream.write(encode_frame(msgpack.packb({"m": manifest_id, "c": hashes})))
+    reader = FrameReader(stream, max_chunk_bytes + 1)
+    out: list[tuple[str, bytes]] = []
+    try:
+        for h in hashes:
+            frame = await reader.next()
+            if frame[:1] == CHUNK_REFUSED:
+                reason = frame[1:].decode(errors="replace")
+                if not out:
+                    raise TransferError(f"the source refused: {reason}")
+                break
+            out.append((h, frame[1:]))
+    except (EOFError, FrameError) as exc:  # interrupted: keep what came, resume later
+        log.info("chunk stream for %s ended early: %s", manifest_id, exc)
+    return out
+
+
+async def _reset(stream: INetStream) -> None:
+    with contextlib.suppress(Exception):
+        await stream.reset()
+
+
+@dataclass
+class Traffic:
+    """Bytes moved by a courier for one owner (a session, an allocation)."""
+
+    sent: int = 0  # parcels packed for others (inline or offered)
+    received: int = 0  # parcels unpacked (inline or fetched)
+    fetched: int = 0  # chunk bytes actually pulled over the network
+    fetch_s: float = 0.0
+
+
+class Courier:
+    """Packs payloads into parcels and unpacks them, fetching and verifying chunks.
+
+    Blocking: called from worker threads, never from an actor's mailbox or trio.
+    Each parcel belongs to an ``owner`` (a mining session, an allocation);
+    :meth:`release` withdraws its offers and frees its chunks.
+    """
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        network: ChunkNetwork,
+        *,
+        inline_bytes: int = INLINE_BYTES,
+        retry_s: float = 0.2,
+    ) -> None:
+        self.store = store
+        self.network = network
+        self.offers = Offers(store)
+        self.inline_bytes = inline_bytes
+        self.retry_s = retry_s
+        self._traffic: dict[str, Traffic] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def peer_id(self) -> str:
+        return self.network.peer_id
+
+    def traffic(self, owner: str) -> Traffic:
+        with self._lock:
+            return self._traffic.setdefault(owner, Traffic())
+
+    def pack(self, data: bytes, audience: str, owner: str) -> Parcel:
+        """``data`` as a parcel for ``audience``: inline if small, else stored and offered.
+
+        Raises ``QuotaExceeded`` (nothing stored) when the chunk store is full.
+        """
+        self.traffic(owner).sent += len(data)
+        if len(data) <= self.inline_bytes:
+            return Parcel(inline=data)
+        hashes = self.store.put_blob(data, owner)
+        manifest = Manifest(
+            id=secrets.token_hex(16),
+            source=self.peer_id,
+            audience=audience,
+            size=len(data),
+            chunk_bytes=self.store.chunk_bytes,
+            chunks=hashes,
+        )
+        self.offers.add(manifest, owner)
+        return Parcel(manifest=manifest)
+
+    def unpack(
+        self,
+        parcel: Parcel,
+        source: str,
+        owner: str,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> bytes:
+        """The parcel's bytes; chunks this node lacks are pulled from ``source``.
+
+        ``source`` is the peer the caller expects the data from (the session or
+        the allocation it talks to): a manifest naming another source, or
+        another audience than this node, is refused.
+        """
+        traffic = self.traffic(owner)
+        if parcel.manifest is None:
+            data = parcel.inline or b""
+            traffic.received += len(data)
+            return data
+        m = parcel.manifest
+        if m.source != source:
+            raise TransferError(f"the manifest names source {m.source}, not {source}")
+        if m.audience != self.peer_id:
+            raise TransferError("the manifest is for another peer")
+        if len(m.chunks) != -(-m.size // m.chunk_bytes):
+            raise TransferError("the manifest's chunk count does not match its size")
+        self.store.reserve(m.chunk_sizes(), owner)  # QuotaExceeded: nothing fetched
+        began = time.perf_counter()
+        self._fetch_missing(m, owner, progress)
+        traffic.fetch_s += time.perf_counter() - began
+        data = self.store.assemble(m.chunks)
+        if len(data) != m.size:
+            raise TransferError(f"assembled {len(data)} bytes, the manifest says {m.size}")
+        traffic.received += len(data)
+        return data
+
+    def _fetch_missing(
+        self, m: Manifest, owner: str, progress: Callable[[int, int], None] | None
+    ) -> None:
+        failures = 0
+        last_error = ""
+        sizes = dict(m.chunk_sizes())
+        while True:
+            missing = self.store.missing(m.chunks)
+            if progress is not None:
+                progress(m.size - sum(sizes[h] for h in missing), m.size)
+            if not missing:
+                self.store.add_owner(m.chunks, owner)
+                return
+            if failures >= FETCH_ATTEMPTS:
+                raise TransferError(
+                    f"{len(missing)} of {len(m.chunks)} chunks not fetched from "
+                    f"{m.source[-8:]} after {failures} attempts: {last_error}"
+                )
+            batch = missing[:BATCH_CHUNKS]
+            try:
+                arrived = self.network.fetch_chunks(m.source, m.id, batch, m.chunk_bytes)
+            except TransferError:
+                raise
+            except Exception as exc:  # unreachable, reset: try again, resuming
+                failures += 1
+                last_error = str(exc)
+                time.sleep(self.retry_s * failures)
+                continue
+            good = 0
+            for h, data in arrived:
+                try:
+                    self.store.put_chunk(h, data, owner)
+                    good += 1
+                    self.traffic(owner).fetched += len(data)
+                except ChunkError as exc:  # it does not match its hash
+                    last_error = str(exc)
+                    log.warning("chunk from %s refused: %s", m.source[-8:], exc)
+            if good < len(batch):
+                failures += 1
+
+    def release(self, owner: str) -> int:
+        """Withdraw ``owner``'s offers and free the chunks only it needed."""
+        self.offers.withdraw(owner)
+        with self._lock:
+            self._traffic.pop(owner, None)
+        return self.store.release(owner)

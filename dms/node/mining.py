@@ -1,0 +1,224 @@
+"""The node's mining behaviours: the data owner asks its own node to mine on others.
+
+``/dms/node/mining/new`` reads the data, builds the owner's driver and a
+deployment of one ``mining`` allocation per shard, and starts a
+:class:`MiningSessionActor` (a child, listed with the node's deployments).
+``status`` and ``result`` read the session's row in the store, so they answer
+after the session has ended too. A mixin of :class:`dms.node.node.NodeActor`;
+see ``specs/mining.md``, "Placed on other nodes".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dms.actor import ErrorCode, Refusal, Request, behaviour
+from dms.errors import DmsError
+from dms.jobs.mining import MiningParams
+from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
+from dms.mining import MiningError
+from dms.mining.clustering import shard_rows
+from dms.mining.data import read_table, read_test_table
+from dms.mining.placed import ClusterDriver, Driver, KnnDriver, MiningSettings, PlainDriver
+from dms.mining.schemes import OwnerKeys
+from dms.mining.schemes.ckks import CkksKeys
+from dms.mining.schemes.liu import LiuKey
+from dms.network.transfer import Courier
+from dms.node.base import NodeBase
+from dms.orchestrator.deployment import new_deployment_id
+from dms.orchestrator.mining import MiningSessionActor
+from dms.resources import Resources
+from dms.store.chunks import ChunkStore
+
+log = logging.getLogger("dms.node")
+MIB = 1024 * 1024
+
+
+class MiningRequest(BaseModel):
+    """What the owner's CLI sends its node (``dms mine ...`` without ``--local``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    settings: MiningSettings
+    data: str | None = Field(default=None, description="CSV of records (k-means)")
+    train: str | None = Field(default=None, description="CSV of training rows (k-NN)")
+    test: str | None = Field(default=None, description="CSV of queries (k-NN)")
+    label_column: str | None = None
+    # The owner's secret key from --keys: it stays in this node's memory, never stored
+    # and never sent on. Without it the session makes fresh keys.
+    keys: bytes | None = None
+    strategy: Strategy = "score"
+    max_price: float | None = Field(default=None, ge=0)
+    timeout_s: float = Field(default=120.0, gt=0, le=7 * 24 * 3600)
+    cpu: float = Field(default=1.0, gt=0, le=256)
+
+
+class SessionId(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=64)
+
+
+def _keys(request: MiningRequest) -> OwnerKeys | None:
+    s = request.settings
+    if request.keys is None or s.plaintext:
+        return None
+    try:
+        if s.scheme == "ckks":
+            return CkksKeys.from_secret_bytes(request.keys, s.level)
+        return LiuKey.from_bytes(request.keys)
+    except MiningError:
+        raise
+    except Exception as exc:
+        raise MiningError(f"the keys sent are not {s.scheme} keys ({type(exc).__name__})") from None
+
+
+class MiningRequestError(DmsError):
+    """The data, keys or settings of a mining request cannot be used."""
+
+    code = "bad_payload"
+
+
+def plan(request: MiningRequest) -> tuple[Driver, DeploymentSpec, list[int], dict[str, Any]]:
+    """Read the data and build the owner's driver and the deployment: slow (reads files,
+    loads keys), so it runs off the mailbox."""
+    try:
+        return _plan(request)
+    except MiningError as exc:
+        raise MiningRequestError(str(exc)) from None
+
+
+def _plan(request: MiningRequest) -> tuple[Driver, DeploymentSpec, list[int], dict[str, Any]]:
+    s = request.settings
+    keys = _keys(request)
+    queries = 0
+    if s.algorithm in ("kmeans", "skmeans", "dbskmeans"):
+        if request.data is None:
+            raise MiningError(f"{s.algorithm} needs --data")
+        table = read_table(request.data)
+        rows, attributes = table.features.shape
+        if s.k > rows:
+            raise MiningError(f"k = {s.k} clusters for {rows} records")
+        if s.plaintext:
+            driver: Driver = PlainDriver(s, table.features)
+        else:
+            driver = ClusterDriver(s, table.features, keys)
+        records = rows
+    else:
+        if request.train is None or request.test is None:
+            raise MiningError(f"{s.algorithm} needs --train and --test")
+        training = read_table(request.train, label=True, label_column=request.label_column)
+        tests = read_test_table(request.test, training)
+        assert training.labels is not None
+        rows, attributes = training.features.shape
+        queries = tests.features.shape[0]
+        if s.k > rows:
+            raise MiningError(f"k = {s.k} neighbours for {rows} training records")
+        if s.plaintext:
+            driver = PlainDriver(s, training.features, training.labels, tests.features)
+        else:
+            driver = KnnDriver(s, training.features, training.labels, tests.features, keys)
+        records = queries
+    if s.shards > rows:
+        raise MiningError(f"{s.shards} shards for {rows} records")
+    sizes = [r.stop - r.start for r in shard_rows(rows, s.shards)]
+    allocations = []
+    for i, n in enumerate(sizes):
+        params = MiningParams(
+            algorithm=s.algorithm,
+            scheme="plain" if s.plaintext else s.scheme,
+            level=s.level,
+            k=s.k,
+            n=n,
+            a=attributes,
+            queries=queries,
+            distance=s.distance,
+        )
+        ram = math.ceil(params.estimated_bytes() / MIB)
+        allocations.append(
+            AllocationSpec(
+                name=f"shard{i}",
+                executor="mining",
+                resources=Resources(cpu=request.cpu, ram=f"{ram}MiB", disk=f"{max(64, ram)}MiB"),
+                params=params.model_dump(),
+                constraints=Constraints(max_price=request.max_price),
+            )
+        )
+    spec = DeploymentSpec(
+        name=f"mine-{s.algorithm}",
+        allocations=allocations,
+        strategy=request.strategy,
+        deadline_s=request.timeout_s,
+    )
+    summary = {
+        "algorithm": s.algorithm,
+        "scheme": "plain" if s.plaintext else s.scheme,
+        "distance": s.distance,
+        "k": s.k,
+        "records": records,
+        "attributes": attributes,
+        "shards": s.shards,
+    }
+    return driver, spec, sizes, summary
+
+
+class MiningBehaviours(NodeBase):
+    courier: Courier | None = None
+
+    def start_mining(self) -> None:
+        """The chunk store and courier (both roles use them); no session survives a
+        restart, so every chunk on disk is an orphan and goes."""
+        network, home = self.services.network, self.services.home
+        if network is None or home is None:
+            return
+        store = ChunkStore(home / "chunks", self.services.chunk_quota)
+        freed = store.clean()
+        if freed:
+            log.info("removed %d orphaned chunk bytes", freed)
+        self.courier = Courier(store, network)
+        network.offers = self.courier.offers
+
+    @behaviour("/dms/node/mining/new", payload=MiningRequest, data=True)
+    def mining_new(self, request: Request) -> None:
+        payload: MiningRequest = request.payload
+        if self.courier is None or getattr(self, "_orchestration", None) is None:
+            raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node cannot place mining work")
+        self.in_background(request, lambda: plan(payload), then=self._start_session)
+
+    def _start_session(self, planned: Any) -> dict[str, Any]:
+        driver, spec, sizes, summary = planned
+        session_id = new_deployment_id()
+        child = self.spawn(
+            MiningSessionActor,
+            self._orch(),  # type: ignore[attr-defined]
+            session_id,
+            spec,
+            None,
+            driver=driver,
+            courier=self.courier,
+            shard_rows=sizes,
+            summary=summary,
+            inbox=f"deployment-{session_id}",
+        )
+        self._deployments[session_id] = child  # type: ignore[attr-defined]
+        return {"id": session_id, "shards": len(sizes), "rows": sizes}
+
+    @behaviour("/dms/node/mining/status", payload=SessionId)
+    def mining_status(self, request: Request) -> dict[str, Any]:
+        row = self._orch().store.mining(request.payload.id)  # type: ignore[attr-defined]
+        if row is None:
+            raise Refusal("unknown", f"no mining session {request.payload.id!r}")
+        return {k: row[k] for k in ("id", "algorithm", "phase", "progress", "checkpoint")}
+
+    @behaviour("/dms/node/mining/result", payload=SessionId, data=True)
+    def mining_result(self, request: Request) -> dict[str, Any]:
+        store = self._orch().store  # type: ignore[attr-defined]
+        row = store.mining(request.payload.id, labels=True)
+        if row is None:
+            raise Refusal("unknown", f"no mining session {request.payload.id!r}")
+        if row["phase"] != "completed":
+            raise Refusal("not_ready", f"the session is {row['phase']}, not completed")
+        return {"id": row["id"], "result": row["result"], "labels": row["labels"]}

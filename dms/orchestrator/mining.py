@@ -1,0 +1,503 @@
+"""The mining session: the data owner's side of a job placed on other nodes.
+
+A :class:`MiningSessionActor` is a deployment (``DeploymentActor``) of one
+``mining`` allocation per shard, placed by the normal bid flow, that also
+drives those allocations (DESIGN.md decision 10):
+
+    placing  -> bids are collected while the owner encrypts (a worker thread)
+    shipping -> each running shard gets its opening message (public context and
+                ciphertexts, as chunks), then the rounds begin
+    mining   -> each step: every shard computes, the owner combines and decides
+    completed | failed
+
+Heavy work (encryption, decryption, chunk transfers) runs on the session's
+worker threads; the actor's mailbox only moves state, so status polls and
+bids are never stuck behind a round. The owner is the source of truth: a
+shard whose worker is lost is placed again by the deployment, gets a new
+opening message built from the owner's current state, and resumes at the
+current step. Progress, a checkpoint each step, and the result are saved in
+the store (``mining_sessions``). After a restart of the owner's node a
+session does not resume: its keys lived only in memory. It fails, and every
+provider's lease is released (``resumable``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import partial
+from typing import Any
+
+from dms.actor import ActorContext, Handle, Outcome
+from dms.jobs.allocation import SESSION_BEHAVIOUR, SessionAnswer, SessionCall
+from dms.jobs.mining import split_context
+from dms.jobs.spec import DeploymentSpec
+from dms.mining.placed import Driver
+from dms.network.transfer import Courier
+from dms.orchestrator.deployment import DeploymentActor, Orchestration, allocation_handle
+
+log = logging.getLogger("dms.mining")
+
+MIB = 1024 * 1024
+BASE_TIMEOUT_S = 120.0  # an operation's compute; data adds time by size
+SECONDS_PER_MIB = 1.0  # generous: py-libp2p moves ~30 MB/s on one core
+HEARD_S = 15.0  # an answer this recent keeps a shard alive through missed polls
+MAX_SHARD_FAILURES = 4  # the same shard lost this often fails the session
+
+
+class SessionPhase(StrEnum):
+    PLACING = "placing"
+    SHIPPING = "shipping"
+    MINING = "mining"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass
+class Shard:
+    """One shard's worker as the session sees it."""
+
+    index: int
+    slot: str
+    rows: int
+    peer: str | None = None
+    allocation: Handle | None = None
+    generation: int = 0  # bumped at every placement; older answers are ignored
+    ready: bool = False  # the worker holds its opening message
+    busy: bool = False  # an operation is in flight
+    worker_at: int = 0  # the owner step the worker's state matches
+    placements: int = 0
+    failures: int = 0
+    sent: int = 0
+    received: int = 0
+    worker_cpu_s: float = 0.0
+    last_heard: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # earlier placements
+
+
+class MiningSessionActor(DeploymentActor):
+    def __init__(
+        self,
+        context: ActorContext,
+        orchestration: Orchestration,
+        deployment_id: str,
+        spec: DeploymentSpec,
+        saved: dict[str, Any] | None = None,
+        *,
+        driver: Driver | None = None,
+        courier: Courier | None = None,
+        shard_rows: list[int] | None = None,
+        summary: dict[str, Any] | None = None,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__(context, orchestration, deployment_id, spec, saved)
+        self.driver = driver
+        self.courier = courier
+        self.summary_base = summary or {}
+        self.on_progress = on_progress
+        names = [name for name, _ in spec.slots()]
+        rows = shard_rows or [0] * len(names)
+        self.shards = {name: Shard(i, name, rows[i]) for i, name in enumerate(names)}
+        self.phase = SessionPhase.PLACING
+        self.prepared = False
+        self.pending: set[int] = set()  # shards that still owe an answer this step
+        self.combining = False
+        self.began = time.monotonic()
+        self.owner_cpu_s = 0.0
+        self.steps: list[dict[str, Any]] = []
+        self.step_began = 0.0
+        self.reason = ""
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix=f"dms-mining-{deployment_id[:6]}")
+
+    # ---- deployment hooks -------------------------------------------------------------
+
+    def resumable(self) -> bool:
+        return False
+
+    def on_start(self) -> None:
+        super().on_start()
+        if self.driver is None or self.courier is None:
+            return  # resumed after a restart: on_start failed it already
+        self._progress("placing", save=True)
+        self._off_mailbox(self.driver.prepare, self._prepared, "preparing the data")
+
+    def stopping(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.courier is not None:
+            self.courier.release(self._owner_tag)
+
+    def slot_running(self, slot: dict[str, Any]) -> None:
+        shard = self.shards[slot["slot"]]
+        shard.peer = slot["peer_id"]
+        shard.allocation = allocation_handle(slot["allocation"])
+        shard.generation += 1
+        shard.placements += 1
+        shard.ready = shard.busy = False
+        shard.last_heard = time.monotonic()
+        if self.prepared:
+            self._ship(shard)
+
+    def slot_lost(self, slot: dict[str, Any], reason: str) -> None:
+        shard = self.shards.get(slot["slot"])
+        if shard is None or shard.allocation is None:
+            return
+        shard.history.append({"peer_id": shard.peer, "reason": reason})
+        shard.allocation = None
+        shard.generation += 1  # whatever the lost worker still answers is ignored
+        shard.ready = shard.busy = False
+        shard.failures += 1
+        if self.phase in (SessionPhase.SHIPPING, SessionPhase.MINING):
+            self._event(f"{shard.slot}: worker lost ({reason}); placing it again")
+        if shard.failures >= MAX_SHARD_FAILURES and self.phase not in TERMINAL_PHASES:
+            self._fail(f"{shard.slot} was lost {shard.failures} times; last: {reason}")
+
+    def heard_from(self, slot: dict[str, Any]) -> bool:
+        shard = self.shards.get(slot["slot"])
+        return shard is not None and (shard.busy or time.monotonic() - shard.last_heard < HEARD_S)
+
+    def ended(self, state: str, what: str) -> None:
+        if self.phase not in TERMINAL_PHASES:
+            self.phase = SessionPhase.FAILED
+            self.reason = what if state == "failed" else f"the deployment ended: {what}"
+            self._progress(self.reason, save=True)
+
+    # ---- preparing and shipping ---------------------------------------------------------
+
+    def _prepared(self, _: Any) -> None:
+        self.prepared = True
+        self._event("data encrypted; shipping to each running shard")
+        for shard in self.shards.values():
+            if shard.allocation is not None and not shard.ready:
+                self._ship(shard)
+
+    def _ship(self, shard: Shard) -> None:
+        """Send shard its opening message built from the owner's current state."""
+        assert self.driver is not None and self.courier is not None
+        if self.phase == SessionPhase.PLACING:
+            self.phase = SessionPhase.SHIPPING
+            self._progress("shipping", save=True)
+        driver, courier, gen = self.driver, self.courier, shard.generation
+        peer, tag = shard.peer, self._owner_tag
+        assert peer is not None
+
+        def build() -> tuple[SessionCall, int, int]:
+            at = driver.iteration
+            raw = driver.start(shard.index)
+            if raw is None:  # nothing to ship first (plaintext jobs send data with 'run')
+                return SessionCall(op="start"), at, 0
+            body, context = split_context(raw)
+            call = SessionCall(
+                op="start",
+                parcel=courier.pack(body, peer, tag),
+                context=courier.pack(context, peer, tag) if context is not None else None,
+            )
+            return call, at, len(raw)
+
+        def send(built: tuple[SessionCall, int, int]) -> None:
+            call, at, size = built
+            if shard.generation != gen:
+                return
+            if call.parcel.size == 0 and call.context is None:
+                shard.ready, shard.worker_at = True, at
+                self._pump()
+                return
+            shard.busy = True
+            shard.sent += size
+            self._progress(f"{shard.slot}: shipping {size / MIB:.1f} MB to {peer[-8:]}")
+            self._call(shard, call, size, partial(self._started, shard, gen, at))
+
+        self._off_mailbox(build, send, f"building {shard.slot}'s opening message")
+
+    def _started(self, shard: Shard, gen: int, at: int, outcome: Outcome) -> None:
+        if shard.generation != gen:
+            return
+        shard.busy = False
+        if not outcome.ok:
+            assert outcome.error is not None
+            self._worker_failed(
+                shard, f"start refused: {outcome.error.code}: {outcome.error.reason}"
+            )
+            return
+        shard.ready, shard.worker_at = True, at
+        shard.last_heard = time.monotonic()
+        self._event(f"{shard.slot}: shipped to {shard.peer[-8:] if shard.peer else '?'}")
+        if self.phase == SessionPhase.SHIPPING and all(s.ready for s in self.shards.values()):
+            self.phase = SessionPhase.MINING
+            self._begin_step()
+        else:
+            self._pump()
+
+    # ---- steps --------------------------------------------------------------------------
+
+    def _begin_step(self) -> None:
+        self.pending = set(range(len(self.shards)))
+        self.step_began = time.monotonic()
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send this step's operation to every ready shard that owes an answer."""
+        if self.phase != SessionPhase.MINING or self.combining or self.driver is None:
+            return
+        driver, courier = self.driver, self.courier
+        assert courier is not None
+        for shard in self.shards.values():
+            if shard.index not in self.pending or not shard.ready or shard.busy:
+                continue
+            shard.busy = True
+            gen, peer, at = shard.generation, shard.peer, shard.worker_at
+            assert peer is not None
+
+            def build(
+                shard: Shard = shard, peer: str = peer, at: int = at
+            ) -> tuple[SessionCall, int, int]:
+                now = driver.iteration  # the step whose state the worker will hold
+                op, body = driver.request(shard.index, at)
+                parcel = courier.pack(body, peer, self._owner_tag)
+                return SessionCall(op=op, parcel=parcel), len(body), now
+
+            def send(
+                built: tuple[SessionCall, int, int], shard: Shard = shard, gen: int = gen
+            ) -> None:
+                call, size, now = built
+                if shard.generation != gen:
+                    return
+                shard.sent += size
+                shard.worker_at = now
+                self._call(shard, call, size, partial(self._on_answer, shard, gen))
+
+            self._off_mailbox(build, send, f"building {shard.slot}'s request")
+
+    def _on_answer(self, shard: Shard, gen: int, outcome: Outcome) -> None:
+        if shard.generation != gen:
+            return
+        if not outcome.ok:
+            shard.busy = False
+            assert outcome.error is not None
+            self._worker_failed(shard, f"{outcome.error.code}: {outcome.error.reason}")
+            return
+        assert self.driver is not None and self.courier is not None
+        driver, courier, peer = self.driver, self.courier, shard.peer
+        assert peer is not None
+        try:
+            answer = SessionAnswer.model_validate(outcome.result)
+        except Exception as exc:
+            shard.busy = False
+            self._worker_failed(shard, f"a malformed answer: {str(exc).splitlines()[0]}")
+            return
+        shard.worker_cpu_s += answer.compute_s
+        shard.last_heard = time.monotonic()
+
+        def take() -> int:
+            raw = courier.unpack(answer.parcel, peer, self._owner_tag)
+            driver.accept(shard.index, raw)
+            return len(raw)
+
+        def taken(size: int) -> None:
+            if shard.generation != gen:
+                return
+            shard.busy = False
+            shard.received += size
+            shard.last_heard = time.monotonic()
+            self.pending.discard(shard.index)
+            if not self.pending:
+                self._combine()
+
+        def bad(reason: str) -> None:
+            if shard.generation == gen:
+                shard.busy = False
+                self._worker_failed(shard, reason)
+
+        self._off_mailbox(take, taken, f"taking {shard.slot}'s answer", on_error=bad)
+
+    def _combine(self) -> None:
+        assert self.driver is not None
+        self.combining = True
+        slowest = max(self.shards.values(), key=lambda s: s.worker_cpu_s)
+        elapsed = time.monotonic() - self.step_began
+        self._off_mailbox(
+            self.driver.advance,
+            partial(self._advanced, slowest.slot, elapsed),
+            "combining the shards' answers",
+        )
+
+    def _advanced(self, slowest: str, elapsed: float, done: bool) -> None:
+        assert self.driver is not None and self.courier is not None
+        self.combining = False
+        # Every answer of this step has been fetched: free its chunks (ours and, when
+        # the next call comes, the workers').
+        self.courier.release(self._owner_tag)
+        step = self.driver.iteration
+        change = self.driver.changes[-1] if self.driver.changes else None
+        record = {"step": step, "change": change, "slowest": slowest, "s": round(elapsed, 3)}
+        self.steps.append(record)
+        what = f"round {step}" if change is not None else f"step {step}"
+        detail = f"centroid change {change:.4f}, " if change is not None else ""
+        self._event(f"{what}: {detail}{elapsed:.2f} s, slowest shard {slowest}")
+        self._progress(f"{what} done", save=True, checkpoint=self.driver.checkpoint())
+        if done:
+            self._complete()
+        else:
+            self._begin_step()
+
+    # ---- the end -------------------------------------------------------------------------
+
+    def _complete(self) -> None:
+        assert self.driver is not None and self.courier is not None
+        labels, fields = self.driver.outcome()
+        wall = time.monotonic() - self.began
+        timings = self.driver.timings
+        result = {
+            **self.summary_base,
+            **fields,
+            "timings": {**{k: round(v, 4) for k, v in timings.items()}, "total": round(wall, 3)},
+            "bytes_to_worker": sum(s.sent for s in self.shards.values()),
+            "bytes_to_owner": sum(s.received for s in self.shards.values()),
+            "placement": [self._placement(s) for s in self.shards.values()],
+            "replacements": sum(max(0, s.placements - 1) for s in self.shards.values()),
+            "owner_cpu_s": round(self.owner_cpu_s, 3),
+            "worker_cpu_s": round(sum(s.worker_cpu_s for s in self.shards.values()), 3),
+            "wall_s": round(wall, 3),
+        }
+        self.phase = SessionPhase.COMPLETED
+        self.reason = "completed"
+        self._save_mining(result=result, labels=list(labels))
+        self._progress("completed", save=True)
+        self._event("mining completed; finishing the workers")
+        for shard in self.shards.values():
+            if shard.allocation is not None:
+                self.invoke(
+                    shard.allocation,
+                    SESSION_BEHAVIOUR,
+                    SessionCall(op="finish").model_dump(),
+                    on_reply=lambda _outcome: None,
+                )
+
+    def _placement(self, s: Shard) -> dict[str, Any]:
+        return {
+            "shard": s.slot,
+            "peer_id": s.peer,
+            "rows": s.rows,
+            "mb_sent": round(s.sent / 1e6, 3),
+            "mb_received": round(s.received / 1e6, 3),
+            "rounds": self.driver.iteration if self.driver else 0,
+            "placements": s.placements,
+            "lost": s.history,
+        }
+
+    def _fail(self, reason: str) -> None:
+        if self.phase in TERMINAL_PHASES:
+            return
+        self.phase = SessionPhase.FAILED
+        self.reason = reason
+        self._progress(reason, save=True)
+        self._abort(f"mining failed: {reason}")
+
+    def _worker_failed(self, shard: Shard, reason: str) -> None:
+        """An operation failed: the worker is treated as lost and placed again."""
+        slot = self.slots.get(shard.slot)
+        if slot is not None and slot["status"] == "running":
+            self._lost(slot, f"the worker failed: {reason}")
+        self._settle()
+
+    # ---- plumbing ---------------------------------------------------------------------
+
+    @property
+    def _owner_tag(self) -> str:
+        return f"session:{self.id}"
+
+    def _call(
+        self, shard: Shard, call: SessionCall, size: int, on_reply: Callable[[Outcome], None]
+    ) -> None:
+        assert shard.allocation is not None
+        timeout = BASE_TIMEOUT_S + SECONDS_PER_MIB * size / MIB
+        try:
+            self.invoke(
+                shard.allocation,
+                SESSION_BEHAVIOUR,
+                call.model_dump(),
+                timeout=timeout,
+                on_reply=on_reply,
+            )
+        except Exception as exc:
+            shard.busy = False
+            self._worker_failed(shard, f"not sent: {exc}")
+
+    def _off_mailbox(
+        self,
+        work: Callable[[], Any],
+        then: Callable[[Any], None],
+        what: str,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        """Run ``work`` on a session thread; ``then(result)`` back in this actor."""
+        ref = self.ref
+
+        def run() -> None:
+            cpu = time.thread_time()
+            try:
+                result = work()
+            except Exception as exc:
+                reason = f"{what}: {getattr(exc, 'message', None) or exc}"
+                if not isinstance(exc, ValueError | KeyError) and not hasattr(exc, "message"):
+                    log.exception("mining session %s: %s failed", self.id, what)
+                ref.tell_call(on_error or self._fail, reason)
+            else:
+                ref.tell_call(then, result)
+            finally:
+                ref.tell_call(self._add_cpu, time.thread_time() - cpu)
+
+        with contextlib.suppress(RuntimeError):  # shut down: the session is stopping
+            self._pool.submit(run)
+
+    def _add_cpu(self, seconds: float) -> None:
+        self.owner_cpu_s += seconds
+
+    def _progress(
+        self, what: str, *, save: bool = False, checkpoint: dict[str, Any] | None = None
+    ) -> None:
+        if self.on_progress is not None:
+            self.on_progress(what)
+        if save:
+            self._save_mining(checkpoint=checkpoint)
+
+    def progress(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase.value,
+            "reason": self.reason,
+            "deployment": self.state,
+            "shards": [
+                {
+                    "shard": s.slot,
+                    "peer_id": s.peer,
+                    "ready": s.ready,
+                    "mb_sent": round(s.sent / 1e6, 3),
+                    "mb_received": round(s.received / 1e6, 3),
+                    "placements": s.placements,
+                }
+                for s in self.shards.values()
+            ],
+            "steps": self.steps,
+            "total_steps": getattr(self.driver, "total_steps", None),
+            "events": self.row["events"][-20:],
+        }
+
+    def _save_mining(self, **columns: Any) -> None:
+        row = {
+            "id": self.id,
+            "algorithm": str(self.summary_base.get("algorithm", "")),
+            "phase": self.phase.value,
+            "progress": self.progress(),
+            **{k: v for k, v in columns.items() if v is not None},
+        }
+        try:
+            self.o.store.save_mining(row)
+        except Exception as exc:  # keep mining; the next step saves again
+            log.warning("mining session %s not saved: %s", self.id, exc)
+
+
+TERMINAL_PHASES = frozenset({SessionPhase.COMPLETED, SessionPhase.FAILED})

@@ -8,9 +8,15 @@ Wire format (all integers big-endian)::
 ``payload`` is the MessagePack encoding of the message body with map keys
 sorted, so the encoding is a function of the envelope (canonical) and large
 ``bytes`` travel as raw binary, never base64. The Ed25519 signature covers
-every byte before it. A receiver checks the total size before decoding
-anything, and verifies the signature over the bytes it received: it never
-re-encodes to verify.
+every byte before it.
+
+A receiver reads a frame in this order (:func:`open_frame`, :func:`check_signature`,
+:func:`decode_payload`; :func:`unseal` does all three): the total size, then
+the header alone (at most 64 KiB, decoded with tight limits) to learn the
+signer and the behaviour, then the signature over the raw bytes it received
+(it never re-encodes to verify), and only then the payload. The payload is
+decoded with explicit MessagePack limits and a budget of items, so a frame
+built to blow up when decoded costs bounded memory whoever signed it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,12 @@ _PREFIX = struct.Struct(">4sI")
 PREFIX_BYTES = _PREFIX.size
 MAX_HEADER_BYTES = 64 * 1024
 NONCE_BYTES = 16
+# The most containers and container items a header may hold (it is 14 fields and caps).
+MAX_HEADER_ITEMS = 1024
+# The default most containers plus container items in one payload. An item costs at
+# most ~70 bytes decoded (an empty map in a list), so this bounds a payload's decoded
+# size at ~10 MiB plus its raw strings and bytes, whatever the frame was built as.
+MAX_PAYLOAD_ITEMS = 128 * 1024
 
 REPLY_PREFIX = "/dms/actor/replyto/"
 
@@ -68,11 +80,29 @@ class Sealed:
     signed: bytes
     signature: bytes
     size: int
+    verified: bool = False  # the signature over ``signed`` was checked before decoding
 
     @property
     def frame(self) -> bytes:
         """The envelope as it travelled, signature included (to keep or relay)."""
         return self.signed + self.signature
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A frame whose header is decoded and whose payload is not, yet.
+
+    ``envelope`` has every routing field and ``payload=None``: enough to check
+    time, size class, peer binding and signature before any payload byte is read.
+    """
+
+    envelope: Envelope
+    frame: bytes
+    payload_start: int
+
+    @property
+    def size(self) -> int:
+        return len(self.frame)
 
 
 def new_nonce() -> bytes:
@@ -184,9 +214,51 @@ def _split(frame: bytes) -> tuple[bytes, int]:
     return frame[PREFIX_BYTES:end], end
 
 
-def _unpack(data: bytes) -> Any:
+class _Budget:
+    """Counts the containers and their items as MessagePack builds them.
+
+    msgpack calls the hooks as each list or map is completed, so a nest of small
+    containers is stopped once it holds ``items`` of them, not at the end.
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self, items: int) -> None:
+        self.left = items
+
+    def take(self, container: Any) -> Any:
+        self.left -= len(container) + 1
+        if self.left < 0:
+            raise ValueError("too many items")
+        return container
+
+
+def _unpack(data: bytes, max_items: int = MAX_HEADER_ITEMS) -> Any:
+    """Decode with explicit limits: no string, bytes, list or map longer than the data
+    or than ``max_items``, no extension types, at most ``max_items`` items in all."""
+    budget = _Budget(max_items)
+    size = len(data)
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=size,
+            max_bin_len=size,
+            max_array_len=min(size, max_items),
+            max_map_len=min(size, max_items),
+            max_ext_len=0,
+            list_hook=budget.take,
+            object_hook=budget.take,
+        )
+    except ValueError as exc:
+        if "too many items" in str(exc):
+            raise Refusal(
+                ErrorCode.MALFORMED, f"undecodable: more than {max_items} items"
+            ) from None
+        if "exceeds max_" in str(exc):
+            raise Refusal(ErrorCode.MALFORMED, f"undecodable: {exc}") from None
+        raise Refusal(ErrorCode.MALFORMED, f"undecodable: {type(exc).__name__}") from None
     except Exception as exc:  # msgpack raises several unrelated types
         raise Refusal(ErrorCode.MALFORMED, f"undecodable: {type(exc).__name__}") from None
 
@@ -243,31 +315,70 @@ def peek(frame: bytes) -> Envelope | None:
         return None
 
 
-def unseal(frame: bytes, max_bytes: int) -> Sealed:
-    """Size check, then decode. The signature is checked by :func:`verify`."""
+def open_frame(frame: bytes, max_bytes: int) -> Opened:
+    """Size check, then the header alone; the payload is left as bytes."""
     if len(frame) > max_bytes:
         raise Refusal(ErrorCode.TOO_LARGE, f"envelope of {len(frame)} bytes exceeds {max_bytes}")
     header, payload_start = _split(frame)
-    decoded_header = _unpack(header)
-    payload = _unpack(frame[payload_start:-SIGNATURE_BYTES])
-    envelope = _envelope_from_header(decoded_header, payload)
+    envelope = _envelope_from_header(_unpack(header), None)
+    return Opened(envelope=envelope, frame=frame, payload_start=payload_start)
+
+
+def check_signature(opened: Opened) -> None:
+    """The signature by ``signer`` over the raw bytes received; nothing is re-encoded."""
+    frame = opened.frame
+    signed = memoryview(frame)[:-SIGNATURE_BYTES]
+    if not verify_signature(opened.envelope.signer, frame[-SIGNATURE_BYTES:], signed):
+        raise Refusal(ErrorCode.BAD_SIGNATURE, "signature does not match the envelope")
+
+
+def decode_payload(opened: Opened, *, verified: bool, max_items: int = MAX_PAYLOAD_ITEMS) -> Sealed:
+    """The payload, decoded within ``max_items``; ``verified``: the signature was checked."""
+    frame = opened.frame
+    payload = _unpack(frame[opened.payload_start : -SIGNATURE_BYTES], max_items)
     return Sealed(
-        envelope=envelope,
+        envelope=opened.envelope.model_copy(update={"payload": payload}),
         signed=frame[:-SIGNATURE_BYTES],
         signature=frame[-SIGNATURE_BYTES:],
         size=len(frame),
+        verified=verified,
     )
+
+
+def unseal(
+    frame: bytes,
+    max_bytes: int,
+    *,
+    signature_checked: bool = False,
+    max_items: int = MAX_PAYLOAD_ITEMS,
+) -> Sealed:
+    """Size, header, signature over the raw bytes, then the payload (bounded).
+
+    ``signature_checked``: the caller verified these very bytes already. The
+    binding of signer to sender is checked by :func:`verify`.
+    """
+    opened = open_frame(frame, max_bytes)
+    if not signature_checked:
+        check_signature(opened)
+    return decode_payload(opened, verified=True, max_items=max_items)
 
 
 def verify(sealed: Sealed, *, signature_checked: bool = False) -> None:
     """Signature by ``signer`` over the received bytes, and ``signer`` is the sender.
 
     ``signature_checked``: the caller already verified these very bytes (the
-    gossip validator), so only the binding of signer to sender is checked.
+    gossip validator), so only the binding of signer to sender is checked; so is
+    an envelope whose signature :func:`unseal` checked before decoding it.
     """
     env = sealed.envelope
-    if not signature_checked and not verify_signature(env.signer, sealed.signature, sealed.signed):
+    if not (signature_checked or sealed.verified) and not verify_signature(
+        env.signer, sealed.signature, sealed.signed
+    ):
         raise Refusal(ErrorCode.BAD_SIGNATURE, "signature does not match the envelope")
+    check_signer(env)
+
+
+def check_signer(env: Envelope) -> None:
     if env.signer != env.sender.id:
         raise Refusal(ErrorCode.WRONG_SIGNER, "envelope is signed by a key other than its sender")
 

@@ -2,8 +2,12 @@
 
 Inbound frames from any transport enter :meth:`ActorSystem.receive`:
 
-    size -> decode -> expiry -> signature -> sender/peer binding -> replay
+    size -> header -> expiry -> peer binding -> broadcast rules -> size class
+         -> signature -> replay -> payload (bounded)
          -> (reply? resolve the pending invoke) -> route to inbox or topic
+
+Everything before the payload reads the header alone: a frame is verified before
+a byte of its payload is decoded (see ``dms.actor.envelope``).
 
 and the target actor's thread finishes the pipeline (behaviour lookup ->
 capability -> payload validation -> handler; see ``dms.actor.actor``). A
@@ -28,16 +32,20 @@ from pydantic import BaseModel, Field
 from dms.actor.behaviour import Behaviour
 from dms.actor.codes import ErrorCode, InvokeTimeout, Refusal, RemoteError, Unreachable
 from dms.actor.envelope import (
+    MAX_PAYLOAD_ITEMS,
     REPLY_PREFIX,
     Envelope,
+    Opened,
     Sealed,
+    check_signature,
+    check_signer,
     check_time,
+    decode_payload,
     make_envelope,
     now_ns,
+    open_frame,
     peek,
     seal,
-    unseal,
-    verify,
 )
 from dms.actor.handle import ROOT_INBOX, Address, Handle
 from dms.actor.policy import CapabilityPolicy
@@ -64,6 +72,8 @@ class Limits(BaseModel):
     max_ttl_s: float = Field(default=3600.0, gt=0)
     clock_skew_s: float = Field(default=60.0, ge=0)
     invoke_timeout_s: float = Field(default=10.0, gt=0)
+    # Containers plus their items in one decoded payload (bounds its decoded size).
+    max_payload_items: int = Field(default=MAX_PAYLOAD_ITEMS, ge=1024)
 
 
 @dataclass(frozen=True)
@@ -471,11 +481,12 @@ class ActorSystem:
 
         ``signature_checked``: the transport verified these very bytes already.
         """
+        limits = self.limits
         try:
-            sealed = unseal(frame, self.limits.max_data_bytes)
+            opened = open_frame(frame, limits.max_data_bytes)
         except Refusal as refusal:
             claimed = peek(frame) if refusal.code == ErrorCode.TOO_LARGE else None
-            if claimed is not None:
+            if claimed is not None and self._answerable(claimed, from_peer):
                 self.refuse(claimed, refusal)
             else:
                 self.refusals[str(refusal.code)] += 1
@@ -483,15 +494,20 @@ class ActorSystem:
                     "dropped frame from %s: %s: %s", from_peer, refusal.code, refusal.reason
                 )
             return
-        env = sealed.envelope
+        env = opened.envelope
         try:
-            check_time(env, now_ns(), self.limits.max_ttl_s, self.limits.clock_skew_s)
-            verify(sealed, signature_checked=signature_checked)
+            check_time(env, now_ns(), limits.max_ttl_s, limits.clock_skew_s)
             self._check_peer(env, from_peer)
             if env.to is None:
                 self._check_broadcast(env)
+            self._check_size_class(opened)
+            if not signature_checked:
+                check_signature(opened)
+            check_signer(env)
             if not self._replay.first_sight(env.signer, env.nonce, env.expiry, now_ns()):
                 raise Refusal(ErrorCode.REPLAYED, "nonce already seen from this signer")
+            sealed = decode_payload(opened, verified=True, max_items=limits.max_payload_items)
+            env = sealed.envelope
             if env.behaviour.startswith(REPLY_PREFIX):
                 self._resolve(env)
             elif env.to is None:
@@ -499,7 +515,53 @@ class ActorSystem:
             else:
                 self._deliver_direct(sealed)
         except Refusal as refusal:
-            self.refuse(env, refusal)
+            if self._answerable(env, from_peer):
+                self.refuse(env, refusal)
+            else:
+                self.refusals[str(refusal.code)] += 1
+                log.warning(
+                    "refused %s from %s via %s (not answered: it names another host): %s: %s",
+                    env.behaviour,
+                    env.sender.did,
+                    from_peer,
+                    refusal.code,
+                    refusal.reason,
+                )
+
+    @staticmethod
+    def _answerable(env: Envelope, from_peer: str | None) -> bool:
+        """An error reply goes only to the host that delivered the frame: a frame that
+        names another host as its sender cannot make this node answer a third party."""
+        return from_peer is None or env.sender.address.host == from_peer
+
+    def _check_size_class(self, opened: Opened) -> None:
+        """Over ``max_control_bytes`` only for a data behaviour, or the reply to a pending
+        invoke; read from the header and the local behaviours, before any decoding."""
+        limit = self.limits.max_control_bytes
+        if opened.size <= limit:
+            return
+        env = opened.envelope
+        path = env.behaviour
+        with self._lock:
+            if path.startswith(REPLY_PREFIX):
+                try:
+                    allowed = bytes.fromhex(path[len(REPLY_PREFIX) :]) in self._pending
+                except ValueError:
+                    allowed = False
+            elif env.to is None:
+                allowed = any(
+                    (spec := self._behaviours.get(i, {}).get(path)) is not None and spec.data
+                    for i in self._subscribers.get(env.topic or "", ())
+                )
+            else:
+                local = env.to.address.host == self.peer_id
+                spec = self._behaviours.get(env.to.address.inbox, {}).get(path) if local else None
+                allowed = spec is not None and spec.data
+        if not allowed:
+            raise Refusal(
+                ErrorCode.TOO_LARGE,
+                f"{opened.size} bytes exceed the control limit {limit} of {path}",
+            )
 
     def _check_peer(self, env: Envelope, from_peer: str | None) -> None:
         """The envelope came from the host it names, and a root actor is its host's key."""

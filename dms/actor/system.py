@@ -49,7 +49,7 @@ from dms.actor.envelope import (
 )
 from dms.actor.handle import ROOT_INBOX, Address, Handle
 from dms.actor.policy import CapabilityPolicy
-from dms.actor.replay import ReplayCache
+from dms.actor.replay import DEFAULT_CAPACITY, ReplayCache
 from dms.actor.timers import TimerHandle, Timers
 from dms.actor.transport import Transport
 from dms.security.identity import Identity, IdentityError, public_key_from_peer_id
@@ -74,6 +74,8 @@ class Limits(BaseModel):
     invoke_timeout_s: float = Field(default=10.0, gt=0)
     # Containers plus their items in one decoded payload (bounds its decoded size).
     max_payload_items: int = Field(default=MAX_PAYLOAD_ITEMS, ge=1024)
+    # Envelopes remembered against replay; when full, older ones are refused.
+    replay_cache_size: int = Field(default=DEFAULT_CAPACITY, ge=1)
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,7 @@ class ActorSystem:
         self._subscribers: dict[str, set[str]] = defaultdict(set)
         self._behaviours: dict[str, dict[str, Behaviour]] = {}  # inbox -> its behaviours
         self._pending: dict[bytes, _Pending] = {}
-        self._replay = ReplayCache()
+        self.replay = ReplayCache(self.limits.replay_cache_size)
         self._root_handle = Handle(
             id=identity.public_key, address=Address(host=self.peer_id, inbox=ROOT_INBOX)
         )
@@ -504,8 +506,7 @@ class ActorSystem:
             if not signature_checked:
                 check_signature(opened)
             check_signer(env)
-            if not self._replay.first_sight(env.signer, env.nonce, env.expiry, now_ns()):
-                raise Refusal(ErrorCode.REPLAYED, "nonce already seen from this signer")
+            self.replay.check(env.signer, env.nonce, env.issued_at, env.expiry, now_ns())
             sealed = decode_payload(opened, verified=True, max_items=limits.max_payload_items)
             env = sealed.envelope
             if env.behaviour.startswith(REPLY_PREFIX):

@@ -58,6 +58,7 @@ def limits_from(settings: Settings) -> Limits:
         max_ttl_s=settings.max_ttl_s,
         clock_skew_s=settings.clock_skew_s,
         invoke_timeout_s=settings.invoke_timeout_s,
+        replay_cache_size=settings.replay_cache_size,
     )
 
 

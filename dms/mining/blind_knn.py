@@ -127,6 +127,7 @@ class BlindKnnOwner:
         self.tol = tolerance(self.a) if tie_tolerance is None else tie_tolerance
         self.block_rows = 0  # real queries in the block being answered
         self.near_ties = 0
+        self.tied: list[bool] = []  # per query answered: a near-tie among its k + 1 nearest
         self.timings = {"keygen": 0.0, "encrypt": 0.0, "decrypt": 0.0}
 
     def chunks(self, shard: int = 0) -> int:
@@ -196,6 +197,7 @@ class BlindKnnOwner:
         self.block_rows = 0
         indices, tied = nearest_with_ties(dist, self.k, self.tol)
         self.near_ties += int(tied.sum())
+        self.tied.extend(bool(t) for t in tied)
         return indices, dist
 
     def _distances(self, message: BlindKnnDistances, shard: int) -> np.ndarray:

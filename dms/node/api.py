@@ -13,15 +13,28 @@ come over the network. Endpoints:
 
 The daemon writes the address it bound to ``DMS_HOME/api.json`` and every
 response names the node's peer id, so the CLI never talks to another node.
+
+Who may use it (a browser page or another local user must not borrow the
+node's identity):
+
+- every request must name a loopback host in its ``Host`` header (``bad_host``),
+  which a page that rebinds its DNS name to 127.0.0.1 cannot do;
+- every request but ``/health`` must carry ``X-Dms-Token``, the random token the
+  daemon writes at each start to ``DMS_HOME/api.token`` (mode 0600): the caller
+  proves it can read this home (``unauthorized``);
+- the API relays only envelopes signed by a key anchored as root of this node
+  (``forbidden``): the node never speaks for a key it does not trust.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import http.client
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -43,8 +56,11 @@ from dms.errors import DmsError
 log = logging.getLogger("dms.api")
 
 API_FILE = "api.json"
+TOKEN_FILE = "api.token"
 PEER_HEADER = "X-Dms-Peer-Id"
+TOKEN_HEADER = "X-Dms-Token"
 LOOPBACK = "127.0.0.1"
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class ApiError(DmsError):
@@ -66,12 +82,57 @@ def api_file(home: Path) -> Path:
     return Path(home) / API_FILE
 
 
+def token_file(home: Path) -> Path:
+    return Path(home) / TOKEN_FILE
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by this user only (0600) from its first byte."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)
+
+
+def loopback_host(header: str | None) -> bool:
+    """A ``Host`` header naming this machine's loopback (any port)."""
+    if not header:
+        return False
+    host = header.strip().lower()
+    if host.startswith("["):  # [::1]:port
+        host = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host in LOOPBACK_NAMES
+
+
+class ApiRefusal(Exception):
+    """An HTTP-level refusal: status, reason code and one line."""
+
+    def __init__(self, status: HTTPStatus, code: ErrorCode, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.code = code
+        self.reason = reason
+
+
 class LocalApi:
     """The daemon side: serve the endpoints above for one actor system."""
 
-    def __init__(self, system: ActorSystem, health: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        system: ActorSystem,
+        health: Callable[[], dict[str, Any]],
+        config: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.system = system
         self.health = health
+        self.config = config or (lambda: {})
+        self.token = secrets.token_urlsafe(32)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -93,8 +154,10 @@ class LocalApi:
         self._thread.start()
 
     def record(self, home: Path) -> None:
+        """Write the token (0600), then the address: a client that finds the address
+        finds the token of the same run."""
+        write_private(token_file(home), self.token)
         path = api_file(home)
-        path.parent.mkdir(parents=True, exist_ok=True)
         address = ApiAddress(
             host=LOOPBACK, port=self.port, pid=os.getpid(), peer_id=self.system.peer_id
         )
@@ -102,15 +165,30 @@ class LocalApi:
         tmp.write_text(address.model_dump_json())
         os.replace(tmp, path)
 
+    def check_caller(self, host: str | None, token: str | None, *, need_token: bool) -> None:
+        if not loopback_host(host):
+            raise ApiRefusal(
+                HTTPStatus.FORBIDDEN,
+                ErrorCode.BAD_HOST,
+                f"Host {host!r} is not a loopback name: the local API serves this machine only",
+            )
+        if need_token and not (token and hmac.compare_digest(token, self.token)):
+            raise ApiRefusal(
+                HTTPStatus.UNAUTHORIZED,
+                ErrorCode.UNAUTHORIZED,
+                f"no valid {TOKEN_HEADER}: send the token in DMS_HOME/{TOKEN_FILE}",
+            )
+
     def stop(self, home: Path | None = None) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
         if home is not None:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, ValueError):
                 path = api_file(home)
                 if ApiAddress.model_validate_json(path.read_text()).pid == os.getpid():
                     path.unlink()
+                    token_file(home).unlink(missing_ok=True)
 
     # ---- relaying ---------------------------------------------------------------
 
@@ -127,6 +205,14 @@ class LocalApi:
         if env.sender.address.host != self.system.peer_id:
             return reply_payload(
                 error=Refusal(ErrorCode.WRONG_SIGNER, "the sender must name this node as its host")
+            )
+        if not self.system.trust.is_root(env.signer):
+            return reply_payload(
+                error=Refusal(
+                    ErrorCode.FORBIDDEN,
+                    f"{env.sender.did} is not a root of this node: the local API relays "
+                    "only envelopes signed by a key anchored as root (see 'dms init')",
+                )
             )
         try:
             if kind == "broadcast":
@@ -170,13 +256,34 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
         def _json(self, status: int, data: Any) -> None:
             self._send(status, json.dumps(data).encode(), "application/json")
 
+        def _caller_refused(self, *, need_token: bool) -> bool:
+            """Refuse (and answer) a caller that is not this home's user on this machine."""
+            try:
+                api.check_caller(
+                    self.headers.get("Host"), self.headers.get(TOKEN_HEADER), need_token=need_token
+                )
+            except ApiRefusal as refusal:
+                api.system.refusals[str(refusal.code)] += 1
+                log.warning("local API refused %s %s: %s", self.command, self.path, refusal)
+                self.close_connection = True
+                self._json(refusal.status, {"error": refusal.reason, "code": str(refusal.code)})
+                return True
+            return False
+
         def do_GET(self) -> None:
-            if urlparse(self.path).path == "/health":
+            path = urlparse(self.path).path
+            if self._caller_refused(need_token=path != "/health"):
+                return
+            if path == "/health":
                 self._json(HTTPStatus.OK, api.health())
+            elif path == "/config":
+                self._json(HTTPStatus.OK, api.config())
             else:
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {self.path}"})
 
         def do_POST(self) -> None:
+            if self._caller_refused(need_token=True):
+                return
             url = urlparse(self.path)
             kind = url.path.removeprefix("/actor/")
             if not url.path.startswith("/actor/") or kind not in ("invoke", "send", "broadcast"):
@@ -213,6 +320,22 @@ class ApiClient:
             ) from None
         except ValueError:
             raise ApiError(f"{path} is damaged: restart the node with 'dms run'") from None
+        try:
+            self.token = token_file(self.home).read_text().strip()
+        except FileNotFoundError:
+            raise ApiError(
+                f"{token_file(self.home)} is missing: restart the node with 'dms run'"
+            ) from None
+        except PermissionError:
+            raise ApiError(
+                f"cannot read {token_file(self.home)}: only the user who runs the node can "
+                "use its API"
+            ) from None
+
+    def config(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The running daemon's effective settings (its command-line flags included)."""
+        _, body = self._request("GET", "/config", None, timeout)
+        return json.loads(body)
 
     def health(self, timeout: float = 5.0) -> dict[str, Any]:
         _, body = self._request("GET", "/health", None, timeout)
@@ -232,7 +355,7 @@ class ApiClient:
         conn = http.client.HTTPConnection(self.address.host, self.address.port, timeout=timeout)
         started = time.monotonic()
         try:
-            headers = {"Content-Type": "application/octet-stream"}
+            headers = {"Content-Type": "application/octet-stream", TOKEN_HEADER: self.token}
             conn.request(method, path, body=body, headers=headers)
             response = conn.getresponse()
             data = response.read()
@@ -252,8 +375,13 @@ class ApiClient:
             )
         if response.status != HTTPStatus.OK:
             try:
-                reason = json.loads(data).get("error", data.decode(errors="replace"))
-            except ValueError:
-                reason = data.decode(errors="replace")
-            raise ApiError(f"the node refused the request: {reason}")
+                answer = json.loads(data)
+                reason = answer.get("error", data.decode(errors="replace"))
+                code = answer.get("code")
+            except (ValueError, AttributeError):
+                reason, code = data.decode(errors="replace"), None
+            error = ApiError(f"the node refused the request: {f'{code}: ' if code else ''}{reason}")
+            if code:
+                error.code = code
+            raise error
         return response.status, data

@@ -9,6 +9,15 @@ classifies ``n_test`` queries against n training records. The case
 ``sknn_naive_vs_packed`` times CKKS distances computed the reference system's
 way (one ciphertext per record, a slot-sum per pair) against the packed way on
 the same data, and reports ``speedup``.
+
+Blind protocols (``--case``; the worker sees only CKKS ciphertexts, see specs/mining.md):
+``skmeans_blind`` and ``sknn_blind`` print ``n, a, k, plain_s, enc_s, ratio,
+owner_cpu_s, worker_cpu_s, mb_per_round, rounds, agreement`` for n = 10,000, a = 8
+and n = 100,000, a = 2 (k = 5; SKNN: ``n_test`` queries against n training rows; a
+round is one k-means step pair, or one block of queries). ``blind_fold`` times the
+two places to fold the masked sums' slots (owner after decryption, worker by
+rotations); ``blind_sign`` measures what a non-interactive round (argmin by
+polynomial sign approximation) would cost and how precise it is.
 """
 
 from __future__ import annotations
@@ -19,12 +28,23 @@ import sys
 import time
 
 import numpy as np
+import tenseal as ts
 
 from dms.mining import run_classification, run_clustering
+from dms.mining.blind_kmeans import (
+    BlindClusterOwner,
+    BlindClusterWorker,
+    blind_keys,
+    load_vectors,
+    pack_columns,
+)
+from dms.mining.blind_knn import BlindKnnOwner, BlindKnnWorker
 from dms.mining.classification import KnnOwner, KnnWorker
 from dms.mining.data import blobs
 from dms.mining.metrics import adjusted_rand_index
-from dms.mining.schemes.ckks import CkksKeys
+from dms.mining.plain import kmeans, knn
+from dms.mining.schemes.ckks import CkksKeys, load_public_context
+from dms.mining.wire import Wire
 
 A, K = 8, 5
 
@@ -140,6 +160,215 @@ def naive_vs_packed(n_train: int, n_test: int, as_json: bool) -> None:
     )
 
 
+class Cpu:
+    """CPU seconds spent inside calls, per side (process time: every thread counts)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self, fn, *args):  # type: ignore[no-untyped-def]
+        began = time.process_time()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds += time.process_time() - began
+
+
+BLIND_SIZES = [(10_000, 8), (100_000, 2)]
+
+
+def skmeans_blind(n: int, a: int, k: int, as_json: bool) -> None:
+    data, _ = blobs(n, a, k, seed=n, std=2.0)
+    began = time.perf_counter()
+    plain = kmeans(data, k)
+    plain_s = time.perf_counter() - began
+    owner_cpu, worker_cpu, wire = Cpu(), Cpu(), Wire()
+    began = time.perf_counter()
+    owner = BlindClusterOwner(data, k)
+    start = wire.to_worker(owner_cpu(owner.start))
+    start_mb = wire.bytes_to_worker / 1e6
+    worker = worker_cpu(BlindClusterWorker, start)
+    while True:
+        update = wire.to_worker(owner_cpu(owner.receive, wire.to_owner(worker_cpu(worker.round))))
+        worker_cpu(worker.update, update)
+        if update.done:
+            break
+    enc_s = time.perf_counter() - began
+    out = owner.outcome()
+    rounds = out.iterations
+    emit(
+        {
+            "case": "skmeans_blind",
+            "n": n,
+            "a": a,
+            "k": k,
+            "plain_s": round(plain_s, 4),
+            "enc_s": round(enc_s, 2),
+            "ratio": round(enc_s / plain_s, 1),
+            "owner_cpu_s": round(owner_cpu.seconds, 2),
+            "worker_cpu_s": round(worker_cpu.seconds, 2),
+            "mb_per_round": round(
+                (wire.bytes_to_worker + wire.bytes_to_owner - start_mb * 1e6) / 1e6 / rounds, 1
+            ),
+            "rounds": rounds,
+            "agreement": float(np.mean(out.labels == plain.labels)),
+            "mb_start": round(start_mb, 1),
+            "plain_rounds": plain.iterations,
+            "near_ties": sum(owner.near_ties),
+        },
+        as_json,
+    )
+
+
+def sknn_blind(n: int, a: int, k: int, n_test: int, as_json: bool) -> None:
+    x, y = blobs(n + n_test, a, 3, seed=n + 1, std=4.0)
+    labels = [f"c{v}" for v in y]
+    train, test, train_labels = x[:n], x[n:], labels[:n]
+    began = time.perf_counter()
+    plain = knn(train, train_labels, test, k)
+    plain_s = time.perf_counter() - began
+    owner_cpu, worker_cpu, wire = Cpu(), Cpu(), Wire()
+    began = time.perf_counter()
+    owner = BlindKnnOwner(train, train_labels, k)
+    start = wire.to_worker(owner_cpu(owner.start))
+    start_mb = wire.bytes_to_worker / 1e6
+    worker = worker_cpu(BlindKnnWorker, start)
+    predictions: list[object] = []
+    blocks = owner.query_blocks(test)
+    for block in blocks:
+        query = wire.to_worker(owner_cpu(owner.query, block))
+        predictions += owner_cpu(owner.classify, wire.to_owner(worker_cpu(worker.distances, query)))
+    enc_s = time.perf_counter() - began
+    differ = np.array([p != q for p, q in zip(plain, predictions, strict=True)])
+    emit(
+        {
+            "case": "sknn_blind",
+            "n": n,
+            "a": a,
+            "k": k,
+            "n_test": n_test,
+            "plain_s": round(plain_s, 4),
+            "enc_s": round(enc_s, 2),
+            "ratio": round(enc_s / plain_s, 1),
+            "owner_cpu_s": round(owner_cpu.seconds, 2),
+            "worker_cpu_s": round(worker_cpu.seconds, 2),
+            "mb_per_round": round(
+                (wire.bytes_to_worker + wire.bytes_to_owner - start_mb * 1e6) / 1e6 / len(blocks),
+                1,
+            ),
+            "rounds": len(blocks),
+            "agreement": float(1 - differ.mean()),
+            "mb_start": round(start_mb, 1),
+            "queries_per_round": owner.block,
+            "near_ties": owner.near_ties,
+            "differences_outside_near_ties": int((differ & ~np.array(owner.tied)).sum()),
+        },
+        as_json,
+    )
+
+
+def blind_fold(n: int, a: int, k: int, as_json: bool) -> None:
+    """The masked sums' slots, folded by the owner after decryption (no Galois keys) or
+    by the worker with rotations (TenSEAL's sum(): log2(N/2) rotations per ciphertext)."""
+    data, _ = blobs(n, a, k, seed=n, std=2.0)
+    data = data / np.abs(data).max()
+    labels = kmeans(data, k, max_iterations=1).labels
+    figures: dict[str, object] = {"case": "blind_fold", "n": n, "a": a, "k": k}
+    for where in ("owner", "worker"):
+        keys = blind_keys(128)
+        if where == "worker":
+            keys.context.generate_galois_keys()
+        public = load_public_context(keys.public_context_bytes())
+        columns = [load_vectors(public, c, keys.slots) for c in pack_columns(keys, data)]
+        masks = [
+            load_vectors(public, m, keys.slots)
+            for m in pack_columns(keys, np.eye(k)[labels][:, : k - 1])
+        ]
+        began = time.perf_counter()
+        rows = []
+        for y in range(k):
+            for j in range(a):
+                chunks = range(len(columns[0]))
+                if y < k - 1:
+                    terms = [masks[y][c] * columns[j][c] for c in chunks]
+                else:  # the last mask is 1 - the others, as the worker derives it
+                    terms = []
+                    for c in chunks:
+                        rest = masks[0][c]
+                        for z in range(1, k - 1):
+                            rest = rest + masks[z][c]
+                        terms.append((-rest + 1.0) * columns[j][c])
+                total = terms[0]
+                for t in terms[1:]:
+                    total += t
+                rows.append((total.sum() if where == "worker" else total).serialize())
+        worker_s = time.perf_counter() - began
+        began = time.perf_counter()
+        sums = np.array(
+            [keys.decrypt(c)[0 if where == "worker" else slice(None)].sum() for c in rows]
+        )
+        owner_s = time.perf_counter() - began
+        truth = np.array([[data[labels == y, j].sum() for j in range(a)] for y in range(k)])
+        figures[f"{where}_folds"] = {
+            "worker_s": round(worker_s, 3),
+            "owner_s": round(owner_s, 3),
+            "mb_sums": round(sum(map(len, rows)) / 1e6, 2),
+            "mb_public_context": round(len(keys.public_context_bytes()) / 1e6, 1),
+            "max_abs_error": float(np.abs(sums - truth.ravel()).max()),
+        }
+    emit(figures, as_json)
+
+
+def blind_sign(as_json: bool) -> None:
+    """A non-interactive round needs argmin on ciphertexts: sign(d_y - d_z) by a composite
+    polynomial (f(x) = (35x - 35x^3 + 21x^5 - 5x^7) / 16, depth 3 per application)."""
+    coeffs = [0.0, 35 / 16, 0.0, -35 / 16, 0.0, 21 / 16, 0.0, -5 / 16]
+    rng = np.random.default_rng(0)
+    data, _ = blobs(100_000, 2, 5, seed=100_000, std=2.0)
+    dist = ((data[:, None, :] - kmeans(data, 5).centroids[None, :, :]) ** 2).sum(axis=2)
+    part = np.sort(dist, axis=1)
+    # The argument of sign() must lie in [-1, 1]: gaps are divided by the largest difference.
+    gaps = (part[:, 1] - part[:, 0]) / (dist.max() - dist.min())
+    figures: dict[str, object] = {"case": "blind_sign", "n": 100_000, "a": 2, "k": 5}
+    for degree, depth in ((16384, 7), (32768, 19)):
+        context = ts.context(
+            ts.SCHEME_TYPE.CKKS, degree, coeff_mod_bit_sizes=[60] + [40] * depth + [60]
+        )
+        context.global_scale = 2**40
+        context.generate_relin_keys()
+        slots = degree // 2
+        x = rng.choice(np.concatenate([gaps, -gaps]), slots)
+        vector = ts.ckks_vector(context, x.tolist())
+        began = time.perf_counter()
+        vector * vector  # the cost of one multiplication at the top level
+        mult_s = time.perf_counter() - began
+        applications = (depth - 3) // 3  # 1 level for distances, 2 to combine the signs
+        began = time.perf_counter()
+        for _ in range(applications):
+            vector = vector.polyval(coeffs)
+        sign_s = time.perf_counter() - began
+        approx = np.array(vector.decrypt())
+        wrong = np.abs(approx - np.sign(x)) > 0.5
+        chunks = -(-100_000 // slots)
+        public = context.serialize(save_secret_key=False, save_relin_keys=True)
+        figures[f"N{degree}"] = {
+            "levels": depth,
+            "sign_applications": applications,
+            "mult_top_level_s": round(mult_s, 3),
+            "sign_s_per_ciphertext": round(sign_s, 2),
+            "round_estimate_s": round(chunks * 10 * sign_s, 1),  # k(k-1)/2 = 10 comparisons
+            "mb_public_context": round(len(public) / 1e6, 1),
+            "fraction_unresolved": float(wrong.mean()),
+            "records_unresolved_per_round": round(float(wrong.mean()) * 100_000),
+            "unresolved_below_gap": float(np.abs(x[wrong]).max(initial=0.0)),
+            "max_abs_error_resolved": float(np.abs(approx - np.sign(x))[~wrong].max(initial=0.0)),
+        }
+    emit(figures, as_json)
+
+
+BLIND_CASES = ("skmeans_blind", "sknn_blind", "blind_fold", "blind_sign")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
@@ -147,7 +376,26 @@ def main() -> int:
     parser.add_argument("--naive-train", type=int, default=100)
     parser.add_argument("--naive-test", type=int, default=4)
     parser.add_argument("--json", action="store_true", help="one JSON line per case")
+    parser.add_argument(
+        "--case",
+        choices=BLIND_CASES,
+        nargs="+",
+        help="run only these blind-protocol cases (default: the udm cases above)",
+    )
     args = parser.parse_args()
+    if args.case:
+        for case in args.case:
+            if case == "skmeans_blind":
+                for n, a in BLIND_SIZES:
+                    skmeans_blind(n, a, K, args.json)
+            elif case == "sknn_blind":
+                for n, a in BLIND_SIZES:
+                    sknn_blind(n, a, K, args.n_test, args.json)
+            elif case == "blind_fold":
+                blind_fold(10_000, 8, K, args.json)
+            else:
+                blind_sign(args.json)
+        return 0
     for n in args.sizes:
         clustering_cases(n, args.json)
         classification_cases(n, args.n_test, args.json)

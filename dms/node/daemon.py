@@ -3,13 +3,15 @@
 :class:`Node` is the composition root used by ``dms run``, by the integration
 fixture and by the benchmarks; ``start`` brings the parts up in dependency
 order and ``stop`` takes them down in reverse (streams closed, peers flushed to
-the store, ``api.json`` removed).
+the store, ``api.json`` removed). A node holds its home's run lock from the first
+step of ``start`` to the last of ``stop``: one running node per home.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -24,6 +26,7 @@ from dms.network.peertable import PeerTable
 from dms.network.settings import NetworkSettings
 from dms.node.api import LocalApi
 from dms.node.home import NODE_KEY, NodeError
+from dms.node.lock import RunLock, check_listen_free
 from dms.node.node import NodeActor
 from dms.node.services import NodeServices
 from dms.resources import Onboarder, ResourceLedger
@@ -89,6 +92,7 @@ class Node:
         self.ledger: ResourceLedger | None = None
         self.peer_table = PeerTable()
         self.started = 0.0
+        self._lock = RunLock(settings.home)
 
     @property
     def peer_id(self) -> str:
@@ -97,7 +101,9 @@ class Node:
     def start(self, *, serve_api: bool = True) -> Node:
         home = self.settings.home
         self.started = time.monotonic()
+        self._lock.acquire()  # AlreadyRunning names the pid of the node that holds the home
         try:
+            check_listen_free(self.network_settings.listen)
             self.db = self._db or open_database(self.settings.database_url)
             peerbook = PeerBook(self.db)
             self.transport = Libp2pTransport(
@@ -131,7 +137,7 @@ class Node:
                 NodeActor, services, inbox=ROOT_INBOX, identity=self.identity
             )
             if serve_api:
-                self.api = LocalApi(self.system, self.health)
+                self.api = LocalApi(self.system, self.health, self.effective_settings)
                 self.api.start(self.api_port)
                 self.api.record(home)
             self.db.record("node.started", peer_id=self.peer_id, addrs=self.transport.addrs())
@@ -159,10 +165,25 @@ class Node:
             if self._db is None:
                 self.db.close()
             self.db = None
+        self._lock.release()
 
     def addrs(self) -> list[str]:
         assert self.transport is not None
         return self.transport.addrs()
+
+    def effective_settings(self) -> dict[str, Any]:
+        """The settings this node runs with, as ``dms config show`` prints them: the
+        files and variables, then the command line's flags (what ``dms run`` was given)."""
+        data = self.settings.shown()
+        network = self.network_settings
+        data.update(listen=network.listen, bootstrap=network.bootstrap, mdns=network.mdns)
+        data["api_port"] = self.api.port if self.api is not None else self.api_port
+        data["daemon"] = {
+            "pid": os.getpid(),
+            "peer_id": self.peer_id,
+            "addrs": self.transport.addrs() if self.transport is not None else [],
+        }
+        return data
 
     def health(self) -> dict[str, Any]:
         uptime = time.monotonic() - self.started if self.started else 0.0

@@ -65,6 +65,9 @@ class DeploymentSpec(BaseModel):
     deadline_s: float = Field(default=60.0, gt=0, le=7 * 24 * 3600, description="to be running")
     bid_window_s: float = Field(default=0.25, gt=0, le=30, description="longest wait for bids")
     lease_s: float = Field(default=10.0, gt=0, le=600, description="how long a bid holds")
+    distinct_peers: bool = Field(
+        default=False, description="each allocation on a peer of its own, when enough bid"
+    )
 
     @field_validator("allocations")
     @classmethod

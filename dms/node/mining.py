@@ -152,6 +152,7 @@ def _plan(request: MiningRequest) -> tuple[Driver, DeploymentSpec, list[int], di
         allocations=allocations,
         strategy=request.strategy,
         deadline_s=request.timeout_s,
+        distinct_peers=True,
     )
     summary = {
         "algorithm": s.algorithm,
@@ -191,6 +192,10 @@ class MiningBehaviours(NodeBase):
     def _start_session(self, planned: Any) -> dict[str, Any]:
         driver, spec, sizes, summary = planned
         session_id = new_deployment_id()
+        # The row exists before the reply, so a status asked at once finds it.
+        self._orch().store.save_mining(  # type: ignore[attr-defined]
+            {"id": session_id, "algorithm": summary["algorithm"], "phase": "placing"}
+        )
         child = self.spawn(
             MiningSessionActor,
             self._orch(),  # type: ignore[attr-defined]

@@ -424,7 +424,14 @@ class DeploymentActor(Actor):
         for slot in self.slots.values():
             if slot["peer_id"] and slot["status"] in ("committing", "allocating", "running"):
                 taken[slot["peer_id"]] = taken.get(slot["peer_id"], 0) + 1
-        decision = select(self.spec.strategy, self._offers, self.o.rng, self.o.cursor, taken)
+        decision = select(
+            self.spec.strategy,
+            self._offers,
+            self.o.rng,
+            self.o.cursor,
+            taken,
+            distinct=self.spec.distinct_peers,
+        )
         records = []
         losers: dict[str, list[str]] = {}
         for name, candidates in self._offers.items():

@@ -203,8 +203,7 @@ class MiningSessionActor(DeploymentActor):
             if shard.generation != gen:
                 return
             if call.parcel.size == 0 and call.context is None:
-                shard.ready, shard.worker_at = True, at
-                self._pump()
+                self._ready(shard, at)
                 return
             shard.busy = True
             shard.sent += size
@@ -223,11 +222,16 @@ class MiningSessionActor(DeploymentActor):
                 shard, f"start refused: {outcome.error.code}: {outcome.error.reason}"
             )
             return
-        shard.ready, shard.worker_at = True, at
         shard.last_heard = time.monotonic()
         self._event(f"{shard.slot}: shipped to {shard.peer[-8:] if shard.peer else '?'}")
+        self._ready(shard, at)
+
+    def _ready(self, shard: Shard, at: int) -> None:
+        """The shard's worker holds the owner's state of step ``at``: mine."""
+        shard.ready, shard.worker_at = True, at
         if self.phase == SessionPhase.SHIPPING and all(s.ready for s in self.shards.values()):
             self.phase = SessionPhase.MINING
+            self._progress("mining", save=True)
             self._begin_step()
         else:
             self._pump()

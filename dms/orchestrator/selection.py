@@ -86,14 +86,23 @@ def select(
     rng: random.Random,
     cursor: RoundRobin,
     taken: dict[str, int] | None = None,
+    distinct: bool = False,
 ) -> Decision:
     """``taken``: slots of this deployment each peer already holds (``score`` spreads
-    new slots away from them too)."""
+    new slots away from them too). ``distinct``: a peer that holds or wins a slot
+    gets another only when no other peer offered (every strategy)."""
     winners: dict[str, Candidate] = {}
     reasons: dict[tuple[str, str], str] = {}
     won: dict[str, int] = dict(taken or {})
-    for slot in sorted(offers):
+    # The slot with the fewest offers first: it has the least choice (so a job spread
+    # over several peers is not left with one peer for two slots).
+    for slot in sorted(offers, key=lambda name: (len(offers[name]), name)):
         candidates = sorted(offers[slot], key=lambda c: c.peer_id)
+        if distinct and any(not won.get(c.peer_id) for c in candidates):
+            for c in candidates:
+                if won.get(c.peer_id):
+                    reasons[(c.peer_id, slot)] = "lost: it holds another allocation of the job"
+            candidates = [c for c in candidates if not won.get(c.peer_id)]
         if not candidates:
             continue
         if strategy == "score":

@@ -90,8 +90,12 @@ class Actor(pykka.ThreadingActor):
     """Base of every dms actor. Subclasses declare behaviours with ``@behaviour``.
 
     Override :meth:`stopping` (not ``on_stop``) for clean-up; children are
-    stopped after it.
+    stopped after it. Actor threads are daemon threads: an actor still busy when
+    its system gave up waiting for it (``ActorSystem.stop``) never keeps the
+    process alive.
     """
+
+    use_daemon_thread = True
 
     def __init__(self, context: ActorContext) -> None:
         super().__init__()

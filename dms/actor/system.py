@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -76,6 +77,8 @@ class Limits(BaseModel):
     max_payload_items: int = Field(default=MAX_PAYLOAD_ITEMS, ge=1024)
     # Envelopes remembered against replay; when full, older ones are refused.
     replay_cache_size: int = Field(default=DEFAULT_CAPACITY, ge=1)
+    # How long ActorSystem.stop waits for its actors, and then for its transport.
+    stop_timeout_s: float = Field(default=10.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -282,7 +285,8 @@ class ActorSystem:
         self._root_handle = Handle(
             id=identity.public_key, address=Address(host=self.peer_id, inbox=ROOT_INBOX)
         )
-        self._stopped = False
+        self._stopped = False  # no new actors; the actors are being stopped
+        self._closed = False  # pending invokes have failed: a new one fails at once
         # Refusals by code, for status pages and tests: a refusal is never silent.
         self.refusals: Counter[str] = Counter()
         transport.start(self.receive, self.undeliverable)
@@ -336,8 +340,12 @@ class ActorSystem:
                 self._local_keys.discard(ref.identity.public_key)
             for members in self._subscribers.values():
                 members.discard(inbox)
-        with contextlib.suppress(pykka.ActorDeadError):
+        try:
             ref.pykka_ref.stop(block=block, timeout=timeout if block else None)
+        except pykka.ActorDeadError:
+            pass
+        except pykka.Timeout:
+            log.warning("actor %s did not stop within %g s", inbox, timeout)
 
     def is_local(self, public_key: bytes) -> bool:
         return public_key in self._local_keys
@@ -349,22 +357,43 @@ class ActorSystem:
         if first:
             self.transport.subscribe(topic)
 
-    def stop(self) -> None:
-        """Stop every actor, fail every pending invoke, detach from the network."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop every actor, fail every pending invoke, detach from the network.
+
+        Bounded: the actors get ``timeout`` (``limits.stop_timeout_s``) in all, one
+        after another in the order they started (a parent stops its children); an
+        actor still busy then is left to finish on its own (daemon) thread. Every
+        pending invoke then fails with ``stopped``, and the transport gets as long
+        again to stop.
+        """
+        budget = self.limits.stop_timeout_s if timeout is None else timeout
         with self._lock:
             if self._stopped:
                 return
             self._stopped = True
             inboxes = list(self._actors)
+        deadline = time.monotonic() + budget
         for inbox in inboxes:
-            self.stop_actor(inbox)
+            left = deadline - time.monotonic()
+            # Past the deadline, the rest are only told to stop.
+            self.stop_actor(inbox, timeout=max(left, 0.0), block=left > 0)
         with self._lock:
+            self._closed = True
             pending = list(self._pending.values())
             self._pending.clear()
         for p in pending:
             self._complete(p, Outcome(error=RemoteError(ErrorCode.STOPPED, "actor system stopped")))
-        self.transport.stop()
+        self._stop_transport(budget)
         self.timers.stop()
+
+    def _stop_transport(self, timeout: float) -> None:
+        stopper = threading.Thread(
+            target=self.transport.stop, name=f"dms-stop-{self.peer_id[-6:]}", daemon=True
+        )
+        stopper.start()
+        stopper.join(timeout)
+        if stopper.is_alive():
+            log.warning("the transport did not stop within %g s; left to finish", timeout)
 
     # ---- outbound ----------------------------------------------------------------
 
@@ -415,7 +444,12 @@ class ActorSystem:
         )
         nonce = envelope.nonce
         with self._lock:
-            self._pending[nonce] = pending
+            closed = self._closed
+            if not closed:
+                self._pending[nonce] = pending
+        if closed:
+            future.set_exception(RemoteError(ErrorCode.STOPPED, "actor system stopped"))
+            return future
         pending.timer = self.timers.call_later(timeout, lambda: self._expire(nonce, timeout))
         try:
             self.route(frame, envelope.to)

@@ -450,3 +450,31 @@ def test_the_worker_does_the_same_work_whatever_the_data() -> None:
     assert steps == ["masks", "centroids"] * 3 + ["masks", "done"]
     sizes = [size for s in a[1:] + b[1:] for size in s[3]]
     assert max(sizes) <= 1.01 * min(sizes)
+
+
+# ---- keys, precision and reach -------------------------------------------------------
+
+
+def test_blind_keys_are_precise_and_keep_in_a_key_folder(tmp_path: Path) -> None:
+    from dms.mining.blind_kmeans import calibrate
+    from dms.mining.keyfolder import load_keys, save_keys
+    from dms.mining.schemes.ckks import CkksKeys
+
+    assert calibrate(KEYS, 8, 1.0) < 1e-8  # 8 x the largest error of a squared distance
+    assert calibrate(CkksKeys.generate(128), 8, 1.0) > 1e-6  # the reference parameters
+    save_keys(tmp_path / "keys", KEYS, lambda raw, _name: raw)
+    loaded = load_keys(tmp_path / "keys", lambda raw, _name: raw)
+    assert isinstance(loaded, CkksKeys)
+    owner = BlindClusterOwner(IRIS, 3, keys=loaded)
+    run_blind_kmeans(owner)
+    assert owner.outcome().labels.tolist() == kmeans(IRIS, 3).labels.tolist()
+
+
+def test_a_query_beyond_the_ckks_reach_is_refused_unless_given_up_front() -> None:
+    x, y = classification(60, 3, 2, seed=3)
+    far = x[50:] * 1e4
+    owner = BlindKnnOwner(x[:50], list(y[:50]), 3, keys=KEYS)
+    with pytest.raises(MiningError, match="overflow"):
+        owner.query_blocks(far)
+    result = run_classification("sknn", x[:50], list(y[:50]), far, 3, keys=KEYS)
+    assert result.labels == knn(x[:50], list(y[:50]), far, 3)

@@ -30,9 +30,11 @@ and for every data set of the same shape (k, a, chunks): it never branches on da
   ciphertext; measured in ``bench/mining.py`` (case ``blind_fold``), see specs/mining.md.
 
 Depth: one ciphertext-ciphertext multiplication per value (square, or mask x column).
-Keys made here use the chain [60, 40, 60] (one level): fresh ciphertexts hold two
-primes, results one, so results are ~131 KB, fresh ones ~235 KB at N = 8192.
-Any CKKS context with at least one level works (the ``--keys`` folder's, for example).
+Keys made here (``blind_keys``) use the chain [60, 50, 60] at scale 2^50 with symmetric
+encryption: fresh ciphertexts hold two primes (~251 KB at N = 8192), results one
+(~131 KB), and a decrypted distance errs by ~1e-10. Any CKKS context with at least one
+level works (a ``--keys`` folder's, for example), with its own precision: the tie
+tolerance is measured on the keys in use (``calibrate``).
 """
 
 from __future__ import annotations
@@ -57,19 +59,32 @@ from dms.mining.plain import (
 )
 from dms.mining.schemes.ckks import LEVELS, CkksKeys, load_public_context
 
-BLIND_CHAIN = [60, 40, 60]  # one multiplicative level: all the blind protocols need
-BLIND_LOG_SCALE = 40
-# Decrypted distances (data scaled into [-1, 1]) err by up to ~1e-6 * sqrt(a) (measured:
-# 7.7e-7 at a = 2, 1.8e-6 at a = 8, 9.3e-6 at a = 64, max over 4096 slots). Gaps below
-# this tolerance are near-ties: the owner treats them as ties and counts them.
-TIE_TOLERANCE = 1e-5
+BLIND_CHAIN = [60, 50, 60]  # one multiplicative level: all the blind protocols need
+BLIND_LOG_SCALE = 50
+# With the 60-bit prime left after the multiplication and a 2^50 scale, results must stay
+# below 2^9 in magnitude. The owners scale their data so that none exceeds this budget.
+MAGNITUDE_BUDGET = 256.0
+# A near-tie: two decrypted distances closer than this many times the largest error the
+# owner measured on its own keys (``calibrate``), and never closer than TIE_FLOOR.
+TIE_MARGIN = 8.0
+TIE_FLOOR = 1e-12
 
 
 def blind_keys(level: int = 128) -> CkksKeys:
-    """A CKKS context with exactly the depth the blind protocols use (one level)."""
+    """A CKKS context made for the blind protocols: one level ([60, 50, 60], scale 2^50)
+    and symmetric encryption (only the owner encrypts). Measured at N = 8192, a squared
+    distance over 8 attributes errs by 2e-10 instead of 1.8e-6 with the reference
+    parameters ([60, 40, 40, 60], 2^40, public-key encryption), and encryption takes
+    2 ms instead of 4. The modulus (170 bits) is within the 218 that N = 8192 allows for
+    128-bit security."""
     if level not in LEVELS:
         raise MiningError(f"CKKS security level must be one of {sorted(LEVELS)}, not {level}")
-    context = ts.context(ts.SCHEME_TYPE.CKKS, LEVELS[level][0], coeff_mod_bit_sizes=BLIND_CHAIN)
+    context = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        LEVELS[level][0],
+        coeff_mod_bit_sizes=BLIND_CHAIN,
+        encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC,
+    )
     context.global_scale = 2**BLIND_LOG_SCALE
     context.generate_relin_keys()
     return CkksKeys(context=context, level=level)
@@ -84,8 +99,26 @@ def check_keys(keys: object) -> CkksKeys | None:
     return keys
 
 
-def tolerance(attributes: int) -> float:
-    return TIE_TOLERANCE * float(np.sqrt(max(attributes, 1)))
+def slots_of(keys: CkksKeys | None, level: int) -> int:
+    if level not in LEVELS:
+        raise MiningError(f"CKKS security level must be one of {sorted(LEVELS)}, not {level}")
+    return keys.slots if keys is not None else LEVELS[level][0] // 2
+
+
+def calibrate(keys: CkksKeys, attributes: int, reach: float, seed: int = 0) -> float:
+    """The tie tolerance for these keys: the worker's distance computation, run by the
+    owner on random values of the data's reach, and the largest error times TIE_MARGIN."""
+    rng = np.random.default_rng(seed)
+    slots = keys.slots
+    values = rng.uniform(-reach, reach, (attributes, slots))
+    centre = rng.uniform(-reach, reach, attributes)
+    total = None
+    for j in range(attributes):
+        term = (keys.encrypt(values[j]) - keys.encrypt(np.full(slots, centre[j]))).square()
+        total = term if total is None else total + term
+    assert total is not None
+    error = np.abs(keys.decrypt(total) - ((values - centre[:, None]) ** 2).sum(axis=0)).max()
+    return max(TIE_MARGIN * float(error), TIE_FLOOR)
 
 
 def encrypt_padded(keys: CkksKeys, values: np.ndarray) -> bytes:
@@ -212,16 +245,20 @@ class BlindClusterOwner:
         self.distance, self.k, self.level = Distance.parse(distance), k, level
         self.min_error, self.max_iterations = min_error, max_iterations
         self.keys = check_keys(keys)
-        # CKKS noise is absolute: centre and scale into [-1, 1] for the most precision.
-        # Labels do not change; the convergence test is run in the data's own units.
+        n, a = data.shape
+        # CKKS noise is absolute: centre and scale into [-r, r], r = 1 unless a distance
+        # (at most 4 a r^2) or a slot of the sums (at most r n / slots) would pass the
+        # magnitude budget. Labels do not change; convergence is tested in the data's units.
+        chunks = -(-n // slots_of(self.keys, level))
+        self.reach = min(1.0, float(np.sqrt(MAGNITUDE_BUDGET / (4 * a))), MAGNITUDE_BUDGET / chunks)
         self.offset = data.mean(axis=0)
         peak = float(np.abs(data - self.offset).max(initial=0.0))
-        self.scale = peak if peak > 0 else 1.0
+        self.scale = (peak if peak > 0 else 1.0) / self.reach
         self.data = (data - self.offset) / self.scale
         self.n, self.a = self.data.shape
         self.shards = shard_rows(self.n, shards)
         self.centroids = initial_centroids(self.data, k, init, seed)
-        self.tol = tolerance(self.a) if tie_tolerance is None else tie_tolerance
+        self.tol = tie_tolerance  # None: calibrated on the keys at start()
         self.labels = np.zeros(self.n, dtype=np.int64)
         self.changes: list[float] = []
         self.near_ties: list[int] = []  # per iteration: records whose nearest two were within tol
@@ -245,6 +282,8 @@ class BlindClusterOwner:
         began = time.perf_counter()
         if self.keys is None:
             self.keys = blind_keys(self.level)
+        if self.tol is None:
+            self.tol = calibrate(self.keys, self.a, self.reach)
         self.timings["keygen"] += time.perf_counter() - began
         began = time.perf_counter()
         message = BlindClusterStart(
@@ -308,6 +347,7 @@ class BlindClusterOwner:
         dist = np.concatenate(parts)
         self.timings["decrypt"] += time.perf_counter() - began
         self.iteration += 1
+        assert self.tol is not None
         self.labels, tied = assign_with_ties(dist, self.tol)
         self.near_ties.append(int(tied.sum()))
         began = time.perf_counter()

@@ -30,7 +30,9 @@ import tenseal as ts
 from pydantic import BaseModel
 
 from dms.mining.blind_kmeans import (
+    MAGNITUDE_BUDGET,
     blind_keys,
+    calibrate,
     check_keys,
     check_shape,
     decrypt_rows,
@@ -38,7 +40,6 @@ from dms.mining.blind_kmeans import (
     pack_columns,
     replicate,
     shard_rows,
-    tolerance,
 )
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError
@@ -103,6 +104,7 @@ class BlindKnnOwner:
         block: int = DEFAULT_BLOCK,
         shards: int = 1,
         tie_tolerance: float | None = None,
+        test: np.ndarray | None = None,
     ) -> None:
         train = np.asarray(train, dtype=np.float64)
         if train.ndim != 2:
@@ -116,15 +118,20 @@ class BlindKnnOwner:
         self.labels = list(labels)
         self.keys = check_keys(keys)
         # Translation and uniform scaling keep every distance order; CKKS wants values near 1.
+        # Every distance must stay within the CKKS magnitude budget: rows (and the test
+        # rows, if given now) are centred on the training mean and scaled into [-r, r]
+        # with a (2r)^2 <= budget; a query beyond that reach is refused at query time.
         self.offset = train.mean(axis=0)
-        peak = float(np.abs(train - self.offset).max(initial=0.0))
-        self.scale = peak if peak > 0 else 1.0
+        self.reach = min(1.0, float(np.sqrt(MAGNITUDE_BUDGET / (4 * train.shape[1]))))
+        rows = train if test is None else np.vstack([train, np.asarray(test, dtype=np.float64)])
+        peak = float(np.abs(rows - self.offset).max(initial=0.0))
+        self.scale = (peak if peak > 0 else 1.0) / self.reach
         self.train = (train - self.offset) / self.scale
         self.n, self.a = self.train.shape
         if not 1 <= shards <= self.n:
             raise MiningError(f"{shards} shards for {self.n} training records")
         self.shards = shard_rows(self.n, shards)
-        self.tol = tolerance(self.a) if tie_tolerance is None else tie_tolerance
+        self.tol = tie_tolerance  # None: calibrated on the keys at start()
         self.block_rows = 0  # real queries in the block being answered
         self.near_ties = 0
         self.tied: list[bool] = []  # per query answered: a near-tie among its k + 1 nearest
@@ -140,6 +147,8 @@ class BlindKnnOwner:
         began = time.perf_counter()
         if self.keys is None:
             self.keys = blind_keys(self.level)
+        if self.tol is None:
+            self.tol = calibrate(self.keys, self.a, self.reach)
         self.timings["keygen"] += time.perf_counter() - began
         began = time.perf_counter()
         message = BlindKnnStart(
@@ -158,7 +167,15 @@ class BlindKnnOwner:
         test = np.asarray(test, dtype=np.float64)
         if test.ndim != 2 or test.shape[1] != self.a:
             raise MiningError(f"test rows have {test.shape[-1]} attributes, training rows {self.a}")
-        return (test - self.offset) / self.scale
+        prepared = (test - self.offset) / self.scale
+        farthest = float(np.abs(prepared).max(initial=0.0))
+        if self.a * (farthest + self.reach) ** 2 > MAGNITUDE_BUDGET:
+            raise MiningError(
+                f"a test row lies {farthest / self.reach:.0f} times farther from the training "
+                "rows' mean than any training row: its encrypted distances would overflow "
+                "CKKS; give the test rows when the owner is made (test=...)"
+            )
+        return prepared
 
     def query_blocks(self, test: np.ndarray) -> list[np.ndarray]:
         prepared = self.prepare(test)
@@ -195,6 +212,7 @@ class BlindKnnOwner:
         )
         self.timings["decrypt"] += time.perf_counter() - began
         self.block_rows = 0
+        assert self.tol is not None
         indices, tied = nearest_with_ties(dist, self.k, self.tol)
         self.near_ties += int(tied.sum())
         self.tied.extend(bool(t) for t in tied)

@@ -252,6 +252,7 @@ def run_classification(
             distance=distance,
             level=level,
             keys=keys,  # type: ignore[arg-type]  # a Liu key is refused with a reason
+            test=test,
         )
         blind_worker = BlindKnnWorker(wire.to_worker(blind.start()))
         predictions = []

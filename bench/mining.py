@@ -361,7 +361,6 @@ def blind_sign(as_json: bool) -> None:
             "fraction_unresolved": float(wrong.mean()),
             "records_unresolved_per_round": round(float(wrong.mean()) * 100_000),
             "unresolved_below_gap": float(np.abs(x[wrong]).max(initial=0.0)),
-            "max_abs_error_resolved": float(np.abs(approx - np.sign(x))[~wrong].max(initial=0.0)),
         }
     emit(figures, as_json)
 

@@ -26,8 +26,9 @@ and for every data set of the same shape (k, a, chunks): it never branches on da
 - Sums: per cluster and attribute, sum over chunks of M_y,c * X_j,c, un-folded. The
   owner decrypts the k x a ciphertexts and sums their slots; it takes the counts from
   its own assignment, so no count ever travels. Folding slots at the worker would need
-  Galois keys (the public context grows from ~1 MB to ~35 MB) and 12 rotations per
-  ciphertext; measured in ``bench/mining.py`` (case ``blind_fold``), see specs/mining.md.
+  Galois keys (the public context grows from 1.1 MB to 18.6 MB) and 12 rotations per
+  ciphertext, and the k x a results would still be k x a ciphertexts (TenSEAL offers no
+  rotation to pack them); ``bench/mining.py --case blind_fold``, see specs/mining.md.
 
 Depth: one ciphertext-ciphertext multiplication per value (square, or mask x column).
 Keys made here (``blind_keys``) use the chain [60, 50, 60] at scale 2^50 with symmetric

@@ -1,27 +1,37 @@
-"""``dms mine``: k-means and k-NN, plaintext or encrypted, both roles on this machine (--local)."""
+"""``dms mine``: k-means and k-NN, plaintext or encrypted.
+
+Without ``--local`` the job goes to this home's running node, whose mining
+session places one worker per shard on other nodes and keeps the keys here
+(``specs/mining.md``, "Placed on other nodes"). With ``--local`` both roles
+run in this process. Either way the output is ``DIR/labels.csv`` and
+``DIR/result.json``.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 
-from dms.cli.common import JsonOption
-from dms.cli.output import emit_fields, emit_json, progress_bar
+from dms.actor import RemoteError
+from dms.cli.common import JsonOption, settings
+from dms.cli.output import console, emit_fields, emit_json, progress_bar
 from dms.errors import DmsError
-from dms.mining import Distance, MiningError, MiningResult, run_classification, run_clustering
+from dms.mining import Distance, MiningError, run_classification, run_clustering
 from dms.mining.data import read_table, read_test_table, write_labels
 from dms.mining.keyfolder import load_keys, save_keys
-from dms.mining.local import knn_ties
+from dms.mining.local import knn_ties, resolve_protocol
 from dms.mining.metrics import accuracy, adjusted_rand_index
 from dms.mining.schemes import new_keys
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
+from dms.node.client import NodeClient, running_node
 from dms.security.keystore import passphrase_from_env_or_prompt
 from dms.security.sealing import SealedBox, seal, unseal
 
@@ -32,12 +42,32 @@ SchemeOption = Annotated[str, typer.Option("--scheme", help="ckks (default) or l
 DistanceOption = Annotated[str, typer.Option("--distance", help="euclidean or manhattan.")]
 OutOption = Annotated[Path, typer.Option("--out", help="Folder for labels.csv and result.json.")]
 LocalOption = Annotated[
-    bool, typer.Option("--local", help="Run owner and worker on this machine (required for now).")
+    bool,
+    typer.Option("--local", help="Run owner and worker here, not on other nodes."),
+]
+ShardsOption = Annotated[
+    int, typer.Option("--shards", min=1, max=64, help="Workers the rows are split across.")
+]
+StrategyOption = Annotated[
+    str, typer.Option("--strategy", help="score, round-robin, two-choices or random.")
+]
+MaxPriceOption = Annotated[
+    float | None, typer.Option("--max-price", min=0, help="Most a worker may ask.")
+]
+TimeoutOption = Annotated[
+    float, typer.Option("--timeout", min=1, help="Seconds to place each worker before failing.")
 ]
 LevelOption = Annotated[int, typer.Option("--level", help="Security level: 128, 192 or 256.")]
 KeysOption = Annotated[
     Path | None,
     typer.Option("--keys", help="Key folder: used if present, else created (sealed at rest)."),
+]
+ProtocolOption = Annotated[
+    str | None,
+    typer.Option(
+        "--protocol",
+        help="blind (CKKS default: the worker sees only ciphertexts) or udm (the reference's).",
+    ),
 ]
 CompareOption = Annotated[
     bool, typer.Option("--compare", help="Also run the plaintext baseline and report agreement.")
@@ -56,9 +86,97 @@ def _mining_errors() -> Iterator[None]:
         raise MineError(str(exc)) from None
 
 
-def _require_local(local: bool) -> None:
-    if not local:
-        raise MineError("placement on other nodes is not available yet: add --local")
+def _protocol(algorithm: str, scheme: str, protocol: str | None) -> str | None:
+    """The protocol this job runs (None for plaintext and DBSKMeans' own)."""
+    if algorithm in ("kmeans", "knn"):
+        if protocol is not None:
+            raise MineError(f"{algorithm} runs in the clear: --protocol applies to skmeans, sknn")
+        return None
+    return resolve_protocol(algorithm, scheme, protocol)
+
+
+def _protocol_arg(protocol: str | None) -> dict[str, Any]:
+    return {"protocol": protocol} if protocol is not None else {}
+
+
+class Placement:
+    """How a job is placed when it is not ``--local``."""
+
+    def __init__(self, shards: int, strategy: str, max_price: float | None, timeout: float):
+        self.shards, self.strategy, self.max_price, self.timeout = (
+            shards,
+            strategy,
+            max_price,
+            timeout,
+        )
+
+
+def _node() -> NodeClient:
+    home = settings().home
+    client = running_node(home)
+    if client is None:
+        raise MineError(
+            f"no node is running for {home}: start one with 'dms run' "
+            "(see README, 'Mining on other nodes'), or add --local to mine on this machine"
+        )
+    return client
+
+
+def _secret(keys: CkksKeys | LiuKey | None) -> bytes | None:
+    if keys is None:
+        return None
+    return keys.secret_context_bytes() if isinstance(keys, CkksKeys) else keys.to_bytes()
+
+
+def _mine_on_network(
+    request: dict[str, Any], placement: Placement, json_out: bool
+) -> tuple[dict[str, Any], list[Any]]:
+    """Hand the job to this home's node, show its progress, return (result, labels)."""
+    client = _node()
+    algorithm = request["settings"]["algorithm"]
+    if algorithm in ("kmeans", "knn"):
+        print(
+            f"note: {algorithm} runs in the clear: the worker sees your data. "
+            f"s{algorithm} keeps it encrypted.",
+            file=sys.stderr,
+        )
+    request.update(
+        strategy=placement.strategy,
+        max_price=placement.max_price,
+        timeout_s=placement.timeout,
+    )
+    request["settings"]["shards"] = placement.shards
+    try:
+        created = client.invoke("/dms/node/mining/new", request, timeout=120)
+    except RemoteError as exc:
+        raise MineError(exc.reason) from None
+    session = created["id"]
+    if not json_out:
+        console.print(
+            f"mining session {session}: placing {placement.shards} worker(s)", highlight=False
+        )
+    seen: set[tuple[float, str]] = set()
+    try:
+        while True:
+            status = client.invoke("/dms/node/mining/status", {"id": session}, timeout=30)
+            progress = status.get("progress") or {}
+            if not json_out:
+                for event in progress.get("events", []):
+                    key = (event["at"], event["what"])
+                    if key not in seen:
+                        seen.add(key)
+                        stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
+                        console.print(f"{stamp}  {event['what']}", highlight=False)
+            if status["phase"] == "failed":
+                raise MineError(f"mining session {session} failed: {progress.get('reason', '')}")
+            if status["phase"] == "completed":
+                break
+            time.sleep(0.3)
+    except KeyboardInterrupt:
+        client.invoke("/dms/node/deployment/shutdown", {"id": session}, timeout=30)
+        raise MineError(f"interrupted: mining session {session} shut down") from None
+    answer = client.invoke("/dms/node/mining/result", {"id": session}, timeout=120)
+    return {"session": session, **answer["result"]}, list(answer["labels"])
 
 
 def _keys(folder: Path | None, scheme: str, level: int) -> CkksKeys | LiuKey | None:
@@ -84,32 +202,37 @@ def _keys(folder: Path | None, scheme: str, level: int) -> CkksKeys | LiuKey | N
     return keys
 
 
-def _write(out: Path, result: MiningResult) -> None:
+def _write(out: Path, summary: dict[str, Any], labels: list[Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_labels(out / "labels.csv", result.labels)
-    (out / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+    write_labels(out / "labels.csv", labels)
+    (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _report(result: MiningResult, out: Path, json_out: bool) -> None:
+def _report(summary: dict[str, Any], out: Path, json_out: bool) -> None:
     if json_out:
-        emit_json(result.summary())
+        emit_json(summary)
         return
     shown: dict[str, Any] = {
-        "algorithm": result.algorithm,
-        "scheme": result.scheme,
-        "distance": result.distance,
-        "k": result.k,
-        "records": result.records,
+        key: summary[key]
+        for key in ("algorithm", "scheme", "protocol", "distance", "k", "records")
+        if summary.get(key) is not None
     }
-    if result.iterations is not None:
-        shown["iterations"] = f"{result.iterations} (converged: {result.converged})"
-    shown.update({f"time {k} (s)": f"{v:.3f}" for k, v in result.timings.model_dump().items()})
-    if result.scheme != "plain":
-        shown["sent to worker"] = f"{result.bytes_to_worker / 1e6:.2f} MB"
-    for key, value in (result.comparison or {}).items():
+    if summary.get("iterations") is not None:
+        shown["iterations"] = f"{summary['iterations']} (converged: {summary['converged']})"
+    shown.update({f"time {k} (s)": f"{v:.3f}" for k, v in summary["timings"].items()})
+    if summary["scheme"] != "plain" or summary.get("placement"):
+        shown["sent to worker"] = f"{summary['bytes_to_worker'] / 1e6:.2f} MB"
+    for shard in summary.get("placement") or []:
+        shown[f"{shard['shard']} on"] = (
+            f"{shard['peer_id'][-12:]} ({shard['rows']} rows, {shard['mb_sent']:.1f} MB out, "
+            f"{shard['mb_received']:.1f} MB back)"
+        )
+    if summary.get("placement"):
+        shown["replacements"] = summary["replacements"]
+    for key, value in (summary.get("comparison") or {}).items():
         shown[key] = f"{value:.4f}" if isinstance(value, float) else value
     shown["output"] = f"{out / 'labels.csv'}, {out / 'result.json'}"
-    emit_fields(shown, title=f"{result.algorithm} ({result.scheme})")
+    emit_fields(shown, title=f"{summary['algorithm']} ({summary['scheme']})")
 
 
 def _clustering(algorithm: str) -> Callable[..., None]:
@@ -118,6 +241,7 @@ def _clustering(algorithm: str) -> Callable[..., None]:
         k: KOption,
         out: OutOption,
         scheme: SchemeOption = "ckks",
+        protocol: ProtocolOption = None,
         distance: DistanceOption = "euclidean",
         min_error: Annotated[float, typer.Option("--min-error")] = 0.015,
         max_iterations: Annotated[int, typer.Option("--max-iterations")] = 10,
@@ -127,12 +251,16 @@ def _clustering(algorithm: str) -> Callable[..., None]:
         keys: KeysOption = None,
         compare: CompareOption = False,
         local: LocalOption = False,
+        shards: ShardsOption = 1,
+        strategy: StrategyOption = "score",
+        max_price: MaxPriceOption = None,
+        timeout: TimeoutOption = 120.0,
         json_out: JsonOption = False,
     ) -> None:
-        _require_local(local)
         with _mining_errors():
             metric = Distance.parse(distance)
             table = read_table(data)
+            protocol = _protocol(algorithm, scheme, protocol)
             owner_keys = _keys(keys, scheme, level) if algorithm != "kmeans" else None
             settings = {
                 "distance": metric,
@@ -141,27 +269,49 @@ def _clustering(algorithm: str) -> Callable[..., None]:
                 "seed": seed,
                 "max_iterations": max_iterations,
             }
-            with progress_bar(not json_out, f"{algorithm} rounds", max_iterations) as progress:
-                result = run_clustering(
-                    algorithm,
-                    table.features,
-                    k,
-                    scheme=scheme,
-                    level=level,
-                    keys=owner_keys,
-                    on_round=lambda i, change: progress(i, f"centroid change {change:.4f}"),
-                    **settings,
-                )
+            if local:
+                with progress_bar(not json_out, f"{algorithm} rounds", max_iterations) as bar:
+                    result = run_clustering(
+                        algorithm,
+                        table.features,
+                        k,
+                        scheme=scheme,
+                        level=level,
+                        keys=owner_keys,
+                        on_round=lambda i, change: bar(i, f"centroid change {change:.4f}"),
+                        **_protocol_arg(protocol),
+                        **settings,
+                    )
+                summary, labels = result.summary(), list(result.labels)
+            else:
+                request = {
+                    "settings": {
+                        "algorithm": algorithm,
+                        "scheme": "plain" if algorithm == "kmeans" else scheme,
+                        "protocol": protocol,
+                        "level": level,
+                        "k": k,
+                        "distance": str(metric),
+                        "min_error": min_error,
+                        "max_iterations": max_iterations,
+                        "init": init,
+                        "seed": seed,
+                    },
+                    "data": str(data.resolve()),
+                    "keys": _secret(owner_keys),
+                }
+                placement = Placement(shards, strategy, max_price, timeout)
+                summary, labels = _mine_on_network(request, placement, json_out)
             if compare and algorithm != "kmeans":
                 plain = run_clustering("kmeans", table.features, k, **settings)
-                result.comparison = {
+                summary["comparison"] = {
                     "plain_iterations": plain.iterations,
-                    "label_agreement": float(np.mean(np.array(plain.labels) == result.labels)),
-                    "adjusted_rand_index": adjusted_rand_index(result.labels, plain.labels),
+                    "same_labels_as_plain": labels == plain.labels,
+                    "adjusted_rand_index": adjusted_rand_index(labels, plain.labels),
                     "plain_total_s": plain.timings.total,
                 }
-        _write(out, result)
-        _report(result, out, json_out)
+        _write(out, summary, labels)
+        _report(summary, out, json_out)
 
     command.__doc__ = {
         "kmeans": "Plaintext k-means (the baseline).",
@@ -181,42 +331,67 @@ def _classification(algorithm: str) -> Callable[..., None]:
             str | None, typer.Option("--label-column", help="Default: the last column.")
         ] = None,
         scheme: SchemeOption = "ckks",
+        protocol: ProtocolOption = None,
         distance: DistanceOption = "euclidean",
         level: LevelOption = 128,
         keys: KeysOption = None,
         compare: CompareOption = False,
         local: LocalOption = False,
+        shards: ShardsOption = 1,
+        strategy: StrategyOption = "score",
+        max_price: MaxPriceOption = None,
+        timeout: TimeoutOption = 120.0,
         json_out: JsonOption = False,
     ) -> None:
-        _require_local(local)
         with _mining_errors():
             metric = Distance.parse(distance)
             training = read_table(train, label=True, label_column=label_column)
             queries = read_test_table(test, training)
             assert training.labels is not None
+            protocol = _protocol(algorithm, scheme, protocol)
             owner_keys = _keys(keys, scheme, level) if algorithm != "knn" else None
-            with progress_bar(not json_out, f"{algorithm} queries", None) as progress:
-                result = run_classification(
-                    algorithm,
-                    training.features,
-                    training.labels,
-                    queries.features,
-                    k,
-                    scheme=scheme,
-                    distance=metric,
-                    level=level,
-                    keys=owner_keys,
-                    on_block=lambda done, total: progress(done, "", total),
-                )
+            if local:
+                with progress_bar(not json_out, f"{algorithm} queries", None) as bar:
+                    result = run_classification(
+                        algorithm,
+                        training.features,
+                        training.labels,
+                        queries.features,
+                        k,
+                        scheme=scheme,
+                        distance=metric,
+                        level=level,
+                        keys=owner_keys,
+                        on_block=lambda done, total: bar(done, "", total),
+                        **_protocol_arg(protocol),
+                    )
+                summary, labels = result.summary(), list(result.labels)
+            else:
+                request = {
+                    "settings": {
+                        "algorithm": algorithm,
+                        "scheme": "plain" if algorithm == "knn" else scheme,
+                        "protocol": protocol,
+                        "level": level,
+                        "k": k,
+                        "distance": str(metric),
+                    },
+                    "train": str(train.resolve()),
+                    "test": str(test.resolve()),
+                    "label_column": label_column,
+                    "keys": _secret(owner_keys),
+                }
+                placement = Placement(shards, strategy, max_price, timeout)
+                summary, labels = _mine_on_network(request, placement, json_out)
             comparison: dict[str, Any] = {}
             if queries.labels is not None:
-                comparison["accuracy"] = accuracy(result.labels, queries.labels)
+                comparison["accuracy"] = accuracy(labels, queries.labels)
             if compare and algorithm != "knn":
                 plain = run_classification(
                     "knn", training.features, training.labels, queries.features, k, distance=metric
                 )
                 ties = knn_ties(training.features, queries.features, k, metric)
-                differ = [p != q for p, q in zip(plain.labels, result.labels, strict=True)]
+                differ = [p != q for p, q in zip(plain.labels, labels, strict=True)]
                 comparison.update(
                     {
                         "agreement_with_plain": 1.0 - sum(differ) / max(len(differ), 1),
@@ -227,9 +402,9 @@ def _classification(algorithm: str) -> Callable[..., None]:
                         "exact_ties": int(ties.sum()),
                     }
                 )
-            result.comparison = comparison or None
-        _write(out, result)
-        _report(result, out, json_out)
+            summary["comparison"] = comparison or None
+        _write(out, summary, labels)
+        _report(summary, out, json_out)
 
     command.__doc__ = {
         "knn": "Plaintext k-nearest-neighbours classification (the baseline).",

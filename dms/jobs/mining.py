@@ -28,6 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dms.jobs.base import ExecutorError, Log
 from dms.mining import Distance, MiningError
+from dms.mining.blind_kmeans import (
+    BLIND_LOG_SCALE,
+    BlindClusterStart,
+    BlindClusterUpdate,
+    BlindClusterWorker,
+)
+from dms.mining.blind_knn import BlindKnnQuery, BlindKnnStart, BlindKnnWorker
 from dms.mining.classification import KnnDistances, KnnQuery, KnnStart, KnnWorker
 from dms.mining.clustering import ClusterStart, ClusterUpdate, ClusterWorker
 from dms.mining.placed import PlainJob, PlainResult
@@ -59,6 +66,7 @@ class MiningParams(BaseModel):
     a: int = Field(ge=1, le=1_000_000, description="attributes per record")
     queries: int = Field(default=0, ge=0, le=10_000_000, description="k-NN queries")
     distance: Literal["euclidean", "manhattan"] = "euclidean"
+    protocol: Literal["udm", "blind"] = "udm"
 
     @model_validator(mode="after")
     def _consistent(self) -> MiningParams:
@@ -66,6 +74,10 @@ class MiningParams(BaseModel):
         if plain != (self.scheme == "plain"):
             want = "plain" if plain else "ckks or liu"
             raise ValueError(f"{self.algorithm} runs with scheme {want}, not {self.scheme}")
+        if self.protocol == "blind" and (
+            self.scheme != "ckks" or self.algorithm not in ("skmeans", "sknn")
+        ):
+            raise ValueError("the blind protocol is for skmeans and sknn with CKKS")
         if self.algorithm in ("kmeans", "skmeans", "dbskmeans") and self.k > self.n:
             raise ValueError(f"k = {self.k} clusters for {self.n} records")
         return self
@@ -91,7 +103,7 @@ class MiningParams(BaseModel):
                 data += 2 * min(n, 4_000_000) * a * m * 8  # one block of differences
         else:
             data = 3 * n * a * 8
-        if self.algorithm in ("skmeans", "dbskmeans", "kmeans"):
+        if self.algorithm in ("skmeans", "dbskmeans", "kmeans") and self.protocol == "udm":
             data += 3 * n * k * a * 8  # U, its update, and a copy while decoding
         return BASE_BYTES + data
 
@@ -112,21 +124,30 @@ class _Ops:
 
     def __init__(self, params: MiningParams) -> None:
         self.params = params
-        self.cluster: ClusterWorker | None = None
-        self.classify: KnnWorker | None = None
+        self.cluster: ClusterWorker | BlindClusterWorker | None = None
+        self.classify: KnnWorker | BlindKnnWorker | None = None
         self.rounds = 0
         self.queries = 0
 
     def start(self, body: bytes) -> bytes:
         p = self.params
-        if p.algorithm in ("skmeans", "dbskmeans"):
+        blind = p.protocol == "blind"
+        if p.algorithm in ("skmeans", "dbskmeans") and blind:
+            blind_start = _decode(BlindClusterStart, body)
+            self._check_blind_start(blind_start, p.k)
+            self.cluster = BlindClusterWorker(blind_start)
+        elif p.algorithm in ("skmeans", "dbskmeans"):
             start = _decode(ClusterStart, body)
             self._check_cluster_start(start)
             self.cluster = ClusterWorker(start)
+        elif p.algorithm == "sknn" and blind:
+            knn_start = _decode(BlindKnnStart, body)
+            self._check_blind_start(knn_start, None)
+            self.classify = BlindKnnWorker(knn_start)
         elif p.algorithm == "sknn":
-            knn_start = _decode(KnnStart, body)
-            self._check_knn_start(knn_start)
-            self.classify = KnnWorker(knn_start)
+            udm_start = _decode(KnnStart, body)
+            self._check_knn_start(udm_start)
+            self.classify = KnnWorker(udm_start)
         else:
             raise ExecutorError(f"{p.algorithm} takes 'run', not 'start'")
         return b""
@@ -135,15 +156,22 @@ class _Ops:
         if self.cluster is None:
             raise ExecutorError("no clustering session started here")
         if body:
-            update = _decode(ClusterUpdate, body)
-            self._check_update(update)
-            self.cluster.update(update)
+            if isinstance(self.cluster, BlindClusterWorker):
+                self.cluster.update(_decode(BlindClusterUpdate, body))
+            else:
+                update = _decode(ClusterUpdate, body)
+                self._check_update(update)
+                self.cluster.update(update)
         self.rounds += 1
         return encode(self.cluster.round())
 
     def query(self, body: bytes) -> bytes:
         if self.classify is None:
             raise ExecutorError("no k-NN session started here")
+        if isinstance(self.classify, BlindKnnWorker):
+            blind = _decode(BlindKnnQuery, body)
+            self.queries += len(blind.queries)
+            return encode(self.classify.distances(blind))
         message = _decode(KnnQuery, body)
         count = len(message.replicated or []) or (
             message.queries.shape[0] if message.queries else 0
@@ -196,6 +224,8 @@ class _Ops:
     # ---- checks on what arrives ----------------------------------------------------
 
     def _check_context(self, raw: bytes | None) -> None:
+        """A public CKKS context at the announced level: its ring degree, and a scale the
+        level's chain allows (the udm chain's, or the blind protocol's one-level chain)."""
         if raw is None:
             raise ExecutorError("a CKKS job needs a public context")
         try:
@@ -205,12 +235,28 @@ class _Ops:
         except Exception as exc:
             raise ExecutorError(f"not a CKKS context: {type(exc).__name__}") from None
         degree, log_scale, _ = LEVELS[self.params.level]
+        scales = {2.0**log_scale, 2.0**BLIND_LOG_SCALE}
         got = context.data.seal_context().key_context_data().parms().poly_modulus_degree()
-        if got != degree or context.global_scale != 2.0**log_scale:
+        if got != degree or context.global_scale not in scales:
             raise ExecutorError(
                 f"the context has N = {got} and scale 2^{np.log2(context.global_scale):g}; "
                 f"level {self.params.level} announced N = {degree}, scale 2^{log_scale}"
             )
+
+    def _check_blind_start(self, start: BlindClusterStart | BlindKnnStart, k: int | None) -> None:
+        p = self.params
+        self._check_context(start.context)
+        slots = LEVELS[p.level][0] // 2
+        chunks = -(-p.n // slots)
+        if str(start.distance) != p.distance or (k is not None and start.k != k):  # type: ignore[union-attr]
+            raise ExecutorError("the start message does not match the announced job")
+        if start.attributes != p.a or start.slots != slots or start.chunks != chunks:
+            raise ExecutorError(
+                f"the start announces {start.attributes} attributes in {start.chunks} chunks "
+                f"of {start.slots} slots; the job announced {p.a}, {chunks}, {slots}"
+            )
+        if len(start.columns) != p.a or any(len(c) != chunks for c in start.columns):
+            raise ExecutorError("packed columns do not hold the announced records")
 
     def _check_cluster_start(self, start: ClusterStart) -> None:
         p = self.params

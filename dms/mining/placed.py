@@ -27,6 +27,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from dms.mining.arrays import NDArray
+from dms.mining.blind_kmeans import BlindClusterOwner, BlindClusterRound, BlindClusterUpdate
+from dms.mining.blind_knn import BlindKnnDistances, BlindKnnOwner
 from dms.mining.classification import KnnDistances, KnnOwner, Label
 from dms.mining.clustering import ClusterOwner, ClusterRound, ClusterUpdate
 from dms.mining.distance import Distance
@@ -56,10 +58,17 @@ class MiningSettings(BaseModel):
     init: Literal["first", "kmeans++"] = "first"
     seed: int | None = None
     shards: int = Field(default=1, ge=1, le=MAX_SHARDS)
+    # skmeans / sknn: blind (CKKS: the worker sees only ciphertexts) or udm (the
+    # reference's); None means plaintext, or DBSKMeans' own protocol.
+    protocol: Literal["blind", "udm"] | None = None
 
     @property
     def plaintext(self) -> bool:
         return self.algorithm in ("kmeans", "knn")
+
+    @property
+    def blind(self) -> bool:
+        return self.protocol == "blind"
 
 
 class PlainJob(BaseModel):
@@ -113,7 +122,10 @@ class Driver:
         raise NotImplementedError
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"iteration": self.iteration}
+        return {"step": self.iteration}
+
+    def note(self) -> str:
+        return f"step {self.iteration} done"
 
     @property
     def timings(self) -> dict[str, float]:
@@ -121,35 +133,46 @@ class Driver:
 
 
 class ClusterDriver(Driver):
-    """SKMeans and DBSKMeans: rounds of (labels + encrypted material) -> an update each."""
+    """SKMeans (blind or UDM) and DBSKMeans: steps of (encrypted material) -> an update for
+    each shard. Blind k-means takes two steps an iteration (distances, then sums)."""
 
     def __init__(
         self, settings: MiningSettings, data: np.ndarray, keys: CkksKeys | LiuKey | None
     ) -> None:
         self.settings, self.data, self.keys = settings, data, keys
         self.shards = settings.shards
-        self.owner: ClusterOwner | None = None
-        self._answers: dict[int, ClusterRound] = {}
-        self._updates: list[ClusterUpdate] | None = None
+        self.owner: ClusterOwner | BlindClusterOwner | None = None
+        self._answer = BlindClusterRound if settings.blind else ClusterRound
+        self._answers: dict[int, Any] = {}
+        self._updates: list[ClusterUpdate] | list[BlindClusterUpdate] | None = None
         self._lock = threading.Lock()  # the owner's state: start() may race advance()
+        self._starts: dict[int, tuple[int, bytes]] = {}
         self.changes = []
 
     def prepare(self) -> None:
         s = self.settings
-        self.owner = ClusterOwner(
-            self.data,
-            s.k,
-            algorithm=s.algorithm,  # type: ignore[arg-type]
-            scheme=s.scheme,  # type: ignore[arg-type]
-            distance=Distance.parse(s.distance),
-            min_error=s.min_error,
-            max_iterations=s.max_iterations,
-            init=s.init,
-            seed=s.seed,
-            level=s.level,
-            keys=self.keys,
-            shards=s.shards,
-        )
+        common: dict[str, Any] = {
+            "distance": Distance.parse(s.distance),
+            "min_error": s.min_error,
+            "max_iterations": s.max_iterations,
+            "init": s.init,
+            "seed": s.seed,
+            "level": s.level,
+            "shards": s.shards,
+        }
+        if s.blind:
+            if self.keys is not None and not isinstance(self.keys, CkksKeys):
+                raise MiningError("the blind protocol needs CKKS keys")
+            self.owner = BlindClusterOwner(self.data, s.k, keys=self.keys, **common)
+        else:
+            self.owner = ClusterOwner(
+                self.data,
+                s.k,
+                algorithm=s.algorithm,  # type: ignore[arg-type]
+                scheme=s.scheme,  # type: ignore[arg-type]
+                keys=self.keys,
+                **common,
+            )
         # Keys and encryption happen while bids are collected: each shard's opening
         # message is ready when its worker is.
         with self._lock:
@@ -157,56 +180,80 @@ class ClusterDriver(Driver):
 
     @property
     def iteration(self) -> int:  # type: ignore[override]
-        return self.owner.iteration if self.owner else 0
+        """Steps combined so far (an exchange of blind k-means, a round of UDM)."""
+        if self.owner is None:
+            return 0
+        if isinstance(self.owner, BlindClusterOwner):
+            return self.owner.exchange
+        return self.owner.iteration
+
+    @property
+    def rounds(self) -> int:
+        return len(self.owner.changes) if self.owner else 0
 
     def start(self, shard: int) -> bytes | None:
-        """Shard ``shard``'s opening message at the current round."""
+        """Shard ``shard``'s opening message at the current step."""
         assert self.owner is not None
         with self._lock:
             at, raw = self._starts.pop(shard, (-1, b""))
-            if at == self.owner.iteration:
+            if at == self.iteration:
                 return raw
             return encode(self.owner.start(shard))
 
     def request(self, shard: int, worker_at: int) -> tuple[str, bytes]:
-        """A worker that started at the current round needs no update; one a round
+        """A worker that started at the current step needs no update; one a step
         behind gets the last one."""
         if worker_at >= self.iteration or self._updates is None:
             return "step", b""
         return "step", encode(self._updates[shard])
 
     def accept(self, shard: int, raw: bytes) -> None:
-        self._answers[shard] = decode(ClusterRound, raw)
+        self._answers[shard] = decode(self._answer, raw)
 
     def advance(self) -> bool:
         assert self.owner is not None
         if sorted(self._answers) != list(range(self.shards)):
-            raise MiningError("not every shard has answered this round")
+            raise MiningError("not every shard has answered this step")
         with self._lock:
-            updates = self.owner.receive_shards([self._answers[i] for i in range(self.shards)])
+            answers = [self._answers[i] for i in range(self.shards)]
+            updates = self.owner.receive_shards(answers)  # type: ignore[arg-type]
         self._answers.clear()
         self._updates = updates
         self.changes = list(self.owner.changes)
         return updates[0].done
 
+    def note(self) -> str:
+        """What the last step did, for the session's events."""
+        if self.owner is None:
+            return ""
+        if isinstance(self.owner, BlindClusterOwner) and self.owner.expect == "sums":
+            return f"iteration {self.rounds + 1}: distances decrypted, records assigned"
+        change = f"centroid change {self.changes[-1]:.4f}" if self.changes else ""
+        return f"iteration {self.rounds}: {change}"
+
     def outcome(self) -> tuple[list[Label], dict[str, Any]]:
         assert self.owner is not None
         outcome = self.owner.outcome()
-        return outcome.labels.tolist(), {
+        extra: dict[str, Any] = {
             "iterations": outcome.iterations,
             "converged": outcome.converged,
             "centroids": outcome.centroids.tolist(),
+            "protocol": self.settings.protocol or "udm",
         }
+        if isinstance(self.owner, BlindClusterOwner):
+            extra["near_ties"] = int(sum(self.owner.near_ties))
+        return outcome.labels.tolist(), extra
 
     def checkpoint(self) -> dict[str, Any]:
-        owner = self.owner
-        if owner is None:
-            return {"iteration": 0}
+        if self.owner is None:
+            return {"step": 0}
+        outcome = self.owner.outcome()
         return {
-            "iteration": owner.iteration,
-            "changes": list(owner.changes),
-            "centroids": (owner.centroids * owner.scale).tolist(),
-            "converged": owner.converged,
+            "step": self.iteration,
+            "iteration": outcome.iterations,
+            "changes": list(outcome.changes),
+            "centroids": outcome.centroids.tolist(),
+            "converged": outcome.converged,
         }
 
     @property
@@ -215,8 +262,8 @@ class ClusterDriver(Driver):
 
 
 class KnnDriver(Driver):
-    """SKNN: blocks of queries; each shard answers with distances to its rows, the
-    owner ranks over every shard and votes with its own labels."""
+    """SKNN (blind or UDM): blocks of queries; each shard answers with distances to its
+    rows, the owner ranks over every shard and votes with its own labels."""
 
     def __init__(
         self,
@@ -234,68 +281,95 @@ class KnnDriver(Driver):
             keys,
         )
         self.shards = settings.shards
-        self.owner: KnnOwner | None = None
+        self.owner: KnnOwner | BlindKnnOwner | None = None
+        self._answer = BlindKnnDistances if settings.blind else KnnDistances
         self.blocks: list[np.ndarray] = []
         self.block = 0
         self.predictions: list[Label] = []
-        self._answers: dict[int, KnnDistances] = {}
+        self._answers: dict[int, Any] = {}
         self._queries: dict[int, bytes] = {}
+        self._starts: dict[int, bytes] = {}
         self._lock = threading.Lock()
         self.changes = []
 
     def prepare(self) -> None:
         s = self.settings
-        self.owner = KnnOwner(
-            self.train,
-            self.labels,
-            s.k,
-            scheme=s.scheme,  # type: ignore[arg-type]
-            distance=Distance.parse(s.distance),
-            level=s.level,
-            keys=self.keys,
-            shards=s.shards,
-        )
+        common: dict[str, Any] = {
+            "distance": Distance.parse(s.distance),
+            "level": s.level,
+            "shards": s.shards,
+        }
+        if s.blind:
+            if self.keys is not None and not isinstance(self.keys, CkksKeys):
+                raise MiningError("the blind protocol needs CKKS keys")
+            self.owner = BlindKnnOwner(
+                self.train, self.labels, s.k, keys=self.keys, test=self.test, **common
+            )
+            self._starts = {i: encode(self.owner.start(i)) for i in range(s.shards)}
+        else:
+            self.owner = KnnOwner(
+                self.train,
+                self.labels,
+                s.k,
+                scheme=s.scheme,  # type: ignore[arg-type]
+                keys=self.keys,
+                **common,
+            )
+            self._starts = {
+                i: encode(self.owner.start(i, share_labels=False)) for i in range(s.shards)
+            }
         self.blocks = self.owner.query_blocks(self.test)
-        self._starts = {i: encode(self.owner.start(i, share_labels=False)) for i in range(s.shards)}
 
     @property
     def iteration(self) -> int:  # type: ignore[override]
         return self.block
 
+    @property
+    def total_steps(self) -> int:
+        return len(self.blocks)
+
     def start(self, shard: int) -> bytes | None:
-        assert self.owner is not None
-        with self._lock:
-            # Encrypted once, while bids are collected; a worker placed again gets the same.
-            return self._starts[shard]
+        # Encrypted once, while bids are collected; a worker placed again gets the same.
+        return self._starts[shard]
 
     def request(self, shard: int, worker_at: int) -> tuple[str, bytes]:
         assert self.owner is not None
         with self._lock:
             if shard not in self._queries:
-                self._queries[shard] = encode(self.owner.query(self.blocks[self.block], shard))
+                if isinstance(self.owner, BlindKnnOwner):
+                    # One message serves every shard.
+                    raw = self._queries.get(0) or encode(self.owner.query(self.blocks[self.block]))
+                else:
+                    raw = encode(self.owner.query(self.blocks[self.block], shard))
+                self._queries[shard] = raw
             return "query", self._queries[shard]
 
     def accept(self, shard: int, raw: bytes) -> None:
-        self._answers[shard] = decode(KnnDistances, raw)
+        self._answers[shard] = decode(self._answer, raw)
 
     def advance(self) -> bool:
         assert self.owner is not None
         with self._lock:
-            neighbours, _ = self.owner.neighbours_shards(
-                [self._answers[i] for i in range(self.shards)]
-            )
-            self.predictions.extend(self.owner.vote(neighbours))
+            answers = [self._answers[i] for i in range(self.shards)]
+            if isinstance(self.owner, BlindKnnOwner):
+                indices, _ = self.owner.neighbours_shards(answers)
+                self.predictions.extend(self.owner.vote(indices))
+            else:
+                neighbours, _ = self.owner.neighbours_shards(answers)
+                self.predictions.extend(self.owner.vote(neighbours))
             self._answers.clear()
             self._queries.clear()
             self.block += 1
         return self.block >= len(self.blocks)
 
-    @property
-    def total_steps(self) -> int:
-        return len(self.blocks)
+    def note(self) -> str:
+        return f"queries: {len(self.predictions)} of {len(self.test)} answered"
 
     def outcome(self) -> tuple[list[Label], dict[str, Any]]:
-        return list(self.predictions), {}
+        extra: dict[str, Any] = {"protocol": self.settings.protocol or "udm"}
+        if isinstance(self.owner, BlindKnnOwner):
+            extra["near_ties"] = int(self.owner.near_ties)
+        return list(self.predictions), extra
 
     @property
     def timings(self) -> dict[str, float]:
@@ -339,6 +413,9 @@ class PlainDriver(Driver):
         self.changes = list(self.result.changes)
         self.iteration = self.result.iterations or 1
         return True
+
+    def note(self) -> str:
+        return "the worker answered in the clear"
 
     def outcome(self) -> tuple[list[Label], dict[str, Any]]:
         assert self.result is not None

@@ -136,6 +136,7 @@ def _plan(request: MiningRequest) -> tuple[Driver, DeploymentSpec, list[int], di
             a=attributes,
             queries=queries,
             distance=s.distance,
+            protocol=s.protocol or "udm",
         )
         ram = math.ceil(params.estimated_bytes() / MIB)
         allocations.append(
@@ -162,6 +163,7 @@ def _plan(request: MiningRequest) -> tuple[Driver, DeploymentSpec, list[int], di
         "records": records,
         "attributes": attributes,
         "shards": s.shards,
+        "protocol": "plain" if s.plaintext else (s.protocol or "udm"),
     }
     return driver, spec, sizes, summary
 

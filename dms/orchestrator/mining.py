@@ -339,10 +339,8 @@ class MiningSessionActor(DeploymentActor):
         change = self.driver.changes[-1] if self.driver.changes else None
         record = {"step": step, "change": change, "slowest": slowest, "s": round(elapsed, 3)}
         self.steps.append(record)
-        what = f"round {step}" if change is not None else f"step {step}"
-        detail = f"centroid change {change:.4f}, " if change is not None else ""
-        self._event(f"{what}: {detail}{elapsed:.2f} s, slowest shard {slowest}")
-        self._progress(f"{what} done", save=True, checkpoint=self.driver.checkpoint())
+        self._event(f"{self.driver.note()} ({elapsed:.2f} s, slowest shard {slowest})")
+        self._progress(f"step {step} done", save=True, checkpoint=self.driver.checkpoint())
         if done:
             self._complete()
         else:

@@ -223,7 +223,8 @@ class MiningSessionActor(DeploymentActor):
             )
             return
         shard.last_heard = time.monotonic()
-        self._event(f"{shard.slot}: shipped to {shard.peer[-8:] if shard.peer else '?'}")
+        peer = shard.peer[-8:] if shard.peer else "?"
+        self._event(f"{shard.slot}: {shard.sent / 1e6:.1f} MB shipped to {peer}")
         self._ready(shard, at)
 
     def _ready(self, shard: Shard, at: int) -> None:
@@ -339,7 +340,8 @@ class MiningSessionActor(DeploymentActor):
         change = self.driver.changes[-1] if self.driver.changes else None
         record = {"step": step, "change": change, "slowest": slowest, "s": round(elapsed, 3)}
         self.steps.append(record)
-        self._event(f"{self.driver.note()} ({elapsed:.2f} s, slowest shard {slowest})")
+        slow = f", slowest {slowest}" if len(self.shards) > 1 else ""
+        self._event(f"{self.driver.note()} ({elapsed:.2f} s{slow})")
         self._progress(f"step {step} done", save=True, checkpoint=self.driver.checkpoint())
         if done:
             self._complete()

@@ -32,6 +32,7 @@ import tenseal as ts
 
 from dms.mining import run_classification, run_clustering
 from dms.mining.blind_kmeans import (
+    MAGNITUDE_BUDGET,
     BlindClusterOwner,
     BlindClusterWorker,
     blind_keys,
@@ -269,12 +270,15 @@ def sknn_blind(n: int, a: int, k: int, n_test: int, as_json: bool) -> None:
 
 def blind_fold(n: int, a: int, k: int, as_json: bool) -> None:
     """The masked sums' slots, folded by the owner after decryption (no Galois keys) or
-    by the worker with rotations (TenSEAL's sum(): log2(N/2) rotations per ciphertext)."""
-    data, _ = blobs(n, a, k, seed=n, std=2.0)
-    data = data / np.abs(data).max()
-    labels = kmeans(data, k, max_iterations=1).labels
+    by the worker with rotations (TenSEAL's sum(): log2(N/2) rotations per ciphertext).
+    A folded sum reaches n * reach, which must stay within the blind keys' magnitude
+    budget: the worker variant scales the data down to fit, and loses precision."""
+    raw, _ = blobs(n, a, k, seed=n, std=2.0)
+    labels = kmeans(raw, k, max_iterations=1).labels
     figures: dict[str, object] = {"case": "blind_fold", "n": n, "a": a, "k": k}
     for where in ("owner", "worker"):
+        reach = 1.0 if where == "owner" else MAGNITUDE_BUDGET / n
+        data = raw / np.abs(raw).max() * reach
         keys = blind_keys(128)
         if where == "worker":
             keys.context.generate_galois_keys()
@@ -314,7 +318,8 @@ def blind_fold(n: int, a: int, k: int, as_json: bool) -> None:
             "owner_s": round(owner_s, 3),
             "mb_sums": round(sum(map(len, rows)) / 1e6, 2),
             "mb_public_context": round(len(keys.public_context_bytes()) / 1e6, 1),
-            "max_abs_error": float(np.abs(sums - truth.ravel()).max()),
+            "reach": reach,
+            "max_rel_error": float(np.abs(sums - truth.ravel()).max() / np.abs(truth).max()),
         }
     emit(figures, as_json)
 

@@ -347,7 +347,7 @@ def blind_sign(as_json: bool) -> None:
         began = time.perf_counter()
         vector * vector  # the cost of one multiplication at the top level
         mult_s = time.perf_counter() - began
-        applications = (depth - 3) // 3  # 1 level for distances, 2 to combine the signs
+        applications = (depth - 4) // 3  # levels: distance 1, combining signs 2, mask x data 1
         began = time.perf_counter()
         for _ in range(applications):
             vector = vector.polyval(coeffs)

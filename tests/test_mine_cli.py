@@ -205,10 +205,15 @@ def test_mismatched_train_and_test_columns(tmp_path: Path) -> None:
     assert "test rows have 2 columns; training has 4 features" in result.stderr
 
 
-def test_local_is_required_for_now(tmp_path: Path) -> None:
+def test_without_a_running_node_placement_says_how_to_start_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DMS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DMS_PASSPHRASE", "pw")
+    assert run_cli("init").returncode == 0
     result = run_cli(
         "mine",
-        "kmeans",
+        "skmeans",
         "--data",
         str(EXAMPLES / "iris-features.csv"),
         "--k",
@@ -216,7 +221,11 @@ def test_local_is_required_for_now(tmp_path: Path) -> None:
         "--out",
         str(tmp_path / "o"),
     )
-    assert result.returncode != 0 and "--local" in result.stderr
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) <= 2  # one sentence (wrapped at most once by the terminal)
+    assert "dms run" in result.stderr and "--local" in result.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_csv_reading_rules(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 
 from dms.actor import RemoteError
@@ -24,6 +25,7 @@ from dms.cli.common import JsonOption, settings
 from dms.cli.output import console, emit_fields, emit_json, progress_bar
 from dms.errors import DmsError
 from dms.mining import Distance, MiningError, run_classification, run_clustering
+from dms.mining.blind_kmeans import blind_keys
 from dms.mining.data import read_table, read_test_table, write_labels
 from dms.mining.keyfolder import load_keys, save_keys
 from dms.mining.local import knn_ties, resolve_protocol
@@ -179,8 +181,11 @@ def _mine_on_network(
     return {"session": session, **answer["result"]}, list(answer["labels"])
 
 
-def _keys(folder: Path | None, scheme: str, level: int) -> CkksKeys | LiuKey | None:
-    """Load the owner's keys from ``folder``, or create and save them there."""
+def _keys(
+    folder: Path | None, scheme: str, level: int, protocol: str | None = None
+) -> CkksKeys | LiuKey | None:
+    """Load the owner's keys from ``folder``, or create and save them there (for the
+    blind protocol, keys made for it: one level at a 2^50 scale, more precise)."""
     if folder is None or scheme not in ("ckks", "liu"):
         return None
     passphrase = passphrase_from_env_or_prompt("mining keys", not (folder / "meta.json").exists())
@@ -197,7 +202,7 @@ def _keys(folder: Path | None, scheme: str, level: int) -> CkksKeys | LiuKey | N
         if not isinstance(keys, expected):
             raise MineError(f"{folder} holds {type(keys).__name__} keys, not {scheme} keys")
         return keys
-    keys = new_keys(scheme, level)
+    keys = blind_keys(level) if protocol == "blind" else new_keys(scheme, level)
     save_keys(folder, keys, sealer)
     return keys
 
@@ -261,7 +266,7 @@ def _clustering(algorithm: str) -> Callable[..., None]:
             metric = Distance.parse(distance)
             table = read_table(data)
             protocol = _protocol(algorithm, scheme, protocol)
-            owner_keys = _keys(keys, scheme, level) if algorithm != "kmeans" else None
+            owner_keys = _keys(keys, scheme, level, protocol) if algorithm != "kmeans" else None
             settings = {
                 "distance": metric,
                 "min_error": min_error,
@@ -306,7 +311,7 @@ def _clustering(algorithm: str) -> Callable[..., None]:
                 plain = run_clustering("kmeans", table.features, k, **settings)
                 summary["comparison"] = {
                     "plain_iterations": plain.iterations,
-                    "same_labels_as_plain": labels == plain.labels,
+                    "label_agreement": float(np.mean(np.array(plain.labels) == labels)),
                     "adjusted_rand_index": adjusted_rand_index(labels, plain.labels),
                     "plain_total_s": plain.timings.total,
                 }
@@ -349,7 +354,7 @@ def _classification(algorithm: str) -> Callable[..., None]:
             queries = read_test_table(test, training)
             assert training.labels is not None
             protocol = _protocol(algorithm, scheme, protocol)
-            owner_keys = _keys(keys, scheme, level) if algorithm != "knn" else None
+            owner_keys = _keys(keys, scheme, level, protocol) if algorithm != "knn" else None
             if local:
                 with progress_bar(not json_out, f"{algorithm} queries", None) as bar:
                     result = run_classification(

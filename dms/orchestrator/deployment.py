@@ -101,13 +101,18 @@ class Orchestration:
     on_end: Callable[[str], None] | None = None
 
 
-def _fits(record: PeerRecord, spec: AllocationSpec) -> bool:
-    """From the peer's last heartbeat: could it take this allocation at all?"""
+def misfit(record: PeerRecord, spec: AllocationSpec) -> str | None:
+    """From the peer's last heartbeat: why it could not take this allocation, or None."""
     hb = record.heartbeat
     if hb is None or not hb.free:
-        return False
+        return "it offers no resources (not onboarded)"
     want = spec.resources.human()
-    return all((hb.free.get(k, 0) or 0) + 1e-9 >= v for k, v in want.items() if v)
+    short = [
+        f"{kind} {hb.free.get(kind, 0) or 0:g} free < {amount:g}"
+        for kind, amount in want.items()
+        if amount and (hb.free.get(kind, 0) or 0) + 1e-9 < amount
+    ]
+    return f"too small by its last heartbeat: {', '.join(short)}" if short else None
 
 
 class DeploymentActor(Actor):
@@ -281,7 +286,10 @@ class DeploymentActor(Actor):
                     continue
                 if c.include_peers and peer not in c.include_peers:
                     continue
-                if not _fits(record, spec):
+                why = misfit(record, spec)
+                if why is not None:
+                    # Not asked: say why, so a job nothing can run explains itself.
+                    slot["reasons"].setdefault(peer, f"not asked: {why}")
                     continue
                 hb = record.heartbeat
                 assert hb is not None

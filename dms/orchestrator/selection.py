@@ -80,6 +80,35 @@ def _scores(candidates: list[Candidate]) -> dict[str, float]:
     return out
 
 
+def distinct_matching(offers: dict[str, list[Candidate]], taken: set[str]) -> dict[str, str]:
+    """As many slots as possible on peers of their own (none in ``taken``): a maximum
+    bipartite matching (augmenting paths), each slot trying its best-scored peers first.
+    Greedy choice slot by slot can leave two slots one peer where a matching exists."""
+    prefs = {
+        slot: [
+            peer
+            for peer, _ in sorted(_scores(cands).items(), key=lambda item: (-item[1], item[0]))
+            if peer not in taken
+        ]
+        for slot, cands in offers.items()
+    }
+    holder: dict[str, str] = {}  # peer -> slot
+
+    def assign(slot: str, seen: set[str]) -> bool:
+        for peer in prefs[slot]:
+            if peer in seen:
+                continue
+            seen.add(peer)
+            if peer not in holder or assign(holder[peer], seen):
+                holder[peer] = slot
+                return True
+        return False
+
+    for slot in sorted(offers, key=lambda name: (len(offers[name]), name)):
+        assign(slot, set())
+    return {slot: peer for peer, slot in holder.items()}
+
+
 def select(
     strategy: str,
     offers: dict[str, list[Candidate]],
@@ -94,15 +123,16 @@ def select(
     winners: dict[str, Candidate] = {}
     reasons: dict[tuple[str, str], str] = {}
     won: dict[str, int] = dict(taken or {})
+    apart = distinct_matching(offers, set(won)) if distinct else {}
     # The slot with the fewest offers first: it has the least choice (so a job spread
     # over several peers is not left with one peer for two slots).
     for slot in sorted(offers, key=lambda name: (len(offers[name]), name)):
         candidates = sorted(offers[slot], key=lambda c: c.peer_id)
-        if distinct and any(not won.get(c.peer_id) for c in candidates):
+        if slot in apart:
             for c in candidates:
-                if won.get(c.peer_id):
-                    reasons[(c.peer_id, slot)] = "lost: it holds another allocation of the job"
-            candidates = [c for c in candidates if not won.get(c.peer_id)]
+                if c.peer_id != apart[slot]:
+                    reasons[(c.peer_id, slot)] = "lost: the job's allocations go to distinct peers"
+            candidates = [c for c in candidates if c.peer_id == apart[slot]]
         if not candidates:
             continue
         if strategy == "score":

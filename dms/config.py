@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import (
@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     )
     preferences: Preferences = Field(
         default_factory=Preferences, description="the work this node accepts"
+    )
+    deployment_policy: Literal["open", "tokens"] = Field(
+        default="open",
+        description="who may ask this node for bids (/dms/deployment/*): any peer (open), "
+        "or only peers holding a token from this node's trust domain (tokens)",
     )
 
     @classmethod

@@ -338,3 +338,72 @@ def test_a_job_too_large_for_the_lease_is_refused_with_the_memory_it_needs() -> 
     MiningExecutor().check({**params, "n": 1000}, Resources(cpu=1, ram="512MiB"))
     with pytest.raises(ExecutorError, match="mining params: k"):
         MiningExecutor().check({**params, "k": 0})
+
+
+# ---- what the providers receive: never a secret key ----------------------------------
+
+
+def _liu_patterns(key: Any) -> list[bytes]:
+    from tests.test_mining_algorithms import _secret_patterns_liu
+
+    return _secret_patterns_liu(key)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "scheme", "protocol"),
+    [("skmeans", "ckks", "blind"), ("skmeans", "ckks", "udm"), ("sknn", "ckks", "blind"),
+     ("skmeans", "liu", "udm"), ("dbskmeans", "liu", None)],
+)  # fmt: skip
+def test_no_byte_a_provider_receives_holds_a_secret_key(
+    net: Network,
+    knn_files: tuple[Path, Path],
+    tmp_path: Path,
+    algorithm: str,
+    scheme: str,
+    protocol: str | None,
+) -> None:
+    """Every frame and chunk the provider nodes receive, captured at the transport, is
+    searched for the SEAL secret key and for the Liu key components; the same search
+    finds them in the owner's key material (the plaintext of its ``secretkey`` file)."""
+    from dms.mining.blind_kmeans import blind_keys
+    from dms.mining.schemes.liu import LiuKey
+
+    keys: Any
+    if scheme == "liu":
+        keys = LiuKey.generate(128)
+        owner_material = keys.to_bytes()
+        patterns = _liu_patterns(keys)
+    else:
+        keys = blind_keys(128) if protocol == "blind" else CkksKeys.generate(128)
+        owner_material = keys.secret_context_bytes()
+        keys.context.secret_key().data.save(str(tmp_path / "sk"))
+        secret = (tmp_path / "sk").read_bytes()
+        patterns = [secret, secret[100:164], secret[-64:]]
+    assert any(p in owner_material for p in patterns)  # the search finds what is there
+    captured: list[bytes] = []
+    for node in net.providers:
+        if node.transport is not None:
+            node.transport.tap = lambda _peer, data: captured.append(bytes(data))
+    settings: dict[str, Any] = {"algorithm": algorithm, "scheme": scheme, "k": 3, "shards": 2}
+    if protocol:
+        settings["protocol"] = protocol
+    request: dict[str, Any] = {"settings": settings, "keys": _secret_bytes(keys)}
+    if algorithm == "sknn":
+        request.update(train=str(knn_files[0]), test=str(knn_files[1]))
+    else:
+        request["data"] = str(IRIS)
+    try:
+        answer = net.result(net.mine(request))
+    finally:
+        for node in net.providers:
+            if node.transport is not None:
+                node.transport.tap = None
+    received = sum(len(b) for b in captured)
+    assert received >= answer["result"]["bytes_to_worker"] > 0
+    for blob in captured:
+        for pattern in patterns:
+            assert pattern not in blob
+
+
+def _secret_bytes(keys: Any) -> bytes:
+    return keys.secret_context_bytes() if isinstance(keys, CkksKeys) else keys.to_bytes()

@@ -1,0 +1,51 @@
+"""``dms mine`` without ``--local``, as a user runs it: three ``dms run`` daemons."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.clitools import Daemon, dms, dms_json
+from tests.conftest import wait_for
+
+IRIS = Path("examples/iris-features.csv").resolve()
+
+
+def test_mine_from_one_daemon_places_the_work_and_matches_local(tmp_path: Path) -> None:
+    owner, one, two = tmp_path / "owner", tmp_path / "one", tmp_path / "two"
+    for home in (owner, one, two):
+        assert dms(home, "init").returncode == 0
+        (home / "config.toml").write_text("heartbeat_s = 0.5\n")
+    for home in (one, two):
+        done = dms(home, "onboard", "--cpu", "1", "--ram", "1", "--disk", "1", timeout=120)
+        assert done.returncode == 0, done.stderr
+    first = Daemon(one)
+    daemons = [first, Daemon(two, "--bootstrap", first.info["addrs"][0])]
+    daemons.append(Daemon(owner, "--bootstrap", first.info["addrs"][0]))
+    try:
+
+        def both_providers_known() -> bool:
+            rows = dms_json(owner, "peers", "list")
+            return sum(1 for r in rows if r.get("onboarded", {}).get("cpu") == 1.0) == 2
+
+        wait_for(both_providers_known, 30, "the owner to hear both providers")
+        placed, local = tmp_path / "placed", tmp_path / "local"
+        args = ["mine", "skmeans", "--data", str(IRIS), "--k", "3", "--scheme", "ckks"]
+        done = dms(owner, *args, "--out", str(placed), "--shards", "2", timeout=300)
+        assert done.returncode == 0, done.stderr
+        # Progress as it goes: placement, shipping, one line per round.
+        for expected in ("running on", "MB shipped", "iteration 1", "centroid change"):
+            assert expected in done.stdout
+        assert dms(owner, *args, "--out", str(local), "--local").returncode == 0
+        assert (placed / "labels.csv").read_text() == (local / "labels.csv").read_text()
+        result = json.loads((placed / "result.json").read_text())
+        peers = {p["peer_id"] for p in result["placement"]}
+        assert peers == {first.info["peer_id"], daemons[1].info["peer_id"]}
+        for key in ("replacements", "owner_cpu_s", "worker_cpu_s", "wall_s"):
+            assert key in result
+        # The rounds are in the deployment's log too.
+        logs = dms_json(owner, "deployment", "logs", result["session"])
+        assert any("centroid change" in e["what"] for e in logs["events"])
+    finally:
+        for daemon in daemons:
+            daemon.stop()

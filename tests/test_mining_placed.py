@@ -84,6 +84,15 @@ class Network:
             return state in ("completed", "failed")
 
         wait_for(ended, 30, f"deployment {session} to end")
+        # Chunks go when the session and the allocations that needed them end.
+        wait_for(lambda: self.chunk_bytes() == 0, 30, "every chunk store to be emptied")
+
+    def chunk_bytes(self) -> int:
+        total = 0
+        for node in [self.owner, *self.providers]:
+            if node.node is not None and node.transport is not None:
+                total += node.node.pykka_ref.proxy().courier.get().store.used_bytes
+        return total
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,8 @@ class Shard:
     received: int = 0
     worker_cpu_s: float = 0.0
     last_heard: float = 0.0
+    sent_at: float = 0.0  # when this step's operation went out
+    step_s: float = 0.0  # how long its last step took, transfers included
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier placements
 
 
@@ -112,6 +114,7 @@ class MiningSessionActor(DeploymentActor):
         self.steps: list[dict[str, Any]] = []
         self.step_began = 0.0
         self.reason = ""
+        self._tags: set[str] = set()  # chunk owners in the courier, freed at the end
         self._pool = ThreadPoolExecutor(2, thread_name_prefix=f"dms-mining-{deployment_id[:6]}")
 
     # ---- deployment hooks -------------------------------------------------------------
@@ -129,7 +132,8 @@ class MiningSessionActor(DeploymentActor):
     def stopping(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.courier is not None:
-            self.courier.release(self._owner_tag)
+            for tag in self._tags:
+                self.courier.release(tag)
 
     def slot_running(self, slot: dict[str, Any]) -> None:
         shard = self.shards[slot["slot"]]
@@ -147,6 +151,7 @@ class MiningSessionActor(DeploymentActor):
         if shard is None or shard.allocation is None:
             return
         shard.history.append({"peer_id": shard.peer, "reason": reason})
+        self._release(shard, "start", "step")
         shard.allocation = None
         shard.generation += 1  # whatever the lost worker still answers is ignored
         shard.ready = shard.busy = False
@@ -182,7 +187,7 @@ class MiningSessionActor(DeploymentActor):
             self.phase = SessionPhase.SHIPPING
             self._progress("shipping", save=True)
         driver, courier, gen = self.driver, self.courier, shard.generation
-        peer, tag = shard.peer, self._owner_tag
+        peer, tag = shard.peer, self._tag(shard, "start")
         assert peer is not None
 
         def build() -> tuple[SessionCall, int, int]:
@@ -216,6 +221,7 @@ class MiningSessionActor(DeploymentActor):
         if shard.generation != gen:
             return
         shard.busy = False
+        self._release(shard, "start")  # the worker has pulled it, or never will
         if not outcome.ok:
             assert outcome.error is not None
             self._worker_failed(
@@ -255,14 +261,15 @@ class MiningSessionActor(DeploymentActor):
                 continue
             shard.busy = True
             gen, peer, at = shard.generation, shard.peer, shard.worker_at
+            tag = self._tag(shard, "step")
             assert peer is not None
 
             def build(
-                shard: Shard = shard, peer: str = peer, at: int = at
+                shard: Shard = shard, peer: str = peer, at: int = at, tag: str = tag
             ) -> tuple[SessionCall, int, int]:
                 now = driver.iteration  # the step whose state the worker will hold
                 op, body = driver.request(shard.index, at)
-                parcel = courier.pack(body, peer, self._owner_tag)
+                parcel = courier.pack(body, peer, tag)
                 return SessionCall(op=op, parcel=parcel), len(body), now
 
             def send(
@@ -273,6 +280,7 @@ class MiningSessionActor(DeploymentActor):
                     return
                 shard.sent += size
                 shard.worker_at = now
+                shard.sent_at = time.monotonic()
                 self._call(shard, call, size, partial(self._on_answer, shard, gen))
 
             self._off_mailbox(build, send, f"building {shard.slot}'s request")
@@ -297,8 +305,13 @@ class MiningSessionActor(DeploymentActor):
         shard.worker_cpu_s += answer.compute_s
         shard.last_heard = time.monotonic()
 
+        answers = self._tag(shard, "answer")
+
         def take() -> int:
-            raw = courier.unpack(answer.parcel, peer, self._owner_tag)
+            try:
+                raw = courier.unpack(answer.parcel, peer, answers)
+            finally:
+                courier.release(answers)  # decoded below: its chunks are not needed
             driver.accept(shard.index, raw)
             return len(raw)
 
@@ -308,6 +321,8 @@ class MiningSessionActor(DeploymentActor):
             shard.busy = False
             shard.received += size
             shard.last_heard = time.monotonic()
+            shard.step_s = shard.last_heard - shard.sent_at
+            self._release(shard, "step")
             self.pending.discard(shard.index)
             if not self.pending:
                 self._combine()
@@ -322,7 +337,7 @@ class MiningSessionActor(DeploymentActor):
     def _combine(self) -> None:
         assert self.driver is not None
         self.combining = True
-        slowest = max(self.shards.values(), key=lambda s: s.worker_cpu_s)
+        slowest = max(self.shards.values(), key=lambda s: s.step_s)
         elapsed = time.monotonic() - self.step_began
         self._off_mailbox(
             self.driver.advance,
@@ -333,9 +348,6 @@ class MiningSessionActor(DeploymentActor):
     def _advanced(self, slowest: str, elapsed: float, done: bool) -> None:
         assert self.driver is not None and self.courier is not None
         self.combining = False
-        # Every answer of this step has been fetched: free its chunks (ours and, when
-        # the next call comes, the workers').
-        self.courier.release(self._owner_tag)
         step = self.driver.iteration
         change = self.driver.changes[-1] if self.driver.changes else None
         record = {"step": step, "change": change, "slowest": slowest, "s": round(elapsed, 3)}
@@ -410,9 +422,21 @@ class MiningSessionActor(DeploymentActor):
 
     # ---- plumbing ---------------------------------------------------------------------
 
-    @property
-    def _owner_tag(self) -> str:
-        return f"session:{self.id}"
+    def _tag(self, shard: Shard, kind: str) -> str:
+        """Whose chunks these are: one owner per shard, placement and kind, so freeing
+        one step's never pulls a parcel another worker is still fetching."""
+        tag = f"session:{self.id}/{shard.slot}/g{shard.generation}/{kind}"
+        self._tags.add(tag)
+        return tag
+
+    def _release(self, shard: Shard, *kinds: str) -> None:
+        if self.courier is None:
+            return
+        for kind in kinds:
+            tag = f"session:{self.id}/{shard.slot}/g{shard.generation}/{kind}"
+            if tag in self._tags:
+                self._tags.discard(tag)
+                self.courier.release(tag)
 
     def _call(
         self, shard: Shard, call: SessionCall, size: int, on_reply: Callable[[Outcome], None]

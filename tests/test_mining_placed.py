@@ -231,23 +231,34 @@ def test_bad_data_is_refused_before_anything_is_placed(net: Network, tmp_path: P
     assert net.leases() == 0
 
 
+def overlapping(folder: Path, n: int, k: int, seed: int) -> tuple[np.ndarray, Path]:
+    """Overlapping blobs (k-means keeps moving for many rounds), as a CSV in ``folder``."""
+    data, _ = blobs(n, 6, k, seed=seed, std=4.0, spread=5.0)
+    path = folder / "blobs.csv"
+    np.savetxt(path, data, delimiter=",")
+    return data, path
+
+
+def long_udm_job(k: int, shards: int, max_iterations: int) -> dict[str, Any]:
+    """CKKS k-means (udm) that runs every round: time to act on it mid-job."""
+    return {
+        "algorithm": "skmeans",
+        "scheme": "ckks",
+        "protocol": "udm",
+        "k": k,
+        "shards": shards,
+        "min_error": 0.0,
+        "max_iterations": max_iterations,
+    }
+
+
 def test_a_provider_killed_mid_job_is_replaced_and_the_labels_hold(
     net: Network, tmp_path: Path
 ) -> None:
     """kill -9 of a worker's node: the shard is placed again, shipped again, and resumes at
     the current round; the labels are those of --local, and no lease is left behind."""
-    data, _ = blobs(4000, 6, 5, seed=11, std=4.0, spread=5.0)
-    path = tmp_path / "blobs.csv"
-    np.savetxt(path, data, delimiter=",")
-    settings = {
-        "algorithm": "skmeans",
-        "scheme": "ckks",
-        "protocol": "udm",
-        "k": 5,
-        "shards": 2,
-        "min_error": 0.0,
-        "max_iterations": 12,
-    }
+    data, path = overlapping(tmp_path, 4000, 5, seed=11)
+    settings = long_udm_job(k=5, shards=2, max_iterations=12)
     session = net.mine({"settings": settings, "data": str(path)})
 
     def steps() -> int:
@@ -272,17 +283,8 @@ def test_a_provider_killed_mid_job_is_replaced_and_the_labels_hold(
 def test_a_restarted_owner_fails_its_session_and_releases_every_lease(
     net: Network, tmp_path: Path
 ) -> None:
-    data, _ = blobs(3000, 6, 4, seed=3, std=4.0, spread=5.0)
-    path = tmp_path / "blobs.csv"
-    np.savetxt(path, data, delimiter=",")
-    settings = {
-        "algorithm": "skmeans",
-        "scheme": "ckks",
-        "protocol": "udm",
-        "k": 4,
-        "min_error": 0.0,
-        "max_iterations": 50,
-    }
+    _, path = overlapping(tmp_path, 3000, 4, seed=3)
+    settings = long_udm_job(k=4, shards=1, max_iterations=50)
     session = net.mine({"settings": settings, "data": str(path)})
     wait_for(lambda: net.status(session)["phase"] == "mining", 60, "the rounds to begin")
     wait_for(lambda: net.leases() >= 1, 10, "a provider to hold the worker's lease")

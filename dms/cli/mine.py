@@ -97,6 +97,21 @@ def _protocol(algorithm: str, scheme: str, protocol: str | None) -> str | None:
     return resolve_protocol(algorithm, scheme, protocol)
 
 
+def _settings(
+    algorithm: str, scheme: str, protocol: str | None, level: int, k: int, metric: Distance
+) -> dict[str, Any]:
+    """The settings every placed job sends its node (``MiningSettings``)."""
+    plaintext = algorithm in ("kmeans", "knn")
+    return {
+        "algorithm": algorithm,
+        "scheme": "plain" if plaintext else scheme,
+        "protocol": protocol,
+        "level": level,
+        "k": k,
+        "distance": str(metric),
+    }
+
+
 def _protocol_arg(protocol: str | None) -> dict[str, Any]:
     return {"protocol": protocol} if protocol is not None else {}
 
@@ -291,12 +306,7 @@ def _clustering(algorithm: str) -> Callable[..., None]:
             else:
                 request = {
                     "settings": {
-                        "algorithm": algorithm,
-                        "scheme": "plain" if algorithm == "kmeans" else scheme,
-                        "protocol": protocol,
-                        "level": level,
-                        "k": k,
-                        "distance": str(metric),
+                        **_settings(algorithm, scheme, protocol, level, k, metric),
                         "min_error": min_error,
                         "max_iterations": max_iterations,
                         "init": init,
@@ -373,14 +383,7 @@ def _classification(algorithm: str) -> Callable[..., None]:
                 summary, labels = result.summary(), list(result.labels)
             else:
                 request = {
-                    "settings": {
-                        "algorithm": algorithm,
-                        "scheme": "plain" if algorithm == "knn" else scheme,
-                        "protocol": protocol,
-                        "level": level,
-                        "k": k,
-                        "distance": str(metric),
-                    },
+                    "settings": _settings(algorithm, scheme, protocol, level, k, metric),
                     "train": str(train.resolve()),
                     "test": str(test.resolve()),
                     "label_column": label_column,

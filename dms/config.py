@@ -50,6 +50,21 @@ class Settings(BaseSettings):
         ge=1000,
         description="envelopes remembered against replay; older ones are refused when full",
     )
+    max_frames_per_s: float = Field(
+        default=2000.0,
+        gt=0,
+        description="frames a second each peer may send this node on its streams; more are "
+        "refused (rate_limited)",
+    )
+    frame_burst: int = Field(
+        default=4000, ge=1, description="frames a peer may send at once above that rate"
+    )
+    max_outbound_frames: int = Field(
+        default=10_000, ge=16, description="most frames queued for one peer; more fail at once"
+    )
+    max_outbound_bytes: int = Field(
+        default=64 * MIB, ge=MIB, description="most bytes queued for one peer; more fail at once"
+    )
     log_level: str = "INFO"
     listen: list[str] = Field(
         default_factory=lambda: ["/ip4/0.0.0.0/tcp/9000"], description="libp2p listen multiaddrs"

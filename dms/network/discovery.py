@@ -1,0 +1,237 @@
+"""Discovery: finding peers and keeping in touch with them.
+
+Bootstrap addresses and peers remembered in the store are dialed at start and
+whenever they drop; addresses learnt from signed heartbeats go to the
+peerstore; a Kademlia DHT (server mode) finds a peer's addresses by its id when
+a frame must go to a peer with none known; mDNS is the host's own option. Ping
+and the list of connected peers are here too. See specs/network.md,
+"Discovery".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from libp2p.abc import IHost
+from libp2p.host.ping import PingService
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.tools.anyio_service import background_trio_service
+
+from dms.network.loop import LoopBridge, NetworkError, why
+from dms.network.settings import NetworkSettings, parse_multiaddr
+
+log = logging.getLogger("dms.network")
+
+# How long addresses learnt from a heartbeat stay in the peerstore.
+LEARNED_ADDR_TTL_S = 600
+
+
+@dataclass(frozen=True)
+class PeerInfoView:
+    """A connected peer as the node shows it."""
+
+    peer_id: str
+    addrs: list[str]
+
+
+class Discovery(LoopBridge):
+    """Dialing, addresses, the DHT, ping and the peer list (a transport part)."""
+
+    settings: NetworkSettings
+    _host: IHost | None
+    _dht: KadDHT | None
+    _ping: PingService | None
+    _known_addrs: list[str]
+    peer_id: str  # dms.network.host.Libp2pTransport.peer_id
+
+    def addrs(self) -> list[str]:
+        """Full listen multiaddrs, each ending in ``/p2p/<peer id>``."""
+        assert self._host is not None
+        suffix = f"/p2p/{self.peer_id}"
+        out = []
+        for addr in self._host.get_addrs():
+            text = str(addr)
+            out.append(text if text.endswith(suffix) else text + suffix)
+        return out
+
+    def learn_addrs(self, peer_id: str, addrs: list[str]) -> None:
+        """Remember where ``peer_id`` listens (from its signed heartbeat), so a request
+        to a peer known only through gossip can dial it; never blocks. Addresses that
+        name another peer, or do not parse, are ignored."""
+        if self._token is None or self._stopped or peer_id == self.peer_id:
+            return
+        suffix = f"/p2p/{peer_id}"
+        parsed = []
+        for text in addrs:
+            if "/p2p/" in text and not text.endswith(suffix):
+                continue
+            try:
+                parsed.append(parse_multiaddr(text.removesuffix(suffix)))
+            except ValueError:
+                continue
+        if parsed:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._add_addrs, peer_id, parsed)
+
+    def _add_addrs(self, peer_id: str, addrs: list[Any]) -> None:
+        # Runs as a trio callback: an exception here would end the host.
+        try:
+            if self._host is None:
+                return
+            pid = peer_id_of(peer_id)
+            if not has_addrs(self._host, pid):
+                self._host.get_peerstore().add_addrs(pid, addrs, LEARNED_ADDR_TTL_S)
+        except Exception as exc:
+            log.debug("addresses of %s not kept: %s", peer_id, why(exc))
+
+    def connect(self, multiaddr: str) -> str:
+        """Dial a ``.../p2p/<peer id>`` address; return the peer id."""
+        try:
+            info = info_from_p2p_addr(parse_multiaddr(multiaddr))
+        except ValueError as exc:
+            raise NetworkError(str(exc)) from None
+        except Exception:
+            raise NetworkError(f"{multiaddr} has no /p2p/<peer id> part") from None
+        self._call(self._connect, info)
+        return info.peer_id.to_base58()
+
+    def ping(self, peer_id: str) -> float:
+        """Round trip of the standard libp2p ping, in milliseconds."""
+        return self._call(self._ping_peer, peer_id)
+
+    def peers(self) -> list[PeerInfoView]:
+        return self._call(self._peers)
+
+    def dht_peers(self) -> list[str]:
+        if self._dht is None:
+            return []
+        return [p.to_base58() for p in self._dht.routing_table.get_peer_ids()]
+
+    def is_connected(self, peer_id: str) -> bool:
+        return any(p.peer_id == peer_id for p in self.peers())
+
+    def _on_connected(self, pid: ID) -> None:
+        if self._dht is not None:
+            # A connection can complete while the host shuts down (nursery closed).
+            self._start_soon(self._add_to_dht, pid)
+
+    async def _add_to_dht(self, pid: ID) -> None:
+        await trio.sleep(0.5)  # after identify, so the peer's listen addresses are known
+        if self._dht is not None:
+            with contextlib.suppress(Exception):
+                await self._dht.add_peer(pid, skip_server_mode_check=True)
+
+    async def _ensure_connected(self, pid: ID) -> None:
+        assert self._host is not None
+        if self._host.get_network().get_connections(pid):
+            return
+        addrs = self._host.get_peerstore().addrs(pid) if has_addrs(self._host, pid) else []
+        if not addrs and self._dht is not None:
+            found = await self._dht.find_peer(pid)
+            addrs = list(found.addrs) if found is not None else []
+        if not addrs:
+            raise NetworkError(f"peer {pid.to_base58()} is unreachable: no known address")
+        await self._host.connect(PeerInfo(pid, addrs))
+
+    async def _connect(self, info: PeerInfo) -> None:
+        assert self._host is not None
+        try:
+            with trio.fail_after(self.settings.dial_timeout_s):
+                await self._host.connect(info)
+        except trio.TooSlowError:
+            raise NetworkError(
+                f"no connection to {info.peer_id} within {self.settings.dial_timeout_s:g} s"
+            ) from None
+        except Exception as exc:
+            raise NetworkError(f"cannot connect to {info.peer_id}: {why(exc)}") from None
+        if self._dht is not None:
+            with contextlib.suppress(Exception):
+                await self._dht.add_peer(info.peer_id, skip_server_mode_check=True)
+
+    async def _keep_connected(self) -> None:
+        """Dial bootstrap and remembered peers now, and again whenever they drop."""
+        while True:
+            targets = []
+            for text in [*self.settings.bootstrap, *self._known_addrs]:
+                try:
+                    info = info_from_p2p_addr(parse_multiaddr(text))
+                except Exception:
+                    log.warning("ignoring peer address without /p2p/: %s", text)
+                    continue
+                if info.peer_id.to_base58() == self.peer_id:
+                    continue
+                assert self._host is not None
+                if not self._host.get_network().get_connections(info.peer_id):
+                    targets.append(info)
+            async with trio.open_nursery() as nursery:
+                for info in targets:
+                    nursery.start_soon(self._connect_quietly, info)
+            await trio.sleep(self.settings.reconnect_interval_s)
+
+    async def _connect_quietly(self, info: PeerInfo) -> None:
+        try:
+            await self._connect(info)
+        except NetworkError as err:
+            log.info("%s", err)
+
+    async def _ping_peer(self, peer_id: str) -> float:
+        pid = peer_id_of(peer_id)
+        assert self._ping is not None
+        try:
+            with trio.fail_after(self.settings.dial_timeout_s):
+                await self._ensure_connected(pid)
+                start = time.perf_counter()
+                await self._ping.ping(pid, 1)
+                return (time.perf_counter() - start) * 1000.0
+        except trio.TooSlowError:
+            raise NetworkError(
+                f"peer {peer_id} did not answer ping within {self.settings.dial_timeout_s:g} s"
+            ) from None
+        except NetworkError:
+            raise
+        except Exception as exc:
+            raise NetworkError(f"ping to {peer_id} failed: {why(exc)}") from None
+
+    async def _peers(self) -> list[PeerInfoView]:
+        assert self._host is not None
+        network = self._host.get_network()
+        out = []
+        for pid, conns in network.get_connections_map().items():
+            if not conns:
+                continue
+            addrs = self._host.get_peerstore().addrs(pid) if has_addrs(self._host, pid) else []
+            out.append(PeerInfoView(pid.to_base58(), [str(a) for a in addrs]))
+        return sorted(out, key=lambda p: p.peer_id)
+
+    @contextlib.asynccontextmanager
+    async def _maybe_dht(self, host: IHost) -> AsyncIterator[None]:
+        if not self.settings.dht:
+            yield
+            return
+        dht = KadDHT(host, DHTMode.SERVER)
+        self._dht = dht
+        async with background_trio_service(dht):
+            yield
+
+
+def peer_id_of(peer_id: str) -> ID:
+    """A peer id from its text; ``NetworkError`` if it is none."""
+    try:
+        return ID.from_base58(peer_id)
+    except Exception:
+        raise NetworkError(f"{peer_id!r} is not a peer id") from None
+
+
+def has_addrs(host: IHost, pid: ID) -> bool:
+    try:
+        return bool(host.get_peerstore().addrs(pid))
+    except Exception:
+        return False

@@ -31,7 +31,7 @@ def test_mine_from_one_daemon_places_the_work_and_matches_local(tmp_path: Path) 
         wait_for(both_providers_known, 30, "the owner to hear both providers")
         placed, local = tmp_path / "placed", tmp_path / "local"
         args = ["mine", "skmeans", "--data", str(IRIS), "--k", "3", "--scheme", "ckks"]
-        done = dms(owner, *args, "--out", str(placed), "--shards", "2", timeout=300)
+        done = dms(owner, *args, "--out", str(placed), "--shards", "2", "--report", timeout=300)
         assert done.returncode == 0, done.stderr
         # Progress as it goes: placement, shipping, one line per round.
         for expected in ("running on", "MB shipped", "iteration 1", "centroid change"):
@@ -43,6 +43,13 @@ def test_mine_from_one_daemon_places_the_work_and_matches_local(tmp_path: Path) 
         assert peers == {first.info["peer_id"], daemons[1].info["peer_id"]}
         for key in ("replacements", "owner_cpu_s", "worker_cpu_s", "wall_s"):
             assert key in result
+        # Per round: the centroid change and the step's time; the report draws them and
+        # names the peers.
+        assert len(result["changes"]) == result["iterations"] and result["steps"]
+        page = (placed / "report.html").read_text()
+        for peer in peers:
+            assert peer in page
+        assert 'id="fig-placement"' in page and 'id="fig-convergence"' in page
         # The rounds are in the deployment's log too.
         logs = dms_json(owner, "deployment", "logs", result["session"])
         assert any("centroid change" in e["what"] for e in logs["events"])

@@ -29,7 +29,7 @@ from dms.mining.blind_kmeans import blind_keys
 from dms.mining.data import read_table, read_test_table, write_labels
 from dms.mining.keyfolder import load_keys, save_keys
 from dms.mining.local import knn_ties, resolve_protocol
-from dms.mining.metrics import accuracy, adjusted_rand_index
+from dms.mining.metrics import accuracy, adjusted_rand_index, matched_agreement
 from dms.mining.schemes import new_keys
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
@@ -73,6 +73,10 @@ ProtocolOption = Annotated[
 ]
 CompareOption = Annotated[
     bool, typer.Option("--compare", help="Also run the plaintext baseline and report agreement.")
+]
+ReportOption = Annotated[
+    bool,
+    typer.Option("--report", help="Also write DIR/report.html: plots of the job, offline."),
 ]
 
 
@@ -173,6 +177,7 @@ def _mine_on_network(
             f"mining session {session}: placing {placement.shards} worker(s)", highlight=False
         )
     seen: set[tuple[float, str]] = set()
+    status: dict[str, Any] = {}
     try:
         while True:
             status = client.invoke("/dms/node/mining/status", {"id": session}, timeout=30)
@@ -193,7 +198,17 @@ def _mine_on_network(
         client.invoke("/dms/node/deployment/shutdown", {"id": session}, timeout=30)
         raise MineError(f"interrupted: mining session {session} shut down") from None
     answer = client.invoke("/dms/node/mining/result", {"id": session}, timeout=120)
-    return {"session": session, **answer["result"]}, list(answer["labels"])
+    result = {"session": session, **answer["result"]}
+    # Per round: the centroid change (the last checkpoint has every round's) and the
+    # step's time (the slowest shard's, as the owner waited for it).
+    checkpoint = status.get("checkpoint") or {}
+    if checkpoint.get("changes") is not None:
+        result.setdefault("changes", checkpoint["changes"])
+    steps = (status.get("progress") or {}).get("steps") or []
+    result.setdefault(
+        "steps", [{k: s.get(k) for k in ("step", "change", "s", "slowest")} for s in steps]
+    )
+    return result, list(answer["labels"])
 
 
 def _keys(
@@ -228,9 +243,43 @@ def _write(out: Path, summary: dict[str, Any], labels: list[Any]) -> None:
     (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _report(summary: dict[str, Any], out: Path, json_out: bool) -> None:
+def _html_report(
+    out: Path,
+    summary: dict[str, Any],
+    labels: list[Any],
+    points: np.ndarray,
+    baseline: list[Any] | None,
+    truth: list[Any] | None = None,
+) -> Path:
+    from dms.cli.report import ReportInput, write_report  # matplotlib loads only for this
+
+    job = ReportInput(summary, labels, points, baseline=baseline, truth=truth)
+    return write_report(out, job)
+
+
+class _Rounds:
+    """The local runner's rounds as they come: centroid change and wall time of each."""
+
+    def __init__(self, bar: Callable[..., None]) -> None:
+        self.bar = bar
+        self.changes: dict[int, float] = {}
+        self.seconds: dict[int, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, i: int, change: float) -> None:
+        now = time.perf_counter()
+        self.changes[i], self.seconds[i] = change, now - self._last
+        self._last = now
+        self.bar(i, f"centroid change {change:.4f}")
+
+    def into(self, summary: dict[str, Any]) -> None:
+        summary["changes"] = [self.changes[i] for i in sorted(self.changes)]
+        summary["round_s"] = [round(self.seconds[i], 4) for i in sorted(self.seconds)]
+
+
+def _report(summary: dict[str, Any], out: Path, json_out: bool, report: Path | None = None) -> None:
     if json_out:
-        emit_json(summary)
+        emit_json({**summary, "report": str(report)} if report else summary)
         return
     shown: dict[str, Any] = {
         key: summary[key]
@@ -252,6 +301,8 @@ def _report(summary: dict[str, Any], out: Path, json_out: bool) -> None:
     for key, value in (summary.get("comparison") or {}).items():
         shown[key] = f"{value:.4f}" if isinstance(value, float) else value
     shown["output"] = f"{out / 'labels.csv'}, {out / 'result.json'}"
+    if report is not None:
+        shown["report"] = str(report)
     emit_fields(shown, title=f"{summary['algorithm']} ({summary['scheme']})")
 
 
@@ -270,6 +321,7 @@ def _clustering(algorithm: str) -> Callable[..., None]:
         level: LevelOption = 128,
         keys: KeysOption = None,
         compare: CompareOption = False,
+        report: ReportOption = False,
         local: LocalOption = False,
         shards: ShardsOption = 1,
         strategy: StrategyOption = "score",
@@ -277,6 +329,7 @@ def _clustering(algorithm: str) -> Callable[..., None]:
         timeout: TimeoutOption = 120.0,
         json_out: JsonOption = False,
     ) -> None:
+        html: Path | None = None
         with _mining_errors():
             metric = Distance.parse(distance)
             table = read_table(data)
@@ -291,6 +344,7 @@ def _clustering(algorithm: str) -> Callable[..., None]:
             }
             if local:
                 with progress_bar(not json_out, f"{algorithm} rounds", max_iterations) as bar:
+                    rounds = _Rounds(bar)
                     result = run_clustering(
                         algorithm,
                         table.features,
@@ -298,11 +352,12 @@ def _clustering(algorithm: str) -> Callable[..., None]:
                         scheme=scheme,
                         level=level,
                         keys=owner_keys,
-                        on_round=lambda i, change: bar(i, f"centroid change {change:.4f}"),
+                        on_round=rounds,
                         **_protocol_arg(protocol),
                         **settings,
                     )
                 summary, labels = result.summary(), list(result.labels)
+                rounds.into(summary)
             else:
                 request = {
                     "settings": {
@@ -317,16 +372,23 @@ def _clustering(algorithm: str) -> Callable[..., None]:
                 }
                 placement = Placement(shards, strategy, max_price, timeout)
                 summary, labels = _mine_on_network(request, placement, json_out)
-            if compare and algorithm != "kmeans":
+            plain = None
+            if (compare or report) and algorithm != "kmeans":
                 plain = run_clustering("kmeans", table.features, k, **settings)
+            if compare and plain is not None:
                 summary["comparison"] = {
                     "plain_iterations": plain.iterations,
-                    "label_agreement": float(np.mean(np.array(plain.labels) == labels)),
+                    # cluster numbers are arbitrary: the share of records together in
+                    # both once clusters are matched, not of equal numbers
+                    "label_agreement": matched_agreement(plain.labels, labels),
                     "adjusted_rand_index": adjusted_rand_index(labels, plain.labels),
                     "plain_total_s": plain.timings.total,
                 }
-        _write(out, summary, labels)
-        _report(summary, out, json_out)
+            _write(out, summary, labels)
+            if report:
+                baseline = list(plain.labels) if plain is not None else labels
+                html = _html_report(out, summary, labels, table.features, baseline)
+        _report(summary, out, json_out, html)
 
     command.__doc__ = {
         "kmeans": "Plaintext k-means (the baseline).",
@@ -351,6 +413,7 @@ def _classification(algorithm: str) -> Callable[..., None]:
         level: LevelOption = 128,
         keys: KeysOption = None,
         compare: CompareOption = False,
+        report: ReportOption = False,
         local: LocalOption = False,
         shards: ShardsOption = 1,
         strategy: StrategyOption = "score",
@@ -358,6 +421,7 @@ def _classification(algorithm: str) -> Callable[..., None]:
         timeout: TimeoutOption = 120.0,
         json_out: JsonOption = False,
     ) -> None:
+        html: Path | None = None
         with _mining_errors():
             metric = Distance.parse(distance)
             training = read_table(train, label=True, label_column=label_column)
@@ -394,10 +458,12 @@ def _classification(algorithm: str) -> Callable[..., None]:
             comparison: dict[str, Any] = {}
             if queries.labels is not None:
                 comparison["accuracy"] = accuracy(labels, queries.labels)
-            if compare and algorithm != "knn":
+            plain = None
+            if (compare or report) and algorithm != "knn":
                 plain = run_classification(
                     "knn", training.features, training.labels, queries.features, k, distance=metric
                 )
+            if compare and plain is not None:
                 ties = knn_ties(training.features, queries.features, k, metric)
                 differ = [p != q for p, q in zip(plain.labels, labels, strict=True)]
                 comparison.update(
@@ -411,8 +477,13 @@ def _classification(algorithm: str) -> Callable[..., None]:
                     }
                 )
             summary["comparison"] = comparison or None
-        _write(out, summary, labels)
-        _report(summary, out, json_out)
+            _write(out, summary, labels)
+            if report:
+                baseline = list(plain.labels) if plain is not None else labels
+                html = _html_report(
+                    out, summary, labels, queries.features, baseline, queries.labels
+                )
+        _report(summary, out, json_out, html)
 
     command.__doc__ = {
         "knn": "Plaintext k-nearest-neighbours classification (the baseline).",

@@ -24,6 +24,7 @@ from dms.actor import (
     seal,
 )
 from dms.actor.envelope import PREFIX_BYTES
+from dms.actor.policy import Role
 from dms.security import Identity
 
 
@@ -198,12 +199,18 @@ def test_private_behaviour_needs_local_or_root_sender(pair) -> None:  # type: ig
     assert a.ask(b.handle, "/test/private") == "secret"
 
 
-def test_child_actor_is_trusted_by_its_node(make_node) -> None:  # type: ignore[no-untyped-def]
+def test_child_actor_holds_only_its_role(make_node) -> None:  # type: ignore[no-untyped-def]
     node = make_node()
     root = node.spawn(Service, inbox=ROOT_INBOX, identity=node.identity)
-    child = node.spawn(Service)
+    child = node.spawn(Service, role=Role(caps=("/test/private",)))
     assert child.ask(root.handle, "/test/private") == "secret"
     assert child.handle.id != root.handle.id
+    bare = node.spawn(Service)  # least privilege: a child with no role holds nothing
+    with pytest.raises(RemoteError) as info:
+        bare.ask(root.handle, "/test/private")
+    assert (info.value.code, info.value.rule) == (ErrorCode.FORBIDDEN, "beyond_role")
+    assert "/test/private" in info.value.reason
+    assert bare.ask(root.handle, "/test/echo", 1) == 1  # public stays open
 
 
 def test_invoke_to_silent_actor_times_out_clearly(pair) -> None:  # type: ignore[no-untyped-def]

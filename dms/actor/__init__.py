@@ -11,6 +11,7 @@ from dms.actor.codes import ErrorCode, InvokeTimeout, Refusal, RemoteError, Unre
 from dms.actor.envelope import Envelope, Sealed, make_envelope, seal, unseal, verify
 from dms.actor.handle import ROOT_INBOX, Address, Handle
 from dms.actor.memory import MemoryNetwork, MemoryTransport
+from dms.actor.policy import Role
 from dms.actor.system import ActorContext, ActorRef, ActorSystem, Limits, Outcome
 from dms.actor.transport import Transport
 
@@ -34,6 +35,7 @@ __all__ = [
     "RemoteError",
     "Request",
     "Responder",
+    "Role",
     "Sealed",
     "Transport",
     "Unreachable",

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pykka
 from pydantic import BaseModel, ValidationError
@@ -26,6 +26,7 @@ from dms.actor.behaviour import Behaviour, declared_behaviours
 from dms.actor.codes import ErrorCode, Refusal
 from dms.actor.envelope import Envelope, Sealed
 from dms.actor.handle import Handle
+from dms.actor.policy import Role
 from dms.actor.system import ActorContext, ActorRef, ActorSystem, Call, Inbound, Outcome
 from dms.actor.timers import TimerHandle
 from dms.errors import DmsError
@@ -93,9 +94,14 @@ class Actor(pykka.ThreadingActor):
     stopped after it. Actor threads are daemon threads: an actor still busy when
     its system gave up waiting for it (``ActorSystem.stop``) never keeps the
     process alive.
+
+    ``role``: the capabilities an actor of this class holds when it is not the
+    node's own actor (least privilege). ``spawn(..., role=...)`` and the system's
+    role table (``ActorSystem.roles``, which the node fills) come first.
     """
 
     use_daemon_thread = True
+    role: ClassVar[Role] = Role()
 
     def __init__(self, context: ActorContext) -> None:
         super().__init__()

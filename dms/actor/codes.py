@@ -45,22 +45,26 @@ class Refusal(Exception):
     """Raised inside the runtime or a handler to refuse a message with a code.
 
     A handler may raise it with any code (usually ``BAD_PAYLOAD`` or
-    ``FORBIDDEN``); the caller receives it as a :class:`RemoteError`.
+    ``FORBIDDEN``); the caller receives it as a :class:`RemoteError`. ``rule``
+    names the capability rule that failed, for a ``forbidden`` refusal
+    (``dms.security.tokens.Rule``): it travels in the error reply.
     """
 
-    def __init__(self, code: ErrorCode | str, reason: str) -> None:
+    def __init__(self, code: ErrorCode | str, reason: str, rule: str | None = None) -> None:
         super().__init__(f"{code}: {reason}")
         self.code = str(code)
         self.reason = reason
+        self.rule = None if rule is None else str(rule)
 
 
 class RemoteError(DmsError):
     """An error reply: the receiver (or the runtime on the way) refused the request."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, rule: str | None = None) -> None:
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
+        self.rule = rule
 
 
 class InvokeTimeout(RemoteError):

@@ -49,10 +49,11 @@ from dms.actor.envelope import (
     seal,
 )
 from dms.actor.handle import ROOT_INBOX, Address, Handle
-from dms.actor.policy import CapabilityPolicy
+from dms.actor.policy import CapabilityPolicy, DeploymentPolicy, Role
 from dms.actor.replay import DEFAULT_CAPACITY, ReplayCache
 from dms.actor.timers import TimerHandle, Timers
 from dms.actor.transport import Transport
+from dms.actor.wallet import Wallet
 from dms.security.identity import Identity, IdentityError, public_key_from_peer_id
 from dms.security.trust import TrustStore
 
@@ -140,6 +141,8 @@ class ActorContext:
 def reply_payload(result: Any = None, error: Refusal | None = None) -> dict[str, Any]:
     if error is None:
         return {"ok": True, "result": result}
+    if error.rule is not None:  # a capability denial names the rule that failed
+        return {"ok": False, "code": error.code, "reason": error.reason, "rule": error.rule}
     return {"ok": False, "code": error.code, "reason": error.reason}
 
 
@@ -176,6 +179,10 @@ class ActorRef:
         expect_reply: bool = False,
         topic: str | None = None,
     ) -> Envelope:
+        """A new envelope from this actor, carrying the tokens it needs (``dms.actor.wallet``)."""
+        caps = self.system.wallet.tokens_for(
+            self.identity.public_key, to.address.host if to else None, behaviour, topic
+        )
         return make_envelope(
             self.handle,
             self.identity.public_key,
@@ -185,6 +192,7 @@ class ActorRef:
             ttl_s=ttl_s or self.system.limits.invoke_timeout_s,
             expect_reply=expect_reply,
             topic=topic,
+            caps=caps,
         )
 
     def seal(self, envelope: Envelope) -> bytes:
@@ -265,6 +273,7 @@ class ActorSystem:
         *,
         limits: Limits | None = None,
         trust: TrustStore | None = None,
+        deployment_policy: DeploymentPolicy = "open",
     ) -> None:
         if transport.peer_id != identity.peer_id:
             raise ValueError("the transport's peer id must be the node key's peer id")
@@ -273,11 +282,21 @@ class ActorSystem:
         self.transport = transport
         self.limits = limits or Limits()
         self.trust = trust or TrustStore(None)
+        if self.trust.node_key is None:
+            self.trust.node_key = identity.public_key
         self.timers = Timers(f"dms-timers-{self.peer_id[-6:]}")
-        self.policy = CapabilityPolicy(self.trust, self.is_local)
         self._lock = threading.Lock()
         self._actors: dict[str, ActorRef] = {}
         self._local_keys: set[bytes] = {identity.public_key}
+        # What each child actor may do (least privilege); the node key holds everything.
+        self._roles: dict[bytes, Role] = {}
+        # The role of each kind of actor this node spawns (the node fills it); a class
+        # not in it (nor a base of it) has its own ``role`` attribute.
+        self.roles: dict[type, Role] = {}
+        self.policy = CapabilityPolicy(
+            self.trust, identity.public_key, self.role_of, deployment_policy
+        )
+        self.wallet = Wallet(identity, self.trust, self.role_of)
         self._subscribers: dict[str, set[str]] = defaultdict(set)
         self._behaviours: dict[str, dict[str, Behaviour]] = {}  # inbox -> its behaviours
         self._pending: dict[bytes, _Pending] = {}
@@ -299,9 +318,15 @@ class ActorSystem:
         *args: Any,
         inbox: str | None = None,
         identity: Identity | None = None,
+        role: Role | None = None,
         **kwargs: Any,
     ) -> ActorRef:
-        """Start an actor of ``cls`` with its own key (or ``identity``) at ``inbox``."""
+        """Start an actor of ``cls`` with its own key (or ``identity``) at ``inbox``.
+
+        An actor with the node's key holds every capability; any other holds only
+        ``role`` (else its class's entry in ``roles``, else the class's ``role``) on
+        this node, and shows certificates for it to other nodes.
+        """
         identity = identity or Identity.generate()
         inbox = inbox or f"{cls.__name__.lower()}-{identity.public_key[:6].hex()}"
         handle = Handle(id=identity.public_key, address=Address(host=self.peer_id, inbox=inbox))
@@ -311,6 +336,8 @@ class ActorSystem:
             if inbox in self._actors:
                 raise ValueError(f"inbox {inbox!r} is taken")
             self._local_keys.add(identity.public_key)
+            if identity.public_key != self.identity.public_key:
+                self._roles[identity.public_key] = role or self._role_of_class(cls)
         context = ActorContext(system=self, identity=identity, handle=handle)
         with self._lock:
             self._behaviours[inbox] = context.behaviours
@@ -320,6 +347,7 @@ class ActorSystem:
             with self._lock:
                 self._behaviours.pop(inbox, None)
                 self._local_keys.discard(identity.public_key)
+                self._roles.pop(identity.public_key, None)
             raise
         ref = ActorRef(self, identity, handle, pykka_ref)
         with self._lock:
@@ -338,6 +366,8 @@ class ActorSystem:
             self._behaviours.pop(inbox, None)
             if ref.identity.public_key != self.identity.public_key:
                 self._local_keys.discard(ref.identity.public_key)
+                self._roles.pop(ref.identity.public_key, None)
+                self.wallet.forget(ref.identity.public_key)
             for members in self._subscribers.values():
                 members.discard(inbox)
         try:
@@ -349,6 +379,20 @@ class ActorSystem:
 
     def is_local(self, public_key: bytes) -> bool:
         return public_key in self._local_keys
+
+    def _role_of_class(self, cls: type) -> Role:
+        for klass in cls.__mro__:
+            if klass in self.roles:
+                return self.roles[klass]
+        return getattr(cls, "role", Role())
+
+    def role_of(self, public_key: bytes) -> Role | None:
+        """The role of a child actor of this node; None for the node key and strangers."""
+        return self._roles.get(public_key)
+
+    @property
+    def deployment_policy(self) -> DeploymentPolicy:
+        return self.policy.deployment_policy
 
     def subscribe(self, topic: str, inbox: str) -> None:
         with self._lock:
@@ -675,7 +719,10 @@ class ActorSystem:
         else:
             code = str(payload.get("code", ErrorCode.MALFORMED))
             reason = str(payload.get("reason", ""))
-            outcome = Outcome(error=RemoteError(code, reason))
+            rule = payload.get("rule")
+            outcome = Outcome(
+                error=RemoteError(code, reason, rule=rule if isinstance(rule, str) else None)
+            )
         self._complete(pending, outcome)
 
     @staticmethod

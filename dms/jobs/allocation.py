@@ -5,7 +5,8 @@ The executor runs on its own thread; the actor's mailbox stays free to answer
 ``status``, ``logs`` and ``stop``. On every change of state the allocation
 tells its requester (``/dms/deployment/update``, best effort: the requester
 also polls), and when it ends it gives its resources back through ``on_end``.
-Only the requester's host and this node (and its owner) may call it.
+Only the requester's host and this node (its key and its owner) may call it: not
+another actor of this node. Its own role: sending those updates.
 
 An interactive executor (``mining``) also opens a session: the requester's
 deployment actor (the mining session) invokes ``/dms/allocation/session`` with
@@ -228,9 +229,23 @@ class AllocationActor(Actor):
     # ---- behaviours ----------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
+        """The requester's host (its node, or the deployment that placed this), or this
+        node's own key or owner; not another actor of this node (least privilege)."""
         host = request.sender.address.host
-        if host not in (self.requester_host, self.system.peer_id):
-            raise Refusal(ErrorCode.FORBIDDEN, "only the requester may manage this allocation")
+        if host == self.requester_host:
+            return
+        signer = request.envelope.signer
+        system = self.system
+        if host == system.peer_id and (
+            signer == system.identity.public_key or system.trust.is_root(signer)
+        ):
+            return
+        raise Refusal(
+            ErrorCode.FORBIDDEN,
+            f"{request.sender.did} may not manage allocation {self.lease_id}: not_requester: "
+            "only its requester's host or this node may",
+            rule="not_requester",
+        )
 
     @behaviour("/dms/allocation/status", public=True)
     def status(self, request: Request) -> dict[str, Any]:
@@ -246,7 +261,12 @@ class AllocationActor(Actor):
         """One operation of the session; only the requester's actor that placed this
         allocation (the mining session) may call it."""
         if self.reply_to is None or request.sender.id != self.reply_to.id:
-            raise Refusal(ErrorCode.FORBIDDEN, "only the session that placed it may drive it")
+            raise Refusal(
+                ErrorCode.FORBIDDEN,
+                f"{request.sender.did} may not drive allocation {self.lease_id}: "
+                "not_requester: only the session that placed it may",
+                rule="not_requester",
+            )
         if self.session is None or self._session_thread is None or self._courier is None:
             raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, f"{self.executor_kind} has no session")
         if self.state != AllocationState.RUNNING:

@@ -230,7 +230,7 @@ class LocalApi:
         except Refusal as refusal:
             return reply_payload(error=refusal)
         except RemoteError as err:
-            return reply_payload(error=Refusal(err.code, err.reason))
+            return reply_payload(error=Refusal(err.code, err.reason, rule=err.rule))
         except TimeoutError:
             return reply_payload(error=Refusal(ErrorCode.TIMEOUT, f"no reply within {timeout:g} s"))
 

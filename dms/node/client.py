@@ -95,7 +95,12 @@ class NodeClient:
 def _result(answer: dict[str, Any]) -> Any:
     if answer.get("ok"):
         return answer.get("result")
-    raise RemoteError(str(answer.get("code", "error")), str(answer.get("reason", "")))
+    rule = answer.get("rule")
+    raise RemoteError(
+        str(answer.get("code", "error")),
+        str(answer.get("reason", "")),
+        rule=rule if isinstance(rule, str) else None,
+    )
 
 
 def running_node(home: Path) -> NodeClient | None:

@@ -114,9 +114,13 @@ class Node:
                 clock_skew_s=self.settings.clock_skew_s,
                 loop=self._loop,
             )
-            trust = TrustStore.for_context(home, NODE_KEY)
+            trust = TrustStore.for_context(home, NODE_KEY, self.identity.public_key)
             self.system = ActorSystem(
-                self.identity, self.transport, limits=limits_from(self.settings), trust=trust
+                self.identity,
+                self.transport,
+                limits=limits_from(self.settings),
+                trust=trust,
+                deployment_policy=self.settings.deployment_policy,
             )
             self.ledger = ResourceLedger(self.db)
             services = NodeServices(

@@ -4,7 +4,8 @@ It answers the public behaviours any peer may call and the ``/dms/node/*``
 behaviours its owner (the root-anchored user key) calls through the CLI. The
 behaviours are grouped by purpose into mixins: peers and heartbeats
 (``dms.node.peering``), placement in both roles (``dms.node.deploying``),
-onboarding, resources and hardware (``dms.node.provider``). Slow work runs on
+onboarding, resources and hardware (``dms.node.provider``), capability anchors
+and revocations (``dms.node.caps``). Slow work runs on
 a worker pool and answers through ``Request.defer``, so the node's mailbox
 never stalls.
 """
@@ -19,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from dms import __version__
 from dms.actor import ActorContext, Request, behaviour
+from dms.node.caps import CapBehaviours
 from dms.node.deploying import DeployingBehaviours
 from dms.node.mining import MiningBehaviours
 from dms.node.peering import PeeringBehaviours
@@ -33,13 +35,16 @@ class HelloPayload(BaseModel):
     message: str = Field(default="hello", max_length=1024)
 
 
-class NodeActor(PeeringBehaviours, MiningBehaviours, DeployingBehaviours, ProviderBehaviours):
+class NodeActor(
+    CapBehaviours, PeeringBehaviours, MiningBehaviours, DeployingBehaviours, ProviderBehaviours
+):
     def __init__(self, context: ActorContext, services: NodeServices | None = None) -> None:
         super().__init__(context, services)
         self.started = time.monotonic()
         self.hellos: deque[dict[str, Any]] = deque(maxlen=HELLO_MEMORY)
 
     def on_start(self) -> None:
+        self.start_caps()  # first: the roles of the child actors the others start
         self.subscribe(BROADCAST_TOPIC)
         self.start_provider()
         self.start_mining()

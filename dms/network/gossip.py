@@ -1,14 +1,22 @@
 """Broadcast: gossipsub topics whose messages are our signed envelopes.
 
-Each topic has a validator that runs before a message is delivered or
-forwarded: the envelope must decode, be in time, carry a valid signature and
-name the publishing host as its sender's host. A subscription's messages are
-pumped to the actor system. See specs/network.md, "Broadcast".
+Every message is signed by the host that publishes it (libp2p's StrictSign, the
+default of go- and js-libp2p), and a message from any other peer is refused
+unless its signature is valid, before anything is remembered under its id:
+so its ``from`` is the host that published it, and no peer can take another's
+message ids (``from`` + seqno) ahead of it. Each topic then has a validator
+that runs before a message is delivered or forwarded: the envelope's header
+must decode, be in time, name the publishing host as its sender's host (a
+root sender must be that host's key) and carry a valid signature. A sender,
+root or not, is bound to its host as on a unicast stream, where Noise
+authenticates the host. A subscription's messages are pumped to the actor
+system. See specs/network.md, "Broadcast", and specs/security.md.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 
 import trio
@@ -18,17 +26,67 @@ from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX, signature_validator
 
-from dms.actor.codes import Refusal
-from dms.actor.envelope import check_time, now_ns, unseal, verify
+from dms.actor.codes import ErrorCode, Refusal
+from dms.actor.envelope import check_signature, check_signer, check_time, now_ns, open_frame
+from dms.actor.handle import ROOT_INBOX
 from dms.network.checked import CheckedFrames
 from dms.network.loop import LoopBridge, why
 from dms.network.settings import GossipSettings, NetworkSettings
+from dms.security.identity import IdentityError, public_key_from_peer_id
 
 log = logging.getLogger("dms.network")
 
+# Called with the forwarding peer, the message's claimed origin and the refusal.
+GossipRefused = Callable[[ID, bytes, Refusal], None]
 
-def new_pubsub(host: IHost, gossip: GossipSettings) -> tuple[Pubsub, GossipSub]:
+
+class SignedPubsub(Pubsub):
+    """py-libp2p's pubsub under libp2p's StrictSign policy, with refusals that say why.
+
+    Our messages carry ``from``, ``seqno`` and a signature by the host key, as
+    StrictSign peers (go- and js-libp2p by default) require. A message from
+    another peer is refused unless its signature is valid, before py-libp2p
+    looks at its id (``from`` + seqno) in any cache: py-libp2p remembers a
+    failed validation under the id, so a forged message under another host's
+    next id would have made that host's real message fail unseen. py-libp2p's
+    own ``strict_signing`` does the same check without telling us; it stays
+    off, and each message is verified once, here.
+    """
+
+    def __init__(self, host: IHost, router: GossipSub, refused: GossipRefused) -> None:
+        super().__init__(host, router, strict_signing=False)
+        self._key = host.get_private_key()
+        self._refused = refused
+
+    async def publish(self, topic_id: str | list[str], data: bytes) -> None:
+        topics = [topic_id] if isinstance(topic_id, str) else list(topic_id)
+        msg = rpc_pb2.Message(
+            data=data, topicIDs=topics, from_id=self.my_id.to_bytes(), seqno=self._next_seqno()
+        )
+        # No ``key``: an Ed25519 key is in the peer id (as go-libp2p does).
+        msg.signature = self._key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+        await self.push_msg(self.my_id, msg)
+
+    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        if msg_forwarder != self.my_id and not self._is_msg_seen(msg) and not _signed(msg):
+            reason = "the gossip message has no valid libp2p signature by the host it names"
+            self._refused(msg_forwarder, msg.from_id, Refusal(ErrorCode.BAD_SIGNATURE, reason))
+            return
+        await super().push_msg(msg_forwarder, msg)
+
+
+def _signed(msg: rpc_pb2.Message) -> bool:
+    try:
+        return bool(signature_validator(msg))
+    except Exception:  # a key that does not parse
+        return False
+
+
+def new_pubsub(
+    host: IHost, gossip: GossipSettings, refused: GossipRefused
+) -> tuple[Pubsub, GossipSub]:
     """gossipsub for ``host``, with our settings (specs/network.md has why each)."""
     # py-libp2p reads this module constant when a subscription is made; 32 drops
     # messages silently under any burst, so it is raised for the whole process.
@@ -45,10 +103,44 @@ def new_pubsub(host: IHost, gossip: GossipSettings) -> tuple[Pubsub, GossipSub]:
         max_messages_per_topic_per_second=gossip.max_messages_per_topic_per_s,
         adaptive_gossip_enabled=False,
     )
-    # Our envelopes are signed and the validator checks them (and that the sender is
-    # the publishing host): a second libp2p signature per message only costs CPU.
-    pubsub = Pubsub(host, router, strict_signing=False)
-    return pubsub, router
+    return SignedPubsub(host, router, refused), router
+
+
+def check_gossip(
+    frame: bytes,
+    publisher: str,
+    topics: list[str],
+    max_bytes: int,
+    max_ttl_s: float,
+    skew_s: float,
+    *,
+    signature_checked: bool = False,
+) -> None:
+    """The topic validator's checks, on the header alone; raises ``Refusal``.
+
+    ``publisher``: the host that signed the gossip message. The envelope's sender
+    must name it as its host, and a root sender must be its key, as on a unicast
+    stream. The payload is left to the receive pipeline.
+    """
+    opened = open_frame(frame, max_bytes)
+    env = opened.envelope
+    check_time(env, now_ns(), max_ttl_s, skew_s)
+    if env.to is not None or env.topic not in topics:
+        raise Refusal(ErrorCode.MALFORMED, "a gossip envelope names the topic it is published on")
+    if env.sender.address.host != publisher:
+        raise Refusal(
+            ErrorCode.WRONG_SIGNER, "the sender names another host than the one that published it"
+        )
+    if env.sender.address.inbox == ROOT_INBOX:
+        try:
+            host_key = public_key_from_peer_id(publisher)
+        except IdentityError:
+            host_key = None
+        if host_key != env.signer:
+            raise Refusal(ErrorCode.WRONG_SIGNER, "root actor is not signed by its host's key")
+    if not signature_checked:
+        check_signature(opened)
+    check_signer(env)
 
 
 def envelope_is_valid(
@@ -60,16 +152,16 @@ def envelope_is_valid(
     *,
     signature_checked: bool = False,
 ) -> bool:
-    """The gossip validator: signed, in time, and published by the host it names."""
+    """The gossip validator's checks as a yes or no (the envelope's own topic assumed)."""
     try:
-        sealed = unseal(frame, max_bytes)
-        check_time(sealed.envelope, now_ns(), max_ttl_s, skew_s)
-        verify(sealed, signature_checked=signature_checked)
+        topic = open_frame(frame, max_bytes).envelope.topic
+        topics = [topic] if topic is not None else []
+        check_gossip(
+            frame, publisher, topics, max_bytes, max_ttl_s, skew_s,
+            signature_checked=signature_checked,
+        )  # fmt: skip
     except Refusal as refusal:
         log.info("gossip from %s rejected: %s: %s", publisher, refusal.code, refusal.reason)
-        return False
-    if sealed.envelope.sender.address.host != publisher:
-        log.info("gossip from %s rejected: sender names another host", publisher)
         return False
     return True
 
@@ -86,7 +178,25 @@ class Gossip(LoopBridge):
     _max_ttl_s: float
     _clock_skew_s: float
 
+    # What the transport refused before the actor system saw it, by code.
+    refusals: Counter[str]
+
     _deliver: Callable[..., None]  # dms.network.unicast.Unicast._deliver
+
+    def _gossip_refused(self, forwarder: ID, origin: bytes, refusal: Refusal) -> None:
+        """Count and log a gossip message refused here (it goes no further)."""
+        self.refusals[refusal.code] += 1
+        try:
+            publisher = ID(origin).to_base58()
+        except Exception:
+            publisher = origin.hex()
+        log.info(
+            "gossip from %s (via %s) refused: %s: %s",
+            publisher,
+            forwarder.to_base58(),
+            refusal.code,
+            refusal.reason,
+        )
 
     def publish(self, topic: str, frame: bytes) -> None:
         if self._on_trio_thread():
@@ -128,8 +238,14 @@ class Gossip(LoopBridge):
             # Our own publication was sealed by our actor system (or verified by the
             # local API that relayed it): all but its signature is checked.
             own = forwarder == my_id
+            # Who signed the message (SignedPubsub checked it before this runs).
             publisher = ID(msg.from_id).to_base58()
-            if not envelope_is_valid(msg.data, publisher, *limits, signature_checked=own):
+            try:
+                check_gossip(
+                    msg.data, publisher, list(msg.topicIDs), *limits, signature_checked=own
+                )
+            except Refusal as refusal:
+                self._gossip_refused(forwarder, msg.from_id, refusal)
                 return False
             if not own:
                 self._checked.remember(msg.data)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -143,6 +144,8 @@ class Libp2pTransport(Unicast, Gossip):
         self.tap: Callable[[str, bytes], None] | None = None
         self.frames_in = 0
         self.frames_refused = 0
+        # What this transport refused before the actor system saw it, by code.
+        self.refusals: Counter[str] = Counter()
 
     # ---- Transport ---------------------------------------------------------------
 
@@ -225,7 +228,7 @@ class Libp2pTransport(Unicast, Gossip):
         )
         self._host = host
         self._ping = PingService(host)
-        pubsub, router = new_pubsub(host, self.settings.gossip)
+        pubsub, router = new_pubsub(host, self.settings.gossip, self._gossip_refused)
         self._pubsub = pubsub
         self._router = router
         async with host.run(listen_addrs=listen):

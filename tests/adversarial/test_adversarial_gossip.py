@@ -1,0 +1,257 @@
+"""Item 1 of issue 17: gossip senders are authenticated like unicast ones.
+
+Before, dms published gossip unsigned (py-libp2p's ``strict_signing=False``), so a
+message's ``from`` was whatever its first sender wrote. Only a ``root`` sender's
+key was bound to its host: a child actor's envelope could name any host, and a
+peer could send messages under another node's ``from`` and its next seqnos.
+py-libp2p caches a failed validation under that id (``from`` + seqno), so the
+real messages were then dropped unseen: a node's heartbeats could be made to
+vanish. And a peer under the reference implementations' default policy
+(StrictSign) dropped every dms message, and dms never saw its own.
+
+Now every message is signed by the host that publishes it, a message from
+another peer is refused (``bad_signature``) unless its signature is valid
+before its id is looked at, and the envelope's sender must name the host that
+signed it (``wrong_signer``). The hostile and the reference peers are bare
+py-libp2p hosts (``tests/adversarial/bare.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX, signature_validator
+
+from dms.actor import ROOT_INBOX, Actor, Address, Handle, Request, behaviour, make_envelope, seal
+from dms.network.peertable import HEARTBEAT_TOPIC
+from dms.node.client import root_handle
+from dms.node.daemon import Node
+from dms.node.node import BROADCAST_TOPIC
+from dms.security import Identity
+from dms.sim.cluster import LocalCluster
+from tests.adversarial.bare import BarePeer
+from tests.conftest import wait_for
+
+TOPIC = "/test/gossip"
+
+
+class Listener(Actor):
+    """Keeps every broadcast heard on ``TOPIC``, with the host its sender names."""
+
+    def __init__(self, context: Any, heard: list[Any]) -> None:
+        super().__init__(context)
+        self.heard = heard
+        self.subscribe(TOPIC)
+
+    @behaviour(TOPIC, public=True, topic=TOPIC)
+    def hear(self, request: Request) -> None:
+        self.heard.append((request.sender.address.host, request.payload))
+
+
+@pytest.fixture
+def bare_peers() -> Iterator[list[BarePeer]]:
+    peers: list[BarePeer] = []
+    yield peers
+    for peer in peers:
+        peer.close()
+
+
+def transport_refusals(node: Node, code: str) -> int:
+    assert node.transport is not None
+    return node.transport.refusals[code]
+
+
+def until(done: Callable[[], bool], attempt: Callable[[], None], what: str) -> None:
+    """Repeat ``attempt`` every half second until ``done()``: gossip reaches a peer
+    only once it knows the peer's subscriptions."""
+    last = [0.0]
+
+    def check() -> bool:
+        if done():
+            return True
+        if time.monotonic() - last[0] >= 0.5:
+            last[0] = time.monotonic()
+            attempt()
+        return False
+
+    wait_for(check, timeout=40, what=what)
+
+
+def signed_by(identity: Identity, msg: rpc_pb2.Message) -> rpc_pb2.Message:
+    """``msg`` signed as libp2p signs a gossip message, by ``identity``'s host key."""
+    key = create_new_key_pair(identity.private_bytes()).private_key
+    msg.signature = key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+    return msg
+
+
+def hellos(node: Node) -> list[str]:
+    assert node.node is not None
+    return [h["message"] for h in node.node.ask(node.node.handle, "/public/hellos")]
+
+
+def test_a_strict_sign_peer_hears_dms_broadcasts_and_its_own_reach_the_validator(
+    cluster: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    node, other = cluster.start(2)
+    cluster.wait_linked()
+    peer = BarePeer(node.addrs()[0], strict_signing=True)
+    bare_peers.append(peer)
+
+    # It drops every unsigned message: before, it never heard a heartbeat.
+    peer.subscribe(HEARTBEAT_TOPIC)
+    wait_for(lambda: peer.heard[HEARTBEAT_TOPIC], timeout=40, what="a heartbeat at the peer")
+    beat = peer.heard[HEARTBEAT_TOPIC][0]
+    assert ID(beat.from_id).to_base58() in {node.peer_id, other.peer_id}
+    assert signature_validator(beat)
+
+    # What it publishes reaches the dms validator, which refuses it with a reason.
+    before = transport_refusals(node, "malformed")
+    until(
+        lambda: transport_refusals(node, "malformed") > before,
+        lambda: peer.publish(BROADCAST_TOPIC, b"not an envelope"),
+        "the validator's refusal of the peer's message",
+    )
+
+    # A well-formed envelope signed by its own key, under its own host, is a broadcast.
+    me = Handle(id=peer.identity.public_key, address=Address(host=peer.peer_id, inbox=ROOT_INBOX))
+
+    def hello() -> None:
+        env = make_envelope(
+            me,
+            peer.identity.public_key,
+            "/broadcast/hello",
+            {"message": "from a StrictSign peer"},
+            ttl_s=30,
+            topic=BROADCAST_TOPIC,
+        )
+        peer.publish(BROADCAST_TOPIC, seal(env, peer.identity))
+
+    until(lambda: "from a StrictSign peer" in hellos(node), hello, "the peer's hello")
+
+    # The node stayed up.
+    assert other.node is not None
+    assert other.node.ask(root_handle(node.peer_id), "/public/hello")["peer_id"] == node.peer_id
+
+
+def test_a_peer_cannot_claim_another_host_for_a_sender(
+    cluster: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    claimed, observer = cluster.start(2)
+    cluster.wait_linked()
+    assert observer.system is not None
+    heard: list[Any] = []
+    observer.system.spawn(Listener, heard)
+    attacker = BarePeer(observer.addrs()[0], strict_signing=False)
+    bare_peers.append(attacker)
+
+    # A child actor's key of the attacker's own, naming the claimed node as its host.
+    key = Identity.generate()
+    child = Handle(
+        id=key.public_key, address=Address(host=claimed.peer_id, inbox="orchestrator-0a1b2c")
+    )
+    env = make_envelope(child, key.public_key, TOPIC, {"spoofed": True}, ttl_s=60, topic=TOPIC)
+    frame = seal(env, key)
+
+    # Under the claimed host's ``from``, unsigned: before, delivered as the claimed host's.
+    def unsigned() -> None:
+        attacker.forge(
+            rpc_pb2.Message(
+                data=frame,
+                topicIDs=[TOPIC],
+                from_id=ID.from_base58(claimed.peer_id).to_bytes(),
+                seqno=os.urandom(8),
+            )
+        )
+
+    until(
+        lambda: transport_refusals(observer, "bad_signature") > 0,
+        unsigned,
+        "bad_signature for an unsigned message",
+    )
+
+    # Under its own ``from``, signed: the envelope names another host than the signer.
+    def own_host() -> None:
+        msg = rpc_pb2.Message(
+            data=frame,
+            topicIDs=[TOPIC],
+            from_id=ID.from_base58(attacker.peer_id).to_bytes(),
+            seqno=os.urandom(8),
+        )
+        attacker.forge(signed_by(attacker.identity, msg))
+
+    until(
+        lambda: transport_refusals(observer, "wrong_signer") > 0,
+        own_host,
+        "wrong_signer for a sender naming another host",
+    )
+    assert heard == []
+
+    # The claimed node's own child actors still broadcast (bound by its signature).
+    assert claimed.system is not None
+    publisher = claimed.system.spawn(Actor)
+
+    def honest() -> None:
+        publisher.publish(TOPIC, TOPIC, {"honest": True})
+
+    until(lambda: bool(heard), honest, "the honest child actor's broadcast")
+    assert heard[0] == (claimed.peer_id, {"honest": True})
+
+
+def test_a_peer_cannot_take_another_nodes_next_message_ids(
+    cluster: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    claimed, observer = cluster.start(2)
+    cluster.wait_linked()
+    assert observer.system is not None and claimed.transport is not None
+    heard: list[Any] = []
+    observer.system.spawn(Listener, heard)
+    attacker = BarePeer(observer.addrs()[0], strict_signing=False)
+    bare_peers.append(attacker)
+    observer_id = ID.from_base58(observer.peer_id)
+    wait_for(
+        lambda: (
+            attacker.pubsub is not None
+            and observer_id in attacker.pubsub.peer_topics.get(TOPIC, set())
+        ),
+        what="the attacker to know the observer's topic",
+    )
+    pubsub = claimed.transport._pubsub
+    assert pubsub is not None
+    wait_for(
+        lambda: observer_id in pubsub.peer_topics.get(TOPIC, set()),
+        what="the claimed node to know the observer's topic",
+    )
+
+    # The claimed node's next 100 message ids (py-libp2p counts up from the time).
+    claimed_id = ID.from_base58(claimed.peer_id).to_bytes()
+    first = pubsub.counter + 1
+    for seqno in range(first, first + 100):
+        attacker.forge(
+            rpc_pb2.Message(
+                data=b"garbage",
+                topicIDs=[TOPIC],
+                from_id=claimed_id,
+                seqno=seqno.to_bytes(8, "big"),
+            )
+        )
+
+    def settled() -> bool:  # every forged message that arrived has been refused
+        count = transport_refusals(observer, "bad_signature")
+        time.sleep(0.5)
+        return count >= 50 and count == transport_refusals(observer, "bad_signature")
+
+    wait_for(settled, what="the forged messages refused")
+
+    # Before, the observer had cached each id as invalid and dropped the real message.
+    assert claimed.node is not None
+    claimed.node.publish(TOPIC, TOPIC, {"real": True})
+    wait_for(lambda: heard, timeout=20, what="the claimed node's real message")
+    assert pubsub.counter < first + 100  # its id was one of those forged
+    assert heard == [(claimed.peer_id, {"real": True})]

@@ -308,6 +308,9 @@ class ActorSystem:
         self._closed = False  # pending invokes have failed: a new one fails at once
         # Refusals by code, for status pages and tests: a refusal is never silent.
         self.refusals: Counter[str] = Counter()
+        # Called with (behaviour, "ok" or the refusal's code) for every invoke this
+        # node answers, on the answering thread (dms.node.metrics counts them).
+        self.answer_observers: list[Callable[[str, str], None]] = []
         transport.start(self.receive, self.undeliverable)
 
     # ---- actors -----------------------------------------------------------------
@@ -506,6 +509,8 @@ class ActorSystem:
             return
         if request.to is None:
             return  # a broadcast is never answered: every subscriber would answer
+        for observe in self.answer_observers:
+            observe(request.behaviour, "ok" if payload["ok"] else str(payload["code"]))
         ttl_s = (request.expiry - now_ns()) / 1e9
         if not payload["ok"]:
             # A refusal must reach the caller even when the request itself had expired.

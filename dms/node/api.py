@@ -6,6 +6,8 @@ the user key; the node's receive pipeline authorizes them exactly as if they had
 come over the network. Endpoints:
 
 - ``GET /health``: JSON ``{status, node_id, did, peer_id, version, uptime_s}``
+- ``GET /config``: the node's effective settings (``dms config show``)
+- ``GET /metrics``: Prometheus text format (``dms.node.metrics``, ``specs/metrics.md``)
 - ``POST /actor/invoke?timeout=S``: body a sealed envelope; answer the reply
   payload ``{ok, result}`` or ``{ok: false, code, reason}`` as MessagePack
 - ``POST /actor/send``: relay without waiting for a reply
@@ -21,7 +23,8 @@ node's identity):
   which a page that rebinds its DNS name to 127.0.0.1 cannot do;
 - every request but ``/health`` must carry ``X-Dms-Token``, the random token the
   daemon writes at each start to ``DMS_HOME/api.token`` (mode 0600): the caller
-  proves it can read this home (``unauthorized``);
+  proves it can read this home (``unauthorized``). ``Authorization: Bearer TOKEN``
+  carries it too, as a Prometheus scrape sends it (``credentials_file``);
 - the API relays only envelopes signed by a key anchored as root of this node
   (``forbidden``): the node never speaks for a key it does not trust.
 """
@@ -61,6 +64,7 @@ PEER_HEADER = "X-Dms-Peer-Id"
 TOKEN_HEADER = "X-Dms-Token"
 LOOPBACK = "127.0.0.1"
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class ApiError(DmsError):
@@ -128,10 +132,12 @@ class LocalApi:
         system: ActorSystem,
         health: Callable[[], dict[str, Any]],
         config: Callable[[], dict[str, Any]] | None = None,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self.system = system
         self.health = health
         self.config = config or (lambda: {})
+        self.metrics = metrics
         self.token = secrets.token_urlsafe(32)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -258,10 +264,12 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
 
         def _caller_refused(self, *, need_token: bool) -> bool:
             """Refuse (and answer) a caller that is not this home's user on this machine."""
+            token = self.headers.get(TOKEN_HEADER)
+            scheme, _, bearer = (self.headers.get("Authorization") or "").partition(" ")
+            if token is None and scheme.lower() == "bearer":
+                token = bearer.strip()
             try:
-                api.check_caller(
-                    self.headers.get("Host"), self.headers.get(TOKEN_HEADER), need_token=need_token
-                )
+                api.check_caller(self.headers.get("Host"), token, need_token=need_token)
             except ApiRefusal as refusal:
                 api.system.refusals[str(refusal.code)] += 1
                 log.warning("local API refused %s %s: %s", self.command, self.path, refusal)
@@ -278,6 +286,8 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
                 self._json(HTTPStatus.OK, api.health())
             elif path == "/config":
                 self._json(HTTPStatus.OK, api.config())
+            elif path == "/metrics" and api.metrics is not None:
+                self._send(HTTPStatus.OK, api.metrics(), METRICS_CONTENT_TYPE)
             else:
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {self.path}"})
 

@@ -27,6 +27,7 @@ from dms.network.settings import NetworkSettings
 from dms.node.api import LocalApi
 from dms.node.home import NODE_KEY, NodeError
 from dms.node.lock import RunLock, check_listen_free
+from dms.node.metrics import NodeMetrics
 from dms.node.node import NodeActor
 from dms.node.services import NodeServices
 from dms.resources import Onboarder, ResourceLedger
@@ -44,6 +45,10 @@ def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
         "mdns": settings.mdns,
         "dial_timeout_s": settings.dial_timeout_s,
         "max_frame_bytes": settings.max_data_bytes + 1024,
+        "max_frames_per_s": settings.max_frames_per_s,
+        "frame_burst": settings.frame_burst,
+        "max_outbound_frames": settings.max_outbound_frames,
+        "max_outbound_bytes": settings.max_outbound_bytes,
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
@@ -93,6 +98,7 @@ class Node:
         self.peer_table = PeerTable()
         self.started = 0.0
         self._lock = RunLock(settings.home)
+        self.metrics = NodeMetrics(self)  # GET /metrics: read at each scrape
 
     @property
     def peer_id(self) -> str:
@@ -117,11 +123,12 @@ class Node:
             trust = TrustStore.for_context(home, NODE_KEY, self.identity.public_key)
             self.system = ActorSystem(
                 self.identity,
-                self.transport,
+                self.metrics.count(self.transport),  # bytes in and out, for /metrics
                 limits=limits_from(self.settings),
                 trust=trust,
                 deployment_policy=self.settings.deployment_policy,
             )
+            self.system.answer_observers.append(self.metrics.answered)
             self.ledger = ResourceLedger(self.db)
             services = NodeServices(
                 home=home,
@@ -141,7 +148,9 @@ class Node:
                 NodeActor, services, inbox=ROOT_INBOX, identity=self.identity
             )
             if serve_api:
-                self.api = LocalApi(self.system, self.health, self.effective_settings)
+                self.api = LocalApi(
+                    self.system, self.health, self.effective_settings, self.metrics.render
+                )
                 self.api.start(self.api_port)
                 self.api.record(home)
             self.db.record("node.started", peer_id=self.peer_id, addrs=self.transport.addrs())

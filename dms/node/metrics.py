@@ -1,0 +1,341 @@
+"""Prometheus metrics of one node: ``GET /metrics`` on the local API.
+
+Every node has a registry of its own (``LocalCluster`` runs many nodes in one
+process), holding one collector that reads the node's state when it is scraped:
+the actor system's refusal counts, the ledger's leases, the peers table, the
+store's deployments and mining sessions. Two things are counted as they happen,
+because nothing keeps them otherwise: the invokes this node answers (an observer
+of ``ActorSystem``) and the frames its transport moves (:class:`CountingTransport`,
+a wrapper like ``dms.sim.faults.FaultyTransport``). Names: ``specs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from sqlalchemy import case, func, select
+
+from dms import __version__
+from dms.actor.transport import Receiver, Transport, Undeliverable
+from dms.store.models import DeploymentRecord, Lease, MiningSessionRecord
+
+if TYPE_CHECKING:
+    from dms.node.daemon import Node
+
+# Seconds from a deployment's request to its last allocation running.
+PLACEMENT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 300.0)
+# Seconds of one mining step (every shard answered and the owner combined).
+ROUND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# Distinct behaviour names kept as label values; the rest count as "other", so a
+# peer that invokes made-up names cannot grow the metrics without bound.
+MAX_BEHAVIOURS = 256
+UNKNOWN_CODES = frozenset({"unknown_behaviour", "unknown_actor"})
+
+LEASES = Lease.__table__
+DEPLOYMENTS = DeploymentRecord.__table__
+MINING = MiningSessionRecord.__table__
+
+
+class Traffic:
+    """Frames and bytes a transport moved, by direction (in, out) and kind (direct,
+    gossip). Inbound gossip frames cannot be told from direct ones at the transport,
+    so inbound frames are all counted as kind ``any``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.frames: Counter[tuple[str, str]] = Counter()
+        self.bytes: Counter[tuple[str, str]] = Counter()
+
+    def add(self, direction: str, kind: str, size: int) -> None:
+        with self._lock:
+            self.frames[(direction, kind)] += 1
+            self.bytes[(direction, kind)] += size
+
+    def snapshot(self) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+        with self._lock:
+            return dict(self.frames), dict(self.bytes)
+
+
+class CountingTransport:
+    """A :class:`dms.actor.Transport` that counts what passes through it."""
+
+    def __init__(self, inner: Transport, traffic: Traffic) -> None:
+        self.inner = inner
+        self.traffic = traffic
+
+    @property
+    def peer_id(self) -> str:
+        return self.inner.peer_id
+
+    def start(self, receiver: Receiver, undeliverable: Undeliverable | None = None) -> None:
+        traffic = self.traffic
+
+        def arrive(frame: bytes, from_peer: str | None, *, signature_checked: bool = False) -> None:
+            traffic.add("in", "any", len(frame))
+            receiver(frame, from_peer, signature_checked=signature_checked)
+
+        self.inner.start(arrive, undeliverable)
+
+    def send(self, peer_id: str, frame: bytes) -> None:
+        self.inner.send(peer_id, frame)
+        self.traffic.add("out", "direct", len(frame))
+
+    def publish(self, topic: str, frame: bytes) -> None:
+        self.inner.publish(topic, frame)
+        self.traffic.add("out", "gossip", len(frame))
+
+    def subscribe(self, topic: str) -> None:
+        self.inner.subscribe(topic)
+
+    def unsubscribe(self, topic: str) -> None:
+        self.inner.unsubscribe(topic)
+
+    def stop(self) -> None:
+        self.inner.stop()
+
+
+def _copy(counter: Counter[Any]) -> dict[Any, int]:
+    """A consistent copy of a counter other threads update."""
+    for _ in range(10):
+        try:
+            return dict(counter)
+        except RuntimeError:  # changed size during the copy
+            continue
+    return {}
+
+
+def histogram(
+    name: str, doc: str, values: Iterable[float], buckets: tuple[float, ...]
+) -> HistogramMetricFamily:
+    values = sorted(values)
+    counts, at = [], 0
+    for bound in buckets:
+        while at < len(values) and values[at] <= bound:
+            at += 1
+        counts.append((_bound(bound), at))
+    counts.append(("+Inf", len(values)))
+    return HistogramMetricFamily(name, doc, buckets=counts, sum_value=sum(values))
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+class NodeCollector(Collector):
+    """Reads one node's state at each scrape."""
+
+    def __init__(self, node: Node, metrics: NodeMetrics) -> None:
+        self.node = node
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node
+        info = InfoMetricFamily("dms_node", "This node: its peer id and dms version.")
+        info.add_metric([], {"peer_id": node.peer_id, "version": __version__})
+        yield info
+        uptime = time.monotonic() - node.started if node.started else 0.0
+        yield GaugeMetricFamily("dms_uptime_seconds", "Seconds since the node started.", uptime)
+        yield from self._actors()
+        yield from self._network()
+        yield from self._resources()
+        yield from self._store()
+
+    # ---- the actor system -----------------------------------------------------------
+
+    def _actors(self) -> Iterator[Metric]:
+        invokes = CounterMetricFamily(
+            "dms_invokes",
+            "Invokes this node answered, by behaviour and outcome (ok, or the refusal's code).",
+            labels=["behaviour", "outcome"],
+        )
+        for (behaviour, outcome), count in sorted(self.metrics.invokes().items()):
+            invokes.add_metric([behaviour, outcome], count)
+        yield invokes
+        refusals = CounterMetricFamily(
+            "dms_refusals",
+            "Messages and API requests refused, by code (every refusal is logged too).",
+            labels=["code"],
+        )
+        system = self.node.system
+        for code, count in sorted(_copy(system.refusals).items() if system else ()):
+            refusals.add_metric([code], count)
+        yield refusals
+
+    def _network(self) -> Iterator[Metric]:
+        frames, sizes = self.metrics.traffic.snapshot()
+        frame_family = CounterMetricFamily(
+            "dms_network_frames",
+            "Envelopes this node's transport sent and received.",
+            labels=["direction", "kind"],
+        )
+        byte_family = CounterMetricFamily(
+            "dms_network_bytes",
+            "Bytes of envelopes this node's transport sent and received (chunks apart).",
+            labels=["direction", "kind"],
+        )
+        for (direction, kind), count in sorted(frames.items()):
+            frame_family.add_metric([direction, kind], count)
+            byte_family.add_metric([direction, kind], sizes.get((direction, kind), 0))
+        yield frame_family
+        yield byte_family
+        transport = self.node.transport
+        offers = getattr(transport, "offers", None)
+        served = CounterMetricFamily(
+            "dms_chunk_served_bytes", "Chunk bytes this node served to peers (bulk transfer)."
+        )
+        served.add_metric([], offers.served_bytes if offers is not None else 0)
+        yield served
+        if offers is not None:
+            yield GaugeMetricFamily(
+                "dms_chunk_store_bytes",
+                "Bytes in this node's chunk store.",
+                offers.store.used_bytes,
+            )
+        peers = GaugeMetricFamily(
+            "dms_peers", "Peers in the heartbeat peers table, by status.", labels=["status"]
+        )
+        statuses = Counter(r.status for r in self.node.peer_table.records())
+        for status in sorted({"alive", "gone", *statuses}):
+            peers.add_metric([status], statuses.get(status, 0))
+        yield peers
+        if transport is not None:
+            try:
+                connected = len(transport.peers())
+            except Exception:  # a host still starting or stopping
+                connected = 0
+            yield GaugeMetricFamily(
+                "dms_connections", "Peers this node holds a libp2p connection to.", connected
+            )
+
+    # ---- the ledger and the store ----------------------------------------------------
+
+    def _resources(self) -> Iterator[Metric]:
+        ledger = self.node.ledger
+        if ledger is None:
+            return
+        pools = ledger.pools()
+        gauge = GaugeMetricFamily(
+            "dms_resources",
+            "Onboarded resources by pool (onboarded = free + locked + allocated).",
+            labels=["pool", "resource"],
+        )
+        for pool in ("onboarded", "free", "locked", "allocated"):
+            amounts = getattr(pools, pool).human()
+            for resource in ("cpu", "ram_gib", "disk_gib", "gpu"):
+                gauge.add_metric([pool, resource], float(amounts.get(resource, 0)))
+        yield gauge
+        now = time.time()
+        state = case(
+            ((LEASES.c.state == "locked") & (LEASES.c.expires_at <= now), "expired"),
+            else_=LEASES.c.state,
+        )
+        with ledger.db.transaction() as conn:
+            rows = conn.execute(select(state, func.count()).group_by(state)).all()
+        counts = Counter({str(s): int(n) for s, n in rows})
+        leases = GaugeMetricFamily(
+            "dms_leases",
+            "Leases in the ledger by state (locked and allocated hold resources now).",
+            labels=["state"],
+        )
+        for name in ("locked", "allocated", "released", "expired"):
+            leases.add_metric([name], counts.get(name, 0))
+        yield leases
+
+    def _store(self) -> Iterator[Metric]:
+        db = self.node.db
+        if db is None:
+            return
+        with db.transaction() as conn:
+            deployments = conn.execute(
+                select(DEPLOYMENTS.c.state, DEPLOYMENTS.c.created_at, DEPLOYMENTS.c.running_at)
+            ).all()
+            sessions = conn.execute(select(MINING.c.phase, MINING.c.progress)).all()
+        by_state = Counter(str(r.state) for r in deployments)
+        gauge = GaugeMetricFamily(
+            "dms_deployments", "Deployments this node requested, by state.", labels=["state"]
+        )
+        for state, count in sorted(by_state.items()):
+            gauge.add_metric([state], count)
+        yield gauge
+        yield histogram(
+            "dms_placement_seconds",
+            "From a deployment's request to all its allocations running (this node's requests).",
+            (
+                r.running_at - r.created_at
+                for r in deployments
+                if r.running_at is not None and r.running_at >= r.created_at
+            ),
+            PLACEMENT_BUCKETS,
+        )
+        phases = Counter(str(r.phase) for r in sessions)
+        gauge = GaugeMetricFamily(
+            "dms_mining_sessions", "Mining sessions this node owns, by phase.", labels=["phase"]
+        )
+        for phase, count in sorted(phases.items()):
+            gauge.add_metric([phase], count)
+        yield gauge
+        steps = [
+            float(step["s"])
+            for r in sessions
+            for step in ((r.progress or {}).get("steps") or [])
+            if isinstance(step, dict) and isinstance(step.get("s"), int | float)
+        ]
+        rounds = CounterMetricFamily(
+            "dms_mining_rounds", "Mining steps (rounds) combined by this node's sessions."
+        )
+        rounds.add_metric([], len(steps))
+        yield rounds
+        yield histogram(
+            "dms_mining_round_seconds",
+            "Time of one mining step: every shard answered and the owner combined.",
+            steps,
+            ROUND_BUCKETS,
+        )
+
+
+class NodeMetrics:
+    """One node's registry and the counts nothing else keeps."""
+
+    def __init__(self, node: Node) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.traffic = Traffic()
+        self._lock = threading.Lock()
+        self._invokes: Counter[tuple[str, str]] = Counter()
+        self._behaviours: set[str] = set()  # label values in use (MAX_BEHAVIOURS)
+        self.registry.register(NodeCollector(node, self))
+
+    def count(self, transport: Transport) -> CountingTransport:
+        return CountingTransport(transport, self.traffic)
+
+    def answered(self, behaviour: str, outcome: str) -> None:
+        """The observer ``ActorSystem`` calls for every invoke this node answers."""
+        if outcome in UNKNOWN_CODES:
+            behaviour = "(unknown)"
+        with self._lock:
+            if behaviour not in self._behaviours and behaviour != "(unknown)":
+                if len(self._behaviours) >= MAX_BEHAVIOURS:
+                    behaviour = "other"
+                else:
+                    self._behaviours.add(behaviour)
+            self._invokes[(behaviour, outcome)] += 1
+
+    def invokes(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._invokes)
+
+    def render(self) -> bytes:
+        """The text exposition format, as ``GET /metrics`` answers."""
+        return generate_latest(self.registry)

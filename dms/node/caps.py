@@ -71,57 +71,6 @@ class RemovePayload(BaseModel):
     id: str | None = Field(default=None, min_length=4, max_length=64, pattern=r"^[0-9a-fA-F]+$")
 
 
-def anchor(trust: TrustStore, node_did: str, payload: AnchorPayload) -> dict[str, Any]:
-    """Add one anchor to ``trust``; the same for the node and for the CLI without one."""
-    if payload.root is not None:
-        try:
-            added = trust.anchor_root(payload.root)
-        except IdentityError as err:
-            raise Refusal(ErrorCode.BAD_PAYLOAD, str(err)) from None
-        return {"anchored": "root", "did": payload.root, "new": added}
-    kind = "require" if payload.require else "provide" if payload.provide else "issued"
-    raw = payload.require or payload.provide or payload.issued
-    assert raw is not None
-    try:
-        chain = trust.verifier.verify(raw)
-    except TokenError as err:
-        raise Refusal(ErrorCode.FORBIDDEN, f"{err.rule}: {err.message}", rule=err.rule) from None
-    token = chain.token
-    if kind == "provide":
-        me = trust.node_key
-        if token.aud != me and not trust.is_root(token.aud):
-            raise Refusal(
-                ErrorCode.BAD_PAYLOAD,
-                f"this token is for {token.describe()['aud']}, not this node ({node_did})",
-            )
-    kinds = [kind]
-    _, new = trust.anchor(raw, kind)
-    if kind == "provide" and not payload.one_way:
-        trust.anchor(raw, "require")
-        kinds.append("require")
-    return {
-        "anchored": "+".join(kinds),
-        "new": new,
-        "accepts": token.describe()["iss"] if "require" in kinds else None,
-        **token.describe(),
-        "chain": chain.length,
-    }
-
-
-def remove(trust: TrustStore, payload: RemovePayload) -> dict[str, Any]:
-    if payload.root is not None:
-        removed = ["root"] if trust.remove_root(payload.root) else []
-        return {"removed": removed, "root": payload.root}
-    if payload.id is None:
-        raise Refusal(ErrorCode.BAD_PAYLOAD, "give a root DID or a token id")
-    found = trust.find(payload.id)
-    if len(found) != 1:
-        what = "no anchored token" if not found else f"{len(found)} tokens"
-        raise Refusal("unknown", f"{what} with an id starting {payload.id}")
-    token_id = found[0].token.id
-    return {"removed": trust.remove(token_id), "id": token_id.hex()}
-
-
 class CapBehaviours(NodeBase):
     def start_caps(self) -> None:
         """Before any child actor starts: the roles they get."""
@@ -153,11 +102,21 @@ class CapBehaviours(NodeBase):
 
     @behaviour("/dms/cap/anchor", payload=AnchorPayload)
     def cap_anchor(self, request: Request) -> dict[str, Any]:
-        return anchor(self.trust, self.identity.did, request.payload)
+        p: AnchorPayload = request.payload
+        if p.root is not None:
+            try:
+                return {"anchored": "root", "did": p.root, "new": self.trust.anchor_root(p.root)}
+            except IdentityError as err:
+                raise Refusal(ErrorCode.BAD_PAYLOAD, str(err)) from None
+        kind = "require" if p.require else "provide" if p.provide else "issued"
+        raw = p.require or p.provide or p.issued
+        assert raw is not None
+        return self.trust.anchor_token(raw, kind, one_way=p.one_way)
 
     @behaviour("/dms/cap/remove", payload=RemovePayload)
     def cap_remove(self, request: Request) -> dict[str, Any]:
-        return remove(self.trust, request.payload)
+        p: RemovePayload = request.payload
+        return self.trust.remove_anchor(root=p.root, prefix=p.id)
 
     @behaviour("/dms/cap/revoke", payload=RevocationPayload)
     def cap_revoke(self, request: Request) -> dict[str, Any]:

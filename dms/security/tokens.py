@@ -292,6 +292,60 @@ def issue(
     return decode(raw)
 
 
+def grant(
+    issuer: Identity,
+    audience: bytes,
+    caps: Sequence[str],
+    *,
+    expires_in_s: float,
+    topics: Sequence[str] | None = None,
+    depth: int = 0,
+    act: Action | str = Action.DELEGATE,
+    parent: Chain | None = None,
+) -> Token:
+    """What ``dms cap grant`` and ``dms cap delegate`` issue. Paths are normalized; the
+    topics default to the capabilities' own paths (``/dms/deployment`` is also the topic
+    of bid requests); below ``parent``, the token may not outlive, widen or deepen it,
+    and the chain is checked before it is returned."""
+    caps = [normalize_path(c) for c in caps]
+    topics = list(caps) if topics is None else [normalize_path(t) for t in topics]
+    if not caps:
+        raise TokenError(Rule.MALFORMED, "name at least one capability (--cap /path)")
+    if not 0 <= depth <= MAX_DEPTH:
+        raise TokenError(Rule.MALFORMED, f"depth is 0..{MAX_DEPTH}")
+    expires_at = int(time.time() + expires_in_s)
+    proofs: list[bytes] = []
+    if parent is not None:
+        up = parent.token
+        if up.act != Action.DELEGATE or up.depth < 1:
+            raise TokenError(
+                Rule.DEPTH_EXCEEDED if up.act == Action.DELEGATE else Rule.NOT_DELEGATION,
+                f"token {up.short_id} allows no further delegation "
+                f"({up.act}, depth {up.depth}): ask its issuer for one with --depth 1",
+            )
+        if depth > up.depth - 1:
+            raise TokenError(
+                Rule.DEPTH_EXCEEDED,
+                f"depth {depth} is more than its parent allows ({up.depth - 1})",
+            )
+        expires_at = min(expires_at, parent.exp)
+        topics = [t for t in topics if covered(t, up.topic)]
+        proofs = [parent.raw]
+    token = issue(
+        issuer,
+        audience,
+        caps,
+        expires_at=expires_at,
+        act=act,
+        topics=topics,
+        depth=depth,
+        proofs=proofs,
+    )
+    if parent is not None:
+        ChainVerifier().verify(token.raw)  # widening or depth: raised with its rule
+    return token
+
+
 def to_text(raw: bytes) -> str:
     return TEXT_PREFIX + base58.b58encode(raw).decode()
 

@@ -223,6 +223,48 @@ class TrustStore:
             self._changed()
         return chain, True
 
+    def anchor_token(self, raw: bytes, kind: Kind, *, one_way: bool = False) -> dict[str, Any]:
+        """What ``dms cap anchor --require|--provide|--issued`` does. A provide token must
+        be for this node (or one of its roots); it is anchored as require too (its first
+        issuer's chains are accepted here: joining its group) unless ``one_way``."""
+        try:
+            chain = self.verifier.verify(raw)
+        except TokenError as err:
+            raise TrustError(f"this token fails {err.rule}: {err.message}") from None
+        token = chain.token
+        if kind == "provide" and token.aud != self.node_key and not self.is_root(token.aud):
+            mine = did_from_public_key(self.node_key) if self.node_key else "this node"
+            raise TrustError(
+                f"this token is for {did_from_public_key(token.aud)}, not this node ({mine})"
+            )
+        kinds: list[str] = [kind]
+        _, new = self.anchor(raw, kind)
+        if kind == "provide" and not one_way:
+            self.anchor(raw, "require")
+            kinds.append("require")
+        return {
+            "anchored": "+".join(kinds),
+            "new": new,
+            "accepts": did_from_public_key(chain.root) if "require" in kinds else None,
+            **token.describe(),
+            "chain": chain.length,
+        }
+
+    def remove_anchor(
+        self, *, root: str | None = None, prefix: str | None = None
+    ) -> dict[str, Any]:
+        """What ``dms cap remove`` does: a root DID, or a token by the start of its id."""
+        if root is not None:
+            return {"removed": ["root"] if self.remove_root(root) else [], "root": root}
+        if not prefix:
+            raise TrustError("give a root DID or a token id")
+        found = self.find(prefix)
+        if len(found) != 1:
+            what = "no anchored token" if not found else f"{len(found)} tokens"
+            raise TrustError(f"{what} with an id starting {prefix}")
+        token_id = found[0].token.id
+        return {"removed": self.remove(token_id), "id": token_id.hex()}
+
     def remove(self, token_id: bytes) -> list[str]:
         """Drop a token from every list that holds it; returns those lists' names."""
         removed: list[str] = []

@@ -7,9 +7,10 @@ and is the lease holder's identity on the other side.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dms.actor import Handle
 from dms.jobs.spec import MAX_SLOTS, Constraints
@@ -23,6 +24,10 @@ REVERT = "/dms/deployment/revert"
 UPDATE = "/dms/deployment/update"
 DEPLOYMENT_TOPIC = "/dms/deployment"
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+MAX_RESULT_BYTES = 256 * 1024  # an allocation's result, as JSON, kept in the deployment's row
+MAX_ERROR_CHARS = 2048
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Message(BaseModel):
@@ -34,6 +39,8 @@ class SlotRequest(_Message):
     executor: str = Field(min_length=1, max_length=64)
     resources: Resources
     constraints: Constraints = Field(default_factory=Constraints)
+    # The executor's params, so a provider can check them before it bids (absent: not checked).
+    params: dict[str, Any] | None = None
 
 
 class BidRequest(_Message):
@@ -44,27 +51,29 @@ class BidRequest(_Message):
 
 
 class Offer(_Message):
-    slot: str
-    lease_id: str
-    price: float
-    expires_at: float
+    slot: str = Field(max_length=128)
+    lease_id: str = Field(min_length=1, max_length=64)
+    price: Finite = Field(ge=0)
+    expires_at: Finite
 
 
 class Decline(_Message):
-    slot: str
-    reason: str
+    slot: str = Field(max_length=128)
+    reason: str = Field(max_length=4096)
+    # A reason no retry changes (no such executor there, params its executor rejects).
+    permanent: bool = False
 
 
 class Bid(_Message):
-    deployment_id: str
-    peer_id: str
-    did: str
-    offers: list[Offer] = Field(default_factory=list)
-    declines: list[Decline] = Field(default_factory=list)
-    price: float = 0.0
-    scores: dict[str, float] = Field(default_factory=dict)
-    free: dict[str, float] = Field(default_factory=dict)
-    onboarded: dict[str, float] = Field(default_factory=dict)
+    deployment_id: str = Field(max_length=128)
+    peer_id: str = Field(max_length=128)
+    did: str = Field(max_length=256)
+    offers: list[Offer] = Field(default_factory=list, max_length=MAX_SLOTS)
+    declines: list[Decline] = Field(default_factory=list, max_length=MAX_SLOTS)
+    price: Finite = Field(default=0.0, ge=0)
+    scores: dict[str, Finite] = Field(default_factory=dict)
+    free: dict[str, Finite] = Field(default_factory=dict)
+    onboarded: dict[str, Finite] = Field(default_factory=dict)
 
 
 class CommitRequest(_Message):
@@ -86,3 +95,44 @@ class RevertRequest(_Message):
     deployment_id: str = Field(pattern=ID_PATTERN)
     lease_ids: list[str] = Field(default_factory=list, max_length=MAX_SLOTS)
     everything: bool = False  # also every other lease the caller holds for this deployment
+
+
+class AllocationStatus(BaseModel):
+    """What a provider says of an allocation (a status poll's answer, an update, the
+    status in an allocate reply); the requester reads only these fields."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    state: Literal["pending", "starting", "running", "completed", "failed", "stopped"]
+    result: Any = None
+    error: str | None = None
+
+    @field_validator("result")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        try:
+            size = len(json.dumps(value))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the result cannot be stored as JSON: {exc}") from None
+        if size > MAX_RESULT_BYTES:
+            raise ValueError(f"the result is {size} bytes of JSON, over {MAX_RESULT_BYTES}")
+        return value
+
+    @field_validator("error")
+    @classmethod
+    def _short(cls, value: str | None) -> str | None:
+        return value[:MAX_ERROR_CHARS] if value is not None else None
+
+
+class AllocationUpdate(AllocationStatus):
+    """``/dms/deployment/update``: an allocation's end, pushed by its provider."""
+
+    slot: str = Field(pattern=ID_PATTERN)
+    lease_id: str = Field(min_length=1, max_length=64)
+
+
+class AllocateReply(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    allocation: Handle
+    status: AllocationStatus | None = None

@@ -40,6 +40,7 @@ from dms.jobs.spec import DeploymentSpec
 from dms.mining.placed import Driver
 from dms.network.transfer import Courier
 from dms.orchestrator.deployment import DeploymentActor, Orchestration, allocation_handle
+from dms.orchestrator.slots import Slot, SlotState
 
 log = logging.getLogger("dms.mining")
 
@@ -135,10 +136,11 @@ class MiningSessionActor(DeploymentActor):
             for tag in self._tags:
                 self.courier.release(tag)
 
-    def slot_running(self, slot: dict[str, Any]) -> None:
-        shard = self.shards[slot["slot"]]
-        shard.peer = slot["peer_id"]
-        shard.allocation = allocation_handle(slot["allocation"])
+    def slot_running(self, slot: Slot) -> None:
+        assert slot.allocation is not None
+        shard = self.shards[slot.name]
+        shard.peer = slot.peer_id
+        shard.allocation = allocation_handle(slot.allocation)
         shard.generation += 1
         shard.placements += 1
         shard.ready = shard.busy = False
@@ -146,8 +148,8 @@ class MiningSessionActor(DeploymentActor):
         if self.prepared:
             self._ship(shard)
 
-    def slot_lost(self, slot: dict[str, Any], reason: str) -> None:
-        shard = self.shards.get(slot["slot"])
+    def slot_lost(self, slot: Slot, reason: str) -> None:
+        shard = self.shards.get(slot.name)
         if shard is None or shard.allocation is None:
             return
         shard.history.append({"peer_id": shard.peer, "reason": reason})
@@ -161,8 +163,8 @@ class MiningSessionActor(DeploymentActor):
         if shard.failures >= MAX_SHARD_FAILURES and self.phase not in TERMINAL_PHASES:
             self._fail(f"{shard.slot} was lost {shard.failures} times; last: {reason}")
 
-    def heard_from(self, slot: dict[str, Any]) -> bool:
-        shard = self.shards.get(slot["slot"])
+    def heard_from(self, slot: Slot) -> bool:
+        shard = self.shards.get(slot.name)
         return shard is not None and (shard.busy or time.monotonic() - shard.last_heard < HEARD_S)
 
     def ended(self, state: str, what: str) -> None:
@@ -416,7 +418,7 @@ class MiningSessionActor(DeploymentActor):
     def _worker_failed(self, shard: Shard, reason: str) -> None:
         """An operation failed: the worker is treated as lost and placed again."""
         slot = self.slots.get(shard.slot)
-        if slot is not None and slot["status"] == "running":
+        if slot is not None and slot.state == SlotState.RUNNING:
             self._lost(slot, f"the worker failed: {reason}")
         self._settle()
 

@@ -1,0 +1,221 @@
+"""What a deployment's parts share: its row and slots, its events, and the node's services.
+
+A deployment actor (``deployment.py``) is composed of two rooms that work on
+the same slots: placing them by bid rounds (``rounds.py``) and seeing each one
+through commit, allocation and running (``supervision.py``). This base holds
+the state both read, the hooks a subclass (the mining session) overrides, and
+the few primitives both use (an event, a revert, a save).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dms.actor import ROOT_INBOX, Actor, ActorContext, Address, Handle
+from dms.jobs.spec import DeploymentSpec
+from dms.network.peertable import PeerTable
+from dms.orchestrator.messages import REVERT
+from dms.orchestrator.selection import RoundRobin
+from dms.orchestrator.slots import Deadlines, Slot
+from dms.orchestrator.store import DeploymentStore
+from dms.security.identity import public_key_from_peer_id
+
+log = logging.getLogger("dms.orchestrator")
+
+TERMINAL = frozenset({"completed", "failed", "shutdown"})
+EVENT_MEMORY = 200
+
+
+def node_handle(peer_id: str) -> Handle:
+    return Handle(
+        id=public_key_from_peer_id(peer_id), address=Address(host=peer_id, inbox=ROOT_INBOX)
+    )
+
+
+def allocation_ref(handle: Handle) -> dict[str, str]:
+    """An allocation's handle as JSON keeps it (in the store and in status)."""
+    return {"id": handle.id.hex(), "host": handle.address.host, "inbox": handle.address.inbox}
+
+
+def allocation_handle(ref: dict[str, str]) -> Handle:
+    return Handle(
+        id=bytes.fromhex(ref["id"]), address=Address(host=ref["host"], inbox=ref["inbox"])
+    )
+
+
+def new_deployment_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@dataclass
+class Orchestration:
+    """What a deployment needs from its node (shared by all of them)."""
+
+    peer_table: PeerTable
+    store: DeploymentStore
+    cursor: RoundRobin = field(default_factory=RoundRobin)
+    rng: random.Random = field(default_factory=random.Random)
+    fanout: int = 3  # peers asked per open slot ...
+    min_ask: int = 3  # ... and never fewer than this
+    supervise_s: float = 1.0
+    retry_s: float = 0.25  # first wait when nothing fits; doubles to retry_max_s
+    retry_max_s: float = 2.0
+    invoke_s: float = 10.0  # commit and allocate: how long their reply may take
+    on_end: Callable[[str], None] | None = None
+
+    @property
+    def poll_s(self) -> float:
+        """A status poll's timeout."""
+        return max(1.0, self.supervise_s * 2)
+
+    def deadlines(self, spec: DeploymentSpec) -> Deadlines:
+        return Deadlines(
+            placement_s=spec.deadline_s,
+            invoke_s=self.invoke_s,
+            grace_s=2 * self.supervise_s + 1.0,
+            # Two polls unanswered lose a slot sooner; this is the backstop when answers
+            # come but say nothing (or cannot be read).
+            liveness_s=3 * (self.supervise_s + self.poll_s),
+        )
+
+
+class DeploymentBase(Actor):
+    def __init__(
+        self,
+        context: ActorContext,
+        orchestration: Orchestration,
+        deployment_id: str,
+        spec: DeploymentSpec,
+        saved: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(context)
+        self.o = orchestration
+        self.id = deployment_id
+        self.spec = spec
+        self.by_slot = dict(spec.slots())
+        self.deadlines = orchestration.deadlines(spec)
+        now = time.time()
+        self.row: dict[str, Any] = saved or {
+            "id": deployment_id,
+            "name": spec.name,
+            "state": "queued",
+            "spec": spec.model_dump(mode="json"),
+            "slots": [],
+            "events": [],
+            "created_at": now,
+            "running_at": None,
+            "ended_at": None,
+        }
+        if saved:
+            slots = [Slot.from_row(s) for s in saved["slots"]]
+        else:
+            slots = [Slot.new(name, self.deadlines, now) for name in self.by_slot]
+        self.slots: dict[str, Slot] = {s.name: s for s in slots}
+        self._uncertain: set[str] = set()  # peers that may hold leases we do not know of
+        self._dirty = False
+        self._saved_as: tuple[Any, ...] = ()
+        self.messages = 0
+
+    # ---- hooks for subclasses (the mining session) -------------------------------------
+
+    def resumable(self) -> bool:
+        """Whether this deployment may carry on after its node restarted."""
+        return True
+
+    def slot_running(self, slot: Slot) -> None:
+        """A slot's allocation has just started running (its handle is in the slot)."""
+
+    def slot_lost(self, slot: Slot, reason: str) -> None:
+        """A slot's allocation is gone (before the slot is reopened)."""
+
+    def heard_from(self, slot: Slot) -> bool:
+        """Whether the slot's allocation answered something else lately (session traffic
+        counts as liveness: a poll that times out behind a large transfer is no death)."""
+        return False
+
+    def ended(self, state: str, what: str) -> None:
+        """The deployment reached a terminal state."""
+
+    # ---- what each room provides to the other ------------------------------------------
+
+    def _schedule_round(self, delay_s: float) -> None:
+        raise NotImplementedError  # rounds.py
+
+    def _settle(self) -> None:
+        raise NotImplementedError  # deployment.py
+
+    def _abort(self, what: str, per_slot: dict[str, str] | None = None) -> None:
+        raise NotImplementedError  # deployment.py
+
+    def _fail_unplaced(self, late: list[Slot]) -> None:
+        raise NotImplementedError  # rounds.py
+
+    def _lost(self, slot: Slot, reason: str) -> None:
+        raise NotImplementedError  # supervision.py
+
+    def _reopen(self, slot: Slot, reason: str, exclude: bool = True) -> None:
+        raise NotImplementedError  # supervision.py
+
+    def _commit(self, slot: Slot) -> None:
+        raise NotImplementedError  # supervision.py
+
+    # ---- shared primitives ---------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self.row["state"]
+
+    def _set_state(self, state: str) -> None:
+        if self.row["state"] != state:
+            self.row["state"] = state
+            self._event(f"state: {state}")
+
+    def _event(self, what: str) -> None:
+        self._dirty = True
+        events = self.row["events"]
+        events.append({"at": round(time.time(), 3), "what": what})
+        if len(events) > EVENT_MEMORY:
+            del events[: len(events) - EVENT_MEMORY]
+
+    def _stored_row(self) -> dict[str, Any]:
+        return {**self.row, "slots": [s.to_row() for s in self.slots.values()]}
+
+    def _fingerprint(self) -> tuple[Any, ...]:
+        # Not the deadline: a running slot's moves on with every poll answered, and is
+        # stored as it was at the slot's last transition.
+        return tuple((s.name, s.state, s.since) for s in self.slots.values())
+
+    def _save(self) -> None:
+        """One write per transition: of the deployment (an event) or of a slot."""
+        self._dirty = False
+        self._saved_as = self._fingerprint()
+        self.row["slots"] = [s.to_row() for s in self.slots.values()]
+        try:
+            self.o.store.save(self.row)
+        except Exception as exc:  # keep placing; the next transition saves again
+            log.warning("deployment %s not saved: %s", self.id, exc)
+
+    def _changed(self) -> bool:
+        return self._dirty or self._fingerprint() != self._saved_as
+
+    def _revert(self, peer: str | None, lease_ids: list[str], everything: bool = False) -> None:
+        if not peer or not (lease_ids or everything):
+            return
+        payload = {"deployment_id": self.id, "lease_ids": lease_ids, "everything": everything}
+        try:
+            self.send(node_handle(peer), REVERT, payload)
+            self.messages += 1
+        except Exception as exc:  # an unreachable peer's leases expire on their own
+            self._uncertain.add(peer)
+            log.debug("revert to %s not sent: %s", peer, exc)
+
+    def _note_reason(self, peer: str, slots: list[str], reason: str) -> None:
+        for name in slots:
+            if name in self.slots:
+                self.slots[name].reasons[peer] = reason

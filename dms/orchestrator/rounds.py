@@ -1,0 +1,380 @@
+"""Placing a deployment's open slots by bid rounds.
+
+One round: ask a weighted sample of the peers that the table says fit an open
+slot (and publish on the deployment topic when it knows too few), collect the
+bids until every asked peer answered or the window closes, select per slot,
+commit each winner (the slot moves to ``committing``; ``supervision.py`` takes
+it from there) and revert the losers at once.
+
+A bid that does not validate, or that names another peer or deployment than
+the one asked, becomes that peer's reason (``bad bid: ...``) and whatever it
+offered is reverted; it never raises here. A decline marked ``permanent`` (the
+peer has no such executor, or its executor rejects the params: nothing a retry
+changes) keeps that peer out of the slot's next rounds, and when every peer of
+the table that fits a slot has declined it for good, the deployment fails at
+once with each peer's reason instead of retrying until its deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any
+
+from pydantic import ValidationError
+
+from dms.actor import ErrorCode, Outcome, Refusal, Request, behaviour
+from dms.jobs.spec import MAX_SLOTS, AllocationSpec
+from dms.network.peertable import PeerRecord
+from dms.orchestrator.base import TERMINAL, DeploymentBase, log, node_handle
+from dms.orchestrator.messages import (
+    BID,
+    DEPLOYMENT_TOPIC,
+    REQUEST,
+    Bid,
+    BidRequest,
+    SlotRequest,
+)
+from dms.orchestrator.selection import Candidate, select
+from dms.orchestrator.slots import HELD, Slot, SlotState
+
+BID_GRACE_S = 2.0  # after the window: how long a round with an empty slot waits for answers
+
+
+def misfit(record: PeerRecord, spec: AllocationSpec) -> str | None:
+    """From the peer's last heartbeat: why it could not take this allocation, or None."""
+    hb = record.heartbeat
+    if hb is None or not hb.free:
+        return "it offers no resources (not onboarded)"
+    want = spec.resources.human()
+    short = [
+        f"{kind} {hb.free.get(kind, 0) or 0:g} free < {amount:g}"
+        for kind, amount in want.items()
+        if amount and (hb.free.get(kind, 0) or 0) + 1e-9 < amount
+    ]
+    return f"too small by its last heartbeat: {', '.join(short)}" if short else None
+
+
+def first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    return f"{where}: {err['msg']}"
+
+
+def offered_lease_ids(raw: Any) -> list[str]:
+    """The lease ids a bid that does not validate may still name (to give them back)."""
+    offers = raw.get("offers") if isinstance(raw, dict) else None
+    if not isinstance(offers, list):
+        return []
+    ids = [o.get("lease_id") for o in offers[:MAX_SLOTS] if isinstance(o, dict)]
+    return [i for i in ids if isinstance(i, str) and 0 < len(i) <= 64]
+
+
+class BidRounds(DeploymentBase):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.round = 0
+        self._asked: set[str] = set()
+        self._answered: set[str] = set()
+        self._offers: dict[str, list[Candidate]] = {}
+        self._gossiped = False
+        self._closed: set[int] = set()
+        self._round_scheduled = False
+        self._retry_s = self.o.retry_s
+
+    def _schedule_round(self, delay_s: float) -> None:
+        if not self._round_scheduled and self.state not in TERMINAL and self.state != "stopping":
+            self._round_scheduled = True
+            self.call_later(delay_s, self._round)
+
+    def _open_slots(self) -> list[Slot]:
+        return [s for s in self.slots.values() if s.state == SlotState.OPEN]
+
+    def _excludes(self, name: str, peer: str) -> bool:
+        c = self.by_slot[name].constraints
+        return (
+            peer in self.slots[name].excluded
+            or peer in c.exclude_peers
+            or bool(c.include_peers and peer not in c.include_peers)
+        )
+
+    def _fitting(self, slot: Slot) -> list[PeerRecord]:
+        """Alive peers of the table that the job allows and whose last heartbeat fits the
+        slot; the others that were not asked get their reason (so a job that nothing can
+        run explains itself)."""
+        spec = self.by_slot[slot.name]
+        found = []
+        for record in self.o.peer_table.alive():
+            peer = record.peer_id
+            if self._excludes(slot.name, peer):
+                continue
+            why = misfit(record, spec)
+            if why is not None:
+                slot.reasons.setdefault(peer, f"not asked: {why}")
+                continue
+            found.append(record)
+        return found
+
+    def _candidates(self, open_slots: list[Slot]) -> list[str]:
+        """Fresh peers from the table that could take some open slot: a weighted random
+        sample, freer peers likelier. Every requester reads much the same table, so
+        taking the top few by free capacity would send every concurrent request to
+        the same providers; sampling spreads them (the power of d choices)."""
+        weights: dict[str, float] = {}
+        for slot in open_slots:
+            for record in self._fitting(slot):
+                if record.peer_id in slot.declined_for_good or record.peer_id in weights:
+                    continue
+                hb = record.heartbeat
+                assert hb is not None
+                onboarded = hb.onboarded.get("cpu") or 1.0
+                weights[record.peer_id] = 0.05 + max(0.0, hb.free.get("cpu", 0.0) / onboarded)
+        # Efraimidis-Spirakis: a weighted sample without replacement.
+        keyed = sorted(weights, key=lambda p: -(self.o.rng.random() ** (1.0 / weights[p])))
+        return keyed[: max(self.o.min_ask, self.o.fanout * len(open_slots))]
+
+    def _slot_request(self, slot: Slot) -> SlotRequest:
+        spec = self.by_slot[slot.name]
+        return SlotRequest(
+            slot=slot.name,
+            executor=spec.executor,
+            resources=spec.resources,
+            constraints=spec.constraints,
+            params=spec.params,
+        )
+
+    def _round(self) -> None:
+        self._round_scheduled = False
+        if self.state in TERMINAL or self.state == "stopping":
+            return
+        open_slots = self._open_slots()
+        if not open_slots:
+            return
+        late = [s for s in open_slots if s.expired(time.time())]
+        if late:
+            self._fail_unplaced(late)
+            return
+        self.round += 1
+        rid = self.round
+        self._asked, self._answered, self._gossiped = set(), set(), False
+        self._offers = {s.name: [] for s in open_slots}
+        request = BidRequest(
+            deployment_id=self.id,
+            slots=[self._slot_request(s) for s in open_slots],
+            lease_s=self.spec.lease_s,
+        )
+        peers = self._candidates(open_slots)
+        self._set_state("bidding")
+        self._event(f"round {rid}: asking {len(peers)} peer(s) for {len(open_slots)} slot(s)")
+        payload = request.model_dump()
+        for peer in peers:
+            self._asked.add(peer)
+            try:
+                self.invoke(
+                    node_handle(peer),
+                    REQUEST,
+                    payload,
+                    timeout=self.spec.bid_window_s + 2.0,
+                    on_reply=partial(self._on_bid_reply, rid, peer),
+                )
+                self.messages += 1
+            except Exception as exc:
+                self._answered.add(peer)
+                self._note_reason(peer, [s.name for s in open_slots], f"unreachable: {exc}")
+        if len(peers) < len(open_slots):
+            # The table knows too few fitting peers: ask everyone listening, bids come back
+            # point to point to this actor.
+            self._gossiped = True
+            self.publish(
+                DEPLOYMENT_TOPIC,
+                REQUEST,
+                {**payload, "reply_to": self.handle.model_dump()},
+                ttl_s=self.spec.bid_window_s + 2.0,
+            )
+            self.messages += 1
+        self.call_later(self.spec.bid_window_s, lambda: self._window_ends(rid))
+        if not peers and not self._gossiped:
+            self._close(rid)
+
+    # ---- bids ----------------------------------------------------------------------------
+
+    def _on_bid_reply(self, rid: int, peer: str, outcome: Outcome) -> None:
+        if not outcome.ok:
+            self._answered.add(peer)
+            self._uncertain.add(peer)  # it may have locked before the reply got lost
+            assert outcome.error is not None
+            self._note_reason(
+                peer, list(self._offers), f"{outcome.error.code}: {outcome.error.reason}"
+            )
+            self._maybe_close(rid)
+            return
+        try:
+            bid = Bid.model_validate(outcome.result)
+        except ValidationError as exc:
+            self._bad_bid(rid, peer, first_error(exc), offered_lease_ids(outcome.result))
+            return
+        if bid.peer_id != peer or bid.deployment_id != self.id:
+            named = f"peer {bid.peer_id[-8:]!r}, deployment {bid.deployment_id!r}"
+            why = f"it names {named}, not the peer and deployment asked"
+            self._bad_bid(rid, peer, why, [o.lease_id for o in bid.offers])
+            return
+        self._take_bid(rid, bid)
+
+    def _bad_bid(self, rid: int, peer: str, why: str, lease_ids: list[str]) -> None:
+        """A reply that is no bid for this request: that peer's reason for every slot."""
+        log.info("deployment %s: bad bid from %s: %s", self.id, peer, why)
+        self._answered.add(peer)
+        self._uncertain.add(peer)  # whatever else it holds for us goes back at the end
+        self._revert(peer, lease_ids)
+        self._note_reason(peer, list(self._offers), f"bad bid: {why}"[:512])
+        self._maybe_close(rid)
+
+    @behaviour(BID, public=True, payload=Bid)
+    def bid_received(self, request: Request) -> None:
+        """Bids answering a gossip request come here, point to point."""
+        bid: Bid = request.payload
+        if request.sender.address.host != bid.peer_id or bid.deployment_id != self.id:
+            raise Refusal(ErrorCode.FORBIDDEN, "a bid must come from the peer that makes it")
+        self._take_bid(self.round, bid)
+
+    def _take_bid(self, rid: int, bid: Bid) -> None:
+        if rid != self.round or rid in self._closed or self.state in TERMINAL:
+            if bid.offers:  # too late: give the leases back at once
+                self._revert(bid.peer_id, [o.lease_id for o in bid.offers])
+            return
+        self._answered.add(bid.peer_id)
+        for offer in bid.offers:
+            # A peer this slot excludes (it lost the slot before, or the job excludes it)
+            # may still answer a gossip request: its offer goes back.
+            if offer.slot in self._offers and not self._excludes(offer.slot, bid.peer_id):
+                self._offers[offer.slot].append(Candidate(bid, offer))
+            else:
+                self._revert(bid.peer_id, [offer.lease_id])
+        for decline in bid.declines:
+            slot = self.slots.get(decline.slot)
+            if slot is None:
+                continue
+            slot.reasons[bid.peer_id] = f"declined: {decline.reason}"
+            if decline.permanent:
+                slot.declined_for_good[bid.peer_id] = decline.reason
+        self._maybe_close(rid)
+
+    def _maybe_close(self, rid: int) -> None:
+        if not self._gossiped and self._asked <= self._answered:
+            self._close(rid)
+
+    def _window_ends(self, rid: int) -> None:
+        """Close the round, unless a slot has no offer yet and asked peers still owe an
+        answer: busy providers answer late, and a round closed empty only to throw
+        their bids back would be retried anyway. Then wait for them, up to the bid
+        request's own timeout."""
+        waiting = self._asked - self._answered
+        empty = [name for name, offers in self._offers.items() if not offers]
+        if empty and waiting and not self._gossiped:
+            self.call_later(BID_GRACE_S, lambda: self._close(rid))
+            return
+        self._close(rid)
+
+    # ---- choosing ------------------------------------------------------------------------
+
+    def _close(self, rid: int) -> None:
+        if rid != self.round or rid in self._closed or self.state in TERMINAL:
+            return
+        self._closed.add(rid)
+        doomed = self._declined_for_good()
+        if doomed:
+            for candidates in self._offers.values():
+                for c in candidates:
+                    self._revert(c.peer_id, [c.offer.lease_id])
+            self._fail_for_good(doomed)
+            return
+        taken: dict[str, int] = {}
+        for slot in self.slots.values():
+            if slot.peer_id and slot.state in HELD:
+                taken[slot.peer_id] = taken.get(slot.peer_id, 0) + 1
+        decision = select(
+            self.spec.strategy,
+            self._offers,
+            self.o.rng,
+            self.o.cursor,
+            taken,
+            distinct=self.spec.distinct_peers,
+        )
+        records = []
+        losers: dict[str, list[str]] = {}
+        for name, candidates in self._offers.items():
+            for c in candidates:
+                reason = decision.reasons.get((c.peer_id, name), "")
+                won = decision.winners.get(name) is c
+                self.slots[name].reasons[c.peer_id] = reason
+                records.append(
+                    {"deployment_id": self.id, "direction": "received", "peer_id": c.peer_id,
+                     "slot": name, "lease_id": c.offer.lease_id, "price": c.offer.price,
+                     "outcome": "won" if won else "lost", "reason": reason}
+                )  # fmt: skip
+                if not won:
+                    losers.setdefault(c.peer_id, []).append(c.offer.lease_id)
+        for name in self._offers:
+            for peer, reason in self.slots[name].reasons.items():
+                if reason.startswith(("declined", "unreachable", "timeout", "bad bid")):
+                    records.append(
+                        {"deployment_id": self.id, "direction": "received", "peer_id": peer,
+                         "slot": name, "outcome": "decline", "reason": reason}
+                    )  # fmt: skip
+        for peer, lease_ids in losers.items():
+            self._revert(peer, lease_ids)
+        try:
+            self.o.store.record_bids(records)
+        except Exception as exc:
+            log.warning("bids of %s not recorded: %s", self.id, exc)
+        for name, chosen in sorted(decision.winners.items()):
+            slot = self.slots[name]
+            why = slot.reasons[chosen.peer_id]
+            slot.choose(chosen.peer_id, chosen.offer.lease_id, f"won: {why}", self.deadlines)
+            self._event(f"{name}: chose {chosen.peer_id[-8:]} ({why})")
+            self._commit(slot)
+        unplaced = [n for n in self._offers if n not in decision.winners]
+        if unplaced:
+            self._event(f"round {rid}: no acceptable bid for {', '.join(unplaced)}; queued")
+            self._schedule_round(self._retry_s)
+            self._retry_s = min(self._retry_s * 2, self.o.retry_max_s)
+        else:
+            self._retry_s = self.o.retry_s
+        self._settle()
+
+    # ---- ending unplaced -----------------------------------------------------------------
+
+    def _declined_for_good(self) -> list[Slot]:
+        """Open slots with no offer this round that every fitting peer of the table has
+        declined for good (a slot that no peer of the table fits is left to its deadline:
+        a peer that fits may yet join)."""
+        doomed = []
+        for name, offers in self._offers.items():
+            slot = self.slots[name]
+            if offers or slot.state != SlotState.OPEN or not slot.declined_for_good:
+                continue
+            fitting = {record.peer_id for record in self._fitting(slot)}
+            if fitting and fitting <= slot.declined_for_good.keys():
+                doomed.append(slot)
+        return doomed
+
+    def _fail_for_good(self, doomed: list[Slot]) -> None:
+        what = "every peer that fits declined for good, no retry can place it: "
+        self._fail_slots(what, {
+            slot.name: "; ".join(
+                f"{p[-8:]}: declined: {r}" for p, r in sorted(slot.declined_for_good.items())
+            )
+            for slot in doomed
+        })  # fmt: skip
+
+    def _fail_unplaced(self, late: list[Slot]) -> None:
+        self._fail_slots("not placed within the deadline: ", {
+            slot.name: "; ".join(f"{p[-8:]}: {r}" for p, r in sorted(slot.reasons.items()))
+            or "no peer fits"
+            for slot in late
+        })  # fmt: skip
+
+    def _fail_slots(self, what: str, reasons: dict[str, str]) -> None:
+        """Fail the deployment; the message names each slot's peers and their reasons."""
+        summary = what + " | ".join(f"{name}: {why}" for name, why in reasons.items())
+        self._abort(summary, {name: what + why for name, why in reasons.items()})

@@ -1,0 +1,135 @@
+"""Providers that answer the requester with junk.
+
+Each hostile provider is a real node on loopback whose behaviour is replaced
+(the requester sees it exactly as it would see any peer). A malformed reply
+fails or reopens the slot with a reason and never raises in the deployment
+actor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from dms.actor import Request
+from dms.node.daemon import Node
+from dms.orchestrator.messages import ALLOCATE, REQUEST, Bid, Offer
+from dms.orchestrator.supervision import STATUS
+from dms.sim.cluster import LocalCluster
+from tests.conftest import wait_for
+from tests.test_orchestrator import (
+    HEARTBEAT,
+    TERMINAL,
+    deploy,
+    live_leases,
+    network,
+    owner,
+    providers,
+    spec,
+    status,
+    wait_known,
+    wait_state,
+)
+
+
+@pytest.fixture
+def net(cluster: LocalCluster) -> LocalCluster:
+    cluster.settings.update(heartbeat_s=HEARTBEAT, orphan_s=3.0)
+    return cluster
+
+
+def replace(node: Node, path: str, handler: Callable[[Request], Any]) -> None:
+    """``node`` answers ``path`` with ``handler`` (run in its root actor) from now on."""
+    assert node.node is not None
+    node.node.pykka_ref.proxy().register(path, handler, public=True).get(timeout=5)
+
+
+def event_with(requester: Node, dep: str, text: str) -> bool:
+    return any(text in e["what"] for e in status(requester, dep)["events"])
+
+
+def reasons(requester: Node, dep: str) -> dict[str, str]:
+    return owner(requester, "/dms/node/deployment/manifest", {"id": dep})["slots"][0]["reasons"]
+
+
+def test_bids_that_do_not_validate_or_name_another_peer_are_that_peers_reason(
+    net: LocalCluster,
+) -> None:
+    requester, (junk, liar, honest) = network(net, 3)
+
+    def junk_bid(request: Request) -> dict[str, Any]:
+        offer = {"slot": "w", "lease_id": "l-1", "price": "lots", "expires_at": 0}
+        return {"deployment_id": request.payload["deployment_id"], "peer_id": junk.peer_id,
+                "did": "did:key:x", "offers": [offer]}  # fmt: skip
+
+    def lying_bid(request: Request) -> dict[str, Any]:
+        # A well-formed bid in the honest provider's name, for a lease it never made.
+        offer = Offer(slot="w", lease_id="forged", price=0.0, expires_at=time.time() + 10)
+        return Bid(deployment_id=request.payload["deployment_id"], peer_id=honest.peer_id,
+                   did="did:key:x", offers=[offer]).model_dump()  # fmt: skip
+
+    replace(junk, REQUEST, junk_bid)
+    replace(liar, REQUEST, lying_bid)
+    dep = deploy(requester, spec(params={"seconds": 0.2}))
+    done = wait_state(requester, dep, TERMINAL, 30)
+    assert done["state"] == "completed", done["events"]
+    assert done["slots"][0]["peer_id"] == honest.peer_id
+    why = reasons(requester, dep)
+    assert why[junk.peer_id].startswith("bad bid: offers.0.price: Input should be a valid number")
+    assert why[liar.peer_id].startswith(f"bad bid: it names peer {honest.peer_id[-8:]!r}")
+    assert why[liar.peer_id].endswith("not the peer and deployment asked")
+    wait_for(lambda: live_leases([junk, liar, honest]) == 0, 10, "every lease given back")
+
+
+def test_an_allocate_reply_without_a_handle_reopens_the_slot_with_its_reason(
+    net: LocalCluster,
+) -> None:
+    requester, (hostile,) = network(net, 1)
+    replace(hostile, ALLOCATE, lambda request: {"status": {"state": "starting"}})
+    dep = deploy(requester, spec(params={"seconds": 0.2}, deadline_s=60))
+    wait_for(lambda: event_with(requester, dep, "a malformed allocate reply"), 20, "the reopen")
+    # Its committed lease was reverted; the slot waits, queued, for another peer.
+    wait_for(lambda: live_leases([hostile]) == 0, 10, "the hostile provider's lease reverted")
+    assert status(requester, dep)["slots"][0]["status"] == "open"
+    (honest,) = providers(net, 1)
+    net.wait_linked()
+    wait_known(requester, [honest])
+    done = wait_state(requester, dep, TERMINAL, 40)
+    assert done["state"] == "completed", done["events"]
+    slot = done["slots"][0]
+    assert slot["peer_id"] == honest.peer_id and slot["attempts"] >= 2
+    assert reasons(requester, dep)[hostile.peer_id] == (
+        "a malformed allocate reply from the provider: allocation: Field required"
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (["not", "a", "status"], "not a mapping but list"),
+        ({"state": "exploded"}, "state: Input should be 'pending'"),
+        ({"state": "completed", "result": b"\x00" * 8}, "result: Value error, the result cannot"),
+    ],
+)
+def test_a_status_answer_that_is_no_status_reopens_the_slot_with_its_reason(
+    net: LocalCluster, answer: Any, why: str
+) -> None:
+    requester, (hostile,) = network(net, 1)
+    assert hostile.node is not None
+    itself = hostile.node.handle.model_dump()  # the "allocation" it names is its root actor
+    replace(hostile, ALLOCATE, lambda request: {"allocation": itself, "status": None})
+    replace(hostile, STATUS, lambda request: answer)
+    dep = deploy(requester, spec(params={"seconds": 0.2}, deadline_s=60))
+    expected = f"a malformed status answer from the provider: {why}"
+    wait_for(lambda: event_with(requester, dep, expected), 20, "the malformed answer's reopen")
+    wait_for(lambda: live_leases([hostile]) == 0, 10, "the hostile provider's lease reverted")
+    (honest,) = providers(net, 1)
+    net.wait_linked()
+    wait_known(requester, [honest])
+    done = wait_state(requester, dep, TERMINAL, 40)
+    assert done["state"] == "completed", done["events"]
+    assert done["slots"][0]["peer_id"] == honest.peer_id
+    assert reasons(requester, dep)[hostile.peer_id].startswith(expected)

@@ -55,6 +55,13 @@ def test_deploy_follow_then_inspect_the_deployment(tmp_path: Path) -> None:
         assert len(logs["logs"]) == 2
         missing = dms(requester, "deployment", "status", "nope")
         assert missing.returncode == 1 and "no deployment 'nope'" in missing.stderr
+        # A params typo fails at once, names the field and its line, and places nothing.
+        typo = tmp_path / "typo.yaml"
+        typo.write_text(JOB.replace("seconds", "secnds"))
+        done = dms(requester, "deploy", str(typo), "--follow")
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert "allocations.0.params.secnds (line 9): allocation 'w': compute params" in done.stderr
+        assert len(dms_json(requester, "deployment", "list")) == 1
         submitted = json.loads(dms(requester, "deploy", str(job), "--json").stdout)
         assert len(submitted["id"]) == 16
     finally:

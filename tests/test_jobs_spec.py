@@ -72,6 +72,41 @@ def test_dms_job_validate(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("seconds: 1", "secnds: 1"),
+         "allocations.0.params.secnds (line 8): allocation 'w': compute params: secnds: Extra"),
+        (("seconds: 1", "seconds: -1"), "allocations.0.params.seconds (line 8): allocation 'w'"),
+        (("executor: compute", "executor: comptue"),
+         "allocations.0.executor (line 5): allocation 'w': unknown executor 'comptue' (known: "),
+        (("executor: compute", "executor: mining"),
+         "allocations.0.params.algorithm (line 8): allocation 'w': mining params: algorithm: "),
+    ],
+)  # fmt: skip
+def test_params_the_executor_rejects_fail_at_validate(
+    tmp_path: Path, change: tuple[str, str], expected: str
+) -> None:
+    with pytest.raises(JobSpecError) as err:
+        parse_spec(GOOD.replace(*change), "job.yaml")
+    assert str(err.value).startswith(f"job.yaml: {expected}")
+    job = tmp_path / "job.yaml"
+    job.write_text(GOOD.replace(*change))
+    done = dms(tmp_path, "job", "validate", str(job))
+    assert done.returncode == 1 and expected in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_mining_job_too_large_for_its_ram_fails_at_validate_naming_the_ram() -> None:
+    params = "{algorithm: skmeans, scheme: ckks, k: 3, n: 5000000, a: 8}"
+    job = GOOD.replace("executor: compute", "executor: mining").replace("{seconds: 1}", params)
+    with pytest.raises(
+        JobSpecError,
+        match=r"allocations.0.resources.ram \(line 7\): allocation "
+        r"'w': this job needs about \d+ MiB of memory; the lease holds 256 MiB",
+    ):
+        parse_spec(job, "job.yaml")  # fmt: skip
+
+
 def _bid(peer: str, free_cpu: float, price: float = 0.0, cpu_score: float = 0.0) -> Candidate:
     bid = Bid(
         deployment_id="d",

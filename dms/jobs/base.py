@@ -10,4 +10,11 @@ Log = Callable[[str], None]
 
 
 class ExecutorError(DmsError):
-    """Bad executor parameters, or the workload failed."""
+    """Bad executor parameters, or the workload failed.
+
+    ``field``: where in the allocation the fault is, when it is in its spec
+    (``executor``, ``params.seconds``, ``resources.ram``)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

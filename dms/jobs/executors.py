@@ -20,7 +20,7 @@ from dms.jobs.base import ExecutorError, Log
 from dms.jobs.mining import MiningExecutor
 from dms.resources import Resources
 
-__all__ = ["EXECUTORS", "Executor", "ExecutorError", "Log", "executor_for"]
+__all__ = ["EXECUTORS", "Executor", "ExecutorError", "Log", "check_allocation", "executor_for"]
 
 
 class Executor(Protocol):
@@ -50,7 +50,9 @@ class ComputeExecutor:
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
-            raise ExecutorError(f"compute params: {where}: {err['msg']}") from None
+            raise ExecutorError(
+                f"compute params: {where}: {err['msg']}", field=f"params.{where}"
+            ) from None
 
     def check(self, params: dict[str, Any], resources: Resources | None = None) -> None:
         self._params(params)
@@ -89,3 +91,21 @@ def executor_for(kind: str) -> Executor:
     except KeyError:
         known = ", ".join(sorted(EXECUTORS))
         raise ExecutorError(f"no executor {kind!r} on this node (has: {known})") from None
+
+
+def check_allocation(kind: str, params: dict[str, Any], resources: Resources | None) -> None:
+    """Before anything is asked of a peer (``dms job validate``, ``dms deploy``, the
+    requester's ``/dms/node/deployment/new``): the executor exists here and accepts
+    ``params`` within ``resources`` (a bidder runs the same check). An
+    ``ExecutorError`` names the allocation's field at fault (``executor``,
+    ``params.<name>``, ``resources.<kind>``)."""
+    executor = EXECUTORS.get(kind)
+    if executor is None:
+        known = ", ".join(sorted(EXECUTORS))
+        raise ExecutorError(f"unknown executor {kind!r} (known: {known})", field="executor")
+    try:
+        executor.check(params, resources)
+    except ExecutorError as exc:
+        raise ExecutorError(exc.message, field=exc.field or "params") from None
+    except Exception as exc:  # a check that breaks on odd params still refuses, with why
+        raise ExecutorError(f"{kind} params: {type(exc).__name__}: {exc}", "params") from None

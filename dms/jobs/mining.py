@@ -115,7 +115,8 @@ def parse_params(params: dict[str, Any]) -> MiningParams:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "params"
         message = err["msg"].removeprefix("Value error, ")
-        raise ExecutorError(f"mining params: {where}: {message}") from None
+        field = f"params.{where}" if where != "params" else "params"
+        raise ExecutorError(f"mining params: {where}: {message}", field=field) from None
 
 
 class _Ops:
@@ -393,7 +394,8 @@ class MiningExecutor:
             if need > resources.ram_mib * MIB:
                 raise ExecutorError(
                     f"this job needs about {need / MIB:.0f} MiB of memory; "
-                    f"the lease holds {resources.ram_mib} MiB"
+                    f"the lease holds {resources.ram_mib} MiB",
+                    field="resources.ram",
                 )
 
     def session(self, params: dict[str, Any], log: Log) -> MiningSession:

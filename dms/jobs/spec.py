@@ -3,18 +3,22 @@
 A mistake in a file is a :class:`JobSpecError` that names the field and the
 line it is on (``allocations.0.resources.cpu (line 7): ...``): the file is
 parsed with PyYAML's composer, which keeps each node's position, and JSON is
-read the same way (JSON is YAML for this purpose).
+read the same way (JSON is YAML for this purpose). A file that parses is then
+checked as every provider will check it: each allocation's executor must exist
+and accept its params within its resources (``executor_problems``), so a typo
+in ``params`` fails here, not after a deployment has asked the network.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dms.errors import DmsError
+from dms.jobs.executors import ExecutorError, check_allocation
 from dms.resources import Resources
 
 Strategy = Literal["score", "round-robin", "two-choices", "random"]
@@ -91,6 +95,34 @@ class DeploymentSpec(BaseModel):
         return out
 
 
+class JobProblem(NamedTuple):
+    """An allocation its executor refuses: where (``allocations.0.params.secnds``) and why."""
+
+    loc: tuple[int | str, ...]
+    message: str
+
+    @property
+    def field(self) -> str:
+        return ".".join(str(p) for p in self.loc)
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+def executor_problems(spec: DeploymentSpec) -> list[JobProblem]:
+    """Each allocation whose executor is unknown here, or rejects its params (within its
+    resources): a job no retry would place, caught before anything is asked of a peer."""
+    problems = []
+    for i, alloc in enumerate(spec.allocations):
+        try:
+            check_allocation(alloc.executor, alloc.params, alloc.resources)
+        except ExecutorError as exc:
+            parts = (exc.field or "params").split(".")
+            loc = ("allocations", i, *(int(p) if p.isdigit() else p for p in parts))
+            problems.append(JobProblem(loc, f"allocation {alloc.name!r}: {exc.message}"))
+    return problems
+
+
 def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     """The 1-based line of the value at ``loc`` (or of its nearest existing parent)."""
     line = node.start_mark.line + 1 if node is not None else None
@@ -122,7 +154,7 @@ def parse_spec(text: str, source: str = "job file") -> DeploymentSpec:
             f"{source}: expected a mapping with 'allocations', got {type(data).__name__}"
         )
     try:
-        return DeploymentSpec.model_validate(data)
+        spec = DeploymentSpec.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -132,6 +164,14 @@ def parse_spec(text: str, source: str = "job file") -> DeploymentSpec:
         message = err["msg"].removeprefix("Value error, ")
         more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         raise JobSpecError(f"{source}: {field}{where}: {message}{more}") from None
+    problems = executor_problems(spec)
+    if problems:
+        first = problems[0]
+        line = _line_of(tree, first.loc)
+        where = f" (line {line})" if line else ""
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise JobSpecError(f"{source}: {first.field}{where}: {first.message}{more}")
+    return spec
 
 
 def load_spec(path: Path) -> DeploymentSpec:

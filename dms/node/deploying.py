@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dms.actor import ActorRef, ErrorCode, Refusal, Request, behaviour
 from dms.jobs.allocation import AllocationActor
 from dms.jobs.executors import ExecutorError
-from dms.jobs.spec import DeploymentSpec
+from dms.jobs.spec import DeploymentSpec, executor_problems
 from dms.network.peertable import GONE
 from dms.node.base import NodeBase
 from dms.orchestrator.bidder import BidderView, make_bid
@@ -293,8 +293,14 @@ class DeployingBehaviours(NodeBase):
 
     @behaviour("/dms/node/deployment/new", payload=NewDeployment)
     def deployment_new(self, request: Request) -> dict[str, Any]:
+        """Place a job. One whose executor is unknown, or rejects its params, is refused
+        here with every allocation's reason: no peer would ever take it."""
+        spec: DeploymentSpec = request.payload.spec
+        problems = executor_problems(spec)
+        if problems:
+            raise Refusal(ErrorCode.BAD_PAYLOAD, "; ".join(str(p) for p in problems))
         deployment_id = new_deployment_id()
-        self._spawn_deployment(deployment_id, request.payload.spec)
+        self._spawn_deployment(deployment_id, spec)
         return {"id": deployment_id}
 
     @behaviour("/dms/node/deployment/list")

@@ -2,8 +2,10 @@
 
 Checks run in a fixed order and the first that fails is the slot's decline
 reason, sent back so the requester can explain (NuNet users asked "why did no
-node bid?"): executor, the node's preferences, the job's constraints, price,
-and only then the ledger, whose lease is what makes the offer binding.
+node bid?"): executor and its params, the node's preferences, the job's
+constraints, price, and only then the ledger, whose lease is what makes the
+offer binding. A decline for the executor or its params is ``permanent``: no
+retry changes it, and the requester stops asking (``rounds.py``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from dms.jobs.executors import EXECUTORS
+from dms.jobs.executors import EXECUTORS, ExecutorError
 from dms.orchestrator.messages import Bid, BidRequest, Decline, Offer, SlotRequest
 from dms.resources import Pools, Preferences, ResourceError, ResourceLedger
+
+MAX_REASON = 512
 
 
 @dataclass
@@ -28,12 +32,30 @@ class BidderView:
     labels: list[str] = field(default_factory=list)
 
 
+def job_refusal(slot: SlotRequest) -> str | None:
+    """Why no retry could ever make this node take ``slot``, or None: it has no such
+    executor, or the executor rejects the params within the slot's resources."""
+    executor = EXECUTORS.get(slot.executor)
+    if executor is None:
+        return f"no executor {slot.executor!r} on this node"
+    if slot.params is None:
+        return None
+    try:
+        executor.check(slot.params, slot.resources)
+    except ExecutorError as exc:
+        return exc.message[:MAX_REASON]
+    except Exception as exc:  # odd params break a check: still a refusal, with why
+        return f"{slot.executor} params: {type(exc).__name__}: {exc}"[:MAX_REASON]
+    return None
+
+
 def semantic_refusal(
     slot: SlotRequest, me: BidderView, requester_did: str, price: float, allocations: int
 ) -> str | None:
     """Why this node cannot take ``slot`` whatever its free resources, or None."""
-    if slot.executor not in EXECUTORS:
-        return f"no executor {slot.executor!r} on this node"
+    refusal = job_refusal(slot)
+    if refusal:
+        return refusal
     c = slot.constraints
     refusal = me.preferences.refusal(
         kind=slot.executor, requester=requester_did, max_price=c.max_price, allocations=allocations
@@ -67,6 +89,7 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
     declines: list[Decline] = []
     start = random.randrange(len(request.slots))
     slots = request.slots[start:] + request.slots[:start]
+    for_good = {slot.slot for slot in slots if job_refusal(slot) is not None}
 
     def screen(pools: Pools) -> list[str | None]:
         return [
@@ -83,7 +106,9 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
     )
     for slot, lease in zip(slots, leases, strict=True):
         if isinstance(lease, ResourceError):
-            declines.append(Decline(slot=slot.slot, reason=lease.message))
+            declines.append(
+                Decline(slot=slot.slot, reason=lease.message, permanent=slot.slot in for_good)
+            )
         else:
             assert lease.expires_at is not None
             offers.append(

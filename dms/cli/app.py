@@ -7,7 +7,7 @@ import sys
 import typer
 
 from dms import __version__
-from dms.cli import actor, config, jobs, key, mine, node, peers, resources
+from dms.cli import actor, cap, config, jobs, key, mine, node, peers, resources
 from dms.cli.output import error
 from dms.errors import DmsError
 
@@ -19,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(key.app, name="key")
+app.add_typer(cap.app, name="cap")
 app.add_typer(config.app, name="config")
 app.add_typer(mine.app, name="mine")
 app.add_typer(actor.app, name="actor")

@@ -36,7 +36,7 @@ from dms.security.trust import TrustStore
 
 DeploymentPolicy = Literal["open", "tokens"]
 MARKETPLACE = "/dms/deployment"
-MAX_TOKENS = 8  # tokens looked at in one envelope
+MAX_TOKENS = 4  # tokens looked at in one envelope (at most 4 x 8 signatures checked)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def test_a_private_group_in_two_commands_and_the_rest_of_cap(homes) -> None:  # 
 
     on_b = dms_json(b, "cap", "list")
     assert [(t["kind"], t["status"]) for t in on_b["tokens"]] == [("require+provide", "valid")]
-    assert on_b["root"] == [b_init["user_did"]]
+    assert on_b["root"] == [b_init["user_did"]] and on_b["deployment_policy"] == "open"
     on_a = dms_json(a, "cap", "list")
     assert [(t["kind"], t["cap"]) for t in on_a["tokens"]] == [("issued", ["/dms/deployment"])]
     token_id = on_a["tokens"][0]["id"]

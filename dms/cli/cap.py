@@ -97,7 +97,8 @@ class Anchors:
     def listing(self) -> dict[str, Any]:
         if self.client is not None:
             return dict(self.call("/dms/cap/list"))
-        return {"did": self.node_did, "daemon": None, **self.trust.listing()}
+        policy = settings().deployment_policy  # what the node will run with
+        return {"did": self.node_did, "deployment_policy": policy, **self.trust.listing()}
 
     def anchor(self, payload: dict[str, Any]) -> dict[str, Any]:
         if self.client is not None:
@@ -349,9 +350,11 @@ def list_cmd(json_out: JsonOption = False) -> None:
     if json_out:
         emit_json(listing)
         return
-    fields = {"node": listing["did"], "roots": ", ".join(listing["root"]) or "(none)"}
-    if "deployment_policy" in listing:
-        fields["deployment_policy"] = listing["deployment_policy"]
+    fields = {
+        "node": listing["did"],
+        "deployment_policy": listing["deployment_policy"],
+        "roots": ", ".join(listing["root"]) or "(none)",
+    }
     emit_fields(fields, title="trust anchors")
     rows = [
         [t["kind"], t.get("id", "")[:16], t.get("act", ""), ", ".join(t.get("cap", [])),

@@ -26,6 +26,9 @@ Attacks:
   (refused by their signature, undecoded), interleaved, ``--bombs`` of each.
 - ``replay_cache_fill``: ``--fill`` (100,000) unique, correctly signed envelopes
   as fast as the victim takes them, then the first thousand again (replays).
+  The victim takes ``max_frames_per_s`` a second from one peer (``frame_burst``
+  at once) and refuses the rest undecoded (``rate_limited``);
+  ``--frames-per-s`` sets it (a huge value: no limit, every envelope verified).
 
 Besides the figures above, each line says whether the victim worked through
 everything (``victim_caught_up``: the reply to one last invoke on the same
@@ -66,6 +69,7 @@ from multiaddr import Multiaddr
 
 from dms.actor import ROOT_INBOX, Address, Envelope, Handle, make_envelope, seal
 from dms.actor.envelope import PREFIX_BYTES, REPLY_PREFIX, unseal
+from dms.config import Settings
 from dms.network.frames import FrameReader
 from dms.network.host import ACTOR_PROTOCOL
 from dms.node.client import root_handle
@@ -81,10 +85,11 @@ WRITE_BATCH_BYTES = 256 * 1024
 
 
 class Victim:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, settings: dict[str, str] | None = None) -> None:
         self.home = root / "victim"
         env = {k: v for k, v in os.environ.items() if not k.startswith("DMS_")}
         env.update(DMS_HOME=str(self.home), DMS_PASSPHRASE=PASSPHRASE, DMS_LOG_LEVEL="ERROR")
+        env.update(settings or {})
         dms = [sys.executable, "-m", "dms"]
         subprocess.run([*dms, "init"], env=env, check=True, capture_output=True)
         self.log = open(root / "victim.log", "w")  # noqa: SIM115 (open for the run)
@@ -397,13 +402,20 @@ def main() -> int:
     parser.add_argument("--fill", type=int, default=100_000, help="unique envelopes")
     parser.add_argument("--baseline", type=int, default=300, help="honest invokes, no attack")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before RSS after")
+    parser.add_argument(
+        "--frames-per-s", type=float, default=None, help="the victim's max_frames_per_s"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        victim = Victim(root)
+        settings = {}
+        if args.frames_per_s is not None:
+            settings["DMS_MAX_FRAMES_PER_S"] = f"{args.frames_per_s:g}"
+            settings["DMS_FRAME_BURST"] = str(max(1, int(min(args.frames_per_s * 2, 10**9))))
+        victim = Victim(root, settings)
         try:
             with LocalCluster(root / "cluster", shared_loop=False) as cluster:
                 honest = Honest(cluster, victim)
@@ -422,6 +434,11 @@ def main() -> int:
                             attack,
                             baseline_n=args.baseline,
                             settle_s=args.settle,
+                        )
+                        result["victim_max_frames_per_s"] = (
+                            args.frames_per_s
+                            if args.frames_per_s is not None
+                            else Settings.model_fields["max_frames_per_s"].default
                         )
                         results.append(result)
                         if args.json:

@@ -145,3 +145,24 @@ def test_the_open_file_limit_is_lifted_to_the_hard_one() -> None:
     soft, hard = int(out[0]), int(out[1])
     assert soft > 256
     assert soft == hard or hard < 0  # RLIM_INFINITY is -1: lifted to a finite ceiling
+
+
+def test_a_bounded_box_refuses_past_its_frames_or_bytes_and_takes_one_large_frame() -> None:
+    from dms.network.outbox import OutboxFull
+
+    box = Outbox(max_frames=2, max_bytes=100)
+    assert box.put(b"a") and box.put(b"b")
+    with pytest.raises(OutboxFull):
+        box.put(b"c")  # a third frame
+    assert box.take_nowait() == [b"a", b"b"]
+    assert box.put(b"x" * 60)
+    with pytest.raises(OutboxFull):
+        box.put(b"y" * 41)  # 101 bytes
+    box.take_nowait()
+    assert box.put(b"z" * 500)  # larger than the bound, but alone: it must go somehow
+    assert len(box) == 1
+
+    async def release() -> None:
+        box.release()
+
+    trio.run(release)

@@ -35,6 +35,10 @@ class ErrorCode(StrEnum):
     BROADCAST_REPLY = "broadcast_reply"
     # Issued before the oldest envelope the full replay cache still remembers.
     REPLAY_WINDOW = "replay_window"
+    # The transport: a peer sent more frames a second than it may (max_frames_per_s).
+    RATE_LIMITED = "rate_limited"
+    # The transport: the queue to a peer is full (it is not reading); the frame failed.
+    OUTBOX_FULL = "outbox_full"
     # The local API: the caller did not prove it can read DMS_HOME (no or a wrong token).
     UNAUTHORIZED = "unauthorized"
     # The local API: a Host header that is not a loopback name (a browser page's request).

@@ -44,6 +44,7 @@ from dms.network.checked import CheckedFrames
 from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, envelope_is_valid, new_pubsub
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause
+from dms.network.ratelimit import PeerRates
 from dms.network.settings import NetworkSettings, parse_multiaddr
 from dms.network.transfer import CHUNK_PROTOCOL, Offers
 from dms.network.tuning import apply_libp2p_tuning
@@ -146,6 +147,8 @@ class Libp2pTransport(Unicast, Gossip):
         self.frames_refused = 0
         # What this transport refused before the actor system saw it, by code.
         self.refusals: Counter[str] = Counter()
+        self._rates = PeerRates(self.settings.max_frames_per_s, self.settings.frame_burst)
+        self._waiting: Counter[str] = Counter()
 
     # ---- Transport ---------------------------------------------------------------
 

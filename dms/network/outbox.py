@@ -20,16 +20,25 @@ import threading
 import trio
 
 
+class OutboxFull(Exception):
+    """The box holds its most frames or bytes: the peer is not reading fast enough."""
+
+
 class Outbox:
-    """A thread-safe queue of frames with one trio consumer.
+    """A thread-safe, bounded queue of frames with one trio consumer.
 
     ``put`` works from any thread; ``take`` and ``release`` belong to the one trio
-    task that drains the box. After ``close`` nothing more is accepted, and
-    ``take`` returns what was queued before, then ``[]``.
+    task that drains the box. It holds at most ``max_frames`` frames and
+    ``max_bytes`` bytes (one frame larger than that is taken alone, into an empty
+    box); ``put`` raises ``OutboxFull`` past either. After ``close`` nothing more
+    is accepted, and ``take`` returns what was queued before, then ``[]``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_frames: int | None = None, max_bytes: int | None = None) -> None:
         self._frames: collections.deque[bytes] = collections.deque()
+        self._bytes = 0
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
         # Guards the descriptors against a put racing release: a write to a closed
         # (and perhaps reused) descriptor number would corrupt someone else's socket.
         self._lock = threading.Lock()
@@ -50,13 +59,23 @@ class Outbox:
         return self._closed
 
     def put(self, frame: bytes) -> bool:
-        """Queue ``frame`` and wake the writer; False, and nothing queued, once closed."""
+        """Queue ``frame`` and wake the writer; False, and nothing queued, once closed.
+        ``OutboxFull``, and nothing queued, when the box is full."""
         with self._lock:
             if self._closed:
                 return False
+            if self._frames and (
+                (self.max_frames is not None and len(self._frames) >= self.max_frames)
+                or (self.max_bytes is not None and self._bytes + len(frame) > self.max_bytes)
+            ):
+                raise OutboxFull(f"{len(self._frames)} frames ({self._bytes} bytes) already queued")
             self._frames.append(frame)
+            self._bytes += len(frame)
             self._signal()
         return True
+
+    def __len__(self) -> int:
+        return len(self._frames)
 
     def close(self) -> None:
         """Accept no more frames; the writer still takes those already queued."""
@@ -74,6 +93,7 @@ class Outbox:
                 if self._frames:
                     batch = list(self._frames)
                     self._frames.clear()
+                    self._bytes = 0
                     return batch
                 if self._closed:
                     return []
@@ -85,6 +105,7 @@ class Outbox:
         with self._lock:
             batch = list(self._frames)
             self._frames.clear()
+            self._bytes = 0
             return batch
 
     def release(self) -> None:

@@ -36,6 +36,12 @@ class NetworkSettings(BaseModel):
     # bench/placement.py: 12 placements/s at 20 nodes with them, 5 with 8).
     min_connections: int = Field(default=50, ge=1)
     max_connections: int = Field(default=300, ge=2)
+    # Frames a second each peer may send on its streams, and at once (specs/network.md,
+    # "Limits per peer"); and the most frames and bytes queued for one peer.
+    max_frames_per_s: float = Field(default=2000.0, gt=0)
+    frame_burst: int = Field(default=4000, ge=1)
+    max_outbound_frames: int = Field(default=10_000, ge=16)
+    max_outbound_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
     gossip: GossipSettings = Field(default_factory=GossipSettings)
 
     @field_validator("listen", "bootstrap")

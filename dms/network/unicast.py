@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,14 +22,19 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from dms.actor.codes import Unreachable
+from dms.actor.codes import ErrorCode, Refusal, Unreachable
+from dms.actor.envelope import REPLY_PREFIX, make_envelope, now_ns, peek, seal
+from dms.actor.handle import ROOT_INBOX, Address, Handle
+from dms.actor.system import REFUSAL_TTL_S, reply_payload
 from dms.actor.transport import Receiver, Undeliverable
 from dms.network.discovery import Discovery, peer_id_of
 from dms.network.frames import PREFIX, FrameError, FrameReader, encode_frame
 from dms.network.loop import NetworkError, why
-from dms.network.outbox import Outbox
+from dms.network.outbox import Outbox, OutboxFull
+from dms.network.ratelimit import PeerRates
 from dms.network.settings import NetworkSettings
 from dms.network.transfer import CHUNK_PROTOCOL, Offers, read_chunks, serve_chunks
+from dms.security.identity import Identity
 
 log = logging.getLogger("dms.network")
 
@@ -46,6 +52,9 @@ class _Outbound:
     peer_id: str
     stream: INetStream
     outbox: Outbox
+    # Opened to retry frames of a stream that broke: if it breaks before a write
+    # succeeds, its frames are reported, not retried again.
+    retry: bool = False
 
     @property
     def closed(self) -> bool:
@@ -71,6 +80,10 @@ class Unicast(Discovery):
     tap: Callable[[str, bytes], None] | None
     frames_in: int
     frames_refused: int
+    refusals: Counter[str]
+    identity: Identity
+    _rates: PeerRates
+    _waiting: Counter[str]  # frames waiting for a stream to their peer
 
     def send(self, peer_id: str, frame: bytes) -> None:
         """Queue a frame for ``peer_id`` without waiting: never blocks the calling actor.
@@ -93,8 +106,13 @@ class Unicast(Discovery):
             return
         # The common case needs no trip through trio's entry queue: the writer task
         # wakes on the outbox's descriptor.
-        if outbound is not None and outbound.usable and outbound.outbox.put(data):
-            return
+        if outbound is not None and outbound.usable:
+            try:
+                if outbound.outbox.put(data):
+                    return
+            except OutboxFull as full:
+                self._outbox_full(peer_id, data, str(full))
+                return
         if self._token is None or self._stopped:
             raise Unreachable("the network is stopped")
         try:
@@ -110,7 +128,13 @@ class Unicast(Discovery):
             self._send_soon(peer_id, data)
 
     def _send_soon(self, peer_id: str, data: bytes) -> None:
-        if not self._start_soon(self._send_or_report, peer_id, data):
+        waiting = self._waiting[peer_id]
+        if waiting >= self.settings.max_outbound_frames:
+            self._outbox_full(peer_id, data, f"{waiting} frames already wait for a stream")
+            return
+        if self._start_soon(self._send_or_report, peer_id, data):
+            self._waiting[peer_id] += 1
+        else:
             self._report([data], "the network is stopped")
 
     def _enqueue(self, outbound: _Outbound, data: bytes) -> None:
@@ -118,8 +142,23 @@ class Unicast(Discovery):
             if not outbound.closed:
                 self._close(outbound)
             self._send_soon(outbound.peer_id, data)
-        elif not outbound.outbox.put(data):
-            self._send_soon(outbound.peer_id, data)
+            return
+        try:
+            if not outbound.outbox.put(data):
+                self._send_soon(outbound.peer_id, data)
+        except OutboxFull as full:
+            self._outbox_full(outbound.peer_id, data, str(full))
+
+    def _outbox_full(self, peer_id: str, data: bytes, why_full: str) -> None:
+        """The queue to ``peer_id`` is full: the frame fails now (its invoke with
+        ``unreachable`` and this reason), counted as ``outbox_full``."""
+        self.refusals[ErrorCode.OUTBOX_FULL] += 1
+        self._report(
+            [data],
+            f"the outbound queue to {peer_id} is full ({why_full}; at most "
+            f"{self.settings.max_outbound_frames} frames, "
+            f"{self.settings.max_outbound_bytes} bytes): the peer is not reading",
+        )
 
     async def _send(self, peer_id: str, data: bytes) -> None:
         outbound = await self._outbound_to(peer_id)
@@ -130,6 +169,10 @@ class Unicast(Discovery):
             await self._send(peer_id, data)
         except NetworkError as err:
             self._report([data], str(err))
+        finally:
+            self._waiting[peer_id] -= 1
+            if self._waiting[peer_id] <= 0:
+                del self._waiting[peer_id]
 
     def _report(self, batch: list[bytes], reason: str) -> None:
         log.info("%d frame(s) undeliverable: %s", len(batch), reason)
@@ -168,7 +211,8 @@ class Unicast(Discovery):
                     raise
                 except Exception as exc:
                     raise NetworkError(f"peer {peer_id} is unreachable: {why(exc)}") from None
-                outbound = _Outbound(peer_id, stream, Outbox())
+                outbox = Outbox(self.settings.max_outbound_frames, self.settings.max_outbound_bytes)
+                outbound = _Outbound(peer_id, stream, outbox)
                 self._outbound[peer_id] = outbound
                 self._nursery.start_soon(self._write_loop, outbound)
                 return outbound
@@ -184,18 +228,26 @@ class Unicast(Discovery):
                     await outbound.stream.write(b"".join(batch))
                 except Exception as exc:
                     # The peer restarted or the connection dropped: retry once on a fresh
-                    # stream.
+                    # stream (a peer that resets every stream would otherwise have the
+                    # same frames redialed for ever).
                     self._close(outbound)
                     batch += outbound.outbox.take_nowait()
+                    if outbound.retry:
+                        self._report(
+                            batch, f"the stream to {outbound.peer_id} broke again: {why(exc)}"
+                        )
+                        return
                     log.info("stream to %s broke (%s); redialing", outbound.peer_id, why(exc))
                     try:
                         fresh = await self._outbound_to(outbound.peer_id)
                     except NetworkError as err:
                         self._report(batch, str(err))
                         return
+                    fresh.retry = True
                     for item in batch:
                         self._enqueue(fresh, item)
                     return
+                outbound.retry = False
         finally:
             outbound.outbox.release()
 
@@ -205,10 +257,12 @@ class Unicast(Discovery):
             del self._outbound[outbound.peer_id]
 
     def _forget_if_disconnected(self, pid: ID) -> None:
-        outbound = self._outbound.get(pid.to_base58())
-        if outbound is None or self._host is None:
+        if self._host is None or self._host.get_network().get_connections(pid):
             return
-        if not self._host.get_network().get_connections(pid):
+        peer = pid.to_base58()
+        self._rates.forget(peer)
+        outbound = self._outbound.get(peer)
+        if outbound is not None:
             self._close(outbound)
 
     # ---- inbound ---------------------------------------------------------------------
@@ -220,7 +274,14 @@ class Unicast(Discovery):
             while True:
                 frame = await reader.next()
                 self.frames_in += 1
-                self._deliver(frame, peer)
+                if self._rates.allow(peer):
+                    self._deliver(frame, peer)
+                else:
+                    self._rate_limited(frame, peer)
+                # Let every other task run between two frames: a read returns as many
+                # frames as the peer had sent, and handling them all in one go kept
+                # every other peer's frames waiting behind one peer's backlog.
+                await trio.lowlevel.checkpoint()
         except FrameError as err:
             self.frames_refused += 1
             log.warning("dropped stream from %s: %s", peer, err)
@@ -231,6 +292,51 @@ class Unicast(Discovery):
                 await stream.close()
         except Exception as exc:  # a reset or a closed connection ends the stream
             log.debug("stream from %s ended: %s", peer, exc)
+
+    def _rate_limited(self, frame: bytes, peer: str) -> None:
+        """A frame over ``peer``'s budget: refused undecoded, counted, logged once a
+        second per peer, and answered (a few a second) if it asks for a reply."""
+        if self.tap is not None:
+            self.tap(peer, frame)
+        self.refusals[ErrorCode.RATE_LIMITED] += 1
+        count = self._rates.refused(peer)
+        reason = (
+            f"more than {self.settings.max_frames_per_s:g} frames a second "
+            f"(burst {self.settings.frame_burst}) from {peer}"
+        )
+        if count:
+            log.warning("refused %d frame(s): rate_limited: %s", count, reason)
+        if self._rates.may_answer(peer):
+            self._answer_refusal(frame, peer, Refusal(ErrorCode.RATE_LIMITED, reason))
+
+    def _answer_refusal(self, frame: bytes, peer: str, refusal: Refusal) -> None:
+        """An error reply, signed by the node key as any refusal before an actor, to a
+        request from ``peer`` itself (never to a host the frame merely names)."""
+        env = peek(frame)
+        if (
+            env is None
+            or env.to is None
+            or env.reply_to is None
+            or env.behaviour.startswith(REPLY_PREFIX)
+            or env.sender.address.host != peer
+        ):
+            return
+        self._rates.answered(peer)
+        ttl_s = max((env.expiry - now_ns()) / 1e9, REFUSAL_TTL_S)
+        me = Handle(
+            id=self.identity.public_key,
+            address=Address(host=self.identity.peer_id, inbox=ROOT_INBOX),
+        )
+        reply = make_envelope(
+            me,
+            self.identity.public_key,
+            env.reply_to,
+            reply_payload(error=refusal),
+            to=env.sender,
+            ttl_s=ttl_s,
+        )
+        with contextlib.suppress(Unreachable):  # stopping
+            self.send(peer, seal(reply, self.identity))
 
     def _deliver(self, frame: bytes, peer: str | None, *, signature_checked: bool = False) -> None:
         assert self._receiver is not None

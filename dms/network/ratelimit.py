@@ -1,0 +1,100 @@
+"""How many frames each peer may send us: a token bucket per peer.
+
+A peer may send ``rate`` frames a second on its streams, and up to ``burst`` at
+once; a frame over that is refused (``rate_limited``) before a byte of it is
+decoded. A refused frame that asks for a reply is answered, but only
+``ANSWERS_PER_S`` of them a second per peer: answering a flood costs a
+signature each. Refusals are logged once a second per peer, with their count.
+See specs/network.md, "Limits per peer".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Refusals answered a second per peer (the rest are counted and logged only).
+ANSWERS_PER_S = 10.0
+# Refusals of one peer are logged at most once this often, with their count.
+LOG_EVERY_S = 1.0
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+    def take(self, rate: float, burst: float, now: float) -> bool:
+        self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+@dataclass
+class _Peer:
+    frames: _Bucket
+    answers: _Bucket
+    refused: int = 0  # since the last log line
+    logged: float = float("-inf")
+
+
+class PeerRates:
+    """Per-peer frame budgets; one trio thread uses it (no lock).
+
+    ``forget`` a peer when its last connection closes: a new connection starts
+    with a full bucket, so entries live only as long as connections do.
+    """
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._clock = clock
+        self._peers: dict[str, _Peer] = {}
+
+    def allow(self, peer: str) -> bool:
+        """Take one frame from ``peer``'s budget; False if it has none left."""
+        now = self._clock()
+        state = self._peers.get(peer)
+        if state is None:
+            state = _Peer(_Bucket(self.burst, now), _Bucket(ANSWERS_PER_S, now))
+            self._peers[peer] = state
+        return state.frames.take(self.rate, self.burst, now)
+
+    def refused(self, peer: str) -> int:
+        """Note a refusal of ``peer``'s frame; the refusals to log now (0: not yet)."""
+        now = self._clock()
+        state = self._peers[peer]
+        state.refused += 1
+        if now - state.logged < LOG_EVERY_S:
+            return 0
+        count, state.refused, state.logged = state.refused, 0, now
+        return count
+
+    def may_answer(self, peer: str) -> bool:
+        """Whether a refusal of ``peer`` may be answered now (``answered`` takes it)."""
+        bucket = self._peers[peer].answers
+        now = self._clock()
+        bucket.tokens = min(ANSWERS_PER_S, bucket.tokens + (now - bucket.stamp) * ANSWERS_PER_S)
+        bucket.stamp = now
+        return bucket.tokens >= 1.0
+
+    def answered(self, peer: str) -> None:
+        self._peers[peer].answers.tokens -= 1.0
+
+    def forget(self, peer: str) -> None:
+        """``peer`` has no connection left. Its entry goes once its bucket is full
+        again (a peer that reconnects gets no fresh burst), and so do the others'."""
+        now = self._clock()
+        for key, state in list(self._peers.items()):
+            frames = state.frames
+            if frames.tokens + (now - frames.stamp) * self.rate >= self.burst:
+                del self._peers[key]
+
+    def __len__(self) -> int:
+        return len(self._peers)

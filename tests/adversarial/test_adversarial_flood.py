@@ -1,0 +1,161 @@
+"""Item 5 of issue 17, network part: what one peer sends, or fails to read, is bounded.
+
+- Frames a second per peer: over ``max_frames_per_s`` (and ``frame_burst`` at
+  once) a frame is refused undecoded (``rate_limited``), a few a second are
+  answered, and other peers are not affected. Before, a peer could make a node
+  verify and route 100,000 envelopes as fast as it could write them.
+- Fair turns: the transport handed every frame it had buffered from one stream
+  to the actor system before any other stream's; now it yields between frames.
+- The queue to each peer: a peer that does not read made the queue of frames
+  for it grow without bound; now a frame past ``max_outbound_frames`` or
+  ``max_outbound_bytes`` fails at once (``outbox_full``; its invoke with
+  ``unreachable`` and why).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from libp2p.peer.id import ID
+
+from dms.actor import ErrorCode, RemoteError
+from dms.network.frames import encode_frame
+from dms.network.host import Libp2pTransport
+from dms.network.outbox import Outbox
+from dms.network.settings import NetworkSettings
+from dms.network.unicast import _Outbound
+from dms.node.client import root_handle
+from dms.security import Identity
+from dms.sim.cluster import LocalCluster
+from tests.adversarial.hostile import envelope, frame_of, refusal_code, send
+from tests.conftest import wait_for
+
+
+def test_frames_over_a_peers_rate_are_refused_and_other_peers_are_served(
+    cluster: LocalCluster,
+) -> None:
+    victim = cluster.add("victim", max_frames_per_s=20, frame_burst=20)
+    attacker = cluster.add("attacker", bootstrap=victim.addrs()[:1])
+    honest = cluster.add("honest", bootstrap=victim.addrs()[:1])
+    cluster.wait_linked()
+    assert victim.transport is not None and honest.node is not None
+
+    # 300 envelopes at once, then a request: it is refused with the code, answered.
+    for _ in range(300):
+        send(attacker, victim, frame_of(attacker, envelope(attacker, "/public/hello", to=victim)))
+    request = envelope(attacker, "/public/hello", to=victim, expect_reply=True)
+    assert refusal_code(attacker, frame_of(attacker, request), request) == ErrorCode.RATE_LIMITED
+    assert victim.transport.refusals[ErrorCode.RATE_LIMITED] >= 100
+
+    # Another peer's budget is its own.
+    hello = honest.node.ask(root_handle(victim.peer_id), "/public/hello", timeout=10)
+    assert hello["peer_id"] == victim.peer_id
+
+    # The attacker's budget refills: it is served again.
+    assert attacker.node is not None
+
+    def served() -> bool:
+        try:
+            attacker.node.ask(root_handle(victim.peer_id), "/public/hello", timeout=5)  # type: ignore[union-attr]
+        except RemoteError as err:
+            assert err.code == ErrorCode.RATE_LIMITED
+            return False
+        return True
+
+    wait_for(served, timeout=30, what="the attacker served again")
+
+
+class _Buffered:
+    """A stream whose peer sent ``frames`` before we read: one read returns them all."""
+
+    class _Conn:
+        def __init__(self, peer: ID) -> None:
+            self.peer_id = peer
+
+    def __init__(self, peer: ID, frames: list[bytes]) -> None:
+        self.muxed_conn = self._Conn(peer)
+        self._data = b"".join(encode_frame(f) for f in frames)
+
+    async def read(self, n: int | None = -1) -> bytes:
+        data, self._data = self._data, b""
+        return data
+
+    async def close(self) -> None:
+        pass
+
+    async def reset(self) -> None:
+        pass
+
+
+def test_one_peers_backlog_does_not_keep_anothers_frames_waiting() -> None:
+    transport = Libp2pTransport(Identity.generate(), NetworkSettings())
+    order: list[str] = []
+
+    def receiver(frame: bytes, peer: str | None, *, signature_checked: bool = False) -> None:
+        order.append(peer or "")
+
+    transport._receiver = receiver
+    flooder, other = (ID.from_base58(Identity.generate().peer_id) for _ in range(2))
+    streams: list[Any] = [
+        _Buffered(flooder, [b"flood %d" % i for i in range(200)]),
+        _Buffered(other, [b"honest %d" % i for i in range(3)]),
+    ]
+
+    async def both() -> None:
+        async with trio.open_nursery() as nursery:
+            for stream in streams:
+                nursery.start_soon(transport._on_stream, stream)
+
+    trio.run(both)
+    assert len(order) == 203
+    # Before, all 200 of the flooder's frames went first (one read, no yield between).
+    last_honest = max(i for i, peer in enumerate(order) if peer == other.to_base58())
+    assert last_honest < 10, order[:12]
+
+
+class _Stalled:
+    """A stream whose peer never reads: a write waits for ever."""
+
+    class _Conn:
+        is_closed = False
+
+    muxed_conn = _Conn()
+
+    async def write(self, data: bytes) -> None:
+        await trio.sleep_forever()
+
+
+@pytest.mark.parametrize(
+    ("frame_bytes", "queued"),
+    [pytest.param(100, 16, id="frames"), pytest.param(200 * 1024, 5, id="bytes")],
+)
+def test_the_queue_to_a_peer_that_does_not_read_is_bounded(frame_bytes: int, queued: int) -> None:
+    settings = NetworkSettings(max_outbound_frames=16, max_outbound_bytes=1024 * 1024)
+    transport = Libp2pTransport(Identity.generate(), settings)
+    lost: list[str] = []
+    transport._undeliverable = lambda frame, reason: lost.append(reason)
+    peer = Identity.generate().peer_id
+
+    async def stalled() -> None:
+        async with trio.open_nursery() as nursery:
+            transport._nursery = nursery
+            transport._thread_ident = threading.get_ident()
+            outbound = _Outbound(peer, _Stalled(), Outbox(16, 1024 * 1024))  # type: ignore[arg-type]
+            transport._outbound[peer] = outbound
+            nursery.start_soon(transport._write_loop, outbound)
+            transport.send(peer, b"first")
+            await trio.testing.wait_all_tasks_blocked()  # the writer holds it, waiting
+            for _ in range(40):
+                transport.send(peer, b"x" * frame_bytes)
+            assert len(outbound.outbox) == queued
+            nursery.cancel_scope.cancel()
+
+    trio.run(stalled)
+    # Before, all 40 were queued (and any number more).
+    assert transport.refusals[ErrorCode.OUTBOX_FULL] == 40 - queued
+    assert len(lost) == 40 - queued
+    assert f"the outbound queue to {peer} is full" in lost[0]

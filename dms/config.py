@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     max_outbound_bytes: int = Field(
         default=64 * MIB, ge=MIB, description="most bytes queued for one peer; more fail at once"
     )
+    peer_forget_s: float = Field(
+        default=3600.0, gt=0, description="drop a peer from the peers table once gone this long"
+    )
+    retention_s: float = Field(
+        default=7 * 24 * 3600.0,
+        ge=60,
+        description="keep rows of bids, events and ended leases this long, then prune them",
+    )
     log_level: str = "INFO"
     listen: list[str] = Field(
         default_factory=lambda: ["/ip4/0.0.0.0/tcp/9000"], description="libp2p listen multiaddrs"

@@ -10,7 +10,7 @@ import typer
 
 from dms.cli.actor import TimeoutOption
 from dms.cli.common import JsonOption, settings
-from dms.cli.output import console, emit_json, emit_result, emit_table, jsonable
+from dms.cli.output import ago, console, emit_json, emit_result, emit_table, jsonable
 from dms.jobs.spec import load_spec
 from dms.node.client import NodeClient
 
@@ -20,6 +20,17 @@ deployment_app = typer.Typer(help="Deployments this node requested.")
 TERMINAL = ("completed", "failed", "shutdown")
 FileArg = Annotated[Path, typer.Argument(help="A job file (YAML or JSON).")]
 IdArg = Annotated[str, typer.Argument(help="Deployment id.")]
+AllOption = Annotated[bool, typer.Option("--all", help="Every row, not the first 20.")]
+ROWS = 20  # rows a long table shows without --all
+
+
+def _limit(every: bool) -> int | None:
+    return None if every else ROWS
+
+
+def short_peer(peer_id: str | None) -> str:
+    """A peer by the last 8 characters of its id, as the deployment's events name it."""
+    return f"…{peer_id[-8:]}" if peer_id else ""
 
 
 @job_app.command("validate")
@@ -55,21 +66,26 @@ def _print_event(event: dict[str, Any]) -> None:
     console.print(f"{stamp}  {event['what']}", highlight=False)
 
 
-def _show_status(status: dict[str, Any], json_out: bool) -> None:
+def _show_status(status: dict[str, Any], json_out: bool, every: bool = False) -> None:
     if json_out:
         emit_json(jsonable(status))
         return
     head = {k: status[k] for k in ("id", "name", "state", "strategy") if k in status}
     emit_result(head, False, title="deployment")
+    slots = status["slots"]
     emit_table(
         "allocations",
-        ["slot", "status", "peer", "attempts", "error"],
-        [
-            [s["slot"], s["status"], s["peer_id"] or "", s["attempts"], s["error"] or ""]
-            for s in status["slots"]
-        ],
-        whole=["peer"],
+        ["slot", "status", "peer", "attempts"],
+        [[s["slot"], s["status"], s["peer_id"] or "", s["attempts"]] for s in slots],
+        whole=["slot", "peer"],
+        hideable=["attempts"],
+        limit=_limit(every),
+        more=f"'dms deployment status {status.get('id', 'ID')} --all' or --json",
     )
+    # Errors are sentences: below the table, where they wrap between words.
+    for s in slots[: _limit(every)]:
+        if s.get("error"):
+            console.print(f"{s['slot']}: {s['error']}", highlight=False)
 
 
 def deploy(
@@ -112,18 +128,37 @@ def deploy(
 
 
 @deployment_app.command("list")
-def list_deployments(timeout: TimeoutOption = 10.0, json_out: JsonOption = False) -> None:
+def list_deployments(
+    every: AllOption = False, timeout: TimeoutOption = 10.0, json_out: JsonOption = False
+) -> None:
     """Deployments this node requested, newest first."""
     rows = _client().invoke("/dms/node/deployment/list", timeout=timeout)
-    emit_result(rows, json_out, title="deployments")
+    if json_out:
+        emit_json(jsonable(rows))
+        return
+    now = time.time()
+    emit_table(
+        "deployments",
+        ["id", "name", "state", "allocations", "created"],
+        [
+            [r["id"], r["name"], r["state"], r["allocations"], ago(r["created_at"], now)]
+            for r in rows
+        ],
+        whole=["id"],
+        hideable=["allocations", "created"],
+        limit=_limit(every),
+    )
 
 
 @deployment_app.command("status")
 def status(
-    deployment_id: IdArg, timeout: TimeoutOption = 10.0, json_out: JsonOption = False
+    deployment_id: IdArg,
+    every: AllOption = False,
+    timeout: TimeoutOption = 10.0,
+    json_out: JsonOption = False,
 ) -> None:
     """State of a deployment and of each allocation."""
-    _show_status(_ask("status", deployment_id, timeout), json_out)
+    _show_status(_ask("status", deployment_id, timeout), json_out, every)
 
 
 @deployment_app.command("logs")
@@ -143,7 +178,10 @@ def logs(deployment_id: IdArg, timeout: TimeoutOption = 20.0, json_out: JsonOpti
 
 @deployment_app.command("manifest")
 def manifest(
-    deployment_id: IdArg, timeout: TimeoutOption = 10.0, json_out: JsonOption = False
+    deployment_id: IdArg,
+    every: AllOption = False,
+    timeout: TimeoutOption = 10.0,
+    json_out: JsonOption = False,
 ) -> None:
     """Where each allocation runs, and why each bid won or lost."""
     result = _ask("manifest", deployment_id, timeout)
@@ -157,14 +195,19 @@ def manifest(
             [s["slot"], s["status"], s["peer_id"] or "", s["lease_id"] or ""]
             for s in result["slots"]
         ],
-        whole=["peer"],
+        whole=["slot", "peer", "lease"],
+        hideable=["lease"],
+        limit=_limit(every),
     )
+    bids = result["bids"]
     emit_table(
-        "bids",
+        "bids (peers by the end of their id)",
         ["slot", "peer", "outcome", "price", "reason"],
-        [[b["slot"], b["peer_id"], b["outcome"], b["price"], b["reason"]] for b in result["bids"]],
-        whole=["peer"],
-    )
+        [[b["slot"], short_peer(b["peer_id"]), b["outcome"], b["price"], b["reason"]]
+         for b in bids],
+        whole=["slot", "peer"],
+        limit=_limit(every),
+    )  # fmt: skip
 
 
 @deployment_app.command("shutdown")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import typer
 
 from dms.cli.actor import TimeoutOption
 from dms.cli.common import JsonOption, settings
-from dms.cli.output import emit_json, emit_result, emit_table, jsonable
+from dms.cli.output import ago, emit_json, emit_result, emit_table, jsonable
 from dms.node.client import NodeClient
 
 app = typer.Typer(help="This node's peers: list, self, ping, connect.")
@@ -24,13 +25,21 @@ def _pair(row: dict[str, Any], key: str) -> str:
     return "" if total is None else f"{free:g}/{total:g}"
 
 
+ROWS = 20  # peers shown without --all
+
+
 @app.command("list")
-def list_peers(timeout: TimeoutOption = 10.0, json_out: JsonOption = False) -> None:
+def list_peers(
+    every: Annotated[bool, typer.Option("--all", help="Every peer, not the first 20.")] = False,
+    timeout: TimeoutOption = 10.0,
+    json_out: JsonOption = False,
+) -> None:
     """Peers known from heartbeats or connections: status, free/total resources, scores."""
     rows = NodeClient(settings().home).invoke("/dms/node/peers/list", None, timeout=timeout)
     if json_out:
         emit_json(jsonable(rows))
         return
+    now = time.time()
     table = []
     for row in rows:
         scores = row.get("scores") or {}
@@ -39,7 +48,7 @@ def list_peers(timeout: TimeoutOption = 10.0, json_out: JsonOption = False) -> N
             [
                 row["peer_id"],
                 row.get("status", ""),
-                "" if seen is None else f"{seen:.1f}s",
+                "" if seen is None else ago(now - seen, now),
                 _pair(row, "cpu"),
                 _pair(row, "ram_gib"),
                 _pair(row, "disk_gib"),
@@ -51,7 +60,12 @@ def list_peers(timeout: TimeoutOption = 10.0, json_out: JsonOption = False) -> N
     columns = ["peer id", "status", "seen", "cpu", "ram GiB", "disk GiB",
                "cpu Mops", "ckks mul/s", "restarts"]  # fmt: skip
     emit_table(
-        "peers (resources: free/total)", columns, table, whole=["peer id"], hideable=columns[2:]
+        "peers (resources: free/total)",
+        columns,
+        table,
+        whole=["peer id"],
+        hideable=columns[2:],
+        limit=None if every else ROWS,
     )
 
 

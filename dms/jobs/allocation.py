@@ -86,7 +86,7 @@ class AllocationActor(Actor):
         requester_host: str,
         reply_to: Handle | None = None,
         on_end: Callable[[str, str], None] | None = None,
-        requester_gone: Callable[[], bool] | None = None,
+        requester_gone: Callable[[float], bool] | None = None,
         watch_s: float = 1.0,
         linger_s: float = 120.0,
         resources: Resources | None = None,
@@ -113,6 +113,7 @@ class AllocationActor(Actor):
         self.result: Any = None
         self.error: str | None = None
         self.created_at = time.time()
+        self.heard_at = self.created_at  # the requester's last call (the allocate, at first)
         self.started_at: float | None = None
         self.ended_at: float | None = None
         self.logs: deque[str] = deque(maxlen=LOG_LINES)
@@ -166,7 +167,7 @@ class AllocationActor(Actor):
     def _watch(self) -> None:
         if self.state in TERMINAL:
             return
-        if self._requester_gone is not None and self._requester_gone():
+        if self._requester_gone is not None and self._requester_gone(self.heard_at):
             self.request_stop("the requester is gone")
             return
         self.call_later(self._watch_s, self._watch)
@@ -233,6 +234,7 @@ class AllocationActor(Actor):
         node's own key or owner; not another actor of this node (least privilege)."""
         host = request.sender.address.host
         if host == self.requester_host:
+            self.heard_at = time.time()
             return
         signer = request.envelope.signer
         system = self.system
@@ -267,6 +269,7 @@ class AllocationActor(Actor):
                 "not_requester: only the session that placed it may",
                 rule="not_requester",
             )
+        self.heard_at = time.time()
         if self.session is None or self._session_thread is None or self._courier is None:
             raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, f"{self.executor_kind} has no session")
         if self.state != AllocationState.RUNNING:

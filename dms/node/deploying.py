@@ -45,6 +45,8 @@ from dms.orchestrator.messages import (
     RevertRequest,
 )
 from dms.orchestrator.mining import MiningSessionActor
+from dms.orchestrator.ratelimit import PeerRate
+from dms.orchestrator.reverts import Reverts
 from dms.orchestrator.store import DeploymentStore
 from dms.resources import ALLOCATED, ResourceError
 
@@ -73,6 +75,9 @@ class DeployingBehaviours(NodeBase):
         self._deployments, self._allocations = {}, {}
         self._unwritten_bids: list[dict[str, Any]] = []
         self._alloc_lock = threading.Lock()
+        prefs = self.services.preferences
+        self._bid_rate = PeerRate(prefs.bid_requests_per_s, prefs.bid_request_burst)
+        self.reverts = Reverts(self)
         self.subscribe(DEPLOYMENT_TOPIC)
         db = self.services.onboarder.db if self.services.onboarder else None
         if db is None:
@@ -82,6 +87,7 @@ class DeployingBehaviours(NodeBase):
             store=DeploymentStore(db),
             on_end=self._deployment_ended,
             supervise_s=self.services.supervise_s,
+            revert=lambda peer, payload: self.ref.tell_call(self.reverts.send, peer, payload),
         )
         self._clean_orphaned_allocations()
         for row in self._orchestration.store.active():
@@ -130,6 +136,12 @@ class DeployingBehaviours(NodeBase):
         requester = request.sender.address.host
         if requester == self.system.peer_id:
             return None  # our own gossip request
+        if not self._bid_rate.allow(requester):
+            rate = self.services.preferences.bid_requests_per_s
+            raise Refusal(
+                ErrorCode.RATE_LIMITED,
+                f"more than {rate:g} bid requests a second from this peer (bid_requests_per_s)",
+            )
         bid = make_bid(payload, requester, request.sender.did, self._bidder())
         self._record_sent(bid)
         if payload.reply_to is not None:
@@ -182,7 +194,21 @@ class DeployingBehaviours(NodeBase):
     def commit(self, request: Request) -> dict[str, Any]:
         p: CommitRequest = request.payload
         holder = request.sender.address.host
-        return self._ledger().commit(p.lease_id, holder=holder).as_dict()
+        committed = self._ledger().commit(p.lease_id, holder=holder).as_dict()
+        # A commit that no allocate follows would hold the resources for ever.
+        within = self.services.preferences.allocate_within_s
+        self.call_later(within, lambda: self._allocated_in_time(p.lease_id, within))
+        return committed
+
+    def _allocated_in_time(self, lease_id: str, within: float) -> None:
+        with self._alloc_lock:
+            if lease_id in self._allocations:
+                return
+        ledger = self._ledger()
+        if ledger.lease(lease_id).state == ALLOCATED:
+            ledger.release(lease_id)
+            ledger.db.record("allocation.never_started", id=lease_id, within_s=within)
+            log.info("lease %s committed but not allocated within %g s: released", lease_id, within)
 
     @behaviour(ALLOCATE, public=True, payload=AllocateRequest)
     def allocate(self, request: Request) -> dict[str, Any]:
@@ -208,7 +234,7 @@ class DeployingBehaviours(NodeBase):
                 requester_host=requester,
                 reply_to=p.reply_to,
                 on_end=self._allocation_ended,
-                requester_gone=lambda: self._requester_gone(requester),
+                requester_gone=lambda heard_at: self._requester_gone(requester, heard_at),
                 resources=lease.resources,
                 courier=getattr(self, "courier", None),
                 inbox=f"alloc-{p.lease_id[:16]}",
@@ -234,13 +260,18 @@ class DeployingBehaviours(NodeBase):
             self._stop_allocation(lease.id, "reverted by the requester")
         return {"released": [lease.id for lease in released]}
 
-    def _requester_gone(self, peer_id: str) -> bool:
+    def _requester_gone(self, peer_id: str, heard_at: float) -> bool:
+        """Whether an allocation's requester is gone: it has not called the allocation
+        for ``orphan_s`` (``heard_at``: its last call, or the allocate), and the peers
+        table has it ``gone`` that long, or does not hold it at all (dropped, or never
+        heard: then its calls are all there is to go by)."""
+        now, orphan_s = time.time(), self.services.orphan_s
+        if now - heard_at <= orphan_s:
+            return False
         record = self.services.peer_table.get(peer_id)
-        return (
-            record is not None
-            and record.status == GONE
-            and time.time() - record.last_seen > self.services.orphan_s
-        )
+        if record is None:
+            return True
+        return record.status == GONE and now - record.last_seen > orphan_s
 
     def _allocation_ended(self, lease_id: str, state: str) -> None:
         """From the allocation's thread: give its resources back."""

@@ -68,6 +68,9 @@ class Orchestration:
     retry_max_s: float = 2.0
     invoke_s: float = 10.0  # commit and allocate: how long their reply may take
     on_end: Callable[[str], None] | None = None
+    # Sends a revert until it is acknowledged (the node's ``Reverts``, from any thread);
+    # None: sent once, from the deployment actor.
+    revert: Callable[[str, dict[str, Any]], None] | None = None
 
     @property
     def poll_s(self) -> float:
@@ -208,9 +211,12 @@ class DeploymentBase(Actor):
         if not peer or not (lease_ids or everything):
             return
         payload = {"deployment_id": self.id, "lease_ids": lease_ids, "everything": everything}
+        self.messages += 1
+        if self.o.revert is not None:
+            self.o.revert(peer, payload)
+            return
         try:
             self.send(node_handle(peer), REVERT, payload)
-            self.messages += 1
         except Exception as exc:  # an unreachable peer's leases expire on their own
             self._uncertain.add(peer)
             log.debug("revert to %s not sent: %s", peer, exc)

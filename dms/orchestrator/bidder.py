@@ -80,9 +80,29 @@ def semantic_refusal(
     return None
 
 
-def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: BidderView) -> Bid:
-    """Check every slot and lease what fits; leases are held for ``request.lease_s``.
+def _over_caps(prefs: Preferences, held: int, in_use: int) -> str | None:
+    """Why one more lease would lock more than this node offers (``held``: what this
+    requester holds; ``in_use``: leases and allocations of everyone), or None."""
+    if prefs.max_leases_per_peer and held >= prefs.max_leases_per_peer:
+        return (
+            f"this requester holds {held} leases and allocations here, the most one peer "
+            f"may hold (max_leases_per_peer)"
+        )
+    if prefs.max_allocations and in_use >= prefs.max_allocations:
+        return (
+            f"this node holds {in_use} leases and allocations, its maximum "
+            f"(max_allocations {prefs.max_allocations})"
+        )
+    return None
 
+
+def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: BidderView) -> Bid:
+    """Check every slot and lease what fits; leases are held for ``request.lease_s``, at
+    most the node's ``max_lease_s``.
+
+    A request locks no more than this node would really run: one requester holds at
+    most ``max_leases_per_peer`` leases and allocations here, and with
+    ``max_allocations`` set, leases and allocations together stay within it.
     Slots are tried from a random starting point: providers that can take only
     some of the slots then offer different ones, and one round places more."""
     offers: list[Offer] = []
@@ -90,17 +110,24 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
     start = random.randrange(len(request.slots))
     slots = request.slots[start:] + request.slots[:start]
     for_good = {slot.slot for slot in slots if job_refusal(slot) is not None}
+    prefs = me.preferences
+    held = me.ledger.held_by(requester_peer) if prefs.max_leases_per_peer else 0
 
     def screen(pools: Pools) -> list[str | None]:
-        return [
-            semantic_refusal(slot, me, requester_did, pools.price, pools.allocations)
-            for slot in slots
-        ]
+        refusals: list[str | None] = []
+        taken = 0
+        for slot in slots:
+            refusal = semantic_refusal(slot, me, requester_did, pools.price, pools.allocations)
+            if refusal is None:
+                refusal = _over_caps(prefs, held + taken, pools.allocations + pools.leases + taken)
+            taken += refusal is None
+            refusals.append(refusal)
+        return refusals
 
     # One transaction: the checks that need the pools run on what it read.
     leases, after = me.ledger.lock_many(
         [(s.resources, f"dep:{request.deployment_id}/{s.slot}") for s in slots],
-        request.lease_s,
+        min(request.lease_s, prefs.max_lease_s),
         holder=requester_peer,
         screen=screen,
     )

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, insert, or_, select, text, update
+from sqlalchemy import Connection, Row, and_, func, insert, or_, select, text, update
 
 from dms.errors import DmsError
 from dms.resources.amounts import KINDS, ZERO, Resources, show
@@ -368,6 +368,13 @@ class ResourceLedger:
                     row = self._get(conn, lease_id)
                 out.append(_view(row))
         return out
+
+    def held_by(self, holder: str) -> int:
+        """How many live leases and allocations ``holder`` holds here."""
+        now = self.clock()
+        with self.db.transaction() as conn:
+            query = select(func.count()).where(_live_clause(now), LEASES.c.holder == holder)
+            return int(conn.scalar(query.select_from(LEASES)) or 0)
 
     def live_ids(self, ref_prefix: str, holder: str) -> list[str]:
         """Ids of live leases and allocations of ``holder`` whose ref starts with the prefix."""

@@ -3,6 +3,11 @@
 Kept in ``config.toml`` under ``[preferences]`` (or ``DMS_PREFERENCES`` as JSON),
 so ``dms config show`` shows it; the bidder asks :meth:`Preferences.refusal`
 before it looks at resources, and every refusal is a reason people can read.
+
+It also bounds what any one requester can hold here (``specs/security.md``, issue
+17 item 4): leases held at once,
+bid requests a second, how long a bid's lease lasts, and how long a committed
+lease waits for its allocation.
 """
 
 from __future__ import annotations
@@ -26,6 +31,21 @@ class Preferences(BaseModel):
         default_factory=list, description="only these requesters; empty for anyone"
     )
     deny_dids: list[str] = Field(default_factory=list, description="never these requesters")
+    max_leases_per_peer: int = Field(
+        default=64, ge=0, description="leases and allocations one requester holds at once; 0: any"
+    )
+    bid_requests_per_s: float = Field(
+        default=50.0, ge=0, description="bid requests a second from one peer; 0: no limit"
+    )
+    bid_request_burst: int = Field(
+        default=100, ge=1, description="bid requests one peer may send at once, then at the rate"
+    )
+    max_lease_s: float = Field(
+        default=60.0, gt=0, le=600, description="longest a bid's lease holds, whatever is asked"
+    )
+    allocate_within_s: float = Field(
+        default=30.0, gt=0, description="a committed lease not allocated this soon is released"
+    )
 
     def refusal(
         self, *, kind: str, requester: str, max_price: float | None, allocations: int

@@ -1,0 +1,86 @@
+"""Reverts that are retried until a provider acknowledges them.
+
+A revert gives a provider's lease back (a bid that lost, a slot lost or
+stopped, everything a deployment may hold when it ends). Sent once and lost,
+it left the lease held until it expired, and a committed one for ever. Here a
+revert is an invoke; any reply is its acknowledgement (``released``, or a
+refusal: the provider handled it), and only no reply at all (``timeout``,
+``unreachable``, a send that fails) sends it again, after 1, 2, 4 ... up to 30
+seconds, for at most ``horizon_s``. The node actor owns the outbox, so a
+revert outlives the deployment that asked for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any
+
+from dms.actor import Actor, ErrorCode, Outcome
+from dms.orchestrator.base import node_handle
+from dms.orchestrator.messages import REVERT
+
+log = logging.getLogger("dms.orchestrator")
+
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 30.0
+UNANSWERED = frozenset({ErrorCode.TIMEOUT.value, ErrorCode.UNREACHABLE.value})
+
+
+class Reverts:
+    def __init__(
+        self,
+        actor: Actor,
+        timeout_s: float = 5.0,
+        horizon_s: float = 600.0,
+        max_pending: int = 10_000,
+    ) -> None:
+        self.actor = actor
+        self.timeout_s, self.horizon_s, self.max_pending = timeout_s, horizon_s, max_pending
+        self.pending = 0
+        self.acknowledged = 0
+        self.abandoned = 0
+
+    def send(self, peer: str, payload: dict[str, Any]) -> None:
+        """Revert at ``peer`` until it answers (call in the owning actor's thread)."""
+        if self.pending >= self.max_pending:
+            self.abandoned += 1
+            log.warning("revert to %s dropped: %d reverts pending", peer, self.pending)
+            return
+        self.pending += 1
+        self._attempt(peer, payload, 0, time.monotonic())
+
+    def _attempt(self, peer: str, payload: dict[str, Any], attempt: int, first: float) -> None:
+        try:
+            self.actor.invoke(
+                node_handle(peer),
+                REVERT,
+                payload,
+                timeout=self.timeout_s,
+                on_reply=partial(self._answered, peer, payload, attempt, first),
+            )
+        except Exception as exc:  # not sent (the peer unreachable now): try again later
+            self._again(peer, payload, attempt, first, str(exc))
+
+    def _answered(
+        self, peer: str, payload: dict[str, Any], attempt: int, first: float, outcome: Outcome
+    ) -> None:
+        if outcome.ok or (outcome.error is not None and outcome.error.code not in UNANSWERED):
+            self.pending -= 1
+            self.acknowledged += 1
+            return
+        assert outcome.error is not None
+        self._again(peer, payload, attempt, first, outcome.error.reason)
+
+    def _again(
+        self, peer: str, payload: dict[str, Any], attempt: int, first: float, why: str
+    ) -> None:
+        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2**attempt)
+        if time.monotonic() + delay - first > self.horizon_s:
+            self.pending -= 1
+            self.abandoned += 1
+            log.warning("revert to %s abandoned after %d attempts: %s", peer, attempt + 1, why)
+            return
+        log.info("revert to %s unanswered (%s); again in %g s", peer, why, delay)
+        self.actor.call_later(delay, lambda: self._attempt(peer, payload, attempt + 1, first))

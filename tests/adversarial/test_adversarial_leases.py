@@ -1,0 +1,169 @@
+"""Issue 17, item 4: nothing a remote peer does holds a provider's resources without a
+deadline. The hostile requester is a real node on loopback that speaks the placement
+protocol directly (bid request, commit, allocate), or a provider that drops reverts."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from dms.actor import RemoteError, Request
+from dms.node.daemon import Node
+from dms.orchestrator.base import node_handle
+from dms.orchestrator.messages import (
+    ALLOCATE,
+    COMMIT,
+    REQUEST,
+    REVERT,
+    BidRequest,
+    RevertRequest,
+)
+from dms.sim.cluster import LocalCluster
+from tests.conftest import wait_for
+from tests.test_orchestrator import (
+    TERMINAL,
+    deploy,
+    live_leases,
+    network,
+    providers,
+    spec,
+    wait_state,
+)
+
+PREFERENCES = {
+    "max_leases_per_peer": 4,
+    "bid_requests_per_s": 2.0,
+    "bid_request_burst": 3,
+    "max_lease_s": 60.0,
+    "allocate_within_s": 2.0,
+}
+
+
+@pytest.fixture
+def net(cluster: LocalCluster) -> LocalCluster:
+    cluster.settings.update(heartbeat_s=0.5, orphan_s=3.0, preferences=PREFERENCES)
+    return cluster
+
+
+def ask(attacker: Node, victim: Node, behaviour: str, payload: Any) -> Any:
+    """From the attacker's root actor, signed by its node key, to the victim's root."""
+    assert attacker.node is not None
+    return attacker.node.ask(node_handle(victim.peer_id), behaviour, payload, timeout=10)
+
+
+def bid_request(slots: int, lease_s: float = 10.0, **constraints: Any) -> dict[str, Any]:
+    slot = {"executor": "compute", "params": {"seconds": 1}, "constraints": constraints,
+            "resources": {"cpu": "100m", "ram": "16MiB"}}  # fmt: skip
+    return BidRequest.model_validate(
+        {
+            "deployment_id": "attack",
+            "lease_s": lease_s,
+            "slots": [{"slot": f"w.{i}", **slot} for i in range(slots)],
+        }
+    ).model_dump()
+
+
+def attacker_and_victim(net: LocalCluster) -> tuple[Node, Node]:
+    attacker = net.add()
+    (victim,) = providers(net, 1)
+    net.wait_linked()
+    return attacker, victim
+
+
+def test_a_committed_lease_never_allocated_is_released(net: LocalCluster) -> None:
+    attacker, victim = attacker_and_victim(net)
+    assert victim.ledger is not None
+    bid = ask(attacker, victim, REQUEST, bid_request(1))
+    lease = bid["offers"][0]["lease_id"]
+    ask(attacker, victim, COMMIT, {"deployment_id": "attack", "slot": "w.0", "lease_id": lease})
+    assert victim.ledger.lease(lease).state == "allocated"
+    # It never allocates: the lease goes back after allocate_within_s, not never.
+    wait_for(lambda: victim.ledger.lease(lease).state == "released", 15, "the lease released")
+    with pytest.raises(RemoteError) as late:
+        ask(attacker, victim, ALLOCATE, {"deployment_id": "attack", "slot": "w.0",
+                                         "lease_id": lease, "executor": "compute"})  # fmt: skip
+    assert late.value.code == "ended" and "not committed" in late.value.reason
+
+
+def test_one_bid_request_locks_no_more_than_the_provider_offers(net: LocalCluster) -> None:
+    attacker, victim = attacker_and_victim(net)
+    assert victim.ledger is not None
+    began = time.time()
+    bid = ask(attacker, victim, REQUEST, bid_request(10, lease_s=600))
+    assert len(bid["offers"]) == 4  # max_leases_per_peer, of ten asked
+    capped = "this requester holds 4 leases and allocations here, the most one peer may hold"
+    assert [d["reason"].startswith(capped) for d in bid["declines"]] == [True] * 6
+    assert not any(d["permanent"] for d in bid["declines"])
+    # A lease lasts max_lease_s (60 s) whatever the request asks (600 s).
+    assert all(o["expires_at"] <= began + 60 + 5 for o in bid["offers"])
+    again = ask(attacker, victim, REQUEST, bid_request(10))
+    assert again["offers"] == [] and len(victim.ledger.live()) == 4
+    # With max_allocations, leases and allocations together stay within it.
+    ask(attacker, victim, REVERT, {"deployment_id": "attack", "everything": True})
+    assert victim.ledger.live() == []
+    victim.settings.preferences.max_allocations = 2
+    bid = ask(attacker, victim, REQUEST, bid_request(5))
+    assert len(bid["offers"]) == 2
+    assert bid["declines"][0]["reason"].startswith("this node holds 2 leases and allocations")
+
+
+def test_bid_requests_beyond_the_rate_are_refused_with_the_reason(net: LocalCluster) -> None:
+    attacker, victim = attacker_and_victim(net)
+    refused: list[RemoteError] = []
+    answered = 0
+    for _ in range(12):  # burst 3, then 2 a second; nothing fits, so nothing is locked
+        try:
+            ask(attacker, victim, REQUEST, bid_request(1, labels=["none-has-it"]))
+            answered += 1
+        except RemoteError as err:
+            refused.append(err)
+    assert answered >= 3 and refused
+    assert {e.code for e in refused} == {"rate_limited"}
+    assert "bid requests a second from this peer (bid_requests_per_s)" in refused[0].reason
+    assert victim.ledger is not None and victim.ledger.live() == []
+
+
+def test_a_revert_is_retried_until_the_provider_answers(net: LocalCluster) -> None:
+    requester, peers = network(net, 2)
+    calls = {p.peer_id: 0 for p in peers}
+    for provider in peers:
+        assert provider.node is not None
+        actor = provider.node.pykka_ref._actor_weakref()
+
+        def dropping(request: Request, actor: Any = actor, peer: str = provider.peer_id) -> Any:
+            calls[peer] += 1
+            if calls[peer] == 1:  # the first revert is lost: no answer, nothing released
+                request.defer()
+                return None
+            return actor.revert(request)
+
+        proxy = provider.node.pykka_ref.proxy()
+        proxy.register(REVERT, dropping, public=True, payload=RevertRequest).get(timeout=5)
+    # One slot, two bids: the loser's lease (held 60 s) is reverted, and its first revert
+    # is lost.
+    dep = deploy(requester, spec(params={"seconds": 0.2}, lease_s=60))
+    done = wait_state(requester, dep, TERMINAL, 30)
+    assert done["state"] == "completed", done["events"]
+    wait_for(lambda: live_leases(peers) == 0, 15, "the loser's lease released by a retry")
+    assert sorted(calls.values())[-1] >= 2
+
+
+def test_an_allocation_whose_requester_the_table_forgot_stops_when_it_goes(
+    net: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requester, (provider,) = network(net, 1)
+    table_get = provider.peer_table.get
+    # The provider's peers table does not hold the requester (dropped, or never heard).
+    monkeypatch.setattr(
+        provider.peer_table,
+        "get",
+        lambda peer: None if peer == requester.peer_id else table_get(peer),
+    )
+    dep = deploy(requester, spec(params={"seconds": 120}))
+    wait_state(requester, dep, ("running",), 15)
+    time.sleep(3.0 + 2)  # orphan_s and more: its status polls keep it alive
+    assert live_leases([provider]) == 1
+    net.crash(requester)
+    wait_for(lambda: live_leases([provider]) == 0, 20, "the orphaned allocation stopped")

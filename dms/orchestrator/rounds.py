@@ -264,13 +264,16 @@ class BidRounds(DeploymentBase):
             self._close(rid)
 
     def _window_ends(self, rid: int) -> None:
-        """Close the round, unless a slot has no offer yet and asked peers still owe an
-        answer: busy providers answer late, and a round closed empty only to throw
-        their bids back would be retried anyway. Then wait for them, up to the bid
-        request's own timeout."""
+        """Close the round, unless asked peers still owe an answer and either a slot has
+        no offer yet or (``distinct_peers``) too few peers offered to keep the slots
+        apart: busy providers answer late, and a round closed without them would be
+        retried anyway, or would stack slots on one peer. Then wait for them, up to
+        the bid request's own timeout."""
         waiting = self._asked - self._answered
         empty = [name for name, offers in self._offers.items() if not offers]
-        if empty and waiting and not self._gossiped:
+        bidders = {c.peer_id for offers in self._offers.values() for c in offers}
+        crowded = self.spec.distinct_peers and len(bidders) < len(self._offers)
+        if (empty or crowded) and waiting and not self._gossiped:
             self.call_later(BID_GRACE_S, lambda: self._close(rid))
             return
         self._close(rid)

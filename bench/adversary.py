@@ -79,6 +79,7 @@ from dms.sim.cluster import LocalCluster
 MIB = 1024 * 1024
 PASSPHRASE = "adversary bench"
 WRITE_BATCH_BYTES = 256 * 1024
+FINISH_RETRY_S = 5.0
 
 
 # ---- the victim: a real daemon in its own process ----------------------------------
@@ -222,11 +223,17 @@ class Hostile:
         )
 
     def finish(self, to: Handle, timeout: float = 600) -> bool:
-        """One last invoke on the same stream: its reply comes once the victim has worked
-        through every frame sent before it."""
-        env = self.envelope(to, "/public/hello", reply=True)
-        self.write([self.seal(env)])
-        return self.reply(env.nonce, timeout) is not None
+        """One last invoke on the same stream: its answer (its result, or a refusal such
+        as ``rate_limited``) comes once the victim has read every frame sent before it.
+        A victim over this peer's budget drops what it cannot answer, so the invoke is
+        sent again every few seconds until one is answered."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            env = self.envelope(to, "/public/hello", reply=True)
+            self.write([self.seal(env)])
+            if self.reply(env.nonce, FINISH_RETRY_S) is not None:
+                return True
+        return False
 
     def seal(self, env: Envelope) -> bytes:
         return seal(env, self.identity)
@@ -370,7 +377,7 @@ def decode_bomb(hostile: Hostile, victim: Victim, bombs: int, pace_s: float) -> 
     return attack
 
 
-def replay_cache_fill(hostile: Hostile, victim: Victim, count: int) -> Any:
+def replay_cache_fill(hostile: Hostile, victim: Victim, count: int, refill_s: float) -> Any:
     to = root_handle(victim.peer_id)
     replayed = min(1000, count)
     # The first ones ask for replies, so their replays are answered with the refusal.
@@ -384,6 +391,7 @@ def replay_cache_fill(hostile: Hostile, victim: Victim, count: int) -> Any:
         finished = hostile.finish(to)
         firsts = hostile.refusal_codes([env.nonce for env in envelopes[:replayed]])
         hostile.forget([env.nonce for env in envelopes[:replayed]])  # for the replays' replies
+        time.sleep(refill_s)  # the victim's budget for this peer refills: every replay is read
         hostile.write(frames[:replayed])
         finished = hostile.finish(to) and finished
         return {
@@ -412,9 +420,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         settings = {}
+        fields = Settings.model_fields
+        rate = args.frames_per_s or fields["max_frames_per_s"].default
+        burst = fields["frame_burst"].default
         if args.frames_per_s is not None:
+            burst = max(1, int(min(args.frames_per_s * 2, 10**9)))
             settings["DMS_MAX_FRAMES_PER_S"] = f"{args.frames_per_s:g}"
-            settings["DMS_FRAME_BURST"] = str(max(1, int(min(args.frames_per_s * 2, 10**9))))
+            settings["DMS_FRAME_BURST"] = str(burst)
+        refill_s = min(burst / rate, 10.0)
         victim = Victim(root, settings)
         try:
             with LocalCluster(root / "cluster", shared_loop=False) as cluster:
@@ -424,7 +437,10 @@ def main() -> int:
                 try:
                     plans = [
                         ("decode_bomb", decode_bomb(hostile, victim, args.bombs, args.pace)),
-                        ("replay_cache_fill", replay_cache_fill(hostile, victim, args.fill)),
+                        (
+                            "replay_cache_fill",
+                            replay_cache_fill(hostile, victim, args.fill, refill_s),
+                        ),
                     ]
                     for name, attack in plans:
                         result = run_attack(
@@ -435,11 +451,7 @@ def main() -> int:
                             baseline_n=args.baseline,
                             settle_s=args.settle,
                         )
-                        result["victim_max_frames_per_s"] = (
-                            args.frames_per_s
-                            if args.frames_per_s is not None
-                            else Settings.model_fields["max_frames_per_s"].default
-                        )
+                        result["victim_max_frames_per_s"] = rate
                         results.append(result)
                         if args.json:
                             print(json.dumps(result), flush=True)

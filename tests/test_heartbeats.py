@@ -55,6 +55,32 @@ def test_table_marks_deadlines_restarts_and_leaving() -> None:
     assert table.get("p1").status == GONE
 
 
+def test_the_table_forgets_long_gone_peers_and_they_stretch_no_interval() -> None:
+    """Item 5 of issue 17: a gone peer stayed in the table for ever, and counted in the
+    heartbeat interval as if it still sent (N / budget)."""
+    from types import SimpleNamespace
+
+    from dms.node.peering import PeeringBehaviours
+
+    clock = FakeClock()
+    table = PeerTable(clock=clock)
+    for i in range(100):
+        table.observe(f"gone{i}", "did:key:g", beat())
+    table.observe("stays", "did:key:s", beat(deadline_s=10_000.0))
+    clock.now += 10.0
+    assert len(table.sweep()) == 100
+    node = SimpleNamespace(
+        peer_table=table, services=SimpleNamespace(heartbeat_s=2.0, heartbeat_budget_per_s=10.0)
+    )
+    # 100 gone peers and one alive: 2 s, not 101 / 10 = 10.1 s.
+    assert PeeringBehaviours.heartbeat_interval(node) == 2.0  # type: ignore[arg-type]
+    assert table.forget_gone(after_s=60.0) == []  # gone for 7 s: kept, shown as gone
+    clock.now += 60.0
+    assert len(table.forget_gone(after_s=60.0)) == 100
+    assert [r.peer_id for r in table.records()] == ["stays"]
+    assert table.observe("gone1", "did:key:g", beat()) == "joined"  # a new row
+
+
 def _tables_complete(nodes: list) -> bool:
     return all(
         {r.peer_id for r in n.peer_table.alive()} == {m.peer_id for m in nodes if m is not n}

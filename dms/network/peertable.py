@@ -143,6 +143,20 @@ class PeerTable:
                     gone.append(record.peer_id)
         return gone
 
+    def forget_gone(self, after_s: float) -> list[str]:
+        """Drop peers gone for longer than ``after_s`` (past their deadline, or since
+        they left); returns their ids. A peer that comes back is a new row."""
+        now = self._clock()
+        with self._lock:
+            old = [
+                r.peer_id
+                for r in self._peers.values()
+                if r.status == GONE and now - r.deadline > after_s
+            ]
+            for peer_id in old:
+                del self._peers[peer_id]
+        return old
+
     def get(self, peer_id: str) -> PeerRecord | None:
         with self._lock:
             return self._peers.get(peer_id)

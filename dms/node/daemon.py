@@ -132,6 +132,7 @@ class Node:
             self.ledger = ResourceLedger(self.db)
             services = NodeServices(
                 home=home,
+                db=self.db,
                 network=self.transport,
                 peerbook=peerbook,
                 ledger=self.ledger,
@@ -142,6 +143,8 @@ class Node:
                 heartbeat_budget_per_s=self.settings.heartbeat_budget_per_s,
                 labels=self.settings.labels,
                 orphan_s=self.settings.orphan_s,
+                peer_forget_s=self.settings.peer_forget_s,
+                retention_s=self.settings.retention_s,
                 chunk_quota=self.settings.chunk_quota,
             )
             self.node = self.system.spawn(

@@ -12,6 +12,7 @@ never stalls.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import Any
@@ -26,6 +27,9 @@ from dms.node.mining import MiningBehaviours
 from dms.node.peering import PeeringBehaviours
 from dms.node.provider import ProviderBehaviours
 from dms.node.services import NodeServices
+from dms.store.retention import prune
+
+log = logging.getLogger("dms.node")
 
 BROADCAST_TOPIC = "/dms/broadcast"
 HELLO_MEMORY = 64
@@ -50,10 +54,22 @@ class NodeActor(
         self.start_mining()
         self.start_deploying()
         self.start_peering()
+        self.call_later(self.services.prune_every_s, self._prune)
 
     def stopping(self) -> None:
         self.shutdown_pool()
         self.stop_peering()
+
+    def _prune(self) -> None:
+        """Rows of bids, events and ended leases older than ``retention_s`` go."""
+        if self.services.db is not None:
+            try:
+                counts = prune(self.services.db, self.services.retention_s)
+                if any(counts.values()):
+                    log.info("pruned rows older than %g s: %s", self.services.retention_s, counts)
+            except Exception as exc:  # a busy store: next time
+                log.warning("could not prune old rows: %s", exc)
+        self.call_later(self.services.prune_every_s, self._prune)
 
     @property
     def uptime_s(self) -> float:

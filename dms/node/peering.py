@@ -70,8 +70,9 @@ class PeeringBehaviours(HeartbeatSync):
     def heartbeat_interval(self) -> float:
         """``heartbeat_s``, stretched so the whole network sends at most
         ``heartbeat_budget_per_s`` heartbeats a second: each node's gossip load stays
-        flat as the network grows (N / interval heartbeats reach every node)."""
-        peers = len(self.peer_table.records()) + 1
+        flat as the network grows (N / interval heartbeats reach every node). Only
+        live peers count: a gone one sends nothing."""
+        peers = len(self.peer_table.alive()) + 1
         return max(self.services.heartbeat_s, peers / self.services.heartbeat_budget_per_s)
 
     def heartbeat(self, leaving: bool = False) -> dict[str, Any]:
@@ -125,6 +126,9 @@ class PeeringBehaviours(HeartbeatSync):
         for peer_id in self.peer_table.sweep():
             log.info("peer %s is gone (missed its heartbeat deadline)", peer_id)
             self.keep_heartbeat(peer_id, None)  # expired with the deadline: nothing to pass on
+        for peer_id in self.peer_table.forget_gone(self.services.peer_forget_s):
+            log.info("peer %s forgotten (gone for %g s)", peer_id, self.services.peer_forget_s)
+            self.keep_heartbeat(peer_id, None)
         self.call_later(self.services.heartbeat_s / 2, self._sweep)
 
     @behaviour(HEARTBEAT_BEHAVIOUR, public=True, payload=Heartbeat, topic=HEARTBEAT_TOPIC)

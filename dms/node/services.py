@@ -13,11 +13,13 @@ from dms.network.host import Libp2pTransport
 from dms.network.peerbook import PeerBook
 from dms.network.peertable import PeerTable
 from dms.resources import Onboarder, Preferences, ResourceLedger
+from dms.store import Database
 
 
 @dataclass
 class NodeServices:
     home: Path | None = None
+    db: Database | None = None  # for pruning old rows (dms.store.retention)
     network: Libp2pTransport | None = None
     peerbook: PeerBook | None = None
     ledger: ResourceLedger | None = None
@@ -30,5 +32,8 @@ class NodeServices:
     expire_every_s: float = 5.0  # bookkeeping only: expired leases stop counting at once
     labels: list[str] = field(default_factory=list)
     orphan_s: float = 15.0  # stop an allocation whose requester is gone this long
+    peer_forget_s: float = 3600.0  # drop a peer from the peers table once gone this long
+    retention_s: float = 7 * 24 * 3600.0  # prune rows of bids, events, ended leases after
+    prune_every_s: float = 600.0  # how often the node prunes them
     supervise_s: float = 1.0  # how often a requester checks its running allocations
     chunk_quota: int = 2 * 1024**3  # most bytes the chunk store holds (dms.store.chunks)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
 import threading
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 import typer
 
 from dms.cli.common import JsonOption, settings
 from dms.cli.output import emit_fields, emit_json
+from dms.errors import DmsError
 from dms.node.home import init_home, load_node_identity
 
 
@@ -26,16 +29,56 @@ def init(json_out: JsonOption = False) -> None:
         emit_fields(report, title="dms init")
 
 
-def configure_daemon_logging(level: str) -> None:
+LOG_FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object a line, for log shippers: time (ISO 8601, UTC), level, logger,
+    message, and the traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class QuietLibp2p(logging.Filter):
+    """py-libp2p's routine chatter (its connection manager reports every 10 s) goes to
+    DEBUG: its records below WARNING are shown only when the daemon logs at DEBUG."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and record.name.startswith(("libp2p", "multiaddr")):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self.level <= logging.DEBUG
+        return True
+
+
+def configure_daemon_logging(level: str, log_format: str = "text") -> None:
     """One format for every line the daemon logs, py-libp2p's included.
 
     py-libp2p detaches its ``libp2p`` logger at import unless ``LIBP2P_DEBUG`` asks
     for its own handlers; its warnings then reach stderr through logging's last
-    resort, bare, with no time or source. Send them through ours instead.
+    resort, bare, with no time or source. Send them through ours instead, with its
+    routine INFO lines demoted to DEBUG (:class:`QuietLibp2p`).
     """
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if log_format not in LOG_FORMATS:
+        raise DmsError(f"--log-format {log_format!r}: use text or json")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLines() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    numeric = logging.getLevelName(level.upper())
+    handler.addFilter(QuietLibp2p(numeric if isinstance(numeric, int) else logging.INFO))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     if not os.environ.get("LIBP2P_DEBUG"):
         logging.getLogger("libp2p").propagate = True
 
@@ -52,13 +95,16 @@ def run(
     api_port: Annotated[
         int | None, typer.Option("--api-port", min=0, max=65535, help="Local API port.")
     ] = None,
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="text (default) or json: one object a line.")
+    ] = "text",
     json_out: JsonOption = False,
 ) -> None:
     """Run this home's node until SIGINT or SIGTERM."""
     from dms.node.daemon import Node, network_settings  # libp2p loads only for this command
 
     cfg = settings()
-    configure_daemon_logging(cfg.log_level)
+    configure_daemon_logging(cfg.log_level, log_format)
     network = network_settings(
         cfg,
         listen=listen or None,

@@ -198,6 +198,19 @@ class AllocationActor(Actor):
     def _set(self, state: AllocationState) -> None:
         self.state = state
         self._log(f"state: {state.value}")
+        if state == AllocationState.RUNNING:
+            log.info(
+                "allocation %s started: %s of deployment %s (%s) for %s",
+                self.lease_id[:12], self.slot, self.deployment_id, self.executor_kind,
+                self.requester_host,
+            )  # fmt: skip
+        elif state in TERMINAL:
+            ran = time.time() - (self.started_at or self.created_at)
+            log.info(
+                "allocation %s %s after %.1f s: %s of deployment %s%s",
+                self.lease_id[:12], state.value, ran, self.slot, self.deployment_id,
+                f" ({self.error})" if self.error else "",
+            )  # fmt: skip
         if state in TERMINAL:
             self.ended_at = time.time()
             self._end_session()
@@ -293,6 +306,11 @@ class AllocationActor(Actor):
                 answer = SessionAnswer(
                     parcel=courier.pack(out, peer, out_owner), compute_s=compute_s
                 )
+                log.info(
+                    "allocation %s: %s %s done in %.2f s (%d KiB in, %d KiB out)",
+                    self.lease_id[:12], self.executor_kind, call.op, compute_s,
+                    len(body) // 1024, len(out) // 1024,
+                )  # fmt: skip
             except DmsError as exc:
                 self._log(f"session {call.op} refused: {exc.message}")
                 responder.fail(exc.code if exc.code != "invalid" else ErrorCode.BAD_PAYLOAD,

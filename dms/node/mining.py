@@ -211,6 +211,11 @@ class MiningBehaviours(NodeBase):
             inbox=f"deployment-{session_id}",
         )
         self._deployments[session_id] = child  # type: ignore[attr-defined]
+        log.info(
+            "mining session %s: %s (%s, %s) over %d record(s) in %d shard(s), being placed",
+            session_id, summary["algorithm"], summary["scheme"], summary["protocol"],
+            summary["records"], len(sizes),
+        )  # fmt: skip
         return {"id": session_id, "shards": len(sizes), "rows": sizes}
 
     @behaviour("/dms/node/mining/status", payload=SessionId)

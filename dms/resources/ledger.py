@@ -21,6 +21,7 @@ transaction and never use the snapshot.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -40,6 +41,8 @@ from dms.store.models import Event, Lease, Onboarding, utcnow
 LEASES = Lease.__table__
 ONBOARDING = Onboarding.__table__
 EVENTS = Event.__table__
+
+log = logging.getLogger("dms.resources")
 
 LOCKED, ALLOCATED, RELEASED, EXPIRED = "locked", "allocated", "released", "expired"
 LIVE_STATES = (LOCKED, ALLOCATED)
@@ -135,6 +138,30 @@ def _live_clause(now: float) -> Any:
     return or_(
         LEASES.c.state == ALLOCATED, and_(LEASES.c.state == LOCKED, LEASES.c.expires_at > now)
     )
+
+
+def _amounts_text(resources: Resources) -> str:
+    amounts = resources.human()
+    return f"{amounts['cpu']:g} cpu, {amounts['ram_gib']:g} GiB RAM"
+
+
+def _log_locks(
+    requests: list[tuple[Resources, str]],
+    results: list[LeaseView | ResourceError],
+    holder: str,
+) -> None:
+    """One line per lock: a bid (refs ``dep:<deployment>/<slot>``) made or declined."""
+    leases = [r for r in results if isinstance(r, LeaseView)]
+    refused = [r for r in results if isinstance(r, ResourceError)]
+    bid = any(ref.startswith("dep:") for _, ref in requests)
+    what = f"bid to {holder or 'this node'}" if bid else "lock"
+    if leases:
+        refs = ", ".join(f"{lease.ref or lease.id[:12]} ({_amounts_text(lease.resources)})"
+                         for lease in leases[:5])  # fmt: skip
+        more = f"; declined {len(refused)}: {refused[0].message}" if refused else ""
+        log.info("%s: %d lease(s) locked: %s%s", what, len(leases), refs, more)
+    elif refused:
+        log.info("%s declined (%d slot(s)): %s", what, len(refused), refused[0].message)
 
 
 def _event(conn: Connection, kind: str, data: dict[str, Any]) -> None:
@@ -302,6 +329,7 @@ class ResourceLedger:
                 )
                 locked = locked + request
                 results.append(lease)
+        _log_locks(requests, results, holder)
         after = Pools(
             onboarded=pools.onboarded,
             locked=locked,
@@ -335,7 +363,11 @@ class ResourceLedger:
             conn.execute(update(LEASES).where(LEASES.c.id == lease_id).values(**values))
             view = _view(self._get(conn, lease_id))
         if expired:  # raised after the transaction, so the expiry is recorded
+            log.info("lease %s (%s) expired before its commit", lease_id[:12], row.ref)
             raise ResourceError("expired", f"lease {lease_id} expired before commit")
+        if row.state == LOCKED:
+            won = "bid won: " if view.ref.startswith("dep:") else ""
+            log.info("%slease %s committed for %s (%s)", won, lease_id[:12], view.holder, view.ref)
         return view
 
     def release(self, lease_id: str, holder: str | None = None) -> LeaseView:
@@ -349,6 +381,7 @@ class ResourceLedger:
         when it is given, raise with ``strict`` and are skipped without it."""
         now = self.clock()
         out = []
+        ended: list[str] = []
         with self._writing() as conn:
             for lease_id in lease_ids:
                 try:
@@ -358,6 +391,7 @@ class ResourceLedger:
                         raise
                     continue
                 if row.state in LIVE_STATES:
+                    ended.append(f"{row.ref or row.id[:12]} ({row.state})")
                     if row.state == ALLOCATED:
                         _event(conn, "resources.released", {"id": row.id, "ref": row.ref})
                     conn.execute(
@@ -367,6 +401,9 @@ class ResourceLedger:
                     )
                     row = self._get(conn, lease_id)
                 out.append(_view(row))
+        if ended:
+            shown = ", ".join(ended[:5]) + (f" and {len(ended) - 5} more" if len(ended) > 5 else "")
+            log.info("released %d lease(s): %s", len(ended), shown)
         return out
 
     def held_by(self, holder: str) -> int:

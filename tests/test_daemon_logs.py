@@ -1,0 +1,96 @@
+"""What ``dms run`` logs: what dms does, one line each; libp2p's chatter only at DEBUG;
+``--log-format json`` for log shippers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+from dms.cli.node import JsonLines, QuietLibp2p
+from tests.clitools import Daemon, dms, dms_json
+from tests.conftest import wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+IRIS = ROOT / "examples" / "iris-features.csv"
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
+
+
+def test_the_daemon_logs_peers_bids_allocations_and_mining_rounds(tmp_path: Path) -> None:
+    owner, provider = tmp_path / "owner", tmp_path / "provider"
+    for home in (owner, provider):
+        assert dms(home, "init").returncode == 0
+        (home / "config.toml").write_text("heartbeat_s = 0.5\n")
+    done = dms(provider, "onboard", "--cpu", "2", "--ram", "1", "--disk", "1", timeout=120)
+    assert done.returncode == 0, done.stderr
+    worker = Daemon(provider, "--log-format", "json")
+    requester = Daemon(owner, "--bootstrap", worker.info["addrs"][0])
+    try:
+
+        def provider_known() -> bool:
+            rows = dms_json(owner, "peers", "list")
+            return any(r.get("onboarded", {}).get("cpu") for r in rows)
+
+        wait_for(provider_known, 30, "the owner to hear the provider")
+        job = tmp_path / "nap.yaml"
+        job.write_text(
+            "name: nap\nallocations:\n  - {name: w, executor: compute, count: 2, "
+            "resources: {cpu: 100m, ram: 16MiB}, params: {mode: sleep, seconds: 0.1}}\n"
+        )
+        assert dms(owner, "deploy", str(job), "--follow", timeout=60).returncode == 0
+        mine = ["mine", "skmeans", "--data", str(IRIS), "--k", "3", "--out", str(tmp_path / "m")]
+        assert dms(owner, *mine, timeout=300).returncode == 0
+        time.sleep(1.0)  # the last releases
+    finally:
+        requester.stop()
+        worker.stop()
+    assert worker.proc.stderr is not None and requester.proc.stderr is not None
+    records = [json.loads(line) for line in worker.proc.stderr.read().splitlines()]
+    assert records and all(set(r) >= {"time", "level", "logger", "message"} for r in records)
+    said = "\n".join(r["message"] for r in records)
+    owner_id = requester.info["peer_id"]
+    for expected in (
+        f"peer {owner_id} joined",
+        f"bid to {owner_id}: 2 lease(s) locked",
+        "bid won: lease",
+        "of deployment",
+        "mining step done in",
+        "(mining) for",
+        "completed after",
+        "released 1 lease(s)",
+    ):
+        assert expected in said, (expected, said)
+    assert re.search(r"allocation \w+ started: w\.0 of deployment \w+ \(compute\)", said)
+    # libp2p's connection manager reports every 10 s at INFO: not at this level
+    assert not [r for r in records if r["logger"].startswith("libp2p") and r["level"] != "WARNING"]
+    text = requester.proc.stderr.read().splitlines()
+    lines = [line for line in text if not line.startswith((" ", "Traceback"))]
+    assert all(TEXT_LINE.match(line) for line in lines), lines
+    assert any("mining session" in line and "being placed" in line for line in lines)
+    assert any(f"peer {worker.info['peer_id']} joined" in line for line in lines)
+
+
+def test_libp2p_chatter_is_debug_and_json_lines_are_one_object() -> None:
+    def record(name: str, level: int, message: str = "m") -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, message, None, None)
+
+    quiet = QuietLibp2p(logging.INFO)
+    chatter = record("libp2p.network.auto_connector", logging.INFO)
+    assert not quiet.filter(chatter) and chatter.levelname == "DEBUG"
+    assert quiet.filter(record("libp2p.network", logging.WARNING))
+    assert quiet.filter(record("dms.node", logging.INFO))
+    assert QuietLibp2p(logging.DEBUG).filter(record("libp2p.x", logging.INFO))
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord(
+            "dms.actor", logging.ERROR, __file__, 1, "a\nb %s", ("c",), sys.exc_info()
+        )
+    line = JsonLines().format(failed)
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert parsed["message"] == "a\nb c" and "ValueError: boom" in parsed["exception"]
+    assert parsed["time"].endswith("+00:00")

@@ -166,12 +166,17 @@ class NodeCollector(Collector):
         yield invokes
         refusals = CounterMetricFamily(
             "dms_refusals",
-            "Messages and API requests refused, by code (every refusal is logged too).",
-            labels=["code"],
+            "Messages and API requests refused, by code and by the layer that refused them "
+            "(actor: the receive pipeline and the local API; network: the transport, before "
+            "the actor system saw the frame). Every refusal is logged too.",
+            labels=["code", "layer"],
         )
         system = self.node.system
         for code, count in sorted(_copy(system.refusals).items() if system else ()):
-            refusals.add_metric([code], count)
+            refusals.add_metric([code, "actor"], count)
+        network = getattr(self.node.transport, "refusals", None)
+        for code, count in sorted(_copy(network).items() if isinstance(network, Counter) else ()):
+            refusals.add_metric([str(code), "network"], count)
         yield refusals
 
     def _network(self) -> Iterator[Metric]:

@@ -159,3 +159,32 @@ def test_the_queue_to_a_peer_that_does_not_read_is_bounded(frame_bytes: int, que
     assert transport.refusals[ErrorCode.OUTBOX_FULL] == 40 - queued
     assert len(lost) == 40 - queued
     assert f"the outbound queue to {peer} is full" in lost[0]
+
+
+def test_frames_waiting_for_a_stream_to_a_peer_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames for a peer being dialed waited in a task each, as many as were sent."""
+    settings = NetworkSettings(max_outbound_frames=16)
+    transport = Libp2pTransport(Identity.generate(), settings)
+    lost: list[str] = []
+    transport._undeliverable = lambda frame, reason: lost.append(reason)
+    peer = Identity.generate().peer_id
+
+    async def never_connects(pid: ID) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(transport, "_ensure_connected", never_connects)
+    transport._host = object()  # type: ignore[assignment]
+
+    async def dialing() -> None:
+        async with trio.open_nursery() as nursery:
+            transport._nursery = nursery
+            transport._thread_ident = threading.get_ident()
+            for _ in range(40):
+                transport.send(peer, b"frame")
+            await trio.testing.wait_all_tasks_blocked()
+            assert transport._waiting[peer] == 16
+            nursery.cancel_scope.cancel()
+
+    trio.run(dialing)
+    assert transport.refusals[ErrorCode.OUTBOX_FULL] == 24
+    assert "16 frames already wait for a stream" in lost[0]

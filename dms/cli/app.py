@@ -7,7 +7,7 @@ import sys
 import typer
 
 from dms import __version__
-from dms.cli import actor, cap, config, jobs, key, mine, node, peers, resources, status
+from dms.cli import actor, cap, config, jobs, key, mine, node, peers, resources, sim, status
 from dms.cli.output import error
 from dms.errors import DmsError
 
@@ -34,6 +34,7 @@ app.add_typer(jobs.job_app, name="job")
 app.command("deploy")(jobs.deploy)
 app.add_typer(jobs.deployment_app, name="deployment")
 app.command("status")(status.status)
+app.add_typer(sim.app, name="sim")
 
 
 @app.command("version")

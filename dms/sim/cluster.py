@@ -62,19 +62,33 @@ class LocalCluster:
         self.settings = settings
         self.nodes: list[Node] = []
         self._identities: dict[str, Identity] = {}
+        self._overrides: dict[str, dict[str, Any]] = {}
         self._rng = random.Random(seed)
 
-    def add(self, name: str | None = None, *, bootstrap: list[str] | None = None) -> Node:
-        """Start a node; by default it bootstraps from up to three running nodes."""
+    def add(
+        self,
+        name: str | None = None,
+        *,
+        bootstrap: list[str] | None = None,
+        identity: Identity | None = None,
+        **overrides: Any,
+    ) -> Node:
+        """Start a node; by default it bootstraps from up to three running nodes.
+        ``overrides`` are settings of this node alone (labels, preferences, ...)."""
         name = name or f"node{len(self._identities)}"
         if bootstrap is None:
-            running = [n for n in self.nodes if n.transport is not None]
-            picks = self._rng.sample(running, min(3, len(running)))
-            bootstrap = [n.addrs()[0] for n in picks]
-        identity = self._identities.setdefault(name, Identity.generate())
+            bootstrap = self.bootstrap_addrs()
+        identity = self._identities.setdefault(name, identity or Identity.generate())
+        self._overrides[name] = overrides
         node = self._start(name, identity, bootstrap)
         self.nodes.append(node)
         return node
+
+    def bootstrap_addrs(self, most: int = 3) -> list[str]:
+        """Addresses of up to ``most`` running nodes, picked at random."""
+        running = [n for n in self.nodes if n.transport is not None]
+        picks = self._rng.sample(running, min(most, len(running)))
+        return [n.addrs()[0] for n in picks]
 
     def start(self, count: int) -> list[Node]:
         return [self.add() for _ in range(count)]
@@ -118,11 +132,12 @@ class LocalCluster:
             time.sleep(0.2)
         return False
 
-    def restart(self, node: Node) -> Node:
-        """Stop ``node`` and start it again from the same home and key."""
+    def restart(self, node: Node, bootstrap: list[str] | None = None) -> Node:
+        """Stop ``node`` (if it still runs) and start it again from the same home and key;
+        it dials the peers it knew, and ``bootstrap`` too."""
         name = node.settings.home.name
         node.stop()
-        fresh = self._start(name, node.identity, [])
+        fresh = self._start(name, node.identity, bootstrap or [])
         self.nodes[self.nodes.index(node)] = fresh
         return fresh
 
@@ -146,7 +161,8 @@ class LocalCluster:
             self._loop = None
 
     def _start(self, name: str, identity: Identity, bootstrap: list[str]) -> Node:
-        settings = load_settings(home=self.root / name, api_port=0, **self.settings)
+        overrides = {**self.settings, **self._overrides.get(name, {})}
+        settings = load_settings(home=self.root / name, api_port=0, **overrides)
         network: NetworkSettings = network_settings(
             settings, listen=[LOOPBACK_LISTEN], bootstrap=bootstrap
         )

@@ -1,0 +1,143 @@
+"""``dms sim``: networks of real nodes on this machine, for scenarios and for trying dms.
+
+``dms sim run SCENARIO.yaml`` starts the scenario's nodes, plays its timeline
+(jobs, kills, restarts, partitions, link faults), prints what happens as it
+happens and a summary at the end, and exits non-zero naming each expectation
+that failed. See ``specs/sim.md`` and ``examples/sim/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dms.cli.common import JsonOption
+from dms.cli.output import console, emit_json, emit_table, err_console
+from dms.errors import DmsError
+
+app = typer.Typer(help="Simulated networks of real nodes: scenarios, faults, scale.")
+
+ScenarioArg = Annotated[Path, typer.Argument(help="A scenario file (YAML or JSON).")]
+ReportOption = Annotated[
+    Path | None, typer.Option("--report", help="Write DIR/report.json.", metavar="DIR")
+]
+ModeOption = Annotated[
+    str | None,
+    typer.Option("--mode", help="threads, processes or memory (default: the scenario's)."),
+]
+RootOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--root", help="Keep the nodes' homes here (default: a temp folder).", metavar="DIR"
+    ),
+]
+
+
+class SimFailed(DmsError):
+    """Expectations that did not hold; the message names them."""
+
+
+class Interrupted(DmsError):
+    exit_code = 130
+
+
+@contextmanager
+def quiet_logging(root: Path) -> Iterator[None]:
+    """The nodes of this process log to ROOT/sim.log, not over the timeline."""
+    root.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(root / "sim.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger, libp2p = logging.getLogger(), logging.getLogger("libp2p")
+    level, propagate = logger.level, libp2p.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    libp2p.propagate = True  # py-libp2p detaches its logger at import
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        libp2p.propagate = propagate
+        handler.close()
+
+
+def run(
+    path: ScenarioArg,
+    json_out: JsonOption = False,
+    report_dir: ReportOption = None,
+    mode: ModeOption = None,
+    root: RootOption = None,
+) -> None:
+    """Run a scenario: nodes, a timeline of jobs and faults, and expectations."""
+    import tempfile
+
+    from dms.sim.runner import run_scenario
+    from dms.sim.scenario import load_scenario
+
+    scenario = load_scenario(path, mode)
+    keep = root is not None
+    work = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="dms-sim-"))
+    out = err_console if json_out else console
+
+    def say(line: str) -> None:
+        out.print(line, highlight=False, soft_wrap=True)
+
+    try:
+        with quiet_logging(work):
+            report = run_scenario(scenario, root=work, say=say)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: every node was stopped") from None
+    data = report.as_dict()
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        (report_dir / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    if json_out:
+        emit_json(data)
+    else:
+        show_summary(data)
+    if report.ok and not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    elif not report.ok:
+        err_console.print(f"node homes and logs kept in {work}", highlight=False)
+    if not report.ok:
+        failed = report.failed
+        names = "; ".join(f"{c.name} ({c.detail})" for c in failed)
+        raise SimFailed(f"{len(failed)} expectation(s) failed: {names}")
+
+
+def show_summary(data: dict[str, Any]) -> None:
+    from dms.sim.runner import Report, summary_rows
+
+    report = Report(data["scenario"], data["mode"], data["nodes"], data["started_at"])
+    report.jobs, report.batches = data["jobs"], data["batches"]
+    rows = summary_rows(report)
+    if rows:
+        emit_table("jobs", ["job", "kind", "state", "placed ms", "note"], rows)
+    placement = data["placement"]
+    if placement.get("count"):
+        console.print(
+            f"placement: {placement['count']} job(s), p50 {placement['p50_ms']:g} ms, "
+            f"p95 {placement['p95_ms']:g} ms",
+            highlight=False,
+        )
+    emit_table(
+        "expectations",
+        ["expectation", "result", "detail"],
+        [[e["name"], "ok" if e["ok"] else "FAILED", e["detail"]] for e in data["expectations"]],
+    )
+    verdict = "all expectations hold" if data["ok"] else f"{len(data['failed'])} failed"
+    console.print(
+        f"{data['scenario']}: {data['nodes']} nodes ({data['mode']}), "
+        f"{data['duration_s']:.1f} s: {verdict}",
+        highlight=False,
+    )
+
+
+app.command("run")(run)

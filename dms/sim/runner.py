@@ -1,0 +1,625 @@
+"""Running a scenario: start the nodes, play the timeline, check the expectations.
+
+``run_scenario`` is what ``dms sim run`` and the tests call. It prints one line
+per thing that happens (through ``say``), returns a :class:`Report` (what
+``DIR/report.json`` holds), and stops every node whatever happens, Ctrl-C
+included. See ``specs/sim.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dms.actor import RemoteError
+from dms.errors import DmsError
+from dms.sim.backend import Backend, NodeSpec, SimError, nominal_capability
+from dms.sim.faults import FaultPlan, LinkRule
+from dms.sim.jobs import TERMINAL, Follower, Job
+from dms.sim.scenario import Deploy, Mine, Scenario, Step, Target
+
+log = logging.getLogger("dms.sim")
+
+Say = Callable[[str], None]
+WIDTH = 80
+READY_TIMEOUT_S = 120.0
+END_TIMEOUT_S = 600.0  # the longest the end waits for jobs that have not ended
+
+
+class StepFailed(DmsError):
+    """A step could not do what it says (the node is not running, the job ended, ...)."""
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class Report:
+    scenario: str
+    mode: str
+    nodes: int
+    started_at: float
+    duration_s: float = 0.0
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    placement: dict[str, Any] = field(default_factory=dict)
+    leases: dict[str, Any] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+    root: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "mode": self.mode,
+            "nodes": self.nodes,
+            "ok": self.ok,
+            "failed": [c.name for c in self.failed],
+            "started_at": round(self.started_at, 3),
+            "duration_s": round(self.duration_s, 2),
+            "timeline": self.timeline,
+            "jobs": self.jobs,
+            "batches": self.batches,
+            "placement": self.placement,
+            "leases": self.leases,
+            "faults": self.faults,
+            "expectations": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
+        }
+
+
+def node_specs(scenario: Scenario) -> list[NodeSpec]:
+    return [
+        NodeSpec(name, group.name, list(group.labels), group.preferences)
+        for group in scenario.nodes
+        for name in group.node_names()
+    ]
+
+
+def make_backend(scenario: Scenario, root: Path, faults: FaultPlan, **options: Any) -> Backend:
+    specs = node_specs(scenario)
+    if scenario.mode == "threads":
+        from dms.sim.threads import ThreadsBackend
+
+        return ThreadsBackend(root, specs, scenario.settings, faults, **options)
+    raise SimError(f"mode {scenario.mode!r} is not available yet")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The median for q = 0.5, else the value at index q * (n - 1) (as bench/placement.py)."""
+    if not values:
+        return None
+    if q == 0.5:
+        return statistics.median(values)
+    return sorted(values)[int(q * (len(values) - 1))]
+
+
+class Runner:
+    def __init__(
+        self, scenario: Scenario, backend: Backend, faults: FaultPlan, say: Say | None = None
+    ) -> None:
+        self.scenario = scenario
+        self.backend = backend
+        self.faults = faults
+        self._say = say or (lambda _line: None)
+        self.t0 = self.timeline_t0 = time.monotonic()
+        self.report = Report(
+            scenario.name, scenario.mode, len(backend.specs), started_at=time.time()
+        )
+        self.jobs: dict[str, Job] = {}
+        self.step_failures: list[str] = []
+        self.follower: Follower | None = None
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="dms-sim-local")
+        self.batch_sizes = {
+            s.deploy.name: s.deploy.count for s in scenario.timeline if s.deploy is not None
+        }
+
+    # ---- output ------------------------------------------------------------------------
+
+    def line(self, action: str, what: str, ok: bool = True, **extra: Any) -> None:
+        t = time.monotonic() - self.t0
+        entry = {"t": round(t, 2), "action": action, "what": what, "ok": ok, **extra}
+        self.report.timeline.append(entry)
+        text = f"{t:7.1f}s  {action:<9} {what}"
+        if len(text) > WIDTH:
+            text = text[: WIDTH - 3] + "..."
+        self._say(text)
+
+    # ---- the whole run -------------------------------------------------------------------
+
+    def run(self) -> Report:
+        try:
+            self.setup()
+            self.follower = Follower(self.backend, self._job_told, self._quiet)
+            self.timeline_t0 = time.monotonic()
+            for i, step in enumerate(self.scenario.timeline):
+                self.play(i, step)
+            self.finish()
+        finally:
+            if self.follower is not None:
+                self.follower.stop()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.line("stop", f"{len(self.backend.specs)} nodes")
+            self.backend.stop()
+            self.report.duration_s = time.monotonic() - self.t0
+        return self.report
+
+    def setup(self) -> None:
+        n = len(self.backend.specs)
+        self.line("start", f"{n} node(s), mode {self.scenario.mode}")
+        last = [0.0]
+
+        def progress(text: str) -> None:  # at most a line a second while nodes start
+            if time.monotonic() - last[0] >= 1.0 or text.startswith(f"started {n}/"):
+                last[0] = time.monotonic()
+                self.line("start", text)
+
+        self.backend.start(progress)
+        providers = self.onboard_all()
+        self.wait_ready(providers)
+
+    def onboard_all(self) -> set[str]:
+        capability = nominal_capability().model_dump(mode="json")
+        onboarded = []
+        for spec in self.backend.specs:
+            amounts = self.scenario.group_of(spec.name).onboard
+            if amounts is None:
+                continue
+            payload = {**amounts.request(), "capability": capability}
+            self.backend.call(spec.name, "/dms/node/onboarding/onboard", payload, timeout=60)
+            onboarded.append(spec.name)
+        groups = {self.scenario.group_of(name).name for name in onboarded}
+        if len(groups) == 1:
+            amounts = self.scenario.group_of(onboarded[0]).onboard
+            assert amounts is not None
+            self.line("onboard", f"{len(onboarded)} node(s), each {describe(amounts)}")
+        elif onboarded:
+            self.line("onboard", f"{len(onboarded)} node(s) of {len(groups)} groups")
+        return {self.backend.peer_id(name) for name in onboarded}
+
+    def requesters(self) -> list[str]:
+        names = {self.scenario.first_node}
+        for step in self.scenario.timeline:
+            action = step.deploy or step.mine
+            if action is not None and action.from_:
+                names.add(action.from_)
+        return sorted(names)
+
+    def wait_ready(self, providers: set[str]) -> None:
+        """Until every requester holds every onboarded node alive, with its resources."""
+        requesters = self.requesters()
+        started = last = time.monotonic()
+        while True:
+            missing = 0
+            for name in requesters:
+                known = self.backend.alive_peers(name)
+                me = self.backend.peer_id(name)
+                missing += sum(1 for p in providers - {me} if not known.get(p))
+            if not missing:
+                took = time.monotonic() - started
+                who = requesters[0] if len(requesters) == 1 else f"{len(requesters)} requesters"
+                self.line("ready", f"{who} knows every provider ({took:.1f} s)")
+                return
+            if time.monotonic() - started > READY_TIMEOUT_S:
+                raise SimError(
+                    f"the requesters did not hear {missing} provider heartbeat(s) within "
+                    f"{READY_TIMEOUT_S:g} s"
+                )
+            if time.monotonic() - last >= 5.0:
+                last = time.monotonic()
+                self.line("ready", f"waiting for {missing} provider heartbeat(s)")
+            time.sleep(0.1)
+
+    # ---- the timeline --------------------------------------------------------------------
+
+    def play(self, index: int, step: Step) -> None:
+        if step.at is not None:
+            delay = self.timeline_t0 + step.at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        try:
+            getattr(self, f"do_{step.action}")(getattr(step, step.action))
+        except (StepFailed, SimError, RemoteError) as err:
+            reason = str(err)
+            self.step_failures.append(f"step {index + 1} ({step.action}): {reason}")
+            self.line(step.action, f"FAILED: {reason}", ok=False)
+
+    def requester(self, action: Deploy | Mine) -> str:
+        name = action.from_ or self.scenario.first_node
+        self.backend.check_running(name)
+        return name
+
+    def do_deploy(self, deploy: Deploy) -> None:
+        node = self.requester(deploy)
+        assert deploy.spec is not None
+        spec = deploy.spec.model_dump(mode="json")
+        names = deploy.job_names()
+        how = "all at once" if deploy.concurrent else "one after another"
+        what = f"{deploy.name}: {deploy.spec.name!r} from {node}"
+        self.line("deploy", what if len(names) == 1 else f"{what}, {len(names)} x, {how}")
+        last = time.monotonic()
+        for i, name in enumerate(names):
+            job = Job(name, "deploy", node, deploy.name, concurrent=deploy.concurrent)
+            job.submitted = time.time()
+            reply = self.backend.call(node, "/dms/node/deployment/new", {"spec": spec})
+            job.id = reply["id"]
+            self.jobs[name] = job
+            assert self.follower is not None
+            self.follower.add(job)
+            if not deploy.concurrent:
+                self.follower.wait(
+                    lambda job=job: job.running_at is not None or job.ended,
+                    deploy.spec.deadline_s + 10,
+                )
+                if len(names) > 1 and time.monotonic() - last >= 2.0:
+                    last = time.monotonic()
+                    self.line("deploy", f"{deploy.name}: {i + 1}/{len(names)} placed")
+
+    def do_mine(self, mine: Mine) -> None:
+        node = self.requester(mine)
+        source = Path(mine.data or mine.train or "").name
+        scheme = "" if mine.plaintext else f"/{mine.scheme}"
+        shards = f"{mine.shards} shard{'s' if mine.shards > 1 else ''}"
+        what = f"{mine.name}: {mine.algorithm}{scheme} on {source}, {shards}, from {node}"
+        self.line("mine", what)
+        job = Job(mine.name, "mine", node, mine.name)
+        expect = self.scenario.expect
+        if expect.labels_equal_local:
+            job.local = self.pool.submit(local_labels, mine, False)
+        if expect.labels_equal_plaintext:
+            job.plaintext = self.pool.submit(local_labels, mine, True)
+        job.submitted = time.time()
+        reply = self.backend.call(node, "/dms/node/mining/new", mine.request(), timeout=120)
+        job.id = reply["id"]
+        self.jobs[mine.name] = job
+        assert self.follower is not None
+        self.follower.add(job)
+
+    def do_wait(self, wait: Any) -> None:
+        if wait.seconds is not None:
+            self.line("wait", f"{wait.seconds:g} s")
+            time.sleep(wait.seconds)
+            return
+        job = self.jobs[wait.job]
+        if wait.steps is not None:
+            what, done = f"{wait.steps} step(s) of {job.name}", lambda: job.steps >= wait.steps
+        elif wait.until == "running":
+            what, done = f"{job.name} to run", lambda: job.running_at is not None
+        else:
+            what, done = f"{job.name} to end", lambda: job.ended
+        self.line("wait", f"for {what}")
+        assert self.follower is not None
+        if not self.follower.wait(lambda: done() or job.ended, wait.timeout_s):
+            raise StepFailed(f"no {what} within {wait.timeout_s:g} s")
+        if not done():
+            raise StepFailed(f"{job.name} {job.state} before {what}")
+
+    def target(self, target: Target) -> tuple[str, str]:
+        """The node a kill or restart is for, and how it was chosen."""
+        if target.node is not None:
+            return target.node, ""
+        job = self.jobs[target.worker_of or ""]
+        if job.ended:
+            raise StepFailed(f"{job.name} has {job.state}: it has no worker any more")
+        for peer in job.shard_peers:
+            name = self.backend.name_of(peer)
+            if name is not None and self.backend.running(name):
+                return name, f" (worker of {job.name})"
+        raise StepFailed(f"{job.name} has no worker on a running node")
+
+    def do_kill(self, target: Target) -> None:
+        name, why = self.target(target)
+        self.backend.crash(name)
+        self.line("kill", f"{name}{why}: kill -9")
+
+    def do_restart(self, target: Target) -> None:
+        name, why = self.target(target)
+        self.backend.restart(name)
+        self.line("restart", f"{name}{why}")
+
+    def do_onboard(self, onboard: Any) -> None:
+        payload = {**onboard.request(), "capability": nominal_capability().model_dump(mode="json")}
+        self.backend.call(onboard.node, "/dms/node/onboarding/onboard", payload, timeout=60)
+        self.line("onboard", f"{onboard.node}: {describe(onboard)}")
+
+    def do_offboard(self, offboard: Any) -> None:
+        payload = {"force": offboard.force}
+        self.backend.call(offboard.node, "/dms/node/onboarding/offboard", payload, timeout=60)
+        self.line("offboard", offboard.node + (" (forced)" if offboard.force else ""))
+
+    def peers_of(self, names: list[str]) -> set[str]:
+        groups = self.scenario.groups()
+        return {self.backend.peer_id(n) for name in names for n in groups[name]}
+
+    def do_partition(self, sides: list[list[str]]) -> None:
+        self.faults.partition([self.peers_of(side) for side in sides])
+        self.line("partition", " | ".join(", ".join(side) for side in sides))
+
+    def do_link(self, link: Any) -> None:
+        a, b = (frozenset(self.peers_of([name])) for name in link.between)
+        rule = LinkRule(a, b, link.latency_ms / 1000.0, link.loss, link.bandwidth_bps)
+        self.faults.link(rule)
+        parts = []
+        if link.latency_ms:
+            parts.append(f"latency {link.latency_ms:g} ms")
+        if link.loss:
+            parts.append(f"loss {link.loss:.0%}")
+        if link.bandwidth is not None:
+            parts.append(f"bandwidth {link.bandwidth}")
+        self.line("link", f"{link.between[0]} <-> {link.between[1]}: {', '.join(parts)}")
+
+    def do_heal(self, _heal: Any) -> None:
+        self.faults.heal()
+        self.line("heal", "every node reaches every other again")
+
+    # ---- jobs ----------------------------------------------------------------------------
+
+    def _quiet(self, job: Job) -> bool:
+        return self.batch_sizes.get(job.batch, 1) > 1
+
+    def _job_told(self, job: Job, text: str) -> None:
+        self.line("job", text)
+
+    # ---- the end ---------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        assert self.follower is not None
+        pending = [j for j in self.jobs.values() if not j.ended]
+        if pending:
+            self.line("end", f"waiting for {len(pending)} job(s) to end")
+
+        def settled() -> bool:
+            return all(j.ended or not self.backend.running(j.node) for j in self.jobs.values())
+
+        self.follower.wait(settled, END_TIMEOUT_S)
+        self.report.faults = self.faults.stats()
+        leases = self.settle_leases()
+        self.report.leases = leases
+        self.report.jobs = [self.job_row(j) for j in self.jobs.values()]
+        self.report.batches = self.batch_rows()
+        times = [j.placement_ms for j in self.jobs.values() if j.placement_ms is not None]
+        p50, p95 = rounded(percentile(times, 0.5)), rounded(percentile(times, 0.95))
+        self.report.placement = {"count": len(times), "p50_ms": p50, "p95_ms": p95}
+        self.report.checks = self.checks(leases, p50)
+
+    def settle_leases(self) -> dict[str, Any]:
+        """Live leases on running nodes, once none is left or ``settle_s`` has passed."""
+        deadline = time.monotonic() + self.scenario.expect.settle_s
+        while True:
+            by_node = {}
+            for name in self.backend.names:
+                if self.backend.running(name):
+                    with contextlib.suppress(Exception):
+                        count = self.backend.live_leases(name)
+                        if count:
+                            by_node[name] = count
+            if not by_node or time.monotonic() >= deadline:
+                return {"leaked": sum(by_node.values()), "by_node": by_node}
+            time.sleep(0.1)
+
+    def job_row(self, job: Job) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "name": job.name,
+            "kind": job.kind,
+            "node": job.node,
+            "id": job.id,
+            "state": job.state,
+            "reason": job.reason,
+            "placement_ms": None if job.placement_ms is None else round(job.placement_ms, 1),
+        }
+        if job.kind == "mine":
+            row.update(steps=job.steps, replacements=job.replacements)
+            pairs = (("labels_equal_local", job.local), ("labels_equal_plaintext", job.plaintext))
+            for key, future in pairs:
+                row[key] = self._equal(job, future)
+        return row
+
+    def _equal(self, job: Job, future: Future[list[Any]] | None) -> bool | None:
+        if future is None or job.labels is None:
+            return None
+        try:
+            return future.result(timeout=600) == job.labels
+        except Exception as exc:
+            log.warning("local labels of %s: %s", job.name, exc)
+            return False
+
+    def batch_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for step in self.scenario.timeline:
+            if step.deploy is None or step.deploy.count == 1:
+                continue
+            jobs = [self.jobs[n] for n in step.deploy.job_names() if n in self.jobs]
+            times = [j.placement_ms for j in jobs if j.placement_ms is not None]
+            running = [j.running_at for j in jobs if j.running_at is not None]
+            span = max(running) - min(j.submitted for j in jobs) if running else 0.0
+            p50, p95 = rounded(percentile(times, 0.5)), rounded(percentile(times, 0.95))
+            rows.append(
+                {
+                    "name": step.deploy.name,
+                    "count": len(jobs),
+                    "concurrent": step.deploy.concurrent,
+                    "completed": sum(1 for j in jobs if j.state == "completed"),
+                    "p50_ms": p50,
+                    "p95_ms": p95,
+                    "placements_per_s": round(len(running) / span, 1) if span > 0 else None,
+                }
+            )
+        return rows
+
+    def checks(self, leases: dict[str, Any], p50: float | None) -> list[Check]:
+        expect = self.scenario.expect
+        jobs = list(self.jobs.values())
+        mining = [j for j in jobs if j.kind == "mine"]
+        out = [
+            Check(
+                "every step ran",
+                not self.step_failures,
+                "; ".join(self.step_failures[:2]) or f"{len(self.scenario.timeline)} step(s)",
+            )
+        ]
+        if expect.jobs_complete:
+            bad = [j for j in jobs if j.state != "completed"]
+            detail = "; ".join(
+                f"{j.name}: {j.state}" + (f": {j.reason}" if j.reason else "") for j in bad[:2]
+            )
+            out.append(
+                Check(
+                    "every job completes",
+                    not bad,
+                    (detail + (f" (and {len(bad) - 2} more)" if len(bad) > 2 else ""))
+                    or f"{len(jobs)} of {len(jobs)}",
+                )
+            )
+        if expect.no_leaked_leases:
+            by_node = leases.get("by_node", {})
+            out.append(
+                Check(
+                    "no leaked lease",
+                    not by_node,
+                    ", ".join(f"{n}: {c}" for n, c in list(by_node.items())[:4])
+                    or f"none {expect.settle_s:g} s after the end",
+                )
+            )
+        for key, name, wanted in (
+            ("labels_equal_local", "mining labels equal --local", expect.labels_equal_local),
+            ("labels_equal_plaintext", "mining labels = plaintext", expect.labels_equal_plaintext),
+        ):
+            if not wanted or not mining:
+                continue
+            rows = {r["name"]: r for r in self.report.jobs}
+            bad = [j.name for j in mining if rows[j.name].get(key) is not True]
+            detail = f"differ or missing: {', '.join(bad)}" if bad else f"{len(mining)} job(s)"
+            out.append(Check(name, not bad, detail))
+        if expect.placement_p50_ms is not None:
+            ok = p50 is not None and p50 <= expect.placement_p50_ms
+            detail = "no placement" if p50 is None else f"p50 {p50:g} ms"
+            out.append(Check(f"placement p50 <= {expect.placement_p50_ms:g} ms", ok, detail))
+        if expect.workers_replaced is not None:
+            replaced = sum(j.replacements for j in mining)
+            out.append(
+                Check(
+                    f"at least {expect.workers_replaced} worker(s) replaced",
+                    replaced >= expect.workers_replaced,
+                    f"{replaced} replaced",
+                )
+            )
+        return out
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def describe(amounts: Any) -> str:
+    def show(value: str | float) -> str:
+        return f"{value:g}" if isinstance(value, float | int) else str(value)
+
+    return f"cpu {show(amounts.cpu)}, ram {show(amounts.ram)}, disk {show(amounts.disk)}"
+
+
+def local_labels(mine: Mine, plaintext: bool) -> list[Any]:
+    """What ``dms mine --local`` gives for the same settings (``plaintext``: the
+    plaintext algorithm's labels instead)."""
+    from dms.mining import run_classification, run_clustering
+    from dms.mining.data import read_table, read_test_table
+    from dms.mining.distance import Distance
+    from dms.mining.placed import CLUSTERING
+
+    s = mine.settings()
+    common: dict[str, Any] = {"distance": Distance(s.distance)}
+    if s.algorithm in CLUSTERING:
+        assert mine.data is not None
+        features = read_table(mine.data).features
+        loop = {"min_error": s.min_error, "max_iterations": s.max_iterations}
+        loop.update(init=s.init, seed=s.seed)
+        if plaintext:
+            return run_clustering("kmeans", features, s.k, **common, **loop).labels
+        extra = {} if s.plaintext else {"scheme": s.scheme, "protocol": s.protocol}
+        options = {"level": s.level, **common, **loop, **extra}
+        return run_clustering(s.algorithm, features, s.k, **options).labels
+    assert mine.train is not None and mine.test is not None
+    training = read_table(mine.train, label=True, label_column=mine.label_column)
+    queries = read_test_table(mine.test, training)
+    assert training.labels is not None
+    if plaintext:
+        algorithm, extra = "knn", {}
+    else:
+        algorithm = s.algorithm
+        extra = {} if s.plaintext else {"scheme": s.scheme, "protocol": s.protocol}
+    train, test = training.features, queries.features
+    return run_classification(
+        algorithm, train, training.labels, test, s.k, **common, **extra
+    ).labels
+
+
+def run_scenario(
+    scenario: Scenario,
+    *,
+    root: Path | None = None,
+    say: Say | None = None,
+    **options: Any,
+) -> Report:
+    """Run ``scenario`` with node homes under ``root`` (a temporary folder if None)."""
+    if scenario.mode == "memory" and any(s.mine for s in scenario.timeline):
+        raise SimError("mining needs libp2p: use mode threads or processes")
+    root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="dms-sim-"))
+    faults = FaultPlan(seed=scenario.seed)
+    backend = make_backend(scenario, root, faults, **options)
+    runner = Runner(scenario, backend, faults, say)
+    runner.report.root = str(root)
+    try:
+        return runner.run()
+    finally:
+        faults.close()
+
+
+def summary_rows(report: Report) -> list[list[str]]:
+    """The jobs table: one row a job, or a batch of a deploy step."""
+    rows: list[list[str]] = []
+    batched = {b["name"] for b in report.batches}
+    for batch in report.batches:
+        ms = batch["p50_ms"]
+        rows.append(
+            [
+                f"{batch['name']} ({batch['count']})",
+                "deploy",
+                f"{batch['completed']}/{batch['count']} done",
+                "" if ms is None else f"{ms:.0f}",
+                "at once" if batch["concurrent"] else "one by one",
+            ]
+        )
+    for job in report.jobs:
+        if job["name"].rsplit(".", 1)[0] in batched and "." in job["name"]:
+            continue
+        note = job["reason"][:40]
+        if job["kind"] == "mine":
+            parts = [f"{job['steps']} steps"]
+            if job.get("replacements"):
+                parts.append(f"{job['replacements']} replaced")
+            if job.get("labels_equal_local") is not None:
+                parts.append("= local" if job["labels_equal_local"] else "!= local")
+            note = ", ".join(parts) + (f"; {note}" if note else "")
+        ms = job["placement_ms"]
+        state = job["state"] if job["state"] in TERMINAL else f"{job['state']}?"
+        rows.append([job["name"], job["kind"], state, "" if ms is None else f"{ms:.0f}", note])
+    return rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -140,4 +141,96 @@ def show_summary(data: dict[str, Any]) -> None:
     )
 
 
+def up(
+    nodes: Annotated[int, typer.Option("--nodes", min=1, max=200, help="How many nodes.")] = 3,
+    mode: Annotated[
+        str, typer.Option("--mode", help="processes (a dms run each) or threads (one process).")
+    ] = "processes",
+    cpu: Annotated[str, typer.Option("--cpu", help="What each node onboards.")] = "1",
+    ram: Annotated[str, typer.Option("--ram", help="What each node onboards.")] = "1",
+    disk: Annotated[str, typer.Option("--disk", help="What each node onboards.")] = "1",
+    root: RootOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Start a local network and keep it running: use any node with the normal CLI
+    (DMS_HOME=<its home> dms ...). Ctrl-C stops them all."""
+    import os
+    import secrets
+    import signal
+    import tempfile
+    import threading
+
+    from pydantic import ValidationError
+
+    from dms.sim.faults import FaultPlan
+    from dms.sim.runner import Runner, make_backend
+    from dms.sim.scenario import Scenario, ScenarioError
+
+    if mode not in ("processes", "threads"):
+        raise ScenarioError(f"--mode: {mode!r}: use processes or threads")
+    try:
+        scenario = Scenario.model_validate(
+            {
+                "name": "up",
+                "mode": mode,
+                "nodes": [
+                    {
+                        "name": "node",
+                        "count": nodes,
+                        "onboard": {"cpu": cpu, "ram": ram, "disk": disk},
+                    }
+                ],
+            }
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        message = err["msg"].removeprefix("Value error, ")
+        raise ScenarioError(f"--{err['loc'][-1]}: {message}") from None
+    given = os.environ.get("DMS_PASSPHRASE")
+    passphrase = given or secrets.token_urlsafe(12)
+    work = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="dms-sim-"))
+    out = err_console if json_out else console
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    faults = FaultPlan()
+    backend = make_backend(scenario, work, faults, passphrase=passphrase, serve_api=True)
+    runner = Runner(scenario, backend, faults, lambda line: out.print(line, highlight=False))
+    try:
+        with quiet_logging(work):
+            runner.setup()
+            rows = [backend.describe(name) for name in backend.names]
+            if json_out:
+                emit_json(
+                    {"mode": mode, "root": str(work), "passphrase": passphrase, "nodes": rows}
+                )
+            else:
+                show_network(rows, mode, passphrase if not given else None)
+            sys.stdout.flush()  # scripts wait for these lines
+            while not stop.wait(0.5):
+                pass
+            out.print("stopping every node ...", highlight=False)
+    finally:
+        backend.stop()
+        faults.close()
+    out.print(f"{len(rows)} node(s) stopped; their homes stay in {work}", highlight=False)
+
+
+def show_network(rows: list[dict[str, Any]], mode: str, passphrase: str | None) -> None:
+    console.print(f"{len(rows)} node(s) running ({mode}); Ctrl-C stops them all.", highlight=False)
+    if passphrase is not None:
+        console.print(
+            f"Their keys are sealed with: export DMS_PASSPHRASE={passphrase}", highlight=False
+        )
+    for row in rows:
+        console.print(
+            f"  {row['name']:<8} {row.get('api', '')}  DMS_HOME={row['home']}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    first = rows[0]["home"]
+    console.print(f"Try:  DMS_HOME={first} dms peers list", highlight=False, soft_wrap=True)
+
+
 app.command("run")(run)
+app.command("up")(up)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dms.actor import RemoteError
 from dms.errors import DmsError
 from dms.sim.backend import Backend, NodeSpec, SimError, nominal_capability
 from dms.sim.faults import FaultPlan, LinkRule
@@ -102,6 +101,11 @@ def make_backend(scenario: Scenario, root: Path, faults: FaultPlan, **options: A
         from dms.sim.threads import ThreadsBackend
 
         return ThreadsBackend(root, specs, scenario.settings, faults, **options)
+    if scenario.mode == "processes":
+        from dms.sim.processes import ProcessBackend
+
+        options.setdefault("seed", scenario.seed)
+        return ProcessBackend(root, specs, scenario.settings, faults, **options)
     raise SimError(f"mode {scenario.mode!r} is not available yet")
 
 
@@ -239,7 +243,7 @@ class Runner:
                 time.sleep(delay)
         try:
             getattr(self, f"do_{step.action}")(getattr(step, step.action))
-        except (StepFailed, SimError, RemoteError) as err:
+        except DmsError as err:  # a refusal (RemoteError), a node not running, ...
             reason = str(err)
             self.step_failures.append(f"step {index + 1} ({step.action}): {reason}")
             self.line(step.action, f"FAILED: {reason}", ok=False)

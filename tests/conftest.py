@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,23 @@ from dms.security import Identity
 from dms.sim.cluster import LocalCluster
 
 NodeFactory = Callable[..., ActorSystem]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow", action="store_true", help="also run the long scale tests (marked slow)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Scale tests (``@pytest.mark.slow``) run with ``--run-slow`` or DMS_RUN_SLOW=1; the
+    default suite stays within its 10 minutes on two cores."""
+    if config.getoption("--run-slow") or os.environ.get("DMS_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="a slow scale test: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -98,6 +99,10 @@ def run(
     log_format: Annotated[
         str, typer.Option("--log-format", help="text (default) or json: one object a line.")
     ] = "text",
+    faults: Annotated[
+        Path | None,
+        typer.Option("--faults", hidden=True, help="dms sim only: follow this faults file."),
+    ] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Run this home's node until SIGINT or SIGTERM."""
@@ -115,7 +120,12 @@ def run(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    node = Node(cfg, identity, network, api_port=api_port).start()
+    layer = None
+    if faults is not None:  # a node of 'dms sim' in processes mode (dms.sim.faults)
+        from dms.sim.faults import FaultPlan
+
+        layer = FaultPlan.watching(faults).layer
+    node = Node(cfg, identity, network, api_port=api_port, layer=layer).start()
     try:
         assert node.api is not None
         info = {

@@ -13,17 +13,20 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from dms import __version__
 from dms.actor import ROOT_INBOX, ActorRef, ActorSystem, Limits
+from dms.actor.transport import Transport
 from dms.config import Settings
 from dms.network.host import Libp2pTransport, NetworkError, SharedLoop
 from dms.network.peerbook import PeerBook
 from dms.network.peertable import PeerTable
 from dms.network.settings import NetworkSettings
+from dms.network.transfer import ChunkNetwork
 from dms.node.api import LocalApi
 from dms.node.home import NODE_KEY, NodeError
 from dms.node.lock import RunLock, check_listen_free
@@ -70,6 +73,15 @@ def limits_from(settings: Settings) -> Limits:
     )
 
 
+class Layered(Transport, ChunkNetwork, Protocol):
+    """The host seen through a layer: frames for the actor system, chunks for the courier."""
+
+
+# A simulation's fault layer (dms.sim.faults): given the libp2p host, what the actor
+# system and the courier use in its place. None for every real node.
+Layer = Callable[[Libp2pTransport], Layered]
+
+
 class Node:
     """One node's parts, started and stopped together."""
 
@@ -82,9 +94,11 @@ class Node:
         api_port: int | None = None,
         db: Database | None = None,
         loop: SharedLoop | None = None,
+        layer: Layer | None = None,
     ) -> None:
         self.settings = settings
         self._loop = loop
+        self._layer = layer
         self.identity = identity
         self.network_settings = network
         self.api_port = settings.api_port if api_port is None else api_port
@@ -121,9 +135,10 @@ class Node:
                 loop=self._loop,
             )
             trust = TrustStore.for_context(home, NODE_KEY, self.identity.public_key)
+            layered = self._layer(self.transport) if self._layer is not None else None
             self.system = ActorSystem(
                 self.identity,
-                self.metrics.count(self.transport),  # bytes in and out, for /metrics
+                self.metrics.count(layered or self.transport),  # bytes in and out, for /metrics
                 limits=limits_from(self.settings),
                 trust=trust,
                 deployment_policy=self.settings.deployment_policy,
@@ -134,6 +149,7 @@ class Node:
                 home=home,
                 db=self.db,
                 network=self.transport,
+                chunk_network=layered,
                 peerbook=peerbook,
                 ledger=self.ledger,
                 onboarder=Onboarder(self.db, home, self.ledger),

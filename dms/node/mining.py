@@ -181,7 +181,7 @@ class MiningBehaviours(NodeBase):
         freed = store.clean()
         if freed:
             log.info("removed %d orphaned chunk bytes", freed)
-        self.courier = Courier(store, network)
+        self.courier = Courier(store, self.services.chunk_network or network)
         network.offers = self.courier.offers
 
     @behaviour("/dms/node/mining/new", payload=MiningRequest, data=True)

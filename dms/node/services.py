@@ -12,6 +12,7 @@ from pathlib import Path
 from dms.network.host import Libp2pTransport
 from dms.network.peerbook import PeerBook
 from dms.network.peertable import PeerTable
+from dms.network.transfer import ChunkNetwork
 from dms.resources import Onboarder, Preferences, ResourceLedger
 from dms.store import Database
 
@@ -21,6 +22,7 @@ class NodeServices:
     home: Path | None = None
     db: Database | None = None  # for pruning old rows (dms.store.retention)
     network: Libp2pTransport | None = None
+    chunk_network: ChunkNetwork | None = None  # chunks go through this, if not the host
     peerbook: PeerBook | None = None
     ledger: ResourceLedger | None = None
     onboarder: Onboarder | None = None

@@ -18,6 +18,7 @@ from dms.network.host import SharedLoop
 from dms.network.settings import GossipSettings, NetworkSettings
 from dms.node.daemon import Node, network_settings
 from dms.security import Identity
+from dms.sim.faults import FaultPlan
 
 LOOPBACK_LISTEN = "/ip4/127.0.0.1/tcp/0"
 # Gossip heartbeat copies a second that all nodes of one process receive together.
@@ -52,9 +53,11 @@ class LocalCluster:
         serve_api: bool = False,
         seed: int = 0,
         shared_loop: bool = True,
+        faults: FaultPlan | None = None,
         **settings: Any,
     ):
         self.root = Path(root)
+        self.faults = faults  # applied where each node's frames and chunks arrive
         # One trio loop for every host (see SharedLoop), made when the first node starts.
         self._shared = shared_loop
         self._loop: SharedLoop | None = None
@@ -168,9 +171,9 @@ class LocalCluster:
         )
         if self._shared and self._loop is None:
             self._loop = SharedLoop()
-        return Node(settings, identity, network, api_port=0, loop=self._loop).start(
-            serve_api=self.serve_api
-        )
+        layer = self.faults.layer if self.faults is not None else None
+        node = Node(settings, identity, network, api_port=0, loop=self._loop, layer=layer)
+        return node.start(serve_api=self.serve_api)
 
     def __enter__(self) -> LocalCluster:
         return self

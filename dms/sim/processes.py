@@ -110,6 +110,9 @@ class ProcessBackend(Backend):
 
     def start(self, say: Say) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        # Every node follows this file; the plan rewrites it on each change.
+        self.faults.save(self.faults_file)
+        self.faults.on_change(lambda: self.faults.save(self.faults_file))
         heartbeat_s, budget = self.mode_defaults()
         for spec in self.specs:
             home = self.root / spec.name
@@ -192,7 +195,7 @@ class ProcessBackend(Backend):
         proc.client = None
 
     def extra_run_args(self) -> list[str]:
-        return []
+        return ["--faults", str(self.faults_file)]
 
     # ---- the operations ------------------------------------------------------------------
 

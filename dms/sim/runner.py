@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -110,12 +111,12 @@ def make_backend(scenario: Scenario, root: Path, faults: FaultPlan, **options: A
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    """The median for q = 0.5, else the value at index q * (n - 1) (as bench/placement.py)."""
+    """The median for q = 0.5, else the nearest-rank percentile."""
     if not values:
         return None
     if q == 0.5:
         return statistics.median(values)
-    return sorted(values)[int(q * (len(values) - 1))]
+    return sorted(values)[max(0, math.ceil(q * len(values)) - 1)]
 
 
 class Runner:
@@ -396,7 +397,8 @@ class Runner:
             return all(j.ended or not self.backend.running(j.node) for j in self.jobs.values())
 
         self.follower.wait(settled, END_TIMEOUT_S)
-        self.report.faults = self.faults.stats()
+        if self.scenario.mode != "processes":  # there, each node counts in its own process
+            self.report.faults = self.faults.stats()
         leases = self.settle_leases()
         self.report.leases = leases
         self.report.jobs = [self.job_row(j) for j in self.jobs.values()]

@@ -141,7 +141,9 @@ class Deploy(_Model):
     from_: str | None = Field(default=None, alias="from", description="default: first node")
     count: int = Field(default=1, ge=1, le=10_000)
     concurrent: bool = Field(
-        default=False, description="all at once; else each once the one before it runs"
+        default=False,
+        description="all at once, and the timeline goes on at once; else each job waits "
+        "until the one before it runs, and the step until the last one runs",
     )
 
     @model_validator(mode="after")

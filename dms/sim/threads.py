@@ -47,6 +47,7 @@ class ThreadsBackend(Backend):
             heartbeat_budget_per_s=budget,
             orphan_s=self.settings.orphan_s,
             invoke_timeout_s=self.settings.invoke_timeout_s,
+            faults=self.faults,
         )
         for i, spec in enumerate(self.specs):
             identity = None

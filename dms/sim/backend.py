@@ -25,7 +25,7 @@ from dms.resources import Preferences
 from dms.resources.benchmark import Capability
 from dms.security import Identity, Keystore, TrustStore
 from dms.sim.faults import FaultPlan
-from dms.sim.scenario import NodeSettings
+from dms.sim.scenario import Amounts, NodeSettings
 
 Say = Callable[[str], None]
 
@@ -40,6 +40,7 @@ class NodeSpec:
     group: str
     labels: list[str] = field(default_factory=list)
     preferences: Preferences = field(default_factory=Preferences)
+    onboard: Amounts | None = None
 
 
 def nominal_capability() -> Capability:
@@ -86,6 +87,9 @@ class Backend(ABC):
 
     mode: ClassVar[str]
     supports_mining: ClassVar[bool] = True
+    # Nodes onboard before they start (their first heartbeat carries their resources),
+    # instead of through /dms/node/onboarding/onboard once running.
+    onboards_at_start: ClassVar[bool] = False
 
     def __init__(
         self, root: Path, specs: list[NodeSpec], settings: NodeSettings, faults: FaultPlan
@@ -94,6 +98,7 @@ class Backend(ABC):
         self.specs = specs
         self.settings = settings
         self.faults = faults
+        self.first: list[str] = []  # nodes to start first (the runner's requesters)
 
     @property
     def names(self) -> list[str]:
@@ -135,6 +140,11 @@ class Backend(ABC):
     @abstractmethod
     def stop(self) -> None:
         """Stop every node (cleanly), and whatever the backend started."""
+
+    def settle(self, timeout: float) -> bool:
+        """Wait for the nodes to be done with start-up (heartbeats heard, dials made);
+        whether they were within ``timeout``. Measurements start after it."""
+        return True
 
     def describe(self, name: str) -> dict[str, Any]:
         """What a person needs to use the node with the normal CLI."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dms.actor.codes import Unreachable
 from dms.actor.timers import Timers
 from dms.actor.transport import Receiver, Transport, Undeliverable
 from dms.network.host import NetworkError
@@ -243,6 +244,12 @@ class FaultyTransport:
     def __init__(self, inner: Transport, plan: FaultPlan) -> None:
         self.inner = inner
         self.plan = plan
+        self.cut_off = False
+
+    def cut(self) -> None:
+        """A node killed: from now on nothing it sends leaves, nothing reaches it (its
+        goodbye heartbeat included, as after kill -9)."""
+        self.cut_off = True
 
     @property
     def peer_id(self) -> str:
@@ -252,6 +259,8 @@ class FaultyTransport:
         me, plan = self.inner.peer_id, self.plan
 
         def arrive(frame: bytes, from_peer: str | None, *, signature_checked: bool = False) -> None:
+            if self.cut_off:
+                return
             verdict = plan.judge(from_peer, me, len(frame))
             if verdict.drop is not None:
                 return
@@ -266,10 +275,13 @@ class FaultyTransport:
         self.inner.start(arrive, undeliverable)
 
     def send(self, peer_id: str, frame: bytes) -> None:
+        if self.cut_off:
+            raise Unreachable("this node was killed")
         self.inner.send(peer_id, frame)
 
     def publish(self, topic: str, frame: bytes) -> None:
-        self.inner.publish(topic, frame)
+        if not self.cut_off:
+            self.inner.publish(topic, frame)
 
     def subscribe(self, topic: str) -> None:
         self.inner.subscribe(topic)

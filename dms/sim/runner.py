@@ -31,6 +31,7 @@ log = logging.getLogger("dms.sim")
 Say = Callable[[str], None]
 WIDTH = 80
 READY_TIMEOUT_S = 120.0
+SETTLE_TIMEOUT_S = 60.0  # the longest start-up may stay busy before the timeline starts
 END_TIMEOUT_S = 600.0  # the longest the end waits for jobs that have not ended
 
 
@@ -90,7 +91,7 @@ class Report:
 
 def node_specs(scenario: Scenario) -> list[NodeSpec]:
     return [
-        NodeSpec(name, group.name, list(group.labels), group.preferences)
+        NodeSpec(name, group.name, list(group.labels), group.preferences, group.onboard)
         for group in scenario.nodes
         for name in group.node_names()
     ]
@@ -107,7 +108,9 @@ def make_backend(scenario: Scenario, root: Path, faults: FaultPlan, **options: A
 
         options.setdefault("seed", scenario.seed)
         return ProcessBackend(root, specs, scenario.settings, faults, **options)
-    raise SimError(f"mode {scenario.mode!r} is not available yet")
+    from dms.sim.memory import MemoryBackend
+
+    return MemoryBackend(root, specs, scenario.settings, faults)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -179,9 +182,15 @@ class Runner:
                 last[0] = time.monotonic()
                 self.line("start", text)
 
+        self.backend.first = self.requesters()
         self.backend.start(progress)
         providers = self.onboard_all()
         self.wait_ready(providers)
+        started = time.monotonic()
+        if not self.backend.settle(SETTLE_TIMEOUT_S):
+            self.line("ready", f"start-up still busy after {SETTLE_TIMEOUT_S:g} s; going on")
+        elif time.monotonic() - started >= 1.0:
+            self.line("ready", f"start-up settled ({time.monotonic() - started:.1f} s)")
 
     def onboard_all(self) -> set[str]:
         capability = nominal_capability().model_dump(mode="json")
@@ -190,8 +199,9 @@ class Runner:
             amounts = self.scenario.group_of(spec.name).onboard
             if amounts is None:
                 continue
-            payload = {**amounts.request(), "capability": capability}
-            self.backend.call(spec.name, "/dms/node/onboarding/onboard", payload, timeout=60)
+            if not self.backend.onboards_at_start:
+                payload = {**amounts.request(), "capability": capability}
+                self.backend.call(spec.name, "/dms/node/onboarding/onboard", payload, timeout=60)
             onboarded.append(spec.name)
         groups = {self.scenario.group_of(name).name for name in onboarded}
         if len(groups) == 1:

@@ -64,6 +64,10 @@ class ThreadsBackend(Backend):
             say(f"started {i + 1}/{len(self.specs)}")
         self.cluster.wait_linked(timeout=60)
 
+    def settle(self, timeout: float) -> bool:
+        assert self.cluster is not None
+        return self.cluster.wait_settled(timeout=timeout, quiet_s=0.5)
+
     def node(self, name: str) -> Node:
         try:
             return self._nodes[name]

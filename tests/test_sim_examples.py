@@ -38,3 +38,21 @@ def test_quickstart_a_provider_killed_mid_job_and_the_labels_hold(
     assert "kill -9" in err and "iris completed" in err
     names = {e["name"] for e in report["expectations"]}
     assert {"every job completes", "no leaked lease", "mining labels equal --local"} <= names
+
+
+@pytest.mark.slow
+def test_twenty_runs_in_a_row_of_a_provider_killed_mid_mining(tmp_path: Path) -> None:
+    """The quickstart, 20 times: each run completes after its worker is killed and
+    replaced, with no lease left, and every run gives the same labels."""
+    from dms.sim.runner import run_scenario
+    from dms.sim.scenario import load_scenario
+
+    scenario = load_scenario(Path("examples/sim/quickstart.yaml"))
+    digests = set()
+    for i in range(20):
+        report = run_scenario(scenario, root=tmp_path / f"run{i}")
+        assert report.ok, (i, [(c.name, c.detail) for c in report.failed])
+        (job,) = report.jobs
+        assert job["replacements"] >= 1 and job["labels_equal_plaintext"]
+        digests.add(job["labels_sha256"])
+    assert len(digests) == 1

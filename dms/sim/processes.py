@@ -249,6 +249,37 @@ class ProcessBackend(Backend):
             if r.get("status") == "alive"
         }
 
+    def settle(self, timeout: float, busy: float = 0.25, quiet_s: float = 2.0) -> bool:
+        """Until the nodes together use less than ``busy`` of a core for ``quiet_s``:
+        N processes started together dial each other and mesh for a while, and that
+        would load whatever is measured next."""
+        import psutil
+
+        procs = []
+        for proc in self._procs.values():
+            if proc.proc is not None and proc.proc.poll() is None:
+                with contextlib.suppress(psutil.Error):
+                    procs.append(psutil.Process(proc.proc.pid))
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.cpu_percent(None)  # the first call starts the measurement
+        deadline = time.monotonic() + timeout
+        quiet_since: float | None = None
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            used = 0.0
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    used += p.cpu_percent(None) / 100.0
+            now = time.monotonic()
+            if used >= busy:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= quiet_s:
+                return True
+        return False
+
     def describe(self, name: str) -> dict[str, Any]:
         proc = self._proc(name)
         info = super().describe(name)

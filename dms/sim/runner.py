@@ -9,6 +9,8 @@ included. See ``specs/sim.md``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import statistics
@@ -445,6 +447,9 @@ class Runner:
         }
         if job.kind == "mine":
             row.update(steps=job.steps, replacements=job.replacements)
+            if job.labels is not None:  # to compare runs: the same labels, the same digest
+                digest = hashlib.sha256(json.dumps(job.labels).encode()).hexdigest()
+                row["labels_sha256"] = digest[:16]
             pairs = (("labels_equal_local", job.local), ("labels_equal_plaintext", job.plaintext))
             for key, future in pairs:
                 row[key] = self._equal(job, future)

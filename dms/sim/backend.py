@@ -121,6 +121,17 @@ class Backend(ABC):
     def call(self, name: str, behaviour: str, payload: Any = None, timeout: float = 30.0) -> Any:
         """Ask ``behaviour`` of node ``name`` as its owner; ``RemoteError`` on refusal."""
 
+    def hello(self, name: str, peer_id: str, timeout: float = 10.0) -> None:
+        """Have node ``name`` invoke ``/public/hello`` of the node ``peer_id``: the first
+        message to a peer opens the streams both ways, later ones reuse them."""
+        from dms.node.client import root_handle
+
+        self.call_as(name, root_handle(peer_id), "/public/hello", timeout)
+
+    def call_as(self, name: str, target: Any, behaviour: str, timeout: float) -> Any:
+        """Node ``name``'s actor invokes ``behaviour`` of another node's actor."""
+        raise NotImplementedError
+
     @abstractmethod
     def crash(self, name: str) -> None:
         """Kill the node at once: no goodbye, no clean-up (kill -9)."""

@@ -183,6 +183,12 @@ class MemoryBackend(Backend):
             raise SimError(f"{name} is not running")
         return ref.ask(ref.handle, behaviour, payload, timeout=timeout)
 
+    def call_as(self, name: str, target: Any, behaviour: str, timeout: float) -> Any:
+        ref = self.node(name).node
+        if ref is None:
+            raise SimError(f"{name} is not running")
+        return ref.ask(target, behaviour, None, timeout=timeout)
+
     def crash(self, name: str) -> None:
         self.check_running(name)
         self.node(name).crash()

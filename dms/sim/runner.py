@@ -188,6 +188,7 @@ class Runner:
         self.backend.start(progress)
         providers = self.onboard_all()
         self.wait_ready(providers)
+        self.warm_up(providers)
         started = time.monotonic()
         if not self.backend.settle(SETTLE_TIMEOUT_S):
             self.line("ready", f"start-up still busy after {SETTLE_TIMEOUT_S:g} s; going on")
@@ -246,6 +247,22 @@ class Runner:
                 last = time.monotonic()
                 self.line("ready", f"waiting for {missing} provider heartbeat(s)")
             time.sleep(0.1)
+
+    def warm_up(self, providers: set[str]) -> None:
+        """Each requester says hello to every provider, as a node that has been running
+        a while has: the first message to a peer pays for opening streams (and, over
+        libp2p, perhaps a dial), which would otherwise land on the first jobs."""
+        started, failed = time.monotonic(), 0
+        for name in self.requesters():
+            for peer in sorted(providers - {self.backend.peer_id(name)}):
+                try:
+                    self.backend.hello(name, peer)
+                except DmsError as err:  # placement copes with it: the run just says so
+                    failed += 1
+                    log.info("warm-up: %s to %s: %s", name, peer, err)
+        took = time.monotonic() - started
+        note = f", {failed} did not answer" if failed else ""
+        self.line("ready", f"streams to {len(providers)} provider(s) open ({took:.1f} s){note}")
 
     # ---- the timeline --------------------------------------------------------------------
 

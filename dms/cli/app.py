@@ -7,7 +7,20 @@ import sys
 import typer
 
 from dms import __version__
-from dms.cli import actor, cap, config, jobs, key, mine, node, peers, resources, sim, status
+from dms.cli import (
+    actor,
+    cap,
+    config,
+    jobs,
+    key,
+    mine,
+    node,
+    peers,
+    resources,
+    sim,
+    status,
+    unlock,
+)
 from dms.cli.output import error
 from dms.errors import DmsError
 
@@ -35,6 +48,8 @@ app.command("deploy")(jobs.deploy)
 app.add_typer(jobs.deployment_app, name="deployment")
 app.command("status")(status.status)
 app.add_typer(sim.app, name="sim")
+app.command("unlock")(unlock.unlock)
+app.command("lock")(unlock.lock)
 
 
 @app.command("version")

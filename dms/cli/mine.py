@@ -34,7 +34,7 @@ from dms.mining.schemes import new_keys
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
 from dms.node.client import NodeClient, running_node
-from dms.security.keystore import passphrase_from_env_or_prompt
+from dms.security.keystore import session_passphrase
 from dms.security.sealing import SealedBox, seal, unseal
 
 app = typer.Typer(help="Privacy-preserving data mining (k-means, k-NN) on CSV data.")
@@ -218,20 +218,25 @@ def _keys(
     blind protocol, keys made for it: one level at a 2^50 scale, more precise)."""
     if folder is None or scheme not in ("ckks", "liu"):
         return None
-    passphrase = passphrase_from_env_or_prompt("mining keys", not (folder / "meta.json").exists())
+    lookup = session_passphrase(settings().home)
 
-    def sealer(data: bytes, name: str) -> bytes:
-        return seal(passphrase, data, name.encode()).model_dump_json().encode()
-
-    def unsealer(data: bytes, name: str) -> bytes:
-        return unseal(passphrase, SealedBox.model_validate_json(data), name.encode())
+    def unsealer(passphrase: str) -> Callable[[bytes, str], bytes]:
+        return lambda data, name: unseal(
+            passphrase, SealedBox.model_validate_json(data), name.encode()
+        )
 
     if (folder / "meta.json").exists():
-        keys = load_keys(folder, unsealer)
+        # The unlocked passphrase first; one that does not open them is a note, then a prompt.
+        keys = lookup.open("mining keys", lambda p: load_keys(folder, unsealer(p)))
         expected = CkksKeys if scheme == "ckks" else LiuKey
         if not isinstance(keys, expected):
             raise MineError(f"{folder} holds {type(keys).__name__} keys, not {scheme} keys")
         return keys
+    passphrase = lookup("mining keys", True)
+
+    def sealer(data: bytes, name: str) -> bytes:
+        return seal(passphrase, data, name.encode()).model_dump_json().encode()
+
     keys = blind_keys(level) if protocol == "blind" else new_keys(scheme, level)
     save_keys(folder, keys, sealer)
     return keys

@@ -5,6 +5,10 @@ passphrase by scrypt. The public key, DID and peer id are stored in clear so
 that ``dms key did`` and ``dms key list`` need no passphrase; they are bound to
 the ciphertext as associated data, so a file whose public part was swapped
 fails to open.
+
+By default the passphrase comes from this terminal's agent (``dms unlock``), the OS
+keyring if this home opted in, ``DMS_PASSPHRASE``, then a prompt, in that order
+(:mod:`dms.security.passphrase`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from dms.errors import DmsError
 from dms.security.identity import Identity, did_from_public_key, peer_id_from_public_key
+from dms.security.passphrase import PassphraseLookup, open_with
 from dms.security.sealing import (
     DEFAULT_SCRYPT_N,
     ScryptParams,
@@ -82,6 +87,11 @@ def passphrase_from_env_or_prompt(context: str, confirm: bool) -> str:
     return value
 
 
+def session_passphrase(home: Path) -> PassphraseLookup:
+    """What every command asks: the agent, the keyring (opted in), the env, a prompt."""
+    return PassphraseLookup(home, passphrase_from_env_or_prompt)
+
+
 def _associated_data(context: str, public_key_hex: str) -> bytes:
     return f"dms-keystore/v{KEYSTORE_VERSION}/{context}/{public_key_hex}".encode()
 
@@ -92,11 +102,11 @@ class Keystore:
     def __init__(
         self,
         home: Path,
-        passphrase: PassphraseSource = passphrase_from_env_or_prompt,
+        passphrase: PassphraseSource | None = None,
         scrypt_n: int = DEFAULT_SCRYPT_N,
     ) -> None:
         self.folder = Path(home) / "key"
-        self._passphrase = passphrase
+        self._passphrase = passphrase or session_passphrase(Path(home))
         self._scrypt_n = scrypt_n
 
     def path(self, context: str) -> Path:
@@ -146,10 +156,10 @@ class Keystore:
     def load(self, context: str) -> Identity:
         """Decrypt the key of ``context``; a wrong passphrase is a clean error."""
         doc = self._read(context)
-        passphrase = self._passphrase(context, False)
         box = SealedBox(kdf_params=doc.kdf_params, nonce=doc.nonce, ciphertext=doc.ciphertext)
+        associated = _associated_data(context, doc.public_key)
         try:
-            raw = unseal(passphrase, box, _associated_data(context, doc.public_key))
+            raw = open_with(self._passphrase, context, lambda p: unseal(p, box, associated))
         except WrongPassphrase:
             raise KeystoreError(
                 f"wrong passphrase for key '{context}' (or its file was altered)"

@@ -70,6 +70,14 @@ def test_the_daemon_logs_peers_bids_allocations_and_mining_rounds(tmp_path: Path
     lines = [line for line in text if not line.startswith((" ", "Traceback"))]
     assert all(TEXT_LINE.match(line) for line in lines), lines
     assert any("mining session" in line and "being placed" in line for line in lines)
+    # The requester's side of placement: rounds, choices, runs, ends.
+    for pattern in (
+        r"deployment \w+: round 1: asking \d+ peer\(s\) for 2 slot\(s\)",
+        r"deployment \w+: w\.0: chose \w+ \(",
+        r"deployment \w+: w\.1: running on \w+",
+        r"deployment \w+: every allocation completed",
+    ):
+        assert any(re.search(pattern, line) for line in lines), (pattern, lines)
     assert any(f"peer {worker.info['peer_id']} joined" in line for line in lines)
 
 

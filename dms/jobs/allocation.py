@@ -215,7 +215,10 @@ class AllocationActor(Actor):
             self.ended_at = time.time()
             self._end_session()
             if self._on_end is not None:
-                self._on_end(self.lease_id, state.value)
+                try:
+                    self._on_end(self.lease_id, state.value)
+                except Exception:  # the node's bookkeeping must not keep this actor alive
+                    log.exception("allocation %s: ending it failed", self.lease_id[:12])
             self.call_later(self._linger_s, self.ref.stop_soon)
         if self.reply_to is not None and state in TERMINAL:
             # Only the end is news: the requester learns of the start from the allocate

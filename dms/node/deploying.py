@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import SQLAlchemyError
 
 from dms.actor import ActorRef, ErrorCode, Refusal, Request, behaviour
 from dms.jobs.allocation import AllocationActor
@@ -53,6 +54,8 @@ from dms.resources import ALLOCATED, ResourceError
 log = logging.getLogger("dms.node")
 DEPLOYMENT_REF = "dep:"
 BID_INDEX_FLUSH_S = 0.5
+RELEASE_RETRY_FIRST_S = 0.5  # an ended allocation's lease the store refused: again after
+RELEASE_RETRY_MAX_S = 30.0  # this, doubling up to this
 
 
 class NewDeployment(BaseModel):
@@ -84,7 +87,9 @@ class DeployingBehaviours(NodeBase):
             return
         self._orchestration = Orchestration(
             peer_table=self.services.peer_table,
-            store=DeploymentStore(db),
+            store=DeploymentStore(
+                db, self.services.home / "unsaved" if self.services.home else None
+            ),
             on_end=self._deployment_ended,
             supervise_s=self.services.supervise_s,
             revert=lambda peer, payload: self.ref.tell_call(self.reverts.send, peer, payload),
@@ -277,11 +282,25 @@ class DeployingBehaviours(NodeBase):
         """From the allocation's thread: give its resources back."""
         with self._alloc_lock:
             self._allocations.pop(lease_id, None)
-        if self.services.ledger is not None:
-            try:
-                self.services.ledger.release(lease_id)
-            except ResourceError as exc:
-                log.warning("allocation %s not released: %s", lease_id, exc)
+        self._release_ended(lease_id, RELEASE_RETRY_FIRST_S)
+
+    def _release_ended(self, lease_id: str, wait_s: float) -> None:
+        """Release an ended allocation's lease. A store that refuses (a full disk, a
+        locked database) is asked again, with growing waits, until it takes it: the
+        allocation itself has stopped either way, and a restart releases it too."""
+        if self.services.ledger is None:
+            return
+        try:
+            self.services.ledger.release(lease_id)
+        except ResourceError as exc:
+            log.warning("allocation %s not released: %s", lease_id, exc)
+        except SQLAlchemyError as exc:
+            log.warning(
+                "allocation %s ended; its lease is not released yet (%s): trying again in %g s",
+                lease_id, str(exc).splitlines()[0], wait_s,
+            )  # fmt: skip
+            later = min(2 * wait_s, RELEASE_RETRY_MAX_S)
+            self.call_later(wait_s, lambda: self._release_ended(lease_id, later))
 
     def _stop_allocation(self, lease_id: str, reason: str) -> None:
         with self._alloc_lock:

@@ -180,6 +180,8 @@ class DeploymentBase(Actor):
             self._event(f"state: {state}")
 
     def _event(self, what: str) -> None:
+        """Note ``what`` in the deployment's events (status shows them) and the log."""
+        log.info("deployment %s: %s", self.id, what)
         self._dirty = True
         events = self.row["events"]
         events.append({"at": round(time.time(), 3), "what": what})
@@ -194,8 +196,9 @@ class DeploymentBase(Actor):
         # stored as it was at the slot's last transition.
         return tuple((s.name, s.state, s.since) for s in self.slots.values())
 
-    def _save(self) -> None:
-        """One write per transition: of the deployment (an event) or of a slot."""
+    def _save(self) -> bool:
+        """One write per transition: of the deployment (an event) or of a slot. Whether
+        the store took it (if not, the next transition saves again)."""
         self._dirty = False
         self._saved_as = self._fingerprint()
         self.row["slots"] = [s.to_row() for s in self.slots.values()]
@@ -203,6 +206,12 @@ class DeploymentBase(Actor):
             self.o.store.save(self.row)
         except Exception as exc:  # keep placing; the next transition saves again
             log.warning("deployment %s not saved: %s", self.id, exc)
+            return False
+        return True
+
+    def _save_end(self) -> bool:
+        """Save the deployment's end (a subclass adds its own rows); whether all were."""
+        return self._save()
 
     def _changed(self) -> bool:
         return self._dirty or self._fingerprint() != self._saved_as

@@ -18,6 +18,7 @@ invoke with a callback that runs back in this actor.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -34,6 +35,8 @@ from dms.orchestrator.rounds import BidRounds, misfit
 from dms.orchestrator.slots import HELD, Slot, SlotState
 from dms.orchestrator.supervision import Supervision
 
+log = logging.getLogger("dms.orchestrator")
+
 __all__ = [
     "SHUTDOWN",
     "TERMINAL",
@@ -49,6 +52,8 @@ __all__ = [
 
 SHUTDOWN = "/dms/deployment/shutdown"
 STOP = "/dms/allocation/stop"
+END_RETRY_FIRST_S = 0.5  # an end the store refused is saved again after this, doubling ...
+END_RETRY_MAX_S = 30.0  # ... up to this
 
 
 class DeploymentActor(BidRounds, Supervision):
@@ -102,13 +107,26 @@ class DeploymentActor(BidRounds, Supervision):
         self._set_state(state)
         self._event(what)
         self.row["ended_at"] = time.time()
-        self._save()
         try:
             self.ended(state, what)
         finally:
-            if self.o.on_end is not None:
-                self.o.on_end(self.id)
-            self.ref.stop_soon()
+            self._leave_when_saved(END_RETRY_FIRST_S)
+
+    def _leave_when_saved(self, wait_s: float) -> None:
+        """Stop once the end is in the store. While the store refuses it (a full disk, a
+        locked database), the actor stays, holding nothing (every lease was reverted),
+        and tries again: a finished deployment must not look unfinished, and be resumed,
+        after a restart (``DeploymentStore`` also keeps the end on disk meanwhile)."""
+        if not self._save_end():
+            log.warning("deployment %s ended (%s); saving it again in %g s", self.id,
+                        self.state, wait_s)  # fmt: skip
+            self.call_later(
+                wait_s, lambda: self._leave_when_saved(min(2 * wait_s, END_RETRY_MAX_S))
+            )
+            return
+        if self.o.on_end is not None:
+            self.o.on_end(self.id)
+        self.ref.stop_soon()
 
     def _stop_slot(self, slot: Slot, reason: str) -> None:
         if slot.allocation is not None:

@@ -115,6 +115,7 @@ class MiningSessionActor(DeploymentActor):
         self.steps: list[dict[str, Any]] = []
         self.step_began = 0.0
         self.reason = ""
+        self._unsaved_mining: dict[str, Any] = {}  # columns the store refused, kept to retry
         self._tags: set[str] = set()  # chunk owners in the courier, freed at the end
         self._pool = ThreadPoolExecutor(2, thread_name_prefix=f"dms-mining-{deployment_id[:6]}")
 
@@ -516,7 +517,7 @@ class MiningSessionActor(DeploymentActor):
             "events": self.row["events"][-20:],
         }
 
-    def _save_mining(self, **columns: Any) -> None:
+    def _save_mining(self, **columns: Any) -> bool:
         row = {
             "id": self.id,
             "algorithm": str(self.summary_base.get("algorithm", "")),
@@ -524,10 +525,20 @@ class MiningSessionActor(DeploymentActor):
             "progress": self.progress(),
             **{k: v for k, v in columns.items() if v is not None},
         }
+        row = {**self._unsaved_mining, **row}  # what an earlier refused save held
         try:
             self.o.store.save_mining(row)
         except Exception as exc:  # keep mining; the next step saves again
             log.warning("mining session %s not saved: %s", self.id, exc)
+            self._unsaved_mining = row
+            return False
+        self._unsaved_mining = {}
+        return True
+
+    def _save_end(self) -> bool:
+        # The result (labels included) lives only in this actor until it is saved.
+        mining_saved = not self._unsaved_mining or self._save_mining()
+        return super()._save_end() and mining_saved
 
 
 TERMINAL_PHASES = frozenset({SessionPhase.COMPLETED, SessionPhase.FAILED})

@@ -1,11 +1,24 @@
-"""Deployments and bid indices in the node's store (Core statements: saved often)."""
+"""Deployments and bid indices in the node's store (Core statements: saved often).
+
+A deployment's end must outlive a store that refuses writes (a full disk, a
+locked or read-only database): otherwise the node would resume, after its next
+restart, a deployment that had finished. So an end the database refused is
+also kept as a small JSON file under ``DMS_HOME/unsaved/``; reads see it, and it
+is written into the database (and the file deleted) as soon as a write succeeds.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from dms.store import Database
 from dms.store.models import BidRecord, DeploymentRecord, MiningSessionRecord
@@ -14,15 +27,67 @@ DEPLOYMENTS = DeploymentRecord.__table__
 BIDS = BidRecord.__table__
 MINING = MiningSessionRecord.__table__
 ACTIVE_STATES = ("queued", "bidding", "committing", "allocating", "running", "stopping")
+ENDED_STATES = ("completed", "failed", "shutdown")
+
+log = logging.getLogger("dms.orchestrator")
 
 
 class DeploymentStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, unsaved_dir: Path | None = None) -> None:
         self.db = db
+        self.unsaved_dir = unsaved_dir  # None: an end the database refuses is only retried
 
     def save(self, row: dict[str, Any]) -> None:
-        """Insert or update one deployment (``row`` holds every column)."""
+        """Insert or update one deployment (``row`` holds every column). Raises the
+        store's error; an end is kept on disk first, so it survives a restart."""
         row = {**row, "updated_at": time.time()}
+        try:
+            self._write(row)
+        except SQLAlchemyError:
+            if row["state"] in ENDED_STATES:
+                self._keep_unsaved(row)
+            raise
+        self._drop_unsaved(row["id"])
+
+    def get(self, deployment_id: str) -> dict[str, Any] | None:
+        unsaved = self._unsaved().get(deployment_id)
+        if unsaved is not None:
+            return unsaved
+        with self.db.transaction() as conn:
+            row = conn.execute(select(DEPLOYMENTS).where(DEPLOYMENTS.c.id == deployment_id)).first()
+            return dict(row._mapping) if row is not None else None
+
+    def list(self, limit: int = 100) -> list[dict[str, Any]]:
+        unsaved = self._unsaved()
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                select(DEPLOYMENTS).order_by(DEPLOYMENTS.c.created_at.desc()).limit(limit)
+            )
+            return [unsaved.get(r.id, dict(r._mapping)) for r in rows]
+
+    def active(self) -> list[dict[str, Any]]:
+        """Deployments to resume: none whose end is known, saved or not."""
+        unsaved = self.flush_unsaved()
+        with self.db.transaction() as conn:
+            rows = conn.execute(select(DEPLOYMENTS).where(DEPLOYMENTS.c.state.in_(ACTIVE_STATES)))
+            return [dict(r._mapping) for r in rows if r.id not in unsaved]
+
+    def flush_unsaved(self) -> set[str]:
+        """Write kept ends into the database; returns the ids still only on disk."""
+        left = set()
+        for deployment_id, row in self._unsaved().items():
+            try:
+                self._write(row)
+            except SQLAlchemyError as exc:
+                log.warning("the end of deployment %s is still not saved: %s", deployment_id, exc)
+                left.add(deployment_id)
+            else:
+                self._drop_unsaved(deployment_id)
+        return left
+
+    # ---- ends the database refused --------------------------------------------------
+
+    def _write(self, row: dict[str, Any]) -> None:
         with self.db.transaction() as conn:
             done = conn.execute(
                 update(DEPLOYMENTS).where(DEPLOYMENTS.c.id == row["id"]).values(**row)
@@ -30,22 +95,40 @@ class DeploymentStore:
             if done.rowcount == 0:
                 conn.execute(insert(DEPLOYMENTS).values(**row))
 
-    def get(self, deployment_id: str) -> dict[str, Any] | None:
-        with self.db.transaction() as conn:
-            row = conn.execute(select(DEPLOYMENTS).where(DEPLOYMENTS.c.id == deployment_id)).first()
-            return dict(row._mapping) if row is not None else None
+    def _unsaved_path(self, deployment_id: str) -> Path | None:
+        if self.unsaved_dir is None:
+            return None
+        return self.unsaved_dir / f"deployment-{deployment_id}.json"
 
-    def list(self, limit: int = 100) -> list[dict[str, Any]]:
-        with self.db.transaction() as conn:
-            rows = conn.execute(
-                select(DEPLOYMENTS).order_by(DEPLOYMENTS.c.created_at.desc()).limit(limit)
-            )
-            return [dict(r._mapping) for r in rows]
+    def _keep_unsaved(self, row: dict[str, Any]) -> None:
+        path = self._unsaved_path(row["id"])
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            staging = path.with_suffix(".tmp")
+            staging.write_text(json.dumps(row))
+            os.replace(staging, path)  # whole or absent, never half a file
+        except OSError as exc:  # the disk refuses this too: the actor retries the save
+            log.error("the end of deployment %s could not be kept: %s", row["id"], exc)
 
-    def active(self) -> list[dict[str, Any]]:
-        with self.db.transaction() as conn:
-            rows = conn.execute(select(DEPLOYMENTS).where(DEPLOYMENTS.c.state.in_(ACTIVE_STATES)))
-            return [dict(r._mapping) for r in rows]
+    def _drop_unsaved(self, deployment_id: str) -> None:
+        path = self._unsaved_path(deployment_id)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _unsaved(self) -> dict[str, dict[str, Any]]:
+        if self.unsaved_dir is None or not self.unsaved_dir.is_dir():
+            return {}
+        rows: dict[str, dict[str, Any]] = {}
+        for path in sorted(self.unsaved_dir.glob("deployment-*.json")):
+            try:
+                row = json.loads(path.read_text())
+                rows[row["id"]] = row
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("unreadable unsaved deployment end %s: %s", path.name, exc)
+        return rows
 
     def record_bids(self, rows: list[dict[str, Any]]) -> None:
         if not rows:

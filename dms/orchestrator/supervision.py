@@ -33,7 +33,6 @@ from dms.orchestrator.base import (
     DeploymentBase,
     allocation_handle,
     allocation_ref,
-    log,
     node_handle,
 )
 from dms.orchestrator.messages import (
@@ -233,7 +232,6 @@ class Supervision(DeploymentBase):
 
     def _lost(self, slot: Slot, reason: str) -> None:
         """Give the slot's lease back, exclude that peer, and place the slot again."""
-        log.info("deployment %s: %s lost: %s", self.id, slot.name, reason)
         self._event(f"{slot.name}: {reason}; placing it again")
         if slot.peer_id and slot.lease_id:
             self._revert(slot.peer_id, [slot.lease_id])

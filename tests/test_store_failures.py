@@ -1,0 +1,108 @@
+"""A store that refuses writes (a full disk, a locked or read-only database) when an
+allocation ends or a deployment is saved: nothing stays held for ever, and nothing
+finished is resumed later (issue 17, item 8; ``specs/threats.md``).
+
+The refusal is SQLite's own: ``PRAGMA query_only`` on every transaction makes each
+write fail with "attempt to write a readonly database", as a read-only file would.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
+
+from dms.node.daemon import Node
+from dms.sim.cluster import LocalCluster
+from dms.store import Database
+from tests.conftest import wait_for
+from tests.test_orchestrator import TERMINAL, deploy, live_leases, network, spec, status, wait_state
+
+
+@pytest.fixture
+def net(cluster: LocalCluster) -> LocalCluster:
+    cluster.settings.update(heartbeat_s=0.5, orphan_s=3.0)
+    return cluster
+
+
+@contextmanager
+def refusing_writes(db: Database) -> Iterator[None]:
+    """Every transaction of ``db`` begun meanwhile refuses to write."""
+
+    def read_only(conn: Any) -> None:
+        conn.exec_driver_sql("PRAGMA query_only = ON")
+
+    event.listen(db.engine, "begin", read_only)
+    try:
+        with pytest.raises(OperationalError, match="readonly"), db.transaction() as conn:
+            conn.execute(text("DELETE FROM node_settings WHERE key = 'none'"))
+        yield
+    finally:
+        event.remove(db.engine, "begin", read_only)
+        db.engine.dispose()  # pooled connections keep the pragma: new ones have none
+
+
+def allocated_on_disk(node: Node) -> int:
+    """Allocated leases as the file holds them (the node's own reads refuse too)."""
+    path = node.settings.home / "dms.db"
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        return conn.execute("SELECT count(*) FROM leases WHERE state = 'allocated'").fetchone()[0]
+
+
+def store(node: Node) -> Database:
+    assert node.db is not None
+    return node.db
+
+
+def test_an_allocation_ending_while_its_store_refuses_is_released_once_it_accepts(
+    net: LocalCluster,
+) -> None:
+    requester, (provider,) = network(net, 1)
+    dep = deploy(requester, spec(params={"seconds": 1.5}))
+    wait_state(requester, dep, ("running",), 15)
+    with refusing_writes(store(provider)):
+        done = wait_state(requester, dep, TERMINAL, 20)
+        assert done["state"] == "completed", done["events"]
+        assert allocated_on_disk(provider) == 1  # the store has not taken the release yet
+        # The node keeps working meanwhile: it answers its owner.
+        assert status(requester, dep)["state"] == "completed"
+    wait_for(lambda: live_leases([provider]) == 0, 30, "the lease to be released")
+    assert provider.ledger is not None and provider.ledger.pools().violations() == []
+
+
+def test_a_deployment_that_ends_while_its_store_refuses_is_saved_once_it_accepts(
+    net: LocalCluster,
+) -> None:
+    requester, peers = network(net, 1)
+    dep = deploy(requester, spec(params={"seconds": 1.0}))
+    wait_state(requester, dep, ("running",), 15)
+    unsaved = requester.settings.home / "unsaved" / f"deployment-{dep}.json"
+    with refusing_writes(store(requester)):
+        wait_for(unsaved.exists, 20, "the end to be kept beside the refusing store")
+        assert status(requester, dep)["state"] == "completed"  # read through the kept end
+    wait_for(lambda: not unsaved.exists(), 40, "the end to reach the store")
+    with store(requester).transaction() as conn:
+        state = conn.execute(text("SELECT state FROM deployments WHERE id = :id"), {"id": dep})
+        assert state.scalar_one() == "completed"
+    wait_for(lambda: live_leases(peers) == 0, 10, "no lease left")
+
+
+def test_a_deployment_ended_unsaved_before_a_restart_is_not_resumed(net: LocalCluster) -> None:
+    requester, peers = network(net, 1)
+    dep = deploy(requester, spec(params={"seconds": 1.0}))
+    wait_state(requester, dep, ("running",), 15)
+    unsaved = requester.settings.home / "unsaved" / f"deployment-{dep}.json"
+    with refusing_writes(store(requester)):
+        wait_for(unsaved.exists, 20, "the end to be kept beside the refusing store")
+        requester.stop()  # the store still refuses: the row in it says "running"
+    requester = net.restart(requester)
+    done = status(requester, dep)
+    assert done["state"] == "completed", done["events"]
+    assert not any("resumed" in e["what"] for e in done["events"])
+    assert not unsaved.exists()
+    wait_for(lambda: live_leases(peers) == 0, 10, "no lease left")

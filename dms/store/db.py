@@ -7,7 +7,10 @@ threads and processes share one file safely. Within one process, threads also
 queue on a lock before they begin: SQLite admits one writer at a time anyway,
 and its busy handler sleeps in steps of milliseconds where a thread lock wakes
 the next writer at once. Any other SQLAlchemy URL (for example PostgreSQL)
-uses that database's own transactions.
+uses that database's own transactions (``postgresql://`` means psycopg 3, the
+driver dms installs); :meth:`Database.transaction` can make writers of chosen
+tables queue there too, and :meth:`Database.snapshot` reads several statements
+from one snapshot.
 """
 
 from __future__ import annotations
@@ -18,19 +21,28 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, select, text
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dms.errors import DmsError
-from dms.store.migrations import LATEST_VERSION, MIGRATIONS
-from dms.store.models import Base, Event, SchemaVersion, Setting
+from dms.store.errors import StoreError
+from dms.store.migrations import migrate
+from dms.store.models import Event, Setting
+
+__all__ = ["Database", "StoreError", "open_database"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-class StoreError(DmsError):
-    """A database that cannot be opened or is from a newer dms."""
+def _driver_url(url: str) -> str:
+    """``url``, with a bare ``postgresql://`` naming psycopg 3.
+
+    SQLAlchemy's default PostgreSQL driver is psycopg2, which dms does not
+    install; psycopg 3 is in its dependencies.
+    """
+    if not url.startswith("postgresql://"):
+        return url
+    return make_url(url).set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -66,7 +78,7 @@ class Database:
                     Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
                 self.engine = _sqlite_engine(url)
             else:
-                self.engine = create_engine(url, pool_pre_ping=True)
+                self.engine = create_engine(_driver_url(url), pool_pre_ping=True)
             self._sessions = sessionmaker(self.engine, expire_on_commit=False)
             self._writer = threading.RLock() if url.startswith("sqlite") else nullcontext()
             self.version = self._migrate()
@@ -82,37 +94,54 @@ class Database:
             yield session
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """One transaction on a Core connection, for hot paths that skip the ORM."""
+    def transaction(self, exclusive: tuple[str, ...] = ()) -> Iterator[Connection]:
+        """One transaction on a Core connection, for hot paths that skip the ORM.
+
+        The writers of the ``exclusive`` tables queue behind it from its start
+        to its end, so what it reads stays true until it commits. SQLite's
+        ``BEGIN IMMEDIATE`` does that for every table already; on PostgreSQL
+        each table is locked ``SHARE ROW EXCLUSIVE`` (plain reads go on, other
+        writers and other exclusive transactions wait), first thing, so every
+        statement after it sees what the previous holder committed.
+        """
         with self._writer, self.engine.begin() as conn:
+            if exclusive and conn.dialect.name == "postgresql":
+                quote = conn.dialect.identifier_preparer.quote
+                names = ", ".join(quote(name) for name in exclusive)
+                conn.execute(text(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE"))
             yield conn
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """A read-only transaction whose statements all see one moment.
+
+        PostgreSQL's default (read committed) takes a new snapshot for every
+        statement, so two reads could straddle another transaction's commit;
+        repeatable read keeps the first one. SQLite's transactions see one
+        moment already.
+        """
+        if self.engine.dialect.name != "postgresql":
+            with self.transaction() as conn:
+                yield conn
+            return
+        with self.engine.connect() as base:
+            conn = base.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
+            with conn.begin():
+                yield conn
 
     def close(self) -> None:
         self.engine.dispose()
 
     def _migrate(self) -> int:
-        with self.engine.begin() as conn:
-            Base.metadata.create_all(conn, tables=[SchemaVersion.__table__])  # type: ignore[list-item]
-            row = conn.execute(select(SchemaVersion.version).where(SchemaVersion.id == 1)).first()
-            current = row[0] if row else 0
-            if current > LATEST_VERSION:
-                raise StoreError(
-                    f"database schema version {current} is newer than this dms supports "
-                    f"({LATEST_VERSION}); upgrade dms"
-                )
-            for migration in MIGRATIONS:
-                if migration.version > current:
-                    migration.apply(conn)
-                    current = migration.version
-            if row is None:
-                conn.execute(SchemaVersion.__table__.insert().values(id=1, version=current))  # type: ignore[attr-defined]
-            else:
-                conn.execute(
-                    SchemaVersion.__table__.update()  # type: ignore[attr-defined]
-                    .where(SchemaVersion.id == 1)
-                    .values(version=current)
-                )
-        return current
+        # One transaction for the whole upgrade (BEGIN IMMEDIATE on SQLite): all or nothing.
+        try:
+            with self.engine.begin() as conn:
+                return migrate(conn)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     # ---- small helpers every layer uses ------------------------------------------
 

@@ -1,0 +1,9 @@
+"""The store's one error, apart from the chunk store's own."""
+
+from __future__ import annotations
+
+from dms.errors import DmsError
+
+
+class StoreError(DmsError):
+    """A database that cannot be opened or is from a newer dms."""

@@ -63,6 +63,8 @@ def unlock(
         _status(home, json_out)
         return
     seconds = parse_timeout(timeout)
+    if use_keyring:
+        osring.secure_backend()  # an unusable keyring is said before the passphrase is asked
     passphrase = _checked_passphrase(home)
     if use_keyring:
         marker = osring.store(home, passphrase)
@@ -70,8 +72,8 @@ def unlock(
             "unlocked": True, "home": str(home), "where": "keyring", "backend": marker.backend,
         }  # fmt: skip
         lines = [
-            f"unlocked {home} in the OS keyring",
-            f"({marker.backend}), for every session until dms lock --keyring",
+            f"unlocked in the OS keyring: {home}",
+            f"kept by {marker.backend} until dms lock --keyring",
         ]
     else:
         session = agent.session_id()
@@ -85,7 +87,7 @@ def unlock(
             "timeout_s": seconds, "pid": reply.pid, "socket": str(path),
         }  # fmt: skip
         lines = [
-            f"unlocked {home} for this terminal session",
+            f"unlocked for this terminal session: {home}",
             f"forgotten after {duration(seconds)} unused, or now with dms lock",
         ]
     if json_out:
@@ -125,10 +127,12 @@ def lock(
     what = "every home" if every else str(home)
     if forgotten:
         console.print(f"forgot the passphrase of {what}", soft_wrap=False)
+    elif not deleted and every:
+        console.print("nothing to forget in this terminal session", soft_wrap=False)
     elif not deleted:
-        console.print(f"nothing to forget: {what} was not unlocked here", soft_wrap=False)
+        console.print(f"nothing to forget, not unlocked here: {what}", soft_wrap=False)
     if deleted:
-        console.print(f"deleted the passphrase of {home} from the OS keyring", soft_wrap=False)
+        console.print(f"deleted from the OS keyring: {home}", soft_wrap=False)
     if still_in_keyring:
         console.print("it is still in the OS keyring: dms lock --keyring", soft_wrap=False)
 
@@ -152,10 +156,10 @@ def _status(home: Path, json_out: bool) -> None:
         )  # fmt: skip
         return
     if mine is not None:
-        left = duration(mine.timeout_s - mine.idle_s)
-        console.print(f"{home}: unlocked here, forgotten in {left} unused", soft_wrap=False)
+        idle = f"idle {duration(mine.idle_s)} of {duration(mine.timeout_s)}"
+        console.print(f"unlocked here ({idle}): {home}", soft_wrap=False)
     else:
-        console.print(f"{home}: locked in this terminal session", soft_wrap=False)
+        console.print(f"locked in this terminal session: {home}", soft_wrap=False)
     others = [e.home for e in entries if e is not mine]
     if others:
         console.print(f"also unlocked here: {', '.join(others)}", soft_wrap=False)

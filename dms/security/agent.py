@@ -210,6 +210,8 @@ def start(session: int | None = None) -> Path:
         stderr=subprocess.PIPE,
         start_new_session=True,
         close_fds=True,
+        # Not DMS_PASSPHRASE above all: /proc/<pid>/environ would show it for the agent's life.
+        env={k: v for k, v in os.environ.items() if not k.startswith("DMS_")},
     )  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
     line = proc.stdout.readline().decode(errors="replace").strip()

@@ -192,14 +192,18 @@ class Agent:
     def serve_one(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(CONNECTION_TIMEOUT_S)
+            try:
+                # Read before refusing, so that the client reads our reason, not a reset.
+                request = Request.model_validate_json(_read_request(conn))
+            except (ValidationError, ValueError, OSError):
+                request = None
             refused = self.allowed(conn)
             if refused is not None:
                 reply = Reply(ok=False, error=f"not for {refused}")
+            elif request is None:
+                reply = Reply(ok=False, error="unreadable request")
             else:
-                try:
-                    reply = self.answer(Request.model_validate_json(_read_request(conn)))
-                except (ValidationError, ValueError):
-                    reply = Reply(ok=False, error="unreadable request")
+                reply = self.answer(request)
             with contextlib.suppress(OSError):
                 conn.sendall(reply.model_dump_json(exclude_none=True).encode() + b"\n")
 

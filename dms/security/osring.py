@@ -76,9 +76,8 @@ def secure_backend() -> Any:
     bad = [b for b in chained if _unsafe(b)]
     if bad:
         raise KeyringError(
-            f"the keyring backend {describe(bad[0])} keeps secrets in plain text "
-            "or nowhere; nothing stored. Install a secure one (Secret Service, KWallet, "
-            "Keychain) or use dms unlock without --keyring"
+            f"keyring backend {describe(bad[0])} keeps secrets in plain text or nowhere: "
+            "nothing stored (install a secure one, or dms unlock without --keyring)"
         )
     return backend
 
@@ -131,7 +130,8 @@ def fetch(home: Path) -> str | None:
 
 
 def delete(home: Path) -> bool:
-    """Remove the passphrase from the keyring and the marker; whether one was stored."""
+    """Remove the passphrase from the keyring and the marker; whether one was stored.
+    Without the marker, a keyring that cannot be asked holds nothing of ours."""
     marker = opted_in(home)
     found = False
     try:
@@ -139,11 +139,10 @@ def delete(home: Path) -> bool:
         if backend.get_password(SERVICE, account(home)) is not None:
             backend.delete_password(SERVICE, account(home))
             found = True
-    except KeyringError:
+    except Exception as exc:  # KeyringError included, and each backend's own kinds
         if marker is not None:
-            raise
-    except Exception as exc:
-        raise KeyringError(f"the keyring refused: {exc}".splitlines()[0]) from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise KeyringError(f"the keyring refused, nothing deleted: {reason}") from None
     path = marker_path(home)
     if path.exists():
         path.unlink()

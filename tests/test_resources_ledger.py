@@ -1,11 +1,14 @@
-"""The resource ledger: onboarded = free + locked + allocated, under any interleaving."""
+"""The resource ledger: onboarded = free + locked + allocated, under any interleaving,
+on SQLite and on PostgreSQL (``tests/pgserver.py`` says where that comes from)."""
 
 from __future__ import annotations
 
 import multiprocessing
 import random
-import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import ExitStack
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ from dms.resources import (
     Resources,
 )
 from dms.store import open_database
+from tests import pgserver
 
 
 class Clock:
@@ -35,9 +39,8 @@ class Clock:
         return self.now
 
 
-def make_ledger(path: Path, clock: Clock | None = None) -> ResourceLedger:
-    db = open_database(f"sqlite:///{path}")
-    return ResourceLedger(db, clock or Clock())
+def make_ledger(url: str, clock: Clock | None = None) -> ResourceLedger:
+    return ResourceLedger(open_database(url), clock or Clock())
 
 
 @pytest.fixture
@@ -45,11 +48,19 @@ def clock() -> Clock:
     return Clock()
 
 
+@pytest.fixture(params=pgserver.BACKENDS)
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty store of this test's own, on each backend."""
+    with pgserver.store_url(request.param, tmp_path) as store:
+        yield store
+
+
 @pytest.fixture
-def ledger(tmp_path: Path, clock: Clock) -> ResourceLedger:
-    ledger = make_ledger(tmp_path / "dms.db", clock)
+def ledger(url: str, clock: Clock) -> Iterator[ResourceLedger]:
+    ledger = make_ledger(url, clock)
     ledger.onboard(Resources(cpu=4, ram=8, disk=100))
-    return ledger
+    yield ledger
+    ledger.db.close()
 
 
 def res(cpu: float = 0, ram: float = 0, disk: float = 0) -> Resources:
@@ -78,10 +89,11 @@ def test_a_lock_that_does_not_fit_names_what_is_short(ledger: ResourceLedger) ->
     assert ledger.pools().locked == res(cpu=3)
 
 
-def test_nothing_can_be_locked_before_onboarding(tmp_path: Path) -> None:
-    ledger = make_ledger(tmp_path / "dms.db")
+def test_nothing_can_be_locked_before_onboarding(url: str) -> None:
+    ledger = make_ledger(url)
     with pytest.raises(ResourceError, match="not onboarded"):
         ledger.lock(res(cpu=1), lease_s=30)
+    ledger.db.close()
 
 
 def test_an_expired_lease_frees_its_resources_at_once_and_cannot_be_committed(
@@ -162,17 +174,18 @@ def test_offboard_refuses_while_allocations_live_unless_forced(ledger: ResourceL
     assert not ledger.pools().is_onboarded and ledger.lease(lease.id).state == RELEASED
 
 
-def test_state_survives_reopening_the_store(tmp_path: Path, clock: Clock) -> None:
-    ledger = make_ledger(tmp_path / "dms.db", clock)
+def test_state_survives_reopening_the_store(url: str, clock: Clock) -> None:
+    ledger = make_ledger(url, clock)
     ledger.onboard(res(cpu=2, ram=2, disk=2))
     alloc = ledger.lock(res(cpu=1), lease_s=30)
     ledger.commit(alloc.id)
     held = ledger.lock(res(ram=1), lease_s=30)
     ledger.db.close()
-    again = make_ledger(tmp_path / "dms.db", clock)
+    again = make_ledger(url, clock)
     pools = again.pools()
     assert pools.allocated == res(cpu=1) and pools.locked == res(ram=1)
     assert {v.id for v in again.live()} == {alloc.id, held.id}
+    again.db.close()
 
 
 # ---- model-based: the ledger against a model of it ----------------------------------
@@ -189,18 +202,21 @@ amounts = st.builds(
 class LedgerMachine(RuleBasedStateMachine):
     """Every step: the ledger's pools equal the model's, and never oversubscribe."""
 
+    backend = "sqlite"
+
     def __init__(self) -> None:
         super().__init__()
-        self.folder = tempfile.TemporaryDirectory()
+        self.stores = ExitStack()  # a store of its own for every example
         self.clock = Clock()
-        self.ledger = make_ledger(Path(self.folder.name) / "dms.db", self.clock)
+        url = self.stores.enter_context(pgserver.store_url(self.backend))
+        self.ledger = make_ledger(url, self.clock)
         self.onboarded = Resources(cpu_milli=4000, ram_mib=8192, disk_mib=4096, gpu=1)
         self.ledger.onboard(self.onboarded)
         self.held: dict[str, tuple[str, Resources, float | None]] = {}
 
     def teardown(self) -> None:
         self.ledger.db.close()
-        self.folder.cleanup()
+        self.stores.close()
 
     def _live(self) -> dict[str, tuple[str, Resources]]:
         now = self.clock.now
@@ -286,11 +302,27 @@ class LedgerMachine(RuleBasedStateMachine):
         assert pools.free + pools.locked + pools.allocated == pools.onboarded
 
 
-TestLedgerModel = LedgerMachine.TestCase
-TestLedgerModel.settings = settings(
+class PostgresLedgerMachine(LedgerMachine):
+    backend = "postgresql"
+
+
+@pytest.fixture
+def postgres() -> None:
+    """Skips (no server) or fails (unreachable) before Hypothesis starts, not inside it."""
+    pgserver.server_url()
+
+
+MODEL_SETTINGS = settings(
     max_examples=40, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )  # fmt: skip
+TestLedgerModel = LedgerMachine.TestCase
+TestLedgerModel.settings = MODEL_SETTINGS
+
+
+@pytest.mark.usefixtures("postgres")
+class TestLedgerModelOnPostgres(PostgresLedgerMachine.TestCase):  # type: ignore[name-defined]
+    settings = MODEL_SETTINGS
 
 
 # ---- threads: any interleaving keeps the invariant -----------------------------------
@@ -304,11 +336,12 @@ op = st.one_of(
 )
 
 
+@pytest.mark.parametrize("backend", pgserver.BACKENDS)
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plans=st.lists(st.lists(op, min_size=5, max_size=30), min_size=4, max_size=4))
-def test_concurrent_threads_never_oversubscribe(plans: list[list[tuple]]) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        ledger = ResourceLedger(open_database(f"sqlite:///{folder}/dms.db"))
+def test_concurrent_threads_never_oversubscribe(backend: str, plans: list[list[tuple]]) -> None:
+    with pgserver.store_url(backend) as url:
+        ledger = ResourceLedger(open_database(url))
         ledger.onboard(Resources(cpu_milli=4000, ram_mib=8192, disk_mib=4096, gpu=1))
         seen: list[str] = []
         errors: list[BaseException] = []
@@ -360,14 +393,16 @@ def test_concurrent_threads_never_oversubscribe(plans: list[list[tuple]]) -> Non
         ledger.db.close()
 
 
-# ---- two processes, one SQLite file ---------------------------------------------------
+# ---- two processes, one store ------------------------------------------------------------
 
 
-def _grab(path: str, seed: int, attempts: int, out: multiprocessing.Queue) -> None:
-    ledger = ResourceLedger(open_database(f"sqlite:///{path}"))
+def _grab(url: str, seed: int, attempts: int, start: Barrier, out: multiprocessing.Queue) -> None:
+    ledger = ResourceLedger(open_database(url))
     rng = random.Random(seed)
     mine: list[str] = []
     refused = 0
+    seen: list[str] = []  # oversubscriptions this process saw, however briefly
+    start.wait()  # both started and connected: their transitions overlap from here
     for _ in range(attempts):
         try:
             lease = ledger.lock(Resources(cpu_milli=500, ram_mib=256), lease_s=300)
@@ -376,29 +411,33 @@ def _grab(path: str, seed: int, attempts: int, out: multiprocessing.Queue) -> No
             if mine and rng.random() < 0.3:
                 ledger.release(mine.pop(rng.randrange(len(mine))))
             continue
+        seen += ledger.pools().violations()
         if rng.random() < 0.5:
             ledger.commit(lease.id)
         mine.append(lease.id)
-    out.put((mine, refused))
+    ledger.db.close()
+    out.put((mine, refused, seen))
 
 
-def test_two_processes_on_one_sqlite_file_never_oversubscribe(tmp_path: Path) -> None:
-    path = str(tmp_path / "dms.db")
-    ledger = ResourceLedger(open_database(f"sqlite:///{path}"))
+def test_two_processes_on_one_store_never_oversubscribe(url: str) -> None:
+    ledger = ResourceLedger(open_database(url))
     ledger.onboard(Resources(cpu=4, ram=8, disk=1))  # room for 8 leases of 0.5 cores
     spawn = multiprocessing.get_context("spawn")
     out = spawn.Queue()
-    procs = [spawn.Process(target=_grab, args=(path, seed, 60, out)) for seed in (1, 2)]
+    start = spawn.Barrier(2)
+    procs = [spawn.Process(target=_grab, args=(url, seed, 60, start, out)) for seed in (1, 2)]
     for p in procs:
         p.start()
     results = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
-    held = [lease_id for mine, _ in results for lease_id in mine]
+    assert [seen for _, _, seen in results] == [[], []]
+    held = [lease_id for mine, _, _ in results for lease_id in mine]
     pools = ledger.pools()
     assert pools.violations() == []
     assert 0 < len(held) <= 8  # 8 leases of 0.5 cores fill the pool; none taken twice
     assert len(set(held)) == len(held)
     assert {lease.id for lease in ledger.live()} == set(held)
-    assert all(refused > 0 for _, refused in results)
+    assert all(refused > 0 for _, refused, _ in results)
+    ledger.db.close()

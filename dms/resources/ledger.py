@@ -1,10 +1,16 @@
 """The resource ledger: onboarded = free + locked + allocated, in one transaction each.
 
 Every transition (onboard, lock, commit, release, expire, offboard) is a single
-database transaction. On SQLite each one begins with ``BEGIN IMMEDIATE`` (see
-``dms.store.db``), so the check "does it still fit?" and the write that takes
-the resources happen under one write lock: threads and processes sharing the
-file cannot both take the last core.
+database transaction, and transitions queue for each other: on SQLite each one
+begins with ``BEGIN IMMEDIATE`` (see ``dms.store.db``); on PostgreSQL each one
+first locks the ``leases`` table against other writers
+(``Database.transaction(exclusive=...)``). So the check "does it still fit?"
+and the write that takes the resources happen under one lock: threads and
+processes sharing the store cannot both take the last core, nor commit a lease
+that another has just released. (Row locks would not do: what a lock checks is a
+sum over every live lease, and the row a new lease adds does not exist yet.
+Serializable isolation would, but a failed transition would then have to be run
+again, and a transition here is the body of a ``with`` block, which cannot be.)
 
 ``free`` is never stored: it is what the onboarded row leaves after the live
 leases and allocations, so it cannot drift from them. A lease past its
@@ -190,7 +196,7 @@ class ResourceLedger:
         if snapshot is not None and now < snapshot[1]:
             return snapshot[0]
         writes = self._writes
-        with self.db.transaction() as conn:
+        with self.db.snapshot() as conn:  # onboarding and the sums from one moment
             pools, valid_until = self._read_pools(conn, now)
         with self._snapshot_lock:
             if writes == self._writes:  # no write landed meanwhile: the answer is current
@@ -448,7 +454,7 @@ class ResourceLedger:
         """A write transaction; the pools snapshot is dropped once it ends (committed or
         not: a reader that started meanwhile must not keep what it saw)."""
         try:
-            with self.db.transaction() as conn:
+            with self.db.transaction(exclusive=(LEASES.name,)) as conn:
                 yield conn
         finally:
             with self._snapshot_lock:

@@ -63,8 +63,11 @@ def unlock(
         _status(home, json_out)
         return
     seconds = parse_timeout(timeout)
+    # What cannot keep it is said before the passphrase is asked.
     if use_keyring:
-        osring.secure_backend()  # an unusable keyring is said before the passphrase is asked
+        osring.secure_backend()
+    else:
+        agent.require_supported()
     passphrase = _checked_passphrase(home)
     if use_keyring:
         marker = osring.store(home, passphrase)

@@ -127,6 +127,14 @@ def supported() -> bool:
     return hasattr(socket, "SO_PEERCRED") and hasattr(socket, "AF_UNIX")
 
 
+def require_supported() -> None:
+    if not supported():
+        raise AgentError(
+            "the passphrase agent needs Linux (SO_PEERCRED); use DMS_PASSPHRASE or "
+            "dms unlock --keyring"
+        )
+
+
 def ask(request: Request, path: Path | None = None, timeout: float = CLIENT_TIMEOUT_S) -> Reply:
     """Send one request to this session's agent; ``AgentError`` when none answers."""
     path = path or socket_path()
@@ -188,11 +196,7 @@ def lookup(home: Path | str) -> str | None:
 
 def start(session: int | None = None) -> Path:
     """This session's agent socket, starting the agent first when none answers."""
-    if not supported():
-        raise AgentError(
-            "the passphrase agent needs Linux (SO_PEERCRED); use DMS_PASSPHRASE or "
-            "dms unlock --keyring"
-        )
+    require_supported()
     session = session_id() if session is None else session
     path = socket_path(session, create=True)
     try:

@@ -221,3 +221,14 @@ def test_a_bare_postgresql_url_means_psycopg() -> None:
     assert _driver_url("postgresql://u:p@h:5/d") == "postgresql+psycopg://u:p@h:5/d"
     assert _driver_url("postgresql+psycopg://u@h/d") == "postgresql+psycopg://u@h/d"
     assert _driver_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_drafting_a_revision_with_no_model_change_writes_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from dms.store.migrations.__main__ import main
+
+    before = sorted((migrations.SCRIPTS / "versions").glob("*.py"))
+    assert main(["revision", "nothing changed"]) == 1
+    assert "nothing to write" in capsys.readouterr().out
+    assert sorted((migrations.SCRIPTS / "versions").glob("*.py")) == before

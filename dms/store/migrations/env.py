@@ -21,6 +21,7 @@ def run(connection: Connection) -> None:
         target_metadata=Base.metadata,
         # SQLite alters a table by copying it: autogenerate writes batch operations for it.
         render_as_batch=connection.dialect.name == "sqlite",
+        process_revision_directives=context.config.attributes.get("process_revision_directives"),
     )
     with context.begin_transaction():
         context.run_migrations()

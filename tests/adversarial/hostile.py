@@ -7,23 +7,20 @@ them from any peer on the network.
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Callable
 from typing import Any
 
-from dms.actor import ROOT_INBOX, Address, Envelope, Handle, RemoteError, make_envelope, seal
-from dms.actor.envelope import PREFIX_BYTES
+from dms.actor import Envelope, Handle, RemoteError, make_envelope, seal
 from dms.node.client import root_handle
 from dms.node.daemon import Node
 from dms.security import Identity
+from dms.sim import adversary
 from tests.conftest import wait_for
 
 
 def me(attacker: Node) -> Handle:
-    return Handle(
-        id=attacker.identity.public_key, address=Address(host=attacker.peer_id, inbox=ROOT_INBOX)
-    )
+    return adversary.root_of(attacker.identity)
 
 
 def envelope(
@@ -90,10 +87,7 @@ def until_refused(victim: Node, code: str, attempt: Callable[[], None], what: st
 def with_payload_bytes(key: Identity, env: Envelope, payload: bytes) -> bytes:
     """A frame for ``env`` whose payload is ``payload`` as given (any bytes, even
     undecodable), correctly signed by ``key``."""
-    plain = seal(env.model_copy(update={"payload": None}), key)
-    (header_len,) = struct.unpack_from(">I", plain, 4)
-    body = plain[: PREFIX_BYTES + header_len] + payload
-    return body + key.sign(body)
+    return adversary.with_payload_bytes(key, env, payload)
 
 
 def refusal_code(attacker: Node, frame: bytes, env: Envelope, timeout: float = 20.0) -> str:

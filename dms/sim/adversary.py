@@ -1,0 +1,328 @@
+"""A hostile peer for the adversarial tests and ``bench/adversary.py``.
+
+:class:`BarePeer` is a bare py-libp2p host (TCP + Noise + Yamux) with an Ed25519
+key of its own, on a trio thread of its own, dialed to one node: no dms node
+runs behind it, so nothing of ours filters what it sends. It can
+
+- write u32-prefixed frames on ``/dms/actor/1.0.0``, as ``dms/network/host.py``
+  frames them, and read the node's replies (``actor=True``);
+- run gossipsub (``gossip=True``). With ``strict_signing=True`` it behaves as go-
+  and js-libp2p do by default (StrictSign: it signs its messages and drops any
+  message without a valid signature); with ``strict_signing=False`` it can hand
+  its router any message it builds (:meth:`BarePeer.forge`), a ``from`` that is
+  not its own included.
+
+Its envelopes are built with our own envelope code (or by hand where they must
+be malformed, :func:`with_payload_bytes`) and signed by its own key, so they pass
+the peer binding: the node cannot tell them from a real node's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import trio
+from libp2p import create_yamux_muxer_option, new_host
+from libp2p.abc import INetStream
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+from dms.actor import ROOT_INBOX, Address, Envelope, Handle, make_envelope, seal
+from dms.actor.envelope import PREFIX_BYTES, REPLY_PREFIX, unseal
+from dms.network.frames import FrameReader
+from dms.network.host import ACTOR_PROTOCOL
+from dms.security import Identity
+
+T = TypeVar("T")
+MIB = 1024 * 1024
+WRITE_BATCH_BYTES = 256 * 1024
+FINISH_RETRY_S = 5.0
+
+
+def with_payload_bytes(
+    key: Identity, env: Envelope, payload: bytes, *, signed: bool = True
+) -> bytes:
+    """A frame for ``env`` whose payload is ``payload`` as given (any bytes, even
+    undecodable), signed by ``key``; ``signed=False``: a signature of zeros."""
+    plain = seal(env.model_copy(update={"payload": None}), key)
+    (header_len,) = struct.unpack_from(">I", plain, 4)
+    body = plain[: PREFIX_BYTES + header_len] + payload
+    return body + (key.sign(body) if signed else b"\x00" * 64)
+
+
+def root_of(identity: Identity) -> Handle:
+    """The root actor of the host whose key is ``identity``."""
+    return Handle(id=identity.public_key, address=Address(host=identity.peer_id, inbox=ROOT_INBOX))
+
+
+class BarePeer:
+    """A bare py-libp2p host on a trio thread of its own, dialed to ``addr``."""
+
+    def __init__(
+        self,
+        addr: str,
+        *,
+        actor: bool = False,
+        gossip: bool = False,
+        strict_signing: bool = True,
+    ) -> None:
+        self.identity = Identity.generate()
+        self.peer_id = self.identity.peer_id
+        self.heard: dict[str, list[rpc_pb2.Message]] = {}
+        self.pubsub: Pubsub | None = None
+        self.router: GossipSub | None = None
+        self._addr = addr
+        self._actor, self._gossip, self._strict = actor, gossip, strict_signing
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stream: INetStream | None = None
+        self._replies: dict[bytes, Any] = {}  # request nonce -> reply payload
+        self.received: Counter[str] = Counter()  # requests the node sent us, by behaviour
+        self._replied = threading.Condition()
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30) or self._error is not None:
+            raise RuntimeError(f"the bare peer did not start: {self._error!r}")
+
+    # ---- the host ----------------------------------------------------------------------
+
+    async def _main(self) -> None:
+        key_pair = create_new_key_pair(self.identity.private_bytes())
+        noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+        host = new_host(
+            key_pair=key_pair,
+            sec_opt={NOISE_PROTOCOL_ID: noise},
+            muxer_opt=create_yamux_muxer_option(),
+        )
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                await stack.enter_async_context(host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+                if self._gossip:
+                    router = GossipSub(
+                        protocols=[PROTOCOL_ID_V11],
+                        degree=6,
+                        degree_low=4,
+                        degree_high=12,
+                        heartbeat_interval=1,
+                        heartbeat_initial_delay=0.1,
+                        max_messages_per_topic_per_second=10_000,
+                    )
+                    pubsub = Pubsub(host, router, strict_signing=self._strict)
+                    self.pubsub, self.router = pubsub, router
+                    await stack.enter_async_context(background_trio_service(pubsub))
+                    await stack.enter_async_context(background_trio_service(router))
+                    await pubsub.wait_until_ready()
+                if self._actor:
+                    host.set_stream_handler(ACTOR_PROTOCOL, self._on_stream)
+                info = info_from_p2p_addr(Multiaddr(self._addr))
+                await host.connect(info)
+                if self._actor:
+                    self._stream = await host.new_stream(info.peer_id, [ACTOR_PROTOCOL])
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self._token = trio.lowlevel.current_trio_token()
+                    self._ready.set()
+                    await trio.to_thread.run_sync(self._stop.wait)
+                    nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``fn(*args)`` on the peer's trio loop and return its result (blocking)."""
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    # ---- envelopes -------------------------------------------------------------------
+
+    def me(self) -> Handle:
+        return root_of(self.identity)
+
+    def envelope(
+        self,
+        to: Handle | None,
+        behaviour: str,
+        payload: Any = None,
+        *,
+        reply: bool = False,
+        topic: str | None = None,
+        ttl_s: float = 600,
+    ) -> Envelope:
+        """An envelope from this peer's root actor (its host key), to ``to`` or on ``topic``."""
+        return make_envelope(
+            self.me(),
+            self.identity.public_key,
+            behaviour,
+            payload,
+            to=to,
+            ttl_s=ttl_s,
+            expect_reply=reply,
+            topic=topic,
+        )
+
+    def seal(self, env: Envelope) -> bytes:
+        return seal(env, self.identity)
+
+    def with_payload_bytes(self, env: Envelope, payload: bytes, *, signed: bool = True) -> bytes:
+        return with_payload_bytes(self.identity, env, payload, signed=signed)
+
+    # ---- the actor protocol ----------------------------------------------------------
+
+    async def _on_stream(self, stream: INetStream) -> None:
+        """What the node sends us (it opens its own stream for it): replies, kept by the
+        nonce of their request, and requests, counted by behaviour (never answered)."""
+        reader = FrameReader(stream, 17 * MIB)
+        try:
+            while True:
+                sealed = unseal(await reader.next(), 17 * MIB)
+                path = sealed.envelope.behaviour
+                with self._replied:
+                    if path.startswith(REPLY_PREFIX):
+                        nonce = bytes.fromhex(path[len(REPLY_PREFIX) :])
+                        self._replies[nonce] = sealed.envelope.payload
+                        self._replied.notify_all()
+                    else:
+                        self.received[path] += 1
+        except Exception:
+            return
+
+    async def _write(self, frames: list[bytes], pace_s: float) -> None:
+        assert self._stream is not None, "a BarePeer made with actor=True"
+        batch: list[bytes] = []
+        size = 0
+        for frame in frames:
+            batch.append(struct.pack(">I", len(frame)) + frame)
+            size += len(frame) + 4
+            if size >= WRITE_BATCH_BYTES or pace_s:
+                await self._stream.write(b"".join(batch))
+                batch, size = [], 0
+                if pace_s:
+                    await trio.sleep(pace_s)
+        if batch:
+            await self._stream.write(b"".join(batch))
+
+    def write(self, frames: list[bytes], pace_s: float = 0.0) -> None:
+        """Write every frame on the actor stream (blocking; paced by ``pace_s`` if given)."""
+        self.call(self._write, frames, pace_s)
+
+    def reply(self, nonce: bytes, timeout: float) -> Any:
+        """The node's reply payload to the request with ``nonce`` (None if none came)."""
+        with self._replied:
+            self._replied.wait_for(lambda: nonce in self._replies, timeout)
+            return self._replies.get(nonce)
+
+    def ask(self, to: Handle, behaviour: str, payload: Any = None, timeout: float = 10) -> Any:
+        """One request on the actor stream; the reply payload (``{"ok": ...}``) or None."""
+        env = self.envelope(to, behaviour, payload, reply=True)
+        self.write([self.seal(env)])
+        answer = self.reply(env.nonce, timeout)
+        self.forget([env.nonce])
+        return answer
+
+    def answers(self, nonces: list[bytes]) -> list[Any]:
+        """The node's reply payloads to these requests so far (None where none came)."""
+        with self._replied:
+            return [self._replies.get(nonce) for nonce in nonces]
+
+    def refusal_codes(self, nonces: list[bytes]) -> dict[str, int]:
+        """How the node answered these requests: ``ok``, a refusal's code, or ``no_reply``."""
+        codes: dict[str, int] = {}
+        with self._replied:
+            for nonce in nonces:
+                answer = self._replies.get(nonce)
+                code = "no_reply" if answer is None else answer.get("code", "ok")
+                codes[code] = codes.get(code, 0) + 1
+        return codes
+
+    def forget(self, nonces: list[bytes]) -> None:
+        with self._replied:
+            for nonce in nonces:
+                self._replies.pop(nonce, None)
+
+    def finish(self, to: Handle, timeout: float = 600) -> bool:
+        """One last invoke on the same stream: its answer (its result, or a refusal such
+        as ``rate_limited``) comes once the node has read every frame sent before it.
+        A node over this peer's budget drops what it cannot answer, so the invoke is
+        sent again every few seconds until one is answered."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            env = self.envelope(to, "/public/hello", reply=True)
+            self.write([self.seal(env)])
+            if self.reply(env.nonce, FINISH_RETRY_S) is not None:
+                return True
+        return False
+
+    # ---- gossip ------------------------------------------------------------------------
+
+    def subscribe(self, topic: str) -> None:
+        heard = self.heard.setdefault(topic, [])
+
+        async def go() -> None:
+            assert self.pubsub is not None and self._nursery is not None
+            subscription = await self.pubsub.subscribe(topic)
+
+            async def pump() -> None:
+                while True:
+                    heard.append(await subscription.get())
+
+            self._nursery.start_soon(pump)
+
+        self.call(go)
+
+    def publish(self, topic: str, data: bytes) -> None:
+        async def go() -> None:
+            assert self.pubsub is not None, "a BarePeer made with gossip=True"
+            await self.pubsub.publish(topic, data)
+
+        self.call(go)
+
+    def publish_many(self, topic: str, frames: list[bytes], pace_s: float = 0.0) -> None:
+        """Publish every frame on ``topic`` in one go (blocking; paced by ``pace_s``)."""
+
+        async def go() -> None:
+            assert self.pubsub is not None, "a BarePeer made with gossip=True"
+            for frame in frames:
+                await self.pubsub.publish(topic, frame)
+                if pace_s:
+                    await trio.sleep(pace_s)
+
+        self.call(go)
+
+    def mesh_peers(self, topic: str) -> list[str]:
+        """Peers this peer knows to be subscribed to ``topic``."""
+
+        async def go() -> list[str]:
+            assert self.pubsub is not None
+            return [p.to_base58() for p in self.pubsub.peer_topics.get(topic, set())]
+
+        return self.call(go)
+
+    def forge(self, msg: rpc_pb2.Message) -> None:
+        """Hand ``msg`` to the router as it is (no validation, no signature of ours):
+        it goes to the peers subscribed to its topics."""
+
+        async def go() -> None:
+            assert self.pubsub is not None and self.router is not None
+            await self.router.publish(self.pubsub.my_id, msg)
+
+        self.call(go)

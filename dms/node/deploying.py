@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
-from dms.actor import ActorRef, ErrorCode, Refusal, Request, behaviour
+from dms.actor import ActorRef, ErrorCode, Handle, Refusal, Request, behaviour
 from dms.jobs.allocation import AllocationActor
 from dms.jobs.executors import ExecutorError
 from dms.jobs.spec import DeploymentSpec, executor_problems
@@ -66,6 +66,19 @@ class NewDeployment(BaseModel):
 class DeploymentId(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64)
+
+
+def _answers_to_requester(reply_to: Handle | None, requester: str, what: str) -> None:
+    """A request may name where its answers go (``reply_to``: the bids of a gossip bid
+    request, an allocation's updates), but only an actor of the requester's own host:
+    else one broadcast would make every provider lease and send bids to a third party
+    (reflection)."""
+    if reply_to is not None and reply_to.address.host != requester:
+        raise Refusal(
+            ErrorCode.FORBIDDEN,
+            f"{what}'s reply_to must be an actor of the requester's host {requester}, "
+            f"not of {reply_to.address.host}",
+        )
 
 
 class DeployingBehaviours(NodeBase):
@@ -141,6 +154,7 @@ class DeployingBehaviours(NodeBase):
         requester = request.sender.address.host
         if requester == self.system.peer_id:
             return None  # our own gossip request
+        _answers_to_requester(payload.reply_to, requester, "a bid request")
         if not self._bid_rate.allow(requester):
             rate = self.services.preferences.bid_requests_per_s
             raise Refusal(
@@ -221,6 +235,7 @@ class DeployingBehaviours(NodeBase):
         lease = self._ledger().lease(p.lease_id)
         if lease.holder != request.sender.address.host:
             raise Refusal(ErrorCode.FORBIDDEN, f"lease {p.lease_id} is not held by the caller")
+        _answers_to_requester(p.reply_to, lease.holder, "an allocate")
         if lease.state != ALLOCATED:
             raise ResourceError("ended", f"lease {p.lease_id} is {lease.state}, not committed")
         with self._alloc_lock:

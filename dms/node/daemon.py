@@ -144,7 +144,9 @@ class Node:
                 deployment_policy=self.settings.deployment_policy,
             )
             self.system.answer_observers.append(self.metrics.answered)
-            self.ledger = ResourceLedger(self.db)
+            self.ledger = ResourceLedger(
+                self.db, holder_share=lambda: self.settings.preferences.max_peer_share
+            )
             services = NodeServices(
                 home=home,
                 db=self.db,

@@ -170,6 +170,18 @@ def _log_locks(
         log.info("%s declined (%d slot(s)): %s", what, len(refused), refused[0].message)
 
 
+def _over_share(held: Resources, onboarded: Resources, share: float) -> str | None:
+    """Why one holder may not hold ``held`` (this lease included) of ``onboarded``, or None:
+    it would hold more than ``share`` of some kind (``Preferences.max_peer_share``)."""
+    for kind, have, total in zip(KINDS, held.as_tuple(), onboarded.as_tuple(), strict=True):
+        if total and have > share * total:
+            return (
+                f"this requester would hold {show(kind, have)} of this node's "
+                f"{show(kind, total)}, more than its share (max_peer_share {share:g})"
+            )
+    return None
+
+
 def _event(conn: Connection, kind: str, data: dict[str, Any]) -> None:
     conn.execute(insert(EVENTS).values(kind=kind, data=data, at=utcnow()))
 
@@ -180,9 +192,17 @@ class ResourceLedger:
     Transitions use SQLAlchemy Core on one connection each: they run many times
     a second, and the ORM's unit of work would cost more than the SQL."""
 
-    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Callable[[], float] = time.time,
+        holder_share: Callable[[], float] = lambda: 1.0,
+    ) -> None:
         self.db = db
         self.clock = clock
+        # The largest share of each onboarded resource one holder may hold at once
+        # (``Preferences.max_peer_share``, read at each lock: it may change live).
+        self.holder_share = holder_share
         # (pools, valid until): dropped by every write; see the module docstring.
         self._snapshot: tuple[Pools, float] | None = None
         self._writes = 0
@@ -298,12 +318,16 @@ class ResourceLedger:
         if not 0 < lease_s <= MAX_LEASE_S:
             raise ResourceError("invalid", f"lease_s must be in (0, {MAX_LEASE_S:g}]")
         now = self.clock()
+        share = self.holder_share() if holder else 1.0
         results: list[LeaseView | ResourceError] = []
         with self._writing() as conn:
             pools = self._pools(conn, now)
             refusals = screen(pools) if screen is not None else [None] * len(requests)
             locked = pools.locked
+            held = self._held(conn, holder, now) if share < 1.0 else ZERO
             for (request, ref), refusal in zip(requests, refusals, strict=True):
+                if refusal is None and share < 1.0:
+                    refusal = _over_share(held + request, pools.onboarded, share)
                 if refusal is not None:
                     results.append(ResourceError("declined", refusal))
                     continue
@@ -334,6 +358,7 @@ class ResourceLedger:
                     )
                 )
                 locked = locked + request
+                held = held + request
                 results.append(lease)
         _log_locks(requests, results, holder)
         after = Pools(
@@ -411,6 +436,19 @@ class ResourceLedger:
             shown = ", ".join(ended[:5]) + (f" and {len(ended) - 5} more" if len(ended) > 5 else "")
             log.info("released %d lease(s): %s", len(ended), shown)
         return out
+
+    @staticmethod
+    def _held(conn: Connection, holder: str, now: float) -> Resources:
+        """What ``holder``'s live leases and allocations hold."""
+        row = conn.execute(
+            select(
+                func.sum(LEASES.c.cpu_milli),
+                func.sum(LEASES.c.ram_mib),
+                func.sum(LEASES.c.disk_mib),
+                func.sum(LEASES.c.gpu),
+            ).where(_live_clause(now), LEASES.c.holder == holder)
+        ).one()
+        return Resources.of([int(v or 0) for v in row])
 
     def held_by(self, holder: str) -> int:
         """How many live leases and allocations ``holder`` holds here."""

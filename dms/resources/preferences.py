@@ -5,7 +5,7 @@ so ``dms config show`` shows it; the bidder asks :meth:`Preferences.refusal`
 before it looks at resources, and every refusal is a reason people can read.
 
 It also bounds what any one requester can hold here (``specs/security.md``, issue
-17 item 4): leases held at once,
+17 item 4): leases held at once, the share of each resource they hold,
 bid requests a second, how long a bid's lease lasts, and how long a committed
 lease waits for its allocation.
 """
@@ -33,6 +33,13 @@ class Preferences(BaseModel):
     deny_dids: list[str] = Field(default_factory=list, description="never these requesters")
     max_leases_per_peer: int = Field(
         default=64, ge=0, description="leases and allocations one requester holds at once; 0: any"
+    )
+    max_peer_share: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="largest share of each onboarded resource one requester holds at once "
+        "(leases and allocations); 1: all of it",
     )
     bid_requests_per_s: float = Field(
         default=50.0, ge=0, description="bid requests a second from one peer; 0: no limit"

@@ -75,7 +75,8 @@ class MemoryNode:
         if template is not None and not path.exists():
             shutil.copyfile(template, path)  # an empty store at the latest schema: no migration
         self.db = open_database(f"sqlite:///{path}")
-        self.ledger = ResourceLedger(self.db)
+        prefs = self.spec.preferences
+        self.ledger = ResourceLedger(self.db, holder_share=lambda: prefs.max_peer_share)
         onboarder = Onboarder(self.db, self.home, self.ledger)
         if self.spec.onboard is not None and not self.ledger.pools().is_onboarded:
             # Before the node actor starts: its first heartbeat carries its resources.

@@ -29,6 +29,7 @@ from tests.test_orchestrator import (
     network,
     providers,
     spec,
+    wait_known,
     wait_state,
 )
 
@@ -107,6 +108,39 @@ def test_one_bid_request_locks_no_more_than_the_provider_offers(net: LocalCluste
     bid = ask(attacker, victim, REQUEST, bid_request(5))
     assert len(bid["offers"]) == 2
     assert bid["declines"][0]["reason"].startswith("this node holds 2 leases and allocations")
+
+
+def test_one_requester_holds_no_more_than_its_share_and_others_still_place(
+    net: LocalCluster,
+) -> None:
+    """Commit-never-allocate: the attacker asks for the whole node, commits every offer
+    and never allocates. Leases counted per peer did not stop it (a lease can be any
+    size): with ``max_peer_share`` it holds half the node, and an honest requester
+    places on the other half."""
+    attacker, victim = attacker_and_victim(net)
+    assert victim.ledger is not None
+    victim.settings.preferences.max_leases_per_peer = 0  # the count alone: no limit
+    victim.settings.preferences.max_peer_share = 0.5
+    bid = ask(attacker, victim, REQUEST, bid_request(20))  # 20 x 100m: both cores
+    assert len(bid["offers"]) == 10
+    over = (
+        "this requester would hold 1.1 cores of this node's 2 cores, more than its share "
+        "(max_peer_share 0.5)"
+    )
+    assert [d["reason"] for d in bid["declines"]] == [over] * 10
+    assert not any(d["permanent"] for d in bid["declines"])
+    for offer in bid["offers"]:
+        commit = {"deployment_id": "attack", "slot": offer["slot"], "lease_id": offer["lease_id"]}
+        ask(attacker, victim, COMMIT, commit)
+    again = ask(attacker, victim, REQUEST, bid_request(1))
+    assert again["offers"] == [] and again["declines"][0]["reason"].startswith(
+        "this requester would hold 1.1 cores"
+    )
+    requester = net.add()
+    wait_known(requester, [victim])
+    job = spec(cpu="500m", params={"seconds": 0}, constraints={"include_peers": [victim.peer_id]})
+    done = wait_state(requester, deploy(requester, job), TERMINAL, 20)
+    assert done["state"] == "completed", done["events"]
 
 
 def test_bid_requests_beyond_the_rate_are_refused_with_the_reason(net: LocalCluster) -> None:

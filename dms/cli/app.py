@@ -2,66 +2,86 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import typer
 
 from dms import __version__
-from dms.cli import (
-    actor,
-    cap,
-    config,
-    jobs,
-    key,
-    mine,
-    node,
-    peers,
-    resources,
-    sim,
-    status,
-    unlock,
-)
 from dms.cli.output import error
 from dms.errors import DmsError
 
-app = typer.Typer(
-    name="dms",
-    help="dms: a peer-to-peer device management service for privacy-preserving data mining.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-app.add_typer(key.app, name="key")
-app.add_typer(cap.app, name="cap")
-app.add_typer(config.app, name="config")
-app.add_typer(mine.app, name="mine")
-app.add_typer(actor.app, name="actor")
-app.add_typer(peers.app, name="peers")
-app.command("init")(node.init)
-app.command("run")(node.run)
-app.command("onboard")(resources.onboard)
-app.command("offboard")(resources.offboard)
-app.command("benchmark")(resources.benchmark)
-app.command("resources")(resources.resources)
-app.add_typer(jobs.job_app, name="job")
-app.command("deploy")(jobs.deploy)
-app.add_typer(jobs.deployment_app, name="deployment")
-app.command("status")(status.status)
-app.add_typer(sim.app, name="sim")
-app.command("unlock")(unlock.unlock)
-app.command("lock")(unlock.lock)
+HELP = "dms: a peer-to-peer device management service for privacy-preserving data mining."
+
+# name: (module in dms.cli, attribute, a group of commands or one command), in the
+# order of ``dms --help``.
+COMMANDS: dict[str, tuple[str, str, bool]] = {
+    "key": ("key", "app", True),
+    "cap": ("cap", "app", True),
+    "config": ("config", "app", True),
+    "mine": ("mine", "app", True),
+    "actor": ("actor", "app", True),
+    "peers": ("peers", "app", True),
+    "init": ("node", "init", False),
+    "run": ("node", "run", False),
+    "onboard": ("resources", "onboard", False),
+    "offboard": ("resources", "offboard", False),
+    "benchmark": ("resources", "benchmark", False),
+    "resources": ("resources", "resources", False),
+    "job": ("jobs", "job_app", True),
+    "deploy": ("jobs", "deploy", False),
+    "deployment": ("jobs", "deployment_app", True),
+    "status": ("status", "status", False),
+    "sim": ("sim", "app", True),
+    "unlock": ("unlock", "unlock", False),
+    "lock": ("unlock", "lock", False),
+}
 
 
-@app.command("version")
 def version() -> None:
     """Print the dms version."""
     typer.echo(__version__)
 
 
+def build_app(only: str | None = None) -> typer.Typer:
+    """The ``dms`` command with every subcommand, or with ``only`` the one asked for:
+    each command's module (TenSEAL, SQLAlchemy, libp2p...) loads only when it runs, so
+    ``dms key list`` does not pay for ``dms mine``."""
+    app = typer.Typer(
+        name="dms",
+        help=HELP,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+    # A group, even with a single command registered (Typer would otherwise run that
+    # command directly, without its name).
+    app.callback()(lambda: None)
+    for name, (module, attribute, group) in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        found = getattr(importlib.import_module(f"dms.cli.{module}"), attribute)
+        if group:
+            app.add_typer(found, name=name)
+        else:
+            app.command(name)(found)
+    app.command("version")(version)
+    return app
+
+
+def _asked_for(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names, if it is one (else every command loads, for help
+    and for click's own usage errors)."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; click reports usage errors itself, we report ``DmsError``."""
+    args = sys.argv[1:] if argv is None else argv
+    app = build_app(_asked_for(args))
     try:
-        app(args=argv, standalone_mode=True)
+        app(args=args, prog_name="dms", standalone_mode=True)
     except DmsError as exc:
         error(str(exc))
         return exc.exit_code

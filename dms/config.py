@@ -7,6 +7,7 @@ home folder first (``DMS_HOME`` or ``~/.dms``) because the TOML file lives there
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,9 @@ from dms.errors import DmsError
 from dms.resources.preferences import Preferences
 
 MIB = 1024 * 1024
+
+
+_URL_PASSWORD = re.compile(r"^([\w+.-]+://[^:/@]*:)[^@]*@")  # scheme://user:password@
 
 
 class ConfigError(DmsError):
@@ -127,8 +131,15 @@ class Settings(BaseSettings):
         for name, value in data.items():
             if isinstance(getattr(self, name), SecretStr) and value is not None:
                 data[name] = "********"
-        data["database_url"] = self.database_url
+        data["database_url"] = masked_url(self.database_url)
+        if data.get("db_url"):
+            data["db_url"] = masked_url(data["db_url"])
         return data
+
+
+def masked_url(url: str) -> str:
+    """A database URL with its password (if any) masked, for showing."""
+    return _URL_PASSWORD.sub(r"\1********@", url)
 
 
 def home_from_env() -> Path:
@@ -140,9 +151,14 @@ def load_settings(**overrides: Any) -> Settings:
     toml_path = home / "config.toml"
     if toml_path.exists():
         try:
-            tomllib.loads(toml_path.read_text())
+            written = tomllib.loads(toml_path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{toml_path} is not valid TOML: {exc}") from None
+        if "passphrase" in written:  # a secret in a plain file is what the keystore prevents
+            raise ConfigError(
+                f"{toml_path}: remove 'passphrase'; a passphrase never goes in a file "
+                "(use dms unlock, or DMS_PASSPHRASE)"
+            )
 
     class _HomeSettings(Settings):
         model_config = SettingsConfigDict(toml_file=toml_path)

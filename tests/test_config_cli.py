@@ -41,6 +41,7 @@ def test_env_overrides_file_overrides_default(
         ("api_port = [", "not valid TOML"),
         ("api_port = 'x'", "api_port"),
         ("nonsense = 1", "nonsense"),
+        ("passphrase = 'hunter2'", "a passphrase never goes in a file"),
     ],
 )
 def test_bad_config_file_is_a_clean_error(dms_home: Path, content: str, message: str) -> None:
@@ -56,6 +57,18 @@ def test_config_show_masks_secrets(dms_home: Path, capsys: pytest.CaptureFixture
     assert shown["passphrase"] == "********"
     assert "correct horse" not in json.dumps(shown)
     assert shown["home"] == str(dms_home)
+
+
+def test_config_show_masks_a_database_password(
+    dms_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DMS_DB_URL", "postgresql+psycopg://dms:s3cret@db.example:5432/dms")
+    assert main(["config", "show", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert "s3cret" not in json.dumps(shown)
+    assert shown["db_url"] == shown["database_url"] == (
+        "postgresql+psycopg://dms:********@db.example:5432/dms"
+    )
 
 
 def test_key_commands_in_a_temp_home(dms_home: Path) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,6 +55,9 @@ from dms.resources import ALLOCATED, ResourceError
 log = logging.getLogger("dms.node")
 DEPLOYMENT_REF = "dep:"
 BID_INDEX_FLUSH_S = 0.5
+# Ended allocations linger (to answer a late status poll) on a thread each; past this
+# many, the one that ended first stops at once (``_allocation_ended``).
+MAX_LINGERING = 256
 RELEASE_RETRY_FIRST_S = 0.5  # an ended allocation's lease the store refused: again after
 RELEASE_RETRY_MAX_S = 30.0  # this, doubling up to this
 
@@ -89,6 +93,7 @@ class DeployingBehaviours(NodeBase):
 
     def start_deploying(self) -> None:
         self._deployments, self._allocations = {}, {}
+        self._lingering: deque[ActorRef] = deque()
         self._unwritten_bids: list[dict[str, Any]] = []
         self._alloc_lock = threading.Lock()
         prefs = self.services.preferences
@@ -294,9 +299,17 @@ class DeployingBehaviours(NodeBase):
         return record.status == GONE and now - record.last_seen > orphan_s
 
     def _allocation_ended(self, lease_id: str, state: str) -> None:
-        """From the allocation's thread: give its resources back."""
+        """From the allocation's thread: give its resources back. The allocation lingers
+        a while to answer late polls; at most ``MAX_LINGERING`` do at once, else every
+        short job placed here would hold a thread for minutes after it ended."""
         with self._alloc_lock:
-            self._allocations.pop(lease_id, None)
+            ended = self._allocations.pop(lease_id, None)
+            if ended is not None:
+                self._lingering.append(ended)
+            oldest = self._lingering.popleft() if len(self._lingering) > MAX_LINGERING else None
+        if oldest is not None:
+            with contextlib.suppress(Exception):  # stopped already: nothing to do
+                oldest.stop_soon()
         self._release_ended(lease_id, RELEASE_RETRY_FIRST_S)
 
     def _release_ended(self, lease_id: str, wait_s: float) -> None:

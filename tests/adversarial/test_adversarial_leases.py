@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from dms.actor import RemoteError, Request
+from dms.node import deploying
 from dms.node.daemon import Node
 from dms.orchestrator.base import node_handle
 from dms.orchestrator.messages import (
@@ -201,3 +202,23 @@ def test_an_allocation_whose_requester_the_table_forgot_stops_when_it_goes(
     assert live_leases([provider]) == 1
     net.crash(requester)
     wait_for(lambda: live_leases([provider]) == 0, 20, "the orphaned allocation stopped")
+
+
+def test_ended_allocations_linger_on_a_bounded_number_of_threads(
+    net: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ended allocation lingers (120 s) to answer a late status poll, on a thread of
+    its own: a requester placing short jobs one after another held a thread (and ~65
+    KB) per job for two minutes, thousands at the bid-request rate."""
+    monkeypatch.setattr(deploying, "MAX_LINGERING", 2)
+    requester, (provider,) = network(net, 1)
+    assert provider.system is not None
+    for _ in range(5):
+        done = wait_state(requester, deploy(requester, spec(params={"seconds": 0})), TERMINAL, 20)
+        assert done["state"] == "completed", done["events"]
+
+    def allocations() -> int:
+        assert provider.system is not None
+        return sum(1 for inbox in list(provider.system._actors) if inbox.startswith("alloc-"))
+
+    wait_for(lambda: allocations() <= 2, 10, "the oldest ended allocations to stop")

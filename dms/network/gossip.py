@@ -16,6 +16,7 @@ system. See specs/network.md, "Broadcast", and specs/security.md.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -33,13 +34,17 @@ from dms.actor.envelope import check_signature, check_signer, check_time, now_ns
 from dms.actor.handle import ROOT_INBOX
 from dms.network.checked import CheckedFrames
 from dms.network.loop import LoopBridge, why
+from dms.network.ratelimit import PeerRates
 from dms.network.settings import GossipSettings, NetworkSettings
 from dms.security.identity import IdentityError, public_key_from_peer_id
 
 log = logging.getLogger("dms.network")
 
-# Called with the forwarding peer, the message's claimed origin and the refusal.
-GossipRefused = Callable[[ID, bytes, Refusal], None]
+# Called with the forwarding peer, the message's claimed origin and the refusal
+# (``quiet``: count it, do not log it).
+GossipRefused = Callable[..., None]
+# Publishers whose gossip budgets are kept before the full ones are forgotten.
+MAX_PUBLISHERS = 4096
 
 
 class SignedPubsub(Pubsub):
@@ -55,10 +60,21 @@ class SignedPubsub(Pubsub):
     off, and each message is verified once, here.
     """
 
-    def __init__(self, host: IHost, router: GossipSub, refused: GossipRefused) -> None:
+    def __init__(
+        self,
+        host: IHost,
+        router: GossipSub,
+        refused: GossipRefused,
+        rate: float = 50.0,
+        burst: int = 200,
+    ) -> None:
         super().__init__(host, router, strict_signing=False)
         self._key = host.get_private_key()
         self._refused = refused
+        # Messages a second each publishing host may have us handle (and forward).
+        self._origins = PeerRates(rate, burst)
+        self._rate, self._burst = rate, burst
+        self._swept = float("-inf")
 
     async def publish(self, topic_id: str | list[str], data: bytes) -> None:
         topics = [topic_id] if isinstance(topic_id, str) else list(topic_id)
@@ -70,11 +86,35 @@ class SignedPubsub(Pubsub):
         await self.push_msg(self.my_id, msg)
 
     async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
-        if msg_forwarder != self.my_id and not self._is_msg_seen(msg) and not _signed(msg):
-            reason = "the gossip message has no valid libp2p signature by the host it names"
-            self._refused(msg_forwarder, msg.from_id, Refusal(ErrorCode.BAD_SIGNATURE, reason))
-            return
+        if msg_forwarder != self.my_id and not self._is_msg_seen(msg):
+            if not _signed(msg):
+                reason = "the gossip message has no valid libp2p signature by the host it names"
+                self._refused(msg_forwarder, msg.from_id, Refusal(ErrorCode.BAD_SIGNATURE, reason))
+                return
+            # The signature says who published it: its budget pays, whoever forwarded it.
+            if not self._within_budget(msg_forwarder, msg.from_id):
+                return
         await super().push_msg(msg_forwarder, msg)
+
+    def _within_budget(self, forwarder: ID, origin: bytes) -> bool:
+        """Take one message from the publishing host's budget. Over it, the message is
+        dropped before anything else is done with it (validated, delivered, forwarded);
+        counted each time, logged once a second per publisher."""
+        key = origin.hex()
+        if len(self._origins) > MAX_PUBLISHERS and time.monotonic() > self._swept + 1.0:
+            self._origins.forget("")  # every publisher whose budget is full again goes
+            self._swept = time.monotonic()
+        if self._origins.allow(key):
+            return True
+        count = self._origins.refused(key)
+        reason = (
+            f"more than {self._rate:g} gossip messages a second (burst {self._burst}) "
+            f"published by this host"
+        )
+        if count:
+            reason += f" ({count} dropped since the last report)"
+        self._refused(forwarder, origin, Refusal(ErrorCode.RATE_LIMITED, reason), quiet=not count)
+        return False
 
 
 def _signed(msg: rpc_pb2.Message) -> bool:
@@ -103,7 +143,10 @@ def new_pubsub(
         max_messages_per_topic_per_second=gossip.max_messages_per_topic_per_s,
         adaptive_gossip_enabled=False,
     )
-    return SignedPubsub(host, router, refused), router
+    pubsub = SignedPubsub(
+        host, router, refused, gossip.max_messages_per_peer_per_s, gossip.message_burst_per_peer
+    )
+    return pubsub, router
 
 
 def check_gossip(
@@ -183,9 +226,13 @@ class Gossip(LoopBridge):
 
     _deliver: Callable[..., None]  # dms.network.unicast.Unicast._deliver
 
-    def _gossip_refused(self, forwarder: ID, origin: bytes, refusal: Refusal) -> None:
+    def _gossip_refused(
+        self, forwarder: ID, origin: bytes, refusal: Refusal, *, quiet: bool = False
+    ) -> None:
         """Count and log a gossip message refused here (it goes no further)."""
         self.refusals[refusal.code] += 1
+        if quiet:
+            return
         try:
             publisher = ID(origin).to_base58()
         except Exception:

@@ -19,6 +19,10 @@ class GossipSettings(BaseModel):
     degree_low: int = Field(default=3, ge=1)
     degree_high: int = Field(default=6, ge=1)
     max_messages_per_topic_per_s: float = Field(default=1000.0, gt=0)
+    # Messages a second (and at once) that one publishing host may have a node handle,
+    # whoever forwards them; the rest are dropped before validation (rate_limited).
+    max_messages_per_peer_per_s: float = Field(default=50.0, gt=0)
+    message_burst_per_peer: int = Field(default=200, ge=1)
     subscription_queue: int = Field(default=4096, ge=32)
 
 

@@ -297,7 +297,8 @@ class BarePeer:
         self.call(go)
 
     def publish_many(self, topic: str, frames: list[bytes], pace_s: float = 0.0) -> None:
-        """Publish every frame on ``topic`` in one go (blocking; paced by ``pace_s``)."""
+        """Publish every frame on ``topic`` in one go (blocking; paced by ``pace_s``).
+        Unpaced, py-libp2p's queue to each peer drops most of a burst of hundreds."""
 
         async def go() -> None:
             assert self.pubsub is not None, "a BarePeer made with gossip=True"

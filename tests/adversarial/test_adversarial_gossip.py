@@ -255,3 +255,46 @@ def test_a_peer_cannot_take_another_nodes_next_message_ids(
     wait_for(lambda: heard, timeout=20, what="the claimed node's real message")
     assert pubsub.counter < first + 100  # its id was one of those forged
     assert heard == [(claimed.peer_id, {"real": True})]
+
+
+def test_a_publisher_over_its_gossip_budget_is_dropped_and_others_are_heard(
+    cluster: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """gossipsub's only limit (per forwarder and topic, 1000 a second) is checked after a
+    message was validated and delivered, only before forwarding it: one peer made every
+    node handle, and forward, as many broadcasts as it could publish (~1.5 ms of CPU
+    each in py-libp2p). Now a publishing host has a budget (50 a second, 200 at once),
+    taken before its message is validated or forwarded."""
+    node, other = cluster.start(2)
+    cluster.wait_linked()
+    flooder = BarePeer(node.addrs()[0], strict_signing=True)
+    bare_peers.append(flooder)
+    wait_for(lambda: node.peer_id in flooder.mesh_peers(BROADCAST_TOPIC), 30, "its mesh")
+
+    def hello(message: str) -> bytes:
+        env = flooder.envelope(None, "/broadcast/hello", {"message": message}, ttl_s=60,
+                               topic=BROADCAST_TOPIC)  # fmt: skip
+        return flooder.seal(env)
+
+    before = transport_refusals(node, "rate_limited")
+    # 600 in about a second (faster, py-libp2p's own outbound queue drops them).
+    flooder.publish_many(BROADCAST_TOPIC, [hello(f"flood {i}") for i in range(600)], 0.002)
+    wait_for(
+        lambda: transport_refusals(node, "rate_limited") >= before + 100,
+        what="rate_limited for the flood",
+    )
+    # Another publisher has a budget of its own.
+    assert other.node is not None
+    until(
+        lambda: "from the other node" in hellos(node),
+        lambda: other.node.publish(  # type: ignore[union-attr]
+            BROADCAST_TOPIC, "/broadcast/hello", {"message": "from the other node"}
+        ),
+        "the other node's hello",
+    )
+    # The flooder's budget refills: it is heard again.
+    until(
+        lambda: "heard again" in hellos(node),
+        lambda: flooder.publish(BROADCAST_TOPIC, hello("heard again")),
+        "the flooder heard again",
+    )

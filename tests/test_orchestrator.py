@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from dms.jobs.spec import DeploymentSpec
 from dms.node.daemon import Node
 from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
+from dms.sim.faults import FaultPlan, LinkRule
 from tests.conftest import wait_for
 
 HEARTBEAT = 0.5
@@ -251,3 +254,35 @@ def test_shutdown_stops_running_allocations_and_releases_them(net: LocalCluster)
     result = owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
     assert result["state"] == "shutdown"
     wait_for(lambda: live_leases(peers) == 0, 5, "the stopped allocations to be released")
+
+
+def lease_states(node: Node, deployment_id: str) -> list[str]:
+    """Every lease ``node`` made for the deployment, ended ones included."""
+    assert node.db is not None
+    with node.db.transaction() as conn:
+        rows = conn.execute(
+            text("SELECT state FROM leases WHERE ref LIKE :ref"), {"ref": f"dep:{deployment_id}/%"}
+        )
+        return [r.state for r in rows]
+
+
+def test_bids_answered_after_a_shutdown_are_reverted_not_held_to_expiry(tmp_path: Path) -> None:
+    plan = FaultPlan()
+    with LocalCluster(tmp_path / "slow", faults=plan, heartbeat_s=HEARTBEAT) as slow:
+        requester, peers = network(slow, 2)
+        # Every frame between the requester and the providers takes 0.4 s: the bids
+        # come back after the deployment has ended and its actor has left.
+        ids = frozenset(p.peer_id for p in peers)
+        plan.link(LinkRule(frozenset({requester.peer_id}), ids, latency_s=0.4))
+        dep = deploy(requester, spec(lease_s=60, params={"seconds": 5.0}))
+        locked = lambda: all(lease_states(p, dep) for p in peers)  # noqa: E731
+        wait_for(locked, 10, "each provider to lock a lease for its bid")
+        done = owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
+        assert done["state"] == "shutdown"
+
+        def reverted() -> bool:
+            return all(lease_states(p, dep) == ["released"] for p in peers)
+
+        # Well before the leases' 60 s: the end reverted what the late bids hold.
+        wait_for(reverted, 15, "each provider's lease for a late bid to be released")
+        plan.close()

@@ -102,7 +102,8 @@ class DeploymentActor(BidRounds, Supervision):
         # Whatever a provider may still hold for this deployment (a bid whose reply was
         # lost, a slot that did not complete) goes back now, not at its lease's expiry.
         unfinished = {s.peer_id for s in self.slots.values() if s.state != SlotState.COMPLETED}
-        for peer in sorted((self._uncertain | unfinished) - {None}):
+        owing = {peer for peer, count in self._owing.items() if count > 0}
+        for peer in sorted((self._uncertain | unfinished | owing) - {None}):
             self._revert(peer, [], everything=True)
         self._set_state(state)
         self._event(what)

@@ -18,6 +18,7 @@ once with each peer's reason instead of retrying until its deadline.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from functools import partial
 from typing import Any
 
@@ -76,6 +77,9 @@ class BidRounds(DeploymentBase):
         self.round = 0
         self._asked: set[str] = set()
         self._answered: set[str] = set()
+        # Bid requests not yet answered, over every round: a reply that arrives after
+        # this actor stopped is dropped with the leases it holds, so the end reverts them.
+        self._owing: Counter[str] = Counter()
         self._offers: dict[str, list[Candidate]] = {}
         self._gossiped = False
         self._closed: set[int] = set()
@@ -169,6 +173,7 @@ class BidRounds(DeploymentBase):
         payload = request.model_dump()
         for peer in peers:
             self._asked.add(peer)
+            self._owing[peer] += 1
             try:
                 self.invoke(
                     node_handle(peer),
@@ -179,6 +184,7 @@ class BidRounds(DeploymentBase):
                 )
                 self.messages += 1
             except Exception as exc:
+                self._owing[peer] -= 1
                 self._answered.add(peer)
                 self._note_reason(peer, [s.name for s in open_slots], f"unreachable: {exc}")
         if len(peers) < len(open_slots):
@@ -199,6 +205,7 @@ class BidRounds(DeploymentBase):
     # ---- bids ----------------------------------------------------------------------------
 
     def _on_bid_reply(self, rid: int, peer: str, outcome: Outcome) -> None:
+        self._owing[peer] -= 1
         if not outcome.ok:
             self._answered.add(peer)
             self._uncertain.add(peer)  # it may have locked before the reply got lost

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import pykka
 from pydantic import BaseModel, Field
 
+from dms.actor.admission import BehaviourLimits
 from dms.actor.behaviour import Behaviour
 from dms.actor.codes import ErrorCode, InvokeTimeout, Refusal, RemoteError, Unreachable
 from dms.actor.envelope import (
@@ -301,6 +302,9 @@ class ActorSystem:
         self._behaviours: dict[str, dict[str, Behaviour]] = {}  # inbox -> its behaviours
         self._pending: dict[bytes, _Pending] = {}
         self.replay = ReplayCache(self.limits.replay_cache_size)
+        # Requests a second per peer for some behaviours (bid requests), checked
+        # before a frame's signature or payload (dms.actor.admission).
+        self.behaviour_limits = BehaviourLimits()
         self._root_handle = Handle(
             id=identity.public_key, address=Address(host=self.peer_id, inbox=ROOT_INBOX)
         )
@@ -585,6 +589,8 @@ class ActorSystem:
             self._check_peer(env, from_peer)
             if env.to is None:
                 self._check_broadcast(env)
+            if env.behaviour in self.behaviour_limits and self._over_limit(env, from_peer):
+                return
             self._check_size_class(opened)
             if not signature_checked:
                 check_signature(opened)
@@ -611,6 +617,30 @@ class ActorSystem:
                     refusal.code,
                     refusal.reason,
                 )
+
+    def _over_limit(self, env: Envelope, from_peer: str | None) -> bool:
+        """Whether ``env`` is over its sender's rate for its behaviour (its host is
+        ``from_peer``: checked already). Such a request is counted, logged once a second
+        per peer and answered a few times a second; this node's own are not limited."""
+        if from_peer is None or from_peer == self.peer_id:
+            return False
+        verdict = self.behaviour_limits.check(env.behaviour, from_peer)
+        if verdict is None:
+            return False
+        self.refusals[ErrorCode.RATE_LIMITED] += 1
+        if verdict.log_count:
+            log.warning(
+                "refused %d %s from %s: rate_limited: %s",
+                verdict.log_count,
+                env.behaviour,
+                from_peer,
+                verdict.reason,
+            )
+        if verdict.answer:
+            self._send_reply(
+                env, reply_payload(error=Refusal(ErrorCode.RATE_LIMITED, verdict.reason)), None
+            )
+        return True
 
     @staticmethod
     def _answerable(env: Envelope, from_peer: str | None) -> bool:

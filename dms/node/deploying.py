@@ -47,7 +47,6 @@ from dms.orchestrator.messages import (
     RevertRequest,
 )
 from dms.orchestrator.mining import MiningSessionActor
-from dms.orchestrator.ratelimit import PeerRate
 from dms.orchestrator.reverts import Reverts
 from dms.orchestrator.store import DeploymentStore
 from dms.resources import ALLOCATED, ResourceError
@@ -97,7 +96,15 @@ class DeployingBehaviours(NodeBase):
         self._unwritten_bids: list[dict[str, Any]] = []
         self._alloc_lock = threading.Lock()
         prefs = self.services.preferences
-        self._bid_rate = PeerRate(prefs.bid_requests_per_s, prefs.bid_request_burst)
+        # Checked by the receive pipeline before a request's signature or payload, so a
+        # flood of them never queues in this actor's mailbox (dms.actor.admission).
+        self.system.behaviour_limits.set(
+            REQUEST,
+            prefs.bid_requests_per_s,
+            prefs.bid_request_burst,
+            f"more than {prefs.bid_requests_per_s:g} bid requests a second from this peer "
+            "(bid_requests_per_s)",
+        )
         self.reverts = Reverts(self)
         self.subscribe(DEPLOYMENT_TOPIC)
         db = self.services.onboarder.db if self.services.onboarder else None
@@ -160,12 +167,6 @@ class DeployingBehaviours(NodeBase):
         if requester == self.system.peer_id:
             return None  # our own gossip request
         _answers_to_requester(payload.reply_to, requester, "a bid request")
-        if not self._bid_rate.allow(requester):
-            rate = self.services.preferences.bid_requests_per_s
-            raise Refusal(
-                ErrorCode.RATE_LIMITED,
-                f"more than {rate:g} bid requests a second from this peer (bid_requests_per_s)",
-            )
         bid = make_bid(payload, requester, request.sender.did, self._bidder())
         self._record_sent(bid)
         if payload.reply_to is not None:

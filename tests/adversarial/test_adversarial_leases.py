@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dms.actor import RemoteError, Request
+from dms.actor import ErrorCode, RemoteError, Request
 from dms.node import deploying
 from dms.node.daemon import Node
 from dms.orchestrator.base import node_handle
@@ -22,6 +22,7 @@ from dms.orchestrator.messages import (
     RevertRequest,
 )
 from dms.sim.cluster import LocalCluster
+from tests.adversarial.hostile import envelope, frame_of, refusal_code
 from tests.conftest import wait_for
 from tests.test_orchestrator import (
     TERMINAL,
@@ -158,6 +159,24 @@ def test_bid_requests_beyond_the_rate_are_refused_with_the_reason(net: LocalClus
     assert {e.code for e in refused} == {"rate_limited"}
     assert "bid requests a second from this peer (bid_requests_per_s)" in refused[0].reason
     assert victim.ledger is not None and victim.ledger.live() == []
+
+
+def test_bid_requests_over_the_rate_are_refused_before_their_signature_is_checked(
+    net: LocalCluster,
+) -> None:
+    """The rate was checked in the handler: every flooded request was verified, decoded,
+    validated and queued in the node actor's mailbox first, ahead of every other peer's
+    requests. Now it is checked on the header: over the rate, even a forged signature
+    is refused rate_limited, unverified."""
+    attacker, victim = attacker_and_victim(net)
+    codes = []
+    for _ in range(6):  # burst 3, then 2 a second
+        env = envelope(attacker, REQUEST, bid_request(1), to=victim, expect_reply=True)
+        forged = frame_of(attacker, env)[:-64] + b"\x00" * 64
+        codes.append(refusal_code(attacker, forged, env))
+    assert codes[:3] == [ErrorCode.BAD_SIGNATURE] * 3
+    assert ErrorCode.RATE_LIMITED in codes[3:]
+    assert set(codes) == {ErrorCode.BAD_SIGNATURE, ErrorCode.RATE_LIMITED}
 
 
 def test_a_revert_is_retried_until_the_provider_answers(net: LocalCluster) -> None:

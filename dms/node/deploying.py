@@ -167,20 +167,30 @@ class DeployingBehaviours(NodeBase):
         if requester == self.system.peer_id:
             return None  # our own gossip request
         _answers_to_requester(payload.reply_to, requester, "a bid request")
-        bid = make_bid(payload, requester, request.sender.did, self._bidder())
-        self._record_sent(bid)
-        if payload.reply_to is not None:
-            if bid.offers:  # a gossip request gets an answer only when there is an offer
-                leases = [o.lease_id for o in bid.offers]
-                self.invoke(
-                    payload.reply_to,
-                    BID,
-                    bid.model_dump(),
-                    timeout=payload.lease_s,
-                    on_reply=lambda outcome: self._bid_refused(outcome, leases),
-                )
+        if payload.reply_to is None:
+            bid = make_bid(payload, requester, request.sender.did, self._bidder())
+            self._record_sent(bid)
+            return bid.model_dump()
+        # Heard on the topic: answered only with an offer, so a node with nothing to
+        # offer does no more (every subscriber hears every request: before, each wrote
+        # a declined bid to its bid index, and tried a lease, per request heard).
+        ledger = self.services.ledger
+        if ledger is None or not ledger.pools().is_onboarded:
             return None
-        return bid.model_dump()
+        bid = make_bid(payload, requester, request.sender.did, self._bidder())
+        if bid.offers:
+            self._record_sent(bid)
+            leases = [o.lease_id for o in bid.offers]
+            self.invoke(
+                payload.reply_to,
+                BID,
+                bid.model_dump(),
+                # No longer than the leases hold: a requester that never answers does
+                # not keep an invoke pending here for up to 10 minutes.
+                timeout=min(payload.lease_s, self.services.preferences.max_lease_s),
+                on_reply=lambda outcome: self._bid_refused(outcome, leases),
+            )
+        return None
 
     def _bid_refused(self, outcome: Any, lease_ids: list[str]) -> None:
         """A bid nobody took (the deployment ended, or it never arrived): free it now."""

@@ -16,13 +16,15 @@ from dms.orchestrator.base import node_handle
 from dms.orchestrator.messages import (
     ALLOCATE,
     COMMIT,
+    DEPLOYMENT_TOPIC,
     REQUEST,
     REVERT,
     BidRequest,
     RevertRequest,
 )
+from dms.orchestrator.store import DeploymentStore
 from dms.sim.cluster import LocalCluster
-from tests.adversarial.hostile import envelope, frame_of, refusal_code
+from tests.adversarial.hostile import envelope, frame_of, me, publish, refusal_code
 from tests.conftest import wait_for
 from tests.test_orchestrator import (
     TERMINAL,
@@ -177,6 +179,38 @@ def test_bid_requests_over_the_rate_are_refused_before_their_signature_is_checke
     assert codes[:3] == [ErrorCode.BAD_SIGNATURE] * 3
     assert ErrorCode.RATE_LIMITED in codes[3:]
     assert set(codes) == {ErrorCode.BAD_SIGNATURE, ErrorCode.RATE_LIMITED}
+
+
+def test_a_gossip_bid_request_a_provider_cannot_serve_costs_it_no_write(
+    net: LocalCluster,
+) -> None:
+    """Every subscriber hears every gossip bid request. Each wrote the declines of one it
+    could not serve to its bid index (and a node that takes no work tried a lease):
+    at the publisher's rate, rows on every node of the network."""
+    attacker, victim = attacker_and_victim(net)
+    assert victim.db is not None
+    store = DeploymentStore(victim.db)
+    reply_to = me(attacker).model_dump()
+
+    def publish_both() -> None:
+        unfit = bid_request(2, labels=["none-has-it"]) | {"deployment_id": "heard"}
+        fits = bid_request(1) | {"deployment_id": "marker"}
+        for request in (unfit, fits):
+            env = envelope(attacker, REQUEST, request | {"reply_to": reply_to},
+                           topic=DEPLOYMENT_TOPIC)  # fmt: skip
+            publish(attacker, DEPLOYMENT_TOPIC, frame_of(attacker, env))
+
+    # The one it can serve, heard after the other, is an offer: recorded.
+    last = [0.0]
+
+    def marker_recorded() -> bool:
+        if time.monotonic() - last[0] > 0.5:
+            last[0] = time.monotonic()
+            publish_both()
+        return bool(store.bids("marker"))
+
+    wait_for(marker_recorded, 40, "the offer to the second request in the bid index")
+    assert store.bids("heard") == []
 
 
 def test_a_revert_is_retried_until_the_provider_answers(net: LocalCluster) -> None:

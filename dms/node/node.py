@@ -3,11 +3,11 @@
 It answers the public behaviours any peer may call and the ``/dms/node/*``
 behaviours its owner (the root-anchored user key) calls through the CLI. The
 behaviours are grouped by purpose into mixins: peers and heartbeats
-(``dms.node.peering``), placement in both roles (``dms.node.deploying``),
-onboarding, resources and hardware (``dms.node.provider``), capability anchors
-and revocations (``dms.node.caps``). Slow work runs on
-a worker pool and answers through ``Request.defer``, so the node's mailbox
-never stalls.
+(``dms.node.peering``), placement as provider (``dms.node.bidding``) and as
+requester (``dms.node.deploying``), mining sessions (``dms.node.mining``),
+onboarding, resources and hardware (``dms.node.provider``), capability anchors and
+revocations (``dms.node.caps``). Slow work runs on a worker pool and answers
+through ``Request.defer``, so the node's mailbox never stalls.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from dms import __version__
 from dms.actor import ActorContext, Request, behaviour
+from dms.node.bidding import BiddingBehaviours
 from dms.node.caps import CapBehaviours
 from dms.node.deploying import DeployingBehaviours
 from dms.node.mining import MiningBehaviours
@@ -40,7 +41,12 @@ class HelloPayload(BaseModel):
 
 
 class NodeActor(
-    CapBehaviours, PeeringBehaviours, MiningBehaviours, DeployingBehaviours, ProviderBehaviours
+    CapBehaviours,
+    PeeringBehaviours,
+    MiningBehaviours,
+    DeployingBehaviours,
+    BiddingBehaviours,
+    ProviderBehaviours,
 ):
     def __init__(self, context: ActorContext, services: NodeServices | None = None) -> None:
         super().__init__(context, services)
@@ -52,6 +58,7 @@ class NodeActor(
         self.subscribe(BROADCAST_TOPIC)
         self.start_provider()
         self.start_mining()
+        self.start_bidding()
         self.start_deploying()
         self.start_peering()
         self.call_later(self.services.prune_every_s, self._prune)

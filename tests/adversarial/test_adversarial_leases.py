@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from dms.actor import ErrorCode, RemoteError, Request
-from dms.node import deploying
+from dms.node import bidding
 from dms.node.daemon import Node
 from dms.orchestrator.base import node_handle
 from dms.orchestrator.messages import (
@@ -263,7 +263,7 @@ def test_ended_allocations_linger_on_a_bounded_number_of_threads(
     """An ended allocation lingers (120 s) to answer a late status poll, on a thread of
     its own: a requester placing short jobs one after another held a thread (and ~65
     KB) per job for two minutes, thousands at the bid-request rate."""
-    monkeypatch.setattr(deploying, "MAX_LINGERING", 2)
+    monkeypatch.setattr(bidding, "MAX_LINGERING", 2)
     requester, (provider,) = network(net, 1)
     assert provider.system is not None
     for _ in range(5):

@@ -1,0 +1,307 @@
+"""The node's provider side of placement: bids, commits, allocations, reverts.
+
+Any peer may call these (``/dms/deployment/{request,commit,allocate,revert}``); the
+lease holder is the caller's host, which the libp2p connection authenticates. Each
+allocation runs as an :class:`AllocationActor` child. A mixin of
+:class:`dms.node.node.NodeActor`; the requester's side is ``dms.node.deploying``.
+See ``specs/orchestration.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from dms.actor import ActorRef, ErrorCode, Handle, Refusal, Request, behaviour
+from dms.jobs.allocation import AllocationActor
+from dms.jobs.executors import ExecutorError
+from dms.network.peertable import GONE
+from dms.node.base import NodeBase
+from dms.orchestrator.bidder import BidderView, make_bid
+from dms.orchestrator.messages import (
+    ALLOCATE,
+    BID,
+    COMMIT,
+    DEPLOYMENT_TOPIC,
+    REQUEST,
+    REVERT,
+    AllocateRequest,
+    BidRequest,
+    CommitRequest,
+    RevertRequest,
+)
+from dms.orchestrator.store import DeploymentStore
+from dms.resources import ALLOCATED, ResourceError
+
+log = logging.getLogger("dms.node")
+DEPLOYMENT_REF = "dep:"
+BID_INDEX_FLUSH_S = 0.5
+# Ended allocations linger (to answer a late status poll) on a thread each; past this
+# many, the one that ended first stops at once (``_allocation_ended``).
+MAX_LINGERING = 256
+RELEASE_RETRY_FIRST_S = 0.5  # an ended allocation's lease the store refused: again after
+RELEASE_RETRY_MAX_S = 30.0  # this, doubling up to this
+
+
+def _answers_to_requester(reply_to: Handle | None, requester: str, what: str) -> None:
+    """A request may name where its answers go (``reply_to``: the bids of a gossip bid
+    request, an allocation's updates), but only an actor of the requester's own host:
+    else one broadcast would make every provider lease and send bids to a third party
+    (reflection)."""
+    if reply_to is not None and reply_to.address.host != requester:
+        raise Refusal(
+            ErrorCode.FORBIDDEN,
+            f"{what}'s reply_to must be an actor of the requester's host {requester}, "
+            f"not of {reply_to.address.host}",
+        )
+
+
+class BiddingBehaviours(NodeBase):
+    _allocations: dict[str, ActorRef]
+    _alloc_lock: threading.Lock
+    _bid_index: DeploymentStore | None = None
+
+    def start_bidding(self) -> None:
+        self._allocations = {}
+        self._lingering: deque[ActorRef] = deque()
+        self._unwritten_bids: list[dict[str, Any]] = []
+        self._alloc_lock = threading.Lock()
+        prefs = self.services.preferences
+        # Checked by the receive pipeline before a request's signature or payload, so a
+        # flood of them never queues in this actor's mailbox (dms.actor.admission).
+        self.system.behaviour_limits.set(
+            REQUEST,
+            prefs.bid_requests_per_s,
+            prefs.bid_request_burst,
+            f"more than {prefs.bid_requests_per_s:g} bid requests a second from this peer "
+            "(bid_requests_per_s)",
+        )
+        self.subscribe(DEPLOYMENT_TOPIC)
+        db = self.services.onboarder.db if self.services.onboarder else None
+        if db is not None:
+            self._bid_index = DeploymentStore(db)
+            self._clean_orphaned_allocations()
+
+    def _clean_orphaned_allocations(self) -> None:
+        """Allocations made for deployments ran in the process that died: release them
+        (their requesters see them gone and place them again)."""
+        ledger = self.services.ledger
+        if ledger is None:
+            return
+        for lease in ledger.live():
+            if lease.state == ALLOCATED and lease.ref.startswith(DEPLOYMENT_REF):
+                ledger.release(lease.id)
+                ledger.db.record("allocation.cleaned", id=lease.id, ref=lease.ref)
+
+    def _bidder(self) -> BidderView:
+        if self.services.ledger is None:
+            raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node does not take work")
+        scores = self._capability.scores() if getattr(self, "_capability", None) else {}
+        return BidderView(
+            peer_id=self.system.peer_id,
+            did=self.identity.did,
+            ledger=self.services.ledger,
+            preferences=self.services.preferences,
+            scores=scores,
+            labels=self.services.labels,
+        )
+
+    @behaviour(REQUEST, public=True, payload=BidRequest, topic=DEPLOYMENT_TOPIC)
+    def bid_request(self, request: Request) -> Any:
+        """Answer a bid request: the bid is the reply (direct) or is sent to ``reply_to``
+        (a request heard on the deployment topic)."""
+        payload: BidRequest = request.payload
+        requester = request.sender.address.host
+        if requester == self.system.peer_id:
+            return None  # our own gossip request
+        _answers_to_requester(payload.reply_to, requester, "a bid request")
+        if payload.reply_to is None:
+            bid = make_bid(payload, requester, request.sender.did, self._bidder())
+            self._record_sent(bid)
+            return bid.model_dump()
+        # Heard on the topic: answered only with an offer, so a node with nothing to
+        # offer does no more (every subscriber hears every request: before, each wrote
+        # a declined bid to its bid index, and tried a lease, per request heard).
+        ledger = self.services.ledger
+        if ledger is None or not ledger.pools().is_onboarded:
+            return None
+        bid = make_bid(payload, requester, request.sender.did, self._bidder())
+        if bid.offers:
+            self._record_sent(bid)
+            leases = [o.lease_id for o in bid.offers]
+            self.invoke(
+                payload.reply_to,
+                BID,
+                bid.model_dump(),
+                # No longer than the leases hold: a requester that never answers does
+                # not keep an invoke pending here for up to 10 minutes.
+                timeout=min(payload.lease_s, self.services.preferences.max_lease_s),
+                on_reply=lambda outcome: self._bid_refused(outcome, leases),
+            )
+        return None
+
+    def _bid_refused(self, outcome: Any, lease_ids: list[str]) -> None:
+        """A bid nobody took (the deployment ended, or it never arrived): free it now."""
+        if not outcome.ok and self.services.ledger is not None:
+            self.services.ledger.release_many(lease_ids)
+
+    def _record_sent(self, bid: Any) -> None:
+        """Queue this bid for the bid index; written in batches, off the bidding path."""
+        if self._bid_index is None:
+            return
+        me = {
+            "deployment_id": bid.deployment_id,
+            "direction": "sent",
+            "peer_id": self.system.peer_id,
+        }
+        rows = [
+            {**me, "slot": o.slot, "lease_id": o.lease_id, "price": o.price, "outcome": "offer"}
+            for o in bid.offers
+        ] + [
+            {**me, "slot": d.slot, "outcome": "decline", "reason": d.reason[:512]}
+            for d in bid.declines
+        ]
+        if not self._unwritten_bids:
+            self.call_later(BID_INDEX_FLUSH_S, self._flush_bids)
+        self._unwritten_bids.extend(rows)
+
+    def _flush_bids(self) -> None:
+        rows, self._unwritten_bids = self._unwritten_bids, []
+        if rows and self._bid_index is not None:
+            try:
+                self._bid_index.record_bids(rows)
+            except Exception as exc:
+                log.warning("bid index not written: %s", exc)
+
+    @behaviour(COMMIT, public=True, payload=CommitRequest)
+    def commit(self, request: Request) -> dict[str, Any]:
+        p: CommitRequest = request.payload
+        holder = request.sender.address.host
+        committed = self._ledger().commit(p.lease_id, holder=holder).as_dict()
+        # A commit that no allocate follows would hold the resources for ever.
+        within = self.services.preferences.allocate_within_s
+        self.call_later(within, lambda: self._allocated_in_time(p.lease_id, within))
+        return committed
+
+    def _allocated_in_time(self, lease_id: str, within: float) -> None:
+        with self._alloc_lock:
+            if lease_id in self._allocations:
+                return
+        ledger = self._ledger()
+        if ledger.lease(lease_id).state == ALLOCATED:
+            ledger.release(lease_id)
+            ledger.db.record("allocation.never_started", id=lease_id, within_s=within)
+            log.info("lease %s committed but not allocated within %g s: released", lease_id, within)
+
+    @behaviour(ALLOCATE, public=True, payload=AllocateRequest)
+    def allocate(self, request: Request) -> dict[str, Any]:
+        p: AllocateRequest = request.payload
+        lease = self._ledger().lease(p.lease_id)
+        if lease.holder != request.sender.address.host:
+            raise Refusal(ErrorCode.FORBIDDEN, f"lease {p.lease_id} is not held by the caller")
+        _answers_to_requester(p.reply_to, lease.holder, "an allocate")
+        if lease.state != ALLOCATED:
+            raise ResourceError("ended", f"lease {p.lease_id} is {lease.state}, not committed")
+        with self._alloc_lock:
+            existing = self._allocations.get(p.lease_id)
+        if existing is not None:  # a retried allocate: the same allocation
+            return {"allocation": existing.handle.model_dump(), "status": None}
+        requester = request.sender.address.host
+        try:
+            child = self.spawn(
+                AllocationActor,
+                lease_id=p.lease_id,
+                deployment_id=p.deployment_id,
+                slot=p.slot,
+                executor=p.executor,
+                params=p.params,
+                requester_host=requester,
+                reply_to=p.reply_to,
+                on_end=self._allocation_ended,
+                requester_gone=lambda heard_at: self._requester_gone(requester, heard_at),
+                resources=lease.resources,
+                courier=getattr(self, "courier", None),
+                inbox=f"alloc-{p.lease_id[:16]}",
+            )
+        except ExecutorError:
+            self._ledger().release(p.lease_id)
+            raise
+        with self._alloc_lock:
+            self._allocations[p.lease_id] = child
+        # The allocation starts its work as it starts; its state changes reach the
+        # requester as updates (and by polling).
+        return {"allocation": child.handle.model_dump(), "status": {"state": "starting"}}
+
+    @behaviour(REVERT, public=True, payload=RevertRequest)
+    def revert(self, request: Request) -> dict[str, Any]:
+        p: RevertRequest = request.payload
+        holder = request.sender.address.host
+        ids = list(p.lease_ids)
+        if p.everything:
+            ids += self._ledger().live_ids(f"{DEPLOYMENT_REF}{p.deployment_id}/", holder)
+        released = self._ledger().release_many(ids, holder=holder)
+        for lease in released:
+            self._stop_allocation(lease.id, "reverted by the requester")
+        return {"released": [lease.id for lease in released]}
+
+    def _requester_gone(self, peer_id: str, heard_at: float) -> bool:
+        """Whether an allocation's requester is gone: it has not called the allocation
+        for ``orphan_s`` (``heard_at``: its last call, or the allocate), and the peers
+        table has it ``gone`` that long, or does not hold it at all (dropped, or never
+        heard: then its calls are all there is to go by)."""
+        now, orphan_s = time.time(), self.services.orphan_s
+        if now - heard_at <= orphan_s:
+            return False
+        record = self.services.peer_table.get(peer_id)
+        if record is None:
+            return True
+        return record.status == GONE and now - record.last_seen > orphan_s
+
+    def _allocation_ended(self, lease_id: str, state: str) -> None:
+        """From the allocation's thread: give its resources back. The allocation lingers
+        a while to answer late polls; at most ``MAX_LINGERING`` do at once, else every
+        short job placed here would hold a thread for minutes after it ended."""
+        with self._alloc_lock:
+            ended = self._allocations.pop(lease_id, None)
+            if ended is not None:
+                self._lingering.append(ended)
+            oldest = self._lingering.popleft() if len(self._lingering) > MAX_LINGERING else None
+        if oldest is not None:
+            with contextlib.suppress(Exception):  # stopped already: nothing to do
+                oldest.stop_soon()
+        self._release_ended(lease_id, RELEASE_RETRY_FIRST_S)
+
+    def _release_ended(self, lease_id: str, wait_s: float) -> None:
+        """Release an ended allocation's lease. A store that refuses (a full disk, a
+        locked database) is asked again, with growing waits, until it takes it: the
+        allocation itself has stopped either way, and a restart releases it too."""
+        if self.services.ledger is None:
+            return
+        try:
+            self.services.ledger.release(lease_id)
+        except ResourceError as exc:
+            log.warning("allocation %s not released: %s", lease_id, exc)
+        except SQLAlchemyError as exc:
+            log.warning(
+                "allocation %s ended; its lease is not released yet (%s): trying again in %g s",
+                lease_id, str(exc).splitlines()[0], wait_s,
+            )  # fmt: skip
+            later = min(2 * wait_s, RELEASE_RETRY_MAX_S)
+            self.call_later(wait_s, lambda: self._release_ended(lease_id, later))
+
+    def _stop_allocation(self, lease_id: str, reason: str) -> None:
+        with self._alloc_lock:
+            child = self._allocations.get(lease_id)
+        if child is not None:
+            with contextlib.suppress(Exception):  # already stopped: nothing to do
+                child.pykka_ref.proxy().request_stop(reason)
+
+    def allocations_released(self, ids: list[str]) -> None:
+        for lease_id in ids:
+            self._stop_allocation(lease_id, "released by the node's owner")

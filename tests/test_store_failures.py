@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,15 +76,24 @@ def test_an_allocation_ending_while_its_store_refuses_is_released_once_it_accept
     assert provider.ledger is not None and provider.ledger.pools().violations() == []
 
 
-def test_a_deployment_that_ends_while_its_store_refuses_is_saved_once_it_accepts(
-    net: LocalCluster,
-) -> None:
+@contextmanager
+def ended_while_refusing(net: LocalCluster) -> Iterator[tuple[Node, list[Node], str, Path]]:
+    """A deployment that ends while its requester's store refuses writes: yields the
+    requester, the providers, the deployment and the file its kept end is in, once
+    that file exists; the store accepts again on leaving."""
     requester, peers = network(net, 1)
     dep = deploy(requester, spec(params={"seconds": 1.0}))
     wait_state(requester, dep, ("running",), 15)
     unsaved = requester.settings.home / "unsaved" / f"deployment-{dep}.json"
     with refusing_writes(store(requester)):
         wait_for(unsaved.exists, 20, "the end to be kept beside the refusing store")
+        yield requester, peers, dep, unsaved
+
+
+def test_a_deployment_that_ends_while_its_store_refuses_is_saved_once_it_accepts(
+    net: LocalCluster,
+) -> None:
+    with ended_while_refusing(net) as (requester, peers, dep, unsaved):
         assert status(requester, dep)["state"] == "completed"  # read through the kept end
     wait_for(lambda: not unsaved.exists(), 40, "the end to reach the store")
     with store(requester).transaction() as conn:
@@ -93,12 +103,7 @@ def test_a_deployment_that_ends_while_its_store_refuses_is_saved_once_it_accepts
 
 
 def test_a_deployment_ended_unsaved_before_a_restart_is_not_resumed(net: LocalCluster) -> None:
-    requester, peers = network(net, 1)
-    dep = deploy(requester, spec(params={"seconds": 1.0}))
-    wait_state(requester, dep, ("running",), 15)
-    unsaved = requester.settings.home / "unsaved" / f"deployment-{dep}.json"
-    with refusing_writes(store(requester)):
-        wait_for(unsaved.exists, 20, "the end to be kept beside the refusing store")
+    with ended_while_refusing(net) as (requester, peers, dep, unsaved):
         requester.stop()  # the store still refuses: the row in it says "running"
     requester = net.restart(requester)
     done = status(requester, dep)

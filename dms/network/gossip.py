@@ -87,12 +87,18 @@ class SignedPubsub(Pubsub):
 
     async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
         if msg_forwarder != self.my_id and not self._is_msg_seen(msg):
+            # The signature says who published it: its budget pays, whoever forwarded it.
+            # A message its own publisher sent us is paid before its signature is
+            # checked (the connection authenticates that peer: a forged one costs only
+            # its own budget), so a flood over the budget costs no verification.
+            direct = msg.from_id == msg_forwarder.to_bytes()
+            if direct and not self._within_budget(msg_forwarder, msg.from_id):
+                return
             if not _signed(msg):
                 reason = "the gossip message has no valid libp2p signature by the host it names"
                 self._refused(msg_forwarder, msg.from_id, Refusal(ErrorCode.BAD_SIGNATURE, reason))
                 return
-            # The signature says who published it: its budget pays, whoever forwarded it.
-            if not self._within_budget(msg_forwarder, msg.from_id):
+            if not direct and not self._within_budget(msg_forwarder, msg.from_id):
                 return
         await super().push_msg(msg_forwarder, msg)
 

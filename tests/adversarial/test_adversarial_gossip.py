@@ -279,10 +279,20 @@ def test_a_publisher_over_its_gossip_budget_is_dropped_and_others_are_heard(
     before = transport_refusals(node, "rate_limited")
     # 600 in about a second (faster, py-libp2p's own outbound queue drops them).
     flooder.publish_many(BROADCAST_TOPIC, [hello(f"flood {i}") for i in range(600)], 0.002)
+    # Its own messages over the budget are dropped before their signature is checked:
+    # unsigned ones now are rate_limited, not bad_signature (each was verified).
+    bad_before = transport_refusals(node, "bad_signature")
+    for _ in range(100):
+        flooder.forge(
+            rpc_pb2.Message(data=hello("forged"), topicIDs=[BROADCAST_TOPIC],
+                            from_id=ID.from_base58(flooder.peer_id).to_bytes(),
+                            seqno=os.urandom(8))
+        )  # fmt: skip
     wait_for(
-        lambda: transport_refusals(node, "rate_limited") >= before + 100,
+        lambda: transport_refusals(node, "rate_limited") >= before + 150,
         what="rate_limited for the flood",
     )
+    assert transport_refusals(node, "bad_signature") - bad_before < 50
     # Another publisher has a budget of its own.
     assert other.node is not None
     until(

@@ -24,6 +24,7 @@ from dms.jobs.executors import ExecutorError
 from dms.network.peertable import GONE
 from dms.node.base import NodeBase
 from dms.orchestrator.bidder import BidderView, make_bid
+from dms.orchestrator.lapses import Lapses
 from dms.orchestrator.messages import (
     ALLOCATE,
     BID,
@@ -82,6 +83,7 @@ class BiddingBehaviours(NodeBase):
             f"more than {prefs.bid_requests_per_s:g} bid requests a second from this peer "
             "(bid_requests_per_s)",
         )
+        self._lapses = Lapses(prefs.lapse_cooldown_s)
         self.subscribe(DEPLOYMENT_TOPIC)
         db = self.services.onboarder.db if self.services.onboarder else None
         if db is not None:
@@ -121,6 +123,15 @@ class BiddingBehaviours(NodeBase):
         if requester == self.system.peer_id:
             return None  # our own gossip request
         _answers_to_requester(payload.reply_to, requester, "a bid request")
+        cooling = self._lapses.waiting(requester)
+        if cooling:
+            if payload.reply_to is not None:
+                return None  # heard on the topic: nothing to answer
+            raise Refusal(
+                ErrorCode.RATE_LIMITED,
+                f"this peer committed leases here and never allocated them: no bids for "
+                f"another {cooling:.0f} s (lapse_cooldown_s)",
+            )
         if payload.reply_to is None:
             bid = make_bid(payload, requester, request.sender.did, self._bidder())
             self._record_sent(bid)
@@ -194,10 +205,18 @@ class BiddingBehaviours(NodeBase):
             if lease_id in self._allocations:
                 return
         ledger = self._ledger()
-        if ledger.lease(lease_id).state == ALLOCATED:
+        lease = ledger.lease(lease_id)
+        if lease.state == ALLOCATED:
             ledger.release(lease_id)
-            ledger.db.record("allocation.never_started", id=lease_id, within_s=within)
-            log.info("lease %s committed but not allocated within %g s: released", lease_id, within)
+            cooldown = self._lapses.note(lease.holder)
+            ledger.db.record(
+                "allocation.never_started", id=lease_id, within_s=within, holder=lease.holder,
+                cooldown_s=cooldown,
+            )  # fmt: skip
+            log.info(
+                "lease %s committed but not allocated within %g s: released; no bids to %s "
+                "for %g s", lease_id, within, lease.holder, cooldown,
+            )  # fmt: skip
 
     @behaviour(ALLOCATE, public=True, payload=AllocateRequest)
     def allocate(self, request: Request) -> dict[str, Any]:

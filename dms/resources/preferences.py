@@ -53,6 +53,12 @@ class Preferences(BaseModel):
     allocate_within_s: float = Field(
         default=30.0, gt=0, description="a committed lease not allocated this soon is released"
     )
+    lapse_cooldown_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="after a requester lets a committed lease lapse, no bids to it this long "
+        "(doubling with each further lapse, up to an hour); 0: none",
+    )
 
     def refusal(
         self, *, kind: str, requester: str, max_price: float | None, allocations: int

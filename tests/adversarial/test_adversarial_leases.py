@@ -43,6 +43,7 @@ PREFERENCES = {
     "bid_request_burst": 3,
     "max_lease_s": 60.0,
     "allocate_within_s": 2.0,
+    "lapse_cooldown_s": 30.0,
 }
 
 
@@ -90,6 +91,27 @@ def test_a_committed_lease_never_allocated_is_released(net: LocalCluster) -> Non
         ask(attacker, victim, ALLOCATE, {"deployment_id": "attack", "slot": "w.0",
                                          "lease_id": lease, "executor": "compute"})  # fmt: skip
     assert late.value.code == "ended" and "not committed" in late.value.reason
+
+
+def test_a_requester_that_let_a_commit_lapse_gets_no_bids_for_a_while(
+    net: LocalCluster,
+) -> None:
+    attacker, victim = attacker_and_victim(net)
+    honest = net.add()
+    net.wait_linked()
+    assert victim.ledger is not None
+    bid = ask(attacker, victim, REQUEST, bid_request(1))
+    lease = bid["offers"][0]["lease_id"]
+    ask(attacker, victim, COMMIT, {"deployment_id": "attack", "slot": "w.0", "lease_id": lease})
+    wait_for(lambda: victim.ledger.lease(lease).state == "released", 15, "the lease released")
+    with pytest.raises(RemoteError) as cooling:
+        ask(attacker, victim, REQUEST, bid_request(1))
+    assert cooling.value.code == ErrorCode.RATE_LIMITED
+    assert "never allocated" in cooling.value.reason and "lapse_cooldown_s" in cooling.value.reason
+    # Over gossip it is simply not answered; and other requesters are served as before.
+    assert ask(honest, victim, REQUEST, bid_request(1))["offers"]
+    events = victim.ledger.db.events("allocation.never_started")
+    assert events[0].data["holder"] == attacker.peer_id and events[0].data["cooldown_s"] == 30
 
 
 def test_one_bid_request_locks_no_more_than_the_provider_offers(net: LocalCluster) -> None:

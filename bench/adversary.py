@@ -121,8 +121,7 @@ ATTACKS = [
 # honest requester's and the hostile's alike).
 VICTIM_ONBOARD = {"cpu": "1", "ram": "1", "disk": "1"}
 SLOT_RESOURCES = {"cpu": "100m", "ram": "16MiB"}
-VICTIM_PREFERENCES: dict[str, Any] = {"max_peer_share": 0.5}
-VICTIM_SETTINGS = {"DMS_PREFERENCES": json.dumps(VICTIM_PREFERENCES)} if VICTIM_PREFERENCES else {}
+VICTIM_PREFERENCES: dict[str, Any] = {"max_peer_share": 0.5}  # --victim-share changes it
 TERMINAL = ("completed", "failed", "shutdown")
 DEPLOYMENT_NEW = "/dms/node/deployment/new"
 HONEST_DEADLINE_S = 10.0
@@ -677,6 +676,12 @@ def main() -> int:
     parser.add_argument(
         "--only", action="append", choices=ATTACKS, help="run only this attack (repeatable)"
     )
+    parser.add_argument(
+        "--victim-share",
+        type=float,
+        default=VICTIM_PREFERENCES["max_peer_share"],
+        help="the victim's max_peer_share (1: the default, no limit)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     # The honest node hears the hostile's broadcasts too (the victim forwards what its
@@ -686,7 +691,8 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        settings = dict(VICTIM_SETTINGS)
+        VICTIM_PREFERENCES["max_peer_share"] = args.victim_share
+        settings = {"DMS_PREFERENCES": json.dumps(VICTIM_PREFERENCES)}
         fields = Settings.model_fields
         rate = args.frames_per_s or fields["max_frames_per_s"].default
         burst = fields["frame_burst"].default

@@ -66,8 +66,10 @@ def test_config_show_masks_a_database_password(
     assert main(["config", "show", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert "s3cret" not in json.dumps(shown)
-    assert shown["db_url"] == shown["database_url"] == (
-        "postgresql+psycopg://dms:********@db.example:5432/dms"
+    assert (
+        shown["db_url"]
+        == shown["database_url"]
+        == ("postgresql+psycopg://dms:********@db.example:5432/dms")
     )
 
 

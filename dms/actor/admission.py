@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dms.network.ratelimit import PeerRates
+from dms.actor.ratelimit import PeerRates
 
 # Peers whose budgets are kept before the full ones are forgotten (checked at most
 # once a second).

@@ -32,9 +32,9 @@ from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX, signature_validator
 from dms.actor.codes import ErrorCode, Refusal
 from dms.actor.envelope import check_signature, check_signer, check_time, now_ns, open_frame
 from dms.actor.handle import ROOT_INBOX
+from dms.actor.ratelimit import PeerRates
 from dms.network.checked import CheckedFrames
 from dms.network.loop import LoopBridge, why
-from dms.network.ratelimit import PeerRates
 from dms.network.settings import GossipSettings, NetworkSettings
 from dms.security.identity import IdentityError, public_key_from_peer_id
 

@@ -39,12 +39,12 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
+from dms.actor.ratelimit import PeerRates
 from dms.actor.transport import Receiver, Undeliverable
 from dms.network.checked import CheckedFrames
 from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, envelope_is_valid, new_pubsub
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause
-from dms.network.ratelimit import PeerRates
 from dms.network.settings import NetworkSettings, parse_multiaddr
 from dms.network.transfer import CHUNK_PROTOCOL, Offers
 from dms.network.tuning import apply_libp2p_tuning

@@ -25,13 +25,13 @@ from libp2p.peer.id import ID
 from dms.actor.codes import ErrorCode, Refusal, Unreachable
 from dms.actor.envelope import REPLY_PREFIX, make_envelope, now_ns, peek, seal
 from dms.actor.handle import ROOT_INBOX, Address, Handle
+from dms.actor.ratelimit import PeerRates
 from dms.actor.system import REFUSAL_TTL_S, reply_payload
 from dms.actor.transport import Receiver, Undeliverable
 from dms.network.discovery import Discovery, peer_id_of
 from dms.network.frames import PREFIX, FrameError, FrameReader, encode_frame
 from dms.network.loop import NetworkError, why
 from dms.network.outbox import Outbox, OutboxFull
-from dms.network.ratelimit import PeerRates
 from dms.network.settings import NetworkSettings
 from dms.network.transfer import CHUNK_PROTOCOL, Offers, read_chunks, serve_chunks
 from dms.security.identity import Identity

@@ -1,6 +1,9 @@
-"""How many frames each peer may send us: a token bucket per peer.
+"""Token buckets per peer: how often one peer may do a thing. The network layer
+limits the frames a peer sends and the gossip each host publishes; the actor
+system, the requests a peer makes of chosen behaviours (``admission``). No
+libp2p here: both layers use it.
 
-A peer may send ``rate`` frames a second on its streams, and up to ``burst`` at
+For frames: a peer may send ``rate`` frames a second on its streams, and up to ``burst`` at
 once; a frame over that is refused (``rate_limited``) before a byte of it is
 decoded. A refused frame that asks for a reply is answered, but only
 ``ANSWERS_PER_S`` of them a second per peer: answering a flood costs a

@@ -71,6 +71,7 @@ class BiddingBehaviours(NodeBase):
     def start_bidding(self) -> None:
         self._allocations = {}
         self._lingering: deque[ActorRef] = deque()
+        self._ended_early: set[str] = set()  # ended before their allocate registered them
         self._unwritten_bids: list[dict[str, Any]] = []
         self._alloc_lock = threading.Lock()
         prefs = self.services.preferences
@@ -252,7 +253,13 @@ class BiddingBehaviours(NodeBase):
             self._ledger().release(p.lease_id)
             raise
         with self._alloc_lock:
-            self._allocations[p.lease_id] = child
+            if p.lease_id in self._ended_early:  # a job of no length: it ended already
+                self._ended_early.discard(p.lease_id)
+                oldest = self._linger(child)
+            else:
+                self._allocations[p.lease_id] = child
+                oldest = None
+        self._stop_lingering(oldest)
         # The allocation starts its work as it starts; its state changes reach the
         # requester as updates (and by polling).
         return {"allocation": child.handle.model_dump(), "status": {"state": "starting"}}
@@ -288,13 +295,24 @@ class BiddingBehaviours(NodeBase):
         short job placed here would hold a thread for minutes after it ended."""
         with self._alloc_lock:
             ended = self._allocations.pop(lease_id, None)
-            if ended is not None:
-                self._lingering.append(ended)
-            oldest = self._lingering.popleft() if len(self._lingering) > MAX_LINGERING else None
+            if ended is None:  # it ended before ``allocate`` registered it: it lingers then
+                self._ended_early.add(lease_id)
+                oldest = None
+            else:
+                oldest = self._linger(ended)
+        self._stop_lingering(oldest)
+        self._release_ended(lease_id, RELEASE_RETRY_FIRST_S)
+
+    def _linger(self, ended: ActorRef) -> ActorRef | None:
+        """Under ``_alloc_lock``: keep ``ended`` lingering; the one to stop now, if any."""
+        self._lingering.append(ended)
+        return self._lingering.popleft() if len(self._lingering) > MAX_LINGERING else None
+
+    @staticmethod
+    def _stop_lingering(oldest: ActorRef | None) -> None:
         if oldest is not None:
             with contextlib.suppress(Exception):  # stopped already: nothing to do
                 oldest.stop_soon()
-        self._release_ended(lease_id, RELEASE_RETRY_FIRST_S)
 
     def _release_ended(self, lease_id: str, wait_s: float) -> None:
         """Release an ended allocation's lease. A store that refuses (a full disk, a

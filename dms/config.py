@@ -63,6 +63,15 @@ class Settings(BaseSettings):
     frame_burst: int = Field(
         default=4000, ge=1, description="frames a peer may send at once above that rate"
     )
+    gossip_messages_per_peer_per_s: float = Field(
+        default=50.0,
+        gt=0,
+        description="gossip messages a second one publishing host may have this node handle, "
+        "whoever forwards them; more are dropped (rate_limited)",
+    )
+    gossip_burst_per_peer: int = Field(
+        default=200, ge=1, description="gossip messages one host may publish at once above that"
+    )
     max_outbound_frames: int = Field(
         default=10_000, ge=16, description="most frames queued for one peer; more fail at once"
     )

@@ -143,3 +143,17 @@ def test_wrong_passphrase_from_cli_layer(dms_home: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("DMS_PASSPHRASE", "not it")
     with pytest.raises(KeystoreError, match="wrong passphrase"):
         Keystore(dms_home).load("dms")
+
+
+def test_the_gossip_budget_is_set_in_config_toml(dms_home: Path) -> None:
+    from dms.node.daemon import network_settings
+
+    dms_home.mkdir(parents=True)
+    (dms_home / "config.toml").write_text(
+        "gossip_messages_per_peer_per_s = 20\ngossip_burst_per_peer = 40\n"
+    )
+    gossip = network_settings(load_settings()).gossip
+    assert (gossip.max_messages_per_peer_per_s, gossip.message_burst_per_peer) == (20, 40)
+    (dms_home / "config.toml").write_text("gossip_burst_per_peer = 0\n")
+    with pytest.raises(ConfigError, match="gossip_burst_per_peer"):
+        load_settings()

@@ -52,6 +52,10 @@ def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
         "frame_burst": settings.frame_burst,
         "max_outbound_frames": settings.max_outbound_frames,
         "max_outbound_bytes": settings.max_outbound_bytes,
+        "gossip": {
+            "max_messages_per_peer_per_s": settings.gossip_messages_per_peer_per_s,
+            "message_burst_per_peer": settings.gossip_burst_per_peer,
+        },
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:

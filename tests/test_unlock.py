@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 
 from dms.security import Keystore
+from tests.conftest import wait_for
 
 PASSPHRASE = "unlock me, 7 horses"
 OTHER = "a different one entirely"
@@ -121,13 +121,6 @@ class Terminal:
             self.proc.stdout.close()
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {DEADLINE_S:.0f} s: {what}"
-        time.sleep(0.1)
-
-
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -176,7 +169,7 @@ def terminals(home: Path, runtime: Path) -> Iterator[Callable[[], Terminal]]:
         for terminal in opened:
             terminal.close()
         # Every agent leaves with its session (a bug otherwise, failing here).
-        wait_for(lambda: not list(runtime.rglob("agent-*.sock")), "every agent gone")
+        wait_for(lambda: not list(runtime.rglob("agent-*.sock")), DEADLINE_S, "every agent gone")
     finally:
         for pid in agents_of(runtime):  # by its own pid: nothing outlives the test
             os.kill(pid, signal.SIGTERM)
@@ -231,7 +224,7 @@ def test_unlock_once_then_commands_need_no_passphrase(
     after = term.dms(*NEEDS_KEY)
     assert after.returncode == 1 and "no passphrase for key 'dms'" in after.stderr
     # Holding nothing, the agent leaves and takes its socket with it.
-    wait_for(lambda: not alive(info["pid"]), "the agent exits after dms lock")
+    wait_for(lambda: not alive(info["pid"]), DEADLINE_S, "the agent exits after dms lock")
     assert not Path(info["socket"]).exists()
     assert term.dms(*NEEDS_KEY, passphrase=PASSPHRASE).returncode == 0  # DMS_PASSPHRASE as ever
 
@@ -311,8 +304,8 @@ def test_forgotten_after_the_idle_timeout(terminals: Callable[[], Terminal]) -> 
         status = json.loads(term.dms("unlock", "--status", "--json").stdout)
         return status["unlocked"] is False
 
-    wait_for(locked, "the passphrase is forgotten after its idle timeout")
-    wait_for(lambda: not alive(info["pid"]), "the agent exits, holding nothing")
+    wait_for(locked, DEADLINE_S, "the passphrase is forgotten after its idle timeout")
+    wait_for(lambda: not alive(info["pid"]), DEADLINE_S, "the agent exits, holding nothing")
     done = term.dms(*NEEDS_KEY)
     assert done.returncode == 1 and "no passphrase" in done.stderr
 
@@ -322,7 +315,7 @@ def test_agent_leaves_with_its_session(terminals: Callable[[], Terminal]) -> Non
     info = unlock(term)
     assert alive(info["pid"])
     term.close()
-    wait_for(lambda: not alive(info["pid"]), "the agent exits when its terminal closes")
+    wait_for(lambda: not alive(info["pid"]), DEADLINE_S, "the agent exits when its terminal closes")
     assert not Path(info["socket"]).exists()
 
 

@@ -36,6 +36,9 @@ class DeploymentStore:
     def __init__(self, db: Database, unsaved_dir: Path | None = None) -> None:
         self.db = db
         self.unsaved_dir = unsaved_dir  # None: an end the database refuses is only retried
+        # The ends kept on disk, by id, read once here: saves and reads touch no file
+        # unless an end is kept.
+        self._kept = self._read_kept()
 
     def save(self, row: dict[str, Any]) -> None:
         """Insert or update one deployment (``row`` holds every column). Raises the
@@ -50,20 +53,19 @@ class DeploymentStore:
         self._drop_unsaved(row["id"])
 
     def get(self, deployment_id: str) -> dict[str, Any] | None:
-        unsaved = self._unsaved().get(deployment_id)
-        if unsaved is not None:
-            return unsaved
+        kept = self._kept.get(deployment_id)
+        if kept is not None:
+            return kept
         with self.db.transaction() as conn:
             row = conn.execute(select(DEPLOYMENTS).where(DEPLOYMENTS.c.id == deployment_id)).first()
             return dict(row._mapping) if row is not None else None
 
     def list(self, limit: int = 100) -> list[dict[str, Any]]:
-        unsaved = self._unsaved()
         with self.db.transaction() as conn:
             rows = conn.execute(
                 select(DEPLOYMENTS).order_by(DEPLOYMENTS.c.created_at.desc()).limit(limit)
             )
-            return [unsaved.get(r.id, dict(r._mapping)) for r in rows]
+            return [self._kept.get(r.id, dict(r._mapping)) for r in rows]
 
     def active(self) -> list[dict[str, Any]]:
         """Deployments to resume: none whose end is known, saved or not."""
@@ -75,7 +77,7 @@ class DeploymentStore:
     def flush_unsaved(self) -> set[str]:
         """Write kept ends into the database; returns the ids still only on disk."""
         left = set()
-        for deployment_id, row in self._unsaved().items():
+        for deployment_id, row in list(self._kept.items()):
             try:
                 self._write(row)
             except SQLAlchemyError as exc:
@@ -104,6 +106,7 @@ class DeploymentStore:
         path = self._unsaved_path(row["id"])
         if path is None:
             return
+        self._kept[row["id"]] = row
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             staging = path.with_suffix(".tmp")
@@ -113,12 +116,14 @@ class DeploymentStore:
             log.error("the end of deployment %s could not be kept: %s", row["id"], exc)
 
     def _drop_unsaved(self, deployment_id: str) -> None:
+        if self._kept.pop(deployment_id, None) is None:
+            return
         path = self._unsaved_path(deployment_id)
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _unsaved(self) -> dict[str, dict[str, Any]]:
+    def _read_kept(self) -> dict[str, dict[str, Any]]:
         if self.unsaved_dir is None or not self.unsaved_dir.is_dir():
             return {}
         rows: dict[str, dict[str, Any]] = {}

@@ -7,7 +7,7 @@ payloads. ``dms.mining.local`` runs both sides in one process.
 """
 
 from dms.mining.distance import Distance
-from dms.mining.errors import MiningError
+from dms.mining.errors import MiningError, WorkerMisbehaved
 from dms.mining.local import MiningResult, run_classification, run_clustering
 
-__all__ = ["Distance", "MiningError", "MiningResult", "run_classification", "run_clustering"]
+__all__ = ["Distance", "MiningError", "MiningResult", "run_classification", "run_clustering", "WorkerMisbehaved"]

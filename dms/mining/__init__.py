@@ -10,4 +10,11 @@ from dms.mining.distance import Distance
 from dms.mining.errors import MiningError, WorkerMisbehaved
 from dms.mining.local import MiningResult, run_classification, run_clustering
 
-__all__ = ["Distance", "MiningError", "MiningResult", "run_classification", "run_clustering", "WorkerMisbehaved"]
+__all__ = [
+    "Distance",
+    "MiningError",
+    "MiningResult",
+    "WorkerMisbehaved",
+    "run_classification",
+    "run_clustering",
+]

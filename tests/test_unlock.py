@@ -35,12 +35,13 @@ RUNNER = textwrap.dedent(
     import json, os, pty, select, signal, subprocess, sys, time
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-    def typed(argv, env, text):
-        # On a terminal: answer the prompt once it shows (getpass flushes what came before).
+    def typed(argv, env, text, every):
+        # On a terminal: answer the prompt once it shows (getpass flushes what came before),
+        # or with ``every`` each prompt and its confirmation, counted.
         master, slave = pty.openpty()
         proc = subprocess.Popen(argv, env=env, stdin=slave, stdout=slave, stderr=slave)
         os.close(slave)
-        seen, sent, deadline = b"", False, time.monotonic() + 120
+        seen, sent, answered, deadline = b"", False, 0, time.monotonic() + 120
         while time.monotonic() < deadline:
             if not select.select([master], [], [], 1)[0]:
                 continue
@@ -51,17 +52,22 @@ RUNNER = textwrap.dedent(
             if not chunk:
                 break
             seen += chunk
-            if not sent and b"Passphrase for key" in seen:
+            if every:
+                asked = seen.count(b"Passphrase for key") + seen.count(b"Repeat passphrase")
+                for _ in range(asked - answered):
+                    os.write(master, text.encode())
+                answered = max(answered, asked)
+            elif not sent and b"Passphrase for key" in seen:
                 os.write(master, text.encode())
-                sent = True
+                sent, answered = True, 1
         os.close(master)
         screen = seen.decode(errors="replace").replace("\\r\\n", "\\n")
-        return {"rc": proc.wait(timeout=30), "out": screen, "err": screen}
+        return {"rc": proc.wait(timeout=30), "out": screen, "err": screen, "asked": answered}
 
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("tty_input") is not None:
-            out = typed(cmd["argv"], cmd["env"], cmd["tty_input"])
+            out = typed(cmd["argv"], cmd["env"], cmd["tty_input"], cmd.get("every_prompt"))
         else:
             done = subprocess.run(cmd["argv"], env=cmd["env"], stdin=subprocess.DEVNULL,
                                   capture_output=True, text=True, timeout=120)
@@ -85,6 +91,7 @@ class Terminal:
             start_new_session=True,
         )
         self.sid = self.proc.pid  # a session leader's pid is its session id
+        self.prompts = 0
 
     def env(self, passphrase: str | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DMS_")}
@@ -94,23 +101,34 @@ class Terminal:
         return env
 
     def run(
-        self, *argv: str, passphrase: str | None = None, tty_input: str | None = None
+        self,
+        *argv: str,
+        passphrase: str | None = None,
+        tty_input: str | None = None,
+        every_prompt: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        cmd = {"argv": list(argv), "env": self.env(passphrase), "tty_input": tty_input}
+        cmd = {"argv": list(argv), "env": self.env(passphrase), "tty_input": tty_input,
+               "every_prompt": every_prompt}  # fmt: skip
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         assert line, "the session runner died"
         out = json.loads(line)
+        self.prompts = int(out.get("asked", 0))  # prompts answered on the terminal
         return subprocess.CompletedProcess(argv, out["rc"], out["out"], out["err"])
 
     def dms(
-        self, *args: str, passphrase: str | None = None, tty_input: str | None = None
+        self,
+        *args: str,
+        passphrase: str | None = None,
+        tty_input: str | None = None,
+        every_prompt: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         return self.run(
-            sys.executable, "-m", "dms", *args, passphrase=passphrase, tty_input=tty_input
-        )
+            sys.executable, "-m", "dms", *args, passphrase=passphrase, tty_input=tty_input,
+            every_prompt=every_prompt,
+        )  # fmt: skip
 
     def close(self) -> None:
         """The terminal closes: its session leader exits (and is reaped)."""
@@ -491,3 +509,22 @@ def test_insecure_keyring_backends_are_refused(
     assert "plain text or nowhere: nothing stored" in err
     assert "Traceback" not in err
     assert not (home / "keyring.json").exists()
+
+
+def test_init_asks_once_and_a_confirmation_then_remembers_it(runtime: Path, tmp_path: Path) -> None:
+    """A fresh home: two prompts (the passphrase, then its confirmation) for both keys,
+    and the next command of this terminal needs none."""
+    term = Terminal(tmp_path / "fresh", runtime)
+    try:
+        done = term.dms("init", tty_input=PASSPHRASE + "\n", every_prompt=True)
+        no_traceback(done)
+        assert done.returncode == 0, done.stdout
+        assert term.prompts == 2, done.stdout
+        assert "unlocked for this terminal session" in done.stdout
+        keys = Keystore(tmp_path / "fresh", passphrase=lambda _c, _n: PASSPHRASE)
+        assert keys.load("dms") and keys.load("user")  # both under the one passphrase
+        granted = term.dms(*NEEDS_KEY)  # no DMS_PASSPHRASE, no terminal: the agent's
+        assert granted.returncode == 0, granted.stderr
+    finally:
+        term.close()
+        wait_for(lambda: not list(runtime.rglob("agent-*.sock")), DEADLINE_S, "the agent gone")

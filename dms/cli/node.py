@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,19 +16,49 @@ from typing import Annotated, Any
 import typer
 
 from dms.cli.common import JsonOption, settings
-from dms.cli.output import emit_fields, emit_json
+from dms.cli.output import duration, emit_fields, emit_json
 from dms.errors import DmsError
-from dms.node.home import init_home, load_node_identity
+from dms.node.home import NODE_KEY, USER_KEY, init_home, load_node_identity
+from dms.security import Keystore, agent
+from dms.security.keystore import PASSPHRASE_ENV, session_passphrase
+
+
+def _one_passphrase(home: Path) -> tuple[str | None, bool]:
+    """The passphrase both new keys are sealed with, asked once (with a confirmation),
+    and whether it was typed at a prompt; (None, False) when both keys exist."""
+    keystore = Keystore(home)
+    missing = [c for c in (NODE_KEY, USER_KEY) if not keystore.exists(c)]
+    if not missing:
+        return None, False
+    lookup = session_passphrase(home)
+    typed = os.environ.get(PASSPHRASE_ENV) is None
+    first = next(lookup.candidates(missing[0], True))
+    if first.remembered:
+        typed = False
+        lookup.notice(f"keys sealed with the passphrase remembered ({first.origin}) for {home}")
+    return first.value, typed
 
 
 def init(json_out: JsonOption = False) -> None:
     """Create the node and user keys if missing and make the user root of this node."""
-    report = init_home(settings().home)
+    home = settings().home
+    passphrase, typed = _one_passphrase(home)
+    report = init_home(home, None if passphrase is None else lambda _c, _confirm: passphrase)
+    unlocked = None
+    if typed and passphrase is not None and agent.supported():
+        # Typed once: kept for this terminal session, as 'dms unlock' would.
+        from dms.cli.unlock import remember
+
+        with contextlib.suppress(agent.AgentError):
+            unlocked = remember(home, passphrase)
     if json_out:
-        emit_json(report)
-    else:
-        report["created"] = ", ".join(report["created"]) or "nothing (keys existed)"
-        emit_fields(report, title="dms init")
+        emit_json({**report, "unlocked": unlocked is not None})
+        return
+    report["created"] = ", ".join(report["created"]) or "nothing (keys existed)"
+    emit_fields(report, title="dms init")
+    if unlocked is not None:
+        minutes = duration(unlocked["timeout_s"])
+        typer.echo(f"unlocked for this terminal session ({minutes} unused, or dms lock)")
 
 
 LOG_FORMATS = ("text", "json")

@@ -54,6 +54,8 @@ def build_table(
         notes.append(f"({len(rows) - limit} more not shown: {more})")
         rows = rows[:limit]
     cells = [["" if v is None else str(v) for v in row] for row in rows]
+    if not cells:
+        notes.append("(none yet)")
 
     def natural(i: int) -> int:  # content width plus the cell's padding and border
         lines = [columns[i], *(line for row in cells for line in row[i].splitlines())]
@@ -62,7 +64,7 @@ def build_table(
     def least(i: int) -> int:  # the narrowest the column gets without cutting a word
         if columns[i] in whole:
             return natural(i)
-        return max(_longest_word(columns[i]), *(_longest_word(row[i]) for row in cells)) + 3
+        return max([_longest_word(columns[i]), *(_longest_word(row[i]) for row in cells)]) + 3
 
     shown = list(range(len(columns)))
     hidden: list[str] = []

@@ -15,6 +15,7 @@ from dms.node.home import NODE_KEY, NodeError
 from dms.security import Keystore, KeystoreError, agent, osring
 from dms.security.keystore import passphrase_from_env_or_prompt
 
+DEFAULT_TIMEOUT_S = 15 * 60
 _UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
 TimeoutOption = Annotated[
@@ -49,6 +50,22 @@ def _checked_passphrase(home: Path) -> str:
     return passphrase
 
 
+def remember(home: Path, passphrase: str, seconds: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """Give ``passphrase`` to this terminal session's agent (started if none runs)."""
+    session = agent.session_id()
+    path = agent.start(session)
+    reply = agent.ask(
+        agent.Request(
+            op="put", home=agent.home_key(home), passphrase=passphrase, timeout_s=seconds
+        ),
+        path,
+    )
+    return {
+        "unlocked": True, "home": agent.home_key(home), "where": "agent", "session": session,
+        "timeout_s": seconds, "pid": reply.pid, "socket": str(path),
+    }  # fmt: skip
+
+
 def unlock(
     timeout: TimeoutOption = "15m",
     use_keyring: KeyringOption = False,
@@ -79,16 +96,7 @@ def unlock(
             f"kept by {marker.backend} until dms lock --keyring",
         ]
     else:
-        session = agent.session_id()
-        path = agent.start(session)
-        reply = agent.ask(
-            agent.Request(op="put", home=str(home), passphrase=passphrase, timeout_s=seconds),
-            path,
-        )
-        result = {
-            "unlocked": True, "home": str(home), "where": "agent", "session": session,
-            "timeout_s": seconds, "pid": reply.pid, "socket": str(path),
-        }  # fmt: skip
+        result = remember(home, passphrase, seconds)
         lines = [
             f"unlocked for this terminal session: {home}",
             f"forgotten after {duration(seconds)} unused, or now with dms lock",

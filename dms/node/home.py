@@ -8,6 +8,7 @@ from typing import Any
 from dms.config import Settings
 from dms.errors import DmsError
 from dms.security import Identity, Keystore, TrustStore
+from dms.security.keystore import PassphraseSource
 
 NODE_KEY = "dms"
 USER_KEY = "user"
@@ -24,9 +25,10 @@ def load_node_identity(settings: Settings) -> Identity:
     return keystore.load(NODE_KEY)
 
 
-def init_home(home: Path) -> dict[str, Any]:
-    """Create the node and user keys if missing and anchor the user as root; idempotent."""
-    keystore = Keystore(home)
+def init_home(home: Path, passphrase: PassphraseSource | None = None) -> dict[str, Any]:
+    """Create the node and user keys if missing and anchor the user as root; idempotent.
+    Both keys are sealed with ``passphrase`` (the CLI asks for it once)."""
+    keystore = Keystore(home, passphrase=passphrase)
     created = []
     for context in (NODE_KEY, USER_KEY):
         if not keystore.exists(context):

@@ -44,10 +44,10 @@ from dms.actor.transport import Receiver, Undeliverable
 from dms.network.checked import CheckedFrames
 from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, envelope_is_valid, new_pubsub
+from dms.network.libp2p_patches import apply_libp2p_patches
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause
 from dms.network.settings import NetworkSettings, parse_multiaddr
 from dms.network.transfer import CHUNK_PROTOCOL, Offers
-from dms.network.tuning import apply_libp2p_tuning
 from dms.network.unicast import ACTOR_PROTOCOL, Unicast, _Outbound
 from dms.security.identity import Identity
 
@@ -209,7 +209,7 @@ class Libp2pTransport(Unicast, Gossip):
     async def _main(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
-        apply_libp2p_tuning()
+        apply_libp2p_patches()
         key_pair = create_new_key_pair(self.identity.private_bytes())
         listen = [parse_multiaddr(a) for a in self.settings.listen]
         host = new_host(

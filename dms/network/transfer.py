@@ -55,7 +55,7 @@ MAX_CHUNKS = MAX_PARCEL_BYTES // (64 * 1024)
 BATCH_CHUNKS = 16  # chunks asked for on one stream (16 MiB)
 # A chunk stream's receive window: one batch. py-libp2p's Yamux opens every stream at
 # 256 KiB and a writer out of credit polls every 10 ms; with credit returned at half a
-# window (dms.network.tuning) the window rarely grew, and 17 MB parcels between two
+# window (dms.network.libp2p_patches) the window rarely grew, and 17 MB parcels between two
 # nodes on loopback moved at ~30 MB/s. Granted at once: ~95 MB/s, as fast as a bare
 # py-libp2p stream in the same run (bench/mine_network.py).
 STREAM_WINDOW_BYTES = 16 * 1024 * 1024  # the largest window py-libp2p and go-yamux allow
@@ -240,7 +240,7 @@ async def _open_window(stream: INetStream, size: int) -> None:
             return
         muxed.target_recv_window += extra
         muxed.recv_window += extra
-    # Never hold window_lock across the write (py-libp2p's rule, see dms.network.tuning).
+    # Never hold window_lock across the write (py-libp2p's rule, see dms.network.libp2p_patches).
     await muxed.send_window_update(extra, skip_lock=True)
 
 

@@ -1,19 +1,36 @@
-"""py-libp2p corrections (``dms.network.tuning``) on real hosts: fewer frames, same delivery."""
+"""py-libp2p patches (``dms.network.libp2p_patches``): every one applies to the pinned
+py-libp2p, and on real hosts they cost fewer frames for the same delivery."""
 
 from __future__ import annotations
 
 import threading
 import time
+from importlib.metadata import version
 from typing import Any
 
 import pytest
 from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, YamuxStream
 
 from dms.actor import Actor, Request, behaviour
+from dms.network import libp2p_patches
 from dms.network.peertable import HEARTBEAT_TOPIC
 from dms.node.daemon import Node
 from dms.sim.cluster import LocalCluster
 from tests.conftest import wait_for
+
+
+def test_every_patch_applies_to_the_installed_libp2p() -> None:
+    """Each patch is guarded by a check of py-libp2p's shape and skipped (with only a log
+    line) when the shape changed: an upgrade past the pin must fail here, not silently
+    run without them."""
+    low, high = (0, 8, 1), (0, 9)
+    installed = tuple(int(p) for p in version("libp2p").split(".")[:3] if p.isdigit())
+    assert low <= installed < high, f"libp2p {version('libp2p')} is outside >=0.8.1,<0.9"
+    libp2p_patches.apply_libp2p_patches()
+    assert libp2p_patches.SKIPPED == []
+    assert sorted(libp2p_patches.APPLIED) == sorted(
+        patch.__name__.lstrip("_") for patch in libp2p_patches.PATCHES
+    )
 
 
 class Sink(Actor):
@@ -187,7 +204,7 @@ def test_waiting_for_a_peer_that_never_registers_leaves_nothing_behind(
     import trio
     from libp2p.peer.id import ID
 
-    from dms.network.tuning import tell_topics_when_writable
+    from dms.network.libp2p_patches import tell_topics_when_writable
     from dms.security import Identity
 
     (node,) = cluster.start(1)

@@ -1,10 +1,12 @@
-"""Process-wide corrections to py-libp2p's per-message costs and gossip races.
+"""Process-wide patches to py-libp2p (0.8.1, pinned ``>=0.8.1,<0.9``): per-message costs,
+gossip races, and the budgets a hostile peer must not get around.
 
 py-libp2p (0.8) does work on every message that its specs do not ask for, and
 a node pays it on every frame it reads; its gossipsub also departs from the
-spec in three ways that cost messages. Five corrections, each applied once per
-process by :func:`apply_libp2p_tuning` and each skipped, with a log line, when
-the library no longer has the shape it was written against:
+spec in three ways that cost messages. Each patch is applied once per process
+by :func:`apply_libp2p_patches` and skipped, with a log line, when the library
+no longer has the shape it was written against; :data:`SKIPPED` names the
+skipped ones (``tests/test_libp2p_patches.py`` fails on any):
 
 - **Yamux credit, batched** (go-yamux semantics). py-libp2p sends a
   WINDOW_UPDATE after *every* read, even a 1-byte read of a varint prefix, so a
@@ -71,23 +73,23 @@ SUBSCRIPTION_REPEAT_WAIT_S = 30.0
 
 _applied = False
 _lock = threading.Lock()
+# Patches this process applied, and those skipped because py-libp2p changed shape.
+APPLIED: list[str] = []
+SKIPPED: list[str] = []
 
 
-def apply_libp2p_tuning() -> None:
-    """Apply every correction this py-libp2p supports; safe to call many times."""
+def apply_libp2p_patches() -> None:
+    """Apply every patch this py-libp2p supports; safe to call many times."""
     global _applied
     with _lock:
         if _applied:
             return
         _applied = True
-        _batch_yamux_window_updates()
-        _memoize_sender_records()
-        _back_off_pruned_peers()
-        _no_opportunistic_grafting()
-        _repeat_subscriptions_to_new_streams()
+        for patch in PATCHES:
+            (APPLIED if patch() else SKIPPED).append(patch.__name__.lstrip("_"))
 
 
-def _batch_yamux_window_updates() -> None:
+def _batch_yamux_window_updates() -> bool:
     from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
     needed = ("_grow_threshold", "_grow_to_delta", "_apply_autotune_epoch", "send_window_update")
@@ -95,7 +97,7 @@ def _batch_yamux_window_updates() -> None:
         YamuxStream, "_auto_tune_and_send_window_update"
     ):
         log.info("py-libp2p's Yamux changed shape; its window updates are left as they are")
-        return
+        return False
 
     async def send_credit_at_half_window(self: Any, *, bytes_read: int = 0) -> None:
         # The window is what the peer may still send: target - (granted + unread).
@@ -113,9 +115,10 @@ def _batch_yamux_window_updates() -> None:
             await self.send_window_update(credit, skip_lock=True)
 
     YamuxStream._auto_tune_and_send_window_update = send_credit_at_half_window
+    return True
 
 
-def _memoize_sender_records() -> None:
+def _memoize_sender_records() -> bool:
     from libp2p.pubsub import floodsub, gossipsub, pubsub
 
     # Each module imported the function by name: every RPC is checked by pubsub's
@@ -125,7 +128,7 @@ def _memoize_sender_records() -> None:
     ]
     if not modules:
         log.info("py-libp2p's pubsub changed shape; sender records are verified as before")
-        return
+        return False
     consume: Callable[..., bool] = modules[0].maybe_consume_signed_record
     seen: OrderedDict[tuple[int, Any, bytes], float] = OrderedDict()
     seen_lock = threading.Lock()  # hosts of one process run on several trio threads
@@ -151,14 +154,15 @@ def _memoize_sender_records() -> None:
 
     for module in modules:
         module.maybe_consume_signed_record = consume_once
+    return len(modules) == 3
 
 
-def _back_off_pruned_peers() -> None:
+def _back_off_pruned_peers() -> bool:
     from libp2p.pubsub.gossipsub import GossipSub
 
     if not all(hasattr(GossipSub, n) for n in ("mesh_heartbeat", "_add_back_off")):
         log.info("py-libp2p's gossipsub changed shape; its heartbeat prunes are left as they are")
-        return
+        return False
     mesh_heartbeat = GossipSub.mesh_heartbeat
 
     def mesh_heartbeat_with_backoff(self: Any) -> Any:
@@ -169,19 +173,21 @@ def _back_off_pruned_peers() -> None:
         return to_graft, to_prune
 
     GossipSub.mesh_heartbeat = mesh_heartbeat_with_backoff
+    return True
 
 
-def _no_opportunistic_grafting() -> None:
+def _no_opportunistic_grafting() -> bool:
     from libp2p.pubsub.gossipsub import GossipSub
 
     if not hasattr(GossipSub, "_perform_opportunistic_grafting"):
         log.info("py-libp2p's gossipsub changed shape; opportunistic grafting left as it is")
-        return
+        return False
 
     def no_grafting(self: Any, topic: str, peers_to_graft: Any) -> int:
         return 0
 
     GossipSub._perform_opportunistic_grafting = no_grafting
+    return True
 
 
 async def tell_topics_when_writable(
@@ -207,13 +213,13 @@ async def tell_topics_when_writable(
         log.debug("subscriptions not repeated to %s: its queue is full", peer_id)
 
 
-def _repeat_subscriptions_to_new_streams() -> None:
+def _repeat_subscriptions_to_new_streams() -> bool:
     from libp2p.pubsub.pubsub import Pubsub
 
     needed = ("continuously_read_stream", "wait_for_peer", "get_hello_packet")
     if not all(hasattr(Pubsub, n) for n in needed):
         log.info("py-libp2p's pubsub changed shape; subscriptions are announced as before")
-        return
+        return False
     read_stream = Pubsub.continuously_read_stream
 
     async def read_stream_and_tell_topics(self: Any, stream: Any) -> None:
@@ -222,3 +228,13 @@ def _repeat_subscriptions_to_new_streams() -> None:
         await read_stream(self, stream)
 
     Pubsub.continuously_read_stream = read_stream_and_tell_topics
+    return True
+
+
+PATCHES: tuple[Callable[[], bool], ...] = (
+    _batch_yamux_window_updates,
+    _memoize_sender_records,
+    _back_off_pruned_peers,
+    _no_opportunistic_grafting,
+    _repeat_subscriptions_to_new_streams,
+)

@@ -2,7 +2,7 @@
 
 A mistake in a file is a :class:`JobSpecError` that names the field and the
 line it is on (``allocations.0.resources.cpu (line 7): ...``): the file is
-parsed with PyYAML's composer, which keeps each node's position, and JSON is
+read by ``dms.yamlfile``, which keeps each value's line, and JSON is
 read the same way (JSON is YAML for this purpose). A file that parses is then
 checked as every provider will check it: each allocation's executor must exist
 and accept its params within its resources (``executor_problems``), so a typo
@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dms.errors import DmsError
 from dms.jobs.executors import ExecutorError, check_allocation
 from dms.resources import Resources
+from dms.yamlfile import parse_lined
 
 Strategy = Literal["score", "round-robin", "two-choices", "random"]
 STRATEGIES: tuple[str, ...] = ("score", "round-robin", "two-choices", "random")
@@ -123,32 +123,9 @@ def executor_problems(spec: DeploymentSpec) -> list[JobProblem]:
     return problems
 
 
-def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
-    """The 1-based line of the value at ``loc`` (or of its nearest existing parent)."""
-    line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            match = node.value[part] if part < len(node.value) else None
-        else:
-            match = None
-        if match is None:
-            break
-        node = match
-        line = node.start_mark.line + 1
-    return line
-
-
 def parse_spec(text: str, source: str = "job file") -> DeploymentSpec:
-    try:
-        tree = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise JobSpecError(f"{source}{where}: not valid YAML or JSON: {problem}") from None
+    doc = parse_lined(text, source, JobSpecError)
+    data = doc.data
     if not isinstance(data, dict):
         raise JobSpecError(
             f"{source}: expected a mapping with 'allocations', got {type(data).__name__}"
@@ -158,19 +135,12 @@ def parse_spec(text: str, source: str = "job file") -> DeploymentSpec:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        line = _line_of(tree, loc)
-        where = f" (line {line})" if line else ""
         message = err["msg"].removeprefix("Value error, ")
-        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        raise JobSpecError(f"{source}: {field}{where}: {message}{more}") from None
+        raise JobSpecError(doc.message(loc, message, len(exc.errors()) - 1)) from None
     problems = executor_problems(spec)
     if problems:
         first = problems[0]
-        line = _line_of(tree, first.loc)
-        where = f" (line {line})" if line else ""
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise JobSpecError(f"{source}: {first.field}{where}: {first.message}{more}")
+        raise JobSpecError(doc.message(first.loc, first.message, len(problems) - 1))
     return spec
 
 

@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,10 +24,11 @@ from pydantic import (
 )
 
 from dms.errors import DmsError
-from dms.jobs.spec import DeploymentSpec, JobSpecError, Strategy, _line_of, load_spec
+from dms.jobs.spec import DeploymentSpec, JobSpecError, Strategy, load_spec
 from dms.mining.placed import CLUSTERING, MiningSettings
 from dms.resources import Preferences
 from dms.resources.amounts import parse_cpu, parse_size
+from dms.yamlfile import data_loc, parse_lined
 
 Mode = Literal["threads", "processes", "memory"]
 MODES: tuple[str, ...] = ("threads", "processes", "memory")
@@ -436,24 +436,6 @@ def problems(scenario: Scenario) -> list[Problem]:
     return found
 
 
-def _data_loc(data: Any, loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
-    """``loc`` as a path into the file: without pydantic's tags for validators and for
-    the member of a union (``str``, ``float``) that follow a plain value."""
-    out: list[int | str] = []
-    here = data
-    for part in loc:
-        if isinstance(part, str) and part.startswith("function-"):
-            continue
-        if isinstance(here, dict):
-            here = here.get(part)
-        elif isinstance(here, list) and isinstance(part, int):
-            here = here[part] if part < len(here) else None
-        elif here is not None:
-            continue  # a union member's tag after a plain value
-        out.append(part)
-    return tuple(out)
-
-
 def _listed(names: list[str], most: int = 6) -> str:
     shown = ", ".join(names[:most])
     return shown + (f", ... ({len(names)} in all)" if len(names) > most else "")
@@ -464,14 +446,8 @@ def parse_scenario(
 ) -> Scenario:
     """The scenario in ``text``; its relative paths are taken from ``base``; ``mode``
     replaces the file's own (``dms sim run --mode``)."""
-    try:
-        tree = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ScenarioError(f"{source}{where}: not valid YAML or JSON: {problem}") from None
+    doc = parse_lined(text, source, ScenarioError)
+    data = doc.data
     if not isinstance(data, dict):
         raise ScenarioError(f"{source}: expected a mapping with 'nodes', got {type(data).__name__}")
     if mode is not None:
@@ -480,17 +456,13 @@ def parse_scenario(
         data["mode"] = mode
 
     def fail(loc: tuple[int | str, ...], message: str, more: int = 0) -> ScenarioError:
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        line = _line_of(tree, loc)
-        where = f" (line {line})" if line else ""
-        extra = f" (and {more} more)" if more else ""
-        return ScenarioError(f"{source}: {field}{where}: {message}{extra}")
+        return ScenarioError(doc.message(loc, message, more))
 
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = _data_loc(data, err["loc"])
+        loc = data_loc(data, err["loc"])
         message = err["msg"].removeprefix("Value error, ")
         raise fail(loc, message, len(exc.errors()) - 1) from None
     found = problems(scenario)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from dms.mining import Distance, MiningError, run_classification, run_clustering
+from dms.mining import Distance, MiningError, WorkerMisbehaved, run_classification, run_clustering
 from dms.mining.blind_kmeans import (
     BlindClusterOwner,
     BlindClusterStart,
@@ -124,8 +124,8 @@ def test_the_owner_refuses_answers_out_of_step() -> None:
     worker = BlindClusterWorker(owner.start())
     first = worker.round()
     owner.receive(first)
-    with pytest.raises(MiningError, match="expected the workers' sums"):
-        owner.receive(first)
+    with pytest.raises(WorkerMisbehaved, match="an answer for round 1 when round 2 was asked"):
+        owner.receive(first)  # replayed
     with pytest.raises(MiningError, match="has not arrived"):
         worker.round()
 
@@ -340,13 +340,8 @@ def check_blind_fields(raw: bytes, slots: int) -> None:
     """Every field of a message to the worker: a CKKS ciphertext of ``slots`` slots, the
     public context, or a size or name known before any data is read."""
     message = msgpack.unpackb(raw, raw=False)
-    allowed_ints = {"k", "attributes", "chunks", "slots", "exchange", "iteration", "block"}
-    allowed_names = {
-        "protocol": {"blind"},
-        "distance": {"euclidean", "manhattan"},
-        "next": {"distances", "sums"},
-        "step": {"masks", "centroids", "done"},
-    }
+    allowed_ints = {"k", "attributes", "chunks", "slots", "exchange", "rounds", "block"}
+    allowed_names = {"protocol": {"blind"}, "distance": {"euclidean", "manhattan"}}
     if "context" in message:
         assert not load_public_context(message["context"]).has_galois_keys()
     for field, value in message.items():
@@ -359,7 +354,7 @@ def check_blind_fields(raw: bytes, slots: int) -> None:
         elif field == "context":
             assert isinstance(value, bytes)
         else:  # every other field: a table of ciphertexts
-            assert field in {"columns", "centroids", "masks", "queries"}, field
+            assert field in {"columns", "centroids", "queries"}, field
             assert isinstance(value, list) and all(isinstance(row, list) for row in value)
             for row in value:
                 for cipher in row:
@@ -379,7 +374,7 @@ def test_the_blind_kmeans_worker_receives_ciphertexts_only_and_the_udm_worker_do
     run_blind_kmeans(owner, wire)
     assert owner.outcome().labels.tolist() == history[-1][1].tolist()
     patterns = kmeans_patterns(data, owner, history)
-    assert len(wire.to_worker_log) == 1 + 2 * len(history)  # start, then masks, centroids/done
+    assert len(wire.to_worker_log) == 1 + owner.rounds  # start, then centroids ..., done
     for raw in wire.to_worker_log:
         check_blind_fields(raw, KEYS.slots)
     assert patterns.found(wire.to_worker_log) == set()
@@ -392,7 +387,7 @@ def test_the_blind_kmeans_worker_receives_ciphertexts_only_and_the_udm_worker_do
     label_rows = np.array([history[0][1]])
     for field, value in (("D", data), ("C", history[-1][0]), ("labels", label_rows)):
         for encoded in (
-            encode(BlindClusterUpdate(done=False, step="done")) + value.astype("<f8").tobytes(),
+            encode(BlindClusterUpdate(exchange=1, done=False)) + value.astype("<f8").tobytes(),
             msgpack.packb(value.tolist()),
             ",".join(str(v) for v in value.ravel().tolist()).encode(),
             value.astype(">f4").tobytes(),
@@ -436,18 +431,18 @@ def test_the_worker_does_the_same_work_whatever_the_data() -> None:
         shapes = []
         for raw in wire.to_worker_log[1:]:
             update = decode(BlindClusterUpdate, raw)
-            table = update.masks or update.centroids
+            table = update.centroids
             sizes = [len(c) for row in table for c in row]
-            shapes.append((update.step, len(table), len(table[0]) if table else 0, sizes))
+            shapes.append((update.done, len(table), len(table[0]) if table else 0, sizes))
         start = decode(BlindClusterStart, wire.to_worker_log[0])
-        return [(start.k, start.attributes, start.chunks, start.next), *shapes]
+        return [(start.k, start.attributes, start.chunks, start.rounds), *shapes]
 
     one, _ = blobs(200, 3, 3, seed=1, std=1.0)
     other, _ = blobs(200, 3, 3, seed=2, std=5.0, offset=100.0)
     a, b = trace(one), trace(other)
     assert [s[:3] for s in a] == [s[:3] for s in b]
     steps = [s[0] for s in a[1:]]
-    assert steps == ["masks", "centroids"] * 3 + ["masks", "done"]
+    assert steps == [False] * 3 + [True]
     sizes = [size for s in a[1:] + b[1:] for size in s[3]]
     assert max(sizes) <= 1.01 * min(sizes)
 

@@ -48,6 +48,7 @@ BASE_BYTES = 96 * MIB  # the interpreter, TenSEAL and numpy, before any data
 CONTEXT_BYTES = {128: 24 * MIB, 192: 96 * MIB, 256: 384 * MIB}  # keys in memory
 LIU_COMPONENTS = {128: 3, 192: 4, 256: 6}
 KNN_BLOCK = 8  # queries per CKKS query block (KnnOwner.query_blocks)
+MAX_ROUNDS = 10_000  # rounds a blind k-means start may announce (max_iterations' bound)
 
 Algorithm = Literal["kmeans", "skmeans", "dbskmeans", "knn", "sknn"]
 PLAINTEXT = ("kmeans", "knn")
@@ -70,6 +71,12 @@ class MiningParams(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> MiningParams:
+        if self.protocol == "blind" and self.scheme == "ckks":
+            # Only padded sizes travel: records up to whole ciphertexts, queries up to
+            # whole blocks, which is all the worker's work and messages depend on.
+            slots = LEVELS[self.level][0] // 2
+            self.n = -(-self.n // slots) * slots
+            self.queries = -(-self.queries // KNN_BLOCK) * KNN_BLOCK
         plain = self.algorithm in PLAINTEXT
         if plain != (self.scheme == "plain"):
             want = "plain" if plain else "ckks or liu"
@@ -258,6 +265,8 @@ class _Ops:
             )
         if len(start.columns) != p.a or any(len(c) != chunks for c in start.columns):
             raise ExecutorError("packed columns do not hold the announced records")
+        if isinstance(start, BlindClusterStart) and not 1 <= start.rounds <= MAX_ROUNDS:
+            raise ExecutorError(f"{start.rounds} rounds announced: 1 to {MAX_ROUNDS} allowed")
 
     def _check_cluster_start(self, start: ClusterStart) -> None:
         p = self.params

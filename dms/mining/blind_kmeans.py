@@ -1,36 +1,43 @@
 """Blind k-means (CKKS): the worker sees CKKS ciphertexts and public parameters, nothing else.
 
-Client-aided; each k-means iteration is two request/response steps::
+Client-aided, one request/response per round, on a schedule fixed before the job starts
+(DESIGN decision 13: the owner's messages never depend on what a worker returned)::
 
     owner  --BlindClusterStart-->  worker  public context, Enc(D) packed by column
-                                           (a x chunks), Enc(C) replicated (k x a)
-    worker --BlindClusterRound-->  owner   step "distances": Enc(dist(D, C_y)) (k x chunks)
-    owner  --BlindClusterUpdate--> worker  step "masks": Enc(one-hot mask) ((k-1) x chunks)
-    worker --BlindClusterRound-->  owner   step "sums": Enc(sum_c M_y,c * D_j,c) (k x a)
-    owner  --BlindClusterUpdate--> worker  step "centroids": Enc(C_new) (k x a), or done
-    ... the worker alternates distances and sums until the owner says done.
+                                           (a x chunks), Enc(C) replicated (k x a),
+                                           rounds R (announced)
+    worker --BlindClusterRound-->  owner   Enc(dist(D, C_y)) (k x chunks)
+    owner  --BlindClusterUpdate--> worker  Enc(C_new) (k x a) after rounds 1 .. R - 1,
+                                           done after round R, whatever was returned
+
+R is ``max_iterations``. The owner runs plaintext k-means itself on its own data: it
+decrypts the distances, assigns every record, and computes the new centroids in the
+clear from its data and labels (O(n a), no sums travel). Once k-means has converged it
+keeps sending fresh Enc(C) of the final centroids until round R (dummy rounds, spot
+checked only), so the worker cannot tell when, or whether, it converged. The bytes a
+worker receives are the same in number, size and kind in every job of the same padded
+shape, and a ciphertext's content is hidden by CKKS (IND-CPA); nothing decrypted ever
+goes back to a worker.
 
 Every ciphertext is zero-padded to the full N/2 slots, so the worker learns n only up
-to a chunk (N/2 records). Its operations and message sizes are the same in every round
-and for every data set of the same shape (k, a, chunks): it never branches on data.
+to a chunk (N/2 records); its operations are the same in every round.
 
 - Distances (Euclidean): per chunk and cluster, sum_j (X_j - C_yj)^2: a subtractions,
   a squarings, a - 1 additions; one ciphertext per (cluster, chunk). Manhattan: |.| is
   not a polynomial, so the worker sends the differences X_j - C_yj themselves (a times
   the bytes) and the owner takes absolute values after decrypting.
-- The owner decrypts, assigns every record (argmin; distances within the tie tolerance
-  of the minimum count as equal and go to the lowest cluster index, as ``np.argmin``
-  does with exact ties), and counts the near-ties, which CKKS noise could order either
-  way. It sends k - 1 one-hot masks per chunk; the worker derives the last one as
-  1 - sum of the others (no multiplication).
-- Sums: per cluster and attribute, sum over chunks of M_y,c * X_j,c, un-folded. The
-  owner decrypts the k x a ciphertexts and sums their slots; it takes the counts from
-  its own assignment, so no count ever travels. Folding slots at the worker would need
-  Galois keys (the public context grows from 1.1 MB to 18.6 MB) and 12 rotations per
-  ciphertext, and the k x a results would still be k x a ciphertexts (TenSEAL offers no
-  rotation to pack them); ``bench/mining.py --case blind_fold``, see specs/mining.md.
+- The owner opens every ciphertext of an answer and checks its size, slots, level and
+  scale before decrypting anything (``dms.mining.answers``); a replayed or malformed
+  answer is ``WorkerMisbehaved``. It recomputes a random sample of records' distances in
+  the clear each round (``verify_fraction``); a value off by more than the noise is
+  ``WorkerMisbehaved`` too.
+- Labels: argmin of the decrypted distances. Records whose nearest two are within the
+  tie tolerance (noise could order them either way) are decided in the clear on the
+  data as given, exactly as ``kmeans`` does; so labels, iterations and centroids are
+  plaintext ``kmeans``'s with the same init. Centroids never pass through CKKS at the
+  owner: they are the exact means, published as they are.
 
-Depth: one ciphertext-ciphertext multiplication per value (square, or mask x column).
+Depth: one ciphertext-ciphertext multiplication per value (a square).
 Keys made here (``blind_keys``) use the chain [60, 50, 60] at scale 2^50 with symmetric
 encryption: fresh ciphertexts hold two primes (~251 KB at N = 8192), results one
 (~131 KB), and a decrypted distance errs by ~1e-10. Any CKKS context with at least one
@@ -49,14 +56,24 @@ import numpy as np
 import tenseal as ts
 from pydantic import BaseModel
 
+from dms.mining.answers import (
+    DEFAULT_VERIFY_FRACTION,
+    AnswerShape,
+    Spot,
+    answer_shape,
+    check_values,
+    open_grid,
+)
 from dms.mining.distance import Distance
-from dms.mining.errors import MiningError
+from dms.mining.errors import MiningError, WorkerMisbehaved
 from dms.mining.plain import (
     DEFAULT_MAX_ITERATIONS,
     DEFAULT_MIN_ERROR,
     ClusteringOutcome,
+    assign,
     centroid_change,
     initial_centroids,
+    update_centroids,
 )
 from dms.mining.schemes.ckks import LEVELS, CkksKeys, load_public_context
 
@@ -174,12 +191,10 @@ def shard_rows(n: int, shards: int) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in pairwise(bounds)]
 
 
-Next = Literal["distances", "sums"]
-
-
 class BlindClusterStart(BaseModel):
-    """A shard's opening message, at the owner's current step (a worker placed again
-    mid-job resumes there): ``next`` says what its first ``round()`` computes."""
+    """A shard's opening message at the owner's current round (a worker placed again
+    mid-job resumes there). ``rounds`` is announced here, before any answer: the job
+    has exactly that many rounds whatever the workers return."""
 
     protocol: Literal["blind"] = "blind"
     distance: Distance
@@ -187,29 +202,26 @@ class BlindClusterStart(BaseModel):
     attributes: int
     chunks: int  # of this shard
     slots: int
-    exchange: int = 0  # request/response steps done so far (two per iteration)
-    iteration: int = 0  # k-means iterations whose distances were computed
-    next: Next = "distances"
+    rounds: int  # announced: the owner sends centroids rounds times, then done
+    exchange: int = 0  # rounds answered so far
     context: bytes  # public CKKS context: no secret key, no Galois keys
     columns: list[list[bytes]]  # a x chunks: Enc(D[:, j]) packed, zero-padded
-    centroids: list[list[bytes]] = []  # next == distances: k x a, Enc(C[y][j]) in every slot
-    masks: list[list[bytes]] = []  # next == sums: (k - 1) x chunks one-hot masks
+    centroids: list[list[bytes]]  # k x a: Enc(C[y][j]) in every slot
 
 
 class BlindClusterRound(BaseModel):
-    exchange: int  # 1, 2, ...: this answer completes that step
-    iteration: int
-    step: Next
-    # distances, Euclidean: k x chunks, Enc(sum_j (X_j - C_yj)^2);
-    # distances, Manhattan: (k * a) x chunks, Enc(X_j - C_yj), row y * a + j;
-    # sums: k x a, Enc(sum_c M_y,c * X_j,c), slots not yet summed.
+    exchange: int  # 1, 2, ...: the round this answer completes
+    # Euclidean: k x chunks, Enc(sum_j (X_j - C_yj)^2);
+    # Manhattan: (k * a) x chunks, Enc(X_j - C_yj), row y * a + j.
     ciphertexts: list[list[bytes]]
 
 
 class BlindClusterUpdate(BaseModel):
+    """The owner's message after round ``exchange``: new Enc(C) while ``exchange`` <
+    ``rounds``, then done. Nothing in it but fresh ciphertexts depends on any answer."""
+
+    exchange: int
     done: bool
-    step: Literal["masks", "centroids", "done"]
-    masks: list[list[bytes]] = []  # (k - 1) x chunks: Enc(1 where the record is in y)
     centroids: list[list[bytes]] = []  # k x a: Enc(C_new[y][j]) in every slot
 
 
@@ -217,8 +229,8 @@ class BlindClusterOwner:
     """Holds the data, the keys and every plaintext; the workers only compute on ciphertexts.
 
     With ``shards`` > 1 each worker holds a contiguous run of records; the owner joins
-    their distances in record order and adds their partial sums, so the labels are those
-    of one worker holding everything.
+    their distances in record order, so the labels are those of one worker holding
+    everything. ``rounds`` (default: ``max_iterations``) is the announced schedule.
     """
 
     def __init__(
@@ -235,6 +247,7 @@ class BlindClusterOwner:
         keys: CkksKeys | None = None,
         shards: int = 1,
         tie_tolerance: float | None = None,
+        verify_fraction: float = DEFAULT_VERIFY_FRACTION,
     ) -> None:
         if max_iterations < 1:
             raise MiningError(f"max iterations must be at least 1, not {max_iterations}")
@@ -245,178 +258,232 @@ class BlindClusterOwner:
             raise MiningError(f"{shards} shards for {data.shape[0]} records")
         self.distance, self.k, self.level = Distance.parse(distance), k, level
         self.min_error, self.max_iterations = min_error, max_iterations
+        self.rounds = max_iterations
         self.keys = check_keys(keys)
+        self.spot = Spot(verify_fraction)
+        # The plaintext k-means runs here, on the data as given: labels, centroids and the
+        # convergence test are those of ``kmeans``. What the workers see is centred and
+        # scaled into [-r, r] (CKKS noise is absolute; a distance is at most 4 a r^2,
+        # within the magnitude budget).
+        self.raw = data
         n, a = data.shape
-        # CKKS noise is absolute: centre and scale into [-r, r], r = 1 unless a distance
-        # (at most 4 a r^2) or a slot of the sums (at most r n / slots) would pass the
-        # magnitude budget. Labels do not change; convergence is tested in the data's units.
-        chunks = -(-n // slots_of(self.keys, level))
-        self.reach = min(1.0, float(np.sqrt(MAGNITUDE_BUDGET / (4 * a))), MAGNITUDE_BUDGET / chunks)
+        self.reach = min(1.0, float(np.sqrt(MAGNITUDE_BUDGET / (4 * a))))
         self.offset = data.mean(axis=0)
         peak = float(np.abs(data - self.offset).max(initial=0.0))
         self.scale = (peak if peak > 0 else 1.0) / self.reach
         self.data = (data - self.offset) / self.scale
-        self.n, self.a = self.data.shape
+        self.n, self.a = n, a
         self.shards = shard_rows(self.n, shards)
-        self.centroids = initial_centroids(self.data, k, init, seed)
+        self.centroids = initial_centroids(data, k, init, seed)  # in the data's units
         self.tol = tie_tolerance  # None: calibrated on the keys at start()
+        self.shape: AnswerShape | None = None
         self.labels = np.zeros(self.n, dtype=np.int64)
         self.changes: list[float] = []
-        self.near_ties: list[int] = []  # per iteration: records whose nearest two were within tol
+        self.near_ties: list[int] = []  # per iteration: records recomputed in the clear
         self.converged = False
-        self.iteration = 0
-        self.exchange = 0
-        self.expect: Literal["distances", "sums", "nothing"] = "distances"
+        self.exchange = 0  # rounds answered
         self._centroid_cts: list[list[bytes]] | None = None  # current Enc(C), for every shard
-        self._masks: list[list[list[bytes]]] = []  # current masks, per shard
-        self.timings = {"keygen": 0.0, "encrypt": 0.0, "decrypt": 0.0}
+        self.timings = {"keygen": 0.0, "encrypt": 0.0, "decrypt": 0.0, "owner_cpu": 0.0}
+
+    # ---- the schedule ----------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.exchange >= self.rounds
+
+    @property
+    def iterating(self) -> bool:
+        """Whether the round being answered is a k-means iteration (not a dummy round
+        sent after convergence to keep the announced schedule)."""
+        return not self.converged and len(self.changes) < self.max_iterations
 
     def chunks(self, shard: int = 0) -> int:
         assert self.keys is not None
         rows = self.shards[shard]
         return -(-(rows.stop - rows.start) // self.keys.slots)
 
-    def start(self, shard: int = 0) -> BlindClusterStart:
-        """Shard ``shard``'s opening message at the current step."""
-        if self.expect == "nothing":
-            raise MiningError("the job is finished: there is nothing left to start")
+    def _ready(self) -> CkksKeys:
         began = time.perf_counter()
         if self.keys is None:
             self.keys = blind_keys(self.level)
         if self.tol is None:
             self.tol = calibrate(self.keys, self.a, self.reach)
+        if self.shape is None:
+            self.shape = answer_shape(self.keys, self.distance)
         self.timings["keygen"] += time.perf_counter() - began
+        return self.keys
+
+    def start(self, shard: int = 0) -> BlindClusterStart:
+        """Shard ``shard``'s opening message at the current round."""
+        if self.done:
+            raise MiningError("the job is finished: there is nothing left to start")
+        keys = self._ready()
         began = time.perf_counter()
         message = BlindClusterStart(
             distance=self.distance,
             k=self.k,
             attributes=self.a,
             chunks=self.chunks(shard),
-            slots=self.keys.slots,
+            slots=keys.slots,
+            rounds=self.rounds,
             exchange=self.exchange,
-            iteration=self.iteration,
-            next=self.expect,
-            context=self.keys.public_context_bytes(),
-            columns=pack_columns(self.keys, self.data[self.shards[shard]]),
+            context=keys.public_context_bytes(),
+            columns=pack_columns(keys, self.data[self.shards[shard]]),
+            centroids=self._encrypted_centroids(),
         )
-        if self.expect == "distances":
-            message.centroids = self._encrypted_centroids()
-        else:
-            message.masks = self._masks[shard]
         self.timings["encrypt"] += time.perf_counter() - began
         return message
 
     def _encrypted_centroids(self) -> list[list[bytes]]:
-        """Enc(C) for the current centroids, made once and sent to every shard."""
+        """Enc(C) for the current centroids, made once a round and sent to every shard."""
         assert self.keys is not None
         if self._centroid_cts is None:
-            self._centroid_cts = [replicate(self.keys, row) for row in self.centroids]
+            scaled = (self.centroids - self.offset) / self.scale
+            self._centroid_cts = [replicate(self.keys, row) for row in scaled]
         return self._centroid_cts
+
+    # ---- answers ---------------------------------------------------------------------
+
+    def check(self, shard: int, message: BlindClusterRound) -> list[list[ts.CKKSVector]]:
+        """Shard ``shard``'s answer to the current round, opened and checked, not
+        decrypted: the round number, the grid and every ciphertext's shape."""
+        keys = self._ready()
+        assert self.shape is not None
+        if message.exchange != self.exchange + 1:
+            raise WorkerMisbehaved(
+                f"shard {shard}: an answer for round {message.exchange} when round "
+                f"{self.exchange + 1} was asked (replayed or out of step)",
+                shard,
+            )
+        rows = self.k if self.distance is Distance.EUCLIDEAN else self.k * self.a
+        return open_grid(
+            keys, message.ciphertexts, rows, self.chunks(shard), self.shape, shard, "distances"
+        )
 
     def receive(self, message: BlindClusterRound) -> BlindClusterUpdate:
         """One worker holds every record: its answer gives the next update."""
         return self.receive_shards([message])[0]
 
     def receive_shards(self, messages: list[BlindClusterRound]) -> list[BlindClusterUpdate]:
-        """Every shard's answer to the current step, in shard order -> each shard's update."""
+        """Every shard's answer to the current round, in shard order -> each shard's update.
+        Raises ``WorkerMisbehaved`` (naming the shard) before the owner's state changes."""
+        if self.done:
+            raise MiningError("the job is finished: no answer is expected")
         if len(messages) != len(self.shards):
             raise MiningError(f"{len(messages)} answers for {len(self.shards)} shards")
-        for message in messages:
-            if message.step != self.expect or message.exchange != self.exchange + 1:
-                raise MiningError(
-                    f"expected the workers' {self.expect} for step {self.exchange + 1}, "
-                    f"got {message.step} for step {message.exchange}"
-                )
+        cpu = time.thread_time()
+        opened = [self.check(i, m) for i, m in enumerate(messages)]
+        if self.iterating:
+            self._iterate(opened)
+        else:
+            for shard, grid in enumerate(opened):  # a dummy round: spot checks only
+                self._verify(shard, grid, full=None)
         self.exchange += 1
-        if self.expect == "distances":
-            return self._assign(messages)
-        return self._update(messages)
-
-    def _assign(self, messages: list[BlindClusterRound]) -> list[BlindClusterUpdate]:
-        assert self.keys is not None
-        keys, k, a = self.keys, self.k, self.a
-        euclidean = self.distance is Distance.EUCLIDEAN
-        began = time.perf_counter()
-        parts = []
-        for shard, (message, rows) in enumerate(zip(messages, self.shards, strict=True)):
-            chunks, n = self.chunks(shard), rows.stop - rows.start
-            check_shape(message.ciphertexts, k if euclidean else k * a, chunks, "distances")
-            decrypted = np.stack([decrypt_rows(keys, c, n) for c in message.ciphertexts], axis=1)
-            if not euclidean:
-                decrypted = np.abs(decrypted.reshape(n, k, a)).sum(axis=2)
-            parts.append(decrypted)
-        dist = np.concatenate(parts)
-        self.timings["decrypt"] += time.perf_counter() - began
-        self.iteration += 1
-        assert self.tol is not None
-        self.labels, tied = assign_with_ties(dist, self.tol)
-        self.near_ties.append(int(tied.sum()))
-        began = time.perf_counter()
-        self._masks = [self._shard_masks(self.labels[rows]) for rows in self.shards]
-        self.timings["encrypt"] += time.perf_counter() - began
-        self.expect = "sums"
-        return [BlindClusterUpdate(done=False, step="masks", masks=m) for m in self._masks]
-
-    def _shard_masks(self, labels: np.ndarray) -> list[list[bytes]]:
-        assert self.keys is not None
-        slots = self.keys.slots
-        return [
-            [
-                encrypt_padded(self.keys, (labels[i : i + slots] == y).astype(np.float64))
-                for i in range(0, len(labels), slots)
+        self._centroid_cts = None
+        if self.done:
+            updates = [BlindClusterUpdate(exchange=self.exchange, done=True) for _ in self.shards]
+        else:
+            began = time.perf_counter()
+            centroids = self._encrypted_centroids()
+            self.timings["encrypt"] += time.perf_counter() - began
+            updates = [
+                BlindClusterUpdate(exchange=self.exchange, done=False, centroids=centroids)
+                for _ in self.shards
             ]
-            for y in range(self.k - 1)
-        ]
+        self.timings["owner_cpu"] += time.thread_time() - cpu
+        return updates
 
-    def _update(self, messages: list[BlindClusterRound]) -> list[BlindClusterUpdate]:
+    def _exact(self, rows: np.ndarray) -> np.ndarray:
+        """Distances of the given records to the current centroids, in the units the
+        worker computes in (scaled), in the clear."""
+        scaled = (self.centroids - self.offset) / self.scale
+        return self.distance.reduce(self.data[rows, None, :] - scaled[None, :, :])
+
+    def _decrypt_shard(self, shard: int, grid: list[list[ts.CKKSVector]]) -> np.ndarray:
+        """n_shard x k decrypted distances."""
         assert self.keys is not None
+        rows = self.shards[shard]
+        n, k, a = rows.stop - rows.start, self.k, self.a
         began = time.perf_counter()
-        sums = np.zeros((self.k, self.a))
-        for message in messages:  # each shard's partial sums
-            check_shape(message.ciphertexts, self.k, self.a, "sums")
-            sums += [[self.keys.decrypt(c).sum() for c in row] for row in message.ciphertexts]
+        values = np.stack(
+            [np.concatenate([self.keys.decrypt(v) for v in row])[:n] for row in grid], axis=1
+        )
         self.timings["decrypt"] += time.perf_counter() - began
-        self._masks = []
-        counts = np.bincount(self.labels, minlength=self.k)  # the owner's own assignment
-        new = self.centroids.copy()
-        filled = counts > 0
-        new[filled] = sums[filled] / counts[filled, None]
-        change = centroid_change(self._units(self.centroids), self._units(new))
+        if self.distance is Distance.EUCLIDEAN:
+            return values
+        return np.abs(values.reshape(n, k, a)).sum(axis=2)
+
+    def _verify(self, shard: int, grid: list[list[ts.CKKSVector]], full: np.ndarray | None) -> None:
+        """Recompute a random sample of the shard's records in the clear and compare.
+        ``full``: the shard's decrypted distances; None decrypts only the chunks the
+        sample falls in (a dummy round)."""
+        assert self.keys is not None and self.tol is not None
+        rows = self.shards[shard]
+        picked = self.spot.sample(rows.stop - rows.start)
+        if full is None:
+            slots = self.keys.slots
+            chunks = np.unique(picked // slots)
+            began = time.perf_counter()
+            plain = {
+                int(c): np.stack([self.keys.decrypt(row[c]) for row in grid], axis=1)
+                for c in chunks
+            }
+            self.timings["decrypt"] += time.perf_counter() - began
+            got = np.array([plain[int(i // slots)][i % slots] for i in picked])
+            if self.distance is not Distance.EUCLIDEAN:
+                got = np.abs(got.reshape(len(picked), self.k, self.a)).sum(axis=2)
+        else:
+            got = full[picked]
+        check_values(
+            got, self._exact(picked + rows.start), self.tol, shard, "distances", picked + rows.start
+        )
+
+    def _iterate(self, opened: list[list[list[ts.CKKSVector]]]) -> None:
+        """One k-means iteration: decrypt, check, assign (near-ties in the clear), and the
+        new centroids from the owner's own data and labels."""
+        assert self.tol is not None
+        parts = []
+        for shard, grid in enumerate(opened):
+            dist = self._decrypt_shard(shard, grid)
+            self._verify(shard, grid, dist)
+            parts.append(dist)
+        labels, tied = assign_with_ties(np.concatenate(parts), self.tol)
+        ties = np.flatnonzero(tied)
+        if len(ties):  # the noise cannot order these: decide them as plaintext k-means does
+            labels[ties] = assign(
+                self.raw[ties, None, :] - self.centroids[None, :, :], self.distance
+            )
+        self.near_ties.append(len(ties))
+        self.labels = labels
+        new = update_centroids(self.raw, labels, self.centroids)
+        change = centroid_change(self.centroids, new)
         self.changes.append(change)
         self.centroids = new
-        self._centroid_cts = None
         self.converged = change <= self.min_error
-        if self.converged or self.iteration >= self.max_iterations:
-            self.expect = "nothing"
-            return [BlindClusterUpdate(done=True, step="done") for _ in self.shards]
-        began = time.perf_counter()
-        centroids = self._encrypted_centroids()
-        self.timings["encrypt"] += time.perf_counter() - began
-        self.expect = "distances"
-        return [
-            BlindClusterUpdate(done=False, step="centroids", centroids=centroids)
-            for _ in self.shards
-        ]
-
-    def _units(self, centroids: np.ndarray) -> np.ndarray:
-        return centroids * self.scale + self.offset
-
-    @property
-    def done(self) -> bool:
-        return self.expect == "nothing"
 
     def outcome(self) -> ClusteringOutcome:
         return ClusteringOutcome(
             labels=self.labels,
-            centroids=self._units(self.centroids),
+            centroids=self.centroids.copy(),
             iterations=len(self.changes),
             converged=self.converged,
             changes=list(self.changes),
         )
 
+    def verification(self) -> dict[str, float | int]:
+        """For result.json: the share of records checked each round and the chance that
+        one altered record in one round is caught."""
+        sizes = [s.stop - s.start for s in self.shards]
+        return {
+            "verify_fraction": self.spot.fraction,
+            "detection_per_round": round(self.spot.detection_per_round(sizes), 6),
+            "records_checked": self.spot.checked,
+            "rounds": self.rounds,
+        }
+
 
 class BlindClusterWorker:
-    """Multiplies and adds ciphertexts in a fixed sequence; holds no secret key."""
+    """Subtracts and squares ciphertexts in a fixed sequence; holds no secret key."""
 
     def __init__(self, start: BlindClusterStart) -> None:
         self.distance, self.k, self.a, self.chunks = (
@@ -427,18 +494,15 @@ class BlindClusterWorker:
         )
         if self.k < 1 or self.a < 1 or self.chunks < 1:
             raise MiningError("a blind job needs k, attributes and chunks of at least 1")
+        if not 0 <= start.exchange < start.rounds:
+            raise MiningError(f"round {start.exchange} of {start.rounds}: nothing to compute")
         check_shape(start.columns, self.a, self.chunks, "columns")
         self.context = load_public_context(start.context)
         self.slots = start.slots
         self.columns = [load_vectors(self.context, column, self.slots) for column in start.columns]
-        self.centroids: list[list[ts.CKKSVector]] | None = None
-        self.masks: list[list[ts.CKKSVector]] | None = None
-        if start.next == "distances":
-            self.centroids = self._centroids(start.centroids)
-        else:
-            self.masks = self._masks(start.masks)
+        self.centroids: list[list[ts.CKKSVector]] | None = self._centroids(start.centroids)
+        self.rounds = start.rounds
         self.exchange = start.exchange
-        self.iteration = start.iteration
         self.done = False
         self.compute_s = 0.0
 
@@ -446,28 +510,15 @@ class BlindClusterWorker:
         check_shape(raw, self.k, self.a, "centroids")
         return [load_vectors(self.context, row, self.slots) for row in raw]
 
-    def _masks(self, raw: list[list[bytes]]) -> list[list[ts.CKKSVector]]:
-        check_shape(raw, self.k - 1, self.chunks, "masks")
-        return [load_vectors(self.context, row, self.slots) for row in raw]
-
     def round(self) -> BlindClusterRound:
-        began = time.perf_counter()
-        if self.centroids is not None:
-            self.iteration += 1
-            step: Next = "distances"
-            ciphertexts = self._distances()
-            self.centroids = None
-        elif self.masks is not None:
-            step = "sums"
-            ciphertexts = self._sums()
-            self.masks = None
-        else:
+        if self.centroids is None:
             raise MiningError("nothing to compute: the owner's update has not arrived")
+        began = time.perf_counter()
+        ciphertexts = self._distances()
+        self.centroids = None
         self.exchange += 1
         self.compute_s += time.perf_counter() - began
-        return BlindClusterRound(
-            exchange=self.exchange, iteration=self.iteration, step=step, ciphertexts=ciphertexts
-        )
+        return BlindClusterRound(exchange=self.exchange, ciphertexts=ciphertexts)
 
     def _distances(self) -> list[list[bytes]]:
         assert self.centroids is not None
@@ -489,41 +540,20 @@ class BlindClusterWorker:
             for j in range(self.a)
         ]
 
-    def _sums(self) -> list[list[bytes]]:
-        assert self.masks is not None
-        masks = self.masks
-        if self.k > 1:
-            rest = masks[0][:]
-            for y in range(1, self.k - 1):
-                rest = [r + m for r, m in zip(rest, masks[y], strict=True)]
-            last = [-r + 1.0 for r in rest]
-        else:
-            last = [None] * self.chunks
-        out = []
-        for y in range(self.k):
-            row = []
-            for j in range(self.a):
-                total = None
-                for c in range(self.chunks):
-                    mask = masks[y][c] if y < self.k - 1 else last[c]
-                    term = self.columns[j][c] if mask is None else mask * self.columns[j][c]
-                    total = term if total is None else total + term
-                assert total is not None
-                row.append(total.serialize())
-            out.append(row)
-        return out
-
     def update(self, message: BlindClusterUpdate) -> None:
+        """The owner's message after the round just answered; the schedule announced at
+        the start says what it must be (centroids until ``rounds``, then done)."""
+        if message.exchange != self.exchange:
+            raise MiningError(
+                f"an update for round {message.exchange}; round {self.exchange} was answered"
+            )
+        if message.done != (self.exchange >= self.rounds):
+            raise MiningError(
+                f"round {self.exchange} of {self.rounds} announced: done is {message.done}"
+            )
         if message.done:
             self.done = True
             return
         began = time.perf_counter()
-        if message.step == "masks":
-            self.masks = self._masks(message.masks)
-        elif message.step == "centroids":
-            self.centroids = self._centroids(message.centroids)
-        else:
-            raise MiningError(
-                f"an update that is not done needs masks or centroids, not {message.step}"
-            )
+        self.centroids = self._centroids(message.centroids)
         self.compute_s += time.perf_counter() - began

@@ -160,11 +160,13 @@ def run_clustering(
             keys=keys,  # type: ignore[arg-type]  # a Liu key is refused with a reason
         )
         blind_worker = BlindClusterWorker(wire.to_worker(blind.start()))
-        while True:  # two steps per iteration: distances -> masks, sums -> centroids
+        reported = 0
+        while True:  # one round trip a round, max_iterations rounds (the last ones dummy)
             step = wire.to_worker(blind.receive(wire.to_owner(blind_worker.round())))
             blind_worker.update(step)
-            if on_round and step.step != "masks":
-                on_round(len(blind.changes), blind.changes[-1])
+            if on_round and len(blind.changes) > reported:
+                reported = len(blind.changes)
+                on_round(reported, blind.changes[-1])
             if step.done:
                 break
         outcome = blind.outcome()

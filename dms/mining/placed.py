@@ -26,13 +26,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from dms.mining.answers import DEFAULT_VERIFY_FRACTION
 from dms.mining.arrays import NDArray
 from dms.mining.blind_kmeans import BlindClusterOwner, BlindClusterRound, BlindClusterUpdate
 from dms.mining.blind_knn import BlindKnnDistances, BlindKnnOwner
 from dms.mining.classification import KnnDistances, KnnOwner, Label
 from dms.mining.clustering import ClusterOwner, ClusterRound, ClusterUpdate
 from dms.mining.distance import Distance
-from dms.mining.errors import MiningError
+from dms.mining.errors import MiningError, WorkerMisbehaved
 from dms.mining.plain import DEFAULT_MAX_ITERATIONS, DEFAULT_MIN_ERROR
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
@@ -61,6 +62,8 @@ class MiningSettings(BaseModel):
     # skmeans / sknn: blind (CKKS: the worker sees only ciphertexts) or udm (the
     # reference's); None means plaintext, or DBSKMeans' own protocol.
     protocol: Literal["blind", "udm"] | None = None
+    # blind: records recomputed in the clear per shard and round (spot checks)
+    verify_fraction: float = Field(default=DEFAULT_VERIFY_FRACTION, gt=0, le=1)
 
     @property
     def plaintext(self) -> bool:
@@ -163,7 +166,9 @@ class ClusterDriver(Driver):
         if s.blind:
             if self.keys is not None and not isinstance(self.keys, CkksKeys):
                 raise MiningError("the blind protocol needs CKKS keys")
-            self.owner = BlindClusterOwner(self.data, s.k, keys=self.keys, **common)
+            self.owner = BlindClusterOwner(
+                self.data, s.k, keys=self.keys, verify_fraction=s.verify_fraction, **common
+            )
         else:
             self.owner = ClusterOwner(
                 self.data,
@@ -208,15 +213,37 @@ class ClusterDriver(Driver):
         return "step", encode(self._updates[shard])
 
     def accept(self, shard: int, raw: bytes) -> None:
-        self._answers[shard] = decode(self._answer, raw)
+        """Shard ``shard``'s answer; a blind one is opened and checked here, before it is
+        kept (``WorkerMisbehaved`` naming the shard: nothing of it will be decrypted)."""
+        if not isinstance(self.owner, BlindClusterOwner):
+            self._answers[shard] = decode(self._answer, raw)
+            return
+        try:
+            answer = decode(BlindClusterRound, raw)
+        except Exception as exc:
+            first = str(exc).splitlines()[0][:200]
+            raise WorkerMisbehaved(
+                f"shard {shard}: not a BlindClusterRound: {first}", shard
+            ) from None
+        with self._lock:
+            self.owner.check(shard, answer)
+        self._answers[shard] = answer
 
     def advance(self) -> bool:
+        """Combine every shard's answer. ``WorkerMisbehaved`` leaves the owner's state as
+        it was and forgets only that shard's answer: its worker placed again answers
+        the same round."""
         assert self.owner is not None
         if sorted(self._answers) != list(range(self.shards)):
             raise MiningError("not every shard has answered this step")
         with self._lock:
             answers = [self._answers[i] for i in range(self.shards)]
-            updates = self.owner.receive_shards(answers)  # type: ignore[arg-type]
+            try:
+                updates = self.owner.receive_shards(answers)  # type: ignore[arg-type]
+            except WorkerMisbehaved as exc:
+                if exc.shard is not None:
+                    self._answers.pop(exc.shard, None)
+                raise
         self._answers.clear()
         self._updates = updates
         self.changes = list(self.owner.changes)
@@ -226,8 +253,10 @@ class ClusterDriver(Driver):
         """What the last step did, for the session's events."""
         if self.owner is None:
             return ""
-        if isinstance(self.owner, BlindClusterOwner) and self.owner.expect == "sums":
-            return f"iteration {self.rounds + 1}: distances decrypted, records assigned"
+        if isinstance(self.owner, BlindClusterOwner) and not self.owner.changes[-1:]:
+            return f"round {self.owner.exchange}"
+        if isinstance(self.owner, BlindClusterOwner) and self.owner.exchange > self.rounds:
+            return f"round {self.owner.exchange} of {self.owner.rounds} (announced; checks only)"
         change = f"centroid change {self.changes[-1]:.4f}" if self.changes else ""
         return f"iteration {self.rounds}: {change}"
 
@@ -242,6 +271,7 @@ class ClusterDriver(Driver):
         }
         if isinstance(self.owner, BlindClusterOwner):
             extra["near_ties"] = int(sum(self.owner.near_ties))
+            extra.update(self.owner.verification())
         return outcome.labels.tolist(), extra
 
     def checkpoint(self) -> dict[str, Any]:

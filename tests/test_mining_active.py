@@ -1,0 +1,279 @@
+"""Blind mining against an active worker: it lies, replays and crafts ciphertexts.
+
+Each attack is detected (``WorkerMisbehaved``, nothing of the answer decrypted) or
+provably harmless, and the owner's messages to a worker never depend on its answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import tenseal as ts
+
+from dms.mining import Distance, WorkerMisbehaved
+from dms.mining.blind_kmeans import (
+    BlindClusterOwner,
+    BlindClusterRound,
+    BlindClusterWorker,
+    blind_keys,
+)
+from dms.mining.data import blobs, read_table
+from dms.mining.plain import kmeans
+from dms.mining.wire import Wire
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+IRIS = read_table(EXAMPLES / "iris-features.csv").features
+KEYS = blind_keys(128)
+
+Tamper = Callable[[BlindClusterWorker, BlindClusterRound], BlindClusterRound]
+
+
+class Decryptions:
+    """Counts the owner's decryptions (to show a refused answer was never decrypted)."""
+
+    def __init__(self, owner: BlindClusterOwner) -> None:
+        self.count = 0
+        keys = owner._ready()
+        plain = keys.decrypt
+
+        def counted(ciphertext: Any) -> np.ndarray:
+            self.count += 1
+            return plain(ciphertext)
+
+        keys.decrypt = counted  # type: ignore[method-assign]
+
+
+def run(owner: BlindClusterOwner, tamper: Tamper | None = None, wire: Wire | None = None) -> Wire:
+    """The whole job through its byte encoding; ``tamper`` rewrites each answer."""
+    wire = wire or Wire(keep_to_worker=True)
+    worker = BlindClusterWorker(wire.to_worker(owner.start()))
+    while True:
+        answer = worker.round()
+        if tamper is not None:
+            answer = tamper(worker, answer)
+        update = wire.to_worker(owner.receive(wire.to_owner(answer)))
+        worker.update(update)
+        if update.done:
+            return wire
+
+
+def blanked(value: Any) -> Any:
+    """A message with every ciphertext replaced by a marker: what is left must be the
+    same byte for byte, whatever the worker answered."""
+    if isinstance(value, bytes):
+        return b"ciphertext" if len(value) > 1000 else value
+    if isinstance(value, list):
+        return [blanked(v) for v in value]
+    if isinstance(value, dict):
+        return {k: blanked(v) for k, v in value.items()}
+    return value
+
+
+def transcript(wire: Wire) -> list[bytes]:
+    return [
+        msgpack.packb(blanked(msgpack.unpackb(raw, raw=False)), use_bin_type=True)
+        for raw in wire.to_worker_log
+    ]
+
+
+def sizes(wire: Wire) -> list[int]:
+    return [len(raw) for raw in wire.to_worker_log]
+
+
+def shift_record(record: int, by: float) -> Tamper:
+    """Adds ``by`` to one record's distance to cluster 0: its label may move."""
+
+    def tamper(worker: BlindClusterWorker, answer: BlindClusterRound) -> BlindClusterRound:
+        ctx = worker.context
+        first = ts.ckks_vector_from(ctx, answer.ciphertexts[0][0])
+        bump = np.zeros(worker.slots)
+        bump[record] = by
+        answer.ciphertexts[0][0] = (first + bump.tolist()).serialize()
+        return answer
+
+    return tamper
+
+
+def owner_for(data: np.ndarray, k: int = 3, **kw: Any) -> BlindClusterOwner:
+    return BlindClusterOwner(data, k, keys=KEYS, min_error=0.0, max_iterations=12, **kw)
+
+
+# ---- no feedback channel ---------------------------------------------------------------
+
+
+def test_the_owners_messages_do_not_depend_on_what_the_worker_returned() -> None:
+    """An honest worker, one whose lie changes the labels and when k-means converges
+    (the spot check looks elsewhere), and one whose answers are off by less than the
+    noise: the owner sends the same messages, byte for byte once each ciphertext is
+    blanked, in the same number and order, of sizes equal up to compression."""
+    data, _ = blobs(120, 2, 3, seed=8, std=2.5)
+    honest = owner_for(data)
+    honest_wire = run(honest)
+
+    liar = owner_for(data)
+    liar.spot.sample = lambda n: np.array([0])  # type: ignore[method-assign]
+    # Record 5 is pushed towards cluster 0 every round: its label and the run change.
+    liar_wire = run(liar, shift_record(5, -50.0))
+    assert liar.outcome().labels.tolist() != honest.outcome().labels.tolist()
+
+    noisy = owner_for(data)
+    noisy_wire = run(noisy, shift_record(7, noisy.tol / 4 if noisy.tol else 0.0))
+
+    assert honest.outcome().iterations < honest.rounds  # dummy rounds were sent
+    reference = transcript(honest_wire)
+    assert len(reference) == 1 + honest.rounds
+    for wire in (liar_wire, noisy_wire):
+        assert transcript(wire) == reference
+        for got, want in zip(sizes(wire), sizes(honest_wire), strict=True):
+            assert abs(got - want) <= 0.01 * want
+
+
+def test_a_crafted_answer_earns_no_bit_from_the_done_flag() -> None:
+    """The attack of issue 25 on the old protocol: the worker keeps Enc(C_old) so
+    nothing moves, plus a chosen record's value; the owner's answer said whether it was
+    below a threshold. Now every update before round R carries centroids and round R
+    says done, for any answer: the worker learns nothing, and the spot check catches
+    the crafted distances (here every record is checked)."""
+    owner = owner_for(IRIS, verify_fraction=1.0)
+    worker = BlindClusterWorker(owner.start())
+    answer = worker.round()
+    ctx = worker.context
+    record = np.zeros(worker.slots)
+    record[149] = 1e3
+    crafted = worker.columns[0][0] * record.tolist()  # lambda * x_149 in one slot, else 0
+    answer.ciphertexts[0][0] = crafted.serialize()
+    assert ts.ckks_vector_from(ctx, answer.ciphertexts[0][0]).size() == worker.slots
+    with pytest.raises(WorkerMisbehaved, match="shard 0: distances of record") as caught:
+        owner.receive(answer)
+    assert caught.value.shard == 0
+    assert owner.exchange == 0  # the owner's state is as before: a new worker redoes round 1
+
+
+# ---- malformed answers: refused before any decryption -----------------------------------
+
+
+def fresh(worker: BlindClusterWorker) -> bytes:
+    """A ciphertext at the top level (two primes): the wrong level and size."""
+    return worker.columns[0][0].serialize()
+
+
+# The blind context encrypts only at the owner (symmetric keys): these two stand for a
+# worker with ciphertexts from elsewhere, made here with the owner's context.
+def other_scale(worker: BlindClusterWorker) -> bytes:
+    vector = ts.ckks_vector(KEYS.context, [0.5] * worker.slots, scale=2**40)
+    return (vector * vector).serialize()  # one prime, scale 2^30
+
+
+def short_vector(worker: BlindClusterWorker) -> bytes:
+    return ts.ckks_vector(KEYS.context, [0.5, 0.25, 0.125]).square().serialize()
+
+
+def honest(worker: BlindClusterWorker) -> bytes:
+    return (worker.columns[0][0] - worker.columns[1][0]).square().serialize()
+
+
+def truncated(worker: BlindClusterWorker) -> bytes:
+    return honest(worker)[:-100]
+
+
+def padded(worker: BlindClusterWorker) -> bytes:
+    return honest(worker) + b"\0" * 4096
+
+
+def not_ckks(worker: BlindClusterWorker) -> bytes:
+    return b"\x01" * 1000
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (fresh, "primes|bytes"),
+        (other_scale, "scale"),
+        (short_vector, "slots"),
+        (padded, "bytes"),
+        (not_ckks, "not a CKKS ciphertext"),
+        (truncated, "not a CKKS ciphertext"),
+    ],
+    ids=["top-level", "other-scale", "three-slots", "padded", "garbage", "truncated"],
+)
+def test_a_malformed_ciphertext_is_refused_and_never_decrypted(
+    make: Callable[[BlindClusterWorker], bytes], reason: str
+) -> None:
+    owner = owner_for(IRIS)
+    decryptions = Decryptions(owner)
+    worker = BlindClusterWorker(owner.start())
+    answer = worker.round()
+    answer.ciphertexts[2][0] = make(worker)
+    with pytest.raises(WorkerMisbehaved, match=reason):
+        owner.receive(answer)
+    assert decryptions.count == 0
+    assert owner.exchange == 0
+
+
+def test_an_answer_of_the_wrong_shape_is_refused() -> None:
+    owner = owner_for(IRIS)
+    worker = BlindClusterWorker(owner.start())
+    answer = worker.round()
+    # k x a "sums", the old protocol's second step, instead of k x chunks distances.
+    sums = BlindClusterRound(exchange=1, ciphertexts=[row * 4 for row in answer.ciphertexts])
+    with pytest.raises(WorkerMisbehaved, match="must be 3 x 1 ciphertexts"):
+        owner.receive(sums)
+
+
+# ---- replays and lies ---------------------------------------------------------------------
+
+
+def test_a_replayed_answer_is_refused_and_a_renumbered_one_is_caught() -> None:
+    owner = owner_for(IRIS, verify_fraction=0.02)  # 3 records checked per round
+    worker = BlindClusterWorker(owner.start())
+    first = worker.round()
+    worker.update(owner.receive(first))
+    with pytest.raises(WorkerMisbehaved, match="an answer for round 1 when round 2"):
+        owner.receive(first)
+    # The same distances under the new round's number: the centroids moved, so every
+    # record's distances did, and any record checked shows it.
+    renumbered = BlindClusterRound(exchange=2, ciphertexts=first.ciphertexts)
+    with pytest.raises(WorkerMisbehaved, match="not what its data gives"):
+        owner.receive(renumbered)
+    owner.receive(worker.round())  # the honest answer is still taken
+
+
+def test_after_convergence_a_replay_is_harmless() -> None:
+    """In a dummy round the centroids are those of the round before: an old answer
+    holds the right values, passes, and changes nothing the owner publishes."""
+    data, _ = blobs(90, 2, 3, seed=3, std=0.5)
+    owner = owner_for(data, verify_fraction=1.0)
+    kept: list[BlindClusterRound] = []
+
+    def replay_once_converged(worker: BlindClusterWorker, answer: BlindClusterRound) -> Any:
+        if owner.converged and kept:
+            return BlindClusterRound(exchange=answer.exchange, ciphertexts=kept[-1].ciphertexts)
+        kept.append(answer)
+        return answer
+
+    run(owner, replay_once_converged)
+    plain = kmeans(data, 3, min_error=0.0, max_iterations=12)
+    assert owner.outcome().labels.tolist() == plain.labels.tolist()
+    assert owner.outcome().iterations == plain.iterations < owner.rounds
+
+
+@pytest.mark.parametrize("distance", [Distance.EUCLIDEAN, Distance.MANHATTAN])
+def test_one_records_shifted_distance_is_caught_when_checked(distance: Distance) -> None:
+    owner = owner_for(IRIS, distance=distance, verify_fraction=1.0)
+    with pytest.raises(WorkerMisbehaved, match="record 40 off by"):
+        run(owner, shift_record(40, 0.5))
+
+
+def test_the_detection_odds_are_reported() -> None:
+    owner = owner_for(IRIS, verify_fraction=0.07)
+    run(owner)
+    report = owner.verification()
+    assert report["verify_fraction"] == 0.07
+    assert report["detection_per_round"] == pytest.approx(11 / 150, abs=1e-6)  # ceil(10.5)
+    assert report["records_checked"] == 11 * owner.rounds
+    assert report["rounds"] == 12

@@ -1,0 +1,271 @@
+"""The aggregator: relays sealed shares, sums masked vectors, removes the masks, learns totals.
+
+It never holds an owner's statistics in the clear: each input carries a self
+mask only that owner's seed removes, and pairwise masks that cancel only in
+the sum over the owners that sent. After the inputs of a round close, it asks
+each survivor for its shares of the survivors' self-mask seeds and of the
+dropped owners' mask keys; with ``threshold`` answers it rebuilds those
+(checking each against a commitment or a public key), and the total is
+``sum(inputs) - self masks - the pairwise masks that dropped owners left``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+
+from dms.mining.collab import masks, ring, shamir
+from dms.mining.collab.errors import CollabFailed, Refused
+from dms.mining.collab.messages import (
+    Dropout,
+    KeysAdvert,
+    MaskedInput,
+    Proposal,
+    Roster,
+    RoundStart,
+    RoundTotals,
+    SeedShares,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from dms.mining.collab.owner import pair_seed, self_seed
+from dms.mining.errors import MiningError
+
+
+class CollabAggregator:
+    def __init__(self, proposal: Proposal) -> None:
+        self.proposal = proposal
+        self.adverts: dict[str, KeysAdvert] = {}
+        self._roster: list[str] | None = None
+        self._key_shares: dict[str, dict[str, bytes]] = {}  # sender -> holder -> sealed
+        self.dropped: list[Dropout] = []
+        self.round = proposal.first_round()
+        self._live: list[str] | None = None
+        self._open = False
+        self._inputs: dict[str, MaskedInput] = {}
+        self._request: dict[str, UnmaskRequest] | None = None
+        self._replies: dict[str, UnmaskReply] = {}
+        self.totals: list[RoundTotals] = []
+
+    # -- setup -----------------------------------------------------------------
+
+    def receive_advert(self, advert: KeysAdvert) -> None:
+        p = self.proposal
+        self._check_collab(advert.collab_id, advert.owner)
+        if advert.owner not in p.owners:
+            raise Refused("not an owner in the proposal", advert.owner)
+        if self._roster is not None:
+            raise Refused("keys after the roster closed", advert.owner)
+        if advert.owner in self.adverts:
+            raise Refused("keys advertised twice", advert.owner)
+        with refusing(advert.owner):
+            masks.x25519_public(advert.c_key, "the sealing key")
+            masks.x25519_public(advert.s_key, "the mask key")
+            masks.verify(advert.sign_key, advert.signature, advert.payload(), "keys")
+        self.adverts[advert.owner] = advert
+
+    def roster(self) -> Roster:
+        p = self.proposal
+        if self._roster is None:
+            self._require(len(self.adverts), "advertised keys", setup=True)
+            self._roster = [o for o in p.owners if o in self.adverts]
+            self.dropped += [Dropout(owner=o, round=-1) for o in p.owners if o not in self.adverts]
+        return Roster(collab_id=p.collab_id, adverts=[self.adverts[o] for o in self._roster])
+
+    def receive_seed_shares(self, message: SeedShares) -> None:
+        self._check_collab(message.collab_id, message.owner)
+        if self._roster is None or message.owner not in self._roster:
+            raise Refused("mask-key shares from an owner not in the roster", message.owner)
+        if self._live is not None:
+            raise Refused("mask-key shares after the first round started", message.owner)
+        if message.owner in self._key_shares:
+            raise Refused("mask-key shares sent twice", message.owner)
+        if set(message.shares) != set(self._roster):
+            raise Refused("mask-key shares must go to exactly the roster's owners", message.owner)
+        self._check_signature(message)
+        self._key_shares[message.owner] = message.shares
+
+    # -- a round ---------------------------------------------------------------
+
+    def start_round(self) -> RoundStart:
+        p = self.proposal
+        if self._open:
+            raise MiningError(f"round {self.round} is still open")
+        if self.round > p.rounds:
+            raise MiningError(f"all {p.rounds} announced rounds are done")
+        if self._live is None:  # the first round: owners whose key shares arrived
+            assert self._roster is not None
+            live = [o for o in self._roster if o in self._key_shares]
+            self.dropped += [Dropout(owner=o, round=-1) for o in self._roster if o not in live]
+        else:
+            gone = {d.owner for d in self.dropped}
+            live = [o for o in self._live if o not in gone]
+        self._live = live
+        self._require(len(live), "owners are live")
+        self._inputs, self._replies, self._request = {}, {}, None
+        self._open = True
+        return RoundStart(collab_id=p.collab_id, round=self.round, live=live)
+
+    def receive_input(self, message: MaskedInput) -> None:
+        p = self.proposal
+        self._check_collab(message.collab_id, message.owner)
+        self._check_round(message.round, message.owner)
+        assert self._live is not None
+        if message.owner not in self._live:
+            raise Refused(f"not a live owner of round {self.round}", message.owner)
+        if self._request is not None:
+            raise Refused(f"input after round {self.round}'s inputs closed", message.owner)
+        if message.owner in self._inputs:
+            raise Refused(f"a second input for round {self.round} (replay)", message.owner)
+        length = p.length(self.round)
+        if len(message.vector) != 8 * length:
+            raise Refused(
+                f"input of {len(message.vector)} bytes, expected {8 * length} "
+                f"({length} ring elements)",
+                message.owner,
+            )
+        if set(message.shares) != set(self._live):
+            raise Refused("self-mask shares must go to exactly the live owners", message.owner)
+        if len(message.commitment) != 32:
+            raise Refused("the self-mask commitment is not 32 bytes", message.owner)
+        self._check_signature(message)
+        self._inputs[message.owner] = message
+
+    def close_inputs(self) -> dict[str, UnmaskRequest]:
+        """The unmask request for each survivor (the owners whose input arrived)."""
+        p = self.proposal
+        assert self._live is not None
+        survivors = [o for o in self._live if o in self._inputs]
+        dropped = [o for o in self._live if o not in self._inputs]
+        self.dropped += [Dropout(owner=o, round=self.round) for o in dropped]
+        self._require(len(survivors), "owners sent their input")
+        self._request = {
+            holder: UnmaskRequest(
+                collab_id=p.collab_id,
+                round=self.round,
+                survivors=survivors,
+                dropped=dropped,
+                self_shares={u: self._inputs[u].shares[holder] for u in survivors},
+                key_shares={u: self._key_shares[u][holder] for u in dropped},
+            )
+            for holder in survivors
+        }
+        return self._request
+
+    def receive_unmask(self, reply: UnmaskReply) -> None:
+        self._check_collab(reply.collab_id, reply.owner)
+        self._check_round(reply.round, reply.owner)
+        if self._request is None or reply.owner not in self._request:
+            raise Refused(f"an unmask reply not asked for in round {self.round}", reply.owner)
+        if reply.owner in self._replies:
+            raise Refused(f"a second unmask reply for round {self.round}", reply.owner)
+        request = self._request[reply.owner]
+        if set(reply.self_shares) != set(request.survivors) or set(reply.key_shares) != set(
+            request.dropped
+        ):
+            raise Refused("the reply does not answer for exactly the owners asked", reply.owner)
+        for share in (*reply.self_shares.values(), *reply.key_shares.values()):
+            if len(share) != shamir.SHARE_BYTES:
+                raise Refused(f"a share of {len(share)} bytes", reply.owner)
+        self._check_signature(reply)
+        self._replies[reply.owner] = reply
+
+    def finish_round(self) -> RoundTotals:
+        p = self.proposal
+        if self._request is None:
+            raise MiningError(f"round {self.round}'s inputs are not closed")
+        survivors = next(iter(self._request.values())).survivors
+        dropped = next(iter(self._request.values())).dropped
+        self._require(len(self._replies), "survivors answered the unmask request")
+        holders = sorted(self._replies, key=p.position)[: p.threshold]
+        weights = shamir.lagrange_at_zero(p.position(h) for h in holders)
+        total = np.zeros(p.length(self.round), dtype=np.uint64)
+        for u in survivors:
+            total += ring.from_bytes(self._inputs[u].vector, total.size)
+            seed = self._rebuild({h: self._replies[h].self_shares[u] for h in holders}, weights, u)
+            if masks.commitment(seed, p.collab_id, self.round, u) != self._inputs[u].commitment:
+                raise CollabFailed(
+                    f"round {self.round}: {u}'s self-mask seed does not rebuild "
+                    f"(a share from one of {', '.join(holders)} is wrong)"
+                )
+            total -= masks.stream(self_seed(seed, p.collab_id, self.round, u), total.size)
+        for u in dropped:
+            key = masks.x25519_private(
+                self._rebuild({h: self._replies[h].key_shares[u] for h in holders}, weights, u)
+            )
+            if masks.public_bytes(key) != self.adverts[u].s_key:
+                raise CollabFailed(
+                    f"round {self.round}: dropped {u}'s mask key does not rebuild "
+                    f"(a share from one of {', '.join(holders)} is wrong)"
+                )
+            for v in survivors:
+                secret = masks.agree(key, masks.x25519_public(self.adverts[v].s_key, v))
+                pad = masks.stream(pair_seed(secret, p.collab_id, self.round), total.size)
+                if p.position(v) < p.position(u):
+                    total -= pad  # v added it
+                else:
+                    total += pad  # v subtracted it
+        totals = RoundTotals(
+            collab_id=p.collab_id,
+            round=self.round,
+            survivors=survivors,
+            dropped=dropped,
+            values=ring.decode(total, p.scale_bits).tolist(),
+        )
+        self.totals.append(totals)
+        self.round += 1
+        self._request = None
+        self._open = False
+        self._live = survivors
+        return totals
+
+    @property
+    def done(self) -> bool:
+        return self.round > self.proposal.rounds
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _rebuild(self, shares: dict[str, bytes], weights: dict[int, int], owner: str) -> bytes:
+        p = self.proposal
+        try:
+            return shamir.combine({p.position(h): s for h, s in shares.items()}, weights)
+        except MiningError as exc:
+            raise CollabFailed(
+                f"round {self.round}: {owner}'s secret does not rebuild: {exc}"
+            ) from None
+
+    def _require(self, count: int, what: str, *, setup: bool = False) -> None:
+        p = self.proposal
+        if count >= p.threshold:
+            return
+        when = "setup" if setup else f"round {self.round}"
+        gone = ", ".join(sorted({d.owner for d in self.dropped}, key=p.position)) or "none"
+        raise CollabFailed(
+            f"{when}: only {count} {what}, below the threshold {p.threshold} (dropped: {gone})"
+        )
+
+    def _check_collab(self, collab_id: str, sender: str) -> None:
+        if collab_id != self.proposal.collab_id:
+            raise Refused(
+                f"for collaboration {collab_id!r}, not {self.proposal.collab_id!r}", sender
+            )
+
+    def _check_round(self, round_: int, sender: str) -> None:
+        if self._live is None or round_ != self.round:
+            raise Refused(f"for round {round_}, but round {self.round} is open", sender)
+
+    def _check_signature(self, message: SeedShares | MaskedInput | UnmaskReply) -> None:
+        advert = self.adverts[message.owner]
+        with refusing(message.owner):
+            masks.verify(advert.sign_key, message.signature, message.payload(), "message")
+
+
+@contextmanager
+def refusing(sender: str) -> Iterator[None]:
+    """A check that fails inside becomes a refusal of ``sender``'s message."""
+    try:
+        yield
+    except MiningError as exc:
+        raise Refused(str(exc), sender) from None

@@ -1,0 +1,332 @@
+"""One data owner's side: its rows stay here; only masked vectors and sealed shares leave.
+
+Per round the owner computes its statistics in the clear, encodes them in the
+ring, adds a fresh self mask and, for every other live owner, a pairwise mask
+(+ towards owners listed after it, - towards those before), so the pairwise
+masks cancel in the total. It Shamir-shares the self-mask seed among the live
+owners. When the aggregator says who sent an input, it opens, for each
+survivor, that survivor's self-mask share and, for each owner that did not
+send, its share of that owner's mask key, never both for one owner in one
+round; an owner named dropped stays dropped for the rest of the collaboration.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TypeVar
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from dms.mining.collab import masks, ring, shamir
+from dms.mining.collab.errors import Refused
+from dms.mining.collab.messages import (
+    Dropout,
+    KeysAdvert,
+    MaskedInput,
+    OwnerResult,
+    Proposal,
+    Roster,
+    RoundStart,
+    RoundTotals,
+    SeedShares,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from dms.mining.collab.stats import (
+    drawn_centroids,
+    kmeans_statistics,
+    moments_statistics,
+    next_centroids,
+)
+from dms.mining.errors import MiningError
+
+S = TypeVar("S", KeysAdvert, SeedShares, MaskedInput, UnmaskReply)
+
+
+def key_aad(collab_id: str, sender: str, holder: str) -> bytes:
+    return f"{collab_id}|key|{sender}|{holder}".encode()
+
+
+def self_aad(collab_id: str, round_: int, sender: str, holder: str) -> bytes:
+    return f"{collab_id}|self|{round_}|{sender}|{holder}".encode()
+
+
+def pair_seed(secret: bytes, collab_id: str, round_: int) -> bytes:
+    return masks.derive(secret, "pair", collab_id, round_)
+
+
+def self_seed(seed: bytes, collab_id: str, round_: int, owner: str) -> bytes:
+    return masks.derive(seed, "self", collab_id, round_, owner)
+
+
+class CollabOwner:
+    def __init__(self, proposal: Proposal, owner: str, rows: np.ndarray) -> None:
+        if owner not in proposal.owners:
+            raise MiningError(f"{owner} is not among the proposal's owners")
+        rows = np.asarray(rows, dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[1] != proposal.a or rows.shape[0] < 1:
+            raise MiningError(
+                f"the proposal needs rows of {proposal.a} attributes, not shape {rows.shape}"
+            )
+        if not np.all(np.isfinite(rows)):
+            raise MiningError("a row holds a value that is not a finite number")
+        if proposal.privacy is not None:
+            norms = np.linalg.norm(rows, axis=1)
+            rows = (
+                rows * np.minimum(1.0, proposal.privacy.clip / np.maximum(norms, 1e-300))[:, None]
+            )
+        self.proposal = proposal
+        self.owner = owner
+        self._rows = rows
+        self._sign = Ed25519PrivateKey.generate()
+        self._c = X25519PrivateKey.generate()
+        self._s = X25519PrivateKey.generate()
+        self._share_keys: dict[str, bytes] = {}
+        self._pair_secrets: dict[str, bytes] = {}
+        self._roster: set[str] = set()
+        self._dropped: list[Dropout] = []
+        self._next = proposal.first_round()
+        self._pending: RoundStart | None = None  # contributed, awaiting the unmask request
+        self._answer: tuple[UnmaskRequest, UnmaskReply] | None = None
+        self._labels = np.zeros(rows.shape[0], dtype=np.int64)
+        self._candidate_labels = self._labels
+        self._initial: np.ndarray | None = None
+        self.centroids: np.ndarray | None = None
+        if proposal.centroids is not None:
+            self._initial = np.asarray(proposal.centroids, dtype=np.float64)
+            self.centroids = self._initial.copy()
+        self._noise = np.random.default_rng(int.from_bytes(os.urandom(16), "big"))
+
+    # -- setup ---------------------------------------------------------------
+
+    def advert(self) -> KeysAdvert:
+        message = KeysAdvert(
+            collab_id=self.proposal.collab_id,
+            owner=self.owner,
+            sign_key=masks.public_bytes(self._sign),
+            c_key=masks.public_bytes(self._c),
+            s_key=masks.public_bytes(self._s),
+        )
+        return self._signed(message)
+
+    def receive_roster(self, roster: Roster) -> SeedShares:
+        p = self.proposal
+        if roster.collab_id != p.collab_id:
+            raise Refused(f"roster for collaboration {roster.collab_id!r}, not {p.collab_id!r}")
+        if self._roster:
+            raise Refused("a second roster (the first one stands)")
+        seen: dict[str, KeysAdvert] = {}
+        for advert in roster.adverts:
+            if advert.owner not in p.owners or advert.owner in seen:
+                raise Refused(f"the roster lists {advert.owner!r} twice or outside the proposal")
+            if advert.collab_id != p.collab_id:
+                raise Refused(f"{advert.owner}'s advert is for another collaboration")
+            masks.verify(advert.sign_key, advert.signature, advert.payload(), advert.owner)
+            seen[advert.owner] = advert
+        mine = seen.get(self.owner)
+        if mine is None or mine.payload() != self.advert().payload():
+            raise Refused("the roster does not carry this owner's own keys unchanged")
+        if len(seen) < p.threshold:
+            raise Refused(f"the roster has {len(seen)} owners, below the threshold {p.threshold}")
+        for other, advert in seen.items():
+            c_pub = masks.x25519_public(advert.c_key, f"{other}'s sealing key")
+            self._share_keys[other] = masks.derive(
+                masks.agree(self._c, c_pub), "share-key", p.collab_id
+            )
+            if other != self.owner:
+                s_pub = masks.x25519_public(advert.s_key, f"{other}'s mask key")
+                self._pair_secrets[other] = masks.agree(self._s, s_pub)
+        self._roster = set(seen)
+        self._dropped += [Dropout(owner=o, round=-1) for o in p.owners if o not in seen]
+        shares = self._split(masks.private_bytes(self._s), sorted(seen, key=p.position))
+        sealed = {
+            holder: masks.seal(
+                self._share_keys[holder],
+                share,
+                key_aad(p.collab_id, self.owner, holder),
+                os.urandom(masks.NONCE_BYTES),
+            )
+            for holder, share in shares.items()
+        }
+        return self._signed(SeedShares(collab_id=p.collab_id, owner=self.owner, shares=sealed))
+
+    # -- a round ---------------------------------------------------------------
+
+    def contribute(self, start: RoundStart) -> MaskedInput:
+        p = self.proposal
+        self._check_start(start)
+        if start.round == 0:
+            vector = moments_statistics(self._rows)
+        else:
+            assert self.centroids is not None
+            self._candidate_labels, vector = kmeans_statistics(self._rows, self.centroids)
+            if p.privacy is not None:
+                sigma = p.privacy.sigma() / np.sqrt(p.threshold)
+                vector = vector + self._noise.normal(0.0, sigma, size=vector.shape)
+        masked = ring.encode(vector, p.scale_bits, len(p.owners))
+        seed = os.urandom(shamir.SECRET_BYTES)
+        masked += masks.stream(self_seed(seed, p.collab_id, start.round, self.owner), masked.size)
+        me = p.position(self.owner)
+        for other in start.live:
+            if other == self.owner:
+                continue
+            pad = masks.stream(
+                pair_seed(self._pair_secrets[other], p.collab_id, start.round), masked.size
+            )
+            if me < p.position(other):
+                masked += pad
+            else:
+                masked -= pad
+        shares = self._split(seed, start.live)
+        sealed = {
+            holder: masks.seal(
+                self._share_keys[holder],
+                share,
+                self_aad(p.collab_id, start.round, self.owner, holder),
+                os.urandom(masks.NONCE_BYTES),
+            )
+            for holder, share in shares.items()
+        }
+        self._pending = start
+        self._answer = None
+        message = MaskedInput(
+            collab_id=p.collab_id,
+            round=start.round,
+            owner=self.owner,
+            vector=ring.to_bytes(masked),
+            commitment=masks.commitment(seed, p.collab_id, start.round, self.owner),
+            shares=sealed,
+        )
+        return self._signed(message)
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        p = self.proposal
+        start = self._pending
+        if request.collab_id != p.collab_id:
+            raise Refused(f"unmask request for collaboration {request.collab_id!r}")
+        if start is None or request.round != start.round:
+            raise Refused(f"unmask request for round {request.round}, which this owner is not in")
+        if self._answer is not None:
+            previous, reply = self._answer
+            if previous == request:
+                return reply  # the same question again gets the same answer
+            raise Refused(f"a second, different unmask request for round {request.round}")
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if survivors & dropped or survivors | dropped != set(start.live):
+            raise Refused("survivors and dropped do not split the round's live owners")
+        if len(request.survivors) != len(survivors) or len(request.dropped) != len(dropped):
+            raise Refused("an owner is named twice in the unmask request")
+        if self.owner not in survivors:
+            raise Refused("this owner is named dropped in a round it sent its input to")
+        if len(survivors) < p.threshold:
+            raise Refused(f"{len(survivors)} survivors, below the threshold {p.threshold}")
+        if set(request.self_shares) != survivors or set(request.key_shares) != dropped:
+            raise Refused("the unmask request does not carry one share for each owner named")
+        opened_self = {
+            u: masks.unseal(
+                self._share_keys[u],
+                sealed,
+                self_aad(p.collab_id, request.round, u, self.owner),
+                f"{u}'s self-mask share",
+            )
+            for u, sealed in request.self_shares.items()
+        }
+        opened_keys = {
+            u: masks.unseal(
+                self._share_keys[u],
+                sealed,
+                key_aad(p.collab_id, u, self.owner),
+                f"{u}'s mask-key share",
+            )
+            for u, sealed in request.key_shares.items()
+        }
+        reply = self._signed(
+            UnmaskReply(
+                collab_id=p.collab_id,
+                round=request.round,
+                owner=self.owner,
+                self_shares=opened_self,
+                key_shares=opened_keys,
+            )
+        )
+        self._answer = (request, reply)
+        return reply
+
+    def receive_totals(self, totals: RoundTotals) -> None:
+        p = self.proposal
+        start = self._pending
+        if totals.collab_id != p.collab_id:
+            raise Refused(f"totals for collaboration {totals.collab_id!r}")
+        if start is None or self._answer is None or totals.round != start.round:
+            raise Refused(f"totals for round {totals.round}, which this owner did not unmask")
+        request = self._answer[0]
+        if totals.survivors != request.survivors or totals.dropped != request.dropped:
+            raise Refused("the totals name other survivors than the unmask request did")
+        values = np.asarray(totals.values, dtype=np.float64)
+        if values.shape != (p.length(totals.round),) or not np.all(np.isfinite(values)):
+            raise Refused(f"totals of {values.size} values, expected {p.length(totals.round)}")
+        self._dropped += [Dropout(owner=o, round=totals.round) for o in totals.dropped]
+        if totals.round == 0:
+            self._initial = drawn_centroids(values, p.k, p.a, p.seed)
+            self.centroids = self._initial.copy()
+        else:
+            assert self.centroids is not None
+            self.centroids = next_centroids(values, self.centroids)
+            self._labels = self._candidate_labels
+        self._pending = None
+        self._next = totals.round + 1
+
+    @property
+    def done(self) -> bool:
+        return self._next > self.proposal.rounds
+
+    def result(self) -> OwnerResult:
+        p = self.proposal
+        if not self.done or self.centroids is None or self._initial is None:
+            raise MiningError(f"the collaboration is at round {self._next} of {p.rounds}")
+        spent = p.privacy
+        return OwnerResult(
+            collab_id=p.collab_id,
+            owner=self.owner,
+            rounds=p.rounds,
+            initial_centroids=self._initial.tolist(),
+            centroids=self.centroids.tolist(),
+            labels=self._labels.tolist(),
+            dropped=self._dropped,
+            epsilon_spent=None if spent is None else spent.epsilon * p.rounds,
+            delta_spent=None if spent is None else spent.delta * p.rounds,
+        )
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _check_start(self, start: RoundStart) -> None:
+        p = self.proposal
+        if start.collab_id != p.collab_id:
+            raise Refused(f"round start for collaboration {start.collab_id!r}")
+        if not self._roster:
+            raise Refused("a round start before the roster")
+        if self._pending is not None or start.round != self._next:
+            raise Refused(f"round {start.round} starts, but this owner expects round {self._next}")
+        if start.round > p.rounds:
+            raise Refused(f"round {start.round} after the announced {p.rounds}")
+        live = set(start.live)
+        gone = {d.owner for d in self._dropped}
+        if len(live) != len(start.live) or not live <= self._roster or live & gone:
+            raise Refused("the live owners include one twice, unknown or already dropped")
+        if self.owner not in live:
+            raise Refused("this owner is not among the round's live owners")
+        if len(live) < p.threshold:
+            raise Refused(f"{len(live)} live owners, below the threshold {p.threshold}")
+        left_out = sorted(self._roster - live - gone, key=p.position)
+        round_ = -1 if start.round == p.first_round() else start.round
+        self._dropped += [Dropout(owner=o, round=round_) for o in left_out]
+
+    def _split(self, secret: bytes, holders: list[str]) -> dict[str, bytes]:
+        p = self.proposal
+        by_x = shamir.split(secret, [p.position(h) for h in holders], p.threshold)
+        return {h: by_x[p.position(h)] for h in holders}
+
+    def _signed(self, message: S) -> S:
+        return message.model_copy(update={"signature": self._sign.sign(message.payload())})

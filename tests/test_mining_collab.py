@@ -1,0 +1,282 @@
+"""Collaborative k-means by secure aggregation: the crypto identities, refusals, and the
+joint result against plaintext k-means on the union (dms.mining.collab, in one process)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from dms.mining.collab import (
+    CollabAggregator,
+    CollabFailed,
+    CollabOwner,
+    Proposal,
+    Refused,
+    ring,
+    shamir,
+)
+from dms.mining.collab.messages import MaskedInput, Privacy, UnmaskRequest
+from dms.mining.collab.simulate import Drop, Phase, run_collab
+from dms.mining.collab.stats import kmeans_statistics, next_centroids
+from dms.mining.data import blobs, read_table
+from dms.mining.errors import MiningError
+from dms.mining.plain import kmeans
+from dms.mining.wire import decode
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+IRIS = read_table(EXAMPLES / "iris-features.csv").features
+
+
+def names(m: int) -> list[str]:
+    return [f"owner{i}" for i in range(1, m + 1)]
+
+
+def proposal(data: np.ndarray, m: int, k: int, rounds: int, threshold: int, **kw) -> Proposal:
+    return Proposal(
+        collab_id="collab-1",
+        owners=names(m),
+        a=data.shape[1],
+        k=k,
+        rounds=rounds,
+        threshold=threshold,
+        centroids=data[:k].tolist(),
+        **kw,
+    )
+
+
+def split(data: np.ndarray, m: int) -> dict[str, np.ndarray]:
+    return dict(zip(names(m), np.array_split(data, m), strict=True))
+
+
+def joint_labels(run, owners: list[str]) -> np.ndarray:
+    return np.concatenate([run.results[o].labels for o in owners])
+
+
+def plaintext_with_dropouts(
+    parts: dict[str, np.ndarray], init: np.ndarray, rounds: int, last: dict[str, int]
+) -> np.ndarray:
+    """Plain k-means where owner o's rows count up to round last[o] only."""
+    centroids = init.copy()
+    for r in range(1, rounds + 1):
+        rows = np.concatenate([x for o, x in parts.items() if last.get(o, rounds) >= r])
+        centroids = next_centroids(kmeans_statistics(rows, centroids)[1], centroids)
+    return centroids
+
+
+# -- the crypto identities ----------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    secret=st.binary(min_size=32, max_size=32),
+    holders=st.integers(1, 12),
+    data=st.data(),
+)
+def test_shamir_rebuilds_from_any_threshold_of_shares(secret: bytes, holders: int, data) -> None:
+    threshold = data.draw(st.integers(1, holders))
+    shares = shamir.split(secret, range(1, holders + 1), threshold)
+    chosen = data.draw(st.permutations(list(shares)))[:threshold]
+    assert shamir.combine({x: shares[x] for x in chosen}) == secret
+    if threshold > 1:  # one share short gives something else
+        fewer = {x: shares[x] for x in chosen[:-1]}
+        with contextlib.suppress(MiningError):  # or it does not even combine
+            assert shamir.combine(fewer) != secret
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_masks_cancel_and_the_total_is_the_plain_sum_for_any_dropouts(data) -> None:
+    m = data.draw(st.integers(2, 7), label="owners")
+    threshold = data.draw(st.integers(m // 2 + 1, m), label="threshold")
+    dropped = data.draw(st.sets(st.sampled_from(names(m)), max_size=m - threshold), label="drop")
+    phase = data.draw(st.sampled_from([Phase.INPUT, Phase.UNMASK]), label="phase")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    rows = np.random.default_rng(seed).normal(0.0, 50.0, size=(m * 7, 3))
+    parts = split(rows, m)
+    p = proposal(rows, m, k=2, rounds=1, threshold=threshold)
+    # one survivor at least must answer the unmask request: keep threshold answering
+    run = run_collab(p, parts, drops={o: Drop(1, phase) for o in dropped})
+    counted = [o for o in names(m) if phase is Phase.UNMASK or o not in dropped]
+    expected = sum(
+        ring.encode(kmeans_statistics(parts[o], np.asarray(p.centroids))[1], p.scale_bits, m)
+        for o in counted
+    )
+    assert run.totals[0].survivors == counted
+    assert run.totals[0].values == ring.decode(np.asarray(expected, np.uint64), 32).tolist()
+
+
+def test_the_aggregator_sees_only_masked_inputs() -> None:
+    parts = split(IRIS, 3)
+    p = proposal(IRIS, 3, k=3, rounds=2, threshold=2)
+    seen: list[tuple[str, bytes]] = []
+    run_collab(p, parts, tap=lambda kind, who, raw: seen.append((kind, raw)))
+    inputs = [decode(MaskedInput, raw) for kind, raw in seen if kind == "MaskedInput"]
+    assert len(inputs) == 6
+    true = {
+        o: ring.encode(kmeans_statistics(x, IRIS[:3])[1], 32, 3) for o, x in parts.items()
+    }  # round 1's true statistics
+    for message in inputs:
+        carried = ring.from_bytes(message.vector, p.length(1))
+        for vector in true.values():
+            assert not np.any(carried == vector)
+
+
+# -- refusals -----------------------------------------------------------------
+
+
+def _one_round() -> tuple[Proposal, dict[str, CollabOwner], CollabAggregator]:
+    parts = split(IRIS, 3)
+    p = proposal(IRIS, 3, k=3, rounds=2, threshold=2)
+    owners = {o: CollabOwner(p, o, x) for o, x in parts.items()}
+    agg = CollabAggregator(p)
+    for owner in owners.values():
+        agg.receive_advert(owner.advert())
+    roster = agg.roster()
+    for owner in owners.values():
+        agg.receive_seed_shares(owner.receive_roster(roster))
+    return p, owners, agg
+
+
+def test_a_malformed_or_replayed_contribution_is_refused_with_a_reason_never_summed() -> None:
+    _, owners, agg = _one_round()
+    start = agg.start_round()
+    good = owners["owner1"].contribute(start)
+    bad = {
+        "collaboration": good.model_copy(update={"collab_id": "other"}),
+        "round 2": good.model_copy(update={"round": 2}),
+        "bytes": good.model_copy(update={"vector": good.vector[:-8]}),
+        "signature": good.model_copy(update={"vector": bytes(len(good.vector))}),
+        "not a live owner": good.model_copy(update={"owner": "stranger"}),
+    }
+    for expected, message in bad.items():
+        with pytest.raises(Refused, match=expected) as refused:
+            agg.receive_input(message)
+        assert refused.value.reason
+    agg.receive_input(good)
+    with pytest.raises(Refused, match="replay"):
+        agg.receive_input(good)
+    for name in ("owner2", "owner3"):
+        agg.receive_input(owners[name].contribute(start))
+    for name, request in agg.close_inputs().items():
+        agg.receive_unmask(owners[name].unmask(request))
+    totals = agg.finish_round()
+    expected = sum(
+        ring.encode(kmeans_statistics(x, IRIS[:3])[1], 32, 3) for x in split(IRIS, 3).values()
+    )
+    assert totals.values == ring.decode(np.asarray(expected, np.uint64), 32).tolist()
+    with pytest.raises(Refused, match="round 1, but round 2"):
+        agg.receive_input(good)  # last round's input replayed
+
+
+def test_an_owner_never_opens_both_halves_of_one_owners_masks() -> None:
+    p, owners, agg = _one_round()
+    start = agg.start_round()
+    for owner in owners.values():
+        agg.receive_input(owner.contribute(start))
+    requests = agg.close_inputs()
+    first = owners["owner1"].unmask(requests["owner1"])
+    assert owners["owner1"].unmask(requests["owner1"]) == first  # asked again: same answer
+    # the aggregator now claims owner3 dropped, to get its mask-key shares too
+    lying = UnmaskRequest(
+        collab_id=p.collab_id,
+        round=1,
+        survivors=["owner1", "owner2"],
+        dropped=["owner3"],
+        self_shares={u: s for u, s in requests["owner1"].self_shares.items() if u != "owner3"},
+        key_shares={"owner3": b"x" * 100},
+    )
+    with pytest.raises(Refused, match="second, different unmask request"):
+        owners["owner1"].unmask(lying)
+
+
+def test_below_the_threshold_the_collaboration_fails_naming_who_dropped() -> None:
+    p = proposal(IRIS, 3, k=3, rounds=4, threshold=2)
+    drops = {"owner2": Drop(2), "owner3": Drop(3)}
+    with pytest.raises(CollabFailed, match=r"round 3: only 1 owners sent.*owner2, owner3"):
+        run_collab(p, split(IRIS, 3), drops=drops)
+
+
+def test_bad_proposals_and_rows_are_refused_with_a_reason() -> None:
+    with pytest.raises(ValidationError, match="more than half"):
+        proposal(IRIS, 4, k=3, rounds=2, threshold=2)
+    with pytest.raises(ValidationError, match="3 x 4 finite centroids"):
+        Proposal(collab_id="c", owners=names(2), a=4, k=3, rounds=1, threshold=2)
+    p = proposal(IRIS, 3, k=3, rounds=1, threshold=2, scale_bits=52)
+    with pytest.raises(MiningError, match="smaller scale_bits"):
+        run_collab(p, split(IRIS * 1000, 3))
+    with pytest.raises(MiningError, match="rows of 4 attributes"):
+        CollabOwner(proposal(IRIS, 3, k=3, rounds=1, threshold=2), "owner1", IRIS[:, :3])
+
+
+# -- the joint result ---------------------------------------------------------
+
+
+def test_iris_in_three_equals_plaintext_kmeans_on_the_union() -> None:
+    run = run_collab(proposal(IRIS, 3, k=3, rounds=10, threshold=2), split(IRIS, 3))
+    plain = kmeans(IRIS, 3, centroids=IRIS[:3].copy(), min_error=-1.0, max_iterations=10)
+    assert (joint_labels(run, names(3)) == plain.labels).all()
+    for result in run.results.values():
+        np.testing.assert_allclose(result.centroids, plain.centroids, rtol=0, atol=1e-9)
+        assert result.dropped == [] and result.epsilon_spent is None
+
+
+def test_blobs_30000_by_8_in_three_equals_plaintext_kmeans() -> None:
+    data, _ = blobs(30_000, 8, 5, seed=7, std=2.0)
+    run = run_collab(proposal(data, 3, k=5, rounds=8, threshold=2), split(data, 3))
+    plain = kmeans(data, 5, centroids=data[:5].copy(), min_error=-1.0, max_iterations=8)
+    assert (joint_labels(run, names(3)) == plain.labels).all()
+    np.testing.assert_allclose(run.results["owner1"].centroids, plain.centroids, atol=1e-8)
+    bytes_per_round = {b for per in run.owner_bytes.values() for b in per}
+    assert max(bytes_per_round) < 4096  # k x a + k numbers and shares, whatever n is
+
+
+def test_an_owner_dropped_mid_job_the_rest_complete_and_are_told_who() -> None:
+    parts = split(IRIS, 3)
+    p = proposal(IRIS, 3, k=3, rounds=6, threshold=2)
+    run = run_collab(p, parts, drops={"owner2": Drop(3)})
+    assert set(run.results) == {"owner1", "owner3"}
+    expected = plaintext_with_dropouts(parts, IRIS[:3], 6, {"owner2": 2})
+    for result in run.results.values():
+        assert [(d.owner, d.round) for d in result.dropped] == [("owner2", 3)]
+        np.testing.assert_allclose(result.centroids, expected, atol=1e-9)
+
+
+def test_an_owner_that_sends_its_input_then_drops_still_counts_that_round() -> None:
+    parts = split(IRIS, 5)
+    p = proposal(IRIS, 5, k=3, rounds=3, threshold=3)
+    run = run_collab(p, parts, drops={"owner4": Drop(2, Phase.UNMASK), "owner1": Drop(1)})
+    expected = plaintext_with_dropouts(parts, IRIS[:3], 3, {"owner4": 2, "owner1": 0})
+    np.testing.assert_allclose(run.results["owner2"].centroids, expected, atol=1e-9)
+    assert [(d.owner, d.round) for d in run.results["owner2"].dropped] == [
+        ("owner1", 1),
+        ("owner4", 3),
+    ]
+
+
+def test_initial_centroids_from_aggregated_moments_need_no_rows_revealed() -> None:
+    p = Proposal(
+        collab_id="c", owners=names(3), a=4, k=3, rounds=5, threshold=2, init="moments", seed=9
+    )
+    run = run_collab(p, split(IRIS, 3))
+    init = np.asarray(run.results["owner1"].initial_centroids)
+    mean, spread = IRIS.mean(axis=0), IRIS.std(axis=0)
+    drawn = mean + spread * np.random.default_rng(9).standard_normal((3, 4))
+    np.testing.assert_allclose(init, drawn, atol=1e-8)
+    plain = kmeans(IRIS, 3, centroids=init, min_error=-1.0, max_iterations=5)
+    assert (joint_labels(run, names(3)) == plain.labels).all()
+
+
+def test_differential_privacy_reports_what_it_spent() -> None:
+    privacy = Privacy(epsilon=0.5, delta=1e-5, clip=10.0)
+    p = proposal(IRIS, 3, k=3, rounds=4, threshold=2, privacy=privacy)
+    run = run_collab(p, split(IRIS, 3))
+    result = run.results["owner1"]
+    assert result.epsilon_spent == pytest.approx(2.0) and result.delta_spent == pytest.approx(4e-5)
+    plain = kmeans(IRIS, 3, centroids=IRIS[:3].copy(), min_error=-1.0, max_iterations=4)
+    assert not np.allclose(result.centroids, plain.centroids, atol=1e-6)  # noised

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from dms.actor import ActorRef, ErrorCode, Handle, Refusal, Request, behaviour
+from dms.backoff import Backoff
 from dms.jobs.allocation import AllocationActor
 from dms.jobs.executors import ExecutorError
 from dms.network.peertable import GONE
@@ -329,7 +330,7 @@ class BiddingBehaviours(NodeBase):
                 "allocation %s ended; its lease is not released yet (%s): trying again in %g s",
                 lease_id, str(exc).splitlines()[0], wait_s,
             )  # fmt: skip
-            later = min(2 * wait_s, RELEASE_RETRY_MAX_S)
+            later = Backoff(RELEASE_RETRY_FIRST_S, RELEASE_RETRY_MAX_S).after(wait_s)
             self.call_later(wait_s, lambda: self._release_ended(lease_id, later))
 
     def _stop_allocation(self, lease_id: str, reason: str) -> None:

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from dms.actor import Request, behaviour
+from dms.backoff import Backoff
 from dms.orchestrator.base import (
     TERMINAL,
     Orchestration,
@@ -52,8 +53,7 @@ __all__ = [
 
 SHUTDOWN = "/dms/deployment/shutdown"
 STOP = "/dms/allocation/stop"
-END_RETRY_FIRST_S = 0.5  # an end the store refused is saved again after this, doubling ...
-END_RETRY_MAX_S = 30.0  # ... up to this
+END_RETRY = Backoff(first_s=0.5, max_s=30.0)  # saving an end the store refused, again
 
 
 class DeploymentActor(BidRounds, Supervision):
@@ -111,7 +111,7 @@ class DeploymentActor(BidRounds, Supervision):
         try:
             self.ended(state, what)
         finally:
-            self._leave_when_saved(END_RETRY_FIRST_S)
+            self._leave_when_saved(END_RETRY.first_s)
 
     def _leave_when_saved(self, wait_s: float) -> None:
         """Stop once the end is in the store. While the store refuses it (a full disk, a
@@ -121,9 +121,7 @@ class DeploymentActor(BidRounds, Supervision):
         if not self._save_end():
             log.warning("deployment %s ended (%s); saving it again in %g s", self.id,
                         self.state, wait_s)  # fmt: skip
-            self.call_later(
-                wait_s, lambda: self._leave_when_saved(min(2 * wait_s, END_RETRY_MAX_S))
-            )
+            self.call_later(wait_s, lambda: self._leave_when_saved(END_RETRY.after(wait_s)))
             return
         if self.o.on_end is not None:
             self.o.on_end(self.id)

@@ -17,6 +17,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dms.backoff import Backoff
+
 
 @dataclass
 class Lapse:
@@ -33,6 +35,7 @@ class Lapses:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.base_s, self.max_s, self.capacity, self.clock = base_s, max_s, capacity, clock
+        self.backoff = Backoff(first_s=base_s, max_s=max_s)
         self._peers: OrderedDict[str, Lapse] = OrderedDict()
         self._lock = threading.Lock()  # noted from timers, read in the node's handlers
 
@@ -46,7 +49,7 @@ class Lapses:
             # Forgiven once its last cool-down has been over for max_s.
             fresh = last is None or now > last.until + self.max_s
             count = 1 if fresh or last is None else last.count + 1
-            wait = min(self.base_s * 2 ** (count - 1), self.max_s)
+            wait = self.backoff.delay(count - 1)
             self._peers[peer] = Lapse(count, now + wait)
             while len(self._peers) > self.capacity:
                 self._peers.popitem(last=False)

@@ -18,13 +18,13 @@ from functools import partial
 from typing import Any
 
 from dms.actor import Actor, ErrorCode, Outcome
+from dms.backoff import Backoff
 from dms.orchestrator.base import node_handle
 from dms.orchestrator.messages import REVERT
 
 log = logging.getLogger("dms.orchestrator")
 
-RETRY_FIRST_S = 1.0
-RETRY_MAX_S = 30.0
+RETRY = Backoff(first_s=1.0, max_s=30.0)
 UNANSWERED = frozenset({ErrorCode.TIMEOUT.value, ErrorCode.UNREACHABLE.value})
 
 
@@ -76,7 +76,7 @@ class Reverts:
     def _again(
         self, peer: str, payload: dict[str, Any], attempt: int, first: float, why: str
     ) -> None:
-        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2**attempt)
+        delay = RETRY.delay(attempt)
         if time.monotonic() + delay - first > self.horizon_s:
             self.pending -= 1
             self.abandoned += 1

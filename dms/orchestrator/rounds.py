@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from dms.actor import ErrorCode, Outcome, Refusal, Request, behaviour
+from dms.backoff import Backoff
 from dms.jobs.spec import MAX_SLOTS, AllocationSpec
 from dms.network.peertable import PeerRecord
 from dms.orchestrator.base import TERMINAL, DeploymentBase, log, node_handle
@@ -347,7 +348,7 @@ class BidRounds(DeploymentBase):
         if unplaced:
             self._event(f"round {rid}: no acceptable bid for {', '.join(unplaced)}; queued")
             self._schedule_round(self._retry_s)
-            self._retry_s = min(self._retry_s * 2, self.o.retry_max_s)
+            self._retry_s = Backoff(self.o.retry_s, self.o.retry_max_s).after(self._retry_s)
         else:
             self._retry_s = self.o.retry_s
         self._settle()

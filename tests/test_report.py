@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from dms.cli.app import main
-from dms.cli.report import SECTIONS, ReportInput, confusion, pca_2d, render
 from dms.mining.learned import LEARNED, learned_for
 from dms.mining.metrics import matched_agreement, matched_labels
+from dms.report import SECTIONS, ReportInput, confusion, pca_2d, render
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 IRIS = EXAMPLES / "iris-features.csv"

@@ -256,7 +256,7 @@ def _html_report(
     baseline: list[Any] | None,
     truth: list[Any] | None = None,
 ) -> Path:
-    from dms.cli.report import ReportInput, write_report  # matplotlib loads only for this
+    from dms.report import ReportInput, write_report  # matplotlib loads only for this
 
     job = ReportInput(summary, labels, points, baseline=baseline, truth=truth)
     return write_report(out, job)

@@ -473,3 +473,55 @@ def test_a_query_beyond_the_ckks_reach_is_refused_unless_given_up_front() -> Non
         owner.query_blocks(far)
     result = run_classification("sknn", x[:50], list(y[:50]), far, 3, keys=KEYS)
     assert result.labels == knn(x[:50], list(y[:50]), far, 3)
+
+
+# ---- the labels of scikit-learn's KMeans ---------------------------------------------------
+
+
+def sklearn_kmeans(data: np.ndarray, init: np.ndarray) -> Any:
+    """scikit-learn's Lloyd k-means from the same initial centroids, one run, run to a
+    fixed point (tol = 0). Its k-means++ is greedy and draws from its own generator, so
+    "the same init" is ours, handed over as an array."""
+    cluster = pytest.importorskip("sklearn.cluster")
+    k = init.shape[0]
+    return cluster.KMeans(k, init=init, n_init=1, algorithm="lloyd", tol=0.0, max_iter=300).fit(
+        data
+    )
+
+
+def blind_to_convergence(data: np.ndarray, k: int, init: str, seed: int | None) -> Any:
+    owner = BlindClusterOwner(
+        data, k, init=init, seed=seed, keys=KEYS, min_error=0.0, max_iterations=20
+    )
+    run_blind_kmeans(owner)
+    return owner
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_blind_labels_are_sklearns_on_iris_with_kmeans_plus_plus(seed: int) -> None:
+    from dms.mining.plain import initial_centroids
+
+    reference = sklearn_kmeans(IRIS, initial_centroids(IRIS, 3, "kmeans++", seed))
+    out = blind_to_convergence(IRIS, 3, "kmeans++", seed).outcome()
+    assert out.converged
+    assert out.labels.tolist() == reference.labels_.tolist()
+    assert out.iterations == reference.n_iter_
+    assert np.allclose(out.centroids, reference.cluster_centers_, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("init, seed", [("first", None), ("kmeans++", 1)])
+def test_blind_labels_are_sklearns_with_one_record_at_a_million(
+    init: str, seed: int | None
+) -> None:
+    """Every other distance falls below the CKKS noise: all are decided in the clear."""
+    from dms.mining.plain import initial_centroids
+
+    data, _ = blobs(300, 2, 4, seed=2, std=1.0)
+    data[10] = 1e6
+    reference = sklearn_kmeans(data, initial_centroids(data, 4, init, seed))
+    owner = blind_to_convergence(data, 4, init, seed)
+    out = owner.outcome()
+    assert out.labels.tolist() == reference.labels_.tolist()
+    assert out.iterations == reference.n_iter_
+    assert np.allclose(out.centroids, reference.cluster_centers_, rtol=1e-12, atol=1e-9)
+    assert sum(owner.near_ties) > 0

@@ -22,6 +22,7 @@ from dms.mining.blind_kmeans import (
     BlindClusterWorker,
     blind_keys,
 )
+from dms.mining.blind_knn import BlindKnnOwner, BlindKnnWorker
 from dms.mining.data import blobs, read_table
 from dms.mining.plain import kmeans
 from dms.mining.wire import Wire
@@ -36,9 +37,10 @@ Tamper = Callable[[BlindClusterWorker, BlindClusterRound], BlindClusterRound]
 class Decryptions:
     """Counts the owner's decryptions (to show a refused answer was never decrypted)."""
 
-    def __init__(self, owner: BlindClusterOwner) -> None:
+    def __init__(self, owner: BlindClusterOwner | BlindKnnOwner) -> None:
         self.count = 0
-        keys = owner._ready()
+        keys = owner.keys
+        assert keys is not None
         plain = keys.decrypt
 
         def counted(ciphertext: Any) -> np.ndarray:
@@ -205,8 +207,8 @@ def test_a_malformed_ciphertext_is_refused_and_never_decrypted(
     make: Callable[[BlindClusterWorker], bytes], reason: str
 ) -> None:
     owner = owner_for(IRIS)
-    decryptions = Decryptions(owner)
     worker = BlindClusterWorker(owner.start())
+    decryptions = Decryptions(owner)
     answer = worker.round()
     answer.ciphertexts[2][0] = make(worker)
     with pytest.raises(WorkerMisbehaved, match=reason):
@@ -277,3 +279,33 @@ def test_the_detection_odds_are_reported() -> None:
     assert report["detection_per_round"] == pytest.approx(11 / 150, abs=1e-6)  # ceil(10.5)
     assert report["records_checked"] == 11 * owner.rounds
     assert report["rounds"] == 12
+
+
+# ---- k-NN: the same checks ------------------------------------------------------------------
+
+
+def knn_owner(**kw: Any) -> tuple[BlindKnnOwner, BlindKnnWorker, list[np.ndarray]]:
+    table = read_table(EXAMPLES / "iris.csv", label=True)
+    assert table.labels is not None
+    owner = BlindKnnOwner(table.features[::2], table.labels[::2], 3, keys=KEYS, **kw)
+    worker = BlindKnnWorker(owner.start())
+    return owner, worker, owner.row_blocks(table.features[1::2])
+
+
+def test_knn_answers_are_checked_before_decryption_and_spot_checked() -> None:
+    owner, worker, blocks = knn_owner(verify_fraction=1.0)
+    decryptions = Decryptions(owner)
+    answer = worker.distances(owner.query_rows(blocks[0]))
+    answer.distances[1][0] = answer.distances[1][0] + b"\0" * 4096
+    with pytest.raises(WorkerMisbehaved, match="bytes"):
+        owner.classify(answer)
+    assert decryptions.count == 0
+    # One training row's distance to one query, shifted: caught by the check in the clear.
+    answer = worker.distances(owner.query_rows(blocks[0]))
+    first = ts.ckks_vector_from(worker.context, answer.distances[2][0])
+    bump = np.zeros(worker.slots)
+    bump[30] = 0.25
+    answer.distances[2][0] = (first + bump.tolist()).serialize()
+    with pytest.raises(WorkerMisbehaved, match="record 30 off by"):
+        owner.classify(answer)
+    assert owner.verification()["detection_per_round"] == 1.0

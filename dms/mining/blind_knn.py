@@ -29,13 +29,20 @@ import numpy as np
 import tenseal as ts
 from pydantic import BaseModel
 
+from dms.mining.answers import (
+    DEFAULT_VERIFY_FRACTION,
+    AnswerShape,
+    Spot,
+    answer_shape,
+    check_values,
+    open_grid,
+)
 from dms.mining.blind_kmeans import (
     MAGNITUDE_BUDGET,
     blind_keys,
     calibrate,
     check_keys,
     check_shape,
-    decrypt_rows,
     load_vectors,
     pack_columns,
     replicate,
@@ -43,7 +50,7 @@ from dms.mining.blind_kmeans import (
 )
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError
-from dms.mining.plain import check_k, vote
+from dms.mining.plain import check_k, nearest, vote
 from dms.mining.schemes.ckks import CkksKeys, load_public_context
 
 Label = str | int | float
@@ -105,6 +112,7 @@ class BlindKnnOwner:
         shards: int = 1,
         tie_tolerance: float | None = None,
         test: np.ndarray | None = None,
+        verify_fraction: float = DEFAULT_VERIFY_FRACTION,
     ) -> None:
         train = np.asarray(train, dtype=np.float64)
         if train.ndim != 2:
@@ -126,13 +134,17 @@ class BlindKnnOwner:
         rows = train if test is None else np.vstack([train, np.asarray(test, dtype=np.float64)])
         peak = float(np.abs(rows - self.offset).max(initial=0.0))
         self.scale = (peak if peak > 0 else 1.0) / self.reach
+        self.raw = train
         self.train = (train - self.offset) / self.scale
         self.n, self.a = self.train.shape
         if not 1 <= shards <= self.n:
             raise MiningError(f"{shards} shards for {self.n} training records")
         self.shards = shard_rows(self.n, shards)
         self.tol = tie_tolerance  # None: calibrated on the keys at start()
+        self.shape: AnswerShape | None = None
+        self.spot = Spot(verify_fraction)
         self.block_rows = 0  # real queries in the block being answered
+        self._block: np.ndarray | None = None  # that block, as given (not scaled)
         self.near_ties = 0
         self.tied: list[bool] = []  # per query answered: a near-tie among its k + 1 nearest
         self.timings = {"keygen": 0.0, "encrypt": 0.0, "decrypt": 0.0}
@@ -149,6 +161,8 @@ class BlindKnnOwner:
             self.keys = blind_keys(self.level)
         if self.tol is None:
             self.tol = calibrate(self.keys, self.a, self.reach)
+        if self.shape is None:
+            self.shape = answer_shape(self.keys, self.distance)
         self.timings["keygen"] += time.perf_counter() - began
         began = time.perf_counter()
         message = BlindKnnStart(
@@ -181,6 +195,13 @@ class BlindKnnOwner:
         prepared = self.prepare(test)
         return [prepared[i : i + self.block] for i in range(0, prepared.shape[0], self.block)]
 
+    def row_blocks(self, test: np.ndarray) -> list[np.ndarray]:
+        """The test rows in blocks, as given (for ``query_rows``); refused here if beyond
+        the CKKS reach. Their number is fixed before any answer: the schedule."""
+        self.prepare(test)
+        test = np.asarray(test, dtype=np.float64)
+        return [test[i : i + self.block] for i in range(0, test.shape[0], self.block)]
+
     def query(self, block: np.ndarray, shard: int = 0) -> BlindKnnQuery:
         """Encrypt one block (from ``query_blocks``), padded to ``block`` queries. The
         same message serves every shard; one block is answered at a time."""
@@ -193,7 +214,27 @@ class BlindKnnOwner:
         message = BlindKnnQuery(queries=[replicate(self.keys, row) for row in padded])
         self.timings["encrypt"] += time.perf_counter() - began
         self.block_rows = block.shape[0]
+        self._block = block * self.scale + self.offset
         return message
+
+    def query_rows(self, rows: np.ndarray) -> BlindKnnQuery:
+        """``query`` for rows in the data's units: near-ties are then ranked in the
+        clear on exactly these values, as plaintext ``knn`` ranks them."""
+        rows = np.asarray(rows, dtype=np.float64)
+        message = self.query(self.prepare(rows))
+        self._block = rows
+        return message
+
+    def check(self, shard: int, message: BlindKnnDistances) -> list[list[ts.CKKSVector]]:
+        """Shard ``shard``'s distances for the current block, opened and checked against
+        the expected grid and ciphertext shape; nothing is decrypted."""
+        assert self.keys is not None and self.shape is not None
+        if not self.block_rows:
+            raise MiningError("distances arrived for no query")
+        width = self.chunks(shard) * (1 if self.distance is Distance.EUCLIDEAN else self.a)
+        return open_grid(
+            self.keys, message.distances, self.block, width, self.shape, shard, "distances"
+        )
 
     def neighbours(self, message: BlindKnnDistances) -> tuple[np.ndarray, np.ndarray]:
         """One worker holds every training row: -> (indices q x k, distances q x n)."""
@@ -206,38 +247,58 @@ class BlindKnnOwner:
             raise MiningError(f"{len(messages)} answers for {len(self.shards)} shards")
         if not self.block_rows:
             raise MiningError("distances arrived for no query")
+        opened = [self.check(shard, m) for shard, m in enumerate(messages)]
         began = time.perf_counter()
-        dist = np.concatenate(
-            [self._distances(m, shard) for shard, m in enumerate(messages)], axis=1
-        )
+        parts = [self._distances(grid, shard) for shard, grid in enumerate(opened)]
         self.timings["decrypt"] += time.perf_counter() - began
-        self.block_rows = 0
-        assert self.tol is not None
+        assert self.tol is not None and self._block is not None
+        scaled = (self._block - self.offset) / self.scale
+        for shard, part in enumerate(parts):  # spot checks, before anything is kept
+            rows = self.shards[shard]
+            picked = self.spot.sample(rows.stop - rows.start)
+            want = self.distance.reduce(
+                scaled[:, None, :] - self.train[None, picked + rows.start, :]
+            )
+            check_values(
+                part[:, picked].T, want.T, self.tol, shard, "distances", picked + rows.start
+            )
+        dist = np.concatenate(parts, axis=1)
         indices, tied = nearest_with_ties(dist, self.k, self.tol)
+        for q in np.flatnonzero(tied):  # the noise cannot rank these: rank them in the clear
+            exact = self.distance.reduce(self._block[q][None, None, :] - self.raw[None, :, :])
+            indices[q] = nearest(exact, self.k)[0]
+        self.block_rows = 0
+        self._block = None
         self.near_ties += int(tied.sum())
         self.tied.extend(bool(t) for t in tied)
         return indices, dist
 
-    def _distances(self, message: BlindKnnDistances, shard: int) -> np.ndarray:
+    def _distances(self, grid: list[list[ts.CKKSVector]], shard: int) -> np.ndarray:
+        """The real queries' decrypted distances to the shard's rows (queries x rows)."""
         assert self.keys is not None
-        chunks, rows = self.chunks(shard), self.shards[shard]
+        keys, chunks, rows = self.keys, self.chunks(shard), self.shards[shard]
         n = rows.stop - rows.start
-        euclidean = self.distance is Distance.EUCLIDEAN
-        check_shape(
-            message.distances, self.block, chunks * (1 if euclidean else self.a), "distances"
-        )
-        real = message.distances[: self.block_rows]
-        if euclidean:
-            return np.array([decrypt_rows(self.keys, q, n) for q in real])
+
+        def joined(vectors: list[ts.CKKSVector]) -> np.ndarray:
+            return np.concatenate([keys.decrypt(v) for v in vectors])[:n]
+
+        real = grid[: self.block_rows]
+        if self.distance is Distance.EUCLIDEAN:
+            return np.array([joined(q) for q in real])
         return np.array(
             [
-                sum(
-                    np.abs(decrypt_rows(self.keys, q[j * chunks : (j + 1) * chunks], n))
-                    for j in range(self.a)
-                )
+                sum(np.abs(joined(q[j * chunks : (j + 1) * chunks])) for j in range(self.a))
                 for q in real
             ]
         )
+
+    def verification(self) -> dict[str, float | int]:
+        sizes = [s.stop - s.start for s in self.shards]
+        return {
+            "verify_fraction": self.spot.fraction,
+            "detection_per_round": round(self.spot.detection_per_round(sizes), 6),
+            "records_checked": self.spot.checked,
+        }
 
     def vote(self, indices: np.ndarray) -> list[Label]:
         return [vote([self.labels[i] for i in row]) for row in indices]

@@ -258,9 +258,9 @@ def run_classification(
         )
         blind_worker = BlindKnnWorker(wire.to_worker(blind.start()))
         predictions = []
-        blocks = blind.query_blocks(test)
+        blocks = blind.row_blocks(test)
         for done, block in enumerate(blocks, start=1):
-            query = wire.to_worker(blind.query(block))
+            query = wire.to_worker(blind.query_rows(block))
             predictions.extend(blind.classify(wire.to_owner(blind_worker.distances(query))))
             if on_block:
                 on_block(done, len(blocks))

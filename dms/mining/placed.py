@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -92,6 +92,18 @@ class PlainResult(BaseModel):
     converged: bool | None = None
     centroids: list[list[float]] | None = None
     changes: list[float] = Field(default_factory=list)
+
+
+A = TypeVar("A", bound=BaseModel)
+
+
+def decode_answer(kind: type[A], raw: bytes, shard: int) -> A:
+    """A worker's answer; one that does not decode is that worker's protocol error."""
+    try:
+        return decode(kind, raw)
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise WorkerMisbehaved(f"shard {shard}: not a {kind.__name__}: {first}", shard) from None
 
 
 def shard_sizes(settings: MiningSettings, rows: int) -> list[int]:
@@ -218,13 +230,7 @@ class ClusterDriver(Driver):
         if not isinstance(self.owner, BlindClusterOwner):
             self._answers[shard] = decode(self._answer, raw)
             return
-        try:
-            answer = decode(BlindClusterRound, raw)
-        except Exception as exc:
-            first = str(exc).splitlines()[0][:200]
-            raise WorkerMisbehaved(
-                f"shard {shard}: not a BlindClusterRound: {first}", shard
-            ) from None
+        answer = decode_answer(BlindClusterRound, raw, shard)
         with self._lock:
             self.owner.check(shard, answer)
         self._answers[shard] = answer
@@ -333,9 +339,17 @@ class KnnDriver(Driver):
             if self.keys is not None and not isinstance(self.keys, CkksKeys):
                 raise MiningError("the blind protocol needs CKKS keys")
             self.owner = BlindKnnOwner(
-                self.train, self.labels, s.k, keys=self.keys, test=self.test, **common
+                self.train,
+                self.labels,
+                s.k,
+                keys=self.keys,
+                test=self.test,
+                verify_fraction=s.verify_fraction,
+                **common,
             )
             self._starts = {i: encode(self.owner.start(i)) for i in range(s.shards)}
+            self.blocks = self.owner.row_blocks(self.test)
+            return
         else:
             self.owner = KnnOwner(
                 self.train,
@@ -368,21 +382,34 @@ class KnnDriver(Driver):
             if shard not in self._queries:
                 if isinstance(self.owner, BlindKnnOwner):
                     # One message serves every shard.
-                    raw = self._queries.get(0) or encode(self.owner.query(self.blocks[self.block]))
+                    raw = self._queries.get(0) or encode(
+                        self.owner.query_rows(self.blocks[self.block])
+                    )
                 else:
                     raw = encode(self.owner.query(self.blocks[self.block], shard))
                 self._queries[shard] = raw
             return "query", self._queries[shard]
 
     def accept(self, shard: int, raw: bytes) -> None:
-        self._answers[shard] = decode(self._answer, raw)
+        if not isinstance(self.owner, BlindKnnOwner):
+            self._answers[shard] = decode(self._answer, raw)
+            return
+        answer = decode_answer(BlindKnnDistances, raw, shard)
+        with self._lock:
+            self.owner.check(shard, answer)
+        self._answers[shard] = answer
 
     def advance(self) -> bool:
         assert self.owner is not None
         with self._lock:
             answers = [self._answers[i] for i in range(self.shards)]
             if isinstance(self.owner, BlindKnnOwner):
-                indices, _ = self.owner.neighbours_shards(answers)
+                try:
+                    indices, _ = self.owner.neighbours_shards(answers)
+                except WorkerMisbehaved as exc:
+                    if exc.shard is not None:
+                        self._answers.pop(exc.shard, None)
+                    raise
                 self.predictions.extend(self.owner.vote(indices))
             else:
                 neighbours, _ = self.owner.neighbours_shards(answers)
@@ -399,6 +426,7 @@ class KnnDriver(Driver):
         extra: dict[str, Any] = {"protocol": self.settings.protocol or "udm"}
         if isinstance(self.owner, BlindKnnOwner):
             extra["near_ties"] = int(self.owner.near_ties)
+            extra.update(self.owner.verification())
         return list(self.predictions), extra
 
     @property

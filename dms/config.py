@@ -86,6 +86,72 @@ class Settings(BaseSettings):
         ge=60,
         description="keep rows of bids, events and ended leases this long, then prune them",
     )
+    # Global budgets beside the per-peer ones (specs/security.md, "Global budgets").
+    max_inflight: int = Field(
+        default=512,
+        ge=1,
+        description="requests of remote peers this node holds (admitted, not yet handled); "
+        "more are refused (rate_limited)",
+    )
+    max_inflight_per_peer: int = Field(
+        default=64, ge=1, description="requests of one peer this node holds at once"
+    )
+    max_pending_decode_bytes: int = Field(
+        default=64 * MIB,
+        ge=1024,
+        description="bytes of admitted requests not yet decoded and validated, of all peers",
+    )
+    max_pending_decode_bytes_per_peer: int = Field(
+        default=16 * MIB,
+        ge=1024,
+        description="the same, of one peer (one frame of any size is always admitted)",
+    )
+    unknown_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="share of each global budget that peers this node has no stake in "
+        "(no allocation, no anchor) may use together",
+    )
+    ip_share: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="share of the unknown peers' part that peers at one IP address may use",
+    )
+    bid_requests_per_s_total: float = Field(
+        default=200.0,
+        ge=0,
+        description="bid requests a second from all peers together (unknown ones: "
+        "unknown_share of it); 0: no limit",
+    )
+    bid_request_burst_total: int = Field(
+        default=400, ge=1, description="bid requests all peers may send at once above that"
+    )
+    max_bid_slots: int = Field(
+        default=64,
+        ge=1,
+        le=256,
+        description="slots of one bid request this node considers; the rest are declined",
+    )
+    bid_index_rows: int = Field(
+        default=20_000, ge=100, description="rows of bids sent this node keeps in all"
+    )
+    bid_index_bytes: int = Field(
+        default=4 * MIB, ge=64 * 1024, description="bytes of bids sent this node keeps in all"
+    )
+    bid_index_rows_per_peer: int = Field(
+        default=1_000,
+        ge=10,
+        description="rows of bids sent to one requester; over it, its requests are refused "
+        "(a requester this node has a stake in loses its oldest rows instead)",
+    )
+    bid_index_bytes_per_peer: int = Field(
+        default=256 * 1024, ge=4096, description="bytes of bids sent to one requester"
+    )
+    bid_index_max_age_s: float = Field(
+        default=3600.0, ge=1, description="bids sent older than this are pruned"
+    )
     log_level: str = "INFO"
     listen: list[str] = Field(
         default_factory=lambda: ["/ip4/0.0.0.0/tcp/9000"], description="libp2p listen multiaddrs"

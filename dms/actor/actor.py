@@ -208,7 +208,10 @@ class Actor(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         try:
             if isinstance(message, Inbound):
-                self._handle(message.sealed)
+                try:
+                    self._handle(message.sealed)
+                finally:  # handled: it no longer counts in the admission budgets
+                    self.system.admission.release(message.ticket)
             elif isinstance(message, Call):
                 message.fn(*message.args)
             else:

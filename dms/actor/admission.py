@@ -1,80 +1,389 @@
-"""Requests a second per peer for chosen behaviours, checked before the signature.
+"""What remote peers may make this node hold, checked before the signature.
 
-A node may limit how often one peer invokes a behaviour (bid requests:
-``Preferences.bid_requests_per_s``, ``bid_request_burst``). The check reads the
-header alone: the behaviour and the sender's host, which the receive pipeline
-has already bound to the peer that delivered the frame (the libp2p connection
-of a stream, the libp2p signature of a gossip message). So a request over the
-rate costs no signature check, no payload decoding and no turn in the target
-actor's mailbox, where it queued before every other peer's requests: a flood of
-bid requests made an honest placement wait behind hundreds of them.
+Identities are free: a limit per peer is dodged by making peers, so every
+budget here has a global bound beside the per-peer one (DESIGN decision 12).
+Two kinds, both read from the header alone (the behaviour, the sender's host,
+which the receive pipeline has already bound to the peer that delivered the
+frame, and the frame's size), so a request over a budget costs no signature
+check, no payload decoding and no turn in the target actor's mailbox:
 
-A refused request is counted (``rate_limited``), logged once a second per peer
-with its count, and answered if it asks for a reply, at most
-``ANSWERS_PER_S`` a second per peer (each answer costs a signature). See
-``specs/security.md``.
+- **Rates** (:class:`BehaviourLimits`): requests a second of chosen behaviours
+  (bid requests: ``Preferences.bid_requests_per_s`` per peer, and
+  ``bid_requests_per_s_total`` across all peers).
+- **Holdings** (:class:`Admission`): requests admitted and not yet handled by
+  their actor (``max_inflight``, ``max_inflight_per_peer``) and their bytes,
+  which the actor still has to validate (pending decodes:
+  ``max_pending_decode_bytes``, ``..._per_peer``). A ticket taken at admission
+  is given back when the actor has handled the request.
+
+Priority when a budget is full: the node says which peers it has a stake in
+(``stake``: an allocation, a committed lease, a completed job, an anchor).
+Peers without one together get ``unknown_share`` of each global budget, and
+those at one IP address ``ip_share`` of that (``peer_ip``: the remote address
+of the peer's connection, where the transport knows it). So a flood of fresh
+keys fills only the unknown share, and peers the node has a stake in keep the
+rest. See ``specs/security.md``, "Global budgets".
+
+A refused request is counted by budget, logged once a second with its count,
+and answered if it asks for a reply, at most ``ANSWERS_PER_S`` a second per
+peer and ``TOTAL_ANSWERS_PER_S`` in all (each answer costs a signature).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from dms.actor.ratelimit import PeerRates
+from dms.actor.ratelimit import ANSWERS_PER_S, LOG_EVERY_S, Bucket, PeerRates
 
 # Peers whose budgets are kept before the full ones are forgotten (checked at most
 # once a second).
 MAX_PEERS = 4096
+# Refusals answered a second across all peers (each answer is a signature).
+TOTAL_ANSWERS_PER_S = 200.0
+
+
+def _never(peer: str) -> bool:
+    return False
+
+
+def _unknown_ip(peer: str) -> str | None:
+    return None
+
+
+def _shared_ip(ip: str | None) -> str | None:
+    """The address whose peers share ``ip_share``: not loopback (the processes of this
+    machine are not one remote party; a simulation runs dozens of nodes there)."""
+    if ip is None:
+        return None
+    try:
+        return None if ipaddress.ip_address(ip).is_loopback else ip
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """An over-rate request: why, whether to answer it, and the refusals to log now
-    (0: not yet; they are logged once a second per peer)."""
+    """A refused request: why (``budget`` names the setting), whether to answer it,
+    and the refusals to log now (0: not yet; logged once a second)."""
 
     reason: str
     answer: bool
     log_count: int
+    budget: str = ""
+
+
+@dataclass(frozen=True)
+class BudgetUse:
+    """One budget as ``/metrics`` shows it: in use, its bound, refusals so far."""
+
+    name: str
+    used: float
+    limit: float
+    refused: int
+
+
+class _Refusals:
+    """Counts refusals by budget; decides which to log and which to answer."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.by_budget: Counter[str] = Counter()
+        self._unlogged = 0
+        self._logged = float("-inf")
+        self._answers = Bucket(TOTAL_ANSWERS_PER_S, clock())
+        self._peer_answers: dict[str, Bucket] = {}
+
+    def note(self, budget: str, peer: str, reason: str) -> Verdict:
+        now = self._clock()
+        self.by_budget[budget] += 1
+        self._unlogged += 1
+        count = 0
+        if now - self._logged >= LOG_EVERY_S:
+            count, self._unlogged, self._logged = self._unlogged, 0, now
+        if len(self._peer_answers) > MAX_PEERS:
+            self._peer_answers.clear()
+        mine = self._peer_answers.setdefault(peer, Bucket(ANSWERS_PER_S, now))
+        answer = mine.take(ANSWERS_PER_S, ANSWERS_PER_S, now) and self._answers.take(
+            TOTAL_ANSWERS_PER_S, TOTAL_ANSWERS_PER_S, now
+        )
+        return Verdict(reason, answer, count, budget)
+
+
+@dataclass
+class _Rate:
+    per_peer: PeerRates
+    reason: str
+    total: float  # requests a second of all peers together; 0: no global bound
+    total_burst: float
+    everyone: Bucket
+    unknown: Bucket
 
 
 class BehaviourLimits:
-    """Per-peer budgets for some behaviours; any thread may call :meth:`check`."""
+    """Budgets a second for some behaviours; any thread may call :meth:`check`."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._limits: dict[str, tuple[PeerRates, str]] = {}
+        self._limits: dict[str, _Rate] = {}
         self._swept = float("-inf")
+        self._refusals = _Refusals(clock)
+        self.stake: Callable[[str], bool] = _never
+        self.unknown_share = 0.5
 
-    def set(self, behaviour: str, rate: float, burst: int, reason: str) -> None:
+    def set(
+        self,
+        behaviour: str,
+        rate: float,
+        burst: int,
+        reason: str,
+        *,
+        total: float = 0.0,
+        total_burst: int = 0,
+    ) -> None:
         """At most ``rate`` requests a second (``burst`` at once) of ``behaviour`` from
-        one peer; ``rate`` 0: no limit. ``reason`` is the refusal's text."""
+        one peer, and ``total`` (``total_burst``) from all peers together, of which peers
+        without a stake get ``unknown_share``; 0: no such limit. ``reason`` is the text
+        of a per-peer refusal."""
         with self._lock:
-            if rate <= 0:
+            if rate <= 0 and total <= 0:
                 self._limits.pop(behaviour, None)
-            else:
-                self._limits[behaviour] = (PeerRates(rate, burst, self._clock), reason)
+                return
+            now = self._clock()
+            burst_total = float(max(total_burst, 1))
+            self._limits[behaviour] = _Rate(
+                PeerRates(rate if rate > 0 else float("inf"), burst, self._clock),
+                reason,
+                total,
+                burst_total,
+                Bucket(burst_total, now),
+                Bucket(burst_total * self.unknown_share, now),
+            )
 
     def __contains__(self, behaviour: str) -> bool:
         return behaviour in self._limits
 
     def check(self, behaviour: str, peer: str) -> Verdict | None:
-        """Take one request from ``peer``'s budget for ``behaviour``; a verdict if it
-        has none left, else None."""
+        """Take one request from ``peer``'s budgets for ``behaviour``; a verdict if a
+        budget has none left, else None."""
         with self._lock:
             limit = self._limits.get(behaviour)
             if limit is None:
                 return None
-            rates, reason = limit
+            rates = limit.per_peer
             if len(rates) > MAX_PEERS and self._clock() > self._swept + 1.0:
                 rates.forget("")  # every peer whose budget is full again goes
                 self._swept = self._clock()
-            if rates.allow(peer):
+            if not rates.allow(peer):
+                return self._refused(rates, peer, limit.reason)
+            if limit.total > 0:
+                return self._check_total(behaviour, limit, peer)
+            return None
+
+    def _refused(self, rates: PeerRates, peer: str, reason: str) -> Verdict:
+        count = rates.refused(peer)
+        answer = rates.may_answer(peer)
+        if answer:
+            rates.answered(peer)
+        self._refusals.by_budget["per_peer_rate"] += 1
+        return Verdict(reason, answer, count, "per_peer_rate")
+
+    def _check_total(self, behaviour: str, limit: _Rate, peer: str) -> Verdict | None:
+        """Peers with a stake take from the budget of all; the others from their share
+        of it too, so a flood of fresh keys leaves the rest to known peers."""
+        now = self._clock()
+        rate, burst = limit.total, limit.total_burst
+        everyone = limit.everyone
+        everyone.tokens = min(burst, everyone.tokens + (now - everyone.stamp) * rate)
+        everyone.stamp = now
+        if self.stake(peer):
+            if everyone.take(rate, burst, now):
                 return None
-            count = rates.refused(peer)
-            answer = rates.may_answer(peer)
-            if answer:
-                rates.answered(peer)
-            return Verdict(reason, answer, count)
+            reason = (
+                f"more than {rate:g} {behaviour} requests a second from all peers "
+                f"(bid_requests_per_s_total)"
+            )
+            return self._refusals.note("total_rate", peer, reason)
+        share = self.unknown_share
+        unknown = limit.unknown
+        unknown.tokens = min(burst * share, unknown.tokens + (now - unknown.stamp) * rate * share)
+        unknown.stamp = now
+        if unknown.tokens >= 1.0 and everyone.tokens >= 1.0:
+            unknown.tokens -= 1.0
+            everyone.tokens -= 1.0
+            return None
+        reason = (
+            f"more than {rate * share:g} {behaviour} requests a second from peers this node "
+            f"has no stake in (bid_requests_per_s_total {rate:g} x unknown_share {share:g})"
+        )
+        return self._refusals.note("total_rate", peer, reason)
+
+    def refused(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._refusals.by_budget)
+
+
+@dataclass(frozen=True)
+class HoldingLimits:
+    """The bounds of :class:`Admission` (``dms.actor.system.Limits`` holds the values)."""
+
+    max_inflight: int
+    max_inflight_per_peer: int
+    max_pending_decode_bytes: int
+    max_pending_decode_bytes_per_peer: int
+    unknown_share: float
+    ip_share: float
+
+
+@dataclass
+class Ticket:
+    """A request admitted: given back (:meth:`Admission.release`) once handled by each
+    of the ``holders`` actors it went to."""
+
+    peer: str
+    ip: str | None
+    size: int
+    staked: bool
+    holders: int = 1
+
+
+@dataclass
+class _Held:
+    requests: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class _Holdings:
+    all: _Held = field(default_factory=_Held)
+    unknown: _Held = field(default_factory=_Held)
+    peers: dict[str, _Held] = field(default_factory=dict)
+    ips: dict[str, _Held] = field(default_factory=dict)
+
+
+def _add(table: dict[str, _Held], key: str, requests: int, size: int) -> None:
+    held = table.setdefault(key, _Held())
+    held.requests += requests
+    held.bytes += size
+    if held.requests <= 0:
+        del table[key]
+
+
+class Admission:
+    """Requests remote peers have made this node hold, in total, per peer, per IP."""
+
+    def __init__(self, limits: HoldingLimits, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._held = _Holdings()
+        self._refusals = _Refusals(clock)
+        self.stake: Callable[[str], bool] = _never
+        self.peer_ip: Callable[[str], str | None] = _unknown_ip
+
+    def admit(self, peer: str, size: int) -> Ticket | Verdict:
+        """A ticket for one more request of ``size`` bytes from ``peer``, or why not."""
+        staked = self.stake(peer)
+        ip = None if staked else _shared_ip(self.peer_ip(peer))
+        with self._lock:
+            refusal = self._over(peer, ip, size, staked)
+            if refusal is not None:
+                return self._refusals.note(refusal[0], peer, refusal[1])
+            ticket = Ticket(peer, ip, size, staked)
+            self._count(ticket, 1)
+            return ticket
+
+    def release(self, ticket: Ticket | None) -> None:
+        """One holder of ``ticket`` has handled it (or could not take it)."""
+        if ticket is None:
+            return
+        with self._lock:
+            ticket.holders -= 1
+            if ticket.holders == 0:
+                self._count(ticket, -1)
+
+    def _count(self, ticket: Ticket, sign: int) -> None:
+        held, size = self._held, sign * ticket.size
+        for part in (held.all, *(() if ticket.staked else (held.unknown,))):
+            part.requests += sign
+            part.bytes += size
+        _add(held.peers, ticket.peer, sign, size)
+        if ticket.ip is not None:
+            _add(held.ips, ticket.ip, sign, size)
+
+    def _over(self, peer: str, ip: str | None, size: int, staked: bool) -> tuple[str, str] | None:
+        """The budget (and the reason) one more request would pass, or None. A peer
+        with nothing held may always send one frame, however large (one data frame
+        may be up to ``max_data_bytes``)."""
+        lim, held = self.limits, self._held
+        mine = held.peers.get(peer, _Held())
+        if mine.requests >= lim.max_inflight_per_peer:
+            return "inflight_per_peer", (
+                f"this peer has {mine.requests} requests waiting here, the most one peer may "
+                f"have (max_inflight_per_peer)"
+            )
+        if mine.requests and mine.bytes + size > lim.max_pending_decode_bytes_per_peer:
+            return "pending_decode_bytes_per_peer", (
+                f"this peer has {mine.bytes} bytes waiting to be decoded here, the most one "
+                f"peer may have (max_pending_decode_bytes_per_peer)"
+            )
+        pools = [(held.all, 1.0, "all peers", "")]
+        if not staked:
+            share = lim.unknown_share
+            pools.append((held.unknown, share, "peers this node has no stake in",
+                          f" x unknown_share {share:g}"))  # fmt: skip
+            if ip is not None:
+                share *= lim.ip_share
+                pools.append((held.ips.get(ip, _Held()), share, f"peers at {ip}",
+                              f" x unknown_share {lim.unknown_share:g} x ip_share "
+                              f"{lim.ip_share:g}"))  # fmt: skip
+        for part, share, whose, why in pools:
+            most = max(1, int(lim.max_inflight * share))
+            if part.requests >= most:
+                return "inflight", (
+                    f"{part.requests} requests of {whose} wait here, the most they may have "
+                    f"(max_inflight {lim.max_inflight}{why})"
+                )
+            most_bytes = int(lim.max_pending_decode_bytes * share)
+            if part.requests and part.bytes + size > most_bytes:
+                return "pending_decode_bytes", (
+                    f"{part.bytes} bytes of {whose} wait to be decoded here, the most they may "
+                    f"have (max_pending_decode_bytes {lim.max_pending_decode_bytes}{why})"
+                )
+        return None
+
+    def usage(self) -> list[BudgetUse]:
+        lim = self.limits
+        with self._lock:
+            held, refused = self._held, self._refusals.by_budget
+            return [
+                BudgetUse("inflight", held.all.requests, lim.max_inflight, refused["inflight"]),
+                BudgetUse(
+                    "inflight_unknown",
+                    held.unknown.requests,
+                    lim.max_inflight * lim.unknown_share,
+                    0,
+                ),
+                BudgetUse(
+                    "inflight_per_peer",
+                    max((h.requests for h in held.peers.values()), default=0),
+                    lim.max_inflight_per_peer,
+                    refused["inflight_per_peer"],
+                ),
+                BudgetUse(
+                    "pending_decode_bytes",
+                    held.all.bytes,
+                    lim.max_pending_decode_bytes,
+                    refused["pending_decode_bytes"],
+                ),
+                BudgetUse(
+                    "pending_decode_bytes_per_peer",
+                    max((h.bytes for h in held.peers.values()), default=0),
+                    lim.max_pending_decode_bytes_per_peer,
+                    refused["pending_decode_bytes_per_peer"],
+                ),
+            ]

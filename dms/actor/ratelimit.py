@@ -24,7 +24,7 @@ LOG_EVERY_S = 1.0
 
 
 @dataclass
-class _Bucket:
+class Bucket:
     tokens: float
     stamp: float
 
@@ -39,8 +39,8 @@ class _Bucket:
 
 @dataclass
 class _Peer:
-    frames: _Bucket
-    answers: _Bucket
+    frames: Bucket
+    answers: Bucket
     refused: int = 0  # since the last log line
     logged: float = float("-inf")
 
@@ -65,7 +65,7 @@ class PeerRates:
         now = self._clock()
         state = self._peers.get(peer)
         if state is None:
-            state = _Peer(_Bucket(self.burst, now), _Bucket(ANSWERS_PER_S, now))
+            state = _Peer(Bucket(self.burst, now), Bucket(ANSWERS_PER_S, now))
             self._peers[peer] = state
         return state.frames.take(self.rate, self.burst, now)
 

@@ -25,12 +25,12 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pykka
 from pydantic import BaseModel, Field
 
-from dms.actor.admission import BehaviourLimits
+from dms.actor.admission import Admission, BehaviourLimits, HoldingLimits, Ticket, Verdict
 from dms.actor.behaviour import Behaviour
 from dms.actor.codes import ErrorCode, InvokeTimeout, Refusal, RemoteError, Unreachable
 from dms.actor.envelope import (
@@ -81,6 +81,26 @@ class Limits(BaseModel):
     replay_cache_size: int = Field(default=DEFAULT_CAPACITY, ge=1)
     # How long ActorSystem.stop waits for its actors, and then for its transport.
     stop_timeout_s: float = Field(default=10.0, gt=0)
+    # Requests of remote peers admitted and not yet handled by their actor, in all and
+    # per peer, and their bytes (still to be validated); see dms.actor.admission.
+    max_inflight: int = Field(default=512, ge=1)
+    max_inflight_per_peer: int = Field(default=64, ge=1)
+    max_pending_decode_bytes: int = Field(default=64 * MIB, ge=1024)
+    max_pending_decode_bytes_per_peer: int = Field(default=16 * MIB, ge=1024)
+    # Of each global budget, what peers this node has no stake in may use together,
+    # and what those at one IP address may use of that.
+    unknown_share: float = Field(default=0.5, gt=0, le=1)
+    ip_share: float = Field(default=0.25, gt=0, le=1)
+
+    def holdings(self) -> HoldingLimits:
+        return HoldingLimits(
+            max_inflight=self.max_inflight,
+            max_inflight_per_peer=self.max_inflight_per_peer,
+            max_pending_decode_bytes=self.max_pending_decode_bytes,
+            max_pending_decode_bytes_per_peer=self.max_pending_decode_bytes_per_peer,
+            unknown_share=self.unknown_share,
+            ip_share=self.ip_share,
+        )
 
 
 @dataclass(frozen=True)
@@ -102,9 +122,11 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Inbound:
-    """A verified envelope on its way to an actor's mailbox."""
+    """A verified envelope on its way to an actor's mailbox; ``ticket``: its place in
+    the admission budgets, given back once the actor has handled it."""
 
     sealed: Sealed
+    ticket: Ticket | None = None
 
 
 @dataclass(frozen=True)
@@ -305,6 +327,10 @@ class ActorSystem:
         # Requests a second per peer for some behaviours (bid requests), checked
         # before a frame's signature or payload (dms.actor.admission).
         self.behaviour_limits = BehaviourLimits()
+        self.behaviour_limits.unknown_share = self.limits.unknown_share
+        # Requests remote peers make this node hold until an actor handled them, and
+        # their bytes: global, per peer and per IP budgets (dms.actor.admission).
+        self.admission = Admission(self.limits.holdings())
         self._root_handle = Handle(
             id=identity.public_key, address=Address(host=self.peer_id, inbox=ROOT_INBOX)
         )
@@ -592,18 +618,25 @@ class ActorSystem:
             if env.behaviour in self.behaviour_limits and self._over_limit(env, from_peer):
                 return
             self._check_size_class(opened)
-            if not signature_checked:
-                check_signature(opened)
-            check_signer(env)
-            self.replay.check(env.signer, env.nonce, env.issued_at, env.expiry, now_ns())
-            sealed = decode_payload(opened, verified=True, max_items=limits.max_payload_items)
-            env = sealed.envelope
-            if env.behaviour.startswith(REPLY_PREFIX):
-                self._resolve(env)
-            elif env.to is None:
-                self._deliver_topic(sealed)
-            else:
-                self._deliver_direct(sealed)
+            ticket = self._admit(env, from_peer, opened.size)
+            if ticket is False:
+                return
+            try:
+                if not signature_checked:
+                    check_signature(opened)
+                check_signer(env)
+                self.replay.check(env.signer, env.nonce, env.issued_at, env.expiry, now_ns())
+                sealed = decode_payload(opened, verified=True, max_items=limits.max_payload_items)
+                env = sealed.envelope
+                if env.behaviour.startswith(REPLY_PREFIX):
+                    self._resolve(env)
+                elif env.to is None:
+                    self._deliver_topic(sealed, ticket)
+                else:
+                    self._deliver_direct(sealed, ticket)
+            except BaseException:
+                self.admission.release(ticket)
+                raise
         except Refusal as refusal:
             if self._answerable(env, from_peer):
                 self.refuse(env, refusal)
@@ -619,14 +652,34 @@ class ActorSystem:
                 )
 
     def _over_limit(self, env: Envelope, from_peer: str | None) -> bool:
-        """Whether ``env`` is over its sender's rate for its behaviour (its host is
-        ``from_peer``: checked already). Such a request is counted, logged once a second
-        per peer and answered a few times a second; this node's own are not limited."""
+        """Whether ``env`` is over a rate for its behaviour, its sender's or all peers'
+        (its host is ``from_peer``: checked already). Such a request is counted, logged
+        once a second and answered a few times a second; this node's own are not
+        limited."""
         if from_peer is None or from_peer == self.peer_id:
             return False
         verdict = self.behaviour_limits.check(env.behaviour, from_peer)
         if verdict is None:
             return False
+        self._refused_unverified(env, from_peer, verdict)
+        return True
+
+    def _admit(
+        self, env: Envelope, from_peer: str | None, size: int
+    ) -> Ticket | Literal[False] | None:
+        """A ticket in the admission budgets for a request of a remote peer (None for
+        replies and this node's own frames, which wait on nothing), or False: refused."""
+        if from_peer is None or from_peer == self.peer_id or env.behaviour.startswith(REPLY_PREFIX):
+            return None
+        admitted = self.admission.admit(from_peer, size)
+        if isinstance(admitted, Ticket):
+            return admitted
+        self._refused_unverified(env, from_peer, admitted)
+        return False
+
+    def _refused_unverified(self, env: Envelope, from_peer: str, verdict: Verdict) -> None:
+        """A request refused on its header (``rate_limited``): counted, logged at most
+        once a second with the count, answered only as often as the verdict allows."""
         self.refusals[ErrorCode.RATE_LIMITED] += 1
         if verdict.log_count:
             log.warning(
@@ -640,7 +693,6 @@ class ActorSystem:
             self._send_reply(
                 env, reply_payload(error=Refusal(ErrorCode.RATE_LIMITED, verdict.reason)), None
             )
-        return True
 
     @staticmethod
     def _answerable(env: Envelope, from_peer: str | None) -> bool:
@@ -691,7 +743,7 @@ class ActorSystem:
             if host_key != env.signer:
                 raise Refusal(ErrorCode.WRONG_SIGNER, "root actor is not signed by its peer's key")
 
-    def _deliver_direct(self, sealed: Sealed) -> None:
+    def _deliver_direct(self, sealed: Sealed, ticket: Ticket | None = None) -> None:
         to = sealed.envelope.to
         assert to is not None
         with self._lock:
@@ -701,7 +753,7 @@ class ActorSystem:
                 ErrorCode.UNKNOWN_ACTOR, f"no actor {to.address.inbox} with that key here"
             )
         try:
-            ref.pykka_ref.tell(Inbound(sealed))
+            ref.pykka_ref.tell(Inbound(sealed, ticket))
         except pykka.ActorDeadError:
             raise Refusal(ErrorCode.STOPPED, f"actor {to.address.inbox} has stopped") from None
 
@@ -712,7 +764,7 @@ class ActorSystem:
         if env.reply_to is not None:
             raise Refusal(ErrorCode.BROADCAST_REPLY, "a broadcast may not ask for a reply")
 
-    def _deliver_topic(self, sealed: Sealed) -> None:
+    def _deliver_topic(self, sealed: Sealed, ticket: Ticket | None = None) -> None:
         """To every subscriber of the topic that declared the behaviour for that topic."""
         env = sealed.envelope
         topic, path = env.topic, env.behaviour
@@ -726,11 +778,16 @@ class ActorSystem:
             ]
         if inboxes and not refs:
             raise Refusal(ErrorCode.NOT_FOR_TOPIC, f"{path} is not a behaviour for {topic}")
+        if not refs:
+            self.admission.release(ticket)
+            return
+        if ticket is not None:
+            ticket.holders = len(refs)
         for ref in refs:
             try:
-                ref.pykka_ref.tell(Inbound(sealed))
+                ref.pykka_ref.tell(Inbound(sealed, ticket))
             except pykka.ActorDeadError:
-                continue
+                self.admission.release(ticket)
 
     def _resolve(self, reply: Envelope) -> None:
         try:

@@ -41,3 +41,12 @@ class Transport(Protocol):
     def unsubscribe(self, topic: str) -> None: ...
 
     def stop(self) -> None: ...
+
+
+class RemoteAddresses(Protocol):
+    """A transport that knows where a peer's connection comes from (the libp2p host):
+    the admission budgets give peers at one IP address only a share of what unknown
+    peers may hold (``dms.actor.admission``, ``ip_share``)."""
+
+    def remote_ip(self, peer_id: str) -> str | None:
+        """The IP address of ``peer_id``'s connection to this node; None if unknown."""

@@ -265,6 +265,21 @@ class Unicast(Discovery):
         if outbound is not None:
             self._close(outbound)
 
+    def remote_ip(self, peer_id: str) -> str | None:
+        """The IP address of a connection ``peer_id`` holds to this node, or None if it
+        holds none (``dms.actor.transport.RemoteAddresses``: the admission budgets give
+        the peers of one address a share, ``ip_share``). Called on the trio thread."""
+        if self._host is None:
+            return None
+        try:
+            for conn in self._host.get_network().get_connections(ID.from_base58(peer_id)):
+                address = conn.muxed_conn.get_remote_address()
+                if address:
+                    return str(address[0])
+        except Exception:  # a peer id that is not one, a connection closing
+            return None
+        return None
+
     # ---- inbound ---------------------------------------------------------------------
 
     async def _on_stream(self, stream: INetStream) -> None:

@@ -25,6 +25,7 @@ from dms.jobs.executors import ExecutorError
 from dms.network.peertable import GONE
 from dms.node.base import NodeBase
 from dms.orchestrator.bidder import BidderView, make_bid
+from dms.orchestrator.bidindex import BidIndex, bid_rows
 from dms.orchestrator.lapses import Lapses
 from dms.orchestrator.messages import (
     ALLOCATE,
@@ -34,11 +35,11 @@ from dms.orchestrator.messages import (
     REQUEST,
     REVERT,
     AllocateRequest,
+    Bid,
     BidRequest,
     CommitRequest,
     RevertRequest,
 )
-from dms.orchestrator.store import DeploymentStore
 from dms.resources import ALLOCATED, ResourceError
 
 log = logging.getLogger("dms.node")
@@ -67,13 +68,12 @@ def _answers_to_requester(reply_to: Handle | None, requester: str, what: str) ->
 class BiddingBehaviours(NodeBase):
     _allocations: dict[str, ActorRef]
     _alloc_lock: threading.Lock
-    _bid_index: DeploymentStore | None = None
+    _bid_index: BidIndex | None = None
 
     def start_bidding(self) -> None:
         self._allocations = {}
         self._lingering: deque[ActorRef] = deque()
         self._ended_early: set[str] = set()  # ended before their allocate registered them
-        self._unwritten_bids: list[dict[str, Any]] = []
         self._alloc_lock = threading.Lock()
         prefs = self.services.preferences
         # Checked by the receive pipeline before a request's signature or payload, so a
@@ -84,12 +84,16 @@ class BiddingBehaviours(NodeBase):
             prefs.bid_request_burst,
             f"more than {prefs.bid_requests_per_s:g} bid requests a second from this peer "
             "(bid_requests_per_s)",
+            total=self.services.bid_requests_per_s_total,
+            total_burst=self.services.bid_request_burst_total,
         )
         self._lapses = Lapses(prefs.lapse_cooldown_s)
         self.subscribe(DEPLOYMENT_TOPIC)
         db = self.services.onboarder.db if self.services.onboarder else None
         if db is not None:
-            self._bid_index = DeploymentStore(db)
+            self._bid_index = self.services.bid_index or BidIndex(
+                db, stake=self.services.stakes.__contains__
+            )
             self._clean_orphaned_allocations()
 
     def _clean_orphaned_allocations(self) -> None:
@@ -114,6 +118,7 @@ class BiddingBehaviours(NodeBase):
             preferences=self.services.preferences,
             scores=scores,
             labels=self.services.labels,
+            max_slots=self.services.max_bid_slots,
         )
 
     @behaviour(REQUEST, public=True, payload=BidRequest, topic=DEPLOYMENT_TOPIC)
@@ -134,9 +139,14 @@ class BiddingBehaviours(NodeBase):
                 f"this peer committed leases here and never allocated them: no bids for "
                 f"another {cooling:.0f} s (lapse_cooldown_s)",
             )
+        full = self._bid_index.refusal(requester) if self._bid_index is not None else None
+        if full:  # its bids would pass its share of the bid index: refused, not stored
+            if payload.reply_to is not None:
+                return None
+            raise Refusal(ErrorCode.RATE_LIMITED, full)
         if payload.reply_to is None:
             bid = make_bid(payload, requester, request.sender.did, self._bidder())
-            self._record_sent(bid)
+            self._record_sent(bid, requester)
             return bid.model_dump()
         # Heard on the topic: answered only with an offer, so a node with nothing to
         # offer does no more (every subscriber hears every request: before, each wrote
@@ -146,7 +156,7 @@ class BiddingBehaviours(NodeBase):
             return None
         bid = make_bid(payload, requester, request.sender.did, self._bidder())
         if bid.offers:
-            self._record_sent(bid)
+            self._record_sent(bid, requester)
             leases = [o.lease_id for o in bid.offers]
             self.invoke(
                 payload.reply_to,
@@ -164,31 +174,17 @@ class BiddingBehaviours(NodeBase):
         if not outcome.ok and self.services.ledger is not None:
             self.services.ledger.release_many(lease_ids)
 
-    def _record_sent(self, bid: Any) -> None:
+    def _record_sent(self, bid: Bid, requester: str) -> None:
         """Queue this bid for the bid index; written in batches, off the bidding path."""
         if self._bid_index is None:
             return
-        me = {
-            "deployment_id": bid.deployment_id,
-            "direction": "sent",
-            "peer_id": self.system.peer_id,
-        }
-        rows = [
-            {**me, "slot": o.slot, "lease_id": o.lease_id, "price": o.price, "outcome": "offer"}
-            for o in bid.offers
-        ] + [
-            {**me, "slot": d.slot, "outcome": "decline", "reason": d.reason[:512]}
-            for d in bid.declines
-        ]
-        if not self._unwritten_bids:
+        if self._bid_index.add(bid_rows(bid, requester)):
             self.call_later(BID_INDEX_FLUSH_S, self._flush_bids)
-        self._unwritten_bids.extend(rows)
 
     def _flush_bids(self) -> None:
-        rows, self._unwritten_bids = self._unwritten_bids, []
-        if rows and self._bid_index is not None:
+        if self._bid_index is not None:
             try:
-                self._bid_index.record_bids(rows)
+                self._bid_index.flush()
             except Exception as exc:
                 log.warning("bid index not written: %s", exc)
 
@@ -253,6 +249,8 @@ class BiddingBehaviours(NodeBase):
         except ExecutorError:
             self._ledger().release(p.lease_id)
             raise
+        # A real job of this requester here: it keeps its share of the global budgets.
+        self.services.stakes.note(requester, "allocation")
         with self._alloc_lock:
             if p.lease_id in self._ended_early:  # a job of no length: it ended already
                 self._ended_early.discard(p.lease_id)

@@ -33,11 +33,15 @@ from dms.node.lock import RunLock, check_listen_free
 from dms.node.metrics import NodeMetrics
 from dms.node.node import NodeActor
 from dms.node.services import NodeServices
+from dms.node.stakes import StakeBook
+from dms.orchestrator.bidindex import BidIndex, BidIndexBudget
 from dms.resources import Onboarder, ResourceLedger
 from dms.security import Identity, TrustStore
 from dms.store import Database, open_database
 
 log = logging.getLogger("dms.node")
+# Holders of allocations read from the ledger into the stake book at start.
+STAKES_AT_START = 1024
 
 
 def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
@@ -74,6 +78,22 @@ def limits_from(settings: Settings) -> Limits:
         clock_skew_s=settings.clock_skew_s,
         invoke_timeout_s=settings.invoke_timeout_s,
         replay_cache_size=settings.replay_cache_size,
+        max_inflight=settings.max_inflight,
+        max_inflight_per_peer=settings.max_inflight_per_peer,
+        max_pending_decode_bytes=settings.max_pending_decode_bytes,
+        max_pending_decode_bytes_per_peer=settings.max_pending_decode_bytes_per_peer,
+        unknown_share=settings.unknown_share,
+        ip_share=settings.ip_share,
+    )
+
+
+def bid_index_budget(settings: Settings) -> BidIndexBudget:
+    return BidIndexBudget(
+        rows=settings.bid_index_rows,
+        bytes=settings.bid_index_bytes,
+        rows_per_peer=settings.bid_index_rows_per_peer,
+        bytes_per_peer=settings.bid_index_bytes_per_peer,
+        max_age_s=settings.bid_index_max_age_s,
     )
 
 
@@ -114,6 +134,8 @@ class Node:
         self.api: LocalApi | None = None
         self.ledger: ResourceLedger | None = None
         self.peer_table = PeerTable()
+        self.stakes = StakeBook()
+        self.bid_index: BidIndex | None = None
         self.started = 0.0
         self._lock = RunLock(settings.home)
         self.metrics = NodeMetrics(self)  # GET /metrics: read at each scrape
@@ -151,6 +173,16 @@ class Node:
             self.ledger = ResourceLedger(
                 self.db, holder_share=lambda: self.settings.preferences.max_peer_share
             )
+            # Peers with an allocation here (or had one), or anchored: they keep their
+            # share of every global budget (dms.node.stakes).
+            self.stakes = StakeBook(is_root=trust.is_root)
+            self.stakes.note_all(self.ledger.committed_holders(STAKES_AT_START), "allocation")
+            self.system.admission.stake = self.stakes.__contains__
+            self.system.behaviour_limits.stake = self.stakes.__contains__
+            self.system.admission.peer_ip = self.transport.remote_ip
+            self.bid_index = BidIndex(
+                self.db, bid_index_budget(self.settings), self.stakes.__contains__
+            )
             services = NodeServices(
                 home=home,
                 db=self.db,
@@ -168,6 +200,11 @@ class Node:
                 peer_forget_s=self.settings.peer_forget_s,
                 retention_s=self.settings.retention_s,
                 chunk_quota=self.settings.chunk_quota,
+                stakes=self.stakes,
+                bid_index=self.bid_index,
+                max_bid_slots=self.settings.max_bid_slots,
+                bid_requests_per_s_total=self.settings.bid_requests_per_s_total,
+                bid_request_burst_total=self.settings.bid_request_burst_total,
             )
             self.node = self.system.spawn(
                 NodeActor, services, inbox=ROOT_INBOX, identity=self.identity

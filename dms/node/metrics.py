@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import case, func, select
 
 from dms import __version__
+from dms.actor.admission import BudgetUse
 from dms.actor.transport import Receiver, Transport, Undeliverable
 from dms.store.models import DeploymentRecord, Lease, MiningSessionRecord
 
@@ -149,6 +150,7 @@ class NodeCollector(Collector):
         uptime = time.monotonic() - node.started if node.started else 0.0
         yield GaugeMetricFamily("dms_uptime_seconds", "Seconds since the node started.", uptime)
         yield from self._actors()
+        yield from self._budgets()
         yield from self._network()
         yield from self._resources()
         yield from self._store()
@@ -178,6 +180,41 @@ class NodeCollector(Collector):
         for code, count in sorted(_copy(network).items() if isinstance(network, Counter) else ()):
             refusals.add_metric([str(code), "network"], count)
         yield refusals
+
+    def _budgets(self) -> Iterator[Metric]:
+        """What remote peers make this node hold, against each global and per-peer
+        budget (specs/security.md, "Global budgets")."""
+        uses: list[BudgetUse] = []
+        system = self.node.system
+        if system is not None:
+            uses += system.admission.usage()
+            uses += [
+                BudgetUse(name, 0, 0, count)
+                for name, count in sorted(system.behaviour_limits.refused().items())
+            ]
+        if self.node.bid_index is not None:
+            uses += self.node.bid_index.usage()
+        used = GaugeMetricFamily(
+            "dms_budget_used",
+            "What remote peers hold of each budget now (per_peer: the peer holding most).",
+            labels=["budget"],
+        )
+        limit = GaugeMetricFamily(
+            "dms_budget_limit", "The bound of each budget (its setting).", labels=["budget"]
+        )
+        refused = CounterMetricFamily(
+            "dms_budget_refusals",
+            "Requests refused because a budget was full, by budget.",
+            labels=["budget"],
+        )
+        for use in uses:
+            if use.limit:
+                used.add_metric([use.name], use.used)
+                limit.add_metric([use.name], use.limit)
+            refused.add_metric([use.name], use.refused)
+        yield used
+        yield limit
+        yield refused
 
     def _network(self) -> Iterator[Metric]:
         frames, sizes = self.metrics.traffic.snapshot()

@@ -13,6 +13,8 @@ from dms.network.host import Libp2pTransport
 from dms.network.peerbook import PeerBook
 from dms.network.peertable import PeerTable
 from dms.network.transfer import ChunkNetwork
+from dms.node.stakes import StakeBook
+from dms.orchestrator.bidindex import BidIndex
 from dms.resources import Onboarder, Preferences, ResourceLedger
 from dms.store import Database
 
@@ -39,3 +41,10 @@ class NodeServices:
     prune_every_s: float = 600.0  # how often the node prunes them
     supervise_s: float = 1.0  # how often a requester checks its running allocations
     chunk_quota: int = 2 * 1024**3  # most bytes the chunk store holds (dms.store.chunks)
+    # Peers this node has a stake in (they keep their share of each global budget), the
+    # bid index it writes its bids to, and the bid budgets (specs/security.md).
+    stakes: StakeBook = field(default_factory=StakeBook)
+    bid_index: BidIndex | None = None
+    max_bid_slots: int = 64
+    bid_requests_per_s_total: float = 200.0
+    bid_request_burst_total: int = 400

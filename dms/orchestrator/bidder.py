@@ -14,8 +14,10 @@ import random
 from dataclasses import dataclass, field
 
 from dms.jobs.executors import EXECUTORS, ExecutorError
+from dms.jobs.spec import MAX_SLOTS
 from dms.orchestrator.messages import Bid, BidRequest, Decline, Offer, SlotRequest
-from dms.resources import Pools, Preferences, ResourceError, ResourceLedger
+from dms.resources import Pools, Preferences, ResourceError, ResourceLedger, Resources
+from dms.resources.amounts import ZERO
 
 MAX_REASON = 512
 
@@ -30,6 +32,7 @@ class BidderView:
     preferences: Preferences
     scores: dict[str, float] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
+    max_slots: int = MAX_SLOTS  # slots of one request considered (max_bid_slots)
 
 
 def job_refusal(slot: SlotRequest) -> str | None:
@@ -96,6 +99,17 @@ def _over_caps(prefs: Preferences, held: int, in_use: int) -> str | None:
     return None
 
 
+def _never_fits(slot: SlotRequest, asked: Resources, onboarded: Resources) -> str | None:
+    """Why ``slot`` could never run here beside the slots before it (``asked``: theirs),
+    whatever is free: together they pass what the node onboarded. None if it fits."""
+    if (asked + slot.resources).fits_in(onboarded):
+        return None
+    return (
+        "this node could never run this slot beside the ones before it in this request: "
+        "together they ask more than it offers in all"
+    )
+
+
 def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: BidderView) -> Bid:
     """Check every slot and lease what fits; leases are held for ``request.lease_s``, at
     most the node's ``max_lease_s``.
@@ -104,11 +118,22 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
     most ``max_leases_per_peer`` leases and allocations here, and with
     ``max_allocations`` set, leases and allocations together stay within it.
     Slots are tried from a random starting point: providers that can take only
-    some of the slots then offer different ones, and one round places more."""
+    some of the slots then offer different ones, and one round places more.
+
+    And costs no more than that: only ``me.max_slots`` slots are considered (the
+    rest are declined at once, ``max_bid_slots``), and once the slots so far ask
+    for all this node onboarded, the rest are declined without their checks."""
     offers: list[Offer] = []
     declines: list[Decline] = []
     start = random.randrange(len(request.slots))
     slots = request.slots[start:] + request.slots[:start]
+    slots, unread = slots[: me.max_slots], slots[me.max_slots :]
+    if unread:
+        reason = (
+            f"this node considers at most {me.max_slots} slots of one bid request "
+            f"(max_bid_slots); {len(unread)} were not"
+        )
+        declines = [Decline(slot=slot.slot, reason=reason) for slot in unread]
     for_good = {slot.slot for slot in slots if job_refusal(slot) is not None}
     prefs = me.preferences
     held = me.ledger.held_by(requester_peer) if prefs.max_leases_per_peer else 0
@@ -116,7 +141,14 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
     def screen(pools: Pools) -> list[str | None]:
         refusals: list[str | None] = []
         taken = 0
+        asked = ZERO
         for slot in slots:
+            if pools.is_onboarded and slot.slot not in for_good:
+                refusal = _never_fits(slot, asked, pools.onboarded)
+                if refusal is not None:
+                    refusals.append(refusal)
+                    continue
+                asked = asked + slot.resources
             refusal = semantic_refusal(slot, me, requester_did, pools.price, pools.allocations)
             if refusal is None:
                 refusal = _over_caps(prefs, held + taken, pools.allocations + pools.leases + taken)

@@ -457,6 +457,20 @@ class ResourceLedger:
             query = select(func.count()).where(_live_clause(now), LEASES.c.holder == holder)
             return int(conn.scalar(query.select_from(LEASES)) or 0)
 
+    def committed_holders(self, limit: int) -> list[str]:
+        """Up to ``limit`` holders that committed a lease here (an allocation, live or
+        ended and not yet pruned), the most recent last."""
+        latest = func.max(LEASES.c.committed_at)
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                select(LEASES.c.holder, latest)
+                .where(LEASES.c.committed_at.is_not(None), LEASES.c.holder != "")
+                .group_by(LEASES.c.holder)
+                .order_by(latest.desc())
+                .limit(limit)
+            ).all()
+        return [str(r[0]) for r in reversed(rows)]
+
     def live_ids(self, ref_prefix: str, holder: str) -> list[str]:
         """Ids of live leases and allocations of ``holder`` whose ref starts with the prefix."""
         now = self.clock()

@@ -1,0 +1,281 @@
+"""Issue 24, admission and the bid index: a budget for everything remote peers make a
+node hold, global as well as per peer, and peers the node has a stake in keep their
+share. The hostile peers are bare py-libp2p hosts with fresh keys (``BarePeer``), as
+many as an attacker likes; the victim is a real node on loopback.
+
+Before, every limit was per peer: 200 fresh keys each sending 10 bid requests of 256
+slots grew a victim by 452 MB and 307,200 bid rows, and no honest placement
+succeeded meanwhile; one peer's 1,600 requests wrote 409,621 rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from dms.node.client import root_handle
+from dms.node.daemon import Node
+from dms.orchestrator.bidindex import BIDS
+from dms.orchestrator.messages import REQUEST, BidRequest
+from dms.resources import Resources
+from dms.sim.adversary import BarePeer
+from dms.sim.cluster import LocalCluster
+from tests.conftest import wait_for
+from tests.test_orchestrator import TERMINAL, deploy, spec, wait_known, wait_state
+
+
+@pytest.fixture
+def net(cluster: LocalCluster) -> LocalCluster:
+    cluster.settings.update(heartbeat_s=0.5, orphan_s=3.0)
+    return cluster
+
+
+@pytest.fixture
+def bare_peers() -> Iterator[list[BarePeer]]:
+    peers: list[BarePeer] = []
+    yield peers
+    for peer in peers:
+        peer.close()
+
+
+def keys(victim: Node, count: int, into: list[BarePeer]) -> list[BarePeer]:
+    """``count`` hostile peers, each a fresh key with a connection of its own."""
+    made = [BarePeer(victim.addrs()[0], actor=True) for _ in range(count)]
+    into.extend(made)
+    return made
+
+
+def provider(net: LocalCluster, cpu: float = 1, **settings: Any) -> Node:
+    victim = net.add("victim", **settings)
+    assert victim.ledger is not None
+    victim.ledger.onboard(Resources(cpu=cpu, ram=2, disk=2))
+    return victim
+
+
+def staked_requester(net: LocalCluster, victim: Node) -> Node:
+    """An honest requester that placed a job on ``victim`` and saw it complete: the
+    victim has a stake in it."""
+    honest = net.add("honest")
+    net.wait_linked()
+    wait_known(honest, [victim])
+    job = spec(cpu="100m", params={"seconds": 0}, constraints={"include_peers": [victim.peer_id]})
+    done = wait_state(honest, deploy(honest, job), TERMINAL, 30)
+    assert done["state"] == "completed", done["events"]
+    assert honest.peer_id in victim.stakes
+    return honest
+
+
+def bid_request(slots: int, name: str = "attack", **constraints: Any) -> dict[str, Any]:
+    slot = {"executor": "compute", "params": {"seconds": 1}, "constraints": constraints,
+            "resources": {"cpu": "100m", "ram": "16MiB"}}  # fmt: skip
+    return BidRequest.model_validate(
+        {
+            "deployment_id": name,
+            "lease_s": 10,
+            "slots": [{"slot": f"w.{i}", **slot} for i in range(slots)],
+        }
+    ).model_dump()
+
+
+UNFIT = {"labels": ["none-has-it"]}  # a slot no node takes: nothing is leased
+
+
+def send(peer: BarePeer, victim: Node, behaviour: str, payloads: list[Any]) -> list[bytes]:
+    """Requests written at once on the peer's stream; their nonces."""
+    envs = [peer.envelope(root_handle(victim.peer_id), behaviour, p, reply=True) for p in payloads]
+    peer.write([peer.seal(env) for env in envs])
+    return [env.nonce for env in envs]
+
+
+def answered(peer: BarePeer, nonces: list[bytes], timeout: float = 30) -> list[dict[str, Any]]:
+    wait_for(lambda: None not in peer.answers(nonces), timeout, "every request answered")
+    return peer.answers(nonces)
+
+
+def codes(answers: list[dict[str, Any]]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for answer in answers:
+        code = answer.get("code", "ok")
+        found[code] = found.get(code, 0) + 1
+    return found
+
+
+def sent_rows(victim: Node, peer: str | None = None) -> int:
+    assert victim.db is not None
+    query = select(func.count()).select_from(BIDS).where(BIDS.c.direction == "sent")
+    if peer is not None:
+        query = query.where(BIDS.c.peer_id == peer)
+    with victim.db.transaction() as conn:
+        return int(conn.scalar(query) or 0)
+
+
+def busy(victim: Node, seconds: float) -> None:
+    """Keep the victim's node actor busy: what peers send meanwhile waits for it."""
+    assert victim.node is not None
+    victim.node.tell_call(time.sleep, seconds)
+
+
+# ---- in-flight requests and pending decodes ----------------------------------------
+
+
+def test_requests_one_peer_makes_a_node_hold_are_bounded(
+    net: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """Before, every request a peer sent waited in the node actor's mailbox, decoded,
+    however many there were (a flood of bid requests: +452 MB)."""
+    victim = net.add("victim", max_inflight_per_peer=4)
+    (peer,) = keys(victim, 1, bare_peers)
+    busy(victim, 2.0)
+    answers = answered(peer, send(peer, victim, "/public/hello", [None] * 12))
+    assert codes(answers) == {"ok": 4, "rate_limited": 8}
+    refused = next(a for a in answers if not a["ok"])
+    assert "the most one peer may have (max_inflight_per_peer)" in refused["reason"]
+
+
+def test_many_keys_fill_only_the_unknown_share_of_the_requests_a_node_holds(
+    net: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    victim = provider(net, max_inflight=16, unknown_share=0.5)
+    honest = staked_requester(net, victim)
+    hostile = keys(victim, 4, bare_peers)
+    busy(victim, 3.0)
+    sent = [(peer, send(peer, victim, "/public/hello", [None] * 4)) for peer in hostile]
+    # Peers the node has no stake in hold at most half of max_inflight: 8 of 16 asked.
+    wait_for(lambda: victim.system is not None and victim.system.refusals["rate_limited"] >= 8,
+             10, "the unknown share full")  # fmt: skip
+    assert honest.node is not None
+    hello = honest.node.ask(root_handle(victim.peer_id), "/public/hello", timeout=15)
+    assert hello["peer_id"] == victim.peer_id  # the staked peer is still served
+    answers = [a for peer, nonces in sent for a in answered(peer, nonces)]
+    assert codes(answers) == {"ok": 8, "rate_limited": 8}
+    refused = next(a for a in answers if not a["ok"])
+    assert "peers this node has no stake in" in refused["reason"]
+    assert "max_inflight 16 x unknown_share 0.5" in refused["reason"]
+
+
+def test_bytes_waiting_to_be_decoded_are_bounded(
+    net: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    victim = net.add("victim", max_pending_decode_bytes_per_peer=600_000)
+    (peer,) = keys(victim, 1, bare_peers)
+    busy(victim, 2.0)
+    pad = {"pad": "x" * 250_000}
+    answers = answered(peer, send(peer, victim, "/public/hello", [pad] * 5))
+    assert codes(answers) == {"ok": 2, "rate_limited": 3}
+    refused = next(a for a in answers if not a["ok"])
+    assert "(max_pending_decode_bytes_per_peer)" in refused["reason"]
+
+
+# ---- bid requests --------------------------------------------------------------------
+
+
+def test_bid_requests_of_all_peers_together_are_bounded_and_staked_peers_keep_theirs(
+    net: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """Each key within its own rate (bid_requests_per_s): before, 12 keys made 12 bids."""
+    victim = provider(net, bid_requests_per_s_total=4.0, bid_request_burst_total=4)
+    honest = staked_requester(net, victim)
+    hostile = keys(victim, 12, bare_peers)
+    answers = [answered(p, send(p, victim, REQUEST, [bid_request(1, **UNFIT)]))[0]
+               for p in hostile]  # fmt: skip
+    found = codes(answers)
+    assert found.get("ok", 0) <= 4 and found["rate_limited"] >= 8, found
+    refused = next(a for a in answers if not a["ok"])
+    assert "from peers this node has no stake in (bid_requests_per_s_total 4" in refused["reason"]
+    assert honest.node is not None
+    bid = honest.node.ask(root_handle(victim.peer_id), REQUEST, bid_request(1, "mine"), timeout=10)
+    assert bid["offers"]
+
+
+def test_a_bid_request_is_considered_only_for_the_slots_the_node_could_offer(
+    net: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """256 slots of 100m to a node of 1 core: before, every slot was checked and leased
+    or declined, and each decline was a row of the bid index (256 rows a request)."""
+    victim = provider(net, cpu=1, max_bid_slots=64)
+    (peer,) = keys(victim, 1, bare_peers)
+    (answer,) = answered(peer, send(peer, victim, REQUEST, [bid_request(256)]))
+    bid = answer["result"]
+    assert len(bid["offers"]) == 10  # ten of 100m fill the core
+    reasons = [d["reason"] for d in bid["declines"]]
+    assert len(reasons) == 246
+    capped = "this node considers at most 64 slots of one bid request (max_bid_slots); 192 were not"
+    assert reasons.count(capped) == 192
+    never = [r for r in reasons if r.startswith("this node could never run this slot")]
+    assert len(never) == 54
+    # The bid index: a row per offer (a lease) and one for all the declines.
+    wait_for(lambda: sent_rows(victim, peer.peer_id) == 11, 10, "the bid recorded")
+    time.sleep(1.0)
+    assert sent_rows(victim, peer.peer_id) == 11
+
+
+def test_a_requester_over_its_share_of_the_bid_index_is_refused_not_stored(
+    net: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    victim = provider(net, bid_index_rows_per_peer=10)
+    (peer,) = keys(victim, 1, bare_peers)
+    answers = answered(peer, send(peer, victim, REQUEST, [bid_request(3, **UNFIT)] * 14))
+    assert codes(answers) == {"ok": 10, "rate_limited": 4}
+    refused = next(a for a in answers if not a["ok"])
+    assert "this requester has 10 bids" in refused["reason"]
+    assert "bid_index_rows_per_peer 10" in refused["reason"]
+    wait_for(lambda: sent_rows(victim, peer.peer_id) == 10, 10, "ten rows written")
+    time.sleep(1.0)
+    assert sent_rows(victim, peer.peer_id) == 10  # one decline row a request, none refused
+
+
+def test_the_bid_index_is_bounded_in_all_and_unknown_peers_rows_go_first(
+    net: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """Twelve keys of ten rows each, into an index of 100 rows: before, 120 rows (and no
+    bound at all on how many keys)."""
+    victim = provider(net, bid_index_rows=100, bid_index_rows_per_peer=10)
+    honest = staked_requester(net, victim)
+    assert honest.node is not None
+    for i in range(5):
+        honest.node.ask(root_handle(victim.peer_id), REQUEST, bid_request(1, f"mine-{i}", **UNFIT))
+    wait_for(lambda: sent_rows(victim, honest.peer_id) >= 5, 10, "the honest bids recorded")
+    mine = sent_rows(victim, honest.peer_id)
+    for peer in keys(victim, 12, bare_peers):
+        answers = answered(peer, send(peer, victim, REQUEST, [bid_request(1, **UNFIT)] * 10))
+        assert codes(answers) == {"ok": 10}
+    wait_for(lambda: sent_rows(victim) <= 100, 15, "the index pruned to its bound")
+    time.sleep(1.0)
+    assert sent_rows(victim) <= 100
+    assert sent_rows(victim, honest.peer_id) == mine  # the staked peer's rows stayed
+    assert victim.bid_index is not None and victim.bid_index.pruned >= 20
+
+
+def test_many_keys_flooding_bid_requests_cannot_stop_an_honest_placement(
+    net: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """The sybil flood, smaller: 30 keys, each 10 bid requests of 256 slots, written at
+    once, while a requester the provider has a stake in places three jobs on it."""
+    victim = provider(net, cpu=1, bid_requests_per_s_total=20.0, bid_request_burst_total=40)
+    honest = staked_requester(net, victim)
+    hostile = keys(victim, 30, bare_peers)
+    flood = [bid_request(256, f"flood-{i}") for i in range(10)]
+    frames = {
+        peer: [
+            peer.seal(peer.envelope(root_handle(victim.peer_id), REQUEST, p, reply=True))
+            for p in flood
+        ]
+        for peer in hostile
+    }
+    for peer, sealed in frames.items():
+        peer.write(sealed)
+    job = spec(cpu="100m", params={"seconds": 0}, constraints={"include_peers": [victim.peer_id]})
+    jobs = [deploy(honest, job) for _ in range(3)]
+    for dep in jobs:
+        done = wait_state(honest, dep, TERMINAL, 60)
+        assert done["state"] == "completed", done["events"]
+    for peer in hostile:
+        assert peer.finish(root_handle(victim.peer_id), 60)
+    # At most a row per lease and one per request: before, 256 a request (76,800).
+    time.sleep(1.0)
+    assert sent_rows(victim) <= 300 * 11
+    assert victim.system is not None and victim.system.refusals["rate_limited"] > 0

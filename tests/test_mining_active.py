@@ -309,3 +309,25 @@ def test_knn_answers_are_checked_before_decryption_and_spot_checked() -> None:
     with pytest.raises(WorkerMisbehaved, match="record 30 off by"):
         owner.classify(answer)
     assert owner.verification()["detection_per_round"] == 1.0
+
+
+# ---- DBSKMeans: the same schedule ------------------------------------------------------------
+
+
+def test_dbskmeans_runs_the_announced_rounds_whatever_the_data() -> None:
+    """Two data sets that converge after different numbers of iterations: the worker
+    gets max_iterations updates in both, done only in the last."""
+    from dms.mining import run_clustering
+    from dms.mining.clustering import ClusterUpdate
+    from dms.mining.wire import decode
+
+    quick, _ = blobs(120, 2, 3, seed=4, std=0.2)
+    slow, _ = blobs(120, 2, 3, seed=6, std=3.0)
+    seen = []
+    for data in (quick, slow):
+        wire = Wire(keep_to_worker=True)
+        result = run_clustering("dbskmeans", data, 3, keys=KEYS, max_iterations=9, wire=wire)
+        updates = [decode(ClusterUpdate, raw) for raw in wire.to_worker_log[1:]]
+        assert [u.done for u in updates] == [False] * 8 + [True]
+        seen.append(result.iterations)
+    assert seen[0] != seen[1] and max(seen) < 9

@@ -6,7 +6,9 @@ Message flow (``specs/mining.md``)::
     worker --ClusterRound-->  owner     labels + encrypted centroid material
     owner  --ClusterUpdate--> worker    SKMeans: the decrypted shift S;
                                         DBSKMeans: U re-encrypted under a fresh FDH-OPE key
-    ... until the owner says done.
+    ... until the owner says done: SKMeans when it converged; DBSKMeans after exactly
+    max_iterations rounds, the ones after convergence dummy (U of the final centroids
+    under fresh keys, answers checked and ignored), so the end is fixed in advance.
 
 U[x][y] = D[x] - C[y]; each round the worker assigns by U, the owner turns the
 worker's ciphertexts into the new centroids, and U += S keeps U = D - C_new.
@@ -129,6 +131,7 @@ class ClusterOwner:
         self.labels = np.zeros(data.shape[0], dtype=np.int64)
         self.changes: list[float] = []
         self.converged = False
+        self.answered = 0  # rounds the workers answered (DBSKMeans: dummy ones included)
         self.timings = {"keygen": 0.0, "encrypt": 0.0, "decrypt": 0.0}
         self.shards = shard_rows(data.shape[0], shards)
         # Liu, several shards: each worker's encrypted centroids follow its own shard's
@@ -137,7 +140,18 @@ class ClusterOwner:
 
     @property
     def iteration(self) -> int:
-        return len(self.changes)
+        """Rounds answered: k-means iterations, and for DBSKMeans the dummy rounds after
+        convergence too."""
+        return self.answered
+
+    @property
+    def fixed_schedule(self) -> bool:
+        """DBSKMeans runs max_iterations rounds whatever the workers return (DESIGN
+        decision 13): after convergence the owner sends U of the final centroids under
+        fresh keys and ignores the answers, so the end says nothing about the data.
+        SKMeans udm shows the worker U and every shift in the clear: it has no secret
+        stopping point to keep."""
+        return self.algorithm == "dbskmeans"
 
     def start(self, shard: int = 0) -> ClusterStart:
         """The opening message for one shard's worker, at the current round (so a worker
@@ -177,6 +191,9 @@ class ClusterOwner:
             raise MiningError(f"{len(messages)} rounds for {len(self.shards)} shards")
         began = time.perf_counter()
         parts = [self._labels_of(m, rows) for m, rows in zip(messages, self.shards, strict=True)]
+        self.answered += 1
+        if self.fixed_schedule and self.converged:  # a dummy round: checked, not used
+            return self._next_updates(None)
         labels = np.concatenate(parts)
         if isinstance(self.keys, CkksKeys):
             new = self._ckks_centroids(messages, parts, labels)
@@ -188,13 +205,18 @@ class ClusterOwner:
         self.changes.append(change)
         self.centroids, self.labels = new, labels
         self.converged = change <= self.min_error
-        if self.converged or self.iteration >= self.max_iterations:
+        return self._next_updates(shift)
+
+    def _next_updates(self, shift: np.ndarray | None) -> list[ClusterUpdate]:
+        ended = self.answered >= self.max_iterations
+        if ended or (self.converged and not self.fixed_schedule):
             return [ClusterUpdate(done=True) for _ in self.shards]
         if self.algorithm == "dbskmeans":
             began = time.perf_counter()
             updates = [ClusterUpdate(done=False, udm=self._udm(self.data[s])) for s in self.shards]
             self.timings["encrypt"] += time.perf_counter() - began
             return updates
+        assert shift is not None
         return [ClusterUpdate(done=False, shift=NDArray.of(shift)) for _ in self.shards]
 
     def _labels_of(self, message: ClusterRound, rows: slice) -> np.ndarray:

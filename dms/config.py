@@ -179,6 +179,41 @@ class Settings(BaseSettings):
     preferences: Preferences = Field(
         default_factory=Preferences, description="the work this node accepts"
     )
+    max_revocations: int = Field(
+        default=10_000,
+        ge=10,
+        description="revocations this node stores in all; more are refused, none stored is "
+        "dropped (this node's, its roots' and its authorities' are stored past it)",
+    )
+    revocations_per_issuer: int = Field(
+        default=256, ge=1, description="revocations one revoking key may have stored here"
+    )
+    revocation_checks_per_s: float = Field(
+        default=50.0,
+        gt=0,
+        description="revocations heard that this node verifies a second, from all peers; "
+        "more are dropped (over_budget)",
+    )
+    revocation_checks_per_peer_per_s: float = Field(
+        default=5.0, gt=0, description="revocations heard that it verifies a second from one peer"
+    )
+    chain_checks_per_s: float = Field(
+        default=200.0,
+        gt=0,
+        description="token chains never seen before that this node verifies a second, from "
+        "all peers; more are refused (rate_limited, rule over_budget)",
+    )
+    chain_checks_per_peer_per_s: float = Field(
+        default=20.0, gt=0, description="new token chains it verifies a second from one peer"
+    )
+    api_max_connections: int = Field(
+        default=32,
+        ge=1,
+        description="local API connections open at once; more are refused (503, busy)",
+    )
+    api_timeout_s: float = Field(
+        default=30.0, gt=0, description="the local API closes a connection idle this long"
+    )
     deployment_policy: Literal["open", "tokens"] = Field(
         default="open",
         description="who may ask this node for bids (/dms/deployment/*): any peer (open), "

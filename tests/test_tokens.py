@@ -4,6 +4,7 @@ anchors, and the tokens outgoing envelopes carry."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import msgpack
 import pytest
@@ -15,6 +16,7 @@ from dms.security.tokens import (
     MAX_CHAIN,
     Action,
     ChainVerifier,
+    OverBudget,
     Rule,
     Scope,
     TokenError,
@@ -29,7 +31,7 @@ from dms.security.tokens import (
     to_text,
     verify_revocation,
 )
-from dms.security.trust import TrustStore
+from dms.security.trust import TrustLimits, TrustStore
 
 HOUR = 3600
 
@@ -290,3 +292,79 @@ def test_the_wallet_shows_provide_tokens_and_actor_certificates(keys) -> None:  
     after = wallet.tokens_for(child.public_key, founder_host, "/dms/deployment/request")
     assert [trust.verifier.verify(r).root for r in after] == [node.public_key]
     assert wallet.tokens_for(node.public_key, founder_host, "/dms/deployment/request") == []
+
+
+def test_a_long_chain_is_refused_before_any_signature_is_checked(keys) -> None:  # type: ignore[no-untyped-def]
+    """A chain of 9 whose every signature is bad: its length is the reason, found by
+    decoding alone (before, each token's signature was checked on the way down)."""
+    people = [Identity.generate() for _ in range(MAX_CHAIN + 2)]
+    raw = b""
+    for i in range(MAX_CHAIN + 1):
+        tok = issue(people[i], people[i + 1].public_key, ["/"], expires_at=later(),
+                    depth=16 - i, proofs=[raw] if raw else [])  # fmt: skip
+        body, _ = msgpack.unpackb(tok.raw)
+        raw = msgpack.packb([body, b"\x00" * 64])  # not signed
+    v = ChainVerifier()
+    charged = []
+    assert rule_of(lambda: v.verify(raw, lambda: charged.append(1))) == Rule.DEPTH_EXCEEDED
+    assert charged == []  # no budget taken either
+    huge = b"\x92" + b"\xc6" + (20_000).to_bytes(4, "big") + b"x" * 20_000 + b"\xc4\x40" + b"s" * 64
+    assert rule_of(lambda: v.verify(huge)) == Rule.TOO_LARGE
+
+
+def test_over_budget_is_not_remembered_against_the_chain(keys) -> None:  # type: ignore[no-untyped-def]
+    a, b = keys["a"], keys["b"]
+    tok = issue(a, b.public_key, ["/"], expires_at=later())
+    v = ChainVerifier()
+
+    def spent() -> None:
+        raise OverBudget("over this node's budget")
+
+    assert rule_of(lambda: v.verify(tok.raw, spent)) == Rule.OVER_BUDGET
+    assert v.verify(tok.raw, lambda: None).token.id == tok.id  # budget back: verified
+    assert v.verify(tok.raw, spent).token.id == tok.id  # and cached: no budget taken
+    assert v.is_known(tok.id)
+
+
+def test_junk_revocations_cannot_crowd_out_a_real_one(tmp_path, keys) -> None:  # type: ignore[no-untyped-def]
+    """Before, the store took the first 10,000 revocations of anything anchored here
+    and refused the next: a member's junk made a real revocation be dropped."""
+    node, founder, member = keys["a"], keys["b"], keys["c"]
+    extra = [Identity.generate() for _ in range(4)]
+    limits = TrustLimits(max_revocations=10, revocations_per_issuer=3)
+    trust = TrustStore.for_context(tmp_path, "dms", node.public_key, limits)
+    ticket = issue(founder, node.public_key, ["/dms/deployment"], topics=["/dms/deployment"],
+                   expires_at=later())  # fmt: skip
+    trust.anchor_token(ticket.raw, "provide")  # joins the founder's group
+    tokens = {  # the members' tokens, seen here
+        who.did: trust.verifier.verify(
+            issue(founder, who.public_key, ["/dms/deployment"], expires_at=later(), depth=1).raw
+        )
+        for who in (member, *extra)
+    }
+
+    def below(who: Identity, seen: bool = True) -> Any:
+        raw = issue(who, Identity.generate().public_key, ["/dms/deployment"],
+                    expires_at=later(), proofs=[tokens[who.did].raw]).raw  # fmt: skip
+        return trust.verifier.verify(raw) if seen else ChainVerifier().verify(raw)
+
+    # Tokens this node never saw: not kept, and no signature is checked for them.
+    misses = trust.verifier.misses
+    unseen = [trust.add_revocation(revoke(member, below(member, seen=False)).raw)
+              for _ in range(20)]  # fmt: skip
+    assert {o.outcome for o in unseen} == {"unknown_token"} and trust.revocations() == []
+    assert trust.verifier.misses == misses
+    # Seen ones: at most revocations_per_issuer per revoking key.
+    outcomes = [trust.add_revocation(revoke(member, below(member)).raw).outcome
+                for _ in range(5)]  # fmt: skip
+    assert outcomes == ["stored"] * 3 + ["issuer_full"] * 2
+    # Every key its share, up to max_revocations in all; none stored is pushed out.
+    held = [trust.add_revocation(revoke(w, below(w)).raw).outcome for w in extra for _ in "ab"]
+    assert held.count("stored") == 7 and held.count("store_full") == 1, held
+    before = set(trust.revocations())
+    # The founder (an authority here) revokes the member: stored past both limits.
+    real = trust.add_revocation(revoke(founder, tokens[member.did]).raw)
+    assert real.stored and trust.is_revoked(tokens[member.did].token.id)
+    assert before <= set(trust.revocations())
+    again = TrustStore.for_context(tmp_path, "dms", node.public_key, limits)
+    assert again.is_revoked(tokens[member.did].token.id) and len(again.revocations()) == 11

@@ -43,6 +43,8 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     # The local API: a Host header that is not a loopback name (a browser page's request).
     BAD_HOST = "bad_host"
+    # The local API: as many connections are open as it serves (api_max_connections).
+    BUSY = "busy"
 
 
 class Refusal(Exception):

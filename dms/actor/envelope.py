@@ -201,16 +201,23 @@ def seal(envelope: Envelope, identity: Identity) -> bytes:
     return body + identity.sign(body)
 
 
-def _split(frame: bytes) -> tuple[bytes, int]:
-    """The header bytes and where the payload starts; raises ``Refusal(MALFORMED)``."""
+def _split(frame: bytes, max_header: int = MAX_HEADER_BYTES) -> tuple[bytes, int]:
+    """The header bytes and where the payload starts; raises ``Refusal(MALFORMED)``,
+    or ``Refusal(TOO_LARGE)`` for a header over ``max_header`` (a long token chain)."""
     if len(frame) < PREFIX_BYTES + SIGNATURE_BYTES:
         raise Refusal(ErrorCode.MALFORMED, f"frame of {len(frame)} bytes is too short")
     magic, header_len = _PREFIX.unpack_from(frame)
     if magic != MAGIC:
         raise Refusal(ErrorCode.MALFORMED, "not a dms envelope (bad magic)")
     end = PREFIX_BYTES + header_len
-    if header_len > MAX_HEADER_BYTES or end > len(frame) - SIGNATURE_BYTES:
+    if end > len(frame) - SIGNATURE_BYTES:
         raise Refusal(ErrorCode.MALFORMED, "header length out of range")
+    if header_len > max_header:
+        raise Refusal(
+            ErrorCode.TOO_LARGE,
+            f"a header of {header_len} bytes exceeds {max_header} (tokens it carries included: "
+            "a token chain holds at most 8 tokens of 16 KiB in all)",
+        )
     return frame[PREFIX_BYTES:end], end
 
 
@@ -309,7 +316,7 @@ def peek(frame: bytes) -> Envelope | None:
     payload is not read and the result is not authenticated.
     """
     try:
-        header, _ = _split(frame)
+        header, _ = _split(frame, max_header=len(frame))  # an oversized header too
         return _envelope_from_header(_unpack(header), None)
     except Refusal:
         return None

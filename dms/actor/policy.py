@@ -17,7 +17,11 @@ A request passes when:
   broadcast, its topic).
 
 Anything else is refused with ``forbidden``; the refusal names the missing
-capability and carries the rule that failed (``Refusal.rule``).
+capability and carries the rule that failed (``Refusal.rule``). A chain seen for
+the first time is checked for size and length before any signature, then its
+signatures are charged to the trust store's ``chain_budget`` (per peer and for
+all peers): over it, the request is refused ``rate_limited`` (rule
+``over_budget``), and the same chain may be shown again later.
 """
 
 from __future__ import annotations
@@ -31,7 +35,16 @@ from dms.actor.behaviour import Behaviour
 from dms.actor.codes import ErrorCode, Refusal
 from dms.actor.envelope import Envelope
 from dms.security.identity import IdentityError, public_key_from_peer_id
-from dms.security.tokens import Rule, TokenError, check_use, covered, covers, decode, grants
+from dms.security.tokens import (
+    OverBudget,
+    Rule,
+    TokenError,
+    check_use,
+    covered,
+    covers,
+    decode,
+    grants,
+)
 from dms.security.trust import TrustStore
 
 DeploymentPolicy = Literal["open", "tokens"]
@@ -96,6 +109,8 @@ class CapabilityPolicy:
         if not envelope.caps:
             raise self._denied(envelope, path, Rule.NO_TOKEN, "it showed no token")
         failure = self._check_tokens(envelope, path, topic, now)
+        if isinstance(failure, OverBudget):
+            raise Refusal(ErrorCode.RATE_LIMITED, failure.message, rule=failure.rule)
         if failure is not None:
             raise self._denied(envelope, path, failure.rule, failure.message)
 
@@ -110,9 +125,16 @@ class CapabilityPolicy:
         revoked = trust.revoked
         first: TokenError | None = None
         telling: TokenError | None = None
+        peer = envelope.sender.address.host  # bound to the delivering peer already
+
+        def charge() -> None:
+            why = trust.chain_budget.take(peer)
+            if why is not None:
+                raise OverBudget(why)
+
         for raw in envelope.caps[:MAX_TOKENS]:
             try:
-                chain = trust.verifier.verify(raw)
+                chain = trust.verifier.verify(raw, charge)
                 scopes = trust.scopes(chain.root, now)
                 check_use(
                     chain,

@@ -117,7 +117,7 @@ class Anchors:
     def revoke(self, raw: bytes) -> dict[str, Any]:
         if self.client is not None:
             return dict(self.call("/dms/cap/revoke", {"revocation": raw}))
-        outcome = self.trust.add_revocation(raw)
+        outcome = self.trust.add_revocation(raw, local=True)
         if outcome.revocation is None:
             raise NodeError(f"revocation refused: {outcome.reason}")
         return {

@@ -27,6 +27,13 @@ node's identity):
   carries it too, as a Prometheus scrape sends it (``credentials_file``);
 - the API relays only envelopes signed by a key anchored as root of this node
   (``forbidden``): the node never speaks for a key it does not trust.
+
+What a local caller can make it hold: at most ``api_max_connections`` connections
+at once (one thread each); one more is answered ``503`` (``busy``) and closed at
+once. A connection idle for ``api_timeout_s`` (no request, or a request that
+stops half way) is closed. Its log lines never hold a token: not the headers,
+and no query string (a token passed as ``?token=...`` would otherwise be written
+to the daemon's log).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -55,6 +63,7 @@ from dms.actor import ActorSystem, ErrorCode, Refusal, RemoteError, unseal, veri
 from dms.actor.envelope import check_time, now_ns
 from dms.actor.system import reply_payload
 from dms.errors import DmsError
+from dms.store.files import write_private
 
 log = logging.getLogger("dms.api")
 
@@ -65,6 +74,9 @@ TOKEN_HEADER = "X-Dms-Token"
 LOOPBACK = "127.0.0.1"
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_CONNECTIONS = 32
+IDLE_TIMEOUT_S = 30.0
+_QUERY = re.compile(r"\?[^\s\"']*")  # a query string in a request line or path
 
 
 class ApiError(DmsError):
@@ -90,18 +102,6 @@ def token_file(home: Path) -> Path:
     return Path(home) / TOKEN_FILE
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path``, readable by this user only (0600) from its first byte."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
-
-
 def loopback_host(header: str | None) -> bool:
     """A ``Host`` header naming this machine's loopback (any port)."""
     if not header:
@@ -124,6 +124,64 @@ class ApiRefusal(Exception):
         self.reason = reason
 
 
+def without_query(text: str) -> str:
+    """``text`` (a path or a request line) with any query string cut: for logs."""
+    return _QUERY.sub("?...", text)
+
+
+class _Server(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them: one more is
+    answered 503 (``busy``) from the accepting thread and closed."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        max_connections: int,
+        on_busy: Callable[[], bytes],
+    ) -> None:
+        self.max_connections = max_connections
+        self._on_busy = on_busy
+        self._open = 0
+        self._open_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            busy = self._open >= self.max_connections
+            if not busy:
+                self._open += 1
+        if busy:
+            try:
+                request.settimeout(1.0)
+                request.sendall(self._on_busy())
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._closed()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._closed()
+
+    def _closed(self) -> None:
+        with self._open_lock:
+            self._open -= 1
+
+
 class LocalApi:
     """The daemon side: serve the endpoints above for one actor system."""
 
@@ -133,13 +191,18 @@ class LocalApi:
         health: Callable[[], dict[str, Any]],
         config: Callable[[], dict[str, Any]] | None = None,
         metrics: Callable[[], bytes] | None = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        timeout_s: float = IDLE_TIMEOUT_S,
     ) -> None:
         self.system = system
         self.health = health
         self.config = config or (lambda: {})
         self.metrics = metrics
+        self.max_connections = max_connections
+        self.timeout_s = timeout_s
         self.token = secrets.token_urlsafe(32)
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -147,13 +210,16 @@ class LocalApi:
         assert self._server is not None
         return self._server.server_address[1]
 
+    @property
+    def open_connections(self) -> int:
+        return self._server.open_connections if self._server is not None else 0
+
     def start(self, port: int) -> None:
         handler = _handler_for(self)
         try:
-            self._server = ThreadingHTTPServer((LOOPBACK, port), handler)
+            self._server = _Server((LOOPBACK, port), handler, self.max_connections, self._busy)
         except OSError as exc:
             raise ApiError(f"cannot listen on {LOOPBACK}:{port}: {exc.strerror or exc}") from None
-        self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dms-api", daemon=True
         )
@@ -167,9 +233,7 @@ class LocalApi:
         address = ApiAddress(
             host=LOOPBACK, port=self.port, pid=os.getpid(), peer_id=self.system.peer_id
         )
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(address.model_dump_json())
-        os.replace(tmp, path)
+        write_private(path, address.model_dump_json())
 
     def check_caller(self, host: str | None, token: str | None, *, need_token: bool) -> None:
         if not loopback_host(host):
@@ -184,6 +248,24 @@ class LocalApi:
                 ErrorCode.UNAUTHORIZED,
                 f"no valid {TOKEN_HEADER}: send the token in DMS_HOME/{TOKEN_FILE}",
             )
+
+    def _busy(self) -> bytes:
+        """The whole answer to a connection over the cap (counted and logged)."""
+        self.system.refusals[str(ErrorCode.BUSY)] += 1
+        reason = (
+            f"the local API serves {self.max_connections} connections at once "
+            "(api_max_connections): try again"
+        )
+        log.warning("local API refused a connection: busy: %s", reason)
+        body = json.dumps({"error": reason, "code": str(ErrorCode.BUSY)}).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            f"{PEER_HEADER}: {self.system.peer_id}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        return head.encode() + body
 
     def stop(self, home: Path | None = None) -> None:
         if self._server is not None:
@@ -247,9 +329,10 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = f"dms/{__version__}"
         protocol_version = "HTTP/1.1"
+        timeout = api.timeout_s  # every read and write of the connection: idle ones close
 
         def log_message(self, format: str, *args: Any) -> None:
-            log.debug("api: " + format, *args)
+            log.debug("api: %s", without_query(format % args))
 
         def _send(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status)
@@ -272,7 +355,9 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
                 api.check_caller(self.headers.get("Host"), token, need_token=need_token)
             except ApiRefusal as refusal:
                 api.system.refusals[str(refusal.code)] += 1
-                log.warning("local API refused %s %s: %s", self.command, self.path, refusal)
+                log.warning(
+                    "local API refused %s %s: %s", self.command, without_query(self.path), refusal
+                )
                 self.close_connection = True
                 self._json(refusal.status, {"error": refusal.reason, "code": str(refusal.code)})
                 return True
@@ -289,7 +374,9 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
             elif path == "/metrics" and api.metrics is not None:
                 self._send(HTTPStatus.OK, api.metrics(), METRICS_CONTENT_TYPE)
             else:
-                self._json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {self.path}"})
+                self._json(
+                    HTTPStatus.NOT_FOUND, {"error": f"no endpoint {urlparse(self.path).path}"}
+                )
 
         def do_POST(self) -> None:
             if self._caller_refused(need_token=True):

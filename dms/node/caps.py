@@ -8,6 +8,11 @@ stores it when it concerns a chain anchored there, and refuses that chain from
 then on. The node publishes the revocations its own keys made again a few
 seconds after it starts and every ``REPUBLISH_S``, for nodes that were away.
 
+A revocation heard is checked on a thread of its own (:class:`RevocationIntake`),
+not in the node's mailbox: a flood of them costs the node no turn that hellos,
+heartbeats and bids need. At most ``REVOCATION_QUEUE`` wait; more are dropped
+(counted as ``queue_full``). The signature work is budgeted by the trust store.
+
 It also holds the roles of the node's child actors (least privilege): a
 deployment (or mining session) may call the marketplace and allocations, an
 allocation may only send its updates.
@@ -16,6 +21,9 @@ allocation may only send its updates.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -26,8 +34,7 @@ from dms.jobs.allocation import AllocationActor
 from dms.node.base import NodeBase
 from dms.orchestrator.deployment import DeploymentActor
 from dms.security.identity import IdentityError, public_key_from_did
-from dms.security.tokens import TokenError, verify_revocation
-from dms.security.trust import TrustStore
+from dms.security.trust import RevocationOutcome, TrustStore
 
 log = logging.getLogger("dms.node")
 
@@ -35,6 +42,7 @@ REVOCATION_TOPIC = "/dms/revocation"
 REVOCATION_BEHAVIOUR = "/broadcast/revocation"
 REPUBLISH_S = 600.0
 FIRST_REPUBLISH_S = 3.0
+REVOCATION_QUEUE = 256  # heard revocations waiting for their check; more are dropped
 
 # What each kind of child actor may do, here and (by certificate) on other nodes.
 REQUESTER_ROLE = Role(caps=("/dms/deployment", "/dms/allocation"), topics=("/dms/deployment",))
@@ -71,12 +79,71 @@ class RemovePayload(BaseModel):
     id: str | None = Field(default=None, min_length=4, max_length=64, pattern=r"^[0-9a-fA-F]+$")
 
 
+class RevocationIntake:
+    """Heard revocations, checked one at a time on a thread of their own."""
+
+    def __init__(self, trust: TrustStore, capacity: int = REVOCATION_QUEUE) -> None:
+        self.trust = trust
+        self.capacity = capacity
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dms-revocations")
+
+    def offer(
+        self,
+        raw: bytes,
+        peer: str,
+        signer: bytes,
+        done: Callable[[RevocationOutcome], None] | None = None,
+    ) -> bool:
+        """Queue ``raw`` (sent by ``peer``, its envelope signed by ``signer``); False
+        if the queue is full (the revocation is dropped, counted as ``queue_full``)."""
+        with self._lock:
+            if self._waiting >= self.capacity:
+                self.trust.revocation_outcomes["queue_full"] += 1
+                return False
+            self._waiting += 1
+        try:
+            self._pool.submit(self._check, raw, peer, signer, done)
+        except RuntimeError:  # stopping
+            return False
+        return True
+
+    def _check(
+        self,
+        raw: bytes,
+        peer: str,
+        signer: bytes,
+        done: Callable[[RevocationOutcome], None] | None,
+    ) -> None:
+        with self._lock:
+            self._waiting -= 1
+        trust = self.trust
+        # Sent by this node, a root or an authority (an authenticated envelope):
+        # outside the budget that every other sender shares.
+        charged = None if trust.privileged(signer) else peer
+        try:
+            outcome = trust.add_revocation(raw, peer=charged)
+        except Exception:  # a bug must not stop the thread
+            log.exception("revocation check failed")
+            return
+        if done is not None:
+            done(outcome)
+
+    def stop(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class CapBehaviours(NodeBase):
     def start_caps(self) -> None:
         """Before any child actor starts: the roles they get."""
         self.system.roles.update(ROLES)
+        self.revocation_intake = RevocationIntake(self.trust)
         self.subscribe(REVOCATION_TOPIC)
         self.call_later(FIRST_REPUBLISH_S, self._republish)
+
+    def stop_caps(self) -> None:
+        self.revocation_intake.stop()
 
     @property
     def trust(self) -> TrustStore:
@@ -85,12 +152,20 @@ class CapBehaviours(NodeBase):
     @behaviour(REVOCATION_BEHAVIOUR, public=True, payload=RevocationPayload, topic=REVOCATION_TOPIC)
     def revocation_heard(self, request: Request) -> None:
         """A revocation is its own proof (signed by an issuer of the chain it revokes),
-        so anyone may pass it on."""
-        outcome = self.trust.add_revocation(request.payload.revocation)
-        if outcome.stored:
-            log.info("%s (heard from %s)", outcome.reason, request.sender.did)
-        else:
-            log.debug("revocation from %s not stored: %s", request.sender.did, outcome.reason)
+        so anyone may pass it on. Checked off the mailbox (:class:`RevocationIntake`)."""
+        sender = request.sender
+        did = sender.did
+
+        def done(outcome: RevocationOutcome) -> None:
+            if outcome.stored:
+                log.info("%s (heard from %s)", outcome.reason, did)
+            else:
+                log.debug("revocation from %s not stored: %s", did, outcome.reason)
+
+        if not self.revocation_intake.offer(
+            request.payload.revocation, sender.address.host, request.envelope.signer, done
+        ):
+            log.debug("revocation from %s dropped: %d waiting already", did, REVOCATION_QUEUE)
 
     @behaviour("/dms/cap/list")
     def cap_list(self, request: Request) -> dict[str, Any]:
@@ -122,7 +197,7 @@ class CapBehaviours(NodeBase):
     def cap_revoke(self, request: Request) -> dict[str, Any]:
         """Store a revocation and publish it to every node."""
         raw = request.payload.revocation
-        outcome = self.trust.add_revocation(raw)
+        outcome = self.trust.add_revocation(raw, local=True)
         if outcome.revocation is None:
             raise Refusal(ErrorCode.BAD_PAYLOAD, outcome.reason)
         self.publish(REVOCATION_TOPIC, REVOCATION_BEHAVIOUR, {"revocation": raw})
@@ -136,16 +211,11 @@ class CapBehaviours(NodeBase):
     def _republish(self) -> None:
         """The revocations this node's keys made, for nodes that were away."""
         mine = {self.identity.public_key} | _keys(self.trust.anchors.root)
-        for raw in self.trust.revocations():
+        for raw in self.trust.revocations_by(mine):
             try:
-                rev = verify_revocation(self.trust.verifier, raw)
-            except TokenError:
-                continue
-            if rev.token.iss in mine:
-                try:
-                    self.publish(REVOCATION_TOPIC, REVOCATION_BEHAVIOUR, {"revocation": raw})
-                except Exception as exc:  # the network may be stopping
-                    log.debug("revocation not published again: %s", exc)
+                self.publish(REVOCATION_TOPIC, REVOCATION_BEHAVIOUR, {"revocation": raw})
+            except Exception as exc:  # the network may be stopping
+                log.debug("revocation not published again: %s", exc)
         self.call_later(REPUBLISH_S, self._republish)
 
 

@@ -28,7 +28,7 @@ from dms.network.peertable import PeerTable
 from dms.network.settings import NetworkSettings
 from dms.network.transfer import ChunkNetwork
 from dms.node.api import LocalApi
-from dms.node.home import NODE_KEY, NodeError
+from dms.node.home import NODE_KEY, NodeError, private_home
 from dms.node.lock import RunLock, check_listen_free
 from dms.node.metrics import NodeMetrics
 from dms.node.node import NodeActor
@@ -37,6 +37,7 @@ from dms.node.stakes import StakeBook
 from dms.orchestrator.bidindex import BidIndex, BidIndexBudget
 from dms.resources import Onboarder, ResourceLedger
 from dms.security import Identity, TrustStore
+from dms.security.trust import TrustLimits
 from dms.store import Database, open_database
 
 log = logging.getLogger("dms.node")
@@ -97,6 +98,17 @@ def bid_index_budget(settings: Settings) -> BidIndexBudget:
     )
 
 
+def trust_limits_from(settings: Settings) -> TrustLimits:
+    return TrustLimits(
+        max_revocations=settings.max_revocations,
+        revocations_per_issuer=settings.revocations_per_issuer,
+        revocation_checks_per_s=settings.revocation_checks_per_s,
+        revocation_checks_per_peer_per_s=settings.revocation_checks_per_peer_per_s,
+        chain_checks_per_s=settings.chain_checks_per_s,
+        chain_checks_per_peer_per_s=settings.chain_checks_per_peer_per_s,
+    )
+
+
 class Layered(Transport, ChunkNetwork, Protocol):
     """The host seen through a layer: frames for the actor system, chunks for the courier."""
 
@@ -149,6 +161,7 @@ class Node:
         self.started = time.monotonic()
         self._lock.acquire()  # AlreadyRunning names the pid of the node that holds the home
         try:
+            private_home(home, self.settings.database_url)  # 0700 home, 0600 files
             check_listen_free(self.network_settings.listen)
             self.db = self._db or open_database(self.settings.database_url)
             peerbook = PeerBook(self.db)
@@ -160,7 +173,9 @@ class Node:
                 clock_skew_s=self.settings.clock_skew_s,
                 loop=self._loop,
             )
-            trust = TrustStore.for_context(home, NODE_KEY, self.identity.public_key)
+            trust = TrustStore.for_context(
+                home, NODE_KEY, self.identity.public_key, trust_limits_from(self.settings)
+            )
             layered = self._layer(self.transport) if self._layer is not None else None
             self.system = ActorSystem(
                 self.identity,
@@ -211,7 +226,12 @@ class Node:
             )
             if serve_api:
                 self.api = LocalApi(
-                    self.system, self.health, self.effective_settings, self.metrics.render
+                    self.system,
+                    self.health,
+                    self.effective_settings,
+                    self.metrics.render,
+                    max_connections=self.settings.api_max_connections,
+                    timeout_s=self.settings.api_timeout_s,
                 )
                 self.api.start(self.api_port)
                 self.api.record(home)

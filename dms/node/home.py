@@ -1,7 +1,15 @@
-"""A node's home folder: its keys and trust anchors (no network code, so the CLI loads fast)."""
+"""A node's home folder: its keys and trust anchors (no network code, so the CLI loads fast).
+
+The home is private: it holds plaintext mining results and checkpoints in
+``dms.db``, the chunk store, logs and the API token. It is 0700, with every
+folder in it 0700 and every file 0600, from ``dms init`` on; a node that starts
+tightens an existing home (and a SQLite database kept elsewhere) that is laxer,
+and says so in its log. See ``specs/security.md``, "Home privacy".
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +17,9 @@ from dms.config import Settings
 from dms.errors import DmsError
 from dms.security import Identity, Keystore, TrustStore
 from dms.security.keystore import PassphraseSource
+from dms.store.files import PRIVATE_DIR, make_private
+
+log = logging.getLogger("dms.node")
 
 NODE_KEY = "dms"
 USER_KEY = "user"
@@ -25,9 +36,28 @@ def load_node_identity(settings: Settings) -> Identity:
     return keystore.load(NODE_KEY)
 
 
+def private_home(home: Path, database_url: str | None = None) -> list[str]:
+    """Create ``home`` (0700) if missing and make what is in it private (see above); a
+    SQLite database outside the home too, with its ``-wal`` and ``-shm`` files.
+    Returns the paths whose modes were tightened."""
+    home = Path(home)
+    home.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    changed = make_private(home)
+    if database_url and database_url.startswith("sqlite") and "///" in database_url:
+        db = Path(database_url.split("///", 1)[-1]).expanduser()
+        if db.name and not db.is_relative_to(home):
+            for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+                changed += make_private(path)
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" * (len(changed) > 8))
+        log.warning("%s was open to other users: made private (%s)", home, shown)
+    return changed
+
+
 def init_home(home: Path, passphrase: PassphraseSource | None = None) -> dict[str, Any]:
     """Create the node and user keys if missing and anchor the user as root; idempotent.
     Both keys are sealed with ``passphrase`` (the CLI asks for it once)."""
+    private_home(home)
     keystore = Keystore(home, passphrase=passphrase)
     created = []
     for context in (NODE_KEY, USER_KEY):

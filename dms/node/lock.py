@@ -49,7 +49,7 @@ class RunLock:
         """Hold the home, or raise ``AlreadyRunning`` naming the pid that holds it."""
         if self._fd is not None:
             return self
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

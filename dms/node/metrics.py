@@ -180,6 +180,25 @@ class NodeCollector(Collector):
         for code, count in sorted(_copy(network).items() if isinstance(network, Counter) else ()):
             refusals.add_metric([str(code), "network"], count)
         yield refusals
+        trust = system.trust if system is not None else None
+        revocations = CounterMetricFamily(
+            "dms_revocations",
+            "Revocations this node was given or heard, by outcome (stored, or why not: "
+            "unknown_token, issuer_full, store_full, over_budget, queue_full, ...).",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(_copy(trust.revocation_outcomes).items() if trust else ()):
+            revocations.add_metric([outcome], count)
+        yield revocations
+        chains = CounterMetricFamily(
+            "dms_token_chain_checks_refused",
+            "New token chains refused over the chain check budget (rate_limited, rule "
+            "over_budget), by the budget spent: one peer's or all peers'.",
+            labels=["scope"],
+        )
+        for scope, count in sorted(_copy(trust.chain_budget.refused).items() if trust else ()):
+            chains.add_metric([scope], count)
+        yield chains
 
     def _budgets(self) -> Iterator[Metric]:
         """What remote peers make this node hold, against each global and per-peer

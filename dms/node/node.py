@@ -65,6 +65,7 @@ class NodeActor(
 
     def stopping(self) -> None:
         self.shutdown_pool()
+        self.stop_caps()
         self.stop_peering()
 
     def _prune(self) -> None:

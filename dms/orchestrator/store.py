@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from dms.store import Database
+from dms.store.files import write_private
 from dms.store.models import BidRecord, DeploymentRecord, MiningSessionRecord
 
 DEPLOYMENTS = DeploymentRecord.__table__
@@ -108,10 +108,7 @@ class DeploymentStore:
             return
         self._kept[row["id"]] = row
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            staging = path.with_suffix(".tmp")
-            staging.write_text(json.dumps(row))
-            os.replace(staging, path)  # whole or absent, never half a file
+            write_private(path, json.dumps(row))  # 0600; whole or absent, never half a file
         except OSError as exc:  # the disk refuses this too: the actor retries the save
             log.error("the end of deployment %s could not be kept: %s", row["id"], exc)
 

@@ -30,7 +30,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -57,6 +57,7 @@ MAX_PATH_LEN = 512
 MAX_DEPTH = 16
 MAX_TOKEN_BYTES = 16 * 1024
 CACHE_SIZE = 4096
+KNOWN_TOKENS = 65_536  # ids of tokens seen in verified chains (revocations of others are not kept)
 
 
 class Action(StrEnum):
@@ -84,6 +85,8 @@ class Rule(StrEnum):
     NO_TOKEN = "no_token"  # the signer is not anchored and showed no token
     BEYOND_ROLE = "beyond_role"  # a child actor outside its role's capabilities
     NOT_REQUESTER = "not_requester"  # an allocation managed by someone else than its requester
+    TOO_LARGE = "too_large"  # a token over MAX_TOKEN_BYTES, its chain included
+    OVER_BUDGET = "over_budget"  # this node's budget for chain checks is spent for now
 
 
 class TokenError(DmsError):
@@ -94,6 +97,14 @@ class TokenError(DmsError):
     def __init__(self, rule: Rule, message: str) -> None:
         super().__init__(message)
         self.rule = rule
+
+
+class OverBudget(TokenError):
+    """No budget left for the signature checks a new chain needs: a fact about this
+    moment, not about the chain, so it is never cached."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Rule.OVER_BUDGET, message)
 
 
 # ---- paths -------------------------------------------------------------------------------
@@ -213,8 +224,13 @@ _FIELDS = ("act", "aud", "cap", "depth", "exp", "iss", "nonce", "prf", "sub", "t
 
 def decode(raw: bytes) -> Token:
     """Parse a token's bytes (the signature is not checked here: see ChainVerifier)."""
-    if type(raw) is not bytes or len(raw) > MAX_TOKEN_BYTES:
-        raise TokenError(Rule.MALFORMED, f"a token is bytes, at most {MAX_TOKEN_BYTES}")
+    if type(raw) is not bytes:
+        raise TokenError(Rule.MALFORMED, "a token is bytes")
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise TokenError(
+            Rule.TOO_LARGE,
+            f"a token of {len(raw)} bytes (its chain included) exceeds {MAX_TOKEN_BYTES}",
+        )
     try:
         outer = _unpack(raw)
         if not (isinstance(outer, list) and len(outer) == 2):
@@ -368,6 +384,25 @@ def when(exp: int) -> str:
 # ---- chains -----------------------------------------------------------------------------
 
 
+def chain_tokens(raw: bytes) -> list[Token]:
+    """The tokens of ``raw``'s chain, leaf first, from decoding alone: a chain over
+    ``MAX_TOKEN_BYTES`` or ``MAX_CHAIN`` tokens is refused (``too_large``,
+    ``depth_exceeded``) before any signature is checked, so a long chain costs as
+    little as a short one. At most ``MAX_CHAIN + 1`` decodes of at most
+    ``MAX_TOKEN_BYTES`` each. Nothing here is verified."""
+    tokens: list[Token] = []
+    while True:
+        tok = decode(raw)
+        tokens.append(tok)
+        if len(tokens) > MAX_CHAIN:
+            raise TokenError(
+                Rule.DEPTH_EXCEEDED, f"a chain of more than {MAX_CHAIN} tokens (the most allowed)"
+            )
+        if not tok.prf:
+            return tokens
+        raw = tok.prf[0]
+
+
 @dataclass(frozen=True, slots=True)
 class Chain:
     """A token whose chain passed every check that needs nothing but its bytes."""
@@ -395,25 +430,41 @@ class ChainVerifier:
     Thread-safe: lookups take no lock; a miss verifies and stores under one. Both
     outcomes are cached, a failure included, so the same bad bytes cost no second
     signature check. At most ``capacity`` entries; the oldest go first.
+
+    A miss checks the chain's size and length first (:func:`chain_shape`, no
+    signature), then calls ``charge`` if given: the caller's budget for signature
+    work, which raises :class:`OverBudget` when it is spent. The ids of every token
+    of a verified chain are remembered (the last ``KNOWN_TOKENS``): :meth:`is_known`.
     """
 
-    def __init__(self, capacity: int = CACHE_SIZE) -> None:
+    def __init__(self, capacity: int = CACHE_SIZE, known: int = KNOWN_TOKENS) -> None:
         self.capacity = capacity
         self._cache: dict[bytes, Chain | TokenError] = {}
         self._lock = threading.Lock()
         self.misses = 0
+        self._known_cap = known
+        self._known: dict[bytes, None] = {}  # insertion order: the oldest go first
 
-    def verify(self, raw: bytes) -> Chain:
+    def verify(self, raw: bytes, charge: Callable[[], None] | None = None) -> Chain:
         hit = self._cache.get(raw)
         if hit is None:
             try:
+                chain_tokens(raw)
+                if charge is not None:
+                    charge()  # OverBudget is not cached: raised as it is
                 hit = self._verify(raw, 0)
+            except OverBudget:
+                raise
             except TokenError as err:
                 hit = err
             self._store(raw, hit)
         if isinstance(hit, TokenError):
             raise hit
         return hit
+
+    def is_known(self, token_id: bytes) -> bool:
+        """A token of a chain this verifier passed (recently: the last ``known``)."""
+        return token_id in self._known
 
     def clear(self) -> None:
         with self._lock:
@@ -426,6 +477,14 @@ class ChainVerifier:
                 for old in list(self._cache)[: max(1, self.capacity // 8)]:
                     del self._cache[old]
             self._cache[raw] = result
+            if isinstance(result, Chain):
+                known = self._known
+                for token_id in result.ids:
+                    known.pop(token_id, None)
+                    known[token_id] = None
+                if len(known) > self._known_cap:
+                    for old in list(known)[: len(known) - self._known_cap]:
+                        del known[old]
 
     def _verify(self, raw: bytes, below: int) -> Chain:
         """``below``: tokens under this one in the chain being verified."""
@@ -622,11 +681,40 @@ class Revocation:
         return self.target.token.id
 
 
-def verify_revocation(verifier: ChainVerifier, raw: bytes) -> Revocation:
-    """A revocation is valid when it is signed by an issuer of the revoked chain."""
+@dataclass(frozen=True, slots=True)
+class RevocationClaim:
+    """What a revocation says, read without checking a signature (see
+    :func:`read_revocation`): enough to drop junk before any signature work."""
+
+    token: Token  # the revocation
+    target: Token  # the token it revokes (the leaf of the chain it carries)
+    issuers: frozenset[bytes]  # the issuers its chain names
+    root: bytes  # the first issuer its chain names
+
+
+def read_revocation(raw: bytes) -> RevocationClaim:
+    """Decode a revocation and its chain (sizes and length checked), no signature."""
     tok = decode(raw)
     if tok.act != Action.REVOKE or len(tok.prf) != 1:
         raise TokenError(Rule.MALFORMED, "not a revocation")
+    chain = chain_tokens(tok.prf[0])
+    issuers = frozenset(t.iss for t in chain)
+    if tok.iss not in issuers:
+        raise TokenError(
+            Rule.BROKEN_CHAIN,
+            f"{did_from_public_key(tok.iss)} issued no token of the chain it revokes",
+        )
+    return RevocationClaim(token=tok, target=chain[0], issuers=issuers, root=chain[-1].iss)
+
+
+def verify_revocation(
+    verifier: ChainVerifier, raw: bytes, charge: Callable[[], None] | None = None
+) -> Revocation:
+    """A revocation is valid when it is signed by an issuer of the revoked chain.
+    ``charge``: the caller's budget, taken once before any signature is checked."""
+    tok = read_revocation(raw).token
+    if charge is not None:
+        charge()
     if not verify_signature(tok.iss, tok.sig, tok.body):
         raise TokenError(Rule.BAD_SIGNATURE, "the revocation is not signed by its issuer")
     target = verifier.verify(tok.prf[0])

@@ -12,7 +12,15 @@
 - ``provide``: tokens this node shows. Outgoing envelopes carry the ones that
   cover their behaviour (see ``dms.actor.wallet``).
 - ``revoke``: revocations heard or made, kept until the chain they revoke would
-  have expired.
+  have expired. Only a token's issuer or one above it in its chain may revoke it;
+  a revocation heard is kept only if the token is known here (in a chain this
+  node verified or anchored) and its chain is anchored here; each issuer holds
+  at most ``revocations_per_issuer`` and the store ``max_revocations`` in all.
+  Nothing stored is ever pushed out by a newer revocation (only expiry removes
+  one), and the revocations of this node, its roots and its authorities are
+  stored past both limits: junk cannot crowd out a real revocation. Checking
+  a heard revocation's signatures is budgeted (``revocation_budget``). See
+  ``specs/security.md``, "Revocations".
 - ``issued``: tokens this home granted, so that ``dms cap revoke ID`` finds them.
 
 Tokens are stored as text (``dmscap1...``). Changes go through one store per
@@ -23,9 +31,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,23 +41,65 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from dms.errors import DmsError
+from dms.security.budget import WorkBudget
 from dms.security.identity import did_from_public_key, public_key_from_did
 from dms.security.tokens import (
     FULL,
     Chain,
     ChainVerifier,
+    OverBudget,
     Revocation,
     Scope,
     TokenError,
     from_text,
+    read_revocation,
     to_text,
     verify_revocation,
 )
+from dms.store.files import write_private
 
 log = logging.getLogger("dms.security")
 
-MAX_REVOCATIONS = 10_000
 Kind = Literal["require", "provide", "issued"]
+
+
+@dataclass(frozen=True)
+class TrustLimits:
+    """What remote peers may make the trust store hold and check (``dms.config``)."""
+
+    max_revocations: int = 10_000  # stored in all (this node's and its authorities' apart)
+    revocations_per_issuer: int = 256  # stored per revoking key (same exception)
+    revocation_checks_per_s: float = 50.0  # heard revocations verified a second, all peers
+    revocation_checks_per_peer_per_s: float = 5.0  # ... from one peer
+    chain_checks_per_s: float = 200.0  # new token chains verified a second, all peers
+    chain_checks_per_peer_per_s: float = 20.0  # ... from one peer
+
+    def revocation_budget(self) -> WorkBudget:
+        return WorkBudget(
+            "revocation checks",
+            rate=self.revocation_checks_per_s,
+            burst=max(1, int(self.revocation_checks_per_s * 4)),
+            peer_rate=self.revocation_checks_per_peer_per_s,
+            peer_burst=max(1, int(self.revocation_checks_per_peer_per_s * 4)),
+        )
+
+    def chain_budget(self) -> WorkBudget:
+        return WorkBudget(
+            "token chain checks",
+            rate=self.chain_checks_per_s,
+            burst=max(1, int(self.chain_checks_per_s * 2)),
+            peer_rate=self.chain_checks_per_peer_per_s,
+            peer_burst=max(1, int(self.chain_checks_per_peer_per_s * 2)),
+        )
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A stored revocation: its text, who made it, until when it matters."""
+
+    text: str
+    issuer: bytes
+    exp: int
 
 
 class TrustError(DmsError):
@@ -69,6 +119,9 @@ class RevocationOutcome:
     stored: bool
     reason: str  # why not, or what it revoked
     revocation: Revocation | None = None
+    # For /metrics: stored, already, invalid, expired, unknown_token, unanchored,
+    # issuer_full, store_full, over_budget.
+    outcome: str = "stored"
 
 
 class TrustStore:
@@ -79,22 +132,40 @@ class TrustStore:
     can cache what they derive from them.
     """
 
-    def __init__(self, path: Path | None, node_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        node_key: bytes | None = None,
+        limits: TrustLimits | None = None,
+    ) -> None:
         self.path = path
         self.node_key = node_key
+        self.limits = limits or TrustLimits()
         self.verifier = ChainVerifier()
+        self.revocation_budget = self.limits.revocation_budget()
+        self.chain_budget = self.limits.chain_budget()  # used by dms.actor.policy
+        self.revocation_outcomes: Counter[str] = Counter()
         self._lock = threading.RLock()
         self._anchors = self._read() if path is not None else TrustAnchors()
         self.generation = 0
         self._root_keys: frozenset[bytes] = frozenset()
         self._provide: list[Chain] = []
         self._authorities: dict[bytes, list[tuple[Chain, Scope]]] = {}
-        self._revoked: dict[bytes, int] = {}  # revoked token id -> when the entry may go
+        self._revoked_ids: frozenset[bytes] = frozenset()
+        self._held: dict[bytes, _Held] = {}  # revoked token id -> its revocation
+        self._per_issuer: Counter[bytes] = Counter()
+        self._load_revocations()
         self._rebuild()
 
     @classmethod
-    def for_context(cls, home: Path, context: str, node_key: bytes | None = None) -> TrustStore:
-        return cls(Path(home) / "cap" / f"{context}.json", node_key)
+    def for_context(
+        cls,
+        home: Path,
+        context: str,
+        node_key: bytes | None = None,
+        limits: TrustLimits | None = None,
+    ) -> TrustStore:
+        return cls(Path(home) / "cap" / f"{context}.json", node_key, limits)
 
     # ---- reading -----------------------------------------------------------------------
 
@@ -141,19 +212,12 @@ class TrustStore:
                 kinds.setdefault(text, []).append(kind)
         for text, found in kinds.items():
             tokens.append(self._describe(text, "+".join(found), now))
-        revocations = []
-        for text in anchors.revoke:
-            try:
-                rev = verify_revocation(self.verifier, from_text(text))
-            except TokenError:
-                continue
-            revocations.append(
-                {
-                    "id": rev.revoked_id.hex(),
-                    "by": did_from_public_key(rev.token.iss),
-                    "until": rev.token.exp,
-                }
-            )
+        with self._lock:
+            held = list(self._held.items())
+        revocations = [
+            {"id": target.hex(), "by": did_from_public_key(h.issuer), "until": h.exp}
+            for target, h in held
+        ]
         return {"root": anchors.root, "tokens": tokens, "revoked": revocations}
 
     def _describe(self, text: str, kind: str, now: float) -> dict[str, Any]:
@@ -283,66 +347,145 @@ class TrustStore:
                 self._changed()
         return removed
 
-    def add_revocation(self, raw: bytes) -> RevocationOutcome:
+    def privileged(self, key: bytes) -> bool:
+        """This node, a root or an authority anchored here: its revocations are stored
+        past the limits, and its envelopes' revocations are checked outside the
+        budget for the others."""
+        return self.scopes(key) is not None
+
+    def add_revocation(
+        self, raw: bytes, *, local: bool = False, peer: str | None = None
+    ) -> RevocationOutcome:
         """Store a revocation if it is valid and concerns this node: the chain it revokes
         is anchored here (a chain that is not would be refused anyway), or it revokes a
-        token of a chain this node shows (which it then stops showing)."""
+        token of a chain this node shows (which it then stops showing).
+
+        ``local``: made on this node (``dms cap revoke``): kept even if the token was
+        never seen here. Else the token must be known here, and ``peer`` (who sent
+        it; None: outside any budget) is charged before any signature is checked.
+        Everything that needs no signature is checked first, so junk costs no
+        signature work; nothing stored is ever dropped to make room."""
+        outcome = self._add_revocation(raw, local, peer)
+        self.revocation_outcomes[outcome.outcome] += 1
+        return outcome
+
+    def _add_revocation(self, raw: bytes, local: bool, peer: str | None) -> RevocationOutcome:
         try:
-            rev = verify_revocation(self.verifier, raw)
+            claim = read_revocation(raw)
         except TokenError as err:
-            return RevocationOutcome(False, f"{err.rule}: {err.message}")
-        target = rev.revoked_id
+            return RevocationOutcome(False, f"{err.rule}: {err.message}", outcome="invalid")
+        target = claim.target.id
         now = time.time()
-        if rev.token.exp <= now:
-            return RevocationOutcome(False, "the revoked chain has expired anyway", rev)
         if target in self._revoked_ids:
-            return RevocationOutcome(False, "already revoked", rev)
-        if self.scopes(rev.target.root, now) is None and not any(
-            target in c.ids for c in self._provide
-        ):
-            return RevocationOutcome(False, "the revoked chain concerns nothing here", rev)
+            return RevocationOutcome(False, "already revoked", outcome="already")
+        if claim.token.exp <= now:
+            return RevocationOutcome(
+                False, "the revoked chain has expired anyway", outcome="expired"
+            )
+        shown = any(target in c.ids for c in self._provide)
+        if not local and not shown and not self.verifier.is_known(target):
+            return RevocationOutcome(
+                False,
+                f"token {target.hex()[:16]} is not known here (revocations of tokens this "
+                "node never saw are not kept)",
+                outcome="unknown_token",
+            )
+        if self.scopes(claim.root, now) is None and not shown:
+            return RevocationOutcome(
+                False, "the revoked chain concerns nothing here", outcome="unanchored"
+            )
+        issuer = claim.token.iss
+        privileged = local or self.privileged(issuer)
+        if not privileged and self._per_issuer[issuer] >= self.limits.revocations_per_issuer:
+            log.warning(
+                "revocation of %s not stored: %s holds %d revocations already",
+                target.hex()[:16],
+                did_from_public_key(issuer),
+                self.limits.revocations_per_issuer,
+            )
+            return RevocationOutcome(
+                False,
+                f"{did_from_public_key(issuer)} holds {self.limits.revocations_per_issuer} "
+                "revocations here already (revocations_per_issuer)",
+                outcome="issuer_full",
+            )
+
+        def charge() -> None:
+            why = self.revocation_budget.take(peer)
+            if why is not None:
+                raise OverBudget(why)
+
+        try:
+            rev = verify_revocation(self.verifier, raw, charge)
+        except OverBudget as err:
+            return RevocationOutcome(False, f"{err.rule}: {err.message}", outcome="over_budget")
+        except TokenError as err:
+            return RevocationOutcome(False, f"{err.rule}: {err.message}", outcome="invalid")
         with self._lock:
+            if target in self._held:
+                return RevocationOutcome(False, "already revoked", rev, outcome="already")
             self._prune_revocations(now)
-            if len(self._anchors.revoke) >= MAX_REVOCATIONS:
-                log.warning("revocation of %s not stored: %d held", target.hex(), MAX_REVOCATIONS)
-                return RevocationOutcome(False, "too many revocations held", rev)
-            self._anchors.revoke.append(to_text(raw))
+            if not privileged and len(self._held) >= self.limits.max_revocations:
+                log.warning(
+                    "revocation of %s not stored: %d held (max_revocations)",
+                    target.hex()[:16],
+                    len(self._held),
+                )
+                return RevocationOutcome(
+                    False,
+                    f"this node holds {len(self._held)} revocations (max_revocations)",
+                    rev,
+                    outcome="store_full",
+                )
+            self._hold(target, _Held(to_text(raw), rev.token.iss, rev.token.exp))
             self._changed()
         return RevocationOutcome(True, f"token {target.hex()[:16]} revoked", rev)
 
     def revocations(self) -> list[bytes]:
         with self._lock:
-            return [from_text(t) for t in self._anchors.revoke]
+            return [from_text(h.text) for h in self._held.values()]
+
+    def revocations_by(self, keys: set[bytes]) -> list[bytes]:
+        """The stored revocations made by one of ``keys`` (verified when stored)."""
+        with self._lock:
+            return [from_text(h.text) for h in self._held.values() if h.issuer in keys]
+
+    def _hold(self, target: bytes, held: _Held) -> None:
+        self._held[target] = held
+        self._per_issuer[held.issuer] += 1
 
     def _prune_revocations(self, now: float) -> None:
-        keep = []
+        """Drop the revocations whose chain has expired anyway (no signature check)."""
+        for target, held in list(self._held.items()):
+            if held.exp <= now:
+                del self._held[target]
+                self._per_issuer[held.issuer] -= 1
+                if self._per_issuer[held.issuer] <= 0:
+                    del self._per_issuer[held.issuer]
+
+    def _load_revocations(self) -> None:
+        """Verify the stored revocations once, at start."""
         for text in self._anchors.revoke:
             try:
-                if verify_revocation(self.verifier, from_text(text)).token.exp > now:
-                    keep.append(text)
-            except TokenError:
+                rev = verify_revocation(self.verifier, from_text(text))
+            except TokenError as err:
+                log.warning("stored revocation ignored: %s", err)
                 continue
-        self._anchors.revoke = keep
+            self._hold(rev.revoked_id, _Held(text, rev.token.iss, rev.token.exp))
 
     # ---- internals ---------------------------------------------------------------------
 
     def _changed(self) -> None:
-        self._write()
-        self._rebuild()
+        with self._lock:
+            self._anchors.revoke = [h.text for h in self._held.values()]
+            self._write()
+            self._rebuild()
 
     def _rebuild(self) -> None:
         """Derive the lookups the pipeline uses from the stored anchors."""
         with self._lock:
             anchors = self._anchors
             root_keys = self._keys(anchors.root)
-            revoked: dict[bytes, int] = {}
-            for text in anchors.revoke:
-                try:
-                    rev = verify_revocation(self.verifier, from_text(text))
-                except TokenError as err:
-                    log.warning("stored revocation ignored: %s", err)
-                    continue
-                revoked[rev.revoked_id] = rev.token.exp
             provide = [c for c in (self._chain(t) for t in anchors.provide) if c is not None]
             authorities: dict[bytes, list[tuple[Chain, Scope]]] = {}
             for text in anchors.require:
@@ -351,8 +494,7 @@ class TrustStore:
                     scope = Scope(caps=chain.token.cap, topics=chain.token.topic)
                     authorities.setdefault(chain.root, []).append((chain, scope))
             self._root_keys = root_keys
-            self._revoked = revoked
-            self._revoked_ids = frozenset(revoked)
+            self._revoked_ids = frozenset(self._held)
             self._provide = provide
             self._authorities = authorities
             self.generation += 1
@@ -379,10 +521,7 @@ class TrustStore:
     def _write(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._anchors.model_dump(), indent=2))
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps(self._anchors.model_dump(), indent=2))
 
     @staticmethod
     def _keys(dids: list[str]) -> frozenset[bytes]:

@@ -20,6 +20,7 @@ the peer binding: the node cannot tell them from a real node's.
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 import threading
 import time
@@ -27,6 +28,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import msgpack
 import trio
 from libp2p import create_yamux_muxer_option, new_host
 from libp2p.abc import INetStream
@@ -46,8 +48,10 @@ from dms.actor.envelope import PREFIX_BYTES, REPLY_PREFIX, unseal
 from dms.network.frames import FrameReader
 from dms.network.host import ACTOR_PROTOCOL
 from dms.security import Identity
+from dms.security.tokens import Action, issue
 
 T = TypeVar("T")
+HOUR_S = 3600
 MIB = 1024 * 1024
 WRITE_BATCH_BYTES = 256 * 1024
 FINISH_RETRY_S = 5.0
@@ -62,6 +66,50 @@ def with_payload_bytes(
     (header_len,) = struct.unpack_from(">I", plain, 4)
     body = plain[: PREFIX_BYTES + header_len] + payload
     return body + (key.sign(body) if signed else b"\x00" * 64)
+
+
+def token_chain(length: int, audience: bytes, caps: list[str] | None = None) -> bytes:
+    """A delegation chain of ``length`` tokens, each signed by a fresh key, the last
+    for ``audience``: built by hand (``issue`` refuses a token over 16 KiB), so a
+    chain of 1,000 tokens (~280 KB) can be shown to a node."""
+    raw: bytes | None = None
+    key = Identity.generate()
+    expires = int(time.time()) + HOUR_S
+    for i in range(length):
+        below = Identity.generate() if i < length - 1 else None
+        fields = {
+            "act": "delegate",
+            "aud": below.public_key if below else audience,
+            "cap": caps or ["/"],
+            "depth": min(16, length - 1 - i),
+            "exp": expires,
+            "iss": key.public_key,
+            "nonce": os.urandom(16),
+            "prf": [raw] if raw is not None else [],
+            "sub": below.public_key if below else audience,
+            "topic": caps or ["/"],
+            "v": 1,
+        }
+        body = msgpack.packb({k: fields[k] for k in sorted(fields)}, use_bin_type=True)
+        raw = msgpack.packb([body, key.sign(body)], use_bin_type=True)
+        key = below or key
+    assert raw is not None
+    return raw
+
+
+def junk_revocations(member: Identity, member_token: bytes, count: int) -> list[bytes]:
+    """What one group member can publish at no cost: revocations, signed by itself, of
+    tokens it issues below its own to fresh keys (each valid, none ever used)."""
+    out = []
+    expires = int(time.time()) + HOUR_S
+    for _ in range(count):
+        stranger = Identity.generate().public_key
+        sub = issue(member, stranger, ["/dms/deployment"], expires_at=expires,
+                    proofs=[member_token])  # fmt: skip
+        rev = issue(member, member.public_key, [], act=Action.REVOKE, expires_at=expires,
+                    proofs=[sub.raw])  # fmt: skip
+        out.append(rev.raw)
+    return out
 
 
 def root_of(identity: Identity) -> Handle:

@@ -126,7 +126,7 @@ class ProcessBackend(Backend):
                 "preferences": spec.preferences.model_dump(),
             }
             (home / "config.toml").write_text(toml_config(config))
-            (home / "logs").mkdir(exist_ok=True)
+            (home / "logs").mkdir(mode=0o700, exist_ok=True)
             self._procs[spec.name] = _Proc(home, node, user)
         names = self.names
         self._launch(names[0])
@@ -167,7 +167,8 @@ class ProcessBackend(Backend):
         for addr in self._bootstrap(name):
             args += ["--bootstrap", addr]
         args += self.extra_run_args()
-        log = (proc.home / "logs" / "run.log").open("ab")
+        fd = os.open(proc.home / "logs" / "run.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log = os.fdopen(fd, "ab")  # the daemon's log is as private as its home
         try:
             proc.proc = subprocess.Popen(
                 args,

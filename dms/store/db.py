@@ -28,6 +28,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dms.store.errors import StoreError
+from dms.store.files import create_private
 from dms.store.migrations import migrate
 from dms.store.models import Event, Setting
 
@@ -92,8 +93,10 @@ class Database:
         try:
             if url.startswith("sqlite"):
                 path = url.split("///", 1)[-1] if "///" in url else ""
-                if path and path != ":memory:":
+                if path.startswith("file:"):
                     Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                elif path and path != ":memory:":
+                    create_private(Path(path).expanduser())  # its -wal and -shm get its mode
                 self.engine = _sqlite_engine(url)
             else:
                 self.engine = create_engine(_driver_url(url), pool_pre_ping=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from dms.node.api import TOKEN_HEADER, ApiClient, token_file
 from dms.node.daemon import Node
 from dms.security import Identity
 from dms.sim.cluster import LocalCluster
+from tests.conftest import wait_for
 
 
 @pytest.fixture
@@ -92,3 +95,65 @@ def test_only_envelopes_signed_by_a_root_of_the_node_are_relayed(node: Node) -> 
     assert (refused["ok"], refused["code"]) == (False, ErrorCode.FORBIDDEN)
     accepted = client.relay("invoke", hello_from(node, user), 10)
     assert accepted["ok"] and accepted["result"]["peer_id"] == node.peer_id
+
+
+@pytest.fixture
+def small_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
+    """A node whose API serves 4 connections and closes one idle for a second."""
+    for var in ("DMS_HOME", "DMS_DB_URL", "DMS_API_PORT", "DMS_BOOTSTRAP", "DMS_LISTEN"):
+        monkeypatch.delenv(var, raising=False)
+    with LocalCluster(tmp_path / "cluster", serve_api=True, api_max_connections=4,
+                      api_timeout_s=1.0) as cluster:  # fmt: skip
+        (only,) = cluster.start(1)
+        yield only
+
+
+def health(node: Node) -> tuple[int, dict[str, Any]]:
+    assert node.api is not None
+    conn = http.client.HTTPConnection("127.0.0.1", node.api.port, timeout=15)
+    try:
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_idle_connections_are_capped_and_closed(small_api: Node) -> None:
+    """Item 11 of issue 24: 400 idle TCP connections held 400 threads, for ever."""
+    node = small_api
+    assert node.api is not None
+    idle = [socket.create_connection(("127.0.0.1", node.api.port)) for _ in range(4)]
+    wait_for(lambda: node.api.open_connections == 4, 10, "4 open")  # type: ignore[union-attr]
+    try:
+        status, answer = health(node)  # one more: refused at once, with the reason
+        assert (status, answer["code"]) == (503, ErrorCode.BUSY), answer
+        assert "api_max_connections" in answer["error"]
+        # The idle ones are closed by the node after api_timeout_s.
+        for sock in idle:
+            sock.settimeout(15)
+            assert sock.recv(1024) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_for(lambda: node.api.open_connections == 0, 10, "all closed")  # type: ignore[union-attr]
+    assert health(node)[0] == 200
+
+
+def test_a_token_in_the_query_string_is_not_logged(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 11 of issue 24: ``GET /config?token=...`` wrote the token to the log."""
+    assert node.api is not None
+    secret = node.api.token
+    caplog.set_level(logging.DEBUG, logger="dms.api")
+    for path in (f"/config?token={secret}", f"/nowhere?x=1&token={secret}"):
+        for token in ("wrong", secret):  # refused, then answered
+            conn = http.client.HTTPConnection("127.0.0.1", node.api.port, timeout=15)
+            try:
+                conn.request("GET", path, headers={TOKEN_HEADER: token})
+                conn.getresponse().read()
+            finally:
+                conn.close()
+    assert "/config" in caplog.text
+    assert secret not in caplog.text

@@ -1,0 +1,140 @@
+"""Items 8, 9 and 13 of issue 24: token chains and revocations from a hostile peer,
+against real nodes on loopback (the attacker is a bare py-libp2p host).
+
+- A delegation chain of 1,000 tokens (280 KB) got no answer at all (its header was
+  dropped as malformed); now every chain is answered at once: ``too_large`` for a
+  header over 64 KiB, ``forbidden`` with the rule for a chain over 16 KiB
+  (``too_large``) or over 8 tokens (``depth_exceeded``), before any signature.
+- One group member's 300 junk revocations kept the node actor busy for minutes
+  (each stored revocation made every later one verify all the stored ones again),
+  and the founder's real revocation of that member waited behind them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dms.actor import ErrorCode
+from dms.node.caps import REVOCATION_BEHAVIOUR, REVOCATION_TOPIC
+from dms.node.daemon import Node
+from dms.orchestrator.messages import REQUEST
+from dms.security.tokens import grant, revoke
+from dms.sim.adversary import BarePeer, junk_revocations, root_of, token_chain
+from dms.sim.cluster import LocalCluster
+from tests.conftest import wait_for
+
+DAY = 86400.0
+PROBE = {
+    "deployment_id": "probe",
+    "slots": [{"slot": "w", "executor": "compute", "resources": {"cpu": "100m"}}],
+    "lease_s": 5,
+}
+
+
+@pytest.fixture
+def peers() -> Iterator[list[BarePeer]]:
+    made: list[BarePeer] = []
+    yield made
+    for peer in made:
+        peer.close()
+
+
+def owner(node: Node, behaviour: str, payload: Any = None) -> Any:
+    assert node.node is not None
+    return node.node.ask(node.node.handle, behaviour, payload, timeout=10)
+
+
+def ask_with(peer: BarePeer, node: Node, behaviour: str, payload: Any, caps: list[bytes]) -> Any:
+    """An invoke from ``peer`` that shows ``caps``; the reply payload (None: none came)."""
+    to = root_of(node.identity)
+    env = peer.envelope(to, behaviour, payload, reply=True).model_copy(update={"caps": caps})
+    peer.write([peer.seal(env)])
+    return peer.reply(env.nonce, 20)
+
+
+def test_every_token_chain_gets_an_answer_with_its_reason(
+    cluster: LocalCluster, peers: list[BarePeer]
+) -> None:
+    (node,) = cluster.start(1)
+    attacker = BarePeer(node.addrs()[0], actor=True)
+    peers.append(attacker)
+    me = attacker.identity.public_key
+    cases = {
+        9: ("forbidden", "depth_exceeded"),
+        40: ("forbidden", "depth_exceeded"),
+        100: ("forbidden", "too_large"),  # ~25 KB: over a token's 16 KiB
+        1000: ("too_large", None),  # ~280 KB: over an envelope header's 64 KiB
+    }
+    for length, (code, rule) in cases.items():
+        answer = ask_with(attacker, node, "/dms/cap/list", None, [token_chain(length, me)])
+        assert answer is not None, f"no answer to a chain of {length} tokens"
+        assert (answer["code"], answer.get("rule")) == (code, rule), answer
+        assert answer["reason"]
+    # The node still answers everyone else.
+    assert attacker.ask(root_of(node.identity), "/public/hello")["ok"]
+
+
+def test_a_member_flooding_junk_revocations_cannot_hold_back_a_real_one(
+    cluster: LocalCluster, peers: list[BarePeer]
+) -> None:
+    cluster.settings.update(deployment_policy="tokens", heartbeat_s=0.5)
+    founder, victim = cluster.start(2)
+    cluster.wait_linked()
+    # The victim joins the founder's group (the two commands of specs/security.md).
+    ticket = grant(founder.identity, victim.identity.public_key, ["/dms/deployment"],
+                   expires_in_s=30 * DAY)  # fmt: skip
+    owner(victim, "/dms/cap/anchor", {"provide": ticket.raw})
+    # So does the attacker: a member with a token it may delegate below.
+    member = BarePeer(victim.addrs()[0], actor=True, gossip=True)
+    peers.append(member)
+    token = grant(founder.identity, member.identity.public_key, ["/dms/deployment"],
+                  expires_in_s=30 * DAY, depth=1)  # fmt: skip
+    owner(founder, "/dms/cap/anchor", {"issued": token.raw})
+    first = ask_with(member, victim, REQUEST, PROBE, [token.raw])
+    assert first is not None and first.get("code") != ErrorCode.FORBIDDEN, first
+    wait_for(lambda: victim.peer_id in member.mesh_peers(REVOCATION_TOPIC), 30, "the mesh")
+
+    def frame(raw: bytes) -> bytes:
+        env = member.envelope(None, REVOCATION_BEHAVIOUR, {"revocation": raw}, ttl_s=300,
+                              topic=REVOCATION_TOPIC)  # fmt: skip
+        return member.seal(env)
+
+    junk = junk_revocations(member.identity, token.raw, 300)
+    assert 200_000 < sum(len(j) for j in junk) < 300_000  # ~248 KB, as in the issue
+    member.publish_many(REVOCATION_TOPIC, [frame(j) for j in junk], 0.002)
+    # Meanwhile the victim answers, and the founder's revocation of the member lands.
+    assert member.ask(root_of(victim.identity), "/public/hello", timeout=20) is not None
+    assert founder.system is not None and victim.system is not None
+    chain = founder.system.trust.verifier.verify(token.raw)
+    owner(founder, "/dms/cap/revoke", {"revocation": revoke(founder.identity, chain).raw})
+    wait_for(lambda: victim.system.trust.is_revoked(token.id), 30,  # type: ignore[union-attr]
+             "the victim to apply the founder's revocation")  # fmt: skip
+    after = ask_with(member, victim, REQUEST, PROBE, [token.raw])
+    assert after is not None and after.get("rule") == "revoked", after
+    # None of the junk was kept: it revoked tokens the victim never saw.
+    outcomes = victim.system.trust.revocation_outcomes
+    assert outcomes["stored"] == 1 and outcomes.get("unknown_token", 0) > 0, outcomes
+
+
+def test_new_chains_beyond_the_budget_are_refused_with_a_reason(
+    cluster: LocalCluster, peers: list[BarePeer]
+) -> None:
+    """Each new chain costs up to 8 signature checks in the node actor; a peer showing a
+    fresh one with every request had no limit but its frame rate."""
+    cluster.settings.update(chain_checks_per_peer_per_s=1.0)
+    (node,) = cluster.start(1)
+    attacker = BarePeer(node.addrs()[0], actor=True)
+    peers.append(attacker)
+    me = attacker.identity.public_key
+    codes = []
+    for _ in range(10):
+        answer = ask_with(attacker, node, "/dms/cap/list", None, [token_chain(8, me)])
+        assert answer is not None
+        codes.append((answer["code"], answer.get("rule")))
+    assert ("forbidden", "unanchored") in codes  # checked in full while in budget
+    assert codes.count(("rate_limited", "over_budget")) >= 5, codes
+    assert node.system is not None and node.system.trust.chain_budget.refused["peer"] >= 5
+    assert attacker.ask(root_of(node.identity), "/public/hello")["ok"]

@@ -4,14 +4,24 @@ one precise line per mistake, nothing cut."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.clitools import Daemon, dms, env_for
+from tests.clitools import Daemon, dms, dms_json, env_for
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 IRIS = ROOT / "examples" / "iris-features.csv"
@@ -52,3 +62,254 @@ def test_empty_tables_say_so_instead_of_a_traceback(lone: Daemon) -> None:
         clean(done)
         assert done.returncode == 0, (args, done.stderr)
         assert "(none yet)" in done.stdout
+
+
+class Tmux:
+    """A tmux server of this test's own (its own socket), 80 columns wide: what a person
+    sees, soft-wrapped lines joined back (``capture-pane -J``) as a copy would."""
+
+    def __init__(self, tmp: Path) -> None:
+        if shutil.which("tmux") is None:
+            pytest.skip("tmux is not installed (apt-get install -y tmux)")
+        self.socket = str(tmp / "tmux.sock")
+        self.count = 0
+
+    def tmux(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["tmux", "-S", self.socket, *args], capture_output=True, text=True, timeout=60
+        )
+
+    def run(self, env: dict[str, str], *argv: str, timeout: float = 120) -> str:
+        """``argv`` in a new 80-column window; the screen once it has ended."""
+        self.count += 1
+        name, signal_ = f"w{self.count}", f"done-{self.count}"
+        # The window's own width, not a COLUMNS inherited from the test's environment.
+        kept = {k: v for k, v in env.items() if k not in ("COLUMNS", "LINES", "TERM")}
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in kept.items())
+        done = f"tmux -S {self.socket} wait-for -S {signal_}"
+        command = f"env -i TERM=xterm {exports} {shlex.join(argv)}; {done}; sleep 600"
+        started = self.tmux("new-session", "-d", "-s", name, "-x", "80", "-y", "100", command)
+        assert started.returncode == 0, started.stderr
+        subprocess.run(["tmux", "-S", self.socket, "wait-for", signal_], timeout=timeout)
+        screen = self.tmux("capture-pane", "-p", "-J", "-t", name, "-S", "-", "-E", "-").stdout
+        self.tmux("kill-session", "-t", name)
+        return screen
+
+    def close(self) -> None:
+        self.tmux("kill-server")
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
+    made = Tmux(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def dms_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dms", *args]
+
+
+def test_peers_self_prints_each_dialable_address_whole_never_0000(
+    tmp_path: Path, tmux: Tmux
+) -> None:
+    home = tmp_path / "home"
+    assert dms(home, "init").returncode == 0
+    daemon = Daemon(home, "--listen", "/ip4/0.0.0.0/tcp/0")
+    try:
+        screen = tmux.run(env_for(home), *dms_argv("peers", "self"))
+    finally:
+        daemon.stop()
+    lines = screen.splitlines()
+    addrs = [line for line in lines if line.startswith("/ip4/")]
+    peer = daemon.info["peer_id"]
+    assert addrs, screen
+    assert all(a.endswith(f"/p2p/{peer}") and len(a.split()) == 1 for a in addrs), screen
+    assert "0.0.0.0" not in screen, screen
+    assert any(a.startswith("/ip4/127.0.0.1/tcp/") for a in addrs), screen
+    assert any(not a.startswith("/ip4/127.") for a in addrs), screen  # the interface's too
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], *expected: str) -> None:
+    assert done.returncode != 0, done.stdout
+    clean(done)
+    said = " ".join(done.stderr.split())
+    for text in expected:
+        assert text in said, done.stderr
+
+
+def test_mistakes_get_one_line_in_the_flags_words(lone: Daemon, tmp_path: Path) -> None:
+    mine = ["mine", "skmeans", "--data", str(IRIS), "--out", str(tmp_path / "o")]
+    one_line_error(at_80(lone.home, *mine, "--k", "0"), "--k must be at least 1")
+    one_line_error(at_80(lone.home, *mine, "--k", "0", "--local"), "--k must be at least 1")
+    one_line_error(
+        at_80(lone.home, *mine, "--k", "3", "--shards", "2", "--local"),
+        "--shards 2",
+        "drop one of them",
+    )
+    assert not (tmp_path / "o").exists()
+    # an API port in use: the hint to choose another
+    busy = lone.info["api"].rsplit(":", 1)[1]
+    other = tmp_path / "other"
+    assert dms(other, "init").returncode == 0
+    one_line_error(
+        at_80(other, "run", "--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", busy),
+        f"127.0.0.1:{busy}",
+        "with --api-port",
+    )
+
+
+def test_onboard_changes_one_amount_and_keeps_the_others(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert dms(home, "init").returncode == 0
+    one_line_error(at_80(home, "onboard", "--cpu", "1"), "nothing is onboarded yet", "--ram")
+    first = ["onboard", "--cpu", "1", "--ram", "0.5", "--disk", "1", "--price", "2", "--json"]
+    assert dms(home, *first, timeout=120).returncode == 0
+    one_line_error(at_80(home, "onboard", "--cpu", "999"), "more than this machine has")
+    done = dms(home, "onboard", "--cpu", "0.5", "--json")
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["onboarded"] == {"cpu": 0.5, "ram_gib": 0.5, "disk_gib": 1.0, "gpu": 0}
+    assert status["price"] == 2.0
+
+
+def leaf_commands() -> list[list[str]]:
+    from typer.main import get_command
+
+    from dms.cli.app import build_app
+
+    def walk(command: Any, path: list[str]) -> Iterator[list[str]]:
+        subcommands = getattr(command, "commands", None)
+        if subcommands is None:
+            yield path
+            return
+        for name, sub in subcommands.items():
+            yield from walk(sub, [*path, name])
+
+    return list(walk(get_command(build_app()), []))
+
+
+def test_every_help_ends_with_real_examples_and_readable_types(tmp_path: Path) -> None:
+    from typer.main import get_command
+
+    from dms.cli.app import build_app
+    from dms.cli.examples import EXAMPLES
+
+    commands = leaf_commands()
+    assert len(commands) > 30 and ["logs"] in commands
+    root = get_command(build_app())
+    for path in commands:
+        done = at_80(tmp_path, *path, "--help")
+        assert done.returncode == 0, (path, done.stderr)
+        text = done.stdout
+        assert "<bool>" not in text and "<list[" not in text and "<int" not in text, text
+        tail = text[text.rindex("Examples:") :].split("\n")[1:]
+        shown = [line.strip() for line in tail if line.strip()]
+        assert shown and shown[0].startswith(f"dms {' '.join(path)}"), (path, text)
+        # Each example parses against its command: the options exist, the values fit.
+        for example in EXAMPLES[" ".join(path)]:
+            argv = [a for a in shlex.split(example) if "=" not in a or a.startswith("-")]
+            if argv[1].startswith("-"):
+                continue  # 'dms --version': run in the test below
+            command, args = root, argv[1:]
+            while hasattr(command, "commands"):
+                command, args = command.commands[args[0]], args[1:]
+            command.make_context(" ".join(path), list(args))
+    assert "INTEGER" in at_80(tmp_path, "run", "--help").stdout
+    assert "PATH" in at_80(tmp_path, "mine", "skmeans", "--help").stdout
+
+
+def test_groups_alone_list_their_commands_and_version_flag(tmp_path: Path) -> None:
+    done = at_80(tmp_path, "peers")
+    clean(done)
+    for name in ("list", "self", "ping", "connect"):
+        assert f" {name} " in done.stdout, done.stdout
+    assert "Missing command" not in done.stdout + done.stderr
+    version = at_80(tmp_path, "--version")
+    assert (
+        version.returncode == 0
+        and version.stdout.strip() == at_80(tmp_path, "version").stdout.strip()
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_detach_logs_to_the_home_and_dms_logs_follows_it(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert dms(home, "init").returncode == 0
+    assert dms(home, "logs").returncode != 0  # no log yet: said in one line
+    done = at_80(home, "run", "--detach", "--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", "0")
+    assert done.returncode == 0, done.stderr
+    said = done.stdout
+    pid = int(said.split("(pid ")[1].split(")")[0])
+    with contextlib.suppress(ProcessLookupError):
+        follow_log(home, said, pid)
+        os.kill(pid, signal.SIGTERM)
+
+
+def follow_log(home: Path, said: str, pid: int) -> None:
+    assert len(said.strip().splitlines()) == 1 and "Traceback" not in said  # one line
+    assert str(home / "logs" / "dms.log") in said and "dms logs" in said, said
+    follow = subprocess.Popen(
+        dms_argv("logs", "-f"), env=env_for(home), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert dms_json(home, "peers", "self")["peer_id"]  # the detached node answers
+        shown = dms(home, "logs").stdout
+        assert "dms node running" in shown, shown
+        assert "alembic" not in shown and "Running upgrade" not in shown, shown  # fresh home
+        os.kill(pid, signal.SIGTERM)
+        assert follow.stdout is not None
+        lines = iter(follow.stdout.readline, "")
+        assert any("dms node stopped" in line for line in lines)  # -f saw the new line
+    finally:
+        follow.terminate()
+        follow.wait(timeout=20)
+
+
+def test_run_in_the_background_of_a_terminal_logs_to_the_home(tmp_path: Path, tmux: Tmux) -> None:
+    home = tmp_path / "home"
+    assert dms(home, "init").returncode == 0
+    run = shlex.join(dms_argv("run", "--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", "0"))
+    peers = shlex.join(dms_argv("peers", "self"))
+    # An interactive shell, as a person types it: job control puts '&' in the background.
+    script = f"{run} & sleep 4; {peers}; kill %1; wait"
+    screen = tmux.run(env_for(home), "bash", "-i", "-c", script)
+    assert "logging to" in screen and str(home / "logs" / "dms.log") in screen, screen
+    assert " INFO " not in screen and "alembic" not in screen, screen
+    assert (home / "logs" / "dms.log").exists()
+
+
+def test_a_dial_that_recovers_is_not_an_error(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    for home in (first, second):
+        assert dms(home, "init").returncode == 0
+        (home / "config.toml").write_text("heartbeat_s = 0.5\n")
+    port = free_port()
+    first_id = dms_json(first, "key", "list")[0]["peer_id"]
+    # The second starts first and dials a peer that is not up yet, as when three daemons
+    # start together; that peer comes up a moment later.
+    early = Daemon(second, "--bootstrap", f"/ip4/127.0.0.1/tcp/{port}/p2p/{first_id}")
+    late = None
+    try:
+        time.sleep(1.5)
+        late = Daemon(first, "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+
+        def connected() -> bool:
+            return any(p["peer_id"] == first_id for p in dms_json(second, "peers", "list"))
+
+        wait_for(connected, 60, "the second node to reach the first")
+    finally:
+        early.stop()
+        if late is not None:
+            late.stop()
+    assert early.proc.stderr is not None
+    said = early.proc.stderr.read()
+    assert " ERROR " not in said, said
+    assert "Failed to open TCP stream" not in said, said

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
+import typer.core
 
 from dms import __version__
+from dms.cli.examples import epilog
 from dms.cli.output import error
 from dms.errors import DmsError
 
@@ -24,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "peers": ("peers", "app", True),
     "init": ("node", "init", False),
     "run": ("node", "run", False),
+    "logs": ("node", "logs", False),
     "onboard": ("resources", "onboard", False),
     "offboard": ("resources", "offboard", False),
     "benchmark": ("resources", "benchmark", False),
@@ -43,6 +48,58 @@ def version() -> None:
     typer.echo(__version__)
 
 
+def _version_flag(asked: bool) -> None:
+    if asked:
+        version()
+        raise typer.Exit()
+
+
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_version_flag, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """dms: a peer-to-peer device management service for privacy-preserving data mining."""
+
+
+# What people write for a value (click's words), instead of Typer's Python annotation.
+_TYPE_WORDS = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "bool": "BOOLEAN"}
+
+
+def _readable(shown: Callable[[Any, Any], str | None]) -> Callable[[Any, Any], str | None]:
+    """Typer shows a value's type as its annotation (``<list[str]>``, ``<int range>``,
+    ``<bool>`` on a flag); show INTEGER, PATH, TEXT, and no type on a flag."""
+
+    def display(param: Any, ctx: Any) -> str | None:
+        if getattr(param, "is_flag", False):
+            return None
+        label = shown(param, ctx)
+        if label is None or not (label.startswith("<") and ">" in label):
+            return label  # a metavar the command chose (DIR)
+        inner, _, rest = label[1:].partition(">")
+        inner = inner.removeprefix("list[").removesuffix("]").removesuffix(" range")
+        return _TYPE_WORDS.get(inner, inner.upper()) + rest
+
+    return display
+
+
+typer.core.TyperOption.display_type_rich = _readable(typer.core.TyperOption.display_type_rich)  # type: ignore[method-assign]
+typer.core.TyperArgument.display_type_rich = _readable(  # type: ignore[method-assign]
+    typer.core.TyperArgument.display_type_rich
+)
+
+
+def _with_examples(found: typer.Typer, path: str) -> None:
+    """Each command of ``found`` (a group named ``path``) ends its help with examples."""
+    for info in found.registered_commands:
+        name = info.name or (info.callback.__name__ if info.callback else "")
+        info.epilog = info.epilog or epilog(f"{path} {name}")
+    found.info.no_args_is_help = True  # 'dms peers' alone lists its commands
+
+
 def build_app(only: str | None = None) -> typer.Typer:
     """The ``dms`` command with every subcommand, or with ``only`` the one asked for:
     each command's module (TenSEAL, SQLAlchemy, libp2p...) loads only when it runs, so
@@ -56,16 +113,17 @@ def build_app(only: str | None = None) -> typer.Typer:
     )
     # A group, even with a single command registered (Typer would otherwise run that
     # command directly, without its name).
-    app.callback()(lambda: None)
+    app.callback()(_root)
     for name, (module, attribute, group) in COMMANDS.items():
         if only is not None and name != only:
             continue
         found = getattr(importlib.import_module(f"dms.cli.{module}"), attribute)
         if group:
-            app.add_typer(found, name=name)
+            _with_examples(found, name)
+            app.add_typer(found, name=name, no_args_is_help=True)
         else:
-            app.command(name)(found)
-    app.command("version")(version)
+            app.command(name, epilog=epilog(name))(found)
+    app.command("version", epilog=epilog("version"))(version)
     return app
 
 

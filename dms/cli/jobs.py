@@ -10,7 +10,15 @@ import typer
 
 from dms.cli.actor import TimeoutOption
 from dms.cli.common import JsonOption, settings
-from dms.cli.output import ago, console, emit_json, emit_result, emit_table, jsonable
+from dms.cli.output import (
+    ago,
+    console,
+    emit_json,
+    emit_result,
+    emit_table,
+    jsonable,
+    short_peer,
+)
 from dms.jobs.spec import load_spec
 from dms.node.client import NodeClient
 
@@ -26,11 +34,6 @@ ROWS = 20  # rows a long table shows without --all
 
 def _limit(every: bool) -> int | None:
     return None if every else ROWS
-
-
-def short_peer(peer_id: str | None) -> str:
-    """A peer by the last 8 characters of its id, as the deployment's events name it."""
-    return f"…{peer_id[-8:]}" if peer_id else ""
 
 
 @job_app.command("validate")

@@ -10,6 +10,7 @@ run in this process. Either way the output is ``DIR/labels.csv`` and
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -132,6 +133,29 @@ class Placement:
         )
 
 
+def _checked(k: int, local: bool, shards: int) -> None:
+    """Mistakes said in the flags' own words, before anything runs."""
+    if k < 1:
+        raise MineError("--k must be at least 1")
+    if local and shards != 1:
+        raise MineError(
+            f"--shards {shards} splits the rows across other nodes and --local runs all of "
+            "it here: drop one of them"
+        )
+
+
+# The node's check of a placed job's settings, said as the flag it came from.
+_BOUND = re.compile(r"settings\.(\w+): Input should be (greater|less) than or equal to (\S+)")
+
+
+def _in_flags(reason: str) -> str:
+    match = _BOUND.search(reason)
+    if match is None:
+        return reason
+    flag, side, bound = match.group(1).replace("_", "-"), match.group(2), match.group(3)
+    return f"--{flag} must be at {'least' if side == 'greater' else 'most'} {bound}"
+
+
 def _node() -> NodeClient:
     home = settings().home
     client = running_node(home)
@@ -170,7 +194,7 @@ def _mine_on_network(
     try:
         created = client.invoke("/dms/node/mining/new", request, timeout=120)
     except RemoteError as exc:
-        raise MineError(exc.reason) from None
+        raise MineError(_in_flags(exc.reason)) from None
     session = created["id"]
     if not json_out:
         console.print(
@@ -335,6 +359,7 @@ def _clustering(algorithm: str) -> Callable[..., None]:
         json_out: JsonOption = False,
     ) -> None:
         html: Path | None = None
+        _checked(k, local, shards)
         with _mining_errors():
             metric = Distance.parse(distance)
             table = read_table(data)
@@ -427,6 +452,7 @@ def _classification(algorithm: str) -> Callable[..., None]:
         json_out: JsonOption = False,
     ) -> None:
         html: Path | None = None
+        _checked(k, local, shards)
         with _mining_errors():
             metric = Distance.parse(distance)
             training = read_table(train, label=True, label_column=label_column)

@@ -7,20 +7,28 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
+import time
+from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from dms.cli.common import JsonOption, settings
+from dms.cli.common import JsonOption, dialable, settings
 from dms.cli.output import duration, emit_fields, emit_json
 from dms.errors import DmsError
-from dms.node.home import NODE_KEY, USER_KEY, init_home, load_node_identity
+from dms.node.home import NODE_KEY, USER_KEY, NodeError, init_home, load_node_identity
 from dms.security import Keystore, agent
-from dms.security.keystore import PASSPHRASE_ENV, session_passphrase
+from dms.security.keystore import (
+    PASSPHRASE_ENV,
+    passphrase_from_env_or_prompt,
+    session_passphrase,
+)
+from dms.security.passphrase import PassphraseLookup
 
 
 def _one_passphrase(home: Path) -> tuple[str | None, bool]:
@@ -81,22 +89,35 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+# Libraries whose INFO lines are routine: py-libp2p's connection manager (every 10 s),
+# Alembic's migrations on a fresh home (14 lines).
+CHATTY = ("libp2p", "multiaddr", "alembic")
+# py-libp2p logs a failed dial as an ERROR and raises it too: dms catches it, dials again
+# (a peer that starts a second later is reached) and says so itself at INFO.
+DIAL_FAILURES = ("Failed to open TCP stream", "Unexpected error opening TCP stream")
+
+
 class QuietLibp2p(logging.Filter):
-    """py-libp2p's routine chatter (its connection manager reports every 10 s) goes to
-    DEBUG: its records below WARNING are shown only when the daemon logs at DEBUG."""
+    """Libraries' routine chatter goes to DEBUG, shown only when the daemon logs at
+    DEBUG: py-libp2p's and Alembic's records below WARNING, and py-libp2p's errors for a
+    dial that dms retries itself (:data:`DIAL_FAILURES`)."""
 
     def __init__(self, level: int) -> None:
         super().__init__()
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING and record.name.startswith(("libp2p", "multiaddr")):
+        routine = record.levelno < logging.WARNING and record.name.startswith(CHATTY)
+        retried = record.name.startswith("libp2p") and str(record.msg).startswith(DIAL_FAILURES)
+        if routine or retried:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return self.level <= logging.DEBUG
         return True
 
 
-def configure_daemon_logging(level: str, log_format: str = "text") -> None:
+def configure_daemon_logging(
+    level: str, log_format: str = "text", log_file: Path | None = None
+) -> None:
     """One format for every line the daemon logs, py-libp2p's included.
 
     py-libp2p detaches its ``libp2p`` logger at import unless ``LIBP2P_DEBUG`` asks
@@ -106,13 +127,105 @@ def configure_daemon_logging(level: str, log_format: str = "text") -> None:
     """
     if log_format not in LOG_FORMATS:
         raise DmsError(f"--log-format {log_format!r}: use text or json")
-    handler = logging.StreamHandler()
+    handler: logging.Handler = logging.StreamHandler()
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, encoding="utf-8")
     handler.setFormatter(JsonLines() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     numeric = logging.getLevelName(level.upper())
     handler.addFilter(QuietLibp2p(numeric if isinstance(numeric, int) else logging.INFO))
     logging.basicConfig(level=level.upper(), handlers=[handler])
     if not os.environ.get("LIBP2P_DEBUG"):
         logging.getLogger("libp2p").propagate = True
+
+
+def log_path(home: Path) -> Path:
+    """Where a node started in the background logs (``dms logs`` reads it)."""
+    return Path(home) / "logs" / "dms.log"
+
+
+def _in_background() -> bool:
+    """Started with ``&`` from an interactive shell: the terminal's foreground process
+    group is another one (the shell's, or the next command's)."""
+    try:
+        fd = sys.stderr.fileno()
+        return os.isatty(fd) and os.tcgetpgrp(fd) != os.getpgrp()
+    except (OSError, ValueError):
+        return False
+
+
+def _prove_passphrase(home: Path) -> None:
+    """Open the node key here, where a prompt can be answered; a passphrase typed now is
+    kept for this terminal session (as ``dms unlock`` would), where the detached node,
+    of the same session, finds it."""
+    typed: list[str] = []
+
+    def ask(context: str, confirm: bool) -> str:
+        typed.append(passphrase_from_env_or_prompt(context, confirm))
+        return typed[-1]
+
+    keystore = Keystore(home, passphrase=PassphraseLookup(home, ask))
+    if not keystore.exists(NODE_KEY):
+        raise NodeError(f"{home} holds no node key yet: run 'dms init' first")
+    keystore.load(NODE_KEY)
+    if typed and os.environ.get(PASSPHRASE_ENV) is None:
+        from dms.cli.unlock import remember
+
+        remember(home, typed[-1])
+
+
+def _detach(home: Path, args: list[str], json_out: bool) -> None:
+    """Start ``dms run ARGS`` in the background, its output appended to the log; return
+    once its API answers (or say why it did not start)."""
+    from dms.node.api import ApiAddress, api_file
+
+    _prove_passphrase(home)
+    log = log_path(home)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        out.write(
+            f"--- dms run --detach, {datetime.now(UTC).isoformat(timespec='seconds')}\n".encode()
+        )
+        out.flush()
+        start = out.tell()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dms", "run", "--background", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            process_group=0,  # Ctrl-C in this terminal is not for it; same session (unlock)
+            close_fds=True,
+        )
+    deadline = time.monotonic() + DETACH_DEADLINE_S
+    address: ApiAddress | None = None
+    while address is None:
+        if proc.poll() is not None:
+            with open(log, "rb") as fh:
+                fh.seek(start)
+                said = fh.read().decode(errors="replace").strip().splitlines()
+            reason = said[-1].removeprefix("error: ") if said else f"exit code {proc.returncode}"
+            raise NodeError(f"the node did not start: {reason} (its log: {log})")
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise NodeError(
+                f"the node did not start within {DETACH_DEADLINE_S:g} s; its log: {log}"
+            )
+        with contextlib.suppress(OSError, ValueError):
+            found = ApiAddress.model_validate_json(api_file(home).read_text())
+            address = found if found.pid == proc.pid else None
+        time.sleep(0.2)
+    info = {"pid": proc.pid, "peer_id": address.peer_id, "api": f"http://127.0.0.1:{address.port}",
+            "home": str(home), "log": str(log)}  # fmt: skip
+    if json_out:
+        emit_json(info)
+    else:
+        typer.echo(
+            f"dms node running in the background (pid {proc.pid}); its log: {log} "
+            f"(dms logs -f); stop it with: kill {proc.pid}"
+        )
+
+
+DETACH_DEADLINE_S = 60.0
 
 
 def run(
@@ -130,17 +243,40 @@ def run(
     log_format: Annotated[
         str, typer.Option("--log-format", help="text (default) or json: one object a line.")
     ] = "text",
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach", help="Run in the background, logging to DMS_HOME/logs/ (dms logs)."
+        ),
+    ] = False,
+    background: Annotated[
+        bool, typer.Option("--background", hidden=True, help="The node --detach starts.")
+    ] = False,
     faults: Annotated[
         Path | None,
         typer.Option("--faults", hidden=True, help="dms sim only: follow this faults file."),
     ] = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Run this home's node until SIGINT or SIGTERM."""
+    """Run this home's node until SIGINT or SIGTERM (or, with --detach, in the background)."""
+    cfg = settings()
+    if detach:
+        args = [*(f"--listen={a}" for a in listen or []),
+                *(f"--bootstrap={a}" for a in bootstrap or []),
+                *(["--mdns"] if mdns else []),
+                *([f"--api-port={api_port}"] if api_port is not None else []),
+                f"--log-format={log_format}"]  # fmt: skip
+        _detach(cfg.home, args, json_out)
+        return
     from dms.node.daemon import Node, network_settings  # libp2p loads only for this command
 
-    cfg = settings()
-    configure_daemon_logging(cfg.log_level, log_format)
+    log_file = None
+    if background:  # started by --detach: the terminal may close; stdout is the log
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    elif _in_background():  # 'dms run &': its lines would mix with the next commands'
+        log_file = log_path(cfg.home)
+        typer.echo(f"dms node logging to {log_file} (dms logs -f shows it)", err=True)
+    configure_daemon_logging(cfg.log_level, log_format, log_file)
     network = network_settings(
         cfg,
         listen=listen or None,
@@ -162,7 +298,7 @@ def run(
         info = {
             "peer_id": node.peer_id,
             "did": identity.did,
-            "addrs": node.addrs(),
+            "addrs": dialable(node.addrs()),
             "api": f"http://127.0.0.1:{node.api.port}",
             "home": str(cfg.home),
         }
@@ -181,3 +317,35 @@ def run(
         node.stop()
     if not json_out:
         typer.echo("dms node stopped")
+
+
+def logs(
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines (Ctrl-C stops).")
+    ] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Last lines shown.")] = 50,
+) -> None:
+    """The log of this home's node started in the background (dms run --detach, or &)."""
+    path = log_path(settings().home)
+    if not path.exists():
+        raise NodeError(
+            f"no log in {path.parent} yet: a node started with 'dms run --detach' (or "
+            "'dms run &') writes one there; a node in the foreground logs to its terminal"
+        )
+    with open(path, "rb") as fh:
+        tail: deque[bytes] = deque(fh, maxlen=lines) if lines else deque()
+        for line in tail:
+            sys.stdout.write(line.decode(errors="replace"))
+        sys.stdout.flush()
+        try:
+            while follow:
+                chunk = fh.read()
+                if chunk:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                elif path.stat().st_size < fh.tell():  # truncated: from its start again
+                    fh.seek(0)
+                else:
+                    time.sleep(0.3)
+        except KeyboardInterrupt:
+            pass

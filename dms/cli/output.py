@@ -19,6 +19,11 @@ console = Console(emoji=False, highlight=False)
 err_console = Console(stderr=True, emoji=False, highlight=False)
 
 
+def short_peer(peer_id: str | None) -> str:
+    """A peer by the last 8 characters of its id, as the deployment's events name it."""
+    return f"…{peer_id[-8:]}" if peer_id else ""
+
+
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=str) + "\n")
 

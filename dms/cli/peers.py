@@ -8,8 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from dms.cli.actor import TimeoutOption
-from dms.cli.common import JsonOption, settings
-from dms.cli.output import ago, emit_json, emit_result, emit_table, jsonable
+from dms.cli.common import JsonOption, dialable, settings
+from dms.cli.output import ago, build_table, console, emit_json, emit_result, jsonable, short_peer
 from dms.node.client import NodeClient
 
 app = typer.Typer(help="This node's peers: list, self, ping, connect.")
@@ -52,27 +52,45 @@ def list_peers(
                 _pair(row, "cpu"),
                 _pair(row, "ram_gib"),
                 _pair(row, "disk_gib"),
-                scores.get("cpu_single_mops", ""),
-                scores.get("ckks_mul_per_s", ""),
+                _score(scores.get("cpu_single_mops")),
+                _score(scores.get("ckks_mul_per_s")),
                 row.get("restarts", ""),
             ]
         )
     columns = ["peer id", "status", "seen", "cpu", "ram GiB", "disk GiB",
                "cpu Mops", "ckks mul/s", "restarts"]  # fmt: skip
-    emit_table(
-        "peers (resources: free/total)",
-        columns,
-        table,
-        whole=["peer id"],
-        hideable=columns[2:],
-        limit=None if every else ROWS,
-    )
+    title = "peers (resources: free/total)"
+    limit = None if every else ROWS
+    shape = {"whole": ["peer id"], "hideable": columns[2:], "limit": limit}
+    shown, notes = build_table(title, columns, table, **shape)
+    if any("not shown" in note for note in notes):
+        # A whole peer id leaves no room for the resources: the ids by their end instead
+        # (as 'dms deployment manifest' names peers), and the resources shown.
+        short = [[short_peer(r[0]), *r[1:]] for r in table]
+        shown, notes = build_table(title, ["peer", *columns[1:]], short, **shape)
+        notes.append("(peers by the end of their id: --json shows them whole)")
+    console.print(shown)
+    for note in notes:
+        console.print(note)
+
+
+def _score(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
 
 
 @app.command("self")
 def self_info(timeout: TimeoutOption = 10.0, json_out: JsonOption = False) -> None:
-    """This node's peer id, DID and listen addresses."""
-    _call("/dms/node/peers/self", None, timeout, json_out)
+    """This node's peer id, DID and the addresses other nodes dial (for --bootstrap)."""
+    info = NodeClient(settings().home).invoke("/dms/node/peers/self", None, timeout=timeout)
+    info = {**info, "addrs": dialable(list(info.get("addrs") or []))}
+    if json_out:
+        emit_json(jsonable(info))
+        return
+    # Plain lines, never wrapped nor split: each address is copied whole into --bootstrap.
+    typer.echo(f"peer id: {info['peer_id']}\ndid:     {info['did']}")
+    typer.echo("addresses (give one to --bootstrap on another node):")
+    for addr in info["addrs"]:
+        typer.echo(addr)
 
 
 @app.command("ping")

@@ -20,7 +20,7 @@ from dms.cli.common import JsonOption, settings
 from dms.cli.output import emit_json, emit_result, emit_table, jsonable, progress_bar
 from dms.config import Settings
 from dms.node.client import NodeClient, running_node
-from dms.resources import Capability, Onboarder, OnboardRequest, checked_amounts
+from dms.resources import AmountError, Capability, Onboarder, OnboardRequest, checked_amounts
 from dms.store import open_database
 
 
@@ -65,23 +65,64 @@ def _show_status(status: dict[str, Any], json_out: bool, title: str) -> None:
         emit_result(capability, False, title="registered capability")
 
 
+def _current(cfg: Settings, client: NodeClient | None, timeout: float) -> dict[str, Any]:
+    """What this node has onboarded now (the daemon's view, or the store's)."""
+    if client is not None:
+        return dict(client.invoke("/dms/node/onboarding/status", timeout=timeout))
+    with _offline(cfg) as onboarder:
+        return onboarder.status()
+
+
+def _keep_the_others(given: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The amounts not given on the command line stay as they are: ``dms onboard --cpu 4``
+    changes the cores only. A first onboarding needs all three amounts."""
+    onboarded = current.get("onboarded")
+    before = onboarded if isinstance(onboarded, dict) and onboarded.get("cpu") else None
+    missing = [f"--{k}" for k in ("cpu", "ram", "disk") if given[k] is None]
+    if missing and before is None:
+        raise AmountError(
+            f"nothing is onboarded yet: give --cpu, --ram and --disk (missing {', '.join(missing)})"
+            ", e.g. dms onboard --cpu 2 --ram 4 --disk 10"
+        )
+    kept = {"cpu": "cpu", "ram": "ram_gib", "disk": "disk_gib", "gpu": "gpu"}
+    filled = dict(given)
+    for name, key in kept.items():
+        if filled[name] is None:
+            filled[name] = before[key] if before is not None else 0
+    if filled["price"] is None:
+        filled["price"] = current.get("price", 0.0) if before is not None else 0.0
+    return filled
+
+
 def onboard(
-    cpu: Annotated[str, typer.Option("--cpu", help="Cores to contribute (2, 0.5, 500m).")],
-    ram: Annotated[str, typer.Option("--ram", help="RAM, GiB unless a unit is given (4, 512MiB).")],
-    disk: Annotated[str, typer.Option("--disk", help="Disk, GiB unless a unit is given.")],
-    gpu: Annotated[int, typer.Option("--gpu", help="GPUs to contribute.")] = 0,
-    price: Annotated[float, typer.Option("--price", help="Price asked per allocation-hour.")] = 0.0,
+    cpu: Annotated[
+        str | None, typer.Option("--cpu", help="Cores to contribute (2, 0.5, 500m).")
+    ] = None,
+    ram: Annotated[
+        str | None, typer.Option("--ram", help="RAM, GiB unless a unit is given (4, 512MiB).")
+    ] = None,
+    disk: Annotated[
+        str | None, typer.Option("--disk", help="Disk, GiB unless a unit is given.")
+    ] = None,
+    gpu: Annotated[int | None, typer.Option("--gpu", help="GPUs to contribute.")] = None,
+    price: Annotated[
+        float | None, typer.Option("--price", help="Price asked per allocation-hour.")
+    ] = None,
     benchmark: Annotated[
         bool, typer.Option("--benchmark", help="Measure the capability again.")
     ] = False,
     timeout: TimeoutOption = 60.0,
     json_out: JsonOption = False,
 ) -> None:
-    """Contribute part of this machine; run again to change the amounts."""
+    """Contribute part of this machine; run again to change any of the amounts (the
+    ones not given stay as they are)."""
     cfg = settings()
-    request = OnboardRequest(cpu=cpu, ram=ram, disk=disk, gpu=gpu, price=price, benchmark=benchmark)
-    checked_amounts(request, cfg.home)  # a mistake costs nothing: checked before measuring
     client = running_node(cfg.home)
+    given = {"cpu": cpu, "ram": ram, "disk": disk, "gpu": gpu, "price": price}
+    if any(v is None for v in given.values()):
+        given = _keep_the_others(given, _current(cfg, client, timeout))
+    request = OnboardRequest(**given, benchmark=benchmark)
+    checked_amounts(request, cfg.home)  # a mistake costs nothing: checked before measuring
     if client is None:
         with _offline(cfg) as onboarder:
             if onboarder.needs_benchmark(request):

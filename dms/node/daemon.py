@@ -27,7 +27,7 @@ from dms.network.peerbook import PeerBook
 from dms.network.peertable import PeerTable
 from dms.network.settings import NetworkSettings
 from dms.network.transfer import ChunkNetwork
-from dms.node.api import LocalApi
+from dms.node.api import ApiError, LocalApi
 from dms.node.home import NODE_KEY, NodeError, private_home
 from dms.node.lock import RunLock, check_listen_free
 from dms.node.metrics import NodeMetrics
@@ -233,7 +233,11 @@ class Node:
                     max_connections=self.settings.api_max_connections,
                     timeout_s=self.settings.api_timeout_s,
                 )
-                self.api.start(self.api_port)
+                try:
+                    self.api.start(self.api_port)
+                except ApiError as err:
+                    hint = "another program (another dms node?) has it: choose another"
+                    raise ApiError(f"{err}; {hint} with --api-port (0: any free one)") from None
                 self.api.record(home)
             self.db.record("node.started", peer_id=self.peer_id, addrs=self.transport.addrs())
         except NetworkError as err:

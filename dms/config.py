@@ -176,6 +176,25 @@ class Settings(BaseSettings):
     chunk_quota: int = Field(
         default=2048 * MIB, ge=0, description="most bytes the chunk store may hold"
     )
+    mining_step_floor_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="the shortest deadline of a mining step: a worker that does not answer "
+        "within max(this, mining_step_slack x the step's work / its benchmark) is excluded "
+        "for the job and its shard placed again",
+    )
+    mining_step_slack: float = Field(
+        default=20.0,
+        ge=1,
+        description="a mining step's deadline as a multiple of what the worker's benchmark "
+        "(ckks_mul_per_s) says the step's work takes",
+    )
+    mining_max_replacements: int = Field(
+        default=8,
+        ge=0,
+        description="workers a mining job may lose or exclude (stalled, caught cheating, a "
+        "bad answer) before it fails with the reason",
+    )
     preferences: Preferences = Field(
         default_factory=Preferences, description="the work this node accepts"
     )

@@ -29,6 +29,7 @@ from dms.mining import Distance, MiningError, run_classification, run_clustering
 from dms.mining.blind_kmeans import blind_keys
 from dms.mining.data import read_table, read_test_table, write_labels
 from dms.mining.keyfolder import load_keys, save_keys
+from dms.mining.learned import worker_learns
 from dms.mining.local import knn_ties, resolve_protocol
 from dms.mining.metrics import accuracy, adjusted_rand_index, matched_agreement
 from dms.mining.schemes import new_keys
@@ -178,13 +179,11 @@ def _mine_on_network(
 ) -> tuple[dict[str, Any], list[Any]]:
     """Hand the job to this home's node, show its progress, return (result, labels)."""
     client = _node()
-    algorithm = request["settings"]["algorithm"]
-    if algorithm in ("kmeans", "knn"):
-        print(
-            f"note: {algorithm} runs in the clear: the worker sees your data. "
-            f"s{algorithm} keeps it encrypted.",
-            file=sys.stderr,
-        )
+    s = request["settings"]
+    print(
+        f"note: {worker_learns(s['algorithm'], s.get('protocol'), s.get('scheme', 'ckks'))}",
+        file=sys.stderr,
+    )
     request.update(
         strategy=placement.strategy,
         max_price=placement.max_price,

@@ -49,6 +49,8 @@ CONTEXT_BYTES = {128: 24 * MIB, 192: 96 * MIB, 256: 384 * MIB}  # keys in memory
 LIU_COMPONENTS = {128: 3, 192: 4, 256: 6}
 KNN_BLOCK = 8  # queries per CKKS query block (KnnOwner.query_blocks)
 MAX_ROUNDS = 10_000  # rounds a blind k-means start may announce (max_iterations' bound)
+ANSWER_SLACK = 1.25  # an answer's bound over what the shape allows
+DEFAULT_MAX_ITERATIONS_BOUND = 10_000  # rounds a plaintext run may take (MiningSettings' bound)
 
 Algorithm = Literal["kmeans", "skmeans", "dbskmeans", "knn", "sknn"]
 PLAINTEXT = ("kmeans", "knn")
@@ -67,10 +69,15 @@ class MiningParams(BaseModel):
     a: int = Field(ge=1, le=1_000_000, description="attributes per record")
     queries: int = Field(default=0, ge=0, le=10_000_000, description="k-NN queries")
     distance: Literal["euclidean", "manhattan"] = "euclidean"
-    protocol: Literal["udm", "blind"] = "udm"
+    # Unsaid: blind for CKKS skmeans and sknn (the worker sees only ciphertexts); udm, the
+    # leaky reference protocol, only where the job names it or names Liu or dbskmeans.
+    protocol: Literal["udm", "blind"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> MiningParams:
+        if self.protocol is None:
+            blind = self.scheme == "ckks" and self.algorithm in ("skmeans", "sknn")
+            self.protocol = "blind" if blind else "udm"
         if self.protocol == "blind" and self.scheme == "ckks":
             # Only padded sizes travel: records up to whole ciphertexts, queries up to
             # whole blocks, which is all the worker's work and messages depend on.
@@ -113,6 +120,109 @@ class MiningParams(BaseModel):
         if self.algorithm in ("skmeans", "dbskmeans", "kmeans") and self.protocol == "udm":
             data += 3 * n * k * a * 8  # U, its update, and a copy while decoding
         return BASE_BYTES + data
+
+    # ---- what one answer of the worker may hold (the owner checks before it fetches) ----
+
+    def _ciphertexts(self) -> tuple[int, int]:
+        """(bytes of one ciphertext at most, ciphertexts one answer holds at most)."""
+        degree, _, bits = LEVELS[self.level]
+        slots = degree // 2
+        n, a, k = self.n, self.a, self.k
+        chunks = -(-n // slots)
+        per = a if self.distance == "manhattan" else 1  # Manhattan: one per attribute
+        if self.algorithm == "sknn" and self.protocol == "blind":
+            count = KNN_BLOCK * per * chunks  # a block of queries' distances
+        elif self.algorithm == "sknn":
+            rows = max(1, min(slots // a, n))
+            count = KNN_BLOCK * a * -(-n // rows)
+        elif self.protocol == "blind":  # distances (k x chunks), or the sums (k x a)
+            count = max(k * per * chunks, k * a)
+        else:  # weighted columns
+            count = a * chunks
+        # a ciphertext at the data level, uncompressed: none the worker returns is larger
+        return 2 * degree * (len(bits) - 1) * 8 + 1024, count
+
+    def answer_bytes(self) -> int:
+        """The most bytes one honest answer can hold, from the (padded) shape alone,
+        with room to spare: a larger answer is refused before it is fetched."""
+        n, a, k = self.n, self.a, self.k
+        if self.scheme == "ckks":
+            size, count = self._ciphertexts()
+            data = size * count + 9 * n  # + the labels (udm)
+        elif self.scheme == "liu":
+            m = LIU_COMPONENTS[self.level]
+            if self.algorithm == "sknn":
+                data = max(KNN_BLOCK * n * a, 4_000_000) * m * 8
+            else:
+                data = 9 * n + k * a * m * 8
+        else:  # plaintext: labels (k-NN's may be strings), centroids, changes
+            data = 72 * (n + self.queries) + 9 * k * a + 9 * DEFAULT_MAX_ITERATIONS_BOUND
+        return int(ANSWER_SLACK * data) + MIB
+
+    def answer_objects(self) -> int:
+        """The most MessagePack objects one honest answer holds: its ciphertexts and
+        labels, a few per array. Decoding more would cost the owner memory for nothing."""
+        count = self._ciphertexts()[1] if self.scheme == "ckks" else 0
+        return 1024 + 4 * (self.n + self.queries + count)
+
+    def step_work(self) -> float:
+        """A step's work in CKKS multiplications at level 128 (the benchmark's unit,
+        ``ckks_mul_per_s``), from the shape: what a step deadline is made of."""
+        if self.scheme == "ckks":
+            degree = LEVELS[self.level][0]
+            return float(self._ciphertexts()[1]) * (degree / 8192) ** 2
+        # Liu and plaintext: numpy over n.k.a values (and a whole run for plaintext)
+        rounds = DEFAULT_MAX_ITERATIONS_BOUND if self.scheme == "plain" else 1
+        queries = max(self.queries, 1) if self.algorithm in ("knn", "sknn") else self.k
+        return self.n * self.a * queries * LIU_COMPONENTS[self.level] * rounds / 10_000
+
+
+def count_objects(raw: bytes, limit: int) -> int:
+    """How many MessagePack objects ``raw`` holds, read without building any; more than
+    ``limit`` (or a truncated or reserved encoding) is a ``ValueError`` at once. An answer
+    built to blow up on decoding (millions of empty maps) is refused for what it costs
+    to walk up to ``limit``, never for what it would cost to decode."""
+    view = memoryview(raw)
+    pos, pending, count, end = 0, 1, 0, len(raw)
+    while pending:
+        if pos >= end:
+            raise ValueError("a truncated MessagePack value")
+        pending -= 1
+        count += 1
+        if count > limit:
+            raise ValueError(f"more than {limit} MessagePack objects")
+        b = view[pos]
+        pos += 1
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            continue
+        if 0x80 <= b <= 0x8F:
+            pending += 2 * (b & 0x0F)
+        elif 0x90 <= b <= 0x9F:
+            pending += b & 0x0F
+        elif 0xA0 <= b <= 0xBF:
+            pos += b & 0x1F
+        elif b in _LENGTHS:  # bin, str, ext: a length, then that many bytes
+            width, extra = _LENGTHS[b]
+            pos += width + extra + int.from_bytes(view[pos : pos + width], "big")
+        elif b in _FIXED:
+            pos += _FIXED[b]
+        elif b in _CONTAINERS:  # array16/32, map16/32
+            width, per = _CONTAINERS[b]
+            pending += per * int.from_bytes(view[pos : pos + width], "big")
+            pos += width
+        else:
+            raise ValueError(f"a reserved MessagePack byte 0x{b:02x}")
+    if pos > end:
+        raise ValueError("a truncated MessagePack value")
+    return count
+
+
+# type byte -> (length width, bytes before the data); (payload width); (count width, per item)
+_LENGTHS = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),
+            0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)}  # fmt: skip
+_FIXED = {0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4,
+          0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}  # fmt: skip
+_CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
 
 
 def parse_params(params: dict[str, Any]) -> MiningParams:

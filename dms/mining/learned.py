@@ -117,3 +117,12 @@ def learned_for(algorithm: str, protocol: str | None, scheme: str) -> Learned | 
         if row.covers(algorithm, protocol, scheme):
             return row
     return None
+
+
+def worker_learns(algorithm: str, protocol: str | None, scheme: str) -> str:
+    """One line for the CLI and the session log: what the worker of this job will learn."""
+    row = learned_for(algorithm, protocol, "plain" if algorithm in ("kmeans", "knn") else scheme)
+    if row is None:
+        return f"{algorithm} ({scheme}, {protocol}): no entry in the table of what a worker learns"
+    leaky = "" if row.protocol == "blind" else " (a leaky protocol, run because it was named)"
+    return f"the worker learns{leaky}: {row.worker.rstrip('.')}"

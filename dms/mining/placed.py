@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dms.mining.answers import DEFAULT_VERIFY_FRACTION
 from dms.mining.arrays import NDArray
@@ -34,6 +34,7 @@ from dms.mining.classification import KnnDistances, KnnOwner, Label
 from dms.mining.clustering import ClusterOwner, ClusterRound, ClusterUpdate
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError, WorkerMisbehaved
+from dms.mining.local import resolve_protocol
 from dms.mining.plain import DEFAULT_MAX_ITERATIONS, DEFAULT_MIN_ERROR
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
@@ -60,10 +61,18 @@ class MiningSettings(BaseModel):
     seed: int | None = None
     shards: int = Field(default=1, ge=1, le=MAX_SHARDS)
     # skmeans / sknn: blind (CKKS: the worker sees only ciphertexts) or udm (the
-    # reference's); None means plaintext, or DBSKMeans' own protocol.
+    # reference's). Unsaid, it is resolved as everywhere (``resolve_protocol``): blind for
+    # CKKS skmeans and sknn; udm only for what names a leaky protocol (Liu, dbskmeans);
+    # None for the plaintext baselines.
     protocol: Literal["blind", "udm"] | None = None
     # blind: records recomputed in the clear per shard and round (spot checks)
     verify_fraction: float = Field(default=DEFAULT_VERIFY_FRACTION, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _resolved(self) -> MiningSettings:
+        resolved = resolve_protocol(self.algorithm, self.scheme, self.protocol)
+        self.protocol = None if resolved == "plain" else resolved  # type: ignore[assignment]
+        return self
 
     @property
     def plaintext(self) -> bool:

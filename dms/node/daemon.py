@@ -35,6 +35,7 @@ from dms.node.node import NodeActor
 from dms.node.services import NodeServices
 from dms.node.stakes import StakeBook
 from dms.orchestrator.bidindex import BidIndex, BidIndexBudget
+from dms.orchestrator.mining import SessionLimits
 from dms.resources import Onboarder, ResourceLedger
 from dms.security import Identity, TrustStore
 from dms.security.trust import TrustLimits
@@ -220,6 +221,11 @@ class Node:
                 max_bid_slots=self.settings.max_bid_slots,
                 bid_requests_per_s_total=self.settings.bid_requests_per_s_total,
                 bid_request_burst_total=self.settings.bid_request_burst_total,
+                mining=SessionLimits(
+                    step_floor_s=self.settings.mining_step_floor_s,
+                    step_slack=self.settings.mining_step_slack,
+                    max_replacements=self.settings.mining_max_replacements,
+                ),
             )
             self.node = self.system.spawn(
                 NodeActor, services, inbox=ROOT_INBOX, identity=self.identity

@@ -23,6 +23,7 @@ from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
 from dms.mining import MiningError
 from dms.mining.clustering import shard_rows
 from dms.mining.data import read_table, read_test_table
+from dms.mining.learned import worker_learns
 from dms.mining.placed import ClusterDriver, Driver, KnnDriver, MiningSettings, PlainDriver
 from dms.mining.schemes import OwnerKeys
 from dms.mining.schemes.ckks import CkksKeys
@@ -208,13 +209,15 @@ class MiningBehaviours(NodeBase):
             courier=self.courier,
             shard_rows=sizes,
             summary=summary,
+            limits=self.services.mining,
             inbox=f"deployment-{session_id}",
         )
         self._deployments[session_id] = child  # type: ignore[attr-defined]
         log.info(
-            "mining session %s: %s (%s, %s) over %d record(s) in %d shard(s), being placed",
+            "mining session %s: %s (%s, %s) over %d record(s) in %d shard(s), being placed; %s",
             session_id, summary["algorithm"], summary["scheme"], summary["protocol"],
             summary["records"], len(sizes),
+            worker_learns(summary["algorithm"], summary["protocol"], summary["scheme"]),
         )  # fmt: skip
         return {"id": session_id, "shards": len(sizes), "rows": sizes}
 

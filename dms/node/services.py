@@ -15,6 +15,7 @@ from dms.network.peertable import PeerTable
 from dms.network.transfer import ChunkNetwork
 from dms.node.stakes import StakeBook
 from dms.orchestrator.bidindex import BidIndex
+from dms.orchestrator.mining import SessionLimits
 from dms.resources import Onboarder, Preferences, ResourceLedger
 from dms.store import Database
 
@@ -48,3 +49,4 @@ class NodeServices:
     max_bid_slots: int = 64
     bid_requests_per_s_total: float = 200.0
     bid_request_burst_total: int = 400
+    mining: SessionLimits = field(default_factory=SessionLimits)  # the owner's sessions

@@ -33,10 +33,12 @@ from enum import StrEnum
 from functools import partial
 from typing import Any
 
-from dms.actor import ActorContext, Handle, Outcome
+from dms.actor import ActorContext, ErrorCode, Handle, Outcome
 from dms.jobs.allocation import SESSION_BEHAVIOUR, SessionAnswer, SessionCall
-from dms.jobs.mining import split_context
+from dms.jobs.mining import MiningParams, count_objects, split_context
 from dms.jobs.spec import DeploymentSpec
+from dms.mining.errors import WorkerMisbehaved
+from dms.mining.learned import worker_learns
 from dms.mining.placed import Driver
 from dms.network.transfer import Courier
 from dms.orchestrator.deployment import DeploymentActor, Orchestration, allocation_handle
@@ -45,10 +47,26 @@ from dms.orchestrator.slots import Slot, SlotState
 log = logging.getLogger("dms.mining")
 
 MIB = 1024 * 1024
-BASE_TIMEOUT_S = 120.0  # an operation's compute; data adds time by size
 SECONDS_PER_MIB = 1.0  # generous: py-libp2p moves ~30 MB/s on one core
 HEARD_S = 15.0  # an answer this recent keeps a shard alive through missed polls
 MAX_SHARD_FAILURES = 4  # the same shard lost this often fails the session
+MIN_MUL_PER_S = 10.0  # a worker's benchmark counts at least this (a low claim buys no time)
+UNKNOWN_MUL_PER_S = 50.0  # a worker whose benchmark the peers table does not hold
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """What the session allows its workers (settings ``mining_*``, ``specs/mining.md``).
+
+    A step's deadline is ``max(step_floor_s, step_slack x work / the worker's
+    ckks_mul_per_s)`` plus 1 s per MiB sent: the work from the shard's padded
+    shape (``MiningParams.step_work``), the rate from the worker's benchmark in the
+    peers table. A worker past it is lost and excluded for this job.
+    """
+
+    step_floor_s: float = 30.0
+    step_slack: float = 20.0
+    max_replacements: int = 8  # workers lost or excluded per job before it fails
 
 
 class SessionPhase(StrEnum):
@@ -79,6 +97,7 @@ class Shard:
     worker_cpu_s: float = 0.0
     last_heard: float = 0.0
     sent_at: float = 0.0  # when this step's operation went out
+    deadline_s: float = 0.0  # the operation in flight's deadline
     step_s: float = 0.0  # how long its last step took, transfers included
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier placements
 
@@ -97,8 +116,15 @@ class MiningSessionActor(DeploymentActor):
         shard_rows: list[int] | None = None,
         summary: dict[str, Any] | None = None,
         on_progress: Callable[[str], None] | None = None,
+        limits: SessionLimits | None = None,
     ) -> None:
         super().__init__(context, orchestration, deployment_id, spec, saved)
+        self.limits = limits or SessionLimits()
+        # Each shard's padded shape: what its worker's answers and steps may be.
+        self.params = {name: MiningParams.model_validate(a.params) for name, a in spec.slots()}
+        self.banned: dict[str, str] = {}  # peers excluded for this job, with the reason
+        self.excluded: list[dict[str, Any]] = []  # for result.json: shard, peer_id, reason
+        self.lost = 0  # workers lost or excluded so far (bounded by max_replacements)
         self.driver = driver
         self.courier = courier
         self.summary_base = summary or {}
@@ -128,6 +154,9 @@ class MiningSessionActor(DeploymentActor):
         super().on_start()
         if self.driver is None or self.courier is None:
             return  # resumed after a restart: on_start failed it already
+        b = self.summary_base
+        if b.get("algorithm"):
+            self._event(worker_learns(b["algorithm"], b.get("protocol"), b.get("scheme", "")))
         self._progress("placing", save=True)
         self._off_mailbox(self.driver.prepare, self._prepared, "preparing the data")
 
@@ -149,11 +178,15 @@ class MiningSessionActor(DeploymentActor):
         if self.prepared:
             self._ship(shard)
 
+    def _excludes(self, name: str, peer: str) -> bool:
+        return peer in self.banned or super()._excludes(name, peer)
+
     def slot_lost(self, slot: Slot, reason: str) -> None:
         shard = self.shards.get(slot.name)
         if shard is None or shard.allocation is None:
             return
         shard.history.append({"peer_id": shard.peer, "reason": reason})
+        self.lost += 1
         self._release(shard, "start", "step")
         shard.allocation = None
         shard.generation += 1  # whatever the lost worker still answers is ignored
@@ -163,6 +196,12 @@ class MiningSessionActor(DeploymentActor):
             self._event(f"{shard.slot}: worker lost ({reason}); placing it again")
         if shard.failures >= MAX_SHARD_FAILURES and self.phase not in TERMINAL_PHASES:
             self._fail(f"{shard.slot} was lost {shard.failures} times; last: {reason}")
+        elif self.lost > self.limits.max_replacements and self.phase not in TERMINAL_PHASES:
+            self._fail(
+                f"{self.lost} workers lost or excluded, more than this job allows "
+                f"(mining_max_replacements = {self.limits.max_replacements}); "
+                f"last: {shard.slot}: {reason}"
+            )
 
     def heard_from(self, slot: Slot) -> bool:
         shard = self.shards.get(slot.name)
@@ -227,9 +266,12 @@ class MiningSessionActor(DeploymentActor):
         self._release(shard, "start")  # the worker has pulled it, or never will
         if not outcome.ok:
             assert outcome.error is not None
-            self._worker_failed(
-                shard, f"start refused: {outcome.error.code}: {outcome.error.reason}"
-            )
+            if outcome.error.code == ErrorCode.TIMEOUT:
+                self._stalled(shard, "start")
+            else:
+                self._worker_failed(
+                    shard, f"start refused: {outcome.error.code}: {outcome.error.reason}"
+                )
             return
         shard.last_heard = time.monotonic()
         peer = shard.peer[-8:] if shard.peer else "?"
@@ -284,17 +326,20 @@ class MiningSessionActor(DeploymentActor):
                 shard.sent += size
                 shard.worker_at = now
                 shard.sent_at = time.monotonic()
-                self._call(shard, call, size, partial(self._on_answer, shard, gen))
+                self._call(shard, call, size, partial(self._on_answer, shard, gen, call.op))
 
             self._off_mailbox(build, send, f"building {shard.slot}'s request")
 
-    def _on_answer(self, shard: Shard, gen: int, outcome: Outcome) -> None:
+    def _on_answer(self, shard: Shard, gen: int, op: str, outcome: Outcome) -> None:
         if shard.generation != gen:
             return
         if not outcome.ok:
             shard.busy = False
             assert outcome.error is not None
-            self._worker_failed(shard, f"{outcome.error.code}: {outcome.error.reason}")
+            if outcome.error.code == ErrorCode.TIMEOUT:
+                self._stalled(shard, op)
+            else:
+                self._worker_failed(shard, f"{outcome.error.code}: {outcome.error.reason}")
             return
         assert self.driver is not None and self.courier is not None
         driver, courier, peer = self.driver, self.courier, shard.peer
@@ -303,23 +348,46 @@ class MiningSessionActor(DeploymentActor):
             answer = SessionAnswer.model_validate(outcome.result)
         except Exception as exc:
             shard.busy = False
-            self._worker_failed(shard, f"a malformed answer: {str(exc).splitlines()[0]}")
+            self._caught(shard, f"a malformed answer: {str(exc).splitlines()[0]}")
             return
         shard.worker_cpu_s += answer.compute_s
         shard.last_heard = time.monotonic()
+        # A provider's answer is hostile input: its declared size is checked against
+        # the shard's padded shape before a byte of it is fetched, allocated or decoded.
+        params = self.params[shard.slot]
+        limit = params.answer_bytes()
+        if answer.parcel.size > limit:
+            shard.busy = False
+            self._caught(
+                shard,
+                f"an answer of {answer.parcel.size} bytes; this shard's shape allows "
+                f"at most {limit}",
+            )
+            return
 
         answers = self._tag(shard, "answer")
 
-        def take() -> int:
+        def take() -> int | WorkerMisbehaved:
             try:
                 raw = courier.unpack(answer.parcel, peer, answers)
             finally:
                 courier.release(answers)  # decoded below: its chunks are not needed
-            driver.accept(shard.index, raw)
+            try:
+                count_objects(raw, params.answer_objects())
+                driver.accept(shard.index, raw)
+            except WorkerMisbehaved as exc:
+                return exc
+            except Exception as exc:  # not the answer asked for: the worker's doing
+                first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+                return WorkerMisbehaved(f"a malformed answer: {first}", shard.index)
             return len(raw)
 
-        def taken(size: int) -> None:
+        def taken(size: int | WorkerMisbehaved) -> None:
             if shard.generation != gen:
+                return
+            if isinstance(size, WorkerMisbehaved):
+                shard.busy = False
+                self._caught(shard, size.reason)
                 return
             shard.busy = False
             shard.received += size
@@ -342,15 +410,33 @@ class MiningSessionActor(DeploymentActor):
         self.combining = True
         slowest = max(self.shards.values(), key=lambda s: s.step_s)
         elapsed = time.monotonic() - self.step_began
+        driver = self.driver
+
+        def advance() -> bool | WorkerMisbehaved:
+            try:
+                return driver.advance()
+            except WorkerMisbehaved as exc:  # a spot check caught a shard's worker
+                return exc
+
         self._off_mailbox(
-            self.driver.advance,
+            advance,
             partial(self._advanced, slowest.slot, elapsed),
             "combining the shards' answers",
         )
 
-    def _advanced(self, slowest: str, elapsed: float, done: bool) -> None:
+    def _advanced(self, slowest: str, elapsed: float, done: bool | WorkerMisbehaved) -> None:
         assert self.driver is not None and self.courier is not None
         self.combining = False
+        if isinstance(done, WorkerMisbehaved):
+            caught = next((s for s in self.shards.values() if s.index == done.shard), None)
+            if caught is None:
+                self._fail(f"a worker misbehaved: {done.reason}")
+                return
+            # The driver kept the other shards' answers; only this one is asked again,
+            # of the worker that replaces it, at the same step.
+            self.pending.add(caught.index)
+            self._caught(caught, done.reason)
+            return
         step = self.driver.iteration
         change = self.driver.changes[-1] if self.driver.changes else None
         record = {"step": step, "change": change, "slowest": slowest, "s": round(elapsed, 3)}
@@ -378,6 +464,7 @@ class MiningSessionActor(DeploymentActor):
             "bytes_to_owner": sum(s.received for s in self.shards.values()),
             "placement": [self._placement(s) for s in self.shards.values()],
             "replacements": sum(max(0, s.placements - 1) for s in self.shards.values()),
+            "excluded": list(self.excluded),
             "owner_cpu_s": round(self.owner_cpu_s, 3),
             "worker_cpu_s": round(sum(s.worker_cpu_s for s in self.shards.values()), 3),
             "wall_s": round(wall, 3),
@@ -416,6 +503,23 @@ class MiningSessionActor(DeploymentActor):
         self._progress(reason, save=True)
         self._abort(f"mining failed: {reason}")
 
+    def _stalled(self, shard: Shard, op: str) -> None:
+        self._caught(
+            shard,
+            f"no answer to '{op}' within its deadline of {shard.deadline_s:.0f} s "
+            f"(from the shard's shape and the worker's benchmark)",
+        )
+
+    def _caught(self, shard: Shard, reason: str) -> None:
+        """The worker stalled past its deadline, or answered what the protocol does not
+        allow: it is excluded for this job (a permanent decline for this owner's job) and
+        the shard placed again, on another peer."""
+        if shard.peer is not None and shard.peer not in self.banned:
+            self.banned[shard.peer] = reason
+            self.excluded.append({"shard": shard.slot, "peer_id": shard.peer, "reason": reason})
+            self._event(f"{shard.slot}: worker {shard.peer[-8:]} excluded for this job: {reason}")
+        self._worker_failed(shard, reason)
+
     def _worker_failed(self, shard: Shard, reason: str) -> None:
         """An operation failed: the worker is treated as lost and placed again."""
         slot = self.slots.get(shard.slot)
@@ -445,7 +549,7 @@ class MiningSessionActor(DeploymentActor):
         self, shard: Shard, call: SessionCall, size: int, on_reply: Callable[[Outcome], None]
     ) -> None:
         assert shard.allocation is not None
-        timeout = BASE_TIMEOUT_S + SECONDS_PER_MIB * size / MIB
+        timeout = shard.deadline_s = self._deadline_s(shard, call.op, size)
         try:
             self.invoke(
                 shard.allocation,
@@ -457,6 +561,16 @@ class MiningSessionActor(DeploymentActor):
         except Exception as exc:
             shard.busy = False
             self._worker_failed(shard, f"not sent: {exc}")
+
+    def _deadline_s(self, shard: Shard, op: str, size: int) -> float:
+        """How long the worker may take over ``op``: see :class:`SessionLimits`."""
+        work = 0.0 if op == "start" else self.params[shard.slot].step_work()
+        rate = UNKNOWN_MUL_PER_S
+        record = self.o.peer_table.get(shard.peer) if shard.peer else None
+        if record is not None and record.heartbeat is not None:
+            rate = float(record.heartbeat.scores.get("ckks_mul_per_s") or rate)
+        compute = self.limits.step_slack * work / max(rate, MIN_MUL_PER_S)
+        return max(self.limits.step_floor_s, compute) + SECONDS_PER_MIB * size / MIB
 
     def _off_mailbox(
         self,
@@ -513,6 +627,7 @@ class MiningSessionActor(DeploymentActor):
                 for s in self.shards.values()
             ],
             "steps": self.steps,
+            "excluded": self.excluded,
             "total_steps": getattr(self.driver, "total_steps", None),
             "events": self.row["events"][-20:],
         }

@@ -1,0 +1,193 @@
+"""The data owner's session against a hostile provider, over real nodes on loopback.
+
+A provider's worker may stall a step, answer with a bomb (a parcel far larger than the
+job's shape allows, or MessagePack built to blow up on decoding) or with garbage. Each
+time the owner drops that worker, excludes its peer for the job, places the shard again
+and the job completes on another provider with the labels of ``--local``; a job whose
+every provider misbehaves fails with the reason after a bounded number of placements.
+And a job described without a protocol runs blind (issue 25 item 2).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+
+from dms.jobs.base import Log
+from dms.jobs.executors import EXECUTORS
+from dms.jobs.mining import MiningExecutor, MiningParams, MiningSession
+from dms.mining import run_clustering
+from dms.mining.data import read_table
+from dms.sim.cluster import LocalCluster
+from dms.sim.scenario import parse_scenario
+from tests.test_mining_placed import IRIS, Network
+
+RELEASE = threading.Event()  # lets stalled workers go when the module ends
+
+
+class HostileSession(MiningSession):
+    """A worker that does its 'start' honestly, then misbehaves at its first step."""
+
+    def __init__(self, params: MiningParams, log: Log, how: str) -> None:
+        super().__init__(params, log)
+        self.how = how
+
+    def call(self, op: str, body: bytes) -> bytes:
+        if op not in ("step", "query"):
+            return super().call(op, body)
+        if self.how == "stall":
+            RELEASE.wait(300)
+            return b""
+        if self.how == "size_bomb":  # 64 MiB of one repeated chunk: a manifest of duplicates
+            return bytes(64 * 1024 * 1024)
+        if self.how == "decode_bomb":  # 3 MB that decode to 3 million dicts
+            return b"\xdd" + (3_000_000).to_bytes(4, "big") + b"\x80" * 3_000_000
+        assert self.how == "garbage"  # the right fields, ciphertexts that are not
+        answer = {"exchange": 1, "ciphertexts": [[b"not a ciphertext"]] * 3}
+        return msgpack.packb(answer, use_bin_type=True)
+
+
+class HostileExecutor(MiningExecutor):
+    """The mining executor of every node of the process: its first ``hostile`` sessions
+    (the first placements, on whichever providers won them) misbehave as ``how``."""
+
+    def __init__(self, how: str, hostile: int = 1) -> None:
+        self.how, self.hostile = how, hostile
+        self.made: list[str] = []
+        self._lock = threading.Lock()
+
+    def session(self, params: dict[str, Any], log: Log) -> MiningSession:
+        honest = super().session(params, log)
+        with self._lock:
+            if len(self.made) >= self.hostile:
+                self.made.append("honest")
+                return honest
+            self.made.append(self.how)
+        return HostileSession(honest.params, log, self.how)
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
+    # Short step deadlines, so a stalled worker costs seconds.
+    root = tmp_path_factory.mktemp("hostile")
+    with LocalCluster(root, heartbeat_s=0.5, mining_step_floor_s=6.0) as cluster:
+        yield Network(cluster)
+    RELEASE.set()
+
+
+def blind_iris(**extra: Any) -> dict[str, Any]:
+    """Blind k-means on Iris, said without a protocol (blind is the default)."""
+    settings = {"algorithm": "skmeans", "k": 3, "max_iterations": 4, **extra}
+    return {"settings": settings, "data": str(IRIS.resolve()), "timeout_s": 60}
+
+
+def local_labels() -> list[int]:
+    features = read_table(IRIS).features
+    return list(run_clustering("skmeans", features, 3, max_iterations=4).labels)
+
+
+@pytest.fixture
+def hostile(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    def install(how: str, hostile: int = 1) -> HostileExecutor:
+        executor = HostileExecutor(how, hostile)
+        monkeypatch.setitem(EXECUTORS, "mining", executor)
+        return executor
+
+    yield install
+
+
+def excluded_then_completed(net: Network, session: str, reason: str) -> dict[str, Any]:
+    """The job completed on another provider; the caught one is excluded, with why."""
+    answer = net.result(session)
+    result = answer["result"]
+    assert answer["labels"] == local_labels()
+    [caught] = result["excluded"]
+    assert reason in caught["reason"], caught
+    final = {p["peer_id"] for p in result["placement"]}
+    assert caught["peer_id"] not in final
+    assert result["replacements"] == 1
+    events = [e["what"] for e in net.status(session)["progress"]["events"]]
+    line = f"worker {caught['peer_id'][-8:]} excluded for this job"
+    assert sum(line in e for e in events) == 1, events
+    net.settle(session)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("stall", "no answer to 'step' within its deadline"),
+        ("size_bomb", "this shard's shape allows at most"),
+        ("decode_bomb", "MessagePack objects"),
+    ],
+)
+def test_a_hostile_worker_is_excluded_and_the_job_completes_on_another(
+    net: Network, hostile: Any, how: str, reason: str
+) -> None:
+    executor = hostile(how)
+    session = net.mine(blind_iris())
+    excluded_then_completed(net, session, reason)
+    assert executor.made[:2] == [how, "honest"]
+
+
+def test_an_answer_bomb_is_refused_before_it_is_fetched(net: Network, hostile: Any) -> None:
+    """64 MiB of one repeated chunk: the owner fetches none of it (its courier pulled
+    no chunk bytes for the caught worker's answer)."""
+    hostile("size_bomb")
+    session = net.mine(blind_iris())
+    excluded_then_completed(net, session, "64")
+    assert net.owner.node is not None
+    courier = net.owner.node.pykka_ref.proxy().courier.get()
+    assert courier.store.used_bytes < 8 * 1024 * 1024
+
+
+def test_every_provider_hostile_fails_with_the_reason_not_endless_placements(
+    net: Network, hostile: Any
+) -> None:
+    executor = hostile("size_bomb", hostile=99)
+    session = net.mine(blind_iris(**{}) | {"timeout_s": 20})
+    status = net.wait(session, timeout=90)
+    assert status["phase"] == "failed"
+    reason = status["progress"]["reason"]
+    assert "excluded for this job" in reason or "shape allows" in reason, reason
+    # One placement per provider, then none: every provider is excluded for this job.
+    assert len(executor.made) == len(net.providers)
+    assert len(status["progress"]["excluded"]) == len(net.providers)
+    net.settle(session)
+
+
+# ---- blind by default (issue 25 item 2) ---------------------------------------------------
+
+
+def test_a_mining_request_without_a_protocol_runs_blind(net: Network) -> None:
+    session = net.mine(blind_iris())
+    result = net.result(session)["result"]
+    assert result["protocol"] == "blind"
+    events = [e["what"] for e in net.status(session)["progress"]["events"]]
+    assert any(e.startswith("the worker learns: CKKS ciphertexts only") for e in events)
+    net.settle(session)
+
+
+def test_mining_params_without_a_protocol_are_blind() -> None:
+    params = MiningParams(algorithm="skmeans", k=3, n=150, a=4)
+    assert params.protocol == "blind"
+    assert MiningParams(algorithm="sknn", k=3, n=150, a=4, queries=8).protocol == "blind"
+    # A leaky protocol only where the job names it, or names what only it runs
+    assert MiningParams(algorithm="skmeans", k=3, n=150, a=4, protocol="udm").protocol == "udm"
+    assert MiningParams(algorithm="skmeans", scheme="liu", k=3, n=150, a=4).protocol == "udm"
+    assert MiningParams(algorithm="dbskmeans", k=3, n=150, a=4).protocol == "udm"
+
+
+def test_a_scenario_mine_step_without_a_protocol_runs_blind() -> None:
+    step = f"{{name: m, algorithm: skmeans, k: 3, data: {IRIS.resolve()}}}"
+    text = f"nodes: [{{name: a}}]\ntimeline:\n  - mine: {step}\n"
+    mine = next(s.mine for s in parse_scenario(text).timeline if s.mine is not None)
+    assert mine.settings().protocol == "blind"
+    assert mine.request()["settings"]["protocol"] == "blind"
+    text = text.replace("k: 3,", "k: 3, protocol: udm,")
+    mine = next(s.mine for s in parse_scenario(text).timeline if s.mine is not None)
+    assert mine.request()["settings"]["protocol"] == "udm"

@@ -191,3 +191,15 @@ def test_a_scenario_mine_step_without_a_protocol_runs_blind() -> None:
     text = text.replace("k: 3,", "k: 3, protocol: udm,")
     mine = next(s.mine for s in parse_scenario(text).timeline if s.mine is not None)
     assert mine.request()["settings"]["protocol"] == "udm"
+
+
+def test_a_worker_caught_cheating_is_excluded_and_said_in_one_line(
+    net: Network, hostile: Any
+) -> None:
+    """Ciphertexts that are not: the driver's WorkerMisbehaved drops the worker, the
+    session excludes its peer for the job (one event line, which ``dms mine`` prints)
+    and the job completes on another provider."""
+    hostile("garbage")
+    session = net.mine(blind_iris())
+    result = excluded_then_completed(net, session, "shard 0")
+    assert result["protocol"] == "blind"

@@ -14,10 +14,15 @@ Blind protocols (``--case``; the worker sees only CKKS ciphertexts, see specs/mi
 ``skmeans_blind`` and ``sknn_blind`` print ``n, a, k, plain_s, enc_s, ratio,
 owner_cpu_s, worker_cpu_s, mb_per_round, rounds, agreement`` for n = 10,000, a = 8
 and n = 100,000, a = 2 (k = 5; SKNN: ``n_test`` queries against n training rows; a
-round is one k-means step pair, or one block of queries). ``blind_fold`` times the
-two places to fold the masked sums' slots (owner after decryption, worker by
-rotations); ``blind_sign`` measures what a non-interactive round (argmin by
-polynomial sign approximation) would cost and how precise it is.
+round is one round trip: a k-means iteration or a dummy round of the announced
+schedule, or one block of queries). ``skmeans_blind`` adds
+``owner_cpu_s_per_iteration`` (the owner's CPU in a round that is a k-means
+iteration), ``plain_s_per_iteration`` (a whole plaintext k-means iteration),
+``round_trips_per_iteration``, ``verify_fraction`` and ``detection_per_round``.
+``blind_fold`` times the two places to fold the masked sums' slots of the previous
+protocol (owner after decryption, worker by rotations); ``blind_sign`` measures what
+a non-interactive round (argmin by polynomial sign approximation) would cost and how
+precise it is.
 """
 
 from __future__ import annotations
@@ -179,24 +184,31 @@ BLIND_SIZES = [(10_000, 8), (100_000, 2)]
 
 
 def skmeans_blind(n: int, a: int, k: int, as_json: bool) -> None:
+    """One job end to end at the default settings: max_iterations rounds announced, one
+    round trip each, the rounds after convergence dummy (spot checks only)."""
     data, _ = blobs(n, a, k, seed=n, std=2.0)
     began = time.perf_counter()
     plain = kmeans(data, k)
     plain_s = time.perf_counter() - began
     owner_cpu, worker_cpu, wire = Cpu(), Cpu(), Wire()
+    iterating_cpu = Cpu()  # the owner's CPU in the rounds that were k-means iterations
     began = time.perf_counter()
     owner = BlindClusterOwner(data, k)
     start = wire.to_worker(owner_cpu(owner.start))
     start_mb = wire.bytes_to_worker / 1e6
     worker = worker_cpu(BlindClusterWorker, start)
+    round_trips = 0
     while True:
-        update = wire.to_worker(owner_cpu(owner.receive, wire.to_owner(worker_cpu(worker.round))))
+        answer = wire.to_owner(worker_cpu(worker.round))
+        clock = iterating_cpu if owner.iterating else Cpu()
+        update = wire.to_worker(owner_cpu(clock, owner.receive, answer))
+        round_trips += 1
         worker_cpu(worker.update, update)
         if update.done:
             break
     enc_s = time.perf_counter() - began
     out = owner.outcome()
-    rounds = out.iterations
+    check = owner.verification()
     emit(
         {
             "case": "skmeans_blind",
@@ -208,13 +220,21 @@ def skmeans_blind(n: int, a: int, k: int, as_json: bool) -> None:
             "ratio": round(enc_s / plain_s, 1),
             "owner_cpu_s": round(owner_cpu.seconds, 2),
             "worker_cpu_s": round(worker_cpu.seconds, 2),
+            "owner_cpu_s_per_iteration": round(iterating_cpu.seconds / out.iterations, 4),
+            "plain_s_per_iteration": round(plain_s / plain.iterations, 5),
+            "round_trips_per_iteration": round_trips / owner.rounds,
+            "verify_fraction": check["verify_fraction"],
+            "detection_per_round": check["detection_per_round"],
             "mb_per_round": round(
-                (wire.bytes_to_worker + wire.bytes_to_owner - start_mb * 1e6) / 1e6 / rounds, 1
+                (wire.bytes_to_worker + wire.bytes_to_owner - start_mb * 1e6) / 1e6 / round_trips,
+                1,
             ),
-            "rounds": rounds,
-            "agreement": float(np.mean(out.labels == plain.labels)),
-            "mb_start": round(start_mb, 1),
+            "rounds": round_trips,
+            "iterations": out.iterations,
             "plain_rounds": plain.iterations,
+            "agreement": float(np.mean(out.labels == plain.labels)),
+            "same_centroids": bool(np.array_equal(out.centroids, plain.centroids)),
+            "mb_start": round(start_mb, 1),
             "near_ties": sum(owner.near_ties),
         },
         as_json,

@@ -47,6 +47,7 @@ import psutil
 from dms.jobs.spec import DeploymentSpec
 from dms.node.api import TOKEN_HEADER, api_file, token_file
 from dms.node.client import root_handle
+from dms.orchestrator.states import DEPLOYMENT
 from dms.orchestrator.store import DeploymentStore
 from dms.sim.cluster import LocalCluster
 
@@ -57,7 +58,6 @@ PASSPHRASE = "adversary bench"
 VICTIM_ONBOARD = {"cpu": "1", "ram": "1", "disk": "1"}
 SLOT_RESOURCES = {"cpu": "100m", "ram": "16MiB"}
 VICTIM_PREFERENCES: dict[str, Any] = {"max_peer_share": 0.5}  # --victim-share changes it
-TERMINAL = ("completed", "failed", "shutdown")
 DEPLOYMENT_NEW = "/dms/node/deployment/new"
 HONEST_DEADLINE_S = 10.0
 PLACE_POLL_S = 0.01
@@ -258,7 +258,7 @@ class Honest:
         row: dict[str, Any] = {}
         while time.monotonic() < deadline:
             row = self.store.get(dep["id"]) or {}
-            if row.get("state") in TERMINAL:
+            if row.get("state") in DEPLOYMENT.terminal:
                 break
             time.sleep(PLACE_POLL_S)
         running_at = row.get("running_at")

@@ -91,6 +91,7 @@ from dms.mining.data import blobs, classification, read_table, read_test_table
 from dms.network.transfer import Courier
 from dms.node.client import root_handle
 from dms.node.daemon import Node
+from dms.orchestrator.states import DEPLOYMENT
 from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
 from dms.store.chunks import CHUNK_BYTES
@@ -98,7 +99,6 @@ from dms.store.chunks import CHUNK_BYTES
 A, K, QUERIES, CLASSES = 8, 5, 50, 3
 POLL_S = 0.05
 CONTROL_MB = 50
-TERMINAL = ("completed", "failed")
 SINK = TProtocol("/bench/sink/1.0.0")
 LOOPBACK = Multiaddr("/ip4/127.0.0.1/tcp/0")
 
@@ -471,7 +471,7 @@ class Bench:
         while True:
             phase = self.ask("/dms/node/mining/status", {"id": session})["phase"]
             seen.setdefault(phase, round(time.perf_counter() - began, 3))
-            if phase in TERMINAL:
+            if phase in DEPLOYMENT.terminal:
                 network_s = time.perf_counter() - began
                 break
             if time.perf_counter() > deadline:
@@ -490,7 +490,7 @@ class Bench:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             state = self.ask("/dms/node/deployment/status", {"id": session})["state"]
-            if self.leases() == 0 and state in TERMINAL:
+            if self.leases() == 0 and state in DEPLOYMENT.terminal:
                 return
             time.sleep(0.1)
         say(f"warning: session {session} not settled within 60 s")

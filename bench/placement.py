@@ -41,6 +41,7 @@ from typing import Any
 
 from dms.actor import ROOT_INBOX, Address, Handle
 from dms.jobs.spec import DeploymentSpec
+from dms.orchestrator.states import DEPLOYMENT
 from dms.resources import Resources
 from dms.security.identity import public_key_from_peer_id
 from dms.sim.cluster import (
@@ -48,8 +49,6 @@ from dms.sim.cluster import (
     LocalCluster,
     shared_process_heartbeat_budget,
 )
-
-TERMINAL = ("completed", "failed", "shutdown")
 
 
 def spec(i: int, strategy: str) -> dict[str, Any]:
@@ -90,7 +89,7 @@ def wait_all(req: Any, ids: list[str], timeout: float) -> dict[str, dict[str, An
     while pending and time.monotonic() < deadline:
         for i in pending:
             rows[i] = store.get(i) or {}
-        pending = [i for i in pending if rows[i].get("state") not in TERMINAL]
+        pending = [i for i in pending if rows[i].get("state") not in DEPLOYMENT.terminal]
         if pending:
             time.sleep(0.05)
     return rows

@@ -12,13 +12,14 @@ from sqlalchemy import text
 
 from dms.jobs.spec import DeploymentSpec
 from dms.node.daemon import Node
+from dms.orchestrator.states import DEPLOYMENT
 from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
 from dms.sim.faults import FaultPlan, LinkRule
 from tests.conftest import wait_for
 
 HEARTBEAT = 0.5
-TERMINAL = ("completed", "failed", "shutdown")
+TERMINAL = DEPLOYMENT.terminal
 
 
 def spec(count: int = 1, cpu: str = "500m", strategy: str = "score", **kw: Any) -> dict:

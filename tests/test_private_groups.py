@@ -18,13 +18,14 @@ from dms.jobs.spec import DeploymentSpec
 from dms.node.client import root_handle
 from dms.node.daemon import Node
 from dms.orchestrator.messages import REQUEST
+from dms.orchestrator.states import DEPLOYMENT
 from dms.resources import Resources
 from dms.security.tokens import grant, revoke
 from dms.sim.cluster import LocalCluster
 from tests.conftest import wait_for
 
 DAY = 86400.0
-TERMINAL = ("completed", "failed", "shutdown")
+TERMINAL = DEPLOYMENT.terminal
 
 
 def owner(node: Node, behaviour: str, payload: Any = None, timeout: float = 10) -> Any:

@@ -8,7 +8,7 @@ import pytest
 
 from dms.orchestrator.deployment import summarize
 from dms.orchestrator.slots import (
-    TERMINAL_SLOT_STATES,
+    SLOT,
     TRANSITIONS,
     Deadlines,
     Slot,
@@ -57,10 +57,10 @@ def test_every_move_in_the_table_is_allowed_and_every_other_raises(
 
 
 def test_every_state_but_the_final_ones_has_a_deadline() -> None:
-    assert {SlotState.COMPLETED, SlotState.STOPPED, SlotState.FAILED} == TERMINAL_SLOT_STATES
+    assert {SlotState.COMPLETED, SlotState.STOPPED, SlotState.FAILED} == SLOT.terminal
     for state in SlotState:
         slot = slot_in(state)
-        if state in TERMINAL_SLOT_STATES:
+        if state in SLOT.terminal:
             assert slot.deadline is None and not TRANSITIONS[state]
             with pytest.raises(SlotTransitionError):
                 slot.alive(D)

@@ -35,6 +35,7 @@ from dms.jobs.executors import ExecutorError, executor_for
 from dms.jobs.mining import join_context
 from dms.network.transfer import Courier, Parcel
 from dms.resources import Resources
+from dms.statemachine import Machine, Tracked
 
 log = logging.getLogger("dms.jobs")
 
@@ -70,10 +71,25 @@ class AllocationState(StrEnum):
     STOPPED = "stopped"
 
 
-TERMINAL = frozenset({AllocationState.COMPLETED, AllocationState.FAILED, AllocationState.STOPPED})
+A = AllocationState
+# pending -> starting -> running -> completed | failed | stopped; stopped before it started.
+ALLOCATION = Machine(
+    "allocation",
+    AllocationState,
+    {
+        A.PENDING: {A.STARTING, A.STOPPED},
+        A.STARTING: {A.RUNNING, A.FAILED, A.STOPPED},
+        A.RUNNING: {A.COMPLETED, A.FAILED, A.STOPPED},
+        A.COMPLETED: set(),
+        A.FAILED: set(),
+        A.STOPPED: set(),
+    },
+)
 
 
 class AllocationActor(Actor):
+    state = Tracked(ALLOCATION)  # every move checked against ALLOCATION
+
     def __init__(
         self,
         context: ActorContext,
@@ -165,7 +181,7 @@ class AllocationActor(Actor):
             self._set(AllocationState.COMPLETED)
 
     def _watch(self) -> None:
-        if self.state in TERMINAL:
+        if self.state in ALLOCATION.terminal:
             return
         if self._requester_gone is not None and self._requester_gone(self.heard_at):
             self.request_stop("the requester is gone")
@@ -173,7 +189,7 @@ class AllocationActor(Actor):
         self.call_later(self._watch_s, self._watch)
 
     def request_stop(self, reason: str) -> None:
-        if self.state in TERMINAL:
+        if self.state in ALLOCATION.terminal:
             return
         self._halt_reason = reason
         self._halt.set()
@@ -182,7 +198,7 @@ class AllocationActor(Actor):
             self._set(AllocationState.STOPPED)
 
     def stopping(self) -> None:
-        if self.state not in TERMINAL:
+        if self.state not in ALLOCATION.terminal:
             self._halt_reason = self._halt_reason or "the node stopped"
             self._halt.set()
         self._end_session()
@@ -204,14 +220,14 @@ class AllocationActor(Actor):
                 self.lease_id[:12], self.slot, self.deployment_id, self.executor_kind,
                 self.requester_host,
             )  # fmt: skip
-        elif state in TERMINAL:
+        elif state in ALLOCATION.terminal:
             ran = time.time() - (self.started_at or self.created_at)
             log.info(
                 "allocation %s %s after %.1f s: %s of deployment %s%s",
                 self.lease_id[:12], state.value, ran, self.slot, self.deployment_id,
                 f" ({self.error})" if self.error else "",
             )  # fmt: skip
-        if state in TERMINAL:
+        if state in ALLOCATION.terminal:
             self.ended_at = time.time()
             self._end_session()
             if self._on_end is not None:
@@ -220,7 +236,7 @@ class AllocationActor(Actor):
                 except Exception:  # the node's bookkeeping must not keep this actor alive
                     log.exception("allocation %s: ending it failed", self.lease_id[:12])
             self.call_later(self._linger_s, self.ref.stop_soon)
-        if self.reply_to is not None and state in TERMINAL:
+        if self.reply_to is not None and state in ALLOCATION.terminal:
             # Only the end is news: the requester learns of the start from the allocate
             # reply. Best effort: it polls too, and may be unreachable for a while.
             with contextlib.suppress(Exception):

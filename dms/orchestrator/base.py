@@ -23,13 +23,61 @@ from dms.network.peertable import PeerTable
 from dms.orchestrator.messages import REVERT
 from dms.orchestrator.selection import RoundRobin
 from dms.orchestrator.slots import Deadlines, Slot
+from dms.orchestrator.states import DEPLOYMENT, DeploymentState
 from dms.orchestrator.store import DeploymentStore
 from dms.security.identity import public_key_from_peer_id
 
 log = logging.getLogger("dms.orchestrator")
 
-TERMINAL = frozenset({"completed", "failed", "shutdown"})
 EVENT_MEMORY = 200
+
+
+@dataclass
+class DeploymentRow:
+    """A deployment as stored (the ``deployments`` table's columns but ``slots`` and
+    ``updated_at``, which the store fills in). Its state moves only by :meth:`move`."""
+
+    id: str
+    name: str
+    spec: dict[str, Any]
+    created_at: float
+    state: DeploymentState = DeploymentState.QUEUED
+    events: list[dict[str, Any]] = field(default_factory=list)
+    running_at: float | None = None
+    ended_at: float | None = None
+
+    def move(self, to: DeploymentState) -> bool:
+        """Enter ``to`` (checked against ``DEPLOYMENT``); whether the state changed."""
+        if to == self.state:
+            return False
+        self.state = DEPLOYMENT.check(self.state, to, self.id)
+        return True
+
+    def to_row(self, slots: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state.value,
+            "spec": self.spec,
+            "slots": slots,
+            "events": self.events,
+            "created_at": self.created_at,
+            "running_at": self.running_at,
+            "ended_at": self.ended_at,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> DeploymentRow:
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            spec=row["spec"],
+            created_at=row["created_at"],
+            state=DeploymentState(row["state"]),
+            events=list(row.get("events") or []),
+            running_at=row.get("running_at"),
+            ended_at=row.get("ended_at"),
+        )
 
 
 def node_handle(peer_id: str) -> Handle:
@@ -104,17 +152,11 @@ class DeploymentBase(Actor):
         self.by_slot = dict(spec.slots())
         self.deadlines = orchestration.deadlines(spec)
         now = time.time()
-        self.row: dict[str, Any] = saved or {
-            "id": deployment_id,
-            "name": spec.name,
-            "state": "queued",
-            "spec": spec.model_dump(mode="json"),
-            "slots": [],
-            "events": [],
-            "created_at": now,
-            "running_at": None,
-            "ended_at": None,
-        }
+        self.row = (
+            DeploymentRow.from_row(saved)
+            if saved
+            else DeploymentRow(deployment_id, spec.name, spec.model_dump(mode="json"), now)
+        )
         if saved:
             slots = [Slot.from_row(s) for s in saved["slots"]]
         else:
@@ -142,7 +184,7 @@ class DeploymentBase(Actor):
         counts as liveness: a poll that times out behind a large transfer is no death)."""
         return False
 
-    def ended(self, state: str, what: str) -> None:
+    def ended(self, state: DeploymentState, what: str) -> None:
         """The deployment reached a terminal state."""
 
     # ---- what each room provides to the other ------------------------------------------
@@ -171,25 +213,24 @@ class DeploymentBase(Actor):
     # ---- shared primitives ---------------------------------------------------------------
 
     @property
-    def state(self) -> str:
-        return self.row["state"]
+    def state(self) -> DeploymentState:
+        return self.row.state
 
-    def _set_state(self, state: str) -> None:
-        if self.row["state"] != state:
-            self.row["state"] = state
+    def _set_state(self, state: DeploymentState) -> None:
+        if self.row.move(state):
             self._event(f"state: {state}")
 
     def _event(self, what: str) -> None:
         """Note ``what`` in the deployment's events (status shows them) and the log."""
         log.info("deployment %s: %s", self.id, what)
         self._dirty = True
-        events = self.row["events"]
+        events = self.row.events
         events.append({"at": round(time.time(), 3), "what": what})
         if len(events) > EVENT_MEMORY:
             del events[: len(events) - EVENT_MEMORY]
 
     def _stored_row(self) -> dict[str, Any]:
-        return {**self.row, "slots": [s.to_row() for s in self.slots.values()]}
+        return self.row.to_row([s.to_row() for s in self.slots.values()])
 
     def _fingerprint(self) -> tuple[Any, ...]:
         # Not the deadline: a running slot's moves on with every poll answered, and is
@@ -201,9 +242,8 @@ class DeploymentBase(Actor):
         the store took it (if not, the next transition saves again)."""
         self._dirty = False
         self._saved_as = self._fingerprint()
-        self.row["slots"] = [s.to_row() for s in self.slots.values()]
         try:
-            self.o.store.save(self.row)
+            self.o.store.save(self._stored_row())
         except Exception as exc:  # keep placing; the next transition saves again
             log.warning("deployment %s not saved: %s", self.id, exc)
             return False

@@ -25,7 +25,6 @@ from typing import Any
 from dms.actor import Request, behaviour
 from dms.backoff import Backoff
 from dms.orchestrator.base import (
-    TERMINAL,
     Orchestration,
     allocation_handle,
     allocation_ref,
@@ -34,13 +33,13 @@ from dms.orchestrator.base import (
 )
 from dms.orchestrator.rounds import BidRounds, misfit
 from dms.orchestrator.slots import HELD, Slot, SlotState
+from dms.orchestrator.states import DEPLOYMENT, DeploymentState
 from dms.orchestrator.supervision import Supervision
 
 log = logging.getLogger("dms.orchestrator")
 
 __all__ = [
     "SHUTDOWN",
-    "TERMINAL",
     "DeploymentActor",
     "Orchestration",
     "allocation_handle",
@@ -60,7 +59,7 @@ class DeploymentActor(BidRounds, Supervision):
     # ---- lifecycle -----------------------------------------------------------------
 
     def on_start(self) -> None:
-        if self.row["events"]:
+        if self.row.events:
             self._resume()
         else:
             self._event(f"deployment {self.spec.name!r}: {len(self.slots)} allocation(s)")
@@ -71,7 +70,9 @@ class DeploymentActor(BidRounds, Supervision):
     def _resume(self) -> None:
         """After a restart: revert what was half done, keep supervising what runs."""
         if not self.resumable():
-            self._finish("failed", "the requester restarted, and this deployment cannot resume")
+            self._finish(
+                DeploymentState.FAILED, "the requester restarted, and this deployment cannot resume"
+            )
             return
         for slot in self.slots.values():
             if slot.state in (SlotState.COMMITTING, SlotState.ALLOCATING):
@@ -87,9 +88,11 @@ class DeploymentActor(BidRounds, Supervision):
 
     def _abort(self, what: str, per_slot: dict[str, str] | None = None) -> None:
         """Fail the deployment: stop what runs, give every lease back."""
-        self._finish("failed", what, per_slot)
+        self._finish(DeploymentState.FAILED, what, per_slot)
 
-    def _finish(self, state: str, what: str, per_slot: dict[str, str] | None = None) -> None:
+    def _finish(
+        self, state: DeploymentState, what: str, per_slot: dict[str, str] | None = None
+    ) -> None:
         """End the deployment in ``state``: every slot not final ends too (``per_slot``:
         its own reason, else ``what``)."""
         for slot in self.slots.values():
@@ -97,7 +100,7 @@ class DeploymentActor(BidRounds, Supervision):
             if slot.state in HELD:
                 self._stop_slot(slot, reason)
             elif slot.state == SlotState.OPEN:
-                ending = SlotState.FAILED if state == "failed" else SlotState.STOPPED
+                ending = SlotState.FAILED if state == DeploymentState.FAILED else SlotState.STOPPED
                 slot.end(ending, reason, self.deadlines)
         # Whatever a provider may still hold for this deployment (a bid whose reply was
         # lost, a slot that did not complete) goes back now, not at its lease's expiry.
@@ -107,7 +110,7 @@ class DeploymentActor(BidRounds, Supervision):
             self._revert(peer, [], everything=True)
         self._set_state(state)
         self._event(what)
-        self.row["ended_at"] = time.time()
+        self.row.ended_at = time.time()
         try:
             self.ended(state, what)
         finally:
@@ -136,22 +139,22 @@ class DeploymentActor(BidRounds, Supervision):
 
     def _settle(self) -> None:
         """Derive the deployment's state from its slots, and save what changed."""
-        if self.state in TERMINAL:
+        if self.state in DEPLOYMENT.terminal:
             return
         states = [s.state for s in self.slots.values()]
         if all(s == SlotState.COMPLETED for s in states):
-            self._finish("completed", "every allocation completed")
+            self._finish(DeploymentState.COMPLETED, "every allocation completed")
             return
         if all(s in (SlotState.RUNNING, SlotState.COMPLETED) for s in states):
-            if self.row["running_at"] is None:
-                self.row["running_at"] = time.time()
-            self._set_state("running")
+            if self.row.running_at is None:
+                self.row.running_at = time.time()
+            self._set_state(DeploymentState.RUNNING)
         elif SlotState.ALLOCATING in states:
-            self._set_state("allocating")
+            self._set_state(DeploymentState.ALLOCATING)
         elif SlotState.COMMITTING in states:
-            self._set_state("committing")
+            self._set_state(DeploymentState.COMMITTING)
         elif self._round_scheduled:
-            self._set_state("queued")
+            self._set_state(DeploymentState.QUEUED)
         if self._changed():  # a status echo changes nothing, and saves nothing
             self._save()
 
@@ -159,9 +162,9 @@ class DeploymentActor(BidRounds, Supervision):
 
     @behaviour(SHUTDOWN)
     def shutdown(self, request: Request) -> dict[str, Any]:
-        if self.state not in TERMINAL:
-            self._set_state("stopping")
-            self._finish("shutdown", "shut down by the owner")
+        if self.state not in DEPLOYMENT.terminal:
+            self._set_state(DeploymentState.STOPPING)
+            self._finish(DeploymentState.SHUTDOWN, "shut down by the owner")
         return self.summary()
 
     def summary(self) -> dict[str, Any]:

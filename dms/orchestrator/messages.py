@@ -8,11 +8,12 @@ and is the lease holder's identity on the other side.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dms.actor import Handle
+from dms.jobs.allocation import AllocationState
 from dms.jobs.spec import MAX_SLOTS, Constraints
 from dms.resources import Resources
 
@@ -103,7 +104,7 @@ class AllocationStatus(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    state: Literal["pending", "starting", "running", "completed", "failed", "stopped"]
+    state: AllocationState
     result: Any = None
     error: str | None = None
 

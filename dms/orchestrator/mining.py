@@ -629,7 +629,7 @@ class MiningSessionActor(DeploymentActor):
             "steps": self.steps,
             "excluded": self.excluded,
             "total_steps": getattr(self.driver, "total_steps", None),
-            "events": self.row["events"][-20:],
+            "events": self.row.events[-20:],
         }
 
     def _save_mining(self, **columns: Any) -> bool:

@@ -28,7 +28,7 @@ from dms.actor import ErrorCode, Outcome, Refusal, Request, behaviour
 from dms.backoff import Backoff
 from dms.jobs.spec import MAX_SLOTS, AllocationSpec
 from dms.network.peertable import PeerRecord
-from dms.orchestrator.base import TERMINAL, DeploymentBase, log, node_handle
+from dms.orchestrator.base import DeploymentBase, log, node_handle
 from dms.orchestrator.messages import (
     BID,
     DEPLOYMENT_TOPIC,
@@ -39,6 +39,7 @@ from dms.orchestrator.messages import (
 )
 from dms.orchestrator.selection import Candidate, select
 from dms.orchestrator.slots import HELD, Slot, SlotState
+from dms.orchestrator.states import DEPLOYMENT, DeploymentState
 
 BID_GRACE_S = 2.0  # after the window: how long a round with an empty slot waits for answers
 
@@ -88,7 +89,11 @@ class BidRounds(DeploymentBase):
         self._retry_s = self.o.retry_s
 
     def _schedule_round(self, delay_s: float) -> None:
-        if not self._round_scheduled and self.state not in TERMINAL and self.state != "stopping":
+        if (
+            not self._round_scheduled
+            and self.state not in DEPLOYMENT.terminal
+            and self.state != DeploymentState.STOPPING
+        ):
             self._round_scheduled = True
             self.call_later(delay_s, self._round)
 
@@ -150,7 +155,7 @@ class BidRounds(DeploymentBase):
 
     def _round(self) -> None:
         self._round_scheduled = False
-        if self.state in TERMINAL or self.state == "stopping":
+        if self.state in DEPLOYMENT.terminal or self.state == DeploymentState.STOPPING:
             return
         open_slots = self._open_slots()
         if not open_slots:
@@ -169,7 +174,7 @@ class BidRounds(DeploymentBase):
             lease_s=self.spec.lease_s,
         )
         peers = self._candidates(open_slots)
-        self._set_state("bidding")
+        self._set_state(DeploymentState.BIDDING)
         self._event(f"round {rid}: asking {len(peers)} peer(s) for {len(open_slots)} slot(s)")
         payload = request.model_dump()
         for peer in peers:
@@ -246,7 +251,7 @@ class BidRounds(DeploymentBase):
         self._take_bid(self.round, bid)
 
     def _take_bid(self, rid: int, bid: Bid) -> None:
-        if rid != self.round or rid in self._closed or self.state in TERMINAL:
+        if rid != self.round or rid in self._closed or self.state in DEPLOYMENT.terminal:
             if bid.offers:  # too late: give the leases back at once
                 self._revert(bid.peer_id, [o.lease_id for o in bid.offers])
             return
@@ -289,7 +294,7 @@ class BidRounds(DeploymentBase):
     # ---- choosing ------------------------------------------------------------------------
 
     def _close(self, rid: int) -> None:
-        if rid != self.round or rid in self._closed or self.state in TERMINAL:
+        if rid != self.round or rid in self._closed or self.state in DEPLOYMENT.terminal:
             return
         self._closed.add(rid)
         doomed = self._declined_for_good()

@@ -8,7 +8,7 @@
     open | committing | allocating | running -> stopped   the deployment ends
     open -> failed                                         it ends before this slot was placed
 
-Every move goes through :meth:`Slot.move`, which checks :data:`TRANSITIONS`
+Every move goes through :meth:`Slot.move`, which checks :data:`TRANSITIONS` (``SLOT``)
 (a move not in the table is a bug and raises :class:`SlotTransitionError`),
 records why (``reason``) and when (``since``), and sets the deadline of the
 state entered. No slot waits in a non-terminal state without one:
@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from dms.statemachine import Machine, TransitionError
 
 
 class SlotState(StrEnum):
@@ -51,11 +53,11 @@ TRANSITIONS: dict[SlotState, frozenset[SlotState]] = {
     S.STOPPED: frozenset(),
     S.FAILED: frozenset(),
 }
-TERMINAL_SLOT_STATES = frozenset(state for state, nexts in TRANSITIONS.items() if not nexts)
+SLOT = Machine("slot", SlotState, TRANSITIONS)
 HELD = frozenset({S.COMMITTING, S.ALLOCATING, S.RUNNING})  # a provider holds something for it
 
 
-class SlotTransitionError(RuntimeError):
+class SlotTransitionError(TransitionError):
     """A move the transition table does not allow: a bug in the orchestrator."""
 
 
@@ -107,7 +109,7 @@ class Slot:
 
     @property
     def terminal(self) -> bool:
-        return self.state in TERMINAL_SLOT_STATES
+        return self.state in SLOT.terminal
 
     # ---- transitions ------------------------------------------------------------------
 
@@ -115,7 +117,7 @@ class Slot:
         self, to: SlotState, reason: str, deadlines: Deadlines, now: float | None = None
     ) -> None:
         """Enter ``to`` for ``reason``; its deadline follows from ``deadlines``."""
-        if to not in TRANSITIONS[self.state]:
+        if not SLOT.allows(self.state, to):
             raise SlotTransitionError(
                 f"slot {self.name}: {self.state.value} -> {to.value} is not allowed ({reason})"
             )

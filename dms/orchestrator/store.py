@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from dms.orchestrator.states import DEPLOYMENT
 from dms.store import Database
 from dms.store.files import write_private
 from dms.store.models import BidRecord, DeploymentRecord, MiningSessionRecord
@@ -26,8 +27,6 @@ from dms.store.models import BidRecord, DeploymentRecord, MiningSessionRecord
 DEPLOYMENTS = DeploymentRecord.__table__
 BIDS = BidRecord.__table__
 MINING = MiningSessionRecord.__table__
-ACTIVE_STATES = ("queued", "bidding", "committing", "allocating", "running", "stopping")
-ENDED_STATES = ("completed", "failed", "shutdown")
 
 log = logging.getLogger("dms.orchestrator")
 
@@ -47,7 +46,7 @@ class DeploymentStore:
         try:
             self._write(row)
         except SQLAlchemyError:
-            if row["state"] in ENDED_STATES:
+            if row["state"] in DEPLOYMENT.terminal:
                 self._keep_unsaved(row)
             raise
         self._drop_unsaved(row["id"])
@@ -71,7 +70,9 @@ class DeploymentStore:
         """Deployments to resume: none whose end is known, saved or not."""
         unsaved = self.flush_unsaved()
         with self.db.transaction() as conn:
-            rows = conn.execute(select(DEPLOYMENTS).where(DEPLOYMENTS.c.state.in_(ACTIVE_STATES)))
+            rows = conn.execute(
+                select(DEPLOYMENTS).where(DEPLOYMENTS.c.state.in_(sorted(DEPLOYMENT.live)))
+            )
             return [dict(r._mapping) for r in rows if r.id not in unsaved]
 
     def flush_unsaved(self) -> set[str]:

@@ -29,7 +29,6 @@ from pydantic import ValidationError
 from dms.actor import ErrorCode, Outcome, Refusal, Request, behaviour
 from dms.network.peertable import GONE
 from dms.orchestrator.base import (
-    TERMINAL,
     DeploymentBase,
     allocation_handle,
     allocation_ref,
@@ -45,6 +44,7 @@ from dms.orchestrator.messages import (
 )
 from dms.orchestrator.rounds import first_error
 from dms.orchestrator.slots import HELD, Slot, SlotState
+from dms.orchestrator.states import DEPLOYMENT, DeploymentState
 
 STATUS = "/dms/allocation/status"
 
@@ -142,18 +142,20 @@ class Supervision(DeploymentBase):
         if status.state == "completed":
             slot.complete(status.result, self.deadlines)
             self._event(f"{slot.name}: completed")
-        elif self.state != "stopping":  # failed, or stopped by someone else: place it again
+        elif (
+            self.state != DeploymentState.STOPPING
+        ):  # failed, or stopped by someone else: place it again
             self._lost(slot, f"allocation {status.state}: {status.error or ''}".strip())
 
     def _supervise(self) -> None:
-        if self.state in TERMINAL:
+        if self.state in DEPLOYMENT.terminal:
             return
         try:
             self._check_deadlines()
-            if self.state not in TERMINAL:
+            if self.state not in DEPLOYMENT.terminal:
                 self._check_running()
         finally:
-            if self.state not in TERMINAL:
+            if self.state not in DEPLOYMENT.terminal:
                 self.call_later(self.o.supervise_s, self._supervise)
 
     def _check_deadlines(self) -> None:
@@ -241,6 +243,6 @@ class Supervision(DeploymentBase):
     def _reopen(self, slot: Slot, reason: str, exclude: bool = True) -> None:
         self.slot_lost(slot, reason)
         self._misses.pop(slot.name, None)
-        if slot.terminal or self.state in TERMINAL:
+        if slot.terminal or self.state in DEPLOYMENT.terminal:
             return  # the hook ended the deployment (a mining session lost a shard too often)
         slot.reopen(reason, self.deadlines, exclude=exclude)

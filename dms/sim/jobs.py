@@ -18,11 +18,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from dms.orchestrator.states import DEPLOYMENT
 from dms.sim.backend import Backend
 
 log = logging.getLogger("dms.sim")
 
-TERMINAL = ("completed", "failed", "shutdown")
 POLL_S = 0.2
 
 
@@ -52,7 +52,7 @@ class Job:
 
     @property
     def ended(self) -> bool:
-        return self.state in TERMINAL
+        return self.state in DEPLOYMENT.terminal
 
     @property
     def placement_ms(self) -> float | None:
@@ -132,14 +132,14 @@ class Follower:
         status = self._deployment(job)
         state = status.get("state", job.state)
         self._note_running(job, status)
-        if state in TERMINAL and not job.ended:
+        if state in DEPLOYMENT.terminal and not job.ended:
             job.ended_at = status.get("ended_at") or time.time()
             if state != "completed":
                 events = status.get("events") or []
                 job.reason = events[-1]["what"] if events else state
         if state != job.state:
             job.state = state
-            if state in TERMINAL:
+            if state in DEPLOYMENT.terminal:
                 self._say(job, f"{job.name} {state}" + (f": {job.reason}" if job.reason else ""))
 
     def _note_running(self, job: Job, status: dict[str, Any]) -> None:
@@ -199,5 +199,5 @@ class Follower:
         return what
 
     def _say(self, job: Job, line: str) -> None:
-        if not self.quiet(job) or (job.state in TERMINAL and job.state != "completed"):
+        if not self.quiet(job) or (job.state in DEPLOYMENT.terminal and job.state != "completed"):
             self.tell(job, line)

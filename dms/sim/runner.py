@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from dms.errors import DmsError
+from dms.orchestrator.states import DEPLOYMENT
 from dms.sim.backend import Backend, NodeSpec, SimError, nominal_capability
 from dms.sim.faults import FaultPlan, LinkRule
-from dms.sim.jobs import TERMINAL, Follower, Job
+from dms.sim.jobs import Follower, Job
 from dms.sim.scenario import Deploy, Mine, Scenario, Step, Target
 
 log = logging.getLogger("dms.sim")
@@ -658,6 +659,6 @@ def summary_rows(report: Report) -> list[list[str]]:
                 parts.append("= local" if job["labels_equal_local"] else "!= local")
             note = ", ".join(parts) + (f"; {note}" if note else "")
         ms = job["placement_ms"]
-        state = job["state"] if job["state"] in TERMINAL else f"{job['state']}?"
+        state = job["state"] if job["state"] in DEPLOYMENT.terminal else f"{job['state']}?"
         rows.append([job["name"], job["kind"], state, "" if ms is None else f"{ms:.0f}", note])
     return rows

@@ -1,0 +1,47 @@
+"""The requester's protocol states: a deployment's (``DeploymentState``, ``DEPLOYMENT``).
+
+::
+
+    queued | bidding | committing | allocating | running   (derived from the slots;
+        any of these may follow any other as slots are placed, lost and placed again)
+      -> completed    every slot completed
+      -> failed       aborted: a slot could not be placed in time, or the session failed
+      -> stopping -> shutdown      the owner shut it down
+
+The terminal states are ``DEPLOYMENT.terminal`` (``dms.statemachine``): the store,
+the CLI, the simulator and the benchmarks all read them from here. A slot's states
+are in ``slots.py``; an allocation's in ``dms.jobs.allocation``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from dms.statemachine import Machine
+
+
+class DeploymentState(StrEnum):
+    QUEUED = "queued"
+    BIDDING = "bidding"
+    COMMITTING = "committing"
+    ALLOCATING = "allocating"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SHUTDOWN = "shutdown"
+
+
+D = DeploymentState
+_PLACING = (D.QUEUED, D.BIDDING, D.COMMITTING, D.ALLOCATING, D.RUNNING)
+DEPLOYMENT = Machine(
+    "deployment",
+    DeploymentState,
+    {
+        **{s: {*_PLACING, D.STOPPING, D.COMPLETED, D.FAILED} - {s} for s in _PLACING},
+        D.STOPPING: {D.SHUTDOWN, D.FAILED},
+        D.COMPLETED: set(),
+        D.FAILED: set(),
+        D.SHUTDOWN: set(),
+    },
+)

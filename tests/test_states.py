@@ -1,0 +1,58 @@
+"""Every protocol state is a typed machine (dms.statemachine): an illegal move raises,
+and the terminal states are derived once from the table."""
+
+from __future__ import annotations
+
+import pytest
+
+from dms.jobs.allocation import ALLOCATION, AllocationState
+from dms.orchestrator.base import DeploymentRow
+from dms.orchestrator.slots import SLOT
+from dms.orchestrator.states import DEPLOYMENT, DeploymentState
+from dms.statemachine import Machine, Tracked, TransitionError
+
+
+def test_terminal_states_are_those_with_no_move_out() -> None:
+    assert DEPLOYMENT.terminal == {"completed", "failed", "shutdown"}
+    assert ALLOCATION.terminal == {"completed", "failed", "stopped"}
+    assert SLOT.terminal == {"completed", "stopped", "failed"}
+    assert set(DEPLOYMENT.live) == {"queued", "bidding", "committing", "allocating", "running",
+                                    "stopping"}  # fmt: skip
+    # the stored words are the members: a row read back is terminal or not as before
+    assert DEPLOYMENT.ended("shutdown") and not DEPLOYMENT.ended("running")
+
+
+def test_a_deployment_row_refuses_a_move_out_of_an_end() -> None:
+    row = DeploymentRow("d1", "job", {}, 0.0)
+    assert row.move(DeploymentState.BIDDING) and not row.move(DeploymentState.BIDDING)
+    row.move(DeploymentState.COMPLETED)
+    with pytest.raises(TransitionError, match="deployment d1: completed -> running"):
+        row.move(DeploymentState.RUNNING)
+    # only the owner's shutdown (through stopping) ends in shutdown
+    with pytest.raises(TransitionError):
+        DEPLOYMENT.check("running", "shutdown")
+    assert DeploymentRow.from_row(row.to_row([])).state is DeploymentState.COMPLETED
+
+
+def test_a_tracked_attribute_checks_every_assignment() -> None:
+    class Holder:
+        state = Tracked(ALLOCATION)
+
+    held = Holder()
+    with pytest.raises(AttributeError):
+        _ = held.state
+    held.state = AllocationState.PENDING
+    held.state = "starting"  # the stored word is accepted and typed
+    assert held.state is AllocationState.STARTING
+    with pytest.raises(TransitionError, match="starting -> completed"):
+        held.state = AllocationState.COMPLETED
+    held.state = AllocationState.RUNNING
+    held.state = AllocationState.STOPPED
+    with pytest.raises(TransitionError):
+        held.state = AllocationState.RUNNING
+    assert held.state is AllocationState.STOPPED
+
+
+def test_a_machine_must_name_the_moves_of_every_state() -> None:
+    with pytest.raises(ValueError, match="no moves given"):
+        Machine("half", AllocationState, {AllocationState.PENDING: set()})

@@ -4,7 +4,8 @@
 bounded time, then return a small result; ``fail`` makes it fail with that
 message (for failure handling tests). ``mining`` (``dms.jobs.mining``) is the
 worker side of encrypted mining; it is *interactive*: besides ``run`` it opens
-a session that the requester drives (``/dms/allocation/session``).
+a session that the requester drives (``/dms/allocation/session``). ``collab``
+(``dms.jobs.collab``) is the aggregator of a collaborative k-means, interactive too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dms.jobs.base import ExecutorError, Log
+from dms.jobs.collab import CollabExecutor
 from dms.jobs.mining import MiningExecutor
 from dms.resources import Resources
 
@@ -82,6 +84,7 @@ class ComputeExecutor:
 EXECUTORS: dict[str, Executor] = {
     ComputeExecutor.kind: ComputeExecutor(),
     MiningExecutor.kind: MiningExecutor(),
+    CollabExecutor.kind: CollabExecutor(),
 }
 
 

@@ -23,6 +23,7 @@ from dms import __version__
 from dms.actor import ActorContext, Request, behaviour
 from dms.node.bidding import BiddingBehaviours
 from dms.node.caps import CapBehaviours
+from dms.node.collab import CollabBehaviours
 from dms.node.deploying import DeployingBehaviours
 from dms.node.mining import MiningBehaviours
 from dms.node.peering import PeeringBehaviours
@@ -44,6 +45,7 @@ class NodeActor(
     CapBehaviours,
     PeeringBehaviours,
     MiningBehaviours,
+    CollabBehaviours,
     DeployingBehaviours,
     BiddingBehaviours,
     ProviderBehaviours,
@@ -58,6 +60,7 @@ class NodeActor(
         self.subscribe(BROADCAST_TOPIC)
         self.start_provider()
         self.start_mining()
+        self.start_collab()
         self.start_bidding()
         self.start_deploying()
         self.start_peering()

@@ -1,0 +1,206 @@
+"""The ``collab`` executor: the aggregator of a collaborative k-means, placed like any allocation.
+
+It is interactive, like ``mining``: the proposer's collaboration session (the
+requester that placed it) relays each owner's signed messages to it, one
+operation at a time on ``/dms/allocation/session`` (``specs/mining.md``,
+"Collaborative k-means"). It runs :class:`dms.mining.collab.CollabAggregator`,
+so it sees only masked vectors, sealed shares and the totals:
+
+    advert   KeysAdvert            -> ""
+    roster   ""                    -> Roster (the adverts so far; closes them)
+    shares   SeedShares            -> ""
+    start    ""                    -> RoundStart of the next announced round
+    input    MaskedInput           -> ""
+    close    ""                    -> UnmaskRequests (one per survivor)
+    unmask   UnmaskReply           -> ""
+    totals   ""                    -> RoundTotals (after the last round the session ends)
+    end      ""                    -> "" (the session is over)
+
+A message that breaks the protocol is refused with the reason and never
+summed; too few owners left fails the allocation with the reason, naming who
+dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from dms.jobs.base import ExecutorError, Log
+from dms.mining.collab import CollabAggregator, CollabFailed, Proposal
+from dms.mining.collab.messages import (
+    KeysAdvert,
+    MaskedInput,
+    RoundTotals,
+    SeedShares,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from dms.mining.errors import MiningError
+from dms.mining.wire import decode, encode
+from dms.resources import Resources
+
+M = TypeVar("M", bound=BaseModel)
+MIB = 1024 * 1024
+BASE_BYTES = 64 * MIB
+
+
+class CollabParams(BaseModel):
+    """What the aggregator allocation will run: the announced proposal, nothing else."""
+
+    model_config = ConfigDict(extra="forbid")
+    proposal: Proposal
+
+    def estimated_bytes(self) -> int:
+        p = self.proposal
+        m = len(p.owners)
+        per_round = m * (8 * (p.k * p.a + p.k) + 200 * m)  # inputs and sealed shares
+        return BASE_BYTES + 2 * per_round
+
+
+class CollabEnded(ExecutorError):
+    """The collaboration cannot go on: replied as ``stopped``, not as a refused message."""
+
+    code = "stopped"
+
+
+class UnmaskRequests(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    requests: dict[str, UnmaskRequest]
+
+
+def parse_params(params: dict[str, Any]) -> CollabParams:
+    try:
+        return CollabParams.model_validate(params)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ExecutorError(
+            f"collab params: {where}: {err['msg']}", field=f"params.{where}"
+        ) from None
+
+
+def _decode(kind: type[M], body: bytes) -> M:
+    try:
+        return decode(kind, body)
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise ExecutorError(f"not a valid {kind.__name__}: {first}") from None
+
+
+class CollabSession:
+    """The aggregator's side of one collaboration: operations in, answers out."""
+
+    def __init__(self, params: CollabParams, log: Log) -> None:
+        self.proposal = params.proposal
+        self.aggregator = CollabAggregator(params.proposal)
+        self._log = log
+        self.finished = threading.Event()
+        self.failure: str | None = None
+        self.cpu_s = 0.0
+        self._ops: dict[str, Callable[[bytes], bytes]] = {
+            "advert": self._advert,
+            "roster": lambda _: encode(self.aggregator.roster()),
+            "shares": self._shares,
+            "start": lambda _: encode(self.aggregator.start_round()),
+            "input": self._input,
+            "close": lambda _: encode(UnmaskRequests(requests=self.aggregator.close_inputs())),
+            "unmask": self._unmask,
+            "totals": self._totals,
+            "end": self._end,
+        }
+
+    def call(self, op: str, body: bytes) -> bytes:
+        handler = self._ops.get(op)
+        if handler is None:
+            known = ", ".join(self._ops)
+            raise ExecutorError(f"unknown collab operation {op!r} (known: {known})")
+        if self.finished.is_set():
+            raise CollabEnded(self.failure or "the collaboration has ended")
+        cpu = time.thread_time()
+        try:
+            return handler(body)
+        except CollabFailed as exc:
+            self.failure = exc.reason
+            self._log(f"failed: {exc.reason}")
+            self.finished.set()
+            raise CollabEnded(exc.reason) from None
+        except MiningError as exc:  # a refusal: the message is not used
+            self._log(f"{op} refused: {exc}")
+            raise ExecutorError(str(exc)) from None
+        finally:
+            self.cpu_s += time.thread_time() - cpu
+
+    def _advert(self, body: bytes) -> bytes:
+        self.aggregator.receive_advert(_decode(KeysAdvert, body))
+        return b""
+
+    def _shares(self, body: bytes) -> bytes:
+        self.aggregator.receive_seed_shares(_decode(SeedShares, body))
+        return b""
+
+    def _input(self, body: bytes) -> bytes:
+        self.aggregator.receive_input(_decode(MaskedInput, body))
+        return b""
+
+    def _unmask(self, body: bytes) -> bytes:
+        self.aggregator.receive_unmask(_decode(UnmaskReply, body))
+        return b""
+
+    def _totals(self, _: bytes) -> bytes:
+        totals: RoundTotals = self.aggregator.finish_round()
+        dropped = f", dropped {', '.join(totals.dropped)}" if totals.dropped else ""
+        self._log(f"round {totals.round}: {len(totals.survivors)} owners summed{dropped}")
+        return encode(totals)
+
+    def _end(self, _: bytes) -> bytes:
+        self.finished.set()
+        return b""
+
+    def summary(self) -> dict[str, Any]:
+        a = self.aggregator
+        return {
+            "rounds": len(a.totals),
+            "dropped": [d.model_dump() for d in a.dropped],
+            "cpu_s": round(self.cpu_s, 3),
+        }
+
+
+class CollabExecutor:
+    kind = "collab"
+    interactive = True
+
+    def check(self, params: dict[str, Any], resources: Resources | None = None) -> None:
+        p = parse_params(params)
+        if resources is not None and resources.ram_mib:
+            need = p.estimated_bytes()
+            if need > resources.ram_mib * MIB:
+                raise ExecutorError(
+                    f"this aggregator needs about {need / MIB:.0f} MiB of memory; "
+                    f"the lease holds {resources.ram_mib} MiB",
+                    field="resources.ram",
+                )
+
+    def session(self, params: dict[str, Any], log: Log) -> CollabSession:
+        return CollabSession(parse_params(params), log)
+
+    def run(
+        self,
+        params: dict[str, Any],
+        stop: threading.Event,
+        log: Log,
+        session: CollabSession | None = None,
+    ) -> Any:
+        """Wait while the proposer's session relays the rounds; the result is the summary."""
+        if session is None:
+            raise ExecutorError("a collab allocation needs its session")
+        while not session.finished.wait(0.2):
+            if stop.is_set():
+                raise ExecutorError("stopped")
+        if session.failure is not None:
+            raise ExecutorError(session.failure)
+        return session.summary()

@@ -1,0 +1,214 @@
+"""The node's collaboration behaviours: several owners' joint k-means (secure aggregation).
+
+``/dms/node/collab/propose`` (the proposer's CLI): join with its own CSV and
+start a :class:`CollabSessionActor`, which places the aggregator (one
+``collab`` allocation) by the ordinary bid rounds and runs the announced rounds.
+``/dms/node/collab/join`` (each other owner's CLI): its own CSV, kept on its
+node; only masked vectors and sealed shares leave it. ``/dms/node/collab/owner``
+is what the proposer's session calls, and only it: the next message of this
+node's owner. ``/dms/node/collab/result`` answers this node's centroids, its
+own labels and who dropped. A mixin of :class:`dms.node.node.NodeActor`; see
+``specs/mining.md``, "Collaborative k-means".
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dms.actor import ErrorCode, Refusal, Request, behaviour
+from dms.errors import DmsError
+from dms.jobs.collab import CollabParams
+from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
+from dms.mining.collab import CollabOwner, Proposal
+from dms.mining.collab.messages import Roster, RoundStart, RoundTotals, UnmaskRequest
+from dms.mining.data import read_table
+from dms.mining.errors import MiningError
+from dms.mining.wire import decode, encode
+from dms.node.base import NodeBase
+from dms.orchestrator.collab import CollabSessionActor, OwnerCall
+from dms.orchestrator.deployment import new_deployment_id
+from dms.resources import Resources
+
+MAX_SEATS = 32  # collaborations one node takes part in at once
+
+
+class JoinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    proposal: Proposal
+    proposer: str = Field(min_length=1, max_length=128, description="the proposer's peer id")
+    data: str = Field(min_length=1, description="this owner's CSV, read on its own node")
+
+
+class ProposeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    proposal: Proposal
+    data: str = Field(min_length=1)
+    cpu: float = Field(default=1.0, gt=0, le=256)
+    ram: str = "256MiB"
+    strategy: Strategy = "score"
+    max_price: float | None = Field(default=None, ge=0)
+    timeout_s: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
+    owner_timeout_s: float = Field(default=20.0, gt=0, le=3600)
+    join_timeout_s: float = Field(default=120.0, gt=0, le=24 * 3600)
+    aggregator_on_owner: bool = Field(
+        default=False, description="allow the aggregator on an owner's node"
+    )
+
+
+class CollabId(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    collab_id: str = Field(min_length=1, max_length=128)
+
+
+class CollabRefusal(DmsError):
+    code = "bad_payload"
+
+
+@dataclass
+class Seat:
+    """This node's owner in one collaboration."""
+
+    owner: CollabOwner
+    proposer: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    error: str | None = None
+    session: dict[str, Any] = field(default_factory=dict)  # the proposer's progress
+
+
+class CollabBehaviours(NodeBase):
+    _seats: dict[str, Seat]
+
+    def start_collab(self) -> None:
+        self._seats = {}
+
+    def _seat_for(self, proposal: Proposal, proposer: str, data: str) -> Seat:
+        me = self.system.peer_id
+        if me not in proposal.owners:
+            raise CollabRefusal(f"this node ({me}) is not among the proposal's owners")
+        if proposal.collab_id in self._seats:
+            raise CollabRefusal(f"collaboration {proposal.collab_id!r} is already joined here")
+        if len(self._seats) >= MAX_SEATS:
+            raise CollabRefusal(f"this node takes part in {MAX_SEATS} collaborations already")
+        try:
+            rows = read_table(data).features
+            return Seat(CollabOwner(proposal, me, rows), proposer)
+        except MiningError as exc:
+            raise CollabRefusal(str(exc)) from None
+
+    def _seat(self, seat: Seat, collab_id: str) -> dict[str, Any]:
+        if collab_id in self._seats:  # joined twice at once: the first one stands
+            raise CollabRefusal(f"collaboration {collab_id!r} is already joined here")
+        self._seats[collab_id] = seat
+        return {"collab_id": collab_id, "owner": self.system.peer_id}
+
+    @behaviour("/dms/node/collab/join", payload=JoinRequest)
+    def collab_join(self, request: Request) -> None:
+        p: JoinRequest = request.payload
+        self.in_background(
+            request,
+            lambda: self._seat_for(p.proposal, p.proposer, p.data),
+            then=lambda seat: self._seat(seat, p.proposal.collab_id),
+        )
+
+    @behaviour("/dms/node/collab/propose", payload=ProposeRequest)
+    def collab_propose(self, request: Request) -> None:
+        p: ProposeRequest = request.payload
+        orchestration = self._orch()  # type: ignore[attr-defined]
+        self.in_background(
+            request,
+            lambda: self._seat_for(p.proposal, self.system.peer_id, p.data),
+            then=lambda seat: self._start_collab(p, seat, orchestration),
+        )
+
+    def _start_collab(self, p: ProposeRequest, seat: Seat, orchestration: Any) -> dict[str, Any]:
+        proposal = p.proposal
+        params = CollabParams(proposal=proposal)
+        exclude = [] if p.aggregator_on_owner else list(proposal.owners)
+        spec = DeploymentSpec(
+            name=f"collab-{proposal.collab_id}"[:64],
+            allocations=[
+                AllocationSpec(
+                    name="aggregator",
+                    executor="collab",
+                    resources=Resources(cpu=p.cpu, ram=p.ram, disk="64MiB"),
+                    params=params.model_dump(mode="json"),
+                    constraints=Constraints(max_price=p.max_price, exclude_peers=exclude),
+                )
+            ],
+            strategy=p.strategy,
+            deadline_s=p.timeout_s,
+        )
+        answer = self._seat(seat, proposal.collab_id)
+        session_id = new_deployment_id()
+
+        def progress(state: dict[str, Any]) -> None:
+            seat.session = state
+
+        child = self.spawn(
+            CollabSessionActor,
+            orchestration,
+            session_id,
+            spec,
+            None,
+            proposal=proposal,
+            owner_timeout_s=p.owner_timeout_s,
+            join_timeout_s=p.join_timeout_s,
+            on_progress=progress,
+            inbox=f"deployment-{session_id}",
+        )
+        self._deployments[session_id] = child  # type: ignore[attr-defined]
+        return {**answer, "deployment": session_id}
+
+    @behaviour("/dms/node/collab/owner", public=True, payload=OwnerCall)
+    def collab_owner(self, request: Request) -> None:
+        """The proposer's session asks for this owner's next message; only it may."""
+        call: OwnerCall = request.payload
+        seat = self._seats.get(call.collab_id)
+        if seat is None:
+            raise Refusal("not_joined", f"collaboration {call.collab_id!r} is not joined here")
+        if request.sender.address.host != seat.proposer:
+            raise Refusal(
+                ErrorCode.FORBIDDEN,
+                f"only the proposer {seat.proposer} drives collaboration {call.collab_id!r}",
+            )
+        self.in_background(request, lambda: {"body": self._owner_step(seat, call)})
+
+    def _owner_step(self, seat: Seat, call: OwnerCall) -> bytes:
+        owner = seat.owner
+        with seat.lock:
+            try:
+                if call.op == "advert":
+                    return encode(owner.advert())
+                if call.op == "roster":
+                    return encode(owner.receive_roster(decode(Roster, call.body)))
+                if call.op == "start":
+                    return encode(owner.contribute(decode(RoundStart, call.body)))
+                if call.op == "unmask":
+                    return encode(owner.unmask(decode(UnmaskRequest, call.body)))
+                if call.op == "totals":
+                    owner.receive_totals(decode(RoundTotals, call.body))
+                    return b""
+            except MiningError as exc:
+                raise CollabRefusal(str(exc)) from None
+            except ValueError as exc:  # a body that does not decode
+                raise CollabRefusal(f"{call.op}: {str(exc).splitlines()[0]}") from None
+        raise CollabRefusal(f"unknown collaboration operation {call.op!r}")
+
+    @behaviour("/dms/node/collab/result", payload=CollabId)
+    def collab_result(self, request: Request) -> dict[str, Any]:
+        collab_id = request.payload.collab_id
+        seat = self._seats.get(collab_id)
+        if seat is None:
+            raise Refusal("unknown", f"collaboration {collab_id!r} is not joined here")
+        owner = seat.owner
+        answer: dict[str, Any] = {"collab_id": collab_id, "session": seat.session}
+        if owner.done:
+            answer["phase"] = "completed"
+            answer["result"] = owner.result().model_dump()
+        else:
+            answer["phase"] = seat.session.get("phase", "joined")
+        return answer

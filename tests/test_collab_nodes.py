@@ -1,0 +1,201 @@
+"""Collaborative k-means on real nodes (libp2p on loopback): three owners, each with a third
+of Iris on its own node, and an aggregator placed by the bid rounds on a fourth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dms.mining.collab import Proposal, ring
+from dms.mining.collab.stats import kmeans_statistics, next_centroids
+from dms.mining.data import read_table
+from dms.mining.plain import kmeans
+from dms.resources import Resources
+from dms.sim.cluster import LocalCluster, Node
+from tests.conftest import wait_for
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+IRIS = read_table(EXAMPLES / "iris-features.csv").features
+PARTS = np.array_split(IRIS, 3)
+
+
+class Owners:
+    def __init__(self, cluster: LocalCluster, folder: Path, provider: Node) -> None:
+        self.nodes = [cluster.add() for _ in range(3)]
+        self.files = []
+        for i, rows in enumerate(PARTS):
+            path = folder / f"owner{i}.csv"
+            np.savetxt(path, rows, delimiter=",", fmt="%.17g")
+            self.files.append(path)
+        wait_for(lambda: self._knows(provider), 30, "the proposer to know the provider")
+
+    def _knows(self, provider: Node) -> bool:
+        record = self.nodes[0].peer_table.get(provider.peer_id)
+        return bool(record and record.heartbeat and record.heartbeat.onboarded.get("cpu"))
+
+    @staticmethod
+    def ask(node: Node, behaviour: str, payload: Any, timeout: float = 30) -> Any:
+        assert node.node is not None
+        return node.node.ask(node.node.handle, behaviour, payload, timeout=timeout)
+
+    def start(self, rounds: int, threshold: int = 2, **extra: Any) -> Proposal:
+        proposal = Proposal(
+            collab_id=f"iris-{self.nodes[0].peer_id[-6:]}",
+            owners=[n.peer_id for n in self.nodes],
+            a=4,
+            k=3,
+            rounds=rounds,
+            threshold=threshold,
+            centroids=IRIS[:3].tolist(),
+        )
+        body = proposal.model_dump(mode="json")
+        self.ask(
+            self.nodes[0],
+            "/dms/node/collab/propose",
+            {"proposal": body, "data": str(self.files[0]), **extra},
+        )
+        for node, path in zip(self.nodes[1:], self.files[1:], strict=True):
+            self.ask(
+                node,
+                "/dms/node/collab/join",
+                {"proposal": body, "proposer": self.nodes[0].peer_id, "data": str(path)},
+            )
+        return proposal
+
+    def result(self, node: Node, collab_id: str) -> dict[str, Any]:
+        return self.ask(node, "/dms/node/collab/result", {"collab_id": collab_id})
+
+    def wait(self, collab_id: str, phase: str, timeout: float = 120) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+
+        def reached() -> bool:
+            seen.update(self.result(self.nodes[0], collab_id))
+            return seen["session"].get("phase") in (phase, "failed", "completed")
+
+        wait_for(reached, timeout, f"collaboration {collab_id} to be {phase}")
+        return seen
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, Node]]:
+    with LocalCluster(tmp_path_factory.mktemp("collab"), heartbeat_s=0.5) as cluster:
+        provider = cluster.add()
+        assert provider.ledger is not None
+        provider.ledger.onboard(Resources(cpu=2, ram=4, disk=4))
+        yield cluster, provider
+
+
+def test_three_owners_on_nodes_get_plaintext_kmeans_of_the_union_and_the_aggregator_sees_masks(
+    cluster: tuple[LocalCluster, Node], tmp_path: Path
+) -> None:
+    net, provider = cluster
+    owners = Owners(net, tmp_path, provider)
+    captured: list[bytes] = []
+    assert provider.transport is not None
+    provider.transport.tap = lambda _peer, data: captured.append(bytes(data))
+    try:
+        proposal = owners.start(rounds=4)
+        status = owners.wait(proposal.collab_id, "completed")
+    finally:
+        provider.transport.tap = None
+    assert status["session"]["phase"] == "completed", status["session"]
+    assert status["session"]["aggregator"] == provider.peer_id
+    plain = kmeans(IRIS, 3, centroids=IRIS[:3].copy(), min_error=-1.0, max_iterations=4)
+    labels = []
+    for node in owners.nodes:
+        result = owners.result(node, proposal.collab_id)["result"]
+        np.testing.assert_allclose(result["centroids"], plain.centroids, atol=1e-9)
+        assert result["dropped"] == []
+        labels += result["labels"]
+    assert labels == plain.labels.tolist()
+    # What the aggregator's node received: masked vectors, never an owner's statistics.
+    blob = b"".join(captured)
+    assert proposal.collab_id.encode() in blob  # the capture holds the owners' messages
+    for rows in PARTS:
+        _, stats = kmeans_statistics(rows, IRIS[:3])
+        assert ring.to_bytes(ring.encode(stats, 32, 3)) not in blob
+        assert stats.tobytes() not in blob
+
+
+def test_an_owner_killed_mid_job_the_rest_complete_and_say_who_dropped(
+    cluster: tuple[LocalCluster, Node], tmp_path: Path
+) -> None:
+    net, provider = cluster
+    owners = Owners(net, tmp_path, provider)
+    proposal = owners.start(rounds=8, owner_timeout_s=3.0)
+    victim = owners.nodes[2]
+    wait_for(
+        lambda: (
+            (owners.result(owners.nodes[0], proposal.collab_id)["session"].get("round") or 0) >= 2
+        ),
+        60,
+        "round 2",
+    )
+    net.crash(victim)
+    status = owners.wait(proposal.collab_id, "completed")
+    assert status["session"]["phase"] == "completed", status["session"]
+    [dropped] = status["session"]["dropped"]
+    assert dropped["owner"] == victim.peer_id
+    centroids = IRIS[:3].copy()
+    for r in range(1, 9):  # the victim's rows count until the round it dropped in
+        rows = np.concatenate(PARTS if r < dropped["round"] else PARTS[:2])
+        centroids = next_centroids(kmeans_statistics(rows, centroids)[1], centroids)
+    for node in owners.nodes[:2]:
+        result = owners.result(node, proposal.collab_id)["result"]
+        assert [d["owner"] for d in result["dropped"]] == [victim.peer_id]
+        np.testing.assert_allclose(result["centroids"], centroids, atol=1e-9)
+
+
+def test_below_the_threshold_the_collaboration_fails_with_that_reason(
+    cluster: tuple[LocalCluster, Node], tmp_path: Path
+) -> None:
+    net, provider = cluster
+    owners = Owners(net, tmp_path, provider)
+    proposal = owners.start(rounds=8, threshold=3, owner_timeout_s=3.0)
+    wait_for(
+        lambda: (
+            (owners.result(owners.nodes[0], proposal.collab_id)["session"].get("round") or 0) >= 2
+        ),
+        60,
+        "round 2",
+    )
+    net.crash(owners.nodes[1])
+    status = owners.wait(proposal.collab_id, "failed")
+    session = status["session"]
+    assert session["phase"] == "failed"
+    assert "below the threshold 3" in session["reason"], session
+    assert owners.nodes[1].peer_id in session["reason"]
+
+
+def test_the_aggregator_executor_refuses_bad_params_and_messages_with_a_reason() -> None:
+    from dms.jobs.base import ExecutorError
+    from dms.jobs.collab import CollabEnded, CollabExecutor
+    from dms.jobs.executors import check_allocation
+    from dms.mining.collab import CollabOwner
+    from dms.mining.wire import encode
+
+    with pytest.raises(ExecutorError, match="more than half") as bad:
+        check_allocation("collab", {"proposal": {"collab_id": "c", "owners": ["a", "b", "c", "d"],
+                         "a": 4, "k": 3, "rounds": 2, "threshold": 2,
+                         "centroids": IRIS[:3].tolist()}}, None)  # fmt: skip
+    assert bad.value.field and bad.value.field.startswith("params")
+    proposal = Proposal(
+        collab_id="c", owners=["a", "b", "c"], a=4, k=3, rounds=1, threshold=3,
+        centroids=IRIS[:3].tolist(),
+    )  # fmt: skip
+    session = CollabExecutor().session({"proposal": proposal.model_dump()}, lambda _: None)
+    owners = {o: CollabOwner(proposal, o, rows) for o, rows in zip("abc", PARTS, strict=True)}
+    advert = encode(owners["a"].advert())
+    session.call("advert", advert)
+    with pytest.raises(ExecutorError, match="advertised twice"):
+        session.call("advert", advert)
+    with pytest.raises(ExecutorError, match="not a valid KeysAdvert"):
+        session.call("advert", b"\x93junk")
+    with pytest.raises(CollabEnded, match="only 1 advertised keys, below the threshold 3"):
+        session.call("roster", b"")
+    with pytest.raises(CollabEnded):  # ended: nothing more is taken
+        session.call("advert", encode(owners["b"].advert()))

@@ -91,7 +91,7 @@ from dms.mining.data import blobs, classification, read_table, read_test_table
 from dms.network.transfer import Courier
 from dms.node.client import root_handle
 from dms.node.daemon import Node
-from dms.orchestrator.states import DEPLOYMENT
+from dms.orchestrator.states import DEPLOYMENT, SESSION
 from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
 from dms.store.chunks import CHUNK_BYTES
@@ -471,7 +471,7 @@ class Bench:
         while True:
             phase = self.ask("/dms/node/mining/status", {"id": session})["phase"]
             seen.setdefault(phase, round(time.perf_counter() - began, 3))
-            if phase in DEPLOYMENT.terminal:
+            if phase in SESSION.terminal:
                 network_s = time.perf_counter() - began
                 break
             if time.perf_counter() > deadline:

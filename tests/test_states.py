@@ -8,7 +8,7 @@ import pytest
 from dms.jobs.allocation import ALLOCATION, AllocationState
 from dms.orchestrator.base import DeploymentRow
 from dms.orchestrator.slots import SLOT
-from dms.orchestrator.states import DEPLOYMENT, DeploymentState
+from dms.orchestrator.states import DEPLOYMENT, SESSION, DeploymentState, SessionPhase
 from dms.statemachine import Machine, Tracked, TransitionError
 
 
@@ -56,3 +56,13 @@ def test_a_tracked_attribute_checks_every_assignment() -> None:
 def test_a_machine_must_name_the_moves_of_every_state() -> None:
     with pytest.raises(ValueError, match="no moves given"):
         Machine("half", AllocationState, {AllocationState.PENDING: set()})
+
+
+def test_a_mining_session_phase_moves_only_forward() -> None:
+    assert SESSION.terminal == {"completed", "failed"}
+    assert SESSION.allows(SessionPhase.MINING, SessionPhase.COMPLETED)
+    # a session that failed (say, while the answers were combined) never completes
+    with pytest.raises(TransitionError, match="failed -> completed"):
+        SESSION.check(SessionPhase.FAILED, SessionPhase.COMPLETED)
+    with pytest.raises(TransitionError):
+        SESSION.check(SessionPhase.PLACING, SessionPhase.MINING)

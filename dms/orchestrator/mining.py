@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import StrEnum
 from functools import partial
 from typing import Any
 
@@ -43,6 +42,8 @@ from dms.mining.placed import Driver
 from dms.network.transfer import Courier
 from dms.orchestrator.deployment import DeploymentActor, Orchestration, allocation_handle
 from dms.orchestrator.slots import Slot, SlotState
+from dms.orchestrator.states import SESSION, SessionPhase
+from dms.statemachine import Tracked
 
 log = logging.getLogger("dms.mining")
 
@@ -67,14 +68,6 @@ class SessionLimits:
     step_floor_s: float = 30.0
     step_slack: float = 20.0
     max_replacements: int = 8  # workers lost or excluded per job before it fails
-
-
-class SessionPhase(StrEnum):
-    PLACING = "placing"
-    SHIPPING = "shipping"
-    MINING = "mining"
-    COMPLETED = "completed"
-    FAILED = "failed"
 
 
 @dataclass
@@ -103,6 +96,8 @@ class Shard:
 
 
 class MiningSessionActor(DeploymentActor):
+    phase = Tracked(SESSION)  # every move checked against SESSION
+
     def __init__(
         self,
         context: ActorContext,
@@ -194,9 +189,9 @@ class MiningSessionActor(DeploymentActor):
         shard.failures += 1
         if self.phase in (SessionPhase.SHIPPING, SessionPhase.MINING):
             self._event(f"{shard.slot}: worker lost ({reason}); placing it again")
-        if shard.failures >= MAX_SHARD_FAILURES and self.phase not in TERMINAL_PHASES:
+        if shard.failures >= MAX_SHARD_FAILURES and self.phase not in SESSION.terminal:
             self._fail(f"{shard.slot} was lost {shard.failures} times; last: {reason}")
-        elif self.lost > self.limits.max_replacements and self.phase not in TERMINAL_PHASES:
+        elif self.lost > self.limits.max_replacements and self.phase not in SESSION.terminal:
             self._fail(
                 f"{self.lost} workers lost or excluded, more than this job allows "
                 f"(mining_max_replacements = {self.limits.max_replacements}); "
@@ -208,7 +203,7 @@ class MiningSessionActor(DeploymentActor):
         return shard is not None and (shard.busy or time.monotonic() - shard.last_heard < HEARD_S)
 
     def ended(self, state: str, what: str) -> None:
-        if self.phase not in TERMINAL_PHASES:
+        if self.phase not in SESSION.terminal:
             self.phase = SessionPhase.FAILED
             self.reason = what if state == "failed" else f"the deployment ended: {what}"
             self._progress(self.reason, save=True)
@@ -427,6 +422,8 @@ class MiningSessionActor(DeploymentActor):
     def _advanced(self, slowest: str, elapsed: float, done: bool | WorkerMisbehaved) -> None:
         assert self.driver is not None and self.courier is not None
         self.combining = False
+        if self.phase != SessionPhase.MINING:  # it failed while the answers were combined
+            return
         if isinstance(done, WorkerMisbehaved):
             caught = next((s for s in self.shards.values() if s.index == done.shard), None)
             if caught is None:
@@ -496,7 +493,7 @@ class MiningSessionActor(DeploymentActor):
         }
 
     def _fail(self, reason: str) -> None:
-        if self.phase in TERMINAL_PHASES:
+        if self.phase in SESSION.terminal:
             return
         self.phase = SessionPhase.FAILED
         self.reason = reason
@@ -654,6 +651,3 @@ class MiningSessionActor(DeploymentActor):
         # The result (labels included) lives only in this actor until it is saved.
         mining_saved = not self._unsaved_mining or self._save_mining()
         return super()._save_end() and mining_saved
-
-
-TERMINAL_PHASES = frozenset({SessionPhase.COMPLETED, SessionPhase.FAILED})

@@ -1,4 +1,5 @@
-"""The requester's protocol states: a deployment's (``DeploymentState``, ``DEPLOYMENT``).
+r"""The requester's protocol states: a deployment's (``DeploymentState``, ``DEPLOYMENT``)
+and a mining session's phase (``SessionPhase``, ``SESSION``).
 
 ::
 
@@ -8,9 +9,15 @@
       -> failed       aborted: a slot could not be placed in time, or the session failed
       -> stopping -> shutdown      the owner shut it down
 
-The terminal states are ``DEPLOYMENT.terminal`` (``dms.statemachine``): the store,
-the CLI, the simulator and the benchmarks all read them from here. A slot's states
-are in ``slots.py``; an allocation's in ``dms.jobs.allocation``.
+A mining session (``mining.py``)::
+
+    placing -> shipping -> mining -> completed
+    placing | shipping | mining -> failed
+
+The terminal states are ``DEPLOYMENT.terminal`` and ``SESSION.terminal``
+(``dms.statemachine``): the store, the CLI, the simulator and the benchmarks all
+read them from here. A slot's states are in ``slots.py``; an allocation's in
+``dms.jobs.allocation``.
 """
 
 from __future__ import annotations
@@ -43,5 +50,27 @@ DEPLOYMENT = Machine(
         D.COMPLETED: set(),
         D.FAILED: set(),
         D.SHUTDOWN: set(),
+    },
+)
+
+
+class SessionPhase(StrEnum):
+    PLACING = "placing"
+    SHIPPING = "shipping"
+    MINING = "mining"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+P = SessionPhase
+SESSION = Machine(
+    "mining session",
+    SessionPhase,
+    {
+        P.PLACING: {P.SHIPPING, P.FAILED},
+        P.SHIPPING: {P.MINING, P.FAILED},
+        P.MINING: {P.COMPLETED, P.FAILED},
+        P.COMPLETED: set(),
+        P.FAILED: set(),
     },
 )

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from dms.orchestrator.states import DEPLOYMENT
+from dms.orchestrator.states import DEPLOYMENT, SESSION
 from dms.sim.backend import Backend
 
 log = logging.getLogger("dms.sim")
@@ -172,7 +172,7 @@ class Follower:
             total = f"/{job.total_steps}" if job.total_steps else ""
             self._say(job, f"{job.name} step {job.steps}{total} done")
         phase = status.get("phase", job.state)
-        if phase in ("completed", "failed") and not job.ended:
+        if phase in SESSION.terminal and not job.ended:
             job.reason = progress.get("reason", "") if phase == "failed" else ""
             if phase == "completed":
                 answer = self.backend.call(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dms.jobs.allocation import ALLOCATION, AllocationState
+from dms.network.peertable import PEER, PeerRecord, PeerState
 from dms.orchestrator.base import DeploymentRow
 from dms.orchestrator.slots import SLOT
 from dms.orchestrator.states import DEPLOYMENT, SESSION, DeploymentState, SessionPhase
@@ -66,3 +67,11 @@ def test_a_mining_session_phase_moves_only_forward() -> None:
         SESSION.check(SessionPhase.FAILED, SessionPhase.COMPLETED)
     with pytest.raises(TransitionError):
         SESSION.check(SessionPhase.PLACING, SessionPhase.MINING)
+
+
+def test_a_peer_is_alive_or_gone_and_a_move_is_checked() -> None:
+    assert PEER.terminal == frozenset()  # a peer long gone is forgotten, not ended
+    record = PeerRecord("12D3KooWpeer", "did:key:z", "nonce-000", PeerState.ALIVE, 0.0, 0.0, 0.0)
+    record.move(PeerState.GONE)
+    record.move(PeerState.GONE)  # the same state: no move
+    assert record.status is PeerState.GONE and record.as_dict(0.0)["status"] == "gone"

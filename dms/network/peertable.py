@@ -15,9 +15,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from dms.statemachine import Machine
 
 HEARTBEAT_TOPIC = "/dms/heartbeat"
 HEARTBEAT_BEHAVIOUR = "/broadcast/heartbeat"
@@ -25,7 +28,20 @@ HEARTBEAT_BEHAVIOUR = "/broadcast/heartbeat"
 HEARTBEATS_BEHAVIOUR = "/dms/node/peers/heartbeats"
 DEADLINE_FACTOR = 3.0  # a peer may miss two heartbeats before it is gone
 
-ALIVE, GONE = "alive", "gone"
+
+class PeerState(StrEnum):
+    ALIVE = "alive"  # heard from within its deadline
+    GONE = "gone"  # past its deadline, or it said it was leaving
+
+
+# alive <-> gone: a peer that is heard from again is alive again; none is final (a
+# peer gone for long is forgotten: its row is dropped, and it comes back as a new one).
+PEER = Machine(
+    "peer",
+    PeerState,
+    {PeerState.ALIVE: {PeerState.GONE}, PeerState.GONE: {PeerState.ALIVE}},
+)
+ALIVE, GONE = PeerState.ALIVE, PeerState.GONE
 
 
 class Heartbeat(BaseModel):
@@ -54,7 +70,7 @@ class PeerRecord:
     peer_id: str
     did: str
     nonce: str
-    status: str
+    status: PeerState
     first_seen: float  # wall clock, for people
     last_seen: float
     deadline: float  # table clock (monotonic)
@@ -62,13 +78,18 @@ class PeerRecord:
     heartbeat: Heartbeat | None = None
     history: list[str] = field(default_factory=list)
 
+    def move(self, to: PeerState) -> None:
+        """Enter ``to`` (checked against ``PEER``; the same state is no move)."""
+        if to != self.status:
+            self.status = PEER.check(self.status, to, self.peer_id[-8:])
+
     def as_dict(self, now_wall: float | None = None) -> dict[str, Any]:
         now_wall = time.time() if now_wall is None else now_wall
         hb = self.heartbeat
         return {
             "peer_id": self.peer_id,
             "did": self.did,
-            "status": self.status,
+            "status": self.status.value,
             "last_seen_s": round(max(0.0, now_wall - self.last_seen), 3),
             "restarts": self.restarts,
             "nonce": self.nonce,
@@ -120,9 +141,10 @@ class PeerTable:
             else:
                 event = "alive"
             if beat.leaving:
-                record.status, event = GONE, "left"
+                record.move(GONE)
+                event = "left"
             else:
-                record.status = ALIVE
+                record.move(ALIVE)
             record.did = did
             record.heartbeat = beat
             record.last_seen = wall - age
@@ -138,7 +160,7 @@ class PeerTable:
         with self._lock:
             for record in self._peers.values():
                 if record.status == ALIVE and now > record.deadline:
-                    record.status = GONE
+                    record.move(GONE)
                     record.history = [*record.history, "expired"][-self._history :]
                     gone.append(record.peer_id)
         return gone

@@ -5,6 +5,7 @@ one precise line per mistake, nothing cut."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shlex
@@ -313,3 +314,88 @@ def test_a_dial_that_recovers_is_not_an_error(tmp_path: Path) -> None:
     said = early.proc.stderr.read()
     assert " ERROR " not in said, said
     assert "Failed to open TCP stream" not in said, said
+
+
+class Pair:
+    """A data owner and one provider of one core, running."""
+
+    def __init__(self, root: Path) -> None:
+        self.owner, self.provider = root / "owner", root / "provider"
+        for home in (self.owner, self.provider):
+            assert dms(home, "init").returncode == 0
+            (home / "config.toml").write_text("heartbeat_s = 0.5\n")
+        done = dms(self.provider, "onboard", "--cpu", "1", "--ram", "1", "--disk", "1", timeout=120)
+        assert done.returncode == 0, done.stderr
+        self.provider_daemon = Daemon(self.provider)
+        self.owner_daemon = Daemon(self.owner, "--bootstrap", self.provider_daemon.info["addrs"][0])
+        self.provider_id = self.provider_daemon.info["peer_id"]
+
+        def provider_known() -> bool:
+            rows = dms_json(self.owner, "peers", "list")
+            return any(r.get("onboarded", {}).get("cpu") for r in rows)
+
+        wait_for(provider_known, 30, "the owner to hear the provider")
+
+    def stop(self) -> None:
+        self.owner_daemon.stop()
+        self.provider_daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    made = Pair(tmp_path_factory.mktemp("pair"))
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
+def timed_lines(
+    home: Path, *args: str, timeout: float = 120
+) -> tuple[int, list[tuple[float, str]]]:
+    """Run ``dms ARGS`` at 80 columns; its exit code and each output line with the time it
+    came (stderr joined to stdout)."""
+    env = env_for(home)
+    env.update(COLUMNS="80", LINES="50", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        dms_argv(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    lines = [(time.monotonic(), line.rstrip("\n")) for line in iter(proc.stdout.readline, "")]
+    return proc.wait(timeout=timeout), lines
+
+
+def longest_silence(start: float, lines: list[tuple[float, str]]) -> float:
+    times = [start, *(at for at, _ in lines)]
+    return max(b - a for a, b in itertools.pairwise(times))
+
+
+def test_a_placed_job_that_waits_says_why_and_ends_with_a_hint(pair: Pair, tmp_path: Path) -> None:
+    # Two workers of one core each, and one provider of one core: the second waits.
+    mine = ["mine", "skmeans", "--data", str(IRIS), "--k", "3", "--shards", "2",
+            "--timeout", "14", "--out", str(tmp_path / "o")]  # fmt: skip
+    start = time.monotonic()
+    code, lines = timed_lines(pair.owner, *mine)
+    text = "\n".join(line for _, line in lines)
+    assert code != 0 and "Traceback" not in text, text
+    assert "waiting" in text and "for a provider for shard" in text, text
+    assert f"{pair.provider_id[-8:]} (alive): declined" in text, text  # each peer's reason
+    assert "1 peer(s) alive" in text, text
+    assert "hint:" in text and "--shards 1" in text and "--local" in text, text
+    assert longest_silence(start, lines) < 10, text
+
+
+def test_a_deployment_that_waits_says_why_and_ends_with_a_hint(pair: Pair, tmp_path: Path) -> None:
+    job = tmp_path / "big.yaml"
+    job.write_text(
+        "name: big\ndeadline_s: 12\nallocations:\n  - {name: w, executor: compute, count: 1, "
+        "resources: {cpu: 2, ram: 16MiB}, params: {mode: sleep, seconds: 0.1}}\n"
+    )
+    start = time.monotonic()
+    code, lines = timed_lines(pair.owner, "deploy", str(job), "--follow")
+    text = "\n".join(line for _, line in lines)
+    assert code != 0 and "Traceback" not in text, text
+    assert "for a provider for w" in text and "0 fit" in text, text
+    assert "not asked: too small by its last heartbeat: cpu 1 free < 2" in text, text
+    assert "hint:" in text and "onboard more providers" in text, text
+    assert longest_silence(start, lines) < 10, text

@@ -19,6 +19,7 @@ from dms.cli.output import (
     jsonable,
     short_peer,
 )
+from dms.cli.waiting import Waiting, placement_hint
 from dms.jobs.spec import load_spec
 from dms.node.client import NodeClient
 
@@ -115,18 +116,26 @@ def deploy(
         return
     seen = 0
     status: dict[str, Any] = {}
+    waiting = Waiting(client, deployment_id, lambda line: console.print(line, highlight=False))
     while True:
         status = _ask("status", deployment_id, timeout, client)
         events = status.get("events", [])
         if not json_out:
             for event in events[seen:]:
                 _print_event(event)
+                waiting.news()
         seen = len(events)
         if status["state"] in TERMINAL:
             break
+        if not json_out:
+            waiting.tick()  # nothing new for a few seconds: say what it waits for
         time.sleep(0.2)
     _show_status(status, json_out)
     if status["state"] != "completed":
+        errors = " ".join(s.get("error") or "" for s in status["slots"])
+        hint = placement_hint(errors)
+        if hint and not json_out:
+            console.print(hint, highlight=False)
         raise typer.Exit(1)
 
 

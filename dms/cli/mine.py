@@ -24,6 +24,7 @@ import typer
 from dms.actor import RemoteError
 from dms.cli.common import JsonOption, settings
 from dms.cli.output import console, emit_fields, emit_json, progress_bar
+from dms.cli.waiting import Waiting, placement_hint
 from dms.errors import DmsError
 from dms.mining import Distance, MiningError, run_classification, run_clustering
 from dms.mining.blind_kmeans import blind_keys
@@ -201,6 +202,7 @@ def _mine_on_network(
         )
     seen: set[tuple[float, str]] = set()
     status: dict[str, Any] = {}
+    waiting = Waiting(client, session, lambda line: console.print(line, highlight=False))
     try:
         while True:
             status = client.invoke("/dms/node/mining/status", {"id": session}, timeout=30)
@@ -212,10 +214,16 @@ def _mine_on_network(
                         seen.add(key)
                         stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
                         console.print(f"{stamp}  {event['what']}", highlight=False)
+                        waiting.news()
             if status["phase"] == "failed":
-                raise MineError(f"mining session {session} failed: {progress.get('reason', '')}")
+                reason = progress.get("reason", "")
+                hint = placement_hint(reason, placement.shards)
+                ended = f"mining session {session} failed: {reason}"
+                raise MineError(f"{ended}\n{hint}" if hint else ended)
             if status["phase"] == "completed":
                 break
+            if not json_out:
+                waiting.tick()  # nothing new for a few seconds: say what it waits for
             time.sleep(0.3)
     except KeyboardInterrupt:
         client.invoke("/dms/node/deployment/shutdown", {"id": session}, timeout=30)

@@ -200,6 +200,10 @@ def test_below_the_threshold_the_collaboration_fails_naming_who_dropped() -> Non
     drops = {"owner2": Drop(2), "owner3": Drop(3)}
     with pytest.raises(CollabFailed, match=r"round 3: only 1 owners sent.*owner2, owner3"):
         run_collab(p, split(IRIS, 3), drops=drops)
+    # Sent its input, then went silent: the reason names who did not answer.
+    p = proposal(IRIS, 3, k=3, rounds=2, threshold=3)
+    with pytest.raises(CollabFailed, match=r"round 2: only 2 survivors.*no answer from: owner3"):
+        run_collab(p, split(IRIS, 3), drops={"owner3": Drop(2, Phase.UNMASK)})
 
 
 def test_bad_proposals_and_rows_are_refused_with_a_reason() -> None:

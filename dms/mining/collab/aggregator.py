@@ -178,7 +178,8 @@ class CollabAggregator:
             raise MiningError(f"round {self.round}'s inputs are not closed")
         survivors = next(iter(self._request.values())).survivors
         dropped = next(iter(self._request.values())).dropped
-        self._require(len(self._replies), "survivors answered the unmask request")
+        silent = [o for o in survivors if o not in self._replies]
+        self._require(len(self._replies), "survivors answered the unmask request", silent)
         holders = sorted(self._replies, key=p.position)[: p.threshold]
         weights = shamir.lagrange_at_zero(p.position(h) for h in holders)
         total = np.zeros(p.length(self.round), dtype=np.uint64)
@@ -236,14 +237,18 @@ class CollabAggregator:
                 f"round {self.round}: {owner}'s secret does not rebuild: {exc}"
             ) from None
 
-    def _require(self, count: int, what: str, *, setup: bool = False) -> None:
+    def _require(
+        self, count: int, what: str, silent: list[str] | None = None, *, setup: bool = False
+    ) -> None:
         p = self.proposal
         if count >= p.threshold:
             return
         when = "setup" if setup else f"round {self.round}"
         gone = ", ".join(sorted({d.owner for d in self.dropped}, key=p.position)) or "none"
+        quiet = f"; no answer from: {', '.join(silent)}" if silent else ""
         raise CollabFailed(
-            f"{when}: only {count} {what}, below the threshold {p.threshold} (dropped: {gone})"
+            f"{when}: only {count} {what}, below the threshold {p.threshold} "
+            f"(dropped: {gone}{quiet})"
         )
 
     def _check_collab(self, collab_id: str, sender: str) -> None:

@@ -17,11 +17,20 @@ from typing import Any
 import msgpack
 import pytest
 
-from dms.jobs.base import Log
+from dms.jobs.base import ExecutorError, Log
 from dms.jobs.executors import EXECUTORS
-from dms.jobs.mining import MiningExecutor, MiningParams, MiningSession
+from dms.jobs.mining import (
+    MiningExecutor,
+    MiningParams,
+    MiningSession,
+    inspect_context,
+    max_context_bytes,
+    split_context,
+)
 from dms.mining import run_clustering
+from dms.mining.blind_kmeans import blind_keys
 from dms.mining.data import read_table
+from dms.mining.schemes.ckks import CkksKeys
 from dms.sim.cluster import LocalCluster
 from dms.sim.scenario import parse_scenario
 from tests.test_mining_placed import IRIS, Network
@@ -203,3 +212,52 @@ def test_a_worker_caught_cheating_is_excluded_and_said_in_one_line(
     session = net.mine(blind_iris())
     result = excluded_then_completed(net, session, "shard 0")
     assert result["protocol"] == "blind"
+
+
+# ---- a hostile owner: the provider checks a context before it fetches or loads it ------
+
+
+@pytest.fixture(scope="module")
+def galois_context() -> bytes:
+    """A public context with Galois keys (32 MiB): no mining job needs one."""
+    return CkksKeys.generate(128, galois=True).public_context_bytes()
+
+
+def test_a_context_larger_than_the_level_allows_is_refused_before_it_is_fetched(
+    net: Network, monkeypatch: pytest.MonkeyPatch, galois_context: bytes
+) -> None:
+    def bomb(start: bytes) -> tuple[bytes, bytes | None]:
+        body, _ = split_context(start)
+        return body, galois_context
+
+    monkeypatch.setattr("dms.orchestrator.mining.split_context", bomb)
+    fetched = [n.node.pykka_ref.proxy().courier.get() for n in net.providers if n.node]
+    before = [c.store.used_bytes for c in fetched]
+    session = net.mine(blind_iris() | {"timeout_s": 15})
+    status = net.wait(session, timeout=90)
+    assert status["phase"] == "failed"
+    reason = status["progress"]["reason"]
+    assert "the public context declares" in reason
+    assert "a level-128 job's is at most 2.3 MiB" in reason
+    assert "refused before fetching it" in reason
+    assert [c.store.used_bytes for c in fetched] == before
+    net.settle(session)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: CkksKeys.generate(128, galois=True).public_context_bytes(), "Galois keys"),
+        (lambda: CkksKeys.generate(128).secret_context_bytes(), "holds a secret key"),
+        (lambda: CkksKeys.generate(192).public_context_bytes(), "N = 16384"),
+        (lambda: b"\x0a\x05hello", "lacks its parameters"),
+        (lambda: b"garbage\xff\xff", "not a TenSEAL context"),
+    ],
+    ids=["galois", "secret", "level-192", "no-public-part", "not-protobuf"],
+)
+def test_a_worker_reads_a_contexts_parts_before_seal_loads_it(make: Any, reason: str) -> None:
+    with pytest.raises(ExecutorError, match=reason):
+        inspect_context(make(), 128)
+    for level in (128, 192, 256):  # what the owners make passes
+        inspect_context(blind_keys(level).public_context_bytes(), level)
+        assert len(CkksKeys.generate(level).public_context_bytes()) < max_context_bytes(level)

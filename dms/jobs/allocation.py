@@ -113,6 +113,8 @@ class AllocationActor(Actor):
         self.executor_kind, self.params = executor, params
         self.executor = executor_for(executor)
         self.executor.check(params, resources)
+        ram_mib = resources.ram_mib if resources is not None else None
+        self._ram_bytes = ram_mib * 1024 * 1024 if ram_mib else None  # the lease's memory
         self.session: Any = None
         self._courier = courier
         self._session_thread: ThreadPoolExecutor | None = None
@@ -316,6 +318,9 @@ class AllocationActor(Actor):
             try:
                 # The previous answer was fetched before this call was made: free it.
                 courier.release(out_owner)
+                # Declared sizes first: nothing is fetched that the job could not need.
+                context_size = call.context.size if call.context is not None else None
+                self.session.admit(call.op, call.parcel.size, context_size, self._ram_bytes)
                 body = courier.unpack(call.parcel, peer, owner)
                 if call.context is not None:
                     body = join_context(body, courier.unpack(call.context, peer, owner))

@@ -399,3 +399,14 @@ def test_a_deployment_that_waits_says_why_and_ends_with_a_hint(pair: Pair, tmp_p
     assert "not asked: too small by its last heartbeat: cpu 1 free < 2" in text, text
     assert "hint:" in text and "onboard more providers" in text, text
     assert longest_silence(start, lines) < 10, text
+
+
+def test_sim_wraps_its_lines_instead_of_cutting_them(tmp_path: Path) -> None:
+    """The README's first command: a provider killed mid-job, and why the worker was lost,
+    said whole at 80 columns."""
+    done = at_80(tmp_path, "sim", "run", str(ROOT / "examples" / "sim" / "quickstart.yaml"))
+    assert done.returncode == 0, done.stderr
+    clean(done)
+    assert not any(line.rstrip().endswith("...") for line in done.stdout.splitlines())
+    said = " ".join(done.stdout.split())
+    assert "worker lost (the provider is gone (missed its heartbeat deadline))" in said, said

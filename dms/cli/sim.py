@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import sys
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,6 +70,9 @@ def quiet_logging(root: Path) -> Iterator[None]:
         handler.close()
 
 
+TEXT_COLUMN = 20  # where the runner's line text starts: f"{t:7.1f}s  {action:<9} "
+
+
 def run(
     path: ScenarioArg,
     json_out: JsonOption = False,
@@ -88,7 +92,15 @@ def run(
     out = err_console if json_out else console
 
     def say(line: str) -> None:
-        out.print(line, highlight=False, soft_wrap=True)
+        # Wrapped between words under the text column ("   12.3s  job       "), never cut.
+        wrapped = textwrap.fill(
+            line,
+            width=max(out.width, 40),
+            subsequent_indent=" " * TEXT_COLUMN,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        out.print(wrapped, highlight=False, soft_wrap=True)
 
     try:
         with quiet_logging(work):

@@ -32,7 +32,6 @@ from dms.sim.scenario import Deploy, Mine, Scenario, Step, Target
 log = logging.getLogger("dms.sim")
 
 Say = Callable[[str], None]
-WIDTH = 80
 READY_TIMEOUT_S = 120.0
 SETTLE_TIMEOUT_S = 60.0  # the longest start-up may stay busy before the timeline starts
 END_TIMEOUT_S = 600.0  # the longest the end waits for jobs that have not ended
@@ -151,10 +150,9 @@ class Runner:
         t = time.monotonic() - self.t0
         entry = {"t": round(t, 2), "action": action, "what": what, "ok": ok, **extra}
         self.report.timeline.append(entry)
-        text = f"{t:7.1f}s  {action:<9} {what}"
-        if len(text) > WIDTH:
-            text = text[: WIDTH - 3] + "..."
-        self._say(text)
+        # Whole: the CLI wraps it to the terminal (a cut would lose the reason a worker
+        # was lost, or a job failed).
+        self._say(f"{t:7.1f}s  {action:<9} {what}")
 
     # ---- the whole run -------------------------------------------------------------------
 
@@ -650,7 +648,7 @@ def summary_rows(report: Report) -> list[list[str]]:
     for job in report.jobs:
         if job["name"].rsplit(".", 1)[0] in batched and "." in job["name"]:
             continue
-        note = job["reason"][:40]
+        note = job["reason"]  # the table wraps it between words
         if job["kind"] == "mine":
             parts = [f"{job['steps']} steps"]
             if job.get("replacements"):

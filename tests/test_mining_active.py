@@ -331,3 +331,25 @@ def test_dbskmeans_runs_the_announced_rounds_whatever_the_data() -> None:
         assert [u.done for u in updates] == [False] * 8 + [True]
         seen.append(result.iterations)
     assert seen[0] < 9  # converged early (OPE is keyed at random): the rest were dummy
+
+
+# ---- only padded sizes travel ----------------------------------------------------------------
+
+
+def test_a_blind_jobs_params_carry_only_padded_sizes(tmp_path: Path) -> None:
+    """What providers see at bid time: records rounded up to whole ciphertexts (N/2 =
+    4096 at level 128), queries up to whole blocks of 8; never the exact counts."""
+    from dms.jobs.mining import MiningParams
+    from dms.mining.placed import MiningSettings
+    from dms.node.mining import MiningRequest, plan
+
+    params = MiningParams(algorithm="sknn", k=3, n=150, a=4, queries=30)
+    assert (params.protocol, params.n, params.queries) == ("blind", 4096, 32)
+    udm = MiningParams(algorithm="sknn", protocol="udm", k=3, n=150, a=4, queries=30)
+    assert (udm.n, udm.queries) == (150, 30)  # udm ships U: its sizes are no secret
+
+    settings = MiningSettings(algorithm="skmeans", k=3, shards=2, protocol="blind")
+    request = MiningRequest(settings=settings, data=str(EXAMPLES / "iris-features.csv"))
+    _, spec, sizes, _ = plan(request)
+    assert sizes == [75, 75]
+    assert [a.params["n"] for a in spec.allocations] == [4096, 4096]

@@ -15,7 +15,9 @@ again, and a transition here is the body of a ``with`` block, which cannot be.)
 ``free`` is never stored: it is what the onboarded row leaves after the live
 leases and allocations, so it cannot drift from them. A lease past its
 ``expires_at`` stops counting at once, even before :meth:`ResourceLedger.expire`
-marks it ``expired`` for the record.
+marks it ``expired`` for the record. A lease's state is a ``LeaseState`` and
+every write of one is checked against the table ``LEASE`` (``dms.statemachine``):
+``locked -> allocated | expired | released``, ``allocated -> released``.
 
 Reading the pools is the hot path (every bid, every heartbeat), so
 :meth:`ResourceLedger.pools` keeps the last answer until this ledger writes
@@ -35,12 +37,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Connection, Row, and_, func, insert, or_, select, text, update
 
 from dms.errors import DmsError
 from dms.resources.amounts import KINDS, ZERO, Resources, show
+from dms.statemachine import Machine
 from dms.store import Database
 from dms.store.models import Event, Lease, Onboarding, utcnow
 
@@ -50,8 +54,27 @@ EVENTS = Event.__table__
 
 log = logging.getLogger("dms.resources")
 
-LOCKED, ALLOCATED, RELEASED, EXPIRED = "locked", "allocated", "released", "expired"
-LIVE_STATES = (LOCKED, ALLOCATED)
+
+class LeaseState(StrEnum):
+    LOCKED = "locked"  # held for a bid, until it is committed or expires
+    ALLOCATED = "allocated"  # committed: an allocation runs on it
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+LOCKED, ALLOCATED, RELEASED, EXPIRED = LeaseState
+# locked -> allocated (commit) | expired | released; allocated -> released.
+LEASE = Machine(
+    "lease",
+    LeaseState,
+    {
+        LOCKED: {ALLOCATED, EXPIRED, RELEASED},
+        ALLOCATED: {RELEASED},
+        RELEASED: set(),
+        EXPIRED: set(),
+    },
+)
+LIVE_STATES = LEASE.live
 MAX_LEASE_S = 3600.0
 
 
@@ -104,7 +127,7 @@ class Pools:
 @dataclass(frozen=True)
 class LeaseView:
     id: str
-    state: str
+    state: LeaseState
     resources: Resources
     holder: str
     ref: str
@@ -113,7 +136,7 @@ class LeaseView:
     def as_dict(self) -> dict[str, object]:
         return {
             "id": self.id,
-            "state": self.state,
+            "state": self.state.value,
             "resources": self.resources.human(),
             "holder": self.holder,
             "ref": self.ref,
@@ -128,7 +151,9 @@ def _amounts(row: Row[Any]) -> Resources:
 
 
 def _view(row: Row[Any]) -> LeaseView:
-    return LeaseView(row.id, row.state, _amounts(row), row.holder, row.ref, row.expires_at)
+    return LeaseView(
+        row.id, LeaseState(row.state), _amounts(row), row.holder, row.ref, row.expires_at
+    )
 
 
 # Live leases and allocations, summed per state: the one query every transition runs.
@@ -282,6 +307,8 @@ class ResourceLedger:
                     "use --force to stop them and offboard",
                 )
             if live:
+                for lease in live:
+                    LEASE.check(lease.state, RELEASED, lease.id[:12])
                 conn.execute(
                     update(LEASES)
                     .where(LEASES.c.id.in_([r.id for r in live]))
@@ -391,6 +418,7 @@ class ResourceLedger:
                 _event(
                     conn, "resources.allocated", {"id": lease_id, "ref": values.get("ref", row.ref)}
                 )
+            LEASE.check(row.state, values["state"], lease_id[:12])
             conn.execute(update(LEASES).where(LEASES.c.id == lease_id).values(**values))
             view = _view(self._get(conn, lease_id))
         if expired:  # raised after the transaction, so the expiry is recorded
@@ -422,6 +450,7 @@ class ResourceLedger:
                         raise
                     continue
                 if row.state in LIVE_STATES:
+                    LEASE.check(row.state, RELEASED, lease_id[:12])
                     ended.append(f"{row.ref or row.id[:12]} ({row.state})")
                     if row.state == ALLOCATED:
                         _event(conn, "resources.released", {"id": row.id, "ref": row.ref})
@@ -494,6 +523,7 @@ class ResourceLedger:
                 )
             )
             if ids:
+                LEASE.check(LOCKED, EXPIRED)  # the query took locked leases only
                 conn.execute(
                     update(LEASES).where(LEASES.c.id.in_(ids)).values(state=EXPIRED, ended_at=now)
                 )

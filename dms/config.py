@@ -78,6 +78,58 @@ class Settings(BaseSettings):
     max_outbound_bytes: int = Field(
         default=64 * MIB, ge=MIB, description="most bytes queued for one peer; more fail at once"
     )
+    # Network budgets (dms.network.budgets; specs/security.md, "Budgets and priority").
+    max_inbound_connections: int = Field(
+        default=250,
+        ge=1,
+        description="connections other peers may hold open to this node; when full, the "
+        "unknown peer idle the longest is evicted for a newcomer (connection_evicted)",
+    )
+    max_connections_per_ip: int = Field(
+        default=128, ge=1, description="inbound connections from one IP address"
+    )
+    max_connections_per_subnet: int = Field(
+        default=192, ge=1, description="inbound connections from one /24 (IPv6: /64) subnet"
+    )
+    max_handshakes: int = Field(
+        default=64,
+        ge=1,
+        description="sockets in their Noise/Yamux handshake at once; when full the oldest "
+        "is dropped (handshake_evicted)",
+    )
+    max_handshakes_per_ip: int = Field(
+        default=16, ge=1, description="sockets in their handshake at once from one IP"
+    )
+    handshake_timeout_s: float = Field(
+        default=5.0, gt=0, description="close a socket that has not finished its handshake"
+    )
+    max_streams_per_peer: int = Field(
+        default=64, ge=4, description="streams one peer may open at once; more are reset"
+    )
+    max_streams: int = Field(
+        default=4096, ge=16, description="streams all peers may open at once; more are reset"
+    )
+    stream_idle_s: float = Field(
+        default=120.0, gt=0, description="reset an inbound stream with no frame for this long"
+    )
+    max_buffered_bytes: int = Field(
+        default=256 * MIB,
+        ge=MIB,
+        description="bytes received and not yet read, all streams (each: its receive window); "
+        "a peer past either loses the stream (window_exceeded)",
+    )
+    max_transfers_per_peer: int = Field(
+        default=8, ge=1, description="chunk requests of one peer served at once"
+    )
+    max_transfers: int = Field(default=64, ge=1, description="chunk requests served at once")
+    chunk_idle_s: float = Field(
+        default=10.0, gt=0, description="end a chunk stream idle this long (transfer_stalled)"
+    )
+    chunk_min_bytes_per_s: int = Field(
+        default=256 * 1024,
+        ge=1024,
+        description="end a chunk stream slower than this, past chunk_idle_s (transfer_stalled)",
+    )
     peer_forget_s: float = Field(
         default=3600.0, gt=0, description="drop a peer from the peers table once gone this long"
     )

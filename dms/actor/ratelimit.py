@@ -69,6 +69,11 @@ class PeerRates:
             self._peers[peer] = state
         return state.frames.take(self.rate, self.burst, now)
 
+    def last_active(self, peer: str) -> float | None:
+        """When ``peer`` last sent a frame (this clock), or None if it has not."""
+        state = self._peers.get(peer)
+        return state.frames.stamp if state is not None else None
+
     def refused(self, peer: str) -> int:
         """Note a refusal of ``peer``'s frame; the refusals to log now (0: not yet)."""
         now = self._clock()

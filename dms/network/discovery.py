@@ -143,6 +143,11 @@ class Discovery(LoopBridge):
 
     async def _connect(self, info: PeerInfo) -> None:
         assert self._host is not None
+        # py-libp2p keeps a peer whose every address failed out of reach for 60 s; a
+        # dial asked for here (bootstrap, remembered peers, `dms peers connect`) is
+        # paced by reconnect_interval_s instead, so a peer that was full a moment ago
+        # (its connection budget) is reached as soon as it has room.
+        self._host.get_network().unblock_peer(info.peer_id)
         try:
             with trio.fail_after(self.settings.dial_timeout_s):
                 await self._host.connect(info)

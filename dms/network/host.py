@@ -41,13 +41,14 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from dms.actor.ratelimit import PeerRates
 from dms.actor.transport import Receiver, Undeliverable
+from dms.network.budgets import Budget, IdleWatch, InboundGate, Stake, StreamBudget
 from dms.network.checked import CheckedFrames
 from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, envelope_is_valid, new_pubsub
-from dms.network.libp2p_patches import apply_libp2p_patches
+from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause
 from dms.network.settings import NetworkSettings, parse_multiaddr
-from dms.network.transfer import CHUNK_PROTOCOL, Offers
+from dms.network.transfer import CHUNK_PROTOCOL, Offers, TransferBudget
 from dms.network.unicast import ACTOR_PROTOCOL, Unicast, _Outbound
 from dms.security.identity import Identity
 
@@ -115,6 +116,11 @@ class Libp2pTransport(Unicast, Gossip):
         self.identity = identity
         self.settings = settings or NetworkSettings()
         self._known_addrs = list(known_addrs or [])
+        self._dialed_at_start = {
+            text.rsplit("/p2p/", 1)[1]
+            for text in [*self.settings.bootstrap, *self._known_addrs]
+            if "/p2p/" in text
+        }
         self._max_ttl_s = max_ttl_s
         self._clock_skew_s = clock_skew_s
         self._receiver: Receiver | None = None
@@ -149,6 +155,21 @@ class Libp2pTransport(Unicast, Gossip):
         self.refusals: Counter[str] = Counter()
         self._rates = PeerRates(self.settings.max_frames_per_s, self.settings.frame_burst)
         self._waiting: Counter[str] = Counter()
+        # Budgets of what remote parties can make this host hold (dms.network.budgets).
+        # ``stake(peer id)``: the node has a stake in that peer (set by the node); such
+        # peers, and those this host dials at start, keep their connection slots.
+        self.stake: Stake | None = None
+        s = self.settings
+        self._gate: InboundGate | None = None
+        self._streams = StreamBudget(s, self.refusals)
+        self._idle = IdleWatch(s.stream_idle_s, self.refusals)
+        self._transfers = TransferBudget(
+            max_per_peer=s.max_transfers_per_peer,
+            max_total=s.max_transfers,
+            idle_s=s.chunk_idle_s,
+            min_bytes_per_s=s.chunk_min_bytes_per_s,
+            refusals=self.refusals,
+        )
 
     # ---- Transport ---------------------------------------------------------------
 
@@ -226,10 +247,21 @@ class Libp2pTransport(Unicast, Gossip):
                 min_connections=self.settings.min_connections,
                 low_watermark=self.settings.min_connections,
                 high_watermark=self.settings.max_connections,
-                max_connections=self.settings.max_connections,
+                # Inbound connections are admitted by the gate below (its budgets, with
+                # eviction): py-libp2p's own check of the total must not refuse first.
+                max_connections=self.settings.max_connections + self.settings.max_handshakes,
+                inbound_upgrade_timeout=self.settings.handshake_timeout_s,
+                inbound_stream_protocol_negotiation_timeout=self.settings.handshake_timeout_s,
             ),
         )
         self._host = host
+        swarm = host.get_network()
+        self._gate = InboundGate(
+            swarm, self.settings, self.refusals, self._has_stake, self._rates.last_active
+        )
+        self._gate.install()
+        self._streams.install(swarm)
+        set_buffer_budget(self.settings.max_buffered_bytes, swarm, self._window_exceeded)
         self._ping = PingService(host)
         pubsub, router = new_pubsub(host, self.settings.gossip, self._gossip_refused)
         self._pubsub = pubsub
@@ -247,6 +279,7 @@ class Libp2pTransport(Unicast, Gossip):
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._keep_connected)
+                    nursery.start_soon(self._idle.run)
                     self._ready.set()
                     await self._stop.wait()
                     nursery.cancel_scope.cancel()
@@ -258,6 +291,34 @@ class Libp2pTransport(Unicast, Gossip):
             with contextlib.suppress(Exception), trio.move_on_after(5):
                 await host.close()
                 self._outbound.clear()
+
+    # ---- budgets -------------------------------------------------------------------
+
+    def _has_stake(self, peer_id: str) -> bool:
+        """A peer this node dials at start (bootstrap, remembered), or one the node
+        says it has a stake in (``stake``): it keeps its connection slot."""
+        if peer_id in self._dialed_at_start:
+            return True
+        return self.stake is not None and self.stake(peer_id)
+
+    def _window_exceeded(self, peer_id: str, reason: str) -> None:
+        self.refusals[Budget.WINDOW_EXCEEDED] += 1
+
+    def budget_usage(self) -> dict[str, tuple[int, int]]:
+        """Each network budget's (used, limit), for ``/metrics``."""
+        s = self.settings
+        usage = {
+            **(self._gate.usage() if self._gate is not None else {}),
+            **self._streams.usage(),
+            "idle_watched_streams": (len(self._idle), s.max_streams),
+            "buffered_bytes": (BUFFERS.held, BUFFERS.limit),
+            "transfers": (self._transfers.serving, s.max_transfers),
+            "transfers_per_peer": (
+                max(self._transfers.by_peer.values(), default=0),
+                s.max_transfers_per_peer,
+            ),
+        }
+        return usage
 
 
 def raise_open_file_limit() -> None:

@@ -26,6 +26,25 @@ class GossipSettings(BaseModel):
     subscription_queue: int = Field(default=4096, ge=32)
 
 
+# The budgets' settings, named alike here and in ``dms.config.Settings``.
+BUDGET_SETTINGS = (
+    "max_inbound_connections",
+    "max_connections_per_ip",
+    "max_connections_per_subnet",
+    "max_handshakes",
+    "max_handshakes_per_ip",
+    "handshake_timeout_s",
+    "max_streams_per_peer",
+    "max_streams",
+    "stream_idle_s",
+    "max_buffered_bytes",
+    "max_transfers_per_peer",
+    "max_transfers",
+    "chunk_idle_s",
+    "chunk_min_bytes_per_s",
+)
+
+
 class NetworkSettings(BaseModel):
     listen: list[str] = Field(default_factory=lambda: [DEFAULT_LISTEN])
     bootstrap: list[str] = Field(default_factory=list)
@@ -46,6 +65,26 @@ class NetworkSettings(BaseModel):
     frame_burst: int = Field(default=4000, ge=1)
     max_outbound_frames: int = Field(default=10_000, ge=16)
     max_outbound_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    # Budgets of what remote parties can make this node hold (dms.network.budgets;
+    # specs/security.md, "Budgets and priority"). Connections accepted from others:
+    max_inbound_connections: int = Field(default=250, ge=1)
+    max_connections_per_ip: int = Field(default=128, ge=1)
+    max_connections_per_subnet: int = Field(default=192, ge=1)  # /24, IPv6 /64
+    # Raw sockets in their Noise/Yamux handshake, and how long one may take.
+    max_handshakes: int = Field(default=64, ge=1)
+    max_handshakes_per_ip: int = Field(default=16, ge=1)
+    handshake_timeout_s: float = Field(default=5.0, gt=0)
+    # Inbound streams open at once, and how long one may go without a frame.
+    max_streams_per_peer: int = Field(default=64, ge=4)
+    max_streams: int = Field(default=4096, ge=16)
+    stream_idle_s: float = Field(default=120.0, gt=0)
+    # Bytes Yamux holds unread, all streams of the process (each stream: its window).
+    max_buffered_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    # Chunk requests served at once, and how slow or idle a chunk stream may be.
+    max_transfers_per_peer: int = Field(default=8, ge=1)
+    max_transfers: int = Field(default=64, ge=1)
+    chunk_idle_s: float = Field(default=10.0, gt=0)
+    chunk_min_bytes_per_s: int = Field(default=256 * 1024, ge=1024)
     gossip: GossipSettings = Field(default_factory=GossipSettings)
 
     @field_validator("listen", "bootstrap")

@@ -32,6 +32,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -43,6 +44,7 @@ from libp2p.custom_types import TProtocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from dms.errors import DmsError
+from dms.network.budgets import Budget
 from dms.network.frames import FrameError, FrameReader, encode_frame
 from dms.store.chunks import CHUNK_BYTES, ChunkError, ChunkStore
 
@@ -64,6 +66,8 @@ FETCH_ATTEMPTS = 6
 CHUNK_OK = b"\x00"
 CHUNK_REFUSED = b"\x01"
 MANIFEST_ID_PATTERN = r"^[0-9a-f]{32}$"
+TRANSFERS_FULL = Budget.TRANSFERS_FULL
+TRANSFER_STALLED = Budget.TRANSFER_STALLED
 
 
 class TransferError(DmsError):
@@ -154,6 +158,46 @@ class Offers:
             self.served_bytes += size
 
 
+@dataclass
+class TransferBudget:
+    """Chunk requests served at once, per peer and in total, and how long a chunk may
+    take: ``idle_s`` plus its size at ``min_bytes_per_s`` (a request, ``idle_s``).
+    One trio thread uses it (no lock). Refusals and stalls are counted in ``refusals``."""
+
+    max_per_peer: int = 8
+    max_total: int = 64
+    idle_s: float = 10.0
+    min_bytes_per_s: int = 256 * 1024
+    refusals: Counter[str] = field(default_factory=Counter)
+    by_peer: Counter[str] = field(default_factory=Counter)
+    serving: int = 0
+
+    def admit(self, peer: str) -> str | None:
+        """Take a slot for ``peer``; or why there is none."""
+        if self.by_peer[peer] >= self.max_per_peer:
+            held = self.by_peer[peer]
+            return f"{held} chunk requests of yours in progress (at most {self.max_per_peer})"
+        if self.serving >= self.max_total:
+            return f"{self.serving} chunk requests in progress (at most {self.max_total})"
+        self.by_peer[peer] += 1
+        self.serving += 1
+        return None
+
+    def release(self, peer: str) -> None:
+        self.serving -= 1
+        self.by_peer[peer] -= 1
+        if self.by_peer[peer] <= 0:
+            del self.by_peer[peer]
+
+    def deadline_s(self, size: int) -> float:
+        """How long moving ``size`` bytes may take on a chunk stream."""
+        return self.idle_s + size / self.min_bytes_per_s
+
+    def stalled(self, peer: str, what: str) -> None:
+        self.refusals[TRANSFER_STALLED] += 1
+        log.info("chunk stream with %s ended: %s: %s", peer, TRANSFER_STALLED, what)
+
+
 def refusal_for(manifest: Manifest | None, peer: str, hashes: list[str]) -> str | None:
     """Why ``peer`` may not pull ``hashes`` of ``manifest``, or None."""
     if manifest is None:
@@ -167,18 +211,51 @@ def refusal_for(manifest: Manifest | None, peer: str, hashes: list[str]) -> str 
 
 
 async def serve_chunks(
-    stream: INetStream, offers: Offers, tap: Callable[[str, bytes], None] | None = None
+    stream: INetStream,
+    offers: Offers,
+    tap: Callable[[str, bytes], None] | None = None,
+    budget: TransferBudget | None = None,
 ) -> None:
-    """The source side of one request: check the asker, then stream the chunks."""
+    """The source side of one request: check the asker and the budget, then stream the
+    chunks, each within the budget's deadline."""
+    budget = budget or TransferBudget()
     peer = stream.muxed_conn.peer_id.to_base58()
+    full = budget.admit(peer)
+    if full is not None:
+        budget.refusals[TRANSFERS_FULL] += 1
+        log.info("chunk request from %s refused: %s: %s", peer, TRANSFERS_FULL, full)
+        with contextlib.suppress(Exception), trio.move_on_after(budget.idle_s):
+            await stream.write(encode_frame(CHUNK_REFUSED + f"{TRANSFERS_FULL}: {full}".encode()))
+            await stream.close()
+        await _reset(stream)
+        return
+    try:
+        await _serve(stream, offers, tap, budget, peer)
+    finally:
+        budget.release(peer)
+
+
+async def _serve(
+    stream: INetStream,
+    offers: Offers,
+    tap: Callable[[str, bytes], None] | None,
+    budget: TransferBudget,
+    peer: str,
+) -> None:
     reader = FrameReader(stream, REQUEST_MAX_BYTES)
     try:
+        with trio.fail_after(budget.idle_s):
+            raw = await reader.next()
         request = msgpack.unpackb(
-            await reader.next(), raw=False, max_bin_len=0, max_str_len=256, max_array_len=4096
+            raw, raw=False, max_bin_len=0, max_str_len=256, max_array_len=4096
         )
         if tap is not None:
             tap(peer, msgpack.packb(request))
         manifest_id, hashes = str(request["m"]), [str(h) for h in request["c"]]
+    except trio.TooSlowError:
+        budget.stalled(peer, f"no request within {budget.idle_s:g} s")
+        await _reset(stream)
+        return
     except (FrameError, EOFError, ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
         log.info("bad chunk request from %s: %s", peer, exc)
         await _reset(stream)
@@ -188,34 +265,51 @@ async def serve_chunks(
     try:
         if reason is not None:
             log.warning("chunk request from %s refused: %s", peer, reason)
-            await stream.write(encode_frame(CHUNK_REFUSED + reason.encode()))
+            with trio.fail_after(budget.idle_s):
+                await stream.write(encode_frame(CHUNK_REFUSED + reason.encode()))
         else:
             for h in hashes:
                 try:
                     # Disk reads (and the hash check on read) stay off the trio thread.
                     data = await trio.to_thread.run_sync(offers.store.get, h)
                 except ChunkError as exc:  # gone, or corrupted on disk
-                    await stream.write(encode_frame(CHUNK_REFUSED + str(exc).encode()))
+                    with trio.fail_after(budget.idle_s):
+                        await stream.write(encode_frame(CHUNK_REFUSED + str(exc).encode()))
                     break
-                await stream.write(encode_frame(CHUNK_OK + data))
+                with trio.fail_after(budget.deadline_s(len(data))):
+                    await stream.write(encode_frame(CHUNK_OK + data))
                 offers.count_served(len(data))
-        await stream.close()
+        with trio.fail_after(budget.idle_s):
+            await stream.close()
+    except trio.TooSlowError:
+        budget.stalled(
+            peer, f"the asker reads slower than {budget.min_bytes_per_s} bytes/s, or not at all"
+        )
+        await _reset(stream)
     except Exception as exc:  # the asker went away mid-transfer: it will resume
         log.info("chunk stream to %s ended: %s", peer, exc)
         await _reset(stream)
 
 
 async def read_chunks(
-    stream: INetStream, manifest_id: str, hashes: list[str], max_chunk_bytes: int
+    stream: INetStream,
+    manifest_id: str,
+    hashes: list[str],
+    max_chunk_bytes: int,
+    budget: TransferBudget | None = None,
 ) -> list[tuple[str, bytes]]:
-    """The receiving side of one request: what arrived, in order (possibly fewer)."""
+    """The receiving side of one request: what arrived, in order (possibly fewer). A
+    source that sends a chunk slower than the budget allows is left: what came is kept."""
+    budget = budget or TransferBudget()
     await _open_window(stream, len(hashes) * (max_chunk_bytes + 5))
     await stream.write(encode_frame(msgpack.packb({"m": manifest_id, "c": hashes})))
     reader = FrameReader(stream, max_chunk_bytes + 1)
     out: list[tuple[str, bytes]] = []
+    peer = stream.muxed_conn.peer_id.to_base58()
     try:
         for h in hashes:
-            frame = await reader.next()
+            with trio.fail_after(budget.deadline_s(max_chunk_bytes)):
+                frame = await reader.next()
             if frame[:1] == CHUNK_REFUSED:
                 reason = frame[1:].decode(errors="replace")
                 if not out:
@@ -224,6 +318,9 @@ async def read_chunks(
             out.append((h, frame[1:]))
     except (EOFError, FrameError) as exc:  # interrupted: keep what came, resume later
         log.info("chunk stream for %s ended early: %s", manifest_id, exc)
+    except trio.TooSlowError:
+        budget.stalled(peer, f"a chunk of {manifest_id} took longer than its deadline")
+        await _reset(stream)
     return out
 
 

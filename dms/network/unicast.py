@@ -28,12 +28,19 @@ from dms.actor.handle import ROOT_INBOX, Address, Handle
 from dms.actor.ratelimit import PeerRates
 from dms.actor.system import REFUSAL_TTL_S, reply_payload
 from dms.actor.transport import Receiver, Undeliverable
+from dms.network.budgets import IdleWatch
 from dms.network.discovery import Discovery, peer_id_of
 from dms.network.frames import PREFIX, FrameError, FrameReader, encode_frame
 from dms.network.loop import NetworkError, why
 from dms.network.outbox import Outbox, OutboxFull
 from dms.network.settings import NetworkSettings
-from dms.network.transfer import CHUNK_PROTOCOL, Offers, read_chunks, serve_chunks
+from dms.network.transfer import (
+    CHUNK_PROTOCOL,
+    Offers,
+    TransferBudget,
+    read_chunks,
+    serve_chunks,
+)
 from dms.security.identity import Identity
 
 log = logging.getLogger("dms.network")
@@ -84,6 +91,8 @@ class Unicast(Discovery):
     identity: Identity
     _rates: PeerRates
     _waiting: Counter[str]  # frames waiting for a stream to their peer
+    _idle: IdleWatch
+    _transfers: TransferBudget
 
     def send(self, peer_id: str, frame: bytes) -> None:
         """Queue a frame for ``peer_id`` without waiting: never blocks the calling actor.
@@ -285,9 +294,11 @@ class Unicast(Discovery):
     async def _on_stream(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id.to_base58()
         reader = FrameReader(stream, self.settings.max_frame_bytes)
+        watched = self._idle.watch(stream.reset)  # reset after stream_idle_s with no frame
         try:
             while True:
                 frame = await reader.next()
+                watched.active = True
                 self.frames_in += 1
                 if self._rates.allow(peer):
                     self._deliver(frame, peer)
@@ -307,6 +318,8 @@ class Unicast(Discovery):
                 await stream.close()
         except Exception as exc:  # a reset or a closed connection ends the stream
             log.debug("stream from %s ended: %s", peer, exc)
+        finally:
+            self._idle.forget(watched)
 
     def _rate_limited(self, frame: bytes, peer: str) -> None:
         """A frame over ``peer``'s budget: refused undecoded, counted, logged once a
@@ -369,7 +382,7 @@ class Unicast(Discovery):
             with contextlib.suppress(Exception):
                 await stream.reset()
             return
-        await serve_chunks(stream, self.offers)
+        await serve_chunks(stream, self.offers, budget=self._transfers)
 
     def fetch_chunks(
         self, peer_id: str, manifest_id: str, hashes: list[str], max_chunk_bytes: int
@@ -394,7 +407,9 @@ class Unicast(Discovery):
         except Exception as exc:
             raise NetworkError(f"peer {peer_id} is unreachable: {why(exc)}") from None
         try:
-            arrived = await read_chunks(stream, manifest_id, hashes, max_chunk_bytes)
+            arrived = await read_chunks(
+                stream, manifest_id, hashes, max_chunk_bytes, self._transfers
+            )
         finally:
             with contextlib.suppress(Exception):
                 await stream.close()

@@ -25,7 +25,7 @@ from dms.config import Settings
 from dms.network.host import Libp2pTransport, NetworkError, SharedLoop
 from dms.network.peerbook import PeerBook
 from dms.network.peertable import PeerTable
-from dms.network.settings import NetworkSettings
+from dms.network.settings import BUDGET_SETTINGS, NetworkSettings
 from dms.network.transfer import ChunkNetwork
 from dms.node.api import ApiError, LocalApi
 from dms.node.home import NODE_KEY, NodeError, private_home
@@ -63,6 +63,7 @@ def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
             "message_burst_per_peer": settings.gossip_burst_per_peer,
         },
     }
+    values.update({name: getattr(settings, name) for name in BUDGET_SETTINGS})
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return NetworkSettings(**values)
@@ -199,6 +200,8 @@ class Node:
             self.bid_index = BidIndex(
                 self.db, bid_index_budget(self.settings), self.stakes.__contains__
             )
+            # ... and keep their connection slots when the connection budget is full.
+            self.transport.stake = self.stakes.__contains__
             services = NodeServices(
                 home=home,
                 db=self.db,

@@ -280,6 +280,24 @@ class NodeCollector(Collector):
             yield GaugeMetricFamily(
                 "dms_connections", "Peers this node holds a libp2p connection to.", connected
             )
+            used = GaugeMetricFamily(
+                "dms_network_budget_used",
+                "What remote peers hold of each network budget now (specs/security.md, "
+                "'Budgets and priority'); a per-peer or per-IP budget shows its fullest.",
+                labels=["budget"],
+            )
+            limit = GaugeMetricFamily(
+                "dms_network_budget_limit", "Each network budget's limit.", labels=["budget"]
+            )
+            try:
+                usage = transport.budget_usage()
+            except RuntimeError:  # a count changed size under us: the next scrape has it
+                usage = {}
+            for name, (now, most) in sorted(usage.items()):
+                used.add_metric([name], now)
+                limit.add_metric([name], most)
+            yield used
+            yield limit
 
     # ---- the ledger and the store ----------------------------------------------------
 

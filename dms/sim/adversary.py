@@ -138,6 +138,11 @@ class BarePeer:
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._stream: INetStream | None = None
+        self.host: Any = None
+        # Streams the node opened to us (it writes its replies there), and streams we
+        # opened and hold (open_streams).
+        self.inbound: list[INetStream] = []
+        self.held: list[INetStream] = []
         self._replies: dict[bytes, Any] = {}  # request nonce -> reply payload
         self.received: Counter[str] = Counter()  # requests the node sent us, by behaviour
         self._replied = threading.Condition()
@@ -159,6 +164,7 @@ class BarePeer:
             sec_opt={NOISE_PROTOCOL_ID: noise},
             muxer_opt=create_yamux_muxer_option(),
         )
+        self.host = host
         try:
             async with contextlib.AsyncExitStack() as stack:
                 await stack.enter_async_context(host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]))
@@ -189,6 +195,9 @@ class BarePeer:
                     self._ready.set()
                     await trio.to_thread.run_sync(self._stop.wait)
                     nursery.cancel_scope.cancel()
+                # Close every connection, so the node sees this peer leave at once.
+                with contextlib.suppress(Exception), trio.move_on_after(5):
+                    await host.close()
         except BaseException as exc:
             self._error = exc
             self._ready.set()
@@ -239,6 +248,7 @@ class BarePeer:
     async def _on_stream(self, stream: INetStream) -> None:
         """What the node sends us (it opens its own stream for it): replies, kept by the
         nonce of their request, and requests, counted by behaviour (never answered)."""
+        self.inbound.append(stream)
         reader = FrameReader(stream, 17 * MIB)
         try:
             while True:
@@ -320,6 +330,60 @@ class BarePeer:
                 return True
         return False
 
+    # ---- streams and windows ---------------------------------------------------------
+
+    def push_unread(self, total: int, chunk: int = MIB) -> int:
+        """Write ``total`` bytes back on the stream the node opened to us (one it never
+        reads), ignoring the receive window it granted; the bytes written before the
+        node reset the stream."""
+
+        async def go() -> int:
+            assert self.inbound, "the node has opened no stream to this peer (ask it first)"
+            stream = self.inbound[0]
+            sent = 0
+            with contextlib.suppress(Exception):
+                while sent < total:
+                    stream.muxed_stream.send_window = 1 << 40  # type: ignore[attr-defined]
+                    await stream.write(b"\x00" * min(chunk, total - sent))
+                    sent += min(chunk, total - sent)
+            return sent
+
+        return self.call(go)
+
+    def open_streams(self, protocol: str, count: int, first: bytes = b"") -> int:
+        """Open ``count`` streams to the node on ``protocol`` and hold them (writing
+        ``first`` on each); how many opened."""
+
+        async def go() -> int:
+            info = info_from_p2p_addr(Multiaddr(self._addr))
+            opened = 0
+            for _ in range(count):
+                try:
+                    with trio.fail_after(10):
+                        stream = await self.host.new_stream(info.peer_id, [protocol])
+                        if first:
+                            await stream.write(first)
+                except Exception:
+                    continue
+                self.held.append(stream)
+                opened += 1
+            return opened
+
+        return self.call(go)
+
+    def held_open(self) -> int:
+        """How many of the held streams the node has not reset or closed."""
+        return sum(1 for stream in self.held if not _ended(stream))
+
+    def connected(self) -> bool:
+        """Whether this peer still has a connection to the node."""
+        info = info_from_p2p_addr(Multiaddr(self._addr))
+
+        async def go() -> bool:
+            return bool(self.host.get_network().get_connections(info.peer_id))
+
+        return self.call(go)
+
     # ---- gossip ------------------------------------------------------------------------
 
     def subscribe(self, topic: str) -> None:
@@ -375,3 +439,70 @@ class BarePeer:
             await self.router.publish(self.pubsub.my_id, msg)
 
         self.call(go)
+
+
+def _ended(stream: INetStream) -> bool:
+    muxed = stream.muxed_stream
+    return bool(
+        getattr(muxed, "closed", False)
+        or getattr(muxed, "reset_received", False)
+        or getattr(muxed, "recv_closed", False)
+        or getattr(stream.muxed_conn, "is_closed", False)
+    )
+
+
+class ManyKeys:
+    """``count`` bare hosts, each with a fresh key, all on one trio thread, each dialed
+    to ``addr`` and holding its connection: one process posing as many peers."""
+
+    def __init__(self, addr: str, count: int) -> None:
+        self._addr = addr
+        self._count = count
+        self.hosts: list[Any] = []
+        self.dialed = 0
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(600):
+            raise RuntimeError("the hosts did not start")
+
+    async def _main(self) -> None:
+        info = info_from_p2p_addr(Multiaddr(self._addr))
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(self._count):
+                key_pair = create_new_key_pair(Identity.generate().private_bytes())
+                noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+                host = new_host(
+                    key_pair=key_pair,
+                    sec_opt={NOISE_PROTOCOL_ID: noise},
+                    muxer_opt=create_yamux_muxer_option(),
+                )
+                await stack.enter_async_context(host.run([]))
+                self.hosts.append(host)
+                try:
+                    with trio.fail_after(10):
+                        await host.connect(info)
+                    self.dialed += 1
+                except Exception:
+                    pass
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await trio.to_thread.run_sync(self._stop.wait)
+            for host in self.hosts:
+                with contextlib.suppress(Exception), trio.move_on_after(1):
+                    await host.close()
+
+    def connected(self) -> int:
+        """How many of the hosts still hold a connection to the node."""
+        info = info_from_p2p_addr(Multiaddr(self._addr))
+
+        async def go() -> int:
+            return sum(1 for h in self.hosts if h.get_network().get_connections(info.peer_id))
+
+        return trio.from_thread.run(go, trio_token=self._token)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(60)

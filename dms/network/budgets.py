@@ -1,0 +1,387 @@
+"""What a remote party can make this host hold, bounded per peer and in total.
+
+Identities, connections and streams cost an attacker nothing (DESIGN.md decision
+12), so each budget here is global as well as per peer (or per IP), has a
+setting (``NetworkSettings``), a refusal reason counted in the transport's
+``refusals`` (``dms_refusals{layer="network"}``) and logged, and a gauge of its
+use (:meth:`InboundGate.usage`, :meth:`StreamBudget.usage`). The priority when a
+budget is full is written in specs/security.md, "Budgets and priority":
+
+- **Connections** (:class:`InboundGate`, in place of py-libp2p's inbound limiter,
+  which kept each inbound slot until the host stopped, so 250 connections over
+  a node's life, however short, locked every newcomer out). Raw sockets still in
+  their handshake are bounded per IP and in total and have a deadline; the
+  oldest handshake goes first when full. Established inbound connections are
+  bounded in total, per IP and per /24 (IPv6: /64) subnet; when one of these is
+  full, the unknown peer idle the longest in that scope is evicted for the
+  newcomer, and a peer the node has a stake in (``stake``) is never evicted.
+- **Streams** (:class:`StreamBudget`): inbound streams open at once, per peer and
+  in total; one over is reset at once.
+- **Idle streams** (:class:`IdleWatch`): an inbound stream with no frame for
+  ``stream_idle_s`` is reset.
+
+Buffered bytes (the Yamux receive window, enforced) are in
+``dms.network.libp2p_patches``; chunk transfers in ``dms.network.transfer``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import trio
+from libp2p.abc import IMuxedConn, INetStream
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.peer.id import ID
+
+from dms.network.settings import NetworkSettings
+
+log = logging.getLogger("dms.network")
+
+
+class Budget(StrEnum):
+    """Why the network layer refused or ended something (``refusals`` keys)."""
+
+    # A connection established while its scope (total, IP, subnet) was full of peers
+    # the node has a stake in, or busy ones: the newcomer is closed.
+    CONNECTIONS_FULL = "connections_full"
+    # An unknown, idle peer's connection closed to make room for a newcomer.
+    CONNECTION_EVICTED = "connection_evicted"
+    # A raw socket that did not finish its handshake within handshake_timeout_s.
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    # A handshake in progress dropped for a newer one (per IP or in total full).
+    HANDSHAKE_EVICTED = "handshake_evicted"
+    # An inbound stream over max_streams_per_peer or max_streams: reset.
+    STREAMS_FULL = "streams_full"
+    # An inbound stream with no frame for stream_idle_s: reset.
+    STREAM_IDLE = "stream_idle"
+    # A peer sent more than a stream's receive window (or the total buffer): reset.
+    WINDOW_EXCEEDED = "window_exceeded"
+    # A chunk request over max_transfers_per_peer or max_transfers: refused.
+    TRANSFERS_FULL = "transfers_full"
+    # A chunk stream idle, or slower than chunk_min_bytes_per_s: ended.
+    TRANSFER_STALLED = "transfer_stalled"
+
+
+Stake = Callable[[str], bool]
+
+
+def subnet_of(ip: str) -> str:
+    """The /24 (IPv4) or /64 (IPv6) network of ``ip``; ``ip`` itself if it is none."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    prefix = 24 if addr.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+@dataclass
+class _Handshake:
+    ip: str
+    began: float
+    scope: trio.CancelScope
+    evicted: bool = False
+
+
+@dataclass
+class _Inbound:
+    ip: str
+    subnet: str
+    peer: ID
+    muxed: IMuxedConn
+    since: float
+
+
+@dataclass
+class InboundGate:
+    """Admission of inbound connections for one host (``swarm._handle_inbound_connection``).
+
+    ``stake(peer_id)`` says whether the node has a stake in a peer (an allocation, a
+    lease, a token or anchor, a remembered peer); ``last_active(peer_id)`` when the
+    peer last sent a frame (None: never). Both run on the trio thread, only when a
+    budget is full.
+    """
+
+    swarm: Any
+    settings: NetworkSettings
+    refusals: Counter[str]
+    stake: Stake
+    last_active: Callable[[str], float | None]
+    _handshakes: dict[int, _Handshake] = field(default_factory=dict)
+    _inbound: dict[int, _Inbound] = field(default_factory=dict)
+    _by_ip: Counter[str] = field(default_factory=Counter)
+    _by_subnet: Counter[str] = field(default_factory=Counter)
+
+    def install(self) -> None:
+        self.swarm._handle_inbound_connection = self.handle
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Each budget's (used, limit)."""
+        s = self.settings
+        return {
+            "handshakes": (len(self._handshakes), s.max_handshakes),
+            "inbound_connections": (len(self._inbound), s.max_inbound_connections),
+            "connections_per_ip": (max(self._by_ip.values(), default=0), s.max_connections_per_ip),
+            "connections_per_subnet": (
+                max(self._by_subnet.values(), default=0),
+                s.max_connections_per_subnet,
+            ),
+        }
+
+    async def handle(self, socket: Any, maddr: Any) -> None:
+        """One inbound socket, for as long as it lives."""
+        address = socket.get_remote_address() if hasattr(socket, "get_remote_address") else None
+        ip = address[0] if address else "?"
+        muxed: IMuxedConn | None = None
+        key = id(socket)
+        with trio.CancelScope() as scope:
+            self._admit_handshake(key, _Handshake(ip, time.monotonic(), scope))
+            try:
+                muxed = await self._upgrade(socket, maddr, ip)
+            finally:
+                self._handshakes.pop(key, None)
+        if muxed is None:
+            if scope.cancelled_caught:
+                with contextlib.suppress(Exception):
+                    await socket.close()
+            return
+        entry = _Inbound(ip, subnet_of(ip), muxed.peer_id, muxed, time.monotonic())
+        if not await self._make_room(entry):
+            self.refusals[Budget.CONNECTIONS_FULL] += 1
+            log.warning(
+                "inbound connection from %s (%s) refused: connections_full: every inbound "
+                "slot of its scope is held by a peer this node has a stake in",
+                muxed.peer_id,
+                ip,
+            )
+            await self._close(muxed)
+            return
+        self._inbound[key] = entry
+        self._by_ip[entry.ip] += 1
+        self._by_subnet[entry.subnet] += 1
+        try:
+            closed = getattr(muxed, "event_closed", None)
+            if closed is not None:
+                await closed.wait()
+            else:  # not Yamux: hold the slot until the host stops, as py-libp2p does
+                await self.swarm.manager.wait_finished()
+        finally:
+            del self._inbound[key]
+            for counter, name in ((self._by_ip, entry.ip), (self._by_subnet, entry.subnet)):
+                counter[name] -= 1
+                if counter[name] <= 0:
+                    del counter[name]
+
+    def _admit_handshake(self, key: int, handshake: _Handshake) -> None:
+        """Room for one more handshake: the oldest of its IP (or of all) goes if full."""
+        s = self.settings
+        same_ip = [h for h in self._handshakes.values() if h.ip == handshake.ip and not h.evicted]
+        if len(same_ip) >= s.max_handshakes_per_ip:
+            self._evict_handshake(min(same_ip, key=lambda h: h.began))
+        live = [h for h in self._handshakes.values() if not h.evicted]
+        if len(live) >= s.max_handshakes:
+            self._evict_handshake(min(live, key=lambda h: h.began))
+        self._handshakes[key] = handshake
+
+    def _evict_handshake(self, handshake: _Handshake) -> None:
+        handshake.evicted = True
+        handshake.scope.cancel()
+        self.refusals[Budget.HANDSHAKE_EVICTED] += 1
+        log.info(
+            "handshake from %s dropped after %.1f s: handshake_evicted (at most %d per IP, "
+            "%d in all; the oldest goes first)",
+            handshake.ip,
+            time.monotonic() - handshake.began,
+            self.settings.max_handshakes_per_ip,
+            self.settings.max_handshakes,
+        )
+
+    async def _upgrade(self, socket: Any, maddr: Any, ip: str) -> IMuxedConn | None:
+        """Noise and Yamux within ``handshake_timeout_s`` (py-libp2p's upgrade timeout,
+        set from it); None if the socket failed, timed out or was evicted."""
+        began = time.monotonic()
+        try:
+            return await self.swarm.upgrade_inbound_raw_conn(RawConnection(socket, False), maddr)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            if time.monotonic() - began >= self.settings.handshake_timeout_s:
+                self.refusals[Budget.HANDSHAKE_TIMEOUT] += 1
+                log.info(
+                    "socket from %s closed: handshake_timeout: no Noise/Yamux handshake "
+                    "within %g s",
+                    ip,
+                    self.settings.handshake_timeout_s,
+                )
+            else:
+                log.debug("inbound connection from %s failed: %s", ip, exc)
+            with contextlib.suppress(Exception):
+                await socket.close()
+            return None
+
+    async def _make_room(self, new: _Inbound) -> bool:
+        """True once ``new`` fits every scope, evicting unknown idle peers as needed."""
+        s = self.settings
+        scopes: list[tuple[Callable[[_Inbound], bool], int, str]] = [
+            (lambda e: e.ip == new.ip, s.max_connections_per_ip, f"IP {new.ip}"),
+            (
+                lambda e: e.subnet == new.subnet,
+                s.max_connections_per_subnet,
+                f"subnet {new.subnet}",
+            ),
+            (lambda e: True, s.max_inbound_connections, "all inbound"),
+        ]
+        for member, limit, name in scopes:
+            while True:
+                held = [e for e in self._inbound.values() if member(e) and not e.muxed.is_closed]
+                if len(held) < limit:
+                    break
+                victim = self._least_needed(held)
+                if victim is None:
+                    return False
+                self.refusals[Budget.CONNECTION_EVICTED] += 1
+                log.info(
+                    "evicted %s (%s), idle %.0f s, for a new peer: connections of %s full "
+                    "(%d); it is unknown to this node",
+                    victim.peer,
+                    victim.ip,
+                    self._idle_s(victim),
+                    name,
+                    limit,
+                )
+                await self._close(victim.muxed)
+        return True
+
+    def _least_needed(self, held: list[_Inbound]) -> _Inbound | None:
+        """The connection idle the longest among peers the node has no stake in."""
+        candidates = []
+        for entry in held:
+            peer = entry.peer.to_base58()
+            if self.swarm.is_protected(entry.peer) or self.stake(peer):
+                continue
+            candidates.append(entry)
+        if not candidates:
+            return None
+        return max(candidates, key=self._idle_s)
+
+    def _idle_s(self, entry: _Inbound) -> float:
+        last = self.last_active(entry.peer.to_base58())
+        return time.monotonic() - max(entry.since, last or 0.0)
+
+    async def _close(self, muxed: IMuxedConn) -> None:
+        for conn in list(self.swarm.connections.get(muxed.peer_id, [])):
+            if conn.muxed_conn is muxed:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                return
+        with contextlib.suppress(Exception):
+            await muxed.close()
+
+
+@dataclass
+class StreamBudget:
+    """Inbound streams open at once, per peer and in total (wraps the host's stream
+    handler: a stream counts from its arrival until its handler returns)."""
+
+    settings: NetworkSettings
+    refusals: Counter[str]
+    _by_peer: Counter[ID] = field(default_factory=Counter)
+    _open: int = 0
+
+    def install(self, swarm: Any) -> None:
+        handler: Callable[[INetStream], Awaitable[None]] = swarm.common_stream_handler
+
+        async def counted(stream: INetStream) -> None:
+            peer = stream.muxed_conn.peer_id
+            s = self.settings
+            if self._by_peer[peer] >= s.max_streams_per_peer or self._open >= s.max_streams:
+                self.refusals[Budget.STREAMS_FULL] += 1
+                log.info(
+                    "stream from %s reset: streams_full (%d open from it, %d in all; at most "
+                    "%d and %d)",
+                    peer,
+                    self._by_peer[peer],
+                    self._open,
+                    s.max_streams_per_peer,
+                    s.max_streams,
+                )
+                with contextlib.suppress(Exception):
+                    await stream.reset()
+                return
+            self._by_peer[peer] += 1
+            self._open += 1
+            try:
+                await handler(stream)
+            finally:
+                self._open -= 1
+                self._by_peer[peer] -= 1
+                if self._by_peer[peer] <= 0:
+                    del self._by_peer[peer]
+
+        swarm.common_stream_handler = counted
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        s = self.settings
+        return {
+            "streams": (self._open, s.max_streams),
+            "streams_per_peer": (max(self._by_peer.values(), default=0), s.max_streams_per_peer),
+        }
+
+
+class Watched:
+    """One watched stream: ``touch()`` on every frame (an attribute store, nothing more)."""
+
+    __slots__ = ("active", "quiet", "reset")
+
+    def __init__(self, reset: Callable[[], Awaitable[None]]) -> None:
+        self.active = True
+        self.quiet = 0
+        self.reset = reset
+
+    def touch(self) -> None:
+        self.active = True
+
+
+@dataclass
+class IdleWatch:
+    """Resets streams that went ``idle_s`` without a frame (checked every ``idle_s / 2``)."""
+
+    idle_s: float
+    refusals: Counter[str]
+    _watched: set[Watched] = field(default_factory=set)
+
+    def watch(self, reset: Callable[[], Awaitable[None]]) -> Watched:
+        handle = Watched(reset)
+        self._watched.add(handle)
+        return handle
+
+    def forget(self, handle: Watched) -> None:
+        self._watched.discard(handle)
+
+    def __len__(self) -> int:
+        return len(self._watched)
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.idle_s / 2)
+            for handle in list(self._watched):
+                if handle.active:
+                    handle.active, handle.quiet = False, 0
+                    continue
+                handle.quiet += 1
+                if handle.quiet >= 2:
+                    self._watched.discard(handle)
+                    self.refusals[Budget.STREAM_IDLE] += 1
+                    log.info(
+                        "an inbound stream reset: stream_idle (no frame for %g s)", self.idle_s
+                    )
+                    with contextlib.suppress(Exception):
+                        await handle.reset()

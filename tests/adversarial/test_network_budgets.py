@@ -1,0 +1,243 @@
+"""Issue 24, network part: a budget for everything a remote peer can make a node hold,
+global as well as per peer, with a refusal reason counted (``transport.refusals``).
+
+Each test uses real libp2p hosts on loopback: a dms node (the victim) and bare
+py-libp2p hosts with fresh keys (``dms.sim.adversary``) that behave as an attacker
+with one ordinary process would. See specs/security.md, "Budgets and priority".
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+from multiaddr import Multiaddr
+
+from dms.network.budgets import Budget
+from dms.network.host import ACTOR_PROTOCOL
+from dms.network.transfer import CHUNK_PROTOCOL
+from dms.node.daemon import Node
+from dms.sim.adversary import BarePeer, ManyKeys, root_of
+from dms.sim.cluster import LocalCluster
+from tests.conftest import wait_for
+
+MIB = 1024 * 1024
+
+
+def yamux_buffered(node: Node) -> int:
+    """Bytes the node's Yamux connections hold received and unread."""
+    assert node.transport is not None
+
+    async def go() -> int:
+        swarm: Any = node.transport._host.get_network()  # type: ignore[union-attr]
+        return sum(
+            len(buffer)
+            for conns in swarm.connections.values()
+            for conn in conns
+            for buffer in getattr(conn.muxed_conn, "stream_buffers", {}).values()
+        )
+
+    return node.transport._call(go)
+
+
+def inbound_streams_from(node: Node, peer_id: str) -> int:
+    assert node.transport is not None
+
+    async def go() -> int:
+        swarm: Any = node.transport._host.get_network()  # type: ignore[union-attr]
+        return sum(
+            len(conn.streams)
+            for pid, conns in swarm.connections.items()
+            if pid.to_base58() == peer_id
+            for conn in conns
+        )
+
+    return node.transport._call(go)
+
+
+def refusals(node: Node, budget: Budget) -> int:
+    assert node.transport is not None
+    return node.transport.refusals[budget]
+
+
+def tcp_port(node: Node) -> int:
+    return int(Multiaddr(node.addrs()[0].split("/p2p/")[0]).value_for_protocol("tcp"))
+
+
+# ---- connections ------------------------------------------------------------------------
+
+
+def test_inbound_slots_come_back_when_connections_close(cluster: LocalCluster) -> None:
+    """py-libp2p held each inbound slot until the host stopped (its handler waited for
+    the swarm's end): after max_connections - min_connections inbound connections over
+    the node's whole life, however short each was, no newcomer could connect."""
+    victim = cluster.add("victim", max_inbound_connections=6, max_connections_per_ip=6)
+    assert victim.transport is not None
+    victim.transport.stake = lambda peer_id: True  # no eviction: only freed slots help
+    addr = victim.addrs()[0]
+    for _ in range(3):  # 18 short connections through 6 slots
+        peers = [BarePeer(addr) for _ in range(6)]
+        for peer in peers:
+            peer.close()
+        wait_for(
+            lambda: victim.transport.budget_usage()["inbound_connections"][0] == 0,  # type: ignore[union-attr]
+            timeout=30,
+            what="the slots free",
+        )
+    newcomer = BarePeer(addr, actor=True)
+    try:
+        assert newcomer.ask(root_of(victim.identity), "/public/hello") is not None
+    finally:
+        newcomer.close()
+
+
+def test_a_newcomer_evicts_an_unknown_idle_peer_and_staked_peers_keep_their_slots(
+    cluster: LocalCluster,
+) -> None:
+    victim = cluster.add("victim", max_inbound_connections=5, max_connections_per_ip=5)
+    assert victim.transport is not None
+    addr = victim.addrs()[0]
+    staked = BarePeer(addr)
+    victim.transport.stake = lambda peer_id: peer_id == staked.peer_id
+    many = ManyKeys(addr, 12)  # fresh keys: they fill the slots, then evict each other
+    try:
+        assert many.dialed == 12
+        assert staked.connected()
+        wait_for(lambda: many.connected() <= 4, timeout=30, what="the flood down to 4 slots")
+        newcomer = BarePeer(addr, actor=True)
+        try:
+            assert newcomer.ask(root_of(victim.identity), "/public/hello") is not None
+            assert newcomer.connected() and staked.connected()
+        finally:
+            newcomer.close()
+        assert refusals(victim, Budget.CONNECTION_EVICTED) >= 8
+    finally:
+        many.close()
+        staked.close()
+
+
+def test_a_full_node_refuses_with_a_reason_and_is_reached_once_it_has_room(
+    cluster: LocalCluster,
+) -> None:
+    """Every slot held by a peer the node has a stake in: a newcomer is refused
+    (``connections_full``), and reaches the node once a slot is free, without waiting
+    out py-libp2p's 60 s negative dial cache."""
+    victim = cluster.add("victim", max_inbound_connections=2, max_connections_per_ip=2)
+    assert victim.transport is not None
+    addr = victim.addrs()[0]
+    holders = [BarePeer(addr), BarePeer(addr)]
+    held = {p.peer_id for p in holders}
+    victim.transport.stake = lambda peer_id: peer_id in held
+    newcomer = cluster.add("newcomer", bootstrap=[addr])
+    wait_for(lambda: refusals(victim, Budget.CONNECTIONS_FULL) >= 1, timeout=30, what="a refusal")
+    holders[0].close()
+    wait_for(
+        lambda: victim.transport.is_connected(newcomer.peer_id),  # type: ignore[union-attr]
+        timeout=20,
+        what="the newcomer connected",
+    )
+    holders[1].close()
+
+
+def test_raw_sockets_that_never_handshake_do_not_lock_out_a_newcomer(
+    cluster: LocalCluster,
+) -> None:
+    victim = cluster.add("victim", handshake_timeout_s=2)
+    sockets = [socket.create_connection(("127.0.0.1", tcp_port(victim))) for _ in range(255)]
+    try:
+        newcomer = BarePeer(victim.addrs()[0], actor=True)  # at once, not after a timeout
+        try:
+            assert newcomer.ask(root_of(victim.identity), "/public/hello") is not None
+        finally:
+            newcomer.close()
+        assert refusals(victim, Budget.HANDSHAKE_EVICTED) >= 200
+
+        def all_closed() -> bool:
+            for sock in sockets:
+                sock.settimeout(0.01)
+                try:
+                    if sock.recv(1024) != b"":
+                        return False
+                except TimeoutError:
+                    return False
+                except OSError:
+                    pass
+            return True
+
+        wait_for(all_closed, timeout=30, what="every raw socket closed by the node")
+        assert refusals(victim, Budget.HANDSHAKE_TIMEOUT) >= 1
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+# ---- streams and buffered bytes ---------------------------------------------------------
+
+
+def test_a_peer_that_overruns_the_receive_window_loses_the_stream_and_the_bytes(
+    cluster: LocalCluster,
+) -> None:
+    """Before, py-libp2p's Yamux buffered whatever a peer sent past the window: 256 MiB
+    pushed on a stream the node never reads (its own stream to the peer) grew it by
+    257 MB."""
+    victim = cluster.add("victim")
+    attacker = BarePeer(victim.addrs()[0], actor=True)
+    try:
+        assert attacker.ask(root_of(victim.identity), "/public/hello") is not None
+        attacker.push_unread(32 * MIB)
+        wait_for(lambda: refusals(victim, Budget.WINDOW_EXCEEDED) >= 1, timeout=30, what="a reset")
+        assert yamux_buffered(victim) <= 1 * MIB
+        # The node still answers the peer (on a fresh stream).
+        assert attacker.ask(root_of(victim.identity), "/public/hello") is not None
+    finally:
+        attacker.close()
+
+
+def test_streams_per_peer_are_capped_and_others_are_served(cluster: LocalCluster) -> None:
+    victim = cluster.add("victim", max_streams_per_peer=8)
+    attacker = BarePeer(victim.addrs()[0])
+    honest = BarePeer(victim.addrs()[0], actor=True)
+    try:
+        attacker.open_streams(ACTOR_PROTOCOL, 100)
+        wait_for(lambda: attacker.held_open() <= 8, timeout=30, what="streams over 8 reset")
+        assert inbound_streams_from(victim, attacker.peer_id) <= 8
+        assert refusals(victim, Budget.STREAMS_FULL) >= 90
+        assert honest.ask(root_of(victim.identity), "/public/hello") is not None
+    finally:
+        attacker.close()
+        honest.close()
+
+
+def test_an_idle_stream_is_reset(cluster: LocalCluster) -> None:
+    victim = cluster.add("victim", stream_idle_s=1)
+    attacker = BarePeer(victim.addrs()[0])
+    try:
+        assert attacker.open_streams(ACTOR_PROTOCOL, 5) == 5
+        wait_for(lambda: attacker.held_open() == 0, timeout=30, what="idle streams reset")
+        assert refusals(victim, Budget.STREAM_IDLE) >= 5
+    finally:
+        attacker.close()
+
+
+# ---- chunk transfers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["idle", "trickling"])
+def test_chunk_streams_are_capped_and_do_not_stay_open(
+    cluster: LocalCluster, trickle: bool
+) -> None:
+    """3,000 idle chunk streams and 200 trickling ones stayed open 40 s and more."""
+    victim = cluster.add(
+        "victim", chunk_idle_s=1, max_transfers_per_peer=4, max_streams_per_peer=64
+    )
+    attacker = BarePeer(victim.addrs()[0])
+    try:
+        # A request's first byte (a u32 length prefix, incomplete) or nothing at all.
+        opened = attacker.open_streams(CHUNK_PROTOCOL, 40, first=b"\x00" if trickle else b"")
+        assert opened == 40
+        wait_for(lambda: attacker.held_open() == 0, timeout=30, what="chunk streams ended")
+        assert refusals(victim, Budget.TRANSFERS_FULL) >= 30
+        assert refusals(victim, Budget.TRANSFER_STALLED) >= 4
+    finally:
+        attacker.close()

@@ -196,6 +196,8 @@ class Node:
             self.stakes.note_all(self.ledger.committed_holders(STAKES_AT_START), "allocation")
             self.system.admission.stake = self.stakes.__contains__
             self.system.behaviour_limits.stake = self.stakes.__contains__
+            trust.chain_budget.stake = self.stakes.__contains__
+            trust.revocation_budget.stake = self.stakes.__contains__
             self.system.admission.peer_ip = self.transport.remote_ip
             self.bid_index = BidIndex(
                 self.db, bid_index_budget(self.settings), self.stakes.__contains__

@@ -6,6 +6,11 @@ free to make). :meth:`WorkBudget.take` charges one unit of work (a revocation to
 verify, a token chain to verify) and says why not when either bucket is empty;
 refusals are counted by reason for ``/metrics``. No libp2p and no actors here:
 the trust store and the capability policy use it.
+
+Priority: peers the node has a stake in (``stake``, set by the node: an
+allocation, an anchor; see ``dms.node.stakes``) take from the budget of all; the
+others together take from ``unknown_share`` of it too, so a crowd of fresh keys
+spends at most that share and a peer with a stake always finds the rest.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from collections.abc import Callable
 
 # Peers whose buckets are kept; beyond it, the full ones (idle peers) are forgotten.
 MAX_PEERS = 4096
+UNKNOWN_SHARE = 0.5  # of the budget of all, for the peers without a stake together
+
+
+def _never(_peer: str) -> bool:
+    return False
 
 
 class _Bucket:
@@ -52,8 +62,10 @@ class WorkBudget:
         self._clock = clock
         self._lock = threading.Lock()
         self._all = _Bucket(self.burst, clock())
+        self._unknown = _Bucket(self.burst * UNKNOWN_SHARE, clock())
         self._peers: dict[str, _Bucket] = {}
-        self.refused: Counter[str] = Counter()  # "peer" or "global" -> refusals
+        self.stake: Callable[[str], bool] = _never
+        self.refused: Counter[str] = Counter()  # "peer", "unknown" or "global" -> refusals
 
     def take(self, peer: str | None) -> str | None:
         """Charge one unit to ``peer`` (None: this node's own work, never refused);
@@ -79,8 +91,18 @@ class WorkBudget:
                     f"over this node's budget for {self.what} from all peers "
                     f"({self.rate:g} a second): try again later"
                 )
+            staked = self.stake(peer)
+            share = self.burst * UNKNOWN_SHARE
+            if not staked and self._unknown.refill(self.rate * UNKNOWN_SHARE, share, now) < 1.0:
+                self.refused["unknown"] += 1
+                return (
+                    f"over this node's budget for {self.what} from peers it has no stake "
+                    f"in ({self.rate * UNKNOWN_SHARE:g} a second): try again later"
+                )
             bucket.tokens -= 1.0
             self._all.tokens -= 1.0
+            if not staked:
+                self._unknown.tokens -= 1.0
             return None
 
     def _forget_full(self, now: float) -> None:

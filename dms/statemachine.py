@@ -39,7 +39,7 @@ class Machine(Generic[S]):
         self.name = name
         self.states = states
         self.moves: dict[S, frozenset[S]] = {s: frozenset(moves[s]) for s in states}
-        # The states with no move out: the protocol has ended there.
+        # The TERMINAL states, defined here once for every machine: those with no move out.
         self.terminal: frozenset[S] = frozenset(s for s, out in self.moves.items() if not out)
         self.live: frozenset[S] = frozenset(states) - self.terminal
 

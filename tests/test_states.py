@@ -9,7 +9,14 @@ from dms.jobs.allocation import ALLOCATION, AllocationState
 from dms.network.peertable import PEER, PeerRecord, PeerState
 from dms.orchestrator.base import DeploymentRow
 from dms.orchestrator.slots import SLOT
-from dms.orchestrator.states import DEPLOYMENT, SESSION, DeploymentState, SessionPhase
+from dms.orchestrator.states import (
+    COLLAB,
+    DEPLOYMENT,
+    SESSION,
+    CollabPhase,
+    DeploymentState,
+    SessionPhase,
+)
 from dms.statemachine import Machine, Tracked, TransitionError
 
 
@@ -75,3 +82,9 @@ def test_a_peer_is_alive_or_gone_and_a_move_is_checked() -> None:
     record.move(PeerState.GONE)
     record.move(PeerState.GONE)  # the same state: no move
     assert record.status is PeerState.GONE and record.as_dict(0.0)["status"] == "gone"
+
+
+def test_a_collaboration_phase_moves_only_forward() -> None:
+    assert COLLAB.terminal == {"completed", "failed"}
+    with pytest.raises(TransitionError, match="placing -> rounds"):
+        COLLAB.check(CollabPhase.PLACING, CollabPhase.ROUNDS)

@@ -22,11 +22,11 @@ from dms.cli.output import (
 from dms.cli.waiting import Waiting, placement_hint
 from dms.jobs.spec import load_spec
 from dms.node.client import NodeClient
+from dms.orchestrator.states import DEPLOYMENT
 
 job_app = typer.Typer(help="Job files: check them before deploying.")
 deployment_app = typer.Typer(help="Deployments this node requested.")
 
-TERMINAL = ("completed", "failed", "shutdown")
 FileArg = Annotated[Path, typer.Argument(help="A job file (YAML or JSON).")]
 IdArg = Annotated[str, typer.Argument(help="Deployment id.")]
 AllOption = Annotated[bool, typer.Option("--all", help="Every row, not the first 20.")]
@@ -125,7 +125,7 @@ def deploy(
                 _print_event(event)
                 waiting.news()
         seen = len(events)
-        if status["state"] in TERMINAL:
+        if status["state"] in DEPLOYMENT.terminal:
             break
         if not json_out:
             waiting.tick()  # nothing new for a few seconds: say what it waits for

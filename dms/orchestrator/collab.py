@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -42,6 +41,8 @@ from dms.orchestrator.deployment import (
     node_handle,
 )
 from dms.orchestrator.slots import Slot
+from dms.orchestrator.states import COLLAB, CollabPhase
+from dms.statemachine import Tracked
 
 log = logging.getLogger("dms.collab")
 
@@ -50,14 +51,6 @@ AGGREGATOR_TIMEOUT_S = 60.0
 JOIN_RETRY_S = 1.0
 Answers = dict[str, bytes]
 Then = Callable[[Answers], None]
-
-
-class CollabPhase(StrEnum):
-    PLACING = "placing"
-    JOINING = "joining"
-    ROUNDS = "rounds"
-    COMPLETED = "completed"
-    FAILED = "failed"
 
 
 class OwnerCall(BaseModel):
@@ -70,6 +63,8 @@ class OwnerCall(BaseModel):
 
 
 class CollabSessionActor(DeploymentActor):
+    phase = Tracked(COLLAB)  # every move checked against COLLAB
+
     def __init__(
         self,
         context: ActorContext,
@@ -120,14 +115,14 @@ class CollabSessionActor(DeploymentActor):
         self._adverts(list(self.proposal.owners), {})
 
     def slot_lost(self, slot: Slot, reason: str) -> None:
-        if self.phase not in TERMINAL_PHASES and self.aggregator is not None:
+        if self.phase not in COLLAB.terminal and self.aggregator is not None:
             self._fail(f"the aggregator on {self.aggregator_peer} was lost: {reason}")
 
     def heard_from(self, slot: Slot) -> bool:
         return self.phase in (CollabPhase.JOINING, CollabPhase.ROUNDS)
 
     def ended(self, state: str, what: str) -> None:
-        if self.phase not in TERMINAL_PHASES:
+        if self.phase not in COLLAB.terminal:
             self.phase = CollabPhase.FAILED
             self.reason = what
             self._report()
@@ -221,7 +216,7 @@ class CollabSessionActor(DeploymentActor):
         self._aggregator("end", b"", lambda _: None)
 
     def _fail(self, reason: str) -> None:
-        if self.phase in TERMINAL_PHASES:
+        if self.phase in COLLAB.terminal:
             return
         self.phase = CollabPhase.FAILED
         self.reason = reason
@@ -242,7 +237,7 @@ class CollabSessionActor(DeploymentActor):
             return
 
         def on_reply(owner: str, outcome: Outcome) -> None:
-            if owner not in waiting or self.phase in TERMINAL_PHASES:
+            if owner not in waiting or self.phase in COLLAB.terminal:
                 return
             waiting.discard(owner)
             if outcome.ok and isinstance(outcome.result, dict):
@@ -279,7 +274,7 @@ class CollabSessionActor(DeploymentActor):
         (owner, body), rest = messages[0], messages[1:]
 
         def next_one(outcome: Outcome) -> None:
-            if self.phase in TERMINAL_PHASES:
+            if self.phase in COLLAB.terminal:
                 return
             if not outcome.ok:
                 assert outcome.error is not None
@@ -293,7 +288,7 @@ class CollabSessionActor(DeploymentActor):
 
     def _aggregator(self, op: str, body: bytes, then: Callable[[bytes], None]) -> None:
         def answered(outcome: Outcome) -> None:
-            if self.phase in TERMINAL_PHASES and op != "end":
+            if self.phase in COLLAB.terminal and op != "end":
                 return
             if not outcome.ok:
                 assert outcome.error is not None
@@ -346,6 +341,3 @@ class CollabSessionActor(DeploymentActor):
     def _report(self) -> None:
         if self.on_progress is not None:
             self.on_progress(self.progress())
-
-
-TERMINAL_PHASES = frozenset({CollabPhase.COMPLETED, CollabPhase.FAILED})

@@ -1,5 +1,6 @@
-r"""The requester's protocol states: a deployment's (``DeploymentState``, ``DEPLOYMENT``)
-and a mining session's phase (``SessionPhase``, ``SESSION``).
+"""The requester's protocol states: a deployment's (``DeploymentState``, ``DEPLOYMENT``),
+a mining session's phase (``SessionPhase``, ``SESSION``) and a collaboration's
+(``CollabPhase``, ``COLLAB``).
 
 ::
 
@@ -14,7 +15,12 @@ A mining session (``mining.py``)::
     placing -> shipping -> mining -> completed
     placing | shipping | mining -> failed
 
-The terminal states are ``DEPLOYMENT.terminal`` and ``SESSION.terminal``
+A collaboration (``collab.py``)::
+
+    placing -> joining -> rounds -> completed
+    placing | joining | rounds -> failed
+
+The terminal states are ``DEPLOYMENT.terminal``, ``SESSION.terminal``, ``COLLAB.terminal``
 (``dms.statemachine``): the store, the CLI, the simulator and the benchmarks all
 read them from here. A slot's states are in ``slots.py``; an allocation's in
 ``dms.jobs.allocation``.
@@ -72,5 +78,27 @@ SESSION = Machine(
         P.MINING: {P.COMPLETED, P.FAILED},
         P.COMPLETED: set(),
         P.FAILED: set(),
+    },
+)
+
+
+class CollabPhase(StrEnum):
+    PLACING = "placing"
+    JOINING = "joining"
+    ROUNDS = "rounds"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+C = CollabPhase
+COLLAB = Machine(
+    "collaboration",
+    CollabPhase,
+    {
+        C.PLACING: {C.JOINING, C.FAILED},
+        C.JOINING: {C.ROUNDS, C.FAILED},
+        C.ROUNDS: {C.COMPLETED, C.FAILED},
+        C.COMPLETED: set(),
+        C.FAILED: set(),
     },
 )

@@ -250,8 +250,10 @@ def test_detach_logs_to_the_home_and_dms_logs_follows_it(tmp_path: Path) -> None
     said = done.stdout
     pid = int(said.split("(pid ")[1].split(")")[0])
     with contextlib.suppress(ProcessLookupError):
-        follow_log(home, said, pid)
-        os.kill(pid, signal.SIGTERM)
+        try:
+            follow_log(home, said, pid)
+        finally:
+            os.kill(pid, signal.SIGTERM)
 
 
 def follow_log(home: Path, said: str, pid: int) -> None:
@@ -265,7 +267,9 @@ def follow_log(home: Path, said: str, pid: int) -> None:
         shown = dms(home, "logs").stdout
         assert "dms node running" in shown, shown
         assert "alembic" not in shown and "Running upgrade" not in shown, shown  # fresh home
-        os.kill(pid, signal.SIGTERM)
+        stopped = dms(home, "stop")
+        assert stopped.returncode == 0 and f"(pid {pid})" in stopped.stdout, stopped.stderr
+        assert dms(home, "stop").returncode != 0  # nothing left to stop: said so
         assert follow.stdout is not None
         lines = iter(follow.stdout.readline, "")
         assert any("dms node stopped" in line for line in lines)  # -f saw the new line

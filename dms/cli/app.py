@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "init": ("node", "init", False),
     "run": ("node", "run", False),
     "logs": ("node", "logs", False),
+    "stop": ("node", "stop", False),
     "onboard": ("resources", "onboard", False),
     "offboard": ("resources", "offboard", False),
     "benchmark": ("resources", "benchmark", False),

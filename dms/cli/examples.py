@@ -15,6 +15,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         f"dms run --detach --bootstrap {ADDRESS}",
     ),
     "logs": ("dms logs", "dms logs -f"),
+    "stop": ("dms stop", "DMS_HOME=~/.dms-two dms stop"),
     "onboard": ("dms onboard --cpu 2 --ram 4 --disk 10", "dms onboard --cpu 1"),
     "offboard": ("dms offboard", "dms offboard --force"),
     "benchmark": ("dms benchmark",),

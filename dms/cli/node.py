@@ -221,7 +221,7 @@ def _detach(home: Path, args: list[str], json_out: bool) -> None:
     else:
         typer.echo(
             f"dms node running in the background (pid {proc.pid}); its log: {log} "
-            f"(dms logs -f); stop it with: kill {proc.pid}"
+            "(dms logs -f); dms stop stops it"
         )
 
 
@@ -349,3 +349,37 @@ def logs(
                     time.sleep(0.3)
         except KeyboardInterrupt:
             pass
+
+
+def stop(
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1, help="Seconds to wait for it to end.")
+    ] = 30.0,
+) -> None:
+    """Stop this home's running node (started with --detach, with &, or elsewhere)."""
+    from dms.node.api import ApiAddress, api_file
+    from dms.node.client import running_node
+
+    home = settings().home
+    if running_node(home) is None:  # answers, and is this home's node (else an error)
+        raise NodeError(f"no node is running for {home}")
+    pid = ApiAddress.model_validate_json(api_file(home).read_text()).pid
+    os.kill(pid, signal.SIGTERM)  # it stops cleanly: peers flushed, api.json removed
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise NodeError(f"the node (pid {pid}) did not stop within {timeout:g} s")
+        time.sleep(0.2)
+    typer.echo(f"dms node stopped (pid {pid})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return state not in ("Z", "X")

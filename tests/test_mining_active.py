@@ -353,3 +353,38 @@ def test_a_blind_jobs_params_carry_only_padded_sizes(tmp_path: Path) -> None:
     _, spec, sizes, _ = plan(request)
     assert sizes == [75, 75]
     assert [a.params["n"] for a in spec.allocations] == [4096, 4096]
+
+
+# ---- --verify replicate -------------------------------------------------------------------
+
+
+def test_replicated_workers_are_compared_in_full_and_the_liar_named() -> None:
+    """Shard 0 runs on workers 0 and 2, shard 1 on 1 and 3. Worker 3 lies about one
+    record the spot check does not look at; the comparison with worker 1 finds it, and
+    the records recomputed in the clear say which of the two lied."""
+    data, _ = blobs(200, 3, 3, seed=12, std=2.0)
+    owner = owner_for(data, shards=2, replicas=2)
+    owner.spot.sample = lambda n: np.array([0])  # type: ignore[method-assign]
+    workers = [BlindClusterWorker(owner.start(w)) for w in range(4)]
+    assert [w.chunks for w in workers] == [1, 1, 1, 1]
+    answers = [w.round() for w in workers]
+    answers[3] = shift_record(40, -0.3)(workers[3], answers[3])
+    with pytest.raises(WorkerMisbehaved, match="shard 3: distances of record 140") as caught:
+        owner.receive_shards(answers)
+    assert caught.value.shard == 3 and owner.exchange == 0
+    answers[3] = BlindClusterWorker(owner.start(3)).round()  # placed again: honest
+    updates = owner.receive_shards(answers)
+    assert len(updates) == 4
+    assert owner.verification()["verify"] == "replicate"
+    assert owner.verification()["detection_per_round"] == 1.0
+
+
+def test_replicate_is_refused_where_it_cannot_run() -> None:
+    from pydantic import ValidationError
+
+    from dms.mining.placed import MiningSettings, shard_sizes
+
+    settings = MiningSettings(algorithm="skmeans", k=3, shards=2, verify="replicate")
+    assert shard_sizes(settings, 150) == [75, 75, 75, 75]
+    with pytest.raises(ValidationError, match="replicate is for skmeans with the blind"):
+        MiningSettings(algorithm="skmeans", k=3, protocol="udm", verify="replicate")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -196,3 +197,42 @@ def test_what_a_provider_receives_does_not_depend_on_what_it_returned(
             unpacked = [msgpack.unpackb(raw, raw=False) for raw in (a, b)]
             assert blanked(unpacked[0]) == blanked(unpacked[1])
         assert abs(len(a) - len(b)) <= 0.01 * max(len(a), 1)
+
+
+def test_verify_replicate_runs_each_shard_twice_and_catches_an_unsampled_lie(
+    net: Network, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spot check looks only at record 0; the shard's second worker, on another
+    provider, disagrees about record 17, and the owner recomputes it in the clear: the
+    liar is excluded and placed again on the third provider."""
+    from dms.mining.answers import Spot
+
+    monkeypatch.setattr(Spot, "sample", lambda self, n: np.array([0]))
+    executor = CheatingExecutor(shift_one_record)
+    monkeypatch.setitem(EXECUTORS, "mining", executor)
+    settings = {"algorithm": "skmeans", "k": 3, "max_iterations": 4, "verify": "replicate"}
+    session = net.mine({"settings": settings, "data": str(IRIS.resolve()), "timeout_s": 90})
+    answer = net.result(session)
+    result = answer["result"]
+    plain = kmeans(read_table(IRIS).features, 3, max_iterations=4)
+    assert answer["labels"] == plain.labels.tolist()
+    assert result["verify"] == "replicate" and result["detection_per_round"] == 1.0
+    [caught] = result["excluded"]
+    assert "distances of record 17 off by" in caught["reason"], caught
+    placed = [p["peer_id"] for p in result["placement"]]
+    assert len(placed) == len(set(placed)) == 2 and caught["peer_id"] not in placed
+    net.settle(session)
+
+
+def test_verify_flags_are_said_in_their_own_words(tmp_path: Path) -> None:
+    from tests.test_mine_cli import run_cli
+
+    out = str(tmp_path / "o")
+    data = str(IRIS.resolve())
+    for args, message in (
+        (("--local", "--verify", "replicate"), "--verify replicate runs each shard on two"),
+        (("--local", "--verify", "twice"), "--verify is sample or replicate, not 'twice'"),
+    ):
+        result = run_cli("mine", "skmeans", "--data", data, "--k", "3", "--out", out, *args)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert message in result.stderr

@@ -27,6 +27,7 @@ from dms.cli.output import console, emit_fields, emit_json, progress_bar
 from dms.cli.waiting import Waiting, placement_hint
 from dms.errors import DmsError
 from dms.mining import Distance, MiningError, run_classification, run_clustering
+from dms.mining.answers import DEFAULT_VERIFY_FRACTION
 from dms.mining.blind_kmeans import blind_keys
 from dms.mining.data import read_table, read_test_table, write_labels
 from dms.mining.keyfolder import load_keys, save_keys
@@ -353,6 +354,18 @@ def _clustering(algorithm: str) -> Callable[..., None]:
         min_error: Annotated[float, typer.Option("--min-error")] = 0.015,
         max_iterations: Annotated[int, typer.Option("--max-iterations")] = 10,
         init: Annotated[str, typer.Option("--init", help="first or kmeans++.")] = "first",
+        verify: Annotated[
+            str,
+            typer.Option(
+                "--verify",
+                help="sample (records rechecked in the clear each round) or replicate "
+                "(also each shard on a second worker, compared in full).",
+            ),
+        ] = "sample",
+        verify_fraction: Annotated[
+            float,
+            typer.Option("--verify-fraction", help="Share of records rechecked each round."),
+        ] = DEFAULT_VERIFY_FRACTION,
         seed: Annotated[int | None, typer.Option("--seed")] = None,
         level: LevelOption = 128,
         keys: KeysOption = None,
@@ -367,6 +380,13 @@ def _clustering(algorithm: str) -> Callable[..., None]:
     ) -> None:
         html: Path | None = None
         _checked(k, local, shards)
+        if verify not in ("sample", "replicate"):
+            raise MineError(f"--verify is sample or replicate, not {verify!r}")
+        if local and verify == "replicate":
+            raise MineError(
+                "--verify replicate runs each shard on two other nodes and --local runs "
+                "it here: drop one of them"
+            )
         with _mining_errors():
             metric = Distance.parse(distance)
             table = read_table(data)
@@ -403,6 +423,8 @@ def _clustering(algorithm: str) -> Callable[..., None]:
                         "max_iterations": max_iterations,
                         "init": init,
                         "seed": seed,
+                        "verify": verify,
+                        "verify_fraction": verify_fraction,
                     },
                     "data": str(data.resolve()),
                     "keys": _secret(owner_keys),

@@ -248,6 +248,7 @@ class BlindClusterOwner:
         shards: int = 1,
         tie_tolerance: float | None = None,
         verify_fraction: float = DEFAULT_VERIFY_FRACTION,
+        replicas: int = 1,
     ) -> None:
         if max_iterations < 1:
             raise MiningError(f"max iterations must be at least 1, not {max_iterations}")
@@ -274,6 +275,12 @@ class BlindClusterOwner:
         self.data = (data - self.offset) / self.scale
         self.n, self.a = n, a
         self.shards = shard_rows(self.n, shards)
+        if replicas not in (1, 2):
+            raise MiningError(f"a shard runs once or twice (--verify replicate), not {replicas}")
+        # Workers w = 0 .. shards * replicas - 1; worker w holds shard w % shards, so
+        # with replicas = 2 workers i and shards + i compute the same shard.
+        self.replicas = replicas
+        self.workers = shards * replicas
         self.centroids = initial_centroids(data, k, init, seed)  # in the data's units
         self.tol = tie_tolerance  # None: calibrated on the keys at start()
         self.shape: AnswerShape | None = None
@@ -297,10 +304,14 @@ class BlindClusterOwner:
         sent after convergence to keep the announced schedule)."""
         return not self.converged and len(self.changes) < self.max_iterations
 
-    def chunks(self, shard: int = 0) -> int:
+    def chunks(self, worker: int = 0) -> int:
         assert self.keys is not None
-        rows = self.shards[shard]
+        rows = self.rows(worker)
         return -(-(rows.stop - rows.start) // self.keys.slots)
+
+    def rows(self, worker: int) -> slice:
+        """The records worker ``worker`` holds."""
+        return self.shards[worker % len(self.shards)]
 
     def _ready(self) -> CkksKeys:
         began = time.perf_counter()
@@ -328,7 +339,7 @@ class BlindClusterOwner:
             rounds=self.rounds,
             exchange=self.exchange,
             context=keys.public_context_bytes(),
-            columns=pack_columns(keys, self.data[self.shards[shard]]),
+            columns=pack_columns(keys, self.data[self.rows(shard)]),
             centroids=self._encrypted_centroids(),
         )
         self.timings["encrypt"] += time.perf_counter() - began
@@ -369,8 +380,8 @@ class BlindClusterOwner:
         Raises ``WorkerMisbehaved`` (naming the shard) before the owner's state changes."""
         if self.done:
             raise MiningError("the job is finished: no answer is expected")
-        if len(messages) != len(self.shards):
-            raise MiningError(f"{len(messages)} answers for {len(self.shards)} shards")
+        if len(messages) != self.workers:
+            raise MiningError(f"{len(messages)} answers for {self.workers} workers")
         cpu = time.thread_time()
         opened = [self.check(i, m) for i, m in enumerate(messages)]
         if self.iterating:
@@ -381,14 +392,16 @@ class BlindClusterOwner:
         self.exchange += 1
         self._centroid_cts = None
         if self.done:
-            updates = [BlindClusterUpdate(exchange=self.exchange, done=True) for _ in self.shards]
+            updates = [
+                BlindClusterUpdate(exchange=self.exchange, done=True) for _ in range(self.workers)
+            ]
         else:
             began = time.perf_counter()
             centroids = self._encrypted_centroids()
             self.timings["encrypt"] += time.perf_counter() - began
             updates = [
                 BlindClusterUpdate(exchange=self.exchange, done=False, centroids=centroids)
-                for _ in self.shards
+                for _ in range(self.workers)
             ]
         self.timings["owner_cpu"] += time.thread_time() - cpu
         return updates
@@ -402,7 +415,7 @@ class BlindClusterOwner:
     def _decrypt_shard(self, shard: int, grid: list[list[ts.CKKSVector]]) -> np.ndarray:
         """n_shard x k decrypted distances."""
         assert self.keys is not None
-        rows = self.shards[shard]
+        rows = self.rows(shard)
         n, k, a = rows.stop - rows.start, self.k, self.a
         began = time.perf_counter()
         values = np.stack(
@@ -418,7 +431,7 @@ class BlindClusterOwner:
         ``full``: the shard's decrypted distances; None decrypts only the chunks the
         sample falls in (a dummy round)."""
         assert self.keys is not None and self.tol is not None
-        rows = self.shards[shard]
+        rows = self.rows(shard)
         picked = self.spot.sample(rows.stop - rows.start)
         if full is None:
             slots = self.keys.slots
@@ -442,11 +455,23 @@ class BlindClusterOwner:
         """One k-means iteration: decrypt, check, assign (near-ties in the clear), and the
         new centroids from the owner's own data and labels."""
         assert self.tol is not None
-        parts = []
-        for shard, grid in enumerate(opened):
-            dist = self._decrypt_shard(shard, grid)
-            self._verify(shard, grid, dist)
-            parts.append(dist)
+        decrypted = []
+        for worker, grid in enumerate(opened):
+            dist = self._decrypt_shard(worker, grid)
+            self._verify(worker, grid, dist)
+            decrypted.append(dist)
+        parts = decrypted[: len(self.shards)]
+        for worker in range(len(self.shards), self.workers):  # replicas: compare in full
+            shard = worker % len(self.shards)
+            ours, theirs = decrypted[shard], decrypted[worker]
+            differ = np.flatnonzero((np.abs(ours - theirs) > self.tol).any(axis=1))
+            if len(differ):  # one of the two lied: the records in the clear say which
+                rows = self.rows(shard)
+                exact = self._exact(differ + rows.start)
+                for liar, values in ((shard, ours), (worker, theirs)):
+                    check_values(
+                        values[differ], exact, self.tol, liar, "distances", differ + rows.start
+                    )
         labels, tied = assign_with_ties(np.concatenate(parts), self.tol)
         ties = np.flatnonzero(tied)
         if len(ties):  # the noise cannot order these: decide them as plaintext k-means does
@@ -470,13 +495,17 @@ class BlindClusterOwner:
             changes=list(self.changes),
         )
 
-    def verification(self) -> dict[str, float | int]:
+    def verification(self) -> dict[str, float | int | str]:
         """For result.json: the share of records checked each round and the chance that
         one altered record in one round is caught."""
         sizes = [s.stop - s.start for s in self.shards]
+        # Replicated, one altered record shows as a disagreement unless both workers
+        # altered it alike (they are placed on distinct peers).
+        odds = 1.0 if self.replicas > 1 else self.spot.detection_per_round(sizes)
         return {
+            "verify": "replicate" if self.replicas > 1 else "sample",
             "verify_fraction": self.spot.fraction,
-            "detection_per_round": round(self.spot.detection_per_round(sizes), 6),
+            "detection_per_round": round(odds, 6),
             "records_checked": self.spot.checked,
             "rounds": self.rounds,
         }

@@ -67,12 +67,22 @@ class MiningSettings(BaseModel):
     protocol: Literal["blind", "udm"] | None = None
     # blind: records recomputed in the clear per shard and round (spot checks)
     verify_fraction: float = Field(default=DEFAULT_VERIFY_FRACTION, gt=0, le=1)
+    # blind skmeans: "replicate" also runs every shard on a second worker (on another
+    # peer) and compares the two answers in full every iteration
+    verify: Literal["sample", "replicate"] = "sample"
 
     @model_validator(mode="after")
     def _resolved(self) -> MiningSettings:
         resolved = resolve_protocol(self.algorithm, self.scheme, self.protocol)
         self.protocol = None if resolved == "plain" else resolved  # type: ignore[assignment]
+        if self.verify == "replicate" and (self.algorithm != "skmeans" or not self.blind):
+            raise ValueError("--verify replicate is for skmeans with the blind protocol")
         return self
+
+    @property
+    def replicas(self) -> int:
+        """Workers per shard."""
+        return 2 if self.verify == "replicate" else 1
 
     @property
     def plaintext(self) -> bool:
@@ -116,9 +126,13 @@ def decode_answer(kind: type[A], raw: bytes, shard: int) -> A:
 
 
 def shard_sizes(settings: MiningSettings, rows: int) -> list[int]:
+    """Records per worker, one allocation each: every shard, then (``--verify
+    replicate``) every shard again for its second worker."""
     from dms.mining.clustering import shard_rows
 
-    return [s.stop - s.start for s in shard_rows(rows, settings.shards)]
+    if settings.shards > rows:
+        raise MiningError(f"{settings.shards} shards for {rows} records")
+    return [s.stop - s.start for s in shard_rows(rows, settings.shards)] * settings.replicas
 
 
 class Driver:
@@ -158,13 +172,14 @@ class Driver:
 
 class ClusterDriver(Driver):
     """SKMeans (blind or UDM) and DBSKMeans: steps of (encrypted material) -> an update for
-    each shard. Blind k-means takes two steps an iteration (distances, then sums)."""
+    each shard. Blind k-means takes one step a round; with ``--verify replicate`` its
+    ``shards`` are workers, two per shard of data (``shard_sizes``)."""
 
     def __init__(
         self, settings: MiningSettings, data: np.ndarray, keys: CkksKeys | LiuKey | None
     ) -> None:
         self.settings, self.data, self.keys = settings, data, keys
-        self.shards = settings.shards
+        self.shards = settings.shards * settings.replicas
         self.owner: ClusterOwner | BlindClusterOwner | None = None
         self._answer = BlindClusterRound if settings.blind else ClusterRound
         self._answers: dict[int, Any] = {}
@@ -188,7 +203,12 @@ class ClusterDriver(Driver):
             if self.keys is not None and not isinstance(self.keys, CkksKeys):
                 raise MiningError("the blind protocol needs CKKS keys")
             self.owner = BlindClusterOwner(
-                self.data, s.k, keys=self.keys, verify_fraction=s.verify_fraction, **common
+                self.data,
+                s.k,
+                keys=self.keys,
+                verify_fraction=s.verify_fraction,
+                replicas=s.replicas,
+                **common,
             )
         else:
             self.owner = ClusterOwner(
@@ -202,7 +222,7 @@ class ClusterDriver(Driver):
         # Keys and encryption happen while bids are collected: each shard's opening
         # message is ready when its worker is.
         with self._lock:
-            self._starts = {i: (0, encode(self.owner.start(i))) for i in range(s.shards)}
+            self._starts = {i: (0, encode(self.owner.start(i))) for i in range(self.shards)}
 
     @property
     def iteration(self) -> int:  # type: ignore[override]

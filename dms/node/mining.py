@@ -21,10 +21,16 @@ from dms.errors import DmsError
 from dms.jobs.mining import MiningParams
 from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
 from dms.mining import MiningError
-from dms.mining.clustering import shard_rows
 from dms.mining.data import read_table, read_test_table
 from dms.mining.learned import worker_learns
-from dms.mining.placed import ClusterDriver, Driver, KnnDriver, MiningSettings, PlainDriver
+from dms.mining.placed import (
+    ClusterDriver,
+    Driver,
+    KnnDriver,
+    MiningSettings,
+    PlainDriver,
+    shard_sizes,
+)
 from dms.mining.schemes import OwnerKeys
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
@@ -123,9 +129,7 @@ def _plan(request: MiningRequest) -> tuple[Driver, DeploymentSpec, list[int], di
         else:
             driver = KnnDriver(s, training.features, training.labels, tests.features, keys)
         records = queries
-    if s.shards > rows:
-        raise MiningError(f"{s.shards} shards for {rows} records")
-    sizes = [r.stop - r.start for r in shard_rows(rows, s.shards)]
+    sizes = shard_sizes(s, rows)  # one allocation per worker
     allocations = []
     for i, n in enumerate(sizes):
         params = MiningParams(

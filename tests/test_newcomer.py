@@ -414,3 +414,15 @@ def test_sim_wraps_its_lines_instead_of_cutting_them(tmp_path: Path) -> None:
     assert not any(line.rstrip().endswith("...") for line in done.stdout.splitlines())
     said = " ".join(done.stdout.split())
     assert "worker lost (the provider is gone (missed its heartbeat deadline))" in said, said
+
+
+def test_peers_list_fits_the_resources_in_80_columns(pair: Pair, tmux: Tmux) -> None:
+    screen = tmux.run(env_for(pair.owner), *dms_argv("peers", "list"))
+    assert "Traceback" not in screen, screen
+    assert all(len(line) <= 80 for line in screen.splitlines()), screen
+    header = next(line for line in screen.splitlines() if "status" in line)
+    for column in ("cpu", "ram", "disk"):
+        assert column in header, screen
+    row = next(line for line in screen.splitlines() if pair.provider_id[-8:] in line)
+    assert "1/1" in row and "alive" in row, screen  # free/total cores of the provider
+    assert "--json shows them whole" in screen, screen

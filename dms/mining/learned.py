@@ -58,10 +58,11 @@ LEARNED: tuple[Learned, ...] = (
         ("skmeans",),
         "blind",
         ("ckks",),
-        "CKKS ciphertexts only (columns, centroids, masks), the public context (no Galois "
-        "keys), and sizes: k, a, the number of chunks of N/2 records, the distance name and "
-        "how many iterations ran. No centroids, distances, labels, counts or shifts.",
-        "its own data's distances to the centroids, labels, centroids, per-attribute sums",
+        "CKKS ciphertexts only (columns, centroids), the public context (no Galois keys), "
+        "and sizes: k, a, the number of chunks of N/2 records, the distance name and the "
+        "announced number of rounds (not when k-means converged). No centroids, distances, "
+        "labels, counts or shifts, and nothing that depends on what it returned.",
+        "its own data's distances to the centroids, labels, centroids",
     ),
     Learned(
         "DBSKMeans, udm, Liu/CKKS",
@@ -69,7 +70,8 @@ LEARNED: tuple[Learned, ...] = (
         "udm",
         ("liu", "ckks"),
         "OPE(U) each round under a fresh key: the order of |U| entries within a round and "
-        "their signs, no values; the labels, cluster sizes and the ciphertexts of D",
+        "their signs, no values; the labels, cluster sizes and the ciphertexts of D; "
+        "max_iterations rounds whatever it returned",
         "labels, centroids",
     ),
     Learned(

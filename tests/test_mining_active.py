@@ -388,3 +388,25 @@ def test_replicate_is_refused_where_it_cannot_run() -> None:
     assert shard_sizes(settings, 150) == [75, 75, 75, 75]
     with pytest.raises(ValidationError, match="replicate is for skmeans with the blind"):
         MiningSettings(algorithm="skmeans", k=3, protocol="udm", verify="replicate")
+
+
+def test_knn_queries_do_not_depend_on_what_the_worker_returned() -> None:
+    """The blocks of queries are fixed before any answer: an honest worker and one
+    whose answers differ (below the noise, so unseen) get the same messages."""
+
+    def transcript_of(shift: float) -> tuple[list[bytes], list[int]]:
+        owner, worker, blocks = knn_owner()
+        wire = Wire(keep_to_worker=True)
+        wire.to_worker(owner.start())
+        for block in blocks:
+            answer = worker.distances(wire.to_worker(owner.query_rows(block)))
+            first = ts.ckks_vector_from(worker.context, answer.distances[0][0])
+            answer.distances[0][0] = (first + [shift] * worker.slots).serialize()
+            owner.classify(wire.to_owner(answer))
+        return transcript(wire), sizes(wire)
+
+    honest, honest_sizes = transcript_of(0.0)
+    other, other_sizes = transcript_of(1e-11)
+    assert honest == other and len(honest) == 1 + 10  # start, then ceil(75 / 8) blocks
+    for got, want in zip(other_sizes, honest_sizes, strict=True):
+        assert abs(got - want) <= 0.01 * want

@@ -8,14 +8,17 @@ import pytest
 from dms.jobs.allocation import ALLOCATION, AllocationState
 from dms.network.peertable import PEER, PeerRecord, PeerState
 from dms.orchestrator.base import DeploymentRow
+from dms.orchestrator.mining import Shard
 from dms.orchestrator.slots import SLOT
 from dms.orchestrator.states import (
     COLLAB,
     DEPLOYMENT,
     SESSION,
+    SHARD,
     CollabPhase,
     DeploymentState,
     SessionPhase,
+    ShardState,
 )
 from dms.statemachine import Machine, Tracked, TransitionError
 
@@ -88,3 +91,22 @@ def test_a_collaboration_phase_moves_only_forward() -> None:
     assert COLLAB.terminal == {"completed", "failed"}
     with pytest.raises(TransitionError, match="placing -> rounds"):
         COLLAB.check(CollabPhase.PLACING, CollabPhase.ROUNDS)
+
+
+def test_a_shard_moves_through_its_worker_and_a_late_answer_moves_nothing() -> None:
+    shard = Shard(0, "shard0", 10)
+    assert SHARD.terminal == frozenset() and shard.state is ShardState.UNPLACED
+    shard.placed()
+    shard.busy = True  # the opening message goes out
+    assert shard.state is ShardState.SHIPPING and shard.busy and not shard.ready
+    shard.busy = False
+    shard.ready = True
+    shard.busy = True  # a step's operation
+    assert shard.state is ShardState.WORKING and shard.ready
+    shard.busy = False
+    assert shard.state is ShardState.READY
+    with pytest.raises(TransitionError, match="shard0: ready -> placed"):
+        shard.placed()  # placed again without being lost first: a bug
+    shard.lost()
+    shard.busy = False  # what a lost worker's late answer does: nothing
+    assert shard.state is ShardState.UNPLACED

@@ -42,7 +42,7 @@ from dms.mining.placed import Driver
 from dms.network.transfer import Courier
 from dms.orchestrator.deployment import DeploymentActor, Orchestration, allocation_handle
 from dms.orchestrator.slots import Slot, SlotState
-from dms.orchestrator.states import SESSION, SessionPhase
+from dms.orchestrator.states import SESSION, SHARD, SessionPhase, ShardState
 from dms.statemachine import Tracked
 
 log = logging.getLogger("dms.mining")
@@ -80,8 +80,7 @@ class Shard:
     peer: str | None = None
     allocation: Handle | None = None
     generation: int = 0  # bumped at every placement; older answers are ignored
-    ready: bool = False  # the worker holds its opening message
-    busy: bool = False  # an operation is in flight
+    state: ShardState = ShardState.UNPLACED  # moved only through SHARD (below)
     worker_at: int = 0  # the owner step the worker's state matches
     placements: int = 0
     failures: int = 0
@@ -93,6 +92,41 @@ class Shard:
     deadline_s: float = 0.0  # the operation in flight's deadline
     step_s: float = 0.0  # how long its last step took, transfers included
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier placements
+
+    def _move(self, to: ShardState) -> None:
+        if to != self.state:
+            self.state = SHARD.check(self.state, to, self.slot)
+
+    def placed(self) -> None:
+        """A worker runs it (again): nothing shipped to it yet."""
+        self._move(ShardState.PLACED)
+
+    def lost(self) -> None:
+        self._move(ShardState.UNPLACED)
+
+    @property
+    def ready(self) -> bool:
+        """The worker holds its opening message (idle or working)."""
+        return self.state in (ShardState.READY, ShardState.WORKING)
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        if value:
+            self._move(ShardState.WORKING if self.busy else ShardState.READY)
+
+    @property
+    def busy(self) -> bool:
+        """A call is in flight: the opening message, or a step's operation."""
+        return self.state in (ShardState.SHIPPING, ShardState.WORKING)
+
+    @busy.setter
+    def busy(self, value: bool) -> None:
+        if self.state == ShardState.UNPLACED:
+            return  # a late answer of a lost worker: nothing to move
+        if value:
+            self._move(ShardState.WORKING if self.ready else ShardState.SHIPPING)
+        else:
+            self._move(ShardState.READY if self.ready else ShardState.PLACED)
 
 
 class MiningSessionActor(DeploymentActor):
@@ -168,7 +202,7 @@ class MiningSessionActor(DeploymentActor):
         shard.allocation = allocation_handle(slot.allocation)
         shard.generation += 1
         shard.placements += 1
-        shard.ready = shard.busy = False
+        shard.placed()
         shard.last_heard = time.monotonic()
         if self.prepared:
             self._ship(shard)
@@ -185,7 +219,7 @@ class MiningSessionActor(DeploymentActor):
         self._release(shard, "start", "step")
         shard.allocation = None
         shard.generation += 1  # whatever the lost worker still answers is ignored
-        shard.ready = shard.busy = False
+        shard.lost()
         shard.failures += 1
         if self.phase in (SessionPhase.SHIPPING, SessionPhase.MINING):
             self._event(f"{shard.slot}: worker lost ({reason}); placing it again")

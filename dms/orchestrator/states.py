@@ -15,6 +15,13 @@ A mining session (``mining.py``)::
     placing -> shipping -> mining -> completed
     placing | shipping | mining -> failed
 
+Each shard of a mining session (``mining.Shard``; no final state, it ends with its
+session)::
+
+    unplaced -> placed -> shipping -> placed -> ready <-> working
+    placed -> ready            (nothing to ship first)
+    placed | shipping | ready | working -> unplaced      its worker was lost
+
 A collaboration (``collab.py``)::
 
     placing -> joining -> rounds -> completed
@@ -78,6 +85,28 @@ SESSION = Machine(
         P.MINING: {P.COMPLETED, P.FAILED},
         P.COMPLETED: set(),
         P.FAILED: set(),
+    },
+)
+
+
+class ShardState(StrEnum):
+    UNPLACED = "unplaced"  # no worker
+    PLACED = "placed"  # a worker runs it; its opening message not (yet) taken
+    SHIPPING = "shipping"  # the opening message is in flight
+    READY = "ready"  # the worker holds the owner's state: idle
+    WORKING = "working"  # a step's operation is in flight
+
+
+H = ShardState
+SHARD = Machine(
+    "shard",
+    ShardState,
+    {
+        H.UNPLACED: {H.PLACED},
+        H.PLACED: {H.SHIPPING, H.READY, H.UNPLACED},
+        H.SHIPPING: {H.PLACED, H.UNPLACED},
+        H.READY: {H.WORKING, H.UNPLACED},
+        H.WORKING: {H.READY, H.UNPLACED},
     },
 )
 

@@ -12,6 +12,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -62,7 +63,7 @@ def test_empty_tables_say_so_instead_of_a_traceback(lone: Daemon) -> None:
         done = at_80(lone.home, *args)
         clean(done)
         assert done.returncode == 0, (args, done.stderr)
-        assert "(none yet)" in done.stdout
+        assert " yet: " in done.stdout and "┃" not in done.stdout  # a sentence, no table
 
 
 class Tmux:
@@ -267,6 +268,9 @@ def follow_log(home: Path, said: str, pid: int) -> None:
         shown = dms(home, "logs").stdout
         assert "dms node running" in shown, shown
         assert "alembic" not in shown and "Running upgrade" not in shown, shown  # fresh home
+        assert "made private" not in shown, shown  # the log is this user's from the start
+        assert stat.S_IMODE((home / "logs").stat().st_mode) == 0o700
+        assert stat.S_IMODE((home / "logs" / "dms.log").stat().st_mode) == 0o600
         stopped = dms(home, "stop")
         assert stopped.returncode == 0 and f"(pid {pid})" in stopped.stdout, stopped.stderr
         assert dms(home, "stop").returncode != 0  # nothing left to stop: said so

@@ -148,6 +148,13 @@ def list_deployments(
     if json_out:
         emit_json(jsonable(rows))
         return
+    if not rows:
+        console.print(
+            "no deployments yet: dms deploy JOB.yaml places one (so does a dms mine without "
+            "--local)",
+            highlight=False,
+        )
+        return
     now = time.time()
     emit_table(
         "deployments",

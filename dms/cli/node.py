@@ -14,7 +14,7 @@ import time
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import typer
 
@@ -129,7 +129,7 @@ def configure_daemon_logging(
         raise DmsError(f"--log-format {log_format!r}: use text or json")
     handler: logging.Handler = logging.StreamHandler()
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        open_log(log_file).close()  # made private before the handler opens it
         handler = logging.FileHandler(log_file, encoding="utf-8")
     handler.setFormatter(JsonLines() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     numeric = logging.getLevelName(level.upper())
@@ -142,6 +142,16 @@ def configure_daemon_logging(
 def log_path(home: Path) -> Path:
     """Where a node started in the background logs (``dms logs`` reads it)."""
     return Path(home) / "logs" / "dms.log"
+
+
+def open_log(path: Path) -> BinaryIO:
+    """The log file for appending, this user's only (folder 0700, file 0600), as every
+    file of a home is."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
 
 
 def _in_background() -> bool:
@@ -181,8 +191,7 @@ def _detach(home: Path, args: list[str], json_out: bool) -> None:
 
     _prove_passphrase(home)
     log = log_path(home)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    with open_log(log) as out:
         out.write(
             f"--- dms run --detach, {datetime.now(UTC).isoformat(timespec='seconds')}\n".encode()
         )
@@ -308,8 +317,10 @@ def run(
             # Plain lines, never wrapped: people copy them and scripts parse them.
             typer.echo(f"dms node running (Ctrl-C to stop)\n  peer id: {info['peer_id']}")
             typer.echo(f"  did:     {info['did']}\n  api:     {info['api']}")
+            # Each address whole on a line of its own: one is copied into --bootstrap.
+            typer.echo("  addresses (give one to --bootstrap on another node):")
             for addr in info["addrs"]:
-                typer.echo(f"  listen:  {addr}")
+                typer.echo(addr)
         sys.stdout.flush()  # scripts wait for these lines before they go on
         while not stop.wait(0.5):
             pass

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -182,7 +183,13 @@ def emit_fields(data: dict[str, Any], title: str | None = None) -> None:
 
 
 def error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One line for scripts and logs; on a terminal, wrapped between words (the terminal
+    would cut a word at its edge)."""
+    err_console.print(
+        f"[bold red]error:[/] {escape(message)}",
+        highlight=False,
+        soft_wrap=not err_console.is_terminal,
+    )
 
 
 def jsonable(value: Any) -> Any:

@@ -39,6 +39,13 @@ def list_peers(
     if json_out:
         emit_json(jsonable(rows))
         return
+    if not rows:
+        console.print(
+            "no peers known yet: they appear as their heartbeats arrive "
+            "(dms run --bootstrap ADDRESS, or dms peers connect ADDRESS)",
+            highlight=False,
+        )
+        return
     now = time.time()
     table = []
     for row in rows:

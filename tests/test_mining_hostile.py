@@ -10,19 +10,15 @@ And a job described without a protocol runs blind (issue 25 item 2).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
-import msgpack
 import pytest
 
-from dms.jobs.base import ExecutorError, Log
+from dms.jobs.base import ExecutorError
 from dms.jobs.executors import EXECUTORS
 from dms.jobs.mining import (
-    MiningExecutor,
     MiningParams,
-    MiningSession,
     inspect_context,
     max_context_bytes,
     split_context,
@@ -32,51 +28,9 @@ from dms.mining.blind_kmeans import blind_keys
 from dms.mining.data import read_table
 from dms.mining.schemes.ckks import CkksKeys
 from dms.sim.cluster import LocalCluster
+from dms.sim.hostile_mining import HostileExecutor
 from dms.sim.scenario import parse_scenario
 from tests.test_mining_placed import IRIS, Network
-
-RELEASE = threading.Event()  # lets stalled workers go when the module ends
-
-
-class HostileSession(MiningSession):
-    """A worker that does its 'start' honestly, then misbehaves at its first step."""
-
-    def __init__(self, params: MiningParams, log: Log, how: str) -> None:
-        super().__init__(params, log)
-        self.how = how
-
-    def call(self, op: str, body: bytes) -> bytes:
-        if op not in ("step", "query"):
-            return super().call(op, body)
-        if self.how == "stall":
-            RELEASE.wait(300)
-            return b""
-        if self.how == "size_bomb":  # 64 MiB of one repeated chunk: a manifest of duplicates
-            return bytes(64 * 1024 * 1024)
-        if self.how == "decode_bomb":  # 3 MB that decode to 3 million dicts
-            return b"\xdd" + (3_000_000).to_bytes(4, "big") + b"\x80" * 3_000_000
-        assert self.how == "garbage"  # the right fields, ciphertexts that are not
-        answer = {"exchange": 1, "ciphertexts": [[b"not a ciphertext"]] * 3}
-        return msgpack.packb(answer, use_bin_type=True)
-
-
-class HostileExecutor(MiningExecutor):
-    """The mining executor of every node of the process: its first ``hostile`` sessions
-    (the first placements, on whichever providers won them) misbehave as ``how``."""
-
-    def __init__(self, how: str, hostile: int = 1) -> None:
-        self.how, self.hostile = how, hostile
-        self.made: list[str] = []
-        self._lock = threading.Lock()
-
-    def session(self, params: dict[str, Any], log: Log) -> MiningSession:
-        honest = super().session(params, log)
-        with self._lock:
-            if len(self.made) >= self.hostile:
-                self.made.append("honest")
-                return honest
-            self.made.append(self.how)
-        return HostileSession(honest.params, log, self.how)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +39,6 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
     root = tmp_path_factory.mktemp("hostile")
     with LocalCluster(root, heartbeat_s=0.5, mining_step_floor_s=6.0) as cluster:
         yield Network(cluster)
-    RELEASE.set()
 
 
 def blind_iris(**extra: Any) -> dict[str, Any]:
@@ -101,12 +54,19 @@ def local_labels() -> list[int]:
 
 @pytest.fixture
 def hostile(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Every node's mining executor: its first ``hostile`` sessions (the first
+    placements, on whichever providers won them) misbehave as ``how``."""
+    made: list[HostileExecutor] = []
+
     def install(how: str, hostile: int = 1) -> HostileExecutor:
-        executor = HostileExecutor(how, hostile)
+        executor = HostileExecutor([how] * hostile)
         monkeypatch.setitem(EXECUTORS, "mining", executor)
+        made.append(executor)
         return executor
 
     yield install
+    for executor in made:
+        executor.release()
 
 
 def excluded_then_completed(net: Network, session: str, reason: str) -> dict[str, Any]:

@@ -255,9 +255,9 @@ def sknn_blind(n: int, a: int, k: int, n_test: int, as_json: bool) -> None:
     start_mb = wire.bytes_to_worker / 1e6
     worker = worker_cpu(BlindKnnWorker, start)
     predictions: list[object] = []
-    blocks = owner.query_blocks(test)
+    blocks = owner.row_blocks(test)
     for block in blocks:
-        query = wire.to_worker(owner_cpu(owner.query, block))
+        query = wire.to_worker(owner_cpu(owner.query_rows, block))
         predictions += owner_cpu(owner.classify, wire.to_owner(worker_cpu(worker.distances, query)))
     enc_s = time.perf_counter() - began
     differ = np.array([p != q for p, q in zip(plain, predictions, strict=True)])

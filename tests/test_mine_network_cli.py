@@ -36,6 +36,8 @@ def test_mine_from_one_daemon_places_the_work_and_matches_local(tmp_path: Path) 
         # Progress as it goes: placement, shipping, one line per round.
         for expected in ("running on", "MB shipped", "iteration 1", "centroid change"):
             assert expected in done.stdout
+        # One line says what the worker learns (blind: ciphertexts only).
+        assert "note: the worker learns: CKKS ciphertexts only" in done.stderr
         assert dms(owner, *args, "--out", str(local), "--local").returncode == 0
         assert (placed / "labels.csv").read_text() == (local / "labels.csv").read_text()
         result = json.loads((placed / "result.json").read_text())
@@ -43,6 +45,7 @@ def test_mine_from_one_daemon_places_the_work_and_matches_local(tmp_path: Path) 
         assert peers == {first.info["peer_id"], daemons[1].info["peer_id"]}
         for key in ("replacements", "owner_cpu_s", "worker_cpu_s", "wall_s"):
             assert key in result
+        assert result["excluded"] == []  # no worker was caught
         # Per round: the centroid change and the step's time; the report draws them and
         # names the peers.
         assert len(result["changes"]) == result["iterations"] and result["steps"]

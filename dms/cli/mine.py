@@ -22,6 +22,7 @@ import numpy as np
 import typer
 
 from dms.actor import RemoteError
+from dms.cli import collab
 from dms.cli.common import JsonOption, settings
 from dms.cli.output import console, emit_fields, emit_json, progress_bar
 from dms.cli.waiting import Waiting, placement_hint
@@ -42,6 +43,7 @@ from dms.security.keystore import session_passphrase
 from dms.security.sealing import SealedBox, seal, unseal
 
 app = typer.Typer(help="Privacy-preserving data mining (k-means, k-NN) on CSV data.")
+app.add_typer(collab.app, name="collab")
 
 KOption = Annotated[int, typer.Option("--k", help="Clusters (k-means) or neighbours (k-NN).")]
 SchemeOption = Annotated[str, typer.Option("--scheme", help="ckks (default) or liu.")]

@@ -1,0 +1,185 @@
+"""``dms mine collab``: joint k-means with other data owners, by secure aggregation.
+
+One owner proposes (``propose``): the owners' peer ids, k, the announced
+number of rounds, the threshold, and its own CSV. Its node places the
+aggregator by the ordinary bid rounds and writes the proposal to a file that
+the other owners receive out of band. Each of them joins with its own CSV on its
+own node (``join FILE --data``). ``result ID`` writes this owner's labels and
+the shared centroids once the rounds are done (``specs/mining.md``,
+"Collaborative k-means").
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from pydantic import ValidationError
+
+from dms.actor import RemoteError
+from dms.cli.common import JsonOption, settings
+from dms.cli.output import console, emit_fields, emit_json
+from dms.errors import DmsError
+from dms.mining.collab import Init, Privacy, Proposal
+from dms.mining.data import read_table, write_labels
+from dms.mining.errors import MiningError
+from dms.node.client import NodeClient, running_node
+
+app = typer.Typer(help="Joint k-means with other data owners (secure aggregation).")
+
+
+class CollabError(DmsError):
+    pass
+
+
+def _node() -> NodeClient:
+    home = settings().home
+    client = running_node(home)
+    if client is None:
+        raise CollabError(f"no node is running for {home}: start one with 'dms run'")
+    return client
+
+
+def _invoke(client: NodeClient, behaviour: str, payload: dict[str, Any]) -> Any:
+    try:
+        return client.invoke(behaviour, payload, timeout=60)
+    except RemoteError as exc:
+        raise CollabError(f"{exc.code}: {exc.reason}") from None
+
+
+@app.command("propose")
+def propose(
+    data: Annotated[Path, typer.Option("--data", help="this owner's CSV (stays on its node)")],
+    owners: Annotated[
+        str, typer.Option("--owners", help="the other owners' peer ids, comma-separated")
+    ],
+    k: Annotated[int, typer.Option("--k", help="clusters")] = 3,
+    rounds: Annotated[int, typer.Option("--rounds", help="announced number of rounds")] = 10,
+    threshold: Annotated[
+        int | None, typer.Option("--threshold", help="owners needed each round (default: most)")
+    ] = None,
+    init: Annotated[
+        str,
+        typer.Option(
+            "--init",
+            help="moments: drawn around the union's mean and spread (reveals those); "
+            "supplied: the centroids in --centroids (reveals them to every owner)",
+        ),
+    ] = "moments",
+    centroids: Annotated[
+        Path | None, typer.Option("--centroids", help="CSV of k initial centroids")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    epsilon: Annotated[
+        float | None, typer.Option("--epsilon", help="differential privacy per round")
+    ] = None,
+    delta: Annotated[float, typer.Option("--delta")] = 1e-5,
+    clip: Annotated[float, typer.Option("--clip", help="row norm bound for privacy")] = 10.0,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="where to write the proposal for the others")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Propose a collaboration and join it with this node's CSV."""
+    client = _node()
+    me = client.node_peer_id
+    others = [o.strip() for o in owners.split(",") if o.strip() and o.strip() != me]
+    every = [me, *others]
+    try:
+        a = read_table(data).features.shape[1]
+        grid = read_table(centroids).features.tolist() if centroids is not None else None
+        proposal = Proposal(
+            collab_id=f"collab-{secrets.token_hex(6)}",
+            owners=every,
+            a=a,
+            k=k,
+            rounds=rounds,
+            threshold=threshold if threshold is not None else len(every) // 2 + 1,
+            init=Init(init),
+            centroids=grid,
+            seed=seed,
+            privacy=None if epsilon is None else Privacy(epsilon=epsilon, delta=delta, clip=clip),
+        )
+    except (MiningError, ValueError) as exc:
+        first = str(exc).splitlines()[-1 if isinstance(exc, ValidationError) else 0]
+        raise CollabError(f"the proposal cannot be used: {first.strip()}") from None
+    body = proposal.model_dump(mode="json")
+    answer = _invoke(client, "/dms/node/collab/propose", {"proposal": body, "data": str(data)})
+    path = out or Path(f"{proposal.collab_id}.json")
+    path.write_text(json.dumps({"proposer": me, "proposal": body}, indent=1) + "\n")
+    shown = {**answer, "proposal_file": str(path), "owners": len(every)}
+    if as_json:
+        emit_json(shown)
+        return
+    emit_fields(shown, "collaboration proposed")
+    console.print(f"each other owner joins with: dms mine collab join {path} --data THEIR.csv")
+
+
+@app.command("join")
+def join(
+    proposal_file: Annotated[Path, typer.Argument(help="the proposal file the proposer sent")],
+    data: Annotated[Path, typer.Option("--data", help="this owner's CSV (stays on its node)")],
+    as_json: JsonOption = False,
+) -> None:
+    """Join a proposed collaboration with this node's CSV."""
+    try:
+        announced = json.loads(proposal_file.read_text())
+        payload = {
+            "proposal": announced["proposal"],
+            "proposer": announced["proposer"],
+            "data": str(data),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CollabError(f"{proposal_file}: not a proposal file ({exc})") from None
+    answer = _invoke(_node(), "/dms/node/collab/join", payload)
+    if as_json:
+        emit_json(answer)
+    else:
+        emit_fields(answer, "joined")
+
+
+@app.command("result")
+def result(
+    collab_id: Annotated[str, typer.Argument(help="the collaboration's id")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="write labels.csv and result.json here")
+    ] = None,
+    wait: Annotated[float, typer.Option("--wait", help="seconds to wait for the end")] = 0.0,
+    as_json: JsonOption = False,
+) -> None:
+    """This owner's labels and the shared centroids, once the rounds are done."""
+    client = _node()
+    deadline = time.monotonic() + wait
+    while True:
+        answer = _invoke(client, "/dms/node/collab/result", {"collab_id": collab_id})
+        ended = answer["phase"] in ("completed", "failed")
+        if ended or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    if answer["phase"] == "failed":
+        raise CollabError(f"collaboration failed: {answer['session'].get('reason')}")
+    found = answer.get("result")
+    if found is not None and out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_labels(out / "labels.csv", list(found["labels"]))
+        summary = {k: v for k, v in found.items() if k != "labels"}
+        (out / "result.json").write_text(json.dumps(summary, indent=1) + "\n")
+    shown: dict[str, Any] = {"collab_id": collab_id, "phase": answer["phase"]}
+    if found is not None:
+        shown.update(
+            rounds=found["rounds"],
+            records=len(found["labels"]),
+            dropped=[f"{d['owner']} (round {d['round']})" for d in found["dropped"]],
+            centroids=np.round(np.asarray(found["centroids"]), 4).tolist(),
+        )
+    if answer["session"]:
+        shown["session"] = {k: answer["session"].get(k) for k in ("phase", "round", "reason")}
+    if as_json:
+        emit_json({**answer, "out": str(out) if out else None})
+    else:
+        emit_fields(shown, "collaboration")

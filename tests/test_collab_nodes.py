@@ -190,6 +190,11 @@ def test_the_aggregator_executor_refuses_bad_params_and_messages_with_a_reason()
     session = CollabExecutor().session({"proposal": proposal.model_dump()}, lambda _: None)
     owners = {o: CollabOwner(proposal, o, rows) for o, rows in zip("abc", PARTS, strict=True)}
     advert = encode(owners["a"].advert())
+    with pytest.raises(ExecutorError, match="refused before fetching it"):
+        session.admit("input", 10_000_000, None, None)
+    with pytest.raises(ExecutorError, match="takes no context"):
+        session.admit("input", 100, 100, None)
+    session.admit("advert", len(advert), None, None)
     session.call("advert", advert)
     with pytest.raises(ExecutorError, match="advertised twice"):
         session.call("advert", advert)

@@ -114,6 +114,19 @@ class CollabSession:
             "end": self._end,
         }
 
+    def admit(self, op: str, size: int, context_size: int | None, ram_bytes: int | None) -> None:
+        """Declared sizes, before anything is fetched: no context, and no message larger
+        than the proposal allows (a vector, a sealed share and key per owner, a margin)."""
+        if context_size is not None:
+            raise ExecutorError(f"a collaboration takes no context (sent with {op!r})")
+        p = self.proposal
+        largest = 8 * max(p.length(0), p.length(1)) + 512 * len(p.owners) + 64 * 1024
+        if size > largest or (ram_bytes is not None and size > ram_bytes):
+            raise ExecutorError(
+                f"a {op!r} of {size} bytes; this collaboration's messages are at most "
+                f"{largest}: refused before fetching it"
+            )
+
     def call(self, op: str, body: bytes) -> bytes:
         handler = self._ops.get(op)
         if handler is None:

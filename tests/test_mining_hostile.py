@@ -174,6 +174,22 @@ def test_a_worker_caught_cheating_is_excluded_and_said_in_one_line(
     assert result["protocol"] == "blind"
 
 
+def test_a_worker_caught_by_a_spot_check_loses_its_shard_only(net: Network, hostile: Any) -> None:
+    """Two shards; one worker's distances are all doubled (well-formed ciphertexts): the
+    owner's spot check after decryption catches it, the other shard's answer is kept,
+    the caught peer is excluded from both shards and the labels are those of --local."""
+    hostile("doubled")
+    session = net.mine(blind_iris(shards=2))
+    answer = net.result(session)
+    result = answer["result"]
+    assert answer["labels"] == local_labels()
+    [caught] = result["excluded"]
+    assert "noise allows" in caught["reason"], caught
+    assert caught["peer_id"] not in {p["peer_id"] for p in result["placement"]}
+    assert result["replacements"] == 1
+    net.settle(session)
+
+
 # ---- a hostile owner: the provider checks a context before it fetches or loads it ------
 
 

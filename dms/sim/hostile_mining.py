@@ -9,7 +9,10 @@ step or query:
 - ``stall``: never answers (until :meth:`HostileExecutor.release`);
 - ``size_bomb``: answers ``bomb_mb`` MiB of zeros, one chunk repeated in its manifest;
 - ``decode_bomb``: 3 MB of MessagePack that decode to 3 million dicts;
-- ``garbage``: the answer's fields, with ciphertexts that are not.
+- ``garbage``: the answer's fields, with ciphertexts that are not;
+- ``doubled`` (blind k-means): its honest answer with every ciphertext added to itself,
+  well-formed (same size, level, scale) but every distance wrong: only the owner's spot
+  checks, after decryption, can tell.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgpack
+import tenseal as ts
 
 from dms.jobs.base import Log
 from dms.jobs.mining import MiningExecutor, MiningParams, MiningSession
+from dms.mining.blind_kmeans import BlindClusterWorker
 
-BEHAVIOURS = ("stall", "size_bomb", "decode_bomb", "garbage")
+BEHAVIOURS = ("stall", "size_bomb", "decode_bomb", "garbage", "doubled")
 
 
 class HostileSession(MiningSession):
@@ -44,7 +49,19 @@ class HostileSession(MiningSession):
             return bytes(self.bomb_mb * 1024 * 1024)
         if self.how == "decode_bomb":
             return b"\xdd" + (3_000_000).to_bytes(4, "big") + b"\x80" * 3_000_000
+        if self.how == "doubled":
+            return self._doubled(super().call(op, body))
         answer = {"exchange": 1, "ciphertexts": [[b"not a ciphertext"]] * self.params.k}
+        return msgpack.packb(answer, use_bin_type=True)
+
+    def _doubled(self, honest: bytes) -> bytes:
+        worker = self._ops.cluster
+        assert isinstance(worker, BlindClusterWorker), "doubled is for blind k-means"
+        answer = msgpack.unpackb(honest, raw=False)
+        answer["ciphertexts"] = [
+            [(v + v).serialize() for v in (ts.ckks_vector_from(worker.context, c) for c in row)]
+            for row in answer["ciphertexts"]
+        ]
         return msgpack.packb(answer, use_bin_type=True)
 
 

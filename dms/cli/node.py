@@ -19,7 +19,7 @@ from typing import Annotated, Any, BinaryIO
 import typer
 
 from dms.cli.common import JsonOption, dialable, settings
-from dms.cli.output import duration, emit_fields, emit_json
+from dms.cli.output import duration, emit_fields, emit_json, say_line
 from dms.errors import DmsError
 from dms.node.home import NODE_KEY, USER_KEY, NodeError, init_home, load_node_identity
 from dms.security import Keystore, agent
@@ -228,7 +228,7 @@ def _detach(home: Path, args: list[str], json_out: bool) -> None:
     if json_out:
         emit_json(info)
     else:
-        typer.echo(
+        say_line(
             f"dms node running in the background (pid {proc.pid}); its log: {log} "
             "(dms logs -f); dms stop stops it"
         )
@@ -284,7 +284,7 @@ def run(
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     elif _in_background():  # 'dms run &': its lines would mix with the next commands'
         log_file = log_path(cfg.home)
-        typer.echo(f"dms node logging to {log_file} (dms logs -f shows it)", err=True)
+        say_line(f"dms node logging to {log_file} (dms logs -f shows it)", err=True)
     configure_daemon_logging(cfg.log_level, log_format, log_file)
     network = network_settings(
         cfg,

@@ -182,6 +182,13 @@ def emit_fields(data: dict[str, Any], title: str | None = None) -> None:
     emit_table(title, ["field", "value"], [(k, cell(v, k)) for k, v in data.items()])
 
 
+def say_line(text: str, err: bool = False) -> None:
+    """One line for scripts and logs; on a terminal, wrapped between words (the terminal
+    would cut a word, or a path, at its edge)."""
+    out = err_console if err else console
+    out.print(escape(text), highlight=False, soft_wrap=not out.is_terminal)
+
+
 def error(message: str) -> None:
     """One line for scripts and logs; on a terminal, wrapped between words (the terminal
     would cut a word at its edge)."""

@@ -27,6 +27,7 @@ from dms.mining import run_clustering
 from dms.mining.blind_kmeans import blind_keys
 from dms.mining.data import read_table
 from dms.mining.schemes.ckks import CkksKeys
+from dms.orchestrator.mining import SessionLimits
 from dms.sim.cluster import LocalCluster
 from dms.sim.hostile_mining import HostileExecutor
 from dms.sim.scenario import parse_scenario
@@ -127,6 +128,19 @@ def test_every_provider_hostile_fails_with_the_reason_not_endless_placements(
     assert len(executor.made) == len(net.providers)
     assert len(status["progress"]["excluded"]) == len(net.providers)
     net.settle(session)
+
+
+def test_a_step_deadline_follows_the_shape_and_the_workers_benchmark() -> None:
+    limits = SessionLimits(step_floor_s=30.0, step_slack=20.0)
+    small = MiningParams(algorithm="skmeans", k=3, n=150, a=4).step_work()
+    big = MiningParams(algorithm="skmeans", k=5, n=100_000, a=2).step_work()
+    assert big > 10 * small
+    assert limits.deadline_s(small, 300.0, 0) == 30.0  # the floor
+    assert limits.deadline_s(big, 300.0, 0) == 30.0
+    assert limits.deadline_s(big, 10.0, 0) == 20.0 * big / 10.0 > 30.0  # a slow worker
+    # A worker that claims to be slow buys no more than the slowest counted rate
+    assert limits.deadline_s(big, 0.001, 0) == limits.deadline_s(big, 10.0, 0)
+    assert limits.deadline_s(0.0, None, 8 * 1024 * 1024) == 38.0  # 1 s per MiB sent
 
 
 # ---- blind by default (issue 25 item 2) ---------------------------------------------------

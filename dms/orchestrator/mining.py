@@ -69,6 +69,13 @@ class SessionLimits:
     step_slack: float = 20.0
     max_replacements: int = 8  # workers lost or excluded per job before it fails
 
+    def deadline_s(self, work: float, rate: float | None, size: int) -> float:
+        """A step of ``work`` CKKS multiplications sending ``size`` bytes to a worker
+        whose benchmark says ``rate`` a second (None: not known)."""
+        rate = UNKNOWN_MUL_PER_S if rate is None or rate <= 0 else max(rate, MIN_MUL_PER_S)
+        compute = self.step_slack * work / rate
+        return max(self.step_floor_s, compute) + SECONDS_PER_MIB * size / MIB
+
 
 @dataclass
 class Shard:
@@ -596,12 +603,11 @@ class MiningSessionActor(DeploymentActor):
     def _deadline_s(self, shard: Shard, op: str, size: int) -> float:
         """How long the worker may take over ``op``: see :class:`SessionLimits`."""
         work = 0.0 if op == "start" else self.params[shard.slot].step_work()
-        rate = UNKNOWN_MUL_PER_S
+        rate = None
         record = self.o.peer_table.get(shard.peer) if shard.peer else None
         if record is not None and record.heartbeat is not None:
-            rate = float(record.heartbeat.scores.get("ckks_mul_per_s") or rate)
-        compute = self.limits.step_slack * work / max(rate, MIN_MUL_PER_S)
-        return max(self.limits.step_floor_s, compute) + SECONDS_PER_MIB * size / MIB
+            rate = record.heartbeat.scores.get("ckks_mul_per_s")
+        return self.limits.deadline_s(work, rate, size)
 
     def _off_mailbox(
         self,

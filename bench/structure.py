@@ -1,6 +1,6 @@
 """How the code is put together, measured from its imports (issue 26's acceptance).
 
-    python bench/structure.py [--json] [--list]
+    python bench/structure.py [--json] [--list] [--uses]
 
 One JSON line:
 
@@ -12,7 +12,9 @@ One JSON line:
 - ``classes_over_two_bases``: classes in ``dms/`` with more than two base classes;
 - ``getattr_self``: occurrences of ``getattr(self, "`` in ``dms/`` (DESIGN decision 14).
 
-``--list`` prints what each figure counts, one per line, on stderr.
+``--list`` prints what each figure counts, one per line, on stderr; ``--uses``
+prints, for each package top to bottom, the packages it imports (the README's
+Layout table).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ LAYERS = [
     "node",
     "orchestrator",
     "jobs",
-    "collab",
     "config",
     "resources",
     "network",
@@ -163,6 +164,9 @@ def measure() -> tuple[dict[str, object], dict[str, list[str]]]:
                 arrows.add((src, dst, f"{name} -> {target}"))
     all_cycles = cycles(graph)
     run_cycles = cycles(runtime)
+    uses: dict[str, set[str]] = defaultdict(set)
+    for name, targets in graph.items():
+        uses[layer_of(name)] |= {layer_of(t) for t in targets} - {layer_of(name), "dms"}
     bases: list[str] = []
     getattrs: list[str] = []
     for name, path in paths.items():
@@ -190,6 +194,11 @@ def measure() -> tuple[dict[str, object], dict[str, list[str]]]:
         "upward_arrows": sorted(a for _, _, a in arrows),
         "classes_over_two_bases": sorted(bases),
         "getattr_self": getattrs,
+        "uses": [
+            f"{layer}: {', '.join(sorted(uses[layer], key=lambda u: rank.get(u, len(LAYERS))))}"
+            for layer in LAYERS
+            if layer in uses
+        ],
     }
     return figures, detail
 
@@ -198,10 +207,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="one JSON line (the default)")
     parser.add_argument("--list", action="store_true", help="what each figure counts, on stderr")
+    parser.add_argument("--uses", action="store_true", help="what each package imports, on stderr")
     args = parser.parse_args()
     figures, detail = measure()
+    if args.uses:
+        for line in detail["uses"]:
+            print(line, file=sys.stderr)
     if args.list:
         for key, items in detail.items():
+            if key == "uses":
+                continue
             for item in items:
                 print(f"{key}: {item}", file=sys.stderr)
     print(json.dumps(figures))

@@ -149,12 +149,12 @@ class Settings(BaseSettings):
         default=64, ge=1, description="requests of one peer this node holds at once"
     )
     max_pending_decode_bytes: int = Field(
-        default=64 * MIB,
+        default=4 * MIB,
         ge=1024,
         description="bytes of admitted requests not yet decoded and validated, of all peers",
     )
     max_pending_decode_bytes_per_peer: int = Field(
-        default=16 * MIB,
+        default=1 * MIB,
         ge=1024,
         description="the same, of one peer (one frame of any size is always admitted)",
     )
@@ -172,13 +172,13 @@ class Settings(BaseSettings):
         description="share of the unknown peers' part that peers at one IP address may use",
     )
     bid_requests_per_s_total: float = Field(
-        default=200.0,
+        default=50.0,
         ge=0,
         description="bid requests a second from all peers together (unknown ones: "
         "unknown_share of it); 0: no limit",
     )
     bid_request_burst_total: int = Field(
-        default=400, ge=1, description="bid requests all peers may send at once above that"
+        default=100, ge=1, description="bid requests all peers may send at once above that"
     )
     max_bid_slots: int = Field(
         default=64,

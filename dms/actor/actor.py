@@ -26,6 +26,7 @@ from dms.actor.behaviour import Behaviour, declared_behaviours
 from dms.actor.codes import ErrorCode, Refusal
 from dms.actor.envelope import Envelope, Sealed
 from dms.actor.handle import Handle
+from dms.actor.inbox import LanedInbox
 from dms.actor.policy import Role
 from dms.actor.system import ActorContext, ActorRef, ActorSystem, Call, Inbound, Outcome
 from dms.actor.timers import TimerHandle
@@ -102,6 +103,11 @@ class Actor(pykka.ThreadingActor):
 
     use_daemon_thread = True
     role: ClassVar[Role] = Role()
+
+    @staticmethod
+    def _create_actor_inbox() -> LanedInbox:  # type: ignore[override]
+        """Requests of peers without a stake here wait behind everything else."""
+        return LanedInbox()
 
     def __init__(self, context: ActorContext) -> None:
         super().__init__()

@@ -44,7 +44,7 @@ from dms.actor.ratelimit import ANSWERS_PER_S, LOG_EVERY_S, Bucket, PeerRates
 # once a second).
 MAX_PEERS = 4096
 # Refusals answered a second across all peers (each answer is a signature).
-TOTAL_ANSWERS_PER_S = 200.0
+TOTAL_ANSWERS_PER_S = 50.0
 
 
 def _never(peer: str) -> bool:
@@ -108,10 +108,12 @@ class _Refusals:
         if len(self._peer_answers) > MAX_PEERS:
             self._peer_answers.clear()
         mine = self._peer_answers.setdefault(peer, Bucket(ANSWERS_PER_S, now))
-        answer = mine.take(ANSWERS_PER_S, ANSWERS_PER_S, now) and self._answers.take(
-            TOTAL_ANSWERS_PER_S, TOTAL_ANSWERS_PER_S, now
-        )
+        answer = mine.take(ANSWERS_PER_S, ANSWERS_PER_S, now) and self.answer_in_all()
         return Verdict(reason, answer, count, budget)
+
+    def answer_in_all(self) -> bool:
+        """Take one answer from the budget of all peers; False if none is left."""
+        return self._answers.take(TOTAL_ANSWERS_PER_S, TOTAL_ANSWERS_PER_S, self._clock())
 
 
 @dataclass
@@ -187,7 +189,7 @@ class BehaviourLimits:
 
     def _refused(self, rates: PeerRates, peer: str, reason: str) -> Verdict:
         count = rates.refused(peer)
-        answer = rates.may_answer(peer)
+        answer = rates.may_answer(peer) and self._refusals.answer_in_all()
         if answer:
             rates.answered(peer)
         self._refusals.by_budget["per_peer_rate"] += 1

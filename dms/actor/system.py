@@ -85,8 +85,8 @@ class Limits(BaseModel):
     # per peer, and their bytes (still to be validated); see dms.actor.admission.
     max_inflight: int = Field(default=512, ge=1)
     max_inflight_per_peer: int = Field(default=64, ge=1)
-    max_pending_decode_bytes: int = Field(default=64 * MIB, ge=1024)
-    max_pending_decode_bytes_per_peer: int = Field(default=16 * MIB, ge=1024)
+    max_pending_decode_bytes: int = Field(default=4 * MIB, ge=1024)
+    max_pending_decode_bytes_per_peer: int = Field(default=1 * MIB, ge=1024)
     # Of each global budget, what peers this node has no stake in may use together,
     # and what those at one IP address may use of that.
     unknown_share: float = Field(default=0.5, gt=0, le=1)

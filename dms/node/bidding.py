@@ -119,6 +119,8 @@ class BiddingBehaviours(NodeBase):
             scores=scores,
             labels=self.services.labels,
             max_slots=self.services.max_bid_slots,
+            stake=self.services.stakes.__contains__,
+            unknown_share=self.services.unknown_share,
         )
 
     @behaviour(REQUEST, public=True, payload=BidRequest, topic=DEPLOYMENT_TOPIC)

@@ -231,6 +231,7 @@ class Node:
                     step_slack=self.settings.mining_step_slack,
                     max_replacements=self.settings.mining_max_replacements,
                 ),
+                unknown_share=self.settings.unknown_share,
             )
             self.node = self.system.spawn(
                 NodeActor, services, inbox=ROOT_INBOX, identity=self.identity

@@ -11,15 +11,20 @@ retry changes it, and the requester stops asking (``rounds.py``).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dms.jobs.executors import EXECUTORS, ExecutorError
 from dms.jobs.spec import MAX_SLOTS
 from dms.orchestrator.messages import Bid, BidRequest, Decline, Offer, SlotRequest
 from dms.resources import Pools, Preferences, ResourceError, ResourceLedger, Resources
-from dms.resources.amounts import ZERO
+from dms.resources.amounts import KINDS, ZERO, show
 
 MAX_REASON = 512
+
+
+def _always(peer: str) -> bool:
+    return True
 
 
 @dataclass
@@ -33,6 +38,10 @@ class BidderView:
     scores: dict[str, float] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
     max_slots: int = MAX_SLOTS  # slots of one request considered (max_bid_slots)
+    # Whether this node has a stake in a peer; those without one together hold at
+    # most ``unknown_share`` of each onboarded resource (dms.node.stakes).
+    stake: Callable[[str], bool] = _always
+    unknown_share: float = 1.0
 
 
 def job_refusal(slot: SlotRequest) -> str | None:
@@ -110,6 +119,32 @@ def _never_fits(slot: SlotRequest, asked: Resources, onboarded: Resources) -> st
     )
 
 
+def _unknown_held(requester: str, me: BidderView) -> Resources | None:
+    """What peers without a stake here hold (``requester`` included), if ``requester``
+    is one of them and others hold something too; None: no bound. A lone newcomer
+    may take what it likes (within ``max_peer_share``): a crowd of keys, only
+    ``unknown_share`` together."""
+    if me.unknown_share >= 1.0 or me.stake(requester):
+        return None
+    held = others = ZERO
+    for holder, amount in me.ledger.held_by_holder().items():
+        if holder != requester and not me.stake(holder):
+            others = others + amount
+        if not me.stake(holder):
+            held = held + amount
+    return None if others.is_zero() else held
+
+
+def _over_unknown_share(held: Resources, onboarded: Resources, share: float) -> str | None:
+    for kind, have, total in zip(KINDS, held.as_tuple(), onboarded.as_tuple(), strict=True):
+        if total and have > share * total:
+            return (
+                f"peers this node has no stake in would hold {show(kind, have)} of its "
+                f"{show(kind, total)}, more than their share (unknown_share {share:g})"
+            )
+    return None
+
+
 def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: BidderView) -> Bid:
     """Check every slot and lease what fits; leases are held for ``request.lease_s``, at
     most the node's ``max_lease_s``.
@@ -137,11 +172,12 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
     for_good = {slot.slot for slot in slots if job_refusal(slot) is not None}
     prefs = me.preferences
     held = me.ledger.held_by(requester_peer) if prefs.max_leases_per_peer else 0
+    unknown = _unknown_held(requester_peer, me)
 
     def screen(pools: Pools) -> list[str | None]:
         refusals: list[str | None] = []
         taken = 0
-        asked = ZERO
+        asked = taking = ZERO
         for slot in slots:
             if pools.is_onboarded and slot.slot not in for_good:
                 refusal = _never_fits(slot, asked, pools.onboarded)
@@ -152,6 +188,12 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
             refusal = semantic_refusal(slot, me, requester_did, pools.price, pools.allocations)
             if refusal is None:
                 refusal = _over_caps(prefs, held + taken, pools.allocations + pools.leases + taken)
+            if refusal is None and unknown is not None:
+                refusal = _over_unknown_share(
+                    unknown + taking + slot.resources, pools.onboarded, me.unknown_share
+                )
+            if refusal is None:
+                taking = taking + slot.resources
             taken += refusal is None
             refusals.append(refusal)
         return refusals

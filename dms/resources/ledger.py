@@ -479,6 +479,23 @@ class ResourceLedger:
         ).one()
         return Resources.of([int(v or 0) for v in row])
 
+    def held_by_holder(self) -> dict[str, Resources]:
+        """What each holder's live leases and allocations hold (a row per holder)."""
+        now = self.clock()
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                select(
+                    LEASES.c.holder,
+                    func.sum(LEASES.c.cpu_milli),
+                    func.sum(LEASES.c.ram_mib),
+                    func.sum(LEASES.c.disk_mib),
+                    func.sum(LEASES.c.gpu),
+                )
+                .where(_live_clause(now))
+                .group_by(LEASES.c.holder)
+            ).all()
+        return {str(r[0]): Resources.of([int(v or 0) for v in r[1:]]) for r in rows}
+
     def held_by(self, holder: str) -> int:
         """How many live leases and allocations ``holder`` holds here."""
         now = self.clock()

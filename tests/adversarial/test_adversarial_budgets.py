@@ -157,6 +157,31 @@ def test_many_keys_fill_only_the_unknown_share_of_the_requests_a_node_holds(
     assert "max_inflight 16 x unknown_share 0.5" in refused["reason"]
 
 
+def test_requests_of_peers_without_a_stake_wait_behind_a_staked_peers(
+    net: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """One mailbox in arrival order: a staked requester's request waited behind every
+    request the flood had queued before it."""
+    victim = provider(net)
+    honest = staked_requester(net, victim)
+    hostile = keys(victim, 4, bare_peers)
+    busy(victim, 2.0)
+    sent = [(peer, send(peer, victim, "/public/hello", [None] * 50)) for peer in hostile]
+    wait_for(lambda: inflight(victim) >= 200, 10, "the flood queued")
+    assert honest.node is not None
+    honest.node.ask(root_handle(victim.peer_id), "/public/hello", timeout=15)
+    done = sum(a is not None for peer, nonces in sent for a in peer.answers(nonces))
+    assert done < 150, done  # before: all 200, handled first
+    answers = [a for peer, nonces in sent for a in answered(peer, nonces)]
+    assert codes(answers) == {"ok": 200}
+
+
+def inflight(victim: Node) -> float:
+    """Requests of remote peers the victim holds now (admitted, not yet handled)."""
+    assert victim.system is not None
+    return next(u.used for u in victim.system.admission.usage() if u.name == "inflight")
+
+
 def test_bytes_waiting_to_be_decoded_are_bounded(
     net: LocalCluster, bare_peers: list[BarePeer]
 ) -> None:
@@ -213,6 +238,27 @@ def test_a_bid_request_is_considered_only_for_the_slots_the_node_could_offer(
     assert sent_rows(victim, peer.peer_id) == 11
 
 
+def test_fresh_keys_together_lease_no_more_than_their_share_of_the_node(
+    net: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """Each key within its own share (max_peer_share 0.5): before, two keys held the
+    whole node for max_lease_s, and a requester it works with could not place."""
+    victim = provider(net, cpu=1, preferences={"max_peer_share": 0.5})
+    honest = staked_requester(net, victim)
+    first, second = keys(victim, 2, bare_peers)
+    (bid,) = answered(first, send(first, victim, REQUEST, [bid_request(10, "a")]))
+    assert len(bid["result"]["offers"]) == 5  # a lone newcomer: its own share
+    (bid,) = answered(second, send(second, victim, REQUEST, [bid_request(10, "b")]))
+    assert bid["result"]["offers"] == []
+    assert bid["result"]["declines"][0]["reason"] == (
+        "peers this node has no stake in would hold 0.6 cores of its 1 cores, more than their "
+        "share (unknown_share 0.5)"
+    )
+    job = spec(cpu="100m", params={"seconds": 0}, constraints={"include_peers": [victim.peer_id]})
+    done = wait_state(honest, deploy(honest, job), TERMINAL, 20)
+    assert done["state"] == "completed", done["events"]
+
+
 def test_a_requester_over_its_share_of_the_bid_index_is_refused_not_stored(
     net: LocalCluster, bare_peers: list[BarePeer]
 ) -> None:
@@ -233,7 +279,13 @@ def test_the_bid_index_is_bounded_in_all_and_unknown_peers_rows_go_first(
 ) -> None:
     """Twelve keys of ten rows each, into an index of 100 rows: before, 120 rows (and no
     bound at all on how many keys)."""
-    victim = provider(net, bid_index_rows=100, bid_index_rows_per_peer=10)
+    victim = provider(
+        net,
+        bid_index_rows=100,
+        bid_index_rows_per_peer=10,
+        bid_requests_per_s_total=1000.0,  # only the index bounds them here
+        bid_request_burst_total=1000,
+    )
     honest = staked_requester(net, victim)
     assert honest.node is not None
     for i in range(5):

@@ -1,0 +1,54 @@
+"""An actor's mailbox in two lanes: requests of peers the node has no stake in wait
+behind everything else.
+
+pykka's inbox is one FIFO queue: a flood of requests from fresh keys, each admitted
+within the global budgets (``dms.actor.admission``), still queued ahead of a
+request of a peer the node works with, which then waited for all of them. Here a
+request whose admission ticket says its sender has no stake here goes to the low
+lane; everything else (requests of staked peers, this node's own calls, replies,
+timers, stop) to the high lane, which is always served first. Within a lane the
+order is kept, so one peer's requests are handled in the order they came. See
+``specs/security.md``, "Global budgets".
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+from dms.actor.system import Inbound
+
+
+class LanedInbox:
+    """pykka's ``ActorInbox`` (put, get, empty) with a high and a low lane."""
+
+    def __init__(self) -> None:
+        self._high: deque[Any] = deque()
+        self._low: deque[Any] = deque()
+        self._ready = threading.Condition(threading.Lock())
+
+    def put(self, envelope: Any, /) -> None:
+        message = envelope.message
+        unknown = (
+            isinstance(message, Inbound)
+            and message.ticket is not None
+            and not message.ticket.staked
+        )
+        with self._ready:
+            (self._low if unknown else self._high).append(envelope)
+            self._ready.notify()
+
+    def get(self) -> Any:
+        with self._ready:
+            while not self._high and not self._low:
+                self._ready.wait()
+            return self._high.popleft() if self._high else self._low.popleft()
+
+    def empty(self) -> bool:
+        with self._ready:
+            return not self._high and not self._low
+
+    def __len__(self) -> int:
+        with self._ready:
+            return len(self._high) + len(self._low)

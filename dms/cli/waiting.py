@@ -97,17 +97,24 @@ def describe(
     by_id = {p["peer_id"]: p for p in peers}
     alive = [p for p in peers if p.get("status") == "alive"]
     out: list[str] = []
+    # Slots in the same situation (the same peers, the same reasons) are said once.
+    groups: dict[tuple[Any, ...], list[str]] = {}
     for slot in slots:
         name = slot["slot"]
         if slot["status"] not in PLACING:
             since[name] = now  # if it waits again (its provider lost), from then on
             continue
-        waited = now - since.setdefault(name, now)
+        waited = round(now - since.setdefault(name, now))
         reasons: dict[str, str] = slot.get("reasons") or {}
+        key = (waited, slot["status"], tuple(sorted(reasons.items())))
+        groups.setdefault(key, []).append(name)
+    for (waited, status, reason_items), names in groups.items():
+        reasons = dict(reason_items)
         fit = [p for p in alive if not reasons.get(p["peer_id"], "").startswith("not asked")]
+        alone = "" if peers else " (no peer known yet: dms peers connect ADDRESS)"
         out.append(
-            f"waiting {waited:.0f} s for a provider for {name} ({slot['status']}): "
-            f"{len(alive)} peer(s) alive, {len(fit)} fit"
+            f"waiting {waited} s for a provider for {', '.join(names)} ({status}): "
+            f"{len(alive)} peer(s) alive, {len(fit)} fit{alone}"
         )
         named = sorted({*reasons, *(p["peer_id"] for p in alive)})
         for peer in named[:PEERS_NAMED]:

@@ -26,6 +26,7 @@ from dms.jobs.mining import (
 from dms.mining import run_clustering
 from dms.mining.blind_kmeans import blind_keys
 from dms.mining.data import read_table
+from dms.mining.placed import ClusterDriver
 from dms.mining.schemes.ckks import CkksKeys
 from dms.orchestrator.mining import SessionLimits
 from dms.sim.cluster import LocalCluster
@@ -231,6 +232,32 @@ def test_a_context_larger_than_the_level_allows_is_refused_before_it_is_fetched(
     assert "a level-128 job's is at most 2.3 MiB" in reason
     assert "refused before fetching it" in reason
     assert [c.store.used_bytes for c in fetched] == before
+    net.settle(session)
+
+
+def test_an_owners_decode_bomb_is_refused_before_the_worker_decodes_it(
+    net: Network, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner's first step is 3 MB of MessagePack that decode to 3 million dicts: the
+    worker counts its objects against the job's shape and refuses it, with the reason;
+    the shard is placed again and (the owner honest again) the job completes."""
+    honest = ClusterDriver.request
+    bombs: list[int] = []
+
+    def request(self: ClusterDriver, shard: int, worker_at: int) -> tuple[str, bytes]:
+        if not bombs:
+            bombs.append(shard)
+            return "step", b"\xdd" + (3_000_000).to_bytes(4, "big") + b"\x80" * 3_000_000
+        return honest(self, shard, worker_at)
+
+    monkeypatch.setattr(ClusterDriver, "request", request)
+    session = net.mine(blind_iris())
+    answer = net.result(session)
+    assert answer["labels"] == local_labels()
+    [lost] = [p["lost"] for p in answer["result"]["placement"] if p["lost"]]
+    assert "the owner's message: more than" in lost[0]["reason"]
+    assert "MessagePack objects" in lost[0]["reason"]
+    assert answer["result"]["excluded"] == []  # the worker did nothing wrong
     net.settle(session)
 
 

@@ -322,6 +322,7 @@ class AllocationActor(Actor):
                 context_size = call.context.size if call.context is not None else None
                 self.session.admit(call.op, call.parcel.size, context_size, self._ram_bytes)
                 body = courier.unpack(call.parcel, peer, owner)
+                self.session.check_body(body)  # before anything decodes it
                 if call.context is not None:
                     body = join_context(body, courier.unpack(call.context, peer, owner))
                 began = time.perf_counter()

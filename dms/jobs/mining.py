@@ -167,6 +167,18 @@ class MiningParams(BaseModel):
         count = self._ciphertexts()[1] if self.scheme == "ckks" else 0
         return 1024 + 4 * (self.n + self.queries + count)
 
+    def message_objects(self) -> int:
+        """The most MessagePack objects one honest message of the owner holds (an opening
+        message, an update, a query block, a plaintext job): its ciphertexts, labels and
+        rows, a few per array. The worker counts before it decodes."""
+        degree = LEVELS[self.level][0]
+        slots = degree // 2
+        n, a, k = self.n, self.a, self.k
+        chunks = -(-n // slots)
+        blocks = -(-n // max(1, min(slots // a, n)))
+        ciphertexts = a * chunks + k * a + k * chunks + KNN_BLOCK * a + blocks
+        return 1024 + 4 * (n + self.queries + ciphertexts)
+
     def step_work(self) -> float:
         """A step's work in CKKS multiplications at level 128 (the benchmark's unit,
         ``ckks_mul_per_s``), from the shape: what a step deadline is made of."""
@@ -613,6 +625,17 @@ class MiningSession:
                 f"a '{op}' of {total / MIB:.1f} MiB, more than the lease's "
                 f"{ram_bytes / MIB:.0f} MiB of memory: refused before fetching it"
             )
+
+    def check_body(self, body: bytes) -> None:
+        """An operation's body, fetched, before anything decodes it: no more MessagePack
+        objects than the job's shape holds (a hostile owner's decode bomb is refused for
+        what walking it costs, not for what decoding it would)."""
+        if not body:
+            return
+        try:
+            count_objects(body, self.params.message_objects())
+        except ValueError as exc:
+            raise ExecutorError(f"the owner's message: {exc}") from None
 
     def call(self, op: str, body: bytes) -> bytes:
         if op not in OPS:

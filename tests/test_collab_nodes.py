@@ -204,3 +204,35 @@ def test_the_aggregator_executor_refuses_bad_params_and_messages_with_a_reason()
         session.call("roster", b"")
     with pytest.raises(CollabEnded):  # ended: nothing more is taken
         session.call("advert", encode(owners["b"].advert()))
+
+
+def test_the_aggregators_node_lost_mid_job_it_is_placed_again_and_the_round_restarts(
+    cluster: tuple[LocalCluster, Node], tmp_path: Path
+) -> None:
+    """Last in this module: it crashes a provider."""
+    net, provider = cluster
+    spare = net.add()
+    assert spare.ledger is not None
+    spare.ledger.onboard(Resources(cpu=2, ram=4, disk=4))
+    owners = Owners(net, tmp_path, provider)
+    wait_for(lambda: owners._knows(spare), 30, "the proposer to know the spare provider")
+    proposal = owners.start(rounds=8, owner_timeout_s=3.0)
+
+    def session() -> dict[str, Any]:
+        return owners.result(owners.nodes[0], proposal.collab_id)["session"]
+
+    wait_for(lambda: (session().get("round") or 0) >= 2, 60, "round 2")
+    first = session()["aggregator"]
+    net.crash(provider if first == provider.peer_id else spare)
+    status = owners.wait(proposal.collab_id, "completed", timeout=180)
+    final = status["session"]
+    assert final["phase"] == "completed", final
+    assert [loss["peer_id"] for loss in final["aggregator_losses"]] == [first]
+    assert final["aggregator"] != first and final["dropped"] == []
+    plain = kmeans(IRIS, 3, centroids=IRIS[:3].copy(), min_error=-1.0, max_iterations=8)
+    labels = []
+    for node in owners.nodes:
+        result = owners.result(node, proposal.collab_id)["result"]
+        np.testing.assert_allclose(result["centroids"], plain.centroids, atol=1e-9)
+        labels += result["labels"]
+    assert labels == plain.labels.tolist()

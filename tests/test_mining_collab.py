@@ -21,7 +21,7 @@ from dms.mining.collab import (
     ring,
     shamir,
 )
-from dms.mining.collab.messages import MaskedInput, Privacy, UnmaskRequest
+from dms.mining.collab.messages import MaskedInput, Privacy, Restore, SeedShares, UnmaskRequest
 from dms.mining.collab.simulate import Drop, Phase, run_collab
 from dms.mining.collab.stats import kmeans_statistics, next_centroids
 from dms.mining.data import blobs, read_table
@@ -130,7 +130,9 @@ def test_the_aggregator_sees_only_masked_inputs() -> None:
 # -- refusals -----------------------------------------------------------------
 
 
-def _one_round() -> tuple[Proposal, dict[str, CollabOwner], CollabAggregator]:
+def _one_round(
+    relayed: dict[str, SeedShares] | None = None,
+) -> tuple[Proposal, dict[str, CollabOwner], CollabAggregator]:
     parts = split(IRIS, 3)
     p = proposal(IRIS, 3, k=3, rounds=2, threshold=2)
     owners = {o: CollabOwner(p, o, x) for o, x in parts.items()}
@@ -138,8 +140,11 @@ def _one_round() -> tuple[Proposal, dict[str, CollabOwner], CollabAggregator]:
     for owner in owners.values():
         agg.receive_advert(owner.advert())
     roster = agg.roster()
-    for owner in owners.values():
-        agg.receive_seed_shares(owner.receive_roster(roster))
+    for name, owner in owners.items():
+        shares = owner.receive_roster(roster)
+        agg.receive_seed_shares(shares)
+        if relayed is not None:
+            relayed[name] = shares
     return p, owners, agg
 
 
@@ -284,3 +289,56 @@ def test_differential_privacy_reports_what_it_spent() -> None:
     assert result.epsilon_spent == pytest.approx(2.0) and result.delta_spent == pytest.approx(4e-5)
     plain = kmeans(IRIS, 3, centroids=IRIS[:3].copy(), min_error=-1.0, max_iterations=4)
     assert not np.allclose(result.centroids, plain.centroids, atol=1e-6)  # noised
+
+
+def test_a_new_aggregator_restored_between_rounds_gives_the_same_result() -> None:
+    relayed: dict[str, SeedShares] = {}  # what the proposer's session relayed
+    p, owners, lost = _one_round(relayed)
+    adverts = [o.advert() for o in owners.values()]
+    for round_ in (1, 2):
+        agg = lost if round_ == 1 else CollabAggregator(p)
+        if round_ == 2:  # the first aggregator died during round 2's inputs
+            start = lost.start_round()
+            for owner in owners.values():
+                lost.receive_input(owner.contribute(start))
+            lost.close_inputs()  # its unmask requests never reach anyone
+            agg.restore(
+                Restore(
+                    collab_id=p.collab_id,
+                    adverts=adverts,
+                    shares=list(relayed.values()),
+                    round=2,
+                    live=list(owners),
+                )
+            )
+        start = agg.start_round()
+        for owner in owners.values():
+            agg.receive_input(owner.contribute(start))  # round 2: a fresh input each
+        for name, request in agg.close_inputs().items():
+            agg.receive_unmask(owners[name].unmask(request))
+        totals = agg.finish_round()
+        for owner in owners.values():
+            owner.receive_totals(totals)
+    plain = kmeans(IRIS, 3, centroids=IRIS[:3].copy(), min_error=-1.0, max_iterations=2)
+    np.testing.assert_allclose(owners["owner1"].result().centroids, plain.centroids, atol=1e-9)
+
+
+def test_across_attempts_of_a_round_an_owner_never_opens_both_halves() -> None:
+    p, owners, agg = _one_round()
+    start = agg.start_round()
+    for owner in owners.values():
+        agg.receive_input(owner.contribute(start))
+    requests = agg.close_inputs()
+    owners["owner1"].unmask(requests["owner1"])  # opened owner3's self mask for round 1
+    again = owners["owner1"].contribute(start)  # the round restarted (a new aggregator)
+    assert again.round == 1
+    lying = UnmaskRequest(
+        collab_id=p.collab_id,
+        round=1,
+        survivors=["owner1", "owner2"],
+        dropped=["owner3"],
+        self_shares={u: requests["owner1"].self_shares[u] for u in ("owner1", "owner2")},
+        key_shares={"owner3": b"x" * 100},
+    )
+    with pytest.raises(Refused, match="mask key of owner3, whose self mask was opened"):
+        owners["owner1"].unmask(lying)

@@ -35,6 +35,7 @@ from dms.mining.collab import CollabAggregator, CollabFailed, Proposal
 from dms.mining.collab.messages import (
     KeysAdvert,
     MaskedInput,
+    Restore,
     RoundTotals,
     SeedShares,
     UnmaskReply,
@@ -63,9 +64,10 @@ class CollabParams(BaseModel):
 
 
 class CollabEnded(ExecutorError):
-    """The collaboration cannot go on: replied as ``stopped``, not as a refused message."""
+    """The collaboration cannot go on: replied as ``collab_failed``, not as a refused
+    message (``bad_payload``) nor a lost allocation."""
 
-    code = "stopped"
+    code = "collab_failed"
 
 
 class UnmaskRequests(BaseModel):
@@ -112,6 +114,7 @@ class CollabSession:
             "unmask": self._unmask,
             "totals": self._totals,
             "end": self._end,
+            "restore": self._restore,
         }
 
     def admit(self, op: str, size: int, context_size: int | None, ram_bytes: int | None) -> None:
@@ -162,6 +165,11 @@ class CollabSession:
 
     def _unmask(self, body: bytes) -> bytes:
         self.aggregator.receive_unmask(_decode(UnmaskReply, body))
+        return b""
+
+    def _restore(self, body: bytes) -> bytes:
+        self.aggregator.restore(_decode(Restore, body))
+        self._log(f"restored: round {self.aggregator.round} starts again")
         return b""
 
     def _totals(self, _: bytes) -> bytes:

@@ -13,8 +13,12 @@ or the aggregator answer changes the schedule (DESIGN decision 13).
 
     placing -> joining -> rounds -> completed | failed
 
-Not built yet: re-placing a lost aggregator and restarting the round (a lost
-aggregator fails the session, with the reason).
+A lost aggregator (its node gone, or a call to it unanswered) is placed
+again like a lost worker. The new one is restored from what the session
+relayed (the adverts, the mask-key shares, the completed rounds' survivors and
+dropouts), and the round under way starts again: each owner sends a fresh
+input with a fresh self mask. An owner never opens both halves of one owner's
+masks in one round, across attempts too (``CollabOwner.unmask``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,15 @@ from dms.jobs.allocation import SESSION_BEHAVIOUR, SessionAnswer, SessionCall
 from dms.jobs.collab import UnmaskRequests
 from dms.jobs.spec import DeploymentSpec
 from dms.mining.collab import Proposal
-from dms.mining.collab.messages import Roster, RoundStart, RoundTotals
+from dms.mining.collab.messages import (
+    Dropout,
+    KeysAdvert,
+    Restore,
+    Roster,
+    RoundStart,
+    RoundTotals,
+    SeedShares,
+)
 from dms.mining.wire import decode, encode
 from dms.network.transfer import Parcel
 from dms.orchestrator.deployment import (
@@ -40,7 +52,7 @@ from dms.orchestrator.deployment import (
     allocation_handle,
     node_handle,
 )
-from dms.orchestrator.slots import Slot
+from dms.orchestrator.slots import Slot, SlotState
 from dms.orchestrator.states import COLLAB, CollabPhase
 from dms.statemachine import Tracked
 
@@ -49,6 +61,9 @@ log = logging.getLogger("dms.collab")
 OWNER_BEHAVIOUR = "/dms/node/collab/owner"
 AGGREGATOR_TIMEOUT_S = 60.0
 JOIN_RETRY_S = 1.0
+HEARD_S = 15.0  # an aggregator answer this recent keeps it alive through missed polls
+MAX_AGGREGATOR_LOSSES = 4
+ENDED = "collab_failed"  # the aggregator's code for a collaboration that cannot go on
 Answers = dict[str, bytes]
 Then = Callable[[Answers], None]
 
@@ -92,6 +107,17 @@ class CollabSessionActor(DeploymentActor):
         self.refused: list[str] = []
         self.began = time.monotonic()
         self.join_deadline = 0.0
+        # What a new aggregator is restored from, if this one is lost.
+        self.generation = 0  # bumped when the aggregator is lost; older answers are ignored
+        self.losses: list[dict[str, Any]] = []
+        self.heard_at = 0.0
+        self.adverts: dict[str, bytes] = {}
+        self.shares: dict[str, bytes] = {}
+        self.roster_taken = False
+        self.asking = 0  # owner batches in flight
+        self.restore_wanted = False
+        self.next_round = proposal.first_round()
+        self.live: list[str] | None = None
 
     # ---- deployment hooks -------------------------------------------------------------
 
@@ -104,22 +130,55 @@ class CollabSessionActor(DeploymentActor):
 
     def slot_running(self, slot: Slot) -> None:
         assert slot.allocation is not None
-        if self.aggregator is not None:
+        if self.aggregator is not None or self.phase in COLLAB.terminal:
             return
         self.aggregator = allocation_handle(slot.allocation)
         self.aggregator_peer = slot.peer_id
+        self.heard_at = time.monotonic()
+        self._report()
+        if self.losses:
+            if self.asking:  # owners are still answering the lost one: restore after
+                self.restore_wanted = True
+            else:
+                self._restore()
+            return
         self.phase = CollabPhase.JOINING
         self.join_deadline = time.monotonic() + self.join_timeout_s
         self._event(f"aggregator running on {slot.peer_id}; asking the owners for their keys")
-        self._report()
         self._adverts(list(self.proposal.owners), {})
 
     def slot_lost(self, slot: Slot, reason: str) -> None:
-        if self.phase not in COLLAB.terminal and self.aggregator is not None:
-            self._fail(f"the aggregator on {self.aggregator_peer} was lost: {reason}")
+        if self.phase in COLLAB.terminal or self.aggregator is None:
+            return
+        self.losses.append({"peer_id": self.aggregator_peer, "reason": reason})
+        self.aggregator = None
+        self.generation += 1  # whatever the lost aggregator still answers is ignored
+        if len(self.losses) >= MAX_AGGREGATOR_LOSSES:
+            self._fail(f"the aggregator was lost {len(self.losses)} times; last: {reason}")
+            return
+        self._event(f"aggregator on {self.aggregator_peer} lost ({reason}); placing it again")
+        self._report()
 
     def heard_from(self, slot: Slot) -> bool:
-        return self.phase in (CollabPhase.JOINING, CollabPhase.ROUNDS)
+        return time.monotonic() - self.heard_at < HEARD_S
+
+    def _restore(self) -> None:
+        """Bring a new aggregator to where the lost one was, and run the round again."""
+        if not self.roster_taken:  # no owner holds a roster yet: set up again
+            ordered = list(self.adverts.items())
+            self._to_aggregator("advert", ordered, lambda _: self._roster())
+            return
+        p = self.proposal
+        state = Restore(
+            collab_id=p.collab_id,
+            adverts=[decode(KeysAdvert, b) for b in self.adverts.values()],
+            shares=[decode(SeedShares, b) for b in self.shares.values()],
+            round=self.next_round,
+            live=self.live,
+            dropped=[Dropout.model_validate(d) for d in self.dropped],
+        )
+        self._event(f"aggregator restored on {self.aggregator_peer}; round {self.next_round} again")
+        self._aggregator("restore", encode(state), lambda _: self._start_round())
 
     def ended(self, state: str, what: str) -> None:
         if self.phase not in COLLAB.terminal:
@@ -134,6 +193,7 @@ class CollabSessionActor(DeploymentActor):
 
         def answered(answers: Answers) -> None:
             got.update(answers)
+            self.adverts.update(answers)
             still = [o for o in missing if o not in answers]
             if still and time.monotonic() < self.join_deadline:
                 self.call_later(JOIN_RETRY_S, lambda: self._adverts(still, got))
@@ -145,18 +205,21 @@ class CollabSessionActor(DeploymentActor):
 
     def _roster(self) -> None:
         def roster(body: bytes) -> None:
+            self.roster_taken = True
             listed = [a.owner for a in decode(Roster, body).adverts]
             self._event(f"roster: {len(listed)} of {len(self.proposal.owners)} owners")
             self._ask_owners(
                 listed,
                 "roster",
                 lambda _: body,
-                lambda shares: self._to_aggregator(
-                    "shares", list(shares.items()), lambda _: self._start_round()
-                ),
+                self._shares_taken,
             )
 
         self._aggregator("roster", b"", roster)
+
+    def _shares_taken(self, shares: Answers) -> None:
+        self.shares.update(shares)
+        self._to_aggregator("shares", list(shares.items()), lambda _: self._start_round())
 
     # ---- rounds ---------------------------------------------------------------------------
 
@@ -196,6 +259,7 @@ class CollabSessionActor(DeploymentActor):
         def summed(body: bytes) -> None:
             totals = decode(RoundTotals, body)
             self.dropped += [{"owner": o, "round": totals.round} for o in totals.dropped]
+            self.next_round, self.live = totals.round + 1, totals.survivors
             if totals.dropped:
                 self._event(f"round {totals.round}: dropped {', '.join(totals.dropped)}")
             last = totals.round >= self.proposal.rounds
@@ -235,6 +299,8 @@ class CollabSessionActor(DeploymentActor):
         if not waiting:
             then(answers)
             return
+        gen = self.generation
+        self.asking += 1
 
         def on_reply(owner: str, outcome: Outcome) -> None:
             if owner not in waiting or self.phase in COLLAB.terminal:
@@ -246,8 +312,14 @@ class CollabSessionActor(DeploymentActor):
                 error = outcome.error
                 why = f"{error.code}: {error.reason}" if error else "no answer"
                 log.info("collab %s: %s from %s failed: %s", self.id, op, owner, why)
-            if not waiting:
+            if waiting:
+                return
+            self.asking -= 1
+            if gen == self.generation:
                 then(answers)
+            elif self.restore_wanted and not self.asking and self.aggregator is not None:
+                self.restore_wanted = False  # every owner is where it will stay: restore
+                self._restore()
 
         for owner in owners:
             call = OwnerCall(collab_id=self.proposal.collab_id, op=op, body=body_for(owner))
@@ -305,23 +377,40 @@ class CollabSessionActor(DeploymentActor):
         self._call_aggregator(op, body, answered)
 
     def _aggregator_failed(self, outcome: Outcome) -> bool:
-        """A failure of the aggregator itself (too few owners, it stopped): fail the session."""
+        """Not a refused message: the collaboration cannot go on (fail the session), or the
+        aggregator is gone (place it again; the round restarts)."""
         error = outcome.error
         assert error is not None
         if error.code == "bad_payload":
             return False  # a refused message: the aggregator goes on
-        self._fail(error.reason)
+        if error.code == ENDED:
+            self._fail(error.reason)
+            return True
+        slot = next(iter(self.slots.values()))
+        if slot.state == SlotState.RUNNING:
+            self._lost(slot, f"the aggregator failed: {error.code}: {error.reason}")
+        self._settle()
         return True
 
     def _call_aggregator(self, op: str, body: bytes, on_reply: Callable[[Outcome], None]) -> None:
-        assert self.aggregator is not None
+        if self.aggregator is None:
+            return  # lost: the new one is restored and the round runs again
+        gen = self.generation
         call = SessionCall(op=op, parcel=Parcel(inline=body))
+
+        def current(outcome: Outcome) -> None:
+            if gen != self.generation:
+                return
+            if outcome.ok or (outcome.error and outcome.error.code in ("bad_payload", ENDED)):
+                self.heard_at = time.monotonic()
+            on_reply(outcome)
+
         self.invoke(
             self.aggregator,
             SESSION_BEHAVIOUR,
             call.model_dump(),
             timeout=AGGREGATOR_TIMEOUT_S,
-            on_reply=on_reply,
+            on_reply=current,
         )
 
     def progress(self) -> dict[str, Any]:
@@ -333,6 +422,7 @@ class CollabSessionActor(DeploymentActor):
             "round": self.collab_round,
             "rounds": self.proposal.rounds,
             "aggregator": self.aggregator_peer,
+            "aggregator_losses": self.losses,
             "dropped": self.dropped,
             "refused": self.refused[-20:],
             "deployment": self.state,

@@ -23,6 +23,7 @@ from dms.mining.collab.messages import (
     KeysAdvert,
     MaskedInput,
     Proposal,
+    Restore,
     Roster,
     RoundStart,
     RoundTotals,
@@ -86,6 +87,28 @@ class CollabAggregator:
             raise Refused("mask-key shares must go to exactly the roster's owners", message.owner)
         self._check_signature(message)
         self._key_shares[message.owner] = message.shares
+
+    def restore(self, state: Restore) -> None:
+        """Take over from a lost aggregator between rounds (the round under way starts
+        again: each owner sends a fresh input with a fresh self mask)."""
+        p = self.proposal
+        self._check_collab(state.collab_id, "restore")
+        if self.adverts or self._roster is not None:
+            raise MiningError("restore only into a fresh aggregator")
+        for advert in state.adverts:
+            self.receive_advert(advert)
+        self.roster()
+        for shares in state.shares:
+            self.receive_seed_shares(shares)
+        if not p.first_round() <= state.round <= p.rounds:
+            raise MiningError(f"restore at round {state.round}, outside the announced rounds")
+        if state.live is not None:
+            assert self._roster is not None
+            if not set(state.live) <= set(self._roster):
+                raise MiningError("restore names live owners outside the roster")
+            self._live = list(state.live)
+            self.dropped += state.dropped
+        self.round = state.round
 
     # -- a round ---------------------------------------------------------------
 

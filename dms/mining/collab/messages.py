@@ -172,6 +172,19 @@ class Dropout(BaseModel):
     round: int
 
 
+class Restore(BaseModel):
+    """What a new aggregator needs to take over between rounds: every message it holds
+    was relayed, so the proposer's session has them. Everything is checked again."""
+
+    model_config = ConfigDict(extra="forbid")
+    collab_id: str
+    adverts: list[KeysAdvert]
+    shares: list[SeedShares]
+    round: int  # the next round to run (restarted if it was under way)
+    live: list[str] | None = None  # after a completed round: its survivors
+    dropped: list[Dropout] = Field(default_factory=list)  # dropped in completed rounds
+
+
 class OwnerResult(BaseModel):
     """What one owner ends with: the shared centroids and its own labels, nothing else."""
 

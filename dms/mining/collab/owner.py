@@ -90,6 +90,7 @@ class CollabOwner:
         self._next = proposal.first_round()
         self._pending: RoundStart | None = None  # contributed, awaiting the unmask request
         self._answer: tuple[UnmaskRequest, UnmaskReply] | None = None
+        self._opened_self: dict[int, set[str]] = {}  # round -> owners whose self mask it opened
         self._labels = np.zeros(rows.shape[0], dtype=np.int64)
         self._candidate_labels = self._labels
         self._initial: np.ndarray | None = None
@@ -222,6 +223,10 @@ class CollabOwner:
             raise Refused("this owner is named dropped in a round it sent its input to")
         if len(survivors) < p.threshold:
             raise Refused(f"{len(survivors)} survivors, below the threshold {p.threshold}")
+        opened = self._opened_self.setdefault(request.round, set())
+        if dropped & opened:  # a restarted round: never both halves of one owner's masks
+            both = ", ".join(sorted(dropped & opened))
+            raise Refused(f"asks for the mask key of {both}, whose self mask was opened this round")
         if set(request.self_shares) != survivors or set(request.key_shares) != dropped:
             raise Refused("the unmask request does not carry one share for each owner named")
         opened_self = {
@@ -252,6 +257,7 @@ class CollabOwner:
             )
         )
         self._answer = (request, reply)
+        opened |= survivors
         return reply
 
     def receive_totals(self, totals: RoundTotals) -> None:
@@ -307,7 +313,8 @@ class CollabOwner:
             raise Refused(f"round start for collaboration {start.collab_id!r}")
         if not self._roster:
             raise Refused("a round start before the roster")
-        if self._pending is not None or start.round != self._next:
+        restart = self._pending is not None and start.round == self._pending.round
+        if not restart and (self._pending is not None or start.round != self._next):
             raise Refused(f"round {start.round} starts, but this owner expects round {self._next}")
         if start.round > p.rounds:
             raise Refused(f"round {start.round} after the announced {p.rounds}")

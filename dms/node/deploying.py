@@ -59,6 +59,7 @@ class DeployingBehaviours(NodeBase):
             on_end=self._deployment_ended,
             supervise_s=self.services.supervise_s,
             revert=lambda peer, payload: self.ref.tell_call(self.reverts.send, peer, payload),
+            on_placed=lambda peer: self.services.stakes.note(peer, "placed"),
         )
         for row in self._orchestration.store.active():
             try:

@@ -119,6 +119,9 @@ class Orchestration:
     # Sends a revert until it is acknowledged (the node's ``Reverts``, from any thread);
     # None: sent once, from the deployment actor.
     revert: Callable[[str, dict[str, Any]], None] | None = None
+    # Told of each provider that started an allocation of ours (from the deployment's
+    # thread): the node then has a stake in it (dms.node.stakes).
+    on_placed: Callable[[str], None] | None = None
 
     @property
     def poll_s(self) -> float:

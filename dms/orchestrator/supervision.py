@@ -114,6 +114,8 @@ class Supervision(DeploymentBase):
             self._lost(slot, "a malformed allocate reply: its allocation is on another host")
             return
         slot.start(allocation_ref(reply.allocation), self.deadlines)
+        if self.o.on_placed is not None and slot.peer_id:
+            self.o.on_placed(slot.peer_id)
         self._event(f"{name}: running on {(slot.peer_id or '?')[-8:]}")
         if reply.status is not None:
             self._apply_status(slot, reply.status)

@@ -66,6 +66,7 @@ def staked_requester(net: LocalCluster, victim: Node) -> Node:
     done = wait_state(honest, deploy(honest, job), TERMINAL, 30)
     assert done["state"] == "completed", done["events"]
     assert honest.peer_id in victim.stakes
+    assert victim.peer_id in honest.stakes  # and the requester in the provider it placed on
     return honest
 
 
@@ -134,6 +135,9 @@ def test_requests_one_peer_makes_a_node_hold_are_bounded(
     assert codes(answers) == {"ok": 4, "rate_limited": 8}
     refused = next(a for a in answers if not a["ok"])
     assert "the most one peer may have (max_inflight_per_peer)" in refused["reason"]
+    shown = victim.metrics.render().decode()  # GET /metrics
+    assert 'dms_budget_refusals_total{budget="inflight_per_peer"} 8.0' in shown
+    assert 'dms_budget_limit{budget="inflight_per_peer"} 4.0' in shown
 
 
 def test_many_keys_fill_only_the_unknown_share_of_the_requests_a_node_holds(

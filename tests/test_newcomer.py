@@ -212,6 +212,8 @@ def test_every_help_ends_with_real_examples_and_readable_types(tmp_path: Path) -
         assert shown and shown[0].startswith(f"dms {' '.join(path)}"), (path, text)
         # Each example parses against its command: the options exist, the values fit.
         for example in EXAMPLES[" ".join(path)]:
+            words = set(text.split())  # each word of each example whole, never folded
+            assert all(word in words for word in example.split()), (example, text)
             argv = [a for a in shlex.split(example) if "=" not in a or a.startswith("-")]
             if argv[1].startswith("-"):
                 continue  # 'dms --version': run in the test below

@@ -98,6 +98,10 @@ def _with_examples(found: typer.Typer, path: str) -> None:
     for info in found.registered_commands:
         name = info.name or (info.callback.__name__ if info.callback else "")
         info.epilog = info.epilog or epilog(f"{path} {name}")
+    for group in found.registered_groups:  # 'dms mine collab ...'
+        if group.typer_instance is not None:
+            _with_examples(group.typer_instance, f"{path} {group.name}")
+            group.no_args_is_help = True
     found.info.no_args_is_help = True  # 'dms peers' alone lists its commands
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 IRIS = "examples/iris-features.csv"
 PEER = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
 DID = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK"
-ADDRESS = f"/ip4/192.168.1.20/tcp/4001/p2p/{PEER}"
+ADDRESS = f"/ip4/10.0.0.5/tcp/900/p2p/{PEER}"  # 78 characters: whole in an 80-column help
 
 EXAMPLES: dict[str, tuple[str, ...]] = {
     "init": ("dms init", "DMS_HOME=~/.dms-two dms init"),
@@ -46,6 +46,11 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "dms mine sknn --train train.csv --test test.csv --k 5 --local --out out/sknn",
         "dms mine sknn --train train.csv --test test.csv --k 5 --out out/sknn --report",
     ),
+    "mine collab propose": (
+        f"dms mine collab propose --data mine.csv --owners {PEER} --k 3 --out proposal.json",
+    ),
+    "mine collab join": ("dms mine collab join proposal.json --data mine.csv",),
+    "mine collab result": ("dms mine collab result 7e2c0a91 --wait 600 --out out/collab",),
     "actor cmd": ("dms actor cmd /public/status", f"dms actor cmd /public/status --dest {PEER}"),
     "actor send": (f"dms actor send /public/status --dest {PEER}",),
     "actor broadcast": ("dms actor broadcast /dms/broadcast text=hi",),
@@ -69,5 +74,7 @@ def epilog(command: str) -> str | None:
     lines = EXAMPLES.get(command)
     if not lines:
         return None
-    # Two spaces and a blank line between them: the help keeps each one a line of its own.
-    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
+    # A blank line between them: the help keeps each one a line of its own. The leading
+    # ANSI reset (invisible) makes Typer read the text as ANSI, not as rich markup, which
+    # would turn the ":key:" of "did:key:..." into an emoji.
+    return "\x1b[0mExamples:\n\n" + "\n\n".join(f"  {line}" for line in lines)

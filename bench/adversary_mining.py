@@ -8,10 +8,10 @@
   the providers of this process); the first worker it gets stalls its first step.
   The job must complete on another worker (``job_completed``), the stalled one
   excluded, past the victim's step deadline (``mining_step_floor_s``, 30 s).
-- ``answer_bomb``: as above, two jobs: the first worker of one answers
-  ``--bomb-mb`` MiB of one repeated chunk, of the other 3 MB of MessagePack that
-  decode to 3 million dicts. Each must be refused before it is fetched or decoded,
-  the worker excluded and the job completed on another (``job_completed``).
+- ``answer_bomb``: as above; the job's first worker answers ``--bomb-mb`` MiB of one
+  repeated chunk, its second 3 MB of MessagePack that decode to 3 million dicts. Each
+  must be refused before it is fetched or decoded, each worker excluded, and the job
+  completed on a third (``job_completed``).
 
 The honest peer keeps invoking the victim meanwhile (the kit's measure).
 """
@@ -37,7 +37,7 @@ from dms.sim.hostile_mining import HostileExecutor
 
 ATTACKS = ["context_bomb", "stalled_worker", "answer_bomb"]
 IRIS = Path(__file__).resolve().parent.parent / "examples" / "iris-features.csv"
-PROVIDERS = 2  # nodes of this process that bid for the victim's jobs
+PROVIDERS = 3  # nodes of this process that bid for the victim's jobs
 JOB_WAIT_S = 240.0
 
 
@@ -195,7 +195,5 @@ def plans(ctx: Context) -> dict[str, Plan]:
     return {
         "context_bomb": Plan(lambda: context_bomb(mining, args.context_level)),
         "stalled_worker": Plan(lambda: warmed(mining, ["stall"], 1, args.bomb_mb)),
-        "answer_bomb": Plan(
-            lambda: warmed(mining, ["size_bomb", "honest", "decode_bomb"], 2, args.bomb_mb)
-        ),
+        "answer_bomb": Plan(lambda: warmed(mining, ["size_bomb", "decode_bomb"], 1, args.bomb_mb)),
     }

@@ -144,6 +144,23 @@ def test_a_step_deadline_follows_the_shape_and_the_workers_benchmark() -> None:
     assert limits.deadline_s(0.0, None, 8 * 1024 * 1024) == 38.0  # 1 s per MiB sent
 
 
+def test_a_job_loses_at_most_mining_max_replacements_workers_then_fails_with_why(
+    net: Network, hostile: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert net.owner.node is not None
+    services = net.owner.node.pykka_ref.proxy().services.get()
+    monkeypatch.setattr(services, "mining", SessionLimits(step_floor_s=6.0, max_replacements=1))
+    executor = hostile("size_bomb", hostile=3)
+    session = net.mine(blind_iris())
+    status = net.wait(session, timeout=90)
+    assert status["phase"] == "failed"
+    reason = status["progress"]["reason"]
+    assert "2 workers lost or excluded, more than this job allows" in reason, reason
+    assert "(mining_max_replacements = 1); last: shard0: the worker failed: an answer of" in reason
+    assert executor.made == ["size_bomb", "size_bomb"]  # no third placement
+    net.settle(session)
+
+
 # ---- blind by default (issue 25 item 2) ---------------------------------------------------
 
 

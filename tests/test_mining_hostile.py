@@ -37,9 +37,10 @@ from tests.test_mining_placed import IRIS, Network
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
-    # Short step deadlines, so a stalled worker costs seconds.
+    # Short step deadlines (10 s: an honest step here takes well under 1 s, and a loaded
+    # machine must not turn it into a stall), so a stalled worker costs seconds.
     root = tmp_path_factory.mktemp("hostile")
-    with LocalCluster(root, heartbeat_s=0.5, mining_step_floor_s=6.0) as cluster:
+    with LocalCluster(root, heartbeat_s=0.5, mining_step_floor_s=10.0) as cluster:
         yield Network(cluster)
 
 
@@ -149,7 +150,7 @@ def test_a_job_loses_at_most_mining_max_replacements_workers_then_fails_with_why
 ) -> None:
     assert net.owner.node is not None
     services = net.owner.node.pykka_ref.proxy().services.get()
-    monkeypatch.setattr(services, "mining", SessionLimits(step_floor_s=6.0, max_replacements=1))
+    monkeypatch.setattr(services, "mining", SessionLimits(step_floor_s=10.0, max_replacements=1))
     executor = hostile("size_bomb", hostile=3)
     session = net.mine(blind_iris())
     status = net.wait(session, timeout=90)

@@ -215,8 +215,8 @@ class Victim:
 class Honest:
     """A dms node in this process, with the victim in its peers table."""
 
-    def __init__(self, cluster: LocalCluster, victim: Victim) -> None:
-        (self.node,) = [cluster.add("honest", bootstrap=[victim.addr])]
+    def __init__(self, cluster: LocalCluster, victim: Victim, name: str = "honest") -> None:
+        (self.node,) = [cluster.add(name, bootstrap=[victim.addr])]
         assert self.node.node is not None and self.node.db is not None
         self.ref = self.node.node
         self.victim = victim.peer_id

@@ -31,7 +31,10 @@ skipped ones (``tests/test_libp2p_patches.py`` fails on any):
   (``target_recv_window``: what the node granted) are dropped, the stream is
   reset (``window_exceeded``) and its buffer freed; the bytes buffered in all
   streams of the process are bounded too (:func:`set_buffer_budget`), past which
-  the stream that would overrun it is reset the same way.
+  the stream that would overrun it is reset the same way. A connection whose
+  streams overrun their window ``OVERRUNS_BEFORE_CLOSE`` times is closed
+  (go-yamux closes it at the first): the node must decrypt every byte a peer
+  sends, so one that ignores windows is not kept.
 
 Measured with an idle 50-node cluster in one process (``bench/placement.py``'s
 settings): 4.0 ms of CPU per gossip message received before, 1.7 ms after.
@@ -244,6 +247,10 @@ def _repeat_subscriptions_to_new_streams() -> bool:
     return True
 
 
+# Streams a connection may overrun (each reset) before the connection is closed.
+OVERRUNS_BEFORE_CLOSE = 3
+
+
 @dataclass
 class BufferBudget:
     """Bytes buffered by Yamux streams of this process, unread: at most ``limit``."""
@@ -326,11 +333,31 @@ class _Window(bytearray):
         if event is not None:
             event.set()
         nursery = getattr(self._conn, "_nursery", None)
-        if nursery is not None:
-            nursery.start_soon(_send_reset, self._conn, stream)
+        if nursery is None:
+            return
+        nursery.start_soon(_send_reset, self._conn, stream)
+        buffers = self._conn.stream_buffers
+        if past_window and isinstance(buffers, _Buffers):
+            # A peer that keeps breaking the protocol loses the connection (go-yamux
+            # closes it at the first): else it makes the node decrypt all it sends.
+            buffers.overruns += 1
+            if buffers.overruns == OVERRUNS_BEFORE_CLOSE:
+                log.warning(
+                    "connection from %s closed: window_exceeded on %d streams",
+                    peer,
+                    OVERRUNS_BEFORE_CLOSE,
+                )
+                nursery.start_soon(_close_connection, self._conn)
 
     def release(self) -> None:
         BUFFERS.held -= len(self)
+
+
+async def _close_connection(conn: Any) -> None:
+    from libp2p.stream_muxer.yamux.yamux import GO_AWAY_PROTOCOL_ERROR
+
+    with contextlib.suppress(Exception):
+        await conn.close(GO_AWAY_PROTOCOL_ERROR)
 
 
 async def _send_reset(conn: Any, stream: Any) -> None:
@@ -351,6 +378,7 @@ class _Buffers(dict[int, bytearray]):
     def __init__(self, conn: Any) -> None:
         super().__init__()
         self._conn = conn
+        self.overruns = 0  # streams of this connection reset for overrunning their window
 
     def __setitem__(self, sid: int, value: bytearray) -> None:
         old = dict.get(self, sid)
@@ -382,7 +410,7 @@ class _Buffers(dict[int, bytearray]):
 def _enforce_yamux_receive_window() -> bool:
     from libp2p.stream_muxer.yamux import yamux
 
-    needed = ("FLAG_RST", "TYPE_WINDOW_UPDATE", "YAMUX_HEADER_FORMAT")
+    needed = ("FLAG_RST", "TYPE_WINDOW_UPDATE", "YAMUX_HEADER_FORMAT", "GO_AWAY_PROTOCOL_ERROR")
     conn_needed = ("_write_frame", "_finalize_stream", "handle_incoming")
     if not all(hasattr(yamux, n) for n in needed) or not all(
         hasattr(yamux.Yamux, n) for n in conn_needed

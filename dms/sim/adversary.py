@@ -332,14 +332,14 @@ class BarePeer:
 
     # ---- streams and windows ---------------------------------------------------------
 
-    def push_unread(self, total: int, chunk: int = MIB) -> int:
+    def push_unread(self, total: int, chunk: int = 64 * 1024) -> int:
         """Write ``total`` bytes back on the stream the node opened to us (one it never
         reads), ignoring the receive window it granted; the bytes written before the
         node reset the stream."""
 
         async def go() -> int:
             assert self.inbound, "the node has opened no stream to this peer (ask it first)"
-            stream = self.inbound[0]
+            stream = self.inbound[-1]  # the latest (an earlier one may have been reset)
             sent = 0
             with contextlib.suppress(Exception):
                 while sent < total:

@@ -153,19 +153,22 @@ def test_raw_sockets_that_never_handshake_do_not_lock_out_a_newcomer(
             newcomer.close()
         assert refusals(victim, Budget.HANDSHAKE_EVICTED) >= 200
 
-        def all_closed() -> bool:
-            for sock in sockets:
-                sock.settimeout(0.01)
-                try:
-                    if sock.recv(1024) != b"":
-                        return False
-                except TimeoutError:
-                    return False
-                except OSError:
+        def closed(sock: socket.socket) -> bool:
+            sock.settimeout(0.001)
+            try:
+                while sock.recv(4096):  # the node's multistream header
                     pass
+            except TimeoutError:
+                return False
+            except OSError:
+                return True
             return True
 
-        wait_for(all_closed, timeout=30, what="every raw socket closed by the node")
+        wait_for(
+            lambda: all([closed(sock) for sock in sockets]),
+            timeout=30,
+            what="every raw socket closed by the node",
+        )
         assert refusals(victim, Budget.HANDSHAKE_TIMEOUT) >= 1
     finally:
         for sock in sockets:
@@ -190,6 +193,24 @@ def test_a_peer_that_overruns_the_receive_window_loses_the_stream_and_the_bytes(
         assert yamux_buffered(victim) <= 1 * MIB
         # The node still answers the peer (on a fresh stream).
         assert attacker.ask(root_of(victim.identity), "/public/hello") is not None
+    finally:
+        attacker.close()
+
+
+def test_a_peer_that_keeps_overrunning_windows_loses_the_connection(
+    cluster: LocalCluster,
+) -> None:
+    """The node decrypts every byte a peer sends: one that ignores windows on stream
+    after stream is not kept (go-yamux closes the connection at the first)."""
+    victim = cluster.add("victim")
+    attacker = BarePeer(victim.addrs()[0], actor=True)
+    try:
+        for _ in range(3):
+            if attacker.ask(root_of(victim.identity), "/public/hello", timeout=5) is None:
+                break
+            attacker.push_unread(2 * MIB)
+        wait_for(lambda: not attacker.connected(), timeout=30, what="the connection closed")
+        assert refusals(victim, Budget.WINDOW_EXCEEDED) >= 3
     finally:
         attacker.close()
 

@@ -212,6 +212,40 @@ class Settings(BaseSettings):
         default_factory=list, description="peers to dial at start (multiaddrs with /p2p/)"
     )
     mdns: bool = Field(default=False, description="find peers on the LAN with mDNS")
+    reachability: Literal["auto", "public", "private"] = Field(
+        default="auto",
+        description="auto: peers dial this node back to tell (AutoNAT); public / private: "
+        "say so without asking",
+    )
+    relay: bool | None = Field(
+        default=None,
+        description="serve as a circuit relay for nodes behind NAT; unset: when this node "
+        "is publicly reachable",
+    )
+    relay_reservations: int = Field(
+        default=2, ge=0, le=8, description="relays a node behind NAT keeps a slot on"
+    )
+    relay_max_reservations: int = Field(
+        default=64, ge=1, description="slots this relay holds for others, in all"
+    )
+    relay_max_circuits_per_peer: int = Field(
+        default=8, ge=1, description="relayed connections one peer may open at once"
+    )
+    relay_max_circuits: int = Field(
+        default=128, ge=1, description="relayed connections open at once, all peers"
+    )
+    relay_max_circuit_bytes: int = Field(
+        default=256 * MIB, ge=1024, description="bytes one relayed connection may carry"
+    )
+    relay_max_circuit_s: int = Field(
+        default=3600, ge=1, description="seconds one relayed connection may last"
+    )
+    relay_max_peer_bytes_per_h: int = Field(
+        default=1024 * MIB, ge=1024, description="bytes relayed for one peer in an hour"
+    )
+    relay_max_bytes_per_h: int = Field(
+        default=8192 * MIB, ge=1024, description="bytes relayed in an hour, all peers"
+    )
     dial_timeout_s: float = Field(default=5.0, gt=0, description="give up dialing a peer after")
     heartbeat_s: float = Field(
         default=2.0, ge=0.1, le=300, description="announce this node on the heartbeat topic every"

@@ -95,6 +95,7 @@ def self_info(timeout: TimeoutOption = 10.0, json_out: JsonOption = False) -> No
         return
     # Plain lines, never wrapped nor split: each address is copied whole into --bootstrap.
     typer.echo(f"peer id: {info['peer_id']}\ndid:     {info['did']}")
+    typer.echo(f"reachability: {info.get('reachability', 'unknown')}")
     typer.echo("addresses (give one to --bootstrap on another node):")
     for addr in info["addrs"]:
         typer.echo(addr)

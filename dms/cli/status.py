@@ -103,6 +103,8 @@ def render(data: dict[str, Any], width: int | None = None) -> RenderableType:
         f"{node['status']}, up {duration(node.get('uptime_s'))}, dms {node.get('version')}, "
         f"{connected} connected, {len(data['peers'])} known\n"
     )
+    relay = ", relays for others" if node.get("relay") else ""
+    head.append(f"reachability: {node.get('reachability', 'unknown')}{relay}\n")
     if "error" in pools:
         head.append(f"resources: {pools['error']}")
     elif not pools.get("onboarded", {}).get("cpu"):

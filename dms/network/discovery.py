@@ -26,6 +26,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from dms.network.loop import LoopBridge, NetworkError, why
+from dms.network.relay import RelayClient, is_relayed
 from dms.network.settings import NetworkSettings, parse_multiaddr
 
 log = logging.getLogger("dms.network")
@@ -50,6 +51,7 @@ class Discovery(LoopBridge):
     _dht: KadDHT | None
     _ping: PingService | None
     _known_addrs: list[str]
+    _relays: RelayClient | None
     peer_id: str  # dms.network.host.Libp2pTransport.peer_id
 
     def addrs(self) -> list[str]:
@@ -87,8 +89,11 @@ class Discovery(LoopBridge):
             if self._host is None:
                 return
             pid = peer_id_of(peer_id)
-            if not has_addrs(self._host, pid):
-                self._host.get_peerstore().add_addrs(pid, addrs, LEARNED_ADDR_TTL_S)
+            store = self._host.get_peerstore()
+            known = {str(a) for a in store.addrs(pid)} if has_addrs(self._host, pid) else set()
+            # Relayed addresses come and go with the peer's reservations: new ones count.
+            if not known or any(is_relayed(str(a)) and str(a) not in known for a in addrs):
+                store.add_addrs(pid, addrs, LEARNED_ADDR_TTL_S)
         except Exception as exc:
             log.debug("addresses of %s not kept: %s", peer_id, why(exc))
 
@@ -139,7 +144,16 @@ class Discovery(LoopBridge):
             addrs = list(found.addrs) if found is not None else []
         if not addrs:
             raise NetworkError(f"peer {pid.to_base58()} is unreachable: no known address")
-        await self._host.connect(PeerInfo(pid, addrs))
+        relayed = [a for a in addrs if is_relayed(str(a))]
+        direct = [a for a in addrs if not is_relayed(str(a))]
+        if not relayed or self._relays is None:
+            await self._host.connect(PeerInfo(pid, addrs))
+            return
+        if direct:  # a peer on the same network, or one whose NAT lets us in
+            with contextlib.suppress(Exception), trio.move_on_after(self.settings.dial_timeout_s):
+                await self._host.connect(PeerInfo(pid, direct))
+                return
+        await self._relays.dial(pid, relayed)
 
     async def _connect(self, info: PeerInfo) -> None:
         assert self._host is not None

@@ -47,6 +47,8 @@ from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, envelope_is_valid, new_pubsub
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause
+from dms.network.reachability import DialBack, Reachability
+from dms.network.relay import BudgetedRelay, RelayClient
 from dms.network.settings import NetworkSettings, parse_multiaddr
 from dms.network.transfer import CHUNK_PROTOCOL, Offers, TransferBudget
 from dms.network.unicast import ACTOR_PROTOCOL, Unicast, _Outbound
@@ -139,6 +141,9 @@ class Libp2pTransport(Unicast, Gossip):
         self._router: GossipSub | None = None
         self._dht: KadDHT | None = None
         self._ping: PingService | None = None
+        self._relay: BudgetedRelay | None = None
+        self._relays: RelayClient | None = None
+        self._dialback: DialBack | None = None
         self._outbound: dict[str, _Outbound] = {}
         self._dialing: dict[str, trio.Lock] = {}
         self._topics: dict[str, trio.CancelScope] = {}
@@ -255,6 +260,7 @@ class Libp2pTransport(Unicast, Gossip):
             ),
         )
         self._host = host
+        s = self.settings
         swarm = host.get_network()
         self._gate = InboundGate(
             swarm, self.settings, self.refusals, self._has_stake, self._rates.last_active
@@ -266,7 +272,10 @@ class Libp2pTransport(Unicast, Gossip):
         pubsub, router = new_pubsub(host, self.settings.gossip, self._gossip_refused)
         self._pubsub = pubsub
         self._router = router
-        async with host.run(listen_addrs=listen):
+        self._relay = BudgetedRelay(host, s.relay, self.refusals, self.serves_relay)
+        self._relays = RelayClient(host, self._relay, s.relay)
+        self._dialback = DialBack(host, s.reachability)
+        async with host.run(listen_addrs=listen), background_trio_service(self._relay):
             host.set_stream_handler(ACTOR_PROTOCOL, self._on_stream)
             host.set_stream_handler(CHUNK_PROTOCOL, self._on_chunk_stream)
             host.get_network().register_notifee(_ConnectionEvents(self))
@@ -280,6 +289,11 @@ class Libp2pTransport(Unicast, Gossip):
                     self._nursery = nursery
                     nursery.start_soon(self._keep_connected)
                     nursery.start_soon(self._idle.run)
+                    nursery.start_soon(self._dialback.run, lambda: list(swarm.connections))
+                    nursery.start_soon(
+                        self._relays.keep_reservations,
+                        lambda: self.reachability() is Reachability.PRIVATE,
+                    )
                     self._ready.set()
                     await self._stop.wait()
                     nursery.cancel_scope.cancel()
@@ -291,6 +305,27 @@ class Libp2pTransport(Unicast, Gossip):
             with contextlib.suppress(Exception), trio.move_on_after(5):
                 await host.close()
                 self._outbound.clear()
+
+    # ---- reachability and relays (dms.network.reachability, dms.network.relay) ------
+
+    def reachability(self) -> Reachability:
+        return Reachability.UNKNOWN if self._dialback is None else self._dialback.reachability
+
+    def serves_relay(self) -> bool:
+        """Relays for others: ``relay.serve``, or when publicly reachable."""
+        serve = self.settings.relay.serve
+        return self.reachability() is Reachability.PUBLIC if serve is None else serve
+
+    def addrs(self) -> list[str]:
+        """Where others should dial this node: its listen addresses and its relayed
+        addresses (while it holds reservations), those that work first."""
+        relayed = self._relays.addrs(self.peer_id) if self._relays is not None else []
+        if self.reachability() is Reachability.PRIVATE:
+            return [*relayed, *super().addrs()]
+        return [*super().addrs(), *relayed]
+
+    def relay_usage(self) -> dict[str, tuple[int, int]]:
+        return self._relay.usage() if self._relay is not None else {}
 
     # ---- budgets -------------------------------------------------------------------
 
@@ -317,6 +352,7 @@ class Libp2pTransport(Unicast, Gossip):
                 max(self._transfers.by_peer.values(), default=0),
                 s.max_transfers_per_peer,
             ),
+            **self.relay_usage(),
         }
         return usage
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from multiaddr import Multiaddr
 from pydantic import BaseModel, Field, field_validator
 
@@ -45,6 +47,38 @@ BUDGET_SETTINGS = (
 )
 
 
+# ``dms.config.Settings`` names of RelaySettings' fields (with the ``relay_`` prefix).
+RELAY_SETTINGS = (
+    "relay_reservations",
+    "relay_max_reservations",
+    "relay_max_circuits_per_peer",
+    "relay_max_circuits",
+    "relay_max_circuit_bytes",
+    "relay_max_circuit_s",
+    "relay_max_peer_bytes_per_h",
+    "relay_max_bytes_per_h",
+)
+
+
+class RelaySettings(BaseModel):
+    """Circuit relay v2 (``dms.network.relay``; specs/network.md, "Relays").
+
+    ``serve``: None serves when this node is publicly reachable. Every limit has a
+    per-peer and a total part (DESIGN.md decision 12)."""
+
+    serve: bool | None = None
+    # Relays a private node keeps a reservation on.
+    reservations: int = Field(default=2, ge=0, le=8)
+    max_reservations: int = Field(default=64, ge=1)
+    max_circuits_per_peer: int = Field(default=8, ge=1)
+    max_circuits: int = Field(default=128, ge=1)
+    max_circuit_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    max_circuit_s: int = Field(default=3600, ge=1)
+    # Bytes one peer, and all peers, may have relayed in a rolling hour.
+    max_peer_bytes_per_h: int = Field(default=1024 * 1024 * 1024, ge=1024)
+    max_bytes_per_h: int = Field(default=8 * 1024 * 1024 * 1024, ge=1024)
+
+
 class NetworkSettings(BaseModel):
     listen: list[str] = Field(default_factory=lambda: [DEFAULT_LISTEN])
     bootstrap: list[str] = Field(default_factory=list)
@@ -86,6 +120,9 @@ class NetworkSettings(BaseModel):
     chunk_idle_s: float = Field(default=10.0, gt=0)
     chunk_min_bytes_per_s: int = Field(default=256 * 1024, ge=1024)
     gossip: GossipSettings = Field(default_factory=GossipSettings)
+    # "public" / "private" skip the AutoNAT check (dms.network.reachability).
+    reachability: Literal["auto", "public", "private"] = "auto"
+    relay: RelaySettings = Field(default_factory=RelaySettings)
 
     @field_validator("listen", "bootstrap")
     @classmethod

@@ -25,7 +25,7 @@ from dms.config import Settings
 from dms.network.host import Libp2pTransport, NetworkError, SharedLoop
 from dms.network.peerbook import PeerBook
 from dms.network.peertable import PeerTable
-from dms.network.settings import BUDGET_SETTINGS, NetworkSettings
+from dms.network.settings import BUDGET_SETTINGS, RELAY_SETTINGS, NetworkSettings
 from dms.network.transfer import ChunkNetwork
 from dms.node.api import ApiError, LocalApi
 from dms.node.home import NODE_KEY, NodeError, private_home
@@ -64,6 +64,10 @@ def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
         },
     }
     values.update({name: getattr(settings, name) for name in BUDGET_SETTINGS})
+    values["reachability"] = settings.reachability
+    values["relay"] = {"serve": settings.relay} | {
+        name.removeprefix("relay_"): getattr(settings, name) for name in RELAY_SETTINGS
+    }
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return NetworkSettings(**values)

@@ -102,6 +102,9 @@ class NodeActor(
             "version": __version__,
             "uptime_s": round(self.uptime_s, 3),
             "peers": len(network.peers()) if network else 0,
+            # publicly reachable, or behind NAT (then reached through relays)
+            "reachability": str(network.reachability()) if network else "unknown",
+            "relay": network.serves_relay() if network else False,
         }
 
     @behaviour("/broadcast/hello", public=True, payload=HelloPayload, topic=BROADCAST_TOPIC)

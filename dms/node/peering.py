@@ -151,6 +151,7 @@ class PeeringBehaviours(HeartbeatSync):
             "peer_id": self.system.peer_id,
             "did": self.identity.did,
             "addrs": self._network().addrs(),
+            "reachability": str(self._network().reachability()),
             "nonce": self.nonce,
         }
 

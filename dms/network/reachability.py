@@ -1,0 +1,118 @@
+"""Reachability: is this node publicly reachable? (AutoNAT, confirmed by peers dialing back.)
+
+py-libp2p 0.8.1's ``AutoNATService`` (``/libp2p/autonat/1.0.0``) answers a dial-back
+request with ``host.connect``, which returns the connection the asking peer already
+holds: every peer would be told it is public. :class:`DialBack` dials a fresh TCP
+connection to each advertised address instead (only addresses on the IP the request
+came from, as the spec says, so a node cannot be used to dial third parties), and
+closes it at once: reaching the port is the proof.
+
+A node asks its connected peers (at most ``ASK_PEERS`` at a time) soon after it
+connects and then every ``RECHECK_S``. One peer that reached it makes it ``public``;
+``private`` once every peer asked failed (a NATed node's listen address is not the
+IP its peers see, so they refuse to dial it). ``NetworkSettings.reachability``
+forces either answer. See specs/network.md, "Reachability".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from enum import StrEnum
+from typing import Any
+
+import trio
+from libp2p.abc import IHost
+from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService, _addr_ip
+from libp2p.host.autonat.pb.autonat_pb2 import Message
+from libp2p.peer.id import ID
+from multiaddr import Multiaddr
+
+log = logging.getLogger("dms.network")
+
+__all__ = ["AUTONAT_PROTOCOL_ID", "DialBack", "Reachability"]
+
+DIAL_BACK_TIMEOUT_S = 3.0
+QUERY_TIMEOUT_S = 8.0
+ASK_PEERS = 4
+FIRST_CHECK_EVERY_S = 1.0
+RECHECK_S = 300.0
+
+
+class Reachability(StrEnum):
+    UNKNOWN = "unknown"
+    PUBLIC = "public"
+    PRIVATE = "private"
+
+
+class DialBack(AutoNATService):
+    """AutoNAT with a real dial-back, and the node's verdict."""
+
+    def __init__(self, host: IHost, forced: str = "auto") -> None:
+        super().__init__(host, serve=True, confirmations=1)  # type: ignore[arg-type]
+        self.forced = forced
+        self.verdicts: dict[ID, bool] = {}
+        self.confirmed_addr: str | None = None
+        self.changed = trio.Event()
+
+    @property
+    def reachability(self) -> Reachability:
+        if self.forced in (Reachability.PUBLIC, Reachability.PRIVATE):
+            return Reachability(self.forced)
+        if any(self.verdicts.values()):
+            return Reachability.PUBLIC
+        if self.verdicts:
+            return Reachability.PRIVATE
+        return Reachability.UNKNOWN
+
+    async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
+        for raw in addrs:
+            with contextlib.suppress(Exception):
+                addr = Multiaddr(raw)
+                ip, port = _addr_ip(addr), int(addr.value_for_protocol("tcp"))
+                if ip is None:
+                    continue
+                with trio.fail_after(DIAL_BACK_TIMEOUT_S):
+                    stream = await trio.open_tcp_stream(ip, port)
+                await stream.aclose()
+                return bytes(raw)
+        return None
+
+    async def ask(self, peer: ID) -> bool:
+        """Ask ``peer`` to dial this node back; its verdict (False if it cannot answer)."""
+        addrs = [
+            a.to_bytes()
+            for a in self.host.get_addrs()
+            if "/p2p-circuit" not in str(a) and _addr_ip(a) not in ("0.0.0.0", "::")
+        ]
+        try:
+            status, addr = await self.query_server(peer, addrs, timeout=QUERY_TIMEOUT_S)
+        except Exception as exc:
+            log.debug("no dial-back answer from %s: %s", peer, exc)
+            return False
+        ok = status == int(Message.OK)
+        if ok and addr is not None:
+            self.confirmed_addr = str(Multiaddr(addr))
+        return ok
+
+    async def run(self, peers: Any) -> None:
+        """Ask connected peers until there is a verdict, then every ``RECHECK_S``."""
+        while True:
+            if self.reachability is Reachability.UNKNOWN:
+                asked = [p for p in peers() if p not in self.verdicts][:ASK_PEERS]
+            else:  # a recheck: fresh verdicts replace the old ones peer by peer
+                asked = list(peers())[:ASK_PEERS]
+            before = self.reachability
+            for peer in asked:
+                with contextlib.suppress(Exception):
+                    if AUTONAT_PROTOCOL_ID not in self.host.get_peerstore().get_protocols(peer):
+                        continue
+                self.verdicts[peer] = await self.ask(peer)
+            if self.reachability != before:
+                log.info("reachability: %s", self.reachability)
+                self.changed.set()
+                self.changed = trio.Event()
+            if self.reachability is Reachability.UNKNOWN:
+                await trio.sleep(FIRST_CHECK_EVERY_S)
+            else:
+                await trio.sleep(RECHECK_S)

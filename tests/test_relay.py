@@ -1,0 +1,127 @@
+"""Circuit relay v2 on loopback: a private node reserves a slot on a public one and is
+reached through it; the relay's budgets refuse a peer that opens circuits without end.
+
+(Reachability is forced here: on one loopback interface every node is reachable. The
+real NAT topology is in tests/test_nat.py, root only.)"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import trio
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+
+from dms.network.host import Libp2pTransport
+from dms.network.relay import HOP_PROTOCOL, RelayRefusal, is_relayed
+from dms.network.settings import NetworkSettings, RelaySettings
+from dms.security.identity import Identity
+from tests.conftest import wait_for
+
+
+def _transport(
+    reachability: str, bootstrap: list[str] | None = None, relay: RelaySettings | None = None
+) -> Libp2pTransport:
+    settings = NetworkSettings(
+        listen=["/ip4/127.0.0.1/tcp/0"],
+        bootstrap=bootstrap or [],
+        dht=False,
+        reachability=reachability,  # type: ignore[arg-type]
+        relay=relay or RelaySettings(),
+    )
+    t = Libp2pTransport(Identity.generate(), settings)
+    t.start(lambda frame, from_peer, *, signature_checked=False: None)
+    return t
+
+
+@pytest.fixture
+def started() -> Iterator[list[Libp2pTransport]]:
+    out: list[Libp2pTransport] = []
+    yield out
+    for t in out:
+        t.stop()
+
+
+def relayed(t: Libp2pTransport) -> list[str]:
+    return [a for a in t.addrs() if is_relayed(a)]
+
+
+def test_a_private_node_is_reached_through_the_relay(started: list[Libp2pTransport]) -> None:
+    relay = _transport("public")
+    started.append(relay)
+    boot = relay.addrs()
+    private = _transport("private", boot)
+    dialer = _transport("private", boot)
+    started += [private, dialer]
+    wait_for(lambda: relayed(private), what="a reservation on the relay")
+    circuit = relayed(private)[0]
+    assert f"/p2p/{relay.peer_id}/p2p-circuit/p2p/{private.peer_id}" in circuit
+    assert not dialer.is_connected(private.peer_id)
+    # The dialer knows only the relayed address: it reaches the private node through it.
+    dialer.learn_addrs(private.peer_id, [circuit])
+    wait_for(lambda: dialer.ping(private.peer_id) > 0, what="a ping through the relay")
+    assert relay.budget_usage()["relay_reservations"][0] >= 1
+    # A node that is not a relay refuses reservations with the reason.
+    assert private.serves_relay() is False and relay.serves_relay() is True
+
+
+def test_a_peer_opening_circuits_without_end_is_refused(started: list[Libp2pTransport]) -> None:
+    limits = RelaySettings(max_circuits_per_peer=4, max_circuits=16)
+    relay = _transport("public", relay=limits)
+    started.append(relay)
+    boot = relay.addrs()
+    target = _transport("private", boot)
+    flooder = _transport("private", boot)
+    started += [target, flooder]
+    wait_for(lambda: relayed(target), what="a reservation on the relay")
+    rss_before = _rss_mb()
+    statuses = _open_circuits(flooder, relay.peer_id, target.peer_id, 200)
+    # Four circuits open; every later one is refused by the relay with the reason
+    # (RESOURCE_LIMIT_EXCEEDED, counted as relay_peer_circuits_full), or, once the
+    # flooder holds max_streams_per_peer streams open, its stream is reset (-1).
+    assert statuses[:4] == [StatusCode.OK] * 4, statuses[:8]
+    assert set(statuses[4:]) <= {StatusCode.RESOURCE_LIMIT_EXCEEDED, -1}, set(statuses)
+    refused = statuses.count(StatusCode.RESOURCE_LIMIT_EXCEEDED)
+    assert refused >= 50 and relay.refusals[RelayRefusal.PEER_CIRCUITS_FULL] >= refused
+    used, limit = relay.budget_usage()["relay_circuits_per_peer"]
+    assert used <= limit == 4
+    assert _rss_mb() - rss_before <= 50
+
+
+def _rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _open_circuits(t: Libp2pTransport, relay: str, target: str, count: int) -> list[int]:
+    """Open ``count`` CONNECT requests to ``target`` on ``relay`` and keep the circuits
+    open; the status of each."""
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
+    from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+
+    async def run() -> list[int]:
+        host = t._host
+        assert host is not None
+        out: list[int] = []
+        for _ in range(count):
+            try:
+                with trio.fail_after(10):
+                    stream = await host.new_stream(ID.from_base58(relay), [HOP_PROTOCOL])
+                    msg = HopMessage(
+                        type=HopMessage.CONNECT,
+                        peer=CircuitPeerId(id=ID.from_base58(target).to_bytes()),
+                    )
+                    await write_delimited_msg(stream, msg)
+                    resp = await read_delimited_msg(stream, HopMessage)
+                    out.append(resp.status)
+            except Exception:
+                out.append(-1)
+        return out
+
+    return t._call(run)

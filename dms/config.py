@@ -281,6 +281,22 @@ class Settings(BaseSettings):
         description="workers a mining job may lose or exclude (stalled, caught cheating, a "
         "bad answer) before it fails with the reason",
     )
+    collab_max_seats: int = Field(
+        default=32,
+        ge=0,
+        description="collaborations (dms mine collab) this node takes part in at once",
+    )
+    collab_owner_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="a collaboration's deadline for each owner's answer; an owner that "
+        "misses it is dropped from that round",
+    )
+    collab_join_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="how long a proposed collaboration waits for the owners to join",
+    )
     preferences: Preferences = Field(
         default_factory=Preferences, description="the work this node accepts"
     )

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -171,6 +172,24 @@ def test_below_the_threshold_the_collaboration_fails_with_that_reason(
     assert owners.nodes[1].peer_id in session["reason"]
 
 
+def test_a_node_takes_part_in_at_most_collab_max_seats_collaborations(
+    cluster: tuple[LocalCluster, Node], tmp_path: Path
+) -> None:
+    from dms.actor import RemoteError
+
+    net, _ = cluster
+    node = net.add(collab_max_seats=0)
+    path = tmp_path / "rows.csv"
+    np.savetxt(path, PARTS[0], delimiter=",")
+    proposal = Proposal(
+        collab_id="full", owners=[node.peer_id, "b", "c"], a=4, k=3, rounds=1, threshold=2,
+        centroids=IRIS[:3].tolist(),
+    )  # fmt: skip
+    payload = {"proposal": proposal.model_dump(mode="json"), "proposer": "b", "data": str(path)}
+    with pytest.raises(RemoteError, match=r"in 0 collaborations already \(collab_max_seats\)"):
+        Owners.ask(node, "/dms/node/collab/join", payload)
+
+
 def test_the_aggregator_executor_refuses_bad_params_and_messages_with_a_reason() -> None:
     from dms.jobs.base import ExecutorError
     from dms.jobs.collab import CollabEnded, CollabExecutor
@@ -195,6 +214,9 @@ def test_the_aggregator_executor_refuses_bad_params_and_messages_with_a_reason()
     with pytest.raises(ExecutorError, match="takes no context"):
         session.admit("input", 100, 100, None)
     session.admit("advert", len(advert), None, None)
+    session.check_body(advert)
+    with pytest.raises(ExecutorError, match="the relayed message"):
+        session.check_body(msgpack.packb({"deep": [[0] * 100] * 100}))
     session.call("advert", advert)
     with pytest.raises(ExecutorError, match="advertised twice"):
         session.call("advert", advert)

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dms.jobs.base import ExecutorError, Log
+from dms.jobs.mining import count_objects
 from dms.mining.collab import CollabAggregator, CollabFailed, Proposal
 from dms.mining.collab.messages import (
     KeysAdvert,
@@ -129,6 +130,18 @@ class CollabSession:
                 f"a {op!r} of {size} bytes; this collaboration's messages are at most "
                 f"{largest}: refused before fetching it"
             )
+
+    def check_body(self, body: bytes) -> None:
+        """A fetched body, before anything decodes it: no more MessagePack objects than
+        this collaboration's largest message holds (a restore: every owner's keys and a
+        share to each owner)."""
+        if not body:
+            return
+        m = len(self.proposal.owners)
+        try:
+            count_objects(body, 1024 + 32 * m + 4 * m * m)
+        except ValueError as exc:
+            raise ExecutorError(f"the relayed message: {exc}") from None
 
     def call(self, op: str, body: bytes) -> bytes:
         handler = self._ops.get(op)

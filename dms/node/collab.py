@@ -33,8 +33,6 @@ from dms.orchestrator.collab import CollabSessionActor, OwnerCall
 from dms.orchestrator.deployment import new_deployment_id
 from dms.resources import Resources
 
-MAX_SEATS = 32  # collaborations one node takes part in at once
-
 
 class JoinRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -52,8 +50,12 @@ class ProposeRequest(BaseModel):
     strategy: Strategy = "score"
     max_price: float | None = Field(default=None, ge=0)
     timeout_s: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
-    owner_timeout_s: float = Field(default=20.0, gt=0, le=3600)
-    join_timeout_s: float = Field(default=120.0, gt=0, le=24 * 3600)
+    owner_timeout_s: float | None = Field(
+        default=None, gt=0, le=3600, description="default: the collab_owner_timeout_s setting"
+    )
+    join_timeout_s: float | None = Field(
+        default=None, gt=0, le=24 * 3600, description="default: collab_join_timeout_s"
+    )
     aggregator_on_owner: bool = Field(
         default=False, description="allow the aggregator on an owner's node"
     )
@@ -91,8 +93,11 @@ class CollabBehaviours(NodeBase):
             raise CollabRefusal(f"this node ({me}) is not among the proposal's owners")
         if proposal.collab_id in self._seats:
             raise CollabRefusal(f"collaboration {proposal.collab_id!r} is already joined here")
-        if len(self._seats) >= MAX_SEATS:
-            raise CollabRefusal(f"this node takes part in {MAX_SEATS} collaborations already")
+        most = self.services.collab_max_seats
+        if len(self._seats) >= most:
+            raise CollabRefusal(
+                f"this node takes part in {most} collaborations already (collab_max_seats)"
+            )
         try:
             rows = read_table(data).features
             return Seat(CollabOwner(proposal, me, rows), proposer)
@@ -155,8 +160,8 @@ class CollabBehaviours(NodeBase):
             spec,
             None,
             proposal=proposal,
-            owner_timeout_s=p.owner_timeout_s,
-            join_timeout_s=p.join_timeout_s,
+            owner_timeout_s=p.owner_timeout_s or self.services.collab_owner_timeout_s,
+            join_timeout_s=p.join_timeout_s or self.services.collab_join_timeout_s,
             on_progress=progress,
             inbox=f"deployment-{session_id}",
         )

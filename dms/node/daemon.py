@@ -236,6 +236,9 @@ class Node:
                     max_replacements=self.settings.mining_max_replacements,
                 ),
                 unknown_share=self.settings.unknown_share,
+                collab_max_seats=self.settings.collab_max_seats,
+                collab_owner_timeout_s=self.settings.collab_owner_timeout_s,
+                collab_join_timeout_s=self.settings.collab_join_timeout_s,
             )
             self.node = self.system.spawn(
                 NodeActor, services, inbox=ROOT_INBOX, identity=self.identity

@@ -51,3 +51,6 @@ class NodeServices:
     bid_request_burst_total: int = 100
     unknown_share: float = 0.5  # of each global budget, what peers without a stake use
     mining: SessionLimits = field(default_factory=SessionLimits)  # the owner's sessions
+    collab_max_seats: int = 32  # collaborations this node takes part in at once
+    collab_owner_timeout_s: float = 20.0  # each owner's answer, or it drops from the round
+    collab_join_timeout_s: float = 120.0  # how long a proposal waits for the owners

@@ -148,15 +148,16 @@ class CollabSession:
         if handler is None:
             known = ", ".join(self._ops)
             raise ExecutorError(f"unknown collab operation {op!r} (known: {known})")
-        if self.finished.is_set():
+        if self.failure is not None or self.finished.is_set():
             raise CollabEnded(self.failure or "the collaboration has ended")
         cpu = time.thread_time()
         try:
             return handler(body)
         except CollabFailed as exc:
+            # The allocation keeps running until the session that placed it has this
+            # answer and stops it: ended at once, it could be taken for a lost aggregator.
             self.failure = exc.reason
             self._log(f"failed: {exc.reason}")
-            self.finished.set()
             raise CollabEnded(exc.reason) from None
         except MiningError as exc:  # a refusal: the message is not used
             self._log(f"{op} refused: {exc}")
@@ -234,7 +235,7 @@ class CollabExecutor:
             raise ExecutorError("a collab allocation needs its session")
         while not session.finished.wait(0.2):
             if stop.is_set():
-                raise ExecutorError("stopped")
+                raise ExecutorError(session.failure or "stopped")
         if session.failure is not None:
             raise ExecutorError(session.failure)
         return session.summary()

@@ -207,6 +207,7 @@ def test_every_help_ends_with_real_examples_and_readable_types(tmp_path: Path) -
         assert done.returncode == 0, (path, done.stderr)
         text = done.stdout
         assert "<bool>" not in text and "<list[" not in text and "<int" not in text, text
+        assert "Examples:" in text, f"dms {' '.join(path)}: add its examples to dms/cli/examples.py"
         tail = text[text.rindex("Examples:") :].split("\n")[1:]
         shown = [line.strip() for line in tail if line.strip()]
         assert shown and shown[0].startswith(f"dms {' '.join(path)}"), (path, text)

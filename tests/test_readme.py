@@ -22,11 +22,23 @@ SECTION = "## Mining on other nodes"
 
 
 def section_blocks(readme: str, heading: str) -> list[str]:
-    """The ```sh blocks between ``heading`` and the next heading of its level."""
-    start = readme.index(heading)
-    end = readme.find("\n## ", start + len(heading))
-    body = readme[start : end if end != -1 else len(readme)]
-    return re.findall(r"```sh\n(.*?)```", body, flags=re.S)
+    """The ```sh blocks between ``heading`` and the next heading (of any level: a
+    subsection is another story, with commands of its own)."""
+    lines = readme[readme.index(heading) :].splitlines()[1:]
+    blocks: list[str] = []
+    block: list[str] | None = None
+    for line in lines:
+        if block is not None:
+            if line.startswith("```"):
+                blocks.append("\n".join(block) + "\n")
+                block = None
+            else:
+                block.append(line)
+        elif line.startswith("```sh"):
+            block = []
+        elif line.startswith("#"):
+            break
+    return blocks
 
 
 def free_ports(count: int) -> list[int]:

@@ -62,6 +62,8 @@ class Budget(StrEnum):
     STREAMS_FULL = "streams_full"
     # An inbound stream with no frame for stream_idle_s: reset.
     STREAM_IDLE = "stream_idle"
+    # A write to a peer that granted no window for stream_idle_s: the stream is broken.
+    WRITE_STALLED = "write_stalled"
     # A peer sent more than a stream's receive window (or the total buffer): reset.
     WINDOW_EXCEEDED = "window_exceeded"
     # A chunk request over max_transfers_per_peer or max_transfers: refused.

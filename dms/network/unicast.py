@@ -28,7 +28,7 @@ from dms.actor.handle import ROOT_INBOX, Address, Handle
 from dms.actor.ratelimit import PeerRates
 from dms.actor.system import REFUSAL_TTL_S, reply_payload
 from dms.actor.transport import Receiver, Undeliverable
-from dms.network.budgets import IdleWatch
+from dms.network.budgets import Budget, IdleWatch
 from dms.network.discovery import Discovery, peer_id_of
 from dms.network.frames import PREFIX, FrameError, FrameReader, encode_frame
 from dms.network.loop import NetworkError, why
@@ -234,7 +234,17 @@ class Unicast(Discovery):
         try:
             while batch := await outbound.outbox.take():
                 try:
-                    await outbound.stream.write(b"".join(batch))
+                    # A peer that grants no window holds a write for ever: past
+                    # stream_idle_s the stream counts as broken (retried once, below).
+                    try:
+                        with trio.fail_after(self.settings.stream_idle_s):
+                            await outbound.stream.write(b"".join(batch))
+                    except trio.TooSlowError:
+                        self.refusals[Budget.WRITE_STALLED] += 1
+                        raise NetworkError(
+                            f"{outbound.peer_id} read nothing for "
+                            f"{self.settings.stream_idle_s:g} s (write_stalled)"
+                        ) from None
                 except Exception as exc:
                     # The peer restarted or the connection dropped: retry once on a fresh
                     # stream (a peer that resets every stream would otherwise have the

@@ -12,6 +12,7 @@ import socket
 from typing import Any
 
 import pytest
+import trio
 from multiaddr import Multiaddr
 
 from dms.network.budgets import Budget
@@ -211,6 +212,34 @@ def test_a_peer_that_keeps_overrunning_windows_loses_the_connection(
             attacker.push_unread(2 * MIB)
         wait_for(lambda: not attacker.connected(), timeout=30, what="the connection closed")
         assert refusals(victim, Budget.WINDOW_EXCEEDED) >= 3
+    finally:
+        attacker.close()
+
+
+class NotReading(BarePeer):
+    """Never reads the stream the node opens to it: the node's writes find no window."""
+
+    async def _on_stream(self, stream: Any) -> None:
+        self.inbound.append(stream)
+        await trio.sleep_forever()
+
+
+def test_a_write_to_a_peer_that_never_reads_ends_within_the_idle_time(
+    cluster: LocalCluster,
+) -> None:
+    victim = cluster.add("victim", stream_idle_s=1)
+    attacker = NotReading(victim.addrs()[0], actor=True)
+    try:
+        requests = [
+            attacker.seal(attacker.envelope(root_of(victim.identity), "/public/hello", reply=True))
+            for _ in range(1500)  # ~0.5 MB of replies: past the window it grants
+        ]
+        attacker.write(requests, pace_s=0.001)
+        wait_for(
+            lambda: refusals(victim, Budget.WRITE_STALLED) >= 1,
+            timeout=30,
+            what="the stalled write ended",
+        )
     finally:
         attacker.close()
 

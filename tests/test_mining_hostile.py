@@ -85,6 +85,8 @@ def excluded_then_completed(net: Network, session: str, reason: str) -> dict[str
     events = [e["what"] for e in net.status(session)["progress"]["events"]]
     line = f"worker {caught['peer_id'][-8:]} excluded for this job"
     assert sum(line in e for e in events) == 1, events
+    # Said once: not again as a lost worker placed again.
+    assert sum(caught["reason"] in e for e in events) == 1, events
     net.settle(session)
     return result
 

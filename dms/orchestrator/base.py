@@ -182,6 +182,10 @@ class DeploymentBase(Actor):
     def slot_lost(self, slot: Slot, reason: str) -> None:
         """A slot's allocation is gone (before the slot is reopened)."""
 
+    def lost_line(self, slot: Slot, reason: str) -> str:
+        """The one event line that says a slot's allocation is lost and placed again."""
+        return f"{slot.name}: {reason}; placing it again"
+
     def heard_from(self, slot: Slot) -> bool:
         """Whether the slot's allocation answered something else lately (session traffic
         counts as liveness: a poll that times out behind a large transfer is no death)."""

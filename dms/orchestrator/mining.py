@@ -228,8 +228,6 @@ class MiningSessionActor(DeploymentActor):
         shard.generation += 1  # whatever the lost worker still answers is ignored
         shard.lost()
         shard.failures += 1
-        if self.phase in (SessionPhase.SHIPPING, SessionPhase.MINING):
-            self._event(f"{shard.slot}: worker lost ({reason}); placing it again")
         if shard.failures >= MAX_SHARD_FAILURES and self.phase not in SESSION.terminal:
             self._fail(f"{shard.slot} was lost {shard.failures} times; last: {reason}")
         elif self.lost > self.limits.max_replacements and self.phase not in SESSION.terminal:
@@ -238,6 +236,14 @@ class MiningSessionActor(DeploymentActor):
                 f"(mining_max_replacements = {self.limits.max_replacements}); "
                 f"last: {shard.slot}: {reason}"
             )
+
+    def lost_line(self, slot: Slot, reason: str) -> str:
+        peer = slot.peer_id or ""
+        if peer in self.banned:  # caught: one line says it is excluded and why
+            what = f"worker {peer[-8:]} excluded for this job: {self.banned[peer]}"
+        else:
+            what = f"worker lost ({reason})"
+        return f"{slot.name}: {what}; placing it again"
 
     def heard_from(self, slot: Slot) -> bool:
         shard = self.shards.get(slot.name)
@@ -552,18 +558,25 @@ class MiningSessionActor(DeploymentActor):
         """The worker stalled past its deadline, or answered what the protocol does not
         allow: it is excluded for this job (a permanent decline for this owner's job) and
         the shard placed again, on another peer."""
-        if shard.peer is not None and shard.peer not in self.banned:
-            self.banned[shard.peer] = reason
-            self.excluded.append({"shard": shard.slot, "peer_id": shard.peer, "reason": reason})
-            self._event(f"{shard.slot}: worker {shard.peer[-8:]} excluded for this job: {reason}")
-        self._worker_failed(shard, reason)
+        peer = shard.peer
+        if peer is None or peer in self.banned:
+            self._worker_failed(shard, reason)
+            return
+        self.banned[peer] = reason
+        self.excluded.append({"shard": shard.slot, "peer_id": peer, "reason": reason})
+        if not self._worker_failed(shard, reason):  # no loss line says it (lost_line)
+            self._event(f"{shard.slot}: worker {peer[-8:]} excluded for this job: {reason}")
 
-    def _worker_failed(self, shard: Shard, reason: str) -> None:
-        """An operation failed: the worker is treated as lost and placed again."""
+    def _worker_failed(self, shard: Shard, reason: str) -> bool:
+        """An operation failed: the worker is treated as lost and placed again. False
+        when its slot was no longer running (nothing to lose)."""
         slot = self.slots.get(shard.slot)
-        if slot is not None and slot.state == SlotState.RUNNING:
-            self._lost(slot, f"the worker failed: {reason}")
+        if slot is None or slot.state != SlotState.RUNNING:
+            self._settle()
+            return False
+        self._lost(slot, f"the worker failed: {reason}")
         self._settle()
+        return True
 
     # ---- plumbing ---------------------------------------------------------------------
 

@@ -236,7 +236,7 @@ class Supervision(DeploymentBase):
 
     def _lost(self, slot: Slot, reason: str) -> None:
         """Give the slot's lease back, exclude that peer, and place the slot again."""
-        self._event(f"{slot.name}: {reason}; placing it again")
+        self._event(self.lost_line(slot, reason))
         if slot.peer_id and slot.lease_id:
             self._revert(slot.peer_id, [slot.lease_id])
         self._reopen(slot, reason)

@@ -165,7 +165,7 @@ class Follower:
             if key in job.events_seen:
                 continue
             job.events_seen.add(key)
-            if "worker lost" in what or "MB shipped" in what:
+            if any(said in what for said in ("placing it again", "excluded", "MB shipped")):
                 self._say(job, f"{job.name} {self._named(what)}")
         if len(steps) > job.steps:
             job.steps = len(steps)

@@ -5,37 +5,53 @@ and Yamux sessions, run as tasks of one trio loop, and heartbeats scaled to the
 process (``shared_process_heartbeat_budget``); see specs/network.md and
 specs/node.md for why a simulation runs that way.
 
-One node requests; every other node is onboarded and bids. M single-allocation
-deployments (a ``compute`` allocation that returns at once) are placed one
-after another, then all at once. Figures:
+One node requests; every other node is onboarded and bids. For each provider
+count (``--nodes 5 20 50``) and each concurrency (``--concurrency 1 8 32``),
+``--jobs`` single-allocation deployments (a ``compute`` allocation that returns
+at once) are placed with at most that many in flight (one starts as another
+ends, as one script placing many short jobs would). One JSON line per
+(nodes, concurrency):
 
 - ``p50_ms`` / ``p95_ms``: request (the ``/dms/node/deployment/new`` call) to
-  running (every allocation started on its provider), sequential phase;
-- ``placements_per_s``: concurrent phase, M placements over the time to the
+  running (the allocation started on its provider);
+- ``placements_per_s``: placements over the time from the first request to the
   last one running;
-- ``messages_per_placement``: unicast frames received by all nodes (requests,
-  bids, commits, allocations, replies, status) per placement; heartbeats and
-  other gossip are not counted;
+- ``phases_ms``: per-phase medians, from each deployment's own events:
+  ``setup`` (request sent -> bid requests sent: the API call, the deployment
+  actor's spawn), ``bids`` (-> the winner chosen: the bid round trip, the last
+  bid in, then select), ``select`` (inside ``bids``: the selection and the bid
+  records), ``commit`` (-> allocate sent: the commit round trip), ``allocate``
+  (-> running);
+- ``work_ms``: where the time goes inside the phases, per placement, summed over
+  every node and thread of the process (wall time inside each call): Ed25519
+  ``sign``, ``verify``, ``sqlite`` (every transaction, its lock wait included);
+  ``window_closes``: rounds that ended on the bid window, not on the last bid;
+- ``messages_per_placement``: unicast frames received by all nodes per
+  placement; heartbeats and other gossip are not counted;
 - ``leaked_leases``: leases and allocations still live on any node 3 s after
-  every deployment completed (losing bids are reverted at once, and 3 s is well
-  under the 10 s lease, so only a revert that never happened counts);
+  every deployment of the run ended (losing bids are reverted at once, and 3 s
+  is well under the 10 s lease, so only a revert that never happened counts);
 - ``success_rate``: deployments that completed, over all.
 
 The baseline, measured in the same run, is ``floor_ms``: the p50 of one signed
 invoke round trip from the requester to a provider (``/public/hello``); a
 placement needs at least three (bid, commit, allocate).
-Prints one JSON line with --json.
+Prints JSON lines with --json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,59 +90,194 @@ def say(what: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
 
 
+class Work:
+    """Wall time spent inside signing, verification and SQLite transactions, on every
+    thread of the process (the bench's own instrument: wraps them in place)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.totals: Counter[str] = Counter()
+        self.window_closes = 0
+
+    def add(self, kind: str, took: float) -> None:
+        with self.lock:
+            self.totals[kind] += took
+
+    def timed(self, kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.add(kind, time.perf_counter() - t)
+
+        return wrapper
+
+    def timed_cm(self, kind: str, cm: Callable[..., Any]) -> Callable[..., Any]:
+        @contextlib.contextmanager
+        def wrapper(*args: Any, **kw: Any) -> Iterator[Any]:
+            t = time.perf_counter()
+            try:
+                with cm(*args, **kw) as value:
+                    yield value
+            finally:
+                self.add(kind, time.perf_counter() - t)
+
+        return wrapper
+
+    def install(self) -> None:
+        from dms.actor import envelope
+        from dms.orchestrator import rounds
+        from dms.security.identity import Identity
+        from dms.store.db import Database
+
+        Identity.sign = self.timed("sign", Identity.sign)  # type: ignore[method-assign]
+        envelope.verify_signature = self.timed("verify", envelope.verify_signature)
+        for name in ("session", "transaction", "snapshot"):
+            setattr(Database, name, self.timed_cm("sqlite", getattr(Database, name)))
+        rounds.select = self.timed("select", rounds.select)
+        window_ends = rounds.BidRounds._window_ends
+
+        def counted(actor: Any, rid: int) -> None:
+            if rid == actor.round and rid not in actor._closed and actor._asked - actor._answered:
+                with self.lock:
+                    self.window_closes += 1
+            window_ends(actor, rid)
+
+        rounds.BidRounds._window_ends = counted  # type: ignore[method-assign]
+
+    def snapshot(self) -> tuple[Counter[str], int]:
+        with self.lock:
+            return Counter(self.totals), self.window_closes
+
+
+WORK = Work()
+
+
 def frames(nodes: list) -> int:
     return sum(n.transport.frames_in for n in nodes if n.transport is not None)
 
 
-def wait_all(req: Any, ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
-    """Rows of ``ids`` once all are terminal. Each row records its own times, so polling
-    only needs to be frequent enough not to waste the run, and light enough (pending
-    rows only, every 50 ms) not to take CPU from the nodes it measures."""
-    store = req.node_actor_store
-    deadline = time.monotonic() + timeout
+def phases(row: dict[str, Any], t0: float) -> dict[str, float] | None:
+    """Request -> bid requests sent -> winner chosen -> allocate sent -> running, from the
+    deployment's events (ms, the last round's)."""
+    asked = chose = allocating = None
+    for e in row.get("events", []):
+        what = e["what"]
+        if what.startswith("round ") and ": asking" in what and chose is None:
+            asked = e["at"]
+        elif ": chose " in what and chose is None:
+            chose = e["at"]
+        elif what == "state: allocating" and allocating is None:
+            allocating = e["at"]
+    running = row.get("running_at")
+    if None in (asked, chose, allocating, running):
+        return None
+    return {
+        "setup": (asked - t0) * 1000,
+        "bids": (chose - asked) * 1000,
+        "commit": (allocating - chose) * 1000,
+        "allocate": (running - allocating) * 1000,
+    }
+
+
+class Ends:
+    """The requester's deployments as they end: each terminal row as its actor saves it
+    (the bench wraps ``DeploymentStore.save``), so waiting reads no database."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def install(self) -> None:
+        from dms.orchestrator.store import DeploymentStore
+
+        save = DeploymentStore.save
+
+        def saved(store: DeploymentStore, row: dict[str, Any]) -> None:
+            save(store, row)
+            if row["state"] in DEPLOYMENT.terminal:
+                with self.cond:
+                    self.rows[row["id"]] = row
+                    self.cond.notify_all()
+
+        DeploymentStore.save = saved  # type: ignore[method-assign]
+
+
+ENDS = Ends()
+
+
+def place(req: Any, jobs: int, concurrency: int, offset: int, strategy: str) -> dict[str, Any]:
+    """``jobs`` deployments, at most ``concurrency`` in flight; each row and its start."""
+    started: dict[str, float] = {}
     rows: dict[str, dict[str, Any]] = {}
-    pending = list(ids)
-    while pending and time.monotonic() < deadline:
-        for i in pending:
-            rows[i] = store.get(i) or {}
-        pending = [i for i in pending if rows[i].get("state") not in DEPLOYMENT.terminal]
-        if pending:
-            time.sleep(0.05)
-    return rows
+    pending: set[str] = set()
+    submitted = 0
+    deadline = time.monotonic() + 60 + jobs
+    while (submitted < jobs or pending) and time.monotonic() < deadline:
+        while submitted < jobs and len(pending) < concurrency:
+            t0 = time.time()
+            dep = req.node.ask(
+                req.node.handle,
+                "/dms/node/deployment/new",
+                {"spec": spec(offset + submitted, strategy)},
+                timeout=30,
+            )
+            started[dep["id"]] = t0
+            pending.add(dep["id"])
+            submitted += 1
+        with ENDS.cond:
+            ENDS.cond.wait_for(lambda: any(i in ENDS.rows for i in pending), timeout=1.0)
+            for i in [i for i in pending if i in ENDS.rows]:
+                rows[i] = ENDS.rows[i]
+                pending.discard(i)
+    for i in pending:  # never ended: counted as not completed
+        rows[i] = {}
+    return {"rows": rows, "started": started}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--nodes", type=int, default=5)
-    parser.add_argument("--jobs", type=int, default=40)
-    parser.add_argument("--strategy", default="score")
-    parser.add_argument(
-        "--heartbeat-budget",
-        type=float,
-        default=SHARED_PROCESS_HEARTBEATS_PER_S,
-        help="gossip heartbeats/s received by all simulated nodes together",
+def figures_of(
+    done: dict[str, Any], span_from: float, work: Counter[str], closes: int
+) -> dict[str, Any]:
+    rows, started = done["rows"], done["started"]
+    latencies = sorted(
+        (r["running_at"] - started[i]) * 1000 for i, r in rows.items() if r.get("running_at")
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
-    args = parser.parse_args()
+    running = [r["running_at"] for r in rows.values() if r.get("running_at")]
+    per_phase: dict[str, list[float]] = {}
+    for i, r in rows.items():
+        for name, ms in (phases(r, started[i]) or {}).items():
+            per_phase.setdefault(name, []).append(ms)
+    n = max(1, len(latencies))
+    states = [r.get("state") for r in rows.values()]
+    return {
+        "success_rate": round(states.count("completed") / max(1, len(states)), 3),
+        "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
+        "p95_ms": round(latencies[int(0.95 * (len(latencies) - 1))], 1) if latencies else None,
+        "placements_per_s": round(len(running) / (max(running) - span_from), 1) if running else 0.0,
+        "phases_ms": {k: round(statistics.median(v), 1) for k, v in per_phase.items()},
+        "work_ms": {k: round(v * 1000 / n, 2) for k, v in sorted(work.items())},
+        "window_closes": closes,
+    }
 
-    from dms.orchestrator.store import DeploymentStore
 
+def run(count: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     # All N nodes share this one process (and its GIL): see shared_process_heartbeat_budget.
-    budget = shared_process_heartbeat_budget(args.nodes, args.heartbeat_budget)
+    budget = shared_process_heartbeat_budget(count, args.heartbeat_budget)
     root = Path(tempfile.mkdtemp(prefix="dms-placement-"))
+    out = []
     with LocalCluster(root, heartbeat_s=2.0, heartbeat_budget_per_s=budget) as c:
-        say(f"starting {args.nodes} nodes")
-        nodes = c.start(args.nodes)
+        say(f"starting {count} nodes")
+        nodes = c.start(count)
         c.wait_linked(timeout=120)
         say("linked; waiting for every provider's heartbeat")
         for n in nodes[1:]:
             n.ledger.onboard(Resources(cpu=4, ram=8, disk=10))
         req = nodes[0]
-        req.node_actor_store = DeploymentStore(req.db)  # type: ignore[attr-defined]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # every provider known, with its resources
             known = [r for r in req.peer_table.alive() if r.heartbeat and r.heartbeat.onboarded]
-            if len([r for r in known if r.heartbeat.onboarded.get("cpu")]) >= args.nodes - 1:
+            if len([r for r in known if r.heartbeat.onboarded.get("cpu")]) >= count - 1:
                 break
             time.sleep(0.1)
         # Steady state (LocalCluster.wait_settled): start-up's fast heartbeats and
@@ -153,93 +304,62 @@ def main() -> int:
                 req.node.ask(handle, "/public/hello", timeout=5)
             except Exception as exc:  # placement copes with it: the bench just says so
                 say(f"warm-up: {n.peer_id[-8:]} did not answer ({exc})")
+        offset = 0
+        for concurrency in args.concurrency:
+            before, (work0, closes0) = frames(nodes), WORK.snapshot()
+            span_from = time.time()
+            done = place(req, args.jobs, concurrency, offset, args.strategy)
+            offset += args.jobs
+            work1, closes1 = WORK.snapshot()
+            work1.subtract(work0)
+            figures = {
+                "bench": "placement",
+                "nodes": count,
+                "concurrency": concurrency,
+                "jobs": args.jobs,
+                "strategy": args.strategy,
+                **figures_of(done, span_from, work1, closes1 - closes0),
+                "messages_per_placement": round((frames(nodes) - before) / args.jobs, 1),
+                "floor_ms": round(statistics.median(floor) * 1000, 2),
+            }
+            # Reverts are one-way messages still in providers' mailboxes; give them 3 s
+            # to land (well under the 10 s lease, so an expiry cannot hide a real leak).
+            settle = time.monotonic() + 3.0
+            while time.monotonic() < settle and sum(len(n.ledger.live()) for n in nodes):
+                time.sleep(0.05)
+            figures["leaked_leases"] = sum(len(n.ledger.live()) for n in nodes)
+            say(f"{count} nodes, concurrency {concurrency}: {figures['p50_ms']} ms p50")
+            out.append(figures)
+            if os.environ.get("DMS_BENCH_DEBUG"):
+                for n in nodes:
+                    for lease in n.ledger.live():
+                        print(n.peer_id[-6:], lease.state, lease.ref, file=sys.stderr)
+    return out
 
-        def new(i: int) -> tuple[str, float]:
-            t0 = time.time()
-            dep = req.node.ask(
-                req.node.handle, "/dms/node/deployment/new", {"spec": spec(i, args.strategy)}
-            )
-            return dep["id"], t0
 
-        # Sequential phase.
-        latencies, states = [], []
-        slowest: list[tuple[float, list]] = []
-        before = frames(nodes)
-        for i in range(args.jobs):
-            dep_id, t0 = new(i)
-            row = wait_all(req, [dep_id], 30)[dep_id]
-            states.append(row.get("state"))
-            if row.get("running_at"):
-                latencies.append(row["running_at"] - t0)
-                slowest.append(
-                    (
-                        row["running_at"] - t0,
-                        [(round(e["at"] - t0, 3), e["what"]) for e in row["events"]],
-                    )
-                )
-        seq_frames = frames(nodes) - before
-
-        say(f"sequential phase done: {len(latencies)} running")
-        # Concurrent phase.
-        before = frames(nodes)
-        started = time.time()
-        futures = [
-            req.node.invoke(
-                req.node.handle,
-                "/dms/node/deployment/new",
-                {"spec": spec(args.jobs + i, args.strategy)},
-                timeout=30,
-            )
-            for i in range(args.jobs)
-        ]  # all submitted at once, as M users (or one script) would
-        submitted = [f.result(timeout=31)["id"] for f in futures]
-        rows = wait_all(req, submitted, 60)
-        conc_frames = frames(nodes) - before
-        running = [r["running_at"] for r in rows.values() if r.get("running_at")]
-        states += [r.get("state") for r in rows.values()]
-        span = (max(running) - started) if running else float("inf")
-
-        say(f"concurrent phase done: {len(running)} running")
-        # Reverts are one-way messages still in providers' mailboxes; give them 3 s to
-        # land (well under the 10 s lease, so an expiry cannot hide a real leak).
-        settle = time.monotonic() + 3.0
-        while time.monotonic() < settle and sum(len(n.ledger.live()) for n in nodes):
-            time.sleep(0.05)
-        leaked = sum(len(n.ledger.live()) for n in nodes)
-        if os.environ.get("DMS_BENCH_DEBUG"):
-            for took, events in sorted(slowest, key=lambda x: x[0])[-3:]:
-                print(round(took, 3), events, file=sys.stderr)
-            for n in nodes:
-                for lease in n.ledger.live():
-                    print(
-                        n.peer_id[-6:],
-                        lease.state,
-                        lease.ref,
-                        lease.expires_at - time.time(),
-                        file=sys.stderr,
-                    )
-
-    latencies_ms = sorted(x * 1000 for x in latencies)
-    figures = {
-        "bench": "placement",
-        "nodes": args.nodes,
-        "jobs": args.jobs,
-        "strategy": args.strategy,
-        "success_rate": round(states.count("completed") / len(states), 3),
-        "p50_ms": round(statistics.median(latencies_ms), 1) if latencies_ms else None,
-        "p95_ms": round(latencies_ms[int(0.95 * (len(latencies_ms) - 1))], 1)
-        if latencies_ms
-        else None,
-        "placements_per_s": round(len(running) / span, 1) if running else 0.0,
-        "messages_per_placement": round((seq_frames + conc_frames) / (2 * args.jobs), 1),
-        "leaked_leases": leaked,
-        "floor_ms": round(statistics.median(floor) * 1000, 2),
-    }
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        for key, value in figures.items():
-            print(f"{key:>24}: {value}")
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--nodes", type=int, nargs="+", default=[5, 20, 50])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--jobs", type=int, default=64, help="per concurrency")
+    parser.add_argument("--strategy", default="score")
+    parser.add_argument(
+        "--heartbeat-budget",
+        type=float,
+        default=SHARED_PROCESS_HEARTBEATS_PER_S,
+        help="gossip heartbeats/s received by all simulated nodes together",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON lines")
+    args = parser.parse_args()
+    WORK.install()
+    ENDS.install()
+    for count in args.nodes:
+        for figures in run(count, args):
+            if args.json:
+                print(json.dumps(figures), flush=True)
+            else:
+                for key, value in figures.items():
+                    print(f"{key:>24}: {value}")
     return 0
 
 

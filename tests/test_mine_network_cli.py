@@ -38,6 +38,7 @@ def test_mine_from_one_daemon_places_the_work_and_matches_local(tmp_path: Path) 
             assert expected in done.stdout
         # One line says what the worker learns (blind: ciphertexts only).
         assert "note: the worker learns: CKKS ciphertexts only" in done.stderr
+        assert "worker learns" not in done.stdout  # once, not again as an event
         assert dms(owner, *args, "--out", str(local), "--local").returncode == 0
         assert (placed / "labels.csv").read_text() == (local / "labels.csv").read_text()
         result = json.loads((placed / "result.json").read_text())

@@ -184,10 +184,8 @@ def _mine_on_network(
     """Hand the job to this home's node, show its progress, return (result, labels)."""
     client = _node()
     s = request["settings"]
-    print(
-        f"note: {worker_learns(s['algorithm'], s.get('protocol'), s.get('scheme', 'ckks'))}",
-        file=sys.stderr,
-    )
+    learns = worker_learns(s["algorithm"], s.get("protocol"), s.get("scheme", "ckks"))
+    print(f"note: {learns}", file=sys.stderr)
     request.update(
         strategy=placement.strategy,
         max_price=placement.max_price,
@@ -213,7 +211,7 @@ def _mine_on_network(
             if not json_out:
                 for event in progress.get("events", []):
                     key = (event["at"], event["what"])
-                    if key not in seen:
+                    if key not in seen and event["what"] != learns:  # said above
                         seen.add(key)
                         stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
                         console.print(f"{stamp}  {event['what']}", highlight=False)

@@ -33,6 +33,9 @@ log = logging.getLogger("dms.network")
 
 # How long addresses learnt from a heartbeat stay in the peerstore.
 LEARNED_ADDR_TTL_S = 600
+# A peer with relayed addresses is dialed through a relay if no direct address has
+# connected within this (a direct dial to a NATed peer fails or hangs).
+RELAY_AFTER_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -149,11 +152,40 @@ class Discovery(LoopBridge):
         if not relayed or self._relays is None:
             await self._host.connect(PeerInfo(pid, addrs))
             return
-        if direct:  # a peer on the same network, or one whose NAT lets us in
-            with contextlib.suppress(Exception), trio.move_on_after(self.settings.dial_timeout_s):
-                await self._host.connect(PeerInfo(pid, direct))
-                return
-        await self._relays.dial(pid, relayed)
+        await self._dial_direct_or_relayed(pid, direct, relayed)
+
+    async def _dial_direct_or_relayed(self, pid: ID, direct: list[Any], relayed: list[Any]) -> None:
+        """Direct addresses first (a peer on the same network, or whose NAT lets us in);
+        through a relay if they fail or have not connected within ``RELAY_AFTER_S``."""
+        assert self._host is not None and self._relays is not None
+        errors: list[str] = []
+        direct_over = trio.Event()
+
+        async def try_direct() -> None:
+            try:
+                await self._host.connect(PeerInfo(pid, direct))  # type: ignore[union-attr]
+                nursery.cancel_scope.cancel()
+            except Exception as exc:
+                errors.append(why(exc))
+            direct_over.set()
+
+        async def try_relayed() -> None:
+            with trio.move_on_after(RELAY_AFTER_S):
+                await direct_over.wait()
+            try:
+                await self._relays.dial(pid, relayed)  # type: ignore[union-attr]
+                nursery.cancel_scope.cancel()
+            except Exception as exc:
+                errors.append(why(exc))
+
+        async with trio.open_nursery() as nursery:
+            if direct:
+                nursery.start_soon(try_direct)
+            else:
+                direct_over.set()
+            nursery.start_soon(try_relayed)
+        if not self._host.get_network().get_connections(pid):
+            raise NetworkError(f"peer {pid.to_base58()} is unreachable: {'; '.join(errors)}")
 
     async def _connect(self, info: PeerInfo) -> None:
         assert self._host is not None

@@ -33,6 +33,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.host.ping import PingService
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -48,7 +49,7 @@ from dms.network.gossip import Gossip, envelope_is_valid, new_pubsub
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause
 from dms.network.reachability import DialBack, Reachability
-from dms.network.relay import BudgetedRelay, RelayClient
+from dms.network.relay import BudgetedRelay, RelayClient, is_relayed
 from dms.network.settings import NetworkSettings, parse_multiaddr
 from dms.network.transfer import CHUNK_PROTOCOL, Offers, TransferBudget
 from dms.network.unicast import ACTOR_PROTOCOL, Unicast, _Outbound
@@ -323,6 +324,23 @@ class Libp2pTransport(Unicast, Gossip):
         if self.reachability() is Reachability.PRIVATE:
             return [*relayed, *super().addrs()]
         return [*super().addrs(), *relayed]
+
+    def path_to(self, peer_id: str) -> str:
+        """How this node reaches ``peer_id`` now: "direct", "relayed" (only through a
+        circuit relay) or "none" (no connection)."""
+        if self._host is None:
+            return "none"
+        try:
+            conns = list(self._host.get_network().get_connections(ID.from_base58(peer_id)))
+        except Exception:
+            return "none"
+        if not conns:
+            return "none"
+        for conn in conns:
+            addrs = [str(a) for a in conn.get_transport_addresses()]
+            if not any(is_relayed(a) for a in addrs):
+                return "direct"
+        return "relayed"
 
     def relay_usage(self) -> dict[str, tuple[int, int]]:
         return self._relay.usage() if self._relay is not None else {}

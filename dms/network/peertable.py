@@ -100,6 +100,7 @@ class PeerRecord:
             "price": hb.price if hb else 0.0,
             "scores": hb.scores if hb else {},
             "labels": hb.labels if hb else [],
+            "addrs": list(hb.addrs) if hb else [],  # as it advertises them (relayed too)
         }
 
 

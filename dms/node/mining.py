@@ -214,6 +214,7 @@ class MiningBehaviours(NodeBase):
             shard_rows=sizes,
             summary=summary,
             limits=self.services.mining,
+            path_to=self.services.network.path_to if self.services.network else None,
             inbox=f"deployment-{session_id}",
         )
         self._deployments[session_id] = child  # type: ignore[attr-defined]

@@ -168,7 +168,8 @@ class PeeringBehaviours(HeartbeatSync):
         for record in self.peer_table.records():
             row = record.as_dict(now)
             row["connected"] = record.peer_id in connected
-            row["addrs"] = connected.pop(record.peer_id, [])
+            advertised = row.pop("addrs", [])
+            row["addrs"] = list(dict.fromkeys([*connected.pop(record.peer_id, []), *advertised]))
             rows.append(row)
         for peer_id, addrs in sorted(connected.items()):  # connected, no heartbeat yet
             rows.append({"peer_id": peer_id, "status": "connected", "connected": True,

@@ -153,8 +153,12 @@ class MiningSessionActor(DeploymentActor):
         summary: dict[str, Any] | None = None,
         on_progress: Callable[[str], None] | None = None,
         limits: SessionLimits | None = None,
+        path_to: Callable[[str], str] | None = None,
     ) -> None:
         super().__init__(context, orchestration, deployment_id, spec, saved)
+        # How this node reaches a peer: "direct", "relayed" (through a circuit relay)
+        # or "none" (dms.network.host.Libp2pTransport.path_to); for result.json.
+        self.path_to = path_to
         self.limits = limits or SessionLimits()
         # Each shard's padded shape: what its worker's answers and steps may be.
         self.params = {name: MiningParams.model_validate(a.params) for name, a in spec.slots()}
@@ -537,6 +541,7 @@ class MiningSessionActor(DeploymentActor):
             "rounds": self.driver.iteration if self.driver else 0,
             "placements": s.placements,
             "lost": s.history,
+            "path": self.path_to(s.peer) if self.path_to and s.peer else "unknown",
         }
 
     def _fail(self, reason: str) -> None:

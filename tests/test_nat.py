@@ -1,0 +1,98 @@
+"""Providers behind real NATs (network namespaces, masquerading routers): reachability,
+relayed addresses, a placed mining job through relays. Root only: skipped elsewhere,
+with the reason (dms.sim.netns.unavailable)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dms.sim.netns import NatTopology, NsDaemon, unavailable
+from tests.clitools import PASSPHRASE
+from tests.conftest import wait_for
+
+IRIS = Path("examples/iris-features.csv").resolve()
+WHY_NOT = unavailable()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"no NAT topology: {WHY_NOT}")
+
+
+@pytest.fixture
+def nat(tmp_path: Path) -> Iterator[NatTopology]:
+    with NatTopology(tmp_path, env={"DMS_PASSPHRASE": PASSPHRASE}) as topology:
+        for role in ("relay", "prov1", "prov2", "owner"):
+            assert topology.dms(role, "init").returncode == 0
+            config = "heartbeat_s = 0.5\n" + ("relay = true\n" if role == "relay" else "")
+            (topology.home(role) / "config.toml").write_text(config)
+        for role in ("prov1", "prov2"):
+            done = topology.dms(role, "onboard", "--cpu", "1", "--ram", "1", "--disk", "1",
+                                timeout=120)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+        yield topology
+
+
+def start_all(nat: NatTopology) -> dict[str, NsDaemon]:
+    relay = nat.daemon("relay")
+    boot = relay.info["addrs"][0]
+    out = {"relay": relay}
+    for role in ("prov1", "prov2", "owner"):
+        out[role] = nat.daemon(role, "--bootstrap", boot)
+    return out
+
+
+def relayed_addrs(nat: NatTopology, role: str) -> list[str]:
+    lines = nat.dms(role, "peers", "self").stdout.splitlines()
+    return [line for line in lines if "/p2p-circuit/" in line]
+
+
+def test_nated_providers_are_private_and_reached_through_the_relay(nat: NatTopology) -> None:
+    daemons = start_all(nat)
+    for role in ("prov1", "prov2", "owner"):
+        wait_for(lambda r=role: relayed_addrs(nat, r), 30, f"{role}'s relayed address")
+        said = nat.dms(role, "peers", "self").stdout
+        assert "reachability: private" in said and "0.0.0.0" not in said
+    assert "reachability: public" in nat.dms("relay", "peers", "self").stdout
+    # The NATed owner cannot dial a NATed provider directly; it pings it through the relay.
+    prov1 = daemons["prov1"].info["peer_id"]
+
+    def owner_knows_relayed_prov1() -> bool:
+        rows = nat.dms_json("owner", "peers", "list")
+        return any(
+            r["peer_id"] == prov1 and any("/p2p-circuit/" in a for a in r.get("addrs", []))
+            for r in rows
+        )
+
+    wait_for(owner_knows_relayed_prov1, 30, "prov1's relayed address at the owner")
+    done = nat.dms("owner", "peers", "ping", prov1)
+    assert done.returncode == 0, done.stderr
+
+
+def test_mining_from_a_nated_owner_on_two_nated_providers(nat: NatTopology) -> None:
+    daemons = start_all(nat)
+
+    def both_providers_placeable() -> bool:
+        rows = nat.dms_json("owner", "peers", "list")
+        return (
+            sum(
+                1
+                for r in rows
+                if r.get("onboarded", {}).get("cpu") == 1.0
+                and any("/p2p-circuit/" in a for a in r.get("addrs", []))
+            )
+            == 2
+        )
+
+    wait_for(both_providers_placeable, 45, "both providers' relayed addresses at the owner")
+    placed, local = nat.root / "placed", nat.root / "local"
+    args = ["mine", "skmeans", "--data", str(IRIS), "--k", "3"]
+    done = nat.dms("owner", *args, "--shards", "2", "--out", str(placed), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert nat.dms("owner", *args, "--out", str(local), "--local").returncode == 0
+    assert (placed / "labels.csv").read_text() == (local / "labels.csv").read_text()
+    result = json.loads((placed / "result.json").read_text())
+    peers = {p["peer_id"] for p in result["placement"]}
+    assert peers == {daemons["prov1"].info["peer_id"], daemons["prov2"].info["peer_id"]}
+    # Neither provider can be dialed from the owner's NAT: both shards ran relayed.
+    assert [p["path"] for p in result["placement"]] == ["relayed", "relayed"]

@@ -12,7 +12,9 @@
 
 Each line adds ``hostile_answers`` (the victim's answers by code, or
 ``no_reply``), ``victim_bid_rows`` (the rows of bids it sent, after the
-attack), ``victim_caught_up`` (every hostile key's last invoke answered) and
+attack), ``victim_caught_up`` (every hostile key's last invoke answered),
+``hostile_streams_reset`` (keys whose stream the victim's network budgets reset:
+their writes failed) and
 ``victim_budgets`` (its ``dms_budget_refusals`` during the attack, by budget).
 The honest requester placed its warm-up jobs on the victim before: the victim
 has a stake in it, as in a network where it has worked with the victim before.
@@ -21,6 +23,7 @@ has a stake in it, as in a network where it has worked with the victim before.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sqlite3
 import threading
@@ -101,12 +104,35 @@ def answers_by_code(peer: BarePeer, nonces: list[bytes]) -> Counter[str]:
 
 
 def give_back(peers: list[BarePeer], victim: Victim, deployments: list[str]) -> None:
-    """Housekeeping after the figures: each key reverts whatever it was offered."""
+    """Housekeeping after the figures: each key reverts what it was offered (sent, not
+    waited for: the victim answers few refusals a second, and what a revert misses
+    expires within max_lease_s), then every key goes."""
     to = root_handle(victim.peer_id)
     for peer in peers:
-        for deployment in deployments:
-            peer.ask(to, REVERT, {"deployment_id": deployment, "everything": True}, timeout=5)
+        reverts = [
+            peer.seal(peer.envelope(to, REVERT, {"deployment_id": d, "everything": True}))
+            for d in deployments
+        ]
+        with contextlib.suppress(Exception):  # its stream was reset: nothing to send on
+            peer.write(reverts)
         peer.close()
+
+
+def write(peer: BarePeer, frames: list[bytes], pace_s: float, reset: list[BarePeer]) -> None:
+    """Write the frames; a stream the victim reset (its network budgets) is noted."""
+    try:
+        peer.write(frames, pace_s)
+    except Exception:
+        reset.append(peer)
+
+
+def finished(peer: BarePeer, to: Any) -> bool:
+    """One last invoke answered (the victim read everything before it); False if the
+    victim reset the peer's stream."""
+    try:
+        return peer.finish(to, CAUGHT_UP_S)
+    except Exception:
+        return False
 
 
 def sybil_flood(victim: Victim, keys: int, requests: int, slots: int) -> Any:
@@ -122,12 +148,15 @@ def sybil_flood(victim: Victim, keys: int, requests: int, slots: int) -> Any:
     budgets_before = budget_refusals(victim)
 
     def attack() -> dict[str, Any]:
-        writers = [threading.Thread(target=peer.write, args=(frames[peer],)) for peer in peers]
+        reset: list[BarePeer] = []
+        writers = [
+            threading.Thread(target=write, args=(peer, frames[peer], 0.0, reset)) for peer in peers
+        ]
         for writer in writers:
             writer.start()
         for writer in writers:
             writer.join()
-        caught_up = all(peer.finish(to, CAUGHT_UP_S) for peer in peers)
+        caught_up = all([finished(peer, to) for peer in peers if peer not in reset])
         answers: Counter[str] = Counter()
         for peer, envs in envelopes.items():
             answers += answers_by_code(peer, [env.nonce for env in envs])
@@ -136,6 +165,7 @@ def sybil_flood(victim: Victim, keys: int, requests: int, slots: int) -> Any:
             "hostile_keys": keys,
             "hostile_requests": keys * requests,
             "hostile_answers": dict(sorted(answers.items())),
+            "hostile_streams_reset": len(reset),
             "victim_bid_rows": bid_rows(victim),
             "victim_budgets": dict(sorted((budget_refusals(victim) - budgets_before).items())),
             "_cleanup": lambda: give_back(peers, victim, names),
@@ -153,11 +183,13 @@ def bid_index_growth(victim: Victim, requests: int, slots: int, rate: float) -> 
     budgets_before = budget_refusals(victim)
 
     def attack() -> dict[str, Any]:
-        peer.write(frames, pace_s=1.0 / rate)
-        caught_up = peer.finish(to, CAUGHT_UP_S)
+        reset: list[BarePeer] = []
+        write(peer, frames, 1.0 / rate, reset)
+        caught_up = not reset and finished(peer, to)
         return {
             "victim_caught_up": caught_up,
             "hostile_requests": requests,
+            "hostile_streams_reset": len(reset),
             "hostile_answers": dict(
                 sorted(answers_by_code(peer, [env.nonce for env in envelopes]).items())
             ),

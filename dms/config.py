@@ -172,13 +172,13 @@ class Settings(BaseSettings):
         description="share of the unknown peers' part that peers at one IP address may use",
     )
     bid_requests_per_s_total: float = Field(
-        default=50.0,
+        default=100.0,
         ge=0,
-        description="bid requests a second from all peers together (unknown ones: "
-        "unknown_share of it); 0: no limit",
+        description="bid requests a second from all peers together, one per started 4 KiB "
+        "(a 256-slot request counts 11; unknown peers: unknown_share of it); 0: no limit",
     )
     bid_request_burst_total: int = Field(
-        default=100, ge=1, description="bid requests all peers may send at once above that"
+        default=200, ge=1, description="bid requests all peers may send at once above that"
     )
     max_bid_slots: int = Field(
         default=64,

@@ -59,3 +59,13 @@ def test_the_global_rate_leaves_staked_peers_their_part() -> None:
     now[0] += 1.0  # a second: 4 more in all, 2 of them for unknown peers
     assert [limits.check("/bid", f"n{i}") is None for i in range(3)] == [True, True, False]
     assert limits.refused() == {"total_rate": 6}
+
+
+def test_a_large_request_counts_for_its_size_in_the_rate_of_all_peers() -> None:
+    """A bid request of 256 slots (42 KB) costs the node as much work as 11 small ones."""
+    limits = BehaviourLimits(clock=lambda: 0.0)
+    limits.set("/bid", 100.0, 100, "per peer", total=40.0, total_burst=40)  # unknown: 20
+    assert limits.check("/bid", "k1", 42_000) is None  # 11 units
+    verdict = limits.check("/bid", "k2", 42_000)  # 11 more: 22 > 20
+    assert verdict is not None and "one per started 4 KiB" in verdict.reason
+    assert all(limits.check("/bid", f"s{i}", 1_000) is None for i in range(9))  # 9 x 1 unit

@@ -43,6 +43,8 @@ from dms.actor.ratelimit import ANSWERS_PER_S, LOG_EVERY_S, Bucket, PeerRates
 # Peers whose budgets are kept before the full ones are forgotten (checked at most
 # once a second).
 MAX_PEERS = 4096
+# In the rate of all peers, a request counts one per started unit of its size.
+UNIT_BYTES = 4096
 # Refusals answered a second across all peers (each answer is a signature).
 TOTAL_ANSWERS_PER_S = 50.0
 
@@ -170,9 +172,11 @@ class BehaviourLimits:
     def __contains__(self, behaviour: str) -> bool:
         return behaviour in self._limits
 
-    def check(self, behaviour: str, peer: str) -> Verdict | None:
-        """Take one request from ``peer``'s budgets for ``behaviour``; a verdict if a
-        budget has none left, else None."""
+    def check(self, behaviour: str, peer: str, size: int = 0) -> Verdict | None:
+        """Take one request of ``size`` bytes from ``peer``'s budgets for ``behaviour``;
+        a verdict if a budget has none left, else None. In the budget of all peers a
+        request counts one per started ``UNIT_BYTES`` (its work grows with its size: a
+        bid request of 256 slots, 42 KB, counts 11; one of a few slots, 1)."""
         with self._lock:
             limit = self._limits.get(behaviour)
             if limit is None:
@@ -184,7 +188,7 @@ class BehaviourLimits:
             if not rates.allow(peer):
                 return self._refused(rates, peer, limit.reason)
             if limit.total > 0:
-                return self._check_total(behaviour, limit, peer)
+                return self._check_total(behaviour, limit, peer, 1 + max(0, size - 1) // UNIT_BYTES)
             return None
 
     def _refused(self, rates: PeerRates, peer: str, reason: str) -> Verdict:
@@ -195,7 +199,7 @@ class BehaviourLimits:
         self._refusals.by_budget["per_peer_rate"] += 1
         return Verdict(reason, answer, count, "per_peer_rate")
 
-    def _check_total(self, behaviour: str, limit: _Rate, peer: str) -> Verdict | None:
+    def _check_total(self, behaviour: str, limit: _Rate, peer: str, cost: int) -> Verdict | None:
         """Peers with a stake take from the budget of all; the others from their share
         of it too, so a flood of fresh keys leaves the rest to known peers."""
         now = self._clock()
@@ -204,24 +208,26 @@ class BehaviourLimits:
         everyone.tokens = min(burst, everyone.tokens + (now - everyone.stamp) * rate)
         everyone.stamp = now
         if self.stake(peer):
-            if everyone.take(rate, burst, now):
+            if everyone.tokens >= cost:
+                everyone.tokens -= cost
                 return None
             reason = (
-                f"more than {rate:g} {behaviour} requests a second from all peers "
-                f"(bid_requests_per_s_total)"
+                f"more than {rate:g} {behaviour} requests a second from all peers, one per "
+                f"started {UNIT_BYTES // 1024} KiB (bid_requests_per_s_total)"
             )
             return self._refusals.note("total_rate", peer, reason)
         share = self.unknown_share
         unknown = limit.unknown
         unknown.tokens = min(burst * share, unknown.tokens + (now - unknown.stamp) * rate * share)
         unknown.stamp = now
-        if unknown.tokens >= 1.0 and everyone.tokens >= 1.0:
-            unknown.tokens -= 1.0
-            everyone.tokens -= 1.0
+        if unknown.tokens >= cost and everyone.tokens >= cost:
+            unknown.tokens -= cost
+            everyone.tokens -= cost
             return None
         reason = (
             f"more than {rate * share:g} {behaviour} requests a second from peers this node "
-            f"has no stake in (bid_requests_per_s_total {rate:g} x unknown_share {share:g})"
+            f"has no stake in, one per started {UNIT_BYTES // 1024} KiB "
+            f"(bid_requests_per_s_total {rate:g} x unknown_share {share:g})"
         )
         return self._refusals.note("total_rate", peer, reason)
 

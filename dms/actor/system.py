@@ -615,7 +615,9 @@ class ActorSystem:
             self._check_peer(env, from_peer)
             if env.to is None:
                 self._check_broadcast(env)
-            if env.behaviour in self.behaviour_limits and self._over_limit(env, from_peer):
+            if env.behaviour in self.behaviour_limits and self._over_limit(
+                env, from_peer, opened.size
+            ):
                 return
             self._check_size_class(opened)
             ticket = self._admit(env, from_peer, opened.size)
@@ -651,14 +653,14 @@ class ActorSystem:
                     refusal.reason,
                 )
 
-    def _over_limit(self, env: Envelope, from_peer: str | None) -> bool:
+    def _over_limit(self, env: Envelope, from_peer: str | None, size: int = 0) -> bool:
         """Whether ``env`` is over a rate for its behaviour, its sender's or all peers'
         (its host is ``from_peer``: checked already). Such a request is counted, logged
         once a second and answered a few times a second; this node's own are not
         limited."""
         if from_peer is None or from_peer == self.peer_id:
             return False
-        verdict = self.behaviour_limits.check(env.behaviour, from_peer)
+        verdict = self.behaviour_limits.check(env.behaviour, from_peer, size)
         if verdict is None:
             return False
         self._refused_unverified(env, from_peer, verdict)

@@ -47,8 +47,8 @@ class NodeServices:
     stakes: StakeBook = field(default_factory=StakeBook)
     bid_index: BidIndex | None = None
     max_bid_slots: int = 64
-    bid_requests_per_s_total: float = 50.0
-    bid_request_burst_total: int = 100
+    bid_requests_per_s_total: float = 100.0
+    bid_request_burst_total: int = 200
     unknown_share: float = 0.5  # of each global budget, what peers without a stake use
     mining: SessionLimits = field(default_factory=SessionLimits)  # the owner's sessions
     collab_max_seats: int = 32  # collaborations this node takes part in at once

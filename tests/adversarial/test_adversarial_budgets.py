@@ -214,7 +214,8 @@ def test_bid_requests_of_all_peers_together_are_bounded_and_staked_peers_keep_th
     found = codes(answers)
     assert found.get("ok", 0) <= 4 and found["rate_limited"] >= 8, found
     refused = next(a for a in answers if not a["ok"])
-    assert "from peers this node has no stake in (bid_requests_per_s_total 4" in refused["reason"]
+    assert "from peers this node has no stake in, one per started 4 KiB" in refused["reason"]
+    assert "(bid_requests_per_s_total 4 x unknown_share 0.5)" in refused["reason"]
     assert honest.node is not None
     bid = honest.node.ask(root_handle(victim.peer_id), REQUEST, bid_request(1, "mine"), timeout=10)
     assert bid["offers"]

@@ -29,6 +29,7 @@ from dms.mining.data import read_table
 from dms.mining.plain import kmeans
 from dms.mining.wire import decode, encode
 from dms.sim.cluster import LocalCluster
+from tests.test_mining_active import blanked
 from tests.test_mining_placed import IRIS, Network
 
 Cheat = Callable[[BlindClusterWorker, BlindClusterRound, list[BlindClusterRound]], None]
@@ -153,17 +154,6 @@ def test_a_cheating_worker_is_caught_excluded_and_the_labels_hold(
     assert result["detection_per_round"] == 1.0 and result["rounds"] == 4
     assert executor.made == 2
     net.settle(session)
-
-
-def blanked(value: Any) -> Any:
-    """Every ciphertext (and the public context) replaced by a marker."""
-    if isinstance(value, bytes):
-        return b"ciphertext" if len(value) > 1000 else value
-    if isinstance(value, list):
-        return [blanked(v) for v in value]
-    if isinstance(value, dict):
-        return {k: blanked(v) for k, v in value.items()}
-    return value
 
 
 def test_what_a_provider_receives_does_not_depend_on_what_it_returned(

@@ -17,7 +17,7 @@ from dms.config import Settings
 from dms.errors import DmsError
 from dms.security import Identity, Keystore, TrustStore
 from dms.security.keystore import PassphraseSource
-from dms.store.files import PRIVATE_DIR, make_private
+from dms.store.files import PRIVATE_DIR, make_private, sqlite_path
 
 log = logging.getLogger("dms.node")
 
@@ -43,9 +43,10 @@ def private_home(home: Path, database_url: str | None = None) -> list[str]:
     home = Path(home)
     home.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     changed = make_private(home)
-    if database_url and database_url.startswith("sqlite") and "///" in database_url:
-        db = Path(database_url.split("///", 1)[-1]).expanduser()
-        if db.name and not db.is_relative_to(home):
+    path = sqlite_path(database_url or "")
+    if path and path != ":memory:" and not path.startswith("file:"):
+        db = Path(path).expanduser()
+        if not db.is_relative_to(home):
             for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
                 changed += make_private(path)
     if changed:

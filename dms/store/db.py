@@ -28,7 +28,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dms.store.errors import StoreError
-from dms.store.files import create_private
+from dms.store.files import create_private, sqlite_path
 from dms.store.migrations import migrate
 from dms.store.models import Event, Setting
 
@@ -91,8 +91,8 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         try:
-            if url.startswith("sqlite"):
-                path = url.split("///", 1)[-1] if "///" in url else ""
+            path = sqlite_path(url)
+            if path is not None:
                 if path.startswith("file:"):
                     Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
                 elif path and path != ":memory:":

@@ -19,6 +19,14 @@ PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 
 
+def sqlite_path(url: str) -> str | None:
+    """The path a SQLite database URL names ('' for none; may be ``:memory:`` or a
+    ``file:`` URI), None for a URL of another database."""
+    if not url.startswith("sqlite"):
+        return None
+    return url.split("///", 1)[-1] if "///" in url else ""
+
+
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path``, readable by this user only (0600) from its first byte."""
     path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)

@@ -70,6 +70,7 @@ def test_the_daemon_logs_peers_bids_allocations_and_mining_rounds(tmp_path: Path
     lines = [line for line in text if not line.startswith((" ", "Traceback"))]
     assert all(TEXT_LINE.match(line) for line in lines), lines
     assert any("mining session" in line and "being placed" in line for line in lines)
+    assert sum("the worker learns" in line for line in lines) == 1, lines  # said once
     # The requester's side of placement: rounds, choices, runs, ends.
     for pattern in (
         r"deployment \w+: round 1: asking \d+ peer\(s\) for 2 slot\(s\)",

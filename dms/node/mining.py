@@ -22,7 +22,6 @@ from dms.jobs.mining import MiningParams
 from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
 from dms.mining import MiningError
 from dms.mining.data import read_table, read_test_table
-from dms.mining.learned import worker_learns
 from dms.mining.placed import (
     ClusterDriver,
     Driver,
@@ -218,11 +217,11 @@ class MiningBehaviours(NodeBase):
             inbox=f"deployment-{session_id}",
         )
         self._deployments[session_id] = child  # type: ignore[attr-defined]
+        # What the worker learns is the session's first event, which the log has too.
         log.info(
-            "mining session %s: %s (%s, %s) over %d record(s) in %d shard(s), being placed; %s",
+            "mining session %s: %s (%s, %s) over %d record(s) in %d shard(s), being placed",
             session_id, summary["algorithm"], summary["scheme"], summary["protocol"],
             summary["records"], len(sizes),
-            worker_learns(summary["algorithm"], summary["protocol"], summary["scheme"]),
         )  # fmt: skip
         return {"id": session_id, "shards": len(sizes), "rows": sizes}
 

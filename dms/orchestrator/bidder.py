@@ -11,7 +11,7 @@ retry changes it, and the requester stops asking (``rounds.py``).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from dms.jobs.executors import EXECUTORS, ExecutorError
@@ -19,6 +19,7 @@ from dms.jobs.spec import MAX_SLOTS
 from dms.orchestrator.messages import Bid, BidRequest, Decline, Offer, SlotRequest
 from dms.resources import Pools, Preferences, ResourceError, ResourceLedger, Resources
 from dms.resources.amounts import KINDS, ZERO, show
+from dms.resources.ledger import Held
 
 MAX_REASON = 512
 
@@ -119,7 +120,7 @@ def _never_fits(slot: SlotRequest, asked: Resources, onboarded: Resources) -> st
     )
 
 
-def _unknown_held(requester: str, me: BidderView) -> Resources | None:
+def _unknown_held(requester: str, me: BidderView, holders: Mapping[str, Held]) -> Resources | None:
     """What peers without a stake here hold (``requester`` included), if ``requester``
     is one of them and others hold something too; None: no bound. A lone newcomer
     may take what it likes (within ``max_peer_share``): a crowd of keys, only
@@ -127,7 +128,8 @@ def _unknown_held(requester: str, me: BidderView) -> Resources | None:
     if me.unknown_share >= 1.0 or me.stake(requester):
         return None
     held = others = ZERO
-    for holder, amount in me.ledger.held_by_holder().items():
+    for holder, holding in holders.items():
+        amount = holding.amount
         if holder != requester and not me.stake(holder):
             others = others + amount
         if not me.stake(holder):
@@ -171,10 +173,11 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
         declines = [Decline(slot=slot.slot, reason=reason) for slot in unread]
     for_good = {slot.slot for slot in slots if job_refusal(slot) is not None}
     prefs = me.preferences
-    held = me.ledger.held_by(requester_peer) if prefs.max_leases_per_peer else 0
-    unknown = _unknown_held(requester_peer, me)
 
     def screen(pools: Pools) -> list[str | None]:
+        mine = pools.holders.get(requester_peer)
+        held = mine.count if mine is not None and prefs.max_leases_per_peer else 0
+        unknown = _unknown_held(requester_peer, me, pools.holders)
         refusals: list[str | None] = []
         taken = 0
         asked = taking = ZERO
@@ -198,12 +201,14 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
             refusals.append(refusal)
         return refusals
 
-    # One transaction: the checks that need the pools run on what it read.
+    # One transaction: the checks that need the pools or what each peer holds run on
+    # what it read.
     leases, after = me.ledger.lock_many(
         [(s.resources, f"dep:{request.deployment_id}/{s.slot}") for s in slots],
         min(request.lease_s, prefs.max_lease_s),
         holder=requester_peer,
         screen=screen,
+        holders=True,
     )
     for slot, lease in zip(slots, leases, strict=True):
         if isinstance(lease, ResourceError):

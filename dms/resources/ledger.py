@@ -34,9 +34,9 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -87,6 +87,14 @@ class ResourceError(DmsError):
 
 
 @dataclass(frozen=True)
+class Held:
+    """What one holder's live leases and allocations hold here, and how many they are."""
+
+    count: int
+    amount: Resources
+
+
+@dataclass(frozen=True)
 class Pools:
     onboarded: Resources
     locked: Resources
@@ -94,6 +102,8 @@ class Pools:
     price: float = 0.0
     allocations: int = 0
     leases: int = 0
+    # Per holder, read in the same transaction when ``lock_many(holders=True)`` asks.
+    holders: Mapping[str, Held] = field(default_factory=dict, compare=False)
 
     @property
     def free(self) -> Resources:
@@ -334,6 +344,7 @@ class ResourceLedger:
         lease_s: float,
         holder: str = "",
         screen: Callable[[Pools], list[str | None]] | None = None,
+        holders: bool = False,
     ) -> tuple[list[LeaseView | ResourceError], Pools]:
         """Lock each ``(request, ref)`` that still fits, in order, in one transaction (a bid
         for several allocations); returns a lease or the reason for each, and the pools after.
@@ -341,7 +352,9 @@ class ResourceLedger:
         ``screen(pools)``, when given, sees the pools the transaction read and returns a
         refusal (or ``None``) for each request: a bidder's checks that depend on price or
         on the allocations held cost no second transaction. A refusal comes back as a
-        ``ResourceError`` with code ``declined``."""
+        ``ResourceError`` with code ``declined``. With ``holders``, the pools it sees hold
+        what each holder holds (``Pools.holders``), from the same transaction: a bid
+        needs no other one for its per-requester caps."""
         if not 0 < lease_s <= MAX_LEASE_S:
             raise ResourceError("invalid", f"lease_s must be in (0, {MAX_LEASE_S:g}]")
         now = self.clock()
@@ -349,6 +362,8 @@ class ResourceLedger:
         results: list[LeaseView | ResourceError] = []
         with self._writing() as conn:
             pools = self._pools(conn, now)
+            if holders:
+                pools = replace(pools, holders=self._holders(conn, now))
             refusals = screen(pools) if screen is not None else [None] * len(requests)
             locked = pools.locked
             held = self._held(conn, holder, now) if share < 1.0 else ZERO
@@ -467,6 +482,25 @@ class ResourceLedger:
         return out
 
     @staticmethod
+    def _holders(conn: Connection, now: float) -> dict[str, Held]:
+        """Each holder's live leases and allocations: how many, and what they hold."""
+        rows = conn.execute(
+            select(
+                LEASES.c.holder,
+                func.count(),
+                func.sum(LEASES.c.cpu_milli),
+                func.sum(LEASES.c.ram_mib),
+                func.sum(LEASES.c.disk_mib),
+                func.sum(LEASES.c.gpu),
+            )
+            .where(_live_clause(now))
+            .group_by(LEASES.c.holder)
+        ).all()
+        return {
+            str(r[0]): Held(int(r[1]), Resources.of([int(v or 0) for v in r[2:]])) for r in rows
+        }
+
+    @staticmethod
     def _held(conn: Connection, holder: str, now: float) -> Resources:
         """What ``holder``'s live leases and allocations hold."""
         row = conn.execute(
@@ -481,20 +515,8 @@ class ResourceLedger:
 
     def held_by_holder(self) -> dict[str, Resources]:
         """What each holder's live leases and allocations hold (a row per holder)."""
-        now = self.clock()
         with self.db.transaction() as conn:
-            rows = conn.execute(
-                select(
-                    LEASES.c.holder,
-                    func.sum(LEASES.c.cpu_milli),
-                    func.sum(LEASES.c.ram_mib),
-                    func.sum(LEASES.c.disk_mib),
-                    func.sum(LEASES.c.gpu),
-                )
-                .where(_live_clause(now))
-                .group_by(LEASES.c.holder)
-            ).all()
-        return {str(r[0]): Resources.of([int(v or 0) for v in r[1:]]) for r in rows}
+            return {h: held.amount for h, held in self._holders(conn, self.clock()).items()}
 
     def held_by(self, holder: str) -> int:
         """How many live leases and allocations ``holder`` holds here."""

@@ -20,8 +20,8 @@ ends, as one script placing many short jobs would). One JSON line per
   ``setup`` (request sent -> bid requests sent: the API call, the deployment
   actor's spawn), ``bids`` (-> the winner chosen: the bid round trip, the last
   bid in, then select), ``select`` (inside ``bids``: the selection and the bid
-  records), ``commit`` (-> allocate sent: the commit round trip), ``allocate``
-  (-> running);
+  records), ``commit`` (-> the commit answered: its round trip; where commit and
+  allocate are one exchange, the whole of it), ``allocate`` (-> running; 0 then);
 - ``work_ms``: where the time goes inside the phases, per placement, summed over
   every node and thread of the process (wall time inside each call): Ed25519
   ``sign``, ``verify``, ``sqlite`` (every transaction, its lock wait included);
@@ -171,6 +171,8 @@ def phases(row: dict[str, Any], t0: float) -> dict[str, float] | None:
         elif what == "state: allocating" and allocating is None:
             allocating = e["at"]
     running = row.get("running_at")
+    if allocating is None:  # committed and allocated in one exchange: no allocating state
+        allocating = running
     if None in (asked, chose, allocating, running):
         return None
     return {

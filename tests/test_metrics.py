@@ -96,7 +96,10 @@ def test_metrics_after_a_placement_and_a_mining_session(net: LocalCluster) -> No
     assert value(mine, "dms_node_info", peer_id=requester.peer_id) == 1
 
     worked = [scrape(p) for p in peers]
-    commits = sum(value(s, "dms_invokes_total", behaviour="/dms/deployment/commit") for s in worked)
+    # each commit travels with its allocate (one exchange)
+    commits = sum(
+        value(s, "dms_invokes_total", behaviour="/dms/deployment/allocate") for s in worked
+    )
     assert commits >= 3  # two compute allocations and one mining shard
     # leases by state: every allocation has ended and given its lease back
     wait_for(lambda: all(len(p.ledger.live()) == 0 for p in peers if p.ledger), 30, "releases")

@@ -195,10 +195,13 @@ class BiddingBehaviours(NodeBase):
         p: CommitRequest = request.payload
         holder = request.sender.address.host
         committed = self._ledger().commit(p.lease_id, holder=holder).as_dict()
-        # A commit that no allocate follows would hold the resources for ever.
-        within = self.services.preferences.allocate_within_s
-        self.call_later(within, lambda: self._allocated_in_time(p.lease_id, within))
+        self._watch_allocated(p.lease_id)
         return committed
+
+    def _watch_allocated(self, lease_id: str) -> None:
+        """A commit that no allocation follows would hold the resources for ever."""
+        within = self.services.preferences.allocate_within_s
+        self.call_later(within, lambda: self._allocated_in_time(lease_id, within))
 
     def _allocated_in_time(self, lease_id: str, within: float) -> None:
         with self._alloc_lock:
@@ -221,8 +224,14 @@ class BiddingBehaviours(NodeBase):
     @behaviour(ALLOCATE, public=True, payload=AllocateRequest)
     def allocate(self, request: Request) -> dict[str, Any]:
         p: AllocateRequest = request.payload
-        lease = self._ledger().lease(p.lease_id)
-        if lease.holder != request.sender.address.host:
+        holder = request.sender.address.host
+        if p.commit:  # commit and allocate in one exchange (the commit checks the holder)
+            _answers_to_requester(p.reply_to, holder, "an allocate")
+            lease = self._ledger().commit(p.lease_id, holder=holder)
+            self._watch_allocated(p.lease_id)
+        else:
+            lease = self._ledger().lease(p.lease_id)
+        if lease.holder != holder:
             raise Refusal(ErrorCode.FORBIDDEN, f"lease {p.lease_id} is not held by the caller")
         _answers_to_requester(p.reply_to, lease.holder, "an allocate")
         if lease.state != ALLOCATED:

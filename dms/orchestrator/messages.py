@@ -90,6 +90,8 @@ class AllocateRequest(_Message):
     executor: str = Field(min_length=1, max_length=64)
     params: dict[str, Any] = Field(default_factory=dict)
     reply_to: Handle | None = None
+    # Commit the bid's lease first, in the same exchange (one round trip, not two).
+    commit: bool = False
 
 
 class RevertRequest(_Message):

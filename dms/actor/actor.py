@@ -233,6 +233,12 @@ class Actor(pykka.ThreadingActor):
         finally:
             for child in self._children:
                 child.stop()
+            # Requests still waiting are never handled now: they no longer count in the
+            # admission budgets (else a peer's share would shrink with every stop).
+            inbox = self.actor_inbox
+            if isinstance(inbox, LanedInbox):
+                for ticket in inbox.take_tickets():
+                    self.system.admission.release(ticket)
 
     def _handle(self, sealed: Sealed) -> None:
         env = sealed.envelope

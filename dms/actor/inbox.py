@@ -20,6 +20,10 @@ from typing import Any
 from dms.actor.system import Inbound
 
 
+def _is_request(message: Any) -> bool:
+    return isinstance(message, Inbound)
+
+
 class LanedInbox:
     """pykka's ``ActorInbox`` (put, get, empty) with a high and a low lane."""
 
@@ -48,6 +52,18 @@ class LanedInbox:
     def empty(self) -> bool:
         with self._ready:
             return not self._high and not self._low
+
+    def take_tickets(self) -> list[Any]:
+        """Drop every request still waiting (the actor is stopping) and return their
+        admission tickets, to be given back."""
+        with self._ready:
+            tickets = []
+            for lane in (self._high, self._low):
+                kept = deque(e for e in lane if not _is_request(e.message))
+                tickets += [e.message.ticket for e in lane if _is_request(e.message)]
+                lane.clear()
+                lane.extend(kept)
+        return [t for t in tickets if t is not None]
 
     def __len__(self) -> int:
         with self._ready:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from dms.actor import Actor
 from dms.node.client import root_handle
 from dms.node.daemon import Node
 from dms.orchestrator.bidindex import BIDS
@@ -336,3 +337,20 @@ def test_many_keys_flooding_bid_requests_cannot_stop_an_honest_placement(
     time.sleep(1.0)
     assert sent_rows(victim) <= 300 * 11
     assert victim.system is not None and victim.system.refusals["rate_limited"] > 0
+
+
+def test_requests_left_waiting_when_an_actor_stops_no_longer_count(
+    net: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """An actor that stops with requests in its mailbox never handles them: before, they
+    kept counting in the peer's budget, and a peer's share shrank with every stop."""
+    victim = net.add("victim", max_inflight_per_peer=8)
+    assert victim.system is not None
+    (peer,) = keys(victim, 1, bare_peers)
+    child = victim.system.spawn(Actor, inbox="short-lived")
+    child.tell_call(time.sleep, 1.0)
+    envs = [peer.envelope(child.handle, "/nothing", reply=True) for _ in range(6)]
+    peer.write([peer.seal(env) for env in envs])
+    wait_for(lambda: inflight(victim) == 6, 10, "six requests waiting")
+    child.stop()
+    wait_for(lambda: inflight(victim) == 0, 10, "their budget given back")

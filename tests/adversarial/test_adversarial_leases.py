@@ -297,3 +297,24 @@ def test_ended_allocations_linger_on_a_bounded_number_of_threads(
         return sum(1 for inbox in list(provider.system._actors) if inbox.startswith("alloc-"))
 
     wait_for(lambda: allocations() <= 2, 10, "the oldest ended allocations to stop")
+
+
+def test_commit_and_allocate_in_one_exchange_only_for_the_lease_holder(
+    net: LocalCluster,
+) -> None:
+    """The requester's allocate with ``commit: true`` commits the bid's lease and starts
+    the allocation at once; another peer naming that lease commits nothing."""
+    attacker, victim = attacker_and_victim(net)
+    honest = net.add()
+    net.wait_linked()
+    assert victim.ledger is not None
+    lease = ask(honest, victim, REQUEST, bid_request(1))["offers"][0]["lease_id"]
+    allocate = {"deployment_id": "attack", "slot": "w.0", "lease_id": lease,
+                "executor": "compute", "params": {"seconds": 1}, "commit": True}  # fmt: skip
+    with pytest.raises(RemoteError) as stolen:
+        ask(attacker, victim, ALLOCATE, allocate)
+    assert stolen.value.code == "forbidden" and "not held by the caller" in stolen.value.reason
+    assert victim.ledger.lease(lease).state == "locked"
+    reply = ask(honest, victim, ALLOCATE, allocate)
+    assert reply["allocation"]["address"]["host"] == victim.peer_id
+    assert victim.ledger.lease(lease).state == "allocated"

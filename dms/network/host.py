@@ -36,6 +36,7 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
@@ -276,7 +277,12 @@ class Libp2pTransport(Unicast, Gossip):
         self._relay = BudgetedRelay(host, s.relay, self.refusals, self.serves_relay)
         self._relays = RelayClient(host, self._relay, s.relay)
         self._dialback = DialBack(host, s.reachability)
-        async with host.run(listen_addrs=listen), background_trio_service(self._relay):
+        punch = DCUtRProtocol(host)  # hole punching over relayed connections (DCUtR)
+        async with (
+            host.run(listen_addrs=listen),
+            background_trio_service(self._relay),
+            background_trio_service(punch),
+        ):
             host.set_stream_handler(ACTOR_PROTOCOL, self._on_stream)
             host.set_stream_handler(CHUNK_PROTOCOL, self._on_chunk_stream)
             host.get_network().register_notifee(_ConnectionEvents(self))

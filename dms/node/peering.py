@@ -168,6 +168,8 @@ class PeeringBehaviours(HeartbeatSync):
         for record in self.peer_table.records():
             row = record.as_dict(now)
             row["connected"] = record.peer_id in connected
+            # direct, relayed (through a circuit relay) or none
+            row["path"] = self._network().path_to(record.peer_id)
             advertised = row.pop("addrs", [])
             row["addrs"] = list(dict.fromkeys([*connected.pop(record.peer_id, []), *advertised]))
             rows.append(row)

@@ -175,6 +175,12 @@ class NatTopology:
         self.sh(router, "iptables", "-A", "FORWARD", "-i", "wan", "-m", "conntrack",
                 "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")  # fmt: skip
         self.sh(router, "iptables", "-A", "FORWARD", "-i", "wan", "-j", "DROP")
+        # Unsolicited packets to the router itself are dropped, not answered with a
+        # reset (as most home routers do): a hole-punching SYN that arrives before the
+        # router's own mapping exists is retried by TCP instead of refused.
+        self.sh(router, "iptables", "-A", "INPUT", "-i", "wan", "-m", "conntrack",
+                "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")  # fmt: skip
+        self.sh(router, "iptables", "-A", "INPUT", "-i", "wan", "-j", "DROP")
 
     def close(self) -> None:
         for daemon in self.daemons:

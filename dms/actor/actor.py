@@ -191,8 +191,20 @@ class Actor(pykka.ThreadingActor):
         return child
 
     def call_later(self, delay_s: float, fn: Callable[[], Any]) -> TimerHandle:
-        """Run ``fn`` in this actor's thread after ``delay_s``."""
+        """Run ``fn`` in this actor's thread after ``delay_s``. With no delay it goes to
+        the mailbox at once, not through the timer thread (a wake-up and a turn at the
+        GIL fewer); cancelling it before it runs still keeps it from running."""
         pykka_ref = self.actor_ref
+        if delay_s <= 0:
+            handle = TimerHandle(None)
+
+            def unless_cancelled() -> None:
+                if not handle.cancelled:
+                    fn()
+
+            with contextlib.suppress(pykka.ActorDeadError):
+                pykka_ref.tell(Call(unless_cancelled))
+            return handle
 
         def fire() -> None:
             with contextlib.suppress(pykka.ActorDeadError):

@@ -29,9 +29,9 @@ SWEEP_AT = 256
 class TimerHandle:
     __slots__ = ("_timers", "cancelled")
 
-    def __init__(self, timers: Timers) -> None:
+    def __init__(self, timers: Timers | None) -> None:
         self.cancelled = False
-        # The timers whose heap holds this entry; None once it was taken off.
+        # The timers whose heap holds this entry; None once it was taken off (or never on).
         self._timers: Timers | None = timers
 
     def cancel(self) -> None:

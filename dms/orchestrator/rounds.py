@@ -337,18 +337,19 @@ class BidRounds(DeploymentBase):
                         {"deployment_id": self.id, "direction": "received", "peer_id": peer,
                          "slot": name, "outcome": "decline", "reason": reason}
                     )  # fmt: skip
-        for peer, lease_ids in losers.items():
-            self._revert(peer, lease_ids)
-        try:
-            self.o.store.record_bids(records)
-        except Exception as exc:
-            log.warning("bids of %s not recorded: %s", self.id, exc)
         for name, chosen in sorted(decision.winners.items()):
             slot = self.slots[name]
             why = slot.reasons[chosen.peer_id]
             slot.choose(chosen.peer_id, chosen.offer.lease_id, f"won: {why}", self.deadlines)
             self._event(f"{name}: chose {chosen.peer_id[-8:]} ({why})")
             self._commit(slot)
+        for peer, lease_ids in losers.items():
+            self._revert(peer, lease_ids)
+        # Written once the commits are on their way (the write is off the placement's path).
+        try:
+            self.o.store.record_bids(records)
+        except Exception as exc:
+            log.warning("bids of %s not recorded: %s", self.id, exc)
         unplaced = [n for n in self._offers if n not in decision.winners]
         if unplaced:
             self._event(f"round {rid}: no acceptable bid for {', '.join(unplaced)}; queued")

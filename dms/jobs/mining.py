@@ -39,6 +39,7 @@ from dms.mining.blind_kmeans import (
 from dms.mining.blind_knn import BlindKnnQuery, BlindKnnStart, BlindKnnWorker
 from dms.mining.classification import KnnDistances, KnnQuery, KnnStart, KnnWorker
 from dms.mining.clustering import ClusterStart, ClusterUpdate, ClusterWorker
+from dms.mining.local import resolve_protocol
 from dms.mining.placed import PlainJob, PlainResult
 from dms.mining.plain import kmeans, knn
 from dms.mining.schemes.ckks import LEVELS, load_public_context
@@ -71,14 +72,15 @@ class MiningParams(BaseModel):
     a: int = Field(ge=1, le=1_000_000, description="attributes per record")
     queries: int = Field(default=0, ge=0, le=10_000_000, description="k-NN queries")
     distance: Literal["euclidean", "manhattan"] = "euclidean"
-    # Unsaid: blind for CKKS skmeans and sknn (the worker sees only ciphertexts); udm, the
-    # leaky reference protocol, only where the job names it or names Liu or dbskmeans.
+    # Unsaid: resolved as everywhere (``resolve_protocol``): blind for CKKS skmeans and
+    # sknn (the worker sees only ciphertexts); udm, the leaky reference protocol, only
+    # where the job names it or names Liu or dbskmeans (and for plaintext jobs, unused).
     protocol: Literal["udm", "blind"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> MiningParams:
         if self.protocol is None:
-            blind = self.scheme == "ckks" and self.algorithm in ("skmeans", "sknn")
+            blind = resolve_protocol(self.algorithm, self.scheme) == "blind"
             self.protocol = "blind" if blind else "udm"
         if self.protocol == "blind" and self.scheme == "ckks":
             # Only padded sizes travel: records up to whole ciphertexts, queries up to

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from dms.jobs.base import ExecutorError, Log
+from dms.jobs.base import ExecutorError, Log, register_executor
 from dms.jobs.mining import count_objects
 from dms.mining.collab import CollabAggregator, CollabFailed, Proposal
 from dms.mining.collab.messages import (
@@ -205,6 +205,7 @@ class CollabSession:
         }
 
 
+@register_executor
 class CollabExecutor:
     kind = "collab"
     interactive = True

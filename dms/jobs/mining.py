@@ -28,7 +28,7 @@ import numpy as np
 import tenseal.sealapi as seal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dms.jobs.base import ExecutorError, Log
+from dms.jobs.base import ExecutorError, Log, register_executor
 from dms.mining import Distance, MiningError
 from dms.mining.blind_kmeans import (
     BLIND_LOG_SCALE,
@@ -670,6 +670,7 @@ class MiningSession:
         }
 
 
+@register_executor
 class MiningExecutor:
     kind = "mining"
     interactive = True

@@ -1,4 +1,12 @@
-"""What the node actor's behaviour mixins share: its services and a worker pool."""
+"""What the node actor's behaviour mixins share: its services, a worker pool, and the
+state one role fills in and others read, declared here (DESIGN decision 14: a role
+reads another only through a declared interface, never by ``getattr``):
+
+- ``courier`` (chunks in and out; the mining role makes it, allocations use it);
+- ``_orchestration`` and ``_deployments`` (the requester role's; the mining and
+  collaboration roles place their sessions through them, ``_orch()``);
+- ``capability_scores()`` (the provider role's benchmark; bids carry it).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +14,23 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from dms.actor import Actor, ActorContext, ErrorCode, Request
+from dms.actor import Actor, ActorContext, ActorRef, ErrorCode, Refusal, Request
 from dms.errors import DmsError
 from dms.network.host import NetworkError
+from dms.network.transfer import Courier
 from dms.node.services import NodeServices
+from dms.orchestrator.base import Orchestration
 
 
 class NodeBase(Actor):
+    courier: Courier | None = None  # set by the mining role's start (start_mining)
+    _orchestration: Orchestration | None = None  # set by start_deploying
+    _deployments: dict[str, ActorRef]  # the requester's deployment children, by id
+
     def __init__(self, context: ActorContext, services: NodeServices | None = None) -> None:
         super().__init__(context)
         self.services = services or NodeServices()
+        self._deployments = {}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dms-node-work")
 
     def shutdown_pool(self) -> None:
@@ -56,6 +71,16 @@ class NodeBase(Actor):
                     self.call_later(0.0, lambda: finish(result))
 
         self._pool.submit(work).add_done_callback(done)
+
+    def _orch(self) -> Orchestration:
+        """The requester's orchestration (its store, peers table, settings)."""
+        if self._orchestration is None:
+            raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node keeps no deployment store")
+        return self._orchestration
+
+    def capability_scores(self) -> dict[str, float]:
+        """The benchmark scores bids carry; the provider mixin fills them in."""
+        return {}
 
     def resource_summary(self) -> dict[str, Any]:
         """Figures the heartbeat carries; the provider mixin fills them in."""

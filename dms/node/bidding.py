@@ -110,7 +110,7 @@ class BiddingBehaviours(NodeBase):
     def _bidder(self) -> BidderView:
         if self.services.ledger is None:
             raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node does not take work")
-        scores = self._capability.scores() if getattr(self, "_capability", None) else {}
+        scores = self.capability_scores()
         return BidderView(
             peer_id=self.system.peer_id,
             did=self.identity.did,
@@ -254,7 +254,7 @@ class BiddingBehaviours(NodeBase):
                 on_end=self._allocation_ended,
                 requester_gone=lambda heard_at: self._requester_gone(requester, heard_at),
                 resources=lease.resources,
-                courier=getattr(self, "courier", None),
+                courier=self.courier,
                 inbox=f"alloc-{p.lease_id[:16]}",
             )
         except ExecutorError:

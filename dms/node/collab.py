@@ -122,7 +122,7 @@ class CollabBehaviours(NodeBase):
     @behaviour("/dms/node/collab/propose", payload=ProposeRequest)
     def collab_propose(self, request: Request) -> None:
         p: ProposeRequest = request.payload
-        orchestration = self._orch()  # type: ignore[attr-defined]
+        orchestration = self._orch()
         self.in_background(
             request,
             lambda: self._seat_for(p.proposal, self.system.peer_id, p.data),
@@ -165,7 +165,7 @@ class CollabBehaviours(NodeBase):
             on_progress=progress,
             inbox=f"deployment-{session_id}",
         )
-        self._deployments[session_id] = child  # type: ignore[attr-defined]
+        self._deployments[session_id] = child
         return {**answer, "deployment": session_id}
 
     @behaviour("/dms/node/collab/owner", public=True, payload=OwnerCall)

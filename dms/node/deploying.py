@@ -20,11 +20,11 @@ from dms.orchestrator.deployment import (
     SHUTDOWN,
     DeploymentActor,
     Orchestration,
+    actor_for,
     allocation_handle,
     new_deployment_id,
     summarize,
 )
-from dms.orchestrator.mining import MiningSessionActor
 from dms.orchestrator.reverts import Reverts
 from dms.orchestrator.store import DeploymentStore
 
@@ -42,9 +42,6 @@ class DeploymentId(BaseModel):
 
 
 class DeployingBehaviours(NodeBase):
-    _orchestration: Orchestration | None = None
-    _deployments: dict[str, ActorRef]
-
     def start_deploying(self) -> None:
         self._deployments = {}
         self.reverts = Reverts(self)
@@ -67,20 +64,13 @@ class DeployingBehaviours(NodeBase):
             except Exception as exc:
                 log.warning("deployment %s cannot resume: %s", row["id"], exc)
                 continue
-            # A mining session's keys were in memory: it fails, releasing every lease.
-            mining = any(a.executor == "mining" for a in spec.allocations)
-            self._spawn_deployment(
-                row["id"], spec, saved=row, kind=MiningSessionActor if mining else DeploymentActor
-            )
+            # Its executors' driver, if any (a mining session: its keys were in memory,
+            # so it fails, releasing every lease).
+            self._spawn_deployment(row["id"], spec, saved=row, kind=actor_for(spec))
 
     # ---- provider ----------------------------------------------------------------------
 
     # ---- requester (owner) -------------------------------------------------------------
-
-    def _orch(self) -> Orchestration:
-        if self._orchestration is None:
-            raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node keeps no deployment store")
-        return self._orchestration
 
     def _spawn_deployment(
         self,

@@ -173,8 +173,6 @@ def _plan(request: MiningRequest) -> tuple[Driver, DeploymentSpec, list[int], di
 
 
 class MiningBehaviours(NodeBase):
-    courier: Courier | None = None
-
     def start_mining(self) -> None:
         """The chunk store and courier (both roles use them); no session survives a
         restart, so every chunk on disk is an orphan and goes."""
@@ -191,7 +189,7 @@ class MiningBehaviours(NodeBase):
     @behaviour("/dms/node/mining/new", payload=MiningRequest, data=True)
     def mining_new(self, request: Request) -> None:
         payload: MiningRequest = request.payload
-        if self.courier is None or getattr(self, "_orchestration", None) is None:
+        if self.courier is None or self._orchestration is None:
             raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node cannot place mining work")
         self.in_background(request, lambda: plan(payload), then=self._start_session)
 
@@ -199,12 +197,12 @@ class MiningBehaviours(NodeBase):
         driver, spec, sizes, summary = planned
         session_id = new_deployment_id()
         # The row exists before the reply, so a status asked at once finds it.
-        self._orch().store.save_mining(  # type: ignore[attr-defined]
+        self._orch().store.save_mining(
             {"id": session_id, "algorithm": summary["algorithm"], "phase": "placing"}
         )
         child = self.spawn(
             MiningSessionActor,
-            self._orch(),  # type: ignore[attr-defined]
+            self._orch(),
             session_id,
             spec,
             None,
@@ -216,7 +214,7 @@ class MiningBehaviours(NodeBase):
             path_to=self.services.network.path_to if self.services.network else None,
             inbox=f"deployment-{session_id}",
         )
-        self._deployments[session_id] = child  # type: ignore[attr-defined]
+        self._deployments[session_id] = child
         # What the worker learns is the session's first event, which the log has too.
         log.info(
             "mining session %s: %s (%s, %s) over %d record(s) in %d shard(s), being placed",
@@ -227,14 +225,14 @@ class MiningBehaviours(NodeBase):
 
     @behaviour("/dms/node/mining/status", payload=SessionId)
     def mining_status(self, request: Request) -> dict[str, Any]:
-        row = self._orch().store.mining(request.payload.id)  # type: ignore[attr-defined]
+        row = self._orch().store.mining(request.payload.id)
         if row is None:
             raise Refusal("unknown", f"no mining session {request.payload.id!r}")
         return {k: row[k] for k in ("id", "algorithm", "phase", "progress", "checkpoint")}
 
     @behaviour("/dms/node/mining/result", payload=SessionId, data=True)
     def mining_result(self, request: Request) -> dict[str, Any]:
-        store = self._orch().store  # type: ignore[attr-defined]
+        store = self._orch().store
         row = store.mining(request.payload.id, labels=True)
         if row is None:
             raise Refusal("unknown", f"no mining session {request.payload.id!r}")

@@ -76,6 +76,9 @@ class ProviderBehaviours(NodeBase):
             log.warning("could not expire leases: %s", exc)
         self.call_later(self.services.expire_every_s, self._expire)
 
+    def capability_scores(self) -> dict[str, float]:
+        return self._capability.scores() if self._capability is not None else {}
+
     def resource_summary(self) -> dict[str, Any]:
         summary: dict[str, Any] = {}
         if self.services.ledger is not None:

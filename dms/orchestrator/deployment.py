@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from dms.actor import Request, behaviour
 from dms.backoff import Backoff
+from dms.jobs.spec import DeploymentSpec
 from dms.orchestrator.base import (
     Orchestration,
     allocation_handle,
@@ -39,11 +41,14 @@ from dms.orchestrator.supervision import Supervision
 log = logging.getLogger("dms.orchestrator")
 
 __all__ = [
+    "DRIVERS",
     "SHUTDOWN",
     "DeploymentActor",
     "Orchestration",
+    "actor_for",
     "allocation_handle",
     "allocation_ref",
+    "drives",
     "misfit",
     "new_deployment_id",
     "node_handle",
@@ -169,6 +174,32 @@ class DeploymentActor(BidRounds, Supervision):
 
     def summary(self) -> dict[str, Any]:
         return summarize(self._stored_row())
+
+
+# The deployment actor that drives allocations of an executor's kind (an interactive
+# executor's session), put here by that actor's class (``@drives("mining")``): the node
+# picks a deployment's actor from its spec without naming any (``actor_for``).
+DRIVERS: dict[str, type[DeploymentActor]] = {}
+A = TypeVar("A", bound=type[DeploymentActor])
+
+
+def drives(kind: str) -> Callable[[A], A]:
+    """Class decorator: deployments with an allocation of executor ``kind`` run as it."""
+
+    def register(cls: A) -> A:
+        held = DRIVERS.get(kind)
+        if held is not None and held.__qualname__ != cls.__qualname__:
+            raise ValueError(f"two actors drive {kind!r}: {held.__name__}, {cls.__name__}")
+        DRIVERS[kind] = cls
+        return cls
+
+    return register
+
+
+def actor_for(spec: DeploymentSpec) -> type[DeploymentActor]:
+    """The actor class of a deployment of ``spec``: its executors' driver, if any."""
+    kinds = sorted({a.executor for a in spec.allocations} & DRIVERS.keys())
+    return DRIVERS[kinds[0]] if kinds else DeploymentActor
 
 
 def summarize(row: dict[str, Any]) -> dict[str, Any]:

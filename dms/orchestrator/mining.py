@@ -40,7 +40,12 @@ from dms.mining.errors import WorkerMisbehaved
 from dms.mining.learned import worker_learns
 from dms.mining.placed import Driver
 from dms.network.transfer import Courier
-from dms.orchestrator.deployment import DeploymentActor, Orchestration, allocation_handle
+from dms.orchestrator.deployment import (
+    DeploymentActor,
+    Orchestration,
+    allocation_handle,
+    drives,
+)
 from dms.orchestrator.slots import Slot, SlotState
 from dms.orchestrator.states import SESSION, SHARD, SessionPhase, ShardState
 from dms.statemachine import Tracked
@@ -136,6 +141,7 @@ class Shard:
             self._move(ShardState.READY if self.ready else ShardState.PLACED)
 
 
+@drives("mining")
 class MiningSessionActor(DeploymentActor):
     phase = Tracked(SESSION)  # every move checked against SESSION
 

@@ -160,7 +160,8 @@ def measure() -> tuple[dict[str, object], dict[str, list[str]]]:
             if not typed:
                 runtime[name].add(target)
             src, dst = layer_of(name), layer_of(target)
-            if src != dst and rank.get(dst, len(LAYERS)) < rank.get(src, len(LAYERS)):
+            # A package not (yet) in LAYERS is listed apart, and counts no arrow.
+            if src != dst and src in rank and dst in rank and rank[dst] < rank[src]:
                 arrows.add((src, dst, f"{name} -> {target}"))
     all_cycles = cycles(graph)
     run_cycles = cycles(runtime)

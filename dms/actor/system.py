@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import pykka
 from pydantic import BaseModel, Field
@@ -57,9 +57,6 @@ from dms.actor.transport import Transport
 from dms.actor.wallet import Wallet
 from dms.security.identity import Identity, IdentityError, public_key_from_peer_id
 from dms.security.trust import TrustStore
-
-if TYPE_CHECKING:
-    from dms.actor.actor import Actor
 
 log = logging.getLogger("dms.actor")
 
@@ -347,7 +344,7 @@ class ActorSystem:
 
     def spawn(
         self,
-        cls: type[Actor],
+        cls: type[pykka.ThreadingActor],  # a dms.actor.Actor (not imported: it imports this)
         *args: Any,
         inbox: str | None = None,
         identity: Identity | None = None,

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -30,11 +30,37 @@ from sqlalchemy import case, func, select
 
 from dms import __version__
 from dms.actor.admission import BudgetUse
+from dms.actor.system import ActorSystem
 from dms.actor.transport import Receiver, Transport, Undeliverable
+from dms.network.host import Libp2pTransport
+from dms.network.peertable import PeerTable
+from dms.orchestrator.bidindex import BidIndex
+from dms.resources.ledger import ResourceLedger
+from dms.store import Database
 from dms.store.models import DeploymentRecord, Lease, MiningSessionRecord
 
-if TYPE_CHECKING:
-    from dms.node.daemon import Node
+
+class Node(Protocol):
+    """What the metrics read of a running node (``dms.node.daemon.Node``), declared here
+    so that this module does not import the daemon that imports it."""
+
+    @property
+    def peer_id(self) -> str: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def db(self) -> Database | None: ...
+    @property
+    def transport(self) -> Libp2pTransport | None: ...
+    @property
+    def system(self) -> ActorSystem | None: ...
+    @property
+    def ledger(self) -> ResourceLedger | None: ...
+    @property
+    def peer_table(self) -> PeerTable: ...
+    @property
+    def bid_index(self) -> BidIndex | None: ...
+
 
 # Seconds from a deployment's request to its last allocation running.
 PLACEMENT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 300.0)

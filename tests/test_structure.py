@@ -1,0 +1,21 @@
+"""The layers hold (issue 26's acceptance, measured from the imports by bench/structure.py):
+no import cycle, not even one for type checking only, and no import running back up."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "structure.py"
+
+
+def test_no_import_cycle_and_no_import_back_up() -> None:
+    spec = importlib.util.spec_from_file_location("structure", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    structure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(structure)
+    figures, detail = structure.measure()
+    assert figures["import_cycles"] == 0, detail["import_cycles"]
+    assert figures["upward_arrows"] == 0, detail["upward_arrows"]
+    # getattr(self, "...") reaching across the node's roles: none (DESIGN decision 14)
+    assert not [g for g in detail["getattr_self"] if g.startswith("dms/node/")]

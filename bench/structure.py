@@ -9,7 +9,8 @@ One JSON line:
   one); ``type_only_cycles`` of them close only through ``TYPE_CHECKING`` imports;
 - ``upward_arrows``: imports from a package to one above it in ``LAYERS`` (the
   README's Layout table, top to bottom);
-- ``classes_over_two_bases``: classes in ``dms/`` with more than two base classes;
+- ``classes_over_two_bases``: classes in ``dms/`` with more than two base classes
+  (``Protocol`` and ``Generic[...]`` are markers, not counted);
 - ``getattr_self``: occurrences of ``getattr(self, "`` in ``dms/`` (DESIGN decision 14).
 
 ``--list`` prints what each figure counts, one per line, on stderr; ``--uses``
@@ -96,6 +97,17 @@ def imports_of(path: Path, name: str, modules: set[str]) -> list[tuple[str, bool
     return found
 
 
+MARKERS = {"Protocol", "Generic"}
+
+
+def _base_name(node: ast.expr) -> str:
+    if isinstance(node, ast.Subscript):
+        node = node.value
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return node.id if isinstance(node, ast.Name) else ""
+
+
 def layer_of(module: str) -> str:
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "dms"
@@ -173,8 +185,12 @@ def measure() -> tuple[dict[str, object], dict[str, list[str]]]:
     for name, path in paths.items():
         text = path.read_text()
         for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.ClassDef) and len(node.bases) > 2:
-                bases.append(f"{name}.{node.name} ({len(node.bases)} bases)")
+            if isinstance(node, ast.ClassDef):
+                # typing's markers (Protocol, Generic[...]) say what kind of class it is:
+                # they are not bases it inherits behaviour from.
+                real = [b for b in node.bases if _base_name(b) not in MARKERS]
+                if len(real) > 2:
+                    bases.append(f"{name}.{node.name} ({len(real)} bases)")
         for n, line in enumerate(text.splitlines(), 1):
             if 'getattr(self, "' in line:
                 getattrs.append(f"{path.relative_to(ROOT)}:{n}")

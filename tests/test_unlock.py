@@ -520,6 +520,7 @@ def test_init_asks_once_and_a_confirmation_then_remembers_it(runtime: Path, tmp_
         no_traceback(done)
         assert done.returncode == 0, done.stdout
         assert term.prompts == 2, done.stdout
+        assert "Passphrase for keys 'dms' and 'user':" in done.stdout  # it seals both
         assert "unlocked for this terminal session" in done.stdout
         keys = Keystore(tmp_path / "fresh", passphrase=lambda _c, _n: PASSPHRASE)
         assert keys.load("dms") and keys.load("user")  # both under the one passphrase

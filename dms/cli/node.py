@@ -26,7 +26,6 @@ from dms.security import Keystore, agent
 from dms.security.keystore import (
     PASSPHRASE_ENV,
     passphrase_from_env_or_prompt,
-    session_passphrase,
 )
 from dms.security.passphrase import PassphraseLookup
 
@@ -38,7 +37,11 @@ def _one_passphrase(home: Path) -> tuple[str | None, bool]:
     missing = [c for c in (NODE_KEY, USER_KEY) if not keystore.exists(c)]
     if not missing:
         return None, False
-    lookup = session_passphrase(home)
+    what = " and ".join(f"'{c}'" for c in missing)
+    what = f"keys {what}" if len(missing) > 1 else f"key {what}"
+    lookup = PassphraseLookup(
+        home, lambda c, confirm: passphrase_from_env_or_prompt(c, confirm, what=what)
+    )
     typed = os.environ.get(PASSPHRASE_ENV) is None
     first = next(lookup.candidates(missing[0], True))
     if first.remembered:

@@ -71,19 +71,21 @@ class KeyInfo(BaseModel):
 PassphraseSource = Callable[[str, bool], str]
 
 
-def passphrase_from_env_or_prompt(context: str, confirm: bool) -> str:
-    """``DMS_PASSPHRASE`` if set, else an interactive prompt; never empty."""
+def passphrase_from_env_or_prompt(context: str, confirm: bool, *, what: str = "") -> str:
+    """``DMS_PASSPHRASE`` if set, else an interactive prompt; never empty. ``what`` names
+    what it seals when that is more than key ``context`` (``dms init``: both keys)."""
+    what = what or f"key '{context}'"
     value = os.environ.get(PASSPHRASE_ENV)
     if value is None:
         if not sys.stdin.isatty():
             raise KeystoreError(
-                f"no passphrase for key '{context}': set {PASSPHRASE_ENV} or run in a terminal"
+                f"no passphrase for {what}: set {PASSPHRASE_ENV} or run in a terminal"
             )
-        value = getpass.getpass(f"Passphrase for key '{context}': ")
+        value = getpass.getpass(f"Passphrase for {what}: ")
         if confirm and getpass.getpass("Repeat passphrase: ") != value:
             raise KeystoreError("the two passphrases differ")
     if not value:
-        raise KeystoreError(f"the passphrase for key '{context}' must not be empty")
+        raise KeystoreError(f"the passphrase for {what} must not be empty")
     return value
 
 

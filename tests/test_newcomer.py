@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -15,6 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -283,6 +285,45 @@ def follow_log(home: Path, said: str, pid: int) -> None:
     finally:
         follow.terminate()
         follow.wait(timeout=20)
+
+
+def test_the_log_rotates_private_and_dms_logs_follows_it_across(tmp_path: Path) -> None:
+    from dms.cli.node import PrivateRotatingLog, log_path
+
+    home = tmp_path / "home"
+    path = log_path(home)
+    handler = PrivateRotatingLog(path, max_bytes=1000, backups=2)
+    logger = logging.getLogger("tests.rotation")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("first line")
+        follow = subprocess.Popen(
+            dms_argv("logs", "-f"), env=env_for(home), stdout=subprocess.PIPE, text=True
+        )
+        deadline = threading.Timer(60, follow.terminate)  # a read below never hangs
+        deadline.start()
+        try:
+            assert follow.stdout is not None
+            assert "first line" in follow.stdout.readline()
+            # Read as written: each line once, in order, across two rotations.
+            for first in (0, 40):
+                for n in range(first, first + 40):  # 1,200 bytes: one rotation
+                    logger.info("line %03d %s", n, "x" * 20)
+                for n in range(first, first + 40):
+                    assert f"line {n:03d}" in follow.stdout.readline()
+        finally:
+            deadline.cancel()
+            follow.terminate()
+            follow.wait(timeout=20)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    files = sorted(path.parent.iterdir())
+    assert [f.name for f in files] == ["dms.log", "dms.log.1", "dms.log.2"]
+    assert all(f.stat().st_size <= 1000 for f in files)
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
 
 
 def test_run_in_the_background_of_a_terminal_logs_to_the_home(tmp_path: Path, tmux: Tmux) -> None:

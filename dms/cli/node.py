@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
 import signal
 import subprocess
@@ -132,14 +133,31 @@ def configure_daemon_logging(
         raise DmsError(f"--log-format {log_format!r}: use text or json")
     handler: logging.Handler = logging.StreamHandler()
     if log_file is not None:
-        open_log(log_file).close()  # made private before the handler opens it
-        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler = PrivateRotatingLog(log_file)
     handler.setFormatter(JsonLines() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     numeric = logging.getLevelName(level.upper())
     handler.addFilter(QuietLibp2p(numeric if isinstance(numeric, int) else logging.INFO))
     logging.basicConfig(level=level.upper(), handlers=[handler])
     if not os.environ.get("LIBP2P_DEBUG"):
         logging.getLogger("libp2p").propagate = True
+
+
+# A node's log: rotated at 10 MiB, three old files kept (dms.log.1 ... dms.log.3).
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 3
+
+
+class PrivateRotatingLog(logging.handlers.RotatingFileHandler):
+    """A rotated log file, each new file this user's only (0600) from its first byte."""
+
+    def __init__(
+        self, path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS
+    ) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+
+    def _open(self) -> Any:
+        open_log(Path(self.baseFilename)).close()  # made private before it is opened
+        return super()._open()
 
 
 def log_path(home: Path) -> Path:
@@ -285,6 +303,7 @@ def run(
     log_file = None
     if background:  # started by --detach: the terminal may close; stdout is the log
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        log_file = log_path(cfg.home)  # its lines there too, through the rotating handler
     elif _in_background():  # 'dms run &': its lines would mix with the next commands'
         log_file = log_path(cfg.home)
         say_line(f"dms node logging to {log_file} (dms logs -f shows it)", err=True)
@@ -346,23 +365,34 @@ def logs(
             f"no log in {path.parent} yet: a node started with 'dms run --detach' (or "
             "'dms run &') writes one there; a node in the foreground logs to its terminal"
         )
-    with open(path, "rb") as fh:
+    fh = open(path, "rb")  # noqa: SIM115 (reopened when the log rotates; closed below)
+    try:
         tail: deque[bytes] = deque(fh, maxlen=lines) if lines else deque()
         for line in tail:
             sys.stdout.write(line.decode(errors="replace"))
         sys.stdout.flush()
-        try:
-            while follow:
-                chunk = fh.read()
-                if chunk:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                    sys.stdout.flush()
-                elif path.stat().st_size < fh.tell():  # truncated: from its start again
-                    fh.seek(0)
-                else:
-                    time.sleep(0.3)
-        except KeyboardInterrupt:
-            pass
+        while follow:
+            chunk = fh.read()
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            elif _replaced(path, fh):  # rotated (or truncated): the new file
+                fh.close()
+                fh = open(path, "rb")  # noqa: SIM115
+            else:
+                time.sleep(0.3)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fh.close()
+
+
+def _replaced(path: Path, fh: BinaryIO) -> bool:
+    """The file at ``path`` is another one than ``fh`` reads, or shorter than read."""
+    with contextlib.suppress(OSError):
+        now = path.stat()
+        return now.st_ino != os.fstat(fh.fileno()).st_ino or now.st_size < fh.tell()
+    return False
 
 
 def stop(

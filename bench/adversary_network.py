@@ -31,7 +31,7 @@ from multiaddr import Multiaddr
 
 from dms.network.transfer import CHUNK_PROTOCOL
 from dms.node.client import root_handle
-from dms.sim.adversary import BarePeer, ManyKeys
+from dms.sim.adversary import BarePeer, ManyKeys, closed_by_peer
 
 ATTACKS = ["unread_stream", "connection_slots", "slow_chunks", "handshake_slots"]
 MIB = 1024 * 1024
@@ -195,16 +195,4 @@ def handshake_slots(ctx: Context, count: int) -> Any:
 
     return attack
 
-
-def closed_by_peer(sock: socket.socket) -> bool:
-    """Whether the node closed ``sock`` (what it sent before, its multistream header,
-    is read and dropped)."""
-    sock.settimeout(0.001)
-    try:
-        while sock.recv(4096):
-            pass
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
     return True

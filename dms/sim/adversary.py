@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import struct
 import threading
 import time
@@ -55,6 +56,20 @@ HOUR_S = 3600
 MIB = 1024 * 1024
 WRITE_BATCH_BYTES = 256 * 1024
 FINISH_RETRY_S = 5.0
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the node closed ``sock``, a raw TCP socket to it (what it sent before,
+    its multistream header, is read and dropped)."""
+    sock.settimeout(0.001)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def with_payload_bytes(

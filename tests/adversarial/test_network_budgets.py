@@ -21,7 +21,7 @@ from dms.network.host import ACTOR_PROTOCOL
 from dms.network.loop import NetworkError
 from dms.network.transfer import CHUNK_PROTOCOL
 from dms.node.daemon import Node
-from dms.sim.adversary import BarePeer, ManyKeys, root_of
+from dms.sim.adversary import BarePeer, ManyKeys, closed_by_peer, root_of
 from dms.sim.cluster import LocalCluster
 from tests.conftest import wait_for
 
@@ -193,19 +193,8 @@ def test_raw_sockets_that_never_handshake_do_not_lock_out_a_newcomer(
             newcomer.close()
         assert refusals(victim, Budget.HANDSHAKE_EVICTED) >= 200
 
-        def closed(sock: socket.socket) -> bool:
-            sock.settimeout(0.001)
-            try:
-                while sock.recv(4096):  # the node's multistream header
-                    pass
-            except TimeoutError:
-                return False
-            except OSError:
-                return True
-            return True
-
         wait_for(
-            lambda: all([closed(sock) for sock in sockets]),
+            lambda: all([closed_by_peer(sock) for sock in sockets]),
             timeout=30,
             what="every raw socket closed by the node",
         )

@@ -474,3 +474,15 @@ def test_peers_list_fits_the_resources_in_80_columns(pair: Pair, tmux: Tmux) -> 
     row = next(line for line in screen.splitlines() if pair.provider_id[-8:] in line)
     assert "1/1" in row and "alive" in row, screen  # free/total cores of the provider
     assert "--json shows them whole" in screen, screen
+
+
+def test_what_peers_and_programs_say_is_printed_as_said(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An event, a provider's reason or a job's log line is text from elsewhere: brackets
+    in it are printed, not read as markup (a '[/x]' ended dms deploy --follow with a
+    MarkupError, a '[red]' vanished)."""
+    from dms.cli.jobs import _print_event
+
+    _print_event({"at": 0, "what": "12D3KooW declined: [/x] [red]no gpu"})
+    assert "declined: [/x] [red]no gpu" in capsys.readouterr().out

@@ -222,6 +222,10 @@ class Settings(BaseSettings):
         description="serve as a circuit relay for nodes behind NAT; unset: when this node "
         "is publicly reachable",
     )
+    hole_punching: bool = Field(
+        default=True,
+        description="upgrade a relayed connection to a direct one through both NATs (DCUtR)",
+    )
     relay_reservations: int = Field(
         default=2, ge=0, le=8, description="relays a node behind NAT keeps a slot on"
     )

@@ -5,6 +5,8 @@ with the reason (dms.sim.netns.unavailable)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +108,34 @@ def test_mining_from_a_nated_owner_on_two_nated_providers(nat: NatTopology) -> N
     # Neither provider can be dialed from the owner's NAT: each shard ran relayed, or
     # direct once hole punching upgraded the connection.
     assert {p["path"] for p in result["placement"]} <= {"relayed", "direct"}, result["placement"]
+
+
+def test_a_relay_that_dies_mid_job_ends_the_job_with_the_reason(nat: NatTopology) -> None:
+    """Hole punching off: every byte goes through the relay. The relay dies while the
+    job runs: the job does not hang; it completes (it had finished) or fails and says
+    why (its providers are gone or unreachable)."""
+    nat.env["DMS_HOLE_PUNCHING"] = "false"
+    daemons = start_all(nat)
+
+    def placeable() -> bool:
+        rows = nat.dms_json("owner", "peers", "list")
+        return sum(1 for r in rows if r.get("onboarded", {}).get("cpu") == 1.0) == 2
+
+    wait_for(placeable, 45, "both providers at the owner")
+    args = ["mine", "skmeans", "--data", str(IRIS), "--k", "3", "--shards", "2"]
+    job = subprocess.Popen(
+        ["ip", "netns", "exec", nat.ns("owner"), sys.executable, "-m", "dms", *args,
+         "--out", str(nat.root / "placed")],
+        env={**nat.env_for("owner"), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert job.stdout is not None
+    for line in job.stdout:
+        if "shipping" in line or "running on" in line:
+            daemons["relay"].kill()
+            break
+    _, err = job.communicate(timeout=600)
+    # Measured: the relay was also the gossip hub, so the providers' heartbeats stop
+    # reaching the owner: the job fails, saying the providers are gone.
+    if job.returncode != 0:
+        assert "the provider is gone" in err or "unreachable" in err, err[-2000:]

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import trio
@@ -277,11 +277,10 @@ class Libp2pTransport(Unicast, Gossip):
         self._relay = BudgetedRelay(host, s.relay, self.refusals, self.serves_relay)
         self._relays = RelayClient(host, self._relay, s.relay)
         self._dialback = DialBack(host, s.reachability)
-        punch = DCUtRProtocol(host)  # hole punching over relayed connections (DCUtR)
         async with (
             host.run(listen_addrs=listen),
             background_trio_service(self._relay),
-            background_trio_service(punch),
+            self._maybe_hole_punching(host),
         ):
             host.set_stream_handler(ACTOR_PROTOCOL, self._on_stream)
             host.set_stream_handler(CHUNK_PROTOCOL, self._on_chunk_stream)
@@ -312,6 +311,15 @@ class Libp2pTransport(Unicast, Gossip):
             with contextlib.suppress(Exception), trio.move_on_after(5):
                 await host.close()
                 self._outbound.clear()
+
+    @contextlib.asynccontextmanager
+    async def _maybe_hole_punching(self, host: IHost) -> AsyncIterator[None]:
+        """DCUtR over relayed connections, unless ``hole_punching`` is off."""
+        if not self.settings.hole_punching:
+            yield
+            return
+        async with background_trio_service(DCUtRProtocol(host)):
+            yield
 
     # ---- reachability and relays (dms.network.reachability, dms.network.relay) ------
 

@@ -122,6 +122,8 @@ class NetworkSettings(BaseModel):
     gossip: GossipSettings = Field(default_factory=GossipSettings)
     # "public" / "private" skip the AutoNAT check (dms.network.reachability).
     reachability: Literal["auto", "public", "private"] = "auto"
+    # DCUtR over relayed connections (specs/network.md, "Hole punching").
+    hole_punching: bool = True
     relay: RelaySettings = Field(default_factory=RelaySettings)
 
     @field_validator("listen", "bootstrap")

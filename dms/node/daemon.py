@@ -65,6 +65,7 @@ def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
     }
     values.update({name: getattr(settings, name) for name in BUDGET_SETTINGS})
     values["reachability"] = settings.reachability
+    values["hole_punching"] = settings.hole_punching
     values["relay"] = {"serve": settings.relay} | {
         name.removeprefix("relay_"): getattr(settings, name) for name in RELAY_SETTINGS
     }

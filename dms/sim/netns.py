@@ -209,57 +209,54 @@ class NatTopology:
     # ---- dms in a namespace -------------------------------------------------------------
 
     def home(self, role: str) -> Path:
+        """The DMS_HOME of ``role`` (any name: a node need not live in its own namespace)."""
         return self.root / f".dms-{role}"
 
-    def _env(self, role: str) -> dict[str, str]:
+    def env_for(self, role: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DMS_")}
         env.update(self.env)
         env["DMS_HOME"] = str(self.home(role))
         return env
 
-    def dms(self, role: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """``dms ARGS`` in the namespace of ``role`` with its DMS_HOME."""
+    def dms(
+        self, role: str, *args: str, timeout: float = 60, where: str = ""
+    ) -> subprocess.CompletedProcess[str]:
+        """``dms ARGS`` in the namespace of ``where`` (default ``role``) with the
+        DMS_HOME of ``role``."""
         return subprocess.run(
-            ["ip", "netns", "exec", self.ns(role), sys.executable, "-m", "dms", *args],
-            env=self._env(role),
+            ["ip", "netns", "exec", self.ns(where or role), sys.executable, "-m", "dms", *args],
+            env=self.env_for(role),
             capture_output=True,
             text=True,
             timeout=timeout,
         )
 
-    def dms_json(self, role: str, *args: str, timeout: float = 60) -> Any:
-        done = self.dms(role, *args, "--json", timeout=timeout)
+    def dms_json(self, role: str, *args: str, timeout: float = 60, where: str = "") -> Any:
+        done = self.dms(role, *args, "--json", timeout=timeout, where=where)
         if done.returncode != 0:
             raise RuntimeError(f"dms {' '.join(args)} in {role}: {done.stderr.strip()}")
         return json.loads(done.stdout)
 
-    def daemon(self, role: str, *extra: str) -> NsDaemon:
-        """Start ``dms run`` for ``role`` on its address; return once it listens."""
+    def daemon(self, role: str, *extra: str, where: str = "", port: int = PORT) -> NsDaemon:
+        """Start ``dms run`` for ``role`` (its DMS_HOME) in the namespace of ``where``
+        (default: its own) on that namespace's address and ``port``; return once it
+        listens. ``where="relay"`` puts a node on the public network."""
+        where = where or role
         log = (self.root / f"{role}.log").open("a")
         proc = subprocess.Popen(
             [
-                "ip",
-                "netns",
-                "exec",
-                self.ns(role),
-                sys.executable,
-                "-m",
-                "dms",
-                "run",
-                "--listen",
-                self.listen(role),
-                "--api-port",
-                "0",
+                *("ip", "netns", "exec", self.ns(where), sys.executable, "-m", "dms", "run"),
+                *("--listen", f"/ip4/{self.ip(where)}/tcp/{port}", "--api-port", "0"),
                 "--json",
                 *extra,
             ],
-            env=self._env(role),
+            env=self.env_for(role),
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
         )
         log.close()  # the daemon holds its own copy
-        daemon = NsDaemon(self.ns(role), self.home(role), proc)
+        daemon = NsDaemon(self.ns(where), self.home(role), proc)
         self.daemons.append(daemon)
         assert proc.stdout is not None
         line = proc.stdout.readline()

@@ -486,3 +486,15 @@ def test_what_peers_and_programs_say_is_printed_as_said(
 
     _print_event({"at": 0, "what": "12D3KooW declined: [/x] [red]no gpu"})
     assert "declined: [/x] [red]no gpu" in capsys.readouterr().out
+
+
+def test_a_table_prints_brackets_as_they_are(capsys: pytest.CaptureFixture[str]) -> None:
+    """Cells hold what peers said (labels, reasons): as a table and stacked (too wide)."""
+    from dms.cli.output import build_table, console
+
+    for width in (200, 10):
+        table, _ = build_table(
+            "peers", ["peer", "labels"], [["12D3", "[/x] [red]gpu"]], width=width
+        )
+        console.print(table)
+    assert capsys.readouterr().out.count("[/x] [red]gpu") == 2

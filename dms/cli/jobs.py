@@ -17,7 +17,7 @@ from dms.cli.output import (
     emit_result,
     emit_table,
     jsonable,
-    say_line,
+    say,
     short_peer,
 )
 from dms.cli.waiting import Waiting, placement_hint
@@ -68,7 +68,7 @@ def _ask(what: str, deployment_id: str, timeout: float, client: NodeClient | Non
 
 def _print_event(event: dict[str, Any]) -> None:
     stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
-    say_line(f"{stamp}  {event['what']}")
+    say(f"{stamp}  {event['what']}")
 
 
 def _show_status(status: dict[str, Any], json_out: bool, every: bool = False) -> None:
@@ -90,7 +90,7 @@ def _show_status(status: dict[str, Any], json_out: bool, every: bool = False) ->
     # Errors are sentences: below the table, where they wrap between words.
     for s in slots[: _limit(every)]:
         if s.get("error"):
-            say_line(f"{s['slot']}: {s['error']}")
+            say(f"{s['slot']}: {s['error']}")
 
 
 def deploy(
@@ -117,7 +117,7 @@ def deploy(
         return
     seen = 0
     status: dict[str, Any] = {}
-    waiting = Waiting(client, deployment_id, say_line)
+    waiting = Waiting(client, deployment_id, say)
     while True:
         status = _ask("status", deployment_id, timeout, client)
         events = status.get("events", [])
@@ -191,9 +191,9 @@ def logs(deployment_id: IdArg, timeout: TimeoutOption = 20.0, json_out: JsonOpti
     for event in result["events"]:
         _print_event(event)
     for slot, lines in result["logs"].items():
-        say_line(f"--- {slot}")
+        say(f"--- {slot}")
         for line in lines:
-            say_line(line)
+            say(line)
 
 
 @deployment_app.command("manifest")

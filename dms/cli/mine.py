@@ -24,7 +24,7 @@ import typer
 from dms.actor import RemoteError
 from dms.cli import collab
 from dms.cli.common import JsonOption, settings
-from dms.cli.output import console, emit_fields, emit_json, progress_bar, say_line
+from dms.cli.output import console, emit_fields, emit_json, progress_bar, say
 from dms.cli.waiting import Waiting, placement_hint
 from dms.errors import DmsError
 from dms.mining import Distance, MiningError, run_classification, run_clustering
@@ -203,7 +203,7 @@ def _mine_on_network(
         )
     seen: set[tuple[float, str]] = set()
     status: dict[str, Any] = {}
-    waiting = Waiting(client, session, say_line)
+    waiting = Waiting(client, session, say)
     try:
         while True:
             status = client.invoke("/dms/node/mining/status", {"id": session}, timeout=30)
@@ -214,7 +214,7 @@ def _mine_on_network(
                     if key not in seen and event["what"] != learns:  # said above
                         seen.add(key)
                         stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
-                        say_line(f"{stamp}  {event['what']}")
+                        say(f"{stamp}  {event['what']}")
                         waiting.news()
             if status["phase"] == "failed":
                 reason = progress.get("reason", "")

@@ -90,8 +90,8 @@ def build_table(
             table.add_column(columns[i], no_wrap=True, min_width=natural(i) - 3)
         else:
             table.add_column(columns[i], min_width=least(i) - 3)
-    for row in cells:
-        table.add_row(*(row[i] for i in shown))
+    for row in cells:  # Text: a cell says what it holds, brackets too (never markup)
+        table.add_row(*(Text(row[i]) for i in shown))
     return table, notes
 
 
@@ -115,7 +115,7 @@ def _stacked(
         if n:
             table.add_section()
         for name, value in zip(columns, row, strict=True):
-            table.add_row(name, value)
+            table.add_row(name, Text(value))
     return table, []
 
 
@@ -180,6 +180,12 @@ def duration(seconds: float | None) -> str:
 
 def emit_fields(data: dict[str, Any], title: str | None = None) -> None:
     emit_table(title, ["field", "value"], [(k, cell(v, k)) for k, v in data.items()])
+
+
+def say(text: str) -> None:
+    """Text from elsewhere (an event, a peer's reason, a program's line), wrapped at the
+    console's width between words; brackets in it printed, never read as markup."""
+    console.print(text, highlight=False, markup=False)
 
 
 def say_line(text: str, err: bool = False) -> None:

@@ -53,6 +53,12 @@ class LanedInbox:
         with self._ready:
             return not self._high and not self._low
 
+    def qsize(self) -> int:
+        """Messages waiting in both lanes (``queue.Queue.qsize``, which pykka's own
+        inbox is and ``dms sim``'s memory mode reads to know a network settled)."""
+        with self._ready:
+            return len(self._high) + len(self._low)
+
     def take_tickets(self) -> list[Any]:
         """Drop every request still waiting (the actor is stopping) and return their
         admission tickets, to be given back."""

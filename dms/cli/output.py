@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -192,16 +193,25 @@ def say_line(text: str, err: bool = False) -> None:
     """One line for scripts and logs; on a terminal, wrapped between words (the terminal
     would cut a word, or a path, at its edge)."""
     out = err_console if err else console
-    out.print(escape(text), highlight=False, soft_wrap=not out.is_terminal)
+    out.print(escape(between_words(text, out)), highlight=False, soft_wrap=True)
 
 
 def error(message: str) -> None:
     """One line for scripts and logs; on a terminal, wrapped between words (the terminal
     would cut a word at its edge)."""
-    err_console.print(
-        f"[bold red]error:[/] {escape(message)}",
-        highlight=False,
-        soft_wrap=not err_console.is_terminal,
+    wrapped = between_words(f"error: {message}", err_console).removeprefix("error: ")
+    err_console.print(f"[bold red]error:[/] {escape(wrapped)}", highlight=False, soft_wrap=True)
+
+
+def between_words(text: str, out: Console) -> str:
+    """``text`` wrapped between words at a terminal's width (unchanged elsewhere). A
+    word longer than the terminal, a deep path or an address, stays whole: rich would
+    fold it, and a copy of it would no longer paste."""
+    if not out.is_terminal:
+        return text
+    return "\n".join(
+        textwrap.fill(line, out.width, break_long_words=False, break_on_hyphens=False)
+        for line in text.splitlines() or [""]
     )
 
 

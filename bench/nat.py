@@ -16,9 +16,10 @@ placement_ms, reachable_after_s`` and ``paths`` (result.json's path of each shar
 ``labels_match_local``. ``reachable_after_s``: from launching a provider's ``dms
 run`` to its address (relayed behind NAT) in the owner's peers table (polled with
 ``dms peers list``, itself ~1 s a call: the figure's resolution). ``placement_ms``:
-from launching ``dms mine`` to its "running on" line; ``transfer_mb_per_s``: MB
-sent to the workers over the time from the first "shipping" line (else that one) to
-the last "MB shipped" line.
+from launching ``dms mine`` to its "running on" line; ``transfer_mb_per_s``: the
+job's MB (both ways) over its wall time (result.json ``wall_s``, which includes the
+workers' computing: a lower bound on the path's rate; the times of the progress
+lines did not bound the transfers, so they gave no rate).
 Run it under the shared lock: ``flock /tmp/dms-heavy.lock python bench/nat.py --json``.
 """
 
@@ -127,28 +128,21 @@ def mine(t: NatTopology, where: str, root: Path) -> dict[str, Any]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    running = shipping = shipped = None
+    running = None
     assert proc.stdout is not None
     for line in proc.stdout:
-        now = time.monotonic()
         if running is None and "running on" in line:
-            running = now
-        if shipping is None and "shipping " in line:
-            shipping = now
-        if "MB shipped" in line:
-            shipped = now
-    shipping = shipping or running
+            running = time.monotonic()
     err = proc.stderr.read() if proc.stderr else ""
     if proc.wait() != 0:
         return {"error": err.strip()[-500:]}
     result = json.loads((placed / "result.json").read_text())
     t.dms("owner", *args, "--out", str(local), "--local", where=where)
-    to_workers = result["bytes_to_worker"] / 1e6
-    span = (shipped - shipping) if shipping and shipped and shipped > shipping else None
+    mb = (result["bytes_to_worker"] + result["bytes_to_owner"]) / 1e6
     return {
         "ok": True,
-        "mb_shipped": round(to_workers + result["bytes_to_owner"] / 1e6, 2),
-        "transfer_mb_per_s": round(to_workers / span, 2) if span else None,
+        "mb_shipped": round(mb, 2),
+        "transfer_mb_per_s": round(mb / result["wall_s"], 2) if result.get("wall_s") else None,
         "placement_ms": round((running - began) * 1000) if running else None,
         "paths": [p.get("path") for p in result["placement"]],
         "labels_match_local": (placed / "labels.csv").read_text()

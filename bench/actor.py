@@ -15,12 +15,13 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import wait
 
 import pykka
 
-from dms.actor import Actor, ActorSystem, MemoryNetwork, behaviour
+from dms.actor import Actor, ActorSystem, Limits, MemoryNetwork, behaviour
 from dms.security import Identity, verify_signature
 
 
@@ -104,9 +105,16 @@ def main() -> int:
         invoke_p50 = _p50_us(samples)
         floor_p50 = _p50_us(floor_samples)
 
-        # Throughput: many invokes in flight from one caller.
+        # Throughput: many invokes in flight from one caller, as many as the callee
+        # admits from one peer at once (its in-flight budget; past it, it refuses).
+        window = threading.BoundedSemaphore(Limits().max_inflight_per_peer)
         start = time.perf_counter()
-        futures = [a.invoke(b.handle, "/bench/echo", payload) for _ in range(args.n)]
+        futures = []
+        for _ in range(args.n):
+            window.acquire()
+            future = a.invoke(b.handle, "/bench/echo", payload)
+            future.add_done_callback(lambda _: window.release())
+            futures.append(future)
         wait(futures, timeout=60)
         failed = sum(1 for f in futures if f.exception() is not None)
         per_s = (args.n - failed) / (time.perf_counter() - start)

@@ -154,8 +154,9 @@ timeline:
         tmp_path,
     )
     assert report.ok, [(c.name, c.detail) for c in report.failed]
-    # Bid, commit and allocate: three round trips, each 2 x 150 ms later.
-    assert batch(report, "slow")["p50_ms"] >= 900
+    # Bid, then commit-and-allocate in one exchange: two round trips, each 2 x 150 ms
+    # later (the injected latency is a floor, not a duration measured).
+    assert batch(report, "slow")["p50_ms"] >= 600
     assert batch(report, "fast")["p50_ms"] < 300
     assert report.faults["delayed"] > 0
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON line per path")
     parser.add_argument("--path", choices=("direct", "relayed", "hole_punched"), action="append")
     args = parser.parse_args()
+    # A SIGTERM (timeout, flock's caller) unwinds: each topology deletes its namespaces.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     why = unavailable()
     if why is not None:
         print(json.dumps({"skipped": why}) if args.json else f"skipped: {why}")

@@ -105,15 +105,18 @@ def test_small_frames_do_not_each_cost_a_window_update(
     sink = b.system.spawn(Sink, 300, done)
     a.node.ask(sink.handle, "/test/sink", {"data": "warm"}, timeout=10)  # stream open
     sink.stop_soon()
+    # Fewer frames than the receiver admits from one peer at once (its in-flight budget,
+    # 64): a loaded receiver would refuse the rest, and the test is about windows.
+    frames = 60
     done = threading.Event()
-    sink = b.system.spawn(Sink, 300, done)
+    sink = b.system.spawn(Sink, frames, done)
     before = len(window_updates)
-    for i in range(300):
+    for i in range(frames):
         a.node.send(sink.handle, "/test/sink", {"data": f"{i:04d}" * 16})
     assert done.wait(30), "not every frame arrived"
-    # ~300 x 500 bytes is well under half a window: py-libp2p as shipped sends an
-    # update per read (300 or more); credit at half window sends next to none.
-    assert len(window_updates) - before < 30
+    # 60 x 500 bytes is well under half a window: py-libp2p as shipped sends an update
+    # per read (60 or more); credit at half window sends next to none.
+    assert len(window_updates) - before < 10
 
 
 def test_frames_larger_than_the_window_still_flow(cluster: LocalCluster) -> None:

@@ -110,6 +110,7 @@ def test_mining_from_a_nated_owner_on_two_nated_providers(nat: NatTopology) -> N
     assert {p["path"] for p in result["placement"]} <= {"relayed", "direct"}, result["placement"]
 
 
+@pytest.mark.slow  # about two minutes: the job waits out the providers' heartbeats
 def test_a_relay_that_dies_mid_job_ends_the_job_with_the_reason(nat: NatTopology) -> None:
     """Hole punching off: every byte goes through the relay. The relay dies while the
     job runs: the job does not hang; it completes (it had finished) or fails and says
@@ -138,4 +139,6 @@ def test_a_relay_that_dies_mid_job_ends_the_job_with_the_reason(nat: NatTopology
     # Measured: the relay was also the gossip hub, so the providers' heartbeats stop
     # reaching the owner: the job fails, saying the providers are gone.
     if job.returncode != 0:
-        assert "the provider is gone" in err or "unreachable" in err, err[-2000:]
+        # Or, when the relay dies before every bid is in, the bid rounds time out.
+        reasons = ("the provider is gone", "unreachable", "no reply from")
+        assert any(reason in err for reason in reasons), err[-2000:]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from dms.errors import DmsError
 from dms.resources import Resources
@@ -54,3 +54,65 @@ class ExecutorError(DmsError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class DrivenSession(Protocol):
+    """What an interactive executor's session shows its ``run``: set ``finished`` when
+    the remote party that drives it ends it; ``summary`` is the allocation's result."""
+
+    finished: threading.Event
+
+    def summary(self) -> dict[str, Any]: ...
+
+
+S = TypeVar("S", bound=DrivenSession)
+MIB = 1024 * 1024
+
+
+class InteractiveExecutor(Generic[S]):
+    """An executor whose work a remote party drives through a session (the mining
+    worker, the collab aggregator): ``check`` bounds the memory its params need by the
+    lease, ``run`` waits for the session to finish (or ``stop``). A subclass says how
+    to read its params and make its session, and what it is (``role``, in messages)."""
+
+    kind: ClassVar[str]
+    role: ClassVar[str]
+    interactive: ClassVar[bool] = True
+
+    def params(self, params: dict[str, Any]) -> Any:
+        """The parsed params (with ``estimated_bytes()``), or ``ExecutorError``."""
+        raise NotImplementedError
+
+    def session(self, params: dict[str, Any], log: Log) -> S:
+        raise NotImplementedError
+
+    def failure(self, session: S) -> str | None:
+        """Why the session failed, if it knows (its ``run`` then fails with it)."""
+        return None
+
+    def check(self, params: dict[str, Any], resources: Resources | None = None) -> None:
+        need = self.params(params).estimated_bytes()
+        if resources is not None and resources.ram_mib and need > resources.ram_mib * MIB:
+            raise ExecutorError(
+                f"this {self.role} needs about {need / MIB:.0f} MiB of memory; "
+                f"the lease holds {resources.ram_mib} MiB",
+                field="resources.ram",
+            )
+
+    def run(
+        self,
+        params: dict[str, Any],
+        stop: threading.Event,
+        log: Log,
+        session: S | None = None,
+    ) -> Any:
+        """Wait while the remote party drives the session; the result is its summary."""
+        if session is None:
+            raise ExecutorError(f"a {self.kind} allocation needs its session")
+        while not session.finished.wait(0.2):
+            if stop.is_set():
+                raise ExecutorError(self.failure(session) or "stopped")
+        failure = self.failure(session)
+        if failure is not None:
+            raise ExecutorError(failure)
+        return session.summary()

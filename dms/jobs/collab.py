@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from dms.jobs.base import ExecutorError, Log, register_executor
+from dms.jobs.base import ExecutorError, InteractiveExecutor, Log, register_executor
 from dms.jobs.mining import count_objects
 from dms.mining.collab import CollabAggregator, CollabFailed, Proposal
 from dms.mining.collab.messages import (
@@ -44,7 +44,6 @@ from dms.mining.collab.messages import (
 )
 from dms.mining.errors import MiningError
 from dms.mining.wire import decode, encode
-from dms.resources import Resources
 
 M = TypeVar("M", bound=BaseModel)
 MIB = 1024 * 1024
@@ -206,37 +205,15 @@ class CollabSession:
 
 
 @register_executor
-class CollabExecutor:
+class CollabExecutor(InteractiveExecutor[CollabSession]):
     kind = "collab"
-    interactive = True
+    role = "aggregator"
 
-    def check(self, params: dict[str, Any], resources: Resources | None = None) -> None:
-        p = parse_params(params)
-        if resources is not None and resources.ram_mib:
-            need = p.estimated_bytes()
-            if need > resources.ram_mib * MIB:
-                raise ExecutorError(
-                    f"this aggregator needs about {need / MIB:.0f} MiB of memory; "
-                    f"the lease holds {resources.ram_mib} MiB",
-                    field="resources.ram",
-                )
+    def params(self, params: dict[str, Any]) -> CollabParams:
+        return parse_params(params)
 
     def session(self, params: dict[str, Any], log: Log) -> CollabSession:
         return CollabSession(parse_params(params), log)
 
-    def run(
-        self,
-        params: dict[str, Any],
-        stop: threading.Event,
-        log: Log,
-        session: CollabSession | None = None,
-    ) -> Any:
-        """Wait while the proposer's session relays the rounds; the result is the summary."""
-        if session is None:
-            raise ExecutorError("a collab allocation needs its session")
-        while not session.finished.wait(0.2):
-            if stop.is_set():
-                raise ExecutorError(session.failure or "stopped")
-        if session.failure is not None:
-            raise ExecutorError(session.failure)
-        return session.summary()
+    def failure(self, session: CollabSession) -> str | None:
+        return session.failure

@@ -28,7 +28,7 @@ import numpy as np
 import tenseal.sealapi as seal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dms.jobs.base import ExecutorError, Log, register_executor
+from dms.jobs.base import ExecutorError, InteractiveExecutor, Log, register_executor
 from dms.mining import Distance, MiningError
 from dms.mining.blind_kmeans import (
     BLIND_LOG_SCALE,
@@ -44,7 +44,6 @@ from dms.mining.placed import PlainJob, PlainResult
 from dms.mining.plain import kmeans, knn
 from dms.mining.schemes.ckks import LEVELS, load_public_context
 from dms.mining.wire import decode, encode
-from dms.resources import Resources
 
 MIB = 1024 * 1024
 BASE_BYTES = 96 * MIB  # the interpreter, TenSEAL and numpy, before any data
@@ -671,35 +670,12 @@ class MiningSession:
 
 
 @register_executor
-class MiningExecutor:
+class MiningExecutor(InteractiveExecutor[MiningSession]):
     kind = "mining"
-    interactive = True
+    role = "job"
 
-    def check(self, params: dict[str, Any], resources: Resources | None = None) -> None:
-        p = parse_params(params)
-        if resources is not None and resources.ram_mib:
-            need = p.estimated_bytes()
-            if need > resources.ram_mib * MIB:
-                raise ExecutorError(
-                    f"this job needs about {need / MIB:.0f} MiB of memory; "
-                    f"the lease holds {resources.ram_mib} MiB",
-                    field="resources.ram",
-                )
+    def params(self, params: dict[str, Any]) -> MiningParams:
+        return parse_params(params)
 
     def session(self, params: dict[str, Any], log: Log) -> MiningSession:
         return MiningSession(parse_params(params), log)
-
-    def run(
-        self,
-        params: dict[str, Any],
-        stop: threading.Event,
-        log: Log,
-        session: MiningSession | None = None,
-    ) -> Any:
-        """Wait while the owner drives the session; the result is its summary."""
-        if session is None:
-            raise ExecutorError("a mining allocation needs its session")
-        while not session.finished.wait(0.2):
-            if stop.is_set():
-                raise ExecutorError("stopped")
-        return session.summary()

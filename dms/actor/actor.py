@@ -181,6 +181,17 @@ class Actor(pykka.ThreadingActor):
             path=path, handler=handler, public=public, payload=payload, data=data, topic=topic
         )
 
+    def route(self, service: object) -> None:
+        """Route the behaviours ``service`` declares (its methods marked ``@behaviour``)
+        to it: an actor composed of services answers for them. A path this actor
+        answers already is an error (two handlers for one behaviour)."""
+        for path, spec in declared_behaviours(type(service)).items():
+            if path in self._behaviours:
+                raise ValueError(f"{path} is routed twice ({type(service).__name__})")
+            self._behaviours[path] = dataclasses.replace(
+                spec, handler=spec.handler.__get__(service)
+            )
+
     def unregister(self, path: str) -> None:
         self._behaviours.pop(path, None)
 

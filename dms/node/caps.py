@@ -1,7 +1,7 @@
 """The node's capability behaviours: its anchors (``/dms/cap/*``) and revocations heard.
 
-A mixin of :class:`dms.node.node.NodeActor`. The trust store is the actor
-system's (``DMS_HOME/cap/dms.json``): while the node runs, ``dms cap`` changes
+A role of :class:`dms.node.node.NodeActor` (:class:`Capabilities`). The trust
+store is the actor system's (``DMS_HOME/cap/dms.json``): while the node runs, ``dms cap`` changes
 it through these behaviours, so the file has one writer. A revocation given
 here is stored and published on ``/dms/revocation``; every node that hears it
 stores it when it concerns a chain anchored there, and refuses that chain from
@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dms.actor import ErrorCode, Refusal, Request, behaviour
 from dms.actor.policy import Role
 from dms.jobs.allocation import AllocationActor
-from dms.node.base import NodeBase
+from dms.node.runtime import NodeRuntime
 from dms.orchestrator.deployment import DeploymentActor
 from dms.security.identity import IdentityError, public_key_from_did
 from dms.security.trust import RevocationOutcome, TrustStore
@@ -134,20 +134,22 @@ class RevocationIntake:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class CapBehaviours(NodeBase):
-    def start_caps(self) -> None:
-        """Before any child actor starts: the roles they get."""
-        self.system.roles.update(ROLES)
+class Capabilities:
+    """The node's trust anchors and revocations, and its child actors' roles."""
+
+    def __init__(self, node: NodeRuntime) -> None:
+        self.node = node
+        self.trust: TrustStore = node.system.trust
         self.revocation_intake = RevocationIntake(self.trust)
-        self.subscribe(REVOCATION_TOPIC)
-        self.call_later(FIRST_REPUBLISH_S, self._republish)
 
-    def stop_caps(self) -> None:
+    def start(self) -> None:
+        """Before any child actor starts: the roles they get."""
+        self.node.system.roles.update(ROLES)
+        self.node.subscribe(REVOCATION_TOPIC)
+        self.node.call_later(FIRST_REPUBLISH_S, self._republish)
+
+    def stop(self) -> None:
         self.revocation_intake.stop()
-
-    @property
-    def trust(self) -> TrustStore:
-        return self.system.trust
 
     @behaviour(REVOCATION_BEHAVIOUR, public=True, payload=RevocationPayload, topic=REVOCATION_TOPIC)
     def revocation_heard(self, request: Request) -> None:
@@ -170,8 +172,8 @@ class CapBehaviours(NodeBase):
     @behaviour("/dms/cap/list")
     def cap_list(self, request: Request) -> dict[str, Any]:
         return {
-            "did": self.identity.did,
-            "deployment_policy": self.system.deployment_policy,
+            "did": self.node.identity.did,
+            "deployment_policy": self.node.system.deployment_policy,
             **self.trust.listing(),
         }
 
@@ -200,7 +202,7 @@ class CapBehaviours(NodeBase):
         outcome = self.trust.add_revocation(raw, local=True)
         if outcome.revocation is None:
             raise Refusal(ErrorCode.BAD_PAYLOAD, outcome.reason)
-        self.publish(REVOCATION_TOPIC, REVOCATION_BEHAVIOUR, {"revocation": raw})
+        self.node.publish(REVOCATION_TOPIC, REVOCATION_BEHAVIOUR, {"revocation": raw})
         return {
             "revoked": outcome.revocation.revoked_id.hex(),
             "stored": outcome.stored,
@@ -210,13 +212,13 @@ class CapBehaviours(NodeBase):
 
     def _republish(self) -> None:
         """The revocations this node's keys made, for nodes that were away."""
-        mine = {self.identity.public_key} | _keys(self.trust.anchors.root)
+        mine = {self.node.identity.public_key} | _keys(self.trust.anchors.root)
         for raw in self.trust.revocations_by(mine):
             try:
-                self.publish(REVOCATION_TOPIC, REVOCATION_BEHAVIOUR, {"revocation": raw})
+                self.node.publish(REVOCATION_TOPIC, REVOCATION_BEHAVIOUR, {"revocation": raw})
             except Exception as exc:  # the network may be stopping
                 log.debug("revocation not published again: %s", exc)
-        self.call_later(REPUBLISH_S, self._republish)
+        self.node.call_later(REPUBLISH_S, self._republish)
 
 
 def _keys(dids: list[str]) -> set[bytes]:

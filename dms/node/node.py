@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from dms import __version__
 from dms.actor import ActorContext, Request, behaviour
 from dms.node.bidding import BiddingBehaviours
-from dms.node.caps import CapBehaviours
+from dms.node.caps import Capabilities
 from dms.node.collab import CollabBehaviours
 from dms.node.deploying import DeployingBehaviours
 from dms.node.mining import MiningBehaviours
@@ -42,7 +42,6 @@ class HelloPayload(BaseModel):
 
 
 class NodeActor(
-    CapBehaviours,
     PeeringBehaviours,
     MiningBehaviours,
     CollabBehaviours,
@@ -54,9 +53,11 @@ class NodeActor(
         super().__init__(context, services)
         self.started = time.monotonic()
         self.hellos: deque[dict[str, Any]] = deque(maxlen=HELLO_MEMORY)
+        self.caps = Capabilities(self)
+        self.route(self.caps)
 
     def on_start(self) -> None:
-        self.start_caps()  # first: the roles of the child actors the others start
+        self.caps.start()  # first: the roles of the child actors the others start
         self.subscribe(BROADCAST_TOPIC)
         self.start_provider()
         self.start_mining()
@@ -68,7 +69,7 @@ class NodeActor(
 
     def stopping(self) -> None:
         self.shutdown_pool()
-        self.stop_caps()
+        self.caps.stop()
         self.stop_peering()
 
     def _prune(self) -> None:

@@ -1,117 +1,30 @@
 """A provider built to cheat at blind k-means, over real nodes on loopback.
 
-Its worker computes honestly, then rewrites its answer: crafted values for one record,
-a replayed earlier answer, a ciphertext at the top level (wrong size and level), or at
-another scale. The owner catches each (``WorkerMisbehaved``: before decrypting for the
-malformed ones, by its spot check for the lies), the session excludes that provider
-for the job and places the shard again, and the job completes with plaintext
-k-means's labels. The stalling and bomb-throwing workers are in
+Its worker (``dms.sim.hostile_mining``) computes honestly, then rewrites its answer:
+crafted values for one record, a replayed earlier answer, a ciphertext at the top level
+(wrong size and level), or at another scale. The owner catches each
+(``WorkerMisbehaved``: before decrypting for the malformed ones, by its spot check for
+the lies), the session excludes that provider for the job and places the shard again,
+and the job completes with plaintext k-means's labels. The stalling and bomb-throwing workers are in
 ``tests/test_mining_hostile.py``.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
-import tenseal as ts
 
-from dms.jobs.base import Log
 from dms.jobs.executors import EXECUTORS
-from dms.jobs.mining import MiningExecutor, MiningParams, MiningSession
-from dms.mining.blind_kmeans import BlindClusterRound, BlindClusterWorker
 from dms.mining.data import read_table
 from dms.mining.plain import kmeans
-from dms.mining.wire import decode, encode
 from dms.sim.cluster import LocalCluster
+from dms.sim.hostile_mining import HostileExecutor
 from tests.test_mining_active import blanked
 from tests.test_mining_placed import IRIS, Network
-
-Cheat = Callable[[BlindClusterWorker, BlindClusterRound, list[BlindClusterRound]], None]
-
-
-def shift_one_record(worker: BlindClusterWorker, answer: BlindClusterRound, _: Any) -> None:
-    """Record 17's distance to cluster 1 pulled down: it would change cluster."""
-    cipher = ts.ckks_vector_from(worker.context, answer.ciphertexts[1][0])
-    bump = np.zeros(worker.slots)
-    bump[17] = -0.5
-    answer.ciphertexts[1][0] = (cipher + bump.tolist()).serialize()
-
-
-def replay(worker: BlindClusterWorker, answer: BlindClusterRound, kept: list[Any]) -> None:
-    """From round 2 on, the first round's distances under the current round number."""
-    if kept:
-        answer.ciphertexts = kept[0].ciphertexts
-
-
-def top_level(worker: BlindClusterWorker, answer: BlindClusterRound, _: Any) -> None:
-    answer.ciphertexts[0][0] = worker.columns[0][0].serialize()  # two primes, 251 KB
-
-
-def other_scale(worker: BlindClusterWorker, answer: BlindClusterRound, _: Any) -> None:
-    """A product left unrescaled: two primes, scale 2^100."""
-    worker.context.auto_rescale = False
-    try:
-        answer.ciphertexts[0][0] = (worker.columns[0][0] * worker.columns[1][0]).serialize()
-    finally:
-        worker.context.auto_rescale = True
-
-
-CHEATS: dict[str, Cheat] = {
-    "shift_one_record": shift_one_record,
-    "replay": replay,
-    "top_level": top_level,
-    "other_scale": other_scale,
-}
-
-
-class CheatingSession(MiningSession):
-    """Computes every step honestly, then rewrites the answer with ``cheat`` (None:
-    honest); keeps what the owner sent in ``received``."""
-
-    def __init__(self, params: MiningParams, log: Log, cheat: Cheat | None) -> None:
-        super().__init__(params, log)
-        self.cheat = cheat
-        self.kept: list[BlindClusterRound] = []
-        self.received: list[tuple[str, bytes]] = []
-
-    def call(self, op: str, body: bytes) -> bytes:
-        self.received.append((op, body))
-        out = super().call(op, body)
-        if op != "step" or self.cheat is None:
-            return out
-        answer = decode(BlindClusterRound, out)
-        worker = self._ops.cluster
-        assert isinstance(worker, BlindClusterWorker)
-        honest = answer.model_copy(deep=True)
-        self.cheat(worker, answer, self.kept)
-        self.kept.append(honest)
-        return encode(answer)
-
-
-class CheatingExecutor(MiningExecutor):
-    """Every node's mining executor in this process: the first session made cheats
-    (on whichever provider won shard 0), the ones after are honest."""
-
-    def __init__(self, cheat: Cheat | None) -> None:
-        self.cheat = cheat
-        self.made = 0
-        self.first: CheatingSession | None = None
-        self._lock = threading.Lock()
-
-    def session(self, params: dict[str, Any], log: Log) -> MiningSession:
-        honest = super().session(params, log)
-        with self._lock:
-            self.made += 1
-            if self.made > 1:
-                return honest
-        self.first = CheatingSession(honest.params, log, self.cheat)
-        return self.first
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +47,7 @@ def test_a_cheating_worker_is_caught_excluded_and_the_labels_hold(
 ) -> None:
     import re
 
-    executor = CheatingExecutor(CHEATS[cheat])
+    executor = HostileExecutor([cheat])
     monkeypatch.setitem(EXECUTORS, "mining", executor)
     settings = {
         "algorithm": "skmeans",
@@ -152,7 +65,7 @@ def test_a_cheating_worker_is_caught_excluded_and_the_labels_hold(
     assert re.search(reason, caught["reason"]), caught
     assert caught["peer_id"] not in {p["peer_id"] for p in result["placement"]}
     assert result["detection_per_round"] == 1.0 and result["rounds"] == 4
-    assert executor.made == 2
+    assert executor.made == [cheat, "honest"]
     net.settle(session)
 
 
@@ -170,14 +83,14 @@ def test_what_a_provider_receives_does_not_depend_on_what_it_returned(
     settings = {"algorithm": "skmeans", "protocol": "blind", "k": 3, "max_iterations": 6}
     request = {"settings": settings, "data": str(IRIS.resolve()), "timeout_s": 90}
     seen, labels = [], []
-    for cheat in (None, shift_one_record):
-        executor = CheatingExecutor(cheat)
+    for how in ("honest", "shift_one_record"):
+        executor = HostileExecutor([how])
         monkeypatch.setitem(EXECUTORS, "mining", executor)
         session = net.mine(request)
         labels.append(net.result(session)["labels"])
         net.settle(session)
-        assert executor.made == 1 and executor.first is not None
-        seen.append(executor.first.received)
+        assert executor.made == [how]
+        seen.append(executor.sessions[0].received)
     assert labels[0] != labels[1]
     honest, liar = seen
     assert [op for op, _ in honest] == [op for op, _ in liar]
@@ -198,7 +111,7 @@ def test_verify_replicate_runs_each_shard_twice_and_catches_an_unsampled_lie(
     from dms.mining.answers import Spot
 
     monkeypatch.setattr(Spot, "sample", lambda self, n: np.array([0]))
-    executor = CheatingExecutor(shift_one_record)
+    executor = HostileExecutor(["shift_one_record"])
     monkeypatch.setitem(EXECUTORS, "mining", executor)
     settings = {"algorithm": "skmeans", "k": 3, "max_iterations": 4, "verify": "replicate"}
     session = net.mine({"settings": settings, "data": str(IRIS.resolve()), "timeout_s": 90})

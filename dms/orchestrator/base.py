@@ -1,10 +1,12 @@
 """What a deployment's parts share: its row and slots, its events, and the node's services.
 
-A deployment actor (``deployment.py``) is composed of two rooms that work on
-the same slots: placing them by bid rounds (``rounds.py``) and seeing each one
-through commit, allocation and running (``supervision.py``). This base holds
-the state both read, the hooks a subclass (the mining session) overrides, and
-the few primitives both use (an event, a revert, a save).
+A deployment actor (``deployment.py``) holds two parts that work on the same
+slots: its bid rounds place them (``rounds.py``) and its supervision sees each
+one through commit, allocation and running (``supervision.py``). Each part is
+built with what it needs: the :class:`DeploymentBook` (the state both read, and
+the few primitives both use: an event, a revert, a save), the actor's messaging
+(:class:`Messenger`), and what it asks of the deployment, declared where the
+part is (``RoundsHost``, ``SupervisionHost``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from dms.actor import ROOT_INBOX, Actor, ActorContext, Address, Handle
+from dms.actor import ROOT_INBOX, Address, Handle, Outcome
+from dms.actor.timers import TimerHandle
 from dms.jobs.spec import DeploymentSpec
 from dms.network.peertable import PeerTable
 from dms.orchestrator.messages import REVERT
@@ -139,16 +142,43 @@ class Orchestration:
         )
 
 
-class DeploymentBase(Actor):
+class Messenger(Protocol):
+    """What a deployment's parts use of the actor that holds them: its address, its
+    messages and its timers (a :class:`~dms.actor.Actor` is one)."""
+
+    @property
+    def handle(self) -> Handle: ...
+
+    def send(self, to: Handle, behaviour: str, payload: Any = None, **kw: Any) -> None: ...
+
+    def invoke(
+        self,
+        to: Handle,
+        behaviour: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        on_reply: Callable[[Outcome], None] | None = None,
+    ) -> None: ...
+
+    def publish(self, topic: str, behaviour: str, payload: Any = None, **kw: Any) -> bytes: ...
+
+    def call_later(self, delay_s: float, fn: Callable[[], Any]) -> TimerHandle: ...
+
+
+class DeploymentBook:
+    """A deployment's own state, shared by its parts (the actor, its bid rounds, its
+    supervision): its row and slots, its events, its saves and its reverts."""
+
     def __init__(
         self,
-        context: ActorContext,
+        messenger: Messenger,
         orchestration: Orchestration,
         deployment_id: str,
         spec: DeploymentSpec,
         saved: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(context)
+        self.messenger = messenger
         self.o = orchestration
         self.id = deployment_id
         self.spec = spec
@@ -165,69 +195,20 @@ class DeploymentBase(Actor):
         else:
             slots = [Slot.new(name, self.deadlines, now) for name in self.by_slot]
         self.slots: dict[str, Slot] = {s.name: s for s in slots}
-        self._uncertain: set[str] = set()  # peers that may hold leases we do not know of
+        self.uncertain: set[str] = set()  # peers that may hold leases we do not know of
         self._dirty = False
         self._saved_as: tuple[Any, ...] = ()
         self.messages = 0
-
-    # ---- hooks for subclasses (the mining session) -------------------------------------
-
-    def resumable(self) -> bool:
-        """Whether this deployment may carry on after its node restarted."""
-        return True
-
-    def slot_running(self, slot: Slot) -> None:
-        """A slot's allocation has just started running (its handle is in the slot)."""
-
-    def slot_lost(self, slot: Slot, reason: str) -> None:
-        """A slot's allocation is gone (before the slot is reopened)."""
-
-    def lost_line(self, slot: Slot, reason: str) -> str:
-        """The one event line that says a slot's allocation is lost and placed again."""
-        return f"{slot.name}: {reason}; placing it again"
-
-    def heard_from(self, slot: Slot) -> bool:
-        """Whether the slot's allocation answered something else lately (session traffic
-        counts as liveness: a poll that times out behind a large transfer is no death)."""
-        return False
-
-    def ended(self, state: DeploymentState, what: str) -> None:
-        """The deployment reached a terminal state."""
-
-    # ---- what each room provides to the other ------------------------------------------
-
-    def _schedule_round(self, delay_s: float) -> None:
-        raise NotImplementedError  # rounds.py
-
-    def _settle(self) -> None:
-        raise NotImplementedError  # deployment.py
-
-    def _abort(self, what: str, per_slot: dict[str, str] | None = None) -> None:
-        raise NotImplementedError  # deployment.py
-
-    def _fail_unplaced(self, late: list[Slot]) -> None:
-        raise NotImplementedError  # rounds.py
-
-    def _lost(self, slot: Slot, reason: str) -> None:
-        raise NotImplementedError  # supervision.py
-
-    def _reopen(self, slot: Slot, reason: str, exclude: bool = True) -> None:
-        raise NotImplementedError  # supervision.py
-
-    def _commit(self, slot: Slot) -> None:
-        raise NotImplementedError  # supervision.py
-
-    # ---- shared primitives ---------------------------------------------------------------
 
     @property
     def state(self) -> DeploymentState:
         return self.row.state
 
-    def _set_state(self, state: DeploymentState) -> None:
+    def set_state(self, state: DeploymentState) -> None:
         if self.row.move(state):
-            self._event(f"state: {state}")
+            self.event(f"state: {state}")
 
-    def _event(self, what: str) -> None:
+    def event(self, what: str) -> None:
         """Note ``what`` in the deployment's events (status shows them) and the log."""
         log.info("deployment %s: %s", self.id, what)
         self._dirty = True
@@ -236,7 +217,7 @@ class DeploymentBase(Actor):
         if len(events) > EVENT_MEMORY:
             del events[: len(events) - EVENT_MEMORY]
 
-    def _stored_row(self) -> dict[str, Any]:
+    def stored_row(self) -> dict[str, Any]:
         return self.row.to_row([s.to_row() for s in self.slots.values()])
 
     def _fingerprint(self) -> tuple[Any, ...]:
@@ -244,26 +225,32 @@ class DeploymentBase(Actor):
         # stored as it was at the slot's last transition.
         return tuple((s.name, s.state, s.since) for s in self.slots.values())
 
-    def _save(self) -> bool:
+    def save(self) -> bool:
         """One write per transition: of the deployment (an event) or of a slot. Whether
         the store took it (if not, the next transition saves again)."""
         self._dirty = False
         self._saved_as = self._fingerprint()
         try:
-            self.o.store.save(self._stored_row())
+            self.o.store.save(self.stored_row())
         except Exception as exc:  # keep placing; the next transition saves again
             log.warning("deployment %s not saved: %s", self.id, exc)
             return False
         return True
 
-    def _save_end(self) -> bool:
-        """Save the deployment's end (a subclass adds its own rows); whether all were."""
-        return self._save()
-
-    def _changed(self) -> bool:
+    def changed(self) -> bool:
         return self._dirty or self._fingerprint() != self._saved_as
 
-    def _revert(self, peer: str | None, lease_ids: list[str], everything: bool = False) -> None:
+    def excludes(self, name: str, peer: str) -> bool:
+        """Whether slot ``name`` may not go to ``peer`` (it lost the slot before, or the
+        job's constraints keep it out)."""
+        c = self.by_slot[name].constraints
+        return (
+            peer in self.slots[name].excluded
+            or peer in c.exclude_peers
+            or bool(c.include_peers and peer not in c.include_peers)
+        )
+
+    def revert(self, peer: str | None, lease_ids: list[str], everything: bool = False) -> None:
         if not peer or not (lease_ids or everything):
             return
         payload = {"deployment_id": self.id, "lease_ids": lease_ids, "everything": everything}
@@ -272,12 +259,12 @@ class DeploymentBase(Actor):
             self.o.revert(peer, payload)
             return
         try:
-            self.send(node_handle(peer), REVERT, payload)
+            self.messenger.send(node_handle(peer), REVERT, payload)
         except Exception as exc:  # an unreachable peer's leases expire on their own
-            self._uncertain.add(peer)
+            self.uncertain.add(peer)
             log.debug("revert to %s not sent: %s", peer, exc)
 
-    def _note_reason(self, peer: str, slots: list[str], reason: str) -> None:
+    def note_reason(self, peer: str, slots: list[str], reason: str) -> None:
         for name in slots:
             if name in self.slots:
                 self.slots[name].reasons[peer] = reason

@@ -144,7 +144,7 @@ class CollabSessionActor(DeploymentActor):
             return
         self.phase = CollabPhase.JOINING
         self.join_deadline = time.monotonic() + self.join_timeout_s
-        self._event(f"aggregator running on {slot.peer_id}; asking the owners for their keys")
+        self.book.event(f"aggregator running on {slot.peer_id}; asking the owners for their keys")
         self._adverts(list(self.proposal.owners), {})
 
     def slot_lost(self, slot: Slot, reason: str) -> None:
@@ -156,7 +156,7 @@ class CollabSessionActor(DeploymentActor):
         if len(self.losses) >= MAX_AGGREGATOR_LOSSES:
             self._fail(f"the aggregator was lost {len(self.losses)} times; last: {reason}")
             return
-        self._event(f"aggregator on {self.aggregator_peer} lost ({reason}); placing it again")
+        self.book.event(f"aggregator on {self.aggregator_peer} lost ({reason}); placing it again")
         self._report()
 
     def heard_from(self, slot: Slot) -> bool:
@@ -177,7 +177,9 @@ class CollabSessionActor(DeploymentActor):
             live=self.live,
             dropped=[Dropout.model_validate(d) for d in self.dropped],
         )
-        self._event(f"aggregator restored on {self.aggregator_peer}; round {self.next_round} again")
+        self.book.event(
+            f"aggregator restored on {self.aggregator_peer}; round {self.next_round} again"
+        )
         self._aggregator("restore", encode(state), lambda _: self._start_round())
 
     def ended(self, state: str, what: str) -> None:
@@ -207,7 +209,7 @@ class CollabSessionActor(DeploymentActor):
         def roster(body: bytes) -> None:
             self.roster_taken = True
             listed = [a.owner for a in decode(Roster, body).adverts]
-            self._event(f"roster: {len(listed)} of {len(self.proposal.owners)} owners")
+            self.book.event(f"roster: {len(listed)} of {len(self.proposal.owners)} owners")
             self._ask_owners(
                 listed,
                 "roster",
@@ -261,7 +263,7 @@ class CollabSessionActor(DeploymentActor):
             self.dropped += [{"owner": o, "round": totals.round} for o in totals.dropped]
             self.next_round, self.live = totals.round + 1, totals.survivors
             if totals.dropped:
-                self._event(f"round {totals.round}: dropped {', '.join(totals.dropped)}")
+                self.book.event(f"round {totals.round}: dropped {', '.join(totals.dropped)}")
             last = totals.round >= self.proposal.rounds
             self._ask_owners(
                 totals.survivors,
@@ -275,7 +277,7 @@ class CollabSessionActor(DeploymentActor):
     def _complete(self) -> None:
         self.phase = CollabPhase.COMPLETED
         self.reason = "completed"
-        self._event(f"collaboration completed in {time.monotonic() - self.began:.1f} s")
+        self.book.event(f"collaboration completed in {time.monotonic() - self.began:.1f} s")
         self._report()
         self._aggregator("end", b"", lambda _: None)
 
@@ -285,7 +287,7 @@ class CollabSessionActor(DeploymentActor):
         self.phase = CollabPhase.FAILED
         self.reason = reason
         self._report()
-        self._abort(f"collaboration failed: {reason}")
+        self.abort(f"collaboration failed: {reason}")
 
     # ---- plumbing ---------------------------------------------------------------------
 
@@ -353,7 +355,7 @@ class CollabSessionActor(DeploymentActor):
                 if self._aggregator_failed(outcome):
                     return
                 self.refused.append(f"{owner} {op}: {outcome.error.reason}")
-                self._event(f"{owner}'s {op} refused: {outcome.error.reason}")
+                self.book.event(f"{owner}'s {op} refused: {outcome.error.reason}")
             self._to_aggregator(op, rest, then)
 
         self._call_aggregator(op, body, next_one)
@@ -386,10 +388,10 @@ class CollabSessionActor(DeploymentActor):
         if error.code == ENDED:
             self._fail(error.reason)
             return True
-        slot = next(iter(self.slots.values()))
+        slot = next(iter(self.book.slots.values()))
         if slot.state == SlotState.RUNNING:
-            self._lost(slot, f"the aggregator failed: {error.code}: {error.reason}")
-        self._settle()
+            self.supervision.lost(slot, f"the aggregator failed: {error.code}: {error.reason}")
+        self.settle()
         return True
 
     def _call_aggregator(self, op: str, body: bytes, on_reply: Callable[[Outcome], None]) -> None:

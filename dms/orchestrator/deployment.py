@@ -6,13 +6,14 @@ States (saved on every transition, ``specs/orchestration.md``)::
         \\________________________________________________/  \\-> failed | shutdown
 
 The deployment's state is derived from its slots, each a typed state machine
-with a deadline in every state that is not final (``slots.py``). The actor is
-two rooms on those slots: bid rounds place the open ones (``rounds.py``), and
-supervision sees each placed one through commit, allocation and running, and
-reopens it when it is lost (``supervision.py``). This module holds what is the
-deployment's own: its start and resumption, its end, the owner's shutdown, and
-the status people and scripts read. Nothing here blocks: every request is an
-invoke with a callback that runs back in this actor.
+with a deadline in every state that is not final (``slots.py``). The actor
+holds two parts that work on those slots, each built with what it needs: its
+bid rounds place the open ones (``rounds.py``), and its supervision sees each
+placed one through commit, allocation and running, and reopens it when it is
+lost (``supervision.py``); both share the deployment's book (``base.py``). This
+module holds what is the deployment's own: its start and resumption, its end,
+the owner's shutdown, and the status people and scripts read. Nothing here
+blocks: every request is an invoke with a callback that runs back in this actor.
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from dms.actor import Request, behaviour
+from dms.actor import Actor, ActorContext, Request, behaviour
 from dms.backoff import Backoff
 from dms.jobs.spec import DeploymentSpec
 from dms.orchestrator.base import (
+    DeploymentBook,
     Orchestration,
     allocation_handle,
     allocation_ref,
     new_deployment_id,
     node_handle,
 )
+from dms.orchestrator.messages import BID, UPDATE, AllocationUpdate, Bid
 from dms.orchestrator.rounds import BidRounds, misfit
 from dms.orchestrator.slots import HELD, Slot, SlotState
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
@@ -60,17 +63,85 @@ STOP = "/dms/allocation/stop"
 END_RETRY = Backoff(first_s=0.5, max_s=30.0)  # saving an end the store refused, again
 
 
-class DeploymentActor(BidRounds, Supervision):
+class DeploymentActor(Actor):
+    """One deployment: its book (row, slots, events), its bid rounds and its supervision,
+    each built here with what it needs; the actor routes behaviours and timers to them
+    and holds what is the deployment's own (its start, its end, its status)."""
+
+    def __init__(
+        self,
+        context: ActorContext,
+        orchestration: Orchestration,
+        deployment_id: str,
+        spec: DeploymentSpec,
+        saved: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(context)
+        self.o = orchestration
+        self.id = deployment_id
+        self.spec = spec
+        self.book = DeploymentBook(self, orchestration, deployment_id, spec, saved)
+        self.rounds = BidRounds(self.book, self, self)
+        self.supervision = Supervision(self.book, self, self.rounds, self)
+
+    @property
+    def state(self) -> DeploymentState:
+        return self.book.state
+
+    # ---- hooks for subclasses (the sessions that drive their allocations) ----------------
+
+    def resumable(self) -> bool:
+        """Whether this deployment may carry on after its node restarted."""
+        return True
+
+    def slot_running(self, slot: Slot) -> None:
+        """A slot's allocation has just started running (its handle is in the slot)."""
+
+    def slot_lost(self, slot: Slot, reason: str) -> None:
+        """A slot's allocation is gone (before the slot is reopened)."""
+
+    def lost_line(self, slot: Slot, reason: str) -> str:
+        """The one event line that says a slot's allocation is lost and placed again."""
+        return f"{slot.name}: {reason}; placing it again"
+
+    def heard_from(self, slot: Slot) -> bool:
+        """Whether the slot's allocation answered something else lately (session traffic
+        counts as liveness: a poll that times out behind a large transfer is no death)."""
+        return False
+
+    def ended(self, state: DeploymentState, what: str) -> None:
+        """The deployment reached a terminal state."""
+
+    def excludes(self, name: str, peer: str) -> bool:
+        """Whether slot ``name`` may not go to ``peer`` (the bid rounds ask)."""
+        return self.book.excludes(name, peer)
+
+    def commit(self, slot: Slot) -> None:
+        """The bid rounds chose a winner for ``slot``: supervision takes it from here."""
+        self.supervision.commit(slot)
+
+    # ---- behaviours ------------------------------------------------------------------
+
+    @behaviour(BID, public=True, payload=Bid)
+    def bid_received(self, request: Request) -> None:
+        """Bids answering a gossip request come here, point to point."""
+        self.rounds.bid_received(request)
+
+    @behaviour(UPDATE, public=True, payload=AllocationUpdate)
+    def update(self, request: Request) -> None:
+        """An allocation pushes its state."""
+        self.supervision.update(request)
+
     # ---- lifecycle -----------------------------------------------------------------
 
     def on_start(self) -> None:
-        if self.row.events:
+        if self.book.row.events:
             self._resume()
         else:
-            self._event(f"deployment {self.spec.name!r}: {len(self.slots)} allocation(s)")
-            self._save()
-        self._schedule_round(0.0)
-        self.call_later(self.o.supervise_s, self._supervise)
+            self.book.event(f"deployment {self.spec.name!r}: {len(self.book.slots)} allocation(s)")
+            self.book.save()
+        self.rounds.schedule(0.0)
+        self.call_later(self.o.supervise_s, self.supervision.supervise)
 
     def _resume(self) -> None:
         """After a restart: revert what was half done, keep supervising what runs."""
@@ -79,19 +150,21 @@ class DeploymentActor(BidRounds, Supervision):
                 DeploymentState.FAILED, "the requester restarted, and this deployment cannot resume"
             )
             return
-        for slot in self.slots.values():
+        for slot in self.book.slots.values():
             if slot.state in (SlotState.COMMITTING, SlotState.ALLOCATING):
-                self._revert(slot.peer_id, [slot.lease_id] if slot.lease_id else [])
+                self.book.revert(slot.peer_id, [slot.lease_id] if slot.lease_id else [])
                 # Not the peer's fault: it stays eligible.
-                self._reopen(slot, "the requester restarted before it was running", False)
+                self.supervision.reopen(
+                    slot, "the requester restarted before it was running", False
+                )
             elif not slot.terminal:  # open: a new placement deadline; running: polled again
-                slot.alive(self.deadlines)
-        self._event("resumed after a restart")
-        self._settle()
+                slot.alive(self.book.deadlines)
+        self.book.event("resumed after a restart")
+        self.settle()
 
     # ---- the end ---------------------------------------------------------------------
 
-    def _abort(self, what: str, per_slot: dict[str, str] | None = None) -> None:
+    def abort(self, what: str, per_slot: dict[str, str] | None = None) -> None:
         """Fail the deployment: stop what runs, give every lease back."""
         self._finish(DeploymentState.FAILED, what, per_slot)
 
@@ -100,26 +173,30 @@ class DeploymentActor(BidRounds, Supervision):
     ) -> None:
         """End the deployment in ``state``: every slot not final ends too (``per_slot``:
         its own reason, else ``what``)."""
-        for slot in self.slots.values():
+        for slot in self.book.slots.values():
             reason = (per_slot or {}).get(slot.name, what)
             if slot.state in HELD:
                 self._stop_slot(slot, reason)
             elif slot.state == SlotState.OPEN:
                 ending = SlotState.FAILED if state == DeploymentState.FAILED else SlotState.STOPPED
-                slot.end(ending, reason, self.deadlines)
+                slot.end(ending, reason, self.book.deadlines)
         # Whatever a provider may still hold for this deployment (a bid whose reply was
         # lost, a slot that did not complete) goes back now, not at its lease's expiry.
-        unfinished = {s.peer_id for s in self.slots.values() if s.state != SlotState.COMPLETED}
-        owing = {peer for peer, count in self._owing.items() if count > 0}
-        for peer in sorted((self._uncertain | unfinished | owing) - {None}):
-            self._revert(peer, [], everything=True)
-        self._set_state(state)
-        self._event(what)
-        self.row.ended_at = time.time()
+        unfinished = {s.peer_id for s in self.book.slots.values() if s.state != SlotState.COMPLETED}
+        owing = {peer for peer, count in self.rounds.owing.items() if count > 0}
+        for peer in sorted((self.book.uncertain | unfinished | owing) - {None}):
+            self.book.revert(peer, [], everything=True)
+        self.book.set_state(state)
+        self.book.event(what)
+        self.book.row.ended_at = time.time()
         try:
             self.ended(state, what)
         finally:
             self._leave_when_saved(END_RETRY.first_s)
+
+    def _save_end(self) -> bool:
+        """Save the deployment's end (a subclass adds its own rows); whether all were."""
+        return self.book.save()
 
     def _leave_when_saved(self, wait_s: float) -> None:
         """Stop once the end is in the store. While the store refuses it (a full disk, a
@@ -139,41 +216,41 @@ class DeploymentActor(BidRounds, Supervision):
         if slot.allocation is not None:
             with contextlib.suppress(Exception):
                 self.invoke(allocation_handle(slot.allocation), STOP, on_reply=lambda _: None)
-        self._revert(slot.peer_id, [slot.lease_id] if slot.lease_id else [])
-        slot.end(SlotState.STOPPED, reason, self.deadlines)
+        self.book.revert(slot.peer_id, [slot.lease_id] if slot.lease_id else [])
+        slot.end(SlotState.STOPPED, reason, self.book.deadlines)
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
         """Derive the deployment's state from its slots, and save what changed."""
         if self.state in DEPLOYMENT.terminal:
             return
-        states = [s.state for s in self.slots.values()]
+        states = [s.state for s in self.book.slots.values()]
         if all(s == SlotState.COMPLETED for s in states):
             self._finish(DeploymentState.COMPLETED, "every allocation completed")
             return
         if all(s in (SlotState.RUNNING, SlotState.COMPLETED) for s in states):
-            if self.row.running_at is None:
-                self.row.running_at = time.time()
-            self._set_state(DeploymentState.RUNNING)
+            if self.book.row.running_at is None:
+                self.book.row.running_at = time.time()
+            self.book.set_state(DeploymentState.RUNNING)
         elif SlotState.ALLOCATING in states:
-            self._set_state(DeploymentState.ALLOCATING)
+            self.book.set_state(DeploymentState.ALLOCATING)
         elif SlotState.COMMITTING in states:
-            self._set_state(DeploymentState.COMMITTING)
-        elif self._round_scheduled:
-            self._set_state(DeploymentState.QUEUED)
-        if self._changed():  # a status echo changes nothing, and saves nothing
-            self._save()
+            self.book.set_state(DeploymentState.COMMITTING)
+        elif self.rounds.scheduled:
+            self.book.set_state(DeploymentState.QUEUED)
+        if self.book.changed():  # a status echo changes nothing, and saves nothing
+            self.book.save()
 
     # ---- owner -------------------------------------------------------------------------
 
     @behaviour(SHUTDOWN)
     def shutdown(self, request: Request) -> dict[str, Any]:
         if self.state not in DEPLOYMENT.terminal:
-            self._set_state(DeploymentState.STOPPING)
+            self.book.set_state(DeploymentState.STOPPING)
             self._finish(DeploymentState.SHUTDOWN, "shut down by the owner")
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
-        return summarize(self._stored_row())
+        return summarize(self.book.stored_row())
 
 
 # The deployment actor that drives allocations of an executor's kind (an interactive

@@ -202,7 +202,7 @@ class MiningSessionActor(DeploymentActor):
             return  # resumed after a restart: on_start failed it already
         b = self.summary_base
         if b.get("algorithm"):
-            self._event(worker_learns(b["algorithm"], b.get("protocol"), b.get("scheme", "")))
+            self.book.event(worker_learns(b["algorithm"], b.get("protocol"), b.get("scheme", "")))
         self._progress("placing", save=True)
         self._off_mailbox(self.driver.prepare, self._prepared, "preparing the data")
 
@@ -224,8 +224,8 @@ class MiningSessionActor(DeploymentActor):
         if self.prepared:
             self._ship(shard)
 
-    def _excludes(self, name: str, peer: str) -> bool:
-        return peer in self.banned or super()._excludes(name, peer)
+    def excludes(self, name: str, peer: str) -> bool:
+        return peer in self.banned or super().excludes(name, peer)
 
     def slot_lost(self, slot: Slot, reason: str) -> None:
         shard = self.shards.get(slot.name)
@@ -269,7 +269,7 @@ class MiningSessionActor(DeploymentActor):
 
     def _prepared(self, _: Any) -> None:
         self.prepared = True
-        self._event("data encrypted; shipping to each running shard")
+        self.book.event("data encrypted; shipping to each running shard")
         for shard in self.shards.values():
             if shard.allocation is not None and not shard.ready:
                 self._ship(shard)
@@ -327,7 +327,7 @@ class MiningSessionActor(DeploymentActor):
             return
         shard.last_heard = time.monotonic()
         peer = shard.peer[-8:] if shard.peer else "?"
-        self._event(f"{shard.slot}: {shard.sent / 1e6:.1f} MB shipped to {peer}")
+        self.book.event(f"{shard.slot}: {shard.sent / 1e6:.1f} MB shipped to {peer}")
         self._ready(shard, at)
 
     def _ready(self, shard: Shard, at: int) -> None:
@@ -496,7 +496,7 @@ class MiningSessionActor(DeploymentActor):
         record = {"step": step, "change": change, "slowest": slowest, "s": round(elapsed, 3)}
         self.steps.append(record)
         slow = f", slowest {slowest}" if len(self.shards) > 1 else ""
-        self._event(f"{self.driver.note()} ({elapsed:.2f} s{slow})")
+        self.book.event(f"{self.driver.note()} ({elapsed:.2f} s{slow})")
         self._progress(f"step {step} done", save=True, checkpoint=self.driver.checkpoint())
         if done:
             self._complete()
@@ -527,7 +527,7 @@ class MiningSessionActor(DeploymentActor):
         self.reason = "completed"
         self._save_mining(result=result, labels=list(labels))
         self._progress("completed", save=True)
-        self._event("mining completed; finishing the workers")
+        self.book.event("mining completed; finishing the workers")
         for shard in self.shards.values():
             if shard.allocation is not None:
                 self.invoke(
@@ -556,7 +556,7 @@ class MiningSessionActor(DeploymentActor):
         self.phase = SessionPhase.FAILED
         self.reason = reason
         self._progress(reason, save=True)
-        self._abort(f"mining failed: {reason}")
+        self.abort(f"mining failed: {reason}")
 
     def _stalled(self, shard: Shard, op: str) -> None:
         self._caught(
@@ -576,17 +576,17 @@ class MiningSessionActor(DeploymentActor):
         self.banned[peer] = reason
         self.excluded.append({"shard": shard.slot, "peer_id": peer, "reason": reason})
         if not self._worker_failed(shard, reason):  # no loss line says it (lost_line)
-            self._event(f"{shard.slot}: worker {peer[-8:]} excluded for this job: {reason}")
+            self.book.event(f"{shard.slot}: worker {peer[-8:]} excluded for this job: {reason}")
 
     def _worker_failed(self, shard: Shard, reason: str) -> bool:
         """An operation failed: the worker is treated as lost and placed again. False
         when its slot was no longer running (nothing to lose)."""
-        slot = self.slots.get(shard.slot)
+        slot = self.book.slots.get(shard.slot)
         if slot is None or slot.state != SlotState.RUNNING:
-            self._settle()
+            self.settle()
             return False
-        self._lost(slot, f"the worker failed: {reason}")
-        self._settle()
+        self.supervision.lost(slot, f"the worker failed: {reason}")
+        self.settle()
         return True
 
     # ---- plumbing ---------------------------------------------------------------------
@@ -690,7 +690,7 @@ class MiningSessionActor(DeploymentActor):
             "steps": self.steps,
             "excluded": self.excluded,
             "total_steps": getattr(self.driver, "total_steps", None),
-            "events": self.row.events[-20:],
+            "events": self.book.row.events[-20:],
         }
 
     def _save_mining(self, **columns: Any) -> bool:

@@ -20,17 +20,16 @@ from __future__ import annotations
 import time
 from collections import Counter
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from dms.actor import ErrorCode, Outcome, Refusal, Request, behaviour
+from dms.actor import ErrorCode, Outcome, Refusal, Request
 from dms.backoff import Backoff
 from dms.jobs.spec import MAX_SLOTS, AllocationSpec
 from dms.network.peertable import PeerRecord
-from dms.orchestrator.base import DeploymentBase, log, node_handle
+from dms.orchestrator.base import DeploymentBook, Messenger, log, node_handle
 from dms.orchestrator.messages import (
-    BID,
     DEPLOYMENT_TOPIC,
     REQUEST,
     Bid,
@@ -73,50 +72,66 @@ def offered_lease_ids(raw: Any) -> list[str]:
     return [i for i in ids if isinstance(i, str) and 0 < len(i) <= 64]
 
 
-class BidRounds(DeploymentBase):
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
+class RoundsHost(Protocol):
+    """What bid rounds ask of the deployment that holds them."""
+
+    def excludes(self, name: str, peer: str) -> bool:
+        """Whether slot ``name`` may not go to ``peer``."""
+        ...
+
+    def commit(self, slot: Slot) -> None:
+        """A slot was won: commit its lease and start its allocation."""
+        ...
+
+    def settle(self) -> None:
+        """Derive the deployment's state from its slots, and save what changed."""
+        ...
+
+    def abort(self, what: str, per_slot: dict[str, str] | None = None) -> None:
+        """Fail the deployment."""
+        ...
+
+
+class BidRounds:
+    """The rounds that place a deployment's open slots."""
+
+    def __init__(self, book: DeploymentBook, messenger: Messenger, host: RoundsHost) -> None:
+        self.book = book
+        self.messenger = messenger
+        self.host = host
         self.round = 0
         self._asked: set[str] = set()
         self._answered: set[str] = set()
         # Bid requests not yet answered, over every round: a reply that arrives after
         # this actor stopped is dropped with the leases it holds, so the end reverts them.
-        self._owing: Counter[str] = Counter()
+        self.owing: Counter[str] = Counter()
         self._offers: dict[str, list[Candidate]] = {}
         self._gossiped = False
         self._closed: set[int] = set()
-        self._round_scheduled = False
-        self._retry_s = self.o.retry_s
+        self.scheduled = False  # a round is due
+        self._retry_s = book.o.retry_s
 
-    def _schedule_round(self, delay_s: float) -> None:
+    def schedule(self, delay_s: float) -> None:
         if (
-            not self._round_scheduled
-            and self.state not in DEPLOYMENT.terminal
-            and self.state != DeploymentState.STOPPING
+            not self.scheduled
+            and self.book.state not in DEPLOYMENT.terminal
+            and self.book.state != DeploymentState.STOPPING
         ):
-            self._round_scheduled = True
-            self.call_later(delay_s, self._round)
+            self.scheduled = True
+            self.messenger.call_later(delay_s, self._round)
 
     def _open_slots(self) -> list[Slot]:
-        return [s for s in self.slots.values() if s.state == SlotState.OPEN]
-
-    def _excludes(self, name: str, peer: str) -> bool:
-        c = self.by_slot[name].constraints
-        return (
-            peer in self.slots[name].excluded
-            or peer in c.exclude_peers
-            or bool(c.include_peers and peer not in c.include_peers)
-        )
+        return [s for s in self.book.slots.values() if s.state == SlotState.OPEN]
 
     def _fitting(self, slot: Slot) -> list[PeerRecord]:
         """Alive peers of the table that the job allows and whose last heartbeat fits the
         slot; the others that were not asked get their reason (so a job that nothing can
         run explains itself)."""
-        spec = self.by_slot[slot.name]
+        spec = self.book.by_slot[slot.name]
         found = []
-        for record in self.o.peer_table.alive():
+        for record in self.book.o.peer_table.alive():
             peer = record.peer_id
-            if self._excludes(slot.name, peer):
+            if self.host.excludes(slot.name, peer):
                 continue
             why = misfit(record, spec)
             if why is not None:
@@ -140,11 +155,11 @@ class BidRounds(DeploymentBase):
                 onboarded = hb.onboarded.get("cpu") or 1.0
                 weights[record.peer_id] = 0.05 + max(0.0, hb.free.get("cpu", 0.0) / onboarded)
         # Efraimidis-Spirakis: a weighted sample without replacement.
-        keyed = sorted(weights, key=lambda p: -(self.o.rng.random() ** (1.0 / weights[p])))
-        return keyed[: max(self.o.min_ask, self.o.fanout * len(open_slots))]
+        keyed = sorted(weights, key=lambda p: -(self.book.o.rng.random() ** (1.0 / weights[p])))
+        return keyed[: max(self.book.o.min_ask, self.book.o.fanout * len(open_slots))]
 
     def _slot_request(self, slot: Slot) -> SlotRequest:
-        spec = self.by_slot[slot.name]
+        spec = self.book.by_slot[slot.name]
         return SlotRequest(
             slot=slot.name,
             executor=spec.executor,
@@ -154,69 +169,69 @@ class BidRounds(DeploymentBase):
         )
 
     def _round(self) -> None:
-        self._round_scheduled = False
-        if self.state in DEPLOYMENT.terminal or self.state == DeploymentState.STOPPING:
+        self.scheduled = False
+        if self.book.state in DEPLOYMENT.terminal or self.book.state == DeploymentState.STOPPING:
             return
         open_slots = self._open_slots()
         if not open_slots:
             return
         late = [s for s in open_slots if s.expired(time.time())]
         if late:
-            self._fail_unplaced(late)
+            self.fail_unplaced(late)
             return
         self.round += 1
         rid = self.round
         self._asked, self._answered, self._gossiped = set(), set(), False
         self._offers = {s.name: [] for s in open_slots}
         request = BidRequest(
-            deployment_id=self.id,
+            deployment_id=self.book.id,
             slots=[self._slot_request(s) for s in open_slots],
-            lease_s=self.spec.lease_s,
+            lease_s=self.book.spec.lease_s,
         )
         peers = self._candidates(open_slots)
-        self._set_state(DeploymentState.BIDDING)
-        self._event(f"round {rid}: asking {len(peers)} peer(s) for {len(open_slots)} slot(s)")
+        self.book.set_state(DeploymentState.BIDDING)
+        self.book.event(f"round {rid}: asking {len(peers)} peer(s) for {len(open_slots)} slot(s)")
         payload = request.model_dump()
         for peer in peers:
             self._asked.add(peer)
-            self._owing[peer] += 1
+            self.owing[peer] += 1
             try:
-                self.invoke(
+                self.messenger.invoke(
                     node_handle(peer),
                     REQUEST,
                     payload,
-                    timeout=self.spec.bid_window_s + 2.0,
+                    timeout=self.book.spec.bid_window_s + 2.0,
                     on_reply=partial(self._on_bid_reply, rid, peer),
                 )
-                self.messages += 1
+                self.book.messages += 1
             except Exception as exc:
-                self._owing[peer] -= 1
+                self.owing[peer] -= 1
                 self._answered.add(peer)
-                self._note_reason(peer, [s.name for s in open_slots], f"unreachable: {exc}")
+                self.book.note_reason(peer, [s.name for s in open_slots], f"unreachable: {exc}")
         if len(peers) < len(open_slots):
             # The table knows too few fitting peers: ask everyone listening, bids come back
             # point to point to this actor.
             self._gossiped = True
-            self.publish(
+            self.messenger.publish(
                 DEPLOYMENT_TOPIC,
                 REQUEST,
-                {**payload, "reply_to": self.handle.model_dump()},
-                ttl_s=self.spec.bid_window_s + 2.0,
+                {**payload, "reply_to": self.messenger.handle.model_dump()},
+                ttl_s=self.book.spec.bid_window_s + 2.0,
             )
-            self.messages += 1
-        self.call_later(self.spec.bid_window_s, lambda: self._window_ends(rid))
+            self.book.messages += 1
+        self.messenger.call_later(self.book.spec.bid_window_s, lambda: self._window_ends(rid))
         if not peers and not self._gossiped:
             self._close(rid)
 
     # ---- bids ----------------------------------------------------------------------------
 
     def _on_bid_reply(self, rid: int, peer: str, outcome: Outcome) -> None:
-        self._owing[peer] -= 1
+        self.owing[peer] -= 1
         if not outcome.ok:
             self._answered.add(peer)
-            self._uncertain.add(peer)  # it may have locked before the reply got lost
+            self.book.uncertain.add(peer)  # it may have locked before the reply got lost
             assert outcome.error is not None
-            self._note_reason(
+            self.book.note_reason(
                 peer, list(self._offers), f"{outcome.error.code}: {outcome.error.reason}"
             )
             self._maybe_close(rid)
@@ -226,7 +241,7 @@ class BidRounds(DeploymentBase):
         except ValidationError as exc:
             self._bad_bid(rid, peer, first_error(exc), offered_lease_ids(outcome.result))
             return
-        if bid.peer_id != peer or bid.deployment_id != self.id:
+        if bid.peer_id != peer or bid.deployment_id != self.book.id:
             named = f"peer {bid.peer_id[-8:]!r}, deployment {bid.deployment_id!r}"
             why = f"it names {named}, not the peer and deployment asked"
             self._bad_bid(rid, peer, why, [o.lease_id for o in bid.offers])
@@ -235,36 +250,36 @@ class BidRounds(DeploymentBase):
 
     def _bad_bid(self, rid: int, peer: str, why: str, lease_ids: list[str]) -> None:
         """A reply that is no bid for this request: that peer's reason for every slot."""
-        log.info("deployment %s: bad bid from %s: %s", self.id, peer, why)
+        log.info("deployment %s: bad bid from %s: %s", self.book.id, peer, why)
         self._answered.add(peer)
-        self._uncertain.add(peer)  # whatever else it holds for us goes back at the end
-        self._revert(peer, lease_ids)
-        self._note_reason(peer, list(self._offers), f"bad bid: {why}"[:512])
+        self.book.uncertain.add(peer)  # whatever else it holds for us goes back at the end
+        self.book.revert(peer, lease_ids)
+        self.book.note_reason(peer, list(self._offers), f"bad bid: {why}"[:512])
         self._maybe_close(rid)
 
-    @behaviour(BID, public=True, payload=Bid)
     def bid_received(self, request: Request) -> None:
-        """Bids answering a gossip request come here, point to point."""
+        """Bids answering a gossip request come here (the actor's ``BID`` behaviour),
+        point to point."""
         bid: Bid = request.payload
-        if request.sender.address.host != bid.peer_id or bid.deployment_id != self.id:
+        if request.sender.address.host != bid.peer_id or bid.deployment_id != self.book.id:
             raise Refusal(ErrorCode.FORBIDDEN, "a bid must come from the peer that makes it")
         self._take_bid(self.round, bid)
 
     def _take_bid(self, rid: int, bid: Bid) -> None:
-        if rid != self.round or rid in self._closed or self.state in DEPLOYMENT.terminal:
+        if rid != self.round or rid in self._closed or self.book.state in DEPLOYMENT.terminal:
             if bid.offers:  # too late: give the leases back at once
-                self._revert(bid.peer_id, [o.lease_id for o in bid.offers])
+                self.book.revert(bid.peer_id, [o.lease_id for o in bid.offers])
             return
         self._answered.add(bid.peer_id)
         for offer in bid.offers:
             # A peer this slot excludes (it lost the slot before, or the job excludes it)
             # may still answer a gossip request: its offer goes back.
-            if offer.slot in self._offers and not self._excludes(offer.slot, bid.peer_id):
+            if offer.slot in self._offers and not self.host.excludes(offer.slot, bid.peer_id):
                 self._offers[offer.slot].append(Candidate(bid, offer))
             else:
-                self._revert(bid.peer_id, [offer.lease_id])
+                self.book.revert(bid.peer_id, [offer.lease_id])
         for decline in bid.declines:
-            slot = self.slots.get(decline.slot)
+            slot = self.book.slots.get(decline.slot)
             if slot is None:
                 continue
             slot.reasons[bid.peer_id] = f"declined: {decline.reason}"
@@ -285,36 +300,36 @@ class BidRounds(DeploymentBase):
         waiting = self._asked - self._answered
         empty = [name for name, offers in self._offers.items() if not offers]
         bidders = {c.peer_id for offers in self._offers.values() for c in offers}
-        crowded = self.spec.distinct_peers and len(bidders) < len(self._offers)
+        crowded = self.book.spec.distinct_peers and len(bidders) < len(self._offers)
         if (empty or crowded) and waiting and not self._gossiped:
-            self.call_later(BID_GRACE_S, lambda: self._close(rid))
+            self.messenger.call_later(BID_GRACE_S, lambda: self._close(rid))
             return
         self._close(rid)
 
     # ---- choosing ------------------------------------------------------------------------
 
     def _close(self, rid: int) -> None:
-        if rid != self.round or rid in self._closed or self.state in DEPLOYMENT.terminal:
+        if rid != self.round or rid in self._closed or self.book.state in DEPLOYMENT.terminal:
             return
         self._closed.add(rid)
         doomed = self._declined_for_good()
         if doomed:
             for candidates in self._offers.values():
                 for c in candidates:
-                    self._revert(c.peer_id, [c.offer.lease_id])
+                    self.book.revert(c.peer_id, [c.offer.lease_id])
             self._fail_for_good(doomed)
             return
         taken: dict[str, int] = {}
-        for slot in self.slots.values():
+        for slot in self.book.slots.values():
             if slot.peer_id and slot.state in HELD:
                 taken[slot.peer_id] = taken.get(slot.peer_id, 0) + 1
         decision = select(
-            self.spec.strategy,
+            self.book.spec.strategy,
             self._offers,
-            self.o.rng,
-            self.o.cursor,
+            self.book.o.rng,
+            self.book.o.cursor,
             taken,
-            distinct=self.spec.distinct_peers,
+            distinct=self.book.spec.distinct_peers,
         )
         records = []
         losers: dict[str, list[str]] = {}
@@ -322,42 +337,44 @@ class BidRounds(DeploymentBase):
             for c in candidates:
                 reason = decision.reasons.get((c.peer_id, name), "")
                 won = decision.winners.get(name) is c
-                self.slots[name].reasons[c.peer_id] = reason
+                self.book.slots[name].reasons[c.peer_id] = reason
                 records.append(
-                    {"deployment_id": self.id, "direction": "received", "peer_id": c.peer_id,
+                    {"deployment_id": self.book.id, "direction": "received", "peer_id": c.peer_id,
                      "slot": name, "lease_id": c.offer.lease_id, "price": c.offer.price,
                      "outcome": "won" if won else "lost", "reason": reason}
                 )  # fmt: skip
                 if not won:
                     losers.setdefault(c.peer_id, []).append(c.offer.lease_id)
         for name in self._offers:
-            for peer, reason in self.slots[name].reasons.items():
+            for peer, reason in self.book.slots[name].reasons.items():
                 if reason.startswith(("declined", "unreachable", "timeout", "bad bid")):
                     records.append(
-                        {"deployment_id": self.id, "direction": "received", "peer_id": peer,
+                        {"deployment_id": self.book.id, "direction": "received", "peer_id": peer,
                          "slot": name, "outcome": "decline", "reason": reason}
                     )  # fmt: skip
         for name, chosen in sorted(decision.winners.items()):
-            slot = self.slots[name]
+            slot = self.book.slots[name]
             why = slot.reasons[chosen.peer_id]
-            slot.choose(chosen.peer_id, chosen.offer.lease_id, f"won: {why}", self.deadlines)
-            self._event(f"{name}: chose {chosen.peer_id[-8:]} ({why})")
-            self._commit(slot)
+            slot.choose(chosen.peer_id, chosen.offer.lease_id, f"won: {why}", self.book.deadlines)
+            self.book.event(f"{name}: chose {chosen.peer_id[-8:]} ({why})")
+            self.host.commit(slot)
         for peer, lease_ids in losers.items():
-            self._revert(peer, lease_ids)
+            self.book.revert(peer, lease_ids)
         # Written once the commits are on their way (the write is off the placement's path).
         try:
-            self.o.store.record_bids(records)
+            self.book.o.store.record_bids(records)
         except Exception as exc:
-            log.warning("bids of %s not recorded: %s", self.id, exc)
+            log.warning("bids of %s not recorded: %s", self.book.id, exc)
         unplaced = [n for n in self._offers if n not in decision.winners]
         if unplaced:
-            self._event(f"round {rid}: no acceptable bid for {', '.join(unplaced)}; queued")
-            self._schedule_round(self._retry_s)
-            self._retry_s = Backoff(self.o.retry_s, self.o.retry_max_s).after(self._retry_s)
+            self.book.event(f"round {rid}: no acceptable bid for {', '.join(unplaced)}; queued")
+            self.schedule(self._retry_s)
+            self._retry_s = Backoff(self.book.o.retry_s, self.book.o.retry_max_s).after(
+                self._retry_s
+            )
         else:
-            self._retry_s = self.o.retry_s
-        self._settle()
+            self._retry_s = self.book.o.retry_s
+        self.host.settle()
 
     # ---- ending unplaced -----------------------------------------------------------------
 
@@ -367,7 +384,7 @@ class BidRounds(DeploymentBase):
         a peer that fits may yet join)."""
         doomed = []
         for name, offers in self._offers.items():
-            slot = self.slots[name]
+            slot = self.book.slots[name]
             if offers or slot.state != SlotState.OPEN or not slot.declined_for_good:
                 continue
             fitting = {record.peer_id for record in self._fitting(slot)}
@@ -384,7 +401,7 @@ class BidRounds(DeploymentBase):
             for slot in doomed
         })  # fmt: skip
 
-    def _fail_unplaced(self, late: list[Slot]) -> None:
+    def fail_unplaced(self, late: list[Slot]) -> None:
         self._fail_slots("not placed within the deadline: ", {
             slot.name: "; ".join(f"{p[-8:]}: {r}" for p, r in sorted(slot.reasons.items()))
             or "no peer fits"
@@ -394,4 +411,4 @@ class BidRounds(DeploymentBase):
     def _fail_slots(self, what: str, reasons: dict[str, str]) -> None:
         """Fail the deployment; the message names each slot's peers and their reasons."""
         summary = what + " | ".join(f"{name}: {why}" for name, why in reasons.items())
-        self._abort(summary, {name: what + why for name, why in reasons.items()})
+        self.host.abort(summary, {name: what + why for name, why in reasons.items()})

@@ -22,26 +22,26 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any
+from typing import Protocol
 
 from pydantic import ValidationError
 
-from dms.actor import ErrorCode, Outcome, Refusal, Request, behaviour
+from dms.actor import ErrorCode, Outcome, Refusal, Request
 from dms.network.peertable import GONE
 from dms.orchestrator.base import (
-    DeploymentBase,
+    DeploymentBook,
+    Messenger,
     allocation_handle,
     allocation_ref,
     node_handle,
 )
 from dms.orchestrator.messages import (
     ALLOCATE,
-    UPDATE,
     AllocateReply,
     AllocationStatus,
     AllocationUpdate,
 )
-from dms.orchestrator.rounds import first_error
+from dms.orchestrator.rounds import BidRounds, first_error
 from dms.orchestrator.slots import HELD, Slot, SlotState
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
 
@@ -52,36 +52,73 @@ STATUS = "/dms/allocation/status"
 LEDGER_REFUSALS = frozenset({"unknown", "forbidden", "ended", "expired"})
 
 
-class Supervision(DeploymentBase):
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
+class SupervisionHost(Protocol):
+    """What supervision asks of the deployment that holds it: its settling, and the
+    hooks a deployment that drives its allocations (a mining session) overrides."""
+
+    def settle(self) -> None:
+        """Derive the deployment's state from its slots, and save what changed."""
+        ...
+
+    def slot_running(self, slot: Slot) -> None:
+        """A slot's allocation has just started running (its handle is in the slot)."""
+        ...
+
+    def slot_lost(self, slot: Slot, reason: str) -> None:
+        """A slot's allocation is gone (before the slot is reopened)."""
+        ...
+
+    def lost_line(self, slot: Slot, reason: str) -> str:
+        """The one event line that says a slot's allocation is lost and placed again."""
+        ...
+
+    def heard_from(self, slot: Slot) -> bool:
+        """Whether the slot's allocation answered something else lately."""
+        ...
+
+
+class Supervision:
+    """Sees each placed slot of a deployment through commit, allocation and running;
+    a lost one is reopened and handed to the bid rounds again."""
+
+    def __init__(
+        self,
+        book: DeploymentBook,
+        messenger: Messenger,
+        rounds: BidRounds,
+        host: SupervisionHost,
+    ) -> None:
+        self.book = book
+        self.messenger = messenger
+        self.rounds = rounds
+        self.host = host
         self._misses: dict[str, int] = {}
 
     # ---- commit, allocate ------------------------------------------------------------
 
     def _current(self, name: str, lease_id: str, state: SlotState) -> Slot | None:
         """The slot, if a reply about ``lease_id`` still concerns it."""
-        slot = self.slots.get(name)
+        slot = self.book.slots.get(name)
         if slot is None or slot.lease_id != lease_id or slot.state != state:
             return None
         return slot
 
-    def _commit(self, slot: Slot) -> None:
+    def commit(self, slot: Slot) -> None:
         """Commit the won lease and start its allocation in one exchange: the provider
         commits (its checks, its reasons) and allocates in one handler, so a placement
         costs two round trips (bid, allocate), not three."""
         assert slot.peer_id is not None and slot.lease_id is not None
-        spec = self.by_slot[slot.name]
-        self.invoke(
+        spec = self.book.by_slot[slot.name]
+        self.messenger.invoke(
             node_handle(slot.peer_id),
             ALLOCATE,
-            {"deployment_id": self.id, "slot": slot.name, "lease_id": slot.lease_id,
+            {"deployment_id": self.book.id, "slot": slot.name, "lease_id": slot.lease_id,
              "executor": spec.executor, "params": spec.params,
-             "reply_to": self.handle.model_dump(), "commit": True},
-            timeout=self.o.invoke_s,
+             "reply_to": self.messenger.handle.model_dump(), "commit": True},
+            timeout=self.book.o.invoke_s,
             on_reply=partial(self._on_allocate, slot.name, slot.lease_id),
         )  # fmt: skip
-        self.messages += 1
+        self.book.messages += 1
 
     def _on_allocate(self, name: str, lease_id: str, outcome: Outcome) -> None:
         slot = self._current(name, lease_id, SlotState.COMMITTING)
@@ -92,103 +129,105 @@ class Supervision(DeploymentBase):
             # The ledger's refusals (a lease unknown, ended, expired, not the caller's)
             # are the commit's; anything else is the allocation's.
             what = "commit" if outcome.error.code in LEDGER_REFUSALS else "allocation"
-            self._lost(slot, f"{what} failed: {outcome.error.code}: {outcome.error.reason}")
+            self.lost(slot, f"{what} failed: {outcome.error.code}: {outcome.error.reason}")
             return
-        slot.move(SlotState.ALLOCATING, "committed", self.deadlines)
+        slot.move(SlotState.ALLOCATING, "committed", self.book.deadlines)
         try:
             reply = AllocateReply.model_validate(outcome.result)
         except ValidationError as exc:
-            self._lost(slot, f"a malformed allocate reply from the provider: {first_error(exc)}")
+            self.lost(slot, f"a malformed allocate reply from the provider: {first_error(exc)}")
             return
         if reply.allocation.address.host != slot.peer_id:
-            self._lost(slot, "a malformed allocate reply: its allocation is on another host")
+            self.lost(slot, "a malformed allocate reply: its allocation is on another host")
             return
-        slot.start(allocation_ref(reply.allocation), self.deadlines)
-        if self.o.on_placed is not None and slot.peer_id:
-            self.o.on_placed(slot.peer_id)
-        self._event(f"{name}: running on {(slot.peer_id or '?')[-8:]}")
+        slot.start(allocation_ref(reply.allocation), self.book.deadlines)
+        if self.book.o.on_placed is not None and slot.peer_id:
+            self.book.o.on_placed(slot.peer_id)
+        self.book.event(f"{name}: running on {(slot.peer_id or '?')[-8:]}")
         if reply.status is not None:
             self._apply_status(slot, reply.status)
         if slot.state == SlotState.RUNNING:
-            self.slot_running(slot)
-        self._settle()
+            self.host.slot_running(slot)
+        self.host.settle()
 
     # ---- running ---------------------------------------------------------------------
 
-    @behaviour(UPDATE, public=True, payload=AllocationUpdate)
     def update(self, request: Request) -> None:
+        """An allocation pushes its state (the actor's ``UPDATE`` behaviour)."""
         status: AllocationUpdate = request.payload
-        slot = self.slots.get(status.slot)
+        slot = self.book.slots.get(status.slot)
         if slot is None or slot.lease_id != status.lease_id:
             return
         if request.sender.address.host != slot.peer_id:
             raise Refusal(ErrorCode.FORBIDDEN, "only the provider may report on its allocation")
         if slot.state == SlotState.RUNNING:
-            slot.alive(self.deadlines)
+            slot.alive(self.book.deadlines)
         self._apply_status(slot, status)
-        self._settle()
+        self.host.settle()
 
     def _apply_status(self, slot: Slot, status: AllocationStatus) -> None:
         if slot.state != SlotState.RUNNING or status.state in ("pending", "starting", "running"):
             return
         if status.state == "completed":
-            slot.complete(status.result, self.deadlines)
-            self._event(f"{slot.name}: completed")
+            slot.complete(status.result, self.book.deadlines)
+            self.book.event(f"{slot.name}: completed")
         elif (
-            self.state != DeploymentState.STOPPING
+            self.book.state != DeploymentState.STOPPING
         ):  # failed, or stopped by someone else: place it again
-            self._lost(slot, f"allocation {status.state}: {status.error or ''}".strip())
+            self.lost(slot, f"allocation {status.state}: {status.error or ''}".strip())
 
-    def _supervise(self) -> None:
-        if self.state in DEPLOYMENT.terminal:
+    def supervise(self) -> None:
+        if self.book.state in DEPLOYMENT.terminal:
             return
         try:
             self._check_deadlines()
-            if self.state not in DEPLOYMENT.terminal:
+            if self.book.state not in DEPLOYMENT.terminal:
                 self._check_running()
         finally:
-            if self.state not in DEPLOYMENT.terminal:
-                self.call_later(self.o.supervise_s, self._supervise)
+            if self.book.state not in DEPLOYMENT.terminal:
+                self.messenger.call_later(self.book.o.supervise_s, self.supervise)
 
     def _check_deadlines(self) -> None:
         """Every slot past its state's deadline is dealt with; none waits for ever."""
         now = time.time()
-        late_open = [s for s in self.slots.values() if s.state == SlotState.OPEN and s.expired(now)]
+        late_open = [
+            s for s in self.book.slots.values() if s.state == SlotState.OPEN and s.expired(now)
+        ]
         if late_open:
-            self._fail_unplaced(late_open)
+            self.rounds.fail_unplaced(late_open)
             return
-        for slot in list(self.slots.values()):
+        for slot in list(self.book.slots.values()):
             if slot.state not in HELD or not slot.expired(now):
                 continue
-            if slot.state == SlotState.RUNNING and self.heard_from(slot):
-                slot.alive(self.deadlines, now)
+            if slot.state == SlotState.RUNNING and self.host.heard_from(slot):
+                slot.alive(self.book.deadlines, now)
                 continue
             waited = now - slot.since
             if slot.state == SlotState.RUNNING:
-                self._lost(slot, f"no sign of life from the allocation for {waited:.0f} s")
+                self.lost(slot, f"no sign of life from the allocation for {waited:.0f} s")
             else:
-                self._lost(slot, f"{slot.state.value} for {waited:.0f} s: past its deadline")
-        self._settle()
+                self.lost(slot, f"{slot.state.value} for {waited:.0f} s: past its deadline")
+        self.host.settle()
 
     def _check_running(self) -> None:
-        for slot in list(self.slots.values()):
+        for slot in list(self.book.slots.values()):
             if slot.state != SlotState.RUNNING or slot.allocation is None:
                 continue
             assert slot.peer_id is not None
-            record = self.o.peer_table.get(slot.peer_id)
+            record = self.book.o.peer_table.get(slot.peer_id)
             if record is not None and record.status == GONE:
-                self._lost(slot, "the provider is gone (missed its heartbeat deadline)")
+                self.lost(slot, "the provider is gone (missed its heartbeat deadline)")
                 continue
             try:
-                self.invoke(
+                self.messenger.invoke(
                     allocation_handle(slot.allocation),
                     STATUS,
-                    timeout=self.o.poll_s,
+                    timeout=self.book.o.poll_s,
                     on_reply=partial(self._on_poll, slot.name, slot.lease_id or ""),
                 )
             except Exception as exc:
                 self._poll_failed(slot, str(exc))
-        self._settle()
+        self.host.settle()
 
     def _on_poll(self, name: str, lease_id: str, outcome: Outcome) -> None:
         slot = self._current(name, lease_id, SlotState.RUNNING)
@@ -203,38 +242,38 @@ class Supervision(DeploymentBase):
                     if isinstance(outcome.result, dict)
                     else (f"not a mapping but {type(outcome.result).__name__}")
                 )
-                self._lost(slot, f"a malformed status answer from the provider: {why}")
-                self._settle()
+                self.lost(slot, f"a malformed status answer from the provider: {why}")
+                self.host.settle()
                 return
             self._misses.pop(name, None)
-            slot.alive(self.deadlines)
+            slot.alive(self.book.deadlines)
             self._apply_status(slot, status)
         else:
             assert outcome.error is not None
             self._poll_failed(slot, f"{outcome.error.code}: {outcome.error.reason}")
-        self._settle()
+        self.host.settle()
 
     def _poll_failed(self, slot: Slot, reason: str) -> None:
-        if self.heard_from(slot):
+        if self.host.heard_from(slot):
             return
         misses = self._misses.get(slot.name, 0) + 1
         self._misses[slot.name] = misses
         if misses >= 2:
-            self._lost(slot, f"the allocation does not answer ({reason})")
+            self.lost(slot, f"the allocation does not answer ({reason})")
 
     # ---- losing a slot -----------------------------------------------------------------
 
-    def _lost(self, slot: Slot, reason: str) -> None:
+    def lost(self, slot: Slot, reason: str) -> None:
         """Give the slot's lease back, exclude that peer, and place the slot again."""
-        self._event(self.lost_line(slot, reason))
+        self.book.event(self.host.lost_line(slot, reason))
         if slot.peer_id and slot.lease_id:
-            self._revert(slot.peer_id, [slot.lease_id])
-        self._reopen(slot, reason)
-        self._schedule_round(0.0)
+            self.book.revert(slot.peer_id, [slot.lease_id])
+        self.reopen(slot, reason)
+        self.rounds.schedule(0.0)
 
-    def _reopen(self, slot: Slot, reason: str, exclude: bool = True) -> None:
-        self.slot_lost(slot, reason)
+    def reopen(self, slot: Slot, reason: str, exclude: bool = True) -> None:
+        self.host.slot_lost(slot, reason)
         self._misses.pop(slot.name, None)
-        if slot.terminal or self.state in DEPLOYMENT.terminal:
+        if slot.terminal or self.book.state in DEPLOYMENT.terminal:
             return  # the hook ended the deployment (a mining session lost a shard too often)
-        slot.reopen(reason, self.deadlines, exclude=exclude)
+        slot.reopen(reason, self.book.deadlines, exclude=exclude)

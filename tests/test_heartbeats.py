@@ -60,7 +60,7 @@ def test_the_table_forgets_long_gone_peers_and_they_stretch_no_interval() -> Non
     heartbeat interval as if it still sent (N / budget)."""
     from types import SimpleNamespace
 
-    from dms.node.peering import PeeringBehaviours
+    from dms.node.peering import Peering
 
     clock = FakeClock()
     table = PeerTable(clock=clock)
@@ -69,11 +69,9 @@ def test_the_table_forgets_long_gone_peers_and_they_stretch_no_interval() -> Non
     table.observe("stays", "did:key:s", beat(deadline_s=10_000.0))
     clock.now += 10.0
     assert len(table.sweep()) == 100
-    node = SimpleNamespace(
-        peer_table=table, services=SimpleNamespace(heartbeat_s=2.0, heartbeat_budget_per_s=10.0)
-    )
+    peering = SimpleNamespace(peer_table=table, heartbeat_s=2.0, heartbeat_budget_per_s=10.0)
     # 100 gone peers and one alive: 2 s, not 101 / 10 = 10.1 s.
-    assert PeeringBehaviours.heartbeat_interval(node) == 2.0  # type: ignore[arg-type]
+    assert Peering.heartbeat_interval(peering) == 2.0  # type: ignore[arg-type]
     assert table.forget_gone(after_s=60.0) == []  # gone for 7 s: kept, shown as gone
     clock.now += 60.0
     assert len(table.forget_gone(after_s=60.0)) == 100

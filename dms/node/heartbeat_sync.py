@@ -23,14 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dms.actor import Envelope, ErrorCode, Limits, Outcome, Refusal, Request, behaviour
 from dms.actor.envelope import check_time, now_ns, unseal, verify
+from dms.network.host import Libp2pTransport
 from dms.network.peertable import (
     HEARTBEAT_BEHAVIOUR,
     HEARTBEAT_TOPIC,
     HEARTBEATS_BEHAVIOUR,
     Heartbeat,
+    PeerTable,
 )
-from dms.node.base import NodeBase
 from dms.node.client import root_handle
+from dms.node.runtime import NodeRuntime
 from dms.security.identity import peer_id_from_public_key
 
 log = logging.getLogger("dms.node")
@@ -105,15 +107,21 @@ class HeartbeatsPayload(BaseModel):
     have: dict[str, int] = Field(default_factory=dict, max_length=DIGEST_MAX)
 
 
-class HeartbeatSync(NodeBase):
-    """Mixin of the node actor: keeps, serves and asks for peers' signed heartbeats."""
+class HeartbeatSync:
+    """Part of the peering role: keeps, serves and asks for peers' signed heartbeats."""
 
-    _own_heartbeat: SignedHeartbeat | None = None
-
-    def start_heartbeat_sync(self) -> None:
+    def __init__(
+        self, node: NodeRuntime, peer_table: PeerTable, network: Libp2pTransport | None
+    ) -> None:
+        self.node = node
+        self.peer_table = peer_table
+        self.network = network
         # The latest heartbeat heard from each peer, oldest first.
         self._heard: dict[str, SignedHeartbeat] = {}
-        self.call_later(SYNC_FIRST_S, self._sync)
+        self._own_heartbeat: SignedHeartbeat | None = None
+
+    def start(self) -> None:
+        self.node.call_later(SYNC_FIRST_S, self._sync)
 
     def keep_heartbeat(self, peer_id: str, signed: SignedHeartbeat | None) -> None:
         """Remember ``signed`` as ``peer_id``'s latest heartbeat; None forgets it."""
@@ -135,9 +143,9 @@ class HeartbeatSync(NodeBase):
     ) -> str:
         """File a verified heartbeat: the peers table, the peer's addresses, and the
         envelope to pass on. ``via``: the peer that passed it on."""
-        event = self.services.peer_table.observe(peer_id, did, beat, sent_at)
-        if beat.addrs and self.services.network is not None:
-            self.services.network.learn_addrs(peer_id, beat.addrs)
+        event = self.peer_table.observe(peer_id, did, beat, sent_at)
+        if beat.addrs and self.network is not None:
+            self.network.learn_addrs(peer_id, beat.addrs)
         self.keep_heartbeat(peer_id, None if beat.leaving else signed)
         if event != "alive":
             log.info("peer %s %s%s", peer_id, event, f" (heard from {via})" if via else "")
@@ -154,12 +162,12 @@ class HeartbeatSync(NodeBase):
         if payload.heartbeat is not None:
             self._adopt([payload.heartbeat], asker, only_from=asker)
         have = payload.have
-        alive = {r.peer_id for r in self.services.peer_table.alive()} - {asker}
+        alive = {r.peer_id for r in self.peer_table.alive()} - {asker}
         own = self._own_heartbeat
-        chosen = [(self.system.peer_id, own)] if own is not None else []
+        chosen = [(self.node.system.peer_id, own)] if own is not None else []
         chosen += [(p, s) for p, s in reversed(self._heard.items()) if p in alive]
         frames: list[bytes] = []
-        budget = self.system.limits.max_control_bytes // 2
+        budget = self.node.system.limits.max_control_bytes // 2
         fresh_until = now_ns() + int(EXPIRY_MARGIN_S * 1e9)
         for peer_id, signed in chosen:
             if len(frames) >= RELAY_MAX or len(signed.frame) > budget:
@@ -173,7 +181,7 @@ class HeartbeatSync(NodeBase):
 
     def _sync(self) -> None:
         """Ask one connected peer for the heartbeats this node lacks."""
-        network = self.services.network
+        network = self.network
         if network is None:
             return  # the in-memory transport: gossip reaches every node at once
         try:
@@ -182,13 +190,13 @@ class HeartbeatSync(NodeBase):
             log.debug("no peer to ask for heartbeats: %s", exc)
             connected = []
         if not connected:
-            self.call_later(SYNC_SOON_S, self._sync)
+            self.node.call_later(SYNC_SOON_S, self._sync)
             return
         source = random.choice(connected)
         newest = list(self._heard.items())[-DIGEST_MAX:]
         own = self._own_heartbeat
         try:
-            self.invoke(
+            self.node.invoke(
                 root_handle(source),
                 HEARTBEATS_BEHAVIOUR,
                 {
@@ -199,7 +207,7 @@ class HeartbeatSync(NodeBase):
             )
         except Exception as exc:  # the network stopping: keep the schedule all the same
             log.debug("could not ask %s for heartbeats: %s", source, exc)
-            self.call_later(SYNC_EVERY_S, self._sync)
+            self.node.call_later(SYNC_EVERY_S, self._sync)
 
     def _answered(self, source: str, outcome: Outcome) -> None:
         result: Any = outcome.result
@@ -209,7 +217,7 @@ class HeartbeatSync(NodeBase):
             news = self._adopt(frames[:RELAY_MAX], source)
         else:
             log.debug("no heartbeats from %s: %s", source, outcome.error or "not a list")
-        self.call_later(SYNC_SOON_S if news else SYNC_EVERY_S, self._sync)
+        self.node.call_later(SYNC_SOON_S if news else SYNC_EVERY_S, self._sync)
 
     def _adopt(self, frames: list[Any], source: str, only_from: str | None = None) -> int:
         """Check each heartbeat ``source`` passed on, as gossip would be checked, and
@@ -220,18 +228,18 @@ class HeartbeatSync(NodeBase):
             try:
                 if not isinstance(frame, bytes):
                     raise Refusal(ErrorCode.MALFORMED, "not an envelope")
-                relayed = check_relayed_heartbeat(frame, self.system.limits)
+                relayed = check_relayed_heartbeat(frame, self.node.system.limits)
                 if only_from is not None and relayed.peer_id != only_from:
                     raise Refusal(
                         ErrorCode.WRONG_SIGNER, "an introduction with another's heartbeat"
                     )
             except Refusal as refusal:
-                self.system.refusals[refusal.code] += 1
+                self.node.system.refusals[refusal.code] += 1
                 log.warning("heartbeat passed on by %s refused: %s", source, refusal)
                 continue
-            if relayed.peer_id == self.system.peer_id or relayed.beat.leaving:
+            if relayed.peer_id == self.node.system.peer_id or relayed.beat.leaving:
                 continue
-            known = self.services.peer_table.get(relayed.peer_id)
+            known = self.peer_table.get(relayed.peer_id)
             if known is None or relayed.sent_at > known.last_seen:  # news, not an echo
                 self.take_heartbeat(
                     relayed.peer_id,

@@ -25,8 +25,9 @@ from dms.node.bidding import BiddingBehaviours
 from dms.node.caps import Capabilities
 from dms.node.collab import CollabBehaviours
 from dms.node.deploying import DeployingBehaviours
+from dms.node.heartbeat_sync import HeartbeatSync
 from dms.node.mining import MiningBehaviours
-from dms.node.peering import PeeringBehaviours
+from dms.node.peering import Peering
 from dms.node.provider import ProviderBehaviours
 from dms.node.services import NodeServices
 from dms.store.retention import prune
@@ -42,7 +43,6 @@ class HelloPayload(BaseModel):
 
 
 class NodeActor(
-    PeeringBehaviours,
     MiningBehaviours,
     CollabBehaviours,
     DeployingBehaviours,
@@ -53,8 +53,24 @@ class NodeActor(
         super().__init__(context, services)
         self.started = time.monotonic()
         self.hellos: deque[dict[str, Any]] = deque(maxlen=HELLO_MEMORY)
+        s = self.services
         self.caps = Capabilities(self)
-        self.route(self.caps)
+        self.heartbeats = HeartbeatSync(self, s.peer_table, s.network)
+        self.peering = Peering(
+            self,
+            peer_table=s.peer_table,
+            heartbeats=self.heartbeats,
+            summary=self.resource_summary,
+            network=s.network,
+            peerbook=s.peerbook,
+            heartbeat_s=s.heartbeat_s,
+            heartbeat_budget_per_s=s.heartbeat_budget_per_s,
+            remember_every_s=s.remember_every_s,
+            peer_forget_s=s.peer_forget_s,
+            labels=s.labels,
+        )
+        for role in (self.caps, self.heartbeats, self.peering):
+            self.route(role)
 
     def on_start(self) -> None:
         self.caps.start()  # first: the roles of the child actors the others start
@@ -64,13 +80,13 @@ class NodeActor(
         self.start_collab()
         self.start_bidding()
         self.start_deploying()
-        self.start_peering()
+        self.peering.start()
         self.call_later(self.services.prune_every_s, self._prune)
 
     def stopping(self) -> None:
         self.shutdown_pool()
         self.caps.stop()
-        self.stop_peering()
+        self.peering.stop()
 
     def _prune(self) -> None:
         """Rows of bids, events and ended leases older than ``retention_s`` go."""
@@ -82,6 +98,10 @@ class NodeActor(
             except Exception as exc:  # a busy store: next time
                 log.warning("could not prune old rows: %s", exc)
         self.call_later(self.services.prune_every_s, self._prune)
+
+    def announce(self) -> None:
+        """Tell peers about a change now (a heartbeat), not at the next tick."""
+        self.peering.announce()
 
     @property
     def uptime_s(self) -> float:

@@ -1,8 +1,8 @@
 """The node's peer behaviours: ``/dms/node/peers/*`` and the heartbeat it sends and hears.
 
-A mixin of :class:`dms.node.node.NodeActor`; see ``specs/node.md`` for the
-heartbeat format and timing, and ``dms.node.heartbeat_sync`` for heartbeats
-passed on between peers.
+A role of :class:`dms.node.node.NodeActor` (:class:`Peering`); see
+``specs/node.md`` for the heartbeat format and timing, and
+``dms.node.heartbeat_sync`` for heartbeats passed on between peers.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dms.actor import ErrorCode, Refusal, Request, behaviour
 from dms.actor.envelope import peek
 from dms.network.host import Libp2pTransport
+from dms.network.peerbook import PeerBook
 from dms.network.peertable import (
     DEADLINE_FACTOR,
     HEARTBEAT_BEHAVIOUR,
@@ -26,6 +28,7 @@ from dms.network.peertable import (
     PeerTable,
 )
 from dms.node.heartbeat_sync import HEARTBEAT_MAX_TTL_S, HeartbeatSync, SignedHeartbeat
+from dms.node.runtime import NodeRuntime
 from dms.security.identity import peer_id_from_public_key
 
 log = logging.getLogger("dms.node")
@@ -41,29 +44,55 @@ class ConnectPayload(BaseModel):
     address: str = Field(min_length=1, description="a multiaddr ending in /p2p/<peer id>")
 
 
-class PeeringBehaviours(HeartbeatSync):
-    nonce: str = ""
-    _beats: int = 0
+class Peering:
+    """The node's peers: the heartbeat it sends and hears, the peers table, and the
+    owner's ``/dms/node/peers/*`` behaviours. ``summary``: the figures each heartbeat
+    carries (the provider role's resources and scores)."""
 
-    def start_peering(self) -> None:
+    def __init__(
+        self,
+        node: NodeRuntime,
+        *,
+        peer_table: PeerTable,
+        heartbeats: HeartbeatSync,
+        summary: Callable[[], dict[str, Any]],
+        network: Libp2pTransport | None = None,
+        peerbook: PeerBook | None = None,
+        heartbeat_s: float = 2.0,
+        heartbeat_budget_per_s: float = 10.0,
+        remember_every_s: float = 30.0,
+        peer_forget_s: float = 3600.0,
+        labels: list[str] | None = None,
+    ) -> None:
+        self.node = node
+        self.peer_table = peer_table
+        self.heartbeats = heartbeats
+        self.summary = summary
+        self.network = network
+        self.peerbook = peerbook
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat_budget_per_s = heartbeat_budget_per_s
+        self.remember_every_s = remember_every_s
+        self.peer_forget_s = peer_forget_s
+        self.labels = labels or []
+        self.nonce = ""
+        self._beats = 0
+
+    def start(self) -> None:
         self.nonce = secrets.token_hex(8)  # new per process: peers see a restart
-        self.start_heartbeat_sync()
-        self.subscribe(HEARTBEAT_TOPIC)
-        self.call_later(0.0, self._heartbeat)
-        self.call_later(self.services.heartbeat_s / 2, self._sweep)
-        if self.services.peerbook is not None and self.services.network is not None:
-            self.call_later(1.0, self._remember_peers)
+        self.heartbeats.start()
+        self.node.subscribe(HEARTBEAT_TOPIC)
+        self.node.call_later(0.0, self._heartbeat)
+        self.node.call_later(self.heartbeat_s / 2, self._sweep)
+        if self.peerbook is not None and self.network is not None:
+            self.node.call_later(1.0, self._remember_peers)
 
-    def stop_peering(self) -> None:
+    def stop(self) -> None:
         self._remember_peers(reschedule=False)
         try:  # best effort: peers that miss it find out at the deadline
             self._publish_heartbeat(leaving=True)
         except Exception as exc:
             log.debug("no leaving heartbeat: %s", exc)
-
-    @property
-    def peer_table(self) -> PeerTable:
-        return self.services.peer_table
 
     # ---- heartbeat -----------------------------------------------------------------
 
@@ -73,7 +102,7 @@ class PeeringBehaviours(HeartbeatSync):
         flat as the network grows (N / interval heartbeats reach every node). Only
         live peers count: a gone one sends nothing."""
         peers = len(self.peer_table.alive()) + 1
-        return max(self.services.heartbeat_s, peers / self.services.heartbeat_budget_per_s)
+        return max(self.heartbeat_s, peers / self.heartbeat_budget_per_s)
 
     def heartbeat(self, leaving: bool = False) -> dict[str, Any]:
         interval = self.heartbeat_interval()
@@ -86,15 +115,15 @@ class PeeringBehaviours(HeartbeatSync):
             if hasattr(os, "getloadavg")
             else 0.0,
             "leaving": leaving,
-            "labels": self.services.labels,
+            "labels": self.labels,
             "addrs": self._listen_addrs(),
         }
-        beat.update(self.resource_summary())
+        beat.update(self.summary())
         self._beats += 1
         return beat
 
     def _listen_addrs(self) -> list[str]:
-        network = self.services.network
+        network = self.network
         if network is None:
             return []
         try:
@@ -105,15 +134,15 @@ class PeeringBehaviours(HeartbeatSync):
     def _publish_heartbeat(self, leaving: bool = False) -> None:
         beat = self.heartbeat(leaving)
         # Valid until the deadline it announces, so peers can pass it on meanwhile.
-        ttl_s = min(beat["deadline_s"], HEARTBEAT_MAX_TTL_S, self.system.limits.max_ttl_s)
-        frame = self.publish(HEARTBEAT_TOPIC, HEARTBEAT_BEHAVIOUR, beat, ttl_s=ttl_s)
+        ttl_s = min(beat["deadline_s"], HEARTBEAT_MAX_TTL_S, self.node.system.limits.max_ttl_s)
+        frame = self.node.publish(HEARTBEAT_TOPIC, HEARTBEAT_BEHAVIOUR, beat, ttl_s=ttl_s)
         env = peek(frame)
         signed = SignedHeartbeat.of(env, frame) if env is not None else None
-        self.keep_own_heartbeat(None if leaving else signed)
+        self.heartbeats.keep_own_heartbeat(None if leaving else signed)
 
     def _heartbeat(self) -> None:
         self.announce()
-        self.call_later(self.heartbeat_interval(), self._heartbeat)
+        self.node.call_later(self.heartbeat_interval(), self._heartbeat)
 
     def announce(self) -> None:
         """Send a heartbeat now (after onboarding changes), not at the next tick."""
@@ -125,31 +154,32 @@ class PeeringBehaviours(HeartbeatSync):
     def _sweep(self) -> None:
         for peer_id in self.peer_table.sweep():
             log.info("peer %s is gone (missed its heartbeat deadline)", peer_id)
-            self.keep_heartbeat(peer_id, None)  # expired with the deadline: nothing to pass on
-        for peer_id in self.peer_table.forget_gone(self.services.peer_forget_s):
-            log.info("peer %s forgotten (gone for %g s)", peer_id, self.services.peer_forget_s)
-            self.keep_heartbeat(peer_id, None)
-        self.call_later(self.services.heartbeat_s / 2, self._sweep)
+            # expired with the deadline: nothing to pass on
+            self.heartbeats.keep_heartbeat(peer_id, None)
+        for peer_id in self.peer_table.forget_gone(self.peer_forget_s):
+            log.info("peer %s forgotten (gone for %g s)", peer_id, self.peer_forget_s)
+            self.heartbeats.keep_heartbeat(peer_id, None)
+        self.node.call_later(self.heartbeat_s / 2, self._sweep)
 
     @behaviour(HEARTBEAT_BEHAVIOUR, public=True, payload=Heartbeat, topic=HEARTBEAT_TOPIC)
     def heard_heartbeat(self, request: Request) -> None:
         sender = request.sender
         peer_id = peer_id_from_public_key(sender.id)
-        if peer_id == self.system.peer_id:
+        if peer_id == self.node.system.peer_id:
             return
         if sender.address.host != peer_id:
             raise Refusal(ErrorCode.WRONG_SIGNER, "a heartbeat must come from a node's root")
         sealed = request.sealed
         signed = SignedHeartbeat.of(sealed.envelope, sealed.frame) if sealed else None
-        self.take_heartbeat(peer_id, sender.did, request.payload, signed)
+        self.heartbeats.take_heartbeat(peer_id, sender.did, request.payload, signed)
 
     # ---- peers (owner) ---------------------------------------------------------------
 
     @behaviour("/dms/node/peers/self")
     def peers_self(self, request: Request) -> dict[str, Any]:
         return {
-            "peer_id": self.system.peer_id,
-            "did": self.identity.did,
+            "peer_id": self.node.system.peer_id,
+            "did": self.node.identity.did,
             "addrs": self._network().addrs(),
             "reachability": str(self._network().reachability()),
             "nonce": self.nonce,
@@ -158,11 +188,7 @@ class PeeringBehaviours(HeartbeatSync):
     @behaviour("/dms/node/peers/list")
     def peers_list(self, request: Request) -> list[dict[str, Any]]:
         """Every peer known from heartbeats or connections, with its status and figures."""
-        connected = (
-            {p.peer_id: p.addrs for p in self.services.network.peers()}
-            if self.services.network
-            else {}
-        )
+        connected = {p.peer_id: p.addrs for p in self.network.peers()} if self.network else {}
         now = time.time()
         rows = []
         for record in self.peer_table.records():
@@ -182,7 +208,7 @@ class PeeringBehaviours(HeartbeatSync):
     def peers_ping(self, request: Request) -> None:
         peer_id = request.payload.peer_id
         network = self._network()
-        self.in_background(
+        self.node.in_background(
             request, lambda: {"peer_id": peer_id, "rtt_ms": round(network.ping(peer_id), 3)}
         )
 
@@ -190,7 +216,7 @@ class PeeringBehaviours(HeartbeatSync):
     def peers_connect(self, request: Request) -> None:
         address = request.payload.address
         network = self._network()
-        self.in_background(request, lambda: {"peer_id": network.connect(address)})
+        self.node.in_background(request, lambda: {"peer_id": network.connect(address)})
 
     @behaviour("/dms/node/peers/dht")
     def peers_dht(self, request: Request) -> dict[str, Any]:
@@ -205,12 +231,12 @@ class PeeringBehaviours(HeartbeatSync):
     # ---- helpers ---------------------------------------------------------------------
 
     def _network(self) -> Libp2pTransport:
-        if self.services.network is None:
+        if self.network is None:
             raise Refusal(ErrorCode.UNREACHABLE, "this node has no libp2p network")
-        return self.services.network
+        return self.network
 
     def _remember_peers(self, reschedule: bool = True) -> None:
-        peerbook, network = self.services.peerbook, self.services.network
+        peerbook, network = self.peerbook, self.network
         if peerbook is None or network is None:
             return
         try:
@@ -218,4 +244,4 @@ class PeeringBehaviours(HeartbeatSync):
         except Exception as exc:  # the node outlives a busy or stopped store
             log.warning("could not record peers: %s", exc)
         if reschedule:
-            self.call_later(self.services.remember_every_s, self._remember_peers)
+            self.node.call_later(self.remember_every_s, self._remember_peers)

@@ -32,7 +32,7 @@ ReportOption = Annotated[
 ]
 ModeOption = Annotated[
     str | None,
-    typer.Option("--mode", help="threads, processes or memory (default: the scenario's)."),
+    typer.Option("--mode", help="threads, processes, memory or netns (default: the scenario's)."),
 ]
 RootOption = Annotated[
     Path | None,

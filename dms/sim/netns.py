@@ -1,13 +1,18 @@
-"""Real NATs for tests and benches: Linux network namespaces, veth pairs, masquerading routers.
+"""Real NATs for tests, benches and ``dms sim`` mode netns: Linux network namespaces,
+veth pairs, masquerading routers.
 
 Root only (``unavailable()`` says why not). :class:`NatTopology` builds, with only
-addresses inside the namespaces it makes (10.77.0.0/16)::
+addresses inside the namespaces it makes (10.77.0.0/16), by default::
 
     relay  10.77.0.1 ----+
                          |  "inet": one bridge, the public network 10.77.0.0/24
     r1 wan 10.77.0.11 ---+--- r2 wan 10.77.0.12 --- r3 wan 10.77.0.13
     r1 lan 10.77.1.1        r2 lan 10.77.2.1        r3 lan 10.77.3.1
     prov1  10.77.1.2        prov2  10.77.2.2        owner  10.77.3.2
+
+Other roles can be given (``public=``, ``nated=``): public host i (from 0) is
+10.77.0.<i+1>, and NATed host k (from 1) sits behind router rk (WAN 10.77.0.<10+k>,
+LAN 10.77.k.1) at 10.77.k.2.
 
 Each router masquerades what leaves by its WAN side and forwards inbound only for
 connections its LAN side opened (conntrack ESTABLISHED,RELATED): the home router
@@ -24,6 +29,7 @@ See specs/network.md, "Behind NAT".
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -31,6 +37,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +45,12 @@ from typing import Any
 __all__ = ["NatTopology", "NsDaemon", "unavailable"]
 
 PUBLIC_NET = "10.77.0"
-RELAY_IP = f"{PUBLIC_NET}.1"
 PORT = 4001
-# host namespace role -> router index (its LAN is 10.77.<index>.0/24)
-NATED = {"prov1": 1, "prov2": 2, "owner": 3}
+PUBLIC = ("relay",)
+NATED = ("prov1", "prov2", "owner")
+MAX_PUBLIC = 9  # 10.77.0.1 .. 10.77.0.9
+MAX_NATED = 89  # routers' WAN sides 10.77.0.11 .. 10.77.0.99
+CLONE_NEWNET = 0x40000000
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -95,12 +104,30 @@ class NsDaemon:
 
 
 class NatTopology:
-    """One public relay, three hosts behind three masquerading routers (see module doc)."""
+    """Public hosts, and hosts each behind a masquerading router of its own (see module
+    doc); by default one public relay and three NATed hosts."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        env: dict[str, str] | None = None,
+        *,
+        public: Sequence[str] = PUBLIC,
+        nated: Sequence[str] = NATED,
+    ) -> None:
+        if not 1 <= len(public) <= MAX_PUBLIC or len(nated) > MAX_NATED:
+            raise ValueError(
+                f"a topology has 1 to {MAX_PUBLIC} public hosts and at most {MAX_NATED} "
+                f"behind NAT (got {len(public)} and {len(nated)})"
+            )
+        if len(set(public) | set(nated)) != len(public) + len(nated):
+            raise ValueError("a role is named twice")
         self.root = root
         self.env = env or {}
         self.tag = uuid.uuid4().hex[:6]
+        self.public = list(public)
+        # NATed role -> its router's index k (its LAN is 10.77.<k>.0/24)
+        self.nated = {role: k for k, role in enumerate(nated, start=1)}
         self.namespaces: list[str] = []
         self.daemons: list[NsDaemon] = []
 
@@ -109,7 +136,9 @@ class NatTopology:
         return f"dms{self.tag}-{role}"
 
     def ip(self, role: str) -> str:
-        return RELAY_IP if role == "relay" else f"10.77.{NATED[role]}.2"
+        if role in self.public:
+            return f"{PUBLIC_NET}.{self.public.index(role) + 1}"
+        return f"10.77.{self.nated[role]}.2"
 
     def listen(self, role: str) -> str:
         return f"/ip4/{self.ip(role)}/tcp/{PORT}"
@@ -151,17 +180,18 @@ class NatTopology:
         self._add_ns("inet")
         self.sh("inet", "ip", "link", "add", "br0", "type", "bridge")
         self.sh("inet", "ip", "link", "set", "br0", "up")
-        self._add_ns("relay")
-        self._veth("relay", "eth0", "inet", "p0")
-        self._addr("relay", "eth0", f"{RELAY_IP}/24")
-        self.sh("inet", "ip", "link", "set", "p0", "master", "br0", "up")
-        for role, k in NATED.items():
+        for i, role in enumerate(self.public):
+            self._add_ns(role)
+            self._veth(role, "eth0", "inet", f"h{i}")
+            self._addr(role, "eth0", f"{self.ip(role)}/24")
+            self.sh("inet", "ip", "link", "set", f"h{i}", "master", "br0", "up")
+        for role, k in self.nated.items():
             router = f"r{k}"
             self._add_ns(router)
             self._add_ns(role)
             self._veth(router, "wan", "inet", f"p{k}")
             self.sh("inet", "ip", "link", "set", f"p{k}", "master", "br0", "up")
-            self._addr(router, "wan", f"{PUBLIC_NET}.1{k}/24")
+            self._addr(router, "wan", f"{PUBLIC_NET}.{10 + k}/24")
             self._veth(router, "lan", role, "eth0")
             self._addr(router, "lan", f"10.77.{k}.1/24")
             self._addr(role, "eth0", f"10.77.{k}.2/24")
@@ -197,7 +227,7 @@ class NatTopology:
         reboots or runs out of table): connections through it stop carrying packets.
         Done by refusing what it forwarded and changing the masquerade rule, which
         flushes its conntrack entries (no conntrack tool needed)."""
-        router = f"r{NATED[role]}"
+        router = f"r{self.nated[role]}"
         self.sh(router, "iptables", "-I", "FORWARD", "1", "-j", "DROP")
         self.sh(router, "iptables", "-t", "nat", "-F", "POSTROUTING")
         self.sh(router, "ip", "link", "set", "wan", "down")
@@ -207,6 +237,28 @@ class NatTopology:
         self.sh(router, "iptables", "-D", "FORWARD", "1")
 
     # ---- dms in a namespace -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def entered(self, role: str) -> Iterator[None]:
+        """The calling thread in the namespace of ``role`` (other threads stay where they
+        are): sockets it opens there belong to that namespace, as a daemon's local API
+        on its 127.0.0.1 does."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            target = os.open(f"/var/run/netns/{self.ns(role)}", os.O_RDONLY)
+            try:
+                if libc.setns(target, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"cannot enter {self.ns(role)}: {os.strerror(err)}")
+            finally:
+                os.close(target)
+            try:
+                yield
+            finally:
+                libc.setns(own, CLONE_NEWNET)
+        finally:
+            os.close(own)
 
     def home(self, role: str) -> Path:
         """The DMS_HOME of ``role`` (any name: a node need not live in its own namespace)."""

@@ -124,6 +124,7 @@ class ProcessBackend(Backend):
                 "invoke_timeout_s": self.settings.invoke_timeout_s,
                 "labels": spec.labels,
                 "preferences": spec.preferences.model_dump(),
+                **self.extra_config(spec),
             }
             (home / "config.toml").write_text(toml_config(config))
             (home / "logs").mkdir(mode=0o700, exist_ok=True)
@@ -162,8 +163,7 @@ class ProcessBackend(Backend):
 
     def _spawn(self, name: str) -> None:
         proc = self._procs[name]
-        args = [sys.executable, "-m", "dms", "run", "--listen", "/ip4/127.0.0.1/tcp/0"]
-        args += ["--api-port", "0", "--json"]
+        args = [*self.run_argv(name), "--api-port", "0", "--json"]
         for addr in self._bootstrap(name):
             args += ["--bootstrap", addr]
         args += self.extra_run_args()
@@ -197,6 +197,14 @@ class ProcessBackend(Backend):
 
     def extra_run_args(self) -> list[str]:
         return ["--faults", str(self.faults_file)]
+
+    def run_argv(self, name: str) -> list[str]:
+        """``dms run`` for node ``name`` and where it listens."""
+        return [sys.executable, "-m", "dms", "run", "--listen", "/ip4/127.0.0.1/tcp/0"]
+
+    def extra_config(self, spec: NodeSpec) -> dict[str, Any]:
+        """Settings of this node beyond the scenario's (config.toml)."""
+        return {}
 
     # ---- the operations ------------------------------------------------------------------
 

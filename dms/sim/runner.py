@@ -105,6 +105,12 @@ def make_backend(scenario: Scenario, root: Path, faults: FaultPlan, **options: A
         from dms.sim.threads import ThreadsBackend
 
         return ThreadsBackend(root, specs, scenario.settings, faults, **options)
+    if scenario.mode == "netns":
+        from dms.sim.netns_mode import NetnsBackend
+
+        options.setdefault("seed", scenario.seed)
+        public = {n for g in scenario.nodes if g.public for n in g.node_names()}
+        return NetnsBackend(root, specs, scenario.settings, faults, public=public, **options)
     if scenario.mode == "processes":
         from dms.sim.processes import ProcessBackend
 
@@ -425,7 +431,7 @@ class Runner:
             return all(j.ended or not self.backend.running(j.node) for j in self.jobs.values())
 
         self.follower.wait(settled, END_TIMEOUT_S)
-        if self.scenario.mode != "processes":  # there, each node counts in its own process
+        if self.scenario.mode not in ("processes", "netns"):  # each node counts in its own
             self.report.faults = self.faults.stats()
         leases = self.settle_leases()
         self.report.leases = leases
@@ -463,6 +469,9 @@ class Runner:
         }
         if job.kind == "mine":
             row.update(steps=job.steps, replacements=job.replacements)
+            placement = (job.result or {}).get("placement") or []
+            # How the owner reached each shard's worker at the end: direct or relayed.
+            row["paths"] = [p.get("path") for p in placement if isinstance(p, dict)]
             if job.labels is not None:  # to compare runs: the same labels, the same digest
                 digest = hashlib.sha256(json.dumps(job.labels).encode()).hexdigest()
                 row["labels_sha256"] = digest[:16]
@@ -655,6 +664,8 @@ def summary_rows(report: Report) -> list[list[str]]:
                 parts.append(f"{job['replacements']} replaced")
             if job.get("labels_equal_local") is not None:
                 parts.append("= local" if job["labels_equal_local"] else "!= local")
+            if any(job.get("paths") or []):
+                parts.append("reached " + "/".join(str(p) for p in job["paths"]))
             note = ", ".join(parts) + (f"; {note}" if note else "")
         ms = job["placement_ms"]
         state = job["state"] if job["state"] in DEPLOYMENT.terminal else f"{job['state']}?"

@@ -30,8 +30,9 @@ from dms.resources import Preferences
 from dms.resources.amounts import parse_cpu, parse_size
 from dms.yamlfile import data_loc, parse_lined
 
-Mode = Literal["threads", "processes", "memory"]
-MODES: tuple[str, ...] = ("threads", "processes", "memory")
+Mode = Literal["threads", "processes", "memory", "netns"]
+MODES: tuple[str, ...] = ("threads", "processes", "memory", "netns")
+MAX_NETNS_NODES = 40  # netns mode: two namespaces and a dms process a NATed node
 NAME = r"^[a-z][a-z0-9_]*(-[a-z0-9_]+)*$"
 MAX_NODES = 2000
 MINING_NEEDS_LIBP2P = (
@@ -95,6 +96,11 @@ class NodeGroup(_Model):
     onboard: Amounts | None = Field(default=None, description="none: takes no work")
     labels: list[str] = Field(default_factory=list, max_length=64)
     preferences: Preferences = Field(default_factory=Preferences)
+    public: bool = Field(
+        default=False,
+        description="netns mode: on the public network (a relay, the bootstrap); "
+        "else behind a NAT of its own. Other modes ignore it",
+    )
 
     def node_names(self) -> list[str]:
         if self.count == 1:
@@ -379,6 +385,12 @@ def problems(scenario: Scenario) -> list[Problem]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         found.append((("nodes",), f"node names must be unique: {', '.join(duplicates)}"))
+    if scenario.mode == "netns":
+        if not any(g.public for g in scenario.nodes):
+            found.append((("nodes",), "mode netns needs a public node (public: true): the "
+                          "relay and bootstrap of the nodes behind NAT"))  # fmt: skip
+        if len(names) > MAX_NETNS_NODES:
+            found.append((("nodes",), f"mode netns runs at most {MAX_NETNS_NODES} nodes"))
     groups = scenario.groups()
     jobs: dict[str, str] = {}  # job name -> kind, as the timeline declares them
     for i, step in enumerate(scenario.timeline):

@@ -75,16 +75,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import trio
-from libp2p import create_yamux_muxer_option, new_host
-from libp2p.abc import IHost, INetStream
-from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
-from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
-from multiaddr import Multiaddr
+from rawhosts import HostPair, read_exactly
 
 from dms.mining import run_classification, run_clustering
 from dms.mining.data import blobs, classification, read_table, read_test_table
@@ -100,7 +93,6 @@ A, K, QUERIES, CLASSES = 8, 5, 50, 3
 POLL_S = 0.05
 CONTROL_MB = 50
 SINK = TProtocol("/bench/sink/1.0.0")
-LOOPBACK = Multiaddr("/ip4/127.0.0.1/tcp/0")
 
 
 def say(what: str) -> None:
@@ -201,49 +193,17 @@ class ChunkLog:
 # ---- the bare stream baseline ----------------------------------------------------------
 
 
-def _host() -> IHost:
-    key_pair = create_new_key_pair()
-    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-    return new_host(
-        key_pair=key_pair,
-        sec_opt={NOISE_PROTOCOL_ID: noise},
-        muxer_opt=create_yamux_muxer_option(),
-    )
-
-
-async def _read_exactly(stream: INetStream, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = await stream.read(size - len(data))
-        if not chunk:
-            raise EOFError("stream closed")
-        data += chunk
-    return bytes(data)
-
-
 class RawStream:
     """Two bare py-libp2p hosts on two trio threads; ``send(n)`` moves n bytes one way on
     a new stream and returns the seconds until the receiver acknowledged the last byte."""
 
     def __init__(self) -> None:
         self.block = os.urandom(CHUNK_BYTES)
-        self._addr: str | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._host: IHost | None = None
-        self._peer: Any = None
-        self._ready = threading.Event()
-        self._stop = threading.Event()
-        threading.Thread(target=trio.run, args=(self._server,), daemon=True).start()
-        if not self._ready.wait(30):
-            raise RuntimeError("the raw server did not start")
-        self._ready.clear()
-        threading.Thread(target=trio.run, args=(self._client,), daemon=True).start()
-        if not self._ready.wait(30):
-            raise RuntimeError("the raw client did not connect")
+        self.pair = HostPair(SINK, self._sink)
 
     async def _sink(self, stream: INetStream) -> None:
         """One transfer per stream: an 8-byte size, then that many bytes; answer one byte."""
-        size = int.from_bytes(await _read_exactly(stream, 8), "big")
+        size = int.from_bytes(await read_exactly(stream, 8), "big")
         left = size
         while left:
             chunk = await stream.read(min(left, CHUNK_BYTES))
@@ -253,49 +213,27 @@ class RawStream:
         await stream.write(b"\x01")
         await stream.close()
 
-    async def _server(self) -> None:
-        host = _host()
-        async with host.run([LOOPBACK]):
-            host.set_stream_handler(SINK, self._sink)
-            self._addr = f"{host.get_addrs()[0]}"
-            if "/p2p/" not in self._addr:
-                self._addr += f"/p2p/{host.get_id().to_base58()}"
-            self._ready.set()
-            await trio.to_thread.run_sync(self._stop.wait)
-
-    async def _client(self) -> None:
-        host = _host()
-        async with host.run([LOOPBACK]):
-            assert self._addr is not None
-            info = info_from_p2p_addr(Multiaddr(self._addr))
-            await host.connect(info)
-            self._host, self._peer = host, info.peer_id
-            self._token = trio.lowlevel.current_trio_token()
-            self._ready.set()
-            await trio.to_thread.run_sync(self._stop.wait)
-
     async def _send(self, size: int) -> float:
         """A new stream (its window starts where every stream's does), ``size`` bytes in
         1 MiB writes, then the receiver's acknowledgement."""
-        assert self._host is not None and self._peer is not None
         began = time.perf_counter()
-        stream = await self._host.new_stream(self._peer, [SINK])
+        stream = await self.pair.new_stream()
         await stream.write(size.to_bytes(8, "big"))
         left = size
         while left:
             piece = self.block if left >= len(self.block) else self.block[:left]
             await stream.write(piece)
             left -= len(piece)
-        await _read_exactly(stream, 1)
+        await read_exactly(stream, 1)
         took = time.perf_counter() - began
         await stream.close()
         return took
 
     def send(self, size: int) -> float:
-        return trio.from_thread.run(self._send, size, trio_token=self._token)
+        return self.pair.run(self._send, size)
 
     def close(self) -> None:
-        self._stop.set()
+        self.pair.close()
 
 
 class RawChild:

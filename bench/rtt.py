@@ -33,15 +33,9 @@ from typing import Any
 
 import pykka
 import trio
-from libp2p import create_yamux_muxer_option, new_host
-from libp2p.abc import IHost, INetStream
-from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
-from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
-from multiaddr import Multiaddr
+from rawhosts import HostPair, read_exactly
 
 from dms.actor import Actor, Request, behaviour
 from dms.network.outbox import Outbox
@@ -51,7 +45,6 @@ from dms.security.identity import SIGNATURE_BYTES
 from dms.sim.cluster import LocalCluster
 
 ECHO = TProtocol("/bench/echo/1.0.0")
-LOOPBACK = Multiaddr("/ip4/127.0.0.1/tcp/0")
 
 
 class Echo(Actor):
@@ -74,59 +67,21 @@ class Counter(Actor):
             self.done.set()
 
 
-def _host() -> IHost:
-    key_pair = create_new_key_pair()
-    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-    return new_host(
-        key_pair=key_pair,
-        sec_opt={NOISE_PROTOCOL_ID: noise},
-        muxer_opt=create_yamux_muxer_option(),
-    )
-
-
 class RawEcho:
     """Two bare hosts on two trio threads; ``block(n)`` runs n echoes on the client side."""
 
     def __init__(self, size: int) -> None:
         self.message = b"\x01" * size
-        self._addr: str | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
         self._stream: INetStream | None = None
-        self._ready = threading.Event()
-        self._stop = threading.Event()
-        threading.Thread(target=trio.run, args=(self._server,), daemon=True).start()
-        self._ready.wait(30)
-        self._ready.clear()
-        threading.Thread(target=trio.run, args=(self._client,), daemon=True).start()
-        self._ready.wait(30)
+        self.pair = HostPair(ECHO, self._echo, self._on_client)
 
     async def _echo(self, stream: INetStream) -> None:
         while data := await stream.read(65536):
             await stream.write(data)
 
-    async def _server(self) -> None:
-        host = _host()
-        async with host.run([LOOPBACK]):
-            host.set_stream_handler(ECHO, self._echo)
-            self._addr = f"{host.get_addrs()[0]}"
-            if "/p2p/" not in self._addr:
-                self._addr += f"/p2p/{host.get_id().to_base58()}"
-            self._ready.set()
-            await trio.to_thread.run_sync(self._stop.wait)
-
-    async def _client(self) -> None:
-        host = _host()
-        async with host.run([LOOPBACK]):
-            assert self._addr is not None
-            info = info_from_p2p_addr(Multiaddr(self._addr))
-            await host.connect(info)
-            self._stream = await host.new_stream(info.peer_id, [ECHO])
-            self._token = trio.lowlevel.current_trio_token()
-            async with trio.open_nursery() as nursery:
-                self._client_tasks(nursery)
-                self._ready.set()
-                await trio.to_thread.run_sync(self._stop.wait)
-                nursery.cancel_scope.cancel()
+    async def _on_client(self, pair: HostPair, nursery: trio.Nursery) -> None:
+        self._stream = await pair.new_stream()
+        self._client_tasks(nursery)
 
     def _client_tasks(self, nursery: trio.Nursery) -> None:
         """Background tasks of the client's loop; the bare echo has none."""
@@ -137,25 +92,15 @@ class RawEcho:
         for _ in range(n):
             start = time.perf_counter()
             await self._stream.write(self.message)
-            await _read_exactly(self._stream, len(self.message))
+            await read_exactly(self._stream, len(self.message))
             out.append(time.perf_counter() - start)
         return out
 
     def block(self, n: int) -> list[float]:
-        return trio.from_thread.run(self._echoes, n, trio_token=self._token)
+        return self.pair.run(self._echoes, n)
 
     def close(self) -> None:
-        self._stop.set()
-
-
-async def _read_exactly(stream: INetStream, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = await stream.read(65536)
-        if not chunk:
-            raise EOFError("echo stream closed")
-        data += chunk
-    return data
+        self.pair.close()
 
 
 async def _write_from(outbox: Outbox, stream: INetStream) -> None:
@@ -206,7 +151,7 @@ class FloorEcho(RawEcho):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_write_from, replies, stream)
                 while True:
-                    request = await _read_exactly(stream, len(self.message))
+                    request = await read_exactly(stream, len(self.message))
                     actor.tell(_verified_body(request, self.caller.public_key))
         finally:
             actor.stop(block=False)
@@ -220,7 +165,7 @@ class FloorEcho(RawEcho):
     async def _read_replies(self) -> None:
         assert self._stream is not None
         while True:
-            reply = await _read_exactly(self._stream, len(self.message))
+            reply = await read_exactly(self._stream, len(self.message))
             _verified_body(reply, self.callee.public_key)
             assert self._waiting is not None
             self._waiting.set_result(reply)

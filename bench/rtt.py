@@ -11,8 +11,9 @@
   the peer's trio thread verifies it and hands it to an actor thread, which
   signs the reply; the caller's trio thread verifies the reply and wakes the
   caller. What dms adds on top of the floor is its own cost.
-- ``dms_msgs_per_s``: one-way sends, pipelined, counted when the receiving actor
-  has handled the last one.
+- ``dms_msgs_per_s``: one-way sends, pipelined up to ``SEND_WINDOW`` unhandled at
+  the receiver (under its in-flight budget per peer, which refuses the excess),
+  counted when the receiving actor has handled the last one.
 
 Samples alternate in blocks between raw, floor and dms so all see the same
 machine load. Prints one JSON line with --json.
@@ -53,16 +54,29 @@ class Echo(Actor):
         return request.payload
 
 
+# Sends not yet handled at the receiver: below its max_inflight_per_peer (64), which
+# refuses the rest (a flood from one peer is what that budget is for).
+SEND_WINDOW = 48
+
+
 class Counter(Actor):
-    def __init__(self, context: Any, expected: int, done: threading.Event) -> None:
+    def __init__(
+        self,
+        context: Any,
+        expected: int,
+        done: threading.Event,
+        window: threading.Semaphore,
+    ) -> None:
         super().__init__(context)
         self.expected = expected
         self.done = done
+        self.window = window
         self.count = 0
 
     @behaviour("/bench/count", public=True)
     def count_one(self, request: Request) -> None:
         self.count += 1
+        self.window.release()
         if self.count == self.expected:
             self.done.set()
 
@@ -204,7 +218,8 @@ def main() -> int:
         caller = caller_node.node
         echo = callee_node.system.spawn(Echo)
         done = threading.Event()
-        counter = callee_node.system.spawn(Counter, args.sends, done)
+        window = threading.Semaphore(SEND_WINDOW)
+        counter = callee_node.system.spawn(Counter, args.sends, done, window)
         payload = {"seq": 0, "data": "x" * 64}
         caller.ask(root_handle(callee_node.peer_id), "/public/hello", timeout=30)
         envelope_bytes = len(caller.seal(caller.envelope("/bench/echo", payload, to=echo.handle)))
@@ -232,6 +247,8 @@ def main() -> int:
 
         start = time.perf_counter()
         for i in range(args.sends):
+            if not window.acquire(timeout=30):
+                break  # a send was lost: delivered stays False
             caller.send(counter.handle, "/bench/count", {"seq": i})
         delivered = done.wait(120)
         send_s = time.perf_counter() - start

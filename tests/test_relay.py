@@ -15,6 +15,7 @@ from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 
 from dms.network.host import Libp2pTransport
+from dms.network.reachability import Reachability
 from dms.network.relay import HOP_PROTOCOL, RelayRefusal, is_relayed
 from dms.network.settings import NetworkSettings, RelaySettings
 from dms.security.identity import Identity
@@ -65,6 +66,26 @@ def test_a_private_node_is_reached_through_the_relay(started: list[Libp2pTranspo
     assert relay.budget_usage()["relay_reservations"][0] >= 1
     # A node that is not a relay refuses reservations with the reason.
     assert private.serves_relay() is False and relay.serves_relay() is True
+
+
+def test_one_peer_that_dials_back_is_not_enough_to_be_public(
+    started: list[Libp2pTransport],
+) -> None:
+    """A node is public once two distinct peers reached it: one lying or mistaken
+    peer cannot make a NATed node believe it is public (and stop reserving relays)."""
+    first = _transport("auto")
+    started.append(first)
+    second = _transport("auto", first.addrs())
+    started.append(second)
+    dialback = first._dialback
+    assert dialback is not None
+    wait_for(lambda: ID.from_base58(second.peer_id) in dialback.verdicts, what="the first verdict")
+    assert dialback.verdicts[ID.from_base58(second.peer_id)] is True
+    assert first.reachability() is Reachability.UNKNOWN
+    # A second peer that reaches it too: now it is public, and serves as a relay.
+    started.append(_transport("auto", first.addrs()))
+    wait_for(lambda: first.reachability() is Reachability.PUBLIC, what="a second confirmation")
+    assert first.serves_relay()
 
 
 def test_a_peer_opening_circuits_without_end_is_refused(started: list[Libp2pTransport]) -> None:

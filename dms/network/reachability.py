@@ -8,10 +8,13 @@ came from, as the spec says, so a node cannot be used to dial third parties), an
 closes it at once: reaching the port is the proof.
 
 A node asks its connected peers (at most ``ASK_PEERS`` at a time) soon after it
-connects and then every ``RECHECK_S``. One peer that reached it makes it ``public``;
-``private`` once every peer asked failed (a NATed node's listen address is not the
-IP its peers see, so they refuse to dial it). ``NetworkSettings.reachability``
-forces either answer. See specs/network.md, "Reachability".
+connects and then every ``RECHECK_S``. ``CONFIRMATIONS`` (2) distinct peers that
+reached it make it ``public``, so one lying or mistaken peer cannot; short of
+that, one peer that failed makes it ``private`` (a NATed node's listen address is
+not the IP its peers see, so they refuse to dial it); with fewer confirmations
+and no failure it stays ``unknown`` and asks the next peers it connects to.
+``NetworkSettings.reachability`` forces either answer. See specs/network.md,
+"Reachability".
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ QUERY_TIMEOUT_S = 8.0
 ASK_PEERS = 4
 FIRST_CHECK_EVERY_S = 1.0
 RECHECK_S = 300.0
+# Distinct peers that must have dialed this node back for it to be public.
+CONFIRMATIONS = 2
 
 
 class Reachability(StrEnum):
@@ -50,7 +55,7 @@ class DialBack(AutoNATService):
     """AutoNAT with a real dial-back, and the node's verdict."""
 
     def __init__(self, host: IHost, forced: str = "auto") -> None:
-        super().__init__(host, serve=True, confirmations=1)  # type: ignore[arg-type]
+        super().__init__(host, serve=True, confirmations=CONFIRMATIONS)  # type: ignore[arg-type]
         self.forced = forced
         self.verdicts: dict[ID, bool] = {}
         self.confirmed_addr: str | None = None
@@ -60,9 +65,10 @@ class DialBack(AutoNATService):
     def reachability(self) -> Reachability:
         if self.forced in (Reachability.PUBLIC, Reachability.PRIVATE):
             return Reachability(self.forced)
-        if any(self.verdicts.values()):
+        confirmed = sum(1 for ok in self.verdicts.values() if ok)
+        if confirmed >= CONFIRMATIONS:
             return Reachability.PUBLIC
-        if self.verdicts:
+        if confirmed < len(self.verdicts):  # a peer that could not reach it
             return Reachability.PRIVATE
         return Reachability.UNKNOWN
 

@@ -2,10 +2,9 @@
 state one role fills in and others read, declared here (DESIGN decision 14: a role
 reads another only through a declared interface, never by ``getattr``):
 
-- ``courier`` (chunks in and out; the mining role makes it, allocations use it);
+- ``courier`` (chunks in and out; the node makes it, allocations and mining use it);
 - ``_orchestration`` and ``_deployments`` (the requester role's; the mining and
   collaboration roles place their sessions through them, ``_orch()``);
-- ``capability_scores()`` (the provider role's benchmark; bids carry it).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from dms.orchestrator.base import Orchestration
 
 
 class NodeBase(Actor):
-    courier: Courier | None = None  # set by the mining role's start (start_mining)
+    courier: Courier | None = None  # the node's courier (dms.node.chunks)
     _orchestration: Orchestration | None = None  # set by start_deploying
     _deployments: dict[str, ActorRef]  # the requester's deployment children, by id
 
@@ -49,14 +48,3 @@ class NodeBase(Actor):
         if self._orchestration is None:
             raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node keeps no deployment store")
         return self._orchestration
-
-    def capability_scores(self) -> dict[str, float]:
-        """The benchmark scores bids carry; the provider mixin fills them in."""
-        return {}
-
-    def resource_summary(self) -> dict[str, Any]:
-        """Figures the heartbeat carries; the provider mixin fills them in."""
-        return {}
-
-    def announce(self) -> None:
-        """Tell peers about a change now; the peering mixin sends a heartbeat."""

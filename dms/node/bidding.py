@@ -2,8 +2,9 @@
 
 Any peer may call these (``/dms/deployment/{request,commit,allocate,revert}``); the
 lease holder is the caller's host, which the libp2p connection authenticates. Each
-allocation runs as an :class:`AllocationActor` child. A mixin of
-:class:`dms.node.node.NodeActor`; the requester's side is ``dms.node.deploying``.
+allocation runs as an :class:`AllocationActor` child. A role of
+:class:`dms.node.node.NodeActor` (:class:`Bidding`); the requester's side is
+``dms.node.deploying``.
 See ``specs/orchestration.md``.
 """
 
@@ -14,6 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -22,8 +24,11 @@ from dms.actor import ActorRef, ErrorCode, Handle, Refusal, Request, behaviour
 from dms.backoff import Backoff
 from dms.jobs.allocation import AllocationActor
 from dms.jobs.executors import ExecutorError
-from dms.network.peertable import GONE
-from dms.node.base import NodeBase
+from dms.network.peertable import GONE, PeerTable
+from dms.network.transfer import Courier
+from dms.node.provider import need_ledger
+from dms.node.runtime import NodeRuntime
+from dms.node.stakes import StakeBook
 from dms.orchestrator.bidder import BidderView, make_bid
 from dms.orchestrator.bidindex import BidIndex, bid_rows
 from dms.orchestrator.lapses import Lapses
@@ -40,7 +45,8 @@ from dms.orchestrator.messages import (
     CommitRequest,
     RevertRequest,
 )
-from dms.resources import ALLOCATED, ResourceError
+from dms.resources import ALLOCATED, Preferences, ResourceError, ResourceLedger
+from dms.store import Database
 
 log = logging.getLogger("dms.node")
 DEPLOYMENT_REF = "dep:"
@@ -65,41 +71,73 @@ def _answers_to_requester(reply_to: Handle | None, requester: str, what: str) ->
         )
 
 
-class BiddingBehaviours(NodeBase):
-    _allocations: dict[str, ActorRef]
-    _alloc_lock: threading.Lock
-    _bid_index: BidIndex | None = None
+class Bidding:
+    """The provider's side of placement: bids, commits, allocations and reverts.
+    ``scores``: the benchmark scores bids carry (the provider's capability)."""
 
-    def start_bidding(self) -> None:
-        self._allocations = {}
+    def __init__(
+        self,
+        node: NodeRuntime,
+        *,
+        ledger: ResourceLedger | None,
+        preferences: Preferences,
+        peer_table: PeerTable,
+        stakes: StakeBook,
+        scores: Callable[[], dict[str, float]],
+        courier: Courier | None = None,
+        db: Database | None = None,
+        bid_index: BidIndex | None = None,
+        labels: list[str] | None = None,
+        max_bid_slots: int = 64,
+        bid_requests_per_s_total: float = 100.0,
+        bid_request_burst_total: int = 200,
+        unknown_share: float = 0.5,
+        orphan_s: float = 15.0,
+    ) -> None:
+        self.node = node
+        self.ledger = ledger
+        self.preferences = preferences
+        self.peer_table = peer_table
+        self.stakes = stakes
+        self.scores = scores
+        self.courier = courier
+        self.db = db
+        self.labels = labels or []
+        self.max_bid_slots = max_bid_slots
+        self.bid_requests_per_s_total = bid_requests_per_s_total
+        self.bid_request_burst_total = bid_request_burst_total
+        self.unknown_share = unknown_share
+        self.orphan_s = orphan_s
+        self._bid_index = (
+            (bid_index or BidIndex(db, stake=stakes.__contains__)) if db is not None else None
+        )
+        self._lapses = Lapses(preferences.lapse_cooldown_s)
+        self._allocations: dict[str, ActorRef] = {}
         self._lingering: deque[ActorRef] = deque()
         self._ended_early: set[str] = set()  # ended before their allocate registered them
         self._alloc_lock = threading.Lock()
-        prefs = self.services.preferences
+
+    def start(self) -> None:
+        prefs = self.preferences
         # Checked by the receive pipeline before a request's signature or payload, so a
         # flood of them never queues in this actor's mailbox (dms.actor.admission).
-        self.system.behaviour_limits.set(
+        self.node.system.behaviour_limits.set(
             REQUEST,
             prefs.bid_requests_per_s,
             prefs.bid_request_burst,
             f"more than {prefs.bid_requests_per_s:g} bid requests a second from this peer "
             "(bid_requests_per_s)",
-            total=self.services.bid_requests_per_s_total,
-            total_burst=self.services.bid_request_burst_total,
+            total=self.bid_requests_per_s_total,
+            total_burst=self.bid_request_burst_total,
         )
-        self._lapses = Lapses(prefs.lapse_cooldown_s)
-        self.subscribe(DEPLOYMENT_TOPIC)
-        db = self.services.onboarder.db if self.services.onboarder else None
-        if db is not None:
-            self._bid_index = self.services.bid_index or BidIndex(
-                db, stake=self.services.stakes.__contains__
-            )
+        self.node.subscribe(DEPLOYMENT_TOPIC)
+        if self.db is not None:
             self._clean_orphaned_allocations()
 
     def _clean_orphaned_allocations(self) -> None:
         """Allocations made for deployments ran in the process that died: release them
         (their requesters see them gone and place them again)."""
-        ledger = self.services.ledger
+        ledger = self.ledger
         if ledger is None:
             return
         for lease in ledger.live():
@@ -108,19 +146,18 @@ class BiddingBehaviours(NodeBase):
                 ledger.db.record("allocation.cleaned", id=lease.id, ref=lease.ref)
 
     def _bidder(self) -> BidderView:
-        if self.services.ledger is None:
+        if self.ledger is None:
             raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node does not take work")
-        scores = self.capability_scores()
         return BidderView(
-            peer_id=self.system.peer_id,
-            did=self.identity.did,
-            ledger=self.services.ledger,
-            preferences=self.services.preferences,
-            scores=scores,
-            labels=self.services.labels,
-            max_slots=self.services.max_bid_slots,
-            stake=self.services.stakes.__contains__,
-            unknown_share=self.services.unknown_share,
+            peer_id=self.node.system.peer_id,
+            did=self.node.identity.did,
+            ledger=self.ledger,
+            preferences=self.preferences,
+            scores=self.scores(),
+            labels=self.labels,
+            max_slots=self.max_bid_slots,
+            stake=self.stakes.__contains__,
+            unknown_share=self.unknown_share,
         )
 
     @behaviour(REQUEST, public=True, payload=BidRequest, topic=DEPLOYMENT_TOPIC)
@@ -129,7 +166,7 @@ class BiddingBehaviours(NodeBase):
         (a request heard on the deployment topic)."""
         payload: BidRequest = request.payload
         requester = request.sender.address.host
-        if requester == self.system.peer_id:
+        if requester == self.node.system.peer_id:
             return None  # our own gossip request
         _answers_to_requester(payload.reply_to, requester, "a bid request")
         cooling = self._lapses.waiting(requester)
@@ -153,35 +190,35 @@ class BiddingBehaviours(NodeBase):
         # Heard on the topic: answered only with an offer, so a node with nothing to
         # offer does no more (every subscriber hears every request: before, each wrote
         # a declined bid to its bid index, and tried a lease, per request heard).
-        ledger = self.services.ledger
+        ledger = self.ledger
         if ledger is None or not ledger.pools().is_onboarded:
             return None
         bid = make_bid(payload, requester, request.sender.did, self._bidder())
         if bid.offers:
             self._record_sent(bid, requester)
             leases = [o.lease_id for o in bid.offers]
-            self.invoke(
+            self.node.invoke(
                 payload.reply_to,
                 BID,
                 bid.model_dump(),
                 # No longer than the leases hold: a requester that never answers does
                 # not keep an invoke pending here for up to 10 minutes.
-                timeout=min(payload.lease_s, self.services.preferences.max_lease_s),
+                timeout=min(payload.lease_s, self.preferences.max_lease_s),
                 on_reply=lambda outcome: self._bid_refused(outcome, leases),
             )
         return None
 
     def _bid_refused(self, outcome: Any, lease_ids: list[str]) -> None:
         """A bid nobody took (the deployment ended, or it never arrived): free it now."""
-        if not outcome.ok and self.services.ledger is not None:
-            self.services.ledger.release_many(lease_ids)
+        if not outcome.ok and self.ledger is not None:
+            self.ledger.release_many(lease_ids)
 
     def _record_sent(self, bid: Bid, requester: str) -> None:
         """Queue this bid for the bid index; written in batches, off the bidding path."""
         if self._bid_index is None:
             return
         if self._bid_index.add(bid_rows(bid, requester)):
-            self.call_later(BID_INDEX_FLUSH_S, self._flush_bids)
+            self.node.call_later(BID_INDEX_FLUSH_S, self._flush_bids)
 
     def _flush_bids(self) -> None:
         if self._bid_index is not None:
@@ -194,20 +231,20 @@ class BiddingBehaviours(NodeBase):
     def commit(self, request: Request) -> dict[str, Any]:
         p: CommitRequest = request.payload
         holder = request.sender.address.host
-        committed = self._ledger().commit(p.lease_id, holder=holder).as_dict()
+        committed = self._need_ledger().commit(p.lease_id, holder=holder).as_dict()
         self._watch_allocated(p.lease_id)
         return committed
 
     def _watch_allocated(self, lease_id: str) -> None:
         """A commit that no allocation follows would hold the resources for ever."""
-        within = self.services.preferences.allocate_within_s
-        self.call_later(within, lambda: self._allocated_in_time(lease_id, within))
+        within = self.preferences.allocate_within_s
+        self.node.call_later(within, lambda: self._allocated_in_time(lease_id, within))
 
     def _allocated_in_time(self, lease_id: str, within: float) -> None:
         with self._alloc_lock:
             if lease_id in self._allocations:
                 return
-        ledger = self._ledger()
+        ledger = self._need_ledger()
         lease = ledger.lease(lease_id)
         if lease.state == ALLOCATED:
             ledger.release(lease_id)
@@ -227,10 +264,10 @@ class BiddingBehaviours(NodeBase):
         holder = request.sender.address.host
         if p.commit:  # commit and allocate in one exchange (the commit checks the holder)
             _answers_to_requester(p.reply_to, holder, "an allocate")
-            lease = self._ledger().commit(p.lease_id, holder=holder)
+            lease = self._need_ledger().commit(p.lease_id, holder=holder)
             self._watch_allocated(p.lease_id)
         else:
-            lease = self._ledger().lease(p.lease_id)
+            lease = self._need_ledger().lease(p.lease_id)
         if lease.holder != holder:
             raise Refusal(ErrorCode.FORBIDDEN, f"lease {p.lease_id} is not held by the caller")
         _answers_to_requester(p.reply_to, lease.holder, "an allocate")
@@ -242,7 +279,7 @@ class BiddingBehaviours(NodeBase):
             return {"allocation": existing.handle.model_dump(), "status": None}
         requester = request.sender.address.host
         try:
-            child = self.spawn(
+            child = self.node.spawn(
                 AllocationActor,
                 lease_id=p.lease_id,
                 deployment_id=p.deployment_id,
@@ -258,10 +295,10 @@ class BiddingBehaviours(NodeBase):
                 inbox=f"alloc-{p.lease_id[:16]}",
             )
         except ExecutorError:
-            self._ledger().release(p.lease_id)
+            self._need_ledger().release(p.lease_id)
             raise
         # A real job of this requester here: it keeps its share of the global budgets.
-        self.services.stakes.note(requester, "allocation")
+        self.stakes.note(requester, "allocation")
         with self._alloc_lock:
             if p.lease_id in self._ended_early:  # a job of no length: it ended already
                 self._ended_early.discard(p.lease_id)
@@ -280,8 +317,8 @@ class BiddingBehaviours(NodeBase):
         holder = request.sender.address.host
         ids = list(p.lease_ids)
         if p.everything:
-            ids += self._ledger().live_ids(f"{DEPLOYMENT_REF}{p.deployment_id}/", holder)
-        released = self._ledger().release_many(ids, holder=holder)
+            ids += self._need_ledger().live_ids(f"{DEPLOYMENT_REF}{p.deployment_id}/", holder)
+        released = self._need_ledger().release_many(ids, holder=holder)
         for lease in released:
             self._stop_allocation(lease.id, "reverted by the requester")
         return {"released": [lease.id for lease in released]}
@@ -291,10 +328,10 @@ class BiddingBehaviours(NodeBase):
         for ``orphan_s`` (``heard_at``: its last call, or the allocate), and the peers
         table has it ``gone`` that long, or does not hold it at all (dropped, or never
         heard: then its calls are all there is to go by)."""
-        now, orphan_s = time.time(), self.services.orphan_s
+        now, orphan_s = time.time(), self.orphan_s
         if now - heard_at <= orphan_s:
             return False
-        record = self.services.peer_table.get(peer_id)
+        record = self.peer_table.get(peer_id)
         if record is None:
             return True
         return record.status == GONE and now - record.last_seen > orphan_s
@@ -328,10 +365,10 @@ class BiddingBehaviours(NodeBase):
         """Release an ended allocation's lease. A store that refuses (a full disk, a
         locked database) is asked again, with growing waits, until it takes it: the
         allocation itself has stopped either way, and a restart releases it too."""
-        if self.services.ledger is None:
+        if self.ledger is None:
             return
         try:
-            self.services.ledger.release(lease_id)
+            self.ledger.release(lease_id)
         except ResourceError as exc:
             log.warning("allocation %s not released: %s", lease_id, exc)
         except SQLAlchemyError as exc:
@@ -340,7 +377,7 @@ class BiddingBehaviours(NodeBase):
                 lease_id, str(exc).splitlines()[0], wait_s,
             )  # fmt: skip
             later = Backoff(RELEASE_RETRY_FIRST_S, RELEASE_RETRY_MAX_S).after(wait_s)
-            self.call_later(wait_s, lambda: self._release_ended(lease_id, later))
+            self.node.call_later(wait_s, lambda: self._release_ended(lease_id, later))
 
     def _stop_allocation(self, lease_id: str, reason: str) -> None:
         with self._alloc_lock:
@@ -349,6 +386,10 @@ class BiddingBehaviours(NodeBase):
             with contextlib.suppress(Exception):  # already stopped: nothing to do
                 child.pykka_ref.proxy().request_stop(reason)
 
+    def _need_ledger(self) -> ResourceLedger:
+        return need_ledger(self.ledger)
+
     def allocations_released(self, ids: list[str]) -> None:
+        """Stop the allocations of these leases (released by the node's owner)."""
         for lease_id in ids:
             self._stop_allocation(lease_id, "released by the node's owner")

@@ -33,12 +33,10 @@ from dms.mining.placed import (
 from dms.mining.schemes import OwnerKeys
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
-from dms.network.transfer import Courier
 from dms.node.base import NodeBase
 from dms.orchestrator.deployment import new_deployment_id
 from dms.orchestrator.mining import MiningSessionActor
 from dms.resources import Resources
-from dms.store.chunks import ChunkStore
 
 log = logging.getLogger("dms.node")
 MIB = 1024 * 1024
@@ -173,19 +171,6 @@ def _plan(request: MiningRequest) -> tuple[Driver, DeploymentSpec, list[int], di
 
 
 class MiningBehaviours(NodeBase):
-    def start_mining(self) -> None:
-        """The chunk store and courier (both roles use them); no session survives a
-        restart, so every chunk on disk is an orphan and goes."""
-        network, home = self.services.network, self.services.home
-        if network is None or home is None:
-            return
-        store = ChunkStore(home / "chunks", self.services.chunk_quota)
-        freed = store.clean()
-        if freed:
-            log.info("removed %d orphaned chunk bytes", freed)
-        self.courier = Courier(store, self.services.chunk_network or network)
-        network.offers = self.courier.offers
-
     @behaviour("/dms/node/mining/new", payload=MiningRequest, data=True)
     def mining_new(self, request: Request) -> None:
         payload: MiningRequest = request.payload

@@ -21,14 +21,15 @@ from pydantic import BaseModel, Field
 
 from dms import __version__
 from dms.actor import ActorContext, Request, behaviour
-from dms.node.bidding import BiddingBehaviours
+from dms.node.bidding import Bidding
 from dms.node.caps import Capabilities
+from dms.node.chunks import open_courier
 from dms.node.collab import CollabBehaviours
 from dms.node.deploying import DeployingBehaviours
 from dms.node.heartbeat_sync import HeartbeatSync
 from dms.node.mining import MiningBehaviours
 from dms.node.peering import Peering
-from dms.node.provider import ProviderBehaviours
+from dms.node.provider import Benchmark, Provider
 from dms.node.services import NodeServices
 from dms.store.retention import prune
 
@@ -46,21 +47,49 @@ class NodeActor(
     MiningBehaviours,
     CollabBehaviours,
     DeployingBehaviours,
-    BiddingBehaviours,
-    ProviderBehaviours,
 ):
     def __init__(self, context: ActorContext, services: NodeServices | None = None) -> None:
         super().__init__(context, services)
         self.started = time.monotonic()
         self.hellos: deque[dict[str, Any]] = deque(maxlen=HELLO_MEMORY)
         s = self.services
+        db = s.onboarder.db if s.onboarder is not None else None
+        self.courier = open_courier(s.home, s.network, s.chunk_network, s.chunk_quota)
         self.caps = Capabilities(self)
+        benchmark = Benchmark(s.onboarder)
+        self.bidding = Bidding(
+            self,
+            ledger=s.ledger,
+            preferences=s.preferences,
+            peer_table=s.peer_table,
+            stakes=s.stakes,
+            scores=benchmark.scores,
+            courier=self.courier,
+            db=db,
+            bid_index=s.bid_index,
+            labels=s.labels,
+            max_bid_slots=s.max_bid_slots,
+            bid_requests_per_s_total=s.bid_requests_per_s_total,
+            bid_request_burst_total=s.bid_request_burst_total,
+            unknown_share=s.unknown_share,
+            orphan_s=s.orphan_s,
+        )
+        self.provider = Provider(
+            self,
+            benchmark=benchmark,
+            changed=self.announce,
+            released=self.bidding.allocations_released,
+            onboarder=s.onboarder,
+            ledger=s.ledger,
+            home=s.home,
+            expire_every_s=s.expire_every_s,
+        )
         self.heartbeats = HeartbeatSync(self, s.peer_table, s.network)
         self.peering = Peering(
             self,
             peer_table=s.peer_table,
             heartbeats=self.heartbeats,
-            summary=self.resource_summary,
+            summary=self.provider.resource_summary,
             network=s.network,
             peerbook=s.peerbook,
             heartbeat_s=s.heartbeat_s,
@@ -69,16 +98,15 @@ class NodeActor(
             peer_forget_s=s.peer_forget_s,
             labels=s.labels,
         )
-        for role in (self.caps, self.heartbeats, self.peering):
+        for role in (self.caps, self.provider, self.bidding, self.heartbeats, self.peering):
             self.route(role)
 
     def on_start(self) -> None:
         self.caps.start()  # first: the roles of the child actors the others start
         self.subscribe(BROADCAST_TOPIC)
-        self.start_provider()
-        self.start_mining()
+        self.provider.start()
         self.start_collab()
-        self.start_bidding()
+        self.bidding.start()
         self.start_deploying()
         self.peering.start()
         self.call_later(self.services.prune_every_s, self._prune)

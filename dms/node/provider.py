@@ -1,20 +1,21 @@
 """The node's provider side: onboarding, resources, hardware and capability behaviours.
 
-A mixin of :class:`dms.node.node.NodeActor`. Amounts and leases live in the
-store (``dms.resources``); this mixin only exposes them and keeps the
-heartbeat's summary fresh. See ``specs/node.md``.
+A role of :class:`dms.node.node.NodeActor` (:class:`Provider`). Amounts and
+leases live in the store (``dms.resources``); this role only exposes them and
+keeps the heartbeat's summary fresh. See ``specs/node.md``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from dms.actor import ErrorCode, Refusal, Request, behaviour
-from dms.node.base import NodeBase
+from dms.node.runtime import NodeRuntime
 from dms.resources import (
     Capability,
     Onboarder,
@@ -50,22 +51,66 @@ class LeasePayload(BaseModel):
     ref: str | None = Field(default=None, max_length=256)
 
 
-class ProviderBehaviours(NodeBase):
-    _capability: Capability | None = None
+def need_ledger(ledger: ResourceLedger | None) -> ResourceLedger:
+    if ledger is None:
+        raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node keeps no resource ledger")
+    return ledger
 
-    def start_provider(self) -> None:
-        if self.services.onboarder is None:
+
+class Benchmark:
+    """The node's measured capability, read from the store at start and after each
+    change: bids and heartbeats carry its scores."""
+
+    def __init__(self, onboarder: Onboarder | None) -> None:
+        self.onboarder = onboarder
+        self.capability: Capability | None = None
+
+    def refresh(self) -> None:
+        if self.onboarder is not None:
+            self.capability = self.onboarder.capability()
+
+    def scores(self) -> dict[str, float]:
+        return self.capability.scores() if self.capability is not None else {}
+
+
+class Provider:
+    """Onboarding, resources and hardware. ``changed``: tell peers now (a heartbeat);
+    ``released``: stop the allocations of leases the owner released."""
+
+    def __init__(
+        self,
+        node: NodeRuntime,
+        *,
+        benchmark: Benchmark,
+        changed: Callable[[], None],
+        released: Callable[[list[str]], None],
+        onboarder: Onboarder | None = None,
+        ledger: ResourceLedger | None = None,
+        home: Path | None = None,
+        expire_every_s: float = 5.0,
+    ) -> None:
+        self.node = node
+        self.benchmark = benchmark
+        self.changed = changed
+        self.released = released
+        self.onboarder = onboarder
+        self.ledger = ledger
+        self.home = home
+        self.expire_every_s = expire_every_s
+
+    def start(self) -> None:
+        if self.onboarder is None:
             return
-        self._capability = self.services.onboarder.capability()
+        self.benchmark.refresh()
         expired = self._ledger().expire()  # what ran out while the node was down
         live = self._ledger().live()
-        self.services.onboarder.db.record(
+        self.onboarder.db.record(
             "node.restored",
             expired=len(expired),
             allocations=sum(1 for lease in live if lease.state == "allocated"),
             leases=sum(1 for lease in live if lease.state == "locked"),
         )
-        self.call_later(self.services.expire_every_s, self._expire)
+        self.node.call_later(self.expire_every_s, self._expire)
 
     def _expire(self) -> None:
         try:
@@ -74,23 +119,20 @@ class ProviderBehaviours(NodeBase):
                 log.info("%d lease(s) expired", len(ids))
         except Exception as exc:  # a busy store: the sum ignores expired leases anyway
             log.warning("could not expire leases: %s", exc)
-        self.call_later(self.services.expire_every_s, self._expire)
-
-    def capability_scores(self) -> dict[str, float]:
-        return self._capability.scores() if self._capability is not None else {}
+        self.node.call_later(self.expire_every_s, self._expire)
 
     def resource_summary(self) -> dict[str, Any]:
         summary: dict[str, Any] = {}
-        if self.services.ledger is not None:
-            pools = self.services.ledger.pools()
+        if self.ledger is not None:
+            pools = self.ledger.pools()
             summary.update(
                 onboarded=pools.onboarded.human(),
                 free=pools.free.human(),
                 allocations=pools.allocations,
                 price=pools.price,
             )
-        if self._capability is not None:
-            summary["scores"] = self._capability.scores()
+        if self.benchmark.capability is not None:
+            summary["scores"] = self.benchmark.capability.scores()
         return summary
 
     # ---- onboarding ----------------------------------------------------------------
@@ -99,7 +141,7 @@ class ProviderBehaviours(NodeBase):
     def onboard(self, request: Request) -> Any:
         onboarder, payload = self._onboarder(), request.payload
         if onboarder.needs_benchmark(payload):  # tens of seconds at most, off the mailbox
-            self.in_background(request, lambda: onboarder.onboard(payload), then=self._changed)
+            self.node.in_background(request, lambda: onboarder.onboard(payload), then=self._changed)
             return None
         result = onboarder.onboard(payload)
         self._changed(result)
@@ -108,7 +150,7 @@ class ProviderBehaviours(NodeBase):
     @behaviour("/dms/node/onboarding/offboard", payload=OffboardPayload)
     def offboard(self, request: Request) -> dict[str, Any]:
         result = self._onboarder().offboard(force=request.payload.force)
-        self.allocations_released([lease["id"] for lease in result["released"]])
+        self.released([lease["id"] for lease in result["released"]])
         self._changed(result)
         return result
 
@@ -121,7 +163,7 @@ class ProviderBehaviours(NodeBase):
         """Register a capability measured by the CLI, or measure it here."""
         onboarder, capability = self._onboarder(), request.payload.capability
         if capability is None:
-            self.in_background(
+            self.node.in_background(
                 request,
                 lambda: onboarder.benchmark().model_dump(mode="json"),
                 then=self._changed,
@@ -170,7 +212,7 @@ class ProviderBehaviours(NodeBase):
     @behaviour("/dms/node/resources/release", payload=LeasePayload)
     def resources_release(self, request: Request) -> dict[str, Any]:
         lease = self._ledger().release(request.payload.id)
-        self.allocations_released([lease.id])
+        self.released([lease.id])
         return lease.as_dict()
 
     # ---- hardware ------------------------------------------------------------------
@@ -185,23 +227,17 @@ class ProviderBehaviours(NodeBase):
 
     # ---- helpers -------------------------------------------------------------------
 
-    def allocations_released(self, ids: list[str]) -> None:
-        """Hook for the allocations these ids belong to: stop them (orchestration)."""
-
     def _changed(self, _result: Any) -> None:
-        if self.services.onboarder is not None:
-            self._capability = self.services.onboarder.capability()
-        self.announce()
+        self.benchmark.refresh()
+        self.changed()
 
     def _ledger(self) -> ResourceLedger:
-        if self.services.ledger is None:
-            raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node keeps no resource ledger")
-        return self.services.ledger
+        return need_ledger(self.ledger)
 
     def _onboarder(self) -> Onboarder:
-        if self.services.onboarder is None:
+        if self.onboarder is None:
             raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node keeps no onboarding state")
-        return self.services.onboarder
+        return self.onboarder
 
     def _home(self) -> Path:
-        return self.services.home or Path(".")
+        return self.home or Path(".")

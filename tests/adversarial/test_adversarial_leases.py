@@ -247,7 +247,7 @@ def test_a_revert_is_retried_until_the_provider_answers(net: LocalCluster) -> No
             if calls[peer] == 1:  # the first revert is lost: no answer, nothing released
                 request.defer()
                 return None
-            return actor.revert(request)
+            return actor.bidding.revert(request)
 
         proxy = provider.node.pykka_ref.proxy()
         proxy.register(REVERT, dropping, public=True, payload=RevertRequest).get(timeout=5)

@@ -152,9 +152,15 @@ class DeployingBehaviours(NodeBase):
                 for s in row["slots"]
             ],
             "bids": [
-                {k: b[k] for k in ("peer_id", "slot", "outcome", "price", "reason")}
+                {
+                    "peer_id": b.peer_id,
+                    "slot": b.slot,
+                    "outcome": b.outcome,
+                    "price": b.price,
+                    "reason": b.reason,
+                }
                 for b in self._orch().store.bids(row["id"])
-                if b["direction"] == "received"
+                if b.direction == "received"
             ],
         }
 

@@ -36,6 +36,8 @@ from dms.mining.schemes.liu import LiuKey
 from dms.node.base import NodeBase
 from dms.orchestrator.deployment import new_deployment_id
 from dms.orchestrator.mining import MiningSessionActor
+from dms.orchestrator.records import MiningRow
+from dms.orchestrator.states import SessionPhase
 from dms.resources import Resources
 
 log = logging.getLogger("dms.node")
@@ -183,7 +185,7 @@ class MiningBehaviours(NodeBase):
         session_id = new_deployment_id()
         # The row exists before the reply, so a status asked at once finds it.
         self._orch().store.save_mining(
-            {"id": session_id, "algorithm": summary["algorithm"], "phase": "placing"}
+            MiningRow(session_id, summary["algorithm"], SessionPhase.PLACING.value)
         )
         child = self.spawn(
             MiningSessionActor,
@@ -213,7 +215,13 @@ class MiningBehaviours(NodeBase):
         row = self._orch().store.mining(request.payload.id)
         if row is None:
             raise Refusal("unknown", f"no mining session {request.payload.id!r}")
-        return {k: row[k] for k in ("id", "algorithm", "phase", "progress", "checkpoint")}
+        return {
+            "id": row.id,
+            "algorithm": row.algorithm,
+            "phase": row.phase,
+            "progress": row.progress,
+            "checkpoint": row.checkpoint,
+        }
 
     @behaviour("/dms/node/mining/result", payload=SessionId, data=True)
     def mining_result(self, request: Request) -> dict[str, Any]:
@@ -221,6 +229,6 @@ class MiningBehaviours(NodeBase):
         row = store.mining(request.payload.id, labels=True)
         if row is None:
             raise Refusal("unknown", f"no mining session {request.payload.id!r}")
-        if row["phase"] != "completed":
-            raise Refusal("not_ready", f"the session is {row['phase']}, not completed")
-        return {"id": row["id"], "result": row["result"], "labels": row["labels"]}
+        if row.phase != SessionPhase.COMPLETED:
+            raise Refusal("not_ready", f"the session is {row.phase}, not completed")
+        return {"id": row.id, "result": row.result, "labels": row.labels}

@@ -26,13 +26,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
 
 from dms.actor.admission import BudgetUse
 from dms.orchestrator.messages import Bid
+from dms.orchestrator.records import BidRow
 from dms.store import Database
 from dms.store.models import BidRecord
 
@@ -55,25 +56,23 @@ class BidIndexBudget:
     max_age_s: float = 3600.0
 
 
-def row_bytes(row: dict[str, Any]) -> int:
-    return ROW_OVERHEAD + sum(len(row.get(c) or "") for c in TEXT_COLUMNS)
+def row_bytes(row: BidRow) -> int:
+    text = (row.deployment_id, row.peer_id, row.slot, row.reason, row.lease_id)  # TEXT_COLUMNS
+    return ROW_OVERHEAD + sum(len(t or "") for t in text)
 
 
-def bid_rows(bid: Bid, requester: str) -> list[dict[str, Any]]:
+def bid_rows(bid: Bid, requester: str) -> list[BidRow]:
     """The rows of one bid sent to ``requester``: one per offer, one for all declines
     (``slot`` says how many, ``reason`` the first one's)."""
-    me = {"deployment_id": bid.deployment_id, "direction": "sent", "peer_id": requester}
-    rows = [
-        {**me, "slot": o.slot, "lease_id": o.lease_id, "price": o.price, "outcome": "offer"}
-        for o in bid.offers
-    ]
+    me = BidRow(bid.deployment_id, "sent", requester, slot="", outcome="offer")
+    rows = [replace(me, slot=o.slot, lease_id=o.lease_id, price=o.price) for o in bid.offers]
     if bid.declines:
         reasons = Counter(d.reason for d in bid.declines)
         reason, _ = reasons.most_common(1)[0]
         if len(reasons) > 1:
             reason = f"{reason} (and {len(reasons) - 1} other reasons)"
         slot = bid.declines[0].slot if len(bid.declines) == 1 else f"{len(bid.declines)} slots"
-        rows.append({**me, "slot": slot[:128], "outcome": "decline", "reason": reason[:512]})
+        rows.append(replace(me, slot=slot[:128], outcome="decline", reason=reason[:512]))
     return rows
 
 
@@ -99,7 +98,7 @@ class BidIndex:
         self._peers: dict[str, list[int]] = {}  # requester -> [rows, bytes], written or queued
         self._rows = 0
         self._bytes = 0
-        self._queued: list[dict[str, Any]] = []
+        self._queued: list[BidRow] = []
         self._pruned_at = clock()
         self.refused = 0
         self.pruned = 0
@@ -125,12 +124,12 @@ class BidIndex:
             f"bid_index_max_age_s ({b.max_age_s:g} s)"
         )
 
-    def add(self, rows: list[dict[str, Any]]) -> bool:
+    def add(self, rows: list[BidRow]) -> bool:
         """Queue rows (each with its ``peer_id``); True if the queue was empty before."""
         with self._lock:
             first = not self._queued
             for row in rows:
-                self._count(row["peer_id"], 1, row_bytes(row))
+                self._count(row.peer_id, 1, row_bytes(row))
             self._queued.extend(rows)
         return first
 
@@ -140,9 +139,8 @@ class BidIndex:
             rows, self._queued = self._queued, []
         if rows:
             now = self._clock()
-            defaults = {"at": now, "reason": "", "lease_id": None, "price": None}
             with self.db.transaction() as conn:
-                conn.execute(insert(BIDS), [{**defaults, **r} for r in rows])
+                conn.execute(insert(BIDS), [r.columns(now) for r in rows])
         if self._over() or self._clock() - self._pruned_at > PRUNE_EVERY_S:
             self.prune()
 
@@ -232,7 +230,7 @@ class BidIndex:
             for peer, rows, size in found:
                 self._count(str(peer), int(rows), int(size or 0))
             for row in self._queued:
-                self._count(row["peer_id"], 1, row_bytes(row))
+                self._count(row.peer_id, 1, row_bytes(row))
 
     def _count(self, peer: str, rows: int, size: int) -> None:
         entry = self._peers.setdefault(peer, [0, 0])

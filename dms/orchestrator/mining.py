@@ -46,6 +46,7 @@ from dms.orchestrator.deployment import (
     allocation_handle,
     drives,
 )
+from dms.orchestrator.records import MiningRow
 from dms.orchestrator.slots import Slot, SlotState
 from dms.orchestrator.states import SESSION, SHARD, SessionPhase, ShardState
 from dms.statemachine import Tracked
@@ -187,7 +188,7 @@ class MiningSessionActor(DeploymentActor):
         self.steps: list[dict[str, Any]] = []
         self.step_began = 0.0
         self.reason = ""
-        self._unsaved_mining: dict[str, Any] = {}  # columns the store refused, kept to retry
+        self._unsaved_mining: MiningRow | None = None  # a row the store refused, to retry
         self._tags: set[str] = set()  # chunk owners in the courier, freed at the end
         self._pool = ThreadPoolExecutor(2, thread_name_prefix=f"dms-mining-{deployment_id[:6]}")
 
@@ -693,25 +694,34 @@ class MiningSessionActor(DeploymentActor):
             "events": self.book.row.events[-20:],
         }
 
-    def _save_mining(self, **columns: Any) -> bool:
-        row = {
-            "id": self.id,
-            "algorithm": str(self.summary_base.get("algorithm", "")),
-            "phase": self.phase.value,
-            "progress": self.progress(),
-            **{k: v for k, v in columns.items() if v is not None},
-        }
-        row = {**self._unsaved_mining, **row}  # what an earlier refused save held
+    def _save_mining(
+        self,
+        *,
+        checkpoint: dict[str, Any] | None = None,
+        result: dict[str, Any] | None = None,
+        labels: list[Any] | None = None,
+    ) -> bool:
+        row = MiningRow(
+            self.id,
+            algorithm=str(self.summary_base.get("algorithm", "")),
+            phase=self.phase.value,
+            progress=self.progress(),
+            checkpoint=checkpoint,
+            result=result,
+            labels=labels,
+        )
+        if self._unsaved_mining is not None:  # what an earlier refused save held
+            row = self._unsaved_mining.updated_by(row)
         try:
             self.o.store.save_mining(row)
         except Exception as exc:  # keep mining; the next step saves again
             log.warning("mining session %s not saved: %s", self.id, exc)
             self._unsaved_mining = row
             return False
-        self._unsaved_mining = {}
+        self._unsaved_mining = None
         return True
 
     def _save_end(self) -> bool:
         # The result (labels included) lives only in this actor until it is saved.
-        mining_saved = not self._unsaved_mining or self._save_mining()
+        mining_saved = self._unsaved_mining is None or self._save_mining()
         return super()._save_end() and mining_saved

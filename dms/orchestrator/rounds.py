@@ -36,6 +36,7 @@ from dms.orchestrator.messages import (
     BidRequest,
     SlotRequest,
 )
+from dms.orchestrator.records import BidRow
 from dms.orchestrator.selection import Candidate, select
 from dms.orchestrator.slots import HELD, Slot, SlotState
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
@@ -331,7 +332,7 @@ class BidRounds:
             taken,
             distinct=self.book.spec.distinct_peers,
         )
-        records = []
+        records: list[BidRow] = []
         losers: dict[str, list[str]] = {}
         for name, candidates in self._offers.items():
             for c in candidates:
@@ -339,19 +340,15 @@ class BidRounds:
                 won = decision.winners.get(name) is c
                 self.book.slots[name].reasons[c.peer_id] = reason
                 records.append(
-                    {"deployment_id": self.book.id, "direction": "received", "peer_id": c.peer_id,
-                     "slot": name, "lease_id": c.offer.lease_id, "price": c.offer.price,
-                     "outcome": "won" if won else "lost", "reason": reason}
+                    BidRow(self.book.id, "received", c.peer_id, name, "won" if won else "lost",
+                           reason, lease_id=c.offer.lease_id, price=c.offer.price)
                 )  # fmt: skip
                 if not won:
                     losers.setdefault(c.peer_id, []).append(c.offer.lease_id)
         for name in self._offers:
             for peer, reason in self.book.slots[name].reasons.items():
                 if reason.startswith(("declined", "unreachable", "timeout", "bad bid")):
-                    records.append(
-                        {"deployment_id": self.book.id, "direction": "received", "peer_id": peer,
-                         "slot": name, "outcome": "decline", "reason": reason}
-                    )  # fmt: skip
+                    records.append(BidRow(self.book.id, "received", peer, name, "decline", reason))
         for name, chosen in sorted(decision.winners.items()):
             slot = self.book.slots[name]
             why = slot.reasons[chosen.peer_id]

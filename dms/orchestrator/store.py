@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from dms.orchestrator.records import BidRow, MiningRow
 from dms.orchestrator.states import DEPLOYMENT
 from dms.store import Database
 from dms.store.files import write_private
@@ -133,26 +134,26 @@ class DeploymentStore:
                 log.warning("unreadable unsaved deployment end %s: %s", path.name, exc)
         return rows
 
-    def record_bids(self, rows: list[dict[str, Any]]) -> None:
+    def record_bids(self, rows: list[BidRow]) -> None:
         if not rows:
             return
         now = time.time()
         with self.db.transaction() as conn:
-            defaults = {"at": now, "reason": "", "lease_id": None, "price": None}
-            conn.execute(insert(BIDS), [{**defaults, **r} for r in rows])
+            conn.execute(insert(BIDS), [r.columns(now) for r in rows])
 
-    def bids(self, deployment_id: str) -> list[dict[str, Any]]:
+    def bids(self, deployment_id: str) -> list[BidRow]:
         with self.db.transaction() as conn:
             rows = conn.execute(
                 select(BIDS).where(BIDS.c.deployment_id == deployment_id).order_by(BIDS.c.id)
             )
-            return [dict(r._mapping) for r in rows]
+            return [BidRow.from_row(r._mapping) for r in rows]
 
     # ---- mining sessions (their deployment has the same id) ---------------------------
 
-    def save_mining(self, row: dict[str, Any]) -> None:
+    def save_mining(self, session: MiningRow) -> None:
         """Insert or update a mining session's row; only the columns given change."""
         now = time.time()
+        row = session.columns()
         with self.db.transaction() as conn:
             done = conn.execute(
                 update(MINING).where(MINING.c.id == row["id"]).values(**row, updated_at=now)
@@ -160,8 +161,8 @@ class DeploymentStore:
             if done.rowcount == 0:
                 conn.execute(insert(MINING).values(**{"created_at": now, **row, "updated_at": now}))
 
-    def mining(self, session_id: str, *, labels: bool = False) -> dict[str, Any] | None:
+    def mining(self, session_id: str, *, labels: bool = False) -> MiningRow | None:
         columns = [c for c in MINING.c if labels or c.name != "labels"]
         with self.db.transaction() as conn:
             row = conn.execute(select(*columns).where(MINING.c.id == session_id)).first()
-            return dict(row._mapping) if row is not None else None
+            return MiningRow.from_row(row._mapping) if row is not None else None

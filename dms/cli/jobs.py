@@ -10,6 +10,7 @@ import typer
 
 from dms.cli.actor import TimeoutOption
 from dms.cli.common import JsonOption, settings
+from dms.cli.events import EventFeed
 from dms.cli.output import (
     ago,
     console,
@@ -115,17 +116,15 @@ def deploy(
             hint = f"'dms deployment status {deployment_id}' shows its progress"
             console.print(f"deployment {deployment_id} submitted; {hint}")
         return
-    seen = 0
     status: dict[str, Any] = {}
     waiting = Waiting(client, deployment_id, say)
+    feed = EventFeed()
     while True:
         status = _ask("status", deployment_id, timeout, client)
-        events = status.get("events", [])
         if not json_out:
-            for event in events[seen:]:
-                _print_event(event)
+            for line in feed.lines(status.get("events", [])):
+                say(line)
                 waiting.news()
-        seen = len(events)
         if status["state"] in DEPLOYMENT.terminal:
             break
         if not json_out:

@@ -24,6 +24,7 @@ import typer
 from dms.actor import RemoteError
 from dms.cli import collab
 from dms.cli.common import JsonOption, settings
+from dms.cli.events import EventFeed
 from dms.cli.output import console, emit_fields, emit_json, progress_bar, say
 from dms.cli.waiting import Waiting, placement_hint
 from dms.errors import DmsError
@@ -201,21 +202,17 @@ def _mine_on_network(
         console.print(
             f"mining session {session}: placing {placement.shards} worker(s)", highlight=False
         )
-    seen: set[tuple[float, str]] = set()
     status: dict[str, Any] = {}
     waiting = Waiting(client, session, say)
+    feed = EventFeed(skip=lambda what: what == learns)  # said above
     try:
         while True:
             status = client.invoke("/dms/node/mining/status", {"id": session}, timeout=30)
             progress = status.get("progress") or {}
             if not json_out:
-                for event in progress.get("events", []):
-                    key = (event["at"], event["what"])
-                    if key not in seen and event["what"] != learns:  # said above
-                        seen.add(key)
-                        stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
-                        say(f"{stamp}  {event['what']}")
-                        waiting.news()
+                for line in feed.lines(progress.get("events", [])):
+                    say(line)
+                    waiting.news()
             if status["phase"] == "failed":
                 reason = progress.get("reason", "")
                 hint = placement_hint(reason, placement.shards)

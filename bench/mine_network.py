@@ -79,7 +79,7 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from rawhosts import HostPair, read_exactly
 
-from dms.mining import run_classification, run_clustering
+from dms.mining import ClusteringParams, run_classification, run_clustering
 from dms.mining.data import blobs, classification, read_table, read_test_table
 from dms.network.transfer import Courier
 from dms.node.client import root_handle
@@ -300,7 +300,7 @@ CASES = [
     Case("sknn", "ckks", "blind", 1, "classes"),
     Case("dbskmeans", "liu", None, 1, "separated"),
 ]
-SEEDED = {"init": "kmeans++", "seed": 1}  # dbskmeans: see the module docstring
+SEEDED: dict[str, Any] = {"init": "kmeans++", "seed": 1}  # dbskmeans: see the docstring
 
 
 def write_csv(path: Path, features: np.ndarray, labels: np.ndarray | None = None) -> Path:
@@ -337,13 +337,12 @@ def run_local(case: Case, files: dict[str, Path]) -> tuple[list[Any], float, dic
     if case.clustering:
         features = read_table(files["data"]).features
         seeded = SEEDED if case.algorithm == "dbskmeans" else {}
+        params = ClusteringParams(K, **seeded)
         began = time.perf_counter()
-        result = run_clustering(
-            case.algorithm, features, K, scheme=case.scheme, **protocol, **seeded
-        )
+        result = run_clustering(case.algorithm, features, params, scheme=case.scheme, **protocol)
         took = time.perf_counter() - began
         if case.algorithm == "dbskmeans":
-            plain = run_clustering("kmeans", features, K, **SEEDED).labels
+            plain = run_clustering("kmeans", features, ClusteringParams(K, **SEEDED)).labels
             extra["plain_labels"] = plain
         return list(result.labels), took, extra
     training = read_table(files["train"], label=True)

@@ -48,7 +48,7 @@ from dms.mining.blind_knn import BlindKnnOwner, BlindKnnWorker
 from dms.mining.classification import KnnOwner, KnnWorker
 from dms.mining.data import blobs
 from dms.mining.metrics import adjusted_rand_index
-from dms.mining.plain import kmeans, knn
+from dms.mining.plain import ClusteringParams, kmeans, knn
 from dms.mining.schemes.ckks import CkksKeys, load_public_context
 from dms.mining.wire import Wire
 
@@ -62,10 +62,10 @@ def emit(figures: dict[str, object], as_json: bool) -> None:
 
 def clustering_cases(n: int, as_json: bool) -> None:
     data, _ = blobs(n, A, K, seed=n, std=2.0)
-    plain = run_clustering("kmeans", data, K)
+    plain = run_clustering("kmeans", data, ClusteringParams(K))
     for algorithm in ("skmeans", "dbskmeans"):
         for scheme in ("liu", "ckks"):
-            secure = run_clustering(algorithm, data, K, scheme=scheme)
+            secure = run_clustering(algorithm, data, ClusteringParams(K), scheme=scheme)
             if algorithm == "skmeans":
                 same = np.array(secure.labels) == np.array(plain.labels)
                 agreement, metric = float(same.mean()), "labels"
@@ -188,12 +188,12 @@ def skmeans_blind(n: int, a: int, k: int, as_json: bool) -> None:
     round trip each, the rounds after convergence dummy (spot checks only)."""
     data, _ = blobs(n, a, k, seed=n, std=2.0)
     began = time.perf_counter()
-    plain = kmeans(data, k)
+    plain = kmeans(data, ClusteringParams(k))
     plain_s = time.perf_counter() - began
     owner_cpu, worker_cpu, wire = Cpu(), Cpu(), Wire()
     iterating_cpu = Cpu()  # the owner's CPU in the rounds that were k-means iterations
     began = time.perf_counter()
-    owner = BlindClusterOwner(data, k)
+    owner = BlindClusterOwner(data, ClusteringParams(k))
     start = wire.to_worker(owner_cpu(owner.start))
     start_mb = wire.bytes_to_worker / 1e6
     worker = worker_cpu(BlindClusterWorker, start)
@@ -294,7 +294,7 @@ def blind_fold(n: int, a: int, k: int, as_json: bool) -> None:
     A folded sum reaches n * reach, which must stay within the blind keys' magnitude
     budget: the worker variant scales the data down to fit, and loses precision."""
     raw, _ = blobs(n, a, k, seed=n, std=2.0)
-    labels = kmeans(raw, k, max_iterations=1).labels
+    labels = kmeans(raw, ClusteringParams(k, max_iterations=1)).labels
     figures: dict[str, object] = {"case": "blind_fold", "n": n, "a": a, "k": k}
     for where in ("owner", "worker"):
         reach = 1.0 if where == "owner" else MAGNITUDE_BUDGET / n
@@ -350,7 +350,8 @@ def blind_sign(as_json: bool) -> None:
     coeffs = [0.0, 35 / 16, 0.0, -35 / 16, 0.0, 21 / 16, 0.0, -5 / 16]
     rng = np.random.default_rng(0)
     data, _ = blobs(100_000, 2, 5, seed=100_000, std=2.0)
-    dist = ((data[:, None, :] - kmeans(data, 5).centroids[None, :, :]) ** 2).sum(axis=2)
+    centroids = kmeans(data, ClusteringParams(5)).centroids
+    dist = ((data[:, None, :] - centroids[None, :, :]) ** 2).sum(axis=2)
     part = np.sort(dist, axis=1)
     # The argument of sign() must lie in [-1, 1]: gaps are divided by the largest difference.
     gaps = (part[:, 1] - part[:, 0]) / (dist.max() - dist.min())

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from dms.mining.data import read_table
-from dms.mining.plain import kmeans
+from dms.mining.plain import ClusteringParams, kmeans
 from tests.clitools import Daemon, dms, dms_json
 from tests.conftest import wait_for
 
@@ -50,7 +50,9 @@ def test_three_owners_propose_join_and_get_the_joint_clustering(tmp_path: Path) 
             assert done.returncode == 0, done.stderr
         again = dms(bob, "mine", "collab", "join", str(proposal), "--data", str(files[1]))
         assert again.returncode != 0 and "already joined" in again.stderr
-        plain = kmeans(IRIS, 3, centroids=IRIS[:3].copy(), min_error=-1.0, max_iterations=4)
+        plain = kmeans(
+            IRIS, ClusteringParams(3, min_error=-1.0, max_iterations=4), centroids=IRIS[:3].copy()
+        )
         labels: list[str] = []
         for home in (alice, bob, carol):
             out = home / "out"

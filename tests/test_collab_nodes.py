@@ -14,7 +14,7 @@ import pytest
 from dms.mining.collab import Proposal, ring
 from dms.mining.collab.stats import kmeans_statistics, next_centroids
 from dms.mining.data import read_table
-from dms.mining.plain import kmeans
+from dms.mining.plain import ClusteringParams, kmeans
 from dms.resources import Resources
 from dms.sim.cluster import LocalCluster, Node
 from tests.conftest import wait_for
@@ -105,7 +105,9 @@ def test_three_owners_on_nodes_get_plaintext_kmeans_of_the_union_and_the_aggrega
         provider.transport.tap = None
     assert status["session"]["phase"] == "completed", status["session"]
     assert status["session"]["aggregator"] == provider.peer_id
-    plain = kmeans(IRIS, 3, centroids=IRIS[:3].copy(), min_error=-1.0, max_iterations=4)
+    plain = kmeans(
+        IRIS, ClusteringParams(3, min_error=-1.0, max_iterations=4), centroids=IRIS[:3].copy()
+    )
     labels = []
     for node in owners.nodes:
         result = owners.result(node, proposal.collab_id)["result"]
@@ -251,7 +253,9 @@ def test_the_aggregators_node_lost_mid_job_it_is_placed_again_and_the_round_rest
     assert final["phase"] == "completed", final
     assert [loss["peer_id"] for loss in final["aggregator_losses"]] == [first]
     assert final["aggregator"] != first and final["dropped"] == []
-    plain = kmeans(IRIS, 3, centroids=IRIS[:3].copy(), min_error=-1.0, max_iterations=8)
+    plain = kmeans(
+        IRIS, ClusteringParams(3, min_error=-1.0, max_iterations=8), centroids=IRIS[:3].copy()
+    )
     labels = []
     for node in owners.nodes:
         result = owners.result(node, proposal.collab_id)["result"]

@@ -24,7 +24,7 @@ from dms.mining.blind_kmeans import (
 )
 from dms.mining.blind_knn import BlindKnnOwner, BlindKnnWorker
 from dms.mining.data import blobs, read_table
-from dms.mining.plain import kmeans
+from dms.mining.plain import ClusteringParams, kmeans
 from dms.mining.wire import Wire
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -101,8 +101,15 @@ def shift_record(record: int, by: float) -> Tamper:
     return tamper
 
 
-def owner_for(data: np.ndarray, k: int = 3, **kw: Any) -> BlindClusterOwner:
-    return BlindClusterOwner(data, k, keys=KEYS, min_error=0.0, max_iterations=12, **kw)
+def owner_for(
+    data: np.ndarray,
+    k: int = 3,
+    distance: Distance = Distance.EUCLIDEAN,
+    shards: int = 1,
+    **kw: Any,
+) -> BlindClusterOwner:
+    params = ClusteringParams(k, distance, min_error=0.0, max_iterations=12, shards=shards)
+    return BlindClusterOwner(data, params, keys=KEYS, **kw)
 
 
 # ---- no feedback channel ---------------------------------------------------------------
@@ -259,7 +266,7 @@ def test_after_convergence_a_replay_is_harmless() -> None:
         return answer
 
     run(owner, replay_once_converged)
-    plain = kmeans(data, 3, min_error=0.0, max_iterations=12)
+    plain = kmeans(data, ClusteringParams(3, min_error=0.0, max_iterations=12))
     assert owner.outcome().labels.tolist() == plain.labels.tolist()
     assert owner.outcome().iterations == plain.iterations < owner.rounds
 
@@ -326,7 +333,9 @@ def test_dbskmeans_runs_the_announced_rounds_whatever_the_data() -> None:
     seen = []
     for data in (quick, slow):
         wire = Wire(keep_to_worker=True)
-        result = run_clustering("dbskmeans", data, 3, keys=KEYS, max_iterations=9, wire=wire)
+        result = run_clustering(
+            "dbskmeans", data, ClusteringParams(3, max_iterations=9), keys=KEYS, wire=wire
+        )
         updates = [decode(ClusterUpdate, raw) for raw in wire.to_worker_log[1:]]
         assert [u.done for u in updates] == [False] * 8 + [True]
         seen.append(result.iterations)

@@ -11,6 +11,7 @@ from dms.mining import Distance, run_classification, run_clustering
 from dms.mining.data import blobs, classification, read_table
 from dms.mining.local import knn_ties
 from dms.mining.metrics import adjusted_rand_index
+from dms.mining.plain import ClusteringParams
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
 from dms.mining.wire import Wire
@@ -32,8 +33,8 @@ def datasets() -> list[tuple[str, np.ndarray, int]]:
 def test_skmeans_gives_exactly_the_plain_labels(
     scheme: str, distance: Distance, name: str, data: np.ndarray, k: int
 ) -> None:
-    plain = run_clustering("kmeans", data, k, distance=distance)
-    secure = run_clustering("skmeans", data, k, scheme=scheme, distance=distance)
+    plain = run_clustering("kmeans", data, ClusteringParams(k, distance=distance))
+    secure = run_clustering("skmeans", data, ClusteringParams(k, distance=distance), scheme=scheme)
     assert secure.labels == plain.labels
     assert (secure.iterations, secure.converged) == (plain.iterations, plain.converged)
     assert np.allclose(secure.centroids, plain.centroids, rtol=1e-5, atol=1e-6)
@@ -46,8 +47,10 @@ def test_thousands_dataset_really_is_in_the_thousands() -> None:
 
 @pytest.mark.parametrize("scheme", ["ckks", "liu"])
 def test_skmeans_with_kmeanspp_matches_plain(scheme: str) -> None:
-    plain = run_clustering("kmeans", IRIS, 3, init="kmeans++", seed=5)
-    secure = run_clustering("skmeans", IRIS, 3, scheme=scheme, init="kmeans++", seed=5)
+    plain = run_clustering("kmeans", IRIS, ClusteringParams(3, init="kmeans++", seed=5))
+    secure = run_clustering(
+        "skmeans", IRIS, ClusteringParams(3, init="kmeans++", seed=5), scheme=scheme
+    )
     assert secure.labels == plain.labels
 
 
@@ -56,10 +59,12 @@ def test_dbskmeans_agrees_with_kmeans_on_iris(scheme: str) -> None:
     # The OPE keys are random; the median over runs is the figure to hold. About one
     # CKKS run in five ends in the two-cluster optimum (ARI ~0.5), so a median over 5
     # runs missed about one time in ten; over 31 it misses about one in a thousand.
-    plain = run_clustering("kmeans", IRIS, 3, init="kmeans++", seed=0)
+    plain = run_clustering("kmeans", IRIS, ClusteringParams(3, init="kmeans++", seed=0))
     aris = [
         adjusted_rand_index(
-            run_clustering("dbskmeans", IRIS, 3, scheme=scheme, init="kmeans++", seed=0).labels,
+            run_clustering(
+                "dbskmeans", IRIS, ClusteringParams(3, init="kmeans++", seed=0), scheme=scheme
+            ).labels,
             plain.labels,
         )
         for _ in range(31)
@@ -136,7 +141,7 @@ def test_nothing_sent_to_the_worker_holds_a_ckks_secret_key(tmp_path: Path, algo
         x, y = classification(60, 4, 2, seed=1)
         run_classification("sknn", x[:50], list(y[:50]), x[50:], 3, keys=keys, wire=wire)
     else:
-        run_clustering(algorithm, IRIS, 3, scheme="ckks", keys=keys, wire=wire)
+        run_clustering(algorithm, IRIS, ClusteringParams(3), scheme="ckks", keys=keys, wire=wire)
     assert wire.to_worker_log
     for message in wire.to_worker_log:
         assert secret not in message
@@ -153,7 +158,7 @@ def test_nothing_sent_to_the_worker_holds_the_liu_key(algorithm: str) -> None:
             "sknn", x[:50], list(y[:50]), x[50:], 3, scheme="liu", keys=key, wire=wire
         )
     else:
-        run_clustering(algorithm, IRIS, 3, scheme="liu", keys=key, wire=wire)
+        run_clustering(algorithm, IRIS, ClusteringParams(3), scheme="liu", keys=key, wire=wire)
     patterns = _secret_patterns_liu(key)
     assert any(p in key.to_bytes() for p in patterns)  # the search can find it where it is
     for message in wire.to_worker_log:

@@ -24,7 +24,7 @@ from dms.mining.blind_kmeans import (
 )
 from dms.mining.blind_knn import BlindKnnOwner, BlindKnnWorker, nearest_with_ties
 from dms.mining.data import blobs, classification, read_table
-from dms.mining.plain import kmeans, knn
+from dms.mining.plain import ClusteringParams, kmeans, knn
 from dms.mining.schemes.ckks import load_public_context
 from dms.mining.schemes.liu import LiuKey
 from dms.mining.wire import Wire, decode, encode
@@ -66,8 +66,10 @@ def run_blind_kmeans(
 def test_blind_kmeans_gives_the_plain_labels(
     distance: Distance, init: str, seed: int | None, name: str, data: np.ndarray, k: int
 ) -> None:
-    plain = kmeans(data, k, distance=distance, init=init, seed=seed)
-    owner = BlindClusterOwner(data, k, distance=distance, init=init, seed=seed, keys=KEYS)
+    plain = kmeans(data, ClusteringParams(k, distance=distance, init=init, seed=seed))
+    owner = BlindClusterOwner(
+        data, ClusteringParams(k, distance=distance, init=init, seed=seed), keys=KEYS
+    )
     run_blind_kmeans(owner)
     out = owner.outcome()
     # Near-ties are counted, one figure per iteration, and on these sets none flipped.
@@ -78,10 +80,10 @@ def test_blind_kmeans_gives_the_plain_labels(
 
 
 def test_run_clustering_defaults_to_blind_for_ckks_and_reports_near_ties() -> None:
-    plain = run_clustering("kmeans", IRIS, 3)
-    blind = run_clustering("skmeans", IRIS, 3, keys=KEYS)
-    udm = run_clustering("skmeans", IRIS, 3, keys=KEYS, protocol="udm")
-    liu = run_clustering("skmeans", IRIS, 3, scheme="liu")
+    plain = run_clustering("kmeans", IRIS, ClusteringParams(3))
+    blind = run_clustering("skmeans", IRIS, ClusteringParams(3), keys=KEYS)
+    udm = run_clustering("skmeans", IRIS, ClusteringParams(3), keys=KEYS, protocol="udm")
+    liu = run_clustering("skmeans", IRIS, ClusteringParams(3), scheme="liu")
     assert (blind.protocol, udm.protocol, liu.protocol, plain.protocol) == (
         "blind",
         "udm",
@@ -98,8 +100,8 @@ def test_run_clustering_defaults_to_blind_for_ckks_and_reports_near_ties() -> No
 
 def test_blind_kmeans_on_shards_and_with_a_worker_placed_again() -> None:
     data, _ = blobs(300, 3, 3, seed=11, std=2.0)
-    plain = kmeans(data, 3)
-    owner = BlindClusterOwner(data, 3, keys=KEYS, shards=3)
+    plain = kmeans(data, ClusteringParams(3))
+    owner = BlindClusterOwner(data, ClusteringParams(3, shards=3), keys=KEYS)
     wire = Wire()
     workers = [BlindClusterWorker(wire.to_worker(owner.start(i))) for i in range(3)]
     exchanges = 0
@@ -120,7 +122,7 @@ def test_blind_kmeans_on_shards_and_with_a_worker_placed_again() -> None:
 
 
 def test_the_owner_refuses_answers_out_of_step() -> None:
-    owner = BlindClusterOwner(IRIS, 3, keys=KEYS)
+    owner = BlindClusterOwner(IRIS, ClusteringParams(3), keys=KEYS)
     worker = BlindClusterWorker(owner.start())
     first = worker.round()
     owner.receive(first)
@@ -199,18 +201,21 @@ def test_near_ties_go_by_index_as_exact_ties_do_in_the_clear() -> None:
 
 def test_protocols_that_cannot_be_blind_are_refused_with_a_reason() -> None:
     with pytest.raises(MiningError, match="not IND-CPA"):
-        run_clustering("skmeans", IRIS, 3, scheme="liu", protocol="blind")
+        run_clustering("skmeans", IRIS, ClusteringParams(3), scheme="liu", protocol="blind")
     with pytest.raises(MiningError, match="not IND-CPA"):
         run_classification("sknn", IRIS, [0] * 150, IRIS[:2], 3, scheme="liu", protocol="blind")
     with pytest.raises(MiningError, match="double-blind"):
-        run_clustering("dbskmeans", IRIS, 3, protocol="blind")
+        run_clustering("dbskmeans", IRIS, ClusteringParams(3), protocol="blind")
     with pytest.raises(MiningError, match="unknown protocol"):
-        run_clustering("skmeans", IRIS, 3, protocol="secret")
+        run_clustering("skmeans", IRIS, ClusteringParams(3), protocol="secret")
     with pytest.raises(MiningError, match="in the clear"):
-        run_clustering("kmeans", IRIS, 3, protocol="blind")
+        run_clustering("kmeans", IRIS, ClusteringParams(3), protocol="blind")
     with pytest.raises(MiningError, match="CKKS only"):
-        BlindClusterOwner(IRIS, 3, keys=LiuKey.generate(128))  # type: ignore[arg-type]
-    assert run_clustering("dbskmeans", IRIS, 3, seed=1, init="kmeans++").protocol == "udm"
+        BlindClusterOwner(IRIS, ClusteringParams(3), keys=LiuKey.generate(128))  # type: ignore[arg-type]
+    assert (
+        run_clustering("dbskmeans", IRIS, ClusteringParams(3, seed=1, init="kmeans++")).protocol
+        == "udm"
+    )
 
 
 def test_worker_classes_never_touch_secret_material() -> None:
@@ -331,9 +336,13 @@ def kmeans_patterns(data: np.ndarray, owner: BlindClusterOwner, history: list[An
 def plain_history(data: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(centroids used, labels given) for each iteration of plaintext k-means."""
     out = []
-    for rounds in range(1, kmeans(data, k).iterations + 1):
-        before = kmeans(data, k, max_iterations=rounds - 1).centroids if rounds > 1 else data[:k]
-        out.append((before, kmeans(data, k, max_iterations=rounds).labels))
+    for rounds in range(1, kmeans(data, ClusteringParams(k)).iterations + 1):
+        before = (
+            kmeans(data, ClusteringParams(k, max_iterations=rounds - 1)).centroids
+            if rounds > 1
+            else data[:k]
+        )
+        out.append((before, kmeans(data, ClusteringParams(k, max_iterations=rounds)).labels))
     return out
 
 
@@ -371,7 +380,7 @@ def test_the_blind_kmeans_worker_receives_ciphertexts_only_and_the_udm_worker_do
     k = 3
     history = plain_history(data, k)
     wire = Wire(keep_to_worker=True)
-    owner = BlindClusterOwner(data, k, keys=KEYS)
+    owner = BlindClusterOwner(data, ClusteringParams(k), keys=KEYS)
     run_blind_kmeans(owner, wire)
     assert owner.outcome().labels.tolist() == history[-1][1].tolist()
     patterns = kmeans_patterns(data, owner, history)
@@ -382,7 +391,7 @@ def test_the_blind_kmeans_worker_receives_ciphertexts_only_and_the_udm_worker_do
 
     # Positive control: the same search, on what the udm protocol sends its worker.
     udm = Wire(keep_to_worker=True)
-    run_clustering("skmeans", data, k, keys=KEYS, protocol="udm", wire=udm)
+    run_clustering("skmeans", data, ClusteringParams(k), keys=KEYS, protocol="udm", wire=udm)
     assert "U" in patterns.found(udm.to_worker_log)
     # ... and each kind of encoding, placed in a message, is found.
     label_rows = np.array([history[0][1]])
@@ -427,7 +436,9 @@ def test_the_worker_does_the_same_work_whatever_the_data() -> None:
 
     def trace(data: np.ndarray) -> list[tuple[Any, ...]]:
         wire = Wire(keep_to_worker=True)
-        owner = BlindClusterOwner(data, 3, keys=KEYS, max_iterations=4, min_error=0.0)
+        owner = BlindClusterOwner(
+            data, ClusteringParams(3, max_iterations=4, min_error=0.0), keys=KEYS
+        )
         run_blind_kmeans(owner, wire)
         shapes = []
         for raw in wire.to_worker_log[1:]:
@@ -461,9 +472,9 @@ def test_blind_keys_are_precise_and_keep_in_a_key_folder(tmp_path: Path) -> None
     save_keys(tmp_path / "keys", KEYS, lambda raw, _name: raw)
     loaded = load_keys(tmp_path / "keys", lambda raw, _name: raw)
     assert isinstance(loaded, CkksKeys)
-    owner = BlindClusterOwner(IRIS, 3, keys=loaded)
+    owner = BlindClusterOwner(IRIS, ClusteringParams(3), keys=loaded)
     run_blind_kmeans(owner)
-    assert owner.outcome().labels.tolist() == kmeans(IRIS, 3).labels.tolist()
+    assert owner.outcome().labels.tolist() == kmeans(IRIS, ClusteringParams(3)).labels.tolist()
 
 
 def test_a_query_beyond_the_ckks_reach_is_refused_unless_given_up_front() -> None:
@@ -492,7 +503,7 @@ def sklearn_kmeans(data: np.ndarray, init: np.ndarray) -> Any:
 
 def blind_to_convergence(data: np.ndarray, k: int, init: str, seed: int | None) -> Any:
     owner = BlindClusterOwner(
-        data, k, init=init, seed=seed, keys=KEYS, min_error=0.0, max_iterations=20
+        data, ClusteringParams(k, init=init, seed=seed, min_error=0.0, max_iterations=20), keys=KEYS
     )
     run_blind_kmeans(owner)
     return owner

@@ -20,7 +20,7 @@ import pytest
 
 from dms.jobs.executors import EXECUTORS
 from dms.mining.data import read_table
-from dms.mining.plain import kmeans
+from dms.mining.plain import ClusteringParams, kmeans
 from dms.sim.cluster import LocalCluster
 from dms.sim.hostile_mining import HostileExecutor
 from tests.test_mining_active import blanked
@@ -59,7 +59,7 @@ def test_a_cheating_worker_is_caught_excluded_and_the_labels_hold(
     session = net.mine({"settings": settings, "data": str(IRIS.resolve()), "timeout_s": 90})
     answer = net.result(session)
     result = answer["result"]
-    plain = kmeans(read_table(IRIS).features, 3, max_iterations=4)
+    plain = kmeans(read_table(IRIS).features, ClusteringParams(3, max_iterations=4))
     assert answer["labels"] == plain.labels.tolist()
     [caught] = result["excluded"]
     assert re.search(reason, caught["reason"]), caught
@@ -117,7 +117,7 @@ def test_verify_replicate_runs_each_shard_twice_and_catches_an_unsampled_lie(
     session = net.mine({"settings": settings, "data": str(IRIS.resolve()), "timeout_s": 90})
     answer = net.result(session)
     result = answer["result"]
-    plain = kmeans(read_table(IRIS).features, 3, max_iterations=4)
+    plain = kmeans(read_table(IRIS).features, ClusteringParams(3, max_iterations=4))
     assert answer["labels"] == plain.labels.tolist()
     assert result["verify"] == "replicate" and result["detection_per_round"] == 1.0
     [caught] = result["excluded"]

@@ -26,7 +26,7 @@ from dms.mining.collab.simulate import Drop, Phase, run_collab
 from dms.mining.collab.stats import kmeans_statistics, next_centroids
 from dms.mining.data import blobs, read_table
 from dms.mining.errors import MiningError
-from dms.mining.plain import kmeans
+from dms.mining.plain import ClusteringParams, kmeans
 from dms.mining.wire import decode
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -228,7 +228,9 @@ def test_bad_proposals_and_rows_are_refused_with_a_reason() -> None:
 
 def test_iris_in_three_equals_plaintext_kmeans_on_the_union() -> None:
     run = run_collab(proposal(IRIS, 3, k=3, rounds=10, threshold=2), split(IRIS, 3))
-    plain = kmeans(IRIS, 3, centroids=IRIS[:3].copy(), min_error=-1.0, max_iterations=10)
+    plain = kmeans(
+        IRIS, ClusteringParams(3, min_error=-1.0, max_iterations=10), centroids=IRIS[:3].copy()
+    )
     assert (joint_labels(run, names(3)) == plain.labels).all()
     for result in run.results.values():
         np.testing.assert_allclose(result.centroids, plain.centroids, rtol=0, atol=1e-9)
@@ -238,7 +240,9 @@ def test_iris_in_three_equals_plaintext_kmeans_on_the_union() -> None:
 def test_blobs_30000_by_8_in_three_equals_plaintext_kmeans() -> None:
     data, _ = blobs(30_000, 8, 5, seed=7, std=2.0)
     run = run_collab(proposal(data, 3, k=5, rounds=8, threshold=2), split(data, 3))
-    plain = kmeans(data, 5, centroids=data[:5].copy(), min_error=-1.0, max_iterations=8)
+    plain = kmeans(
+        data, ClusteringParams(5, min_error=-1.0, max_iterations=8), centroids=data[:5].copy()
+    )
     assert (joint_labels(run, names(3)) == plain.labels).all()
     np.testing.assert_allclose(run.results["owner1"].centroids, plain.centroids, atol=1e-8)
     bytes_per_round = {b for per in run.owner_bytes.values() for b in per}
@@ -277,7 +281,7 @@ def test_initial_centroids_from_aggregated_moments_need_no_rows_revealed() -> No
     mean, spread = IRIS.mean(axis=0), IRIS.std(axis=0)
     drawn = mean + spread * np.random.default_rng(9).standard_normal((3, 4))
     np.testing.assert_allclose(init, drawn, atol=1e-8)
-    plain = kmeans(IRIS, 3, centroids=init, min_error=-1.0, max_iterations=5)
+    plain = kmeans(IRIS, ClusteringParams(3, min_error=-1.0, max_iterations=5), centroids=init)
     assert (joint_labels(run, names(3)) == plain.labels).all()
 
 
@@ -287,7 +291,9 @@ def test_differential_privacy_reports_what_it_spent() -> None:
     run = run_collab(p, split(IRIS, 3))
     result = run.results["owner1"]
     assert result.epsilon_spent == pytest.approx(2.0) and result.delta_spent == pytest.approx(4e-5)
-    plain = kmeans(IRIS, 3, centroids=IRIS[:3].copy(), min_error=-1.0, max_iterations=4)
+    plain = kmeans(
+        IRIS, ClusteringParams(3, min_error=-1.0, max_iterations=4), centroids=IRIS[:3].copy()
+    )
     assert not np.allclose(result.centroids, plain.centroids, atol=1e-6)  # noised
 
 
@@ -319,7 +325,9 @@ def test_a_new_aggregator_restored_between_rounds_gives_the_same_result() -> Non
         totals = agg.finish_round()
         for owner in owners.values():
             owner.receive_totals(totals)
-    plain = kmeans(IRIS, 3, centroids=IRIS[:3].copy(), min_error=-1.0, max_iterations=2)
+    plain = kmeans(
+        IRIS, ClusteringParams(3, min_error=-1.0, max_iterations=2), centroids=IRIS[:3].copy()
+    )
     np.testing.assert_allclose(owners["owner1"].result().centroids, plain.centroids, atol=1e-9)
 
 

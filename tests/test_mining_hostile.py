@@ -27,6 +27,7 @@ from dms.mining import run_clustering
 from dms.mining.blind_kmeans import blind_keys
 from dms.mining.data import read_table
 from dms.mining.placed import ClusterDriver
+from dms.mining.plain import ClusteringParams
 from dms.mining.schemes.ckks import CkksKeys
 from dms.orchestrator.mining import SessionLimits
 from dms.sim.cluster import LocalCluster
@@ -52,7 +53,7 @@ def blind_iris(**extra: Any) -> dict[str, Any]:
 
 def local_labels() -> list[int]:
     features = read_table(IRIS).features
-    return list(run_clustering("skmeans", features, 3, max_iterations=4).labels)
+    return list(run_clustering("skmeans", features, ClusteringParams(3, max_iterations=4)).labels)
 
 
 @pytest.fixture

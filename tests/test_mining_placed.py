@@ -14,6 +14,7 @@ from dms.jobs.base import ExecutorError
 from dms.jobs.mining import MiningParams, MiningSession
 from dms.mining import run_classification, run_clustering
 from dms.mining.data import blobs, read_table, read_test_table
+from dms.mining.plain import ClusteringParams
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.wire import encode
 from dms.resources import Resources
@@ -138,7 +139,7 @@ def separated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def local_clustering(algorithm: str, scheme: str, protocol: str | None, path: Path) -> list[Any]:
     extra = {"protocol": protocol} if protocol else {}
     features = read_table(path).features
-    return run_clustering(algorithm, features, 3, scheme=scheme, **extra).labels
+    return run_clustering(algorithm, features, ClusteringParams(3), scheme=scheme, **extra).labels
 
 
 CLUSTERING_CASES = [
@@ -182,8 +183,9 @@ def test_placed_dbskmeans_finds_the_clusters_local_finds(
     settings = {"algorithm": "dbskmeans", "scheme": "ckks", "k": 3, "shards": shards, **seeded}
     answer = net.result(net.mine({"settings": settings, "data": str(separated)}))
     features = read_table(separated).features
-    plain = run_clustering("kmeans", features, 3, **seeded).labels
-    assert run_clustering("dbskmeans", features, 3, scheme="ckks", **seeded).labels == plain
+    params = ClusteringParams(3, init="kmeans++", seed=1)
+    plain = run_clustering("kmeans", features, params).labels
+    assert run_clustering("dbskmeans", features, params, scheme="ckks").labels == plain
     assert answer["labels"] == plain
 
 
@@ -282,7 +284,11 @@ def test_a_provider_killed_mid_job_is_replaced_and_the_labels_hold(
     net.cluster.crash(victim)
     answer = net.result(session)
     expected = run_clustering(
-        "skmeans", data, 5, scheme="ckks", protocol="udm", min_error=0.0, max_iterations=12
+        "skmeans",
+        data,
+        ClusteringParams(5, min_error=0.0, max_iterations=12),
+        scheme="ckks",
+        protocol="udm",
     )
     assert answer["labels"] == expected.labels
     result = answer["result"]
@@ -318,7 +324,9 @@ def _session(**params: Any) -> MiningSession:
 def test_a_worker_refuses_a_context_at_another_level() -> None:
     from dms.mining.clustering import ClusterOwner
 
-    owner = ClusterOwner(read_table(IRIS).features, 3, keys=CkksKeys.generate(192))
+    owner = ClusterOwner(
+        read_table(IRIS).features, ClusteringParams(3), keys=CkksKeys.generate(192)
+    )
     start = encode(owner.start())
     with pytest.raises(ExecutorError, match="N = 16384"):
         _session(level=128).call("start", start)
@@ -328,7 +336,7 @@ def test_a_worker_refuses_a_context_that_holds_a_secret_key() -> None:
     from dms.mining.clustering import ClusterOwner, ClusterStart
 
     keys = CkksKeys.generate(128)
-    owner = ClusterOwner(read_table(IRIS).features, 3, keys=keys)
+    owner = ClusterOwner(read_table(IRIS).features, ClusteringParams(3), keys=keys)
     start = owner.start()
     leaky = ClusterStart.model_validate(
         {**start.model_dump(), "context": keys.secret_context_bytes()}
@@ -340,7 +348,9 @@ def test_a_worker_refuses_a_context_that_holds_a_secret_key() -> None:
 def test_a_worker_refuses_shapes_other_than_announced() -> None:
     from dms.mining.clustering import ClusterOwner
 
-    owner = ClusterOwner(read_table(IRIS).features, 3, keys=CkksKeys.generate(128))
+    owner = ClusterOwner(
+        read_table(IRIS).features, ClusteringParams(3), keys=CkksKeys.generate(128)
+    )
     start = encode(owner.start())
     with pytest.raises(ExecutorError, match="shape"):
         _session(n=149).call("start", start)

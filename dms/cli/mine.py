@@ -36,6 +36,7 @@ from dms.mining.keyfolder import load_keys, save_keys
 from dms.mining.learned import worker_learns
 from dms.mining.local import knn_ties, resolve_protocol
 from dms.mining.metrics import accuracy, adjusted_rand_index, matched_agreement
+from dms.mining.plain import ClusteringParams
 from dms.mining.schemes import new_keys
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
@@ -389,26 +390,26 @@ def _clustering(algorithm: str) -> Callable[..., None]:
             table = read_table(data)
             protocol = _protocol(algorithm, scheme, protocol)
             owner_keys = _keys(keys, scheme, level, protocol) if algorithm != "kmeans" else None
-            settings = {
-                "distance": metric,
-                "min_error": min_error,
-                "init": init,
-                "seed": seed,
-                "max_iterations": max_iterations,
-            }
+            params = ClusteringParams(
+                k,
+                distance=metric,
+                min_error=min_error,
+                max_iterations=max_iterations,
+                init=init,
+                seed=seed,
+                level=level,
+            )
             if local:
                 with progress_bar(not json_out, f"{algorithm} rounds", max_iterations) as bar:
                     rounds = _Rounds(bar)
                     result = run_clustering(
                         algorithm,
                         table.features,
-                        k,
+                        params,
                         scheme=scheme,
-                        level=level,
                         keys=owner_keys,
                         on_round=rounds,
                         **_protocol_arg(protocol),
-                        **settings,
                     )
                 summary, labels = result.summary(), list(result.labels)
                 rounds.into(summary)
@@ -430,7 +431,7 @@ def _clustering(algorithm: str) -> Callable[..., None]:
                 summary, labels = _mine_on_network(request, placement, json_out)
             plain = None
             if (compare or report) and algorithm != "kmeans":
-                plain = run_clustering("kmeans", table.features, k, **settings)
+                plain = run_clustering("kmeans", table.features, params)
             if compare and plain is not None:
                 summary["comparison"] = {
                     "plain_iterations": plain.iterations,

@@ -326,15 +326,7 @@ class _Ops:
             raise ExecutorError(f"data of shape {data.shape}, announced ({p.n}, {p.a})")
         distance = Distance.parse(p.distance)
         if p.algorithm == "kmeans":
-            outcome = kmeans(
-                data,
-                p.k,
-                distance=distance,
-                min_error=job.min_error,
-                max_iterations=job.max_iterations,
-                init=job.init,
-                seed=job.seed,
-            )
+            outcome = kmeans(data, job.clustering(p.k, distance))
             self.rounds = outcome.iterations
             return encode(
                 PlainResult(

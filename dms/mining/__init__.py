@@ -9,8 +9,10 @@ payloads. ``dms.mining.local`` runs both sides in one process.
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError, WorkerMisbehaved
 from dms.mining.local import MiningResult, run_classification, run_clustering
+from dms.mining.plain import ClusteringParams
 
 __all__ = [
+    "ClusteringParams",
     "Distance",
     "MiningError",
     "MiningResult",

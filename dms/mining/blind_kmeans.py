@@ -67,9 +67,8 @@ from dms.mining.answers import (
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError, WorkerMisbehaved
 from dms.mining.plain import (
-    DEFAULT_MAX_ITERATIONS,
-    DEFAULT_MIN_ERROR,
     ClusteringOutcome,
+    ClusteringParams,
     assign,
     centroid_change,
     initial_centroids,
@@ -236,20 +235,14 @@ class BlindClusterOwner:
     def __init__(
         self,
         data: np.ndarray,
-        k: int,
+        params: ClusteringParams,
         *,
-        distance: Distance = Distance.EUCLIDEAN,
-        min_error: float = DEFAULT_MIN_ERROR,
-        max_iterations: int = DEFAULT_MAX_ITERATIONS,
-        init: str = "first",
-        seed: int | None = None,
-        level: int = 128,
         keys: CkksKeys | None = None,
-        shards: int = 1,
         tie_tolerance: float | None = None,
         verify_fraction: float = DEFAULT_VERIFY_FRACTION,
         replicas: int = 1,
     ) -> None:
+        k, max_iterations, shards = params.k, params.max_iterations, params.shards
         if max_iterations < 1:
             raise MiningError(f"max iterations must be at least 1, not {max_iterations}")
         data = np.asarray(data, dtype=np.float64)
@@ -257,8 +250,8 @@ class BlindClusterOwner:
             raise MiningError("blind k-means needs a non-empty n x a table")
         if not 1 <= shards <= data.shape[0]:
             raise MiningError(f"{shards} shards for {data.shape[0]} records")
-        self.distance, self.k, self.level = Distance.parse(distance), k, level
-        self.min_error, self.max_iterations = min_error, max_iterations
+        self.distance, self.k, self.level = params.distance, k, params.level
+        self.min_error, self.max_iterations = params.min_error, max_iterations
         self.rounds = max_iterations
         self.keys = check_keys(keys)
         self.spot = Spot(verify_fraction)
@@ -281,7 +274,7 @@ class BlindClusterOwner:
         # with replicas = 2 workers i and shards + i compute the same shard.
         self.replicas = replicas
         self.workers = shards * replicas
-        self.centroids = initial_centroids(data, k, init, seed)  # in the data's units
+        self.centroids = initial_centroids(data, k, params.init, params.seed)  # the data's units
         self.tol = tie_tolerance  # None: calibrated on the keys at start()
         self.shape: AnswerShape | None = None
         self.labels = np.zeros(self.n, dtype=np.int64)

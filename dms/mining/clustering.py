@@ -38,9 +38,8 @@ from dms.mining.arrays import NDArray
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError
 from dms.mining.plain import (
-    DEFAULT_MAX_ITERATIONS,
-    DEFAULT_MIN_ERROR,
     ClusteringOutcome,
+    ClusteringParams,
     assign,
     centroid_change,
     initial_centroids,
@@ -93,19 +92,13 @@ class ClusterOwner:
     def __init__(
         self,
         data: np.ndarray,
-        k: int,
+        params: ClusteringParams,
         *,
         algorithm: Algorithm = "skmeans",
         scheme: Scheme = "ckks",
-        distance: Distance = Distance.EUCLIDEAN,
-        min_error: float = DEFAULT_MIN_ERROR,
-        max_iterations: int = DEFAULT_MAX_ITERATIONS,
-        init: str = "first",
-        seed: int | None = None,
-        level: int = 128,
         keys: CkksKeys | LiuKey | None = None,
-        shards: int = 1,
     ) -> None:
+        k, max_iterations, shards = params.k, params.max_iterations, params.shards
         if scheme not in ("liu", "ckks"):
             raise MiningError(f"unknown scheme {scheme!r}: use ckks or liu")
         if not 1 <= shards <= data.shape[0]:
@@ -115,18 +108,18 @@ class ClusterOwner:
         if max_iterations < 1:
             raise MiningError(f"max iterations must be at least 1, not {max_iterations}")
         data = np.asarray(data, dtype=np.float64)
-        self.algorithm, self.scheme, self.distance = algorithm, scheme, distance
+        self.algorithm, self.scheme, self.distance = algorithm, scheme, params.distance
         self.k, self.min_error, self.max_iterations, self.level = (
             k,
-            min_error,
+            params.min_error,
             max_iterations,
-            level,
+            params.level,
         )
         # CKKS wants magnitudes near 1; scaling changes neither labels nor relative change.
         peak = float(np.abs(data).max(initial=0.0))
         self.scale = peak if scheme == "ckks" and peak > 0 else 1.0
         self.data = data / self.scale
-        self.centroids = initial_centroids(self.data, k, init, seed)
+        self.centroids = initial_centroids(self.data, k, params.init, params.seed)
         self.keys = keys
         self.labels = np.zeros(data.shape[0], dtype=np.int64)
         self.changes: list[float] = []

@@ -20,8 +20,7 @@ from dms.mining.clustering import ClusterOwner, ClusterWorker
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError
 from dms.mining.plain import (
-    DEFAULT_MAX_ITERATIONS,
-    DEFAULT_MIN_ERROR,
+    ClusteringParams,
     RoundCallback,
     boundary_ties,
     check_k,
@@ -106,15 +105,9 @@ def resolve_protocol(algorithm: str, scheme: str, protocol: str | None = None) -
 def run_clustering(
     algorithm: str,
     data: np.ndarray,
-    k: int,
+    params: ClusteringParams,
     *,
     scheme: str = "ckks",
-    distance: Distance = Distance.EUCLIDEAN,
-    min_error: float = DEFAULT_MIN_ERROR,
-    max_iterations: int = DEFAULT_MAX_ITERATIONS,
-    init: str = "first",
-    seed: int | None = None,
-    level: int = 128,
     keys: CkksKeys | LiuKey | None = None,
     on_round: RoundCallback | None = None,
     wire: Wire | None = None,
@@ -122,27 +115,21 @@ def run_clustering(
 ) -> MiningResult:
     if algorithm not in CLUSTERING:
         raise MiningError(f"unknown clustering algorithm {algorithm!r}")
+    k = params.k
     check_k(k, data.shape[0])
+    if params.shards != 1:
+        raise MiningError(f"a run in one process holds the records whole, not in {params.shards}")
     protocol = resolve_protocol(algorithm, scheme, protocol)
     began = time.perf_counter()
     base = {
         "algorithm": algorithm,
-        "distance": str(distance),
+        "distance": str(params.distance),
         "k": k,
         "records": data.shape[0],
         "attributes": data.shape[1],
     }
     if algorithm == "kmeans":
-        outcome = kmeans(
-            data,
-            k,
-            distance=distance,
-            min_error=min_error,
-            max_iterations=max_iterations,
-            init=init,
-            seed=seed,
-            on_round=on_round,
-        )
+        outcome = kmeans(data, params, on_round=on_round)
         timings = Timings(compute=time.perf_counter() - began)
         result = MiningResult(scheme="plain", **base)
         wire = wire or Wire()
@@ -150,13 +137,7 @@ def run_clustering(
         wire = wire or Wire()
         blind = BlindClusterOwner(
             data,
-            k,
-            distance=distance,
-            min_error=min_error,
-            max_iterations=max_iterations,
-            init=init,
-            seed=seed,
-            level=level,
+            params,
             keys=keys,  # type: ignore[arg-type]  # a Liu key is refused with a reason
         )
         blind_worker = BlindClusterWorker(wire.to_worker(blind.start()))
@@ -178,15 +159,9 @@ def run_clustering(
         wire = wire or Wire()
         owner = ClusterOwner(
             data,
-            k,
+            params,
             algorithm=algorithm,
             scheme=check_scheme(scheme),  # type: ignore[arg-type]
-            distance=distance,
-            min_error=min_error,
-            max_iterations=max_iterations,
-            init=init,
-            seed=seed,
-            level=level,
             keys=keys,
         )
         worker = ClusterWorker(wire.to_worker(owner.start()))

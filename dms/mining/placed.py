@@ -35,7 +35,7 @@ from dms.mining.clustering import ClusterOwner, ClusterRound, ClusterUpdate
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError, WorkerMisbehaved
 from dms.mining.local import resolve_protocol
-from dms.mining.plain import DEFAULT_MAX_ITERATIONS, DEFAULT_MIN_ERROR
+from dms.mining.plain import DEFAULT_MAX_ITERATIONS, DEFAULT_MIN_ERROR, ClusteringParams
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
 from dms.mining.wire import decode, encode
@@ -79,6 +79,19 @@ class MiningSettings(BaseModel):
             raise ValueError("--verify replicate is for skmeans with the blind protocol")
         return self
 
+    def clustering(self) -> ClusteringParams:
+        """The clustering settings of this job (k-means, SKMeans, DBSKMeans)."""
+        return ClusteringParams(
+            k=self.k,
+            distance=Distance.parse(self.distance),
+            min_error=self.min_error,
+            max_iterations=self.max_iterations,
+            init=self.init,
+            seed=self.seed,
+            level=self.level,
+            shards=self.shards,
+        )
+
     @property
     def replicas(self) -> int:
         """Workers per shard."""
@@ -103,6 +116,18 @@ class PlainJob(BaseModel):
     max_iterations: int = DEFAULT_MAX_ITERATIONS
     init: str = "first"
     seed: int | None = None
+
+    def clustering(self, k: int, distance: Distance) -> ClusteringParams:
+        """The k-means settings this job carries, for ``k`` clusters by ``distance``
+        (both announced in the allocation's params)."""
+        return ClusteringParams(
+            k=k,
+            distance=distance,
+            min_error=self.min_error,
+            max_iterations=self.max_iterations,
+            init=self.init,
+            seed=self.seed,
+        )
 
 
 class PlainResult(BaseModel):
@@ -190,34 +215,24 @@ class ClusterDriver(Driver):
 
     def prepare(self) -> None:
         s = self.settings
-        common: dict[str, Any] = {
-            "distance": Distance.parse(s.distance),
-            "min_error": s.min_error,
-            "max_iterations": s.max_iterations,
-            "init": s.init,
-            "seed": s.seed,
-            "level": s.level,
-            "shards": s.shards,
-        }
+        params = s.clustering()
         if s.blind:
             if self.keys is not None and not isinstance(self.keys, CkksKeys):
                 raise MiningError("the blind protocol needs CKKS keys")
             self.owner = BlindClusterOwner(
                 self.data,
-                s.k,
+                params,
                 keys=self.keys,
                 verify_fraction=s.verify_fraction,
                 replicas=s.replicas,
-                **common,
             )
         else:
             self.owner = ClusterOwner(
                 self.data,
-                s.k,
+                params,
                 algorithm=s.algorithm,  # type: ignore[arg-type]
                 scheme=s.scheme,  # type: ignore[arg-type]
                 keys=self.keys,
-                **common,
             )
         # Keys and encryption happen while bids are collected: each shard's opening
         # message is ready when its worker is.

@@ -22,6 +22,25 @@ DEFAULT_MAX_ITERATIONS = 10
 RoundCallback = Callable[[int, float], None]
 
 
+@dataclass(frozen=True)
+class ClusteringParams:
+    """How a k-means runs, whichever protocol runs it: the settings the plaintext
+    baseline, the UDM owner (SKMeans, DBSKMeans) and the blind owner share
+    (``dms mine`` flags, ``MiningSettings`` in a job; ``specs/mining.md``)."""
+
+    k: int
+    distance: Distance = Distance.EUCLIDEAN
+    min_error: float = DEFAULT_MIN_ERROR  # converged once the centroids move no more
+    max_iterations: int = DEFAULT_MAX_ITERATIONS
+    init: str = "first"  # first | kmeans++
+    seed: int | None = None  # kmeans++
+    level: int = 128  # CKKS security level (the plaintext baseline encrypts nothing)
+    shards: int = 1  # workers the records are split over (the baseline runs here, whole)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "distance", Distance.parse(self.distance))
+
+
 def check_k(k: int, rows: int, what: str = "records") -> None:
     if k < 1:
         raise MiningError(f"k must be at least 1, not {k}")
@@ -88,20 +107,21 @@ class ClusteringOutcome:
 
 def kmeans(
     data: np.ndarray,
-    k: int,
+    params: ClusteringParams,
     *,
-    distance: Distance = Distance.EUCLIDEAN,
-    min_error: float = DEFAULT_MIN_ERROR,
-    max_iterations: int = DEFAULT_MAX_ITERATIONS,
-    init: str = "first",
-    seed: int | None = None,
     centroids: np.ndarray | None = None,
     on_round: RoundCallback | None = None,
 ) -> ClusteringOutcome:
     data = np.asarray(data, dtype=np.float64)
+    k, distance, min_error = params.k, params.distance, params.min_error
+    max_iterations = params.max_iterations
     if max_iterations < 1:
         raise MiningError(f"max iterations must be at least 1, not {max_iterations}")
-    current = initial_centroids(data, k, init, seed) if centroids is None else centroids.copy()
+    current = (
+        initial_centroids(data, k, params.init, params.seed)
+        if centroids is None
+        else centroids.copy()
+    )
     changes: list[float] = []
     labels = np.zeros(data.shape[0], dtype=np.int64)
     converged = False

@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -596,13 +596,11 @@ def local_labels(mine: Mine, plaintext: bool) -> list[Any]:
     if s.algorithm in CLUSTERING:
         assert mine.data is not None
         features = read_table(mine.data).features
-        loop = {"min_error": s.min_error, "max_iterations": s.max_iterations}
-        loop.update(init=s.init, seed=s.seed)
+        params = replace(s.clustering(), shards=1)  # run here, the records whole
         if plaintext:
-            return run_clustering("kmeans", features, s.k, **common, **loop).labels
+            return run_clustering("kmeans", features, params).labels
         extra = {} if s.plaintext else {"scheme": s.scheme, "protocol": s.protocol}
-        options = {"level": s.level, **common, **loop, **extra}
-        return run_clustering(s.algorithm, features, s.k, **options).labels
+        return run_clustering(s.algorithm, features, params, **extra).labels
     assert mine.train is not None and mine.test is not None
     training = read_table(mine.train, label=True, label_column=mine.label_column)
     queries = read_test_table(mine.test, training)

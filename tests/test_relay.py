@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -18,12 +19,17 @@ from dms.network.host import Libp2pTransport
 from dms.network.reachability import Reachability
 from dms.network.relay import HOP_PROTOCOL, RelayRefusal, is_relayed
 from dms.network.settings import NetworkSettings, RelaySettings
+from dms.network.transfer import Courier, TransferError
 from dms.security.identity import Identity
+from dms.store.chunks import CHUNK_BYTES, ChunkStore
 from tests.conftest import wait_for
 
 
 def _transport(
-    reachability: str, bootstrap: list[str] | None = None, relay: RelaySettings | None = None
+    reachability: str,
+    bootstrap: list[str] | None = None,
+    relay: RelaySettings | None = None,
+    hole_punching: bool = True,
 ) -> Libp2pTransport:
     settings = NetworkSettings(
         listen=["/ip4/127.0.0.1/tcp/0"],
@@ -31,6 +37,7 @@ def _transport(
         dht=False,
         reachability=reachability,  # type: ignore[arg-type]
         relay=relay or RelaySettings(),
+        hole_punching=hole_punching,
     )
     t = Libp2pTransport(Identity.generate(), settings)
     t.start(lambda frame, from_peer, *, signature_checked=False: None)
@@ -86,6 +93,39 @@ def test_one_peer_that_dials_back_is_not_enough_to_be_public(
     started.append(_transport("auto", first.addrs()))
     wait_for(lambda: first.reachability() is Reachability.PUBLIC, what="a second confirmation")
     assert first.serves_relay()
+
+
+def test_a_transfer_larger_than_the_relays_limit_is_refused_before_it_starts(
+    started: list[Libp2pTransport], tmp_path: Path
+) -> None:
+    """A relay that carries at most 3 MiB a connection: a parcel of 2 MiB crosses it; one
+    of 4 MiB is refused before a chunk is fetched, with the reason (before: the relay
+    reset the circuit mid-way and the fetch went on piece by piece on new circuits)."""
+    relay = _transport("public", relay=RelaySettings(max_circuit_bytes=3 * 1024 * 1024))
+    started.append(relay)
+    boot = relay.addrs()
+    # On loopback hole punching would make the path direct: off, the bytes go relayed.
+    source = _transport("private", boot, hole_punching=False)
+    receiver = _transport("private", boot, hole_punching=False)
+    started += [source, receiver]
+    wait_for(lambda: relayed(source), what="a reservation on the relay")
+    receiver.learn_addrs(source.peer_id, relayed(source))
+    wait_for(lambda: receiver.ping(source.peer_id) > 0, what="a ping through the relay")
+    assert receiver.path_to(source.peer_id) == "relayed"
+    limit, left = receiver.relay_room(source.peer_id) or (0, 0)
+    assert limit == 3 * 1024 * 1024 and 0 < left < limit
+    sender = Courier(ChunkStore(tmp_path / "s", 64 * CHUNK_BYTES), source)
+    source.offers = sender.offers
+    fetcher = Courier(ChunkStore(tmp_path / "r", 64 * CHUNK_BYTES), receiver, retry_s=0.01)
+    small = os.urandom(2 * CHUNK_BYTES)
+    parcel = sender.pack(small, receiver.peer_id, "job")
+    assert fetcher.unpack(parcel, source.peer_id, "job") == small
+    big = sender.pack(os.urandom(4 * CHUNK_BYTES), receiver.peer_id, "job")
+    served = sender.offers.served_chunks
+    with pytest.raises(TransferError, match="cannot fit through the relay") as refused:
+        fetcher.unpack(big, source.peer_id, "job")
+    assert "at most 3.1 MB" in str(refused.value)
+    assert sender.offers.served_chunks == served  # not one chunk was sent for it
 
 
 def test_a_peer_opening_circuits_without_end_is_refused(started: list[Libp2pTransport]) -> None:

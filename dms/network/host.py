@@ -50,7 +50,7 @@ from dms.network.gossip import Gossip, envelope_is_valid, new_pubsub
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause
 from dms.network.reachability import DialBack, Reachability
-from dms.network.relay import BudgetedRelay, RelayClient, is_relayed
+from dms.network.relay import BudgetedRelay, Circuits, RelayClient, is_relayed
 from dms.network.settings import NetworkSettings, parse_multiaddr
 from dms.network.transfer import CHUNK_PROTOCOL, Offers, TransferBudget
 from dms.network.unicast import ACTOR_PROTOCOL, Unicast, _Outbound
@@ -274,7 +274,7 @@ class Libp2pTransport(Unicast, Gossip):
         pubsub, router = new_pubsub(host, self.settings.gossip, self._gossip_refused)
         self._pubsub = pubsub
         self._router = router
-        self._relay = BudgetedRelay(host, s.relay, self.refusals, self.serves_relay)
+        self._relay = BudgetedRelay(host, s.relay, self.refusals, self.serves_relay, Circuits())
         self._relays = RelayClient(host, self._relay, s.relay)
         self._dialback = DialBack(host, s.reachability)
         async with (
@@ -355,6 +355,13 @@ class Libp2pTransport(Unicast, Gossip):
             if not any(is_relayed(a) for a in addrs):
                 return "direct"
         return "relayed"
+
+    def relay_room(self, peer_id: str) -> tuple[int, int] | None:
+        """When this node reaches ``peer_id`` only through a relay that limits the bytes
+        of a circuit: (that limit, the bytes the circuit may still carry); else None."""
+        if self._relays is None or self.path_to(peer_id) != "relayed":
+            return None
+        return self._relays.room(ID.from_base58(peer_id))
 
     def relay_usage(self) -> dict[str, tuple[int, int]]:
         return self._relay.usage() if self._relay is not None else {}

@@ -14,6 +14,10 @@ adds what a dms node needs around it (specs/network.md, "Relays"):
   from its peers (those whose identify lists the hop protocol), gives the relayed
   addresses to advertise (``<relay addr>/p2p-circuit/p2p/<self>``), and dials a peer
   through a relay when only relayed addresses are known or the direct dial failed.
+- :class:`Circuits` keeps, for each relayed connection of this node, dialed or
+  accepted, the limit its relay announced (bytes and seconds, in CONNECT's status
+  and in STOP's CONNECT) and the bytes that crossed it, so a transfer that cannot
+  fit is refused before it starts (``Circuits.room``; dms.network.transfer).
 
 Measured on loopback (one relay, a 32 MiB stream): about 8 MB/s through the relay.
 A half-close (EOF) does not cross a relayed connection in py-libp2p 0.8.1, so
@@ -26,33 +30,48 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import ConnectionType, IHost, INetStream
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.config import RelayConfig
 from libp2p.relay.circuit_v2.exceptions import RelayConnectionError
-from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, StopMessage
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
-from libp2p.relay.circuit_v2.utils import write_delimited_msg
+from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
 from dms.network.settings import RelaySettings
 
 log = logging.getLogger("dms.network")
 
-__all__ = ["HOP_PROTOCOL", "BudgetedRelay", "RelayClient", "RelayRefusal", "is_relayed"]
+__all__ = [
+    "HOP_PROTOCOL",
+    "BudgetedRelay",
+    "Circuit",
+    "Circuits",
+    "RelayClient",
+    "RelayRefusal",
+    "is_relayed",
+]
 
 HOUR_S = 3600.0
 # How often a private node looks for relays and renews what it holds.
 RESERVE_EVERY_S = 2.0
 RESERVE_TIMEOUT_S = 10.0
+# How long the relay may take to answer a CONNECT, and to send its STOP.
+CONNECT_TIMEOUT_S = 15.0
+CIRCUITS_PER_PEER = 4  # circuits remembered per peer (the newest; closed ones go)
 
 
 class RelayRefusal(StrEnum):
@@ -102,11 +121,100 @@ class _HourlyBytes:
         return self.total
 
 
+@dataclass
+class Circuit:
+    """One relayed connection of this node: the limits its relay announced (0: none)
+    and the bytes that crossed it, both ways (what the relay counts)."""
+
+    relay: ID
+    peer: ID
+    limit_bytes: int = 0
+    limit_s: int = 0
+    opened: float = field(default_factory=time.monotonic)
+    used: int = 0
+    closed: bool = False
+
+    def room(self) -> int | None:
+        """Bytes it may still carry (None: no limit)."""
+        return None if self.limit_bytes <= 0 else max(0, self.limit_bytes - self.used)
+
+
+class Circuits:
+    """This node's open relayed connections, by peer (the newest last)."""
+
+    def __init__(self) -> None:
+        self._by_peer: dict[ID, list[Circuit]] = {}
+
+    def add(self, circuit: Circuit) -> None:
+        kept = [c for c in self._by_peer.get(circuit.peer, []) if not c.closed]
+        self._by_peer[circuit.peer] = [*kept, circuit][-CIRCUITS_PER_PEER:]
+
+    def end(self, circuit: Circuit) -> None:
+        circuit.closed = True
+        kept = [c for c in self._by_peer.get(circuit.peer, []) if not c.closed]
+        if kept:
+            self._by_peer[circuit.peer] = kept
+        else:
+            self._by_peer.pop(circuit.peer, None)
+
+    def newest(self, peer: ID) -> Circuit | None:
+        found = self._by_peer.get(peer) or []
+        return found[-1] if found else None
+
+
+class _MeteredStream:
+    """A relayed connection's stream: what crosses it is counted on its circuit; its
+    end (close, EOF, an error) ends the circuit."""
+
+    def __init__(self, stream: INetStream, circuit: Circuit, circuits: Circuits) -> None:
+        self._stream = stream
+        self._circuit = circuit
+        self._circuits = circuits
+
+    async def read(self, n: int | None = None) -> bytes:
+        try:
+            data = await self._stream.read(n)
+        except BaseException:
+            self._circuits.end(self._circuit)
+            raise
+        if not data:
+            self._circuits.end(self._circuit)
+        self._circuit.used += len(data)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._stream.write(data)
+        except BaseException:
+            self._circuits.end(self._circuit)
+            raise
+        self._circuit.used += len(data)
+
+    async def close(self) -> None:
+        self._circuits.end(self._circuit)
+        await self._stream.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _circuit_of(relay: ID, peer: ID, limit: Any) -> Circuit:
+    if limit is None:
+        return Circuit(relay, peer)
+    return Circuit(relay, peer, int(limit.data), int(limit.duration))
+
+
 class BudgetedRelay(CircuitV2Protocol):
-    """py-libp2p's circuit v2 protocol (hop and stop) with dms's budgets on the hop side."""
+    """py-libp2p's circuit v2 protocol (hop and stop) with dms's budgets on the hop side,
+    and the circuits ending here metered (:class:`Circuits`)."""
 
     def __init__(
-        self, host: IHost, settings: RelaySettings, refusals: Counter[str], serving: Any
+        self,
+        host: IHost,
+        settings: RelaySettings,
+        refusals: Counter[str],
+        serving: Any,
+        circuits: Circuits,
     ) -> None:
         limits = RelayLimits(
             duration=settings.max_circuit_s,
@@ -117,6 +225,7 @@ class BudgetedRelay(CircuitV2Protocol):
         super().__init__(host, limits=limits, allow_hop=True)
         self.relay_settings = settings
         self.refusals = refusals
+        self.circuit_meters = circuits
         self._serving = serving  # () -> bool: does this node relay now
         self.circuits_by_peer: Counter[ID] = Counter()
         self.bytes_by_peer: dict[ID, _HourlyBytes] = {}
@@ -208,6 +317,30 @@ class BudgetedRelay(CircuitV2Protocol):
                 if self._peer_bytes(src).used(time.monotonic()) == 0:
                     self.bytes_by_peer.pop(src, None)
 
+    async def _handle_stop_stream(self, stream: INetStream) -> None:
+        """A circuit to this node (STOP CONNECT), as py-libp2p accepts it, with the
+        limit the relay sent in it kept and the circuit metered."""
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT_S):
+                msg = await read_delimited_msg(stream, StopMessage)
+            if msg.type != StopMessage.CONNECT:
+                await self._send_stop_status(
+                    stream, StatusCode.MALFORMED_MESSAGE, "Invalid message type"
+                )
+                await self._close_stream(stream)
+                return
+            limit = msg.limit if msg.HasField("limit") else None
+            circuit = _circuit_of(stream.muxed_conn.peer_id, ID(msg.peer.id), limit)
+            await self._send_stop_status(stream, StatusCode.OK, "Connection established")
+            self.circuit_meters.add(circuit)
+            metered = _MeteredStream(stream, circuit, self.circuit_meters)
+            await self.handle_incoming_connection(metered, msg.peer.id)  # type: ignore[arg-type]
+        except Exception as exc:
+            log.debug("relayed connection not accepted: %s", exc)
+            with contextlib.suppress(Exception):
+                await self._send_stop_status(stream, StatusCode.CONNECTION_FAILED, str(exc))
+                await self._close_stream(stream)
+
     def _peer_bytes(self, peer: ID) -> _HourlyBytes:
         found = self.bytes_by_peer.get(peer)
         if found is None:
@@ -284,6 +417,7 @@ class RelayClient:
         self._host = host
         self._settings = settings
         self._transport = CircuitV2Transport(host, protocol, RelayConfig())
+        self.circuits = protocol.circuit_meters
         # relay peer id -> its addresses (without /p2p), for the relayed addresses
         self.reserved: dict[ID, list[str]] = {}
         self._refused: dict[ID, float] = {}
@@ -361,7 +495,7 @@ class RelayClient:
             if not text.endswith(f"/p2p/{pid.to_base58()}"):
                 text = f"{text}/p2p/{pid.to_base58()}"
             try:
-                await self._transport.dial(multiaddr.Multiaddr(text))
+                await self._connect(multiaddr.Multiaddr(text), pid)
                 return
             except RelayConnectionError as exc:
                 reasons.append(STATUS_REASON.get(exc.status_code, str(exc)))
@@ -370,3 +504,40 @@ class RelayClient:
         raise ConnectionError(
             f"no relay reached {pid.to_base58()}: {'; '.join(reasons) or 'no relayed address'}"
         )
+
+    async def _connect(self, addr: multiaddr.Multiaddr, pid: ID) -> None:
+        """CONNECT through the relay of ``addr`` as py-libp2p's transport does, keeping
+        the limit the relay answers with, and the circuit metered."""
+        relay_addr, _ = self._transport.parse_circuit_ma(addr)
+        relay = ID.from_base58(str(relay_addr.get_peer_id()))
+        await self._host.connect(PeerInfo(relay, [relay_addr]))
+        stream = await self._host.new_stream(relay, [HOP_PROTOCOL])
+        try:
+            connect = HopMessage(type=HopMessage.CONNECT, peer=CircuitPeerId(id=pid.to_bytes()))
+            await write_delimited_msg(stream, connect)
+            with trio.fail_after(CONNECT_TIMEOUT_S):
+                resp = await read_delimited_msg(stream, HopMessage)
+            status = StatusCode(resp.status) if resp.HasField("status") else StatusCode.OK
+            if status != StatusCode.OK:
+                raise RelayConnectionError(f"the relay answered {status}", status_code=status)
+            circuit = _circuit_of(relay, pid, resp.limit if resp.HasField("limit") else None)
+            where = multiaddr.Multiaddr(f"/p2p/{relay.to_base58()}/p2p-circuit/p2p/{pid}")
+            raw = RawConnection(
+                _MeteredStream(stream, circuit, self.circuits),  # type: ignore[arg-type]
+                initiator=True,
+                connection_type=ConnectionType.RELAYED,
+                addresses=[where],
+            )
+            self.circuits.add(circuit)
+            await self._host.upgrade_outbound_connection(raw, pid)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            raise
+
+    def room(self, pid: ID) -> tuple[int, int] | None:
+        """(limit, bytes left) of the newest relayed connection to ``pid``, or None
+        when none is open or its relay set no byte limit."""
+        circuit = self.circuits.newest(pid)
+        left = None if circuit is None else circuit.room()
+        return None if circuit is None or left is None else (circuit.limit_bytes, left)

@@ -62,6 +62,7 @@ BATCH_CHUNKS = 16  # chunks asked for on one stream (16 MiB)
 # py-libp2p stream in the same run (bench/mine_network.py).
 STREAM_WINDOW_BYTES = 16 * 1024 * 1024  # the largest window py-libp2p and go-yamux allow
 REQUEST_MAX_BYTES = 64 * 1024
+WIRE_OVERHEAD = 0.01  # Noise tags, Yamux headers, chunk frames: under 1 % of the chunks
 FETCH_ATTEMPTS = 6
 CHUNK_OK = b"\x00"
 CHUNK_REFUSED = b"\x01"
@@ -120,6 +121,28 @@ class ChunkNetwork(Protocol):
     def fetch_chunks(
         self, peer_id: str, manifest_id: str, hashes: list[str], max_chunk_bytes: int
     ) -> list[tuple[str, bytes]]: ...
+
+    def relay_room(self, peer_id: str) -> tuple[int, int] | None:
+        """(byte limit, bytes left) of the relayed connection to ``peer_id`` when it is
+        reached only through a relay that limits it; else None."""
+        ...
+
+
+def relay_refusal(need: int, source: str, room: tuple[int, int] | None) -> str | None:
+    """Why ``need`` bytes cannot be fetched from ``source`` through its relay, or None.
+    What crosses the circuit is a little more than the chunks (Noise, Yamux and chunk
+    framing: ``WIRE_OVERHEAD``)."""
+    if room is None:
+        return None
+    limit, _left = room
+    wire = int(need * (1 + WIRE_OVERHEAD)) + REQUEST_MAX_BYTES
+    if wire <= limit:
+        return None
+    return (
+        f"{need / 1e6:.1f} MB from {source[-8:]} cannot fit through the relay between us: "
+        f"a relayed connection carries at most {limit / 1e6:.1f} MB (the relay's limit); "
+        "refused before fetching"
+    )
 
 
 @dataclass
@@ -449,6 +472,10 @@ class Courier:
         failures = 0
         last_error = ""
         sizes = dict(m.chunk_sizes())
+        need = sum(sizes[h] for h in self.store.missing(m.chunks))
+        refused = relay_refusal(need, m.source, self.network.relay_room(m.source))
+        if refused is not None:
+            raise TransferError(refused)
         while True:
             missing = self.store.missing(m.chunks)
             if progress is not None:

@@ -292,6 +292,9 @@ class FaultyTransport:
     def stop(self) -> None:
         self.inner.stop()
 
+    def relay_room(self, peer_id: str) -> tuple[int, int] | None:
+        return self.inner.relay_room(peer_id)  # type: ignore[attr-defined]
+
     def fetch_chunks(
         self, peer_id: str, manifest_id: str, hashes: list[str], max_chunk_bytes: int
     ) -> list[tuple[str, bytes]]:

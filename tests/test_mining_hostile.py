@@ -152,8 +152,8 @@ def test_a_job_loses_at_most_mining_max_replacements_workers_then_fails_with_why
     net: Network, hostile: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert net.owner.node is not None
-    services = net.owner.node.pykka_ref.proxy().services.get()
-    monkeypatch.setattr(services, "mining", SessionLimits(step_floor_s=10.0, max_replacements=1))
+    owner = net.owner.node.pykka_ref.proxy().mining.get()  # the node's mining owner role
+    monkeypatch.setattr(owner, "limits", SessionLimits(step_floor_s=10.0, max_replacements=1))
     executor = hostile("size_bomb", hostile=3)
     session = net.mine(blind_iris())
     status = net.wait(session, timeout=90)

@@ -7,8 +7,8 @@ start a :class:`CollabSessionActor`, which places the aggregator (one
 node; only masked vectors and sealed shares leave it. ``/dms/node/collab/owner``
 is what the proposer's session calls, and only it: the next message of this
 node's owner. ``/dms/node/collab/result`` answers this node's centroids, its
-own labels and who dropped. A mixin of :class:`dms.node.node.NodeActor`; see
-``specs/mining.md``, "Collaborative k-means".
+own labels and who dropped. A role of :class:`dms.node.node.NodeActor`
+(:class:`Collab`); see ``specs/mining.md``, "Collaborative k-means".
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from dms.mining.collab.messages import Roster, RoundStart, RoundTotals, UnmaskRe
 from dms.mining.data import read_table
 from dms.mining.errors import MiningError
 from dms.mining.wire import decode, encode
-from dms.node.base import NodeBase
+from dms.node.deploying import Sessions
+from dms.node.runtime import NodeRuntime
 from dms.orchestrator.collab import CollabSessionActor, OwnerCall
 from dms.orchestrator.deployment import new_deployment_id
 from dms.resources import Resources
@@ -81,19 +82,33 @@ class Seat:
     session: dict[str, Any] = field(default_factory=dict)  # the proposer's progress
 
 
-class CollabBehaviours(NodeBase):
-    _seats: dict[str, Seat]
+class Collab:
+    """This node's owner in collaborations: its seats, and the sessions it proposed
+    (run as deployments of the requester, ``sessions``)."""
 
-    def start_collab(self) -> None:
-        self._seats = {}
+    def __init__(
+        self,
+        node: NodeRuntime,
+        *,
+        sessions: Sessions,
+        max_seats: int = 32,
+        owner_timeout_s: float = 20.0,
+        join_timeout_s: float = 120.0,
+    ) -> None:
+        self.node = node
+        self.sessions = sessions
+        self.max_seats = max_seats
+        self.owner_timeout_s = owner_timeout_s
+        self.join_timeout_s = join_timeout_s
+        self._seats: dict[str, Seat] = {}
 
     def _seat_for(self, proposal: Proposal, proposer: str, data: str) -> Seat:
-        me = self.system.peer_id
+        me = self.node.system.peer_id
         if me not in proposal.owners:
             raise CollabRefusal(f"this node ({me}) is not among the proposal's owners")
         if proposal.collab_id in self._seats:
             raise CollabRefusal(f"collaboration {proposal.collab_id!r} is already joined here")
-        most = self.services.collab_max_seats
+        most = self.max_seats
         if len(self._seats) >= most:
             raise CollabRefusal(
                 f"this node takes part in {most} collaborations already (collab_max_seats)"
@@ -108,12 +123,12 @@ class CollabBehaviours(NodeBase):
         if collab_id in self._seats:  # joined twice at once: the first one stands
             raise CollabRefusal(f"collaboration {collab_id!r} is already joined here")
         self._seats[collab_id] = seat
-        return {"collab_id": collab_id, "owner": self.system.peer_id}
+        return {"collab_id": collab_id, "owner": self.node.system.peer_id}
 
     @behaviour("/dms/node/collab/join", payload=JoinRequest)
     def collab_join(self, request: Request) -> None:
         p: JoinRequest = request.payload
-        self.in_background(
+        self.node.in_background(
             request,
             lambda: self._seat_for(p.proposal, p.proposer, p.data),
             then=lambda seat: self._seat(seat, p.proposal.collab_id),
@@ -122,14 +137,14 @@ class CollabBehaviours(NodeBase):
     @behaviour("/dms/node/collab/propose", payload=ProposeRequest)
     def collab_propose(self, request: Request) -> None:
         p: ProposeRequest = request.payload
-        orchestration = self._orch()
-        self.in_background(
+        self.sessions.orchestration()  # no deployment store: refused before reading data
+        self.node.in_background(
             request,
-            lambda: self._seat_for(p.proposal, self.system.peer_id, p.data),
-            then=lambda seat: self._start_collab(p, seat, orchestration),
+            lambda: self._seat_for(p.proposal, self.node.system.peer_id, p.data),
+            then=lambda seat: self._start_collab(p, seat),
         )
 
-    def _start_collab(self, p: ProposeRequest, seat: Seat, orchestration: Any) -> dict[str, Any]:
+    def _start_collab(self, p: ProposeRequest, seat: Seat) -> dict[str, Any]:
         proposal = p.proposal
         params = CollabParams(proposal=proposal)
         exclude = [] if p.aggregator_on_owner else list(proposal.owners)
@@ -153,19 +168,15 @@ class CollabBehaviours(NodeBase):
         def progress(state: dict[str, Any]) -> None:
             seat.session = state
 
-        child = self.spawn(
+        self.sessions.run(
             CollabSessionActor,
-            orchestration,
             session_id,
             spec,
-            None,
             proposal=proposal,
-            owner_timeout_s=p.owner_timeout_s or self.services.collab_owner_timeout_s,
-            join_timeout_s=p.join_timeout_s or self.services.collab_join_timeout_s,
+            owner_timeout_s=p.owner_timeout_s or self.owner_timeout_s,
+            join_timeout_s=p.join_timeout_s or self.join_timeout_s,
             on_progress=progress,
-            inbox=f"deployment-{session_id}",
         )
-        self._deployments[session_id] = child
         return {**answer, "deployment": session_id}
 
     @behaviour("/dms/node/collab/owner", public=True, payload=OwnerCall)
@@ -180,7 +191,7 @@ class CollabBehaviours(NodeBase):
                 ErrorCode.FORBIDDEN,
                 f"only the proposer {seat.proposer} drives collaboration {call.collab_id!r}",
             )
-        self.in_background(request, lambda: {"body": self._owner_step(seat, call)})
+        self.node.in_background(request, lambda: {"body": self._owner_step(seat, call)})
 
     def _owner_step(self, seat: Seat, call: OwnerCall) -> bytes:
         owner = seat.owner

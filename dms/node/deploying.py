@@ -2,20 +2,25 @@
 
 ``/dms/node/deployment/{new,list,status,logs,manifest,shutdown}``, each deployment
 run by a :class:`DeploymentActor` child (a mining session by its subclass), resumed
-after a restart. A mixin of :class:`dms.node.node.NodeActor`; the provider's side is
-``dms.node.bidding``. See ``specs/orchestration.md``.
+after a restart. A role of :class:`dms.node.node.NodeActor` (:class:`Requester`); the
+provider's side is ``dms.node.bidding``. The owner's mining and collaboration
+sessions are deployments too: those roles start them here (:class:`Sessions`).
+See ``specs/orchestration.md``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from dms.actor import ActorRef, ErrorCode, Refusal, Request, behaviour
 from dms.jobs.spec import DeploymentSpec, executor_problems
-from dms.node.base import NodeBase
+from dms.network.peertable import PeerTable
+from dms.node.runtime import NodeRuntime
+from dms.node.stakes import StakeBook
 from dms.orchestrator.deployment import (
     SHUTDOWN,
     DeploymentActor,
@@ -27,6 +32,7 @@ from dms.orchestrator.deployment import (
 )
 from dms.orchestrator.reverts import Reverts
 from dms.orchestrator.store import DeploymentStore
+from dms.store import Database
 
 log = logging.getLogger("dms.node")
 
@@ -41,23 +47,61 @@ class DeploymentId(BaseModel):
     id: str = Field(min_length=1, max_length=64)
 
 
-class DeployingBehaviours(NodeBase):
-    def start_deploying(self) -> None:
-        self._deployments = {}
-        self.reverts = Reverts(self)
-        db = self.services.onboarder.db if self.services.onboarder else None
-        if db is None:
-            return
-        self._orchestration = Orchestration(
-            peer_table=self.services.peer_table,
-            store=DeploymentStore(
-                db, self.services.home / "unsaved" if self.services.home else None
-            ),
-            on_end=self._deployment_ended,
-            supervise_s=self.services.supervise_s,
-            revert=lambda peer, payload: self.ref.tell_call(self.reverts.send, peer, payload),
-            on_placed=lambda peer: self.services.stakes.note(peer, "placed"),
+class Sessions(Protocol):
+    """What the mining owner and collaboration roles use of the requester: its
+    orchestration (store, peers table, settings) and their session actors run as its
+    deployments (listed, shut down and ended with them)."""
+
+    @property
+    def places(self) -> bool: ...
+
+    def orchestration(self) -> Orchestration: ...
+
+    def run(
+        self,
+        kind: type[DeploymentActor],
+        deployment_id: str,
+        spec: DeploymentSpec,
+        saved: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> ActorRef: ...
+
+
+class Requester:
+    """The owner's deployments: each a :class:`DeploymentActor` child of the node.
+    Without a store (``db``) the node places nothing."""
+
+    def __init__(
+        self,
+        node: NodeRuntime,
+        *,
+        peer_table: PeerTable,
+        stakes: StakeBook,
+        db: Database | None = None,
+        home: Path | None = None,
+        supervise_s: float = 1.0,
+    ) -> None:
+        self.node = node
+        self.stakes = stakes
+        self.deployments: dict[str, ActorRef] = {}  # the running ones, by id
+        self.reverts = Reverts(node)
+        self._orchestration = (
+            Orchestration(
+                peer_table=peer_table,
+                store=DeploymentStore(db, home / "unsaved" if home else None),
+                on_end=self._deployment_ended,
+                supervise_s=supervise_s,
+                revert=lambda peer, payload: node.ref.tell_call(self.reverts.send, peer, payload),
+                on_placed=lambda peer: stakes.note(peer, "placed"),
+            )
+            if db is not None
+            else None
         )
+
+    def start(self) -> None:
+        """Resume the deployments the store holds as active."""
+        if self._orchestration is None:
+            return
         for row in self._orchestration.store.active():
             try:
                 spec = DeploymentSpec.model_validate(row["spec"])
@@ -66,32 +110,42 @@ class DeployingBehaviours(NodeBase):
                 continue
             # Its executors' driver, if any (a mining session: its keys were in memory,
             # so it fails, releasing every lease).
-            self._spawn_deployment(row["id"], spec, saved=row, kind=actor_for(spec))
+            self.run(actor_for(spec), row["id"], spec, saved=row)
 
-    # ---- provider ----------------------------------------------------------------------
+    @property
+    def places(self) -> bool:
+        """Whether this node keeps a deployment store (it places work)."""
+        return self._orchestration is not None
 
-    # ---- requester (owner) -------------------------------------------------------------
+    def orchestration(self) -> Orchestration:
+        """The requester's orchestration (its store, peers table, settings)."""
+        if self._orchestration is None:
+            raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node keeps no deployment store")
+        return self._orchestration
 
-    def _spawn_deployment(
+    def run(
         self,
+        kind: type[DeploymentActor],
         deployment_id: str,
         spec: DeploymentSpec,
         saved: dict[str, Any] | None = None,
-        kind: type[DeploymentActor] = DeploymentActor,
+        **kw: Any,
     ) -> ActorRef:
-        child = self.spawn(
+        """Start a deployment (or session) actor as the node's child."""
+        child = self.node.spawn(
             kind,
-            self._orch(),
+            self.orchestration(),
             deployment_id,
             spec,
             saved,
             inbox=f"deployment-{deployment_id}",
+            **kw,
         )
-        self._deployments[deployment_id] = child
+        self.deployments[deployment_id] = child
         return child
 
     def _deployment_ended(self, deployment_id: str) -> None:
-        self.ref.tell_call(self._deployments.pop, deployment_id, None)
+        self.node.ref.tell_call(self.deployments.pop, deployment_id, None)
 
     @behaviour("/dms/node/deployment/new", payload=NewDeployment)
     def deployment_new(self, request: Request) -> dict[str, Any]:
@@ -102,7 +156,7 @@ class DeployingBehaviours(NodeBase):
         if problems:
             raise Refusal(ErrorCode.BAD_PAYLOAD, "; ".join(str(p) for p in problems))
         deployment_id = new_deployment_id()
-        self._spawn_deployment(deployment_id, spec)
+        self.run(DeploymentActor, deployment_id, spec)
         return {"id": deployment_id}
 
     @behaviour("/dms/node/deployment/list")
@@ -115,11 +169,11 @@ class DeployingBehaviours(NodeBase):
                 "allocations": len(row["slots"]),
                 "created_at": row["created_at"],
             }
-            for row in self._orch().store.list()
+            for row in self.orchestration().store.list()
         ]
 
     def _row(self, deployment_id: str) -> dict[str, Any]:
-        row = self._orch().store.get(deployment_id)
+        row = self.orchestration().store.get(deployment_id)
         if row is None:
             raise Refusal("unknown", f"no deployment {deployment_id!r}")
         return row
@@ -159,7 +213,7 @@ class DeployingBehaviours(NodeBase):
                     "price": b.price,
                     "reason": b.reason,
                 }
-                for b in self._orch().store.bids(row["id"])
+                for b in self.orchestration().store.bids(row["id"])
                 if b.direction == "received"
             ],
         }
@@ -167,7 +221,7 @@ class DeployingBehaviours(NodeBase):
     @behaviour("/dms/node/deployment/logs", payload=DeploymentId)
     def deployment_logs(self, request: Request) -> None:
         row = self._row(request.payload.id)
-        ref = self.ref
+        ref = self.node.ref
 
         def gather() -> dict[str, Any]:
             logs: dict[str, Any] = {}
@@ -181,12 +235,12 @@ class DeployingBehaviours(NodeBase):
                     logs[slot["slot"]] = [f"(no logs: {exc})"]
             return {"id": row["id"], "logs": logs, "events": row["events"]}
 
-        self.in_background(request, gather)
+        self.node.in_background(request, gather)
 
     @behaviour("/dms/node/deployment/shutdown", payload=DeploymentId)
     def deployment_shutdown(self, request: Request) -> Any:
         deployment_id = request.payload.id
-        child = self._deployments.get(deployment_id)
+        child = self.deployments.get(deployment_id)
         if child is None:
             return summarize(self._row(deployment_id))  # already ended
         responder = request.defer()
@@ -197,5 +251,5 @@ class DeployingBehaviours(NodeBase):
             else:
                 responder.fail(outcome.error.code, outcome.error.reason)
 
-        self.invoke(child.handle, SHUTDOWN, on_reply=done)
+        self.node.invoke(child.handle, SHUTDOWN, on_reply=done)
         return None

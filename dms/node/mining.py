@@ -4,8 +4,8 @@
 deployment of one ``mining`` allocation per shard, and starts a
 :class:`MiningSessionActor` (a child, listed with the node's deployments).
 ``status`` and ``result`` read the session's row in the store, so they answer
-after the session has ended too. A mixin of :class:`dms.node.node.NodeActor`;
-see ``specs/mining.md``, "Placed on other nodes".
+after the session has ended too. A role of :class:`dms.node.node.NodeActor`
+(:class:`MiningOwner`); see ``specs/mining.md``, "Placed on other nodes".
 """
 
 from __future__ import annotations
@@ -33,9 +33,12 @@ from dms.mining.placed import (
 from dms.mining.schemes import OwnerKeys
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
-from dms.node.base import NodeBase
+from dms.network.host import Libp2pTransport
+from dms.network.transfer import Courier
+from dms.node.deploying import Sessions
+from dms.node.runtime import NodeRuntime
 from dms.orchestrator.deployment import new_deployment_id
-from dms.orchestrator.mining import MiningSessionActor
+from dms.orchestrator.mining import MiningSessionActor, SessionLimits
 from dms.orchestrator.records import MiningRow
 from dms.orchestrator.states import SessionPhase
 from dms.resources import Resources
@@ -172,36 +175,50 @@ def _plan(request: MiningRequest) -> tuple[Driver, DeploymentSpec, list[int], di
     return driver, spec, sizes, summary
 
 
-class MiningBehaviours(NodeBase):
+class MiningOwner:
+    """The data owner's mining sessions, placed on other nodes as deployments of the
+    requester (``sessions``); their chunks go through ``courier``."""
+
+    def __init__(
+        self,
+        node: NodeRuntime,
+        *,
+        sessions: Sessions,
+        courier: Courier | None,
+        limits: SessionLimits,
+        network: Libp2pTransport | None = None,
+    ) -> None:
+        self.node = node
+        self.sessions = sessions
+        self.courier = courier
+        self.limits = limits
+        self.network = network
+
     @behaviour("/dms/node/mining/new", payload=MiningRequest, data=True)
     def mining_new(self, request: Request) -> None:
         payload: MiningRequest = request.payload
-        if self.courier is None or self._orchestration is None:
+        if self.courier is None or not self.sessions.places:
             raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, "this node cannot place mining work")
-        self.in_background(request, lambda: plan(payload), then=self._start_session)
+        self.node.in_background(request, lambda: plan(payload), then=self._start_session)
 
     def _start_session(self, planned: Any) -> dict[str, Any]:
         driver, spec, sizes, summary = planned
         session_id = new_deployment_id()
         # The row exists before the reply, so a status asked at once finds it.
-        self._orch().store.save_mining(
+        self.sessions.orchestration().store.save_mining(
             MiningRow(session_id, summary["algorithm"], SessionPhase.PLACING.value)
         )
-        child = self.spawn(
+        self.sessions.run(
             MiningSessionActor,
-            self._orch(),
             session_id,
             spec,
-            None,
             driver=driver,
             courier=self.courier,
             shard_rows=sizes,
             summary=summary,
-            limits=self.services.mining,
-            path_to=self.services.network.path_to if self.services.network else None,
-            inbox=f"deployment-{session_id}",
+            limits=self.limits,
+            path_to=self.network.path_to if self.network else None,
         )
-        self._deployments[session_id] = child
         # What the worker learns is the session's first event, which the log has too.
         log.info(
             "mining session %s: %s (%s, %s) over %d record(s) in %d shard(s), being placed",
@@ -212,7 +229,7 @@ class MiningBehaviours(NodeBase):
 
     @behaviour("/dms/node/mining/status", payload=SessionId)
     def mining_status(self, request: Request) -> dict[str, Any]:
-        row = self._orch().store.mining(request.payload.id)
+        row = self.sessions.orchestration().store.mining(request.payload.id)
         if row is None:
             raise Refusal("unknown", f"no mining session {request.payload.id!r}")
         return {
@@ -225,7 +242,7 @@ class MiningBehaviours(NodeBase):
 
     @behaviour("/dms/node/mining/result", payload=SessionId, data=True)
     def mining_result(self, request: Request) -> dict[str, Any]:
-        store = self._orch().store
+        store = self.sessions.orchestration().store
         row = store.mining(request.payload.id, labels=True)
         if row is None:
             raise Refusal("unknown", f"no mining session {request.payload.id!r}")

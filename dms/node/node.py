@@ -1,60 +1,59 @@
 """The node actor: the root actor of a node, at inbox ``root`` with the node's key.
 
 It answers the public behaviours any peer may call and the ``/dms/node/*``
-behaviours its owner (the root-anchored user key) calls through the CLI. The
-behaviours are grouped by purpose into mixins: peers and heartbeats
-(``dms.node.peering``), placement as provider (``dms.node.bidding``) and as
-requester (``dms.node.deploying``), mining sessions (``dms.node.mining``),
-onboarding, resources and hardware (``dms.node.provider``), capability anchors and
-revocations (``dms.node.caps``). Slow work runs on a worker pool and answers
-through ``Request.defer``, so the node's mailbox never stalls.
+behaviours its owner (the root-anchored user key) calls through the CLI. It is a
+composition (DESIGN decision 14): each role is a service built here with what it
+needs, and the node routes the behaviours each declares to it:
+
+- ``public``: hello, status, broadcast hellos (``dms.node.public``);
+- ``caps``: capability anchors and revocations, child actors' roles (``dms.node.caps``);
+- ``provider``: onboarding, resources, hardware (``dms.node.provider``);
+- ``bidding``: the provider's side of placement, allocations (``dms.node.bidding``);
+- ``requester``: the owner's deployments (``dms.node.deploying``);
+- ``mining``: the owner's mining sessions (``dms.node.mining``);
+- ``collab``: the owner's collaborations (``dms.node.collab``);
+- ``heartbeats`` and ``peering``: peers and heartbeats (``dms.node.heartbeat_sync``,
+  ``dms.node.peering``).
+
+Slow work runs on a worker pool (``dms.node.runtime``) and answers through
+``Request.defer``, so the node's mailbox never stalls.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, Field
-
-from dms import __version__
-from dms.actor import ActorContext, Request, behaviour
+from dms.actor import Actor, ActorContext, Request
 from dms.node.bidding import Bidding
 from dms.node.caps import Capabilities
 from dms.node.chunks import open_courier
-from dms.node.collab import CollabBehaviours
-from dms.node.deploying import DeployingBehaviours
+from dms.node.collab import Collab
+from dms.node.deploying import Requester
 from dms.node.heartbeat_sync import HeartbeatSync
-from dms.node.mining import MiningBehaviours
+from dms.node.mining import MiningOwner
 from dms.node.peering import Peering
 from dms.node.provider import Benchmark, Provider
+from dms.node.public import BROADCAST_TOPIC, Public
+from dms.node.runtime import WorkerPool
 from dms.node.services import NodeServices
 from dms.store.retention import prune
 
+__all__ = ["BROADCAST_TOPIC", "NodeActor"]
+
 log = logging.getLogger("dms.node")
 
-BROADCAST_TOPIC = "/dms/broadcast"
-HELLO_MEMORY = 64
 
-
-class HelloPayload(BaseModel):
-    message: str = Field(default="hello", max_length=1024)
-
-
-class NodeActor(
-    MiningBehaviours,
-    CollabBehaviours,
-    DeployingBehaviours,
-):
+class NodeActor(Actor):
     def __init__(self, context: ActorContext, services: NodeServices | None = None) -> None:
-        super().__init__(context, services)
-        self.started = time.monotonic()
-        self.hellos: deque[dict[str, Any]] = deque(maxlen=HELLO_MEMORY)
-        s = self.services
+        super().__init__(context)
+        self.services = s = services or NodeServices()
+        self._pool = WorkerPool(self.call_later)
         db = s.onboarder.db if s.onboarder is not None else None
         self.courier = open_courier(s.home, s.network, s.chunk_network, s.chunk_quota)
+
+        self.public = Public(self, s.network)
         self.caps = Capabilities(self)
         benchmark = Benchmark(s.onboarder)
         self.bidding = Bidding(
@@ -84,6 +83,28 @@ class NodeActor(
             home=s.home,
             expire_every_s=s.expire_every_s,
         )
+        self.requester = Requester(
+            self,
+            peer_table=s.peer_table,
+            stakes=s.stakes,
+            db=db,
+            home=s.home,
+            supervise_s=s.supervise_s,
+        )
+        self.mining = MiningOwner(
+            self,
+            sessions=self.requester,
+            courier=self.courier,
+            limits=s.mining,
+            network=s.network,
+        )
+        self.collab = Collab(
+            self,
+            sessions=self.requester,
+            max_seats=s.collab_max_seats,
+            owner_timeout_s=s.collab_owner_timeout_s,
+            join_timeout_s=s.collab_join_timeout_s,
+        )
         self.heartbeats = HeartbeatSync(self, s.peer_table, s.network)
         self.peering = Peering(
             self,
@@ -98,23 +119,55 @@ class NodeActor(
             peer_forget_s=s.peer_forget_s,
             labels=s.labels,
         )
-        for role in (self.caps, self.provider, self.bidding, self.heartbeats, self.peering):
+        for role in (
+            self.public,
+            self.caps,
+            self.provider,
+            self.bidding,
+            self.requester,
+            self.mining,
+            self.collab,
+            self.heartbeats,
+            self.peering,
+        ):
             self.route(role)
 
     def on_start(self) -> None:
-        self.caps.start()  # first: the roles of the child actors the others start
-        self.subscribe(BROADCAST_TOPIC)
+        """The roles start in this order: capabilities first (the roles of the child
+        actors that bidding and the requester spawn); the provider reads its benchmark
+        and expires what ran out while the node was down before bids are answered; the
+        requester resumes its deployments; peering last, so the first heartbeat carries
+        the provider's figures."""
+        self.caps.start()
+        self.public.start()
         self.provider.start()
-        self.start_collab()
         self.bidding.start()
-        self.start_deploying()
+        self.requester.start()
         self.peering.start()
         self.call_later(self.services.prune_every_s, self._prune)
 
     def stopping(self) -> None:
-        self.shutdown_pool()
+        """Work in the pool is abandoned, the revocation checks stop, and peers hear
+        this node leave (its children stop after this)."""
+        self._pool.shutdown()
         self.caps.stop()
         self.peering.stop()
+
+    # ---- what the roles get from the node (dms.node.runtime.NodeRuntime) -------------
+
+    def in_background(
+        self,
+        request: Request,
+        work: Callable[[], Any],
+        then: Callable[[Any], Any] | None = None,
+    ) -> None:
+        """Run slow ``work`` off the mailbox and answer when it is done
+        (:meth:`WorkerPool.run`)."""
+        self._pool.run(request, work, then)
+
+    def announce(self) -> None:
+        """Tell peers about a change now (a heartbeat), not at the next tick."""
+        self.peering.announce()
 
     def _prune(self) -> None:
         """Rows of bids, events and ended leases older than ``retention_s`` go."""
@@ -126,44 +179,3 @@ class NodeActor(
             except Exception as exc:  # a busy store: next time
                 log.warning("could not prune old rows: %s", exc)
         self.call_later(self.services.prune_every_s, self._prune)
-
-    def announce(self) -> None:
-        """Tell peers about a change now (a heartbeat), not at the next tick."""
-        self.peering.announce()
-
-    @property
-    def uptime_s(self) -> float:
-        return time.monotonic() - self.started
-
-    # ---- public --------------------------------------------------------------------
-
-    @behaviour("/public/hello", public=True)
-    def hello(self, request: Request) -> dict[str, Any]:
-        return {"message": "hello", "did": self.identity.did, "peer_id": self.system.peer_id}
-
-    @behaviour("/public/status", public=True)
-    def status(self, request: Request) -> dict[str, Any]:
-        network = self.services.network
-        return {
-            "status": "running",
-            "did": self.identity.did,
-            "peer_id": self.system.peer_id,
-            "version": __version__,
-            "uptime_s": round(self.uptime_s, 3),
-            "peers": len(network.peers()) if network else 0,
-            # publicly reachable, or behind NAT (then reached through relays)
-            "reachability": str(network.reachability()) if network else "unknown",
-            "relay": network.serves_relay() if network else False,
-        }
-
-    @behaviour("/broadcast/hello", public=True, payload=HelloPayload, topic=BROADCAST_TOPIC)
-    def broadcast_hello(self, request: Request) -> None:
-        payload: HelloPayload = request.payload
-        self.hellos.append(
-            {"from": request.sender.did, "message": payload.message, "at": time.time()}
-        )
-
-    @behaviour("/public/hellos", public=True)
-    def hellos_heard(self, request: Request) -> list[dict[str, Any]]:
-        """The last broadcast hellos this node heard, oldest first."""
-        return list(self.hellos)

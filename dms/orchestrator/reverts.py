@@ -17,9 +17,9 @@ import time
 from functools import partial
 from typing import Any
 
-from dms.actor import Actor, ErrorCode, Outcome
+from dms.actor import ErrorCode, Outcome
 from dms.backoff import Backoff
-from dms.orchestrator.base import node_handle
+from dms.orchestrator.base import Messenger, node_handle
 from dms.orchestrator.messages import REVERT
 
 log = logging.getLogger("dms.orchestrator")
@@ -31,7 +31,7 @@ UNANSWERED = frozenset({ErrorCode.TIMEOUT.value, ErrorCode.UNREACHABLE.value})
 class Reverts:
     def __init__(
         self,
-        actor: Actor,
+        actor: Messenger,
         timeout_s: float = 5.0,
         horizon_s: float = 600.0,
         max_pending: int = 10_000,

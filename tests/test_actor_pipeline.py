@@ -353,3 +353,37 @@ def test_prefix_size_is_stable() -> None:
     # The wire format is an interface: magic + u32 header length.
     assert PREFIX_BYTES == 8
     assert dataclasses.is_dataclass(__import__("dms.actor.envelope").actor.envelope.Sealed)
+
+
+class Counter:
+    """A role an actor is composed of: its behaviours run on it, through the actor."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @behaviour("/test/count", public=True, payload=Greeting)
+    def count_up(self, request: Request) -> dict[str, object]:
+        self.count += 1
+        return {"name": request.payload.name, "count": self.count}
+
+
+class Composed(Actor):
+    def __init__(self, context, *roles: object) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(context)
+        for role in roles:
+            self.route(role)
+
+
+def test_an_actor_routes_the_behaviours_its_services_declare(make_node) -> None:  # type: ignore[no-untyped-def]
+    """The node is composed of role services (DESIGN decision 14): a service's
+    behaviours answer through the actor as its own would, payload checked; two
+    services answering one path is refused when the actor is built."""
+    node, other = make_node(), make_node()
+    counter = Counter()
+    composed = node.spawn(Composed, counter, inbox=ROOT_INBOX, identity=node.identity)
+    asker = other.spawn(Service, inbox=ROOT_INBOX, identity=other.identity)
+    assert asker.ask(composed.handle, "/test/count", {"name": "ada"}) == {"name": "ada", "count": 1}
+    assert code_of(asker.invoke(composed.handle, "/test/count", {"nom": 1})) == "bad_payload"
+    assert counter.count == 1
+    with pytest.raises(ValueError, match="/test/count is routed twice"):
+        node.spawn(Composed, Counter(), Counter())

@@ -130,6 +130,25 @@ class Settings(BaseSettings):
         ge=1024,
         description="end a chunk stream slower than this, past chunk_idle_s (transfer_stalled)",
     )
+    max_inbound_bytes_per_peer_per_s: int = Field(
+        default=4 * MIB,
+        ge=64 * 1024,
+        description="bytes a second one peer may send on its actor streams; past it (and "
+        "inbound_byte_burst_per_peer at once) its streams are read more slowly "
+        "(bytes_throttled)",
+    )
+    inbound_byte_burst_per_peer: int = Field(
+        default=4 * MIB, ge=64 * 1024, description="bytes one peer may send at once above that"
+    )
+    max_inbound_bytes_per_s: int = Field(
+        default=16 * MIB,
+        ge=64 * 1024,
+        description="bytes a second all peers this node has no stake in may send on actor "
+        "streams together; past it (and inbound_byte_burst) theirs are read more slowly",
+    )
+    inbound_byte_burst: int = Field(
+        default=16 * MIB, ge=64 * 1024, description="bytes they may send at once above that"
+    )
     peer_forget_s: float = Field(
         default=3600.0, gt=0, description="drop a peer from the peers table once gone this long"
     )

@@ -19,6 +19,12 @@ budget is full is written in specs/security.md, "Budgets and priority":
   in total; one over is reset at once.
 - **Idle streams** (:class:`IdleWatch`): an inbound stream with no frame for
   ``stream_idle_s`` is reset.
+- **Bytes read** (:class:`ByteBudget`): the bytes of frames a peer sends on its
+  actor streams, a second, per peer and for all peers without a stake together.
+  A peer over either is read more slowly (its streams pause, so Yamux grants it
+  no window and it cannot send more), not refused: no frame is lost, and the
+  node's work on one peer's bytes, which cross Noise and Yamux whatever they
+  hold, is bounded.
 
 Buffered bytes (the Yamux receive window, enforced) are in
 ``dms.network.libp2p_patches``; chunk transfers in ``dms.network.transfer``.
@@ -70,6 +76,8 @@ class Budget(StrEnum):
     TRANSFERS_FULL = "transfers_full"
     # A chunk stream idle, or slower than chunk_min_bytes_per_s: ended.
     TRANSFER_STALLED = "transfer_stalled"
+    # A peer's actor streams paused: it sent more bytes than its share (ByteBudget).
+    BYTES_THROTTLED = "bytes_throttled"
 
 
 Stake = Callable[[str], bool]
@@ -387,3 +395,128 @@ class IdleWatch:
                     )
                     with contextlib.suppress(Exception):
                         await handle.reset()
+
+
+@dataclass
+class _Bytes:
+    """A byte bucket that may go below zero: a frame is never split or refused, so the
+    one that overdraws it is read, and the next waits until it is paid back."""
+
+    tokens: float
+    stamp: float
+
+    def refill(self, rate: float, burst: float, now: float) -> None:
+        self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+
+    def wait_s(self, rate: float) -> float:
+        return -self.tokens / rate if self.tokens < 0 else 0.0
+
+
+@dataclass
+class ByteBudget:
+    """Bytes a second each peer may send on its actor streams, and all peers the node
+    has no stake in together (``stake``), enforced by backpressure: after a frame
+    that overdraws a bucket, the stream's next read waits until it is paid back.
+
+    One trio thread uses it (no lock). ``forget`` a peer when its last connection
+    closes; its entry goes once its bucket is full again (no fresh burst by
+    reconnecting).
+    """
+
+    settings: NetworkSettings
+    refusals: Counter[str]
+    stake: Stake
+    clock: Callable[[], float] = time.monotonic
+    _peers: dict[str, _Bytes] = field(default_factory=dict)
+    _unknown: _Bytes | None = None
+    _logged: dict[str, float] = field(default_factory=dict)
+    _staked: dict[str, tuple[bool, float]] = field(default_factory=dict)
+
+    def _has_stake(self, peer: str, now: float) -> bool:
+        """``stake(peer)``, asked again at most once a second per peer (a frame is read
+        far more often than a stake changes)."""
+        known = self._staked.get(peer)
+        if known is None or now - known[1] >= 1.0:
+            known = self._staked[peer] = (self.stake(peer), now)
+        return known[0]
+
+    def charge(self, peer: str, size: int) -> float:
+        """Take ``size`` bytes from ``peer``'s budgets; the seconds its streams must wait
+        before the next read (0: none). Counted and logged (once a second per peer)
+        when it must wait."""
+        s = self.settings
+        now = self.clock()
+        mine = self._peers.get(peer)
+        if mine is None:
+            mine = self._peers[peer] = _Bytes(float(s.inbound_byte_burst_per_peer), now)
+        mine.refill(s.max_inbound_bytes_per_peer_per_s, s.inbound_byte_burst_per_peer, now)
+        mine.tokens -= size
+        wait = mine.wait_s(s.max_inbound_bytes_per_peer_per_s)
+        scope = "its own"
+        if not self._has_stake(peer, now):
+            if self._unknown is None:
+                self._unknown = _Bytes(float(s.inbound_byte_burst), now)
+            self._unknown.refill(s.max_inbound_bytes_per_s, s.inbound_byte_burst, now)
+            self._unknown.tokens -= size
+            shared = self._unknown.wait_s(s.max_inbound_bytes_per_s)
+            if shared > wait:
+                wait, scope = shared, "that of all peers this node has no stake in"
+        if wait > 0:
+            self.refusals[Budget.BYTES_THROTTLED] += 1
+            if now - self._logged.get(peer, float("-inf")) >= 1.0:
+                self._logged[peer] = now
+                log.info(
+                    "streams of %s paused %.2f s: bytes_throttled: over %s budget of bytes a "
+                    "second (max_inbound_bytes_per_peer_per_s %d; max_inbound_bytes_per_s %d)",
+                    peer,
+                    wait,
+                    scope,
+                    s.max_inbound_bytes_per_peer_per_s,
+                    s.max_inbound_bytes_per_s,
+                )
+        return wait
+
+    async def pace(self, peer: str, size: int) -> None:
+        wait = self.charge(peer, size)
+        if wait > 0:
+            await trio.sleep(wait)
+
+    def forget(self) -> None:
+        """Drop the peers whose buckets are full again (called when a peer leaves)."""
+        s = self.settings
+        now = self.clock()
+        for peer, bucket in list(self._peers.items()):
+            refilled = bucket.tokens + (now - bucket.stamp) * s.max_inbound_bytes_per_peer_per_s
+            if refilled >= s.inbound_byte_burst_per_peer:
+                del self._peers[peer]
+                self._logged.pop(peer, None)
+                self._staked.pop(peer, None)
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Bytes owed now (below zero, a peer waits), per peer (the most) and unknown."""
+        s = self.settings
+        now = self.clock()
+
+        def used(bucket: _Bytes | None, rate: float, burst: int) -> int:
+            if bucket is None:
+                return 0
+            tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
+            return int(burst - tokens)
+
+        return {
+            "inbound_bytes_per_peer": (
+                max(
+                    (
+                        used(b, s.max_inbound_bytes_per_peer_per_s, s.inbound_byte_burst_per_peer)
+                        for b in self._peers.values()
+                    ),
+                    default=0,
+                ),
+                s.inbound_byte_burst_per_peer,
+            ),
+            "inbound_bytes_unknown": (
+                used(self._unknown, s.max_inbound_bytes_per_s, s.inbound_byte_burst),
+                s.inbound_byte_burst,
+            ),
+        }

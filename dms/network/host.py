@@ -43,7 +43,14 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from dms.actor.ratelimit import PeerRates
 from dms.actor.transport import Receiver, Undeliverable
-from dms.network.budgets import Budget, IdleWatch, InboundGate, Stake, StreamBudget
+from dms.network.budgets import (
+    Budget,
+    ByteBudget,
+    IdleWatch,
+    InboundGate,
+    Stake,
+    StreamBudget,
+)
 from dms.network.checked import CheckedFrames
 from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, envelope_is_valid, new_pubsub
@@ -170,6 +177,7 @@ class Libp2pTransport(Unicast, Gossip):
         self._gate: InboundGate | None = None
         self._streams = StreamBudget(s, self.refusals)
         self._idle = IdleWatch(s.stream_idle_s, self.refusals)
+        self._bytes = ByteBudget(s, self.refusals, self._has_stake)
         self._transfers = TransferBudget(
             max_per_peer=s.max_transfers_per_peer,
             max_total=s.max_transfers,
@@ -384,6 +392,7 @@ class Libp2pTransport(Unicast, Gossip):
         usage = {
             **(self._gate.usage() if self._gate is not None else {}),
             **self._streams.usage(),
+            **self._bytes.usage(),
             "idle_watched_streams": (len(self._idle), s.max_streams),
             "buffered_bytes": (BUFFERS.held, BUFFERS.limit),
             "transfers": (self._transfers.serving, s.max_transfers),

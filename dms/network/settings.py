@@ -44,6 +44,10 @@ BUDGET_SETTINGS = (
     "max_transfers",
     "chunk_idle_s",
     "chunk_min_bytes_per_s",
+    "max_inbound_bytes_per_peer_per_s",
+    "inbound_byte_burst_per_peer",
+    "max_inbound_bytes_per_s",
+    "inbound_byte_burst",
 )
 
 
@@ -119,6 +123,12 @@ class NetworkSettings(BaseModel):
     max_transfers: int = Field(default=64, ge=1)
     chunk_idle_s: float = Field(default=10.0, gt=0)
     chunk_min_bytes_per_s: int = Field(default=256 * 1024, ge=1024)
+    # Bytes a second of frames on actor streams, per peer and for all peers without a
+    # stake together, and at once; over it a peer's streams are read more slowly.
+    max_inbound_bytes_per_peer_per_s: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    inbound_byte_burst_per_peer: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    max_inbound_bytes_per_s: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+    inbound_byte_burst: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
     gossip: GossipSettings = Field(default_factory=GossipSettings)
     # "public" / "private" skip the AutoNAT check (dms.network.reachability).
     reachability: Literal["auto", "public", "private"] = "auto"

@@ -28,7 +28,7 @@ from dms.actor.handle import ROOT_INBOX, Address, Handle
 from dms.actor.ratelimit import PeerRates
 from dms.actor.system import REFUSAL_TTL_S, reply_payload
 from dms.actor.transport import Receiver, Undeliverable
-from dms.network.budgets import Budget, IdleWatch
+from dms.network.budgets import Budget, ByteBudget, IdleWatch
 from dms.network.discovery import Discovery, peer_id_of
 from dms.network.frames import PREFIX, FrameError, FrameReader, encode_frame
 from dms.network.loop import NetworkError, why
@@ -92,6 +92,7 @@ class Unicast(Discovery):
     _rates: PeerRates
     _waiting: Counter[str]  # frames waiting for a stream to their peer
     _idle: IdleWatch
+    _bytes: ByteBudget
     _transfers: TransferBudget
 
     def send(self, peer_id: str, frame: bytes) -> None:
@@ -280,6 +281,7 @@ class Unicast(Discovery):
             return
         peer = pid.to_base58()
         self._rates.forget(peer)
+        self._bytes.forget()
         outbound = self._outbound.get(peer)
         if outbound is not None:
             self._close(outbound)
@@ -314,10 +316,16 @@ class Unicast(Discovery):
                     self._deliver(frame, peer)
                 else:
                     self._rate_limited(frame, peer)
-                # Let every other task run between two frames: a read returns as many
-                # frames as the peer had sent, and handling them all in one go kept
-                # every other peer's frames waiting behind one peer's backlog.
-                await trio.lowlevel.checkpoint()
+                # Over its bytes a second, the peer's streams are read more slowly (no
+                # window granted: it cannot send more). Otherwise, let every other task
+                # run between two frames: a read returns as many frames as the peer had
+                # sent, and handling them all in one go kept every other peer's frames
+                # waiting behind one peer's backlog.
+                wait = self._bytes.charge(peer, PREFIX.size + len(frame))
+                if wait > 0:
+                    await trio.sleep(wait)
+                else:
+                    await trio.lowlevel.checkpoint()
         except FrameError as err:
             self.frames_refused += 1
             log.warning("dropped stream from %s: %s", peer, err)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -296,6 +297,107 @@ def test_an_idle_stream_is_reset(cluster: LocalCluster) -> None:
         assert refusals(victim, Budget.STREAM_IDLE) >= 5
     finally:
         attacker.close()
+
+
+# ---- bytes read -------------------------------------------------------------------------
+
+KIB = 1024
+
+
+def padded_hellos(
+    peer: BarePeer, to: Any, count: int, size: int
+) -> tuple[list[bytes], list[bytes]]:
+    """``count`` signed hellos of about ``size`` bytes each (the padding is ignored)."""
+    envs = [
+        peer.envelope(to, "/public/hello", {"pad": b"x" * size}, reply=True) for _ in range(count)
+    ]
+    return [peer.seal(e) for e in envs], [e.nonce for e in envs]
+
+
+def write_behind(peer: BarePeer, frames: list[bytes]) -> threading.Thread:
+    """Write ``frames`` from a thread of its own (the write waits for the node's window)."""
+    thread = threading.Thread(target=peer.write, args=(frames,), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_peer_over_its_bytes_a_second_is_read_slowly_and_others_are_served(
+    cluster: LocalCluster,
+) -> None:
+    """A frame's bytes cost the node Noise and Yamux work whatever they hold (a 262 KB
+    token chain, refused on its header, cost ~3 ms each): one peer writing large
+    frames back to back kept every other peer's frames waiting behind them. Over its
+    bytes a second, a peer's streams are read more slowly (paused: it is granted no
+    window, so it cannot send more); none of its frames is lost, and another peer is
+    answered meanwhile."""
+    victim = cluster.add(
+        "victim", max_inbound_bytes_per_peer_per_s=64 * KIB, inbound_byte_burst_per_peer=64 * KIB
+    )
+    addr = victim.addrs()[0]
+    hostile, other = BarePeer(addr, actor=True), BarePeer(addr, actor=True)
+    try:
+        frames, nonces = padded_hellos(hostile, root_of(victim.identity), 6, 64 * KIB)
+        writer = write_behind(hostile, frames)
+        wait_for(lambda: refusals(victim, Budget.BYTES_THROTTLED) > 0, what="a pause")
+        assert other.ask(root_of(victim.identity), "/public/hello") is not None
+        # 6 x 64 KiB at 64 KiB a second: the first is read at once, the rest one a second
+        answered = sum(a is not None for a in hostile.answers(nonces))
+        assert answered < len(nonces), "the node read the whole burst at once"
+        wait_for(
+            lambda: all(a is not None for a in hostile.answers(nonces)),
+            timeout=60,
+            what="every paused frame answered",
+        )
+        assert all(a.get("ok") for a in hostile.answers(nonces))
+        writer.join(10)
+    finally:
+        hostile.close()
+        other.close()
+
+
+def test_peers_without_a_stake_share_one_byte_budget_and_a_staked_peer_is_not_paused(
+    cluster: LocalCluster,
+) -> None:
+    """Keys are free: a budget per peer alone lets many keys send as much as they like.
+    Peers without a stake share ``max_inbound_bytes_per_s``; a peer the node has a stake
+    in is paused only by its own budget."""
+    victim = cluster.add(
+        "victim",
+        max_inbound_bytes_per_s=64 * KIB,
+        inbound_byte_burst=64 * KIB,
+    )
+    assert victim.transport is not None
+    addr = victim.addrs()[0]
+    keys = [BarePeer(addr, actor=True) for _ in range(3)]
+    staked = BarePeer(addr, actor=True)
+    victim.transport.stake = lambda peer_id: peer_id == staked.peer_id
+    to = root_of(victim.identity)
+    try:
+        sent = [padded_hellos(key, to, 2, 64 * KIB) for key in keys]
+        writers = [write_behind(key, frames) for key, (frames, _) in zip(keys, sent, strict=True)]
+        wait_for(lambda: refusals(victim, Budget.BYTES_THROTTLED) > 0, what="a pause")
+        frames, nonces = padded_hellos(staked, to, 2, 64 * KIB)
+        staked.write(frames)
+        wait_for(lambda: all(a is not None for a in staked.answers(nonces)), what="staked")
+        # 6 x 64 KiB from the unknown keys at 64 KiB a second in all
+        answered = sum(
+            a is not None for key, (_, n) in zip(keys, sent, strict=True) for a in key.answers(n)
+        )
+        assert answered < 6, "the unknown keys were read at once"
+        wait_for(
+            lambda: all(
+                a is not None
+                for key, (_, n) in zip(keys, sent, strict=True)
+                for a in key.answers(n)
+            ),
+            timeout=60,
+            what="every unknown key's frame answered",
+        )
+        for writer in writers:
+            writer.join(10)
+    finally:
+        for peer in [*keys, staked]:
+            peer.close()
 
 
 # ---- chunk transfers --------------------------------------------------------------------

@@ -39,6 +39,7 @@ LAYERS = [
     "sim",
     "report",
     "node",
+    "provider",
     "orchestrator",
     "jobs",
     "config",

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GENERIC = [
     "dms/jobs/executors.py",
     "dms/jobs/allocation.py",
-    "dms/orchestrator/bidder.py",
+    "dms/provider/bidder.py",
     "dms/orchestrator/deployment.py",
     "dms/node/deploying.py",
 ]

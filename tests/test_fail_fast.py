@@ -56,7 +56,7 @@ def test_a_job_every_provider_declines_for_good_fails_at_once_with_their_reasons
     net: LocalCluster, monkeypatch: pytest.MonkeyPatch, executors: dict, reason: str
 ) -> None:
     # The providers' bidders see these executors; the requester's own check does not.
-    monkeypatch.setattr("dms.orchestrator.bidder.EXECUTORS", executors)
+    monkeypatch.setattr("dms.provider.bidder.EXECUTORS", executors)
     requester, peers = network(net, 2)
     dep = deploy(requester, spec(count=2, params={"seconds": 0.5}, deadline_s=120))
     done = wait_state(requester, dep, TERMINAL, 30)  # not 120: no retry can change it

@@ -1,11 +1,11 @@
-"""The cool-down of requesters that let committed leases lapse (``dms.orchestrator.lapses``)."""
+"""The cool-down of requesters that let committed leases lapse (``dms.provider.lapses``)."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dms.orchestrator.lapses import Lapses
+from dms.provider.lapses import Lapses
 
 
 class Clock:

@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dms.actor import ErrorCode, Refusal, Request, behaviour
 from dms.actor.policy import Role
+from dms.actor.runtime import NodeRuntime
 from dms.jobs.allocation import AllocationActor
-from dms.node.runtime import NodeRuntime
 from dms.orchestrator.deployment import DeploymentActor
 from dms.security.identity import IdentityError, public_key_from_did
 from dms.security.trust import RevocationOutcome, TrustStore

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from dms.actor import ErrorCode, Refusal, Request, behaviour
+from dms.actor.runtime import NodeRuntime
 from dms.errors import DmsError
 from dms.jobs.collab import CollabParams
 from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
@@ -29,7 +30,6 @@ from dms.mining.data import read_table
 from dms.mining.errors import MiningError
 from dms.mining.wire import decode, encode
 from dms.node.deploying import Sessions
-from dms.node.runtime import NodeRuntime
 from dms.orchestrator.collab import CollabSessionActor, OwnerCall
 from dms.orchestrator.deployment import new_deployment_id
 from dms.resources import Resources

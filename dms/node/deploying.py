@@ -3,7 +3,7 @@
 ``/dms/node/deployment/{new,list,status,logs,manifest,shutdown}``, each deployment
 run by a :class:`DeploymentActor` child (a mining session by its subclass), resumed
 after a restart. A role of :class:`dms.node.node.NodeActor` (:class:`Requester`); the
-provider's side is ``dms.node.bidding``. The owner's mining and collaboration
+provider's side is ``dms.provider.bidding``. The owner's mining and collaboration
 sessions are deployments too: those roles start them here (:class:`Sessions`).
 See ``specs/orchestration.md``.
 """
@@ -17,9 +17,9 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from dms.actor import ActorRef, ErrorCode, Refusal, Request, behaviour
+from dms.actor.runtime import NodeRuntime
 from dms.jobs.spec import DeploymentSpec, executor_problems
 from dms.network.peertable import PeerTable
-from dms.node.runtime import NodeRuntime
 from dms.node.stakes import StakeBook
 from dms.orchestrator.deployment import (
     SHUTDOWN,

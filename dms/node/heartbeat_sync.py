@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dms.actor import Envelope, ErrorCode, Limits, Outcome, Refusal, Request, behaviour
 from dms.actor.envelope import check_time, now_ns, unseal, verify
+from dms.actor.runtime import NodeRuntime
 from dms.network.host import Libp2pTransport
 from dms.network.peertable import (
     HEARTBEAT_BEHAVIOUR,
@@ -32,7 +33,6 @@ from dms.network.peertable import (
     PeerTable,
 )
 from dms.node.client import root_handle
-from dms.node.runtime import NodeRuntime
 from dms.security.identity import peer_id_from_public_key
 
 log = logging.getLogger("dms.node")

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from dms.actor import ErrorCode, Refusal, Request, behaviour
+from dms.actor.runtime import NodeRuntime
 from dms.errors import DmsError
 from dms.jobs.mining import MiningParams
 from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
@@ -36,7 +37,6 @@ from dms.mining.schemes.liu import LiuKey
 from dms.network.host import Libp2pTransport
 from dms.network.transfer import Courier
 from dms.node.deploying import Sessions
-from dms.node.runtime import NodeRuntime
 from dms.orchestrator.deployment import new_deployment_id
 from dms.orchestrator.mining import MiningSessionActor, SessionLimits
 from dms.orchestrator.records import MiningRow

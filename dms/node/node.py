@@ -7,15 +7,15 @@ needs, and the node routes the behaviours each declares to it:
 
 - ``public``: hello, status, broadcast hellos (``dms.node.public``);
 - ``caps``: capability anchors and revocations, child actors' roles (``dms.node.caps``);
-- ``provider``: onboarding, resources, hardware (``dms.node.provider``);
-- ``bidding``: the provider's side of placement, allocations (``dms.node.bidding``);
+- ``provider``: onboarding, resources, hardware (``dms.provider.onboarding``);
+- ``bidding``: the provider's side of placement, allocations (``dms.provider.bidding``);
 - ``requester``: the owner's deployments (``dms.node.deploying``);
 - ``mining``: the owner's mining sessions (``dms.node.mining``);
 - ``collab``: the owner's collaborations (``dms.node.collab``);
 - ``heartbeats`` and ``peering``: peers and heartbeats (``dms.node.heartbeat_sync``,
   ``dms.node.peering``).
 
-Slow work runs on a worker pool (``dms.node.runtime``) and answers through
+Slow work runs on a worker pool (``dms.actor.runtime``) and answers through
 ``Request.defer``, so the node's mailbox never stalls.
 """
 
@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import Any
 
 from dms.actor import Actor, ActorContext, Request
-from dms.node.bidding import Bidding
 from dms.node.caps import Capabilities
 from dms.node.chunks import open_courier
 from dms.node.collab import Collab
@@ -34,10 +33,11 @@ from dms.node.deploying import Requester
 from dms.node.heartbeat_sync import HeartbeatSync
 from dms.node.mining import MiningOwner
 from dms.node.peering import Peering
-from dms.node.provider import Benchmark, Provider
 from dms.node.public import BROADCAST_TOPIC, Public
-from dms.node.runtime import WorkerPool
 from dms.node.services import NodeServices
+from dms.node.workers import WorkerPool
+from dms.provider.bidding import Bidding
+from dms.provider.onboarding import Benchmark, Provider
 from dms.store.retention import prune
 
 __all__ = ["BROADCAST_TOPIC", "NodeActor"]
@@ -153,7 +153,7 @@ class NodeActor(Actor):
         self.caps.stop()
         self.peering.stop()
 
-    # ---- what the roles get from the node (dms.node.runtime.NodeRuntime) -------------
+    # ---- what the roles get from the node (dms.actor.runtime.NodeRuntime) -------------
 
     def in_background(
         self,

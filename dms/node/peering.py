@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dms.actor import ErrorCode, Refusal, Request, behaviour
 from dms.actor.envelope import peek
+from dms.actor.runtime import NodeRuntime
 from dms.network.host import Libp2pTransport
 from dms.network.peerbook import PeerBook
 from dms.network.peertable import (
@@ -28,7 +29,6 @@ from dms.network.peertable import (
     PeerTable,
 )
 from dms.node.heartbeat_sync import HEARTBEAT_MAX_TTL_S, HeartbeatSync, SignedHeartbeat
-from dms.node.runtime import NodeRuntime
 from dms.security.identity import peer_id_from_public_key
 
 log = logging.getLogger("dms.node")

@@ -13,8 +13,8 @@ from pydantic import BaseModel, Field
 
 from dms import __version__
 from dms.actor import Request, behaviour
+from dms.actor.runtime import NodeRuntime
 from dms.network.host import Libp2pTransport
-from dms.node.runtime import NodeRuntime
 
 BROADCAST_TOPIC = "/dms/broadcast"
 HELLO_MEMORY = 64

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from dms.actor import ErrorCode, RemoteError, Request
-from dms.node import bidding
 from dms.node.daemon import Node
 from dms.orchestrator.base import node_handle
 from dms.orchestrator.messages import (
@@ -23,6 +22,7 @@ from dms.orchestrator.messages import (
     RevertRequest,
 )
 from dms.orchestrator.store import DeploymentStore
+from dms.provider import bidding
 from dms.sim.cluster import LocalCluster
 from tests.adversarial.hostile import envelope, frame_of, me, publish, refusal_code
 from tests.conftest import wait_for

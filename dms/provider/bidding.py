@@ -16,22 +16,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from dms.actor import ActorRef, ErrorCode, Handle, Refusal, Request, behaviour
+from dms.actor.runtime import NodeRuntime
 from dms.backoff import Backoff
 from dms.jobs.allocation import AllocationActor
 from dms.jobs.executors import ExecutorError
 from dms.network.peertable import GONE, PeerTable
 from dms.network.transfer import Courier
-from dms.node.provider import need_ledger
-from dms.node.runtime import NodeRuntime
-from dms.node.stakes import StakeBook
-from dms.orchestrator.bidder import BidderView, make_bid
 from dms.orchestrator.bidindex import BidIndex, bid_rows
-from dms.orchestrator.lapses import Lapses
 from dms.orchestrator.messages import (
     ALLOCATE,
     BID,
@@ -45,6 +41,9 @@ from dms.orchestrator.messages import (
     CommitRequest,
     RevertRequest,
 )
+from dms.provider.bidder import BidderView, make_bid
+from dms.provider.lapses import Lapses
+from dms.provider.onboarding import need_ledger
 from dms.resources import ALLOCATED, Preferences, ResourceError, ResourceLedger
 from dms.store import Database
 
@@ -56,6 +55,15 @@ BID_INDEX_FLUSH_S = 0.5
 MAX_LINGERING = 256
 RELEASE_RETRY_FIRST_S = 0.5  # an ended allocation's lease the store refused: again after
 RELEASE_RETRY_MAX_S = 30.0  # this, doubling up to this
+
+
+class Stakes(Protocol):
+    """The peers this node has a stake in (``dms.node.stakes.StakeBook``): a requester
+    whose job runs here becomes one."""
+
+    def __contains__(self, peer: object) -> bool: ...
+
+    def note(self, peer: str, why: str) -> None: ...
 
 
 def _answers_to_requester(reply_to: Handle | None, requester: str, what: str) -> None:
@@ -82,7 +90,7 @@ class Bidding:
         ledger: ResourceLedger | None,
         preferences: Preferences,
         peer_table: PeerTable,
-        stakes: StakeBook,
+        stakes: Stakes,
         scores: Callable[[], dict[str, float]],
         courier: Courier | None = None,
         db: Database | None = None,

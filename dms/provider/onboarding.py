@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from dms.actor import ErrorCode, Refusal, Request, behaviour
-from dms.node.runtime import NodeRuntime
+from dms.actor.runtime import NodeRuntime
 from dms.resources import (
     Capability,
     Onboarder,

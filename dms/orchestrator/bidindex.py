@@ -29,11 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, select
 
 from dms.actor.admission import BudgetUse
 from dms.orchestrator.messages import Bid
 from dms.orchestrator.records import BidRow
+from dms.orchestrator.store import insert_bids
 from dms.store import Database
 from dms.store.models import BidRecord
 
@@ -138,9 +139,7 @@ class BidIndex:
         with self._lock:
             rows, self._queued = self._queued, []
         if rows:
-            now = self._clock()
-            with self.db.transaction() as conn:
-                conn.execute(insert(BIDS), [r.columns(now) for r in rows])
+            insert_bids(self.db, rows, self._clock())
         if self._over() or self._clock() - self._pruned_at > PRUNE_EVERY_S:
             self.prune()
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import JSON, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from dms.orchestrator.records import BidRow, MiningRow
@@ -24,12 +24,39 @@ from dms.orchestrator.states import DEPLOYMENT
 from dms.store import Database
 from dms.store.files import write_private
 from dms.store.models import BidRecord, DeploymentRecord, MiningSessionRecord
+from dms.store.sql import Statement, json_text
 
 DEPLOYMENTS = DeploymentRecord.__table__
 BIDS = BidRecord.__table__
 MINING = MiningSessionRecord.__table__
 
+# A deployment is saved at each transition, several times a placement: its statements are
+# SQL run on the driver (``dms.store.sql``), its JSON columns written as their text.
+_COLUMNS = [c.name for c in DEPLOYMENTS.c]
+_JSON = frozenset(c.name for c in DEPLOYMENTS.c if isinstance(c.type, JSON))
+_UPDATE = Statement(
+    "UPDATE deployments SET "
+    + ", ".join(f"{c} = :{c}" for c in _COLUMNS if c != "id")
+    + " WHERE id = :id"
+)
+_INSERT = Statement(
+    f"INSERT INTO deployments ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in _COLUMNS)})"
+)
+_BID_COLUMNS = [c.name for c in BIDS.c if c.name != "id"]
+_INSERT_BIDS = Statement(
+    f"INSERT INTO bids ({', '.join(_BID_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in _BID_COLUMNS)})"
+)
+
 log = logging.getLogger("dms.orchestrator")
+
+
+def insert_bids(db: Database, rows: list[BidRow], at: float) -> None:
+    """Write bid index rows (a requester's bids received, a provider's bids sent) in one
+    transaction; ``at`` for each row that has no time of its own."""
+    with db.transaction() as conn:
+        _INSERT_BIDS.run_many(conn, [r.columns(at) for r in rows])
 
 
 class DeploymentStore:
@@ -92,12 +119,10 @@ class DeploymentStore:
     # ---- ends the database refused --------------------------------------------------
 
     def _write(self, row: dict[str, Any]) -> None:
+        params = {c: json_text(row[c]) if c in _JSON else row[c] for c in _COLUMNS}
         with self.db.transaction() as conn:
-            done = conn.execute(
-                update(DEPLOYMENTS).where(DEPLOYMENTS.c.id == row["id"]).values(**row)
-            )
-            if done.rowcount == 0:
-                conn.execute(insert(DEPLOYMENTS).values(**row))
+            if _UPDATE.run(conn, params).rowcount == 0:
+                _INSERT.run(conn, params)
 
     def _unsaved_path(self, deployment_id: str) -> Path | None:
         if self.unsaved_dir is None:
@@ -137,9 +162,7 @@ class DeploymentStore:
     def record_bids(self, rows: list[BidRow]) -> None:
         if not rows:
             return
-        now = time.time()
-        with self.db.transaction() as conn:
-            conn.execute(insert(BIDS), [r.columns(now) for r in rows])
+        insert_bids(self.db, rows, time.time())
 
     def bids(self, deployment_id: str) -> list[BidRow]:
         with self.db.transaction() as conn:

@@ -40,13 +40,14 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, func, insert, or_, select, text, update
+from sqlalchemy import Connection, and_, func, insert, or_, select, update
 
 from dms.errors import DmsError
 from dms.resources.amounts import KINDS, ZERO, Resources, show
 from dms.statemachine import Machine
 from dms.store import Database
 from dms.store.models import Event, Lease, Onboarding, utcnow
+from dms.store.sql import Statement
 
 LEASES = Lease.__table__
 ONBOARDING = Onboarding.__table__
@@ -154,33 +155,52 @@ class LeaseView:
         }
 
 
-def _amounts(row: Row[Any]) -> Resources:
-    return Resources(
-        cpu_milli=row.cpu_milli, ram_mib=row.ram_mib, disk_mib=row.disk_mib, gpu=row.gpu
-    )
-
-
-def _view(row: Row[Any]) -> LeaseView:
-    return LeaseView(
-        row.id, LeaseState(row.state), _amounts(row), row.holder, row.ref, row.expires_at
-    )
-
-
+# The statements every transition runs, as SQL (``dms.store.sql``: a Core statement cost
+# ~15 times what SQLite spends on it, and a bid is four of them). A lease's row is read as
+# the columns of ``_LEASE_COLUMNS``, in that order (``_view``).
+_LIVE = "(state = 'allocated' OR (state = 'locked' AND expires_at > :now))"
+_LEASE_COLUMNS = "id, state, cpu_milli, ram_mib, disk_mib, gpu, holder, ref, expires_at"
+_ONBOARDED = Statement(
+    "SELECT cpu_milli, ram_mib, disk_mib, gpu, price FROM onboarding WHERE id = 1"
+)
 # Live leases and allocations, summed per state: the one query every transition runs.
-_SUMS = text(
+_SUMS = Statement(
     "SELECT state, SUM(cpu_milli), SUM(ram_mib), SUM(disk_mib), SUM(gpu), COUNT(*), "
-    "MIN(expires_at) "
-    "FROM leases WHERE state = 'allocated' OR (state = 'locked' AND expires_at > :now) "
-    "GROUP BY state"
+    f"MIN(expires_at) FROM leases WHERE {_LIVE} GROUP BY state"
 )
-
-# Each holder's live leases and allocations: how many, and what they hold (built once: a
-# statement built per call cost as much as the rest of a bid's transaction).
-_HOLDERS = text(
+# Each holder's live leases and allocations: how many, and what they hold.
+_HOLDERS = Statement(
     "SELECT holder, COUNT(*), SUM(cpu_milli), SUM(ram_mib), SUM(disk_mib), SUM(gpu) "
-    "FROM leases WHERE state = 'allocated' OR (state = 'locked' AND expires_at > :now) "
-    "GROUP BY holder"
+    f"FROM leases WHERE {_LIVE} GROUP BY holder"
 )
+_HELD = Statement(
+    "SELECT SUM(cpu_milli), SUM(ram_mib), SUM(disk_mib), SUM(gpu) "
+    f"FROM leases WHERE {_LIVE} AND holder = :holder"
+)
+_GET = Statement(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = :id")
+_LIVE_LEASES = Statement(
+    f"SELECT {_LEASE_COLUMNS} FROM leases WHERE {_LIVE} ORDER BY created_at, id"
+)
+_INSERT = Statement(
+    "INSERT INTO leases (id, state, cpu_milli, ram_mib, disk_mib, gpu, holder, ref, "
+    "created_at, expires_at) VALUES (:id, :state, :cpu_milli, :ram_mib, :disk_mib, :gpu, "
+    ":holder, :ref, :created_at, :expires_at)"
+)
+_ALLOCATE = Statement(
+    "UPDATE leases SET state = :state, committed_at = :now, expires_at = NULL, ref = :ref "
+    "WHERE id = :id"
+)
+_END = Statement("UPDATE leases SET state = :state, ended_at = :now WHERE id = :id")
+_EVENT = insert(EVENTS)  # built once (a JSON column and a time: SQLAlchemy's types write them)
+
+
+def _sums(values: tuple[Any, ...]) -> Resources:
+    return Resources.of([int(v or 0) for v in values])
+
+
+def _view(row: tuple[Any, ...]) -> LeaseView:
+    """A lease from its row (the columns of ``_LEASE_COLUMNS``)."""
+    return LeaseView(row[0], LeaseState(row[1]), _sums(row[2:6]), row[6], row[7], row[8])
 
 
 def _live_clause(now: float) -> Any:
@@ -226,14 +246,14 @@ def _over_share(held: Resources, onboarded: Resources, share: float) -> str | No
 
 
 def _event(conn: Connection, kind: str, data: dict[str, Any]) -> None:
-    conn.execute(insert(EVENTS).values(kind=kind, data=data, at=utcnow()))
+    conn.execute(_EVENT, {"kind": kind, "data": data, "at": utcnow()})
 
 
 class ResourceLedger:
     """Onboarding, leases and allocations of one node, kept in its store.
 
-    Transitions use SQLAlchemy Core on one connection each: they run many times
-    a second, and the ORM's unit of work would cost more than the SQL."""
+    Transitions run their SQL on one connection each (``dms.store.sql``): they run
+    many times a second, and building statements would cost more than the SQL."""
 
     def __init__(
         self,
@@ -274,10 +294,7 @@ class ResourceLedger:
         """Leases that still hold resources and allocations, oldest first."""
         now = self.clock()
         with self.db.transaction() as conn:
-            rows = conn.execute(
-                select(LEASES).where(_live_clause(now)).order_by(LEASES.c.created_at)
-            )
-            return [_view(r) for r in rows]
+            return [_view(r) for r in _LIVE_LEASES.run(conn, {"now": now}).fetchall()]
 
     # ---- transitions -----------------------------------------------------------------
 
@@ -316,7 +333,7 @@ class ResourceLedger:
         which releases every lease and allocation (returned, so the caller can stop them)."""
         now = self.clock()
         with self._writing() as conn:
-            live = [_view(r) for r in conn.execute(select(LEASES).where(_live_clause(now)))]
+            live = [_view(r) for r in _LIVE_LEASES.run(conn, {"now": now}).fetchall()]
             if live and not force:
                 allocs = sum(1 for r in live if r.state == ALLOCATED)
                 raise ResourceError(
@@ -396,17 +413,13 @@ class ResourceLedger:
                     results.append(ResourceError("insufficient", reason))
                     continue
                 lease = LeaseView(uuid.uuid4().hex, LOCKED, request, holder, ref, now + lease_s)
-                conn.execute(
-                    insert(LEASES).values(
-                        id=lease.id,
-                        state=LOCKED,
-                        **request.model_dump(),
-                        holder=holder,
-                        ref=ref,
-                        created_at=now,
-                        expires_at=lease.expires_at,
-                    )
-                )
+                _INSERT.run(
+                    conn,
+                    {"id": lease.id, "state": LOCKED.value, "cpu_milli": request.cpu_milli,
+                     "ram_mib": request.ram_mib, "disk_mib": request.disk_mib,
+                     "gpu": request.gpu, "holder": holder, "ref": ref, "created_at": now,
+                     "expires_at": lease.expires_at},
+                )  # fmt: skip
                 locked = locked + request
                 held = held + request
                 results.append(lease)
@@ -426,31 +439,29 @@ class ResourceLedger:
         the one the lease was made for."""
         now = self.clock()
         with self._writing() as conn:
-            row = self._get(conn, lease_id, holder)
+            row = _view(self._get(conn, lease_id, holder))
             if row.state == ALLOCATED:
-                return _view(row)  # committing twice is harmless: a retried message
+                return row  # committing twice is harmless: a retried message
             if row.state != LOCKED:
                 raise ResourceError("ended", f"lease {lease_id} is {row.state}")
             expired = (row.expires_at or 0) <= now
             if expired:
-                values: dict[str, Any] = {"state": EXPIRED, "ended_at": now}
+                LEASE.check(row.state, EXPIRED, lease_id[:12])
+                _END.run(conn, {"state": EXPIRED.value, "now": now, "id": lease_id})
             else:
-                values = {"state": ALLOCATED, "committed_at": now, "expires_at": None}
-                if ref is not None:
-                    values["ref"] = ref
-                _event(
-                    conn, "resources.allocated", {"id": lease_id, "ref": values.get("ref", row.ref)}
+                LEASE.check(row.state, ALLOCATED, lease_id[:12])
+                row = replace(row, state=ALLOCATED, ref=row.ref if ref is None else ref,
+                              expires_at=None)  # fmt: skip
+                _ALLOCATE.run(
+                    conn, {"state": ALLOCATED.value, "now": now, "ref": row.ref, "id": lease_id}
                 )
-            LEASE.check(row.state, values["state"], lease_id[:12])
-            conn.execute(update(LEASES).where(LEASES.c.id == lease_id).values(**values))
-            view = _view(self._get(conn, lease_id))
+                _event(conn, "resources.allocated", {"id": lease_id, "ref": row.ref})
         if expired:  # raised after the transaction, so the expiry is recorded
             log.info("lease %s (%s) expired before its commit", lease_id[:12], row.ref)
             raise ResourceError("expired", f"lease {lease_id} expired before commit")
-        if row.state == LOCKED:
-            won = "bid won: " if view.ref.startswith("dep:") else ""
-            log.info("%slease %s committed for %s (%s)", won, lease_id[:12], view.holder, view.ref)
-        return view
+        won = "bid won: " if row.ref.startswith("dep:") else ""
+        log.info("%slease %s committed for %s (%s)", won, lease_id[:12], row.holder, row.ref)
+        return row
 
     def release(self, lease_id: str, holder: str | None = None) -> LeaseView:
         """Give back a lease or an allocation; releasing an ended one changes nothing."""
@@ -467,7 +478,7 @@ class ResourceLedger:
         with self._writing() as conn:
             for lease_id in lease_ids:
                 try:
-                    row = self._get(conn, lease_id, holder)
+                    row = _view(self._get(conn, lease_id, holder))
                 except ResourceError:
                     if strict:
                         raise
@@ -477,13 +488,9 @@ class ResourceLedger:
                     ended.append(f"{row.ref or row.id[:12]} ({row.state})")
                     if row.state == ALLOCATED:
                         _event(conn, "resources.released", {"id": row.id, "ref": row.ref})
-                    conn.execute(
-                        update(LEASES)
-                        .where(LEASES.c.id == lease_id)
-                        .values(state=RELEASED, ended_at=now)
-                    )
-                    row = self._get(conn, lease_id)
-                out.append(_view(row))
+                    _END.run(conn, {"state": RELEASED.value, "now": now, "id": lease_id})
+                    row = replace(row, state=RELEASED)
+                out.append(row)
         if ended:
             shown = ", ".join(ended[:5]) + (f" and {len(ended) - 5} more" if len(ended) > 5 else "")
             log.info("released %d lease(s): %s", len(ended), shown)
@@ -492,23 +499,13 @@ class ResourceLedger:
     @staticmethod
     def _holders(conn: Connection, now: float) -> dict[str, Held]:
         """Each holder's live leases and allocations: how many, and what they hold."""
-        rows = conn.execute(_HOLDERS, {"now": now}).all()
-        return {
-            str(r[0]): Held(int(r[1]), Resources.of([int(v or 0) for v in r[2:]])) for r in rows
-        }
+        rows = _HOLDERS.run(conn, {"now": now}).fetchall()
+        return {str(r[0]): Held(int(r[1]), _sums(r[2:6])) for r in rows}
 
     @staticmethod
     def _held(conn: Connection, holder: str, now: float) -> Resources:
         """What ``holder``'s live leases and allocations hold."""
-        row = conn.execute(
-            select(
-                func.sum(LEASES.c.cpu_milli),
-                func.sum(LEASES.c.ram_mib),
-                func.sum(LEASES.c.disk_mib),
-                func.sum(LEASES.c.gpu),
-            ).where(_live_clause(now), LEASES.c.holder == holder)
-        ).one()
-        return Resources.of([int(v or 0) for v in row])
+        return _sums(_HELD.run(conn, {"now": now, "holder": holder}).fetchone())
 
     def held_by_holder(self) -> dict[str, Resources]:
         """What each holder's live leases and allocations hold (a row per holder)."""
@@ -586,8 +583,8 @@ class ResourceLedger:
     @staticmethod
     def _read_pools(conn: Connection, now: float) -> tuple[Pools, float]:
         """The pools at ``now``, and until when they hold (the next lease expiry)."""
-        onboarding = conn.execute(select(ONBOARDING).where(ONBOARDING.c.id == 1)).first()
-        sums = {row[0]: row for row in conn.execute(_SUMS, {"now": now})}
+        onboarding = _ONBOARDED.run(conn).fetchone()
+        sums = {row[0]: row for row in _SUMS.run(conn, {"now": now}).fetchall()}
         locked_row = sums.get(LOCKED)
         valid_until = float(locked_row[6]) if locked_row is not None else math.inf
 
@@ -595,25 +592,26 @@ class ResourceLedger:
             row = sums.get(state)
             if row is None:
                 return ZERO, 0
-            return Resources.of([int(v or 0) for v in row[1:5]]), int(row[5])
+            return _sums(row[1:5]), int(row[5])
 
         locked, leases = pool(LOCKED)
         allocated, allocations = pool(ALLOCATED)
         pools = Pools(
-            onboarded=_amounts(onboarding) if onboarding is not None else ZERO,
+            onboarded=_sums(onboarding[:4]) if onboarding is not None else ZERO,
             locked=locked,
             allocated=allocated,
-            price=onboarding.price if onboarding is not None else 0.0,
+            price=float(onboarding[4]) if onboarding is not None else 0.0,
             leases=leases,
             allocations=allocations,
         )
         return pools, valid_until
 
     @staticmethod
-    def _get(conn: Connection, lease_id: str, holder: str | None = None) -> Row[Any]:
-        row = conn.execute(select(LEASES).where(LEASES.c.id == lease_id)).first()
+    def _get(conn: Connection, lease_id: str, holder: str | None = None) -> tuple[Any, ...]:
+        """A lease's row (the columns of ``_LEASE_COLUMNS``)."""
+        row = _GET.run(conn, {"id": lease_id}).fetchone()
         if row is None:
             raise ResourceError("unknown", f"no lease or allocation {lease_id!r}")
-        if holder is not None and row.holder != holder:
+        if holder is not None and row[6] != holder:
             raise ResourceError("forbidden", f"lease {lease_id} is not held by the caller")
         return row

@@ -93,11 +93,22 @@ typer.core.TyperArgument.display_type_rich = _readable(  # type: ignore[method-a
 )
 
 
+def summary(doc: str | None) -> str | None:
+    """A docstring's first paragraph on one line: a group's list of commands keeps the
+    docstring's own line breaks (Typer's rich mode), which broke sentences mid-line."""
+    if not doc:
+        return None
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def _with_examples(found: typer.Typer, path: str) -> None:
-    """Each command of ``found`` (a group named ``path``) ends its help with examples."""
+    """Each command of ``found`` (a group named ``path``) ends its help with examples,
+    and is listed with its summary on one line."""
     for info in found.registered_commands:
         name = info.name or (info.callback.__name__ if info.callback else "")
         info.epilog = info.epilog or epilog(f"{path} {name}")
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        info.short_help = info.short_help or summary(doc)
     for group in found.registered_groups:  # 'dms mine collab ...'
         if group.typer_instance is not None:
             _with_examples(group.typer_instance, f"{path} {group.name}")
@@ -127,7 +138,7 @@ def build_app(only: str | None = None) -> typer.Typer:
             _with_examples(found, name)
             app.add_typer(found, name=name, no_args_is_help=True)
         else:
-            app.command(name, epilog=epilog(name))(found)
+            app.command(name, epilog=epilog(name), short_help=summary(found.__doc__))(found)
     app.command("version", epilog=epilog("version"))(version)
     return app
 

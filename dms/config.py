@@ -72,6 +72,16 @@ class Settings(BaseSettings):
     gossip_burst_per_peer: int = Field(
         default=200, ge=1, description="gossip messages one host may publish at once above that"
     )
+    revocations_per_peer_per_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="revocations a second one publishing host may have this node handle "
+        "(gossip on /dms/revocation, besides the budget above); more are dropped "
+        "(rate_limited), and this node publishes its own no faster",
+    )
+    revocation_burst_per_peer: int = Field(
+        default=20, ge=1, description="revocations one host may publish at once above that"
+    )
     max_outbound_frames: int = Field(
         default=10_000, ge=16, description="most frames queued for one peer; more fail at once"
     )

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 
 import trio
 from libp2p.abc import IHost
@@ -32,7 +32,7 @@ from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX, signature_validator
 from dms.actor.codes import ErrorCode, Refusal
 from dms.actor.envelope import check_signature, check_signer, check_time, now_ns, open_frame
 from dms.actor.handle import ROOT_INBOX
-from dms.actor.ratelimit import PeerRates
+from dms.actor.ratelimit import Bucket, PeerRates
 from dms.network.checked import CheckedFrames
 from dms.network.loop import LoopBridge, why
 from dms.network.settings import GossipSettings, NetworkSettings
@@ -45,6 +45,15 @@ log = logging.getLogger("dms.network")
 GossipRefused = Callable[..., None]
 # Publishers whose gossip budgets are kept before the full ones are forgotten.
 MAX_PUBLISHERS = 4096
+# Where capability revocations are published (``dms.node.caps`` publishes there): a
+# topic with a budget of its own per publisher, far below the general one (a node
+# revokes rarely; 300 junk revocations from one member, forwarded by every node that
+# passed them, kept the network's nodes busy: specs/security.md, "Revocations").
+REVOCATION_TOPIC = "/dms/revocation"
+# This node's own messages waiting for their topic's budget; more are dropped.
+MAX_PACED = 10_000
+# The share of a topic's budget this node's own messages use (rate and burst).
+PACE_SHARE = 0.5
 
 
 class SignedPubsub(Pubsub):
@@ -67,6 +76,7 @@ class SignedPubsub(Pubsub):
         refused: GossipRefused,
         rate: float = 50.0,
         burst: int = 200,
+        topic_budgets: dict[str, tuple[float, int]] | None = None,
     ) -> None:
         super().__init__(host, router, strict_signing=False)
         self._key = host.get_private_key()
@@ -74,6 +84,10 @@ class SignedPubsub(Pubsub):
         # Messages a second each publishing host may have us handle (and forward).
         self._origins = PeerRates(rate, burst)
         self._rate, self._burst = rate, burst
+        # Topics with a smaller budget of their own, per publishing host, besides.
+        self._topic_rates = {
+            topic: PeerRates(r, b) for topic, (r, b) in (topic_budgets or {}).items()
+        }
         self._swept = float("-inf")
 
     async def publish(self, topic_id: str | list[str], data: bytes) -> None:
@@ -92,35 +106,81 @@ class SignedPubsub(Pubsub):
             # checked (the connection authenticates that peer: a forged one costs only
             # its own budget), so a flood over the budget costs no verification.
             direct = msg.from_id == msg_forwarder.to_bytes()
-            if direct and not self._within_budget(msg_forwarder, msg.from_id):
+            if direct and not self._within_budget(msg_forwarder, msg):
                 return
             if not _signed(msg):
                 reason = "the gossip message has no valid libp2p signature by the host it names"
                 self._refused(msg_forwarder, msg.from_id, Refusal(ErrorCode.BAD_SIGNATURE, reason))
                 return
-            if not direct and not self._within_budget(msg_forwarder, msg.from_id):
+            if not direct and not self._within_budget(msg_forwarder, msg):
                 return
         await super().push_msg(msg_forwarder, msg)
 
-    def _within_budget(self, forwarder: ID, origin: bytes) -> bool:
-        """Take one message from the publishing host's budget. Over it, the message is
-        dropped before anything else is done with it (validated, delivered, forwarded);
+    def _within_budget(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        """Take one message from the publishing host's budget, and from its budget on
+        each of the message's topics that has one. Over either, the message is dropped
+        before anything else is done with it (validated, delivered, forwarded);
         counted each time, logged once a second per publisher."""
+        origin = msg.from_id
         key = origin.hex()
         if len(self._origins) > MAX_PUBLISHERS and time.monotonic() > self._swept + 1.0:
-            self._origins.forget("")  # every publisher whose budget is full again goes
+            # every publisher whose budget is full again goes
+            for rates in (self._origins, *self._topic_rates.values()):
+                rates.forget("")
             self._swept = time.monotonic()
-        if self._origins.allow(key):
+        budgets = [(self._origins, self._rate, self._burst, "gossip messages")]
+        for topic in msg.topicIDs:
+            rates = self._topic_rates.get(topic)
+            if rates is not None:
+                budgets.append((rates, rates.rate, int(rates.burst), f"messages on {topic}"))
+        for rates, rate, burst, what in budgets:
+            if rates.allow(key):
+                continue
+            count = rates.refused(key)
+            reason = f"more than {rate:g} {what} a second (burst {burst}) published by this host"
+            if count:
+                reason += f" ({count} dropped since the last report)"
+            refusal = Refusal(ErrorCode.RATE_LIMITED, reason)
+            self._refused(forwarder, origin, refusal, quiet=not count)
+            return False
+        return True
+
+
+class Pacer:
+    """This node's own messages on a topic with a budget, published no faster than it
+    (every receiver gives each publisher that budget: faster, they would be dropped).
+    One trio thread uses it."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        # Below the budget, with room to spare: messages bunch on the way (a relay
+        # forwards what it got late together), and a receiver's bucket starts when
+        # it hears the first one.
+        self.rate, self.burst = rate * PACE_SHARE, max(1.0, burst * PACE_SHARE)
+        self.bucket = Bucket(self.burst, time.monotonic())
+        self.waiting: deque[bytes] = deque()
+        self.draining = False
+
+    def now_or_queue(self, frame: bytes) -> bool:
+        """True: publish ``frame`` now. False: it waits its turn (``drain`` sends it),
+        or is dropped if ``MAX_PACED`` wait already (logged)."""
+        if not self.waiting and self.bucket.take(self.rate, self.burst, time.monotonic()):
             return True
-        count = self._origins.refused(key)
-        reason = (
-            f"more than {self._rate:g} gossip messages a second (burst {self._burst}) "
-            f"published by this host"
-        )
-        if count:
-            reason += f" ({count} dropped since the last report)"
-        self._refused(forwarder, origin, Refusal(ErrorCode.RATE_LIMITED, reason), quiet=not count)
+        if len(self.waiting) >= MAX_PACED:
+            log.warning("own gossip message dropped: %d wait for the topic's budget", MAX_PACED)
+            return False
+        self.waiting.append(frame)
         return False
+
+    async def drain(self, publish: Callable[[bytes], Awaitable[None]]) -> None:
+        self.draining = True
+        try:
+            while self.waiting:
+                if not self.bucket.take(self.rate, self.burst, time.monotonic()):
+                    await trio.sleep(max(0.0, (1.0 - self.bucket.tokens) / self.rate))
+                    continue
+                await publish(self.waiting.popleft())
+        finally:
+            self.draining = False
 
 
 def _signed(msg: rpc_pb2.Message) -> bool:
@@ -131,7 +191,10 @@ def _signed(msg: rpc_pb2.Message) -> bool:
 
 
 def new_pubsub(
-    host: IHost, gossip: GossipSettings, refused: GossipRefused
+    host: IHost,
+    gossip: GossipSettings,
+    refused: GossipRefused,
+    budgets: dict[str, tuple[float, int]] | None = None,
 ) -> tuple[Pubsub, GossipSub]:
     """gossipsub for ``host``, with our settings (specs/network.md has why each)."""
     # py-libp2p reads this module constant when a subscription is made; 32 drops
@@ -150,9 +213,21 @@ def new_pubsub(
         adaptive_gossip_enabled=False,
     )
     pubsub = SignedPubsub(
-        host, router, refused, gossip.max_messages_per_peer_per_s, gossip.message_burst_per_peer
+        host,
+        router,
+        refused,
+        gossip.max_messages_per_peer_per_s,
+        gossip.message_burst_per_peer,
+        budgets,
     )
     return pubsub, router
+
+
+def topic_budgets(settings: NetworkSettings) -> dict[str, tuple[float, int]]:
+    """Topics with a budget of their own per publishing host: (a second, at once)."""
+    return {
+        REVOCATION_TOPIC: (settings.revocations_per_peer_per_s, settings.revocation_burst_per_peer)
+    }
 
 
 def check_gossip(
@@ -226,6 +301,7 @@ class Gossip(LoopBridge):
     _checked: CheckedFrames
     _max_ttl_s: float
     _clock_skew_s: float
+    _pacers: dict[str, Pacer]
 
     # What the transport refused before the actor system saw it, by code.
     refusals: Counter[str]
@@ -273,6 +349,20 @@ class Gossip(LoopBridge):
         return sorted(p.to_base58() for p in list(mesh))
 
     async def _publish(self, topic: str, frame: bytes) -> None:
+        budget = topic_budgets(self.settings).get(topic)
+        if budget is None:
+            await self._publish_now(topic, frame)
+            return
+        pacer = self._pacers.get(topic)
+        if pacer is None:
+            pacer = self._pacers[topic] = Pacer(*budget)
+        if pacer.now_or_queue(frame):
+            await self._publish_now(topic, frame)
+        elif pacer.waiting and not pacer.draining and self._nursery is not None:
+            pacer.draining = True
+            self._nursery.start_soon(pacer.drain, lambda f: self._publish_now(topic, f))
+
+    async def _publish_now(self, topic: str, frame: bytes) -> None:
         assert self._pubsub is not None
         try:
             await self._pubsub.publish(topic, frame)

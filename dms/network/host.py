@@ -53,7 +53,7 @@ from dms.network.budgets import (
 )
 from dms.network.checked import CheckedFrames
 from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
-from dms.network.gossip import Gossip, envelope_is_valid, new_pubsub
+from dms.network.gossip import Gossip, Pacer, envelope_is_valid, new_pubsub, topic_budgets
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause
 from dms.network.reachability import DialBack, Reachability
@@ -156,6 +156,7 @@ class Libp2pTransport(Unicast, Gossip):
         self._outbound: dict[str, _Outbound] = {}
         self._dialing: dict[str, trio.Lock] = {}
         self._topics: dict[str, trio.CancelScope] = {}
+        self._pacers: dict[str, Pacer] = {}  # this node's own gossip on budgeted topics
         self._checked = CheckedFrames()  # gossip frames the topic validator verified
         self._stopped = False
         # The manifests this node serves on the chunk protocol (set by the node's courier).
@@ -279,7 +280,9 @@ class Libp2pTransport(Unicast, Gossip):
         self._streams.install(swarm)
         set_buffer_budget(self.settings.max_buffered_bytes, swarm, self._window_exceeded)
         self._ping = PingService(host)
-        pubsub, router = new_pubsub(host, self.settings.gossip, self._gossip_refused)
+        pubsub, router = new_pubsub(
+            host, self.settings.gossip, self._gossip_refused, topic_budgets(self.settings)
+        )
         self._pubsub = pubsub
         self._router = router
         self._relay = BudgetedRelay(host, s.relay, self.refusals, self.serves_relay, Circuits())

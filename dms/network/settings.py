@@ -48,6 +48,8 @@ BUDGET_SETTINGS = (
     "inbound_byte_burst_per_peer",
     "max_inbound_bytes_per_s",
     "inbound_byte_burst",
+    "revocations_per_peer_per_s",
+    "revocation_burst_per_peer",
 )
 
 
@@ -129,6 +131,11 @@ class NetworkSettings(BaseModel):
     inbound_byte_burst_per_peer: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     max_inbound_bytes_per_s: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
     inbound_byte_burst: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+    # Gossip messages on the revocation topic (dms.network.gossip.REVOCATION_TOPIC) one
+    # publishing host may have this node handle, a second and at once, besides the
+    # general budget; this node's own revocations are published no faster.
+    revocations_per_peer_per_s: float = Field(default=2.0, gt=0)
+    revocation_burst_per_peer: int = Field(default=20, ge=1)
     gossip: GossipSettings = Field(default_factory=GossipSettings)
     # "public" / "private" skip the AutoNAT check (dms.network.reachability).
     reachability: Literal["auto", "public", "private"] = "auto"

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from dms.actor import ErrorCode
+from dms.network import gossip
 from dms.node.caps import REVOCATION_BEHAVIOUR, REVOCATION_TOPIC
 from dms.node.daemon import Node
 from dms.orchestrator.messages import REQUEST
@@ -117,6 +118,70 @@ def test_a_member_flooding_junk_revocations_cannot_hold_back_a_real_one(
     # None of the junk was kept: it revoked tokens the victim never saw.
     outcomes = victim.system.trust.revocation_outcomes
     assert outcomes["stored"] == 1 and outcomes.get("unknown_token", 0) > 0, outcomes
+
+
+def test_a_members_revocations_past_its_budget_are_dropped_and_not_passed_on(
+    cluster: LocalCluster, peers: list[BarePeer]
+) -> None:
+    """Every node that passed a junk revocation forwarded it to its mesh: one member's
+    300 (published in 0.6 s) cost each node of the network two signature checks and a
+    turn of its node actor apiece (the honest peer of bench/adversary.py, a hop away,
+    ~1 s of CPU). Revocations have a budget of their own per publishing host
+    (``revocation_burst_per_peer``): past it they are dropped unverified, and what is
+    dropped is not forwarded."""
+    assert REVOCATION_TOPIC == gossip.REVOCATION_TOPIC  # the budget is on the node's topic
+    cluster.settings.update(deployment_policy="tokens", heartbeat_s=0.5)
+    founder, victim = cluster.start(2)
+    cluster.wait_linked()
+    member = BarePeer(victim.addrs()[0], actor=True, gossip=True)
+    peers.append(member)
+    token = grant(founder.identity, member.identity.public_key, ["/dms/deployment"],
+                  expires_in_s=30 * DAY, depth=1)  # fmt: skip
+    member.subscribe(REVOCATION_TOPIC)
+    wait_for(lambda: victim.peer_id in member.mesh_peers(REVOCATION_TOPIC), 30, "the mesh")
+    wait_for(lambda: founder.peer_id in victim.transport.mesh_peers(REVOCATION_TOPIC), 30,  # type: ignore[union-attr]
+             "the founder in the victim's mesh")  # fmt: skip
+
+    def frame(raw: bytes) -> bytes:
+        payload = {"revocation": raw}
+        env = member.envelope(
+            None, REVOCATION_BEHAVIOUR, payload, ttl_s=300, topic=REVOCATION_TOPIC
+        )
+        return member.seal(env)
+
+    frames = [frame(raw) for raw in junk_revocations(member.identity, token.raw, 300)]
+    assert victim.transport is not None and founder.system is not None
+    before = victim.transport.refusals[ErrorCode.RATE_LIMITED]
+    member.publish_many(REVOCATION_TOPIC, frames, 0.002)
+    wait_for(lambda: victim.transport.refusals[ErrorCode.RATE_LIMITED] - before >= 250, 30,  # type: ignore[union-attr]
+             "the victim to drop what is past the member's budget")  # fmt: skip
+    assert member.ask(root_of(victim.identity), "/public/hello", timeout=20) is not None
+    # 20 at once and 2 a second: what the founder heard through the victim
+    heard = founder.system.trust.revocation_outcomes
+    assert sum(heard.values()) <= 40, heard
+
+
+def test_a_node_publishes_its_own_revocations_within_the_budget_others_give_it(
+    cluster: LocalCluster,
+) -> None:
+    """With a budget per publisher on revocations, a node revoking more at once than
+    the burst would have had the rest dropped by every receiver: its own are paced."""
+    cluster.settings.update(revocations_per_peer_per_s=10.0, revocation_burst_per_peer=5)
+    founder, other = cluster.start(2)
+    cluster.wait_linked()
+    assert founder.transport is not None and other.system is not None
+    wait_for(lambda: other.peer_id in founder.transport.mesh_peers(REVOCATION_TOPIC), 30,  # type: ignore[union-attr]
+             "the mesh")  # fmt: skip
+    assert founder.system is not None
+    for _ in range(20):
+        token = grant(founder.identity, founder.identity.public_key, ["/dms/deployment"],
+                      expires_in_s=DAY)  # fmt: skip
+        chain = founder.system.trust.verifier.verify(token.raw)
+        owner(founder, "/dms/cap/revoke", {"revocation": revoke(founder.identity, chain).raw})
+    outcomes = other.system.trust.revocation_outcomes
+    wait_for(lambda: sum(outcomes.values()) >= 20, 30, "every revocation heard")
+    assert other.transport is not None
+    assert other.transport.refusals[ErrorCode.RATE_LIMITED] == 0
 
 
 def test_new_chains_beyond_the_budget_are_refused_with_a_reason(

@@ -140,6 +140,13 @@ class Settings(BaseSettings):
         ge=1024,
         description="end a chunk stream slower than this, past chunk_idle_s (transfer_stalled)",
     )
+    max_outbound_connections: int = Field(
+        default=256,
+        ge=1,
+        description="connections this node may hold that it dialed; past it a dial for a "
+        "peer it has no stake in is refused (outbound_full), one for a peer with a stake "
+        "closes the idlest unknown one (outbound_evicted)",
+    )
     max_inbound_bytes_per_peer_per_s: int = Field(
         default=4 * MIB,
         ge=64 * 1024,

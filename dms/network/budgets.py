@@ -19,6 +19,12 @@ budget is full is written in specs/security.md, "Budgets and priority":
   in total; one over is reset at once.
 - **Idle streams** (:class:`IdleWatch`): an inbound stream with no frame for
   ``stream_idle_s`` is reset.
+- **Outbound connections** (:class:`OutboundBudget`): connections this host
+  dials, in all (py-libp2p bounded them only by its pruner, past its high
+  watermark): a remote party makes a node dial by asking for an answer it must
+  send elsewhere (a bid for a gossip request). A dial for a peer without a stake
+  is refused when full; one for a staked peer closes the unknown outbound
+  connection idle the longest first.
 - **Bytes read** (:class:`ByteBudget`): the bytes of frames a peer sends on its
   actor streams, a second, per peer and for all peers without a stake together.
   A peer over either is read more slowly (its streams pause, so Yamux grants it
@@ -47,6 +53,7 @@ from libp2p.abc import IMuxedConn, INetStream
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
 
+from dms.network.loop import NetworkError
 from dms.network.settings import NetworkSettings
 
 log = logging.getLogger("dms.network")
@@ -78,6 +85,10 @@ class Budget(StrEnum):
     TRANSFER_STALLED = "transfer_stalled"
     # A peer's actor streams paused: it sent more bytes than its share (ByteBudget).
     BYTES_THROTTLED = "bytes_throttled"
+    # A dial refused: max_outbound_connections open (OutboundBudget).
+    OUTBOUND_FULL = "outbound_full"
+    # An unknown peer's outbound connection closed to dial a peer with a stake.
+    OUTBOUND_EVICTED = "outbound_evicted"
 
 
 Stake = Callable[[str], bool]
@@ -520,3 +531,98 @@ class ByteBudget:
                 s.inbound_byte_burst,
             ),
         }
+
+
+@dataclass
+class OutboundBudget:
+    """Connections this host dialed, at most ``max_outbound_connections``: checked
+    before every dial of the swarm (``install``), this node's own for a frame, a
+    ping or a chunk fetch, and py-libp2p's (its auto-connector dials the peers it
+    has addresses of, which the DHT and identify fill).
+
+    Full, a dial for a peer the node has a stake in closes the outbound connection
+    of an unknown peer idle the longest (``outbound_evicted``); a dial for an
+    unknown peer, or when every outbound connection is staked, is refused
+    (``outbound_full``, a ``NetworkError`` with the reason: the frame's invoke fails
+    with ``unreachable``). Runs on the trio thread.
+    """
+
+    settings: NetworkSettings
+    refusals: Counter[str]
+    stake: Stake
+    last_active: Callable[[str], float | None]
+
+    _dialing: Counter[ID] = field(default_factory=Counter)
+
+    def install(self, swarm: Any) -> None:
+        dial: Callable[[ID], Awaitable[Any]] = swarm.dial_peer
+
+        async def budgeted(peer_id: ID) -> Any:
+            if swarm.get_connections(peer_id) or peer_id in self._dialing:
+                return await dial(peer_id)  # holds a slot already
+            # Decided and reserved at once (no await between), so two dials cannot
+            # both take the last slot.
+            evict = self.room_for(swarm, peer_id)
+            self._dialing[peer_id] += 1
+            try:
+                if evict is not None:
+                    with contextlib.suppress(Exception):
+                        await evict.close()
+                return await dial(peer_id)
+            finally:
+                self._dialing[peer_id] -= 1
+                if self._dialing[peer_id] <= 0:
+                    del self._dialing[peer_id]
+
+        swarm.dial_peer = budgeted
+
+    @staticmethod
+    def dialed(swarm: Any) -> list[tuple[ID, Any]]:
+        """(peer, connection) of every open connection this host initiated."""
+        return [
+            (pid, conn)
+            for pid, conns in list(swarm.connections.items())
+            for conn in conns
+            if getattr(conn.muxed_conn, "is_initiator_value", False)
+            and not getattr(conn.muxed_conn, "is_closed", False)
+        ]
+
+    def room_for(self, swarm: Any, peer: ID) -> Any:
+        """None if a dial to ``peer`` fits; the connection to close first if it fits
+        only so; raises ``NetworkError`` (outbound_full) if it does not."""
+        limit = self.settings.max_outbound_connections
+        dialed = self.dialed(swarm)
+        held = {pid for pid, _ in dialed}
+        if len(dialed) + sum(1 for pid in self._dialing if pid not in held) < limit:
+            return None
+        name = peer.to_base58()
+        staked = self.stake(name)
+        if staked:
+            unknown = [
+                (pid, conn)
+                for pid, conn in dialed
+                if not swarm.is_protected(pid) and not self.stake(pid.to_base58())
+            ]
+            if unknown:
+                pid, conn = min(
+                    unknown, key=lambda item: self.last_active(item[0].to_base58()) or 0.0
+                )
+                self.refusals[Budget.OUTBOUND_EVICTED] += 1
+                log.info(
+                    "closing the connection this node dialed to %s, unknown to it and idle "
+                    "the longest, to dial %s: outbound_evicted (max_outbound_connections %d)",
+                    pid,
+                    name,
+                    limit,
+                )
+                return conn
+        self.refusals[Budget.OUTBOUND_FULL] += 1
+        raise NetworkError(
+            f"peer {name} is not dialed: outbound_full: this node holds {len(dialed)} "
+            f"connections it dialed, the most it may (max_outbound_connections {limit})"
+            + ("" if staked else ", and it has no stake in this peer")
+        )
+
+    def usage(self, swarm: Any) -> dict[str, tuple[int, int]]:
+        used = len(self.dialed(swarm))
+        return {"outbound_connections": (used, self.settings.max_outbound_connections)}

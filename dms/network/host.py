@@ -48,6 +48,7 @@ from dms.network.budgets import (
     ByteBudget,
     IdleWatch,
     InboundGate,
+    OutboundBudget,
     Stake,
     StreamBudget,
 )
@@ -179,6 +180,7 @@ class Libp2pTransport(Unicast, Gossip):
         self._streams = StreamBudget(s, self.refusals)
         self._idle = IdleWatch(s.stream_idle_s, self.refusals)
         self._bytes = ByteBudget(s, self.refusals, self._has_stake)
+        self._dials = OutboundBudget(s, self.refusals, self._has_stake, self._rates.last_active)
         self._transfers = TransferBudget(
             max_per_peer=s.max_transfers_per_peer,
             max_total=s.max_transfers,
@@ -278,6 +280,7 @@ class Libp2pTransport(Unicast, Gossip):
         )
         self._gate.install()
         self._streams.install(swarm)
+        self._dials.install(swarm)
         set_buffer_budget(self.settings.max_buffered_bytes, swarm, self._window_exceeded)
         self._ping = PingService(host)
         pubsub, router = new_pubsub(
@@ -396,6 +399,7 @@ class Libp2pTransport(Unicast, Gossip):
             **(self._gate.usage() if self._gate is not None else {}),
             **self._streams.usage(),
             **self._bytes.usage(),
+            **(self._dials.usage(self._host.get_network()) if self._host is not None else {}),
             "idle_watched_streams": (len(self._idle), s.max_streams),
             "buffered_bytes": (BUFFERS.held, BUFFERS.limit),
             "transfers": (self._transfers.serving, s.max_transfers),

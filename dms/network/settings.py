@@ -48,6 +48,7 @@ BUDGET_SETTINGS = (
     "inbound_byte_burst_per_peer",
     "max_inbound_bytes_per_s",
     "inbound_byte_burst",
+    "max_outbound_connections",
     "revocations_per_peer_per_s",
     "revocation_burst_per_peer",
 )
@@ -125,6 +126,8 @@ class NetworkSettings(BaseModel):
     max_transfers: int = Field(default=64, ge=1)
     chunk_idle_s: float = Field(default=10.0, gt=0)
     chunk_min_bytes_per_s: int = Field(default=256 * 1024, ge=1024)
+    # Connections this host dials for a frame, a ping or a chunk fetch, in all.
+    max_outbound_connections: int = Field(default=256, ge=1)
     # Bytes a second of frames on actor streams, per peer and for all peers without a
     # stake together, and at once; over it a peer's streams are read more slowly.
     max_inbound_bytes_per_peer_per_s: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)

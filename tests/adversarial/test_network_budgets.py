@@ -400,6 +400,56 @@ def test_peers_without_a_stake_share_one_byte_budget_and_a_staked_peer_is_not_pa
             peer.close()
 
 
+# ---- outbound connections ---------------------------------------------------------------
+
+
+def teach(node: Node, peer: BarePeer) -> None:
+    """Put ``peer``'s listening addresses in the node's peerstore (it dials on demand)."""
+    assert node.transport is not None
+
+    async def go() -> None:
+        host: Any = node.transport._host  # type: ignore[union-attr]
+        host.get_peerstore().add_addrs(peer.host.get_id(), peer.host.get_addrs(), 600)
+
+    node.transport._call(go)
+
+
+def test_connections_a_node_dials_are_capped_and_a_staked_peer_takes_an_unknown_ones(
+    cluster: LocalCluster,
+) -> None:
+    """A node dials whoever it must answer elsewhere (a bid for a gossip request), and
+    py-libp2p dials every peer it has addresses of; only its pruner, past its high
+    watermark, bounded those connections. Past max_outbound_connections a dial for an
+    unknown peer is refused with the reason, py-libp2p's own too; one for a peer the
+    node has a stake in closes the unknown connection idle the longest."""
+    elsewhere = cluster.add("elsewhere", bootstrap=[])
+    victim = cluster.add("victim", bootstrap=[], max_outbound_connections=2)
+    assert victim.transport is not None
+    away = elsewhere.addrs()[0]
+    unknown = [BarePeer(away) for _ in range(3)]
+    staked = BarePeer(away)
+    try:
+        for peer in [*unknown, staked]:
+            teach(victim, peer)
+        victim.transport.ping(unknown[0].peer_id)
+        victim.transport.ping(unknown[1].peer_id)
+        with pytest.raises(NetworkError, match="outbound_full"):
+            victim.transport.ping(unknown[2].peer_id)
+        assert refusals(victim, Budget.OUTBOUND_FULL) >= 1
+        victim.transport.stake = lambda peer_id: peer_id == staked.peer_id
+        victim.transport.ping(staked.peer_id)
+        assert refusals(victim, Budget.OUTBOUND_EVICTED) == 1
+        wait_for(
+            lambda: victim.transport.budget_usage()["outbound_connections"] == (2, 2),  # type: ignore[union-attr]
+            what="the unknown peer's connection closed",
+        )
+        assert victim.transport.is_connected(staked.peer_id)
+        assert not victim.transport.is_connected(unknown[2].peer_id)
+    finally:
+        for peer in [*unknown, staked]:
+            peer.close()
+
+
 # ---- chunk transfers --------------------------------------------------------------------
 
 

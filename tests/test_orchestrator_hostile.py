@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from dms.actor import Request
+from dms.actor import Handle, Request
 from dms.node.daemon import Node
-from dms.orchestrator.messages import ALLOCATE, REQUEST, Bid, Offer
+from dms.orchestrator.messages import ALLOCATE, REQUEST, UPDATE, Bid, Offer
 from dms.orchestrator.supervision import STATUS
 from dms.sim.cluster import LocalCluster
 from tests.conftest import wait_for
@@ -133,3 +133,30 @@ def test_a_status_answer_that_is_no_status_reopens_the_slot_with_its_reason(
     assert done["state"] == "completed", done["events"]
     assert done["slots"][0]["peer_id"] == honest.peer_id
     assert reasons(requester, dep)[hostile.peer_id].startswith(expected)
+
+
+def test_an_end_that_overtakes_its_allocate_reply_still_ends_the_slot(net: LocalCluster) -> None:
+    """A job of no length ends before its provider's allocate reply leaves, and its end
+    (the allocation's update) reaches the requester first: it is kept and applied when
+    the reply comes. Here the status polls say "running" for ever, so without it the
+    deployment would never end (it was seen only at the next poll, a second later)."""
+    requester, (provider,) = network(net, 1)
+    assert provider.node is not None
+    root = provider.node
+    itself = root.handle.model_dump()
+
+    def allocate(request: Request) -> dict[str, Any]:
+        p = request.payload
+        end = {"slot": p["slot"], "lease_id": p["lease_id"], "state": "completed",
+               "result": {"said": "early"}}  # fmt: skip
+        root.send(Handle.model_validate(p["reply_to"]), UPDATE, end)
+        time.sleep(0.3)  # the reply leaves well after the update
+        return {"allocation": itself, "status": {"state": "starting"}}
+
+    replace(provider, ALLOCATE, allocate)
+    replace(provider, STATUS, lambda request: {"state": "running"})
+    dep = deploy(requester, spec(params={"seconds": 0}, deadline_s=60))
+    done = wait_state(requester, dep, TERMINAL, 30)
+    assert done["state"] == "completed", done["events"]
+    assert done["slots"][0]["result"] == {"said": "early"}
+    assert done["slots"][0]["attempts"] == 1

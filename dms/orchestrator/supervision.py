@@ -93,6 +93,11 @@ class Supervision:
         self.rounds = rounds
         self.host = host
         self._misses: dict[str, int] = {}
+        # An allocation's end pushed before its allocate reply came (a job of no length:
+        # the allocation's update and its provider's reply travel apart), by slot: applied
+        # when the reply makes the slot running. Dropped, it was seen only at the next
+        # status poll, a second later.
+        self._early: dict[str, AllocationUpdate] = {}
 
     # ---- commit, allocate ------------------------------------------------------------
 
@@ -146,6 +151,9 @@ class Supervision:
         self.book.event(f"{name}: running on {(slot.peer_id or '?')[-8:]}")
         if reply.status is not None:
             self._apply_status(slot, reply.status)
+        early = self._early.pop(name, None)
+        if early is not None and early.lease_id == lease_id:
+            self._apply_status(slot, early)
         if slot.state == SlotState.RUNNING:
             self.host.slot_running(slot)
         self.host.settle()
@@ -160,6 +168,9 @@ class Supervision:
             return
         if request.sender.address.host != slot.peer_id:
             raise Refusal(ErrorCode.FORBIDDEN, "only the provider may report on its allocation")
+        if slot.state in (SlotState.COMMITTING, SlotState.ALLOCATING):
+            self._early[slot.name] = status  # ahead of the allocate reply: kept for it
+            return
         if slot.state == SlotState.RUNNING:
             slot.alive(self.book.deadlines)
         self._apply_status(slot, status)

@@ -28,6 +28,10 @@ ends, as one script placing many short jobs would). One JSON line per
   ``window_closes``: rounds that ended on the bid window, not on the last bid;
 - ``messages_per_placement``: unicast frames received by all nodes per
   placement; heartbeats and other gossip are not counted;
+- ``cpu_ms_per_placement``: CPU time of the whole process (every node and
+  thread, the nodes' heartbeats and the jobs' ends included) from the first
+  request to the last deployment's end, per placement: what the run cost, and
+  far less sensitive than the wall times to other processes on the machine;
 - ``leaked_leases``: leases and allocations still live on any node 3 s after
   every deployment of the run ended (losing bids are reverted at once, and 3 s
   is well under the 10 s lease, so only a revert that never happened counts);
@@ -309,8 +313,9 @@ def run(count: int, args: argparse.Namespace) -> list[dict[str, Any]]:
         offset = 0
         for concurrency in args.concurrency:
             before, (work0, closes0) = frames(nodes), WORK.snapshot()
-            span_from = time.time()
+            span_from, cpu_from = time.time(), time.process_time()
             done = place(req, args.jobs, concurrency, offset, args.strategy)
+            cpu_s = time.process_time() - cpu_from
             offset += args.jobs
             work1, closes1 = WORK.snapshot()
             work1.subtract(work0)
@@ -322,6 +327,7 @@ def run(count: int, args: argparse.Namespace) -> list[dict[str, Any]]:
                 "strategy": args.strategy,
                 **figures_of(done, span_from, work1, closes1 - closes0),
                 "messages_per_placement": round((frames(nodes) - before) / args.jobs, 1),
+                "cpu_ms_per_placement": round(cpu_s * 1000 / args.jobs, 1),
                 "floor_ms": round(statistics.median(floor) * 1000, 2),
             }
             # Reverts are one-way messages still in providers' mailboxes; give them 3 s

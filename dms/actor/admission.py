@@ -25,8 +25,11 @@ keys fills only the unknown share, and peers the node has a stake in keep the
 rest. See ``specs/security.md``, "Global budgets".
 
 A refused request is counted by budget, logged once a second with its count,
-and answered if it asks for a reply, at most ``ANSWERS_PER_S`` a second per
-peer and ``TOTAL_ANSWERS_PER_S`` in all (each answer costs a signature).
+and answered if it asks for a reply: at once, at most ``ANSWERS_PER_S`` a second
+per peer and ``TOTAL_ANSWERS_PER_S`` in all (each answer costs a signature); the
+others together (:class:`LateAnswers`), one signed reply for all the refused
+requests of one sender every ``LATE_ANSWER_S``, so every refusal is an answer
+and a flood of them costs a signature per sender, not per request.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dms.actor.envelope import Envelope
+from dms.actor.handle import Handle
 from dms.actor.ratelimit import ANSWERS_PER_S, LOG_EVERY_S, Bucket, PeerRates
 
 # Peers whose budgets are kept before the full ones are forgotten (checked at most
@@ -47,6 +52,15 @@ MAX_PEERS = 4096
 UNIT_BYTES = 4096
 # Refusals answered a second across all peers (each answer is a signature).
 TOTAL_ANSWERS_PER_S = 50.0
+# Refusals past those are answered together this often: one reply per sender.
+LATE_ANSWER_S = 0.2
+# The most refused requests waiting for their answer, of one peer and of all; past
+# them a refusal is not answered (the request times out at its sender).
+MAX_LATE_PER_PEER = 1024
+MAX_LATE = 16 * 1024
+# The most replies sent at each of those times (a signature each); the senders left
+# wait for the next.
+MAX_LATE_REPLIES = 20
 
 
 def _never(peer: str) -> bool:
@@ -395,3 +409,65 @@ class Admission:
                     refused["pending_decode_bytes_per_peer"],
                 ),
             ]
+
+
+@dataclass
+class LateBatch:
+    """The refused requests of one sender (an actor handle), answered by one reply."""
+
+    peer: str
+    sender: Handle  # where the reply goes
+    first: Envelope  # the request whose reply_to the reply takes
+    reason: str
+    nonces: list[bytes] = field(default_factory=list)  # the others'
+
+
+class LateAnswers:
+    """Refusals past the answer budget, waiting to be answered together; any thread.
+
+    ``add`` keeps one; ``due`` gives back at most ``MAX_LATE_REPLIES`` batches (one
+    per sender, oldest first) once ``LATE_ANSWER_S`` has passed since the first
+    waited. Bounded per peer and in all; ``dropped`` counts what did not fit.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._batches: dict[tuple[str, Handle], LateBatch] = {}
+        self._by_peer: Counter[str] = Counter()
+        self._held = 0
+        self.dropped = 0
+
+    def add(self, peer: str, env: Envelope, reason: str) -> bool:
+        """Keep ``env``'s refusal for a late answer; True if it is the first waiting
+        (the caller schedules :meth:`due` after ``LATE_ANSWER_S``)."""
+        with self._lock:
+            if self._by_peer[peer] >= MAX_LATE_PER_PEER or self._held >= MAX_LATE:
+                self.dropped += 1
+                return False
+            first = self._held == 0
+            key = (peer, env.sender)
+            batch = self._batches.get(key)
+            if batch is None:
+                self._batches[key] = LateBatch(peer, env.sender, env, reason)
+            else:
+                batch.nonces.append(env.nonce)
+            self._by_peer[peer] += 1
+            self._held += 1
+            return first
+
+    def due(self) -> tuple[list[LateBatch], bool]:
+        """Batches to answer now, and whether more wait (schedule again)."""
+        with self._lock:
+            out = []
+            for key in list(self._batches)[:MAX_LATE_REPLIES]:
+                batch = self._batches.pop(key)
+                count = 1 + len(batch.nonces)
+                self._by_peer[batch.peer] -= count
+                if self._by_peer[batch.peer] <= 0:
+                    del self._by_peer[batch.peer]
+                self._held -= count
+                out.append(batch)
+            return out, bool(self._batches)
+
+    def __len__(self) -> int:
+        return self._held

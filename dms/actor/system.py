@@ -30,7 +30,16 @@ from typing import Any, Literal
 import pykka
 from pydantic import BaseModel, Field
 
-from dms.actor.admission import Admission, BehaviourLimits, HoldingLimits, Ticket, Verdict
+from dms.actor.admission import (
+    LATE_ANSWER_S,
+    Admission,
+    BehaviourLimits,
+    HoldingLimits,
+    LateAnswers,
+    LateBatch,
+    Ticket,
+    Verdict,
+)
 from dms.actor.behaviour import Behaviour
 from dms.actor.codes import ErrorCode, InvokeTimeout, Refusal, RemoteError, Unreachable
 from dms.actor.envelope import (
@@ -62,6 +71,8 @@ log = logging.getLogger("dms.actor")
 
 MIB = 1024 * 1024
 REFUSAL_TTL_S = 5.0
+# The most requests one refusal may answer besides its own (``also``).
+MAX_ALSO = 4096
 
 
 class Limits(BaseModel):
@@ -328,6 +339,8 @@ class ActorSystem:
         # Requests remote peers make this node hold until an actor handled them, and
         # their bytes: global, per peer and per IP budgets (dms.actor.admission).
         self.admission = Admission(self.limits.holdings())
+        # Refusals past the answer budget, answered together (one reply per sender).
+        self.late_answers = LateAnswers()
         self._root_handle = Handle(
             id=identity.public_key, address=Address(host=self.peer_id, inbox=ROOT_INBOX)
         )
@@ -692,6 +705,30 @@ class ActorSystem:
             self._send_reply(
                 env, reply_payload(error=Refusal(ErrorCode.RATE_LIMITED, verdict.reason)), None
             )
+        elif (
+            env.reply_to is not None
+            and env.to is not None
+            and self.late_answers.add(from_peer, env, verdict.reason)
+        ):
+            self.timers.call_later(LATE_ANSWER_S, self._answer_late)
+
+    def _answer_late(self) -> None:
+        """The refusals past the answer budget, one reply per sender: the first request's
+        reply, naming the others (``also``), which the sender's node fails alike."""
+        batches, more = self.late_answers.due()
+        for batch in batches:
+            self._answer_batch(batch)
+        if more:
+            self.timers.call_later(LATE_ANSWER_S, self._answer_late)
+
+    def _answer_batch(self, batch: LateBatch) -> None:
+        payload = reply_payload(error=Refusal(ErrorCode.RATE_LIMITED, batch.reason))
+        if batch.nonces:
+            payload["also"] = batch.nonces
+        try:
+            self._send_reply(batch.first, payload, None)
+        except Exception:  # stopping; a late answer is best effort
+            log.debug("late refusals to %s not sent", batch.peer, exc_info=True)
 
     @staticmethod
     def _answerable(env: Envelope, from_peer: str | None) -> bool:
@@ -814,7 +851,24 @@ class ActorSystem:
             outcome = Outcome(
                 error=RemoteError(code, reason, rule=rule if isinstance(rule, str) else None)
             )
+            also = payload.get("also")
+            if isinstance(also, list):
+                self._fail_also(also[:MAX_ALSO], reply.signer, code, reason)
         self._complete(pending, outcome)
+
+    def _fail_also(self, nonces: list[Any], signer: bytes, code: str, reason: str) -> None:
+        """A refusal that answers several requests at once (the receiver's late answers,
+        ``dms.actor.admission.LateAnswers``): each pending invoke it names fails alike,
+        if this signer may answer it (its target, or the target's host)."""
+        for nonce in nonces:
+            if not isinstance(nonce, bytes):
+                continue
+            with self._lock:
+                pending = self._pending.get(nonce)
+                if pending is None or not self._answers(pending.target, signer):
+                    continue
+                del self._pending[nonce]
+            self._complete(pending, Outcome(error=RemoteError(code, reason)))
 
     @staticmethod
     def _answers(target: Handle, signer: bytes) -> bool:

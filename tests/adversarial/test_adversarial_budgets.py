@@ -11,13 +11,16 @@ succeeded meanwhile; one peer's 1,600 requests wrote 409,621 rows.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
 from dms.actor import Actor
+from dms.actor.codes import InvokeTimeout, RemoteError
 from dms.node.client import root_handle
 from dms.node.daemon import Node
 from dms.orchestrator.bidindex import BIDS
@@ -139,6 +142,36 @@ def test_requests_one_peer_makes_a_node_hold_are_bounded(
     shown = victim.metrics.render().decode()  # GET /metrics
     assert 'dms_budget_refusals_total{budget="inflight_per_peer"} 8.0' in shown
     assert 'dms_budget_limit{budget="inflight_per_peer"} 4.0' in shown
+
+
+def test_every_refused_request_is_answered_and_a_flood_of_them_costs_a_reply_per_sender(
+    net: LocalCluster,
+) -> None:
+    """Refusals were answered at most 10 a second per peer and 50 in all (a signature
+    each); the rest were dropped and their requests timed out at the sender (1,800 of
+    2,000 in bench/adversary.py sybil_flood). Now the ones past that budget are
+    answered together: one reply per sender every 0.2 s names every request it
+    refuses, and the sender's node fails each alike."""
+    victim = net.add("victim", max_inflight_per_peer=2)
+    requester = net.add("requester", bootstrap=[victim.addrs()[0]])
+    assert requester.node is not None and victim.system is not None
+    busy(victim, 3.0)
+    target = root_handle(victim.peer_id)
+
+    def hello(_: int) -> str:
+        try:
+            requester.node.ask(target, "/public/hello", timeout=15)  # type: ignore[union-attr]
+            return "ok"
+        except RemoteError as err:
+            return err.code
+        except InvokeTimeout:
+            return "timeout"
+
+    with ThreadPoolExecutor(60) as pool:
+        outcomes = Counter(pool.map(hello, range(60)))
+    # At most 2 held (one may be the requester's own hello), none left unanswered.
+    assert "timeout" not in outcomes and outcomes["rate_limited"] >= 58, outcomes
+    assert victim.system.late_answers.dropped == 0
 
 
 def test_many_keys_fill_only_the_unknown_share_of_the_requests_a_node_holds(

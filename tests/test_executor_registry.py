@@ -22,7 +22,7 @@ GENERIC = [
     "dms/jobs/allocation.py",
     "dms/provider/bidder.py",
     "dms/orchestrator/deployment.py",
-    "dms/node/deploying.py",
+    "dms/orchestrator/requester.py",
 ]
 
 

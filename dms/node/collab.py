@@ -29,9 +29,9 @@ from dms.mining.collab.messages import Roster, RoundStart, RoundTotals, UnmaskRe
 from dms.mining.data import read_table
 from dms.mining.errors import MiningError
 from dms.mining.wire import decode, encode
-from dms.node.deploying import Sessions
 from dms.orchestrator.collab import CollabSessionActor, OwnerCall
 from dms.orchestrator.deployment import new_deployment_id
+from dms.orchestrator.requester import Sessions
 from dms.resources import Resources
 
 

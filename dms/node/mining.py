@@ -36,10 +36,10 @@ from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
 from dms.network.host import Libp2pTransport
 from dms.network.transfer import Courier
-from dms.node.deploying import Sessions
 from dms.orchestrator.deployment import new_deployment_id
 from dms.orchestrator.mining import MiningSessionActor, SessionLimits
 from dms.orchestrator.records import MiningRow
+from dms.orchestrator.requester import Sessions
 from dms.orchestrator.states import SessionPhase
 from dms.resources import Resources
 

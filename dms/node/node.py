@@ -9,13 +9,13 @@ needs, and the node routes the behaviours each declares to it:
 - ``caps``: capability anchors and revocations, child actors' roles (``dms.node.caps``);
 - ``provider``: onboarding, resources, hardware (``dms.provider.onboarding``);
 - ``bidding``: the provider's side of placement, allocations (``dms.provider.bidding``);
-- ``requester``: the owner's deployments (``dms.node.deploying``);
+- ``requester``: the owner's deployments (``dms.orchestrator.requester``);
 - ``mining``: the owner's mining sessions (``dms.node.mining``);
 - ``collab``: the owner's collaborations (``dms.node.collab``);
 - ``heartbeats`` and ``peering``: peers and heartbeats (``dms.node.heartbeat_sync``,
   ``dms.node.peering``).
 
-Slow work runs on a worker pool (``dms.actor.runtime``) and answers through
+Slow work runs on a worker pool (``dms.node.workers``) and answers through
 ``Request.defer``, so the node's mailbox never stalls.
 """
 
@@ -29,13 +29,13 @@ from dms.actor import Actor, ActorContext, Request
 from dms.node.caps import Capabilities
 from dms.node.chunks import open_courier
 from dms.node.collab import Collab
-from dms.node.deploying import Requester
 from dms.node.heartbeat_sync import HeartbeatSync
 from dms.node.mining import MiningOwner
 from dms.node.peering import Peering
 from dms.node.public import BROADCAST_TOPIC, Public
 from dms.node.services import NodeServices
 from dms.node.workers import WorkerPool
+from dms.orchestrator.requester import Requester
 from dms.provider.bidding import Bidding
 from dms.provider.onboarding import Benchmark, Provider
 from dms.store.retention import prune
@@ -86,7 +86,8 @@ class NodeActor(Actor):
         self.requester = Requester(
             self,
             peer_table=s.peer_table,
-            stakes=s.stakes,
+            # a provider this node placed an allocation on is a stake of this node
+            on_placed=lambda peer: s.stakes.note(peer, "placed"),
             db=db,
             home=s.home,
             supervise_s=s.supervise_s,

@@ -4,7 +4,7 @@ Any peer may call these (``/dms/deployment/{request,commit,allocate,revert}``); 
 lease holder is the caller's host, which the libp2p connection authenticates. Each
 allocation runs as an :class:`AllocationActor` child. A role of
 :class:`dms.node.node.NodeActor` (:class:`Bidding`); the requester's side is
-``dms.node.deploying``.
+``dms.orchestrator.requester``.
 See ``specs/orchestration.md``.
 """
 

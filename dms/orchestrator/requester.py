@@ -1,4 +1,4 @@
-"""The node's requester side of placement: the owner's deployments.
+"""The requester's role in the node: the owner's deployments.
 
 ``/dms/node/deployment/{new,list,status,logs,manifest,shutdown}``, each deployment
 run by a :class:`DeploymentActor` child (a mining session by its subclass), resumed
@@ -11,6 +11,7 @@ See ``specs/orchestration.md``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +21,6 @@ from dms.actor import ActorRef, ErrorCode, Refusal, Request, behaviour
 from dms.actor.runtime import NodeRuntime
 from dms.jobs.spec import DeploymentSpec, executor_problems
 from dms.network.peertable import PeerTable
-from dms.node.stakes import StakeBook
 from dms.orchestrator.deployment import (
     SHUTDOWN,
     DeploymentActor,
@@ -69,20 +69,20 @@ class Sessions(Protocol):
 
 class Requester:
     """The owner's deployments: each a :class:`DeploymentActor` child of the node.
-    Without a store (``db``) the node places nothing."""
+    Without a store (``db``) the node places nothing. ``on_placed``: told of each
+    provider that started an allocation of ours."""
 
     def __init__(
         self,
         node: NodeRuntime,
         *,
         peer_table: PeerTable,
-        stakes: StakeBook,
+        on_placed: Callable[[str], None] | None = None,
         db: Database | None = None,
         home: Path | None = None,
         supervise_s: float = 1.0,
     ) -> None:
         self.node = node
-        self.stakes = stakes
         self.deployments: dict[str, ActorRef] = {}  # the running ones, by id
         self.reverts = Reverts(node)
         self._orchestration = (
@@ -92,7 +92,7 @@ class Requester:
                 on_end=self._deployment_ended,
                 supervise_s=supervise_s,
                 revert=lambda peer, payload: node.ref.tell_call(self.reverts.send, peer, payload),
-                on_placed=lambda peer: stakes.note(peer, "placed"),
+                on_placed=on_placed,
             )
             if db is not None
             else None

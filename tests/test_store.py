@@ -1,13 +1,16 @@
-"""The store: migrations, SQLite settings, configurable URL."""
+"""The store: migrations, SQLite settings, configurable URL, and the orchestrator's typed rows."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
 from dms.config import load_settings
+from dms.orchestrator.records import BidRow, MiningRow
+from dms.orchestrator.store import DeploymentStore
 from dms.store import LATEST_VERSION, StoreError, open_database
 
 
@@ -65,3 +68,35 @@ def test_database_url_comes_from_configuration(
 def test_bad_url_is_a_clean_error() -> None:
     with pytest.raises(StoreError):
         open_database("nosuchdialect://x")
+
+
+def test_a_mining_session_save_changes_only_the_columns_it_gives(tmp_path: Path) -> None:
+    """``dms mine`` status reads the last checkpoint even when later saves carry none,
+    and the labels only when the result is asked for."""
+    store = DeploymentStore(open_database(f"sqlite:///{tmp_path / 'dms.db'}"))
+    store.save_mining(MiningRow("s1", "skmeans", "placing"))
+    store.save_mining(MiningRow("s1", "skmeans", "mining", {"step": 1}, checkpoint={"at": 1}))
+    store.save_mining(MiningRow("s1", "skmeans", "mining", {"step": 2}))
+    row = store.mining("s1")
+    assert row is not None
+    assert (row.phase, row.progress, row.checkpoint) == ("mining", {"step": 2}, {"at": 1})
+    assert row.labels is None and row.created_at is not None
+    store.save_mining(MiningRow("s1", phase="completed", result={"k": 3}, labels=[0, 1, 1]))
+    done = store.mining("s1", labels=True)
+    assert done is not None
+    assert (done.algorithm, done.checkpoint, done.labels) == ("skmeans", {"at": 1}, [0, 1, 1])
+    # A save the store refused is written under the next one: the next one's columns win.
+    refused = MiningRow("s2", "skmeans", "mining", {"step": 3}, checkpoint={"at": 3})
+    later = refused.updated_by(MiningRow("s2", "skmeans", "failed", {"step": 4}))
+    assert (later.phase, later.progress, later.checkpoint) == ("failed", {"step": 4}, {"at": 3})
+
+
+def test_bid_rows_read_back_as_they_were_recorded(tmp_path: Path) -> None:
+    store = DeploymentStore(open_database(f"sqlite:///{tmp_path / 'dms.db'}"))
+    won = BidRow("d1", "received", "peer-a", "w.0", "won", "won: score 0.6", "lease-1", 2.5)
+    declined = BidRow("d1", "received", "peer-b", "w.0", "decline", "declined: too small")
+    store.record_bids([won, declined])
+    read = store.bids("d1")
+    assert [replace(r, at=None, id=None) for r in read] == [won, declined]
+    assert all(r.at is not None and r.id is not None for r in read)
+    assert store.bids("d2") == []

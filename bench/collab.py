@@ -19,6 +19,13 @@ the bid rounds), ``mode: nodes``. It adds ``wall_s`` from propose to the last
 owner's result and ``agreement``; the per-owner CPU and bytes are not separable
 from the other nodes in one process there, so they are null (the in-process
 lines measure them).
+
+``--sim N ...``: N owners in ``dms sim`` memory mode (``dms/sim/collab.py``: N owner
+node actors and three providers on the in-memory transport, each owner's rows in
+its own file, the aggregator placed by the bid rounds), ``mode: sim-memory``, no
+fault. It adds ``kb_per_owner_per_round`` as the proposer's session counts it (the
+protocol bytes it relays to and from each owner, without envelopes), ``wall_s``
+from propose to the end, and ``agreement``; CPU per party is not separable there.
 """
 
 from __future__ import annotations
@@ -159,6 +166,59 @@ def nodes_case(owners: int, n_per_owner: int, folder: Path) -> dict[str, object]
     }
 
 
+def sim_case(owners: int, n_per_owner: int, folder: Path) -> dict[str, object]:
+    from dms.sim.faults import FaultPlan
+    from dms.sim.runner import Runner, make_backend
+    from dms.sim.scenario import parse_scenario
+
+    text = f"""
+name: collab-{owners}
+mode: memory
+nodes:
+  - {{name: owner, count: {owners}}}
+  - {{name: provider, count: 3, onboard: {{cpu: 1, ram: 1, disk: 1}}}}
+timeline:
+  - collab:
+      name: joint
+      owners: [owner]
+      blobs: {{rows: {owners * n_per_owner}, attributes: {A}, centers: {K}, seed: {owners},
+              std: 2.0}}
+      k: {K}
+      rounds: {ROUNDS}
+  - wait: {{job: joint, timeout_s: 600}}
+"""
+    scenario = parse_scenario(text, "bench")
+    faults = FaultPlan(seed=0)
+    runner = Runner(scenario, make_backend(scenario, folder, faults), faults)
+    runner.report.root = str(folder)
+    report = runner.run()
+    faults.close()
+    job = runner.jobs["joint"]
+    plan = job.collab
+    assert plan is not None
+    rows = np.concatenate(plan.parts)
+    init = np.asarray(plan.proposal.centroids)
+    plain = kmeans(rows, FIXED, centroids=init)
+    labels = [x for name in plan.owners for x in plan.results.get(name, {}).get("labels", [])]
+    agreement = float((np.asarray(labels) == plain.labels).mean()) if len(labels) == len(
+        rows) else 0.0  # fmt: skip
+    return {
+        "owners": owners,
+        "n_per_owner": n_per_owner,
+        "a": A,
+        "k": K,
+        "rounds": ROUNDS,
+        "owner_cpu_s_per_round": None,
+        "plain_cpu_s_per_round": None,
+        "aggregator_cpu_s_per_round": None,
+        "kb_per_owner_per_round": plan.session.get("kb_per_owner_per_round"),
+        "wall_s": round((job.ended_at or time.time()) - job.submitted, 3),
+        "agreement": agreement,
+        "ok": report.ok,
+        "mode": "sim-memory",
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", action="store_true", help="one JSON line per case")
@@ -168,14 +228,23 @@ def main() -> int:
     parser.add_argument(
         "--nodes", type=int, nargs="*", help="also run these numbers of owners on real nodes"
     )
+    parser.add_argument(
+        "--sim", type=int, nargs="*", help="also run these numbers of owners in dms sim memory"
+    )
     args = parser.parse_args()
+    for owners in args.sim or []:
+        with tempfile.TemporaryDirectory(prefix="dms-collab-sim-") as folder:
+            figures = sim_case(owners, 1_000, Path(folder))
+        print(json.dumps(figures) if args.json else figures, flush=True)
+        if figures["agreement"] != 1.0:
+            print(f"target missed: {figures}", file=sys.stderr)
     for owners in args.nodes or []:
         with tempfile.TemporaryDirectory(prefix="dms-collab-bench-") as folder:
             figures = nodes_case(owners, 1_000, Path(folder))
         print(json.dumps(figures) if args.json else figures, flush=True)
         if figures["agreement"] != 1.0:
             print(f"target missed: {figures}", file=sys.stderr)
-    if args.nodes is not None and not args.owners:
+    if (args.nodes is not None or args.sim is not None) and not args.owners:
         return 0
     for owners, n in CASES:
         if args.owners and owners not in args.owners:

@@ -12,7 +12,9 @@ An interactive executor (``mining``) also opens a session: the requester's
 deployment actor (the mining session) invokes ``/dms/allocation/session`` with
 one operation at a time. Operations run on a thread of their own, so the
 mailbox keeps answering ``status`` while a round computes; payloads travel as
-parcels (inline, or chunks pulled through the node's courier).
+parcels (inline, or chunks pulled through the node's courier). A node without a
+courier (the in-memory transport of ``dms sim`` memory mode) takes inline parcels
+only, and refuses a larger payload or answer with that reason.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dms.actor import Actor, ActorContext, ErrorCode, Handle, Refusal, Request, 
 from dms.errors import DmsError
 from dms.jobs.executors import ExecutorError, executor_for
 from dms.jobs.mining import join_context
-from dms.network.transfer import Courier, Parcel
+from dms.network.transfer import INLINE_BYTES, Courier, Parcel
 from dms.resources import Resources
 from dms.statemachine import Machine, Tracked
 
@@ -120,8 +122,8 @@ class AllocationActor(Actor):
         self._session_thread: ThreadPoolExecutor | None = None
         self._calls = 0
         if getattr(self.executor, "interactive", False):
-            if courier is None:
-                raise ExecutorError(f"{executor} needs the node's chunk store and network")
+            # Without a courier (the in-memory transport carries no chunks) only inline
+            # payloads travel: a larger one is refused with the reason (_unpack, _pack).
             self.session = self.executor.session(params, self._log)  # type: ignore[attr-defined]
             self._session_thread = ThreadPoolExecutor(1, thread_name_prefix="dms-session")
         self.requester_host, self.reply_to = requester_host, reply_to
@@ -304,7 +306,7 @@ class AllocationActor(Actor):
                 rule="not_requester",
             )
         self.heard_at = time.time()
-        if self.session is None or self._session_thread is None or self._courier is None:
+        if self.session is None or self._session_thread is None:
             raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, f"{self.executor_kind} has no session")
         if self.state != AllocationState.RUNNING:
             raise Refusal(ErrorCode.STOPPED, f"the allocation is {self.state.value}")
@@ -317,19 +319,20 @@ class AllocationActor(Actor):
         def work() -> None:
             try:
                 # The previous answer was fetched before this call was made: free it.
-                courier.release(out_owner)
+                if courier is not None:
+                    courier.release(out_owner)
                 # Declared sizes first: nothing is fetched that the job could not need.
                 context_size = call.context.size if call.context is not None else None
                 self.session.admit(call.op, call.parcel.size, context_size, self._ram_bytes)
-                body = courier.unpack(call.parcel, peer, owner)
+                body = _unpack(courier, call.parcel, peer, owner)
                 self.session.check_body(body)  # before anything decodes it
                 if call.context is not None:
-                    body = join_context(body, courier.unpack(call.context, peer, owner))
+                    body = join_context(body, _unpack(courier, call.context, peer, owner))
                 began = time.perf_counter()
                 out = self.session.call(call.op, body)
                 compute_s = time.perf_counter() - began
                 answer = SessionAnswer(
-                    parcel=courier.pack(out, peer, out_owner), compute_s=compute_s
+                    parcel=_pack(courier, out, peer, out_owner), compute_s=compute_s
                 )
                 log.info(
                     "allocation %s: %s %s done in %.2f s (%d KiB in, %d KiB out)",
@@ -368,3 +371,25 @@ class AllocationActor(Actor):
         self._authorize(request)
         self.request_stop(f"stopped by {request.sender.address.host}")
         return self.status_dict()
+
+
+NO_CHUNKS = "this node's transport carries no chunks (the in-memory transport)"
+
+
+def _unpack(courier: Courier | None, parcel: Parcel, peer: str, owner: str) -> bytes:
+    if courier is not None:
+        return courier.unpack(parcel, peer, owner)
+    if parcel.manifest is not None:
+        raise ExecutorError(f"a payload of {parcel.size} bytes sent as chunks: {NO_CHUNKS}")
+    return parcel.inline or b""
+
+
+def _pack(courier: Courier | None, data: bytes, peer: str, owner: str) -> Parcel:
+    if courier is not None:
+        return courier.pack(data, peer, owner)
+    if len(data) > INLINE_BYTES:
+        raise ExecutorError(
+            f"an answer of {len(data)} bytes needs chunks (inline at most {INLINE_BYTES}): "
+            f"{NO_CHUNKS}"
+        )
+    return Parcel(inline=data)

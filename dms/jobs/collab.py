@@ -11,10 +11,16 @@ so it sees only masked vectors, sealed shares and the totals:
     shares   SeedShares            -> ""
     start    ""                    -> RoundStart of the next announced round
     input    MaskedInput           -> ""
-    close    ""                    -> UnmaskRequests (one per survivor)
+    close    ""                    -> Closed (the round's survivors and dropped)
+    request  a survivor's id       -> that survivor's UnmaskRequest
     unmask   UnmaskReply           -> ""
     totals   ""                    -> RoundTotals (after the last round the session ends)
+    resume   Resume                -> "" (a new aggregator, after adverts, roster, shares)
     end      ""                    -> "" (the session is over)
+
+Every message is O(m) bytes for m owners, so it travels inline in its envelope at
+any size the proposal allows (the unmask requests of all survivors together are
+O(m^2): each is asked for alone).
 
 A message that breaks the protocol is refused with the reason and never
 summed; too few owners left fails the allocation with the reason, naming who
@@ -36,7 +42,7 @@ from dms.mining.collab import CollabAggregator, CollabFailed, Proposal
 from dms.mining.collab.messages import (
     KeysAdvert,
     MaskedInput,
-    Restore,
+    Resume,
     RoundTotals,
     SeedShares,
     UnmaskReply,
@@ -70,9 +76,13 @@ class CollabEnded(ExecutorError):
     code = "collab_failed"
 
 
-class UnmaskRequests(BaseModel):
+class Closed(BaseModel):
+    """A round's inputs are closed: who sent one (each is asked ``request`` for its
+    unmask request) and who did not."""
+
     model_config = ConfigDict(extra="forbid")
-    requests: dict[str, UnmaskRequest]
+    survivors: list[str]
+    dropped: list[str]
 
 
 def parse_params(params: dict[str, Any]) -> CollabParams:
@@ -110,12 +120,14 @@ class CollabSession:
             "shares": self._shares,
             "start": lambda _: encode(self.aggregator.start_round()),
             "input": self._input,
-            "close": lambda _: encode(UnmaskRequests(requests=self.aggregator.close_inputs())),
+            "close": self._close,
+            "request": self._request,
             "unmask": self._unmask,
             "totals": self._totals,
             "end": self._end,
-            "restore": self._restore,
+            "resume": self._resume,
         }
+        self._requests: dict[str, UnmaskRequest] = {}
 
     def admit(self, op: str, size: int, context_size: int | None, ram_bytes: int | None) -> None:
         """Declared sizes, before anything is fetched: no context, and no message larger
@@ -180,9 +192,21 @@ class CollabSession:
         self.aggregator.receive_unmask(_decode(UnmaskReply, body))
         return b""
 
-    def _restore(self, body: bytes) -> bytes:
-        self.aggregator.restore(_decode(Restore, body))
-        self._log(f"restored: round {self.aggregator.round} starts again")
+    def _close(self, _: bytes) -> bytes:
+        self._requests = self.aggregator.close_inputs()  # at least threshold of them
+        first = next(iter(self._requests.values()))
+        return encode(Closed(survivors=first.survivors, dropped=first.dropped))
+
+    def _request(self, body: bytes) -> bytes:
+        owner = body.decode(errors="replace")
+        request = self._requests.get(owner)
+        if request is None:
+            raise MiningError(f"no unmask request for {owner[:64]!r} in this round")
+        return encode(request)
+
+    def _resume(self, body: bytes) -> bytes:
+        self.aggregator.resume(_decode(Resume, body))
+        self._log(f"resumed: round {self.aggregator.round} starts again")
         return b""
 
     def _totals(self, _: bytes) -> bytes:

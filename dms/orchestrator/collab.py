@@ -32,18 +32,10 @@ from pydantic import BaseModel, ConfigDict
 
 from dms.actor import ActorContext, Handle, Outcome
 from dms.jobs.allocation import SESSION_BEHAVIOUR, SessionAnswer, SessionCall
-from dms.jobs.collab import UnmaskRequests
+from dms.jobs.collab import Closed
 from dms.jobs.spec import DeploymentSpec
 from dms.mining.collab import Proposal
-from dms.mining.collab.messages import (
-    Dropout,
-    KeysAdvert,
-    Restore,
-    Roster,
-    RoundStart,
-    RoundTotals,
-    SeedShares,
-)
+from dms.mining.collab.messages import Dropout, Resume, Roster, RoundStart, RoundTotals
 from dms.mining.wire import decode, encode
 from dms.network.transfer import Parcel
 from dms.orchestrator.deployment import (
@@ -118,6 +110,8 @@ class CollabSessionActor(DeploymentActor):
         self.restore_wanted = False
         self.next_round = proposal.first_round()
         self.live: list[str] | None = None
+        self.round_bytes = 0  # relayed to and from owners in the rounds
+        self.owner_rounds = 0  # owners live in each round, summed over rounds
 
     # ---- deployment hooks -------------------------------------------------------------
 
@@ -163,24 +157,35 @@ class CollabSessionActor(DeploymentActor):
         return time.monotonic() - self.heard_at < HEARD_S
 
     def _restore(self) -> None:
-        """Bring a new aggregator to where the lost one was, and run the round again."""
+        """Bring a new aggregator to where the lost one was, and run the round again: the
+        relayed adverts, the roster, the mask-key shares again (each checked again, one
+        message at a time), then where to resume."""
+        adverts = list(self.adverts.items())
         if not self.roster_taken:  # no owner holds a roster yet: set up again
-            ordered = list(self.adverts.items())
-            self._to_aggregator("advert", ordered, lambda _: self._roster())
+            self._to_aggregator("advert", adverts, lambda _: self._roster())
             return
         p = self.proposal
-        state = Restore(
+        state = Resume(
             collab_id=p.collab_id,
-            adverts=[decode(KeysAdvert, b) for b in self.adverts.values()],
-            shares=[decode(SeedShares, b) for b in self.shares.values()],
             round=self.next_round,
             live=self.live,
             dropped=[Dropout.model_validate(d) for d in self.dropped],
         )
-        self.book.event(
-            f"aggregator restored on {self.aggregator_peer}; round {self.next_round} again"
-        )
-        self._aggregator("restore", encode(state), lambda _: self._start_round())
+
+        def resumed(_: bytes) -> None:
+            self.book.event(
+                f"aggregator restored on {self.aggregator_peer}; round {self.next_round} again"
+            )
+            self._start_round()
+
+        def shares(_: bytes) -> None:
+            self._to_aggregator(
+                "shares",
+                list(self.shares.items()),
+                lambda _: self._aggregator("resume", encode(state), resumed),
+            )
+
+        self._to_aggregator("advert", adverts, lambda _: self._aggregator("roster", b"", shares))
 
     def ended(self, state: str, what: str) -> None:
         if self.phase not in COLLAB.terminal:
@@ -231,6 +236,7 @@ class CollabSessionActor(DeploymentActor):
         def started(body: bytes) -> None:
             start = decode(RoundStart, body)
             self.collab_round = start.round
+            self.owner_rounds += len(start.live)
             self._report()
             self._ask_owners(
                 start.live,
@@ -244,18 +250,33 @@ class CollabSessionActor(DeploymentActor):
         self._aggregator("start", b"", started)
 
     def _close_inputs(self) -> None:
-        def closed(body: bytes) -> None:
-            requests = decode(UnmaskRequests, body).requests
+        def asked(requests: Answers) -> None:
             self._ask_owners(
                 list(requests),
                 "unmask",
-                lambda owner: encode(requests[owner]),
+                lambda owner: requests[owner],
                 lambda replies: self._to_aggregator(
                     "unmask", list(replies.items()), lambda _: self._totals()
                 ),
             )
 
+        def closed(body: bytes) -> None:
+            self._requests(decode(Closed, body).survivors, {}, asked)
+
         self._aggregator("close", b"", closed)
+
+    def _requests(self, owners: list[str], got: Answers, then: Then) -> None:
+        """Each survivor's unmask request from the aggregator, one after another (each is
+        O(m) bytes; all of them together would be O(m^2))."""
+        if not owners:
+            then(got)
+            return
+
+        def fetched(body: bytes) -> None:
+            got[owners[0]] = body
+            self._requests(owners[1:], got, then)
+
+        self._aggregator("request", owners[0].encode(), fetched)
 
     def _totals(self) -> None:
         def summed(body: bytes) -> None:
@@ -297,6 +318,7 @@ class CollabSessionActor(DeploymentActor):
         """Ask each owner in ``owners``; ``then(answers)`` once all answered or failed.
         An owner that fails or misses the deadline is simply absent from the answers."""
         answers: Answers = {}
+        sent: dict[str, int] = {}  # bytes sent to each owner (its answer's are counted too)
         waiting = set(owners)
         if not waiting:
             then(answers)
@@ -310,6 +332,8 @@ class CollabSessionActor(DeploymentActor):
             waiting.discard(owner)
             if outcome.ok and isinstance(outcome.result, dict):
                 answers[owner] = outcome.result.get("body", b"")
+                if self.phase == CollabPhase.ROUNDS:
+                    self.round_bytes += sent.get(owner, 0) + len(answers[owner])
             elif op != "advert" or time.monotonic() >= self.join_deadline:
                 error = outcome.error
                 why = f"{error.code}: {error.reason}" if error else "no answer"
@@ -324,7 +348,9 @@ class CollabSessionActor(DeploymentActor):
                 self._restore()
 
         for owner in owners:
-            call = OwnerCall(collab_id=self.proposal.collab_id, op=op, body=body_for(owner))
+            body = body_for(owner)
+            sent[owner] = len(body)
+            call = OwnerCall(collab_id=self.proposal.collab_id, op=op, body=body)
             try:
                 self.invoke(
                     node_handle(owner),
@@ -422,12 +448,18 @@ class CollabSessionActor(DeploymentActor):
             "phase": self.phase.value,
             "reason": self.reason,
             "round": self.collab_round,
+            "rounds_done": max(0, self.next_round - 1),
             "rounds": self.proposal.rounds,
             "aggregator": self.aggregator_peer,
             "aggregator_losses": self.losses,
             "dropped": self.dropped,
             "refused": self.refused[-20:],
             "deployment": self.state,
+            # What the session relayed to and from owners in the rounds (protocol bytes,
+            # without envelopes), per owner per round it was live in.
+            "kb_per_owner_per_round": (
+                round(self.round_bytes / self.owner_rounds / 1024, 2) if self.owner_rounds else None
+            ),
         }
 
     def _report(self) -> None:

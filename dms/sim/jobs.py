@@ -18,8 +18,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from dms.orchestrator.states import DEPLOYMENT, SESSION
+from dms.orchestrator.states import COLLAB, DEPLOYMENT, SESSION
 from dms.sim.backend import Backend
+from dms.sim.collab import CollabPlan
 
 log = logging.getLogger("dms.sim")
 
@@ -29,7 +30,7 @@ POLL_S = 0.2
 @dataclass
 class Job:
     name: str
-    kind: str  # "deploy" or "mine"
+    kind: str  # "deploy", "mine" or "collab"
     node: str  # the requester
     batch: str  # the step that started it (a deploy step's name)
     concurrent: bool = False
@@ -48,6 +49,7 @@ class Job:
     local: Future[list[Any]] | None = None
     plaintext: Future[list[Any]] | None = None
     events_seen: set[str] = field(default_factory=set)
+    collab: CollabPlan | None = None  # a collaboration's owners, rows, results
     poll_errors: int = 0
 
     @property
@@ -120,6 +122,8 @@ class Follower:
     def poll(self, job: Job) -> None:
         if job.kind == "mine":
             self._poll_mining(job)
+        elif job.collab is not None:
+            self._poll_collab(job, job.collab)
         else:
             self._poll_deployment(job)
 
@@ -189,6 +193,46 @@ class Follower:
         elif phase != job.state:
             job.state = phase
             if phase in ("shipping", "mining"):
+                self._say(job, f"{job.name} {phase}")
+
+    def _poll_collab(self, job: Job, plan: CollabPlan) -> None:
+        """The proposer's session (``/dms/node/collab/result``: phase, rounds done, who
+        dropped); once it ends, every running owner's own result."""
+        if job.running_at is None:
+            self._note_running(job, self._deployment(job))
+        collab_id = {"collab_id": plan.proposal.collab_id}
+        answer = self.backend.call(job.node, "/dms/node/collab/result", collab_id, timeout=10)
+        session = answer.get("session") or {}
+        plan.session = session
+        job.total_steps = session.get("rounds") or job.total_steps
+        for event in [
+            *(f"round {d['round']}: {d['owner']} dropped" for d in session.get("dropped", [])),
+            *(f"aggregator on {x['peer_id']} lost: {x['reason']}"
+              for x in session.get("aggregator_losses", [])),
+        ]:  # fmt: skip
+            if event not in job.events_seen:
+                job.events_seen.add(event)
+                self._say(job, f"{job.name} {self._named(event)}")
+        done = int(session.get("rounds_done") or 0)
+        if done > job.steps:
+            job.steps = done
+            self._say(job, f"{job.name} round {done}/{job.total_steps} done")
+        phase = session.get("phase", job.state)
+        if phase in COLLAB.terminal and not job.ended:
+            if phase == "completed":
+                for name in plan.owners:
+                    if self.backend.running(name):
+                        mine = self.backend.call(name, "/dms/node/collab/result", collab_id, 30)
+                        if mine.get("result"):
+                            plan.results[name] = mine["result"]
+            job.reason = session.get("reason", "") if phase == "failed" else ""
+            job.ended_at = time.time()
+            job.state = phase
+            tail = f": {self._named(job.reason)}" if job.reason else ""
+            self._say(job, f"{job.name} {phase}{tail}")
+        elif phase != job.state:
+            job.state = phase
+            if phase in ("joining", "rounds"):
                 self._say(job, f"{job.name} {phase}")
 
     def _named(self, what: str) -> str:

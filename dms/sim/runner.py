@@ -25,9 +25,10 @@ from typing import Any
 from dms.errors import DmsError
 from dms.orchestrator.states import DEPLOYMENT
 from dms.sim.backend import Backend, NodeSpec, SimError, nominal_capability
+from dms.sim.collab import check_collab, plan_collab
 from dms.sim.faults import FaultPlan, LinkRule
 from dms.sim.jobs import Follower, Job
-from dms.sim.scenario import Deploy, Mine, Scenario, Step, Target
+from dms.sim.scenario import Collab, Deploy, Mine, Scenario, Step, Target
 
 log = logging.getLogger("dms.sim")
 
@@ -226,6 +227,8 @@ class Runner:
             action = step.deploy or step.mine
             if action is not None and action.from_:
                 names.add(action.from_)
+            if step.collab is not None:  # its proposer places the aggregator
+                names.add(self.scenario.owner_nodes(step.collab)[0])
         return sorted(names)
 
     def wait_ready(self, providers: set[str]) -> None:
@@ -333,6 +336,39 @@ class Runner:
         self.jobs[mine.name] = job
         assert self.follower is not None
         self.follower.add(job)
+
+    def do_collab(self, collab: Collab) -> None:
+        owners = self.scenario.owner_nodes(collab)
+        for name in owners:
+            self.backend.check_running(name)
+        peers = [self.backend.peer_id(n) for n in owners]
+        folder = Path(self.report.root or self.backend.root) / "collab" / collab.name
+        collab_id = f"{collab.name}-{hashlib.sha256(peers[0].encode()).hexdigest()[:8]}"
+        try:
+            plan = plan_collab(collab, owners, peers, folder, collab_id)
+        except ValueError as exc:
+            raise StepFailed(f"{collab.name}: {exc}") from None
+        p, n = plan.proposal, sum(len(x) for x in plan.parts)
+        self.line(
+            "collab",
+            f"{collab.name}: k-means of {len(owners)} owners' rows ({n} in all, a = {p.a}), "
+            f"k = {p.k}, {p.rounds} rounds, threshold {p.threshold}, proposed by {owners[0]}",
+        )
+        job = Job(collab.name, "collab", owners[0], collab.name, collab=plan)
+        job.submitted = time.time()
+        (proposer, propose, payload), *joins = plan.payloads(peers[0], collab)
+        job.id = self.backend.call(proposer, propose, payload, timeout=60)["deployment"]
+        self.jobs[collab.name] = job
+        assert self.follower is not None
+        self.follower.add(job)
+        refused = []
+        for node, join, payload in joins:  # one refused: the others go on without it
+            try:
+                self.backend.call(node, join, payload, timeout=60)
+            except DmsError as err:
+                refused.append(f"{node}: {err}")
+        if refused:
+            raise StepFailed(f"{len(refused)} owner(s) could not join: {'; '.join(refused[:2])}")
 
     def do_wait(self, wait: Any) -> None:
         if wait.seconds is not None:
@@ -467,6 +503,21 @@ class Runner:
             "reason": job.reason,
             "placement_ms": None if job.placement_ms is None else round(job.placement_ms, 1),
         }
+        if job.collab is not None:
+            session, plan = job.collab.session, job.collab
+            dropped = [self.backend.name_of(d["owner"]) or d["owner"] for d in session.get(
+                "dropped", [])]  # fmt: skip
+            aggregator = session.get("aggregator")
+            row.update(
+                steps=job.steps,
+                owners=len(plan.owners),
+                dropped=dropped,
+                aggregator=self.backend.name_of(aggregator) if aggregator else None,
+                aggregator_losses=len(session.get("aggregator_losses") or []),
+                kb_per_owner_per_round=session.get("kb_per_owner_per_round"),
+            )
+            if job.state == "completed":
+                row["equals_plaintext"], row["plaintext_detail"] = check_collab(plan)
         if job.kind == "mine":
             row.update(steps=job.steps, replacements=job.replacements)
             placement = (job.result or {}).get("placement") or []
@@ -556,6 +607,23 @@ class Runner:
             bad = [j.name for j in mining if rows[j.name].get(key) is not True]
             detail = f"differ or missing: {', '.join(bad)}" if bad else f"{len(mining)} job(s)"
             out.append(Check(name, not bad, detail))
+        collabs = [j for j in jobs if j.collab is not None]
+        if expect.collab_equals_plaintext and collabs:
+            rows = {r["name"]: r for r in self.report.jobs}
+            bad = [f"{j.name}: {rows[j.name].get('plaintext_detail', j.state)}" for j in collabs
+                   if rows[j.name].get("equals_plaintext") is not True]  # fmt: skip
+            detail = "; ".join(bad[:2]) or f"{len(collabs)} collaboration(s)"
+            out.append(Check("collaborations = plaintext k-means", not bad, detail))
+        if expect.owners_dropped is not None:
+            rows = {r["name"]: r for r in self.report.jobs}
+            count = sum(len(rows[j.name].get("dropped") or []) for j in collabs)
+            out.append(
+                Check(
+                    f"at least {expect.owners_dropped} owner(s) dropped",
+                    count >= expect.owners_dropped,
+                    f"{count} dropped",
+                )
+            )
         if expect.placement_p50_ms is not None:
             ok = p50 is not None and p50 <= expect.placement_p50_ms
             detail = "no placement" if p50 is None else f"p50 {p50:g} ms"
@@ -656,6 +724,13 @@ def summary_rows(report: Report) -> list[list[str]]:
         if job["name"].rsplit(".", 1)[0] in batched and "." in job["name"]:
             continue
         note = job["reason"]  # the table wraps it between words
+        if job["kind"] == "collab":
+            parts = [f"{job['owners']} owners, {job['steps']} rounds"]
+            if job["dropped"]:
+                parts.append(f"dropped {', '.join(job['dropped'])}")
+            if job.get("equals_plaintext") is not None:
+                parts.append("= plaintext" if job["equals_plaintext"] else "!= plaintext")
+            note = ", ".join(parts) + (f"; {note}" if note else "")
         if job["kind"] == "mine":
             parts = [f"{job['steps']} steps"]
             if job.get("replacements"):

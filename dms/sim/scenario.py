@@ -39,10 +39,12 @@ MINING_NEEDS_LIBP2P = (
     "mining needs libp2p (its data travels as chunks on a stream protocol of their own): "
     "use mode threads or processes"
 )
+KIND_NAMES = {"mine": "a mining job", "collab": "a collaboration"}
 # The node actions a step can take, in the order they are documented.
 ACTIONS = (
     "deploy",
     "mine",
+    "collab",
     "wait",
     "kill",
     "restart",
@@ -206,8 +208,49 @@ class Mine(MiningSettings):
         }
 
 
+class Blobs(_Model):
+    """Generated rows: ``rows`` of ``attributes`` around ``centers`` Gaussian centres."""
+
+    rows: int = Field(ge=2, le=10_000_000)
+    attributes: int = Field(ge=1, le=1000)
+    centers: int = Field(ge=1, le=1000)
+    seed: int = 0
+    std: float = Field(default=1.0, gt=0)
+
+
+class Collab(_Model):
+    """``dms mine collab``: several owners' joint k-means by secure aggregation. The rows
+    (``data``, a CSV, or generated ``blobs``) are split in contiguous parts, one per
+    owner in order, each written where only that owner's node reads it; the first owner
+    proposes, the others join; the aggregator is placed by the bid rounds."""
+
+    name: str = Field(pattern=NAME, max_length=32)
+    owners: list[str] = Field(min_length=1, description="groups or nodes; the first proposes")
+    data: str | None = Field(default=None, description="CSV of the union's rows")
+    blobs: Blobs | None = None
+    k: int = Field(ge=1, le=1000)
+    rounds: int = Field(default=10, ge=1, le=1000)
+    threshold: int | None = Field(default=None, description="default: more than half")
+    init: Literal["supplied", "moments"] = Field(
+        default="supplied", description="supplied: the proposer's first k rows"
+    )
+    seed: int = 0
+    timeout_s: float = Field(default=600.0, gt=0, le=24 * 3600)
+    owner_timeout_s: float | None = Field(default=None, gt=0, le=3600)
+    join_timeout_s: float | None = Field(default=None, gt=0, le=24 * 3600)
+    cpu: float = Field(default=1.0, gt=0, le=256)
+    ram: str = "256MiB"
+
+    @model_validator(mode="after")
+    def _rows(self) -> Collab:
+        if (self.data is None) == (self.blobs is None):
+            raise ValueError("give the rows as 'data' (a CSV) or 'blobs', one of them")
+        return self
+
+
 class Wait(_Model):
-    """Wait some seconds, or for a job: to run, to end, or (mining) to finish steps."""
+    """Wait some seconds, or for a job: to run, to end, or (mining, a collaboration) to
+    finish steps (a collaboration's step is a round)."""
 
     seconds: float | None = Field(default=None, gt=0, le=3600)
     job: str | None = None
@@ -287,6 +330,7 @@ class Step(_Model):
     at: float | None = Field(default=None, ge=0, le=24 * 3600)
     deploy: Deploy | None = None
     mine: Mine | None = None
+    collab: Collab | None = None
     wait: Wait | None = None
     kill: Target | None = Field(default=None, description="kill -9: no goodbye, no clean-up")
     restart: Target | None = None
@@ -325,6 +369,14 @@ class Expect(_Model):
     )
     workers_replaced: int | None = Field(
         default=None, ge=0, description="at least this many lost workers placed again"
+    )
+    collab_equals_plaintext: bool = Field(
+        default=True,
+        description="each collaboration's owners get plaintext k-means on the union "
+        "(a dropped owner's rows counted until it dropped): labels and centroids",
+    )
+    owners_dropped: int | None = Field(
+        default=None, ge=0, description="at least this many owners dropped, and named"
     )
     settle_s: float = Field(
         default=5.0, ge=0, le=600, description="how long leases may take to go after the end"
@@ -365,14 +417,22 @@ class Scenario(_Model):
     def first_node(self) -> str:
         return self.node_names()[0]
 
-    def jobs(self) -> list[tuple[str, Deploy | Mine]]:
-        out: list[tuple[str, Deploy | Mine]] = []
+    def jobs(self) -> list[tuple[str, Deploy | Mine | Collab]]:
+        out: list[tuple[str, Deploy | Mine | Collab]] = []
         for step in self.timeline:
             if step.deploy is not None:
                 out += [(n, step.deploy) for n in step.deploy.job_names()]
             elif step.mine is not None:
                 out.append((step.mine.name, step.mine))
+            elif step.collab is not None:
+                out.append((step.collab.name, step.collab))
         return out
+
+    def owner_nodes(self, collab: Collab) -> list[str]:
+        """A collaboration's owners, in order (its groups expanded), each once."""
+        groups = self.groups()
+        names = [n for name in collab.owners for n in groups.get(name, [])]
+        return list(dict.fromkeys(names))
 
 
 Problem = tuple[tuple[int | str, ...], str]
@@ -400,13 +460,14 @@ def problems(scenario: Scenario) -> list[Problem]:
             if name is not None and name not in names:
                 found.append((loc, f"no node {name!r} (nodes: {_listed(names)})"))
 
-        def job(name: str | None, loc: tuple[int | str, ...], mining: bool = False) -> None:
+        def job(name: str | None, loc: tuple[int | str, ...], kinds: tuple[str, ...] = ()) -> None:
             if name is None:
                 return
             if name not in jobs:
                 found.append((loc, f"no job {name!r} before this step"))
-            elif mining and jobs[name] != "mine":
-                found.append((loc, f"{name!r} is not a mining job"))
+            elif kinds and jobs[name] not in kinds:
+                what = " or ".join(KIND_NAMES[k] for k in kinds)
+                found.append((loc, f"{name!r} is not {what}"))
 
         if step.deploy is not None or step.mine is not None:
             action = step.deploy or step.mine
@@ -419,13 +480,34 @@ def problems(scenario: Scenario) -> list[Problem]:
             jobs.update(dict.fromkeys(new, step.action))
             if step.mine is not None and scenario.mode == "memory":
                 found.append((here, MINING_NEEDS_LIBP2P))
+        elif step.collab is not None:
+            c = step.collab
+            for j, name in enumerate(c.owners):
+                if name not in groups:
+                    found.append(((*here, "owners", j), f"no group or node {name!r}"))
+            owners = scenario.owner_nodes(c)
+            m = len(owners)
+            if c.name in jobs:
+                found.append(((*here, "name"), f"a job named {c.name!r} exists already"))
+            jobs[c.name] = "collab"
+            if m < 2:
+                found.append(((*here, "owners"), f"{m} owner node(s): a collaboration needs 2"))
+            elif c.threshold is not None and not m // 2 < c.threshold <= m:
+                found.append(
+                    (
+                        (*here, "threshold"),
+                        f"threshold {c.threshold} with {m} owners: it must be more than "
+                        f"half ({m // 2 + 1}..{m})",
+                    )
+                )
         elif step.wait is not None:
-            job(step.wait.job, (*here, "job"), mining=step.wait.steps is not None)
+            kinds = ("mine", "collab") if step.wait.steps is not None else ()
+            job(step.wait.job, (*here, "job"), kinds)
         elif step.kill is not None or step.restart is not None:
             target = step.kill or step.restart
             assert target is not None
             node(target.node, (*here, "node"))
-            job(target.worker_of, (*here, "worker_of"), mining=True)
+            job(target.worker_of, (*here, "worker_of"), ("mine",))
         elif step.onboard is not None or step.offboard is not None:
             action_node = (step.onboard or step.offboard).node  # type: ignore[union-attr]
             node(action_node, (*here, "node"))
@@ -493,6 +575,11 @@ def _resolve_files(scenario: Scenario, base: Path, fail: Any) -> None:
                 step.deploy.spec = load_spec(path)
             except JobSpecError as err:
                 raise fail(("timeline", i, "deploy", "job"), str(err)) from None
+        if step.collab is not None and step.collab.data is not None:
+            path = (base / step.collab.data).resolve()
+            if not path.is_file():
+                raise fail(("timeline", i, "collab", "data"), f"no such file: {step.collab.data}")
+            step.collab.data = str(path)
         if step.mine is not None:
             for key in ("data", "train", "test"):
                 value = getattr(step.mine, key)

@@ -24,6 +24,7 @@ from dms.mining.collab.messages import (
     MaskedInput,
     Proposal,
     Restore,
+    Resume,
     Roster,
     RoundStart,
     RoundTotals,
@@ -91,7 +92,6 @@ class CollabAggregator:
     def restore(self, state: Restore) -> None:
         """Take over from a lost aggregator between rounds (the round under way starts
         again: each owner sends a fresh input with a fresh self mask)."""
-        p = self.proposal
         self._check_collab(state.collab_id, "restore")
         if self.adverts or self._roster is not None:
             raise MiningError("restore only into a fresh aggregator")
@@ -100,12 +100,20 @@ class CollabAggregator:
         self.roster()
         for shares in state.shares:
             self.receive_seed_shares(shares)
+        self.resume(state)
+
+    def resume(self, state: Resume) -> None:
+        """After the adverts, the roster and the mask-key shares were replayed into this
+        fresh aggregator: go on at ``state.round`` with the survivors so far."""
+        p = self.proposal
+        self._check_collab(state.collab_id, "resume")
+        if self._roster is None or self._live is not None or self.totals:
+            raise MiningError("resume only a fresh aggregator, after its roster and shares")
         if not p.first_round() <= state.round <= p.rounds:
-            raise MiningError(f"restore at round {state.round}, outside the announced rounds")
+            raise MiningError(f"resume at round {state.round}, outside the announced rounds")
         if state.live is not None:
-            assert self._roster is not None
             if not set(state.live) <= set(self._roster):
-                raise MiningError("restore names live owners outside the roster")
+                raise MiningError("resume names live owners outside the roster")
             self._live = list(state.live)
             self.dropped += state.dropped
         self.round = state.round

@@ -172,17 +172,23 @@ class Dropout(BaseModel):
     round: int
 
 
-class Restore(BaseModel):
-    """What a new aggregator needs to take over between rounds: every message it holds
-    was relayed, so the proposer's session has them. Everything is checked again."""
+class Resume(BaseModel):
+    """Where a new aggregator takes over, once the adverts and mask-key shares the
+    proposer's session relayed have been replayed to it (each checked again)."""
 
     model_config = ConfigDict(extra="forbid")
     collab_id: str
-    adverts: list[KeysAdvert]
-    shares: list[SeedShares]
     round: int  # the next round to run (restarted if it was under way)
     live: list[str] | None = None  # after a completed round: its survivors
     dropped: list[Dropout] = Field(default_factory=list)  # dropped in completed rounds
+
+
+class Restore(Resume):
+    """Everything a new aggregator needs to take over between rounds, in one message
+    (in-process; on nodes the adverts and shares are replayed one by one)."""
+
+    adverts: list[KeysAdvert]
+    shares: list[SeedShares]
 
 
 class OwnerResult(BaseModel):

@@ -350,7 +350,7 @@ def test_a_blind_jobs_params_carry_only_padded_sizes(tmp_path: Path) -> None:
     4096 at level 128), queries up to whole blocks of 8; never the exact counts."""
     from dms.jobs.mining import MiningParams
     from dms.mining.placed import MiningSettings
-    from dms.node.mining import MiningRequest, plan
+    from dms.orchestrator.mining_owner import MiningRequest, plan
 
     params = MiningParams(algorithm="sknn", k=3, n=150, a=4, queries=30)
     assert (params.protocol, params.n, params.queries) == ("blind", 4096, 32)

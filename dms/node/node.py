@@ -10,7 +10,7 @@ needs, and the node routes the behaviours each declares to it:
 - ``provider``: onboarding, resources, hardware (``dms.provider.onboarding``);
 - ``bidding``: the provider's side of placement, allocations (``dms.provider.bidding``);
 - ``requester``: the owner's deployments (``dms.orchestrator.requester``);
-- ``mining``: the owner's mining sessions (``dms.node.mining``);
+- ``mining``: the owner's mining sessions (``dms.orchestrator.mining_owner``);
 - ``collab``: the owner's collaborations (``dms.node.collab``);
 - ``heartbeats`` and ``peering``: peers and heartbeats (``dms.node.heartbeat_sync``,
   ``dms.node.peering``).
@@ -30,11 +30,11 @@ from dms.node.caps import Capabilities
 from dms.node.chunks import open_courier
 from dms.node.collab import Collab
 from dms.node.heartbeat_sync import HeartbeatSync
-from dms.node.mining import MiningOwner
 from dms.node.peering import Peering
 from dms.node.public import BROADCAST_TOPIC, Public
 from dms.node.services import NodeServices
 from dms.node.workers import WorkerPool
+from dms.orchestrator.mining_owner import MiningOwner
 from dms.orchestrator.requester import Requester
 from dms.provider.bidding import Bidding
 from dms.provider.onboarding import Benchmark, Provider

@@ -1,4 +1,4 @@
-"""The node's mining behaviours: the data owner asks its own node to mine on others.
+"""The mining owner's role in the node: the data owner asks its own node to mine on others.
 
 ``/dms/node/mining/new`` reads the data, builds the owner's driver and a
 deployment of one ``mining`` allocation per shard, and starts a

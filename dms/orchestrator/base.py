@@ -198,7 +198,6 @@ class DeploymentBook:
         self.uncertain: set[str] = set()  # peers that may hold leases we do not know of
         self._dirty = False
         self._saved_as: tuple[Any, ...] = ()
-        self.messages = 0
 
     @property
     def state(self) -> DeploymentState:
@@ -254,7 +253,6 @@ class DeploymentBook:
         if not peer or not (lease_ids or everything):
             return
         payload = {"deployment_id": self.id, "lease_ids": lease_ids, "everything": everything}
-        self.messages += 1
         if self.o.revert is not None:
             self.o.revert(peer, payload)
             return

@@ -204,7 +204,6 @@ class BidRounds:
                     timeout=self.book.spec.bid_window_s + 2.0,
                     on_reply=partial(self._on_bid_reply, rid, peer),
                 )
-                self.book.messages += 1
             except Exception as exc:
                 self.owing[peer] -= 1
                 self._answered.add(peer)
@@ -219,7 +218,6 @@ class BidRounds:
                 {**payload, "reply_to": self.messenger.handle.model_dump()},
                 ttl_s=self.book.spec.bid_window_s + 2.0,
             )
-            self.book.messages += 1
         self.messenger.call_later(self.book.spec.bid_window_s, lambda: self._window_ends(rid))
         if not peers and not self._gossiped:
             self._close(rid)

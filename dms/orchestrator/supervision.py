@@ -123,7 +123,6 @@ class Supervision:
             timeout=self.book.o.invoke_s,
             on_reply=partial(self._on_allocate, slot.name, slot.lease_id),
         )  # fmt: skip
-        self.book.messages += 1
 
     def _on_allocate(self, name: str, lease_id: str, outcome: Outcome) -> None:
         slot = self._current(name, lease_id, SlotState.COMMITTING)

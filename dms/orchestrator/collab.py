@@ -45,7 +45,7 @@ from dms.orchestrator.deployment import (
     node_handle,
 )
 from dms.orchestrator.slots import Slot, SlotState
-from dms.orchestrator.states import COLLAB, CollabPhase
+from dms.orchestrator.states import COLLAB, CollabPhase, DeploymentState
 from dms.statemachine import Tracked
 
 log = logging.getLogger("dms.collab")
@@ -187,7 +187,7 @@ class CollabSessionActor(DeploymentActor):
 
         self._to_aggregator("advert", adverts, lambda _: self._aggregator("roster", b"", shares))
 
-    def ended(self, state: str, what: str) -> None:
+    def ended(self, state: DeploymentState, what: str) -> None:
         if self.phase not in COLLAB.terminal:
             self.phase = CollabPhase.FAILED
             self.reason = what

@@ -48,7 +48,7 @@ from dms.orchestrator.deployment import (
 )
 from dms.orchestrator.records import MiningRow
 from dms.orchestrator.slots import Slot, SlotState
-from dms.orchestrator.states import SESSION, SHARD, SessionPhase, ShardState
+from dms.orchestrator.states import SESSION, SHARD, DeploymentState, SessionPhase, ShardState
 from dms.statemachine import Tracked
 
 log = logging.getLogger("dms.mining")
@@ -260,10 +260,11 @@ class MiningSessionActor(DeploymentActor):
         shard = self.shards.get(slot.name)
         return shard is not None and (shard.busy or time.monotonic() - shard.last_heard < HEARD_S)
 
-    def ended(self, state: str, what: str) -> None:
+    def ended(self, state: DeploymentState, what: str) -> None:
         if self.phase not in SESSION.terminal:
             self.phase = SessionPhase.FAILED
-            self.reason = what if state == "failed" else f"the deployment ended: {what}"
+            failed = state == DeploymentState.FAILED
+            self.reason = what if failed else f"the deployment ended: {what}"
             self._progress(self.reason, save=True)
 
     # ---- preparing and shipping ---------------------------------------------------------

@@ -148,7 +148,7 @@ class Settings(BaseSettings):
         "closes the idlest unknown one (outbound_evicted)",
     )
     max_inbound_bytes_per_peer_per_s: int = Field(
-        default=4 * MIB,
+        default=8 * MIB,
         ge=64 * 1024,
         description="bytes a second one peer may send on its actor streams; past it (and "
         "inbound_byte_burst_per_peer at once) its streams are read more slowly "

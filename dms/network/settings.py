@@ -130,7 +130,7 @@ class NetworkSettings(BaseModel):
     max_outbound_connections: int = Field(default=256, ge=1)
     # Bytes a second of frames on actor streams, per peer and for all peers without a
     # stake together, and at once; over it a peer's streams are read more slowly.
-    max_inbound_bytes_per_peer_per_s: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    max_inbound_bytes_per_peer_per_s: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
     inbound_byte_burst_per_peer: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     max_inbound_bytes_per_s: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
     inbound_byte_burst: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)

@@ -198,19 +198,27 @@ def test_the_aggregator_executor_refuses_bad_params_and_messages_with_a_reason()
     from dms.jobs.executors import check_allocation
     from dms.mining.collab import CollabOwner
     from dms.mining.wire import encode
+    from dms.security import Identity
 
     with pytest.raises(ExecutorError, match="more than half") as bad:
         check_allocation("collab", {"proposal": {"collab_id": "c", "owners": ["a", "b", "c", "d"],
                          "a": 4, "k": 3, "rounds": 2, "threshold": 2,
                          "centroids": IRIS[:3].tolist()}}, None)  # fmt: skip
     assert bad.value.field and bad.value.field.startswith("params")
+    nodes = [Identity.generate() for _ in range(3)]
+    ids = [n.peer_id for n in nodes]
     proposal = Proposal(
-        collab_id="c", owners=["a", "b", "c"], a=4, k=3, rounds=1, threshold=3,
+        collab_id="c", owners=ids, a=4, k=3, rounds=1, threshold=3,
         centroids=IRIS[:3].tolist(),
     )  # fmt: skip
     session = CollabExecutor().session({"proposal": proposal.model_dump()}, lambda _: None)
-    owners = {o: CollabOwner(proposal, o, rows) for o, rows in zip("abc", PARTS, strict=True)}
-    advert = encode(owners["a"].advert())
+    owners = [CollabOwner(proposal, ids[i], PARTS[i]) for i in range(3)]
+
+    def vouched(i: int) -> bytes:  # the owner's keys, signed by its node
+        advert = owners[i].advert()
+        return encode(advert.model_copy(update={"node_signature": nodes[i].sign(advert.payload())}))
+
+    advert = vouched(0)
     with pytest.raises(ExecutorError, match="refused before fetching it"):
         session.admit("input", 10_000_000, None, None)
     with pytest.raises(ExecutorError, match="takes no context"):
@@ -222,12 +230,14 @@ def test_the_aggregator_executor_refuses_bad_params_and_messages_with_a_reason()
     session.call("advert", advert)
     with pytest.raises(ExecutorError, match="advertised twice"):
         session.call("advert", advert)
+    with pytest.raises(ExecutorError, match=f"its keys are not signed by the node {ids[2]}"):
+        session.call("advert", encode(owners[2].advert()))  # no node vouches for them
     with pytest.raises(ExecutorError, match="not a valid KeysAdvert"):
         session.call("advert", b"\x93junk")
     with pytest.raises(CollabEnded, match="only 1 advertised keys, below the threshold 3"):
         session.call("roster", b"")
     with pytest.raises(CollabEnded):  # ended: nothing more is taken
-        session.call("advert", encode(owners["b"].advert()))
+        session.call("advert", vouched(1))
 
 
 def test_the_aggregators_node_lost_mid_job_it_is_placed_again_and_the_round_restarts(

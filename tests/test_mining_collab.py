@@ -350,3 +350,44 @@ def test_across_attempts_of_a_round_an_owner_never_opens_both_halves() -> None:
     )
     with pytest.raises(Refused, match="mask key of owner3, whose self mask was opened"):
         owners["owner1"].unmask(lying)
+
+
+def test_a_roster_entry_not_signed_by_its_owners_node_is_refused_with_the_reason() -> None:
+    """The aggregator relays the roster: it must not put keys of its own in an owner's
+    name. Each advert is signed by its owner's node key (whose peer id the proposal
+    lists), and each owner checks every entry; the aggregator refuses such an advert too."""
+    from dms.jobs.collab import node_signed
+    from dms.mining.collab.messages import KeysAdvert, Roster
+    from dms.security import Identity
+
+    nodes = [Identity.generate() for _ in range(3)]
+    ids = [n.peer_id for n in nodes]
+    p = Proposal(
+        collab_id="bound", owners=ids, a=4, k=3, rounds=1, threshold=2,
+        centroids=IRIS[:3].tolist(),
+    )  # fmt: skip
+    parts = np.array_split(IRIS, 3)
+    owners = [CollabOwner(p, ids[i], parts[i], check_node=node_signed) for i in range(3)]
+
+    def vouched(node: Identity, owner: CollabOwner) -> KeysAdvert:
+        advert = owner.advert()
+        return advert.model_copy(update={"node_signature": node.sign(advert.payload())})
+
+    adverts = [vouched(n, o) for n, o in zip(nodes, owners, strict=True)]
+    # Keys the aggregator made in the third owner's name: its own collaboration key
+    # signs them (that check passes), but no key of that owner's node does.
+    impostor = CollabOwner(p, ids[2], parts[2])
+    for forged, why in (
+        (vouched(Identity.generate(), impostor), f"its keys are not signed by the node {ids[2]}"),
+        (impostor.advert(), f"its keys are not signed by the node {ids[2]}"),  # unsigned
+    ):
+        roster = Roster(collab_id=p.collab_id, adverts=[*adverts[:2], forged])
+        with pytest.raises(Refused, match=f"the roster's entry for {ids[2]}: {why}"):
+            owners[0].receive_roster(roster)
+        aggregator = CollabAggregator(p, check_node=node_signed)
+        with pytest.raises(Refused, match=why):
+            aggregator.receive_advert(forged)
+    for advert in adverts:
+        aggregator.receive_advert(advert)
+    shares = owners[0].receive_roster(aggregator.roster())  # the true roster is taken
+    assert set(shares.shares) == set(ids)

@@ -50,6 +50,7 @@ from dms.mining.collab.messages import (
 )
 from dms.mining.errors import MiningError
 from dms.mining.wire import decode, encode
+from dms.security.identity import IdentityError, public_key_from_peer_id, verify_signature
 
 M = TypeVar("M", bound=BaseModel)
 MIB = 1024 * 1024
@@ -85,6 +86,17 @@ class Closed(BaseModel):
     dropped: list[str]
 
 
+def node_signed(owner: str, payload: bytes, signature: bytes) -> None:
+    """``signature`` over ``payload`` is by the node key whose peer id is ``owner`` (an
+    owner's keys advert: its node vouches for them), else ``MiningError`` with why."""
+    try:
+        public = public_key_from_peer_id(owner)
+    except IdentityError:
+        raise MiningError(f"{owner[:64]!r} is not a node's peer id") from None
+    if not verify_signature(public, signature, payload):
+        raise MiningError(f"its keys are not signed by the node {owner}")
+
+
 def parse_params(params: dict[str, Any]) -> CollabParams:
     try:
         return CollabParams.model_validate(params)
@@ -109,7 +121,7 @@ class CollabSession:
 
     def __init__(self, params: CollabParams, log: Log) -> None:
         self.proposal = params.proposal
-        self.aggregator = CollabAggregator(params.proposal)
+        self.aggregator = CollabAggregator(params.proposal, check_node=node_signed)
         self._log = log
         self.finished = threading.Event()
         self.failure: str | None = None

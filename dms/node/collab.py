@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dms.actor import ErrorCode, Refusal, Request, behaviour
 from dms.actor.runtime import NodeRuntime
 from dms.errors import DmsError
-from dms.jobs.collab import CollabParams
+from dms.jobs.collab import CollabParams, node_signed
 from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
 from dms.mining.collab import CollabOwner, Proposal
 from dms.mining.collab.messages import Roster, RoundStart, RoundTotals, UnmaskRequest
@@ -115,7 +115,7 @@ class Collab:
             )
         try:
             rows = read_table(data).features
-            return Seat(CollabOwner(proposal, me, rows), proposer)
+            return Seat(CollabOwner(proposal, me, rows, check_node=node_signed), proposer)
         except MiningError as exc:
             raise CollabRefusal(str(exc)) from None
 
@@ -197,8 +197,10 @@ class Collab:
         owner = seat.owner
         with seat.lock:
             try:
-                if call.op == "advert":
-                    return encode(owner.advert())
+                if call.op == "advert":  # this node vouches for the owner's keys
+                    advert = owner.advert()
+                    signed = self.node.identity.sign(advert.payload())
+                    return encode(advert.model_copy(update={"node_signature": signed}))
                 if call.op == "roster":
                     return encode(owner.receive_roster(decode(Roster, call.body)))
                 if call.op == "start":

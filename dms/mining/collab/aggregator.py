@@ -22,6 +22,7 @@ from dms.mining.collab.messages import (
     Dropout,
     KeysAdvert,
     MaskedInput,
+    NodeCheck,
     Proposal,
     Restore,
     Resume,
@@ -37,8 +38,9 @@ from dms.mining.errors import MiningError
 
 
 class CollabAggregator:
-    def __init__(self, proposal: Proposal) -> None:
+    def __init__(self, proposal: Proposal, check_node: NodeCheck | None = None) -> None:
         self.proposal = proposal
+        self._check_node = check_node  # each advert signed by its owner's node
         self.adverts: dict[str, KeysAdvert] = {}
         self._roster: list[str] | None = None
         self._key_shares: dict[str, dict[str, bytes]] = {}  # sender -> holder -> sealed
@@ -66,6 +68,8 @@ class CollabAggregator:
             masks.x25519_public(advert.c_key, "the sealing key")
             masks.x25519_public(advert.s_key, "the mask key")
             masks.verify(advert.sign_key, advert.signature, advert.payload(), "keys")
+            if self._check_node is not None:
+                self._check_node(advert.owner, advert.payload(), advert.node_signature)
         self.adverts[advert.owner] = advert
 
     def roster(self) -> Roster:

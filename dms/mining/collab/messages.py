@@ -9,6 +9,7 @@ replay them into another round or collaboration unnoticed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Self
 
@@ -105,6 +106,19 @@ class KeysAdvert(Signed):
     sign_key: bytes
     c_key: bytes
     s_key: bytes
+    # By the owner's node key (the one its id in the proposal names), over payload(): the
+    # aggregator, which relays the roster, cannot put keys of its own in an owner's name.
+    node_signature: bytes = b""
+
+    def payload(self) -> bytes:
+        """What both signatures cover: the advert without either of them."""
+        return encode(self.model_copy(update={"signature": b"", "node_signature": b""}))
+
+
+# Checks that ``signature`` over ``payload`` is by the node whose id is ``owner``; raises
+# MiningError with the reason. On nodes, ``dms.jobs.collab.node_signed``; None in one
+# process (no node keys there).
+NodeCheck = Callable[[str, bytes, bytes], None]
 
 
 class Roster(BaseModel):

@@ -25,6 +25,7 @@ from dms.mining.collab.messages import (
     Dropout,
     KeysAdvert,
     MaskedInput,
+    NodeCheck,
     OwnerResult,
     Proposal,
     Roster,
@@ -62,7 +63,13 @@ def self_seed(seed: bytes, collab_id: str, round_: int, owner: str) -> bytes:
 
 
 class CollabOwner:
-    def __init__(self, proposal: Proposal, owner: str, rows: np.ndarray) -> None:
+    def __init__(
+        self,
+        proposal: Proposal,
+        owner: str,
+        rows: np.ndarray,
+        check_node: NodeCheck | None = None,
+    ) -> None:
         if owner not in proposal.owners:
             raise MiningError(f"{owner} is not among the proposal's owners")
         rows = np.asarray(rows, dtype=np.float64)
@@ -80,6 +87,7 @@ class CollabOwner:
         self.proposal = proposal
         self.owner = owner
         self._rows = rows
+        self._check_node = check_node  # each roster entry signed by that owner's node
         self._sign = Ed25519PrivateKey.generate()
         self._c = X25519PrivateKey.generate()
         self._s = X25519PrivateKey.generate()
@@ -125,6 +133,11 @@ class CollabOwner:
             if advert.collab_id != p.collab_id:
                 raise Refused(f"{advert.owner}'s advert is for another collaboration")
             masks.verify(advert.sign_key, advert.signature, advert.payload(), advert.owner)
+            if self._check_node is not None:
+                try:
+                    self._check_node(advert.owner, advert.payload(), advert.node_signature)
+                except MiningError as exc:
+                    raise Refused(f"the roster's entry for {advert.owner}: {exc}") from None
             seen[advert.owner] = advert
         mine = seen.get(self.owner)
         if mine is None or mine.payload() != self.advert().payload():

@@ -110,6 +110,39 @@ def test_mining_from_a_nated_owner_on_two_nated_providers(nat: NatTopology) -> N
     assert {p["path"] for p in result["placement"]} <= {"relayed", "direct"}, result["placement"]
 
 
+def test_a_provider_whose_router_drops_its_mappings_is_reached_again(
+    nat: NatTopology,
+) -> None:
+    """prov1's router forgets its NAT mappings (a reboot): its connection to the relay,
+    and so its reservation and the owner's relayed path to it, are dead. prov1 redials
+    the relay, reserves again, and the owner reaches it through the relay again."""
+    nat.env["DMS_HOLE_PUNCHING"] = "false"  # the owner's only path to prov1: the relay
+    daemons = start_all(nat)
+    prov1 = daemons["prov1"].info["peer_id"]
+    wait_for(lambda: relayed_addrs(nat, "prov1"), 30, "prov1's relayed address")
+    wait_for(
+        lambda: nat.dms("owner", "peers", "ping", prov1).returncode == 0,
+        45,
+        "a ping from the owner to prov1 through the relay",
+    )
+    log = nat.root / "prov1.log"
+
+    def reservations() -> int:
+        return log.read_text().count("reserved a relay slot")
+
+    before = reservations()
+    assert before >= 1
+    nat.drop_mappings("prov1")
+    wait_for(lambda: reservations() > before, 120, "prov1's reservation made again")
+    wait_for(
+        lambda: nat.dms("owner", "peers", "ping", prov1).returncode == 0,
+        60,
+        "a ping from the owner to prov1 through the relay again",
+    )
+    said = nat.dms("prov1", "peers", "self").stdout
+    assert "reachability: private" in said and relayed_addrs(nat, "prov1")
+
+
 @pytest.mark.slow  # about two minutes: the job waits out the providers' heartbeats
 def test_a_relay_that_dies_mid_job_ends_the_job_with_the_reason(nat: NatTopology) -> None:
     """Hole punching off: every byte goes through the relay. The relay dies while the

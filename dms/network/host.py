@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 from libp2p import create_yamux_muxer_option, new_host
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import ConnectionType, IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.host.ping import PingService
@@ -79,6 +79,18 @@ log = logging.getLogger("dms.network")
 
 # Where the hard limit is "unlimited" (macOS), a soft limit past this may be refused.
 FD_LIMIT_WITHOUT_HARD_LIMIT = 10240
+# A peer that dials again: its older direct connection is closed this long after the
+# new one is up (dms.network.host, Libp2pTransport._supersede).
+SUPERSEDE_AFTER_S = 1.0
+SUPERSEDE_CLOSE_S = 5.0
+
+
+def _relayed_conn(conn: INetConn) -> bool:
+    with contextlib.suppress(Exception):
+        if conn.get_connection_type() == ConnectionType.RELAYED:
+            return True
+        return any(is_relayed(str(a)) for a in conn.get_transport_addresses())
+    return False
 
 
 class _ConnectionEvents(INotifee):
@@ -98,6 +110,7 @@ class _ConnectionEvents(INotifee):
         pass
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._transport._supersede(network, conn)
         self._transport._on_connected(conn.muxed_conn.peer_id)
 
     async def listen(self, network: INetwork, multiaddr: Any) -> None:
@@ -336,6 +349,36 @@ class Libp2pTransport(Unicast, Gossip):
             yield
 
     # ---- reachability and relays (dms.network.reachability, dms.network.relay) ------
+
+    def _supersede(self, network: INetwork, conn: INetConn) -> None:
+        """A peer that dials this node again while it holds a direct connection from
+        that peer: the older one is closed. A peer redials when its own side of the old
+        connection died, as behind a NAT that dropped its mapping (the router's new
+        mapping takes another port); this side would otherwise keep the dead connection
+        until TCP gives up (many minutes) and, as it holds more streams, py-libp2p
+        would open new streams on it. A simultaneous dial gives each side one inbound
+        and one outbound connection: neither is closed."""
+        if not conn.muxed_conn.is_initiator:
+            self._start_soon(self._close_older, network, conn)
+
+    async def _close_older(self, network: INetwork, conn: INetConn) -> None:
+        # A relayed connection is tagged as one after its upgrade (after this event).
+        await trio.sleep(SUPERSEDE_AFTER_S)
+        if conn.is_closed or _relayed_conn(conn):
+            return
+        pid = conn.muxed_conn.peer_id
+        for other in list(network.get_connections(pid)):
+            if other is conn or other.muxed_conn.is_initiator or _relayed_conn(other):
+                continue
+            log.info("peer %s dialed again: its older connection is closed", pid)
+            # Its socket first: closing Yamux alone writes a GO_AWAY to a dead peer,
+            # which waits as long as TCP does, and the connection stays listed (and
+            # chosen) meanwhile. With the socket shut, every read and write on it ends
+            # at once and its streams are reset here.
+            with contextlib.suppress(Exception), trio.move_on_after(SUPERSEDE_CLOSE_S):
+                await other.muxed_conn.secured_conn.close()  # type: ignore[attr-defined]
+            with contextlib.suppress(Exception), trio.move_on_after(SUPERSEDE_CLOSE_S):
+                await other.close()
 
     def reachability(self) -> Reachability:
         return Reachability.UNKNOWN if self._dialback is None else self._dialback.reachability

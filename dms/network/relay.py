@@ -358,7 +358,17 @@ class BudgetedRelay(CircuitV2Protocol):
         # Count what passes, by the peer that sent it, on top of py-libp2p's circuit cap.
         sender = src_stream.muxed_conn.peer_id
         counted = _CountingStream(src_stream, self, sender)
-        await super()._relay_data(counted, dst_stream, peer_id, deadline, circuit_data_limit)  # type: ignore[arg-type]
+        try:
+            await super()._relay_data(counted, dst_stream, peer_id, deadline, circuit_data_limit)  # type: ignore[arg-type]
+        finally:
+            # One direction ended (its side closed or died, a write timed out, a limit):
+            # the circuit ends both ways, so each end sees its relayed connection reset
+            # and dials again. py-libp2p's own clean-up is keyed by peer, and missed the
+            # circuits of a peer that had more than one: an end kept a connection whose
+            # other side was gone (seen after a NAT dropped a provider's mapping).
+            for stream in (src_stream, dst_stream):
+                with contextlib.suppress(Exception):
+                    await stream.reset()
 
     def count(self, sender: ID, n: int) -> bool:
         """Count ``n`` bytes sent by ``sender``; False once a byte budget is spent."""

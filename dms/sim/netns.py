@@ -223,17 +223,21 @@ class NatTopology:
     # ---- faults -----------------------------------------------------------------------
 
     def drop_mappings(self, role: str) -> None:
-        """The router of ``role`` forgets every NAT mapping (as a home router that
-        reboots or runs out of table): connections through it stop carrying packets.
-        Done by refusing what it forwarded and changing the masquerade rule, which
-        flushes its conntrack entries (no conntrack tool needed)."""
+        """The router of ``role`` forgets every NAT mapping, as a home router that
+        reboots: its new mappings take other ports (masquerading with random ports
+        from then on), so a connection through it that goes on sending arrives at
+        its peer from a port the peer does not know, and is reset; inbound packets
+        of the old mappings are dropped. Done by refusing what it forwarded and
+        taking the WAN side down, which flushes the masquerade's conntrack entries
+        (no conntrack tool needed). Hole punching through it fails from then on
+        (its ports cannot be predicted)."""
         router = f"r{self.nated[role]}"
         self.sh(router, "iptables", "-I", "FORWARD", "1", "-j", "DROP")
         self.sh(router, "iptables", "-t", "nat", "-F", "POSTROUTING")
         self.sh(router, "ip", "link", "set", "wan", "down")
         self.sh(router, "ip", "link", "set", "wan", "up")
         self.sh(router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan",
-                "-j", "MASQUERADE")  # fmt: skip
+                "-j", "MASQUERADE", "--random-fully")  # fmt: skip
         self.sh(router, "iptables", "-D", "FORWARD", "1")
 
     # ---- dms in a namespace -------------------------------------------------------------

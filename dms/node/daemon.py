@@ -34,8 +34,8 @@ from dms.node.metrics import NodeMetrics
 from dms.node.node import NodeActor
 from dms.node.services import NodeServices
 from dms.node.stakes import StakeBook
-from dms.orchestrator.bidindex import BidIndex, BidIndexBudget
 from dms.orchestrator.mining import SessionLimits
+from dms.provider.bidindex import BidIndex, BidIndexBudget
 from dms.resources import Onboarder, ResourceLedger
 from dms.security import Identity, TrustStore
 from dms.security.trust import TrustLimits

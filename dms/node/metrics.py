@@ -34,7 +34,7 @@ from dms.actor.system import ActorSystem
 from dms.actor.transport import Receiver, Transport, Undeliverable
 from dms.network.host import Libp2pTransport
 from dms.network.peertable import PeerTable
-from dms.orchestrator.bidindex import BidIndex
+from dms.provider.bidindex import BidIndex
 from dms.resources.ledger import ResourceLedger
 from dms.store import Database
 from dms.store.models import DeploymentRecord, Lease, MiningSessionRecord

@@ -14,8 +14,8 @@ from dms.network.peerbook import PeerBook
 from dms.network.peertable import PeerTable
 from dms.network.transfer import ChunkNetwork
 from dms.node.stakes import StakeBook
-from dms.orchestrator.bidindex import BidIndex
 from dms.orchestrator.mining import SessionLimits
+from dms.provider.bidindex import BidIndex
 from dms.resources import Onboarder, Preferences, ResourceLedger
 from dms.store import Database
 

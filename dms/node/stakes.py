@@ -2,7 +2,7 @@
 
 A key is free, so a budget shared by every peer is filled by whoever makes the
 most keys. The admission budgets (``dms.actor.admission``) and the bid index
-(``dms.orchestrator.bidindex``) give peers without a stake only part of each
+(``dms.provider.bidindex``) give peers without a stake only part of each
 global budget; the peers in this book keep the rest. A peer is in it when it
 holds or held an allocation here (its requester committed a lease and
 allocated it: a real job, read from the ledger at start and noted at each

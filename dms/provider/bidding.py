@@ -27,7 +27,6 @@ from dms.jobs.allocation import AllocationActor
 from dms.jobs.executors import ExecutorError
 from dms.network.peertable import GONE, PeerTable
 from dms.network.transfer import Courier
-from dms.orchestrator.bidindex import BidIndex, bid_rows
 from dms.orchestrator.messages import (
     ALLOCATE,
     BID,
@@ -42,6 +41,7 @@ from dms.orchestrator.messages import (
     RevertRequest,
 )
 from dms.provider.bidder import BidderView, make_bid
+from dms.provider.bidindex import BidIndex, bid_rows
 from dms.provider.lapses import Lapses
 from dms.provider.onboarding import need_ledger
 from dms.resources import ALLOCATED, Preferences, ResourceError, ResourceLedger

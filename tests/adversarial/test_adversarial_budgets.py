@@ -23,8 +23,8 @@ from dms.actor import Actor
 from dms.actor.codes import InvokeTimeout, RemoteError
 from dms.node.client import root_handle
 from dms.node.daemon import Node
-from dms.orchestrator.bidindex import BIDS
 from dms.orchestrator.messages import REQUEST, BidRequest
+from dms.provider.bidindex import BIDS
 from dms.resources import Resources
 from dms.sim.adversary import BarePeer
 from dms.sim.cluster import LocalCluster

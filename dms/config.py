@@ -290,6 +290,13 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(
         default=2.0, ge=0.1, le=300, description="announce this node on the heartbeat topic every"
     )
+    benchmark_step_s: float = Field(
+        default=0.4,
+        gt=0,
+        le=10,
+        description="time the capability benchmark gives each of its measurements "
+        "(shorter: a quicker, noisier benchmark)",
+    )
     heartbeat_budget_per_s: float = Field(
         default=10.0, gt=0, description="most heartbeats a second the whole network sends"
     )

@@ -7,22 +7,40 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from dms.jobs.spec import load_spec
+from dms.node.client import NodeClient
+from dms.node.home import USER_KEY
+from dms.security import Keystore
+
+T = TypeVar("T")
 
 PASSPHRASE = "correct horse battery staple"
 
 
-def env_for(home: Path) -> dict[str, str]:
+# The capability benchmark's measurements at 0.05 s each instead of 0.4 (about 1.5 s
+# instead of 4 per `dms onboard`); tests/test_onboarding.py measures as users do.
+BENCHMARK_STEP_S = "0.05"
+
+
+def env_for(home: Path, *, quick_benchmark: bool = True) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DMS_")}
     env.update(DMS_HOME=str(home), DMS_PASSPHRASE=PASSPHRASE)
+    if quick_benchmark:
+        env.update(DMS_BENCHMARK_STEP_S=BENCHMARK_STEP_S)
     return env
 
 
-def dms(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def dms(
+    home: Path, *args: str, timeout: float = 60, quick_benchmark: bool = True
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dms", *args],
-        env=env_for(home),
+        env=env_for(home, quick_benchmark=quick_benchmark),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -33,6 +51,23 @@ def dms_json(home: Path, *args: str) -> Any:
     done = dms(home, *args, "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def side_by_side(calls: Iterable[Callable[[], T]], at_once: int = 4) -> list[T]:
+    """Independent calls (``dms`` subprocesses, mostly waiting on Python's start-up and
+    the daemon) run a few at a time; their results in the order given."""
+    with ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
+def submit(home: Path, job: Path, times: int) -> list[str]:
+    """Submit ``job`` ``times`` times to the home's daemon as ``dms deploy`` does (same
+    spec loading, same behaviour, signed by the user), in this process: for tests that
+    need many deployments and check something else. Their ids."""
+    spec = {"spec": load_spec(job).model_dump(mode="json")}
+    user = Keystore(home, lambda _context, _confirm: PASSPHRASE).load(USER_KEY)
+    client = NodeClient(home, user)
+    return [client.invoke("/dms/node/deployment/new", spec)["id"] for _ in range(times)]
 
 
 class Daemon:

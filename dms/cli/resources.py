@@ -38,7 +38,9 @@ def _measure(cfg: Settings, show: bool) -> Capability:
     from dms.resources.benchmark import run_benchmark
 
     with progress_bar(show, "benchmark", 5) as update:
-        return run_benchmark(cfg.home, lambda step, done, total: update(done, step, total))
+        return run_benchmark(
+            cfg.home, lambda step, done, total: update(done, step, total), cfg.benchmark_step_s
+        )
 
 
 def _steps(update: Callable[..., None]) -> Callable[[str, int, int], None]:

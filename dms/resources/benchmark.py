@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 BENCHMARK_VERSION = 1
-STEP_S = 0.4  # time budget per measurement
+STEP_S = 0.4  # time budget per measurement (the default of the benchmark_step_s setting)
 _VECTOR = 1 << 18  # elements in the cpu unit of work
 _MEMORY_MIB = 64
 _DISK_MIB = 64
@@ -83,23 +83,23 @@ def _cpu_kernel(x: np.ndarray, out: np.ndarray) -> None:
     np.add(out, 1.0, out=out)
 
 
-def _cpu(cores: int) -> tuple[float, float]:
+def _cpu(cores: int, budget_s: float) -> tuple[float, float]:
     inputs = [np.linspace(0.0, 1.0, _VECTOR) for _ in range(cores)]
     outputs = [np.empty(_VECTOR) for _ in range(cores)]
-    single = _rate(lambda: _cpu_kernel(inputs[0], outputs[0]), _VECTOR / 1e6)
+    single = _rate(lambda: _cpu_kernel(inputs[0], outputs[0]), _VECTOR / 1e6, budget_s)
     with ThreadPoolExecutor(cores) as pool:  # numpy ufuncs release the GIL
 
         def all_cores() -> None:
             list(pool.map(_cpu_kernel, inputs, outputs))
 
-        every = _rate(all_cores, cores * _VECTOR / 1e6)
+        every = _rate(all_cores, cores * _VECTOR / 1e6, budget_s)
     return single, every
 
 
-def _memory() -> float:
+def _memory(budget_s: float) -> float:
     src = np.ones(_MEMORY_MIB * 2**20 // 8)
     dst = np.empty_like(src)
-    return _rate(lambda: np.copyto(dst, src), 2 * src.nbytes / 1e9)
+    return _rate(lambda: np.copyto(dst, src), 2 * src.nbytes / 1e9, budget_s)
 
 
 def _disk(folder: Path) -> tuple[float, float]:
@@ -126,43 +126,49 @@ def _disk(folder: Path) -> tuple[float, float]:
     return round(write, 3), round(read, 3)
 
 
-def _ckks() -> tuple[float, float, float]:
+def _ckks(budget_s: float) -> tuple[float, float, float]:
     from dms.mining.schemes.ckks import CkksKeys
 
     keys = CkksKeys.generate(128, galois=True)
     values = np.linspace(-0.5, 0.5, keys.slots)
     a, b = keys.encrypt(values), keys.encrypt(values[::-1])
-    add = _rate(lambda: a + b)
-    mul = _rate(lambda: a * b)
-    rotate = _rate(lambda: a.sum(), math.log2(keys.slots))
+    add = _rate(lambda: a + b, budget_s=budget_s)
+    mul = _rate(lambda: a * b, budget_s=budget_s)
+    rotate = _rate(lambda: a.sum(), math.log2(keys.slots), budget_s)
     return add, mul, rotate
 
 
-def _liu() -> tuple[float, float]:
+def _liu(budget_s: float) -> tuple[float, float]:
     from dms.mining.schemes.liu import LiuKey, add
 
     key = LiuKey.generate(128)
     values = np.linspace(-100.0, 100.0, 10_000)
     c = key.encrypt(values)
-    return _rate(lambda: key.encrypt(values), values.size), _rate(lambda: add(c, c), values.size)
+    return (
+        _rate(lambda: key.encrypt(values), values.size, budget_s),
+        _rate(lambda: add(c, c), values.size, budget_s),
+    )
 
 
-def run_benchmark(folder: Path, progress: Progress | None = None) -> Capability:
-    """Measure this machine; ``folder`` is where the disk test writes (the node's home)."""
+def run_benchmark(
+    folder: Path, progress: Progress | None = None, step_s: float = STEP_S
+) -> Capability:
+    """Measure this machine; ``folder`` is where the disk test writes (the node's home),
+    ``step_s`` the time each measurement takes (the ``benchmark_step_s`` setting)."""
     steps = ["cpu", "memory", "disk", "ckks", "liu"]
     tell = progress or (lambda _name, _i, _n: None)
     started, wall = time.perf_counter(), time.time()
     cores = os.cpu_count() or 1
     tell(steps[0], 0, len(steps))
-    single, every = _cpu(cores)
+    single, every = _cpu(cores, step_s)
     tell(steps[1], 1, len(steps))
-    memory = _memory()
+    memory = _memory(step_s)
     tell(steps[2], 2, len(steps))
     write, read = _disk(folder)
     tell(steps[3], 3, len(steps))
-    ckks_add, ckks_mul, ckks_rotate = _ckks()
+    ckks_add, ckks_mul, ckks_rotate = _ckks(step_s)
     tell(steps[4], 4, len(steps))
-    liu_encrypt, liu_add = _liu()
+    liu_encrypt, liu_add = _liu(step_s)
     tell("done", 5, len(steps))
     return Capability(
         measured_at=wall,

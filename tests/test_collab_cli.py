@@ -15,39 +15,58 @@ from tests.conftest import wait_for
 IRIS = read_table(Path("examples/iris-features.csv").resolve()).features
 
 
-def test_three_owners_propose_join_and_get_the_joint_clustering(tmp_path: Path) -> None:
-    homes = [tmp_path / name for name in ("provider", "alice", "bob", "carol")]
-    for home in homes:
-        assert dms(home, "init").returncode == 0
-        (home / "config.toml").write_text("heartbeat_s = 0.5\n")
-    done = dms(homes[0], "onboard", "--cpu", "1", "--ram", "1", "--disk", "1", timeout=120)
-    assert done.returncode == 0, done.stderr
-    first = Daemon(homes[0])
-    daemons = [first] + [Daemon(h, "--bootstrap", first.info["addrs"][0]) for h in homes[1:]]
-    alice, bob, carol = homes[1:]
-    files = []
-    for home, rows in zip(homes[1:], np.array_split(IRIS, 3), strict=True):
-        np.savetxt(home / "rows.csv", rows, delimiter=",", fmt="%.17g")
-        files.append(home / "rows.csv")
-    np.savetxt(tmp_path / "start.csv", IRIS[:3], delimiter=",", fmt="%.17g")
-    try:
+class Network:
+    """A provider (``cpu`` cores) and three owners' daemons, each owner with a third of
+    Iris in its home; alice proposes."""
+
+    def __init__(self, tmp_path: Path, cpu: str = "1") -> None:
+        self.tmp = tmp_path
+        homes = [tmp_path / name for name in ("provider", "alice", "bob", "carol")]
+        for home in homes:
+            assert dms(home, "init").returncode == 0
+            (home / "config.toml").write_text("heartbeat_s = 0.5\n")
+        done = dms(homes[0], "onboard", "--cpu", cpu, "--ram", "1", "--disk", "1", timeout=120)
+        assert done.returncode == 0, done.stderr
+        first = Daemon(homes[0])
+        self.bootstrap = first.info["addrs"][0]
+        self.daemons = [first] + [Daemon(h, "--bootstrap", self.bootstrap) for h in homes[1:]]
+        self.alice, self.bob, self.carol = homes[1:]
+        self.files = []
+        for home, rows in zip(homes[1:], np.array_split(IRIS, 3), strict=True):
+            np.savetxt(home / "rows.csv", rows, delimiter=",", fmt="%.17g")
+            self.files.append(home / "rows.csv")
+        np.savetxt(tmp_path / "start.csv", IRIS[:3], delimiter=",", fmt="%.17g")
 
         def provider_known() -> bool:
-            rows = dms_json(alice, "peers", "list")
-            return any(r.get("onboarded", {}).get("cpu") == 1.0 for r in rows)
+            rows = dms_json(self.alice, "peers", "list")
+            return any(r.get("onboarded", {}).get("cpu") == float(cpu) for r in rows)
 
         wait_for(provider_known, 30, "alice to hear the provider")
-        others = ",".join(d.info["peer_id"] for d in daemons[2:])
-        proposal = tmp_path / "proposal.json"
-        args = ["mine", "collab", "propose", "--data", str(files[0]), "--owners", others]
-        args += ["--k", "3", "--rounds", "4", "--init", "supplied"]
-        args += ["--centroids", str(tmp_path / "start.csv"), "--out", str(proposal), "--json"]
-        done = dms(alice, *args)
+
+    def propose(self, rounds: int) -> tuple[str, Path]:
+        others = ",".join(d.info["peer_id"] for d in self.daemons[2:])
+        proposal = self.tmp / "proposal.json"
+        args = ["mine", "collab", "propose", "--data", str(self.files[0]), "--owners", others]
+        args += ["--k", "3", "--rounds", str(rounds), "--init", "supplied"]
+        args += ["--centroids", str(self.tmp / "start.csv"), "--out", str(proposal), "--json"]
+        done = dms(self.alice, *args)
         assert done.returncode == 0, done.stderr
         collab_id = json.loads(done.stdout)["collab_id"]
-        for home, path in ((bob, files[1]), (carol, files[2])):
+        for home, path in ((self.bob, self.files[1]), (self.carol, self.files[2])):
             done = dms(home, "mine", "collab", "join", str(proposal), "--data", str(path))
             assert done.returncode == 0, done.stderr
+        return collab_id, proposal
+
+    def stop(self) -> None:
+        for daemon in self.daemons:
+            daemon.stop()
+
+
+def test_three_owners_propose_join_and_get_the_joint_clustering(tmp_path: Path) -> None:
+    net = Network(tmp_path)
+    alice, bob, carol, files = net.alice, net.bob, net.carol, net.files
+    try:
+        collab_id, proposal = net.propose(rounds=4)
         again = dms(bob, "mine", "collab", "join", str(proposal), "--data", str(files[1]))
         assert again.returncode != 0 and "already joined" in again.stderr
         plain = kmeans(
@@ -64,5 +83,45 @@ def test_three_owners_propose_join_and_get_the_joint_clustering(tmp_path: Path) 
             labels += (out / "labels.csv").read_text().split()[1:]
         assert labels == [str(v) for v in plain.labels]
     finally:
-        for daemon in daemons:
-            daemon.stop()
+        net.stop()
+
+
+def test_the_proposers_daemon_killed_mid_job_resumes_the_collaboration_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of the proposer's daemon after round 3, then dms run again: its seat comes
+    back from its home (sealed), a new session places a new aggregator, replays what it
+    had relayed and resumes at the next round; every owner gets plaintext k-means on the
+    union, nobody dropped (the owners only wait while the proposer is down)."""
+    net = Network(tmp_path, cpu="2")  # room for the new aggregator beside the old one
+    rounds = 40
+    try:
+        collab_id, _ = net.propose(rounds=rounds)
+
+        def session() -> dict:
+            return dms_json(net.alice, "mine", "collab", "result", collab_id)["session"]
+
+        wait_for(lambda: (session().get("rounds_done") or 0) >= 3, 120, "round 3")
+        net.daemons[1].kill()
+        [kept] = (net.alice / "collab").glob("*.seat")  # sealed, this user's only
+        assert set(json.loads(kept.read_text())) == {"collab_id", "sealed"}
+        assert kept.stat().st_mode & 0o077 == 0
+        net.daemons[1] = Daemon(net.alice, "--bootstrap", net.bootstrap)
+        plain = kmeans(
+            IRIS, ClusteringParams(3, min_error=-1.0, max_iterations=rounds), centroids=IRIS[:3]
+        )
+        labels: list[str] = []
+        for home in (net.alice, net.bob, net.carol):
+            out = home / "out"
+            done = dms(home, "mine", "collab", "result", collab_id, "--wait", "180",
+                       "--out", str(out), timeout=240)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            result = json.loads((out / "result.json").read_text())
+            assert result["dropped"] == []
+            np.testing.assert_allclose(result["centroids"], plain.centroids, atol=1e-9)
+            labels += (out / "labels.csv").read_text().split()[1:]
+        assert labels == [str(v) for v in plain.labels]
+        final = session()
+        assert final["phase"] == "completed" and final["restarts"] == 1, final
+    finally:
+        net.stop()

@@ -391,3 +391,50 @@ def test_a_roster_entry_not_signed_by_its_owners_node_is_refused_with_the_reason
         aggregator.receive_advert(advert)
     shares = owners[0].receive_roster(aggregator.roster())  # the true roster is taken
     assert set(shares.shares) == set(ids)
+
+
+def test_an_owner_restored_from_its_snapshot_answers_as_before_and_finishes_the_same() -> None:
+    """What the node keeps across a restart (``snapshot``, through its byte encoding):
+    the restored owner finishes with the same result, and still refuses to open the
+    second half of a mask it opened before the restart."""
+    from dms.mining.collab.messages import OwnerState
+    from dms.mining.wire import encode
+
+    p, owners, agg = _one_round()
+    start = agg.start_round()
+    for owner in owners.values():
+        agg.receive_input(owner.contribute(start))
+    requests = agg.close_inputs()
+    first = owners["owner1"].unmask(requests["owner1"])
+    kept = decode(OwnerState, encode(owners["owner1"].snapshot()))
+    back = CollabOwner.restored(p, "owner1", split(IRIS, 3)["owner1"], kept)
+    assert back.unmask(requests["owner1"]) == first  # the same question, the same answer
+    lying = requests["owner1"].model_copy(
+        update={"survivors": ["owner1", "owner2"], "dropped": ["owner3"]}
+    )
+    with pytest.raises(Refused, match="a second, different unmask request"):
+        back.unmask(lying)
+    owners["owner1"] = back
+    for name, request in requests.items():
+        if name != "owner1":
+            agg.receive_unmask(owners[name].unmask(request))
+    agg.receive_unmask(first)
+    while True:
+        totals = agg.finish_round()
+        for owner in owners.values():
+            owner.receive_totals(totals)
+        if agg.done:
+            break
+        start = agg.start_round()
+        for owner in owners.values():
+            agg.receive_input(owner.contribute(start))
+        for name, request in agg.close_inputs().items():
+            agg.receive_unmask(owners[name].unmask(request))
+    plain = kmeans(IRIS, ClusteringParams(3, min_error=-1.0, max_iterations=2), centroids=IRIS[:3])
+    result = back.result()
+    np.testing.assert_allclose(result.centroids, plain.centroids, atol=1e-9)
+    assert np.concatenate([owners[o].result().labels for o in names(3)]).tolist() == (
+        plain.labels.tolist()
+    )
+    with pytest.raises(MiningError, match="the rows changed"):
+        CollabOwner.restored(p, "owner1", IRIS[:10], kept)

@@ -13,8 +13,14 @@ own labels and who dropped. A role of :class:`dms.node.node.NodeActor`
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import logging
+import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,15 +30,19 @@ from dms.actor.runtime import NodeRuntime
 from dms.errors import DmsError
 from dms.jobs.collab import CollabParams, node_signed
 from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
-from dms.mining.collab import CollabOwner, Proposal
-from dms.mining.collab.messages import Roster, RoundStart, RoundTotals, UnmaskRequest
+from dms.mining.collab import CollabOwner, Proposal, masks
+from dms.mining.collab.messages import OwnerState, Roster, RoundStart, RoundTotals, UnmaskRequest
 from dms.mining.data import read_table
 from dms.mining.errors import MiningError
 from dms.mining.wire import decode, encode
-from dms.orchestrator.collab import CollabSessionActor, OwnerCall
+from dms.orchestrator.collab import CollabSessionActor, OwnerCall, SessionState
 from dms.orchestrator.deployment import new_deployment_id
 from dms.orchestrator.requester import Sessions
+from dms.orchestrator.states import COLLAB
 from dms.resources import Resources
+from dms.store.files import write_private
+
+log = logging.getLogger("dms.collab")
 
 
 class JoinRequest(BaseModel):
@@ -77,14 +87,95 @@ class Seat:
 
     owner: CollabOwner
     proposer: str
+    data: str = ""  # the owner's CSV, read again after a restart
+    propose: ProposeRequest | None = None  # on the proposer's node: how it was proposed
+    kept: SessionState | None = None  # on the proposer's node: the session's last state
     lock: threading.Lock = field(default_factory=threading.Lock)
     error: str | None = None
     session: dict[str, Any] = field(default_factory=dict)  # the proposer's progress
 
 
+class SeatFile(BaseModel):
+    """One seat as kept on disk (sealed: it holds the owner's private keys)."""
+
+    model_config = ConfigDict(extra="forbid")
+    proposer: str
+    data: str
+    proposal: Proposal
+    owner: OwnerState
+    propose: ProposeRequest | None = None
+    session: SessionState | None = None
+
+
+class SeatStore:
+    """Each seat in ``DMS_HOME/collab/<collab id>.seat`` (0600), written before each
+    answer of its owner leaves: the owner's keys and where it stands, sealed (AES-GCM,
+    the collaboration id as associated data) under a key that only this node's identity
+    derives (HKDF of its deterministic Ed25519 signature of a fixed label). ``folder``
+    None: nothing is kept (a node without a home)."""
+
+    def __init__(self, folder: Path | None, node: NodeRuntime) -> None:
+        self.folder = folder
+        self.node = node
+        self._key = b""
+
+    def key(self) -> bytes:
+        if not self._key:
+            self._key = masks.derive(self.node.identity.sign(b"dms/collab/seats"), "seats")
+        return self._key
+
+    def path(self, collab_id: str) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{hashlib.sha256(collab_id.encode()).hexdigest()[:32]}.seat"
+
+    def write(self, seat: Seat) -> None:
+        """The seat as it is now (the caller holds its lock); a refusal if the disk
+        refuses, so the answer that depends on it does not leave."""
+        if self.folder is None:
+            return
+        p = seat.owner.proposal
+        kept = SeatFile(
+            proposer=seat.proposer,
+            data=seat.data,
+            proposal=p,
+            owner=seat.owner.snapshot(),
+            propose=seat.propose,
+            session=seat.kept,
+        )
+        nonce = os.urandom(masks.NONCE_BYTES)
+        sealed = masks.seal(self.key(), encode(kept), p.collab_id.encode(), nonce)
+        text = json.dumps({"collab_id": p.collab_id, "sealed": base64.b64encode(sealed).decode()})
+        try:
+            write_private(self.path(p.collab_id), text)
+        except OSError as exc:
+            raise CollabRefusal(f"this owner's state cannot be kept: {exc}") from None
+
+    def read_all(self) -> list[tuple[Seat | None, str]]:
+        """Every kept seat, or None and why it cannot be used."""
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        out: list[tuple[Seat | None, str]] = []
+        for path in sorted(self.folder.glob("*.seat")):
+            try:
+                doc = json.loads(path.read_text())
+                sealed, aad = base64.b64decode(doc["sealed"]), doc["collab_id"].encode()
+                kept = decode(SeatFile, masks.unseal(self.key(), sealed, aad, "the kept seat"))
+                rows = read_table(kept.data).features
+                me = self.node.system.peer_id
+                owner = CollabOwner.restored(kept.proposal, me, rows, kept.owner, node_signed)
+            except (OSError, ValueError, KeyError, TypeError, MiningError) as exc:
+                out.append((None, f"{path.name}: {str(exc).splitlines()[0][:200]}"))
+                continue
+            seat = Seat(owner, kept.proposer, data=kept.data, propose=kept.propose)
+            seat.kept = kept.session
+            out.append((seat, ""))
+        return out
+
+
 class Collab:
     """This node's owner in collaborations: its seats, and the sessions it proposed
-    (run as deployments of the requester, ``sessions``)."""
+    (run as deployments of the requester, ``sessions``). With a ``home`` each seat is
+    kept there (``SeatStore``), and :meth:`start` takes them back after a restart."""
 
     def __init__(
         self,
@@ -94,8 +185,10 @@ class Collab:
         max_seats: int = 32,
         owner_timeout_s: float = 20.0,
         join_timeout_s: float = 120.0,
+        home: Path | None = None,
     ) -> None:
         self.node = node
+        self.seats = SeatStore(home / "collab" if home is not None else None, node)
         self.sessions = sessions
         self.max_seats = max_seats
         self.owner_timeout_s = owner_timeout_s
@@ -115,7 +208,8 @@ class Collab:
             )
         try:
             rows = read_table(data).features
-            return Seat(CollabOwner(proposal, me, rows, check_node=node_signed), proposer)
+            owner = CollabOwner(proposal, me, rows, check_node=node_signed)
+            return Seat(owner, proposer, data=data)
         except MiningError as exc:
             raise CollabRefusal(str(exc)) from None
 
@@ -123,6 +217,8 @@ class Collab:
         if collab_id in self._seats:  # joined twice at once: the first one stands
             raise CollabRefusal(f"collaboration {collab_id!r} is already joined here")
         self._seats[collab_id] = seat
+        with seat.lock:
+            self.seats.write(seat)  # its keys are made: they outlive a restart
         return {"collab_id": collab_id, "owner": self.node.system.peer_id}
 
     @behaviour("/dms/node/collab/join", payload=JoinRequest)
@@ -144,11 +240,13 @@ class Collab:
             then=lambda seat: self._start_collab(p, seat),
         )
 
-    def _start_collab(self, p: ProposeRequest, seat: Seat) -> dict[str, Any]:
+    @staticmethod
+    def _spec(p: ProposeRequest) -> DeploymentSpec:
+        """The aggregator's deployment: one ``collab`` allocation, off the owners' nodes."""
         proposal = p.proposal
         params = CollabParams(proposal=proposal)
         exclude = [] if p.aggregator_on_owner else list(proposal.owners)
-        spec = DeploymentSpec(
+        return DeploymentSpec(
             name=f"collab-{proposal.collab_id}"[:64],
             allocations=[
                 AllocationSpec(
@@ -162,22 +260,62 @@ class Collab:
             strategy=p.strategy,
             deadline_s=p.timeout_s,
         )
-        answer = self._seat(seat, proposal.collab_id)
-        session_id = new_deployment_id()
+
+    def _start_collab(self, p: ProposeRequest, seat: Seat) -> dict[str, Any]:
+        seat.propose = p
+        answer = self._seat(seat, p.proposal.collab_id)
+        return {**answer, "deployment": self._run_session(seat, self._spec(p), None)}
+
+    def _run_session(self, seat: Seat, spec: DeploymentSpec, resume: SessionState | None) -> str:
+        """The proposer's session, new or (``resume``) after a restart of this node."""
+        assert seat.propose is not None
+        p, session_id = seat.propose, new_deployment_id()
 
         def progress(state: dict[str, Any]) -> None:
             seat.session = state
+
+        def keep(state: SessionState) -> None:
+            with seat.lock:
+                seat.kept = state
+                try:
+                    self.seats.write(seat)
+                except CollabRefusal as exc:  # the session goes on; a restart resumes earlier
+                    log.error("collaboration %s: %s", p.proposal.collab_id, exc)
 
         self.sessions.run(
             CollabSessionActor,
             session_id,
             spec,
-            proposal=proposal,
+            proposal=p.proposal,
             owner_timeout_s=p.owner_timeout_s or self.owner_timeout_s,
             join_timeout_s=p.join_timeout_s or self.join_timeout_s,
             on_progress=progress,
+            keep=keep,
+            resume=resume,
         )
-        return {**answer, "deployment": session_id}
+        return session_id
+
+    def start(self) -> None:
+        """Take the seats kept before a restart back (each owner where it answered last);
+        the proposer's collaborations that had not ended go on in a new session."""
+        for seat, problem in self.seats.read_all():
+            if seat is None:
+                log.warning("a collaboration kept here cannot resume: %s", problem)
+                continue
+            collab_id = seat.owner.proposal.collab_id
+            self._seats[collab_id] = seat
+            kept = seat.kept
+            if kept is not None and kept.phase in COLLAB.terminal:
+                seat.session = {"phase": kept.phase.value, "reason": kept.reason}
+                continue
+            if seat.propose is None or seat.owner.done:
+                continue
+            if not self.sessions.places:
+                log.warning("collaboration %s cannot resume: no deployment store", collab_id)
+                continue
+            where = f"at round {kept.next_round}" if kept else "from its setup"
+            log.info("collaboration %s resumes after a restart, %s", collab_id, where)
+            self._run_session(seat, self._spec(seat.propose), kept)
 
     @behaviour("/dms/node/collab/owner", public=True, payload=OwnerCall)
     def collab_owner(self, request: Request) -> None:
@@ -194,26 +332,30 @@ class Collab:
         self.node.in_background(request, lambda: {"body": self._owner_step(seat, call)})
 
     def _owner_step(self, seat: Seat, call: OwnerCall) -> bytes:
-        owner = seat.owner
         with seat.lock:
             try:
-                if call.op == "advert":  # this node vouches for the owner's keys
-                    advert = owner.advert()
-                    signed = self.node.identity.sign(advert.payload())
-                    return encode(advert.model_copy(update={"node_signature": signed}))
-                if call.op == "roster":
-                    return encode(owner.receive_roster(decode(Roster, call.body)))
-                if call.op == "start":
-                    return encode(owner.contribute(decode(RoundStart, call.body)))
-                if call.op == "unmask":
-                    return encode(owner.unmask(decode(UnmaskRequest, call.body)))
-                if call.op == "totals":
-                    owner.receive_totals(decode(RoundTotals, call.body))
-                    return b""
+                out = self._answer(seat.owner, call)
             except MiningError as exc:
                 raise CollabRefusal(str(exc)) from None
             except ValueError as exc:  # a body that does not decode
                 raise CollabRefusal(f"{call.op}: {str(exc).splitlines()[0]}") from None
+            self.seats.write(seat)  # before the answer leaves (survives a restart)
+            return out
+
+    def _answer(self, owner: CollabOwner, call: OwnerCall) -> bytes:
+        if call.op == "advert":  # this node vouches for the owner's keys
+            advert = owner.advert()
+            signed = self.node.identity.sign(advert.payload())
+            return encode(advert.model_copy(update={"node_signature": signed}))
+        if call.op == "roster":
+            return encode(owner.receive_roster(decode(Roster, call.body)))
+        if call.op == "start":
+            return encode(owner.contribute(decode(RoundStart, call.body)))
+        if call.op == "unmask":
+            return encode(owner.unmask(decode(UnmaskRequest, call.body)))
+        if call.op == "totals":
+            owner.receive_totals(decode(RoundTotals, call.body))
+            return b""
         raise CollabRefusal(f"unknown collaboration operation {call.op!r}")
 
     @behaviour("/dms/node/collab/result", payload=CollabId)

@@ -105,6 +105,7 @@ class NodeActor(Actor):
             max_seats=s.collab_max_seats,
             owner_timeout_s=s.collab_owner_timeout_s,
             join_timeout_s=s.collab_join_timeout_s,
+            home=s.home,
         )
         self.heartbeats = HeartbeatSync(self, s.peer_table, s.network)
         self.peering = Peering(
@@ -137,13 +138,15 @@ class NodeActor(Actor):
         """The roles start in this order: capabilities first (the roles of the child
         actors that bidding and the requester spawn); the provider reads its benchmark
         and expires what ran out while the node was down before bids are answered; the
-        requester resumes its deployments; peering last, so the first heartbeat carries
+        requester resumes its deployments (and the collaboration role the
+        collaborations it kept); peering last, so the first heartbeat carries
         the provider's figures."""
         self.caps.start()
         self.public.start()
         self.provider.start()
         self.bidding.start()
         self.requester.start()
+        self.collab.start()  # after the requester: a kept collaboration places again
         self.peering.start()
         self.call_later(self.services.prune_every_s, self._prune)
 

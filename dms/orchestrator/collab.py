@@ -28,11 +28,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from dms.actor import ActorContext, Handle, Outcome
 from dms.jobs.allocation import SESSION_BEHAVIOUR, SessionAnswer, SessionCall
-from dms.jobs.collab import Closed
+from dms.jobs.collab import Closed, CollabParams
 from dms.jobs.spec import DeploymentSpec
 from dms.mining.collab import Proposal
 from dms.mining.collab.messages import Dropout, Resume, Roster, RoundStart, RoundTotals
@@ -42,6 +42,7 @@ from dms.orchestrator.deployment import (
     DeploymentActor,
     Orchestration,
     allocation_handle,
+    drives,
     node_handle,
 )
 from dms.orchestrator.slots import Slot, SlotState
@@ -69,7 +70,30 @@ class OwnerCall(BaseModel):
     body: bytes = b""
 
 
+class SessionState(BaseModel):
+    """What the session keeps across a restart of the proposer's node (``keep``): what
+    it relayed (the adverts and mask-key shares a new aggregator is restored from),
+    where the rounds are, and the last totals (sent again to owners that missed them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    phase: CollabPhase
+    reason: str = ""
+    adverts: dict[str, bytes] = Field(default_factory=dict)
+    shares: dict[str, bytes] = Field(default_factory=dict)
+    next_round: int
+    live: list[str] | None = None
+    dropped: list[dict[str, Any]] = Field(default_factory=list)
+    last_totals: bytes = b""
+    restarts: int = 0
+
+
+@drives("collab")
 class CollabSessionActor(DeploymentActor):
+    """Resumed by the requester after a restart, as every deployment: it fails at once
+    (``resumable`` is false), stopping the aggregator it placed and freeing its lease.
+    The collaboration itself goes on in a new session that the node's collaboration
+    role starts from the kept :class:`SessionState` (``resume``)."""
+
     phase = Tracked(COLLAB)  # every move checked against COLLAB
 
     def __init__(
@@ -80,13 +104,19 @@ class CollabSessionActor(DeploymentActor):
         spec: DeploymentSpec,
         saved: dict[str, Any] | None = None,
         *,
-        proposal: Proposal,
-        owner_timeout_s: float,
-        join_timeout_s: float,
+        proposal: Proposal | None = None,
+        owner_timeout_s: float = 20.0,
+        join_timeout_s: float = 120.0,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        keep: Callable[[SessionState], None] | None = None,
+        resume: SessionState | None = None,
     ) -> None:
         super().__init__(context, orchestration, deployment_id, spec, saved)
+        if proposal is None:  # resumed by the requester: the proposal is the aggregator's
+            proposal = CollabParams.model_validate(spec.allocations[0].params).proposal
         self.proposal = proposal
+        self.keep = keep
+        self.resumed = resume
         self.owner_timeout_s = owner_timeout_s
         self.join_timeout_s = join_timeout_s
         self.on_progress = on_progress
@@ -112,6 +142,14 @@ class CollabSessionActor(DeploymentActor):
         self.live: list[str] | None = None
         self.round_bytes = 0  # relayed to and from owners in the rounds
         self.owner_rounds = 0  # owners live in each round, summed over rounds
+        self.last_totals = b""
+        self.restarts = 0  # restarts of the proposer's node this collaboration went through
+        if resume is not None:
+            self.adverts, self.shares = dict(resume.adverts), dict(resume.shares)
+            self.roster_taken = bool(resume.shares)
+            self.next_round, self.live = resume.next_round, resume.live
+            self.dropped, self.last_totals = list(resume.dropped), resume.last_totals
+            self.restarts = resume.restarts + 1
 
     # ---- deployment hooks -------------------------------------------------------------
 
@@ -130,6 +168,13 @@ class CollabSessionActor(DeploymentActor):
         self.aggregator_peer = slot.peer_id
         self.heard_at = time.monotonic()
         self._report()
+        if self.resumed is not None and self.phase == CollabPhase.PLACING:
+            self.phase = CollabPhase.JOINING  # rounds again once restored
+            self.book.event(
+                f"resumed after the proposer's node restarted: aggregator on {slot.peer_id}"
+            )
+            self._restore()
+            return
         if self.losses:
             if self.asking:  # owners are still answering the lost one: restore after
                 self.restore_wanted = True
@@ -159,10 +204,16 @@ class CollabSessionActor(DeploymentActor):
     def _restore(self) -> None:
         """Bring a new aggregator to where the lost one was, and run the round again: the
         relayed adverts, the roster, the mask-key shares again (each checked again, one
-        message at a time), then where to resume."""
+        message at a time), then where to resume. After a restart of the proposer's
+        node, the last totals go again to the survivors first (one that had them
+        refuses them, and stays where it is)."""
         adverts = list(self.adverts.items())
         if not self.roster_taken:  # no owner holds a roster yet: set up again
             self._to_aggregator("advert", adverts, lambda _: self._roster())
+            return
+        if self.last_totals and self.resumed is not None and self.live is not None:
+            body, self.last_totals = self.last_totals, b""
+            self._ask_owners(list(self.live), "totals", lambda _: body, lambda _: self._restore())
             return
         p = self.proposal
         state = Resume(
@@ -192,6 +243,26 @@ class CollabSessionActor(DeploymentActor):
             self.phase = CollabPhase.FAILED
             self.reason = what
             self._report()
+            self._keep()
+
+    def _keep(self) -> None:
+        """Hand what a restart needs to the node (it seals and writes it) before the
+        step that follows goes out."""
+        if self.keep is None:
+            return
+        self.keep(
+            SessionState(
+                phase=self.phase,
+                reason=self.reason,
+                adverts=self.adverts,
+                shares=self.shares if self.roster_taken else {},
+                next_round=self.next_round,
+                live=self.live,
+                dropped=self.dropped,
+                last_totals=self.last_totals,
+                restarts=self.restarts,
+            )
+        )
 
     # ---- setup ----------------------------------------------------------------------------
 
@@ -226,6 +297,7 @@ class CollabSessionActor(DeploymentActor):
 
     def _shares_taken(self, shares: Answers) -> None:
         self.shares.update(shares)
+        self._keep()
         self._to_aggregator("shares", list(shares.items()), lambda _: self._start_round())
 
     # ---- rounds ---------------------------------------------------------------------------
@@ -283,6 +355,8 @@ class CollabSessionActor(DeploymentActor):
             totals = decode(RoundTotals, body)
             self.dropped += [{"owner": o, "round": totals.round} for o in totals.dropped]
             self.next_round, self.live = totals.round + 1, totals.survivors
+            self.last_totals = body
+            self._keep()  # before any owner has them: a restart resumes after this round
             if totals.dropped:
                 self.book.event(f"round {totals.round}: dropped {', '.join(totals.dropped)}")
             last = totals.round >= self.proposal.rounds
@@ -300,6 +374,7 @@ class CollabSessionActor(DeploymentActor):
         self.reason = "completed"
         self.book.event(f"collaboration completed in {time.monotonic() - self.began:.1f} s")
         self._report()
+        self._keep()
         self._aggregator("end", b"", lambda _: None)
 
     def _fail(self, reason: str) -> None:
@@ -308,6 +383,7 @@ class CollabSessionActor(DeploymentActor):
         self.phase = CollabPhase.FAILED
         self.reason = reason
         self._report()
+        self._keep()
         self.abort(f"collaboration failed: {reason}")
 
     # ---- plumbing ---------------------------------------------------------------------
@@ -452,6 +528,7 @@ class CollabSessionActor(DeploymentActor):
             "rounds": self.proposal.rounds,
             "aggregator": self.aggregator_peer,
             "aggregator_losses": self.losses,
+            "restarts": self.restarts,
             "dropped": self.dropped,
             "refused": self.refused[-20:],
             "deployment": self.state,

@@ -34,7 +34,7 @@ def public_bytes(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(_RAW, _RAW_PUBLIC)
 
 
-def private_bytes(key: X25519PrivateKey) -> bytes:
+def private_bytes(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
     return key.private_bytes(_RAW, _RAW_PRIVATE, _NONE)
 
 

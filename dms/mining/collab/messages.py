@@ -218,3 +218,26 @@ class OwnerResult(BaseModel):
     dropped: list[Dropout]
     epsilon_spent: float | None = None
     delta_spent: float | None = None
+
+
+class OwnerState(BaseModel):
+    """An owner's whole state between two messages, to carry it over a restart of its
+    node (``CollabOwner.snapshot``/``restored``; its rows are read again). It holds the
+    owner's private keys: the node seals it before it touches the disk."""
+
+    model_config = ConfigDict(extra="forbid")
+    sign: bytes
+    c: bytes
+    s: bytes
+    share_keys: dict[str, bytes]
+    pair_secrets: dict[str, bytes]
+    roster: list[str]
+    dropped: list[Dropout]
+    next: int
+    pending: RoundStart | None
+    answer: tuple[UnmaskRequest, UnmaskReply] | None
+    opened_self: list[tuple[int, list[str]]]  # round, owners whose self mask it opened
+    labels: list[int]
+    candidate_labels: list[int]
+    initial: list[list[float]] | None
+    centroids: list[list[float]] | None

@@ -27,6 +27,7 @@ from dms.mining.collab.messages import (
     MaskedInput,
     NodeCheck,
     OwnerResult,
+    OwnerState,
     Proposal,
     Roster,
     RoundStart,
@@ -317,6 +318,61 @@ class CollabOwner:
             epsilon_spent=None if spent is None else spent.epsilon * p.rounds,
             delta_spent=None if spent is None else spent.delta * p.rounds,
         )
+
+    # -- a restart of the owner's node ---------------------------------------------
+
+    def snapshot(self) -> OwnerState:
+        """Everything but the rows: taken after each message, before the answer leaves,
+        so a restarted owner never answers twice differently (never opens both halves of
+        one owner's masks in a round)."""
+        return OwnerState(
+            sign=masks.private_bytes(self._sign),
+            c=masks.private_bytes(self._c),
+            s=masks.private_bytes(self._s),
+            share_keys=self._share_keys,
+            pair_secrets=self._pair_secrets,
+            roster=sorted(self._roster, key=self.proposal.position),
+            dropped=self._dropped,
+            next=self._next,
+            pending=self._pending,
+            answer=self._answer,
+            opened_self=[(r, sorted(owners)) for r, owners in self._opened_self.items()],
+            labels=self._labels.tolist(),
+            candidate_labels=self._candidate_labels.tolist(),
+            initial=None if self._initial is None else self._initial.tolist(),
+            centroids=None if self.centroids is None else self.centroids.tolist(),
+        )
+
+    @classmethod
+    def restored(
+        cls,
+        proposal: Proposal,
+        owner: str,
+        rows: np.ndarray,
+        state: OwnerState,
+        check_node: NodeCheck | None = None,
+    ) -> CollabOwner:
+        """The owner as :meth:`snapshot` left it, with its rows read again."""
+        me = cls(proposal, owner, rows, check_node)
+        if len(state.labels) != me._rows.shape[0]:
+            raise MiningError(
+                f"the rows changed while the node was down: {me._rows.shape[0]} rows, "
+                f"the collaboration has labels for {len(state.labels)}"
+            )
+        me._sign = Ed25519PrivateKey.from_private_bytes(state.sign)
+        me._c = X25519PrivateKey.from_private_bytes(state.c)
+        me._s = X25519PrivateKey.from_private_bytes(state.s)
+        me._share_keys, me._pair_secrets = state.share_keys, state.pair_secrets
+        me._roster = set(state.roster)
+        me._dropped = list(state.dropped)
+        me._next, me._pending, me._answer = state.next, state.pending, state.answer
+        me._opened_self = {r: set(owners) for r, owners in state.opened_self}
+        me._labels = np.asarray(state.labels, dtype=np.int64)
+        me._candidate_labels = np.asarray(state.candidate_labels, dtype=np.int64)
+        if state.initial is not None:
+            me._initial = np.asarray(state.initial, dtype=np.float64)
+        me.centroids = None if state.centroids is None else np.asarray(state.centroids)
+        return me
 
     # -- helpers ---------------------------------------------------------------
 

@@ -32,13 +32,13 @@ from dms.actor import ErrorCode, Refusal, Request, behaviour
 from dms.actor.policy import Role
 from dms.actor.runtime import NodeRuntime
 from dms.jobs.allocation import AllocationActor
+from dms.network.gossip import REVOCATION_TOPIC
 from dms.orchestrator.deployment import DeploymentActor
 from dms.security.identity import IdentityError, public_key_from_did
 from dms.security.trust import RevocationOutcome, TrustStore
 
 log = logging.getLogger("dms.node")
 
-REVOCATION_TOPIC = "/dms/revocation"
 REVOCATION_BEHAVIOUR = "/broadcast/revocation"
 REPUBLISH_S = 600.0
 FIRST_REPUBLISH_S = 3.0
@@ -202,7 +202,7 @@ class Capabilities:
         outcome = self.trust.add_revocation(raw, local=True)
         if outcome.revocation is None:
             raise Refusal(ErrorCode.BAD_PAYLOAD, outcome.reason)
-        self.node.publish(REVOCATION_TOPIC, REVOCATION_BEHAVIOUR, {"revocation": raw})
+        self._publish(raw)
         return {
             "revoked": outcome.revocation.revoked_id.hex(),
             "stored": outcome.stored,
@@ -210,12 +210,20 @@ class Capabilities:
             "published": REVOCATION_TOPIC,
         }
 
+    def _publish(self, raw: bytes) -> None:
+        """Publish a revocation, sealed to live until the next republication: the network
+        paces this node's own revocations below the budget each receiver gives it
+        (``dms.network.gossip.Pacer``), so one may wait its turn far longer than an
+        invoke's lifetime, and a receiver refuses an expired envelope."""
+        ttl_s = min(REPUBLISH_S, self.node.system.limits.max_ttl_s)
+        self.node.publish(REVOCATION_TOPIC, REVOCATION_BEHAVIOUR, {"revocation": raw}, ttl_s=ttl_s)
+
     def _republish(self) -> None:
         """The revocations this node's keys made, for nodes that were away."""
         mine = {self.node.identity.public_key} | _keys(self.trust.anchors.root)
         for raw in self.trust.revocations_by(mine):
             try:
-                self.node.publish(REVOCATION_TOPIC, REVOCATION_BEHAVIOUR, {"revocation": raw})
+                self._publish(raw)
             except Exception as exc:  # the network may be stopping
                 log.debug("revocation not published again: %s", exc)
         self.node.call_later(REPUBLISH_S, self._republish)

@@ -184,6 +184,30 @@ def test_a_node_publishes_its_own_revocations_within_the_budget_others_give_it(
     assert other.transport.refusals[ErrorCode.RATE_LIMITED] == 0
 
 
+def test_own_revocations_paced_past_an_envelopes_lifetime_are_still_heard(
+    cluster: LocalCluster,
+) -> None:
+    """A revoke of more than the pace lets out within an envelope's lifetime: the ones
+    that wait their turn must not be sealed with a lifetime they outlive in the queue
+    (every receiver refused them as expired)."""
+    cluster.settings.update(
+        revocations_per_peer_per_s=4.0, revocation_burst_per_peer=2, invoke_timeout_s=2.0
+    )
+    founder, other = cluster.start(2)
+    cluster.wait_linked()
+    assert founder.transport is not None and other.system is not None
+    wait_for(lambda: other.peer_id in founder.transport.mesh_peers(REVOCATION_TOPIC), 30,  # type: ignore[union-attr]
+             "the mesh")  # fmt: skip
+    assert founder.system is not None
+    for _ in range(12):  # paced at 2 a second: the last leaves ~5 s later, past 2 s
+        token = grant(founder.identity, founder.identity.public_key, ["/dms/deployment"],
+                      expires_in_s=DAY)  # fmt: skip
+        chain = founder.system.trust.verifier.verify(token.raw)
+        owner(founder, "/dms/cap/revoke", {"revocation": revoke(founder.identity, chain).raw})
+    outcomes = other.system.trust.revocation_outcomes
+    wait_for(lambda: sum(outcomes.values()) >= 12, 30, "every revocation heard")
+
+
 def test_new_chains_beyond_the_budget_are_refused_with_a_reason(
     cluster: LocalCluster, peers: list[BarePeer]
 ) -> None:

@@ -40,6 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from dms.actor.envelope import Envelope
 from dms.actor.handle import Handle
@@ -437,13 +438,14 @@ class LateAnswers:
         self._held = 0
         self.dropped = 0
 
-    def add(self, peer: str, env: Envelope, reason: str) -> bool:
-        """Keep ``env``'s refusal for a late answer; True if it is the first waiting
-        (the caller schedules :meth:`due` after ``LATE_ANSWER_S``)."""
+    def add(self, peer: str, env: Envelope, reason: str) -> Literal["first", "kept", "dropped"]:
+        """Keep ``env``'s refusal for a late answer: ``first`` if it is the first waiting
+        (the caller schedules :meth:`due` after ``LATE_ANSWER_S``), ``dropped`` if the
+        bounds are full (it is not answered)."""
         with self._lock:
             if self._by_peer[peer] >= MAX_LATE_PER_PEER or self._held >= MAX_LATE:
                 self.dropped += 1
-                return False
+                return "dropped"
             first = self._held == 0
             key = (peer, env.sender)
             batch = self._batches.get(key)
@@ -453,7 +455,7 @@ class LateAnswers:
                 batch.nonces.append(env.nonce)
             self._by_peer[peer] += 1
             self._held += 1
-            return first
+            return "first" if first else "kept"
 
     def due(self) -> tuple[list[LateBatch], bool]:
         """Batches to answer now, and whether more wait (schedule again)."""

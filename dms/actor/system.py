@@ -73,6 +73,8 @@ MIB = 1024 * 1024
 REFUSAL_TTL_S = 5.0
 # The most requests one refusal may answer besides its own (``also``).
 MAX_ALSO = 4096
+# Counted in ``refusals``: a refusal past the late answers' bounds, not answered.
+UNANSWERED = "unanswered"
 
 
 class Limits(BaseModel):
@@ -705,12 +707,12 @@ class ActorSystem:
             self._send_reply(
                 env, reply_payload(error=Refusal(ErrorCode.RATE_LIMITED, verdict.reason)), None
             )
-        elif (
-            env.reply_to is not None
-            and env.to is not None
-            and self.late_answers.add(from_peer, env, verdict.reason)
-        ):
-            self.timers.call_later(LATE_ANSWER_S, self._answer_late)
+        elif env.reply_to is not None and env.to is not None:
+            kept = self.late_answers.add(from_peer, env, verdict.reason)
+            if kept == "first":
+                self.timers.call_later(LATE_ANSWER_S, self._answer_late)
+            elif kept == "dropped":  # /metrics: dms_refusals_total{code="unanswered"}
+                self.refusals[UNANSWERED] += 1
 
     def _answer_late(self) -> None:
         """The refusals past the answer budget, one reply per sender: the first request's

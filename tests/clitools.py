@@ -60,6 +60,15 @@ def side_by_side(calls: Iterable[Callable[[], T]], at_once: int = 4) -> list[T]:
         return list(pool.map(lambda call: call(), calls))
 
 
+def init_homes(*homes: Path, config: str = "heartbeat_s = 0.5\n") -> None:
+    """``dms init`` in each home, side by side; then each home's config.toml."""
+    for home, done in zip(
+        homes, side_by_side(lambda h=h: dms(h, "init") for h in homes), strict=True
+    ):
+        assert done.returncode == 0, done.stderr
+        (home / "config.toml").write_text(config)
+
+
 def submit(home: Path, job: Path, times: int) -> list[str]:
     """Submit ``job`` ``times`` times to the home's daemon as ``dms deploy`` does (same
     spec loading, same behaviour, signed by the user), in this process: for tests that
@@ -95,6 +104,12 @@ class Daemon:
         line = self.proc.stdout.readline()
         assert line, self.proc.stderr.read() if self.proc.stderr else "no output"
         self.info = json.loads(line)
+
+    @classmethod
+    def joining(cls, first: Daemon, *homes: Path) -> list[Daemon]:
+        """Daemons of ``homes`` started side by side, each bootstrapping from ``first``."""
+        bootstrap = first.info["addrs"][0]
+        return side_by_side(lambda h=h: cls(h, "--bootstrap", bootstrap) for h in homes)
 
     def stop(self) -> int:
         if self.proc.poll() is None:

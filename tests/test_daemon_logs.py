@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from dms.cli.node import JsonLines, QuietLibp2p
-from tests.clitools import Daemon, dms, dms_json
+from tests.clitools import Daemon, dms, dms_json, init_homes
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,9 +21,7 @@ TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
 
 def test_the_daemon_logs_peers_bids_allocations_and_mining_rounds(tmp_path: Path) -> None:
     owner, provider = tmp_path / "owner", tmp_path / "provider"
-    for home in (owner, provider):
-        assert dms(home, "init").returncode == 0
-        (home / "config.toml").write_text("heartbeat_s = 0.5\n")
+    init_homes(owner, provider)
     done = dms(provider, "onboard", "--cpu", "2", "--ram", "1", "--disk", "1", timeout=120)
     assert done.returncode == 0, done.stderr
     worker = Daemon(provider, "--log-format", "json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.clitools import Daemon, dms, dms_json
+from tests.clitools import Daemon, dms, dms_json, init_homes, side_by_side
 from tests.conftest import wait_for
 
 JOB = """\
@@ -23,9 +23,7 @@ allocations:
 
 def test_deploy_follow_then_inspect_the_deployment(tmp_path: Path) -> None:
     requester, provider = tmp_path / "requester", tmp_path / "provider"
-    for home in (requester, provider):
-        assert dms(home, "init").returncode == 0
-        (home / "config.toml").write_text("heartbeat_s = 0.5\n")
+    init_homes(requester, provider)
     done = dms(provider, "onboard", "--cpu", "1", "--ram", "1", "--disk", "1", timeout=120)
     assert done.returncode == 0, done.stderr
     p = Daemon(provider)
@@ -47,13 +45,15 @@ def test_deploy_follow_then_inspect_the_deployment(tmp_path: Path) -> None:
         deployments = dms_json(requester, "deployment", "list")
         assert deployments[0]["name"] == "cli-demo" and deployments[0]["state"] == "completed"
         dep = deployments[0]["id"]
-        status = dms_json(requester, "deployment", "status", dep)
+        status, manifest, logs, missing = side_by_side([
+            lambda: dms_json(requester, "deployment", "status", dep),
+            lambda: dms_json(requester, "deployment", "manifest", dep),
+            lambda: dms_json(requester, "deployment", "logs", dep),
+            lambda: dms(requester, "deployment", "status", "nope"),
+        ])  # fmt: skip
         assert [s["status"] for s in status["slots"]] == ["completed", "completed"]
-        manifest = dms_json(requester, "deployment", "manifest", dep)
         assert {s["peer_id"] for s in manifest["slots"]} == {p.info["peer_id"]}
-        logs = dms_json(requester, "deployment", "logs", dep)
         assert len(logs["logs"]) == 2
-        missing = dms(requester, "deployment", "status", "nope")
         assert missing.returncode == 1 and "no deployment 'nope'" in missing.stderr
         # A params typo fails at once, names the field and its line, and places nothing.
         typo = tmp_path / "typo.yaml"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.clitools import Daemon, dms, dms_json
+from tests.clitools import Daemon, dms, dms_json, init_homes
 from tests.conftest import wait_for
 
 IRIS = Path("examples/iris-features.csv").resolve()
@@ -13,15 +13,12 @@ IRIS = Path("examples/iris-features.csv").resolve()
 
 def test_mine_from_one_daemon_places_the_work_and_matches_local(tmp_path: Path) -> None:
     owner, one, two = tmp_path / "owner", tmp_path / "one", tmp_path / "two"
-    for home in (owner, one, two):
-        assert dms(home, "init").returncode == 0
-        (home / "config.toml").write_text("heartbeat_s = 0.5\n")
+    init_homes(owner, one, two)
     for home in (one, two):
         done = dms(home, "onboard", "--cpu", "1", "--ram", "1", "--disk", "1", timeout=120)
         assert done.returncode == 0, done.stderr
     first = Daemon(one)
-    daemons = [first, Daemon(two, "--bootstrap", first.info["addrs"][0])]
-    daemons.append(Daemon(owner, "--bootstrap", first.info["addrs"][0]))
+    daemons = [first, *Daemon.joining(first, two, owner)]
     try:
 
         def both_providers_known() -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.clitools import Daemon, dms, dms_json, env_for
+from tests.clitools import Daemon, dms, dms_json, env_for, init_homes
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -369,9 +369,7 @@ def test_run_in_the_background_of_a_terminal_logs_to_the_home(tmp_path: Path, tm
 
 def test_a_dial_that_recovers_is_not_an_error(tmp_path: Path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
-    for home in (first, second):
-        assert dms(home, "init").returncode == 0
-        (home / "config.toml").write_text("heartbeat_s = 0.5\n")
+    init_homes(first, second)
     port = free_port()
     first_id = dms_json(first, "key", "list")[0]["peer_id"]
     # The second starts first and dials a peer that is not up yet, as when three daemons
@@ -401,9 +399,7 @@ class Pair:
 
     def __init__(self, root: Path) -> None:
         self.owner, self.provider = root / "owner", root / "provider"
-        for home in (self.owner, self.provider):
-            assert dms(home, "init").returncode == 0
-            (home / "config.toml").write_text("heartbeat_s = 0.5\n")
+        init_homes(self.owner, self.provider)
         done = dms(self.provider, "onboard", "--cpu", "1", "--ram", "1", "--disk", "1", timeout=120)
         assert done.returncode == 0, done.stderr
         self.provider_daemon = Daemon(self.provider)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.clitools import Daemon, dms, dms_json, env_for, side_by_side, submit
+from tests.clitools import Daemon, dms, dms_json, env_for, init_homes, side_by_side, submit
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,9 +109,7 @@ class Homes:
 
     def __init__(self, root: Path) -> None:
         self.owner, self.provider = root / "owner", root / "provider"
-        for home in (self.owner, self.provider):
-            assert dms(home, "init").returncode == 0
-            (home / "config.toml").write_text("heartbeat_s = 0.5\n")
+        init_homes(self.owner, self.provider)
         done = dms(self.provider, "onboard", "--cpu", "2", "--ram", "1", "--disk", "1", timeout=120)
         assert done.returncode == 0, done.stderr
         self.provider_daemon = Daemon(self.provider)

@@ -6,9 +6,12 @@ real NAT topology is in tests/test_nat.py, root only.)"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -16,7 +19,7 @@ from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 
 from dms.network.host import Libp2pTransport
-from dms.network.reachability import Reachability
+from dms.network.reachability import AUTONAT_PROTOCOL_ID, Reachability
 from dms.network.relay import HOP_PROTOCOL, RelayRefusal, is_relayed
 from dms.network.settings import NetworkSettings, RelaySettings
 from dms.network.transfer import Courier, TransferError
@@ -126,6 +129,33 @@ def test_a_transfer_larger_than_the_relays_limit_is_refused_before_it_starts(
         fetcher.unpack(big, source.peer_id, "job")
     assert "at most 3.1 MB" in str(refused.value)
     assert sender.offers.served_chunks == served  # not one chunk was sent for it
+
+
+def test_a_peer_that_never_answers_the_dial_back_does_not_make_a_node_private(
+    started: list[Libp2pTransport],
+) -> None:
+    """A peer that does not answer (busy, gone, or hostile) has not tried to dial the
+    node: its silence is no verdict. It made the node 'private' for RECHECK_S (5 min),
+    so a public node with one silent peer among its first reserved relays."""
+    first = _transport("auto")
+    started.append(first)
+    silent = _transport("public", first.addrs())
+    started.append(silent)
+    asked = threading.Event()
+
+    async def never_answer(stream: Any) -> None:
+        with contextlib.suppress(Exception):
+            while await stream.read(1024):  # until the asker gives up and closes it
+                pass
+        asked.set()
+
+    assert silent._host is not None
+    silent._host.set_stream_handler(AUTONAT_PROTOCOL_ID, never_answer)
+    wait_for(asked.is_set, 30, "the dial-back request to time out")
+    assert first.reachability() is Reachability.UNKNOWN
+    # Two peers that answer: public.
+    started += [_transport("auto", first.addrs()), _transport("auto", first.addrs())]
+    wait_for(lambda: first.reachability() is Reachability.PUBLIC, 60, "two confirmations")
 
 
 def test_a_peer_opening_circuits_without_end_is_refused(started: list[Libp2pTransport]) -> None:

@@ -12,7 +12,9 @@ connects and then every ``RECHECK_S``. ``CONFIRMATIONS`` (2) distinct peers that
 reached it make it ``public``, so one lying or mistaken peer cannot; short of
 that, one peer that failed makes it ``private`` (a NATed node's listen address is
 not the IP its peers see, so they refuse to dial it); with fewer confirmations
-and no failure it stays ``unknown`` and asks the next peers it connects to.
+and no failure it stays ``unknown`` and asks the next peers it connects to. A
+peer that does not answer gives no verdict (it did not try to dial): it is not
+asked again until the next recheck.
 ``NetworkSettings.reachability`` forces either answer. See specs/network.md,
 "Reachability".
 """
@@ -58,6 +60,9 @@ class DialBack(AutoNATService):
         super().__init__(host, serve=True, confirmations=CONFIRMATIONS)  # type: ignore[arg-type]
         self.forced = forced
         self.verdicts: dict[ID, bool] = {}
+        # Peers that did not answer (no verdict): not asked again until the next recheck,
+        # so a few silent peers cannot keep the answering ones from being asked.
+        self.silent: set[ID] = set()
         self.confirmed_addr: str | None = None
         self.changed = trio.Event()
 
@@ -90,8 +95,9 @@ class DialBack(AutoNATService):
                 return bytes(raw)
         return None
 
-    async def ask(self, peer: ID) -> bool:
-        """Ask ``peer`` to dial this node back; its verdict (False if it cannot answer)."""
+    async def ask(self, peer: ID) -> bool | None:
+        """Ask ``peer`` to dial this node back; its verdict, or None if it did not answer
+        (no verdict: it did not try, so its silence says nothing of this node)."""
         addrs = [
             a.to_bytes()
             for a in self.host.get_addrs()
@@ -101,7 +107,7 @@ class DialBack(AutoNATService):
             status, addr = await self.query_server(peer, addrs, timeout=QUERY_TIMEOUT_S)
         except Exception as exc:
             log.debug("no dial-back answer from %s: %s", peer, exc)
-            return False
+            return None
         ok = status == int(Message.OK)
         if ok and addr is not None:
             self.confirmed_addr = str(Multiaddr(addr))
@@ -111,15 +117,21 @@ class DialBack(AutoNATService):
         """Ask connected peers until there is a verdict, then every ``RECHECK_S``."""
         while True:
             if self.reachability is Reachability.UNKNOWN:
-                asked = [p for p in peers() if p not in self.verdicts][:ASK_PEERS]
+                asked = [p for p in peers() if p not in self.verdicts and p not in self.silent]
+                asked = asked[:ASK_PEERS]
             else:  # a recheck: fresh verdicts replace the old ones peer by peer
                 asked = list(peers())[:ASK_PEERS]
+                self.silent.clear()
             before = self.reachability
             for peer in asked:
                 with contextlib.suppress(Exception):
                     if AUTONAT_PROTOCOL_ID not in self.host.get_peerstore().get_protocols(peer):
                         continue
-                self.verdicts[peer] = await self.ask(peer)
+                verdict = await self.ask(peer)
+                if verdict is None:
+                    self.silent.add(peer)
+                else:
+                    self.verdicts[peer] = verdict
             if self.reachability != before:
                 log.info("reachability: %s", self.reachability)
                 self.changed.set()

@@ -1,7 +1,7 @@
 """The README's "Mining on other nodes" section, run as written: its fenced blocks,
 in order, in one shell, against real daemons (HOME is a temporary folder, so
 ``~/.dms-*`` lands there; its fixed ports are swapped for free ones, since other
-tests may hold those). About a minute: three benchmarks, four daemons, one job."""
+tests may hold those). About a minute: three (shortened) benchmarks, four daemons, one job."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.clitools import BENCHMARK_STEP_S
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Mining on other nodes"
@@ -72,6 +74,7 @@ def test_the_three_provider_section_runs_as_written(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DMS_")}
     env.update(
         HOME=str(tmp_path),
+        DMS_BENCHMARK_STEP_S=BENCHMARK_STEP_S,  # as in every test but test_onboarding's
         COLUMNS="80",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )

@@ -360,7 +360,10 @@ def test_run_in_the_background_of_a_terminal_logs_to_the_home(tmp_path: Path, tm
     run = shlex.join(dms_argv("run", "--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", "0"))
     peers = shlex.join(dms_argv("peers", "self"))
     # An interactive shell, as a person types it: job control puts '&' in the background.
-    script = f"{run} & sleep 4; {peers}; kill %1; wait"
+    # 'peers self' once the node has written its api.json (at most 60 s).
+    api = shlex.quote(str(home / "api.json"))
+    up = f"for _ in $(seq 600); do [ -e {api} ] && break; sleep 0.1; done"
+    script = f"{run} & {up}; {peers}; kill %1; wait"
     screen = tmux.run(env_for(home), "bash", "-i", "-c", script)
     assert "logging to" in screen and str(home / "logs" / "dms.log") in screen, screen
     assert " INFO " not in screen and "alembic" not in screen, screen

@@ -46,11 +46,17 @@ BAD_INPUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def resources_before(onboarded_home: Path) -> dict:
+    """The onboarded home's resources before any bad input (each case compares with them:
+    a case that changed anything fails, and so do the cases after it)."""
+    return dms_json(onboarded_home, "resources")
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_onboarding_input_is_one_line_and_changes_nothing(
-    onboarded_home: Path, case: str
+    onboarded_home: Path, resources_before: dict, case: str
 ) -> None:
-    before = dms_json(onboarded_home, "resources")
     override, message = BAD_INPUTS[case]
     args = {"--cpu": "1", "--ram": "1", "--disk": "1"}
     args.update(dict(zip(override[::2], override[1::2], strict=True)))
@@ -58,7 +64,7 @@ def test_bad_onboarding_input_is_one_line_and_changes_nothing(
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
-    assert dms_json(onboarded_home, "resources") == before
+    assert dms_json(onboarded_home, "resources") == resources_before
 
 
 def test_onboard_offline_then_change_amounts_without_offboarding(onboarded_home: Path) -> None:

@@ -59,6 +59,10 @@ LATE_ANSWER_S = 0.2
 # them a refusal is not answered (the request times out at its sender).
 MAX_LATE_PER_PEER = 1024
 MAX_LATE = 16 * 1024
+# And the bytes they keep (a sender's handle and reply_to are the sender's own strings,
+# up to the header's 64 KiB; the request's payload and token chain are not kept).
+MAX_LATE_BYTES_PER_PEER = 1 << 20
+MAX_LATE_BYTES = 8 << 20
 # The most replies sent at each of those times (a signature each); the senders left
 # wait for the next.
 MAX_LATE_REPLIES = 20
@@ -418,9 +422,25 @@ class LateBatch:
 
     peer: str
     sender: Handle  # where the reply goes
-    first: Envelope  # the request whose reply_to the reply takes
+    first: Envelope  # the request whose reply_to the reply takes (no payload, no caps)
     reason: str
+    size: int  # the bytes this batch keeps (kept_bytes)
     nonces: list[bytes] = field(default_factory=list)  # the others'
+
+
+def kept_bytes(env: Envelope) -> int:
+    """About what a late refusal keeps of ``env``: its strings, a fixed part for the
+    rest (keys, nonce, times, the model itself)."""
+    to = env.to.address if env.to else None
+    strings = (
+        env.behaviour,
+        env.reply_to or "",
+        env.sender.address.host,
+        env.sender.address.inbox,
+        to.host if to else "",
+        to.inbox if to else "",
+    )
+    return 512 + sum(len(text) for text in strings)
 
 
 class LateAnswers:
@@ -435,26 +455,38 @@ class LateAnswers:
         self._lock = threading.Lock()
         self._batches: dict[tuple[str, Handle], LateBatch] = {}
         self._by_peer: Counter[str] = Counter()
+        self._bytes_by_peer: Counter[str] = Counter()
         self._held = 0
+        self.held_bytes = 0
         self.dropped = 0
 
     def add(self, peer: str, env: Envelope, reason: str) -> Literal["first", "kept", "dropped"]:
         """Keep ``env``'s refusal for a late answer: ``first`` if it is the first waiting
         (the caller schedules :meth:`due` after ``LATE_ANSWER_S``), ``dropped`` if the
         bounds are full (it is not answered)."""
+        key = (peer, env.sender)
         with self._lock:
-            if self._by_peer[peer] >= MAX_LATE_PER_PEER or self._held >= MAX_LATE:
+            batch = self._batches.get(key)
+            size = len(env.nonce) + 16 if batch is not None else kept_bytes(env)
+            if (
+                self._by_peer[peer] >= MAX_LATE_PER_PEER
+                or self._held >= MAX_LATE
+                or self._bytes_by_peer[peer] + size > MAX_LATE_BYTES_PER_PEER
+                or self.held_bytes + size > MAX_LATE_BYTES
+            ):
                 self.dropped += 1
                 return "dropped"
             first = self._held == 0
-            key = (peer, env.sender)
-            batch = self._batches.get(key)
             if batch is None:
-                self._batches[key] = LateBatch(peer, env.sender, env, reason)
+                bare = env.model_copy(update={"payload": None, "caps": []})
+                self._batches[key] = LateBatch(peer, env.sender, bare, reason, size)
             else:
                 batch.nonces.append(env.nonce)
+                batch.size += size
             self._by_peer[peer] += 1
+            self._bytes_by_peer[peer] += size
             self._held += 1
+            self.held_bytes += size
             return "first" if first else "kept"
 
     def due(self) -> tuple[list[LateBatch], bool]:
@@ -465,9 +497,12 @@ class LateAnswers:
                 batch = self._batches.pop(key)
                 count = 1 + len(batch.nonces)
                 self._by_peer[batch.peer] -= count
+                self._bytes_by_peer[batch.peer] -= batch.size
                 if self._by_peer[batch.peer] <= 0:
                     del self._by_peer[batch.peer]
+                    del self._bytes_by_peer[batch.peer]
                 self._held -= count
+                self.held_bytes -= batch.size
                 out.append(batch)
             return out, bool(self._batches)
 

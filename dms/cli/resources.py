@@ -28,7 +28,7 @@ from dms.store import open_database
 def _offline(cfg: Settings) -> Iterator[Onboarder]:
     db = open_database(cfg.database_url)
     try:
-        yield Onboarder(db, cfg.home)
+        yield Onboarder(db, cfg.home, step_s=cfg.benchmark_step_s)
     finally:
         db.close()
 

@@ -216,7 +216,7 @@ class Node:
                 chunk_network=layered,
                 peerbook=peerbook,
                 ledger=self.ledger,
-                onboarder=Onboarder(self.db, home, self.ledger),
+                onboarder=Onboarder(self.db, home, self.ledger, self.settings.benchmark_step_s),
                 preferences=self.settings.preferences,
                 peer_table=self.peer_table,
                 heartbeat_s=self.settings.heartbeat_s,

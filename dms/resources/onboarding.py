@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dms.resources.amounts import KINDS, AmountError, Resources, parse_cpu, parse_size, show
-from dms.resources.benchmark import Capability, Progress, run_benchmark
+from dms.resources.benchmark import STEP_S, Capability, Progress, run_benchmark
 from dms.resources.ledger import Pools, ResourceError, ResourceLedger
 from dms.resources.machine import machine_total
 from dms.store import Database
@@ -66,12 +66,20 @@ def checked_amounts(request: OnboardRequest, home: Path) -> Resources:
 
 
 class Onboarder:
-    """One node's onboarding state: amounts in the ledger, capability in the store."""
+    """One node's onboarding state: amounts in the ledger, capability in the store.
+    ``step_s``: the benchmark's time per measurement (the ``benchmark_step_s`` setting)."""
 
-    def __init__(self, db: Database, home: Path, ledger: ResourceLedger | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        home: Path,
+        ledger: ResourceLedger | None = None,
+        step_s: float = STEP_S,
+    ) -> None:
         self.db = db
         self.home = Path(home)
         self.ledger = ledger or ResourceLedger(db)
+        self.step_s = step_s
 
     def capability(self) -> Capability | None:
         raw = self.db.get_setting(CAPABILITY_KEY)
@@ -87,7 +95,7 @@ class Onboarder:
         self.db.record("capability.registered", seconds=capability.seconds)
 
     def benchmark(self, progress: Progress | None = None) -> Capability:
-        capability = run_benchmark(self.home, progress)
+        capability = run_benchmark(self.home, progress, self.step_s)
         self.register(capability)
         return capability
 

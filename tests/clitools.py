@@ -53,6 +53,34 @@ def dms_json(home: Path, *args: str) -> Any:
     return json.loads(done.stdout)
 
 
+MANY = """
+import contextlib, io, json, sys
+from dms.cli.app import main
+answers = []
+for args in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    answers.append((code, out.getvalue(), err.getvalue()))
+print(json.dumps(answers))
+"""
+
+
+def dms_many(home: Path, commands: list[list[str]], **env: str) -> list[tuple[int, str, str]]:
+    """Several commands that only read, each through the CLI's own ``main`` as ``python -m
+    dms`` calls it, in one subprocess (one start-up, not one per command; ``env`` added to
+    the home's): each one's exit code, stdout and stderr."""
+    done = subprocess.run(
+        [sys.executable, "-c", MANY, json.dumps(commands)],
+        env={**env_for(home), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return [(code, out, err) for code, out, err in json.loads(done.stdout)]
+
+
 def side_by_side(calls: Iterable[Callable[[], T]], at_once: int = 4) -> list[T]:
     """Independent calls (``dms`` subprocesses, mostly waiting on Python's start-up and
     the daemon) run a few at a time; their results in the order given."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.clitools import Daemon, dms, dms_json, env_for, init_homes
+from tests.clitools import Daemon, dms, dms_json, dms_many, env_for, init_homes
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,31 +196,11 @@ def leaf_commands() -> list[list[str]]:
     return list(walk(get_command(build_app()), []))
 
 
-HELPS = """
-import contextlib, io, json, sys
-from dms.cli.app import main
-answers = []
-for path in json.loads(sys.argv[1]):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = main([*path, "--help"])
-    answers.append((code, out.getvalue()))
-print(json.dumps(answers))
-"""
-
-
 def helps_at_80(home: Path, paths: list[list[str]]) -> list[tuple[int, str]]:
-    """``dms PATH --help`` for every path, each through the CLI's own ``main`` as
-    ``python -m dms`` calls it, at 80 columns, in one subprocess (one start-up instead
-    of one per command): the exit code and what it printed."""
-    env = env_for(home)
-    env.update(COLUMNS="80", LINES="50")
-    done = subprocess.run(
-        [sys.executable, "-c", HELPS, json.dumps(paths)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return [(code, text) for code, text in json.loads(done.stdout)]
+    """``dms PATH --help`` at 80 columns for every path, in one subprocess: the exit code
+    and what it printed."""
+    helps = dms_many(home, [[*path, "--help"] for path in paths], COLUMNS="80", LINES="50")
+    return [(code, out + err) for code, out, err in helps]
 
 
 def test_every_help_ends_with_real_examples_and_readable_types(tmp_path: Path) -> None:

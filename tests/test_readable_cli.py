@@ -20,7 +20,16 @@ from typing import Any
 
 import pytest
 
-from tests.clitools import Daemon, dms, dms_json, env_for, init_homes, side_by_side, submit
+from tests.clitools import (
+    Daemon,
+    dms,
+    dms_json,
+    dms_many,
+    env_for,
+    init_homes,
+    side_by_side,
+    submit,
+)
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +114,8 @@ def test_the_cut_word_check_finds_a_cut_word() -> None:
 
 
 class Homes:
-    """A provider and a data owner, with a deployment and a mining session done."""
+    """A provider and a data owner, with a deployment and a mining session done (what
+    their commands printed at 80 columns is checked with the other tables)."""
 
     def __init__(self, root: Path) -> None:
         self.owner, self.provider = root / "owner", root / "provider"
@@ -122,11 +132,11 @@ class Homes:
             return any(r.get("onboarded", {}).get("cpu") for r in rows)
 
         wait_for(provider_known, 30, "the owner to hear the provider")
-        done = dms(self.owner, "deploy", str(JOB), "--follow", timeout=120)
-        assert done.returncode == 0, done.stderr
+        deploy = ["deploy", str(JOB), "--follow"]
         mine = ["mine", "skmeans", "--data", str(IRIS), "--k", "3", "--out", str(root / "m")]
-        done = dms(self.owner, *mine, timeout=300)
-        assert done.returncode == 0, done.stderr
+        self.done = [(deploy, at_80(self.owner, *deploy)), (mine, at_80(self.owner, *mine))]
+        for args, done in self.done:
+            assert done.returncode == 0, (args, done.stderr)
         self.deployments = dms_json(self.owner, "deployment", "list")
         self.session = next(d["id"] for d in self.deployments if d["name"].startswith("mine-"))
         self.compute = next(d["id"] for d in self.deployments if d["name"] == "compute-demo")
@@ -169,8 +179,7 @@ def commands(h: Homes, root: Path) -> list[tuple[Path, list[str]]]:
         (p, ["onboard", "--cpu", "2", "--ram", "1", "--disk", "1"]),
         (o, ["mine", "dbskmeans", "--data", str(IRIS), "--k", "3", "--out", str(root / "d"),
              "--local", "--compare"]),
-        (o, ["mine", "skmeans", "--data", str(IRIS), "--k", "3", "--out", str(root / "s")]),
-        (o, ["deploy", str(JOB), "--follow"]),
+        # and the fixture's 'deploy --follow' and placed 'mine skmeans' (Homes.done)
     ]  # fmt: skip
 
 
@@ -178,14 +187,25 @@ def test_every_table_command_fits_80_columns_with_whole_words(homes: Homes, tmp_
     every = commands(homes, tmp_path)
     changing = ("deploy", "mine", "onboard", "init", "benchmark")  # not rerun for --json
     reading = [(home, args) for home, args in every if args[0] not in changing]
-    # The commands that only read run side by side, each with its --json twin (nothing
-    # changes the nodes meanwhile); the others one after the other, in order.
-    texts = [lambda h=h, a=a: at_80(h, *a) for h, a in reading]
-    ran = side_by_side([*texts, *(lambda h=h, a=a: dms_json(h, *a) for h, a in reading)])
-    checks = list(zip(reading, ran[: len(reading)], ran[len(reading) :], strict=True))
+    # The commands that only read run side by side, and their --json twins (the words a
+    # table may show) in one process per home (nothing changes the nodes meanwhile); the
+    # others one after the other, in order.
+    shown = side_by_side(lambda h=h, a=a: at_80(h, *a) for h, a in reading)
+    answers: dict[tuple[Path, str], Any] = {}
+    for home in {h for h, _ in reading}:
+        asked = [a for h, a in reading if h == home]
+        for args, (code, out, err) in zip(
+            asked, dms_many(home, [[*a, "--json"] for a in asked]), strict=True
+        ):
+            assert code == 0, (args, err)
+            answers[home, " ".join(args)] = json.loads(out)
+    checks = [
+        ((h, a), done, answers[h, " ".join(a)]) for (h, a), done in zip(reading, shown, strict=True)
+    ]
     for home, args in every:
         if args[0] in changing:
             checks.append(((home, args), at_80(home, *args), None))
+    checks += [((homes.owner, args), done, None) for args, done in homes.done]
     for (_, args), done, answer in checks:
         assert done.returncode == 0, (args, done.stderr)
         try:

@@ -11,6 +11,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from dms.actor import RemoteError
 from dms.mining.collab import Proposal, ring
 from dms.mining.collab.stats import kmeans_statistics, next_centroids
 from dms.mining.data import read_table
@@ -177,8 +178,6 @@ def test_below_the_threshold_the_collaboration_fails_with_that_reason(
 def test_a_node_takes_part_in_at_most_collab_max_seats_collaborations(
     cluster: tuple[LocalCluster, Node], tmp_path: Path
 ) -> None:
-    from dms.actor import RemoteError
-
     net, _ = cluster
     node = net.add(collab_max_seats=0)
     path = tmp_path / "rows.csv"
@@ -190,6 +189,60 @@ def test_a_node_takes_part_in_at_most_collab_max_seats_collaborations(
     payload = {"proposal": proposal.model_dump(mode="json"), "proposer": "b", "data": str(path)}
     with pytest.raises(RemoteError, match=r"in 0 collaborations already \(collab_max_seats\)"):
         Owners.ask(node, "/dms/node/collab/join", payload)
+
+
+def _alone(node: Node, collab_id: str) -> Proposal:
+    """A proposal of ``node`` and two owners that do not exist."""
+    return Proposal(
+        collab_id=collab_id, owners=[node.peer_id, "b", "c"], a=4, k=3, rounds=1,
+        threshold=2, centroids=IRIS[:3].tolist(),
+    )  # fmt: skip
+
+
+def test_an_ended_collaboration_holds_no_seat(
+    cluster: tuple[LocalCluster, Node], tmp_path: Path
+) -> None:
+    """A node of one seat proposes a collaboration no other owner joins: it fails, and
+    the next one is joined (its ended seat held the only place for good)."""
+    net, _ = cluster
+    node = net.add(collab_max_seats=1)
+    path = tmp_path / "rows.csv"
+    np.savetxt(path, PARTS[0], delimiter=",")
+    first = _alone(node, "alone-1")
+    body = {"proposal": first.model_dump(mode="json"), "data": str(path)}
+    Owners.ask(node, "/dms/node/collab/propose", {**body, "join_timeout_s": 1.0})
+
+    def failed() -> bool:
+        found = Owners.ask(node, "/dms/node/collab/result", {"collab_id": "alone-1"})
+        return found["session"].get("phase") == "failed"
+
+    wait_for(failed, 60, "the lone collaboration to fail")
+    second = _alone(node, "alone-2")
+    payload = {"proposal": second.model_dump(mode="json"), "proposer": "b", "data": str(path)}
+    joined = Owners.ask(node, "/dms/node/collab/join", payload)
+    assert joined["collab_id"] == "alone-2"
+    # That one holds the seat: a third is refused.
+    third = {**payload, "proposal": _alone(node, "alone-3").model_dump(mode="json")}
+    with pytest.raises(RemoteError, match=r"in 1 collaborations already"):
+        Owners.ask(node, "/dms/node/collab/join", third)
+
+
+def test_a_seat_the_disk_refused_is_not_joined_and_a_retry_joins(
+    cluster: tuple[LocalCluster, Node], tmp_path: Path
+) -> None:
+    net, _ = cluster
+    node = net.add()
+    path = tmp_path / "rows.csv"
+    np.savetxt(path, PARTS[0], delimiter=",")
+    proposal = _alone(node, "disk")
+    payload = {"proposal": proposal.model_dump(mode="json"), "proposer": "b", "data": str(path)}
+    seats = node.settings.home / "collab"
+    seats.write_text("not a folder")  # the seat cannot be written there
+    with pytest.raises(RemoteError, match="this owner's state cannot be kept"):
+        Owners.ask(node, "/dms/node/collab/join", payload)
+    seats.unlink()
+    assert Owners.ask(node, "/dms/node/collab/join", payload)["collab_id"] == "disk"
+    assert len(list(seats.glob("*.seat"))) == 1
 
 
 def test_the_aggregator_executor_refuses_bad_params_and_messages_with_a_reason() -> None:

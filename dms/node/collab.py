@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ from dms.resources import Resources
 from dms.store.files import write_private
 
 log = logging.getLogger("dms.collab")
+# An ended seat (completed, failed) or one its proposer stopped calling is kept this long
+# after its last write, for its result; then its file (the owner's keys) is deleted at
+# the node's next start. Neither counts against collab_max_seats.
+SEAT_RETENTION_S = 7 * 24 * 3600
 
 
 class JoinRequest(BaseModel):
@@ -93,6 +98,11 @@ class Seat:
     lock: threading.Lock = field(default_factory=threading.Lock)
     error: str | None = None
     session: dict[str, Any] = field(default_factory=dict)  # the proposer's progress
+    last_call: float = field(default_factory=time.monotonic)  # the proposer's latest
+
+    def ended(self) -> bool:
+        phase = self.session.get("phase") or (self.kept.phase if self.kept else None)
+        return self.owner.done or phase in COLLAB.terminal
 
 
 class SeatFile(BaseModel):
@@ -157,6 +167,10 @@ class SeatStore:
         out: list[tuple[Seat | None, str]] = []
         for path in sorted(self.folder.glob("*.seat")):
             try:
+                if time.time() - path.stat().st_mtime > SEAT_RETENTION_S:
+                    path.unlink()  # its result was there to read for a week; its keys go
+                    log.info("collaboration seat %s deleted: past its retention", path.name)
+                    continue
                 doc = json.loads(path.read_text())
                 sealed, aad = base64.b64decode(doc["sealed"]), doc["collab_id"].encode()
                 kept = decode(SeatFile, masks.unseal(self.key(), sealed, aad, "the kept seat"))
@@ -202,7 +216,7 @@ class Collab:
         if proposal.collab_id in self._seats:
             raise CollabRefusal(f"collaboration {proposal.collab_id!r} is already joined here")
         most = self.max_seats
-        if len(self._seats) >= most:
+        if sum(self._active(seat) for seat in self._seats.values()) >= most:
             raise CollabRefusal(
                 f"this node takes part in {most} collaborations already (collab_max_seats)"
             )
@@ -213,12 +227,20 @@ class Collab:
         except MiningError as exc:
             raise CollabRefusal(str(exc)) from None
 
+    def _active(self, seat: Seat) -> bool:
+        """Whether ``seat`` holds one of this node's collab_max_seats: not ended, and its
+        proposer called within the time a round may take (one that stopped calling
+        may still come back: the seat stays, it just holds no place)."""
+        quiet_s = max(self.join_timeout_s, 10 * self.owner_timeout_s)
+        return not seat.ended() and time.monotonic() - seat.last_call < quiet_s
+
     def _seat(self, seat: Seat, collab_id: str) -> dict[str, Any]:
         if collab_id in self._seats:  # joined twice at once: the first one stands
             raise CollabRefusal(f"collaboration {collab_id!r} is already joined here")
-        self._seats[collab_id] = seat
         with seat.lock:
             self.seats.write(seat)  # its keys are made: they outlive a restart
+        # Only once kept: a seat the disk refused is not joined (a retry may join).
+        self._seats[collab_id] = seat
         return {"collab_id": collab_id, "owner": self.node.system.peer_id}
 
     @behaviour("/dms/node/collab/join", payload=JoinRequest)
@@ -332,6 +354,7 @@ class Collab:
         self.node.in_background(request, lambda: {"body": self._owner_step(seat, call)})
 
     def _owner_step(self, seat: Seat, call: OwnerCall) -> bytes:
+        seat.last_call = time.monotonic()
         with seat.lock:
             try:
                 out = self._answer(seat.owner, call)

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dms.actor import Actor, ActorContext, ErrorCode, Handle, Refusal, Request, behaviour
 from dms.errors import DmsError
+from dms.jobs.base import InteractiveExecutor
 from dms.jobs.executors import ExecutorError, executor_for
 from dms.jobs.mining import join_context
 from dms.network.transfer import INLINE_BYTES, Courier, Parcel
@@ -121,10 +122,10 @@ class AllocationActor(Actor):
         self._courier = courier
         self._session_thread: ThreadPoolExecutor | None = None
         self._calls = 0
-        if getattr(self.executor, "interactive", False):
+        if isinstance(self.executor, InteractiveExecutor):
             # Without a courier (the in-memory transport carries no chunks) only inline
             # payloads travel: a larger one is refused with the reason (_unpack, _pack).
-            self.session = self.executor.session(params, self._log)  # type: ignore[attr-defined]
+            self.session = self.executor.session(params, self._log)
             self._session_thread = ThreadPoolExecutor(1, thread_name_prefix="dms-session")
         self.requester_host, self.reply_to = requester_host, reply_to
         self._on_end, self._requester_gone = on_end, requester_gone

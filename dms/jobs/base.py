@@ -77,7 +77,6 @@ class InteractiveExecutor(Generic[S]):
 
     kind: ClassVar[str]
     role: ClassVar[str]
-    interactive: ClassVar[bool] = True
 
     def params(self, params: dict[str, Any]) -> Any:
         """The parsed params (with ``estimated_bytes()``), or ``ExecutorError``."""

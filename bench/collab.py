@@ -58,6 +58,33 @@ def plain_cpu_per_round(rows: np.ndarray, init: np.ndarray) -> float:
     return (time.thread_time() - start) / ROUNDS
 
 
+def line(
+    owners: int, n_per_owner: int, mode: str, wall_s: float, agreement: float, **figures: Any
+) -> dict[str, object]:
+    """One case's JSON line: the keys issue 29 spells, None where the mode cannot
+    measure a figure (CPU per party is not separable across nodes in one process)."""
+    keyed: dict[str, object] = {
+        "owners": owners,
+        "n_per_owner": n_per_owner,
+        "a": A,
+        "k": K,
+        "rounds": ROUNDS,
+        "owner_cpu_s_per_round": None,
+        "plain_cpu_s_per_round": None,
+        "aggregator_cpu_s_per_round": None,
+        "kb_per_owner_per_round": None,
+        "wall_s": round(wall_s, 3),
+        "agreement": agreement,
+    }
+    return {**keyed, **figures, "mode": mode}
+
+
+def agreement(labels: list[int] | np.ndarray, plain: np.ndarray) -> float:
+    """The share of rows labelled as plaintext k-means labels them (0 if rows are missing)."""
+    got = np.asarray(labels)
+    return float((got == plain).mean()) if len(got) == len(plain) else 0.0
+
+
 def case(owners: int, n_per_owner: int) -> dict[str, object]:
     data, _ = blobs(owners * n_per_owner, A, K, seed=owners, std=2.0)
     names = [f"owner{i}" for i in range(1, owners + 1)]
@@ -79,22 +106,19 @@ def case(owners: int, n_per_owner: int) -> dict[str, object]:
     plain_s = statistics.mean(plain_cpu_per_round(parts[o], init) for o in sampled)
     owner_s = statistics.mean(s for per in run.owner_cpu_s.values() for s in per)
     kb = statistics.mean(b for per in run.owner_bytes.values() for b in per) / 1024
-    return {
-        "owners": owners,
-        "n_per_owner": n_per_owner,
-        "a": A,
-        "k": K,
-        "rounds": ROUNDS,
-        "owner_cpu_s_per_round": round(owner_s, 5),
-        "plain_cpu_s_per_round": round(plain_s, 5),
-        "aggregator_cpu_s_per_round": round(statistics.mean(run.aggregator_cpu_s), 5),
-        "kb_per_owner_per_round": round(kb, 2),
-        "wall_s": round(run.wall_s, 3),
-        "agreement": float((labels == plain.labels).mean()),
-        "cpu_ratio": round(owner_s / plain_s, 2),
-        "setup_kb_per_owner": round(statistics.mean(run.setup_bytes.values()) / 1024, 2),
-        "mode": "in-process",
-    }
+    return line(
+        owners,
+        n_per_owner,
+        "in-process",
+        run.wall_s,
+        agreement(labels, plain.labels),
+        owner_cpu_s_per_round=round(owner_s, 5),
+        plain_cpu_s_per_round=round(plain_s, 5),
+        aggregator_cpu_s_per_round=round(statistics.mean(run.aggregator_cpu_s), 5),
+        kb_per_owner_per_round=round(kb, 2),
+        cpu_ratio=round(owner_s / plain_s, 2),
+        setup_kb_per_owner=round(statistics.mean(run.setup_bytes.values()) / 1024, 2),
+    )
 
 
 def nodes_case(owners: int, n_per_owner: int, folder: Path) -> dict[str, object]:
@@ -149,21 +173,7 @@ def nodes_case(owners: int, n_per_owner: int, folder: Path) -> dict[str, object]
             labels += (answer.get("result") or {}).get("labels", [])
         wall = time.perf_counter() - began
     plain = kmeans(data, FIXED, centroids=init)
-    agreement = float((np.asarray(labels) == plain.labels).mean()) if labels else 0.0
-    return {
-        "owners": owners,
-        "n_per_owner": n_per_owner,
-        "a": A,
-        "k": K,
-        "rounds": ROUNDS,
-        "owner_cpu_s_per_round": None,
-        "plain_cpu_s_per_round": None,
-        "aggregator_cpu_s_per_round": None,
-        "kb_per_owner_per_round": None,
-        "wall_s": round(wall, 3),
-        "agreement": agreement,
-        "mode": "nodes",
-    }
+    return line(owners, n_per_owner, "nodes", wall, agreement(labels, plain.labels))
 
 
 def sim_case(owners: int, n_per_owner: int, folder: Path) -> dict[str, object]:
@@ -200,23 +210,15 @@ timeline:
     init = np.asarray(plan.proposal.centroids)
     plain = kmeans(rows, FIXED, centroids=init)
     labels = [x for name in plan.owners for x in plan.results.get(name, {}).get("labels", [])]
-    agreement = float((np.asarray(labels) == plain.labels).mean()) if len(labels) == len(
-        rows) else 0.0  # fmt: skip
-    return {
-        "owners": owners,
-        "n_per_owner": n_per_owner,
-        "a": A,
-        "k": K,
-        "rounds": ROUNDS,
-        "owner_cpu_s_per_round": None,
-        "plain_cpu_s_per_round": None,
-        "aggregator_cpu_s_per_round": None,
-        "kb_per_owner_per_round": plan.session.get("kb_per_owner_per_round"),
-        "wall_s": round((job.ended_at or time.time()) - job.submitted, 3),
-        "agreement": agreement,
-        "ok": report.ok,
-        "mode": "sim-memory",
-    }
+    return line(
+        owners,
+        n_per_owner,
+        "sim-memory",
+        (job.ended_at or time.time()) - job.submitted,
+        agreement(labels, plain.labels),
+        kb_per_owner_per_round=plan.session.get("kb_per_owner_per_round"),
+        ok=report.ok,
+    )
 
 
 def main() -> int:

@@ -210,13 +210,20 @@ timeline:
     init = np.asarray(plan.proposal.centroids)
     plain = kmeans(rows, FIXED, centroids=init)
     labels = [x for name in plan.owners for x in plan.results.get(name, {}).get("labels", [])]
+    # Each owner's node measures its answers' CPU; plaintext on a few owners' rows here.
+    owner_s = statistics.mean(plan.owner_cpu_s.values()) / ROUNDS if plan.owner_cpu_s else None
+    sampled = plan.parts[:: max(1, owners // 5)]
+    plain_s = statistics.mean(plain_cpu_per_round(part, init) for part in sampled)
     return line(
         owners,
         n_per_owner,
         "sim-memory",
         (job.ended_at or time.time()) - job.submitted,
         agreement(labels, plain.labels),
+        owner_cpu_s_per_round=round(owner_s, 5) if owner_s is not None else None,
+        plain_cpu_s_per_round=round(plain_s, 5),
         kb_per_owner_per_round=plan.session.get("kb_per_owner_per_round"),
+        cpu_ratio=round(owner_s / plain_s, 2) if owner_s is not None else None,
         ok=report.ok,
     )
 
@@ -233,16 +240,19 @@ def main() -> int:
     parser.add_argument(
         "--sim", type=int, nargs="*", help="also run these numbers of owners in dms sim memory"
     )
+    parser.add_argument(
+        "--rows", type=int, default=1_000, help="rows per owner of the --sim and --nodes cases"
+    )
     args = parser.parse_args()
     for owners in args.sim or []:
         with tempfile.TemporaryDirectory(prefix="dms-collab-sim-") as folder:
-            figures = sim_case(owners, 1_000, Path(folder))
+            figures = sim_case(owners, args.rows, Path(folder))
         print(json.dumps(figures) if args.json else figures, flush=True)
         if figures["agreement"] != 1.0:
             print(f"target missed: {figures}", file=sys.stderr)
     for owners in args.nodes or []:
         with tempfile.TemporaryDirectory(prefix="dms-collab-bench-") as folder:
-            figures = nodes_case(owners, 1_000, Path(folder))
+            figures = nodes_case(owners, args.rows, Path(folder))
         print(json.dumps(figures) if args.json else figures, flush=True)
         if figures["agreement"] != 1.0:
             print(f"target missed: {figures}", file=sys.stderr)

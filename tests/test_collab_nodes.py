@@ -111,7 +111,9 @@ def test_three_owners_on_nodes_get_plaintext_kmeans_of_the_union_and_the_aggrega
     )
     labels = []
     for node in owners.nodes:
-        result = owners.result(node, proposal.collab_id)["result"]
+        answer = owners.result(node, proposal.collab_id)
+        assert answer["owner_cpu_s"] > 0  # its rounds' work, measured where it ran
+        result = answer["result"]
         np.testing.assert_allclose(result["centroids"], plain.centroids, atol=1e-9)
         assert result["dropped"] == []
         labels += result["labels"]
@@ -329,7 +331,9 @@ def _lose_the_aggregator(net: LocalCluster, provider: Node, tmp_path: Path) -> N
     )
     labels = []
     for node in owners.nodes:
-        result = owners.result(node, proposal.collab_id)["result"]
+        answer = owners.result(node, proposal.collab_id)
+        assert answer["owner_cpu_s"] > 0  # its rounds' work, measured where it ran
+        result = answer["result"]
         np.testing.assert_allclose(result["centroids"], plain.centroids, atol=1e-9)
         labels += result["labels"]
     assert labels == plain.labels.tolist()

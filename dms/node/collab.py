@@ -48,6 +48,7 @@ log = logging.getLogger("dms.collab")
 # after its last write, for its result; then its file (the owner's keys) is deleted at
 # the node's next start. Neither counts against collab_max_seats.
 SEAT_RETENTION_S = 7 * 24 * 3600
+ROUND_OPS = frozenset({"start", "unmask", "totals"})  # an owner's work in each round
 
 
 class JoinRequest(BaseModel):
@@ -99,6 +100,7 @@ class Seat:
     error: str | None = None
     session: dict[str, Any] = field(default_factory=dict)  # the proposer's progress
     last_call: float = field(default_factory=time.monotonic)  # the proposer's latest
+    cpu_s: float = 0.0  # this node's CPU on the owner's round answers (thread time)
 
     def ended(self) -> bool:
         phase = self.session.get("phase") or (self.kept.phase if self.kept else None)
@@ -356,12 +358,15 @@ class Collab:
     def _owner_step(self, seat: Seat, call: OwnerCall) -> bytes:
         seat.last_call = time.monotonic()
         with seat.lock:
+            began = time.thread_time()
             try:
                 out = self._answer(seat.owner, call)
             except MiningError as exc:
                 raise CollabRefusal(str(exc)) from None
             except ValueError as exc:  # a body that does not decode
                 raise CollabRefusal(f"{call.op}: {str(exc).splitlines()[0]}") from None
+            if call.op in ROUND_OPS:
+                seat.cpu_s += time.thread_time() - began
             self.seats.write(seat)  # before the answer leaves (survives a restart)
             return out
 
@@ -388,7 +393,13 @@ class Collab:
         if seat is None:
             raise Refusal("unknown", f"collaboration {collab_id!r} is not joined here")
         owner = seat.owner
-        answer: dict[str, Any] = {"collab_id": collab_id, "session": seat.session}
+        answer: dict[str, Any] = {
+            "collab_id": collab_id,
+            "session": seat.session,
+            # The owner's own cost in the rounds since this node started: statistics,
+            # masks, unmasking and their encoding (not the setup, not the seat's writes).
+            "owner_cpu_s": round(seat.cpu_s, 6),
+        }
         if owner.done:
             answer["phase"] = "completed"
             answer["result"] = owner.result().model_dump()

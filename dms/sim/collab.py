@@ -37,6 +37,7 @@ class CollabPlan:
     parts: list[np.ndarray]
     files: list[Path]
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> its result
+    owner_cpu_s: dict[str, float] = field(default_factory=dict)  # node -> its answers' CPU
     session: dict[str, Any] = field(default_factory=dict)  # the proposer's last progress
 
     def payloads(self, proposer_peer: str, collab: Collab) -> list[tuple[str, str, dict]]:

@@ -225,6 +225,7 @@ class Follower:
                         mine = self.backend.call(name, "/dms/node/collab/result", collab_id, 30)
                         if mine.get("result"):
                             plan.results[name] = mine["result"]
+                            plan.owner_cpu_s[name] = mine.get("owner_cpu_s") or 0.0
             job.reason = session.get("reason", "") if phase == "failed" else ""
             job.ended_at = time.time()
             job.state = phase

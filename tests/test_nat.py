@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -175,3 +176,63 @@ def test_a_relay_that_dies_mid_job_ends_the_job_with_the_reason(nat: NatTopology
         # Or, when the relay dies before every bid is in, the bid rounds time out.
         reasons = ("the provider is gone", "unreachable", "no reply from")
         assert any(reason in err for reason in reasons), err[-2000:]
+
+
+@pytest.mark.slow  # two relays, a placed job, one relay killed mid-job
+def test_a_relay_that_dies_mid_job_is_replaced_by_the_second_relay(tmp_path: Path) -> None:
+    """Two public relays; the providers and the owner hold a reservation on each, so
+    each provider advertises two relayed addresses. Hole punching off: every byte goes
+    through a relay. The first relay (also the first bootstrap) is killed while the job
+    ships its data: the job goes on through the second relay and completes with the
+    labels of --local."""
+    roles = ("prov1", "prov2", "owner")
+    env = {"DMS_PASSPHRASE": PASSPHRASE, "DMS_HOLE_PUNCHING": "false"}
+    with NatTopology(tmp_path, env=env, public=("relay", "relay2"), nated=roles) as nat:
+        for role in ("relay", "relay2", *roles):
+            assert nat.dms(role, "init").returncode == 0
+            relay = "relay = true\n" if role.startswith("relay") else ""
+            (nat.home(role) / "config.toml").write_text("heartbeat_s = 0.5\n" + relay)
+        for role in ("prov1", "prov2"):
+            done = nat.dms(role, "onboard", "--cpu", "1", "--ram", "1", "--disk", "1",
+                           timeout=120)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+        first = nat.daemon("relay")
+        second = nat.daemon("relay2", "--bootstrap", first.info["addrs"][0])
+        boots = [a for d in (first, second) for a in ("--bootstrap", d.info["addrs"][0])]
+        daemons = {role: nat.daemon(role, *boots) for role in roles}
+        relays = {first.info["peer_id"], second.info["peer_id"]}
+
+        def relays_of(row: dict[str, Any]) -> set[str]:
+            circuits = [a for a in row.get("addrs", []) if "/p2p-circuit/" in a]
+            return {a.split("/p2p-circuit/")[0].rsplit("/p2p/", 1)[1] for a in circuits}
+
+        def both_providers_on_both_relays() -> bool:
+            rows = nat.dms_json("owner", "peers", "list")
+            ready = [
+                r for r in rows
+                if r.get("onboarded", {}).get("cpu") == 1.0 and relays_of(r) == relays
+            ]  # fmt: skip
+            return len(ready) == 2
+
+        wait_for(both_providers_on_both_relays, 90, "both providers with two relayed addresses")
+        args = ["mine", "skmeans", "--data", str(IRIS), "--k", "3", "--shards", "2"]
+        placed, local = nat.root / "placed", nat.root / "local"
+        job = subprocess.Popen(
+            ["ip", "netns", "exec", nat.ns("owner"), sys.executable, "-m", "dms", *args,
+             "--out", str(placed)],
+            env={**nat.env_for("owner"), "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert job.stdout is not None
+        for line in job.stdout:
+            if "shipping" in line or "running on" in line:
+                first.kill()
+                break
+        _, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err[-3000:]
+        alone = [*args[:-2], "--out", str(local), "--local"]
+        assert nat.dms("owner", *alone).returncode == 0
+        assert (placed / "labels.csv").read_text() == (local / "labels.csv").read_text()
+        result = json.loads((placed / "result.json").read_text())
+        peers = {p["peer_id"] for p in result["placement"]}
+        assert peers <= {daemons["prov1"].info["peer_id"], daemons["prov2"].info["peer_id"]}

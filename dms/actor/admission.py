@@ -65,7 +65,7 @@ MAX_LATE_BYTES_PER_PEER = 1 << 20
 MAX_LATE_BYTES = 8 << 20
 # The most replies sent at each of those times (a signature each); the senders left
 # wait for the next.
-MAX_LATE_REPLIES = 20
+MAX_LATE_REPLIES = 5
 
 
 def _never(peer: str) -> bool:

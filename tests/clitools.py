@@ -36,15 +36,27 @@ def env_for(home: Path, *, quick_benchmark: bool = True) -> dict[str, str]:
 
 
 def dms(
-    home: Path, *args: str, timeout: float = 60, quick_benchmark: bool = True
+    home: Path,
+    *args: str,
+    timeout: float = 60,
+    quick_benchmark: bool = True,
+    columns: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """``dms *args`` for ``home``; ``columns``: as in a terminal that wide (50 lines)."""
+    env = env_for(home, quick_benchmark=quick_benchmark)
+    if columns is not None:
+        env.update(COLUMNS=str(columns), LINES="50")
     return subprocess.run(
         [sys.executable, "-m", "dms", *args],
-        env=env_for(home, quick_benchmark=quick_benchmark),
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def at_80(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return dms(home, *args, timeout=timeout, columns=80)
 
 
 def dms_json(home: Path, *args: str) -> Any:

@@ -25,23 +25,11 @@ from typing import Any
 
 import pytest
 
-from tests.clitools import Daemon, dms, dms_json, dms_many, env_for, init_homes
+from tests.clitools import Daemon, at_80, dms, dms_json, dms_many, env_for, init_homes
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 IRIS = ROOT / "examples" / "iris-features.csv"
-
-
-def at_80(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = env_for(home)
-    env.update(COLUMNS="80", LINES="50")
-    return subprocess.run(
-        [sys.executable, "-m", "dms", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def clean(done: subprocess.CompletedProcess[str]) -> None:

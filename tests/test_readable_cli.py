@@ -22,6 +22,7 @@ import pytest
 
 from tests.clitools import (
     Daemon,
+    at_80,
     dms,
     dms_json,
     dms_many,
@@ -38,18 +39,6 @@ JOB = ROOT / "examples" / "jobs" / "compute.yaml"
 # A number that reads as a Unix time; check_readable counts it if within 30 days of now.
 MULTIADDR = re.compile(r"/ip[46]/\S+/p2p/\w+")
 UNIX_TIME = re.compile(r"(?<![\d.])1[5-9]\d{8}(?:\.\d+)?(?![\d])")
-
-
-def at_80(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = env_for(home)
-    env.update(COLUMNS="80", LINES="50")
-    return subprocess.run(
-        [sys.executable, "-m", "dms", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def words(data: Any) -> set[str]:

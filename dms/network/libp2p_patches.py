@@ -419,11 +419,13 @@ def _enforce_yamux_receive_window() -> bool:
         return False
     init = yamux.Yamux.__init__
 
-    def init_with_windows(self: Any, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        if not isinstance(getattr(self, "stream_buffers", None), dict):
+    def init_with_windows(muxer: Any, *args: Any, **kwargs: Any) -> None:
+        # A function patched in as Yamux.__init__: ``muxer`` is py-libp2p's instance,
+        # whose shape is checked (not assumed) before its buffers are replaced.
+        init(muxer, *args, **kwargs)
+        if not isinstance(getattr(muxer, "stream_buffers", None), dict):
             return
-        self.stream_buffers = _Buffers(self)
+        muxer.stream_buffers = _Buffers(muxer)
 
     yamux.Yamux.__init__ = init_with_windows
     return True

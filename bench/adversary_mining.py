@@ -32,6 +32,7 @@ from dms.mining.schemes.ckks import CkksKeys
 from dms.node.client import NodeClient
 from dms.node.daemon import Node
 from dms.orchestrator import mining as owner_session
+from dms.orchestrator.states import SESSION
 from dms.resources import Resources
 from dms.sim.hostile_mining import HostileExecutor
 
@@ -100,7 +101,7 @@ class Mining:
         deadline = began + JOB_WAIT_S
         while time.monotonic() < deadline:
             status = client.invoke("/dms/node/mining/status", {"id": session}, timeout=30)
-            if status["phase"] in ("completed", "failed"):
+            if status["phase"] in SESSION.terminal:
                 break
             time.sleep(0.5)
         return status, time.monotonic() - began
@@ -167,7 +168,7 @@ def context_bomb(mining: Mining, level: int) -> Any:
             deadline = time.monotonic() + JOB_WAIT_S
             while time.monotonic() < deadline:
                 status = ref.ask(ref.handle, "/dms/node/mining/status", {"id": session})
-                if status["phase"] in ("completed", "failed"):
+                if status["phase"] in SESSION.terminal:
                     break
                 time.sleep(0.5)
         finally:

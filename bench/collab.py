@@ -45,6 +45,7 @@ from dms.mining.collab import Proposal
 from dms.mining.collab.simulate import run_collab
 from dms.mining.data import blobs
 from dms.mining.plain import ClusteringParams, kmeans
+from dms.orchestrator.states import COLLAB
 
 A, K, ROUNDS = 8, 5, 10
 # The plaintext baseline runs every round, as the collaboration does (never converged).
@@ -167,7 +168,7 @@ def nodes_case(owners: int, n_per_owner: int, folder: Path) -> dict[str, object]
         for node in nodes:
             while True:
                 answer = ask(node, "/dms/node/collab/result", {"collab_id": proposal.collab_id})
-                if answer["phase"] in ("completed", "failed") or time.perf_counter() - began > 600:
+                if answer["phase"] in COLLAB.terminal or time.perf_counter() - began > 600:
                     break
                 time.sleep(0.2)
             labels += (answer.get("result") or {}).get("labels", [])

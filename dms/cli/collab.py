@@ -29,6 +29,7 @@ from dms.mining.collab import Init, Privacy, Proposal
 from dms.mining.data import read_table, write_labels
 from dms.mining.errors import MiningError
 from dms.node.client import NodeClient, running_node
+from dms.orchestrator.states import COLLAB
 
 app = typer.Typer(help="Joint k-means with other data owners (secure aggregation).")
 
@@ -157,7 +158,7 @@ def result(
     deadline = time.monotonic() + wait
     while True:
         answer = _invoke(client, "/dms/node/collab/result", {"collab_id": collab_id})
-        ended = answer["phase"] in ("completed", "failed")
+        ended = answer["phase"] in COLLAB.terminal
         if ended or time.monotonic() >= deadline:
             break
         time.sleep(1.0)

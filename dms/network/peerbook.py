@@ -12,28 +12,49 @@ from dms.store.models import KnownPeer
 
 MAX_ADDRS_PER_PEER = 8
 FORGET_AFTER = timedelta(days=7)
+# A peer still connected with the same addresses is written again only this often: a
+# week's forgetting needs no fresher "last seen", and the rewrite of every connected
+# peer every 30 s was a store transaction on each node's hot threads.
+REWRITE_AFTER = timedelta(minutes=10)
 
 
 class PeerBook:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._written: dict[str, tuple[tuple[str, ...], datetime]] = {}
 
     def remember(self, peers: list[PeerInfoView]) -> None:
-        """Record connected peers (with the addresses they listen on) as seen now."""
+        """Record connected peers (with the addresses they listen on) as seen now:
+        those new here, with other addresses, or not written for REWRITE_AFTER."""
         now = datetime.now(UTC)
+        due: dict[str, list[str]] = {}
+        for peer in peers:
+            bare = (a.split("/p2p/")[0] for a in peer.addrs)
+            addrs = list(dict.fromkeys(a for a in bare if a))[:MAX_ADDRS_PER_PEER]
+            written = self._written.get(peer.peer_id)
+            unchanged = (
+                written is not None
+                and written[0] == tuple(addrs)
+                and now - written[1] < REWRITE_AFTER
+            )
+            if addrs and not unchanged:
+                due[peer.peer_id] = addrs
+        if not due:
+            return
         with self._db.session() as session:
-            for peer in peers:
-                bare = (a.split("/p2p/")[0] for a in peer.addrs)
-                addrs = list(dict.fromkeys(a for a in bare if a))[:MAX_ADDRS_PER_PEER]
-                if not addrs:
-                    continue
-                row = session.get(KnownPeer, peer.peer_id)
+            for peer_id, addrs in due.items():
+                row = session.get(KnownPeer, peer_id)
                 if row is None:
-                    session.add(KnownPeer(peer_id=peer.peer_id, addrs=addrs, last_seen=now))
+                    session.add(KnownPeer(peer_id=peer_id, addrs=addrs, last_seen=now))
                 else:
                     row.addrs = addrs
                     row.last_seen = now
             session.execute(delete(KnownPeer).where(KnownPeer.last_seen < now - FORGET_AFTER))
+        for peer_id, addrs in due.items():
+            self._written[peer_id] = (tuple(addrs), now)
+        if len(self._written) > 4 * len(peers) + 1024:  # peers long gone: forget them here
+            old = now - REWRITE_AFTER
+            self._written = {p: w for p, w in self._written.items() if w[1] >= old}
 
     def dial_addrs(self) -> list[str]:
         """Every remembered address as a full ``.../p2p/<peer id>`` multiaddr."""

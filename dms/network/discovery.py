@@ -25,6 +25,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
+from dms.backoff import Backoff
 from dms.network.loop import LoopBridge, NetworkError, why
 from dms.network.relay import RelayClient, is_relayed
 from dms.network.settings import NetworkSettings, parse_multiaddr
@@ -36,6 +37,9 @@ LEARNED_ADDR_TTL_S = 600
 # A peer with relayed addresses is dialed through a relay if no direct address has
 # connected within this (a direct dial to a NATed peer fails or hangs).
 RELAY_AFTER_S = 0.5
+# A connected peer is added to the DHT's routing table after identify: tries and waits.
+DHT_ADD_TRIES = 7
+DHT_ADD_BACKOFF = Backoff(0.5, 8.0)
 
 
 @dataclass(frozen=True)
@@ -132,10 +136,19 @@ class Discovery(LoopBridge):
             self._start_soon(self._add_to_dht, pid)
 
     async def _add_to_dht(self, pid: ID) -> None:
-        await trio.sleep(0.5)  # after identify, so the peer's listen addresses are known
-        if self._dht is not None:
+        """Into the DHT's routing table once identify gave the peer's listen addresses:
+        the table skips a peer it has none for, and on a loaded machine identify can take
+        longer than the first wait, so try again (0.5 s, 1 s, ... about 30 s in all)
+        while the peer stays connected."""
+        for attempt in range(DHT_ADD_TRIES):
+            await trio.sleep(DHT_ADD_BACKOFF.delay(attempt))
+            if self._dht is None or self._host is None:
+                return
+            if not self._host.get_network().get_connections(pid):
+                return
             with contextlib.suppress(Exception):
-                await self._dht.add_peer(pid, skip_server_mode_check=True)
+                if await self._dht.add_peer(pid, skip_server_mode_check=True):
+                    return
 
     async def _ensure_connected(self, pid: ID) -> None:
         assert self._host is not None

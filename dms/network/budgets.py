@@ -489,9 +489,14 @@ class ByteBudget:
         return wait
 
     async def pace(self, peer: str, size: int) -> None:
+        """Charge ``size`` bytes read from ``peer`` and wait until its budget allows them;
+        with nothing to wait, still let the other tasks run (one read can return many
+        frames, which would otherwise keep every other peer's frames waiting)."""
         wait = self.charge(peer, size)
         if wait > 0:
             await trio.sleep(wait)
+        else:
+            await trio.lowlevel.checkpoint()
 
     def forget(self) -> None:
         """Drop the peers whose buckets are full again (called when a peer leaves)."""

@@ -321,11 +321,7 @@ class Unicast(Discovery):
                 # run between two frames: a read returns as many frames as the peer had
                 # sent, and handling them all in one go kept every other peer's frames
                 # waiting behind one peer's backlog.
-                wait = self._bytes.charge(peer, PREFIX.size + len(frame))
-                if wait > 0:
-                    await trio.sleep(wait)
-                else:
-                    await trio.lowlevel.checkpoint()
+                await self._bytes.pace(peer, PREFIX.size + len(frame))
         except FrameError as err:
             self.frames_refused += 1
             log.warning("dropped stream from %s: %s", peer, err)

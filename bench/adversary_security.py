@@ -35,6 +35,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -101,6 +102,9 @@ def show(peer: BarePeer, victim_peer: str, caps: list[bytes], timeout: float) ->
     return answer
 
 
+MEMBER_ANSWER_S = 120.0  # the longest a member's step may take (a flood, a wait)
+
+
 class Member:
     """The hostile member, a process of its own (this file run with ``--member``),
     driven by one JSON line each way per step."""
@@ -111,10 +115,16 @@ class Member:
         self.process = psutil.Process(self.proc.pid)
         self.key = bytes.fromhex(self.ask({})["key"])
 
-    def ask(self, what: dict[str, Any]) -> dict[str, Any]:
+    def ask(self, what: dict[str, Any], timeout: float = MEMBER_ANSWER_S) -> dict[str, Any]:
+        """One step of the member; a member silent past ``timeout`` is killed (the
+        bench fails with the reason instead of hanging)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps(what) + "\n")
         self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.proc.kill()
+            raise RuntimeError(f"the member process did not answer {what} in {timeout:g} s")
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the member process ended (exit {self.proc.wait(10)})")

@@ -22,28 +22,14 @@ from dms.actor.timers import TimerHandle
 from dms.security.identity import Identity
 
 
-class NodeRuntime(Protocol):
-    """The node actor's facilities a role may use; calls run in the node's thread."""
-
-    @property
-    def system(self) -> ActorSystem: ...
-
-    @property
-    def identity(self) -> Identity: ...
-
-    @property
-    def ref(self) -> ActorRef: ...
+class Messenger(Protocol):
+    """An actor's address, messages and timers, as the pieces it holds use them (a
+    deployment's bid rounds and supervision, a node's roles): an :class:`Actor` is one."""
 
     @property
     def handle(self) -> Handle: ...
 
     def send(self, to: Handle, behaviour: str, payload: Any = None, **kw: Any) -> None: ...
-
-    def call_later(self, delay_s: float, fn: Callable[[], Any]) -> TimerHandle: ...
-
-    def spawn(
-        self, cls: type[Actor], *args: Any, inbox: str | None = None, **kw: Any
-    ) -> ActorRef: ...
 
     def invoke(
         self,
@@ -56,6 +42,25 @@ class NodeRuntime(Protocol):
     ) -> None: ...
 
     def publish(self, topic: str, behaviour: str, payload: Any = None, **kw: Any) -> bytes: ...
+
+    def call_later(self, delay_s: float, fn: Callable[[], Any]) -> TimerHandle: ...
+
+
+class NodeRuntime(Messenger, Protocol):
+    """The node actor's facilities a role may use; calls run in the node's thread."""
+
+    @property
+    def system(self) -> ActorSystem: ...
+
+    @property
+    def identity(self) -> Identity: ...
+
+    @property
+    def ref(self) -> ActorRef: ...
+
+    def spawn(
+        self, cls: type[Actor], *args: Any, inbox: str | None = None, **kw: Any
+    ) -> ActorRef: ...
 
     def subscribe(self, topic: str) -> None: ...
 

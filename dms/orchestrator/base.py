@@ -17,10 +17,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from dms.actor import ROOT_INBOX, Address, Handle, Outcome
-from dms.actor.timers import TimerHandle
+from dms.actor import ROOT_INBOX, Address, Handle
+from dms.actor.runtime import Messenger
 from dms.jobs.spec import DeploymentSpec
 from dms.network.peertable import PeerTable
 from dms.orchestrator.messages import REVERT
@@ -140,30 +140,6 @@ class Orchestration:
             # come but say nothing (or cannot be read).
             liveness_s=3 * (self.supervise_s + self.poll_s),
         )
-
-
-class Messenger(Protocol):
-    """What a deployment's parts use of the actor that holds them: its address, its
-    messages and its timers (a :class:`~dms.actor.Actor` is one)."""
-
-    @property
-    def handle(self) -> Handle: ...
-
-    def send(self, to: Handle, behaviour: str, payload: Any = None, **kw: Any) -> None: ...
-
-    def invoke(
-        self,
-        to: Handle,
-        behaviour: str,
-        payload: Any = None,
-        *,
-        timeout: float | None = None,
-        on_reply: Callable[[Outcome], None] | None = None,
-    ) -> None: ...
-
-    def publish(self, topic: str, behaviour: str, payload: Any = None, **kw: Any) -> bytes: ...
-
-    def call_later(self, delay_s: float, fn: Callable[[], Any]) -> TimerHandle: ...
 
 
 class DeploymentBook:

@@ -245,18 +245,13 @@ def main() -> int:
         "--rows", type=int, default=1_000, help="rows per owner of the --sim and --nodes cases"
     )
     args = parser.parse_args()
-    for owners in args.sim or []:
-        with tempfile.TemporaryDirectory(prefix="dms-collab-sim-") as folder:
-            figures = sim_case(owners, args.rows, Path(folder))
-        print(json.dumps(figures) if args.json else figures, flush=True)
-        if figures["agreement"] != 1.0:
-            print(f"target missed: {figures}", file=sys.stderr)
-    for owners in args.nodes or []:
-        with tempfile.TemporaryDirectory(prefix="dms-collab-bench-") as folder:
-            figures = nodes_case(owners, args.rows, Path(folder))
-        print(json.dumps(figures) if args.json else figures, flush=True)
-        if figures["agreement"] != 1.0:
-            print(f"target missed: {figures}", file=sys.stderr)
+    for run, counts in ((sim_case, args.sim), (nodes_case, args.nodes)):
+        for owners in counts or []:
+            with tempfile.TemporaryDirectory(prefix="dms-collab-") as folder:
+                figures = run(owners, args.rows, Path(folder))
+            print(json.dumps(figures) if args.json else figures, flush=True)
+            if figures["agreement"] != 1.0:
+                print(f"target missed: {figures}", file=sys.stderr)
     if (args.nodes is not None or args.sim is not None) and not args.owners:
         return 0
     for owners, n in CASES:

@@ -224,12 +224,16 @@ class DeploymentActor(Actor):
         if self.state in DEPLOYMENT.terminal:
             return
         states = [s.state for s in self.book.slots.values()]
+        placed = all(s in (SlotState.RUNNING, SlotState.COMPLETED) for s in states)
+        if placed and self.book.row.running_at is None:
+            # When the last slot ran: a job of no length can complete in the same turn
+            # as its allocate reply, and was placed all the same.
+            ran = [s.running_at for s in self.book.slots.values() if s.running_at]
+            self.book.row.running_at = max(ran) if len(ran) == len(states) else time.time()
         if all(s == SlotState.COMPLETED for s in states):
             self._finish(DeploymentState.COMPLETED, "every allocation completed")
             return
-        if all(s in (SlotState.RUNNING, SlotState.COMPLETED) for s in states):
-            if self.book.row.running_at is None:
-                self.book.row.running_at = time.time()
+        if placed:
             self.book.set_state(DeploymentState.RUNNING)
         elif SlotState.ALLOCATING in states:
             self.book.set_state(DeploymentState.ALLOCATING)

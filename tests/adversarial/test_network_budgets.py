@@ -46,15 +46,23 @@ def yamux_buffered(node: Node) -> int:
 
 
 def inbound_streams_from(node: Node, peer_id: str) -> int:
+    """Streams ``peer_id`` opened to the node that are still open (the node's own
+    streams to it, such as identify, are not its to count)."""
     assert node.transport is not None
+
+    def opened_by_peer_and_open(stream: Any) -> bool:
+        muxed = stream.muxed_stream
+        return not (muxed.is_initiator or muxed.closed or muxed.reset_received)
 
     async def go() -> int:
         swarm: Any = node.transport._host.get_network()  # type: ignore[union-attr]
         return sum(
-            len(conn.streams)
+            1
             for pid, conns in swarm.connections.items()
             if pid.to_base58() == peer_id
             for conn in conns
+            for stream in list(conn.streams)
+            if opened_by_peer_and_open(stream)
         )
 
     return node.transport._call(go)

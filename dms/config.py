@@ -122,6 +122,18 @@ class Settings(BaseSettings):
     stream_idle_s: float = Field(
         default=120.0, gt=0, description="reset an inbound stream with no frame for this long"
     )
+    max_protocol_streams_per_peer: int = Field(
+        default=8,
+        ge=2,
+        description="streams of one py-libp2p protocol (identify, ping, the DHT, ...) one "
+        "peer may open at once; more are reset",
+    )
+    protocol_idle_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="reset an inbound stream of py-libp2p's own protocols (identify, ping, the "
+        "DHT, ...) with no byte either way for this long (pubsub's excepted)",
+    )
     max_buffered_bytes: int = Field(
         default=256 * MIB,
         ge=MIB,

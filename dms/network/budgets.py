@@ -19,6 +19,12 @@ budget is full is written in specs/security.md, "Budgets and priority":
   in total; one over is reset at once.
 - **Idle streams** (:class:`IdleWatch`): an inbound stream with no frame for
   ``stream_idle_s`` is reset.
+- **py-libp2p's own protocols** (:class:`ProtocolStreams`: identify, ping, the
+  DHT, DCUtR, ...): the same stream budgets, plus at most
+  ``max_protocol_streams_per_peer`` streams of one protocol from one peer, and a
+  stream with no byte either way for ``protocol_idle_s`` is reset. Their handlers
+  set no deadline of their own on every wait (the DHT's reads none at all, and its
+  12 handler slots, for all peers, were held for ever by idle streams).
 - **Outbound connections** (:class:`OutboundBudget`): connections this host
   dials, in all (py-libp2p bounded them only by its pruner, past its high
   watermark): a remote party makes a node dial by asking for an answer it must
@@ -373,10 +379,12 @@ class Watched:
 
 @dataclass
 class IdleWatch:
-    """Resets streams that went ``idle_s`` without a frame (checked every ``idle_s / 2``)."""
+    """Resets streams that went ``idle_s`` without a frame (checked every ``idle_s / 2``;
+    ``what``: what a stream must carry to be active, for the log)."""
 
     idle_s: float
     refusals: Counter[str]
+    what: str = "frame"
     _watched: set[Watched] = field(default_factory=set)
 
     def watch(self, reset: Callable[[], Awaitable[None]]) -> Watched:
@@ -402,10 +410,106 @@ class IdleWatch:
                     self._watched.discard(handle)
                     self.refusals[Budget.STREAM_IDLE] += 1
                     log.info(
-                        "an inbound stream reset: stream_idle (no frame for %g s)", self.idle_s
+                        "an inbound stream reset: stream_idle (no %s for %g s)",
+                        self.what,
+                        self.idle_s,
                     )
                     with contextlib.suppress(Exception):
                         await handle.reset()
+
+
+class _Touching:
+    """A stream whose reads and writes mark it active (``Watched.touch``); the rest is
+    the stream's own."""
+
+    def __init__(self, stream: INetStream, watched: Watched) -> None:
+        self._stream = stream
+        self._watched = watched
+
+    async def read(self, n: int | None = None) -> bytes:
+        data = await self._stream.read(n)
+        self._watched.touch()
+        return data
+
+    async def write(self, data: bytes) -> None:
+        await self._stream.write(data)
+        self._watched.touch()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+# py-libp2p protocols whose streams live as long as the connection by design (a quiet
+# topic sends nothing): not reset when idle; bounded per peer, and by connections.
+LONG_LIVED_PREFIXES = ("/meshsub/", "/floodsub/")
+
+
+@dataclass
+class ProtocolStreams:
+    """The streams of py-libp2p's own protocols (identify, ping, the DHT, DCUtR, ...):
+    at most ``max_protocol_streams_per_peer`` of one protocol from one peer at once
+    (one more is reset, ``streams_full``), and one with no byte read or written for
+    ``protocol_idle_s`` is reset (``stream_idle``), a long-lived one excepted
+    (``LONG_LIVED_PREFIXES``). ``install`` wraps the handler of every protocol the
+    host serves then, but those in ``own`` (protocols with budgets of their own:
+    dms's actor and chunk streams, the relay's circuits). Streams in all are
+    :class:`StreamBudget`'s."""
+
+    settings: NetworkSettings
+    refusals: Counter[str]
+    idle: IdleWatch
+    _by_peer: Counter[tuple[ID, str]] = field(default_factory=Counter)
+    watched: set[str] = field(default_factory=set)
+
+    def install(self, host: Any, own: set[str]) -> None:
+        for protocol, handler in list(host.get_mux().handlers.items()):
+            if protocol in own or handler is None:
+                continue
+            host.set_stream_handler(protocol, self._wrap(str(protocol), handler))
+            self.watched.add(str(protocol))
+
+    def _wrap(
+        self, protocol: str, handler: Callable[[INetStream], Awaitable[None]]
+    ) -> Callable[[INetStream], Awaitable[None]]:
+        long_lived = protocol.startswith(LONG_LIVED_PREFIXES)
+
+        async def budgeted(stream: INetStream) -> None:
+            key = (stream.muxed_conn.peer_id, protocol)
+            limit = self.settings.max_protocol_streams_per_peer
+            if self._by_peer[key] >= limit:
+                self.refusals[Budget.STREAMS_FULL] += 1
+                log.info(
+                    "%s stream from %s reset: streams_full (%d of this protocol open from "
+                    "it; at most %d, max_protocol_streams_per_peer)",
+                    protocol,
+                    key[0],
+                    self._by_peer[key],
+                    limit,
+                )
+                with contextlib.suppress(Exception):
+                    await stream.reset()
+                return
+            self._by_peer[key] += 1
+            watched = None if long_lived else self.idle.watch(stream.reset)
+            try:
+                await handler(stream if watched is None else _Touching(stream, watched))  # type: ignore[arg-type]
+            finally:
+                if watched is not None:
+                    self.idle.forget(watched)
+                self._by_peer[key] -= 1
+                if self._by_peer[key] <= 0:
+                    del self._by_peer[key]
+
+        return budgeted
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        return {
+            "protocol_streams_per_peer": (
+                max(self._by_peer.values(), default=0),
+                self.settings.max_protocol_streams_per_peer,
+            ),
+            "protocol_streams_idle_watched": (len(self.idle), self.settings.max_streams),
+        }
 
 
 @dataclass

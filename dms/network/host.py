@@ -37,6 +37,7 @@ from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
@@ -49,6 +50,7 @@ from dms.network.budgets import (
     IdleWatch,
     InboundGate,
     OutboundBudget,
+    ProtocolStreams,
     Stake,
     StreamBudget,
 )
@@ -58,7 +60,7 @@ from dms.network.gossip import Gossip, Pacer, envelope_is_valid, new_pubsub, top
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause
 from dms.network.reachability import DialBack, Reachability
-from dms.network.relay import BudgetedRelay, Circuits, RelayClient, is_relayed
+from dms.network.relay import HOP_PROTOCOL, BudgetedRelay, Circuits, RelayClient, is_relayed
 from dms.network.settings import NetworkSettings, parse_multiaddr
 from dms.network.transfer import CHUNK_PROTOCOL, Offers, TransferBudget
 from dms.network.unicast import ACTOR_PROTOCOL, Unicast, _Outbound
@@ -192,6 +194,9 @@ class Libp2pTransport(Unicast, Gossip):
         self._gate: InboundGate | None = None
         self._streams = StreamBudget(s, self.refusals)
         self._idle = IdleWatch(s.stream_idle_s, self.refusals)
+        self._protocols = ProtocolStreams(
+            s, self.refusals, IdleWatch(s.protocol_idle_s, self.refusals, what="byte")
+        )
         self._bytes = ByteBudget(s, self.refusals, self._has_stake)
         self._dials = OutboundBudget(s, self.refusals, self._has_stake, self._rates.last_active)
         self._transfers = TransferBudget(
@@ -318,10 +323,15 @@ class Libp2pTransport(Unicast, Gossip):
                 self._maybe_dht(host),
             ):
                 await pubsub.wait_until_ready()
+                # Every protocol is served now: py-libp2p's own come under the budgets.
+                self._protocols.install(
+                    host, {ACTOR_PROTOCOL, CHUNK_PROTOCOL, HOP_PROTOCOL, STOP_PROTOCOL_ID}
+                )
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._keep_connected)
                     nursery.start_soon(self._idle.run)
+                    nursery.start_soon(self._protocols.idle.run)
                     nursery.start_soon(self._dialback.run, lambda: list(swarm.connections))
                     nursery.start_soon(
                         self._relays.keep_reservations,
@@ -441,6 +451,7 @@ class Libp2pTransport(Unicast, Gossip):
         usage = {
             **(self._gate.usage() if self._gate is not None else {}),
             **self._streams.usage(),
+            **self._protocols.usage(),
             **self._bytes.usage(),
             **(self._dials.usage(self._host.get_network()) if self._host is not None else {}),
             "idle_watched_streams": (len(self._idle), s.max_streams),

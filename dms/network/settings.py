@@ -39,6 +39,8 @@ BUDGET_SETTINGS = (
     "max_streams_per_peer",
     "max_streams",
     "stream_idle_s",
+    "max_protocol_streams_per_peer",
+    "protocol_idle_s",
     "max_buffered_bytes",
     "max_transfers_per_peer",
     "max_transfers",
@@ -119,6 +121,10 @@ class NetworkSettings(BaseModel):
     max_streams_per_peer: int = Field(default=64, ge=4)
     max_streams: int = Field(default=4096, ge=16)
     stream_idle_s: float = Field(default=120.0, gt=0)
+    # py-libp2p's own protocols (identify, ping, the DHT, ...): streams of one protocol
+    # from one peer at once, and how long one may go with no byte either way.
+    max_protocol_streams_per_peer: int = Field(default=8, ge=2)
+    protocol_idle_s: float = Field(default=30.0, gt=0)
     # Bytes Yamux holds unread, all streams of the process (each stream: its window).
     max_buffered_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
     # Chunk requests served at once, and how slow or idle a chunk stream may be.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -303,6 +304,12 @@ def test_an_idle_stream_is_reset(cluster: LocalCluster) -> None:
         assert attacker.open_streams(ACTOR_PROTOCOL, 5) == 5
         wait_for(lambda: attacker.held_open() == 0, timeout=30, what="idle streams reset")
         assert refusals(victim, Budget.STREAM_IDLE) >= 5
+        # Their handlers ended, so their slots are free (py-libp2p left a reader of a
+        # stream reset on this side asleep: the slots stayed held for good).
+        wait_for(
+            lambda: victim.transport.budget_usage()["streams"][0] == 0,  # type: ignore[union-attr]
+            what="the reset streams' slots freed",
+        )
     finally:
         attacker.close()
 
@@ -477,5 +484,73 @@ def test_chunk_streams_are_capped_and_do_not_stay_open(
         wait_for(lambda: attacker.held_open() == 0, timeout=30, what="chunk streams ended")
         assert refusals(victim, Budget.TRANSFERS_FULL) >= 30
         assert refusals(victim, Budget.TRANSFER_STALLED) >= 4
+    finally:
+        attacker.close()
+
+
+# ---- py-libp2p's own protocols ----------------------------------------------------------
+
+KAD = "/ipfs/kad/1.0.0"
+MESHSUB = "/meshsub/1.1.0"
+
+
+def find_node(peer: BarePeer, target: str) -> int:
+    """One DHT FIND_NODE query on a fresh stream to the node: the peers it answers
+    with (raises if the node resets the stream)."""
+    from libp2p.kad_dht.pb.kademlia_pb2 import Message
+    from libp2p.peer.id import ID
+    from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes
+
+    async def go() -> int:
+        info_id = ID.from_base58(target)
+        with trio.fail_after(10):
+            stream = await peer.host.new_stream(info_id, [KAD])
+            query = Message(type=Message.MessageType.FIND_NODE, key=info_id.to_bytes())
+            await stream.write(encode_varint_prefixed(query.SerializeToString()))
+            answer = Message()
+            answer.ParseFromString(await read_varint_prefixed_bytes(stream))
+            await stream.close()
+        return len(answer.closerPeers)
+
+    return peer.call(go)
+
+
+def test_idle_streams_of_libp2p_protocols_are_reset_and_the_dht_serves_again(
+    cluster: LocalCluster,
+) -> None:
+    """py-libp2p's DHT handler reads with no deadline and serves 12 streams at once, for
+    all peers: two keys holding 12 idle DHT streams made the node reset every honest
+    query, for as long as they liked (the node's own stream budgets watched only its
+    actor and chunk streams)."""
+    victim = cluster.add("victim", protocol_idle_s=1)
+    attackers = [BarePeer(victim.addrs()[0]) for _ in range(2)]
+    honest = BarePeer(victim.addrs()[0])
+    try:
+        for attacker in attackers:
+            assert attacker.open_streams(KAD, 6) == 6
+        wait_for(
+            lambda: sum(a.held_open() for a in attackers) == 0,
+            timeout=30,
+            what="idle DHT streams reset",
+        )
+        assert refusals(victim, Budget.STREAM_IDLE) >= 12
+        assert find_node(honest, victim.peer_id) >= 0  # answered, not reset
+    finally:
+        for peer in [*attackers, honest]:
+            peer.close()
+
+
+def test_streams_of_one_libp2p_protocol_are_capped_per_peer(cluster: LocalCluster) -> None:
+    """A peer could open as many pubsub streams as the stream budget allowed, each read
+    for ever: a few keys held every stream slot of the node. Now a few of one protocol
+    per peer; the pubsub ones, long-lived by design, are not reset when quiet."""
+    victim = cluster.add("victim", max_protocol_streams_per_peer=2, protocol_idle_s=1)
+    attacker = BarePeer(victim.addrs()[0])
+    try:
+        attacker.open_streams(MESHSUB, 20)
+        wait_for(lambda: attacker.held_open() <= 2, timeout=30, what="pubsub streams over 2 reset")
+        assert refusals(victim, Budget.STREAMS_FULL) >= 18
+        time.sleep(3)  # three times protocol_idle_s
+        assert attacker.held_open() == 2  # quiet, and kept
     finally:
         attacker.close()

@@ -49,7 +49,7 @@ import ipaddress
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -647,7 +647,8 @@ class OutboundBudget:
     """Connections this host dialed, at most ``max_outbound_connections``: checked
     before every dial of the swarm (``install``), this node's own for a frame, a
     ping or a chunk fetch, and py-libp2p's (its auto-connector dials the peers it
-    has addresses of, which the DHT and identify fill).
+    has addresses of, which the DHT and identify fill), and before every dial
+    through a relay (``slot``, held from the dial on, as the swarm's).
 
     Full, a dial for a peer the node has a stake in closes the outbound connection
     of an unknown peer idle the longest (``outbound_evicted``); a dial for an
@@ -667,23 +668,32 @@ class OutboundBudget:
         dial: Callable[[ID], Awaitable[Any]] = swarm.dial_peer
 
         async def budgeted(peer_id: ID) -> Any:
-            if swarm.get_connections(peer_id) or peer_id in self._dialing:
-                return await dial(peer_id)  # holds a slot already
+            async with self.slot(swarm, peer_id):
+                return await dial(peer_id)
+
+        swarm.dial_peer = budgeted
+
+    @contextlib.asynccontextmanager
+    async def slot(self, swarm: Any, peer_id: ID) -> AsyncIterator[None]:
+        """Hold a slot for a dial to ``peer_id`` while it runs (the swarm's dials, and
+        dials through a relay, which open their connection by another way): raises
+        ``NetworkError`` (outbound_full) when there is none. A peer connected or being
+        dialed holds one already."""
+        evict = None
+        if not swarm.get_connections(peer_id) and peer_id not in self._dialing:
             # Decided and reserved at once (no await between), so two dials cannot
             # both take the last slot.
             evict = self.room_for(swarm, peer_id)
-            self._dialing[peer_id] += 1
-            try:
-                if evict is not None:
-                    with contextlib.suppress(Exception):
-                        await evict.close()
-                return await dial(peer_id)
-            finally:
-                self._dialing[peer_id] -= 1
-                if self._dialing[peer_id] <= 0:
-                    del self._dialing[peer_id]
-
-        swarm.dial_peer = budgeted
+        self._dialing[peer_id] += 1
+        try:
+            if evict is not None:
+                with contextlib.suppress(Exception):
+                    await evict.close()
+            yield
+        finally:
+            self._dialing[peer_id] -= 1
+            if self._dialing[peer_id] <= 0:
+                del self._dialing[peer_id]
 
     @staticmethod
     def dialed(swarm: Any) -> list[tuple[ID, Any]]:

@@ -30,6 +30,8 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -420,12 +422,29 @@ class _CountingStream:
         return getattr(self._stream, name)
 
 
-class RelayClient:
-    """A node's reservations on relays, its relayed addresses, and dials through relays."""
+# A slot for a dial to a peer, held while the dial runs (``OutboundBudget.slot``).
+DialSlot = Callable[[ID], AbstractAsyncContextManager[None]]
 
-    def __init__(self, host: IHost, protocol: BudgetedRelay, settings: RelaySettings) -> None:
+
+@contextlib.asynccontextmanager
+async def _no_budget(peer: ID) -> AsyncIterator[None]:
+    yield
+
+
+class RelayClient:
+    """A node's reservations on relays, its relayed addresses, and dials through relays
+    (each holds a slot of ``dial_slot`` from its start: the outbound connection budget)."""
+
+    def __init__(
+        self,
+        host: IHost,
+        protocol: BudgetedRelay,
+        settings: RelaySettings,
+        dial_slot: DialSlot = _no_budget,
+    ) -> None:
         self._host = host
         self._settings = settings
+        self._dial_slot = dial_slot
         self._transport = CircuitV2Transport(host, protocol, RelayConfig())
         self.circuits = protocol.circuit_meters
         # relay peer id -> its addresses (without /p2p), for the relayed addresses
@@ -500,17 +519,18 @@ class RelayClient:
         """Connect to ``pid`` through the first relayed address that works; raise with
         the relay's reason when none does."""
         reasons = []
-        for addr in circuit_addrs:
-            text = str(addr)
-            if not text.endswith(f"/p2p/{pid.to_base58()}"):
-                text = f"{text}/p2p/{pid.to_base58()}"
-            try:
-                await self._connect(multiaddr.Multiaddr(text), pid)
-                return
-            except RelayConnectionError as exc:
-                reasons.append(STATUS_REASON.get(exc.status_code, str(exc)))
-            except Exception as exc:
-                reasons.append(str(exc))
+        async with self._dial_slot(pid):  # outbound_full raises here, with its reason
+            for addr in circuit_addrs:
+                text = str(addr)
+                if not text.endswith(f"/p2p/{pid.to_base58()}"):
+                    text = f"{text}/p2p/{pid.to_base58()}"
+                try:
+                    await self._connect(multiaddr.Multiaddr(text), pid)
+                    return
+                except RelayConnectionError as exc:
+                    reasons.append(STATUS_REASON.get(exc.status_code, str(exc)))
+                except Exception as exc:
+                    reasons.append(str(exc))
         raise ConnectionError(
             f"no relay reached {pid.to_base58()}: {'; '.join(reasons) or 'no relayed address'}"
         )

@@ -554,3 +554,54 @@ def test_streams_of_one_libp2p_protocol_are_capped_per_peer(cluster: LocalCluste
         assert attacker.held_open() == 2  # quiet, and kept
     finally:
         attacker.close()
+
+
+# ---- dials through a relay --------------------------------------------------------------
+
+
+def test_a_dial_through_a_relay_counts_against_the_outbound_connections(
+    tmp_path: Any,
+) -> None:
+    """A dial through a relay opened its connection past the swarm's dial, so no
+    budget saw it: a node at max_outbound_connections still dialed any peer it knew
+    only by a relayed address (each dial in flight uncounted until open)."""
+    from dms.network.host import Libp2pTransport
+    from dms.network.settings import NetworkSettings
+    from dms.security.identity import Identity
+
+    def transport(reachability: str, bootstrap: list[str], **budgets: Any) -> Libp2pTransport:
+        settings = NetworkSettings(
+            listen=["/ip4/127.0.0.1/tcp/0"],
+            bootstrap=bootstrap,
+            dht=False,
+            reachability=reachability,  # type: ignore[arg-type]
+            hole_punching=False,
+            **budgets,
+        )
+        t = Libp2pTransport(Identity.generate(), settings)
+        t.start(lambda frame, from_peer, *, signature_checked=False: None)
+        return t
+
+    started: list[Libp2pTransport] = []
+    try:
+        relay = transport("public", [])
+        started.append(relay)
+        private = transport("private", relay.addrs())
+        started.append(private)
+        # The dialer's one outbound slot holds its bootstrap connection to the relay.
+        dialer = transport("private", relay.addrs(), max_outbound_connections=1)
+        started.append(dialer)
+        wait_for(
+            lambda: [a for a in private.addrs() if "/p2p-circuit" in a],
+            what="a reservation on the relay",
+        )
+        wait_for(lambda: dialer.is_connected(relay.peer_id), what="the dialer's bootstrap")
+        dialer.learn_addrs(private.peer_id, [a for a in private.addrs() if "/p2p-circuit" in a])
+        with pytest.raises(NetworkError, match="outbound_full"):
+            dialer.ping(private.peer_id)
+        assert dialer.refusals[Budget.OUTBOUND_FULL] >= 1
+        assert not dialer.is_connected(private.peer_id)
+        assert dialer.budget_usage()["outbound_connections"] == (1, 1)
+    finally:
+        for t in started:
+            t.stop()

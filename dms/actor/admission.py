@@ -44,15 +44,19 @@ from typing import Literal
 
 from dms.actor.envelope import Envelope
 from dms.actor.handle import Handle
-from dms.actor.ratelimit import ANSWERS_PER_S, LOG_EVERY_S, Bucket, PeerRates
+from dms.actor.ratelimit import (
+    ANSWERS_PER_S,
+    LOG_EVERY_S,
+    TOTAL_ANSWERS_PER_S,
+    Bucket,
+    PeerRates,
+)
 
 # Peers whose budgets are kept before the full ones are forgotten (checked at most
 # once a second).
 MAX_PEERS = 4096
 # In the rate of all peers, a request counts one per started unit of its size.
 UNIT_BYTES = 4096
-# Refusals answered a second across all peers (each answer is a signature).
-TOTAL_ANSWERS_PER_S = 50.0
 # Refusals past those are answered together this often: one reply per sender.
 LATE_ANSWER_S = 0.2
 # The most refused requests waiting for their answer, of one peer and of all; past

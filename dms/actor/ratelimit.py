@@ -6,8 +6,10 @@ libp2p here: both layers use it.
 For frames: a peer may send ``rate`` frames a second on its streams, and up to ``burst`` at
 once; a frame over that is refused (``rate_limited``) before a byte of it is
 decoded. A refused frame that asks for a reply is answered, but only
-``ANSWERS_PER_S`` of them a second per peer: answering a flood costs a
-signature each. Refusals are logged once a second per peer, with their count.
+``ANSWERS_PER_S`` of them a second per peer and ``TOTAL_ANSWERS_PER_S`` for all
+peers together: answering a flood costs a signature each, and many keys would
+each have a budget of their own. Refusals are logged once a second per peer,
+with their count.
 See specs/network.md, "Limits per peer".
 """
 
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 # Refusals answered a second per peer (the rest are counted and logged only).
 ANSWERS_PER_S = 10.0
+# Refusals answered a second across all peers (each answer is a signature).
+TOTAL_ANSWERS_PER_S = 50.0
 # Refusals of one peer are logged at most once this often, with their count.
 LOG_EVERY_S = 1.0
 
@@ -59,6 +63,7 @@ class PeerRates:
         self.burst = float(burst)
         self._clock = clock
         self._peers: dict[str, _Peer] = {}
+        self._answers = Bucket(TOTAL_ANSWERS_PER_S, clock())
 
     def allow(self, peer: str) -> bool:
         """Take one frame from ``peer``'s budget; False if it has none left."""
@@ -85,15 +90,22 @@ class PeerRates:
         return count
 
     def may_answer(self, peer: str) -> bool:
-        """Whether a refusal of ``peer`` may be answered now (``answered`` takes it)."""
-        bucket = self._peers[peer].answers
+        """Whether a refusal of ``peer`` may be answered now, within its budget and that
+        of all peers (``answered`` takes from both)."""
         now = self._clock()
-        bucket.tokens = min(ANSWERS_PER_S, bucket.tokens + (now - bucket.stamp) * ANSWERS_PER_S)
-        bucket.stamp = now
-        return bucket.tokens >= 1.0
+        for bucket, rate in (
+            (self._peers[peer].answers, ANSWERS_PER_S),
+            (self._answers, TOTAL_ANSWERS_PER_S),
+        ):
+            bucket.tokens = min(rate, bucket.tokens + (now - bucket.stamp) * rate)
+            bucket.stamp = now
+            if bucket.tokens < 1.0:
+                return False
+        return True
 
     def answered(self, peer: str) -> None:
         self._peers[peer].answers.tokens -= 1.0
+        self._answers.tokens -= 1.0
 
     def forget(self, peer: str) -> None:
         """``peer`` has no connection left. Its entry goes once its bucket is full

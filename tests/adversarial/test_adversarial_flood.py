@@ -22,7 +22,7 @@ import trio
 import trio.testing
 from libp2p.peer.id import ID
 
-from dms.actor import ErrorCode, RemoteError
+from dms.actor import ErrorCode, RemoteError, make_envelope, seal
 from dms.network.frames import encode_frame
 from dms.network.host import Libp2pTransport
 from dms.network.outbox import Outbox
@@ -115,6 +115,50 @@ def test_one_peers_backlog_does_not_keep_anothers_frames_waiting() -> None:
     # Before, all 200 of the flooder's frames went first (one read, no yield between).
     last_honest = max(i for i, peer in enumerate(order) if peer == other.to_base58())
     assert last_honest < 10, order[:12]
+
+
+def test_refusals_answered_are_bounded_for_all_peers_together() -> None:
+    """A frame over a peer's rate that asks for a reply is answered, a signature each,
+    at most ANSWERS_PER_S a second per peer; 100 fresh keys each got 10 at once (1,000
+    signatures). Now TOTAL_ANSWERS_PER_S in all as well (no time passes here)."""
+    from dms.actor.ratelimit import ANSWERS_PER_S, TOTAL_ANSWERS_PER_S, PeerRates
+    from dms.sim.adversary import root_of
+
+    victim = Identity.generate()
+    transport = Libp2pTransport(victim, NetworkSettings(max_frames_per_s=1, frame_burst=1))
+    transport._rates = PeerRates(1, 1, clock=lambda: 0.0)
+    transport._receiver = lambda frame, peer, *, signature_checked=False: None
+    answered: list[str] = []
+    transport.send = lambda peer, frame: answered.append(peer)  # type: ignore[method-assign]
+    streams: list[Any] = []
+    for _ in range(100):
+        key = Identity.generate()
+        frames = [
+            seal(
+                make_envelope(
+                    root_of(key),
+                    key.public_key,
+                    "/public/hello",
+                    None,
+                    to=root_of(victim),
+                    ttl_s=60,
+                    expect_reply=True,
+                ),
+                key,
+            )
+            for _ in range(1 + 2 * int(ANSWERS_PER_S))
+        ]
+        streams.append(_Buffered(ID.from_base58(key.peer_id), frames))
+
+    async def all_streams() -> None:
+        async with trio.open_nursery() as nursery:
+            for stream in streams:
+                nursery.start_soon(transport._on_stream, stream)
+
+    trio.run(all_streams)
+    assert transport.refusals[ErrorCode.RATE_LIMITED] == 100 * 2 * int(ANSWERS_PER_S)
+    assert len(answered) == int(TOTAL_ANSWERS_PER_S)  # was 100 * ANSWERS_PER_S
+    assert len(set(answered)) > 1  # not one peer's alone
 
 
 class _Stalled:

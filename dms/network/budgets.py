@@ -81,6 +81,8 @@ class Budget(StrEnum):
     STREAMS_FULL = "streams_full"
     # An inbound stream with no frame for stream_idle_s: reset.
     STREAM_IDLE = "stream_idle"
+    # The oldest stream of an unknown peer, reset for a newcomer (PROTOCOL_SLOTS full).
+    STREAM_EVICTED = "stream_evicted"
     # A write to a peer that granted no window for stream_idle_s: the stream is broken.
     WRITE_STALLED = "write_stalled"
     # A peer sent more than a stream's receive window (or the total buffer): reset.
@@ -442,6 +444,20 @@ class _Touching:
 # py-libp2p protocols whose streams live as long as the connection by design (a quiet
 # topic sends nothing): not reset when idle; bounded per peer, and by connections.
 LONG_LIVED_PREFIXES = ("/meshsub/", "/floodsub/")
+# Protocols py-libp2p serves only so many streams of at once, for all peers, resetting
+# the rest: the DHT's 12 (KadDHT's inbound limiter). Full, the oldest stream of a peer
+# the node has no stake in is reset for the newcomer, as connections are evicted.
+PROTOCOL_SLOTS = {"/ipfs/kad/1.0.0": 12}
+# How long a newcomer waits for the stream reset for it to give back its slot.
+EVICTED_WAIT_S = 2.0
+
+
+@dataclass
+class _Serving:
+    peer: ID
+    stream: INetStream
+    since: float
+    ended: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass
@@ -450,15 +466,20 @@ class ProtocolStreams:
     at most ``max_protocol_streams_per_peer`` of one protocol from one peer at once
     (one more is reset, ``streams_full``), and one with no byte read or written for
     ``protocol_idle_s`` is reset (``stream_idle``), a long-lived one excepted
-    (``LONG_LIVED_PREFIXES``). ``install`` wraps the handler of every protocol the
-    host serves then, but those in ``own`` (protocols with budgets of their own:
-    dms's actor and chunk streams, the relay's circuits). Streams in all are
-    :class:`StreamBudget`'s."""
+    (``LONG_LIVED_PREFIXES``). A protocol py-libp2p serves only so many streams of
+    at once (``PROTOCOL_SLOTS``) evicts, when full, the oldest stream of a peer
+    without a ``stake`` for a newcomer (``stream_evicted``), so idle or trickling
+    streams cannot keep honest ones out. ``install`` wraps the handler of every
+    protocol the host serves then, but those in ``own`` (protocols with budgets of
+    their own: dms's actor and chunk streams, the relay's circuits). Streams in all
+    are :class:`StreamBudget`'s."""
 
     settings: NetworkSettings
     refusals: Counter[str]
     idle: IdleWatch
+    stake: Stake
     _by_peer: Counter[tuple[ID, str]] = field(default_factory=Counter)
+    _serving: dict[str, dict[int, _Serving]] = field(default_factory=dict)
     watched: set[str] = field(default_factory=set)
 
     def install(self, host: Any, own: set[str]) -> None:
@@ -489,18 +510,59 @@ class ProtocolStreams:
                 with contextlib.suppress(Exception):
                     await stream.reset()
                 return
+            serving = self._serving.setdefault(protocol, {})
+            slots = PROTOCOL_SLOTS.get(protocol)
+            full = slots is not None and len(serving) >= slots
+            if full and not await self._evict(protocol, serving, key[0]):
+                with contextlib.suppress(Exception):
+                    await stream.reset()
+                return
             self._by_peer[key] += 1
+            entry = serving[id(stream)] = _Serving(key[0], stream, time.monotonic())
             watched = None if long_lived else self.idle.watch(stream.reset)
             try:
                 await handler(stream if watched is None else _Touching(stream, watched))  # type: ignore[arg-type]
             finally:
                 if watched is not None:
                     self.idle.forget(watched)
+                serving.pop(id(stream), None)
+                entry.ended.set()
                 self._by_peer[key] -= 1
                 if self._by_peer[key] <= 0:
                     del self._by_peer[key]
 
         return budgeted
+
+    async def _evict(self, protocol: str, serving: dict[int, _Serving], newcomer: ID) -> bool:
+        """Make room among ``serving`` for ``newcomer``: reset the oldest stream of a peer
+        without a stake and wait (a little) for its handler to give its slot back."""
+        others = [e for e in serving.values() if not self.stake(e.peer.to_base58())]
+        if not others:
+            self.refusals[Budget.STREAMS_FULL] += 1
+            log.info(
+                "%s stream from %s reset: streams_full (the %d served at once are all of "
+                "peers this node has a stake in)",
+                protocol,
+                newcomer,
+                len(serving),
+            )
+            return False
+        oldest = min(others, key=lambda e: e.since)
+        self.refusals[Budget.STREAM_EVICTED] += 1
+        log.info(
+            "%s stream of %s, open %.1f s, reset for one of %s: stream_evicted (at most %d "
+            "served at once; the oldest of a peer this node has no stake in goes)",
+            protocol,
+            oldest.peer,
+            time.monotonic() - oldest.since,
+            newcomer,
+            len(serving),
+        )
+        with contextlib.suppress(Exception):
+            await oldest.stream.reset()
+        with trio.move_on_after(EVICTED_WAIT_S):
+            await oldest.ended.wait()
+        return True
 
     def usage(self) -> dict[str, tuple[int, int]]:
         return {

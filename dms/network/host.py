@@ -195,7 +195,10 @@ class Libp2pTransport(Unicast, Gossip):
         self._streams = StreamBudget(s, self.refusals)
         self._idle = IdleWatch(s.stream_idle_s, self.refusals)
         self._protocols = ProtocolStreams(
-            s, self.refusals, IdleWatch(s.protocol_idle_s, self.refusals, what="byte")
+            s,
+            self.refusals,
+            IdleWatch(s.protocol_idle_s, self.refusals, what="byte"),
+            self._has_stake,
         )
         self._bytes = ByteBudget(s, self.refusals, self._has_stake)
         self._dials = OutboundBudget(s, self.refusals, self._has_stake, self._rates.last_active)

@@ -540,6 +540,26 @@ def test_idle_streams_of_libp2p_protocols_are_reset_and_the_dht_serves_again(
             peer.close()
 
 
+def test_a_dht_query_evicts_the_oldest_stream_of_an_unknown_peer(cluster: LocalCluster) -> None:
+    """Reset after protocol_idle_s, keys that open 12 DHT streams again and again (or
+    trickle a byte now and then) still kept every honest query out most of the time.
+    Full, the DHT's slots now go to the newcomer: the oldest unknown stream is reset."""
+    victim = cluster.add("victim")  # protocol_idle_s 30 s: idle resets play no part
+    attackers = [BarePeer(victim.addrs()[0]) for _ in range(2)]
+    honest = BarePeer(victim.addrs()[0])
+    try:
+        for attacker in attackers:
+            assert attacker.open_streams(KAD, 6, first=b"\x05") == 6  # a message begun
+        for _ in range(3):  # the first one evicts, the others take the slot it freed
+            assert find_node(honest, victim.peer_id) >= 0  # answered, not reset
+        assert refusals(victim, Budget.STREAM_EVICTED) == 1
+        wait_for(lambda: sum(a.held_open() for a in attackers) == 11, what="the oldest reset")
+        assert attackers[0].held_open() == 5  # the first opened went first
+    finally:
+        for peer in [*attackers, honest]:
+            peer.close()
+
+
 def test_streams_of_one_libp2p_protocol_are_capped_per_peer(cluster: LocalCluster) -> None:
     """A peer could open as many pubsub streams as the stream budget allowed, each read
     for ever: a few keys held every stream slot of the node. Now a few of one protocol

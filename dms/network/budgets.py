@@ -9,7 +9,8 @@ budget is full is written in specs/security.md, "Budgets and priority":
 
 - **Connections** (:class:`InboundGate`, in place of py-libp2p's inbound limiter,
   which kept each inbound slot until the host stopped, so 250 connections over
-  a node's life, however short, locked every newcomer out). Raw sockets still in
+  a node's life, however short, locked every newcomer out; connections that
+  arrive through a relay too, under the relay's IP). Raw sockets still in
   their handshake are bounded per IP and in total and have a deadline; the
   oldest handshake goes first when full. Established inbound connections are
   bounded in total, per IP and per /24 (IPv6: /64) subnet; when one of these is
@@ -182,6 +183,12 @@ class InboundGate:
                 with contextlib.suppress(Exception):
                     await socket.close()
             return
+        await self.hold(muxed, ip)
+
+    async def hold(self, muxed: IMuxedConn, ip: str) -> None:
+        """Admit an inbound connection that finished its upgrade (here, or through a
+        relay: ``ip`` is then the relay's) under the budgets, and hold its slot until it
+        closes; closed at once if there is no room."""
         entry = _Inbound(ip, subnet_of(ip), muxed.peer_id, muxed, time.monotonic())
         if not await self._make_room(entry):
             self.refusals[Budget.CONNECTIONS_FULL] += 1
@@ -193,6 +200,7 @@ class InboundGate:
             )
             await self._close(muxed)
             return
+        key = id(muxed)
         self._inbound[key] = entry
         self._by_ip[entry.ip] += 1
         self._by_subnet[entry.subnet] += 1

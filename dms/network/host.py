@@ -309,7 +309,9 @@ class Libp2pTransport(Unicast, Gossip):
         )
         self._pubsub = pubsub
         self._router = router
-        self._relay = BudgetedRelay(host, s.relay, self.refusals, self.serves_relay, Circuits())
+        self._relay = BudgetedRelay(
+            host, s.relay, self.refusals, self.serves_relay, Circuits(), self._gate.hold
+        )
         self._relays = RelayClient(
             host, self._relay, s.relay, lambda pid: self._dials.slot(swarm, pid)
         )

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -200,6 +200,12 @@ class _MeteredStream:
         return getattr(self._stream, name)
 
 
+# Admits a connection that arrived through a relay under the inbound connection
+# budgets, and returns when it closes (``InboundGate.hold``: the muxed connection,
+# the relay's IP).
+Admit = Callable[[Any, str], Awaitable[None]]
+
+
 def _circuit_of(relay: ID, peer: ID, limit: Any) -> Circuit:
     if limit is None:
         return Circuit(relay, peer)
@@ -217,6 +223,7 @@ class BudgetedRelay(CircuitV2Protocol):
         refusals: Counter[str],
         serving: Any,
         circuits: Circuits,
+        admit: Admit | None = None,
     ) -> None:
         limits = RelayLimits(
             duration=settings.max_circuit_s,
@@ -229,6 +236,7 @@ class BudgetedRelay(CircuitV2Protocol):
         self.refusals = refusals
         self.circuit_meters = circuits
         self._serving = serving  # () -> bool: does this node relay now
+        self._admit = admit
         self.circuits_by_peer: Counter[ID] = Counter()
         self.bytes_by_peer: dict[ID, _HourlyBytes] = {}
         self.bytes_total = _HourlyBytes()
@@ -336,12 +344,25 @@ class BudgetedRelay(CircuitV2Protocol):
             await self._send_stop_status(stream, StatusCode.OK, "Connection established")
             self.circuit_meters.add(circuit)
             metered = _MeteredStream(stream, circuit, self.circuit_meters)
+            network = self.host.get_network()
+            peer = ID(msg.peer.id)
+            before = {id(c.muxed_conn) for c in network.get_connections(peer)}
             await self.handle_incoming_connection(metered, msg.peer.id)  # type: ignore[arg-type]
         except Exception as exc:
             log.debug("relayed connection not accepted: %s", exc)
             with contextlib.suppress(Exception):
                 await self._send_stop_status(stream, StatusCode.CONNECTION_FAILED, str(exc))
                 await self._close_stream(stream)
+            return
+        if self._admit is None:
+            return
+        # The relayed connection passes the inbound connection budgets as a direct one
+        # does, under the relay's IP; this stream carries it, and so holds its slot.
+        address = stream.muxed_conn.get_remote_address()
+        ip = str(address[0]) if address else "?"
+        for conn in list(network.get_connections(peer)):
+            if id(conn.muxed_conn) not in before and not conn.muxed_conn.is_initiator:
+                await self._admit(conn.muxed_conn, ip)
 
     def _peer_bytes(self, peer: ID) -> _HourlyBytes:
         found = self.bytes_by_peer.get(peer)

@@ -386,6 +386,56 @@ class BarePeer:
 
         return self.call(go)
 
+    def relayed_keys(self, count: int) -> int:
+        """Pose as a relay: open ``count`` connections to the node through this peer's
+        own connection (a STOP stream each, as a relay sends), each from a fresh key;
+        how many the node accepted."""
+        from libp2p.abc import ConnectionType
+        from libp2p.network.connection.raw_connection import RawConnection
+        from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId, StopMessage
+        from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID
+        from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+
+        node = info_from_p2p_addr(Multiaddr(self._addr)).peer_id
+
+        async def one() -> None:
+            key_pair = create_new_key_pair(Identity.generate().private_bytes())
+            noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+            host = new_host(
+                key_pair=key_pair,
+                sec_opt={NOISE_PROTOCOL_ID: noise},
+                muxer_opt=create_yamux_muxer_option(),
+            )
+            running = trio.Event()
+
+            async def run() -> None:
+                async with host.run([]):
+                    running.set()
+                    await trio.sleep_forever()
+
+            assert self._nursery is not None
+            self._nursery.start_soon(run)
+            await running.wait()
+            with trio.fail_after(10):
+                stream = await self.host.new_stream(node, [STOP_PROTOCOL_ID])
+                connect = StopMessage(
+                    type=StopMessage.CONNECT, peer=PeerId(id=host.get_id().to_bytes())
+                )
+                await write_delimited_msg(stream, connect)
+                await read_delimited_msg(stream, StopMessage)
+                raw = RawConnection(stream, initiator=True, connection_type=ConnectionType.RELAYED)
+                await host.upgrade_outbound_connection(raw, node)
+
+        async def go() -> int:
+            made = 0
+            for _ in range(count):
+                with contextlib.suppress(Exception):
+                    await one()
+                    made += 1
+            return made
+
+        return self.call(go)
+
     def held_open(self) -> int:
         """How many of the held streams the node has not reset or closed."""
         return sum(1 for stream in self.held if not _ended(stream))

@@ -576,6 +576,36 @@ def test_streams_of_one_libp2p_protocol_are_capped_per_peer(cluster: LocalCluste
         attacker.close()
 
 
+# ---- connections through a relay --------------------------------------------------------
+
+
+def connections_of(node: Node) -> int:
+    assert node.transport is not None
+
+    async def go() -> int:
+        swarm: Any = node.transport._host.get_network()  # type: ignore[union-attr]
+        return sum(len(conns) for conns in swarm.connections.values())
+
+    return node.transport._call(go)
+
+
+def test_connections_through_a_relay_count_against_the_inbound_connections(
+    cluster: LocalCluster,
+) -> None:
+    """A connection that arrives through a relay (a STOP stream) is upgraded by py-libp2p
+    past the inbound gate: one peer posing as a relay opened 20 connections from fresh
+    keys to a node allowed 8 inbound, and the gate counted 1."""
+    victim = cluster.add("victim", max_inbound_connections=8)
+    attacker = BarePeer(victim.addrs()[0])
+    try:
+        attacker.relayed_keys(20)
+        wait_for(lambda: connections_of(victim) <= 8, what="at most 8 inbound connections")
+        assert victim.transport.budget_usage()["inbound_connections"][0] <= 8  # type: ignore[union-attr]
+        assert refusals(victim, Budget.CONNECTION_EVICTED) >= 1
+    finally:
+        attacker.close()
+
+
 # ---- dials through a relay --------------------------------------------------------------
 
 

@@ -192,7 +192,7 @@ class Libp2pTransport(Unicast, Gossip):
         self.stake: Stake | None = None
         s = self.settings
         self._gate: InboundGate | None = None
-        self._streams = StreamBudget(s, self.refusals)
+        self._streams = StreamBudget(s, self.refusals, self._has_stake)
         self._idle = IdleWatch(s.stream_idle_s, self.refusals)
         self._protocols = ProtocolStreams(
             s,

@@ -297,6 +297,32 @@ def test_streams_per_peer_are_capped_and_others_are_served(cluster: LocalCluster
         honest.close()
 
 
+def test_with_every_stream_slot_taken_a_newcomer_evicts_the_heaviest_unknown_peer(
+    cluster: LocalCluster,
+) -> None:
+    """Each key may hold max_streams_per_peer streams, so a few keys (one machine: 128
+    connections per IP) held all max_streams, sending a frame now and then, and every
+    honest peer's new stream was reset. Now the unknown peer that holds the most loses
+    its oldest stream to the newcomer."""
+    victim = cluster.add("victim", max_streams=16, max_streams_per_peer=8)
+    attackers = [BarePeer(victim.addrs()[0]) for _ in range(2)]
+    try:
+        for attacker in attackers:
+            attacker.open_streams(ACTOR_PROTOCOL, 8)
+        wait_for(
+            lambda: victim.transport.budget_usage()["streams"][0] == 16,  # type: ignore[union-attr]
+            what="every stream slot taken",
+        )
+        honest = BarePeer(victim.addrs()[0], actor=True)
+        attackers.append(honest)
+        assert honest.ask(root_of(victim.identity), "/public/hello") is not None
+        assert refusals(victim, Budget.STREAM_EVICTED) >= 1
+        assert sum(a.held_open() for a in attackers[:2]) <= 15
+    finally:
+        for peer in attackers:
+            peer.close()
+
+
 def test_an_idle_stream_is_reset(cluster: LocalCluster) -> None:
     victim = cluster.add("victim", stream_idle_s=1)
     attacker = BarePeer(victim.addrs()[0])

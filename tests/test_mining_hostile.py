@@ -39,9 +39,11 @@ from tests.test_mining_placed import IRIS, Network
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
     # Short step deadlines (10 s: an honest step here takes well under 1 s, and a loaded
-    # machine must not turn it into a stall), so a stalled worker costs seconds.
+    # machine must not turn it into a stall), so a stalled worker costs seconds. Heartbeats
+    # every second (a 3 s deadline): the bombs load the machine, and at 0.5 s (1.5 s) a
+    # loaded run saw honest providers' heartbeats arrive expired and the job fail.
     root = tmp_path_factory.mktemp("hostile")
-    with LocalCluster(root, heartbeat_s=0.5, mining_step_floor_s=10.0) as cluster:
+    with LocalCluster(root, heartbeat_s=1.0, mining_step_floor_s=10.0) as cluster:
         yield Network(cluster)
 
 

@@ -1,12 +1,22 @@
-"""Decentralized placement on N real nodes (libp2p on loopback, one process).
+"""Decentralized placement on N real nodes (libp2p on loopback).
 
-The nodes are ``LocalCluster``'s: N hosts with their own keys, listeners, Noise
-and Yamux sessions, run as tasks of one trio loop, and heartbeats scaled to the
-process (``shared_process_heartbeat_budget``); see specs/network.md and
-specs/node.md for why a simulation runs that way.
+Two modes (``"mode"`` in every line):
 
-One node requests; every other node is onboarded and bids. For each provider
-count (``--nodes 5 20 50``) and each concurrency (``--concurrency 1 8 32``),
+- ``threads`` (the default): the nodes are ``LocalCluster``'s, N hosts with
+  their own keys, listeners, Noise and Yamux sessions, run as tasks of one trio
+  loop in this one process, and heartbeats scaled to the process
+  (``shared_process_heartbeat_budget``); see specs/network.md and specs/node.md
+  for why a simulation runs that way. One node requests; the other N - 1 are
+  onboarded and bid.
+- ``processes`` (``--processes``): N providers, each a ``dms run`` daemon in
+  its own OS process with its own home, started and onboarded as ``dms sim``
+  does in its processes mode (``dms.sim.processes.ProcessBackend``); the
+  requester is a node in this process (its own process, as the providers have
+  theirs), so its deployments' rows and timings are read where they happen.
+  Start-up waits, with deadlines, for the requester to hold every provider
+  alive with its resources, then for the providers' CPU to go quiet.
+
+For each provider count (``--nodes 5 20 50``) and each concurrency (``--concurrency 1 8 32``),
 ``--jobs`` single-allocation deployments (a ``compute`` allocation that returns
 at once) are placed with at most that many in flight (one starts as another
 ends, as one script placing many short jobs would). One JSON line per
@@ -23,17 +33,22 @@ ends, as one script placing many short jobs would). One JSON line per
   records), ``commit`` (-> the commit answered: its round trip; where commit and
   allocate are one exchange, the whole of it), ``allocate`` (-> running; 0 then);
 - ``work_ms``: where the time goes inside the phases, per placement, summed over
-  every node and thread of the process (wall time inside each call): Ed25519
+  every node and thread of this process (wall time inside each call; in
+  processes mode the requester's alone): Ed25519
   ``sign``, ``verify``, ``sqlite`` (every transaction, its lock wait included);
   ``window_closes``: rounds that ended on the bid window, not on the last bid;
 - ``messages_per_placement``: unicast frames received by all nodes per
-  placement; heartbeats and other gossip are not counted;
-- ``cpu_ms_per_placement``: CPU time of the whole process (every node and
-  thread, the jobs' ends included) from the first request to the last
+  placement; heartbeats and other gossip are not counted (in processes mode:
+  the frames the requester received and sent, as every placement message
+  goes between it and a provider);
+- ``cpu_ms_per_placement``: CPU time of every node (every node and thread,
+  the jobs' ends included; in processes mode this process and every
+  provider's) from the first request to the last
   deployment's end, less what the process spends idle over as long
   (``idle_cpu_ms_per_s``, measured for 2 s before: heartbeats, gossip,
   timers), per placement. Far less sensitive than the wall times to other
-  processes on the machine;
+  processes on the machine; ``requester_cpu_ms_per_placement``: the same for
+  this process alone (the requester's, in processes mode);
 - ``leaked_leases``: leases and allocations still live on any node 3 s after
   every deployment of the run ended (losing bids are reverted at once, and 3 s
   is well under the 10 s lease, so only a revert that never happened counts);
@@ -61,16 +76,27 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from dms.actor import ROOT_INBOX, Address, Handle
 from dms.jobs.spec import DeploymentSpec
+from dms.node.daemon import Node
 from dms.orchestrator.states import DEPLOYMENT
 from dms.resources import Resources
 from dms.security.identity import public_key_from_peer_id
+from dms.sim.backend import NodeSpec
 from dms.sim.cluster import (
     SHARED_PROCESS_HEARTBEATS_PER_S,
     LocalCluster,
     shared_process_heartbeat_budget,
 )
+from dms.sim.faults import FaultPlan
+from dms.sim.processes import ProcessBackend
+from dms.sim.scenario import Amounts, NodeSettings
+
+PROVIDER_AMOUNTS = Amounts(cpu=2, ram=8, disk=10)  # a daemon onboards (this machine: 2 cores)
+PROVIDER = Resources(cpu=4, ram=8, disk=10)  # a node of this process (its ledger, unchecked)
+START_DEADLINE_S = 240.0  # processes mode: to hear every provider, then to go quiet
 
 
 def spec(i: int, strategy: str) -> dict[str, Any]:
@@ -160,16 +186,100 @@ class Work:
 WORK = Work()
 
 
-def idle_cpu_per_s(seconds: float = 2.0) -> float:
-    """The process's CPU seconds a second with no placement running (heartbeats, gossip,
-    the nodes' timers): what a run's CPU time holds beside its placements."""
-    cpu, wall = time.process_time(), time.monotonic()
-    time.sleep(seconds)
-    return (time.process_time() - cpu) / (time.monotonic() - wall)
+class Network:
+    """The nodes of one run, whichever way they run: the requester (a node of this
+    process) and the providers, and what the run reads of them."""
+
+    def __init__(self, req: Node, providers: list[str]) -> None:
+        self.req = req
+        self.providers = providers  # peer ids
+
+    def cpu_s(self) -> float:
+        """CPU seconds every node has used so far."""
+        return time.process_time()
+
+    def frames(self) -> int:
+        """Unicast frames the nodes have received so far."""
+        raise NotImplementedError
+
+    def live_leases(self) -> int:
+        """Leases and allocations still live on any node."""
+        raise NotImplementedError
+
+    def idle_cpu_per_s(self, seconds: float = 2.0) -> tuple[float, float]:
+        """CPU seconds a second with no placement running (heartbeats, gossip, the
+        nodes' timers): what a run's CPU time holds beside its placements; of every
+        node, and of this process."""
+        cpu, own, wall = self.cpu_s(), time.process_time(), time.monotonic()
+        time.sleep(seconds)
+        took = time.monotonic() - wall
+        return (self.cpu_s() - cpu) / took, (time.process_time() - own) / took
 
 
-def frames(nodes: list) -> int:
-    return sum(n.transport.frames_in for n in nodes if n.transport is not None)
+class Threads(Network):
+    """Every node a ``LocalCluster`` node of this process."""
+
+    mode = "threads"
+
+    def __init__(self, nodes: list[Node]) -> None:
+        super().__init__(nodes[0], [n.peer_id for n in nodes[1:]])
+        self.nodes = nodes
+
+    def frames(self) -> int:
+        return sum(n.transport.frames_in for n in self.nodes if n.transport is not None)
+
+    def live_leases(self) -> int:
+        return sum(len(n.ledger.live()) for n in self.nodes if n.ledger is not None)
+
+    def debug_leases(self) -> None:
+        for n in self.nodes:
+            for lease in n.ledger.live() if n.ledger is not None else []:
+                print(n.peer_id[-6:], lease.state, lease.ref, file=sys.stderr)
+
+
+class Daemons(ProcessBackend):
+    """``dms sim``'s processes mode, without its fault layer (nothing is injected)."""
+
+    def extra_run_args(self) -> list[str]:
+        return []
+
+    def pids(self) -> list[int]:
+        return [int(self.describe(name)["pid"]) for name in self.names if self.running(name)]
+
+
+class Processes(Network):
+    """Every provider a ``dms run`` daemon of its own; the requester this process's node."""
+
+    mode = "processes"
+
+    def __init__(self, req: Node, daemons: Daemons) -> None:
+        super().__init__(req, [daemons.peer_id(name) for name in daemons.names])
+        self.daemons = daemons
+        self._procs = [psutil.Process(pid) for pid in daemons.pids()]
+
+    def cpu_s(self) -> float:
+        total = time.process_time()
+        for proc in self._procs:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
+    def frames(self) -> int:
+        # Every placement message goes between the requester and a provider: what the
+        # providers received is what the requester sent them.
+        sent, _sizes = self.req.metrics.traffic.snapshot()
+        transport = self.req.transport
+        received = transport.frames_in if transport is not None else 0
+        return received + sent.get(("out", "direct"), 0)
+
+    def live_leases(self) -> int:
+        own = len(self.req.ledger.live()) if self.req.ledger is not None else 0
+        return own + sum(self.daemons.live_leases(name) for name in self.daemons.names)
+
+    def debug_leases(self) -> None:
+        for name in self.daemons.names:
+            print(name, self.daemons.live_leases(name), file=sys.stderr)
 
 
 def phases(row: dict[str, Any], t0: float) -> dict[str, float] | None:
@@ -277,92 +387,157 @@ def figures_of(
     }
 
 
-def run(count: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+def start_threads(count: int, args: argparse.Namespace, stack: contextlib.ExitStack) -> Threads:
     # All N nodes share this one process (and its GIL): see shared_process_heartbeat_budget.
     budget = shared_process_heartbeat_budget(count, args.heartbeat_budget)
     root = Path(tempfile.mkdtemp(prefix="dms-placement-"))
+    c = stack.enter_context(LocalCluster(root, heartbeat_s=2.0, heartbeat_budget_per_s=budget))
+    say(f"starting {count} nodes")
+    nodes = c.start(count)
+    c.wait_linked(timeout=120)
+    say("linked; waiting for every provider's heartbeat")
+    for n in nodes[1:]:
+        n.ledger.onboard(PROVIDER)
+    net = Threads(nodes)
+    wait_known(net, deadline_s=120)
+    # Steady state (LocalCluster.wait_settled): start-up's fast heartbeats and
+    # dials would load the run, not the placements. After 60 s it goes on anyway.
+    settled = c.wait_settled(timeout=60)
+    say(f"peers table complete; start-up settled: {settled}")
+    return net
+
+
+def start_processes(count: int, args: argparse.Namespace, stack: contextlib.ExitStack) -> Processes:
+    """``count`` provider daemons, then the requester in this process, bootstrapping
+    from three of them; each provider onboarded through its API."""
+    root = Path(tempfile.mkdtemp(prefix="dms-placement-"))
+    specs = [NodeSpec(f"p-{i + 1}", "p") for i in range(count)]
+    daemons = Daemons(root / "providers", specs, NodeSettings(), FaultPlan())
+    stack.callback(daemons.stop)
+    say(f"starting {count} provider processes")
+    daemons.start(say)
+    # The requester runs at the providers' heartbeat settings (dms sim's processes mode).
+    heartbeat_s, budget = daemons.mode_defaults()
+    cluster = stack.enter_context(
+        LocalCluster(root / "requester", heartbeat_s=heartbeat_s, heartbeat_budget_per_s=budget)
+    )
+    addrs = [daemons.addrs(name)[0] for name in daemons.names[:3]]
+    req = cluster.add("requester", bootstrap=addrs)
+    cluster.wait_linked(timeout=120)
+    say("requester linked; onboarding the providers")
+    for name in daemons.names:
+        daemons.onboard(name, PROVIDER_AMOUNTS)
+    net = Processes(req, daemons)
+    wait_known(net, deadline_s=START_DEADLINE_S)
+    # The providers' start-up (dials, meshing, fast heartbeats) would load the run.
+    settled = daemons.settle(timeout=START_DEADLINE_S)
+    say(f"peers table complete; start-up settled: {settled}")
+    return net
+
+
+def wait_known(net: Network, deadline_s: float) -> None:
+    """Until the requester holds every provider alive, with its resources; SystemExit
+    naming how many it lacks after ``deadline_s``."""
+    deadline = time.monotonic() + deadline_s
+    last = time.monotonic()
+    want = set(net.providers)
+    while True:
+        known = {
+            r.peer_id
+            for r in net.req.peer_table.alive()
+            if r.heartbeat and r.heartbeat.onboarded and r.heartbeat.onboarded.get("cpu")
+        }
+        missing = len(want - known)
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(
+                f"the requester did not hear {missing} provider(s) in {deadline_s:g} s"
+            )
+        if time.monotonic() - last >= 5.0:
+            last = time.monotonic()
+            say(f"waiting for {missing} provider heartbeat(s)")
+        time.sleep(0.1)
+
+
+def run(count: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    with contextlib.ExitStack() as stack:
+        if args.processes:
+            return measure(start_processes(count, args, stack), count, args)
+        return measure(start_threads(count, args, stack), count, args)
+
+
+def measure(net: Threads | Processes, count: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    req = net.req
     out = []
-    with LocalCluster(root, heartbeat_s=2.0, heartbeat_budget_per_s=budget) as c:
-        say(f"starting {count} nodes")
-        nodes = c.start(count)
-        c.wait_linked(timeout=120)
-        say("linked; waiting for every provider's heartbeat")
-        for n in nodes[1:]:
-            n.ledger.onboard(Resources(cpu=4, ram=8, disk=10))
-        req = nodes[0]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # every provider known, with its resources
-            known = [r for r in req.peer_table.alive() if r.heartbeat and r.heartbeat.onboarded]
-            if len([r for r in known if r.heartbeat.onboarded.get("cpu")]) >= count - 1:
-                break
-            time.sleep(0.1)
-        # Steady state (LocalCluster.wait_settled): start-up's fast heartbeats and
-        # dials would load the run, not the placements. After 60 s it goes on anyway.
-        settled = c.wait_settled(timeout=60)
-        say(f"peers table complete; start-up settled: {settled}")
-        # Floor: one signed invoke round trip to a provider, the first that answers (on a
-        # loaded machine a 50-node start may leave one not yet dialled: the run went on
-        # to fail with Unreachable here, before any placement).
-        floor: list[float] = []
-        for n in nodes[1:]:
-            target = Handle(
-                id=public_key_from_peer_id(n.peer_id),
-                address=Address(host=n.peer_id, inbox=ROOT_INBOX),
-            )
-            try:
-                req.node.ask(target, "/public/hello", timeout=5)
-            except Exception as exc:
-                say(f"floor: {n.peer_id[-8:]} did not answer ({exc}); the next one")
-                continue
-            for _ in range(50):
-                t = time.perf_counter()
-                req.node.ask(target, "/public/hello")
-                floor.append(time.perf_counter() - t)
-            break
-        # Warm-up, as on a node that has been running: a stream to every provider is
-        # open before timing (the first message to a peer pays for opening it).
-        for n in nodes[1:]:
-            handle = Handle(
-                id=n.identity.public_key, address=Address(host=n.peer_id, inbox=ROOT_INBOX)
-            )
-            try:
-                req.node.ask(handle, "/public/hello", timeout=5)
-            except Exception as exc:  # placement copes with it: the bench just says so
-                say(f"warm-up: {n.peer_id[-8:]} did not answer ({exc})")
-        offset = 0
-        for concurrency in args.concurrency:
-            idle = idle_cpu_per_s()
-            before, (work0, closes0) = frames(nodes), WORK.snapshot()
-            span_from, cpu_from, wall_from = time.time(), time.process_time(), time.monotonic()
-            done = place(req, args.jobs, concurrency, offset, args.strategy)
-            cpu_s = time.process_time() - cpu_from - idle * (time.monotonic() - wall_from)
-            offset += args.jobs
-            work1, closes1 = WORK.snapshot()
-            work1.subtract(work0)
-            figures = {
-                "bench": "placement",
-                "nodes": count,
-                "concurrency": concurrency,
-                "jobs": args.jobs,
-                "strategy": args.strategy,
-                **figures_of(done, span_from, work1, closes1 - closes0),
-                "messages_per_placement": round((frames(nodes) - before) / args.jobs, 1),
-                "cpu_ms_per_placement": round(cpu_s * 1000 / args.jobs, 1),
-                "idle_cpu_ms_per_s": round(idle * 1000, 1),
-                "floor_ms": round(statistics.median(floor) * 1000, 2) if floor else None,
-            }
-            # Reverts are one-way messages still in providers' mailboxes; give them 3 s
-            # to land (well under the 10 s lease, so an expiry cannot hide a real leak).
-            settle = time.monotonic() + 3.0
-            while time.monotonic() < settle and sum(len(n.ledger.live()) for n in nodes):
-                time.sleep(0.05)
-            figures["leaked_leases"] = sum(len(n.ledger.live()) for n in nodes)
-            say(f"{count} nodes, concurrency {concurrency}: {figures['p50_ms']} ms p50")
-            out.append(figures)
-            if os.environ.get("DMS_BENCH_DEBUG"):
-                for n in nodes:
-                    for lease in n.ledger.live():
-                        print(n.peer_id[-6:], lease.state, lease.ref, file=sys.stderr)
+    # Floor: one signed invoke round trip to a provider, the first that answers (on a
+    # loaded machine a 50-node start may leave one not yet dialled: the run went on
+    # to fail with Unreachable here, before any placement).
+    floor: list[float] = []
+    handles = [
+        Handle(id=public_key_from_peer_id(p), address=Address(host=p, inbox=ROOT_INBOX))
+        for p in net.providers
+    ]
+    for target in handles:
+        try:
+            req.node.ask(target, "/public/hello", timeout=5)
+        except Exception as exc:
+            say(f"floor: {target.address.host[-8:]} did not answer ({exc}); the next one")
+            continue
+        for _ in range(50):
+            t = time.perf_counter()
+            req.node.ask(target, "/public/hello")
+            floor.append(time.perf_counter() - t)
+        break
+    # Warm-up, as on a node that has been running: a stream to every provider is
+    # open before timing (the first message to a peer pays for opening it).
+    for target in handles:
+        try:
+            req.node.ask(target, "/public/hello", timeout=5)
+        except Exception as exc:  # placement copes with it: the bench just says so
+            say(f"warm-up: {target.address.host[-8:]} did not answer ({exc})")
+    offset = 0
+    for concurrency in args.concurrency:
+        idle, idle_own = net.idle_cpu_per_s()
+        before, (work0, closes0) = net.frames(), WORK.snapshot()
+        span_from, wall_from = time.time(), time.monotonic()
+        cpu_from, own_from = net.cpu_s(), time.process_time()
+        done = place(req, args.jobs, concurrency, offset, args.strategy)
+        wall = time.monotonic() - wall_from
+        cpu_s = net.cpu_s() - cpu_from - idle * wall
+        own_s = time.process_time() - own_from - idle_own * wall
+        offset += args.jobs
+        work1, closes1 = WORK.snapshot()
+        work1.subtract(work0)
+        figures = {
+            "bench": "placement",
+            "mode": net.mode,
+            "nodes": len(net.providers) + 1,
+            "providers": len(net.providers),
+            "concurrency": concurrency,
+            "jobs": args.jobs,
+            "strategy": args.strategy,
+            **figures_of(done, span_from, work1, closes1 - closes0),
+            "messages_per_placement": round((net.frames() - before) / args.jobs, 1),
+            "cpu_ms_per_placement": round(cpu_s * 1000 / args.jobs, 1),
+            "idle_cpu_ms_per_s": round(idle * 1000, 1),
+            # The requester's process alone (in threads mode, every node's): one
+            # requester places at most 1000 / this many a second, whatever the providers.
+            "requester_cpu_ms_per_placement": round(own_s * 1000 / args.jobs, 1),
+            "floor_ms": round(statistics.median(floor) * 1000, 2) if floor else None,
+        }
+        # Reverts are one-way messages still in providers' mailboxes; give them 3 s
+        # to land (well under the 10 s lease, so an expiry cannot hide a real leak).
+        settle = time.monotonic() + 3.0
+        leaked = net.live_leases()
+        while time.monotonic() < settle and leaked:
+            time.sleep(0.25)
+            leaked = net.live_leases()
+        figures["leaked_leases"] = leaked
+        say(f"{count} nodes, concurrency {concurrency}: {figures['p50_ms']} ms p50")
+        out.append(figures)
+        if os.environ.get("DMS_BENCH_DEBUG"):
+            net.debug_leases()
     return out
 
 
@@ -377,6 +552,11 @@ def main() -> int:
         type=float,
         default=SHARED_PROCESS_HEARTBEATS_PER_S,
         help="gossip heartbeats/s received by all simulated nodes together",
+    )
+    parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="every provider a dms run daemon of its own (--nodes counts the providers)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON lines")
     args = parser.parse_args()

@@ -132,6 +132,12 @@ class Backend(ABC):
         """Node ``name``'s actor invokes ``behaviour`` of another node's actor."""
         raise NotImplementedError
 
+    def onboard(self, name: str, amounts: Amounts, timeout: float = 60.0) -> None:
+        """Onboard node ``name`` as ``dms onboard`` would, with the nominal capability
+        (simulated nodes do not benchmark the machine they share)."""
+        payload = {**amounts.request(), "capability": nominal_capability().model_dump(mode="json")}
+        self.call(name, "/dms/node/onboarding/onboard", payload, timeout=timeout)
+
     @abstractmethod
     def crash(self, name: str) -> None:
         """Kill the node at once: no goodbye, no clean-up (kill -9)."""

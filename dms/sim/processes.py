@@ -150,12 +150,13 @@ class ProcessBackend(Backend):
         return env
 
     def _bootstrap(self, exclude: str) -> list[str]:
-        running = [
-            p.info["addrs"][0]
-            for n, p in self._procs.items()
-            if n != exclude and p.info and p.info.get("addrs") and self.running(n)
-        ]
+        running = [self.addrs(n)[0] for n in self._procs if n != exclude and self.addrs(n)]
         return self._rng.sample(running, min(3, len(running)))
+
+    def addrs(self, name: str) -> list[str]:
+        """Where node ``name`` listens (as its first line said), if it is running."""
+        info = self._proc(name).info
+        return list(info.get("addrs") or []) if info and self.running(name) else []
 
     def _launch(self, name: str) -> None:
         self._spawn(name)

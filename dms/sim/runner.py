@@ -24,7 +24,7 @@ from typing import Any
 
 from dms.errors import DmsError
 from dms.orchestrator.states import DEPLOYMENT
-from dms.sim.backend import Backend, NodeSpec, SimError, nominal_capability
+from dms.sim.backend import Backend, NodeSpec, SimError
 from dms.sim.collab import check_collab, plan_collab
 from dms.sim.faults import FaultPlan, LinkRule
 from dms.sim.jobs import Follower, Job
@@ -202,15 +202,13 @@ class Runner:
             self.line("ready", f"start-up settled ({time.monotonic() - started:.1f} s)")
 
     def onboard_all(self) -> set[str]:
-        capability = nominal_capability().model_dump(mode="json")
         onboarded = []
         for spec in self.backend.specs:
             amounts = self.scenario.group_of(spec.name).onboard
             if amounts is None:
                 continue
             if not self.backend.onboards_at_start:
-                payload = {**amounts.request(), "capability": capability}
-                self.backend.call(spec.name, "/dms/node/onboarding/onboard", payload, timeout=60)
+                self.backend.onboard(spec.name, amounts)
             onboarded.append(spec.name)
         groups = {self.scenario.group_of(name).name for name in onboarded}
         if len(groups) == 1:
@@ -413,8 +411,7 @@ class Runner:
         self.line("restart", f"{name}{why}")
 
     def do_onboard(self, onboard: Any) -> None:
-        payload = {**onboard.request(), "capability": nominal_capability().model_dump(mode="json")}
-        self.backend.call(onboard.node, "/dms/node/onboarding/onboard", payload, timeout=60)
+        self.backend.onboard(onboard.node, onboard)
         self.line("onboard", f"{onboard.node}: {describe(onboard)}")
 
     def do_offboard(self, offboard: Any) -> None:

@@ -125,6 +125,19 @@ def test_a_deployment_of_several_allocations_is_placed_and_completes(net: LocalC
     assert any("state: completed" in line for lines in logs["logs"].values() for line in lines)
 
 
+def test_a_round_asks_two_peers_a_slot_not_every_peer_that_fits(net: LocalCluster) -> None:
+    """Two choices a slot (specs/orchestration.md, "How many peers a round asks"): with
+    four providers that fit, a one-slot job asks two of them, so its placement costs
+    two bids and one revert, not three and two."""
+    requester, peers = network(net, 4)
+    dep = deploy(requester, spec(params={"seconds": 0}))
+    done = wait_state(requester, dep, TERMINAL, 20)
+    assert done["state"] == "completed", done["events"]
+    rounds = [e["what"] for e in done["events"] if e["what"].startswith("round ")]
+    assert rounds == ["round 1: asking 2 peer(s) for 1 slot(s)"]
+    wait_for(lambda: live_leases(peers) == 0, 5, "the losing bid's lease to be reverted")
+
+
 def test_two_requesters_racing_for_the_last_capacity_never_double_book(
     net: LocalCluster,
 ) -> None:

@@ -112,8 +112,10 @@ class Orchestration:
     store: DeploymentStore
     cursor: RoundRobin = field(default_factory=RoundRobin)
     rng: random.Random = field(default_factory=random.Random)
-    fanout: int = 3  # peers asked per open slot ...
-    min_ask: int = 3  # ... and never fewer than this
+    # Peers asked per open slot, and never fewer than min_ask: two choices per slot
+    # (specs/orchestration.md, "How many peers a round asks").
+    fanout: int = 2
+    min_ask: int = 2
     supervise_s: float = 1.0
     retry_s: float = 0.25  # first wait when nothing fits; doubles to retry_max_s
     retry_max_s: float = 2.0

@@ -67,7 +67,10 @@ request is answered a few times a second), ``hostile_*`` (what the hostile got),
 Placement lines add ``victim_refusals`` (the victim's ``GET /metrics`` refusals
 during the attack, ``layer:code``) and ``victim_cpu`` / ``bench_process_cpu``
 (shares of one core while the attack ran; this process holds the honest node
-and the hostile peers). Between attacks the hostile gives back what it holds.
+and the hostile peers) and ``honest_failures``: why each honest placement that
+did not run failed (its state, then its deployment's events, each at its second
+since the placement was asked for: the rounds, what the victim answered, the
+end's reason). Between attacks the hostile gives back what it holds.
 
 The attacks of later issues live in modules beside this file,
 ``bench/adversary_<area>.py``, found at start (``bench/adversary_kit.py`` says

@@ -61,6 +61,7 @@ VICTIM_PREFERENCES: dict[str, Any] = {"max_peer_share": 0.5}  # --victim-share c
 DEPLOYMENT_NEW = "/dms/node/deployment/new"
 HONEST_DEADLINE_S = 10.0
 PLACE_POLL_S = 0.01
+FAILURE_CHARS = 600  # of each failed placement's reason in a line
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ class Honest:
         self.victim = victim.peer_id
         self.target = root_handle(victim.peer_id)
         self.store = DeploymentStore(self.node.db)
+        self.failures: list[str] = []  # why each failed placement failed, in order
 
     def invoke(self) -> float | None:
         """One signed invoke; its round trip in seconds, or None if it failed."""
@@ -252,7 +254,8 @@ class Honest:
         started = time.time()
         try:
             dep = self.ref.ask(self.ref.handle, DEPLOYMENT_NEW, {"spec": self.job()}, timeout=10)
-        except Exception:
+        except Exception as exc:
+            self.failures.append(f"deployment/new: {exc}"[:FAILURE_CHARS])
             return None
         deadline = time.monotonic() + HONEST_DEADLINE_S + 10
         row: dict[str, Any] = {}
@@ -262,6 +265,8 @@ class Honest:
                 break
             time.sleep(PLACE_POLL_S)
         running_at = row.get("running_at")
+        if not running_at:
+            self.failures.append(failure(row, started))
         return running_at - started if running_at else None
 
     def job(self) -> dict[str, Any]:
@@ -280,6 +285,19 @@ class Honest:
                 ],
             }
         ).model_dump(mode="json")
+
+
+def failure(row: dict[str, Any], started: float) -> str:
+    """Why a placement did not run: its state, and its events after the first (the
+    rounds, what each peer answered, the end's reason, which names every peer's),
+    each at its second since the placement was asked for."""
+    events = [
+        f"+{e['at'] - started:.1f}s {e['what']}" if isinstance(e, dict) else str(e)
+        for e in row.get("events") or []
+    ]
+    took = time.time() - started
+    said = " | ".join(events[1:])  # the end's reason is last: kept whole
+    return f"{row.get('state')} after {took:.1f} s: {said[-FAILURE_CHARS:]}"
 
 
 def p50_ms(samples: list[float]) -> float:
@@ -326,6 +344,7 @@ def run_attack(
     started = time.perf_counter()
     threading.Thread(target=attacker, daemon=True).start()
     during: list[float | None] = []
+    honest.failures.clear()
     while not done.is_set():
         during.append(probe())
     attack_s = time.perf_counter() - started
@@ -358,6 +377,7 @@ def run_attack(
         after = victim.refusals() if alive else Counter()
         result["victim_refusals"] = dict(sorted((after - refusals_before).items()))
         result["victim_cpu"], result["bench_process_cpu"] = cpu
+        result["honest_failures"] = list(honest.failures)
     if cleanup is not None:  # after the figures: what the hostile holds goes back
         cleanup()
     return result

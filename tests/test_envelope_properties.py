@@ -4,12 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from dms.actor import ErrorCode, Handle, Refusal
-from dms.actor.envelope import Envelope, make_envelope, seal, unseal, verify
+from dms.actor.envelope import (
+    MAGIC,
+    MAX_BEHAVIOUR_CHARS,
+    NONCE_BYTES,
+    Envelope,
+    encode_payload,
+    make_envelope,
+    now_ns,
+    open_frame,
+    seal,
+    unseal,
+    verify,
+)
 from dms.actor.handle import Address
 from dms.security import Identity
 
@@ -90,3 +104,78 @@ def test_large_bytes_travel_raw() -> None:
     frame = seal(make_envelope(sender, KEY.public_key, "/x", {"ct": blob}, ttl_s=5), KEY)
     assert len(frame) < len(blob) + 1024  # no base64 (which would add a third)
     assert blob in frame
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(envelopes())
+def test_envelopes_built_without_pydantic_are_the_validated_ones(envelope: Envelope) -> None:
+    """make_envelope and the header decoder fill the model directly when every field
+    has its declared type; the result is what pydantic's validation builds."""
+    validated = Envelope.model_validate(envelope.model_dump(by_alias=True))
+    decoded = unseal(seal(envelope, KEY), LIMIT).envelope
+    for env in (envelope, decoded):
+        assert env == validated
+        assert env.model_dump() == validated.model_dump()
+        assert env.model_fields_set == validated.model_fields_set
+        assert env.model_copy(update={"payload": 1}).payload == 1
+        with pytest.raises(ValidationError):
+            env.payload = 2  # type: ignore[misc]  # still frozen
+
+
+def _header_frame(**changes: Any) -> bytes:
+    """A frame signed by KEY whose header fields are the usual ones with ``changes``."""
+    fields: dict[str, Any] = {
+        "to": [OTHER.public_key, OTHER.peer_id, "root"],
+        "sender": [KEY.public_key, KEY.peer_id, "root"],
+        "signer": KEY.public_key,
+        "behaviour": "/x",
+        "nonce": b"n" * NONCE_BYTES,
+        "issued_at": now_ns(),
+        "expiry": now_ns() + 10**10,
+        "reply_to": None,
+        "topic": None,
+        "caps": [],
+    }
+    fields.update(changes)
+    header = msgpack.packb(
+        [*fields.pop("to"), *fields.pop("sender"), *fields.values()], use_bin_type=True
+    )
+    body = MAGIC + len(header).to_bytes(4, "big") + header + msgpack.packb(None)
+    return body + KEY.sign(body)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"behaviour": ""},
+        {"behaviour": "/" + "x" * MAX_BEHAVIOUR_CHARS},
+        {"behaviour": 7},
+        {"nonce": b"n" * (NONCE_BYTES - 1)},
+        {"issued_at": "soon"},
+        {"expiry": None},
+        {"reply_to": 3},
+        {"caps": [b"ok", 5]},
+        {"caps": b"not a list"},
+        {"sender": [None, None, None]},
+        {"sender": [KEY.public_key[:31], KEY.peer_id, "root"]},
+    ],
+    ids=repr,
+)
+def test_a_header_field_of_the_wrong_type_or_size_is_refused(changes: dict[str, Any]) -> None:
+    assert open_frame(_header_frame(), LIMIT).envelope.behaviour == "/x"  # the frame is sound
+    with pytest.raises(Refusal) as info:
+        open_frame(_header_frame(**changes), LIMIT)
+    assert info.value.code == ErrorCode.MALFORMED
+    assert info.value.reason.startswith("bad h")
+
+
+def test_a_payload_that_cannot_be_encoded_leaves_the_next_one_whole() -> None:
+    """Encoding reuses one packer per thread: a failure midway must not leave its
+    bytes in front of the next envelope's."""
+    sender = Handle(id=KEY.public_key, address=Address(host=KEY.peer_id, inbox="root"))
+    with pytest.raises(Refusal) as info:
+        encode_payload({"a": [1, 2, object()]})
+    assert info.value.code == ErrorCode.BAD_PAYLOAD
+    env = make_envelope(sender, KEY.public_key, "/x", {"a": [1, 2, 3]}, ttl_s=5)
+    assert encode_payload(env.payload) == msgpack.packb({"a": [1, 2, 3]})
+    assert unseal(seal(env, KEY), LIMIT).envelope == env

@@ -339,9 +339,11 @@ class Admission:
 
     def _count(self, ticket: Ticket, sign: int) -> None:
         held, size = self._held, sign * ticket.size
-        for part in (held.all, *(() if ticket.staked else (held.unknown,))):
-            part.requests += sign
-            part.bytes += size
+        held.all.requests += sign
+        held.all.bytes += size
+        if not ticket.staked:
+            held.unknown.requests += sign
+            held.unknown.bytes += size
         _add(held.peers, ticket.peer, sign, size)
         if ticket.ip is not None:
             _add(held.ips, ticket.ip, sign, size)
@@ -349,43 +351,59 @@ class Admission:
     def _over(self, peer: str, ip: str | None, size: int, staked: bool) -> tuple[str, str] | None:
         """The budget (and the reason) one more request would pass, or None. A peer
         with nothing held may always send one frame, however large (one data frame
-        may be up to ``max_data_bytes``)."""
+        may be up to ``max_data_bytes``). Every request admitted passes here: the
+        reasons are written only for one refused."""
         lim, held = self.limits, self._held
-        mine = held.peers.get(peer, _Held())
-        if mine.requests >= lim.max_inflight_per_peer:
-            return "inflight_per_peer", (
-                f"this peer has {mine.requests} requests waiting here, the most one peer may "
-                f"have (max_inflight_per_peer)"
-            )
-        if mine.requests and mine.bytes + size > lim.max_pending_decode_bytes_per_peer:
-            return "pending_decode_bytes_per_peer", (
-                f"this peer has {mine.bytes} bytes waiting to be decoded here, the most one "
-                f"peer may have (max_pending_decode_bytes_per_peer)"
-            )
-        pools = [(held.all, 1.0, "all peers", "")]
-        if not staked:
-            share = lim.unknown_share
-            pools.append((held.unknown, share, "peers this node has no stake in",
-                          f" x unknown_share {share:g}"))  # fmt: skip
-            if ip is not None:
-                share *= lim.ip_share
-                pools.append((held.ips.get(ip, _Held()), share, f"peers at {ip}",
-                              f" x unknown_share {lim.unknown_share:g} x ip_share "
-                              f"{lim.ip_share:g}"))  # fmt: skip
-        for part, share, whose, why in pools:
-            most = max(1, int(lim.max_inflight * share))
-            if part.requests >= most:
-                return "inflight", (
-                    f"{part.requests} requests of {whose} wait here, the most they may have "
-                    f"(max_inflight {lim.max_inflight}{why})"
+        mine = held.peers.get(peer)
+        if mine is not None:
+            if mine.requests >= lim.max_inflight_per_peer:
+                return "inflight_per_peer", (
+                    f"this peer has {mine.requests} requests waiting here, the most one peer "
+                    f"may have (max_inflight_per_peer)"
                 )
-            most_bytes = int(lim.max_pending_decode_bytes * share)
-            if part.requests and part.bytes + size > most_bytes:
-                return "pending_decode_bytes", (
-                    f"{part.bytes} bytes of {whose} wait to be decoded here, the most they may "
-                    f"have (max_pending_decode_bytes {lim.max_pending_decode_bytes}{why})"
+            if mine.requests and mine.bytes + size > lim.max_pending_decode_bytes_per_peer:
+                return "pending_decode_bytes_per_peer", (
+                    f"this peer has {mine.bytes} bytes waiting to be decoded here, the most one "
+                    f"peer may have (max_pending_decode_bytes_per_peer)"
                 )
+        over = self._over_pool(held.all, 1.0, size)
+        if over is not None or staked:
+            return over and self._pool_reason(over, held.all, "all peers", "")
+        share = lim.unknown_share
+        over = self._over_pool(held.unknown, share, size)
+        if over is not None:
+            why = f" x unknown_share {share:g}"
+            return self._pool_reason(over, held.unknown, "peers this node has no stake in", why)
+        if ip is None:
+            return None
+        part = held.ips.get(ip, _Held())
+        over = self._over_pool(part, share * lim.ip_share, size)
+        if over is not None:
+            why = f" x unknown_share {share:g} x ip_share {lim.ip_share:g}"
+            return self._pool_reason(over, part, f"peers at {ip}", why)
         return None
+
+    def _over_pool(self, part: _Held, share: float, size: int) -> str | None:
+        """The budget of a pool holding ``share`` of the global ones that one more request
+        of ``size`` bytes would pass: ``inflight``, ``pending_decode_bytes`` or None."""
+        lim = self.limits
+        if part.requests >= max(1, int(lim.max_inflight * share)):
+            return "inflight"
+        if part.requests and part.bytes + size > int(lim.max_pending_decode_bytes * share):
+            return "pending_decode_bytes"
+        return None
+
+    def _pool_reason(self, budget: str, part: _Held, whose: str, why: str) -> tuple[str, str]:
+        lim = self.limits
+        if budget == "inflight":
+            return budget, (
+                f"{part.requests} requests of {whose} wait here, the most they may have "
+                f"(max_inflight {lim.max_inflight}{why})"
+            )
+        return budget, (
+            f"{part.bytes} bytes of {whose} wait to be decoded here, the most they may "
+            f"have (max_pending_decode_bytes {lim.max_pending_decode_bytes}{why})"
+        )
 
     def usage(self) -> list[BudgetUse]:
         lim = self.limits

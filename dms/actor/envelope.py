@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -47,6 +48,8 @@ MAX_HEADER_ITEMS = 1024
 # size at ~10 MiB plus its raw strings and bytes, whatever the frame was built as.
 MAX_PAYLOAD_ITEMS = 128 * 1024
 
+MAX_BEHAVIOUR_CHARS = 512
+
 REPLY_PREFIX = "/dms/actor/replyto/"
 
 
@@ -58,7 +61,7 @@ class Envelope(BaseModel):
     to: Handle | None = None
     sender: Handle = Field(alias="from")
     signer: bytes
-    behaviour: str = Field(min_length=1, max_length=512)
+    behaviour: str = Field(min_length=1, max_length=MAX_BEHAVIOUR_CHARS)
     payload: Any = None
     nonce: bytes = Field(min_length=NONCE_BYTES, max_length=NONCE_BYTES)
     issued_at: int  # unix ns
@@ -132,6 +135,76 @@ def make_envelope(
 ) -> Envelope:
     nonce = nonce or new_nonce()
     issued = now_ns()
+    return _envelope(
+        to,
+        sender,
+        signer,
+        behaviour,
+        payload,
+        nonce,
+        issued,
+        issued + int(ttl_s * 1e9),
+        reply_path(nonce) if expect_reply else None,
+        topic,
+        caps or [],
+    )
+
+
+_ALL_SET = frozenset(Envelope.model_fields)
+
+
+def _envelope(
+    to: Any,
+    sender: Any,
+    signer: Any,
+    behaviour: Any,
+    payload: Any,
+    nonce: Any,
+    issued_at: Any,
+    expiry: Any,
+    reply_to: Any,
+    topic: Any,
+    caps: Any,
+) -> Envelope:
+    """An :class:`Envelope` of these fields, validated.
+
+    Every envelope on the hot path (each one sent, each header received) is built
+    here. When each field already has exactly its declared type and bounds (what
+    this module's encoder writes and its callers pass), those checks are the
+    validation and the model is filled in directly (pydantic's own validation
+    costs ~3 us, and ``model_construct`` more); anything else goes through
+    pydantic, which converts what it may and refuses the rest as before.
+    """
+    if (
+        type(sender) is Handle
+        and (to is None or type(to) is Handle)
+        and type(signer) is bytes
+        and type(behaviour) is str
+        and 0 < len(behaviour) <= MAX_BEHAVIOUR_CHARS
+        and type(nonce) is bytes
+        and len(nonce) == NONCE_BYTES
+        and type(issued_at) is int
+        and type(expiry) is int
+        and (reply_to is None or type(reply_to) is str)
+        and (topic is None or type(topic) is str)
+        and type(caps) is list
+        and all(type(c) is bytes for c in caps)
+    ):
+        return _filled(
+            {
+                "to": to,
+                "sender": sender,
+                "signer": signer,
+                "behaviour": behaviour,
+                "payload": payload,
+                "nonce": nonce,
+                "issued_at": issued_at,
+                "expiry": expiry,
+                "reply_to": reply_to,
+                "topic": topic,
+                "caps": caps,
+            }
+        )
     return Envelope(
         to=to,
         sender=sender,
@@ -139,12 +212,30 @@ def make_envelope(
         behaviour=behaviour,
         payload=payload,
         nonce=nonce,
-        issued_at=issued,
-        expiry=issued + int(ttl_s * 1e9),
-        reply_to=reply_path(nonce) if expect_reply else None,
+        issued_at=issued_at,
+        expiry=expiry,
+        reply_to=reply_to,
         topic=topic,
-        caps=caps or [],
+        caps=caps,
     )
+
+
+def _filled(values: dict[str, Any]) -> Envelope:
+    """The model holding ``values`` (every field, already valid), as ``model_construct``
+    builds it, without its per-field Python loop."""
+    env = object.__new__(Envelope)
+    object.__setattr__(env, "__dict__", values)
+    object.__setattr__(env, "__pydantic_fields_set__", set(_ALL_SET))
+    object.__setattr__(env, "__pydantic_extra__", None)
+    object.__setattr__(env, "__pydantic_private__", None)
+    return env
+
+
+def with_payload(envelope: Envelope, payload: Any) -> Envelope:
+    """``envelope`` with ``payload`` (``model_copy(update=...)``, for the hot path)."""
+    values = dict(envelope.__dict__)
+    values["payload"] = payload
+    return _filled(values)
 
 
 _SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
@@ -167,22 +258,39 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def _handle_fields(handle: Handle | None) -> list[Any]:
+_NO_HANDLE = (None, None, None)
+
+
+def _handle_fields(handle: Handle | None) -> tuple[Any, ...]:
     if handle is None:
-        return [None, None, None]
-    return [handle.id, handle.address.host, handle.address.inbox]
+        return _NO_HANDLE
+    address = handle.address
+    return (handle.id, address.host, address.inbox)
+
+
+_packers = threading.local()
+
+
+def _pack(value: Any) -> bytes:
+    """``msgpack.packb(value, use_bin_type=True)`` with this thread's packer (a packer
+    is not thread-safe; making one per call cost as much as the packing)."""
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(value)  # resets its buffer after each value, and on an error
 
 
 def encode_payload(payload: Any) -> bytes:
     try:
-        return msgpack.packb(_canonical(payload), use_bin_type=True)
+        return _pack(_canonical(payload))
     except (TypeError, ValueError, OverflowError) as exc:
         raise Refusal(ErrorCode.BAD_PAYLOAD, f"payload cannot be encoded: {exc}") from None
 
 
 def seal(envelope: Envelope, identity: Identity) -> bytes:
     """Encode and sign; ``identity`` should be the key of ``envelope.signer``."""
-    header = msgpack.packb(
+    header = _pack(
         [
             *_handle_fields(envelope.to),
             *_handle_fields(envelope.sender),
@@ -193,11 +301,10 @@ def seal(envelope: Envelope, identity: Identity) -> bytes:
             envelope.expiry,
             envelope.reply_to,
             envelope.topic,
-            list(envelope.caps),
-        ],
-        use_bin_type=True,
+            envelope.caps,
+        ]
     )
-    body = _PREFIX.pack(MAGIC, len(header)) + header + encode_payload(envelope.payload)
+    body = b"".join((_PREFIX.pack(MAGIC, len(header)), header, encode_payload(envelope.payload)))
     return body + identity.sign(body)
 
 
@@ -292,18 +399,13 @@ def _envelope_from_header(header: list[Any], payload: Any) -> Envelope:
     if not isinstance(header, list) or len(header) != 14:
         raise Refusal(ErrorCode.MALFORMED, "header is not a 14-field array")
     try:
-        return Envelope(
-            to=_handle_from(header[0:3]),
-            sender=_handle_from(header[3:6]),
-            signer=header[6],
-            behaviour=header[7],
-            payload=payload,
-            nonce=header[8],
-            issued_at=header[9],
-            expiry=header[10],
-            reply_to=header[11],
-            topic=header[12],
-            caps=header[13],
+        return _envelope(
+            _handle_from(header[0:3]),
+            _handle_from(header[3:6]),
+            header[6],
+            header[7],
+            payload,
+            *header[8:],
         )
     except (ValidationError, TypeError, ValueError) as exc:
         raise Refusal(ErrorCode.MALFORMED, f"bad header: {str(exc).splitlines()[0]}") from None
@@ -344,7 +446,7 @@ def decode_payload(opened: Opened, *, verified: bool, max_items: int = MAX_PAYLO
     frame = opened.frame
     payload = _unpack(frame[opened.payload_start : -SIGNATURE_BYTES], max_items)
     return Sealed(
-        envelope=opened.envelope.model_copy(update={"payload": payload}),
+        envelope=with_payload(opened.envelope, payload),
         signed=frame[:-SIGNATURE_BYTES],
         signature=frame[-SIGNATURE_BYTES:],
         size=len(frame),

@@ -206,6 +206,9 @@ class Network:
         """Leases and allocations still live on any node."""
         raise NotImplementedError
 
+    def reach(self, peer_ids: set[str]) -> None:
+        """Connect the requester to these providers directly (their heartbeats are late)."""
+
     def idle_cpu_per_s(self, seconds: float = 2.0) -> tuple[float, float]:
         """CPU seconds a second with no placement running (heartbeats, gossip, the
         nodes' timers): what a run's CPU time holds beside its placements; of every
@@ -276,6 +279,22 @@ class Processes(Network):
     def live_leases(self) -> int:
         own = len(self.req.ledger.live()) if self.req.ledger is not None else 0
         return own + sum(self.daemons.live_leases(name) for name in self.daemons.names)
+
+    def reach(self, peer_ids: set[str]) -> None:
+        # A daemon whose bootstrap dials all failed (a 50-provider start at load 28) is
+        # alone: nobody hears its heartbeat until someone connects to it. Once connected,
+        # its heartbeat sync introduces it to the requester within seconds.
+        transport = self.req.transport
+        for peer in peer_ids:
+            name = self.daemons.name_of(peer)
+            addrs = self.daemons.addrs(name) if name is not None else []
+            if transport is None or not addrs or transport.is_connected(peer):
+                continue
+            try:
+                transport.connect(addrs[0])
+                say(f"connected to {name} ({peer[-8:]}), whose heartbeat had not come")
+            except Exception as exc:
+                say(f"{name} ({peer[-8:]}) did not answer a dial: {exc}")
 
     def debug_leases(self) -> None:
         for name in self.daemons.names:
@@ -431,15 +450,31 @@ def start_processes(count: int, args: argparse.Namespace, stack: contextlib.Exit
     wait_known(net, deadline_s=START_DEADLINE_S)
     # The providers' start-up (dials, meshing, fast heartbeats) would load the run.
     settled = daemons.settle(timeout=START_DEADLINE_S)
-    say(f"peers table complete; start-up settled: {settled}")
+    idle = wait_steady(net, deadline_s=START_DEADLINE_S)
+    say(f"peers table complete; start-up settled: {settled}; idle {idle * 1000:.0f} ms/s")
     return net
 
 
-def wait_known(net: Network, deadline_s: float) -> None:
-    """Until the requester holds every provider alive, with its resources; SystemExit
-    naming how many it lacks after ``deadline_s``."""
+def wait_steady(net: Network, deadline_s: float, window_s: float = 2.0) -> float:
+    """Until the nodes' CPU with no placement running stops falling (two windows in a
+    row each at least 90 % of the one before), within ``deadline_s``; that CPU a
+    second. ``settle``'s bar (a quarter of a core plus 2 % a node) lets 50 providers
+    go on while their connection managers still dial in waves: their idle CPU was
+    0.3 to 0.8 cores from one run to the next."""
     deadline = time.monotonic() + deadline_s
-    last = time.monotonic()
+    last, steady = net.idle_cpu_per_s(window_s)[0], 0
+    while time.monotonic() < deadline and steady < 2:
+        now = net.idle_cpu_per_s(window_s)[0]
+        steady = steady + 1 if now >= 0.9 * last else 0
+        last = now
+    return last
+
+
+def wait_known(net: Network, deadline_s: float, reach_after_s: float = 15.0) -> None:
+    """Until the requester holds every provider alive, with its resources; SystemExit
+    naming how many it lacks after ``deadline_s``. The providers still missing after
+    ``reach_after_s`` (and every ``reach_after_s`` after) are dialled directly."""
+    started = last = reached = time.monotonic()
     want = set(net.providers)
     while True:
         known = {
@@ -447,16 +482,20 @@ def wait_known(net: Network, deadline_s: float) -> None:
             for r in net.req.peer_table.alive()
             if r.heartbeat and r.heartbeat.onboarded and r.heartbeat.onboarded.get("cpu")
         }
-        missing = len(want - known)
+        missing = want - known
         if not missing:
             return
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now - started > deadline_s:
             raise SystemExit(
-                f"the requester did not hear {missing} provider(s) in {deadline_s:g} s"
+                f"the requester did not hear {len(missing)} provider(s) in {deadline_s:g} s"
             )
-        if time.monotonic() - last >= 5.0:
-            last = time.monotonic()
-            say(f"waiting for {missing} provider heartbeat(s)")
+        if now - reached >= reach_after_s:
+            reached = now
+            net.reach(missing)
+        if now - last >= 5.0:
+            last = now
+            say(f"waiting for {len(missing)} provider heartbeat(s)")
         time.sleep(0.1)
 
 

@@ -342,6 +342,27 @@ def test_latency_is_injected(make_node) -> None:  # type: ignore[no-untyped-def]
     net.close()
 
 
+def test_an_invoke_its_transport_failed_to_send_leaves_nothing_behind(pair) -> None:  # type: ignore[no-untyped-def]
+    """The invoke's deadline is set once its frame is on its way; a transport that
+    fails with anything unforeseen fails the invoke at once and keeps no pending entry
+    and no timer for it."""
+    a, b = pair
+    transport = a.system.transport
+    send = transport.send
+
+    def broken(peer_id: str, frame: bytes) -> None:
+        raise OSError("connection reset under us")
+
+    transport.send = broken  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        a.invoke(b.handle, "/test/echo", 1, timeout=30)
+    assert not a.system._pending
+    assert len(a.system.timers) == 0
+    transport.send = send  # type: ignore[method-assign]
+    assert a.ask(b.handle, "/test/echo", 2) == 2
+    assert not a.system._pending
+
+
 def test_stopped_system_fails_pending_invokes(pair) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
     future = a.invoke(b.handle, "/test/silent", timeout=30)

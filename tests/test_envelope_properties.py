@@ -16,6 +16,7 @@ from dms.actor.envelope import (
     MAX_BEHAVIOUR_CHARS,
     NONCE_BYTES,
     Envelope,
+    _unpack,
     encode_payload,
     make_envelope,
     now_ns,
@@ -179,3 +180,15 @@ def test_a_payload_that_cannot_be_encoded_leaves_the_next_one_whole() -> None:
     env = make_envelope(sender, KEY.public_key, "/x", {"a": [1, 2, 3]}, ttl_s=5)
     assert encode_payload(env.payload) == msgpack.packb({"a": [1, 2, 3]})
     assert unseal(seal(env, KEY), LIMIT).envelope == env
+
+
+@pytest.mark.parametrize("n", [1, 3, 10, 200, 5000])
+def test_the_item_budget_holds_for_small_data_too(n: int) -> None:
+    """Data of at most half the budget in bytes is decoded without counting; the count
+    must still refuse anything over it (n empty lists in one: 2n + 1 items)."""
+    data = msgpack.packb([[] for _ in range(n)])
+    assert _unpack(data, max_items=2 * n + 1) == [[] for _ in range(n)]
+    with pytest.raises(Refusal) as info:
+        _unpack(data, max_items=2 * n)
+    assert info.value.code == ErrorCode.MALFORMED
+    assert "items" in info.value.reason

@@ -349,10 +349,26 @@ class _Budget:
 
 def _unpack(data: bytes, max_items: int = MAX_HEADER_ITEMS) -> Any:
     """Decode with explicit limits: no string, bytes, list or map longer than the data
-    or than ``max_items``, no extension types, at most ``max_items`` items in all."""
-    budget = _Budget(max_items)
+    or than ``max_items``, no extension types, at most ``max_items`` items in all.
+
+    Every object takes at least one byte and the budget counts each container once for
+    itself and once in its parent: ``data`` of at most ``max_items // 2`` bytes cannot
+    pass the budget, and is decoded without counting (most frames: the hooks cost more
+    than the decoding)."""
     size = len(data)
     try:
+        if 2 * size <= max_items:
+            return msgpack.unpackb(
+                data,
+                raw=False,
+                strict_map_key=True,
+                max_str_len=size,
+                max_bin_len=size,
+                max_array_len=size,
+                max_map_len=size,
+                max_ext_len=0,
+            )
+        budget = _Budget(max_items)
         return msgpack.unpackb(
             data,
             raw=False,

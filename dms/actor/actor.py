@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import pykka
 from pydantic import BaseModel, ValidationError
 
+from dms.actor.admission import Ticket
 from dms.actor.behaviour import Behaviour, declared_behaviours
 from dms.actor.codes import ErrorCode, Refusal
 from dms.actor.envelope import Envelope, Sealed
@@ -237,10 +238,7 @@ class Actor(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         try:
             if isinstance(message, Inbound):
-                try:
-                    self._handle(message.sealed)
-                finally:  # handled: it no longer counts in the admission budgets
-                    self.system.admission.release(message.ticket)
+                self._handle(message.sealed, message.ticket)
             elif isinstance(message, Call):
                 message.fn(*message.args)
             else:
@@ -263,36 +261,16 @@ class Actor(pykka.ThreadingActor):
                 for ticket in inbox.take_tickets():
                     self.system.admission.release(ticket)
 
-    def _handle(self, sealed: Sealed) -> None:
+    def _handle(self, sealed: Sealed, ticket: Ticket | None = None) -> None:
         env = sealed.envelope
-        request: Request | None = None
         try:
-            spec = self._behaviours.get(env.behaviour)
-            if spec is None:
-                raise Refusal(
-                    ErrorCode.UNKNOWN_BEHAVIOUR,
-                    f"{self.handle.address.inbox} has no behaviour {env.behaviour}",
-                )
-            if env.to is None and spec.topic != env.topic:
-                raise Refusal(
-                    ErrorCode.NOT_FOR_TOPIC,
-                    f"{env.behaviour} is not a behaviour for broadcasts on {env.topic}",
-                )
-            if not spec.data and sealed.size > self.system.limits.max_control_bytes:
-                raise Refusal(
-                    ErrorCode.TOO_LARGE,
-                    f"{sealed.size} bytes exceed the control limit "
-                    f"{self.system.limits.max_control_bytes} of {env.behaviour}",
-                )
-            self.system.policy.authorize(env, spec)
-            payload = env.payload
-            if spec.payload is not None:
-                try:
-                    payload = spec.payload.model_validate(payload)
-                except ValidationError as exc:
-                    raise Refusal(ErrorCode.BAD_PAYLOAD, _first_error(exc)) from None
-            request = Request(self.ref, env, payload, sealed)
-            result = spec.handler(request)
+            try:
+                result, request = self._run(env, sealed)
+            finally:
+                # Handled: it no longer counts in the admission budgets. Given back before
+                # the answer goes out, so that once the answer wakes the caller up this
+                # thread has nothing left to do but wait for its next message.
+                self.system.admission.release(ticket)
         except Refusal as refusal:
             self.system.refuse(env, refusal, self.ref)
             return
@@ -306,6 +284,36 @@ class Actor(pykka.ThreadingActor):
             return
         if not request.deferred:
             self.system.reply(env, result, self.ref)
+
+    def _run(self, env: Envelope, sealed: Sealed) -> tuple[Any, Request]:
+        """Behaviour lookup, size class, capability, payload validation, then the handler:
+        its result and the request it was given; a refusal is raised."""
+        spec = self._behaviours.get(env.behaviour)
+        if spec is None:
+            raise Refusal(
+                ErrorCode.UNKNOWN_BEHAVIOUR,
+                f"{self.handle.address.inbox} has no behaviour {env.behaviour}",
+            )
+        if env.to is None and spec.topic != env.topic:
+            raise Refusal(
+                ErrorCode.NOT_FOR_TOPIC,
+                f"{env.behaviour} is not a behaviour for broadcasts on {env.topic}",
+            )
+        if not spec.data and sealed.size > self.system.limits.max_control_bytes:
+            raise Refusal(
+                ErrorCode.TOO_LARGE,
+                f"{sealed.size} bytes exceed the control limit "
+                f"{self.system.limits.max_control_bytes} of {env.behaviour}",
+            )
+        self.system.policy.authorize(env, spec)
+        payload = env.payload
+        if spec.payload is not None:
+            try:
+                payload = spec.payload.model_validate(payload)
+            except ValidationError as exc:
+                raise Refusal(ErrorCode.BAD_PAYLOAD, _first_error(exc)) from None
+        request = Request(self.ref, env, payload, sealed)
+        return spec.handler(request), request
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -539,18 +539,16 @@ class ActorSystem:
         if closed:
             future.set_exception(RemoteError(ErrorCode.STOPPED, "actor system stopped"))
             return future
+        pending.timer = self.timers.call_later(timeout, lambda: self._expire(nonce, timeout))
         try:
             self.route(frame, envelope.to)
         except RemoteError as err:
             self._take_and_complete(nonce, Outcome(error=err))
-            return future
-        except BaseException:  # no deadline would ever end the pending invoke
+        except BaseException:  # the caller sees the error: nothing is left pending
             with self._lock:
                 self._pending.pop(nonce, None)
+            pending.timer.cancel()
             raise
-        # The deadline is set once the frame is on its way: a local receiver's thread is
-        # waking up meanwhile. A reply that came first leaves the timer to find nothing.
-        pending.timer = self.timers.call_later(timeout, lambda: self._expire(nonce, timeout))
         return future
 
     def _send_reply(self, request: Envelope, payload: dict[str, Any], as_: ActorRef | None) -> None:
@@ -907,14 +905,12 @@ class ActorSystem:
 
     @staticmethod
     def _complete(pending: _Pending, outcome: Outcome) -> None:
+        if pending.timer is not None:
+            pending.timer.cancel()
         if outcome.error is not None:
             pending.future.set_exception(outcome.error)
         else:
             pending.future.set_result(outcome.result)
-        # After the waiter is woken: the deadline no longer matters, the pending entry is
-        # gone (a timer that fires meanwhile finds nothing).
-        if pending.timer is not None:
-            pending.timer.cancel()
         if pending.callback is not None and pending.callback_actor is not None:
             try:
                 pending.callback_actor.tell(Call(pending.callback, (outcome,)))

@@ -52,6 +52,7 @@ LAYERS = [
     "backoff",
     "statemachine",
     "yamlfile",
+    "files",
     "errors",
 ]
 

@@ -147,7 +147,7 @@ def _asked_for(argv: list[str]) -> str | None:
     """The subcommand ``argv`` names, if it is one (else every command loads, for help
     and for click's own usage errors)."""
     first = next((a for a in argv if not a.startswith("-")), None)
-    return first if first in COMMANDS else None
+    return first if first in COMMANDS or first == "version" else None
 
 
 def main(argv: list[str] | None = None) -> int:

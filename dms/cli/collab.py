@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 from pydantic import ValidationError
 
@@ -25,9 +24,6 @@ from dms.actor import RemoteError
 from dms.cli.common import JsonOption, settings
 from dms.cli.output import console, emit_fields, emit_json
 from dms.errors import DmsError
-from dms.mining.collab import Init, Privacy, Proposal
-from dms.mining.data import read_table, write_labels
-from dms.mining.errors import MiningError
 from dms.node.client import NodeClient, running_node
 from dms.orchestrator.states import COLLAB
 
@@ -87,6 +83,10 @@ def propose(
     as_json: JsonOption = False,
 ) -> None:
     """Propose a collaboration and join it with this node's CSV."""
+    from dms.mining.collab import Init, Privacy, Proposal  # NumPy: only for this command
+    from dms.mining.data import read_table
+    from dms.mining.errors import MiningError
+
     client = _node()
     me = client.node_peer_id
     others = [o.strip() for o in owners.split(",") if o.strip() and o.strip() != me]
@@ -166,6 +166,8 @@ def result(
         raise CollabError(f"collaboration failed: {answer['session'].get('reason')}")
     found = answer.get("result")
     if found is not None and out is not None:
+        from dms.mining.data import write_labels
+
         out.mkdir(parents=True, exist_ok=True)
         write_labels(out / "labels.csv", list(found["labels"]))
         summary = {k: v for k, v in found.items() if k != "labels"}
@@ -176,7 +178,7 @@ def result(
             rounds=found["rounds"],
             records=len(found["labels"]),
             dropped=[f"{d['owner']} (round {d['round']})" for d in found["dropped"]],
-            centroids=np.round(np.asarray(found["centroids"]), 4).tolist(),
+            centroids=[[round(x, 4) for x in row] for row in found["centroids"]],
         )
     if answer["session"]:
         shown["session"] = {k: answer["session"].get(k) for k in ("phase", "round", "reason")}

@@ -22,7 +22,6 @@ from dms.cli.output import (
     short_peer,
 )
 from dms.cli.waiting import Waiting, placement_hint
-from dms.jobs.spec import load_spec
 from dms.node.client import NodeClient
 from dms.orchestrator.states import DEPLOYMENT
 
@@ -42,6 +41,8 @@ def _limit(every: bool) -> int | None:
 @job_app.command("validate")
 def validate(path: FileArg, json_out: JsonOption = False) -> None:
     """Check a job file; errors name the field and the line."""
+    from dms.jobs.spec import load_spec  # the executors' checks load NumPy, TenSEAL
+
     spec = load_spec(path)
     summary = {
         "valid": True,
@@ -103,6 +104,8 @@ def deploy(
     json_out: JsonOption = False,
 ) -> None:
     """Place a job on the network: bid request, bids, commit, allocate."""
+    from dms.jobs.spec import load_spec  # not for 'dms deployment ...': see validate
+
     spec = load_spec(path)
     client = _client()
     created = client.invoke(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,12 +20,18 @@ from dms.cli.common import JsonOption, settings
 from dms.cli.output import emit_json, emit_result, emit_table, jsonable, progress_bar
 from dms.config import Settings
 from dms.node.client import NodeClient, running_node
-from dms.resources import AmountError, Capability, Onboarder, OnboardRequest, checked_amounts
-from dms.store import open_database
+from dms.resources.amounts import AmountError
+
+if TYPE_CHECKING:
+    from dms.resources import Capability, Onboarder
 
 
 @contextmanager
 def _offline(cfg: Settings) -> Iterator[Onboarder]:
+    """The store's onboarding, when no daemon runs (SQLAlchemy loads only then)."""
+    from dms.resources import Onboarder
+    from dms.store import open_database
+
     db = open_database(cfg.database_url)
     try:
         yield Onboarder(db, cfg.home, step_s=cfg.benchmark_step_s)
@@ -118,6 +124,8 @@ def onboard(
 ) -> None:
     """Contribute part of this machine; run again to change any of the amounts (the
     ones not given stay as they are)."""
+    from dms.resources import OnboardRequest, checked_amounts
+
     cfg = settings()
     client = running_node(cfg.home)
     given = {"cpu": cpu, "ram": ram, "disk": disk, "gpu": gpu, "price": price}

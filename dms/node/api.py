@@ -63,7 +63,7 @@ from dms.actor import ActorSystem, ErrorCode, Refusal, RemoteError, unseal, veri
 from dms.actor.envelope import check_time, now_ns
 from dms.actor.system import reply_payload
 from dms.errors import DmsError
-from dms.store.files import write_private
+from dms.files import write_private
 
 log = logging.getLogger("dms.api")
 

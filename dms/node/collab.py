@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dms.actor import ErrorCode, Refusal, Request, behaviour
 from dms.actor.runtime import NodeRuntime
 from dms.errors import DmsError
+from dms.files import write_private
 from dms.jobs.collab import CollabParams, node_signed
 from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
 from dms.mining.collab import CollabOwner, Proposal, masks
@@ -41,7 +42,6 @@ from dms.orchestrator.deployment import new_deployment_id
 from dms.orchestrator.requester import Sessions
 from dms.orchestrator.states import COLLAB
 from dms.resources import Resources
-from dms.store.files import write_private
 
 log = logging.getLogger("dms.collab")
 # An ended seat (completed, failed) or one its proposer stopped calling is kept this long

@@ -15,9 +15,9 @@ from typing import Any
 
 from dms.config import Settings
 from dms.errors import DmsError
+from dms.files import PRIVATE_DIR, make_private, sqlite_path
 from dms.security import Identity, Keystore, TrustStore
 from dms.security.keystore import PassphraseSource
-from dms.store.files import PRIVATE_DIR, make_private, sqlite_path
 
 log = logging.getLogger("dms.node")
 

@@ -19,10 +19,10 @@ from typing import Any
 from sqlalchemy import JSON, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from dms.files import write_private
 from dms.orchestrator.records import BidRow, MiningRow
 from dms.orchestrator.states import DEPLOYMENT
 from dms.store import Database
-from dms.store.files import write_private
 from dms.store.models import BidRecord, DeploymentRecord, MiningSessionRecord
 from dms.store.sql import Statement, json_text
 

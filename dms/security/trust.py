@@ -41,6 +41,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from dms.errors import DmsError
+from dms.files import write_private
 from dms.security.budget import WorkBudget
 from dms.security.identity import did_from_public_key, public_key_from_did
 from dms.security.tokens import (
@@ -56,7 +57,6 @@ from dms.security.tokens import (
     to_text,
     verify_revocation,
 )
-from dms.store.files import write_private
 
 log = logging.getLogger("dms.security")
 

@@ -27,8 +27,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, make_url, selec
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dms.files import create_private, sqlite_path
 from dms.store.errors import StoreError
-from dms.store.files import create_private, sqlite_path
 from dms.store.migrations import migrate
 from dms.store.models import Event, Setting
 from dms.store.sql import run_driver

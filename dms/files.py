@@ -6,6 +6,10 @@ store, logs and the API token. :func:`write_private` creates a file with mode
 before, or by a tool with a lax umask); :func:`create_private` makes an empty
 file 0600 if it is missing (SQLite then gives its ``-wal`` and ``-shm`` files the
 database file's mode).
+
+Below every layer: the store, the trust anchors, the local API and the home use it,
+and writing a private file loads no SQLAlchemy (a ``dms`` command that only talks to
+the daemon starts without it).
 """
 
 from __future__ import annotations

@@ -361,6 +361,24 @@ def test_an_invoke_its_transport_failed_to_send_leaves_nothing_behind(pair) -> N
     assert not a.system._pending
 
 
+def test_a_blocking_ask_ends_with_its_invoke(pair) -> None:  # type: ignore[no-untyped-def]
+    """ask waits on a lock that completing the invoke releases: a reply, a timeout and
+    a stopped system each end it at once, with the invoke's own error."""
+    a, b = pair
+    assert a.ask(b.handle, "/test/echo", {"n": 1}) == {"n": 1}
+    with pytest.raises(RemoteError) as refused:
+        a.ask(b.handle, "/test/refuse")
+    assert refused.value.code == ErrorCode.BAD_PAYLOAD
+    with pytest.raises(InvokeTimeout):
+        a.ask(b.handle, "/test/silent", timeout=0.3)
+    a.system.stop()
+    started = time.monotonic()
+    with pytest.raises(RemoteError) as stopped:
+        a.ask(b.handle, "/test/echo", timeout=30)
+    assert stopped.value.code == ErrorCode.STOPPED
+    assert time.monotonic() - started < 5
+
+
 def test_stopped_system_fails_pending_invokes(pair) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
     future = a.invoke(b.handle, "/test/silent", timeout=30)

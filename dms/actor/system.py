@@ -155,6 +155,8 @@ class _Pending:
     timer: TimerHandle | None = None
     callback: Callable[[Outcome], None] | None = None
     callback_actor: pykka.ActorRef[Any] | None = None
+    # Released once the future is completed: the lock a blocking ask waits on.
+    wake: threading.Lock | None = None
 
 
 @dataclass(frozen=True)
@@ -265,9 +267,19 @@ class ActorRef:
     def ask(
         self, to: Handle, behaviour: str, payload: Any = None, *, timeout: float | None = None
     ) -> Any:
-        """Blocking invoke, for code outside actors. Never call it inside a handler."""
+        """Blocking invoke, for code outside actors. Never call it inside a handler.
+
+        It waits on a plain lock that completing the invoke releases, not in
+        ``Future.result`` (a condition): the request has woken the receiving actor
+        by then, and every step this thread takes before it blocks delays that actor.
+        """
         timeout = timeout or self.system.limits.invoke_timeout_s
-        return self.invoke(to, behaviour, payload, timeout=timeout).result(timeout + 1.0)
+        env = self.envelope(behaviour, payload, to=to, ttl_s=timeout, expect_reply=True)
+        wake = threading.Lock()
+        wake.acquire()
+        future = self.system.invoke_frame(self.seal(env), env, timeout, wake=wake)
+        wake.acquire(True, timeout + 1.0)
+        return future.result(0)
 
     def publish(
         self, topic: str, behaviour: str, payload: Any = None, *, ttl_s: float | None = None
@@ -519,8 +531,10 @@ class ActorSystem:
         *,
         callback: Callable[[Outcome], None] | None = None,
         callback_actor: pykka.ActorRef[Any] | None = None,
+        wake: threading.Lock | None = None,
     ) -> Future[Any]:
-        """Send a sealed request and await its reply (used by relays and tests too)."""
+        """Send a sealed request and await its reply (used by relays and tests too);
+        ``wake``, a held lock, is released once the future is completed."""
         if envelope.to is None or envelope.reply_to is None:
             raise ValueError("invoke needs a destination and a reply path")
         future: Future[Any] = Future()
@@ -530,6 +544,7 @@ class ActorSystem:
             future=future,
             callback=callback,
             callback_actor=callback_actor,
+            wake=wake,
         )
         nonce = envelope.nonce
         with self._lock:
@@ -537,7 +552,9 @@ class ActorSystem:
             if not closed:
                 self._pending[nonce] = pending
         if closed:
-            future.set_exception(RemoteError(ErrorCode.STOPPED, "actor system stopped"))
+            self._complete(
+                pending, Outcome(error=RemoteError(ErrorCode.STOPPED, "actor system stopped"))
+            )
             return future
         pending.timer = self.timers.call_later(timeout, lambda: self._expire(nonce, timeout))
         try:
@@ -911,6 +928,8 @@ class ActorSystem:
             pending.future.set_exception(outcome.error)
         else:
             pending.future.set_result(outcome.result)
+        if pending.wake is not None:
+            pending.wake.release()
         if pending.callback is not None and pending.callback_actor is not None:
             try:
                 pending.callback_actor.tell(Call(pending.callback, (outcome,)))

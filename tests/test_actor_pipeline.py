@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 
@@ -23,7 +22,7 @@ from dms.actor import (
     make_envelope,
     seal,
 )
-from dms.actor.envelope import PREFIX_BYTES
+from dms.actor.envelope import PREFIX_BYTES, Sealed
 from dms.actor.policy import Role
 from dms.security import Identity
 
@@ -389,7 +388,11 @@ def test_stopped_system_fails_pending_invokes(pair) -> None:  # type: ignore[no-
 def test_prefix_size_is_stable() -> None:
     # The wire format is an interface: magic + u32 header length.
     assert PREFIX_BYTES == 8
-    assert dataclasses.is_dataclass(__import__("dms.actor.envelope").actor.envelope.Sealed)
+    # What a handler is given as the signed bytes cannot be changed under it.
+    sealed = Sealed(envelope=None, signed=b"body", signature=b"sig", size=7)  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):
+        sealed.signed = b"other"  # type: ignore[misc]
+    assert sealed.frame == b"bodysig"
 
 
 class Counter:

@@ -25,9 +25,8 @@ import os
 import struct
 import threading
 import time
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -75,9 +74,11 @@ class Envelope(BaseModel):
         return self.reply_to is not None
 
 
-@dataclass(frozen=True, slots=True)
-class Sealed:
-    """A decoded envelope with the exact bytes its signature covers."""
+class Sealed(NamedTuple):
+    """A decoded envelope with the exact bytes its signature covers.
+
+    (A named tuple, like :class:`Opened`: immutable, and built in a third of the time
+    a frozen dataclass takes; two of each are built for every invoke.)"""
 
     envelope: Envelope
     signed: bytes
@@ -91,8 +92,7 @@ class Sealed:
         return self.signed + self.signature
 
 
-@dataclass(frozen=True, slots=True)
-class Opened:
+class Opened(NamedTuple):
     """A frame whose header is decoded and whose payload is not, yet.
 
     ``envelope`` has every routing field and ``payload=None``: enough to check

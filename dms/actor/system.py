@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import pykka
 from pydantic import BaseModel, Field
@@ -113,8 +113,7 @@ class Limits(BaseModel):
         )
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What an invoke came to: a result or an error, handed to callbacks."""
 
     result: Any = None
@@ -130,8 +129,7 @@ class Outcome:
         return self.result
 
 
-@dataclass(frozen=True)
-class Inbound:
+class Inbound(NamedTuple):
     """A verified envelope on its way to an actor's mailbox; ``ticket``: its place in
     the admission budgets, given back once the actor has handled it."""
 

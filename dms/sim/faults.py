@@ -36,7 +36,7 @@ from typing import Any
 from dms.actor.codes import Unreachable
 from dms.actor.timers import Timers
 from dms.actor.transport import Receiver, Transport, Undeliverable
-from dms.network.host import NetworkError
+from dms.network.loop import NetworkError
 
 log = logging.getLogger("dms.sim")
 

@@ -13,6 +13,7 @@ order is kept, so one peer's requests are handled in the order they came. See
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import deque
 from typing import Any
@@ -25,12 +26,20 @@ def _is_request(message: Any) -> bool:
 
 
 class LanedInbox:
-    """pykka's ``ActorInbox`` (put, get, empty) with a high and a low lane."""
+    """pykka's ``ActorInbox`` (put, get, empty) with a high and a low lane.
+
+    The actor's thread is woken through a ``queue.SimpleQueue`` of tokens, one put
+    after each message (its put and get are C calls: a ``threading.Condition`` cost
+    some ten Python steps on each side of every hop to the actor). There are never
+    fewer tokens than messages, so a thread holding a token finds a message, unless
+    ``take_tickets`` removed it, and then it waits for the next token.
+    """
 
     def __init__(self) -> None:
         self._high: deque[Any] = deque()
         self._low: deque[Any] = deque()
-        self._ready = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
 
     def put(self, envelope: Any, /) -> None:
         message = envelope.message
@@ -39,30 +48,33 @@ class LanedInbox:
             and message.ticket is not None
             and not message.ticket.staked
         )
-        with self._ready:
+        with self._lock:
             (self._low if unknown else self._high).append(envelope)
-            self._ready.notify()
+        self._tokens.put(None)
 
     def get(self) -> Any:
-        with self._ready:
-            while not self._high and not self._low:
-                self._ready.wait()
-            return self._high.popleft() if self._high else self._low.popleft()
+        while True:
+            self._tokens.get()
+            with self._lock:
+                if self._high:
+                    return self._high.popleft()
+                if self._low:
+                    return self._low.popleft()
 
     def empty(self) -> bool:
-        with self._ready:
+        with self._lock:
             return not self._high and not self._low
 
     def qsize(self) -> int:
         """Messages waiting in both lanes (``queue.Queue.qsize``, which pykka's own
         inbox is and ``dms sim``'s memory mode reads to know a network settled)."""
-        with self._ready:
+        with self._lock:
             return len(self._high) + len(self._low)
 
     def take_tickets(self) -> list[Any]:
         """Drop every request still waiting (the actor is stopping) and return their
         admission tickets, to be given back."""
-        with self._ready:
+        with self._lock:
             tickets = []
             for lane in (self._high, self._low):
                 kept = deque(e for e in lane if not _is_request(e.message))
@@ -72,5 +84,5 @@ class LanedInbox:
         return [t for t in tickets if t is not None]
 
     def __len__(self) -> int:
-        with self._ready:
+        with self._lock:
             return len(self._high) + len(self._low)

@@ -181,6 +181,12 @@ class Settings(BaseSettings):
     peer_forget_s: float = Field(
         default=3600.0, gt=0, description="drop a peer from the peers table once gone this long"
     )
+    peerbook_max_peers: int = Field(
+        default=1024,
+        ge=16,
+        description="peers remembered to dial again at start (dms nodes heard, or with a "
+        "stake here); past it the longest unseen go",
+    )
     retention_s: float = Field(
         default=7 * 24 * 3600.0,
         ge=60,

@@ -45,3 +45,19 @@ def test_a_connected_peer_is_rewritten_only_when_its_addresses_change_or_it_is_d
         assert PeerBook(db).dial_addrs() == [f"/ip4/10.0.0.2/tcp/4001/p2p/{A}"]
     finally:
         db.close()
+
+
+def test_the_book_keeps_at_most_max_peers_and_the_longest_unseen_go(tmp_path: Path) -> None:
+    """Each row is a peer dialed at start: before, the book grew by every peer written
+    for 7 days (40 peers, 40 rows, however small the node meant it to be)."""
+    db = open_database(f"sqlite:///{tmp_path / 'dms.db'}")
+    try:
+        book = PeerBook(db, max_peers=16)
+        peers = [f"12D3KooW{i:048d}" for i in range(40)]
+        for i, peer in enumerate(peers):  # one at a time: each seen later than the one before
+            book.remember([PeerInfoView(peer, [f"/ip4/10.0.0.{i}/tcp/4001"])])
+        kept = {peer for peer, _ in last_seen(db)}
+        assert kept == set(peers[-16:])
+        assert len(book.dial_addrs()) == 16
+    finally:
+        db.close()

@@ -26,6 +26,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from dms.backoff import Backoff
+from dms.network.budgets import OutboundBudget
 from dms.network.loop import LoopBridge, NetworkError, why
 from dms.network.relay import RelayClient, is_relayed
 from dms.network.settings import NetworkSettings, parse_multiaddr
@@ -48,6 +49,7 @@ class PeerInfoView:
 
     peer_id: str
     addrs: list[str]
+    dialed: bool = False  # this node opened a connection to it (it chose the peer)
 
 
 class Discovery(LoopBridge):
@@ -268,11 +270,12 @@ class Discovery(LoopBridge):
         assert self._host is not None
         network = self._host.get_network()
         out = []
+        dialed = {pid for pid, _ in OutboundBudget.dialed(network)}
         for pid, conns in network.get_connections_map().items():
             if not conns:
                 continue
             addrs = self._host.get_peerstore().addrs(pid) if has_addrs(self._host, pid) else []
-            out.append(PeerInfoView(pid.to_base58(), [str(a) for a in addrs]))
+            out.append(PeerInfoView(pid.to_base58(), [str(a) for a in addrs], pid in dialed))
         return sorted(out, key=lambda p: p.peer_id)
 
     @contextlib.asynccontextmanager

@@ -1,4 +1,12 @@
-"""The peers a node has met, kept in the store so a restarted node can dial them again."""
+"""The peers a node has met, kept in the store so a restarted node can dial them again.
+
+A remembered peer is dialed at start and, at the network layer, keeps its slots as
+a peer with a stake (``Libp2pTransport._has_stake``). So only peers worth that are
+remembered (the caller chooses: ``dms.node.peering`` passes dms nodes it heard a
+heartbeat of and peers it has a stake in, not every key that connected), and at most
+``max_peers`` of them: past it, those seen the longest ago go. See
+``specs/security.md``, "Global budgets".
+"""
 
 from __future__ import annotations
 
@@ -18,9 +26,13 @@ FORGET_AFTER = timedelta(days=7)
 REWRITE_AFTER = timedelta(minutes=10)
 
 
+MAX_PEERS = 1024  # Settings.peerbook_max_peers
+
+
 class PeerBook:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, max_peers: int = MAX_PEERS) -> None:
         self._db = db
+        self.max_peers = max_peers
         self._written: dict[str, tuple[tuple[str, ...], datetime]] = {}
 
     def remember(self, peers: list[PeerInfoView]) -> None:
@@ -50,6 +62,14 @@ class PeerBook:
                     row.addrs = addrs
                     row.last_seen = now
             session.execute(delete(KnownPeer).where(KnownPeer.last_seen < now - FORGET_AFTER))
+            session.flush()
+            # At most max_peers rows: those seen the longest ago go.
+            newest = select(KnownPeer.peer_id).order_by(KnownPeer.last_seen.desc())
+            session.execute(
+                delete(KnownPeer)
+                .where(KnownPeer.peer_id.not_in(newest.limit(self.max_peers)))
+                .execution_options(synchronize_session=False)
+            )
         for peer_id, addrs in due.items():
             self._written[peer_id] = (tuple(addrs), now)
         if len(self._written) > 4 * len(peers) + 1024:  # peers long gone: forget them here

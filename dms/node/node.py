@@ -120,6 +120,7 @@ class NodeActor(Actor):
             remember_every_s=s.remember_every_s,
             peer_forget_s=s.peer_forget_s,
             labels=s.labels,
+            stake=s.stakes.__contains__,
         )
         for role in (
             self.public,

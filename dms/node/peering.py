@@ -63,6 +63,7 @@ class Peering:
         remember_every_s: float = 30.0,
         peer_forget_s: float = 3600.0,
         labels: list[str] | None = None,
+        stake: Callable[[str], bool] | None = None,
     ) -> None:
         self.node = node
         self.peer_table = peer_table
@@ -75,6 +76,9 @@ class Peering:
         self.remember_every_s = remember_every_s
         self.peer_forget_s = peer_forget_s
         self.labels = labels or []
+        # Peers this node has a stake in (dms.node.stakes): remembered even if they
+        # send no heartbeat.
+        self.stake = stake or (lambda peer: False)
         self.nonce = ""
         self._beats = 0
 
@@ -239,8 +243,17 @@ class Peering:
         peerbook, network = self.peerbook, self.network
         if peerbook is None or network is None:
             return
+        # A remembered peer is dialed at start and keeps its slots as a staked one: only
+        # peers this node dialed (it chose them), dms nodes heard (a heartbeat in the
+        # peers table) and peers with a stake here, not every key that connected to it
+        # (fresh keys are free).
+        worth = [
+            p
+            for p in network.peers()
+            if p.dialed or self.peer_table.get(p.peer_id) is not None or self.stake(p.peer_id)
+        ]
         try:
-            peerbook.remember(network.peers())
+            peerbook.remember(worth)
         except Exception as exc:  # the node outlives a busy or stopped store
             log.warning("could not record peers: %s", exc)
         if reschedule:

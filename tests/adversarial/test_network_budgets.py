@@ -21,6 +21,7 @@ from multiaddr import Multiaddr
 from dms.network.budgets import Budget
 from dms.network.host import ACTOR_PROTOCOL
 from dms.network.loop import NetworkError
+from dms.network.peerbook import PeerBook
 from dms.network.transfer import CHUNK_PROTOCOL
 from dms.node.daemon import Node
 from dms.sim.adversary import BarePeer, ManyKeys, closed_by_peer, root_of
@@ -681,3 +682,38 @@ def test_a_dial_through_a_relay_counts_against_the_outbound_connections(
     finally:
         for t in started:
             t.stop()
+
+
+# ---- the peer book ----------------------------------------------------------------------
+
+
+def test_fresh_keys_that_only_connected_are_not_remembered_nor_dialed_after_a_restart(
+    cluster: LocalCluster,
+) -> None:
+    """A remembered peer is dialed at start and keeps its slots as a peer with a stake
+    (``_has_stake``). Before, every connected peer with an address was written to the
+    peer book for 7 days: 12 bare keys that stayed connected for one pass were all
+    dialed, and held stakes, after the node's next restart."""
+    victim = cluster.add("victim")
+    honest = cluster.add("honest", bootstrap=[victim.addrs()[0]])
+    cluster.wait_linked()
+    wait_for(lambda: victim.peer_table.get(honest.peer_id) is not None, 30, "a heartbeat")
+    hostile = [BarePeer(victim.addrs()[0], actor=True) for _ in range(12)]
+    try:
+        for peer in hostile:  # each connected, its listen address known to the victim
+            assert peer.ask(root_of(victim.identity), "/public/hello") is not None
+        keys = {peer.peer_id for peer in hostile}
+        assert victim.transport is not None
+        wait_for(
+            lambda: keys <= {p.peer_id for p in victim.transport.peers() if p.addrs},  # type: ignore[union-attr]
+            30,
+            "identify gave every key's addresses",
+        )
+        restarted = cluster.restart(victim)  # its peers are written as it stops
+    finally:
+        for peer in hostile:
+            peer.close()
+    assert restarted.db is not None and restarted.transport is not None
+    dialed = {addr.rsplit("/p2p/", 1)[1] for addr in PeerBook(restarted.db).dial_addrs()}
+    assert honest.peer_id in dialed  # a dms node it heard: dialed again
+    assert not dialed & keys, f"{len(dialed & keys)} of 12 fresh keys remembered"

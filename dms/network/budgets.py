@@ -349,7 +349,11 @@ class StreamBudget:
             peer = stream.muxed_conn.peer_id
             s = self.settings
             over = self._by_peer[peer] >= s.max_streams_per_peer
-            if over or (self._open >= s.max_streams and not await self._evict_for(peer)):
+            # Decided and counted with no await between: the eviction's reset is awaited
+            # only once this stream holds its place (else a peer's streams arriving
+            # meanwhile all passed its cap before any was counted).
+            evicted = None if over or self._open < s.max_streams else self._evict_for(peer)
+            if over or (self._open >= s.max_streams and evicted is None):
                 self.refusals[Budget.STREAMS_FULL] += 1
                 log.info(
                     "stream from %s reset: streams_full (%d open from it, %d in all; at most "
@@ -369,6 +373,9 @@ class StreamBudget:
             mine = self._streams.setdefault(peer, {})
             mine[id(stream)] = (time.monotonic(), stream)
             try:
+                if evicted is not None:
+                    with contextlib.suppress(Exception):
+                        await evicted.reset()
                 await handler(stream)
             finally:
                 self._open -= 1
@@ -380,17 +387,17 @@ class StreamBudget:
 
         swarm.common_stream_handler = counted
 
-    async def _evict_for(self, newcomer: ID) -> bool:
-        """Reset the oldest stream of the unstaked peer holding the most; False if every
-        stream is a staked peer's. The newcomer is admitted at once: the evicted
-        stream's handler gives its count back as it ends."""
+    def _evict_for(self, newcomer: ID) -> INetStream | None:
+        """The oldest stream of the unstaked peer holding the most, to reset for
+        ``newcomer``; None if every stream is a staked peer's. The newcomer is admitted
+        at once: the evicted stream's handler gives its count back as it ends."""
         holders = [
             peer
             for peer, streams in self._streams.items()
             if streams and peer != newcomer and not self.stake(peer.to_base58())
         ]
         if not holders:
-            return False
+            return None
         heaviest = max(holders, key=lambda peer: len(self._streams[peer]))
         key, (since, oldest) = min(self._streams[heaviest].items(), key=lambda kv: kv[1][0])
         del self._streams[heaviest][key]  # not chosen twice while it ends
@@ -404,9 +411,7 @@ class StreamBudget:
             newcomer,
             self.settings.max_streams,
         )
-        with contextlib.suppress(Exception):
-            await oldest.reset()
-        return True
+        return oldest
 
     def usage(self) -> dict[str, tuple[int, int]]:
         s = self.settings
@@ -509,6 +514,7 @@ class _Serving:
     stream: INetStream
     since: float
     ended: trio.Event = field(default_factory=trio.Event)
+    evicted: bool = False  # chosen to make room: not chosen again while it ends
 
 
 @dataclass
@@ -563,15 +569,25 @@ class ProtocolStreams:
                 return
             serving = self._serving.setdefault(protocol, {})
             slots = PROTOCOL_SLOTS.get(protocol)
-            full = slots is not None and len(serving) >= slots
-            if full and not await self._evict(protocol, serving, key[0]):
-                with contextlib.suppress(Exception):
-                    await stream.reset()
-                return
+            # Decided and counted with no await between (see StreamBudget.install); the
+            # evicted stream is waited for once this one holds its place.
+            evicted = None
+            if slots is not None and len(serving) >= slots:
+                evicted = self._evict(protocol, serving, key[0])
+                if evicted is None:
+                    with contextlib.suppress(Exception):
+                        await stream.reset()
+                    return
             self._by_peer[key] += 1
             entry = serving[id(stream)] = _Serving(key[0], stream, time.monotonic())
-            watched = None if long_lived else self.idle.watch(stream.reset)
+            watched = None
             try:
+                if evicted is not None:
+                    with contextlib.suppress(Exception):
+                        await evicted.stream.reset()
+                    with trio.move_on_after(EVICTED_WAIT_S):
+                        await evicted.ended.wait()
+                watched = None if long_lived else self.idle.watch(stream.reset)
                 await handler(stream if watched is None else _Touching(stream, watched))  # type: ignore[arg-type]
             finally:
                 if watched is not None:
@@ -584,10 +600,13 @@ class ProtocolStreams:
 
         return budgeted
 
-    async def _evict(self, protocol: str, serving: dict[int, _Serving], newcomer: ID) -> bool:
-        """Make room among ``serving`` for ``newcomer``: reset the oldest stream of a peer
-        without a stake and wait (a little) for its handler to give its slot back."""
-        others = [e for e in serving.values() if not self.stake(e.peer.to_base58())]
+    def _evict(self, protocol: str, serving: dict[int, _Serving], newcomer: ID) -> _Serving | None:
+        """Room among ``serving`` for ``newcomer``: the oldest stream of a peer without a
+        stake, not already chosen, to reset (and wait a little for its handler to give
+        its slot back); None if there is none."""
+        others = [
+            e for e in serving.values() if not e.evicted and not self.stake(e.peer.to_base58())
+        ]
         if not others:
             self.refusals[Budget.STREAMS_FULL] += 1
             log.info(
@@ -597,8 +616,9 @@ class ProtocolStreams:
                 newcomer,
                 len(serving),
             )
-            return False
+            return None
         oldest = min(others, key=lambda e: e.since)
+        oldest.evicted = True
         self.refusals[Budget.STREAM_EVICTED] += 1
         log.info(
             "%s stream of %s, open %.1f s, reset for one of %s: stream_evicted (at most %d "
@@ -609,11 +629,7 @@ class ProtocolStreams:
             newcomer,
             len(serving),
         )
-        with contextlib.suppress(Exception):
-            await oldest.stream.reset()
-        with trio.move_on_after(EVICTED_WAIT_S):
-            await oldest.ended.wait()
-        return True
+        return oldest
 
     def usage(self) -> dict[str, tuple[int, int]]:
         return {

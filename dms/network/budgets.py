@@ -277,11 +277,14 @@ class InboundGate:
             ),
             (lambda e: True, s.max_inbound_connections, "all inbound"),
         ]
-        for member, limit, name in scopes:
-            while True:
+        # After an eviction (awaited: others arrive meanwhile) every scope is checked
+        # again from the first: the caller counts ``new`` with no await after the last
+        # check, so no scope can be passed by connections admitted at once.
+        while True:
+            for member, limit, name in scopes:
                 held = [e for e in self._inbound.values() if member(e) and not e.muxed.is_closed]
                 if len(held) < limit:
-                    break
+                    continue
                 victim = self._least_needed(held)
                 if victim is None:
                     return False
@@ -296,7 +299,9 @@ class InboundGate:
                     limit,
                 )
                 await self._close(victim.muxed)
-        return True
+                break
+            else:
+                return True
 
     def _least_needed(self, held: list[_Inbound]) -> _Inbound | None:
         """The connection idle the longest among peers the node has no stake in."""

@@ -6,6 +6,10 @@ were each checked against its per-peer cap before any of them was counted, so on
 key opening many streams at once held all of them, past ``max_streams_per_peer``
 (or ``max_protocol_streams_per_peer``), and evicted as many others.
 
+The inbound connection gate checked its scopes (IP, subnet, all) once each, in
+order: a connection that awaited an eviction in a later scope was admitted with the
+earlier ones not checked again.
+
 Against real hosts that needs the streams to arrive within one await (seen in 1 of 5
 runs on loopback); here the interleaving is forced: the budgets' own code, on trio,
 with streams whose reset yields, as Yamux's does (it writes a frame).
@@ -25,6 +29,7 @@ from dms.network.budgets import (
     PROTOCOL_SLOTS,
     Budget,
     IdleWatch,
+    InboundGate,
     ProtocolStreams,
     StreamBudget,
 )
@@ -112,3 +117,59 @@ def test_a_peer_opening_many_dht_streams_at_once_while_the_dht_is_full_keeps_its
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+# ---- inbound connections (InboundGate) ---------------------------------------------------
+
+
+class Muxed:
+    """An upgraded inbound connection of ``peer``; closing it yields, as Yamux's does."""
+
+    def __init__(self, peer: ID) -> None:
+        self.peer_id = peer
+        self.event_closed = trio.Event()
+
+    @property
+    def is_closed(self) -> bool:
+        return self.event_closed.is_set()
+
+    async def close(self) -> None:
+        await trio.sleep(0)  # Yamux sends its go-away and closes the socket
+        self.event_closed.set()
+
+
+def gate(**limits: int) -> InboundGate:
+    swarm = SimpleNamespace(connections={}, is_protected=lambda peer: False)
+    return InboundGate(swarm, NetworkSettings(**limits), Counter(), lambda p: False, lambda p: None)
+
+
+def open_connections(the_gate: InboundGate, at: list[str], arriving: list[str]) -> list[Muxed]:
+    """Connections from the IPs ``at`` held, then ones from ``arriving`` all at once:
+    those of ``arriving`` the gate kept open."""
+    newcomers = [Muxed(peer()) for _ in arriving]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for ip in at:
+                nursery.start_soon(the_gate.hold, Muxed(peer()), ip)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(the_gate._inbound) == len(at)
+            for muxed, ip in zip(newcomers, arriving, strict=True):
+                nursery.start_soon(the_gate.hold, muxed, ip)
+            await trio.testing.wait_all_tasks_blocked()
+            live = [e for e in the_gate._inbound.values() if not e.muxed.is_closed]
+            assert len(live) <= the_gate.settings.max_inbound_connections
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return [m for m in newcomers if not m.is_closed]
+
+
+def test_connections_from_one_ip_arriving_at_once_at_a_full_node_keep_the_ip_share() -> None:
+    """Each scope (IP, subnet, all) was checked once, in order: a newcomer that then
+    awaited an eviction in the total was admitted with its IP not checked again, so
+    one machine opening 6 at once held 6, with max_connections_per_ip 2."""
+    the_gate = gate(max_inbound_connections=8, max_connections_per_ip=2)
+    kept = open_connections(the_gate, [f"10.0.{i}.1" for i in range(8)], ["10.9.0.1"] * 6)
+    assert len(kept) <= 2
+    assert the_gate._by_ip["10.9.0.1"] <= 2

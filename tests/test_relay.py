@@ -216,3 +216,52 @@ def _open_circuits(t: Libp2pTransport, relay: str, target: str, count: int) -> l
         return out
 
     return t._call(run)
+
+
+def test_one_peer_cannot_take_reservations_in_other_peers_names(
+    started: list[Libp2pTransport],
+) -> None:
+    """py-libp2p reserves for the RESERVE message's optional peer field when it is set,
+    not for the peer that sent it: one connection took every reservation of the relay
+    in made-up names (the relay's check looked at the sender, which held none), and
+    an honest private node could reserve no more."""
+    relay = _transport("public", relay=RelaySettings(max_reservations=4))
+    started.append(relay)
+    flooder = _transport("public", relay.addrs())  # public: it reserves nothing itself
+    started.append(flooder)
+    statuses = _reserve_as(flooder, relay.peer_id, [_fresh_id() for _ in range(6)])
+    assert relay.budget_usage()["relay_reservations"][0] <= 1, statuses
+    honest = _transport("private", relay.addrs())
+    started.append(honest)
+    wait_for(lambda: relayed(honest), what="the honest node's reservation on the relay")
+
+
+def _fresh_id() -> bytes:
+    return ID.from_base58(Identity.generate().peer_id).to_bytes()
+
+
+def _reserve_as(t: Libp2pTransport, relay: str, names: list[bytes]) -> list[int]:
+    """One RESERVE request to ``relay`` naming each of ``names`` as its peer; the
+    status of each."""
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
+    from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+
+    async def run() -> list[int]:
+        host = t._host
+        assert host is not None
+        out: list[int] = []
+        for name in names:
+            try:
+                with trio.fail_after(10):
+                    stream = await host.new_stream(ID.from_base58(relay), [HOP_PROTOCOL])
+                    msg = HopMessage(type=HopMessage.RESERVE, peer=CircuitPeerId(id=name))
+                    await write_delimited_msg(stream, msg)
+                    resp = await read_delimited_msg(stream, HopMessage)
+                    out.append(resp.status)
+                    await stream.close()
+            except Exception:
+                out.append(-1)
+        return out
+
+    return t._call(run)

@@ -281,6 +281,10 @@ class BudgetedRelay(CircuitV2Protocol):
                 f"{s.max_reservations} reservations held (max_reservations)",
             )
             return
+        # A reservation is for the peer that asks (as go-libp2p does): py-libp2p takes
+        # the message's optional peer field when set, so one connection reserved every
+        # slot in made-up names (the check above looks at the sender).
+        msg.ClearField("peer")
         await super()._handle_reserve(stream, msg)
 
     async def _handle_connect(self, stream: INetStream, msg: HopMessage) -> None:

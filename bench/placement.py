@@ -66,6 +66,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -406,10 +407,19 @@ def figures_of(
     }
 
 
+def homes(stack: contextlib.ExitStack) -> Path:
+    """A folder for the run's node homes, removed once every node stopped (kept, with
+    the daemons' logs, when DMS_BENCH_DEBUG is set)."""
+    root = Path(tempfile.mkdtemp(prefix="dms-placement-"))
+    if not os.environ.get("DMS_BENCH_DEBUG"):
+        stack.callback(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
 def start_threads(count: int, args: argparse.Namespace, stack: contextlib.ExitStack) -> Threads:
     # All N nodes share this one process (and its GIL): see shared_process_heartbeat_budget.
     budget = shared_process_heartbeat_budget(count, args.heartbeat_budget)
-    root = Path(tempfile.mkdtemp(prefix="dms-placement-"))
+    root = homes(stack)
     c = stack.enter_context(LocalCluster(root, heartbeat_s=2.0, heartbeat_budget_per_s=budget))
     say(f"starting {count} nodes")
     nodes = c.start(count)
@@ -429,7 +439,7 @@ def start_threads(count: int, args: argparse.Namespace, stack: contextlib.ExitSt
 def start_processes(count: int, args: argparse.Namespace, stack: contextlib.ExitStack) -> Processes:
     """``count`` provider daemons, then the requester in this process, bootstrapping
     from three of them; each provider onboarded through its API."""
-    root = Path(tempfile.mkdtemp(prefix="dms-placement-"))
+    root = homes(stack)
     specs = [NodeSpec(f"p-{i + 1}", "p") for i in range(count)]
     daemons = Daemons(root / "providers", specs, NodeSettings(), FaultPlan())
     stack.callback(daemons.stop)

@@ -14,8 +14,9 @@ SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "placement.py"
 KEYS = {"p50_ms", "p95_ms", "placements_per_s", "concurrency", "leaked_leases", "phases_ms"}
 
 
-def test_processes_mode_places_on_provider_daemons_and_prints_the_figures() -> None:
+def test_processes_mode_places_on_provider_daemons_and_prints_the_figures(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DMS_")}
+    env["TMPDIR"] = str(tmp_path)  # where the run's node homes go
     args = ["--processes", "--nodes", "2", "--concurrency", "1", "2", "--jobs", "4", "--json"]
     done = subprocess.run(
         [sys.executable, str(SCRIPT), *args],
@@ -36,3 +37,5 @@ def test_processes_mode_places_on_provider_daemons_and_prints_the_figures() -> N
         # Each placement's bid, allocate and revert messages, between the requester and
         # the providers' processes, are counted.
         assert line["messages_per_placement"] > 0
+    # The nodes' homes (50 daemons' stores and logs a run) are gone with the run.
+    assert not list(tmp_path.glob("dms-placement-*"))

@@ -37,6 +37,7 @@ LONGEST_FIRST = (
     "test_collab_cli.py",
     "test_deploy_cli.py",
     "test_sim_faults.py",
+    "test_bench_placement.py",
     "test_sim_processes.py",
     "test_mining_hostile.py",
     "test_daemon_logs.py",

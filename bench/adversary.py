@@ -42,9 +42,10 @@ Attacks:
   ``--frames-per-s`` sets it (a huge value: no limit, every envelope verified).
 - ``bid_request_flood``: ``--flood`` (20,000) bid requests on the stream as fast
   as the hostile can write them, each asking for a reply, and ``--flood-gossip``
-  (5,000) on the deployment topic (bids to the hostile's own root) at the same
-  time; each asks for ``--flood-slots`` (4) slots the victim can take, so every
-  one the victim admits leases what it can.
+  (5,000) on the deployment topic at the same time, by a second hostile key in a
+  process of its own (bids to its own root; ``publisher_process_cpu``: its share
+  of one core while it published); each asks for ``--flood-slots`` (4) slots
+  the victim can take, so every one the victim admits leases what it can.
 - ``commit_never_allocate``: for ``--grab-s`` (40 s, more than the victim's
   ``allocate_within_s``) the hostile asks for ``--grab-slots`` (16) slots, commits
   every offer and never allocates, five times a second, to take back whatever
@@ -67,10 +68,11 @@ request is answered a few times a second), ``hostile_*`` (what the hostile got),
 Placement lines add ``victim_refusals`` (the victim's ``GET /metrics`` refusals
 during the attack, ``layer:code``) and ``victim_cpu`` / ``bench_process_cpu``
 (shares of one core while the attack ran; this process holds the honest node
-and the hostile peers) and ``honest_failures``: why each honest placement that
-did not run failed (its state, then its deployment's events, each at its second
-since the placement was asked for: the rounds, what the victim answered, the
-end's reason). Between attacks the hostile gives back what it holds.
+and the hostile peers but the gossip publisher of ``bid_request_flood``) and
+``honest_failures``: why each honest placement that did not run failed (its
+state, then its deployment's events, each at its second since the placement was
+asked for: the rounds, what the victim answered, the end's reason). Between
+attacks the hostile gives back what it holds.
 
 The attacks of later issues live in modules beside this file,
 ``bench/adversary_<area>.py``, found at start (``bench/adversary_kit.py`` says
@@ -106,11 +108,13 @@ from adversary_kit import (
     VICTIM_PREFERENCES,
     Context,
     Honest,
+    HostileProcess,
     Plan,
     Victim,
     missed_targets,
     run_attack,
     say,
+    serve,
 )
 
 from dms.actor import Handle
@@ -222,64 +226,105 @@ def give_back(hostile: BarePeer, to: Handle, reverts: list[dict[str, Any]]) -> N
             time.sleep(1)
 
 
-def wait_subscribed(peer: BarePeer, victim: Victim, topics: list[str]) -> None:
+def wait_subscribed(peer: BarePeer, victim_peer: str, topics: list[str]) -> None:
     deadline = time.monotonic() + 30
-    while any(victim.peer_id not in peer.mesh_peers(t) for t in topics):
+    while any(victim_peer not in peer.mesh_peers(t) for t in topics):
         if time.monotonic() > deadline:
             raise RuntimeError(f"the victim's subscriptions to {topics} never reached the peer")
         time.sleep(0.1)
 
 
-def bid_request_flood(victim: Victim, unicast: int, gossip: int, slots: int) -> Any:
-    """Bid requests as fast as the hostile can send them: ``unicast`` on its stream
-    (each asks for a reply), ``gossip`` on the deployment topic (bids to its own root)."""
-    hostile = BarePeer(victim.addr, actor=True, gossip=True)
-    wait_subscribed(hostile, victim, [DEPLOYMENT_TOPIC])
-    to = root_handle(victim.peer_id)
-    direct = [
-        hostile.envelope(to, REQUEST, bid_request(f"flood-{i % 4}", slots), reply=True)
-        for i in range(unicast)
-    ]
-    direct_frames = [hostile.seal(env) for env in direct]
+FLOOD_DEPLOYMENTS = [f"flood-{i}" for i in range(4)]
+
+
+def reverts() -> list[dict[str, Any]]:
+    return [{"deployment_id": d, "everything": True} for d in FLOOD_DEPLOYMENTS]
+
+
+class Publisher(HostileProcess):
+    """The gossip half of ``bid_request_flood``: a hostile key of its own, in a
+    process of its own (this file run with ``--publisher``), so that its publishing
+    does not take the honest node's interpreter lock."""
+
+    def __init__(self, victim: Victim, gossip: int, slots: int) -> None:
+        super().__init__([sys.executable, __file__, "--publisher", victim.addr, victim.peer_id,
+                          str(gossip), str(slots)])  # fmt: skip
+        self.ask({})  # in the victim's mesh, every frame built
+
+
+def publisher_main(addr: str, victim_peer: str, gossip: int, slots: int) -> None:
+    """``--publisher``: the publisher's side of :class:`Publisher` (stdin and stdout)."""
+    hostile = BarePeer(addr, actor=True, gossip=True)
+    wait_subscribed(hostile, victim_peer, [DEPLOYMENT_TOPIC])
     published = [
         hostile.seal(
             hostile.envelope(
                 None,
                 REQUEST,
-                bid_request(f"flood-{i % 4}", slots, reply_to=hostile.me()),
+                bid_request(FLOOD_DEPLOYMENTS[i % 4], slots, reply_to=hostile.me()),
                 topic=DEPLOYMENT_TOPIC,
             )
         )
         for i in range(gossip)
     ]
+
+    def step(ask: dict[str, Any]) -> dict[str, Any]:
+        if "publish" in ask:
+            hostile.publish_many(DEPLOYMENT_TOPIC, published, GOSSIP_PACE_S)
+            return {"published": len(published)}
+        if "bids" in ask:
+            return {"bids": hostile.received[BID]}
+        if "give_back" in ask:
+            give_back(hostile, root_handle(victim_peer), reverts())
+            return {"given_back": True}
+        return {"frames": len(published)}
+
+    try:
+        serve(step)
+    finally:
+        hostile.close()
+
+
+def bid_request_flood(victim: Victim, unicast: int, gossip: int, slots: int) -> Any:
+    """Bid requests as fast as the hostile can send them: ``unicast`` on its stream
+    (each asks for a reply), ``gossip`` on the deployment topic (bids to its own root)
+    by a second hostile key in a process of its own (:class:`Publisher`)."""
+    hostile = BarePeer(victim.addr, actor=True)
+    publisher = Publisher(victim, gossip, slots)
+    to = root_handle(victim.peer_id)
+    direct = [
+        hostile.envelope(to, REQUEST, bid_request(FLOOD_DEPLOYMENTS[i % 4], slots), reply=True)
+        for i in range(unicast)
+    ]
+    direct_frames = [hostile.seal(env) for env in direct]
     nonces = [env.nonce for env in direct]
 
     def attack() -> dict[str, Any]:
-        publisher = threading.Thread(
-            target=hostile.publish_many,
-            args=(DEPLOYMENT_TOPIC, published, GOSSIP_PACE_S),
-            daemon=True,
-        )
-        publisher.start()
+        cpu_before = publisher.cpu_s()
+        started = time.perf_counter()
+        published = threading.Thread(target=publisher.ask, args=({"publish": True},), daemon=True)
+        published.start()
         hostile.write(direct_frames)
-        publisher.join()
+        published.join()
+        publisher_cpu = (publisher.cpu_s() - cpu_before) / (time.perf_counter() - started)
         finished = hostile.finish(to)
         leases = [lease for answer in hostile.answers(nonces) for lease in offered(answer)]
+
+        def cleanup() -> None:
+            give_back(hostile, to, reverts())
+            hostile.close()
+            publisher.ask({"give_back": True})
+            publisher.close()
+
         return {
             "victim_caught_up": finished,
             "unicast_requests": unicast,
             "gossip_requests": gossip,
             "unicast_answers": hostile.refusal_codes(nonces),
             "hostile_leases": len(leases),
-            "hostile_bids_by_gossip": hostile.received[BID],
-            "_cleanup": lambda: (
-                give_back(
-                    hostile,
-                    to,
-                    [{"deployment_id": f"flood-{i}", "everything": True} for i in range(4)],
-                ),
-                hostile.close(),
-            ),
+            "hostile_bids_by_gossip": publisher.ask({"bids": True})["bids"],
+            "publisher_process_cpu": round(publisher_cpu, 2),
+            "_cleanup": cleanup,
         }
 
     return attack
@@ -357,7 +402,7 @@ def topic_reflection(victim: Victim, count: int) -> Any:
     victim: ``reflected_to_third_party`` counts the bids the victim sent it."""
     hostile = BarePeer(victim.addr, actor=True, gossip=True)
     third = BarePeer(victim.addr, actor=True)
-    wait_subscribed(hostile, victim, [BROADCAST_TOPIC, DEPLOYMENT_TOPIC])
+    wait_subscribed(hostile, victim.peer_id, [BROADCAST_TOPIC, DEPLOYMENT_TOPIC])
     to = root_handle(victim.peer_id)
     frames: list[tuple[str, bytes]] = []
     for i in range(count):
@@ -536,4 +581,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--publisher":
+        logging.getLogger("dms").setLevel(logging.ERROR)
+        publisher_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        sys.exit(0)
     sys.exit(main())

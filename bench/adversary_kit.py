@@ -26,10 +26,12 @@ the attack's own keys where it has them (``TARGETS``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
 import re
+import select
 import sqlite3
 import statistics
 import subprocess
@@ -381,6 +383,67 @@ def run_attack(
     if cleanup is not None:  # after the figures: what the hostile holds goes back
         cleanup()
     return result
+
+
+HOSTILE_ANSWER_S = 120.0  # the longest a hostile process's step may take (a flood, a wait)
+
+
+class HostileProcess:
+    """A hostile peer in a process of its own (``cmd``: a bench file run with a flag,
+    whose side is :func:`serve`), driven by one JSON line each way per step. An
+    attacker is a process of its own: in this one, its work took the honest node's
+    interpreter lock and the bench measured itself (py-spy)."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = psutil.Process(self.proc.pid)
+
+    def ask(self, what: dict[str, Any], timeout: float = HOSTILE_ANSWER_S) -> dict[str, Any]:
+        """One step; a process silent past ``timeout`` is killed (the bench fails with
+        the reason instead of hanging)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(what) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.proc.kill()
+            raise RuntimeError(f"the hostile process did not answer {what} in {timeout:g} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the hostile process ended (exit {self.proc.wait(10)})")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer
+
+    def cpu_s(self) -> float:
+        times = self.process.cpu_times()
+        return float(times.user + times.system)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ask({"stop": True})
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def serve(step: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """The hostile process's side of :class:`HostileProcess`: each line of stdin is
+    answered on stdout with ``step``'s answer (``{"error": ...}`` if it raised), until
+    ``{"stop": true}``."""
+    out, sys.stdout = sys.stdout, sys.stderr  # the answers only on stdout
+    for line in sys.stdin:
+        ask = json.loads(line)
+        if "stop" in ask:
+            print(json.dumps({"stopped": True}), file=out, flush=True)
+            return
+        try:
+            answer = step(ask)
+        except Exception as exc:
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(answer), file=out, flush=True)
 
 
 def say(what: str) -> None:

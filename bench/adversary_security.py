@@ -31,11 +31,8 @@ member's process).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import os
-import select
 import statistics
 import subprocess
 import sys
@@ -45,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
-from adversary_kit import PASSPHRASE, Context, Plan, Victim
+from adversary_kit import PASSPHRASE, Context, HostileProcess, Plan, Victim, serve
 
 from dms.node.caps import REVOCATION_BEHAVIOUR, REVOCATION_TOPIC
 from dms.node.client import root_handle
@@ -102,82 +99,44 @@ def show(peer: BarePeer, victim_peer: str, caps: list[bytes], timeout: float) ->
     return answer
 
 
-MEMBER_ANSWER_S = 120.0  # the longest a member's step may take (a flood, a wait)
-
-
-class Member:
-    """The hostile member, a process of its own (this file run with ``--member``),
-    driven by one JSON line each way per step."""
+class Member(HostileProcess):
+    """The hostile member, a process of its own (this file run with ``--member``)."""
 
     def __init__(self, victim: Victim, junk: int) -> None:
-        cmd = [sys.executable, __file__, "--member", victim.addr, victim.peer_id, str(junk)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.process = psutil.Process(self.proc.pid)
+        super().__init__([sys.executable, __file__, "--member", victim.addr, victim.peer_id,
+                          str(junk)])  # fmt: skip
         self.key = bytes.fromhex(self.ask({})["key"])
-
-    def ask(self, what: dict[str, Any], timeout: float = MEMBER_ANSWER_S) -> dict[str, Any]:
-        """One step of the member; a member silent past ``timeout`` is killed (the
-        bench fails with the reason instead of hanging)."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(what) + "\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            self.proc.kill()
-            raise RuntimeError(f"the member process did not answer {what} in {timeout:g} s")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the member process ended (exit {self.proc.wait(10)})")
-        answer: dict[str, Any] = json.loads(line)
-        if "error" in answer:
-            raise RuntimeError(answer["error"])
-        return answer
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.ask({"stop": True})
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def member_main(addr: str, victim_peer: str, junk: int) -> None:
     """``--member``: the member's side of :class:`Member` (stdin and stdout)."""
-    out, sys.stdout = sys.stdout, sys.stderr  # the answers only on stdout
     member = BarePeer(addr, actor=True, gossip=True)
     token = b""
     frames: list[bytes] = []
 
+    def step(ask: dict[str, Any]) -> dict[str, Any]:
+        nonlocal token
+        if "token" in ask:
+            token = bytes.fromhex(ask["token"])
+            deadline = time.monotonic() + 30
+            while victim_peer not in member.mesh_peers(REVOCATION_TOPIC):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the member is not in the victim's revocation mesh")
+                time.sleep(0.2)
+            for raw in junk_revocations(member.identity, token, junk):
+                env = member.envelope(None, REVOCATION_BEHAVIOUR, {"revocation": raw},
+                                      ttl_s=600, topic=REVOCATION_TOPIC)  # fmt: skip
+                frames.append(member.seal(env))
+            return {"kb": round(sum(len(f) for f in frames) / 1024, 1)}
+        if "show" in ask:
+            return {"answer": show(member, victim_peer, [token], 5)}
+        if "publish" in ask:
+            member.publish_many(REVOCATION_TOPIC, frames, 0.002)
+            return {"published": len(frames)}
+        return {"key": member.identity.public_key.hex()}
+
     try:
-        for line in sys.stdin:
-            ask = json.loads(line)
-            try:
-                if "stop" in ask:
-                    print(json.dumps({"stopped": True}), file=out, flush=True)
-                    return
-                if "token" in ask:
-                    token = bytes.fromhex(ask["token"])
-                    deadline = time.monotonic() + 30
-                    while victim_peer not in member.mesh_peers(REVOCATION_TOPIC):
-                        if time.monotonic() > deadline:
-                            raise RuntimeError("the member is not in the victim's revocation mesh")
-                        time.sleep(0.2)
-                    for raw in junk_revocations(member.identity, token, junk):
-                        env = member.envelope(None, REVOCATION_BEHAVIOUR, {"revocation": raw},
-                                              ttl_s=600, topic=REVOCATION_TOPIC)  # fmt: skip
-                        frames.append(member.seal(env))
-                    answer = {"kb": round(sum(len(f) for f in frames) / 1024, 1)}
-                elif "show" in ask:
-                    answer = {"answer": show(member, victim_peer, [token], 5)}
-                elif "publish" in ask:
-                    member.publish_many(REVOCATION_TOPIC, frames, 0.002)
-                    answer = {"published": len(frames)}
-                else:
-                    answer = {"key": member.identity.public_key.hex()}
-            except Exception as exc:
-                answer = {"error": f"{type(exc).__name__}: {exc}"}
-            print(json.dumps(answer), file=out, flush=True)
+        serve(step)
     finally:
         member.close()
 

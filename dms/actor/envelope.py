@@ -356,19 +356,11 @@ def _unpack(data: bytes, max_items: int = MAX_HEADER_ITEMS) -> Any:
     pass the budget, and is decoded without counting (most frames: the hooks cost more
     than the decoding)."""
     size = len(data)
-    try:
-        if 2 * size <= max_items:
-            return msgpack.unpackb(
-                data,
-                raw=False,
-                strict_map_key=True,
-                max_str_len=size,
-                max_bin_len=size,
-                max_array_len=size,
-                max_map_len=size,
-                max_ext_len=0,
-            )
+    hooks: dict[str, Any] = {}
+    if 2 * size > max_items:
         budget = _Budget(max_items)
+        hooks = {"list_hook": budget.take, "object_hook": budget.take}
+    try:
         return msgpack.unpackb(
             data,
             raw=False,
@@ -378,8 +370,7 @@ def _unpack(data: bytes, max_items: int = MAX_HEADER_ITEMS) -> Any:
             max_array_len=min(size, max_items),
             max_map_len=min(size, max_items),
             max_ext_len=0,
-            list_hook=budget.take,
-            object_hook=budget.take,
+            **hooks,
         )
     except ValueError as exc:
         if "too many items" in str(exc):

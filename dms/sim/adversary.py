@@ -132,6 +132,18 @@ def root_of(identity: Identity) -> Handle:
     return Handle(id=identity.public_key, address=Address(host=identity.peer_id, inbox=ROOT_INBOX))
 
 
+def bare_host(identity: Identity) -> Any:
+    """A plain py-libp2p host (Noise, yamux) for ``identity``: none of a node's budgets,
+    patches or behaviours, as an attacker's own host would be."""
+    key_pair = create_new_key_pair(identity.private_bytes())
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt=create_yamux_muxer_option(),
+    )
+
+
 class BarePeer:
     """A bare py-libp2p host on a trio thread of its own, dialed to ``addr``."""
 
@@ -172,13 +184,7 @@ class BarePeer:
     # ---- the host ----------------------------------------------------------------------
 
     async def _main(self) -> None:
-        key_pair = create_new_key_pair(self.identity.private_bytes())
-        noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-        host = new_host(
-            key_pair=key_pair,
-            sec_opt={NOISE_PROTOCOL_ID: noise},
-            muxer_opt=create_yamux_muxer_option(),
-        )
+        host = bare_host(self.identity)
         self.host = host
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -399,13 +405,7 @@ class BarePeer:
         node = info_from_p2p_addr(Multiaddr(self._addr)).peer_id
 
         async def one() -> None:
-            key_pair = create_new_key_pair(Identity.generate().private_bytes())
-            noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-            host = new_host(
-                key_pair=key_pair,
-                sec_opt={NOISE_PROTOCOL_ID: noise},
-                muxer_opt=create_yamux_muxer_option(),
-            )
+            host = bare_host(Identity.generate())
             running = trio.Event()
 
             async def run() -> None:
@@ -537,13 +537,7 @@ class ManyKeys:
         info = info_from_p2p_addr(Multiaddr(self._addr))
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(self._count):
-                key_pair = create_new_key_pair(Identity.generate().private_bytes())
-                noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-                host = new_host(
-                    key_pair=key_pair,
-                    sec_opt={NOISE_PROTOCOL_ID: noise},
-                    muxer_opt=create_yamux_muxer_option(),
-                )
+                host = bare_host(Identity.generate())
                 await stack.enter_async_context(host.run([]))
                 self.hosts.append(host)
                 try:

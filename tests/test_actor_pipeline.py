@@ -25,6 +25,7 @@ from dms.actor import (
 from dms.actor.envelope import PREFIX_BYTES, Sealed
 from dms.actor.policy import Role
 from dms.security import Identity
+from tests.conftest import wait_for
 
 
 class Greeting(BaseModel):
@@ -371,11 +372,19 @@ def test_a_blocking_ask_ends_with_its_invoke(pair) -> None:  # type: ignore[no-u
     with pytest.raises(InvokeTimeout):
         a.ask(b.handle, "/test/silent", timeout=0.3)
     a.system.stop()
-    started = time.monotonic()
-    with pytest.raises(RemoteError) as stopped:
-        a.ask(b.handle, "/test/echo", timeout=30)
-    assert stopped.value.code == ErrorCode.STOPPED
-    assert time.monotonic() - started < 5
+    # With its lock never released, this ask would wait out its 120 s; the stop ends it.
+    ended: list[BaseException] = []
+
+    def ask_stopped() -> None:
+        try:
+            a.ask(b.handle, "/test/echo", timeout=120)
+        except BaseException as exc:  # kept for the assertions below
+            ended.append(exc)
+
+    threading.Thread(target=ask_stopped, daemon=True).start()
+    wait_for(lambda: ended, timeout=60, what="the ask on a stopped system to end")
+    assert isinstance(ended[0], RemoteError)
+    assert ended[0].code == ErrorCode.STOPPED
 
 
 def test_stopped_system_fails_pending_invokes(pair) -> None:  # type: ignore[no-untyped-def]

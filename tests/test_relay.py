@@ -265,3 +265,52 @@ def _reserve_as(t: Libp2pTransport, relay: str, names: list[bytes]) -> list[int]
         return out
 
     return t._call(run)
+
+
+def _stop_connect(t: Libp2pTransport, target: str) -> int:
+    """Pose as a relay: open a STOP stream to ``target`` over ``t``'s own connection and
+    send CONNECT in a fresh key's name, as a relay hands over a circuit; the answer's
+    status (-1: none)."""
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import StopMessage
+    from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID
+    from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+
+    async def run() -> int:
+        host = t._host
+        assert host is not None
+        try:
+            with trio.fail_after(10):
+                stream = await host.new_stream(ID.from_base58(target), [STOP_PROTOCOL_ID])
+                msg = StopMessage(type=StopMessage.CONNECT, peer=CircuitPeerId(id=_fresh_id()))
+                await write_delimited_msg(stream, msg)
+                resp = await read_delimited_msg(stream, StopMessage)
+                return int(resp.status)
+        except Exception:
+            return -1
+
+    return t._call(run)
+
+
+def test_circuits_are_accepted_only_from_a_relay_the_node_reserved_on(
+    started: list[Libp2pTransport],
+) -> None:
+    """A STOP stream hands the node a connection in the name of any key the sender
+    likes: any peer could pose as a relay. A node now takes circuits only from relays
+    it holds a reservation on, and refuses the others with the reason."""
+    relay = _transport("public")
+    started.append(relay)
+    private = _transport("private", relay.addrs())
+    started.append(private)
+    wait_for(lambda: relayed(private), what="a reservation on the relay")
+    poser = _transport("public", private.addrs())
+    started.append(poser)
+    wait_for(lambda: poser.is_connected(private.peer_id), what="the poser's connection")
+    assert _stop_connect(poser, private.peer_id) == StatusCode.PERMISSION_DENIED
+    assert private.refusals[RelayRefusal.STOP_UNRESERVED] == 1
+    # The relay it reserved on still hands it circuits: a dialer reaches it through it.
+    dialer = _transport("private", relay.addrs())
+    started.append(dialer)
+    dialer.learn_addrs(private.peer_id, relayed(private))
+    wait_for(lambda: dialer.ping(private.peer_id) > 0, what="a ping through the relay")
+    assert private.refusals[RelayRefusal.STOP_UNRESERVED] == 1

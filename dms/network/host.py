@@ -310,7 +310,13 @@ class Libp2pTransport(Unicast, Gossip):
         self._pubsub = pubsub
         self._router = router
         self._relay = BudgetedRelay(
-            host, s.relay, self.refusals, self.serves_relay, Circuits(), self._gate.hold
+            host,
+            s.relay,
+            self.refusals,
+            self.serves_relay,
+            Circuits(),
+            self._gate.hold,
+            lambda relay: self._relays is not None and self._relays.holds(relay),
         )
         self._relays = RelayClient(
             host, self._relay, s.relay, lambda pid: self._dials.slot(swarm, pid)

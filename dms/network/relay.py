@@ -85,6 +85,8 @@ class RelayRefusal(StrEnum):
     PEER_CIRCUITS_FULL = "relay_peer_circuits_full"
     BYTES_FULL = "relay_bytes_full"
     PEER_BYTES_FULL = "relay_peer_bytes_full"
+    # A STOP (a circuit to this node) from a peer it holds no reservation on.
+    STOP_UNRESERVED = "relay_stop_unreserved"
 
 
 # What a relay's status code means, for the dialing side's error.
@@ -200,6 +202,10 @@ class _MeteredStream:
         return getattr(self._stream, name)
 
 
+# Whether this node holds a reservation on a relay (``RelayClient.holds``): the only
+# peers whose STOP streams it accepts.
+Reserved = Callable[[ID], bool]
+
 # Admits a connection that arrived through a relay under the inbound connection
 # budgets, and returns when it closes (``InboundGate.hold``: the muxed connection,
 # the relay's IP).
@@ -224,6 +230,7 @@ class BudgetedRelay(CircuitV2Protocol):
         serving: Any,
         circuits: Circuits,
         admit: Admit | None = None,
+        reserved: Reserved = lambda relay: False,
     ) -> None:
         limits = RelayLimits(
             duration=settings.max_circuit_s,
@@ -237,6 +244,7 @@ class BudgetedRelay(CircuitV2Protocol):
         self.circuit_meters = circuits
         self._serving = serving  # () -> bool: does this node relay now
         self._admit = admit
+        self._reserved = reserved
         self.circuits_by_peer: Counter[ID] = Counter()
         self.bytes_by_peer: dict[ID, _HourlyBytes] = {}
         self.bytes_total = _HourlyBytes()
@@ -333,7 +341,24 @@ class BudgetedRelay(CircuitV2Protocol):
 
     async def _handle_stop_stream(self, stream: INetStream) -> None:
         """A circuit to this node (STOP CONNECT), as py-libp2p accepts it, with the
-        limit the relay sent in it kept and the circuit metered."""
+        limit the relay sent in it kept and the circuit metered; only from a relay this
+        node holds a reservation on (any peer could otherwise pose as a relay and hand
+        it connections in the names of fresh keys)."""
+        relay = stream.muxed_conn.peer_id
+        if not self._reserved(relay):
+            self.refusals[RelayRefusal.STOP_UNRESERVED] += 1
+            log.info(
+                "relayed connection from %s refused: this node holds no reservation on it (%s)",
+                relay,
+                RelayRefusal.STOP_UNRESERVED,
+            )
+            with contextlib.suppress(Exception):
+                await self._send_stop_status(
+                    stream, StatusCode.PERMISSION_DENIED, "no reservation on this relay"
+                )
+                await trio.sleep(0.2)  # the status reaches the peer before the reset
+                await stream.reset()
+            return
         try:
             with trio.fail_after(CONNECT_TIMEOUT_S):
                 msg = await read_delimited_msg(stream, StopMessage)
@@ -475,6 +500,11 @@ class RelayClient:
         # relay peer id -> its addresses (without /p2p), for the relayed addresses
         self.reserved: dict[ID, list[str]] = {}
         self._refused: dict[ID, float] = {}
+
+    def holds(self, relay: ID) -> bool:
+        """Whether this node holds a reservation on ``relay`` (it accepts circuits,
+        STOP streams, from it and from no other peer)."""
+        return relay in self.reserved
 
     def addrs(self, own_id: str) -> list[str]:
         out = []

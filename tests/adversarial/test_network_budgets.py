@@ -621,10 +621,17 @@ def test_connections_through_a_relay_count_against_the_inbound_connections(
 ) -> None:
     """A connection that arrives through a relay (a STOP stream) is upgraded by py-libp2p
     past the inbound gate: one peer posing as a relay opened 20 connections from fresh
-    keys to a node allowed 8 inbound, and the gate counted 1."""
-    victim = cluster.add("victim", max_inbound_connections=8)
+    keys to a node allowed 8 inbound, and the gate counted 1. (A node now takes STOP
+    streams only from relays it reserved on: here the attacker is such a relay, turned
+    hostile; test_relay.py has the poser that holds no reservation.)"""
+    from libp2p.peer.id import ID
+
+    victim = cluster.add("victim", max_inbound_connections=8, reachability="private")
     attacker = BarePeer(victim.addrs()[0])
     try:
+        relays = victim.transport._relays  # type: ignore[union-attr]
+        assert relays is not None
+        relays.reserved[ID.from_base58(attacker.peer_id)] = []  # as if it had reserved
         attacker.relayed_keys(20)
         wait_for(lambda: connections_of(victim) <= 8, what="at most 8 inbound connections")
         assert victim.transport.budget_usage()["inbound_connections"][0] <= 8  # type: ignore[union-attr]

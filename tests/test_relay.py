@@ -2,7 +2,9 @@
 reached through it; the relay's budgets refuse a peer that opens circuits without end.
 
 (Reachability is forced here: on one loopback interface every node is reachable. The
-real NAT topology is in tests/test_nat.py, root only.)"""
+real NAT topology is in tests/test_nat.py, root only. The reachability tests stand
+peers of distinct networks on distinct loopback addresses, 127.0.0.2, 127.0.0.3, ...,
+dialed by the node that asks: a loopback address counts as a network of its own.)"""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 
 from dms.network.host import Libp2pTransport
-from dms.network.reachability import AUTONAT_PROTOCOL_ID, Reachability
+from dms.network.reachability import AUTONAT_PROTOCOL_ID, Reachability, network_of
 from dms.network.relay import HOP_PROTOCOL, RelayRefusal, is_relayed
 from dms.network.settings import NetworkSettings, RelaySettings
 from dms.network.transfer import Courier, TransferError
@@ -33,9 +35,10 @@ def _transport(
     bootstrap: list[str] | None = None,
     relay: RelaySettings | None = None,
     hole_punching: bool = True,
+    ip: str = "127.0.0.1",
 ) -> Libp2pTransport:
     settings = NetworkSettings(
-        listen=["/ip4/127.0.0.1/tcp/0"],
+        listen=[f"/ip4/{ip}/tcp/0"],
         bootstrap=bootstrap or [],
         dht=False,
         reachability=reachability,  # type: ignore[arg-type]
@@ -85,17 +88,51 @@ def test_one_peer_that_dials_back_is_not_enough_to_be_public(
     peer cannot make a NATed node believe it is public (and stop reserving relays)."""
     first = _transport("auto")
     started.append(first)
-    second = _transport("auto", first.addrs())
+    second = _transport("auto", ip="127.0.0.2")
     started.append(second)
+    first.connect(second.addrs()[0])
     dialback = first._dialback
     assert dialback is not None
     wait_for(lambda: ID.from_base58(second.peer_id) in dialback.verdicts, what="the first verdict")
     assert dialback.verdicts[ID.from_base58(second.peer_id)] is True
     assert first.reachability() is Reachability.UNKNOWN
     # A second peer that reaches it too: now it is public, and serves as a relay.
-    started.append(_transport("auto", first.addrs()))
+    third = _transport("auto", ip="127.0.0.3")
+    started.append(third)
+    first.connect(third.addrs()[0])
     wait_for(lambda: first.reachability() is Reachability.PUBLIC, what="a second confirmation")
     assert first.serves_relay()
+
+
+def test_confirmations_are_counted_by_network_not_by_address() -> None:
+    """One /24 (IPv4), one /48 (IPv6: a site's usual allocation) is one network; a
+    loopback address is one of its own (tests on one machine)."""
+    assert network_of("203.0.113.7") == network_of("203.0.113.200") != network_of("203.0.114.7")
+    assert network_of("2001:db8:1:2::1") == network_of("2001:db8:1:ffff::9")
+    assert network_of("2001:db8:1::1") != network_of("2001:db8:2::1")
+    assert network_of("127.0.0.1") != network_of("127.0.0.2")
+
+
+def test_two_keys_on_one_network_are_one_confirmation(started: list[Libp2pTransport]) -> None:
+    """Two keys are free to one attacker: two peers of one network (one address here)
+    that both say they reached a NATed node made it 'public' (it then dropped its
+    relay reservations and could not be placed on). Confirmations now count distinct
+    networks (a /24, a /48; a loopback address on its own)."""
+    first = _transport("auto")
+    started.append(first)
+    keys = [_transport("auto", first.addrs()) for _ in range(2)]  # both at 127.0.0.1
+    started += keys
+    dialback = first._dialback
+    assert dialback is not None
+    ids = [ID.from_base58(k.peer_id) for k in keys]
+    wait_for(lambda: all(dialback.verdicts.get(i) for i in ids), what="both keys' verdicts")
+    assert first.reachability() is Reachability.UNKNOWN
+    assert not first.serves_relay()
+    # A peer of another network that reaches it too: now it is public.
+    other = _transport("auto", ip="127.0.0.2")
+    started.append(other)
+    first.connect(other.addrs()[0])
+    wait_for(lambda: first.reachability() is Reachability.PUBLIC, what="another network's")
 
 
 def test_a_transfer_larger_than_the_relays_limit_is_refused_before_it_starts(
@@ -153,8 +190,10 @@ def test_a_peer_that_never_answers_the_dial_back_does_not_make_a_node_private(
     silent._host.set_stream_handler(AUTONAT_PROTOCOL_ID, never_answer)
     wait_for(asked.is_set, 30, "the dial-back request to time out")
     assert first.reachability() is Reachability.UNKNOWN
-    # Two peers that answer: public.
-    started += [_transport("auto", first.addrs()), _transport("auto", first.addrs())]
+    # Two peers that answer, of two networks: public.
+    for ip in ("127.0.0.2", "127.0.0.3"):
+        started.append(_transport("auto", ip=ip))
+        first.connect(started[-1].addrs()[0])
     wait_for(lambda: first.reachability() is Reachability.PUBLIC, 60, "two confirmations")
 
 

@@ -104,13 +104,14 @@ class Budget(StrEnum):
 Stake = Callable[[str], bool]
 
 
-def subnet_of(ip: str) -> str:
-    """The /24 (IPv4) or /64 (IPv6) network of ``ip``; ``ip`` itself if it is none."""
+def subnet_of(ip: str, v4_prefix: int = 24, v6_prefix: int = 64) -> str:
+    """The /24 (IPv4) or /64 (IPv6) network of ``ip`` (other prefixes if given);
+    ``ip`` itself if it is none."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         return ip
-    prefix = 24 if addr.version == 4 else 64
+    prefix = v4_prefix if addr.version == 4 else v6_prefix
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 from libp2p import create_yamux_muxer_option, new_host
-from libp2p.abc import ConnectionType, IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.host.ping import PingService
@@ -60,7 +60,14 @@ from dms.network.gossip import Gossip, Pacer, envelope_is_valid, new_pubsub, top
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause
 from dms.network.reachability import DialBack, Reachability
-from dms.network.relay import HOP_PROTOCOL, BudgetedRelay, Circuits, RelayClient, is_relayed
+from dms.network.relay import (
+    HOP_PROTOCOL,
+    BudgetedRelay,
+    Circuits,
+    RelayClient,
+    is_relayed,
+    relayed_conn,
+)
 from dms.network.settings import NetworkSettings, parse_multiaddr
 from dms.network.transfer import CHUNK_PROTOCOL, Offers, TransferBudget
 from dms.network.unicast import ACTOR_PROTOCOL, Unicast, _Outbound
@@ -85,14 +92,6 @@ FD_LIMIT_WITHOUT_HARD_LIMIT = 10240
 # new one is up (dms.network.host, Libp2pTransport._supersede).
 SUPERSEDE_AFTER_S = 1.0
 SUPERSEDE_CLOSE_S = 5.0
-
-
-def _relayed_conn(conn: INetConn) -> bool:
-    with contextlib.suppress(Exception):
-        if conn.get_connection_type() == ConnectionType.RELAYED:
-            return True
-        return any(is_relayed(str(a)) for a in conn.get_transport_addresses())
-    return False
 
 
 class _ConnectionEvents(INotifee):
@@ -387,11 +386,11 @@ class Libp2pTransport(Unicast, Gossip):
     async def _close_older(self, network: INetwork, conn: INetConn) -> None:
         # A relayed connection is tagged as one after its upgrade (after this event).
         await trio.sleep(SUPERSEDE_AFTER_S)
-        if conn.is_closed or _relayed_conn(conn):
+        if conn.is_closed or relayed_conn(conn):
             return
         pid = conn.muxed_conn.peer_id
         for other in list(network.get_connections(pid)):
-            if other is conn or other.muxed_conn.is_initiator or _relayed_conn(other):
+            if other is conn or other.muxed_conn.is_initiator or relayed_conn(other):
                 continue
             log.info("peer %s dialed again: its older connection is closed", pid)
             # Its socket first: closing Yamux alone writes a GO_AWAY to a dead peer,

@@ -8,8 +8,10 @@ came from, as the spec says, so a node cannot be used to dial third parties), an
 closes it at once: reaching the port is the proof.
 
 A node asks its connected peers (at most ``ASK_PEERS`` at a time) soon after it
-connects and then every ``RECHECK_S``. ``CONFIRMATIONS`` (2) distinct peers that
-reached it make it ``public``, so one lying or mistaken peer cannot; short of
+connects and then every ``RECHECK_S``. Peers on ``CONFIRMATIONS`` (2) distinct
+networks that reached it make it ``public`` (:func:`network_of`: the /24 of an
+IPv4 address, the /48 of an IPv6 one, the address itself on loopback), so one lying
+or mistaken peer cannot, nor one attacker with many keys on one machine; short of
 that, one peer that failed makes it ``private`` (a NATed node's listen address is
 not the IP its peers see, so they refuse to dial it); with fewer confirmations
 and no failure it stays ``unknown`` and asks the next peers it connects to. A
@@ -34,17 +36,35 @@ from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
+from dms.network.budgets import subnet_of
+from dms.network.relay import relayed_conn
+
 log = logging.getLogger("dms.network")
 
-__all__ = ["AUTONAT_PROTOCOL_ID", "DialBack", "Reachability"]
+__all__ = ["AUTONAT_PROTOCOL_ID", "DialBack", "Reachability", "network_of"]
 
 DIAL_BACK_TIMEOUT_S = 3.0
 QUERY_TIMEOUT_S = 8.0
 ASK_PEERS = 4
 FIRST_CHECK_EVERY_S = 1.0
 RECHECK_S = 300.0
-# Distinct peers that must have dialed this node back for it to be public.
+# Peers on distinct networks (network_of) that must have dialed this node back for
+# it to be public.
 CONFIRMATIONS = 2
+# The network of a peer's address, for CONFIRMATIONS: what one party (a machine, a
+# home, a small hosting account) may well hold many addresses of.
+V4_PREFIX = 24
+V6_PREFIX = 48
+
+
+def network_of(ip: str) -> str:
+    """The network ``ip`` is in, as far as confirmations go: its /24 (IPv4) or /48
+    (IPv6). A loopback address stands for itself: every node on one machine is on
+    127.0.0.0/8, and tests make peers of distinct networks of 127.0.0.1, 127.0.0.2, ..."""
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(ip).is_loopback:
+            return ip
+    return subnet_of(ip, V4_PREFIX, V6_PREFIX)
 
 
 class Reachability(StrEnum):
@@ -60,6 +80,9 @@ class DialBack(AutoNATService):
         super().__init__(host, serve=True, confirmations=CONFIRMATIONS)  # type: ignore[arg-type]
         self.forced = forced
         self.verdicts: dict[ID, bool] = {}
+        # The network each peer that gave a verdict answered from (network_of its
+        # direct connection's remote address; None if it had none).
+        self.networks: dict[ID, str | None] = {}
         # Peers that did not answer (no verdict): not asked again until the next recheck,
         # so a few silent peers cannot keep the answering ones from being asked.
         self.silent: set[ID] = set()
@@ -71,7 +94,9 @@ class DialBack(AutoNATService):
         if self.forced in (Reachability.PUBLIC, Reachability.PRIVATE):
             return Reachability(self.forced)
         confirmed = sum(1 for ok in self.verdicts.values() if ok)
-        if confirmed >= CONFIRMATIONS:
+        networks = {self.networks.get(p) for p, ok in self.verdicts.items() if ok}
+        networks.discard(None)
+        if len(networks) >= CONFIRMATIONS:
             return Reachability.PUBLIC
         if confirmed < len(self.verdicts):  # a peer that could not reach it
             return Reachability.PRIVATE
@@ -93,6 +118,18 @@ class DialBack(AutoNATService):
                     stream = await trio.open_tcp_stream(ip, port)
                 await stream.aclose()
                 return bytes(raw)
+        return None
+
+    def network(self, peer: ID) -> str | None:
+        """The network of ``peer``'s address (its direct connection's remote end), or
+        None when it has none (through a relay its address is not seen)."""
+        for conn in self.host.get_network().get_connections(peer):
+            if relayed_conn(conn):
+                continue
+            with contextlib.suppress(Exception):
+                address = conn.muxed_conn.get_remote_address()
+                if address:
+                    return network_of(str(address[0]))
         return None
 
     async def ask(self, peer: ID) -> bool | None:
@@ -132,6 +169,7 @@ class DialBack(AutoNATService):
                     self.silent.add(peer)
                 else:
                     self.verdicts[peer] = verdict
+                    self.networks[peer] = self.network(peer)
             if self.reachability != before:
                 log.info("reachability: %s", self.reachability)
                 self.changed.set()

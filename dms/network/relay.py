@@ -38,7 +38,7 @@ from typing import Any
 
 import multiaddr
 import trio
-from libp2p.abc import ConnectionType, IHost, INetStream
+from libp2p.abc import ConnectionType, IHost, INetConn, INetStream
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -65,6 +65,7 @@ __all__ = [
     "RelayClient",
     "RelayRefusal",
     "is_relayed",
+    "relayed_conn",
 ]
 
 HOUR_S = 3600.0
@@ -101,6 +102,15 @@ STATUS_REASON = {
 
 def is_relayed(addr: str) -> bool:
     return "/p2p-circuit" in addr
+
+
+def relayed_conn(conn: INetConn) -> bool:
+    """Whether ``conn`` runs through a relay (a circuit), not over a socket of its own."""
+    with contextlib.suppress(Exception):
+        if conn.get_connection_type() == ConnectionType.RELAYED:
+            return True
+        return any(is_relayed(str(a)) for a in conn.get_transport_addresses())
+    return False
 
 
 class _HourlyBytes:

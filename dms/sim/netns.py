@@ -2,17 +2,19 @@
 veth pairs, masquerading routers.
 
 Root only (``unavailable()`` says why not). :class:`NatTopology` builds, with only
-addresses inside the namespaces it makes (10.77.0.0/16), by default::
+addresses inside the namespaces it makes (10.77.0.0/16 and 10.78.0.0/16), by default::
 
-    relay  10.77.0.1 ----+
-                         |  "inet": one bridge, the public network 10.77.0.0/24
-    r1 wan 10.77.0.11 ---+--- r2 wan 10.77.0.12 --- r3 wan 10.77.0.13
+    relay  10.78.100.1 --+
+                         |  "inet": one bridge, the public network 10.78.0.0/16
+    r1 wan 10.78.1.1 ----+--- r2 wan 10.78.2.1 ---- r3 wan 10.78.3.1
     r1 lan 10.77.1.1        r2 lan 10.77.2.1        r3 lan 10.77.3.1
     prov1  10.77.1.2        prov2  10.77.2.2        owner  10.77.3.2
 
 Other roles can be given (``public=``, ``nated=``): public host i (from 0) is
-10.77.0.<i+1>, and NATed host k (from 1) sits behind router rk (WAN 10.77.0.<10+k>,
-LAN 10.77.k.1) at 10.77.k.2.
+10.78.<100+i>.1, and NATed host k (from 1) sits behind router rk (WAN 10.78.k.1,
+LAN 10.77.k.1) at 10.77.k.2. Every public address is on a /24 of its own, as on
+the Internet: a node counts the peers that confirm it is reachable by network
+(dms.network.reachability), and the peers of one /24 would be one.
 
 Each router masquerades what leaves by its WAN side and forwards inbound only for
 connections its LAN side opened (conntrack ESTABLISHED,RELATED): the home router
@@ -44,12 +46,12 @@ from typing import Any
 
 __all__ = ["NatTopology", "NsDaemon", "unavailable"]
 
-PUBLIC_NET = "10.77.0"
+PUBLIC_NET = "10.78"  # a /16: public hosts and routers' WAN sides, each its own /24
 PORT = 4001
 PUBLIC = ("relay",)
 NATED = ("prov1", "prov2", "owner")
-MAX_PUBLIC = 9  # 10.77.0.1 .. 10.77.0.9
-MAX_NATED = 89  # routers' WAN sides 10.77.0.11 .. 10.77.0.99
+MAX_PUBLIC = 9  # 10.78.100.1 .. 10.78.108.1
+MAX_NATED = 89  # routers' WAN sides 10.78.1.1 .. 10.78.89.1
 CLONE_NEWNET = 0x40000000
 
 
@@ -137,7 +139,7 @@ class NatTopology:
 
     def ip(self, role: str) -> str:
         if role in self.public:
-            return f"{PUBLIC_NET}.{self.public.index(role) + 1}"
+            return f"{PUBLIC_NET}.{100 + self.public.index(role)}.1"
         return f"10.77.{self.nated[role]}.2"
 
     def listen(self, role: str) -> str:
@@ -183,7 +185,7 @@ class NatTopology:
         for i, role in enumerate(self.public):
             self._add_ns(role)
             self._veth(role, "eth0", "inet", f"h{i}")
-            self._addr(role, "eth0", f"{self.ip(role)}/24")
+            self._addr(role, "eth0", f"{self.ip(role)}/16")
             self.sh("inet", "ip", "link", "set", f"h{i}", "master", "br0", "up")
         for role, k in self.nated.items():
             router = f"r{k}"
@@ -191,7 +193,7 @@ class NatTopology:
             self._add_ns(role)
             self._veth(router, "wan", "inet", f"p{k}")
             self.sh("inet", "ip", "link", "set", f"p{k}", "master", "br0", "up")
-            self._addr(router, "wan", f"{PUBLIC_NET}.{10 + k}/24")
+            self._addr(router, "wan", f"{PUBLIC_NET}.{k}.1/16")
             self._veth(router, "lan", role, "eth0")
             self._addr(router, "lan", f"10.77.{k}.1/24")
             self._addr(role, "eth0", f"10.77.{k}.2/24")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import logging.handlers
@@ -348,6 +349,9 @@ def run(
             pass
     finally:
         node.stop()
+        # All stopped and saved: the interpreter's exit need not search the node's
+        # objects for cycles to free (0.3 s of every daemon's exit).
+        gc.freeze()
     if not json_out:
         typer.echo("dms node stopped")
 

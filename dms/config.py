@@ -184,8 +184,9 @@ class Settings(BaseSettings):
     peerbook_max_peers: int = Field(
         default=1024,
         ge=16,
-        description="peers remembered to dial again at start (dms nodes heard, or with a "
-        "stake here); past it the longest unseen go",
+        description="peers remembered to dial again at start (dms nodes heard, peers it "
+        "dialed, or with a stake here); those without a stake hold at most unknown_share "
+        "of it and go first, the longest unseen first",
     )
     retention_s: float = Field(
         default=7 * 24 * 3600.0,

@@ -49,15 +49,47 @@ def test_a_connected_peer_is_rewritten_only_when_its_addresses_change_or_it_is_d
 
 def test_the_book_keeps_at_most_max_peers_and_the_longest_unseen_go(tmp_path: Path) -> None:
     """Each row is a peer dialed at start: before, the book grew by every peer written
-    for 7 days (40 peers, 40 rows, however small the node meant it to be)."""
+    for 7 days (40 peers, 40 rows, however small the node meant it to be). (Staked
+    peers here: unstaked ones have a smaller share, the test below.)"""
     db = open_database(f"sqlite:///{tmp_path / 'dms.db'}")
     try:
         book = PeerBook(db, max_peers=16)
         peers = [f"12D3KooW{i:048d}" for i in range(40)]
         for i, peer in enumerate(peers):  # one at a time: each seen later than the one before
-            book.remember([PeerInfoView(peer, [f"/ip4/10.0.0.{i}/tcp/4001"])])
+            book.remember([PeerInfoView(peer, [f"/ip4/10.0.0.{i}/tcp/4001"])], lambda p: True)
         kept = {peer for peer, _ in last_seen(db)}
         assert kept == set(peers[-16:])
         assert len(book.dial_addrs()) == 16
+    finally:
+        db.close()
+
+
+def test_a_flood_of_unstaked_peers_evicts_only_unstaked_ones_within_their_share(
+    tmp_path: Path,
+) -> None:
+    """A provider remembers the gossip requesters it dialed to bid: a flood of requests
+    from fresh keys wrote one row each until the cap pushed out the longest unseen,
+    the peers the node works with (an allocation, a placement) among them, so the
+    restarted node no longer dialed them. Unstaked peers now hold at most
+    unknown_share of the book and go first."""
+    db = open_database(f"sqlite:///{tmp_path / 'dms.db'}")
+    try:
+        book = PeerBook(db, max_peers=16, unknown_share=0.5)
+        staked = {f"12D3KooWs{i:047d}" for i in range(4)}
+        for i, peer in enumerate(sorted(staked)):  # seen first, so the longest unseen
+            book.remember([PeerInfoView(peer, [f"/ip4/10.0.1.{i}/tcp/4001"])], staked.__contains__)
+        flood = [f"12D3KooWf{i:047d}" for i in range(40)]
+        for i, peer in enumerate(flood):
+            book.remember([PeerInfoView(peer, [f"/ip4/10.0.2.{i}/tcp/4001"])], staked.__contains__)
+        kept = {peer for peer, _ in last_seen(db)}
+        assert staked <= kept, f"{len(staked - kept)} of 4 staked peers evicted"
+        assert kept - staked == set(flood[-8:])  # 8 = 16 x 0.5, the most recent
+        # Staked peers take every place, the longest unseen of them going first.
+        more = [f"12D3KooWt{i:047d}" for i in range(20)]
+        for i, peer in enumerate(more):
+            staked.add(peer)
+            book.remember([PeerInfoView(peer, [f"/ip4/10.0.3.{i}/tcp/4001"])], staked.__contains__)
+        kept = {peer for peer, _ in last_seen(db)}
+        assert kept == set(more[-16:])
     finally:
         db.close()

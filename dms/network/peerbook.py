@@ -4,12 +4,17 @@ A remembered peer is dialed at start and, at the network layer, keeps its slots 
 a peer with a stake (``Libp2pTransport._has_stake``). So only peers worth that are
 remembered (the caller chooses: ``dms.node.peering`` passes dms nodes it heard a
 heartbeat of and peers it has a stake in, not every key that connected), and at most
-``max_peers`` of them: past it, those seen the longest ago go. See
+``max_peers`` of them. Peers it has no stake in (``stake``, asked at each write) keep
+at most ``unknown_share`` of those places and go first: past either bound, the
+unstaked peers seen the longest ago go, and a staked peer goes only to make room for
+another staked one. So a flood of fresh keys (gossip requesters a provider dialed to
+bid, keys that publish heartbeats) cannot push out the peers the node works with. See
 ``specs/security.md``, "Global budgets".
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, select
@@ -27,17 +32,26 @@ REWRITE_AFTER = timedelta(minutes=10)
 
 
 MAX_PEERS = 1024  # Settings.peerbook_max_peers
+UNKNOWN_SHARE = 0.5  # Settings.unknown_share: of the places, what unstaked peers hold
+
+
+def _no_stake(peer_id: str) -> bool:
+    return False
 
 
 class PeerBook:
-    def __init__(self, db: Database, max_peers: int = MAX_PEERS) -> None:
+    def __init__(
+        self, db: Database, max_peers: int = MAX_PEERS, unknown_share: float = UNKNOWN_SHARE
+    ) -> None:
         self._db = db
         self.max_peers = max_peers
+        self.max_unstaked = max(1, int(max_peers * unknown_share))
         self._written: dict[str, tuple[tuple[str, ...], datetime]] = {}
 
-    def remember(self, peers: list[PeerInfoView]) -> None:
+    def remember(self, peers: list[PeerInfoView], stake: Callable[[str], bool] = _no_stake) -> None:
         """Record connected peers (with the addresses they listen on) as seen now:
-        those new here, with other addresses, or not written for REWRITE_AFTER."""
+        those new here, with other addresses, or not written for REWRITE_AFTER; then
+        keep the book within its bounds (``stake``: the node has a stake in that peer)."""
         now = datetime.now(UTC)
         due: dict[str, list[str]] = {}
         for peer in peers:
@@ -63,18 +77,33 @@ class PeerBook:
                     row.last_seen = now
             session.execute(delete(KnownPeer).where(KnownPeer.last_seen < now - FORGET_AFTER))
             session.flush()
-            # At most max_peers rows: those seen the longest ago go.
-            newest = select(KnownPeer.peer_id).order_by(KnownPeer.last_seen.desc())
-            session.execute(
-                delete(KnownPeer)
-                .where(KnownPeer.peer_id.not_in(newest.limit(self.max_peers)))
-                .execution_options(synchronize_session=False)
-            )
+            newest = session.scalars(
+                select(KnownPeer.peer_id).order_by(KnownPeer.last_seen.desc())
+            ).all()
+            gone = self._over_bounds(list(newest), stake)
+            for start in range(0, len(gone), 500):  # SQLite's bound parameters
+                session.execute(
+                    delete(KnownPeer)
+                    .where(KnownPeer.peer_id.in_(gone[start : start + 500]))
+                    .execution_options(synchronize_session=False)
+                )
         for peer_id, addrs in due.items():
             self._written[peer_id] = (tuple(addrs), now)
         if len(self._written) > 4 * len(peers) + 1024:  # peers long gone: forget them here
             old = now - REWRITE_AFTER
             self._written = {p: w for p, w in self._written.items() if w[1] >= old}
+
+    def _over_bounds(self, newest: list[str], stake: Callable[[str], bool]) -> list[str]:
+        """Of the remembered peers (the most recently seen first), those past the bounds:
+        staked peers keep up to ``max_peers`` places, unstaked ones what is left of
+        them, at most ``max_unstaked``."""
+        if len(newest) <= self.max_unstaked:
+            return []
+        staked = [p for p in newest if stake(p)]
+        unstaked = [p for p in newest if not stake(p)]
+        kept = len(staked[: self.max_peers])
+        room = min(self.max_peers - kept, self.max_unstaked)
+        return staked[self.max_peers :] + unstaked[room:]
 
     def dial_addrs(self) -> list[str]:
         """Every remembered address as a full ``.../p2p/<peer id>`` multiaddr."""

@@ -171,7 +171,9 @@ class Node:
             private_home(home, self.settings.database_url)  # 0700 home, 0600 files
             check_listen_free(self.network_settings.listen)
             self.db = self._db or open_database(self.settings.database_url)
-            peerbook = PeerBook(self.db, self.settings.peerbook_max_peers)
+            peerbook = PeerBook(
+                self.db, self.settings.peerbook_max_peers, self.settings.unknown_share
+            )
             self.transport = Libp2pTransport(
                 self.identity,
                 self.network_settings,

@@ -253,7 +253,7 @@ class Peering:
             if p.dialed or self.peer_table.get(p.peer_id) is not None or self.stake(p.peer_id)
         ]
         try:
-            peerbook.remember(worth)
+            peerbook.remember(worth, self.stake)
         except Exception as exc:  # the node outlives a busy or stopped store
             log.warning("could not record peers: %s", exc)
         if reschedule:

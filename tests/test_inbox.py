@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+from pykka import ActorDeadError
 from pykka._envelope import Envelope as Mail
 
 from dms.actor.admission import Ticket
@@ -35,7 +37,7 @@ def test_a_reader_waits_for_the_next_message_after_requests_were_dropped() -> No
     inbox = LanedInbox()
     dropped = request("stranger", staked=False)
     inbox.put(dropped)
-    assert inbox.take_tickets() == [dropped.message.ticket]
+    assert inbox.close() == [dropped.message.ticket]
     assert inbox.empty()
     got: list[Mail] = []
     reader = threading.Thread(target=lambda: got.append(inbox.get()), daemon=True)
@@ -47,6 +49,18 @@ def test_a_reader_waits_for_the_next_message_after_requests_were_dropped() -> No
     wait_for(lambda: got, what="the reader to get the message put after the drop")
     assert got == [call]
     assert inbox.empty()
+
+
+def test_a_closed_inbox_refuses_requests_and_still_takes_the_actors_own_messages() -> None:
+    """A request put after the stop gave back the waiting ones' tickets would never be
+    handled nor its ticket given back: it is refused, as by a dead actor."""
+    inbox = LanedInbox()
+    assert inbox.close() == []
+    with pytest.raises(ActorDeadError):
+        inbox.put(request("stranger", staked=False))
+    call = Mail(Call(print))
+    inbox.put(call)  # pykka's own teardown still reads what is not a request
+    assert len(inbox) == 1 and inbox.get() == call
 
 
 def test_many_writers_one_reader_lose_nothing() -> None:

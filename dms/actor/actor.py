@@ -255,10 +255,11 @@ class Actor(pykka.ThreadingActor):
             for child in self._children:
                 child.stop()
             # Requests still waiting are never handled now: they no longer count in the
-            # admission budgets (else a peer's share would shrink with every stop).
+            # admission budgets (else a peer's share would shrink with every stop), and
+            # one put after this is refused, its ticket given back by its sender.
             inbox = self.actor_inbox
             if isinstance(inbox, LanedInbox):
-                for ticket in inbox.take_tickets():
+                for ticket in inbox.close():
                     self.system.admission.release(ticket)
 
     def _handle(self, sealed: Sealed, ticket: Ticket | None = None) -> None:

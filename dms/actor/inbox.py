@@ -18,6 +18,8 @@ import threading
 from collections import deque
 from typing import Any
 
+import pykka
+
 from dms.actor.system import Inbound
 
 
@@ -32,7 +34,12 @@ class LanedInbox:
     after each message (its put and get are C calls: a ``threading.Condition`` cost
     some ten Python steps on each side of every hop to the actor). There are never
     fewer tokens than messages, so a thread holding a token finds a message, unless
-    ``take_tickets`` removed it, and then it waits for the next token.
+    ``close`` removed it, and then it waits for the next token.
+
+    Once closed (its actor is stopping) it refuses requests: pykka's ``tell`` checks
+    that the actor is alive and then puts, so a request whose check passed just
+    before the stop would land here after ``close`` gave back the tickets of those
+    waiting, and never be handled, answered or given back.
     """
 
     def __init__(self) -> None:
@@ -40,8 +47,11 @@ class LanedInbox:
         self._low: deque[Any] = deque()
         self._lock = threading.Lock()
         self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._closed = False
 
     def put(self, envelope: Any, /) -> None:
+        """Queue a message; ``pykka.ActorDeadError`` for a request once closed (its
+        sender answers ``stopped`` and gives its ticket back, as for any dead actor)."""
         message = envelope.message
         unknown = (
             isinstance(message, Inbound)
@@ -49,6 +59,8 @@ class LanedInbox:
             and not message.ticket.staked
         )
         with self._lock:
+            if self._closed and _is_request(message):
+                raise pykka.ActorDeadError("the actor stopped before taking the request")
             (self._low if unknown else self._high).append(envelope)
         self._tokens.put(None)
 
@@ -71,10 +83,12 @@ class LanedInbox:
         with self._lock:
             return len(self._high) + len(self._low)
 
-    def take_tickets(self) -> list[Any]:
-        """Drop every request still waiting (the actor is stopping) and return their
-        admission tickets, to be given back."""
+    def close(self) -> list[Any]:
+        """The actor is stopping: drop every request still waiting, refuse those put
+        from now on, and return the admission tickets of the dropped ones, to be given
+        back."""
         with self._lock:
+            self._closed = True
             tickets = []
             for lane in (self._high, self._low):
                 kept = deque(e for e in lane if not _is_request(e.message))

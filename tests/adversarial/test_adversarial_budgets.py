@@ -387,3 +387,26 @@ def test_requests_left_waiting_when_an_actor_stops_no_longer_count(
     wait_for(lambda: inflight(victim) == 6, 10, "six requests waiting")
     child.stop()
     wait_for(lambda: inflight(victim) == 0, 10, "their budget given back")
+
+
+def test_a_request_that_reaches_an_actor_as_it_stops_is_answered_and_given_back(
+    net: LocalCluster, bare_peers: list[BarePeer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pykka's tell checks that the actor is alive, then puts the message in its
+    mailbox: a request whose check passed just before the actor stopped landed after
+    the stop had given back the waiting requests' tickets, and was never handled,
+    answered, nor given back (its place in the peer's budget held for the node's
+    life). The interleaving is made certain here by the liveness check answering
+    as it did just before the stop."""
+    victim = net.add("victim")
+    assert victim.system is not None
+    (peer,) = keys(victim, 1, bare_peers)
+    child = victim.system.spawn(Actor, inbox="stopping")
+    pykka_ref = child.pykka_ref
+    pykka_ref.stop()  # the actor stops; the delivery below found it before
+    monkeypatch.setattr(pykka_ref, "is_alive", lambda: True)
+    env = peer.envelope(child.handle, "/nothing", reply=True)
+    peer.write([peer.seal(env)])
+    wait_for(lambda: peer.answers([env.nonce]) != [None], 30, "an answer to the request")
+    assert peer.refusal_codes([env.nonce]) == {"stopped": 1}
+    assert inflight(victim) == 0

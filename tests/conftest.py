@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -116,3 +117,24 @@ def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str =
             return
         time.sleep(0.05)
     pytest.fail(f"timed out after {timeout:g} s waiting for {what or predicate}")
+
+
+def raised_by(
+    fn: Callable[[], object], timeout: float = 60.0, what: str = ""
+) -> BaseException | None:
+    """Run ``fn`` on a thread of its own and wait, at most ``timeout``, for it to end;
+    what it raised (None if it returned). For a call that must end by itself before
+    its own, longer deadline: the test asserts how it ended, never how long it took."""
+    ended: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # kept for the caller's assertions
+            ended.append(exc)
+        else:
+            ended.append(None)
+
+    threading.Thread(target=run, daemon=True).start()
+    wait_for(lambda: ended, timeout, what)
+    return ended[0]

@@ -25,7 +25,7 @@ from dms.actor import (
 from dms.actor.envelope import PREFIX_BYTES, Sealed
 from dms.actor.policy import Role
 from dms.security import Identity
-from tests.conftest import wait_for
+from tests.conftest import raised_by
 
 
 class Greeting(BaseModel):
@@ -373,18 +373,11 @@ def test_a_blocking_ask_ends_with_its_invoke(pair) -> None:  # type: ignore[no-u
         a.ask(b.handle, "/test/silent", timeout=0.3)
     a.system.stop()
     # With its lock never released, this ask would wait out its 120 s; the stop ends it.
-    ended: list[BaseException] = []
-
-    def ask_stopped() -> None:
-        try:
-            a.ask(b.handle, "/test/echo", timeout=120)
-        except BaseException as exc:  # kept for the assertions below
-            ended.append(exc)
-
-    threading.Thread(target=ask_stopped, daemon=True).start()
-    wait_for(lambda: ended, timeout=60, what="the ask on a stopped system to end")
-    assert isinstance(ended[0], RemoteError)
-    assert ended[0].code == ErrorCode.STOPPED
+    ended = raised_by(
+        lambda: a.ask(b.handle, "/test/echo", timeout=120), 60, "the ask on a stopped system"
+    )
+    assert isinstance(ended, RemoteError)
+    assert ended.code == ErrorCode.STOPPED
 
 
 def test_stopped_system_fails_pending_invokes(pair) -> None:  # type: ignore[no-untyped-def]

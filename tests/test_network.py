@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from dms.actor import ActorRef, RemoteError
@@ -11,7 +9,7 @@ from dms.node.client import root_handle
 from dms.node.daemon import Node
 from dms.node.node import BROADCAST_TOPIC
 from dms.sim.cluster import LocalCluster
-from tests.conftest import wait_for
+from tests.conftest import raised_by, wait_for
 
 
 def root(node: Node) -> ActorRef:
@@ -97,27 +95,34 @@ def test_restarted_node_reconnects_and_is_reachable(cluster: LocalCluster) -> No
     assert root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=10)["peer_id"] == b.peer_id
 
 
-def test_unknown_peer_is_a_clear_error_within_the_timeout(cluster: LocalCluster) -> None:
+def test_unknown_peer_is_a_clear_error_before_the_timeout(cluster: LocalCluster) -> None:
+    """An invoke to a peer nobody knows fails as soon as the network says so, with why:
+    not when its own deadline (120 s here) runs out."""
     (a,) = cluster.start(1)
     stranger = "12D3KooWPFKFJf9NhYrEDsrqM231jX1rszkZD59mazCQymVR7w7A"
-    started = time.monotonic()
-    with pytest.raises(RemoteError) as caught:
-        root(a).ask(root_handle(stranger), "/public/hello", timeout=5)
-    assert caught.value.code == "unreachable"
-    assert stranger in caught.value.reason
-    assert time.monotonic() - started < 5
+    caught = raised_by(
+        lambda: root(a).ask(root_handle(stranger), "/public/hello", timeout=120),
+        60,
+        "the invoke to an unknown peer to fail",
+    )
+    assert isinstance(caught, RemoteError)
+    assert caught.code == "unreachable"  # its deadline would say "timeout"
+    assert stranger in caught.reason
 
 
-def test_stopped_peer_is_a_clear_error_within_the_timeout(cluster: LocalCluster) -> None:
+def test_stopped_peer_is_a_clear_error_before_the_timeout(cluster: LocalCluster) -> None:
+    """A peer that left: the invoke fails with "unreachable", not at its deadline."""
     a, b = cluster.start(2)
     wait_for(lambda: connected(b, a), what="bootstrap connection")
     root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=10)
     b.stop()
-    started = time.monotonic()
-    with pytest.raises(RemoteError) as caught:
-        root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=6)
-    assert caught.value.code in {"unreachable", "timeout"}
-    assert time.monotonic() - started < 7
+    caught = raised_by(
+        lambda: root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=120),
+        60,
+        "the invoke to a stopped peer to fail",
+    )
+    assert isinstance(caught, RemoteError)
+    assert caught.code == "unreachable"  # its deadline would say "timeout"
 
 
 def test_peer_without_a_known_address_is_found_through_the_dht(cluster: LocalCluster) -> None:

@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     max_control_bytes: int = Field(
         default=1 * MIB, ge=1024, description="largest envelope for a control behaviour"
     )
+    malloc_mmap_threshold_bytes: int = Field(
+        default=256 * 1024,
+        ge=0,
+        description="dms run: blocks of at least this many bytes are mapped apart by the C "
+        "allocator and given back to the system when freed (a refused 16 MiB frame leaves "
+        "no RSS behind); 0: glibc's own threshold, which rises with each large block freed",
+    )
     max_ttl_s: float = Field(default=3600.0, gt=0, description="longest accepted expiry")
     clock_skew_s: float = Field(default=60.0, ge=0)
     invoke_timeout_s: float = Field(default=10.0, gt=0)

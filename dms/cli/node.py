@@ -299,7 +299,10 @@ def run(
                 f"--log-format={log_format}"]  # fmt: skip
         _detach(cfg.home, args, json_out)
         return
+    from dms.node.allocator import return_large_blocks
     from dms.node.daemon import Node, network_settings  # libp2p loads only for this command
+
+    return_large_blocks(cfg.malloc_mmap_threshold_bytes)  # a refused frame leaves no RSS
 
     log_file = None
     if background:  # started by --detach: the terminal may close; stdout is the log

@@ -8,9 +8,12 @@ limit on what it decoded to.
 
 from __future__ import annotations
 
+import threading
 import tracemalloc
+from pathlib import Path
 
 import msgpack
+import psutil
 import pytest
 
 from dms.actor import Address, ErrorCode, Handle, Refusal, make_envelope
@@ -18,8 +21,11 @@ from dms.actor.envelope import MAX_PAYLOAD_ITEMS, unseal
 from dms.node.client import root_handle
 from dms.node.daemon import Node
 from dms.security import Identity
+from dms.sim.adversary import BarePeer
 from dms.sim.cluster import LocalCluster
 from tests.adversarial.hostile import envelope, frame_of, refusal_code, with_payload_bytes
+from tests.clitools import Daemon, dms
+from tests.conftest import wait_for
 
 MIB = 1024 * 1024
 UNDECODABLE = b"\xc1"  # never used by MessagePack: decoding it fails at once
@@ -88,3 +94,45 @@ def test_decoding_a_bomb_costs_bounded_memory() -> None:
     assert f"more than {MAX_PAYLOAD_ITEMS} items" in info.value.reason
     # Unbounded, this frame decodes to about 1.1 GB.
     assert peak < 2 * len(frame) + 32 * MIB
+
+
+def test_refused_16_mib_frames_leave_no_rss_behind_in_a_daemon(tmp_path: Path) -> None:
+    """Three peers each send four signed 16 MiB frames to a control behaviour at once
+    (refused ``too_large``, undecoded). Each was buffered whole, then freed; glibc's
+    mmap threshold rose to 16 MiB with the first one freed, so the next ones came
+    from its heaps and stayed in the daemon's RSS: +90 to +154 MB after, measured.
+    A fixed threshold (``malloc_mmap_threshold_bytes``) gives them back."""
+    home = tmp_path / "victim"
+    assert dms(home, "init").returncode == 0
+    daemon = Daemon(home)
+    peers: list[BarePeer] = []
+    try:
+        addr, to = daemon.info["addrs"][0], root_handle(daemon.info["peer_id"])
+        process = psutil.Process(daemon.proc.pid)
+        peers = [BarePeer(addr, actor=True) for _ in range(3)]
+        for peer in peers:
+            assert peer.ask(to, "/public/hello") is not None  # streams up, caches warm
+        envs = {peer: [peer.envelope(to, "/public/hello", reply=True) for _ in range(4)]
+                for peer in peers}  # fmt: skip
+        junk = UNDECODABLE * (16 * MIB - 4096)  # under the 16 MiB data limit
+        frames = {
+            peer: [peer.with_payload_bytes(env, junk) for env in envs[peer]] for peer in peers
+        }
+        before = process.memory_info().rss
+        writers = [threading.Thread(target=peer.write, args=(frames[peer],)) for peer in peers]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join()
+        assert all(peer.finish(to, 120) for peer in peers)  # every frame was read
+        for peer in peers:
+            assert peer.refusal_codes([env.nonce for env in envs[peer]]) == {"too_large": 4}
+        wait_for(
+            lambda: process.memory_info().rss - before < 24 * MIB,
+            timeout=20,
+            what="the daemon's RSS back within 24 MiB of before 192 MiB of refused frames",
+        )
+    finally:
+        for peer in peers:
+            peer.close()
+        daemon.stop()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from dms.sim.netns import NatTopology, NsDaemon, unavailable
-from tests.clitools import PASSPHRASE
+from tests.clitools import BENCHMARK_STEP_S, PASSPHRASE, side_by_side
 from tests.conftest import wait_for
 
 IRIS = Path("examples/iris-features.csv").resolve()
@@ -22,27 +22,34 @@ WHY_NOT = unavailable()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"no NAT topology: {WHY_NOT}")
 
 
+# The quick capability benchmark, as in every test but test_onboarding's.
+ENV = {"DMS_PASSPHRASE": PASSPHRASE, "DMS_BENCHMARK_STEP_S": BENCHMARK_STEP_S}
+NATED = ("prov1", "prov2", "owner")
+
+
 @pytest.fixture
 def nat(tmp_path: Path) -> Iterator[NatTopology]:
-    with NatTopology(tmp_path, env={"DMS_PASSPHRASE": PASSPHRASE}) as topology:
-        for role in ("relay", "prov1", "prov2", "owner"):
-            assert topology.dms(role, "init").returncode == 0
+    with NatTopology(tmp_path, env=dict(ENV)) as topology:
+        roles = ("relay", *NATED)
+        inits = side_by_side(lambda r=r: topology.dms(r, "init") for r in roles)
+        for role, done in zip(roles, inits, strict=True):
+            assert done.returncode == 0, done.stderr
             config = "heartbeat_s = 0.5\n" + ("relay = true\n" if role == "relay" else "")
             (topology.home(role) / "config.toml").write_text(config)
-        for role in ("prov1", "prov2"):
-            done = topology.dms(role, "onboard", "--cpu", "1", "--ram", "1", "--disk", "1",
-                                timeout=120)  # fmt: skip
+        onboard = ("onboard", "--cpu", "1", "--ram", "1", "--disk", "1")
+        for done in side_by_side(
+            lambda r=r: topology.dms(r, *onboard, timeout=120) for r in ("prov1", "prov2")
+        ):
             assert done.returncode == 0, done.stderr
         yield topology
 
 
 def start_all(nat: NatTopology) -> dict[str, NsDaemon]:
+    """The relay, then the three NATed nodes side by side, bootstrapping from it."""
     relay = nat.daemon("relay")
     boot = relay.info["addrs"][0]
-    out = {"relay": relay}
-    for role in ("prov1", "prov2", "owner"):
-        out[role] = nat.daemon(role, "--bootstrap", boot)
-    return out
+    started = side_by_side(lambda r=r: nat.daemon(r, "--bootstrap", boot) for r in NATED)
+    return {"relay": relay, **dict(zip(NATED, started, strict=True))}
 
 
 def relayed_addrs(nat: NatTopology, role: str) -> list[str]:
@@ -186,7 +193,7 @@ def test_a_relay_that_dies_mid_job_is_replaced_by_the_second_relay(tmp_path: Pat
     ships its data: the job goes on through the second relay and completes with the
     labels of --local."""
     roles = ("prov1", "prov2", "owner")
-    env = {"DMS_PASSPHRASE": PASSPHRASE, "DMS_HOLE_PUNCHING": "false"}
+    env = {**ENV, "DMS_HOLE_PUNCHING": "false"}
     with NatTopology(tmp_path, env=env, public=("relay", "relay2"), nated=roles) as nat:
         for role in ("relay", "relay2", *roles):
             assert nat.dms(role, "init").returncode == 0

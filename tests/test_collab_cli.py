@@ -9,7 +9,7 @@ import numpy as np
 
 from dms.mining.data import read_table
 from dms.mining.plain import ClusteringParams, kmeans
-from tests.clitools import Daemon, dms, dms_json
+from tests.clitools import Daemon, dms, dms_json, init_homes, side_by_side
 from tests.conftest import wait_for
 
 IRIS = read_table(Path("examples/iris-features.csv").resolve()).features
@@ -22,14 +22,12 @@ class Network:
     def __init__(self, tmp_path: Path, cpu: str = "1") -> None:
         self.tmp = tmp_path
         homes = [tmp_path / name for name in ("provider", "alice", "bob", "carol")]
-        for home in homes:
-            assert dms(home, "init").returncode == 0
-            (home / "config.toml").write_text("heartbeat_s = 0.5\n")
+        init_homes(*homes)
         done = dms(homes[0], "onboard", "--cpu", cpu, "--ram", "1", "--disk", "1", timeout=120)
         assert done.returncode == 0, done.stderr
         first = Daemon(homes[0])
         self.bootstrap = first.info["addrs"][0]
-        self.daemons = [first] + [Daemon(h, "--bootstrap", self.bootstrap) for h in homes[1:]]
+        self.daemons = [first, *Daemon.joining(first, *homes[1:])]
         self.alice, self.bob, self.carol = homes[1:]
         self.files = []
         for home, rows in zip(homes[1:], np.array_split(IRIS, 3), strict=True):
@@ -52,10 +50,29 @@ class Network:
         done = dms(self.alice, *args)
         assert done.returncode == 0, done.stderr
         collab_id = json.loads(done.stdout)["collab_id"]
-        for home, path in ((self.bob, self.files[1]), (self.carol, self.files[2])):
-            done = dms(home, "mine", "collab", "join", str(proposal), "--data", str(path))
+        joins = side_by_side(
+            lambda h=h, f=f: dms(h, "mine", "collab", "join", str(proposal), "--data", str(f))
+            for h, f in ((self.bob, self.files[1]), (self.carol, self.files[2]))
+        )
+        for done in joins:
             assert done.returncode == 0, done.stderr
         return collab_id, proposal
+
+    def results(self, collab_id: str, wait_s: int) -> list[dict]:
+        """Each owner's ``dms mine collab result --wait``, side by side: its result.json,
+        with its labels."""
+        homes = (self.alice, self.bob, self.carol)
+        args = ["mine", "collab", "result", collab_id, "--wait", str(wait_s), "--out"]
+        dones = side_by_side(
+            lambda h=h: dms(h, *args, str(h / "out"), timeout=wait_s + 60) for h in homes
+        )
+        out = []
+        for home, done in zip(homes, dones, strict=True):
+            assert done.returncode == 0, done.stderr
+            result = json.loads((home / "out" / "result.json").read_text())
+            result["labels"] = (home / "out" / "labels.csv").read_text().split()[1:]
+            out.append(result)
+        return out
 
     def stop(self) -> None:
         for daemon in self.daemons:
@@ -64,7 +81,7 @@ class Network:
 
 def test_three_owners_propose_join_and_get_the_joint_clustering(tmp_path: Path) -> None:
     net = Network(tmp_path)
-    alice, bob, carol, files = net.alice, net.bob, net.carol, net.files
+    bob, files = net.bob, net.files
     try:
         collab_id, proposal = net.propose(rounds=4)
         again = dms(bob, "mine", "collab", "join", str(proposal), "--data", str(files[1]))
@@ -73,14 +90,9 @@ def test_three_owners_propose_join_and_get_the_joint_clustering(tmp_path: Path) 
             IRIS, ClusteringParams(3, min_error=-1.0, max_iterations=4), centroids=IRIS[:3].copy()
         )
         labels: list[str] = []
-        for home in (alice, bob, carol):
-            out = home / "out"
-            done = dms(home, "mine", "collab", "result", collab_id, "--wait", "120",
-                       "--out", str(out), timeout=180)  # fmt: skip
-            assert done.returncode == 0, done.stderr
-            result = json.loads((out / "result.json").read_text())
+        for result in net.results(collab_id, 120):
             np.testing.assert_allclose(result["centroids"], plain.centroids, atol=1e-9)
-            labels += (out / "labels.csv").read_text().split()[1:]
+            labels += result["labels"]
         assert labels == [str(v) for v in plain.labels]
     finally:
         net.stop()
@@ -111,15 +123,10 @@ def test_the_proposers_daemon_killed_mid_job_resumes_the_collaboration_after_a_r
             IRIS, ClusteringParams(3, min_error=-1.0, max_iterations=rounds), centroids=IRIS[:3]
         )
         labels: list[str] = []
-        for home in (net.alice, net.bob, net.carol):
-            out = home / "out"
-            done = dms(home, "mine", "collab", "result", collab_id, "--wait", "180",
-                       "--out", str(out), timeout=240)  # fmt: skip
-            assert done.returncode == 0, done.stderr
-            result = json.loads((out / "result.json").read_text())
+        for result in net.results(collab_id, 180):
             assert result["dropped"] == []
             np.testing.assert_allclose(result["centroids"], plain.centroids, atol=1e-9)
-            labels += (out / "labels.csv").read_text().split()[1:]
+            labels += result["labels"]
         assert labels == [str(v) for v in plain.labels]
         final = session()
         assert final["phase"] == "completed" and final["restarts"] == 1, final

@@ -313,6 +313,12 @@ class Settings(BaseSettings):
         default=8192 * MIB, ge=1024, description="bytes relayed in an hour, all peers"
     )
     dial_timeout_s: float = Field(default=5.0, gt=0, description="give up dialing a peer after")
+    reconnect_interval_s: float = Field(
+        default=10.0,
+        ge=0.5,
+        description="dial the bootstrap and remembered peers again this often while "
+        "disconnected from them",
+    )
     heartbeat_s: float = Field(
         default=2.0, ge=0.1, le=300, description="announce this node on the heartbeat topic every"
     )

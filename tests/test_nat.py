@@ -24,6 +24,8 @@ pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"no NAT topology: {
 
 # The quick capability benchmark, as in every test but test_onboarding's.
 ENV = {"DMS_PASSPHRASE": PASSPHRASE, "DMS_BENCHMARK_STEP_S": BENCHMARK_STEP_S}
+# Fast heartbeats; a lost relay (or bootstrap) dialed again every 2 s, not 10.
+CONFIG = "heartbeat_s = 0.5\nreconnect_interval_s = 2\n"
 NATED = ("prov1", "prov2", "owner")
 
 
@@ -34,7 +36,7 @@ def nat(tmp_path: Path) -> Iterator[NatTopology]:
         inits = side_by_side(lambda r=r: topology.dms(r, "init") for r in roles)
         for role, done in zip(roles, inits, strict=True):
             assert done.returncode == 0, done.stderr
-            config = "heartbeat_s = 0.5\n" + ("relay = true\n" if role == "relay" else "")
+            config = CONFIG + ("relay = true\n" if role == "relay" else "")
             (topology.home(role) / "config.toml").write_text(config)
         onboard = ("onboard", "--cpu", "1", "--ram", "1", "--disk", "1")
         for done in side_by_side(
@@ -198,7 +200,7 @@ def test_a_relay_that_dies_mid_job_is_replaced_by_the_second_relay(tmp_path: Pat
         for role in ("relay", "relay2", *roles):
             assert nat.dms(role, "init").returncode == 0
             relay = "relay = true\n" if role.startswith("relay") else ""
-            (nat.home(role) / "config.toml").write_text("heartbeat_s = 0.5\n" + relay)
+            (nat.home(role) / "config.toml").write_text(CONFIG + relay)
         for role in ("prov1", "prov2"):
             done = nat.dms(role, "onboard", "--cpu", "1", "--ram", "1", "--disk", "1",
                            timeout=120)  # fmt: skip

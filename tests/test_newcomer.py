@@ -340,7 +340,9 @@ def test_run_in_the_background_of_a_terminal_logs_to_the_home(tmp_path: Path, tm
 
 def test_a_dial_that_recovers_is_not_an_error(tmp_path: Path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
-    init_homes(first, second)
+    # The second dials again every second (not every 10 s): it reaches the first soon
+    # after that one is up.
+    init_homes(first, second, config="heartbeat_s = 0.5\nreconnect_interval_s = 1\n")
     port = free_port()
     first_id = dms_json(first, "key", "list")[0]["peer_id"]
     # The second starts first and dials a peer that is not up yet, as when three daemons

@@ -189,7 +189,8 @@ expect:
 
 
 def test_bandwidth_between_groups_slows_the_chunks_of_a_mining_job(tmp_path: Path) -> None:
-    """The shard's ciphertexts (about 5 MB) travel as chunks over a 2 MB/s link."""
+    """The shard's ciphertexts (about 5 MB) travel as chunks over a 2 MB/s link. Three
+    rounds (each step's messages cross the slow link too: about 2 s a round)."""
     report, lines = play(
         f"""
 nodes:
@@ -198,7 +199,8 @@ nodes:
     onboard: {{cpu: 1, ram: 2, disk: 2}}
 timeline:
   - link: {{between: [owner, p], bandwidth: 2MB/s}}
-  - mine: {{name: m, algorithm: skmeans, scheme: ckks, protocol: blind, k: 3, data: {IRIS}}}
+  - mine: {{name: m, algorithm: skmeans, scheme: ckks, protocol: blind, k: 3, data: {IRIS},
+            max_iterations: 3}}
   - wait: {{job: m}}
 expect:
   labels_equal_local: true

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.clitools import Daemon, dms, dms_json, init_homes
+from tests.clitools import Daemon, dms, dms_json, init_homes, side_by_side
 from tests.conftest import wait_for
 
 IRIS = Path("examples/iris-features.csv").resolve()
@@ -14,8 +14,8 @@ IRIS = Path("examples/iris-features.csv").resolve()
 def test_mine_from_one_daemon_places_the_work_and_matches_local(tmp_path: Path) -> None:
     owner, one, two = tmp_path / "owner", tmp_path / "one", tmp_path / "two"
     init_homes(owner, one, two)
-    for home in (one, two):
-        done = dms(home, "onboard", "--cpu", "1", "--ram", "1", "--disk", "1", timeout=120)
+    onboard = ("onboard", "--cpu", "1", "--ram", "1", "--disk", "1")
+    for done in side_by_side(lambda h=h: dms(h, *onboard, timeout=120) for h in (one, two)):
         assert done.returncode == 0, done.stderr
     first = Daemon(one)
     daemons = [first, *Daemon.joining(first, two, owner)]

@@ -420,9 +420,10 @@ def longest_silence(start: float, lines: list[tuple[float, str]]) -> float:
 
 
 def test_a_placed_job_that_waits_says_why_and_ends_with_a_hint(pair: Pair, tmp_path: Path) -> None:
-    # Two workers of one core each, and one provider of one core: the second waits.
+    # Two workers of one core each, and one provider of one core: the second waits, and
+    # says why (every 5 s: a line at 5 s), until its --timeout.
     mine = ["mine", "skmeans", "--data", str(IRIS), "--k", "3", "--shards", "2",
-            "--timeout", "14", "--out", str(tmp_path / "o")]  # fmt: skip
+            "--timeout", "9", "--out", str(tmp_path / "o")]  # fmt: skip
     start = time.monotonic()
     code, lines = timed_lines(pair.owner, *mine)
     text = "\n".join(line for _, line in lines)
@@ -436,8 +437,8 @@ def test_a_placed_job_that_waits_says_why_and_ends_with_a_hint(pair: Pair, tmp_p
 
 def test_a_deployment_that_waits_says_why_and_ends_with_a_hint(pair: Pair, tmp_path: Path) -> None:
     job = tmp_path / "big.yaml"
-    job.write_text(
-        "name: big\ndeadline_s: 12\nallocations:\n  - {name: w, executor: compute, count: 1, "
+    job.write_text(  # waits (a line every 5 s says why) until its deadline
+        "name: big\ndeadline_s: 9\nallocations:\n  - {name: w, executor: compute, count: 1, "
         "resources: {cpu: 2, ram: 16MiB}, params: {mode: sleep, seconds: 0.1}}\n"
     )
     start = time.monotonic()

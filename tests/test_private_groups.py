@@ -76,7 +76,8 @@ def finished(node: Node, deployment_id: str, timeout: float) -> dict[str, Any]:
 def knows(node: Node, others: list[Node]) -> bool:
     for other in others:
         record = node.peer_table.get(other.peer_id)
-        if record is None or record.heartbeat is None or not record.heartbeat.onboarded:
+        # A heartbeat from before the onboarding shows zeros (a dict, not empty).
+        if record is None or record.heartbeat is None or not record.heartbeat.onboarded.get("cpu"):
             return False
     return True
 

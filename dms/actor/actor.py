@@ -168,6 +168,9 @@ class Actor(pykka.ThreadingActor):
     def subscribe(self, topic: str) -> None:
         self.system.subscribe(topic, self.handle.address.inbox)
 
+    def unsubscribe(self, topic: str) -> None:
+        self.system.unsubscribe(topic, self.handle.address.inbox)
+
     def register(
         self,
         path: str,

@@ -64,6 +64,8 @@ class NodeRuntime(Messenger, Protocol):
 
     def subscribe(self, topic: str) -> None: ...
 
+    def unsubscribe(self, topic: str) -> None: ...
+
     def in_background(
         self,
         request: Request,

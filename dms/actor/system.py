@@ -456,6 +456,21 @@ class ActorSystem:
         if first:
             self.transport.subscribe(topic)
 
+    def unsubscribe(self, topic: str, inbox: str) -> None:
+        """``inbox`` no longer hears ``topic``; the node leaves the topic's mesh once no
+        actor of it listens (it no longer validates, delivers nor forwards what is
+        published there)."""
+        with self._lock:
+            members = self._subscribers.get(topic)
+            if not members or inbox not in members:
+                return
+            members.discard(inbox)
+            last = not members
+            if last:
+                del self._subscribers[topic]
+        if last:
+            self.transport.unsubscribe(topic)
+
     def stop(self, timeout: float | None = None) -> None:
         """Stop every actor, fail every pending invoke, detach from the network.
 

@@ -124,6 +124,7 @@ class Bidding:
         self._lingering: deque[ActorRef] = deque()
         self._ended_early: set[str] = set()  # ended before their allocate registered them
         self._alloc_lock = threading.Lock()
+        self._topic_lock = threading.Lock()  # joins and leaves of the deployment topic
 
     def start(self) -> None:
         prefs = self.preferences
@@ -138,9 +139,22 @@ class Bidding:
             total=self.bid_requests_per_s_total,
             total_burst=self.bid_request_burst_total,
         )
-        self.node.subscribe(DEPLOYMENT_TOPIC)
+        if self.ledger is not None:
+            # On the deployment topic only while this node takes work: every bid request
+            # published there costs each subscriber its validation and delivery, and a
+            # node with nothing onboarded would answer none (specs/security.md,
+            # "Only providers hear bid requests").
+            self.ledger.watch_onboarding(self._on_topic)
+            self._on_topic(self.ledger.pools().is_onboarded)
         if self.db is not None:
             self._clean_orphaned_allocations()
+
+    def _on_topic(self, onboarded: bool) -> None:
+        with self._topic_lock:
+            if onboarded:
+                self.node.subscribe(DEPLOYMENT_TOPIC)
+            else:
+                self.node.unsubscribe(DEPLOYMENT_TOPIC)
 
     def _clean_orphaned_allocations(self) -> None:
         """Allocations made for deployments ran in the process that died: release them

@@ -270,6 +270,20 @@ class ResourceLedger:
         self._snapshot: tuple[Pools, float] | None = None
         self._writes = 0
         self._snapshot_lock = threading.Lock()
+        self._onboarding_watchers: list[Callable[[bool], None]] = []
+
+    def watch_onboarding(self, watcher: Callable[[bool], None]) -> None:
+        """``watcher(onboarded)`` after each onboard (True) or offboard (False) this ledger
+        commits, on the caller's thread (the bidding role joins the deployment topic
+        only while the node takes work)."""
+        self._onboarding_watchers.append(watcher)
+
+    def _onboarding_changed(self, onboarded: bool) -> None:
+        for watcher in list(self._onboarding_watchers):
+            try:
+                watcher(onboarded)
+            except Exception:
+                log.exception("an onboarding watcher failed")
 
     # ---- reading -------------------------------------------------------------------
 
@@ -326,7 +340,9 @@ class ResourceLedger:
             else:
                 conn.execute(insert(ONBOARDING).values(id=1, **values))
             _event(conn, "resources.onboarded", {**amounts.human(), "price": price})
-            return self._pools(conn, now)
+            pools = self._pools(conn, now)
+        self._onboarding_changed(True)
+        return pools
 
     def offboard(self, force: bool = False) -> list[LeaseView]:
         """Withdraw from the network. Refused while anything is held, unless ``force``,
@@ -351,7 +367,8 @@ class ResourceLedger:
                 )
             conn.execute(ONBOARDING.delete())
             _event(conn, "resources.offboarded", {"released": [r.id for r in live]})
-            return live
+        self._onboarding_changed(False)
+        return live
 
     def lock(
         self, request: Resources, lease_s: float, holder: str = "", ref: str = ""

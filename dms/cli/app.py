@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 from collections.abc import Callable
@@ -174,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    sys.exit(main())
+    code = main()
+    # The command is done (a node stopped and saved): the interpreter's exit need not
+    # search what is left for cycles to free (0.3 s of every daemon's exit).
+    gc.freeze()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

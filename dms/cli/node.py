@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import logging.handlers
@@ -352,9 +351,6 @@ def run(
             pass
     finally:
         node.stop()
-        # All stopped and saved: the interpreter's exit need not search the node's
-        # objects for cycles to free (0.3 s of every daemon's exit).
-        gc.freeze()
     if not json_out:
         typer.echo("dms node stopped")
 

@@ -38,8 +38,10 @@ Attacks:
 - ``replay_cache_fill``: ``--fill`` (100,000) unique, correctly signed envelopes
   as fast as the victim takes them, then the first thousand again (replays).
   The victim takes ``max_frames_per_s`` a second from one peer (``frame_burst``
-  at once) and refuses the rest undecoded (``rate_limited``);
-  ``--frames-per-s`` sets it (a huge value: no limit, every envelope verified).
+  at once), and ``max_unknown_frames_per_s`` from all peers it has no stake in
+  together (``unknown_frame_burst`` at once), and refuses the rest undecoded
+  (``rate_limited``); ``--frames-per-s`` sets both (a huge value: no limit,
+  every envelope verified).
 - ``bid_request_flood``: ``--flood`` (20,000) bid requests on the stream as fast
   as the hostile can write them, each asking for a reply, and ``--flood-gossip``
   (5,000) on the deployment topic at the same time, by a second hostile key in a
@@ -503,11 +505,17 @@ def main() -> int:
         fields = Settings.model_fields
         rate = args.frames_per_s or fields["max_frames_per_s"].default
         burst = fields["frame_burst"].default
+        shared = fields["max_unknown_frames_per_s"].default
+        shared_burst = fields["unknown_frame_burst"].default
         if args.frames_per_s is not None:
-            burst = max(1, int(min(args.frames_per_s * 2, 10**9)))
-            settings["DMS_MAX_FRAMES_PER_S"] = f"{args.frames_per_s:g}"
-            settings["DMS_FRAME_BURST"] = str(burst)
-        refill_s = min(burst / rate, 10.0)
+            burst = shared_burst = max(1, int(min(args.frames_per_s * 2, 10**9)))
+            shared = args.frames_per_s
+            for name in ("MAX_FRAMES_PER_S", "MAX_UNKNOWN_FRAMES_PER_S"):
+                settings[f"DMS_{name}"] = f"{args.frames_per_s:g}"
+            for name in ("FRAME_BURST", "UNKNOWN_FRAME_BURST"):
+                settings[f"DMS_{name}"] = str(burst)
+        # the hostile's budgets refill (its own, and the one it shares with every key)
+        refill_s = min(max(burst / rate, shared_burst / shared), 10.0)
         victim = Victim(root, settings)
         try:
             with LocalCluster(root / "cluster", shared_loop=False) as cluster:
@@ -561,6 +569,7 @@ def main() -> int:
                             placements=plan.placements,
                         )
                         result["victim_max_frames_per_s"] = rate
+                        result["victim_max_unknown_frames_per_s"] = shared
                         if plan.placements:
                             result["victim_preferences"] = VICTIM_PREFERENCES
                         results.append(result)

@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     frame_burst: int = Field(
         default=4000, ge=1, description="frames a peer may send at once above that rate"
     )
+    max_unknown_frames_per_s: float = Field(
+        default=1000.0,
+        gt=0,
+        description="frames a second all peers this node has no stake in may send it "
+        "together (each within max_frames_per_s); more are refused (rate_limited)",
+    )
+    unknown_frame_burst: int = Field(
+        default=2000, ge=1, description="frames they may send at once above that rate"
+    )
     gossip_messages_per_peer_per_s: float = Field(
         default=50.0,
         gt=0,

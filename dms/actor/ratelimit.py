@@ -57,13 +57,22 @@ class PeerRates:
     """
 
     def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        shared_rate: float = float("inf"),
+        shared_burst: int = 1,
     ) -> None:
         self.rate = rate
         self.burst = float(burst)
+        self.shared_rate = shared_rate
+        self.shared_burst = float(shared_burst)
         self._clock = clock
         self._peers: dict[str, _Peer] = {}
         self._answers = Bucket(TOTAL_ANSWERS_PER_S, clock())
+        self._shared = Bucket(self.shared_burst, clock())
 
     def allow(self, peer: str) -> bool:
         """Take one frame from ``peer``'s budget; False if it has none left."""
@@ -73,6 +82,13 @@ class PeerRates:
             state = _Peer(Bucket(self.burst, now), Bucket(ANSWERS_PER_S, now))
             self._peers[peer] = state
         return state.frames.take(self.rate, self.burst, now)
+
+    def allow_shared(self) -> bool:
+        """Take one frame from the budget the peers without a stake share (``shared_rate``
+        a second, ``shared_burst`` at once); False if it has none left."""
+        if self.shared_rate == float("inf"):
+            return True
+        return self._shared.take(self.shared_rate, self.shared_burst, self._clock())
 
     def last_active(self, peer: str) -> float | None:
         """When ``peer`` last sent a frame (this clock), or None if it has not."""

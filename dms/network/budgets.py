@@ -683,6 +683,11 @@ class ByteBudget:
     _logged: dict[str, float] = field(default_factory=dict)
     _staked: dict[str, tuple[bool, float]] = field(default_factory=dict)
 
+    def has_stake(self, peer: str) -> bool:
+        """Whether this node has a stake in ``peer`` (asked again at most once a second:
+        the frame budgets ask it for every frame too)."""
+        return self._has_stake(peer, self.clock())
+
     def _has_stake(self, peer: str, now: float) -> bool:
         """``stake(peer)``, asked again at most once a second per peer (a frame is read
         far more often than a stake changes)."""

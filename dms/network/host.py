@@ -183,7 +183,12 @@ class Libp2pTransport(Unicast, Gossip):
         self.frames_refused = 0
         # What this transport refused before the actor system saw it, by code.
         self.refusals: Counter[str] = Counter()
-        self._rates = PeerRates(self.settings.max_frames_per_s, self.settings.frame_burst)
+        self._rates = PeerRates(
+            self.settings.max_frames_per_s,
+            self.settings.frame_burst,
+            shared_rate=self.settings.max_unknown_frames_per_s,
+            shared_burst=self.settings.unknown_frame_burst,
+        )
         self._waiting: Counter[str] = Counter()
         # Budgets of what remote parties can make this host hold (dms.network.budgets).
         # ``stake(peer id)``: the node has a stake in that peer (set by the node); such

@@ -106,6 +106,10 @@ class NetworkSettings(BaseModel):
     # "Limits per peer"); and the most frames and bytes queued for one peer.
     max_frames_per_s: float = Field(default=2000.0, gt=0)
     frame_burst: int = Field(default=4000, ge=1)
+    # The same for all peers without a stake here together (specs/security.md,
+    # "Frames of peers without a stake"): one key's budget, shared by every key.
+    max_unknown_frames_per_s: float = Field(default=1000.0, gt=0)
+    unknown_frame_burst: int = Field(default=2000, ge=1)
     max_outbound_frames: int = Field(default=10_000, ge=16)
     max_outbound_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
     # Budgets of what remote parties can make this node hold (dms.network.budgets;

@@ -312,10 +312,11 @@ class Unicast(Discovery):
                 frame = await reader.next()
                 watched.active = True
                 self.frames_in += 1
-                if self._rates.allow(peer):
+                over = self._over_frame_rate(peer)
+                if over is None:
                     self._deliver(frame, peer)
                 else:
-                    self._rate_limited(frame, peer)
+                    self._rate_limited(frame, peer, over)
                 # Over its bytes a second, the peer's streams are read more slowly (no
                 # window granted: it cannot send more). Otherwise, let every other task
                 # run between two frames: a read returns as many frames as the peer had
@@ -335,17 +336,30 @@ class Unicast(Discovery):
         finally:
             self._idle.forget(watched)
 
-    def _rate_limited(self, frame: bytes, peer: str) -> None:
+    def _over_frame_rate(self, peer: str) -> str | None:
+        """Why a frame of ``peer`` is over its frame budget, or that of all peers without
+        a stake together (None: within both). A peer with a stake has only its own."""
+        s = self.settings
+        if not self._rates.allow(peer):
+            return (
+                f"more than {s.max_frames_per_s:g} frames a second (burst {s.frame_burst}) "
+                f"from {peer}"
+            )
+        if not self._bytes.has_stake(peer) and not self._rates.allow_shared():
+            return (
+                f"more than {s.max_unknown_frames_per_s:g} frames a second (burst "
+                f"{s.unknown_frame_burst}) from the peers this node has no stake in, "
+                "together (max_unknown_frames_per_s)"
+            )
+        return None
+
+    def _rate_limited(self, frame: bytes, peer: str, reason: str) -> None:
         """A frame over ``peer``'s budget: refused undecoded, counted, logged once a
         second per peer, and answered (a few a second) if it asks for a reply."""
         if self.tap is not None:
             self.tap(peer, frame)
         self.refusals[ErrorCode.RATE_LIMITED] += 1
         count = self._rates.refused(peer)
-        reason = (
-            f"more than {self.settings.max_frames_per_s:g} frames a second "
-            f"(burst {self.settings.frame_burst}) from {peer}"
-        )
         if count:
             log.warning("refused %d frame(s): rate_limited: %s", count, reason)
         if self._rates.may_answer(peer):

@@ -57,6 +57,8 @@ def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
         "max_frame_bytes": settings.max_data_bytes + 1024,
         "max_frames_per_s": settings.max_frames_per_s,
         "frame_burst": settings.frame_burst,
+        "max_unknown_frames_per_s": settings.max_unknown_frames_per_s,
+        "unknown_frame_burst": settings.unknown_frame_burst,
         "max_outbound_frames": settings.max_outbound_frames,
         "max_outbound_bytes": settings.max_outbound_bytes,
         "gossip": {

@@ -69,6 +69,38 @@ def test_frames_over_a_peers_rate_are_refused_and_other_peers_are_served(
     wait_for(served, timeout=30, what="the attacker served again")
 
 
+def test_frames_of_peers_without_a_stake_share_one_budget_and_a_staked_peer_keeps_its_own(
+    cluster: LocalCluster,
+) -> None:
+    """Each key had a frame budget of its own (max_frames_per_s) and nothing bounded
+    them together: two keys, each within its own, were both served in full. Now the
+    peers without a stake share max_unknown_frames_per_s; a staked peer is not in it."""
+    # 10 frames at once, then one per 100 s: none comes back within the test
+    victim = cluster.add("victim", max_unknown_frames_per_s=0.01, unknown_frame_burst=10)
+    keys = [cluster.add(f"key{i}", bootstrap=victim.addrs()[:1]) for i in range(2)]
+    staked = cluster.add("staked", bootstrap=victim.addrs()[:1])
+    cluster.wait_linked()
+    assert victim.transport is not None and staked.node is not None
+    victim.stakes.note(staked.peer_id, "allocation")
+
+    # 25 frames of each key at once, each well within its own budget (2000 a second).
+    for key in keys:
+        for _ in range(25):
+            send(key, victim, frame_of(key, envelope(key, "/public/hello", to=victim)))
+    wait_for(
+        lambda: victim.transport.refusals[ErrorCode.RATE_LIMITED] >= 20,  # type: ignore[union-attr]
+        timeout=20,
+        what="the keys' frames past the shared budget refused",
+    )
+    request = envelope(keys[1], "/public/hello", to=victim, expect_reply=True)
+    assert refusal_code(keys[1], frame_of(keys[1], request), request) == ErrorCode.RATE_LIMITED
+
+    # The staked peer is served for more frames than the shared budget holds.
+    for _ in range(30):
+        hello = staked.node.ask(root_handle(victim.peer_id), "/public/hello", timeout=10)
+        assert hello["peer_id"] == victim.peer_id
+
+
 class _Buffered:
     """A stream whose peer sent ``frames`` before we read: one read returns them all."""
 

@@ -24,6 +24,7 @@ from dms.actor.runtime import Messenger
 from dms.jobs.spec import DeploymentSpec
 from dms.network.peertable import PeerTable
 from dms.orchestrator.messages import REVERT
+from dms.orchestrator.records import BidRow
 from dms.orchestrator.selection import RoundRobin
 from dms.orchestrator.slots import Deadlines, Slot
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
@@ -176,6 +177,7 @@ class DeploymentBook:
         self.uncertain: set[str] = set()  # peers that may hold leases we do not know of
         self._dirty = False
         self._saved_as: tuple[Any, ...] = ()
+        self._bids: list[BidRow] = []  # bid index rows, written with the next save
 
     @property
     def state(self) -> DeploymentState:
@@ -207,12 +209,26 @@ class DeploymentBook:
         the store took it (if not, the next transition saves again)."""
         self._dirty = False
         self._saved_as = self._fingerprint()
+        bids, self._bids = self._bids, []
         try:
-            self.o.store.save(self.stored_row())
+            self.o.store.save(self.stored_row(), bids)
         except Exception as exc:  # keep placing; the next transition saves again
-            log.warning("deployment %s not saved: %s", self.id, exc)
+            log.warning("deployment %s not saved (nor %d bid(s)): %s", self.id, len(bids), exc)
             return False
         return True
+
+    def add_bids(self, rows: list[BidRow]) -> None:
+        """Bid index rows, written in the transaction of the next save (a round's end
+        saves its slots' moves: one write, not two)."""
+        self._bids += rows
+
+    def write_bids(self) -> None:
+        """Write the bid index rows that no save took."""
+        bids, self._bids = self._bids, []
+        try:
+            self.o.store.record_bids(bids)
+        except Exception as exc:
+            log.warning("bids of %s not recorded: %s", self.id, exc)
 
     def changed(self) -> bool:
         return self._dirty or self._fingerprint() != self._saved_as

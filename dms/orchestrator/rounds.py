@@ -355,11 +355,9 @@ class BidRounds:
             self.host.commit(slot)
         for peer, lease_ids in losers.items():
             self.book.revert(peer, lease_ids)
-        # Written once the commits are on their way (the write is off the placement's path).
-        try:
-            self.book.o.store.record_bids(records)
-        except Exception as exc:
-            log.warning("bids of %s not recorded: %s", self.book.id, exc)
+        # Written once the commits are on their way (off the placement's path), with the
+        # save of the slots' moves below.
+        self.book.add_bids(records)
         unplaced = [n for n in self._offers if n not in decision.winners]
         if unplaced:
             self.book.event(f"round {rid}: no acceptable bid for {', '.join(unplaced)}; queued")
@@ -370,6 +368,7 @@ class BidRounds:
         else:
             self._retry_s = self.book.o.retry_s
         self.host.settle()
+        self.book.write_bids()  # any the settling did not save
 
     # ---- ending unplaced -----------------------------------------------------------------
 

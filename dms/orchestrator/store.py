@@ -23,6 +23,7 @@ from dms.files import write_private
 from dms.orchestrator.records import BidRow, MiningRow
 from dms.orchestrator.states import DEPLOYMENT
 from dms.store import Database
+from dms.store.group import GroupCommit
 from dms.store.models import BidRecord, DeploymentRecord, MiningSessionRecord
 from dms.store.sql import Statement, json_text
 
@@ -56,23 +57,31 @@ def insert_bids(db: Database, rows: list[BidRow], at: float) -> None:
     """Write bid index rows (a requester's bids received, a provider's bids sent) in one
     transaction; ``at`` for each row that has no time of its own."""
     with db.transaction() as conn:
-        _INSERT_BIDS.run_many(conn, [r.columns(at) for r in rows])
+        _insert_bids(conn, rows, at)
+
+
+def _insert_bids(conn: Any, rows: list[BidRow], at: float) -> None:
+    _INSERT_BIDS.run_many(conn, [r.columns(at) for r in rows])
 
 
 class DeploymentStore:
     def __init__(self, db: Database, unsaved_dir: Path | None = None) -> None:
         self.db = db
         self.unsaved_dir = unsaved_dir  # None: an end the database refuses is only retried
+        # Deployments save from their own threads: saves made at the same moment share a
+        # transaction (dms.store.group), each returning once its own row is committed.
+        self.group = GroupCommit(db)
         # The ends kept on disk, by id, read once here: saves and reads touch no file
         # unless an end is kept.
         self._kept = self._read_kept()
 
-    def save(self, row: dict[str, Any]) -> None:
-        """Insert or update one deployment (``row`` holds every column). Raises the
-        store's error; an end is kept on disk first, so it survives a restart."""
+    def save(self, row: dict[str, Any], bids: list[BidRow] | None = None) -> None:
+        """Insert or update one deployment (``row`` holds every column), and add ``bids``
+        to the bid index in the same transaction. Raises the store's error; an end is
+        kept on disk first, so it survives a restart."""
         row = {**row, "updated_at": time.time()}
         try:
-            self._write(row)
+            self._write(row, bids)
         except SQLAlchemyError:
             if row["state"] in DEPLOYMENT.terminal:
                 self._keep_unsaved(row)
@@ -118,11 +127,17 @@ class DeploymentStore:
 
     # ---- ends the database refused --------------------------------------------------
 
-    def _write(self, row: dict[str, Any]) -> None:
+    def _write(self, row: dict[str, Any], bids: list[BidRow] | None = None) -> None:
         params = {c: json_text(row[c]) if c in _JSON else row[c] for c in _COLUMNS}
-        with self.db.transaction() as conn:
+        at = row["updated_at"]
+
+        def write(conn: Any) -> None:
             if _UPDATE.run(conn, params).rowcount == 0:
                 _INSERT.run(conn, params)
+            if bids:
+                _insert_bids(conn, bids, at)
+
+        self.group.run(write)
 
     def _unsaved_path(self, deployment_id: str) -> Path | None:
         if self.unsaved_dir is None:
@@ -162,7 +177,8 @@ class DeploymentStore:
     def record_bids(self, rows: list[BidRow]) -> None:
         if not rows:
             return
-        insert_bids(self.db, rows, time.time())
+        at = time.time()
+        self.group.run(lambda conn: _insert_bids(conn, rows, at))
 
     def bids(self, deployment_id: str) -> list[BidRow]:
         with self.db.transaction() as conn:

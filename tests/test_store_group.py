@@ -1,0 +1,114 @@
+"""Group commit (dms/store/group.py): deployments saving at the same moment share one
+transaction, and each save still returns only once its own row is committed."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from dms.orchestrator.records import BidRow
+from dms.orchestrator.store import DeploymentStore
+from dms.store import Database, open_database
+from tests.conftest import wait_for
+
+
+def row(i: int) -> dict[str, Any]:
+    return {
+        "id": f"d{i}", "name": "n", "state": "bidding", "spec": {"name": "n"},
+        "slots": [], "events": [], "created_at": 1.0, "running_at": None, "ended_at": None,
+    }  # fmt: skip
+
+
+@contextmanager
+def held(db: Database) -> Iterator[threading.Event]:
+    """Another writer's transaction under way, until the event yielded is set."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with db.transaction():
+            holding.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    holding.wait(60)
+    try:
+        yield release
+    finally:
+        release.set()
+        thread.join(60)
+
+
+def run_all(calls: list[Any]) -> tuple[list[threading.Thread], dict[int, BaseException]]:
+    errors: dict[int, BaseException] = {}
+
+    def call(i: int) -> None:
+        try:
+            calls[i]()
+        except BaseException as exc:
+            errors[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    return threads, errors
+
+
+def test_saves_made_during_a_transaction_share_the_next_one(tmp_path: Path) -> None:
+    db = open_database(f"sqlite:///{tmp_path / 'dms.db'}")
+    store = DeploymentStore(db)
+    commits: list[int] = []
+    event.listen(db.engine, "commit", lambda conn: commits.append(1))
+    with held(db) as release:
+        commits.clear()
+        threads, errors = run_all([lambda i=i: store.save(row(i)) for i in range(8)])
+        # The first save waits for the writer lock; the other seven queue behind it.
+        wait_for(lambda: store.group.waiting == 7, 30, "seven saves queued")
+        release.set()
+        for t in threads:
+            t.join(60)
+    # The holder's, the first save's, then one for the seven (each its own: 9).
+    assert len(commits) == 3
+    assert errors == {}
+    assert all(store.get(f"d{i}") is not None for i in range(8))
+
+
+def test_a_write_that_fails_fails_only_its_caller(tmp_path: Path) -> None:
+    db = open_database(f"sqlite:///{tmp_path / 'dms.db'}")
+    store = DeploymentStore(db)
+
+    def broken(conn: Any) -> None:
+        raise ValueError("this write is broken")
+
+    calls: list[Any] = [lambda i=i: store.save(row(i)) for i in range(4)]
+    calls.insert(2, lambda: store.group.run(broken))
+    with held(db) as release:
+        threads, errors = run_all(calls[:1])
+        wait_for(lambda: store.group.waiting == 0 and store.group.transactions == 1, 30)
+        more, errors_more = run_all(calls[1:])
+        wait_for(lambda: store.group.waiting == 4, 30, "four writes queued")
+        release.set()
+        for t in threads + more:
+            t.join(60)
+    assert errors == {}
+    assert list(errors_more) == [1] and isinstance(errors_more[1], ValueError)
+    assert all(store.get(f"d{i}") is not None for i in range(4))
+
+
+def test_a_save_and_its_bids_are_one_write(tmp_path: Path) -> None:
+    """A round's end saves the deployment and its bid index rows together."""
+    store = DeploymentStore(open_database(f"sqlite:///{tmp_path / 'dms.db'}"))
+    won = BidRow("d1", "received", "peer-a", "w.0", "won", "won: score 0.6", "lease-1", 2.5)
+    store.save(row(1), [won])
+    assert store.group.transactions == 1
+    assert [b.outcome for b in store.bids("d1")] == ["won"]
+    bad = {**row(2), "name": None}  # NOT NULL: the save fails, and its bids with it
+    with pytest.raises(Exception, match="NOT NULL"):
+        store.save(bad, [BidRow("d2", "received", "peer-a", "w.0", "won", "won", "l-2", 1.0)])
+    assert store.bids("d2") == []

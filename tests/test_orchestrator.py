@@ -12,7 +12,9 @@ from sqlalchemy import text
 
 from dms.jobs.spec import DeploymentSpec
 from dms.node.daemon import Node
+from dms.orchestrator.messages import ALLOCATE
 from dms.orchestrator.states import DEPLOYMENT
+from dms.orchestrator.supervision import STATUS
 from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
 from dms.sim.faults import FaultPlan, LinkRule
@@ -123,6 +125,38 @@ def test_a_deployment_of_several_allocations_is_placed_and_completes(net: LocalC
     wait_for(lambda: live_leases(peers) == 0, 5, "every lease and allocation to be released")
     logs = owner(requester, "/dms/node/deployment/logs", {"id": dep})
     assert any("state: completed" in line for lines in logs["logs"].values() for line in lines)
+
+
+def test_an_allocation_starts_its_work_once_its_allocate_is_answered(net: LocalCluster) -> None:
+    """The provider answers the allocate, then the allocation starts: a job of no length
+    used to start, end, release its lease and send its end to the requester while the
+    provider's node was still spawning it, ahead of the answer (the requester kept such
+    an end aside until the answer came; the provider spent the answer's time on it)."""
+    requester, peers = network(net, 2)
+    answered: dict[str, float] = {}
+    for peer in peers:
+        assert peer.node is not None
+        system = peer.node.system
+        reply = system.reply
+
+        def noted(request: Any, result: Any, as_: Any, reply: Any = reply) -> None:
+            if request.behaviour == ALLOCATE:
+                answered[request.payload["lease_id"]] = time.time()
+            reply(request, result, as_)
+
+        system.reply = noted  # type: ignore[method-assign]
+    for _ in range(3):
+        dep = deploy(requester, spec(params={"seconds": 0}))
+        done = wait_state(requester, dep, TERMINAL, 20)
+        assert done["state"] == "completed", done["events"]
+        slot = owner(requester, "/dms/node/deployment/manifest", {"id": dep})["slots"][0]
+        provider = next(p for p in peers if p.peer_id == slot["peer_id"])
+        assert provider.node is not None
+        ref = provider.node.system.actor(slot["allocation"]["inbox"])  # lingering, ended
+        assert ref is not None
+        allocation = provider.node.ask(ref.handle, STATUS, timeout=10)
+        assert allocation["state"] == "completed"
+        assert allocation["started_at"] > answered[slot["lease_id"]]
 
 
 def test_a_round_asks_two_peers_a_slot_not_every_peer_that_fits(net: LocalCluster) -> None:

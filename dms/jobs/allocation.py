@@ -43,6 +43,10 @@ from dms.statemachine import Machine, Tracked
 log = logging.getLogger("dms.jobs")
 
 UPDATE_BEHAVIOUR = "/dms/deployment/update"
+# Told by the node once the allocate is answered (an allocation spawned with
+# ``autostart=False``): the work starts only then, so that neither its start nor, for a
+# job of no length, its end and the release of its lease run ahead of that answer.
+START = "start"
 SESSION_BEHAVIOUR = "/dms/allocation/session"
 LOG_LINES = 200
 
@@ -110,8 +114,10 @@ class AllocationActor(Actor):
         linger_s: float = 120.0,
         resources: Resources | None = None,
         courier: Courier | None = None,
+        autostart: bool = True,
     ) -> None:
         super().__init__(context)
+        self._autostart = autostart
         self.lease_id, self.deployment_id, self.slot = lease_id, deployment_id, slot
         self.executor_kind, self.params = executor, params
         self.executor = executor_for(executor)
@@ -144,7 +150,14 @@ class AllocationActor(Actor):
     # ---- lifecycle -----------------------------------------------------------------
 
     def on_start(self) -> None:
-        self.start_work()
+        if self._autostart:
+            self.start_work()
+
+    def on_message(self, message: Any) -> Any:
+        if message == START:
+            self.start_work()
+            return None
+        return super().on_message(message)
 
     def start_work(self) -> None:
         if self.state != AllocationState.PENDING:

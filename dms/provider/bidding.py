@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dms.actor import ActorRef, ErrorCode, Handle, Refusal, Request, behaviour
 from dms.actor.runtime import NodeRuntime
 from dms.backoff import Backoff
-from dms.jobs.allocation import AllocationActor
+from dms.jobs.allocation import START, AllocationActor
 from dms.jobs.executors import ExecutorError
 from dms.network.peertable import GONE, PeerTable
 from dms.network.transfer import Courier
@@ -281,7 +281,7 @@ class Bidding:
             )  # fmt: skip
 
     @behaviour(ALLOCATE, public=True, payload=AllocateRequest)
-    def allocate(self, request: Request) -> dict[str, Any]:
+    def allocate(self, request: Request) -> dict[str, Any] | None:
         p: AllocateRequest = request.payload
         holder = request.sender.address.host
         if p.commit:  # commit and allocate in one exchange (the commit checks the holder)
@@ -315,6 +315,7 @@ class Bidding:
                 resources=lease.resources,
                 courier=self.courier,
                 inbox=f"alloc-{p.lease_id[:16]}",
+                autostart=False,
             )
         except ExecutorError:
             self._need_ledger().release(p.lease_id)
@@ -329,9 +330,17 @@ class Bidding:
                 self._allocations[p.lease_id] = child
                 oldest = None
         self._stop_lingering(oldest)
-        # The allocation starts its work as it starts; its state changes reach the
-        # requester as updates (and by polling).
-        return {"allocation": child.handle.model_dump(), "status": {"state": "starting"}}
+        # Answered first, then the work starts: its start (and a short job's end, with
+        # its lease's release) no longer runs ahead of the answer on this node, and its
+        # end never reaches the requester before it (both go down one stream, in order).
+        # Its state changes reach the requester as updates (and by polling).
+        responder = request.defer()
+        try:
+            responder.ok({"allocation": child.handle.model_dump(), "status": {"state": "starting"}})
+        finally:
+            with contextlib.suppress(Exception):  # stopped meanwhile: nothing to start
+                child.tell(START)
+        return None
 
     @behaviour(REVERT, public=True, payload=RevertRequest)
     def revert(self, request: Request) -> dict[str, Any]:

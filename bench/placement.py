@@ -340,8 +340,8 @@ class Ends:
 
         save = DeploymentStore.save
 
-        def saved(store: DeploymentStore, row: dict[str, Any]) -> None:
-            save(store, row)
+        def saved(store: DeploymentStore, row: dict[str, Any], bids: Any = None) -> None:
+            save(store, row, bids)
             if row["state"] in DEPLOYMENT.terminal:
                 with self.cond:
                     self.rows[row["id"]] = row

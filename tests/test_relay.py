@@ -21,6 +21,7 @@ from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 
 from dms.network.host import Libp2pTransport
+from dms.network.loop import NetworkError
 from dms.network.reachability import AUTONAT_PROTOCOL_ID, Reachability, network_of
 from dms.network.relay import HOP_PROTOCOL, RelayRefusal, is_relayed
 from dms.network.settings import NetworkSettings, RelaySettings
@@ -353,3 +354,63 @@ def test_circuits_are_accepted_only_from_a_relay_the_node_reserved_on(
     dialer.learn_addrs(private.peer_id, relayed(private))
     wait_for(lambda: dialer.ping(private.peer_id) > 0, what="a ping through the relay")
     assert private.refusals[RelayRefusal.STOP_UNRESERVED] == 1
+
+
+def _close_and_redial(t: Libp2pTransport, relay: Libp2pTransport) -> None:
+    """Close ``t``'s connections to ``relay`` and dial it again, in one go: before
+    ``t``'s reservation loop (every 2 s) can look in between, as when a NATed node's
+    router dropped its mapping and its reconnect loop came first."""
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    async def run() -> None:
+        host = t._host
+        assert host is not None
+        relay_id = ID.from_base58(relay.peer_id)
+        network = host.get_network()
+        old = list(network.get_connections(relay_id))
+        assert old
+        for conn in old:
+            await conn.close()
+        await host.connect(info_from_p2p_addr(Multiaddr(relay.addrs()[0])))
+        assert network.get_connections(relay_id) and not set(old) & set(
+            network.get_connections(relay_id)
+        )
+
+    t._call(run)
+
+
+def test_a_node_that_redials_its_relay_reserves_again_on_the_new_connection(
+    started: list[Libp2pTransport],
+) -> None:
+    """A reservation ends with the connection it was made on (circuit v2). A private
+    node whose connection to the relay closed and that dialed the relay again before
+    its reservation loop looked kept its reservation as held (it checked only for some
+    connection to the relay): no reservation was made again and no one reached it
+    through the relay. It now reserves again on the new connection; and the relay
+    frees the slot of a node that left (py-libp2p kept it for an hour)."""
+    relay = _transport("public")
+    started.append(relay)
+    private = _transport("private", relay.addrs())
+    started.append(private)
+    wait_for(lambda: relayed(private), what="a reservation on the relay")
+    circuit = relayed(private)[0]
+    _close_and_redial(private, relay)
+    dialer = _transport("public", relay.addrs())  # public: it reserves nothing itself
+    started.append(dialer)
+    dialer.learn_addrs(private.peer_id, [circuit])
+
+    def pinged() -> bool:
+        try:
+            return dialer.ping(private.peer_id) > 0
+        except NetworkError:  # the relay's reason: no reservation (yet)
+            return False
+
+    wait_for(pinged, 30, "a ping through the relay")
+    assert relay.budget_usage()["relay_reservations"][0] == 1
+    private.stop()
+    wait_for(
+        lambda: relay.budget_usage()["relay_reservations"][0] == 0,
+        30,
+        "the relay freeing the reservation of the node that left",
+    )

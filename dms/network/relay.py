@@ -222,6 +222,11 @@ Reserved = Callable[[ID], bool]
 Admit = Callable[[Any, str], Awaitable[None]]
 
 
+def _still_open(host: IHost, peer: ID, muxed: Any) -> bool:
+    """Whether ``muxed`` (a muxed connection) is still one of the connections to ``peer``."""
+    return any(c.muxed_conn is muxed for c in host.get_network().get_connections(peer))
+
+
 def _circuit_of(relay: ID, peer: ID, limit: Any) -> Circuit:
     if limit is None:
         return Circuit(relay, peer)
@@ -259,6 +264,10 @@ class BudgetedRelay(CircuitV2Protocol):
         self.bytes_by_peer: dict[ID, _HourlyBytes] = {}
         self.bytes_total = _HourlyBytes()
         self.relayed_bytes = 0
+        # peer -> the muxed connection its reservation was made (or last renewed) on;
+        # kept while that connection is open (a refused peer's too: at most one a
+        # connection)
+        self._reserved_on: dict[ID, Any] = {}
 
     @property
     def circuits(self) -> int:
@@ -266,9 +275,23 @@ class BudgetedRelay(CircuitV2Protocol):
 
     @property
     def reservations(self) -> int:
+        self._end_closed_reservations()
+        return len(self.resource_manager._reservations)
+
+    def _end_closed_reservations(self) -> None:
+        """A reservation lasts while the connection it was made on does (circuit v2:
+        it is no longer valid once the peer disconnects). py-libp2p keeps it, by peer,
+        until its TTL (an hour) and takes any later connection of the peer as its own:
+        a peer that left still held a slot of ``max_reservations``, and one that
+        redialed was reachable or not depending on whether it noticed and reserved
+        again (RelayClient.keep_reservations now does, on the new connection)."""
         with contextlib.suppress(Exception):
             self.resource_manager._clean_expired()
-        return len(self.resource_manager._reservations)
+        held = self.resource_manager._reservations
+        for peer, conn in list(self._reserved_on.items()):
+            if not _still_open(self.host, peer, conn):
+                del self._reserved_on[peer]
+                held.pop(peer, None)
 
     async def _refuse(
         self, stream: INetStream, code: StatusCode, why: RelayRefusal, msg: str
@@ -303,6 +326,10 @@ class BudgetedRelay(CircuitV2Protocol):
         # the message's optional peer field when set, so one connection reserved every
         # slot in made-up names (the check above looks at the sender).
         msg.ClearField("peer")
+        self._end_closed_reservations()
+        # Before the reservation exists (py-libp2p's handler awaits): it is this
+        # connection's from the start, or renewed, moves to it.
+        self._reserved_on[peer] = stream.muxed_conn
         await super()._handle_reserve(stream, msg)
 
     async def _handle_connect(self, stream: INetStream, msg: HopMessage) -> None:
@@ -339,6 +366,7 @@ class BudgetedRelay(CircuitV2Protocol):
         if refusal is not None:
             await self._refuse(stream, *refusal)
             return
+        self._end_closed_reservations()  # a destination's, ended with its connection
         self.circuits_by_peer[src] += 1
         try:
             await super()._handle_connect(stream, msg)
@@ -509,6 +537,9 @@ class RelayClient:
         self.circuits = protocol.circuit_meters
         # relay peer id -> its addresses (without /p2p), for the relayed addresses
         self.reserved: dict[ID, list[str]] = {}
+        # relay peer id -> the muxed connection the reservation was made on: the
+        # reservation ends with it, whatever other connection to the relay is open
+        self._reserved_on: dict[ID, Any] = {}
         self._refused: dict[ID, float] = {}
 
     def holds(self, relay: ID) -> bool:
@@ -548,26 +579,37 @@ class RelayClient:
 
     async def keep_reservations(self, wanted: Any) -> None:
         """While ``wanted()`` (the node is not publicly reachable), hold reservations on
-        up to ``reservations`` relays among connected peers; drop those whose
-        connection closed."""
+        up to ``reservations`` relays among connected peers. A reservation whose
+        connection closed is dropped, and made again at once if the relay is connected
+        anew: checking only for *a* connection to the relay missed a redial that came
+        before this loop looked (the relay ends the reservation with its connection,
+        so the node stayed unreachable through it)."""
         while True:
             if wanted():
                 for pid in list(self.reserved):
-                    if not self._host.get_network().get_connections(pid):
-                        log.info("relay %s lost: its relayed address is dropped", pid)
+                    if not _still_open(self._host, pid, self._reserved_on.get(pid)):
+                        log.info(
+                            "relay %s: the connection the reservation was made on closed; "
+                            "its relayed address is dropped",
+                            pid,
+                        )
                         del self.reserved[pid]
+                        self._reserved_on.pop(pid, None)
                 missing = self._settings.reservations - len(self.reserved)
                 for pid in self._relay_candidates()[: max(missing, 0)]:
                     await self._reserve(pid)
             elif self.reserved:
                 self.reserved.clear()
+                self._reserved_on.clear()
             await trio.sleep(RESERVE_EVERY_S)
 
     async def _reserve(self, pid: ID) -> None:
         addrs = self._direct_addrs(pid)
+        conn = None
         try:
             with trio.fail_after(RESERVE_TIMEOUT_S):
                 stream = await self._host.new_stream(pid, [HOP_PROTOCOL])
+                conn = stream.muxed_conn
                 ok = await self._transport._make_reservation(stream, pid)
                 with contextlib.suppress(Exception):
                     await stream.close()
@@ -576,6 +618,7 @@ class RelayClient:
             ok = False
         if ok:
             self.reserved[pid] = addrs
+            self._reserved_on[pid] = conn
             log.info("reserved a relay slot on %s", pid)
         else:
             self._refused[pid] = time.monotonic() + 60.0

@@ -278,6 +278,33 @@ def test_a_job_no_peer_can_run_fails_within_its_deadline_with_each_peers_reason(
         assert f"{p.peer_id[-8:]}: declined: this node lacks the labels gpu-a100" in summary
 
 
+def test_a_slot_that_times_out_after_its_peer_left_says_the_peer_is_gone(
+    net: LocalCluster,
+) -> None:
+    """A peer's answer to an earlier round is not the last word on it once it left:
+    a job whose only provider declined its slot, then left, failed saying the provider
+    declined (seen in tests/test_nat.py: 'declined: this node could never run this
+    slot beside the ones before it', the providers' answers to the first request, after
+    the relay they were reached through died and their heartbeats stopped). It now
+    says the provider is gone, and what it answered."""
+    requester, [provider] = network(net, 1, cpu=1)
+    dep = deploy(requester, spec(deadline_s=8, constraints={"labels": ["gpu-a100"]}))
+    declined = "declined: this node lacks the labels gpu-a100"
+
+    def answered() -> bool:
+        [slot] = owner(requester, "/dms/node/deployment/manifest", {"id": dep})["slots"]
+        return slot["reasons"].get(provider.peer_id) == declined
+
+    wait_for(answered, 10, "the provider's decline")
+    provider.stop()
+    done = wait_state(requester, dep, TERMINAL, 30)
+    assert done["state"] == "failed"
+    summary = done["events"][-1]["what"]
+    assert "not placed within the deadline" in summary
+    gone = f"{provider.peer_id[-8:]}: the provider is gone (it said it was leaving)"
+    assert f"{gone}; before: {declined}" in summary
+
+
 @pytest.mark.parametrize("strategy", ["score", "round-robin", "two-choices", "random"])
 def test_every_strategy_places_and_explains(net: LocalCluster, strategy: str) -> None:
     requester, _ = network(net, 3)

@@ -34,6 +34,11 @@ from dms.security.identity import public_key_from_peer_id
 log = logging.getLogger("dms.orchestrator")
 
 EVENT_MEMORY = 200
+# A provider the peer table says is gone: a running slot's loss, an open slot's last
+# word on that peer (supervision.py, rounds.py).
+GONE_PREFIX = "the provider is gone"
+GONE_REASON = f"{GONE_PREFIX} (missed its heartbeat deadline)"
+LEFT_REASON = f"{GONE_PREFIX} (it said it was leaving)"
 
 
 @dataclass

@@ -13,6 +13,13 @@ peer has no such executor, or its executor rejects the params: nothing a retry
 changes) keeps that peer out of the slot's next rounds, and when every peer of
 the table that fits a slot has declined it for good, the deployment fails at
 once with each peer's reason instead of retrying until its deadline.
+
+A peer's reason is the last word on it: one that left the table (its heartbeats
+stopped: it crashed, or the relay it was reached through died) since it
+answered is marked gone at each round, its earlier answer kept after it. A slot
+that then times out says so, not only what that peer answered to an earlier
+request (``declined: this node could never run this slot beside the ones before
+it``, once unplaceable only because its provider was gone).
 """
 
 from __future__ import annotations
@@ -27,8 +34,16 @@ from pydantic import ValidationError
 from dms.actor import ErrorCode, Outcome, Refusal, Request
 from dms.backoff import Backoff
 from dms.jobs.spec import MAX_SLOTS, AllocationSpec
-from dms.network.peertable import PeerRecord
-from dms.orchestrator.base import DeploymentBook, Messenger, log, node_handle
+from dms.network.peertable import GONE, PeerRecord
+from dms.orchestrator.base import (
+    GONE_PREFIX,
+    GONE_REASON,
+    LEFT_REASON,
+    DeploymentBook,
+    Messenger,
+    log,
+    node_handle,
+)
 from dms.orchestrator.messages import (
     DEPLOYMENT_TOPIC,
     REQUEST,
@@ -41,6 +56,7 @@ from dms.orchestrator.selection import Candidate, select
 from dms.orchestrator.slots import HELD, Slot, SlotState
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
 
+MAX_REASON = 512  # characters of one peer's reason kept
 BID_GRACE_S = 2.0  # after the window: how long a round with an empty slot waits for answers
 
 
@@ -121,6 +137,19 @@ class BidRounds:
             self.scheduled = True
             self.messenger.call_later(delay_s, self._round)
 
+    def _note_gone(self, open_slots: list[Slot]) -> None:
+        """Peers with a reason on an open slot that the table now says are gone: that is
+        their last word, their earlier answer kept after it."""
+        table = self.book.o.peer_table
+        for slot in open_slots:
+            for peer, reason in list(slot.reasons.items()):
+                record = table.get(peer)
+                if record is None or record.status != GONE or reason.startswith(GONE_PREFIX):
+                    continue
+                left = bool(record.history) and record.history[-1] == "left"
+                gone = LEFT_REASON if left else GONE_REASON
+                slot.reasons[peer] = f"{gone}; before: {reason}"[:MAX_REASON]
+
     def _open_slots(self) -> list[Slot]:
         return [s for s in self.book.slots.values() if s.state == SlotState.OPEN]
 
@@ -176,6 +205,7 @@ class BidRounds:
         open_slots = self._open_slots()
         if not open_slots:
             return
+        self._note_gone(open_slots)
         late = [s for s in open_slots if s.expired(time.time())]
         if late:
             self.fail_unplaced(late)
@@ -253,7 +283,7 @@ class BidRounds:
         self._answered.add(peer)
         self.book.uncertain.add(peer)  # whatever else it holds for us goes back at the end
         self.book.revert(peer, lease_ids)
-        self.book.note_reason(peer, list(self._offers), f"bad bid: {why}"[:512])
+        self.book.note_reason(peer, list(self._offers), f"bad bid: {why}"[:MAX_REASON])
         self._maybe_close(rid)
 
     def bid_received(self, request: Request) -> None:

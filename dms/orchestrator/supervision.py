@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from dms.actor import ErrorCode, Outcome, Refusal, Request
 from dms.network.peertable import GONE
 from dms.orchestrator.base import (
+    GONE_REASON,
     DeploymentBook,
     Messenger,
     allocation_handle,
@@ -226,7 +227,7 @@ class Supervision:
             assert slot.peer_id is not None
             record = self.book.o.peer_table.get(slot.peer_id)
             if record is not None and record.status == GONE:
-                self.lost(slot, "the provider is gone (missed its heartbeat deadline)")
+                self.lost(slot, GONE_REASON)
                 continue
             try:
                 self.messenger.invoke(

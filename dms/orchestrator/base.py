@@ -219,6 +219,7 @@ class DeploymentBook:
             self.o.store.save(self.stored_row(), bids)
         except Exception as exc:  # keep placing; the next transition saves again
             log.warning("deployment %s not saved (nor %d bid(s)): %s", self.id, len(bids), exc)
+            self._bids = bids + self._bids  # and its bids with it
             return False
         return True
 
@@ -232,8 +233,9 @@ class DeploymentBook:
         bids, self._bids = self._bids, []
         try:
             self.o.store.record_bids(bids)
-        except Exception as exc:
+        except Exception as exc:  # the next save takes them
             log.warning("bids of %s not recorded: %s", self.id, exc)
+            self._bids = bids + self._bids
 
     def changed(self) -> bool:
         return self._dirty or self._fingerprint() != self._saved_as

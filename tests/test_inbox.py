@@ -37,7 +37,7 @@ def test_a_reader_waits_for_the_next_message_after_requests_were_dropped() -> No
     inbox = LanedInbox()
     dropped = request("stranger", staked=False)
     inbox.put(dropped)
-    assert inbox.close() == [dropped.message.ticket]
+    assert inbox.close() == [dropped.message]
     assert inbox.empty()
     got: list[Mail] = []
     reader = threading.Thread(target=lambda: got.append(inbox.get()), daemon=True)

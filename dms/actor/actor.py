@@ -257,13 +257,20 @@ class Actor(pykka.ThreadingActor):
         finally:
             for child in self._children:
                 child.stop()
-            # Requests still waiting are never handled now: they no longer count in the
-            # admission budgets (else a peer's share would shrink with every stop), and
-            # one put after this is refused, its ticket given back by its sender.
+            # Requests still waiting are never handled now: each is answered 'stopped'
+            # (its sender would otherwise wait out its own deadline) and no longer
+            # counts in the admission budgets (else a peer's share would shrink with
+            # every stop); one put after this is refused, its ticket given back by its
+            # sender.
             inbox = self.actor_inbox
             if isinstance(inbox, LanedInbox):
-                for ticket in inbox.close():
-                    self.system.admission.release(ticket)
+                for dropped in inbox.close():
+                    self.system.admission.release(dropped.ticket)
+                    if dropped.sealed.envelope.reply_to is not None:
+                        stopped = f"actor {self.handle.address.inbox} stopped before handling it"
+                        refusal = Refusal(ErrorCode.STOPPED, stopped)
+                        with contextlib.suppress(Exception):  # the node may be stopping too
+                            self.system.refuse(dropped.sealed.envelope, refusal, self.ref)
 
     def _handle(self, sealed: Sealed, ticket: Ticket | None = None) -> None:
         env = sealed.envelope

@@ -83,19 +83,19 @@ class LanedInbox:
         with self._lock:
             return len(self._high) + len(self._low)
 
-    def close(self) -> list[Any]:
+    def close(self) -> list[Inbound]:
         """The actor is stopping: drop every request still waiting, refuse those put
-        from now on, and return the admission tickets of the dropped ones, to be given
-        back."""
+        from now on, and return the dropped ones (to be answered, their admission
+        tickets given back)."""
         with self._lock:
             self._closed = True
-            tickets = []
+            dropped: list[Inbound] = []
             for lane in (self._high, self._low):
                 kept = deque(e for e in lane if not _is_request(e.message))
-                tickets += [e.message.ticket for e in lane if _is_request(e.message)]
+                dropped += [e.message for e in lane if _is_request(e.message)]
                 lane.clear()
                 lane.extend(kept)
-        return [t for t in tickets if t is not None]
+        return dropped
 
     def __len__(self) -> int:
         with self._lock:

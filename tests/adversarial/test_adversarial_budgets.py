@@ -389,6 +389,25 @@ def test_requests_left_waiting_when_an_actor_stops_no_longer_count(
     wait_for(lambda: inflight(victim) == 0, 10, "their budget given back")
 
 
+def test_requests_left_waiting_when_an_actor_stops_are_answered_stopped(
+    net: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """Requests still in a stopping actor's mailbox were dropped unanswered: their
+    sender learnt of it only by its own deadline (a refusal without a reason). Each
+    is answered 'stopped' now."""
+    victim = net.add("victim")
+    assert victim.system is not None
+    (peer,) = keys(victim, 1, bare_peers)
+    child = victim.system.spawn(Actor, inbox="stopping-busy")
+    child.tell_call(time.sleep, 1.0)
+    envs = [peer.envelope(child.handle, "/nothing", reply=True) for _ in range(4)]
+    peer.write([peer.seal(env) for env in envs])
+    wait_for(lambda: inflight(victim) == 4, 10, "four requests waiting")
+    child.stop()
+    assert codes(answered(peer, [env.nonce for env in envs])) == {"stopped": 4}
+    assert inflight(victim) == 0
+
+
 def test_a_request_that_reaches_an_actor_as_it_stops_is_answered_and_given_back(
     net: LocalCluster, bare_peers: list[BarePeer], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -24,10 +24,8 @@ pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"no NAT topology: {
 
 # The quick capability benchmark, as in every test but test_onboarding's.
 ENV = {"DMS_PASSPHRASE": PASSPHRASE, "DMS_BENCHMARK_STEP_S": BENCHMARK_STEP_S}
-# Fast heartbeats. (Not a short reconnect_interval_s: a node that redials its relay
-# before its reservation loop (every 2 s) saw the connection gone keeps the stale
-# reservation and never reserves again; a run with 2 s failed that way.)
-CONFIG = "heartbeat_s = 0.5\n"
+# Fast heartbeats; a lost relay (or bootstrap) dialed again every 2 s, not 10.
+CONFIG = "heartbeat_s = 0.5\nreconnect_interval_s = 2\n"
 NATED = ("prov1", "prov2", "owner")
 
 

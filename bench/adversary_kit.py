@@ -64,6 +64,7 @@ DEPLOYMENT_NEW = "/dms/node/deployment/new"
 HONEST_DEADLINE_S = 10.0
 PLACE_POLL_S = 0.01
 FAILURE_CHARS = 600  # of each failed placement's reason in a line
+METRICS_WAIT_S = 60.0  # the longest a read of the victim's GET /metrics may take
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,9 @@ class Victim:
     def metrics(self) -> dict[str, float]:
         """The victim's ``GET /metrics`` (its local API), as ``{series: value}``."""
         api = json.loads(api_file(self.home).read_text())
-        conn = http.client.HTTPConnection("127.0.0.1", api["port"], timeout=10)
+        # A victim under a flood may take seconds to answer (a full run's connection_slots
+        # once took more than 10 s, and its figures were lost): the bench waits.
+        conn = http.client.HTTPConnection("127.0.0.1", api["port"], timeout=METRICS_WAIT_S)
         try:
             token = token_file(self.home).read_text().strip()
             conn.request("GET", "/metrics", headers={TOKEN_HEADER: token})

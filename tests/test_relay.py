@@ -414,3 +414,59 @@ def test_a_node_that_redials_its_relay_reserves_again_on_the_new_connection(
         30,
         "the relay freeing the reservation of the node that left",
     )
+
+
+def test_reading_the_relays_usage_never_ends_a_live_reservation(
+    started: list[Libp2pTransport], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The metrics thread reads the relay's usage (``budget_usage``). Reading the
+    reservations count ended the reservations whose connection had closed, from that
+    thread: a read that saw a node's reservation on its old connection, while the
+    network thread meanwhile took the node's new RESERVE on its new connection, then
+    deleted the new reservation, and no one reached the node through the relay until
+    it redialed. Here that interleaving is forced: the read's look at the old
+    connection waits for the node to close it, redial and reserve again."""
+    import dms.network.relay as relay_module
+
+    relay = _transport("public")
+    started.append(relay)
+    private = _transport("private", relay.addrs())
+    started.append(private)
+    wait_for(lambda: relayed(private), what="a reservation on the relay")
+    circuit = relayed(private)[0]
+    private_id = ID.from_base58(private.peer_id)
+    assert relay._relay is not None
+    reserved_on = relay._relay._reserved_on
+    first = reserved_on[private_id]
+    reader = threading.current_thread()
+    still_open = relay_module._still_open
+
+    def redialed_meanwhile(host: Any, peer: ID, muxed: Any) -> bool:
+        if threading.current_thread() is reader and peer == private_id and muxed is first:
+            _close_and_redial(private, relay)
+            wait_for(
+                lambda: (
+                    reserved_on.get(private_id) not in (None, first)
+                    and relay._relay.resource_manager.has_reservation(private_id)
+                ),  # type: ignore[union-attr]
+                30,
+                "the node's reservation on its new connection",
+            )
+        return still_open(host, peer, muxed)
+
+    monkeypatch.setattr(relay_module, "_still_open", redialed_meanwhile)
+    relay.budget_usage()  # the metrics thread's read
+    if reserved_on.get(private_id) is first:  # the read did not look: redial now
+        _close_and_redial(private, relay)
+    dialer = _transport("public", relay.addrs())
+    started.append(dialer)
+    dialer.learn_addrs(private.peer_id, [circuit])
+
+    def pinged() -> bool:
+        try:
+            return dialer.ping(private.peer_id) > 0
+        except NetworkError:
+            return False
+
+    wait_for(pinged, 30, "a ping through the relay after the usage was read")
+    assert relay.budget_usage()["relay_reservations"][0] == 1

@@ -95,14 +95,16 @@ SUPERSEDE_CLOSE_S = 5.0
 
 
 class _ConnectionEvents(INotifee):
-    """Forget a peer's outbound stream once its last connection closes; put new
-    peers (inbound ones too) in the DHT routing table."""
+    """Forget a peer's outbound stream once its last connection closes, and end the
+    relay reservation made on a connection that closed; put new peers (inbound ones
+    too) in the DHT routing table."""
 
     def __init__(self, transport: Libp2pTransport) -> None:
         self._transport = transport
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         self._transport._forget_if_disconnected(conn.muxed_conn.peer_id)
+        self._transport._relay_connection_closed(conn)
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
         pass
@@ -376,6 +378,10 @@ class Libp2pTransport(Unicast, Gossip):
             yield
 
     # ---- reachability and relays (dms.network.reachability, dms.network.relay) ------
+
+    def _relay_connection_closed(self, conn: INetConn) -> None:
+        if self._relay is not None:
+            self._relay.connection_closed(conn)
 
     def _supersede(self, network: INetwork, conn: INetConn) -> None:
         """A peer that dials this node again while it holds a direct connection from

@@ -275,8 +275,20 @@ class BudgetedRelay(CircuitV2Protocol):
 
     @property
     def reservations(self) -> int:
-        self._end_closed_reservations()
-        return len(self.resource_manager._reservations)
+        """Reservations held (unexpired). Only counts: the metrics thread reads it
+        (``usage``), and a clean-up from there could take a reservation the network
+        thread had just made again on a peer's new connection; the network thread ends
+        reservations (``connection_closed``, ``_end_closed_reservations``)."""
+        held = list(self.resource_manager._reservations.values())
+        return sum(1 for reservation in held if not reservation.is_expired())
+
+    def connection_closed(self, conn: INetConn) -> None:
+        """End the reservation made on ``conn`` (network thread: the disconnect
+        event). One renewed since on another connection is that one's, and stays."""
+        peer = conn.muxed_conn.peer_id
+        if self._reserved_on.get(peer) is conn.muxed_conn:
+            del self._reserved_on[peer]
+            self.resource_manager._reservations.pop(peer, None)
 
     def _end_closed_reservations(self) -> None:
         """A reservation lasts while the connection it was made on does (circuit v2:
@@ -284,7 +296,8 @@ class BudgetedRelay(CircuitV2Protocol):
         until its TTL (an hour) and takes any later connection of the peer as its own:
         a peer that left still held a slot of ``max_reservations``, and one that
         redialed was reachable or not depending on whether it noticed and reserved
-        again (RelayClient.keep_reservations now does, on the new connection)."""
+        again (RelayClient.keep_reservations now does, on the new connection).
+        Network thread only (the handlers; ``connection_closed`` ends most at once)."""
         with contextlib.suppress(Exception):
             self.resource_manager._clean_expired()
         held = self.resource_manager._reservations
@@ -312,6 +325,7 @@ class BudgetedRelay(CircuitV2Protocol):
                 stream, StatusCode.PERMISSION_DENIED, RelayRefusal.NOT_A_RELAY, "not a relay"
             )
             return
+        self._end_closed_reservations()
         if not self.resource_manager.has_reservation(peer) and (
             self.reservations >= s.max_reservations
         ):
@@ -326,7 +340,6 @@ class BudgetedRelay(CircuitV2Protocol):
         # the message's optional peer field when set, so one connection reserved every
         # slot in made-up names (the check above looks at the sender).
         msg.ClearField("peer")
-        self._end_closed_reservations()
         # Before the reservation exists (py-libp2p's handler awaits): it is this
         # connection's from the start, or renewed, moves to it.
         self._reserved_on[peer] = stream.muxed_conn

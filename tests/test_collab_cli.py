@@ -79,6 +79,36 @@ class Network:
             daemon.stop()
 
 
+def test_result_wait_that_ends_without_a_result_fails_with_the_reason(tmp_path: Path) -> None:
+    """``result --wait`` that waited and got no result exits non-zero and says where the
+    collaboration stands (here: nobody to place the aggregator, the other owner never
+    joins); with --json the status is still printed, with the reason as ``error``."""
+    home = tmp_path / "alice"
+    init_homes(home)
+    np.savetxt(home / "rows.csv", IRIS[:20], delimiter=",", fmt="%.17g")
+    daemon = Daemon(home)
+    try:
+        args = ["mine", "collab", "propose", "--data", str(home / "rows.csv"), "--k", "2"]
+        args += ["--owners", "12D3KooWAbsentOwnerAbsentOwnerAbsentOwnerAbsent"]
+        done = dms(home, *args, "--out", str(tmp_path / "p.json"), "--json")
+        assert done.returncode == 0, done.stderr
+        collab_id = json.loads(done.stdout)["collab_id"]
+        wait = ["mine", "collab", "result", collab_id, "--wait", "1", "--out", str(tmp_path / "o")]
+        done = dms(home, *wait)
+        assert done.returncode != 0
+        assert "no result after waiting 1 s: the collaboration is still at" in done.stderr
+        assert collab_id in done.stdout  # the status table first
+        done = dms(home, *wait, "--json")
+        assert done.returncode != 0 and "no result after waiting 1 s" in done.stderr
+        shown = json.loads(done.stdout)
+        assert shown["error"].startswith("no result after waiting 1 s") and "result" not in shown
+        assert not (tmp_path / "o").exists()
+        status = dms_json(home, "mine", "collab", "result", collab_id)  # no wait: a status
+        assert status["phase"] != "completed" and status["error"] is None
+    finally:
+        daemon.stop()
+
+
 def test_three_owners_propose_join_and_get_the_joint_clustering(tmp_path: Path) -> None:
     net = Network(tmp_path)
     bob, files = net.bob, net.files

@@ -182,7 +182,24 @@ def result(
         )
     if answer["session"]:
         shown["session"] = {k: answer["session"].get(k) for k in ("phase", "round", "reason")}
+    # A wait that ended without this owner's result is a failure, with its reason (the
+    # status is shown first, so the user sees where the collaboration stands).
+    missing = _no_result(answer, wait) if found is None and wait > 0 else None
     if as_json:
-        emit_json({**answer, "out": str(out) if out else None})
+        emit_json({**answer, "out": str(out) if out else None, "error": missing})
     else:
         emit_fields(shown, "collaboration")
+    if missing is not None:
+        raise CollabError(missing)
+
+
+def _no_result(answer: dict[str, Any], wait: float) -> str:
+    """Why ``result --wait`` ended without this owner's result."""
+    session = answer["session"] or {}
+    if answer["phase"] in COLLAB.terminal:
+        return f"the collaboration is {answer['phase']} but this node holds no result"
+    where = f"phase {session.get('phase') or answer['phase']}"
+    if session.get("round") is not None:
+        where += f", round {session['round']}"
+        where += f" of {session['rounds']}" if session.get("rounds") else ""
+    return f"no result after waiting {wait:g} s: the collaboration is still at {where}"

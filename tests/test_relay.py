@@ -22,7 +22,12 @@ from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 
 from dms.network.host import Libp2pTransport
 from dms.network.loop import NetworkError
-from dms.network.reachability import AUTONAT_PROTOCOL_ID, Reachability, network_of
+from dms.network.reachability import (
+    AUTONAT_PROTOCOL_ID,
+    UNDECIDED_ASKS,
+    Reachability,
+    network_of,
+)
 from dms.network.relay import HOP_PROTOCOL, RelayRefusal, is_relayed
 from dms.network.settings import NetworkSettings, RelaySettings
 from dms.network.transfer import Courier, TransferError
@@ -196,6 +201,38 @@ def test_a_peer_that_never_answers_the_dial_back_does_not_make_a_node_private(
         started.append(_transport("auto", ip=ip))
         first.connect(started[-1].addrs()[0])
     wait_for(lambda: first.reachability() is Reachability.PUBLIC, 60, "two confirmations")
+
+
+def test_a_node_that_cannot_reach_a_verdict_stops_asking_each_new_peer(
+    started: list[Libp2pTransport],
+) -> None:
+    """Nodes on one loopback address are one network: two confirmations from distinct
+    networks never come, so a node stays 'unknown'. It asked every peer that connected
+    to dial it back (a stream and a handshake each), every second, and never waited
+    for the recheck: in a simulation of hundreds of nodes, a dial-back per new
+    connection. It now asks at most UNDECIDED_ASKS peers, then waits for the recheck
+    as a decided node does."""
+    first = _transport("auto")
+    started.append(first)
+    assert first._dialback is not None
+    dialback = first._dialback
+    peers = UNDECIDED_ASKS + 4
+    for _ in range(peers):
+        started.append(_transport("public"))
+        first.connect(started[-1].addrs()[0])
+    wait_for(
+        lambda: dialback.requests >= peers or dialback.rechecking_at is not None,
+        60,
+        "the node asking every peer, or waiting for its recheck",
+    )
+    assert dialback.requests <= UNDECIDED_ASKS, f"{dialback.requests} dial-back requests"
+    assert first.reachability() is Reachability.UNKNOWN
+    # Peers that connect while it waits are not asked.
+    for _ in range(2):
+        started.append(_transport("public"))
+        first.connect(started[-1].addrs()[0])
+    assert dialback.rechecking_at is not None
+    assert dialback.requests == UNDECIDED_ASKS
 
 
 def test_a_peer_opening_circuits_without_end_is_refused(started: list[Libp2pTransport]) -> None:

@@ -14,9 +14,12 @@ IPv4 address, the /48 of an IPv6 one, the address itself on loopback), so one ly
 or mistaken peer cannot, nor one attacker with many keys on one machine; short of
 that, one peer that failed makes it ``private`` (a NATed node's listen address is
 not the IP its peers see, so they refuse to dial it); with fewer confirmations
-and no failure it stays ``unknown`` and asks the next peers it connects to. A
-peer that does not answer gives no verdict (it did not try to dial): it is not
-asked again until the next recheck.
+and no failure it stays ``unknown`` and asks the next peers it connects to, up to
+``UNDECIDED_ASKS`` (8) peers, then waits for the recheck as a decided node does:
+nodes on one loopback address (a simulation) never reach two networks, and asked
+every peer that connected, each a stream and a handshake. A peer that does not
+answer gives no verdict (it did not try to dial): it is not asked again until the
+next recheck.
 ``NetworkSettings.reachability`` forces either answer. See specs/network.md,
 "Reachability".
 """
@@ -48,6 +51,9 @@ QUERY_TIMEOUT_S = 8.0
 ASK_PEERS = 4
 FIRST_CHECK_EVERY_S = 1.0
 RECHECK_S = 300.0
+# Peers asked without a verdict (still unknown) before the check waits for the
+# recheck, as a decided one does.
+UNDECIDED_ASKS = 8
 # Peers on distinct networks (network_of) that must have dialed this node back for
 # it to be public.
 CONFIRMATIONS = 2
@@ -87,6 +93,11 @@ class DialBack(AutoNATService):
         # so a few silent peers cannot keep the answering ones from being asked.
         self.silent: set[ID] = set()
         self.confirmed_addr: str | None = None
+        # Dial-back requests this node sent (for tests and status).
+        self.requests = 0
+        # The next recheck (trio time) while the check waits for it; None while it
+        # asks every FIRST_CHECK_EVERY_S.
+        self.rechecking_at: float | None = None
         self.changed = trio.Event()
 
     @property
@@ -140,6 +151,7 @@ class DialBack(AutoNATService):
             for a in self.host.get_addrs()
             if "/p2p-circuit" not in str(a) and _addr_ip(a) not in ("0.0.0.0", "::")
         ]
+        self.requests += 1
         try:
             status, addr = await self.query_server(peer, addrs, timeout=QUERY_TIMEOUT_S)
         except Exception as exc:
@@ -151,19 +163,22 @@ class DialBack(AutoNATService):
         return ok
 
     async def run(self, peers: Any) -> None:
-        """Ask connected peers until there is a verdict, then every ``RECHECK_S``."""
+        """Ask connected peers until there is a verdict, then every ``RECHECK_S``; a
+        check still without one after asking ``UNDECIDED_ASKS`` peers waits for the
+        recheck too."""
+        undecided_asks = 0  # peers asked since the last recheck while unknown
         while True:
             if self.reachability is Reachability.UNKNOWN:
                 asked = [p for p in peers() if p not in self.verdicts and p not in self.silent]
-                asked = asked[:ASK_PEERS]
+                asked = asked[: min(ASK_PEERS, UNDECIDED_ASKS - undecided_asks)]
             else:  # a recheck: fresh verdicts replace the old ones peer by peer
                 asked = list(peers())[:ASK_PEERS]
-                self.silent.clear()
             before = self.reachability
             for peer in asked:
                 with contextlib.suppress(Exception):
                     if AUTONAT_PROTOCOL_ID not in self.host.get_peerstore().get_protocols(peer):
                         continue
+                undecided_asks += before is Reachability.UNKNOWN
                 verdict = await self.ask(peer)
                 if verdict is None:
                     self.silent.add(peer)
@@ -174,7 +189,17 @@ class DialBack(AutoNATService):
                 log.info("reachability: %s", self.reachability)
                 self.changed.set()
                 self.changed = trio.Event()
-            if self.reachability is Reachability.UNKNOWN:
+            if self.reachability is Reachability.UNKNOWN and undecided_asks < UNDECIDED_ASKS:
                 await trio.sleep(FIRST_CHECK_EVERY_S)
-            else:
-                await trio.sleep(RECHECK_S)
+                continue
+            if self.reachability is Reachability.UNKNOWN:
+                log.info(
+                    "reachability: unknown after asking %d peers; asking again in %.0f s",
+                    undecided_asks,
+                    RECHECK_S,
+                )
+            self.rechecking_at = trio.current_time() + RECHECK_S
+            await trio.sleep(RECHECK_S)
+            self.rechecking_at = None
+            undecided_asks = 0
+            self.silent.clear()

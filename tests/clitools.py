@@ -121,9 +121,25 @@ def submit(home: Path, job: Path, times: int) -> list[str]:
 
 
 class Daemon:
+    """``dms run`` for ``home``. Its log (stderr) goes to a file beside the home, appended
+    to by a restart in the same home (``stderr()``): a pipe nobody reads fills after
+    64 KiB and the daemon's next log line blocks the thread that writes it (a provider
+    stuck mid-call froze a 40-round collaboration at round 39, and a daemon so blocked
+    does not stop on SIGTERM)."""
+
     def __init__(self, home: Path, *extra: str) -> None:
         self.home = home
-        self.proc = subprocess.Popen(
+        self.log = home.with_name(f"{home.name}.stderr")
+        with self.log.open("a") as log:
+            self.proc = self._start(home, log, extra)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, self.stderr() or "no output"
+        self.info = json.loads(line)
+
+    @staticmethod
+    def _start(home: Path, log: Any, extra: tuple[str, ...]) -> subprocess.Popen[str]:
+        return subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -138,13 +154,13 @@ class Daemon:
             ],
             env=env_for(home),
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=log,
             text=True,
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, self.proc.stderr.read() if self.proc.stderr else "no output"
-        self.info = json.loads(line)
+
+    def stderr(self) -> str:
+        """What the daemon logged (every run in this home, in order)."""
+        return self.log.read_text()
 
     @classmethod
     def joining(cls, first: Daemon, *homes: Path) -> list[Daemon]:

@@ -45,8 +45,7 @@ def test_the_daemon_logs_peers_bids_allocations_and_mining_rounds(tmp_path: Path
     finally:
         requester.stop()
         worker.stop()
-    assert worker.proc.stderr is not None and requester.proc.stderr is not None
-    records = [json.loads(line) for line in worker.proc.stderr.read().splitlines()]
+    records = [json.loads(line) for line in worker.stderr().splitlines()]
     assert records and all(set(r) >= {"time", "level", "logger", "message"} for r in records)
     said = "\n".join(r["message"] for r in records)
     owner_id = requester.info["peer_id"]
@@ -64,7 +63,7 @@ def test_the_daemon_logs_peers_bids_allocations_and_mining_rounds(tmp_path: Path
     assert re.search(r"allocation \w+ started: w\.0 of deployment \w+ \(compute\)", said)
     # libp2p's connection manager reports every 10 s at INFO: not at this level
     assert not [r for r in records if r["logger"].startswith("libp2p") and r["level"] != "WARNING"]
-    text = requester.proc.stderr.read().splitlines()
+    text = requester.stderr().splitlines()
     lines = [line for line in text if not line.startswith((" ", "Traceback"))]
     assert all(TEXT_LINE.match(line) for line in lines), lines
     assert any("mining session" in line and "being placed" in line for line in lines)
@@ -101,3 +100,20 @@ def test_libp2p_chatter_is_debug_and_json_lines_are_one_object() -> None:
     parsed = json.loads(line)
     assert parsed["message"] == "a\nb c" and "ValueError: boom" in parsed["exception"]
     assert parsed["time"].endswith("+00:00")
+
+
+def test_a_daemon_that_logs_more_than_a_pipe_holds_still_answers_and_stops(
+    tmp_path: Path,
+) -> None:
+    """The test daemons' log goes to a file: to a pipe nobody read, a daemon's 64 KiB'th
+    byte blocked the thread that logged it (a provider stuck mid-call froze a 40-round
+    collaboration at round 39; a daemon so blocked did not stop on SIGTERM)."""
+    home = tmp_path / "chatty"
+    init_homes(home, config='heartbeat_s = 0.5\nlog_level = "DEBUG"\n')
+    daemon = Daemon(home)
+    try:
+        wait_for(lambda: daemon.log.stat().st_size > 80 * 1024, 60, "80 KiB of log")
+        assert dms_json(home, "peers", "list") == []
+    finally:
+        assert daemon.stop() == 0
+    assert "DEBUG" in daemon.stderr()

@@ -361,8 +361,7 @@ def test_a_dial_that_recovers_is_not_an_error(tmp_path: Path) -> None:
         early.stop()
         if late is not None:
             late.stop()
-    assert early.proc.stderr is not None
-    said = early.proc.stderr.read()
+    said = early.stderr()
     assert " ERROR " not in said, said
     assert "Failed to open TCP stream" not in said, said
 

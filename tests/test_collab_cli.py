@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dms.cli.collab import _no_result
 from dms.mining.data import read_table
 from dms.mining.plain import ClusteringParams, kmeans
 from tests.clitools import Daemon, dms, dms_json, init_homes, side_by_side
@@ -107,6 +108,19 @@ def test_result_wait_that_ends_without_a_result_fails_with_the_reason(tmp_path: 
         assert status["phase"] != "completed" and status["error"] is None
     finally:
         daemon.stop()
+
+
+def test_result_wait_says_the_aggregator_was_lost_when_the_round_waits_for_a_new_one() -> None:
+    """As a provider whose aggregator stopped answering left it (round 39 of 40, then
+    no provider to place a new one): the reason names the loss, not only the round."""
+    lost = "the aggregator failed: timeout: no reply from did:key:z6Mk to /dms/allocation/session"
+    session = {"phase": "rounds", "round": 39, "rounds": 40, "aggregator_losses": [
+        {"peer_id": "12D3KooWProvider", "reason": lost}]}  # fmt: skip
+    why = _no_result({"phase": "rounds", "session": session}, 180)
+    assert why == (
+        "no result after waiting 180 s: the collaboration is still at phase rounds, round 39 "
+        f"of 40; its aggregator was lost 1 time(s), last: {lost}"
+    )
 
 
 def test_three_owners_propose_join_and_get_the_joint_clustering(tmp_path: Path) -> None:

@@ -202,4 +202,8 @@ def _no_result(answer: dict[str, Any], wait: float) -> str:
     if session.get("round") is not None:
         where += f", round {session['round']}"
         where += f" of {session['rounds']}" if session.get("rounds") else ""
-    return f"no result after waiting {wait:g} s: the collaboration is still at {where}"
+    why = f"no result after waiting {wait:g} s: the collaboration is still at {where}"
+    losses = session.get("aggregator_losses") or []
+    if losses:  # the round waits for a new aggregator: say why the last one went
+        why += f"; its aggregator was lost {len(losses)} time(s), last: {losses[-1]['reason']}"
+    return why

@@ -20,6 +20,8 @@ PEERS_NAMED = 5  # per waiting slot, the peers whose reason is shown
 PLACING = ("open", "committing", "allocating")
 # How a deployment that could not place a slot in time says so (dms/orchestrator).
 NOT_PLACED = "not placed within the deadline"
+# How it names a provider the peer table says is gone (dms/orchestrator/base.py).
+GONE = "the provider is gone"
 
 
 def placement_hint(reason: str, shards: int | None = None) -> str | None:
@@ -27,6 +29,13 @@ def placement_hint(reason: str, shards: int | None = None) -> str | None:
     for a mining job (None: a deployment)."""
     if NOT_PLACED not in reason:
         return None
+    if GONE in reason:
+        # More providers would not help when the ones that could take it left.
+        return (
+            "hint: a provider that could take it left or stopped answering: see who is "
+            "up (dms peers), then try again"
+            + (" or mine on this machine (--local)" if shards is not None else "")
+        )
     if shards is not None:
         fewer = "ask for fewer workers (--shards 1), " if shards > 1 else ""
         return (

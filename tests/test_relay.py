@@ -68,6 +68,16 @@ def relayed(t: Libp2pTransport) -> list[str]:
     return [a for a in t.addrs() if is_relayed(a)]
 
 
+def _reserved(started: list[Libp2pTransport]) -> tuple[Libp2pTransport, Libp2pTransport]:
+    """A relay and a private node that holds a reservation on it."""
+    relay = _transport("public")
+    started.append(relay)
+    private = _transport("private", relay.addrs())
+    started.append(private)
+    wait_for(lambda: relayed(private), what="a reservation on the relay")
+    return relay, private
+
+
 def test_a_private_node_is_reached_through_the_relay(started: list[Libp2pTransport]) -> None:
     relay = _transport("public")
     started.append(relay)
@@ -375,11 +385,7 @@ def test_circuits_are_accepted_only_from_a_relay_the_node_reserved_on(
     """A STOP stream hands the node a connection in the name of any key the sender
     likes: any peer could pose as a relay. A node now takes circuits only from relays
     it holds a reservation on, and refuses the others with the reason."""
-    relay = _transport("public")
-    started.append(relay)
-    private = _transport("private", relay.addrs())
-    started.append(private)
-    wait_for(lambda: relayed(private), what="a reservation on the relay")
+    relay, private = _reserved(started)
     poser = _transport("public", private.addrs())
     started.append(poser)
     wait_for(lambda: poser.is_connected(private.peer_id), what="the poser's connection")
@@ -426,11 +432,7 @@ def test_a_node_that_redials_its_relay_reserves_again_on_the_new_connection(
     connection to the relay): no reservation was made again and no one reached it
     through the relay. It now reserves again on the new connection; and the relay
     frees the slot of a node that left (py-libp2p kept it for an hour)."""
-    relay = _transport("public")
-    started.append(relay)
-    private = _transport("private", relay.addrs())
-    started.append(private)
-    wait_for(lambda: relayed(private), what="a reservation on the relay")
+    relay, private = _reserved(started)
     circuit = relayed(private)[0]
     _close_and_redial(private, relay)
     dialer = _transport("public", relay.addrs())  # public: it reserves nothing itself
@@ -465,11 +467,7 @@ def test_reading_the_relays_usage_never_ends_a_live_reservation(
     connection waits for the node to close it, redial and reserve again."""
     import dms.network.relay as relay_module
 
-    relay = _transport("public")
-    started.append(relay)
-    private = _transport("private", relay.addrs())
-    started.append(private)
-    wait_for(lambda: relayed(private), what="a reservation on the relay")
+    relay, private = _reserved(started)
     circuit = relayed(private)[0]
     private_id = ID.from_base58(private.peer_id)
     assert relay._relay is not None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,14 +35,6 @@ from tests.test_orchestrator import TERMINAL, deploy, spec, wait_known, wait_sta
 def net(cluster: LocalCluster) -> LocalCluster:
     cluster.settings.update(heartbeat_s=0.5, orphan_s=3.0)
     return cluster
-
-
-@pytest.fixture
-def bare_peers() -> Iterator[list[BarePeer]]:
-    peers: list[BarePeer] = []
-    yield peers
-    for peer in peers:
-        peer.close()
 
 
 def keys(victim: Node, count: int, into: list[BarePeer]) -> list[BarePeer]:

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
@@ -53,14 +52,6 @@ class Listener(Actor):
     @behaviour(TOPIC, public=True, topic=TOPIC)
     def hear(self, request: Request) -> None:
         self.heard.append((request.sender.address.host, request.payload))
-
-
-@pytest.fixture
-def bare_peers() -> Iterator[list[BarePeer]]:
-    peers: list[BarePeer] = []
-    yield peers
-    for peer in peers:
-        peer.close()
 
 
 def transport_refusals(node: Node, code: str) -> int:

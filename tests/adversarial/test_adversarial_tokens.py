@@ -12,10 +12,7 @@ against real nodes on loopback (the attacker is a bare py-libp2p host).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from dms.actor import ErrorCode
 from dms.network import gossip
@@ -35,14 +32,6 @@ PROBE = {
 }
 
 
-@pytest.fixture
-def peers() -> Iterator[list[BarePeer]]:
-    made: list[BarePeer] = []
-    yield made
-    for peer in made:
-        peer.close()
-
-
 def owner(node: Node, behaviour: str, payload: Any = None) -> Any:
     assert node.node is not None
     return node.node.ask(node.node.handle, behaviour, payload, timeout=10)
@@ -57,11 +46,11 @@ def ask_with(peer: BarePeer, node: Node, behaviour: str, payload: Any, caps: lis
 
 
 def test_every_token_chain_gets_an_answer_with_its_reason(
-    cluster: LocalCluster, peers: list[BarePeer]
+    cluster: LocalCluster, bare_peers: list[BarePeer]
 ) -> None:
     (node,) = cluster.start(1)
     attacker = BarePeer(node.addrs()[0], actor=True)
-    peers.append(attacker)
+    bare_peers.append(attacker)
     me = attacker.identity.public_key
     cases = {
         9: ("forbidden", "depth_exceeded"),
@@ -79,7 +68,7 @@ def test_every_token_chain_gets_an_answer_with_its_reason(
 
 
 def test_a_member_flooding_junk_revocations_cannot_hold_back_a_real_one(
-    cluster: LocalCluster, peers: list[BarePeer]
+    cluster: LocalCluster, bare_peers: list[BarePeer]
 ) -> None:
     cluster.settings.update(deployment_policy="tokens", heartbeat_s=0.5)
     founder, victim = cluster.start(2)
@@ -90,7 +79,7 @@ def test_a_member_flooding_junk_revocations_cannot_hold_back_a_real_one(
     owner(victim, "/dms/cap/anchor", {"provide": ticket.raw})
     # So does the attacker: a member with a token it may delegate below.
     member = BarePeer(victim.addrs()[0], actor=True, gossip=True)
-    peers.append(member)
+    bare_peers.append(member)
     token = grant(founder.identity, member.identity.public_key, ["/dms/deployment"],
                   expires_in_s=30 * DAY, depth=1)  # fmt: skip
     owner(founder, "/dms/cap/anchor", {"issued": token.raw})
@@ -121,7 +110,7 @@ def test_a_member_flooding_junk_revocations_cannot_hold_back_a_real_one(
 
 
 def test_a_members_revocations_past_its_budget_are_dropped_and_not_passed_on(
-    cluster: LocalCluster, peers: list[BarePeer]
+    cluster: LocalCluster, bare_peers: list[BarePeer]
 ) -> None:
     """Every node that passed a junk revocation forwarded it to its mesh: one member's
     300 (published in 0.6 s) cost each node of the network two signature checks and a
@@ -134,7 +123,7 @@ def test_a_members_revocations_past_its_budget_are_dropped_and_not_passed_on(
     founder, victim = cluster.start(2)
     cluster.wait_linked()
     member = BarePeer(victim.addrs()[0], actor=True, gossip=True)
-    peers.append(member)
+    bare_peers.append(member)
     token = grant(founder.identity, member.identity.public_key, ["/dms/deployment"],
                   expires_in_s=30 * DAY, depth=1)  # fmt: skip
     member.subscribe(REVOCATION_TOPIC)
@@ -209,14 +198,14 @@ def test_own_revocations_paced_past_an_envelopes_lifetime_are_still_heard(
 
 
 def test_new_chains_beyond_the_budget_are_refused_with_a_reason(
-    cluster: LocalCluster, peers: list[BarePeer]
+    cluster: LocalCluster, bare_peers: list[BarePeer]
 ) -> None:
     """Each new chain costs up to 8 signature checks in the node actor; a peer showing a
     fresh one with every request had no limit but its frame rate."""
     cluster.settings.update(chain_checks_per_peer_per_s=1.0)
     (node,) = cluster.start(1)
     attacker = BarePeer(node.addrs()[0], actor=True)
-    peers.append(attacker)
+    bare_peers.append(attacker)
     me = attacker.identity.public_key
     codes = []
     for _ in range(10):

@@ -11,24 +11,12 @@ is onboarded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from dms.node.node import BROADCAST_TOPIC
 from dms.orchestrator.messages import BID, DEPLOYMENT_TOPIC, REQUEST, BidRequest
 from dms.resources import Resources
 from dms.sim.adversary import BarePeer
 from dms.sim.cluster import LocalCluster
 from tests.conftest import wait_for
-
-
-@pytest.fixture
-def peers() -> Iterator[list[BarePeer]]:
-    made: list[BarePeer] = []
-    yield made
-    for peer in made:
-        peer.close()
 
 
 def bid_request(peer: BarePeer, deployment: str) -> bytes:
@@ -41,12 +29,12 @@ def bid_request(peer: BarePeer, deployment: str) -> bytes:
 
 
 def test_a_node_is_on_the_deployment_topic_only_while_it_is_onboarded(
-    cluster: LocalCluster, peers: list[BarePeer]
+    cluster: LocalCluster, bare_peers: list[BarePeer]
 ) -> None:
     (node,) = cluster.start(1)
     assert node.ledger is not None
     peer = BarePeer(node.addrs()[0], actor=True, gossip=True)
-    peers.append(peer)
+    bare_peers.append(peer)
     # The node's subscriptions reached the peer (it is on the broadcast topic) ...
     wait_for(
         lambda: node.peer_id in peer.mesh_peers(BROADCAST_TOPIC),

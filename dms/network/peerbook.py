@@ -99,8 +99,10 @@ class PeerBook:
         them, at most ``max_unstaked``."""
         if len(newest) <= self.max_unstaked:
             return []
-        staked = [p for p in newest if stake(p)]
-        unstaked = [p for p in newest if not stake(p)]
+        staked: list[str] = []
+        unstaked: list[str] = []
+        for peer in newest:  # one question a peer: the answer may change meanwhile
+            (staked if stake(peer) else unstaked).append(peer)
         kept = len(staked[: self.max_peers])
         room = min(self.max_peers - kept, self.max_unstaked)
         return staked[self.max_peers :] + unstaked[room:]

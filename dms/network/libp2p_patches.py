@@ -245,12 +245,22 @@ def _repeat_subscriptions_to_new_streams() -> bool:
     if not all(hasattr(Pubsub, n) for n in needed):
         log.info("py-libp2p's pubsub changed shape; subscriptions are announced as before")
         return False
+    from libp2p.tools.anyio_service.exceptions import LifecycleError
+
     read_stream = Pubsub.continuously_read_stream
 
     async def read_stream_and_tell_topics(self: Any, stream: Any) -> None:
         if self.manager.is_running:
             self.manager.run_task(tell_topics_when_writable, self, stream.muxed_conn.peer_id)
-        await read_stream(self, stream)
+        try:
+            await read_stream(self, stream)
+        except (RuntimeError, LifecycleError) as err:
+            # A message read while the node stops: pubsub's task nursery is already
+            # closed, and py-libp2p's handler raised into the swarm's log as a
+            # traceback on every such stop. The stream ends with the pubsub.
+            if self.manager.is_running and "closed to new arrivals" not in str(err):
+                raise
+            log.debug("pubsub stream from %s ended with the node: %s", stream, err)
 
     Pubsub.continuously_read_stream = read_stream_and_tell_topics
     return True

@@ -304,7 +304,9 @@ def test_a_slot_that_times_out_after_its_peer_left_says_the_peer_is_gone(
     assert f"{gone}; before: {declined}" in summary
 
 
-@pytest.mark.parametrize("strategy", ["score", "round-robin", "two-choices", "random"])
+@pytest.mark.parametrize(
+    "strategy", ["score", "round-robin", "two-choices", "random", "first-offer"]
+)
 def test_every_strategy_places_and_explains(net: LocalCluster, strategy: str) -> None:
     requester, _ = network(net, 3)
     dep = deploy(requester, spec(count=3, strategy=strategy, params={"seconds": 0}))
@@ -317,8 +319,33 @@ def test_every_strategy_places_and_explains(net: LocalCluster, strategy: str) ->
         "round-robin": "won: next in round-robin order",
         "two-choices": "won: ",
         "random": "won: drawn at random",
+        "first-offer": "won: first in of ",
     }[strategy]
     assert won and all(r.startswith(expected) for r in won)
+
+
+def test_first_offer_places_on_the_first_answer_and_reverts_the_slower_peers_bid(
+    tmp_path: Path,
+) -> None:
+    """Late binding: a round of ``first-offer`` closes on the first offer for each slot
+    instead of waiting for every asked peer (or the window). The slower peer's bid,
+    arriving after the slot was placed, is reverted: its lease is released, and it is
+    never in the deployment's bid rows."""
+    plan = FaultPlan()
+    with LocalCluster(tmp_path / "late", faults=plan, heartbeat_s=HEARTBEAT) as net:
+        requester, (fast, slow) = network(net, 2)
+        # Every frame between the requester and the slow provider takes 3 s each way.
+        plan.link(LinkRule(frozenset({requester.peer_id}), frozenset({slow.peer_id}), 3.0))
+        job = spec(strategy="first-offer", bid_window_s=30, deadline_s=60, lease_s=60)
+        dep = deploy(requester, job)
+        done = wait_state(requester, dep, TERMINAL, 30)
+        assert done["state"] == "completed", done["events"]
+        # The slow provider did bid (it locked a lease), and the lease went back.
+        wait_for(lambda: lease_states(slow, dep) == ["released"], 30, "the late bid reverted")
+        manifest = owner(requester, "/dms/node/deployment/manifest", {"id": dep})
+        rows = {(b["peer_id"], b["outcome"]) for b in manifest["bids"]}
+        assert rows == {(fast.peer_id, "won")}, manifest["bids"]
+        plan.close()
 
 
 def test_shutdown_stops_running_allocations_and_releases_them(net: LocalCluster) -> None:

@@ -59,7 +59,7 @@ ShardsOption = Annotated[
     int, typer.Option("--shards", min=1, max=64, help="Workers the rows are split across.")
 ]
 StrategyOption = Annotated[
-    str, typer.Option("--strategy", help="score, round-robin, two-choices or random.")
+    str, typer.Option("--strategy", help="score, round-robin, two-choices, random or first-offer.")
 ]
 MaxPriceOption = Annotated[
     float | None, typer.Option("--max-price", min=0, help="Most a worker may ask.")

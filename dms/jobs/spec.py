@@ -21,8 +21,8 @@ from dms.jobs.executors import ExecutorError, check_allocation
 from dms.resources import Resources
 from dms.yamlfile import parse_lined
 
-Strategy = Literal["score", "round-robin", "two-choices", "random"]
-STRATEGIES: tuple[str, ...] = ("score", "round-robin", "two-choices", "random")
+Strategy = Literal["score", "round-robin", "two-choices", "random", "first-offer"]
+STRATEGIES: tuple[str, ...] = ("score", "round-robin", "two-choices", "random", "first-offer")
 MAX_SLOTS = 256
 
 

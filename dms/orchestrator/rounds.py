@@ -319,18 +319,24 @@ class BidRounds:
     def _maybe_close(self, rid: int) -> None:
         if not self._gossiped and self._asked <= self._answered:
             self._close(rid)
+        elif self.book.spec.strategy == "first-offer" and not self._short_of_offers():
+            self._close(rid)  # late binding: the first offers win, the later are reverted
+
+    def _short_of_offers(self) -> bool:
+        """Whether a slot has no offer yet or (``distinct_peers``) too few peers
+        offered to keep the slots apart."""
+        if any(not offers for offers in self._offers.values()):
+            return True
+        bidders = {c.peer_id for offers in self._offers.values() for c in offers}
+        return self.book.spec.distinct_peers and len(bidders) < len(self._offers)
 
     def _window_ends(self, rid: int) -> None:
-        """Close the round, unless asked peers still owe an answer and either a slot has
-        no offer yet or (``distinct_peers``) too few peers offered to keep the slots
-        apart: busy providers answer late, and a round closed without them would be
-        retried anyway, or would stack slots on one peer. Then wait for them, up to
-        the bid request's own timeout."""
+        """Close the round, unless asked peers still owe an answer and it is short of
+        offers (``_short_of_offers``): busy providers answer late, and a round closed
+        without them would be retried anyway, or would stack slots on one peer. Then
+        wait for them, up to the bid request's own timeout."""
         waiting = self._asked - self._answered
-        empty = [name for name, offers in self._offers.items() if not offers]
-        bidders = {c.peer_id for offers in self._offers.values() for c in offers}
-        crowded = self.book.spec.distinct_peers and len(bidders) < len(self._offers)
-        if (empty or crowded) and waiting and not self._gossiped:
+        if self._short_of_offers() and waiting and not self._gossiped:
             self.messenger.call_later(BID_GRACE_S, lambda: self._close(rid))
             return
         self._close(rid)

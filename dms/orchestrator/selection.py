@@ -1,4 +1,5 @@
-"""Choosing among bids: ``score``, ``round-robin``, ``two-choices``, ``random``.
+"""Choosing among bids: ``score``, ``round-robin``, ``two-choices``, ``random``,
+``first-offer``.
 
 Each strategy assigns every open slot at most one offer, and says why every
 offer won or lost; the requester records those reasons with the decision.
@@ -12,6 +13,10 @@ and puts a mining job's shards on distinct peers when enough bid); ties go to th
 lower peer id. The other three are the reference system's load balancers,
 run by the requester: a round-robin cursor over peer ids, the better of two
 random offers (more free cpu wins), and a uniformly random offer.
+``first-offer`` is late binding, as Sparrow schedules: the offer that came in
+first wins, and its round closes as soon as every open slot has one (the
+peer that answers first is the one with time to spare now; the round does
+not wait for the slower one).
 """
 
 from __future__ import annotations
@@ -166,6 +171,10 @@ def select(
                 else "lost: not among the two drawn"
                 for c in candidates
             }
+        elif strategy == "first-offer":
+            chosen = next(c for c in offers[slot] if c in candidates)  # in arrival order
+            why_won = f"won: first in of {len(candidates)} offer(s)"
+            why_lost = {c.peer_id: "lost: another offer came in first" for c in candidates}
         elif strategy == "random":
             chosen = rng.choice(candidates)
             why_won = f"won: drawn at random from {len(candidates)}"

@@ -47,3 +47,14 @@ def test_dms_sim_with_its_nodes_in_processes_loads_no_libp2p() -> None:
     plan's NetworkError came from the libp2p host module)."""
     code = "import dms.sim.runner, dms.sim.processes, dms.sim.faults\n"
     assert not [m for m in loaded(code) if m.startswith(("libp2p", "sqlalchemy", "dms.store"))]
+
+
+def test_help_and_the_mine_commands_help_load_no_numpy_or_tenseal() -> None:
+    """'dms --help' builds every command, 'dms mine' with them: it loaded NumPy and
+    TenSEAL (dms/cli/mine.py and dms.mining imported them at the top), about 0.12 s
+    of CPU of every such start. They load when a mining command runs."""
+    code = "import sys\nfrom dms.cli.app import main\nassert main(sys.argv[1:]) == 0\n"
+    for args in (["--help"], ["mine", "--help"], ["mine", "skmeans", "--help"]):
+        found = [m for m in loaded(code, *args) if m.startswith(("numpy", "tenseal"))]
+        assert found == [], (args, found[:5])
+    assert [m for m in loaded("import dms.cli.mine, dms.mining") if m.startswith("numpy")] == []

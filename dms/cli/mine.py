@@ -16,9 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
 
 from dms.actor import RemoteError
@@ -28,21 +27,21 @@ from dms.cli.events import EventFeed
 from dms.cli.output import console, emit_fields, emit_json, progress_bar, say
 from dms.cli.waiting import Waiting, placement_hint
 from dms.errors import DmsError
-from dms.mining import Distance, MiningError, run_classification, run_clustering
-from dms.mining.answers import DEFAULT_VERIFY_FRACTION
-from dms.mining.blind_kmeans import blind_keys
-from dms.mining.data import read_table, read_test_table, write_labels
-from dms.mining.keyfolder import load_keys, save_keys
+from dms.mining.defaults import DEFAULT_VERIFY_FRACTION
+from dms.mining.errors import MiningError
 from dms.mining.learned import worker_learns
-from dms.mining.local import knn_ties, resolve_protocol
-from dms.mining.metrics import accuracy, adjusted_rand_index, matched_agreement
-from dms.mining.plain import ClusteringParams
-from dms.mining.schemes import new_keys
-from dms.mining.schemes.ckks import CkksKeys
-from dms.mining.schemes.liu import LiuKey
 from dms.node.client import NodeClient, running_node
 from dms.security.keystore import session_passphrase
 from dms.security.sealing import SealedBox, seal, unseal
+
+if TYPE_CHECKING:
+    # NumPy and TenSEAL load inside the commands that run (~0.25 s): 'dms --help' and
+    # every other command build this group without them (tests/test_cli_startup.py).
+    import numpy as np
+
+    from dms.mining import Distance
+    from dms.mining.schemes.ckks import CkksKeys
+    from dms.mining.schemes.liu import LiuKey
 
 app = typer.Typer(help="Privacy-preserving data mining (k-means, k-NN) on CSV data.")
 app.add_typer(collab.app, name="collab")
@@ -102,6 +101,8 @@ def _mining_errors() -> Iterator[None]:
 
 def _protocol(algorithm: str, scheme: str, protocol: str | None) -> str | None:
     """The protocol this job runs (None for plaintext and DBSKMeans' own)."""
+    from dms.mining.local import resolve_protocol
+
     if algorithm in ("kmeans", "knn"):
         if protocol is not None:
             raise MineError(f"{algorithm} runs in the clear: --protocol applies to skmeans, sknn")
@@ -175,6 +176,8 @@ def _node() -> NodeClient:
 
 
 def _secret(keys: CkksKeys | LiuKey | None) -> bytes | None:
+    from dms.mining.schemes.ckks import CkksKeys
+
     if keys is None:
         return None
     return keys.secret_context_bytes() if isinstance(keys, CkksKeys) else keys.to_bytes()
@@ -246,6 +249,12 @@ def _keys(
 ) -> CkksKeys | LiuKey | None:
     """Load the owner's keys from ``folder``, or create and save them there (for the
     blind protocol, keys made for it: one level at a 2^50 scale, more precise)."""
+    from dms.mining.blind_kmeans import blind_keys
+    from dms.mining.keyfolder import load_keys, save_keys
+    from dms.mining.schemes import new_keys
+    from dms.mining.schemes.ckks import CkksKeys
+    from dms.mining.schemes.liu import LiuKey
+
     if folder is None or scheme not in ("ckks", "liu"):
         return None
     lookup = session_passphrase(settings().home)
@@ -273,6 +282,8 @@ def _keys(
 
 
 def _write(out: Path, summary: dict[str, Any], labels: list[Any]) -> None:
+    from dms.mining.data import write_labels
+
     out.mkdir(parents=True, exist_ok=True)
     write_labels(out / "labels.csv", labels)
     (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -376,6 +387,10 @@ def _clustering(algorithm: str) -> Callable[..., None]:
         timeout: TimeoutOption = 120.0,
         json_out: JsonOption = False,
     ) -> None:
+        from dms.mining import ClusteringParams, Distance, run_clustering
+        from dms.mining.data import read_table
+        from dms.mining.metrics import adjusted_rand_index, matched_agreement
+
         html: Path | None = None
         _checked(k, local, shards)
         if verify not in ("sample", "replicate"):
@@ -478,6 +493,11 @@ def _classification(algorithm: str) -> Callable[..., None]:
         timeout: TimeoutOption = 120.0,
         json_out: JsonOption = False,
     ) -> None:
+        from dms.mining import Distance, run_classification
+        from dms.mining.data import read_table, read_test_table
+        from dms.mining.local import knn_ties
+        from dms.mining.metrics import accuracy
+
         html: Path | None = None
         _checked(k, local, shards)
         with _mining_errors():

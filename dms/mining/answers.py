@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 import tenseal as ts
 
+from dms.mining.defaults import DEFAULT_VERIFY_FRACTION
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError, WorkerMisbehaved
 from dms.mining.schemes.ckks import CkksKeys
 
-DEFAULT_VERIFY_FRACTION = 0.05  # records checked in the clear per shard and round
 # A serialized ciphertext is compressed: an honest one may be a little smaller than the
 # one the owner measured, never larger than this. Its content is checked after parsing.
 SIZE_SLACK = 1.01

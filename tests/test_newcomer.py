@@ -428,8 +428,11 @@ def test_a_placed_job_that_waits_says_why_and_ends_with_a_hint(pair: Pair, tmp_p
     text = "\n".join(line for _, line in lines)
     assert code != 0 and "Traceback" not in text, text
     assert "waiting" in text and "for a provider for shard" in text, text
-    assert f"{pair.provider_id[-8:]} (alive): declined" in text, text  # each peer's reason
-    assert "1 peer(s) alive" in text, text
+    # Each peer's reason, by its latest heartbeat: the one provider is full with shard0
+    # (it said "declined" to shard1 in the first round, and is not asked again).
+    full = "(alive): not asked: too small by its last heartbeat: cpu 0 free < 1"
+    assert f"{pair.provider_id[-8:]} {full}" in text, text
+    assert "1 peer(s) alive, 0 fit" in text, text
     assert "hint:" in text and "--shards 1" in text and "--local" in text, text
     assert longest_silence(start, lines) < 10, text
 

@@ -8,6 +8,7 @@ actor.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from dms.actor import Handle, Request
 from dms.node.daemon import Node
 from dms.orchestrator.messages import ALLOCATE, REQUEST, UPDATE, Bid, Offer
 from dms.orchestrator.supervision import STATUS
+from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
 from tests.conftest import wait_for
 from tests.test_orchestrator import (
@@ -161,3 +163,54 @@ def test_an_end_that_overtakes_its_allocate_reply_still_ends_the_slot(net: Local
     assert done["state"] == "completed", done["events"]
     assert done["slots"][0]["result"] == {"said": "early"}
     assert done["slots"][0]["attempts"] == 1
+
+
+def free_cpu(requester: Node, provider: Node) -> float | None:
+    """The provider's free cpu by the last heartbeat the requester has."""
+    record = requester.peer_table.get(provider.peer_id)
+    return None if record is None or record.heartbeat is None else record.heartbeat.free.get("cpu")
+
+
+def test_a_provider_too_small_at_first_is_judged_by_its_latest_heartbeat(
+    net: LocalCluster,
+) -> None:
+    """A provider's "not asked: too small" is its reason only while its latest heartbeat
+    says so. It was kept from the first round on (``setdefault``): the figures stayed
+    those of the first heartbeat, and once the provider had grown and was asked, the
+    slot still said it was not asked, too small (so the waiting line counted it as not
+    fitting, and a job that timed out named it so). Here it grows, is asked, and never
+    answers (a busy provider); another provider, big enough, declines each round (the
+    job asks for a label it lacks). The job ends at its deadline saying who was asked."""
+    requester, (provider, other) = network(net, 2, cpu=1)
+    assert provider.ledger is not None and other.ledger is not None
+    other.ledger.onboard(Resources(cpu=4, ram=4, disk=4))
+    wait_for(lambda: free_cpu(requester, other) == 4, 10, "the big provider's heartbeat")
+    asked = threading.Event()
+
+    def never_answers(request: Request) -> None:
+        request.defer()
+        asked.set()
+
+    replace(provider, REQUEST, never_answers)
+    # A bid window longer than the deadline: once asked, the provider is still waited
+    # for when the deadline comes.
+    job = spec(cpu="2", deadline_s=12, bid_window_s=30, constraints={"labels": ["big"]})
+    dep = deploy(requester, job)
+    peer = provider.peer_id
+
+    def reason_is(expected: str | None) -> Callable[[], bool]:
+        return lambda: reasons(requester, dep).get(peer) == expected
+
+    too_small = "not asked: too small by its last heartbeat: cpu {} free < 2"
+    wait_for(reason_is(too_small.format(1)), 10, "the first heartbeat's reason")
+    provider.ledger.onboard(Resources(cpu=1.5, ram=4, disk=4))
+    wait_for(reason_is(too_small.format(1.5)), 10, "the reason of its latest heartbeat")
+    provider.ledger.onboard(Resources(cpu=4, ram=4, disk=4))
+    wait_for(asked.is_set, 10, "the provider asked once its heartbeat says it fits")
+    wait_for(reason_is(None), 5, "its stale 'not asked' reason dropped")
+    done = wait_state(requester, dep, TERMINAL, 30)
+    assert done["state"] == "failed"
+    summary = done["events"][-1]["what"]
+    assert "not placed within the deadline" in summary and "not asked" not in summary, summary
+    assert f"{peer[-8:]}: asked, no answer yet" in summary, summary
+    assert f"{other.peer_id[-8:]}: declined: this node lacks the labels big" in summary, summary

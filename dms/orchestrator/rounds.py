@@ -19,7 +19,10 @@ stopped: it crashed, or the relay it was reached through died) since it
 answered is marked gone at each round, its earlier answer kept after it. A slot
 that then times out says so, not only what that peer answered to an earlier
 request (``declined: this node could never run this slot beside the ones before
-it``, once unplaceable only because its provider was gone).
+it``, once unplaceable only because its provider was gone). Likewise a peer not
+asked because its last heartbeat shows it too small (``not asked: too small ...``)
+has that reason only while its latest heartbeat says so: it was kept from the first
+round on, with that round's figures, after the peer had grown and been asked again.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ from dms.orchestrator.slots import HELD, Slot, SlotState
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
 
 MAX_REASON = 512  # characters of one peer's reason kept
+NOT_ASKED = "not asked: "  # a peer's reason while its last heartbeat says it does not fit
+BEFORE = "; before: "  # what the peer itself answered last, after a reason the round gave
+ASKED = "asked, no answer yet"  # a peer of the round that has not answered, at the end
 BID_GRACE_S = 2.0  # after the window: how long a round with an empty slot waits for answers
 
 
@@ -72,6 +78,14 @@ def misfit(record: PeerRecord, spec: AllocationSpec) -> str | None:
         if amount and (hb.free.get(kind, 0) or 0) + 1e-9 < amount
     ]
     return f"too small by its last heartbeat: {', '.join(short)}" if short else None
+
+
+def own_answer(reason: str | None) -> str | None:
+    """What the peer itself answered last, in its reason: one the rounds gave it (not
+    asked, gone) carries that after ``BEFORE``."""
+    while reason and reason.startswith((NOT_ASKED, GONE_PREFIX)):
+        reason = reason.partition(BEFORE)[2]
+    return reason or None
 
 
 def first_error(exc: ValidationError) -> str:
@@ -148,7 +162,7 @@ class BidRounds:
                     continue
                 left = bool(record.history) and record.history[-1] == "left"
                 gone = LEFT_REASON if left else GONE_REASON
-                slot.reasons[peer] = f"{gone}; before: {reason}"[:MAX_REASON]
+                slot.reasons[peer] = f"{gone}{BEFORE}{reason}"[:MAX_REASON]
 
     def _open_slots(self) -> list[Slot]:
         return [s for s in self.book.slots.values() if s.state == SlotState.OPEN]
@@ -156,17 +170,26 @@ class BidRounds:
     def _fitting(self, slot: Slot) -> list[PeerRecord]:
         """Alive peers of the table that the job allows and whose last heartbeat fits the
         slot; the others that were not asked get their reason (so a job that nothing can
-        run explains itself)."""
+        run explains itself). That reason is the last heartbeat's, at every round: one
+        whose figures changed gets the new ones, and a peer that has since grown or freed
+        enough (or is back after it was gone) is rid of it; what the peer itself
+        answered before is kept after it, and is its reason again once it fits."""
         spec = self.book.by_slot[slot.name]
         found = []
         for record in self.book.o.peer_table.alive():
             peer = record.peer_id
             if self.host.excludes(slot.name, peer):
                 continue
+            answered = own_answer(slot.reasons.get(peer))
             why = misfit(record, spec)
             if why is not None:
-                slot.reasons.setdefault(peer, f"not asked: {why}")
+                reason = NOT_ASKED + why + (BEFORE + answered if answered else "")
+                slot.reasons[peer] = reason[:MAX_REASON]
                 continue
+            if answered:
+                slot.reasons[peer] = answered
+            else:
+                slot.reasons.pop(peer, None)
             found.append(record)
         return found
 
@@ -432,8 +455,14 @@ class BidRounds:
         })  # fmt: skip
 
     def fail_unplaced(self, late: list[Slot]) -> None:
+        """Fail the late slots with each peer's reason; a peer asked in the last round
+        that has not answered, and has no reason from before, is named as such."""
+        waiting = self._asked - self._answered
         self._fail_slots("not placed within the deadline: ", {
-            slot.name: "; ".join(f"{p[-8:]}: {r}" for p, r in sorted(slot.reasons.items()))
+            slot.name: "; ".join(
+                f"{p[-8:]}: {r}"
+                for p, r in sorted({**dict.fromkeys(waiting, ASKED), **slot.reasons}.items())
+            )
             or "no peer fits"
             for slot in late
         })  # fmt: skip

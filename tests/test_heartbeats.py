@@ -25,6 +25,10 @@ from dms.sim.cluster import LocalCluster
 from tests.conftest import wait_for
 
 INTERVAL = 1.0
+# How long a test waits for what heartbeats bring: a few intervals on an idle machine,
+# but waits of 2 to 5 s (multiples of the interval) were no longer than a loaded
+# machine's pauses. A wait, not a measure: deadline_s is asserted as a value.
+WAIT_S = 30.0
 
 
 def beat(nonce: str = "aaaaaaaa", deadline_s: float = 3.0, **kw: object) -> Heartbeat:
@@ -92,7 +96,7 @@ def test_five_nodes_see_each_other_and_notice_stops_and_restarts(
     cluster.settings["heartbeat_s"] = INTERVAL
     nodes = cluster.start(5)
     cluster.wait_linked()
-    wait_for(lambda: _tables_complete(nodes), 2 * INTERVAL, "every node to see the other four")
+    wait_for(lambda: _tables_complete(nodes), WAIT_S, "every node to see the other four")
     record = nodes[0].peer_table.get(nodes[1].peer_id)
     assert record is not None and record.heartbeat is not None
     assert record.heartbeat.deadline_s == 3 * INTERVAL and record.did == nodes[1].identity.did
@@ -101,12 +105,11 @@ def test_five_nodes_see_each_other_and_notice_stops_and_restarts(
 
     # A crashed node (no goodbye) is marked gone by its deadline.
     crashed = nodes[4]
-    deadline_s = 3 * INTERVAL
     cluster.crash(crashed)
     others = nodes[:4]
     wait_for(
         lambda: all(n.peer_table.get(crashed.peer_id).status == GONE for n in others),
-        deadline_s + INTERVAL,  # the deadline, plus the sweep's half-interval step and slack
+        WAIT_S,
         "the crashed node to be marked gone",
     )
 
@@ -121,7 +124,7 @@ def test_five_nodes_see_each_other_and_notice_stops_and_restarts(
             and r.nonce != before
             and r.status == ALIVE
         ),
-        5 * INTERVAL,
+        WAIT_S,
         "the restarted node to be seen with a new nonce",
     )
     assert nodes[0].peer_table.get(victim.peer_id).restarts == 1
@@ -139,7 +142,7 @@ def test_peers_list_shows_status_and_resources_from_heartbeats(cluster: LocalClu
             and r.heartbeat is not None
             and r.heartbeat.onboarded.get("cpu") == 1.0
         ),
-        3 * INTERVAL,
+        WAIT_S,
         "b's onboarding to show in a's table",
     )
     rows = a.node.ask(a.node.handle, "/dms/node/peers/list")
@@ -163,14 +166,14 @@ def test_a_newcomer_learns_the_network_from_one_peer_at_once(cluster: LocalClust
     newcomer = cluster.add(bootstrap=[first[0].addrs()[0]])
     wait_for(
         lambda: {r.peer_id for r in newcomer.peer_table.alive()} == {n.peer_id for n in first},
-        5,
+        20,  # well before the peers beat again (60 s after they started, ~10 s ago)
         "the newcomer to know every peer from the one it asked",
     )
     record = newcomer.peer_table.get(first[2].peer_id)
     assert record is not None and record.heartbeat is not None
     assert record.did == first[2].identity.did and record.heartbeat.addrs == first[2].addrs()
     # Asking introduced the newcomer to the peer it asked.
-    wait_for(lambda: first[0].peer_table.get(newcomer.peer_id) is not None, 5, "the introduction")
+    wait_for(lambda: first[0].peer_table.get(newcomer.peer_id) is not None, 20, "the introduction")
 
     # The answer holds what the asker lacks: everything for an empty hand, nothing
     # for a hand that holds it all.

@@ -130,7 +130,7 @@ def test_frames_larger_than_the_window_still_flow(cluster: LocalCluster) -> None
         a.node.invoke(sink.handle, "/test/sink", {"data": chunk}, timeout=60) for _ in range(12)
     ]
     assert done.wait(60), "a sender stalled: credit never came back"
-    totals = sorted(f.result(timeout=5) for f in futures)
+    totals = sorted(f.result(timeout=30) for f in futures)
     assert totals[-1] == 12 * len(chunk)
 
 

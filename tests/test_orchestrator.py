@@ -122,7 +122,7 @@ def test_a_deployment_of_several_allocations_is_placed_and_completes(net: LocalC
     won = [b for b in manifest["bids"] if b["outcome"] == "won"]
     assert len(won) >= 4 and all(b["reason"].startswith("won: score") for b in won)
     assert any(b["outcome"] == "lost" and b["reason"].startswith("lost:") for b in manifest["bids"])
-    wait_for(lambda: live_leases(peers) == 0, 5, "every lease and allocation to be released")
+    wait_for(lambda: live_leases(peers) == 0, 30, "every lease and allocation to be released")
     logs = owner(requester, "/dms/node/deployment/logs", {"id": dep})
     assert any("state: completed" in line for lines in logs["logs"].values() for line in lines)
 
@@ -169,7 +169,7 @@ def test_a_round_asks_two_peers_a_slot_not_every_peer_that_fits(net: LocalCluste
     assert done["state"] == "completed", done["events"]
     rounds = [e["what"] for e in done["events"] if e["what"].startswith("round ")]
     assert rounds == ["round 1: asking 2 peer(s) for 1 slot(s)"]
-    wait_for(lambda: live_leases(peers) == 0, 5, "the losing bid's lease to be reverted")
+    wait_for(lambda: live_leases(peers) == 0, 30, "the losing bid's lease to be reverted")
 
 
 def test_two_requesters_racing_for_the_last_capacity_never_double_book(
@@ -246,7 +246,7 @@ def test_a_restarted_requester_resumes_and_leaks_no_leases(net: LocalCluster) ->
     assert done["state"] == "completed", done["events"]
     assert any("resumed" in e["what"] for e in done["events"])
     # Bids that lost while the requester was away expire with their leases.
-    wait_for(lambda: live_leases(peers) == 0, 2 + 6, "no lease or allocation left anywhere")
+    wait_for(lambda: live_leases(peers) == 0, 30, "no lease or allocation left anywhere")
 
 
 def test_a_requester_restarted_while_placing_reverts_and_leaks_nothing(
@@ -260,15 +260,17 @@ def test_a_requester_restarted_while_placing_reverts_and_leaks_nothing(
     wait_known(requester, peers)
     done = wait_state(requester, dep, TERMINAL, 30)
     assert done["state"] == "completed", done["events"]
-    wait_for(lambda: live_leases(peers) == 0, 2 + 6, "no lease or allocation left anywhere")
+    wait_for(lambda: live_leases(peers) == 0, 30, "no lease or allocation left anywhere")
 
 
 def test_a_job_no_peer_can_run_fails_within_its_deadline_with_each_peers_reason(
     net: LocalCluster,
 ) -> None:
     requester, peers = network(net, 2, cpu=1)
-    dep = deploy(requester, spec(cpu="500m", deadline_s=2, constraints={"labels": ["gpu-a100"]}))
-    # Ended by its own deadline (2 s), not the default one (60 s).
+    # Every peer's decline must come within the deadline: 5 s, not 2 (on a loaded machine a
+    # bid request's round trip took much of 2 s, and a peer's reason was missing).
+    dep = deploy(requester, spec(cpu="500m", deadline_s=5, constraints={"labels": ["gpu-a100"]}))
+    # Ended by its own deadline (5 s), not the default one (60 s).
     done = wait_state(requester, dep, TERMINAL, 30)
     assert done["state"] == "failed"
     summary = done["events"][-1]["what"]
@@ -354,7 +356,7 @@ def test_shutdown_stops_running_allocations_and_releases_them(net: LocalCluster)
     wait_state(requester, dep, ("running",), 15)
     result = owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
     assert result["state"] == "shutdown"
-    wait_for(lambda: live_leases(peers) == 0, 5, "the stopped allocations to be released")
+    wait_for(lambda: live_leases(peers) == 0, 30, "the stopped allocations to be released")
 
 
 def lease_states(node: Node, deployment_id: str) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from dms.node.api import ApiClient
 from tests.clitools import (
     Daemon,
     at_80,
@@ -227,6 +228,16 @@ def test_status_shows_node_peers_resources_deployments_and_mining(homes: Homes) 
     assert session["phase"] == "completed" and session["steps"] >= 2
 
 
+def peer_lists_answered(node: Daemon) -> int:
+    """How many peer lists ``node`` has answered (GET /metrics)."""
+    api = ApiClient(node.home, node.info["peer_id"])
+    _, body = api._request("GET", "/metrics", None, 10)
+    found = re.search(
+        r'dms_invokes_total\{behaviour="/dms/node/peers/list",outcome="ok"\} (\S+)', body.decode()
+    )
+    return int(float(found.group(1))) if found else 0
+
+
 def test_status_watch_refreshes_until_ctrl_c(homes: Homes) -> None:
     env = env_for(homes.owner)
     env["COLUMNS"] = "80"
@@ -241,10 +252,17 @@ def test_status_watch_refreshes_until_ctrl_c(homes: Homes) -> None:
     one, two = json.loads(first), json.loads(second)
     assert two["at"] > one["at"] and one["node"]["peer_id"] == two["node"]["peer_id"]
 
+    # Ctrl-C once the screen has been drawn and is being refreshed (a second gather), not
+    # after a sleep of 3 s: on a loaded machine the command could still be starting then,
+    # and end on the Ctrl-C having shown nothing. (Written to a pipe, the screen is printed
+    # as it stands when the command ends: its output cannot tell the test before.)
+    before = peer_lists_answered(homes.owner_daemon)
     screen = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    time.sleep(3)
+    wait_for(
+        lambda: peer_lists_answered(homes.owner_daemon) >= before + 2, 120, "the screen refreshed"
+    )
     screen.send_signal(signal.SIGINT)
     out, err = screen.communicate(timeout=20)
     assert screen.returncode == 0, err

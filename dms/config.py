@@ -53,6 +53,19 @@ class Settings(BaseSettings):
         "allocator and given back to the system when freed (a refused 16 MiB frame leaves "
         "no RSS behind); 0: glibc's own threshold, which rises with each large block freed",
     )
+    malloc_trim_interval_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="dms run: how often the free pages of the C allocator's heaps are looked "
+        "at, and given back to the system once malloc_trim_freed_bytes more were freed (a "
+        "flood of many keys' frames leaves no RSS behind); 0: never (glibc gives back only "
+        "the top of each heap)",
+    )
+    malloc_trim_freed_bytes: int = Field(
+        default=4 * MIB,
+        ge=64 * 1024,
+        description="bytes freed into the heaps since the last trim that make the next one",
+    )
     max_ttl_s: float = Field(default=3600.0, gt=0, description="longest accepted expiry")
     clock_skew_s: float = Field(default=60.0, ge=0)
     invoke_timeout_s: float = Field(default=10.0, gt=0)

@@ -298,10 +298,11 @@ def run(
                 f"--log-format={log_format}"]  # fmt: skip
         _detach(cfg.home, args, json_out)
         return
-    from dms.node.allocator import return_large_blocks
+    from dms.node.allocator import HeapTrimmer, return_large_blocks
     from dms.node.daemon import Node, network_settings  # libp2p loads only for this command
 
     return_large_blocks(cfg.malloc_mmap_threshold_bytes)  # a refused frame leaves no RSS
+    trimmer = HeapTrimmer(cfg.malloc_trim_interval_s, cfg.malloc_trim_freed_bytes)
 
     log_file = None
     if background:  # started by --detach: the terminal may close; stdout is the log
@@ -327,6 +328,7 @@ def run(
 
         layer = FaultPlan.watching(faults).layer
     node = Node(cfg, identity, network, api_port=api_port, layer=layer).start()
+    trimmer.start()  # a flood's freed buffers leave no RSS
     try:
         assert node.api is not None
         info = {
@@ -350,6 +352,7 @@ def run(
         while not stop.wait(0.5):
             pass
     finally:
+        trimmer.stop()
         node.stop()
     if not json_out:
         typer.echo("dms node stopped")

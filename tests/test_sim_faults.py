@@ -63,12 +63,18 @@ def test_a_plan_in_another_process_follows_the_file(tmp_path: Path) -> None:
     try:
         here.partition([{"a"}, {"b"}])
         here.link(LinkRule(frozenset({"a"}), frozenset({"c"}), latency_s=0.2))
-        time.sleep(WATCH_S * 5)
-        assert there.judge("a", "b", 1).drop == "partition"
-        assert there.judge("c", "a", 1).delay_s == pytest.approx(0.2)
+        # Waited for, not slept 5 looks long: a loaded machine's watcher thread could miss
+        # its turns for longer than that.
+        wait_for(
+            lambda: (
+                there.judge("a", "b", 1).drop == "partition"
+                and there.judge("c", "a", 1).delay_s == pytest.approx(0.2)
+            ),
+            30,
+            "the other process's plan to follow the file",
+        )
         here.heal()
-        time.sleep(WATCH_S * 5)
-        assert not there.active
+        wait_for(lambda: not there.active, 30, "the heal followed")
         path.write_text("{not json")
         time.sleep(WATCH_S * 5)  # a damaged file is logged and changes nothing
         assert not there.active

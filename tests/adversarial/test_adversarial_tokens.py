@@ -159,7 +159,11 @@ def test_a_node_publishes_its_own_revocations_within_the_budget_others_give_it(
 ) -> None:
     """With a budget per publisher on revocations, a node revoking more at once than
     the burst would have had the rest dropped by every receiver: its own are paced."""
-    cluster.settings.update(revocations_per_peer_per_s=10.0, revocation_burst_per_peer=5)
+    # 10 at once, not 5: its own are paced at half the budget, so a receiver that could
+    # not read for a while (a loaded machine) finds them queued together, and a burst of
+    # 5 (half a second at 10 a second) refused some after a pause of a second. 20 are
+    # still twice the burst: unpaced, some would be refused.
+    cluster.settings.update(revocations_per_peer_per_s=10.0, revocation_burst_per_peer=10)
     founder, other = cluster.start(2)
     cluster.wait_linked()
     assert founder.transport is not None and other.system is not None

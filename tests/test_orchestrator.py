@@ -277,6 +277,12 @@ def test_a_job_no_peer_can_run_fails_within_its_deadline_with_each_peers_reason(
     assert "not placed within the deadline" in summary
     for p in peers:
         assert f"{p.peer_id[-8:]}: declined: this node lacks the labels gpu-a100" in summary
+    # Asked again round after round, each peer's decline is one row of the bid index, not
+    # one a round (a slot's reasons stay on it, and each round's end wrote them all again).
+    manifest = owner(requester, "/dms/node/deployment/manifest", {"id": dep})
+    declines = [(b["peer_id"], b["slot"]) for b in manifest["bids"] if b["outcome"] == "decline"]
+    assert sorted(declines) == sorted({(p.peer_id, "w") for p in peers}), manifest["bids"]
+    assert len(done["events"]) > 3  # several rounds: round events, then the failure
 
 
 def test_a_slot_that_times_out_after_its_peer_left_says_the_peer_is_gone(

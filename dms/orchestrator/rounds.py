@@ -139,6 +139,9 @@ class BidRounds:
         self._offers: dict[str, list[Candidate]] = {}
         self._gossiped = False
         self._closed: set[int] = set()
+        # The last decline written to the bid index for (peer, slot): a reason stays on
+        # its slot for the rounds after, and is written again only when it changes.
+        self._declines_written: dict[tuple[str, str], str] = {}
         self.scheduled = False  # a round is due
         self._retry_s = book.o.retry_s
 
@@ -404,7 +407,10 @@ class BidRounds:
                     losers.setdefault(c.peer_id, []).append(c.offer.lease_id)
         for name in self._offers:
             for peer, reason in self.book.slots[name].reasons.items():
-                if reason.startswith(("declined", "unreachable", "timeout", "bad bid")):
+                if not reason.startswith(("declined", "unreachable", "timeout", "bad bid")):
+                    continue
+                if self._declines_written.get((peer, name)) != reason:
+                    self._declines_written[(peer, name)] = reason
                     records.append(BidRow(self.book.id, "received", peer, name, "decline", reason))
         for name, chosen in sorted(decision.winners.items()):
             slot = self.book.slots[name]

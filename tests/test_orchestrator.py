@@ -164,8 +164,10 @@ def test_a_round_asks_two_peers_a_slot_not_every_peer_that_fits(net: LocalCluste
     four providers that fit, a one-slot job asks two of them, so its placement costs
     two bids and one revert, not three and two."""
     requester, peers = network(net, 4)
-    dep = deploy(requester, spec(params={"seconds": 0}))
-    done = wait_state(requester, dep, TERMINAL, 20)
+    # The round closes once both asked peers answered; with the default window (0.25 s,
+    # then 2 s of grace for an empty slot) bids later than that make a round 2.
+    dep = deploy(requester, spec(params={"seconds": 0}, bid_window_s=30))
+    done = wait_state(requester, dep, TERMINAL, 40)
     assert done["state"] == "completed", done["events"]
     rounds = [e["what"] for e in done["events"] if e["what"].startswith("round ")]
     assert rounds == ["round 1: asking 2 peer(s) for 1 slot(s)"]

@@ -3,6 +3,7 @@ py-libp2p, and on real hosts they cost fewer frames for the same delivery."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from importlib.metadata import version
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, YamuxStream
+from libp2p.tools.anyio_service.exceptions import LifecycleError
 
 from dms.actor import Actor, Request, behaviour
 from dms.network import libp2p_patches
@@ -251,3 +253,83 @@ def test_each_node_checks_a_broadcast_signature_once(
     # publisher once for its own listener: 80. Checking twice per receiver was 140.
     assert len(checks) == 4 * 20
     assert all(checks.count(sig) == 4 for sig in set(checks))
+
+
+class StoppingPubsub:
+    """What py-libp2p's pubsub stream reader uses of its pubsub: one control message
+    comes in, and its handling fails with ``error`` (the node stopping meanwhile when
+    ``stops``). The stopping itself is a race of trio's tasks no real node shows on
+    demand; the reader is py-libp2p's own, patched."""
+
+    max_inbound_rpc_size = 1 << 20
+    host = None
+
+    def __init__(self, error: Exception, stops: bool) -> None:
+        self.error, self.stops = error, stops
+        self.manager = self
+        self.is_running = True
+        self.router = self
+
+    def run_task(self, *args: Any, **kw: Any) -> None:
+        pass
+
+    async def handle_rpc(self, rpc: Any, peer_id: Any) -> None:
+        self.is_running = not self.stops
+        raise self.error
+
+
+class OneMessage:
+    """A pubsub stream that holds one control RPC."""
+
+    def __init__(self) -> None:
+        from libp2p.peer.id import ID
+        from libp2p.pubsub.pb import rpc_pb2
+
+        rpc = rpc_pb2.RPC()
+        rpc.control.graft.add(topicID="t")
+        body = rpc.SerializeToString()
+        self.data = bytes([len(body)]) + body
+        self.muxed_conn = self
+        self.peer_id = ID(b"\x00\x04peer")
+
+    async def read(self, n: int = -1) -> bytes:
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+
+STOPPED = LifecycleError("Cannot schedule task after service has stopped")
+BUG = RuntimeError("dictionary changed size during iteration")
+
+
+@pytest.mark.parametrize(
+    ("error", "stops", "quiet"),
+    [
+        (RuntimeError("Nursery is closed to new arrivals"), False, True),
+        (STOPPED, True, True),
+        (STOPPED, False, False),
+        (BUG, True, False),
+        (BUG, False, False),
+    ],
+    ids=["nursery-closed", "manager-finished", "lifecycle-running", "bug-stopping", "bug"],
+)
+def test_a_pubsub_read_ends_quietly_only_when_the_pubsub_stopped_under_it(
+    error: Exception, stops: bool, quiet: bool
+) -> None:
+    """A message read while the node stops ends its stream quietly (py-libp2p raised
+    'Nursery is closed to new arrivals' into the swarm's log as a traceback). Only
+    that: any other RuntimeError was swallowed too once the pubsub had stopped, a real
+    error hidden at debug level."""
+    import trio
+    from libp2p.pubsub.pubsub import Pubsub
+
+    libp2p_patches.apply_libp2p_patches()
+    pubsub = StoppingPubsub(error, stops)
+
+    async def read() -> None:
+        await Pubsub.continuously_read_stream(pubsub, OneMessage())  # type: ignore[arg-type]
+
+    if quiet:
+        trio.run(read)
+    else:
+        with pytest.raises(type(error), match=re.escape(str(error))):
+            trio.run(read)

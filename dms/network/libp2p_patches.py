@@ -238,6 +238,17 @@ async def tell_topics_when_writable(
         log.debug("subscriptions not repeated to %s: its queue is full", peer_id)
 
 
+def ended_with_pubsub(err: Exception, running: bool) -> bool:
+    """Whether ``err``, raised by pubsub's stream reader, says only that the pubsub
+    stopped under it: trio's "Nursery is closed to new arrivals" (its task nursery
+    closed), or a ``LifecycleError`` once its manager no longer runs."""
+    from libp2p.tools.anyio_service.exceptions import LifecycleError
+
+    if isinstance(err, LifecycleError):
+        return not running
+    return isinstance(err, RuntimeError) and "closed to new arrivals" in str(err)
+
+
 def _repeat_subscriptions_to_new_streams() -> bool:
     from libp2p.pubsub.pubsub import Pubsub
 
@@ -256,9 +267,11 @@ def _repeat_subscriptions_to_new_streams() -> bool:
             await read_stream(self, stream)
         except (RuntimeError, LifecycleError) as err:
             # A message read while the node stops: pubsub's task nursery is already
-            # closed, and py-libp2p's handler raised into the swarm's log as a
-            # traceback on every such stop. The stream ends with the pubsub.
-            if self.manager.is_running and "closed to new arrivals" not in str(err):
+            # closed (trio's RuntimeError, while the manager still says it runs), or
+            # the manager has finished (its LifecycleError); py-libp2p's handler raised
+            # either into the swarm's log as a traceback on every such stop. The stream
+            # ends with the pubsub. Any other error, stopping or not, is raised.
+            if not ended_with_pubsub(err, self.manager.is_running):
                 raise
             log.debug("pubsub stream from %s ended with the node: %s", stream, err)
 

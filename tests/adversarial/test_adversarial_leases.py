@@ -169,11 +169,19 @@ def test_one_requester_holds_no_more_than_its_share_and_others_still_place(
     assert done["state"] == "completed", done["events"]
 
 
+def slow_bid_rate(net: LocalCluster) -> None:
+    """Bid requests: 3 at once, then one per 10 s, not 2 a second. The tests ask one
+    after another, and at 2 a second a loaded machine's round trips (over 300 ms each)
+    could let the budget refill between them, and none be refused."""
+    net.settings["preferences"] = {**PREFERENCES, "bid_requests_per_s": 0.1}
+
+
 def test_bid_requests_beyond_the_rate_are_refused_with_the_reason(net: LocalCluster) -> None:
+    slow_bid_rate(net)
     attacker, victim = attacker_and_victim(net)
     refused: list[RemoteError] = []
     answered = 0
-    for _ in range(12):  # burst 3, then 2 a second; nothing fits, so nothing is locked
+    for _ in range(12):  # burst 3, then one per 10 s; nothing fits, so nothing is locked
         try:
             ask(attacker, victim, REQUEST, bid_request(1, labels=["none-has-it"]))
             answered += 1
@@ -192,9 +200,10 @@ def test_bid_requests_over_the_rate_are_refused_before_their_signature_is_checke
     validated and queued in the node actor's mailbox first, ahead of every other peer's
     requests. Now it is checked on the header: over the rate, even a forged signature
     is refused rate_limited, unverified."""
+    slow_bid_rate(net)
     attacker, victim = attacker_and_victim(net)
     codes = []
-    for _ in range(6):  # burst 3, then 2 a second
+    for _ in range(6):  # burst 3, then one per 10 s
         env = envelope(attacker, REQUEST, bid_request(1), to=victim, expect_reply=True)
         forged = frame_of(attacker, env)[:-64] + b"\x00" * 64
         codes.append(refusal_code(attacker, forged, env))
@@ -263,6 +272,9 @@ def test_a_revert_is_retried_until_the_provider_answers(net: LocalCluster) -> No
 def test_an_allocation_whose_requester_the_table_forgot_stops_when_it_goes(
     net: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Orphaned after 6 s without a call, not 3: its status polls (every second) are all
+    # that keep it, and on a loaded machine a gap of 3 s between two could stop it.
+    net.settings["orphan_s"] = 6.0
     requester, (provider,) = network(net, 1)
     table_get = provider.peer_table.get
     # The provider's peers table does not hold the requester (dropped, or never heard).
@@ -273,7 +285,7 @@ def test_an_allocation_whose_requester_the_table_forgot_stops_when_it_goes(
     )
     dep = deploy(requester, spec(params={"seconds": 120}))
     wait_state(requester, dep, ("running",), 15)
-    time.sleep(3.0 + 2)  # orphan_s and more: its status polls keep it alive
+    time.sleep(6.0 + 2)  # orphan_s and more: its status polls keep it alive
     assert live_leases([provider]) == 1
     net.crash(requester)
     wait_for(lambda: live_leases([provider]) == 0, 20, "the orphaned allocation stopped")

@@ -2,9 +2,10 @@
 
 One round: ask a weighted sample of the peers that the table says fit an open
 slot (and publish on the deployment topic when it knows too few), collect the
-bids until every asked peer answered or the window closes, select per slot,
-commit each winner (the slot moves to ``committing``; ``supervision.py`` takes
-it from there) and revert the losers at once.
+bids until every asked peer answered or the window closes (``first-offer``: or
+as soon as every open slot has an offer), select per slot, commit each winner
+(the slot moves to ``committing``; ``supervision.py`` takes it from there) and
+revert the losers at once.
 
 A bid that does not validate, or that names another peer or deployment than
 the one asked, becomes that peer's reason (``bad bid: ...``) and whatever it

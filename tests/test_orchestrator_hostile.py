@@ -193,8 +193,10 @@ def test_a_provider_too_small_at_first_is_judged_by_its_latest_heartbeat(
 
     replace(provider, REQUEST, never_answers)
     # A bid window longer than the deadline: once asked, the provider is still waited
-    # for when the deadline comes.
-    job = spec(cpu="2", deadline_s=12, bid_window_s=30, constraints={"labels": ["big"]})
+    # for when the deadline comes. The deadline (20 s, not 12) must outlast the three
+    # steps below, each a heartbeat and a round away (each waits up to 10 s: on a loaded
+    # machine the three together could come near 12).
+    job = spec(cpu="2", deadline_s=20, bid_window_s=30, constraints={"labels": ["big"]})
     dep = deploy(requester, job)
     peer = provider.peer_id
 
@@ -207,8 +209,8 @@ def test_a_provider_too_small_at_first_is_judged_by_its_latest_heartbeat(
     wait_for(reason_is(too_small.format(1.5)), 10, "the reason of its latest heartbeat")
     provider.ledger.onboard(Resources(cpu=4, ram=4, disk=4))
     wait_for(asked.is_set, 10, "the provider asked once its heartbeat says it fits")
-    wait_for(reason_is(None), 5, "its stale 'not asked' reason dropped")
-    done = wait_state(requester, dep, TERMINAL, 30)
+    wait_for(reason_is(None), 10, "its stale 'not asked' reason dropped")
+    done = wait_state(requester, dep, TERMINAL, 40)
     assert done["state"] == "failed"
     summary = done["events"][-1]["what"]
     assert "not placed within the deadline" in summary and "not asked" not in summary, summary

@@ -19,7 +19,7 @@ from dms.node.client import root_handle
 from dms.orchestrator.messages import REQUEST
 from dms.sim.adversary import BarePeer
 from tests.adversarial.test_adversarial_budgets import bid_request
-from tests.clitools import Daemon, dms
+from tests.clitools import Daemon, dms, side_by_side
 from tests.conftest import wait_for
 
 MIB = 1024 * 1024
@@ -41,8 +41,7 @@ def test_a_flood_of_many_keys_frames_leaves_no_rss_behind_in_a_daemon(
     try:
         addr, to = daemon.info["addrs"][0], root_handle(daemon.info["peer_id"])
         process = psutil.Process(daemon.proc.pid)
-        for _ in range(KEYS):
-            bare_peers.append(BarePeer(addr, actor=True))
+        side_by_side((lambda: bare_peers.append(BarePeer(addr, actor=True))) for _ in range(KEYS))
         frames = {
             peer: [
                 peer.seal(peer.envelope(to, REQUEST, bid_request(256, f"flood-{i}"), reply=True))

@@ -358,6 +358,54 @@ def test_first_offer_places_on_the_first_answer_and_reverts_the_slower_peers_bid
         plan.close()
 
 
+def test_first_offer_keeps_a_slot_placed_again_off_the_peer_holding_the_other(
+    tmp_path: Path,
+) -> None:
+    """With ``distinct_peers``, a ``first-offer`` round closes once enough peers offered
+    to keep the slots apart. A peer that already holds another slot of the deployment
+    is not one of them: when a slot is placed again (its provider crashed), the holder
+    answers first, and the round closed on its offer and stacked both slots on it,
+    without waiting for the other asked peer."""
+    plan = FaultPlan()
+    # Heartbeats every second: they expire after 3 s, so 1 s late they are still heard.
+    with LocalCluster(tmp_path / "apart", faults=plan, heartbeat_s=1.0) as net:
+        requester, peers = network(net, 3)
+        job = spec(count=2, strategy="first-offer", distinct_peers=True, bid_window_s=30,
+                   deadline_s=60, lease_s=60, params={"seconds": 120})  # fmt: skip
+        dep = deploy(requester, job)
+        running = wait_state(requester, dep, ("running",), 30)
+        holders = [s["peer_id"] for s in running["slots"]]
+        assert len(set(holders)) == 2, running["slots"]
+        first, second = (next(p for p in peers if p.peer_id == h) for h in holders)
+        (slow,) = (p for p in peers if p.peer_id not in holders)
+        # Every frame between the requester and the third provider takes 1 s each way.
+        plan.link(LinkRule(frozenset({requester.peer_id}), frozenset({slow.peer_id}), 1.0))
+        slowed = time.time()
+
+        def slow_alive() -> bool:
+            """Its heartbeats, 1 s late once the link slowed, left a gap (it may have been
+            marked gone): it is asked again once they come again."""
+            record = requester.peer_table.get(slow.peer_id)
+            alive = record is not None and record.status == "alive"
+            return alive and record.last_seen > slowed + 1.5  # type: ignore[union-attr]
+
+        wait_for(slow_alive, 30, "the slow provider's heartbeats coming again")
+        net.crash(second)
+
+        def placed_again() -> bool:
+            slots = status(requester, dep)["slots"]
+            return all(s["status"] == "running" for s in slots) and any(
+                s["attempts"] == 2 for s in slots
+            )
+
+        wait_for(placed_again, 60, "the crashed provider's slot running again")
+        again = status(requester, dep)
+        placed = sorted(s["peer_id"] for s in again["slots"])
+        assert placed == sorted([first.peer_id, slow.peer_id]), [e["what"] for e in again["events"]]
+        owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
+        plan.close()
+
+
 def test_shutdown_stops_running_allocations_and_releases_them(net: LocalCluster) -> None:
     requester, peers = network(net, 2)
     dep = deploy(requester, spec(count=2, params={"seconds": 30}))

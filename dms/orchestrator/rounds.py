@@ -351,11 +351,23 @@ class BidRounds:
 
     def _short_of_offers(self) -> bool:
         """Whether a slot has no offer yet or (``distinct_peers``) too few peers
-        offered to keep the slots apart."""
+        offered to keep the slots apart: a peer that holds another slot of this
+        deployment is not one of them (a slot placed again would go to it)."""
         if any(not offers for offers in self._offers.values()):
             return True
+        if not self.book.spec.distinct_peers:
+            return False
         bidders = {c.peer_id for offers in self._offers.values() for c in offers}
-        return self.book.spec.distinct_peers and len(bidders) < len(self._offers)
+        return len(bidders - set(self._holders())) < len(self._offers)
+
+    def _holders(self) -> dict[str, int]:
+        """Peers that hold slots of this deployment (committing, allocating, running):
+        how many each."""
+        taken: dict[str, int] = {}
+        for slot in self.book.slots.values():
+            if slot.peer_id and slot.state in HELD:
+                taken[slot.peer_id] = taken.get(slot.peer_id, 0) + 1
+        return taken
 
     def _window_ends(self, rid: int) -> None:
         """Close the round, unless asked peers still owe an answer and it is short of
@@ -381,16 +393,12 @@ class BidRounds:
                     self.book.revert(c.peer_id, [c.offer.lease_id])
             self._fail_for_good(doomed)
             return
-        taken: dict[str, int] = {}
-        for slot in self.book.slots.values():
-            if slot.peer_id and slot.state in HELD:
-                taken[slot.peer_id] = taken.get(slot.peer_id, 0) + 1
         decision = select(
             self.book.spec.strategy,
             self._offers,
             self.book.o.rng,
             self.book.o.cursor,
-            taken,
+            self._holders(),
             distinct=self.book.spec.distinct_peers,
         )
         records: list[BidRow] = []

@@ -207,6 +207,25 @@ class Settings(BaseSettings):
     inbound_byte_burst: int = Field(
         default=16 * MIB, ge=64 * 1024, description="bytes they may send at once above that"
     )
+    max_new_streams_per_peer_per_s: float = Field(
+        default=32.0,
+        gt=0,
+        description="new streams a second one peer may open; past it (and "
+        "new_stream_burst_per_peer at once) its connection's next stream is taken later "
+        "(streams_throttled)",
+    )
+    new_stream_burst_per_peer: int = Field(
+        default=64, ge=1, description="new streams one peer may open at once above that"
+    )
+    max_unknown_new_streams_per_s: float = Field(
+        default=100.0,
+        gt=0,
+        description="new streams a second all peers this node has no stake in may open "
+        "together; past it (and unknown_new_stream_burst) theirs are taken later",
+    )
+    unknown_new_stream_burst: int = Field(
+        default=200, ge=1, description="new streams they may open at once above that"
+    )
     peer_forget_s: float = Field(
         default=3600.0, gt=0, description="drop a peer from the peers table once gone this long"
     )

@@ -39,6 +39,12 @@ budget is full is written in specs/security.md, "Budgets and priority":
   no window and it cannot send more), not refused: no frame is lost, and the
   node's work on one peer's bytes, which cross Noise and Yamux whatever they
   hold, is bounded.
+- **Stream openings** (:class:`StreamOpens`): new inbound streams a second, per
+  peer and for all peers without a stake together, paced the same way on the
+  connection (its next stream is taken later): every stream opened costs the
+  node's network thread its Yamux, multistream-select and Noise work whatever its
+  handler then does, so a few keys opening thousands of streams (held, refused or
+  reset) no longer keep it busy.
 
 Buffered bytes (the Yamux receive window, enforced) are in
 ``dms.network.libp2p_patches``; chunk transfers in ``dms.network.transfer``.
@@ -95,6 +101,9 @@ class Budget(StrEnum):
     TRANSFER_STALLED = "transfer_stalled"
     # A peer's actor streams paused: it sent more bytes than its share (ByteBudget).
     BYTES_THROTTLED = "bytes_throttled"
+    # A connection's next stream taken later: its peer opened more than its share of
+    # new streams a second (StreamOpens).
+    STREAMS_THROTTLED = "streams_throttled"
     # A dial refused: max_outbound_connections open (OutboundBudget).
     OUTBOUND_FULL = "outbound_full"
     # An unknown peer's outbound connection closed to dial a peer with a stake.
@@ -648,9 +657,9 @@ class ProtocolStreams:
 
 
 @dataclass
-class _Bytes:
-    """A byte bucket that may go below zero: a frame is never split or refused, so the
-    one that overdraws it is read, and the next waits until it is paid back."""
+class _Bucket:
+    """A token bucket that may go below zero: what overdraws it (a frame, a stream) is
+    never split or refused, and the next one waits until it is paid back."""
 
     tokens: float
     stamp: float
@@ -663,11 +672,24 @@ class _Bytes:
         return -self.tokens / rate if self.tokens < 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Rates:
+    """What a :class:`PacedBudget` allows: units a second and at once for each peer, and
+    for all peers without a stake together."""
+
+    per_peer: float
+    peer_burst: float
+    unknown: float
+    unknown_burst: float
+
+
 @dataclass
-class ByteBudget:
-    """Bytes a second each peer may send on its actor streams, and all peers the node
-    has no stake in together (``stake``), enforced by backpressure: after a frame
-    that overdraws a bucket, the stream's next read waits until it is paid back.
+class PacedBudget:
+    """Units a second (bytes, new streams) each peer may make the node take, and all
+    peers the node has no stake in together (``stake``), enforced by backpressure:
+    after a unit that overdraws a bucket, the next waits until it is paid back
+    (:meth:`charge` says how long). Subclasses name the units (``rates``, ``code``,
+    ``gauge``, ``what``, ``settings_named``).
 
     One trio thread uses it (no lock). ``forget`` a peer when its last connection
     closes; its entry goes once its bucket is full again (no fresh burst by
@@ -678,10 +700,18 @@ class ByteBudget:
     refusals: Counter[str]
     stake: Stake
     clock: Callable[[], float] = time.monotonic
-    _peers: dict[str, _Bytes] = field(default_factory=dict)
-    _unknown: _Bytes | None = None
+    _peers: dict[str, _Bucket] = field(default_factory=dict)
+    _unknown: _Bucket | None = None
     _logged: dict[str, float] = field(default_factory=dict)
     _staked: dict[str, tuple[bool, float]] = field(default_factory=dict)
+
+    code = Budget.BYTES_THROTTLED
+    gauge = "inbound_bytes"  # usage(): f"{gauge}_per_peer", f"{gauge}_unknown"
+    what = "bytes"
+    settings_named = ""
+
+    def rates(self) -> Rates:
+        raise NotImplementedError
 
     def has_stake(self, peer: str) -> bool:
         """Whether this node has a stake in ``peer`` (asked again at most once a second:
@@ -696,41 +726,93 @@ class ByteBudget:
             known = self._staked[peer] = (self.stake(peer), now)
         return known[0]
 
-    def charge(self, peer: str, size: int) -> float:
-        """Take ``size`` bytes from ``peer``'s budgets; the seconds its streams must wait
-        before the next read (0: none). Counted and logged (once a second per peer)
-        when it must wait."""
-        s = self.settings
+    def charge(self, peer: str, size: float) -> float:
+        """Take ``size`` units from ``peer``'s budgets; the seconds before it may be read
+        from again (0: none). Counted and logged (once a second per peer) when it must
+        wait."""
+        r = self.rates()
         now = self.clock()
         mine = self._peers.get(peer)
         if mine is None:
-            mine = self._peers[peer] = _Bytes(float(s.inbound_byte_burst_per_peer), now)
-        mine.refill(s.max_inbound_bytes_per_peer_per_s, s.inbound_byte_burst_per_peer, now)
+            mine = self._peers[peer] = _Bucket(float(r.peer_burst), now)
+        mine.refill(r.per_peer, r.peer_burst, now)
         mine.tokens -= size
-        wait = mine.wait_s(s.max_inbound_bytes_per_peer_per_s)
+        wait = mine.wait_s(r.per_peer)
         scope = "its own"
         if not self._has_stake(peer, now):
             if self._unknown is None:
-                self._unknown = _Bytes(float(s.inbound_byte_burst), now)
-            self._unknown.refill(s.max_inbound_bytes_per_s, s.inbound_byte_burst, now)
+                self._unknown = _Bucket(float(r.unknown_burst), now)
+            self._unknown.refill(r.unknown, r.unknown_burst, now)
             self._unknown.tokens -= size
-            shared = self._unknown.wait_s(s.max_inbound_bytes_per_s)
+            shared = self._unknown.wait_s(r.unknown)
             if shared > wait:
                 wait, scope = shared, "that of all peers this node has no stake in"
         if wait > 0:
-            self.refusals[Budget.BYTES_THROTTLED] += 1
+            self.refusals[self.code] += 1
             if now - self._logged.get(peer, float("-inf")) >= 1.0:
                 self._logged[peer] = now
                 log.info(
-                    "streams of %s paused %.2f s: bytes_throttled: over %s budget of bytes a "
-                    "second (max_inbound_bytes_per_peer_per_s %d; max_inbound_bytes_per_s %d)",
+                    "%s of %s paused %.2f s: %s: over %s budget of %s a second (%s)",
+                    "streams" if self.what == "bytes" else "connection",
                     peer,
                     wait,
+                    self.code,
                     scope,
-                    s.max_inbound_bytes_per_peer_per_s,
-                    s.max_inbound_bytes_per_s,
+                    self.what,
+                    self.settings_named,
                 )
         return wait
+
+    def forget(self) -> None:
+        """Drop the peers whose buckets are full again (called when a peer leaves)."""
+        r = self.rates()
+        now = self.clock()
+        for peer, bucket in list(self._peers.items()):
+            if bucket.tokens + (now - bucket.stamp) * r.per_peer >= r.peer_burst:
+                del self._peers[peer]
+                self._logged.pop(peer, None)
+                self._staked.pop(peer, None)
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Units owed now (below zero, a peer waits), per peer (the most) and unknown."""
+        r = self.rates()
+        now = self.clock()
+
+        def used(bucket: _Bucket | None, rate: float, burst: float) -> int:
+            if bucket is None:
+                return 0
+            tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
+            return int(burst - tokens)
+
+        most = max((used(b, r.per_peer, r.peer_burst) for b in self._peers.values()), default=0)
+        return {
+            f"{self.gauge}_per_peer": (most, int(r.peer_burst)),
+            f"{self.gauge}_unknown": (
+                used(self._unknown, r.unknown, r.unknown_burst),
+                int(r.unknown_burst),
+            ),
+        }
+
+
+@dataclass
+class ByteBudget(PacedBudget):
+    """Bytes a second each peer may send on its actor streams, and all peers the node
+    has no stake in together: after a frame that overdraws a bucket, the stream's
+    next read waits until it is paid back."""
+
+    settings_named = (
+        "max_inbound_bytes_per_peer_per_s, inbound_byte_burst_per_peer; "
+        "max_inbound_bytes_per_s, inbound_byte_burst"
+    )
+
+    def rates(self) -> Rates:
+        s = self.settings
+        return Rates(
+            s.max_inbound_bytes_per_peer_per_s,
+            s.inbound_byte_burst_per_peer,
+            s.max_inbound_bytes_per_s,
+            s.inbound_byte_burst,
+        )
 
     async def pace(self, peer: str, size: int) -> None:
         """Charge ``size`` bytes read from ``peer`` and wait until its budget allows them;
@@ -742,44 +824,57 @@ class ByteBudget:
         else:
             await trio.lowlevel.checkpoint()
 
-    def forget(self) -> None:
-        """Drop the peers whose buckets are full again (called when a peer leaves)."""
+
+@dataclass
+class StreamOpens(PacedBudget):
+    """New inbound streams a second each peer may open, and all peers the node has no
+    stake in together, enforced on the connection: after a stream that overdraws a
+    bucket, the connection's next stream is taken only once it is paid back.
+    Meanwhile Yamux's queue of streams not yet taken (10) fills, its reader stops, so
+    the peer's further stream openings wait in its own socket, read by no one.
+
+    Each stream opened costs the node ~1.4 ms of CPU on its network thread before any
+    handler of ours sees it (Yamux, multistream-select, Noise, trio's tasks, py-libp2p's
+    notifications; measured, specs/security.md, "Stream openings"), whatever the
+    handler then does; so the rate, not only the number held, is budgeted."""
+
+    code = Budget.STREAMS_THROTTLED
+    gauge = "new_streams"
+    what = "new streams"
+    settings_named = (
+        "max_new_streams_per_peer_per_s, new_stream_burst_per_peer; "
+        "max_unknown_new_streams_per_s, unknown_new_stream_burst"
+    )
+
+    def rates(self) -> Rates:
         s = self.settings
-        now = self.clock()
-        for peer, bucket in list(self._peers.items()):
-            refilled = bucket.tokens + (now - bucket.stamp) * s.max_inbound_bytes_per_peer_per_s
-            if refilled >= s.inbound_byte_burst_per_peer:
-                del self._peers[peer]
-                self._logged.pop(peer, None)
-                self._staked.pop(peer, None)
+        return Rates(
+            s.max_new_streams_per_peer_per_s,
+            s.new_stream_burst_per_peer,
+            s.max_unknown_new_streams_per_s,
+            s.unknown_new_stream_burst,
+        )
 
-    def usage(self) -> dict[str, tuple[int, int]]:
-        """Bytes owed now (below zero, a peer waits), per peer (the most) and unknown."""
-        s = self.settings
-        now = self.clock()
+    def install(self, muxed: Any) -> None:
+        """Pace the streams the peer of ``muxed`` (a connection) opens on it: its
+        ``accept_stream`` (called in a loop by py-libp2p's ``SwarmConn``) waits, before
+        taking the next stream, for what the last one overdrew. Once per connection."""
+        if getattr(muxed, "_dms_paced", False) or not hasattr(muxed, "accept_stream"):
+            return
+        muxed._dms_paced = True
+        accept: Callable[[], Awaitable[Any]] = muxed.accept_stream
+        peer = muxed.peer_id.to_base58()
+        owed = 0.0
 
-        def used(bucket: _Bytes | None, rate: float, burst: int) -> int:
-            if bucket is None:
-                return 0
-            tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
-            return int(burst - tokens)
+        async def paced() -> Any:
+            nonlocal owed
+            if owed > 0:
+                await trio.sleep(owed)
+            stream = await accept()
+            owed = self.charge(peer, 1)
+            return stream
 
-        return {
-            "inbound_bytes_per_peer": (
-                max(
-                    (
-                        used(b, s.max_inbound_bytes_per_peer_per_s, s.inbound_byte_burst_per_peer)
-                        for b in self._peers.values()
-                    ),
-                    default=0,
-                ),
-                s.inbound_byte_burst_per_peer,
-            ),
-            "inbound_bytes_unknown": (
-                used(self._unknown, s.max_inbound_bytes_per_s, s.inbound_byte_burst),
-                s.inbound_byte_burst,
-            ),
-        }
+        muxed.accept_stream = paced
 
 
 @dataclass

@@ -53,6 +53,7 @@ from dms.network.budgets import (
     ProtocolStreams,
     Stake,
     StreamBudget,
+    StreamOpens,
 )
 from dms.network.checked import CheckedFrames
 from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
@@ -113,6 +114,7 @@ class _ConnectionEvents(INotifee):
         pass
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._transport._opens.install(conn.muxed_conn)
         self._transport._supersede(network, conn)
         self._transport._on_connected(conn.muxed_conn.peer_id)
 
@@ -207,6 +209,7 @@ class Libp2pTransport(Unicast, Gossip):
             self._has_stake,
         )
         self._bytes = ByteBudget(s, self.refusals, self._has_stake)
+        self._opens = StreamOpens(s, self.refusals, self._has_stake)
         self._dials = OutboundBudget(s, self.refusals, self._has_stake, self._rates.last_active)
         self._transfers = TransferBudget(
             max_per_peer=s.max_transfers_per_peer,
@@ -476,6 +479,7 @@ class Libp2pTransport(Unicast, Gossip):
             **self._streams.usage(),
             **self._protocols.usage(),
             **self._bytes.usage(),
+            **self._opens.usage(),
             **(self._dials.usage(self._host.get_network()) if self._host is not None else {}),
             "idle_watched_streams": (len(self._idle), s.max_streams),
             "buffered_bytes": (BUFFERS.held, BUFFERS.limit),

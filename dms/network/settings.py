@@ -50,6 +50,10 @@ BUDGET_SETTINGS = (
     "inbound_byte_burst_per_peer",
     "max_inbound_bytes_per_s",
     "inbound_byte_burst",
+    "max_new_streams_per_peer_per_s",
+    "new_stream_burst_per_peer",
+    "max_unknown_new_streams_per_s",
+    "unknown_new_stream_burst",
     "max_outbound_connections",
     "revocations_per_peer_per_s",
     "revocation_burst_per_peer",
@@ -144,6 +148,12 @@ class NetworkSettings(BaseModel):
     inbound_byte_burst_per_peer: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     max_inbound_bytes_per_s: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
     inbound_byte_burst: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+    # New inbound streams a second, per peer and for all peers without a stake
+    # together, and at once; over it a connection's next stream is taken later.
+    max_new_streams_per_peer_per_s: float = Field(default=32.0, gt=0)
+    new_stream_burst_per_peer: int = Field(default=64, ge=1)
+    max_unknown_new_streams_per_s: float = Field(default=100.0, gt=0)
+    unknown_new_stream_burst: int = Field(default=200, ge=1)
     # Gossip messages on the revocation topic (dms.network.gossip.REVOCATION_TOPIC) one
     # publishing host may have this node handle, a second and at once, besides the
     # general budget; this node's own revocations are published no faster.

@@ -28,7 +28,7 @@ from dms.actor.handle import ROOT_INBOX, Address, Handle
 from dms.actor.ratelimit import PeerRates
 from dms.actor.system import REFUSAL_TTL_S, reply_payload
 from dms.actor.transport import Receiver, Undeliverable
-from dms.network.budgets import Budget, ByteBudget, IdleWatch
+from dms.network.budgets import Budget, ByteBudget, IdleWatch, StreamOpens
 from dms.network.discovery import Discovery, peer_id_of
 from dms.network.frames import PREFIX, FrameError, FrameReader, encode_frame
 from dms.network.loop import NetworkError, why
@@ -93,6 +93,7 @@ class Unicast(Discovery):
     _waiting: Counter[str]  # frames waiting for a stream to their peer
     _idle: IdleWatch
     _bytes: ByteBudget
+    _opens: StreamOpens
     _transfers: TransferBudget
 
     def send(self, peer_id: str, frame: bytes) -> None:
@@ -282,6 +283,7 @@ class Unicast(Discovery):
         peer = pid.to_base58()
         self._rates.forget(peer)
         self._bytes.forget()
+        self._opens.forget()
         outbound = self._outbound.get(peer)
         if outbound is not None:
             self._close(outbound)

@@ -371,16 +371,19 @@ class BarePeer:
 
         return self.call(go)
 
-    def open_streams(self, protocol: str, count: int, first: bytes = b"") -> int:
-        """Open ``count`` streams to the node on ``protocol`` and hold them (writing
-        ``first`` on each); how many opened."""
+    def open_streams(
+        self, protocol: str, count: int, first: bytes = b"", timeout_s: float = 10
+    ) -> int:
+        """Open ``count`` streams to the node on ``protocol``, one after another, and hold
+        them (writing ``first`` on each); how many opened (one not open within
+        ``timeout_s`` is given up)."""
 
         async def go() -> int:
             info = info_from_p2p_addr(Multiaddr(self._addr))
             opened = 0
             for _ in range(count):
                 try:
-                    with trio.fail_after(10):
+                    with trio.fail_after(timeout_s):
                         stream = await self.host.new_stream(info.peer_id, [protocol])
                         if first:
                             await stream.write(first)

@@ -519,6 +519,32 @@ def test_chunk_streams_are_capped_and_do_not_stay_open(
         attacker.close()
 
 
+def test_stream_openings_are_paced_per_peer_and_for_peers_without_a_stake_together(
+    cluster: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """Each stream a peer opens costs the node ~1.4 ms of its network thread before any
+    handler sees it (Yamux, multistream-select, Noise): 50 keys opening 3,200 chunk
+    streams kept it ~75 % busy, and honest invokes waited behind them. Openings are
+    now budgeted a second, per peer and for all peers without a stake together: over
+    it, the connection's next stream is taken only once paid back (here: almost
+    never), so the flooder's further streams do not open; another key without a stake
+    shares the flooder's budget, and a peer the node has a stake in has its own."""
+    victim = cluster.add("victim", max_unknown_new_streams_per_s=0.01, unknown_new_stream_burst=8)
+    assert victim.transport is not None
+    addr = victim.addrs()[0]
+    flooder, second, staked = (BarePeer(addr) for _ in range(3))
+    bare_peers += [flooder, second, staked]
+    victim.transport.stake = lambda peer_id: peer_id == staked.peer_id
+    # A budget of 8 at once: the ninth, which overdraws it, is taken; no more.
+    opened = flooder.open_streams(CHUNK_PROTOCOL, 16, timeout_s=1)
+    assert opened <= 9, f"{opened} of 16 streams opened past a budget of 8"
+    assert refusals(victim, Budget.STREAMS_THROTTLED) >= 1
+    assert second.open_streams(CHUNK_PROTOCOL, 4, timeout_s=1) <= 1
+    assert staked.open_streams(CHUNK_PROTOCOL, 4) == 4
+    usage = victim.transport.budget_usage()
+    assert usage["new_streams_unknown"][0] >= 8
+
+
 # ---- py-libp2p's own protocols ----------------------------------------------------------
 
 KAD = "/ipfs/kad/1.0.0"

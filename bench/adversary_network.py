@@ -12,8 +12,13 @@ peers can make a node hold, and whether a newcomer can still join.
   ``connection_evicted``.
 - ``slow_chunks``: ``--idle-chunk-streams`` chunk streams that never send a request
   and ``--trickle-chunk-streams`` that send one byte of it, from ``--chunk-keys``
-  keys. Own keys: ``chunk_streams_open_s`` (until the victim had ended every one;
-  before: 40 s and more), ``transfers_full``, ``transfer_stalled``.
+  keys, all in a process of its own (``Chunker``: in this one, its 50 trio threads
+  took the honest node's interpreter lock, about half the honest invokes' extra
+  latency). Own keys: ``chunk_streams_open_s`` (until the victim had ended every
+  one; before: 40 s and more; paced openings take ~30 s of it),
+  ``chunk_streams_opened`` (opened, and the first byte written where one is: a
+  trickling stream the victim refused before its byte went is not counted),
+  ``transfers_full``, ``transfer_stalled``.
 - ``handshake_slots``: ``--raw-sockets`` TCP sockets that never start the handshake,
   held open, then a new node joins and deploys. Own keys: ``newcomer_joined_s``,
   ``raw_sockets_closed_s`` (until the victim had closed every one).
@@ -22,11 +27,13 @@ peers can make a node hold, and whether a newcomer can still join.
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
+import sys
 import time
 from typing import Any
 
-from adversary_kit import Context, Honest, Plan, Victim, say
+from adversary_kit import Context, Honest, HostileProcess, Plan, Victim, say, serve
 from multiaddr import Multiaddr
 
 from dms.network.transfer import CHUNK_PROTOCOL
@@ -138,31 +145,68 @@ def connection_slots(ctx: Context, keys: int) -> Any:
     return attack
 
 
+class Chunker(HostileProcess):
+    """The chunk-stream attacker of ``slow_chunks``, a process of its own (this file run
+    with ``--chunker``): its ``keys`` bare peers, each on a trio thread, opening streams
+    in the bench's process took the honest node's interpreter lock, so the honest
+    invokes measured the attacker as much as the victim."""
+
+    def __init__(self, victim: Victim, keys: int) -> None:
+        super().__init__([sys.executable, __file__, "--chunker", victim.addr, str(keys)])
+        self.ask({})  # every key connected
+
+    def open(self, idle: int, trickling: int) -> int:
+        return int(self.ask({"open": [idle, trickling]})["opened"])
+
+    def held_open(self) -> int:
+        return int(self.ask({"held_open": True})["held_open"])
+
+
+def chunker_main(addr: str, keys: int) -> None:
+    """``--chunker``: the attacker's side of :class:`Chunker` (stdin and stdout)."""
+    peers = [BarePeer(addr) for _ in range(keys)]
+
+    def step(ask: dict[str, Any]) -> dict[str, Any]:
+        if "open" in ask:
+            idle, trickling = ask["open"]
+            opened = 0
+            for i, peer in enumerate(peers):
+                opened += peer.open_streams(CHUNK_PROTOCOL, idle // keys + (i < idle % keys))
+                trickle = trickling // keys + (i < trickling % keys)
+                opened += peer.open_streams(CHUNK_PROTOCOL, trickle, first=b"\x00")
+            return {"opened": opened}
+        if "held_open" in ask:
+            return {"held_open": sum(peer.held_open() for peer in peers)}
+        return {"keys": len(peers)}
+
+    try:
+        serve(step)
+    finally:
+        for peer in peers:
+            peer.close()
+
+
 def slow_chunks(victim: Victim, idle: int, trickling: int, keys: int) -> Any:
-    peers = [BarePeer(victim.addr) for _ in range(keys)]
+    chunker = Chunker(victim, keys)
 
     def attack() -> dict[str, Any]:
         before = victim.refusals()
         began = time.perf_counter()
-        opened = 0
-        for i, peer in enumerate(peers):
-            opened += peer.open_streams(CHUNK_PROTOCOL, idle // keys + (i < idle % keys))
-            trickle = trickling // keys + (i < trickling % keys)
-            opened += peer.open_streams(CHUNK_PROTOCOL, trickle, first=b"\x00")
+        opened = chunker.open(idle, trickling)
         open_s: float | None = None
         while time.perf_counter() - began < CLOSE_DEADLINE_S:
-            if sum(peer.held_open() for peer in peers) == 0:
+            if chunker.held_open() == 0:
                 open_s = round(time.perf_counter() - began, 2)
                 break
             time.sleep(0.5)
         return {
             "chunk_streams_opened": opened,
             "chunk_streams_open_s": open_s,
-            "chunk_streams_still_open": sum(peer.held_open() for peer in peers),
+            "chunk_streams_still_open": chunker.held_open(),
             "transfers_full": refused(victim, before, "transfers_full"),
             "transfer_stalled": refused(victim, before, "transfer_stalled"),
             "streams_full": refused(victim, before, "streams_full"),
-            "_cleanup": lambda: [peer.close() for peer in peers],
+            "_cleanup": chunker.close,
         }
 
     return attack
@@ -195,4 +239,10 @@ def handshake_slots(ctx: Context, count: int) -> Any:
 
     return attack
 
-    return True
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--chunker":
+        logging.getLogger("dms").setLevel(logging.ERROR)
+        chunker_main(sys.argv[2], int(sys.argv[3]))
+    else:
+        sys.exit("run bench/adversary.py; this file is run alone only as --chunker ADDR KEYS")

@@ -99,6 +99,9 @@ class Budget(StrEnum):
     TRANSFERS_FULL = "transfers_full"
     # A chunk stream idle, or slower than chunk_min_bytes_per_s: ended.
     TRANSFER_STALLED = "transfer_stalled"
+    # A chunk stream from a peer no manifest offered here is for: refused at once,
+    # before it takes a transfer slot or is waited on.
+    CHUNKS_UNOFFERED = "chunks_unoffered"
     # A peer's actor streams paused: it sent more bytes than its share (ByteBudget).
     BYTES_THROTTLED = "bytes_throttled"
     # A connection's next stream taken later: its peer opened more than its share of

@@ -22,7 +22,9 @@ Every chunk is checked against its hash before it is stored; a bad one is
 refused and asked for again. An interrupted transfer resumes with only the
 missing chunks, and chunks the receiver already holds (the same public context
 for a second shard) are never asked for. The source serves a manifest only to
-its audience, authenticated by the libp2p connection.
+its audience, authenticated by the libp2p connection; a chunk stream from a
+peer no manifest offered here is for is refused at once (``chunks_unoffered``),
+before it takes a transfer slot or is waited on.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ CHUNK_REFUSED = b"\x01"
 MANIFEST_ID_PATTERN = r"^[0-9a-f]{32}$"
 TRANSFERS_FULL = Budget.TRANSFERS_FULL
 TRANSFER_STALLED = Budget.TRANSFER_STALLED
+CHUNKS_UNOFFERED = Budget.CHUNKS_UNOFFERED
 
 
 class TransferError(DmsError):
@@ -158,12 +161,28 @@ class Offers:
     store: ChunkStore
     _offers: dict[str, _Offer] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _audiences: Counter[str] = field(default_factory=Counter)  # offers for each peer
     served_chunks: int = 0
     served_bytes: int = 0
 
     def add(self, manifest: Manifest, owner: str) -> None:
         with self._lock:
+            self._drop(manifest.id)
             self._offers[manifest.id] = _Offer(manifest, owner)
+            self._audiences[manifest.audience] += 1
+
+    def offered_to(self, peer: str) -> bool:
+        """Whether any manifest served here is for ``peer`` (the only peers that may
+        pull anything, so the only ones a chunk stream is worth a slot for)."""
+        with self._lock:
+            return peer in self._audiences
+
+    def _drop(self, manifest_id: str) -> None:
+        offer = self._offers.pop(manifest_id, None)
+        if offer is not None:
+            self._audiences[offer.manifest.audience] -= 1
+            if self._audiences[offer.manifest.audience] <= 0:
+                del self._audiences[offer.manifest.audience]
 
     def get(self, manifest_id: str) -> Manifest | None:
         with self._lock:
@@ -173,7 +192,7 @@ class Offers:
     def withdraw(self, owner: str) -> None:
         with self._lock:
             for mid in [m for m, o in self._offers.items() if o.owner == owner]:
-                del self._offers[mid]
+                self._drop(mid)
 
     def count_served(self, size: int) -> None:
         with self._lock:
@@ -243,19 +262,37 @@ async def serve_chunks(
     chunks, each within the budget's deadline."""
     budget = budget or TransferBudget()
     peer = stream.muxed_conn.peer_id.to_base58()
+    if not offers.offered_to(peer):
+        # Before a slot or a wait: a stranger's streams cannot keep an audience's out.
+        await _refuse(stream, peer, CHUNKS_UNOFFERED, UNOFFERED, budget)
+        return
     full = budget.admit(peer)
     if full is not None:
-        budget.refusals[TRANSFERS_FULL] += 1
-        log.info("chunk request from %s refused: %s: %s", peer, TRANSFERS_FULL, full)
-        with contextlib.suppress(Exception), trio.move_on_after(budget.idle_s):
-            await stream.write(encode_frame(CHUNK_REFUSED + f"{TRANSFERS_FULL}: {full}".encode()))
-            await stream.close()
-        await _reset(stream)
+        await _refuse(stream, peer, TRANSFERS_FULL, full, budget)
         return
     try:
         await _serve(stream, offers, tap, budget, peer)
     finally:
         budget.release(peer)
+
+
+UNOFFERED = (
+    "no such manifest here for this peer: none is offered to it (withdrawn, never "
+    "offered, or each is for another peer)"
+)
+
+
+async def _refuse(
+    stream: INetStream, peer: str, code: str, why: str, budget: TransferBudget
+) -> None:
+    """Answer a chunk stream with a refusal (``code: why``), counted and logged, and
+    end it."""
+    budget.refusals[code] += 1
+    log.info("chunk request from %s refused: %s: %s", peer, code, why)
+    with contextlib.suppress(Exception), trio.move_on_after(budget.idle_s):
+        await stream.write(encode_frame(CHUNK_REFUSED + f"{code}: {why}".encode()))
+        await stream.close()
+    await _reset(stream)
 
 
 async def _serve(

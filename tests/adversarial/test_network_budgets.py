@@ -9,9 +9,11 @@ with one ordinary process would. See specs/security.md, "Budgets and priority".
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,11 +24,13 @@ from dms.network.budgets import Budget
 from dms.network.host import ACTOR_PROTOCOL
 from dms.network.loop import NetworkError
 from dms.network.peerbook import PeerBook
-from dms.network.transfer import CHUNK_PROTOCOL
+from dms.network.transfer import CHUNK_PROTOCOL, Manifest
 from dms.node.daemon import Node
 from dms.sim.adversary import BarePeer, ManyKeys, closed_by_peer, root_of
 from dms.sim.cluster import LocalCluster
+from dms.store.chunks import CHUNK_BYTES
 from tests.conftest import wait_for
+from tests.test_transfer import courier
 
 MIB = 1024 * 1024
 
@@ -497,6 +501,34 @@ def test_connections_a_node_dials_are_capped_and_a_staked_peer_takes_an_unknown_
 # ---- chunk transfers --------------------------------------------------------------------
 
 
+def test_strangers_chunk_streams_take_no_slot_from_an_audiences_transfer(
+    cluster: LocalCluster, bare_peers: list[BarePeer], tmp_path: Path
+) -> None:
+    """Chunk requests served at once went to whoever opened a chunk stream: keys that
+    held them idle (each for chunk_idle_s, again and again) had an honest audience's
+    fetch refused transfers_full until its courier gave up. A stream from a peer no
+    manifest here is for is now refused at once, before it takes a slot."""
+    source = cluster.add("source", max_transfers=4, max_transfers_per_peer=2, chunk_idle_s=60)
+    audience = cluster.add("audience", bootstrap=[source.addrs()[0]])
+    sender, receiver = courier(source, tmp_path / "s"), courier(audience, tmp_path / "r")
+    data = os.urandom(2 * CHUNK_BYTES)
+    parcel = sender.pack(data, audience.peer_id, "job")
+    strangers = [BarePeer(source.addrs()[0]) for _ in range(2)]
+    bare_peers += strangers
+    assert sum(stranger.open_streams(CHUNK_PROTOCOL, 2) for stranger in strangers) == 4
+    assert source.transport is not None
+    wait_for(
+        lambda: (
+            source.transport.budget_usage()["transfers"][0]  # type: ignore[union-attr]
+            + refusals(source, Budget.CHUNKS_UNOFFERED)
+            >= 4
+        ),
+        what="every stranger's stream taken in or refused",
+    )
+    assert receiver.unpack(parcel, source.peer_id, "job") == data
+    assert refusals(source, Budget.CHUNKS_UNOFFERED) >= 4
+
+
 @pytest.mark.parametrize("trickle", [False, True], ids=["idle", "trickling"])
 def test_chunk_streams_are_capped_and_do_not_stay_open(
     cluster: LocalCluster, trickle: bool
@@ -508,6 +540,14 @@ def test_chunk_streams_are_capped_and_do_not_stay_open(
         "victim", chunk_idle_s=3, max_transfers_per_peer=4, max_streams_per_peer=64
     )
     attacker = BarePeer(victim.addrs()[0])
+    # A peer a manifest here is for (a stranger's streams take no slot: they are
+    # refused at once, test_strangers_chunk_streams_take_no_slot_from_an_audiences_transfer).
+    assert victim.transport is not None and victim.transport.offers is not None
+    offer = Manifest(
+        id="0" * 32, source=victim.peer_id, audience=attacker.peer_id, size=0, chunk_bytes=1024,
+        chunks=[],
+    )  # fmt: skip
+    victim.transport.offers.add(offer, "test")
     try:
         # A request's first byte (a u32 length prefix, incomplete) or nothing at all.
         opened = attacker.open_streams(CHUNK_PROTOCOL, 40, first=b"\x00" if trickle else b"")

@@ -25,52 +25,49 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 # The files that take longest (about 30 s to 2 min each, measured in full runs), longest
 # first. They start the run: xdist (--dist loadfile, --no-loadscope-reorder) hands out
-# files in collection order, so the long ones are spread over both workers early and the
-# run ends on short files, not on one worker finishing test_readme.py while the other
-# idles. By default xdist orders files by how many tests they hold, which put these
+# files in collection order, so the long ones are spread over the workers early and the
+# run ends on short files, not on one worker finishing test_readme.py while the others
+# idle. By default xdist orders files by how many tests they hold, which put these
 # (one to five tests each) last.
 LONGEST_FIRST = (
-    "test_readme.py",
+    # Every file of 12 s or more, longest first: the sum of its tests' durations in one
+    # full run (pytest --durations=0, two workers on two cores, at 3a4429e). A long
+    # file left to the end kept one worker busy alone while the others had finished.
     "test_newcomer.py",
-    "test_nat.py",
-    "test_collab_nodes.py",
-    "test_readable_cli.py",
-    "test_collab_cli.py",
-    "test_deploy_cli.py",
-    "test_sim_faults.py",
-    "test_bench_placement.py",
-    "test_sim_processes.py",
-    "test_mining_hostile.py",
-    "test_daemon_logs.py",
-    "test_mine_network_cli.py",
-    "test_onboarding.py",
-    "test_nat_sim.py",
-    # Then those of about 15 to 40 s (measured one file at a time, -n 0), longest first:
-    # left in collection order, test_unlock.py (14 tests, 30-90 s by the machine's load)
-    # was among the last files, and one worker ran it alone at the end.
-    "test_unlock.py",
-    "test_adversarial_budgets.py",
     "test_network_budgets.py",
+    "test_nat.py",
+    "test_adversarial_budgets.py",
+    "test_sim_faults.py",
     "test_orchestrator.py",
-    "test_mining_blind.py",
-    "test_mining_placed.py",
-    "test_daemon_cli.py",
-    "test_sim_collab.py",
+    "test_collab_cli.py",
     "test_relay.py",
+    "test_mining_hostile.py",
+    "test_adversarial_heap.py",
+    "test_readable_cli.py",
+    "test_mining_placed.py",
+    "test_mining_blind.py",
     "test_adversarial_leases.py",
-    "test_libp2p_patches.py",
-    "test_report.py",
+    "test_readme.py",
+    "test_orchestrator_hostile.py",
+    "test_collab_nodes.py",
+    "test_onboarding.py",
     "test_mining_algorithms.py",
+    "test_sim_processes.py",
+    "test_unlock.py",
+    "test_libp2p_patches.py",
     "test_resources_ledger.py",
+    "test_daemon_logs.py",
+    "test_bench_placement.py",
+    "test_sim_collab.py",
+    "test_nat_sim.py",
+    "test_adversarial_decode.py",
+    "test_careless_user.py",
     "test_cap_cli.py",
     "test_heartbeats.py",
-    "test_adversarial_decode.py",
-    "test_orchestrator_hostile.py",
-    "test_careless_user.py",
-    "test_sim.py",
-    "test_sim_memory.py",
-    "test_store_migrations.py",
-    "test_sim_examples.py",
+    "test_daemon_cli.py",
+    "test_adversarial_tokens.py",
+    "test_deploy_cli.py",
+    "test_mine_network_cli.py",
 )
 
 

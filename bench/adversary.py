@@ -567,6 +567,7 @@ def main() -> int:
                             ),
                             settle_s=args.settle,
                             placements=plan.placements,
+                            invoke_every_s=plan.invoke_every_s,
                         )
                         result["victim_max_frames_per_s"] = rate
                         result["victim_max_unknown_frames_per_s"] = shared

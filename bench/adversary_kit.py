@@ -17,6 +17,9 @@ itself, a callable that runs it to the end and returns the line's own keys
 (``_cleanup``: a callable run after the figures, to give back what it holds).
 ``placements`` says what the honest peer measures meanwhile: placements on the
 victim (True) or signed invokes of ``/public/hello`` (False).
+``invoke_every_s`` paces those invokes (one started every so many seconds,
+baseline and attack alike) so that the median weighs each second of the attack
+the same; None: one after another.
 
 Every line has ``attack, victim_rss_growth_mb, victim_alive, honest_success_rate,
 honest_p50_ms, baseline_p50_ms, db_growth_mb``; ``missed_targets`` checks them and
@@ -73,6 +76,12 @@ class Plan:
 
     build: Callable[[], Callable[[], dict[str, Any] | None]]
     placements: bool = False
+    # Invokes only: start one every this many seconds (open loop) instead of one after
+    # another, baseline and attack alike. Back to back, a quiet second holds more
+    # invokes than a busy one (each is faster), so the median weighs the attack's quiet
+    # moments most; paced (each invoke well under the period), every second of the
+    # attack weighs the same.
+    invoke_every_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -305,6 +314,24 @@ def failure(row: dict[str, Any], started: float) -> str:
     return f"{row.get('state')} after {took:.1f} s: {said[-FAILURE_CHARS:]}"
 
 
+def paced(probe: Callable[[], float | None], every_s: float | None) -> Callable[[], float | None]:
+    """``probe``, started once every ``every_s`` seconds (at once if the last one took
+    longer; no catching up); unpaced if ``every_s`` is None."""
+    if every_s is None:
+        return probe
+    next_at = time.perf_counter()
+
+    def run() -> float | None:
+        nonlocal next_at
+        wait = next_at - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        next_at = max(next_at + every_s, time.perf_counter())
+        return probe()
+
+    return run
+
+
 def p50_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1e3, 3) if samples else float("nan")
 
@@ -318,10 +345,11 @@ def run_attack(
     baseline_n: int,
     settle_s: float,
     placements: bool = False,
+    invoke_every_s: float | None = None,
 ) -> dict[str, Any]:
     """Baseline, then the attack in a thread while the honest peer keeps invoking (or,
     with ``placements``, placing one deployment after another on the victim)."""
-    probe = honest.place if placements else honest.invoke
+    probe = honest.place if placements else paced(honest.invoke, invoke_every_s)
     baseline = [t for t in (probe() for _ in range(baseline_n)) if t is not None]
     refusals_before = victim.refusals()
     rss_before = victim.rss_mb()

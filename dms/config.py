@@ -188,6 +188,13 @@ class Settings(BaseSettings):
         "peer it has no stake in is refused (outbound_full), one for a peer with a stake "
         "closes the idlest unknown one (outbound_evicted)",
     )
+    max_peerstore_peers: int = Field(
+        default=1000,
+        ge=10,
+        description="peers the libp2p peerstore keeps (addresses, key, protocols); past "
+        "it those neither connected nor staked go, without addresses first, then the "
+        "longest unidentified",
+    )
     max_inbound_bytes_per_peer_per_s: int = Field(
         default=8 * MIB,
         ge=64 * 1024,

@@ -60,6 +60,7 @@ from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, Pacer, envelope_is_valid, new_pubsub, topic_budgets
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause
+from dms.network.peerstore import BoundedPeerStore
 from dms.network.reachability import DialBack, Reachability
 from dms.network.relay import (
     HOP_PROTOCOL,
@@ -200,6 +201,7 @@ class Libp2pTransport(Unicast, Gossip):
         self.stake: Stake | None = None
         s = self.settings
         self._gate: InboundGate | None = None
+        self._peerstore: BoundedPeerStore | None = None
         self._streams = StreamBudget(s, self.refusals, self._has_stake)
         self._idle = IdleWatch(s.stream_idle_s, self.refusals)
         self._protocols = ProtocolStreams(
@@ -281,8 +283,12 @@ class Libp2pTransport(Unicast, Gossip):
         apply_libp2p_patches()
         key_pair = create_new_key_pair(self.identity.private_bytes())
         listen = [parse_multiaddr(a) for a in self.settings.listen]
+        peerstore = BoundedPeerStore(max_peers=self.settings.max_peerstore_peers)
+        peerstore.local = ID.from_pubkey(key_pair.public_key)
+        self._peerstore = peerstore
         host = new_host(
             key_pair=key_pair,
+            peerstore_opt=peerstore,
             sec_opt={
                 NOISE_PROTOCOL_ID: NoiseTransport(
                     key_pair, noise_privkey=create_x25519_key_pair().private_key
@@ -305,6 +311,9 @@ class Libp2pTransport(Unicast, Gossip):
         self._host = host
         s = self.settings
         swarm = host.get_network()
+        peerstore.keep = lambda pid: (
+            bool(swarm.get_connections(pid)) or self._has_stake(pid.to_base58())
+        )
         self._gate = InboundGate(
             swarm, self.settings, self.refusals, self._has_stake, self._rates.last_active
         )
@@ -483,6 +492,10 @@ class Libp2pTransport(Unicast, Gossip):
             **(self._dials.usage(self._host.get_network()) if self._host is not None else {}),
             "idle_watched_streams": (len(self._idle), s.max_streams),
             "buffered_bytes": (BUFFERS.held, BUFFERS.limit),
+            "peerstore_peers": (
+                self._peerstore.size() if self._peerstore is not None else 0,
+                s.max_peerstore_peers,
+            ),
             "transfers": (self._transfers.serving, s.max_transfers),
             "transfers_per_peer": (
                 max(self._transfers.by_peer.values(), default=0),

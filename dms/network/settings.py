@@ -55,6 +55,7 @@ BUDGET_SETTINGS = (
     "max_unknown_new_streams_per_s",
     "unknown_new_stream_burst",
     "max_outbound_connections",
+    "max_peerstore_peers",
     "revocations_per_peer_per_s",
     "revocation_burst_per_peer",
 )
@@ -142,6 +143,9 @@ class NetworkSettings(BaseModel):
     chunk_min_bytes_per_s: int = Field(default=256 * 1024, ge=1024)
     # Connections this host dials for a frame, a ping or a chunk fetch, in all.
     max_outbound_connections: int = Field(default=256, ge=1)
+    # Peers py-libp2p's peerstore keeps (addresses, key, protocols); past it those
+    # without a connection or a stake go (dms.network.peerstore).
+    max_peerstore_peers: int = Field(default=1000, ge=10)
     # Bytes a second of frames on actor streams, per peer and for all peers without a
     # stake together, and at once; over it a peer's streams are read more slowly.
     max_inbound_bytes_per_peer_per_s: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)

@@ -795,3 +795,47 @@ def test_fresh_keys_that_only_connected_are_not_remembered_nor_dialed_after_a_re
     dialed = {addr.rsplit("/p2p/", 1)[1] for addr in PeerBook(restarted.db).dial_addrs()}
     assert honest.peer_id in dialed  # a dms node it heard: dialed again
     assert not dialed & keys, f"{len(dialed & keys)} of 12 fresh keys remembered"
+
+
+# ---- the peerstore ----------------------------------------------------------------------
+
+
+def test_fresh_keys_past_the_peerstores_bound_push_out_neither_the_nodes_key_nor_a_staked_peer(
+    cluster: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """py-libp2p's peerstore holds at most ``max_peers`` peers (1,000) and, past it,
+    dropped entries without addresses first, then the oldest. Every key that connects
+    with listen addresses (identify keeps them 2 h) is an entry, none goes when it
+    leaves. The first entry without addresses is the host's own key pair: past the
+    bound identify failed ("peer ID not found") and a newcomer's stream failed.
+    Next went the peers met first, one the node has a stake in among them, and once
+    its connection had dropped the node could not reach it ("no known address")."""
+    victim = cluster.add("victim", bootstrap=[], max_peerstore_peers=20)
+    honest = cluster.add("honest", bootstrap=[])
+    assert victim.transport is not None and victim.node is not None
+    assert victim.transport._dht is not None
+    host: Any = victim.transport._host
+    victim.transport.connect(honest.addrs()[0])
+    victim.stakes.note(honest.peer_id, "allocation")
+    wait_for(
+        lambda: honest.peer_id in {p.peer_id for p in victim.transport.peers() if p.addrs},  # type: ignore[union-attr]
+        30,
+        "identify gave the honest peer's addresses",
+    )
+    hid = honest.transport._host.get_id()  # type: ignore[union-attr]
+    victim.transport._call(host.get_network().close_peer, hid)
+    # Nor is it in the DHT's routing table, which would hand its address back: the
+    # table keeps 20 peers a bucket, whoever they are, not those the node works with.
+    victim.transport._dht.routing_table.remove_peer(hid)
+    wait_for(lambda: not victim.transport.is_connected(honest.peer_id), 30, "the drop")  # type: ignore[union-attr]
+
+    addr = victim.addrs()[0]
+    for _ in range(25):  # fresh keys, each connected with its listen address, then gone
+        peer = BarePeer(addr, actor=True)
+        bare_peers.append(peer)
+        assert peer.ask(root_of(victim.identity), "/public/hello") is not None
+        peer.close()
+    assert victim.transport.budget_usage()["peerstore_peers"][0] <= 20
+
+    hello = victim.node.ask(root_of(honest.identity), "/public/hello", timeout=20)
+    assert hello["peer_id"] == honest.peer_id

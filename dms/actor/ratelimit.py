@@ -46,14 +46,54 @@ class Bucket:
         return False
 
 
+class ShareMeter:
+    """Who draws on a budget that many peers share, and how much: each peer's draws
+    decay over ``SHARE_WINDOW_S``, and its fair share is the budget's ``rate`` over
+    that window divided among the peers that drew on it meanwhile. A budget uses it to
+    let the peers within their share through a flood of the others (frames:
+    ``PeerRates.allow_shared``; bytes and new streams: ``dms.network.budgets``).
+    One thread uses it (no lock); ``forget`` a peer that left."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._drawn: dict[str, tuple[float, float]] = {}  # peer -> (units, when)
+        self._sharing: dict[str, float] = {}  # peer -> its last draw
+        self._pruned = float("-inf")
+
+    def draw(self, peer: str, units: float, now: float) -> bool:
+        """Note that ``peer`` draws ``units`` now; whether it was over its share before
+        this draw (what it drew in the last ``SHARE_WINDOW_S``, decaying)."""
+        drawn, at = self._drawn.get(peer, (0.0, now))
+        drawn *= math.exp((at - now) / SHARE_WINDOW_S)
+        over = drawn >= self.rate * SHARE_WINDOW_S / self._sharing_now(peer, now)
+        self._drawn[peer] = (drawn + units, now)
+        return over
+
+    def _sharing_now(self, peer: str, now: float) -> int:
+        """How many peers drew in the last ``SHARE_WINDOW_S``, ``peer`` among them (its
+        entry is renewed; old ones go at most every tenth of it)."""
+        self._sharing[peer] = now
+        if now - self._pruned >= SHARE_WINDOW_S / 10:
+            self._pruned = now
+            cutoff = now - SHARE_WINDOW_S
+            self._sharing = {p: t for p, t in self._sharing.items() if t >= cutoff}
+            self._drawn = {p: d for p, d in self._drawn.items() if p in self._sharing}
+        return len(self._sharing)
+
+    def forget(self, peer: str) -> None:
+        self._drawn.pop(peer, None)
+        self._sharing.pop(peer, None)
+
+    def __len__(self) -> int:
+        return len(self._drawn)
+
+
 @dataclass
 class _Peer:
     frames: Bucket
     answers: Bucket
     refused: int = 0  # since the last log line
     logged: float = float("-inf")
-    shared: float = 0.0  # frames offered to the shared budget, decaying over SHARE_WINDOW_S
-    shared_at: float = float("-inf")
 
 
 class PeerRates:
@@ -80,8 +120,7 @@ class PeerRates:
         self._peers: dict[str, _Peer] = {}
         self._answers = Bucket(TOTAL_ANSWERS_PER_S, clock())
         self._shared = Bucket(self.shared_burst, clock())
-        self._sharing: dict[str, float] = {}  # peer -> its last frame to the shared budget
-        self._pruned = clock()
+        self._meter = ShareMeter(shared_rate)
 
     def allow(self, peer: str) -> bool:
         """Take one frame from ``peer``'s budget; False if it has none left."""
@@ -106,13 +145,7 @@ class PeerRates:
         if self.shared_rate == float("inf"):
             return True
         now = self._clock()
-        state = self._peers[peer]
-        state.shared = state.shared * math.exp((state.shared_at - now) / SHARE_WINDOW_S)
-        state.shared_at = now
-        sharing = self._sharing_now(peer, now)
-        fair = self.shared_rate * SHARE_WINDOW_S / sharing
-        floor = 0.0 if state.shared < fair else self.shared_burst / 2
-        state.shared += 1.0
+        floor = self.shared_burst / 2 if self._meter.draw(peer, 1.0, now) else 0.0
         bucket = self._shared
         bucket.tokens = min(
             self.shared_burst, bucket.tokens + (now - bucket.stamp) * self.shared_rate
@@ -122,16 +155,6 @@ class PeerRates:
             bucket.tokens -= 1.0
             return True
         return False
-
-    def _sharing_now(self, peer: str, now: float) -> int:
-        """How many peers sent to the shared budget in the last ``SHARE_WINDOW_S``,
-        ``peer`` among them (its entry is renewed; old ones go at most every tenth of it)."""
-        self._sharing[peer] = now
-        if now - self._pruned >= SHARE_WINDOW_S / 10:
-            self._pruned = now
-            cutoff = now - SHARE_WINDOW_S
-            self._sharing = {p: t for p, t in self._sharing.items() if t >= cutoff}
-        return len(self._sharing)
 
     def last_active(self, peer: str) -> float | None:
         """When ``peer`` last sent a frame (this clock), or None if it has not."""

@@ -67,6 +67,7 @@ from libp2p.abc import IMuxedConn, INetStream
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
 
+from dms.actor.ratelimit import ShareMeter
 from dms.network.loop import NetworkError
 from dms.network.settings import NetworkSettings
 
@@ -705,6 +706,7 @@ class PacedBudget:
     clock: Callable[[], float] = time.monotonic
     _peers: dict[str, _Bucket] = field(default_factory=dict)
     _unknown: _Bucket | None = None
+    _meter: ShareMeter | None = None  # who draws on _unknown, and whether over its share
     _logged: dict[str, float] = field(default_factory=dict)
     _staked: dict[str, tuple[bool, float]] = field(default_factory=dict)
 
@@ -743,11 +745,15 @@ class PacedBudget:
         wait = mine.wait_s(r.per_peer)
         scope = "its own"
         if not self._has_stake(peer, now):
-            if self._unknown is None:
+            if self._unknown is None or self._meter is None:
                 self._unknown = _Bucket(float(r.unknown_burst), now)
+                self._meter = ShareMeter(r.unknown)
             self._unknown.refill(r.unknown, r.unknown_burst, now)
             self._unknown.tokens -= size
-            shared = self._unknown.wait_s(r.unknown)
+            # Only a peer over its share of the last second pays the shared debt: a flood
+            # of keys keeps it deep, and a newcomer sending little would wait behind it.
+            over = self._meter.draw(peer, size, now)
+            shared = self._unknown.wait_s(r.unknown) if over else 0.0
             if shared > wait:
                 wait, scope = shared, "that of all peers this node has no stake in"
         if wait > 0:

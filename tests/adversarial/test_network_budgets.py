@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,11 @@ import pytest
 import trio
 from multiaddr import Multiaddr
 
-from dms.network.budgets import Budget
+from dms.network.budgets import Budget, ByteBudget, PacedBudget, StreamOpens
 from dms.network.host import ACTOR_PROTOCOL
 from dms.network.loop import NetworkError
 from dms.network.peerbook import PeerBook
+from dms.network.settings import NetworkSettings
 from dms.network.transfer import CHUNK_PROTOCOL, Manifest
 from dms.node.daemon import Node
 from dms.sim.adversary import BarePeer, ManyKeys, closed_by_peer, root_of
@@ -579,10 +581,40 @@ def test_stream_openings_are_paced_per_peer_and_for_peers_without_a_stake_togeth
     opened = flooder.open_streams(CHUNK_PROTOCOL, 16, timeout_s=1)
     assert opened <= 9, f"{opened} of 16 streams opened past a budget of 8"
     assert refusals(victim, Budget.STREAMS_THROTTLED) >= 1
-    assert second.open_streams(CHUNK_PROTOCOL, 4, timeout_s=1) <= 1
+    # Another key without a stake gets its share through (a stream, and the one that
+    # overdraws it), then waits with the flooder.
+    assert second.open_streams(CHUNK_PROTOCOL, 4, timeout_s=1) <= 2
     assert staked.open_streams(CHUNK_PROTOCOL, 4) == 4
     usage = victim.transport.budget_usage()
     assert usage["new_streams_unknown"][0] >= 8
+
+
+@pytest.mark.parametrize(
+    ("budget", "unit", "limits"),
+    [
+        (StreamOpens, 1, {"max_unknown_new_streams_per_s": 100, "unknown_new_stream_burst": 200}),
+        (ByteBudget, 1024, {"max_inbound_bytes_per_s": 65536, "inbound_byte_burst": 131072}),
+    ],
+    ids=["new_streams", "bytes"],
+)
+def test_a_flood_of_keys_without_a_stake_leaves_a_newcomer_its_share_of_the_paced_budgets(
+    budget: type[PacedBudget], unit: int, limits: dict[str, int]
+) -> None:
+    """Keys that flood the budget of all peers without a stake (new streams, bytes) drove
+    it deep below zero, and every such peer's next stream or read waited for that debt
+    to be paid: an honest newcomer's second stream waited seconds behind the flood. Now
+    only a peer over its share of the last second (the budget's rate over the peers
+    drawing on it) waits for the shared debt; the flooders still do."""
+    now = [0.0]
+    paced = budget(NetworkSettings(**limits), Counter(), lambda peer: False, lambda: now[0])
+    flooders = [f"key{i}" for i in range(3)]
+    for step in range(300):  # 900 units in 0.3 s from three keys: 4.5 times the burst
+        now[0] = step / 1000
+        for key in flooders:
+            paced.charge(key, unit)
+    assert paced.charge(flooders[0], unit) > 0  # over its share: it waits for the debt
+    for _ in range(5):  # a newcomer's first streams (or frames' bytes) of the second
+        assert paced.charge("newcomer", unit) == 0
 
 
 # ---- py-libp2p's own protocols ----------------------------------------------------------

@@ -672,8 +672,9 @@ class _Bucket:
         self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
         self.stamp = now
 
-    def wait_s(self, rate: float) -> float:
-        return -self.tokens / rate if self.tokens < 0 else 0.0
+    def wait_s(self, rate: float, floor: float = 0.0) -> float:
+        """Seconds until the bucket is back at ``floor`` (0: it is there)."""
+        return (floor - self.tokens) / rate if self.tokens < floor else 0.0
 
 
 @dataclass(frozen=True)
@@ -750,10 +751,13 @@ class PacedBudget:
                 self._meter = ShareMeter(r.unknown)
             self._unknown.refill(r.unknown, r.unknown_burst, now)
             self._unknown.tokens -= size
-            # Only a peer over its share of the last second pays the shared debt: a flood
-            # of keys keeps it deep, and a newcomer sending little would wait behind it.
+            # Fair inside, as the frames' shared budget: a peer over its share of the last
+            # second waits until the bucket is half full again, one within its share only
+            # until it is out of debt. Keys that flood it keep it half full for the others,
+            # and an honest newcomer's few streams or bytes are taken at once beside them.
             over = self._meter.draw(peer, size, now)
-            shared = self._unknown.wait_s(r.unknown) if over else 0.0
+            floor = r.unknown_burst / 2 if over else 0.0
+            shared = self._unknown.wait_s(r.unknown, floor)
             if shared > wait:
                 wait, scope = shared, "that of all peers this node has no stake in"
         if wait > 0:

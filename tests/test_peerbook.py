@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from sqlalchemy import select
 from dms.network import peerbook as module
 from dms.network.discovery import PeerInfoView
 from dms.network.peerbook import PeerBook
+from dms.sim.cluster import LocalCluster
 from dms.store import Database, open_database
 from dms.store.models import KnownPeer
 
@@ -93,3 +95,23 @@ def test_a_flood_of_unstaked_peers_evicts_only_unstaked_ones_within_their_share(
         assert kept == set(more[-16:])
     finally:
         db.close()
+
+
+def test_a_node_whose_host_died_first_stops_without_an_error(
+    cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose network stopped before it (a crash, a killed host) recorded its peers
+    on the way out from the stopped network: the error ended its stop there, logged as
+    the root actor's failure with a traceback, and the leaving heartbeat was skipped."""
+    first = cluster.add("first")
+    second = cluster.add("second", bootstrap=first.addrs()[:1])
+    cluster.wait_linked()
+    with caplog.at_level(logging.WARNING):
+        cluster.crash(second)
+    # py-libp2p logs its own handshakes cut short at ERROR; ours and pykka's must be quiet.
+    failures = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and r.name.startswith(("dms", "pykka"))
+    ]
+    assert failures == []

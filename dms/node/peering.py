@@ -247,14 +247,14 @@ class Peering:
         # peers this node dialed (it chose them), dms nodes heard (a heartbeat in the
         # peers table) and peers with a stake here, not every key that connected to it
         # (fresh keys are free).
-        worth = [
-            p
-            for p in network.peers()
-            if p.dialed or self.peer_table.get(p.peer_id) is not None or self.stake(p.peer_id)
-        ]
-        try:
+        try:  # the node outlives a busy or stopped store, and a stopped network
+            worth = [
+                p
+                for p in network.peers()
+                if p.dialed or self.peer_table.get(p.peer_id) is not None or self.stake(p.peer_id)
+            ]
             peerbook.remember(worth, self.stake)
-        except Exception as exc:  # the node outlives a busy or stopped store
+        except Exception as exc:
             log.warning("could not record peers: %s", exc)
         if reschedule:
             self.node.call_later(self.remember_every_s, self._remember_peers)

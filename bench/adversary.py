@@ -580,6 +580,11 @@ def main() -> int:
                             for key, value in result.items():
                                 print(f"{key:>26}: {value}")
                             print()
+                        if not victim.alive():
+                            # The attacks after it would measure nothing: say why it ended.
+                            say(f"{name}: the victim is gone; the run stops here")
+                            print(victim.last_words(), file=sys.stderr, flush=True)
+                            break
                 finally:
                     hostile.close()
         finally:

@@ -214,6 +214,13 @@ class Victim:
             time.sleep(0.5)
         return False
 
+    def last_words(self, lines: int = 60) -> str:
+        """How the victim ended (its exit code) and the end of its log: the log is in
+        the run's temporary directory, gone once the bench ends."""
+        self.log.flush()
+        tail = (self.home.parent / "victim.log").read_text(errors="replace").splitlines()
+        return "\n".join([f"the victim exited with code {self.proc.poll()}", *tail[-lines:]])
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

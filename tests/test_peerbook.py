@@ -12,6 +12,7 @@ from sqlalchemy import select
 from dms.network import peerbook as module
 from dms.network.discovery import PeerInfoView
 from dms.network.peerbook import PeerBook
+from dms.node.client import root_handle
 from dms.sim.cluster import LocalCluster
 from dms.store import Database, open_database
 from dms.store.models import KnownPeer
@@ -106,6 +107,8 @@ def test_a_node_whose_host_died_first_stops_without_an_error(
     first = cluster.add("first")
     second = cluster.add("second", bootstrap=first.addrs()[:1])
     cluster.wait_linked()
+    assert first.node is not None  # the second node's actor has started: it answers
+    first.node.ask(root_handle(second.peer_id), "/public/hello", timeout=20)
     with caplog.at_level(logging.WARNING):
         cluster.crash(second)
     # py-libp2p logs its own handshakes cut short at ERROR; ours and pykka's must be quiet.

@@ -8,7 +8,6 @@ limit on what it decoded to.
 
 from __future__ import annotations
 
-import threading
 import tracemalloc
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from dms.security import Identity
 from dms.sim.adversary import BarePeer
 from dms.sim.cluster import LocalCluster
 from tests.adversarial.hostile import envelope, frame_of, refusal_code, with_payload_bytes
-from tests.clitools import Daemon, dms
+from tests.clitools import Daemon, dms, side_by_side
 from tests.conftest import wait_for
 
 MIB = 1024 * 1024
@@ -119,11 +118,8 @@ def test_refused_16_mib_frames_leave_no_rss_behind_in_a_daemon(tmp_path: Path) -
             peer: [peer.with_payload_bytes(env, junk) for env in envs[peer]] for peer in peers
         }
         before = process.memory_info().rss
-        writers = [threading.Thread(target=peer.write, args=(frames[peer],)) for peer in peers]
-        for writer in writers:
-            writer.start()
-        for writer in writers:
-            writer.join()
+        # All at once, each peer on a thread of its own (a write that fails fails the test).
+        side_by_side((lambda p=p: p.write(frames[p]) for p in peers), len(peers))
         assert all(peer.finish(to, 120) for peer in peers)  # every frame was read
         for peer in peers:
             assert peer.refusal_codes([env.nonce for env in envs[peer]]) == {"too_large": 4}

@@ -52,7 +52,8 @@ class ShareMeter:
     that window divided among the peers that drew on it meanwhile. A budget uses it to
     let the peers within their share through a flood of the others (frames:
     ``PeerRates.allow_shared``; bytes and new streams: ``dms.network.budgets``).
-    One thread uses it (no lock); ``forget`` a peer that left."""
+    One thread uses it (no lock); a peer that has not drawn for ``SHARE_WINDOW_S`` is
+    dropped, so it holds the peers of the last second only."""
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
@@ -79,13 +80,6 @@ class ShareMeter:
             self._sharing = {p: t for p, t in self._sharing.items() if t >= cutoff}
             self._drawn = {p: d for p, d in self._drawn.items() if p in self._sharing}
         return len(self._sharing)
-
-    def forget(self, peer: str) -> None:
-        self._drawn.pop(peer, None)
-        self._sharing.pop(peer, None)
-
-    def __len__(self) -> int:
-        return len(self._drawn)
 
 
 @dataclass

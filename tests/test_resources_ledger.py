@@ -109,6 +109,45 @@ def test_an_expired_lease_frees_its_resources_at_once_and_cannot_be_committed(
     assert ledger.lease(lease.id).state == EXPIRED
 
 
+def test_a_commit_queued_past_its_lease_expiry_is_refused(ledger: ResourceLedger) -> None:
+    """A commit that waits for other writers until its lease has expired finds it
+    expired: the time a transition acts at is read once it holds the writers' lock.
+    (Read before, a lock queued ahead of it could take the expired lease's cores and
+    the commit then allocate them again.)"""
+    clock = ledger.clock
+    assert isinstance(clock, Clock)
+    lease = ledger.lock(res(cpu=4), lease_s=5)
+    committer_read_clock = threading.Event()
+    base_clock = clock.__call__
+
+    def watched() -> float:
+        if threading.current_thread().name == "committer":
+            committer_read_clock.set()
+        return base_clock()
+
+    ledger.clock = watched
+    outcome: list[object] = []
+
+    def commit() -> None:
+        try:
+            outcome.append(ledger.commit(lease.id))
+        except ResourceError as exc:
+            outcome.append(exc)
+
+    committer = threading.Thread(target=commit, name="committer")
+    with ledger.db.transaction(exclusive=("leases",)):  # another writer holds the lock
+        committer.start()
+        # Without the fix the committer reads the clock before it queues: give it time.
+        committer_read_clock.wait(1.0)
+        clock.now += 10  # the lease expires while the commit waits its turn
+    committer.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], ResourceError)
+    assert outcome[0].code == "expired"
+    taken = ledger.lock(res(cpu=4), lease_s=5)  # its cores are free, and only once
+    assert ledger.lease(taken.id).state == LOCKED
+    assert ledger.pools().violations() == [] and ledger.pools().allocated.is_zero()
+
+
 def test_a_screen_sees_the_pools_and_its_refusals_lock_nothing(ledger: ResourceLedger) -> None:
     ledger.lock(res(cpu=1), lease_s=5)
     seen = []

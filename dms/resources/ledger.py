@@ -294,7 +294,9 @@ class ResourceLedger:
             return snapshot[0]
         writes = self._writes
         with self.db.snapshot() as conn:  # onboarding and the sums from one moment
-            pools, valid_until = self._read_pools(conn, now)
+            # The time of that moment, read inside it: a time read before could come
+            # before a lock it then sees, and count as live the lease it replaced.
+            pools, valid_until = self._read_pools(conn, self.clock())
         with self._snapshot_lock:
             if writes == self._writes:  # no write landed meanwhile: the answer is current
                 self._snapshot = (pools, valid_until)
@@ -306,8 +308,8 @@ class ResourceLedger:
 
     def live(self) -> list[LeaseView]:
         """Leases that still hold resources and allocations, oldest first."""
-        now = self.clock()
-        with self.db.transaction() as conn:
+        with self.db.snapshot() as conn:
+            now = self.clock()
             return [_view(r) for r in _LIVE_LEASES.run(conn, {"now": now}).fetchall()]
 
     # ---- transitions -----------------------------------------------------------------
@@ -318,8 +320,7 @@ class ResourceLedger:
             raise ResourceError("invalid", "onboarding needs some cpu, ram or disk")
         if price < 0:
             raise ResourceError("invalid", "price must not be negative")
-        now = self.clock()
-        with self._writing() as conn:
+        with self._writing() as (conn, now):
             pools = self._pools(conn, now)
             in_use = pools.locked + pools.allocated
             conflicts = [
@@ -347,8 +348,7 @@ class ResourceLedger:
     def offboard(self, force: bool = False) -> list[LeaseView]:
         """Withdraw from the network. Refused while anything is held, unless ``force``,
         which releases every lease and allocation (returned, so the caller can stop them)."""
-        now = self.clock()
-        with self._writing() as conn:
+        with self._writing() as (conn, now):
             live = [_view(r) for r in _LIVE_LEASES.run(conn, {"now": now}).fetchall()]
             if live and not force:
                 allocs = sum(1 for r in live if r.state == ALLOCATED)
@@ -399,10 +399,9 @@ class ResourceLedger:
         needs no other one for its per-requester caps."""
         if not 0 < lease_s <= MAX_LEASE_S:
             raise ResourceError("invalid", f"lease_s must be in (0, {MAX_LEASE_S:g}]")
-        now = self.clock()
         share = self.holder_share() if holder else 1.0
         results: list[LeaseView | ResourceError] = []
-        with self._writing() as conn:
+        with self._writing() as (conn, now):
             pools = self._pools(conn, now)
             if holders:
                 pools = replace(pools, holders=self._holders(conn, now))
@@ -454,8 +453,7 @@ class ResourceLedger:
     def commit(self, lease_id: str, ref: str | None = None, holder: str | None = None) -> LeaseView:
         """Turn a live lease into an allocation (same id); ``holder``, when given, must be
         the one the lease was made for."""
-        now = self.clock()
-        with self._writing() as conn:
+        with self._writing() as (conn, now):
             row = _view(self._get(conn, lease_id, holder))
             if row.state == ALLOCATED:
                 return row  # committing twice is harmless: a retried message
@@ -489,10 +487,9 @@ class ResourceLedger:
     ) -> list[LeaseView]:
         """Release several in one transaction. Unknown ids, and ids not held by ``holder``
         when it is given, raise with ``strict`` and are skipped without it."""
-        now = self.clock()
         out = []
         ended: list[str] = []
-        with self._writing() as conn:
+        with self._writing() as (conn, now):
             for lease_id in lease_ids:
                 try:
                     row = _view(self._get(conn, lease_id, holder))
@@ -531,8 +528,8 @@ class ResourceLedger:
 
     def held_by(self, holder: str) -> int:
         """How many live leases and allocations ``holder`` holds here."""
-        now = self.clock()
         with self.db.transaction() as conn:
+            now = self.clock()
             query = select(func.count()).where(_live_clause(now), LEASES.c.holder == holder)
             return int(conn.scalar(query.select_from(LEASES)) or 0)
 
@@ -552,8 +549,8 @@ class ResourceLedger:
 
     def live_ids(self, ref_prefix: str, holder: str) -> list[str]:
         """Ids of live leases and allocations of ``holder`` whose ref starts with the prefix."""
-        now = self.clock()
         with self.db.transaction() as conn:
+            now = self.clock()
             rows = conn.execute(
                 select(LEASES.c.id).where(
                     _live_clause(now),
@@ -565,8 +562,7 @@ class ResourceLedger:
 
     def expire(self) -> list[str]:
         """Mark leases past their expiry as ``expired``; returns their ids."""
-        now = self.clock()
-        with self._writing() as conn:
+        with self._writing() as (conn, now):
             ids = list(
                 conn.scalars(
                     select(LEASES.c.id).where(LEASES.c.state == LOCKED, LEASES.c.expires_at <= now)
@@ -582,12 +578,18 @@ class ResourceLedger:
     # ---- internals -------------------------------------------------------------------
 
     @contextmanager
-    def _writing(self) -> Iterator[Connection]:
-        """A write transaction; the pools snapshot is dropped once it ends (committed or
-        not: a reader that started meanwhile must not keep what it saw)."""
+    def _writing(self) -> Iterator[tuple[Connection, float]]:
+        """A write transaction and the time it acts at; the pools snapshot is dropped
+        once it ends (committed or not: a reader that started meanwhile must not keep
+        what it saw).
+
+        The time is read once the transaction holds the writers' lock, never before:
+        a commit that queued behind other writers past its lease's expiry must see it
+        expired, or it would allocate what a lock in the queue before it has just
+        taken (two holders of the one gpu)."""
         try:
             with self.db.transaction(exclusive=(LEASES.name,)) as conn:
-                yield conn
+                yield conn, self.clock()
         finally:
             with self._snapshot_lock:
                 self._writes += 1

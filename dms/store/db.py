@@ -142,7 +142,9 @@ class Database:
         PostgreSQL's default (read committed) takes a new snapshot for every
         statement, so two reads could straddle another transaction's commit;
         repeatable read keeps the first one. SQLite's transactions see one
-        moment already.
+        moment already. The moment is fixed on entry (on PostgreSQL a first
+        statement runs at once), so a clock read inside the block is no earlier
+        than any commit its reads see.
         """
         if self.engine.dialect.name != "postgresql":
             with self.transaction() as conn:
@@ -153,6 +155,7 @@ class Database:
                 isolation_level="REPEATABLE READ", postgresql_readonly=True
             )
             with conn.begin():
+                conn.exec_driver_sql("SELECT 1")
                 yield conn
 
     def close(self) -> None:

@@ -141,7 +141,7 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCl
         yield nodes
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "") -> None:
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
     """Poll until ``predicate()`` is true; fail the test with ``what`` if it never is."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -346,7 +346,7 @@ def test_latency_is_injected(make_node) -> None:  # type: ignore[no-untyped-def]
         sender.send("b", b"frame")
         if not latency_s:
             assert arrived == [(b"frame", "a", thread_name)]  # before the send returned
-        wait_for(lambda into=arrived: into, 10, "the held frame")
+        wait_for(lambda into=arrived: into, 30, "the held frame")
         assert arrived == [(b"frame", "a", thread_name)]
         net.close()
     net = MemoryNetwork(latency_s=0.5)

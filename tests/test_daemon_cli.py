@@ -100,7 +100,7 @@ def test_two_daemons_peers_ping_and_remote_invoke(homes: tuple[Path, Path]) -> N
                 h["message"] == "hi from two"
                 for h in dms_json(two, "actor", "cmd", "/public/hellos", "--dest", first_id)
             ),
-            timeout=20,
+            timeout=30,
             what="the broadcast at the first node",
         )
 

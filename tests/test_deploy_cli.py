@@ -34,7 +34,7 @@ def test_deploy_follow_then_inspect_the_deployment(tmp_path: Path) -> None:
                 row.get("onboarded", {}).get("cpu") == 1.0
                 for row in dms_json(requester, "peers", "list")
             ),
-            20,
+            30,
             "the requester to hear the provider's heartbeat",
         )
         job = tmp_path / "job.yaml"

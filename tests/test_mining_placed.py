@@ -35,7 +35,7 @@ class Network:
         for node in self.providers:
             assert node.ledger is not None
             node.ledger.onboard(Resources(cpu=2, ram=4, disk=4))
-        wait_for(self.knows_everyone, 20, "the owner to know every provider")
+        wait_for(self.knows_everyone, 30, "the owner to know every provider")
 
     def knows_everyone(self) -> bool:
         for node in self.providers:
@@ -305,7 +305,7 @@ def test_a_restarted_owner_fails_its_session_and_releases_every_lease(
     settings = long_udm_job(k=4, shards=1, max_iterations=50)
     session = net.mine({"settings": settings, "data": str(path)})
     wait_for(lambda: net.status(session)["phase"] == "mining", 60, "the rounds to begin")
-    wait_for(lambda: net.leases() >= 1, 10, "a provider to hold the worker's lease")
+    wait_for(lambda: net.leases() >= 1, 30, "a provider to hold the worker's lease")
     net.owner = net.cluster.restart(net.owner)
     status = net.wait(session, 60)
     assert status["phase"] == "failed"

@@ -89,7 +89,7 @@ def wait_known(requester: Node, peers: list[Node]) -> None:
                 return False
         return True
 
-    wait_for(known, 15, "the requester to know every provider's resources")
+    wait_for(known, 30, "the requester to know every provider's resources")
 
 
 def live_leases(nodes: list[Node]) -> int:
@@ -304,7 +304,7 @@ def test_a_slot_that_times_out_after_its_peer_left_says_the_peer_is_gone(
         [slot] = owner(requester, "/dms/node/deployment/manifest", {"id": dep})["slots"]
         return slot["reasons"].get(provider.peer_id) == declined
 
-    wait_for(answered, 10, "the provider's decline")
+    wait_for(answered, 30, "the provider's decline")
     provider.stop()
     done = wait_state(requester, dep, TERMINAL, 30)
     assert done["state"] == "failed"
@@ -435,7 +435,7 @@ def test_bids_answered_after_a_shutdown_are_reverted_not_held_to_expiry(tmp_path
         plan.link(LinkRule(frozenset({requester.peer_id}), ids, latency_s=0.4))
         dep = deploy(requester, spec(lease_s=60, params={"seconds": 5.0}))
         locked = lambda: all(lease_states(p, dep) for p in peers)  # noqa: E731
-        wait_for(locked, 10, "each provider to lock a lease for its bid")
+        wait_for(locked, 30, "each provider to lock a lease for its bid")
         done = owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
         assert done["state"] == "shutdown"
 
@@ -443,5 +443,5 @@ def test_bids_answered_after_a_shutdown_are_reverted_not_held_to_expiry(tmp_path
             return all(lease_states(p, dep) == ["released"] for p in peers)
 
         # Well before the leases' 60 s: the end reverted what the late bids hold.
-        wait_for(reverted, 15, "each provider's lease for a late bid to be released")
+        wait_for(reverted, 30, "each provider's lease for a late bid to be released")
         plan.close()

@@ -96,7 +96,7 @@ def test_two_nodes_form_a_private_group_and_a_third_is_refused(net: LocalCluster
         assert node.system.deployment_policy == "tokens"
     net.wait_linked()
     wait_for(lambda: all(knows(n, [m for m in (a, b, c) if m is not n]) for n in (a, b, c)),
-             20, "every node to know the others' resources")  # fmt: skip
+             30, "every node to know the others' resources")  # fmt: skip
 
     join(a, b)  # the two commands
 

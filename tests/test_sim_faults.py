@@ -118,7 +118,7 @@ def test_the_layer_drops_delays_and_fails_chunk_fetches_as_the_plan_says() -> No
     assert len(layer.fetch_chunks("peer", "m", ["h1", "h2"], 1024)) == 2  # 1000 B at 2 kB/s
     assert plan.stats()["delayed"] == 1  # the chunks were held for the link's bandwidth
     inner.receiver(b"three", "peer")  # after the chunks on the same link: 1.5 ms + queue
-    wait_for(lambda: got[-1] == (b"three", "peer", False), 15, "the delayed frame")
+    wait_for(lambda: got[-1] == (b"three", "peer", False), 30, "the delayed frame")
     # Which thread hands a frame over is the code's choice, not the scheduler's: the
     # partitioned "two" never came, "one" came during the receive call, and the link
     # held "three" for its bandwidth and handed it over from the plan's timer thread.

@@ -96,7 +96,7 @@ def ended_while_refusing(net: LocalCluster) -> Iterator[tuple[Node, list[Node], 
     wait_state(requester, dep, ("running",), 15)
     unsaved = requester.settings.home / "unsaved" / f"deployment-{dep}.json"
     with refusing_writes(store(requester)):
-        wait_for(unsaved.exists, 20, "the end to be kept beside the refusing store")
+        wait_for(unsaved.exists, 30, "the end to be kept beside the refusing store")
         yield requester, peers, dep, unsaved
 
 
@@ -109,7 +109,7 @@ def test_a_deployment_that_ends_while_its_store_refuses_is_saved_once_it_accepts
     with store(requester).transaction() as conn:
         state = conn.execute(text("SELECT state FROM deployments WHERE id = :id"), {"id": dep})
         assert state.scalar_one() == "completed"
-    wait_for(lambda: live_leases(peers) == 0, 10, "no lease left")
+    wait_for(lambda: live_leases(peers) == 0, 30, "no lease left")
 
 
 def test_a_deployment_ended_unsaved_before_a_restart_is_not_resumed(net: LocalCluster) -> None:
@@ -120,7 +120,7 @@ def test_a_deployment_ended_unsaved_before_a_restart_is_not_resumed(net: LocalCl
     assert done["state"] == "completed", done["events"]
     assert not any("resumed" in e["what"] for e in done["events"])
     assert not unsaved.exists()
-    wait_for(lambda: live_leases(peers) == 0, 10, "no lease left")
+    wait_for(lambda: live_leases(peers) == 0, 30, "no lease left")
 
 
 def test_bids_received_while_the_store_refuses_are_indexed_once_it_accepts(
@@ -134,7 +134,7 @@ def test_bids_received_while_the_store_refuses_are_indexed_once_it_accepts(
     with refusing_writes(store(requester)):
         dep = deploy(requester, spec(params={"seconds": 1.0}))
         # Placed (its round ended) while every save failed; its status reads refuse too.
-        wait_for(lambda: live_leases(peers) == 1, 20, "the slot placed on the provider")
+        wait_for(lambda: live_leases(peers) == 1, 30, "the slot placed on the provider")
     wait_for(lambda: live_leases(peers) == 0, 30, "the job to end on the provider")
 
     def ended() -> bool:  # none of its saves was taken yet: 'no deployment' meanwhile

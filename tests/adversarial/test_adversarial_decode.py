@@ -125,7 +125,7 @@ def test_refused_16_mib_frames_leave_no_rss_behind_in_a_daemon(tmp_path: Path) -
             assert peer.refusal_codes([env.nonce for env in envs[peer]]) == {"too_large": 4}
         wait_for(
             lambda: process.memory_info().rss - before < 24 * MIB,
-            timeout=20,
+            timeout=30,
             what="the daemon's RSS back within 24 MiB of before 192 MiB of refused frames",
         )
     finally:

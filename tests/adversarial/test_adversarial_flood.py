@@ -93,7 +93,7 @@ def test_frames_of_peers_without_a_stake_share_one_budget_and_a_staked_peer_keep
             send(key, victim, frame_of(key, envelope(key, "/public/hello", to=victim)))
     wait_for(
         lambda: victim.transport.refusals[ErrorCode.RATE_LIMITED] >= 20,  # type: ignore[union-attr]
-        timeout=20,
+        timeout=30,
         what="the keys' frames past the shared budget refused",
     )
     request = envelope(keys[1], "/public/hello", to=victim, expect_reply=True)

@@ -54,7 +54,7 @@ def test_a_flood_of_many_keys_frames_leaves_no_rss_behind_in_a_daemon(
         assert all([peer.finish(to, 120) for peer in bare_peers])  # everything was read
         wait_for(
             lambda: process.memory_info().rss - before < 12 * MIB,
-            timeout=20,
+            timeout=30,
             what="the daemon's RSS back within 12 MiB of before the flood",
         )
     finally:

@@ -126,7 +126,7 @@ def test_idle_connections_are_capped_and_closed(small_api: Node) -> None:
     node = small_api
     assert node.api is not None
     idle = [socket.create_connection(("127.0.0.1", node.api.port)) for _ in range(4)]
-    wait_for(lambda: node.api.open_connections == 4, 10, "4 open")  # type: ignore[union-attr]
+    wait_for(lambda: node.api.open_connections == 4, 30, "4 open")  # type: ignore[union-attr]
     try:
         status, answer = health(node)  # one more: refused at once, with the reason
         assert (status, answer["code"]) == (503, ErrorCode.BUSY), answer
@@ -138,7 +138,7 @@ def test_idle_connections_are_capped_and_closed(small_api: Node) -> None:
     finally:
         for sock in idle:
             sock.close()
-    wait_for(lambda: node.api.open_connections == 0, 10, "all closed")  # type: ignore[union-attr]
+    wait_for(lambda: node.api.open_connections == 0, 30, "all closed")  # type: ignore[union-attr]
     assert health(node)[0] == 200
 
 

@@ -191,7 +191,7 @@ def test_a_full_node_refuses_with_a_reason_and_is_reached_once_it_has_room(
     # Asked again ('dms peers connect', or the bootstrap loop): reached at once.
     wait_for(
         lambda: try_connect(newcomer, addr) and dialed_by(victim, newcomer.peer_id),
-        timeout=20,
+        timeout=30,
         what="the newcomer's own dial",
     )
     holders[1].close()

@@ -75,9 +75,9 @@ def test_an_allocation_ending_while_its_store_refuses_is_released_once_it_accept
 ) -> None:
     requester, (provider,) = network(net, 1)
     dep = deploy(requester, spec(params={"seconds": 1.5}))
-    wait_state(requester, dep, ("running",), 15)
+    wait_state(requester, dep, ("running",), 30)
     with refusing_writes(store(provider)):
-        done = wait_state(requester, dep, TERMINAL, 20)
+        done = wait_state(requester, dep, TERMINAL, 30)
         assert done["state"] == "completed", done["events"]
         assert allocated_on_disk(provider) == 1  # the store has not taken the release yet
         # The node keeps working meanwhile: it answers its owner.
@@ -93,7 +93,7 @@ def ended_while_refusing(net: LocalCluster) -> Iterator[tuple[Node, list[Node], 
     that file exists; the store accepts again on leaving."""
     requester, peers = network(net, 1)
     dep = deploy(requester, spec(params={"seconds": 1.0}))
-    wait_state(requester, dep, ("running",), 15)
+    wait_state(requester, dep, ("running",), 30)
     unsaved = requester.settings.home / "unsaved" / f"deployment-{dep}.json"
     with refusing_writes(store(requester)):
         wait_for(unsaved.exists, 30, "the end to be kept beside the refusing store")

@@ -331,7 +331,7 @@ def test_fresh_keys_together_lease_no_more_than_their_share_of_the_node(
         "share (unknown_share 0.5)"
     )
     job = spec(cpu="100m", params={"seconds": 0}, constraints={"include_peers": [victim.peer_id]})
-    done = wait_state(honest, deploy(honest, job), TERMINAL, 20)
+    done = wait_state(honest, deploy(honest, job), TERMINAL, 30)
     assert done["state"] == "completed", done["events"]
 
 

@@ -165,7 +165,7 @@ def test_one_requester_holds_no_more_than_its_share_and_others_still_place(
     requester = net.add()
     wait_known(requester, [victim])
     job = spec(cpu="500m", params={"seconds": 0}, constraints={"include_peers": [victim.peer_id]})
-    done = wait_state(requester, deploy(requester, job), TERMINAL, 20)
+    done = wait_state(requester, deploy(requester, job), TERMINAL, 30)
     assert done["state"] == "completed", done["events"]
 
 
@@ -284,7 +284,7 @@ def test_an_allocation_whose_requester_the_table_forgot_stops_when_it_goes(
         lambda peer: None if peer == requester.peer_id else table_get(peer),
     )
     dep = deploy(requester, spec(params={"seconds": 120}))
-    wait_state(requester, dep, ("running",), 15)
+    wait_state(requester, dep, ("running",), 30)
     time.sleep(6.0 + 2)  # orphan_s and more: its status polls keep it alive
     assert live_leases([provider]) == 1
     net.crash(requester)
@@ -301,7 +301,7 @@ def test_ended_allocations_linger_on_a_bounded_number_of_threads(
     requester, (provider,) = network(net, 1)
     assert provider.system is not None
     for _ in range(5):
-        done = wait_state(requester, deploy(requester, spec(params={"seconds": 0})), TERMINAL, 20)
+        done = wait_state(requester, deploy(requester, spec(params={"seconds": 0})), TERMINAL, 30)
         assert done["state"] == "completed", done["events"]
 
     def allocations() -> int:

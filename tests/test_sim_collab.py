@@ -27,7 +27,9 @@ def _no_dms_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def small(threshold: int, kill: str | None = "owner-5") -> str:
     """Five owners; with ``kill``, that owner is killed after round 2 of 200 (the rounds
-    do not end before it: the collaboration fails or drops it)."""
+    do not end before it: the collaboration fails or drops it). An owner drops after
+    10 s without an answer: 3 s was no longer than a loaded machine's pause, and
+    dropped a live owner."""
     steps = f"  - wait: {{job: iris, steps: 2}}\n  - kill: {kill}\n" if kill else ""
     return f"""
 name: collab-small
@@ -46,7 +48,7 @@ timeline:
       k: 3
       rounds: {200 if kill else 10}
       threshold: {threshold}
-      owner_timeout_s: 3
+      owner_timeout_s: 10
 {steps}  - wait: {{job: iris}}
 """
 

@@ -15,8 +15,8 @@
   each from ``/dms/node/deployment/new`` to running (``honest_placements``).
   ``baseline_p50_ms``: with no attack, just before it, same run;
   ``honest_p50_ms`` and ``honest_success_rate`` (placed, or answered): while the
-  attack runs. The honest placements count in the victim's RSS too (an ended
-  allocation lingers to answer late polls).
+  attack runs. The honest placements count in the victim's RSS too (the node
+  keeps an ended allocation's final answers a while, for late polls).
 - hostile: ``dms.sim.adversary.BarePeer``, the bare py-libp2p host of the
   adversarial tests (TCP + Noise + Yamux, its own trio thread and Ed25519 key):
   it writes u32-prefixed frames on ``/dms/actor/1.0.0``, as

@@ -386,6 +386,20 @@ class Settings(BaseSettings):
     orphan_s: float = Field(
         default=15.0, gt=0, description="stop an allocation whose requester is gone this long"
     )
+    ended_allocations_kept: int = Field(
+        default=256,
+        ge=0,
+        le=65536,
+        description="the final answers (status, logs) of this many ended allocations are "
+        "kept to answer their late polls (the oldest go first); the allocations themselves "
+        "stop at their end",
+    )
+    ended_allocation_keep_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=86400,
+        description="an ended allocation's final answers are kept this long after its end",
+    )
     chunk_quota: int = Field(
         default=2048 * MIB, ge=0, description="most bytes the chunk store may hold"
     )

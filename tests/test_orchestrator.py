@@ -10,10 +10,13 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from dms.actor import Handle
 from dms.jobs.spec import DeploymentSpec
 from dms.node.daemon import Node
+from dms.orchestrator.base import allocation_handle
 from dms.orchestrator.messages import ALLOCATE
 from dms.orchestrator.states import DEPLOYMENT
+from dms.orchestrator.store import DeploymentStore
 from dms.orchestrator.supervision import STATUS
 from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
@@ -92,6 +95,14 @@ def wait_known(requester: Node, peers: list[Node]) -> None:
     wait_for(known, 30, "the requester to know every provider's resources")
 
 
+def allocations_of(requester: Node, deployment_id: str) -> list[Handle]:
+    """The handles of a deployment's allocations, as its requester holds them."""
+    assert requester.db is not None
+    row = DeploymentStore(requester.db).get(deployment_id)
+    assert row is not None
+    return [allocation_handle(s["allocation"]) for s in row["slots"] if s["allocation"]]
+
+
 def live_leases(nodes: list[Node]) -> int:
     return sum(len(n.ledger.live()) for n in nodes if n.ledger is not None)
 
@@ -152,9 +163,8 @@ def test_an_allocation_starts_its_work_once_its_allocate_is_answered(net: LocalC
         slot = owner(requester, "/dms/node/deployment/manifest", {"id": dep})["slots"][0]
         provider = next(p for p in peers if p.peer_id == slot["peer_id"])
         assert provider.node is not None
-        ref = provider.node.system.actor(slot["allocation"]["inbox"])  # lingering, ended
-        assert ref is not None
-        allocation = provider.node.ask(ref.handle, STATUS, timeout=10)
+        (handle,) = allocations_of(requester, dep)  # ended: its node answers for it
+        allocation = provider.node.ask(handle, STATUS, timeout=10)
         assert allocation["state"] == "completed"
         assert allocation["started_at"] > answered[slot["lease_id"]]
 
@@ -217,11 +227,9 @@ def test_two_requesters_racing_for_the_last_capacity_never_double_book(
         """When the provider started and ended the deployment's allocation, by its own
         clock (the requesters' running_at and ended_at are when each heard of it: a
         loaded machine delayed the winner's end past the loser's start by over 50 ms)."""
-        [slot] = owner(requester, "/dms/node/deployment/manifest", {"id": dep})["slots"]
         assert provider.node is not None
-        ref = provider.node.system.actor(slot["allocation"]["inbox"])  # lingering, ended
-        assert ref is not None
-        allocation = provider.node.ask(ref.handle, STATUS, timeout=10)
+        (handle,) = allocations_of(requester, dep)  # ended: its node answers for it
+        allocation = provider.node.ask(handle, STATUS, timeout=10)
         return allocation["started_at"], allocation["ended_at"]
 
     runs = {a: ran(a, ids[a]), b: ran(b, ids[b])}

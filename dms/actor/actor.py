@@ -200,8 +200,10 @@ class Actor(pykka.ThreadingActor):
         self._behaviours.pop(path, None)
 
     def spawn(self, cls: type[Actor], *args: Any, inbox: str | None = None, **kw: Any) -> ActorRef:
-        """Start a child actor with its own key; it stops when this actor stops."""
+        """Start a child actor with its own key; it stops when this actor stops. The
+        children that stopped meanwhile are let go (a node spawns one a job)."""
         child = self.system.spawn(cls, *args, inbox=inbox, **kw)
+        self._children = [c for c in self._children if c.is_alive()]
         self._children.append(child)
         return child
 

@@ -158,6 +158,13 @@ class _Pending:
 
 
 @dataclass(frozen=True)
+class _StandIn:
+    ref: ActorRef
+    holds: Callable[[str, bytes], bool]
+    gone: str
+
+
+@dataclass(frozen=True)
 class ActorContext:
     """What a new actor is given: its system, key and handle.
 
@@ -330,6 +337,8 @@ class ActorSystem:
         self.timers = Timers(f"dms-timers-{self.peer_id[-6:]}")
         self._lock = threading.Lock()
         self._actors: dict[str, ActorRef] = {}
+        # Who answers for actors that stopped, by inbox prefix (``stand_in``).
+        self._stand_ins: dict[str, _StandIn] = {}
         self._local_keys: set[bytes] = {identity.public_key}
         # What each child actor may do (least privilege); the node key holds everything.
         self._roles: dict[bytes, Role] = {}
@@ -408,6 +417,29 @@ class ActorSystem:
         with self._lock:
             self._actors[inbox] = ref
         return ref
+
+    def stand_in(
+        self, prefix: str, ref: ActorRef, holds: Callable[[str, bytes], bool], gone: str
+    ) -> None:
+        """``ref`` answers requests to a stopped actor whose inbox starts with ``prefix``
+        while ``holds(inbox, key)`` (called on the receiving thread): it handles them as
+        its own, with its own behaviours, and reads the inbox from the envelope (an ended
+        allocation's final answers, ``dms.provider.bidding``). Past that, such a request
+        is refused ``unknown_actor`` as for any actor that is not here, with ``gone``
+        added to the reason."""
+        with self._lock:
+            self._stand_ins[prefix] = _StandIn(ref, holds, gone)
+
+    def _stand_in_for(self, to: Handle) -> tuple[ActorRef | None, str]:
+        """The actor that answers for ``to`` (an actor of this node that stopped), if
+        any; else the reason to add to the refusal."""
+        inbox = to.address.inbox
+        with self._lock:
+            stand_ins = [s for p, s in self._stand_ins.items() if inbox.startswith(p)]
+        for stand_in in stand_ins:
+            if stand_in.holds(inbox, to.id):
+                return stand_in.ref, ""
+        return None, "".join(f" ({s.gone})" for s in stand_ins)
 
     def actor(self, inbox: str) -> ActorRef | None:
         with self._lock:
@@ -819,11 +851,17 @@ class ActorSystem:
     def _deliver_direct(self, sealed: Sealed, ticket: Ticket | None = None) -> None:
         to = sealed.envelope.to
         assert to is not None
+        local = to.address.host == self.peer_id
         with self._lock:
-            ref = self._actors.get(to.address.inbox) if to.address.host == self.peer_id else None
-        if ref is None or ref.handle.id != to.id:
+            ref = self._actors.get(to.address.inbox) if local else None
+        gone = ""
+        if ref is None and local:
+            ref, gone = self._stand_in_for(to)
+        elif ref is not None and ref.handle.id != to.id:
+            ref = None
+        if ref is None:
             raise Refusal(
-                ErrorCode.UNKNOWN_ACTOR, f"no actor {to.address.inbox} with that key here"
+                ErrorCode.UNKNOWN_ACTOR, f"no actor {to.address.inbox} with that key here{gone}"
             )
         try:
             ref.pykka_ref.tell(Inbound(sealed, ticket))

@@ -4,7 +4,10 @@ States: ``pending -> starting -> running -> completed | failed | stopped``.
 The executor runs on its own thread; the actor's mailbox stays free to answer
 ``status``, ``logs`` and ``stop``. On every change of state the allocation
 tells its requester (``/dms/deployment/update``, best effort: the requester
-also polls), and when it ends it gives its resources back through ``on_end``.
+also polls), and when it ends it hands its final answers (an
+:class:`EndedAllocation`) to ``on_end``, which gives its resources back and keeps
+the record, then stops: its node answers late polls from that record
+(``dms.provider.bidding``), no thread is kept for them.
 Only the requester's host and this node (its key and its owner) may call it: not
 another actor of this node. Its own role: sending those updates.
 
@@ -26,12 +29,22 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dms.actor import Actor, ActorContext, ErrorCode, Handle, Refusal, Request, behaviour
+from dms.actor import (
+    Actor,
+    ActorContext,
+    ActorSystem,
+    ErrorCode,
+    Handle,
+    Refusal,
+    Request,
+    behaviour,
+)
 from dms.errors import DmsError
 from dms.jobs.base import InteractiveExecutor
 from dms.jobs.executors import ExecutorError, executor_for
@@ -43,6 +56,10 @@ from dms.statemachine import Machine, Tracked
 log = logging.getLogger("dms.jobs")
 
 UPDATE_BEHAVIOUR = "/dms/deployment/update"
+STATUS_BEHAVIOUR = "/dms/allocation/status"
+LOGS_BEHAVIOUR = "/dms/allocation/logs"
+START_BEHAVIOUR = "/dms/allocation/start"
+STOP_BEHAVIOUR = "/dms/allocation/stop"
 # Told by the node once the allocate is answered (an allocation spawned with
 # ``autostart=False``): the work starts only then, so that neither its start nor, for a
 # job of no length, its end and the release of its lease run ahead of that answer.
@@ -94,6 +111,70 @@ ALLOCATION = Machine(
 )
 
 
+def authorize(request: Request, system: ActorSystem, requester_host: str, lease_id: str) -> bool:
+    """An allocation's behaviours answer the requester's host (its node, or the
+    deployment that placed it), or this node's own key or owner; not another actor of
+    this node (least privilege). True: the caller is the requester (a sign of life)."""
+    host = request.sender.address.host
+    if host == requester_host:
+        return True
+    signer = request.envelope.signer
+    if host == system.peer_id and (
+        signer == system.identity.public_key or system.trust.is_root(signer)
+    ):
+        return False
+    raise Refusal(
+        ErrorCode.FORBIDDEN,
+        f"{request.sender.did} may not manage allocation {lease_id}: not_requester: "
+        "only its requester's host or this node may",
+        rule="not_requester",
+    )
+
+
+def _not_driver(request: Request, lease_id: str) -> Refusal:
+    return Refusal(
+        ErrorCode.FORBIDDEN,
+        f"{request.sender.did} may not drive allocation {lease_id}: "
+        "not_requester: only the session that placed it may",
+        rule="not_requester",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EndedAllocation:
+    """What an ended allocation still answers once its actor has stopped: its last
+    status (the same mapping ``/dms/allocation/status`` answered), its log lines, and
+    who may ask. Its node keeps a bounded number of these for a while
+    (``dms.provider.bidding``) and answers the allocation's behaviours from them."""
+
+    inbox: str
+    key: bytes  # the allocation's public key: a request must name it, as before
+    lease_id: str
+    requester_host: str
+    driver: bytes | None  # the only actor that may call its session (``reply_to``)
+    interactive: bool  # it had a session
+    status: dict[str, Any]
+    logs: tuple[str, ...]
+    ended: float  # time.monotonic() at its end
+
+    def status_for(self, request: Request, system: ActorSystem) -> dict[str, Any]:
+        """``status``, ``start`` and ``stop`` all answer the status once it ended."""
+        authorize(request, system, self.requester_host, self.lease_id)
+        return self.status
+
+    def logs_for(self, request: Request, system: ActorSystem) -> list[str]:
+        authorize(request, system, self.requester_host, self.lease_id)
+        return list(self.logs)
+
+    def session_refusal(self, request: Request) -> Refusal:
+        """What a session operation gets once the allocation ended."""
+        if self.driver is None or request.sender.id != self.driver:
+            return _not_driver(request, self.lease_id)
+        if not self.interactive:
+            return Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, f"{self.status['executor']} has no session")
+        return Refusal(ErrorCode.STOPPED, f"the allocation is {self.status['state']}")
+
+
 class AllocationActor(Actor):
     state = Tracked(ALLOCATION)  # every move checked against ALLOCATION
 
@@ -108,10 +189,9 @@ class AllocationActor(Actor):
         params: dict[str, Any],
         requester_host: str,
         reply_to: Handle | None = None,
-        on_end: Callable[[str, str], None] | None = None,
+        on_end: Callable[[EndedAllocation], None] | None = None,
         requester_gone: Callable[[float], bool] | None = None,
         watch_s: float = 1.0,
-        linger_s: float = 120.0,
         resources: Resources | None = None,
         courier: Courier | None = None,
         autostart: bool = True,
@@ -135,7 +215,7 @@ class AllocationActor(Actor):
             self._session_thread = ThreadPoolExecutor(1, thread_name_prefix="dms-session")
         self.requester_host, self.reply_to = requester_host, reply_to
         self._on_end, self._requester_gone = on_end, requester_gone
-        self._watch_s, self._linger_s = watch_s, linger_s
+        self._watch_s = watch_s
         self.state = AllocationState.PENDING
         self.result: Any = None
         self.error: str | None = None
@@ -245,20 +325,37 @@ class AllocationActor(Actor):
                 self.lease_id[:12], state.value, ran, self.slot, self.deployment_id,
                 f" ({self.error})" if self.error else "",
             )  # fmt: skip
-        if state in ALLOCATION.terminal:
-            self.ended_at = time.time()
-            self._end_session()
-            if self._on_end is not None:
-                try:
-                    self._on_end(self.lease_id, state.value)
-                except Exception:  # the node's bookkeeping must not keep this actor alive
-                    log.exception("allocation %s: ending it failed", self.lease_id[:12])
-            self.call_later(self._linger_s, self.ref.stop_soon)
-        if self.reply_to is not None and state in ALLOCATION.terminal:
+        if state not in ALLOCATION.terminal:
+            return
+        self.ended_at = time.time()
+        self._end_session()
+        if self._on_end is not None:
+            try:
+                self._on_end(self.ended())
+            except Exception:  # the node's bookkeeping must not keep this actor alive
+                log.exception("allocation %s: ending it failed", self.lease_id[:12])
+        if self.reply_to is not None:
             # Only the end is news: the requester learns of the start from the allocate
             # reply. Best effort: it polls too, and may be unreachable for a while.
             with contextlib.suppress(Exception):
                 self.send(self.reply_to, UPDATE_BEHAVIOUR, self.status_dict(), ttl_s=30)
+        # Stopped once this message is handled (a stop's reply, the update above go out
+        # as this actor): late polls are answered from the record ``on_end`` kept.
+        self.call_later(0, self.ref.stop_soon)
+
+    def ended(self) -> EndedAllocation:
+        """The record of this allocation's final answers (once it ended)."""
+        return EndedAllocation(
+            inbox=self.handle.address.inbox,
+            key=self.handle.id,
+            lease_id=self.lease_id,
+            requester_host=self.requester_host,
+            driver=self.reply_to.id if self.reply_to is not None else None,
+            interactive=self.session is not None,
+            status=self.status_dict(),
+            logs=tuple(self.logs),
+            ended=time.monotonic(),
+        )
 
     def _log(self, line: str) -> None:
         self.logs.append(f"{time.strftime('%H:%M:%S')} {line}")
@@ -280,26 +377,10 @@ class AllocationActor(Actor):
     # ---- behaviours ----------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
-        """The requester's host (its node, or the deployment that placed this), or this
-        node's own key or owner; not another actor of this node (least privilege)."""
-        host = request.sender.address.host
-        if host == self.requester_host:
+        if authorize(request, self.system, self.requester_host, self.lease_id):
             self.heard_at = time.time()
-            return
-        signer = request.envelope.signer
-        system = self.system
-        if host == system.peer_id and (
-            signer == system.identity.public_key or system.trust.is_root(signer)
-        ):
-            return
-        raise Refusal(
-            ErrorCode.FORBIDDEN,
-            f"{request.sender.did} may not manage allocation {self.lease_id}: not_requester: "
-            "only its requester's host or this node may",
-            rule="not_requester",
-        )
 
-    @behaviour("/dms/allocation/status", public=True)
+    @behaviour(STATUS_BEHAVIOUR, public=True)
     def status(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         return self.status_dict()
@@ -313,12 +394,7 @@ class AllocationActor(Actor):
         """One operation of the session; only the requester's actor that placed this
         allocation (the mining session) may call it."""
         if self.reply_to is None or request.sender.id != self.reply_to.id:
-            raise Refusal(
-                ErrorCode.FORBIDDEN,
-                f"{request.sender.did} may not drive allocation {self.lease_id}: "
-                "not_requester: only the session that placed it may",
-                rule="not_requester",
-            )
+            raise _not_driver(request, self.lease_id)
         self.heard_at = time.time()
         if self.session is None or self._session_thread is None:
             raise Refusal(ErrorCode.UNKNOWN_BEHAVIOUR, f"{self.executor_kind} has no session")
@@ -368,19 +444,19 @@ class AllocationActor(Actor):
         except RuntimeError:  # shut down: the allocation ended meanwhile
             responder.fail(ErrorCode.STOPPED, "the allocation has ended")
 
-    @behaviour("/dms/allocation/logs", public=True)
+    @behaviour(LOGS_BEHAVIOUR, public=True)
     def get_logs(self, request: Request) -> list[str]:
         self._authorize(request)
         return list(self.logs)
 
     # (Not named start/stop: those are pykka's.)
-    @behaviour("/dms/allocation/start", public=True)
+    @behaviour(START_BEHAVIOUR, public=True)
     def start_requested(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         self.start_work()
         return self.status_dict()
 
-    @behaviour("/dms/allocation/stop", public=True)
+    @behaviour(STOP_BEHAVIOUR, public=True)
     def stop_requested(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         self.request_stop(f"stopped by {request.sender.address.host}")

@@ -228,6 +228,8 @@ class Node:
                 heartbeat_budget_per_s=self.settings.heartbeat_budget_per_s,
                 labels=self.settings.labels,
                 orphan_s=self.settings.orphan_s,
+                ended_allocations_kept=self.settings.ended_allocations_kept,
+                ended_allocation_keep_s=self.settings.ended_allocation_keep_s,
                 peer_forget_s=self.settings.peer_forget_s,
                 retention_s=self.settings.retention_s,
                 chunk_quota=self.settings.chunk_quota,

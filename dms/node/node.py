@@ -72,6 +72,8 @@ class NodeActor(Actor):
             bid_request_burst_total=s.bid_request_burst_total,
             unknown_share=s.unknown_share,
             orphan_s=s.orphan_s,
+            ended_allocations_kept=s.ended_allocations_kept,
+            ended_allocation_keep_s=s.ended_allocation_keep_s,
         )
         self.provider = Provider(
             self,

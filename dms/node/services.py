@@ -37,6 +37,8 @@ class NodeServices:
     expire_every_s: float = 5.0  # bookkeeping only: expired leases stop counting at once
     labels: list[str] = field(default_factory=list)
     orphan_s: float = 15.0  # stop an allocation whose requester is gone this long
+    ended_allocations_kept: int = 256  # ended allocations whose final answers are kept
+    ended_allocation_keep_s: float = 120.0  # ... this long after their end
     peer_forget_s: float = 3600.0  # drop a peer from the peers table once gone this long
     retention_s: float = 7 * 24 * 3600.0  # prune rows of bids, events, ended leases after
     prune_every_s: float = 600.0  # how often the node prunes them

@@ -2,7 +2,9 @@
 
 Any peer may call these (``/dms/deployment/{request,commit,allocate,revert}``); the
 lease holder is the caller's host, which the libp2p connection authenticates. Each
-allocation runs as an :class:`AllocationActor` child. A role of
+allocation runs as an :class:`AllocationActor` child, which stops as soon as it
+ends: the node answers its late polls from its record (:class:`EndedAllocations`,
+through the actor system's stand-in for ``alloc-`` inboxes). A role of
 :class:`dms.node.node.NodeActor` (:class:`Bidding`); the requester's side is
 ``dms.orchestrator.requester``.
 See ``specs/orchestration.md``.
@@ -14,7 +16,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -23,7 +24,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from dms.actor import ActorRef, ErrorCode, Handle, Refusal, Request, behaviour
 from dms.actor.runtime import NodeRuntime
 from dms.backoff import Backoff
-from dms.jobs.allocation import START, AllocationActor
+from dms.jobs.allocation import (
+    LOGS_BEHAVIOUR,
+    SESSION_BEHAVIOUR,
+    START,
+    START_BEHAVIOUR,
+    STATUS_BEHAVIOUR,
+    STOP_BEHAVIOUR,
+    AllocationActor,
+    EndedAllocation,
+    SessionCall,
+)
 from dms.jobs.executors import ExecutorError
 from dms.network.peertable import GONE, PeerTable
 from dms.network.transfer import Courier
@@ -42,6 +53,7 @@ from dms.orchestrator.messages import (
 )
 from dms.provider.bidder import BidderView, make_bid
 from dms.provider.bidindex import BidIndex, bid_rows
+from dms.provider.ended import EndedAllocations
 from dms.provider.lapses import Lapses
 from dms.provider.onboarding import need_ledger
 from dms.resources import ALLOCATED, Preferences, ResourceError, ResourceLedger
@@ -49,10 +61,8 @@ from dms.store import Database
 
 log = logging.getLogger("dms.node")
 DEPLOYMENT_REF = "dep:"
+ALLOCATION_INBOX = "alloc-"  # an allocation's inbox: this and its lease id's start
 BID_INDEX_FLUSH_S = 0.5
-# Ended allocations linger (to answer a late status poll) on a thread each; past this
-# many, the one that ended first stops at once (``_allocation_ended``).
-MAX_LINGERING = 256
 RELEASE_RETRY_FIRST_S = 0.5  # an ended allocation's lease the store refused: again after
 RELEASE_RETRY_MAX_S = 30.0  # this, doubling up to this
 
@@ -101,6 +111,8 @@ class Bidding:
         bid_request_burst_total: int = 200,
         unknown_share: float = 0.5,
         orphan_s: float = 15.0,
+        ended_allocations_kept: int = 256,
+        ended_allocation_keep_s: float = 120.0,
     ) -> None:
         self.node = node
         self.ledger = ledger
@@ -121,13 +133,19 @@ class Bidding:
         )
         self._lapses = Lapses(preferences.lapse_cooldown_s)
         self._allocations: dict[str, ActorRef] = {}
-        self._lingering: deque[ActorRef] = deque()
+        # The final answers of the allocations that ended, for their late polls.
+        self._ended = EndedAllocations(ended_allocations_kept, ended_allocation_keep_s)
         self._ended_early: set[str] = set()  # ended before their allocate registered them
         self._alloc_lock = threading.Lock()
         self._topic_lock = threading.Lock()  # joins and leaves of the deployment topic
 
     def start(self) -> None:
         prefs = self.preferences
+        # Requests to an allocation that ended (its actor stopped) come to this node's
+        # actor while its record is kept (``ended_status`` and the others below).
+        self.node.system.stand_in(
+            ALLOCATION_INBOX, self.node.ref, self._ended.holds, self._ended.gone
+        )
         # Checked by the receive pipeline before a request's signature or payload, so a
         # flood of them never queues in this actor's mailbox (dms.actor.admission).
         self.node.system.behaviour_limits.set(
@@ -314,7 +332,7 @@ class Bidding:
                 requester_gone=lambda heard_at: self._requester_gone(requester, heard_at),
                 resources=lease.resources,
                 courier=self.courier,
-                inbox=f"alloc-{p.lease_id[:16]}",
+                inbox=f"{ALLOCATION_INBOX}{p.lease_id[:16]}",
                 autostart=False,
             )
         except ExecutorError:
@@ -323,13 +341,10 @@ class Bidding:
         # A real job of this requester here: it keeps its share of the global budgets.
         self.stakes.note(requester, "allocation")
         with self._alloc_lock:
-            if p.lease_id in self._ended_early:  # a job of no length: it ended already
+            if p.lease_id in self._ended_early:  # it ended already (its record is kept)
                 self._ended_early.discard(p.lease_id)
-                oldest = self._linger(child)
             else:
                 self._allocations[p.lease_id] = child
-                oldest = None
-        self._stop_lingering(oldest)
         # Answered first, then the work starts: its start (and a short job's end, with
         # its lease's release) no longer runs ahead of the answer on this node, and its
         # end never reaches the requester before it (both go down one stream, in order).
@@ -367,30 +382,55 @@ class Bidding:
             return True
         return record.status == GONE and now - record.last_seen > orphan_s
 
-    def _allocation_ended(self, lease_id: str, state: str) -> None:
-        """From the allocation's thread: give its resources back. The allocation lingers
-        a while to answer late polls; at most ``MAX_LINGERING`` do at once, else every
-        short job placed here would hold a thread for minutes after it ended."""
+    def _allocation_ended(self, ended: EndedAllocation) -> None:
+        """From the allocation's thread, before it stops: keep its final answers for
+        late polls (a record, not its thread) and give its resources back."""
+        self._ended.add(ended)
+        lease_id = ended.lease_id
         with self._alloc_lock:
-            ended = self._allocations.pop(lease_id, None)
-            if ended is None:  # it ended before ``allocate`` registered it: it lingers then
+            if self._allocations.pop(lease_id, None) is None:  # before ``allocate`` ran on
                 self._ended_early.add(lease_id)
-                oldest = None
-            else:
-                oldest = self._linger(ended)
-        self._stop_lingering(oldest)
         self._release_ended(lease_id, RELEASE_RETRY_FIRST_S)
 
-    def _linger(self, ended: ActorRef) -> ActorRef | None:
-        """Under ``_alloc_lock``: keep ``ended`` lingering; the one to stop now, if any."""
-        self._lingering.append(ended)
-        return self._lingering.popleft() if len(self._lingering) > MAX_LINGERING else None
+    # ---- an ended allocation's behaviours, answered from its record ------------------
 
-    @staticmethod
-    def _stop_lingering(oldest: ActorRef | None) -> None:
-        if oldest is not None:
-            with contextlib.suppress(Exception):  # stopped already: nothing to do
-                oldest.stop_soon()
+    def _ended_for(self, request: Request) -> EndedAllocation:
+        """The record of the ended allocation a request is for (the actor system gave it
+        to this node's actor in its stead, ``ActorSystem.stand_in``)."""
+        to = request.envelope.to
+        record = self._ended.get(to.address.inbox, to.id) if to is not None else None
+        if record is not None:
+            return record
+        inbox = to.address.inbox if to is not None else ""
+        if not inbox.startswith(ALLOCATION_INBOX):  # asked of this node's actor itself
+            raise Refusal(
+                ErrorCode.UNKNOWN_BEHAVIOUR,
+                f"{inbox} has no behaviour {request.envelope.behaviour}",
+            )
+        # Dropped between its delivery and now (its age or the count).
+        raise Refusal(
+            ErrorCode.UNKNOWN_ACTOR, f"no actor {inbox} with that key here ({self._ended.gone})"
+        )
+
+    @behaviour(STATUS_BEHAVIOUR, public=True)
+    def ended_status(self, request: Request) -> dict[str, Any]:
+        return self._ended_for(request).status_for(request, self.node.system)
+
+    @behaviour(LOGS_BEHAVIOUR, public=True)
+    def ended_logs(self, request: Request) -> list[str]:
+        return self._ended_for(request).logs_for(request, self.node.system)
+
+    @behaviour(START_BEHAVIOUR, public=True)
+    def ended_start(self, request: Request) -> dict[str, Any]:
+        return self._ended_for(request).status_for(request, self.node.system)
+
+    @behaviour(STOP_BEHAVIOUR, public=True)
+    def ended_stop(self, request: Request) -> dict[str, Any]:
+        return self._ended_for(request).status_for(request, self.node.system)
+
+    @behaviour(SESSION_BEHAVIOUR, public=True, payload=SessionCall)
+    def ended_session(self, request: Request) -> None:
+        raise self._ended_for(request).session_refusal(request)
 
     def _release_ended(self, lease_id: str, wait_s: float) -> None:
         """Release an ended allocation's lease. A store that refuses (a full disk, a

@@ -4,6 +4,7 @@ protocol directly (bid request, commit, allocate), or a provider that drops reve
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -22,13 +23,14 @@ from dms.orchestrator.messages import (
     RevertRequest,
 )
 from dms.orchestrator.store import DeploymentStore
-from dms.provider import bidding
+from dms.orchestrator.supervision import STATUS
 from dms.sim.cluster import LocalCluster
 from tests.adversarial.hostile import envelope, frame_of, me, publish, refusal_code
 from tests.adversarial.test_adversarial_budgets import staked_requester
 from tests.conftest import wait_for
 from tests.test_orchestrator import (
     TERMINAL,
+    allocations_of,
     deploy,
     live_leases,
     network,
@@ -303,24 +305,71 @@ def test_an_allocation_whose_requester_the_table_forgot_stops_when_it_goes(
     wait_for(lambda: live_leases([provider]) == 0, 30, "the orphaned allocation stopped")
 
 
-def test_ended_allocations_linger_on_a_bounded_number_of_threads(
-    net: LocalCluster, monkeypatch: pytest.MonkeyPatch
+def allocation_threads() -> int:
+    """Threads of allocation actors in this process (pykka names them by class)."""
+    return sum(1 for t in threading.enumerate() if t.name.startswith("AllocationActor-"))
+
+
+def test_ended_allocations_keep_no_thread_and_still_answer_late_polls(
+    net: LocalCluster,
 ) -> None:
-    """An ended allocation lingers (120 s) to answer a late status poll, on a thread of
-    its own: a requester placing short jobs one after another held a thread (and ~65
-    KB) per job for two minutes, thousands at the bid-request rate."""
-    monkeypatch.setattr(bidding, "MAX_LINGERING", 2)
+    """An ended allocation lingered (120 s) on a thread of its own to answer a late
+    status poll: a requester placing short jobs one after another held a thread (and
+    ~65 KB) per job on the provider, up to 256. Its actor now stops at its end; the
+    provider answers its polls from a record, the same answer, to the same callers, for
+    the last ``ended_allocations_kept`` of them."""
+    net.settings.update(ended_allocations_kept=4)
     requester, (provider,) = network(net, 1)
-    assert provider.system is not None
-    for _ in range(5):
-        done = wait_state(requester, deploy(requester, spec(params={"seconds": 0})), TERMINAL, 30)
+    stranger = net.add()
+    assert provider.system is not None and requester.node is not None
+    assert stranger.node is not None
+    jobs = 6
+    deps = []
+    for _ in range(jobs):
+        dep = deploy(requester, spec(params={"seconds": 0}))
+        done = wait_state(requester, dep, TERMINAL, 30)
         assert done["state"] == "completed", done["events"]
+        deps.append((dep, done["slots"][0]["result"]))
 
     def allocations() -> int:
         assert provider.system is not None
         return sum(1 for inbox in list(provider.system._actors) if inbox.startswith("alloc-"))
 
-    wait_for(lambda: allocations() <= 2, 30, "the oldest ended allocations to stop")
+    wait_for(
+        lambda: allocations() == 0 and allocation_threads() == 0,
+        30,
+        "every ended allocation's actor and thread to stop",
+    )
+    kept = deps[-4:]
+    for dep, result in kept:  # a late poll of each: its final state, as before
+        (handle,) = allocations_of(requester, dep)
+        answer = requester.node.ask(handle, STATUS, timeout=10)
+        assert answer["state"] == "completed" and answer["result"] == result
+        assert answer["peer_id"] == provider.peer_id and answer["ended_at"] is not None
+        assert set(answer) == {"lease_id", "deployment_id", "slot", "executor", "state",
+                               "result", "error", "started_at", "ended_at", "peer_id"}  # fmt: skip
+        logs = requester.node.ask(handle, "/dms/allocation/logs", timeout=10)
+        assert logs[-1].endswith("state: completed")
+        stop = requester.node.ask(handle, "/dms/allocation/stop", timeout=10)
+        assert stop["state"] == "completed"  # stopping an ended one changes nothing
+        with pytest.raises(RemoteError) as other:  # only its requester (or the node)
+            stranger.node.ask(handle, STATUS, timeout=10)
+        assert other.value.code == "forbidden" and other.value.rule == "not_requester"
+        forged = handle.model_copy(update={"id": me(stranger).id})  # another key there
+        with pytest.raises(RemoteError) as unknown:
+            requester.node.ask(forged, STATUS, timeout=10)
+        assert unknown.value.code == "unknown_actor"
+    for dep, _ in deps[:-4]:  # past the count: not here, and the refusal says why
+        (handle,) = allocations_of(requester, dep)
+        with pytest.raises(RemoteError) as gone:
+            requester.node.ask(handle, STATUS, timeout=10)
+        assert gone.value.code == "unknown_actor"
+        assert "ended_allocations_kept" in gone.value.reason
+    # The provider's own actor does not answer as an allocation.
+    with pytest.raises(RemoteError) as root:
+        requester.node.ask(node_handle(provider.peer_id), STATUS, timeout=10)
+    assert root.value.code == "unknown_behaviour"
+    assert allocations() == 0 and allocation_threads() == 0
 
 
 def test_commit_and_allocate_in_one_exchange_only_for_the_lease_holder(

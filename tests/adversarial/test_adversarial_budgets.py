@@ -170,7 +170,9 @@ def test_every_refused_request_is_answered_and_a_flood_of_them_costs_a_reply_per
 
     def hello(_: int) -> str:
         try:
-            requester.node.ask(target, "/public/hello", timeout=15)  # type: ignore[union-attr]
+            # 60 s: the two admitted wait, held, until the 58 refusals are seen (a wait
+            # of up to 30 s), and a timeout here would be the test's, not the node's.
+            requester.node.ask(target, "/public/hello", timeout=60)  # type: ignore[union-attr]
             return "ok"
         except RemoteError as err:
             return err.code

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -92,6 +94,36 @@ def dms_many(home: Path, commands: list[list[str]], **env: str) -> list[tuple[in
     )
     assert done.returncode == 0, done.stderr
     return [(code, out, err) for code, out, err in json.loads(done.stdout)]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """``count`` TCP ports free on 127.0.0.1 now, for daemons told to listen on them
+    later. Drawn outside the kernel's ephemeral range: a port from bind(0) is one the
+    kernel also hands outgoing connections, and between the probe and the daemon's bind
+    (a minute in test_readme.py) one of the suite's connections (other workers' nodes
+    dialing each other) could hold it, and the daemon failed 'address in use'."""
+    low, high = _ephemeral_range()
+    ports = range(10000, low) if low > 11000 else range(high + 1, 65536)
+    rng = random.SystemRandom()  # not the test's seeded random: workers draw apart
+    found: list[int] = []
+    while len(found) < count:
+        port = rng.choice(ports)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in found:
+            found.append(port)
+    return found
 
 
 def side_by_side(calls: Iterable[Callable[[], T]], at_once: int = 4) -> list[T]:

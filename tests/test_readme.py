@@ -10,14 +10,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.clitools import BENCHMARK_STEP_S
+from tests.clitools import BENCHMARK_STEP_S, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Mining on other nodes"
@@ -41,17 +40,6 @@ def section_blocks(readme: str, heading: str) -> list[str]:
         elif line.startswith("#"):
             break
     return blocks
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def stop_every_node(home_root: Path) -> None:

@@ -10,13 +10,12 @@ SO_REUSEPORT, so the kernel shared the port's connections between both); and
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.clitools import Daemon, dms, dms_json
+from tests.clitools import Daemon, dms, dms_json, free_ports
 
 
 @pytest.fixture
@@ -24,12 +23,6 @@ def home(tmp_path: Path) -> Iterator[Path]:
     one = tmp_path / "one"
     assert dms(one, "init").returncode == 0
     yield one
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def one_line_error(stderr: str) -> str:
@@ -67,7 +60,7 @@ def test_a_killed_node_leaves_no_lock_behind(home: Path) -> None:
 def test_a_listen_address_in_use_is_a_one_line_error(home: Path, tmp_path: Path) -> None:
     other = tmp_path / "two"
     assert dms(other, "init").returncode == 0
-    address = f"/ip4/127.0.0.1/tcp/{free_port()}"
+    address = f"/ip4/127.0.0.1/tcp/{free_ports()[0]}"
     first = Daemon(home, "--listen", address)
     try:
         second = dms(other, "run", "--listen", address, "--api-port", "0", timeout=40)

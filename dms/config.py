@@ -192,8 +192,16 @@ class Settings(BaseSettings):
         default=1000,
         ge=10,
         description="peers the libp2p peerstore keeps (addresses, key, protocols); past "
-        "it those neither connected nor staked go, without addresses first, then the "
-        "longest unidentified",
+        "it those neither connected nor staked go, peers heard lately last, without "
+        "addresses first, then the longest unidentified; an unknown peer that leaves "
+        "is forgotten at once",
+    )
+    max_peerstore_heard_peers: int = Field(
+        default=500,
+        ge=0,
+        description="peers heard lately through their heartbeats (known the longest "
+        "first) whose peerstore entries go after every fresh key's and stay when they "
+        "leave; the rest are as unknown peers",
     )
     max_inbound_bytes_per_peer_per_s: int = Field(
         default=8 * MIB,

@@ -60,6 +60,7 @@ from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, Pacer, envelope_is_valid, new_pubsub, topic_budgets
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause
+from dms.network.peerstore import CLEANUP_S as PEERSTORE_CLEANUP_S
 from dms.network.peerstore import BoundedPeerStore
 from dms.network.reachability import DialBack, Reachability
 from dms.network.relay import (
@@ -106,6 +107,7 @@ class _ConnectionEvents(INotifee):
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         self._transport._forget_if_disconnected(conn.muxed_conn.peer_id)
+        self._transport._departed(conn.muxed_conn.peer_id)
         self._transport._relay_connection_closed(conn)
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
@@ -199,6 +201,10 @@ class Libp2pTransport(Unicast, Gossip):
         # ``stake(peer id)``: the node has a stake in that peer (set by the node); such
         # peers, and those this host dials at start, keep their connection slots.
         self.stake: Stake | None = None
+        # ``heard()``: peers heard lately through their signed heartbeats, those known
+        # the longest first (set by the node: ``PeerTable.heard``); the peerstore keeps
+        # their addresses ahead of fresh keys' and does not forget them when they leave.
+        self.heard: Callable[[], list[str]] | None = None
         s = self.settings
         self._gate: InboundGate | None = None
         self._peerstore: BoundedPeerStore | None = None
@@ -283,8 +289,12 @@ class Libp2pTransport(Unicast, Gossip):
         apply_libp2p_patches()
         key_pair = create_new_key_pair(self.identity.private_bytes())
         listen = [parse_multiaddr(a) for a in self.settings.listen]
-        peerstore = BoundedPeerStore(max_peers=self.settings.max_peerstore_peers)
+        peerstore = BoundedPeerStore(
+            max_peers=self.settings.max_peerstore_peers,
+            max_heard=self.settings.max_peerstore_heard_peers,
+        )
         peerstore.local = ID.from_pubkey(key_pair.public_key)
+        peerstore.heard = lambda: self.heard() if self.heard is not None else []
         self._peerstore = peerstore
         host = new_host(
             key_pair=key_pair,
@@ -361,6 +371,8 @@ class Libp2pTransport(Unicast, Gossip):
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._keep_connected)
+                    # Entries whose addresses expired go (py-libp2p never starts it).
+                    nursery.start_soon(peerstore.start_cleanup_task, PEERSTORE_CLEANUP_S)
                     nursery.start_soon(self._idle.run)
                     nursery.start_soon(self._protocols.idle.run)
                     nursery.start_soon(self._dialback.run, lambda: list(swarm.connections))
@@ -476,6 +488,18 @@ class Libp2pTransport(Unicast, Gossip):
         if peer_id in self._dialed_at_start:
             return True
         return self.stake is not None and self.stake(peer_id)
+
+    def _departed(self, pid: ID) -> None:
+        """A peer's last connection closed: unless the node has a stake in it, dials it
+        at start or heard it lately, its peerstore entry and its place in the DHT's
+        routing table go, so nothing dials it again (py-libp2p's auto-connector dials
+        every peer it has addresses of). Runs on the trio thread."""
+        if self._peerstore is None or not self._peerstore.forget(pid):  # keep: connected, staked
+            return
+        if self._dht is not None:
+            with contextlib.suppress(Exception):
+                self._dht.routing_table.remove_peer(pid)
+        log.debug("peer %s left, unknown to this node: its addresses are forgotten", pid)
 
     def _window_exceeded(self, peer_id: str, reason: str) -> None:
         self.refusals[Budget.WINDOW_EXCEEDED] += 1

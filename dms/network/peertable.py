@@ -192,3 +192,12 @@ class PeerTable:
 
     def alive(self) -> list[PeerRecord]:
         return self.records(ALIVE)
+
+    def heard(self) -> list[str]:
+        """The live peers, those known the longest first (``first_seen``): the
+        peerstore keeps their addresses ahead of fresh keys' (``dms.network.peerstore``).
+        A key that starts heartbeating now comes after every peer already known."""
+        with self._lock:
+            rows = [r for r in self._peers.values() if r.status == ALIVE]
+        rows.sort(key=lambda r: r.first_seen)
+        return [r.peer_id for r in rows]

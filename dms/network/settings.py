@@ -56,6 +56,7 @@ BUDGET_SETTINGS = (
     "unknown_new_stream_burst",
     "max_outbound_connections",
     "max_peerstore_peers",
+    "max_peerstore_heard_peers",
     "revocations_per_peer_per_s",
     "revocation_burst_per_peer",
 )
@@ -146,6 +147,10 @@ class NetworkSettings(BaseModel):
     # Peers py-libp2p's peerstore keeps (addresses, key, protocols); past it those
     # without a connection or a stake go (dms.network.peerstore).
     max_peerstore_peers: int = Field(default=1000, ge=10)
+    # Of those, peers heard lately through their signed heartbeats (those known the
+    # longest first) that go only after every fresh key's entry, and stay when they
+    # leave: a bound, so a flood of heartbeats from many keys cannot pin the store.
+    max_peerstore_heard_peers: int = Field(default=500, ge=0)
     # Bytes a second of frames on actor streams, per peer and for all peers without a
     # stake together, and at once; over it a peer's streams are read more slowly.
     max_inbound_bytes_per_peer_per_s: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)

@@ -214,6 +214,8 @@ class Node:
             )
             # ... and keep their connection slots when the connection budget is full.
             self.transport.stake = self.stakes.__contains__
+            # ... and peers heard lately keep their addresses ahead of fresh keys'.
+            self.transport.heard = self.peer_table.heard
             services = NodeServices(
                 home=home,
                 db=self.db,

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import trio
+from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from dms.network.budgets import Budget, ByteBudget, PacedBudget, StreamOpens
@@ -28,6 +29,7 @@ from dms.network.peerbook import PeerBook
 from dms.network.settings import NetworkSettings
 from dms.network.transfer import CHUNK_PROTOCOL, Manifest
 from dms.node.daemon import Node
+from dms.security.identity import Identity
 from dms.sim.adversary import BarePeer, ManyKeys, closed_by_peer, root_of
 from dms.sim.cluster import LocalCluster
 from dms.store.chunks import CHUNK_BYTES
@@ -870,21 +872,45 @@ def test_fresh_keys_that_only_connected_are_not_remembered_nor_dialed_after_a_re
 # ---- the peerstore ----------------------------------------------------------------------
 
 
+def fill_peerstore(node: Node, count: int) -> None:
+    """Give the node the addresses of ``count`` fresh keys it never met, as a DHT answer
+    does (py-libp2p keeps them an hour): entries that no connection keeps."""
+    assert node.transport is not None
+    pids = [ID.from_base58(Identity.generate().peer_id) for _ in range(count)]
+
+    async def go() -> None:
+        store = node.transport._host.get_peerstore()  # type: ignore[union-attr]
+        for pid in pids:
+            store.add_addrs(pid, [Multiaddr("/ip4/127.0.0.1/tcp/1")], 3600)
+
+    node.transport._call(go)
+
+
+def drop_connection(node: Node, other: Node) -> None:
+    """Close the node's connections to ``other`` and take ``other`` out of its DHT
+    routing table (which would hand its address back; it keeps 20 peers a bucket,
+    whoever they are, not those the node works with)."""
+    assert node.transport is not None and node.transport._dht is not None
+    host: Any = node.transport._host
+    pid = ID.from_base58(other.peer_id)
+    node.transport._call(host.get_network().close_peer, pid)
+    node.transport._dht.routing_table.remove_peer(pid)
+    wait_for(lambda: not node.transport.is_connected(other.peer_id), 30, "the drop")  # type: ignore[union-attr]
+
+
 def test_fresh_keys_past_the_peerstores_bound_push_out_neither_the_nodes_key_nor_a_staked_peer(
     cluster: LocalCluster, bare_peers: list[BarePeer]
 ) -> None:
     """py-libp2p's peerstore holds at most ``max_peers`` peers (1,000) and, past it,
-    dropped entries without addresses first, then the oldest. Every key that connects
-    with listen addresses (identify keeps them 2 h) is an entry, none goes when it
-    leaves. The first entry without addresses is the host's own key pair: past the
-    bound identify failed ("peer ID not found") and a newcomer's stream failed.
-    Next went the peers met first, one the node has a stake in among them, and once
-    its connection had dropped the node could not reach it ("no known address")."""
+    dropped entries without addresses first, then the oldest. The first entry without
+    addresses is the host's own key pair: past the bound identify failed ("peer ID not
+    found") and a newcomer's stream failed. Next went the peers met first, one the node
+    has a stake in among them, and once its connection had dropped the node could not
+    reach it ("no known address"). Fresh keys fill the store through the DHT's answers
+    (keys that connect and leave are forgotten as they leave)."""
     victim = cluster.add("victim", bootstrap=[], max_peerstore_peers=20)
     honest = cluster.add("honest", bootstrap=[])
     assert victim.transport is not None and victim.node is not None
-    assert victim.transport._dht is not None
-    host: Any = victim.transport._host
     victim.transport.connect(honest.addrs()[0])
     victim.stakes.note(honest.peer_id, "allocation")
     wait_for(
@@ -892,19 +918,88 @@ def test_fresh_keys_past_the_peerstores_bound_push_out_neither_the_nodes_key_nor
         30,
         "identify gave the honest peer's addresses",
     )
-    hid = honest.transport._host.get_id()  # type: ignore[union-attr]
-    victim.transport._call(host.get_network().close_peer, hid)
-    # Nor is it in the DHT's routing table, which would hand its address back: the
-    # table keeps 20 peers a bucket, whoever they are, not those the node works with.
-    victim.transport._dht.routing_table.remove_peer(hid)
-    wait_for(lambda: not victim.transport.is_connected(honest.peer_id), 30, "the drop")  # type: ignore[union-attr]
+    drop_connection(victim, honest)
 
+    fill_peerstore(victim, 25)
+    assert victim.transport.budget_usage()["peerstore_peers"][0] <= 20
+    newcomer = BarePeer(victim.addrs()[0], actor=True)  # identify reads the node's key
+    bare_peers.append(newcomer)
+    assert newcomer.ask(root_of(victim.identity), "/public/hello") is not None
+
+    hello = victim.node.ask(root_of(honest.identity), "/public/hello", timeout=20)
+    assert hello["peer_id"] == honest.peer_id
+
+
+def redial_now(node: Node) -> None:
+    """Run a cycle of py-libp2p's auto-connector now, which dials every peer the node
+    holds addresses of (while under its target of connections), without its 60 s
+    back-off from a peer that just disconnected."""
+    assert node.transport is not None
+
+    async def go() -> None:
+        auto: Any = node.transport._host.get_network().auto_connector  # type: ignore[union-attr]
+        auto._disconnect_backoff = 0.0
+        while auto._is_connecting:  # a cycle of its own: then ours right after
+            await trio.sleep(0.05)
+        await auto.maybe_connect()
+
+    node.transport._call(go)
+
+
+def test_fresh_keys_that_left_are_not_dialed_again_and_a_staked_peer_is(
+    cluster: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """py-libp2p's auto-connector dials every peer the node holds addresses of, and
+    identify keeps a connected key's listen addresses 2 h: 30 fresh keys that connected
+    and left were dialed 120 times in the next 150 s (a failed dial and a log line
+    each), and would be until their addresses expired. A key the node has no stake in
+    and did not hear of is now forgotten as it leaves; a staked peer is dialed again.
+    Here the keys stay up after their connections close, so a dial would reach them."""
+    victim = cluster.add("victim", bootstrap=[])
+    assert victim.transport is not None
     addr = victim.addrs()[0]
-    for _ in range(25):  # fresh keys, each connected with its listen address, then gone
-        peer = BarePeer(addr, actor=True)
-        bare_peers.append(peer)
+    staked = BarePeer(addr, actor=True)
+    fresh = [BarePeer(addr, actor=True) for _ in range(4)]
+    bare_peers.extend([staked, *fresh])
+    victim.stakes.note(staked.peer_id, "allocation")
+    keys = {peer.peer_id for peer in [staked, *fresh]}
+    for peer in [staked, *fresh]:
         assert peer.ask(root_of(victim.identity), "/public/hello") is not None
-        peer.close()
+    wait_for(
+        lambda: keys <= {p.peer_id for p in victim.transport.peers() if p.addrs},  # type: ignore[union-attr]
+        30,
+        "identify gave every key's addresses",
+    )
+    host: Any = victim.transport._host
+    for peer in [staked, *fresh]:  # the connections end; the keys stay up
+        victim.transport._call(host.get_network().close_peer, peer.host.get_id())
+
+    redial_now(victim)
+    wait_for(lambda: victim.transport.is_connected(staked.peer_id), 30, "the staked peer dialed")  # type: ignore[union-attr]
+    dialed = [peer.peer_id[-8:] for peer in fresh if victim.transport.is_connected(peer.peer_id)]
+    assert not dialed, f"fresh keys dialed again: {dialed}"
+
+
+def test_a_peer_heard_through_its_heartbeat_keeps_its_address_when_fresh_keys_fill_the_store(
+    cluster: LocalCluster,
+) -> None:
+    """A dms node heard through its signed heartbeat, neither connected nor staked, was
+    an entry like any fresh key's and, identified before them, went first when they
+    pushed the peerstore past its bound: the node could no longer reach it ("no known
+    address") until its next heartbeat. Peers heard lately now go after every fresh key
+    (at most max_peerstore_heard_peers of them, those known the longest first), and
+    are not forgotten when their connection ends."""
+    victim = cluster.add("victim", bootstrap=[], max_peerstore_peers=20)
+    # Its next heartbeat comes in 30 s: until then the victim holds it alive.
+    honest = cluster.add("honest", bootstrap=[], heartbeat_s=30.0)
+    assert victim.transport is not None and victim.node is not None
+    victim.transport.connect(honest.addrs()[0])
+    wait_for(lambda: victim.peer_table.get(honest.peer_id) is not None, 30, "a heartbeat")
+    drop_connection(victim, honest)
+    assert honest.peer_id in victim.peer_table.heard()
+    assert not victim.stakes.why(honest.peer_id)
+
+    fill_peerstore(victim, 25)
     assert victim.transport.budget_usage()["peerstore_peers"][0] <= 20
 
     hello = victim.node.ask(root_of(honest.identity), "/public/hello", timeout=20)

@@ -67,6 +67,40 @@ def res(cpu: float = 0, ram: float = 0, disk: float = 0) -> Resources:
     return Resources(cpu=cpu, ram=ram, disk=disk)
 
 
+def test_lease_counts_read_the_time_inside_their_snapshot(
+    ledger: ResourceLedger, clock: Clock
+) -> None:
+    """The leases by state (``dms_leases`` in GET /metrics) at one moment: a lease that
+    expired, and whose cores a new lock took, while the count waited its turn is
+    counted expired, never locked beside the new one (read before its snapshot, the
+    time said it was still live: two locks on 4 cores of 4)."""
+    first = ledger.lock(res(cpu=4), lease_s=5)
+    taken: list[LeaseView] = []
+
+    def another_writer() -> None:
+        clock.now += 10  # the first lease expires, and its cores are taken again
+        taken.append(ledger.lock(res(cpu=4), lease_s=5))
+
+    writer = threading.Thread(target=another_writer, daemon=True)
+
+    def counting_clock() -> float:
+        """The count's read of the time; the other writer commits right after it, unless
+        the count holds the writers' lock by then (it waits a second for it)."""
+        now = clock()
+        if not writer.is_alive() and not taken:
+            writer.start()
+            writer.join(1.0)
+        return now
+
+    ledger.clock = counting_clock
+    counts = ledger.lease_counts()
+    ledger.clock = clock
+    writer.join(30)
+    assert counts.get(LOCKED, 0) <= 1, counts
+    assert ledger.lease_counts() == {EXPIRED: 1, LOCKED: 1}
+    assert [v.id for v in ledger.live()] == [taken[0].id] != [first.id]
+
+
 def test_lock_commit_release_move_amounts_between_pools(ledger: ResourceLedger) -> None:
     lease = ledger.lock(res(cpu=1, ram=2), lease_s=30, holder="did:key:x", ref="job-1")
     pools = ledger.pools()

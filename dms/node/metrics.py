@@ -26,7 +26,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import case, func, select
+from sqlalchemy import select
 
 from dms import __version__
 from dms.actor.admission import BudgetUse
@@ -37,7 +37,7 @@ from dms.network.peertable import PeerTable
 from dms.provider.bidindex import BidIndex
 from dms.resources.ledger import ResourceLedger
 from dms.store import Database
-from dms.store.models import DeploymentRecord, Lease, MiningSessionRecord
+from dms.store.models import DeploymentRecord, MiningSessionRecord
 
 
 class Node(Protocol):
@@ -71,7 +71,6 @@ ROUND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 6
 MAX_BEHAVIOURS = 256
 UNKNOWN_CODES = frozenset({"unknown_behaviour", "unknown_actor"})
 
-LEASES = Lease.__table__
 DEPLOYMENTS = DeploymentRecord.__table__
 MINING = MiningSessionRecord.__table__
 
@@ -342,14 +341,7 @@ class NodeCollector(Collector):
             for resource in ("cpu", "ram_gib", "disk_gib", "gpu"):
                 gauge.add_metric([pool, resource], float(amounts.get(resource, 0)))
         yield gauge
-        now = time.time()
-        state = case(
-            ((LEASES.c.state == "locked") & (LEASES.c.expires_at <= now), "expired"),
-            else_=LEASES.c.state,
-        )
-        with ledger.db.transaction() as conn:
-            rows = conn.execute(select(state, func.count()).group_by(state)).all()
-        counts = Counter({str(s): int(n) for s, n in rows})
+        counts = ledger.lease_counts()
         leases = GaugeMetricFamily(
             "dms_leases",
             "Leases in the ledger by state (locked and allocated hold resources now).",

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, case, func, insert, or_, select, update
 
 from dms.errors import DmsError
 from dms.resources.amounts import KINDS, ZERO, Resources, show
@@ -301,6 +301,20 @@ class ResourceLedger:
             if writes == self._writes:  # no write landed meanwhile: the answer is current
                 self._snapshot = (pools, valid_until)
         return pools
+
+    def lease_counts(self) -> dict[str, int]:
+        """How many leases are in each state, a locked one past its expiry counted as
+        ``expired`` (as it holds nothing), all at one moment: the time is read inside the
+        snapshot, as in :meth:`pools` (read before, a lease that expired and whose
+        resources a new lock took while the read queued counted as locked beside it)."""
+        with self.db.snapshot() as conn:
+            now = self.clock()
+            state = case(
+                (and_(LEASES.c.state == LOCKED, LEASES.c.expires_at <= now), EXPIRED),
+                else_=LEASES.c.state,
+            )
+            rows = conn.execute(select(state, func.count()).group_by(state)).all()
+        return {str(s): int(n) for s, n in rows}
 
     def lease(self, lease_id: str) -> LeaseView:
         with self.db.transaction() as conn:

@@ -220,7 +220,9 @@ def test_waiting_for_a_peer_that_never_registers_leaves_nothing_behind(
     async def wait_twice() -> None:
         async with trio.open_nursery() as nursery:
             # A second waiter with a longer wait keeps the event until it gives up too.
-            nursery.start_soon(tell_topics_when_writable, pubsub, ghost, 0.6)
+            # 3 s, not 0.6: a pause of the machine across both deadlines woke the two
+            # at once, and the longer one, run first, dropped the event before the check.
+            nursery.start_soon(tell_topics_when_writable, pubsub, ghost, 3.0)
             await tell_topics_when_writable(pubsub, ghost, 0.2)
             assert ghost in pubsub._peer_added_events
         assert ghost not in pubsub._peer_added_events

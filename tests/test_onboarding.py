@@ -107,12 +107,14 @@ def test_a_daemon_killed_with_sigkill_restores_what_was_committed(tmp_path: Path
         assert refused.returncode == 1 and "cpu 0.5 cores < 1 cores in use" in refused.stderr
         refused = dms(home, "offboard")
         assert refused.returncode == 1 and "--force" in refused.stderr
-        short = lock(home, 3.0, disk="3GiB")
+        # 6 s: it must still be live when the node is killed (it is counted expired at
+        # the restart): 3 s was no longer than the lock command's exit and a pause.
+        short = lock(home, 6.0, disk="3GiB")
         daemon.kill()
     finally:
         daemon.stop()
 
-    time.sleep(3.5)  # the short lease runs out while the node is down
+    time.sleep(6.5)  # the short lease runs out while the node is down
     daemon = Daemon(home)
     try:
         pools = dms_json(home, "resources")

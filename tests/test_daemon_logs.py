@@ -18,6 +18,22 @@ IRIS = ROOT / "examples" / "iris-features.csv"
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
 
 
+def record_lines(text: str) -> list[str]:
+    """The log's lines but those of a traceback (from its 'Traceback' line to the next
+    record, its exception's own last line included: a stop under load can have py-libp2p
+    log one at ERROR, and the line that names the exception starts at the margin)."""
+    lines: list[str] = []
+    in_traceback = False
+    for line in text.splitlines():
+        if line.startswith("Traceback"):
+            in_traceback = True
+        elif TEXT_LINE.match(line):
+            in_traceback = False
+        if not in_traceback and not line.startswith(" "):
+            lines.append(line)
+    return lines
+
+
 def worker_says(owner_id: str) -> tuple[str, ...]:
     """What the provider logs of a deployment and a mining session of ``owner_id``."""
     return (
@@ -85,10 +101,12 @@ def test_the_daemon_logs_peers_bids_allocations_and_mining_rounds(tmp_path: Path
     for expected in worker_says(owner_id):
         assert expected in said, (expected, said)
     assert re.search(r"allocation \w+ started: w\.0 of deployment \w+ \(compute\)", said)
-    # libp2p's connection manager reports every 10 s at INFO: not at this level
-    assert not [r for r in records if r["logger"].startswith("libp2p") and r["level"] != "WARNING"]
-    text = requester.stderr().splitlines()
-    lines = [line for line in text if not line.startswith((" ", "Traceback"))]
+    # libp2p's connection manager reports every 10 s at INFO: not at this level. (What
+    # py-libp2p logs at WARNING and above is shown: a stop under load can cut a
+    # handshake short, which it logs at ERROR, and that is not chatter.)
+    chatter = [r for r in records if r["logger"].startswith("libp2p")]
+    assert not [r for r in chatter if r["level"] in ("DEBUG", "INFO")], chatter
+    lines = record_lines(requester.stderr())
     assert all(TEXT_LINE.match(line) for line in lines), lines
     assert any("mining session" in line and "being placed" in line for line in lines)
     assert sum("the worker learns" in line for line in lines) == 1, lines  # said once

@@ -58,8 +58,8 @@ class EndedAllocations:
     def gone(self) -> str:
         """Added to the refusal of a poll for an allocation that is not here."""
         return (
-            f"an ended allocation answers for {self.keep_s:g} s after its end "
-            f"(ended_allocation_keep_s), the last {self.kept} of them (ended_allocations_kept)"
+            f"an ended allocation answers here for ended_allocation_keep_s = {self.keep_s:g} s "
+            f"after its end, the last ended_allocations_kept = {self.kept} of them"
         )
 
     def __len__(self) -> int:

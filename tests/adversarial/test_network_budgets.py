@@ -990,8 +990,8 @@ def test_a_peer_heard_through_its_heartbeat_keeps_its_address_when_fresh_keys_fi
     (at most max_peerstore_heard_peers of them, those known the longest first), and
     are not forgotten when their connection ends."""
     victim = cluster.add("victim", bootstrap=[], max_peerstore_peers=20)
-    # Its next heartbeat comes in 30 s: until then the victim holds it alive.
-    honest = cluster.add("honest", bootstrap=[], heartbeat_s=30.0)
+    # Its next heartbeat comes in 60 s: the victim holds it alive for 180 s.
+    honest = cluster.add("honest", bootstrap=[], heartbeat_s=60.0)
     assert victim.transport is not None and victim.node is not None
     victim.transport.connect(honest.addrs()[0])
     wait_for(lambda: victim.peer_table.get(honest.peer_id) is not None, 30, "a heartbeat")

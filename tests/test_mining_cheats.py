@@ -27,9 +27,13 @@ from tests.test_mining_active import blanked
 from tests.test_mining_placed import IRIS, Network
 
 
+# Heartbeats every second (a 3 s deadline), as in test_mining_hostile.py: a provider
+# whose heartbeats stop for its deadline loses its running work to another, and at
+# 0.5 s (1.5 s) a loaded machine's pause, or the CKKS work of this very process,
+# was enough to lose a healthy one (and the exact placements asserted here).
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
-    with LocalCluster(tmp_path_factory.mktemp("cheats"), heartbeat_s=0.5) as cluster:
+    with LocalCluster(tmp_path_factory.mktemp("cheats"), heartbeat_s=1.0) as cluster:
         yield Network(cluster)
 
 

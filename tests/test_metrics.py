@@ -50,7 +50,7 @@ def value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
 @pytest.fixture
 def net(cluster: LocalCluster) -> LocalCluster:
     cluster.serve_api = True
-    cluster.settings.update(heartbeat_s=0.5, orphan_s=3.0)
+    cluster.settings.update(heartbeat_s=1.0, orphan_s=3.0)
     return cluster
 
 

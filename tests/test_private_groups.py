@@ -84,7 +84,7 @@ def knows(node: Node, others: list[Node]) -> bool:
 
 @pytest.fixture
 def net(cluster: LocalCluster) -> LocalCluster:
-    cluster.settings.update(heartbeat_s=0.5, orphan_s=3.0, deployment_policy="tokens")
+    cluster.settings.update(heartbeat_s=1.0, orphan_s=3.0, deployment_policy="tokens")
     return cluster
 
 

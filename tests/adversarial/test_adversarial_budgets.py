@@ -36,7 +36,7 @@ from tests.test_orchestrator import TERMINAL, deploy, spec, wait_known, wait_sta
 
 @pytest.fixture
 def net(cluster: LocalCluster) -> LocalCluster:
-    cluster.settings.update(heartbeat_s=0.5, orphan_s=3.0)
+    cluster.settings.update(heartbeat_s=1.0, orphan_s=3.0)
     return cluster
 
 

@@ -51,7 +51,7 @@ PREFERENCES = {
 
 @pytest.fixture
 def net(cluster: LocalCluster) -> LocalCluster:
-    cluster.settings.update(heartbeat_s=0.5, orphan_s=3.0, preferences=PREFERENCES)
+    cluster.settings.update(heartbeat_s=1.0, orphan_s=3.0, preferences=PREFERENCES)
     return cluster
 
 

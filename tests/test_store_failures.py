@@ -8,6 +8,7 @@ write fail with "attempt to write a readonly database", as a read-only file woul
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -147,3 +148,32 @@ def test_bids_received_while_the_store_refuses_are_indexed_once_it_accepts(
     assert status(requester, dep)["state"] == "completed"
     manifest = owner(requester, "/dms/node/deployment/manifest", {"id": dep})
     assert [b["outcome"] for b in manifest["bids"]] == ["won"]
+
+
+def test_an_allocation_that_ran_is_not_a_lapse_when_its_release_waits_for_the_store(
+    net: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A committed lease whose allocation never started is released ``allocate_within_s``
+    after the commit and its requester gets no bids for ``lapse_cooldown_s``. The watch
+    asked only whether an allocation was running then: one that had run and ended while
+    the store refused its release (retried 0.5, 1, 2, 4, 8, 16 s later) was taken for a
+    lapse once the store accepted again before the next retry, the honest requester
+    cooled down (its next job got no bid) and ``allocation.never_started`` recorded."""
+    net.settings.update(preferences={"allocate_within_s": 12.0, "lapse_cooldown_s": 120.0})
+    requester, (provider,) = network(net, 1)
+    dep = deploy(requester, spec(params={"seconds": 0.5}))
+    wait_state(requester, dep, ("running",), 30)
+    with caplog.at_level(logging.WARNING, logger="dms"), refusing_writes(store(provider)):
+        done = wait_state(requester, dep, TERMINAL, 30)
+        assert done["state"] == "completed", done["events"]
+        # Its release refused four times: the next try is 8 s away, past the watch.
+        wait_for(
+            lambda: any("trying again in 8 s" in r.getMessage() for r in caplog.records),
+            60,
+            "the release retried with a wait of 8 s",
+        )
+    wait_for(lambda: live_leases([provider]) == 0, 60, "the lease released")
+    assert provider.db is not None and provider.db.events("allocation.never_started") == []
+    again = deploy(requester, spec(params={"seconds": 0.2}))
+    done = wait_state(requester, again, TERMINAL, 60)
+    assert done["state"] == "completed", done["events"]

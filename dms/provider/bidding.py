@@ -136,6 +136,10 @@ class Bidding:
         # The final answers of the allocations that ended, for their late polls.
         self._ended = EndedAllocations(ended_allocations_kept, ended_allocation_keep_s)
         self._ended_early: set[str] = set()  # ended before their allocate registered them
+        # Committed leases whose allocation has not started: only these lapse at
+        # ``allocate_within_s`` (one that ran and ended may still be allocated while the
+        # store refuses its release). Each leaves at its allocate or its watch.
+        self._unstarted: set[str] = set()
         self._alloc_lock = threading.Lock()
         self._topic_lock = threading.Lock()  # joins and leaves of the deployment topic
 
@@ -277,13 +281,20 @@ class Bidding:
 
     def _watch_allocated(self, lease_id: str) -> None:
         """A commit that no allocation follows would hold the resources for ever."""
+        with self._alloc_lock:
+            if lease_id in self._allocations:  # a commit sent again after its allocate
+                return
+            self._unstarted.add(lease_id)
         within = self.preferences.allocate_within_s
         self.node.call_later(within, lambda: self._allocated_in_time(lease_id, within))
 
     def _allocated_in_time(self, lease_id: str, within: float) -> None:
         with self._alloc_lock:
-            if lease_id in self._allocations:
+            if lease_id not in self._unstarted:
+                # Its allocation started: running, or ended with its lease's release
+                # still to come (a store that refused it), which is no lapse.
                 return
+            self._unstarted.discard(lease_id)
         ledger = self._need_ledger()
         lease = ledger.lease(lease_id)
         if lease.state == ALLOCATED:
@@ -341,6 +352,7 @@ class Bidding:
         # A real job of this requester here: it keeps its share of the global budgets.
         self.stakes.note(requester, "allocation")
         with self._alloc_lock:
+            self._unstarted.discard(p.lease_id)  # started: no lapse, whenever it ends
             if p.lease_id in self._ended_early:  # it ended already (its record is kept)
                 self._ended_early.discard(p.lease_id)
             else:

@@ -76,7 +76,7 @@ def test_broadcast_reaches_every_subscriber(cluster: LocalCluster) -> None:
     root(sender).publish(BROADCAST_TOPIC, "/broadcast/hello", {"message": "hi all"}, ttl_s=60)
 
     def heard(node: Node) -> list[dict[str, object]]:
-        return root(node).ask(root(node).handle, "/public/hellos", timeout=5)
+        return root(node).ask(root(node).handle, "/public/hellos", timeout=30)
 
     for node in nodes[1:]:
         wait_for(lambda n=node: heard(n), timeout=30, what=f"hello at {node.peer_id}")

@@ -489,12 +489,33 @@ class Libp2pTransport(Unicast, Gossip):
             return True
         return self.stake is not None and self.stake(peer_id)
 
+    def unheard(self, peer_id: str) -> None:
+        """The node no longer hears ``peer_id`` (past its heartbeat deadline, or it
+        left): it is as a fresh key, and its entry goes as :meth:`_departed` says,
+        unless a connection or a stake keeps it. Its last connection may have closed
+        while it was still heard (a node that crashed is heard until its deadline), and
+        nothing forgot it then: py-libp2p's auto-connector dialed it for identify's 2 h.
+        Never blocks."""
+        if self._token is None or self._stopped or peer_id == self.peer_id:
+            return
+        try:
+            pid = ID.from_base58(peer_id)
+        except Exception:  # not a peer id: nothing of it is kept
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._departed, pid)
+
     def _departed(self, pid: ID) -> None:
-        """A peer's last connection closed: unless the node has a stake in it, dials it
-        at start or heard it lately, its peerstore entry and its place in the DHT's
-        routing table go, so nothing dials it again (py-libp2p's auto-connector dials
-        every peer it has addresses of). Runs on the trio thread."""
-        if self._peerstore is None or not self._peerstore.forget(pid):  # keep: connected, staked
+        """A peer's last connection closed, or the node stopped hearing it: unless it
+        is connected, the node has a stake in it, dials it at start or hears it lately,
+        its peerstore entry and its place in the DHT's routing table go, so nothing
+        dials it again (py-libp2p's auto-connector dials every peer it has addresses
+        of). Runs on the trio thread (a notifee, or a callback: nothing may raise)."""
+        try:
+            if self._peerstore is None or not self._peerstore.forget(pid):  # kept
+                return
+        except Exception:
+            log.warning("the peerstore entry of %s not forgotten", pid, exc_info=True)
             return
         if self._dht is not None:
             with contextlib.suppress(Exception):

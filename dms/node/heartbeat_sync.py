@@ -144,8 +144,11 @@ class HeartbeatSync:
         """File a verified heartbeat: the peers table, the peer's addresses, and the
         envelope to pass on. ``via``: the peer that passed it on."""
         event = self.peer_table.observe(peer_id, did, beat, sent_at)
-        if beat.addrs and self.network is not None:
-            self.network.learn_addrs(peer_id, beat.addrs)
+        if self.network is not None:
+            if beat.leaving:  # as a fresh key now: its addresses go once it disconnects
+                self.network.unheard(peer_id)
+            elif beat.addrs:
+                self.network.learn_addrs(peer_id, beat.addrs)
         self.keep_heartbeat(peer_id, None if beat.leaving else signed)
         if event != "alive":
             log.info("peer %s %s%s", peer_id, event, f" (heard from {via})" if via else "")

@@ -160,6 +160,8 @@ class Peering:
             log.info("peer %s is gone (missed its heartbeat deadline)", peer_id)
             # expired with the deadline: nothing to pass on
             self.heartbeats.keep_heartbeat(peer_id, None)
+            if self.network is not None:  # its addresses go unless a connection keeps them
+                self.network.unheard(peer_id)
         for peer_id in self.peer_table.forget_gone(self.peer_forget_s):
             log.info("peer %s forgotten (gone for %g s)", peer_id, self.peer_forget_s)
             self.heartbeats.keep_heartbeat(peer_id, None)

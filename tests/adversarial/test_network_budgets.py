@@ -980,6 +980,46 @@ def test_fresh_keys_that_left_are_not_dialed_again_and_a_staked_peer_is(
     assert not dialed, f"fresh keys dialed again: {dialed}"
 
 
+def test_a_heard_peer_that_crashed_is_forgotten_once_gone_and_not_dialed_again(
+    cluster: LocalCluster,
+) -> None:
+    """A peer heard lately keeps its entry when its connection ends; one that crashed is
+    still heard then (its heartbeat deadline has not passed), and when it went gone a
+    moment later nothing forgot it: its addresses stayed identify's 2 h and py-libp2p's
+    auto-connector dialed it all that time, a failed dial and an ERROR line each, as
+    it did every fresh key that left. Gone from the peers table, it is as a fresh key:
+    its entry goes once no connection keeps it."""
+    victim = cluster.add("victim", bootstrap=[])
+    crashed = cluster.add("crashed", bootstrap=victim.addrs()[:1], heartbeat_s=1.0)
+    assert victim.transport is not None
+    wait_for(lambda: victim.peer_table.get(crashed.peer_id) is not None, 30, "a heartbeat")
+    pid = ID.from_base58(crashed.peer_id)
+    store: Any = victim.transport._host.get_peerstore()  # type: ignore[union-attr]
+    swarm: Any = victim.transport._host.get_network()  # type: ignore[union-attr]
+    dials: Counter[str] = Counter()
+    dial = swarm.dial_peer
+
+    async def counted(peer_id: Any) -> Any:
+        dials[peer_id.to_base58()] += 1
+        return await dial(peer_id)
+
+    async def install() -> None:
+        swarm.dial_peer = counted
+
+    victim.transport._call(install)
+    cluster.crash(crashed)  # its connection ends while it is still heard: kept
+    wait_for(lambda: not victim.transport.is_connected(crashed.peer_id), 30, "the crash seen")  # type: ignore[union-attr]
+    wait_for(
+        lambda: victim.peer_table.get(crashed.peer_id).status == "gone",  # type: ignore[union-attr]
+        30,
+        "the crashed peer gone past its heartbeat deadline",
+    )
+    wait_for(lambda: not store.has_peer(pid), 30, "its entry forgotten, as a fresh key's")
+    dials.clear()
+    redial_now(victim)
+    assert dials[crashed.peer_id] == 0, "the crashed peer dialed again"
+
+
 def test_a_peer_heard_through_its_heartbeat_keeps_its_address_when_fresh_keys_fill_the_store(
     cluster: LocalCluster,
 ) -> None:

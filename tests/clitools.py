@@ -201,9 +201,12 @@ class Daemon:
         return side_by_side(lambda h=h: cls(h, "--bootstrap", bootstrap) for h in homes)
 
     def stop(self) -> int:
+        """SIGTERM, and its exit code. Waited for 60 s: a daemon's own stop is bounded by
+        about 20 s (its actors', then its host's, stop_timeout_s each), which a loaded
+        machine can stretch."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=20)
+        return self.proc.wait(timeout=60)
 
     def kill(self) -> None:
         """SIGKILL: no clean-up of any kind, as after a crash or power loss."""

@@ -177,3 +177,38 @@ def test_an_allocation_that_ran_is_not_a_lapse_when_its_release_waits_for_the_st
     again = deploy(requester, spec(params={"seconds": 0.2}))
     done = wait_state(requester, again, TERMINAL, 60)
     assert done["state"] == "completed", done["events"]
+
+
+def test_a_provider_whose_store_refuses_still_heartbeats_and_keeps_its_running_job(
+    net: LocalCluster,
+) -> None:
+    """A heartbeat carries the provider's figures, read from its store; a store that
+    refused (a read-only file: every transaction, reads too, begins with BEGIN
+    IMMEDIATE) skipped the heartbeat whole ("heartbeat not sent"). Past three of them
+    every peer had the provider gone, and its requesters placed its running jobs again
+    elsewhere, though the node and its jobs ran on. It beats on now, with the figures
+    it last read."""
+    requester, (provider,) = network(net, 1)
+    dep = deploy(requester, spec(params={"seconds": 600}, deadline_s=120))
+    wait_state(requester, dep, ("running",), 30)
+
+    def heard() -> Any:
+        record = requester.peer_table.get(provider.peer_id)
+        assert record is not None and record.heartbeat is not None
+        return record
+
+    with refusing_writes(store(provider)):
+        first = heard().heartbeat.seq
+        # Eight beats' time (a deadline is three): heard eight more, or gone meanwhile.
+        wait_for(
+            lambda: heard().heartbeat.seq >= first + 8 or heard().status == "gone",
+            60,
+            "eight more heartbeats from the provider, or the provider gone",
+        )
+        assert heard().status == "alive"
+        running = status(requester, dep)
+        assert running["state"] == "running", running["events"]
+        lost = [e["what"] for e in running["events"] if "placing it again" in e["what"]]
+        assert lost == [], running["events"]
+    owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
+    wait_state(requester, dep, TERMINAL, 60)

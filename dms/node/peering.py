@@ -81,6 +81,8 @@ class Peering:
         self.stake = stake or (lambda peer: False)
         self.nonce = ""
         self._beats = 0
+        # The figures the last heartbeat carried: sent again while ``summary`` fails.
+        self._figures: dict[str, Any] = {}
 
     def start(self) -> None:
         self.nonce = secrets.token_hex(8)  # new per process: peers see a restart
@@ -122,9 +124,20 @@ class Peering:
             "labels": self.labels,
             "addrs": self._listen_addrs(),
         }
-        beat.update(self.summary())
+        beat.update(self._summary())
         self._beats += 1
         return beat
+
+    def _summary(self) -> dict[str, Any]:
+        """The figures a heartbeat carries, or the last ones read when they cannot be
+        read now (a store that refuses, a read-only file: its reads begin as writes).
+        The node is alive all the same: without a heartbeat its peers would have it gone
+        past its deadline and place its running jobs again elsewhere."""
+        try:
+            self._figures = self.summary()
+        except Exception as exc:
+            log.warning("heartbeat figures not read (%s): the last ones are sent", exc)
+        return self._figures
 
     def _listen_addrs(self) -> list[str]:
         network = self.network

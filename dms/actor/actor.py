@@ -259,14 +259,17 @@ class Actor(pykka.ThreadingActor):
         finally:
             for child in self._children:
                 child.stop()
-            # Requests still waiting are never handled now: each is answered 'stopped'
-            # (its sender would otherwise wait out its own deadline) and no longer
-            # counts in the admission budgets (else a peer's share would shrink with
-            # every stop); one put after this is refused, its ticket given back by its
-            # sender.
+            # Requests still waiting are never handled now: each goes to the stand-in
+            # that answers for this actor once it stopped, if one does (an ended
+            # allocation's record), else is answered 'stopped' (its sender would
+            # otherwise wait out its own deadline) and no longer counts in the
+            # admission budgets (else a peer's share would shrink with every stop);
+            # one put after this is refused, its ticket given back by its sender.
             inbox = self.actor_inbox
             if isinstance(inbox, LanedInbox):
                 for dropped in inbox.close():
+                    if self.system.to_stand_in(dropped):
+                        continue
                     self.system.admission.release(dropped.ticket)
                     if dropped.sealed.envelope.reply_to is not None:
                         stopped = f"actor {self.handle.address.inbox} stopped before handling it"

@@ -441,6 +441,24 @@ class ActorSystem:
                 return stand_in.ref, ""
         return None, "".join(f" ({s.gone})" for s in stand_ins)
 
+    def to_stand_in(self, inbound: Inbound) -> bool:
+        """Hand a request its actor will never handle (it stopped as the request came,
+        or with it still in its mailbox) to the stand-in that answers for that actor
+        now, if one holds it; False if none does (then it is answered ``stopped``). An
+        allocation that ended keeps its record before it stops: a poll caught in its
+        stop gets the record's answer, not ``stopped``."""
+        to = inbound.sealed.envelope.to
+        if to is None or to.address.host != self.peer_id:
+            return False
+        ref, _ = self._stand_in_for(to)
+        if ref is None:
+            return False
+        try:
+            ref.pykka_ref.tell(inbound)
+        except pykka.ActorDeadError:  # the stand-in stopped too (the node is stopping)
+            return False
+        return True
+
     def actor(self, inbox: str) -> ActorRef | None:
         with self._lock:
             return self._actors.get(inbox)
@@ -866,7 +884,9 @@ class ActorSystem:
         try:
             ref.pykka_ref.tell(Inbound(sealed, ticket))
         except pykka.ActorDeadError:
-            raise Refusal(ErrorCode.STOPPED, f"actor {to.address.inbox} has stopped") from None
+            # Found just before it stopped: its stand-in may answer for it by now.
+            if not self.to_stand_in(Inbound(sealed, ticket)):
+                raise Refusal(ErrorCode.STOPPED, f"actor {to.address.inbox} has stopped") from None
 
     @staticmethod
     def _check_broadcast(env: Envelope) -> None:

@@ -23,9 +23,11 @@ from sqlalchemy import func, select
 
 from dms.actor import Actor, ActorRef
 from dms.actor.codes import InvokeTimeout, RemoteError
+from dms.jobs.allocation import STATUS_BEHAVIOUR, EndedAllocation
 from dms.node.client import root_handle
 from dms.node.daemon import Node
 from dms.orchestrator.messages import REQUEST, BidRequest
+from dms.provider.bidding import ALLOCATION_INBOX
 from dms.provider.bidindex import BIDS
 from dms.resources import Resources
 from dms.sim.adversary import BarePeer
@@ -454,6 +456,61 @@ def test_requests_left_waiting_when_an_actor_stops_are_answered_stopped(
         wait_for(lambda: inflight(victim) == 4, 30, "four requests waiting")
         child.stop_soon()  # taken before the requests, once the actor is free
     assert codes(answered(peer, [env.nonce for env in envs])) == {"stopped": 4}
+    assert inflight(victim) == 0
+
+
+def ended_allocation(victim: Node, peer: BarePeer, name: str) -> tuple[ActorRef, dict[str, Any]]:
+    """An actor at an allocation's inbox whose end the victim's bidding service has
+    recorded (as an allocation does just before it stops), for ``peer`` to poll."""
+    assert victim.system is not None and victim.node is not None
+    child = victim.system.spawn(Actor, inbox=f"{ALLOCATION_INBOX}{name}")
+    status = {"lease_id": name, "state": "completed", "result": {"answer": 42}}
+    record = EndedAllocation(
+        inbox=child.handle.address.inbox, key=child.handle.id, lease_id=name,
+        requester_host=peer.peer_id, driver=None, interactive=False, status=status,
+        logs=("state: completed",), ended=time.monotonic(),
+    )  # fmt: skip
+    victim.node.pykka_ref._actor_weakref().bidding._ended.add(record)
+    return child, status
+
+
+def test_a_poll_waiting_as_an_ended_allocation_stops_gets_its_record_not_stopped(
+    net: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """An allocation that ended keeps its final answers with its node, then stops. A
+    status poll still in its mailbox then was answered 'stopped', not the record's
+    'completed' (a miss for the requester: after one that timed out, its second in a
+    row, the slot lost and the completed job placed again): it goes to the node's
+    actor now, which stands in for the allocation."""
+    victim = net.add("victim")
+    (peer,) = keys(victim, 1, bare_peers)
+    child, status = ended_allocation(victim, peer, "waiting")
+    with busy(child):
+        env = peer.envelope(child.handle, STATUS_BEHAVIOUR, reply=True)
+        peer.write([peer.seal(env)])
+        wait_for(lambda: inflight(victim) == 1, 30, "the poll waiting")
+        child.stop_soon()  # taken before the poll, once the actor is free
+    [answer] = answered(peer, [env.nonce])
+    assert answer.get("result") == status, answer
+    assert inflight(victim) == 0
+
+
+def test_a_poll_that_reaches_an_ended_allocation_as_it_stops_gets_its_record(
+    net: LocalCluster, bare_peers: list[BarePeer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll whose delivery found the allocation just before it stopped (its mailbox
+    closed by the time of the put) was answered 'stopped'; now its stand-in answers.
+    The interleaving is made certain as in the test below."""
+    victim = net.add("victim")
+    (peer,) = keys(victim, 1, bare_peers)
+    child, status = ended_allocation(victim, peer, "reached")
+    pykka_ref = child.pykka_ref
+    pykka_ref.stop()  # the actor stops; the delivery below found it before
+    monkeypatch.setattr(pykka_ref, "is_alive", lambda: True)
+    env = peer.envelope(child.handle, STATUS_BEHAVIOUR, reply=True)
+    peer.write([peer.seal(env)])
+    [answer] = answered(peer, [env.nonce])
+    assert answer.get("result") == status, answer
     assert inflight(victim) == 0
 
 

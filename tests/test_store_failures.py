@@ -212,3 +212,32 @@ def test_a_provider_whose_store_refuses_still_heartbeats_and_keeps_its_running_j
         assert lost == [], running["events"]
     owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
     wait_state(requester, dep, TERMINAL, 60)
+
+
+def test_a_store_that_refuses_is_warned_of_once_not_at_every_heartbeat(
+    net: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While its store refuses, a provider's heartbeats carry the figures it last read,
+    with a warning: one a beat (every 2 s by default, for as long as the store refuses,
+    hours for a full disk) buried every other line of its log. Warned of once now, and
+    told when the figures are read again."""
+    requester, (provider,) = network(net, 1)
+    fallback = "heartbeat figures not read"
+
+    def seq() -> int:
+        record = requester.peer_table.get(provider.peer_id)
+        assert record is not None and record.heartbeat is not None
+        return record.heartbeat.seq
+
+    with caplog.at_level(logging.INFO, logger="dms"), refusing_writes(store(provider)):
+        wait_for(lambda: any(fallback in r.getMessage() for r in caplog.records), 60, "the warning")
+        first = seq()
+        wait_for(lambda: seq() >= first + 6, 60, "six more heartbeats from the provider")
+        warned = [r for r in caplog.records if fallback in r.getMessage()]
+        assert len(warned) == 1, [r.getMessage() for r in warned]
+    with caplog.at_level(logging.INFO, logger="dms"):
+        wait_for(
+            lambda: any("heartbeat figures read again" in r.getMessage() for r in caplog.records),
+            60,
+            "the figures read again",
+        )

@@ -81,8 +81,10 @@ class Peering:
         self.stake = stake or (lambda peer: False)
         self.nonce = ""
         self._beats = 0
-        # The figures the last heartbeat carried: sent again while ``summary`` fails.
+        # The figures the last heartbeat carried: sent again while ``summary`` fails,
+        # since ``_stale_since`` (time.monotonic(); None while they are read).
         self._figures: dict[str, Any] = {}
+        self._stale_since: float | None = None
 
     def start(self) -> None:
         self.nonce = secrets.token_hex(8)  # new per process: peers see a restart
@@ -132,12 +134,30 @@ class Peering:
         """The figures a heartbeat carries, or the last ones read when they cannot be
         read now (a store that refuses, a read-only file: its reads begin as writes).
         The node is alive all the same: without a heartbeat its peers would have it gone
-        past its deadline and place its running jobs again elsewhere."""
+        past its deadline and place its running jobs again elsewhere. Warned of once,
+        when they first fail (a store that refuses for hours is not a line every beat),
+        and told at info when they are read again."""
         try:
-            self._figures = self.summary()
+            figures = self.summary()
         except Exception as exc:
-            log.warning("heartbeat figures not read (%s): the last ones are sent", exc)
-        return self._figures
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if self._stale_since is None:
+                self._stale_since = time.monotonic()
+                log.warning(
+                    "heartbeat figures not read (%s): the last ones are sent until they "
+                    "can be read again", why,
+                )  # fmt: skip
+            else:
+                log.debug("heartbeat figures still not read (%s)", why)
+            return self._figures
+        if self._stale_since is not None:
+            log.info(
+                "heartbeat figures read again, after %.0f s of sending the last ones",
+                time.monotonic() - self._stale_since,
+            )
+            self._stale_since = None
+        self._figures = figures
+        return figures
 
     def _listen_addrs(self) -> list[str]:
         network = self.network

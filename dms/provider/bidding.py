@@ -282,7 +282,9 @@ class Bidding:
     def _watch_allocated(self, lease_id: str) -> None:
         """A commit that no allocation follows would hold the resources for ever."""
         with self._alloc_lock:
-            if lease_id in self._allocations:  # a commit sent again after its allocate
+            # A commit sent again after its allocate, or before it: the first commit's
+            # watch stands (one timer a lease, however often it is committed).
+            if lease_id in self._allocations or lease_id in self._unstarted:
                 return
             self._unstarted.add(lease_id)
         within = self.preferences.allocate_within_s

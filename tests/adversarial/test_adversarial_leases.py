@@ -98,6 +98,24 @@ def test_a_committed_lease_never_allocated_is_released(net: LocalCluster) -> Non
     assert late.value.code == "ended" and "not committed" in late.value.reason
 
 
+def test_a_lease_committed_again_and_again_is_watched_once(net: LocalCluster) -> None:
+    """Each commit of a lease not yet allocated put one more watch on the node's timers,
+    each held ``allocate_within_s`` (30 s by default): a requester committing its lease
+    again in a loop grew them without bound. Committing twice is harmless, and only
+    the first commit's watch stands now."""
+    net.settings.update(preferences={**PREFERENCES, "allocate_within_s": 120.0})
+    attacker, victim = attacker_and_victim(net)
+    assert victim.system is not None and victim.ledger is not None
+    lease = ask(attacker, victim, REQUEST, bid_request(1))["offers"][0]["lease_id"]
+    commit = {"deployment_id": "attack", "slot": "w.0", "lease_id": lease}
+    ask(attacker, victim, COMMIT, commit)
+    before = len(victim.system.timers)
+    for _ in range(100):
+        assert ask(attacker, victim, COMMIT, commit)["state"] == "allocated"
+    # The node's own timers (heartbeats, sweeps) come and go meanwhile: a few at most.
+    assert len(victim.system.timers) < before + 20
+
+
 def test_a_requester_that_let_a_commit_lapse_gets_no_bids_for_a_while(
     net: LocalCluster,
 ) -> None:

@@ -23,6 +23,7 @@ from dms.mining.data import read_table
 from dms.mining.plain import ClusteringParams, kmeans
 from dms.sim.cluster import LocalCluster
 from dms.sim.hostile_mining import HostileExecutor
+from tests.conftest import wait_for
 from tests.test_mining_active import blanked
 from tests.test_mining_placed import IRIS, Network
 
@@ -117,6 +118,11 @@ def test_verify_replicate_runs_each_shard_twice_and_catches_an_unsampled_lie(
     monkeypatch.setattr(Spot, "sample", lambda self, n: np.array([0]))
     executor = HostileExecutor(["shift_one_record"])
     monkeypatch.setitem(EXECUTORS, "mining", executor)
+    # Both replicas and the liar's replacement on peers of their own need the third
+    # provider asked: a provider the owner still sees busy (its heartbeat lags the
+    # previous test's release) is not, and the replacement then shares a peer by
+    # design (distinct peers "when enough bid"). Start from idle, as test_mining_placed.
+    wait_for(net.seen_idle, 30, "the owner to see every provider idle")
     settings = {"algorithm": "skmeans", "k": 3, "max_iterations": 4, "verify": "replicate"}
     session = net.mine({"settings": settings, "data": str(IRIS.resolve()), "timeout_s": 90})
     answer = net.result(session)
@@ -127,7 +133,8 @@ def test_verify_replicate_runs_each_shard_twice_and_catches_an_unsampled_lie(
     [caught] = result["excluded"]
     assert "distances of record 17 off by" in caught["reason"], caught
     placed = [p["peer_id"] for p in result["placement"]]
-    assert len(placed) == len(set(placed)) == 2 and caught["peer_id"] not in placed
+    bids = net.ask("/dms/node/deployment/manifest", {"id": session})["bids"]
+    assert len(placed) == len(set(placed)) == 2 and caught["peer_id"] not in placed, bids
     net.settle(session)
 
 

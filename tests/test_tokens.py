@@ -36,8 +36,13 @@ from dms.security.trust import TrustLimits, TrustStore
 HOUR = 3600
 
 
-def later(s: float = HOUR) -> int:
-    return int(time.time() + s)
+# One expiry for every token that takes the default: a child issued a second after
+# its parent, across a clock second, must not outlive it (a CI failure).
+_AN_HOUR_AFTER_IMPORT = int(time.time() + HOUR)
+
+
+def later(s: float | None = None) -> int:
+    return _AN_HOUR_AFTER_IMPORT if s is None else int(time.time() + s)
 
 
 def rule_of(fn) -> str:  # type: ignore[no-untyped-def]

@@ -21,8 +21,11 @@ from sqlalchemy.exc import OperationalError
 
 from dms.actor import RemoteError
 from dms.node.daemon import Node
+from dms.orchestrator.messages import DEPLOYMENT_TOPIC, REQUEST
 from dms.sim.cluster import LocalCluster
 from dms.store import Database
+from tests.adversarial.hostile import envelope, frame_of, me, publish, until_refused
+from tests.adversarial.test_adversarial_leases import ask, bid_request
 from tests.conftest import wait_for
 from tests.test_orchestrator import (
     TERMINAL,
@@ -241,3 +244,36 @@ def test_a_store_that_refuses_is_warned_of_once_not_at_every_heartbeat(
             60,
             "the figures read again",
         )
+
+
+def test_a_bid_request_heard_while_the_store_refuses_is_a_counted_refusal_not_a_traceback(
+    net: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bid request heard on the deployment topic while the provider's store refuses
+    (a full disk, a locked or read-only file) made its handler raise the store's error:
+    a traceback in the log ('handler of ... raised') for every request heard. It is a
+    refusal now, as one asked directly is: counted, one warning line with the reason,
+    and the direct asker gets that reason."""
+    requester, (provider,) = network(net, 1)
+    assert provider.system is not None
+
+    def attempt() -> None:
+        request = bid_request(1) | {"reply_to": me(requester).model_dump()}
+        env = envelope(requester, REQUEST, request, topic=DEPLOYMENT_TOPIC)
+        publish(requester, DEPLOYMENT_TOPIC, frame_of(requester, env))
+
+    with caplog.at_level(logging.WARNING, logger="dms"), refusing_writes(store(provider)):
+        until_refused(provider, "store_refused", attempt, "the gossip request refused")
+        with pytest.raises(RemoteError) as direct:
+            ask(requester, provider, REQUEST, bid_request(1))
+    assert direct.value.code == "store_refused"
+    assert "store refused" in direct.value.reason
+    raised = [r.getMessage() for r in caplog.records if r.exc_info or "raised" in r.getMessage()]
+    assert raised == []
+    refused = [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith(f"refused {REQUEST}") and "store_refused" in r.getMessage()
+    ]
+    assert refused and all("store refused" in line for line in refused), refused
+    assert provider.ledger is not None and provider.ledger.live() == []

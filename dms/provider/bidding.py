@@ -65,6 +65,7 @@ ALLOCATION_INBOX = "alloc-"  # an allocation's inbox: this and its lease id's st
 BID_INDEX_FLUSH_S = 0.5
 RELEASE_RETRY_FIRST_S = 0.5  # an ended allocation's lease the store refused: again after
 RELEASE_RETRY_MAX_S = 30.0  # this, doubling up to this
+STORE_REFUSED = "store_refused"  # a bid request's refusal when the store raised
 
 
 class Stakes(Protocol):
@@ -207,7 +208,18 @@ class Bidding:
     @behaviour(REQUEST, public=True, payload=BidRequest, topic=DEPLOYMENT_TOPIC)
     def bid_request(self, request: Request) -> Any:
         """Answer a bid request: the bid is the reply (direct) or is sent to ``reply_to``
-        (a request heard on the deployment topic)."""
+        (a request heard on the deployment topic). A store that refuses (a full disk, a
+        locked or read-only file) refuses the request ``store_refused``, with its reason:
+        answered when asked directly, counted and logged on one line when heard on the
+        topic (its error raised through the handler was a traceback per request)."""
+        try:
+            return self._bid_request(request)
+        except SQLAlchemyError as exc:
+            raise ResourceError(
+                STORE_REFUSED, f"this node's store refused: {str(exc).splitlines()[0]}"
+            ) from None
+
+    def _bid_request(self, request: Request) -> Any:
         payload: BidRequest = request.payload
         requester = request.sender.address.host
         if requester == self.node.system.peer_id:

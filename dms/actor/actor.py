@@ -30,6 +30,7 @@ from dms.actor.handle import Handle
 from dms.actor.inbox import LanedInbox
 from dms.actor.policy import Role
 from dms.actor.system import ActorContext, ActorRef, ActorSystem, Call, Inbound, Outcome
+from dms.actor.threads import PARK, next_name
 from dms.actor.timers import TimerHandle
 from dms.errors import DmsError
 from dms.security.identity import Identity
@@ -239,6 +240,11 @@ class Actor(pykka.ThreadingActor):
         """Clean-up before the actor's children stop and it leaves its system."""
 
     # ---- pykka -------------------------------------------------------------------
+
+    def _start_actor_loop(self) -> None:
+        """On a parked thread if there is one (``dms.actor.threads``): creating a thread,
+        and waiting for it to run, cost more than the rest of a spawn."""
+        PARK.run(self._actor_loop, next_name(type(self).__name__))
 
     def on_receive(self, message: Any) -> Any:
         try:

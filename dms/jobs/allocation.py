@@ -45,6 +45,7 @@ from dms.actor import (
     Request,
     behaviour,
 )
+from dms.actor.threads import PARK
 from dms.errors import DmsError
 from dms.jobs.base import InteractiveExecutor
 from dms.jobs.executors import ExecutorError, executor_for
@@ -244,10 +245,7 @@ class AllocationActor(Actor):
             return
         self._set(AllocationState.STARTING)
         self.started_at = time.time()
-        thread = threading.Thread(
-            target=self._work, name=f"dms-alloc-{self.lease_id[:8]}", daemon=True
-        )
-        thread.start()
+        PARK.run(self._work, f"dms-alloc-{self.lease_id[:8]}")  # a parked thread, if any
         self._set(AllocationState.RUNNING)
         if self._requester_gone is not None:
             self.call_later(self._watch_s, self._watch)

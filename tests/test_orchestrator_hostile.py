@@ -17,7 +17,15 @@ import pytest
 
 from dms.actor import Handle, Request
 from dms.node.daemon import Node
-from dms.orchestrator.messages import ALLOCATE, REQUEST, UPDATE, Bid, Offer
+from dms.orchestrator.messages import (
+    ALLOCATE,
+    DEPLOYMENT_TOPIC,
+    REQUEST,
+    UPDATE,
+    Bid,
+    BidRequest,
+    Offer,
+)
 from dms.orchestrator.supervision import STATUS
 from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
@@ -216,3 +224,80 @@ def test_a_provider_too_small_at_first_is_judged_by_its_latest_heartbeat(
     assert "not placed within the deadline" in summary and "not asked" not in summary, summary
     assert f"{peer[-8:]}: asked, no answer yet" in summary, summary
     assert f"{other.peer_id[-8:]}: declined: this node lacks the labels big" in summary, summary
+
+
+def test_a_provider_whose_last_heartbeat_counts_this_jobs_returned_leases_is_asked(
+    net: LocalCluster,
+) -> None:
+    """A provider's heartbeat can go out while it holds leases it offered a round of
+    this very deployment, which the requester then gives back (its bid lost, or came
+    after the round closed). Until its next heartbeat (seconds away, longer in a large
+    network) the requester read it as too small and did not ask it: a slot placed
+    again meanwhile went to the peer holding the job's other slot ("best of 1",
+    distinct peers broken) though this provider stood idle (test_mining_cheats.py's
+    replicate test, twice in full suites). What the deployment gave back since that
+    heartbeat counts as free on it now."""
+    requester = net.add()
+    first, second = providers(net, 2)
+    # Its heartbeats 30 s apart: the one that counts the leases stays its last.
+    third = net.add(heartbeat_s=30.0)
+    assert third.ledger is not None and third.node is not None
+    third.ledger.onboard(Resources(cpu=2, ram=4, disk=4))
+    bidding = third.node.pykka_ref.proxy().bidding.get(timeout=5)
+    node = bidding.node
+    node.announce()
+    net.wait_linked()
+    wait_known(requester, [first, second, third])
+    late, answered = threading.Event(), threading.Event()
+    dep = ""
+
+    def chosen() -> bool:
+        return sum("chose" in e["what"] for e in status(requester, dep)["events"]) >= 2
+
+    def answers_late_once(request: Request) -> Any:
+        """Its first bid (both slots leased) goes with a heartbeat that shows them
+        held, and is answered once the round has closed: the requester gives it back."""
+        bid = bidding.bid_request(request)
+        if late.is_set():
+            return bid
+        late.set()
+        node.announce()
+        responder = request.defer()
+
+        def answer() -> None:
+            deadline = time.monotonic() + 30
+            while not (dep and chosen()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            responder.ok(bid)
+            answered.set()
+
+        threading.Thread(target=answer, daemon=True).start()
+        return None
+
+    third.node.pykka_ref.proxy().register(
+        REQUEST, answers_late_once, public=True, payload=BidRequest, topic=DEPLOYMENT_TOPIC
+    ).get(timeout=5)
+    # A round waits its whole window for the third (3 s), whose answer comes after it.
+    job = spec(count=2, cpu="1", params={"seconds": 600}, deadline_s=120, bid_window_s=3,
+               distinct_peers=True)  # fmt: skip
+    dep = deploy(requester, job)
+    wait_state(requester, dep, ("running",), 30)
+    wait_for(answered.is_set, 30, "the third's late bid")
+    wait_for(lambda: third.ledger.live() == [] if third.ledger else False, 30, "its leases back")
+    wait_for(lambda: free_cpu(requester, third) == 0, 30, "the heartbeat that shows them held")
+    placed = {s["slot"]: s["peer_id"] for s in status(requester, dep)["slots"]}
+    assert set(placed.values()) == {first.peer_id, second.peer_id}
+    lost = next(slot for slot, peer in placed.items() if peer == first.peer_id)
+    first.stop()  # its slot is placed again: on the idle third, not beside the other slot
+
+    def placed_again() -> str | None:
+        again = {s["slot"]: s for s in status(requester, dep)["slots"]}[lost]
+        return again["peer_id"] if again["attempts"] > 1 and again["status"] == "running" else None
+
+    wait_for(placed_again, 30, f"{lost} running again")
+    manifest = owner(requester, "/dms/node/deployment/manifest", {"id": dep})
+    why = {s["slot"]: s["reasons"] for s in manifest["slots"]}[lost]
+    assert placed_again() == third.peer_id, why
+    assert free_cpu(requester, third) == 0  # placed before the third's next heartbeat
+    owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
+    wait_state(requester, dep, TERMINAL, 60)

@@ -48,17 +48,21 @@ from dms.orchestrator.base import (
     log,
     node_handle,
 )
+from dms.orchestrator.givenback import GivenBackBook
 from dms.orchestrator.messages import (
     DEPLOYMENT_TOPIC,
     REQUEST,
     Bid,
     BidRequest,
+    Offer,
     SlotRequest,
 )
 from dms.orchestrator.records import BidRow
 from dms.orchestrator.selection import Candidate, select
 from dms.orchestrator.slots import HELD, Slot, SlotState
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
+from dms.resources import Resources
+from dms.resources.amounts import ZERO
 
 MAX_REASON = 512  # characters of one peer's reason kept
 NOT_ASKED = "not asked: "  # a peer's reason while its last heartbeat says it does not fit
@@ -67,16 +71,20 @@ ASKED = "asked, no answer yet"  # a peer of the round that has not answered, at 
 BID_GRACE_S = 2.0  # after the window: how long a round with an empty slot waits for answers
 
 
-def misfit(record: PeerRecord, spec: AllocationSpec) -> str | None:
-    """From the peer's last heartbeat: why it could not take this allocation, or None."""
+def misfit(record: PeerRecord, spec: AllocationSpec, given_back: Resources = ZERO) -> str | None:
+    """From the peer's last heartbeat: why it could not take this allocation, or None.
+    ``given_back``: what the requester gave back to it that the heartbeat may still
+    count as held (``givenback.py``), free now."""
     hb = record.heartbeat
     if hb is None or not hb.free:
         return "it offers no resources (not onboarded)"
     want = spec.resources.human()
+    back = given_back.human()
+    free = {kind: (hb.free.get(kind, 0) or 0) + back.get(kind, 0) for kind in want}
     short = [
-        f"{kind} {hb.free.get(kind, 0) or 0:g} free < {amount:g}"
+        f"{kind} {free[kind]:g} free < {amount:g}"
         for kind, amount in want.items()
-        if amount and (hb.free.get(kind, 0) or 0) + 1e-9 < amount
+        if amount and free[kind] + 1e-9 < amount
     ]
     return f"too small by its last heartbeat: {', '.join(short)}" if short else None
 
@@ -145,6 +153,8 @@ class BidRounds:
         self._declines_written: dict[tuple[str, str], str] = {}
         self.scheduled = False  # a round is due
         self._retry_s = book.o.retry_s
+        # Leases given back that a peer's last heartbeat may still count as held.
+        self.given_back = GivenBackBook()
 
     def schedule(self, delay_s: float) -> None:
         if (
@@ -185,7 +195,7 @@ class BidRounds:
             if self.host.excludes(slot.name, peer):
                 continue
             answered = own_answer(slot.reasons.get(peer))
-            why = misfit(record, spec)
+            why = misfit(record, spec, self.given_back.credit(record))
             if why is not None:
                 reason = NOT_ASKED + why + (BEFORE + answered if answered else "")
                 slot.reasons[peer] = reason[:MAX_REASON]
@@ -210,7 +220,8 @@ class BidRounds:
                 hb = record.heartbeat
                 assert hb is not None
                 onboarded = hb.onboarded.get("cpu") or 1.0
-                weights[record.peer_id] = 0.05 + max(0.0, hb.free.get("cpu", 0.0) / onboarded)
+                free = hb.free.get("cpu", 0.0) + self.given_back.credit(record).human()["cpu"]
+                weights[record.peer_id] = 0.05 + max(0.0, free / onboarded)
         # Efraimidis-Spirakis: a weighted sample without replacement.
         keyed = sorted(weights, key=lambda p: -(self.book.o.rng.random() ** (1.0 / weights[p])))
         return keyed[: max(self.book.o.min_ask, self.book.o.fanout * len(open_slots))]
@@ -323,8 +334,7 @@ class BidRounds:
 
     def _take_bid(self, rid: int, bid: Bid) -> None:
         if rid != self.round or rid in self._closed or self.book.state in DEPLOYMENT.terminal:
-            if bid.offers:  # too late: give the leases back at once
-                self.book.revert(bid.peer_id, [o.lease_id for o in bid.offers])
+            self._give_back(bid.peer_id, bid.offers)  # too late: the leases go back at once
             return
         self._answered.add(bid.peer_id)
         for offer in bid.offers:
@@ -333,7 +343,7 @@ class BidRounds:
             if offer.slot in self._offers and not self.host.excludes(offer.slot, bid.peer_id):
                 self._offers[offer.slot].append(Candidate(bid, offer))
             else:
-                self.book.revert(bid.peer_id, [offer.lease_id])
+                self._give_back(bid.peer_id, [offer])
         for decline in bid.declines:
             slot = self.book.slots.get(decline.slot)
             if slot is None:
@@ -342,6 +352,19 @@ class BidRounds:
             if decline.permanent:
                 slot.declined_for_good[bid.peer_id] = decline.reason
         self._maybe_close(rid)
+
+    def _give_back(self, peer: str, offers: list[Offer]) -> None:
+        """Revert ``peer``'s ``offers``; what they held counts as free on it while its
+        last heartbeat may still count them (``GivenBackBook``)."""
+        if not offers:
+            return
+        self.book.revert(peer, [o.lease_id for o in offers])
+        amount = ZERO
+        for offer in offers:
+            spec = self.book.by_slot.get(offer.slot)
+            if spec is not None:
+                amount = amount + spec.resources
+        self.given_back.note(self.book.o.peer_table.get(peer), amount)
 
     def _maybe_close(self, rid: int) -> None:
         if not self._gossiped and self._asked <= self._answered:
@@ -402,7 +425,7 @@ class BidRounds:
             distinct=self.book.spec.distinct_peers,
         )
         records: list[BidRow] = []
-        losers: dict[str, list[str]] = {}
+        losers: dict[str, list[Offer]] = {}
         for name, candidates in self._offers.items():
             for c in candidates:
                 reason = decision.reasons.get((c.peer_id, name), "")
@@ -413,7 +436,7 @@ class BidRounds:
                            reason, lease_id=c.offer.lease_id, price=c.offer.price)
                 )  # fmt: skip
                 if not won:
-                    losers.setdefault(c.peer_id, []).append(c.offer.lease_id)
+                    losers.setdefault(c.peer_id, []).append(c.offer)
         for name in self._offers:
             for peer, reason in self.book.slots[name].reasons.items():
                 if not reason.startswith(("declined", "unreachable", "timeout", "bad bid")):
@@ -427,8 +450,8 @@ class BidRounds:
             slot.choose(chosen.peer_id, chosen.offer.lease_id, f"won: {why}", self.book.deadlines)
             self.book.event(f"{name}: chose {chosen.peer_id[-8:]} ({why})")
             self.host.commit(slot)
-        for peer, lease_ids in losers.items():
-            self.book.revert(peer, lease_ids)
+        for peer, offers in losers.items():
+            self._give_back(peer, offers)
         # Written once the commits are on their way (off the placement's path), with the
         # save of the slots' moves below.
         self.book.add_bids(records)

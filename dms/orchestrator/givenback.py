@@ -1,0 +1,69 @@
+"""What a deployment gave back to a peer that the peer's last heartbeat may still count.
+
+A provider leases what it offers as it bids; a heartbeat it sends before the
+requester gives those leases back (its bid lost, or came after the round closed)
+shows them held, and stays its last word on free resources until its next beat
+(seconds away, longer in a large network: ``heartbeat_interval``). Read as it is,
+an idle provider looked too small to ask for a slot placed again meanwhile, which
+then went to a peer holding another slot of the job (distinct peers broken, though
+this one stood idle). Each give-back is noted with the peer's heartbeat then
+heard; it counts as free on that peer until a heartbeat two beats later (the next
+one may have left before the revert arrived) or from a restarted process.
+See ``specs/orchestration.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dms.network.peertable import PeerRecord
+from dms.resources import Resources
+from dms.resources.amounts import ZERO
+
+# A peer's heartbeats that may have left before a revert sent after this one arrived.
+BEATS_IN_FLIGHT = 1
+# At most this many give-backs noted per peer (one a round and peer at most).
+MAX_NOTED = 64
+
+
+@dataclass(frozen=True)
+class GivenBack:
+    nonce: str  # the peer's process, by its heartbeat
+    seq: int  # its heartbeat heard when the leases went back
+    amount: Resources
+
+
+class GivenBackBook:
+    """Leases a deployment gave back, per peer, while its heartbeats may still count them."""
+
+    def __init__(self) -> None:
+        self._by_peer: dict[str, list[GivenBack]] = {}
+
+    def note(self, record: PeerRecord | None, amount: Resources) -> None:
+        """``amount`` was given back to ``record``'s peer now (its leases reverted)."""
+        if record is None or record.heartbeat is None or amount.is_zero():
+            return  # never judged by a heartbeat: nothing to correct
+        hb = record.heartbeat
+        noted = self._by_peer.setdefault(record.peer_id, [])
+        noted.append(GivenBack(hb.nonce, hb.seq, amount))
+        del noted[:-MAX_NOTED]
+
+    def credit(self, record: PeerRecord) -> Resources:
+        """What ``record``'s last heartbeat may still count as held that was given back."""
+        hb = record.heartbeat
+        noted = self._by_peer.get(record.peer_id)
+        if not noted:
+            return ZERO
+        noted = [
+            g
+            for g in noted
+            if hb is not None and g.nonce == hb.nonce and hb.seq <= g.seq + BEATS_IN_FLIGHT
+        ]
+        if not noted:
+            self._by_peer.pop(record.peer_id, None)
+            return ZERO
+        self._by_peer[record.peer_id] = noted
+        total = ZERO
+        for given in noted:
+            total = total + given.amount
+        return total

@@ -16,7 +16,8 @@ allocate's includes its deferred answer, which on this transport is handed to
 the requester on the same thread) and ``cpu`` (that thread's CPU time over
 the same span); ``rtt`` (the requester's invoke, signatures and hops
 included); inner parts: the ledger's transactions (``lock_many``, ``commit``,
-``release_many``) and the allocation's spawn. ``end_us``: from the allocate's
+``release_many``) and the allocation's spawn; ``p95``: the handler's or the part's 95th
+percentile wall time. ``end_us``: from the allocate's
 answer to the requester holding the allocation's end. ``cpu_us_per_placement``:
 the whole process's CPU time (both sides, every thread) over the run, per
 placement (bid + allocate + end + a reverted bid).
@@ -174,6 +175,7 @@ def run(n: int, warmup: int) -> dict[str, Any]:
         provider.stop()
         net.close()
     us = {k: round(statistics.median(v) * 1e6, 1) for k, v in sorted(samples.items())}
+    p95 = {k: round(sorted(v)[int(len(v) * 0.95)] * 1e6, 1) for k, v in samples.items()}
     return {
         "bench": "provider_handlers",
         "n": n,
@@ -182,11 +184,12 @@ def run(n: int, warmup: int) -> dict[str, Any]:
                 "wall": us.get(f"{h}.wall"),
                 "cpu": us.get(f"{h}.cpu"),
                 "rtt": us.get(f"{h}.rtt"),
+                "p95": p95.get(f"{h}.wall"),
             }
             for h in ("bid_request", "allocate", "revert")
         },
         "inner_us": {
-            k: {"wall": us.get(f"{k}.wall"), "cpu": us.get(f"{k}.cpu")}
+            k: {"wall": us.get(f"{k}.wall"), "cpu": us.get(f"{k}.cpu"), "p95": p95.get(f"{k}.wall")}
             for k in ("lock_many", "commit", "release_many", "spawn")
         },
         "end_us": us.get("end"),
@@ -204,13 +207,21 @@ def main() -> int:
     parser.add_argument("--against", help="another dms tree, run alternately (A/B)")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print JSON lines")
+    parser.add_argument(
+        "--log", action="store_true", help="log at INFO to a file, as a daemon does (dms run)"
+    )
     args = parser.parse_args()
+    if args.log:
+        from dms.cli.node import configure_daemon_logging
+
+        configure_daemon_logging("INFO", log_file=Path(tempfile.mkdtemp()) / "dms.log")
     if args.against:
         here = str(Path(__file__).resolve().parents[1])
         for _ in range(args.pairs):
             for tree in (args.against, here):
                 env = {**os.environ, "PYTHONPATH": tree}
                 cmd = [sys.executable, __file__, "--n", str(args.n), "--warmup", str(args.warmup)]
+                cmd += ["--log"] if args.log else []
                 out = subprocess.run([*cmd, "--json"], env=env, check=True, capture_output=True)
                 line = json.loads(out.stdout.decode().strip().splitlines()[-1])
                 print(json.dumps({"tree": tree, **line}), flush=True)

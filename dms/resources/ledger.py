@@ -47,7 +47,7 @@ from dms.resources.amounts import KINDS, ZERO, Resources, show
 from dms.statemachine import Machine
 from dms.store import Database
 from dms.store.models import Event, Lease, Onboarding, utcnow
-from dms.store.sql import Statement
+from dms.store.sql import Statement, json_text
 
 LEASES = Lease.__table__
 ONBOARDING = Onboarding.__table__
@@ -191,7 +191,11 @@ _ALLOCATE = Statement(
     "WHERE id = :id"
 )
 _END = Statement("UPDATE leases SET state = :state, ended_at = :now WHERE id = :id")
-_EVENT = insert(EVENTS)  # built once (a JSON column and a time: SQLAlchemy's types write them)
+_EVENT = Statement("INSERT INTO events (at, kind, data) VALUES (:at, :kind, :data)")
+# The event's time as SQLAlchemy's column type writes it, per dialect (a string on
+# SQLite, the datetime itself for psycopg): the row reads back through the ORM as any
+# other event. Its bind processor, taken once per dialect.
+_EVENT_AT: dict[str, Any] = {}
 
 
 def _sums(values: tuple[Any, ...]) -> Resources:
@@ -246,7 +250,11 @@ def _over_share(held: Resources, onboarded: Resources, share: float) -> str | No
 
 
 def _event(conn: Connection, kind: str, data: dict[str, Any]) -> None:
-    conn.execute(_EVENT, {"kind": kind, "data": data, "at": utcnow()})
+    dialect = conn.dialect
+    if dialect.name not in _EVENT_AT:
+        _EVENT_AT[dialect.name] = EVENTS.c.at.type.bind_processor(dialect)
+    at, now = _EVENT_AT[dialect.name], utcnow()
+    _EVENT.run(conn, {"at": at(now) if at else now, "kind": kind, "data": json_text(data)})
 
 
 class ResourceLedger:

@@ -15,6 +15,7 @@ from one snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -105,6 +106,11 @@ class Database:
                 self.engine = create_engine(_driver_url(url), pool_pre_ping=True)
             self._sessions = sessionmaker(self.engine, expire_on_commit=False)
             self._writer = threading.RLock() if url.startswith("sqlite") else nullcontext()
+            # SQLite: every transaction of this process on one connection, kept open (False:
+            # to open at the next): taking one from the pool and giving it back cost more
+            # than a ledger transition's SQL, and each connection's page cache was stale
+            # whenever the pool handed out the other (specs/orchestration.md, sixth pass).
+            self._kept_conn: Connection | bool | None = False if path is not None else None
             self.version = self._migrate()
         except ArgumentError as exc:
             raise StoreError(f"bad database URL {url!r}: {exc}") from None
@@ -128,12 +134,40 @@ class Database:
         writers and other exclusive transactions wait), first thing, so every
         statement after it sees what the previous holder committed.
         """
+        if self._kept_conn is not None:  # SQLite: one connection of this process's writers
+            with self._writer:
+                conn = self._kept()
+                if conn is None:  # nested in a transaction of this thread: one of its own
+                    with self.engine.begin() as own:
+                        yield own
+                    return
+                try:
+                    with conn.begin():
+                        yield conn
+                except BaseException:
+                    self._drop_kept(conn)  # whatever state it is in: a fresh one next time
+                    raise
+            return
         with self._writer, self.engine.begin() as conn:
             if exclusive and conn.dialect.name == "postgresql":
                 quote = conn.dialect.identifier_preparer.quote
                 names = ", ".join(quote(name) for name in exclusive)
                 conn.execute(text(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE"))
             yield conn
+
+    def _kept(self) -> Connection | None:
+        """The connection transactions run on (SQLite; under the writer lock), opened
+        again if the last one was dropped; None while it is in a transaction."""
+        conn = self._kept_conn
+        if conn is False:
+            conn = self._kept_conn = self.engine.connect()
+        assert isinstance(conn, Connection)
+        return None if conn.in_transaction() else conn
+
+    def _drop_kept(self, conn: Connection) -> None:
+        with contextlib.suppress(Exception):
+            conn.close()
+        self._kept_conn = False
 
     @contextmanager
     def snapshot(self) -> Iterator[Connection]:
@@ -159,6 +193,10 @@ class Database:
                 yield conn
 
     def close(self) -> None:
+        with self._writer:
+            if isinstance(self._kept_conn, Connection):
+                self._drop_kept(self._kept_conn)
+            self._kept_conn = None
         self.engine.dispose()
 
     def _migrate(self) -> int:

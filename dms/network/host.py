@@ -330,6 +330,7 @@ class Libp2pTransport(Unicast, Gossip):
         self._gate.install()
         self._streams.install(swarm)
         self._dials.install(swarm)
+        self._forget_when_unreached(swarm)
         set_buffer_budget(self.settings.max_buffered_bytes, swarm, self._window_exceeded)
         self._ping = PingService(host)
         pubsub, router = new_pubsub(
@@ -504,6 +505,25 @@ class Libp2pTransport(Unicast, Gossip):
             return
         with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self._departed, pid)
+
+    def _forget_when_unreached(self, swarm: Any) -> None:
+        """A dial of the swarm that fails forgets the peer as :meth:`_departed` does
+        (unless a connection, a stake, a dial at start or a heartbeat heard lately keeps
+        it). Addresses of keys this node never met come with a DHT answer (kept 1 h) or
+        gossipsub's peer exchange (2 h), and nothing forgot them: py-libp2p's
+        auto-connector dialed each again and again until they expired (5 dials a key in
+        70 s, a failed dial and an ERROR line each). Now one dial; a DHT answer that
+        names the key again brings it back."""
+        dial: Callable[[ID], Any] = swarm.dial_peer
+
+        async def dial_or_forget(peer_id: ID) -> Any:
+            try:
+                return await dial(peer_id)
+            except BaseException:  # failed, refused, or cut short by its deadline
+                self._departed(peer_id)
+                raise
+
+        swarm.dial_peer = dial_or_forget
 
     def _departed(self, pid: ID) -> None:
         """A peer's last connection closed, or the node stopped hearing it: unless it

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import trio
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from dms.network.budgets import Budget, ByteBudget, PacedBudget, StreamOpens
@@ -1018,6 +1019,64 @@ def test_a_heard_peer_that_crashed_is_forgotten_once_gone_and_not_dialed_again(
     dials.clear()
     redial_now(victim)
     assert dials[crashed.peer_id] == 0, "the crashed peer dialed again"
+
+
+def closed_address() -> Multiaddr:
+    """A loopback TCP address nothing listens on (a dial is refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")
+
+
+def test_keys_a_dht_answer_names_are_dialed_once_not_until_their_addresses_expire(
+    cluster: LocalCluster,
+) -> None:
+    """A DHT answer gives the addresses of keys this node never met (kept 1 h), as
+    gossipsub's peer exchange does (2 h). Nothing forgot them: py-libp2p's
+    auto-connector dialed each again and again until they expired (three keys a hostile
+    peer's DHT named were each dialed 5 times in 70 s, a failed dial and an ERROR line
+    each). A dial that fails now forgets a key the node has no stake in and does not
+    hear, as a key that left is forgotten."""
+    victim = cluster.add("victim", bootstrap=[])
+    hostile = cluster.add("hostile", bootstrap=victim.addrs()[:1])
+    cluster.wait_linked()
+    assert victim.transport is not None and hostile.transport is not None
+    never_met = [ID.from_base58(Identity.generate().peer_id) for _ in range(3)]
+
+    async def plant() -> None:  # the hostile's DHT answers with them (nothing listens)
+        h: Any = hostile.transport
+        for pid in never_met:
+            h._host.get_peerstore().add_addrs(pid, [closed_address()], 3600)
+            info = PeerInfo(pid, h._host.get_peerstore().addrs(pid))
+            assert await h._dht.routing_table.add_peer(info)
+
+    hostile.transport._call(plant)
+    swarm: Any = victim.transport._host.get_network()  # type: ignore[union-attr]
+    store: Any = victim.transport._host.get_peerstore()  # type: ignore[union-attr]
+    dials: Counter[ID] = Counter()
+    dial = swarm.dial_peer
+
+    async def counted(peer_id: ID) -> Any:
+        dials[peer_id] += 1
+        return await dial(peer_id)
+
+    async def install() -> None:
+        swarm.dial_peer = counted
+
+    victim.transport._call(install)
+    # A lookup of a key nobody knows asks the hostile, which names the three.
+    with pytest.raises(NetworkError, match="no known address"):
+        victim.transport.ping(Identity.generate().peer_id)
+    assert any(dials[pid] for pid in never_met), "the DHT answer named none of them"
+    wait_for(
+        lambda: not any(pid in store.peer_ids() for pid in never_met),
+        30,
+        "the keys the DHT named, dialed and unreached, forgotten",
+    )
+    redial_now(victim)
+    redial_now(victim)
+    assert [dials[pid] for pid in never_met] == [1, 1, 1]
 
 
 def test_a_peer_heard_through_its_heartbeat_keeps_its_address_when_fresh_keys_fill_the_store(

@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import msgpack
@@ -228,8 +228,17 @@ class BarePeer:
         return trio.from_thread.run(fn, *args, trio_token=self._token)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        BarePeer.close_all([self])
+
+    @staticmethod
+    def close_all(peers: Iterable[BarePeer]) -> None:
+        """Close ``peers`` side by side, each on its own thread (one after another,
+        the 30 keys of a flood took 6.5 s to close)."""
+        closing = list(peers)
+        for peer in closing:
+            peer._stop.set()
+        for peer in closing:
+            peer._thread.join(10)
 
     # ---- envelopes -------------------------------------------------------------------
 

@@ -14,5 +14,4 @@ def bare_peers() -> Iterator[list[BarePeer]]:
     """The bare hosts a test makes (it appends each one), all closed when it ends."""
     made: list[BarePeer] = []
     yield made
-    for peer in made:
-        peer.close()
+    BarePeer.close_all(made)

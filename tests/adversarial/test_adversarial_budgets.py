@@ -500,16 +500,17 @@ def test_a_poll_that_reaches_an_ended_allocation_as_it_stops_gets_its_record(
 ) -> None:
     """A poll whose delivery found the allocation just before it stopped (its mailbox
     closed by the time of the put) was answered 'stopped'; now its stand-in answers.
-    The interleaving is made certain as in the test below."""
+    The interleaving is made certain as in the test below (the patch undone as there)."""
     victim = net.add("victim")
     (peer,) = keys(victim, 1, bare_peers)
     child, status = ended_allocation(victim, peer, "reached")
     pykka_ref = child.pykka_ref
     pykka_ref.stop()  # the actor stops; the delivery below found it before
-    monkeypatch.setattr(pykka_ref, "is_alive", lambda: True)
-    env = peer.envelope(child.handle, STATUS_BEHAVIOUR, reply=True)
-    peer.write([peer.seal(env)])
-    [answer] = answered(peer, [env.nonce])
+    with monkeypatch.context() as patch:  # undone before the node stops (see below)
+        patch.setattr(pykka_ref, "is_alive", lambda: True)
+        env = peer.envelope(child.handle, STATUS_BEHAVIOUR, reply=True)
+        peer.write([peer.seal(env)])
+        [answer] = answered(peer, [env.nonce])
     assert answer.get("result") == status, answer
     assert inflight(victim) == 0
 
@@ -529,9 +530,13 @@ def test_a_request_that_reaches_an_actor_as_it_stops_is_answered_and_given_back(
     child = victim.system.spawn(Actor, inbox="stopping")
     pykka_ref = child.pykka_ref
     pykka_ref.stop()  # the actor stops; the delivery below found it before
-    monkeypatch.setattr(pykka_ref, "is_alive", lambda: True)
-    env = peer.envelope(child.handle, "/nothing", reply=True)
-    peer.write([peer.seal(env)])
-    wait_for(lambda: peer.answers([env.nonce]) != [None], 30, "an answer to the request")
+    # Undone once answered: left for the cluster's teardown (its monkeypatch is older
+    # than the test's), the node's stop asked the dead actor, 'alive', to stop and
+    # waited its whole stop_timeout_s (10 s) for it.
+    with monkeypatch.context() as patch:
+        patch.setattr(pykka_ref, "is_alive", lambda: True)
+        env = peer.envelope(child.handle, "/nothing", reply=True)
+        peer.write([peer.seal(env)])
+        wait_for(lambda: peer.answers([env.nonce]) != [None], 30, "an answer to the request")
     assert peer.refusal_codes([env.nonce]) == {"stopped": 1}
     assert inflight(victim) == 0

@@ -129,6 +129,5 @@ def test_refused_16_mib_frames_leave_no_rss_behind_in_a_daemon(tmp_path: Path) -
             what="the daemon's RSS back within 24 MiB of before 192 MiB of refused frames",
         )
     finally:
-        for peer in peers:
-            peer.close()
+        BarePeer.close_all(peers)
         daemon.stop()

@@ -331,8 +331,7 @@ def test_with_every_stream_slot_taken_a_newcomer_evicts_the_heaviest_unknown_pee
         assert refusals(victim, Budget.STREAM_EVICTED) >= 1
         assert sum(a.held_open() for a in attackers[:2]) <= 15
     finally:
-        for peer in attackers:
-            peer.close()
+        BarePeer.close_all(attackers)
 
 
 def test_an_idle_stream_is_reset(cluster: LocalCluster) -> None:
@@ -453,8 +452,7 @@ def test_peers_without_a_stake_share_one_byte_budget_and_a_staked_peer_is_not_pa
         for writer in writers:
             writer.join(10)
     finally:
-        for peer in [*keys, staked]:
-            peer.close()
+        BarePeer.close_all([*keys, staked])
 
 
 # ---- outbound connections ---------------------------------------------------------------
@@ -503,8 +501,7 @@ def test_connections_a_node_dials_are_capped_and_a_staked_peer_takes_an_unknown_
         assert victim.transport.is_connected(staked.peer_id)
         assert not victim.transport.is_connected(unknown[2].peer_id)
     finally:
-        for peer in [*unknown, staked]:
-            peer.close()
+        BarePeer.close_all([*unknown, staked])
 
 
 # ---- chunk transfers --------------------------------------------------------------------
@@ -706,8 +703,7 @@ def test_idle_streams_of_libp2p_protocols_are_reset_and_the_dht_serves_again(
         assert refusals(victim, Budget.STREAM_IDLE) >= 12
         assert find_node(honest, victim.peer_id) >= 0  # answered, not reset
     finally:
-        for peer in [*attackers, honest]:
-            peer.close()
+        BarePeer.close_all([*attackers, honest])
 
 
 def test_a_dht_query_evicts_the_oldest_stream_of_an_unknown_peer(cluster: LocalCluster) -> None:
@@ -727,8 +723,7 @@ def test_a_dht_query_evicts_the_oldest_stream_of_an_unknown_peer(cluster: LocalC
         wait_for(lambda: sum(a.held_open() for a in attackers) == 11, what="the oldest reset")
         assert attackers[0].held_open() == 5  # the first opened went first
     finally:
-        for peer in [*attackers, honest]:
-            peer.close()
+        BarePeer.close_all([*attackers, honest])
 
 
 def test_streams_of_one_libp2p_protocol_are_capped_per_peer(cluster: LocalCluster) -> None:
@@ -862,8 +857,7 @@ def test_fresh_keys_that_only_connected_are_not_remembered_nor_dialed_after_a_re
         )
         restarted = cluster.restart(victim)  # its peers are written as it stops
     finally:
-        for peer in hostile:
-            peer.close()
+        BarePeer.close_all(hostile)
     assert restarted.db is not None and restarted.transport is not None
     dialed = {addr.rsplit("/p2p/", 1)[1] for addr in PeerBook(restarted.db).dial_addrs()}
     assert honest.peer_id in dialed  # a dms node it heard: dialed again

@@ -469,3 +469,24 @@ def test_bids_answered_after_a_shutdown_are_reverted_not_held_to_expiry(tmp_path
         # Well before the leases' 60 s: the end reverted what the late bids hold.
         wait_for(reverted, 30, "each provider's lease for a late bid to be released")
         plan.close()
+
+
+def test_a_deployment_is_found_as_soon_as_its_id_is_returned(
+    net: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/dms/node/deployment/new`` answered with the id before the deployment's first
+    row was saved (on its actor's own thread), so a status asked at once could be
+    refused 'no deployment' (a script that deploys and then asks; seen once actors
+    started on parked threads, where the new actor runs later than the answer). Here
+    the store takes 50 ms a save, as a loaded one may."""
+    save = DeploymentStore.save
+
+    def slow(self: DeploymentStore, *args: Any, **kw: Any) -> Any:
+        time.sleep(0.05)
+        return save(self, *args, **kw)
+
+    monkeypatch.setattr(DeploymentStore, "save", slow)
+    requester = net.add()
+    for i in range(5):
+        dep = deploy(requester, spec(name=f"at-once-{i}"))
+        assert status(requester, dep)["id"] == dep

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from pydantic import BaseModel
@@ -69,6 +70,14 @@ def behaviour(
 
 
 def declared_behaviours(cls: type) -> dict[str, Behaviour]:
+    """The behaviours ``cls`` and its bases declare, by path (a new dict each call)."""
+    return dict(_declared(cls))
+
+
+@cache
+def _declared(cls: type) -> dict[str, Behaviour]:
+    # Read once per class: a node starts an actor for every job, and this walk of every
+    # attribute of every base took more than the rest of an actor's set-up.
     found: dict[str, Behaviour] = {}
     for klass in reversed(cls.__mro__):
         for value in vars(klass).values():

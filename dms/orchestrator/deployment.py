@@ -83,6 +83,13 @@ class DeploymentActor(Actor):
         self.book = DeploymentBook(self, orchestration, deployment_id, spec, saved)
         self.rounds = BidRounds(self.book, self, self)
         self.supervision = Supervision(self.book, self, self.rounds, self)
+        self._resumed = bool(self.book.row.events)  # a saved row, after a restart
+        if not self._resumed:
+            # Saved here, on the spawning thread, before the node answers with its id: a
+            # status asked at once finds it (saved in on_start, on the actor's own thread,
+            # it could come after that answer and the question).
+            self.book.event(f"deployment {spec.name!r}: {len(self.book.slots)} allocation(s)")
+            self.book.save()
 
     @property
     def state(self) -> DeploymentState:
@@ -135,11 +142,8 @@ class DeploymentActor(Actor):
     # ---- lifecycle -----------------------------------------------------------------
 
     def on_start(self) -> None:
-        if self.book.row.events:
+        if self._resumed:
             self._resume()
-        else:
-            self.book.event(f"deployment {self.spec.name!r}: {len(self.book.slots)} allocation(s)")
-            self.book.save()
         self.rounds.schedule(0.0)
         self.call_later(self.o.supervise_s, self.supervision.supervise)
 

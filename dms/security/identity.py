@@ -14,7 +14,7 @@ Key storage and sealing stay on ``cryptography``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import base58
 from cryptography.hazmat.primitives import serialization
@@ -97,13 +97,21 @@ def _check_public_key(public_key: bytes) -> None:
 
 @dataclass(frozen=True)
 class Identity:
-    """A private Ed25519 key and the names derived from it."""
+    """A private Ed25519 key and the names derived from it (named when first asked: a
+    node makes a key for every actor it starts, an allocation's among them, and most
+    are never named; their two base58 names cost as much as the key)."""
 
     private_key: Ed25519PrivateKey = field(repr=False)
     public_key: bytes
-    did: str
-    peer_id: str
     _sodium_secret: bytes = field(repr=False, default=b"", compare=False)
+
+    @cached_property
+    def did(self) -> str:
+        return did_from_public_key(self.public_key)
+
+    @cached_property
+    def peer_id(self) -> str:
+        return peer_id_from_public_key(self.public_key)
 
     @classmethod
     def generate(cls) -> Identity:
@@ -125,13 +133,8 @@ class Identity:
             serialization.PrivateFormat.Raw,
             serialization.NoEncryption(),
         )
-        return cls(
-            private_key=key,
-            public_key=public,
-            did=did_from_public_key(public),
-            peer_id=peer_id_from_public_key(public),
-            _sodium_secret=seed + public,
-        )
+        _check_public_key(public)
+        return cls(private_key=key, public_key=public, _sodium_secret=seed + public)
 
     def private_bytes(self) -> bytes:
         return self.private_key.private_bytes(

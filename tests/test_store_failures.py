@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -277,3 +279,63 @@ def test_a_bid_request_heard_while_the_store_refuses_is_a_counted_refusal_not_a_
     ]
     assert refused and all("store refused" in line for line in refused), refused
     assert provider.ledger is not None and provider.ledger.live() == []
+
+
+@contextmanager
+def locked_by_another_process(path: Path, hold_s: float) -> Iterator[subprocess.Popen[str]]:
+    """``path`` held in a write transaction by another process (as ``sqlite3 dms.db``
+    with ``BEGIN IMMEDIATE`` typed in would), for ``hold_s`` or until the block ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WRITE_LOCK, str(path), str(hold_s)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+HOLD_WRITE_LOCK = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_provider_whose_store_another_process_locks_still_heartbeats(
+    net: LocalCluster,
+) -> None:
+    """A provider's store held locked by another process (someone's ``sqlite3 dms.db``
+    with a write transaction open) made every read of the node wait out SQLite's busy
+    timeout (30 s) on the node's thread, its heartbeats' among them: past three missed
+    beats every peer had it gone, and its requesters placed its running jobs again
+    elsewhere. Its heartbeats go on now, with the figures it last read."""
+    requester, (provider,) = network(net, 1)
+    dep = deploy(requester, spec(params={"seconds": 600}, deadline_s=120))
+    wait_state(requester, dep, ("running",), 30)
+
+    def heard() -> Any:
+        record = requester.peer_table.get(provider.peer_id)
+        assert record is not None and record.heartbeat is not None
+        return record
+
+    with locked_by_another_process(provider.settings.home / "dms.db", 60):
+        first = heard().heartbeat.seq
+        # Eight beats' time (a deadline is three): heard eight more, or gone meanwhile.
+        wait_for(
+            lambda: heard().heartbeat.seq >= first + 8 or heard().status == "gone",
+            60,
+            "eight more heartbeats from the provider, or the provider gone",
+        )
+        assert heard().status == "alive"
+        running = status(requester, dep)
+        assert running["state"] == "running", running["events"]
+        lost = [e["what"] for e in running["events"] if "placing it again" in e["what"]]
+        assert lost == [], running["events"]
+    owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
+    wait_state(requester, dep, TERMINAL, 60)

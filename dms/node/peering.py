@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dms.actor import ErrorCode, Refusal, Request, behaviour
 from dms.actor.envelope import peek
 from dms.actor.runtime import NodeRuntime
+from dms.actor.timers import TimerHandle
 from dms.network.host import Libp2pTransport
 from dms.network.peerbook import PeerBook
 from dms.network.peertable import (
@@ -30,8 +32,13 @@ from dms.network.peertable import (
 )
 from dms.node.heartbeat_sync import HEARTBEAT_MAX_TTL_S, HeartbeatSync, SignedHeartbeat
 from dms.security.identity import peer_id_from_public_key
+from dms.store import StoreBusy
 
 log = logging.getLogger("dms.node")
+
+# The longest a heartbeat waits for its figures, as a share of its interval: a store
+# another process holds locked makes a read wait SQLite's busy timeout (30 s).
+FIGURES_WAIT_SHARE = 0.25
 
 
 class PingPayload(BaseModel):
@@ -46,8 +53,13 @@ class ConnectPayload(BaseModel):
 
 class Peering:
     """The node's peers: the heartbeat it sends and hears, the peers table, and the
-    owner's ``/dms/node/peers/*`` behaviours. ``summary``: the figures each heartbeat
-    carries (the provider role's resources and scores)."""
+    owner's ``/dms/node/peers/*`` behaviours. ``summary(wait_s)``: the figures each
+    heartbeat carries (the provider role's resources and scores), waiting for the store
+    ``wait_s`` at most.
+
+    The periodic heartbeat runs on the actor system's timer thread, not in the node's
+    mailbox: a handler of the node waiting on its store (another process's lock: 30 s)
+    held it up, and past its deadline every peer had the node gone."""
 
     def __init__(
         self,
@@ -55,7 +67,7 @@ class Peering:
         *,
         peer_table: PeerTable,
         heartbeats: HeartbeatSync,
-        summary: Callable[[], dict[str, Any]],
+        summary: Callable[[float | None], dict[str, Any]],
         network: Libp2pTransport | None = None,
         peerbook: PeerBook | None = None,
         heartbeat_s: float = 2.0,
@@ -85,18 +97,27 @@ class Peering:
         # since ``_stale_since`` (time.monotonic(); None while they are read).
         self._figures: dict[str, Any] = {}
         self._stale_since: float | None = None
+        # A heartbeat is built and sent by one thread at a time (the timer thread's
+        # periodic one, the node's announce and its leaving one).
+        self._beat_lock = threading.Lock()
+        self._beat_timer: TimerHandle | None = None
+        self._stopped = False
 
     def start(self) -> None:
         self.nonce = secrets.token_hex(8)  # new per process: peers see a restart
         self.heartbeats.start()
         self.node.subscribe(HEARTBEAT_TOPIC)
-        self.node.call_later(0.0, self._heartbeat)
+        self._beat_timer = self.node.system.timers.call_later(0.0, self._heartbeat)
         self.node.call_later(self.heartbeat_s / 2, self._sweep)
         if self.peerbook is not None and self.network is not None:
             self.node.call_later(1.0, self._remember_peers)
 
     def stop(self) -> None:
         self._remember_peers(reschedule=False)
+        with self._beat_lock:
+            self._stopped = True
+            if self._beat_timer is not None:
+                self._beat_timer.cancel()
         try:  # best effort: peers that miss it find out at the deadline
             self._publish_heartbeat(leaving=True)
         except Exception as exc:
@@ -114,6 +135,7 @@ class Peering:
 
     def heartbeat(self, leaving: bool = False) -> dict[str, Any]:
         interval = self.heartbeat_interval()
+        wait_s = 0.0 if leaving else interval * FIGURES_WAIT_SHARE
         beat: dict[str, Any] = {
             "nonce": self.nonce,
             "seq": self._beats,
@@ -126,24 +148,28 @@ class Peering:
             "labels": self.labels,
             "addrs": self._listen_addrs(),
         }
-        beat.update(self._summary())
+        beat.update(self._summary(wait_s))
         self._beats += 1
         return beat
 
-    def _summary(self) -> dict[str, Any]:
+    def _summary(self, wait_s: float) -> dict[str, Any]:
         """The figures a heartbeat carries, or the last ones read when they cannot be
         read now (a store that refuses, a read-only file: its reads begin as writes).
         The node is alive all the same: without a heartbeat its peers would have it gone
         past its deadline and place its running jobs again elsewhere. Warned of once,
         when they first fail (a store that refuses for hours is not a line every beat),
-        and told at info when they are read again."""
+        and told at info when they are read again. A store that makes them wait longer
+        than ``wait_s`` (another process holds it locked) counts as one that refuses."""
         try:
-            figures = self.summary()
+            figures = self.summary(wait_s)
         except Exception as exc:
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if self._stale_since is None:
                 self._stale_since = time.monotonic()
-                log.warning(
+                # Busy (a lock held past wait_s) may be a moment's: said at info.
+                busy = isinstance(exc, StoreBusy) or "database is locked" in why
+                log.log(
+                    logging.INFO if busy else logging.WARNING,
                     "heartbeat figures not read (%s): the last ones are sent until they "
                     "can be read again", why,
                 )  # fmt: skip
@@ -169,6 +195,12 @@ class Peering:
             return []
 
     def _publish_heartbeat(self, leaving: bool = False) -> None:
+        with self._beat_lock:
+            if self._stopped and not leaving:
+                return
+            self._publish_heartbeat_now(leaving)
+
+    def _publish_heartbeat_now(self, leaving: bool) -> None:
         beat = self.heartbeat(leaving)
         # Valid until the deadline it announces, so peers can pass it on meanwhile.
         ttl_s = min(beat["deadline_s"], HEARTBEAT_MAX_TTL_S, self.node.system.limits.max_ttl_s)
@@ -178,8 +210,13 @@ class Peering:
         self.heartbeats.keep_own_heartbeat(None if leaving else signed)
 
     def _heartbeat(self) -> None:
+        """On the timer thread: send one, and the next after the interval."""
         self.announce()
-        self.node.call_later(self.heartbeat_interval(), self._heartbeat)
+        with self._beat_lock:
+            if not self._stopped:
+                self._beat_timer = self.node.system.timers.call_later(
+                    self.heartbeat_interval(), self._heartbeat
+                )
 
     def announce(self) -> None:
         """Send a heartbeat now (after onboarding changes), not at the next tick."""

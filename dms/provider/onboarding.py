@@ -121,10 +121,11 @@ class Provider:
             log.warning("could not expire leases: %s", exc)
         self.node.call_later(self.expire_every_s, self._expire)
 
-    def resource_summary(self) -> dict[str, Any]:
+    def resource_summary(self, wait_s: float | None = None) -> dict[str, Any]:
+        """The figures a heartbeat carries; ``wait_s``: the longest wait for the store."""
         summary: dict[str, Any] = {}
         if self.ledger is not None:
-            pools = self.ledger.pools()
+            pools = self.ledger.pools(wait_s)
             summary.update(
                 onboarded=pools.onboarded.human(),
                 free=pools.free.human(),

@@ -295,13 +295,15 @@ class ResourceLedger:
 
     # ---- reading -------------------------------------------------------------------
 
-    def pools(self) -> Pools:
+    def pools(self, wait_s: float | None = None) -> Pools:
+        """The pools now. ``wait_s``: wait no longer for the store (its other writers,
+        another process's lock), else raise (``Database.transaction``)."""
         now = self.clock()
         snapshot = self._snapshot
         if snapshot is not None and now < snapshot[1]:
             return snapshot[0]
         writes = self._writes
-        with self.db.snapshot() as conn:  # onboarding and the sums from one moment
+        with self.db.snapshot(wait_s) as conn:  # onboarding and the sums from one moment
             # The time of that moment, read inside it: a time read before could come
             # before a lock it then sees, and count as live the lease it replaced.
             pools, valid_until = self._read_pools(conn, self.clock())

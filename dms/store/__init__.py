@@ -2,7 +2,7 @@
 
 from dms.store.chunks import CHUNK_BYTES, ChunkError, ChunkStore, QuotaExceeded
 from dms.store.db import Database, open_database
-from dms.store.errors import StoreError
+from dms.store.errors import StoreBusy, StoreError
 from dms.store.migrations import LATEST_VERSION
 from dms.store.models import Base, Event, Setting
 
@@ -16,6 +16,7 @@ __all__ = [
     "Event",
     "QuotaExceeded",
     "Setting",
+    "StoreBusy",
     "StoreError",
     "open_database",
 ]

@@ -29,12 +29,12 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dms.files import create_private, sqlite_path
-from dms.store.errors import StoreError
+from dms.store.errors import StoreBusy, StoreError
 from dms.store.migrations import migrate
 from dms.store.models import Event, Setting
 from dms.store.sql import run_driver
 
-__all__ = ["Database", "StoreError", "open_database"]
+__all__ = ["Database", "StoreBusy", "StoreError", "open_database"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -71,6 +71,22 @@ def _sqlite_engine(url: str) -> Engine:
         run_driver(conn, "BEGIN IMMEDIATE")
 
     return engine
+
+
+@contextmanager
+def _busy_timeout(conn: Connection, wait_s: float | None) -> Iterator[None]:
+    """SQLite's busy timeout of ``conn`` is ``wait_s`` for what runs inside (set on the
+    driver's connection, outside a transaction: through SQLAlchemy it would begin one)."""
+    if wait_s is None:
+        yield
+        return
+    raw: Any = conn.connection.dbapi_connection
+    raw.execute(f"PRAGMA busy_timeout={max(0, int(wait_s * 1000))}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a broken connection: dropped, opened anew
+            raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
 def _set_wal(cur: Any, attempts: int = 200) -> None:
@@ -124,8 +140,15 @@ class Database:
             yield session
 
     @contextmanager
-    def transaction(self, exclusive: tuple[str, ...] = ()) -> Iterator[Connection]:
+    def transaction(
+        self, exclusive: tuple[str, ...] = (), wait_s: float | None = None
+    ) -> Iterator[Connection]:
         """One transaction on a Core connection, for hot paths that skip the ORM.
+
+        ``wait_s`` (SQLite): wait no longer than this for this process's other
+        writers, and for another process's lock (SQLite's busy timeout, 30 s
+        otherwise), else raise :class:`StoreBusy` or SQLite's "database is locked":
+        for a read that must not hold up what waits on it (a heartbeat).
 
         The writers of the ``exclusive`` tables queue behind it from its start
         to its end, so what it reads stays true until it commits. SQLite's
@@ -135,14 +158,14 @@ class Database:
         statement after it sees what the previous holder committed.
         """
         if self._kept_conn is not None:  # SQLite: one connection of this process's writers
-            with self._writer:
+            with self._writer_within(wait_s):
                 conn = self._kept()
                 if conn is None:  # nested in a transaction of this thread: one of its own
                     with self.engine.begin() as own:
                         yield own
                     return
                 try:
-                    with conn.begin():
+                    with _busy_timeout(conn, wait_s), conn.begin():
                         yield conn
                 except BaseException:
                     self._drop_kept(conn)  # whatever state it is in: a fresh one next time
@@ -154,6 +177,21 @@ class Database:
                 names = ", ".join(quote(name) for name in exclusive)
                 conn.execute(text(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE"))
             yield conn
+
+    @contextmanager
+    def _writer_within(self, wait_s: float | None) -> Iterator[None]:
+        """This process's writer lock (SQLite), waited for ``wait_s`` at most."""
+        lock = self._writer
+        if wait_s is None or isinstance(lock, nullcontext):
+            with lock:
+                yield
+            return
+        if not lock.acquire(timeout=max(0.0, wait_s)):
+            raise StoreBusy(f"another transaction of this process held the store for {wait_s:g} s")
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _kept(self) -> Connection | None:
         """The connection transactions run on (SQLite; under the writer lock), opened
@@ -170,7 +208,7 @@ class Database:
         self._kept_conn = False
 
     @contextmanager
-    def snapshot(self) -> Iterator[Connection]:
+    def snapshot(self, wait_s: float | None = None) -> Iterator[Connection]:
         """A read-only transaction whose statements all see one moment.
 
         PostgreSQL's default (read committed) takes a new snapshot for every
@@ -181,7 +219,7 @@ class Database:
         than any commit its reads see.
         """
         if self.engine.dialect.name != "postgresql":
-            with self.transaction() as conn:
+            with self.transaction(wait_s=wait_s) as conn:
                 yield conn
             return
         with self.engine.connect() as base:

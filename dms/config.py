@@ -92,6 +92,19 @@ class Settings(BaseSettings):
     unknown_frame_burst: int = Field(
         default=2000, ge=1, description="frames they may send at once above that rate"
     )
+    flooder_frames_per_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="frames a second a peer without a stake may send once found flooding "
+        "(refused past max_frames_per_s, or past its share of max_unknown_frames_per_s), "
+        "for flooder_cooldown_s; more are refused undecoded (rate_limited)",
+    )
+    flooder_cooldown_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="how long a peer found flooding keeps the rate above, from its last "
+        "frame refused; 0: flooders keep the budgets of any peer",
+    )
     gossip_messages_per_peer_per_s: float = Field(
         default=50.0,
         gt=0,
@@ -100,6 +113,13 @@ class Settings(BaseSettings):
     )
     gossip_burst_per_peer: int = Field(
         default=200, ge=1, description="gossip messages one host may publish at once above that"
+    )
+    gossip_flooder_messages_per_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="gossip messages a second a publishing host without a stake may have "
+        "this node handle once found over the budget above, for flooder_cooldown_s; more "
+        "are dropped (rate_limited)",
     )
     revocations_per_peer_per_s: float = Field(
         default=2.0,

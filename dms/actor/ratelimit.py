@@ -9,7 +9,9 @@ decoded. A refused frame that asks for a reply is answered, but only
 ``ANSWERS_PER_S`` of them a second per peer and ``TOTAL_ANSWERS_PER_S`` for all
 peers together: answering a flood costs a signature each, and many keys would
 each have a budget of their own. Refusals are logged once a second per peer,
-with their count.
+with their count. A peer found flooding (``flooding``: the network layer says so
+of a peer without a stake that it refused) has ``flood_rate`` a second instead
+until ``flood_cooldown_s`` after its last refusal (specs/security.md, "Flooders").
 See specs/network.md, "Limits per peer".
 """
 
@@ -88,6 +90,9 @@ class _Peer:
     answers: Bucket
     refused: int = 0  # since the last log line
     logged: float = float("-inf")
+    # Found flooding: until then, only ``flood_rate`` frames a second (``penalty``).
+    flooding_until: float = float("-inf")
+    penalty: Bucket | None = None
 
 
 class PeerRates:
@@ -105,9 +110,13 @@ class PeerRates:
         *,
         shared_rate: float = float("inf"),
         shared_burst: int = 1,
+        flood_rate: float = float("inf"),
+        flood_cooldown_s: float = 0.0,
     ) -> None:
         self.rate = rate
         self.burst = float(burst)
+        self.flood_rate = flood_rate
+        self.flood_cooldown_s = flood_cooldown_s
         self.shared_rate = shared_rate
         self.shared_burst = float(shared_burst)
         self._clock = clock
@@ -117,13 +126,39 @@ class PeerRates:
         self._meter = ShareMeter(shared_rate)
 
     def allow(self, peer: str) -> bool:
-        """Take one frame from ``peer``'s budget; False if it has none left."""
+        """Take one frame from ``peer``'s budget; False if it has none left. A peer found
+        flooding (:meth:`flooding`) takes from a budget of ``flood_rate`` a second
+        instead until its cooldown is over; a frame over that extends the cooldown."""
         now = self._clock()
         state = self._peers.get(peer)
         if state is None:
             state = _Peer(Bucket(self.burst, now), Bucket(ANSWERS_PER_S, now))
             self._peers[peer] = state
+        if state.flooding_until > now and state.penalty is not None:
+            rate = min(self.flood_rate, self.rate)
+            if state.penalty.take(rate, max(1.0, min(rate, self.burst)), now):
+                return True
+            state.flooding_until = now + self.flood_cooldown_s
+            return False
         return state.frames.take(self.rate, self.burst, now)
+
+    def flooding(self, peer: str) -> None:
+        """``peer`` was found flooding: for ``flood_cooldown_s`` from now (longer while it
+        goes on), it may send only ``flood_rate`` frames a second."""
+        if self.flood_cooldown_s <= 0:
+            return
+        now = self._clock()
+        state = self._peers.get(peer)
+        if state is None:
+            state = _Peer(Bucket(self.burst, now), Bucket(ANSWERS_PER_S, now))
+            self._peers[peer] = state
+        if state.flooding_until <= now or state.penalty is None:
+            state.penalty = Bucket(0.0, now)
+        state.flooding_until = now + self.flood_cooldown_s
+
+    def is_flooding(self, peer: str) -> bool:
+        state = self._peers.get(peer)
+        return state is not None and state.flooding_until > self._clock()
 
     def allow_shared(self, peer: str) -> bool:
         """Take one frame of ``peer`` (after ``allow``) from the budget the peers without
@@ -139,7 +174,8 @@ class PeerRates:
         if self.shared_rate == float("inf"):
             return True
         now = self._clock()
-        floor = self.shared_burst / 2 if self._meter.draw(peer, 1.0, now) else 0.0
+        over = self._meter.draw(peer, 1.0, now)
+        floor = self.shared_burst / 2 if over else 0.0
         bucket = self._shared
         bucket.tokens = min(
             self.shared_burst, bucket.tokens + (now - bucket.stamp) * self.shared_rate
@@ -148,6 +184,8 @@ class PeerRates:
         if bucket.tokens - 1.0 >= floor:
             bucket.tokens -= 1.0
             return True
+        if over:
+            self.flooding(peer)
         return False
 
     def last_active(self, peer: str) -> float | None:
@@ -185,11 +223,13 @@ class PeerRates:
 
     def forget(self, peer: str) -> None:
         """``peer`` has no connection left. Its entry goes once its bucket is full
-        again (a peer that reconnects gets no fresh burst), and so do the others'."""
+        again (a peer that reconnects gets no fresh burst), and its cooldown over if it
+        was found flooding (reconnecting does not end it); and so do the others'."""
         now = self._clock()
         for key, state in list(self._peers.items()):
             frames = state.frames
-            if frames.tokens + (now - frames.stamp) * self.rate >= self.burst:
+            full = frames.tokens + (now - frames.stamp) * self.rate >= self.burst
+            if full and state.flooding_until <= now:
                 del self._peers[key]
 
     def __len__(self) -> int:

@@ -77,12 +77,20 @@ class SignedPubsub(Pubsub):
         rate: float = 50.0,
         burst: int = 200,
         topic_budgets: dict[str, tuple[float, int]] | None = None,
+        *,
+        flooder_rate: float = float("inf"),
+        flooder_cooldown_s: float = 0.0,
+        stake: Callable[[str], bool] | None = None,
     ) -> None:
         super().__init__(host, router, strict_signing=False)
         self._key = host.get_private_key()
         self._refused = refused
-        # Messages a second each publishing host may have us handle (and forward).
-        self._origins = PeerRates(rate, burst)
+        # Messages a second each publishing host may have us handle (and forward); a
+        # publisher without a stake found over it, only ``flooder_rate`` for a while.
+        self._origins = PeerRates(
+            rate, burst, flood_rate=flooder_rate, flood_cooldown_s=flooder_cooldown_s
+        )
+        self._stake = stake
         self._rate, self._burst = rate, burst
         # Topics with a smaller budget of their own, per publishing host, besides.
         self._topic_rates = {
@@ -134,8 +142,15 @@ class SignedPubsub(Pubsub):
             if rates is not None:
                 budgets.append((rates, rates.rate, int(rates.burst), f"messages on {topic}"))
         for rates, rate, burst, what in budgets:
+            flooding = rates.is_flooding(key)
             if rates.allow(key):
                 continue
+            if not flooding and self._publisher_has_no_stake(origin):
+                rates.flooding(key)
+            if flooding:
+                rate = min(rates.flood_rate, rate)
+                burst = max(1, int(rate))
+                what += f" (found flooding: for {rates.flood_cooldown_s:g} s after the last drop)"
             count = rates.refused(key)
             reason = f"more than {rate:g} {what} a second (burst {burst}) published by this host"
             if count:
@@ -144,6 +159,12 @@ class SignedPubsub(Pubsub):
             self._refused(forwarder, origin, refusal, quiet=not count)
             return False
         return True
+
+    def _publisher_has_no_stake(self, origin: bytes) -> bool:
+        try:
+            return self._stake is None or not self._stake(ID(origin).to_base58())
+        except Exception:  # not a peer id: no stake
+            return True
 
 
 class Pacer:
@@ -195,6 +216,9 @@ def new_pubsub(
     gossip: GossipSettings,
     refused: GossipRefused,
     budgets: dict[str, tuple[float, int]] | None = None,
+    *,
+    flooder_cooldown_s: float = 0.0,
+    stake: Callable[[str], bool] | None = None,
 ) -> tuple[Pubsub, GossipSub]:
     """gossipsub for ``host``, with our settings (specs/network.md has why each)."""
     # py-libp2p reads this module constant when a subscription is made; 32 drops
@@ -219,6 +243,9 @@ def new_pubsub(
         gossip.max_messages_per_peer_per_s,
         gossip.message_burst_per_peer,
         budgets,
+        flooder_rate=gossip.flooder_messages_per_s,
+        flooder_cooldown_s=flooder_cooldown_s,
+        stake=stake,
     )
     return pubsub, router
 

@@ -195,6 +195,8 @@ class Libp2pTransport(Unicast, Gossip):
             self.settings.frame_burst,
             shared_rate=self.settings.max_unknown_frames_per_s,
             shared_burst=self.settings.unknown_frame_burst,
+            flood_rate=self.settings.flooder_frames_per_s,
+            flood_cooldown_s=self.settings.flooder_cooldown_s,
         )
         self._waiting: Counter[str] = Counter()
         # Budgets of what remote parties can make this host hold (dms.network.budgets).
@@ -334,7 +336,12 @@ class Libp2pTransport(Unicast, Gossip):
         set_buffer_budget(self.settings.max_buffered_bytes, swarm, self._window_exceeded)
         self._ping = PingService(host)
         pubsub, router = new_pubsub(
-            host, self.settings.gossip, self._gossip_refused, topic_budgets(self.settings)
+            host,
+            self.settings.gossip,
+            self._gossip_refused,
+            topic_budgets(self.settings),
+            flooder_cooldown_s=self.settings.flooder_cooldown_s,
+            stake=self._has_stake,
         )
         self._pubsub = pubsub
         self._router = router

@@ -25,6 +25,9 @@ class GossipSettings(BaseModel):
     # whoever forwards them; the rest are dropped before validation (rate_limited).
     max_messages_per_peer_per_s: float = Field(default=50.0, gt=0)
     message_burst_per_peer: int = Field(default=200, ge=1)
+    # A publisher without a stake found over that (specs/security.md, "Flooders"): its
+    # messages a second until flooder_cooldown_s (NetworkSettings) after its last drop.
+    flooder_messages_per_s: float = Field(default=2.0, gt=0)
     subscription_queue: int = Field(default=4096, ge=32)
 
 
@@ -116,6 +119,11 @@ class NetworkSettings(BaseModel):
     # "Frames of peers without a stake"): one key's budget, shared by every key.
     max_unknown_frames_per_s: float = Field(default=1000.0, gt=0)
     unknown_frame_burst: int = Field(default=2000, ge=1)
+    # A peer without a stake found flooding (specs/security.md, "Flooders"): its frames
+    # a second (and gossip.flooder_messages_per_s) until flooder_cooldown_s after the
+    # last one refused.
+    flooder_frames_per_s: float = Field(default=20.0, gt=0)
+    flooder_cooldown_s: float = Field(default=10.0, ge=0)
     max_outbound_frames: int = Field(default=10_000, ge=16)
     max_outbound_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
     # Budgets of what remote parties can make this node hold (dms.network.budgets;

@@ -342,7 +342,16 @@ class Unicast(Discovery):
         """Why a frame of ``peer`` is over its frame budget, or that of all peers without
         a stake together (None: within both). A peer with a stake has only its own."""
         s = self.settings
+        flooding = self._rates.is_flooding(peer)
         if not self._rates.allow(peer):
+            if flooding:
+                return (
+                    f"more than {min(s.flooder_frames_per_s, s.max_frames_per_s):g} frames "
+                    f"a second from {peer}, found flooding (flooder_frames_per_s, until "
+                    f"{s.flooder_cooldown_s:g} s after its last frame refused)"
+                )
+            if not self._bytes.has_stake(peer):
+                self._rates.flooding(peer)
             return (
                 f"more than {s.max_frames_per_s:g} frames a second (burst {s.frame_burst}) "
                 f"from {peer}"

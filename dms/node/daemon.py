@@ -59,11 +59,14 @@ def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
         "frame_burst": settings.frame_burst,
         "max_unknown_frames_per_s": settings.max_unknown_frames_per_s,
         "unknown_frame_burst": settings.unknown_frame_burst,
+        "flooder_frames_per_s": settings.flooder_frames_per_s,
+        "flooder_cooldown_s": settings.flooder_cooldown_s,
         "max_outbound_frames": settings.max_outbound_frames,
         "max_outbound_bytes": settings.max_outbound_bytes,
         "gossip": {
             "max_messages_per_peer_per_s": settings.gossip_messages_per_peer_per_s,
             "message_burst_per_peer": settings.gossip_burst_per_peer,
+            "flooder_messages_per_s": settings.gossip_flooder_messages_per_s,
         },
     }
     values.update({name: getattr(settings, name) for name in BUDGET_SETTINGS})

@@ -23,7 +23,7 @@ from sqlalchemy.exc import OperationalError
 
 from dms.actor import RemoteError
 from dms.node.daemon import Node
-from dms.orchestrator.messages import DEPLOYMENT_TOPIC, REQUEST
+from dms.orchestrator.messages import COMMIT, DEPLOYMENT_TOPIC, REQUEST, REVERT
 from dms.sim.cluster import LocalCluster
 from dms.store import Database
 from tests.adversarial.hostile import envelope, frame_of, me, publish, until_refused
@@ -340,3 +340,26 @@ def test_a_provider_whose_store_another_process_locks_still_heartbeats(
         assert lost == [], running["events"]
     owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
     wait_state(requester, dep, TERMINAL, 60)
+
+
+def test_a_commit_or_revert_while_the_store_refuses_is_refused_with_the_reason(
+    net: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As a bid request: the store's error raised through the commit's or the revert's
+    handler was a traceback in the provider's log and 'handler_error' to its caller.
+    Each is refused ``store_refused`` now, with the store's reason, and the lease waits
+    in the store for the requester to ask again once it accepts."""
+    requester, (provider,) = network(net, 1)
+    bid = ask(requester, provider, REQUEST, bid_request(1, lease_s=60))
+    [offer] = bid["offers"]
+    commit = {"deployment_id": "attack", "slot": "w.0", "lease_id": offer["lease_id"]}
+    revert = {"deployment_id": "attack", "lease_ids": [offer["lease_id"]]}
+    with caplog.at_level(logging.WARNING, logger="dms"), refusing_writes(store(provider)):
+        for behaviour, payload in ((COMMIT, commit), (REVERT, revert)):
+            with pytest.raises(RemoteError) as refused:
+                ask(requester, provider, behaviour, payload)
+            assert refused.value.code == "store_refused", refused.value
+            assert "store refused" in refused.value.reason
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert ask(requester, provider, COMMIT, commit)["state"] == "allocated"
+    assert ask(requester, provider, REVERT, revert)["released"] == [offer["lease_id"]]

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -75,6 +75,18 @@ class Stakes(Protocol):
     def __contains__(self, peer: object) -> bool: ...
 
     def note(self, peer: str, why: str) -> None: ...
+
+
+@contextlib.contextmanager
+def _store_refusal() -> Iterator[None]:
+    """The store's error (a full disk, a locked or read-only file) raised inside, as a
+    refusal ``store_refused`` with its first line: answered to the caller, counted and
+    logged on one line (raised through the handler, it was a traceback per request)."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        reason = f"this node's store refused: {str(exc).splitlines()[0]}"
+        raise ResourceError(STORE_REFUSED, reason) from None
 
 
 def _answers_to_requester(reply_to: Handle | None, requester: str, what: str) -> None:
@@ -212,12 +224,8 @@ class Bidding:
         locked or read-only file) refuses the request ``store_refused``, with its reason:
         answered when asked directly, counted and logged on one line when heard on the
         topic (its error raised through the handler was a traceback per request)."""
-        try:
+        with _store_refusal():
             return self._bid_request(request)
-        except SQLAlchemyError as exc:
-            raise ResourceError(
-                STORE_REFUSED, f"this node's store refused: {str(exc).splitlines()[0]}"
-            ) from None
 
     def _bid_request(self, request: Request) -> Any:
         payload: BidRequest = request.payload
@@ -287,7 +295,8 @@ class Bidding:
     def commit(self, request: Request) -> dict[str, Any]:
         p: CommitRequest = request.payload
         holder = request.sender.address.host
-        committed = self._need_ledger().commit(p.lease_id, holder=holder).as_dict()
+        with _store_refusal():
+            committed = self._need_ledger().commit(p.lease_id, holder=holder).as_dict()
         self._watch_allocated(p.lease_id)
         return committed
 
@@ -325,6 +334,10 @@ class Bidding:
 
     @behaviour(ALLOCATE, public=True, payload=AllocateRequest)
     def allocate(self, request: Request) -> dict[str, Any] | None:
+        with _store_refusal():
+            return self._allocate(request)
+
+    def _allocate(self, request: Request) -> dict[str, Any] | None:
         p: AllocateRequest = request.payload
         holder = request.sender.address.host
         if p.commit:  # commit and allocate in one exchange (the commit checks the holder)
@@ -388,9 +401,10 @@ class Bidding:
         p: RevertRequest = request.payload
         holder = request.sender.address.host
         ids = list(p.lease_ids)
-        if p.everything:
-            ids += self._need_ledger().live_ids(f"{DEPLOYMENT_REF}{p.deployment_id}/", holder)
-        released = self._need_ledger().release_many(ids, holder=holder)
+        with _store_refusal():
+            if p.everything:
+                ids += self._need_ledger().live_ids(f"{DEPLOYMENT_REF}{p.deployment_id}/", holder)
+            released = self._need_ledger().release_many(ids, holder=holder)
         for lease in released:
             self._stop_allocation(lease.id, "reverted by the requester")
         return {"released": [lease.id for lease in released]}

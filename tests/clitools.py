@@ -18,6 +18,7 @@ from dms.jobs.spec import load_spec
 from dms.node.client import NodeClient
 from dms.node.home import USER_KEY
 from dms.security import Keystore
+from tests.conftest import wait_for
 
 T = TypeVar("T")
 
@@ -212,3 +213,42 @@ class Daemon:
         """SIGKILL: no clean-up of any kind, as after a crash or power loss."""
         self.proc.kill()
         self.proc.wait(timeout=20)
+
+
+def providers_and_owners(
+    providers: list[Path],
+    owners: list[Path],
+    *,
+    cpu: str = "1",
+    first_args: tuple[str, ...] = (),
+) -> list[Daemon]:
+    """Nodes for initialised homes: each provider onboarded with ``cpu`` cores (1 GiB of
+    RAM and disk), every node running and the first owner hearing every provider's
+    resources. The first provider's node starts first (``first_args`` added), the
+    others side by side bootstrapping from it while the providers onboard through their
+    running nodes (a user's live change; before their start, onboarding came first and
+    the nodes one after another). The daemons in the order given, providers first."""
+    onboard = ("onboard", "--cpu", cpu, "--ram", "1", "--disk", "1")
+    first = Daemon(providers[0], *first_args)
+    started = [first]
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            onboarding = pool.submit(dms, providers[0], *onboard, timeout=120)
+            started += Daemon.joining(first, *providers[1:], *owners)
+            done = [onboarding.result()]
+        done += side_by_side(lambda h=h: dms(h, *onboard, timeout=120) for h in providers[1:])
+        for one in done:
+            assert one.returncode == 0, one.stderr
+
+        def heard() -> bool:
+            rows = dms_json(owners[0], "peers", "list")
+            return sum(1 for r in rows if r.get("onboarded", {}).get("cpu") == float(cpu)) == len(
+                providers
+            )
+
+        wait_for(heard, 30, "the first owner to hear every provider")
+    except BaseException:
+        for daemon in started:
+            daemon.stop()
+        raise
+    return started

@@ -10,7 +10,7 @@ import numpy as np
 from dms.cli.collab import _no_result
 from dms.mining.data import read_table
 from dms.mining.plain import ClusteringParams, kmeans
-from tests.clitools import Daemon, dms, dms_json, init_homes, side_by_side
+from tests.clitools import Daemon, dms, dms_json, init_homes, providers_and_owners, side_by_side
 from tests.conftest import wait_for
 
 IRIS = read_table(Path("examples/iris-features.csv").resolve()).features
@@ -24,23 +24,14 @@ class Network:
         self.tmp = tmp_path
         homes = [tmp_path / name for name in ("provider", "alice", "bob", "carol")]
         init_homes(*homes)
-        done = dms(homes[0], "onboard", "--cpu", cpu, "--ram", "1", "--disk", "1", timeout=120)
-        assert done.returncode == 0, done.stderr
-        first = Daemon(homes[0])
-        self.bootstrap = first.info["addrs"][0]
-        self.daemons = [first, *Daemon.joining(first, *homes[1:])]
+        self.daemons = providers_and_owners(homes[:1], homes[1:], cpu=cpu)
+        self.bootstrap = self.daemons[0].info["addrs"][0]
         self.alice, self.bob, self.carol = homes[1:]
         self.files = []
         for home, rows in zip(homes[1:], np.array_split(IRIS, 3), strict=True):
             np.savetxt(home / "rows.csv", rows, delimiter=",", fmt="%.17g")
             self.files.append(home / "rows.csv")
         np.savetxt(tmp_path / "start.csv", IRIS[:3], delimiter=",", fmt="%.17g")
-
-        def provider_known() -> bool:
-            rows = dms_json(self.alice, "peers", "list")
-            return any(r.get("onboarded", {}).get("cpu") == float(cpu) for r in rows)
-
-        wait_for(provider_known, 30, "alice to hear the provider")
 
     def propose(self, rounds: int) -> tuple[str, Path]:
         others = ",".join(d.info["peer_id"] for d in self.daemons[2:])

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from dms.cli.node import JsonLines, QuietLibp2p
-from tests.clitools import Daemon, dms, dms_json, init_homes
+from tests.clitools import Daemon, dms, dms_json, init_homes, providers_and_owners
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,17 +60,10 @@ REQUESTER_SAYS = (
 def test_the_daemon_logs_peers_bids_allocations_and_mining_rounds(tmp_path: Path) -> None:
     owner, provider = tmp_path / "owner", tmp_path / "provider"
     init_homes(owner, provider)
-    done = dms(provider, "onboard", "--cpu", "2", "--ram", "1", "--disk", "1", timeout=120)
-    assert done.returncode == 0, done.stderr
-    worker = Daemon(provider, "--log-format", "json")
-    requester = Daemon(owner, "--bootstrap", worker.info["addrs"][0])
+    worker, requester = providers_and_owners(
+        [provider], [owner], cpu="2", first_args=("--log-format", "json")
+    )
     try:
-
-        def provider_known() -> bool:
-            rows = dms_json(owner, "peers", "list")
-            return any(r.get("onboarded", {}).get("cpu") for r in rows)
-
-        wait_for(provider_known, 30, "the owner to hear the provider")
         job = tmp_path / "nap.yaml"
         job.write_text(
             "name: nap\nallocations:\n  - {name: w, executor: compute, count: 2, "

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.clitools import Daemon, dms, dms_json, init_homes, side_by_side
-from tests.conftest import wait_for
+from tests.clitools import dms, dms_json, init_homes, providers_and_owners, side_by_side
 
 JOB = """\
 name: cli-demo
@@ -24,19 +23,8 @@ allocations:
 def test_deploy_follow_then_inspect_the_deployment(tmp_path: Path) -> None:
     requester, provider = tmp_path / "requester", tmp_path / "provider"
     init_homes(requester, provider)
-    done = dms(provider, "onboard", "--cpu", "1", "--ram", "1", "--disk", "1", timeout=120)
-    assert done.returncode == 0, done.stderr
-    p = Daemon(provider)
-    r = Daemon(requester, "--bootstrap", p.info["addrs"][0])
+    p, r = providers_and_owners([provider], [requester])
     try:
-        wait_for(
-            lambda: any(
-                row.get("onboarded", {}).get("cpu") == 1.0
-                for row in dms_json(requester, "peers", "list")
-            ),
-            30,
-            "the requester to hear the provider's heartbeat",
-        )
         job = tmp_path / "job.yaml"
         job.write_text(JOB)
         done = dms(requester, "deploy", str(job), "--follow")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.clitools import Daemon, dms, dms_json, init_homes, side_by_side
-from tests.conftest import wait_for
+from tests.clitools import dms, dms_json, init_homes, providers_and_owners
 
 IRIS = Path("examples/iris-features.csv").resolve()
 
@@ -14,18 +13,9 @@ IRIS = Path("examples/iris-features.csv").resolve()
 def test_mine_from_one_daemon_places_the_work_and_matches_local(tmp_path: Path) -> None:
     owner, one, two = tmp_path / "owner", tmp_path / "one", tmp_path / "two"
     init_homes(owner, one, two)
-    onboard = ("onboard", "--cpu", "1", "--ram", "1", "--disk", "1")
-    for done in side_by_side(lambda h=h: dms(h, *onboard, timeout=120) for h in (one, two)):
-        assert done.returncode == 0, done.stderr
-    first = Daemon(one)
-    daemons = [first, *Daemon.joining(first, two, owner)]
+    daemons = providers_and_owners([one, two], [owner])
+    first = daemons[0]
     try:
-
-        def both_providers_known() -> bool:
-            rows = dms_json(owner, "peers", "list")
-            return sum(1 for r in rows if r.get("onboarded", {}).get("cpu") == 1.0) == 2
-
-        wait_for(both_providers_known, 30, "the owner to hear both providers")
         placed, local = tmp_path / "placed", tmp_path / "local"
         args = ["mine", "skmeans", "--data", str(IRIS), "--k", "3", "--scheme", "ckks"]
         done = dms(owner, *args, "--out", str(placed), "--shards", "2", "--report", timeout=300)

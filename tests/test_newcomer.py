@@ -33,6 +33,7 @@ from tests.clitools import (
     env_for,
     free_ports,
     init_homes,
+    providers_and_owners,
 )
 from tests.conftest import wait_for
 
@@ -376,17 +377,10 @@ class Pair:
     def __init__(self, root: Path) -> None:
         self.owner, self.provider = root / "owner", root / "provider"
         init_homes(self.owner, self.provider)
-        done = dms(self.provider, "onboard", "--cpu", "1", "--ram", "1", "--disk", "1", timeout=120)
-        assert done.returncode == 0, done.stderr
-        self.provider_daemon = Daemon(self.provider)
-        self.owner_daemon = Daemon(self.owner, "--bootstrap", self.provider_daemon.info["addrs"][0])
+        self.provider_daemon, self.owner_daemon = providers_and_owners(
+            [self.provider], [self.owner]
+        )
         self.provider_id = self.provider_daemon.info["peer_id"]
-
-        def provider_known() -> bool:
-            rows = dms_json(self.owner, "peers", "list")
-            return any(r.get("onboarded", {}).get("cpu") for r in rows)
-
-        wait_for(provider_known, 30, "the owner to hear the provider")
 
     def stop(self) -> None:
         self.owner_daemon.stop()

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from tests.clitools import (
     dms_many,
     env_for,
     init_homes,
+    providers_and_owners,
     side_by_side,
     submit,
 )
@@ -111,22 +111,10 @@ class Homes:
     def __init__(self, root: Path) -> None:
         self.owner, self.provider = root / "owner", root / "provider"
         init_homes(self.owner, self.provider)
-        self.provider_daemon = Daemon(self.provider)
-        first = self.provider_daemon.info["addrs"][0]
-        # The provider onboards through its running node while the owner's starts.
-        onboard = ["onboard", "--cpu", "2", "--ram", "1", "--disk", "1"]
-        with ThreadPoolExecutor(1) as pool:
-            onboarding = pool.submit(dms, self.provider, *onboard, timeout=120)
-            self.owner_daemon = Daemon(self.owner, "--bootstrap", first)
-            done = onboarding.result()
-        assert done.returncode == 0, done.stderr
+        self.provider_daemon, self.owner_daemon = providers_and_owners(
+            [self.provider], [self.owner], cpu="2"
+        )
         self.provider_id = self.provider_daemon.info["peer_id"]
-
-        def provider_known() -> bool:
-            rows = dms_json(self.owner, "peers", "list")
-            return any(r.get("onboarded", {}).get("cpu") for r in rows)
-
-        wait_for(provider_known, 30, "the owner to hear the provider")
         deploy = ["deploy", str(JOB), "--follow"]
         mine = ["mine", "skmeans", "--data", str(IRIS), "--k", "3", "--out", str(root / "m")]
         self.done = [(deploy, at_80(self.owner, *deploy)), (mine, at_80(self.owner, *mine))]

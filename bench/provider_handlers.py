@@ -45,7 +45,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dms.actor import ROOT_INBOX, Actor, ActorSystem, Limits, MemoryNetwork, Request, behaviour
+from dms.actor import (
+    ROOT_INBOX,
+    Actor,
+    ActorRef,
+    ActorSystem,
+    Limits,
+    MemoryNetwork,
+    Request,
+    behaviour,
+)
+from dms.node.caps import REQUESTER_ROLE
 from dms.orchestrator.messages import ALLOCATE, REQUEST, REVERT, UPDATE
 from dms.resources import Preferences
 from dms.security import Identity
@@ -96,7 +106,7 @@ def _bid_payload(i: int) -> dict[str, Any]:
     }
 
 
-def run(n: int, warmup: int) -> dict[str, Any]:
+def run(n: int, warmup: int, child: bool = False) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="dms-bench-handlers-"))
     net = MemoryNetwork()
     prefs = Preferences(bid_requests_per_s=1e6, bid_request_burst=10**6, max_leases_per_peer=0)
@@ -124,12 +134,24 @@ def run(n: int, warmup: int) -> dict[str, Any]:
     ident = Identity.generate()
     requester_system = ActorSystem(ident, net.transport(ident.peer_id))
     ended = threading.Semaphore(0)
-    requester = requester_system.spawn(
+    root = requester_system.spawn(
         Requester, lambda update: ended.release(), inbox=ROOT_INBOX, identity=ident
     )
     to = provider.node.handle
 
     def one(i: int, keep: bool) -> None:
+        requester = root
+        if child:  # as a deployment asks: an actor of its own, with the node's certificate
+            requester = requester_system.spawn(
+                Requester, lambda update: ended.release(), role=REQUESTER_ROLE
+            )
+        try:
+            placed(requester, i, keep)
+        finally:
+            if child:
+                requester_system.stop_actor(requester.handle.address.inbox)
+
+    def placed(requester: ActorRef, i: int, keep: bool) -> None:
         start = time.perf_counter()
         bid = requester.ask(to, REQUEST, _bid_payload(i))
         samples["bid_request.rtt"].append(time.perf_counter() - start)
@@ -179,6 +201,7 @@ def run(n: int, warmup: int) -> dict[str, Any]:
     return {
         "bench": "provider_handlers",
         "n": n,
+        "child": child,
         "handlers_us": {
             h: {
                 "wall": us.get(f"{h}.wall"),
@@ -208,6 +231,11 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print JSON lines")
     parser.add_argument(
+        "--child",
+        action="store_true",
+        help="each placement from an actor of its own with a certificate, as a deployment",
+    )
+    parser.add_argument(
         "--log", action="store_true", help="log at INFO to a file, as a daemon does (dms run)"
     )
     args = parser.parse_args()
@@ -222,11 +250,12 @@ def main() -> int:
                 env = {**os.environ, "PYTHONPATH": tree}
                 cmd = [sys.executable, __file__, "--n", str(args.n), "--warmup", str(args.warmup)]
                 cmd += ["--log"] if args.log else []
+                cmd += ["--child"] if args.child else []
                 out = subprocess.run([*cmd, "--json"], env=env, check=True, capture_output=True)
                 line = json.loads(out.stdout.decode().strip().splitlines()[-1])
                 print(json.dumps({"tree": tree, **line}), flush=True)
         return 0
-    result = run(args.n, args.warmup)
+    result = run(args.n, args.warmup, args.child)
     result = {"tree": os.environ.get("PYTHONPATH", ""), **result}
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0 if not result["leaked_leases"] and not result["violations"] else 1

@@ -155,9 +155,12 @@ def runtime() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    home = tmp_path / "home"
+@pytest.fixture(scope="module")
+def initialised(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home made by ``dms init`` once for the module (its keys sealed with PASSPHRASE);
+    each test gets a copy of its own (``home``): init's key derivations took about 1 s a
+    test. Nothing in it names its folder, and its files keep their modes."""
+    home = tmp_path_factory.mktemp("unlock") / "home"
     done = subprocess.run(
         [sys.executable, "-m", "dms", "init", "--json"],
         env={
@@ -170,6 +173,13 @@ def home(tmp_path: Path) -> Path:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
+    return home
+
+
+@pytest.fixture
+def home(initialised: Path, tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    shutil.copytree(initialised, home)
     return home
 
 

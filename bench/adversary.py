@@ -514,8 +514,10 @@ def main() -> int:
                 settings[f"DMS_{name}"] = f"{args.frames_per_s:g}"
             for name in ("FRAME_BURST", "UNKNOWN_FRAME_BURST"):
                 settings[f"DMS_{name}"] = str(burst)
-        # the hostile's budgets refill (its own, and the one it shares with every key)
+        # the hostile's budgets refill (its own, and the one it shares with every key),
+        # and a peer found flooding is past its cooldown (specs/security.md, "Flooders")
         refill_s = min(max(burst / rate, shared_burst / shared), 10.0)
+        refill_s += fields["flooder_cooldown_s"].default
         victim = Victim(root, settings)
         try:
             with LocalCluster(root / "cluster", shared_loop=False) as cluster:

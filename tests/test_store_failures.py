@@ -12,6 +12,7 @@ import logging
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -340,6 +341,52 @@ def test_a_provider_whose_store_another_process_locks_still_heartbeats(
         assert lost == [], running["events"]
     owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
     wait_state(requester, dep, TERMINAL, 60)
+
+
+def test_a_heartbeat_waiting_for_a_locked_store_holds_up_none_of_the_nodes_timers(
+    net: LocalCluster,
+) -> None:
+    """The periodic heartbeat waits for its figures up to a quarter of its interval when
+    another process holds the store locked. It ran on the actor system's one timer
+    thread, which every deadline of the node waits on (invoke timeouts, each actor's
+    ``call_later``: lease expiry, sweeps, retries): each beat held them all for as long
+    as it waited. The node's timers go on while its heartbeat waits now."""
+    net.settings.update(heartbeat_s=4.0)  # the heartbeat waits up to 1 s for the store
+    requester, (provider,) = network(net, 1)
+    # A lease that expires at once: past its expiry every heartbeat reads the store.
+    ask(requester, provider, REQUEST, bid_request(1, lease_s=0.5))
+    ledger = provider.ledger
+    assert ledger is not None
+    read = ledger.pools
+    ticks = [0]
+    # Of each heartbeat that read the store: the node's timers that fired while it read.
+    fired_during: list[int] = []
+
+    def pools(wait_s: float | None = None) -> Any:
+        before = ticks[0]
+        try:
+            return read(wait_s)
+        finally:
+            if wait_s:  # the heartbeat's read (no other caller bounds its wait)
+                fired_during.append(ticks[0] - before)
+
+    ledger.pools = pools  # type: ignore[method-assign]
+    assert provider.system is not None
+    timers = provider.system.timers
+    done = threading.Event()
+
+    def tick() -> None:  # a timer of the node every 20 ms, as deadlines come due
+        ticks[0] += 1
+        if not done.is_set():
+            timers.call_later(0.02, tick)
+
+    timers.call_later(0.02, tick)
+    try:
+        with locked_by_another_process(provider.settings.home / "dms.db", 60):
+            wait_for(lambda: len(fired_during) >= 3, 60, "three heartbeats to read the store")
+    finally:
+        done.set()
+    assert max(fired_during) > 0, f"no timer fired while a heartbeat waited: {fired_during}"
 
 
 def test_a_commit_or_revert_while_the_store_refuses_is_refused_with_the_reason(

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dms.actor import ErrorCode, Refusal, Request, behaviour
 from dms.actor.envelope import peek
 from dms.actor.runtime import NodeRuntime
+from dms.actor.threads import PARK
 from dms.actor.timers import TimerHandle
 from dms.network.host import Libp2pTransport
 from dms.network.peerbook import PeerBook
@@ -57,9 +58,11 @@ class Peering:
     heartbeat carries (the provider role's resources and scores), waiting for the store
     ``wait_s`` at most.
 
-    The periodic heartbeat runs on the actor system's timer thread, not in the node's
-    mailbox: a handler of the node waiting on its store (another process's lock: 30 s)
-    held it up, and past its deadline every peer had the node gone."""
+    The periodic heartbeat runs on a thread of its own, timed by the actor system's
+    timer thread, not in the node's mailbox: a handler of the node waiting on its store
+    (another process's lock: 30 s) held it up, and past its deadline every peer had the
+    node gone; nor on the timer thread itself, whose every other deadline waited while
+    the beat waited for the store."""
 
     def __init__(
         self,
@@ -107,7 +110,8 @@ class Peering:
         self.nonce = secrets.token_hex(8)  # new per process: peers see a restart
         self.heartbeats.start()
         self.node.subscribe(HEARTBEAT_TOPIC)
-        self._beat_timer = self.node.system.timers.call_later(0.0, self._heartbeat)
+        with self._beat_lock:
+            self._beat_soon(0.0)
         self.node.call_later(self.heartbeat_s / 2, self._sweep)
         if self.peerbook is not None and self.network is not None:
             self.node.call_later(1.0, self._remember_peers)
@@ -209,14 +213,23 @@ class Peering:
         signed = SignedHeartbeat.of(env, frame) if env is not None else None
         self.heartbeats.keep_own_heartbeat(None if leaving else signed)
 
+    def _beat_soon(self, delay_s: float) -> None:
+        """The next periodic heartbeat in ``delay_s`` (``_beat_lock`` held). The timer
+        thread only hands it to a thread of its own (a parked one, ``dms.actor.threads``):
+        the beat may wait a quarter of its interval for the store, and that one thread
+        serves every deadline of the node (invoke timeouts, each actor's ``call_later``),
+        which all waited with it."""
+        self._beat_timer = self.node.system.timers.call_later(
+            delay_s, lambda: PARK.run(self._heartbeat, "dms-heartbeat")
+        )
+
     def _heartbeat(self) -> None:
-        """On the timer thread: send one, and the next after the interval."""
+        """Off the timer thread: send one, and the next after the interval (one beat of
+        this node at a time: the next is timed once this one is sent)."""
         self.announce()
         with self._beat_lock:
             if not self._stopped:
-                self._beat_timer = self.node.system.timers.call_later(
-                    self.heartbeat_interval(), self._heartbeat
-                )
+                self._beat_soon(self.heartbeat_interval())
 
     def announce(self) -> None:
         """Send a heartbeat now (after onboarding changes), not at the next tick."""

@@ -3,7 +3,9 @@ threads kept parked are bounded in number and in time."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 
 from dms.actor import Actor, ActorSystem, Request, behaviour
 from dms.actor.threads import ThreadPark
@@ -81,3 +83,22 @@ def test_a_task_that_raises_keeps_its_thread_for_the_next() -> None:
     park.run(works, "works")
     assert done.wait(30)
     assert seen[0] is seen[1] and park.started == 1 and park.reused == 1
+
+
+def test_a_parked_thread_keeps_nothing_of_the_task_it_ran() -> None:
+    """A stopped actor's loop is a bound method of the actor: a parked thread that held
+    on to it kept the whole actor (its state, its children, an allocation's executor
+    and what it holds open) for as long as it stayed parked, up to 30 s each."""
+    park = ThreadPark(max_idle=1, idle_s=30)
+
+    class Task:
+        def run(self) -> None:
+            pass
+
+    task = Task()
+    gone = weakref.ref(task)
+    park.run(task.run, "task")
+    del task
+    wait_for(lambda: park.parked == 1, 30, "its thread parked")
+    gc.collect()
+    assert gone() is None, "the parked thread still holds the task it ran"

@@ -47,31 +47,37 @@ class ThreadPark:
     def run(self, fn: Callable[[], object], name: str) -> None:
         """Run ``fn`` on a thread of its own, named ``name`` while it runs."""
         with self._lock:
-            slot = self._parked.pop() if self._parked else None
+            slot: queue.SimpleQueue[_Task] | None = self._parked.pop() if self._parked else None
             if slot is not None:
                 self.reused += 1
             else:
                 self.started += 1
-        if slot is not None:
-            slot.put((fn, name))
-            return
-        thread = threading.Thread(target=self._serve, args=((fn, name),), name=name, daemon=True)
-        thread.start()
+        if slot is None:
+            # The task goes through the slot, not the thread's arguments: the thread keeps
+            # those for its whole life, and with them the first task it ran.
+            slot = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(slot,), name=name, daemon=True).start()
+        slot.put((fn, name))
 
     @property
     def parked(self) -> int:
         with self._lock:
             return len(self._parked)
 
-    def _serve(self, task: _Task) -> None:
+    def _serve(self, slot: queue.SimpleQueue[_Task]) -> None:
         me = threading.current_thread()
-        slot: queue.SimpleQueue[_Task] = queue.SimpleQueue()
+        task: _Task | None = slot.get()
         while True:
+            assert task is not None
             fn, me.name = task
             try:
                 fn()
             except BaseException:  # a task's own failure must not take a parked thread
                 log.exception("thread task %s failed", me.name)
+            # Nothing of the task stays while parked: an actor's loop is a bound method,
+            # and holding it kept the stopped actor whole for as long as this waits.
+            del fn
+            task = None
             me.name = PARKED_NAME
             with self._lock:
                 if len(self._parked) >= self.max_idle:

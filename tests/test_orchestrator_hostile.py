@@ -16,7 +16,10 @@ from typing import Any
 import pytest
 
 from dms.actor import Handle, Request
+from dms.jobs.spec import AllocationSpec
+from dms.network.peertable import Heartbeat, PeerTable
 from dms.node.daemon import Node
+from dms.orchestrator.givenback import GivenBackBook
 from dms.orchestrator.messages import (
     ALLOCATE,
     DEPLOYMENT_TOPIC,
@@ -26,6 +29,7 @@ from dms.orchestrator.messages import (
     BidRequest,
     Offer,
 )
+from dms.orchestrator.rounds import misfit
 from dms.orchestrator.supervision import STATUS
 from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
@@ -301,3 +305,30 @@ def test_a_provider_whose_last_heartbeat_counts_this_jobs_returned_leases_is_ask
     assert free_cpu(requester, third) == 0  # placed before the third's next heartbeat
     owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
     wait_state(requester, dep, TERMINAL, 60)
+
+
+def test_leases_given_back_in_several_rounds_count_no_more_than_its_heartbeat_held() -> None:
+    """Each round gives back what a losing bid leased, and counts it free on the peer
+    until two of its heartbeats later. Rounds come faster than heartbeats (a slot placed
+    again ~0.6 s after the first round): the same cores, leased and given back in each
+    round, were counted free once a round. A provider of 2 cores whose heartbeat showed
+    them all held counted 4 free after two rounds, so it was asked for a slot of 3 it
+    can never take (a wasted ask, and a round short of a candidate), and weighted as
+    idler than any. What was given back is at most what that heartbeat showed held."""
+    table = PeerTable()
+    held = {"cpu": 2.0, "ram_gib": 4.0, "disk_gib": 4.0, "gpu": 0}
+    beat = Heartbeat(nonce="n" * 16, seq=7, interval_s=1, deadline_s=3, onboarded=held,
+                     free={"cpu": 0.0, "ram_gib": 4.0, "disk_gib": 4.0, "gpu": 0})  # fmt: skip
+    table.observe("provider", "did:key:provider", beat)
+    record = table.get("provider")
+    assert record is not None
+    book = GivenBackBook()
+    for _ in range(2):  # two rounds between two of its heartbeats, both bids lost
+        book.note(record, Resources(cpu=2))
+
+    def wanting(cpu: str) -> AllocationSpec:
+        return AllocationSpec(name="w", executor="compute", resources=Resources(cpu=cpu))
+
+    assert misfit(record, wanting("2"), book.credit(record)) is None  # its 2 are free
+    too_big = misfit(record, wanting("3"), book.credit(record))
+    assert too_big is not None and "cpu 2 free < 3" in too_big, too_big

@@ -8,7 +8,10 @@ an idle provider looked too small to ask for a slot placed again meanwhile, whic
 then went to a peer holding another slot of the job (distinct peers broken, though
 this one stood idle). Each give-back is noted with the peer's heartbeat then
 heard; it counts as free on that peer until a heartbeat two beats later (the next
-one may have left before the revert arrived) or from a restarted process.
+one may have left before the revert arrived) or from a restarted process. Never
+more than that heartbeat shows held (:func:`free_with`): rounds come faster than
+heartbeats, and the same cores leased and given back in each round counted once a
+round, a provider of 2 cores read as 4 free.
 See ``specs/orchestration.md``.
 """
 
@@ -67,3 +70,19 @@ class GivenBackBook:
         for given in noted:
             total = total + given.amount
         return total
+
+
+def free_with(record: PeerRecord, given_back: Resources) -> dict[str, float]:
+    """The peer's free resources by its last heartbeat (human units) with ``given_back``
+    added, none past what it onboarded: what its heartbeat showed held is all that can
+    have been given back since."""
+    hb = record.heartbeat
+    if hb is None:
+        return {}
+    back = given_back.human()
+    free: dict[str, float] = {}
+    for kind in {*hb.free, *back}:
+        amount = (hb.free.get(kind, 0) or 0) + back.get(kind, 0)
+        onboarded = hb.onboarded.get(kind)
+        free[kind] = amount if onboarded is None else min(amount, max(onboarded, 0))
+    return free

@@ -48,7 +48,7 @@ from dms.orchestrator.base import (
     log,
     node_handle,
 )
-from dms.orchestrator.givenback import GivenBackBook
+from dms.orchestrator.givenback import GivenBackBook, free_with
 from dms.orchestrator.messages import (
     DEPLOYMENT_TOPIC,
     REQUEST,
@@ -79,8 +79,8 @@ def misfit(record: PeerRecord, spec: AllocationSpec, given_back: Resources = ZER
     if hb is None or not hb.free:
         return "it offers no resources (not onboarded)"
     want = spec.resources.human()
-    back = given_back.human()
-    free = {kind: (hb.free.get(kind, 0) or 0) + back.get(kind, 0) for kind in want}
+    with_back = free_with(record, given_back)
+    free = {kind: with_back.get(kind, 0) for kind in want}
     short = [
         f"{kind} {free[kind]:g} free < {amount:g}"
         for kind, amount in want.items()
@@ -220,7 +220,7 @@ class BidRounds:
                 hb = record.heartbeat
                 assert hb is not None
                 onboarded = hb.onboarded.get("cpu") or 1.0
-                free = hb.free.get("cpu", 0.0) + self.given_back.credit(record).human()["cpu"]
+                free = free_with(record, self.given_back.credit(record)).get("cpu", 0.0)
                 weights[record.peer_id] = 0.05 + max(0.0, free / onboarded)
         # Efraimidis-Spirakis: a weighted sample without replacement.
         keyed = sorted(weights, key=lambda p: -(self.book.o.rng.random() ** (1.0 / weights[p])))

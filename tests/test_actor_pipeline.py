@@ -446,3 +446,42 @@ def test_an_actor_routes_the_behaviours_its_services_declare(make_node) -> None:
     assert counter.count == 1
     with pytest.raises(ValueError, match="/test/count is routed twice"):
         node.spawn(Composed, Counter(), Counter())
+
+
+def test_an_actor_whose_start_fails_answers_what_waited_and_leaves_its_system(
+    make_node,  # type: ignore[no-untyped-def]
+) -> None:
+    """pykka stops an actor whose ``on_start`` raises without running its ``on_stop``:
+    the requests already in its mailbox (a spawn returns before ``on_start`` runs) were
+    dropped unanswered, each sender waiting out its deadline and each remote one keeping
+    its place in the admission budgets, and the actor stayed listed in its system, its
+    inbox taken for good. They are answered ``stopped`` now, and it leaves its system."""
+    started, fail = threading.Event(), threading.Event()
+
+    class Broken(Actor):
+        def on_start(self) -> None:
+            started.set()
+            fail.wait(30)
+            raise RuntimeError("a bug at start")
+
+        @behaviour("/test/echo", public=True)
+        def echo(self, request: Request) -> object:
+            return request.payload
+
+    system, caller = make_node(), make_node()
+    asker = caller.spawn(Actor)
+    ref = system.spawn(Broken, inbox="broken")
+    assert started.wait(30)
+    waiting = asker.invoke(ref.handle, "/test/echo", 1, timeout=20)
+    wait_for(lambda: used(system, "inflight") == 1, 30, "the request in its mailbox")
+    fail.set()
+    with pytest.raises(RemoteError) as answer:
+        waiting.result(30)
+    assert answer.value.code == ErrorCode.STOPPED, answer.value
+    assert used(system, "inflight") == 0
+    assert system.actor("broken") is None
+    system.spawn(Actor, inbox="broken")  # its inbox is free again
+
+
+def used(system, budget: str) -> float:  # type: ignore[no-untyped-def]
+    return next(u.used for u in system.admission.usage() if u.name == budget)

@@ -263,25 +263,41 @@ class Actor(pykka.ThreadingActor):
         try:
             self.stopping()
         finally:
-            for child in self._children:
-                child.stop()
-            # Requests still waiting are never handled now: each goes to the stand-in
-            # that answers for this actor once it stopped, if one does (an ended
-            # allocation's record), else is answered 'stopped' (its sender would
-            # otherwise wait out its own deadline) and no longer counts in the
-            # admission budgets (else a peer's share would shrink with every stop);
-            # one put after this is refused, its ticket given back by its sender.
-            inbox = self.actor_inbox
-            if isinstance(inbox, LanedInbox):
-                for dropped in inbox.close():
-                    if self.system.to_stand_in(dropped):
-                        continue
-                    self.system.admission.release(dropped.ticket)
-                    if dropped.sealed.envelope.reply_to is not None:
-                        stopped = f"actor {self.handle.address.inbox} stopped before handling it"
-                        refusal = Refusal(ErrorCode.STOPPED, stopped)
-                        with contextlib.suppress(Exception):  # the node may be stopping too
-                            self.system.refuse(dropped.sealed.envelope, refusal, self.ref)
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """The end of a stop: the children stop, and what waits in the mailbox is
+        answered. Idempotent (the inbox is closed once; a stopped child is gone)."""
+        for child in self._children:
+            child.stop()
+        # Requests still waiting are never handled now: each goes to the stand-in
+        # that answers for this actor once it stopped, if one does (an ended
+        # allocation's record), else is answered 'stopped' (its sender would
+        # otherwise wait out its own deadline) and no longer counts in the
+        # admission budgets (else a peer's share would shrink with every stop);
+        # one put after this is refused, its ticket given back by its sender.
+        inbox = self.actor_inbox
+        if isinstance(inbox, LanedInbox):
+            for dropped in inbox.close():
+                if self.system.to_stand_in(dropped):
+                    continue
+                self.system.admission.release(dropped.ticket)
+                if dropped.sealed.envelope.reply_to is not None:
+                    stopped = f"actor {self.handle.address.inbox} stopped before handling it"
+                    refusal = Refusal(ErrorCode.STOPPED, stopped)
+                    with contextlib.suppress(Exception):  # the node may be stopping too
+                        self.system.refuse(dropped.sealed.envelope, refusal, self.ref)
+
+    def _handle_failure(self, *exc_info: Any) -> None:
+        """pykka stops an actor whose ``on_start`` (or ``on_stop``) raised, logged, without
+        its ``on_stop``: what waited in its mailbox was dropped unanswered (its senders
+        waited out their deadlines, remote ones kept their places in the admission
+        budgets) and it stayed listed in its system. It ends as any stop does now."""
+        super()._handle_failure(*exc_info)
+        try:
+            self._let_go()
+        finally:
+            self.system.stop_actor(self.handle.address.inbox, timeout=0, block=False)
 
     def _handle(self, sealed: Sealed, ticket: Ticket | None = None) -> None:
         env = sealed.envelope

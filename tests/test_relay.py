@@ -43,16 +43,18 @@ def _transport(
     relay: RelaySettings | None = None,
     hole_punching: bool = True,
     ip: str = "127.0.0.1",
+    identity: Identity | None = None,
+    port: int = 0,
 ) -> Libp2pTransport:
     settings = NetworkSettings(
-        listen=[f"/ip4/{ip}/tcp/0"],
+        listen=[f"/ip4/{ip}/tcp/{port}"],
         bootstrap=bootstrap or [],
         dht=False,
         reachability=reachability,  # type: ignore[arg-type]
         relay=relay or RelaySettings(),
         hole_punching=hole_punching,
     )
-    t = Libp2pTransport(Identity.generate(), settings)
+    t = Libp2pTransport(identity or Identity.generate(), settings)
     t.start(lambda frame, from_peer, *, signature_checked=False: None)
     return t
 
@@ -454,6 +456,45 @@ def test_a_node_that_redials_its_relay_reserves_again_on_the_new_connection(
         30,
         "the relay freeing the reservation of the node that left",
     )
+
+
+def test_a_relay_met_by_chance_that_restarts_is_dialed_and_reserved_on_again(
+    started: list[Libp2pTransport],
+) -> None:
+    """A private node holds a reservation on a relay it met by chance: not one it
+    dials at start, not heard through heartbeats, no stake in it. The relay restarts
+    (same key, same port). The node forgot the relay as its connection closed (a
+    departure forgets a peer nothing keeps) or, failing that, at the first failed
+    redial, and could never renew its reservation: no one reached it through the
+    relay. A relay the node holds or renews a reservation on is now kept as a stake
+    is, so it is dialed again and reserved on."""
+    relay_key = Identity.generate()
+    relay = _transport("public", identity=relay_key)
+    port = int(relay.addrs()[0].split("/tcp/")[1].split("/")[0])
+    private = _transport("private")
+    started.append(private)
+    private.learn_addrs(relay.peer_id, relay.addrs())
+    wait_for(lambda: private.ping(relay.peer_id) > 0, what="the private node meets the relay")
+    wait_for(lambda: relayed(private), what="a reservation on the relay")
+    relay.stop()
+    wait_for(lambda: not relayed(private), 30, "the reservation dropped with its connection")
+    with pytest.raises(NetworkError):  # a redial fails: the relay is still down
+        private.ping(relay.peer_id)
+    relay = _transport("public", identity=relay_key, port=port)
+    started.append(relay)
+    relay_id = ID.from_base58(relay.peer_id)
+
+    async def unblock() -> None:  # py-libp2p keeps a peer that failed out of reach 60 s
+        private._host.get_network().unblock_peer(relay_id)  # type: ignore[union-attr]
+
+    private._call(unblock)
+    # The node finds the relay again by the addresses it kept, and reserves on it.
+    assert private.ping(relay.peer_id) > 0
+    wait_for(lambda: relayed(private), 30, "a reservation on the restarted relay")
+    dialer = _transport("public", relay.addrs())
+    started.append(dialer)
+    dialer.learn_addrs(private.peer_id, relayed(private))
+    wait_for(lambda: dialer.ping(private.peer_id) > 0, what="a ping through the relay")
 
 
 def test_reading_the_relays_usage_never_ends_a_live_reservation(

@@ -331,8 +331,10 @@ class Libp2pTransport(Unicast, Gossip):
         )
         self._gate.install()
         self._streams.install(swarm)
-        self._dials.install(swarm)
+        # Inside the outbound budget: a dial it refuses (this node's own limit, no
+        # failure of the peer) forgets nothing.
         self._forget_when_unreached(swarm)
+        self._dials.install(swarm)
         set_buffer_budget(self.settings.max_buffered_bytes, swarm, self._window_exceeded)
         self._ping = PingService(host)
         pubsub, router = new_pubsub(
@@ -491,9 +493,12 @@ class Libp2pTransport(Unicast, Gossip):
     # ---- budgets -------------------------------------------------------------------
 
     def _has_stake(self, peer_id: str) -> bool:
-        """A peer this node dials at start (bootstrap, remembered), or one the node
-        says it has a stake in (``stake``): it keeps its connection slot."""
+        """A peer this node dials at start (bootstrap, remembered), a relay it holds
+        (or renews) a reservation on, or one the node says it has a stake in
+        (``stake``): it keeps its connection slot and its addresses."""
         if peer_id in self._dialed_at_start:
+            return True
+        if self._relays is not None and self._relays.keeps(peer_id):
             return True
         return self.stake is not None and self.stake(peer_id)
 
@@ -520,7 +525,8 @@ class Libp2pTransport(Unicast, Gossip):
         gossipsub's peer exchange (2 h), and nothing forgot them: py-libp2p's
         auto-connector dialed each again and again until they expired (5 dials a key in
         70 s, a failed dial and an ERROR line each). Now one dial; a DHT answer that
-        names the key again brings it back."""
+        names the key again brings it back. Installed under the outbound budget: a dial
+        that budget refuses never reached the peer, and forgets nothing."""
         dial: Callable[[ID], Any] = swarm.dial_peer
 
         async def dial_or_forget(peer_id: ID) -> Any:

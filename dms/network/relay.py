@@ -72,6 +72,9 @@ HOUR_S = 3600.0
 # How often a private node looks for relays and renews what it holds.
 RESERVE_EVERY_S = 2.0
 RESERVE_TIMEOUT_S = 10.0
+# How long a relay whose reservation ended with its connection (it restarted, the
+# NAT dropped the mapping) is kept to be reached and reserved on again.
+RENEW_FOR_S = 600.0
 # How long the relay may take to answer a CONNECT, and to send its STOP.
 CONNECT_TIMEOUT_S = 15.0
 CIRCUITS_PER_PEER = 4  # circuits remembered per peer (the newest; closed ones go)
@@ -554,11 +557,31 @@ class RelayClient:
         # reservation ends with it, whatever other connection to the relay is open
         self._reserved_on: dict[ID, Any] = {}
         self._refused: dict[ID, float] = {}
+        # relay peer id (base58) -> until when this node renews the reservation it
+        # held there, which ended with its connection (at most ``reservations``)
+        self._renewing: dict[str, float] = {}
 
     def holds(self, relay: ID) -> bool:
         """Whether this node holds a reservation on ``relay`` (it accepts circuits,
         STOP streams, from it and from no other peer)."""
         return relay in self.reserved
+
+    def keeps(self, peer_id: str) -> bool:
+        """Whether this node holds a reservation on ``peer_id``, or held one that ended
+        with its connection less than ``RENEW_FOR_S`` ago and renews it once the relay
+        is reached again: its addresses and connection slot are kept as a stake's are
+        (a relay that restarted was forgotten at its disconnect or at the first failed
+        redial, and the node stayed unreachable through it). Any thread."""
+        if any(pid.to_base58() == peer_id for pid in list(self.reserved)):
+            return True
+        return self._renewing.get(peer_id, 0.0) > time.monotonic()
+
+    def _renew(self, pid: ID) -> None:
+        """The reservation on ``pid`` ended with its connection: renew it within
+        ``RENEW_FOR_S`` (the oldest of those renewed goes past ``reservations``)."""
+        self._renewing[pid.to_base58()] = time.monotonic() + RENEW_FOR_S
+        while len(self._renewing) > max(self._settings.reservations, 1):
+            del self._renewing[min(self._renewing, key=self._renewing.__getitem__)]
 
     def addrs(self, own_id: str) -> list[str]:
         out = []
@@ -608,12 +631,14 @@ class RelayClient:
                         )
                         del self.reserved[pid]
                         self._reserved_on.pop(pid, None)
+                        self._renew(pid)
                 missing = self._settings.reservations - len(self.reserved)
                 for pid in self._relay_candidates()[: max(missing, 0)]:
                     await self._reserve(pid)
-            elif self.reserved:
+            elif self.reserved or self._renewing:
                 self.reserved.clear()
                 self._reserved_on.clear()
+                self._renewing.clear()
             await trio.sleep(RESERVE_EVERY_S)
 
     async def _reserve(self, pid: ID) -> None:
@@ -632,6 +657,7 @@ class RelayClient:
         if ok:
             self.reserved[pid] = addrs
             self._reserved_on[pid] = conn
+            self._renewing.pop(pid.to_base58(), None)
             log.info("reserved a relay slot on %s", pid)
         else:
             self._refused[pid] = time.monotonic() + 60.0

@@ -504,6 +504,35 @@ def test_connections_a_node_dials_are_capped_and_a_staked_peer_takes_an_unknown_
         BarePeer.close_all([*unknown, staked])
 
 
+def test_a_peer_this_nodes_own_outbound_budget_refuses_keeps_its_addresses(
+    cluster: LocalCluster,
+) -> None:
+    """A dial that fails forgets a peer nothing keeps (a DHT answer's keys are dialed
+    once). A dial this node's own outbound budget refused (outbound_full) never reached
+    the peer, yet it forgot the peer all the same: once a slot was free the peer was
+    unreachable, "no known address". It is now kept, and dialed once there is room."""
+    elsewhere = cluster.add("elsewhere", bootstrap=[])
+    victim = cluster.add("victim", bootstrap=[], max_outbound_connections=1)
+    assert victim.transport is not None
+    away = elsewhere.addrs()[0]
+    first, second = BarePeer(away), BarePeer(away)
+    try:
+        teach(victim, first)
+        teach(victim, second)
+        victim.transport.ping(first.peer_id)
+        with pytest.raises(NetworkError, match="outbound_full"):
+            victim.transport.ping(second.peer_id)
+        first.close()
+        wait_for(
+            lambda: victim.transport.budget_usage()["outbound_connections"] == (0, 1),  # type: ignore[union-attr]
+            30,
+            "the first peer's connection closed",
+        )
+        assert victim.transport.ping(second.peer_id) > 0
+    finally:
+        BarePeer.close_all([first, second])
+
+
 # ---- chunk transfers --------------------------------------------------------------------
 
 

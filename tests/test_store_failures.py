@@ -95,14 +95,19 @@ def test_an_allocation_ending_while_its_store_refuses_is_released_once_it_accept
 
 @contextmanager
 def ended_while_refusing(net: LocalCluster) -> Iterator[tuple[Node, list[Node], str, Path]]:
-    """A deployment that ends while its requester's store refuses writes: yields the
-    requester, the providers, the deployment and the file its kept end is in, once
-    that file exists; the store accepts again on leaving."""
+    """A running deployment that ends (its owner shuts it down) while its requester's
+    store refuses writes: yields the requester, the providers, the deployment and the
+    file its kept end is in, once that file exists; the store accepts again on leaving.
+
+    Ended by its owner, not by its job: a job that ends by itself (it ran a second)
+    could end, and its end be saved, before the store refuses, whenever the test's
+    thread waited that long between seeing it running and the refusal."""
     requester, peers = network(net, 1)
-    dep = deploy(requester, spec(params={"seconds": 1.0}))
+    dep = deploy(requester, spec(params={"seconds": 600}))
     wait_state(requester, dep, ("running",), 30)
     unsaved = requester.settings.home / "unsaved" / f"deployment-{dep}.json"
     with refusing_writes(store(requester)):
+        assert owner(requester, "/dms/node/deployment/shutdown", {"id": dep})["state"] == "shutdown"
         wait_for(unsaved.exists, 30, "the end to be kept beside the refusing store")
         yield requester, peers, dep, unsaved
 
@@ -111,11 +116,11 @@ def test_a_deployment_that_ends_while_its_store_refuses_is_saved_once_it_accepts
     net: LocalCluster,
 ) -> None:
     with ended_while_refusing(net) as (requester, peers, dep, unsaved):
-        assert status(requester, dep)["state"] == "completed"  # read through the kept end
+        assert status(requester, dep)["state"] == "shutdown"  # read through the kept end
     wait_for(lambda: not unsaved.exists(), 40, "the end to reach the store")
     with store(requester).transaction() as conn:
         state = conn.execute(text("SELECT state FROM deployments WHERE id = :id"), {"id": dep})
-        assert state.scalar_one() == "completed"
+        assert state.scalar_one() == "shutdown"
     wait_for(lambda: live_leases(peers) == 0, 30, "no lease left")
 
 
@@ -124,7 +129,7 @@ def test_a_deployment_ended_unsaved_before_a_restart_is_not_resumed(net: LocalCl
         requester.stop()  # the store still refuses: the row in it says "running"
     requester = net.restart(requester)
     done = status(requester, dep)
-    assert done["state"] == "completed", done["events"]
+    assert done["state"] == "shutdown", done["events"]
     assert not any("resumed" in e["what"] for e in done["events"])
     assert not unsaved.exists()
     wait_for(lambda: live_leases(peers) == 0, 30, "no lease left")

@@ -126,8 +126,12 @@ def net(cluster: LocalCluster) -> LocalCluster:
 
 
 def test_a_deployment_of_several_allocations_is_placed_and_completes(net: LocalCluster) -> None:
-    requester, peers = network(net, 3)
-    dep = deploy(requester, spec(count=4))
+    # As many providers as slots: the round asks each of them (no gossip) and closes once
+    # all have answered, within a window no loaded machine outlasts. With the default
+    # window (0.25 s) one provider's bid could fill every slot before the others came,
+    # and nothing in the manifest had lost.
+    requester, peers = network(net, 4)
+    dep = deploy(requester, spec(count=4, bid_window_s=15))
     done = wait_state(requester, dep, TERMINAL, 30)
     assert done["state"] == "completed", done["events"]
     assert [s["status"] for s in done["slots"]] == ["completed"] * 4

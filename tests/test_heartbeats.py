@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -243,3 +244,40 @@ def test_a_relayed_heartbeat_that_gossip_would_refuse_is_refused(
     with pytest.raises(Refusal) as refused:
         check_relayed_heartbeat(make(), Limits())
     assert refused.value.code == code
+
+
+def test_announce_never_waits_on_a_heartbeat_held_up_by_the_network(
+    cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A heartbeat's publish waits on the network thread, which can itself wait on a
+    slow or hostile peer's write (5 s each), and the beat holds the node's heartbeat
+    lock meanwhile: onboarding's announce, on the node's own thread, waited on that
+    lock for as long as the network did, and every handler of the node with it. The
+    publish now waits at most the heartbeat's interval, and announce never waits on a
+    beat being sent. Here the network thread is held up until announce returns."""
+    node = cluster.add("held", heartbeat_s=INTERVAL)
+    assert node.transport is not None and node.node is not None
+    peering = node.node.pykka_ref.proxy().peering.get(timeout=5)
+    wait_for(lambda: peering._beats > 0, WAIT_S, "a first heartbeat sent")
+    release = threading.Event()
+    held = node.transport._token  # type: ignore[attr-defined]
+    held.run_sync_soon(lambda: release.wait(120))  # the network thread, held up
+    announced = threading.Event()
+    try:
+        wait_for(peering._beat_lock.locked, WAIT_S, "a heartbeat waiting for the network")
+
+        def announce() -> None:
+            peering.announce()
+            announced.set()
+
+        threading.Thread(target=announce, daemon=True).start()
+        wait_for(announced.is_set, WAIT_S, "announce returned while the network is held")
+        wait_for(
+            lambda: "heartbeat not sent within" in caplog.text,
+            WAIT_S,
+            "the held-up beat's publish given up on, with the reason",
+        )
+    finally:
+        release.set()
+    beats = peering._beats
+    wait_for(lambda: peering._beats > beats + 1, WAIT_S, "heartbeats again, the network free")

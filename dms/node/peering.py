@@ -105,6 +105,12 @@ class Peering:
         self._beat_lock = threading.Lock()
         self._beat_timer: TimerHandle | None = None
         self._stopped = False
+        # An announce came while a beat was being sent: the next one goes at once.
+        self._again = False
+        # Set once the publish of the last heartbeat returned (it waits on the network
+        # thread): the next is not sent while one still waits.
+        self._sent = threading.Event()
+        self._sent.set()
 
     def start(self) -> None:
         self.nonce = secrets.token_hex(8)  # new per process: peers see a restart
@@ -205,13 +211,37 @@ class Peering:
             self._publish_heartbeat_now(leaving)
 
     def _publish_heartbeat_now(self, leaving: bool) -> None:
+        """Build a heartbeat and publish it, waiting at most its interval: the publish
+        waits on the network thread, which can itself wait on a slow or hostile peer's
+        write (5 s each), and the lock this holds kept the node's own thread waiting in
+        ``announce``. A publish past the deadline goes on on its own thread; while it
+        does, no other is started (the beats it misses are logged)."""
+        if not self._sent.is_set():
+            log.info("heartbeat not sent: the last one still waits for the network")
+            return
         beat = self.heartbeat(leaving)
         # Valid until the deadline it announces, so peers can pass it on meanwhile.
         ttl_s = min(beat["deadline_s"], HEARTBEAT_MAX_TTL_S, self.node.system.limits.max_ttl_s)
-        frame = self.node.publish(HEARTBEAT_TOPIC, HEARTBEAT_BEHAVIOUR, beat, ttl_s=ttl_s)
-        env = peek(frame)
-        signed = SignedHeartbeat.of(env, frame) if env is not None else None
-        self.heartbeats.keep_own_heartbeat(None if leaving else signed)
+        sent = self._sent = threading.Event()
+
+        def publish() -> None:
+            try:
+                frame = self.node.publish(HEARTBEAT_TOPIC, HEARTBEAT_BEHAVIOUR, beat, ttl_s=ttl_s)
+                env = peek(frame)
+                signed = SignedHeartbeat.of(env, frame) if env is not None else None
+                self.heartbeats.keep_own_heartbeat(None if leaving else signed)
+            except Exception as exc:  # a stopping host: the next beat tries again
+                log.warning("heartbeat not sent: %s", exc)
+            finally:
+                sent.set()
+
+        PARK.run(publish, "dms-heartbeat-publish")
+        if not sent.wait(beat["interval_s"]):
+            log.warning(
+                "heartbeat not sent within %g s (its interval): the network thread is "
+                "held up (a slow peer's write); it goes out when the network is free",
+                beat["interval_s"],
+            )
 
     def _beat_soon(self, delay_s: float) -> None:
         """The next periodic heartbeat in ``delay_s`` (``_beat_lock`` held). The timer
@@ -225,18 +255,31 @@ class Peering:
 
     def _heartbeat(self) -> None:
         """Off the timer thread: send one, and the next after the interval (one beat of
-        this node at a time: the next is timed once this one is sent)."""
-        self.announce()
-        with self._beat_lock:
-            if not self._stopped:
-                self._beat_soon(self.heartbeat_interval())
-
-    def announce(self) -> None:
-        """Send a heartbeat now (after onboarding changes), not at the next tick."""
+        this node at a time: the next is timed once this one is sent), or at once if an
+        announce came meanwhile."""
         try:
             self._publish_heartbeat()
         except Exception as exc:  # a busy store or a stopping host: try next time
             log.warning("heartbeat not sent: %s", exc)
+        with self._beat_lock:
+            if not self._stopped:
+                again, self._again = self._again, False
+                self._beat_soon(0.0 if again else self.heartbeat_interval())
+
+    def announce(self) -> None:
+        """Send a heartbeat now (after onboarding changes), not at the next tick. Never
+        waits on a beat being sent (the node's thread calls this): that beat may have
+        read the figures before the change, so the next one goes right after it."""
+        if not self._beat_lock.acquire(blocking=False):
+            self._again = True
+            return
+        try:
+            if not self._stopped:
+                self._publish_heartbeat_now(leaving=False)
+        except Exception as exc:  # a busy store or a stopping host: try next time
+            log.warning("heartbeat not sent: %s", exc)
+        finally:
+            self._beat_lock.release()
 
     def _sweep(self) -> None:
         for peer_id in self.peer_table.sweep():

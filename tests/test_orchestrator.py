@@ -342,6 +342,33 @@ def test_a_slot_that_times_out_after_its_peer_left_says_the_peer_is_gone(
     assert f"{gone}; before: {declined}" in summary
 
 
+def test_a_provider_a_round_cannot_reach_after_it_declined_still_says_what_it_declined(
+    net: LocalCluster,
+) -> None:
+    """A request that does not reach a peer is no answer of its own: a provider that
+    declined, then crashed (still alive in the table, asked again by the next round),
+    had its decline replaced by 'unreachable: ...', so the job that timed out said the
+    provider was gone 'before: unreachable', not what it declined (seen under load in
+    the test above, when a round asked the stopped provider before its leave came)."""
+    requester, [provider] = network(net, 1, cpu=1)
+    dep = deploy(requester, spec(deadline_s=20, constraints={"labels": ["gpu-a100"]}))
+    declined = "declined: this node lacks the labels gpu-a100"
+
+    def reason() -> str:
+        [slot] = owner(requester, "/dms/node/deployment/manifest", {"id": dep})["slots"]
+        return slot["reasons"].get(provider.peer_id, "")
+
+    wait_for(lambda: reason() == declined, 30, "the provider's decline")
+    net.crash(provider)  # no leave: the table has it alive until its heartbeat deadline
+    wait_for(lambda: reason().startswith("unreachable: "), 30, "a round that cannot reach it")
+    assert reason().endswith(f"; before: {declined}"), reason()
+    done = wait_state(requester, dep, TERMINAL, 40)
+    assert done["state"] == "failed"
+    summary = done["events"][-1]["what"]
+    gone = f"{provider.peer_id[-8:]}: the provider is gone (missed its heartbeat deadline)"
+    assert f"{gone}; before: {declined}" in summary, summary
+
+
 @pytest.mark.parametrize(
     "strategy", ["score", "round-robin", "two-choices", "random", "first-offer"]
 )

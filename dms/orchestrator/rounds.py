@@ -67,6 +67,7 @@ from dms.resources.amounts import ZERO
 MAX_REASON = 512  # characters of one peer's reason kept
 NOT_ASKED = "not asked: "  # a peer's reason while its last heartbeat says it does not fit
 BEFORE = "; before: "  # what the peer itself answered last, after a reason the round gave
+UNREACHED = "unreachable: "  # a peer the round's request did not reach: no answer of its own
 ASKED = "asked, no answer yet"  # a peer of the round that has not answered, at the end
 BID_GRACE_S = 2.0  # after the window: how long a round with an empty slot waits for answers
 
@@ -91,8 +92,8 @@ def misfit(record: PeerRecord, spec: AllocationSpec, given_back: Resources = ZER
 
 def own_answer(reason: str | None) -> str | None:
     """What the peer itself answered last, in its reason: one the rounds gave it (not
-    asked, gone) carries that after ``BEFORE``."""
-    while reason and reason.startswith((NOT_ASKED, GONE_PREFIX)):
+    asked, unreachable, gone) carries that after ``BEFORE``."""
+    while reason and reason.startswith((NOT_ASKED, UNREACHED, GONE_PREFIX)):
         reason = reason.partition(BEFORE)[2]
     return reason or None
 
@@ -176,7 +177,9 @@ class BidRounds:
                     continue
                 left = bool(record.history) and record.history[-1] == "left"
                 gone = LEFT_REASON if left else GONE_REASON
-                slot.reasons[peer] = f"{gone}{BEFORE}{reason}"[:MAX_REASON]
+                if reason.startswith(UNREACHED):  # why it was: what it answered is kept
+                    reason = reason.partition(BEFORE)[2]
+                slot.reasons[peer] = (f"{gone}{BEFORE}{reason}" if reason else gone)[:MAX_REASON]
 
     def _open_slots(self) -> list[Slot]:
         return [s for s in self.book.slots.values() if s.state == SlotState.OPEN]
@@ -275,7 +278,7 @@ class BidRounds:
             except Exception as exc:
                 self.owing[peer] -= 1
                 self._answered.add(peer)
-                self.book.note_reason(peer, [s.name for s in open_slots], f"unreachable: {exc}")
+                self._note_unreached(peer, [s.name for s in open_slots], str(exc))
         if len(peers) < len(open_slots):
             # The table knows too few fitting peers: ask everyone listening, bids come back
             # point to point to this actor.
@@ -298,9 +301,12 @@ class BidRounds:
             self._answered.add(peer)
             self.book.uncertain.add(peer)  # it may have locked before the reply got lost
             assert outcome.error is not None
-            self.book.note_reason(
-                peer, list(self._offers), f"{outcome.error.code}: {outcome.error.reason}"
-            )
+            if outcome.error.code == ErrorCode.UNREACHABLE:
+                self._note_unreached(peer, list(self._offers), outcome.error.reason)
+            else:
+                self.book.note_reason(
+                    peer, list(self._offers), f"{outcome.error.code}: {outcome.error.reason}"
+                )
             self._maybe_close(rid)
             return
         try:
@@ -314,6 +320,18 @@ class BidRounds:
             self._bad_bid(rid, peer, why, [o.lease_id for o in bid.offers])
             return
         self._take_bid(rid, bid)
+
+    def _note_unreached(self, peer: str, slots: list[str], why: str) -> None:
+        """The request did not reach ``peer``: that is its reason for ``slots``, what it
+        answered an earlier round kept after it (a provider that declined, then left or
+        crashed before the next round, still says what it declined)."""
+        for name in slots:
+            slot = self.book.slots.get(name)
+            if slot is None:
+                continue
+            answered = own_answer(slot.reasons.get(peer))
+            reason = UNREACHED + why + (BEFORE + answered if answered else "")
+            slot.reasons[peer] = reason[:MAX_REASON]
 
     def _bad_bid(self, rid: int, peer: str, why: str, lease_ids: list[str]) -> None:
         """A reply that is no bid for this request: that peer's reason for every slot."""

@@ -176,9 +176,14 @@ def test_an_allocation_that_ran_is_not_a_lapse_when_its_release_waits_for_the_st
     the store refused its release (retried 0.5, 1, 2, 4, 8, 16 s later) was taken for a
     lapse once the store accepted again before the next retry, the honest requester
     cooled down (its next job got no bid) and ``allocation.never_started`` recorded."""
-    net.settings.update(preferences={"allocate_within_s": 12.0, "lapse_cooldown_s": 120.0})
+    # The job runs 3 s: the store must refuse before it ends, and a test thread that
+    # waited longer than a 0.5 s job between seeing it running and the refusal found its
+    # release saved (no retry at all). The watch, 14.5 s after the commit, comes between
+    # the store accepting again (~10.5 s: the job, then refusals 0.5, 1, 2 and 4 s apart)
+    # and the release's next try (~18.5 s), as it did with 0.5 s and 12 s.
+    net.settings.update(preferences={"allocate_within_s": 14.5, "lapse_cooldown_s": 120.0})
     requester, (provider,) = network(net, 1)
-    dep = deploy(requester, spec(params={"seconds": 0.5}))
+    dep = deploy(requester, spec(params={"seconds": 3.0}))
     wait_state(requester, dep, ("running",), 30)
     with caplog.at_level(logging.WARNING, logger="dms"), refusing_writes(store(provider)):
         done = wait_state(requester, dep, TERMINAL, 30)

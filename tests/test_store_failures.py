@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,11 @@ def refusing_writes(db: Database) -> Iterator[None]:
         yield
     finally:
         event.remove(db.engine, "begin", read_only)
+        # The connection the store keeps for its transactions keeps the pragma if its last
+        # transaction only read: the next one would be refused. Turned off here, or dropped
+        # by the store when even its BEGIN IMMEDIATE is refused.
+        with suppress(OperationalError), db.transaction() as conn:
+            conn.exec_driver_sql("PRAGMA query_only = OFF")
         db.engine.dispose()  # pooled connections keep the pragma: new ones have none
 
 

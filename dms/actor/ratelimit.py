@@ -156,6 +156,13 @@ class PeerRates:
             state.penalty = Bucket(0.0, now)
         state.flooding_until = now + self.flood_cooldown_s
 
+    def pardon(self, peer: str) -> None:
+        """``peer`` is no longer held to ``flood_rate`` (it has a stake now: a peer with
+        one keeps its own budget, or its work in progress would stall)."""
+        state = self._peers.get(peer)
+        if state is not None:
+            state.flooding_until, state.penalty = float("-inf"), None
+
     def is_flooding(self, peer: str) -> bool:
         state = self._peers.get(peer)
         return state is not None and state.flooding_until > self._clock()

@@ -143,6 +143,9 @@ class SignedPubsub(Pubsub):
                 budgets.append((rates, rates.rate, int(rates.burst), f"messages on {topic}"))
         for rates, rate, burst, what in budgets:
             flooding = rates.is_flooding(key)
+            if flooding and not self._publisher_has_no_stake(origin):
+                rates.pardon(key)  # a stake since it was found flooding: its budget only
+                flooding = False
             if rates.allow(key):
                 continue
             if not flooding and self._publisher_has_no_stake(origin):
@@ -168,8 +171,9 @@ class SignedPubsub(Pubsub):
 
 
 class Pacer:
-    """This node's own messages on a topic with a budget, published no faster than it
-    (every receiver gives each publisher that budget: faster, they would be dropped).
+    """This node's own messages on a topic with a budget, or on all the others together
+    (the budget each receiver gives a publisher), published no faster than it (every
+    receiver gives each publisher that budget: faster, they would be dropped).
     One trio thread uses it."""
 
     def __init__(self, rate: float, burst: int) -> None:
@@ -178,28 +182,28 @@ class Pacer:
         # it hears the first one.
         self.rate, self.burst = rate * PACE_SHARE, max(1.0, burst * PACE_SHARE)
         self.bucket = Bucket(self.burst, time.monotonic())
-        self.waiting: deque[bytes] = deque()
+        self.waiting: deque[tuple[str, bytes]] = deque()  # (topic, frame)
         self.draining = False
 
-    def now_or_queue(self, frame: bytes) -> bool:
-        """True: publish ``frame`` now. False: it waits its turn (``drain`` sends it),
-        or is dropped if ``MAX_PACED`` wait already (logged)."""
+    def now_or_queue(self, topic: str, frame: bytes) -> bool:
+        """True: publish ``frame`` on ``topic`` now. False: it waits its turn (``drain``
+        sends it), or is dropped if ``MAX_PACED`` wait already (logged)."""
         if not self.waiting and self.bucket.take(self.rate, self.burst, time.monotonic()):
             return True
         if len(self.waiting) >= MAX_PACED:
             log.warning("own gossip message dropped: %d wait for the topic's budget", MAX_PACED)
             return False
-        self.waiting.append(frame)
+        self.waiting.append((topic, frame))
         return False
 
-    async def drain(self, publish: Callable[[bytes], Awaitable[None]]) -> None:
+    async def drain(self, publish: Callable[[str, bytes], Awaitable[None]]) -> None:
         self.draining = True
         try:
             while self.waiting:
                 if not self.bucket.take(self.rate, self.burst, time.monotonic()):
                     await trio.sleep(max(0.0, (1.0 - self.bucket.tokens) / self.rate))
                     continue
-                await publish(self.waiting.popleft())
+                await publish(*self.waiting.popleft())
         finally:
             self.draining = False
 
@@ -376,18 +380,23 @@ class Gossip(LoopBridge):
         return sorted(p.to_base58() for p in list(mesh))
 
     async def _publish(self, topic: str, frame: bytes) -> None:
+        # Every own message is paced: a topic with a budget of its own by that one; all
+        # the others together by the budget each receiver gives a publisher, or past it
+        # a burst (a requester gossiping many rounds) would have this node found flooding
+        # and heard at a small rate, its heartbeats with it (specs/security.md, Flooders).
         budget = topic_budgets(self.settings).get(topic)
+        key = topic if budget is not None else ""
         if budget is None:
-            await self._publish_now(topic, frame)
-            return
-        pacer = self._pacers.get(topic)
+            gossip = self.settings.gossip
+            budget = (gossip.max_messages_per_peer_per_s, gossip.message_burst_per_peer)
+        pacer = self._pacers.get(key)
         if pacer is None:
-            pacer = self._pacers[topic] = Pacer(*budget)
-        if pacer.now_or_queue(frame):
+            pacer = self._pacers[key] = Pacer(*budget)
+        if pacer.now_or_queue(topic, frame):
             await self._publish_now(topic, frame)
         elif pacer.waiting and not pacer.draining and self._nursery is not None:
             pacer.draining = True
-            self._nursery.start_soon(pacer.drain, lambda f: self._publish_now(topic, f))
+            self._nursery.start_soon(pacer.drain, self._publish_now)
 
     async def _publish_now(self, topic: str, frame: bytes) -> None:
         assert self._pubsub is not None

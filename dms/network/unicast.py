@@ -343,6 +343,9 @@ class Unicast(Discovery):
         a stake together (None: within both). A peer with a stake has only its own."""
         s = self.settings
         flooding = self._rates.is_flooding(peer)
+        if flooding and self._bytes.has_stake(peer):
+            self._rates.pardon(peer)  # a stake since it was found flooding: its budget only
+            flooding = False
         if not self._rates.allow(peer):
             if flooding:
                 return (

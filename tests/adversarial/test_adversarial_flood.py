@@ -342,6 +342,10 @@ def test_a_peer_found_flooding_keeps_a_small_rate_for_its_cooldown() -> None:
     slow.flooding("p")
     now[0] += 1.0
     assert sum(slow.allow("p") for _ in range(10)) == 1  # min(flood_rate, rate)
+    slow.pardon("p")  # a stake since: its own budget again, at once
+    assert not slow.is_flooding("p")
+    now[0] += 2.0
+    assert sum(slow.allow("p") for _ in range(10)) == 2
     off = PeerRates(100, 100, lambda: now[0], flood_rate=5, flood_cooldown_s=0)
     off.flooding("p")
     assert not off.is_flooding("p")

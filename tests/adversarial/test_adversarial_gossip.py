@@ -350,3 +350,36 @@ def test_a_publisher_found_flooding_is_heard_at_a_small_rate_for_a_while(
     )
     steady = [m for m in hellos(node) if m.startswith("steady")]
     assert len(steady) < 30, len(steady)  # about 1 a second (64 kept: 64 before)
+
+
+def test_a_nodes_own_burst_of_gossip_is_paced_not_found_flooding(cluster: LocalCluster) -> None:
+    """A node's own messages on topics without a budget of their own went out at once:
+    a burst past the budget each receiver gives a publisher (a requester gossiping many
+    rounds at once) was dropped past it and had the node found flooding, heard at
+    gossip_flooder_messages_per_s for flooder_cooldown_s, its heartbeats with it. Now
+    they are paced below that budget: every one is heard, none dropped."""
+    cluster.settings.update(
+        gossip_messages_per_peer_per_s=50.0,
+        gossip_burst_per_peer=20,
+        gossip_flooder_messages_per_s=1.0,
+        flooder_cooldown_s=30.0,
+    )
+    node, other = cluster.start(2)
+    cluster.wait_linked()
+    assert node.node is not None
+    until(
+        lambda: "ready" in hellos(other),
+        lambda: node.node.publish(  # type: ignore[union-attr]
+            BROADCAST_TOPIC, "/broadcast/hello", {"message": "ready"}
+        ),
+        "the publisher heard",
+    )
+    before = transport_refusals(other, "rate_limited")
+    for i in range(60):
+        node.node.publish(BROADCAST_TOPIC, "/broadcast/hello", {"message": f"burst {i}"})
+    wait_for(
+        lambda: sum(m.startswith("burst ") for m in hellos(other)) == 60,
+        60,
+        "the whole burst heard",
+    )
+    assert transport_refusals(other, "rate_limited") == before

@@ -281,3 +281,38 @@ def test_announce_never_waits_on_a_heartbeat_held_up_by_the_network(
         release.set()
     beats = peering._beats
     wait_for(lambda: peering._beats > beats + 1, WAIT_S, "heartbeats again, the network free")
+
+
+def test_announce_never_waits_on_the_network_when_no_beat_is_in_progress(
+    cluster: LocalCluster,
+) -> None:
+    """With no beat in progress, announce published the heartbeat itself and waited
+    for the network thread up to the heartbeat's interval (about 100 s at 1,000
+    peers), on the node's own thread. It now only has the beat go at once, on a
+    thread of its own. The interval here is longer than the wait, so no periodic beat
+    comes meanwhile and a publish by announce itself would not return in time."""
+    node = cluster.add("quiet", heartbeat_s=2 * WAIT_S)
+    assert node.transport is not None and node.node is not None
+    peering = node.node.pykka_ref.proxy().peering.get(timeout=5)
+    wait_for(
+        lambda: peering._beats > 0 and peering._sent.is_set() and not peering._beat_lock.locked(),
+        WAIT_S,
+        "a first heartbeat sent, and no beat in progress",
+    )
+    beats = peering._beats
+    release = threading.Event()
+    held = node.transport._token  # type: ignore[attr-defined]
+    held.run_sync_soon(lambda: release.wait(120))  # the network thread, held up
+    announced = threading.Event()
+    try:
+
+        def announce() -> None:
+            peering.announce()
+            announced.set()
+
+        threading.Thread(target=announce, daemon=True).start()
+        wait_for(announced.is_set, WAIT_S, "announce returned while the network is held")
+        wait_for(lambda: peering._beats > beats, WAIT_S, "the announced heartbeat built")
+    finally:
+        release.set()
+    wait_for(peering._sent.is_set, WAIT_S, "the announced heartbeat sent, the network free")

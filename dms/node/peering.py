@@ -100,12 +100,20 @@ class Peering:
         # since ``_stale_since`` (time.monotonic(); None while they are read).
         self._figures: dict[str, Any] = {}
         self._stale_since: float | None = None
-        # A heartbeat is built and sent by one thread at a time (the timer thread's
-        # periodic one, the node's announce and its leaving one).
+        # A heartbeat is built and sent by one thread at a time (the periodic one, on a
+        # parked thread, and the leaving one at stop): held while a beat waits for its
+        # figures and for the network.
         self._beat_lock = threading.Lock()
+        # The periodic beat's schedule: the fields below. Never held while waiting, so
+        # announce (on the node's own thread) takes it at once.
+        self._schedule_lock = threading.Lock()
         self._beat_timer: TimerHandle | None = None
+        # Which timing of the periodic beat is current: a timer that fired before it
+        # was cancelled (its beat not started yet) finds a newer one and sends nothing.
+        self._timing = 0
+        self._beating = False  # a periodic beat is in progress
         self._stopped = False
-        # An announce came while a beat was being sent: the next one goes at once.
+        # An announce came while a beat was in progress: the next one goes at once.
         self._again = False
         # Set once the publish of the last heartbeat returned (it waits on the network
         # thread): the next is not sent while one still waits.
@@ -116,7 +124,7 @@ class Peering:
         self.nonce = secrets.token_hex(8)  # new per process: peers see a restart
         self.heartbeats.start()
         self.node.subscribe(HEARTBEAT_TOPIC)
-        with self._beat_lock:
+        with self._schedule_lock:
             self._beat_soon(0.0)
         self.node.call_later(self.heartbeat_s / 2, self._sweep)
         if self.peerbook is not None and self.network is not None:
@@ -124,7 +132,7 @@ class Peering:
 
     def stop(self) -> None:
         self._remember_peers(reschedule=False)
-        with self._beat_lock:
+        with self._schedule_lock:
             self._stopped = True
             if self._beat_timer is not None:
                 self._beat_timer.cancel()
@@ -211,11 +219,11 @@ class Peering:
             self._publish_heartbeat_now(leaving)
 
     def _publish_heartbeat_now(self, leaving: bool) -> None:
-        """Build a heartbeat and publish it, waiting at most its interval: the publish
-        waits on the network thread, which can itself wait on a slow or hostile peer's
-        write (5 s each), and the lock this holds kept the node's own thread waiting in
-        ``announce``. A publish past the deadline goes on on its own thread; while it
-        does, no other is started (the beats it misses are logged)."""
+        """Build a heartbeat and publish it, waiting at most its interval (``_beat_lock``
+        held, never on the node's own thread): the publish waits on the network thread,
+        which can itself wait on a slow or hostile peer's write (5 s each). A publish
+        past the deadline goes on on its own thread; while it does, no other is started
+        (the beats it misses are logged)."""
         if not self._sent.is_set():
             log.info("heartbeat not sent: the last one still waits for the network")
             return
@@ -244,42 +252,53 @@ class Peering:
             )
 
     def _beat_soon(self, delay_s: float) -> None:
-        """The next periodic heartbeat in ``delay_s`` (``_beat_lock`` held). The timer
-        thread only hands it to a thread of its own (a parked one, ``dms.actor.threads``):
-        the beat may wait a quarter of its interval for the store, and that one thread
-        serves every deadline of the node (invoke timeouts, each actor's ``call_later``),
-        which all waited with it."""
+        """The next periodic heartbeat in ``delay_s``, in place of the one timed before
+        (``_schedule_lock`` held). The timer thread only hands it to a thread of its own
+        (a parked one, ``dms.actor.threads``): the beat may wait a quarter of its
+        interval for the store, and that one thread serves every deadline of the node
+        (invoke timeouts, each actor's ``call_later``), which all waited with it."""
+        if self._beat_timer is not None:
+            self._beat_timer.cancel()
+        self._timing += 1
+        timing = self._timing
         self._beat_timer = self.node.system.timers.call_later(
-            delay_s, lambda: PARK.run(self._heartbeat, "dms-heartbeat")
+            delay_s, lambda: PARK.run(lambda: self._heartbeat(timing), "dms-heartbeat")
         )
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, timing: int) -> None:
         """Off the timer thread: send one, and the next after the interval (one beat of
         this node at a time: the next is timed once this one is sent), or at once if an
-        announce came meanwhile."""
+        announce came meanwhile (after this one read its figures, maybe before the
+        change)."""
+        with self._schedule_lock:
+            if self._stopped or timing != self._timing:
+                return  # stopped, or timed again (by announce) after this timer fired
+            self._beating = True
+            self._again = False  # this beat reads the figures after any change so far
         try:
             self._publish_heartbeat()
         except Exception as exc:  # a busy store or a stopping host: try next time
             log.warning("heartbeat not sent: %s", exc)
-        with self._beat_lock:
-            if not self._stopped:
-                again, self._again = self._again, False
-                self._beat_soon(0.0 if again else self.heartbeat_interval())
+        finally:
+            with self._schedule_lock:
+                self._beating = False
+                if not self._stopped:
+                    again, self._again = self._again, False
+                    self._beat_soon(0.0 if again else self.heartbeat_interval())
 
     def announce(self) -> None:
-        """Send a heartbeat now (after onboarding changes), not at the next tick. Never
-        waits on a beat being sent (the node's thread calls this): that beat may have
-        read the figures before the change, so the next one goes right after it."""
-        if not self._beat_lock.acquire(blocking=False):
+        """Send a heartbeat now (after onboarding changes), not at the next tick. The
+        node's thread calls this, so it never sends one itself (the publish waits on the
+        network thread, up to an interval: about 100 s at 1,000 peers) nor waits on a
+        beat in progress: it has the periodic beat go at once, on its own thread, or,
+        while one is in progress (it may have read the figures before the change), go
+        again right after it."""
+        with self._schedule_lock:
+            if self._stopped:
+                return
             self._again = True
-            return
-        try:
-            if not self._stopped:
-                self._publish_heartbeat_now(leaving=False)
-        except Exception as exc:  # a busy store or a stopping host: try next time
-            log.warning("heartbeat not sent: %s", exc)
-        finally:
-            self._beat_lock.release()
+            if not self._beating:
+                self._beat_soon(0.0)
 
     def _sweep(self) -> None:
         for peer_id in self.peer_table.sweep():

@@ -274,6 +274,29 @@ def test_status_watch_refreshes_until_ctrl_c(homes: Homes) -> None:
     check_readable(out)
 
 
+@pytest.mark.parametrize("loaded", ["typer", "dms.cli.app"])
+def test_ctrl_c_while_dms_is_still_loading_ends_it_quietly(homes: Homes, loaded: str) -> None:
+    """Ctrl-C pressed as 'dms status --watch' starts (its modules take seconds to load
+    on a busy machine) ends it with 130 and no traceback: in dms.cli.app's own imports
+    ('typer' in) or in the command's ('dms.cli.app' in, 'dms.cli.status' loading)."""
+    command = [sys.executable, "-X", "importtime", "-m", "dms", "status", "--watch", "--json"]
+    started = subprocess.Popen(
+        command, env=env_for(homes.owner), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert started.stderr is not None
+    # -X importtime writes a line on stderr as each module is in: Ctrl-C just after.
+    said = []
+    for line in started.stderr:
+        said.append(line)
+        if line.split("|")[-1].strip() == loaded:
+            break
+    started.send_signal(signal.SIGINT)
+    out, err = started.communicate(timeout=60)
+    told = [t for t in "".join([*said, err]).splitlines() if not t.startswith("import time:")]
+    assert started.returncode == 130 and not told and not out, (started.returncode, told)
+
+
 def test_status_without_a_node_is_one_line(tmp_path: Path) -> None:
     home = tmp_path / "idle"
     assert dms(home, "init").returncode == 0

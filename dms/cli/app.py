@@ -16,6 +16,7 @@ from dms.cli.examples import epilog
 from dms.cli.output import error
 from dms.errors import DmsError
 
+INTERRUPTED = 130  # the exit code of a command ended by Ctrl-C (128 + SIGINT)
 HELP = "dms: a peer-to-peer device management service for privacy-preserving data mining."
 
 # name: (module in dms.cli, attribute, a group of commands or one command), in the
@@ -154,9 +155,13 @@ def _asked_for(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; click reports usage errors itself, we report ``DmsError``."""
     args = sys.argv[1:] if argv is None else argv
-    app = build_app(_asked_for(args))
     try:
+        app = build_app(_asked_for(args))  # imports the command's modules
         app(args=args, prog_name="dms", standalone_mode=True)
+    except KeyboardInterrupt:
+        # Ctrl-C before the command runs (Typer ends one while it runs with 130 itself,
+        # and 'status --watch' with 0): 130, as any interrupted command, no traceback.
+        return INTERRUPTED
     except DmsError as exc:
         error(str(exc))
         return exc.exit_code

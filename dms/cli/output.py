@@ -27,7 +27,10 @@ def short_peer(peer_id: str | None) -> str:
 
 
 def emit_json(data: Any) -> None:
+    """One JSON document on a line of its own, sent at once: a pipe (``| jq``, a test)
+    reads each refresh of ``status --watch --json`` as it is made, not a block later."""
     sys.stdout.write(json.dumps(data, default=str) + "\n")
+    sys.stdout.flush()
 
 
 def _longest_word(text: str) -> int:

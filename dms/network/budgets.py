@@ -143,6 +143,9 @@ class _Inbound:
     peer: ID
     muxed: IMuxedConn
     since: float
+    # Evicted: closing. Not a candidate again (a close that takes time, or that fails,
+    # would have the same connection evicted for ever, the network thread spinning).
+    evicted: bool = False
 
 
 @dataclass
@@ -296,12 +299,17 @@ class InboundGate:
         # check, so no scope can be passed by connections admitted at once.
         while True:
             for member, limit, name in scopes:
-                held = [e for e in self._inbound.values() if member(e) and not e.muxed.is_closed]
+                held = [
+                    e
+                    for e in self._inbound.values()
+                    if member(e) and not e.evicted and not e.muxed.is_closed
+                ]
                 if len(held) < limit:
                     continue
                 victim = self._least_needed(held)
                 if victim is None:
                     return False
+                victim.evicted = True
                 self.refusals[Budget.CONNECTION_EVICTED] += 1
                 log.info(
                     "evicted %s (%s), idle %.0f s, for a new peer: connections of %s full "

@@ -4,7 +4,7 @@ are in, a second or more on a busy machine) ends it as Ctrl-C ends any command: 
 
 try:
     from dms.cli.app import run
+
+    run()
 except KeyboardInterrupt:
     raise SystemExit(130) from None
-
-run()

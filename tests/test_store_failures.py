@@ -13,8 +13,8 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import closing, contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -206,15 +206,12 @@ def test_an_allocation_that_ran_is_not_a_lapse_when_its_release_waits_for_the_st
     assert done["state"] == "completed", done["events"]
 
 
-def test_a_provider_whose_store_refuses_still_heartbeats_and_keeps_its_running_job(
-    net: LocalCluster,
+def _beats_on_and_keeps_its_running_job(
+    net: LocalCluster, blocked: Callable[[Node], AbstractContextManager[Any]]
 ) -> None:
-    """A heartbeat carries the provider's figures, read from its store; a store that
-    refused (a read-only file: every transaction, reads too, begins with BEGIN
-    IMMEDIATE) skipped the heartbeat whole ("heartbeat not sent"). Past three of them
-    every peer had the provider gone, and its requesters placed its running jobs again
-    elsewhere, though the node and its jobs ran on. It beats on now, with the figures
-    it last read."""
+    """A provider runs a 600 s job; while ``blocked(provider)`` holds its store, the
+    requester hears eight more of its heartbeats, has it alive and the job running,
+    never placed again."""
     requester, (provider,) = network(net, 1)
     dep = deploy(requester, spec(params={"seconds": 600}, deadline_s=120))
     wait_state(requester, dep, ("running",), 30)
@@ -224,7 +221,7 @@ def test_a_provider_whose_store_refuses_still_heartbeats_and_keeps_its_running_j
         assert record is not None and record.heartbeat is not None
         return record
 
-    with refusing_writes(store(provider)):
+    with blocked(provider):
         first = heard().heartbeat.seq
         # Eight beats' time (a deadline is three): heard eight more, or gone meanwhile.
         wait_for(
@@ -239,6 +236,18 @@ def test_a_provider_whose_store_refuses_still_heartbeats_and_keeps_its_running_j
         assert lost == [], running["events"]
     owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
     wait_state(requester, dep, TERMINAL, 60)
+
+
+def test_a_provider_whose_store_refuses_still_heartbeats_and_keeps_its_running_job(
+    net: LocalCluster,
+) -> None:
+    """A heartbeat carries the provider's figures, read from its store; a store that
+    refused (a read-only file: every transaction, reads too, begins with BEGIN
+    IMMEDIATE) skipped the heartbeat whole ("heartbeat not sent"). Past three of them
+    every peer had the provider gone, and its requesters placed its running jobs again
+    elsewhere, though the node and its jobs ran on. It beats on now, with the figures
+    it last read."""
+    _beats_on_and_keeps_its_running_job(net, lambda provider: refusing_writes(store(provider)))
 
 
 def test_a_store_that_refuses_is_warned_of_once_not_at_every_heartbeat(
@@ -338,30 +347,9 @@ def test_a_provider_whose_store_another_process_locks_still_heartbeats(
     timeout (30 s) on the node's thread, its heartbeats' among them: past three missed
     beats every peer had it gone, and its requesters placed its running jobs again
     elsewhere. Its heartbeats go on now, with the figures it last read."""
-    requester, (provider,) = network(net, 1)
-    dep = deploy(requester, spec(params={"seconds": 600}, deadline_s=120))
-    wait_state(requester, dep, ("running",), 30)
-
-    def heard() -> Any:
-        record = requester.peer_table.get(provider.peer_id)
-        assert record is not None and record.heartbeat is not None
-        return record
-
-    with locked_by_another_process(provider.settings.home / "dms.db", 60):
-        first = heard().heartbeat.seq
-        # Eight beats' time (a deadline is three): heard eight more, or gone meanwhile.
-        wait_for(
-            lambda: heard().heartbeat.seq >= first + 8 or heard().status == "gone",
-            60,
-            "eight more heartbeats from the provider, or the provider gone",
-        )
-        assert heard().status == "alive"
-        running = status(requester, dep)
-        assert running["state"] == "running", running["events"]
-        lost = [e["what"] for e in running["events"] if "placing it again" in e["what"]]
-        assert lost == [], running["events"]
-    owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
-    wait_state(requester, dep, TERMINAL, 60)
+    _beats_on_and_keeps_its_running_job(
+        net, lambda provider: locked_by_another_process(provider.settings.home / "dms.db", 60)
+    )
 
 
 def test_a_heartbeat_waiting_for_a_locked_store_holds_up_none_of_the_nodes_timers(

@@ -180,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C outside main's own try (as it returns, say): 130
+        code = INTERRUPTED
     # The command is done (a node stopped and saved): the interpreter's exit need not
     # search what is left for cycles to free (0.3 s of every daemon's exit).
     gc.freeze()

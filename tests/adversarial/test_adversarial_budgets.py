@@ -455,7 +455,11 @@ def test_requests_left_waiting_when_an_actor_stops_are_answered_stopped(
         peer.write([peer.seal(env) for env in envs])
         wait_for(lambda: inflight(victim) == 4, 30, "four requests waiting")
         child.stop_soon()  # taken before the requests, once the actor is free
-    assert codes(answered(peer, [env.nonce for env in envs])) == {"stopped": 4}
+    # Each answered with a reason: 'stopped', or, for one the pipeline handed over just
+    # as the actor left its system, 'unknown_actor' (never a deadline's silence).
+    got = codes(answered(peer, [env.nonce for env in envs]))
+    assert sum(got.values()) == 4 and set(got) <= {"stopped", "unknown_actor"}, got
+    assert got.get("stopped", 0) >= 1, got
     assert inflight(victim) == 0
 
 

@@ -82,6 +82,21 @@ def signed_by(identity: Identity, msg: rpc_pb2.Message) -> rpc_pb2.Message:
     return msg
 
 
+def broadcaster(node: Node, bare_peers: list[BarePeer]) -> tuple[BarePeer, Callable[[str], bytes]]:
+    """A strict-signing bare peer in ``node``'s broadcast mesh, and a maker of its
+    signed broadcast hellos."""
+    flooder = BarePeer(node.addrs()[0], strict_signing=True)
+    bare_peers.append(flooder)
+    wait_for(lambda: node.peer_id in flooder.mesh_peers(BROADCAST_TOPIC), 30, "its mesh")
+
+    def hello(message: str) -> bytes:
+        env = flooder.envelope(None, "/broadcast/hello", {"message": message}, ttl_s=60,
+                               topic=BROADCAST_TOPIC)  # fmt: skip
+        return flooder.seal(env)
+
+    return flooder, hello
+
+
 def hellos(node: Node) -> list[str]:
     assert node.node is not None
     return [h["message"] for h in node.node.ask(node.node.handle, "/public/hellos")]
@@ -262,14 +277,7 @@ def test_a_publisher_over_its_gossip_budget_is_dropped_and_others_are_heard(
     cluster.settings.update(gossip_messages_per_peer_per_s=5.0)
     node, other = cluster.start(2)
     cluster.wait_linked()
-    flooder = BarePeer(node.addrs()[0], strict_signing=True)
-    bare_peers.append(flooder)
-    wait_for(lambda: node.peer_id in flooder.mesh_peers(BROADCAST_TOPIC), 30, "its mesh")
-
-    def hello(message: str) -> bytes:
-        env = flooder.envelope(None, "/broadcast/hello", {"message": message}, ttl_s=60,
-                               topic=BROADCAST_TOPIC)  # fmt: skip
-        return flooder.seal(env)
+    flooder, hello = broadcaster(node, bare_peers)
 
     before = transport_refusals(node, "rate_limited")
     # 600 in about a second (faster, py-libp2p's own outbound queue drops them).
@@ -323,14 +331,7 @@ def test_a_publisher_found_flooding_is_heard_at_a_small_rate_for_a_while(
     )
     node, other = cluster.start(2)
     cluster.wait_linked()
-    flooder = BarePeer(node.addrs()[0], strict_signing=True)
-    bare_peers.append(flooder)
-    wait_for(lambda: node.peer_id in flooder.mesh_peers(BROADCAST_TOPIC), 30, "its mesh")
-
-    def hello(message: str) -> bytes:
-        env = flooder.envelope(None, "/broadcast/hello", {"message": message}, ttl_s=60,
-                               topic=BROADCAST_TOPIC)  # fmt: skip
-        return flooder.seal(env)
+    flooder, hello = broadcaster(node, bare_peers)
 
     before = transport_refusals(node, "rate_limited")
     flooder.publish_many(BROADCAST_TOPIC, [hello(f"flood {i}") for i in range(200)], 0.002)

@@ -301,7 +301,13 @@ def test_streams_per_peer_are_capped_and_others_are_served(cluster: LocalCluster
     try:
         attacker.open_streams(ACTOR_PROTOCOL, 100)
         wait_for(lambda: attacker.held_open() <= 8, timeout=30, what="streams over 8 reset")
-        assert inbound_streams_from(victim, attacker.peer_id) <= 8
+        # The victim counts a stream until its handler returns: one reset may still be
+        # ending there when the attacker already sees it gone (a full suite saw 9).
+        wait_for(
+            lambda: inbound_streams_from(victim, attacker.peer_id) <= 8,
+            timeout=30,
+            what="at most 8 of the attacker's streams open on the victim",
+        )
         assert refusals(victim, Budget.STREAMS_FULL) >= 90
         assert honest.ask(root_of(victim.identity), "/public/hello") is not None
     finally:

@@ -39,6 +39,13 @@ from tests.adversarial.bare import BarePeer
 from tests.conftest import wait_for
 
 TOPIC = "/test/gossip"
+# A small gossip budget, and a flooder held to 1 message a second for 30 s.
+FLOODER_BUDGETS: dict[str, float] = {
+    "gossip_messages_per_peer_per_s": 50.0,
+    "gossip_burst_per_peer": 20,
+    "gossip_flooder_messages_per_s": 1.0,
+    "flooder_cooldown_s": 30.0,
+}
 
 
 class Listener(Actor):
@@ -323,12 +330,7 @@ def test_a_publisher_found_flooding_is_heard_at_a_small_rate_for_a_while(
     unicast half of the flood alone 1.15x). Now, found flooding, it is heard at
     gossip_flooder_messages_per_s until flooder_cooldown_s after its last drop, even
     when it then publishes within the budget; another publisher is heard meanwhile."""
-    cluster.settings.update(
-        gossip_messages_per_peer_per_s=50.0,
-        gossip_burst_per_peer=20,
-        gossip_flooder_messages_per_s=1.0,
-        flooder_cooldown_s=30.0,
-    )
+    cluster.settings.update(FLOODER_BUDGETS)
     node, other = cluster.start(2)
     cluster.wait_linked()
     flooder, hello = broadcaster(node, bare_peers)
@@ -359,12 +361,7 @@ def test_a_nodes_own_burst_of_gossip_is_paced_not_found_flooding(cluster: LocalC
     rounds at once) was dropped past it and had the node found flooding, heard at
     gossip_flooder_messages_per_s for flooder_cooldown_s, its heartbeats with it. Now
     they are paced below that budget: every one is heard, none dropped."""
-    cluster.settings.update(
-        gossip_messages_per_peer_per_s=50.0,
-        gossip_burst_per_peer=20,
-        gossip_flooder_messages_per_s=1.0,
-        flooder_cooldown_s=30.0,
-    )
+    cluster.settings.update(FLOODER_BUDGETS)
     node, other = cluster.start(2)
     cluster.wait_linked()
     assert node.node is not None

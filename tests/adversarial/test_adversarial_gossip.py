@@ -104,6 +104,18 @@ def broadcaster(node: Node, bare_peers: list[BarePeer]) -> tuple[BarePeer, Calla
     return flooder, hello
 
 
+def other_node_heard(other: Node, node: Node) -> None:
+    """``other`` broadcasts a hello until ``node`` has heard it."""
+    assert other.node is not None
+    until(
+        lambda: "from the other node" in hellos(node),
+        lambda: other.node.publish(  # type: ignore[union-attr]
+            BROADCAST_TOPIC, "/broadcast/hello", {"message": "from the other node"}
+        ),
+        "the other node's hello",
+    )
+
+
 def hellos(node: Node) -> list[str]:
     assert node.node is not None
     return [h["message"] for h in node.node.ask(node.node.handle, "/public/hellos")]
@@ -304,14 +316,7 @@ def test_a_publisher_over_its_gossip_budget_is_dropped_and_others_are_heard(
     )
     assert transport_refusals(node, "bad_signature") - bad_before < 50
     # Another publisher has a budget of its own.
-    assert other.node is not None
-    until(
-        lambda: "from the other node" in hellos(node),
-        lambda: other.node.publish(  # type: ignore[union-attr]
-            BROADCAST_TOPIC, "/broadcast/hello", {"message": "from the other node"}
-        ),
-        "the other node's hello",
-    )
+    other_node_heard(other, node)
     # The flooder's budget refills: it is heard again.
     until(
         lambda: "heard again" in hellos(node),
@@ -343,14 +348,7 @@ def test_a_publisher_found_flooding_is_heard_at_a_small_rate_for_a_while(
     )
     # Then 20 a second for 4 s, within the budget of 50: before, every one was heard.
     flooder.publish_many(BROADCAST_TOPIC, [hello(f"steady {i}") for i in range(80)], 0.05)
-    assert other.node is not None
-    until(
-        lambda: "from the other node" in hellos(node),
-        lambda: other.node.publish(  # type: ignore[union-attr]
-            BROADCAST_TOPIC, "/broadcast/hello", {"message": "from the other node"}
-        ),
-        "the other node's hello",
-    )
+    other_node_heard(other, node)
     steady = [m for m in hellos(node) if m.startswith("steady")]
     assert len(steady) < 30, len(steady)  # about 1 a second (64 kept: 64 before)
 

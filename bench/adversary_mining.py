@@ -27,7 +27,7 @@ from typing import Any
 from adversary_kit import PASSPHRASE, Context, Plan, say
 
 from dms.jobs.executors import EXECUTORS
-from dms.jobs.mining import split_context
+from dms.jobs.mining_params import split_context
 from dms.mining.schemes.ckks import CkksKeys
 from dms.node.client import NodeClient
 from dms.node.daemon import Node

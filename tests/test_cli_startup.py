@@ -1,15 +1,21 @@
 """A ``dms`` command that talks to the local node or prints help starts without the
 heavy libraries (each ``dms`` subprocess paid about 130 ms of SQLAlchemy because the
 trust anchors imported the store; ``dms deployment list`` also NumPy and TenSEAL):
-measured by bench/cli_startup.py, checked here by what is imported."""
+measured by bench/cli_startup.py, checked here by what is imported. A daemon ('dms run')
+starts and stops without NumPy or TenSEAL: they load when it mines."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from dms.cli.app import COMMANDS
+from tests.clitools import Daemon, dms
 
 # What the daemon, the store and mining need; none of it for the commands below.
 HEAVY = ("sqlalchemy", "alembic", "numpy", "tenseal", "libp2p", "trio", "dms.store", "dms.mining")
@@ -58,3 +64,38 @@ def test_help_and_the_mine_commands_help_load_no_numpy_or_tenseal() -> None:
         found = [m for m in loaded(code, *args) if m.startswith(("numpy", "tenseal"))]
         assert found == [], (args, found[:5])
     assert [m for m in loaded("import dms.cli.mine, dms.mining") if m.startswith("numpy")] == []
+
+
+IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|( *)(\S+)$")
+
+
+def importer_chain(lines: list[str], module: str) -> list[str]:
+    """From ``-X importtime`` lines (each import's line after those it caused, nested
+    ones indented deeper): ``module`` and the modules whose imports brought it in."""
+    found = [(len(m[1]), m[2]) for m in map(IMPORTED.match, lines) if m]
+    at = next(i for i, (_, name) in enumerate(found) if name == module)
+    depth, chain = found[at][0], [module]
+    for indent, name in found[at + 1 :]:
+        if indent < depth:
+            depth = indent
+            chain.append(name)
+    return chain
+
+
+def test_a_daemon_starts_and_stops_without_numpy_or_tenseal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'dms run' loaded NumPy and TenSEAL at start (the mining and collab executors, the
+    mining owner's and the collaboration's roles, the capability benchmark imported them
+    at the top): about 0.4 s of CPU of every daemon the suite and the simulator start.
+    They load when a node mines, collaborates or measures itself, not to start."""
+    home = tmp_path / "home"
+    assert dms(home, "init").returncode == 0
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # each import, on the daemon's log
+    daemon = Daemon(home)
+    assert daemon.stop() == 0, daemon.stderr()
+    lines = daemon.stderr().splitlines()
+    modules = {m[2] for m in map(IMPORTED.match, lines) if m}
+    assert {"dms.node.daemon", "dms.jobs.mining", "dms.jobs.collab"} <= modules  # all seen
+    for heavy in ("numpy", "tenseal"):
+        assert heavy not in modules, " <- ".join(importer_chain(lines, heavy))

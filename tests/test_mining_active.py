@@ -348,7 +348,7 @@ def test_dbskmeans_runs_the_announced_rounds_whatever_the_data() -> None:
 def test_a_blind_jobs_params_carry_only_padded_sizes(tmp_path: Path) -> None:
     """What providers see at bid time: records rounded up to whole ciphertexts (N/2 =
     4096 at level 128), queries up to whole blocks of 8; never the exact counts."""
-    from dms.jobs.mining import MiningParams
+    from dms.jobs.mining_params import MiningParams
     from dms.mining.placed import MiningSettings
     from dms.orchestrator.mining_owner import MiningRequest, plan
 

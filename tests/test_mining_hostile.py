@@ -17,7 +17,7 @@ import pytest
 
 from dms.jobs.base import ExecutorError
 from dms.jobs.executors import EXECUTORS
-from dms.jobs.mining import (
+from dms.jobs.mining_params import (
     MiningParams,
     inspect_context,
     max_context_bytes,

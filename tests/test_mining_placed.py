@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from dms.jobs.base import ExecutorError
-from dms.jobs.mining import MiningParams, MiningSession
+from dms.jobs.mining import MiningSession
+from dms.jobs.mining_params import MiningParams
 from dms.mining import run_classification, run_clustering
 from dms.mining.data import blobs, read_table, read_test_table
 from dms.mining.plain import ClusteringParams

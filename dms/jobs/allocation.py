@@ -49,7 +49,7 @@ from dms.actor.threads import PARK
 from dms.errors import DmsError
 from dms.jobs.base import InteractiveExecutor
 from dms.jobs.executors import ExecutorError, executor_for
-from dms.jobs.mining import join_context
+from dms.jobs.mining_params import join_context
 from dms.network.transfer import INLINE_BYTES, Courier, Parcel
 from dms.resources import Resources
 from dms.statemachine import Machine, Tracked

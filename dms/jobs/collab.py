@@ -37,11 +37,12 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dms.jobs.base import ExecutorError, InteractiveExecutor, Log, register_executor
-from dms.jobs.mining import count_objects
-from dms.mining.collab import CollabAggregator, CollabFailed, Proposal
+from dms.jobs.mining_params import count_objects
+from dms.mining.collab.errors import CollabFailed
 from dms.mining.collab.messages import (
     KeysAdvert,
     MaskedInput,
+    Proposal,
     Resume,
     RoundTotals,
     SeedShares,
@@ -120,6 +121,8 @@ class CollabSession:
     """The aggregator's side of one collaboration: operations in, answers out."""
 
     def __init__(self, params: CollabParams, log: Log) -> None:
+        from dms.mining.collab.aggregator import CollabAggregator  # NumPy: when one runs
+
         self.proposal = params.proposal
         self.aggregator = CollabAggregator(params.proposal, check_node=node_signed)
         self._log = log

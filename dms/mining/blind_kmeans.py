@@ -66,6 +66,7 @@ from dms.mining.answers import (
 )
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError, WorkerMisbehaved
+from dms.mining.levels import BLIND_CHAIN, BLIND_LOG_SCALE, LEVELS
 from dms.mining.plain import (
     ClusteringOutcome,
     ClusteringParams,
@@ -74,10 +75,8 @@ from dms.mining.plain import (
     initial_centroids,
     update_centroids,
 )
-from dms.mining.schemes.ckks import LEVELS, CkksKeys, load_public_context
+from dms.mining.schemes.ckks import CkksKeys, load_public_context
 
-BLIND_CHAIN = [60, 50, 60]  # one multiplicative level: all the blind protocols need
-BLIND_LOG_SCALE = 50
 # With the 60-bit prime left after the multiplication and a 2^50 scale, results must stay
 # below 2^9 in magnitude. The owners scale their data so that none exceeds this budget.
 MAGNITUDE_BUDGET = 256.0

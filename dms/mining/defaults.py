@@ -5,3 +5,5 @@ TenSEAL.
 """
 
 DEFAULT_VERIFY_FRACTION = 0.05  # records checked in the clear per shard and round
+DEFAULT_MIN_ERROR = 0.015  # k-means: converged once the centroids move less
+DEFAULT_MAX_ITERATIONS = 10

@@ -29,12 +29,11 @@ from dms.mining.plain import (
 )
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
+from dms.mining.settings import CLUSTERING, resolve_protocol
 from dms.mining.wire import Wire
 
-CLUSTERING = ("kmeans", "skmeans", "dbskmeans")
 CLASSIFICATION = ("knn", "sknn")
 SCHEMES = ("ckks", "liu")
-PROTOCOLS = ("blind", "udm")
 
 
 class Timings(BaseModel):
@@ -74,32 +73,6 @@ def check_scheme(scheme: str) -> Literal["ckks", "liu"]:
     if scheme not in SCHEMES:
         raise MiningError(f"unknown scheme {scheme!r}: use ckks or liu")
     return scheme  # type: ignore[return-value]
-
-
-def resolve_protocol(algorithm: str, scheme: str, protocol: str | None = None) -> str:
-    """``blind`` (the worker sees CKKS ciphertexts and the public context only) is the
-    default for CKKS skmeans and sknn; ``udm`` is the reference system's protocol, and
-    the only one for Liu and dbskmeans. ``plain`` for the plaintext baselines."""
-    if protocol is not None and protocol not in PROTOCOLS:
-        raise MiningError(f"unknown protocol {protocol!r}: use blind or udm")
-    if algorithm in ("kmeans", "knn"):
-        if protocol is not None:
-            raise MiningError(f"{algorithm} runs in the clear: a protocol applies to skmeans, sknn")
-        return "plain"
-    if protocol != "blind":
-        return protocol or ("blind" if scheme == "ckks" and algorithm != "dbskmeans" else "udm")
-    if algorithm == "dbskmeans":
-        raise MiningError(
-            "dbskmeans is the reference's double-blind UDM protocol (FDH-OPE); "
-            "for k-means where the worker sees only ciphertexts use skmeans --protocol blind"
-        )
-    if scheme != "ckks":
-        raise MiningError(
-            "the blind protocol needs CKKS: Liu's scheme is not IND-CPA (about m known "
-            "plaintext/ciphertext pairs reveal its key), so a worker holding only Liu "
-            "ciphertexts is not blind; use --scheme ckks, or --protocol udm with Liu"
-        )
-    return "blind"
 
 
 def run_clustering(

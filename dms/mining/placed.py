@@ -21,89 +21,24 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 
-from dms.mining.answers import DEFAULT_VERIFY_FRACTION
 from dms.mining.arrays import NDArray
 from dms.mining.blind_kmeans import BlindClusterOwner, BlindClusterRound, BlindClusterUpdate
 from dms.mining.blind_knn import BlindKnnDistances, BlindKnnOwner
 from dms.mining.classification import KnnDistances, KnnOwner, Label
 from dms.mining.clustering import ClusterOwner, ClusterRound, ClusterUpdate
+from dms.mining.defaults import DEFAULT_MAX_ITERATIONS, DEFAULT_MIN_ERROR
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError, WorkerMisbehaved
-from dms.mining.local import resolve_protocol
-from dms.mining.plain import DEFAULT_MAX_ITERATIONS, DEFAULT_MIN_ERROR, ClusteringParams
+from dms.mining.plain import ClusteringParams
 from dms.mining.schemes.ckks import CkksKeys
 from dms.mining.schemes.liu import LiuKey
+from dms.mining.settings import MiningSettings
 from dms.mining.wire import decode, encode
-
-Algorithm = Literal["kmeans", "skmeans", "dbskmeans", "knn", "sknn"]
-CLUSTERING = ("kmeans", "skmeans", "dbskmeans")
-MAX_SHARDS = 64
-
-
-class MiningSettings(BaseModel):
-    """The owner's settings for one job (everything but the data and the keys)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    algorithm: Algorithm
-    scheme: Literal["ckks", "liu", "plain"] = "ckks"
-    level: Literal[128, 192, 256] = 128
-    k: int = Field(ge=1)
-    distance: Literal["euclidean", "manhattan"] = "euclidean"
-    min_error: float = Field(default=DEFAULT_MIN_ERROR, ge=0)
-    max_iterations: int = Field(default=DEFAULT_MAX_ITERATIONS, ge=1, le=10_000)
-    init: Literal["first", "kmeans++"] = "first"
-    seed: int | None = None
-    shards: int = Field(default=1, ge=1, le=MAX_SHARDS)
-    # skmeans / sknn: blind (CKKS: the worker sees only ciphertexts) or udm (the
-    # reference's). Unsaid, it is resolved as everywhere (``resolve_protocol``): blind for
-    # CKKS skmeans and sknn; udm only for what names a leaky protocol (Liu, dbskmeans);
-    # None for the plaintext baselines.
-    protocol: Literal["blind", "udm"] | None = None
-    # blind: records recomputed in the clear per shard and round (spot checks)
-    verify_fraction: float = Field(default=DEFAULT_VERIFY_FRACTION, gt=0, le=1)
-    # blind skmeans: "replicate" also runs every shard on a second worker (on another
-    # peer) and compares the two answers in full every iteration
-    verify: Literal["sample", "replicate"] = "sample"
-
-    @model_validator(mode="after")
-    def _resolved(self) -> MiningSettings:
-        resolved = resolve_protocol(self.algorithm, self.scheme, self.protocol)
-        self.protocol = None if resolved == "plain" else resolved  # type: ignore[assignment]
-        if self.verify == "replicate" and (self.algorithm != "skmeans" or not self.blind):
-            raise ValueError("--verify replicate is for skmeans with the blind protocol")
-        return self
-
-    def clustering(self) -> ClusteringParams:
-        """The clustering settings of this job (k-means, SKMeans, DBSKMeans)."""
-        return ClusteringParams(
-            k=self.k,
-            distance=Distance.parse(self.distance),
-            min_error=self.min_error,
-            max_iterations=self.max_iterations,
-            init=self.init,
-            seed=self.seed,
-            level=self.level,
-            shards=self.shards,
-        )
-
-    @property
-    def replicas(self) -> int:
-        """Workers per shard."""
-        return 2 if self.verify == "replicate" else 1
-
-    @property
-    def plaintext(self) -> bool:
-        return self.algorithm in ("kmeans", "knn")
-
-    @property
-    def blind(self) -> bool:
-        return self.protocol == "blind"
 
 
 class PlainJob(BaseModel):

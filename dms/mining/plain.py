@@ -13,11 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from dms.mining.defaults import DEFAULT_MAX_ITERATIONS, DEFAULT_MIN_ERROR
 from dms.mining.distance import Distance
 from dms.mining.errors import MiningError
-
-DEFAULT_MIN_ERROR = 0.015
-DEFAULT_MAX_ITERATIONS = 10
 
 RoundCallback = Callable[[int, float], None]
 

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,9 +32,14 @@ from dms.errors import DmsError
 from dms.files import write_private
 from dms.jobs.collab import CollabParams, node_signed
 from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
-from dms.mining.collab import CollabOwner, Proposal, masks
-from dms.mining.collab.messages import OwnerState, Roster, RoundStart, RoundTotals, UnmaskRequest
-from dms.mining.data import read_table
+from dms.mining.collab.messages import (
+    OwnerState,
+    Proposal,
+    Roster,
+    RoundStart,
+    RoundTotals,
+    UnmaskRequest,
+)
 from dms.mining.errors import MiningError
 from dms.mining.wire import decode, encode
 from dms.orchestrator.collab import CollabSessionActor, OwnerCall, SessionState
@@ -42,6 +47,9 @@ from dms.orchestrator.deployment import new_deployment_id
 from dms.orchestrator.requester import Sessions
 from dms.orchestrator.states import COLLAB
 from dms.resources import Resources
+
+if TYPE_CHECKING:  # an owner's arithmetic (NumPy) loads when this node takes a seat
+    from dms.mining.collab.owner import CollabOwner
 
 log = logging.getLogger("dms.collab")
 # An ended seat (completed, failed) or one its proposer stopped calling is kept this long
@@ -132,6 +140,8 @@ class SeatStore:
         self._key = b""
 
     def key(self) -> bytes:
+        from dms.mining.collab import masks
+
         if not self._key:
             self._key = masks.derive(self.node.identity.sign(b"dms/collab/seats"), "seats")
         return self._key
@@ -145,6 +155,8 @@ class SeatStore:
         refuses, so the answer that depends on it does not leave."""
         if self.folder is None:
             return
+        from dms.mining.collab import masks
+
         p = seat.owner.proposal
         kept = SeatFile(
             proposer=seat.proposer,
@@ -166,8 +178,15 @@ class SeatStore:
         """Every kept seat, or None and why it cannot be used."""
         if self.folder is None or not self.folder.is_dir():
             return []
+        paths = sorted(self.folder.glob("*.seat"))
+        if not paths:
+            return []
+        from dms.mining.collab import masks
+        from dms.mining.collab.owner import CollabOwner
+        from dms.mining.data import read_table
+
         out: list[tuple[Seat | None, str]] = []
-        for path in sorted(self.folder.glob("*.seat")):
+        for path in paths:
             try:
                 if time.time() - path.stat().st_mtime > SEAT_RETENTION_S:
                     path.unlink()  # its result was there to read for a week; its keys go
@@ -222,6 +241,9 @@ class Collab:
             raise CollabRefusal(
                 f"this node takes part in {most} collaborations already (collab_max_seats)"
             )
+        from dms.mining.collab.owner import CollabOwner
+        from dms.mining.data import read_table
+
         try:
             rows = read_table(data).features
             owner = CollabOwner(proposal, me, rows, check_node=node_signed)

@@ -30,15 +30,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dms.actor import ActorContext, ErrorCode, Handle, Outcome
 from dms.jobs.allocation import SESSION_BEHAVIOUR, SessionAnswer, SessionCall
-from dms.jobs.mining import MiningParams, count_objects, split_context
+from dms.jobs.mining_params import MiningParams, count_objects, split_context
 from dms.jobs.spec import DeploymentSpec
 from dms.mining.errors import WorkerMisbehaved
 from dms.mining.learned import worker_learns
-from dms.mining.placed import Driver
 from dms.network.transfer import Courier
 from dms.orchestrator.deployment import (
     DeploymentActor,
@@ -50,6 +49,9 @@ from dms.orchestrator.records import MiningRow
 from dms.orchestrator.slots import Slot, SlotState
 from dms.orchestrator.states import SESSION, SHARD, DeploymentState, SessionPhase, ShardState
 from dms.statemachine import Tracked
+
+if TYPE_CHECKING:  # the drivers (NumPy, TenSEAL) load with the owner's first job
+    from dms.mining.placed import Driver
 
 log = logging.getLogger("dms.mining")
 

@@ -12,28 +12,17 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from dms.actor import ErrorCode, Refusal, Request, behaviour
 from dms.actor.runtime import NodeRuntime
 from dms.errors import DmsError
-from dms.jobs.mining import MiningParams
+from dms.jobs.mining_params import MiningParams
 from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
-from dms.mining import MiningError
-from dms.mining.data import read_table, read_test_table
-from dms.mining.placed import (
-    ClusterDriver,
-    Driver,
-    KnnDriver,
-    MiningSettings,
-    PlainDriver,
-    shard_sizes,
-)
-from dms.mining.schemes import OwnerKeys
-from dms.mining.schemes.ckks import CkksKeys
-from dms.mining.schemes.liu import LiuKey
+from dms.mining.errors import MiningError
+from dms.mining.settings import MiningSettings
 from dms.network.host import Libp2pTransport
 from dms.network.transfer import Courier
 from dms.orchestrator.deployment import new_deployment_id
@@ -42,6 +31,10 @@ from dms.orchestrator.records import MiningRow
 from dms.orchestrator.requester import Sessions
 from dms.orchestrator.states import SessionPhase
 from dms.resources import Resources
+
+if TYPE_CHECKING:  # the owner's side (NumPy, TenSEAL) loads with its first job: ``_plan``
+    from dms.mining.placed import Driver
+    from dms.mining.schemes import OwnerKeys
 
 log = logging.getLogger("dms.node")
 MIB = 1024 * 1024
@@ -72,6 +65,9 @@ class SessionId(BaseModel):
 
 
 def _keys(request: MiningRequest) -> OwnerKeys | None:
+    from dms.mining.schemes.ckks import CkksKeys
+    from dms.mining.schemes.liu import LiuKey
+
     s = request.settings
     if request.keys is None or s.plaintext:
         return None
@@ -101,6 +97,9 @@ def plan(request: MiningRequest) -> tuple[Driver, DeploymentSpec, list[int], dic
 
 
 def _plan(request: MiningRequest) -> tuple[Driver, DeploymentSpec, list[int], dict[str, Any]]:
+    from dms.mining.data import read_table, read_test_table
+    from dms.mining.placed import ClusterDriver, KnnDriver, PlainDriver, shard_sizes
+
     s = request.settings
     keys = _keys(request)
     queries = 0

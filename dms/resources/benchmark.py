@@ -9,6 +9,9 @@ each step's name before it starts.
 
 TenSEAL exposes rotations only inside ``sum``/``dot`` (log2(slots) rotations
 each), so ``ckks_rotate_per_s`` is rotate-and-sum steps: sums/s * log2(slots).
+
+Each workload imports NumPy (and the schemes TenSEAL) when it runs: a node that only
+reads its registered ``Capability`` loads neither.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 BENCHMARK_VERSION = 1
@@ -77,26 +79,29 @@ def _rate(unit: Callable[[], object], amount: float = 1.0, budget_s: float = STE
             return round(count * amount / elapsed, 3)
 
 
-def _cpu_kernel(x: np.ndarray, out: np.ndarray) -> None:
-    np.sin(x, out=out)
-    np.multiply(out, x, out=out)
-    np.add(out, 1.0, out=out)
-
-
 def _cpu(cores: int, budget_s: float) -> tuple[float, float]:
+    import numpy as np  # each workload imports NumPy: a node loads it when it measures
+
+    def kernel(x: np.ndarray, out: np.ndarray) -> None:
+        np.sin(x, out=out)
+        np.multiply(out, x, out=out)
+        np.add(out, 1.0, out=out)
+
     inputs = [np.linspace(0.0, 1.0, _VECTOR) for _ in range(cores)]
     outputs = [np.empty(_VECTOR) for _ in range(cores)]
-    single = _rate(lambda: _cpu_kernel(inputs[0], outputs[0]), _VECTOR / 1e6, budget_s)
+    single = _rate(lambda: kernel(inputs[0], outputs[0]), _VECTOR / 1e6, budget_s)
     with ThreadPoolExecutor(cores) as pool:  # numpy ufuncs release the GIL
 
         def all_cores() -> None:
-            list(pool.map(_cpu_kernel, inputs, outputs))
+            list(pool.map(kernel, inputs, outputs))
 
         every = _rate(all_cores, cores * _VECTOR / 1e6, budget_s)
     return single, every
 
 
 def _memory(budget_s: float) -> float:
+    import numpy as np
+
     src = np.ones(_MEMORY_MIB * 2**20 // 8)
     dst = np.empty_like(src)
     return _rate(lambda: np.copyto(dst, src), 2 * src.nbytes / 1e9, budget_s)
@@ -127,6 +132,8 @@ def _disk(folder: Path) -> tuple[float, float]:
 
 
 def _ckks(budget_s: float) -> tuple[float, float, float]:
+    import numpy as np
+
     from dms.mining.schemes.ckks import CkksKeys
 
     keys = CkksKeys.generate(128, galois=True)
@@ -139,6 +146,8 @@ def _ckks(budget_s: float) -> tuple[float, float, float]:
 
 
 def _liu(budget_s: float) -> tuple[float, float]:
+    import numpy as np
+
     from dms.mining.schemes.liu import LiuKey, add
 
     key = LiuKey.generate(128)

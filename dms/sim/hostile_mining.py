@@ -35,7 +35,8 @@ import numpy as np
 import tenseal as ts
 
 from dms.jobs.base import Log
-from dms.jobs.mining import MiningExecutor, MiningParams, MiningSession
+from dms.jobs.mining import MiningExecutor, MiningSession
+from dms.jobs.mining_params import MiningParams
 from dms.mining.blind_kmeans import BlindClusterRound, BlindClusterWorker
 from dms.mining.wire import decode, encode
 

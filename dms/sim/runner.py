@@ -654,7 +654,7 @@ def local_labels(mine: Mine, plaintext: bool) -> list[Any]:
     from dms.mining import run_classification, run_clustering
     from dms.mining.data import read_table, read_test_table
     from dms.mining.distance import Distance
-    from dms.mining.placed import CLUSTERING
+    from dms.mining.settings import CLUSTERING
 
     s = mine.settings()
     common: dict[str, Any] = {"distance": Distance(s.distance)}

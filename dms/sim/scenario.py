@@ -25,7 +25,7 @@ from pydantic import (
 
 from dms.errors import DmsError
 from dms.jobs.spec import DeploymentSpec, JobSpecError, Strategy, load_spec
-from dms.mining.placed import CLUSTERING, MiningSettings
+from dms.mining.settings import CLUSTERING, MiningSettings
 from dms.resources import Preferences
 from dms.resources.amounts import parse_cpu, parse_size
 from dms.yamlfile import data_loc, parse_lined

@@ -8,12 +8,23 @@ aggregator that lies about who dropped, and the seeds are Shamir-shared so a
 dropped owner's masks can be removed. Pure: no network; the messages are
 pydantic models. ``simulate`` runs owners and an aggregator in one process.
 See specs/mining.md, section "Collaborative k-means".
+
+The names below load on first use (PEP 562), as in ``dms.mining``: the messages and
+errors load no NumPy, so a node that only checks a proposal or relays messages (the
+proposer's session, a bid on an aggregator) does not pay for the owner's and the
+aggregator's arithmetic until it runs them.
 """
 
-from dms.mining.collab.aggregator import CollabAggregator
-from dms.mining.collab.errors import CollabFailed, Refused
-from dms.mining.collab.messages import Init, OwnerResult, Privacy, Proposal
-from dms.mining.collab.owner import CollabOwner
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dms.mining.collab.aggregator import CollabAggregator
+    from dms.mining.collab.errors import CollabFailed, Refused
+    from dms.mining.collab.messages import Init, OwnerResult, Privacy, Proposal
+    from dms.mining.collab.owner import CollabOwner
 
 __all__ = [
     "CollabAggregator",
@@ -25,3 +36,28 @@ __all__ = [
     "Proposal",
     "Refused",
 ]
+
+# Each public name: the module that defines it.
+_WHERE = {
+    "CollabAggregator": "dms.mining.collab.aggregator",
+    "CollabFailed": "dms.mining.collab.errors",
+    "CollabOwner": "dms.mining.collab.owner",
+    "Init": "dms.mining.collab.messages",
+    "OwnerResult": "dms.mining.collab.messages",
+    "Privacy": "dms.mining.collab.messages",
+    "Proposal": "dms.mining.collab.messages",
+    "Refused": "dms.mining.collab.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:  # a submodule not yet imported, or a mistake: the import system decides
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # once: later look-ups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Self
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dms.mining.wire import encode
@@ -68,6 +67,8 @@ class Proposal(BaseModel):
                 "collect both halves of an owner's masks"
             )
         if self.init is Init.SUPPLIED:
+            import numpy as np  # here, not at the top: a node that relays messages needs none
+
             grid = np.asarray(self.centroids if self.centroids is not None else [], dtype=float)
             if grid.shape != (self.k, self.a) or not np.all(np.isfinite(grid)):
                 raise ValueError(

@@ -14,16 +14,7 @@ import numpy as np
 import tenseal as ts
 
 from dms.mining.errors import MiningError
-
-# level -> (poly modulus degree N, log2 scale, coefficient modulus bit sizes)
-LEVELS: dict[int, tuple[int, int, list[int]]] = {
-    128: (8192, 40, [60, 40, 40, 60]),
-    192: (16384, 40, [60, 40, 40, 40, 60]),
-    256: (32768, 60, [60, 50, 50, 50, 60]),
-}
-# Values handed to CKKS are scaled by the data owner into [-1, 1]: with a 2^40
-# scale and a 60-bit first prime, magnitudes up to 2^19 are safe, and products
-# of two scaled values stay below 1.
+from dms.mining.levels import LEVELS
 
 
 @dataclass

@@ -54,6 +54,10 @@ ends, as one script placing many short jobs would). One JSON line per
   is well under the 10 s lease, so only a revert that never happened counts);
 - ``success_rate``: deployments that completed, over all.
 
+``--placements FILE`` appends one line a placement to FILE: its latency, phases and
+the deployment's own events (what the slowest ones waited for: specs/orchestration.md,
+"Seventh pass: the tail").
+
 The baseline, measured in the same run, is ``floor_ms``: the p50 of one signed
 invoke round trip from the requester to a provider (``/public/hello``); a
 placement needs at least three (bid, commit, allocate).
@@ -81,6 +85,7 @@ import psutil
 
 from dms.actor import ROOT_INBOX, Address, Handle
 from dms.jobs.spec import DeploymentSpec
+from dms.node.allocator import freeze_start_heap
 from dms.node.daemon import Node
 from dms.orchestrator.states import DEPLOYMENT
 from dms.resources import Resources
@@ -407,6 +412,24 @@ def figures_of(
     }
 
 
+def write_placements(path: str, done: dict[str, Any], concurrency: int) -> None:
+    """One JSON line a placement (appended to ``path``): its latency, phases and the
+    deployment's own events, to find where the slow ones spent their time."""
+    rows, started = done["rows"], done["started"]
+    with open(path, "a") as out:
+        for i, r in rows.items():
+            running = r.get("running_at")
+            line = {
+                "concurrency": concurrency,
+                "id": i,
+                "started": started[i],
+                "latency_ms": round((running - started[i]) * 1000, 2) if running else None,
+                "phases_ms": {k: round(v, 2) for k, v in (phases(r, started[i]) or {}).items()},
+                "events": r.get("events", []),
+            }
+            out.write(json.dumps(line) + "\n")
+
+
 def homes(stack: contextlib.ExitStack) -> Path:
     """A folder for the run's node homes, removed once every node stopped (kept, with
     the daemons' logs, when DMS_BENCH_DEBUG is set)."""
@@ -433,6 +456,7 @@ def start_threads(count: int, args: argparse.Namespace, stack: contextlib.ExitSt
     # dials would load the run, not the placements. After 60 s it goes on anyway.
     settled = c.wait_settled(timeout=60)
     say(f"peers table complete; start-up settled: {settled}")
+    freeze_start_heap()  # as dms run does once its node started
     return net
 
 
@@ -462,6 +486,9 @@ def start_processes(count: int, args: argparse.Namespace, stack: contextlib.Exit
     settled = daemons.settle(timeout=START_DEADLINE_S)
     idle = wait_steady(net, deadline_s=START_DEADLINE_S)
     say(f"peers table complete; start-up settled: {settled}; idle {idle * 1000:.0f} ms/s")
+    # The requester's process as a daemon's (dms run freezes the heap it started with):
+    # a full collection over it stalled every placement in flight for 120-380 ms.
+    freeze_start_heap()
     return net
 
 
@@ -558,6 +585,8 @@ def measure(net: Threads | Processes, count: int, args: argparse.Namespace) -> l
         offset += args.jobs
         work1, closes1 = WORK.snapshot()
         work1.subtract(work0)
+        if args.placements:
+            write_placements(args.placements, done, concurrency)
         figures = {
             "bench": "placement",
             "mode": net.mode,
@@ -608,6 +637,11 @@ def main() -> int:
         help="every provider a dms run daemon of its own (--nodes counts the providers)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON lines")
+    parser.add_argument(
+        "--placements",
+        metavar="FILE",
+        help="append one JSON line a placement to FILE (latency, phases, its events)",
+    )
     args = parser.parse_args()
     WORK.install()
     ENDS.install()

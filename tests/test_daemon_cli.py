@@ -133,3 +133,33 @@ def test_run_with_a_bad_address_is_a_one_line_error(
     assert done.returncode != 0
     assert f"bad {flag.removeprefix('--')}" in done.stderr and value in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_daemon_keeps_its_start_heap_out_of_full_collections(homes: tuple[Path, Path]) -> None:
+    """dms run freezes the heap it started with (specs/orchestration.md, "Seventh pass:
+    the tail"): its metrics show the objects frozen; a node run by a caller of main()
+    in its own process (this test's) leaves its collector alone."""
+    import gc
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dms.node.api import TOKEN_HEADER, token_file
+
+    one = homes[0]
+    daemon = Daemon(one)
+    try:
+        port = json.loads((one / "api.json").read_text())["port"]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/metrics",
+            headers={TOKEN_HEADER: token_file(one).read_text().strip()},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        assert daemon.stop() == 0
+    samples = {
+        s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+    }
+    assert samples["dms_gc_frozen_objects"] > 10_000  # a started node's modules and objects
+    assert "dms_gc_collections_total" in samples
+    assert gc.get_freeze_count() == 0

@@ -316,3 +316,39 @@ def test_announce_never_waits_on_the_network_when_no_beat_is_in_progress(
     finally:
         release.set()
     wait_for(peering._sent.is_set, WAIT_S, "the announced heartbeat sent, the network free")
+
+
+def test_the_first_beat_after_the_start_or_an_announce_is_at_a_random_point_of_the_interval(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every node's interval is the same: nodes started or onboarded together (each
+    onboarding announces) beat together for as long as they run, and every node then
+    heard them all within a second or two (the placement bench's slowest placements,
+    specs/orchestration.md, "Seventh pass: the tail"). The beat after the start and
+    after an announce comes at a random share of the interval (here its least), the
+    ones after it a whole interval apart."""
+    from types import SimpleNamespace
+
+    from dms.node import peering as peering_module
+
+    monkeypatch.setattr(peering_module, "random", SimpleNamespace(uniform=lambda lo, hi: lo))
+    waits: list[float] = []
+    beat_soon = peering_module.Peering._beat_soon
+
+    def timed(self: peering_module.Peering, delay_s: float) -> None:
+        waits.append(delay_s)
+        beat_soon(self, delay_s)
+
+    monkeypatch.setattr(peering_module.Peering, "_beat_soon", timed)
+    node = cluster.add("dephased", heartbeat_s=2.0)
+    assert node.node is not None
+    peering = node.node.pykka_ref.proxy().peering.get(timeout=5)
+    periodic = lambda: [w for w in waits if w > 0]  # noqa: E731
+    wait_for(lambda: len(periodic()) >= 2, WAIT_S, "two periodic beats timed")
+    interval = peering.heartbeat_interval()
+    least = peering_module.DEPHASE_MIN_SHARE * interval
+    assert periodic()[:2] == [pytest.approx(least), pytest.approx(interval)]
+    timed_before = len(periodic())
+    peering.announce()
+    wait_for(lambda: len(periodic()) > timed_before, WAIT_S, "the beat after the announce timed")
+    assert periodic()[timed_before] == pytest.approx(least)

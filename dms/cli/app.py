@@ -17,6 +17,10 @@ from dms.cli.output import error
 from dms.errors import DmsError
 
 INTERRUPTED = 130  # the exit code of a command ended by Ctrl-C (128 + SIGINT)
+# True in a process the console entry point (run) started for one command: the command
+# may then tune the process for itself (dms run freezes its start heap); a caller of
+# main() in its own process (a test) keeps its collector as it was.
+OWN_PROCESS = False
 HELP = "dms: a peer-to-peer device management service for privacy-preserving data mining."
 
 # name: (module in dms.cli, attribute, a group of commands or one command), in the
@@ -180,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
+    global OWN_PROCESS
+    OWN_PROCESS = True
     try:
         code = main()
     except KeyboardInterrupt:  # Ctrl-C outside main's own try (as it returns, say): 130

@@ -298,7 +298,7 @@ def run(
                 f"--log-format={log_format}"]  # fmt: skip
         _detach(cfg.home, args, json_out)
         return
-    from dms.node.allocator import HeapTrimmer, return_large_blocks
+    from dms.node.allocator import HeapTrimmer, freeze_start_heap, return_large_blocks
     from dms.node.daemon import Node, network_settings  # libp2p loads only for this command
 
     return_large_blocks(cfg.malloc_mmap_threshold_bytes)  # a refused frame leaves no RSS
@@ -329,6 +329,10 @@ def run(
         layer = FaultPlan.watching(faults).layer
     node = Node(cfg, identity, network, api_port=api_port, layer=layer).start()
     trimmer.start()  # a flood's freed buffers leave no RSS
+    from dms.cli import app
+
+    if app.OWN_PROCESS:  # this process is the node's: its start heap out of full collections
+        freeze_start_heap()
     try:
         assert node.api is not None
         info = {

@@ -11,6 +11,7 @@ a wrapper like ``dms.sim.faults.FaultyTransport``). Names: ``specs/metrics.md``.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import Counter
@@ -179,6 +180,24 @@ class NodeCollector(Collector):
         yield from self._network()
         yield from self._resources()
         yield from self._store()
+        yield from self._collector()
+
+    # ---- the process's garbage collector ----------------------------------------------
+
+    def _collector(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "dms_gc_frozen_objects",
+            "Objects kept out of the collector's passes (dms run freezes its start heap).",
+            gc.get_freeze_count(),
+        )
+        runs = CounterMetricFamily(
+            "dms_gc_collections",
+            "Collections by the process's garbage collector, by generation.",
+            labels=["generation"],
+        )
+        for generation, stats in enumerate(gc.get_stats()):
+            runs.add_metric([str(generation)], stats["collections"])
+        yield runs
 
     # ---- the actor system -----------------------------------------------------------
 

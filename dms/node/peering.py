@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import secrets
 import threading
 import time
@@ -40,6 +41,12 @@ log = logging.getLogger("dms.node")
 # The longest a heartbeat waits for its figures, as a share of its interval: a store
 # another process holds locked makes a read wait SQLite's busy timeout (30 s).
 FIGURES_WAIT_SHARE = 0.25
+# The first periodic beat after the start and after each announce comes at a random
+# point of its interval, no sooner than this share of it: nodes started or onboarded
+# together would otherwise beat together for as long as they run (every node's interval
+# is the same), and every node of the network then heard them all within a second or
+# two (specs/orchestration.md, "Seventh pass: the tail").
+DEPHASE_MIN_SHARE = 0.1
 
 
 class PingPayload(BaseModel):
@@ -115,6 +122,9 @@ class Peering:
         self._stopped = False
         # An announce came while a beat was in progress: the next one goes at once.
         self._again = False
+        # The next periodic beat comes at a random point of its interval (after the
+        # start and each announce: DEPHASE_MIN_SHARE), not a whole interval on.
+        self._dephase = True
         # Set once the publish of the last heartbeat returned (it waits on the network
         # thread): the next is not sent while one still waits.
         self._sent = threading.Event()
@@ -284,7 +294,18 @@ class Peering:
                 self._beating = False
                 if not self._stopped:
                     again, self._again = self._again, False
-                    self._beat_soon(0.0 if again else self.heartbeat_interval())
+                    self._beat_soon(0.0 if again else self._next_interval())
+
+    def _next_interval(self) -> float:
+        """The wait for the next periodic beat (``_schedule_lock`` held): the interval,
+        or a random share of it for the first beat after the start or an announce. Never
+        longer than the interval, so no gap nears the deadline peers hold this node to
+        (DEADLINE_FACTOR intervals); an announce costs at most one beat over the budget."""
+        interval = self.heartbeat_interval()
+        if not self._dephase:
+            return interval
+        self._dephase = False
+        return interval * random.uniform(DEPHASE_MIN_SHARE, 1.0)
 
     def announce(self) -> None:
         """Send a heartbeat now (after onboarding changes), not at the next tick. The
@@ -297,6 +318,7 @@ class Peering:
             if self._stopped:
                 return
             self._again = True
+            self._dephase = True
             if not self._beating:
                 self._beat_soon(0.0)
 

@@ -483,5 +483,36 @@ def test_an_actor_whose_start_fails_answers_what_waited_and_leaves_its_system(
     system.spawn(Actor, inbox="broken")  # its inbox is free again
 
 
+def test_an_actor_whose_start_fails_before_its_spawn_returns_leaves_its_system(
+    make_node,  # type: ignore[no-untyped-def]
+) -> None:
+    """An actor whose ``on_start`` raises asks its system to drop it, but a spawn lists
+    the actor only once its thread has been handed the loop: an ``on_start`` that failed
+    first (its thread ran at once, the spawning one lost the GIL) found nothing to
+    drop, and the spawn then listed the stopped actor for good, its inbox taken and its
+    key counted as local. Here the spawn waits for the failure before it returns."""
+    failed = threading.Event()
+
+    class FailsAtOnce(Actor):
+        @classmethod
+        def start(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+            ref = super().start(*args, **kwargs)
+            assert failed.wait(30), "on_start never failed"  # the spawner is the slower
+            return ref
+
+        def on_start(self) -> None:
+            raise RuntimeError("a bug at start")
+
+        def _handle_failure(self, *exc_info) -> None:  # type: ignore[no-untyped-def]
+            super()._handle_failure(*exc_info)
+            failed.set()
+
+    system = make_node()
+    ref = system.spawn(FailsAtOnce, inbox="fails")
+    assert system.actor("fails") is None
+    assert not system.is_local(ref.handle.id)
+    system.spawn(Actor, inbox="fails")  # its inbox is free again
+
+
 def used(system, budget: str) -> float:  # type: ignore[no-untyped-def]
     return next(u.used for u in system.admission.usage() if u.name == budget)

@@ -416,6 +416,10 @@ class ActorSystem:
         ref = ActorRef(self, identity, handle, pykka_ref)
         with self._lock:
             self._actors[inbox] = ref
+        if not pykka_ref.is_alive():
+            # Its on_start failed before it was listed (its thread ran first): the stop
+            # it asked for found nothing to drop, so it is dropped now (stop_actor once).
+            self.stop_actor(inbox, timeout=0, block=False)
         return ref
 
     def stand_in(

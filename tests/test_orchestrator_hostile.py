@@ -323,12 +323,39 @@ def test_leases_given_back_in_several_rounds_count_no_more_than_its_heartbeat_he
     record = table.get("provider")
     assert record is not None
     book = GivenBackBook()
-    for _ in range(2):  # two rounds between two of its heartbeats, both bids lost
-        book.note(record, Resources(cpu=2))
-
-    def wanting(cpu: str) -> AllocationSpec:
-        return AllocationSpec(name="w", executor="compute", resources=Resources(cpu=cpu))
+    for rid in (1, 2):  # two rounds between two of its heartbeats, both bids lost
+        book.note(record, Resources(cpu=2), rid)
 
     assert misfit(record, wanting("2"), book.credit(record)) is None  # its 2 are free
     too_big = misfit(record, wanting("3"), book.credit(record))
     assert too_big is not None and "cpu 2 free < 3" in too_big, too_big
+
+
+def test_leases_given_back_in_several_rounds_count_once_beside_another_jobs_allocation() -> None:
+    """What a heartbeat shows held counts other jobs' allocations too, so bounding the
+    rounds' give-backs by it (or by what the peer onboarded) let them count once a round
+    again beside one: a provider of 4 cores holding 2 for another job, whose heartbeat
+    showed this job's lease of 2 held as well, read as 4 free after two rounds each gave
+    back those same 2, and was asked for a slot of 3 it cannot take until that other job
+    ends. One round's give-back counts, not their sum; offers given back separately in
+    one round (a late one, an excluded one) still count together."""
+    table = PeerTable()
+    onboarded = {"cpu": 4.0, "ram_gib": 8.0, "disk_gib": 8.0, "gpu": 0}
+    beat = Heartbeat(nonce="n" * 16, seq=7, interval_s=1, deadline_s=3, onboarded=onboarded,
+                     free={"cpu": 0.0, "ram_gib": 8.0, "disk_gib": 8.0, "gpu": 0})  # fmt: skip
+    table.observe("provider", "did:key:provider", beat)
+    record = table.get("provider")
+    assert record is not None
+    book = GivenBackBook()
+    for rid in (1, 2):
+        book.note(record, Resources(cpu=2), rid)
+    assert misfit(record, wanting("2"), book.credit(record)) is None  # this job's 2 are free
+    too_big = misfit(record, wanting("3"), book.credit(record))
+    assert too_big is not None and "cpu 2 free < 3" in too_big, too_big
+    book.note(record, Resources(cpu=1), 3)  # a round of two offers, given back one by one
+    book.note(record, Resources(cpu=1), 3)
+    assert misfit(record, wanting("2"), book.credit(record)) is None
+
+
+def wanting(cpu: str) -> AllocationSpec:
+    return AllocationSpec(name="w", executor="compute", resources=Resources(cpu=cpu))

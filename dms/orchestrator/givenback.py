@@ -8,10 +8,13 @@ an idle provider looked too small to ask for a slot placed again meanwhile, whic
 then went to a peer holding another slot of the job (distinct peers broken, though
 this one stood idle). Each give-back is noted with the peer's heartbeat then
 heard; it counts as free on that peer until a heartbeat two beats later (the next
-one may have left before the revert arrived) or from a restarted process. Never
-more than that heartbeat shows held (:func:`free_with`): rounds come faster than
-heartbeats, and the same cores leased and given back in each round counted once a
-round, a provider of 2 cores read as 4 free.
+one may have left before the revert arrived) or from a restarted process. Rounds
+come faster than heartbeats and lease the same cores again, one after another: what
+is credited is the most one round gave back (what its rounds gave back together,
+counted once a round, had a provider of 2 cores read as 4 free), and never more than
+that heartbeat shows held (:func:`free_with`; it counts other jobs' allocations too,
+so that bound alone had a provider of 4 cores holding 2 for another job read as 4
+free after two rounds gave back 2 each).
 See ``specs/orchestration.md``.
 """
 
@@ -34,6 +37,7 @@ class GivenBack:
     nonce: str  # the peer's process, by its heartbeat
     seq: int  # its heartbeat heard when the leases went back
     amount: Resources
+    round: int = 0  # the bid round whose offers these were
 
 
 class GivenBackBook:
@@ -42,13 +46,14 @@ class GivenBackBook:
     def __init__(self) -> None:
         self._by_peer: dict[str, list[GivenBack]] = {}
 
-    def note(self, record: PeerRecord | None, amount: Resources) -> None:
-        """``amount`` was given back to ``record``'s peer now (its leases reverted)."""
+    def note(self, record: PeerRecord | None, amount: Resources, round_id: int = 0) -> None:
+        """``amount`` was given back to ``record``'s peer now (its leases reverted), the
+        offers of round ``round_id``."""
         if record is None or record.heartbeat is None or amount.is_zero():
             return  # never judged by a heartbeat: nothing to correct
         hb = record.heartbeat
         noted = self._by_peer.setdefault(record.peer_id, [])
-        noted.append(GivenBack(hb.nonce, hb.seq, amount))
+        noted.append(GivenBack(hb.nonce, hb.seq, amount, round_id))
         del noted[:-MAX_NOTED]
 
     def credit(self, record: PeerRecord) -> Resources:
@@ -66,10 +71,15 @@ class GivenBackBook:
             self._by_peer.pop(record.peer_id, None)
             return ZERO
         self._by_peer[record.peer_id] = noted
-        total = ZERO
+        # One round's leases are given back before the next round leases the same
+        # resources again: a heartbeat counts one round's as held, not their sum.
+        by_round: dict[int, Resources] = {}
         for given in noted:
-            total = total + given.amount
-        return total
+            by_round[given.round] = by_round.get(given.round, ZERO) + given.amount
+        most = (0, 0, 0, 0)
+        for amount in by_round.values():
+            most = tuple(max(a, b) for a, b in zip(most, amount.as_tuple(), strict=True))
+        return Resources.of(most)  # type: ignore[arg-type]
 
 
 def free_with(record: PeerRecord, given_back: Resources) -> dict[str, float]:

@@ -352,7 +352,7 @@ class BidRounds:
 
     def _take_bid(self, rid: int, bid: Bid) -> None:
         if rid != self.round or rid in self._closed or self.book.state in DEPLOYMENT.terminal:
-            self._give_back(bid.peer_id, bid.offers)  # too late: the leases go back at once
+            self._give_back(bid.peer_id, bid.offers, rid)  # too late: the leases go back at once
             return
         self._answered.add(bid.peer_id)
         for offer in bid.offers:
@@ -361,7 +361,7 @@ class BidRounds:
             if offer.slot in self._offers and not self.host.excludes(offer.slot, bid.peer_id):
                 self._offers[offer.slot].append(Candidate(bid, offer))
             else:
-                self._give_back(bid.peer_id, [offer])
+                self._give_back(bid.peer_id, [offer], rid)
         for decline in bid.declines:
             slot = self.book.slots.get(decline.slot)
             if slot is None:
@@ -371,9 +371,9 @@ class BidRounds:
                 slot.declined_for_good[bid.peer_id] = decline.reason
         self._maybe_close(rid)
 
-    def _give_back(self, peer: str, offers: list[Offer]) -> None:
-        """Revert ``peer``'s ``offers``; what they held counts as free on it while its
-        last heartbeat may still count them (``GivenBackBook``)."""
+    def _give_back(self, peer: str, offers: list[Offer], rid: int) -> None:
+        """Revert ``peer``'s ``offers`` (made in round ``rid``); what they held counts as
+        free on it while its last heartbeat may still count them (``GivenBackBook``)."""
         if not offers:
             return
         self.book.revert(peer, [o.lease_id for o in offers])
@@ -382,7 +382,7 @@ class BidRounds:
             spec = self.book.by_slot.get(offer.slot)
             if spec is not None:
                 amount = amount + spec.resources
-        self.given_back.note(self.book.o.peer_table.get(peer), amount)
+        self.given_back.note(self.book.o.peer_table.get(peer), amount, rid)
 
     def _maybe_close(self, rid: int) -> None:
         if not self._gossiped and self._asked <= self._answered:
@@ -469,7 +469,7 @@ class BidRounds:
             self.book.event(f"{name}: chose {chosen.peer_id[-8:]} ({why})")
             self.host.commit(slot)
         for peer, offers in losers.items():
-            self._give_back(peer, offers)
+            self._give_back(peer, offers, rid)
         # Written once the commits are on their way (off the placement's path), with the
         # save of the slots' moves below.
         self.book.add_bids(records)

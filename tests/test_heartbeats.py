@@ -352,3 +352,41 @@ def test_the_first_beat_after_the_start_or_an_announce_is_at_a_random_point_of_t
     peering.announce()
     wait_for(lambda: len(periodic()) > timed_before, WAIT_S, "the beat after the announce timed")
     assert periodic()[timed_before] == pytest.approx(least)
+
+
+class _NoThreads:
+    """The park, but a thread for a task of these names cannot be had the first time
+    each is asked (``RuntimeError: can't start new thread``: a transient limit)."""
+
+    def __init__(self, park: object, names: set[str]) -> None:
+        self.park, self.failing, self.failed = park, set(names), set()
+
+    def run(self, fn: Callable[[], object], name: str) -> None:
+        if name in self.failing:
+            self.failing.discard(name)
+            self.failed.add(name)
+            raise RuntimeError("can't start new thread")
+        self.park.run(fn, name)  # type: ignore[attr-defined]
+
+
+def test_a_heartbeat_that_cannot_have_a_thread_once_is_sent_again_later(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic beat is handed to a thread by the timer thread, and its publish to
+    another: a thread that could not be had once (a transient limit on threads) ended
+    the node's heartbeats for good. The timer's hand-over raised, and nothing timed
+    the next beat; the publish's raised with its 'sent' mark unset, and every later
+    beat was skipped as one whose last publish still waited for the network. Its
+    peers had it gone for as long as it ran."""
+    import dms.node.peering as peering_module
+
+    node = cluster.add("flaky", heartbeat_s=INTERVAL)
+    assert node.node is not None
+    peering = node.node.pykka_ref.proxy().peering.get(timeout=5)
+    wait_for(lambda: peering._beats > 0, WAIT_S, "a first heartbeat sent")
+    flaky = _NoThreads(peering_module.PARK, {"dms-heartbeat", "dms-heartbeat-publish"})
+    monkeypatch.setattr(peering_module, "PARK", flaky)
+    wait_for(lambda: len(flaky.failed) == 2, WAIT_S, "both hand-overs refused a thread")
+    beats = peering._beats
+    wait_for(lambda: peering._beats > beats + 2, WAIT_S, "heartbeats again")
+    wait_for(peering._sent.is_set, WAIT_S, "the last one sent")

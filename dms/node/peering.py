@@ -253,7 +253,11 @@ class Peering:
             finally:
                 sent.set()
 
-        PARK.run(publish, "dms-heartbeat-publish")
+        try:
+            PARK.run(publish, "dms-heartbeat-publish")
+        except BaseException:  # no thread to be had (a transient limit): the next beat tries
+            sent.set()
+            raise
         if not sent.wait(beat["interval_s"]):
             log.warning(
                 "heartbeat not sent within %g s (its interval): the network thread is "
@@ -271,9 +275,17 @@ class Peering:
             self._beat_timer.cancel()
         self._timing += 1
         timing = self._timing
-        self._beat_timer = self.node.system.timers.call_later(
-            delay_s, lambda: PARK.run(lambda: self._heartbeat(timing), "dms-heartbeat")
-        )
+
+        def hand_over() -> None:
+            try:
+                PARK.run(lambda: self._heartbeat(timing), "dms-heartbeat")
+            except Exception as exc:  # no thread to be had: again an interval later
+                log.warning("heartbeat not sent: %s; tried again in an interval", exc)
+                with self._schedule_lock:
+                    if not self._stopped and timing == self._timing:
+                        self._beat_soon(self.heartbeat_interval())
+
+        self._beat_timer = self.node.system.timers.call_later(delay_s, hand_over)
 
     def _heartbeat(self, timing: int) -> None:
         """Off the timer thread: send one, and the next after the interval (one beat of

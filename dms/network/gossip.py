@@ -35,6 +35,7 @@ from dms.actor.handle import ROOT_INBOX
 from dms.actor.ratelimit import Bucket, PeerRates
 from dms.network.checked import CheckedFrames
 from dms.network.loop import LoopBridge, why
+from dms.network.peertable import HEARTBEAT_TOPIC
 from dms.network.settings import GossipSettings, NetworkSettings
 from dms.security.identity import IdentityError, public_key_from_peer_id
 
@@ -54,6 +55,9 @@ REVOCATION_TOPIC = "/dms/revocation"
 MAX_PACED = 10_000
 # The share of a topic's budget this node's own messages use (rate and burst).
 PACE_SHARE = 0.5
+# This node's own messages that go before the others its pacer holds: a heartbeat
+# late past its deadline has the node gone at its peers, its running jobs placed again.
+URGENT_TOPICS = frozenset({HEARTBEAT_TOPIC})
 
 
 class SignedPubsub(Pubsub):
@@ -183,27 +187,37 @@ class Pacer:
         self.rate, self.burst = rate * PACE_SHARE, max(1.0, burst * PACE_SHARE)
         self.bucket = Bucket(self.burst, time.monotonic())
         self.waiting: deque[tuple[str, bytes]] = deque()  # (topic, frame)
+        # Messages of ``URGENT_TOPICS`` (heartbeats): sent before any of ``waiting``.
+        self.urgent: deque[tuple[str, bytes]] = deque()
         self.draining = False
 
-    def now_or_queue(self, topic: str, frame: bytes) -> bool:
+    def now_or_queue(self, topic: str, frame: bytes, urgent: bool = False) -> bool:
         """True: publish ``frame`` on ``topic`` now. False: it waits its turn (``drain``
-        sends it), or is dropped if ``MAX_PACED`` wait already (logged)."""
-        if not self.waiting and self.bucket.take(self.rate, self.burst, time.monotonic()):
+        sends it), or is dropped if ``MAX_PACED`` wait already (logged). An ``urgent``
+        one waits behind the urgent ones only: a heartbeat behind a burst of bid
+        requests went out after them, past its deadline (its peers had the node gone)."""
+        first = not self.urgent and (urgent or not self.waiting)
+        if first and self.bucket.take(self.rate, self.burst, time.monotonic()):
             return True
-        if len(self.waiting) >= MAX_PACED:
+        queue = self.urgent if urgent else self.waiting
+        if len(queue) >= MAX_PACED:
             log.warning("own gossip message dropped: %d wait for the topic's budget", MAX_PACED)
             return False
-        self.waiting.append((topic, frame))
+        queue.append((topic, frame))
         return False
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.urgent or self.waiting)
 
     async def drain(self, publish: Callable[[str, bytes], Awaitable[None]]) -> None:
         self.draining = True
         try:
-            while self.waiting:
+            while self.urgent or self.waiting:
                 if not self.bucket.take(self.rate, self.burst, time.monotonic()):
                     await trio.sleep(max(0.0, (1.0 - self.bucket.tokens) / self.rate))
                     continue
-                await publish(*self.waiting.popleft())
+                await publish(*(self.urgent or self.waiting).popleft())
         finally:
             self.draining = False
 
@@ -392,9 +406,9 @@ class Gossip(LoopBridge):
         pacer = self._pacers.get(key)
         if pacer is None:
             pacer = self._pacers[key] = Pacer(*budget)
-        if pacer.now_or_queue(topic, frame):
+        if pacer.now_or_queue(topic, frame, urgent=topic in URGENT_TOPICS):
             await self._publish_now(topic, frame)
-        elif pacer.waiting and not pacer.draining and self._nursery is not None:
+        elif pacer.pending and not pacer.draining and self._nursery is not None:
             pacer.draining = True
             self._nursery.start_soon(pacer.drain, self._publish_now)
 

@@ -379,3 +379,32 @@ def test_a_nodes_own_burst_of_gossip_is_paced_not_found_flooding(cluster: LocalC
         "the whole burst heard",
     )
     assert transport_refusals(other, "rate_limited") == before
+
+
+def test_a_nodes_heartbeats_go_ahead_of_its_own_paced_burst(
+    cluster: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """A node's own gossip on every topic without a budget of its own waits in one
+    queue, paced below the budget receivers give a publisher: its heartbeats waited
+    behind a burst of its other messages (a requester gossiping many rounds), went
+    out after them, past their deadline and lifetime, and its peers had it gone (its
+    running jobs placed again) while it worked on. Here a burst of 300 takes 150 s
+    to leave at 2 a second; the node's heartbeats (every second) are heard meanwhile
+    (gossip only: a bare peer, which no heartbeat sync reaches)."""
+    cluster.settings.update(
+        gossip_messages_per_peer_per_s=4.0, gossip_burst_per_peer=2, heartbeat_s=1.0
+    )
+    (node,) = cluster.start(1)
+    assert node.node is not None
+    peer = BarePeer(node.addrs()[0], strict_signing=True)
+    bare_peers.append(peer)
+    peer.subscribe(HEARTBEAT_TOPIC)
+    wait_for(lambda: peer.heard.get(HEARTBEAT_TOPIC), 40, "a heartbeat at the peer")
+    for i in range(300):
+        node.node.publish(BROADCAST_TOPIC, "/broadcast/hello", {"message": f"burst {i}"})
+    before = len(peer.heard[HEARTBEAT_TOPIC])
+    wait_for(
+        lambda: len(peer.heard[HEARTBEAT_TOPIC]) >= before + 5,
+        40,
+        "its heartbeats heard through its burst",
+    )

@@ -100,6 +100,9 @@ class SignedPubsub(Pubsub):
         self._topic_rates = {
             topic: PeerRates(r, b) for topic, (r, b) in (topic_budgets or {}).items()
         }
+        # The same budget, for the messages each host sent us itself: only over this one
+        # is it found flooding (``_within_budget``).
+        self._direct = PeerRates(rate, burst)
         self._swept = float("-inf")
 
     async def publish(self, topic_id: str | list[str], data: bytes) -> None:
@@ -118,28 +121,35 @@ class SignedPubsub(Pubsub):
             # checked (the connection authenticates that peer: a forged one costs only
             # its own budget), so a flood over the budget costs no verification.
             direct = msg.from_id == msg_forwarder.to_bytes()
-            if direct and not self._within_budget(msg_forwarder, msg):
+            if direct and not self._within_budget(msg_forwarder, msg, direct):
                 return
             if not _signed(msg):
                 reason = "the gossip message has no valid libp2p signature by the host it names"
                 self._refused(msg_forwarder, msg.from_id, Refusal(ErrorCode.BAD_SIGNATURE, reason))
                 return
-            if not direct and not self._within_budget(msg_forwarder, msg):
+            if not direct and not self._within_budget(msg_forwarder, msg, direct):
                 return
         await super().push_msg(msg_forwarder, msg)
 
-    def _within_budget(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+    def _within_budget(self, forwarder: ID, msg: rpc_pb2.Message, direct: bool = True) -> bool:
         """Take one message from the publishing host's budget, and from its budget on
         each of the message's topics that has one. Over either, the message is dropped
         before anything else is done with it (validated, delivered, forwarded);
-        counted each time, logged once a second per publisher."""
+        counted each time, logged once a second per publisher. A publisher is found
+        flooding only when what it sent itself (``direct``) is over the budget: any
+        peer can replay a host's old signed messages (gone from the seen cache after
+        2 min, and one dropped here is never marked seen), and that had the host
+        found flooding, heard at ``flooder_rate`` for a while, by whoever the replayer
+        reached: for the replays themselves, or for its own message dropped as they
+        spent its budget."""
         origin = msg.from_id
         key = origin.hex()
         if len(self._origins) > MAX_PUBLISHERS and time.monotonic() > self._swept + 1.0:
             # every publisher whose budget is full again goes
-            for rates in (self._origins, *self._topic_rates.values()):
+            for rates in (self._origins, self._direct, *self._topic_rates.values()):
                 rates.forget("")
             self._swept = time.monotonic()
+        own_over = direct and not self._direct.allow(key)
         budgets = [(self._origins, self._rate, self._burst, "gossip messages")]
         for topic in msg.topicIDs:
             rates = self._topic_rates.get(topic)
@@ -152,7 +162,7 @@ class SignedPubsub(Pubsub):
                 flooding = False
             if rates.allow(key):
                 continue
-            if not flooding and self._publisher_has_no_stake(origin):
+            if own_over and not flooding and self._publisher_has_no_stake(origin):
                 rates.flooding(key)
             if flooding:
                 rate = min(rates.flood_rate, rate)

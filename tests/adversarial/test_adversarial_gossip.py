@@ -19,6 +19,7 @@ py-libp2p hosts (``tests/adversarial/bare.py``).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -407,4 +408,63 @@ def test_a_nodes_heartbeats_go_ahead_of_its_own_paced_burst(
         lambda: len(peer.heard[HEARTBEAT_TOPIC]) >= before + 5,
         40,
         "its heartbeats heard through its burst",
+    )
+
+
+def test_a_peer_that_replays_another_hosts_messages_does_not_have_it_found_flooding(
+    cluster: LocalCluster, bare_peers: list[BarePeer]
+) -> None:
+    """Gossip forwarded by one peer is charged to the host that signed it, before its
+    envelope is checked: any peer can replay a host's old signed messages (its
+    heartbeats, its bid requests: gone from the seen cache after 2 min, and one dropped
+    over the budget is never marked seen). Past that host's budget, the host was found
+    flooding, and heard at gossip_flooder_messages_per_s for flooder_cooldown_s by every
+    node the replayer reached: for the replays themselves, or for its own messages
+    dropped while they spent its budget. The replays still spend it while they last,
+    but only a host whose own messages are over it is found flooding."""
+    cluster.settings.update(FLOODER_BUDGETS)
+    node, other = cluster.start(2)
+    cluster.wait_linked()
+    assert other.node is not None
+    replayer = BarePeer(node.addrs()[0], strict_signing=False)
+    bare_peers.append(replayer)
+    wait_for(lambda: node.peer_id in replayer.mesh_peers(BROADCAST_TOPIC), 30, "its mesh")
+    other_node_heard(other, node)
+
+    def handled() -> int:  # the replays dropped over the budget, or refused as malformed
+        return transport_refusals(node, "rate_limited") + transport_refusals(node, "malformed")
+
+    before = handled()
+    origin = ID.from_base58(other.peer_id).to_bytes()
+
+    def replay() -> None:  # as the host signed them, once: what a replayer kept
+        for i in range(200):
+            replayer.forge(
+                signed_by(other.identity, rpc_pb2.Message(
+                    data=f"old {i}".encode(), topicIDs=[BROADCAST_TOPIC], from_id=origin,
+                    seqno=os.urandom(8),
+                ))
+            )  # fmt: skip
+            time.sleep(0.005)
+
+    replaying = threading.Thread(target=replay, daemon=True)
+    replaying.start()
+    while replaying.is_alive():  # the host publishes meanwhile, within its own budget
+        other.node.publish(BROADCAST_TOPIC, "/broadcast/hello", {"message": "meanwhile"})
+        time.sleep(0.1)
+
+    def settled() -> bool:  # every replay handled
+        count = handled()
+        time.sleep(0.5)
+        return count >= before + 200 and count == handled()
+
+    wait_for(settled, what="the replays handled")
+    # The host then publishes 10 a second, within its budget of 50: each is heard.
+    for i in range(20):
+        other.node.publish(BROADCAST_TOPIC, "/broadcast/hello", {"message": f"steady {i}"})
+        time.sleep(0.1)
+    wait_for(
+        lambda: sum(m.startswith("steady ") for m in hellos(node)) == 20,
+        30,
+        "every message the host published itself heard",
     )

@@ -28,7 +28,13 @@ from dms.network.reachability import (
     Reachability,
     network_of,
 )
-from dms.network.relay import HOP_PROTOCOL, RelayRefusal, is_relayed
+from dms.network.relay import (
+    HOP_PROTOCOL,
+    REFUSED_FOR_S,
+    RelayRefusal,
+    is_relayed,
+    note_refusal,
+)
 from dms.network.settings import NetworkSettings, RelaySettings
 from dms.network.transfer import Courier, TransferError
 from dms.security.identity import Identity
@@ -547,3 +553,16 @@ def test_reading_the_relays_usage_never_ends_a_live_reservation(
 
     wait_for(pinged, 30, "a ping through the relay after the usage was read")
     assert relay.budget_usage()["relay_reservations"][0] == 1
+
+
+def test_refused_reservations_are_forgotten_once_they_run_out() -> None:
+    """A private node notes each peer that refused it a reservation; with many keys
+    offering a relay and refusing, the notes that ran out are dropped, not kept."""
+    refused: dict[str, float] = {}
+    for i in range(1000):
+        note_refusal(refused, f"peer-{i}", now=i * 2.0)
+    # Only those refused within the last REFUSED_FOR_S are still kept, and the
+    # newest is not asked again before its time is up.
+    assert len(refused) <= REFUSED_FOR_S / 2.0 + 1
+    assert refused["peer-999"] == 999 * 2.0 + REFUSED_FOR_S
+    assert "peer-0" not in refused

@@ -75,6 +75,8 @@ RESERVE_TIMEOUT_S = 10.0
 # How long a relay whose reservation ended with its connection (it restarted, the
 # NAT dropped the mapping) is kept to be reached and reserved on again.
 RENEW_FOR_S = 600.0
+# How long a peer that refused this node a reservation is not asked again.
+REFUSED_FOR_S = 60.0
 # How long the relay may take to answer a CONNECT, and to send its STOP.
 CONNECT_TIMEOUT_S = 15.0
 CIRCUITS_PER_PEER = 4  # circuits remembered per peer (the newest; closed ones go)
@@ -535,6 +537,15 @@ async def _no_budget(peer: ID) -> AsyncIterator[None]:
     yield
 
 
+def note_refusal(refused: dict[Any, float], pid: Any, now: float) -> None:
+    """Note that ``pid`` refused a reservation (not asked again for ``REFUSED_FOR_S``)
+    and forget the refusals that have run out: any number of keys may offer a relay
+    and refuse, and the map kept one entry each for as long as the node ran."""
+    for old in [p for p, until in refused.items() if until <= now]:
+        del refused[old]
+    refused[pid] = now + REFUSED_FOR_S
+
+
 class RelayClient:
     """A node's reservations on relays, its relayed addresses, and dials through relays
     (each holds a slot of ``dial_slot`` from its start: the outbound connection budget)."""
@@ -660,7 +671,7 @@ class RelayClient:
             self._renewing.pop(pid.to_base58(), None)
             log.info("reserved a relay slot on %s", pid)
         else:
-            self._refused[pid] = time.monotonic() + 60.0
+            note_refusal(self._refused, pid, time.monotonic())
 
     async def dial(self, pid: ID, circuit_addrs: list[Any]) -> None:
         """Connect to ``pid`` through the first relayed address that works; raise with

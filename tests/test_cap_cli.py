@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.clitools import Daemon, dms, dms_json
+from tests.clitools import Daemon, dms, dms_json, init_home_quick
 
 
 @pytest.fixture
 def homes(tmp_path: Path) -> tuple[Path, Path, dict, dict]:
     a, b = tmp_path / "a", tmp_path / "b"
-    return a, b, dms_json(a, "init"), dms_json(b, "init")
+    return a, b, init_home_quick(a), init_home_quick(b)
 
 
 def test_a_private_group_in_two_commands_and_the_rest_of_cap(homes) -> None:  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dms.cli.app import COMMANDS
-from tests.clitools import Daemon, dms
+from tests.clitools import Daemon, init_home_quick
 
 # What the daemon, the store and mining need; none of it for the commands below.
 HEAVY = ("sqlalchemy", "alembic", "numpy", "tenseal", "libp2p", "trio", "dms.store", "dms.mining")
@@ -90,7 +90,7 @@ def test_a_daemon_starts_and_stops_without_numpy_or_tenseal(
     at the top): about 0.4 s of CPU of every daemon the suite and the simulator start.
     They load when a node mines, collaborates or measures itself, not to start."""
     home = tmp_path / "home"
-    assert dms(home, "init").returncode == 0
+    init_home_quick(home)
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # each import, on the daemon's log
     daemon = Daemon(home)
     assert daemon.stop() == 0, daemon.stderr()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clitools import Daemon, dms, dms_json
+from tests.clitools import Daemon, dms, dms_json, init_home_quick
 from tests.conftest import wait_for
 
 STRANGER = "12D3KooWPFKFJf9NhYrEDsrqM231jX1rszkZD59mazCQymVR7w7A"
@@ -20,7 +20,7 @@ STRANGER = "12D3KooWPFKFJf9NhYrEDsrqM231jX1rszkZD59mazCQymVR7w7A"
 def homes(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     one, two = tmp_path / "one", tmp_path / "two"
     for home in (one, two):
-        assert dms(home, "init").returncode == 0
+        init_home_quick(home)
     yield one, two
 
 

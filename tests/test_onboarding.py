@@ -12,7 +12,7 @@ import pytest
 from dms.resources import ResourceLedger, Resources
 from dms.resources.machine import machine_total
 from dms.store import open_database
-from tests.clitools import Daemon, dms, dms_json
+from tests.clitools import Daemon, dms, dms_json, init_home_quick
 
 MACHINE = machine_total(Path("/tmp"))
 TOO_MANY_CORES = str(MACHINE.cpu_milli // 1000 + 1)
@@ -24,7 +24,7 @@ def onboarded_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One home, onboarded once (the benchmark runs once for the module, at its default
     length, as for users: the other tests shorten it)."""
     home = tmp_path_factory.mktemp("onboarded")
-    assert dms(home, "init").returncode == 0
+    init_home_quick(home)
     args = ["onboard", "--cpu", "1", "--ram", "1", "--disk", "1", "--json"]
     done = dms(home, *args, timeout=120, quick_benchmark=False)
     assert done.returncode == 0, done.stderr
@@ -95,7 +95,7 @@ def lock(home: Path, lease_s: float, **amounts: object) -> dict:
 
 def test_a_daemon_killed_with_sigkill_restores_what_was_committed(tmp_path: Path) -> None:
     home = tmp_path / "node"
-    assert dms(home, "init").returncode == 0
+    init_home_quick(home)
     done = dms(home, "onboard", "--cpu", "2", "--ram", "4", "--disk", "4", timeout=120)
     assert done.returncode == 0, done.stderr
     daemon = Daemon(home)

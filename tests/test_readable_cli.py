@@ -24,10 +24,10 @@ from dms.node.api import ApiClient
 from tests.clitools import (
     Daemon,
     at_80,
-    dms,
     dms_json,
     dms_many,
     env_for,
+    init_home_quick,
     init_homes,
     providers_and_owners,
     side_by_side,
@@ -299,7 +299,7 @@ def test_ctrl_c_while_dms_is_still_loading_ends_it_quietly(homes: Homes, loaded:
 
 def test_status_without_a_node_is_one_line(tmp_path: Path) -> None:
     home = tmp_path / "idle"
-    assert dms(home, "init").returncode == 0
+    init_home_quick(home)
     done = at_80(home, "status")
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1 and "dms run" in done.stderr

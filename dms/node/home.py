@@ -18,6 +18,7 @@ from dms.errors import DmsError
 from dms.files import PRIVATE_DIR, make_private, sqlite_path
 from dms.security import Identity, Keystore, TrustStore
 from dms.security.keystore import PassphraseSource
+from dms.security.sealing import DEFAULT_SCRYPT_N
 
 log = logging.getLogger("dms.node")
 
@@ -55,11 +56,14 @@ def private_home(home: Path, database_url: str | None = None) -> list[str]:
     return changed
 
 
-def init_home(home: Path, passphrase: PassphraseSource | None = None) -> dict[str, Any]:
+def init_home(
+    home: Path, passphrase: PassphraseSource | None = None, scrypt_n: int = DEFAULT_SCRYPT_N
+) -> dict[str, Any]:
     """Create the node and user keys if missing and anchor the user as root; idempotent.
-    Both keys are sealed with ``passphrase`` (the CLI asks for it once)."""
+    Both keys are sealed with ``passphrase`` (the CLI asks for it once), by scrypt of cost
+    ``scrypt_n`` (the CLI's is always the default; the tests' throwaway homes take less)."""
     private_home(home)
-    keystore = Keystore(home, passphrase=passphrase)
+    keystore = Keystore(home, passphrase=passphrase, scrypt_n=scrypt_n)
     created = []
     for context in (NODE_KEY, USER_KEY):
         if not keystore.exists(context):

@@ -23,7 +23,7 @@ from dms.security import Identity
 from dms.sim.adversary import BarePeer
 from dms.sim.cluster import LocalCluster
 from tests.adversarial.hostile import envelope, frame_of, refusal_code, with_payload_bytes
-from tests.clitools import Daemon, dms, side_by_side
+from tests.clitools import Daemon, init_home_quick, side_by_side
 from tests.conftest import wait_for
 
 MIB = 1024 * 1024
@@ -102,7 +102,7 @@ def test_refused_16_mib_frames_leave_no_rss_behind_in_a_daemon(tmp_path: Path) -
     from its heaps and stayed in the daemon's RSS: +90 to +154 MB after, measured.
     A fixed threshold (``malloc_mmap_threshold_bytes``) gives them back."""
     home = tmp_path / "victim"
-    assert dms(home, "init").returncode == 0
+    init_home_quick(home)
     daemon = Daemon(home)
     peers: list[BarePeer] = []
     try:

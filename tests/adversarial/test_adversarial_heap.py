@@ -18,7 +18,7 @@ from dms.node.client import root_handle
 from dms.orchestrator.messages import REQUEST
 from dms.sim.adversary import BarePeer
 from tests.adversarial.test_adversarial_budgets import bid_request
-from tests.clitools import Daemon, dms, side_by_side
+from tests.clitools import Daemon, dms, init_home_quick, side_by_side
 from tests.conftest import wait_for
 
 MIB = 1024 * 1024
@@ -34,7 +34,7 @@ def test_a_flood_of_many_keys_frames_leaves_no_rss_behind_in_a_daemon(
     connected, the daemon's RSS comes back within 12 MiB of where it was before the
     flood (it stayed +29 MB: freed, never given back)."""
     home = tmp_path / "victim"
-    assert dms(home, "init").returncode == 0
+    init_home_quick(home)
     assert dms(home, "onboard", "--cpu=1", "--ram=1", "--disk=1").returncode == 0
     daemon = Daemon(home)
     try:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.clitools import Daemon, dms, dms_json, free_ports
+from tests.clitools import Daemon, dms, dms_json, free_ports, init_home_quick
 
 
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[Path]:
     one = tmp_path / "one"
-    assert dms(one, "init").returncode == 0
+    init_home_quick(one)
     yield one
 
 
@@ -59,7 +59,7 @@ def test_a_killed_node_leaves_no_lock_behind(home: Path) -> None:
 
 def test_a_listen_address_in_use_is_a_one_line_error(home: Path, tmp_path: Path) -> None:
     other = tmp_path / "two"
-    assert dms(other, "init").returncode == 0
+    init_home_quick(other)
     address = f"/ip4/127.0.0.1/tcp/{free_ports()[0]}"
     first = Daemon(home, "--listen", address)
     try:

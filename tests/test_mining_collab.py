@@ -352,6 +352,62 @@ def test_across_attempts_of_a_round_an_owner_never_opens_both_halves() -> None:
         owners["owner1"].unmask(lying)
 
 
+def test_across_attempts_an_owner_whose_mask_key_was_opened_is_never_a_survivor() -> None:
+    """The other order of the two halves. Attempt 1: the aggregator holds owner3's input
+    but names it dropped, so owner1 and owner2 open owner3's mask key. Attempt 2 (the
+    round restarted, no totals in between): owner3 back among the live, named a
+    survivor, and its fresh self mask opened too. With both halves the aggregator (or
+    the proposer's session, which relays the replies in the clear) reads owner3's own
+    statistics. An owner refuses a round start or an unmask request that names live an
+    owner whose mask key it opened."""
+    from dms.mining.collab import masks
+    from dms.mining.collab.owner import pair_seed, self_seed
+
+    p, owners, agg = _one_round()
+    start = agg.start_round()
+    first = {name: owner.contribute(start) for name, owner in owners.items()}
+    key_holders = ("owner1", "owner2")  # owner3's input is held back: "dropped"
+    keys = agg._key_shares["owner3"]
+    opened_keys = {}
+    for h in key_holders:
+        request = UnmaskRequest(
+            collab_id=p.collab_id, round=1, survivors=list(key_holders), dropped=["owner3"],
+            self_shares={u: first[u].shares[h] for u in key_holders},
+            key_shares={"owner3": keys[h]},
+        )  # fmt: skip
+        opened_keys[h] = owners[h].unmask(request).key_shares["owner3"]
+    s3 = masks.x25519_private(shamir.combine({p.position(h): opened_keys[h] for h in key_holders}))
+    assert masks.public_bytes(s3) == agg.adverts["owner3"].s_key  # owner3's mask key, rebuilt
+
+    with contextlib.suppress(Refused):  # the round "restarts": owner3 live again
+        second = {name: owner.contribute(start) for name, owner in owners.items()}
+        opened_self = {}
+        for h in key_holders:
+            request = UnmaskRequest(
+                collab_id=p.collab_id, round=1, survivors=list(owners), dropped=[],
+                self_shares={u: second[u].shares[h] for u in owners}, key_shares={},
+            )  # fmt: skip
+            opened_self[h] = owners[h].unmask(request).self_shares["owner3"]
+        seed = shamir.combine({p.position(h): opened_self[h] for h in key_holders})
+        length = p.length(1)
+        x3 = ring.from_bytes(second["owner3"].vector, length)
+        x3 -= masks.stream(self_seed(seed, p.collab_id, 1, "owner3"), length)
+        for v in key_holders:  # owner3 is last: it subtracted every pairwise mask
+            secret = masks.agree(s3, masks.x25519_public(agg.adverts[v].s_key, v))
+            x3 += masks.stream(pair_seed(secret, p.collab_id, 1), length)
+        own = kmeans_statistics(split(IRIS, 3)["owner3"], IRIS[:3].copy())[1]
+        leaked = ring.decode(x3, p.scale_bits)
+        assert not np.allclose(leaked, own, atol=1e-6), "owner3's statistics leaked"
+        raise AssertionError("a restarted round named live an owner whose mask key was opened")
+    from dms.mining.collab.messages import OwnerState
+
+    state = OwnerState.model_validate(owners["owner1"].snapshot().model_dump())
+    again = CollabOwner.restored(p, "owner1", split(IRIS, 3)["owner1"], state)  # node restarted
+    for owner in (owners["owner1"], owners["owner2"], again):
+        with pytest.raises(Refused, match="include owner3, whose mask key this owner opened"):
+            owner.contribute(start)
+
+
 def test_a_roster_entry_not_signed_by_its_owners_node_is_refused_with_the_reason() -> None:
     """The aggregator relays the roster: it must not put keys of its own in an owner's
     name. Each advert is signed by its owner's node key (whose peer id the proposal

@@ -238,6 +238,7 @@ class OwnerState(BaseModel):
     pending: RoundStart | None
     answer: tuple[UnmaskRequest, UnmaskReply] | None
     opened_self: list[tuple[int, list[str]]]  # round, owners whose self mask it opened
+    opened_keys: list[str] = Field(default_factory=list)  # owners whose mask key it opened
     labels: list[int]
     candidate_labels: list[int]
     initial: list[list[float]] | None

@@ -100,6 +100,7 @@ class CollabOwner:
         self._pending: RoundStart | None = None  # contributed, awaiting the unmask request
         self._answer: tuple[UnmaskRequest, UnmaskReply] | None = None
         self._opened_self: dict[int, set[str]] = {}  # round -> owners whose self mask it opened
+        self._opened_keys: set[str] = set()  # owners whose mask key it opened: dropped for good
         self._labels = np.zeros(rows.shape[0], dtype=np.int64)
         self._candidate_labels = self._labels
         self._initial: np.ndarray | None = None
@@ -272,6 +273,7 @@ class CollabOwner:
         )
         self._answer = (request, reply)
         opened |= survivors
+        self._opened_keys |= dropped
         return reply
 
     def receive_totals(self, totals: RoundTotals) -> None:
@@ -337,6 +339,7 @@ class CollabOwner:
             pending=self._pending,
             answer=self._answer,
             opened_self=[(r, sorted(owners)) for r, owners in self._opened_self.items()],
+            opened_keys=sorted(self._opened_keys, key=self.proposal.position),
             labels=self._labels.tolist(),
             candidate_labels=self._candidate_labels.tolist(),
             initial=None if self._initial is None else self._initial.tolist(),
@@ -367,6 +370,7 @@ class CollabOwner:
         me._dropped = list(state.dropped)
         me._next, me._pending, me._answer = state.next, state.pending, state.answer
         me._opened_self = {r: set(owners) for r, owners in state.opened_self}
+        me._opened_keys = set(state.opened_keys)
         me._labels = np.asarray(state.labels, dtype=np.int64)
         me._candidate_labels = np.asarray(state.candidate_labels, dtype=np.int64)
         if state.initial is not None:
@@ -391,6 +395,9 @@ class CollabOwner:
         gone = {d.owner for d in self._dropped}
         if len(live) != len(start.live) or not live <= self._roster or live & gone:
             raise Refused("the live owners include one twice, unknown or already dropped")
+        if live & self._opened_keys:  # named dropped in an attempt whose totals never came
+            named = ", ".join(sorted(live & self._opened_keys, key=p.position))
+            raise Refused(f"the live owners include {named}, whose mask key this owner opened")
         if self.owner not in live:
             raise Refused("this owner is not among the round's live owners")
         if len(live) < p.threshold:

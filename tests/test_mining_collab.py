@@ -408,6 +408,43 @@ def test_across_attempts_an_owner_whose_mask_key_was_opened_is_never_a_survivor(
             owner.contribute(start)
 
 
+def test_a_round_restarts_only_over_the_owners_it_began_with() -> None:
+    """Attempt 1 of round 1 completes over all three owners, but its totals are kept
+    back; the round "restarts" (a new aggregator restored, or the proposer's session
+    saying so) with owner3 left out. The two totals' difference would be owner3's own
+    statistics, so an owner refuses a restart whose live owners differ."""
+    relayed: dict[str, SeedShares] = {}
+    p, owners, agg = _one_round(relayed)
+    start = agg.start_round()
+    for owner in owners.values():
+        agg.receive_input(owner.contribute(start))
+    for name, request in agg.close_inputs().items():
+        agg.receive_unmask(owners[name].unmask(request))
+    first = agg.finish_round()  # never sent to anyone
+    again = CollabAggregator(p)
+    adverts = [o.advert() for o in owners.values()]
+    shares = list(relayed.values())
+    again.restore(
+        Restore(collab_id=p.collab_id, adverts=adverts, shares=shares, round=1,
+                live=["owner1", "owner2"])
+    )  # fmt: skip
+    restart = again.start_round()
+    with contextlib.suppress(Refused):
+        for name in ("owner1", "owner2"):
+            again.receive_input(owners[name].contribute(restart))
+        for name, request in again.close_inputs().items():
+            again.receive_unmask(owners[name].unmask(request))
+        second = again.finish_round()
+        own = kmeans_statistics(split(IRIS, 3)["owner3"], IRIS[:3].copy())[1]
+        leaked = np.asarray(first.values) - np.asarray(second.values)
+        assert not np.allclose(leaked, own, atol=1e-6), "owner3's statistics leaked"
+        raise AssertionError("a round restarted over fewer owners")
+    for name in ("owner1", "owner2"):
+        with pytest.raises(Refused, match="restarts with other live owners than it began"):
+            owners[name].contribute(restart)
+    assert owners["owner1"].contribute(start).round == 1  # the same owners: a restart is fine
+
+
 def test_a_roster_entry_not_signed_by_its_owners_node_is_refused_with_the_reason() -> None:
     """The aggregator relays the roster: it must not put keys of its own in an owner's
     name. Each advert is signed by its owner's node key (whose peer id the proposal

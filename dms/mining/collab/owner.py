@@ -391,6 +391,10 @@ class CollabOwner:
             raise Refused(f"round {start.round} starts, but this owner expects round {self._next}")
         if start.round > p.rounds:
             raise Refused(f"round {start.round} after the announced {p.rounds}")
+        if restart and self._pending is not None and set(start.live) != set(self._pending.live):
+            # Two attempts over different owners would give two totals whose difference is
+            # the left-out owners' own statistics.
+            raise Refused(f"round {start.round} restarts with other live owners than it began")
         live = set(start.live)
         gone = {d.owner for d in self._dropped}
         if len(live) != len(start.live) or not live <= self._roster or live & gone:

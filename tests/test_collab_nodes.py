@@ -308,6 +308,30 @@ def test_the_aggregator_executor_refuses_bad_params_and_messages_with_a_reason()
         session.call("advert", vouched(1))
 
 
+def test_an_owners_node_counts_the_proposers_body_before_decoding_it() -> None:
+    """What the proposer's session sends an owner's node is hostile input: 1 MiB of
+    empty maps was decoded into a million dicts and a million validation errors (+695
+    MB on the owner's node at 1 MiB). It is counted first and refused by its count."""
+    from types import SimpleNamespace
+
+    from dms.mining.collab import CollabOwner
+    from dms.node.collab import Collab, CollabRefusal
+    from dms.orchestrator.collab import OwnerCall
+
+    ids = ["owner1", "owner2", "owner3"]
+    p = Proposal(
+        collab_id="bomb", owners=ids, a=4, k=3, rounds=1, threshold=2,
+        centroids=IRIS[:3].tolist(),
+    )  # fmt: skip
+    owner = CollabOwner(p, "owner1", IRIS[:50])
+    n = 100_000
+    head = msgpack.packb({"collab_id": "bomb", "round": 1})[1:]  # the map's two entries
+    bomb = b"\x83" + head + msgpack.packb("live") + b"\xdd" + n.to_bytes(4, "big") + b"\x80" * n
+    call = OwnerCall(collab_id="bomb", op="start", body=bomb)
+    with pytest.raises(CollabRefusal, match=r"start: more than \d+ MessagePack objects"):
+        Collab._answer(SimpleNamespace(), owner, call)
+
+
 def test_the_aggregators_node_lost_mid_job_it_is_placed_again_and_the_round_restarts(
     tmp_path: Path,
 ) -> None:

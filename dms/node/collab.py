@@ -31,6 +31,7 @@ from dms.actor.runtime import NodeRuntime
 from dms.errors import DmsError
 from dms.files import write_private
 from dms.jobs.collab import CollabParams, node_signed
+from dms.jobs.mining_params import count_objects
 from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
 from dms.mining.collab.messages import (
     OwnerState,
@@ -393,6 +394,13 @@ class Collab:
             return out
 
     def _answer(self, owner: CollabOwner, call: OwnerCall) -> bytes:
+        if call.body:  # counted before anything decodes it: the proposer's bytes
+            p = owner.proposal
+            limit = 1024 + 32 * len(p.owners) + 2 * p.length(1)
+            try:
+                count_objects(call.body, limit)
+            except ValueError as exc:
+                raise CollabRefusal(f"{call.op}: {exc}") from None
         if call.op == "advert":  # this node vouches for the owner's keys
             advert = owner.advert()
             signed = self.node.identity.sign(advert.payload())

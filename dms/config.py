@@ -271,6 +271,15 @@ class Settings(BaseSettings):
         "dialed, or with a stake here); those without a stake hold at most unknown_share "
         "of it and go first, the longest unseen first",
     )
+    store_wait_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=30,
+        description="longest the node's own thread waits for its store (another process "
+        "holding the database locked, e.g. someone's sqlite3 with a write transaction "
+        "open); past it a peer's request is refused store_refused (the store is busy), "
+        "the owner's command fails saying so, and timed work (lease expiry) tries again",
+    )
     retention_s: float = Field(
         default=7 * 24 * 3600.0,
         ge=60,

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, closing, contextmanager, suppress
 from pathlib import Path
@@ -24,6 +25,7 @@ from sqlalchemy.exc import OperationalError
 
 from dms.actor import RemoteError
 from dms.node.daemon import Node
+from dms.orchestrator.base import node_handle
 from dms.orchestrator.messages import COMMIT, DEPLOYMENT_TOPIC, REQUEST, REVERT
 from dms.sim.cluster import LocalCluster
 from dms.store import Database
@@ -419,3 +421,133 @@ def test_a_commit_or_revert_while_the_store_refuses_is_refused_with_the_reason(
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []
     assert ask(requester, provider, COMMIT, commit)["state"] == "allocated"
     assert ask(requester, provider, REVERT, revert)["released"] == [offer["lease_id"]]
+
+
+def _quietly_ask(requester: Node, provider: Node, behaviour: str, payload: Any) -> None:
+    with suppress(RemoteError):
+        ask(requester, provider, behaviour, payload)
+
+
+def _public(requester: Node, provider: Node, behaviour: str, timeout: float) -> Any:
+    """``behaviour`` of the provider's node actor, asked by the requester's, waited for
+    up to ``timeout``."""
+    assert requester.node is not None
+    return requester.node.ask(node_handle(provider.peer_id), behaviour, None, timeout=timeout)
+
+
+def _busy_refusal(refused: RemoteError) -> None:
+    assert refused.code == "store_refused", refused
+    assert "busy" in refused.reason and "locked by another process" in refused.reason, refused
+
+
+def test_a_node_whose_store_another_process_locks_answers_at_once_and_refuses_what_needs_it(
+    net: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone's ``sqlite3 dms.db`` with a write transaction open made every handler of the
+    provider that touched its store (a bid request, a commit, an allocate, a revert, its
+    lease expiry) wait out SQLite's busy timeout, 30 s, on the node's one thread: a hello
+    or a status, behind them, waited as long, and peers' requests passed their deadlines
+    (the direct bid request below: 'timeout' after 10 s). Each waits ``store_wait_s``
+    (0.5 s) at most now, and is refused ``store_refused``: the store is busy, locked by
+    another process. The lock is held until the test lets it go."""
+    requester, (provider,) = network(net, 1)
+    bid = ask(requester, provider, REQUEST, bid_request(1, lease_s=60))
+    [offer] = bid["offers"]
+    commit = {"deployment_id": "attack", "slot": "w.0", "lease_id": offer["lease_id"]}
+    path = provider.settings.home / "dms.db"
+    with (
+        caplog.at_level(logging.WARNING, logger="dms"),
+        locked_by_another_process(path, 600) as holder,
+    ):
+        # Requests that need the store, ahead of the hello in the provider's mailbox.
+        ahead = [
+            threading.Thread(
+                target=_quietly_ask, args=(requester, provider, REQUEST, bid_request(1))
+            )
+            for _ in range(2)
+        ]
+        for thread in ahead:
+            thread.start()
+        hello = _public(requester, provider, "/public/hello", timeout=45)
+        assert hello["peer_id"] == provider.peer_id
+        assert _public(requester, provider, "/public/status", timeout=45)["status"] == "running"
+        for behaviour, payload in ((REQUEST, bid_request(1)), (COMMIT, commit)):
+            with pytest.raises(RemoteError) as refused:
+                ask(requester, provider, behaviour, payload)
+            _busy_refusal(refused.value)
+        for thread in ahead:
+            thread.join(45)
+        assert holder.poll() is None  # all of it while the other process held the lock
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    # Let go: the same requests are served.
+    assert ask(requester, provider, COMMIT, commit)["state"] == "allocated"
+    assert ask(requester, provider, REQUEST, bid_request(1))["offers"]
+
+
+def test_a_store_another_process_locked_for_40_s_leaks_no_lease_and_places_again(
+    net: LocalCluster,
+) -> None:
+    """A lease that expires, and a committed one that no allocate follows, while another
+    process holds the provider's store locked for 40 s. The committed lease's watch
+    (``allocate_within_s``) and the lease expiry came due during the lock and each waited
+    SQLite's 30 s busy timeout on the node's thread: a hello asked then got no answer
+    within 20 s, and a watch whose wait ended while the lock was held gave up, the lease
+    allocated until the next restart. Now the node answers throughout; the watch and the
+    expiry, refused at once, try again with growing waits and catch up once the lock is
+    let go (with the watch's retry taken out, the lease stays allocated); then the
+    requester places a job on the provider."""
+    net.settings.update(preferences={"allocate_within_s": 2.0, "lapse_cooldown_s": 0.0})
+    requester, (provider,) = network(net, 1)
+    [expiring] = ask(requester, provider, REQUEST, bid_request(1, lease_s=2))["offers"]
+    [committed] = ask(requester, provider, REQUEST, bid_request(1, lease_s=60))["offers"]
+    commit = {"deployment_id": "attack", "slot": "w.0", "lease_id": committed["lease_id"]}
+    assert ask(requester, provider, COMMIT, commit)["state"] == "allocated"
+    due = time.monotonic() + 2.0  # the commit's watch (allocate_within_s)
+    path = provider.settings.home / "dms.db"
+    with locked_by_another_process(path, 40) as holder:
+        # Once the watch came due, the node answers (before: behind the watch's and the
+        # expiry's 30 s waits, in its mailbox).
+        wait_for(lambda: time.monotonic() > due + 1.0, 10, "the watch to come due")
+        assert _public(requester, provider, "/public/hello", timeout=20)["peer_id"]
+        assert holder.poll() is None
+        holder.wait(60)  # the other process lets go after its 40 s
+
+    def state(lease_id: str) -> str:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            row = conn.execute("SELECT state FROM leases WHERE id = ?", (lease_id,)).fetchone()
+            return str(row[0])
+
+    wait_for(
+        lambda: (
+            state(expiring["lease_id"]) == "expired" and state(committed["lease_id"]) == "released"
+        ),
+        40,
+        "the expiry and the unallocated commit's release to catch up",
+    )
+    assert live_leases([provider]) == 0
+    assert provider.db is not None and provider.db.events("allocation.never_started")
+    dep = deploy(requester, spec(params={"seconds": 0.2}))
+    done = wait_state(requester, dep, TERMINAL, 60)
+    assert done["state"] == "completed", done["events"]
+    assert done["slots"][0]["peer_id"] == provider.peer_id
+
+
+def test_a_deployment_asked_while_another_process_locks_the_store_is_refused_saying_so(
+    net: LocalCluster,
+) -> None:
+    """The owner's ``deployment new`` saves the deployment on the node's thread before it
+    answers: with the store locked by another process that save waited SQLite's 30 s
+    busy timeout (the command itself gave up after 10 s), then the deployment placed
+    unsaved. Refused now, ``store_refused`` saying the store is busy, nothing started;
+    once the lock is let go the same command places it."""
+    requester, _ = network(net, 1)
+    with locked_by_another_process(requester.settings.home / "dms.db", 600) as holder:
+        with pytest.raises(RemoteError) as refused:
+            deploy(requester, spec(params={"seconds": 0.2}))
+        _busy_refusal(refused.value)
+        assert "not started" in refused.value.reason
+        assert holder.poll() is None
+    dep = deploy(requester, spec(params={"seconds": 0.2}))
+    assert wait_state(requester, dep, TERMINAL, 60)["state"] == "completed"
+    listed = owner(requester, "/dms/node/deployment/list")
+    assert [d["id"] for d in listed] == [dep]

@@ -237,6 +237,7 @@ class Node:
                 ended_allocation_keep_s=self.settings.ended_allocation_keep_s,
                 peer_forget_s=self.settings.peer_forget_s,
                 retention_s=self.settings.retention_s,
+                store_wait_s=self.settings.store_wait_s,
                 chunk_quota=self.settings.chunk_quota,
                 stakes=self.stakes,
                 bid_index=self.bid_index,

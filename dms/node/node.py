@@ -16,7 +16,11 @@ needs, and the node routes the behaviours each declares to it:
   ``dms.node.peering``).
 
 Slow work runs on a worker pool (``dms.node.workers``) and answers through
-``Request.defer``, so the node's mailbox never stalls.
+``Request.defer``, so the node's mailbox never stalls. Nor does its store: every
+message the node handles (a peer's request, its owner's command, a timer, a
+reply) waits for the store ``store_wait_s`` at most (``Database.waiting_at_most``),
+then is refused ``store_refused`` saying the store is busy, or its timer tries again
+later (specs/node.md, "A store another process holds locked").
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from dms.orchestrator.mining_owner import MiningOwner
 from dms.orchestrator.requester import Requester
 from dms.provider.bidding import Bidding
 from dms.provider.onboarding import Benchmark, Provider
+from dms.store import STORE_RETRY
 from dms.store.retention import prune
 
 __all__ = ["BROADCAST_TOPIC", "NodeActor"]
@@ -153,6 +158,14 @@ class NodeActor(Actor):
         self.peering.start()
         self.call_later(self.services.prune_every_s, self._prune)
 
+    def on_receive(self, message: Any) -> Any:
+        """Every message within the store's bound (see the module docstring)."""
+        db, wait_s = self.services.db, self.services.store_wait_s
+        if db is None or wait_s is None:
+            return super().on_receive(message)
+        with db.waiting_at_most(wait_s):
+            return super().on_receive(message)
+
     def stopping(self) -> None:
         """Work in the pool is abandoned, the revocation checks stop, and peers hear
         this node leave (its children stop after this)."""
@@ -176,13 +189,19 @@ class NodeActor(Actor):
         """Tell peers about a change now (a heartbeat), not at the next tick."""
         self.peering.announce()
 
-    def _prune(self) -> None:
-        """Rows of bids, events and ended leases older than ``retention_s`` go."""
+    def _prune(self, retry_s: float = 0.0) -> None:
+        """Rows of bids, events and ended leases older than ``retention_s`` go. A store that
+        is busy or refuses is asked again sooner, waiting longer each time (``retry_s``:
+        the last wait), up to the usual period."""
+        every = self.services.prune_every_s
         if self.services.db is not None:
             try:
                 counts = prune(self.services.db, self.services.retention_s)
                 if any(counts.values()):
                     log.info("pruned rows older than %g s: %s", self.services.retention_s, counts)
-            except Exception as exc:  # a busy store: next time
-                log.warning("could not prune old rows: %s", exc)
-        self.call_later(self.services.prune_every_s, self._prune)
+            except Exception as exc:
+                retry = min(every, STORE_RETRY.after(retry_s) if retry_s else STORE_RETRY.first_s)
+                log.warning("could not prune old rows (%s): trying again in %g s", exc, retry)
+                self.call_later(retry, lambda: self._prune(retry))
+                return
+        self.call_later(every, self._prune)

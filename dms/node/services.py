@@ -40,6 +40,7 @@ class NodeServices:
     ended_allocations_kept: int = 256  # ended allocations whose final answers are kept
     ended_allocation_keep_s: float = 120.0  # ... this long after their end
     peer_forget_s: float = 3600.0  # drop a peer from the peers table once gone this long
+    store_wait_s: float | None = 0.5  # longest the node's thread waits for the store
     retention_s: float = 7 * 24 * 3600.0  # prune rows of bids, events, ended leases after
     prune_every_s: float = 600.0  # how often the node prunes them
     supervise_s: float = 1.0  # how often a requester checks its running allocations

@@ -30,6 +30,7 @@ from dms.orchestrator.slots import Deadlines, Slot
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
 from dms.orchestrator.store import DeploymentStore
 from dms.security.identity import public_key_from_peer_id
+from dms.store import StoreBusy
 
 log = logging.getLogger("dms.orchestrator")
 
@@ -209,17 +210,21 @@ class DeploymentBook:
         # stored as it was at the slot's last transition.
         return tuple((s.name, s.state, s.since) for s in self.slots.values())
 
-    def save(self) -> bool:
+    def save(self, busy_raises: bool = False) -> bool:
         """One write per transition: of the deployment (an event) or of a slot. Whether
-        the store took it (if not, the next transition saves again)."""
+        the store took it (if not, the next transition saves again). ``busy_raises``: a
+        store busy past the thread's bound raises :class:`StoreBusy` (the first save, on
+        the node's thread: the owner's command is refused, nothing started)."""
         self._dirty = False
         self._saved_as = self._fingerprint()
         bids, self._bids = self._bids, []
         try:
             self.o.store.save(self.stored_row(), bids)
         except Exception as exc:  # keep placing; the next transition saves again
-            log.warning("deployment %s not saved (nor %d bid(s)): %s", self.id, len(bids), exc)
             self._bids = bids + self._bids  # and its bids with it
+            if busy_raises and isinstance(exc, StoreBusy):
+                raise
+            log.warning("deployment %s not saved (nor %d bid(s)): %s", self.id, len(bids), exc)
             return False
         return True
 

@@ -87,9 +87,12 @@ class DeploymentActor(Actor):
         if not self._resumed:
             # Saved here, on the spawning thread, before the node answers with its id: a
             # status asked at once finds it (saved in on_start, on the actor's own thread,
-            # it could come after that answer and the question).
+            # it could come after that answer and the question). A store busy past the
+            # node's bound (another process holds it locked) raises: the owner's command
+            # is refused saying so, and nothing starts. Refused otherwise (a read-only
+            # file), the deployment places all the same, saved at a later transition.
             self.book.event(f"deployment {spec.name!r}: {len(self.book.slots)} allocation(s)")
-            self.book.save()
+            self.book.save(busy_raises=True)
 
     @property
     def state(self) -> DeploymentState:

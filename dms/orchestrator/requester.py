@@ -32,7 +32,7 @@ from dms.orchestrator.deployment import (
 )
 from dms.orchestrator.reverts import Reverts
 from dms.orchestrator.store import DeploymentStore
-from dms.store import Database
+from dms.store import STORE_REFUSED, Database, StoreBusy
 
 log = logging.getLogger("dms.node")
 
@@ -156,7 +156,14 @@ class Requester:
         if problems:
             raise Refusal(ErrorCode.BAD_PAYLOAD, "; ".join(str(p) for p in problems))
         deployment_id = new_deployment_id()
-        self.run(DeploymentActor, deployment_id, spec)
+        try:
+            self.run(DeploymentActor, deployment_id, spec)
+        except StoreBusy as exc:  # its first save (on this thread): nothing was started
+            raise Refusal(
+                STORE_REFUSED,
+                f"this node's store is busy, the deployment was not started; try again "
+                f"later: {exc}",
+            ) from None
         return {"id": deployment_id}
 
     @behaviour("/dms/node/deployment/list")

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
 
 from dms.files import write_private
 from dms.orchestrator.records import BidRow, MiningRow
 from dms.orchestrator.states import DEPLOYMENT
-from dms.store import Database
+from dms.store import STORE_ERRORS, Database
 from dms.store.group import GroupCommit
 from dms.store.models import BidRecord, DeploymentRecord, MiningSessionRecord
 from dms.store.sql import Statement, json_text
@@ -82,7 +81,7 @@ class DeploymentStore:
         row = {**row, "updated_at": time.time()}
         try:
             self._write(row, bids)
-        except SQLAlchemyError:
+        except STORE_ERRORS:
             if row["state"] in DEPLOYMENT.terminal:
                 self._keep_unsaved(row)
             raise
@@ -118,7 +117,7 @@ class DeploymentStore:
         for deployment_id, row in list(self._kept.items()):
             try:
                 self._write(row)
-            except SQLAlchemyError as exc:
+            except STORE_ERRORS as exc:
                 log.warning("the end of deployment %s is still not saved: %s", deployment_id, exc)
                 left.add(deployment_id)
             else:

@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from dms.actor import ActorRef, ErrorCode, Handle, Refusal, Request, behaviour
 from dms.actor.runtime import NodeRuntime
 from dms.backoff import Backoff
@@ -57,15 +55,14 @@ from dms.provider.ended import EndedAllocations
 from dms.provider.lapses import Lapses
 from dms.provider.onboarding import need_ledger
 from dms.resources import ALLOCATED, Preferences, ResourceError, ResourceLedger
-from dms.store import Database
+from dms.store import STORE_ERRORS, STORE_REFUSED, STORE_RETRY, Database, StoreBusy
 
 log = logging.getLogger("dms.node")
 DEPLOYMENT_REF = "dep:"
 ALLOCATION_INBOX = "alloc-"  # an allocation's inbox: this and its lease id's start
 BID_INDEX_FLUSH_S = 0.5
-RELEASE_RETRY_FIRST_S = 0.5  # an ended allocation's lease the store refused: again after
-RELEASE_RETRY_MAX_S = 30.0  # this, doubling up to this
-STORE_REFUSED = "store_refused"  # a bid request's refusal when the store raised
+RELEASE_RETRY_FIRST_S = STORE_RETRY.first_s  # an ended allocation's lease the store
+RELEASE_RETRY_MAX_S = STORE_RETRY.max_s  # refused: again after this, doubling up to this
 
 
 class Stakes(Protocol):
@@ -81,10 +78,15 @@ class Stakes(Protocol):
 def _store_refusal() -> Iterator[None]:
     """The store's error (a full disk, a locked or read-only file) raised inside, as a
     refusal ``store_refused`` with its first line: answered to the caller, counted and
-    logged on one line (raised through the handler, it was a traceback per request)."""
+    logged on one line (raised through the handler, it was a traceback per request).
+    A store busy past the node's bound (``store_wait_s``: another process holds its
+    database locked) is said so: the request may succeed when asked again later."""
     try:
         yield
-    except SQLAlchemyError as exc:
+    except StoreBusy as exc:
+        reason = f"this node's store is busy, ask again later: {str(exc).splitlines()[0]}"
+        raise ResourceError(STORE_REFUSED, reason) from None
+    except STORE_ERRORS as exc:
         reason = f"this node's store refused: {str(exc).splitlines()[0]}"
         raise ResourceError(STORE_REFUSED, reason) from None
 
@@ -153,6 +155,9 @@ class Bidding:
         # ``allocate_within_s`` (one that ran and ended may still be allocated while the
         # store refuses its release). Each leaves at its allocate or its watch.
         self._unstarted: set[str] = set()
+        # Past allocate_within_s with no allocate, their release still to be taken by the
+        # store: an allocate that came now would run on a lease about to be released.
+        self._lapsing: set[str] = set()
         self._alloc_lock = threading.Lock()
         self._topic_lock = threading.Lock()  # joins and leaves of the deployment topic
 
@@ -275,7 +280,10 @@ class Bidding:
     def _bid_refused(self, outcome: Any, lease_ids: list[str]) -> None:
         """A bid nobody took (the deployment ended, or it never arrived): free it now."""
         if not outcome.ok and self.ledger is not None:
-            self.ledger.release_many(lease_ids)
+            try:
+                self.ledger.release_many(lease_ids)
+            except STORE_ERRORS as exc:  # they expire on their own (lease_s)
+                log.warning("bid nobody took: its leases are not released (%s)", exc)
 
     def _record_sent(self, bid: Bid, requester: str) -> None:
         """Queue this bid for the bid index; written in batches, off the bidding path."""
@@ -284,12 +292,16 @@ class Bidding:
         if self._bid_index.add(bid_rows(bid, requester)):
             self.node.call_later(BID_INDEX_FLUSH_S, self._flush_bids)
 
-    def _flush_bids(self) -> None:
+    def _flush_bids(self, retry_s: float = 0.0) -> None:
+        """Write the queued bids. A store that is busy or refuses keeps them queued and
+        is asked again, waiting longer each time (``retry_s``: the last wait)."""
         if self._bid_index is not None:
             try:
                 self._bid_index.flush()
             except Exception as exc:
-                log.warning("bid index not written: %s", exc)
+                retry = STORE_RETRY.after(retry_s) if retry_s else STORE_RETRY.first_s
+                log.warning("bid index not written (%s): trying again in %g s", exc, retry)
+                self.node.call_later(retry, lambda: self._flush_bids(retry))
 
     @behaviour(COMMIT, public=True, payload=CommitRequest)
     def commit(self, request: Request) -> dict[str, Any]:
@@ -307,6 +319,8 @@ class Bidding:
             # watch stands (one timer a lease, however often it is committed).
             if lease_id in self._allocations or lease_id in self._unstarted:
                 return
+            if lease_id in self._lapsing:  # committed again while its release waits
+                return
             self._unstarted.add(lease_id)
         within = self.preferences.allocate_within_s
         self.node.call_later(within, lambda: self._allocated_in_time(lease_id, within))
@@ -318,19 +332,43 @@ class Bidding:
                 # still to come (a store that refused it), which is no lapse.
                 return
             self._unstarted.discard(lease_id)
+            self._lapsing.add(lease_id)  # no allocate starts it now (see _allocate)
+        self._release_lapsed(lease_id, within, STORE_RETRY.first_s)
+
+    def _release_lapsed(self, lease_id: str, within: float, wait_s: float) -> None:
+        """Release a committed lease no allocate followed. A store that is busy or refuses
+        is asked again, waiting longer each time: given up, the lease stayed allocated
+        until the next restart."""
         ledger = self._need_ledger()
-        lease = ledger.lease(lease_id)
-        if lease.state == ALLOCATED:
-            ledger.release(lease_id)
-            cooldown = self._lapses.note(lease.holder)
+        try:
+            lease = ledger.lease(lease_id)
+            if lease.state == ALLOCATED:
+                ledger.release(lease_id)
+        except ResourceError as exc:
+            log.warning("lease %s not released: %s", lease_id, exc)
+            lease = None
+        except STORE_ERRORS as exc:
+            log.warning(
+                "lease %s committed but not allocated within %g s; not released yet (%s): "
+                "trying again in %g s", lease_id, within, str(exc).splitlines()[0], wait_s,
+            )  # fmt: skip
+            later = STORE_RETRY.after(wait_s)
+            self.node.call_later(wait_s, lambda: self._release_lapsed(lease_id, within, later))
+            return
+        with self._alloc_lock:
+            self._lapsing.discard(lease_id)
+        if lease is None or lease.state != ALLOCATED:
+            return
+        cooldown = self._lapses.note(lease.holder)
+        with contextlib.suppress(*STORE_ERRORS):  # the record only
             ledger.db.record(
                 "allocation.never_started", id=lease_id, within_s=within, holder=lease.holder,
                 cooldown_s=cooldown,
             )  # fmt: skip
-            log.info(
-                "lease %s committed but not allocated within %g s: released; no bids to %s "
-                "for %g s", lease_id, within, lease.holder, cooldown,
-            )  # fmt: skip
+        log.info(
+            "lease %s committed but not allocated within %g s: released; no bids to %s "
+            "for %g s", lease_id, within, lease.holder, cooldown,
+        )  # fmt: skip
 
     @behaviour(ALLOCATE, public=True, payload=AllocateRequest)
     def allocate(self, request: Request) -> dict[str, Any] | None:
@@ -340,6 +378,14 @@ class Bidding:
     def _allocate(self, request: Request) -> dict[str, Any] | None:
         p: AllocateRequest = request.payload
         holder = request.sender.address.host
+        with self._alloc_lock:
+            lapsed = p.lease_id in self._lapsing
+        if lapsed:
+            raise ResourceError(
+                "ended",
+                f"lease {p.lease_id} was not allocated within allocate_within_s "
+                f"({self.preferences.allocate_within_s:g} s): it is being released",
+            )
         if p.commit:  # commit and allocate in one exchange (the commit checks the holder)
             _answers_to_requester(p.reply_to, holder, "an allocate")
             lease = self._need_ledger().commit(p.lease_id, holder=holder)
@@ -482,7 +528,7 @@ class Bidding:
             self.ledger.release(lease_id)
         except ResourceError as exc:
             log.warning("allocation %s not released: %s", lease_id, exc)
-        except SQLAlchemyError as exc:
+        except STORE_ERRORS as exc:
             log.warning(
                 "allocation %s ended; its lease is not released yet (%s): trying again in %g s",
                 lease_id, str(exc).splitlines()[0], wait_s,

@@ -139,7 +139,12 @@ class BidIndex:
         with self._lock:
             rows, self._queued = self._queued, []
         if rows:
-            insert_bids(self.db, rows, self._clock())
+            try:
+                insert_bids(self.db, rows, self._clock())
+            except BaseException:  # a store busy or refusing: kept for the next flush
+                with self._lock:
+                    self._queued[:0] = rows
+                raise
         if self._over() or self._clock() - self._pruned_at > PRUNE_EVERY_S:
             self.prune()
 

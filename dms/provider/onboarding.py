@@ -24,6 +24,7 @@ from dms.resources import (
     Resources,
 )
 from dms.resources.machine import hardware_spec, hardware_usage
+from dms.store import STORE_RETRY
 
 log = logging.getLogger("dms.node")
 
@@ -112,14 +113,22 @@ class Provider:
         )
         self.node.call_later(self.expire_every_s, self._expire)
 
-    def _expire(self) -> None:
+    def _expire(self, retry_s: float = 0.0) -> None:
+        """Mark the leases past their expiry, every ``expire_every_s``. A store that is
+        busy (another process holds it locked: the node's thread waits ``store_wait_s``
+        at most) or refuses is asked again sooner, waiting longer each time (``retry_s``:
+        the last wait) up to the usual period; the sums ignore expired leases anyway."""
+        every = self.expire_every_s
         try:
             ids = self._ledger().expire()
             if ids:
                 log.info("%d lease(s) expired", len(ids))
-        except Exception as exc:  # a busy store: the sum ignores expired leases anyway
-            log.warning("could not expire leases: %s", exc)
-        self.node.call_later(self.expire_every_s, self._expire)
+        except Exception as exc:
+            retry = min(every, STORE_RETRY.after(retry_s) if retry_s else STORE_RETRY.first_s)
+            log.warning("could not expire leases (%s): trying again in %g s", exc, retry)
+            self.node.call_later(retry, lambda: self._expire(retry))
+            return
+        self.node.call_later(every, self._expire)
 
     def resource_summary(self, wait_s: float | None = None) -> dict[str, Any]:
         """The figures a heartbeat carries; ``wait_s``: the longest wait for the store."""

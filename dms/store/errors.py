@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from dms.backoff import Backoff
 from dms.errors import DmsError
+
+STORE_REFUSED = "store_refused"  # the refusal of a request the store could not serve
+# Store work a busy or refusing store turned down, asked again: after this, doubling.
+STORE_RETRY = Backoff(first_s=0.5, max_s=30.0)
 
 
 class StoreError(DmsError):
@@ -10,4 +17,14 @@ class StoreError(DmsError):
 
 
 class StoreBusy(StoreError):
-    """A transaction that would have waited longer than its caller may (``wait_s``)."""
+    """A transaction that would have waited longer than its caller may (``wait_s``, or
+    the thread's bound: ``Database.waiting_at_most``): another process (or another
+    transaction of this one) holds the store. Answered ``store_refused`` when it
+    escapes a behaviour's handler."""
+
+    code = STORE_REFUSED
+
+
+# What the store raises when it cannot serve a transaction: the driver's errors (as
+# SQLAlchemy's), or a wait past the caller's bound. ``except STORE_ERRORS``.
+STORE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, StoreBusy)

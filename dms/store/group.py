@@ -54,6 +54,14 @@ class GroupCommit:
     def run(self, write: Write) -> None:
         """Run ``write`` in a transaction, maybe beside other threads' writes; returns
         when it is committed, raises what it raised (or the commit's error)."""
+        if self.db.bounded:
+            # This thread may wait for the store only so long (the node's own thread,
+            # Database.waiting_at_most): a transaction of its own, never behind a batch
+            # another thread leads, which may wait for the store as long as it must.
+            self.transactions += 1
+            with self.db.transaction() as conn:
+                write(conn)
+            return
         me = _Waiting(write)
         with self._lock:
             self._queue.append(me)

@@ -419,3 +419,35 @@ def test_knn_queries_do_not_depend_on_what_the_worker_returned() -> None:
     assert honest == other and len(honest) == 1 + 10  # start, then ceil(75 / 8) blocks
     for got, want in zip(other_sizes, honest_sizes, strict=True):
         assert abs(got - want) <= 0.01 * want
+
+
+# ---- SKNN, protocol udm: its answers are spot-checked too -------------------------------------
+
+
+def test_a_udm_knn_worker_gets_no_rank_oracle_on_the_training_rows() -> None:
+    """The udm owner decrypts the worker's distances and sends back the k nearest indices.
+    A worker that returns, instead, its encrypted training blocks with every attribute but
+    the first zeroed would get back the k training rows with the smallest first attribute
+    (any linear functional of the owner's rows, one per query). The owner recomputes a
+    sample of each answer in the clear first, as the blind owner does."""
+    from dms.mining.classification import KnnOwner, KnnWorker
+
+    table = read_table(EXAMPLES / "iris.csv", label=True)
+    assert table.labels is not None
+    train, test = table.features[::2], table.features[1::2]
+    owner = KnnOwner(train, table.labels[::2], 3)
+    worker = KnnWorker(owner.start())
+    a, rows = train.shape[1], owner.rows_per_block
+    keep = np.zeros(a * rows)
+    keep[:rows] = 1.0  # attribute 0 of every packed row
+    block = owner.query_blocks(test)[0]
+    answer = worker.distances(owner.query(block))
+    crafted = [(b * keep.tolist()).serialize() for b in worker.blocks]
+    answer.blocks = [list(crafted) for _ in answer.blocks]
+    with pytest.raises(WorkerMisbehaved, match="off by"):
+        neighbours, _ = owner.neighbours(answer)
+        leaked = np.sort(train[neighbours.indices.array()[0], 0])
+        smallest = np.sort(train[:, 0])[:3]
+        assert not np.allclose(leaked, smallest), "the rows with the smallest attribute leaked"
+    honest = worker.distances(owner.query(block))
+    assert owner.neighbours(honest)[0].indices.array().shape == (len(block), 3)

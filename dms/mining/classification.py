@@ -28,10 +28,12 @@ import numpy as np
 import tenseal as ts
 from pydantic import BaseModel
 
+from dms.mining.answers import Spot, check_values
 from dms.mining.arrays import NDArray
 from dms.mining.clustering import shard_rows
+from dms.mining.defaults import DEFAULT_VERIFY_FRACTION
 from dms.mining.distance import Distance
-from dms.mining.errors import MiningError
+from dms.mining.errors import MiningError, WorkerMisbehaved
 from dms.mining.plain import check_k, nearest, vote
 from dms.mining.schemes import new_keys
 from dms.mining.schemes.ckks import CkksKeys, load_public_context
@@ -84,6 +86,7 @@ class KnnOwner:
         keys: CkksKeys | LiuKey | None = None,
         block_budget: int = 4_000_000,
         shards: int = 1,
+        verify_fraction: float = DEFAULT_VERIFY_FRACTION,
     ) -> None:
         if scheme not in ("liu", "ckks"):
             raise MiningError(f"unknown scheme {scheme!r}: use ckks or liu")
@@ -105,6 +108,10 @@ class KnnOwner:
             raise MiningError(f"{shards} shards for {train.shape[0]} training records")
         self.shards = shard_rows(train.shape[0], shards)
         self._rows_per_block = [0] * shards
+        # Each shard's last query block (prepared rows): its answer is spot-checked in the
+        # clear before any index leaves, or crafted "distances" would buy a rank oracle.
+        self._asked: list[np.ndarray | None] = [None] * shards
+        self.spot = Spot(verify_fraction)
         self.timings = {"keygen": 0.0, "encrypt": 0.0, "decrypt": 0.0}
 
     @property
@@ -167,6 +174,7 @@ class KnnOwner:
             assert self.keys is not None
             message = KnnQuery(queries=NDArray.of(self.keys.encrypt(block)))
         self.timings["encrypt"] += time.perf_counter() - began
+        self._asked[shard] = np.asarray(block, dtype=np.float64)
         return message
 
     def neighbours(self, message: KnnDistances) -> tuple[KnnNeighbours, np.ndarray]:
@@ -188,6 +196,18 @@ class KnnOwner:
         return KnnNeighbours(indices=NDArray.of(nearest(dist, self.k).astype(np.int64))), dist
 
     def _distances(self, message: KnnDistances, shard: int) -> np.ndarray:
+        asked = self._asked[shard]
+        if asked is None:
+            raise MiningError("distances arrived for no query")
+        dist = self._decrypted(message, shard, asked.shape[0])
+        rows = self.shards[shard]
+        picked = self.spot.sample(rows.stop - rows.start)
+        want = self.distance.reduce(asked[:, None, :] - self.train[None, picked + rows.start, :])
+        tol = 1e-4 * max(1.0, float(np.abs(want).max(initial=0.0)))
+        check_values(dist[:, picked].T, want.T, tol, shard, "distances", picked + rows.start)
+        return dist
+
+    def _decrypted(self, message: KnnDistances, shard: int, queries: int) -> np.ndarray:
         rows = self.shards[shard]
         n = rows.stop - rows.start
         if isinstance(self.keys, CkksKeys):
@@ -195,6 +215,13 @@ class KnnOwner:
                 raise MiningError("worker sent no distances")
             a, per = self.train.shape[1], self._rows_per_block[shard]
             expected = -(-n // per) * a * per
+            wanted = -(-n // per)
+            if len(message.blocks) != queries or any(len(b) != wanted for b in message.blocks):
+                raise WorkerMisbehaved(
+                    f"shard {shard}: distances for {len(message.blocks)} queries, "
+                    f"expected {queries} of {wanted} ciphertexts each",
+                    shard,
+                )
             # Euclidean blocks arrive squared; Manhattan ones as signed differences.
             fold = np.asarray if self.distance is Distance.EUCLIDEAN else np.abs
             out = []
@@ -211,7 +238,7 @@ class KnnOwner:
         if message.differences is None or self.keys is None:
             raise MiningError("worker sent no differences")
         diffs = message.differences.array()
-        if diffs.ndim != 4 or diffs.shape[1] != n:
+        if diffs.ndim != 4 or diffs.shape[:3] != (queries, n, self.train.shape[1]):
             raise MiningError("worker sent differences of the wrong shape")
         return self.distance.reduce(self.keys.decrypt(diffs))
 

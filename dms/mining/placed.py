@@ -382,17 +382,17 @@ class KnnDriver(Driver):
         assert self.owner is not None
         with self._lock:
             answers = [self._answers[i] for i in range(self.shards)]
-            if isinstance(self.owner, BlindKnnOwner):
-                try:
+            try:
+                if isinstance(self.owner, BlindKnnOwner):
                     indices, _ = self.owner.neighbours_shards(answers)
-                except WorkerMisbehaved as exc:
-                    if exc.shard is not None:
-                        self._answers.pop(exc.shard, None)
-                    raise
-                self.predictions.extend(self.owner.vote(indices))
-            else:
-                neighbours, _ = self.owner.neighbours_shards(answers)
-                self.predictions.extend(self.owner.vote(neighbours))
+                    self.predictions.extend(self.owner.vote(indices))
+                else:  # udm: spot-checked too before any index is used
+                    neighbours, _ = self.owner.neighbours_shards(answers)
+                    self.predictions.extend(self.owner.vote(neighbours))
+            except WorkerMisbehaved as exc:
+                if exc.shard is not None:
+                    self._answers.pop(exc.shard, None)
+                raise
             self._answers.clear()
             self._queries.clear()
             self.block += 1

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from dms.files import sqlite_path
@@ -144,4 +145,36 @@ def test_a_transaction_nested_in_one_of_the_same_thread_is_part_of_it(tmp_path: 
     with pytest.raises(StoreError, match="nested"), db.session():
         count_leases(db)
     assert db.events("test.nested") == []
+    db.close()
+
+
+def test_a_transaction_its_caller_refuses_keeps_the_connection_for_the_next(
+    tmp_path: Path,
+) -> None:
+    """A commit refused by the ledger (an unknown lease: any peer can send one) ends its
+    transaction with the caller's error. The connection was rolled back clean, so the
+    next transaction runs on it, page cache and all; before, each such refusal closed
+    it and the next took another from the pool."""
+    db = open_database(f"sqlite:///{tmp_path / 'dms.db'}")
+    checkouts: list[object] = []
+    event.listen(db.engine, "checkout", lambda dbapi, record, proxy: checkouts.append(dbapi))
+    insert = text("INSERT INTO node_settings (key, value) VALUES (:key, '1')")
+    with db.transaction() as conn:
+        conn.execute(insert, {"key": "first"})
+    checkouts.clear()
+    for i in range(20):
+        with pytest.raises(ValueError), db.transaction() as conn:
+            conn.execute(insert, {"key": f"refused-{i}"})
+            raise ValueError("no such lease")
+        with db.transaction() as conn:
+            conn.execute(insert, {"key": f"after-{i}"})
+    assert checkouts == []  # every one ran on the kept connection
+    assert db.get_setting("refused-3") is None and db.get_setting("after-19") == 1
+    # A driver's error may leave the connection in any state: that one is dropped.
+    checkouts.clear()
+    with pytest.raises(OperationalError), db.transaction() as conn:
+        conn.execute(text("SELECT * FROM no_such_table"))
+    with db.transaction() as conn:
+        conn.execute(insert, {"key": "fresh"})
+    assert len(checkouts) == 1
     db.close()

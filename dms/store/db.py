@@ -135,6 +135,18 @@ def _set_wal(cur: Any, attempts: int = 200) -> None:
             time.sleep(0.05)
 
 
+def _leaves_connection_unknown(exc: BaseException, conn: Connection) -> bool:
+    """Whether a transaction that ended with ``exc`` may have left ``conn`` unfit for
+    the next: a database or driver error (the store busy among them), an interrupt, or
+    a transaction still open."""
+    return (
+        not isinstance(exc, Exception)
+        or isinstance(exc, SQLAlchemyError | StoreError)
+        or conn.invalidated
+        or conn.in_transaction()
+    )
+
+
 class Database:
     """An engine with the schema migrated to the latest version."""
 
@@ -293,8 +305,12 @@ class Database:
                 try:
                     with self._begin(conn.begin, wait):
                         yield conn
-                except BaseException:
-                    self._drop_kept(conn)  # whatever state it is in: a fresh one next time
+                except BaseException as exc:
+                    # An error of the caller's own (a refused commit of an unknown lease)
+                    # was rolled back and leaves the connection as it was: kept, with its
+                    # page cache. Anything else may leave it in any state: a fresh one.
+                    if _leaves_connection_unknown(exc, conn):
+                        self._drop_kept(conn)
                     raise
             return
         with self._writer, self.engine.begin() as conn:

@@ -1,10 +1,8 @@
-"""``python -m dms``. Ctrl-C while the command is still loading (before its modules
-are in, a second or more on a busy machine) ends it as Ctrl-C ends any command: exit
-130, no traceback."""
+"""``python -m dms``: as the installed ``dms`` script (:func:`dms.cli.run`)."""
 
 try:
-    from dms.cli.app import run
-
-    run()
-except KeyboardInterrupt:
+    from dms.cli import run
+except KeyboardInterrupt:  # before even that tiny module is in
     raise SystemExit(130) from None
+
+run()

@@ -274,15 +274,22 @@ def test_status_watch_refreshes_until_ctrl_c(homes: Homes) -> None:
     check_readable(out)
 
 
+@pytest.mark.parametrize("launcher", ["python -m dms", "the dms script"])
 @pytest.mark.parametrize("loaded", ["typer", "dms.cli.app"])
-def test_ctrl_c_while_dms_is_still_loading_ends_it_quietly(homes: Homes, loaded: str) -> None:
+def test_ctrl_c_while_dms_is_still_loading_ends_it_quietly(
+    homes: Homes, loaded: str, launcher: str
+) -> None:
     """Ctrl-C pressed as 'dms status --watch' starts (its modules take seconds to load
     on a busy machine) ends it with 130 and no traceback: in dms.cli.app's own imports
-    ('typer' in) or in the command's ('dms.cli.app' in, 'dms.cli.status' loading)."""
-    command = [sys.executable, "-X", "importtime", "-m", "dms", "status", "--watch", "--json"]
+    ('typer' in) or in the command's ('dms.cli.app' in, 'dms.cli.status' loading),
+    whether it was started as ``python -m dms`` or by the installed script."""
+    program = [sys.executable, "-m", "dms"]
+    if launcher == "the dms script":
+        program = [str(Path(sys.executable).parent / "dms")]
+    env = {**env_for(homes.owner), "PYTHONPROFILEIMPORTTIME": "1"}
     started = subprocess.Popen(
-        command, env=env_for(homes.owner), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        [*program, "status", "--watch", "--json"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert started.stderr is not None
     # -X importtime writes a line on stderr as each module is in: Ctrl-C just after.

@@ -11,7 +11,7 @@ so it sees only masked vectors, sealed shares and the totals:
     shares   SeedShares            -> ""
     start    ""                    -> RoundStart of the next announced round
     input    MaskedInput           -> ""
-    close    ""                    -> Closed (the round's survivors and dropped)
+    close    ""                    -> Closed (who sent, who did not: then ``start`` again)
     request  a survivor's id       -> that survivor's UnmaskRequest
     unmask   UnmaskReply           -> ""
     totals   ""                    -> RoundTotals (after the last round the session ends)
@@ -208,9 +208,11 @@ class CollabSession:
         return b""
 
     def _close(self, _: bytes) -> bytes:
-        self._requests = self.aggregator.close_inputs()  # at least threshold of them
-        first = next(iter(self._requests.values()))
-        return encode(Closed(survivors=first.survivors, dropped=first.dropped))
+        self._requests = self.aggregator.close_inputs()  # none if an input is missing
+        survivors, dropped = self.aggregator.closed
+        if dropped:
+            self._log(f"round {self.aggregator.round}: dropped {', '.join(dropped)}; again")
+        return encode(Closed(survivors=survivors, dropped=dropped))
 
     def _request(self, body: bytes) -> bytes:
         owner = body.decode(errors="replace")

@@ -333,7 +333,18 @@ class CollabSessionActor(DeploymentActor):
             )
 
         def closed(body: bytes) -> None:
-            self._requests(decode(Closed, body).survivors, {}, asked)
+            shut = decode(Closed, body)
+            if shut.dropped:  # no mask key is opened: the round runs again among the senders
+                self.dropped += [{"owner": o, "round": self.collab_round} for o in shut.dropped]
+                self.live = shut.survivors
+                self._keep()
+                self.book.event(
+                    f"round {self.collab_round}: dropped {', '.join(shut.dropped)}; "
+                    "it runs again among those that sent"
+                )
+                self._start_round()
+                return
+            self._requests(shut.survivors, {}, asked)
 
         self._aggregator("close", b"", closed)
 

@@ -2,11 +2,12 @@
 
 It never holds an owner's statistics in the clear: each input carries a self
 mask only that owner's seed removes, and pairwise masks that cancel only in
-the sum over the owners that sent. After the inputs of a round close, it asks
-each survivor for its shares of the survivors' self-mask seeds and of the
-dropped owners' mask keys; with ``threshold`` answers it rebuilds those
-(checking each against a commitment or a public key), and the total is
-``sum(inputs) - self masks - the pairwise masks that dropped owners left``.
+the sum over the owners that sent. After the inputs of a round close, if an
+owner's input is missing the round runs again among those that sent (no mask
+key is ever opened: it would give the dropped owner's pairwise masks of every
+round). Otherwise it asks each survivor for its shares of the survivors'
+self-mask seeds; with ``threshold`` answers it rebuilds those (checking each
+against a commitment), and the total is ``sum(inputs) - self masks``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dms.mining.collab.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from dms.mining.collab.owner import pair_seed, self_seed
+from dms.mining.collab.owner import self_seed
 from dms.mining.errors import MiningError
 
 
@@ -51,6 +52,7 @@ class CollabAggregator:
         self._inputs: dict[str, MaskedInput] = {}
         self._request: dict[str, UnmaskRequest] | None = None
         self._replies: dict[str, UnmaskReply] = {}
+        self.closed: tuple[list[str], list[str]] = ([], [])  # the last close: sent, did not
         self.totals: list[RoundTotals] = []
 
     # -- setup -----------------------------------------------------------------
@@ -169,21 +171,28 @@ class CollabAggregator:
         self._inputs[message.owner] = message
 
     def close_inputs(self) -> dict[str, UnmaskRequest]:
-        """The unmask request for each survivor (the owners whose input arrived)."""
+        """The unmask request for each survivor (the owners whose input arrived), or none
+        if an input is missing: then the round is closed unsummed, its silent owners
+        dropped, and :meth:`start_round` runs it again among those that sent."""
         p = self.proposal
         assert self._live is not None
         survivors = [o for o in self._live if o in self._inputs]
         dropped = [o for o in self._live if o not in self._inputs]
         self.dropped += [Dropout(owner=o, round=self.round) for o in dropped]
+        self.closed = (survivors, dropped)
         self._require(len(survivors), "owners sent their input")
+        if dropped:
+            self._open = False
+            self._live = survivors
+            return {}
         self._request = {
             holder: UnmaskRequest(
                 collab_id=p.collab_id,
                 round=self.round,
                 survivors=survivors,
-                dropped=dropped,
+                dropped=[],
                 self_shares={u: self._inputs[u].shares[holder] for u in survivors},
-                key_shares={u: self._key_shares[u][holder] for u in dropped},
+                key_shares={},
             )
             for holder in survivors
         }
@@ -212,7 +221,6 @@ class CollabAggregator:
         if self._request is None:
             raise MiningError(f"round {self.round}'s inputs are not closed")
         survivors = next(iter(self._request.values())).survivors
-        dropped = next(iter(self._request.values())).dropped
         silent = [o for o in survivors if o not in self._replies]
         self._require(len(self._replies), "survivors answered the unmask request", silent)
         holders = sorted(self._replies, key=p.position)[: p.threshold]
@@ -227,27 +235,11 @@ class CollabAggregator:
                     f"(a share from one of {', '.join(holders)} is wrong)"
                 )
             total -= masks.stream(self_seed(seed, p.collab_id, self.round, u), total.size)
-        for u in dropped:
-            key = masks.x25519_private(
-                self._rebuild({h: self._replies[h].key_shares[u] for h in holders}, weights, u)
-            )
-            if masks.public_bytes(key) != self.adverts[u].s_key:
-                raise CollabFailed(
-                    f"round {self.round}: dropped {u}'s mask key does not rebuild "
-                    f"(a share from one of {', '.join(holders)} is wrong)"
-                )
-            for v in survivors:
-                secret = masks.agree(key, masks.x25519_public(self.adverts[v].s_key, v))
-                pad = masks.stream(pair_seed(secret, p.collab_id, self.round), total.size)
-                if p.position(v) < p.position(u):
-                    total -= pad  # v added it
-                else:
-                    total += pad  # v subtracted it
         totals = RoundTotals(
             collab_id=p.collab_id,
             round=self.round,
             survivors=survivors,
-            dropped=dropped,
+            dropped=[],
             values=ring.decode(total, p.scale_bits).tolist(),
         )
         self.totals.append(totals)

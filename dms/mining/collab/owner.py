@@ -4,14 +4,16 @@ Per round the owner computes its statistics in the clear, encodes them in the
 ring, adds a fresh self mask and, for every other live owner, a pairwise mask
 (+ towards owners listed after it, - towards those before), so the pairwise
 masks cancel in the total. It Shamir-shares the self-mask seed among the live
-owners. When the aggregator says who sent an input, it opens, for each
-survivor, that survivor's self-mask share and, for each owner that did not
-send, its share of that owner's mask key, never both for one owner in one
-round; an owner named dropped stays dropped for the rest of the collaboration.
+owners. When every live owner sent its input, it opens each one's self-mask
+share. It never opens a mask key: an unmask request naming anyone dropped is
+refused, and a round whose inputs are not all in runs again among those that
+sent (allowed only before this owner answered an unmask request for the round).
+An owner named dropped stays dropped for the rest of the collaboration.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import TypeVar
 
@@ -51,8 +53,11 @@ def key_aad(collab_id: str, sender: str, holder: str) -> bytes:
     return f"{collab_id}|key|{sender}|{holder}".encode()
 
 
-def self_aad(collab_id: str, round_: int, sender: str, holder: str) -> bytes:
-    return f"{collab_id}|self|{round_}|{sender}|{holder}".encode()
+def self_aad(collab_id: str, round_: int, live: list[str], sender: str, holder: str) -> bytes:
+    """Bound to the attempt's live owners: a share sealed in an attempt of the round
+    that was then run again over fewer owners never opens in the rerun."""
+    attempt = hashlib.sha256("\0".join(live).encode()).hexdigest()
+    return f"{collab_id}|self|{round_}|{attempt}|{sender}|{holder}".encode()
 
 
 def pair_seed(secret: bytes, collab_id: str, round_: int) -> bytes:
@@ -200,7 +205,7 @@ class CollabOwner:
             holder: masks.seal(
                 self._share_keys[holder],
                 share,
-                self_aad(p.collab_id, start.round, self.owner, holder),
+                self_aad(p.collab_id, start.round, start.live, self.owner, holder),
                 os.urandom(masks.NONCE_BYTES),
             )
             for holder, share in shares.items()
@@ -238,29 +243,25 @@ class CollabOwner:
             raise Refused("this owner is named dropped in a round it sent its input to")
         if len(survivors) < p.threshold:
             raise Refused(f"{len(survivors)} survivors, below the threshold {p.threshold}")
+        if dropped or request.key_shares:
+            # Opening a dropped owner's mask key would give its pairwise masks of every
+            # round, hence its earlier rounds' inputs: the round runs again instead.
+            named = ", ".join(sorted(dropped | set(request.key_shares)))
+            raise Refused(
+                f"the unmask request names {named} dropped: a round missing inputs runs "
+                "again among those that sent; no mask key is opened"
+            )
         opened = self._opened_self.setdefault(request.round, set())
-        if dropped & opened:  # a restarted round: never both halves of one owner's masks
-            both = ", ".join(sorted(dropped & opened))
-            raise Refused(f"asks for the mask key of {both}, whose self mask was opened this round")
-        if set(request.self_shares) != survivors or set(request.key_shares) != dropped:
+        if set(request.self_shares) != survivors:
             raise Refused("the unmask request does not carry one share for each owner named")
         opened_self = {
             u: masks.unseal(
                 self._share_keys[u],
                 sealed,
-                self_aad(p.collab_id, request.round, u, self.owner),
+                self_aad(p.collab_id, request.round, start.live, u, self.owner),
                 f"{u}'s self-mask share",
             )
             for u, sealed in request.self_shares.items()
-        }
-        opened_keys = {
-            u: masks.unseal(
-                self._share_keys[u],
-                sealed,
-                key_aad(p.collab_id, u, self.owner),
-                f"{u}'s mask-key share",
-            )
-            for u, sealed in request.key_shares.items()
         }
         reply = self._signed(
             UnmaskReply(
@@ -268,12 +269,11 @@ class CollabOwner:
                 round=request.round,
                 owner=self.owner,
                 self_shares=opened_self,
-                key_shares=opened_keys,
+                key_shares={},
             )
         )
         self._answer = (request, reply)
         opened |= survivors
-        self._opened_keys |= dropped
         return reply
 
     def receive_totals(self, totals: RoundTotals) -> None:
@@ -391,9 +391,16 @@ class CollabOwner:
             raise Refused(f"round {start.round} starts, but this owner expects round {self._next}")
         if start.round > p.rounds:
             raise Refused(f"round {start.round} after the announced {p.rounds}")
-        if restart and self._pending is not None and set(start.live) != set(self._pending.live):
-            # Two attempts over different owners would give two totals whose difference is
-            # the left-out owners' own statistics.
+        # Two attempts over different owners would give two totals whose difference is the
+        # left-out owners' own statistics: a round runs again only over fewer owners (those
+        # that sent), and only before this owner unmasked any attempt of it (a restart over
+        # the same owners forgets the answer, not what it opened).
+        before = set() if self._pending is None else set(self._pending.live)
+        if (
+            restart
+            and set(start.live) != before
+            and (self._opened_self.get(start.round) or not set(start.live) < before)
+        ):
             raise Refused(f"round {start.round} restarts with other live owners than it began")
         live = set(start.live)
         gone = {d.owner for d in self._dropped}
@@ -407,7 +414,7 @@ class CollabOwner:
         if len(live) < p.threshold:
             raise Refused(f"{len(live)} live owners, below the threshold {p.threshold}")
         left_out = sorted(self._roster - live - gone, key=p.position)
-        round_ = -1 if start.round == p.first_round() else start.round
+        round_ = -1 if start.round == p.first_round() and not restart else start.round
         self._dropped += [Dropout(owner=o, round=round_) for o in left_out]
 
     def _split(self, secret: bytes, holders: list[str]) -> dict[str, bytes]:

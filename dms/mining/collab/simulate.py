@@ -136,6 +136,8 @@ def run_collab(
                 arrived = meter.to_aggregator(name, masked)
                 meter.run("aggregator", lambda m=arrived: aggregator.receive_input(m))
         requests = meter.run("aggregator", aggregator.close_inputs)
+        if not requests:  # an input is missing: the round runs again among the senders
+            continue
         for name, request in requests.items():
             if still(name, round_, Phase.UNMASK):
                 owner = owners[name]

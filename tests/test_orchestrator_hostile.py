@@ -17,7 +17,7 @@ import pytest
 
 from dms.actor import Handle, Request
 from dms.jobs.spec import AllocationSpec
-from dms.network.peertable import Heartbeat, PeerTable
+from dms.network.peertable import Heartbeat, PeerRecord, PeerTable
 from dms.node.daemon import Node
 from dms.orchestrator.givenback import GivenBackBook
 from dms.orchestrator.messages import (
@@ -307,6 +307,18 @@ def test_a_provider_whose_last_heartbeat_counts_this_jobs_returned_leases_is_ask
     wait_state(requester, dep, TERMINAL, 60)
 
 
+def provider_seen_with_no_cpu_free(cpu: float, gib: float) -> PeerRecord:
+    """A provider's record after a heartbeat showing ``cpu`` cores onboarded, all held."""
+    table = PeerTable()
+    beat = Heartbeat(nonce="n" * 16, seq=7, interval_s=1, deadline_s=3,
+                     onboarded={"cpu": cpu, "ram_gib": gib, "disk_gib": gib, "gpu": 0},
+                     free={"cpu": 0.0, "ram_gib": gib, "disk_gib": gib, "gpu": 0})  # fmt: skip
+    table.observe("provider", "did:key:provider", beat)
+    record = table.get("provider")
+    assert record is not None
+    return record
+
+
 def test_leases_given_back_in_several_rounds_count_no_more_than_its_heartbeat_held() -> None:
     """Each round gives back what a losing bid leased, and counts it free on the peer
     until two of its heartbeats later. Rounds come faster than heartbeats (a slot placed
@@ -315,13 +327,7 @@ def test_leases_given_back_in_several_rounds_count_no_more_than_its_heartbeat_he
     them all held counted 4 free after two rounds, so it was asked for a slot of 3 it
     can never take (a wasted ask, and a round short of a candidate), and weighted as
     idler than any. What was given back is at most what that heartbeat showed held."""
-    table = PeerTable()
-    held = {"cpu": 2.0, "ram_gib": 4.0, "disk_gib": 4.0, "gpu": 0}
-    beat = Heartbeat(nonce="n" * 16, seq=7, interval_s=1, deadline_s=3, onboarded=held,
-                     free={"cpu": 0.0, "ram_gib": 4.0, "disk_gib": 4.0, "gpu": 0})  # fmt: skip
-    table.observe("provider", "did:key:provider", beat)
-    record = table.get("provider")
-    assert record is not None
+    record = provider_seen_with_no_cpu_free(cpu=2.0, gib=4.0)
     book = GivenBackBook()
     for rid in (1, 2):  # two rounds between two of its heartbeats, both bids lost
         book.note(record, Resources(cpu=2), rid)
@@ -339,13 +345,7 @@ def test_leases_given_back_in_several_rounds_count_once_beside_another_jobs_allo
     back those same 2, and was asked for a slot of 3 it cannot take until that other job
     ends. One round's give-back counts, not their sum; offers given back separately in
     one round (a late one, an excluded one) still count together."""
-    table = PeerTable()
-    onboarded = {"cpu": 4.0, "ram_gib": 8.0, "disk_gib": 8.0, "gpu": 0}
-    beat = Heartbeat(nonce="n" * 16, seq=7, interval_s=1, deadline_s=3, onboarded=onboarded,
-                     free={"cpu": 0.0, "ram_gib": 8.0, "disk_gib": 8.0, "gpu": 0})  # fmt: skip
-    table.observe("provider", "did:key:provider", beat)
-    record = table.get("provider")
-    assert record is not None
+    record = provider_seen_with_no_cpu_free(cpu=4.0, gib=8.0)
     book = GivenBackBook()
     for rid in (1, 2):
         book.note(record, Resources(cpu=2), rid)

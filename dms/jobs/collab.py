@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dms.jobs.base import ExecutorError, InteractiveExecutor, Log, register_executor
-from dms.jobs.mining_params import count_objects
+from dms.jobs.mining_params import count_objects, decode_message
 from dms.mining.collab.errors import CollabFailed
 from dms.mining.collab.messages import (
     KeysAdvert,
@@ -50,7 +50,7 @@ from dms.mining.collab.messages import (
     UnmaskRequest,
 )
 from dms.mining.errors import MiningError
-from dms.mining.wire import decode, encode
+from dms.mining.wire import encode
 from dms.security.identity import IdentityError, public_key_from_peer_id, verify_signature
 
 M = TypeVar("M", bound=BaseModel)
@@ -107,14 +107,6 @@ def parse_params(params: dict[str, Any]) -> CollabParams:
         raise ExecutorError(
             f"collab params: {where}: {err['msg']}", field=f"params.{where}"
         ) from None
-
-
-def _decode(kind: type[M], body: bytes) -> M:
-    try:
-        return decode(kind, body)
-    except Exception as exc:
-        first = str(exc).splitlines()[0][:200]
-        raise ExecutorError(f"not a valid {kind.__name__}: {first}") from None
 
 
 class CollabSession:
@@ -192,19 +184,19 @@ class CollabSession:
             self.cpu_s += time.thread_time() - cpu
 
     def _advert(self, body: bytes) -> bytes:
-        self.aggregator.receive_advert(_decode(KeysAdvert, body))
+        self.aggregator.receive_advert(decode_message(KeysAdvert, body))
         return b""
 
     def _shares(self, body: bytes) -> bytes:
-        self.aggregator.receive_seed_shares(_decode(SeedShares, body))
+        self.aggregator.receive_seed_shares(decode_message(SeedShares, body))
         return b""
 
     def _input(self, body: bytes) -> bytes:
-        self.aggregator.receive_input(_decode(MaskedInput, body))
+        self.aggregator.receive_input(decode_message(MaskedInput, body))
         return b""
 
     def _unmask(self, body: bytes) -> bytes:
-        self.aggregator.receive_unmask(_decode(UnmaskReply, body))
+        self.aggregator.receive_unmask(decode_message(UnmaskReply, body))
         return b""
 
     def _close(self, _: bytes) -> bytes:
@@ -222,7 +214,7 @@ class CollabSession:
         return encode(request)
 
     def _resume(self, body: bytes) -> bytes:
-        self.aggregator.resume(_decode(Resume, body))
+        self.aggregator.resume(decode_message(Resume, body))
         self._log(f"resumed: round {self.aggregator.round} starts again")
         return b""
 

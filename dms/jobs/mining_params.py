@@ -11,7 +11,7 @@ when a session starts: a node loads NumPy and TenSEAL when it mines, not when it
 from __future__ import annotations
 
 import tempfile
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dms.jobs.base import ExecutorError
 from dms.mining.levels import BLIND_CHAIN, LEVELS
 from dms.mining.settings import resolve_protocol
+from dms.mining.wire import decode
+
+M = TypeVar("M", bound=BaseModel)
 
 MIB = 1024 * 1024
 BASE_BYTES = 96 * MIB  # the interpreter, TenSEAL and numpy, before any data
@@ -213,6 +216,16 @@ _LENGTHS = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1)
 _FIXED = {0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4,
           0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}  # fmt: skip
 _CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
+
+
+def decode_message(kind: type[M], body: bytes) -> M:
+    """A peer's ``body`` as a ``kind`` message, or an :class:`ExecutorError` naming what
+    is wrong in one line (a mining worker's and a collaboration's messages alike)."""
+    try:
+        return decode(kind, body)
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise ExecutorError(f"not a valid {kind.__name__}: {first}") from None
 
 
 def parse_params(params: dict[str, Any]) -> MiningParams:

@@ -8,10 +8,7 @@ executor imports it when a session starts.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-from pydantic import BaseModel
 
 from dms.jobs.base import ExecutorError
 from dms.jobs.mining_params import (
@@ -19,6 +16,7 @@ from dms.jobs.mining_params import (
     LIU_COMPONENTS,
     MAX_ROUNDS,
     MiningParams,
+    decode_message,
     inspect_context,
 )
 from dms.mining import Distance, MiningError
@@ -34,7 +32,7 @@ from dms.mining.levels import BLIND_LOG_SCALE, LEVELS
 from dms.mining.placed import PlainJob, PlainResult
 from dms.mining.plain import kmeans, knn
 from dms.mining.schemes.ckks import load_public_context
-from dms.mining.wire import decode, encode
+from dms.mining.wire import encode
 
 
 class Ops:
@@ -52,19 +50,19 @@ class Ops:
         p = self.params
         blind = p.protocol == "blind"
         if p.algorithm in ("skmeans", "dbskmeans") and blind:
-            blind_start = _decode(BlindClusterStart, body)
+            blind_start = decode_message(BlindClusterStart, body)
             self._check_blind_start(blind_start, p.k)
             self.cluster = BlindClusterWorker(blind_start)
         elif p.algorithm in ("skmeans", "dbskmeans"):
-            start = _decode(ClusterStart, body)
+            start = decode_message(ClusterStart, body)
             self._check_cluster_start(start)
             self.cluster = ClusterWorker(start)
         elif p.algorithm == "sknn" and blind:
-            knn_start = _decode(BlindKnnStart, body)
+            knn_start = decode_message(BlindKnnStart, body)
             self._check_blind_start(knn_start, None)
             self.classify = BlindKnnWorker(knn_start)
         elif p.algorithm == "sknn":
-            udm_start = _decode(KnnStart, body)
+            udm_start = decode_message(KnnStart, body)
             self._check_knn_start(udm_start)
             self.classify = KnnWorker(udm_start)
         else:
@@ -76,9 +74,9 @@ class Ops:
             raise ExecutorError("no clustering session started here")
         if body:
             if isinstance(self.cluster, BlindClusterWorker):
-                self.cluster.update(_decode(BlindClusterUpdate, body))
+                self.cluster.update(decode_message(BlindClusterUpdate, body))
             else:
-                update = _decode(ClusterUpdate, body)
+                update = decode_message(ClusterUpdate, body)
                 self._check_update(update)
                 self.cluster.update(update)
         self.rounds += 1
@@ -88,10 +86,10 @@ class Ops:
         if self.classify is None:
             raise ExecutorError("no k-NN session started here")
         if isinstance(self.classify, BlindKnnWorker):
-            blind = _decode(BlindKnnQuery, body)
+            blind = decode_message(BlindKnnQuery, body)
             self.queries += len(blind.queries)
             return encode(self.classify.distances(blind))
-        message = _decode(KnnQuery, body)
+        message = decode_message(KnnQuery, body)
         count = len(message.replicated or []) or (
             message.queries.shape[0] if message.queries else 0
         )
@@ -106,7 +104,7 @@ class Ops:
     def run(self, body: bytes) -> bytes:
         """Plaintext baselines placed as they are: the worker sees the data."""
         p = self.params
-        job = _decode(PlainJob, body)
+        job = decode_message(PlainJob, body)
         data = job.data.array()
         if data.shape != (p.n, p.a):
             raise ExecutorError(f"data of shape {data.shape}, announced ({p.n}, {p.a})")
@@ -220,11 +218,3 @@ class Ops:
             raise ExecutorError("the shift does not have the announced shape")
         if update.udm is not None and update.udm.shape != [p.n, p.k, p.a]:
             raise ExecutorError("the new U does not have the announced shape")
-
-
-def _decode(kind: type[BaseModel], body: bytes) -> Any:
-    try:
-        return decode(kind, body)
-    except Exception as exc:
-        first = str(exc).splitlines()[0][:200]
-        raise ExecutorError(f"not a valid {kind.__name__}: {first}") from None

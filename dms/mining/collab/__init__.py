@@ -17,8 +17,9 @@ aggregator's arithmetic until it runs them.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dms.mining.lazy import lazy_names
 
 if TYPE_CHECKING:
     from dms.mining.collab.aggregator import CollabAggregator
@@ -50,14 +51,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    where = _WHERE.get(name)
-    if where is None:  # a submodule not yet imported, or a mistake: the import system decides
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(where), name)
-    globals()[name] = value  # once: later look-ups do not come here
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, __all__)

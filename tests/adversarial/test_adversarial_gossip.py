@@ -105,15 +105,15 @@ def broadcaster(node: Node, bare_peers: list[BarePeer]) -> tuple[BarePeer, Calla
     return flooder, hello
 
 
-def other_node_heard(other: Node, node: Node) -> None:
-    """``other`` broadcasts a hello until ``node`` has heard it."""
+def other_node_heard(other: Node, node: Node, message: str = "from the other node") -> None:
+    """``other`` broadcasts a hello saying ``message`` until ``node`` has heard it."""
     assert other.node is not None
     until(
-        lambda: "from the other node" in hellos(node),
+        lambda: message in hellos(node),
         lambda: other.node.publish(  # type: ignore[union-attr]
-            BROADCAST_TOPIC, "/broadcast/hello", {"message": "from the other node"}
+            BROADCAST_TOPIC, "/broadcast/hello", {"message": message}
         ),
-        "the other node's hello",
+        f"the hello {message!r}",
     )
 
 
@@ -363,14 +363,8 @@ def test_a_nodes_own_burst_of_gossip_is_paced_not_found_flooding(cluster: LocalC
     cluster.settings.update(FLOODER_BUDGETS)
     node, other = cluster.start(2)
     cluster.wait_linked()
+    other_node_heard(node, other, "ready")
     assert node.node is not None
-    until(
-        lambda: "ready" in hellos(other),
-        lambda: node.node.publish(  # type: ignore[union-attr]
-            BROADCAST_TOPIC, "/broadcast/hello", {"message": "ready"}
-        ),
-        "the publisher heard",
-    )
     before = transport_refusals(other, "rate_limited")
     for i in range(60):
         node.node.publish(BROADCAST_TOPIC, "/broadcast/hello", {"message": f"burst {i}"})

@@ -567,3 +567,44 @@ def test_a_deployment_asked_while_another_process_locks_the_store_is_refused_say
     assert wait_state(requester, dep, TERMINAL, 60)["state"] == "completed"
     listed = owner(requester, "/dms/node/deployment/list")
     assert [d["id"] for d in listed] == [dep]
+
+
+def test_a_revert_refused_while_the_providers_store_is_busy_is_sent_again(
+    net: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A revert is the requester's word that a provider may give a lease back and stop its
+    allocation (a slot lost after its polls failed: no stop goes with it). One refused
+    ``store_refused`` because another process held the provider's store ("busy, ask again
+    later") was taken for an acknowledgement and never sent again: the allocation ran on
+    and its lease stayed allocated for as long as the job did (600 s here). It is sent
+    again, as an unanswered one is, and once the lock is let go the lease is released."""
+    requester, (provider,) = network(net, 1)
+    dep = deploy(requester, spec(params={"seconds": 600}, deadline_s=120))
+    wait_state(requester, dep, ("running",), 30)
+    assert requester.node is not None and provider.ledger is not None
+    [lease] = provider.ledger.live()
+    lease_id = lease.id
+    reverts = requester.node.pykka_ref.proxy().requester.get(timeout=5).reverts
+    payload = {"deployment_id": dep, "lease_ids": [lease_id]}
+    path = provider.settings.home / "dms.db"
+    with (
+        caplog.at_level(logging.INFO, logger="dms"),
+        locked_by_another_process(path, 600) as holder,
+    ):
+        requester.node.tell_call(reverts.send, provider.peer_id, payload)
+
+        def refused_once() -> bool:  # acknowledged (before), or to be sent again
+            return reverts.acknowledged > 0 or any(
+                "revert to" in r.getMessage() and "store is busy" in r.getMessage()
+                for r in caplog.records
+            )
+
+        wait_for(refused_once, 30, "the revert refused while the store is held")
+        assert holder.poll() is None
+    wait_for(
+        lambda: provider.ledger is not None and provider.ledger.lease(lease_id).state == "released",
+        60,
+        "the reverted lease released once the store is let go",
+    )
+    owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
+    wait_state(requester, dep, TERMINAL, 60)

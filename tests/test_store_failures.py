@@ -608,3 +608,21 @@ def test_a_revert_refused_while_the_providers_store_is_busy_is_sent_again(
     )
     owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
     wait_state(requester, dep, TERMINAL, 60)
+
+
+def test_a_mining_session_asked_while_the_store_refuses_is_refused_not_left_unanswered(
+    net: LocalCluster,
+) -> None:
+    """``/dms/node/mining/new`` plans the job off the node's thread, then saves the
+    session's row on it before answering. A store that refused that save (a read-only
+    file, a full disk) raised the driver's error there, which nothing turned into an
+    answer: the owner's command waited out its whole timeout (``dms mine``: its
+    ``--timeout``) and learned nothing. It is refused now, with the store's reason."""
+    requester = net.add()
+    owner(requester, "/dms/node/deployment/list")  # started: its mailbox is served
+    data = str(Path("examples/iris-features.csv").resolve())
+    request = {"settings": {"algorithm": "kmeans", "scheme": "plain", "k": 3}, "data": data}
+    with refusing_writes(store(requester)), pytest.raises(RemoteError) as refused:
+        owner(requester, "/dms/node/mining/new", request)
+    assert refused.value.code == "store_refused", refused.value
+    assert "readonly" in refused.value.reason, refused.value

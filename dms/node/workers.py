@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -9,6 +10,9 @@ from typing import Any
 from dms.actor import ErrorCode, Request
 from dms.errors import DmsError
 from dms.network.host import NetworkError
+from dms.store import STORE_ERRORS, STORE_REFUSED
+
+log = logging.getLogger("dms.node")
 
 
 class WorkerPool:
@@ -34,10 +38,20 @@ class WorkerPool:
         responder = request.defer()
 
         def finish(result: Any) -> None:
+            # Any error of ``then`` is answered: raised out of here it was only logged
+            # (the actor outlives a failed call), and the asker waited out its timeout.
             try:
                 answer = then(result) if then is not None else None
             except DmsError as err:
                 responder.fail(err.code, err.message)
+                return
+            except STORE_ERRORS as exc:  # the store refused (a read-only file, a full disk)
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                responder.fail(STORE_REFUSED, f"this node's store refused: {reason}")
+                return
+            except Exception as exc:
+                log.exception("%s: its answer raised", request.envelope.behaviour)
+                responder.fail(ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
                 return
             responder.ok(result if answer is None else answer)
 

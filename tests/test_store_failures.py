@@ -318,9 +318,11 @@ def test_a_bid_request_heard_while_the_store_refuses_is_a_counted_refusal_not_a_
 @contextmanager
 def locked_by_another_process(path: Path, hold_s: float) -> Iterator[subprocess.Popen[str]]:
     """``path`` held in a write transaction by another process (as ``sqlite3 dms.db``
-    with ``BEGIN IMMEDIATE`` typed in would), for ``hold_s`` or until the block ends."""
+    with ``BEGIN IMMEDIATE`` typed in would), for ``hold_s``, until the block ends, or
+    until the test closes the holder's stdin (``let_go``)."""
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_WRITE_LOCK, str(path), str(hold_s)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -330,15 +332,24 @@ def locked_by_another_process(path: Path, hold_s: float) -> Iterator[subprocess.
     finally:
         holder.kill()
         holder.wait(10)
+        if holder.stdin is not None:
+            holder.stdin.close()
 
 
 HOLD_WRITE_LOCK = """
-import sqlite3, sys, time
+import select, sqlite3, sys
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
 conn.execute("BEGIN IMMEDIATE")
 print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
+select.select([sys.stdin], [], [], float(sys.argv[2]))  # its stdin closed: let go now
 """
+
+
+def let_go(holder: subprocess.Popen[str]) -> None:
+    """The other process ends its transaction and exits."""
+    assert holder.stdin is not None
+    holder.stdin.close()
+    holder.wait(60)
 
 
 def test_a_provider_whose_store_another_process_locks_still_heartbeats(
@@ -500,18 +511,23 @@ def _served_once_let_go(call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
             time.sleep(0.1)
 
 
-def test_a_store_another_process_locked_for_40_s_leaks_no_lease_and_places_again(
+def test_a_store_another_process_locks_leaks_no_lease_and_places_again(
     net: LocalCluster,
 ) -> None:
     """A lease that expires, and a committed one that no allocate follows, while another
-    process holds the provider's store locked for 40 s. The committed lease's watch
+    process holds the provider's store locked. The committed lease's watch
     (``allocate_within_s``) and the lease expiry came due during the lock and each waited
     SQLite's 30 s busy timeout on the node's thread: a hello asked then got no answer
     within 20 s, and a watch whose wait ended while the lock was held gave up, the lease
     allocated until the next restart. Now the node answers throughout; the watch and the
     expiry, refused at once, try again with growing waits and catch up once the lock is
     let go (with the watch's retry taken out, the lease stays allocated); then the
-    requester places a job on the provider."""
+    requester places a job on the provider.
+
+    The other process lets go only once the hello is answered (a node's thread waiting on
+    the lock would never answer it: the hello times out) and the expiry (every 5 s) and
+    the watch have both come due under the lock: 10 s at least, not a fixed 40 s (past
+    the busy timeout) whose catching up took the watch's doubling waits to a minute."""
     net.settings.update(preferences={"allocate_within_s": 2.0, "lapse_cooldown_s": 0.0})
     requester, (provider,) = network(net, 1)
     [expiring] = ask(requester, provider, REQUEST, bid_request(1, lease_s=2))["offers"]
@@ -520,13 +536,17 @@ def test_a_store_another_process_locked_for_40_s_leaks_no_lease_and_places_again
     assert ask(requester, provider, COMMIT, commit)["state"] == "allocated"
     due = time.monotonic() + 2.0  # the commit's watch (allocate_within_s)
     path = provider.settings.home / "dms.db"
-    with locked_by_another_process(path, 40) as holder:
+    with locked_by_another_process(path, 600) as holder:
+        held_from = time.monotonic()
         # Once the watch came due, the node answers (before: behind the watch's and the
         # expiry's 30 s waits, in its mailbox).
         wait_for(lambda: time.monotonic() > due + 1.0, 10, "the watch to come due")
         assert _public(requester, provider, "/public/hello", timeout=20)["peer_id"]
         assert holder.poll() is None
-        holder.wait(60)  # the other process lets go after its 40 s
+        # The expiry runs every 5 s (expire_every_s): it came due under the lock too.
+        wait_for(lambda: time.monotonic() > held_from + 10.0, 20, "an expiry under the lock")
+        assert holder.poll() is None
+        let_go(holder)
 
     def state(lease_id: str) -> str:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:

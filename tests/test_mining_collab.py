@@ -102,7 +102,8 @@ def test_masks_cancel_and_the_total_is_the_plain_sum_for_any_dropouts(data) -> N
     m = data.draw(st.integers(2, 7), label="owners")
     threshold = data.draw(st.integers(m // 2 + 1, m), label="threshold")
     dropped = data.draw(st.sets(st.sampled_from(names(m)), max_size=m - threshold), label="drop")
-    phase = data.draw(st.sampled_from([Phase.INPUT, Phase.UNMASK]), label="phase")
+    # at setup (never in a round), or after its input (its self mask rebuilt from others)
+    phase = data.draw(st.sampled_from([Phase.SHARES, Phase.UNMASK]), label="phase")
     seed = data.draw(st.integers(0, 2**16), label="seed")
     rows = np.random.default_rng(seed).normal(0.0, 50.0, size=(m * 7, 3))
     parts = split(rows, m)
@@ -209,8 +210,8 @@ def test_an_owner_never_opens_both_halves_of_one_owners_masks() -> None:
 
 def test_below_the_threshold_the_collaboration_fails_naming_who_dropped() -> None:
     p = proposal(IRIS, 3, k=3, rounds=4, threshold=2)
-    drops = {"owner2": Drop(2), "owner3": Drop(3)}
-    with pytest.raises(CollabFailed, match=r"round 3: only 1 owners sent.*owner2, owner3"):
+    drops = {"owner2": Drop(1, Phase.SHARES), "owner3": Drop(1, Phase.SHARES)}
+    with pytest.raises(CollabFailed, match=r"round 1: only 1 owners are live.*owner2, owner3"):
         run_collab(p, split(IRIS, 3), drops=drops)
     # Sent its input, then went silent: the reason names who did not answer.
     p = proposal(IRIS, 3, k=3, rounds=2, threshold=3)
@@ -256,27 +257,33 @@ def test_blobs_30000_by_8_in_three_equals_plaintext_kmeans() -> None:
     assert max(bytes_per_round) < 4096  # k x a + k numbers and shares, whatever n is
 
 
-def test_an_owner_dropped_mid_job_the_rest_complete_and_are_told_who() -> None:
+def test_an_owner_dropped_mid_job_ends_the_collaboration_naming_it() -> None:
+    """A round is never summed over fewer owners than another (the difference would be
+    the missing owner's statistics): a missing input stops the collaboration."""
+    p = proposal(IRIS, 3, k=3, rounds=6, threshold=2)
+    with pytest.raises(CollabFailed, match=r"round 3: no input from owner2 \(2 of 3 live"):
+        run_collab(p, split(IRIS, 3), drops={"owner2": Drop(3)})
+
+
+def test_an_owner_dropped_at_setup_the_rest_complete_and_are_told_who() -> None:
     parts = split(IRIS, 3)
     p = proposal(IRIS, 3, k=3, rounds=6, threshold=2)
-    run = run_collab(p, parts, drops={"owner2": Drop(3)})
+    run = run_collab(p, parts, drops={"owner2": Drop(1, Phase.SHARES)})
     assert set(run.results) == {"owner1", "owner3"}
-    expected = plaintext_with_dropouts(parts, IRIS[:3], 6, {"owner2": 2})
+    expected = plaintext_with_dropouts(parts, IRIS[:3], 6, {"owner2": 0})
     for result in run.results.values():
-        assert [(d.owner, d.round) for d in result.dropped] == [("owner2", 3)]
+        assert [(d.owner, d.round) for d in result.dropped] == [("owner2", -1)]
         np.testing.assert_allclose(result.centroids, expected, atol=1e-9)
 
 
 def test_an_owner_that_sends_its_input_then_drops_still_counts_that_round() -> None:
     parts = split(IRIS, 5)
-    p = proposal(IRIS, 5, k=3, rounds=3, threshold=3)
-    run = run_collab(p, parts, drops={"owner4": Drop(2, Phase.UNMASK), "owner1": Drop(1)})
-    expected = plaintext_with_dropouts(parts, IRIS[:3], 3, {"owner4": 2, "owner1": 0})
+    p = proposal(IRIS, 5, k=3, rounds=2, threshold=3)
+    drops = {"owner4": Drop(2, Phase.UNMASK), "owner1": Drop(1, Phase.SHARES)}
+    run = run_collab(p, parts, drops=drops)
+    expected = plaintext_with_dropouts(parts, IRIS[:3], 2, {"owner1": 0})
     np.testing.assert_allclose(run.results["owner2"].centroids, expected, atol=1e-9)
-    assert [(d.owner, d.round) for d in run.results["owner2"].dropped] == [
-        ("owner1", 1),
-        ("owner4", 3),
-    ]
+    assert [(d.owner, d.round) for d in run.results["owner2"].dropped] == [("owner1", -1)]
 
 
 def test_initial_centroids_from_aggregated_moments_need_no_rows_revealed() -> None:
@@ -344,9 +351,10 @@ def test_across_attempts_of_a_round_an_owner_never_opens_both_halves() -> None:
     for owner in owners.values():
         agg.receive_input(owner.contribute(start))
     requests = agg.close_inputs()
+    sent = owners["owner1"].contribute(start)  # asked again: the same message
     owners["owner1"].unmask(requests["owner1"])  # opened owner3's self mask for round 1
     again = owners["owner1"].contribute(start)  # the round restarted (a new aggregator)
-    assert again.round == 1
+    assert again == sent
     lying = UnmaskRequest(
         collab_id=p.collab_id,
         round=1,
@@ -355,8 +363,8 @@ def test_across_attempts_of_a_round_an_owner_never_opens_both_halves() -> None:
         self_shares={u: requests["owner1"].self_shares[u] for u in ("owner1", "owner2")},
         key_shares={"owner3": b"x" * 100},
     )
-    with pytest.raises(Refused, match="names owner3 dropped"):
-        owners["owner1"].unmask(lying)
+    with pytest.raises(Refused, match="a second, different unmask request"):
+        owners["owner1"].unmask(lying)  # the restart kept the answer
 
 
 def test_across_attempts_an_owner_whose_mask_key_was_opened_is_never_a_survivor() -> None:
@@ -376,7 +384,7 @@ def test_across_attempts_an_owner_whose_mask_key_was_opened_is_never_a_survivor(
             self_shares={u: first[u].shares[h] for u in key_holders},
             key_shares={"owner3": keys[h]},
         )  # fmt: skip
-        with pytest.raises(Refused, match="names owner3 dropped: a round missing inputs runs"):
+        with pytest.raises(Refused, match="names owner3 dropped: a round missing inputs is"):
             owners[h].unmask(request)
     for owner in owners.values():  # the round restarts over the same owners: fine
         agg.receive_input(owner.contribute(start))
@@ -420,18 +428,17 @@ def test_a_round_restarts_only_over_the_owners_it_began_with() -> None:
         assert not np.allclose(leaked, own, atol=1e-6), "owner3's statistics leaked"
         raise AssertionError("a round restarted over fewer owners")
     for name in ("owner1", "owner2"):
-        with pytest.raises(Refused, match="restarts with other live owners than it began"):
+        with pytest.raises(Refused, match="round 1 leaves out owner3"):
             owners[name].contribute(restart)
     assert owners["owner1"].contribute(start).round == 1  # the same owners: a restart is fine
 
 
 def test_a_round_unmasked_once_never_reruns_over_fewer_owners() -> None:
-    """A dropout reruns the round among those that sent, but only before an owner
-    answered an unmask request for it. Attempt 1 completes over all three owners, its
-    totals kept back; a restart over the same owners (allowed: a new aggregator) makes
-    each owner forget its answer; then a rerun "without owner3" would give a second total
-    whose difference from the first is owner3's statistics. What an owner opened in a
-    round is remembered across attempts, so the rerun is refused."""
+    """Attempt 1 completes over all three owners, its totals kept back; a restart over
+    the same owners (allowed: a new aggregator) gets the same messages again; then a
+    rerun "without owner3" would give a second total whose difference from the first is
+    owner3's statistics: refused, as any start that leaves out an owner is once the first
+    round began."""
     p, owners, agg = _one_round()
     start = agg.start_round()
     for owner in owners.values():
@@ -442,7 +449,7 @@ def test_a_round_unmasked_once_never_reruns_over_fewer_owners() -> None:
         owner.contribute(start)  # the same owners again: its answer is forgotten
     fewer = RoundStart(collab_id=p.collab_id, round=1, live=["owner1", "owner2"])
     for name in ("owner1", "owner2"):
-        with pytest.raises(Refused, match="restarts with other live owners than it began"):
+        with pytest.raises(Refused, match="round 1 leaves out owner3"):
             owners[name].contribute(fewer)
 
 
@@ -450,35 +457,27 @@ def test_an_honest_dropout_does_not_expose_the_owners_earlier_rounds() -> None:
     """Round 1: everyone survives, so every self-mask seed is rebuilt. Round 2: owner3
     crashes before its input, an honest dropout. Opening its mask key s_3 to cancel its
     pairwise masks would give the pairwise masks of every round, hence owner3's round-1
-    statistics exactly. Instead the round runs again among owner1 and owner2, and no
-    message the aggregator (or the proposer's session, which relays them) holds carries
-    a share of s_3: its round-1 input stays masked."""
+    statistics exactly; running round 2 again among owner1 and owner2 would give a sum
+    without owner3 beside round 1's with it (its row count and attribute sums). Neither
+    happens: the collaboration stops, naming owner3, and no message the aggregator (or
+    the proposer's session, which relays them) holds opens anything of owner3's but its
+    round-1 self mask, of a round summed with it."""
     _, owners, agg = _one_round()
-    seen, opened = {}, {}
-    for round_, senders in ((1, list(owners)), (2, ["owner1", "owner2"])):
-        start = agg.start_round()
-        for name in senders:
-            seen[name, round_] = owners[name].contribute(start)
-            agg.receive_input(seen[name, round_])
-        requests = agg.close_inputs()
-        if not requests:  # owner3's input is missing: the round runs again without it
-            assert agg.closed == (senders, ["owner3"])
-            start = agg.start_round()
-            assert start.round == round_ and start.live == senders
-            for name in senders:
-                agg.receive_input(owners[name].contribute(start))
-            requests = agg.close_inputs()
-        for name, request in requests.items():
-            opened[name, round_] = owners[name].unmask(request)
-            agg.receive_unmask(opened[name, round_])
-        totals = agg.finish_round()
-        for name in senders:
-            owners[name].receive_totals(totals)
-    assert agg.totals[1].survivors == ["owner1", "owner2"]
+    start = agg.start_round()
+    for owner in owners.values():
+        agg.receive_input(owner.contribute(start))
+    opened = {name: owners[name].unmask(r) for name, r in agg.close_inputs().items()}
+    for reply in opened.values():
+        agg.receive_unmask(reply)
+    totals = agg.finish_round()
+    for owner in owners.values():
+        owner.receive_totals(totals)
+    start = agg.start_round()
+    for name in ("owner1", "owner2"):
+        agg.receive_input(owners[name].contribute(start))
+    with pytest.raises(CollabFailed, match="round 2: no input from owner3"):
+        agg.close_inputs()
     assert [(d.owner, d.round) for d in agg.dropped] == [("owner3", 2)]
-    # Before: the round-2 replies carried owner1's and owner2's shares of s_3, which
-    # rebuilt give owner3's round-1 pairwise masks; its round-1 self mask was opened
-    # when it survived, so its round-1 statistics were read exactly.
     assert all(not reply.key_shares for reply in opened.values()), "a mask key was opened"
 
 
@@ -568,3 +567,170 @@ def test_an_owner_restored_from_its_snapshot_answers_as_before_and_finishes_the_
     )
     with pytest.raises(MiningError, match="the rows changed"):
         CollabOwner.restored(p, "owner1", IRIS[:10], kept)
+
+
+# -- two sums the aggregator could difference ------------------------------------------
+
+
+def _attack_round(
+    p: Proposal,
+    relayed: dict,
+    round_: int,
+    live: list[str],
+    owners: dict[str, CollabOwner],
+) -> object:
+    """A hostile aggregator's own run of ``round_`` over ``live`` (a fresh aggregator
+    restored from what the session relayed): its totals, or the owner's refusal."""
+    adverts = [owners[o].advert() for o in p.owners]
+    again = CollabAggregator(p)
+    again.restore(
+        Restore(collab_id=p.collab_id, adverts=adverts, shares=list(relayed.values()),
+                round=round_, live=live)
+    )  # fmt: skip
+    try:
+        start = again.start_round()
+        for name in live:
+            again.receive_input(owners[name].contribute(start))
+        for name, request in again.close_inputs().items():
+            again.receive_unmask(owners[name].unmask(request))
+        return again.finish_round()
+    except Refused as exc:
+        return exc
+
+
+def test_a_claimed_dropout_after_a_summed_round_gives_no_sum_without_that_owner() -> None:
+    """Round 1 is summed over all three owners. In round 2 the aggregator holds owner3's
+    input back and names it dropped (no collusion needed). A sum of round 2 over owner1
+    and owner2 beside round 1's over all three gives owner3's row count and attribute
+    sums exactly: the counts and the sums over clusters do not depend on the centroids
+    (once converged, every per-cluster statistic is the same too). So no round runs
+    without an owner once a round was summed: the owners refuse, and the aggregator ends
+    the collaboration naming who did not send."""
+    relayed: dict = {}
+    p, owners, agg = _one_round(relayed)
+    start = agg.start_round()
+    for owner in owners.values():
+        agg.receive_input(owner.contribute(start))
+    for name, request in agg.close_inputs().items():
+        agg.receive_unmask(owners[name].unmask(request))
+    first = agg.finish_round()
+    for owner in owners.values():
+        owner.receive_totals(first)
+    start = agg.start_round()
+    for owner in owners.values():
+        owner.contribute(start)  # owner3's input is sent, and held back
+    second = _attack_round(p, relayed, 2, ["owner1", "owner2"], owners)
+    if not isinstance(second, Refused):
+        own = split(IRIS, 3)["owner3"]
+        t1, t2 = np.asarray(first.values), np.asarray(second.values)
+        ka = p.k * p.a
+        count = t1[ka:].sum() - t2[ka:].sum()
+        sums = (t1[:ka] - t2[:ka]).reshape(p.k, p.a).sum(axis=0)
+        assert not (round(count) == len(own) and np.allclose(sums, own.sum(axis=0), atol=1e-6)), (
+            f"the aggregator read owner3's row count ({count:.0f}) and attribute sums {sums}"
+        )
+        raise AssertionError("round 2 was summed without owner3")
+    assert "leaves out owner3" in second.reason
+    # The honest aggregator: a missing input ends the collaboration, it does not rerun.
+    for name in ("owner1", "owner2"):
+        agg.receive_input(owners[name].contribute(start))  # the same input again: kept
+    with pytest.raises(CollabFailed, match=r"round 2: no input from owner3"):
+        agg.close_inputs()
+
+
+def test_a_rerun_of_the_first_round_gives_an_aggregator_and_one_owner_nothing() -> None:
+    """Fewer than t owners colluding with the aggregator learn only totals (the claim).
+    m = 3, t = 2, owner2 colludes. Round 1: all three send; the aggregator asks only
+    owner2 and owner3 to unmask (two shares rebuild every seed): a total over all three.
+    Then it tells owner1, which answered nothing yet, that the round runs again without
+    owner3, and owner2 plays along: a total over owner1 and owner2, and the difference is
+    owner3's statistics. An owner refuses any attempt that leaves out an owner it began
+    the round with."""
+    relayed: dict = {}
+    p, owners, agg = _one_round(relayed)
+    parts = split(IRIS, 3)
+    colluder = CollabOwner.restored(p, "owner2", parts["owner2"], owners["owner2"].snapshot())
+    start = agg.start_round()
+    for owner in owners.values():
+        agg.receive_input(owner.contribute(start))
+    requests = agg.close_inputs()
+    for name in ("owner2", "owner3"):
+        agg.receive_unmask(owners[name].unmask(requests[name]))
+    first = agg.finish_round()  # over all three, sent to no one
+    again = {"owner1": owners["owner1"], "owner2": colluder, "owner3": owners["owner3"]}
+    second = _attack_round(p, relayed, 1, ["owner1", "owner2"], again)
+    if not isinstance(second, Refused):
+        own = kmeans_statistics(parts["owner3"], IRIS[:3].copy())[1]
+        leaked = np.asarray(first.values) - np.asarray(second.values)
+        assert not np.allclose(leaked, own, atol=1e-6), "owner3's statistics leaked"
+        raise AssertionError("round 1 was summed again without owner3")
+    assert "leaves out owner3" in second.reason
+
+
+def test_a_restarted_round_resends_the_same_input_so_attempts_differ_in_nothing() -> None:
+    """A round restarted over the same owners (a new aggregator, or the proposer's node
+    restarted) after its first attempt was unmasked. Before, each owner sent a fresh
+    input under a fresh self mask and answered a second unmask: the aggregator rebuilt
+    both self masks, and each owner's two inputs differ by what changed between them
+    (the pairwise masks are the same). Here owner3's node restarted between the attempts
+    with one of its rows edited: the two totals' difference was that edit, exactly. Now
+    an owner sends the identical stored message again and gives the same answer."""
+    from dms.mining.collab.messages import OwnerState
+    from dms.mining.wire import encode
+
+    relayed: dict = {}
+    p, owners, agg = _one_round(relayed)
+    start = agg.start_round()
+    sent = {name: owner.contribute(start) for name, owner in owners.items()}
+    for message in sent.values():
+        agg.receive_input(message)
+    replies = {n: owners[n].unmask(r) for n, r in agg.close_inputs().items()}
+    for reply in replies.values():
+        agg.receive_unmask(reply)
+    first = agg.finish_round()  # kept back: the aggregator is "lost"
+    rows = split(IRIS, 3)["owner3"].copy()
+    edited = rows.copy()
+    edited[0] += 0.5  # the owner's file changed while its node was down
+    kept = decode(OwnerState, encode(owners["owner3"].snapshot()))
+    owners["owner3"] = CollabOwner.restored(p, "owner3", edited, kept)
+    second = _attack_round(p, relayed, 1, list(owners), owners)
+    if isinstance(second, Refused):
+        raise AssertionError(f"the restart was refused: {second.reason}")
+    leaked = np.asarray(first.values) - np.asarray(second.values)
+    change = kmeans_statistics(rows, IRIS[:3].copy())[1] - kmeans_statistics(edited, IRIS[:3])[1]
+    assert np.any(change != 0)
+    assert not np.allclose(leaked, change, atol=1e-6), "the aggregator read owner3's edit"
+    assert second.values == first.values
+    for name, owner in owners.items():
+        assert owner.contribute(start) == sent[name]  # asked again: the very same message
+
+
+def test_under_privacy_a_restart_gives_no_second_noised_total_of_a_round() -> None:
+    """With differential privacy each owner noises its statistics. A fresh input on a
+    restart drew fresh noise: the aggregator got two independently noised totals of one
+    round (a lost aggregator is placed up to four times, the proposer's node restarts
+    any number), and averaged the noise away. The restart now resends the same input."""
+    relayed: dict = {}
+    parts = split(IRIS, 3)
+    p = proposal(IRIS, 3, k=3, rounds=2, threshold=2,
+                 privacy=Privacy(epsilon=0.5, delta=1e-5, clip=10.0))  # fmt: skip
+    owners = {o: CollabOwner(p, o, x) for o, x in parts.items()}
+    agg = CollabAggregator(p)
+    for owner in owners.values():
+        agg.receive_advert(owner.advert())
+    roster = agg.roster()
+    for name, owner in owners.items():
+        relayed[name] = owner.receive_roster(roster)
+        agg.receive_seed_shares(relayed[name])
+    start = agg.start_round()
+    for owner in owners.values():
+        agg.receive_input(owner.contribute(start))
+    for name, request in agg.close_inputs().items():
+        agg.receive_unmask(owners[name].unmask(request))
+    first = agg.finish_round()
+    totals = [first]
+    for _ in range(3):
+        again = _attack_round(p, relayed, 1, list(owners), owners)
+        assert not isinstance(again, Refused), again
+        totals.append(again)
+    assert all(t.values == first.values for t in totals), "a second noise draw for round 1"

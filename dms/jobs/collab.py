@@ -11,7 +11,7 @@ so it sees only masked vectors, sealed shares and the totals:
     shares   SeedShares            -> ""
     start    ""                    -> RoundStart of the next announced round
     input    MaskedInput           -> ""
-    close    ""                    -> Closed (who sent, who did not: then ``start`` again)
+    close    ""                    -> Closed (every live owner sent: each is asked ``request``)
     request  a survivor's id       -> that survivor's UnmaskRequest
     unmask   UnmaskReply           -> ""
     totals   ""                    -> RoundTotals (after the last round the session ends)
@@ -79,12 +79,11 @@ class CollabEnded(ExecutorError):
 
 
 class Closed(BaseModel):
-    """A round's inputs are closed: who sent one (each is asked ``request`` for its
-    unmask request) and who did not."""
+    """A round's inputs are closed, every live owner's in (a missing one ends the
+    collaboration instead): each is asked ``request`` for its unmask request."""
 
     model_config = ConfigDict(extra="forbid")
     survivors: list[str]
-    dropped: list[str]
 
 
 def node_signed(owner: str, payload: bytes, signature: bytes) -> None:
@@ -200,11 +199,8 @@ class CollabSession:
         return b""
 
     def _close(self, _: bytes) -> bytes:
-        self._requests = self.aggregator.close_inputs()  # none if an input is missing
-        survivors, dropped = self.aggregator.closed
-        if dropped:
-            self._log(f"round {self.aggregator.round}: dropped {', '.join(dropped)}; again")
-        return encode(Closed(survivors=survivors, dropped=dropped))
+        self._requests = self.aggregator.close_inputs()  # CollabFailed if an input is missing
+        return encode(Closed(survivors=list(self._requests)))
 
     def _request(self, body: bytes) -> bytes:
         owner = body.decode(errors="replace")

@@ -8,17 +8,18 @@ the aggregator's session, and the aggregator's answers (roster, round start,
 unmask requests, totals) back to the owners. It learns what the aggregator
 learns (masked vectors, sealed shares, totals) and nothing more. Every call
 to an owner has a deadline; an owner that does not answer in time is left
-out of that step, which the protocol treats as a dropout. Nothing the owners
-or the aggregator answer changes the schedule (DESIGN decision 13).
+out of that step: at setup it is dropped, in a round its missing input stops
+the collaboration (no round is summed over fewer owners than another). Nothing
+the owners or the aggregator answer changes the schedule (DESIGN decision 13).
 
     placing -> joining -> rounds -> completed | failed
 
 A lost aggregator (its node gone, or a call to it unanswered) is placed
 again like a lost worker. The new one is restored from what the session
 relayed (the adverts, the mask-key shares, the completed rounds' survivors and
-dropouts), and the round under way starts again: each owner sends a fresh
-input with a fresh self mask. An owner never opens both halves of one owner's
-masks in one round, across attempts too (``CollabOwner.unmask``).
+dropouts), and the round under way starts again over the same owners: each
+owner sends the very input it sent in it before and gives the same unmask
+answer (``CollabOwner.contribute``), so the attempts differ in nothing.
 """
 
 from __future__ import annotations
@@ -333,18 +334,9 @@ class CollabSessionActor(DeploymentActor):
             )
 
         def closed(body: bytes) -> None:
-            shut = decode(Closed, body)
-            if shut.dropped:  # no mask key is opened: the round runs again among the senders
-                self.dropped += [{"owner": o, "round": self.collab_round} for o in shut.dropped]
-                self.live = shut.survivors
-                self._keep()
-                self.book.event(
-                    f"round {self.collab_round}: dropped {', '.join(shut.dropped)}; "
-                    "it runs again among those that sent"
-                )
-                self._start_round()
-                return
-            self._requests(shut.survivors, {}, asked)
+            # Every live owner sent (a missing input ends the collaboration: no round is
+            # summed over fewer owners than another, nor run again without one).
+            self._requests(decode(Closed, body).survivors, {}, asked)
 
         self._aggregator("close", b"", closed)
 

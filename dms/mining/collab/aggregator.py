@@ -2,12 +2,12 @@
 
 It never holds an owner's statistics in the clear: each input carries a self
 mask only that owner's seed removes, and pairwise masks that cancel only in
-the sum over the owners that sent. After the inputs of a round close, if an
-owner's input is missing the round runs again among those that sent (no mask
-key is ever opened: it would give the dropped owner's pairwise masks of every
-round). Otherwise it asks each survivor for its shares of the survivors'
-self-mask seeds; with ``threshold`` answers it rebuilds those (checking each
-against a commitment), and the total is ``sum(inputs) - self masks``.
+the sum over all the live owners. After the inputs of a round close, if an
+owner's input is missing the collaboration stops (no mask key is ever opened,
+and no round is summed over fewer owners than another). Otherwise it asks each
+owner for its shares of every owner's self-mask seed; with ``threshold``
+answers it rebuilds those (checking each against a commitment), and the total
+is ``sum(inputs) - self masks``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ class CollabAggregator:
         self._inputs: dict[str, MaskedInput] = {}
         self._request: dict[str, UnmaskRequest] | None = None
         self._replies: dict[str, UnmaskReply] = {}
-        self.closed: tuple[list[str], list[str]] = ([], [])  # the last close: sent, did not
         self.totals: list[RoundTotals] = []
 
     # -- setup -----------------------------------------------------------------
@@ -171,20 +170,23 @@ class CollabAggregator:
         self._inputs[message.owner] = message
 
     def close_inputs(self) -> dict[str, UnmaskRequest]:
-        """The unmask request for each survivor (the owners whose input arrived), or none
-        if an input is missing: then the round is closed unsummed, its silent owners
-        dropped, and :meth:`start_round` runs it again among those that sent."""
+        """The unmask request for each live owner, once every one's input arrived. A
+        missing input ends the collaboration (:class:`CollabFailed`, naming who did not
+        send): a round summed without an owner, beside a round summed with it, would give
+        that owner's statistics (its row count and attribute sums at least), and the
+        owners refuse such a round anyway."""
         p = self.proposal
         assert self._live is not None
         survivors = [o for o in self._live if o in self._inputs]
-        dropped = [o for o in self._live if o not in self._inputs]
-        self.dropped += [Dropout(owner=o, round=self.round) for o in dropped]
-        self.closed = (survivors, dropped)
-        self._require(len(survivors), "owners sent their input")
-        if dropped:
+        missing = [o for o in self._live if o not in self._inputs]
+        if missing:
+            self.dropped += [Dropout(owner=o, round=self.round) for o in missing]
             self._open = False
-            self._live = survivors
-            return {}
+            raise CollabFailed(
+                f"round {self.round}: no input from {', '.join(missing)} "
+                f"({len(survivors)} of {len(self._live)} live owners sent theirs); a round is "
+                "summed only over all its live owners, so the collaboration stops"
+            )
         self._request = {
             holder: UnmaskRequest(
                 collab_id=p.collab_id,

@@ -224,9 +224,12 @@ class OwnerResult(BaseModel):
 class OwnerState(BaseModel):
     """An owner's whole state between two messages, to carry it over a restart of its
     node (``CollabOwner.snapshot``/``restored``; its rows are read again). It holds the
-    owner's private keys: the node seals it before it touches the disk."""
+    owner's private keys: the node seals it before it touches the disk. A seat kept by
+    an earlier version loads (its ``opened_self`` and ``opened_keys``, of the designs that
+    reran a round over fewer owners or opened mask keys, are ignored); without ``sent``
+    a restart of its pending round is refused, never answered with a second input."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     sign: bytes
     c: bytes
     s: bytes
@@ -236,9 +239,8 @@ class OwnerState(BaseModel):
     dropped: list[Dropout]
     next: int
     pending: RoundStart | None
+    sent: MaskedInput | None = None  # its input of the pending round, sent again on a restart
     answer: tuple[UnmaskRequest, UnmaskReply] | None
-    opened_self: list[tuple[int, list[str]]]  # round, owners whose self mask it opened
-    opened_keys: list[str] = Field(default_factory=list)  # owners whose mask key it opened
     labels: list[int]
     candidate_labels: list[int]
     initial: list[list[float]] | None

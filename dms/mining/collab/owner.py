@@ -6,9 +6,11 @@ ring, adds a fresh self mask and, for every other live owner, a pairwise mask
 masks cancel in the total. It Shamir-shares the self-mask seed among the live
 owners. When every live owner sent its input, it opens each one's self-mask
 share. It never opens a mask key: an unmask request naming anyone dropped is
-refused, and a round whose inputs are not all in runs again among those that
-sent (allowed only before this owner answered an unmask request for the round).
-An owner named dropped stays dropped for the rest of the collaboration.
+refused. Once the first round began, every round runs over the same owners: a
+round start (or a restart) that leaves one out is refused, since a sum without
+an owner beside a sum with it is that owner's statistics. A round restarted
+over the same owners gets the very message this owner sent in it before (the
+same self mask, noise and statistics), and an unmask request the same answer.
 """
 
 from __future__ import annotations
@@ -103,9 +105,8 @@ class CollabOwner:
         self._dropped: list[Dropout] = []
         self._next = proposal.first_round()
         self._pending: RoundStart | None = None  # contributed, awaiting the unmask request
+        self._sent: MaskedInput | None = None  # what it sent in the pending round
         self._answer: tuple[UnmaskRequest, UnmaskReply] | None = None
-        self._opened_self: dict[int, set[str]] = {}  # round -> owners whose self mask it opened
-        self._opened_keys: set[str] = set()  # owners whose mask key it opened: dropped for good
         self._labels = np.zeros(rows.shape[0], dtype=np.int64)
         self._candidate_labels = self._labels
         self._initial: np.ndarray | None = None
@@ -176,8 +177,19 @@ class CollabOwner:
     # -- a round ---------------------------------------------------------------
 
     def contribute(self, start: RoundStart) -> MaskedInput:
+        """This owner's masked input for ``start``. A restart of the pending round (a new
+        aggregator, the proposer's node restarted) gets the message sent before, byte for
+        byte: a second input of one round, under another self mask, would differ from the
+        first by whatever changed in between (fresh noise, an edited row), and the
+        aggregator that rebuilt both self masks would read that difference."""
         p = self.proposal
-        self._check_start(start)
+        if self._check_start(start):
+            if self._sent is None:  # kept by a version that did not keep it
+                raise Refused(
+                    f"round {start.round} restarts, but the input this owner sent in it was "
+                    "not kept: it sends no second, different one"
+                )
+            return self._sent
         if start.round == 0:
             vector = moments_statistics(self._rows)
         else:
@@ -220,7 +232,8 @@ class CollabOwner:
             commitment=masks.commitment(seed, p.collab_id, start.round, self.owner),
             shares=sealed,
         )
-        return self._signed(message)
+        self._sent = self._signed(message)
+        return self._sent
 
     def unmask(self, request: UnmaskRequest) -> UnmaskReply:
         p = self.proposal
@@ -245,13 +258,12 @@ class CollabOwner:
             raise Refused(f"{len(survivors)} survivors, below the threshold {p.threshold}")
         if dropped or request.key_shares:
             # Opening a dropped owner's mask key would give its pairwise masks of every
-            # round, hence its earlier rounds' inputs: the round runs again instead.
+            # round, hence its earlier rounds' inputs; a round missing inputs is not summed.
             named = ", ".join(sorted(dropped | set(request.key_shares)))
             raise Refused(
-                f"the unmask request names {named} dropped: a round missing inputs runs "
-                "again among those that sent; no mask key is opened"
+                f"the unmask request names {named} dropped: a round missing inputs is not "
+                "summed; no mask key is opened"
             )
-        opened = self._opened_self.setdefault(request.round, set())
         if set(request.self_shares) != survivors:
             raise Refused("the unmask request does not carry one share for each owner named")
         opened_self = {
@@ -273,7 +285,6 @@ class CollabOwner:
             )
         )
         self._answer = (request, reply)
-        opened |= survivors
         return reply
 
     def receive_totals(self, totals: RoundTotals) -> None:
@@ -297,7 +308,7 @@ class CollabOwner:
             assert self.centroids is not None
             self.centroids = next_centroids(values, self.centroids)
             self._labels = self._candidate_labels
-        self._pending = None
+        self._pending = self._sent = None
         self._next = totals.round + 1
 
     @property
@@ -337,9 +348,8 @@ class CollabOwner:
             dropped=self._dropped,
             next=self._next,
             pending=self._pending,
+            sent=self._sent,
             answer=self._answer,
-            opened_self=[(r, sorted(owners)) for r, owners in self._opened_self.items()],
-            opened_keys=sorted(self._opened_keys, key=self.proposal.position),
             labels=self._labels.tolist(),
             candidate_labels=self._candidate_labels.tolist(),
             initial=None if self._initial is None else self._initial.tolist(),
@@ -369,8 +379,7 @@ class CollabOwner:
         me._roster = set(state.roster)
         me._dropped = list(state.dropped)
         me._next, me._pending, me._answer = state.next, state.pending, state.answer
-        me._opened_self = {r: set(owners) for r, owners in state.opened_self}
-        me._opened_keys = set(state.opened_keys)
+        me._sent = state.sent
         me._labels = np.asarray(state.labels, dtype=np.int64)
         me._candidate_labels = np.asarray(state.candidate_labels, dtype=np.int64)
         if state.initial is not None:
@@ -380,7 +389,16 @@ class CollabOwner:
 
     # -- helpers ---------------------------------------------------------------
 
-    def _check_start(self, start: RoundStart) -> None:
+    def _check_start(self, start: RoundStart) -> bool:
+        """Whether ``start`` restarts the pending round (refused with the reason if it
+        does not fit). The first start of the first round may leave out roster owners
+        (they never sent anything: dropped at setup); no later start may leave anyone
+        out. A sum over fewer owners beside a sum over all of them is the left-out
+        owners' statistics: the counts and the sums over clusters do not depend on the
+        centroids, so two rounds differ in those by exactly what the left-out owners
+        hold; two attempts of one round, in all of them. The aggregator can claim a
+        dropout, and one owner colluding with it can open the first attempt with the
+        left-out owner's own shares, so no rerun over fewer owners is safe."""
         p = self.proposal
         if start.collab_id != p.collab_id:
             raise Refused(f"round start for collaboration {start.collab_id!r}")
@@ -391,31 +409,23 @@ class CollabOwner:
             raise Refused(f"round {start.round} starts, but this owner expects round {self._next}")
         if start.round > p.rounds:
             raise Refused(f"round {start.round} after the announced {p.rounds}")
-        # Two attempts over different owners would give two totals whose difference is the
-        # left-out owners' own statistics: a round runs again only over fewer owners (those
-        # that sent), and only before this owner unmasked any attempt of it (a restart over
-        # the same owners forgets the answer, not what it opened).
-        before = set() if self._pending is None else set(self._pending.live)
-        if (
-            restart
-            and set(start.live) != before
-            and (self._opened_self.get(start.round) or not set(start.live) < before)
-        ):
-            raise Refused(f"round {start.round} restarts with other live owners than it began")
         live = set(start.live)
         gone = {d.owner for d in self._dropped}
         if len(live) != len(start.live) or not live <= self._roster or live & gone:
             raise Refused("the live owners include one twice, unknown or already dropped")
-        if live & self._opened_keys:  # named dropped in an attempt whose totals never came
-            named = ", ".join(sorted(live & self._opened_keys, key=p.position))
-            raise Refused(f"the live owners include {named}, whose mask key this owner opened")
         if self.owner not in live:
             raise Refused("this owner is not among the round's live owners")
+        left_out = sorted(self._roster - live - gone, key=p.position)
+        if left_out and (restart or start.round != p.first_round()):
+            raise Refused(
+                f"round {start.round} leaves out {', '.join(left_out)}: once the first round "
+                "began every round runs over the same owners (a sum without an owner beside "
+                "a sum with it is that owner's statistics)"
+            )
         if len(live) < p.threshold:
             raise Refused(f"{len(live)} live owners, below the threshold {p.threshold}")
-        left_out = sorted(self._roster - live - gone, key=p.position)
-        round_ = -1 if start.round == p.first_round() and not restart else start.round
-        self._dropped += [Dropout(owner=o, round=round_) for o in left_out]
+        self._dropped += [Dropout(owner=o, round=-1) for o in left_out]
+        return restart
 
     def _split(self, secret: bytes, holders: list[str]) -> dict[str, bytes]:
         p = self.proposal

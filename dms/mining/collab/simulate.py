@@ -135,9 +135,7 @@ def run_collab(
                 masked = meter.run(name, lambda o=owner, s=received: o.contribute(s))
                 arrived = meter.to_aggregator(name, masked)
                 meter.run("aggregator", lambda m=arrived: aggregator.receive_input(m))
-        requests = meter.run("aggregator", aggregator.close_inputs)
-        if not requests:  # an input is missing: the round runs again among the senders
-            continue
+        requests = meter.run("aggregator", aggregator.close_inputs)  # all in, or it fails
         for name, request in requests.items():
             if still(name, round_, Phase.UNMASK):
                 owner = owners[name]

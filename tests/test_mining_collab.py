@@ -25,8 +25,8 @@ from dms.mining.collab.messages import (
     MaskedInput,
     Privacy,
     Restore,
+    RosterAccepted,
     RoundStart,
-    SeedShares,
     UnmaskRequest,
 )
 from dms.mining.collab.simulate import Drop, Phase, run_collab
@@ -103,7 +103,7 @@ def test_masks_cancel_and_the_total_is_the_plain_sum_for_any_dropouts(data) -> N
     threshold = data.draw(st.integers(m // 2 + 1, m), label="threshold")
     dropped = data.draw(st.sets(st.sampled_from(names(m)), max_size=m - threshold), label="drop")
     # at setup (never in a round), or after its input (its self mask rebuilt from others)
-    phase = data.draw(st.sampled_from([Phase.SHARES, Phase.UNMASK]), label="phase")
+    phase = data.draw(st.sampled_from([Phase.ACCEPT, Phase.UNMASK]), label="phase")
     seed = data.draw(st.integers(0, 2**16), label="seed")
     rows = np.random.default_rng(seed).normal(0.0, 50.0, size=(m * 7, 3))
     parts = split(rows, m)
@@ -139,7 +139,7 @@ def test_the_aggregator_sees_only_masked_inputs() -> None:
 
 
 def _one_round(
-    relayed: dict[str, SeedShares] | None = None,
+    relayed: dict[str, RosterAccepted] | None = None,
 ) -> tuple[Proposal, dict[str, CollabOwner], CollabAggregator]:
     parts = split(IRIS, 3)
     p = proposal(IRIS, 3, k=3, rounds=2, threshold=2)
@@ -150,7 +150,7 @@ def _one_round(
     roster = agg.roster()
     for name, owner in owners.items():
         shares = owner.receive_roster(roster)
-        agg.receive_seed_shares(shares)
+        agg.receive_accept(shares)
         if relayed is not None:
             relayed[name] = shares
     return p, owners, agg
@@ -200,9 +200,7 @@ def test_an_owner_never_opens_both_halves_of_one_owners_masks() -> None:
         collab_id=p.collab_id,
         round=1,
         survivors=["owner1", "owner2"],
-        dropped=["owner3"],
         self_shares={u: s for u, s in requests["owner1"].self_shares.items() if u != "owner3"},
-        key_shares={"owner3": b"x" * 100},
     )
     with pytest.raises(Refused, match="second, different unmask request"):
         owners["owner1"].unmask(lying)
@@ -210,7 +208,7 @@ def test_an_owner_never_opens_both_halves_of_one_owners_masks() -> None:
 
 def test_below_the_threshold_the_collaboration_fails_naming_who_dropped() -> None:
     p = proposal(IRIS, 3, k=3, rounds=4, threshold=2)
-    drops = {"owner2": Drop(1, Phase.SHARES), "owner3": Drop(1, Phase.SHARES)}
+    drops = {"owner2": Drop(1, Phase.ACCEPT), "owner3": Drop(1, Phase.ACCEPT)}
     with pytest.raises(CollabFailed, match=r"round 1: only 1 owners are live.*owner2, owner3"):
         run_collab(p, split(IRIS, 3), drops=drops)
     # Sent its input, then went silent: the reason names who did not answer.
@@ -268,7 +266,7 @@ def test_an_owner_dropped_mid_job_ends_the_collaboration_naming_it() -> None:
 def test_an_owner_dropped_at_setup_the_rest_complete_and_are_told_who() -> None:
     parts = split(IRIS, 3)
     p = proposal(IRIS, 3, k=3, rounds=6, threshold=2)
-    run = run_collab(p, parts, drops={"owner2": Drop(1, Phase.SHARES)})
+    run = run_collab(p, parts, drops={"owner2": Drop(1, Phase.ACCEPT)})
     assert set(run.results) == {"owner1", "owner3"}
     expected = plaintext_with_dropouts(parts, IRIS[:3], 6, {"owner2": 0})
     for result in run.results.values():
@@ -279,7 +277,7 @@ def test_an_owner_dropped_at_setup_the_rest_complete_and_are_told_who() -> None:
 def test_an_owner_that_sends_its_input_then_drops_still_counts_that_round() -> None:
     parts = split(IRIS, 5)
     p = proposal(IRIS, 5, k=3, rounds=2, threshold=3)
-    drops = {"owner4": Drop(2, Phase.UNMASK), "owner1": Drop(1, Phase.SHARES)}
+    drops = {"owner4": Drop(2, Phase.UNMASK), "owner1": Drop(1, Phase.ACCEPT)}
     run = run_collab(p, parts, drops=drops)
     expected = plaintext_with_dropouts(parts, IRIS[:3], 2, {"owner1": 0})
     np.testing.assert_allclose(run.results["owner2"].centroids, expected, atol=1e-9)
@@ -312,7 +310,7 @@ def test_differential_privacy_reports_what_it_spent() -> None:
 
 
 def test_a_new_aggregator_restored_between_rounds_gives_the_same_result() -> None:
-    relayed: dict[str, SeedShares] = {}  # what the proposer's session relayed
+    relayed: dict[str, RosterAccepted] = {}  # what the proposer's session relayed
     p, owners, lost = _one_round(relayed)
     adverts = [o.advert() for o in owners.values()]
     for round_ in (1, 2):
@@ -326,7 +324,7 @@ def test_a_new_aggregator_restored_between_rounds_gives_the_same_result() -> Non
                 Restore(
                     collab_id=p.collab_id,
                     adverts=adverts,
-                    shares=list(relayed.values()),
+                    accepted=list(relayed.values()),
                     round=2,
                     live=list(owners),
                 )
@@ -359,40 +357,43 @@ def test_across_attempts_of_a_round_an_owner_never_opens_both_halves() -> None:
         collab_id=p.collab_id,
         round=1,
         survivors=["owner1", "owner2"],
-        dropped=["owner3"],
         self_shares={u: requests["owner1"].self_shares[u] for u in ("owner1", "owner2")},
-        key_shares={"owner3": b"x" * 100},
     )
     with pytest.raises(Refused, match="a second, different unmask request"):
         owners["owner1"].unmask(lying)  # the restart kept the answer
 
 
-def test_across_attempts_an_owner_whose_mask_key_was_opened_is_never_a_survivor() -> None:
-    """The other order of the two halves. Attempt 1: the aggregator holds owner3's input
-    but names it dropped, to have owner1 and owner2 open owner3's mask key, then would
-    restart the round with owner3 live and open its fresh self mask. No owner opens a
-    mask key at all now: the first half is refused, so the restart over the same owners
-    is harmless."""
-    p, owners, agg = _one_round()
+def test_no_share_of_a_mask_key_is_sent_and_an_unmask_without_an_owner_is_refused() -> None:
+    """No mask key is ever opened, so none is split: the setup carries the owners' public
+    keys and their signed acceptance of the roster, and no share (each owner used to send
+    a sealed Shamir share of its mask key s to every owner, which only t colluding owners
+    could open, and nobody needed). The aggregator holds owner3's input back and asks
+    owner1 and owner2 to unmask the round without it: refused."""
+    seen: list[tuple[str, bytes]] = []
+    p = proposal(IRIS, 3, k=3, rounds=1, threshold=2)
+    run_collab(p, split(IRIS, 3), tap=lambda kind, who, raw: seen.append((kind, raw)))
+    setup = {kind for kind, _ in seen} - {"MaskedInput", "UnmaskReply"}
+    assert setup == {"KeysAdvert", "RosterAccepted"}
+    for kind, raw in seen:
+        if kind == "RosterAccepted":
+            assert set(decode(RosterAccepted, raw).model_dump()) == {
+                "collab_id", "owner", "roster", "signature"
+            }  # fmt: skip
+    assert "key_shares" not in UnmaskRequest.model_fields
+    _, owners, agg = _one_round()
     start = agg.start_round()
     first = {name: owner.contribute(start) for name, owner in owners.items()}
-    key_holders = ("owner1", "owner2")  # owner3's input is held back: "dropped"
-    keys = agg._key_shares["owner3"]
-    for h in key_holders:
+    for h in ("owner1", "owner2"):  # owner3's input is held back: "dropped"
         request = UnmaskRequest(
-            collab_id=p.collab_id, round=1, survivors=list(key_holders), dropped=["owner3"],
-            self_shares={u: first[u].shares[h] for u in key_holders},
-            key_shares={"owner3": keys[h]},
+            collab_id=p.collab_id, round=1, survivors=["owner1", "owner2"],
+            self_shares={u: first[u].shares[h] for u in ("owner1", "owner2")},
         )  # fmt: skip
-        with pytest.raises(Refused, match="names owner3 dropped: a round missing inputs is"):
+        with pytest.raises(Refused, match="the unmask request leaves out owner3"):
             owners[h].unmask(request)
-    for owner in owners.values():  # the round restarts over the same owners: fine
-        agg.receive_input(owner.contribute(start))
+    for name in owners:
+        agg.receive_input(first[name])
     for name, request in agg.close_inputs().items():
-        assert request.dropped == [] and request.key_shares == {}
-        reply = owners[name].unmask(request)
-        assert reply.key_shares == {}
-        agg.receive_unmask(reply)
+        agg.receive_unmask(owners[name].unmask(request))
     assert agg.finish_round().survivors == names(3)
 
 
@@ -401,7 +402,7 @@ def test_a_round_restarts_only_over_the_owners_it_began_with() -> None:
     back; the round "restarts" (a new aggregator restored, or the proposer's session
     saying so) with owner3 left out. The two totals' difference would be owner3's own
     statistics, so an owner refuses a restart whose live owners differ."""
-    relayed: dict[str, SeedShares] = {}
+    relayed: dict[str, RosterAccepted] = {}
     p, owners, agg = _one_round(relayed)
     start = agg.start_round()
     for owner in owners.values():
@@ -411,9 +412,9 @@ def test_a_round_restarts_only_over_the_owners_it_began_with() -> None:
     first = agg.finish_round()  # never sent to anyone
     again = CollabAggregator(p)
     adverts = [o.advert() for o in owners.values()]
-    shares = list(relayed.values())
+    accepted = list(relayed.values())
     again.restore(
-        Restore(collab_id=p.collab_id, adverts=adverts, shares=shares, round=1,
+        Restore(collab_id=p.collab_id, adverts=adverts, accepted=accepted, round=1,
                 live=["owner1", "owner2"])
     )  # fmt: skip
     restart = again.start_round()
@@ -478,7 +479,7 @@ def test_an_honest_dropout_does_not_expose_the_owners_earlier_rounds() -> None:
     with pytest.raises(CollabFailed, match="round 2: no input from owner3"):
         agg.close_inputs()
     assert [(d.owner, d.round) for d in agg.dropped] == [("owner3", 2)]
-    assert all(not reply.key_shares for reply in opened.values()), "a mask key was opened"
+    assert all(set(reply.self_shares) == set(owners) for reply in opened.values())
 
 
 def test_a_roster_entry_not_signed_by_its_owners_node_is_refused_with_the_reason() -> None:
@@ -518,8 +519,8 @@ def test_a_roster_entry_not_signed_by_its_owners_node_is_refused_with_the_reason
             aggregator.receive_advert(forged)
     for advert in adverts:
         aggregator.receive_advert(advert)
-    shares = owners[0].receive_roster(aggregator.roster())  # the true roster is taken
-    assert set(shares.shares) == set(ids)
+    accepted = owners[0].receive_roster(aggregator.roster())  # the true roster is taken
+    assert accepted.roster == ids
 
 
 def test_an_owner_restored_from_its_snapshot_answers_as_before_and_finishes_the_same() -> None:
@@ -538,9 +539,7 @@ def test_an_owner_restored_from_its_snapshot_answers_as_before_and_finishes_the_
     kept = decode(OwnerState, encode(owners["owner1"].snapshot()))
     back = CollabOwner.restored(p, "owner1", split(IRIS, 3)["owner1"], kept)
     assert back.unmask(requests["owner1"]) == first  # the same question, the same answer
-    lying = requests["owner1"].model_copy(
-        update={"survivors": ["owner1", "owner2"], "dropped": ["owner3"]}
-    )
+    lying = requests["owner1"].model_copy(update={"survivors": ["owner1", "owner2"]})
     with pytest.raises(Refused, match="a second, different unmask request"):
         back.unmask(lying)
     owners["owner1"] = back
@@ -584,7 +583,7 @@ def _attack_round(
     adverts = [owners[o].advert() for o in p.owners]
     again = CollabAggregator(p)
     again.restore(
-        Restore(collab_id=p.collab_id, adverts=adverts, shares=list(relayed.values()),
+        Restore(collab_id=p.collab_id, adverts=adverts, accepted=list(relayed.values()),
                 round=round_, live=live)
     )  # fmt: skip
     try:
@@ -721,7 +720,7 @@ def test_under_privacy_a_restart_gives_no_second_noised_total_of_a_round() -> No
     roster = agg.roster()
     for name, owner in owners.items():
         relayed[name] = owner.receive_roster(roster)
-        agg.receive_seed_shares(relayed[name])
+        agg.receive_accept(relayed[name])
     start = agg.start_round()
     for owner in owners.values():
         agg.receive_input(owner.contribute(start))

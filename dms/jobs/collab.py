@@ -8,14 +8,14 @@ so it sees only masked vectors, sealed shares and the totals:
 
     advert   KeysAdvert            -> ""
     roster   ""                    -> Roster (the adverts so far; closes them)
-    shares   SeedShares            -> ""
+    accept   RosterAccepted        -> "" (the first round's live owners: those accepted)
     start    ""                    -> RoundStart of the next announced round
     input    MaskedInput           -> ""
     close    ""                    -> Closed (every live owner sent: each is asked ``request``)
     request  a survivor's id       -> that survivor's UnmaskRequest
     unmask   UnmaskReply           -> ""
     totals   ""                    -> RoundTotals (after the last round the session ends)
-    resume   Resume                -> "" (a new aggregator, after adverts, roster, shares)
+    resume   Resume                -> "" (a new aggregator, after adverts, roster, accepts)
     end      ""                    -> "" (the session is over)
 
 Every message is O(m) bytes for m owners, so it travels inline in its envelope at
@@ -44,8 +44,8 @@ from dms.mining.collab.messages import (
     MaskedInput,
     Proposal,
     Resume,
+    RosterAccepted,
     RoundTotals,
-    SeedShares,
     UnmaskReply,
     UnmaskRequest,
 )
@@ -123,7 +123,7 @@ class CollabSession:
         self._ops: dict[str, Callable[[bytes], bytes]] = {
             "advert": self._advert,
             "roster": lambda _: encode(self.aggregator.roster()),
-            "shares": self._shares,
+            "accept": self._accept,
             "start": lambda _: encode(self.aggregator.start_round()),
             "input": self._input,
             "close": self._close,
@@ -186,8 +186,8 @@ class CollabSession:
         self.aggregator.receive_advert(decode_message(KeysAdvert, body))
         return b""
 
-    def _shares(self, body: bytes) -> bytes:
-        self.aggregator.receive_seed_shares(decode_message(SeedShares, body))
+    def _accept(self, body: bytes) -> bytes:
+        self.aggregator.receive_accept(decode_message(RosterAccepted, body))
         return b""
 
     def _input(self, body: bytes) -> bytes:
@@ -216,8 +216,7 @@ class CollabSession:
 
     def _totals(self, _: bytes) -> bytes:
         totals: RoundTotals = self.aggregator.finish_round()
-        dropped = f", dropped {', '.join(totals.dropped)}" if totals.dropped else ""
-        self._log(f"round {totals.round}: {len(totals.survivors)} owners summed{dropped}")
+        self._log(f"round {totals.round}: {len(totals.survivors)} owners summed")
         return encode(totals)
 
     def _end(self, _: bytes) -> bytes:

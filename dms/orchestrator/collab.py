@@ -16,7 +16,7 @@ the owners or the aggregator answer changes the schedule (DESIGN decision 13).
 
 A lost aggregator (its node gone, or a call to it unanswered) is placed
 again like a lost worker. The new one is restored from what the session
-relayed (the adverts, the mask-key shares, the completed rounds' survivors and
+relayed (the adverts, the roster acceptances, the completed rounds' survivors and
 dropouts), and the round under way starts again over the same owners: each
 owner sends the very input it sent in it before and gives the same unmask
 answer (``CollabOwner.contribute``), so the attempts differ in nothing.
@@ -73,14 +73,14 @@ class OwnerCall(BaseModel):
 
 class SessionState(BaseModel):
     """What the session keeps across a restart of the proposer's node (``keep``): what
-    it relayed (the adverts and mask-key shares a new aggregator is restored from),
+    it relayed (the adverts and roster acceptances a new aggregator is restored from),
     where the rounds are, and the last totals (sent again to owners that missed them)."""
 
     model_config = ConfigDict(extra="forbid")
     phase: CollabPhase
     reason: str = ""
     adverts: dict[str, bytes] = Field(default_factory=dict)
-    shares: dict[str, bytes] = Field(default_factory=dict)
+    accepted: dict[str, bytes] = Field(default_factory=dict)  # each owner's RosterAccepted
     next_round: int
     live: list[str] | None = None
     dropped: list[dict[str, Any]] = Field(default_factory=list)
@@ -135,7 +135,7 @@ class CollabSessionActor(DeploymentActor):
         self.losses: list[dict[str, Any]] = []
         self.heard_at = 0.0
         self.adverts: dict[str, bytes] = {}
-        self.shares: dict[str, bytes] = {}
+        self.accepted: dict[str, bytes] = {}
         self.roster_taken = False
         self.asking = 0  # owner batches in flight
         self.restore_wanted = False
@@ -146,8 +146,8 @@ class CollabSessionActor(DeploymentActor):
         self.last_totals = b""
         self.restarts = 0  # restarts of the proposer's node this collaboration went through
         if resume is not None:
-            self.adverts, self.shares = dict(resume.adverts), dict(resume.shares)
-            self.roster_taken = bool(resume.shares)
+            self.adverts, self.accepted = dict(resume.adverts), dict(resume.accepted)
+            self.roster_taken = bool(resume.accepted)
             self.next_round, self.live = resume.next_round, resume.live
             self.dropped, self.last_totals = list(resume.dropped), resume.last_totals
             self.restarts = resume.restarts + 1
@@ -204,7 +204,7 @@ class CollabSessionActor(DeploymentActor):
 
     def _restore(self) -> None:
         """Bring a new aggregator to where the lost one was, and run the round again: the
-        relayed adverts, the roster, the mask-key shares again (each checked again, one
+        relayed adverts, the roster, the acceptances again (each checked again, one
         message at a time), then where to resume. After a restart of the proposer's
         node, the last totals go again to the survivors first (one that had them
         refuses them, and stays where it is)."""
@@ -230,14 +230,14 @@ class CollabSessionActor(DeploymentActor):
             )
             self._start_round()
 
-        def shares(_: bytes) -> None:
+        def accepts(_: bytes) -> None:
             self._to_aggregator(
-                "shares",
-                list(self.shares.items()),
+                "accept",
+                list(self.accepted.items()),
                 lambda _: self._aggregator("resume", encode(state), resumed),
             )
 
-        self._to_aggregator("advert", adverts, lambda _: self._aggregator("roster", b"", shares))
+        self._to_aggregator("advert", adverts, lambda _: self._aggregator("roster", b"", accepts))
 
     def ended(self, state: DeploymentState, what: str) -> None:
         if self.phase not in COLLAB.terminal:
@@ -256,7 +256,7 @@ class CollabSessionActor(DeploymentActor):
                 phase=self.phase,
                 reason=self.reason,
                 adverts=self.adverts,
-                shares=self.shares if self.roster_taken else {},
+                accepted=self.accepted if self.roster_taken else {},
                 next_round=self.next_round,
                 live=self.live,
                 dropped=self.dropped,
@@ -291,15 +291,15 @@ class CollabSessionActor(DeploymentActor):
                 listed,
                 "roster",
                 lambda _: body,
-                self._shares_taken,
+                self._roster_accepted,
             )
 
         self._aggregator("roster", b"", roster)
 
-    def _shares_taken(self, shares: Answers) -> None:
-        self.shares.update(shares)
+    def _roster_accepted(self, accepted: Answers) -> None:
+        self.accepted.update(accepted)
         self._keep()
-        self._to_aggregator("shares", list(shares.items()), lambda _: self._start_round())
+        self._to_aggregator("accept", list(accepted.items()), lambda _: self._start_round())
 
     # ---- rounds ---------------------------------------------------------------------------
 
@@ -309,6 +309,12 @@ class CollabSessionActor(DeploymentActor):
         def started(body: bytes) -> None:
             start = decode(RoundStart, body)
             self.collab_round = start.round
+            if self.live is None:  # the first round: the owners left out are out for good
+                named = {d["owner"] for d in self.dropped}
+                out = [o for o in self.proposal.owners if o not in start.live and o not in named]
+                self.dropped += [{"owner": o, "round": -1} for o in out]
+                if out:
+                    self.book.event(f"dropped at setup: {', '.join(out)}")
             self.owner_rounds += len(start.live)
             self._report()
             self._ask_owners(
@@ -356,12 +362,9 @@ class CollabSessionActor(DeploymentActor):
     def _totals(self) -> None:
         def summed(body: bytes) -> None:
             totals = decode(RoundTotals, body)
-            self.dropped += [{"owner": o, "round": totals.round} for o in totals.dropped]
             self.next_round, self.live = totals.round + 1, totals.survivors
             self.last_totals = body
             self._keep()  # before any owner has them: a restart resumes after this round
-            if totals.dropped:
-                self.book.event(f"round {totals.round}: dropped {', '.join(totals.dropped)}")
             last = totals.round >= self.proposal.rounds
             self._ask_owners(
                 totals.survivors,

@@ -28,9 +28,9 @@ from dms.mining.collab.messages import (
     Restore,
     Resume,
     Roster,
+    RosterAccepted,
     RoundStart,
     RoundTotals,
-    SeedShares,
     UnmaskReply,
     UnmaskRequest,
 )
@@ -44,7 +44,7 @@ class CollabAggregator:
         self._check_node = check_node  # each advert signed by its owner's node
         self.adverts: dict[str, KeysAdvert] = {}
         self._roster: list[str] | None = None
-        self._key_shares: dict[str, dict[str, bytes]] = {}  # sender -> holder -> sealed
+        self._accepted: set[str] = set()  # owners that took the roster
         self.dropped: list[Dropout] = []
         self.round = proposal.first_round()
         self._live: list[str] | None = None
@@ -81,18 +81,18 @@ class CollabAggregator:
             self.dropped += [Dropout(owner=o, round=-1) for o in p.owners if o not in self.adverts]
         return Roster(collab_id=p.collab_id, adverts=[self.adverts[o] for o in self._roster])
 
-    def receive_seed_shares(self, message: SeedShares) -> None:
+    def receive_accept(self, message: RosterAccepted) -> None:
         self._check_collab(message.collab_id, message.owner)
         if self._roster is None or message.owner not in self._roster:
-            raise Refused("mask-key shares from an owner not in the roster", message.owner)
+            raise Refused("a roster accepted by an owner not in it", message.owner)
         if self._live is not None:
-            raise Refused("mask-key shares after the first round started", message.owner)
-        if message.owner in self._key_shares:
-            raise Refused("mask-key shares sent twice", message.owner)
-        if set(message.shares) != set(self._roster):
-            raise Refused("mask-key shares must go to exactly the roster's owners", message.owner)
+            raise Refused("the roster accepted after the first round started", message.owner)
+        if message.owner in self._accepted:
+            raise Refused("the roster accepted twice", message.owner)
+        if message.roster != self._roster:
+            raise Refused("accepted another roster than this one", message.owner)
         self._check_signature(message)
-        self._key_shares[message.owner] = message.shares
+        self._accepted.add(message.owner)
 
     def restore(self, state: Restore) -> None:
         """Take over from a lost aggregator between rounds (the round under way starts
@@ -103,17 +103,17 @@ class CollabAggregator:
         for advert in state.adverts:
             self.receive_advert(advert)
         self.roster()
-        for shares in state.shares:
-            self.receive_seed_shares(shares)
+        for accepted in state.accepted:
+            self.receive_accept(accepted)
         self.resume(state)
 
     def resume(self, state: Resume) -> None:
-        """After the adverts, the roster and the mask-key shares were replayed into this
-        fresh aggregator: go on at ``state.round`` with the survivors so far."""
+        """After the adverts, the roster and the acceptances were replayed into this fresh
+        aggregator: go on at ``state.round`` with the live owners so far."""
         p = self.proposal
         self._check_collab(state.collab_id, "resume")
         if self._roster is None or self._live is not None or self.totals:
-            raise MiningError("resume only a fresh aggregator, after its roster and shares")
+            raise MiningError("resume only a fresh aggregator, after its roster and acceptances")
         if not p.first_round() <= state.round <= p.rounds:
             raise MiningError(f"resume at round {state.round}, outside the announced rounds")
         if state.live is not None:
@@ -131,9 +131,9 @@ class CollabAggregator:
             raise MiningError(f"round {self.round} is still open")
         if self.round > p.rounds:
             raise MiningError(f"all {p.rounds} announced rounds are done")
-        if self._live is None:  # the first round: owners whose key shares arrived
+        if self._live is None:  # the first round: owners that accepted the roster
             assert self._roster is not None
-            live = [o for o in self._roster if o in self._key_shares]
+            live = [o for o in self._roster if o in self._accepted]
             self.dropped += [Dropout(owner=o, round=-1) for o in self._roster if o not in live]
         else:
             gone = {d.owner for d in self.dropped}
@@ -192,9 +192,7 @@ class CollabAggregator:
                 collab_id=p.collab_id,
                 round=self.round,
                 survivors=survivors,
-                dropped=[],
                 self_shares={u: self._inputs[u].shares[holder] for u in survivors},
-                key_shares={},
             )
             for holder in survivors
         }
@@ -208,11 +206,9 @@ class CollabAggregator:
         if reply.owner in self._replies:
             raise Refused(f"a second unmask reply for round {self.round}", reply.owner)
         request = self._request[reply.owner]
-        if set(reply.self_shares) != set(request.survivors) or set(reply.key_shares) != set(
-            request.dropped
-        ):
+        if set(reply.self_shares) != set(request.survivors):
             raise Refused("the reply does not answer for exactly the owners asked", reply.owner)
-        for share in (*reply.self_shares.values(), *reply.key_shares.values()):
+        for share in reply.self_shares.values():
             if len(share) != shamir.SHARE_BYTES:
                 raise Refused(f"a share of {len(share)} bytes", reply.owner)
         self._check_signature(reply)
@@ -241,7 +237,6 @@ class CollabAggregator:
             collab_id=p.collab_id,
             round=self.round,
             survivors=survivors,
-            dropped=[],
             values=ring.decode(total, p.scale_bits).tolist(),
         )
         self.totals.append(totals)
@@ -290,7 +285,7 @@ class CollabAggregator:
         if self._live is None or round_ != self.round:
             raise Refused(f"for round {round_}, but round {self.round} is open", sender)
 
-    def _check_signature(self, message: SeedShares | MaskedInput | UnmaskReply) -> None:
+    def _check_signature(self, message: RosterAccepted | MaskedInput | UnmaskReply) -> None:
         advert = self.adverts[message.owner]
         with refusing(message.owner):
             masks.verify(advert.sign_key, message.signature, message.payload(), "message")

@@ -3,9 +3,9 @@
 Each owner holds three keys for one collaboration (Bonawitz et al. 2017): an
 Ed25519 key that signs its messages, an X25519 key ``c`` that seals the
 secret shares it sends to each other owner, and an X25519 key ``s`` whose
-agreement with each other owner's ``s`` gives the pairwise mask secret. The
-two X25519 keys are separate because ``s`` of a dropped owner is rebuilt by
-the aggregator; ``c`` never is, so the shares an owner sealed stay sealed.
+agreement with each other owner's ``s`` gives the pairwise mask secret.
+Neither is ever split or rebuilt: a dropout stops the collaboration rather
+than have an owner's pairwise masks removed (``specs/mining.md``).
 """
 
 from __future__ import annotations
@@ -43,13 +43,6 @@ def x25519_public(raw: bytes, what: str) -> X25519PublicKey:
         return X25519PublicKey.from_public_bytes(raw)
     except ValueError:
         raise MiningError(f"{what} is not an X25519 public key") from None
-
-
-def x25519_private(raw: bytes) -> X25519PrivateKey:
-    try:
-        return X25519PrivateKey.from_private_bytes(raw)
-    except ValueError:
-        raise MiningError("a rebuilt mask key is not an X25519 key") from None
 
 
 def agree(private: X25519PrivateKey, public: X25519PublicKey) -> bytes:

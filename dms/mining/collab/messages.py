@@ -130,12 +130,15 @@ class Roster(BaseModel):
     adverts: list[KeysAdvert]
 
 
-class SeedShares(Signed):
-    """Setup: shares of the owner's mask key ``s``, one sealed to each owner in the roster."""
+class RosterAccepted(Signed):
+    """Setup: the owner checked the roster and takes part with exactly these owners (its
+    shared sealing keys and pairwise secrets are made). The owners whose acceptance
+    arrived are the first round's live owners. No share of any key travels: no mask key
+    is ever opened, so none is split."""
 
     collab_id: str
     owner: str
-    shares: dict[str, bytes]
+    roster: list[str]  # the roster's owners, in the proposal's order
 
 
 class RoundStart(BaseModel):
@@ -155,13 +158,13 @@ class MaskedInput(Signed):
 
 
 class UnmaskRequest(BaseModel):
+    """Sent once every live owner's input arrived: ``survivors`` are all of them."""
+
     model_config = ConfigDict(extra="forbid")
     collab_id: str
     round: int
     survivors: list[str]
-    dropped: list[str]
     self_shares: dict[str, bytes]  # survivor -> its self-mask share sealed to this owner
-    key_shares: dict[str, bytes]  # dropped -> its mask-key share sealed to this owner
 
 
 class UnmaskReply(Signed):
@@ -169,7 +172,6 @@ class UnmaskReply(Signed):
     round: int
     owner: str
     self_shares: dict[str, bytes]  # survivor -> opened share
-    key_shares: dict[str, bytes]  # dropped -> opened share
 
 
 class RoundTotals(BaseModel):
@@ -177,7 +179,6 @@ class RoundTotals(BaseModel):
     collab_id: str
     round: int
     survivors: list[str]
-    dropped: list[str]
     values: list[float]
 
 
@@ -188,14 +189,14 @@ class Dropout(BaseModel):
 
 
 class Resume(BaseModel):
-    """Where a new aggregator takes over, once the adverts and mask-key shares the
+    """Where a new aggregator takes over, once the adverts and roster acceptances the
     proposer's session relayed have been replayed to it (each checked again)."""
 
     model_config = ConfigDict(extra="forbid")
     collab_id: str
     round: int  # the next round to run (restarted if it was under way)
     live: list[str] | None = None  # after a completed round: its survivors
-    dropped: list[Dropout] = Field(default_factory=list)  # dropped in completed rounds
+    dropped: list[Dropout] = Field(default_factory=list)  # dropped at setup
 
 
 class Restore(Resume):
@@ -203,7 +204,7 @@ class Restore(Resume):
     (in-process; on nodes the adverts and shares are replayed one by one)."""
 
     adverts: list[KeysAdvert]
-    shares: list[SeedShares]
+    accepted: list[RosterAccepted]
 
 
 class OwnerResult(BaseModel):
@@ -225,11 +226,10 @@ class OwnerState(BaseModel):
     """An owner's whole state between two messages, to carry it over a restart of its
     node (``CollabOwner.snapshot``/``restored``; its rows are read again). It holds the
     owner's private keys: the node seals it before it touches the disk. A seat kept by
-    an earlier version loads (its ``opened_self`` and ``opened_keys``, of the designs that
-    reran a round over fewer owners or opened mask keys, are ignored); without ``sent``
-    a restart of its pending round is refused, never answered with a second input."""
+    an earlier version (with ``opened_self``, ``opened_keys``, mask-key shares) does not
+    load: it is logged and not resumed."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     sign: bytes
     c: bytes
     s: bytes

@@ -5,8 +5,9 @@ ring, adds a fresh self mask and, for every other live owner, a pairwise mask
 (+ towards owners listed after it, - towards those before), so the pairwise
 masks cancel in the total. It Shamir-shares the self-mask seed among the live
 owners. When every live owner sent its input, it opens each one's self-mask
-share. It never opens a mask key: an unmask request naming anyone dropped is
-refused. Once the first round began, every round runs over the same owners: a
+share; an unmask request that leaves a live owner out is refused. No mask key
+is split or opened: the pairwise seeds never leave the two owners that share
+them. Once the first round began, every round runs over the same owners: a
 round start (or a restart) that leaves one out is refused, since a sum without
 an owner beside a sum with it is that owner's statistics. A round restarted
 over the same owners gets the very message this owner sent in it before (the
@@ -34,9 +35,9 @@ from dms.mining.collab.messages import (
     OwnerState,
     Proposal,
     Roster,
+    RosterAccepted,
     RoundStart,
     RoundTotals,
-    SeedShares,
     UnmaskReply,
     UnmaskRequest,
 )
@@ -48,11 +49,7 @@ from dms.mining.collab.stats import (
 )
 from dms.mining.errors import MiningError
 
-S = TypeVar("S", KeysAdvert, SeedShares, MaskedInput, UnmaskReply)
-
-
-def key_aad(collab_id: str, sender: str, holder: str) -> bytes:
-    return f"{collab_id}|key|{sender}|{holder}".encode()
+S = TypeVar("S", KeysAdvert, RosterAccepted, MaskedInput, UnmaskReply)
 
 
 def self_aad(collab_id: str, round_: int, live: list[str], sender: str, holder: str) -> bytes:
@@ -128,7 +125,7 @@ class CollabOwner:
         )
         return self._signed(message)
 
-    def receive_roster(self, roster: Roster) -> SeedShares:
+    def receive_roster(self, roster: Roster) -> RosterAccepted:
         p = self.proposal
         if roster.collab_id != p.collab_id:
             raise Refused(f"roster for collaboration {roster.collab_id!r}, not {p.collab_id!r}")
@@ -162,17 +159,8 @@ class CollabOwner:
                 self._pair_secrets[other] = masks.agree(self._s, s_pub)
         self._roster = set(seen)
         self._dropped += [Dropout(owner=o, round=-1) for o in p.owners if o not in seen]
-        shares = self._split(masks.private_bytes(self._s), sorted(seen, key=p.position))
-        sealed = {
-            holder: masks.seal(
-                self._share_keys[holder],
-                share,
-                key_aad(p.collab_id, self.owner, holder),
-                os.urandom(masks.NONCE_BYTES),
-            )
-            for holder, share in shares.items()
-        }
-        return self._signed(SeedShares(collab_id=p.collab_id, owner=self.owner, shares=sealed))
+        listed = sorted(seen, key=p.position)
+        return self._signed(RosterAccepted(collab_id=p.collab_id, owner=self.owner, roster=listed))
 
     # -- a round ---------------------------------------------------------------
 
@@ -247,22 +235,16 @@ class CollabOwner:
             if previous == request:
                 return reply  # the same question again gets the same answer
             raise Refused(f"a second, different unmask request for round {request.round}")
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        if survivors & dropped or survivors | dropped != set(start.live):
-            raise Refused("survivors and dropped do not split the round's live owners")
-        if len(request.survivors) != len(survivors) or len(request.dropped) != len(dropped):
+        survivors = set(request.survivors)
+        if len(request.survivors) != len(survivors):
             raise Refused("an owner is named twice in the unmask request")
-        if self.owner not in survivors:
-            raise Refused("this owner is named dropped in a round it sent its input to")
-        if len(survivors) < p.threshold:
-            raise Refused(f"{len(survivors)} survivors, below the threshold {p.threshold}")
-        if dropped or request.key_shares:
-            # Opening a dropped owner's mask key would give its pairwise masks of every
-            # round, hence its earlier rounds' inputs; a round missing inputs is not summed.
-            named = ", ".join(sorted(dropped | set(request.key_shares)))
+        if survivors != set(start.live):
+            # A round is unmasked only with every live owner's input in: a sum over fewer
+            # owners would differ from the other rounds' by the missing owners' statistics.
+            missing = ", ".join(sorted(set(start.live) - survivors, key=p.position))
             raise Refused(
-                f"the unmask request names {named} dropped: a round missing inputs is not "
-                "summed; no mask key is opened"
+                f"the unmask request leaves out {missing or 'none'} or names an owner not "
+                "live: a round is unmasked only over all its live owners"
             )
         if set(request.self_shares) != survivors:
             raise Refused("the unmask request does not carry one share for each owner named")
@@ -281,7 +263,6 @@ class CollabOwner:
                 round=request.round,
                 owner=self.owner,
                 self_shares=opened_self,
-                key_shares={},
             )
         )
         self._answer = (request, reply)
@@ -295,12 +276,11 @@ class CollabOwner:
         if start is None or self._answer is None or totals.round != start.round:
             raise Refused(f"totals for round {totals.round}, which this owner did not unmask")
         request = self._answer[0]
-        if totals.survivors != request.survivors or totals.dropped != request.dropped:
+        if totals.survivors != request.survivors:
             raise Refused("the totals name other survivors than the unmask request did")
         values = np.asarray(totals.values, dtype=np.float64)
         if values.shape != (p.length(totals.round),) or not np.all(np.isfinite(values)):
             raise Refused(f"totals of {values.size} values, expected {p.length(totals.round)}")
-        self._dropped += [Dropout(owner=o, round=totals.round) for o in totals.dropped]
         if totals.round == 0:
             self._initial = drawn_centroids(values, p.k, p.a, p.seed)
             self.centroids = self._initial.copy()

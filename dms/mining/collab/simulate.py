@@ -30,7 +30,7 @@ Tap = Callable[[str, str, bytes], None]  # (message kind, sender, bytes) seen by
 
 class Phase(StrEnum):
     KEYS = "keys"  # never advertises keys
-    SHARES = "shares"  # advertises keys, never sends its mask-key shares
+    ACCEPT = "accept"  # advertises keys, never accepts the roster
     INPUT = "input"  # sends nothing from this round's input on
     UNMASK = "unmask"  # sends this round's input, not its unmask reply
 
@@ -116,12 +116,12 @@ def run_collab(
     roster = meter.run("aggregator", aggregator.roster)
     for advert in roster.adverts:
         name = advert.owner
-        if still(name, first, Phase.SHARES):
+        if still(name, first, Phase.ACCEPT):
             owner = owners[name]
             received = meter.to_owner(name, roster)
-            shares = meter.run(name, lambda o=owner, r=received: o.receive_roster(r))
-            arrived = meter.to_aggregator(name, shares)
-            meter.run("aggregator", lambda s=arrived: aggregator.receive_seed_shares(s))
+            accepted = meter.run(name, lambda o=owner, r=received: o.receive_roster(r))
+            arrived = meter.to_aggregator(name, accepted)
+            meter.run("aggregator", lambda a=arrived: aggregator.receive_accept(a))
     _, setup_bytes = meter.take()
 
     run = CollabRun(results={}, totals=[], setup_bytes=setup_bytes)

@@ -53,8 +53,8 @@ S = TypeVar("S", KeysAdvert, RosterAccepted, MaskedInput, UnmaskReply)
 
 
 def self_aad(collab_id: str, round_: int, live: list[str], sender: str, holder: str) -> bytes:
-    """Bound to the attempt's live owners: a share sealed in an attempt of the round
-    that was then run again over fewer owners never opens in the rerun."""
+    """Bound to the round's live owners (the same in every attempt of it: a restart
+    that leaves one out is refused)."""
     attempt = hashlib.sha256("\0".join(live).encode()).hexdigest()
     return f"{collab_id}|self|{round_}|{attempt}|{sender}|{holder}".encode()
 

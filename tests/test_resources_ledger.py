@@ -225,6 +225,43 @@ def test_commit_twice_and_release_twice_are_harmless(ledger: ResourceLedger) -> 
         ledger.release("nope")
 
 
+def test_releasing_everything_a_holder_holds_for_a_deployment_is_one_transaction(
+    ledger: ResourceLedger, clock: Clock
+) -> None:
+    """A requester's revert of everything it holds for a deployment (its end): its live
+    leases and allocations whose ref starts with the deployment's prefix, found and
+    released in the one transaction of the release; not another holder's, not another
+    deployment's (a prefix of its id included), not one already ended."""
+    a, b = "12D3KooWholderA", "12D3KooWholderB"
+    mine = ledger.lock(res(cpu=0.5), lease_s=30, holder=a, ref="dep:abc/w0")
+    committed = ledger.lock(res(cpu=0.5), lease_s=30, holder=a, ref="dep:abc/w1")
+    ledger.commit(committed.id, holder=a)
+    ended = ledger.lock(res(cpu=0.5), lease_s=30, holder=a, ref="dep:abc/w2")
+    ledger.release(ended.id)
+    expired = ledger.lock(res(cpu=0.5), lease_s=5, holder=a, ref="dep:abc/w3")
+    longer = ledger.lock(res(cpu=0.5), lease_s=30, holder=a, ref="dep:abcd/w0")
+    upper = ledger.lock(res(cpu=0.5), lease_s=30, holder=a, ref="dep:ABC/w0")
+    theirs = ledger.lock(res(cpu=0.5), lease_s=30, holder=b, ref="dep:abc/w0")
+    clock.now += 10  # ``expired`` is past its time
+    assert set(ledger.live_ids("dep:abc/", a)) == {mine.id, committed.id}
+    transactions = []
+    begin = ledger.db.transaction
+
+    def counted(*args, **kw):  # type: ignore[no-untyped-def]
+        transactions.append(1)
+        return begin(*args, **kw)
+
+    ledger.db.transaction = counted  # type: ignore[method-assign]
+    released = ledger.release_many([mine.id], holder=a, ref_prefix="dep:abc/")
+    assert [lease.id for lease in released] == [mine.id, committed.id]  # each once
+    assert all(lease.state == RELEASED for lease in released)
+    assert len(transactions) == 1
+    ledger.db.transaction = begin  # type: ignore[method-assign]
+    live = {lease.id for lease in ledger.live()}
+    assert live == {longer.id, upper.id, theirs.id}
+    assert expired.id not in live
+
+
 def test_onboarding_can_change_while_what_is_held_still_fits(ledger: ResourceLedger) -> None:
     lease = ledger.lock(res(cpu=2, ram=4), lease_s=30)
     ledger.commit(lease.id)

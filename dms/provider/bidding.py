@@ -446,11 +446,12 @@ class Bidding:
     def revert(self, request: Request) -> dict[str, Any]:
         p: RevertRequest = request.payload
         holder = request.sender.address.host
-        ids = list(p.lease_ids)
+        # Everything it holds for the deployment is found in the release's transaction.
+        prefix = f"{DEPLOYMENT_REF}{p.deployment_id}/" if p.everything else None
         with _store_refusal():
-            if p.everything:
-                ids += self._need_ledger().live_ids(f"{DEPLOYMENT_REF}{p.deployment_id}/", holder)
-            released = self._need_ledger().release_many(ids, holder=holder)
+            released = self._need_ledger().release_many(
+                list(p.lease_ids), holder=holder, ref_prefix=prefix
+            )
         for lease in released:
             self._stop_allocation(lease.id, "reverted by the requester")
         return {"released": [lease.id for lease in released]}

@@ -191,6 +191,13 @@ _ALLOCATE = Statement(
     "WHERE id = :id"
 )
 _END = Statement("UPDATE leases SET state = :state, ended_at = :now WHERE id = :id")
+# A holder's live leases and allocations whose ref starts with a prefix (a deployment's,
+# all it holds here, when its requester reverts everything at its end). The prefix is
+# compared exactly (no LIKE: no escaping, and the same answer on SQLite and PostgreSQL).
+_LIVE_IDS = Statement(
+    f"SELECT id FROM leases WHERE {_LIVE} AND holder = :holder "
+    "AND substr(ref, 1, :length) = :prefix ORDER BY created_at, id"
+)
 _EVENT = Statement("INSERT INTO events (at, kind, data) VALUES (:at, :kind, :data)")
 # The event's time as SQLAlchemy's column type writes it, per dialect (a string on
 # SQLite, the datetime itself for psycopg): the row reads back through the ORM as any
@@ -507,13 +514,25 @@ class ResourceLedger:
         return self.release_many([lease_id], holder, strict=True)[0]
 
     def release_many(
-        self, lease_ids: list[str], holder: str | None = None, strict: bool = False
+        self,
+        lease_ids: list[str],
+        holder: str | None = None,
+        strict: bool = False,
+        ref_prefix: str | None = None,
     ) -> list[LeaseView]:
         """Release several in one transaction. Unknown ids, and ids not held by ``holder``
-        when it is given, raise with ``strict`` and are skipped without it."""
+        when it is given, raise with ``strict`` and are skipped without it. With
+        ``ref_prefix`` (and ``holder``), also every live lease and allocation of
+        ``holder`` whose ref starts with it, found in the same transaction (what
+        ``live_ids`` would list: a requester's revert of everything it holds for a
+        deployment costs one transaction, not two)."""
         out = []
         ended: list[str] = []
         with self._writing() as (conn, now):
+            if ref_prefix is not None and holder is not None:
+                named = set(lease_ids)
+                found = self._live_ids(conn, ref_prefix, holder, now)
+                lease_ids = [*lease_ids, *(i for i in found if i not in named)]
             for lease_id in lease_ids:
                 try:
                     row = _view(self._get(conn, lease_id, holder))
@@ -574,15 +593,12 @@ class ResourceLedger:
     def live_ids(self, ref_prefix: str, holder: str) -> list[str]:
         """Ids of live leases and allocations of ``holder`` whose ref starts with the prefix."""
         with self.db.transaction() as conn:
-            now = self.clock()
-            rows = conn.execute(
-                select(LEASES.c.id).where(
-                    _live_clause(now),
-                    LEASES.c.holder == holder,
-                    LEASES.c.ref.startswith(ref_prefix, autoescape=True),
-                )
-            )
-            return [r.id for r in rows]
+            return self._live_ids(conn, ref_prefix, holder, self.clock())
+
+    @staticmethod
+    def _live_ids(conn: Connection, ref_prefix: str, holder: str, now: float) -> list[str]:
+        params = {"now": now, "holder": holder, "length": len(ref_prefix), "prefix": ref_prefix}
+        return [str(r[0]) for r in _LIVE_IDS.run(conn, params).fetchall()]
 
     def expire(self) -> list[str]:
         """Mark leases past their expiry as ``expired``; returns their ids."""

@@ -299,6 +299,35 @@ def test_the_wallet_shows_provide_tokens_and_actor_certificates(keys) -> None:  
     assert wallet.tokens_for(node.public_key, founder_host, "/dms/deployment/request") == []
 
 
+def test_an_actor_certificate_rooted_at_the_node_is_kept_without_checking_its_signature(
+    keys, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The node signs a certificate for its actor and keeps its chain as verified: no
+    signature of its own is checked back (one a deployment or an allocation, each a new
+    actor), and the chain is what a verification would give, cached alike."""
+    import dms.security.tokens as tokens
+
+    node, peer, child = keys["a"], keys["b"], keys["c"]
+    trust = TrustStore(None, node.public_key)
+    roles = {child.public_key: Role(caps=("/dms/deployment",), topics=("/dms/deployment",))}
+    wallet = Wallet(node, trust, roles.get)
+    checked = []
+    real = tokens.verify_signature
+    monkeypatch.setattr(tokens, "verify_signature", lambda *a: checked.append(1) or real(*a))
+    shown = wallet.tokens_for(child.public_key, peer.peer_id, "/dms/deployment/request")
+    assert len(shown) == 1 and checked == []
+    assert wallet.tokens_for(child.public_key, peer.peer_id, "/dms/deployment/revert") == shown
+    chain = trust.verifier.verify(shown[0])  # cached: no check either
+    assert checked == []
+    assert ChainVerifier().verify(shown[0]) == chain  # what a verification gives
+    assert checked == [1]
+    assert chain.root == node.public_key and chain.token.aud == child.public_key
+    assert trust.verifier.is_known(chain.token.id)
+    below = issue(node, child.public_key, ["/"], expires_at=later(), proofs=[shown[0]])
+    with pytest.raises(ValueError):  # a token with a parent is verified, never taken so
+        trust.verifier.signed(below)
+
+
 def test_a_long_chain_is_refused_before_any_signature_is_checked(keys) -> None:  # type: ignore[no-untyped-def]
     """A chain of 9 whose every signature is bad: its length is the reason, found by
     decoding alone (before, each token's signature was checked on the way down)."""

@@ -50,7 +50,7 @@ class Wallet:
         self._role_of = role_of
         self._lock = threading.Lock()
         self._choices: dict[tuple[bytes, str | None, str, str | None], _Choice] = {}
-        self._certs: dict[tuple[bytes, bytes | None], tuple[bytes, int]] = {}
+        self._certs: dict[tuple[bytes, bytes | None], tuple[Chain, int]] = {}
 
     def tokens_for(
         self, signer: bytes, host: str | None, path: str, topic: str | None = None
@@ -147,10 +147,18 @@ class Wallet:
                 depth=0,
                 proofs=proofs,
             )
-            held = (cert.raw, exp)
+            # Rooted at this node, its chain is its own signature over what was just
+            # built: kept as verified, not checked again. Below a parent, the verifier
+            # checks that it narrows it.
+            chain = (
+                self.trust.verifier.verify(cert.raw)
+                if parent is not None
+                else self.trust.verifier.signed(cert)
+            )
+            held = (chain, exp)
             with self._lock:
                 self._certs[key] = held
-        return self.trust.verifier.verify(held[0])
+        return held[0]
 
 
 def _covers(chain: Chain, path: str, topic: str | None) -> bool:

@@ -462,6 +462,25 @@ class ChainVerifier:
             raise hit
         return hit
 
+    def signed(self, token: Token) -> Chain:
+        """The chain of a parentless token this node has just signed itself (a
+        certificate for one of its own actors, rooted at it), kept as a verified one
+        is: what :meth:`verify` would return, without checking the signature this
+        process has just made over bytes it has just built."""
+        if token.prf or token.act == Action.REVOKE:
+            raise ValueError("signed() takes a parentless token that grants something")
+        chain = Chain(
+            token=token,
+            parent=None,
+            ids=frozenset((token.id,)),
+            issuers=frozenset((token.iss,)),
+            root=token.iss,
+            exp=token.exp,
+            length=1,
+        )
+        self._store(token.raw, chain)
+        return chain
+
     def is_known(self, token_id: bytes) -> bool:
         """A token of a chain this verifier passed (recently: the last ``known``)."""
         return token_id in self._known

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -359,3 +360,63 @@ def test_leases_given_back_in_several_rounds_count_once_beside_another_jobs_allo
 
 def wanting(cpu: str) -> AllocationSpec:
     return AllocationSpec(name="w", executor="compute", resources=Resources(cpu=cpu))
+
+
+def test_a_round_reads_each_peers_heartbeat_once_whatever_its_slots(tmp_path: Path) -> None:
+    """Choosing whom to ask reads each peer's free resources (its last heartbeat with what
+    was given back to it) once a round: it was read again for every slot and once more
+    for the sample's weights, a requester's largest cost before its first bid request
+    with many peers (py-spy, 20 providers). Three providers, a job of two slots: three
+    reads (nine before)."""
+    import dms.orchestrator.rounds as rounds
+    from dms.sim.backend import NodeSpec
+    from dms.sim.faults import FaultPlan
+    from dms.sim.memory import MemoryBackend
+    from dms.sim.scenario import Amounts, NodeSettings
+
+    specs = [NodeSpec("r", "r")] + [
+        NodeSpec(f"p{i}", "p", onboard=Amounts(cpu=1, ram=1, disk=1)) for i in range(3)
+    ]
+    backend = MemoryBackend(tmp_path, specs, NodeSettings(), FaultPlan())
+    backend.first = ["r"]
+    backend.start(lambda _: None)
+    try:
+        deadline = time.monotonic() + 60
+        while sum(1 for cpu in backend.alive_peers("r").values() if cpu) < 3:
+            assert time.monotonic() < deadline, "the providers' heartbeats never came"
+            time.sleep(0.05)
+        reads: list[int] = []
+        real = rounds.free_with
+        rounds.free_with = lambda *a: reads.append(1) or real(*a)  # type: ignore[assignment]
+        candidates = rounds.BidRounds._candidates
+
+        def counted(self, open_slots):  # type: ignore[no-untyped-def]
+            reads.clear()
+            try:
+                return candidates(self, open_slots)
+            finally:
+                per_round.append((len(open_slots), len(reads)))
+
+        per_round: list[tuple[int, int]] = []
+        rounds.BidRounds._candidates = counted  # type: ignore[method-assign]
+        try:
+            job = {
+                "name": "two",
+                "deadline_s": 30,
+                "allocations": [
+                    {"name": f"w{i}", "executor": "compute", "resources": {"cpu": "100m"},
+                     "params": {"seconds": 0}}
+                    for i in range(2)
+                ],
+            }  # fmt: skip
+            backend.call("r", "/dms/node/deployment/new", {"spec": job})
+            deadline = time.monotonic() + 30
+            while not per_round:
+                assert time.monotonic() < deadline, "no round"
+                time.sleep(0.01)
+        finally:
+            rounds.free_with = real  # type: ignore[assignment]
+            rounds.BidRounds._candidates = candidates  # type: ignore[method-assign]
+        assert per_round[0] == (2, 3)
+    finally:
+        backend.stop()

@@ -82,6 +82,9 @@ class GivenBackBook:
         return Resources.of(most)  # type: ignore[arg-type]
 
 
+_NOTHING_BACK = ZERO.human()  # read only
+
+
 def free_with(record: PeerRecord, given_back: Resources) -> dict[str, float]:
     """The peer's free resources by its last heartbeat (human units) with ``given_back``
     added, none past what it onboarded: what its heartbeat showed held is all that can
@@ -89,7 +92,7 @@ def free_with(record: PeerRecord, given_back: Resources) -> dict[str, float]:
     hb = record.heartbeat
     if hb is None:
         return {}
-    back = given_back.human()
+    back = _NOTHING_BACK if given_back is ZERO else given_back.human()
     free: dict[str, float] = {}
     for kind in {*hb.free, *back}:
         amount = (hb.free.get(kind, 0) or 0) + back.get(kind, 0)

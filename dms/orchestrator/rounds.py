@@ -72,15 +72,24 @@ ASKED = "asked, no answer yet"  # a peer of the round that has not answered, at 
 BID_GRACE_S = 2.0  # after the window: how long a round with an empty slot waits for answers
 
 
-def misfit(record: PeerRecord, spec: AllocationSpec, given_back: Resources = ZERO) -> str | None:
+def misfit(
+    record: PeerRecord,
+    spec: AllocationSpec,
+    given_back: Resources = ZERO,
+    *,
+    free: dict[str, float] | None = None,
+    want: dict[str, float | int] | None = None,
+) -> str | None:
     """From the peer's last heartbeat: why it could not take this allocation, or None.
     ``given_back``: what the requester gave back to it that the heartbeat may still
-    count as held (``givenback.py``), free now."""
+    count as held (``givenback.py``), free now. ``free``: ``free_with(record,
+    given_back)`` when the caller has it; ``want``: ``spec.resources.human()``."""
     hb = record.heartbeat
     if hb is None or not hb.free:
         return "it offers no resources (not onboarded)"
-    want = spec.resources.human()
-    with_back = free_with(record, given_back)
+    if want is None:
+        want = spec.resources.human()
+    with_back = free if free is not None else free_with(record, given_back)
     free = {kind: with_back.get(kind, 0) for kind in want}
     short = [
         f"{kind} {free[kind]:g} free < {amount:g}"
@@ -184,21 +193,32 @@ class BidRounds:
     def _open_slots(self) -> list[Slot]:
         return [s for s in self.book.slots.values() if s.state == SlotState.OPEN]
 
-    def _fitting(self, slot: Slot) -> list[PeerRecord]:
+    def _fitting(
+        self, slot: Slot, frees: dict[str, dict[str, float]] | None = None
+    ) -> list[PeerRecord]:
         """Alive peers of the table that the job allows and whose last heartbeat fits the
         slot; the others that were not asked get their reason (so a job that nothing can
         run explains itself). That reason is the last heartbeat's, at every round: one
         whose figures changed gets the new ones, and a peer that has since grown or freed
         enough (or is back after it was gone) is rid of it; what the peer itself
-        answered before is kept after it, and is its reason again once it fits."""
+        answered before is kept after it, and is its reason again once it fits.
+        ``frees``: each peer's free resources (``free_with``), filled in for the peers
+        read here: a round reads each peer's heartbeat once, whatever its slots."""
         spec = self.book.by_slot[slot.name]
+        want = spec.resources.human()
+        if frees is None:
+            frees = {}
         found = []
         for record in self.book.o.peer_table.alive():
             peer = record.peer_id
             if self.host.excludes(slot.name, peer):
                 continue
             answered = own_answer(slot.reasons.get(peer))
-            why = misfit(record, spec, self.given_back.credit(record))
+            credit = self.given_back.credit(record)
+            free = frees.get(peer)
+            if free is None:
+                free = frees[peer] = free_with(record, credit)
+            why = misfit(record, spec, credit, free=free, want=want)
             if why is not None:
                 reason = NOT_ASKED + why + (BEFORE + answered if answered else "")
                 slot.reasons[peer] = reason[:MAX_REASON]
@@ -216,14 +236,15 @@ class BidRounds:
         taking the top few by free capacity would send every concurrent request to
         the same providers; sampling spreads them (the power of d choices)."""
         weights: dict[str, float] = {}
+        frees: dict[str, dict[str, float]] = {}
         for slot in open_slots:
-            for record in self._fitting(slot):
+            for record in self._fitting(slot, frees):
                 if record.peer_id in slot.declined_for_good or record.peer_id in weights:
                     continue
                 hb = record.heartbeat
                 assert hb is not None
                 onboarded = hb.onboarded.get("cpu") or 1.0
-                free = free_with(record, self.given_back.credit(record)).get("cpu", 0.0)
+                free = frees[record.peer_id].get("cpu", 0.0)
                 weights[record.peer_id] = 0.05 + max(0.0, free / onboarded)
         # Efraimidis-Spirakis: a weighted sample without replacement.
         keyed = sorted(weights, key=lambda p: -(self.book.o.rng.random() ** (1.0 / weights[p])))

@@ -22,10 +22,22 @@ from dms.node.daemon import Node
 from dms.security import Identity
 from dms.sim.cluster import LocalCluster
 from tests.adversarial.hostile import envelope, frame_of, refusal_code, send
+from tests.conftest import wait_for
 
 CAPACITY = 1000
 BATCH = 32  # half the victim's max_inflight_per_peer (64)
+# The envelopes outlive the test however slow the machine: the cache drops an expired
+# entry as it goes (and an expired first envelope is refused as expired), so with 20 s
+# a fill that took longer never brought the cache to its bound.
+TTL_S = 600.0
 S = 10**9
+
+
+def waiting_at(victim: Node) -> float:
+    """Requests of one peer the victim holds, admitted and not yet handled (the most of
+    any peer: the attacker is the only one sending it any)."""
+    assert victim.system is not None
+    return next(u.used for u in victim.system.admission.usage() if u.name == "inflight_per_peer")
 
 
 @pytest.fixture
@@ -43,7 +55,7 @@ def test_a_flood_of_fresh_envelopes_cannot_make_the_victim_accept_a_replay(
 ) -> None:
     attacker, victim = pair
     assert attacker.node is not None and victim.system is not None
-    first = envelope(attacker, "/public/hello", to=victim, expect_reply=True)
+    first = envelope(attacker, "/public/hello", to=victim, expect_reply=True, ttl_s=TTL_S)
     frame = frame_of(attacker, first)
     assert attacker.system is not None
     assert attacker.system.invoke_frame(frame, first, 20).result(25)["peer_id"] == victim.peer_id
@@ -51,17 +63,20 @@ def test_a_flood_of_fresh_envelopes_cannot_make_the_victim_accept_a_replay(
     # Fill the victim's cache with fresh, correctly signed envelopes, in
     # batches under the per-peer in-flight cap: a burst past it is refused
     # (rate_limited) before the cache sees it, so on a slow machine a single
-    # burst need not fill the cache at all.
+    # burst need not fill the cache at all. A batch goes once the victim has
+    # handled all but a batch of those before: the cache sees an envelope as it
+    # arrives, and one that arrived is held until handled (a victim taking 10 ms a
+    # request had three batches held, a third of each refused).
     replay = victim.system.replay
     deadline = time.monotonic() + 120
     while replay.floor < first.issued_at:
         if time.monotonic() > deadline:
             pytest.fail("timed out after 120 s waiting for the cache to forget the first envelope")
+        wait_for(lambda: waiting_at(victim) <= BATCH, 60, "the victim to handle a batch")
         held = len(replay)
         for _ in range(BATCH):
-            send(
-                attacker, victim, frame_of(attacker, envelope(attacker, "/public/hello", to=victim))
-            )
+            fresh = envelope(attacker, "/public/hello", to=victim, ttl_s=TTL_S)
+            send(attacker, victim, frame_of(attacker, fresh))
         settle = time.monotonic() + 5
         while len(replay) < min(held + BATCH, CAPACITY) and time.monotonic() < settle:
             time.sleep(0.02)

@@ -274,22 +274,39 @@ class NotReading(BarePeer):
         await trio.sleep_forever()
 
 
+def waiting_at(victim: Node) -> float:
+    """Requests of one peer the victim holds, admitted and not yet handled (the most of
+    any peer)."""
+    assert victim.system is not None
+    return next(u.used for u in victim.system.admission.usage() if u.name == "inflight_per_peer")
+
+
 def test_a_write_to_a_peer_that_never_reads_ends_within_the_idle_time(
     cluster: LocalCluster,
 ) -> None:
-    victim = cluster.add("victim", stream_idle_s=1)
+    # Idle 3 s, not 1: the attacker's own stream, quiet that long between its batches
+    # while a slow victim handles the last, is reset as idle too.
+    victim = cluster.add("victim", stream_idle_s=3)
     attacker = NotReading(victim.addrs()[0], actor=True)
+    transport, to = victim.transport, root_of(victim.identity)
+    assert transport is not None
     try:
-        requests = [
-            attacker.seal(attacker.envelope(root_of(victim.identity), "/public/hello", reply=True))
-            for _ in range(1500)  # ~0.5 MB of replies: past the window it grants
-        ]
-        attacker.write(requests, pace_s=0.001)
-        wait_for(
-            lambda: refusals(victim, Budget.WRITE_STALLED) >= 1,
-            timeout=30,
-            what="the stalled write ended",
-        )
+        # Hellos until their replies pass the window the attacker grants (~0.5 MB of
+        # them), 16 at a time while the victim holds at most 32 of its requests (its
+        # max_inflight_per_peer is 64). Before, 1,500 written 1 ms apart: a victim
+        # taking 10 ms a request refused 1,193 of them rate_limited, answered together,
+        # and the ~300 replies left the window open (timed out after 30 s).
+        deadline = time.monotonic() + 120
+        while refusals(victim, Budget.WRITE_STALLED) < 1:
+            if time.monotonic() > deadline:
+                pytest.fail("timed out after 120 s waiting for the stalled write to end")
+            if waiting_at(victim) > 32:
+                time.sleep(0.01)
+                continue
+            hellos = [attacker.envelope(to, "/public/hello", reply=True) for _ in range(16)]
+            read = transport.frames_in + len(hellos)
+            attacker.write([attacker.seal(env) for env in hellos])
+            wait_for(lambda n=read: transport.frames_in >= n, 30, "the victim to read them")
     finally:
         attacker.close()
 

@@ -256,7 +256,10 @@ def test_a_provider_killed_after_commit_has_its_allocation_placed_again(
     done = wait_state(requester, dep, TERMINAL, 30)
     assert done["state"] == "completed", done["events"]
     slot = done["slots"][0]
-    assert slot["peer_id"] != victim.peer_id and slot["attempts"] == 2
+    # Placed again at least once: two attempts or more. On a loaded machine a commit or
+    # allocate past its deadline, or an allocation's signs of life late, makes one more
+    # (a loaded run, each request 10 ms slower: 3).
+    assert slot["peer_id"] != victim.peer_id and slot["attempts"] >= 2, slot
     assert any("placing it again" in e["what"] for e in done["events"])
 
 

@@ -451,3 +451,125 @@ def test_a_udm_knn_worker_gets_no_rank_oracle_on_the_training_rows() -> None:
         assert not np.allclose(leaked, smallest), "the rows with the smallest attribute leaked"
     honest = worker.distances(owner.query(block))
     assert owner.neighbours(honest)[0].indices.array().shape == (len(block), 3)
+
+
+# ---- DBSKMeans / SKMeans udm: the worker's labels and material are checked ------------------
+
+
+def test_a_dbskmeans_worker_cannot_choose_the_centroids_its_next_ope_image_is_taken_from() -> None:
+    """The DBSKMeans owner made the new centroids from the worker's labels and the
+    weighted columns it decrypted, and sent OPE(D - C_new) under a fresh key. A worker
+    that returned, instead, its own encryptions of far away values t and t + 1 (in one
+    record's slot of each of two clusters) had C_new = (t, t + 1): every entry of U for those
+    clusters fell in one OPE interval, where the map is affine, and the difference of the
+    two gave its scale, so the next update handed it D[x][j] - D[0][0] for every record
+    and attribute, to 1e-6. The owner now checks the labels against those the OPE image it
+    sent gives, and the decrypted values against its own data, before anything is used."""
+    from dms.mining.clustering import ClusterOwner, ClusterWorker
+    from dms.mining.schemes.ckks import CkksKeys
+
+    keys = CkksKeys.generate(128)
+    data = IRIS
+    n, a = data.shape
+    owner = ClusterOwner(
+        data, ClusteringParams(3, max_iterations=5), algorithm="dbskmeans", keys=keys
+    )
+    worker = ClusterWorker(owner.start())
+    answer = worker.round()
+    assert worker.context is not None
+    t = 1e5
+    labels = answer.labels.array()  # honest labels: only the weighted values lie
+    first, second = int(np.flatnonzero(labels == labels[0])[0]), int(np.argmax(labels != labels[0]))
+    near, far = int(labels[first]), int(labels[second])
+    chosen = np.zeros(n)
+    chosen[first], chosen[second] = t, t + 1  # C_new[near] = t, C_new[far] = t + 1
+    honest_level = np.ones(n).tolist()  # x 1.0 brings it to the level of an honest answer
+    crafted = (ts.ckks_vector(worker.context, chosen.tolist()) * honest_level).serialize()
+    answer.weighted = [[crafted] for _ in range(a)]
+    with pytest.raises(WorkerMisbehaved, match="shard 0: the weighted value of record"):
+        update = owner.receive(answer)
+        assert update.udm is not None
+        image = update.udm.array()
+        unit = np.median(image[:, far, :] - image[:, near, :])  # OPE's scale: the gap is 1
+        read = -(image[:, near, :] - image[0, near, 0]) / unit * owner.scale
+        leaked = np.allclose(read, data - data[0, 0], atol=1e-6)
+        assert not leaked, "the owner's data, up to one offset, read from the next OPE image"
+    assert owner.iteration == 0  # nothing of the lie was taken: a new worker redoes round 1
+    honest = ClusterWorker(owner.start()).round()
+    assert not owner.receive(honest).done
+
+
+def test_a_dbskmeans_worker_cannot_move_the_centroids_with_its_labels() -> None:
+    """Labels other than those the OPE image gives are refused too: a worker that put
+    one record alone in a cluster had that record for a centroid, and the next image's
+    signs compared every record with it."""
+    from dms.mining.arrays import NDArray
+    from dms.mining.clustering import ClusterOwner, ClusterWorker
+    from dms.mining.schemes.liu import LiuKey
+
+    owner = ClusterOwner(
+        IRIS,
+        ClusteringParams(3, max_iterations=5),
+        algorithm="dbskmeans",
+        scheme="liu",
+        keys=LiuKey.generate(128),
+    )
+    worker = ClusterWorker(owner.start())
+    answer = worker.round()
+    labels = answer.labels.array()
+    labels[77] = (labels[77] + 1) % 3
+    answer.labels = NDArray.of(labels)
+    with pytest.raises(WorkerMisbehaved, match="shard 0: the label of record 77"):
+        owner.receive(answer)
+    assert owner.iteration == 0
+
+
+def test_a_liu_worker_cannot_have_its_chosen_shift_decrypted_into_the_centroids() -> None:
+    """With Liu the owner took C_new = C_old - Dec(shift) for any shift the worker sent,
+    e.g. 1000 times a record's ciphertext: the next OPE image compared every record with
+    that chosen multiple. The decrypted shift is now checked against the owner's own."""
+    from dms.mining.arrays import NDArray
+    from dms.mining.clustering import ClusterOwner, ClusterWorker
+    from dms.mining.schemes.liu import LiuKey
+
+    owner = ClusterOwner(
+        IRIS,
+        ClusteringParams(3, max_iterations=5),
+        algorithm="dbskmeans",
+        scheme="liu",
+        keys=LiuKey.generate(128),
+    )
+    worker = ClusterWorker(owner.start())
+    answer = worker.round()
+    assert answer.shift is not None
+    shift = answer.shift.array()
+    shift[0] = worker.encrypted[0] * -1000.0  # C_new[0] = C_old[0] + 1000 x D[0]
+    answer.shift = NDArray.of(shift)
+    with pytest.raises(WorkerMisbehaved, match="shard 0: the shift"):
+        owner.receive(answer)
+    assert owner.iteration == 0
+
+
+def test_a_dbskmeans_worker_placed_again_gets_the_image_its_predecessor_had() -> None:
+    """Each OPE image of U under a fresh key is one more view of the same values: with
+    the map piecewise linear, images whose breakpoints fall in different places join into
+    |U| up to one scale. A worker that dropped (or a set of peers that took turns) had
+    the owner encrypt the round's U again under a new key at each placement. A worker
+    placed again mid-round now gets the image already made for that shard and round."""
+    from dms.mining.clustering import ClusterOwner, ClusterWorker
+
+    owner = ClusterOwner(
+        IRIS,
+        ClusteringParams(3, max_iterations=5, shards=2),
+        algorithm="dbskmeans",
+        scheme="ckks",
+        keys=KEYS,
+    )
+    first = [owner.start(i) for i in range(2)]
+    again = owner.start(1)
+    assert again.udm == first[1].udm  # the same bytes: nothing new to a second peer
+    workers = [ClusterWorker(s) for s in first]
+    updates = owner.receive_shards([w.round() for w in workers])
+    replaced = owner.start(0)  # placed again after round 1: the image of round 2
+    assert updates[0].udm is not None and replaced.udm == updates[0].udm
+    assert replaced.iteration == 1

@@ -10,8 +10,11 @@ Message flow (``specs/mining.md``)::
     max_iterations rounds, the ones after convergence dummy (U of the final centroids
     under fresh keys, answers checked and ignored), so the end is fixed in advance.
 
-U[x][y] = D[x] - C[y]; each round the worker assigns by U, the owner turns the
-worker's ciphertexts into the new centroids, and U += S keeps U = D - C_new.
+U[x][y] = D[x] - C[y]; each round the worker assigns by U, the owner checks its
+labels against the U it holds and its ciphertexts against the owner's own data, takes
+the new centroids as its own data's means under those labels (nothing the worker
+chose reaches them: a DBSKMeans worker that did had the next OPE image compare the
+data with centroids of its choosing), and U += S keeps U = D - C_new.
 DBSKMeans departs from the reference, which adds FDH-OPE(S) to FDH-OPE(U):
 OPE is not additive, the error builds up round after round, and on Iris the
 agreement with k-means fell to a median ARI of 0.6. Re-encrypting U = D - C
@@ -20,7 +23,7 @@ median ARI of 0.94-0.97 (see specs/mining.md); the worker sees one OPE image of
 U per round under unrelated keys instead of images it could correlate.
 
 With CKKS the worker multiplies each packed column by per-record weights
-1/|C_label| and the owner folds the slots after decryption: no rotations, and
+1/|C_label| and the owner decrypts and checks every slot: no rotations, and
 the owner learns nothing it did not already know (its own data and the labels).
 """
 
@@ -36,7 +39,7 @@ from pydantic import BaseModel
 
 from dms.mining.arrays import NDArray
 from dms.mining.distance import Distance
-from dms.mining.errors import MiningError
+from dms.mining.errors import MiningError, WorkerMisbehaved
 from dms.mining.plain import (
     ClusteringOutcome,
     ClusteringParams,
@@ -51,6 +54,12 @@ from dms.mining.schemes.fdhope import OpeKey
 from dms.mining.schemes.liu import LiuKey
 
 Algorithm = Literal["skmeans", "dbskmeans"]
+
+# A decrypted weighted value may differ from the owner's by CKKS noise (~1e-7 at the
+# 128 parameters, values within [-1, 1]); a lie must move it by more than this.
+WEIGHTED_TOLERANCE = 1e-4
+# Liu decrypts to float64 rounding (~1e-12 relative); the same margin.
+SHIFT_TOLERANCE = 1e-6
 Scheme = Literal["liu", "ckks"]
 
 
@@ -127,9 +136,15 @@ class ClusterOwner:
         self.answered = 0  # rounds the workers answered (DBSKMeans: dummy ones included)
         self.timings = {"keygen": 0.0, "encrypt": 0.0, "decrypt": 0.0}
         self.shards = shard_rows(data.shape[0], shards)
-        # Liu, several shards: each worker's encrypted centroids follow its own shard's
-        # means; the owner mirrors them in the clear to recover those means.
+        # Liu: each worker's encrypted centroids follow its own shard's means; the owner
+        # mirrors them in the clear to check the shift it decrypts.
         self._local_centroids = [self.centroids.copy() for _ in self.shards]
+        # What each shard's worker holds as U this round, bit for bit (SKMeans: the U it
+        # was sent plus every shift since; DBSKMeans: the OPE image): its labels must be
+        # the argmin of it, or a worker would choose the centroids (``_labels_of``).
+        self._sent: list[np.ndarray | None] = [None] * len(self.shards)
+        # DBSKMeans: the OPE image of this round's U each shard was given (``start``).
+        self._images: list[NDArray | None] = [None] * len(self.shards)
 
     @property
     def iteration(self) -> int:
@@ -155,13 +170,19 @@ class ClusterOwner:
         self.timings["keygen"] += time.perf_counter() - began
         began = time.perf_counter()
         rows = self.data[self.shards[shard]]
+        # DBSKMeans: a worker placed again mid-round gets the image its predecessor had,
+        # never a new one: each image under a fresh key is one more view of the same U.
+        udm = self._images[shard] or self._udm(rows)
+        if self.algorithm == "dbskmeans":
+            self._images[shard] = udm
+        self._sent[shard] = udm.array()
         message = ClusterStart(
             algorithm=self.algorithm,
             scheme=self.scheme,
             distance=self.distance,
             k=self.k,
             iteration=self.iteration,
-            udm=self._udm(rows),
+            udm=udm,
         )
         if isinstance(self.keys, CkksKeys):
             message.context = self.keys.public_context_bytes()
@@ -178,21 +199,34 @@ class ClusterOwner:
         return self.receive_shards([message])[0]
 
     def receive_shards(self, messages: list[ClusterRound]) -> list[ClusterUpdate]:
-        """Every shard's round, in shard order: the new centroids from their partial
-        results, and the update for each shard's worker."""
+        """Every shard's round, in shard order: the new centroids, and the update for each
+        shard's worker.
+
+        A worker is an active adversary (DESIGN decision 13), and what it returns decides
+        the centroids that the next U (OPE(D - C_new) for DBSKMeans, the shift S for
+        SKMeans) is taken from. So before anything is used: each shard's labels must be
+        the argmin of the U its worker holds (the owner kept it, ``_sent``), and what the
+        owner decrypts (weighted columns, or the Liu shift) must be what its own data and
+        those labels give. The centroids are then the means of the owner's own data under
+        those labels, in the clear: nothing the worker chose reaches them. Any failure is
+        ``WorkerMisbehaved`` naming the shard, with the owner's state unchanged."""
         if len(messages) != len(self.shards):
             raise MiningError(f"{len(messages)} rounds for {len(self.shards)} shards")
         began = time.perf_counter()
-        parts = [self._labels_of(m, rows) for m, rows in zip(messages, self.shards, strict=True)]
-        self.answered += 1
-        if self.fixed_schedule and self.converged:  # a dummy round: checked, not used
+        parts = [self._labels_of(m, i) for i, m in enumerate(messages)]
+        if self.fixed_schedule and self.converged:  # a dummy round: labels checked, not used
+            self.answered += 1
             return self._next_updates(None)
         labels = np.concatenate(parts)
+        new = update_centroids(self.data, labels, self.centroids)
         if isinstance(self.keys, CkksKeys):
-            new = self._ckks_centroids(messages, parts, labels)
+            self._check_weighted(messages, parts)
+            local = self._local_centroids
         else:
-            new = self._liu_centroids(messages, parts)
+            local = self._check_shifts(messages, parts)
         self.timings["decrypt"] += time.perf_counter() - began
+        self.answered += 1
+        self._local_centroids = local
         shift = self.centroids - new
         change = centroid_change(self.centroids, new)
         self.changes.append(change)
@@ -206,69 +240,147 @@ class ClusterOwner:
             return [ClusterUpdate(done=True) for _ in self.shards]
         if self.algorithm == "dbskmeans":
             began = time.perf_counter()
-            updates = [ClusterUpdate(done=False, udm=self._udm(self.data[s])) for s in self.shards]
+            updates = []
+            for i, s in enumerate(self.shards):
+                udm = self._udm(self.data[s])
+                self._images[i] = udm
+                self._sent[i] = udm.array()
+                updates.append(ClusterUpdate(done=False, udm=udm))
             self.timings["encrypt"] += time.perf_counter() - began
             return updates
         assert shift is not None
+        for i, sent in enumerate(self._sent):
+            if sent is not None:  # the worker adds S to its U: the same float64 sums
+                self._sent[i] = sent + shift[None, :, :]
         return [ClusterUpdate(done=False, shift=NDArray.of(shift)) for _ in self.shards]
 
-    def _labels_of(self, message: ClusterRound, rows: slice) -> np.ndarray:
-        labels = message.labels.array().astype(np.int64)
+    def _labels_of(self, message: ClusterRound, shard: int) -> np.ndarray:
+        """Shard ``shard``'s labels: the right shape and range, and each the nearest
+        centroid of the U its worker holds (an equal distance, within float64's summation
+        order, may go either way)."""
+        rows = self.shards[shard]
+        try:
+            labels = message.labels.array()
+        except ValueError as exc:
+            raise WorkerMisbehaved(f"shard {shard}: labels: {exc}", shard) from None
         if (
-            labels.shape != (rows.stop - rows.start,)
+            labels.dtype.kind != "i"
+            or labels.shape != (rows.stop - rows.start,)
             or labels.min(initial=0) < 0
             or labels.max(initial=0) >= self.k
         ):
-            raise MiningError("worker returned labels of the wrong shape or range")
+            raise WorkerMisbehaved(f"shard {shard}: labels of the wrong shape or range", shard)
+        labels = labels.astype(np.int64)
+        sent = self._sent[shard]
+        if sent is None:
+            raise MiningError(f"shard {shard} answered before it was started")
+        dist = self.distance.reduce(sent)
+        low = dist.min(axis=1)
+        picked = dist[np.arange(len(labels)), labels]
+        slack = 1e-9 * np.maximum(np.abs(dist).max(axis=1), 1e-300)
+        wrong = np.flatnonzero(picked > low + slack)
+        if len(wrong):
+            raise WorkerMisbehaved(
+                f"shard {shard}: the label of record {int(wrong[0]) + rows.start} is not the "
+                f"nearest centroid of the U it holds ({len(wrong)} such labels)",
+                shard,
+            )
         return labels
 
-    def _ckks_centroids(
-        self, messages: list[ClusterRound], parts: list[np.ndarray], labels: np.ndarray
-    ) -> np.ndarray:
-        """Slot x holds D[x][j] / |C_label(x)| counted within its shard: the owner folds
-        the slots per label, rescaling each shard's local counts to the global ones."""
+    def _check_weighted(self, messages: list[ClusterRound], parts: list[np.ndarray]) -> None:
+        """CKKS: slot x of column j must decrypt to D[x][j] / |C_label(x)| (counted in its
+        shard). Every ciphertext's count and slots are checked before any is decrypted;
+        every value after (the owner decrypts them all anyway)."""
         assert isinstance(self.keys, CkksKeys)
-        new = self.centroids.copy()
-        counts = np.bincount(labels, minlength=self.k)
-        sums = np.zeros((self.k, self.data.shape[1]))
-        for message, part in zip(messages, parts, strict=True):
-            if message.weighted is None or len(message.weighted) != self.data.shape[1]:
-                raise MiningError("worker sent no weighted columns, or the wrong number")
+        a = self.data.shape[1]
+        for shard, (message, part) in enumerate(zip(messages, parts, strict=True)):
+            rows = self.shards[shard]
+            pieces = chunk_slices(rows.stop - rows.start, self.keys.slots)
+            grid = message.weighted
+            if (
+                not isinstance(grid, list)
+                or len(grid) != a
+                or any(not isinstance(c, list) or len(c) != len(pieces) for c in grid)
+            ):
+                raise WorkerMisbehaved(
+                    f"shard {shard}: weighted columns must be {a} x {len(pieces)} ciphertexts",
+                    shard,
+                )
+            vectors = [
+                [self._open(raw, piece, shard) for raw, piece in zip(column, pieces, strict=True)]
+                for column in grid
+            ]
             local = np.bincount(part, minlength=self.k)
-            for j, chunks in enumerate(message.weighted):
-                column = np.concatenate([self.keys.decrypt(c) for c in chunks])
-                if column.shape[0] < len(part):
-                    raise MiningError("worker sent weighted columns shorter than its shard")
-                column = column[: len(part)]
-                if len(self.shards) > 1:
-                    column = column * local[part]
-                sums[:, j] += np.bincount(part, weights=column, minlength=self.k)
-        if len(self.shards) > 1:
-            sums[counts > 0] /= counts[counts > 0, None]
-        new[counts > 0] = sums[counts > 0]
-        return new
+            want = self.data[rows] / local[part][:, None]
+            for j, column in enumerate(vectors):
+                got = np.concatenate([self.keys.decrypt(v) for v in column])
+                off = np.abs(got - want[:, j])
+                tol = WEIGHTED_TOLERANCE * max(1.0, float(np.abs(want[:, j]).max(initial=0.0)))
+                if off.size and float(off.max()) > tol:
+                    x = int(off.argmax())
+                    raise WorkerMisbehaved(
+                        f"shard {shard}: the weighted value of record {x + rows.start}, "
+                        f"attribute {j} is off by {float(off[x]):.3g}: not what its data gives",
+                        shard,
+                    )
 
-    def _liu_centroids(self, messages: list[ClusterRound], parts: list[np.ndarray]) -> np.ndarray:
+    def _open(self, raw: object, piece: slice, shard: int) -> ts.CKKSVector:
+        """One ciphertext of a worker's weighted column, parsed, not decrypted: a CKKS
+        vector of this context holding the chunk's records, no more."""
+        assert isinstance(self.keys, CkksKeys)
+        if not isinstance(raw, bytes):
+            raise WorkerMisbehaved(f"shard {shard}: weighted columns: not bytes", shard)
+        try:
+            vector = ts.ckks_vector_from(self.keys.context, raw)
+            parts = vector.data.ciphertext()
+        except Exception as exc:
+            raise WorkerMisbehaved(
+                f"shard {shard}: weighted columns: not a CKKS ciphertext of this context "
+                f"({type(exc).__name__})",
+                shard,
+            ) from None
+        if len(parts) != 1 or vector.size() != piece.stop - piece.start:
+            raise WorkerMisbehaved(
+                f"shard {shard}: weighted columns: a ciphertext of {vector.size()} slots, "
+                f"expected {piece.stop - piece.start}",
+                shard,
+            )
+        return vector
+
+    def _check_shifts(
+        self, messages: list[ClusterRound], parts: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        """Liu: each worker moved its encrypted centroids to its shard's means under its
+        labels; its Enc(S) must decrypt to the owner's mirror of that move. Returns the
+        mirrors' new values."""
         assert isinstance(self.keys, LiuKey)
-        for message in messages:
-            if message.shift is None or message.shift.shape[:2] != [self.k, self.data.shape[1]]:
-                raise MiningError("worker sent no encrypted shift, or one of the wrong shape")
-        if len(self.shards) == 1:
-            return self.centroids - self.keys.decrypt(messages[0].shift.array())  # type: ignore[union-attr]
-        # Each worker moved its encrypted centroids to its own shard's means: recover
-        # those, then weigh them by the shard's cluster sizes.
-        weighted = np.zeros_like(self.centroids)
-        counts = np.zeros(self.k)
-        for i, (message, part) in enumerate(zip(messages, parts, strict=True)):
-            assert message.shift is not None
-            local_new = self._local_centroids[i] - self.keys.decrypt(message.shift.array())
-            self._local_centroids[i] = local_new
-            local = np.bincount(part, minlength=self.k)
-            weighted += local[:, None] * local_new
-            counts += local
-        new = self.centroids.copy()
-        new[counts > 0] = weighted[counts > 0] / counts[counts > 0, None]
-        return new
+        want_shape = (self.k, self.data.shape[1], self.keys.m)
+        moved = []
+        for shard, (message, part) in enumerate(zip(messages, parts, strict=True)):
+            try:
+                shift = message.shift.array() if message.shift is not None else None
+            except ValueError as exc:
+                raise WorkerMisbehaved(f"shard {shard}: the shift: {exc}", shard) from None
+            if shift is None or shift.shape != want_shape or shift.dtype.kind != "f":
+                raise WorkerMisbehaved(
+                    f"shard {shard}: the shift must be an encrypted {self.k} x "
+                    f"{self.data.shape[1]} matrix",
+                    shard,
+                )
+            old = self._local_centroids[shard]
+            new = update_centroids(self.data[self.shards[shard]], part, old)
+            got = self.keys.decrypt(shift)
+            want = old - new
+            off = np.abs(got - want)
+            tol = SHIFT_TOLERANCE * max(1.0, float(np.abs(old).max(initial=0.0)))
+            if not np.all(np.isfinite(got)) or float(off.max(initial=0.0)) > tol:
+                raise WorkerMisbehaved(
+                    f"shard {shard}: the shift decrypts to other values than its data and "
+                    f"labels give (off by {float(np.nanmax(off, initial=0.0)):.3g})",
+                    shard,
+                )
+            moved.append(new)
+        return moved
 
     def _udm(self, rows: np.ndarray) -> NDArray:
         """U = D - C, in the clear for SKMeans, under a fresh FDH-OPE key for DBSKMeans."""

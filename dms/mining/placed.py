@@ -107,6 +107,10 @@ class Driver:
     def start(self, shard: int) -> bytes | None:
         return None
 
+    def opening(self, shard: int) -> tuple[int, bytes | None]:
+        """Shard ``shard``'s opening message and the step whose state it holds."""
+        return self.iteration, self.start(shard)
+
     def request(self, shard: int, worker_at: int) -> tuple[str, bytes]:
         raise NotImplementedError
 
@@ -189,12 +193,22 @@ class ClusterDriver(Driver):
 
     def start(self, shard: int) -> bytes | None:
         """Shard ``shard``'s opening message at the current step."""
-        assert self.owner is not None
         with self._lock:
-            at, raw = self._starts.pop(shard, (-1, b""))
-            if at == self.iteration:
-                return raw
-            return encode(self.owner.start(shard))
+            return self._start(shard)
+
+    def _start(self, shard: int) -> bytes:
+        assert self.owner is not None
+        at, raw = self._starts.pop(shard, (-1, b""))
+        if at == self.iteration:
+            return raw
+        return encode(self.owner.start(shard))
+
+    def opening(self, shard: int) -> tuple[int, bytes | None]:
+        """The opening message and its step, read together: a step combined between the
+        two would have the worker, holding the new step's state, sent that step's
+        update again (a U shifted twice)."""
+        with self._lock:
+            return self.iteration, self._start(shard)
 
     def request(self, shard: int, worker_at: int) -> tuple[str, bytes]:
         """A worker that started at the current step needs no update; one a step

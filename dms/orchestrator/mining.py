@@ -289,8 +289,7 @@ class MiningSessionActor(DeploymentActor):
         assert peer is not None
 
         def build() -> tuple[SessionCall, int, int]:
-            at = driver.iteration
-            raw = driver.start(shard.index)
+            at, raw = driver.opening(shard.index)
             if raw is None:  # nothing to ship first (plaintext jobs send data with 'run')
                 return SessionCall(op="start"), at, 0
             body, context = split_context(raw)

@@ -139,11 +139,12 @@ class ClusterOwner:
         # Liu: each worker's encrypted centroids follow its own shard's means; the owner
         # mirrors them in the clear to check the shift it decrypts.
         self._local_centroids = [self.centroids.copy() for _ in self.shards]
-        # What each shard's worker holds as U this round, bit for bit (SKMeans: the U it
-        # was sent plus every shift since; DBSKMeans: the OPE image): its labels must be
+        # What each shard's worker holds as U this round, bit for bit: its labels must be
         # the argmin of it, or a worker would choose the centroids (``_labels_of``).
+        # SKMeans: the U it was sent plus every shift since.
         self._sent: list[np.ndarray | None] = [None] * len(self.shards)
-        # DBSKMeans: the OPE image of this round's U each shard was given (``start``).
+        # DBSKMeans: the OPE image of this round's U each shard was given; a worker
+        # placed again mid-round gets the same (``start``).
         self._images: list[NDArray | None] = [None] * len(self.shards)
 
     @property
@@ -174,8 +175,9 @@ class ClusterOwner:
         # never a new one: each image under a fresh key is one more view of the same U.
         udm = self._images[shard] or self._udm(rows)
         if self.algorithm == "dbskmeans":
-            self._images[shard] = udm
-        self._sent[shard] = udm.array()
+            self._images[shard] = udm  # the image is what the worker holds: kept once
+        else:
+            self._sent[shard] = udm.array()
         message = ClusterStart(
             algorithm=self.algorithm,
             scheme=self.scheme,
@@ -205,7 +207,7 @@ class ClusterOwner:
         A worker is an active adversary (DESIGN decision 13), and what it returns decides
         the centroids that the next U (OPE(D - C_new) for DBSKMeans, the shift S for
         SKMeans) is taken from. So before anything is used: each shard's labels must be
-        the argmin of the U its worker holds (the owner kept it, ``_sent``), and what the
+        the argmin of the U its worker holds (the owner kept it), and what the
         owner decrypts (weighted columns, or the Liu shift) must be what its own data and
         those labels give. The centroids are then the means of the owner's own data under
         those labels, in the clear: nothing the worker chose reaches them. Any failure is
@@ -244,7 +246,6 @@ class ClusterOwner:
             for i, s in enumerate(self.shards):
                 udm = self._udm(self.data[s])
                 self._images[i] = udm
-                self._sent[i] = udm.array()
                 updates.append(ClusterUpdate(done=False, udm=udm))
             self.timings["encrypt"] += time.perf_counter() - began
             return updates
@@ -271,7 +272,8 @@ class ClusterOwner:
         ):
             raise WorkerMisbehaved(f"shard {shard}: labels of the wrong shape or range", shard)
         labels = labels.astype(np.int64)
-        sent = self._sent[shard]
+        image = self._images[shard]
+        sent = image.array() if image is not None else self._sent[shard]
         if sent is None:
             raise MiningError(f"shard {shard} answered before it was started")
         dist = self.distance.reduce(sent)

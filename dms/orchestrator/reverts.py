@@ -5,8 +5,9 @@ stopped, everything a deployment may hold when it ends). Sent once and lost,
 it left the lease held until it expired, and a committed one for ever. Here a
 revert is an invoke; any reply is its acknowledgement (``released``, or a
 refusal: the provider handled it), and only no reply at all (``timeout``,
-``unreachable``, a send that fails) or a store that could not take it
-(``store_refused``: busy, "ask again later"; it released nothing) sends it again,
+``unreachable``, a send that fails) or an answer that says it was not handled
+yet (``store_refused``: the store was busy; ``rate_limited``: over the provider's
+admission budgets; ``outbox_full``: the stream's queue was full) sends it again,
 after 1, 2, 4 ... up to 30 seconds, for at most ``horizon_s``. The node actor owns the outbox, so a
 revert outlives the deployment that asked for it.
 """
@@ -27,10 +28,20 @@ from dms.store import STORE_REFUSED
 log = logging.getLogger("dms.orchestrator")
 
 RETRY = Backoff(first_s=1.0, max_s=30.0)
-# Answers that are no acknowledgement: the revert is sent again. A provider whose store
-# was busy (another process held it locked past store_wait_s) released nothing; taken
-# for an acknowledgement, its allocation ran on and its lease stayed allocated.
-UNANSWERED = frozenset({ErrorCode.TIMEOUT.value, ErrorCode.UNREACHABLE.value, STORE_REFUSED})
+# Answers that are no acknowledgement: the revert is sent again. Each says the provider
+# did not handle it (yet): its store was busy (another process held it locked past
+# store_wait_s), its admission budgets were spent (a deployment's many reverts at once),
+# or the frame never left. Taken for an acknowledgement, the allocation ran on and its
+# lease stayed allocated.
+UNANSWERED = frozenset(
+    {
+        ErrorCode.TIMEOUT.value,
+        ErrorCode.UNREACHABLE.value,
+        ErrorCode.RATE_LIMITED.value,
+        ErrorCode.OUTBOX_FULL.value,
+        STORE_REFUSED,
+    }
+)
 
 
 class Reverts:

@@ -91,3 +91,24 @@ def test_fdhope_preserves_order_of_magnitudes_and_sign(values: np.ndarray) -> No
     magnitudes, ciphers = np.abs(values)[order], np.abs(cipher)[order]
     strictly = np.diff(magnitudes) > 1e-6
     assert np.all(np.diff(ciphers)[strictly] > 0)
+
+
+@pytest.mark.parametrize("level", [128, 192, 256])
+def test_udm_skmeans_at_every_security_level_equals_plain_kmeans(level: int) -> None:
+    """A product by a plaintext (the worker's weights) decrypts to the product at every
+    level: at 256 the scale was 2^60 over 50-bit primes, and every
+    weighted column came back 2^10 too large (wrong centroids, or the owner's
+    checks refusing every honest answer)."""
+    from pathlib import Path
+
+    from dms.mining import run_clustering
+    from dms.mining.data import read_table
+    from dms.mining.plain import ClusteringParams
+    from dms.mining.schemes import new_keys
+
+    iris = read_table(Path("examples/iris-features.csv").resolve()).features
+    keys = new_keys("ckks", level)
+    plain = run_clustering("kmeans", iris, ClusteringParams(3))
+    udm = run_clustering("skmeans", iris, ClusteringParams(3), keys=keys, protocol="udm")
+    assert udm.labels == plain.labels
+    assert np.allclose(udm.centroids, plain.centroids, atol=1e-4)

@@ -9,7 +9,7 @@ TenSEAL (``dms.mining.schemes.ckks`` makes the contexts from them).
 LEVELS: dict[int, tuple[int, int, list[int]]] = {
     128: (8192, 40, [60, 40, 40, 60]),
     192: (16384, 40, [60, 40, 40, 40, 60]),
-    256: (32768, 60, [60, 50, 50, 50, 60]),
+    256: (32768, 40, [60, 40, 40, 40, 60]),
 }
 # Values handed to CKKS are scaled by the data owner into [-1, 1]: with a 2^40
 # scale and a 60-bit first prime, magnitudes up to 2^19 are safe, and products

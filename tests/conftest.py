@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import compileall
 import os
+import signal
 import sys
 import threading
 import time
@@ -27,6 +28,14 @@ NodeFactory = Callable[..., ActorSystem]
 # "Unreliable test timings" (an example of 0.23 ms took 303 ms).
 settings.register_profile("dms", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("dms")
+
+# A suite started with Ctrl-C ignored (a background job of a shell without job
+# control, nohup-like launchers) passed SIG_IGN on to every process it started, and
+# a dms command then never saw the Ctrl-C its tests send: the Ctrl-C tests of
+# test_readable_cli.py waited out their timeouts. A handler, unlike SIG_IGN, is not
+# inherited across exec: each child starts with the default and Python's own.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_configure(config: pytest.Config) -> None:

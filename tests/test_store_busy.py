@@ -9,7 +9,10 @@ The node-level behaviour (its thread bounded by ``store_wait_s``) is tested in
 
 from __future__ import annotations
 
+import re
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +25,9 @@ from sqlalchemy.pool import NullPool
 from dms.files import sqlite_path
 from dms.resources import ResourceLedger, Resources
 from dms.store import Database, StoreBusy, StoreError, open_database
-from dms.store.db import _driver_url
+from dms.store.db import PG_MAX_OVERFLOW, PG_POOL_SIZE, _driver_url
 from tests import pgserver
+from tests.conftest import wait_for
 from tests.test_store_failures import locked_by_another_process
 
 
@@ -178,3 +182,124 @@ def test_a_transaction_its_caller_refuses_keeps_the_connection_for_the_next(
         conn.execute(insert, {"key": "fresh"})
     assert len(checkouts) == 1
     db.close()
+
+
+def _waited(refusal: StoreBusy) -> float:
+    """The wait a refusal reports: "... (waited 0.51 s)"."""
+    match = re.search(r"\(waited ([0-9.]+) s\)", str(refusal))
+    assert match, refusal
+    return float(match.group(1))
+
+
+def test_a_transaction_waits_its_bound_once_for_the_writer_lock_and_the_file_together(
+    tmp_path: Path,
+) -> None:
+    """A bounded transaction waited its whole bound for this process's writer lock (its
+    holder in its own BEGIN, waiting for a file another process holds), then its whole
+    bound again for the file: 3 s allowed, 5.5 s waited, "waited 3 s" said. One deadline
+    for both now, and the refusal says what it really waited; the metric counts each
+    refusal's wait once."""
+    path = tmp_path / "dms.db"
+    db = open_database(f"sqlite:///{path}")
+    refusals: list[StoreBusy] = []
+
+    def first() -> None:
+        with pytest.raises(StoreBusy) as refused:
+            count_leases(db, wait_s=2.5)
+        refusals.append(refused.value)
+
+    with locked_by_another_process(path, 120) as holder:
+        holding = threading.Thread(target=first)
+        holding.start()
+        wait_for(lambda: db._beginning, 10, "the first transaction to wait in its BEGIN")
+        started = time.monotonic()
+        with db.waiting_at_most(3.0), pytest.raises(StoreBusy) as refused:
+            count_leases(db)
+        elapsed = time.monotonic() - started
+        holding.join(30)
+        assert holder.poll() is None
+    said = _waited(refused.value)
+    assert said <= 3.0 + 0.5, refused.value  # its bound held, writer lock and file together
+    assert abs(elapsed - said) < 1.0, (elapsed, refused.value)  # and it says what it waited
+    [first_refusal] = refusals
+    assert db.busy_refusals == 2
+    assert db.busy_waited_s == pytest.approx(said + _waited(first_refusal), abs=0.02)
+    db.close()
+
+
+def _pg_url(url: str) -> str:
+    if sqlite_path(url) is not None:
+        pytest.skip("PostgreSQL's pool and connections")
+    return url
+
+
+def test_a_transaction_finding_every_pooled_connection_taken_is_refused_busy(url: str) -> None:
+    """PostgreSQL: with every connection of the pool (5 + 10 overflow) held by this
+    process's other transactions, a bounded transaction waited SQLAlchemy's pool_timeout
+    (30 s, one for every thread), then failed with its TimeoutError, no StoreBusy: the
+    node's thread froze and the request got ``handler_error``. It waits its own bound
+    for a connection now, then is refused StoreBusy; one let go serves it."""
+    db = open_database(_pg_url(url))
+    held = PG_POOL_SIZE + PG_MAX_OVERFLOW
+    let_go = threading.Event()
+    opened = threading.Semaphore(0)
+
+    def hold() -> None:
+        with db.transaction() as conn:
+            conn.execute(text("SELECT 1"))
+            opened.release()
+            let_go.wait(120)
+
+    holders = [threading.Thread(target=hold) for _ in range(held)]
+    for thread in holders:
+        thread.start()
+    try:
+        for _ in range(held):
+            assert opened.acquire(timeout=60)
+        answer: list[BaseException | int] = []
+
+        def bounded() -> None:
+            try:
+                with db.waiting_at_most(0.5):
+                    answer.append(count_leases(db))
+            except BaseException as exc:
+                answer.append(exc)
+
+        asking = threading.Thread(target=bounded)
+        asking.start()
+        asking.join(20)  # before: 30 s in the pool's wait
+        assert answer, "a bounded transaction still waits for a pooled connection"
+        [refusal] = answer
+        assert isinstance(refusal, StoreBusy), refusal
+        assert "every connection of its pool is in use" in str(refusal)
+    finally:
+        let_go.set()
+        for thread in holders:
+            thread.join(30)
+    assert count_leases(db, wait_s=0.5) == 0
+    db.close()
+
+
+def test_a_database_server_that_never_answers_is_refused_busy_in_time() -> None:
+    """A PostgreSQL server that accepts connections and never answers (a hung server, a
+    firewall that drops): psycopg has no connect timeout of its own, so opening the
+    store (and any new pooled connection) waited for ever. Now a new connection is made
+    within ``PG_CONNECT_TIMEOUT_S`` (or what is left of its transaction's wait), else
+    StoreBusy saying the server did not answer."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        answer: list[BaseException | object] = []
+
+        def opening() -> None:
+            try:
+                answer.append(open_database(f"postgresql://u:p@127.0.0.1:{port}/dms"))
+            except BaseException as exc:
+                answer.append(exc)
+
+        thread = threading.Thread(target=opening, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert answer, "opening a store whose server never answers still waits"
+    [refusal] = answer
+    assert isinstance(refusal, StoreBusy), refusal
+    assert "did not answer a new connection in time" in str(refusal)

@@ -374,6 +374,21 @@ class NodeCollector(Collector):
         db = self.node.db
         if db is None:
             return
+        # Counted as they happen (the store keeps them), before the reads below, which a
+        # busy store may refuse.
+        busy = CounterMetricFamily(
+            "dms_store_busy",
+            "Store transactions refused because the store stayed busy past their wait "
+            "(another process holding it locked; store_refused).",
+        )
+        busy.add_metric([], db.busy_refusals)
+        yield busy
+        waited = CounterMetricFamily(
+            "dms_store_busy_wait_seconds",
+            "Seconds those refused transactions waited for the store, each counted once.",
+        )
+        waited.add_metric([], db.busy_waited_s)
+        yield waited
         with db.transaction() as conn:
             deployments = conn.execute(
                 select(DEPLOYMENTS.c.state, DEPLOYMENTS.c.created_at, DEPLOYMENTS.c.running_at)

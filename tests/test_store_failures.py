@@ -646,3 +646,62 @@ def test_a_mining_session_asked_while_the_store_refuses_is_refused_not_left_unan
         owner(requester, "/dms/node/mining/new", request)
     assert refused.value.code == "store_refused", refused.value
     assert "readonly" in refused.value.reason, refused.value
+
+
+def test_an_allocation_ending_while_another_process_locks_its_store_ends_at_once(
+    net: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job ends while another process holds its provider's store locked. The
+    allocation's actor released its lease at its end on its own thread, waiting SQLite's
+    30 s busy timeout: frozen meanwhile, its end reached the requester only after it
+    (not within 20 s), and its polls waited as long. It waits the node's store_wait_s now,
+    tells its end at once, and the node releases the lease once the store is let go:
+    none leaked, none released twice (the ledger's invariants hold)."""
+    requester, (provider,) = network(net, 1)
+    dep = deploy(requester, spec(params={"seconds": 6}))
+    wait_state(requester, dep, ("running",), 30)
+    with (
+        caplog.at_level(logging.WARNING, logger="dms"),
+        locked_by_another_process(provider.settings.home / "dms.db", 600) as holder,
+    ):
+        done = wait_state(requester, dep, TERMINAL, 20)
+        assert done["state"] == "completed", done["events"]
+        wait_for(
+            lambda: any(
+                "its lease is not released yet (the store is busy" in r.getMessage()
+                for r in caplog.records
+            ),
+            20,
+            "the allocation's end to have its release refused, the store busy",
+        )
+        assert allocated_on_disk(provider) == 1  # held, not lost: released once let go
+        assert holder.poll() is None
+    wait_for(lambda: live_leases([provider]) == 0, 60, "the lease to be released")
+    assert provider.ledger is not None and provider.ledger.pools().violations() == []
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+
+
+def test_a_deployment_whose_store_another_process_locks_answers_and_saves_its_end_later(
+    net: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The owner shuts a running deployment down while another process holds the
+    requester's store locked. The deployment's actor saved its end on its own thread,
+    waiting SQLite's 30 s busy timeout: the shutdown had no answer within 10 s. It
+    waits the node's store_wait_s now: the shutdown is answered, its events say the end
+    is not saved yet and why, the provider's lease goes back, and the end is saved once
+    the store is let go (a restart would not resume it)."""
+    requester, (provider,) = network(net, 1)
+    dep = deploy(requester, spec(params={"seconds": 600}))
+    wait_state(requester, dep, ("running",), 30)
+    with (
+        caplog.at_level(logging.WARNING, logger="dms"),
+        locked_by_another_process(requester.settings.home / "dms.db", 600) as holder,
+    ):
+        ended = owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
+        assert ended["state"] == "shutdown"
+        said = [e["what"] for e in ended["events"] if e["what"].startswith("not saved")]
+        assert said and "the store is busy" in said[0], ended["events"]
+        wait_for(lambda: live_leases([provider]) == 0, 30, "the provider's lease to go back")
+        assert holder.poll() is None
+    wait_for(lambda: status(requester, dep)["state"] == "shutdown", 60, "the end to be saved")
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []

@@ -14,8 +14,9 @@ from sqlalchemy import event
 
 from dms.orchestrator.records import BidRow
 from dms.orchestrator.store import DeploymentStore
-from dms.store import Database, open_database
+from dms.store import Database, StoreBusy, open_database
 from tests.conftest import wait_for
+from tests.test_store_failures import locked_by_another_process
 
 
 def row(i: int) -> dict[str, Any]:
@@ -112,3 +113,50 @@ def test_a_save_and_its_bids_are_one_write(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="NOT NULL"):
         store.save(bad, [BidRow("d2", "received", "peer-a", "w.0", "won", "won", "l-2", 1.0)])
     assert store.bids("d2") == []
+
+
+def test_saves_of_bounded_threads_still_share_a_transaction(tmp_path: Path) -> None:
+    """Deployments' threads wait for the store the node's store_wait_s at most now; a
+    bounded thread's save was a transaction of its own, never batched (9 commits here,
+    not 3): group commit is kept for them, within their bounds."""
+    db = open_database(f"sqlite:///{tmp_path / 'dms.db'}")
+    store = DeploymentStore(db)
+    commits: list[int] = []
+    event.listen(db.engine, "commit", lambda conn: commits.append(1))
+
+    def bounded_save(i: int) -> None:
+        with db.waiting_at_most(30):
+            store.save(row(i))
+
+    with held(db) as release:
+        commits.clear()
+        threads, errors = run_all([lambda i=i: bounded_save(i) for i in range(8)])
+        wait_for(lambda: store.group.waiting == 7, 30, "seven saves queued")
+        release.set()
+        for t in threads:
+            t.join(60)
+    assert len(commits) == 3
+    assert errors == {}
+    assert all(store.get(f"d{i}") is not None for i in range(8))
+
+
+def test_a_bounded_save_queued_behind_a_locked_file_leaves_the_queue_in_its_bound(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the file; a save of a thread without a bound leads a
+    transaction that waits for it. A bounded thread's save queued behind it leaves the
+    queue with StoreBusy within its bound (its write in no transaction), and the
+    leader's goes through once the file is let go."""
+    path = tmp_path / "dms.db"
+    db = open_database(f"sqlite:///{path}")
+    store = DeploymentStore(db)
+    with locked_by_another_process(path, 120):
+        leader, leader_errors = run_all([lambda: store.save(row(0))])
+        wait_for(lambda: db._beginning, 30, "the leader's transaction to wait for the file")
+        with db.waiting_at_most(0.5), pytest.raises(StoreBusy, match="another thread's"):
+            store.save(row(1))
+        assert store.group.waiting == 0
+    for t in leader:
+        t.join(60)
+    assert leader_errors == {}
+    assert store.get("d0") is not None and store.get("d1") is None

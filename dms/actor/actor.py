@@ -244,7 +244,18 @@ class Actor(pykka.ThreadingActor):
     def _start_actor_loop(self) -> None:
         """On a parked thread if there is one (``dms.actor.threads``): creating a thread,
         and waiting for it to run, cost more than the rest of a spawn."""
-        PARK.run(self._actor_loop, next_name(type(self).__name__))
+        PARK.run(self._bounded_loop, next_name(type(self).__name__))
+
+    def store_bound(self) -> contextlib.AbstractContextManager[Any]:
+        """What bounds this actor's thread's waits for the store, its whole life (start,
+        messages, stop): none here. An actor that saves state overrides it with its
+        store's ``waiting_at_most(store_wait_s)`` (specs/node.md, "A store another
+        process holds locked")."""
+        return contextlib.nullcontext()
+
+    def _bounded_loop(self) -> None:
+        with self.store_bound():
+            self._actor_loop()
 
     def on_receive(self, message: Any) -> Any:
         try:

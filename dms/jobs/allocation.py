@@ -196,8 +196,10 @@ class AllocationActor(Actor):
         resources: Resources | None = None,
         courier: Courier | None = None,
         autostart: bool = True,
+        store_bound: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
         super().__init__(context)
+        self._store_bound = store_bound
         self._autostart = autostart
         self.lease_id, self.deployment_id, self.slot = lease_id, deployment_id, slot
         self.executor_kind, self.params = executor, params
@@ -229,6 +231,13 @@ class AllocationActor(Actor):
         self._halt_reason = ""
 
     # ---- lifecycle -----------------------------------------------------------------
+
+    def store_bound(self) -> contextlib.AbstractContextManager[Any]:
+        """Its node's bound on this thread's waits for the store (its lease's release at
+        its end: ``Bidding._store_bound``)."""
+        if self._store_bound is None:
+            return contextlib.nullcontext()
+        return self._store_bound()
 
     def on_start(self) -> None:
         if self._autostart:

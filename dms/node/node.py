@@ -79,6 +79,7 @@ class NodeActor(Actor):
             orphan_s=s.orphan_s,
             ended_allocations_kept=s.ended_allocations_kept,
             ended_allocation_keep_s=s.ended_allocation_keep_s,
+            store_wait_s=s.store_wait_s,
         )
         self.provider = Provider(
             self,
@@ -98,6 +99,7 @@ class NodeActor(Actor):
             db=db,
             home=s.home,
             supervise_s=s.supervise_s,
+            store_wait_s=s.store_wait_s,
         )
         self.mining = MiningOwner(
             self,

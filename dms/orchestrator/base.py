@@ -30,7 +30,7 @@ from dms.orchestrator.slots import Deadlines, Slot
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
 from dms.orchestrator.store import DeploymentStore
 from dms.security.identity import public_key_from_peer_id
-from dms.store import StoreBusy
+from dms.store import STORE_RETRY, StoreBusy
 
 log = logging.getLogger("dms.orchestrator")
 
@@ -134,6 +134,10 @@ class Orchestration:
     # Told of each provider that started an allocation of ours (from the deployment's
     # thread): the node then has a stake in it (dms.node.stakes).
     on_placed: Callable[[str], None] | None = None
+    # The longest a deployment's thread waits for the store (the node's store_wait_s):
+    # a save past it is refused StoreBusy and tried again (DeploymentBook.save). None:
+    # SQLite's busy timeout.
+    store_wait_s: float | None = None
 
     @property
     def poll_s(self) -> float:
@@ -184,6 +188,11 @@ class DeploymentBook:
         self._dirty = False
         self._saved_as: tuple[Any, ...] = ()
         self._bids: list[BidRow] = []  # bid index rows, written with the next save
+        # A save the store refused: since when (monotonic), the next retry's wait, and
+        # whether one is due (one timer at a time).
+        self._unsaved_since: float | None = None
+        self._retry_s = STORE_RETRY.first_s
+        self._retry_due = False
 
     @property
     def state(self) -> DeploymentState:
@@ -220,13 +229,41 @@ class DeploymentBook:
         bids, self._bids = self._bids, []
         try:
             self.o.store.save(self.stored_row(), bids)
-        except Exception as exc:  # keep placing; the next transition saves again
+        except Exception as exc:  # keep placing; saved again soon, and at each transition
             self._bids = bids + self._bids  # and its bids with it
             if busy_raises and isinstance(exc, StoreBusy):
                 raise
             log.warning("deployment %s not saved (nor %d bid(s)): %s", self.id, len(bids), exc)
+            self._dirty = True  # what changed is still to save: no transition is lost
+            self._save_later(exc)
             return False
+        if self._unsaved_since is not None:
+            log.info("deployment %s saved again, after %.1f s unsaved", self.id,
+                     time.monotonic() - self._unsaved_since)  # fmt: skip
+            self._unsaved_since = None
+            self._retry_s = STORE_RETRY.first_s
         return True
+
+    def _save_later(self, exc: Exception) -> None:
+        """A save the store refused (busy past the thread's bound, or refusing) is tried
+        again on a timer, waiting longer each time (``STORE_RETRY``), until one takes it:
+        a slot's move saved by no later transition (a running job's, for an hour) was
+        lost to a restart. The first refusal is an event, the reason people see in the
+        deployment's status."""
+        if self._unsaved_since is None:
+            self._unsaved_since = time.monotonic()
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.event(f"not saved ({why}): saving again in {self._retry_s:g} s")
+        if self._retry_due:
+            return
+        self._retry_due = True
+        wait, self._retry_s = self._retry_s, STORE_RETRY.after(self._retry_s)
+        self.messenger.call_later(wait, self._save_again)
+
+    def _save_again(self) -> None:
+        self._retry_due = False
+        if self.changed():
+            self.save()
 
     def add_bids(self, rows: list[BidRow]) -> None:
         """Bid index rows, written in the transaction of the next save (a round's end

@@ -98,6 +98,17 @@ class DeploymentActor(Actor):
     def state(self) -> DeploymentState:
         return self.book.state
 
+    def store_bound(self) -> contextlib.AbstractContextManager[Any]:
+        """This deployment's thread waits for the store the node's ``store_wait_s`` at
+        most (another process holding it locked froze it 30 s a save): a save past it is
+        refused, noted in its events and tried again (``DeploymentBook.save``), its end
+        too (``_leave_when_saved``); its saves still share transactions with other
+        deployments' (``GroupCommit``)."""
+        wait = self.o.store_wait_s
+        if wait is None:
+            return contextlib.nullcontext()
+        return self.o.store.db.waiting_at_most(wait)
+
     # ---- hooks for subclasses (the sessions that drive their allocations) ----------------
 
     def resumable(self) -> bool:

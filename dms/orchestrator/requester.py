@@ -81,6 +81,7 @@ class Requester:
         db: Database | None = None,
         home: Path | None = None,
         supervise_s: float = 1.0,
+        store_wait_s: float | None = None,
     ) -> None:
         self.node = node
         self.deployments: dict[str, ActorRef] = {}  # the running ones, by id
@@ -91,6 +92,7 @@ class Requester:
                 store=DeploymentStore(db, home / "unsaved" if home else None),
                 on_end=self._deployment_ended,
                 supervise_s=supervise_s,
+                store_wait_s=store_wait_s,
                 revert=lambda peer, payload: node.ref.tell_call(self.reverts.send, peer, payload),
                 on_placed=on_placed,
             )

@@ -128,6 +128,7 @@ class Bidding:
         orphan_s: float = 15.0,
         ended_allocations_kept: int = 256,
         ended_allocation_keep_s: float = 120.0,
+        store_wait_s: float | None = None,
     ) -> None:
         self.node = node
         self.ledger = ledger
@@ -143,6 +144,7 @@ class Bidding:
         self.bid_request_burst_total = bid_request_burst_total
         self.unknown_share = unknown_share
         self.orphan_s = orphan_s
+        self.store_wait_s = store_wait_s  # an allocation's thread's bound (store_bound)
         self._bid_index = (
             (bid_index or BidIndex(db, stake=stakes.__contains__)) if db is not None else None
         )
@@ -413,6 +415,7 @@ class Bidding:
                 requester_host=requester,
                 reply_to=p.reply_to,
                 on_end=self._allocation_ended,
+                store_bound=self._store_bound,
                 requester_gone=lambda heard_at: self._requester_gone(requester, heard_at),
                 resources=lease.resources,
                 courier=self.courier,
@@ -469,9 +472,20 @@ class Bidding:
             return True
         return record.status == GONE and now - record.last_seen > orphan_s
 
+    def _store_bound(self) -> contextlib.AbstractContextManager[Any]:
+        """An allocation's thread waits for the store ``store_wait_s`` at most, as the
+        node's does: its lease's release at its end waited SQLite's 30 s on a file
+        another process held locked, the allocation's actor frozen meanwhile. Refused
+        now, and tried again on the node's thread (``_release_ended``)."""
+        ledger = self.ledger
+        if ledger is None or self.store_wait_s is None:
+            return contextlib.nullcontext()
+        return ledger.db.waiting_at_most(self.store_wait_s)
+
     def _allocation_ended(self, ended: EndedAllocation) -> None:
         """From the allocation's thread, before it stops: keep its final answers for
-        late polls (a record, not its thread) and give its resources back."""
+        late polls (a record, not its thread) and give its resources back (within the
+        thread's bound, ``_store_bound``; past it, again later)."""
         self._ended.add(ended)
         lease_id = ended.lease_id
         with self._alloc_lock:

@@ -60,7 +60,7 @@ PG_POOL_SIZE = 5  # SQLAlchemy's defaults, counted here (Database._pool_slot)
 PG_MAX_OVERFLOW = 10
 # While start-up waits for a locked store (waiting_until with a progress callback), it
 # says so this often.
-PROGRESS_EVERY_S = 2.0
+PROGRESS_EVERY_S = 2.5
 _T = TypeVar("_T")
 # A bounded transaction's wait for the file while the store was found busy and has not
 # begun one since: a try, not a wait (this process's writer lock is waited for as long as
@@ -315,7 +315,12 @@ class Database:
         """The refusal of a transaction that waited ``wait`` for the store: counted once,
         with the time it waited (writer lock, pool and file together)."""
         self._busy = True
-        waited = time.monotonic() - wait.started
+        return self.refuse_busy(wait.started, what)
+
+    def refuse_busy(self, started: float, what: str) -> StoreBusy:
+        """:class:`StoreBusy` for work that waited for the store since ``started``
+        (monotonic) and gave up: counted once, with that wait."""
+        waited = time.monotonic() - started
         with self._counts:
             self.busy_refusals += 1
             self.busy_waited_s += waited

@@ -15,28 +15,37 @@ write fails only its own caller.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection
 
 from dms.store.db import Database
+from dms.store.errors import StoreBusy
 
 Write = Callable[[Connection], Any]
 
 
 class _Waiting:
-    __slots__ = ("done", "error", "lead", "write")
+    __slots__ = ("bound", "done", "error", "lead", "write")
 
-    def __init__(self, write: Write) -> None:
+    def __init__(self, write: Write, bound: float | None) -> None:
         self.write = write
+        self.bound = bound  # how long its thread may wait for the store (None: no bound)
         self.done = threading.Event()
         self.lead = False  # woken to lead the next transaction, not because it is written
         self.error: BaseException | None = None
 
 
 class GroupCommit:
-    """Runs ``write(conn)`` calls of any thread inside shared transactions of ``db``."""
+    """Runs ``write(conn)`` calls of any thread inside shared transactions of ``db``.
+
+    A thread whose waits for the store are bounded (``Database.waiting_at_most``: the
+    node's, a deployment's) waits its bound at most, queue and transaction together: it
+    leaves the queue with :class:`StoreBusy` if no transaction took its write in time,
+    and a transaction with such a write in it waits for the store no longer than the
+    least bound of its writers (before, a bounded thread wrote alone, never batched)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -54,21 +63,14 @@ class GroupCommit:
     def run(self, write: Write) -> None:
         """Run ``write`` in a transaction, maybe beside other threads' writes; returns
         when it is committed, raises what it raised (or the commit's error)."""
-        if self.db.bounded:
-            # This thread may wait for the store only so long (the node's own thread,
-            # Database.waiting_at_most): a transaction of its own, never behind a batch
-            # another thread leads, which may wait for the store as long as it must.
-            self.transactions += 1
-            with self.db.transaction() as conn:
-                write(conn)
-            return
-        me = _Waiting(write)
+        me = _Waiting(write, self.db.thread_bound())
+        started = time.monotonic()
         with self._lock:
             self._queue.append(me)
             lead = not self._busy
             self._busy = True
         if not lead:
-            me.done.wait()
+            self._wait_turn(me, started)
             if not me.lead:
                 if me.error is not None:
                     raise me.error
@@ -80,22 +82,40 @@ class GroupCommit:
             following = self._queue[0] if self._queue else None
             if following is None:
                 self._busy = False
+            else:  # handed the lead under the lock: a writer leaving the queue sees it
+                following.lead = True
+                following.done.set()
         for waiting in batch:
             if waiting is not me:
                 waiting.done.set()
-        if following is not None:
-            following.lead = True
-            following.done.set()
         if me.error is not None:
             raise me.error
+
+    def _wait_turn(self, me: _Waiting, started: float) -> None:
+        """Until ``me`` is written or leads; within its bound while it is only queued."""
+        if me.bound is None or me.done.wait(me.bound):
+            me.done.wait()
+            return
+        with self._lock:
+            queued = not me.done.is_set() and me in self._queue
+            if queued:
+                self._queue.remove(me)
+        if queued:
+            raise self.db.refuse_busy(
+                started,
+                "another thread's transaction of this process waits for its database "
+                "(locked by another process, or connection)",
+            )
+        me.done.wait()  # in a transaction under way, bounded by its writers' least bound
 
     def _write(self, batch: list[_Waiting]) -> None:
         try:
             self._transaction(batch)
             return
         except BaseException as exc:
-            if len(batch) == 1:
-                batch[0].error = exc
+            if len(batch) == 1 or isinstance(exc, StoreBusy):  # busy for each of them
+                for waiting in batch:
+                    waiting.error = exc
                 return
         for waiting in batch:  # one write spoiled the batch: each alone, to know which
             try:
@@ -105,6 +125,8 @@ class GroupCommit:
 
     def _transaction(self, batch: list[_Waiting]) -> None:
         self.transactions += 1
-        with self.db.transaction() as conn:
+        bounds = [w.bound for w in batch if w.bound is not None]
+        bound = min(bounds) if bounds else None
+        with self.db.waiting_at_most(bound), self.db.transaction() as conn:
             for waiting in batch:
                 waiting.write(conn)

@@ -280,6 +280,14 @@ class Settings(BaseSettings):
         "open); past it a peer's request is refused store_refused (the store is busy), "
         "the owner's command fails saying so, and timed work (lease expiry) tries again",
     )
+    store_start_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="longest dms run waits, all its start-up together, for a store another "
+        "process holds locked (saying so every few seconds meanwhile); past it the node "
+        "does not start, and says why",
+    )
     retention_s: float = Field(
         default=7 * 24 * 3600.0,
         ge=60,

@@ -25,7 +25,9 @@ later (specs/node.md, "A store another process holds locked").
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -42,10 +44,14 @@ from dms.orchestrator.mining_owner import MiningOwner
 from dms.orchestrator.requester import Requester
 from dms.provider.bidding import Bidding
 from dms.provider.onboarding import Benchmark, Provider
-from dms.store import STORE_RETRY
+from dms.store import STORE_RETRY, StoreError
 from dms.store.retention import prune
 
-__all__ = ["BROADCAST_TOPIC", "NodeActor"]
+__all__ = ["BROADCAST_TOPIC", "STARTED", "NodeActor"]
+
+# Asked of the node actor (pykka's ask) by Node.start: answered once on_start is done;
+# an actor whose on_start failed is dead (its reason in ``start_error``).
+STARTED = "dms.node.started"
 
 log = logging.getLogger("dms.node")
 
@@ -151,14 +157,35 @@ class NodeActor(Actor):
         requester resumes its deployments (and the collaboration role the
         collaborations it kept); peering last, so the first heartbeat carries
         the provider's figures."""
-        self.caps.start()
-        self.public.start()
-        self.provider.start()
-        self.bidding.start()
-        self.requester.start()
-        self.collab.start()  # after the requester: a kept collaboration places again
-        self.peering.start()
+        s = self.services
+        until = None if s.store_start_deadline is None else s.store_start_deadline
+        waiting = (
+            s.db.waiting_until(max(0.0, until - time.monotonic()), s.store_progress)
+            if s.db is not None and until is not None
+            else contextlib.nullcontext()
+        )
+        # Start-up's store work (expiry, the restored record, resumed deployments) waits
+        # for a store another process holds locked until start-up's deadline at most
+        # (store_start_wait_s, with dms run's own): past it the node does not start, and
+        # Node.start says why (specs/node.md, "Start-up on a locked store").
+        try:
+            with waiting:
+                self.caps.start()
+                self.public.start()
+                self.provider.start()
+                self.bidding.start()
+                self.requester.start()
+                self.collab.start()  # after the requester: a kept collaboration places again
+                self.peering.start()
+        except StoreError as exc:
+            s.start_error = exc  # what Node.start says
+            raise
         self.call_later(self.services.prune_every_s, self._prune)
+
+    def on_message(self, message: Any) -> Any:
+        if message == STARTED:  # Node.start asks, once on_start is done
+            return True
+        return super().on_message(message)
 
     def on_receive(self, message: Any) -> Any:
         """Every message within the store's bound (see the module docstring)."""
@@ -170,10 +197,14 @@ class NodeActor(Actor):
 
     def stopping(self) -> None:
         """Work in the pool is abandoned, the revocation checks stop, and peers hear
-        this node leave (its children stop after this)."""
+        this node leave (its children stop after this). Within the store's bound: the
+        peers' last flush waits for a store another process holds locked
+        ``store_wait_s`` at most, as every message does."""
         self._pool.shutdown()
         self.caps.stop()
-        self.peering.stop()
+        db, wait_s = self.services.db, self.services.store_wait_s
+        with db.waiting_at_most(wait_s) if db is not None else contextlib.nullcontext():
+            self.peering.stop()
 
     # ---- what the roles get from the node (dms.actor.runtime.NodeRuntime) -------------
 

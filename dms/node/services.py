@@ -6,6 +6,7 @@ in-memory transport in unit tests, where there is no store or libp2p host.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,11 @@ class NodeServices:
     ended_allocation_keep_s: float = 120.0  # ... this long after their end
     peer_forget_s: float = 3600.0  # drop a peer from the peers table once gone this long
     store_wait_s: float | None = 0.5  # longest the node's thread waits for the store
+    # Start-up (the node actor's on_start) waits for the store until this (monotonic) at
+    # most, telling ``store_progress(waited_s)`` as it waits; None: SQLite's busy timeout.
+    store_start_deadline: float | None = None
+    store_progress: Callable[[float], None] | None = None
+    start_error: BaseException | None = None  # why the node actor's on_start failed
     retention_s: float = 7 * 24 * 3600.0  # prune rows of bids, events, ended leases after
     prune_every_s: float = 600.0  # how often the node prunes them
     supervise_s: float = 1.0  # how often a requester checks its running allocations

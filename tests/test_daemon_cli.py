@@ -70,9 +70,10 @@ def test_two_daemons_peers_ping_and_remote_invoke(homes: tuple[Path, Path]) -> N
         assert addr.endswith(f"/p2p/{first.info['peer_id']}")
         second = Daemon(two, "--bootstrap", addr)
 
-        # /health on the recorded loopback port names this home's node.
+        # /health on the recorded loopback port names this home's node (30 s: the answer
+        # is the test's; the node may be busy with the second daemon's arrival).
         port = json.loads((one / "api.json").read_text())["port"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as response:
             health = json.load(response)
         assert health["peer_id"] == first.info["peer_id"] and health["status"] == "running"
         assert {"node_id", "did", "version", "uptime_s"} <= set(health)
@@ -153,7 +154,7 @@ def test_a_daemon_keeps_its_start_heap_out_of_full_collections(homes: tuple[Path
             f"http://127.0.0.1:{port}/metrics",
             headers={TOKEN_HEADER: token_file(one).read_text().strip()},
         )
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=30) as response:
             text = response.read().decode()
     finally:
         assert daemon.stop() == 0

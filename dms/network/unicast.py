@@ -240,18 +240,27 @@ class Unicast(Discovery):
             # A peer that grants no window holds a write for ever: past stream_idle_s
             # the stream counts as broken (retried once, below). One cancel scope for
             # the loop, its deadline set around each write: a scope entered and left
-            # per write cost the trio thread more than the rest of the loop.
-            with trio.CancelScope() as stall:
-                while batch := await outbound.outbox.take():
-                    stall.deadline = trio.current_time() + self.settings.stream_idle_s
-                    try:
-                        await outbound.stream.write(b"".join(batch))
-                    except Exception as exc:
-                        failed = exc
-                        break
-                    finally:
-                        stall.deadline = math.inf
-                    outbound.retry = False
+            # per write cost the trio thread more than the rest of the loop. A deadline
+            # that passed as a write was done (in the shielded turn ending a socket's
+            # send) still cancelled the scope for good: it is then left for a new one,
+            # or the next write, or the wait for it, was cancelled and the stream broken.
+            spent = True
+            while spent:
+                spent = False
+                with trio.CancelScope() as stall:
+                    while batch := await outbound.outbox.take():
+                        stall.deadline = trio.current_time() + self.settings.stream_idle_s
+                        try:
+                            await outbound.stream.write(b"".join(batch))
+                        except Exception as exc:
+                            failed = exc
+                            break
+                        finally:
+                            stall.deadline = math.inf
+                        outbound.retry = False
+                        if stall.cancel_called:
+                            spent = True
+                            break
             if stall.cancelled_caught:
                 self.refusals[Budget.WRITE_STALLED] += 1
                 failed = NetworkError(

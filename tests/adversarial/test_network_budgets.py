@@ -1149,3 +1149,83 @@ def test_a_peer_heard_through_its_heartbeat_keeps_its_address_when_fresh_keys_fi
 
     hello = victim.node.ask(root_of(honest.identity), "/public/hello", timeout=20)
     assert hello["peer_id"] == honest.peer_id
+
+
+class _ReadLate:
+    """A stream whose peer grants the first write its window just before the writer's
+    deadline, the send then done just past it (in the turn trio's send gives back)."""
+
+    class _Conn:
+        is_closed = False
+
+    muxed_conn = _Conn()
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.first_started = trio.Event()
+        self.window = trio.Event()
+
+    async def write(self, data: bytes) -> None:
+        # As a trio socket's send: cancellable before, a shielded turn of the loop after.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self.written:
+            self.first_started.set()
+            await self.window.wait()
+            time.sleep(0.4)  # the process descheduled as it sends: past the deadline
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        self.written.append(data)
+
+
+@pytest.mark.parametrize("queued", [True, False], ids=["next-write", "waiting"])
+def test_a_write_done_as_its_deadline_comes_neither_breaks_the_stream_nor_stalls_the_next(
+    queued: bool,
+) -> None:
+    """The writer's one cancel scope is cancelled for good once its deadline passes,
+    even when the write it timed was done (its deadline passed in the shielded turn that
+    ends a trio socket's send, a loaded machine's pause): the next write was cancelled
+    at its first checkpoint, or the writer's wait for one, and a stream that read
+    everything was counted write_stalled, closed, and its last batch (already written)
+    sent again on a fresh one."""
+    from dms.network.host import Libp2pTransport
+    from dms.network.outbox import Outbox
+    from dms.network.unicast import _Outbound
+
+    idle = 0.5
+    transport = Libp2pTransport(Identity.generate(), NetworkSettings(stream_idle_s=idle))
+    lost: list[str] = []
+    transport._undeliverable = lambda frame, reason: lost.append(reason)
+    peer = Identity.generate().peer_id
+    stream = _ReadLate()
+    redialed: list[str] = []
+
+    async def no_redial(pid: str) -> Any:
+        redialed.append(pid)
+        raise NetworkError("not redialed here")
+
+    transport._outbound_to = no_redial  # type: ignore[method-assign]
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            transport._nursery = nursery
+            transport._thread_ident = threading.get_ident()
+            outbound = _Outbound(peer, stream, Outbox(16, 1024 * 1024))  # type: ignore[arg-type]
+            transport._outbound[peer] = outbound
+            nursery.start_soon(transport._write_loop, outbound)
+            transport.send(peer, b"first")
+            await stream.first_started.wait()
+            await trio.sleep(idle - 0.2)
+            stream.window.set()  # the write goes on, done just past its deadline
+            if queued:
+                transport.send(peer, b"second")
+            await trio.sleep(0.1)
+            if not queued:
+                transport.send(peer, b"second")
+            await trio.sleep(0.1)
+            assert transport._outbound.get(peer) is outbound and outbound.usable
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    assert transport.refusals[Budget.WRITE_STALLED] == 0
+    assert redialed == [] and lost == []
+    sent = b"".join(stream.written)
+    assert sent.count(b"first") == 1 and sent.count(b"second") == 1

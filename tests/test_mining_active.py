@@ -573,3 +573,52 @@ def test_a_dbskmeans_worker_placed_again_gets_the_image_its_predecessor_had() ->
     replaced = owner.start(0)  # placed again after round 1: the image of round 2
     assert updates[0].udm is not None and replaced.udm == updates[0].udm
     assert replaced.iteration == 1
+
+
+def test_a_dbskmeans_worker_gets_one_image_of_the_final_u_across_the_dummy_rounds() -> None:
+    """After k-means converged, each dummy round sent the final U under a fresh OPE key:
+    R - t images of one U, whose linear pieces, breakpoints elsewhere each time, join into
+    |U| across intervals. A dummy round now resends the image of the round before, byte
+    for byte (same size, same schedule), and a worker placed again during the dummy rounds
+    gets that same image. Real FDH-OPE keys, Iris, two shards, R well past convergence."""
+    from dms.mining.clustering import ClusterOwner, ClusterUpdate, ClusterWorker
+    from dms.mining.wire import encode
+
+    rounds = 12
+    owner = ClusterOwner(
+        IRIS,
+        ClusteringParams(3, max_iterations=rounds, shards=2),
+        algorithm="dbskmeans",
+        scheme="ckks",
+        keys=KEYS,
+    )
+    workers = [ClusterWorker(owner.start(i)) for i in range(2)]
+    sent: list[list[bytes]] = []  # per round: each shard's update, as it travels
+    converged_at = None
+    replaced = 0
+    while True:
+        updates = owner.receive_shards([w.round() for w in workers])
+        sent.append([encode(u) for u in updates])
+        if owner.converged and converged_at is None:
+            converged_at = owner.iteration
+        if updates[0].done:
+            break
+        for worker, update in zip(workers, updates, strict=True):
+            worker.update(update)
+        if converged_at is not None and owner.iteration == converged_at + 2:
+            again = owner.start(1)  # shard 1's worker placed again mid dummy rounds
+            assert again.udm == updates[1].udm  # its predecessor's image, the same bytes
+            workers[1] = ClusterWorker(again)
+            replaced += 1
+    assert len(sent) == rounds  # the announced schedule, done only in the last
+    assert converged_at is not None and converged_at <= rounds - 3, "no dummy rounds to look at"
+    assert replaced == 1
+    final = sent[converged_at - 1 : rounds - 1]  # the updates carrying OPE(D - C_final)
+    for shard in range(2):
+        images = {raw for raw in (r[shard] for r in final)}
+        assert len(images) == 1, f"shard {shard}: {len(images)} images of the final U"
+    sizes = {len(r[shard]) for r in sent[: rounds - 1] for shard in range(2)}
+    assert len(sizes) == 1  # every update of the job the same size, dummy or not
+    from dms.mining.wire import decode
+
+    assert [decode(ClusterUpdate, r[0]).done for r in sent] == [False] * (rounds - 1) + [True]

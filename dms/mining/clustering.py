@@ -7,8 +7,8 @@ Message flow (``specs/mining.md``)::
     owner  --ClusterUpdate--> worker    SKMeans: the decrypted shift S;
                                         DBSKMeans: U re-encrypted under a fresh FDH-OPE key
     ... until the owner says done: SKMeans when it converged; DBSKMeans after exactly
-    max_iterations rounds, the ones after convergence dummy (U of the final centroids
-    under fresh keys, answers checked and ignored), so the end is fixed in advance.
+    max_iterations rounds, the ones after convergence dummy (the last OPE image of U
+    sent again, answers checked and ignored), so the end is fixed in advance.
 
 U[x][y] = D[x] - C[y]; each round the worker assigns by U, the owner checks its
 labels against the U it holds and its ciphertexts against the owner's own data, takes
@@ -20,7 +20,8 @@ OPE is not additive, the error builds up round after round, and on Iris the
 agreement with k-means fell to a median ARI of 0.6. Re-encrypting U = D - C
 under a fresh key each round costs the owner O(n k a) per round and gives a
 median ARI of 0.94-0.97 (see specs/mining.md); the worker sees one OPE image of
-U per round under unrelated keys instead of images it could correlate.
+each U under unrelated keys instead of images it could correlate: a U that did not
+change (every dummy round) gets the image it had, byte for byte, never a new one.
 
 With CKKS the worker multiplies each packed column by per-record weights
 1/|C_label| and the owner decrypts and checks every slot: no rotations, and
@@ -86,7 +87,7 @@ class ClusterRound(BaseModel):
 class ClusterUpdate(BaseModel):
     done: bool
     shift: NDArray | None = None  # SKMeans: plaintext S = C_old - C_new, k x a
-    udm: NDArray | None = None  # DBSKMeans: FDH-OPE(D - C_new) under a fresh key, n x k x a
+    udm: NDArray | None = None  # DBSKMeans: FDH-OPE(D - C_new), n x k x a (``_image``)
 
 
 def shard_rows(n: int, shards: int) -> list[slice]:
@@ -143,9 +144,11 @@ class ClusterOwner:
         # the argmin of it, or a worker would choose the centroids (``_labels_of``).
         # SKMeans: the U it was sent plus every shift since.
         self._sent: list[np.ndarray | None] = [None] * len(self.shards)
-        # DBSKMeans: the OPE image of this round's U each shard was given; a worker
-        # placed again mid-round gets the same (``start``).
+        # DBSKMeans: the OPE image of this round's U each shard was given, and the
+        # centroids it was taken of. A worker placed again mid-round, and every round
+        # whose centroids did not change (the dummy rounds), gets the same (``_image``).
         self._images: list[NDArray | None] = [None] * len(self.shards)
+        self._imaged: list[np.ndarray | None] = [None] * len(self.shards)
 
     @property
     def iteration(self) -> int:
@@ -156,8 +159,9 @@ class ClusterOwner:
     @property
     def fixed_schedule(self) -> bool:
         """DBSKMeans runs max_iterations rounds whatever the workers return (DESIGN
-        decision 13): after convergence the owner sends U of the final centroids under
-        fresh keys and ignores the answers, so the end says nothing about the data.
+        decision 13): after convergence the owner sends the last OPE image of U again,
+        byte for byte, and ignores the answers, so the end says nothing about the data
+        (the repeat shows the worker when k-means converged: ``specs/mining.md``).
         SKMeans udm shows the worker U and every shift in the clear: it has no secret
         stopping point to keep."""
         return self.algorithm == "dbskmeans"
@@ -171,12 +175,10 @@ class ClusterOwner:
         self.timings["keygen"] += time.perf_counter() - began
         began = time.perf_counter()
         rows = self.data[self.shards[shard]]
-        # DBSKMeans: a worker placed again mid-round gets the image its predecessor had,
-        # never a new one: each image under a fresh key is one more view of the same U.
-        udm = self._images[shard] or self._udm(rows)
         if self.algorithm == "dbskmeans":
-            self._images[shard] = udm  # the image is what the worker holds: kept once
+            udm = self._image(shard)  # a worker placed again: its predecessor's image
         else:
+            udm = self._udm(rows)
             self._sent[shard] = udm.array()
         message = ClusterStart(
             algorithm=self.algorithm,
@@ -242,11 +244,9 @@ class ClusterOwner:
             return [ClusterUpdate(done=True) for _ in self.shards]
         if self.algorithm == "dbskmeans":
             began = time.perf_counter()
-            updates = []
-            for i, s in enumerate(self.shards):
-                udm = self._udm(self.data[s])
-                self._images[i] = udm
-                updates.append(ClusterUpdate(done=False, udm=udm))
+            updates = [
+                ClusterUpdate(done=False, udm=self._image(i)) for i in range(len(self.shards))
+            ]
             self.timings["encrypt"] += time.perf_counter() - began
             return updates
         assert shift is not None
@@ -383,6 +383,20 @@ class ClusterOwner:
                 )
             moved.append(new)
         return moved
+
+    def _image(self, shard: int) -> NDArray:
+        """DBSKMeans: the OPE image of shard ``shard``'s U = D - C. The one it already has
+        while the centroids are those it was taken of, bit for bit: a worker placed again
+        mid-round, every dummy round, and a round whose labels repeated (same means), so
+        a worker never holds two images of one U. Each image is under a fresh key, and OPE
+        is linear within its intervals: images of one U whose breakpoints fall in other
+        places join into |U| across intervals. Otherwise a new image, under a new key."""
+        image, of = self._images[shard], self._imaged[shard]
+        if image is not None and of is not None and np.array_equal(of, self.centroids):
+            return image
+        image = self._udm(self.data[self.shards[shard]])
+        self._images[shard], self._imaged[shard] = image, self.centroids.copy()
+        return image
 
     def _udm(self, rows: np.ndarray) -> NDArray:
         """U = D - C, in the clear for SKMeans, under a fresh FDH-OPE key for DBSKMeans."""

@@ -69,9 +69,10 @@ LEARNED: tuple[Learned, ...] = (
         ("dbskmeans",),
         "udm",
         ("liu", "ckks"),
-        "OPE(U) each round under a fresh key: the order of |U| entries within a round and "
-        "their signs, no values; the labels, cluster sizes and the ciphertexts of D; "
-        "max_iterations rounds whatever it returned",
+        "OPE(U) under a fresh key, one image of each U (every dummy round resends the "
+        "last): the order of |U| entries and their signs, and |U| within each OPE interval "
+        "up to an affine map; when k-means converged; the labels, cluster sizes and the "
+        "ciphertexts of D; max_iterations rounds whatever it returned",
         "labels, centroids",
     ),
     Learned(

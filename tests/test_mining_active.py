@@ -499,11 +499,9 @@ def test_a_dbskmeans_worker_cannot_choose_the_centroids_its_next_ope_image_is_ta
     assert not owner.receive(honest).done
 
 
-def test_a_dbskmeans_worker_cannot_move_the_centroids_with_its_labels() -> None:
-    """Labels other than those the OPE image gives are refused too: a worker that put
-    one record alone in a cluster had that record for a centroid, and the next image's
-    signs compared every record with it."""
-    from dms.mining.arrays import NDArray
+def liu_dbskmeans_first_round() -> tuple[Any, Any, Any]:
+    """A DBSKMeans owner on Iris with a Liu key, its worker, and the worker's honest
+    first answer (not yet received)."""
     from dms.mining.clustering import ClusterOwner, ClusterWorker
     from dms.mining.schemes.liu import LiuKey
 
@@ -515,7 +513,16 @@ def test_a_dbskmeans_worker_cannot_move_the_centroids_with_its_labels() -> None:
         keys=LiuKey.generate(128),
     )
     worker = ClusterWorker(owner.start())
-    answer = worker.round()
+    return owner, worker, worker.round()
+
+
+def test_a_dbskmeans_worker_cannot_move_the_centroids_with_its_labels() -> None:
+    """Labels other than those the OPE image gives are refused too: a worker that put
+    one record alone in a cluster had that record for a centroid, and the next image's
+    signs compared every record with it."""
+    from dms.mining.arrays import NDArray
+
+    owner, _, answer = liu_dbskmeans_first_round()
     labels = answer.labels.array()
     labels[77] = (labels[77] + 1) % 3
     answer.labels = NDArray.of(labels)
@@ -529,18 +536,8 @@ def test_a_liu_worker_cannot_have_its_chosen_shift_decrypted_into_the_centroids(
     e.g. 1000 times a record's ciphertext: the next OPE image compared every record with
     that chosen multiple. The decrypted shift is now checked against the owner's own."""
     from dms.mining.arrays import NDArray
-    from dms.mining.clustering import ClusterOwner, ClusterWorker
-    from dms.mining.schemes.liu import LiuKey
 
-    owner = ClusterOwner(
-        IRIS,
-        ClusteringParams(3, max_iterations=5),
-        algorithm="dbskmeans",
-        scheme="liu",
-        keys=LiuKey.generate(128),
-    )
-    worker = ClusterWorker(owner.start())
-    answer = worker.round()
+    owner, worker, answer = liu_dbskmeans_first_round()
     assert answer.shift is not None
     shift = answer.shift.array()
     shift[0] = worker.encrypted[0] * -1000.0  # C_new[0] = C_old[0] + 1000 x D[0]

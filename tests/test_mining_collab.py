@@ -27,6 +27,7 @@ from dms.mining.collab.messages import (
     Restore,
     RosterAccepted,
     RoundStart,
+    RoundTotals,
     UnmaskRequest,
 )
 from dms.mining.collab.simulate import Drop, Phase, run_collab
@@ -154,6 +155,19 @@ def _one_round(
         if relayed is not None:
             relayed[name] = shares
     return p, owners, agg
+
+
+def _summed_round(
+    relayed: dict[str, RosterAccepted],
+) -> tuple[Proposal, dict[str, CollabOwner], CollabAggregator, RoundStart, RoundTotals]:
+    """Round 1 run to its totals over all three owners (the totals sent to no one)."""
+    p, owners, agg = _one_round(relayed)
+    start = agg.start_round()
+    for owner in owners.values():
+        agg.receive_input(owner.contribute(start))
+    for name, request in agg.close_inputs().items():
+        agg.receive_unmask(owners[name].unmask(request))
+    return p, owners, agg, start, agg.finish_round()
 
 
 def test_a_malformed_or_replayed_contribution_is_refused_with_a_reason_never_summed() -> None:
@@ -403,13 +417,7 @@ def test_a_round_restarts_only_over_the_owners_it_began_with() -> None:
     saying so) with owner3 left out. The two totals' difference would be owner3's own
     statistics, so an owner refuses a restart whose live owners differ."""
     relayed: dict[str, RosterAccepted] = {}
-    p, owners, agg = _one_round(relayed)
-    start = agg.start_round()
-    for owner in owners.values():
-        agg.receive_input(owner.contribute(start))
-    for name, request in agg.close_inputs().items():
-        agg.receive_unmask(owners[name].unmask(request))
-    first = agg.finish_round()  # never sent to anyone
+    p, owners, _, start, first = _summed_round(relayed)  # first: never sent to anyone
     again = CollabAggregator(p)
     adverts = [o.advert() for o in owners.values()]
     accepted = list(relayed.values())
@@ -606,13 +614,7 @@ def test_a_claimed_dropout_after_a_summed_round_gives_no_sum_without_that_owner(
     without an owner once a round was summed: the owners refuse, and the aggregator ends
     the collaboration naming who did not send."""
     relayed: dict = {}
-    p, owners, agg = _one_round(relayed)
-    start = agg.start_round()
-    for owner in owners.values():
-        agg.receive_input(owner.contribute(start))
-    for name, request in agg.close_inputs().items():
-        agg.receive_unmask(owners[name].unmask(request))
-    first = agg.finish_round()
+    p, owners, agg, _, first = _summed_round(relayed)
     for owner in owners.values():
         owner.receive_totals(first)
     start = agg.start_round()

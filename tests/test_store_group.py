@@ -4,7 +4,7 @@ transaction, and each save still returns only once its own row is committed."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,23 +61,31 @@ def run_all(calls: list[Any]) -> tuple[list[threading.Thread], dict[int, BaseExc
     return threads, errors
 
 
-def test_saves_made_during_a_transaction_share_the_next_one(tmp_path: Path) -> None:
-    db = open_database(f"sqlite:///{tmp_path / 'dms.db'}")
-    store = DeploymentStore(db)
+def eight_saves_behind_a_held_lock(
+    db: Database, store: DeploymentStore, save: Callable[[int], None]
+) -> None:
+    """Eight threads ``save`` while another connection holds the writer lock: the first
+    waits for the lock, the other seven queue behind it, and the seven share one
+    transaction once it is let go (3 commits: the holder's, the first's, the seven's;
+    each its own would be 9)."""
     commits: list[int] = []
     event.listen(db.engine, "commit", lambda conn: commits.append(1))
     with held(db) as release:
         commits.clear()
-        threads, errors = run_all([lambda i=i: store.save(row(i)) for i in range(8)])
-        # The first save waits for the writer lock; the other seven queue behind it.
+        threads, errors = run_all([lambda i=i: save(i) for i in range(8)])
         wait_for(lambda: store.group.waiting == 7, 30, "seven saves queued")
         release.set()
         for t in threads:
             t.join(60)
-    # The holder's, the first save's, then one for the seven (each its own: 9).
     assert len(commits) == 3
     assert errors == {}
     assert all(store.get(f"d{i}") is not None for i in range(8))
+
+
+def test_saves_made_during_a_transaction_share_the_next_one(tmp_path: Path) -> None:
+    db = open_database(f"sqlite:///{tmp_path / 'dms.db'}")
+    store = DeploymentStore(db)
+    eight_saves_behind_a_held_lock(db, store, lambda i: store.save(row(i)))
 
 
 def test_a_write_that_fails_fails_only_its_caller(tmp_path: Path) -> None:
@@ -121,23 +129,12 @@ def test_saves_of_bounded_threads_still_share_a_transaction(tmp_path: Path) -> N
     not 3): group commit is kept for them, within their bounds."""
     db = open_database(f"sqlite:///{tmp_path / 'dms.db'}")
     store = DeploymentStore(db)
-    commits: list[int] = []
-    event.listen(db.engine, "commit", lambda conn: commits.append(1))
 
     def bounded_save(i: int) -> None:
         with db.waiting_at_most(30):
             store.save(row(i))
 
-    with held(db) as release:
-        commits.clear()
-        threads, errors = run_all([lambda i=i: bounded_save(i) for i in range(8)])
-        wait_for(lambda: store.group.waiting == 7, 30, "seven saves queued")
-        release.set()
-        for t in threads:
-            t.join(60)
-    assert len(commits) == 3
-    assert errors == {}
-    assert all(store.get(f"d{i}") is not None for i in range(8))
+    eight_saves_behind_a_held_lock(db, store, bounded_save)
 
 
 def test_a_bounded_save_queued_behind_a_locked_file_leaves_the_queue_in_its_bound(

@@ -141,9 +141,10 @@ def test_the_aggregator_sees_only_masked_inputs() -> None:
 
 def _one_round(
     relayed: dict[str, RosterAccepted] | None = None,
+    privacy: Privacy | None = None,
 ) -> tuple[Proposal, dict[str, CollabOwner], CollabAggregator]:
     parts = split(IRIS, 3)
-    p = proposal(IRIS, 3, k=3, rounds=2, threshold=2)
+    p = proposal(IRIS, 3, k=3, rounds=2, threshold=2, privacy=privacy)
     owners = {o: CollabOwner(p, o, x) for o, x in parts.items()}
     agg = CollabAggregator(p)
     for owner in owners.values():
@@ -159,9 +160,10 @@ def _one_round(
 
 def _summed_round(
     relayed: dict[str, RosterAccepted],
+    privacy: Privacy | None = None,
 ) -> tuple[Proposal, dict[str, CollabOwner], CollabAggregator, RoundStart, RoundTotals]:
     """Round 1 run to its totals over all three owners (the totals sent to no one)."""
-    p, owners, agg = _one_round(relayed)
+    p, owners, agg = _one_round(relayed, privacy)
     start = agg.start_round()
     for owner in owners.values():
         agg.receive_input(owner.contribute(start))
@@ -711,24 +713,9 @@ def test_under_privacy_a_restart_gives_no_second_noised_total_of_a_round() -> No
     restart drew fresh noise: the aggregator got two independently noised totals of one
     round (a lost aggregator is placed up to four times, the proposer's node restarts
     any number), and averaged the noise away. The restart now resends the same input."""
-    relayed: dict = {}
-    parts = split(IRIS, 3)
-    p = proposal(IRIS, 3, k=3, rounds=2, threshold=2,
-                 privacy=Privacy(epsilon=0.5, delta=1e-5, clip=10.0))  # fmt: skip
-    owners = {o: CollabOwner(p, o, x) for o, x in parts.items()}
-    agg = CollabAggregator(p)
-    for owner in owners.values():
-        agg.receive_advert(owner.advert())
-    roster = agg.roster()
-    for name, owner in owners.items():
-        relayed[name] = owner.receive_roster(roster)
-        agg.receive_accept(relayed[name])
-    start = agg.start_round()
-    for owner in owners.values():
-        agg.receive_input(owner.contribute(start))
-    for name, request in agg.close_inputs().items():
-        agg.receive_unmask(owners[name].unmask(request))
-    first = agg.finish_round()
+    relayed: dict[str, RosterAccepted] = {}
+    privacy = Privacy(epsilon=0.5, delta=1e-5, clip=10.0)
+    p, owners, _, _, first = _summed_round(relayed, privacy)
     totals = [first]
     for _ in range(3):
         again = _attack_round(p, relayed, 1, list(owners), owners)

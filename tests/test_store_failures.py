@@ -148,6 +148,26 @@ def test_a_deployment_ended_unsaved_before_a_restart_is_not_resumed(net: LocalCl
     wait_for(lambda: live_leases(peers) == 0, 30, "no lease left")
 
 
+def test_a_kept_end_that_is_not_a_whole_row_is_set_aside_and_the_node_starts(
+    net: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kept end the database cannot take (a column missing: edited by hand, or kept
+    by another version) was written first thing at start, and its KeyError failed every
+    start of the node. It is renamed ``.unreadable`` (nothing deleted) and said."""
+    (node,) = net.start(1)
+    home = node.settings.home
+    node.stop()
+    kept = home / "unsaved" / "deployment-d1.json"
+    kept.parent.mkdir(exist_ok=True)
+    kept.write_text('{"id": "d1", "state": "failed"}')
+    with caplog.at_level(logging.WARNING, logger="dms"):
+        node = net.restart(node)
+    assert node.system is not None and node.node is not None
+    assert not kept.exists() and kept.with_name(kept.name + ".unreadable").exists()
+    said = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+    assert said and "no " in said[0] and "name" in said[0], said
+
+
 def test_bids_received_while_the_store_refuses_are_indexed_once_it_accepts(
     net: LocalCluster,
 ) -> None:

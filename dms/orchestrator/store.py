@@ -168,9 +168,19 @@ class DeploymentStore:
         for path in sorted(self.unsaved_dir.glob("deployment-*.json")):
             try:
                 row = json.loads(path.read_text())
+                missing = [c for c in _COLUMNS if c not in row]
+                if missing:
+                    raise ValueError(f"no {', '.join(missing)}")
                 rows[row["id"]] = row
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("unreadable unsaved deployment end %s: %s", path.name, exc)
+                # Set aside, not deleted and not retried: a row the database cannot take
+                # (a column missing: edited by hand, or kept by another version) failed
+                # every start at the first write of the node's start-up.
+                aside = path.with_name(path.name + ".unreadable")
+                with contextlib.suppress(OSError):
+                    path.rename(aside)
+                log.warning("unsaved deployment end %s set aside as %s: %s", path.name,
+                            aside.name, exc)  # fmt: skip
         return rows
 
     def record_bids(self, rows: list[BidRow]) -> None:

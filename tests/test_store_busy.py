@@ -128,6 +128,31 @@ def test_once_a_bounded_transaction_found_the_store_busy_the_next_ones_only_prob
     assert [e.kind for e in db.events()] == ["test.free"]
 
 
+def _read_leases(db: Database) -> None:
+    with db.snapshot() as conn:
+        conn.execute(text("SELECT count(*) FROM leases")).scalar_one()
+
+
+@pytest.mark.parametrize(
+    "served", [lambda db: db.record("test.free"), _read_leases], ids=["session", "snapshot"]
+)
+def test_any_use_the_store_served_ends_the_probing(
+    url: str, db: Database, served: Callable[[Database], None]
+) -> None:
+    """Once the store was found busy, a thread's bounded transactions only try it until one
+    is served. On PostgreSQL only a bounded transaction ended that: after an ORM session or
+    a snapshot was served (the store free again), the node's transactions still waited
+    5 ms each, and a lock held for a moment (a row another session updates) refused them
+    StoreBusy. Any use the store served ends it now, on both stores."""
+    with held(url, 15) as holding:
+        with pytest.raises(StoreBusy):
+            count_leases(db, wait_s=0.2)
+        assert holding()
+    served(db)  # let go: a session, or a snapshot, is served
+    with held(url, 1.0), db.waiting_at_most(25):
+        assert count_leases(db) == 0  # waited for the moment's lock, not refused at once
+
+
 def test_a_transaction_nested_in_one_of_the_same_thread_is_part_of_it(tmp_path: Path) -> None:
     """SQLite: a transaction begun inside another of the same thread opened a second
     connection, whose ``BEGIN IMMEDIATE`` waited for the first, which waited for it: 30 s,

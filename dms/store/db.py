@@ -18,7 +18,8 @@ work): this process's other writers, then SQLite's busy timeout for its ``BEGIN
 IMMEDIATE`` (PostgreSQL: ``SET LOCAL lock_timeout``), else :class:`StoreBusy`. Once
 one bounded transaction found the store busy, those a thread's bound limits only try
 (``BUSY_PROBE_S``) until one begins: a node whose file another process holds locked
-refuses each request at once, not after the bound each. A transaction's wait is one
+refuses each request at once, not after the bound each (on PostgreSQL: until one
+session, snapshot or transaction ends served, bounded or not). A transaction's wait is one
 deadline for all of it (this process's writer lock, then the file; on PostgreSQL a pooled
 connection, then each lock), and :class:`StoreBusy` says how long it really waited.
 Start-up waits for a locked store until a deadline of its own, saying so as it waits
@@ -361,6 +362,7 @@ class Database:
                     if wait is not None and _busy_error(exc):
                         raise self._busy_now(wait, _PG_LOCKED) from None
                     raise
+            self._busy = False  # committed: every lock it needed was had (no more probing)
             return
         with (
             self._opened(session=True),
@@ -447,6 +449,7 @@ class Database:
                 if wait is not None and _busy_error(exc):
                     raise self._busy_now(wait, _PG_LOCKED) from None
                 raise
+            self._busy = False  # committed, bounded or not: the store served it
 
     @staticmethod
     def _pg_lock_timeout(conn: Connection, wait: _Wait) -> None:
@@ -583,6 +586,7 @@ class Database:
                         if wait is not None and _busy_error(exc):
                             raise self._busy_now(wait, _PG_LOCKED) from None
                         raise
+        self._busy = False  # read all it asked: the store served it (no more probing)
 
     def close(self) -> None:
         with self._writer:

@@ -725,3 +725,26 @@ def test_a_deployment_whose_store_another_process_locks_answers_and_saves_its_en
         assert holder.poll() is None
     wait_for(lambda: status(requester, dep)["state"] == "shutdown", 60, "the end to be saved")
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+
+
+def test_work_on_the_worker_pool_whose_store_another_process_locks_is_refused_in_its_bound(
+    net: LocalCluster,
+) -> None:
+    """The node's worker pool (slow work off the mailbox: a benchmark, an owner's plan)
+    waited SQLite's 30 s busy timeout on a file another process holds locked, then failed
+    ``handler_error`` ("database is locked"): the owner's capability benchmark, saved at
+    its end, had no answer within 25 s. It waits the node's ``store_wait_s`` at most now,
+    as the node's own messages do, and is refused ``store_refused``, the store busy."""
+    [node] = net.start(1)
+    assert node.node is not None
+    with locked_by_another_process(node.settings.home / "dms.db", 600) as holder:
+        with pytest.raises(RemoteError) as refused:
+            # No capability given: measured on the worker pool, then saved.
+            node.node.ask(node.node.handle, "/dms/node/onboarding/capability", {}, timeout=25)
+        _busy_refusal(refused.value)
+        assert holder.poll() is None
+    # Let go: measured and saved.
+    served = _served_once_let_go(
+        lambda: node.node.ask(node.node.handle, "/dms/node/onboarding/capability", {}, timeout=60)
+    )
+    assert served["seconds"]

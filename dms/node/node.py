@@ -60,7 +60,7 @@ class NodeActor(Actor):
     def __init__(self, context: ActorContext, services: NodeServices | None = None) -> None:
         super().__init__(context)
         self.services = s = services or NodeServices()
-        self._pool = WorkerPool(self.call_later)
+        self._pool = WorkerPool(self.call_later, self._work_bound)
         db = s.onboarder.db if s.onboarder is not None else None
         self.courier = open_courier(s.home, s.network, s.chunk_network, s.chunk_quota)
 
@@ -189,11 +189,18 @@ class NodeActor(Actor):
 
     def on_receive(self, message: Any) -> Any:
         """Every message within the store's bound (see the module docstring)."""
+        with self._work_bound():
+            return super().on_receive(message)
+
+    def _work_bound(self) -> contextlib.AbstractContextManager[Any]:
+        """The store's bound for the node's work, on the thread that enters it: its
+        messages, its worker pool's work (``store_wait_s``; none without a store). Not
+        ``Actor.store_bound``, which would bound start-up too: it has a deadline of its
+        own (``StartWait``)."""
         db, wait_s = self.services.db, self.services.store_wait_s
         if db is None or wait_s is None:
-            return super().on_receive(message)
-        with db.waiting_at_most(wait_s):
-            return super().on_receive(message)
+            return contextlib.nullcontext()
+        return db.waiting_at_most(wait_s)
 
     def stopping(self) -> None:
         """Work in the pool is abandoned, the revocation checks stop, and peers hear
@@ -202,8 +209,7 @@ class NodeActor(Actor):
         ``store_wait_s`` at most, as every message does."""
         self._pool.shutdown()
         self.caps.stop()
-        db, wait_s = self.services.db, self.services.store_wait_s
-        with db.waiting_at_most(wait_s) if db is not None else contextlib.nullcontext():
+        with self._work_bound():
             self.peering.stop()
 
     # ---- what the roles get from the node (dms.actor.runtime.NodeRuntime) -------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from dms.actor import ErrorCode, Request
@@ -19,8 +20,16 @@ class WorkerPool:
     """Slow work (network waits, benchmarks, reading data) off the node's mailbox; the
     answer goes out when it is done, so the mailbox never stalls."""
 
-    def __init__(self, call_later: Callable[[float, Callable[[], Any]], Any]) -> None:
+    def __init__(
+        self,
+        call_later: Callable[[float, Callable[[], Any]], Any],
+        store_bound: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    ) -> None:
+        """``store_bound()``: what each piece of work runs within (the node's
+        ``Database.waiting_at_most(store_wait_s)``): a store another process holds locked
+        refuses it ``store_refused`` in that bound, not after SQLite's 30 s."""
         self._call_later = call_later
+        self._store_bound = store_bound
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dms-node-work")
 
     def shutdown(self) -> None:
@@ -70,4 +79,8 @@ class WorkerPool:
                 else:
                     self._call_later(0.0, lambda: finish(result))
 
-        self._pool.submit(work).add_done_callback(done)
+        def bounded() -> Any:
+            with self._store_bound():
+                return work()
+
+        self._pool.submit(bounded).add_done_callback(done)

@@ -15,6 +15,7 @@ from dms.node.metrics import MAX_BEHAVIOURS, NodeMetrics
 from dms.sim.cluster import LocalCluster
 from tests.conftest import wait_for
 from tests.test_orchestrator import TERMINAL, deploy, network, owner, spec, wait_state
+from tests.test_store_failures import let_go, locked_by_another_process
 
 IRIS = Path("examples/iris-features.csv").resolve()
 
@@ -136,3 +137,24 @@ def test_behaviour_labels_are_bounded() -> None:
     counts = metrics.invokes()
     assert len({b for b, _ in counts}) == MAX_BEHAVIOURS + 2  # + "other" + "(unknown)"
     assert counts[("other", "ok")] == 50 and counts[("(unknown)", "unknown_behaviour")] == 1
+
+
+def test_a_scrape_while_another_process_locks_the_store_answers_without_its_figures(
+    net: LocalCluster,
+) -> None:
+    """A scrape read the store (the ledger's pools and leases, deployments, mining sessions)
+    waiting SQLite's 30 s busy timeout on a file another process holds locked: no answer
+    within 10 s, then a failed scrape. It waits the node's ``store_wait_s`` at most now and
+    answers without the store's figures, saying so (``dms_store_read`` 0), the busy
+    refusal counted; once let go, they are back."""
+    [node] = net.start(1)
+    with locked_by_another_process(node.settings.home / "dms.db", 600) as holder:
+        samples = scrape(node)
+        assert value(samples, "dms_store_read") == 0
+        assert "dms_leases" not in samples and "dms_deployments" not in samples
+        assert value(samples, "dms_store_busy_total") >= 1
+        assert value(samples, "dms_uptime_seconds") > 0  # the rest is there
+        assert holder.poll() is None
+        let_go(holder)
+    wait_for(lambda: value(scrape(node), "dms_store_read") == 1, 30, "the store's figures")
+    assert "dms_leases" in scrape(node)

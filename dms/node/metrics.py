@@ -12,6 +12,7 @@ a wrapper like ``dms.sim.faults.FaultyTransport``). Names: ``specs/metrics.md``.
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import time
 from collections import Counter
@@ -33,11 +34,12 @@ from dms import __version__
 from dms.actor.admission import BudgetUse
 from dms.actor.system import ActorSystem
 from dms.actor.transport import Receiver, Transport, Undeliverable
+from dms.config import Settings
 from dms.network.host import Libp2pTransport
 from dms.network.peertable import PeerTable
 from dms.provider.bidindex import BidIndex
 from dms.resources.ledger import ResourceLedger
-from dms.store import Database
+from dms.store import Database, StoreBusy
 from dms.store.models import DeploymentRecord, MiningSessionRecord
 
 
@@ -61,6 +63,11 @@ class Node(Protocol):
     def peer_table(self) -> PeerTable: ...
     @property
     def bid_index(self) -> BidIndex | None: ...
+    @property
+    def settings(self) -> Settings: ...
+
+
+log = logging.getLogger("dms.node")
 
 
 # Seconds from a deployment's request to its last allocation running.
@@ -178,9 +185,37 @@ class NodeCollector(Collector):
         yield from self._actors()
         yield from self._budgets()
         yield from self._network()
-        yield from self._resources()
-        yield from self._store()
+        figures = self._from_store()
+        yield from self._store_busy()  # after the reads: a refusal of this scrape counted
+        yield from figures
         yield from self._collector()
+
+    def _from_store(self) -> list[Metric]:
+        """The figures read from the store (the ledger's pools and leases, deployments,
+        mining sessions), within the node's ``store_wait_s``; none if the store stayed
+        busy that long (another process holding it locked): the scrape answers at once
+        without them, ``dms_store_read`` 0, rather than wait SQLite's 30 s."""
+        db = self.node.db
+        if db is None:
+            return list(self._resources())
+        try:
+            with db.waiting_at_most(self.node.settings.store_wait_s):
+                figures = [*self._resources(), *self._store()]
+        except StoreBusy as exc:
+            log.warning("/metrics: the store's figures are left out of this scrape: %s", exc)
+            figures, read = [], 0
+        else:
+            read = 1
+        return [
+            GaugeMetricFamily(
+                "dms_store_read",
+                "1: this scrape read the store's figures (dms_resources, dms_leases, "
+                "dms_deployments, dms_placement_seconds, dms_mining_*); 0: the store stayed "
+                "busy past store_wait_s and they are left out of it.",
+                read,
+            ),
+            *figures,
+        ]
 
     # ---- the process's garbage collector ----------------------------------------------
 
@@ -370,12 +405,11 @@ class NodeCollector(Collector):
             leases.add_metric([name], counts.get(name, 0))
         yield leases
 
-    def _store(self) -> Iterator[Metric]:
+    def _store_busy(self) -> Iterator[Metric]:
+        """Counted as they happen (the store keeps them): no read of the store."""
         db = self.node.db
         if db is None:
             return
-        # Counted as they happen (the store keeps them), before the reads below, which a
-        # busy store may refuse.
         busy = CounterMetricFamily(
             "dms_store_busy",
             "Store transactions refused because the store stayed busy past their wait "
@@ -389,6 +423,11 @@ class NodeCollector(Collector):
         )
         waited.add_metric([], db.busy_waited_s)
         yield waited
+
+    def _store(self) -> Iterator[Metric]:
+        db = self.node.db
+        if db is None:
+            return
         with db.transaction() as conn:
             deployments = conn.execute(
                 select(DEPLOYMENTS.c.state, DEPLOYMENTS.c.created_at, DEPLOYMENTS.c.running_at)

@@ -63,8 +63,12 @@ class Proposal(BaseModel):
         if not m // 2 < self.threshold <= m:
             raise ValueError(
                 f"threshold {self.threshold} with {m} owners: it must be more than half "
-                f"({m // 2 + 1}..{m}), or an aggregator that lies about who dropped could "
-                "collect both halves of an owner's masks"
+                f"({m // 2 + 1}..{m}). Each owner takes one set of live owners, of at least "
+                "the threshold, and opens self-mask shares for that set only; two such sets "
+                "share an owner only above half, so with less an aggregator could give "
+                "disjoint sets of owners different live lists and sum each apart, a "
+                "smaller crowd than all the owners (with two, each reads the other's "
+                "statistics)"
             )
         if self.init is Init.SUPPLIED:
             import numpy as np  # here, not at the top: a node that relays messages needs none

@@ -316,8 +316,8 @@ class CollabOwner:
 
     def snapshot(self) -> OwnerState:
         """Everything but the rows: taken after each message, before the answer leaves,
-        so a restarted owner never answers twice differently (never opens both halves of
-        one owner's masks in a round)."""
+        so a restarted owner never answers twice differently (never opens self-mask
+        shares for two different unmask requests of a round)."""
         return OwnerState(
             sign=masks.private_bytes(self._sign),
             c=masks.private_bytes(self._c),

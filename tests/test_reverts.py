@@ -8,6 +8,7 @@ and test_store_failures.py.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,13 @@ NOT_HANDLED = [
     ErrorCode.RATE_LIMITED.value,
     ErrorCode.OUTBOX_FULL.value,
     STORE_REFUSED,
+    # The provider's node actor was stopping: the revert waited in its queue, unhandled.
+    ErrorCode.STOPPED.value,
+    # Refused on the envelope's times before the behaviour ran (a queue delay, clocks
+    # apart): a retry is a fresh envelope.
+    ErrorCode.EXPIRED.value,
+    ErrorCode.CLOCK_SKEW.value,
+    ErrorCode.EXPIRY_TOO_FAR.value,
 ]
 
 
@@ -112,3 +120,29 @@ def test_a_revert_never_handled_is_given_up_after_the_horizon(
     assert provider.delays == [1.0, 2.0, 4.0, 8.0, 16.0]
     assert provider.attempts == 6
     assert counts(outbox) == (0, 0, 1)
+
+
+def test_clocks_apart_expire_every_retry_until_the_horizon_said_once_per_peer(
+    provider: ScriptedProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The provider's clock is ahead: every fresh envelope arrives expired. The outbox
+    # sends it again only until its horizon and warns once per peer, not per attempt.
+    provider.answers = [ErrorCode.EXPIRED.value]
+    outbox = Reverts(provider, horizon_s=60.0)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="dms.orchestrator"):
+        outbox.send(PEER, {"deployment": "d1"})
+        outbox.send(PEER, {"deployment": "d2"})
+    assert provider.attempts == 12
+    assert counts(outbox) == (0, 0, 2)
+    untimely = [r for r in caplog.records if "envelope's times" in r.getMessage()]
+    assert len(untimely) == 1 and "expired" in untimely[0].getMessage()
+    # Still unsaid until the peer acknowledges one; a later expiry is said again.
+    provider.answers, provider.attempts = [ErrorCode.EXPIRED.value, None], 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dms.orchestrator"):
+        outbox.send(PEER, {"deployment": "d3"})
+        assert not caplog.records
+        provider.answers, provider.attempts = [ErrorCode.EXPIRED.value, None], 0
+        outbox.send(PEER, {"deployment": "d4"})
+    assert counts(outbox) == (0, 2, 2)
+    assert sum("envelope's times" in r.getMessage() for r in caplog.records) == 1

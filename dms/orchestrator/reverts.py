@@ -7,9 +7,14 @@ revert is an invoke; any reply is its acknowledgement (``released``, or a
 refusal: the provider handled it), and only no reply at all (``timeout``,
 ``unreachable``, a send that fails) or an answer that says it was not handled
 yet (``store_refused``: the store was busy; ``rate_limited``: over the provider's
-admission budgets; ``outbox_full``: the stream's queue was full) sends it again,
-after 1, 2, 4 ... up to 30 seconds, for at most ``horizon_s``. The node actor owns the outbox, so a
-revert outlives the deployment that asked for it.
+admission budgets; ``outbox_full``: the stream's queue was full; ``stopped``: the
+provider's node actor was stopping; ``expired``, ``clock_skew``,
+``expiry_too_far``: refused on the envelope's times before any handling) sends it
+again, after 1, 2, 4 ... up to 30 seconds, for at most ``horizon_s``. A retry is
+a fresh envelope, so a queue delay passes; clocks that stay apart refuse every
+one until the horizon, said once per peer (a warning, again only after that peer
+acknowledged one) instead of each time. The node actor owns the outbox, so a revert
+outlives the deployment that asked for it.
 """
 
 from __future__ import annotations
@@ -31,16 +36,24 @@ RETRY = Backoff(first_s=1.0, max_s=30.0)
 # Answers that are no acknowledgement: the revert is sent again. Each says the provider
 # did not handle it (yet): its store was busy (another process held it locked past
 # store_wait_s), its admission budgets were spent (a deployment's many reverts at once),
-# or the frame never left. Taken for an acknowledgement, the allocation ran on and its
-# lease stayed allocated.
-UNANSWERED = frozenset(
-    {
-        ErrorCode.TIMEOUT.value,
-        ErrorCode.UNREACHABLE.value,
-        ErrorCode.RATE_LIMITED.value,
-        ErrorCode.OUTBOX_FULL.value,
-        STORE_REFUSED,
-    }
+# the frame never left, the provider's node actor was stopping (its queue answered
+# ``stopped``), or the envelope was refused on its times before the behaviour ran. Taken
+# for an acknowledgement, the allocation ran on and its lease stayed allocated.
+UNTIMELY = frozenset(
+    {ErrorCode.EXPIRED.value, ErrorCode.CLOCK_SKEW.value, ErrorCode.EXPIRY_TOO_FAR.value}
+)
+UNANSWERED = (
+    frozenset(
+        {
+            ErrorCode.TIMEOUT.value,
+            ErrorCode.UNREACHABLE.value,
+            ErrorCode.RATE_LIMITED.value,
+            ErrorCode.OUTBOX_FULL.value,
+            ErrorCode.STOPPED.value,
+            STORE_REFUSED,
+        }
+    )
+    | UNTIMELY
 )
 
 
@@ -57,6 +70,10 @@ class Reverts:
         self.pending = 0
         self.acknowledged = 0
         self.abandoned = 0
+        # Peers whose answer was refused on the envelope's times since their last
+        # acknowledgement (abandoned reverts too): warned about once, as clocks apart
+        # refuse every retry.
+        self.untimely: set[str] = set()
 
     def send(self, peer: str, payload: dict[str, Any]) -> None:
         """Revert at ``peer`` until it answers (call in the owning actor's thread)."""
@@ -85,9 +102,23 @@ class Reverts:
         if outcome.ok or (outcome.error is not None and outcome.error.code not in UNANSWERED):
             self.pending -= 1
             self.acknowledged += 1
+            self.untimely.discard(peer)
             return
         assert outcome.error is not None
-        self._again(peer, payload, attempt, first, outcome.error.reason)
+        code, why = outcome.error.code, outcome.error.reason
+        if code in UNTIMELY and peer not in self.untimely:
+            if len(self.untimely) >= self.max_pending:  # bounded: warned again at worst
+                self.untimely.clear()
+            self.untimely.add(peer)
+            log.warning(
+                "revert to %s refused on its envelope's times (%s: %s): a queue delay, or "
+                "the two nodes' clocks apart; sent again until %g s after the first",
+                peer,
+                code,
+                why,
+                self.horizon_s,
+            )
+        self._again(peer, payload, attempt, first, f"{code}: {why}")
 
     def _again(
         self, peer: str, payload: dict[str, Any], attempt: int, first: float, why: str

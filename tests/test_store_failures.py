@@ -668,6 +668,53 @@ def test_a_mining_session_asked_while_the_store_refuses_is_refused_not_left_unan
     assert "readonly" in refused.value.reason, refused.value
 
 
+def test_a_mining_session_whose_deployment_the_busy_store_refuses_leaves_no_placing_row(
+    net: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/dms/node/mining/new`` saves the session's row (``placing``), then starts the
+    session, whose deployment's first save raises when the store is busy: the command is
+    refused ``store_refused``, nothing starts, and the row was left ``placing`` for ever.
+    It is failed with the reason now, after the answer; a store still refusing that
+    write is asked again until it takes it. Scripted: the deployment's saves are refused
+    busy, and so is the first write of the failure."""
+    from dms.store import StoreBusy
+
+    requester = net.add()
+    owner(requester, "/dms/node/deployment/list")  # started: its mailbox is served
+    assert requester.node is not None
+    orchestration = requester.node.pykka_ref.proxy().requester.get(timeout=5).orchestration()
+    deployments = orchestration.store
+    save_mining, writes = deployments.save_mining, []
+
+    def busy(*_: Any) -> None:
+        raise StoreBusy("the store is busy (scripted)")
+
+    def second_refused(row: Any) -> None:
+        writes.append(row.phase)
+        if len(writes) == 2:
+            busy()
+        save_mining(row)
+
+    monkeypatch.setattr(deployments, "save", busy)
+    monkeypatch.setattr(deployments, "save_mining", second_refused)
+    data = str(Path("examples/iris-features.csv").resolve())
+    request = {"settings": {"algorithm": "kmeans", "scheme": "plain", "k": 3}, "data": data}
+    with pytest.raises(RemoteError) as refused:
+        owner(requester, "/dms/node/mining/new", request)
+    assert refused.value.code == "store_refused", refused.value
+    assert "busy" in refused.value.reason, refused.value
+
+    def rows() -> list[Any]:
+        with store(requester).transaction() as conn:
+            return list(conn.execute(text("SELECT id, phase, progress FROM mining_sessions")))
+
+    wait_for(lambda: len(writes) >= 3, 30, "the failure written once the store takes it")
+    [row] = rows()
+    assert row.phase == "failed", row
+    assert writes == ["placing", "failed", "failed"]
+    assert "did not start" in row.progress and "busy (scripted)" in row.progress, row
+
+
 def test_an_allocation_ending_while_another_process_locks_its_store_ends_at_once(
     net: LocalCluster, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -31,6 +31,7 @@ from dms.orchestrator.records import MiningRow
 from dms.orchestrator.requester import Sessions
 from dms.orchestrator.states import SessionPhase
 from dms.resources import Resources
+from dms.store import STORE_ERRORS, STORE_RETRY
 
 if TYPE_CHECKING:  # the owner's side (NumPy, TenSEAL) loads with its first job: ``_plan``
     from dms.mining.placed import Driver
@@ -203,21 +204,30 @@ class MiningOwner:
     def _start_session(self, planned: Any) -> dict[str, Any]:
         driver, spec, sizes, summary = planned
         session_id = new_deployment_id()
-        # The row exists before the reply, so a status asked at once finds it.
+        # The row exists before the reply, so a status asked at once finds it. Refused,
+        # the owner's command is refused with the store's reason, and nothing starts.
         self.sessions.orchestration().store.save_mining(
             MiningRow(session_id, summary["algorithm"], SessionPhase.PLACING.value)
         )
-        self.sessions.run(
-            MiningSessionActor,
-            session_id,
-            spec,
-            driver=driver,
-            courier=self.courier,
-            shard_rows=sizes,
-            summary=summary,
-            limits=self.limits,
-            path_to=self.network.path_to if self.network else None,
-        )
+        try:
+            self.sessions.run(
+                MiningSessionActor,
+                session_id,
+                spec,
+                driver=driver,
+                courier=self.courier,
+                shard_rows=sizes,
+                summary=summary,
+                limits=self.limits,
+                path_to=self.network.path_to if self.network else None,
+            )
+        except Exception as exc:
+            # Not started (its deployment's first save found the store busy, the owner's
+            # command refused saying so): the row saved above, left as it was, read
+            # ``placing`` for ever. It is failed with the reason, after the answer.
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.node.call_later(0.0, lambda: self._never_started(session_id, why))
+            raise
         # What the worker learns is the session's first event, which the log has too.
         log.info(
             "mining session %s: %s (%s, %s) over %d record(s) in %d shard(s), being placed",
@@ -225,6 +235,25 @@ class MiningOwner:
             summary["records"], len(sizes),
         )  # fmt: skip
         return {"id": session_id, "shards": len(sizes), "rows": sizes}
+
+    def _never_started(
+        self, session_id: str, why: str, wait_s: float = STORE_RETRY.first_s
+    ) -> None:
+        """Fail the row of a session that never started; a store that still refuses is
+        asked again later (``STORE_RETRY``), until it takes the row."""
+        reason = f"the session did not start: {why}"
+        row = MiningRow(
+            session_id,
+            phase=SessionPhase.FAILED.value,
+            progress={"phase": SessionPhase.FAILED.value, "reason": reason},
+        )
+        try:
+            self.sessions.orchestration().store.save_mining(row)
+        except STORE_ERRORS as exc:
+            log.warning("mining session %s: its failure not saved (%s); again in %g s",
+                        session_id, exc, wait_s)  # fmt: skip
+            later = STORE_RETRY.after(wait_s)
+            self.node.call_later(wait_s, lambda: self._never_started(session_id, why, later))
 
     @behaviour("/dms/node/mining/status", payload=SessionId)
     def mining_status(self, request: Request) -> dict[str, Any]:

@@ -381,10 +381,11 @@ def test_a_round_reads_each_peers_heartbeat_once_whatever_its_slots(tmp_path: Pa
     backend.first = ["r"]
     backend.start(lambda _: None)
     try:
-        deadline = time.monotonic() + 60
-        while sum(1 for cpu in backend.alive_peers("r").values() if cpu) < 3:
-            assert time.monotonic() < deadline, "the providers' heartbeats never came"
-            time.sleep(0.05)
+        wait_for(
+            lambda: sum(1 for cpu in backend.alive_peers("r").values() if cpu) >= 3,
+            60,
+            "the providers' heartbeats",
+        )
         reads: list[int] = []
         real = rounds.free_with
         rounds.free_with = lambda *a: reads.append(1) or real(*a)  # type: ignore[assignment]
@@ -410,10 +411,7 @@ def test_a_round_reads_each_peers_heartbeat_once_whatever_its_slots(tmp_path: Pa
                 ],
             }  # fmt: skip
             backend.call("r", "/dms/node/deployment/new", {"spec": job})
-            deadline = time.monotonic() + 30
-            while not per_round:
-                assert time.monotonic() < deadline, "no round"
-                time.sleep(0.01)
+            wait_for(lambda: bool(per_round), 30, "a bid round")
         finally:
             rounds.free_with = real  # type: ignore[assignment]
             rounds.BidRounds._candidates = candidates  # type: ignore[method-assign]

@@ -341,3 +341,41 @@ def test_a_pubsub_read_ends_quietly_only_when_the_pubsub_stopped_under_it(
     else:
         with pytest.raises(type(error), match=re.escape(str(error))):
             trio.run(read)
+
+
+def test_a_host_reads_its_own_record_once_not_for_every_rpc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every RPC carries the sender's own signed peer record; py-libp2p read the
+    listeners' addresses (and parsed the last record) for each one. Now they are read
+    once every OWN_RECORD_CHECK_S, and an address change is in the next record read."""
+    import libp2p
+    from libp2p.peer.envelope import consume_envelope
+    from libp2p.pubsub import gossipsub, pubsub
+    from multiaddr import Multiaddr
+
+    libp2p_patches.apply_libp2p_patches()
+    host = libp2p.new_host()
+    addrs = [Multiaddr(f"/ip4/10.0.0.1/tcp/4001/p2p/{host.get_id()}")]
+    reads: list[int] = []
+
+    def get_addrs() -> list[Multiaddr]:
+        reads.append(1)
+        return list(addrs)
+
+    monkeypatch.setattr(host, "get_addrs", get_addrs)
+    monkeypatch.setattr(libp2p_patches, "OWN_RECORD_CHECK_S", 3600.0)
+    sent = {gossipsub.env_to_send_in_RPC(host)[0] for _ in range(30)}
+    sent |= {pubsub.env_to_send_in_RPC(host)[0] for _ in range(30)}
+    assert len(sent) == 1
+    assert len(reads) <= 2  # the first call (py-libp2p compares, then may issue)
+
+    def record_addrs(envelope: bytes) -> set[str]:
+        _env, record = consume_envelope(envelope, "libp2p-peer-record")
+        return {str(a) for a in record.addrs}
+
+    assert record_addrs(sent.pop()) == {str(a) for a in addrs}
+    # Past the check interval the addresses are read again: a new one is sent.
+    addrs.append(Multiaddr(f"/ip4/10.0.0.2/tcp/4001/p2p/{host.get_id()}"))
+    monkeypatch.setattr(libp2p_patches, "OWN_RECORD_CHECK_S", 0.0)
+    assert record_addrs(gossipsub.env_to_send_in_RPC(host)[0]) == {str(a) for a in addrs}

@@ -24,6 +24,16 @@ skipped ones (``tests/test_libp2p_patches.py`` fails on any):
   one after ``SENDER_RECORD_REFRESH_S``, which keeps it fresh in the peerstore
   (py-libp2p keeps it for two hours).
 
+- **The node's own record, read once a second.** Every RPC the node sends (each gossip
+  heartbeat's IHAVE to every gossip peer, every message it publishes or forwards,
+  identify) carries its own signed peer record, and py-libp2p builds it anew each
+  time: the listeners' addresses read from their sockets and parsed into multiaddrs,
+  the record it signed last parsed again to compare (0.2 ms a call; about a tenth of
+  an idle daemon's network thread). It is now read at most once every
+  ``OWN_RECORD_CHECK_S`` per host and the same bytes sent meanwhile: a change of the
+  node's addresses (a listener added, an observed address confirmed) is in its
+  record within that second, as it was in the next one before.
+
 - **The receive window, enforced.** py-libp2p's Yamux notes when a peer sends
   past a stream's receive window, sets the window to 0 and buffers the bytes
   anyway: a peer that pushes 256 MiB on a stream the node does not read (its own
@@ -93,6 +103,21 @@ log = logging.getLogger("dms.network")
 
 SENDER_RECORD_MEMO = 4096
 SENDER_RECORD_REFRESH_S = 600.0
+# How long a host sends its own signed peer record as it is before reading its
+# addresses again (py-libp2p's ``env_to_send_in_RPC`` read them for every RPC).
+OWN_RECORD_CHECK_S = 1.0
+# The modules that imported ``env_to_send_in_RPC`` by name (each gets the memo).
+OWN_RECORD_USERS = (
+    "libp2p.pubsub.pubsub",
+    "libp2p.pubsub.gossipsub",
+    "libp2p.pubsub.floodsub",
+    "libp2p.identity.identify.identify",
+    "libp2p.kad_dht.kad_dht",
+    "libp2p.kad_dht.peer_routing",
+    "libp2p.kad_dht.provider_store",
+    "libp2p.kad_dht.value_store",
+    "libp2p.relay.circuit_v2.discovery",
+)
 # How long a new pubsub stream's peer may take to become writable for us.
 SUBSCRIPTION_REPEAT_WAIT_S = 30.0
 
@@ -180,6 +205,41 @@ def _memoize_sender_records() -> bool:
     for module in modules:
         module.maybe_consume_signed_record = consume_once
     return len(modules) == 3
+
+
+def _reuse_own_record() -> bool:
+    import importlib
+
+    from libp2p.peer import peerstore
+
+    issue = getattr(peerstore, "env_to_send_in_RPC", None)
+    users = []
+    for name in OWN_RECORD_USERS:
+        with contextlib.suppress(ImportError):
+            module = importlib.import_module(name)
+            if issue is not None and getattr(module, "env_to_send_in_RPC", None) is issue:
+                users.append(module)
+    if issue is None or len(users) != len(OWN_RECORD_USERS):
+        log.info("py-libp2p's peer records changed shape; its own is built for every RPC")
+        return False
+    kept: weakref.WeakKeyDictionary[Any, tuple[float, bytes]] = weakref.WeakKeyDictionary()
+    kept_lock = threading.Lock()  # hosts of one process run on several trio threads
+
+    def own_record(host: Any) -> tuple[bytes, bool]:
+        now = time.monotonic()
+        with kept_lock:
+            last = kept.get(host)
+        if last is not None and now - last[0] < OWN_RECORD_CHECK_S:
+            return last[1], False
+        envelope, issued = issue(host)
+        with kept_lock:
+            kept[host] = (now, envelope)
+        return envelope, issued
+
+    peerstore.env_to_send_in_RPC = own_record
+    for module in users:
+        module.env_to_send_in_RPC = own_record  # type: ignore[attr-defined]
+    return True
 
 
 def _back_off_pruned_peers() -> bool:
@@ -489,6 +549,7 @@ def _wake_readers_on_reset() -> bool:
 PATCHES: tuple[Callable[[], bool], ...] = (
     _batch_yamux_window_updates,
     _memoize_sender_records,
+    _reuse_own_record,
     _back_off_pruned_peers,
     _no_opportunistic_grafting,
     _repeat_subscriptions_to_new_streams,

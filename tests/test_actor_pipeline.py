@@ -516,3 +516,74 @@ def test_an_actor_whose_start_fails_before_its_spawn_returns_leaves_its_system(
 
 def used(system, budget: str) -> float:  # type: ignore[no-untyped-def]
     return next(u.used for u in system.admission.usage() if u.name == budget)
+
+
+def _count_verifications(monkeypatch) -> list[bytes]:  # type: ignore[no-untyped-def]
+    """The signers of every envelope signature checked from now on (any thread)."""
+    import dms.actor.envelope as envelope_module
+
+    checked: list[bytes] = []
+    real = envelope_module.verify_signature
+
+    def counting(public_key: bytes, signature: bytes, data: object) -> bool:
+        checked.append(public_key)
+        return real(public_key, signature, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(envelope_module, "verify_signature", counting)
+    return checked
+
+
+def test_a_reply_from_the_invoked_host_is_taken_on_its_session_alone(  # type: ignore[no-untyped-def]
+    pair, monkeypatch
+) -> None:
+    """An invoke costs one verification, the request's: its reply came from the host
+    the transport authenticated as the invoked actor's, which holds that actor's key
+    (specs/security.md, "Signatures and sessions")."""
+    a, b = pair
+    checked = _count_verifications(monkeypatch)
+    for i in range(3):
+        assert a.ask(b.handle, "/test/echo", {"i": i}) == {"i": i}
+    assert checked == [a.handle.id] * 3  # b checked each request; a no reply
+
+
+def test_a_reply_from_another_peer_is_checked_and_refused(  # type: ignore[no-untyped-def]
+    pair, monkeypatch
+) -> None:
+    """A third peer cannot answer someone else's invoke: its reply is not vouched for
+    by the invoked host's session, so it is checked (and refused), and the invoke
+    stays pending for the real answer."""
+    a, b = pair
+    future = a.invoke(b.handle, "/test/silent", None, timeout=30)
+    (nonce,) = [n for n, p in a.system._pending.items() if p.future is future]
+    checked = _count_verifications(monkeypatch)
+    mallory = Identity.generate()
+    refused_before = dict(a.system.refusals)
+
+    def reply_from(sender, key: Identity, peer: str) -> None:  # type: ignore[no-untyped-def]
+        env = make_envelope(
+            sender,
+            key.public_key,
+            f"/dms/actor/replyto/{nonce.hex()}",
+            {"ok": True, "result": "forged"},
+            to=a.handle,
+            ttl_s=30,
+        )
+        a.system.receive(seal(env, key), peer)
+
+    # As b's root, delivered by mallory: peer binding refuses it before any signature.
+    reply_from(b.handle, mallory, mallory.peer_id)
+    # As mallory's own root, from mallory, signed with a bad key: checked, refused.
+    other = Identity.generate()
+    mallory_root = type(b.handle)(
+        id=mallory.public_key,
+        address=b.handle.address.model_copy(update={"host": mallory.peer_id}),
+    )
+    reply_from(mallory_root, other, mallory.peer_id)
+    assert not future.done()
+    refused = {k: a.system.refusals[k] - refused_before.get(k, 0) for k in a.system.refusals}
+    assert refused.get(ErrorCode.WRONG_SIGNER) == 2  # mallory's own root, another key too
+    assert checked == []  # both refused on the header, before a signature
+    # Signed properly as mallory's root: checked, and still not an answer to b's invoke.
+    reply_from(mallory_root, mallory, mallory.peer_id)
+    assert checked == [mallory.public_key]
+    assert not future.done()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from dms.actor import ActorRef, RemoteError
@@ -30,6 +32,32 @@ def test_invoke_across_the_network(cluster: LocalCluster) -> None:
     assert reply == {"message": "hello", "did": c.identity.did, "peer_id": c.peer_id}
     status = root(c).ask(root_handle(a.peer_id), "/public/status", timeout=10)
     assert status["peer_id"] == a.peer_id and status["status"] == "running"
+
+
+def test_a_reply_over_the_noise_session_of_the_invoked_host_is_not_verified_again(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over real libp2p sessions an invoke's request is checked and its reply, which
+    came over the Noise session of the host invoked, is not (specs/security.md,
+    "Signatures and sessions"); the answer is the same."""
+    import dms.actor.envelope as envelope_module
+
+    a, c = cluster.start(2)
+    wait_for(lambda: connected(c, a), what="bootstrap connection")
+    real = envelope_module.verify_signature
+    verified: list[str] = []
+
+    def recording(public_key: bytes, signature: bytes, data: Any) -> bool:
+        env = envelope_module.peek(bytes(data) + signature)
+        verified.append(env.behaviour if env is not None else "?")
+        return real(public_key, signature, data)
+
+    monkeypatch.setattr(envelope_module, "verify_signature", recording)
+    for _ in range(3):
+        reply = root(a).ask(root_handle(c.peer_id), "/public/hello", timeout=10)
+        assert reply["peer_id"] == c.peer_id
+    assert verified.count("/public/hello") == 3
+    assert not [b for b in verified if b.startswith("/dms/actor/replyto/")]
 
 
 def test_a_node_whose_host_died_cannot_take_the_others_down(cluster: LocalCluster) -> None:

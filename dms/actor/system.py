@@ -725,7 +725,8 @@ class ActorSystem:
             if ticket is False:
                 return
             try:
-                if not signature_checked:
+                vouched = signature_checked or self._vouched_reply(env, from_peer)
+                if not vouched:
                     check_signature(opened)
                 check_signer(env)
                 self.replay.check(env.signer, env.nonce, env.issued_at, env.expiry, now_ns())
@@ -753,6 +754,26 @@ class ActorSystem:
                     refusal.code,
                     refusal.reason,
                 )
+
+    def _vouched_reply(self, env: Envelope, from_peer: str | None) -> bool:
+        """Whether ``env`` is a reply to an invoke pending here that came over the
+        connection of the invoked actor's host (``from_peer``: the peer the transport
+        authenticated, libp2p's Noise session; this node itself for its own frames).
+
+        Such a reply needs no signature check: the session already proves that host
+        sent these bytes, and the host holds the keys of its actors, so a signature
+        could prove nothing more (``_resolve`` still takes it only if signed as the
+        target or its host). A reply is consumed here, never kept or forwarded as
+        evidence. Every other frame's signature is checked (specs/security.md,
+        "Signatures and sessions")."""
+        if from_peer is None or not env.behaviour.startswith(REPLY_PREFIX):
+            return False
+        try:
+            nonce = bytes.fromhex(env.behaviour[len(REPLY_PREFIX) :])
+        except ValueError:
+            return False
+        pending = self._pending.get(nonce)  # a dict read is atomic; _resolve looks again
+        return pending is not None and pending.target.address.host == from_peer
 
     def _over_limit(self, env: Envelope, from_peer: str | None, size: int = 0) -> bool:
         """Whether ``env`` is over a rate for its behaviour, its sender's or all peers'

@@ -541,9 +541,12 @@ def test_a_reply_from_the_invoked_host_is_taken_on_its_session_alone(  # type: i
     (specs/security.md, "Signatures and sessions")."""
     a, b = pair
     checked = _count_verifications(monkeypatch)
+    held_a, held_b = len(a.system.replay), len(b.system.replay)
     for i in range(3):
         assert a.ask(b.handle, "/test/echo", {"i": i}) == {"i": i}
     assert checked == [a.handle.id] * 3  # b checked each request; a no reply
+    # Nor does a reply take a place in the replay cache: it resolved its invoke, once.
+    assert (len(a.system.replay), len(b.system.replay)) == (held_a, held_b + 3)
 
 
 def test_a_reply_from_another_peer_is_checked_and_refused(  # type: ignore[no-untyped-def]

@@ -725,11 +725,12 @@ class ActorSystem:
             if ticket is False:
                 return
             try:
-                vouched = signature_checked or self._vouched_reply(env, from_peer)
-                if not vouched:
+                vouched = self._vouched_reply(env, from_peer)
+                if not (vouched or signature_checked):
                     check_signature(opened)
                 check_signer(env)
-                self.replay.check(env.signer, env.nonce, env.issued_at, env.expiry, now_ns())
+                if not vouched:  # a vouched reply resolves its invoke once: no replay
+                    self.replay.check(env.signer, env.nonce, env.issued_at, env.expiry, now_ns())
                 sealed = decode_payload(opened, verified=True, max_items=limits.max_payload_items)
                 env = sealed.envelope
                 if env.behaviour.startswith(REPLY_PREFIX):

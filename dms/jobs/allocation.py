@@ -46,6 +46,7 @@ from dms.actor import (
     behaviour,
 )
 from dms.actor.threads import PARK
+from dms.actor.timers import TimerHandle
 from dms.errors import DmsError
 from dms.jobs.base import InteractiveExecutor
 from dms.jobs.executors import ExecutorError, executor_for
@@ -229,6 +230,7 @@ class AllocationActor(Actor):
         self.logs: deque[str] = deque(maxlen=LOG_LINES)
         self._halt = threading.Event()
         self._halt_reason = ""
+        self._watching: TimerHandle | None = None  # the requester's watch (_watch)
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -257,7 +259,7 @@ class AllocationActor(Actor):
         PARK.run(self._work, f"dms-alloc-{self.lease_id[:8]}")  # a parked thread, if any
         self._set(AllocationState.RUNNING)
         if self._requester_gone is not None:
-            self.call_later(self._watch_s, self._watch)
+            self._watching = self.call_later(self._watch_s, self._watch)
 
     def _work(self) -> None:
         try:
@@ -291,7 +293,7 @@ class AllocationActor(Actor):
         if self._requester_gone is not None and self._requester_gone(self.heard_at):
             self.request_stop("the requester is gone")
             return
-        self.call_later(self._watch_s, self._watch)
+        self._watching = self.call_later(self._watch_s, self._watch)
 
     def request_stop(self, reason: str) -> None:
         if self.state in ALLOCATION.terminal:
@@ -335,6 +337,9 @@ class AllocationActor(Actor):
         if state not in ALLOCATION.terminal:
             return
         self.ended_at = time.time()
+        if self._watching is not None:  # ended: no more watching (no timer fires in vain)
+            self._watching.cancel()
+            self._watching = None
         self._end_session()
         if self._on_end is not None:
             try:

@@ -63,10 +63,17 @@ def job_refusal(slot: SlotRequest) -> str | None:
 
 
 def semantic_refusal(
-    slot: SlotRequest, me: BidderView, requester_did: str, price: float, allocations: int
+    slot: SlotRequest,
+    me: BidderView,
+    requester_did: str,
+    price: float,
+    allocations: int,
+    job: str | None = "",
 ) -> str | None:
-    """Why this node cannot take ``slot`` whatever its free resources, or None."""
-    refusal = job_refusal(slot)
+    """Why this node cannot take ``slot`` whatever its free resources, or None.
+    ``job``: the slot's :func:`job_refusal` when the caller has it already (None: it
+    has none), so a bid checks each slot's params once."""
+    refusal = job_refusal(slot) if job == "" else job
     if refusal:
         return refusal
     c = slot.constraints
@@ -171,7 +178,8 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
             f"(max_bid_slots); {len(unread)} were not"
         )
         declines = [Decline(slot=slot.slot, reason=reason) for slot in unread]
-    for_good = {slot.slot for slot in slots if job_refusal(slot) is not None}
+    jobs = [job_refusal(slot) for slot in slots]  # once a slot: the params' check runs
+    for_good = {slot.slot for slot, job in zip(slots, jobs, strict=True) if job is not None}
     prefs = me.preferences
 
     def screen(pools: Pools) -> list[str | None]:
@@ -181,14 +189,14 @@ def make_bid(request: BidRequest, requester_peer: str, requester_did: str, me: B
         refusals: list[str | None] = []
         taken = 0
         asked = taking = ZERO
-        for slot in slots:
+        for slot, job in zip(slots, jobs, strict=True):
             if pools.is_onboarded and slot.slot not in for_good:
                 refusal = _never_fits(slot, asked, pools.onboarded)
                 if refusal is not None:
                     refusals.append(refusal)
                     continue
                 asked = asked + slot.resources
-            refusal = semantic_refusal(slot, me, requester_did, pools.price, pools.allocations)
+            refusal = semantic_refusal(slot, me, requester_did, pools.price, pools.allocations, job)
             if refusal is None:
                 refusal = _over_caps(prefs, held + taken, pools.allocations + pools.leases + taken)
             if refusal is None and unknown is not None:

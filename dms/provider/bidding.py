@@ -55,6 +55,7 @@ from dms.provider.ended import EndedAllocations
 from dms.provider.lapses import Lapses
 from dms.provider.onboarding import need_ledger
 from dms.resources import ALLOCATED, Preferences, ResourceError, ResourceLedger
+from dms.resources.ledger import LeaseView
 from dms.store import STORE_ERRORS, STORE_REFUSED, STORE_RETRY, Database, StoreBusy
 
 log = logging.getLogger("dms.node")
@@ -391,9 +392,21 @@ class Bidding:
         if p.commit:  # commit and allocate in one exchange (the commit checks the holder)
             _answers_to_requester(p.reply_to, holder, "an allocate")
             lease = self._need_ledger().commit(p.lease_id, holder=holder)
-            self._watch_allocated(p.lease_id)
-        else:
-            lease = self._need_ledger().lease(p.lease_id)
+            # Its allocation starts in this exchange, so the commit needs no watch (a
+            # timer and a turn of this actor's mailbox at allocate_within_s, a placement
+            # each) unless it does not: then the lease lapses as a lone commit's does.
+            try:
+                return self._start(request, p, lease)
+            except BaseException:
+                self._watch_allocated(p.lease_id)
+                raise
+        return self._start(request, p, self._need_ledger().lease(p.lease_id))
+
+    def _start(
+        self, request: Request, p: AllocateRequest, lease: LeaseView
+    ) -> dict[str, Any] | None:
+        """An allocation on the committed ``lease``: answered, then started."""
+        holder = request.sender.address.host
         if lease.holder != holder:
             raise Refusal(ErrorCode.FORBIDDEN, f"lease {p.lease_id} is not held by the caller")
         _answers_to_requester(p.reply_to, lease.holder, "an allocate")

@@ -93,10 +93,30 @@ class Resources(BaseModel):
     @classmethod
     def of(cls, values: tuple[int, int, int, int] | list[int]) -> Resources:
         cpu, ram, disk, gpu = values
+        if (
+            cls is Resources
+            and type(cpu) is int
+            and type(ram) is int
+            and type(disk) is int
+            and type(gpu) is int
+            and cpu >= 0
+            and ram >= 0
+            and disk >= 0
+            and gpu >= 0
+        ):
+            return _filled(cpu, ram, disk, gpu)
         return cls(cpu_milli=cpu, ram_mib=ram, disk_mib=disk, gpu=gpu)
 
     def __add__(self, other: Resources) -> Resources:
-        return Resources.of([a + b for a, b in zip(self.as_tuple(), other.as_tuple(), strict=True)])
+        a, b = self.__dict__, other.__dict__
+        return Resources.of(
+            (
+                a["cpu_milli"] + b["cpu_milli"],
+                a["ram_mib"] + b["ram_mib"],
+                a["disk_mib"] + b["disk_mib"],
+                a["gpu"] + b["gpu"],
+            )
+        )
 
     def minus(self, other: Resources) -> tuple[int, int, int, int]:
         """Per-kind difference; may be negative, so it is a tuple, not Resources."""
@@ -125,6 +145,22 @@ class Resources(BaseModel):
             "disk_gib": round(self.disk_mib / 1024, 3),
             "gpu": self.gpu,
         }
+
+
+_ALL_SET = frozenset(Resources.model_fields)
+
+
+def _filled(cpu: int, ram: int, disk: int, gpu: int) -> Resources:
+    """``Resources.of`` for four ints each at least 0 (every bound its fields declare),
+    as validation would build it, without validation: accounting makes these many
+    times per bid (sums, free, what a bid takes), ~10 µs each through pydantic."""
+    made = object.__new__(Resources)
+    values = {"cpu_milli": cpu, "ram_mib": ram, "disk_mib": disk, "gpu": gpu}
+    object.__setattr__(made, "__dict__", values)
+    object.__setattr__(made, "__pydantic_fields_set__", set(_ALL_SET))
+    object.__setattr__(made, "__pydantic_extra__", None)
+    object.__setattr__(made, "__pydantic_private__", None)
+    return made
 
 
 ZERO = Resources()

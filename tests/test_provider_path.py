@@ -5,6 +5,7 @@ start still lapses), and the node's log formats each line once and still rotates
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from dms.actor import RemoteError
+from dms.cli.node import PrivateRotatingLog
 from dms.jobs.executors import EXECUTORS
 from dms.orchestrator.messages import ALLOCATE, REQUEST, BidRequest
 from dms.provider.bidder import BidderView, make_bid
@@ -169,3 +171,35 @@ def test_an_allocate_whose_allocation_does_not_start_still_lapses(
     assert provider.ledger.lease(offer["lease_id"]).state == "allocated"
     wait_for(lambda: live_leases([provider]) == 0, 30, "the unstarted commit released")
     assert provider.db.events("allocation.never_started")
+
+
+def test_the_log_formats_each_line_once_and_rotates_before_max_bytes(tmp_path: Path) -> None:
+    """Each record formatted once (the base class formatted it twice: once to measure
+    it), and the file still rotates before a line that would take it to max_bytes."""
+    formatted: list[str] = []
+
+    class Counting(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            formatted.append(record.getMessage())
+            return super().format(record)
+
+    path = tmp_path / "logs" / "dms.log"
+    handler = PrivateRotatingLog(path, max_bytes=200, backups=2)
+    handler.setFormatter(Counting("%(message)s"))
+    logger = logging.getLogger("tests.provider_path.rotation")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        lines = [f"line {n:02d} {'x' * 40}" for n in range(10)]  # 50 bytes each
+        for line in lines:
+            logger.info(line)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert formatted == lines
+    # 49 bytes a line: four fit under 200, the fifth would reach it and rotates first.
+    assert Path(f"{path}.2").read_text().splitlines() == lines[0:4]
+    assert Path(f"{path}.1").read_text().splitlines() == lines[4:8]
+    assert path.read_text().splitlines() == lines[8:]
+    assert path.stat().st_mode & 0o777 == 0o600

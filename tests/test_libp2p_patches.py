@@ -379,3 +379,44 @@ def test_a_host_reads_its_own_record_once_not_for_every_rpc(
     addrs.append(Multiaddr(f"/ip4/10.0.0.2/tcp/4001/p2p/{host.get_id()}"))
     monkeypatch.setattr(libp2p_patches, "OWN_RECORD_CHECK_S", 0.0)
     assert record_addrs(gossipsub.env_to_send_in_RPC(host)[0]) == {str(a) for a in addrs}
+
+
+def test_yamux_reads_no_settings_and_no_buffered_body_again_per_frame(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Invokes over real sessions: py-libp2p read its PY_YAMUX_* settings from the
+    environment on every frame and read each body (already in the Noise session's
+    buffer with its header) through ``read_exactly`` under a fresh timeout; neither
+    happens per frame now, and every answer is the same."""
+    import os
+
+    from libp2p.stream_muxer.yamux import yamux
+
+    a, b = cluster.start(2)
+    cluster.wait_linked()
+    assert a.node is not None and b.system is not None
+    done = threading.Event()
+    sink = b.system.spawn(Sink, 41, done)
+    a.node.ask(sink.handle, "/test/sink", {"data": "warm"}, timeout=10)  # stream open
+    getenv, read_exactly = os.getenv, yamux.read_exactly
+    settings_read: list[str] = []
+    bodies_read: list[int] = []
+
+    def counting_getenv(name: str, default: Any = None) -> Any:
+        if name.startswith("PY_YAMUX_"):
+            settings_read.append(name)
+        return getenv(name, default)
+
+    async def counting_read(reader: Any, n: int, *args: Any) -> bytes:
+        if n != yamux.HEADER_SIZE:
+            bodies_read.append(n)
+        return await read_exactly(reader, n, *args)
+
+    monkeypatch.setattr(os, "getenv", counting_getenv)
+    monkeypatch.setattr(yamux, "read_exactly", counting_read)
+    for i in range(40):
+        assert a.node.ask(sink.handle, "/test/sink", {"data": f"{i:04d}" * 16}, timeout=10)
+    assert done.wait(30)
+    assert settings_read == []
+    # 80 frames with a body crossed (40 requests, 40 answers): as shipped, 80 reads.
+    assert len(bodies_read) < 10

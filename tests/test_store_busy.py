@@ -346,3 +346,37 @@ def test_a_database_server_that_never_answers_is_refused_busy_in_time() -> None:
     [refusal] = answer
     assert isinstance(refusal, StoreBusy), refusal
     assert "did not answer a new connection in time" in str(refusal)
+
+
+def test_a_bounded_transaction_begins_with_one_statement_and_an_unbounded_one_waits_30_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bounded transaction set SQLite's busy timeout to what was left of its bound,
+    began, and set it back: three statements a transaction (each a turn at the GIL given
+    up). The timeout now stays set until a BEGIN wants another, so bounded transactions
+    in a row mostly begin with one; each still waits for the file what is left of its
+    bound at most, and an unbounded one after them the whole busy timeout again."""
+    db = open_database(f"sqlite:///{tmp_path / 'dms.db'}")
+    pragmas: list[int] = []
+    real = db_module.run_driver
+
+    def recording(conn: Any, sql: str) -> None:
+        if sql.startswith("PRAGMA busy_timeout="):
+            pragmas.append(int(sql.split("=")[1]))
+        real(conn, sql)
+
+    def busy_timeout(conn: Any) -> int:
+        return int(conn.exec_driver_sql("PRAGMA busy_timeout").scalar())
+
+    monkeypatch.setattr(db_module, "run_driver", recording)
+    runs = 20
+    with db.waiting_at_most(60.0):
+        for _ in range(runs):
+            with db.transaction() as conn:
+                assert 0 < busy_timeout(conn) <= 60_000  # what is left of the bound
+    assert len(pragmas) < runs  # two a transaction before
+    with db.transaction() as conn:  # unbounded: SQLite's whole busy timeout
+        assert busy_timeout(conn) == SQLITE_BUSY_TIMEOUT_MS
+    with db.waiting_at_most(2.0), db.transaction() as conn:
+        assert 0 < busy_timeout(conn) <= 2000
+    db.close()

@@ -51,6 +51,7 @@ from dms.store.sql import run_driver
 __all__ = ["Database", "StoreBusy", "StoreError", "open_database"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_BUSY_MS = "dms_busy_timeout_ms"  # in a connection's ``info``: the busy timeout set last
 # PostgreSQL: a connection of the pool waited for this long at most by a transaction
 # with no bound of its own (SQLAlchemy's pool_timeout, 30 s, raised its TimeoutError),
 # and a new connection made within this (psycopg's connect_timeout: none, a server that
@@ -137,33 +138,44 @@ def _sqlite_engine(url: str, begin_wait: Callable[[], _Wait | None]) -> Engine:
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cur.close()
 
+    def busy_timeout(conn: Any, ms: int) -> None:
+        """The connection's busy timeout ``ms``, set only when it is not that already:
+        ``conn.info`` (kept as long as its driver connection, cleared when that closes)
+        says what was set last; a new connection has ``SQLITE_BUSY_TIMEOUT_MS``."""
+        if conn.info.get(_BUSY_MS, SQLITE_BUSY_TIMEOUT_MS) != ms:
+            conn.info.pop(_BUSY_MS, None)  # unknown until the statement ran
+            run_driver(conn, f"PRAGMA busy_timeout={ms}")
+            conn.info[_BUSY_MS] = ms
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # On the driver's connection: through Core, this one statement cost as much as
         # the rest of a ledger transaction (dms.store.sql).
         wait = begin_wait()
         if wait is None:
+            busy_timeout(conn, SQLITE_BUSY_TIMEOUT_MS)
             run_driver(conn, "BEGIN IMMEDIATE")
             return
         # Only BEGIN IMMEDIATE waits for the file: in WAL mode the transaction it starts
         # holds the write lock, and reads never wait. Its wait is what is left of the
         # transaction's (the writer lock took the rest); with a progress callback in
-        # steps, saying how long it has waited after each.
-        try:
-            while True:
-                left = wait.left()
-                step = left if wait.progress is None else min(left, PROGRESS_EVERY_S)
-                run_driver(conn, f"PRAGMA busy_timeout={max(0, int(step * 1000))}")
-                try:
-                    run_driver(conn, "BEGIN IMMEDIATE")
-                    return
-                except Exception as exc:
-                    if wait.progress is None or step >= left or not _busy_error(exc):
-                        raise
-                    wait.progress(wait.waited())
-        finally:
-            with contextlib.suppress(Exception):  # a broken connection: dropped, opened anew
-                run_driver(conn, f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # steps, saying how long it has waited after each. The timeout stays set after
+        # the BEGIN (nothing else in the transaction waits for the file) until a BEGIN
+        # wants another: the next bounded one mostly wants the same whole milliseconds
+        # (a node's store_wait_s less a few microseconds), so a transaction asks SQLite
+        # one statement to begin, not three (each a turn at the GIL given up and waited
+        # for again on a busy node).
+        while True:
+            left = wait.left()
+            step = left if wait.progress is None else min(left, PROGRESS_EVERY_S)
+            busy_timeout(conn, max(0, int(step * 1000)))
+            try:
+                run_driver(conn, "BEGIN IMMEDIATE")
+                return
+            except Exception as exc:
+                if wait.progress is None or step >= left or not _busy_error(exc):
+                    raise
+                wait.progress(wait.waited())
 
     return engine
 

@@ -420,3 +420,71 @@ def test_yamux_reads_no_settings_and_no_buffered_body_again_per_frame(
     assert settings_read == []
     # 80 frames with a body crossed (40 requests, 40 answers): as shipped, 80 reads.
     assert len(bodies_read) < 10
+
+
+class Addr:
+    """A transport address that counts how often it is turned into text."""
+
+    def __init__(self, text: str, shown: list[str]) -> None:
+        self.text, self.shown = text, shown
+
+    def __str__(self) -> str:
+        self.shown.append(self.text)
+        return self.text
+
+
+class Conn:
+    def __init__(self, addrs: list[Addr]) -> None:
+        self._actual_transport_addresses = addrs
+
+    def get_transport_addresses(self) -> list[Addr]:
+        return self._actual_transport_addresses
+
+
+def test_hole_punching_looks_at_each_connections_addresses_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DCUtR's drive loop (every 2 s) turned every address of every connection into
+    text on each pass to find the relayed ones; now once per connection. It still
+    drives a hole punch to the relayed peer on every pass, and to no other."""
+    import trio
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+
+    libp2p_patches.apply_libp2p_patches()
+    monkeypatch.setattr(libp2p_patches, "HOLE_PUNCH_DRIVE_S", 0.0)
+    shown: list[str] = []
+    relayed = Conn([Addr("/ip4/10.0.0.9/tcp/1/p2p/QmRelay/p2p-circuit", shown)])
+    direct = [Conn([Addr(f"/ip4/10.0.0.{i}/tcp/1", shown)]) for i in range(5)]
+    punched: list[str] = []
+    passes = 6
+
+    class Fake:
+        def __init__(self, scope: trio.CancelScope) -> None:
+            self.scope, self.passes = scope, 0
+            self._in_progress: set[str] = set()
+            self._direct_connections: set[str] = set()
+            self._hole_punch_attempts: dict[str, int] = {}
+            self.host = self
+            self.connections = {"relayed": [relayed], **{f"d{i}": c for i, c in enumerate(direct)}}
+
+        def get_id(self) -> str:
+            return "me"
+
+        def get_network(self) -> Fake:
+            self.passes += 1
+            if self.passes == passes:  # this pass is the last: it ends at the sleep
+                self.scope.cancel()
+            return self
+
+        async def initiate_hole_punch(self, peer_id: str) -> None:
+            punched.append(peer_id)
+
+    async def drive() -> None:
+        with trio.CancelScope() as scope:
+            await DCUtRProtocol._auto_drive_loop(Fake(scope))
+
+    trio.run(drive)
+    assert punched == ["relayed"] * passes
+    assert sorted(shown) == sorted(
+        str(a.text) for c in [relayed, *direct] for a in c.get_transport_addresses()
+    )

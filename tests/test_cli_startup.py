@@ -6,6 +6,7 @@ starts and stops without NumPy or TenSEAL: they load when it mines."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -99,3 +100,38 @@ def test_a_daemon_starts_and_stops_without_numpy_or_tenseal(
     assert {"dms.node.daemon", "dms.jobs.mining", "dms.jobs.collab"} <= modules  # all seen
     for heavy in ("numpy", "tenseal"):
         assert heavy not in modules, " <- ".join(importer_chain(lines, heavy))
+
+
+def _switches(pid: int, tid: int) -> int:
+    """Times thread ``tid`` of ``pid`` went to sleep and was woken (Linux)."""
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    return int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Linux's /proc")
+def test_a_running_daemons_main_thread_sleeps_until_it_is_stopped(tmp_path: Path) -> None:
+    """'dms run' waited for its stop signal in 0.5 s slices: an idle node's main thread
+    woke twice a second for nothing. It sleeps until the signal now. Counted, not
+    timed: while the daemon's other threads wake a hundred and fifty times (its heartbeats,
+    timers, network), the main thread does not; SIGTERM still stops it cleanly."""
+    from tests.conftest import wait_for
+
+    home = tmp_path / "home"
+    init_home_quick(home)
+    daemon = Daemon(home)
+    pid = daemon.proc.pid
+    try:
+
+        def others() -> int:
+            total = 0
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                if int(task.name) != pid:
+                    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                        total += _switches(pid, int(task.name))
+            return total
+
+        main, rest = _switches(pid, pid), others()
+        wait_for(lambda: others() >= rest + 150, 120, "the daemon's threads at work a while")
+        assert _switches(pid, pid) - main <= 3
+    finally:
+        assert daemon.stop() == 0, daemon.stderr()

@@ -488,3 +488,35 @@ def test_hole_punching_looks_at_each_connections_addresses_once(
     assert sorted(shown) == sorted(
         str(a.text) for c in [relayed, *direct] for a in c.get_transport_addresses()
     )
+
+
+def test_an_idle_connection_measures_its_rtt_every_few_minutes_not_every_30_s() -> None:
+    """Yamux pinged every connection every 30 s from both ends (to tune its windows):
+    on an idle node, one frame in seven. Once at the start, then every
+    YAMUX_RTT_EVERY_S. On trio's mock clock: ten minutes pass in no time."""
+    import trio
+    import trio.testing
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    libp2p_patches.apply_libp2p_patches()
+    pings: list[float] = []
+
+    class Conn:
+        def __init__(self) -> None:
+            self.event_shutting_down = trio.Event()
+            self._ping_id = 0
+            self._ping_event = trio.Event()
+
+        async def _write_frame(self, data: bytes) -> None:
+            pings.append(trio.current_time())
+            self._ping_event.set()  # the pong, at once
+
+    async def ten_minutes() -> None:
+        conn = Conn()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(Yamux._measure_rtt_loop, conn)
+            await trio.sleep(600)
+            conn.event_shutting_down.set()
+
+    trio.run(ten_minutes, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert 1 <= len(pings) <= 1 + 600 / libp2p_patches.YAMUX_RTT_EVERY_S

@@ -53,6 +53,12 @@ skipped ones (``tests/test_libp2p_patches.py`` fails on any):
   is its addresses: set again, they are looked at again). Which peers it drives a
   hole punch to, and when, is unchanged.
 
+- **An idle connection's RTT, measured every 5 minutes.** py-libp2p's Yamux pings
+  every connection every 30 s from both ends, to measure the round trip time it
+  tunes receive windows by (its only use): on an idle node with 20 connections the
+  pings and pongs were one frame in seven it sent and read. It still measures at
+  once on a new connection, then every ``YAMUX_RTT_EVERY_S``.
+
 - **The receive window, enforced.** py-libp2p's Yamux notes when a peer sends
   past a stream's receive window, sets the window to 0 and buffers the bytes
   anyway: a peer that pushes 256 MiB on a stream the node does not read (its own
@@ -128,6 +134,9 @@ SENDER_RECORD_REFRESH_S = 600.0
 OWN_RECORD_CHECK_S = 1.0
 # How often DCUtR looks for relayed connections to upgrade (py-libp2p's own period).
 HOLE_PUNCH_DRIVE_S = 2.0
+# How often Yamux measures a connection's round trip time after the first (py-libp2p:
+# 30 s, from both ends); it only tunes receive windows.
+YAMUX_RTT_EVERY_S = 300.0
 # The modules that imported ``env_to_send_in_RPC`` by name (each gets the memo).
 OWN_RECORD_USERS = (
     "libp2p.pubsub.pubsub",
@@ -326,6 +335,19 @@ def _relayed_once_per_connection() -> bool:
                 log.debug("hole punch drive loop: %s", exc)
 
     protocol._auto_drive_loop = drive_relayed
+    return True
+
+
+def _measure_rtt_less_often() -> bool:
+    from libp2p.stream_muxer.yamux import yamux
+
+    if not isinstance(getattr(yamux, "RTT_MEASURE_INTERVAL", None), int | float) or not (
+        hasattr(yamux.Yamux, "_measure_rtt_loop")
+    ):
+        log.info("py-libp2p's Yamux changed shape; it measures RTT as often as before")
+        return False
+    # The loop reads the module's constant at each wait.
+    yamux.RTT_MEASURE_INTERVAL = YAMUX_RTT_EVERY_S  # type: ignore[assignment]
     return True
 
 
@@ -676,6 +698,7 @@ PATCHES: tuple[Callable[[], bool], ...] = (
     _memoize_sender_records,
     _reuse_own_record,
     _relayed_once_per_connection,
+    _measure_rtt_less_often,
     _back_off_pruned_peers,
     _no_opportunistic_grafting,
     _repeat_subscriptions_to_new_streams,

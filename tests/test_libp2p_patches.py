@@ -520,3 +520,42 @@ def test_an_idle_connection_measures_its_rtt_every_few_minutes_not_every_30_s() 
 
     trio.run(ten_minutes, clock=trio.testing.MockClock(autojump_threshold=0))
     assert 1 <= len(pings) <= 1 + 600 / libp2p_patches.YAMUX_RTT_EVERY_S
+
+
+class SocketBytes:
+    """A trio stream that holds ``data`` (as a socket's buffer would) and counts reads."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.reads = data, 0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        self.reads += 1
+        size = len(self.data) if max_bytes is None else max_bytes
+        out, self.data = self.data[:size], self.data[size:]
+        return out
+
+
+def test_a_tcp_connection_reads_a_small_frame_in_one_socket_read() -> None:
+    """Noise reads a 2-byte length, then the body: py-libp2p made a socket read of each.
+    Now one read brings both (and what follows), and every message still comes out
+    whole and in order, one larger than the read-ahead too."""
+    import trio
+    from libp2p.io.msgio import FixedSizeLenMsgReadWriter
+    from libp2p.io.trio import TrioTCPStream
+
+    libp2p_patches.apply_libp2p_patches()
+    messages = [bytes([i]) * (300 + i) for i in range(20)]
+    messages.append(b"L" * (3 * libp2p_patches.TCP_READ_AHEAD + 5))
+    wire = b"".join(len(m).to_bytes(2, "big") + m for m in messages)
+    socket = SocketBytes(wire)
+
+    class Noise(FixedSizeLenMsgReadWriter):
+        size_len_bytes = 2
+
+    async def read_all() -> list[bytes]:
+        reader = Noise(TrioTCPStream(socket))  # type: ignore[arg-type]
+        return [await reader.read_msg() for _ in messages]
+
+    assert trio.run(read_all) == messages
+    # 2 reads a message before (42); now about the bytes over the read-ahead
+    assert socket.reads <= len(wire) // libp2p_patches.TCP_READ_AHEAD + 4

@@ -60,6 +60,24 @@ def test_table_marks_deadlines_restarts_and_leaving() -> None:
     assert table.get("p1").status == GONE
 
 
+def test_the_table_says_when_it_next_changes_and_each_deadline_a_heartbeat_sets() -> None:
+    clock = FakeClock()
+    table = PeerTable(clock=clock)
+    told: list[float] = []
+    table.on_deadline = told.append
+    assert table.next_due(forget_after_s=60) is None
+    table.observe("p1", "did:key:p1", beat(deadline_s=3.0))
+    table.observe("p2", "did:key:p2", beat(deadline_s=5.0))
+    assert told == [103.0, 105.0] and table.next_due(forget_after_s=60) == 103.0
+    clock.now = 103.5
+    assert table.sweep() == ["p1"]
+    # p1 gone: it changes again when it is forgotten, after p2's deadline
+    assert table.next_due(forget_after_s=60) == 105.0
+    clock.now = 105.5
+    assert table.sweep() == ["p2"]
+    assert table.next_due(forget_after_s=60) == 163.0
+
+
 def test_the_table_forgets_long_gone_peers_and_they_stretch_no_interval() -> None:
     """Item 5 of issue 17: a gone peer stayed in the table for ever, and counted in the
     heartbeat interval as if it still sent (N / budget)."""
@@ -130,6 +148,32 @@ def test_five_nodes_see_each_other_and_notice_stops_and_restarts(
     )
     assert nodes[0].peer_table.get(victim.peer_id).restarts == 1
     assert "restarted" in nodes[0].peer_table.get(victim.peer_id).history
+
+
+def test_an_idle_node_sweeps_its_table_at_its_peers_deadlines_not_on_a_period(
+    cluster: LocalCluster,
+) -> None:
+    """The table was swept every heartbeat_s / 2 (twice a heartbeat) to find peers past
+    their deadline: an idle node woke for nothing. A sweep is now timed for the next
+    deadline, and each heartbeat moves that deadline on. Counted, not timed: while the
+    peer beats, the node sweeps fewer times than it hears it; a crashed peer is still
+    marked gone."""
+    cluster.settings["heartbeat_s"] = INTERVAL
+    a, b = cluster.start(2)
+    cluster.wait_linked()
+
+    def seq() -> int:
+        record = a.peer_table.get(b.peer_id)
+        return -1 if record is None or record.heartbeat is None else record.heartbeat.seq
+
+    wait_for(lambda: seq() >= 0, WAIT_S, "the peer's first heartbeat")
+    assert a.node is not None
+    peering = a.node.pykka_ref.proxy().peering.get(timeout=5)
+    heard, swept = seq(), peering.sweeps
+    wait_for(lambda: seq() >= heard + 6, WAIT_S, "six more heartbeats of the peer")
+    assert peering.sweeps - swept < seq() - heard
+    cluster.crash(b)
+    wait_for(lambda: a.peer_table.get(b.peer_id).status == GONE, WAIT_S, "the crashed peer gone")
 
 
 def test_peers_list_shows_status_and_resources_from_heartbeats(cluster: LocalCluster) -> None:

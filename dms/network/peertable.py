@@ -117,6 +117,13 @@ class PeerTable:
         self._peers: dict[str, PeerRecord] = {}
         self._lock = threading.Lock()
         self._history = history
+        # Told each deadline a heartbeat sets (table clock), outside the lock: whoever
+        # sweeps the table sleeps until the next one (``next_due``), not on a period.
+        self.on_deadline: Callable[[float], None] | None = None
+
+    def now(self) -> float:
+        """The table's clock (deadlines are on it)."""
+        return self._clock()
 
     def observe(self, peer_id: str, did: str, beat: Heartbeat, sent_at: float | None = None) -> str:
         """Take in one heartbeat; returns what it meant: ``joined``, ``alive``,
@@ -152,7 +159,11 @@ class PeerTable:
             record.deadline = now - age + beat.deadline_s
             if event != "alive":
                 record.history = [*record.history, event][-self._history :]
-            return event
+            deadline = record.deadline
+        told = self.on_deadline
+        if told is not None:
+            told(deadline)
+        return event
 
     def sweep(self) -> list[str]:
         """Mark peers past their deadline as gone; returns the ones that just went."""
@@ -165,6 +176,19 @@ class PeerTable:
                     record.history = [*record.history, "expired"][-self._history :]
                     gone.append(record.peer_id)
         return gone
+
+    def next_due(self, forget_after_s: float) -> float | None:
+        """When a sweep would next change the table (table clock): the earliest deadline
+        of a live peer, or ``forget_after_s`` past a gone one's; None when no row would
+        ever change without a heartbeat."""
+        with self._lock:
+            return min(
+                (
+                    r.deadline if r.status == ALIVE else r.deadline + forget_after_s
+                    for r in self._peers.values()
+                ),
+                default=None,
+            )
 
     def forget_gone(self, after_s: float) -> list[str]:
         """Drop peers gone for longer than ``after_s`` (past their deadline, or since

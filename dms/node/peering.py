@@ -47,6 +47,11 @@ FIGURES_WAIT_SHARE = 0.25
 # is the same), and every node of the network then heard them all within a second or
 # two (specs/orchestration.md, "Seventh pass: the tail").
 DEPHASE_MIN_SHARE = 0.1
+# A sweep runs this long after the deadline it is timed for (the table's deadlines
+# are strict: a peer is gone once its deadline has passed).
+SWEEP_AFTER_DEADLINE_S = 0.01
+# The longest a sweep is timed ahead (a peer_forget_s of days, or infinite).
+SWEEP_AT_MOST_EVERY_S = 3600.0
 
 
 class PingPayload(BaseModel):
@@ -129,6 +134,12 @@ class Peering:
         # thread): the next is not sent while one still waits.
         self._sent = threading.Event()
         self._sent.set()
+        # The next sweep of the peers table: timed for the next deadline in it, moved
+        # sooner when a heartbeat sets an earlier one (``_deadline_set``).
+        self._sweep_lock = threading.Lock()
+        self._sweep_timer: TimerHandle | None = None
+        self._sweep_at: float | None = None  # table clock; None: none timed
+        self.sweeps = 0  # sweeps run, for tests and status
 
     def start(self) -> None:
         self.nonce = secrets.token_hex(8)  # new per process: peers see a restart
@@ -136,7 +147,8 @@ class Peering:
         self.node.subscribe(HEARTBEAT_TOPIC)
         with self._schedule_lock:
             self._beat_soon(0.0)
-        self.node.call_later(self.heartbeat_s / 2, self._sweep)
+        self.peer_table.on_deadline = self._deadline_set
+        self._sweep_when_due()
         if self.peerbook is not None and self.network is not None:
             self.node.call_later(1.0, self._remember_peers)
 
@@ -146,6 +158,11 @@ class Peering:
             self._stopped = True
             if self._beat_timer is not None:
                 self._beat_timer.cancel()
+        self.peer_table.on_deadline = None
+        with self._sweep_lock:
+            if self._sweep_timer is not None:
+                self._sweep_timer.cancel()
+            self._sweep_timer, self._sweep_at = None, None
         try:  # best effort: peers that miss it find out at the deadline
             self._publish_heartbeat(leaving=True)
         except Exception as exc:
@@ -334,7 +351,36 @@ class Peering:
             if not self._beating:
                 self._beat_soon(0.0)
 
+    def _sweep_when_due(self) -> None:
+        """Time the next sweep for the next deadline in the table (a peer's, or a gone
+        peer's forgetting), no sooner than ``heartbeat_s / 2`` from now: a peer is gone
+        within its deadline plus that, as when the table was swept on that period, and
+        an idle node wakes for its peers' deadlines only (it woke twice a second)."""
+        with self._sweep_lock:  # read under it: a deadline set meanwhile is not lost
+            if self._stopped:
+                return
+            due = self.peer_table.next_due(self.peer_forget_s)
+            if self._sweep_timer is not None:
+                self._sweep_timer.cancel()
+                self._sweep_timer, self._sweep_at = None, None
+            if due is None:  # nobody heard yet: the first heartbeat times it
+                return
+            now = self.peer_table.now()
+            delay = max(self.heartbeat_s / 2, due - now + SWEEP_AFTER_DEADLINE_S)
+            delay = min(delay, max(SWEEP_AT_MOST_EVERY_S, self.heartbeat_s / 2))
+            self._sweep_at = now + delay
+            self._sweep_timer = self.node.call_later(delay, self._sweep)
+
+    def _deadline_set(self, deadline: float) -> None:
+        """A heartbeat set ``deadline`` (any thread): the sweep comes sooner if it is
+        before the one timed."""
+        with self._sweep_lock:
+            timed = self._sweep_at
+        if timed is None or deadline + SWEEP_AFTER_DEADLINE_S < timed:
+            self._sweep_when_due()
+
     def _sweep(self) -> None:
+        self.sweeps += 1
         for peer_id in self.peer_table.sweep():
             log.info("peer %s is gone (missed its heartbeat deadline)", peer_id)
             # expired with the deadline: nothing to pass on
@@ -344,7 +390,7 @@ class Peering:
         for peer_id in self.peer_table.forget_gone(self.peer_forget_s):
             log.info("peer %s forgotten (gone for %g s)", peer_id, self.peer_forget_s)
             self.heartbeats.keep_heartbeat(peer_id, None)
-        self.node.call_later(self.heartbeat_s / 2, self._sweep)
+        self._sweep_when_due()
 
     @behaviour(HEARTBEAT_BEHAVIOUR, public=True, payload=Heartbeat, topic=HEARTBEAT_TOPIC)
     def heard_heartbeat(self, request: Request) -> None:

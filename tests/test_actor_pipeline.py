@@ -590,3 +590,61 @@ def test_a_reply_from_another_peer_is_checked_and_refused(  # type: ignore[no-un
     reply_from(mallory_root, mallory, mallory.peer_id)
     assert checked == [mallory.public_key]
     assert not future.done()
+    # As an actor of mallory's host that claims b's root key, its signature forged: the
+    # host delivering it is not the invoked one, so it is checked, and refused.
+    posing = type(b.handle)(
+        id=b.handle.id,
+        address=b.handle.address.model_copy(update={"host": mallory.peer_id, "inbox": "x"}),
+    )
+    env = make_envelope(
+        posing,
+        b.handle.id,
+        f"/dms/actor/replyto/{nonce.hex()}",
+        {"ok": True, "result": "forged"},
+        to=a.handle,
+        ttl_s=30,
+    )
+    frame = bytearray(seal(env, mallory))  # signed with mallory's key: not b's signature
+    before_bad = a.system.refusals[ErrorCode.BAD_SIGNATURE]
+    a.system.receive(bytes(frame), mallory.peer_id)
+    assert a.system.refusals[ErrorCode.BAD_SIGNATURE] == before_bad + 1
+    assert not future.done()
+
+
+def test_a_vouched_reply_resolves_once_and_a_copy_is_checked(  # type: ignore[no-untyped-def]
+    pair, monkeypatch
+) -> None:
+    """The rule's edges: a reply from the invoked host is taken on its session (its
+    decoded envelope marked unverified), once; a copy of it finds no invoke pending and
+    is checked as any frame, so a bad signature is refused then."""
+    import dms.actor.system as system_module
+
+    a, b = pair
+    decoded: list[bool] = []  # Sealed.verified of each reply decoded
+    real_decode = system_module.decode_payload
+
+    def recording(opened, *, verified: bool, max_items: int):  # type: ignore[no-untyped-def]
+        sealed = real_decode(opened, verified=verified, max_items=max_items)
+        if sealed.envelope.behaviour.startswith("/dms/actor/replyto/"):
+            decoded.append(sealed.verified)
+        return sealed
+
+    monkeypatch.setattr(system_module, "decode_payload", recording)
+    future = a.invoke(b.handle, "/test/silent", None, timeout=30)
+    (nonce,) = [n for n, p in a.system._pending.items() if p.future is future]
+    env = make_envelope(
+        b.handle,
+        b.handle.id,
+        f"/dms/actor/replyto/{nonce.hex()}",
+        {"ok": True, "result": "answer"},
+        to=a.handle,
+        ttl_s=30,
+    )
+    frame = bytearray(seal(env, b.identity))
+    frame[-1] ^= 0x01  # a bad signature: the session, not the signature, vouches for it
+    a.system.receive(bytes(frame), b.system.peer_id)
+    assert future.result(5) == "answer"
+    assert decoded == [False]
+    before_bad = a.system.refusals[ErrorCode.BAD_SIGNATURE]
+    a.system.receive(bytes(frame), b.system.peer_id)  # the same bytes again
+    assert a.system.refusals[ErrorCode.BAD_SIGNATURE] == before_bad + 1

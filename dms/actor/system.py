@@ -731,7 +731,9 @@ class ActorSystem:
                 check_signer(env)
                 if not vouched:  # a vouched reply resolves its invoke once: no replay
                     self.replay.check(env.signer, env.nonce, env.issued_at, env.expiry, now_ns())
-                sealed = decode_payload(opened, verified=True, max_items=limits.max_payload_items)
+                sealed = decode_payload(
+                    opened, verified=not vouched, max_items=limits.max_payload_items
+                )
                 env = sealed.envelope
                 if env.behaviour.startswith(REPLY_PREFIX):
                     self._resolve(env)

@@ -78,6 +78,77 @@ def test_the_table_says_when_it_next_changes_and_each_deadline_a_heartbeat_sets(
     assert table.next_due(forget_after_s=60) == 163.0
 
 
+class _Timed:
+    """A timer a fake node holds: cancelled or not."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _FakeNode:
+    """``call_later`` on a fake clock: due timers run when the clock is moved on."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.queue: list[tuple[float, int, _Timed, Callable[[], None]]] = []
+        self.count = 0
+
+    def call_later(self, delay_s: float, fn: Callable[[], None]) -> _Timed:
+        timed = _Timed()
+        self.count += 1
+        self.queue.append((self.clock.now + delay_s, self.count, timed, fn))
+        self.queue.sort(key=lambda entry: entry[:2])
+        return timed
+
+    def run_until(self, t: float) -> None:
+        while self.queue and self.queue[0][0] <= t:
+            when, _, timed, fn = self.queue.pop(0)
+            self.clock.now = when
+            if not timed.cancelled:
+                fn()
+        self.clock.now = t
+
+
+def test_heartbeats_with_early_deadlines_cannot_keep_the_table_from_being_swept() -> None:
+    """A key whose heartbeats carry a deadline of a millisecond, heard more often than
+    every heartbeat_s / 2, moved the timed sweep later with each one (each re-timed it
+    from *now*): the table was never swept, and a crashed peer stayed alive for ever
+    (its leases never given back). A sweep comes now no later than it was timed, and
+    no sooner than heartbeat_s / 2 after the last one."""
+    from dms.node.peering import Peering
+
+    clock = FakeClock()
+    table = PeerTable(clock=clock, wall=clock)
+    node = _FakeNode(clock)
+    peering = Peering.__new__(Peering)  # its sweep alone, on the fake clock
+    peering.node, peering.peer_table = node, table  # type: ignore[assignment]
+    peering.heartbeat_s, peering.peer_forget_s = 2.0, 3600.0
+    peering._sweep_lock = threading.Lock()
+    peering._sweep_timer, peering._sweep_at, peering._last_sweep = None, None, None
+    peering.sweeps, peering._stopped, peering.network, peering.peerbook = 0, False, None, None
+
+    class Kept:
+        def keep_heartbeat(self, *args: object) -> None:
+            pass
+
+    peering.heartbeats = Kept()  # type: ignore[assignment]
+    table.on_deadline = peering._deadline_set
+    table.observe("honest", "did:key:honest", beat(nonce="honest00", deadline_s=6.0))
+    peering._sweep_when_due()
+    crashed_at = clock.now  # the honest peer beats no more: gone at +6 s
+    for i in range(60):  # a hostile key beats every 0.9 s, each deadline 1 ms away
+        node.run_until(crashed_at + 0.9 * (i + 1))
+        table.observe("hostile", "did:key:hostile", beat(nonce="hostile0", deadline_s=0.001))
+    node.run_until(clock.now + 0.01)
+    record = table.get("honest")
+    assert record is not None and record.status == GONE
+    # Swept, but never more often than every heartbeat_s / 2 (54 s: at most 55 sweeps).
+    assert 0 < peering.sweeps <= 55
+
+
 def test_the_table_forgets_long_gone_peers_and_they_stretch_no_interval() -> None:
     """Item 5 of issue 17: a gone peer stayed in the table for ever, and counted in the
     heartbeat interval as if it still sent (N / budget)."""

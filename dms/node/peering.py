@@ -139,6 +139,7 @@ class Peering:
         self._sweep_lock = threading.Lock()
         self._sweep_timer: TimerHandle | None = None
         self._sweep_at: float | None = None  # table clock; None: none timed
+        self._last_sweep: float | None = None  # table clock
         self.sweeps = 0  # sweeps run, for tests and status
 
     def start(self) -> None:
@@ -351,36 +352,48 @@ class Peering:
             if not self._beating:
                 self._beat_soon(0.0)
 
-    def _sweep_when_due(self) -> None:
+    def _sweep_when_due(self, sooner_only: bool = False) -> None:
         """Time the next sweep for the next deadline in the table (a peer's, or a gone
-        peer's forgetting), no sooner than ``heartbeat_s / 2`` from now: a peer is gone
-        within its deadline plus that, as when the table was swept on that period, and
-        an idle node wakes for its peers' deadlines only (it woke twice a second)."""
+        peer's forgetting), no sooner than ``heartbeat_s / 2`` after the last sweep: a
+        peer is gone within its deadline plus that, as when the table was swept on that
+        period, and an idle node wakes for its peers' deadlines only (it woke twice a
+        second). ``sooner_only`` (a heartbeat set a deadline): the sweep timed is only
+        ever moved sooner, never later, so heartbeats with early deadlines, however
+        many and however often, cannot keep the table from being swept."""
         with self._sweep_lock:  # read under it: a deadline set meanwhile is not lost
             if self._stopped:
                 return
             due = self.peer_table.next_due(self.peer_forget_s)
-            if self._sweep_timer is not None:
-                self._sweep_timer.cancel()
-                self._sweep_timer, self._sweep_at = None, None
             if due is None:  # nobody heard yet: the first heartbeat times it
+                if not sooner_only and self._sweep_timer is not None:
+                    self._sweep_timer.cancel()
+                    self._sweep_timer, self._sweep_at = None, None
                 return
             now = self.peer_table.now()
-            delay = max(self.heartbeat_s / 2, due - now + SWEEP_AFTER_DEADLINE_S)
-            delay = min(delay, max(SWEEP_AT_MOST_EVERY_S, self.heartbeat_s / 2))
-            self._sweep_at = now + delay
-            self._sweep_timer = self.node.call_later(delay, self._sweep)
+            half = self.heartbeat_s / 2
+            at = max(due + SWEEP_AFTER_DEADLINE_S, now)
+            if self._last_sweep is not None:
+                at = max(at, self._last_sweep + half)
+            at = min(at, now + max(SWEEP_AT_MOST_EVERY_S, half))
+            if sooner_only and self._sweep_at is not None and at >= self._sweep_at:
+                return
+            if self._sweep_timer is not None:
+                self._sweep_timer.cancel()
+            self._sweep_at = at
+            self._sweep_timer = self.node.call_later(at - now, self._sweep)
 
     def _deadline_set(self, deadline: float) -> None:
         """A heartbeat set ``deadline`` (any thread): the sweep comes sooner if it is
-        before the one timed."""
+        before the one timed; never later."""
         with self._sweep_lock:
             timed = self._sweep_at
         if timed is None or deadline + SWEEP_AFTER_DEADLINE_S < timed:
-            self._sweep_when_due()
+            self._sweep_when_due(sooner_only=True)
 
     def _sweep(self) -> None:
         self.sweeps += 1
+        with self._sweep_lock:
+            self._last_sweep = self.peer_table.now()
         for peer_id in self.peer_table.sweep():
             log.info("peer %s is gone (missed its heartbeat deadline)", peer_id)
             # expired with the deadline: nothing to pass on

@@ -130,3 +130,29 @@ def test_sim_up_refuses_bad_amounts_in_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [
         "error: --cpu: cpu: 'lots' is not a number with a unit"
     ]
+
+
+def test_a_node_runs_the_dms_of_the_process_that_starts_it(tmp_path: Path) -> None:
+    """'python -m dms' put the working directory first on the node's path: started from
+    another checkout's folder, a node ran that checkout's dms, whatever PYTHONPATH said
+    (a before/after bench run from one folder compared a tree's daemons with
+    themselves). Here the folder holds a dms that is not ours."""
+    import dms
+    from dms.sim.backend import NodeSpec
+    from dms.sim.faults import FaultPlan
+    from dms.sim.processes import ProcessBackend
+    from dms.sim.scenario import NodeSettings
+
+    other = tmp_path / "other"
+    (other / "dms").mkdir(parents=True)
+    (other / "dms" / "__init__.py").write_text("")
+    backend = ProcessBackend(tmp_path / "nodes", [NodeSpec("n", "g")], NodeSettings(), FaultPlan())
+    out = subprocess.run(
+        [sys.executable, "-c", "import dms; print(dms.__file__)"],
+        env=backend._env(tmp_path / "home"),
+        cwd=other,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(out).resolve() == Path(dms.__file__).resolve()

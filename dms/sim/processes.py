@@ -147,6 +147,13 @@ class ProcessBackend(Backend):
     def _env(self, home: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DMS_")}
         env.update(DMS_HOME=str(home), DMS_PASSPHRASE=self.passphrase)
+        # Each node runs the dms this process runs: 'python -m dms' put the working
+        # directory first on its path, so a node started from another checkout's
+        # folder ran that checkout's dms whatever PYTHONPATH said (a before/after
+        # bench run from one folder compared one tree's daemons with themselves).
+        here = str(Path(__file__).resolve().parents[2])
+        path = env.get("PYTHONPATH")
+        env.update(PYTHONSAFEPATH="1", PYTHONPATH=here + (os.pathsep + path if path else ""))
         return env
 
     def _bootstrap(self, exclude: str) -> list[str]:

@@ -147,6 +147,45 @@ def test_an_allocate_that_starts_its_allocation_sets_no_lapse_watch(
     assert within not in calls
 
 
+def test_an_allocate_whose_answer_fails_after_the_start_sets_no_lapse_watch(
+    net: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its allocation spawned and started, the allocate's answer raised: the lease was
+    put under the commit's watch all the same, and a short job's end racing it could
+    see the lease lapse as never started (its requester put on a lapse cooldown)."""
+    from dms.actor import Responder
+
+    within = 17.25  # told apart from every other timer of the node
+    net.settings.update(preferences={"allocate_within_s": within})
+    requester, (provider,) = network(net, 1)
+    assert provider.node is not None
+    bidding = provider.node.pykka_ref.proxy().bidding.get(timeout=5)
+    calls: list[float] = []
+    _spy_call_later(bidding.node, calls, monkeypatch)
+    ok = Responder.ok
+
+    def failing_ok(responder: Any, result: Any = None) -> None:
+        if isinstance(result, dict) and "allocation" in result:
+            raise RuntimeError("the answer could not be sent")
+        ok(responder, result)
+
+    monkeypatch.setattr(Responder, "ok", failing_ok)
+    watch = bidding._watch_allocated
+
+    def after_the_end(lease_id: str) -> None:  # the race lost: the 0 s job ended first
+        wait_for(lambda: lease_id not in bidding._allocations, 30, "the job's end")
+        watch(lease_id)
+
+    monkeypatch.setattr(bidding, "_watch_allocated", after_the_end)
+    [offer] = ask(requester, provider, REQUEST, bid_request(1))["offers"]
+    allocate = {"deployment_id": "answer", "slot": "w.0", "lease_id": offer["lease_id"],
+                "executor": "compute", "params": {"seconds": 0}, "commit": True}  # fmt: skip
+    with pytest.raises(RemoteError):
+        ask(requester, provider, ALLOCATE, allocate)
+    wait_for(lambda: live_leases([provider]) == 0, 30, "the job's end released the lease")
+    assert within not in calls
+
+
 def test_an_allocate_whose_allocation_does_not_start_still_lapses(
     net: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -380,3 +380,29 @@ def test_a_bounded_transaction_begins_with_one_statement_and_an_unbounded_one_wa
     with db.waiting_at_most(2.0), db.transaction() as conn:
         assert 0 < busy_timeout(conn) <= 2000
     db.close()
+
+
+def test_a_busy_timeout_change_that_failed_midway_is_set_again_by_the_next_begin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection's busy timeout is remembered to skip setting it again; a change
+    that raised after SQLite took it (an interrupt between the statement and the
+    bookkeeping) left it remembered as the 30 s default while the connection held the
+    bound: the next unbounded transaction kept a bound of milliseconds."""
+    db = open_database(f"sqlite:///{tmp_path / 'dms.db'}")
+    real = db_module.run_driver
+    failed: list[str] = []
+
+    def failing_once(conn: Any, sql: str) -> None:
+        real(conn, sql)
+        if sql.startswith("PRAGMA busy_timeout=") and not sql.endswith("=30000") and not failed:
+            failed.append(sql)
+            raise RuntimeError("interrupted after the statement ran")
+
+    monkeypatch.setattr(db_module, "run_driver", failing_once)
+    with pytest.raises(Exception, match="interrupted"), db.waiting_at_most(0.5), db.transaction():
+        pass
+    assert failed
+    with db.transaction() as conn:  # unbounded: SQLite's whole busy timeout again
+        assert int(conn.exec_driver_sql("PRAGMA busy_timeout").scalar()) == (SQLITE_BUSY_TIMEOUT_MS)
+    db.close()

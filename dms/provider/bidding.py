@@ -395,17 +395,24 @@ class Bidding:
             # Its allocation starts in this exchange, so the commit needs no watch (a
             # timer and a turn of this actor's mailbox at allocate_within_s, a placement
             # each) unless it does not: then the lease lapses as a lone commit's does.
+            spawned: list[bool] = []
             try:
-                return self._start(request, p, lease)
+                return self._start(request, p, lease, spawned)
             except BaseException:
-                self._watch_allocated(p.lease_id)
+                if not spawned:  # raised after its spawn (the answer): it started
+                    self._watch_allocated(p.lease_id)
                 raise
         return self._start(request, p, self._need_ledger().lease(p.lease_id))
 
     def _start(
-        self, request: Request, p: AllocateRequest, lease: LeaseView
+        self,
+        request: Request,
+        p: AllocateRequest,
+        lease: LeaseView,
+        spawned: list[bool] | None = None,
     ) -> dict[str, Any] | None:
-        """An allocation on the committed ``lease``: answered, then started."""
+        """An allocation on the committed ``lease``: answered, then started. ``spawned``
+        gets a ``True`` once its actor exists (whatever is raised after)."""
         holder = request.sender.address.host
         if lease.holder != holder:
             raise Refusal(ErrorCode.FORBIDDEN, f"lease {p.lease_id} is not held by the caller")
@@ -438,6 +445,8 @@ class Bidding:
         except ExecutorError:
             self._need_ledger().release(p.lease_id)
             raise
+        if spawned is not None:
+            spawned.append(True)
         # A real job of this requester here: it keeps its share of the global budgets.
         self.stakes.note(requester, "allocation")
         with self._alloc_lock:

@@ -143,7 +143,7 @@ def _sqlite_engine(url: str, begin_wait: Callable[[], _Wait | None]) -> Engine:
         ``conn.info`` (kept as long as its driver connection, cleared when that closes)
         says what was set last; a new connection has ``SQLITE_BUSY_TIMEOUT_MS``."""
         if conn.info.get(_BUSY_MS, SQLITE_BUSY_TIMEOUT_MS) != ms:
-            conn.info.pop(_BUSY_MS, None)  # unknown until the statement ran
+            conn.info[_BUSY_MS] = None  # unknown until the statement ran: equal to no ms
             run_driver(conn, f"PRAGMA busy_timeout={ms}")
             conn.info[_BUSY_MS] = ms
 

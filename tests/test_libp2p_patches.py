@@ -97,15 +97,22 @@ def window_updates(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sent
 
 
-def test_small_frames_do_not_each_cost_a_window_update(
-    cluster: LocalCluster, window_updates: list[int]
-) -> None:
+def _linked_with_sink(cluster: LocalCluster, expected: int) -> tuple[Any, Any, Any, Any]:
+    """Two linked nodes, a ``Sink`` on the second that sets ``done`` at ``expected``
+    frames, and the stream to it open (one frame sent, counted): a, b, sink, done."""
     a, b = cluster.start(2)
     cluster.wait_linked()
     assert a.node is not None and b.system is not None
     done = threading.Event()
-    sink = b.system.spawn(Sink, 300, done)
+    sink = b.system.spawn(Sink, expected, done)
     a.node.ask(sink.handle, "/test/sink", {"data": "warm"}, timeout=10)  # stream open
+    return a, b, sink, done
+
+
+def test_small_frames_do_not_each_cost_a_window_update(
+    cluster: LocalCluster, window_updates: list[int]
+) -> None:
+    a, b, sink, _ = _linked_with_sink(cluster, 300)
     sink.stop_soon()
     # Fewer frames than the receiver admits from one peer at once (its in-flight budget,
     # 64): a loaded receiver would refuse the rest, and the test is about windows.
@@ -392,12 +399,7 @@ def test_yamux_reads_no_settings_and_no_buffered_body_again_per_frame(
 
     from libp2p.stream_muxer.yamux import yamux
 
-    a, b = cluster.start(2)
-    cluster.wait_linked()
-    assert a.node is not None and b.system is not None
-    done = threading.Event()
-    sink = b.system.spawn(Sink, 41, done)
-    a.node.ask(sink.handle, "/test/sink", {"data": "warm"}, timeout=10)  # stream open
+    a, _, sink, done = _linked_with_sink(cluster, 41)
     getenv, read_exactly = os.getenv, yamux.read_exactly
     settings_read: list[str] = []
     bodies_read: list[int] = []

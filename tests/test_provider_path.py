@@ -127,24 +127,35 @@ def _spy_call_later(node: Any, calls: list[float], monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(node, "call_later", spied)
 
 
+WATCH_S = 17.25  # allocate_within_s, told apart from every other timer of the node
+
+
+def _watched_provider(
+    net: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, Any, Any, list[float]]:
+    """A requester and one provider whose bidding's timers are recorded (their delays):
+    the requester, the provider, its bidding and the delays."""
+    net.settings.update(preferences={"allocate_within_s": WATCH_S})
+    requester, (provider,) = network(net, 1)
+    assert provider.node is not None
+    bidding = provider.node.pykka_ref.proxy().bidding.get(timeout=5)
+    calls: list[float] = []
+    _spy_call_later(bidding.node, calls, monkeypatch)
+    return requester, provider, bidding, calls
+
+
 def test_an_allocate_that_starts_its_allocation_sets_no_lapse_watch(
     net: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Commit and allocate in one exchange: the allocation starts in it, so the commit's
     watch (a timer, then a turn of the node's mailbox ``allocate_within_s`` later, for
     every placement) is not set; the job runs and its lease is released."""
-    within = 17.25  # told apart from every other timer of the node
-    net.settings.update(preferences={"allocate_within_s": within})
-    requester, (provider,) = network(net, 1)
-    assert provider.node is not None
-    bidding = provider.node.pykka_ref.proxy().bidding.get(timeout=5)
-    calls: list[float] = []
-    _spy_call_later(bidding.node, calls, monkeypatch)
+    requester, provider, _, calls = _watched_provider(net, monkeypatch)
     dep = deploy(requester, spec(params={"seconds": 0}))
     done = wait_state(requester, dep, TERMINAL, 60)
     assert done["state"] == "completed", done["events"]
     wait_for(lambda: live_leases([provider]) == 0, 30, "the lease released")
-    assert within not in calls
+    assert WATCH_S not in calls
 
 
 def test_an_allocate_whose_answer_fails_after_the_start_sets_no_lapse_watch(
@@ -155,13 +166,7 @@ def test_an_allocate_whose_answer_fails_after_the_start_sets_no_lapse_watch(
     see the lease lapse as never started (its requester put on a lapse cooldown)."""
     from dms.actor import Responder
 
-    within = 17.25  # told apart from every other timer of the node
-    net.settings.update(preferences={"allocate_within_s": within})
-    requester, (provider,) = network(net, 1)
-    assert provider.node is not None
-    bidding = provider.node.pykka_ref.proxy().bidding.get(timeout=5)
-    calls: list[float] = []
-    _spy_call_later(bidding.node, calls, monkeypatch)
+    requester, provider, bidding, calls = _watched_provider(net, monkeypatch)
     ok = Responder.ok
 
     def failing_ok(responder: Any, result: Any = None) -> None:
@@ -183,7 +188,7 @@ def test_an_allocate_whose_answer_fails_after_the_start_sets_no_lapse_watch(
     with pytest.raises(RemoteError):
         ask(requester, provider, ALLOCATE, allocate)
     wait_for(lambda: live_leases([provider]) == 0, 30, "the job's end released the lease")
-    assert within not in calls
+    assert WATCH_S not in calls
 
 
 def test_an_allocate_whose_allocation_does_not_start_still_lapses(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,9 +171,19 @@ def test_placed_k_means_gives_the_labels_of_local(
     assert result["protocol"] == protocol and result["shards"] == shards
     placement = result["placement"]
     assert [p["rows"] for p in placement] == ([150] if shards == 1 else [50, 50, 50])
-    # Three shards, three providers: each shard on a peer of its own.
+    # Three shards, three providers: each shard on a peer of its own when the round
+    # that placed them had an offer from each (spreading is a score, not a rule): under
+    # load a provider's bid can miss the window, and a shard then goes to the best of
+    # the offers that came ("won: ..., best of 1"), on a peer holding one already.
     bids = net.ask("/dms/node/deployment/manifest", {"id": session})["bids"]
-    assert len({p["peer_id"] for p in placement}) == shards, bids
+    if len({p["peer_id"] for p in placement}) < shards:
+        best_of = [
+            int(n)
+            for b in bids
+            if b["outcome"] == "won"
+            for n in re.findall(r"best of (\d+)", b["reason"])
+        ]
+        assert best_of and min(best_of) < shards, bids
     assert all(p["mb_sent"] > 0 and p["mb_received"] > 0 for p in placement)
     assert result["replacements"] == 0 and result["iterations"] >= 2
     net.settle(session)

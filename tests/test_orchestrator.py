@@ -416,6 +416,57 @@ def test_first_offer_places_on_the_first_answer_and_reverts_the_slower_peers_bid
         plan.close()
 
 
+def test_a_losing_offer_goes_back_once_the_winners_allocate_is_answered(
+    tmp_path: Path,
+) -> None:
+    """The offers that lose a round are reverted once the winner's allocate is answered,
+    not beside it: that exchange is the placement's path, and a revert sent during it
+    (sealed and sent here, handled by the other provider, its answer read here) took
+    turns at the same cores. The winner's link is slow (1 s each way), so its allocate
+    is in flight for 2 s: the loser's lease is released only after the slot runs
+    (before, at the round's close, 2 s ahead of it)."""
+    plan = FaultPlan()
+    with LocalCluster(tmp_path / "held", faults=plan, heartbeat_s=HEARTBEAT) as net:
+        requester, peers = network(net, 2)
+        winner, loser = sorted(peers, key=lambda p: p.peer_id)  # round-robin's first pick
+        plan.link(LinkRule(frozenset({requester.peer_id}), frozenset({winner.peer_id}), 1.0))
+        job = spec(strategy="round-robin", bid_window_s=30, deadline_s=60, lease_s=60,
+                   params={"seconds": 60})  # fmt: skip
+        dep = deploy(requester, job)
+        running = wait_state(requester, dep, ("running",), 30)
+        assert [s["peer_id"] for s in running["slots"]] == [winner.peer_id], running["events"]
+        ran_at = next(e["at"] for e in running["events"] if ": running on " in e["what"])
+        wait_for(lambda: lease_states(loser, dep) == ["released"], 30, "the losing offer back")
+        assert loser.db is not None
+        with loser.db.transaction() as conn:
+            (ended_at,) = conn.execute(
+                text("SELECT ended_at FROM leases WHERE ref LIKE :ref"), {"ref": f"dep:{dep}/%"}
+            ).one()
+        assert ended_at >= ran_at, (ended_at, ran_at, running["events"])
+        owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
+        plan.close()
+
+
+def test_a_losing_offer_held_for_an_allocate_goes_back_when_the_deployment_ends(
+    tmp_path: Path,
+) -> None:
+    """A deployment shut down while its winner's allocate is in flight sends the revert
+    it held for the losing offer then, and the winner's lease goes back too."""
+    plan = FaultPlan()
+    with LocalCluster(tmp_path / "ended", faults=plan, heartbeat_s=HEARTBEAT) as net:
+        requester, peers = network(net, 2)
+        winner, loser = sorted(peers, key=lambda p: p.peer_id)  # round-robin's first pick
+        plan.link(LinkRule(frozenset({requester.peer_id}), frozenset({winner.peer_id}), 2.0))
+        job = spec(strategy="round-robin", bid_window_s=30, deadline_s=60, lease_s=60,
+                   params={"seconds": 60})  # fmt: skip
+        dep = deploy(requester, job)
+        wait_state(requester, dep, ("committing",), 30)
+        owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
+        wait_for(lambda: lease_states(loser, dep) == ["released"], 30, "the losing offer back")
+        wait_for(lambda: live_leases([winner]) == 0, 60, "the winner's lease back")
+        plan.close()
+
+
 def test_first_offer_keeps_a_slot_placed_again_off_the_peer_holding_the_other(
     tmp_path: Path,
 ) -> None:

@@ -26,7 +26,7 @@ from dms.network.peertable import PeerTable
 from dms.orchestrator.messages import REVERT
 from dms.orchestrator.records import BidRow
 from dms.orchestrator.selection import RoundRobin
-from dms.orchestrator.slots import Deadlines, Slot
+from dms.orchestrator.slots import Deadlines, Slot, SlotState
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
 from dms.orchestrator.store import DeploymentStore
 from dms.security.identity import public_key_from_peer_id
@@ -185,6 +185,8 @@ class DeploymentBook:
             slots = [Slot.new(name, self.deadlines, now) for name in self.by_slot]
         self.slots: dict[str, Slot] = {s.name: s for s in slots}
         self.uncertain: set[str] = set()  # peers that may hold leases we do not know of
+        # Offers never committed that go back once no allocate is in flight (give_back).
+        self._held: dict[str, list[str]] = {}
         self._dirty = False
         self._saved_as: tuple[Any, ...] = ()
         self._bids: list[BidRow] = []  # bid index rows, written with the next save
@@ -304,6 +306,33 @@ class DeploymentBook:
         except Exception as exc:  # an unreachable peer's leases expire on their own
             self.uncertain.add(peer)
             log.debug("revert to %s not sent: %s", peer, exc)
+
+    def give_back(self, peer: str, lease_ids: list[str]) -> None:
+        """Revert offers that were never committed (a round's losers, a late bid): at
+        once, or, while an allocate of this deployment is in flight, once it is answered
+        (``send_held``). Its exchange is the placement's path; a revert sent beside it
+        (sealed and sent by this node, handled by the other provider, its answer read
+        here) took turns at the same cores. A lease held a few milliseconds longer is
+        the cost; one that lost for good still expires at its lease's end."""
+        if not peer or not lease_ids:
+            return
+        if any(s.state == SlotState.COMMITTING for s in self.slots.values()):
+            self._held.setdefault(peer, []).extend(lease_ids)
+            return
+        self.revert(peer, lease_ids)
+
+    def send_held(self, force: bool = False, covered: frozenset[str] = frozenset()) -> None:
+        """Send the reverts ``give_back`` held, one a peer: when no allocate is in flight
+        any more, or at once with ``force`` (a new round asks peers again; the deployment
+        ends). ``covered``: peers a revert of everything goes to anyway."""
+        if not self._held:
+            return
+        if not force and any(s.state == SlotState.COMMITTING for s in self.slots.values()):
+            return
+        held, self._held = self._held, {}
+        for peer, lease_ids in held.items():
+            if peer not in covered:
+                self.revert(peer, lease_ids)
 
     def note_reason(self, peer: str, slots: list[str], reason: str) -> None:
         for name in slots:

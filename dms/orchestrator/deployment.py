@@ -202,7 +202,9 @@ class DeploymentActor(Actor):
         # lost, a slot that did not complete) goes back now, not at its lease's expiry.
         unfinished = {s.peer_id for s in self.book.slots.values() if s.state != SlotState.COMPLETED}
         owing = {peer for peer, count in self.rounds.owing.items() if count > 0}
-        for peer in sorted((self.book.uncertain | unfinished | owing) - {None}):
+        everything = frozenset(p for p in self.book.uncertain | unfinished | owing if p)
+        self.book.send_held(force=True, covered=everything)
+        for peer in sorted(everything):
             self.book.revert(peer, [], everything=True)
         self.book.set_state(state)
         self.book.event(what)
@@ -261,6 +263,7 @@ class DeploymentActor(Actor):
             self.book.set_state(DeploymentState.QUEUED)
         if self.book.changed():  # a status echo changes nothing, and saves nothing
             self.book.save()
+        self.book.send_held()  # once no allocate is in flight
 
     # ---- owner -------------------------------------------------------------------------
 

@@ -272,6 +272,8 @@ class BidRounds:
         if late:
             self.fail_unplaced(late)
             return
+        # What earlier rounds gave back goes first: this one may ask the same peers.
+        self.book.send_held(force=True)
         self.round += 1
         rid = self.round
         self._asked, self._answered, self._gossiped = set(), set(), False
@@ -397,7 +399,7 @@ class BidRounds:
         free on it while its last heartbeat may still count them (``GivenBackBook``)."""
         if not offers:
             return
-        self.book.revert(peer, [o.lease_id for o in offers])
+        self.book.give_back(peer, [o.lease_id for o in offers])
         amount = ZERO
         for offer in offers:
             spec = self.book.by_slot.get(offer.slot)

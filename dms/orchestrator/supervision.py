@@ -126,6 +126,12 @@ class Supervision:
         )  # fmt: skip
 
     def _on_allocate(self, name: str, lease_id: str, outcome: Outcome) -> None:
+        try:
+            self._allocate_answered(name, lease_id, outcome)
+        finally:
+            self.book.send_held()  # the offers that lost, once no allocate is in flight
+
+    def _allocate_answered(self, name: str, lease_id: str, outcome: Outcome) -> None:
         slot = self._current(name, lease_id, SlotState.COMMITTING)
         if slot is None:
             return

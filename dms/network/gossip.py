@@ -261,6 +261,10 @@ def new_pubsub(
         degree_high=gossip.degree_high,
         heartbeat_interval=gossip.heartbeat_s,  # type: ignore[arg-type]
         heartbeat_initial_delay=0.1,
+        # Message ids are advertised at gossip.gossip_heartbeats heartbeats after they
+        # arrive; IWANTs are answered from 5 heartbeats (py-libp2p's history).
+        gossip_window=gossip.gossip_heartbeats,
+        gossip_history=max(5, gossip.gossip_heartbeats),
         max_messages_per_topic_per_second=gossip.max_messages_per_topic_per_s,
         adaptive_gossip_enabled=False,
     )

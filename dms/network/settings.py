@@ -21,6 +21,9 @@ class GossipSettings(BaseModel):
     degree_low: int = Field(default=3, ge=1)
     degree_high: int = Field(default=6, ge=1)
     max_messages_per_topic_per_s: float = Field(default=1000.0, gt=0)
+    # Heartbeats at which a message id is advertised (IHAVE) to non-mesh peers after it
+    # arrived: gossipsub's history_gossip (go-libp2p's and py-libp2p's default is 3).
+    gossip_heartbeats: int = Field(default=1, ge=1, le=5)
     # Messages a second (and at once) that one publishing host may have a node handle,
     # whoever forwards them; the rest are dropped before validation (rate_limited).
     max_messages_per_peer_per_s: float = Field(default=50.0, gt=0)

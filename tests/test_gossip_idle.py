@@ -1,0 +1,62 @@
+"""What an idle node's gossipsub heartbeat sends and does: a message id is advertised
+(IHAVE) once, not at every heartbeat its mcache window holds it, and the peer-score
+upkeep that cannot change anything without score parameters is not done
+(specs/network.md, "Broadcast: gossipsub")."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+
+from dms.sim.cluster import LocalCluster
+from tests.conftest import wait_for
+from tests.test_libp2p_patches import TOPIC, listening_nodes
+
+
+@pytest.fixture
+def ihaves(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, str]]:
+    """IHAVEs on TOPIC this process sends, by (sender, receiver); the real method runs."""
+    sent: Counter[tuple[str, str]] = Counter()
+    original = GossipSub.emit_control_message
+
+    async def counted(self: GossipSub, control: rpc_pb2.ControlMessage, to_peer: Any) -> None:
+        for ihave in control.ihave:
+            if ihave.topicID == TOPIC and self.pubsub is not None:
+                sent[(self.pubsub.my_id.to_base58(), to_peer.to_base58())] += 1
+        await original(self, control, to_peer)
+
+    monkeypatch.setattr(GossipSub, "emit_control_message", counted)
+    return sent
+
+
+def test_a_message_is_advertised_to_each_peer_once_then_idle_heartbeats_send_no_ihave(
+    cluster: LocalCluster, ihaves: Counter[tuple[str, str]]
+) -> None:
+    """Eight nodes: each has non-mesh peers (the mesh holds at most 6 of its 7), to which
+    gossipsub advertises what it got. A message is advertised to them once (py-libp2p as
+    configured before: at each of the 3 heartbeats its window held it, 3 IHAVEs a pair),
+    and once it is out of the window the node's heartbeats say nothing on the topic."""
+    nodes, seen = listening_nodes(cluster, 8)
+    # Heartbeats carry addresses: every node comes to connect to every other.
+    wait_for(
+        lambda: all(n.transport is not None and len(n.transport.peers()) == 7 for n in nodes),
+        timeout=90,
+        what="every node connected to every other",
+    )
+    time.sleep(2.0)  # the meshes' heartbeats after the connections
+    assert nodes[0].node is not None
+    nodes[0].node.publish(TOPIC, "/test/tuning", {"i": 1})
+    wait_for(lambda: all(s == [{"i": 1}] for s in seen), what="the message everywhere")
+    heartbeat_s = nodes[0].network_settings.gossip.heartbeat_s
+    # Past every window the message was in (3 heartbeats as py-libp2p ships), and more.
+    time.sleep(5 * heartbeat_s)
+    advertised = Counter(ihaves)
+    assert advertised, "no node advertised the message to a non-mesh peer (repair is gone)"
+    assert max(advertised.values()) == 1, advertised.most_common(3)
+    time.sleep(3 * heartbeat_s)  # idle heartbeats: nothing new on the topic
+    assert ihaves == advertised

@@ -561,3 +561,63 @@ def test_a_tcp_connection_reads_a_small_frame_in_one_socket_read() -> None:
     assert trio.run(read_all) == messages
     # 2 reads a message before (42); now about the bytes over the read-ahead
     assert socket.reads <= len(wire) // libp2p_patches.TCP_READ_AHEAD + 4
+
+
+class Watched(dict):  # type: ignore[type-arg]
+    """A score counter table that counts how often its keys are listed (a decay pass)."""
+
+    listed = 0
+
+    def keys(self) -> Any:
+        Watched.listed += 1
+        return super().keys()
+
+
+def test_score_counters_are_not_decayed_by_one_but_are_by_a_real_decay() -> None:
+    """Every heartbeat py-libp2p decays each peer's score counters; with our parameters
+    (every decay 1) that multiplies by 1. The pass is skipped then, done otherwise."""
+    from libp2p.pubsub.score import PeerScorer, ScoreParams, TopicScoreParams
+
+    libp2p_patches.apply_libp2p_patches()
+    scorer = PeerScorer(ScoreParams())
+    scorer.time_in_mesh = Watched(peer={"/t": 4.0})  # type: ignore[assignment]
+    Watched.listed = 0
+    scorer.on_heartbeat()
+    assert Watched.listed == 0  # py-libp2p as shipped lists it at every heartbeat
+    assert scorer.time_in_mesh["peer"]["/t"] == 4.0
+
+    decaying = PeerScorer(ScoreParams(p1_time_in_mesh=TopicScoreParams(decay=0.5)))
+    decaying.time_in_mesh = Watched(peer={"/t": 4.0})  # type: ignore[assignment]
+    decaying.on_heartbeat()
+    assert Watched.listed == 1
+    assert decaying.time_in_mesh["peer"]["/t"] == 2.0
+
+
+def test_meshes_are_not_searched_for_better_scoring_peers_when_no_score_weighs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """py-libp2p looks at every mesh, every heartbeat, for a peer to replace by a better
+    scoring one (scoring each peer of the topic); with every weight 0 every score is 0,
+    so it never finds one. Skipped then; done when a weight counts."""
+    import trio
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+    from libp2p.pubsub.score import ScoreParams, TopicScoreParams
+
+    libp2p_patches.apply_libp2p_patches()
+    looked: list[str] = []
+
+    async def consider(self: GossipSub, topic: str) -> None:
+        looked.append(topic)
+
+    monkeypatch.setattr(GossipSub, "_consider_peer_replacement", consider)
+
+    def router(params: ScoreParams) -> GossipSub:
+        r = GossipSub([PROTOCOL_ID_V11], 4, 3, 6, score_params=params)
+        r.mesh = {"/t": {"a", "b", "c", "d"}}  # type: ignore[dict-item]
+        return r
+
+    trio.run(router(ScoreParams())._maintain_mesh_quality, "/t")
+    assert looked == []  # py-libp2p as shipped: ["/t"], at every heartbeat
+    weighed = ScoreParams(p2_first_message_deliveries=TopicScoreParams(weight=1.0, cap=10.0))
+    trio.run(router(weighed)._maintain_mesh_quality, "/t")
+    assert looked == ["/t"]

@@ -107,6 +107,13 @@ settings): 4.0 ms of CPU per gossip message received before, 1.7 ms after.
   then pushed meshes past ``degree_high``; the prunes that followed put, within
   a minute, nearly every pair of a 20-node cluster in backoff, and meshes fell
   apart (nodes with no mesh peer, heartbeats not reaching whole groups).
+- **No score upkeep without scores.** Each heartbeat py-libp2p decays every peer's
+  score counters, each of every topic, and looks at every mesh for a peer to replace by
+  a better-scoring one (the score of each mesh peer and each other peer of the topic).
+  With the score parameters we run (py-libp2p's defaults: every weight 0, every decay
+  1), the decay multiplies by 1 and every score is 0, so neither ever changes
+  anything; both are skipped while that holds (:func:`decays_are_identity`,
+  :func:`scores_are_zero`), and run as before with parameters that weigh or decay.
 - **Subscriptions repeated to every new pubsub stream.** A node tells a peer
   its topics once, in the hello on its own stream to that peer, and later
   subscriptions only to peers whose outbound queue exists at that moment. A
@@ -431,6 +438,73 @@ def _no_opportunistic_grafting() -> bool:
     return True
 
 
+def decays_are_identity(params: Any) -> bool:
+    """Whether every decay of gossipsub's score parameters is 1: a decay step then
+    multiplies every counter by 1 and changes nothing."""
+    topic = (
+        params.p1_time_in_mesh,
+        params.p2_first_message_deliveries,
+        params.p3_mesh_message_deliveries,
+        params.p4_invalid_messages,
+    )
+    return all(t.decay == 1.0 for t in topic) and (
+        params.p5_behavior_penalty_decay == 1.0 and params.p6_appl_slack_decay == 1.0
+    )
+
+
+def scores_are_zero(params: Any) -> bool:
+    """Whether gossipsub's score parameters weigh nothing: every peer's score is then 0
+    whatever its counters hold, so no peer scores better than another."""
+    topic = (
+        params.p1_time_in_mesh,
+        params.p2_first_message_deliveries,
+        params.p3_mesh_message_deliveries,
+        params.p4_invalid_messages,
+    )
+    return (
+        all(t.weight == 0.0 for t in topic)
+        and params.p5_behavior_penalty_weight == 0.0
+        and (params.app_specific_score_fn is None or params.p6_appl_slack_weight == 0.0)
+        and params.p7_ip_colocation_weight == 0.0
+    )
+
+
+def _no_score_upkeep_without_scores() -> bool:
+    from libp2p.pubsub.gossipsub import GossipSub
+    from libp2p.pubsub.score import PeerScorer, ScoreParams
+
+    try:
+        shaped = decays_are_identity(ScoreParams()) and scores_are_zero(ScoreParams())
+    except AttributeError:
+        shaped = False
+    if (
+        not shaped
+        or not hasattr(PeerScorer, "on_heartbeat")
+        or not hasattr(GossipSub, "_maintain_mesh_quality")
+    ):
+        log.info("py-libp2p's peer scoring changed shape; its heartbeat upkeep is left as it is")
+        return False
+    decay = PeerScorer.on_heartbeat
+    maintain = GossipSub._maintain_mesh_quality
+
+    def decay_unless_identity(self: Any, dt_seconds: float = 1.0) -> None:
+        # A function patched in as PeerScorer.on_heartbeat: ``self`` is py-libp2p's.
+        if decays_are_identity(self.params):
+            return
+        decay(self, dt_seconds)
+
+    async def maintain_unless_unscored(self: Any, topic: str) -> None:
+        # A function patched in as GossipSub._maintain_mesh_quality.
+        scorer = getattr(self, "scorer", None)
+        if scorer is not None and scores_are_zero(scorer.params):
+            return
+        await maintain(self, topic)
+
+    PeerScorer.on_heartbeat = decay_unless_identity
+    GossipSub._maintain_mesh_quality = maintain_unless_unscored
+    return True
+
+
 async def tell_topics_when_writable(
     pubsub: Any, peer_id: Any, wait_s: float = SUBSCRIPTION_REPEAT_WAIT_S
 ) -> None:
@@ -749,6 +823,7 @@ PATCHES: tuple[Callable[[], bool], ...] = (
     _read_ahead_on_tcp,
     _back_off_pruned_peers,
     _no_opportunistic_grafting,
+    _no_score_upkeep_without_scores,
     _repeat_subscriptions_to_new_streams,
     _enforce_yamux_receive_window,
     _wake_readers_on_reset,

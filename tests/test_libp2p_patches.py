@@ -621,3 +621,34 @@ def test_meshes_are_not_searched_for_better_scoring_peers_when_no_score_weighs(
     weighed = ScoreParams(p2_first_message_deliveries=TopicScoreParams(weight=1.0, cap=10.0))
     trio.run(router(weighed)._maintain_mesh_quality, "/t")
     assert looked == ["/t"]
+
+
+def test_ihave_is_emitted_every_third_heartbeat_naming_each_id_once() -> None:
+    """A router with ``ihave_every_heartbeats`` 3 (ours) and a window as long: the ids
+    that came over three heartbeats go out together, once, at the third; py-libp2p as
+    shipped emits the window at every heartbeat (an id named three times)."""
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+    from libp2p.pubsub.pb import rpc_pb2
+
+    libp2p_patches.apply_libp2p_patches()
+    router = GossipSub([PROTOCOL_ID_V11], 4, 3, 6, gossip_window=3, gossip_history=5)
+    router.ihave_every_heartbeats = 3  # type: ignore[attr-defined]
+    peers = [ID(b"peer-%d" % i) for i in range(8)]
+
+    class Pubsub:
+        def __init__(self) -> None:
+            self.peer_topics = {"/t": set(peers)}
+
+    router.pubsub = Pubsub()  # type: ignore[assignment]
+    router.peer_protocol = dict.fromkeys(peers, PROTOCOL_ID_V11)
+    router.mesh = {"/t": set(peers[:4])}
+    emitted = []
+    for beat in range(7):
+        if beat in (0, 1):
+            router.mcache.put(rpc_pb2.Message(from_id=b"x", seqno=bytes([beat]), topicIDs=["/t"]))
+        gossip = router.gossip_heartbeat()  # then the heartbeat shifts the window
+        emitted.append(sorted(len(ids["/t"]) for ids in gossip.values()))
+        router.mcache.shift()
+    # The four non-mesh peers hear both ids at the third heartbeat, and nothing else.
+    assert emitted == [[], [], [2, 2, 2, 2], [], [], [], []]

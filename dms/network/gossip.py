@@ -254,6 +254,7 @@ def new_pubsub(
     pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(
         pubsub_module.SUBSCRIPTION_CHANNEL_SIZE, gossip.subscription_queue
     )
+    window = gossip.gossip_heartbeats * gossip.ihave_every_heartbeats
     router = GossipSub(
         protocols=[PROTOCOL_ID_V11],
         degree=gossip.degree,
@@ -261,13 +262,15 @@ def new_pubsub(
         degree_high=gossip.degree_high,
         heartbeat_interval=gossip.heartbeat_s,  # type: ignore[arg-type]
         heartbeat_initial_delay=0.1,
-        # Message ids are advertised at gossip.gossip_heartbeats heartbeats after they
-        # arrive; IWANTs are answered from 5 heartbeats (py-libp2p's history).
-        gossip_window=gossip.gossip_heartbeats,
-        gossip_history=max(5, gossip.gossip_heartbeats),
+        # Message ids are advertised at gossip.gossip_heartbeats emissions of IHAVE after
+        # they arrive, one every ihave_every_heartbeats (libp2p_patches); IWANTs are
+        # answered for 2 heartbeats after the last (5 as py-libp2p ships, at least).
+        gossip_window=window,
+        gossip_history=max(5, window + 2),
         max_messages_per_topic_per_second=gossip.max_messages_per_topic_per_s,
         adaptive_gossip_enabled=False,
     )
+    router.ihave_every_heartbeats = gossip.ihave_every_heartbeats  # type: ignore[attr-defined]
     pubsub = SignedPubsub(
         host,
         router,

@@ -107,6 +107,13 @@ settings): 4.0 ms of CPU per gossip message received before, 1.7 ms after.
   then pushed meshes past ``degree_high``; the prunes that followed put, within
   a minute, nearly every pair of a 20-node cluster in backoff, and meshes fell
   apart (nodes with no mesh peer, heartbeats not reaching whole groups).
+- **IHAVE every few heartbeats.** py-libp2p emits gossip (IHAVE to up to 6 non-mesh
+  peers a topic) at every heartbeat whose window holds an id; a router with
+  ``ihave_every_heartbeats`` (ours: 3) emits it at every third heartbeat only, its mcache
+  window as many heartbeats long, so each id is still named once, with those that came
+  since the last emission: an idle node's IHAVEs come in one RPC a peer per 3 s
+  instead of one a second. Unpatched, the window of 3 is emitted at every heartbeat
+  (py-libp2p's behaviour: each id named three times).
 - **No score upkeep without scores.** Each heartbeat py-libp2p decays every peer's
   score counters, each of every topic, and looks at every mesh for a peer to replace by
   a better-scoring one (the score of each mesh peer and each other peer of the topic).
@@ -133,7 +140,7 @@ import struct
 import threading
 import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -435,6 +442,28 @@ def _no_opportunistic_grafting() -> bool:
         return 0
 
     GossipSub._perform_opportunistic_grafting = no_grafting
+    return True
+
+
+def _ihave_every_few_heartbeats() -> bool:
+    from libp2p.pubsub.gossipsub import GossipSub
+
+    if not hasattr(GossipSub, "gossip_heartbeat"):
+        log.info("py-libp2p's gossipsub changed shape; IHAVE is emitted at every heartbeat")
+        return False
+    gossip = GossipSub.gossip_heartbeat
+
+    def gossip_every_few(self: Any) -> Any:
+        # A function patched in as GossipSub.gossip_heartbeat: ``self`` is py-libp2p's
+        # router; ``ihave_every_heartbeats`` is set on ours (dms.network.gossip).
+        every = getattr(self, "ihave_every_heartbeats", 1)
+        beats = self.__dict__.get("_dms_gossip_beats", 0) + 1
+        self.__dict__["_dms_gossip_beats"] = beats
+        if every > 1 and beats % every:
+            return defaultdict(dict)  # no IHAVE at this heartbeat: its ids wait in the window
+        return gossip(self)
+
+    GossipSub.gossip_heartbeat = gossip_every_few
     return True
 
 
@@ -824,6 +853,7 @@ PATCHES: tuple[Callable[[], bool], ...] = (
     _back_off_pruned_peers,
     _no_opportunistic_grafting,
     _no_score_upkeep_without_scores,
+    _ihave_every_few_heartbeats,
     _repeat_subscriptions_to_new_streams,
     _enforce_yamux_receive_window,
     _wake_readers_on_reset,

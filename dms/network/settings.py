@@ -24,6 +24,9 @@ class GossipSettings(BaseModel):
     # Heartbeats at which a message id is advertised (IHAVE) to non-mesh peers after it
     # arrived: gossipsub's history_gossip (go-libp2p's and py-libp2p's default is 3).
     gossip_heartbeats: int = Field(default=1, ge=1, le=5)
+    # IHAVE is emitted at every ihave_every_heartbeats-th heartbeat only, naming the ids
+    # that arrived since the one before (py-libp2p: at every heartbeat).
+    ihave_every_heartbeats: int = Field(default=3, ge=1, le=10)
     # Messages a second (and at once) that one publishing host may have a node handle,
     # whoever forwards them; the rest are dropped before validation (rate_limited).
     max_messages_per_peer_per_s: float = Field(default=50.0, gt=0)

@@ -11,7 +11,8 @@ stand-in for frames a second; ``kb_per_s``: their ``bytes_sent``).
 Each line on stdout (``--json``) is one window. The daemons run the ``dms`` this
 process imports (PYTHONPATH), so a tree is measured by running this script with
 PYTHONPATH pointing at it. ``--pyspy PATH`` records one daemon with py-spy for a
-window after the measured ones (raw folded stacks, every thread; fold them with
+window after the measured ones (raw folded stacks of the thread holding the GIL: a
+thread waiting in a lock or epoll is not counted as busy; fold them with
 ``/work/wt/tools/fold2.py``). Run it under ``flock /tmp/dms-heavy.lock``.
 """
 
@@ -142,7 +143,7 @@ def main() -> int:
             say(f"py-spy on daemon {pids[0]} for {args.window_s:g} s")
             subprocess.run(
                 ["py-spy", "record", "-p", str(pids[0]), "-r", "200", "-f", "raw", "--threads",
-                 "-d", str(int(args.window_s)), "-o", args.pyspy, "--nonblocking"],
+                 "--gil", "-d", str(int(args.window_s)), "-o", args.pyspy, "--nonblocking"],
                 check=False, capture_output=True,
             )  # fmt: skip
     finally:

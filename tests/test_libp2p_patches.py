@@ -652,3 +652,94 @@ def test_ihave_is_emitted_every_third_heartbeat_naming_each_id_once() -> None:
         router.mcache.shift()
     # The four non-mesh peers hear both ids at the third heartbeat, and nothing else.
     assert emitted == [[], [], [2, 2, 2, 2], [], [], [], []]
+
+
+class TaskSteps:
+    """A trio instrument: the steps each task took, by task name."""
+
+    def __init__(self) -> None:
+        from collections import Counter
+
+        self.by: Counter[str] = Counter()
+
+    def before_task_step(self, task: Any) -> None:
+        self.by[task.name] += 1
+
+    def of(self, suffix: str) -> int:
+        return sum(n for name, n in self.by.items() if name.endswith(suffix))
+
+
+def steps_while(node: Node, run: Any) -> TaskSteps:
+    """The task steps of ``node``'s trio loop (every host of a shared one) while ``run()``."""
+    import trio
+
+    assert node.transport is not None
+    token = node.transport._token
+    steps = TaskSteps()
+    trio.from_thread.run_sync(trio.lowlevel.add_instrument, steps, trio_token=token)
+    try:
+        run()
+    finally:
+        trio.from_thread.run_sync(trio.lowlevel.remove_instrument, steps, trio_token=token)
+    return steps
+
+
+def test_a_frame_written_takes_its_writer_two_turns_not_eight(cluster: LocalCluster) -> None:
+    """Each lock py-libp2p takes around a frame was a schedule point even when free
+    (the stream's state lock, its write and window locks, Yamux's write lock, the TCP
+    stream's), and Yamux yielded again after the socket's send: eight task steps of
+    the writer a frame, each a pass of trio's scheduler. Now two: woken for the frame,
+    and the socket's send. Every answer is the same."""
+    a, _, sink, done = _linked_with_sink(cluster, 41)
+
+    def invokes() -> None:
+        for i in range(40):
+            assert a.node.ask(sink.handle, "/test/sink", {"data": f"{i:04d}" * 16}, timeout=10)
+
+    steps = steps_while(a, invokes)
+    assert done.wait(30)
+    frames = 80  # 40 requests written by one node, 40 answers by the other
+    # As shipped: 8 a frame (640). A batch of frames is one write.
+    assert steps.of("Unicast._write_loop") <= 3 * frames
+    # Yamux's reader: the socket's read and its turn, no lock's turn (4 a frame before).
+    assert steps.of("Yamux._handle_incoming_with_ready_signal") <= 3 * frames
+
+
+def test_a_free_frame_lock_is_taken_at_once_and_a_held_one_waited_for() -> None:
+    """A lock of a py-libp2p TCP stream (as every lock the patch wraps): free, taken with
+    no turn given to other tasks, still a cancel point; held, waited for in order."""
+    import trio
+    from libp2p.io.trio import TrioTCPStream
+
+    libp2p_patches.apply_libp2p_patches()
+    stream = TrioTCPStream(SocketBytes(b""))  # type: ignore[arg-type]
+    lock = stream.write_lock
+    assert isinstance(lock, libp2p_patches.QuickLock)
+    order: list[str] = []
+
+    async def main() -> None:
+        steps = TaskSteps()
+        trio.lowlevel.add_instrument(steps)  # type: ignore[arg-type]
+        for _ in range(10):
+            async with lock:
+                pass
+        trio.lowlevel.remove_instrument(steps)  # type: ignore[arg-type]
+        assert sum(steps.by.values()) == 0  # as shipped: a step each (10)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            with pytest.raises(trio.Cancelled):
+                await lock.acquire()
+        assert not lock.locked()
+
+        async def second() -> None:
+            async with lock:
+                order.append("second")
+
+        async with trio.open_nursery() as nursery, lock:
+            nursery.start_soon(second)
+            await trio.sleep(0.01)
+            assert lock.statistics().tasks_waiting == 1
+            order.append("first")
+        assert order == ["first", "second"]
+
+    trio.run(main)

@@ -467,6 +467,38 @@ def test_a_losing_offer_held_for_an_allocate_goes_back_when_the_deployment_ends(
         plan.close()
 
 
+def test_a_slot_placed_again_finds_the_losing_offer_given_back_first(tmp_path: Path) -> None:
+    """The winner's commit fails (its lease ended while the allocate was on its way), so
+    the slot is placed again, on the peer that lost it; that peer has room for one slot
+    only, and the revert of its losing offer, held for the allocate, goes out before the
+    new round's bid request, from the deployment's own thread: it has room when asked,
+    and the requester counts it as free from the heartbeat heard when the revert went.
+    The node's actor is kept busy meanwhile: a revert that waited for its turn there
+    reached the peer after the bid request, which it declined for want of room."""
+    plan = FaultPlan()
+    with LocalCluster(tmp_path / "again", faults=plan, heartbeat_s=HEARTBEAT) as net:
+        requester, peers = network(net, 2, cpu=0.5)
+        winner, loser = sorted(peers, key=lambda p: p.peer_id)  # round-robin's first pick
+        plan.link(LinkRule(frozenset({requester.peer_id}), frozenset({winner.peer_id}), 2.0))
+        job = spec(strategy="round-robin", bid_window_s=30, deadline_s=90, lease_s=60,
+                   params={"seconds": 60})  # fmt: skip
+        dep = deploy(requester, job)
+        wait_state(requester, dep, ("committing",), 30)
+        assert requester.node is not None and winner.ledger is not None
+        requester.node.tell_call(time.sleep, 8.0)  # the node's actor busy from now
+        for lease in winner.ledger.live():  # its commit will find the lease ended
+            winner.ledger.release(lease.id)
+        running = wait_state(requester, dep, ("running",), 60)
+        assert [s["peer_id"] for s in running["slots"]] == [loser.peer_id], running["events"]
+        events = [e["what"] for e in running["events"]]
+        assert "round 2: asking 1 peer(s) for 1 slot(s)" in events, events  # asked at once
+        manifest = owner(requester, "/dms/node/deployment/manifest", {"id": dep})
+        declines = [b for b in manifest["bids"] if b["outcome"] == "decline"]
+        assert declines == [], declines
+        owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
+        plan.close()
+
+
 def test_first_offer_keeps_a_slot_placed_again_off_the_peer_holding_the_other(
     tmp_path: Path,
 ) -> None:

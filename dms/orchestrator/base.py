@@ -185,8 +185,9 @@ class DeploymentBook:
             slots = [Slot.new(name, self.deadlines, now) for name in self.by_slot]
         self.slots: dict[str, Slot] = {s.name: s for s in slots}
         self.uncertain: set[str] = set()  # peers that may hold leases we do not know of
-        # Offers never committed that go back once no allocate is in flight (give_back).
-        self._held: dict[str, list[str]] = {}
+        # Offers never committed that go back once no allocate is in flight (give_back):
+        # by peer, the lease ids and what to call when the revert goes.
+        self._held: dict[str, tuple[list[str], list[Callable[[], None]]]] = {}
         self._dirty = False
         self._saved_as: tuple[Any, ...] = ()
         self._bids: list[BidRow] = []  # bid index rows, written with the next save
@@ -307,32 +308,44 @@ class DeploymentBook:
             self.uncertain.add(peer)
             log.debug("revert to %s not sent: %s", peer, exc)
 
-    def give_back(self, peer: str, lease_ids: list[str]) -> None:
+    def give_back(
+        self, peer: str, lease_ids: list[str], sent: Callable[[], None] | None = None
+    ) -> None:
         """Revert offers that were never committed (a round's losers, a late bid): at
         once, or, while an allocate of this deployment is in flight, once it is answered
-        (``send_held``). Its exchange is the placement's path; a revert sent beside it
-        (sealed and sent by this node, handled by the other provider, its answer read
-        here) took turns at the same cores. A lease held a few milliseconds longer is
-        the cost; one that lost for good still expires at its lease's end."""
+        (``send_held``); ``sent`` is called when the revert goes. The allocate's exchange
+        is the placement's path; a revert sent beside it (sealed and sent by this node,
+        handled by the other provider, its answer read here) took turns at the same
+        cores. The cost: a losing lease is held for the allocate's round trip longer (up
+        to its timeout when the winner does not answer); one never sent (a crash)
+        still expires at its lease's end."""
         if not peer or not lease_ids:
             return
         if any(s.state == SlotState.COMMITTING for s in self.slots.values()):
-            self._held.setdefault(peer, []).extend(lease_ids)
+            held = self._held.setdefault(peer, ([], []))
+            held[0].extend(lease_ids)
+            if sent is not None:
+                held[1].append(sent)
             return
         self.revert(peer, lease_ids)
+        if sent is not None:
+            sent()
 
     def send_held(self, force: bool = False, covered: frozenset[str] = frozenset()) -> None:
         """Send the reverts ``give_back`` held, one a peer: when no allocate is in flight
         any more, or at once with ``force`` (a new round asks peers again; the deployment
-        ends). ``covered``: peers a revert of everything goes to anyway."""
+        ends or stops). ``covered``: peers a revert of everything goes to anyway."""
         if not self._held:
             return
         if not force and any(s.state == SlotState.COMMITTING for s in self.slots.values()):
             return
         held, self._held = self._held, {}
-        for peer, lease_ids in held.items():
-            if peer not in covered:
-                self.revert(peer, lease_ids)
+        for peer, (lease_ids, sent) in held.items():
+            if peer in covered:
+                continue
+            self.revert(peer, lease_ids)
+            for call in sent:
+                call()
 
     def note_reason(self, peer: str, slots: list[str], reason: str) -> None:
         for name in slots:

@@ -161,6 +161,14 @@ class DeploymentActor(Actor):
         self.rounds.schedule(0.0)
         self.call_later(self.o.supervise_s, self.supervision.supervise)
 
+    def stopping(self) -> None:
+        # A node that stops with an allocate in flight sends what it held for it: the
+        # losing offers' leases, else held until they expire.
+        try:
+            self.book.send_held(force=True)
+        except Exception:  # the node may be stopping its network too
+            log.info("deployment %s: held reverts not sent at its stop", self.id)
+
     def _resume(self) -> None:
         """After a restart: revert what was half done, keep supervising what runs."""
         if not self.resumable():

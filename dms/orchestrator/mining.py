@@ -210,6 +210,7 @@ class MiningSessionActor(DeploymentActor):
         self._off_mailbox(self.driver.prepare, self._prepared, "preparing the data")
 
     def stopping(self) -> None:
+        super().stopping()
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.courier is not None:
             for tag in self._tags:

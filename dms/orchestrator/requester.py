@@ -93,7 +93,9 @@ class Requester:
                 on_end=self._deployment_ended,
                 supervise_s=supervise_s,
                 store_wait_s=store_wait_s,
-                revert=lambda peer, payload: node.ref.tell_call(self.reverts.send, peer, payload),
+                # Sent from the deployment's thread (Reverts is thread-safe): in order
+                # with its own frames to that peer, and no turn of the node's mailbox.
+                revert=self.reverts.send,
                 on_placed=on_placed,
             )
             if db is not None

@@ -14,12 +14,15 @@ again, after 1, 2, 4 ... up to 30 seconds, for at most ``horizon_s``. A retry is
 a fresh envelope, so a queue delay passes; clocks that stay apart refuse every
 one until the horizon, said once per peer (a warning, again only after that peer
 acknowledged one) instead of each time. The node actor owns the outbox, so a revert
-outlives the deployment that asked for it.
+outlives the deployment that asked for it. ``send`` may be called from any thread (a
+deployment's sends its reverts from its own, in order with its other frames to that
+peer); the answers and retries run in the node actor.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from functools import partial
 from typing import Any
@@ -67,6 +70,7 @@ class Reverts:
     ) -> None:
         self.actor = actor
         self.timeout_s, self.horizon_s, self.max_pending = timeout_s, horizon_s, max_pending
+        self._lock = threading.Lock()  # the counts: send runs on any thread
         self.pending = 0
         self.acknowledged = 0
         self.abandoned = 0
@@ -76,12 +80,17 @@ class Reverts:
         self.untimely: set[str] = set()
 
     def send(self, peer: str, payload: dict[str, Any]) -> None:
-        """Revert at ``peer`` until it answers (call in the owning actor's thread)."""
-        if self.pending >= self.max_pending:
-            self.abandoned += 1
-            log.warning("revert to %s dropped: %d reverts pending", peer, self.pending)
+        """Revert at ``peer`` until it answers (from any thread; sent from the caller's)."""
+        with self._lock:
+            full = self.pending >= self.max_pending
+            if full:
+                self.abandoned += 1
+            else:
+                self.pending += 1
+            pending = self.pending
+        if full:
+            log.warning("revert to %s dropped: %d reverts pending", peer, pending)
             return
-        self.pending += 1
         self._attempt(peer, payload, 0, time.monotonic())
 
     def _attempt(self, peer: str, payload: dict[str, Any], attempt: int, first: float) -> None:
@@ -100,8 +109,9 @@ class Reverts:
         self, peer: str, payload: dict[str, Any], attempt: int, first: float, outcome: Outcome
     ) -> None:
         if outcome.ok or (outcome.error is not None and outcome.error.code not in UNANSWERED):
-            self.pending -= 1
-            self.acknowledged += 1
+            with self._lock:
+                self.pending -= 1
+                self.acknowledged += 1
             self.untimely.discard(peer)
             return
         assert outcome.error is not None
@@ -125,8 +135,9 @@ class Reverts:
     ) -> None:
         delay = RETRY.delay(attempt)
         if time.monotonic() + delay - first > self.horizon_s:
-            self.pending -= 1
-            self.abandoned += 1
+            with self._lock:
+                self.pending -= 1
+                self.abandoned += 1
             log.warning("revert to %s abandoned after %d attempts: %s", peer, attempt + 1, why)
             return
         log.info("revert to %s unanswered (%s); again in %g s", peer, why, delay)

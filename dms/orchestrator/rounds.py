@@ -5,7 +5,8 @@ slot (and publish on the deployment topic when it knows too few), collect the
 bids until every asked peer answered or the window closes (``first-offer``: or
 as soon as every open slot has an offer), select per slot, commit each winner
 (the slot moves to ``committing``; ``supervision.py`` takes it from there) and
-revert the losers at once.
+revert the losers once no allocate of the deployment is in flight
+(``DeploymentBook.give_back``).
 
 A bid that does not validate, or that names another peer or deployment than
 the one asked, becomes that peer's reason (``bad bid: ...``) and whatever it
@@ -272,7 +273,8 @@ class BidRounds:
         if late:
             self.fail_unplaced(late)
             return
-        # What earlier rounds gave back goes first: this one may ask the same peers.
+        # What earlier rounds gave back goes first, from this thread: this round may ask
+        # the same peers, and a revert sent before a bid request reaches the peer first.
         self.book.send_held(force=True)
         self.round += 1
         rid = self.round
@@ -395,17 +397,22 @@ class BidRounds:
         self._maybe_close(rid)
 
     def _give_back(self, peer: str, offers: list[Offer], rid: int) -> None:
-        """Revert ``peer``'s ``offers`` (made in round ``rid``); what they held counts as
-        free on it while its last heartbeat may still count them (``GivenBackBook``)."""
+        """Revert ``peer``'s ``offers`` (made in round ``rid``); once the revert is sent
+        (it may wait for an allocate in flight: ``DeploymentBook.give_back``), what they
+        held counts as free on it while its last heartbeat may still count them
+        (``GivenBackBook``, from the heartbeat heard then)."""
         if not offers:
             return
-        self.book.give_back(peer, [o.lease_id for o in offers])
         amount = ZERO
         for offer in offers:
             spec = self.book.by_slot.get(offer.slot)
             if spec is not None:
                 amount = amount + spec.resources
-        self.given_back.note(self.book.o.peer_table.get(peer), amount, rid)
+
+        def credit() -> None:
+            self.given_back.note(self.book.o.peer_table.get(peer), amount, rid)
+
+        self.book.give_back(peer, [o.lease_id for o in offers], credit)
 
     def _maybe_close(self, rid: int) -> None:
         if not self._gossiped and self._asked <= self._answered:

@@ -416,6 +416,20 @@ def test_first_offer_places_on_the_first_answer_and_reverts_the_slower_peers_bid
         plan.close()
 
 
+def slow_winner(
+    net: LocalCluster, plan: FaultPlan, latency_s: float, cpu: float = 2
+) -> tuple[Node, Node, Node, str]:
+    """A requester and two providers, the frames to the one ``round-robin`` picks first
+    (the lower peer id) ``latency_s`` late each way; a job of one slot placed by it:
+    the requester, the winner, the loser and the deployment."""
+    requester, peers = network(net, 2, cpu=cpu)
+    winner, loser = sorted(peers, key=lambda p: p.peer_id)
+    plan.link(LinkRule(frozenset({requester.peer_id}), frozenset({winner.peer_id}), latency_s))
+    job = spec(strategy="round-robin", bid_window_s=30, deadline_s=90, lease_s=60,
+               params={"seconds": 60})  # fmt: skip
+    return requester, winner, loser, deploy(requester, job)
+
+
 def test_a_losing_offer_goes_back_once_the_winners_allocate_is_answered(
     tmp_path: Path,
 ) -> None:
@@ -427,12 +441,7 @@ def test_a_losing_offer_goes_back_once_the_winners_allocate_is_answered(
     (before, at the round's close, 2 s ahead of it)."""
     plan = FaultPlan()
     with LocalCluster(tmp_path / "held", faults=plan, heartbeat_s=HEARTBEAT) as net:
-        requester, peers = network(net, 2)
-        winner, loser = sorted(peers, key=lambda p: p.peer_id)  # round-robin's first pick
-        plan.link(LinkRule(frozenset({requester.peer_id}), frozenset({winner.peer_id}), 1.0))
-        job = spec(strategy="round-robin", bid_window_s=30, deadline_s=60, lease_s=60,
-                   params={"seconds": 60})  # fmt: skip
-        dep = deploy(requester, job)
+        requester, winner, loser, dep = slow_winner(net, plan, 1.0)
         running = wait_state(requester, dep, ("running",), 30)
         assert [s["peer_id"] for s in running["slots"]] == [winner.peer_id], running["events"]
         ran_at = next(e["at"] for e in running["events"] if ": running on " in e["what"])
@@ -454,12 +463,7 @@ def test_a_losing_offer_held_for_an_allocate_goes_back_when_the_deployment_ends(
     it held for the losing offer then, and the winner's lease goes back too."""
     plan = FaultPlan()
     with LocalCluster(tmp_path / "ended", faults=plan, heartbeat_s=HEARTBEAT) as net:
-        requester, peers = network(net, 2)
-        winner, loser = sorted(peers, key=lambda p: p.peer_id)  # round-robin's first pick
-        plan.link(LinkRule(frozenset({requester.peer_id}), frozenset({winner.peer_id}), 2.0))
-        job = spec(strategy="round-robin", bid_window_s=30, deadline_s=60, lease_s=60,
-                   params={"seconds": 60})  # fmt: skip
-        dep = deploy(requester, job)
+        requester, winner, loser, dep = slow_winner(net, plan, 2.0)
         wait_state(requester, dep, ("committing",), 30)
         owner(requester, "/dms/node/deployment/shutdown", {"id": dep})
         wait_for(lambda: lease_states(loser, dep) == ["released"], 30, "the losing offer back")
@@ -477,12 +481,7 @@ def test_a_slot_placed_again_finds_the_losing_offer_given_back_first(tmp_path: P
     reached the peer after the bid request, which it declined for want of room."""
     plan = FaultPlan()
     with LocalCluster(tmp_path / "again", faults=plan, heartbeat_s=HEARTBEAT) as net:
-        requester, peers = network(net, 2, cpu=0.5)
-        winner, loser = sorted(peers, key=lambda p: p.peer_id)  # round-robin's first pick
-        plan.link(LinkRule(frozenset({requester.peer_id}), frozenset({winner.peer_id}), 2.0))
-        job = spec(strategy="round-robin", bid_window_s=30, deadline_s=90, lease_s=60,
-                   params={"seconds": 60})  # fmt: skip
-        dep = deploy(requester, job)
+        requester, winner, loser, dep = slow_winner(net, plan, 2.0, cpu=0.5)
         wait_state(requester, dep, ("committing",), 30)
         assert requester.node is not None and winner.ledger is not None
         requester.node.tell_call(time.sleep, 8.0)  # the node's actor busy from now

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import Counter
 from importlib.metadata import version
 from typing import Any
 
@@ -563,6 +564,67 @@ def test_a_tcp_connection_reads_a_small_frame_in_one_socket_read() -> None:
     assert socket.reads <= len(wire) // libp2p_patches.TCP_READ_AHEAD + 4
 
 
+def test_the_ihave_patch_is_not_applied_to_a_heartbeat_of_another_shape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``_ihave_every_few_heartbeats`` counts on py-libp2p's heartbeat calling
+    gossip_heartbeat once, before the mcache shifts, and on the window being the
+    history's first ``window_size`` heartbeats; otherwise it is skipped (and the test
+    above, that every patch applies, fails)."""
+    from libp2p.pubsub.gossipsub import GossipSub
+    from libp2p.pubsub.mcache import MessageCache
+
+    async def shift_first(self: Any) -> None:
+        self.mcache.shift()
+        self.gossip_heartbeat()
+
+    async def twice(self: Any) -> None:
+        self.gossip_heartbeat()
+        self.gossip_heartbeat()
+        self.mcache.shift()
+
+    def newest_last(self: Any, topic: str) -> list[bytes]:
+        return [e.mid for entries in self.history[-self.window_size :] for e in entries]
+
+    shipped = GossipSub.gossip_heartbeat
+    for name, shape in (("heartbeat", shift_first), ("heartbeat", twice)):
+        with monkeypatch.context() as m:
+            m.setattr(GossipSub, name, shape)
+            assert not libp2p_patches.gossip_heartbeat_is_shaped()
+            assert not libp2p_patches._ihave_every_few_heartbeats()
+    with monkeypatch.context() as m:
+        m.setattr(MessageCache, "window", newest_last)
+        assert not libp2p_patches._ihave_every_few_heartbeats()
+    assert GossipSub.gossip_heartbeat is shipped  # left as it was
+    assert libp2p_patches.gossip_heartbeat_is_shaped()
+
+
+def test_the_score_patch_is_not_applied_to_score_parameters_of_another_shape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The score patch reads the decays and weights py-libp2p 0.8.1 has: a parameter
+    more (or fewer), or a decay step that reads anything else, and it is skipped."""
+    from libp2p.pubsub.score import PeerScorer
+
+    libp2p_patches.apply_libp2p_patches()
+
+    def decays_more(self: Any, dt_seconds: float = 1.0) -> None:
+        self.time_in_mesh.clear()
+        self.new_counter.clear()
+
+    with monkeypatch.context() as m:
+        m.setattr(PeerScorer, "on_heartbeat", decays_more)
+        assert not libp2p_patches.score_upkeep_is_shaped()
+        assert not libp2p_patches._no_score_upkeep_without_scores()
+        assert PeerScorer.on_heartbeat is decays_more
+    with monkeypatch.context() as m:
+        m.setattr(
+            libp2p_patches, "SCORE_PARAMS", libp2p_patches.SCORE_PARAMS - {"gossip_threshold"}
+        )
+        assert not libp2p_patches.score_upkeep_is_shaped()
+    assert libp2p_patches.score_upkeep_is_shaped()
+
+
 class Watched(dict):  # type: ignore[type-arg]
     """A score counter table that counts how often its keys are listed (a decay pass)."""
 
@@ -624,16 +686,23 @@ def test_meshes_are_not_searched_for_better_scoring_peers_when_no_score_weighs(
 
 
 def test_ihave_is_emitted_every_third_heartbeat_naming_each_id_once() -> None:
-    """A router with ``ihave_every_heartbeats`` 3 (ours) and a window as long: the ids
-    that came over three heartbeats go out together, once, at the third; py-libp2p as
-    shipped emits the window at every heartbeat (an id named three times)."""
+    """Our router (``new_router``: IHAVE every ``ihave_every_heartbeats``, its window
+    from GossipSettings) with a message at every heartbeat: each non-mesh peer hears
+    every id exactly once, all at every third heartbeat. A window of 1 or 2 heartbeats
+    would drop ids, one of 4 name some twice; py-libp2p as shipped emits the window at
+    every heartbeat."""
     from libp2p.peer.id import ID
-    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
+    from libp2p.pubsub.mcache import default_msg_id_fn
     from libp2p.pubsub.pb import rpc_pb2
 
+    from dms.network.gossip import new_router
+    from dms.network.settings import GossipSettings
+
     libp2p_patches.apply_libp2p_patches()
-    router = GossipSub([PROTOCOL_ID_V11], 4, 3, 6, gossip_window=3, gossip_history=5)
-    router.ihave_every_heartbeats = 3  # type: ignore[attr-defined]
+    settings = GossipSettings()
+    router = new_router(settings)
+    every = settings.ihave_every_heartbeats
     peers = [ID(b"peer-%d" % i) for i in range(8)]
 
     class Pubsub:
@@ -643,15 +712,25 @@ def test_ihave_is_emitted_every_third_heartbeat_naming_each_id_once() -> None:
     router.pubsub = Pubsub()  # type: ignore[assignment]
     router.peer_protocol = dict.fromkeys(peers, PROTOCOL_ID_V11)
     router.mesh = {"/t": set(peers[:4])}
-    emitted = []
-    for beat in range(7):
-        if beat in (0, 1):
-            router.mcache.put(rpc_pb2.Message(from_id=b"x", seqno=bytes([beat]), topicIDs=["/t"]))
+    beats = 4 * every
+    put: list[bytes] = []
+    named: Counter[tuple[ID, bytes]] = Counter()
+    emitting: list[int] = []
+    for beat in range(beats + 2 * every * settings.gossip_heartbeats):
+        if beat < beats:
+            msg = rpc_pb2.Message(from_id=b"x", seqno=beat.to_bytes(2, "big"), topicIDs=["/t"])
+            router.mcache.put(msg)
+            put.append(default_msg_id_fn(msg))
         gossip = router.gossip_heartbeat()  # then the heartbeat shifts the window
-        emitted.append(sorted(len(ids["/t"]) for ids in gossip.values()))
+        if gossip:
+            emitting.append(beat)
+        for peer, ids in gossip.items():
+            named.update((peer, mid) for mid in ids["/t"])
         router.mcache.shift()
-    # The four non-mesh peers hear both ids at the third heartbeat, and nothing else.
-    assert emitted == [[], [], [2, 2, 2, 2], [], [], [], []]
+    assert set(emitting) <= set(range(every - 1, 10 * every, every))
+    expected = {(peer, mid) for peer in peers[4:] for mid in put}
+    assert set(named) == expected  # a window shorter than the emissions' gap drops ids
+    assert set(named.values()) == {1}  # a longer one names some twice
 
 
 class TaskSteps:

@@ -239,21 +239,8 @@ def _signed(msg: rpc_pb2.Message) -> bool:
         return False
 
 
-def new_pubsub(
-    host: IHost,
-    gossip: GossipSettings,
-    refused: GossipRefused,
-    budgets: dict[str, tuple[float, int]] | None = None,
-    *,
-    flooder_cooldown_s: float = 0.0,
-    stake: Callable[[str], bool] | None = None,
-) -> tuple[Pubsub, GossipSub]:
-    """gossipsub for ``host``, with our settings (specs/network.md has why each)."""
-    # py-libp2p reads this module constant when a subscription is made; 32 drops
-    # messages silently under any burst, so it is raised for the whole process.
-    pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(
-        pubsub_module.SUBSCRIPTION_CHANNEL_SIZE, gossip.subscription_queue
-    )
+def new_router(gossip: GossipSettings) -> GossipSub:
+    """The gossipsub router ``new_pubsub`` uses, with our settings."""
     window = gossip.gossip_heartbeats * gossip.ihave_every_heartbeats
     router = GossipSub(
         protocols=[PROTOCOL_ID_V11],
@@ -271,6 +258,25 @@ def new_pubsub(
         adaptive_gossip_enabled=False,
     )
     router.ihave_every_heartbeats = gossip.ihave_every_heartbeats  # type: ignore[attr-defined]
+    return router
+
+
+def new_pubsub(
+    host: IHost,
+    gossip: GossipSettings,
+    refused: GossipRefused,
+    budgets: dict[str, tuple[float, int]] | None = None,
+    *,
+    flooder_cooldown_s: float = 0.0,
+    stake: Callable[[str], bool] | None = None,
+) -> tuple[Pubsub, GossipSub]:
+    """gossipsub for ``host``, with our settings (specs/network.md has why each)."""
+    # py-libp2p reads this module constant when a subscription is made; 32 drops
+    # messages silently under any burst, so it is raised for the whole process.
+    pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(
+        pubsub_module.SUBSCRIPTION_CHANNEL_SIZE, gossip.subscription_queue
+    )
+    router = new_router(gossip)
     pubsub = SignedPubsub(
         host,
         router,

@@ -148,6 +148,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -457,10 +458,35 @@ def _no_opportunistic_grafting() -> bool:
     return True
 
 
+def gossip_heartbeat_is_shaped() -> bool:
+    """Whether py-libp2p's heartbeat calls ``gossip_heartbeat`` once a heartbeat and
+    before the mcache shifts its window, and the window it emits is the history's
+    first ``window_size`` heartbeats: what ``_ihave_every_few_heartbeats`` counts on
+    (each id named once if IHAVE is emitted every ``window_size`` heartbeats)."""
+    import inspect
+
+    from libp2p.pubsub.gossipsub import GossipSub
+    from libp2p.pubsub.mcache import MessageCache
+
+    try:
+        beat = inspect.getsource(GossipSub.heartbeat)
+        window = inspect.getsource(MessageCache.window)
+    except (AttributeError, OSError, TypeError):
+        return False
+    gossips = [m.start() for m in re.finditer(r"self\.gossip_heartbeat\(\)", beat)]
+    shifts = [m.start() for m in re.finditer(r"self\.mcache\.shift\(\)", beat)]
+    return (
+        len(gossips) == 1
+        and len(shifts) == 1
+        and gossips[0] < shifts[0]
+        and "self.history[: self.window_size]" in window
+    )
+
+
 def _ihave_every_few_heartbeats() -> bool:
     from libp2p.pubsub.gossipsub import GossipSub
 
-    if not hasattr(GossipSub, "gossip_heartbeat"):
+    if not hasattr(GossipSub, "gossip_heartbeat") or not gossip_heartbeat_is_shaped():
         log.info("py-libp2p's gossipsub changed shape; IHAVE is emitted at every heartbeat")
         return False
     gossip = GossipSub.gossip_heartbeat
@@ -510,12 +536,83 @@ def scores_are_zero(params: Any) -> bool:
     )
 
 
+# The score parameters ``decays_are_identity`` and ``scores_are_zero`` were written
+# against (py-libp2p 0.8.1): a parameter added may decay or weigh and go unread.
+SCORE_PARAMS = frozenset(
+    {
+        "accept_px_threshold",
+        "app_specific_score_fn",
+        "gossip_threshold",
+        "graylist_threshold",
+        "p1_time_in_mesh",
+        "p2_first_message_deliveries",
+        "p3_mesh_message_deliveries",
+        "p4_invalid_messages",
+        "p5_behavior_penalty_decay",
+        "p5_behavior_penalty_threshold",
+        "p5_behavior_penalty_weight",
+        "p6_appl_slack_decay",
+        "p6_appl_slack_weight",
+        "p7_ip_colocation_threshold",
+        "p7_ip_colocation_weight",
+        "publish_threshold",
+    }
+)
+# The names PeerScorer.on_heartbeat may use: its counters and the decays above. A decay
+# by anything else (a new parameter, a function) and the patch is not applied.
+SCORE_DECAY_NAMES = frozenset(
+    {
+        "list",
+        "keys",
+        "params",
+        "decay",
+        "time_in_mesh",
+        "first_message_deliveries",
+        "mesh_message_deliveries",
+        "invalid_messages",
+        "behavior_penalty",
+        "app_specific_scores",
+        "graft_flood_penalties",
+        "iwant_spam_penalties",
+        "ihave_spam_penalties",
+        "equivocation_penalties",
+        "p1_time_in_mesh",
+        "p2_first_message_deliveries",
+        "p3_mesh_message_deliveries",
+        "p4_invalid_messages",
+        "p5_behavior_penalty_decay",
+        "p6_appl_slack_decay",
+    }
+)
+
+
+def score_upkeep_is_shaped() -> bool:
+    """Whether py-libp2p's score parameters are the ones ``decays_are_identity`` and
+    ``scores_are_zero`` read, and its decay step reads no other."""
+    import dataclasses
+
+    from libp2p.pubsub.score import PeerScorer, ScoreParams
+
+    try:
+        fields = {f.name for f in dataclasses.fields(ScoreParams)}
+        decay = PeerScorer.on_heartbeat
+        decay = getattr(decay, "__wrapped__", decay)  # py-libp2p's, once patched
+        names = set(decay.__code__.co_names)
+    except (AttributeError, TypeError):
+        return False
+    return fields == SCORE_PARAMS and names <= SCORE_DECAY_NAMES
+
+
 def _no_score_upkeep_without_scores() -> bool:
     from libp2p.pubsub.gossipsub import GossipSub
     from libp2p.pubsub.score import PeerScorer, ScoreParams
 
     try:
-        shaped = decays_are_identity(ScoreParams()) and scores_are_zero(ScoreParams())
+        shaped = (
+            score_upkeep_is_shaped()
+            and decays_are_identity(ScoreParams())
+            and scores_are_zero(ScoreParams())
+        )
     except AttributeError:
         shaped = False
     if (
@@ -541,6 +638,7 @@ def _no_score_upkeep_without_scores() -> bool:
             return
         await maintain(self, topic)
 
+    decay_unless_identity.__wrapped__ = decay  # type: ignore[attr-defined]
     PeerScorer.on_heartbeat = decay_unless_identity
     GossipSub._maintain_mesh_quality = maintain_unless_unscored
     return True

@@ -77,3 +77,18 @@ def test_messages_are_advertised_together_every_third_heartbeat_then_no_ihave(
     assert all(got == ids for got in named.values()), named
     time.sleep(3 * heartbeat_s)  # idle heartbeats: nothing new on the topic
     assert ihaves == advertised
+
+
+def test_a_gossip_window_shorter_than_three_heartbeats_is_refused() -> None:
+    """The mcache window (``gossip_heartbeats`` x ``ihave_every_heartbeats``) is also
+    what a peer newly writable or subscribed is sent again: below py-libp2p's 3
+    heartbeats the settings are refused, saying why."""
+    from pydantic import ValidationError
+
+    from dms.network.settings import GossipSettings
+
+    for heartbeats, every in ((1, 1), (1, 2), (2, 1)):
+        with pytest.raises(ValidationError, match=r"gossip window .* must be at least 3"):
+            GossipSettings(gossip_heartbeats=heartbeats, ihave_every_heartbeats=every)
+    assert GossipSettings(gossip_heartbeats=3, ihave_every_heartbeats=1)
+    assert GossipSettings().gossip_heartbeats * GossipSettings().ihave_every_heartbeats == 3

@@ -251,7 +251,9 @@ def new_router(gossip: GossipSettings) -> GossipSub:
         heartbeat_initial_delay=0.1,
         # Message ids are advertised at gossip.gossip_heartbeats emissions of IHAVE after
         # they arrive, one every ihave_every_heartbeats (libp2p_patches); IWANTs are
-        # answered for 2 heartbeats after the last (5 as py-libp2p ships, at least).
+        # answered for 2 heartbeats after the last (5 as py-libp2p ships, at least). The
+        # window is also what a newly writable or subscribed peer is sent again
+        # (py-libp2p's send_recent_messages): GossipSettings requires it >= 3.
         gossip_window=window,
         gossip_history=max(5, window + 2),
         max_messages_per_topic_per_second=gossip.max_messages_per_topic_per_s,

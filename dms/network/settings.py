@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from multiaddr import Multiaddr
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/9000"
 
@@ -21,8 +21,10 @@ class GossipSettings(BaseModel):
     degree_low: int = Field(default=3, ge=1)
     degree_high: int = Field(default=6, ge=1)
     max_messages_per_topic_per_s: float = Field(default=1000.0, gt=0)
-    # Heartbeats at which a message id is advertised (IHAVE) to non-mesh peers after it
-    # arrived: gossipsub's history_gossip (go-libp2p's and py-libp2p's default is 3).
+    # IHAVE emissions that name a message id to non-mesh peers after it arrived (one
+    # every ihave_every_heartbeats heartbeats): the mcache window is gossip_heartbeats x
+    # ihave_every_heartbeats heartbeats (gossipsub's history_gossip, 3 in go-libp2p and
+    # py-libp2p, is that window).
     gossip_heartbeats: int = Field(default=1, ge=1, le=5)
     # IHAVE is emitted at every ihave_every_heartbeats-th heartbeat only, naming the ids
     # that arrived since the one before (py-libp2p: at every heartbeat).
@@ -35,6 +37,19 @@ class GossipSettings(BaseModel):
     # messages a second until flooder_cooldown_s (NetworkSettings) after its last drop.
     flooder_messages_per_s: float = Field(default=2.0, gt=0)
     subscription_queue: int = Field(default=4096, ge=32)
+
+    @model_validator(mode="after")
+    def _window_replays_three_heartbeats(self) -> GossipSettings:
+        # The window is also what py-libp2p sends again to a peer newly writable or newly
+        # subscribed (send_recent_messages): shorter than 3 heartbeats (as py-libp2p
+        # ships) and a peer that joins just after a message misses it.
+        window = self.gossip_heartbeats * self.ihave_every_heartbeats
+        if window < 3:
+            raise ValueError(
+                f"gossip_heartbeats x ihave_every_heartbeats is {window} heartbeats; the"
+                " gossip window (what a new peer is sent again) must be at least 3"
+            )
+        return self
 
 
 # The budgets' settings, named alike here and in ``dms.config.Settings``.

@@ -491,15 +491,15 @@ def _ihave_every_few_heartbeats() -> bool:
         return False
     gossip = GossipSub.gossip_heartbeat
 
-    def gossip_every_few(self: Any) -> Any:
-        # A function patched in as GossipSub.gossip_heartbeat: ``self`` is py-libp2p's
-        # router; ``ihave_every_heartbeats`` is set on ours (dms.network.gossip).
-        every = getattr(self, "ihave_every_heartbeats", 1)
-        beats = self.__dict__.get("_dms_gossip_beats", 0) + 1
-        self.__dict__["_dms_gossip_beats"] = beats
+    def gossip_every_few(router: Any) -> Any:
+        # A function patched in as GossipSub.gossip_heartbeat: ``router`` is py-libp2p's;
+        # ``ihave_every_heartbeats`` is set on ours (dms.network.gossip).
+        every = getattr(router, "ihave_every_heartbeats", 1)
+        beats = router.__dict__.get("_dms_gossip_beats", 0) + 1
+        router.__dict__["_dms_gossip_beats"] = beats
         if every > 1 and beats % every:
             return defaultdict(dict)  # no IHAVE at this heartbeat: its ids wait in the window
-        return gossip(self)
+        return gossip(router)
 
     GossipSub.gossip_heartbeat = gossip_every_few
     return True
@@ -631,12 +631,12 @@ def _no_score_upkeep_without_scores() -> bool:
             return
         decay(self, dt_seconds)
 
-    async def maintain_unless_unscored(self: Any, topic: str) -> None:
+    async def maintain_unless_unscored(router: Any, topic: str) -> None:
         # A function patched in as GossipSub._maintain_mesh_quality.
-        scorer = getattr(self, "scorer", None)
+        scorer = getattr(router, "scorer", None)
         if scorer is not None and scores_are_zero(scorer.params):
             return
-        await maintain(self, topic)
+        await maintain(router, topic)
 
     decay_unless_identity.__wrapped__ = decay  # type: ignore[attr-defined]
     PeerScorer.on_heartbeat = decay_unless_identity

@@ -184,27 +184,3 @@ def test_a_peer_known_only_by_its_heartbeat_addresses_can_be_dialed(
     a.transport.learn_addrs(b.peer_id, [*b.addrs(), f"/ip4/10.9.9.9/tcp/1/p2p/{a.peer_id}"])
     reply = root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=10)
     assert reply["peer_id"] == b.peer_id
-
-
-def test_a_frame_read_takes_its_stream_one_turn_when_no_other_waits_behind_it(
-    cluster: LocalCluster,
-) -> None:
-    """The stream's reader gave the other tasks a turn after every frame (fair turns:
-    one read may bring many frames), and then waited for the next frame, another turn.
-    With no next frame read yet the wait is the turn: one a frame now, not two.
-    Every answer is the same."""
-    from tests.test_libp2p_patches import _linked_with_sink, steps_while
-
-    a, _, sink, done = _linked_with_sink(cluster, 41)
-
-    def invokes() -> None:
-        for i in range(40):
-            assert a.node is not None
-            assert a.node.ask(sink.handle, "/test/sink", {"data": f"{i:04d}" * 16}, timeout=10)
-
-    steps = steps_while(a, invokes)
-    assert done.wait(30)
-    frames = 80  # 40 requests read by one node, 40 answers by the other
-    # Every stream handler's steps (actor streams; a gossip message may add a few): two a
-    # frame before (160).
-    assert steps.of("SwarmConn._handle_muxed_stream") <= 1.3 * frames

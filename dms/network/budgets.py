@@ -835,19 +835,15 @@ class ByteBudget(PacedBudget):
             s.inbound_byte_burst,
         )
 
-    async def pace(self, peer: str, size: int, *, turn: bool = True) -> None:
+    async def pace(self, peer: str, size: int) -> None:
         """Charge ``size`` bytes read from ``peer`` and wait until its budget allows them;
-        with nothing to wait, still let the other tasks run if ``turn`` (one read can
-        return many frames, which would otherwise keep every other peer's frames
-        waiting; a reader holding no next frame passes ``turn=False``: its next read
-        waits, and gives the other tasks their turn)."""
+        with nothing to wait, still let the other tasks run (one read can return many
+        frames, which would otherwise keep every other peer's frames waiting)."""
         wait = self.charge(peer, size)
         if wait > 0:
             await trio.sleep(wait)
-        elif turn:
-            await trio.lowlevel.checkpoint()
         else:
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await trio.lowlevel.checkpoint()
 
 
 @dataclass

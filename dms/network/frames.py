@@ -40,11 +40,6 @@ class FrameReader:
                 raise EOFError
             self._buffer += chunk
 
-    @property
-    def holds_more(self) -> bool:
-        """Bytes of a next frame were read with this one (the peer sent more)."""
-        return bool(self._buffer)
-
     async def next(self) -> bytes:
         """The next frame; ``EOFError`` at a clean end, ``FrameError`` on a bad one."""
         try:

@@ -342,9 +342,8 @@ class Unicast(Discovery):
                 # window granted: it cannot send more). Otherwise, let every other task
                 # run between two frames: a read returns as many frames as the peer had
                 # sent, and handling them all in one go kept every other peer's frames
-                # waiting behind one peer's backlog. With no next frame read yet, the
-                # next read waits for one, itself a turn: no second one is taken here.
-                await self._bytes.pace(peer, PREFIX.size + len(frame), turn=reader.holds_more)
+                # waiting behind one peer's backlog.
+                await self._bytes.pace(peer, PREFIX.size + len(frame))
         except FrameError as err:
             self.frames_refused += 1
             log.warning("dropped stream from %s: %s", peer, err)

@@ -91,18 +91,6 @@ skipped ones (``tests/test_libp2p_patches.py`` fails on any):
 Measured with an idle 50-node cluster in one process (``bench/placement.py``'s
 settings): 4.0 ms of CPU per gossip message received before, 1.7 ms after.
 
-- **A free lock is no schedule point.** Every lock py-libp2p takes around a frame
-  (the stream's state lock, Yamux's write lock, the stream's window and write locks,
-  the connection's streams lock, the TCP stream's read and write locks) is a
-  ``trio.Lock``, whose ``acquire`` yields to the scheduler even when the lock is
-  free: a frame written cost its writer eight task steps (each a pass of trio's
-  scheduler, an ``epoll`` call with it), a frame read five more. These locks are
-  now taken at once when free, still a cancel point (a cancelled task raises as
-  before); one that is held is waited for as before, in trio's own order. Yamux's
-  ``_write_frame`` no longer parses each header to format a debug line nobody
-  logs, nor yields again after the socket's send yielded. A frame's schedule
-  points are then its socket's: the send, the read, and the wait for a frame.
-
 - **A pruner backs off too** (gossipsub v1.1 spec, go-libp2p). When a mesh is
   over ``degree_high`` the heartbeat PRUNEs peers but, unlike go-libp2p, records
   no backoff for them, so a later heartbeat may GRAFT the same peer again; the
@@ -953,108 +941,6 @@ def _wake_readers_on_reset() -> bool:
     return True
 
 
-class QuickLock:
-    """A ``trio.Lock`` or ``trio.Semaphore`` whose acquire, when it is free, takes it at
-    once: a cancel point (``checkpoint_if_cancelled``), not a schedule point. Held, it
-    is waited for by trio's own ``acquire`` (its queue, its order). Everything else
-    is the wrapped lock's."""
-
-    __slots__ = ("_lock",)
-
-    def __init__(self, lock: Any) -> None:
-        self._lock = lock
-
-    async def acquire(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._lock, name)
-
-
-# The locks taken around each frame, by the class whose __init__ makes them.
-FRAME_LOCKS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "NetStream": ("libp2p.network.stream.net_stream", ("_state_lock",)),
-    "YamuxStream": ("libp2p.stream_muxer.yamux.yamux", ("window_lock", "close_lock")),
-    "Yamux": ("libp2p.stream_muxer.yamux.yamux", ("streams_lock", "_write_lock")),
-    "TrioTCPStream": ("libp2p.io.trio", ("read_lock", "write_lock")),
-}
-
-
-def quick_locks(obj: Any, names: tuple[str, ...]) -> None:
-    """Wrap each named ``trio.Lock`` of ``obj`` (and a Yamux stream's write lock)."""
-    for name in names:
-        lock = getattr(obj, name, None)
-        if isinstance(lock, trio.Lock):
-            setattr(obj, name, QuickLock(lock))
-    rw = getattr(obj, "rw_lock", None)
-    writer = getattr(rw, "_writer_lock", None)
-    if isinstance(writer, trio.Semaphore):
-        rw._writer_lock = QuickLock(writer)
-
-
-def _free_locks_do_not_yield() -> bool:
-    import importlib
-
-    from libp2p.stream_muxer.rw_lock import ReadWriteLock
-    from libp2p.stream_muxer.yamux import yamux
-
-    classes = []
-    for cls_name, (module_name, names) in FRAME_LOCKS.items():
-        cls = getattr(importlib.import_module(module_name), cls_name, None)
-        made = getattr(getattr(cls, "__init__", None), "__code__", None)
-        if made is None or not set(names) <= set(made.co_names):
-            cls = None
-        classes.append((cls, names))
-    rw_made = ReadWriteLock.__init__.__code__.co_names
-    write_frame = getattr(yamux.Yamux, "_write_frame", None)
-    if (
-        any(cls is None for cls, _ in classes)
-        or "_writer_lock" not in rw_made
-        or write_frame is None
-        or not {"_write_lock", "secured_conn", "checkpoint"} <= set(write_frame.__code__.co_names)
-    ):
-        log.info("py-libp2p's locks changed shape; each is a schedule point as before")
-        return False
-
-    def wrapping(cls: Any, names: tuple[str, ...]) -> None:
-        init = cls.__init__
-
-        def init_with_quick_locks(obj: Any, *args: Any, **kwargs: Any) -> None:
-            # A function patched in as __init__: ``obj`` is py-libp2p's instance.
-            init(obj, *args, **kwargs)
-            quick_locks(obj, names)
-
-        cls.__init__ = init_with_quick_locks
-
-    for cls, names in classes:
-        wrapping(cls, names)
-    yamux_log = yamux.logger
-    write_frame_as_shipped = yamux.Yamux._write_frame
-
-    async def write_frame(muxer: Any, data: bytes) -> None:
-        # A function patched in as Yamux._write_frame: ``muxer`` is py-libp2p's. Its
-        # debug line (the header parsed to format it) only when it is logged; no
-        # checkpoint after the socket's send, itself one.
-        if yamux_log.isEnabledFor(logging.DEBUG):
-            await write_frame_as_shipped(muxer, data)
-            return
-        async with muxer._write_lock:
-            await muxer.secured_conn.write(data)
-
-    yamux.Yamux._write_frame = write_frame
-    return True
-
-
 PATCHES: tuple[Callable[[], bool], ...] = (
     _batch_yamux_window_updates,
     _memoize_sender_records,
@@ -1067,8 +953,6 @@ PATCHES: tuple[Callable[[], bool], ...] = (
     _no_score_upkeep_without_scores,
     _ihave_every_few_heartbeats,
     _repeat_subscriptions_to_new_streams,
-    # Before the receive window's: it reads Yamux.__init__ as py-libp2p wrote it.
-    _free_locks_do_not_yield,
     _enforce_yamux_receive_window,
     _wake_readers_on_reset,
     _cheaper_yamux_reads,

@@ -639,11 +639,9 @@ def test_stream_openings_are_paced_per_peer_and_for_peers_without_a_stake_togeth
     opened = flooder.open_streams(CHUNK_PROTOCOL, 16, timeout_s=1)
     assert opened <= 9, f"{opened} of 16 streams opened past a budget of 8"
     assert refusals(victim, Budget.STREAMS_THROTTLED) >= 1
-    # Another key without a stake gets its share through (a stream or two, and the one
-    # that overdraws it), then waits with the flooder. How many depends on what the
-    # flooder left: found over its share it stops at half the bucket, the sooner the
-    # faster its streams open (5-9 of its 16 were seen), so at most 3 here, never 4.
-    assert second.open_streams(CHUNK_PROTOCOL, 4, timeout_s=1) <= 3
+    # Another key without a stake gets its share through (a stream, and the one that
+    # overdraws it), then waits with the flooder.
+    assert second.open_streams(CHUNK_PROTOCOL, 4, timeout_s=1) <= 2
     assert staked.open_streams(CHUNK_PROTOCOL, 4) == 4
     usage = victim.transport.budget_usage()
     assert usage["new_streams_unknown"][0] >= 4  # a flood holds it half spent at least

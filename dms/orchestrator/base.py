@@ -321,7 +321,7 @@ class DeploymentBook:
         still expires at its lease's end."""
         if not peer or not lease_ids:
             return
-        if any(s.state == SlotState.COMMITTING for s in self.slots.values()):
+        if self._allocate_in_flight():
             held = self._held.setdefault(peer, ([], []))
             held[0].extend(lease_ids)
             if sent is not None:
@@ -331,13 +331,16 @@ class DeploymentBook:
         if sent is not None:
             sent()
 
+    def _allocate_in_flight(self) -> bool:
+        return any(s.state == SlotState.COMMITTING for s in self.slots.values())
+
     def send_held(self, force: bool = False, covered: frozenset[str] = frozenset()) -> None:
         """Send the reverts ``give_back`` held, one a peer: when no allocate is in flight
         any more, or at once with ``force`` (a new round asks peers again; the deployment
         ends or stops). ``covered``: peers a revert of everything goes to anyway."""
         if not self._held:
             return
-        if not force and any(s.state == SlotState.COMMITTING for s in self.slots.values()):
+        if not force and self._allocate_in_flight():
             return
         held, self._held = self._held, {}
         for peer, (lease_ids, sent) in held.items():

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
+import trio
 from pykka import ActorDeadError
 from pykka._envelope import Envelope as Mail
 
 from dms.actor.admission import Ticket
-from dms.actor.inbox import LanedInbox
+from dms.actor.inbox import LanedInbox, wakes_deferred
 from dms.actor.system import Call, Inbound
+from dms.network.loop import run_loop
 from tests.conftest import wait_for
 
 
@@ -85,3 +88,82 @@ def test_many_writers_one_reader_lose_nothing() -> None:
             ]
             assert mine == [m for m in mails[w] if m.message.ticket.staked is staked]
     assert inbox.empty()
+
+
+def _reader(inbox: LanedInbox) -> tuple[threading.Thread, list[Mail]]:
+    got: list[Mail] = []
+
+    def read() -> None:
+        got.append(inbox.get())
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_a_trio_loops_put_wakes_the_actor_when_the_loop_next_waits_not_before() -> None:
+    """The loop's thread holds the GIL until it waits for I/O: the actor it queued a
+    message for is woken then (``run_loop``), not in the middle of the loop's step, and
+    is woken even though nothing else happens in the loop afterwards."""
+    inbox = LanedInbox()
+    reader, got = _reader(inbox)
+    seen_in_step: list[list[Mail]] = []
+    call = Mail(Call(print))
+
+    async def main() -> None:
+        inbox.put(call)
+        # The rest of this step: the reader, were it woken, has plenty of time to run
+        # (time.sleep gives up the GIL).
+        time.sleep(0.2)
+        seen_in_step.append(list(got))
+        # The loop now waits (a long sleep): the wake is handed out before it.
+        with trio.move_on_after(30):
+            while not got:
+                await trio.sleep(0.01)
+        seen_while_running.append(list(got))
+
+    seen_while_running: list[list[Mail]] = []
+    run_loop(main)
+    reader.join(5)
+    assert seen_in_step == [[]]  # not woken inside the step
+    assert seen_while_running == [[call]]  # woken once the loop waited, while it ran
+
+
+def test_wakes_deferred_at_the_end_of_a_loop_are_handed_out() -> None:
+    inbox = LanedInbox()
+    _, got = _reader(inbox)
+    call = Mail(Call(print))
+
+    async def main() -> None:
+        inbox.put(call)  # and the loop ends without waiting again
+
+    run_loop(main)
+    wait_for(lambda: got, what="the reader to get the message put in the loop's last step")
+    assert got == [call]
+
+
+def test_a_put_from_any_other_thread_wakes_the_actor_at_once() -> None:
+    """Only a loop's own thread defers: a put from an actor's thread while a loop runs
+    elsewhere wakes its reader then and there."""
+    inbox = LanedInbox()
+    _, got = _reader(inbox)
+    call = Mail(Call(print))
+    started, done = threading.Event(), threading.Event()
+
+    async def main() -> None:
+        started.set()
+        await trio.to_thread.run_sync(done.wait, abandon_on_cancel=True)
+
+    loop = threading.Thread(target=run_loop, args=(main,), daemon=True)
+    loop.start()
+    assert started.wait(10)
+    inbox.put(call)
+    wait_for(lambda: got, what="the reader to be woken by a put from a plain thread")
+    done.set()
+    loop.join(10)
+    assert got == [call]
+
+
+def test_a_thread_defers_its_wakes_in_one_block_at_a_time() -> None:
+    with wakes_deferred(), pytest.raises(RuntimeError, match="already defers"), wakes_deferred():
+        pass

@@ -59,7 +59,7 @@ from dms.network.checked import CheckedFrames
 from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, Pacer, envelope_is_valid, new_pubsub, topic_budgets
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
-from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause
+from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause, run_loop
 from dms.network.peerstore import CLEANUP_S as PEERSTORE_CLEANUP_S
 from dms.network.peerstore import BoundedPeerStore
 from dms.network.reachability import DialBack, Reachability
@@ -269,7 +269,7 @@ class Libp2pTransport(Unicast, Gossip):
 
     def _run(self) -> None:
         self._thread_ident = threading.get_ident()
-        trio.run(self._run_in_loop)
+        run_loop(self._run_in_loop)
 
     async def _run_in_loop(self) -> None:
         """``_main`` in its loop (its own, or a shared one): a failure ends this host

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import trio
 
+from dms.actor.inbox import DeferredWakes, wakes_deferred
+
 START_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
@@ -24,6 +26,25 @@ T = TypeVar("T")
 
 class NetworkError(Exception):
     """The host could not start or an operation on it failed; the message says why."""
+
+
+class _WakeActorsBeforeWaiting(trio.abc.Instrument):
+    """Hands out the actor wakes this loop's thread deferred, each time it is about
+    to wait for I/O (``dms.actor.inbox.DeferredWakes``)."""
+
+    def __init__(self, wakes: DeferredWakes) -> None:
+        self._wakes = wakes
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self._wakes:
+            self._wakes.flush()
+
+
+def run_loop(fn: Callable[[], Awaitable[Any]]) -> Any:
+    """``trio.run(fn)`` on this thread, the actors it queues messages for woken as
+    the loop next waits for I/O, not while it still holds the GIL."""
+    with wakes_deferred() as wakes:
+        return trio.run(fn, instruments=[_WakeActorsBeforeWaiting(wakes)])
 
 
 class SharedLoop:
@@ -41,7 +62,7 @@ class SharedLoop:
         self._nursery: trio.Nursery | None = None
         self._stop: trio.Event | None = None
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=trio.run, args=(self._main,), name=name, daemon=True)
+        self._thread = threading.Thread(target=run_loop, args=(self._main,), name=name, daemon=True)
         self._thread.start()
         if not self._ready.wait(START_TIMEOUT_S):
             raise NetworkError("the shared trio loop did not start")

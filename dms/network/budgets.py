@@ -876,10 +876,28 @@ class StreamOpens(PacedBudget):
             s.unknown_new_stream_burst,
         )
 
-    def install(self, muxed: Any) -> None:
+    def install(self, swarm: Any) -> None:
+        """Pace every connection of ``swarm`` from its first inbound stream: through
+        ``swarm.add_conn`` py-libp2p registers every connection (dialed, accepted,
+        relayed), and there it starts the muxer's reader and the ``SwarmConn`` loop
+        that calls ``accept_stream``, then notifies ``connected``. Paced only from that
+        notification, the loop's first call, already waiting on the unpaced
+        ``accept_stream``, took the connection's first stream uncharged, and at times
+        the next too: a peer got one or two streams free with each new connection.
+        Paced here, before the original runs, no stream is taken unpaced."""
+        add_conn: Callable[..., Awaitable[Any]] = swarm.add_conn
+
+        async def paced_from_the_first(muxed: Any, *args: Any, **kwargs: Any) -> Any:
+            self.pace(muxed)
+            return await add_conn(muxed, *args, **kwargs)
+
+        swarm.add_conn = paced_from_the_first
+
+    def pace(self, muxed: Any) -> None:
         """Pace the streams the peer of ``muxed`` (a connection) opens on it: its
-        ``accept_stream`` (called in a loop by py-libp2p's ``SwarmConn``) waits, before
-        taking the next stream, for what the last one overdrew. Once per connection."""
+        ``accept_stream`` (called in a loop by py-libp2p's ``SwarmConn``, looked up
+        anew each time) waits, before taking the next stream, for what the last one
+        overdrew. Once per connection, before its ``SwarmConn`` starts (``install``)."""
         if getattr(muxed, "_dms_paced", False) or not hasattr(muxed, "accept_stream"):
             return
         muxed._dms_paced = True

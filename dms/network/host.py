@@ -117,7 +117,6 @@ class _ConnectionEvents(INotifee):
         pass
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
-        self._transport._opens.install(conn.muxed_conn)
         self._transport._supersede(network, conn)
         self._transport._on_connected(conn.muxed_conn.peer_id)
 
@@ -331,6 +330,9 @@ class Libp2pTransport(Unicast, Gossip):
         )
         self._gate.install()
         self._streams.install(swarm)
+        # Before the connection starts: paced from ``connected`` on, its first stream or
+        # two were taken unpaced (StreamOpens.install).
+        self._opens.install(swarm)
         # Inside the outbound budget: a dial it refuses (this node's own limit, no
         # failure of the peer) forgets nothing.
         self._forget_when_unreached(swarm)

@@ -448,6 +448,40 @@ class BarePeer:
 
         return self.call(go)
 
+    def keys_opening_at_once(self, protocol: str, keys: int, streams: int) -> list[str]:
+        """Dial the node from ``keys`` fresh keys in turn (bare hosts on this peer's
+        loop), each opening ``streams`` streams on ``protocol`` side by side the moment
+        its connection is up, and holding those that open; the keys' peer ids."""
+        node = info_from_p2p_addr(Multiaddr(self._addr))
+
+        async def open_one(host: Any) -> None:
+            with contextlib.suppress(Exception), trio.fail_after(10):
+                self.held.append(await host.new_stream(node.peer_id, [protocol]))
+
+        async def one() -> str:
+            host = bare_host(Identity.generate())
+            running = trio.Event()
+
+            async def run() -> None:
+                async with host.run([]):
+                    running.set()
+                    await trio.sleep_forever()
+
+            assert self._nursery is not None
+            self._nursery.start_soon(run)
+            await running.wait()
+            with trio.fail_after(10):
+                await host.connect(node)
+            async with trio.open_nursery() as nursery:
+                for _ in range(streams):
+                    nursery.start_soon(open_one, host)
+            return str(host.get_id().to_base58())
+
+        async def go() -> list[str]:
+            return [await one() for _ in range(keys)]
+
+        return self.call(go)
+
     def held_open(self) -> int:
         """How many of the held streams the node has not reset or closed."""
         return sum(1 for stream in self.held if not _ended(stream))

@@ -11,10 +11,13 @@ from pykka import ActorDeadError
 from pykka._envelope import Envelope as Mail
 
 from dms.actor.admission import Ticket
-from dms.actor.inbox import LanedInbox, wakes_deferred
+from dms.actor.handle import ROOT_INBOX
+from dms.actor.inbox import LanedInbox
 from dms.actor.system import Call, Inbound
+from dms.actor.wakes import wakes_deferred
 from dms.network.loop import run_loop
-from tests.conftest import wait_for
+from tests.conftest import NodeFactory, wait_for
+from tests.test_actor_pipeline import Service
 
 
 def request(peer: str, staked: bool) -> Mail:
@@ -129,17 +132,66 @@ def test_a_trio_loops_put_wakes_the_actor_when_the_loop_next_waits_not_before() 
     assert seen_while_running == [[call]]  # woken once the loop waited, while it ran
 
 
-def test_wakes_deferred_at_the_end_of_a_loop_are_handed_out() -> None:
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_put_after_the_loops_last_wait_is_handed_out_when_it_ends(fails: bool) -> None:
     inbox = LanedInbox()
     _, got = _reader(inbox)
     call = Mail(Call(print))
 
+    class PutAtTheEnd(trio.abc.Instrument):
+        def after_run(self) -> None:  # past the loop's last before_io_wait
+            inbox.put(call)
+
     async def main() -> None:
-        inbox.put(call)  # and the loop ends without waiting again
+        trio.lowlevel.add_instrument(PutAtTheEnd())
+        if fails:
+            raise ValueError("the loop ends by an exception")
+
+    if fails:
+        with pytest.raises(ValueError):
+            run_loop(main)
+    else:
+        run_loop(main)
+    wait_for(lambda: got, timeout=10, what="the reader to get the message put as the loop ended")
+    assert got == [call]
+
+
+def test_a_loops_thread_that_blocks_on_an_actor_wakes_it_first(make_node: NodeFactory) -> None:
+    """An ask, or a blocking stop, from a loop's own thread: the wake it deferred is
+    handed out before it blocks (else it waits out its timeout for a wake it holds)."""
+    node = make_node()
+    node.spawn(Service, inbox=ROOT_INBOX, identity=node.identity)
+    child = node.spawn(Service)
+    answers: list[object] = []
+
+    async def main() -> None:
+        answers.append(child.ask(child.handle, "/test/echo", "hi", timeout=20))
+        node.stop_actor(child.handle.address.inbox, timeout=20)
+        answers.append(child.pykka_ref.is_alive())
 
     run_loop(main)
-    wait_for(lambda: got, what="the reader to get the message put in the loop's last step")
-    assert got == [call]
+    # Without the flush the ask waits out its 20 s and raises, and the stop too.
+    assert answers == ["hi", False]
+
+
+def test_a_wake_deferred_past_its_bound_is_handed_out_at_the_next_put() -> None:
+    """A long pass of the loop does not hold a wake for its whole length: the next put
+    after ``MAX_DEFER_S`` hands out every wake held so far."""
+    first, second = LanedInbox(), LanedInbox()
+    _, got = _reader(first)
+    seen: list[list[Mail]] = []
+    call = Mail(Call(print))
+
+    async def main() -> None:
+        first.put(call)
+        time.sleep(0.1)
+        seen.append(list(got))  # still held: no put since
+        second.put(Mail(Call(print)))  # past the bound: both wakes go out
+        wait_for(lambda: got, what="the first reader, woken by the second put")
+        seen.append(list(got))
+
+    run_loop(main)
+    assert seen == [[], [call]]
 
 
 def test_a_put_from_any_other_thread_wakes_the_actor_at_once() -> None:

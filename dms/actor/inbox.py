@@ -13,65 +13,15 @@ order is kept, so one peer's requests are handled in the order they came. See
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
 from typing import Any
 
 import pykka
 
 from dms.actor.system import Inbound
-
-# The wakes a thread defers (``wakes_deferred``): set on a trio loop's thread while it
-# runs. Unset on every other thread, whose puts wake the actor at once.
-_here = threading.local()
-
-
-class DeferredWakes:
-    """Actor threads to wake once the thread that queued their messages next waits.
-
-    A trio loop's thread holds the GIL from one wait for I/O to the next. Woken in
-    between, an actor's thread can do nothing but wait for the GIL, and waking it
-    (a futex call, often a switch of the core to it and back) was a tenth of the
-    requester's network-thread time under load (specs/actor.md, "Mailboxes"). Its
-    wakes are handed out just before the loop waits (``flush``, from trio's
-    ``before_io_wait``): the message is in the mailbox at once, its thread woken
-    when the GIL is about to be free.
-    """
-
-    __slots__ = ("_pending",)
-
-    def __init__(self) -> None:
-        self._pending: list[queue.SimpleQueue[None]] = []
-
-    def add(self, tokens: queue.SimpleQueue[None]) -> None:
-        self._pending.append(tokens)
-
-    def flush(self) -> None:
-        while self._pending:
-            pending, self._pending = self._pending, []
-            for tokens in pending:
-                tokens.put(None)
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-
-@contextlib.contextmanager
-def wakes_deferred() -> Iterator[DeferredWakes]:
-    """On this thread, until the block ends, a message put in a mailbox wakes its
-    actor only at the next ``flush`` (and at the end of the block)."""
-    if getattr(_here, "wakes", None) is not None:
-        raise RuntimeError("this thread already defers its wakes")
-    wakes = DeferredWakes()
-    _here.wakes = wakes
-    try:
-        yield wakes
-    finally:
-        _here.wakes = None
-        wakes.flush()
+from dms.actor.wakes import defer_or_wake
 
 
 def _is_request(message: Any) -> bool:
@@ -113,11 +63,7 @@ class LanedInbox:
             if self._closed and _is_request(message):
                 raise pykka.ActorDeadError("the actor stopped before taking the request")
             (self._low if unknown else self._high).append(envelope)
-        wakes = getattr(_here, "wakes", None)
-        if wakes is None:
-            self._tokens.put(None)
-        else:
-            wakes.add(self._tokens)
+        defer_or_wake(self._tokens)
 
     def get(self) -> Any:
         while True:

@@ -63,6 +63,7 @@ from dms.actor.policy import CapabilityPolicy, DeploymentPolicy, Role
 from dms.actor.replay import DEFAULT_CAPACITY, ReplayCache
 from dms.actor.timers import TimerHandle, Timers
 from dms.actor.transport import Transport
+from dms.actor.wakes import flush_deferred_wakes
 from dms.actor.wallet import Wallet
 from dms.security.identity import Identity, IdentityError, public_key_from_peer_id
 from dms.security.trust import TrustStore
@@ -283,6 +284,7 @@ class ActorRef:
         wake = threading.Lock()
         wake.acquire()
         future = self.system.invoke_frame(self.seal(env), env, timeout, wake=wake)
+        flush_deferred_wakes()  # on a loop's thread: the target's wake, before we block
         wake.acquire(True, timeout + 1.0)
         return future.result(0)
 
@@ -480,7 +482,10 @@ class ActorSystem:
             for members in self._subscribers.values():
                 members.discard(inbox)
         try:
-            ref.pykka_ref.stop(block=block, timeout=timeout if block else None)
+            stopped = ref.pykka_ref.stop(block=False)
+            if block:
+                flush_deferred_wakes()  # on a loop's thread: the stop's wake, before we block
+                stopped.get(timeout=timeout)
         except pykka.ActorDeadError:
             pass
         except pykka.Timeout:

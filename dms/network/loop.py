@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from dms.actor.inbox import DeferredWakes, wakes_deferred
+from dms.actor.wakes import DeferredWakes, stop_deferring, wakes_deferred
 
 START_TIMEOUT_S = 30.0
 
@@ -37,7 +37,13 @@ class _WakeActorsBeforeWaiting(trio.abc.Instrument):
 
     def before_io_wait(self, timeout: float) -> None:
         if self._wakes:
-            self._wakes.flush()
+            try:
+                self._wakes.flush()
+            except BaseException:
+                # trio drops an instrument that raises: wake at once from now on,
+                # or every later put would wait for the loop's end.
+                stop_deferring()
+                raise
 
 
 def run_loop(fn: Callable[[], Awaitable[Any]]) -> Any:

@@ -7,6 +7,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
 
@@ -731,3 +732,352 @@ def test_ihave_is_emitted_every_third_heartbeat_naming_each_id_once() -> None:
     expected = {(peer, mid) for peer in peers[4:] for mid in put}
     assert set(named) == expected  # a window shorter than the emissions' gap drops ids
     assert set(named.values()) == {1}  # a longer one names some twice
+
+
+class TaskSteps:
+    """A trio instrument: the steps each task took, by task name."""
+
+    def __init__(self) -> None:
+        self.by: Counter[str] = Counter()
+
+    def before_task_step(self, task: Any) -> None:
+        self.by[task.name] += 1
+
+    def of(self, suffix: str) -> int:
+        return sum(n for name, n in self.by.items() if name.endswith(suffix))
+
+
+def steps_while(node: Node, run: Any) -> TaskSteps:
+    """The task steps of ``node``'s trio loop (every host of a shared one) while ``run()``."""
+    import trio
+
+    assert node.transport is not None
+    token = node.transport._token
+    steps = TaskSteps()
+    trio.from_thread.run_sync(trio.lowlevel.add_instrument, steps, trio_token=token)
+    try:
+        run()
+    finally:
+        trio.from_thread.run_sync(trio.lowlevel.remove_instrument, steps, trio_token=token)
+    return steps
+
+
+def test_a_frame_written_takes_its_writer_few_turns_not_eight(cluster: LocalCluster) -> None:
+    """Each lock py-libp2p takes around a frame was a schedule point even when free
+    (the stream's state lock, its write and window locks, Yamux's write lock, the TCP
+    stream's), and Yamux yielded again after the socket's send: eight task steps of
+    the writer a frame, each a pass of trio's scheduler. Now two (woken for the frame,
+    and the socket's send) and one in FREE_LOCKS_A_TURN of its locks. Every answer is
+    the same."""
+    a, _, sink, done = _linked_with_sink(cluster, 41)
+
+    def invokes() -> None:
+        for i in range(40):
+            assert a.node.ask(sink.handle, "/test/sink", {"data": f"{i:04d}" * 16}, timeout=10)
+
+    steps = steps_while(a, invokes)
+    assert done.wait(30)
+    frames = 80  # 40 requests written by one node, 40 answers by the other
+    # As shipped: 8 a frame (640). A batch of frames is one write.
+    assert steps.of("Unicast._write_loop") <= 3 * frames
+    # Yamux's reader: the socket's read and its turn, no lock's turn (4 a frame before).
+    assert steps.of("Yamux._handle_incoming_with_ready_signal") <= 3 * frames
+
+
+def test_a_free_frame_lock_is_taken_at_once_and_a_held_one_waited_for() -> None:
+    """A lock of a py-libp2p TCP stream (as every lock the patch wraps): free, taken with
+    no turn given to other tasks but one acquire in FREE_LOCKS_A_TURN, still a cancel
+    point; held, waited for in order."""
+    import trio
+    from libp2p.io.trio import TrioTCPStream
+
+    libp2p_patches.apply_libp2p_patches()
+    stream = TrioTCPStream(SocketBytes(b""))  # type: ignore[arg-type]
+    lock = stream.write_lock
+    assert isinstance(lock, libp2p_patches.QuickLock)
+    order: list[str] = []
+    every = libp2p_patches.FREE_LOCKS_A_TURN
+
+    async def main() -> None:
+        steps = TaskSteps()
+        trio.lowlevel.add_instrument(steps)  # type: ignore[arg-type]
+        for _ in range(10 * every):
+            async with lock:
+                pass
+        trio.lowlevel.remove_instrument(steps)  # type: ignore[arg-type]
+        assert steps.of(".main") == 10  # as shipped: a step each (10 * every)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            with pytest.raises(trio.Cancelled):
+                await lock.acquire()
+        assert not lock.locked()
+
+        async def second() -> None:
+            async with lock:
+                order.append("second")
+
+        async with trio.open_nursery() as nursery, lock:
+            nursery.start_soon(second)
+            await trio.sleep(0.01)
+            assert lock.statistics().tasks_waiting == 1
+            order.append("first")
+        assert order == ["first", "second"]
+
+    trio.run(main)
+
+
+def bare_host() -> Any:
+    """A py-libp2p host with the node's security and muxer (Noise, Yamux), nothing of dms."""
+    from libp2p import create_yamux_muxer_option, new_host
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+    from libp2p.security.noise.transport import PROTOCOL_ID, Transport
+
+    key_pair = create_new_key_pair()
+    noise = Transport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=key_pair, sec_opt={PROTOCOL_ID: noise}, muxer_opt=create_yamux_muxer_option()
+    )
+
+
+async def two_hosts_streaming(
+    handler: Any, sender: Any, protocol: str = "/test/turns/1.0.0"
+) -> None:
+    """Two bare hosts on loopback in this trio run: ``handler(stream)`` answers
+    ``protocol`` on the second; ``sender(stream)`` gets a stream to it from the first
+    and returns once the test is over."""
+    import trio
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.peerinfo import PeerInfo
+    from multiaddr import Multiaddr
+
+    loopback = Multiaddr("/ip4/127.0.0.1/tcp/0")
+    sending, receiving = bare_host(), bare_host()
+    async with sending.run([loopback]), receiving.run([loopback]):
+        receiving.set_stream_handler(TProtocol(protocol), handler)
+        peer = PeerInfo(receiving.get_id(), receiving.get_addrs())
+        with trio.fail_after(30):
+            await sending.connect(peer)
+            stream = await sending.new_stream(peer.peer_id, [TProtocol(protocol)])
+        await sender(stream)
+        await stream.reset()
+
+
+async def ticking(turns: Counter[str], counts: Callable[[], str | None]) -> None:
+    """A task that only yields, counting each turn it gets under ``counts()``'s name."""
+    import trio
+
+    while True:
+        name = counts()
+        if name:
+            turns[name] += 1
+        await trio.sleep(0)
+
+
+def free_locks_a_turn(monkeypatch: pytest.MonkeyPatch, every: int) -> None:
+    libp2p_patches.apply_libp2p_patches()
+    monkeypatch.setattr(libp2p_patches, "FREE_LOCKS_A_TURN", every)
+
+
+UNBOUNDED = 10**9  # every free lock taken at once (7ccd868, reverted)
+
+
+def turns_while_a_noise_message_of_small_frames_is_handled(frames: int) -> int:
+    """A peer sends one Noise message of ``frames`` twelve-byte Yamux frames (window
+    updates of a stream the receiver does not know: each costs Yamux's reader one
+    take of its streams lock and nothing else) and then a DATA frame ``end`` on a real
+    stream; a task of the receiver's trio run that only yields counts the turns it
+    gets while the receiver's Noise session holds bytes of that message (the reader
+    is between two of its frames)."""
+    import struct
+
+    import trio
+    from libp2p.stream_muxer.yamux.yamux import TYPE_DATA, TYPE_WINDOW_UPDATE
+    from libp2p.stream_muxer.yamux.yamux import YAMUX_HEADER_FORMAT as HEADER
+
+    turns: Counter[str] = Counter()
+    ended = trio.Event()
+
+    async def handler(stream: Any) -> None:
+        session = stream.muxed_conn.secured_conn
+
+        def mid_message() -> str | None:
+            return "mid" if session.low_watermark != session.high_watermark else None
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticking, turns, mid_message)
+            await stream.write(b"ready")
+            assert await stream.read(3) == b"end"
+            nursery.cancel_scope.cancel()
+        ended.set()
+
+    async def sender(stream: Any) -> None:
+        assert await stream.read(5) == b"ready"
+        muxer = stream.muxed_conn
+        sid = stream.muxed_stream.stream_id
+        unknown = struct.pack(HEADER, 0, TYPE_WINDOW_UPDATE, 0, 999_999, 0)
+        message = unknown * frames + struct.pack(HEADER, 0, TYPE_DATA, 0, sid, 3) + b"end"
+        await muxer._write_frame(message)  # one write: one Noise message
+        with trio.fail_after(30):
+            await ended.wait()
+
+    trio.run(two_hosts_streaming, handler, sender)
+    return turns["mid"]
+
+
+def test_a_noise_message_of_many_small_frames_gives_other_tasks_turns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Yamux's reader takes frames out of a Noise message already read with no schedule
+    point of its own: the locks it takes were its only ones. Taken at once when free
+    (7ccd868), one message of 5,000 small frames was handled in one task step (53 ms
+    measured) while every other task of the node's network thread waited. Now one free
+    lock in FREE_LOCKS_A_TURN is a turn: the other tasks run between every few frames."""
+    frames = 5000
+    every = libp2p_patches.FREE_LOCKS_A_TURN
+    free_locks_a_turn(monkeypatch, every)
+    # About one turn a FREE_LOCKS_A_TURN frames (one lock a frame here).
+    assert turns_while_a_noise_message_of_small_frames_is_handled(frames) >= frames / (4 * every)
+    free_locks_a_turn(monkeypatch, UNBOUNDED)
+    assert turns_while_a_noise_message_of_small_frames_is_handled(frames) < frames / (4 * every)
+
+
+def turns_while_buffered_messages_are_read(messages: int) -> int:
+    """A peer sends ``messages`` two-byte messages in one write; once they are all in the
+    receiver's Yamux buffer, its stream reader reads them one by one (as py-libp2p's
+    pubsub reads RPCs); a task of its trio run that only yields counts its turns
+    meanwhile."""
+    import trio
+
+    turns: Counter[str] = Counter()
+    ended = trio.Event()
+    size = 2 * messages
+
+    async def handler(stream: Any) -> None:
+        muxed = stream.muxed_stream
+        reading = False
+
+        def while_reading() -> str | None:
+            return "reading" if reading else None
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticking, turns, while_reading)
+            with trio.fail_after(30):
+                while len(muxed.conn.stream_buffers.get(muxed.stream_id, b"")) < size:
+                    await trio.sleep(0.01)
+            reading = True
+            for _ in range(messages):
+                assert len(await stream.read(2)) == 2
+            reading = False
+            nursery.cancel_scope.cancel()
+        ended.set()
+
+    async def sender(stream: Any) -> None:
+        await stream.write(b"ab" * messages)
+        with trio.fail_after(30):
+            await ended.wait()
+
+    trio.run(two_hosts_streaming, handler, sender)
+    return turns["reading"]
+
+
+def test_a_reader_of_buffered_messages_gives_other_tasks_turns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream read whose bytes are already in Yamux's buffer takes three frame locks
+    (the stream's state lock, the connection's streams lock, the stream's window lock)
+    and nothing else: taken at once when free (7ccd868), a reader over a full buffer
+    (py-libp2p's pubsub reader, Noise over a relayed stream) never yielded; 50,000
+    two-byte messages were read in one task step of 1.16 s. Now one free lock in
+    FREE_LOCKS_A_TURN is a turn."""
+    messages = 10_000
+    every = libp2p_patches.FREE_LOCKS_A_TURN
+    free_locks_a_turn(monkeypatch, every)
+    assert turns_while_buffered_messages_are_read(messages) >= messages / (4 * every)
+    free_locks_a_turn(monkeypatch, UNBOUNDED)
+    assert turns_while_buffered_messages_are_read(messages) < messages / (4 * every)
+
+
+def test_a_writer_of_many_frames_gives_other_tasks_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Yamux's frame write no longer yields after the send (the socket's send is a
+    schedule point): a loop writing frames over a connection whose write does not
+    yield (closed under it: py-libp2p's TCP write then returns at once) still yields at
+    one take of the write lock in FREE_LOCKS_A_TURN."""
+    import trio
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    class Silent:
+        is_initiator = True
+        written = 0
+
+        async def write(self, data: bytes) -> None:
+            Silent.written += 1
+
+    frames = 1000
+
+    def steps_writing(every: int) -> int:
+        free_locks_a_turn(monkeypatch, every)
+        steps = TaskSteps()
+
+        async def write() -> None:
+            muxer = Yamux(Silent(), Silent(), is_initiator=True)  # type: ignore[arg-type]
+            assert isinstance(muxer._write_lock, libp2p_patches.QuickLock)
+            trio.lowlevel.add_instrument(steps)  # type: ignore[arg-type]
+            for _ in range(frames):
+                await muxer._write_frame(b"\x00" * 12)
+            trio.lowlevel.remove_instrument(steps)  # type: ignore[arg-type]
+
+        trio.run(write)
+        return sum(steps.by.values())
+
+    every = libp2p_patches.FREE_LOCKS_A_TURN
+    assert steps_writing(every) >= frames / every - 1
+    assert steps_writing(UNBOUNDED) == 0
+    assert Silent.written == 2 * frames
+
+
+def test_the_frame_lock_patch_is_not_applied_to_locks_of_another_shape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each lock the patch wraps must be, once its class has made it, the trio lock it
+    was written against, and Yamux's frame write the source it replaces; else the patch
+    is not applied, py-libp2p is left as it was, and it is named in SKIPPED (which the
+    first test of this file reads)."""
+    import trio
+    from libp2p.io.trio import TrioTCPStream
+    from libp2p.stream_muxer.rw_lock import ReadWriteLock
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    libp2p_patches.apply_libp2p_patches()
+    assert libp2p_patches.frame_locks_off_shape() == []
+    tcp_init = TrioTCPStream.__init__
+
+    def fifo_lock(self: Any, stream: Any) -> None:
+        tcp_init(self, stream)
+        self.write_lock = trio.StrictFIFOLock()
+
+    def lock_for_writer(self: Any) -> None:
+        self._readers, self._readers_lock, self._writer_lock = 0, trio.Lock(), trio.Lock()
+
+    async def write_frame(self: Any, data: bytes) -> None:
+        async with self._write_lock:
+            await self.secured_conn.write(data)
+
+    shapes = (
+        (TrioTCPStream, "__init__", fifo_lock, "TrioTCPStream.write_lock"),
+        (ReadWriteLock, "__init__", lock_for_writer, "ReadWriteLock._writer_lock"),
+        (Yamux, "_write_frame", write_frame, "Yamux._write_frame"),
+    )
+    for cls, name, shape, named in shapes:
+        with monkeypatch.context() as m:
+            m.setattr(cls, name, shape)
+            off = libp2p_patches.frame_locks_off_shape()
+            assert len(off) == 1 and off[0].startswith(named), off
+            m.setattr(libp2p_patches, "_applied", False)
+            m.setattr(libp2p_patches, "APPLIED", [])
+            m.setattr(libp2p_patches, "SKIPPED", [])
+            m.setattr(libp2p_patches, "PATCHES", (libp2p_patches._free_locks_do_not_yield,))
+            libp2p_patches.apply_libp2p_patches()
+            assert libp2p_patches.SKIPPED == ["free_locks_do_not_yield"]
+            assert getattr(cls, name) is shape  # left as it was
+    assert libp2p_patches.frame_locks_off_shape() == []

@@ -65,10 +65,11 @@ from typing import Any
 import trio
 from libp2p.abc import IMuxedConn, INetStream
 from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 
 from dms.actor.ratelimit import ShareMeter
-from dms.network.loop import NetworkError
+from dms.network.loop import NetworkError, why
 from dms.network.settings import NetworkSettings
 
 log = logging.getLogger("dms.network")
@@ -884,11 +885,24 @@ class StreamOpens(PacedBudget):
         notification, the loop's first call, already waiting on the unpaced
         ``accept_stream``, took the connection's first stream uncharged, and at times
         the next too: a peer got one or two streams free with each new connection.
-        Paced here, before the original runs, no stream is taken unpaced."""
+        Paced here, before the original runs, every stream is charged from the first
+        (the first is taken at once, as on any new connection: its wait is for what it
+        overdraws). A connection this cannot pace is closed, and refused as py-libp2p
+        refuses one (``SwarmException``), its resource scope given back: it would run
+        unpaced otherwise."""
         add_conn: Callable[..., Awaitable[Any]] = swarm.add_conn
 
         async def paced_from_the_first(muxed: Any, *args: Any, **kwargs: Any) -> Any:
-            self.pace(muxed)
+            try:
+                self.pace(muxed)
+            except Exception as exc:
+                scope = getattr(muxed, "_resource_scope", None)
+                with contextlib.suppress(Exception):
+                    if scope is not None:
+                        scope.close()
+                with contextlib.suppress(Exception):
+                    await muxed.close()
+                raise SwarmException(f"connection not paced: {why(exc)}") from exc
             return await add_conn(muxed, *args, **kwargs)
 
         swarm.add_conn = paced_from_the_first

@@ -144,6 +144,11 @@ def bare_host(identity: Identity) -> Any:
     )
 
 
+async def _close_quietly(host: Any) -> None:
+    with contextlib.suppress(Exception):
+        await host.close()
+
+
 class BarePeer:
     """A bare py-libp2p host on a trio thread of its own, dialed to ``addr``."""
 
@@ -170,6 +175,9 @@ class BarePeer:
         # opened and hold (open_streams).
         self.inbound: list[INetStream] = []
         self.held: list[INetStream] = []
+        # Hosts of other keys run on this peer's loop (keys_opening_at_once), closed
+        # with it: cancelled alone, their connections stayed open at the node.
+        self._extra_hosts: list[Any] = []
         self._replies: dict[bytes, Any] = {}  # request nonce -> reply payload
         self.received: Counter[str] = Counter()  # requests the node sent us, by behaviour
         self._replied = threading.Condition()
@@ -215,6 +223,11 @@ class BarePeer:
                     self._token = trio.lowlevel.current_trio_token()
                     self._ready.set()
                     await trio.to_thread.run_sync(self._stop.wait)
+                    # The other keys' hosts first, side by side, while their tasks run.
+                    with trio.move_on_after(5):
+                        async with trio.open_nursery() as closing:
+                            for extra in self._extra_hosts:
+                                closing.start_soon(_close_quietly, extra)
                     nursery.cancel_scope.cancel()
                 # Close every connection, so the node sees this peer leave at once.
                 with contextlib.suppress(Exception), trio.move_on_after(5):
@@ -460,6 +473,7 @@ class BarePeer:
 
         async def one() -> str:
             host = bare_host(Identity.generate())
+            self._extra_hosts.append(host)
             running = trio.Event()
 
             async def run() -> None:

@@ -92,11 +92,12 @@ Measured with an idle 50-node cluster in one process (``bench/placement.py``'s
 settings): 4.0 ms of CPU per gossip message received before, 1.7 ms after.
 
 - **A free lock is no schedule point, but one in 16 is.** Every lock py-libp2p takes
-  around a frame (the stream's state lock, its write and window locks, Yamux's write
-  and streams locks, the TCP stream's read and write locks) is a ``trio.Lock`` (the
+  around a frame (the stream's state lock, its write, window and close locks, Yamux's
+  write and streams locks, the TCP stream's read and write locks) is a ``trio.Lock`` (the
   stream's write lock a ``trio.Semaphore``), whose ``acquire`` yields to the scheduler
   even when the lock is free: a frame written cost its writer eight task steps (each a
-  pass of trio's scheduler, an ``epoll`` call with it), a frame read five more. A free
+  pass of trio's scheduler, an ``epoll`` call with it), a frame read 4 of Yamux's
+  reader and 6 of the stream's task (an invoke's two frames: 36 steps). A free
   one is now taken at once (``QuickLock``: still a cancel point), except every
   ``FREE_LOCKS_A_TURN``-th (16) free acquire of the trio run, which is trio's own, a full
   checkpoint; a held one is waited for as before, in trio's own order. The bound
@@ -108,10 +109,16 @@ settings): 4.0 ms of CPU per gossip message received before, 1.7 ms after.
   (10,000 two-byte reads: one step of 120-150 ms); now a step takes at most 16 free
   locks, 0.2-0.3 ms in both. Yamux's ``_write_frame`` no longer parses each header to
   format a debug line nobody logs, nor yields again after the socket's send (a
-  writer of many frames still yields at one take of its write lock in 16). The
-  patch checks that each lock is, once its class has made it, the trio type it was
-  written for, and that ``_write_frame`` is the source it replaces (by its digest,
-  ``WRITE_FRAME_SHA256``); otherwise it is skipped.
+  writer of many frames still yields at one take of its write lock in 16). And
+  a frame that takes no lock at all (a ping's answer, a frame of an unknown type:
+  Yamux's reader handled a Noise message of 5,000 of them in one step of 30-40 ms,
+  patch or none) counts too: each frame Yamux's module reads (``read_exactly``,
+  patched by name) adds to the same counter, its turn shielded from cancellation
+  (no new cancel point between a header and its body). The patch checks that
+  each lock is, once its class has made it, the trio type it was written for,
+  that ``_write_frame`` is the source it replaces (by its digest,
+  ``WRITE_FRAME_SHA256``) and that Yamux reads with py-libp2p's own
+  ``read_exactly``; otherwise it is skipped.
 
 - **A pruner backs off too** (gossipsub v1.1 spec, go-libp2p). When a mesh is
   over ``degree_high`` the heartbeat PRUNEs peers but, unlike go-libp2p, records
@@ -1093,6 +1100,15 @@ def frame_locks_off_shape() -> list[str]:
     else:
         if hashlib.sha256(source.encode()).hexdigest() != WRITE_FRAME_SHA256:
             off.append("Yamux._write_frame: another source than the one replaced")
+    try:
+        from libp2p.io import utils
+        from libp2p.stream_muxer.yamux import yamux
+
+        reads = getattr(yamux.read_exactly, "__wrapped__", yamux.read_exactly)
+        if reads is not utils.read_exactly:
+            off.append("Yamux's module reads its frames with another read_exactly")
+    except (AttributeError, ImportError) as exc:
+        off.append(f"Yamux's read_exactly: {exc}")
     return off
 
 
@@ -1143,6 +1159,24 @@ def _free_locks_do_not_yield() -> bool:
 
     write_frame.__wrapped__ = write_frame_as_shipped  # type: ignore[attr-defined]
     yamux.Yamux._write_frame = write_frame
+    read_exactly = yamux.read_exactly
+
+    async def read_exactly_counted(reader: Any, n: int, *args: Any, **kwargs: Any) -> bytes:
+        # Patched in as the name Yamux's module reads each header (and body) with. A
+        # frame that takes no lock (a ping's answer, a frame of an unknown type) still
+        # counts toward the run's turn: read from a Noise message already in hand, a
+        # message of 5,000 of them was one task step (30-40 ms), patch or none. The
+        # turn is shielded: no new cancel point between a header and its body.
+        data = await read_exactly(reader, n, *args, **kwargs)
+        taken = _taken_at_once()
+        taken[0] += 1
+        if taken[0] >= FREE_LOCKS_A_TURN:
+            taken[0] = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+    read_exactly_counted.__wrapped__ = read_exactly  # type: ignore[attr-defined]
+    yamux.read_exactly = read_exactly_counted
     return True
 
 

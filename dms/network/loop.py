@@ -30,7 +30,7 @@ class NetworkError(Exception):
 
 class _WakeActorsBeforeWaiting(trio.abc.Instrument):
     """Hands out the actor wakes this loop's thread deferred, each time it is about
-    to wait for I/O (``dms.actor.inbox.DeferredWakes``)."""
+    to wait for I/O (``dms.actor.wakes.DeferredWakes``)."""
 
     def __init__(self, wakes: DeferredWakes) -> None:
         self._wakes = wakes

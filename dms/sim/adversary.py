@@ -175,8 +175,8 @@ class BarePeer:
         # opened and hold (open_streams).
         self.inbound: list[INetStream] = []
         self.held: list[INetStream] = []
-        # Hosts of other keys run on this peer's loop (keys_opening_at_once), closed
-        # with it: cancelled alone, their connections stayed open at the node.
+        # Hosts of other keys run on this peer's loop (_another_key), closed with it:
+        # cancelled alone, their connections stayed open at the node.
         self._extra_hosts: list[Any] = []
         self._replies: dict[bytes, Any] = {}  # request nonce -> reply payload
         self.received: Counter[str] = Counter()  # requests the node sent us, by behaviour
@@ -430,17 +430,7 @@ class BarePeer:
         node = info_from_p2p_addr(Multiaddr(self._addr)).peer_id
 
         async def one() -> None:
-            host = bare_host(Identity.generate())
-            running = trio.Event()
-
-            async def run() -> None:
-                async with host.run([]):
-                    running.set()
-                    await trio.sleep_forever()
-
-            assert self._nursery is not None
-            self._nursery.start_soon(run)
-            await running.wait()
+            host = await self._another_key()
             with trio.fail_after(10):
                 stream = await self.host.new_stream(node, [STOP_PROTOCOL_ID])
                 connect = StopMessage(
@@ -461,6 +451,23 @@ class BarePeer:
 
         return self.call(go)
 
+    async def _another_key(self) -> Any:
+        """A bare host of a fresh key, running on this peer's loop (its nursery) until
+        the peer closes, which closes it too (``_extra_hosts``)."""
+        host = bare_host(Identity.generate())
+        self._extra_hosts.append(host)
+        running = trio.Event()
+
+        async def run() -> None:
+            async with host.run([]):
+                running.set()
+                await trio.sleep_forever()
+
+        assert self._nursery is not None
+        self._nursery.start_soon(run)
+        await running.wait()
+        return host
+
     def keys_opening_at_once(self, protocol: str, keys: int, streams: int) -> list[str]:
         """Dial the node from ``keys`` fresh keys in turn (bare hosts on this peer's
         loop), each opening ``streams`` streams on ``protocol`` side by side the moment
@@ -472,18 +479,7 @@ class BarePeer:
                 self.held.append(await host.new_stream(node.peer_id, [protocol]))
 
         async def one() -> str:
-            host = bare_host(Identity.generate())
-            self._extra_hosts.append(host)
-            running = trio.Event()
-
-            async def run() -> None:
-                async with host.run([]):
-                    running.set()
-                    await trio.sleep_forever()
-
-            assert self._nursery is not None
-            self._nursery.start_soon(run)
-            await running.wait()
+            host = await self._another_key()
             with trio.fail_after(10):
                 await host.connect(node)
             async with trio.open_nursery() as nursery:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import psutil
 
+from dms.actor.envelope import encode_payload
 from dms.node.client import root_handle
-from dms.orchestrator.messages import REQUEST
 from dms.sim.adversary import BarePeer
-from tests.adversarial.test_adversarial_budgets import bid_request
+from tests.adversarial.test_adversarial_budgets import bid_request, sealed_requests
 from tests.clitools import Daemon, dms, init_home_quick, side_by_side
 from tests.conftest import wait_for
 
@@ -41,13 +41,8 @@ def test_a_flood_of_many_keys_frames_leaves_no_rss_behind_in_a_daemon(
         addr, to = daemon.info["addrs"][0], root_handle(daemon.info["peer_id"])
         process = psutil.Process(daemon.proc.pid)
         side_by_side((lambda: bare_peers.append(BarePeer(addr, actor=True))) for _ in range(KEYS))
-        frames = {
-            peer: [
-                peer.seal(peer.envelope(to, REQUEST, bid_request(256, f"flood-{i}"), reply=True))
-                for i in range(REQUESTS)
-            ]
-            for peer in bare_peers
-        }
+        flood = [encode_payload(bid_request(256, f"flood-{i}")) for i in range(REQUESTS)]
+        frames = {peer: sealed_requests(peer, to, flood) for peer in bare_peers}
         before = process.memory_info().rss
         # All at once, each peer on a thread of its own (a write that fails fails the test).
         side_by_side((lambda p=p: p.write(frames[p]) for p in bare_peers), len(bare_peers))

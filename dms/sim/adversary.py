@@ -410,26 +410,40 @@ class BarePeer:
         return self.call(go)
 
     def open_streams(
-        self, protocol: str, count: int, first: bytes = b"", timeout_s: float = 10
+        self,
+        protocol: str,
+        count: int,
+        first: bytes = b"",
+        timeout_s: float = 10,
+        *,
+        at_once: bool = False,
     ) -> int:
-        """Open ``count`` streams to the node on ``protocol``, one after another, and hold
-        them (writing ``first`` on each); how many opened (one not open within
-        ``timeout_s`` is given up)."""
+        """Open ``count`` streams to the node on ``protocol``, one after another (or all
+        side by side, ``at_once``), and hold them (writing ``first`` on each); how many
+        opened (one not open within ``timeout_s`` is given up)."""
+        info = info_from_p2p_addr(Multiaddr(self._addr))
+        opened = [0]
+
+        async def one() -> None:
+            try:
+                with trio.fail_after(timeout_s):
+                    stream = await self.host.new_stream(info.peer_id, [protocol])
+                    if first:
+                        await stream.write(first)
+            except Exception:
+                return
+            self.held.append(stream)
+            opened[0] += 1
 
         async def go() -> int:
-            info = info_from_p2p_addr(Multiaddr(self._addr))
-            opened = 0
-            for _ in range(count):
-                try:
-                    with trio.fail_after(timeout_s):
-                        stream = await self.host.new_stream(info.peer_id, [protocol])
-                        if first:
-                            await stream.write(first)
-                except Exception:
-                    continue
-                self.held.append(stream)
-                opened += 1
-            return opened
+            if at_once:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(count):
+                        nursery.start_soon(one)
+            else:
+                for _ in range(count):
+                    await one()
+            return opened[0]
 
         return self.call(go)
 

@@ -393,7 +393,10 @@ def test_a_heartbeat_waiting_for_a_locked_store_holds_up_none_of_the_nodes_timer
     thread, which every deadline of the node waits on (invoke timeouts, each actor's
     ``call_later``: lease expiry, sweeps, retries): each beat held them all for as long
     as it waited. The node's timers go on while its heartbeat waits now."""
-    net.settings.update(heartbeat_s=4.0)  # the heartbeat waits up to 1 s for the store
+    # The heartbeat waits up to 0.5 s for the store (a quarter of 2 s): 25 ticks of the
+    # timer below while it waits, none when the wait held the timer thread (4 s, 1 s
+    # waits, took 12 s of the test for its three beats).
+    net.settings.update(heartbeat_s=2.0)
     requester, (provider,) = network(net, 1)
     # A lease that expires at once: past its expiry every heartbeat reads the store.
     ask(requester, provider, REQUEST, bid_request(1, lease_s=0.5))

@@ -112,8 +112,10 @@ def _switches(pid: int, tid: int) -> int:
 def test_a_running_daemons_main_thread_sleeps_until_it_is_stopped(tmp_path: Path) -> None:
     """'dms run' waited for its stop signal in 0.5 s slices: an idle node's main thread
     woke twice a second for nothing. It sleeps until the signal now. Counted, not
-    timed: while the daemon's other threads wake a hundred and fifty times (its heartbeats,
-    timers, network), the main thread does not; SIGTERM still stops it cleanly."""
+    timed: while the daemon's other threads wake 75 times (its heartbeats, timers,
+    network), the main thread does not; SIGTERM still stops it cleanly. Polling, it woke
+    46 times while they woke 150, 13 while they woke 75 (measured): four times the 3
+    allowed (150 took 12 s of the test)."""
     from tests.conftest import wait_for
 
     home = tmp_path / "home"
@@ -131,7 +133,7 @@ def test_a_running_daemons_main_thread_sleeps_until_it_is_stopped(tmp_path: Path
             return total
 
         main, rest = _switches(pid, pid), others()
-        wait_for(lambda: others() >= rest + 150, 120, "the daemon's threads at work a while")
+        wait_for(lambda: others() >= rest + 75, 120, "the daemon's threads at work a while")
         assert _switches(pid, pid) - main <= 3
     finally:
         assert daemon.stop() == 0, daemon.stderr()

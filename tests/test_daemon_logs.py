@@ -139,7 +139,9 @@ def test_a_daemon_that_logs_more_than_a_pipe_holds_still_answers_and_stops(
     byte blocked the thread that logged it (a provider stuck mid-call froze a 40-round
     collaboration at round 39; a daemon so blocked did not stop on SIGTERM)."""
     home = tmp_path / "chatty"
-    init_homes(home, config='heartbeat_s = 0.5\nlog_level = "DEBUG"\n')
+    # Beats every 0.1 s (the least allowed), each logged at DEBUG: 80 KiB in about 2 s,
+    # not 9 at 0.5 s; a pipe nobody reads blocks at 64 KiB whatever the pace.
+    init_homes(home, config='heartbeat_s = 0.1\nlog_level = "DEBUG"\n')
     daemon = Daemon(home)
     try:
         wait_for(lambda: daemon.log.stat().st_size > 80 * 1024, 60, "80 KiB of log")

@@ -3,6 +3,7 @@ py-libp2p, and on real hosts they cost fewer frames for the same delivery."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -1099,3 +1100,56 @@ def test_the_frame_lock_patch_is_not_applied_to_locks_of_another_shape(
             assert libp2p_patches.SKIPPED == ["free_locks_do_not_yield"]
             assert getattr(cls, name) is shape  # left as it was
     assert libp2p_patches.frame_locks_off_shape() == []
+
+
+def _dial_with_the_clock_stopped(patched: bool, wait_s: float) -> bool:
+    """Whether one host's dial of another (real sockets on loopback) returned while
+    trio's clock stood still: it cannot end on a timer then, only on its connection."""
+    import trio
+    import trio.testing
+    from libp2p.network import swarm
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    from dms.security import Identity
+    from dms.sim.adversary import bare_host
+
+    libp2p_patches.apply_libp2p_patches()
+    returned = threading.Event()
+
+    async def dial() -> None:
+        listener, dialer = bare_host(Identity.generate()), bare_host(Identity.generate())
+        here = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+        async with listener.run(here), dialer.run(here):
+            addr = f"{listener.get_addrs()[0]}"
+            if "/p2p/" not in addr:
+                addr += f"/p2p/{listener.get_id()}"
+            info = info_from_p2p_addr(Multiaddr(addr))
+            async with trio.open_nursery() as nursery:
+
+                async def connect() -> None:
+                    await dialer.connect(info)
+                    returned.set()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(connect)
+                # Real seconds, on a thread: the trio clock does not move.
+                await trio.to_thread.run_sync(returned.wait, wait_s)
+                nursery.cancel_scope.cancel()
+
+    with pytest.MonkeyPatch.context() as m:
+        if not patched:
+            m.setattr(swarm, "_HAPPY_EYEBALLS_DELAY", 0.25)
+        with contextlib.suppress(Exception):  # a host's close may time out on this clock
+            trio.run(dial, clock=trio.testing.MockClock(rate=0))
+    return returned.is_set()
+
+
+def test_a_dial_returns_once_its_connection_is_up_not_after_a_head_start() -> None:
+    """py-libp2p gave each address of a dial a 250 ms head start and waited it out after
+    the last one too, connection up or not: every first message to a peer waited a
+    quarter second for nothing. With trio's clock stopped, no timer can end the dial:
+    it ends on its connection, and with the head start back it does not end at all."""
+    assert _dial_with_the_clock_stopped(patched=True, wait_s=30)
+    # A loopback connection is up in ~30 ms: 5 s without a return is a dial that waits.
+    assert not _dial_with_the_clock_stopped(patched=False, wait_s=5)

@@ -48,6 +48,7 @@ from dms.actor import ROOT_INBOX, Address, Envelope, Handle, make_envelope, seal
 from dms.actor.envelope import PREFIX_BYTES, REPLY_PREFIX, unseal
 from dms.network.frames import FrameReader
 from dms.network.host import ACTOR_PROTOCOL
+from dms.network.libp2p_patches import apply_libp2p_patches
 from dms.security import Identity
 from dms.security.tokens import Action, issue
 
@@ -145,19 +146,14 @@ def bare_host(identity: Identity) -> Any:
 
 
 async def connect(host: Any, info: Any) -> None:
-    """``host.connect(info)``, back as soon as the connection is up. py-libp2p's dial
-    gives each address a 250 ms head start before it tries the next (happy eyeballs),
-    and waits it out after the last one too, though the dial succeeded: every bare
-    host's connect took 0.26 s on loopback (a test making 30 keys, 8 s). A dial for one
-    connection a peer ends the wait once it connects; the host's own setting is put
-    back after (nothing else of the connect changes: identify runs as before)."""
-    config = host.get_network().connection_config
-    most = config.max_connections_per_peer
-    config.max_connections_per_peer = 1
-    try:
-        await host.connect(info)
-    finally:
-        config.max_connections_per_peer = most
+    """``host.connect(info)``, back as soon as the connection is up: py-libp2p's dial
+    waited out a 250 ms head start after a dial's last address, connection up or not
+    (every bare host's connect took 0.26 s on loopback, a test making 30 keys 8 s).
+    The process's patches to py-libp2p end it (``_dial_done_when_connected``; applied
+    once a process, and on already beside any node of it): they change the library's
+    code, not a host, so a bare host still has none of a node's budgets."""
+    apply_libp2p_patches()
+    await host.connect(info)
 
 
 async def _close_quietly(host: Any) -> None:

@@ -1153,3 +1153,43 @@ def test_a_dial_returns_once_its_connection_is_up_not_after_a_head_start() -> No
     assert _dial_with_the_clock_stopped(patched=True, wait_s=30)
     # A loopback connection is up in ~30 ms: 5 s without a return is a dial that waits.
     assert not _dial_with_the_clock_stopped(patched=False, wait_s=5)
+
+
+def test_the_dial_patch_is_not_applied_to_a_dial_whose_head_start_ends_on_success(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The head start is removed only from the ``dial_peer`` it was written against,
+    whose wait ends on an address's failure alone. One whose wait ends on success too
+    (go-libp2p's) dials a second address only when the first is slow; with no head
+    start it would dial both always: that dial_peer is left as it is, and named."""
+    import trio
+    from libp2p.network import swarm
+
+    async def dial_peer(self: Any, peer_id: Any) -> list[Any]:
+        connections: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            for addr in self.peerstore.addrs(peer_id)[: swarm.MAX_ADDRS_PER_PEER]:
+                over = trio.Event()
+
+                async def dial(addr: Any = addr, over: Any = over) -> None:
+                    try:
+                        connections.append(await self._dial_with_retry(addr, peer_id))
+                    finally:
+                        over.set()  # on success as on failure
+
+                nursery.start_soon(dial)
+                with trio.move_on_after(_HAPPY_EYEBALLS_DELAY):  # noqa: F821
+                    await over.wait()
+                if connections:
+                    break
+        return connections
+
+    monkeypatch.setattr(swarm, "_HAPPY_EYEBALLS_DELAY", 0.25)
+    monkeypatch.setattr(swarm.Swarm, "dial_peer", dial_peer)
+    monkeypatch.setattr(libp2p_patches, "_applied", False)
+    monkeypatch.setattr(libp2p_patches, "APPLIED", [])
+    monkeypatch.setattr(libp2p_patches, "SKIPPED", [])
+    monkeypatch.setattr(libp2p_patches, "PATCHES", (libp2p_patches._dial_done_when_connected,))
+    libp2p_patches.apply_libp2p_patches()
+    assert libp2p_patches.SKIPPED == ["dial_done_when_connected"]
+    assert swarm._HAPPY_EYEBALLS_DELAY == 0.25  # left as it was

@@ -38,6 +38,15 @@ def test_every_patch_applies_to_the_installed_libp2p() -> None:
     )
 
 
+def apply_only(m: pytest.MonkeyPatch, patch: Callable[[], bool]) -> None:
+    """Apply ``patch`` alone, as a fresh process would (APPLIED and SKIPPED anew)."""
+    m.setattr(libp2p_patches, "_applied", False)
+    m.setattr(libp2p_patches, "APPLIED", [])
+    m.setattr(libp2p_patches, "SKIPPED", [])
+    m.setattr(libp2p_patches, "PATCHES", (patch,))
+    libp2p_patches.apply_libp2p_patches()
+
+
 class Sink(Actor):
     """Counts what arrives and the bytes it carried."""
 
@@ -1092,11 +1101,7 @@ def test_the_frame_lock_patch_is_not_applied_to_locks_of_another_shape(
             m.setattr(cls, name, shape)
             off = libp2p_patches.frame_locks_off_shape()
             assert len(off) == 1 and off[0].startswith(named), off
-            m.setattr(libp2p_patches, "_applied", False)
-            m.setattr(libp2p_patches, "APPLIED", [])
-            m.setattr(libp2p_patches, "SKIPPED", [])
-            m.setattr(libp2p_patches, "PATCHES", (libp2p_patches._free_locks_do_not_yield,))
-            libp2p_patches.apply_libp2p_patches()
+            apply_only(m, libp2p_patches._free_locks_do_not_yield)
             assert libp2p_patches.SKIPPED == ["free_locks_do_not_yield"]
             assert getattr(cls, name) is shape  # left as it was
     assert libp2p_patches.frame_locks_off_shape() == []
@@ -1186,10 +1191,6 @@ def test_the_dial_patch_is_not_applied_to_a_dial_whose_head_start_ends_on_succes
 
     monkeypatch.setattr(swarm, "_HAPPY_EYEBALLS_DELAY", 0.25)
     monkeypatch.setattr(swarm.Swarm, "dial_peer", dial_peer)
-    monkeypatch.setattr(libp2p_patches, "_applied", False)
-    monkeypatch.setattr(libp2p_patches, "APPLIED", [])
-    monkeypatch.setattr(libp2p_patches, "SKIPPED", [])
-    monkeypatch.setattr(libp2p_patches, "PATCHES", (libp2p_patches._dial_done_when_connected,))
-    libp2p_patches.apply_libp2p_patches()
+    apply_only(monkeypatch, libp2p_patches._dial_done_when_connected)
     assert libp2p_patches.SKIPPED == ["dial_done_when_connected"]
     assert swarm._HAPPY_EYEBALLS_DELAY == 0.25  # left as it was

@@ -851,11 +851,11 @@ def bare_host() -> Any:
 
 
 async def two_hosts_streaming(
-    handler: Any, sender: Any, protocol: str = "/test/turns/1.0.0"
+    handler: Any, sender: Any, ended: Any, protocol: str = "/test/turns/1.0.0"
 ) -> None:
     """Two bare hosts on loopback in this trio run: ``handler(stream)`` answers
-    ``protocol`` on the second; ``sender(stream)`` gets a stream to it from the first
-    and returns once the test is over."""
+    ``protocol`` on the second and sets ``ended`` when the test is over;
+    ``sender(stream)`` gets a stream to it from the first (waited for 30 s after)."""
     import trio
     from libp2p.custom_types import TProtocol
     from libp2p.peer.peerinfo import PeerInfo
@@ -870,6 +870,8 @@ async def two_hosts_streaming(
             await sending.connect(peer)
             stream = await sending.new_stream(peer.peer_id, [TProtocol(protocol)])
         await sender(stream)
+        with trio.fail_after(30):
+            await ended.wait()
         await stream.reset()
 
 
@@ -931,10 +933,8 @@ def turns_while_a_noise_message_of_small_frames_is_handled(frames: int, pings: b
             unknown = struct.pack(HEADER, 0, TYPE_PING, FLAG_ACK, 0, 7)
         message = unknown * frames + struct.pack(HEADER, 0, TYPE_DATA, 0, sid, 3) + b"end"
         await muxer._write_frame(message)  # one write: one Noise message
-        with trio.fail_after(30):
-            await ended.wait()
 
-    trio.run(two_hosts_streaming, handler, sender)
+    trio.run(two_hosts_streaming, handler, sender, ended)
     return turns["mid"]
 
 
@@ -1002,10 +1002,8 @@ def turns_while_buffered_messages_are_read(messages: int) -> int:
 
     async def sender(stream: Any) -> None:
         await stream.write(b"ab" * messages)
-        with trio.fail_after(30):
-            await ended.wait()
 
-    trio.run(two_hosts_streaming, handler, sender)
+    trio.run(two_hosts_streaming, handler, sender, ended)
     return turns["reading"]
 
 

@@ -894,6 +894,17 @@ def free_locks_a_turn(monkeypatch: pytest.MonkeyPatch, every: int) -> None:
 UNBOUNDED = 10**9  # every free lock taken at once (7ccd868, reverted)
 
 
+def turns_bounded_and_unbounded(
+    monkeypatch: pytest.MonkeyPatch, turns: Callable[[], int]
+) -> tuple[int, int]:
+    """``turns()`` with one free lock in FREE_LOCKS_A_TURN a turn, then with every free
+    lock taken at once."""
+    free_locks_a_turn(monkeypatch, libp2p_patches.FREE_LOCKS_A_TURN)
+    bounded = turns()
+    free_locks_a_turn(monkeypatch, UNBOUNDED)
+    return bounded, turns()
+
+
 def turns_while_a_noise_message_of_small_frames_is_handled(frames: int, pings: bool = False) -> int:
     """A peer sends one Noise message of ``frames`` twelve-byte Yamux frames (window
     updates of a stream the receiver does not know: each costs Yamux's reader one
@@ -946,13 +957,13 @@ def test_a_noise_message_of_many_small_frames_gives_other_tasks_turns(
     (7ccd868), one message of 5,000 small frames was handled in one task step (53 ms
     measured) while every other task of the node's network thread waited. Now one free
     lock in FREE_LOCKS_A_TURN is a turn: the other tasks run between every few frames."""
-    frames = 5000
-    every = libp2p_patches.FREE_LOCKS_A_TURN
-    free_locks_a_turn(monkeypatch, every)
+    frames, every = 5000, libp2p_patches.FREE_LOCKS_A_TURN
+    bounded, unbounded = turns_bounded_and_unbounded(
+        monkeypatch, lambda: turns_while_a_noise_message_of_small_frames_is_handled(frames)
+    )
     # About one turn a FREE_LOCKS_A_TURN frames (one lock a frame here).
-    assert turns_while_a_noise_message_of_small_frames_is_handled(frames) >= frames / (4 * every)
-    free_locks_a_turn(monkeypatch, UNBOUNDED)
-    assert turns_while_a_noise_message_of_small_frames_is_handled(frames) < frames / (4 * every)
+    assert bounded >= frames / (4 * every)
+    assert unbounded < frames / (4 * every)
 
 
 def test_a_noise_message_of_many_ping_answers_gives_other_tasks_turns(
@@ -961,13 +972,13 @@ def test_a_noise_message_of_many_ping_answers_gives_other_tasks_turns(
     """A ping's answer takes no lock: Yamux's reader handled a Noise message of 5,000
     of them in one task step (30-40 ms), with or without the free-lock patch. Each
     frame read now counts toward the run's turn as a free lock does."""
-    frames = 5000
-    every = libp2p_patches.FREE_LOCKS_A_TURN
-    free_locks_a_turn(monkeypatch, every)
-    turns = turns_while_a_noise_message_of_small_frames_is_handled(frames, pings=True)
-    assert turns >= frames / (4 * every)
-    free_locks_a_turn(monkeypatch, UNBOUNDED)
-    assert turns_while_a_noise_message_of_small_frames_is_handled(frames, pings=True) == 0
+    frames, every = 5000, libp2p_patches.FREE_LOCKS_A_TURN
+    bounded, unbounded = turns_bounded_and_unbounded(
+        monkeypatch,
+        lambda: turns_while_a_noise_message_of_small_frames_is_handled(frames, pings=True),
+    )
+    assert bounded >= frames / (4 * every)
+    assert unbounded == 0
 
 
 def turns_while_buffered_messages_are_read(messages: int) -> int:
@@ -1016,12 +1027,12 @@ def test_a_reader_of_buffered_messages_gives_other_tasks_turns(
     (py-libp2p's pubsub reader, Noise over a relayed stream) never yielded; 50,000
     two-byte messages were read in one task step of 1.16 s. Now one free lock in
     FREE_LOCKS_A_TURN is a turn."""
-    messages = 10_000
-    every = libp2p_patches.FREE_LOCKS_A_TURN
-    free_locks_a_turn(monkeypatch, every)
-    assert turns_while_buffered_messages_are_read(messages) >= messages / (4 * every)
-    free_locks_a_turn(monkeypatch, UNBOUNDED)
-    assert turns_while_buffered_messages_are_read(messages) < messages / (4 * every)
+    messages, every = 10_000, libp2p_patches.FREE_LOCKS_A_TURN
+    bounded, unbounded = turns_bounded_and_unbounded(
+        monkeypatch, lambda: turns_while_buffered_messages_are_read(messages)
+    )
+    assert bounded >= messages / (4 * every)
+    assert unbounded < messages / (4 * every)
 
 
 def test_a_writer_of_many_frames_gives_other_tasks_turns(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -245,8 +245,10 @@ def test_a_provider_whose_last_heartbeat_counts_this_jobs_returned_leases_is_ask
     heartbeat counts as free on it now."""
     requester = net.add()
     first, second = providers(net, 2)
-    # Its heartbeats 30 s apart: the one that counts the leases stays its last.
-    third = net.add(heartbeat_s=30.0)
+    # Its heartbeats as far apart as a node allows (300 s, longer than this test's
+    # deadlines add up to): the one that counts the leases stays its last. At 30 s a
+    # loaded CI run's next beat came before the slot was placed again (2 cpu free).
+    third = net.add(heartbeat_s=300.0)
     assert third.ledger is not None and third.node is not None
     third.ledger.onboard(Resources(cpu=2, ram=4, disk=4))
     bidding = third.node.pykka_ref.proxy().bidding.get(timeout=5)

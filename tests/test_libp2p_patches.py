@@ -362,6 +362,28 @@ def test_a_pubsub_read_ends_quietly_only_when_the_pubsub_stopped_under_it(
             trio.run(read)
 
 
+def test_a_pubsub_stream_opened_as_the_pubsub_stops_ends_quietly() -> None:
+    """A peer's pubsub stream that opens after the pubsub's task nursery closed (the
+    node stopping, its connections not closed yet): the task that tells the peer this
+    node's topics could not start, and trio's 'Nursery is closed to new arrivals' went
+    into the swarm's log as a traceback, seen in most stops of a 16-node cluster."""
+    import trio
+    from libp2p.pubsub.pubsub import Pubsub
+
+    libp2p_patches.apply_libp2p_patches()
+    pubsub = StoppingPubsub(BUG, stops=False)
+
+    def closed_nursery(*args: Any, **kw: Any) -> None:
+        raise RuntimeError("Nursery is closed to new arrivals")
+
+    pubsub.run_task = closed_nursery  # type: ignore[method-assign]
+
+    async def read() -> None:
+        await Pubsub.continuously_read_stream(pubsub, OneMessage())  # type: ignore[arg-type]
+
+    trio.run(read)  # the stream ends; the message after it is never read (BUG unraised)
+
+
 def test_a_host_reads_its_own_record_once_not_for_every_rpc(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

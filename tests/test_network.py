@@ -10,6 +10,7 @@ from dms.actor import ActorRef, RemoteError
 from dms.node.client import root_handle
 from dms.node.daemon import Node
 from dms.node.node import BROADCAST_TOPIC
+from dms.sim.adversary import ManyKeys
 from dms.sim.cluster import LocalCluster
 from tests.conftest import raised_by, wait_for
 
@@ -74,6 +75,27 @@ def test_a_node_whose_host_died_cannot_take_the_others_down(cluster: LocalCluste
         root(c).send(root_handle(a.peer_id), "/public/hello")
     assert refused.value.code == "unreachable"
     assert root(a).ask(root_handle(b.peer_id), "/public/hello", timeout=10)["peer_id"] == b.peer_id
+
+
+def test_a_node_holding_many_connections_closes_every_one_when_it_stops(
+    cluster: LocalCluster,
+) -> None:
+    """py-libp2p closed a host's connections one after another, each with 0.2 s of
+    sleeps: a node holding over 25 used up the 5 s its stop gives the goodbye, and
+    the rest were left (a daemon's process ended under them; a simulated node's loop
+    kept them). Here 40 peers each hold a connection, and each sees it closed."""
+    node = cluster.add("node")
+    assert node.transport is not None
+    many = ManyKeys(node.addrs()[0], 40)
+    try:
+        assert many.dialed == 40
+        wait_for(lambda: many.connected() == 40, timeout=30, what="40 connections")
+        node.transport.stop()
+        swarm: Any = node.transport._host.get_network()  # type: ignore[union-attr]
+        assert not swarm.connections
+        wait_for(lambda: many.connected() == 0, timeout=30, what="every peer told")
+    finally:
+        many.close()
 
 
 def test_owner_behaviours_are_refused_to_other_nodes(cluster: LocalCluster) -> None:

@@ -56,6 +56,7 @@ from dms.network.budgets import (
     StreamOpens,
 )
 from dms.network.checked import CheckedFrames
+from dms.network.closing import close_host
 from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, Pacer, envelope_is_valid, new_pubsub, topic_budgets
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
@@ -400,9 +401,8 @@ class Libp2pTransport(Unicast, Gossip):
                     with contextlib.suppress(Exception):
                         await outbound.stream.close()
             # Close every connection now, so peers see this node leave at once.
-            with contextlib.suppress(Exception), trio.move_on_after(5):
-                await host.close()
-                self._outbound.clear()
+            await close_host(host)
+            self._outbound.clear()
 
     @contextlib.asynccontextmanager
     async def _maybe_hole_punching(self, host: IHost) -> AsyncIterator[None]:

@@ -721,16 +721,17 @@ def _repeat_subscriptions_to_new_streams() -> bool:
     read_stream = Pubsub.continuously_read_stream
 
     async def read_stream_and_tell_topics(self: Any, stream: Any) -> None:
-        if self.manager.is_running:
-            self.manager.run_task(tell_topics_when_writable, self, stream.muxed_conn.peer_id)
         try:
+            if self.manager.is_running:
+                self.manager.run_task(tell_topics_when_writable, self, stream.muxed_conn.peer_id)
             await read_stream(self, stream)
         except (RuntimeError, LifecycleError) as err:
-            # A message read while the node stops: pubsub's task nursery is already
-            # closed (trio's RuntimeError, while the manager still says it runs), or
-            # the manager has finished (its LifecycleError); py-libp2p's handler raised
-            # either into the swarm's log as a traceback on every such stop. The stream
-            # ends with the pubsub. Any other error, stopping or not, is raised.
+            # A stream opened or a message read while the node stops: pubsub's task
+            # nursery is already closed (trio's RuntimeError, while the manager still
+            # says it runs), or the manager has finished (its LifecycleError);
+            # py-libp2p's handler raised either into the swarm's log as a traceback on
+            # every such stop. The stream ends with the pubsub. Any other error,
+            # stopping or not, is raised.
             if not ended_with_pubsub(err, self.manager.is_running):
                 raise
             log.debug("pubsub stream from %s ended with the node: %s", stream, err)

@@ -46,6 +46,7 @@ from multiaddr import Multiaddr
 
 from dms.actor import ROOT_INBOX, Address, Envelope, Handle, make_envelope, seal
 from dms.actor.envelope import PREFIX_BYTES, REPLY_PREFIX, unseal
+from dms.network.closing import close_host
 from dms.network.frames import FrameReader
 from dms.network.host import ACTOR_PROTOCOL
 from dms.network.libp2p_patches import apply_libp2p_patches
@@ -156,11 +157,6 @@ async def connect(host: Any, info: Any) -> None:
     await host.connect(info)
 
 
-async def _close_quietly(host: Any) -> None:
-    with contextlib.suppress(Exception):
-        await host.close()
-
-
 class BarePeer:
     """A bare py-libp2p host on a trio thread of its own, dialed to ``addr``."""
 
@@ -236,14 +232,12 @@ class BarePeer:
                     self._ready.set()
                     await trio.to_thread.run_sync(self._stop.wait)
                     # The other keys' hosts first, side by side, while their tasks run.
-                    with trio.move_on_after(5):
-                        async with trio.open_nursery() as closing:
-                            for extra in self._extra_hosts:
-                                closing.start_soon(_close_quietly, extra)
+                    async with trio.open_nursery() as closing:
+                        for extra in self._extra_hosts:
+                            closing.start_soon(close_host, extra)
                     nursery.cancel_scope.cancel()
                 # Close every connection, so the node sees this peer leave at once.
-                with contextlib.suppress(Exception), trio.move_on_after(5):
-                    await host.close()
+                await close_host(host)
         except BaseException as exc:
             self._error = exc
             self._ready.set()
@@ -631,9 +625,9 @@ class ManyKeys:
             self._token = trio.lowlevel.current_trio_token()
             self._ready.set()
             await trio.to_thread.run_sync(self._stop.wait)
-            for host in self.hosts:
-                with contextlib.suppress(Exception), trio.move_on_after(1):
-                    await host.close()
+            async with trio.open_nursery() as closing:
+                for host in self.hosts:
+                    closing.start_soon(close_host, host)
 
     def connected(self) -> int:
         """How many of the hosts still hold a connection to the node."""

@@ -8,12 +8,16 @@ given, and a daemon holding its usual 50 left half of them for the kernel to
 drop when its process ended, its peers seeing no goodbye on them. Closed side
 by side, the sleeps overlap: a host leaves in about 0.2 s whatever it holds.
 
-Before its connections, the host stops taking new ones: its listeners close (a
-peer that lost its connection to this node dials it again at once, and py-libp2p
-closed the listeners only after the connections: in a 16-node simulation half a
-stopping node's connections were new ones, closed one by one again), and a
-connection that closes starts no dial of its own (py-libp2p's rule once its
-close has begun: "disconnects during shutdown must not cause new dials").
+Before its connections, the host stops taking new ones: a socket its listeners
+accept is closed at once (a peer that lost its connection to this node dials it
+again at once, and py-libp2p closed the listeners only after the connections: in a
+16-node simulation half a stopping node's connections were new ones, closed one by
+one again), and a connection that closes starts no dial of its own (py-libp2p's
+rule once its close has begun: "disconnects during shutdown must not cause new
+dials"). The listeners themselves close only after the connections, in
+``Swarm.close``: closing a TCP listener cancels the task holding each inbound
+connection it accepted, and trio then closes that socket at once, so every inbound
+connection's goodbye (Yamux's GO_AWAY, its streams' resets) went to a closed socket.
 """
 
 from __future__ import annotations
@@ -32,16 +36,16 @@ CLOSE_TIMEOUT_S = 5.0
 
 
 async def close_host(host: Any, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
-    """Stop ``host`` taking connections (its listeners closed, no dial on a
-    disconnect), close every connection it holds at once, then ``host`` itself (its
-    transports; no connection left for its own one-by-one loop), all within
-    ``timeout_s``. Never raises: a connection that fails to close is logged and the
-    rest go on."""
+    """Stop ``host`` taking connections (a socket accepted is closed at once, no dial
+    on a disconnect), close every connection it holds at once, then ``host`` itself
+    (its listeners and transports; no connection left for its own one-by-one loop),
+    all within ``timeout_s``. Never raises: a connection that fails to close is
+    logged and the rest go on."""
     swarm = host.get_network()
     with trio.move_on_after(timeout_s) as scope:
         # The instance's own hook, not the class's: py-libp2p skips it once closing.
         swarm._schedule_auto_connect = _no_dial
-        await close_listeners(swarm)
+        refuse_connections(swarm)
         await close_connections(swarm)
         with contextlib.suppress(Exception):
             await host.close()
@@ -50,16 +54,18 @@ async def close_host(host: Any, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         log.warning("host not closed within %g s (%d connections left)", timeout_s, left)
 
 
-async def close_listeners(swarm: Any) -> None:
-    """Stop accepting connections: every listener of ``swarm`` closed, side by side.
-    ``Swarm.close`` closes them again later (a no-op for a closed listener) and tells
-    the swarm's notifees."""
-    listeners = list(getattr(swarm, "listeners", {}).values())
-    if not listeners:
-        return
-    async with trio.open_nursery() as nursery:
-        for listener in listeners:
-            nursery.start_soon(_quietly, listener.close, "a listener")
+def refuse_connections(swarm: Any) -> None:
+    """Stop accepting connections, the established ones left as they are: a socket
+    ``swarm``'s listeners accept from now on is closed before its handshake (py-libp2p
+    calls the instance's ``_handle_inbound_connection`` for each; a node's own,
+    ``InboundGate.handle``, is replaced the same way). The listeners stay open until
+    ``Swarm.close``, which closes them after the connections and tells its notifees."""
+    swarm._handle_inbound_connection = _refuse
+
+
+async def _refuse(read_write_closer: Any, maddr: Any) -> None:
+    with contextlib.suppress(Exception):
+        await read_write_closer.close()
 
 
 async def close_connections(swarm: Any) -> None:

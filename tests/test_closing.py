@@ -56,3 +56,37 @@ def test_a_closing_host_says_goodbye_on_every_inbound_connection_and_takes_no_ne
             assert len(goodbyes) == 5
 
     trio.run(main)
+
+
+def test_a_closing_host_dials_no_one() -> None:
+    """py-libp2p's auto-connector dials the peerstore's peers from a loop of its own
+    (every 10 s below min_connections; here every 50 ms), stopped only once the
+    swarm's manager stops, at the end of ``Swarm.close``: a tick while the host
+    closed its connections dialed a known peer (2 dials here)."""
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    async def main() -> None:
+        host, held, known = (bare_host(Identity.generate()) for _ in range(3))
+        host.get_network().auto_connector._critical_check_interval = 0.05
+        dialed: list[object] = []
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(host.run([]))
+            for peer in (held, known):
+                await stack.enter_async_context(peer.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+            swarm = known.get_network()
+            handle = swarm._handle_inbound_connection
+
+            async def counted(conn: object, maddr: object) -> None:
+                dialed.append(conn)
+                await handle(conn, maddr)
+
+            swarm._handle_inbound_connection = counted
+            await connect(host, info_from_p2p_addr(held.get_addrs()[0]))
+            await trio.sleep(0.2)
+            # Known only now: no tick before the close dialed it.
+            host.get_peerstore().add_addrs(known.get_id(), known.get_addrs(), 3600)
+            await close_host(host)
+            await trio.sleep(0.3)
+        assert not dialed
+
+    trio.run(main)

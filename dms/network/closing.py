@@ -37,14 +37,19 @@ CLOSE_TIMEOUT_S = 5.0
 
 async def close_host(host: Any, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
     """Stop ``host`` taking connections (a socket accepted is closed at once, no dial
-    on a disconnect), close every connection it holds at once, then ``host`` itself
-    (its listeners and transports; no connection left for its own one-by-one loop),
-    all within ``timeout_s``. Never raises: a connection that fails to close is
-    logged and the rest go on."""
+    on a disconnect or from the auto-connector's loop), close every connection it
+    holds at once, then ``host`` itself (its listeners and transports; no connection
+    left for its own one-by-one loop), all within ``timeout_s``. Never raises: a
+    connection that fails to close is logged and the rest go on."""
     swarm = host.get_network()
     with trio.move_on_after(timeout_s) as scope:
         # The instance's own hook, not the class's: py-libp2p skips it once closing.
         swarm._schedule_auto_connect = _no_dial
+        # Its periodic dials too (every 10 s below min_connections): stopped only
+        # once Swarm.close has stopped the swarm's manager, a tick meanwhile dialed
+        # the peerstore's peers from a host closing its connections.
+        with contextlib.suppress(Exception):
+            await swarm.auto_connector.stop()
         refuse_connections(swarm)
         await close_connections(swarm)
         with contextlib.suppress(Exception):

@@ -83,9 +83,13 @@ def test_a_node_holding_many_connections_closes_every_one_when_it_stops(
     """py-libp2p closed a host's connections one after another, each with 0.2 s of
     sleeps: a node holding over 25 used up the 5 s its stop gives the goodbye, and
     the rest were left (a daemon's process ended under them; a simulated node's loop
-    kept them). Here 40 peers each hold a connection, and each sees it closed."""
+    kept them). Here 40 peers each hold a connection it accepted, two more one it
+    dialed (its bootstrap nodes), and each sees it closed."""
+    dialed = cluster.start(2)
     node = cluster.add("node")
     assert node.transport is not None
+    for other in dialed:
+        wait_for(lambda o=other: connected(o, node), what="its bootstrap connections")
     many = ManyKeys(node.addrs()[0], 40)
     try:
         assert many.dialed == 40
@@ -94,6 +98,8 @@ def test_a_node_holding_many_connections_closes_every_one_when_it_stops(
         swarm: Any = node.transport._host.get_network()  # type: ignore[union-attr]
         assert not swarm.connections
         wait_for(lambda: many.connected() == 0, timeout=30, what="every peer told")
+        for other in dialed:
+            wait_for(lambda o=other: not connected(o, node), what="its bootstrap nodes told")
     finally:
         many.close()
 

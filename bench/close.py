@@ -30,7 +30,7 @@ import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
-from dms.network.closing import CLOSE_TIMEOUT_S, close_host
+from dms.network.closing import CLOSE_TIMEOUT_S, close_host, close_hosts
 from dms.security import Identity
 from dms.sim.adversary import bare_host, connect
 
@@ -49,10 +49,7 @@ async def one_close(peers: int, close: Callable[[Any], Awaitable[None]]) -> dict
     clients = [bare_host(Identity.generate()) for _ in range(peers)]
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(server.run([LISTEN]))
-        addr = f"{server.get_addrs()[0]}"
-        if "/p2p/" not in addr:
-            addr += f"/p2p/{server.get_id()}"
-        info = info_from_p2p_addr(Multiaddr(addr))
+        info = info_from_p2p_addr(server.get_addrs()[0])
         for client in clients:
             await stack.enter_async_context(client.run([]))
             await connect(client, info)
@@ -68,9 +65,7 @@ async def one_close(peers: int, close: Callable[[Any], Awaitable[None]]) -> dict
             while any(c.get_network().get_connections(info.peer_id) for c in clients):
                 await trio.sleep(0.05)
         told = sum(1 for c in clients if not c.get_network().get_connections(info.peer_id))
-        async with trio.open_nursery() as nursery:
-            for client in clients:
-                nursery.start_soon(close_host, client)
+        await close_hosts(clients)
     return {"s": took, "left": left, "told": told}
 
 

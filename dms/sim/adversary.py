@@ -46,7 +46,7 @@ from multiaddr import Multiaddr
 
 from dms.actor import ROOT_INBOX, Address, Envelope, Handle, make_envelope, seal
 from dms.actor.envelope import PREFIX_BYTES, REPLY_PREFIX, unseal
-from dms.network.closing import close_host
+from dms.network.closing import close_host, close_hosts
 from dms.network.frames import FrameReader
 from dms.network.host import ACTOR_PROTOCOL
 from dms.network.libp2p_patches import apply_libp2p_patches
@@ -232,9 +232,7 @@ class BarePeer:
                     self._ready.set()
                     await trio.to_thread.run_sync(self._stop.wait)
                     # The other keys' hosts first, side by side, while their tasks run.
-                    async with trio.open_nursery() as closing:
-                        for extra in self._extra_hosts:
-                            closing.start_soon(close_host, extra)
+                    await close_hosts(self._extra_hosts)
                     nursery.cancel_scope.cancel()
                 # Close every connection, so the node sees this peer leave at once.
                 await close_host(host)
@@ -625,9 +623,7 @@ class ManyKeys:
             self._token = trio.lowlevel.current_trio_token()
             self._ready.set()
             await trio.to_thread.run_sync(self._stop.wait)
-            async with trio.open_nursery() as closing:
-                for host in self.hosts:
-                    closing.start_soon(close_host, host)
+            await close_hosts(self.hosts)
 
     def connected(self) -> int:
         """How many of the hosts still hold a connection to the node."""

@@ -26,7 +26,7 @@ from dms.network.peertable import PeerTable
 from dms.orchestrator.messages import REVERT
 from dms.orchestrator.records import BidRow
 from dms.orchestrator.selection import RoundRobin
-from dms.orchestrator.slots import Deadlines, Slot, SlotState
+from dms.orchestrator.slots import HELD, Deadlines, Slot, SlotState
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
 from dms.orchestrator.store import DeploymentStore
 from dms.security.identity import public_key_from_peer_id
@@ -138,6 +138,16 @@ class Orchestration:
     # a save past it is refused StoreBusy and tried again (DeploymentBook.save). None:
     # SQLite's busy timeout.
     store_wait_s: float | None = None
+    # The books of the deployments whose actors run, by id: what the node answers a
+    # provider that asks whether a lease is still held (``holds``), whichever thread a
+    # deployment is busy on. Each adds itself when built and leaves when it ends.
+    live: dict[str, DeploymentBook] = field(default_factory=dict)
+
+    def holds(self, peer: str, deployment_id: str, lease_id: str) -> bool:
+        """Whether a running deployment holds ``lease_id`` on ``peer`` (a slot committing,
+        allocating or running on it)."""
+        book = self.live.get(deployment_id)
+        return book is not None and book.holds(peer, lease_id)
 
     @property
     def poll_s(self) -> float:
@@ -284,6 +294,17 @@ class DeploymentBook:
 
     def changed(self) -> bool:
         return self._dirty or self._fingerprint() != self._saved_as
+
+    def holds(self, peer: str, lease_id: str) -> bool:
+        """Whether a slot holds ``lease_id`` on ``peer``: committing, allocating or
+        running there. Read from the node's thread while the deployment's own moves
+        its slots: a slot reopened or ended has let its lease go, whichever of its
+        fields the read sees first (its state moves before its lease is cleared), and
+        a slot's lease is set before its allocate is sent."""
+        return any(
+            s.lease_id == lease_id and s.peer_id == peer and s.state in HELD
+            for s in list(self.slots.values())
+        )
 
     def excludes(self, name: str, peer: str) -> bool:
         """Whether slot ``name`` may not go to ``peer`` (it lost the slot before, or the

@@ -93,6 +93,9 @@ class DeploymentActor(Actor):
             # file), the deployment places all the same, saved at a later transition.
             self.book.event(f"deployment {spec.name!r}: {len(self.book.slots)} allocation(s)")
             self.book.save(busy_raises=True)
+        # Answers for its leases from now on (``Orchestration.live``); resumed, its
+        # running slots are held before its first turn.
+        self.o.live[self.id] = self.book
 
     @property
     def state(self) -> DeploymentState:
@@ -162,6 +165,7 @@ class DeploymentActor(Actor):
         self.call_later(self.o.supervise_s, self.supervision.supervise)
 
     def stopping(self) -> None:
+        self.o.live.pop(self.id, None)
         # A node that stops with an allocate in flight sends what it held for it: the
         # losing offers' leases, else held until they expire.
         try:
@@ -236,6 +240,7 @@ class DeploymentActor(Actor):
                         self.state, wait_s)  # fmt: skip
             self.call_later(wait_s, lambda: self._leave_when_saved(END_RETRY.after(wait_s)))
             return
+        self.o.live.pop(self.id, None)
         if self.o.on_end is not None:
             self.o.on_end(self.id)
         self.ref.stop_soon()

@@ -23,6 +23,7 @@ COMMIT = "/dms/deployment/commit"
 ALLOCATE = "/dms/deployment/allocate"
 REVERT = "/dms/deployment/revert"
 UPDATE = "/dms/deployment/update"
+HELD = "/dms/deployment/held"
 DEPLOYMENT_TOPIC = "/dms/deployment"
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 MAX_RESULT_BYTES = 256 * 1024  # an allocation's result, as JSON, kept in the deployment's row
@@ -98,6 +99,29 @@ class RevertRequest(_Message):
     deployment_id: str = Field(pattern=ID_PATTERN)
     lease_ids: list[str] = Field(default_factory=list, max_length=MAX_SLOTS)
     everything: bool = False  # also every other lease the caller holds for this deployment
+
+
+MAX_HELD_ASKED = 256  # leases one held question names
+
+
+class HeldLease(_Message):
+    deployment_id: str = Field(pattern=ID_PATTERN)
+    lease_id: str = Field(min_length=1, max_length=64)
+
+
+class HeldQuestion(_Message):
+    """``/dms/deployment/held``: a provider asks a requester that went silent which of
+    these leases (its allocations there) it still holds."""
+
+    leases: list[HeldLease] = Field(min_length=1, max_length=MAX_HELD_ASKED)
+
+
+class HeldAnswer(BaseModel):
+    """The requester's answer: the asked leases it still holds; the others it let go."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    held: list[str] = Field(max_length=MAX_HELD_ASKED)
 
 
 class AllocationStatus(BaseModel):

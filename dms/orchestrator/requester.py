@@ -30,6 +30,7 @@ from dms.orchestrator.deployment import (
     new_deployment_id,
     summarize,
 )
+from dms.orchestrator.messages import HELD, HeldQuestion
 from dms.orchestrator.reverts import Reverts
 from dms.orchestrator.store import DeploymentStore
 from dms.store import STORE_REFUSED, Database, StoreBusy
@@ -247,6 +248,25 @@ class Requester:
             return {"id": row["id"], "logs": logs, "events": row["events"]}
 
         self.node.in_background(request, gather)
+
+    @behaviour(HELD, public=True, payload=HeldQuestion)
+    def held(self, request: Request) -> dict[str, Any]:
+        """Which of the asked leases on the caller this node's deployments still hold: a
+        provider asks when the requester went silent on an allocation (its revert may
+        have been lost: the outbox is in memory and gives up after its horizon). Answered
+        from the running deployments' slots, not their actors, so a deployment busy in a
+        long turn still holds what it holds; a lease of an ended or unknown deployment,
+        or of one this node forgot in a restart, is let go. Only the caller's own leases
+        are answered."""
+        peer = request.sender.address.host
+        asked: HeldQuestion = request.payload
+        o = self._orchestration
+        held = (
+            [x.lease_id for x in asked.leases if o.holds(peer, x.deployment_id, x.lease_id)]
+            if o is not None
+            else []
+        )
+        return {"held": held}
 
     @behaviour("/dms/node/deployment/shutdown", payload=DeploymentId)
     def deployment_shutdown(self, request: Request) -> Any:

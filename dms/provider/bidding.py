@@ -52,6 +52,7 @@ from dms.orchestrator.messages import (
 from dms.provider.bidder import BidderView, make_bid
 from dms.provider.bidindex import BidIndex, bid_rows
 from dms.provider.ended import EndedAllocations
+from dms.provider.heldcheck import HeldChecks
 from dms.provider.lapses import Lapses
 from dms.provider.onboarding import need_ledger
 from dms.resources import ALLOCATED, Preferences, ResourceError, ResourceLedger
@@ -162,6 +163,8 @@ class Bidding:
         # store: an allocate that came now would run on a lease about to be released.
         self._lapsing: set[str] = set()
         self._alloc_lock = threading.Lock()
+        # Live requesters silent on an allocation are asked whether they still hold it.
+        self.held_checks = HeldChecks(node, self._stop_allocation, every_s=orphan_s)
         self._topic_lock = threading.Lock()  # joins and leaves of the deployment topic
 
     def start(self) -> None:
@@ -436,7 +439,9 @@ class Bidding:
                 reply_to=p.reply_to,
                 on_end=self._allocation_ended,
                 store_bound=self._store_bound,
-                requester_gone=lambda heard_at: self._requester_gone(requester, heard_at),
+                requester_gone=lambda heard_at: self._requester_gone(
+                    requester, p.deployment_id, p.lease_id, heard_at
+                ),
                 resources=lease.resources,
                 courier=self.courier,
                 inbox=f"{ALLOCATION_INBOX}{p.lease_id[:16]}",
@@ -481,18 +486,25 @@ class Bidding:
             self._stop_allocation(lease.id, "reverted by the requester")
         return {"released": [lease.id for lease in released]}
 
-    def _requester_gone(self, peer_id: str, heard_at: float) -> bool:
+    def _requester_gone(
+        self, peer_id: str, deployment_id: str, lease_id: str, heard_at: float
+    ) -> bool:
         """Whether an allocation's requester is gone: it has not called the allocation
         for ``orphan_s`` (``heard_at``: its last call, or the allocate), and the peers
         table has it ``gone`` that long, or does not hold it at all (dropped, or never
-        heard: then its calls are all there is to go by)."""
+        heard: then its calls are all there is to go by). Silent that long but alive, it
+        is asked whether it still holds the lease (``held_checks``): a revert of its
+        may have been lost."""
         now, orphan_s = time.time(), self.orphan_s
         if now - heard_at <= orphan_s:
             return False
         record = self.peer_table.get(peer_id)
         if record is None:
             return True
-        return record.status == GONE and now - record.last_seen > orphan_s
+        if record.status == GONE and now - record.last_seen > orphan_s:
+            return True
+        self.held_checks.silent(peer_id, deployment_id, lease_id)
+        return False
 
     def _store_bound(self) -> contextlib.AbstractContextManager[Any]:
         """An allocation's thread waits for the store ``store_wait_s`` at most, as the
@@ -510,6 +522,7 @@ class Bidding:
         thread's bound, ``_store_bound``; past it, again later)."""
         self._ended.add(ended)
         lease_id = ended.lease_id
+        self.held_checks.forget(lease_id)
         with self._alloc_lock:
             if self._allocations.pop(lease_id, None) is None:  # before ``allocate`` ran on
                 self._ended_early.add(lease_id)

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from dms.actor import Outcome
 from dms.node.daemon import Node
+from dms.provider.heldcheck import HeldChecks
+from dms.security.identity import Identity
 from dms.sim.cluster import LocalCluster
 from dms.sim.faults import FaultPlan
 from tests.conftest import wait_for
@@ -86,3 +90,32 @@ def test_a_requester_busy_past_orphan_s_keeps_its_allocation(net: LocalCluster) 
     assert done["slots"][0]["attempts"] == 1, done["slots"]
     assert checks.let_go == 0  # type: ignore[attr-defined]
     wait_for(lambda: live_leases(peers) == 0, 30, "the completed allocation's lease released")
+
+
+class Asks:
+    """A node's messaging that keeps each question it is given, unanswered."""
+
+    def __init__(self) -> None:
+        self.questions: list[tuple[dict[str, Any], Any]] = []
+
+    def invoke(self, to: Any, behaviour: str, payload: Any = None, **kw: Any) -> None:
+        self.questions.append((payload, kw["on_reply"]))
+
+
+def test_an_allocation_that_ended_while_its_requester_was_asked_is_not_let_go() -> None:
+    """Asked about two allocations, the requester holds neither when it answers: the
+    one still running stops; the one that ended meanwhile (completed: its requester saw
+    it so) is neither stopped nor counted let go."""
+    asks, stopped = Asks(), []
+    checks = HeldChecks(asks, lambda lease, why: stopped.append(lease), every_s=3.0)  # type: ignore[arg-type]
+    requester = Identity.generate().peer_id
+    checks.silent(requester, "dep", "first")  # asked at once
+    checks.silent(requester, "dep", "running")  # these two with the next question
+    checks.silent(requester, "dep", "ended")
+    [(_, answer)] = asks.questions
+    answer(Outcome(result={"held": ["first"]}))
+    [_, (question, answer)] = asks.questions
+    assert [x["lease_id"] for x in question["leases"]] == ["running", "ended"]
+    checks.forget("ended")  # its allocation completed while the question was out
+    answer(Outcome(result={"held": []}))
+    assert stopped == ["running"] and checks.let_go == 1

@@ -126,10 +126,15 @@ class HeldChecks:
                 )  # fmt: skip
                 return
             for lease_id in asked:
-                if lease_id not in held:
-                    log.info("allocation %s: %s; stopping it", lease_id, LET_GO)
-                    with self._lock:
-                        self.let_go += 1
-                    self.stop(lease_id, LET_GO)
+                if lease_id in held:
+                    continue
+                with self._lock:
+                    # Ended while the question was out (``forget``): nothing to stop, and
+                    # not let go (the requester may have seen it complete).
+                    if lease_id not in self._asked_at:
+                        continue
+                    self.let_go += 1
+                log.info("allocation %s: %s; stopping it", lease_id, LET_GO)
+                self.stop(lease_id, LET_GO)
         finally:
             self._ask(requester)  # the leases that went silent meanwhile, if any

@@ -30,7 +30,7 @@ from dms.orchestrator.deployment import (
     new_deployment_id,
     summarize,
 )
-from dms.orchestrator.messages import HELD, HeldQuestion
+from dms.orchestrator.messages import STILL_HELD, HeldQuestion
 from dms.orchestrator.reverts import Reverts
 from dms.orchestrator.store import DeploymentStore
 from dms.store import STORE_REFUSED, Database, StoreBusy
@@ -249,7 +249,7 @@ class Requester:
 
         self.node.in_background(request, gather)
 
-    @behaviour(HELD, public=True, payload=HeldQuestion)
+    @behaviour(STILL_HELD, public=True, payload=HeldQuestion)
     def held(self, request: Request) -> dict[str, Any]:
         """Which of the asked leases on the caller this node's deployments still hold: a
         provider asks when the requester went silent on an allocation (its revert may

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from dms.actor import Outcome
 from dms.actor.runtime import Messenger
 from dms.orchestrator.base import node_handle
-from dms.orchestrator.messages import HELD, MAX_HELD_ASKED, HeldAnswer
+from dms.orchestrator.messages import MAX_HELD_ASKED, STILL_HELD, HeldAnswer
 
 log = logging.getLogger("dms.node")
 
@@ -97,7 +97,7 @@ class HeldChecks:
             try:
                 self.node.invoke(
                     node_handle(requester),
-                    HELD,
+                    STILL_HELD,
                     {"leases": leases},
                     timeout=self.timeout_s,
                     on_reply=partial(self._answered, requester, asked),

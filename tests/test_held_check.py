@@ -119,4 +119,3 @@ def test_an_allocation_that_ended_while_its_requester_was_asked_is_not_let_go() 
     checks.forget("ended")  # its allocation completed while the question was out
     answer(Outcome(result={"held": []}))
     assert stopped == ["running"] and checks.let_go == 1
-

@@ -176,12 +176,18 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCl
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
-    """Poll until ``predicate()`` is true; fail the test with ``what`` if it never is."""
+    """Poll until ``predicate()`` is true; fail the test with ``what`` if it never is.
+
+    Between two polls it sleeps 0.05 s, or as long as the last poll took if longer: a
+    predicate that runs a ``dms`` command (a Python start-up, ~0.5 s of CPU) polled back
+    to back kept a core busy for the whole wait, taken from the other workers' tests on
+    this two-core machine. A condition met is still seen within one poll's time."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        started = time.monotonic()
         if predicate():
             return
-        time.sleep(0.05)
+        time.sleep(max(0.05, time.monotonic() - started))
     pytest.fail(f"timed out after {timeout:g} s waiting for {what or predicate}")
 
 

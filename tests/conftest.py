@@ -178,8 +178,9 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCl
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
     """Poll until ``predicate()`` is true; fail the test with ``what`` if it never is.
 
-    Between two polls it sleeps 0.05 s, or as long as the last poll took if longer: a
-    predicate that runs a ``dms`` command (a Python start-up, ~0.5 s of CPU) polled back
+    Between two polls it sleeps 0.05 s, or as long as the last poll took if longer (1 s
+    at most: a poll that waited, e.g. a ping's dial, is no measure of its CPU): a
+    predicate that runs a ``dms`` command (a Python start-up, ~0.3 s of CPU) polled back
     to back kept a core busy for the whole wait, taken from the other workers' tests on
     this two-core machine. A condition met is still seen within one poll's time."""
     deadline = time.monotonic() + timeout
@@ -187,7 +188,7 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str =
         started = time.monotonic()
         if predicate():
             return
-        time.sleep(max(0.05, time.monotonic() - started))
+        time.sleep(min(max(0.05, time.monotonic() - started), 1.0))
     pytest.fail(f"timed out after {timeout:g} s waiting for {what or predicate}")
 
 

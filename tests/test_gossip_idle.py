@@ -45,8 +45,9 @@ def test_messages_are_advertised_together_every_third_heartbeat_then_no_ihave(
     configured before: one IHAVE a heartbeat naming the last 3 heartbeats' ids, each id
     to a peer up to 3 times), every node that advertises names all four, and once they
     are out of the window the heartbeats say nothing on the topic."""
-    nodes, seen = listening_nodes(cluster, 8)
-    # Heartbeats carry addresses: every node comes to connect to every other.
+    # Each node dials every node started before it: all connected to all (through the
+    # addresses heartbeats carry, the connection manager's waves took ~10 s more).
+    nodes, seen = listening_nodes(cluster, 8, dial_all=True)
     wait_for(
         lambda: all(n.transport is not None and len(n.transport.peers()) == 7 for n in nodes),
         timeout=90,

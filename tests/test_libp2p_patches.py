@@ -80,9 +80,19 @@ class Listener(Actor):
 TOPIC = "/test/tuning"
 
 
-def listening_nodes(cluster: LocalCluster, count: int) -> tuple[list[Node], list[list[Any]]]:
-    """``count`` nodes, each with a Listener on TOPIC, once the topic has a mesh."""
-    nodes = cluster.start(count)
+def listening_nodes(
+    cluster: LocalCluster, count: int, *, dial_all: bool = False
+) -> tuple[list[Node], list[list[Any]]]:
+    """``count`` nodes, each with a Listener on TOPIC, once the topic has a mesh.
+    ``dial_all``: each node bootstraps from every node started before it, so all are
+    connected to all from the start (not through the connection manager's dials of the
+    addresses heartbeats carry, in waves 10 s apart)."""
+    if dial_all:
+        nodes: list[Node] = []
+        for _ in range(count):
+            nodes.append(cluster.add(bootstrap=[n.addrs()[0] for n in nodes]))
+    else:
+        nodes = cluster.start(count)
     cluster.wait_linked()
     seen: list[list[Any]] = [[] for _ in nodes]
     for node, heard in zip(nodes, seen, strict=True):

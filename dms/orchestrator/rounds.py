@@ -420,11 +420,41 @@ class BidRounds:
         elif self.book.spec.strategy == "first-offer" and not self._short_of_offers():
             self._close(rid)  # late binding: the first offers win, the later are reverted
 
+    def _pooled(self) -> dict[str, list[Candidate]]:
+        """Each open slot's offers, then its twins' that it may take: twins are the
+        open slots of one allocation (``name.0``, ``name.1``...: the same executor,
+        params and resources, so a lease for one runs any). A provider that fits one
+        of them leases the one it drew (``make_bid``'s random start); two that drew
+        the same left the other without an offer, placed a round later, or after
+        ``BID_GRACE_S`` while asked peers owed answers (a partition's far side)."""
+        by_slot = self.book.by_slot
+        pooled: dict[str, list[Candidate]] = {}
+        for name, own in self._offers.items():
+            listed = {c.peer_id for c in own}
+            pooled[name] = list(own)
+            for other, offers in self._offers.items():
+                if other == name or by_slot[other] is not by_slot[name]:
+                    continue
+                for c in offers:  # one offer a peer: a slot's choice is among peers
+                    if c.peer_id not in listed and not self.host.excludes(name, c.peer_id):
+                        listed.add(c.peer_id)
+                        pooled[name].append(c)
+        return pooled
+
     def _short_of_offers(self) -> bool:
-        """Whether a slot has no offer yet or (``distinct_peers``) too few peers
-        offered to keep the slots apart: a peer that holds another slot of this
-        deployment is not one of them (a slot placed again would go to it)."""
-        if any(not offers for offers in self._offers.values()):
+        """Whether a slot has no offer yet (its twins' included), an allocation's open
+        slots have fewer offers between them than slots, or (``distinct_peers``) too
+        few peers offered to keep the slots apart: a peer that holds another slot of
+        this deployment is not one of them (a slot placed again would go to it)."""
+        if any(not offers for offers in self._pooled().values()):
+            return True
+        leases: dict[int, set[str]] = {}
+        names: Counter[int] = Counter()
+        for name, offers in self._offers.items():
+            group = id(self.book.by_slot[name])
+            names[group] += 1
+            leases.setdefault(group, set()).update(c.offer.lease_id for c in offers)
+        if any(len(leases[group]) < count for group, count in names.items()):
             return True
         if not self.book.spec.distinct_peers:
             return False
@@ -464,26 +494,37 @@ class BidRounds:
                     self.book.revert(c.peer_id, [c.offer.lease_id])
             self._fail_for_good(doomed)
             return
+        pooled = self._pooled()
         decision = select(
             self.book.spec.strategy,
-            self._offers,
+            pooled,
             self.book.o.rng,
             self.book.o.cursor,
             self._holders(),
             distinct=self.book.spec.distinct_peers,
         )
+        # The slot each winning lease went to (its own, or a twin's).
+        won_as = {c.offer.lease_id: name for name, c in decision.winners.items()}
+        for name, candidates in pooled.items():
+            for c in candidates:
+                other = won_as.get(c.offer.lease_id)
+                reason = decision.reasons.get((c.peer_id, name)) or (
+                    f"lost: its offer placed {other}" if other else ""
+                )
+                self.book.slots[name].reasons[c.peer_id] = reason
         records: list[BidRow] = []
         losers: dict[str, list[Offer]] = {}
         for name, candidates in self._offers.items():
             for c in candidates:
-                reason = decision.reasons.get((c.peer_id, name), "")
-                won = decision.winners.get(name) is c
-                self.book.slots[name].reasons[c.peer_id] = reason
+                slot_won = won_as.get(c.offer.lease_id)
+                row_slot = slot_won or name
+                reason = decision.reasons.get((c.peer_id, row_slot), "")
                 records.append(
-                    BidRow(self.book.id, "received", c.peer_id, name, "won" if won else "lost",
-                           reason, lease_id=c.offer.lease_id, price=c.offer.price)
+                    BidRow(self.book.id, "received", c.peer_id, row_slot,
+                           "won" if slot_won else "lost", reason, lease_id=c.offer.lease_id,
+                           price=c.offer.price)
                 )  # fmt: skip
-                if not won:
+                if slot_won is None:
                     losers.setdefault(c.peer_id, []).append(c.offer)
         for name in self._offers:
             for peer, reason in self.book.slots[name].reasons.items():
@@ -522,7 +563,7 @@ class BidRounds:
         declined for good (a slot that no peer of the table fits is left to its deadline:
         a peer that fits may yet join)."""
         doomed = []
-        for name, offers in self._offers.items():
+        for name, offers in self._pooled().items():
             slot = self.book.slots[name]
             if offers or slot.state != SlotState.OPEN or not slot.declined_for_good:
                 continue

@@ -124,10 +124,12 @@ def select(
 ) -> Decision:
     """``taken``: slots of this deployment each peer already holds (``score`` spreads
     new slots away from them too). ``distinct``: a peer that holds or wins a slot
-    gets another only when no other peer offered (every strategy)."""
+    gets another only when no other peer offered (every strategy). An offer may be
+    listed under several slots (twins: ``rounds.py``); it wins one at most."""
     winners: dict[str, Candidate] = {}
     reasons: dict[tuple[str, str], str] = {}
     won: dict[str, int] = dict(taken or {})
+    used: set[str] = set()  # leases that won: an offer listed under twin slots wins once
     apart = distinct_matching(offers, set(won)) if distinct else {}
     # The slot with the fewest offers first: it has the least choice (so a job spread
     # over several peers is not left with one peer for two slots).
@@ -138,6 +140,7 @@ def select(
                 if c.peer_id != apart[slot]:
                     reasons[(c.peer_id, slot)] = "lost: the job's allocations go to distinct peers"
             candidates = [c for c in candidates if c.peer_id == apart[slot]]
+        candidates = [c for c in candidates if c.offer.lease_id not in used]
         if not candidates:
             continue
         if strategy == "score":
@@ -182,6 +185,7 @@ def select(
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         winners[slot] = chosen
+        used.add(chosen.offer.lease_id)
         won[chosen.peer_id] = won.get(chosen.peer_id, 0) + 1
         for c in candidates:
             reasons[(c.peer_id, slot)] = why_won if c is chosen else why_lost[c.peer_id]

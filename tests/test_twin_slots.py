@@ -3,13 +3,28 @@
 A provider that fits one slot of several leases the one it drew; two providers that
 drew the same left the other slot without an offer: it was placed a round later, or,
 while asked peers still owed answers (a partition's far side), after 2 s of grace.
-Real nodes on loopback; the providers' draw is made the same on purpose.
+Real nodes on loopback; the providers' draw is made the same on purpose. Then the
+rounds alone, fed bids in a chosen order (``Round``): ``first-offer`` goes by arrival
+across twins, and what each peer answered and why it lost reads right.
 """
 
 from __future__ import annotations
 
+import random
+import time
+import types
+from typing import Any
+
 import pytest
 
+import dms.orchestrator.rounds as rounds
+from dms.actor import Outcome
+from dms.jobs.spec import DeploymentSpec
+from dms.network.peertable import Heartbeat, PeerTable
+from dms.orchestrator.base import DeploymentBook, Orchestration
+from dms.orchestrator.messages import Bid, Decline, Offer
+from dms.orchestrator.records import BidRow
+from dms.orchestrator.slots import Slot
 from dms.provider import bidder
 from dms.sim.cluster import LocalCluster
 from tests.test_orchestrator import (
@@ -34,9 +49,14 @@ def test_two_providers_that_lease_the_same_slot_place_both_in_one_round(
     net: LocalCluster, monkeypatch: pytest.MonkeyPatch, strategy: str
 ) -> None:
     requester, peers = network(net, 2, cpu=1)
-    # Each provider fits one of the two slots and draws the first: both offer w.0.
-    monkeypatch.setattr(bidder.random, "randrange", lambda n: 0)
-    dep = deploy(requester, spec(count=2, cpu="1", strategy=strategy, params={"seconds": 1.0}))
+    # Each provider fits one of the two slots and draws the first: both offer w.0 (the
+    # bidder's draw only, not every random.randrange of the process).
+    monkeypatch.setattr(bidder, "random", types.SimpleNamespace(randrange=lambda n: 0))
+    # A window no loaded machine outlasts: the round closes once both answered (score)
+    # or both offered (first-offer); a bid later than the default window and its grace
+    # (0.25 + 2 s) queued w.1, as the change under test would have without them.
+    job = spec(count=2, cpu="1", strategy=strategy, params={"seconds": 1.0}, bid_window_s=15)
+    dep = deploy(requester, job)
     done = wait_state(requester, dep, TERMINAL, 60)
     assert done["state"] == "completed", done["events"]
     events = [e["what"] for e in done["events"]]
@@ -48,3 +68,144 @@ def test_two_providers_that_lease_the_same_slot_place_both_in_one_round(
     bids = owner(requester, "/dms/node/deployment/manifest", {"id": dep})["bids"]
     won = sorted(b["slot"] for b in bids if b["outcome"] == "won")
     assert won == ["w.0", "w.1"], bids
+
+
+# ---- the rounds alone ---------------------------------------------------------------------
+
+
+class _Messenger:
+    def __init__(self) -> None:
+        self.handle = None
+        self.asked: dict[str, Any] = {}  # peer -> the reply callback of its bid request
+
+    def invoke(self, to: str, behaviour: str, payload: Any, **kw: Any) -> None:
+        self.asked[to] = kw["on_reply"]
+
+    def call_later(self, delay_s: float, fn: Any) -> None:
+        pass  # no window ends: the bids given close the round
+
+    def publish(self, *args: Any, **kw: Any) -> None:
+        pass
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.bids: list[BidRow] = []
+
+    def save(self, row: Any, bids: list[BidRow]) -> None:
+        self.bids += bids
+
+    def record_bids(self, bids: list[BidRow]) -> None:
+        self.bids += bids
+
+
+class Round:
+    """One bid round of a deployment of ``count`` twins (``w.0``...) over ``peers``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, peers: list[str], **job: Any) -> None:
+        monkeypatch.setattr(rounds, "node_handle", lambda peer: peer)  # names, not keys
+        table = PeerTable()
+        room = {"cpu": 4, "ram_gib": 4, "disk_gib": 4, "gpu": 0}
+        for peer in peers:
+            beat = Heartbeat(
+                nonce="n" * 16, seq=1, interval_s=1, deadline_s=60, onboarded=room, free=room
+            )
+            table.observe(peer, f"did:key:{peer}", beat)
+        self.store = _Store()
+        o = Orchestration(peer_table=table, store=self.store, rng=random.Random(1))  # type: ignore[arg-type]
+        self.messenger = _Messenger()
+        self.book = DeploymentBook(
+            self.messenger,
+            o,
+            "dep1",
+            DeploymentSpec.model_validate(spec(**job)),  # type: ignore[arg-type]
+        )
+        self.committed: dict[str, str] = {}  # slot -> lease
+        self.placed_on: dict[str, str] = {}  # slot -> peer
+        self.rounds = rounds.BidRounds(self.book, self.messenger, self)  # type: ignore[arg-type]
+        self.rounds._round()
+        assert set(self.messenger.asked) == set(peers)
+
+    # RoundsHost
+    def excludes(self, name: str, peer: str) -> bool:
+        return self.book.excludes(name, peer)
+
+    def commit(self, slot: Slot) -> None:
+        assert slot.lease_id is not None and slot.name not in self.committed
+        self.committed[slot.name] = slot.lease_id
+        self.placed_on[slot.name] = slot.peer_id or ""
+
+    def settle(self) -> None:
+        pass
+
+    def abort(self, what: str, per_slot: dict[str, str] | None = None) -> None:
+        raise AssertionError(what)
+
+    def bid(
+        self, peer: str, offers: list[str], declines: tuple[str, ...] = (), lease: str = ""
+    ) -> None:
+        """``peer`` answers: a lease for each slot of ``offers``, named ``peer:slot``
+        (or ``lease``)."""
+        bid = Bid(
+            deployment_id="dep1",
+            peer_id=peer,
+            did=f"did:key:{peer}",
+            offers=[
+                Offer(slot=s, lease_id=lease or f"{peer}:{s}", price=0, expires_at=time.time() + 60)
+                for s in offers
+            ],
+            declines=[Decline(slot=s, reason="full") for s in declines],
+            free={"cpu": 4},
+            onboarded={"cpu": 4},
+        )
+        self.messenger.asked[peer](Outcome(result=bid.model_dump()))
+
+    def reasons(self, name: str) -> dict[str, str]:
+        return self.book.slots[name].reasons
+
+
+def test_first_offer_places_the_offers_that_came_in_first_across_twins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    r = Round(monkeypatch, ["p", "q", "r", "s"], count=3, strategy="first-offer")
+    r.bid("p", ["w.2"])  # first in
+    r.bid("q", ["w.2"])  # second
+    r.bid("r", ["w.0", "w.1", "w.2"])  # third: three leases for three slots, it closes
+    # Each slot's own offer was taken before a twin's that came in earlier: r's third
+    # offer won two slots and q's, second in, lost ("another offer came in first").
+    assert sorted(r.committed.values()) == ["p:w.2", "q:w.2", "r:w.2"], r.committed
+    for name in r.committed:
+        assert "another offer came in first" not in (r.reasons(name).get("q") or ""), name
+
+
+def test_an_offer_that_placed_a_twin_says_so_and_declines_of_the_twin_are_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    r = Round(monkeypatch, ["p", "q"], count=2, strategy="random")
+    # Each had room for one: it offered w.0 and declined w.1.
+    r.bid("p", ["w.0"], declines=("w.1",))
+    r.bid("q", ["w.0"], declines=("w.1",))
+    assert sorted(r.committed.values()) == ["p:w.0", "q:w.0"], r.committed
+    for name, lease in r.committed.items():
+        winner = lease.partition(":")[0]
+        other = next(n for n in r.committed if n != name)
+        # On the other slot: its offer placed this one (not "lost: not drawn").
+        assert r.reasons(other)[winner] == f"lost: its offer placed {name}", r.reasons(other)
+    rows = {(b.peer_id, b.slot, b.outcome) for b in r.store.bids}
+    # What each answered for w.1 is in the bid index, though its offer for w.0 was taken
+    # for w.1 (or w.0).
+    assert {("p", "w.1", "decline"), ("q", "w.1", "decline")} <= rows, rows
+
+
+def test_a_lease_id_another_peer_named_too_is_still_its_own_providers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    r = Round(monkeypatch, ["p", "q"], count=2, strategy="score")
+    # q names the lease id p chose (a hostile peer that learnt it, or a clash): two
+    # leases all the same, each its provider's. Taken as one, the second slot went
+    # unplaced and p's lease, counted as won, was neither committed nor given back.
+    r.bid("p", ["w.0"], lease="x")
+    r.bid("q", ["w.0"], lease="x")
+    assert sorted(r.placed_on.values()) == ["p", "q"], r.placed_on
+    won = sorted((b.peer_id, b.slot) for b in r.store.bids if b.outcome == "won")
+    assert len(won) == 2 and {s for _, s in won} == {"w.0", "w.1"}, won

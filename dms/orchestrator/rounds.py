@@ -157,6 +157,7 @@ class BidRounds:
         # this actor stopped is dropped with the leases it holds, so the end reverts them.
         self.owing: Counter[str] = Counter()
         self._offers: dict[str, list[Candidate]] = {}
+        self._arrived = 0  # offers taken so far: each candidate's ``seq``
         self._gossiped = False
         self._closed: set[int] = set()
         # The last decline written to the bid index for (peer, slot): a reason stays on
@@ -384,7 +385,8 @@ class BidRounds:
             # A peer this slot excludes (it lost the slot before, or the job excludes it)
             # may still answer a gossip request: its offer goes back.
             if offer.slot in self._offers and not self.host.excludes(offer.slot, bid.peer_id):
-                self._offers[offer.slot].append(Candidate(bid, offer))
+                self._arrived += 1
+                self._offers[offer.slot].append(Candidate(bid, offer, self._arrived))
             else:
                 self._give_back(bid.peer_id, [offer], rid)
         for decline in bid.declines:
@@ -439,6 +441,9 @@ class BidRounds:
                     if c.peer_id not in listed and not self.host.excludes(name, c.peer_id):
                         listed.add(c.peer_id)
                         pooled[name].append(c)
+            # In arrival order, twins' among the slot's own: ``first-offer`` goes by it (a
+            # slot's own offer that came in last was chosen over a twin's that came first).
+            pooled[name].sort(key=lambda c: c.seq)
         return pooled
 
     def _short_of_offers(self) -> bool:
@@ -448,12 +453,12 @@ class BidRounds:
         this deployment is not one of them (a slot placed again would go to it)."""
         if any(not offers for offers in self._pooled().values()):
             return True
-        leases: dict[int, set[str]] = {}
+        leases: dict[int, set[tuple[str, str]]] = {}
         names: Counter[int] = Counter()
         for name, offers in self._offers.items():
             group = id(self.book.by_slot[name])
             names[group] += 1
-            leases.setdefault(group, set()).update(c.offer.lease_id for c in offers)
+            leases.setdefault(group, set()).update(c.lease for c in offers)
         if any(len(leases[group]) < count for group, count in names.items()):
             return True
         if not self.book.spec.distinct_peers:
@@ -503,20 +508,33 @@ class BidRounds:
             self._holders(),
             distinct=self.book.spec.distinct_peers,
         )
-        # The slot each winning lease went to (its own, or a twin's).
-        won_as = {c.offer.lease_id: name for name, c in decision.winners.items()}
+        # A peer's declines, written before its reasons below replace them: one that
+        # declined a slot and offered for its twin declined that slot all the same.
+        declines: list[BidRow] = []
+        for name in self._offers:
+            for peer, reason in self.book.slots[name].reasons.items():
+                if not reason.startswith(("declined", "unreachable", "timeout", "bad bid")):
+                    continue
+                if self._declines_written.get((peer, name)) != reason:
+                    self._declines_written[(peer, name)] = reason
+                    declines.append(BidRow(self.book.id, "received", peer, name, "decline", reason))
+        # The slot each winning lease went to (its own, or a twin's). An offer that placed
+        # a twin says so on the other slots, whichever came first in the selection (a
+        # strategy's "lost: ..." there read as if the offer had lost).
+        won_as = {c.lease: name for name, c in decision.winners.items()}
         for name, candidates in pooled.items():
             for c in candidates:
-                other = won_as.get(c.offer.lease_id)
-                reason = decision.reasons.get((c.peer_id, name)) or (
-                    f"lost: its offer placed {other}" if other else ""
-                )
+                other = won_as.get(c.lease)
+                if other is not None and other != name:
+                    reason = f"lost: its offer placed {other}"
+                else:
+                    reason = decision.reasons.get((c.peer_id, name), "")
                 self.book.slots[name].reasons[c.peer_id] = reason
         records: list[BidRow] = []
         losers: dict[str, list[Offer]] = {}
         for name, candidates in self._offers.items():
             for c in candidates:
-                slot_won = won_as.get(c.offer.lease_id)
+                slot_won = won_as.get(c.lease)
                 row_slot = slot_won or name
                 reason = decision.reasons.get((c.peer_id, row_slot), "")
                 records.append(
@@ -526,13 +544,7 @@ class BidRounds:
                 )  # fmt: skip
                 if slot_won is None:
                     losers.setdefault(c.peer_id, []).append(c.offer)
-        for name in self._offers:
-            for peer, reason in self.book.slots[name].reasons.items():
-                if not reason.startswith(("declined", "unreachable", "timeout", "bad bid")):
-                    continue
-                if self._declines_written.get((peer, name)) != reason:
-                    self._declines_written[(peer, name)] = reason
-                    records.append(BidRow(self.book.id, "received", peer, name, "decline", reason))
+        records += declines
         for name, chosen in sorted(decision.winners.items()):
             slot = self.book.slots[name]
             why = slot.reasons[chosen.peer_id]

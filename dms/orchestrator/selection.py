@@ -35,10 +35,20 @@ SPREAD_PENALTY = 0.2
 class Candidate:
     bid: Bid
     offer: Offer
+    # Its place in the round's arrivals: a slot's offers pooled with its twins'
+    # (``rounds.py``) are listed in arrival order by it, which ``first-offer`` goes by.
+    seq: int = 0
 
     @property
     def peer_id(self) -> str:
         return self.bid.peer_id
+
+    @property
+    def lease(self) -> tuple[str, str]:
+        """The lease offered, as its provider's: a lease id is the provider's to choose,
+        so one that names another peer's lease is another lease (it cannot place that
+        peer's, nor keep it from being given back)."""
+        return (self.bid.peer_id, self.offer.lease_id)
 
 
 @dataclass
@@ -129,7 +139,7 @@ def select(
     winners: dict[str, Candidate] = {}
     reasons: dict[tuple[str, str], str] = {}
     won: dict[str, int] = dict(taken or {})
-    used: set[str] = set()  # leases that won: an offer listed under twin slots wins once
+    used: set[tuple[str, str]] = set()  # leases that won: one listed under twins wins once
     apart = distinct_matching(offers, set(won)) if distinct else {}
     # The slot with the fewest offers first: it has the least choice (so a job spread
     # over several peers is not left with one peer for two slots).
@@ -140,7 +150,7 @@ def select(
                 if c.peer_id != apart[slot]:
                     reasons[(c.peer_id, slot)] = "lost: the job's allocations go to distinct peers"
             candidates = [c for c in candidates if c.peer_id == apart[slot]]
-        candidates = [c for c in candidates if c.offer.lease_id not in used]
+        candidates = [c for c in candidates if c.lease not in used]
         if not candidates:
             continue
         if strategy == "score":
@@ -185,7 +195,7 @@ def select(
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         winners[slot] = chosen
-        used.add(chosen.offer.lease_id)
+        used.add(chosen.lease)
         won[chosen.peer_id] = won.get(chosen.peer_id, 0) + 1
         for c in candidates:
             reasons[(c.peer_id, slot)] = why_won if c is chosen else why_lost[c.peer_id]

@@ -209,3 +209,15 @@ def test_a_lease_id_another_peer_named_too_is_still_its_own_providers(
     assert sorted(r.placed_on.values()) == ["p", "q"], r.placed_on
     won = sorted((b.peer_id, b.slot) for b in r.store.bids if b.outcome == "won")
     assert len(won) == 2 and {s for _, s in won} == {"w.0", "w.1"}, won
+
+
+def test_a_twins_offer_does_not_place_a_slot_that_excludes_its_peer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    r = Round(monkeypatch, ["p", "q", "s"], count=3, strategy="first-offer")
+    r.book.slots["w.2"].excluded.append("p")  # w.2 was lost on p before
+    r.bid("p", ["w.0", "w.1"])
+    assert not r.committed  # two leases for three slots: the round waits
+    r.bid("q", ["w.0"])  # three, and one that w.2 may take: it closes
+    assert r.placed_on == {"w.0": "p", "w.1": "p", "w.2": "q"}, r.placed_on
+    assert r.reasons("w.2") == {"q": "won: first in of 1 offer(s)"}, r.reasons("w.2")

@@ -221,3 +221,20 @@ def test_a_twins_offer_does_not_place_a_slot_that_excludes_its_peer(
     r.bid("q", ["w.0"])  # three, and one that w.2 may take: it closes
     assert r.placed_on == {"w.0": "p", "w.1": "p", "w.2": "q"}, r.placed_on
     assert r.reasons("w.2") == {"q": "won: first in of 1 offer(s)"}, r.reasons("w.2")
+
+
+@pytest.mark.parametrize(("distinct", "one", "two"), [(False, "b", "a"), (True, "a", "b")])
+def test_a_peer_whose_listed_offer_placed_a_twin_offers_its_next(
+    monkeypatch: pytest.MonkeyPatch, distinct: bool, one: str, two: str
+) -> None:
+    r = Round(monkeypatch, ["a", "b", "c"], count=3, strategy="score", distinct_peers=distinct)
+    r.bid(one, ["w.2"])
+    r.bid(two, ["w.0", "w.1"])
+    r.bid("c", [], declines=("w.0", "w.1", "w.2"))  # the last answer: the round closes
+    # Each slot listed a peer once, by its first offer: once that lease placed a twin,
+    # the slot could not take the peer's next (w.2 went unplaced though a lease of
+    # ``two`` was free; with distinct peers, the slot left out of the matching took
+    # the lease of the peer matched to another): three leases, three slots, all placed.
+    assert sorted(r.committed.values()) == sorted([f"{two}:w.0", f"{two}:w.1", f"{one}:w.2"])
+    events = [e["what"] for e in r.book.row.events]
+    assert not any("queued" in e for e in events), events

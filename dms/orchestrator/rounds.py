@@ -423,26 +423,23 @@ class BidRounds:
             self._close(rid)  # late binding: the first offers win, the later are reverted
 
     def _pooled(self) -> dict[str, list[Candidate]]:
-        """Each open slot's offers, then its twins' that it may take: twins are the
-        open slots of one allocation (``name.0``, ``name.1``...: the same executor,
-        params and resources, so a lease for one runs any). A provider that fits one
-        of them leases the one it drew (``make_bid``'s random start); two that drew
-        the same left the other without an offer, placed a round later, or after
-        ``BID_GRACE_S`` while asked peers owed answers (a partition's far side)."""
+        """Each open slot's offers and its twins' that it may take, in arrival order:
+        twins are the open slots of one allocation (``name.0``, ``name.1``...: the same
+        executor, params and resources, so a lease for one runs any). A provider that
+        fits one of them leases the one it drew (``make_bid``'s random start); two that
+        drew the same left the other without an offer, placed a round later, or after
+        ``BID_GRACE_S`` while asked peers owed answers (a partition's far side).
+        Every offer of a twin is listed, not a peer's first only: ``select`` takes one
+        a peer (``_one_a_peer``), the next when the first placed another slot."""
         by_slot = self.book.by_slot
         pooled: dict[str, list[Candidate]] = {}
         for name, own in self._offers.items():
-            listed = {c.peer_id for c in own}
             pooled[name] = list(own)
             for other, offers in self._offers.items():
-                if other == name or by_slot[other] is not by_slot[name]:
-                    continue
-                for c in offers:  # one offer a peer: a slot's choice is among peers
-                    if c.peer_id not in listed and not self.host.excludes(name, c.peer_id):
-                        listed.add(c.peer_id)
-                        pooled[name].append(c)
-            # In arrival order, twins' among the slot's own: ``first-offer`` goes by it (a
-            # slot's own offer that came in last was chosen over a twin's that came first).
+                if other != name and by_slot[other] is by_slot[name]:
+                    pooled[name] += [c for c in offers if not self.host.excludes(name, c.peer_id)]
+            # ``first-offer`` goes by it: a slot's own offer that came in last was taken
+            # before a twin's that came first.
             pooled[name].sort(key=lambda c: c.seq)
         return pooled
 
@@ -529,13 +526,18 @@ class BidRounds:
         # strategy's "lost: ..." there read as if the offer had lost).
         won_as = {c.lease: name for name, c in decision.winners.items()}
         for name, candidates in pooled.items():
+            winner = decision.winners.get(name)
+            placed: dict[str, str] = {}  # peer -> the other slot an offer of its placed
             for c in candidates:
                 other = won_as.get(c.lease)
                 if other is not None and other != name:
-                    reason = f"lost: its offer placed {other}"
+                    placed.setdefault(c.peer_id, other)
+            for peer in dict.fromkeys(c.peer_id for c in candidates):
+                if peer in placed and (winner is None or winner.peer_id != peer):
+                    reason = f"lost: its offer placed {placed[peer]}"
                 else:
-                    reason = decision.reasons.get((c.peer_id, name), "")
-                self.book.slots[name].reasons[c.peer_id] = reason
+                    reason = decision.reasons.get((peer, name), "")
+                self.book.slots[name].reasons[peer] = reason
         records: list[BidRow] = []
         losers: dict[str, list[Offer]] = {}
         for name, candidates in self._offers.items():

@@ -124,6 +124,39 @@ def distinct_matching(offers: dict[str, list[Candidate]], taken: set[str]) -> di
     return {slot: peer for peer, slot in holder.items()}
 
 
+def _one_a_peer(candidates: list[Candidate], slot: str) -> list[Candidate]:
+    """A slot's choice is among peers: an offer made for a twin (``rounds.py``) stands
+    for its peer only where the peer has none of the slot's own, the first in list
+    order (arrival). Each offer of the slot's own stays (no twins: nothing changes)."""
+    own = {c.peer_id for c in candidates if c.offer.slot == slot}
+    seen: set[str] = set()
+    kept = []
+    for c in candidates:
+        if c.offer.slot != slot:
+            if c.peer_id in own or c.peer_id in seen:
+                continue
+            seen.add(c.peer_id)
+        kept.append(c)
+    return kept
+
+
+def _last_lease(
+    c: Candidate,
+    offers: dict[str, list[Candidate]],
+    pending: dict[str, str],
+    used: set[tuple[str, str]],
+) -> bool:
+    """Whether ``c`` is the last lease its peer has left for the slot that the
+    ``distinct`` matching gave it and that is still to choose (``pending``)."""
+    matched = pending.get(c.peer_id)
+    if matched is None:
+        return False
+    return not any(
+        o.peer_id == c.peer_id and o.lease != c.lease and o.lease not in used
+        for o in offers[matched]
+    )
+
+
 def select(
     strategy: str,
     offers: dict[str, list[Candidate]],
@@ -135,12 +168,16 @@ def select(
     """``taken``: slots of this deployment each peer already holds (``score`` spreads
     new slots away from them too). ``distinct``: a peer that holds or wins a slot
     gets another only when no other peer offered (every strategy). An offer may be
-    listed under several slots (twins: ``rounds.py``); it wins one at most."""
+    listed under several slots (twins: ``rounds.py``, in arrival order): it wins one
+    at most, stands for its peer only where the peer has no unused offer of the
+    slot's own (``_one_a_peer``), and with ``distinct`` a slot left out of the
+    matching takes no peer's last lease for the slot matched to it."""
     winners: dict[str, Candidate] = {}
     reasons: dict[tuple[str, str], str] = {}
     won: dict[str, int] = dict(taken or {})
     used: set[tuple[str, str]] = set()  # leases that won: one listed under twins wins once
     apart = distinct_matching(offers, set(won)) if distinct else {}
+    pending = {peer: slot for slot, peer in apart.items()}  # matched, yet to choose
     # The slot with the fewest offers first: it has the least choice (so a job spread
     # over several peers is not left with one peer for two slots).
     for slot in sorted(offers, key=lambda name: (len(offers[name]), name)):
@@ -150,7 +187,11 @@ def select(
                 if c.peer_id != apart[slot]:
                     reasons[(c.peer_id, slot)] = "lost: the job's allocations go to distinct peers"
             candidates = [c for c in candidates if c.peer_id == apart[slot]]
+            pending.pop(apart[slot], None)
         candidates = [c for c in candidates if c.lease not in used]
+        if pending and slot not in apart:
+            candidates = [c for c in candidates if not _last_lease(c, offers, pending, used)]
+        candidates = _one_a_peer(candidates, slot)
         if not candidates:
             continue
         if strategy == "score":
@@ -185,7 +226,8 @@ def select(
                 for c in candidates
             }
         elif strategy == "first-offer":
-            chosen = next(c for c in offers[slot] if c in candidates)  # in arrival order
+            listed = {id(c) for c in candidates}
+            chosen = next(c for c in offers[slot] if id(c) in listed)  # in arrival order
             why_won = f"won: first in of {len(candidates)} offer(s)"
             why_lost = {c.peer_id: "lost: another offer came in first" for c in candidates}
         elif strategy == "random":

@@ -175,6 +175,22 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCl
         yield nodes
 
 
+# Heartbeats every second, so a provider is gone after 3 s without one: a running slot
+# on a provider gone is lost and placed again, and at 0.5 s (1.5 s) a loaded machine's
+# pause could lose a healthy one against the exact attempts and rounds the placement
+# tests assert.
+PLACEMENT_HEARTBEAT_S = 1.0
+
+
+@pytest.fixture
+def net(cluster: LocalCluster) -> LocalCluster:
+    """The cluster placement tests use: heartbeats every second, and an allocation
+    whose requester is gone (or, alive, let it go) stops after 3 s of silence. A test
+    file that needs other settings defines its own ``net``."""
+    cluster.settings.update(heartbeat_s=PLACEMENT_HEARTBEAT_S, orphan_s=3.0)
+    return cluster
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
     """Poll until ``predicate()`` is true; fail the test with ``what`` if it never is.
 

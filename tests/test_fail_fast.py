@@ -17,7 +17,6 @@ from dms.jobs.base import ExecutorError
 from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
 from tests.test_orchestrator import (
-    HEARTBEAT,
     TERMINAL,
     deploy,
     live_leases,
@@ -26,12 +25,6 @@ from tests.test_orchestrator import (
     spec,
     wait_state,
 )
-
-
-@pytest.fixture
-def net(cluster: LocalCluster) -> LocalCluster:
-    cluster.settings.update(heartbeat_s=HEARTBEAT, orphan_s=3.0)
-    return cluster
 
 
 class PickyCompute:

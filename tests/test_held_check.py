@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from dms.actor import Outcome
 from dms.node.daemon import Node
 from dms.provider.heldcheck import HeldChecks
@@ -31,12 +29,6 @@ from tests.test_orchestrator import (
     wait_known,
     wait_state,
 )
-
-
-@pytest.fixture
-def net(cluster: LocalCluster) -> LocalCluster:
-    cluster.settings.update(heartbeat_s=HEARTBEAT, orphan_s=3.0)
-    return cluster
 
 
 def held_checks(provider: Node) -> object:

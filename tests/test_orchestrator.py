@@ -21,12 +21,9 @@ from dms.orchestrator.supervision import STATUS
 from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
 from dms.sim.faults import FaultPlan, LinkRule
-from tests.conftest import wait_for
+from tests.conftest import PLACEMENT_HEARTBEAT_S, wait_for
 
-# Heartbeats every second, so a provider is gone after 3 s without one: a running slot
-# on a provider gone is lost and placed again, and at 0.5 s (1.5 s) a loaded machine's
-# pause could lose a healthy one against the exact attempts and rounds asserted here.
-HEARTBEAT = 1.0
+HEARTBEAT = PLACEMENT_HEARTBEAT_S  # the ``net`` fixture's (tests/conftest.py)
 TERMINAL = DEPLOYMENT.terminal
 
 
@@ -117,12 +114,6 @@ def network(net: LocalCluster, count: int = 3, cpu: float = 2) -> tuple[Node, li
     net.wait_linked()
     wait_known(requester, peers)
     return requester, peers
-
-
-@pytest.fixture
-def net(cluster: LocalCluster) -> LocalCluster:
-    cluster.settings.update(heartbeat_s=HEARTBEAT, orphan_s=3.0)
-    return cluster
 
 
 def test_a_deployment_of_several_allocations_is_placed_and_completes(net: LocalCluster) -> None:

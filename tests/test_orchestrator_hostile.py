@@ -37,7 +37,6 @@ from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
 from tests.conftest import wait_for
 from tests.test_orchestrator import (
-    HEARTBEAT,
     TERMINAL,
     deploy,
     live_leases,
@@ -49,12 +48,6 @@ from tests.test_orchestrator import (
     wait_known,
     wait_state,
 )
-
-
-@pytest.fixture
-def net(cluster: LocalCluster) -> LocalCluster:
-    cluster.settings.update(heartbeat_s=HEARTBEAT, orphan_s=3.0)
-    return cluster
 
 
 def replace(node: Node, path: str, handler: Callable[[Request], Any]) -> None:

@@ -45,12 +45,6 @@ from tests.test_orchestrator import (
 )
 
 
-@pytest.fixture
-def net(cluster: LocalCluster) -> LocalCluster:
-    cluster.settings.update(heartbeat_s=1.0, orphan_s=3.0)
-    return cluster
-
-
 @contextmanager
 def refusing_writes(db: Database) -> Iterator[None]:
     """Every transaction of ``db`` begun meanwhile refuses to write."""

@@ -28,7 +28,6 @@ from dms.orchestrator.slots import Slot
 from dms.provider import bidder
 from dms.sim.cluster import LocalCluster
 from tests.test_orchestrator import (
-    HEARTBEAT,
     TERMINAL,
     deploy,
     network,
@@ -36,12 +35,6 @@ from tests.test_orchestrator import (
     spec,
     wait_state,
 )
-
-
-@pytest.fixture
-def net(cluster: LocalCluster) -> LocalCluster:
-    cluster.settings.update(heartbeat_s=HEARTBEAT, orphan_s=3.0)
-    return cluster
 
 
 @pytest.mark.parametrize("strategy", ["score", "first-offer"])

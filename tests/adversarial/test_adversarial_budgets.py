@@ -38,12 +38,6 @@ from tests.conftest import wait_for
 from tests.test_orchestrator import TERMINAL, deploy, spec, wait_known, wait_state
 
 
-@pytest.fixture
-def net(cluster: LocalCluster) -> LocalCluster:
-    cluster.settings.update(heartbeat_s=1.0, orphan_s=3.0)
-    return cluster
-
-
 def keys(victim: Node, count: int, into: list[BarePeer]) -> list[BarePeer]:
     """``count`` hostile peers, each a fresh key with a connection of its own; eight
     connect at a time (one after another, 30 keys took 8 s of a test), within the

@@ -14,6 +14,7 @@ import pytest
 
 from dms.actor import RemoteError
 from dms.jobs.base import ExecutorError
+from dms.orchestrator.rounds import BidRounds
 from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
 from tests.test_orchestrator import (
@@ -84,3 +85,27 @@ def test_the_requester_refuses_a_job_whose_executor_or_params_are_wrong(
     assert reason.startswith("allocations.0.executor: allocation 'w': unknown executor 'comptue'")
     assert "compute" in reason.partition("(known: ")[2]  # and the ones that are
     assert owner(requester, "/dms/node/deployment/list") == []
+
+
+def test_a_deployment_whose_start_raises_fails_saying_so_and_holds_nothing(
+    net: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a deployment's start (here its first round's scheduling) stopped its
+    actor silently: the deployment read 'bidding' for ever, was resumed at every
+    restart, and its node still answered that it held its slots' leases."""
+
+    def broken(self: BidRounds, delay_s: float) -> None:
+        raise RuntimeError("a bug in the first round")
+
+    monkeypatch.setattr(BidRounds, "schedule", broken)
+    requester, _ = network(net, 1)
+    dep = deploy(requester, spec())
+    done = wait_state(requester, dep, TERMINAL, 30)
+    assert done["state"] == "failed", done["events"]
+    assert any(
+        "could not start: RuntimeError: a bug in the first round" in e["what"]
+        for e in done["events"]
+    ), done["events"]
+    assert requester.node is not None
+    live = requester.node.pykka_ref.proxy().requester.get(timeout=5).orchestration().live
+    assert dep not in live

@@ -257,6 +257,25 @@ class Actor(pykka.ThreadingActor):
         with self.store_bound():
             self._actor_loop()
 
+    def _actor_loop_setup(self) -> None:
+        """pykka's start, with the actor's say when its ``on_start`` raises
+        (``start_failed``): pykka stops it then, without ``on_stop``."""
+        try:
+            self.on_start()
+        except Exception as exc:
+            try:
+                handled = self.start_failed(exc)
+            except Exception:
+                log.exception("%s: its start failed, and so did its handling", self)
+                handled = False
+            if not handled:
+                self._handle_failure(type(exc), exc, exc.__traceback__)
+
+    def start_failed(self, exc: Exception) -> bool:
+        """Its ``on_start`` raised ``exc`` (a bug): whether the actor dealt with it and
+        carries on (it ends itself, saying why). By default it stops, as pykka has it."""
+        return False
+
     def on_receive(self, message: Any) -> Any:
         try:
             if isinstance(message, Inbound):

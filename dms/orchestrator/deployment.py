@@ -164,6 +164,19 @@ class DeploymentActor(Actor):
         self.rounds.schedule(0.0)
         self.call_later(self.o.supervise_s, self.supervision.supervise)
 
+    def start_failed(self, exc: Exception) -> bool:
+        """A bug in its start (or a resumed row it cannot carry on from): it fails,
+        saying so, and gives back every lease, not left bidding for ever (and resumed,
+        to fail again, at every restart)."""
+        log.exception("deployment %s could not start", self.id)
+        try:
+            self.abort(f"the deployment could not start: {type(exc).__name__}: {exc}")
+        except Exception:  # its end raised too: stopped as pykka stops it
+            log.exception("deployment %s could not fail either", self.id)
+            self.o.live.pop(self.id, None)  # nothing supervises its slots
+            return False
+        return True
+
     def stopping(self) -> None:
         self.o.live.pop(self.id, None)
         # A node that stops with an allocate in flight sends what it held for it: the

@@ -120,19 +120,18 @@ settings): 4.0 ms of CPU per gossip message received before, 1.7 ms after.
   ``WRITE_FRAME_SHA256``) and that Yamux reads with py-libp2p's own
   ``read_exactly``; otherwise it is skipped.
 
-- **A dial is done when its connection is up.** py-libp2p dials a peer's addresses (at
-  most one a transport class, two at most) one after another, giving each a 250 ms head
-  start (``_HAPPY_EYEBALLS_DELAY``, happy eyeballs) unless it fails sooner, and ends the
-  wait early only once ``max_connections_per_peer`` (3) dials succeeded: so it waited the
-  250 ms out after its last address too, though that connection was up. Every dial of a
-  node (a TCP address: one class) took ~0.28 s on loopback, ~0.03 s of it the
-  connection: the first message to any peer the node was not connected to, each dial
-  of a relay, a hole punch's fallback, every ``dms`` command that reaches a daemon's
-  peers. The head start is now 0: the dial returns as its one address connects; a
-  peer advertising two classes (QUIC and TCP) is dialed on both at once, not the second
-  250 ms after the first (py-libp2p dialed it then even when the first had connected),
-  the second connection kept as py-libp2p keeps any up to its limit a peer. Applied only
-  to the ``Swarm.dial_peer`` written against (its source's digest, ``DIAL_PEER_SHA256``).
+- **A dial tries every address of a peer, and is done when one connects.** py-libp2p
+  dials the first address of each transport class, two at most, each with a 250 ms head
+  start (``_HAPPY_EYEBALLS_DELAY``) that ends on its failure alone, and waits for every
+  dial it started: a peer advertising two TCP addresses (Wi-Fi and Ethernet, Docker's
+  bridge, a VPN) was dialed on its first alone, reachable or not, and every dial waited
+  the head start out after its last address (~0.28 s on loopback, ~0.03 s of it the
+  connection). ``Swarm.dial_peer`` is now ``dms.network.dialing.dial_peer``: the same
+  dial but for its choice and its wait, up to ``MAX_DIAL_ADDRS`` (8) addresses, ranked
+  (the one that connected last, then on this host's networks, public, private), the
+  first of each class at once and each next one 250 ms after the one before or once a
+  dial fails, ended by the first connection. Applied only to the ``Swarm.dial_peer``
+  it was copied from (its source's digest, ``DIAL_PEER_SHA256``).
 
 - **A pruner backs off too** (gossipsub v1.1 spec, go-libp2p). When a mesh is
   over ``degree_high`` the heartbeat PRUNEs peers but, unlike go-libp2p, records
@@ -1196,33 +1195,44 @@ def _free_locks_do_not_yield() -> bool:
 
 
 # The sha256 of py-libp2p's Swarm.dial_peer (its source, dedented) that the dial patch
-# was written against: the head start ends only on the address's failure or on
-# max_connections_per_peer connections, never on its success. A dial_peer whose wait
-# ended on success (go-libp2p's) would dial a second address only when the first is
-# slow: with no head start it would always dial both, so any other source is skipped.
+# was written against: ``dms.network.dialing.dial_peer`` replaces it, keeping what it
+# does but its choice of addresses (the first of each transport class, two at most) and
+# its wait (a 250 ms head start an address, ended on the address's failure alone).
+# Any other source may do what the replacement would drop: it is left as it is.
 DIAL_PEER_SHA256 = "f8829e76d340f3134db7e143bbe7a47acc0554b32e008070a1bfc966a7995a7e"
 
 
-def _dial_done_when_connected() -> bool:
+def dial_peer_is_shaped() -> bool:
+    """Whether ``Swarm.dial_peer`` and its constants are those the replacement copies."""
     import hashlib
     import inspect
     import textwrap
 
     from libp2p.network import swarm
 
-    delay = getattr(swarm, "_HAPPY_EYEBALLS_DELAY", None)
     try:
         source = textwrap.dedent(inspect.getsource(swarm.Swarm.dial_peer))
     except (AttributeError, OSError, TypeError):
         source = ""
-    if (
-        not isinstance(delay, float)
-        or getattr(swarm, "MAX_ADDRS_PER_PEER", None) != 2
-        or hashlib.sha256(source.encode()).hexdigest() != DIAL_PEER_SHA256
-    ):
-        log.info("py-libp2p's dial changed shape; its head start per address is left as it is")
+    return (
+        isinstance(getattr(swarm, "_HAPPY_EYEBALLS_DELAY", None), float)
+        and getattr(swarm, "MAX_ADDRS_PER_PEER", None) == 2
+        and hashlib.sha256(source.encode()).hexdigest() == DIAL_PEER_SHA256
+    )
+
+
+def _dial_every_address() -> bool:
+    from libp2p.network import swarm
+
+    from dms.network import dialing
+
+    if swarm.Swarm.dial_peer is dialing.dial_peer:  # applied before (a test's apply_only)
+        return True
+    if not dial_peer_is_shaped():
+        log.info("py-libp2p's dial changed shape; the addresses it dials are left as they are")
         return False
-    swarm._HAPPY_EYEBALLS_DELAY = 0.0
+    dialing.dial_peer.__wrapped__ = swarm.Swarm.dial_peer  # type: ignore[attr-defined]
+    swarm.Swarm.dial_peer = dialing.dial_peer  # type: ignore[method-assign]
     return True
 
 
@@ -1242,5 +1252,5 @@ PATCHES: tuple[Callable[[], bool], ...] = (
     _enforce_yamux_receive_window,
     _wake_readers_on_reset,
     _cheaper_yamux_reads,
-    _dial_done_when_connected,
+    _dial_every_address,
 )

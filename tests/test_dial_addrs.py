@@ -1,0 +1,228 @@
+"""A dial tries every address of a peer (up to 8, ranked, staggered), not the first of
+each transport class (``dms.network.dialing``): on loopback, with a peer advertising 1,000
+addresses, and on real networks (namespaces, root only: skipped elsewhere with the
+reason) where a peer's first address drops every packet."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from libp2p.peer.id import ID
+from multiaddr import Multiaddr
+
+from dms.network import dialing, libp2p_patches
+from dms.network.dialing import MAX_DIAL_ADDRS, ranked, reaches_this_host
+from dms.network.host import Libp2pTransport
+from dms.network.settings import NetworkSettings
+from dms.security.identity import Identity
+from dms.sim.adversary import bare_host
+from dms.sim.netns import NatTopology, unavailable
+from tests.clitools import side_by_side
+from tests.conftest import wait_for
+
+
+def transport(listen: list[str], bootstrap: list[str] | None = None) -> Libp2pTransport:
+    settings = NetworkSettings(
+        listen=listen,
+        bootstrap=bootstrap or [],
+        dht=False,
+        reachability="public",
+        hole_punching=False,
+    )
+    t = Libp2pTransport(Identity.generate(), settings)
+    t.start(lambda frame, from_peer, *, signature_checked=False: None)
+    return t
+
+
+@pytest.fixture
+def started() -> Iterator[list[Libp2pTransport]]:
+    out: list[Libp2pTransport] = []
+    yield out
+    side_by_side((lambda t=t: t.stop() for t in out), at_once=max(len(out), 1))
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then let go)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def answers_ping(t: Libp2pTransport, peer_id: str) -> bool:
+    try:
+        return t.ping(peer_id) > 0
+    except Exception:
+        return False
+
+
+# ---- ranking --------------------------------------------------------------------------
+
+
+def test_a_dial_tries_the_address_that_worked_then_on_link_public_private() -> None:
+    here = [ipaddress.ip_interface("192.168.1.20/24")]
+    docker, vpn = "/ip4/172.17.0.1/tcp/9000", "/ip4/10.8.0.2/tcp/9000"
+    lan, public = "/ip4/192.168.1.5/tcp/9000", "/ip4/8.8.4.4/tcp/9000"
+    addrs = [Multiaddr(a) for a in (docker, vpn, public, lan)]
+    assert [str(a) for a in ranked(addrs, here)] == [lan, public, docker, vpn]
+    # The address that connected last goes first, whatever its scope.
+    assert str(ranked(addrs, here, worked=Multiaddr(vpn))[0]) == vpn
+    # Among equals, the peer's own order.
+    assert [str(a) for a in ranked(addrs[:2], [])] == [docker, vpn]
+
+
+def test_an_address_that_lands_on_this_host_is_not_the_peer() -> None:
+    own = {ipaddress.ip_address("172.17.0.1")}
+    assert reaches_this_host(Multiaddr("/ip4/0.0.0.0/tcp/9000"), own, {"9000"})
+    assert reaches_this_host(Multiaddr("/ip4/127.0.0.1/tcp/4001"), own, {"9000"})
+    # Docker's bridge on both machines, the same port: this node's own listener.
+    assert reaches_this_host(Multiaddr("/ip4/172.17.0.1/tcp/9000"), own, {"9000"})
+    assert not reaches_this_host(Multiaddr("/ip4/172.17.0.1/tcp/9001"), own, {"9000"})
+    assert not reaches_this_host(Multiaddr("/ip4/192.168.1.5/tcp/9000"), own, {"9000"})
+
+
+# ---- loopback -------------------------------------------------------------------------
+
+
+def test_a_peers_second_tcp_address_is_dialed_when_its_first_refuses(
+    started: list[Libp2pTransport],
+) -> None:
+    """py-libp2p dialed one address a transport class: a peer whose first TCP address
+    refused (a port nobody listens on) was unreachable, its second never tried."""
+    provider = transport(["/ip4/127.0.0.1/tcp/0"])
+    requester = transport(["/ip4/127.0.0.1/tcp/0"])
+    started += [provider, requester]
+    dead = f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{provider.peer_id}"
+    requester.learn_addrs(provider.peer_id, [dead, provider.addrs()[0]])
+    wait_for(lambda: answers_ping(requester, provider.peer_id), 30, "a ping to the provider")
+    assert requester.path_to(provider.peer_id) == "direct"
+
+
+def _dials_of_a_peer_advertising(count: int, deadline_s: float) -> tuple[list[str], bool]:
+    """The addresses a host's dial of a peer that advertises ``count`` addresses (none of
+    which ever answers) tried, and whether the dial ended at its caller's deadline."""
+    libp2p_patches.apply_libp2p_patches()
+    dialed: list[str] = []
+    ended_at_deadline = False
+
+    async def main() -> None:
+        nonlocal ended_at_deadline
+        host = bare_host(Identity.generate())
+        peer = ID.from_base58(Identity.generate().peer_id)
+        async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            swarm = host.get_network()
+
+            async def never_answers(addr: Any, peer_id: Any, source: Any = None) -> Any:
+                dialed.append(str(addr))
+                await trio.sleep_forever()
+
+            swarm._dial_with_retry = never_answers  # type: ignore[method-assign]
+            addrs = [Multiaddr(f"/ip4/10.{i // 250}.{i % 250}.1/tcp/4001") for i in range(count)]
+            host.get_peerstore().add_addrs(peer, addrs, 600)
+            try:
+                with trio.fail_after(deadline_s):
+                    await swarm.dial_peer(peer)
+            except trio.TooSlowError:
+                ended_at_deadline = True
+            tried.extend(dialed)  # not py-libp2p's auto-connector's later dials of it
+
+    tried: list[str] = []
+
+    trio.run(main)
+    return tried, ended_at_deadline
+
+
+def test_a_peer_advertising_1000_addresses_is_dialed_on_8_within_the_callers_deadline() -> None:
+    """A hostile peer's 1,000 addresses (py-libp2p's identify keeps that many) cost at
+    most MAX_DIAL_ADDRS dials, and a dial none of whose addresses answers ends at its
+    caller's deadline (generous: 8 staggered starts take ~2 s)."""
+    dialed, ended_at_deadline = _dials_of_a_peer_advertising(1000, deadline_s=10.0)
+    assert ended_at_deadline
+    assert len(dialed) == len(set(dialed)) == MAX_DIAL_ADDRS
+    # Every address is in one /16 here (10.0.0.0/8, private): the peer's order is kept.
+    assert dialed == [f"/ip4/10.0.{i}.1/tcp/4001" for i in range(MAX_DIAL_ADDRS)]
+
+
+# ---- real networks (namespaces) --------------------------------------------------------
+
+WHY_NOT = unavailable()
+needs_netns = pytest.mark.skipif(WHY_NOT is not None, reason=f"no namespaces: {WHY_NOT}")
+# An address of the provider's on the requester's network whose packets the provider
+# drops (iptables DROP): a dial to it waits, as to a host gone or a firewalled interface.
+BLACKHOLE = "10.78.200.2"
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[NatTopology]:
+    """Two hosts on one network, no NAT, no relay: "prov" (10.78.100.1) and "req"
+    (10.78.101.1), both on 10.78.0.0/16."""
+    with NatTopology(tmp_path, public=("prov", "req"), nated=()) as topology:
+        yield topology
+
+
+def in_ns(nat: NatTopology, role: str, make: Callable[[], Libp2pTransport]) -> Libp2pTransport:
+    """A transport whose trio thread lives in ``role``'s namespace (a thread starts in
+    the namespace of the thread that made it)."""
+    with nat.entered(role):
+        return make()
+
+
+@needs_netns
+def test_a_provider_whose_first_address_drops_packets_is_reached_on_its_second(
+    hosts: NatTopology, started: list[Libp2pTransport]
+) -> None:
+    """The provider listens on two addresses of the requester's network and drops every
+    packet to the first (a second interface down, a firewall): py-libp2p dialed the
+    first alone and waited until the ping's 5 s deadline, every time; no relay, so the
+    provider was unreachable. Now its second is dialed 0.25 s later and connects."""
+    nat = hosts
+    nat.sh("prov", "ip", "addr", "add", f"{BLACKHOLE}/16", "dev", "eth0")
+    nat.sh("prov", "iptables", "-A", "INPUT", "-d", BLACKHOLE, "-j", "DROP")
+    good = f"/ip4/{nat.ip('prov')}/tcp/4001"
+    prov = in_ns(nat, "prov", lambda: transport([f"/ip4/{BLACKHOLE}/tcp/4001", good]))
+    req = in_ns(nat, "req", lambda: transport([f"/ip4/{nat.ip('req')}/tcp/4001"]))
+    started += [prov, req]
+    # As a heartbeat carries them, the dropped one first (both on the requester's network).
+    req.learn_addrs(prov.peer_id, [f"/ip4/{BLACKHOLE}/tcp/4001", good])
+    assert req.ping(prov.peer_id) > 0
+    assert req.path_to(prov.peer_id) == "direct"
+    assert dialing.worked_for(req._host.get_network())[ID.from_base58(prov.peer_id)] == (
+        Multiaddr(good)
+    )
+
+
+@needs_netns
+def test_a_node_listening_on_every_interface_dials_its_bootstrap_again(
+    hosts: NatTopology, started: list[Libp2pTransport]
+) -> None:
+    """Two nodes on 0.0.0.0, one port (the default listen, 0.0.0.0:9000). identify gives
+    the requester the provider's listen address, /ip4/0.0.0.0/tcp/4001, ahead of the
+    bootstrap address: once their connection dropped, py-libp2p dialed that one alone,
+    which on the requester's machine is the requester itself (a Noise handshake with
+    the wrong key, four tries), and never the bootstrap address again."""
+    nat = hosts
+    wildcard = ["/ip4/0.0.0.0/tcp/4001"]
+    prov = in_ns(nat, "prov", lambda: transport(wildcard))
+    boot = f"/ip4/{nat.ip('prov')}/tcp/4001/p2p/{prov.peer_id}"
+    req = in_ns(nat, "req", lambda: transport(wildcard, [boot]))
+    started += [prov, req]
+    pid = ID.from_base58(prov.peer_id)
+
+    def told_wildcard() -> bool:
+        assert req._host is not None
+        try:
+            known = req._host.get_peerstore().addrs(pid)
+        except Exception:  # not in the store yet
+            return False
+        return any("/ip4/0.0.0.0/" in str(a) for a in known)
+
+    wait_for(told_wildcard, 30, "identify's listen address of the provider")
+    req._call(req._host.get_network().close_peer, pid)
+    wait_for(lambda: not req.is_connected(prov.peer_id), 30, "the connection closed")
+    req.connect(boot)
+    assert req.is_connected(prov.peer_id)

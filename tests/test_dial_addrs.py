@@ -19,6 +19,7 @@ from multiaddr import Multiaddr
 from dms.network import dialing, libp2p_patches
 from dms.network.dialing import MAX_DIAL_ADDRS, ranked, reaches_this_host
 from dms.network.host import Libp2pTransport
+from dms.network.interfaces import expanded
 from dms.network.settings import NetworkSettings
 from dms.security.identity import Identity
 from dms.sim.adversary import bare_host
@@ -84,6 +85,24 @@ def test_an_address_that_lands_on_this_host_is_not_the_peer() -> None:
     assert reaches_this_host(Multiaddr("/ip4/172.17.0.1/tcp/9000"), own, {"9000"})
     assert not reaches_this_host(Multiaddr("/ip4/172.17.0.1/tcp/9001"), own, {"9000"})
     assert not reaches_this_host(Multiaddr("/ip4/192.168.1.5/tcp/9000"), own, {"9000"})
+
+
+def test_a_wildcard_listen_address_is_advertised_as_each_interface_address() -> None:
+    nets = [
+        ipaddress.ip_interface(n)
+        for n in ("127.0.0.1/8", "192.168.1.20/24", "172.17.0.1/16", "::1/128", "fe80::1/64")
+    ]
+    assert [str(a) for a in expanded(Multiaddr("/ip4/0.0.0.0/tcp/9000"), nets)] == [
+        "/ip4/192.168.1.20/tcp/9000",
+        "/ip4/172.17.0.1/tcp/9000",
+        "/ip4/127.0.0.1/tcp/9000",  # loopback last: for peers on this machine
+    ]
+    # Link-local IPv6 needs a zone to be dialed: left out.
+    assert [str(a) for a in expanded(Multiaddr("/ip6/::/tcp/9000"), nets)] == ["/ip6/::1/tcp/9000"]
+    bound = Multiaddr("/ip4/192.168.1.20/tcp/9000")
+    assert expanded(bound, nets) == [bound]
+    # No interface known (not Linux): as bound.
+    assert expanded(Multiaddr("/ip4/0.0.0.0/tcp/9000"), []) == [Multiaddr("/ip4/0.0.0.0/tcp/9000")]
 
 
 # ---- loopback -------------------------------------------------------------------------
@@ -200,11 +219,12 @@ def test_a_provider_whose_first_address_drops_packets_is_reached_on_its_second(
 def test_a_node_listening_on_every_interface_dials_its_bootstrap_again(
     hosts: NatTopology, started: list[Libp2pTransport]
 ) -> None:
-    """Two nodes on 0.0.0.0, one port (the default listen, 0.0.0.0:9000). identify gives
-    the requester the provider's listen address, /ip4/0.0.0.0/tcp/4001, ahead of the
-    bootstrap address: once their connection dropped, py-libp2p dialed that one alone,
-    which on the requester's machine is the requester itself (a Noise handshake with
-    the wrong key, four tries), and never the bootstrap address again."""
+    """Two nodes on 0.0.0.0, one port (the default listen, 0.0.0.0:9000). A node that
+    advertises its listener as bound gives the requester, by identify,
+    /ip4/0.0.0.0/tcp/4001 ahead of the bootstrap address: once their connection dropped,
+    py-libp2p dialed that one alone, which on the requester's machine is the requester
+    itself (a Noise handshake with the wrong key, four tries), and never the bootstrap
+    address again."""
     nat = hosts
     wildcard = ["/ip4/0.0.0.0/tcp/4001"]
     prov = in_ns(nat, "prov", lambda: transport(wildcard))
@@ -213,16 +233,39 @@ def test_a_node_listening_on_every_interface_dials_its_bootstrap_again(
     started += [prov, req]
     pid = ID.from_base58(prov.peer_id)
 
-    def told_wildcard() -> bool:
-        assert req._host is not None
-        try:
-            known = req._host.get_peerstore().addrs(pid)
-        except Exception:  # not in the store yet
-            return False
-        return any("/ip4/0.0.0.0/" in str(a) for a in known)
-
-    wait_for(told_wildcard, 30, "identify's listen address of the provider")
+    wait_for(lambda: req.is_connected(prov.peer_id), 30, "the bootstrap connection")
     req._call(req._host.get_network().close_peer, pid)
     wait_for(lambda: not req.is_connected(prov.peer_id), 30, "the connection closed")
+
+    async def told_wildcard() -> None:
+        # As identify from a node that advertises its listener as bound (py-libp2p's
+        # own, dms before it advertised its interfaces) leaves the requester's store.
+        store = req._host.get_peerstore()
+        store.clear_addrs(pid)
+        store.add_addrs(pid, [Multiaddr("/ip4/0.0.0.0/tcp/4001")], 7200)
+
+    req._call(told_wildcard)
     req.connect(boot)
     assert req.is_connected(prov.peer_id)
+
+
+@needs_netns
+def test_a_node_listening_on_every_interface_is_reached_at_the_addresses_it_advertises(
+    hosts: NatTopology, started: list[Libp2pTransport]
+) -> None:
+    """A provider on 0.0.0.0 (the default listen) with two addresses on the requester's
+    network, one of which drops every packet. Its heartbeat carried its listener as
+    bound, /ip4/0.0.0.0/tcp/4001: a requester that heard only that dialed itself and
+    could not reach it. It now carries each interface address, and the requester
+    reaches it directly."""
+    nat = hosts
+    nat.sh("prov", "ip", "addr", "add", f"{BLACKHOLE}/16", "dev", "eth0")
+    nat.sh("prov", "iptables", "-A", "INPUT", "-d", BLACKHOLE, "-j", "DROP")
+    prov = in_ns(nat, "prov", lambda: transport(["/ip4/0.0.0.0/tcp/4001"]))
+    req = in_ns(nat, "req", lambda: transport([f"/ip4/{nat.ip('req')}/tcp/4001"]))
+    started += [prov, req]
+    with nat.entered("prov"):  # as its heartbeat reads them: on its own machine
+        said = prov.addrs()
+    req.learn_addrs(prov.peer_id, said)
+    assert req.ping(prov.peer_id) > 0
+    assert req.path_to(prov.peer_id) == "direct"

@@ -59,6 +59,7 @@ from dms.network.checked import CheckedFrames
 from dms.network.closing import close_host
 from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, Pacer, envelope_is_valid, new_pubsub, topic_budgets
+from dms.network.interfaces import advertised
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause, run_loop
 from dms.network.peerstore import CLEANUP_S as PEERSTORE_CLEANUP_S
@@ -308,6 +309,10 @@ class Libp2pTransport(Unicast, Gossip):
             },
             muxer_opt=create_yamux_muxer_option(),
             listen_addrs=listen,
+            # A wildcard listen address advertised as this host's interface addresses
+            # (identify, the signed peer record, heartbeats): bound, 0.0.0.0 reached
+            # whoever dialed it, never this node.
+            addrs_factory=advertised,
             enable_mDNS=self.settings.mdns,
             connection_config=ConnectionConfig(
                 min_connections=self.settings.min_connections,

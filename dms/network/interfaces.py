@@ -1,8 +1,13 @@
-"""This host's interface addresses and their networks.
+"""This host's interface addresses, and a wildcard listen address made into them.
 
-Read with ``getifaddrs(3)``: every address of every interface that is up, secondary
-ones too, with its prefix. Linux only; elsewhere none (a dial then ranks no address as
-on-link). See specs/network.md, "py-libp2p corrections" (the dial's ranking).
+A node listening on ``/ip4/0.0.0.0/tcp/9000`` (the default) is reachable at every
+address of every interface, but py-libp2p advertises the listener as bound: the
+unspecified address, which a peer that dials it reaches itself with. go-libp2p
+advertises the interfaces' addresses instead (``manet.ResolveUnspecifiedAddresses``);
+:func:`advertised` does the same, as the host's ``addrs_factory``. Addresses come from
+``getifaddrs(3)`` (every address of every interface that is up, secondary ones too,
+with its prefix, which a dial ranks by: ``dms.network.dialing``). Linux only: elsewhere
+none, and a wildcard stays as it is. See specs/network.md, "What a node advertises".
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterable
+
+from multiaddr import Multiaddr
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
@@ -121,3 +129,33 @@ def interface_networks() -> list[IPInterface]:
             nets = []
         _cache[key] = (now, nets)
     return nets
+
+
+def expanded(addr: Multiaddr, nets: Iterable[IPInterface]) -> list[Multiaddr]:
+    """``addr`` with a wildcard IP (``0.0.0.0``, ``::``) made into one address per
+    interface address of its family (link-local IPv6 left out: it needs a zone),
+    loopback last; any other address as it is. No interface address: as it is."""
+    parts = str(addr).split("/")
+    if len(parts) < 3 or (parts[1], parts[2]) not in (("ip4", "0.0.0.0"), ("ip6", "::")):
+        return [addr]
+    version = 4 if parts[1] == "ip4" else 6
+    ips = [
+        net.ip
+        for net in nets
+        if net.version == version and not (net.version == 6 and net.ip.is_link_local)
+    ]
+    ips.sort(key=lambda ip: ip.is_loopback)
+    if not ips:
+        return [addr]
+    return [Multiaddr("/".join([*parts[:2], str(ip), *parts[3:]])) for ip in dict.fromkeys(ips)]
+
+
+def advertised(addrs: list[Multiaddr]) -> list[Multiaddr]:
+    """A host's ``addrs_factory``: its addresses with each wildcard made into this host's
+    interface addresses (:func:`expanded`), each once."""
+    nets = interface_networks()
+    out: dict[str, Multiaddr] = {}
+    for addr in addrs:
+        for one in expanded(addr, nets):
+            out.setdefault(str(one), one)
+    return list(out.values())

@@ -105,6 +105,42 @@ def test_a_wildcard_listen_address_is_advertised_as_each_interface_address() -> 
     assert expanded(Multiaddr("/ip4/0.0.0.0/tcp/9000"), []) == [Multiaddr("/ip4/0.0.0.0/tcp/9000")]
 
 
+def test_a_heartbeat_of_a_host_with_many_interfaces_keeps_its_public_and_relayed_addresses() -> (
+    None
+):
+    """A Docker host on 0.0.0.0: its LAN address, docker0 and 24 compose bridges, then
+    (as py-libp2p lists them) the public address its peers observed and its relayed
+    one. The heartbeat carries 16: cut in order, the bridges took them all and a peer
+    that heard only the heartbeat had neither the public nor the relayed address."""
+    from dms.node.peering import Peering
+
+    nets = [
+        ipaddress.ip_interface(n)
+        for n in (
+            "127.0.0.1/8",
+            "192.168.1.20/24",
+            "172.17.0.1/16",
+            *(f"172.{18 + i // 16}.{i % 16}.1/24" for i in range(24)),
+        )
+    ]
+    me = Identity.generate().peer_id
+    interfaces = [f"{a}/p2p/{me}" for a in expanded(Multiaddr("/ip4/0.0.0.0/tcp/9000"), nets)]
+    public = f"/ip4/93.184.216.34/tcp/9000/p2p/{me}"
+    relayed = f"/ip4/93.184.216.40/tcp/4001/p2p/{Identity.generate().peer_id}/p2p-circuit/p2p/{me}"
+
+    class Network:
+        def addrs(self) -> list[str]:
+            return [*interfaces, public, relayed]
+
+    peering = Peering.__new__(Peering)
+    peering.network = Network()  # type: ignore[assignment]
+    said = peering._listen_addrs()
+    assert len(said) == 16
+    assert public in said and relayed in said
+    assert f"/ip4/192.168.1.20/tcp/9000/p2p/{me}" in said
+    assert not any("/ip4/127." in a for a in said)
+
+
 # ---- loopback -------------------------------------------------------------------------
 
 

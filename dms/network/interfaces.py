@@ -159,3 +159,35 @@ def advertised(addrs: list[Multiaddr]) -> list[Multiaddr]:
         for one in expanded(addr, nets):
             out.setdefault(str(one), one)
     return list(out.values())
+
+
+def _keep_rank(addr: str) -> int:
+    """Which of a node's addresses a cap on their number keeps first: 0 for one any peer
+    may reach it at (a public IP, a name, a relay's circuit), 1 for a private one (RFC
+    1918, ULA, CGNAT: a LAN, Docker's bridges, a VPN), 2 for one no other machine
+    dials (loopback, link-local, unspecified)."""
+    if "/p2p-circuit" in addr:
+        return 0
+    parts = addr.split("/")
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+        return 0
+    try:
+        ip = ipaddress.ip_address(parts[2].split("%")[0])
+    except ValueError:
+        return 0
+    if ip.is_loopback or ip.is_link_local or ip.is_unspecified:
+        return 2
+    if ip.is_global:
+        return 0
+    return 1
+
+
+def fitted(addrs: list[str], cap: int) -> list[str]:
+    """``addrs`` cut to ``cap``, in their order, keeping those other machines may reach
+    the node at first (:func:`_keep_rank`): a host with dozens of interface addresses
+    (Docker's bridges) would otherwise fill a heartbeat's 16 with them, and its
+    NAT-observed public address and relayed addresses, listed after, would be cut."""
+    if len(addrs) <= cap:
+        return list(addrs)
+    keep = set(sorted(range(len(addrs)), key=lambda i: _keep_rank(addrs[i]))[:cap])
+    return [a for i, a in enumerate(addrs) if i in keep]

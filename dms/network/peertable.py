@@ -27,6 +27,9 @@ HEARTBEAT_BEHAVIOUR = "/broadcast/heartbeat"
 # A node's latest heartbeat from each live peer, as each peer signed it.
 HEARTBEATS_BEHAVIOUR = "/dms/node/peers/heartbeats"
 DEADLINE_FACTOR = 3.0  # a peer may miss two heartbeats before it is gone
+# Addresses a heartbeat carries, at most (the sender keeps those other machines reach it
+# at first: dms.network.interfaces.fitted).
+HEARTBEAT_ADDRS = 16
 
 
 class PeerState(StrEnum):
@@ -62,7 +65,7 @@ class Heartbeat(BaseModel):
     labels: list[str] = Field(default_factory=list, max_length=64)
     leaving: bool = False
     # The sender's listen multiaddrs: a peer heard only through gossip can be dialed.
-    addrs: list[str] = Field(default_factory=list, max_length=16)
+    addrs: list[str] = Field(default_factory=list, max_length=HEARTBEAT_ADDRS)
 
 
 @dataclass

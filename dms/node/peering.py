@@ -24,9 +24,11 @@ from dms.actor.runtime import NodeRuntime
 from dms.actor.threads import PARK
 from dms.actor.timers import TimerHandle
 from dms.network.host import Libp2pTransport
+from dms.network.interfaces import fitted
 from dms.network.peerbook import PeerBook
 from dms.network.peertable import (
     DEADLINE_FACTOR,
+    HEARTBEAT_ADDRS,
     HEARTBEAT_BEHAVIOUR,
     HEARTBEAT_TOPIC,
     Heartbeat,
@@ -236,7 +238,9 @@ class Peering:
         if network is None:
             return []
         try:
-            return network.addrs()[:16]
+            # Those other machines reach it at first: dozens of interface addresses
+            # (a Docker host's bridges) must not cut its public and relayed ones.
+            return fitted(network.addrs(), HEARTBEAT_ADDRS)
         except Exception:  # a host still starting or stopping: the next beat has them
             return []
 

@@ -305,3 +305,21 @@ def test_a_node_listening_on_every_interface_is_reached_at_the_addresses_it_adve
     req.learn_addrs(prov.peer_id, said)
     assert req.ping(prov.peer_id) > 0
     assert req.path_to(prov.peer_id) == "direct"
+
+
+@needs_netns
+def test_a_public_node_listening_on_every_interface_is_dialed_back(
+    hosts: NatTopology, started: list[Libp2pTransport]
+) -> None:
+    """Reachability (DialBack.ask) of a node on 0.0.0.0 that its peer can dial: it asked
+    with no address at all (the wildcard left out, nothing else advertised), so the
+    peer could dial nothing back and the node was judged private. It now asks with its
+    interface addresses, and the peer's dial back to the one it is seen from connects."""
+    nat = hosts
+    prov = in_ns(nat, "prov", lambda: transport(["/ip4/0.0.0.0/tcp/4001"]))
+    req = in_ns(nat, "req", lambda: transport([f"/ip4/{nat.ip('req')}/tcp/4001"]))
+    started += [prov, req]
+    prov.connect(f"/ip4/{nat.ip('req')}/tcp/4001/p2p/{req.peer_id}")
+    assert prov._dialback is not None
+    assert prov._call(prov._dialback.ask, ID.from_base58(req.peer_id)) is True
+    assert prov._dialback.confirmed_addr == f"/ip4/{nat.ip('prov')}/tcp/4001/p2p/{prov.peer_id}"

@@ -19,7 +19,7 @@ from multiaddr import Multiaddr
 from dms.network import dialing, libp2p_patches
 from dms.network.dialing import MAX_DIAL_ADDRS, ranked, reaches_this_host
 from dms.network.host import Libp2pTransport
-from dms.network.interfaces import expanded
+from dms.network.interfaces import advertised, expanded
 from dms.network.settings import NetworkSettings
 from dms.security.identity import Identity
 from dms.sim.adversary import bare_host
@@ -323,3 +323,21 @@ def test_a_public_node_listening_on_every_interface_is_dialed_back(
     assert prov._dialback is not None
     assert prov._call(prov._dialback.ask, ID.from_base58(req.peer_id)) is True
     assert prov._dialback.confirmed_addr == f"/ip4/{nat.ip('prov')}/tcp/4001/p2p/{prov.peer_id}"
+
+
+@needs_netns
+def test_the_cli_prints_every_address_the_node_advertises(hosts: NatTopology) -> None:
+    """``dms run`` and ``dms peers self`` print a wildcard listen address as the node
+    advertises it: every address of every interface, secondary ones too (the CLI kept
+    its own listing, one IPv4 address an interface, and left the second out)."""
+    from dms.cli.common import dialable
+
+    nat = hosts
+    nat.sh("prov", "ip", "addr", "add", f"{BLACKHOLE}/16", "dev", "eth0")
+    with nat.entered("prov"):
+        printed = dialable(["/ip4/0.0.0.0/tcp/4001"])
+        advertised_here = [str(a) for a in advertised([Multiaddr("/ip4/0.0.0.0/tcp/4001")])]
+    assert printed == advertised_here
+    assert f"/ip4/{nat.ip('prov')}/tcp/4001" in printed
+    assert f"/ip4/{BLACKHOLE}/tcp/4001" in printed
+    assert printed[-1] == "/ip4/127.0.0.1/tcp/4001"

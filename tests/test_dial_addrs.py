@@ -158,9 +158,13 @@ def test_a_peers_second_tcp_address_is_dialed_when_its_first_refuses(
     assert requester.path_to(provider.peer_id) == "direct"
 
 
-def _dials_of_a_peer_advertising(count: int, deadline_s: float) -> tuple[list[str], bool]:
+def _dials_of_a_peer_advertising(
+    count: int, deadline_s: float, addr: Callable[[int], str] | None = None
+) -> tuple[list[str], bool]:
     """The addresses a host's dial of a peer that advertises ``count`` addresses (none of
-    which ever answers) tried, and whether the dial ended at its caller's deadline."""
+    which ever answers; the ``i``th ``addr(i)``, by default each on an IP of its own)
+    tried, and whether the dial ended at its caller's deadline."""
+    addr = addr or (lambda i: f"/ip4/10.{i // 250}.{i % 250}.1/tcp/4001")
     libp2p_patches.apply_libp2p_patches()
     dialed: list[str] = []
     ended_at_deadline = False
@@ -177,7 +181,7 @@ def _dials_of_a_peer_advertising(count: int, deadline_s: float) -> tuple[list[st
                 await trio.sleep_forever()
 
             swarm._dial_with_retry = never_answers  # type: ignore[method-assign]
-            addrs = [Multiaddr(f"/ip4/10.{i // 250}.{i % 250}.1/tcp/4001") for i in range(count)]
+            addrs = [Multiaddr(addr(i)) for i in range(count)]
             host.get_peerstore().add_addrs(peer, addrs, 600)
             try:
                 with trio.fail_after(deadline_s):
@@ -201,6 +205,21 @@ def test_a_peer_advertising_1000_addresses_is_dialed_on_8_within_the_callers_dea
     assert len(dialed) == len(set(dialed)) == MAX_DIAL_ADDRS
     # Every address is in one /16 here (10.0.0.0/8, private): the peer's order is kept.
     assert dialed == [f"/ip4/10.0.{i}.1/tcp/4001" for i in range(MAX_DIAL_ADDRS)]
+
+
+def test_a_peer_advertising_one_hosts_ports_is_dialed_on_two() -> None:
+    """A peer advertising 1,000 ports of one IP (a third party's: every node that dials
+    the peer would send it 8 connection attempts, each with the swarm's retries) is
+    dialed on 2 of them, as py-libp2p's own dial of two addresses at most did; and on
+    a name, too."""
+    dialed, _ = _dials_of_a_peer_advertising(
+        1000, deadline_s=3.0, addr=lambda i: f"/ip4/192.0.2.7/tcp/{1000 + i}"
+    )
+    assert dialed == ["/ip4/192.0.2.7/tcp/1000", "/ip4/192.0.2.7/tcp/1001"]
+    dialed, _ = _dials_of_a_peer_advertising(
+        20, deadline_s=3.0, addr=lambda i: f"/dns4/victim.example/tcp/{1000 + i}"
+    )
+    assert len(dialed) == 2
 
 
 # ---- real networks (namespaces) --------------------------------------------------------

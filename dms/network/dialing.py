@@ -9,11 +9,12 @@ happened. :func:`dial_peer` (installed by ``libp2p_patches._dial_every_address``
 everything else py-libp2p's does (the negative cache, a connection reused, one dial a
 peer at a time, the connection gate, its filters, the global dial limiter, each
 address's retries, the per-peer connection cap, its metrics) and dials up to
-``MAX_DIAL_ADDRS`` addresses, ranked by :func:`ranked`: the first of each transport
-class at once, as before, and each next one ``STAGGER_S`` after the one before it or as
-soon as a dial fails (happy eyeballs, RFC 8305), until one connects; the others in
-flight are then cancelled. See specs/network.md, "py-libp2p corrections", and
-specs/security.md, "Addresses a peer advertises".
+``MAX_DIAL_ADDRS`` addresses (``MAX_DIAL_ADDRS_PER_HOST`` of one host), ranked by
+:func:`ranked`: the first of each transport class at once, as before, and each next one
+``STAGGER_S`` after the one before it or as soon as a dial fails (happy eyeballs, RFC
+8305), until one connects; the others in flight are then cancelled. See
+specs/network.md, "py-libp2p corrections", and specs/security.md, "Addresses a peer
+advertises".
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ log = logging.getLogger("dms.network")
 # (py-libp2p's identify keeps that many), and each dial is a socket, a slot of the
 # swarm's 32 dials in flight, and a packet to whatever host the address names.
 MAX_DIAL_ADDRS = 8
+# Addresses of one host (one IP, or one name) a dial tries, at most: a peer's TCP and
+# QUIC ports. A peer advertising one victim's IP on many ports would otherwise have
+# every node that dials it send the victim MAX_DIAL_ADDRS connection attempts (each
+# with the swarm's retries) a dial: with this, 2, as py-libp2p's dial of two
+# addresses at most did.
+MAX_DIAL_ADDRS_PER_HOST = 2
 # How long a dial gives an address before it starts the next (unless one fails
 # sooner): RFC 8305's recommended connection attempt delay, go-libp2p's for public TCP.
 STAGGER_S = 0.25
@@ -121,6 +128,30 @@ def scope(addr: Multiaddr, networks: Iterable[IPInterface]) -> int:
     if ip.version == 4 and ip in ipaddress.ip_network("100.64.0.0/10"):
         return PRIVATE
     return OTHER
+
+
+def host_of(addr: Multiaddr) -> str:
+    """The host ``addr`` names: its IP, or its DNS name (``/dns4/example.com/...``), or
+    the address itself when it names neither."""
+    ip = ip_of(addr)
+    if ip is not None:
+        return str(ip)
+    for proto in ("dns", "dns4", "dns6", "dnsaddr"):
+        with contextlib.suppress(Exception):
+            return f"{proto}:{addr.value_for_protocol(proto)}"
+    return str(addr)
+
+
+def per_host(addrs: list[Multiaddr], limit: int = MAX_DIAL_ADDRS_PER_HOST) -> list[Multiaddr]:
+    """``addrs`` in their order, at most ``limit`` of each host (:func:`host_of`)."""
+    seen: dict[str, int] = {}
+    out: list[Multiaddr] = []
+    for addr in addrs:
+        host = host_of(addr)
+        if seen.get(host, 0) < limit:
+            seen[host] = seen.get(host, 0) + 1
+            out.append(addr)
+    return out
 
 
 def ranked(
@@ -256,7 +287,7 @@ async def dial_peer(self: Any, peer_id: ID) -> list[Any]:
     self._ongoing_dials[peer_id] = dial_event
     try:
         worked = worked_for(self).get(peer_id)
-        addrs = ranked(await candidates(self, peer_id), interface_networks(), worked)
+        addrs = per_host(ranked(await candidates(self, peer_id), interface_networks(), worked))
         if len(addrs) > MAX_DIAL_ADDRS:
             log.debug("peer %s: %d addresses, dialing %d", peer_id, len(addrs), MAX_DIAL_ADDRS)
             addrs = addrs[:MAX_DIAL_ADDRS]

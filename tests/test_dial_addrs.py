@@ -158,6 +158,35 @@ def test_a_peers_second_tcp_address_is_dialed_when_its_first_refuses(
     assert requester.path_to(provider.peer_id) == "direct"
 
 
+def test_a_peers_address_that_connected_is_among_those_the_peer_book_keeps(
+    started: list[Libp2pTransport],
+) -> None:
+    """A peer on 0.0.0.0 with a dozen interface addresses (Docker's bridges) lists the
+    one this node reaches it at after them: the peer book keeps a peer's first 8, and
+    kept the bridges, so a restarted node could not dial it again. The peers' view
+    (what the book is written from) lists a peer's addresses in the dial's order, the
+    one that connected first."""
+    from dms.network.peerbook import MAX_ADDRS_PER_PEER
+
+    provider = transport(["/ip4/127.0.0.1/tcp/0"])
+    requester = transport(["/ip4/127.0.0.1/tcp/0"])
+    started += [provider, requester]
+    good = provider.addrs()[0].removesuffix(f"/p2p/{provider.peer_id}")
+    requester.connect(f"{good}/p2p/{provider.peer_id}")
+    pid = ID.from_base58(provider.peer_id)
+
+    async def bridges_first() -> None:  # as identify from such a peer leaves them
+        store = requester._host.get_peerstore()
+        store.clear_addrs(pid)
+        bridges = [Multiaddr(f"/ip4/172.{18 + i}.0.1/tcp/9000") for i in range(12)]
+        store.add_addrs(pid, [*bridges, Multiaddr(good)], 7200)
+
+    requester._call(bridges_first)
+    (view,) = [p for p in requester.peers() if p.peer_id == provider.peer_id]
+    assert len(view.addrs) == 13
+    assert good in view.addrs[:MAX_ADDRS_PER_PEER]
+
+
 def _dials_of_a_peer_advertising(
     count: int, deadline_s: float, addr: Callable[[int], str] | None = None
 ) -> tuple[list[str], bool]:

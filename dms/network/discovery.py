@@ -27,6 +27,8 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from dms.backoff import Backoff
 from dms.network.budgets import OutboundBudget
+from dms.network.dialing import ranked, worked_for
+from dms.network.interfaces import interface_networks
 from dms.network.loop import LoopBridge, NetworkError, why
 from dms.network.relay import RelayClient, is_relayed
 from dms.network.settings import NetworkSettings, parse_multiaddr
@@ -275,6 +277,10 @@ class Discovery(LoopBridge):
             if not conns:
                 continue
             addrs = self._host.get_peerstore().addrs(pid) if has_addrs(self._host, pid) else []
+            # In the order a dial tries them (the one that connected last first): the
+            # peer book keeps a peer's first 8, and a peer on 0.0.0.0 with a dozen
+            # interface addresses (Docker's bridges) lists the one that reaches it last.
+            addrs = ranked(addrs, interface_networks(), worked_for(network).get(pid))
             out.append(PeerInfoView(pid.to_base58(), [str(a) for a in addrs], pid in dialed))
         return sorted(out, key=lambda p: p.peer_id)
 

@@ -475,9 +475,23 @@ def test_a_slot_placed_again_finds_the_losing_offer_given_back_first(tmp_path: P
         requester, winner, loser, dep = slow_winner(net, plan, 2.0, cpu=0.5)
         wait_state(requester, dep, ("committing",), 30)
         assert requester.node is not None and winner.ledger is not None
-        requester.node.tell_call(time.sleep, 8.0)  # the node's actor busy from now
-        for lease in winner.ledger.live():  # its commit will find the lease ended
-            winner.ledger.release(lease.id)
+        # The node's actor busy from now until the slot runs again (60 s at most), not
+        # for a fixed 8 s: the status polls go to that actor, so the test waited all 8 s
+        # though the slot ran again ~4 s in. Seen meanwhile in the deployment's row.
+        idle = threading.Event()
+        requester.node.tell_call(idle.wait, 60.0)
+        try:
+            for lease in winner.ledger.live():  # its commit will find the lease ended
+                winner.ledger.release(lease.id)
+            assert requester.db is not None
+            deployments = DeploymentStore(requester.db)
+            wait_for(
+                lambda: (deployments.get(dep) or {}).get("state") == "running",
+                60,
+                "the slot placed again running, in the deployment's row",
+            )
+        finally:
+            idle.set()
         running = wait_state(requester, dep, ("running",), 60)
         assert [s["peer_id"] for s in running["slots"]] == [loser.peer_id], running["events"]
         events = [e["what"] for e in running["events"]]

@@ -431,6 +431,13 @@ class Settings(BaseSettings):
     orphan_s: float = Field(
         default=15.0, gt=0, description="stop an allocation whose requester is gone this long"
     )
+    expire_every_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="mark this provider's leases past their expiry this often (bookkeeping "
+        "only: an expired lease stops counting at once)",
+    )
     ended_allocations_kept: int = Field(
         default=256,
         ge=0,

@@ -543,10 +543,15 @@ def test_a_store_another_process_locks_leaks_no_lease_and_places_again(
     requester places a job on the provider.
 
     The other process lets go only once the hello is answered (a node's thread waiting on
-    the lock would never answer it: the hello times out) and the expiry (every 5 s) and
-    the watch have both come due under the lock: 10 s at least, not a fixed 40 s (past
-    the busy timeout) whose catching up took the watch's doubling waits to a minute."""
-    net.settings.update(preferences={"allocate_within_s": 2.0, "lapse_cooldown_s": 0.0})
+    the lock would never answer it: the hello times out) and the expiry (every second
+    here, ``expire_every_s``) and the watch have both come due under the lock: 3 s at
+    least, not a fixed 40 s (past the busy timeout) whose catching up took the watch's
+    doubling waits to a minute. With the expiry every 5 s (the default) the lock was
+    held 10 s, and the watch's doubling waits under it (0.5, 1, 2, 4, 8 s) put its
+    catching up 7 s after the lock was let go."""
+    net.settings.update(
+        preferences={"allocate_within_s": 2.0, "lapse_cooldown_s": 0.0}, expire_every_s=1.0
+    )
     requester, (provider,) = network(net, 1)
     [expiring] = ask(requester, provider, REQUEST, bid_request(1, lease_s=2))["offers"]
     [committed] = ask(requester, provider, REQUEST, bid_request(1, lease_s=60))["offers"]
@@ -561,8 +566,8 @@ def test_a_store_another_process_locks_leaks_no_lease_and_places_again(
         wait_for(lambda: time.monotonic() > due + 1.0, 10, "the watch to come due")
         assert _public(requester, provider, "/public/hello", timeout=20)["peer_id"]
         assert holder.poll() is None
-        # The expiry runs every 5 s (expire_every_s): it came due under the lock too.
-        wait_for(lambda: time.monotonic() > held_from + 10.0, 20, "an expiry under the lock")
+        # The expiry runs every second (expire_every_s): it came due under the lock too.
+        wait_for(lambda: time.monotonic() > held_from + 3.0, 20, "an expiry under the lock")
         assert holder.poll() is None
         let_go(holder)
 

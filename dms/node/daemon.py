@@ -308,6 +308,7 @@ class Node:
                     heartbeat_budget_per_s=self.settings.heartbeat_budget_per_s,
                     labels=self.settings.labels,
                     orphan_s=self.settings.orphan_s,
+                    expire_every_s=self.settings.expire_every_s,
                     ended_allocations_kept=self.settings.ended_allocations_kept,
                     ended_allocation_keep_s=self.settings.ended_allocation_keep_s,
                     peer_forget_s=self.settings.peer_forget_s,

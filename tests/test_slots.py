@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import re
+from typing import Any
 
 import pytest
 
@@ -87,8 +89,17 @@ def test_a_lost_slot_reopens_with_its_reason_and_the_peer_excluded() -> None:
     assert slot.deadline == slot.placing_since + 60  # a new placement deadline
 
 
+def running_slot() -> Slot:
+    """A slot running as placement leaves one: on a peer's lease, with its handle."""
+    slot = Slot.new("w", D, now=1000.0)
+    slot.choose("peer-a", "lease-1", "won", D)
+    slot.move(SlotState.ALLOCATING, "committed", D)
+    slot.start({"id": "ab" * 32, "host": "peer-a", "inbox": "allocation-1"}, D)
+    return slot
+
+
 def test_the_stored_form_keeps_its_keys_and_words_and_old_rows_load() -> None:
-    slot = slot_in(SlotState.RUNNING)
+    slot = running_slot()
     row = slot.to_row()
     assert row.keys() >= STORED_KEYS and row["status"] == "running"
     assert Slot.from_row(row) == slot
@@ -105,3 +116,27 @@ def test_the_stored_form_keeps_its_keys_and_words_and_old_rows_load() -> None:
     assert [s.value for s in SlotState] == [
         "open", "committing", "allocating", "running", "completed", "stopped", "failed"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"status": "paused"}, "slot w: unknown status 'paused'"),
+        ({"lease_id": None}, "slot w is running but its lease_id is None"),
+        ({"peer_id": ""}, "slot w is running but its peer_id is ''"),
+        ({"allocation": None}, "slot w is running but its allocation is None"),
+        ({"allocation": {"id": "zz", "host": "h", "inbox": "i"}}, "is not hex"),
+        ({"attempts": "many"}, "invalid literal"),
+    ],
+)
+def test_a_stored_slot_that_contradicts_itself_is_refused_saying_why(
+    change: dict[str, Any], said: str
+) -> None:
+    """What a restart would carry on from: a held slot names its peer and lease (what a
+    revert and the held check go by), a running one its allocation (what polls go to).
+    One that does not is refused with the reason (``dms.orchestrator.stored`` then fails
+    its deployment), not carried on from to fail later, somewhere else."""
+    with pytest.raises(ValueError, match=re.escape(said)):
+        Slot.from_row({**running_slot().to_row(), **change})
+    ended = {**running_slot().to_row(), "status": "completed", "allocation": None}
+    assert Slot.from_row(ended).state == SlotState.COMPLETED  # an ended slot holds nothing

@@ -27,11 +27,13 @@ from dms.actor import RemoteError
 from dms.node.daemon import Node
 from dms.orchestrator.base import node_handle
 from dms.orchestrator.messages import COMMIT, DEPLOYMENT_TOPIC, REQUEST, REVERT
+from dms.orchestrator.store import DeploymentStore
 from dms.sim.cluster import LocalCluster
 from dms.store import Database
+from dms.store.db import open_database
 from tests.adversarial.hostile import envelope, frame_of, me, publish, until_refused
 from tests.adversarial.test_adversarial_leases import ask, bid_request
-from tests.clitools import BENCHMARK_STEP_S
+from tests.clitools import BENCHMARK_STEP_S, Daemon, dms_many, init_home_quick
 from tests.conftest import wait_for
 from tests.test_orchestrator import (
     TERMINAL,
@@ -802,3 +804,96 @@ def test_work_on_the_worker_pool_whose_store_another_process_locks_is_refused_in
         lambda: node.node.ask(node.node.handle, "/dms/node/onboarding/capability", {}, timeout=60)
     )
     assert served["seconds"]
+
+
+# How each deployment's stored row is spoiled (SQL on its row, as sqlite3 would run it),
+# and what its status says about it afterwards.
+SPOILED = {
+    "slots_not_json": 'UPDATE deployments SET slots = \'[{"slot": "w", \' WHERE id = :id',
+    "spec_invalid": "UPDATE deployments SET spec = json_set(spec, '$.strategy', 'no-such') "
+    "WHERE id = :id",
+    "state_unknown": "UPDATE deployments SET state = 'paused' WHERE id = :id",
+    "lease_missing": "UPDATE deployments SET slots = json_set(slots, '$[0].lease_id', "
+    "json('null')) WHERE id = :id",
+}
+
+
+def test_a_deployment_whose_stored_row_cannot_be_read_fails_and_the_node_starts(
+    net: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deployment row that cannot be read (a column that is not JSON, a spec that no
+    longer validates, an unknown state, a running slot with no lease) raised out of the
+    requester's start: the node could not start until someone edited its database. Now
+    each such deployment fails saying why (logged once), its leases are reverted, the
+    readable one resumes and completes, and listing and status (the CLI too) show the
+    unreadable rows."""
+    net.serve_api = True
+    requester, peers = network(net, 2)
+    good = deploy(requester, spec(params={"seconds": 4.0}))
+    bad = {how: deploy(requester, spec(params={"seconds": 600.0})) for how in SPOILED}
+    for dep in (good, *bad.values()):
+        wait_state(requester, dep, ("running",), 30)
+    requester.stop()
+    path = requester.settings.home / "dms.db"
+    with closing(sqlite3.connect(path)) as db, db:
+        for how, dep in bad.items():
+            assert db.execute(SPOILED[how], {"id": dep}).rowcount == 1
+    with caplog.at_level(logging.WARNING, logger="dms"):
+        requester = net.restart(requester)
+        for p in peers:
+            requester.transport.connect(p.addrs()[0])
+        done = wait_state(requester, good, TERMINAL, 60)
+    assert done["state"] == "completed", done["events"]
+    assert any("resumed" in e["what"] for e in done["events"])
+    for how, dep in bad.items():
+        failed = status(requester, dep)
+        assert failed["state"] == "failed", (how, failed)
+        said = failed["events"][-1]["what"]
+        assert said.startswith("its stored record could not be read: "), (how, said)
+        warned = [
+            r
+            for r in caplog.records
+            if r.levelno == logging.WARNING and r.getMessage().startswith(f"deployment {dep} ")
+        ]
+        assert len(warned) == 1, (how, [r.getMessage() for r in warned])
+    assert "its slots is not JSON" in status(requester, bad["slots_not_json"])["unreadable"]
+    assert "strategy" in status(requester, bad["spec_invalid"])["events"][-1]["what"]
+    assert "'paused' is unknown" in status(requester, bad["state_unknown"])["events"][-1]["what"]
+    lease = status(requester, bad["lease_missing"])
+    assert "slot w is running but its lease_id is None" in lease["unreadable"], lease
+    # What the bad rows held is given back (their 600 s allocations stop).
+    wait_for(lambda: live_leases(peers) == 0, 60, "no lease left on any provider")
+    listed = {r["id"]: r for r in owner(requester, "/dms/node/deployment/list")}
+    assert listed[good]["unreadable"] is None and listed[good]["state"] == "completed"
+    assert "not JSON" in listed[bad["slots_not_json"]]["unreadable"]
+    assert {listed[d]["state"] for d in bad.values()} == {"failed"}
+
+
+def test_a_daemon_starts_over_an_unreadable_deployment_and_the_cli_shows_why(
+    tmp_path: Path,
+) -> None:
+    """``dms run`` over a store holding a running deployment whose slots are not JSON:
+    it could not start at all. It starts, and ``dms deployment list`` and ``status``
+    show the deployment failed, unreadable, and why."""
+    home = tmp_path / "home"
+    init_home_quick(home)
+    with closing(open_database(f"sqlite:///{home / 'dms.db'}")) as db:
+        DeploymentStore(db).save(
+            {
+                "id": "d-spoiled", "name": "spoiled", "state": "running",
+                "spec": spec(params={"seconds": 600.0}), "slots": [], "events": [],
+                "created_at": time.time(), "running_at": None, "ended_at": None,
+            }
+        )  # fmt: skip
+    with closing(sqlite3.connect(home / "dms.db")) as conn, conn:
+        conn.execute("UPDATE deployments SET slots = '[{' WHERE id = 'd-spoiled'")
+    daemon = Daemon(home)
+    try:
+        (code, listed, err), (code2, shown, err2) = dms_many(
+            home, [["deployment", "list"], ["deployment", "status", "d-spoiled"]]
+        )
+    finally:
+        assert daemon.stop() == 0, daemon.stderr()
+    assert code == 0 and "d-spoiled" in listed and "failed (unreadable)" in listed, (listed, err)
+    assert code2 == 0 and "could not be read" in shown and "not JSON" in shown, (shown, err2)
+    assert "deployment d-spoiled cannot resume" in daemon.stderr()

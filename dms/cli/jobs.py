@@ -79,6 +79,8 @@ def _show_status(status: dict[str, Any], json_out: bool, every: bool = False) ->
         return
     head = {k: status[k] for k in ("id", "name", "state", "strategy") if k in status}
     emit_result(head, False, title="deployment")
+    if status.get("unreadable"):  # parts of its stored record (dms.orchestrator.stored)
+        say(f"its stored record could not be read: {status['unreadable']}")
     slots = status["slots"]
     emit_table(
         "allocations",
@@ -163,13 +165,19 @@ def list_deployments(
         "deployments",
         ["id", "name", "state", "allocations", "created"],
         [
-            [r["id"], r["name"], r["state"], r["allocations"], ago(r["created_at"], now)]
+            [r["id"], r["name"], _state(r), r["allocations"], ago(r["created_at"], now)]
             for r in rows
         ],
         whole=["id"],
         hideable=["allocations", "created"],
         limit=_limit(every),
     )
+
+
+def _state(row: dict[str, Any]) -> str:
+    """A listed deployment's state, and whether its stored record could be read
+    (``status`` says why not)."""
+    return f"{row['state']} (unreadable)" if row.get("unreadable") else row["state"]
 
 
 @deployment_app.command("status")

@@ -191,6 +191,9 @@ class DeploymentBook:
         )
         if saved:
             slots = [Slot.from_row(s) for s in saved["slots"]]
+            names = sorted(s.name for s in slots)
+            if names != sorted(self.by_slot):  # a slot not placed, or one no spec knows
+                raise ValueError(f"its slots {names} are not its spec's {sorted(self.by_slot)}")
         else:
             slots = [Slot.new(name, self.deadlines, now) for name in self.by_slot]
         self.slots: dict[str, Slot] = {s.name: s for s in slots}

@@ -39,6 +39,7 @@ from dms.orchestrator.messages import BID, UPDATE, AllocationUpdate, Bid
 from dms.orchestrator.rounds import BidRounds, misfit
 from dms.orchestrator.slots import HELD, Slot, SlotState
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
+from dms.orchestrator.stored import unreadable_reason
 from dms.orchestrator.supervision import Supervision
 
 log = logging.getLogger("dms.orchestrator")
@@ -344,12 +345,14 @@ def summarize(row: dict[str, Any]) -> dict[str, Any]:
             {
                 "slot": s["slot"],
                 "status": s["status"],
-                "peer_id": s["peer_id"],
-                "attempts": s["attempts"],
-                "error": s["error"],
-                "result": s["result"],
+                "peer_id": s.get("peer_id"),
+                "attempts": s.get("attempts") or 0,
+                "error": s.get("error"),
+                "result": s.get("result"),
             }
             for s in row["slots"]
         ],
         "events": row["events"],
+        # Why parts of its stored record cannot be read (None: all can; dms.orchestrator.stored).
+        "unreadable": unreadable_reason(row) or None,
     }

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dms.actor import ActorRef, ErrorCode, Refusal, Request, behaviour
 from dms.actor.runtime import NodeRuntime
@@ -33,9 +33,27 @@ from dms.orchestrator.deployment import (
 from dms.orchestrator.messages import STILL_HELD, HeldQuestion
 from dms.orchestrator.reverts import Reverts
 from dms.orchestrator.store import DeploymentStore
+from dms.orchestrator.stored import unreadable_reason
 from dms.store import STORE_REFUSED, Database, StoreBusy
 
 log = logging.getLogger("dms.node")
+
+
+class UnreadableRecord(ValueError):
+    """Parts of a deployment's stored row cannot be read (``dms.orchestrator.stored``)."""
+
+
+def _why(exc: Exception) -> str:
+    """One line on why a stored deployment cannot resume."""
+    if isinstance(exc, UnreadableRecord):
+        return str(exc)
+    if isinstance(exc, ValidationError):
+        said = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()[:3]
+        )
+        return f"its spec is not valid ({said})"
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 class NewDeployment(BaseModel):
@@ -104,18 +122,53 @@ class Requester:
         )
 
     def start(self) -> None:
-        """Resume the deployments the store holds as active."""
+        """Resume the deployments the store holds as active. One whose stored record
+        cannot be carried on from (a column that is not JSON, a spec this version does
+        not accept, an unknown state, a slot that contradicts itself, or any other
+        error building its actor) fails, saying why, and gives back what its readable
+        parts name: the node starts, and every other deployment resumes."""
         if self._orchestration is None:
             return
         for row in self._orchestration.store.active():
             try:
-                spec = DeploymentSpec.model_validate(row["spec"])
+                self._resume(row)
             except Exception as exc:
-                log.warning("deployment %s cannot resume: %s", row["id"], exc)
-                continue
+                self._fail_unreadable(row, exc)
+
+    def _resume(self, row: dict[str, Any]) -> None:
+        problems = unreadable_reason(row)
+        if problems:
+            raise UnreadableRecord(problems)
+        spec = DeploymentSpec.model_validate(row["spec"])
+        try:
             # Its executors' driver, if any (a mining session: its keys were in memory,
             # so it fails, releasing every lease).
             self.run(actor_for(spec), row["id"], spec, saved=row)
+        except BaseException:
+            # Built far enough to answer for its leases, then raised: it holds none.
+            self.orchestration().live.pop(row["id"], None)
+            raise
+
+    def _fail_unreadable(self, row: dict[str, Any], exc: Exception) -> None:
+        """Fail a deployment that cannot resume (``DeploymentStore.fail_unreadable``),
+        and revert everything it may hold on each peer its readable slots or its bid
+        index name: its leases are not kept (a provider that hears none of it still lets
+        them go when it asks, ``/dms/deployment/held``: a failed deployment holds
+        nothing). A store that refuses even that raises: the node does not start."""
+        o = self.orchestration()
+        deployment_id = row["id"]
+        reason = f"its stored record could not be read: {_why(exc)}"
+        log.warning("deployment %s cannot resume, failed: %s", deployment_id, reason)
+        o.store.fail_unreadable(row, reason)
+        peers = {s.get("peer_id") for s in row["slots"] if isinstance(s, dict)}
+        try:
+            peers |= {b.peer_id for b in o.store.bids(deployment_id) if b.direction == "received"}
+        except Exception as bids_exc:  # its bid index unreadable too: the slots' peers
+            log.warning("deployment %s: its bids could not be read: %s", deployment_id, bids_exc)
+        for peer in sorted(p for p in peers if isinstance(p, str) and p):
+            self.reverts.send(
+                peer, {"deployment_id": deployment_id, "lease_ids": [], "everything": True}
+            )
 
     @property
     def places(self) -> bool:
@@ -180,6 +233,8 @@ class Requester:
                 "state": row["state"],
                 "allocations": len(row["slots"]),
                 "created_at": row["created_at"],
+                # Why parts of its stored record cannot be read (None: all can).
+                "unreadable": unreadable_reason(row) or None,
             }
             for row in self.orchestration().store.list()
         ]
@@ -205,15 +260,15 @@ class Requester:
                 {
                     "slot": s["slot"],
                     "status": s["status"],
-                    "peer_id": s["peer_id"],
-                    "lease_id": s["lease_id"],
+                    "peer_id": s.get("peer_id"),
+                    "lease_id": s.get("lease_id"),
                     "allocation": (
-                        {"inbox": s["allocation"]["inbox"], "host": s["allocation"]["host"]}
-                        if s["allocation"]
+                        {"inbox": s["allocation"].get("inbox"), "host": s["allocation"].get("host")}
+                        if isinstance(s.get("allocation"), dict)
                         else None
                     ),
-                    "excluded": s["excluded"],
-                    "reasons": s["reasons"],
+                    "excluded": s.get("excluded") or [],
+                    "reasons": s.get("reasons") or {},
                 }
                 for s in row["slots"]
             ],
@@ -238,10 +293,10 @@ class Requester:
         def gather() -> dict[str, Any]:
             logs: dict[str, Any] = {}
             for slot in row["slots"]:
-                if slot["allocation"] is None:
+                if not slot.get("allocation"):
                     continue
-                handle = allocation_handle(slot["allocation"])
                 try:
+                    handle = allocation_handle(slot["allocation"])
                     logs[slot["slot"]] = ref.ask(handle, "/dms/allocation/logs", timeout=5)
                 except Exception as exc:
                     logs[slot["slot"]] = [f"(no logs: {exc})"]

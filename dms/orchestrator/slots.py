@@ -194,10 +194,26 @@ class Slot:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Slot:
-        """A stored slot (rows written before ``reason``/``deadline`` existed load too)."""
+        """A stored slot (rows written before ``reason``/``deadline`` existed load too).
+        One that cannot be carried on from raises :class:`ValueError` (or ``KeyError``,
+        ``TypeError``) saying why: not a mapping, an unknown status, or a held one
+        (committing, allocating, running) that names no peer or lease, or, running, no
+        allocation handle (:func:`held_problem`)."""
+        if not isinstance(row, dict):
+            raise ValueError(f"a slot stored as {type(row).__name__}, not an object")
+        name = row["slot"]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a slot named {name!r}")
+        try:
+            state = SlotState(row["status"])
+        except ValueError:
+            raise ValueError(f"slot {name}: unknown status {row['status']!r}") from None
+        problem = held_problem(state, row)
+        if problem:
+            raise ValueError(f"slot {name} is {state.value} but {problem}")
         return cls(
-            name=row["slot"],
-            state=SlotState(row["status"]),
+            name=name,
+            state=state,
             peer_id=row.get("peer_id"),
             lease_id=row.get("lease_id"),
             allocation=row.get("allocation"),
@@ -212,3 +228,28 @@ class Slot:
             since=float(row.get("since") or row.get("placing_since") or 0.0),
             deadline=row.get("deadline"),
         )
+
+
+def held_problem(state: SlotState, row: dict[str, Any]) -> str:
+    """Why a stored slot in ``state`` cannot hold what that state says it holds ("":
+    nothing wrong): a held slot names its peer and its lease (what a revert and the
+    provider's held check go by), a running one its allocation's handle (what its
+    polls go to)."""
+    if state not in HELD:
+        return ""
+    for key in ("peer_id", "lease_id"):
+        value = row.get(key)
+        if not isinstance(value, str) or not value:
+            return f"its {key} is {value!r}"
+    if state != S.RUNNING:
+        return ""
+    handle = row.get("allocation")
+    if not isinstance(handle, dict) or not all(
+        isinstance(handle.get(k), str) and handle[k] for k in ("id", "host", "inbox")
+    ):
+        return f"its allocation is {handle!r}"
+    try:
+        bytes.fromhex(handle["id"])
+    except ValueError:
+        return f"its allocation's id {handle['id']!r} is not hex"
+    return ""

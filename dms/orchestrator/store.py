@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, insert, select, update
+from sqlalchemy import JSON, Text, insert, select, type_coerce, update
 
 from dms.files import write_private
 from dms.orchestrator.records import BidRow, MiningRow
-from dms.orchestrator.states import DEPLOYMENT
+from dms.orchestrator.states import DEPLOYMENT, DeploymentState
+from dms.orchestrator.stored import UNREADABLE, read_row
 from dms.store import STORE_ERRORS, Database
 from dms.store.group import GroupCommit
 from dms.store.models import BidRecord, DeploymentRecord, MiningSessionRecord
@@ -42,6 +43,11 @@ _UPDATE = Statement(
 _INSERT = Statement(
     f"INSERT INTO deployments ({', '.join(_COLUMNS)}) "
     f"VALUES ({', '.join(':' + c for c in _COLUMNS)})"
+)
+# Read with the JSON columns as their text, each parsed on its own (``read_row``): a
+# column that is not JSON, read as SQLAlchemy's JSON type, raised out of the whole read.
+_READ = select(
+    *(type_coerce(c, Text).label(c.name) if c.name in _JSON else c for c in DEPLOYMENTS.c)
 )
 _BID_COLUMNS = [c.name for c in BIDS.c if c.name != "id"]
 _INSERT_BIDS = Statement(
@@ -88,28 +94,44 @@ class DeploymentStore:
         self._drop_unsaved(row["id"])
 
     def get(self, deployment_id: str) -> dict[str, Any] | None:
+        """A deployment's row; what of it cannot be read is named under ``UNREADABLE``
+        (``dms.orchestrator.stored``)."""
         kept = self._kept.get(deployment_id)
         if kept is not None:
             return kept
         with self.db.transaction() as conn:
-            row = conn.execute(select(DEPLOYMENTS).where(DEPLOYMENTS.c.id == deployment_id)).first()
-            return dict(row._mapping) if row is not None else None
+            row = conn.execute(_READ.where(DEPLOYMENTS.c.id == deployment_id)).first()
+            return read_row(row._mapping, _JSON) if row is not None else None
 
     def list(self, limit: int = 100) -> list[dict[str, Any]]:
         with self.db.transaction() as conn:
-            rows = conn.execute(
-                select(DEPLOYMENTS).order_by(DEPLOYMENTS.c.created_at.desc()).limit(limit)
-            )
-            return [self._kept.get(r.id, dict(r._mapping)) for r in rows]
+            rows = conn.execute(_READ.order_by(DEPLOYMENTS.c.created_at.desc()).limit(limit))
+            return [self._kept.get(r.id) or read_row(r._mapping, _JSON) for r in rows]
 
     def active(self) -> list[dict[str, Any]]:
-        """Deployments to resume: none whose end is known, saved or not."""
+        """Deployments to resume: none whose end is known, saved or not. A row whose
+        state this version does not know is among them (``UNREADABLE`` says so): it may
+        hold leases."""
         unsaved = self.flush_unsaved()
         with self.db.transaction() as conn:
-            rows = conn.execute(
-                select(DEPLOYMENTS).where(DEPLOYMENTS.c.state.in_(sorted(DEPLOYMENT.live)))
-            )
-            return [dict(r._mapping) for r in rows if r.id not in unsaved]
+            ended = DEPLOYMENTS.c.state.in_(sorted(DEPLOYMENT.terminal))
+            rows = conn.execute(_READ.where(~ended))
+            return [read_row(r._mapping, _JSON) for r in rows if r.id not in unsaved]
+
+    def fail_unreadable(self, row: dict[str, Any], reason: str) -> None:
+        """Fail a deployment whose stored record cannot be carried on from, writing only
+        what needs no reading of it: its state, its end time and, if its events could be
+        read, an event saying ``reason``. The rest of the row is left as it is."""
+        now = time.time()
+        values: dict[str, Any] = {
+            "state": DeploymentState.FAILED.value,
+            "ended_at": now,
+            "updated_at": now,
+        }
+        if "events" not in (row.get(UNREADABLE) or {}):
+            values["events"] = [*row["events"], {"at": round(now, 3), "what": reason}]
+        with self.db.transaction() as conn:
+            conn.execute(update(DEPLOYMENTS).where(DEPLOYMENTS.c.id == row["id"]).values(**values))
 
     def flush_unsaved(self) -> set[str]:
         """Write kept ends into the database; returns the ids still only on disk."""

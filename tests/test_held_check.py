@@ -18,6 +18,7 @@ from dms.security.identity import Identity
 from dms.sim.cluster import LocalCluster
 from dms.sim.faults import FaultPlan
 from tests.conftest import wait_for
+from tests.test_metrics import scrape, value
 from tests.test_orchestrator import (
     HEARTBEAT,
     TERMINAL,
@@ -41,8 +42,11 @@ def test_an_allocation_its_requester_let_go_in_a_restart_stops(tmp_path: Path) -
     # orphan_s 12 s: far longer than the requester is away here (a restart, 2-3 s), so
     # the peers table never holds it gone that long: only the question stops it.
     with LocalCluster(tmp_path, faults=plan, heartbeat_s=HEARTBEAT, orphan_s=12.0) as net:
+        net.serve_api = True  # the provider's /metrics, read at the end
         requester, peers = network(net, 1)
         provider = peers[0]
+        before = scrape(provider)
+        assert value(before, "dms_held_check_let_go_total") == 0
         dep = deploy(requester, spec(params={"seconds": 600.0}))
         wait_state(requester, dep, ("running",), 30)
         # The shutdown's stop and revert are lost on the way, and the requester restarts
@@ -58,6 +62,10 @@ def test_an_allocation_its_requester_let_go_in_a_restart_stops(tmp_path: Path) -
         checks = held_checks(provider)
         # Stopped on the requester's answer, not by the requester-gone rule.
         assert checks.let_go == 1 and checks.asked >= 1  # type: ignore[attr-defined]
+        # ... and /metrics says so.
+        after = scrape(provider)
+        assert value(after, "dms_held_check_let_go_total") == 1
+        assert value(after, "dms_held_check_questions_total") >= 1
         plan.close()
 
 

@@ -95,6 +95,12 @@ def test_metrics_after_a_placement_and_a_mining_session(net: LocalCluster) -> No
     assert value(mine, "dms_network_bytes_total", direction="in") > 0
     assert value(mine, "dms_chunk_served_bytes_total") > 1e6  # the shard's ciphertexts
     assert value(mine, "dms_node_info", peer_id=requester.peer_id) == 1
+    # the losing offers' leases went back, each revert acknowledged by its provider
+    acknowledged = lambda: value(scrape(requester), "dms_reverts_total", outcome="acknowledged")  # noqa: E731
+    wait_for(lambda: acknowledged() >= 1, 30, "a revert acknowledged")
+    mine = scrape(requester)
+    assert value(mine, "dms_reverts_total", outcome="abandoned") == 0
+    assert value(mine, "dms_reverts_pending") >= 0
 
     worked = [scrape(p) for p in peers]
     # each commit travels with its allocate (one exchange)

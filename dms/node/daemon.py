@@ -35,7 +35,7 @@ from dms.node.home import NODE_KEY, NodeError, private_home
 from dms.node.lock import RunLock, check_listen_free
 from dms.node.metrics import NodeMetrics
 from dms.node.node import STARTED, NodeActor
-from dms.node.services import NodeServices
+from dms.node.services import NodeServices, RoleCounts
 from dms.node.stakes import StakeBook
 from dms.orchestrator.mining import SessionLimits
 from dms.provider.bidindex import BidIndex, BidIndexBudget
@@ -234,6 +234,7 @@ class Node:
         self.bid_index: BidIndex | None = None
         self.started = 0.0
         self._lock = RunLock(settings.home)
+        self.role_counts = RoleCounts()  # the roles' counts, filled in as the node starts
         self.metrics = NodeMetrics(self)  # GET /metrics: read at each scrape
 
     @property
@@ -331,6 +332,7 @@ class Node:
                     collab_max_seats=self.settings.collab_max_seats,
                     collab_owner_timeout_s=self.settings.collab_owner_timeout_s,
                     collab_join_timeout_s=self.settings.collab_join_timeout_s,
+                    counts=self.role_counts,
                 )
                 self.node = self.system.spawn(
                     NodeActor, services, inbox=ROOT_INBOX, identity=self.identity

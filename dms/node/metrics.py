@@ -3,10 +3,12 @@
 Every node has a registry of its own (``LocalCluster`` runs many nodes in one
 process), holding one collector that reads the node's state when it is scraped:
 the actor system's refusal counts, the ledger's leases, the peers table, the
-store's deployments and mining sessions. Two things are counted as they happen,
-because nothing keeps them otherwise: the invokes this node answers (an observer
-of ``ActorSystem``) and the frames its transport moves (:class:`CountingTransport`,
-a wrapper like ``dms.sim.faults.FaultyTransport``). Names: ``specs/metrics.md``.
+store's deployments and mining sessions, and the counts the roles keep as they
+happen (``RoleCounts``: the revert outbox, the held checks). Two things are
+counted here as they happen, because nothing keeps them otherwise: the invokes
+this node answers (an observer of ``ActorSystem``) and the frames its transport
+moves (:class:`CountingTransport`, a wrapper like ``dms.sim.faults.FaultyTransport``).
+Names: ``specs/metrics.md``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dms.actor.transport import Receiver, Transport, Undeliverable
 from dms.config import Settings
 from dms.network.host import Libp2pTransport
 from dms.network.peertable import PeerTable
+from dms.node.services import RoleCounts
 from dms.provider.bidindex import BidIndex
 from dms.resources.ledger import ResourceLedger
 from dms.store import Database, StoreBusy
@@ -65,6 +68,8 @@ class Node(Protocol):
     def bid_index(self) -> BidIndex | None: ...
     @property
     def settings(self) -> Settings: ...
+    @property
+    def role_counts(self) -> RoleCounts: ...
 
 
 log = logging.getLogger("dms.node")
@@ -185,6 +190,7 @@ class NodeCollector(Collector):
         yield from self._actors()
         yield from self._budgets()
         yield from self._network()
+        yield from self._given_back()
         figures = self._from_store()
         yield from self._store_busy()  # after the reads: a refusal of this scrape counted
         yield from figures
@@ -377,6 +383,43 @@ class NodeCollector(Collector):
                 limit.add_metric([name], most)
             yield used
             yield limit
+
+    # ---- leases given back: the revert outbox, the held checks -------------------------
+
+    def _given_back(self) -> Iterator[Metric]:
+        """Counted by the roles as they happen (``RoleCounts``): no read of the store."""
+        counts = self.node.role_counts
+        outbox = counts.reverts
+        reverts = CounterMetricFamily(
+            "dms_reverts",
+            "Reverts this node's deployments sent providers (leases given back), by "
+            "outcome: acknowledged (the provider answered), abandoned (no answer within "
+            "the outbox's horizon, or dropped with the outbox full).",
+            labels=["outcome"],
+        )
+        reverts.add_metric(["acknowledged"], outbox.acknowledged if outbox else 0)
+        reverts.add_metric(["abandoned"], outbox.abandoned if outbox else 0)
+        yield reverts
+        yield GaugeMetricFamily(
+            "dms_reverts_pending",
+            "Reverts sent and not yet acknowledged or abandoned (sent again until then).",
+            outbox.pending if outbox else 0,
+        )
+        checks = counts.held_checks
+        asked = CounterMetricFamily(
+            "dms_held_check_questions",
+            "Questions this node sent requesters silent on its allocations for orphan_s: "
+            "which of these leases do you still hold (/dms/deployment/held).",
+        )
+        asked.add_metric([], checks.asked if checks else 0)
+        yield asked
+        let_go = CounterMetricFamily(
+            "dms_held_check_let_go",
+            "Allocations this node stopped because their requester answered that it no "
+            "longer holds them.",
+        )
+        let_go.add_metric([], checks.let_go if checks else 0)
+        yield let_go
 
     # ---- the ledger and the store ----------------------------------------------------
 

@@ -107,6 +107,7 @@ class NodeActor(Actor):
             supervise_s=s.supervise_s,
             store_wait_s=s.store_wait_s,
         )
+        s.counts.reverts, s.counts.held_checks = self.requester.reverts, self.bidding.held_checks
         self.mining = MiningOwner(
             self,
             sessions=self.requester,

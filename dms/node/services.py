@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dms.network.host import Libp2pTransport
 from dms.network.peerbook import PeerBook
@@ -19,6 +20,21 @@ from dms.orchestrator.mining import SessionLimits
 from dms.provider.bidindex import BidIndex
 from dms.resources import Onboarder, Preferences, ResourceLedger
 from dms.store import Database
+
+if TYPE_CHECKING:
+    from dms.orchestrator.reverts import Reverts
+    from dms.provider.heldcheck import HeldChecks
+
+
+@dataclass
+class RoleCounts:
+    """What the node's roles count as it happens that ``GET /metrics`` exports
+    (``dms.node.metrics``): the requester's revert outbox and the provider's held
+    checks. Made by the daemon, filled in by the node actor as it builds its roles
+    (None until then, or without that role)."""
+
+    reverts: Reverts | None = None
+    held_checks: HeldChecks | None = None
 
 
 @dataclass
@@ -63,3 +79,4 @@ class NodeServices:
     collab_max_seats: int = 32  # collaborations this node takes part in at once
     collab_owner_timeout_s: float = 20.0  # each owner's answer, or it drops from the round
     collab_join_timeout_s: float = 120.0  # how long a proposal waits for the owners
+    counts: RoleCounts = field(default_factory=RoleCounts)  # what /metrics reads of the roles

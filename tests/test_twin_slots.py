@@ -16,6 +16,8 @@ import types
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dms.orchestrator.rounds as rounds
 from dms.actor import Outcome
@@ -24,6 +26,7 @@ from dms.network.peertable import Heartbeat, PeerTable
 from dms.orchestrator.base import DeploymentBook, Orchestration
 from dms.orchestrator.messages import Bid, Decline, Offer
 from dms.orchestrator.records import BidRow
+from dms.orchestrator.selection import RoundRobin, select
 from dms.orchestrator.slots import Slot
 from dms.provider import bidder
 from dms.sim.cluster import LocalCluster
@@ -93,7 +96,8 @@ class _Store:
 
 
 class Round:
-    """One bid round of a deployment of ``count`` twins (``w.0``...) over ``peers``."""
+    """One bid round of a deployment of ``count`` twins (``w.0``...) that asks every one
+    of ``peers``."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, peers: list[str], **job: Any) -> None:
         monkeypatch.setattr(rounds, "node_handle", lambda peer: peer)  # names, not keys
@@ -105,7 +109,9 @@ class Round:
             )
             table.observe(peer, f"did:key:{peer}", beat)
         self.store = _Store()
-        o = Orchestration(peer_table=table, store=self.store, rng=random.Random(1))  # type: ignore[arg-type]
+        o = Orchestration(
+            peer_table=table, store=self.store, rng=random.Random(1), min_ask=len(peers)
+        )  # type: ignore[arg-type]
         self.messenger = _Messenger()
         self.book = DeploymentBook(
             self.messenger,
@@ -231,3 +237,95 @@ def test_a_peer_whose_listed_offer_placed_a_twin_offers_its_next(
     assert sorted(r.committed.values()) == sorted([f"{two}:w.0", f"{two}:w.1", f"{one}:w.2"])
     events = [e["what"] for e in r.book.row.events]
     assert not any("queued" in e for e in events), events
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_first_offer_waits_until_the_offers_in_hand_place_every_slot(
+    monkeypatch: pytest.MonkeyPatch, distinct: bool
+) -> None:
+    r = Round(
+        monkeypatch, ["p", "q", "r", "s", "t"], count=3, strategy="first-offer",
+        distinct_peers=distinct,
+    )  # fmt: skip
+    for name in ("w.1", "w.2"):  # both lost on p and r before
+        r.book.slots[name].excluded += ["p", "r"]
+    r.bid("p", ["w.0"])
+    r.bid("r", ["w.0"])
+    r.bid("q", ["w.1"])
+    # Three leases for three slots (three peers: as many as slots), and each slot has
+    # one it may take; but w.1 and w.2 may take q's alone: no placement of all three.
+    # Closed here (counting said enough), w.1 took q's lease and w.2 was queued for
+    # round 2.
+    assert not r.committed, r.committed
+    r.bid("s", ["w.2"])  # one for w.1 or w.2: all three place, each on a peer of its own
+    assert r.placed_on["w.0"] == "p", r.placed_on
+    assert {r.placed_on["w.1"], r.placed_on["w.2"]} == {"q", "s"}, r.placed_on
+    events = [e["what"] for e in r.book.row.events]
+    assert not any("queued" in e for e in events), events
+
+
+BIDDERS = ["a", "b", "c", "d", "e"]
+
+
+@settings(max_examples=300)
+@given(data=st.data())
+def test_first_offer_closes_early_exactly_when_select_places_every_open_slot(
+    data: st.DataObject,
+) -> None:
+    """Random twins (and a second allocation), exclusions, holders and bids: the round
+    closes before every asked peer answered (``z`` never does) exactly when ``select`` on
+    the offers in hand places every open slot, with distinct peers each on a peer of its
+    own that holds none."""
+    distinct = data.draw(st.booleans(), "distinct")
+    allocations = [
+        {
+            "name": name,
+            "executor": "compute",
+            "count": data.draw(st.integers(1, top), f"{name} count"),
+            "resources": {"cpu": "500m", "ram": "64MiB"},
+            "params": {"seconds": 0.2},
+        }
+        for name, top in (("w", 4), ("v", 2))
+        if name == "w" or data.draw(st.booleans(), "a second allocation")
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        r = Round(
+            mp, [*BIDDERS, "z"], strategy="first-offer", distinct_peers=distinct,
+            allocations=allocations,
+        )  # fmt: skip
+        names = list(r.book.slots)
+        for name in names:  # slots lost on some peers before
+            r.book.slots[name].excluded += data.draw(
+                st.lists(st.sampled_from(BIDDERS), unique=True, max_size=3), f"{name} excludes"
+            )
+        # Peers that hold other slots of the deployment (a slot placed again).
+        holders = {
+            p: 1 for p in data.draw(st.lists(st.sampled_from(BIDDERS), unique=True, max_size=2))
+        }
+        mp.setattr(r.rounds, "_holders", lambda: holders)
+        order = data.draw(st.permutations(BIDDERS), "order")
+        for peer in order:
+            offers = data.draw(st.lists(st.sampled_from(names), unique=True), f"{peer} offers")
+            # Now and then one lease id for all its offers (named for two allocations).
+            same = data.draw(st.booleans(), f"{peer} one lease id") if offers else False
+            r.bid(peer, offers, lease=f"{peer}:x" if same else "")
+            if r.rounds.round in r.rounds._closed:
+                assert set(r.placed_on) == set(names), (
+                    r.placed_on,
+                    {n: r.reasons(n) for n in names},
+                )
+                if distinct:
+                    peers = list(r.placed_on.values())
+                    assert len(set(peers)) == len(peers), r.placed_on
+                    assert not set(peers) & set(holders), (r.placed_on, holders)
+                return
+            # It waits only when it must: select on the offers in hand would not place
+            # every slot (apart).
+            decision = select(
+                "first-offer", r.rounds._pooled(), random.Random(0), RoundRobin(), holders,
+                distinct,
+            )  # fmt: skip
+            peers = [c.peer_id for c in decision.winners.values()]
+            assert len(decision.winners) < len(names) or (
+                distinct and (len(set(peers)) < len(peers) or bool(set(peers) & set(holders)))
+            ), decision.winners

@@ -3,9 +3,9 @@
 One round: ask a weighted sample of the peers that the table says fit an open
 slot (and publish on the deployment topic when it knows too few), collect the
 bids until every asked peer answered or the window closes (``first-offer``: or
-as soon as every open slot has an offer), select per slot, commit each winner
-(the slot moves to ``committing``; ``supervision.py`` takes it from there) and
-revert the losers once no allocate of the deployment is in flight
+as soon as the offers in hand place every open slot), select per slot, commit
+each winner (the slot moves to ``committing``; ``supervision.py`` takes it from
+there) and revert the losers once no allocate of the deployment is in flight
 (``DeploymentBook.give_back``).
 
 A bid that does not validate, or that names another peer or deployment than
@@ -59,7 +59,7 @@ from dms.orchestrator.messages import (
     SlotRequest,
 )
 from dms.orchestrator.records import BidRow
-from dms.orchestrator.selection import Candidate, select
+from dms.orchestrator.selection import Candidate, Decision, select
 from dms.orchestrator.slots import HELD, Slot, SlotState
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
 from dms.resources import Resources
@@ -419,8 +419,10 @@ class BidRounds:
     def _maybe_close(self, rid: int) -> None:
         if not self._gossiped and self._asked <= self._answered:
             self._close(rid)
-        elif self.book.spec.strategy == "first-offer" and not self._short_of_offers():
-            self._close(rid)  # late binding: the first offers win, the later are reverted
+        elif self.book.spec.strategy == "first-offer":
+            trial = self._trial()
+            if trial is not None:  # late binding: the first offers win, the later are reverted
+                self._close(rid, trial)
 
     def _pooled(self) -> dict[str, list[Candidate]]:
         """Each open slot's offers and its twins' that it may take, in arrival order:
@@ -444,10 +446,22 @@ class BidRounds:
         return pooled
 
     def _short_of_offers(self) -> bool:
-        """Whether a slot has no offer yet (its twins' included), an allocation's open
-        slots have fewer offers between them than slots, or (``distinct_peers``) too
-        few peers offered to keep the slots apart: a peer that holds another slot of
-        this deployment is not one of them (a slot placed again would go to it)."""
+        """Whether the offers in hand cannot place every open slot (``_trial``)."""
+        return self._trial() is None
+
+    def _trial(self) -> tuple[dict[str, list[Candidate]], Decision] | None:
+        """What ``first-offer`` makes of the offers in hand, the pooled offers and
+        ``select``'s decision, when it places every open slot (with ``distinct_peers``
+        each on a peer of its own that holds no other slot of this deployment: a slot
+        placed again would go to the holder); else None. ``select`` itself decides, so
+        the round closes early exactly when the selection will place every slot: its
+        exclusions, one slot an offer, a peer's twin offer only where it has none of the
+        slot's own, distinct peers. Counting first, at every bid (pooling and selecting
+        cost 15 ms a bid at 256 twins): an allocation's open slots with fewer leases
+        between them than slots, a slot with no offer of its own and none of its
+        twins' that it may take, or (``distinct_peers``) fewer bidders than slots who
+        hold none cannot all place; ``select`` runs once these pass, most often at the
+        bid that closes the round, whose decision ``_close`` then uses."""
         by_slot = self.book.by_slot
         offered: dict[int, list[Candidate]] = {}  # each allocation's, its open slots'
         names: Counter[int] = Counter()
@@ -456,18 +470,29 @@ class BidRounds:
             names[group] += 1
             offered.setdefault(group, []).extend(offers)
         if any(len({c.lease for c in offered[g]}) < count for g, count in names.items()):
-            return True
-        # A slot with no offer of its own and none of its twins' that it may take: what
-        # ``_pooled`` would list, not listed (with ``first-offer`` this runs at every bid:
-        # pooling every slot's offers there cost 15 ms a bid at 256 twins).
+            return None
         for name, offers in self._offers.items():
             twins = offered[id(by_slot[name])]
             if not offers and all(self.host.excludes(name, c.peer_id) for c in twins):
-                return True
-        if not self.book.spec.distinct_peers:
-            return False
-        bidders = {c.peer_id for offers in self._offers.values() for c in offers}
-        return len(bidders - set(self._holders())) < len(self._offers)
+                return None
+        holders = self._holders()
+        distinct = self.book.spec.distinct_peers
+        if distinct:
+            bidders = {c.peer_id for offers in self._offers.values() for c in offers}
+            if len(bidders - set(holders)) < len(self._offers):
+                return None
+        pooled = self._pooled()
+        # ``first-offer`` draws nothing from the rng nor the round-robin cursor.
+        decision = select(
+            "first-offer", pooled, self.book.o.rng, self.book.o.cursor, holders, distinct
+        )
+        if len(decision.winners) < len(self._offers):
+            return None
+        if distinct:
+            peers = [c.peer_id for c in decision.winners.values()]
+            if len(set(peers)) < len(peers) or not set(holders).isdisjoint(peers):
+                return None
+        return pooled, decision
 
     def _holders(self) -> dict[str, int]:
         """Peers that hold slots of this deployment (committing, allocating, running):
@@ -484,33 +509,40 @@ class BidRounds:
         without them would be retried anyway, or would stack slots on one peer. Then
         wait for them, up to the bid request's own timeout."""
         waiting = self._asked - self._answered
-        if self._short_of_offers() and waiting and not self._gossiped:
+        if waiting and not self._gossiped and self._short_of_offers():
             self.messenger.call_later(BID_GRACE_S, lambda: self._close(rid))
             return
         self._close(rid)
 
     # ---- choosing ------------------------------------------------------------------------
 
-    def _close(self, rid: int) -> None:
+    def _close(
+        self, rid: int, trial: tuple[dict[str, list[Candidate]], Decision] | None = None
+    ) -> None:
+        """Select and commit. ``trial``: ``first-offer``'s pooled offers and decision,
+        made on the offers in hand just now (``_trial``)."""
         if rid != self.round or rid in self._closed or self.book.state in DEPLOYMENT.terminal:
             return
         self._closed.add(rid)
-        doomed = self._declined_for_good()
+        pooled = trial[0] if trial is not None else self._pooled()
+        doomed = self._declined_for_good(pooled)
         if doomed:
             for candidates in self._offers.values():
                 for c in candidates:
                     self.book.revert(c.peer_id, [c.offer.lease_id])
             self._fail_for_good(doomed)
             return
-        pooled = self._pooled()
-        decision = select(
-            self.book.spec.strategy,
-            pooled,
-            self.book.o.rng,
-            self.book.o.cursor,
-            self._holders(),
-            distinct=self.book.spec.distinct_peers,
-        )
+        if trial is not None:
+            decision = trial[1]
+        else:
+            decision = select(
+                self.book.spec.strategy,
+                pooled,
+                self.book.o.rng,
+                self.book.o.cursor,
+                self._holders(),
+                distinct=self.book.spec.distinct_peers,
+            )
         # A peer's declines, written before its reasons below replace them: one that
         # declined a slot and offered for its twin declined that slot all the same.
         declines: list[BidRow] = []
@@ -578,12 +610,12 @@ class BidRounds:
 
     # ---- ending unplaced -----------------------------------------------------------------
 
-    def _declined_for_good(self) -> list[Slot]:
-        """Open slots with no offer this round that every fitting peer of the table has
-        declined for good (a slot that no peer of the table fits is left to its deadline:
-        a peer that fits may yet join)."""
+    def _declined_for_good(self, pooled: dict[str, list[Candidate]]) -> list[Slot]:
+        """Open slots with no offer this round (``pooled``: their own and their twins')
+        that every fitting peer of the table has declined for good (a slot that no peer
+        of the table fits is left to its deadline: a peer that fits may yet join)."""
         doomed = []
-        for name, offers in self._pooled().items():
+        for name, offers in pooled.items():
             slot = self.book.slots[name]
             if offers or slot.state != SlotState.OPEN or not slot.declined_for_good:
                 continue

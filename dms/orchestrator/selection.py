@@ -14,9 +14,9 @@ lower peer id. The other three are the reference system's load balancers,
 run by the requester: a round-robin cursor over peer ids, the better of two
 random offers (more free cpu wins), and a uniformly random offer.
 ``first-offer`` is late binding, as Sparrow schedules: the offer that came in
-first wins, and its round closes as soon as every open slot has one (the
-peer that answers first is the one with time to spare now; the round does
-not wait for the slower one).
+first wins, and its round closes as soon as this selection, run on the offers
+in hand, places every open slot (``rounds.py``; the peer that answers first is
+the one with time to spare now; the round does not wait for the slower one).
 """
 
 from __future__ import annotations

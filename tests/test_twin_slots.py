@@ -264,6 +264,30 @@ def test_first_offer_waits_until_the_offers_in_hand_place_every_slot(
     assert not any("queued" in e for e in events), events
 
 
+def test_first_offer_does_not_select_at_each_bid_while_twins_lost_on_most_peers_cannot_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """w.0-w.3 lost on every peer but ``a`` and ``b``: ``a``'s three leases are the only
+    ones they may take until ``b`` answers. The count of the allocation's leases passes
+    from the tenth bid on, and ``select`` on the offers in hand cannot place every slot:
+    it ran at every bid from there (60-100 ms each at 256 twins)."""
+    peers = ["a", "b", *(f"p{i}" for i in range(10)), "z"]  # z never answers
+    r = Round(monkeypatch, peers, count=12, strategy="first-offer")
+    for name in ("w.0", "w.1", "w.2", "w.3"):
+        r.book.slots[name].excluded += [p for p in peers if p not in ("a", "b")]
+    calls = []
+    real = rounds.select
+    monkeypatch.setattr(rounds, "select", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r.bid("a", ["w.4", "w.5", "w.6"])
+    for i in range(10):  # 10 leases for w.4-w.11, more than enough
+        r.bid(f"p{i}", [f"w.{4 + i % 8}"])
+    assert not r.committed, r.committed
+    assert not calls, f"select ran at {len(calls)} bids, the offers placing no w.0-w.3"
+    r.bid("b", ["w.11"])  # a fourth lease w.0-w.3 may take: all place, the round closes
+    assert len(r.committed) == 12, r.committed
+    assert sorted(r.placed_on[f"w.{i}"] for i in range(4)) == ["a", "a", "a", "b"], r.placed_on
+
+
 BIDDERS = ["a", "b", "c", "d", "e"]
 
 

@@ -378,6 +378,11 @@ class ActorSystem:
 
     # ---- actors -----------------------------------------------------------------
 
+    @property
+    def stopped(self) -> bool:
+        """Whether it is stopping (or stopped): it spawns no new actor."""
+        return self._stopped
+
     def spawn(
         self,
         cls: type[pykka.ThreadingActor],  # a dms.actor.Actor (not imported: it imports this)

@@ -126,13 +126,18 @@ class Requester:
         cannot be carried on from (a column that is not JSON, a spec this version does
         not accept, an unknown state, a slot that contradicts itself, or any other
         error building its actor) fails, saying why, and gives back what its readable
-        parts name: the node starts, and every other deployment resumes."""
+        parts name: the node starts, and every other deployment resumes. A node that
+        stops meanwhile (its actor system spawns nothing) fails none: that raises."""
         if self._orchestration is None:
             return
         for row in self._orchestration.store.active():
             try:
                 self._resume(row)
             except Exception as exc:
+                if self.node.system.stopped:
+                    # The node is stopping (its actor system spawns nothing): nothing is
+                    # wrong with the record, and the next start resumes it.
+                    raise
                 self._fail_unreadable(row, exc)
 
     def _resume(self, row: dict[str, Any]) -> None:

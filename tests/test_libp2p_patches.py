@@ -607,6 +607,101 @@ def test_a_tcp_connection_reads_a_small_frame_in_one_socket_read() -> None:
     assert socket.reads <= len(wire) // libp2p_patches.TCP_READ_AHEAD + 4
 
 
+def test_a_write_cancelled_as_its_noise_message_goes_out_leaves_the_connection_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write whose deadline passes between the encryption of its Noise message and the
+    socket (at the TCP write lock, a checkpoint) dropped the message with its nonce
+    spent: every later message on the connection failed to decrypt at the peer, which
+    closed the connection, every stream of it reset. A loaded daemon cancelled so its
+    new streams to 100 flooding keys (``dial_timeout_s``), and two keys of a loaded run
+    lost their connection (``test_a_flood_of_many_keys_frames_leaves_no_rss_behind_in_a_daemon``).
+    Now the message goes out whole, and the bytes written after it arrive."""
+    import trio
+    from libp2p.io.trio import TrioTCPStream
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    from dms.security import Identity
+    from dms.sim.adversary import bare_host
+
+    libp2p_patches.apply_libp2p_patches()
+    received = bytearray()
+
+    async def read_all(stream: Any) -> None:
+        while data := await stream.read(100):
+            received.extend(data)
+
+    async def main() -> None:
+        listener, dialer = bare_host(Identity.generate()), bare_host(Identity.generate())
+        listener.set_stream_handler("/test/bytes", read_all)
+        here = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+        async with listener.run(here), dialer.run(here):
+            addr = f"{listener.get_addrs()[0]}"
+            if "/p2p/" not in addr:
+                addr += f"/p2p/{listener.get_id()}"
+            info = info_from_p2p_addr(Multiaddr(addr))
+            await dialer.connect(info)
+            stream = await dialer.new_stream(info.peer_id, ["/test/bytes"])
+            await stream.write(b"one.")
+            write = TrioTCPStream.write
+            writer = trio.lowlevel.current_task()
+            with trio.CancelScope() as deadline:
+
+                async def deadline_passes_on_the_way(tcp: Any, data: bytes) -> None:
+                    if trio.lowlevel.current_task() is writer:  # not a ping's, identify's
+                        deadline.cancel()
+                        monkeypatch.setattr(TrioTCPStream, "write", write)
+                    await write(tcp, data)
+
+                monkeypatch.setattr(TrioTCPStream, "write", deadline_passes_on_the_way)
+                await stream.write(b"two.")
+            with contextlib.suppress(Exception):  # before: it failed, or vanished
+                await stream.write(b"three.")
+            with trio.move_on_after(30):
+                while not received.endswith(b"three."):
+                    await trio.sleep(0.01)
+
+    trio.run(main)
+    assert bytes(received) == b"one.two.three."
+
+
+def test_a_noise_message_the_socket_never_takes_closes_its_connection() -> None:
+    """Shielded from its caller's cancel, a Noise message still ends: one that has not
+    reached the socket within ``NOISE_SEND_LIMIT_S`` (the peer reads nothing of the
+    connection) fails and closes the connection, part of it perhaps on the wire."""
+    import trio
+    import trio.testing
+    from libp2p.io.exceptions import ConnectionClosedError
+    from libp2p.security.noise.io import NoiseTransportReadWriter
+
+    libp2p_patches.apply_libp2p_patches()
+    closed = []
+
+    class Stuck:
+        async def write_msg(self, data: bytes) -> None:
+            await trio.sleep_forever()
+
+        async def close(self) -> None:
+            closed.append(True)
+
+    class Plain:
+        def encrypt(self, data: bytes) -> bytes:
+            return data
+
+    writer = NoiseTransportReadWriter.__new__(NoiseTransportReadWriter)
+    writer.read_writer = Stuck()  # type: ignore[assignment]
+    writer.noise_state = Plain()  # type: ignore[assignment]
+
+    async def main() -> None:
+        # The caller's deadline passes first and does not cut the message; the limit does.
+        with trio.move_on_after(1), pytest.raises(ConnectionClosedError):
+            await writer.write_msg(b"frame")
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert closed == [True]
+
+
 def test_the_ihave_patch_is_not_applied_to_a_heartbeat_of_another_shape(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -133,6 +133,19 @@ settings): 4.0 ms of CPU per gossip message received before, 1.7 ms after.
   dial fails, ended by the first connection. Applied only to the ``Swarm.dial_peer``
   it was copied from (its source's digest, ``DIAL_PEER_SHA256``).
 
+- **A Noise message goes out whole, cancelled or not.** py-libp2p encrypts a message
+  (spending its nonce) and then takes the TCP stream's write lock and sends, both
+  cancel points: a write whose deadline passed in between (a dial's or new stream's
+  ``dial_timeout_s``, a loaded node's yield at a lock) dropped the message, and every
+  later one on the connection failed to decrypt at the peer, which closed it (quietly:
+  py-libp2p logs that at debug), every stream of it reset. A loaded daemon reading a
+  flood of 100 keys gave up on new streams to some of them so, and two keys of a run
+  lost their connection mid-test. A cancel now lands before the encryption; once
+  encrypted, the message is sent shielded from it (the caller's cancel comes at its
+  next checkpoint), within ``NOISE_SEND_LIMIT_S`` (30 s; go-yamux closes a connection
+  whose write takes 10 s): past it, part of the message may be on the wire, so the
+  connection is closed and the write fails.
+
 - **A pruner backs off too** (gossipsub v1.1 spec, go-libp2p). When a mesh is
   over ``degree_high`` the heartbeat PRUNEs peers but, unlike go-libp2p, records
   no backoff for them, so a later heartbeat may GRAFT the same peer again; the
@@ -205,6 +218,9 @@ YAMUX_RTT_EVERY_S = 300.0
 # The least a TCP connection asks its socket for; what comes beyond the read that asked
 # is kept for the next reads (at most this much a connection).
 TCP_READ_AHEAD = 4096
+# How long a Noise message, once encrypted, may take to reach the socket, cancelled or
+# not; past it the connection is closed (go-yamux's ConnectionWriteTimeout is 10 s).
+NOISE_SEND_LIMIT_S = 30.0
 # The modules that imported ``env_to_send_in_RPC`` by name (each gets the memo).
 OWN_RECORD_USERS = (
     "libp2p.pubsub.pubsub",
@@ -1236,6 +1252,41 @@ def _dial_every_address() -> bool:
     return True
 
 
+def _noise_messages_go_whole() -> bool:
+    from libp2p.io.exceptions import ConnectionClosedError
+    from libp2p.security.noise import io as noise_io
+
+    writer = getattr(noise_io, "BaseNoiseMsgReadWriter", None)
+    if (
+        writer is None
+        or not callable(getattr(writer, "write_msg", None))
+        or not callable(getattr(writer, "encrypt", None))
+        or not callable(getattr(writer, "close", None))
+    ):
+        log.info("py-libp2p's Noise writer changed shape; a cancelled write may break it")
+        return False
+    write_msg = writer.write_msg
+
+    async def write_whole(self: Any, msg: bytes, prefix_encoded: bool = False) -> None:
+        # A function patched in as BaseNoiseMsgReadWriter.write_msg. A cancel lands here,
+        # before the message's nonce is spent; once encrypted, it goes out whole.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        limit = trio.current_time() + NOISE_SEND_LIMIT_S
+        with trio.CancelScope(shield=True, deadline=limit) as sending:
+            await write_msg(self, msg, prefix_encoded)
+        if sending.cancelled_caught:
+            # Part of it may be on the wire: the connection cannot carry another message.
+            closing = trio.CancelScope(shield=True, deadline=trio.current_time() + 1)
+            with closing, contextlib.suppress(Exception):
+                await self.close()
+            raise ConnectionClosedError(
+                f"a Noise message not sent within {NOISE_SEND_LIMIT_S:g} s: connection closed"
+            )
+
+    writer.write_msg = write_whole
+    return True
+
+
 PATCHES: tuple[Callable[[], bool], ...] = (
     _batch_yamux_window_updates,
     _memoize_sender_records,
@@ -1253,4 +1304,5 @@ PATCHES: tuple[Callable[[], bool], ...] = (
     _wake_readers_on_reset,
     _cheaper_yamux_reads,
     _dial_every_address,
+    _noise_messages_go_whole,
 )

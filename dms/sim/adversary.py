@@ -58,6 +58,10 @@ HOUR_S = 3600
 MIB = 1024 * 1024
 WRITE_BATCH_BYTES = 256 * 1024
 FINISH_RETRY_S = 5.0
+# How long a write waits for the node to grant window on the actor stream (a node resets
+# an inbound stream with no frame for stream_idle_s, 120 s).
+WINDOW_WAIT_S = 120.0
+WINDOW_POLL_S = 0.01
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
@@ -319,12 +323,39 @@ class BarePeer:
             batch.append(struct.pack(">I", len(frame)) + frame)
             size += len(frame) + 4
             if size >= WRITE_BATCH_BYTES or pace_s:
-                await self._stream.write(b"".join(batch))
+                await self._send(b"".join(batch))
                 batch, size = [], 0
                 if pace_s:
                     await trio.sleep(pace_s)
         if batch:
-            await self._stream.write(b"".join(batch))
+            await self._send(b"".join(batch))
+
+    async def _send(self, data: bytes) -> None:
+        """``data`` on the actor stream, waiting up to ``WINDOW_WAIT_S`` whenever the node
+        grants no window, as a sender that keeps to Yamux's flow control does (go-yamux
+        waits as long as the stream's deadline, none by default).
+
+        py-libp2p's own write gives up after 5 s without window (``MuxedStreamError``,
+        its stream taken as reset from then on): a victim reading 100 keys' floods on a
+        loaded machine (10 busy processes beside it on 2 cores) left a key that long
+        without window, and the flood failed on the attacker's side, not the node's,
+        which reads a flooder more slowly by design (``bytes_throttled``). Each piece
+        written here fits the window granted, so py-libp2p's write never waits."""
+        assert self._stream is not None, "a BarePeer made with actor=True"
+        muxed: Any = self._stream.muxed_stream
+        sent = 0
+        while sent < len(data):
+            try:
+                with trio.fail_after(WINDOW_WAIT_S):
+                    while muxed.send_window <= 0 and not (muxed.closed or muxed.send_closed):
+                        await trio.sleep(WINDOW_POLL_S)
+            except trio.TooSlowError:
+                raise RuntimeError(
+                    f"the node granted no window for {WINDOW_WAIT_S:g} s on the actor stream"
+                ) from None
+            piece = data[sent : sent + max(muxed.send_window, 1)]  # closed: the write raises
+            await self._stream.write(piece)
+            sent += len(piece)
 
     def write(self, frames: list[bytes], pace_s: float = 0.0) -> None:
         """Write every frame on the actor stream (blocking; paced by ``pace_s`` if given)."""

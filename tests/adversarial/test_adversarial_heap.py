@@ -57,3 +57,56 @@ def test_a_flood_of_many_keys_frames_leaves_no_rss_behind_in_a_daemon(
         # close them (the fixture closes the keys again, a no-op then).
         BarePeer.close_all(bare_peers)
         daemon.stop()
+
+
+def test_a_key_waits_out_a_victim_that_grants_no_window_for_longer_than_5_s(
+    bare_peers: list[BarePeer],
+) -> None:
+    """The flood's premise: a key writes all it means to, however long its victim grants
+    no window. py-libp2p's own write gave up after 5 s without one (its stream then taken
+    as reset): a loaded run's victim, reading 100 keys' floods, left a key that long, and
+    the flood above failed on the key's side. Here the victim reads its stream only 8 s
+    after the key starts writing 1 MiB (its Yamux reads the connection all along, so only
+    the window holds the key back); every byte arrives."""
+    import threading
+
+    import trio
+    from libp2p.network.stream.net_stream import INetStream
+    from multiaddr import Multiaddr
+
+    from dms.network.host import ACTOR_PROTOCOL
+    from dms.security import Identity
+    from dms.sim.adversary import bare_host
+
+    size, hold_s = 1024 * 1024, 8.0
+    received = bytearray()
+    listening: list[str] = []
+    up, stop = threading.Event(), threading.Event()
+
+    async def victim() -> None:
+        host = bare_host(Identity.generate())
+
+        async def slow_reader(stream: INetStream) -> None:
+            await trio.sleep(hold_s)
+            while len(received) < size and (data := await stream.read(64 * 1024)):
+                received.extend(data)
+
+        host.set_stream_handler(ACTOR_PROTOCOL, slow_reader)
+        async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            listening.append(f"{host.get_addrs()[0]}/p2p/{host.get_id()}".replace(
+                f"/p2p/{host.get_id()}/p2p/", "/p2p/"))  # fmt: skip
+            up.set()
+            await trio.to_thread.run_sync(stop.wait)
+
+    thread = threading.Thread(target=trio.run, args=(victim,), daemon=True)
+    thread.start()
+    try:
+        assert up.wait(30)
+        key = BarePeer(listening[0], actor=True)
+        bare_peers.append(key)
+        frame = b"\x00" * (size // 16 - 4)  # 16 frames, each with its 4-byte prefix
+        key.write([frame] * 16)  # raised StreamReset after 5 s without window
+        wait_for(lambda: len(received) >= size, timeout=60, what="every byte at the victim")
+    finally:
+        stop.set()
+        thread.join(30)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from dms.orchestrator.messages import REVERT
 from dms.orchestrator.requester import Requester
 from dms.orchestrator.store import DeploymentStore
 from dms.security.identity import Identity
@@ -19,7 +20,8 @@ from tests.test_orchestrator import spec
 
 
 class StoppedSystem:
-    stopped = True
+    def __init__(self) -> None:
+        self.stopped = True
 
 
 class StoppingNode:
@@ -79,3 +81,24 @@ def test_a_node_stopping_during_its_start_fails_no_healthy_deployment(tmp_path: 
         assert row["state"] == "running", row["events"]
         assert row["ended_at"] is None
         assert node.sent == [] and requester.reverts.pending == 0
+
+
+def test_a_slot_that_cannot_be_read_still_gives_back_its_peers_lease(tmp_path: Path) -> None:
+    """A running slot stored with no allocation handle cannot be carried on from: its
+    deployment fails. The slot still names its peer, and the revert of everything goes
+    there too, not only to the peers the readable slots and the bid index name (here
+    none: before, nothing was sent, and the lease waited for the provider's held check)."""
+    peer = Identity.generate().peer_id
+    row = running_row(peer)
+    row["slots"][0]["allocation"] = None
+    with closing(open_database(f"sqlite:///{tmp_path / 'dms.db'}")) as db:
+        DeploymentStore(db).save(row)
+        node = StoppingNode()
+        node.system.stopped = False
+        requester = Requester(node, peer_table=None, db=db)  # type: ignore[arg-type]
+        requester.start()
+        failed = DeploymentStore(db).get("d-healthy")
+        assert failed is not None and failed["state"] == "failed"
+        assert [(to.address.host, what, payload) for to, what, payload in node.sent] == [
+            (peer, REVERT, {"deployment_id": "d-healthy", "lease_ids": [], "everything": True})
+        ]

@@ -33,7 +33,7 @@ from dms.orchestrator.deployment import (
 from dms.orchestrator.messages import STILL_HELD, HeldQuestion
 from dms.orchestrator.reverts import Reverts
 from dms.orchestrator.store import DeploymentStore
-from dms.orchestrator.stored import unreadable_reason
+from dms.orchestrator.stored import UNREADABLE_PEERS, unreadable_reason
 from dms.store import STORE_REFUSED, Database, StoreBusy
 
 log = logging.getLogger("dms.node")
@@ -166,6 +166,7 @@ class Requester:
         log.warning("deployment %s cannot resume, failed: %s", deployment_id, reason)
         o.store.fail_unreadable(row, reason)
         peers = {s.get("peer_id") for s in row["slots"] if isinstance(s, dict)}
+        peers |= set(row.get(UNREADABLE_PEERS) or [])  # named by slots it cannot read
         try:
             peers |= {b.peer_id for b in o.store.bids(deployment_id) if b.direction == "received"}
         except Exception as bids_exc:  # its bid index unreadable too: the slots' peers

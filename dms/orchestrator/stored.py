@@ -24,6 +24,9 @@ from dms.orchestrator.states import DeploymentState
 # The key of a row (a dict) that holds why parts of it could not be read: {column: why};
 # absent when all of it could.
 UNREADABLE = "unreadable"
+# The key of a row that lists the peers its unreadable slots name (absent when none):
+# what they hold there is reverted too when the deployment fails (Requester.start).
+UNREADABLE_PEERS = "unreadable_peers"
 # A JSON column's value when it cannot be read (what status and lists show in its place).
 _EMPTY: dict[str, type] = {"spec": dict, "slots": list, "events": list}
 _STATES = frozenset(s.value for s in DeploymentState)
@@ -41,7 +44,7 @@ def read_row(stored: Mapping[str, Any], json_columns: frozenset[str]) -> dict[st
     that cannot be read is replaced by its empty form and named under
     :data:`UNREADABLE` (absent when every part could be read). The slots that
     :meth:`Slot.from_row` reads are kept, in their stored form; the others are left
-    out (and named)."""
+    out (and named), the peers they name under :data:`UNREADABLE_PEERS`."""
     row = dict(stored)
     problems: dict[str, str] = {}
     for column in sorted(json_columns):
@@ -67,17 +70,22 @@ def read_row(stored: Mapping[str, Any], json_columns: frozenset[str]) -> dict[st
         row["name"] = str(row.get("name"))
     if row.get("state") not in _STATES:
         problems["state"] = f"{row.get('state')!r} is unknown"
-    slots, bad = [], []
+    slots, bad, peers = [], [], set()
     for at, slot in enumerate(row.get("slots") or []):
         try:
             Slot.from_row(slot)
         except (ValueError, KeyError, TypeError) as exc:
             bad.append(f"#{at + 1}: {_said(exc)}")
+            peer = slot.get("peer_id") if isinstance(slot, dict) else None
+            if isinstance(peer, str) and peer:
+                peers.add(peer)
         else:
             slots.append(slot)
     if bad:
         problems["slots"] = "cannot be read (" + "; ".join(bad) + ")"
         row["slots"] = slots
+    if peers:
+        row[UNREADABLE_PEERS] = sorted(peers)
     if problems:
         row[UNREADABLE] = problems
     return row

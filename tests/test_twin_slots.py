@@ -288,6 +288,27 @@ def test_first_offer_does_not_select_at_each_bid_while_twins_lost_on_most_peers_
     assert sorted(r.placed_on[f"w.{i}"] for i in range(4)) == ["a", "a", "a", "b"], r.placed_on
 
 
+@pytest.mark.parametrize("strategy", ["first-offer", "score", "random"])
+def test_twins_lost_on_different_peers_all_place_where_a_placement_exists(
+    monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    r = Round(monkeypatch, ["a", "b", "c", "z"], count=3, strategy=strategy)
+    for name, peer in (("w.0", "b"), ("w.1", "a"), ("w.2", "c")):
+        r.book.slots[name].excluded.append(peer)
+    r.bid("a", ["w.0"])
+    r.bid("b", ["w.1"])
+    r.bid("c", ["w.0"])  # w.0 on c's, w.1 on b's, w.2 on a's: every slot places
+    if strategy == "first-offer":
+        assert r.rounds.round in r.rounds._closed  # closed at that bid
+    else:
+        r.bid("z", [])
+    # Slot by slot, w.0 took a's and w.1 b's, and w.2 (which may take those two alone)
+    # none: first-offer waited on, then left w.2 for a second round with the others.
+    assert r.placed_on == {"w.0": "c", "w.1": "b", "w.2": "a"}, r.placed_on
+    events = [e["what"] for e in r.book.row.events]
+    assert not any("queued" in e for e in events), events
+
+
 BIDDERS = ["a", "b", "c", "d", "e"]
 
 

@@ -241,4 +241,50 @@ def select(
         won[chosen.peer_id] = won.get(chosen.peer_id, 0) + 1
         for c in candidates:
             reasons[(c.peer_id, slot)] = why_won if c is chosen else why_lost[c.peer_id]
+    if not distinct:
+        _complete(offers, winners, reasons)
     return Decision(winners=winners, reasons=reasons)
+
+
+def _complete(
+    offers: dict[str, list[Candidate]],
+    winners: dict[str, Candidate],
+    reasons: dict[tuple[str, str], str],
+) -> None:
+    """Place slots the choice slot by slot left out, by moving twins: a slot takes an
+    offer listed under it (the same one, pooled: ``rounds.py``) that a twin won, the
+    twin one still free that it may take, or in turn one another twin won (augmenting
+    paths). Twins that lost on different peers could be left one short where a
+    placement of all existed: ``w.0`` lost on ``b``, ``w.1`` on ``a``, ``w.2`` on ``c``,
+    offers ``a:w.0``, ``b:w.1``, ``c:w.0``. Slots of their own (no twins) list no offer
+    another slot won: nothing changes for them."""
+    holder = {c.lease: name for name, c in winners.items()}
+
+    def free(slot: str) -> Candidate | None:
+        return next((c for c in offers[slot] if c.lease not in holder), None)
+
+    def place(slot: str, seen: set[str]) -> Candidate | None:
+        found = free(slot)
+        if found is not None:
+            return found
+        for c in offers[slot]:
+            twin = holder.get(c.lease)
+            if twin is None or twin in seen or winners[twin] is not c:
+                continue
+            seen.add(twin)
+            moved = place(twin, seen)
+            if moved is not None:
+                winners[twin] = moved
+                holder[moved.lease] = twin
+                reasons[(moved.peer_id, twin)] = f"won: moved here so that {slot} places"
+                return c
+        return None
+
+    for slot in sorted(offers, key=lambda name: (len(offers[name]), name)):
+        if slot in winners or not offers[slot]:
+            continue
+        chosen = place(slot, {slot})
+        if chosen is not None:
+            winners[slot] = chosen
+            holder[chosen.lease] = slot
+            reasons[(chosen.peer_id, slot)] = "won: its twin moved to another offer"

@@ -241,7 +241,7 @@ def select(
         won[chosen.peer_id] = won.get(chosen.peer_id, 0) + 1
         for c in candidates:
             reasons[(c.peer_id, slot)] = why_won if c is chosen else why_lost[c.peer_id]
-    if not distinct:
+    if not distinct and len(winners) < len(offers):  # most often every slot has placed
         _complete(offers, winners, reasons)
     return Decision(winners=winners, reasons=reasons)
 

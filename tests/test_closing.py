@@ -90,3 +90,66 @@ def test_a_closing_host_dials_no_one() -> None:
         assert not dialed
 
     trio.run(main)
+
+
+def test_a_host_whose_peer_reads_nothing_stops_with_its_socket_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer that stopped reading, the host's socket to it full: the connection's
+    GO_AWAY waited behind a frame the socket never took (a Noise message is sent
+    shielded, up to ``NOISE_SEND_LIMIT_S``; made endless here), so ``close_host``
+    reached its bound with the connection still open ("1 connections left"), the
+    socket left to the kernel. A connection not closed within ``CLOSE_GRACE_S`` has
+    its socket closed, which ends the send at once: the host stops, every connection
+    closed."""
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    from dms.network import libp2p_patches
+
+    libp2p_patches.apply_libp2p_patches()
+    monkeypatch.setattr(libp2p_patches, "NOISE_SEND_LIMIT_S", 3600.0)
+
+    async def main() -> None:
+        host, deaf = bare_host(Identity.generate()), bare_host(Identity.generate())
+        stopped = trio.Event()
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(deaf.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+            await stack.enter_async_context(host.run([]))
+            await connect(host, info_from_p2p_addr(deaf.get_addrs()[0]))
+            # The peer stops reading its end of the connection.
+            (theirs,) = deaf.get_network().get_connections(host.get_id())
+            tcp = theirs.muxed_conn.secured_conn.conn.read_writer.read_write_closer.stream
+            tcp.read = lambda n=None: trio.sleep_forever()
+            (ours,) = host.get_network().get_connections(deaf.get_id())
+            muxer = ours.muxed_conn
+            sent = [0]
+
+            async def fill() -> None:
+                while True:  # frames of a stream the peer never reads (its window aside)
+                    await muxer._write_frame(b"x" * 60_000)
+                    sent[0] += 1
+
+            async def stop() -> None:
+                await close_host(host)
+                stopped.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fill)
+                # The socket is full once the writes stop going out.
+                with trio.fail_after(60):
+                    while True:
+                        before = sent[0]
+                        await trio.sleep(1)
+                        if sent[0] == before:
+                            break
+                nursery.start_soon(stop)
+                with trio.move_on_after(60):
+                    await stopped.wait()
+                stopped_in_time = stopped.is_set()
+                # Before: the sends still held; closing the socket lets the test end.
+                ours.muxed_conn.secured_conn.conn.read_writer.read_write_closer.stream.stream.socket.close()
+                nursery.cancel_scope.cancel()
+            assert stopped_in_time
+            assert not host.get_network().connections
+
+    trio.run(main)

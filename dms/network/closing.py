@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # A host's goodbye, all of it: connections, listeners, transports.
 CLOSE_TIMEOUT_S = 5.0
+# A connection still closing this long into its host's close has its socket closed:
+# its goodbye waits behind a send its peer never takes (a Noise message is sent
+# shielded, up to NOISE_SEND_LIMIT_S), and a closed socket ends that send at once.
+CLOSE_GRACE_S = 2.0
 
 
 async def close_host(host: Any, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
@@ -86,9 +90,25 @@ async def close_connections(swarm: Any) -> None:
     conns = [conn for held in list(swarm.connections.values()) for conn in list(held)]
     if not conns:
         return
-    async with trio.open_nursery() as nursery:
-        for conn in conns:
-            nursery.start_soon(_quietly, conn.close, "a connection")
+    async with trio.open_nursery() as cutter:
+        cutter.start_soon(_cut_sockets_after, conns, CLOSE_GRACE_S)
+        async with trio.open_nursery() as nursery:
+            for conn in conns:
+                nursery.start_soon(_quietly, conn.close, "a connection")
+        cutter.cancel_scope.cancel()
+
+
+async def _cut_sockets_after(conns: list[Any], grace_s: float) -> None:
+    """Close the socket of each of ``conns`` still open ``grace_s`` from now: a send
+    blocked on it (its peer reads nothing) then fails at once, and its close goes on."""
+    await trio.sleep(grace_s)
+    for conn in conns:
+        if conn.event_closed.is_set() and conn.muxed_conn.is_closed:
+            continue
+        with contextlib.suppress(Exception):
+            raw = conn.muxed_conn.secured_conn.conn.read_writer.read_write_closer
+            raw.stream.stream.socket.close()
+            log.info("a connection's socket closed: its close waited on a send")
 
 
 def _no_dial() -> None:

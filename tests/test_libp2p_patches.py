@@ -1333,3 +1333,60 @@ def test_the_dial_patch_is_not_applied_to_a_dial_whose_head_start_ends_on_succes
     apply_only(monkeypatch, libp2p_patches._dial_every_address)
     assert libp2p_patches.SKIPPED == ["dial_every_address"]
     assert swarm.Swarm.dial_peer is dial_peer  # left as it was
+
+
+def test_a_write_waits_out_a_reader_that_grants_no_window_for_longer_than_5_s() -> None:
+    """py-libp2p's Yamux write gave up after 5 s without a window (``MuxedStreamError``,
+    the stream then taken as broken), under every deadline of the node's own: a
+    unicast write's ``stream_idle_s`` (120 s, ``write_stalled``), a chunk's
+    ``idle_s`` plus its size at ``min_bytes_per_s``. A slow but honest reader (a loaded
+    node, one throttling a peer's bytes) lost the stream so. Now the wait is
+    ``YAMUX_WINDOW_WAIT_S`` (120 s) and the caller's own deadline governs: a reader 8 s
+    late gets every byte of 1 MiB."""
+    import trio
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    from dms.security import Identity
+    from dms.sim.adversary import bare_host
+
+    libp2p_patches.apply_libp2p_patches()
+    received = bytearray()
+    data = bytes(range(256)) * 4096
+
+    async def read_late(stream: Any) -> None:
+        await trio.sleep(8)
+        while len(received) < len(data) and (chunk := await stream.read(65536)):
+            received.extend(chunk)
+
+    async def main() -> None:
+        listener, dialer = bare_host(Identity.generate()), bare_host(Identity.generate())
+        listener.set_stream_handler("/test/late", read_late)
+        here = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+        async with listener.run(here), dialer.run(here):
+            addr = f"{listener.get_addrs()[0]}"
+            if "/p2p/" not in addr:
+                addr += f"/p2p/{listener.get_id()}"
+            info = info_from_p2p_addr(Multiaddr(addr))
+            await dialer.connect(info)
+            stream = await dialer.new_stream(info.peer_id, ["/test/late"])
+            with trio.fail_after(60):  # the writer's own deadline
+                await stream.write(data)
+                while len(received) < len(data):
+                    await trio.sleep(0.05)
+
+    trio.run(main)
+    assert bytes(received) == data
+
+
+def test_the_window_wait_patch_is_not_applied_to_a_yamux_write_of_another_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from libp2p.stream_muxer.yamux import yamux
+
+    async def write(self: Any, data: bytes) -> None:
+        """Another write."""
+
+    monkeypatch.setattr(yamux.YamuxStream, "write", write)
+    assert not libp2p_patches._yamux_writes_wait_for_a_window()
+    assert yamux.YamuxStream.write is write

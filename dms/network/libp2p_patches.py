@@ -146,6 +146,15 @@ settings): 4.0 ms of CPU per gossip message received before, 1.7 ms after.
   whose write takes 10 s): past it, part of the message may be on the wire, so the
   connection is closed and the write fails.
 
+- **A write waits for a window as long as its caller does.** py-libp2p's Yamux
+  write gave up after 5 s without a window (``MuxedStreamError``), under every
+  deadline of the node's own (a unicast write's ``stream_idle_s``, 120 s, past which
+  it is ``write_stalled``; a chunk's ``idle_s`` plus its size at
+  ``min_bytes_per_s``): a slow but honest reader (a loaded node, one throttling a
+  peer's bytes) broke the stream. The wait is now ``YAMUX_WINDOW_WAIT_S`` (120 s);
+  the caller's deadline governs. Applied only to the ``YamuxStream.write`` it was
+  written against (its source's digest, ``YAMUX_WRITE_SHA256``).
+
 - **A pruner backs off too** (gossipsub v1.1 spec, go-libp2p). When a mesh is
   over ``degree_high`` the heartbeat PRUNEs peers but, unlike go-libp2p, records
   no backoff for them, so a later heartbeat may GRAFT the same peer again; the
@@ -193,6 +202,7 @@ import logging
 import os
 import re
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -221,6 +231,12 @@ TCP_READ_AHEAD = 4096
 # How long a Noise message, once encrypted, may take to reach the socket, cancelled or
 # not; past it the connection is closed (go-yamux's ConnectionWriteTimeout is 10 s).
 NOISE_SEND_LIMIT_S = 30.0
+# How long a Yamux write waits for a window (py-libp2p: 5 s); the node's own deadlines
+# (stream_idle_s, 120 s by default: write_stalled) end it first.
+YAMUX_WINDOW_WAIT_S = 120.0
+# The sha256 of py-libp2p's YamuxStream.write (its source, dedented) whose 5 s window
+# wait the patch lengthens; any other source is left as it is.
+YAMUX_WRITE_SHA256 = "457cb7d40aa46d7c65cd7ff16798b49f4fa461778c047c5ba0afff9e87b06cb0"
 # The modules that imported ``env_to_send_in_RPC`` by name (each gets the memo).
 OWN_RECORD_USERS = (
     "libp2p.pubsub.pubsub",
@@ -1287,6 +1303,40 @@ def _noise_messages_go_whole() -> bool:
     return True
 
 
+def _yamux_writes_wait_for_a_window() -> bool:
+    import hashlib
+    import inspect
+    import textwrap
+
+    from libp2p.stream_muxer.yamux import yamux
+
+    write = yamux.YamuxStream.write
+    if getattr(write, "__wrapped__", None) is not None:  # applied before
+        return True
+    try:
+        source = textwrap.dedent(inspect.getsource(write))
+    except (AttributeError, OSError, TypeError):
+        source = ""
+    if hashlib.sha256(source.encode()).hexdigest() != YAMUX_WRITE_SHA256:
+        log.info("py-libp2p's Yamux write changed; it waits 5 s for a window")
+        return False
+    source = source.replace(
+        "trio.move_on_after(5.0)", "trio.move_on_after(_dms_patches.YAMUX_WINDOW_WAIT_S)"
+    ).replace(
+        '"Timed out waiting for window update after 5 seconds."',
+        'f"Timed out waiting for window update after {_dms_patches.YAMUX_WINDOW_WAIT_S:g} s."',
+    )
+    # Defined in Yamux's module (its names, as patched), then taken out of it.
+    scope = vars(yamux)
+    scope["_dms_patches"] = sys.modules[__name__]
+    exec(compile(source, yamux.__file__, "exec"), scope)
+    waiting = scope.pop("write")
+    waiting.__qualname__ = write.__qualname__
+    waiting.__wrapped__ = write
+    yamux.YamuxStream.write = waiting
+    return True
+
+
 PATCHES: tuple[Callable[[], bool], ...] = (
     _batch_yamux_window_updates,
     _memoize_sender_records,
@@ -1305,4 +1355,5 @@ PATCHES: tuple[Callable[[], bool], ...] = (
     _cheaper_yamux_reads,
     _dial_every_address,
     _noise_messages_go_whole,
+    _yamux_writes_wait_for_a_window,
 )

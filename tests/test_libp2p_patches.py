@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import struct
 import threading
 import time
 from collections import Counter
@@ -1390,3 +1391,61 @@ def test_the_window_wait_patch_is_not_applied_to_a_yamux_write_of_another_source
     monkeypatch.setattr(yamux.YamuxStream, "write", write)
     assert not libp2p_patches._yamux_writes_wait_for_a_window()
     assert yamux.YamuxStream.write is write
+
+
+def test_noise_writes_cancelled_at_random_among_many_writers_leave_the_connection_whole() -> None:
+    """Many writers on one connection, large frames and small, each cancelled at a
+    random moment (its socket often full, the TCP write lock held by another): every
+    Noise message goes out whole or not at all, in the order encrypted, whether it
+    took the path without a cancel scope (the lock free, the socket taking it at
+    once) or the shielded one, and the connection still carries a last write."""
+    import random
+
+    import trio
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    from dms.security import Identity
+    from dms.sim.adversary import bare_host
+
+    libp2p_patches.apply_libp2p_patches()
+    last = bytearray()
+
+    async def drain(stream: Any) -> None:
+        while data := await stream.read(65536):
+            if data.endswith(b"last."):
+                last.extend(data)
+
+    async def main() -> None:
+        listener, dialer = bare_host(Identity.generate()), bare_host(Identity.generate())
+        listener.set_stream_handler("/test/drain", drain)
+        here = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+        async with listener.run(here), dialer.run(here):
+            addr = f"{listener.get_addrs()[0]}"
+            if "/p2p/" not in addr:
+                addr += f"/p2p/{listener.get_id()}"
+            info = info_from_p2p_addr(Multiaddr(addr))
+            await dialer.connect(info)
+            (conn,) = dialer.get_network().get_connections(info.peer_id)
+            secured = conn.muxed_conn.secured_conn
+            rng = random.Random(7)
+
+            async def writer() -> None:
+                for _ in range(40):
+                    size = rng.choice((20, 200, 60_000))
+                    with trio.move_on_after(rng.random() * 0.002):
+                        # Yamux frames of a stream nobody opened: the peer drops them.
+                        header = struct.pack(">BBHII", 0, 0, 0, 999_999, size)
+                        await secured.write(header + b"x" * size)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(writer)
+            stream = await dialer.new_stream(info.peer_id, ["/test/drain"])
+            await stream.write(b"last.")
+            with trio.move_on_after(30):
+                while not last:
+                    await trio.sleep(0.01)
+
+    trio.run(main)
+    assert bytes(last) == b"last."

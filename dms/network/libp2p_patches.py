@@ -1307,6 +1307,7 @@ def _noise_messages_go_whole() -> bool:
             and type(raw) is RawConnection
             and type(tcp) is TrioTCPStream
             and not tcp.write_lock.locked()
+            and hasattr(getattr(tcp.stream, "socket", None), "_sock")  # trio's own
         ):
             # The common case, without a cancel scope (a third of a small frame's
             # write): the TCP write lock taken, the message encrypted under it and

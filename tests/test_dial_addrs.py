@@ -24,7 +24,6 @@ from dms.network.settings import NetworkSettings
 from dms.security.identity import Identity
 from dms.sim.adversary import bare_host
 from dms.sim.netns import NatTopology, unavailable
-from tests.clitools import side_by_side
 from tests.conftest import wait_for
 
 
@@ -39,13 +38,6 @@ def transport(listen: list[str], bootstrap: list[str] | None = None) -> Libp2pTr
     t = Libp2pTransport(Identity.generate(), settings)
     t.start(lambda frame, from_peer, *, signature_checked=False: None)
     return t
-
-
-@pytest.fixture
-def started() -> Iterator[list[Libp2pTransport]]:
-    out: list[Libp2pTransport] = []
-    yield out
-    side_by_side((lambda t=t: t.stop() for t in out), at_once=max(len(out), 1))
 
 
 def closed_port() -> int:

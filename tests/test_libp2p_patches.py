@@ -9,7 +9,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import version
 from typing import Any
 
@@ -23,6 +23,30 @@ from dms.network.peertable import HEARTBEAT_TOPIC
 from dms.node.daemon import Node
 from dms.sim.cluster import LocalCluster
 from tests.conftest import wait_for
+
+
+@contextlib.asynccontextmanager
+async def two_bare_hosts(
+    *handlers: tuple[str, Callable[[Any], Awaitable[None]]],
+) -> AsyncIterator[tuple[Any, Any]]:
+    """Two bare py-libp2p hosts (``dms.sim.adversary.bare_host``) on loopback, the
+    listener serving ``handlers`` (protocol, handler): the dialer and the listener's
+    peer info to connect to."""
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    from dms.security import Identity
+    from dms.sim.adversary import bare_host
+
+    listener, dialer = bare_host(Identity.generate()), bare_host(Identity.generate())
+    for protocol, handler in handlers:
+        listener.set_stream_handler(protocol, handler)
+    here = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    async with listener.run(here), dialer.run(here):
+        addr = f"{listener.get_addrs()[0]}"
+        if "/p2p/" not in addr:
+            addr += f"/p2p/{listener.get_id()}"
+        yield dialer, info_from_p2p_addr(Multiaddr(addr))
 
 
 def test_every_patch_applies_to_the_installed_libp2p() -> None:
@@ -620,11 +644,6 @@ def test_a_write_cancelled_as_its_noise_message_goes_out_leaves_the_connection_w
     Now the message goes out whole, and the bytes written after it arrive."""
     import trio
     from libp2p.io.trio import TrioTCPStream
-    from libp2p.peer.peerinfo import info_from_p2p_addr
-    from multiaddr import Multiaddr
-
-    from dms.security import Identity
-    from dms.sim.adversary import bare_host
 
     libp2p_patches.apply_libp2p_patches()
     received = bytearray()
@@ -634,14 +653,7 @@ def test_a_write_cancelled_as_its_noise_message_goes_out_leaves_the_connection_w
             received.extend(data)
 
     async def main() -> None:
-        listener, dialer = bare_host(Identity.generate()), bare_host(Identity.generate())
-        listener.set_stream_handler("/test/bytes", read_all)
-        here = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
-        async with listener.run(here), dialer.run(here):
-            addr = f"{listener.get_addrs()[0]}"
-            if "/p2p/" not in addr:
-                addr += f"/p2p/{listener.get_id()}"
-            info = info_from_p2p_addr(Multiaddr(addr))
+        async with two_bare_hosts(("/test/bytes", read_all)) as (dialer, info):
             await dialer.connect(info)
             stream = await dialer.new_stream(info.peer_id, ["/test/bytes"])
             await stream.write(b"one.")
@@ -1250,34 +1262,22 @@ def _dial_with_the_clock_stopped(patched: bool, wait_s: float) -> bool:
     import trio
     import trio.testing
     from libp2p.network import swarm
-    from libp2p.peer.peerinfo import info_from_p2p_addr
-    from multiaddr import Multiaddr
-
-    from dms.security import Identity
-    from dms.sim.adversary import bare_host
 
     libp2p_patches.apply_libp2p_patches()
     returned = threading.Event()
 
     async def dial() -> None:
-        listener, dialer = bare_host(Identity.generate()), bare_host(Identity.generate())
-        here = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
-        async with listener.run(here), dialer.run(here):
-            addr = f"{listener.get_addrs()[0]}"
-            if "/p2p/" not in addr:
-                addr += f"/p2p/{listener.get_id()}"
-            info = info_from_p2p_addr(Multiaddr(addr))
-            async with trio.open_nursery() as nursery:
+        async with two_bare_hosts() as (dialer, info), trio.open_nursery() as nursery:
 
-                async def connect() -> None:
-                    await dialer.connect(info)
-                    returned.set()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(connect)
-                # Real seconds, on a thread: the trio clock does not move.
-                await trio.to_thread.run_sync(returned.wait, wait_s)
+            async def connect() -> None:
+                await dialer.connect(info)
+                returned.set()
                 nursery.cancel_scope.cancel()
+
+            nursery.start_soon(connect)
+            # Real seconds, on a thread: the trio clock does not move.
+            await trio.to_thread.run_sync(returned.wait, wait_s)
+            nursery.cancel_scope.cancel()
 
     with pytest.MonkeyPatch.context() as m:
         if not patched:  # py-libp2p's own dial_peer, its head start as shipped
@@ -1345,11 +1345,6 @@ def test_a_write_waits_out_a_reader_that_grants_no_window_for_longer_than_5_s() 
     ``YAMUX_WINDOW_WAIT_S`` (120 s) and the caller's own deadline governs: a reader 8 s
     late gets every byte of 1 MiB."""
     import trio
-    from libp2p.peer.peerinfo import info_from_p2p_addr
-    from multiaddr import Multiaddr
-
-    from dms.security import Identity
-    from dms.sim.adversary import bare_host
 
     libp2p_patches.apply_libp2p_patches()
     received = bytearray()
@@ -1361,14 +1356,7 @@ def test_a_write_waits_out_a_reader_that_grants_no_window_for_longer_than_5_s() 
             received.extend(chunk)
 
     async def main() -> None:
-        listener, dialer = bare_host(Identity.generate()), bare_host(Identity.generate())
-        listener.set_stream_handler("/test/late", read_late)
-        here = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
-        async with listener.run(here), dialer.run(here):
-            addr = f"{listener.get_addrs()[0]}"
-            if "/p2p/" not in addr:
-                addr += f"/p2p/{listener.get_id()}"
-            info = info_from_p2p_addr(Multiaddr(addr))
+        async with two_bare_hosts(("/test/late", read_late)) as (dialer, info):
             await dialer.connect(info)
             stream = await dialer.new_stream(info.peer_id, ["/test/late"])
             with trio.fail_after(60):  # the writer's own deadline
@@ -1402,11 +1390,6 @@ def test_noise_writes_cancelled_at_random_among_many_writers_leave_the_connectio
     import random
 
     import trio
-    from libp2p.peer.peerinfo import info_from_p2p_addr
-    from multiaddr import Multiaddr
-
-    from dms.security import Identity
-    from dms.sim.adversary import bare_host
 
     libp2p_patches.apply_libp2p_patches()
     last = bytearray()
@@ -1417,14 +1400,7 @@ def test_noise_writes_cancelled_at_random_among_many_writers_leave_the_connectio
                 last.extend(data)
 
     async def main() -> None:
-        listener, dialer = bare_host(Identity.generate()), bare_host(Identity.generate())
-        listener.set_stream_handler("/test/drain", drain)
-        here = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
-        async with listener.run(here), dialer.run(here):
-            addr = f"{listener.get_addrs()[0]}"
-            if "/p2p/" not in addr:
-                addr += f"/p2p/{listener.get_id()}"
-            info = info_from_p2p_addr(Multiaddr(addr))
+        async with two_bare_hosts(("/test/drain", drain)) as (dialer, info):
             await dialer.connect(info)
             (conn,) = dialer.get_network().get_connections(info.peer_id)
             secured = conn.muxed_conn.secured_conn

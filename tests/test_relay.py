@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ from dms.network.settings import NetworkSettings, RelaySettings
 from dms.network.transfer import Courier, TransferError
 from dms.security.identity import Identity
 from dms.store.chunks import CHUNK_BYTES, ChunkStore
-from tests.clitools import side_by_side
 from tests.conftest import wait_for
 
 
@@ -66,14 +64,6 @@ def _transport(
     t = Libp2pTransport(identity or Identity.generate(), settings)
     t.start(lambda frame, from_peer, *, signature_checked=False: None)
     return t
-
-
-@pytest.fixture
-def started() -> Iterator[list[Libp2pTransport]]:
-    out: list[Libp2pTransport] = []
-    yield out
-    # Side by side: one after another, a dozen hosts' goodbyes took 3 s.
-    side_by_side((lambda t=t: t.stop() for t in out), at_once=max(len(out), 1))
 
 
 def relayed(t: Libp2pTransport) -> list[str]:

@@ -212,7 +212,7 @@ import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -1336,13 +1336,7 @@ def _noise_messages_go_whole() -> bool:
         with trio.CancelScope(shield=True, deadline=limit) as sending:
             await write_msg(self, msg, prefix_encoded)
         if sending.cancelled_caught:
-            # Part of it may be on the wire: the connection cannot carry another message.
-            closing = trio.CancelScope(shield=True, deadline=trio.current_time() + 1)
-            with closing, contextlib.suppress(Exception):
-                await self.close()
-            raise ConnectionClosedError(
-                f"a Noise message not sent within {NOISE_SEND_LIMIT_S:g} s: connection closed"
-            )
+            await _close_unsent(self)
 
     async def _send_rest(self: Any, stream: Any, rest: memoryview) -> None:
         limit = trio.current_time() + NOISE_SEND_LIMIT_S
@@ -1354,12 +1348,16 @@ def _noise_messages_go_whole() -> bool:
             except trio.BrokenResourceError as exc:
                 raise ConnectionClosedError(f"TCP connection broken: {exc}") from exc
         if sending.cancelled_caught:
-            closing = trio.CancelScope(shield=True, deadline=trio.current_time() + 1)
-            with closing, contextlib.suppress(Exception):
-                await self.close()
-            raise ConnectionClosedError(
-                f"a Noise message not sent within {NOISE_SEND_LIMIT_S:g} s: connection closed"
-            )
+            await _close_unsent(self)
+
+    async def _close_unsent(self: Any) -> NoReturn:
+        # Part of the message may be on the wire: the connection cannot carry another.
+        closing = trio.CancelScope(shield=True, deadline=trio.current_time() + 1)
+        with closing, contextlib.suppress(Exception):
+            await self.close()
+        raise ConnectionClosedError(
+            f"a Noise message not sent within {NOISE_SEND_LIMIT_S:g} s: connection closed"
+        )
 
     writer.write_msg = write_whole
     return True

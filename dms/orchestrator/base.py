@@ -165,6 +165,12 @@ class Orchestration:
         )
 
 
+def revert_payload(deployment_id: str, lease_ids: list[str], everything: bool) -> dict[str, Any]:
+    """What ``/dms/deployment/revert`` carries: the leases of a deployment to give back,
+    or everything it holds on the peer."""
+    return {"deployment_id": deployment_id, "lease_ids": lease_ids, "everything": everything}
+
+
 class DeploymentBook:
     """A deployment's own state, shared by its parts (the actor, its bid rounds, its
     supervision): its row and slots, its events, its saves and its reverts."""
@@ -322,7 +328,7 @@ class DeploymentBook:
     def revert(self, peer: str | None, lease_ids: list[str], everything: bool = False) -> None:
         if not peer or not (lease_ids or everything):
             return
-        payload = {"deployment_id": self.id, "lease_ids": lease_ids, "everything": everything}
+        payload = revert_payload(self.id, lease_ids, everything)
         if self.o.revert is not None:
             self.o.revert(peer, payload)
             return

@@ -21,6 +21,7 @@ from dms.actor import ActorRef, ErrorCode, Refusal, Request, behaviour
 from dms.actor.runtime import NodeRuntime
 from dms.jobs.spec import DeploymentSpec, executor_problems
 from dms.network.peertable import PeerTable
+from dms.orchestrator.base import revert_payload
 from dms.orchestrator.deployment import (
     SHUTDOWN,
     DeploymentActor,
@@ -172,9 +173,7 @@ class Requester:
         except Exception as bids_exc:  # its bid index unreadable too: the slots' peers
             log.warning("deployment %s: its bids could not be read: %s", deployment_id, bids_exc)
         for peer in sorted(p for p in peers if isinstance(p, str) and p):
-            self.reverts.send(
-                peer, {"deployment_id": deployment_id, "lease_ids": [], "everything": True}
-            )
+            self.reverts.send(peer, revert_payload(deployment_id, [], everything=True))
 
     @property
     def places(self) -> bool:

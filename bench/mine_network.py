@@ -34,7 +34,7 @@ One JSON line per case (with ``--json``):
   one way on a new stream, in 1 MiB writes, timed from opening the stream to
   the receiver's one-byte acknowledgement of the last byte; measured right after
   each case. They run in a child process: py-libp2p as it ships, since a dms
-  node corrects py-libp2p process-wide (dms/network/libp2p_patches.py, Yamux credit
+  node corrects py-libp2p process-wide (dms/network/libp2p_patches/yamux.py, Yamux credit
   returned at half a window). ``raw_tuned_mb_per_s``: the same two hosts in
   this process, under those corrections. ``transfer_ratio`` =
   transfer_mb_per_s / raw_stream_mb_per_s.
@@ -238,7 +238,8 @@ class RawStream:
 
 class RawChild:
     """The same two bare hosts in a child Python process: py-libp2p as it ships, without
-    the Yamux corrections a dms node applies to its whole process (dms/network/libp2p_patches.py).
+    the Yamux corrections a dms node applies to its whole process
+    (dms/network/libp2p_patches/yamux.py).
     One line in (a size), one line out (the seconds)."""
 
     def __init__(self) -> None:

@@ -105,9 +105,10 @@ def test_a_host_whose_peer_reads_nothing_stops_with_its_socket_full(
     from libp2p.peer.peerinfo import info_from_p2p_addr
 
     from dms.network import libp2p_patches
+    from dms.network.libp2p_patches import noise as patches_noise
 
     libp2p_patches.apply_libp2p_patches()
-    monkeypatch.setattr(libp2p_patches, "NOISE_SEND_LIMIT_S", 3600.0)
+    monkeypatch.setattr(patches_noise, "NOISE_SEND_LIMIT_S", 3600.0)
 
     async def main() -> None:
         host, deaf = bare_host(Identity.generate()), bare_host(Identity.generate())

@@ -19,6 +19,14 @@ from libp2p.tools.anyio_service.exceptions import LifecycleError
 
 from dms.actor import Actor, Request, behaviour
 from dms.network import libp2p_patches
+from dms.network.libp2p_patches import dial as patches_dial
+from dms.network.libp2p_patches import gossip as patches_gossip
+from dms.network.libp2p_patches import holepunch as patches_holepunch
+from dms.network.libp2p_patches import locks as patches_locks
+from dms.network.libp2p_patches import records as patches_records
+from dms.network.libp2p_patches import scoring as patches_scoring
+from dms.network.libp2p_patches import tcp as patches_tcp
+from dms.network.libp2p_patches import yamux as patches_yamux
 from dms.network.peertable import HEARTBEAT_TOPIC
 from dms.node.daemon import Node
 from dms.sim.cluster import LocalCluster
@@ -59,7 +67,7 @@ def test_every_patch_applies_to_the_installed_libp2p() -> None:
     libp2p_patches.apply_libp2p_patches()
     assert libp2p_patches.SKIPPED == []
     assert sorted(libp2p_patches.APPLIED) == sorted(
-        patch.__name__.lstrip("_") for patch in libp2p_patches.PATCHES
+        patch.__name__ for patch in libp2p_patches.PATCHES
     )
 
 
@@ -269,7 +277,7 @@ def test_waiting_for_a_peer_that_never_registers_leaves_nothing_behind(
     import trio
     from libp2p.peer.id import ID
 
-    from dms.network.libp2p_patches import tell_topics_when_writable
+    from dms.network.libp2p_patches.subscriptions import tell_topics_when_writable
     from dms.security import Identity
 
     (node,) = cluster.start(1)
@@ -440,7 +448,7 @@ def test_a_host_reads_its_own_record_once_not_for_every_rpc(
         return list(addrs)
 
     monkeypatch.setattr(host, "get_addrs", get_addrs)
-    monkeypatch.setattr(libp2p_patches, "OWN_RECORD_CHECK_S", 3600.0)
+    monkeypatch.setattr(patches_records, "OWN_RECORD_CHECK_S", 3600.0)
     sent = {gossipsub.env_to_send_in_RPC(host)[0] for _ in range(30)}
     sent |= {pubsub.env_to_send_in_RPC(host)[0] for _ in range(30)}
     assert len(sent) == 1
@@ -453,7 +461,7 @@ def test_a_host_reads_its_own_record_once_not_for_every_rpc(
     assert record_addrs(sent.pop()) == {str(a) for a in addrs}
     # Past the check interval the addresses are read again: a new one is sent.
     addrs.append(Multiaddr(f"/ip4/10.0.0.2/tcp/4001/p2p/{host.get_id()}"))
-    monkeypatch.setattr(libp2p_patches, "OWN_RECORD_CHECK_S", 0.0)
+    monkeypatch.setattr(patches_records, "OWN_RECORD_CHECK_S", 0.0)
     assert record_addrs(gossipsub.env_to_send_in_RPC(host)[0]) == {str(a) for a in addrs}
 
 
@@ -522,7 +530,7 @@ def test_hole_punching_looks_at_each_connections_addresses_once(
     from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 
     libp2p_patches.apply_libp2p_patches()
-    monkeypatch.setattr(libp2p_patches, "HOLE_PUNCH_DRIVE_S", 0.0)
+    monkeypatch.setattr(patches_holepunch, "HOLE_PUNCH_DRIVE_S", 0.0)
     shown: list[str] = []
     relayed = Conn([Addr("/ip4/10.0.0.9/tcp/1/p2p/QmRelay/p2p-circuit", shown)])
     direct = [Conn([Addr(f"/ip4/10.0.0.{i}/tcp/1", shown)]) for i in range(5)]
@@ -590,7 +598,7 @@ def test_an_idle_connection_measures_its_rtt_every_few_minutes_not_every_30_s() 
             conn.event_shutting_down.set()
 
     trio.run(ten_minutes, clock=trio.testing.MockClock(autojump_threshold=0))
-    assert 1 <= len(pings) <= 1 + 600 / libp2p_patches.YAMUX_RTT_EVERY_S
+    assert 1 <= len(pings) <= 1 + 600 / patches_yamux.YAMUX_RTT_EVERY_S
 
 
 class SocketBytes:
@@ -616,7 +624,7 @@ def test_a_tcp_connection_reads_a_small_frame_in_one_socket_read() -> None:
 
     libp2p_patches.apply_libp2p_patches()
     messages = [bytes([i]) * (300 + i) for i in range(20)]
-    messages.append(b"L" * (3 * libp2p_patches.TCP_READ_AHEAD + 5))
+    messages.append(b"L" * (3 * patches_tcp.TCP_READ_AHEAD + 5))
     wire = b"".join(len(m).to_bytes(2, "big") + m for m in messages)
     socket = SocketBytes(wire)
 
@@ -629,7 +637,7 @@ def test_a_tcp_connection_reads_a_small_frame_in_one_socket_read() -> None:
 
     assert trio.run(read_all) == messages
     # 2 reads a message before (42); now about the bytes over the read-ahead
-    assert socket.reads <= len(wire) // libp2p_patches.TCP_READ_AHEAD + 4
+    assert socket.reads <= len(wire) // patches_tcp.TCP_READ_AHEAD + 4
 
 
 def test_a_write_cancelled_as_its_noise_message_goes_out_leaves_the_connection_whole(
@@ -718,7 +726,7 @@ def test_a_noise_message_the_socket_never_takes_closes_its_connection() -> None:
 def test_the_ihave_patch_is_not_applied_to_a_heartbeat_of_another_shape(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``_ihave_every_few_heartbeats`` counts on py-libp2p's heartbeat calling
+    """``ihave_every_few_heartbeats`` counts on py-libp2p's heartbeat calling
     gossip_heartbeat once, before the mcache shifts, and on the window being the
     history's first ``window_size`` heartbeats; otherwise it is skipped (and the test
     above, that every patch applies, fails)."""
@@ -741,13 +749,13 @@ def test_the_ihave_patch_is_not_applied_to_a_heartbeat_of_another_shape(
     for name, shape in (("heartbeat", shift_first), ("heartbeat", twice)):
         with monkeypatch.context() as m:
             m.setattr(GossipSub, name, shape)
-            assert not libp2p_patches.gossip_heartbeat_is_shaped()
-            assert not libp2p_patches._ihave_every_few_heartbeats()
+            assert not patches_gossip.gossip_heartbeat_is_shaped()
+            assert not patches_gossip.ihave_every_few_heartbeats()
     with monkeypatch.context() as m:
         m.setattr(MessageCache, "window", newest_last)
-        assert not libp2p_patches._ihave_every_few_heartbeats()
+        assert not patches_gossip.ihave_every_few_heartbeats()
     assert GossipSub.gossip_heartbeat is shipped  # left as it was
-    assert libp2p_patches.gossip_heartbeat_is_shaped()
+    assert patches_gossip.gossip_heartbeat_is_shaped()
 
 
 def test_the_score_patch_is_not_applied_to_score_parameters_of_another_shape(
@@ -765,15 +773,15 @@ def test_the_score_patch_is_not_applied_to_score_parameters_of_another_shape(
 
     with monkeypatch.context() as m:
         m.setattr(PeerScorer, "on_heartbeat", decays_more)
-        assert not libp2p_patches.score_upkeep_is_shaped()
-        assert not libp2p_patches._no_score_upkeep_without_scores()
+        assert not patches_scoring.score_upkeep_is_shaped()
+        assert not patches_scoring.no_score_upkeep_without_scores()
         assert PeerScorer.on_heartbeat is decays_more
     with monkeypatch.context() as m:
         m.setattr(
-            libp2p_patches, "SCORE_PARAMS", libp2p_patches.SCORE_PARAMS - {"gossip_threshold"}
+            patches_scoring, "SCORE_PARAMS", patches_scoring.SCORE_PARAMS - {"gossip_threshold"}
         )
-        assert not libp2p_patches.score_upkeep_is_shaped()
-    assert libp2p_patches.score_upkeep_is_shaped()
+        assert not patches_scoring.score_upkeep_is_shaped()
+    assert patches_scoring.score_upkeep_is_shaped()
 
 
 class Watched(dict):  # type: ignore[type-arg]
@@ -944,9 +952,9 @@ def test_a_free_frame_lock_is_taken_at_once_and_a_held_one_waited_for() -> None:
     libp2p_patches.apply_libp2p_patches()
     stream = TrioTCPStream(SocketBytes(b""))  # type: ignore[arg-type]
     lock = stream.write_lock
-    assert isinstance(lock, libp2p_patches.QuickLock)
+    assert isinstance(lock, patches_locks.QuickLock)
     order: list[str] = []
-    every = libp2p_patches.FREE_LOCKS_A_TURN
+    every = patches_locks.FREE_LOCKS_A_TURN
 
     async def main() -> None:
         steps = TaskSteps()
@@ -1028,7 +1036,7 @@ async def ticking(turns: Counter[str], counts: Callable[[], str | None]) -> None
 
 def free_locks_a_turn(monkeypatch: pytest.MonkeyPatch, every: int) -> None:
     libp2p_patches.apply_libp2p_patches()
-    monkeypatch.setattr(libp2p_patches, "FREE_LOCKS_A_TURN", every)
+    monkeypatch.setattr(patches_locks, "FREE_LOCKS_A_TURN", every)
 
 
 UNBOUNDED = 10**9  # every free lock taken at once (7ccd868, reverted)
@@ -1039,7 +1047,7 @@ def turns_bounded_and_unbounded(
 ) -> tuple[int, int]:
     """``turns()`` with one free lock in FREE_LOCKS_A_TURN a turn, then with every free
     lock taken at once."""
-    free_locks_a_turn(monkeypatch, libp2p_patches.FREE_LOCKS_A_TURN)
+    free_locks_a_turn(monkeypatch, patches_locks.FREE_LOCKS_A_TURN)
     bounded = turns()
     free_locks_a_turn(monkeypatch, UNBOUNDED)
     return bounded, turns()
@@ -1097,7 +1105,7 @@ def test_a_noise_message_of_many_small_frames_gives_other_tasks_turns(
     (7ccd868), one message of 5,000 small frames was handled in one task step (53 ms
     measured) while every other task of the node's network thread waited. Now one free
     lock in FREE_LOCKS_A_TURN is a turn: the other tasks run between every few frames."""
-    frames, every = 5000, libp2p_patches.FREE_LOCKS_A_TURN
+    frames, every = 5000, patches_locks.FREE_LOCKS_A_TURN
     bounded, unbounded = turns_bounded_and_unbounded(
         monkeypatch, lambda: turns_while_a_noise_message_of_small_frames_is_handled(frames)
     )
@@ -1112,7 +1120,7 @@ def test_a_noise_message_of_many_ping_answers_gives_other_tasks_turns(
     """A ping's answer takes no lock: Yamux's reader handled a Noise message of 5,000
     of them in one task step (30-40 ms), with or without the free-lock patch. Each
     frame read now counts toward the run's turn as a free lock does."""
-    frames, every = 5000, libp2p_patches.FREE_LOCKS_A_TURN
+    frames, every = 5000, patches_locks.FREE_LOCKS_A_TURN
     bounded, unbounded = turns_bounded_and_unbounded(
         monkeypatch,
         lambda: turns_while_a_noise_message_of_small_frames_is_handled(frames, pings=True),
@@ -1167,7 +1175,7 @@ def test_a_reader_of_buffered_messages_gives_other_tasks_turns(
     (py-libp2p's pubsub reader, Noise over a relayed stream) never yielded; 50,000
     two-byte messages were read in one task step of 1.16 s. Now one free lock in
     FREE_LOCKS_A_TURN is a turn."""
-    messages, every = 10_000, libp2p_patches.FREE_LOCKS_A_TURN
+    messages, every = 10_000, patches_locks.FREE_LOCKS_A_TURN
     bounded, unbounded = turns_bounded_and_unbounded(
         monkeypatch, lambda: turns_while_buffered_messages_are_read(messages)
     )
@@ -1198,7 +1206,7 @@ def test_a_writer_of_many_frames_gives_other_tasks_turns(monkeypatch: pytest.Mon
 
         async def write() -> None:
             muxer = Yamux(Silent(), Silent(), is_initiator=True)  # type: ignore[arg-type]
-            assert isinstance(muxer._write_lock, libp2p_patches.QuickLock)
+            assert isinstance(muxer._write_lock, patches_locks.QuickLock)
             trio.lowlevel.add_instrument(steps)  # type: ignore[arg-type]
             for _ in range(frames):
                 await muxer._write_frame(b"\x00" * 12)
@@ -1207,7 +1215,7 @@ def test_a_writer_of_many_frames_gives_other_tasks_turns(monkeypatch: pytest.Mon
         trio.run(write)
         return sum(steps.by.values())
 
-    every = libp2p_patches.FREE_LOCKS_A_TURN
+    every = patches_locks.FREE_LOCKS_A_TURN
     assert steps_writing(every) >= frames / every - 1
     assert steps_writing(UNBOUNDED) == 0
     assert Silent.written == 2 * frames
@@ -1226,7 +1234,7 @@ def test_the_frame_lock_patch_is_not_applied_to_locks_of_another_shape(
     from libp2p.stream_muxer.yamux.yamux import Yamux
 
     libp2p_patches.apply_libp2p_patches()
-    assert libp2p_patches.frame_locks_off_shape() == []
+    assert patches_locks.frame_locks_off_shape() == []
     tcp_init = TrioTCPStream.__init__
 
     def fifo_lock(self: Any, stream: Any) -> None:
@@ -1248,12 +1256,12 @@ def test_the_frame_lock_patch_is_not_applied_to_locks_of_another_shape(
     for cls, name, shape, named in shapes:
         with monkeypatch.context() as m:
             m.setattr(cls, name, shape)
-            off = libp2p_patches.frame_locks_off_shape()
+            off = patches_locks.frame_locks_off_shape()
             assert len(off) == 1 and off[0].startswith(named), off
-            apply_only(m, libp2p_patches._free_locks_do_not_yield)
+            apply_only(m, patches_locks.free_locks_do_not_yield)
             assert libp2p_patches.SKIPPED == ["free_locks_do_not_yield"]
             assert getattr(cls, name) is shape  # left as it was
-    assert libp2p_patches.frame_locks_off_shape() == []
+    assert patches_locks.frame_locks_off_shape() == []
 
 
 def _dial_with_the_clock_stopped(patched: bool, wait_s: float) -> bool:
@@ -1331,7 +1339,7 @@ def test_the_dial_patch_is_not_applied_to_a_dial_whose_head_start_ends_on_succes
 
     monkeypatch.setattr(swarm, "_HAPPY_EYEBALLS_DELAY", 0.25)
     monkeypatch.setattr(swarm.Swarm, "dial_peer", dial_peer)
-    apply_only(monkeypatch, libp2p_patches._dial_every_address)
+    apply_only(monkeypatch, patches_dial.dial_every_address)
     assert libp2p_patches.SKIPPED == ["dial_every_address"]
     assert swarm.Swarm.dial_peer is dial_peer  # left as it was
 
@@ -1377,7 +1385,7 @@ def test_the_window_wait_patch_is_not_applied_to_a_yamux_write_of_another_source
         """Another write."""
 
     monkeypatch.setattr(yamux.YamuxStream, "write", write)
-    assert not libp2p_patches._yamux_writes_wait_for_a_window()
+    assert not patches_yamux.yamux_writes_wait_for_a_window()
     assert yamux.YamuxStream.write is write
 
 

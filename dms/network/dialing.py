@@ -5,7 +5,7 @@ py-libp2p 0.8.1's ``Swarm.dial_peer`` ranks a peer's addresses by transport clas
 advertises two TCP addresses is dialed on its first alone. A machine often has several
 addresses of one class (Wi-Fi and Ethernet, Docker's bridge, a VPN, IPv4 and IPv6), and
 the first it lists need not be one this node can reach: the direct connection never
-happened. :func:`dial_peer` (installed by ``libp2p_patches._dial_every_address``) keeps
+happened. :func:`dial_peer` (installed by ``libp2p_patches.dial``) keeps
 everything else py-libp2p's does (the negative cache, a connection reused, one dial a
 peer at a time, the connection gate, its filters, the global dial limiter, each
 address's retries, the per-peer connection cap, its metrics) and dials up to

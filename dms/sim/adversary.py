@@ -154,7 +154,7 @@ async def connect(host: Any, info: Any) -> None:
     """``host.connect(info)``, back as soon as the connection is up: py-libp2p's dial
     waited out a 250 ms head start after a dial's last address, connection up or not
     (every bare host's connect took 0.26 s on loopback, a test making 30 keys 8 s).
-    The process's patches to py-libp2p end it (``_dial_every_address``; applied
+    The process's patches to py-libp2p end it (``dial_every_address``; applied
     once a process, and on already beside any node of it): they change the library's
     code, not a host, so a bare host still has none of a node's budgets."""
     apply_libp2p_patches()

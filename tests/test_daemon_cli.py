@@ -125,14 +125,21 @@ def test_two_daemons_peers_ping_and_remote_invoke(homes: tuple[Path, Path]) -> N
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--bootstrap", "/ip4/nope"), ("--listen", "not-a-multiaddr")],
+    [
+        ("--bootstrap", "/ip4/nope"),
+        ("--listen", "not-a-multiaddr"),
+        # no peer named: it was ignored at every redial, and the node never joined
+        ("--bootstrap", "/ip4/127.0.0.1/tcp/4001"),
+    ],
 )
 def test_run_with_a_bad_address_is_a_one_line_error(
     homes: tuple[Path, Path], flag: str, value: str
 ) -> None:
-    done = dms(homes[0], "run", "--api-port", "0", flag, value)
+    done = dms(homes[0], "run", "--api-port", "0", flag, value, timeout=30)
     assert done.returncode != 0
     assert f"bad {flag.removeprefix('--')}" in done.stderr and value in done.stderr
+    if "/tcp/" in value:
+        assert "does not end in /p2p/<peer id>" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 

@@ -152,6 +152,13 @@ def test_mistakes_get_one_line_in_the_flags_words(lone: Daemon, tmp_path: Path) 
         "drop one of them",
     )
     assert not (tmp_path / "o").exists()
+    # an address without the peer it reaches (py-libp2p's words were "The last protocol
+    # should be `P_P2P` (421) instead of `6`")
+    one_line_error(
+        at_80(lone.home, "peers", "connect", "/ip4/127.0.0.1/tcp/4001"),
+        "/ip4/127.0.0.1/tcp/4001 does not end in /p2p/<peer id>",
+        "dms peers self",
+    )
     # an API port in use: the hint to choose another
     busy = lone.info["api"].rsplit(":", 1)[1]
     other = tmp_path / "other"

@@ -111,11 +111,16 @@ class Discovery(LoopBridge):
     def connect(self, multiaddr: str) -> str:
         """Dial a ``.../p2p/<peer id>`` address; return the peer id."""
         try:
-            info = info_from_p2p_addr(parse_multiaddr(multiaddr))
+            parsed = parse_multiaddr(multiaddr)
         except ValueError as exc:
             raise NetworkError(str(exc)) from None
+        try:  # py-libp2p's ValueError named its protocol codes ("P_P2P (421) instead of 6")
+            info = info_from_p2p_addr(parsed)
         except Exception:
-            raise NetworkError(f"{multiaddr} has no /p2p/<peer id> part") from None
+            raise NetworkError(
+                f"{multiaddr} does not end in /p2p/<peer id>: give a whole line "
+                "'dms peers self' prints on that node"
+            ) from None
         self._call(self._connect, info)
         return info.peer_id.to_base58()
 

@@ -211,6 +211,20 @@ class NetworkSettings(BaseModel):
             parse_multiaddr(value)
         return values
 
+    @field_validator("bootstrap")
+    @classmethod
+    def _peer_addrs(cls, values: list[str]) -> list[str]:
+        """A bootstrap address names the peer it reaches: one without was ignored at
+        every redial (a warning every ``reconnect_interval_s``) and the node, started
+        fine, never joined."""
+        for value in values:
+            if parse_multiaddr(value).protocols()[-1].name != "p2p":
+                raise ValueError(
+                    f"{value!r} does not end in /p2p/<peer id>: give a whole line "
+                    "'dms peers self' prints on that node"
+                )
+        return values
+
 
 def parse_multiaddr(text: str) -> Multiaddr:
     """A multiaddr, or a ``ValueError`` that says which text was wrong."""

@@ -465,12 +465,42 @@ def test_sim_wraps_its_lines_instead_of_cutting_them(tmp_path: Path) -> None:
     done = at_80(tmp_path, "sim", "run", str(ROOT / "examples" / "sim" / "quickstart.yaml"))
     assert done.returncode == 0, done.stderr
     clean(done)
+    # py-libp2p's lines (the killed provider's failed dials) go to the run's sim.log,
+    # not bare between the timeline's
+    assert done.stderr == ""
     assert not any(line.rstrip().endswith("...") for line in done.stdout.splitlines())
     said = " ".join(done.stdout.split())
     # Whichever notices first (the heartbeat deadline, or the next step's dial) gives
     # the reason; either way it is said whole, up to the action taken.
     reason = r"the provider is gone \(missed its heartbeat deadline\)|the worker failed: .+?"
     assert re.search(rf"worker lost \(({reason})\); placing it again", said), said
+
+
+SIM_LOGS = """
+import logging, sys
+from pathlib import Path
+from dms.cli.sim import quiet_logging
+with quiet_logging(Path(sys.argv[1])):
+    import dms.sim.threads  # what a scenario's nodes load, py-libp2p first among them
+    logging.getLogger("libp2p.transport.tcp").error("Failed to open TCP stream: refused")
+"""
+
+
+def test_sim_sends_py_libp2p_lines_to_its_log_not_the_terminal(tmp_path: Path) -> None:
+    """py-libp2p detaches its logger when first imported, which the scenario's nodes did
+    after dms sim had sent it to sim.log: its errors went to stderr, bare."""
+    done = subprocess.run(
+        [sys.executable, "-c", SIM_LOGS, str(tmp_path)],
+        env=env_for(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert (
+        "ERROR libp2p.transport.tcp: Failed to open TCP stream"
+        in (tmp_path / "sim.log").read_text()
+    )
 
 
 def test_peers_list_fits_the_resources_in_80_columns(pair: Pair, tmux: Tmux) -> None:

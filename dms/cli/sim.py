@@ -8,6 +8,7 @@ that failed. See ``specs/sim.md`` and ``examples/sim/``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import shutil
@@ -52,7 +53,14 @@ class Interrupted(DmsError):
 
 @contextmanager
 def quiet_logging(root: Path) -> Iterator[None]:
-    """The nodes of this process log to ROOT/sim.log, not over the timeline."""
+    """The nodes of this process log to ROOT/sim.log, not over the timeline.
+
+    py-libp2p detaches its ``libp2p`` logger when it is first imported, which every
+    backend does after this point: imported here first, so the logger sent to the file
+    below stays so (before, its warnings and errors, a killed node's failed dials, went
+    to stderr bare through logging's last resort, between the timeline's lines)."""
+    importlib.import_module("libp2p")  # its logging set up now, not under the scenario
+
     root.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(root / "sim.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

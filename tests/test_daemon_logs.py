@@ -109,6 +109,39 @@ def test_the_daemon_logs_peers_bids_allocations_and_mining_rounds(tmp_path: Path
     assert any(f"peer {worker.info['peer_id']} joined" in line for line in lines)
 
 
+PEER = "12D3KooWEk1HqpKwDGECTsgfLTfkDm4LfnUTYkeWPi18pnff97ux"
+# What py-libp2p 0.8's relay logged for each request a node that is no relay refused
+# (three nodes on loopback, one bootstrapped on another's 192.0.2.2 address, so
+# judged private: 39 ERRORs and 32 WARNINGs each in 12 minutes).
+REFUSAL_LINES = [
+    ("libp2p.relay.circuit_v2.protocol", logging.ERROR,
+     f"Error reading from hop stream from {PEER}: Cannot read from stream; stream is reset", ()),
+    ("libp2p.relay.circuit_v2.protocol", logging.ERROR,
+     f"Unexpected error handling hop stream from {PEER}: Cannot write to stream; stream is "
+     "reset", ()),
+    ("libp2p.relay.circuit_v2.protocol", logging.ERROR, "Error sending status message: %s",
+     ("Cannot write to stream; stream is reset",)),
+    ("libp2p.relay.circuit_v2.transport", logging.WARNING,
+     "Reservation failed with relay %s: code %s", (PEER, 202)),
+]  # fmt: skip
+
+
+def test_a_refused_relay_request_is_debug_not_errors() -> None:
+    """dms's relay refuses and says so at INFO ('relay refused PEER: not a relay'); what
+    py-libp2p logs of the stream it then reset is not shown at INFO."""
+    quiet = QuietLibp2p(logging.INFO)
+    for name, level, message, args in REFUSAL_LINES:
+        record = logging.LogRecord(name, level, __file__, 1, message, args, None)
+        assert not quiet.filter(record), record.getMessage()
+        assert record.levelname == "DEBUG"
+    # A relay error of another kind is still shown.
+    other = logging.LogRecord(
+        "libp2p.relay.circuit_v2.protocol", logging.ERROR, __file__, 1, "Invalid message type 9",
+        None, None,
+    )  # fmt: skip
+    assert quiet.filter(other) and other.levelname == "ERROR"
+
+
 def test_libp2p_chatter_is_debug_and_json_lines_are_one_object() -> None:
     def record(name: str, level: int, message: str = "m") -> logging.LogRecord:
         return logging.LogRecord(name, level, __file__, 1, message, None, None)

@@ -72,6 +72,29 @@ def test_dms_job_validate(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0
 
 
+def test_dms_job_validate_lists_every_problem_and_says_so_in_json(tmp_path: Path) -> None:
+    """A misspelt key and a wrong strategy: validate names both (it said 'Field required
+    (and 1 more)'), and --json says {"valid": false} with them (it printed nothing)."""
+    bad, empty = tmp_path / "bad.yaml", tmp_path / "empty.yaml"
+    bad.write_text(GOOD.replace("allocations:", "allocatoins:").replace("two-choices", "best"))
+    empty.write_text("")
+    done = dms(tmp_path, "job", "validate", str(bad), "--json")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["valid"] is False and len(answer["errors"]) == 3, answer
+    said = done.stderr.splitlines()
+    assert len(said) == 3 and all(line.startswith(f"error: {bad}: ") for line in said), said
+    for problem in ("allocations (line 1): Field required", "strategy (line 2): Input should",
+                    "allocatoins (line 4): Extra inputs are not permitted"):  # fmt: skip
+        assert any(problem in line for line in answer["errors"]), (problem, answer)
+        assert any(problem in line for line in said), (problem, said)
+    done = dms(tmp_path, "job", "validate", str(empty), "--json")
+    assert json.loads(done.stdout) == {
+        "valid": False,
+        "errors": [f"{empty}: expected a mapping with 'allocations', got an empty file"],
+    }
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [

@@ -17,6 +17,7 @@ from dms.cli.output import (
     emit_json,
     emit_result,
     emit_table,
+    error,
     jsonable,
     say,
     short_peer,
@@ -40,10 +41,18 @@ def _limit(every: bool) -> int | None:
 
 @job_app.command("validate")
 def validate(path: FileArg, json_out: JsonOption = False) -> None:
-    """Check a job file; errors name the field and the line."""
-    from dms.jobs.spec import load_spec  # the executors' checks load NumPy, TenSEAL
+    """Check a job file; errors name the field and the line, every one of them (with
+    --json also on stdout: {"valid": false, "errors": [...]})."""
+    from dms.jobs.spec import JobSpecError, load_spec  # the executors' checks: NumPy, TenSEAL
 
-    spec = load_spec(path)
+    try:
+        spec = load_spec(path)
+    except JobSpecError as exc:
+        if json_out:
+            emit_json({"valid": False, "errors": exc.problems})
+        for problem in exc.problems[:-1]:
+            error(problem)
+        raise JobSpecError(exc.problems[-1]) from None
     summary = {
         "valid": True,
         "name": spec.name,

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dms.errors import DmsError
 from dms.jobs.executors import ExecutorError, check_allocation
 from dms.resources import Resources
-from dms.yamlfile import parse_lined
+from dms.yamlfile import LinedYaml, parse_lined
 
 Strategy = Literal["score", "round-robin", "two-choices", "random", "first-offer"]
 STRATEGIES: tuple[str, ...] = ("score", "round-robin", "two-choices", "random", "first-offer")
@@ -27,7 +27,12 @@ MAX_SLOTS = 256
 
 
 class JobSpecError(DmsError):
-    """A job file that cannot be used, with the field and line at fault."""
+    """A job file that cannot be used, with the field and line at fault: the first
+    problem in the message, every one in ``problems`` (``dms job validate`` lists them)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class Constraints(BaseModel):
@@ -96,7 +101,8 @@ class DeploymentSpec(BaseModel):
 
 
 class JobProblem(NamedTuple):
-    """An allocation its executor refuses: where (``allocations.0.params.secnds``) and why."""
+    """A problem of a job file (a field, or an allocation its executor refuses): where
+    (``allocations.0.params.secnds``) and why."""
 
     loc: tuple[int | str, ...]
     message: str
@@ -127,21 +133,31 @@ def parse_spec(text: str, source: str = "job file") -> DeploymentSpec:
     doc = parse_lined(text, source, JobSpecError)
     data = doc.data
     if not isinstance(data, dict):
-        raise JobSpecError(
-            f"{source}: expected a mapping with 'allocations', got {type(data).__name__}"
-        )
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise JobSpecError(f"{source}: expected a mapping with 'allocations', got {got}")
     try:
         spec = DeploymentSpec.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        message = err["msg"].removeprefix("Value error, ")
-        raise JobSpecError(doc.message(loc, message, len(exc.errors()) - 1)) from None
+        found = [
+            JobProblem(
+                tuple(p for p in e["loc"] if not str(p).startswith("function-")),
+                e["msg"].removeprefix("Value error, "),
+            )
+            for e in exc.errors()
+        ]
+        raise _spec_error(doc, found) from None
     problems = executor_problems(spec)
     if problems:
-        first = problems[0]
-        raise JobSpecError(doc.message(first.loc, first.message, len(problems) - 1))
+        raise _spec_error(doc, problems)
     return spec
+
+
+def _spec_error(doc: LinedYaml, problems: list[JobProblem]) -> JobSpecError:
+    first = problems[0]
+    return JobSpecError(
+        doc.message(first.loc, first.message, len(problems) - 1),
+        [doc.message(p.loc, p.message) for p in problems],
+    )
 
 
 def load_spec(path: Path) -> DeploymentSpec:

@@ -143,6 +143,18 @@ def _bid(peer: str, free_cpu: float, price: float = 0.0, cpu_score: float = 0.0)
     return Candidate(bid, Offer(slot="w", lease_id=f"lease-{peer}", price=price, expires_at=0))
 
 
+@pytest.mark.parametrize("strategy", ["score", "round-robin", "first-offer", "random"])
+def test_a_peer_that_offered_a_slot_twice_wins_it_with_the_winners_reason(strategy: str) -> None:
+    """A provider that answered one bid request twice (a worker slot's deployment read
+    'worker.2: chose EAKjhBsL (lost: tied at 0.317, lower peer id wins)'): its second
+    offer lost, and that loss was the reason written for the peer, who had won."""
+    first = _bid("a", 1.0)
+    second = Candidate(first.bid, Offer(slot="w", lease_id="lease-a-2", price=0.0, expires_at=0))
+    decision = select(strategy, {"w": [first, second]}, random.Random(1), RoundRobin())
+    assert decision.winners["w"].peer_id == "a"
+    assert decision.reasons[("a", "w")].startswith("won: "), decision.reasons
+
+
 def test_score_prefers_free_capacity_speed_and_low_price_deterministically() -> None:
     offers = {"w": [_bid("b", 1.0), _bid("a", 3.0), _bid("c", 3.0, price=5.0)]}
     decision = select("score", offers, random.Random(1), RoundRobin())

@@ -618,6 +618,8 @@ class BidRounds:
                 slot_won = won_as.get(c.lease)
                 row_slot = slot_won or name
                 reason = decision.reasons.get((c.peer_id, row_slot), "")
+                if slot_won is None and reason.startswith("won"):
+                    reason = "lost: another offer of this peer won the slot"
                 records.append(
                     BidRow(self.book.id, "received", c.peer_id, row_slot,
                            "won" if slot_won else "lost", reason, lease_id=c.offer.lease_id,

@@ -240,6 +240,8 @@ def select(
         used.add(chosen.lease)
         won[chosen.peer_id] = won.get(chosen.peer_id, 0) + 1
         for c in candidates:
+            if c is not chosen and c.peer_id == chosen.peer_id:
+                continue  # its other offer (a bid request answered twice): the peer won
             reasons[(c.peer_id, slot)] = why_won if c is chosen else why_lost[c.peer_id]
     if not distinct and len(winners) < len(offers):  # most often every slot has placed
         _complete(offers, winners, reasons)

@@ -1,5 +1,6 @@
 """A job's events as ``--follow`` prints them: each once, and a bid round that only
-repeats an earlier one (a queued job retrying with the same outcome) not at all.
+repeats an earlier one (a queued job retrying with the same outcome) not at all, nor
+the states it goes through again (``state: bidding``, ``state: queued`` at each retry).
 
 A waiting job retries its bid round every few seconds; printing each retry filled the
 terminal with the same two lines. :class:`~dms.cli.waiting.Waiting` says, every few
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 ROUND = re.compile(r"^round \d+: ")
+STATE = "state: "
 
 
 class EventFeed:
@@ -25,6 +27,7 @@ class EventFeed:
         self.skip = skip
         self._seen: set[tuple[float, str]] = set()
         self._rounds: set[str] = set()  # what a round said, without its number
+        self._states: set[str] = set()  # states said since the last other line printed
 
     def lines(self, events: list[dict[str, Any]]) -> list[str]:
         out = []
@@ -41,6 +44,12 @@ class EventFeed:
                 if said in self._rounds:
                     continue
                 self._rounds.add(said)
+            if what.startswith(STATE):
+                if what in self._states:
+                    continue
+                self._states.add(what)
+            else:
+                self._states.clear()
             stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
             out.append(f"{stamp}  {what}")
         # Events that left the node's window do not come back: remember only the window.

@@ -56,3 +56,16 @@ def test_twenty_runs_in_a_row_of_a_provider_killed_mid_mining(tmp_path: Path) ->
         assert job["replacements"] >= 1 and job["labels_equal_plaintext"]
         digests.add(job["labels_sha256"])
     assert len(digests) == 1
+
+
+def test_examples_readme_names_every_job_file_and_scenario() -> None:
+    """examples/README.md listed the data only: a newcomer looking there for the job
+    file of 'dms deploy' or the scenarios of 'dms sim run' found neither."""
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    readme = (examples / "README.md").read_text()
+    files = sorted((examples / "jobs").glob("*.yaml")) + sorted((examples / "sim").glob("*.yaml"))
+    assert files
+    missing = [
+        str(f.relative_to(examples)) for f in files if f"`{f.relative_to(examples)}`" not in readme
+    ]
+    assert not missing, missing

@@ -182,6 +182,9 @@ def test_bad_clustering_input_is_one_line(
     assert "Traceback" not in result.stderr
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    # nothing on stdout (a progress bar begun before the mistake was found left an
+    # empty line in a pipe)
+    assert result.stdout == ""
     assert not (tmp_path / "o" / "labels.csv").exists()
 
 

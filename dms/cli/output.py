@@ -275,8 +275,9 @@ def emit_result(result: Any, json_out: bool, title: str | None = None) -> None:
 
 @contextmanager
 def progress_bar(enabled: bool, label: str, total: int | None) -> Iterator[Callable[..., None]]:
-    """A transient progress bar; ``update(completed, detail, total)`` moves it."""
-    if not enabled:
+    """A transient progress bar on a terminal; ``update(completed, detail, total)``
+    moves it. Elsewhere (a pipe, a file) nothing: rich's bar left an empty line there."""
+    if not enabled or not console.is_terminal:
         yield lambda *a, **k: None
         return
     columns = [

@@ -170,6 +170,18 @@ def test_mistakes_get_one_line_in_the_flags_words(lone: Daemon, tmp_path: Path) 
     )
 
 
+def test_what_a_placed_worker_learns_is_wrapped_between_words(
+    lone: Daemon, tmp_path: Path, tmux: Tmux
+) -> None:
+    """The note a placed job starts with (five lines at 80 columns) was printed bare:
+    the terminal cut 'converged' and 'depends on' at its edge."""
+    mine = ["mine", "skmeans", "--data", str(IRIS), "--k", "3", "--timeout", "1",
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    screen = tmux.run(env_for(lone.home), *dms_argv(*mine))
+    assert "note: the worker learns" in screen and "Traceback" not in screen, screen
+    assert all(len(line) <= 80 for line in screen.splitlines()), screen
+
+
 def test_onboard_changes_one_amount_and_keeps_the_others(tmp_path: Path) -> None:
     home = tmp_path / "home"
     assert dms(home, "init").returncode == 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from dms.actor import RemoteError
 from dms.cli import collab
 from dms.cli.common import JsonOption, settings
 from dms.cli.events import EventFeed
-from dms.cli.output import console, emit_fields, emit_json, progress_bar, say
+from dms.cli.output import console, emit_fields, emit_json, progress_bar, say, say_line
 from dms.cli.waiting import Waiting, placement_hint
 from dms.errors import DmsError
 from dms.mining.defaults import DEFAULT_VERIFY_FRACTION
@@ -190,7 +189,7 @@ def _mine_on_network(
     client = _node()
     s = request["settings"]
     learns = worker_learns(s["algorithm"], s.get("protocol"), s.get("scheme", "ckks"))
-    print(f"note: {learns}", file=sys.stderr)
+    say_line(f"note: {learns}", err=True)  # a terminal cut its words at the edge
     request.update(
         strategy=placement.strategy,
         max_price=placement.max_price,

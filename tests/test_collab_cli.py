@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,15 @@ import numpy as np
 from dms.cli.collab import _no_result
 from dms.mining.data import read_table
 from dms.mining.plain import ClusteringParams, kmeans
-from tests.clitools import Daemon, dms, dms_json, init_homes, providers_and_owners, side_by_side
+from tests.clitools import (
+    Daemon,
+    dms,
+    dms_json,
+    env_for,
+    init_homes,
+    providers_and_owners,
+    side_by_side,
+)
 from tests.conftest import wait_for
 
 IRIS = read_table(Path("examples/iris-features.csv").resolve()).features
@@ -99,6 +109,37 @@ def test_result_wait_that_ends_without_a_result_fails_with_the_reason(tmp_path: 
         assert status["phase"] != "completed" and status["error"] is None
     finally:
         daemon.stop()
+
+
+def test_propose_and_join_read_a_data_file_relative_to_where_they_are_typed(
+    tmp_path: Path,
+) -> None:
+    """The README's 'dms mine collab propose --data mine.csv' (and 'join ... --data
+    theirs.csv'): the node read the file in its own working folder, not the user's
+    ('bad_payload: mine.csv: no such file' for a file right there)."""
+    alice, bob, here = tmp_path / "alice", tmp_path / "bob", tmp_path / "here"
+    init_homes(alice, bob)
+    here.mkdir()
+    np.savetxt(here / "mine.csv", IRIS[:20], delimiter=",", fmt="%.17g")
+    np.savetxt(here / "theirs.csv", IRIS[20:40], delimiter=",", fmt="%.17g")
+    first = Daemon(alice)  # their working folder is the test's, not 'here'
+    daemons = [first, *Daemon.joining(first, bob)]
+    try:
+
+        def typed(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+            argv = [sys.executable, "-m", "dms", *args]
+            env = env_for(home)
+            return subprocess.run(argv, cwd=here, env=env, capture_output=True, text=True)
+
+        owners = daemons[1].info["peer_id"]
+        done = typed(alice, "mine", "collab", "propose", "--data", "mine.csv", "--k", "2",
+                     "--owners", owners, "--out", "p.json", "--json")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        done = typed(bob, "mine", "collab", "join", "p.json", "--data", "theirs.csv", "--json")
+        assert done.returncode == 0, done.stderr
+    finally:
+        for daemon in daemons:
+            daemon.stop()
 
 
 def test_result_wait_says_the_aggregator_was_lost_when_the_round_waits_for_a_new_one() -> None:

@@ -110,7 +110,10 @@ def propose(
         first = str(exc).splitlines()[-1 if isinstance(exc, ValidationError) else 0]
         raise CollabError(f"the proposal cannot be used: {first.strip()}") from None
     body = proposal.model_dump(mode="json")
-    answer = _invoke(client, "/dms/node/collab/propose", {"proposal": body, "data": str(data)})
+    # The node reads the file: a path as the user typed it was relative to the node's
+    # own working folder ('bad_payload: mine.csv: no such file' for a file right here).
+    payload = {"proposal": body, "data": str(data.resolve())}
+    answer = _invoke(client, "/dms/node/collab/propose", payload)
     path = out or Path(f"{proposal.collab_id}.json")
     path.write_text(json.dumps({"proposer": me, "proposal": body}, indent=1) + "\n")
     shown = {**answer, "proposal_file": str(path), "owners": len(every)}
@@ -133,7 +136,7 @@ def join(
         payload = {
             "proposal": announced["proposal"],
             "proposer": announced["proposer"],
-            "data": str(data),
+            "data": str(data.resolve()),  # read by the node, from its own folder
         }
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CollabError(f"{proposal_file}: not a proposal file ({exc})") from None

@@ -159,6 +159,8 @@ def test_mistakes_get_one_line_in_the_flags_words(lone: Daemon, tmp_path: Path) 
         "/ip4/127.0.0.1/tcp/4001 does not end in /p2p/<peer id>",
         "dms peers self",
     )
+    # a peer id mistyped: not 'peer garbage is unreachable: no known address'
+    one_line_error(at_80(lone.home, "peers", "ping", "garbage"), "'garbage' is not a peer id")
     # an API port in use: the hint to choose another
     busy = lone.info["api"].rsplit(":", 1)[1]
     other = tmp_path / "other"

@@ -494,7 +494,7 @@ SIM_LOGS = """
 import logging, sys
 from pathlib import Path
 from dms.cli.sim import quiet_logging
-with quiet_logging(Path(sys.argv[1])):
+with quiet_logging(Path(sys.argv[1]), "threads"):
     import dms.sim.threads  # what a scenario's nodes load, py-libp2p first among them
     logging.getLogger("libp2p.transport.tcp").error("Failed to open TCP stream: refused")
 """

@@ -51,15 +51,21 @@ class Interrupted(DmsError):
     exit_code = 130
 
 
+IN_PROCESS = ("threads", "memory")  # the modes whose nodes run in this process
+
+
 @contextmanager
-def quiet_logging(root: Path) -> Iterator[None]:
+def quiet_logging(root: Path, mode: str) -> Iterator[None]:
     """The nodes of this process log to ROOT/sim.log, not over the timeline.
 
-    py-libp2p detaches its ``libp2p`` logger when it is first imported, which every
-    backend does after this point: imported here first, so the logger sent to the file
-    below stays so (before, its warnings and errors, a killed node's failed dials, went
-    to stderr bare through logging's last resort, between the timeline's lines)."""
-    importlib.import_module("libp2p")  # its logging set up now, not under the scenario
+    py-libp2p detaches its ``libp2p`` logger when it is first imported, which the
+    backends whose nodes run here (``IN_PROCESS``) do after this point: imported here
+    first, so the logger sent to the file below stays so (before, its warnings and
+    errors, a killed node's failed dials, went to stderr bare through logging's last
+    resort, between the timeline's lines). The others' nodes are processes, and this
+    one loads no py-libp2p."""
+    if mode in IN_PROCESS:
+        importlib.import_module("libp2p")  # its logging set up now, not under the scenario
 
     root.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(root / "sim.log")
@@ -111,7 +117,7 @@ def run(
         out.print(wrapped, highlight=False, soft_wrap=True)
 
     try:
-        with quiet_logging(work):
+        with quiet_logging(work, scenario.mode):
             report = run_scenario(scenario, root=work, say=say)
     except KeyboardInterrupt:
         raise Interrupted("interrupted: every node was stopped") from None
@@ -217,7 +223,7 @@ def up(
     backend = make_backend(scenario, work, faults, passphrase=passphrase, serve_api=True)
     runner = Runner(scenario, backend, faults, lambda line: out.print(line, highlight=False))
     try:
-        with quiet_logging(work):
+        with quiet_logging(work, mode):
             runner.setup()
             rows = [backend.describe(name) for name in backend.names]
             if json_out:

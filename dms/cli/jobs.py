@@ -21,6 +21,7 @@ from dms.cli.output import (
     jsonable,
     say,
     short_peer,
+    stored_state,
 )
 from dms.cli.waiting import Waiting, placement_hint
 from dms.node.client import NodeClient
@@ -174,19 +175,19 @@ def list_deployments(
         "deployments",
         ["id", "name", "state", "allocations", "created"],
         [
-            [r["id"], r["name"], _state(r), r["allocations"], ago(r["created_at"], now)]
+            [
+                r["id"],
+                r["name"],
+                stored_state(r["state"], r.get("unreadable")),
+                r["allocations"],
+                ago(r["created_at"], now),
+            ]
             for r in rows
         ],
         whole=["id"],
         hideable=["allocations", "created"],
         limit=_limit(every),
     )
-
-
-def _state(row: dict[str, Any]) -> str:
-    """A listed deployment's state, and whether its stored record could be read
-    (``status`` says why not)."""
-    return f"{row['state']} (unreadable)" if row.get("unreadable") else row["state"]
 
 
 @deployment_app.command("status")

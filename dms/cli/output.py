@@ -26,6 +26,12 @@ def short_peer(peer_id: str | None) -> str:
     return f"…{peer_id[-8:]}" if peer_id else ""
 
 
+def stored_state(state: str, unreadable: str | None) -> str:
+    """A stored row's state (a deployment's, a mining session's phase), and whether its
+    stored record could be read (``unreadable``: why not; its status says it too)."""
+    return f"{state} (unreadable)" if unreadable else state
+
+
 def emit_json(data: Any) -> None:
     """One JSON document on a line of its own, sent at once: a pipe (``| jq``, a test)
     reads each refresh of ``status --watch --json`` as it is made, not a block later."""

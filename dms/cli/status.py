@@ -21,7 +21,15 @@ from rich.text import Text
 from dms.actor import RemoteError
 from dms.cli.actor import TimeoutOption
 from dms.cli.common import JsonOption, settings
-from dms.cli.output import ago, build_table, console, duration, emit_json, jsonable
+from dms.cli.output import (
+    ago,
+    build_table,
+    console,
+    duration,
+    emit_json,
+    jsonable,
+    stored_state,
+)
 from dms.errors import DmsError
 from dms.node.api import ApiError
 from dms.node.client import NodeClient
@@ -67,6 +75,7 @@ def _session(status: dict[str, Any], deployment: dict[str, Any]) -> dict[str, An
     progress = status.get("progress") or {}
     steps = progress.get("steps") or []
     changes = [s.get("change") for s in steps if s.get("change") is not None]
+    failed = progress.get("reason") if status.get("phase") == "failed" else None
     return {
         "id": status["id"],
         "algorithm": status.get("algorithm"),
@@ -75,7 +84,9 @@ def _session(status: dict[str, Any], deployment: dict[str, Any]) -> dict[str, An
         "total_steps": progress.get("total_steps"),
         "change": changes[-1] if changes else None,
         "shards": len(progress.get("shards") or []),
-        "reason": progress.get("reason") if status.get("phase") == "failed" else None,
+        "reason": failed or status.get("unreadable"),
+        # Why parts of its stored row cannot be read (None: all can).
+        "unreadable": status.get("unreadable"),
         "created_at": deployment.get("created_at"),
     }
 
@@ -134,8 +145,8 @@ def render(data: dict[str, Any], width: int | None = None) -> RenderableType:
     )
 
     deployments = [
-        [d["id"], d.get("name", ""), d.get("state", ""), d.get("allocations", ""),
-         ago(d.get("created_at"), now)]
+        [d["id"], d.get("name", ""), stored_state(d.get("state", ""), d.get("unreadable")),
+         d.get("allocations", ""), ago(d.get("created_at"), now)]
         for d in data["deployments"]
     ]  # fmt: skip
     columns = ["id", "name", "state", "allocs", "created"]
@@ -148,7 +159,7 @@ def render(data: dict[str, Any], width: int | None = None) -> RenderableType:
         [
             m["id"],
             m.get("algorithm") or "",
-            m.get("phase") or "",
+            stored_state(m.get("phase") or "", m.get("unreadable")),
             f"{m['steps']}/{m['total_steps']}" if m.get("total_steps") else str(m["steps"]),
             "" if m.get("change") is None else f"{m['change']:.4f}",
             m.get("reason") or "",

@@ -40,10 +40,12 @@ from dms.config import Settings
 from dms.network.host import Libp2pTransport
 from dms.network.peertable import PeerTable
 from dms.node.services import RoleCounts
+from dms.orchestrator.stored import read_session
 from dms.provider.bidindex import BidIndex
 from dms.resources.ledger import ResourceLedger
 from dms.store import Database, StoreBusy
 from dms.store.models import DeploymentRecord, MiningSessionRecord
+from dms.store.sql import as_text
 
 
 class Node(Protocol):
@@ -171,6 +173,11 @@ def histogram(
 
 def _bound(value: float) -> str:
     return repr(float(value))
+
+
+def _times(*values: Any) -> bool:
+    """Whether each of ``values`` is a time (a stored row's may be anything)."""
+    return all(isinstance(v, int | float) for v in values)
 
 
 class NodeCollector(Collector):
@@ -475,7 +482,10 @@ class NodeCollector(Collector):
             deployments = conn.execute(
                 select(DEPLOYMENTS.c.state, DEPLOYMENTS.c.created_at, DEPLOYMENTS.c.running_at)
             ).all()
-            sessions = conn.execute(select(MINING.c.phase, MINING.c.progress)).all()
+            # Read as text, each row on its own: a progress that is not JSON raised out of
+            # the whole scrape. What a row cannot give counts for nothing.
+            stored = conn.execute(select(*as_text(MINING, ["phase", "progress"]))).all()
+        sessions = [read_session(r._mapping) for r in stored]
         by_state = Counter(str(r.state) for r in deployments)
         gauge = GaugeMetricFamily(
             "dms_deployments", "Deployments this node requested, by state.", labels=["state"]
@@ -489,11 +499,11 @@ class NodeCollector(Collector):
             (
                 r.running_at - r.created_at
                 for r in deployments
-                if r.running_at is not None and r.running_at >= r.created_at
+                if _times(r.running_at, r.created_at) and r.running_at >= r.created_at
             ),
             PLACEMENT_BUCKETS,
         )
-        phases = Counter(str(r.phase) for r in sessions)
+        phases = Counter(str(r["phase"]) for r in sessions)
         gauge = GaugeMetricFamily(
             "dms_mining_sessions", "Mining sessions this node owns, by phase.", labels=["phase"]
         )
@@ -503,8 +513,8 @@ class NodeCollector(Collector):
         steps = [
             float(step["s"])
             for r in sessions
-            for step in ((r.progress or {}).get("steps") or [])
-            if isinstance(step, dict) and isinstance(step.get("s"), int | float)
+            for step in r["progress"].get("steps") or []
+            if isinstance(step.get("s"), int | float)
         ]
         rounds = CounterMetricFamily(
             "dms_mining_rounds", "Mining steps (rounds) combined by this node's sessions."

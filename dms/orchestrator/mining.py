@@ -706,7 +706,8 @@ class MiningSessionActor(DeploymentActor):
     ) -> bool:
         row = MiningRow(
             self.id,
-            algorithm=str(self.summary_base.get("algorithm", "")),
+            # Not known to a session resumed after a restart: the stored one is kept.
+            algorithm=self.summary_base.get("algorithm") or None,
             phase=self.phase.value,
             progress=self.progress(),
             checkpoint=checkpoint,

@@ -30,6 +30,7 @@ from dms.orchestrator.mining import MiningSessionActor, SessionLimits
 from dms.orchestrator.records import MiningRow
 from dms.orchestrator.requester import Sessions
 from dms.orchestrator.states import SessionPhase
+from dms.orchestrator.stored import UNREADABLE, describe
 from dms.resources import Resources
 from dms.store import STORE_ERRORS, STORE_RETRY
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # the owner's side (NumPy, TenSEAL) loads with its first job:
 
 log = logging.getLogger("dms.node")
 MIB = 1024 * 1024
+_RESULT = ("result", "labels")  # a completed session's columns its result is read from
 
 
 class MiningRequest(BaseModel):
@@ -266,6 +268,9 @@ class MiningOwner:
             "phase": row.phase,
             "progress": row.progress,
             "checkpoint": row.checkpoint,
+            # Why parts of its stored row cannot be read (None: all can), those parts
+            # shown empty (dms.orchestrator.stored).
+            "unreadable": describe(row.unreadable) or None,
         }
 
     @behaviour("/dms/node/mining/result", payload=SessionId, data=True)
@@ -276,4 +281,9 @@ class MiningOwner:
             raise Refusal("unknown", f"no mining session {request.payload.id!r}")
         if row.phase != SessionPhase.COMPLETED:
             raise Refusal("not_ready", f"the session is {row.phase}, not completed")
+        problems = {c: why for c, why in (row.unreadable or {}).items() if c in _RESULT}
+        if problems:
+            raise Refusal(
+                UNREADABLE, f"the session's stored result could not be read: {describe(problems)}"
+            )
         return {"id": row.id, "result": row.result, "labels": row.labels}

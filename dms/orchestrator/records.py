@@ -64,6 +64,9 @@ class MiningRow:
     labels: list[Any] | None = None
     created_at: float | None = None
     updated_at: float | None = None
+    # Not a column: why parts of the row as read could not be, by column (None: all could;
+    # dms.orchestrator.stored.read_session). Never written.
+    unreadable: Mapping[str, str] | None = None
 
     def columns(self) -> dict[str, Any]:
         """The columns given (what a save writes)."""

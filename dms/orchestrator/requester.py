@@ -32,16 +32,19 @@ from dms.orchestrator.deployment import (
     summarize,
 )
 from dms.orchestrator.messages import STILL_HELD, HeldQuestion
+from dms.orchestrator.records import MiningRow
 from dms.orchestrator.reverts import Reverts
 from dms.orchestrator.store import DeploymentStore
-from dms.orchestrator.stored import UNREADABLE_PEERS, unreadable_reason
+from dms.orchestrator.stored import UNREADABLE_PEERS, describe, invalid_said, unreadable_reason
 from dms.store import STORE_REFUSED, Database, StoreBusy
 
 log = logging.getLogger("dms.node")
+_SESSION = "its mining session's"  # whose columns a session's unreadable parts are
 
 
 class UnreadableRecord(ValueError):
-    """Parts of a deployment's stored row cannot be read (``dms.orchestrator.stored``)."""
+    """Parts of a deployment's stored row, or of its mining session's, cannot be read
+    (``dms.orchestrator.stored``)."""
 
 
 def _why(exc: Exception) -> str:
@@ -49,10 +52,7 @@ def _why(exc: Exception) -> str:
     if isinstance(exc, UnreadableRecord):
         return str(exc)
     if isinstance(exc, ValidationError):
-        said = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()[:3]
-        )
-        return f"its spec is not valid ({said})"
+        return f"its spec is not valid ({invalid_said(exc)})"
     first = str(exc).splitlines()[0][:300] if str(exc) else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
@@ -128,21 +128,34 @@ class Requester:
         not accept, an unknown state, a slot that contradicts itself, or any other
         error building its actor) fails, saying why, and gives back what its readable
         parts name: the node starts, and every other deployment resumes. A node that
-        stops meanwhile (its actor system spawns nothing) fails none: that raises."""
+        stops meanwhile (its actor system spawns nothing) fails none: that raises.
+
+        A mining session (its row in ``mining_sessions``, its deployment's id) not ended
+        goes with its deployment: one whose row cannot be read fails its deployment so,
+        and the session with it. A session not ended whose deployment is not resumed
+        (ended, or not in the store: its end was never saved, or the deployment was
+        failed unreadable by an earlier version) fails, saying why."""
         if self._orchestration is None:
             return
-        for row in self._orchestration.store.active():
+        store = self._orchestration.store
+        sessions = {s.id: s for s in store.unended_sessions()}
+        for row in store.active():
+            session = sessions.pop(row["id"], None)
             try:
-                self._resume(row)
+                self._resume(row, session)
             except Exception as exc:
                 if self.node.system.stopped:
                     # The node is stopping (its actor system spawns nothing): nothing is
                     # wrong with the record, and the next start resumes it.
                     raise
-                self._fail_unreadable(row, exc)
+                self._fail_unreadable(row, exc, session)
+        for session in sessions.values():
+            self._fail_session(session)
 
-    def _resume(self, row: dict[str, Any]) -> None:
+    def _resume(self, row: dict[str, Any], session: MiningRow | None) -> None:
         problems = unreadable_reason(row)
+        if session is not None and session.unreadable:
+            problems = "; ".join(filter(None, [problems, describe(session.unreadable, _SESSION)]))
         if problems:
             raise UnreadableRecord(problems)
         spec = DeploymentSpec.model_validate(row["spec"])
@@ -155,17 +168,20 @@ class Requester:
             self.orchestration().live.pop(row["id"], None)
             raise
 
-    def _fail_unreadable(self, row: dict[str, Any], exc: Exception) -> None:
+    def _fail_unreadable(
+        self, row: dict[str, Any], exc: Exception, session: MiningRow | None = None
+    ) -> None:
         """Fail a deployment that cannot resume (``DeploymentStore.fail_unreadable``),
-        and revert everything it may hold on each peer its readable slots or its bid
-        index name: its leases are not kept (a provider that hears none of it still lets
-        them go when it asks, ``/dms/deployment/held``: a failed deployment holds
-        nothing). A store that refuses even that raises: the node does not start."""
+        its mining ``session`` too, and revert everything it may hold on each peer its
+        readable slots or its bid index name: its leases are not kept (a provider that
+        hears none of it still lets them go when it asks, ``/dms/deployment/held``: a
+        failed deployment holds nothing). A store that refuses even that raises: the
+        node does not start."""
         o = self.orchestration()
         deployment_id = row["id"]
         reason = f"its stored record could not be read: {_why(exc)}"
         log.warning("deployment %s cannot resume, failed: %s", deployment_id, reason)
-        o.store.fail_unreadable(row, reason)
+        o.store.fail_unreadable(row, reason, session)
         peers = {s.get("peer_id") for s in row["slots"] if isinstance(s, dict)}
         peers |= set(row.get(UNREADABLE_PEERS) or [])  # named by slots it cannot read
         try:
@@ -174,6 +190,19 @@ class Requester:
             log.warning("deployment %s: its bids could not be read: %s", deployment_id, bids_exc)
         for peer in sorted(p for p in peers if isinstance(p, str) and p):
             self.reverts.send(peer, revert_payload(deployment_id, [], everything=True))
+
+    def _fail_session(self, session: MiningRow) -> None:
+        """Fail a mining session not ended whose deployment is not resumed (it ended, or
+        is not in the store), saying why, once: its phase no longer says it runs."""
+        store = self.orchestration().store
+        if session.unreadable:
+            reason = f"its stored record could not be read: {describe(session.unreadable)}"
+        else:
+            deployment = store.get(session.id)
+            where = f"is {deployment['state']}" if deployment else "is not in the store"
+            reason = f"its end was not saved before its node stopped (its deployment {where})"
+        log.warning("mining session %s cannot resume, failed: %s", session.id, reason)
+        store.fail_session(session, reason)
 
     @property
     def places(self) -> bool:

@@ -16,20 +16,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Text, insert, select, type_coerce, update
+from sqlalchemy import JSON, insert, select, update
 
 from dms.files import write_private
 from dms.orchestrator.records import BidRow, MiningRow
-from dms.orchestrator.states import DEPLOYMENT, DeploymentState
-from dms.orchestrator.stored import UNREADABLE, read_row
+from dms.orchestrator.states import DEPLOYMENT, SESSION, DeploymentState, SessionPhase
+from dms.orchestrator.stored import UNREADABLE, read_row, read_session
 from dms.store import STORE_ERRORS, Database
 from dms.store.group import GroupCommit
 from dms.store.models import BidRecord, DeploymentRecord, MiningSessionRecord
-from dms.store.sql import Statement, json_text
+from dms.store.sql import Statement, as_text, json_text
 
 DEPLOYMENTS = DeploymentRecord.__table__
 BIDS = BidRecord.__table__
 MINING = MiningSessionRecord.__table__
+# A session's row as read (``read_session``), with its labels or without (status polls).
+_MINING_READ = as_text(MINING)
+_MINING_NO_LABELS = as_text(MINING, [c.name for c in MINING.c if c.name != "labels"])
 
 # A deployment is saved at each transition, several times a placement: its statements are
 # SQL run on the driver (``dms.store.sql``), its JSON columns written as their text.
@@ -44,11 +47,8 @@ _INSERT = Statement(
     f"INSERT INTO deployments ({', '.join(_COLUMNS)}) "
     f"VALUES ({', '.join(':' + c for c in _COLUMNS)})"
 )
-# Read with the JSON columns as their text, each parsed on its own (``read_row``): a
-# column that is not JSON, read as SQLAlchemy's JSON type, raised out of the whole read.
-_READ = select(
-    *(type_coerce(c, Text).label(c.name) if c.name in _JSON else c for c in DEPLOYMENTS.c)
-)
+# Read with the JSON columns as their text, each parsed on its own (``read_row``).
+_READ = select(*as_text(DEPLOYMENTS))
 _BID_COLUMNS = [c.name for c in BIDS.c if c.name != "id"]
 _INSERT_BIDS = Statement(
     f"INSERT INTO bids ({', '.join(_BID_COLUMNS)}) "
@@ -101,12 +101,12 @@ class DeploymentStore:
             return kept
         with self.db.transaction() as conn:
             row = conn.execute(_READ.where(DEPLOYMENTS.c.id == deployment_id)).first()
-            return read_row(row._mapping, _JSON) if row is not None else None
+            return read_row(row._mapping) if row is not None else None
 
     def list(self, limit: int = 100) -> list[dict[str, Any]]:
         with self.db.transaction() as conn:
             rows = conn.execute(_READ.order_by(DEPLOYMENTS.c.created_at.desc()).limit(limit))
-            return [self._kept.get(r.id) or read_row(r._mapping, _JSON) for r in rows]
+            return [self._kept.get(r.id) or read_row(r._mapping) for r in rows]
 
     def active(self) -> list[dict[str, Any]]:
         """Deployments to resume: none whose end is known, saved or not. A row whose
@@ -116,12 +116,16 @@ class DeploymentStore:
         with self.db.transaction() as conn:
             ended = DEPLOYMENTS.c.state.in_(sorted(DEPLOYMENT.terminal))
             rows = conn.execute(_READ.where(~ended))
-            return [read_row(r._mapping, _JSON) for r in rows if r.id not in unsaved]
+            return [read_row(r._mapping) for r in rows if r.id not in unsaved]
 
-    def fail_unreadable(self, row: dict[str, Any], reason: str) -> None:
+    def fail_unreadable(
+        self, row: dict[str, Any], reason: str, session: MiningRow | None = None
+    ) -> None:
         """Fail a deployment whose stored record cannot be carried on from, writing only
         what needs no reading of it: its state, its end time and, if its events could be
-        read, an event saying ``reason``. The rest of the row is left as it is."""
+        read, an event saying ``reason``. The rest of the row is left as it is. Its
+        mining ``session`` (read, not ended) fails with it, in the same transaction
+        (:meth:`fail_session`)."""
         now = time.time()
         values: dict[str, Any] = {
             "state": DeploymentState.FAILED.value,
@@ -132,6 +136,8 @@ class DeploymentStore:
             values["events"] = [*row["events"], {"at": round(now, 3), "what": reason}]
         with self.db.transaction() as conn:
             conn.execute(update(DEPLOYMENTS).where(DEPLOYMENTS.c.id == row["id"]).values(**values))
+            if session is not None:
+                self._fail_session(conn, session, reason, now)
 
     def flush_unsaved(self) -> set[str]:
         """Write kept ends into the database; returns the ids still only on disk."""
@@ -232,7 +238,32 @@ class DeploymentStore:
                 conn.execute(insert(MINING).values(**{"created_at": now, **row, "updated_at": now}))
 
     def mining(self, session_id: str, *, labels: bool = False) -> MiningRow | None:
-        columns = [c for c in MINING.c if labels or c.name != "labels"]
+        """A session's row (``labels`` only when asked for); what of it cannot be read is
+        named in its ``unreadable`` (``dms.orchestrator.stored.read_session``)."""
+        columns = _MINING_READ if labels else _MINING_NO_LABELS
         with self.db.transaction() as conn:
             row = conn.execute(select(*columns).where(MINING.c.id == session_id)).first()
-            return MiningRow.from_row(row._mapping) if row is not None else None
+            return MiningRow.from_row(read_session(row._mapping)) if row is not None else None
+
+    def unended_sessions(self) -> list[MiningRow]:
+        """The sessions not ended (a phase this version does not know counts), without
+        their labels: each is carried on from, or failed, at start (``Requester.start``)."""
+        ended = MINING.c.phase.in_(sorted(SESSION.terminal))
+        with self.db.transaction() as conn:
+            rows = conn.execute(select(*_MINING_NO_LABELS).where(~ended))
+            return [MiningRow.from_row(read_session(r._mapping)) for r in rows]
+
+    def fail_session(self, session: MiningRow, reason: str) -> None:
+        """Fail a session that cannot be carried on from: its phase becomes ``failed``
+        and, if its progress could be read, the progress says so and why. The rest of
+        the row is left as it is."""
+        with self.db.transaction() as conn:
+            self._fail_session(conn, session, reason, time.time())
+
+    @staticmethod
+    def _fail_session(conn: Any, session: MiningRow, reason: str, now: float) -> None:
+        failed = SessionPhase.FAILED.value
+        values: dict[str, Any] = {"phase": failed, "updated_at": now}
+        if "progress" not in (session.unreadable or {}):
+            values["progress"] = {**(session.progress or {}), "phase": failed, "reason": reason}
+        conn.execute(update(MINING).where(MINING.c.id == session.id).values(**values))

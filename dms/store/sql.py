@@ -19,13 +19,29 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import JSON, ColumnElement, Connection, Table, Text, type_coerce
 from sqlalchemy.exc import DBAPIError
 
 _PARAM = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def as_text(table: Table, names: Iterable[str] | None = None) -> list[ColumnElement[Any]]:
+    """``table``'s columns (those ``names``, in their order) to select, its JSON columns
+    as their stored text, for the reader to parse each row's on its own: a column that
+    is not JSON, read as SQLAlchemy's JSON type, raised out of the whole read
+    (``dms.orchestrator.stored``, ``dms.network.peerbook``)."""
+    columns = [table.c[n] for n in names] if names is not None else list(table.c)
+    return [type_coerce(c, Text).label(c.name) if isinstance(c.type, JSON) else c for c in columns]
+
+
+def json_value(text: Any) -> Any:
+    """A JSON column's value from what :func:`as_text` read of it: its text parsed (a
+    value stored as a number, as SQLite keeps one written by hand, as it is). Raises
+    ``ValueError`` for text that is not JSON."""
+    return json.loads(text) if isinstance(text, str | bytes) else text
 
 
 def json_text(value: Any) -> str:

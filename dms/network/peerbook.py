@@ -10,18 +10,29 @@ unstaked peers seen the longest ago go, and a staked peer goes only to make room
 another staked one. So a flood of fresh keys (gossip requesters a provider dialed to
 bid, keys that publish heartbeats) cannot push out the peers the node works with. See
 ``specs/security.md``, "Global budgets".
+
+A remembered row that cannot be read (its addresses not JSON, or not a list of
+strings: a hand edit, disk trouble) is not dialed, with a warning naming the peer,
+and is written over when that peer is remembered again: it kept the node from
+starting (``dms run`` raised the JSON error).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select, update
 
 from dms.network.host import PeerInfoView
 from dms.store import Database
 from dms.store.models import KnownPeer
+from dms.store.sql import as_text, json_value
+
+log = logging.getLogger("dms.network")
+KNOWN_PEERS = KnownPeer.__table__
 
 MAX_ADDRS_PER_PEER = 8
 FORGET_AFTER = timedelta(days=7)
@@ -69,12 +80,12 @@ class PeerBook:
             return
         with self._db.session() as session:
             for peer_id, addrs in due.items():
-                row = session.get(KnownPeer, peer_id)
-                if row is None:
-                    session.add(KnownPeer(peer_id=peer_id, addrs=addrs, last_seen=now))
-                else:
-                    row.addrs = addrs
-                    row.last_seen = now
+                # Written over, never read first: a stored row that cannot be read is
+                # replaced (loaded, it raised).
+                row = {"addrs": addrs, "last_seen": now}
+                where = KNOWN_PEERS.c.peer_id == peer_id
+                if session.execute(update(KNOWN_PEERS).where(where).values(row)).rowcount == 0:
+                    session.execute(insert(KNOWN_PEERS).values(peer_id=peer_id, **row))
             session.execute(delete(KnownPeer).where(KnownPeer.last_seen < now - FORGET_AFTER))
             session.flush()
             newest = session.scalars(
@@ -108,7 +119,24 @@ class PeerBook:
         return staked[self.max_peers :] + unstaked[room:]
 
     def dial_addrs(self) -> list[str]:
-        """Every remembered address as a full ``.../p2p/<peer id>`` multiaddr."""
+        """Every remembered address as a full ``.../p2p/<peer id>`` multiaddr; a row whose
+        addresses cannot be read is left out, with a warning."""
+        query = select(*as_text(KNOWN_PEERS, ["peer_id", "addrs"]))
         with self._db.session() as session:
-            rows = session.scalars(select(KnownPeer).order_by(KnownPeer.last_seen.desc())).all()
-            return [f"{addr}/p2p/{row.peer_id}" for row in rows for addr in row.addrs]
+            rows = session.execute(query.order_by(KNOWN_PEERS.c.last_seen.desc())).all()
+        return [f"{addr}/p2p/{peer_id}" for peer_id, text in rows for addr in _addrs(peer_id, text)]
+
+
+def _addrs(peer_id: str, text: Any) -> list[str]:
+    """A remembered peer's addresses from their stored text ([] if they cannot be read)."""
+    try:
+        addrs = json_value(text)
+    except ValueError as exc:
+        why = f"are not JSON ({exc})"
+    else:
+        if isinstance(addrs, list) and all(isinstance(a, str) for a in addrs):
+            return addrs
+        why = f"are {type(addrs).__name__}, not a list of addresses"
+    log.warning("remembered peer %s: its addresses in the store %s; not dialed (written "
+                "again when it connects)", peer_id, why)  # fmt: skip
+    return []

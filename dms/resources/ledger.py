@@ -45,7 +45,7 @@ from sqlalchemy import Connection, and_, case, func, insert, or_, select, update
 from dms.errors import DmsError
 from dms.resources.amounts import KINDS, ZERO, Resources, show
 from dms.statemachine import Machine
-from dms.store import Database
+from dms.store import Database, StoreError
 from dms.store.models import Event, Lease, Onboarding, utcnow
 from dms.store.sql import Statement, json_text
 
@@ -205,13 +205,37 @@ _EVENT = Statement("INSERT INTO events (at, kind, data) VALUES (:at, :kind, :dat
 _EVENT_AT: dict[str, Any] = {}
 
 
-def _sums(values: tuple[Any, ...]) -> Resources:
-    return Resources.of([int(v or 0) for v in values])
+def _sums(values: tuple[Any, ...], what: str = "the leases' amounts", *args: Any) -> Resources:
+    """Amounts from their columns (``what.format(*args)``: whose, for the error a value
+    that is no number raises; formatted only then, off the transitions' path)."""
+    try:
+        return Resources.of([int(v or 0) for v in values])
+    except (TypeError, ValueError):
+        raise _damaged(what.format(*args), values) from None
+
+
+def _number(value: Any, what: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _damaged(what, value) from None
+
+
+def _damaged(what: str, values: Any) -> StoreError:
+    """A ledger row that holds what is no number where one belongs (a hand edit, disk
+    trouble): each read of it raised Python's conversion error, out of the node's start
+    and ``dms resources``. Nothing can be counted from it, so nothing is: the command
+    or the start fails, saying which row and what to do."""
+    return StoreError(
+        f"the store is damaged: {what}: {values!r} where numbers belong; correct or delete "
+        "that row of the database (sqlite3 DMS_HOME/dms.db), then try again"
+    )
 
 
 def _view(row: tuple[Any, ...]) -> LeaseView:
     """A lease from its row (the columns of ``_LEASE_COLUMNS``)."""
-    return LeaseView(row[0], LeaseState(row[1]), _sums(row[2:6]), row[6], row[7], row[8])
+    amounts = _sums(row[2:6], "lease {}'s amounts", row[0])
+    return LeaseView(row[0], LeaseState(row[1]), amounts, row[6], row[7], row[8])
 
 
 def _live_clause(now: float) -> Any:
@@ -645,21 +669,33 @@ class ResourceLedger:
         onboarding = _ONBOARDED.run(conn).fetchone()
         sums = {row[0]: row for row in _SUMS.run(conn, {"now": now}).fetchall()}
         locked_row = sums.get(LOCKED)
-        valid_until = float(locked_row[6]) if locked_row is not None else math.inf
+        valid_until = (
+            _number(locked_row[6], "the locked leases' expiry (expires_at)")
+            if locked_row is not None
+            else math.inf
+        )
 
         def pool(state: str) -> tuple[Resources, int]:
             row = sums.get(state)
             if row is None:
                 return ZERO, 0
-            return _sums(row[1:5]), int(row[5])
+            return _sums(row[1:5], "the {} leases' amounts", state), int(row[5])
 
         locked, leases = pool(LOCKED)
         allocated, allocations = pool(ALLOCATED)
         pools = Pools(
-            onboarded=_sums(onboarding[:4]) if onboarding is not None else ZERO,
+            onboarded=(
+                _sums(onboarding[:4], "the onboarding row's amounts")
+                if onboarding is not None
+                else ZERO
+            ),
             locked=locked,
             allocated=allocated,
-            price=float(onboarding[4]) if onboarding is not None else 0.0,
+            price=(
+                _number(onboarding[4], "the onboarding row's price")
+                if onboarding is not None
+                else 0.0
+            ),
             leases=leases,
             allocations=allocations,
         )

@@ -29,6 +29,7 @@ Start-up waits for a locked store until a deadline of its own, saying so as it w
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sqlite3
 import threading
@@ -38,7 +39,17 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, make_url, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    event,
+    insert,
+    make_url,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,7 +57,7 @@ from dms.files import create_private, sqlite_path
 from dms.store.errors import StoreBusy, StoreError
 from dms.store.migrations import migrate
 from dms.store.models import Event, Setting
-from dms.store.sql import run_driver
+from dms.store.sql import as_text, json_value, run_driver
 
 __all__ = ["Database", "StoreBusy", "StoreError", "open_database"]
 
@@ -640,13 +651,27 @@ class Database:
     # ---- small helpers every layer uses ------------------------------------------
 
     def get_setting(self, key: str, default: Any = None) -> Any:
+        """The setting ``key``'s value, ``default`` if it is not set. One whose stored text
+        is not JSON (a hand edit, disk trouble) counts as not set, with a warning: it kept
+        the node from starting (the JSON error raised out of its start)."""
         with self.session() as s:
-            row = s.get(Setting, key)
-            return default if row is None else row.value
+            stored = s.scalar(select(*as_text(SETTINGS, ["value"])).where(SETTINGS.c.key == key))
+            if stored is None:  # no row, or a row whose value is null
+                return default
+        try:
+            return json_value(stored)
+        except ValueError as exc:
+            log.warning("the setting %r in the store is not JSON (%s): taken as not set "
+                        "until it is written again", key, exc)  # fmt: skip
+            return default
 
     def put_setting(self, key: str, value: Any) -> None:
+        """Set ``key`` to ``value``, written over whatever is stored (never read first: a
+        stored value that is not JSON raised out of the write)."""
         with self.session() as s:
-            s.merge(Setting(key=key, value=value))
+            where = SETTINGS.c.key == key
+            if s.execute(update(SETTINGS).where(where).values(value=value)).rowcount == 0:
+                s.execute(insert(SETTINGS).values(key=key, value=value))
 
     def record(self, kind: str, **data: Any) -> None:
         with self.session() as s:
@@ -659,6 +684,9 @@ class Database:
                 query = query.where(Event.kind == kind)
             return list(s.scalars(query))
 
+
+SETTINGS = Setting.__table__
+log = logging.getLogger("dms.store")
 
 _LOCKED_ELSEWHERE = "its database is locked by another process (or connection)"
 _PG_LOCKED = "a table or row it needs is locked by another session (lock_timeout)"

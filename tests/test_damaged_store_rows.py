@@ -1,0 +1,94 @@
+"""Rows of the node's own tables that cannot be read (spoiled with sqlite3 while the node
+is stopped, as a hand edit or disk trouble leaves them): the remembered peers and the
+node's settings. Each kept ``dms run`` from starting, with a raw traceback; now the
+node starts, warns of each once, and writes it over when it writes that row again
+(``specs/layout.md``, "Store")."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+from dms.network.discovery import PeerInfoView
+from dms.network.peerbook import PeerBook
+from dms.store.db import open_database
+from tests.clitools import Daemon, dms_many, init_home_quick
+
+# Peer ids of nodes that do not exist (dialed, the dial fails: nothing else happens).
+NOT_JSON, NUMBER, NO_TIME = (
+    "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo",
+    "12D3KooWJ3mvhSeH71NcAiBK47Gw2aovFGzgja18FToY8TwyACjD",
+    "12D3KooWSdHKCqbGsM1pCJpvoJBGsZJgPoH6MU34kGcRu8a9ANQN",
+)
+SPOILED = [
+    f"INSERT INTO known_peers VALUES ('{NOT_JSON}', '[\"/ip4/127.0.0.1', '2026-01-01 00:00:00')",
+    f"INSERT INTO known_peers VALUES ('{NUMBER}', '5', '2026-01-01 00:00:00')",
+    f"INSERT INTO known_peers VALUES ('{NO_TIME}', '[\"/ip4/127.0.0.1/tcp/9\"]', 'yesterday')",
+    "INSERT INTO node_settings VALUES ('registered_capability', '{\"version\": ')",
+]
+
+
+def test_a_daemon_starts_over_unreadable_remembered_peers_and_settings(tmp_path: Path) -> None:
+    """Remembered peers whose addresses are not JSON, a number, or whose last-seen time
+    is no time, and a capability setting that is not JSON: ``dms run`` raised each (the
+    JSON error out of the peer book's read, or the node actor not starting). Now it
+    starts: the unreadable peers are not dialed (the readable one is), each warned of
+    once, the setting counts as not set (``dms benchmark`` writes it again), and a
+    peer remembered again is written over."""
+    home = tmp_path / "home"
+    init_home_quick(home)
+    open_database(f"sqlite:///{home / 'dms.db'}").close()  # its tables
+    with closing(sqlite3.connect(home / "dms.db")) as conn, conn:
+        for sql in SPOILED:
+            conn.execute(sql)
+    daemon = Daemon(home)
+    try:
+        [(code, shown, err), (code2, measured, err2)] = dms_many(
+            home, [["peers", "list", "--json"], ["benchmark", "--json", "--timeout", "60"]]
+        )
+    finally:
+        assert daemon.stop() == 0, daemon.stderr()
+    assert code == 0 and isinstance(json.loads(shown), list), err
+    assert code2 == 0 and json.loads(measured)["seconds"] > 0, err2
+    log = daemon.stderr()
+    assert "Traceback" not in log, log
+    for peer, why in ((NOT_JSON, "are not JSON"), (NUMBER, "are int, not a list")):
+        warned = [line for line in log.splitlines() if f"remembered peer {peer}" in line]
+        assert len(warned) == 1 and why in warned[0], (peer, warned)
+    assert log.count("the setting 'registered_capability' in the store is not JSON") == 1, log
+    with closing(open_database(f"sqlite:///{home / 'dms.db'}")) as db:
+        assert db.get_setting("registered_capability")["seconds"] > 0  # measured again
+        book = PeerBook(db)
+        assert book.dial_addrs() == [f"/ip4/127.0.0.1/tcp/9/p2p/{NO_TIME}"]
+        book.remember([PeerInfoView(NOT_JSON, ["/ip4/127.0.0.1/tcp/7"])])
+        assert f"/ip4/127.0.0.1/tcp/7/p2p/{NOT_JSON}" in book.dial_addrs()
+
+
+def test_a_ledger_row_that_holds_no_number_is_named_not_a_traceback(tmp_path: Path) -> None:
+    """An onboarding row or a live lease holding text where its amounts or expiry belong:
+    ``dms resources`` (and the node's start, which reads the same pools) raised Python's
+    conversion error with a traceback. Nothing can be counted from such a row, so the
+    command fails, in one line naming the row and what to do."""
+    home = tmp_path / "home"
+    init_home_quick(home)
+    open_database(f"sqlite:///{home / 'dms.db'}").close()  # its tables
+    spoiled = {
+        "the onboarding row's amounts: ('lots', 1024, 1024, 0)": (
+            "INSERT INTO onboarding VALUES (1, 'lots', 1024, 1024, 0, 0.0, 0)"
+        ),
+        "the locked leases' expiry (expires_at): 'soon'": (
+            "INSERT INTO leases VALUES ('ab', 'locked', 100, 10, 10, 0, 'h', 'r', 0, 'soon', "
+            "NULL, NULL)"
+        ),
+    }
+    for said, sql in spoiled.items():
+        with closing(sqlite3.connect(home / "dms.db")) as conn, conn:
+            conn.execute("DELETE FROM onboarding")
+            conn.execute("DELETE FROM leases")
+            conn.execute(sql)
+        [(code, out, err)] = dms_many(home, [["resources", "--json"]])
+        assert code == 1 and not out, (said, out, err)
+        assert err.startswith("error: the store is damaged: " + said), (said, err)
+        assert "correct or delete that row" in err and len(err.strip().splitlines()) == 1, err

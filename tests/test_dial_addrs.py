@@ -5,21 +5,27 @@ reason) where a peer's first address drops every packet."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from dms.network import dialing, libp2p_patches
 from dms.network.dialing import MAX_DIAL_ADDRS, ranked, reaches_this_host
+from dms.network.dialslots import HOLD_S, PREEMPTED, DialSlots
 from dms.network.host import Libp2pTransport
 from dms.network.interfaces import advertised, expanded
+from dms.network.loop import NetworkError
 from dms.network.settings import NetworkSettings
 from dms.security.identity import Identity
 from dms.sim.adversary import bare_host
@@ -243,6 +249,128 @@ def test_a_peer_advertising_one_hosts_ports_is_dialed_on_two() -> None:
     assert len(dialed) == 2
 
 
+def _honest_dial_beside(
+    hostile: int, *, per_s: float = 0.0, reached_before: bool = False
+) -> tuple[float | None, Counter[str]]:
+    """``hostile`` keys, each advertising 8 addresses that never answer, dialed at once
+    with the auto-connector's deadline (10 s), and ``per_s`` more keys' dials a second
+    from then on; 2 s in, a dial of an honest peer whose one address connects at once
+    (``reached_before``: one of its addresses connected before, in this process), within
+    this node's ``dial_timeout_s`` (5 s). Returns how long the honest dial took (None:
+    it ended at its deadline) and the dials of each hostile key's addresses (on trio's
+    clock, which jumps ahead while every task waits)."""
+    libp2p_patches.apply_libp2p_patches()
+    dialed: Counter[str] = Counter()
+    took: float | None = None
+
+    async def main() -> None:
+        nonlocal took
+        host = bare_host(Identity.generate())
+        honest = ID.from_base58(Identity.generate().peer_id)
+        sinks = [Multiaddr(f"/ip4/10.{i}.0.1/tcp/4001") for i in range(MAX_DIAL_ADDRS)]
+        async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            swarm = host.get_network()
+            store = host.get_peerstore()
+
+            async def dial_with_retry(addr: Any, peer_id: Any, source: Any = None) -> Any:
+                if peer_id == honest:
+                    await trio.sleep(0.01)
+                    return object()  # a connection, as far as the dial is concerned
+                dialed[str(peer_id)] += 1
+                await trio.sleep_forever()
+
+            swarm._dial_with_retry = dial_with_retry  # type: ignore[method-assign]
+            swarm.get_connections = lambda peer_id=None: []  # type: ignore[method-assign]
+            store.add_addrs(honest, [Multiaddr("/ip4/10.99.0.1/tcp/4001")], 600)
+            if reached_before:
+                dialing.worked_for(swarm)[honest] = Multiaddr("/ip4/10.99.0.1/tcp/4001")
+
+            async def auto_connect() -> None:
+                key = ID.from_base58(Identity.generate().peer_id)
+                store.add_addrs(key, sinks, 600)
+                with trio.move_on_after(10.0), contextlib.suppress(Exception):
+                    await swarm.dial_peer(key)
+
+            async def more_keys() -> None:
+                while per_s:
+                    nursery.start_soon(auto_connect)
+                    await trio.sleep(1.0 / per_s)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(hostile):
+                    nursery.start_soon(auto_connect)
+                nursery.start_soon(more_keys)
+                await trio.sleep(2.005)
+                began = trio.current_time()
+                with trio.move_on_after(5.0):
+                    await swarm.dial_peer(honest)
+                    took = trio.current_time() - began
+                nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.002))
+    return took, dialed
+
+
+def test_a_peers_dial_is_not_queued_behind_addresses_that_never_answer() -> None:
+    """200 keys' dials, 8 addresses each, none of which ever answers: 1,600 addresses
+    for the swarm's 32 dial slots, each held until its dial's deadline (the
+    auto-connector's 10 s). A slot went to whoever asked first, so an honest peer's dial
+    2 s later waited behind them all, past its own 5 s. Now a dial's first address goes
+    before any dial's next ones, the latest first, and a connect pending for HOLD_S
+    gives its slot up when others wait: the honest dial connects."""
+    took, dialed = _honest_dial_beside(200)
+    assert took is not None, "the honest dial ended at its deadline"
+    # The hostile keys' dials went on meanwhile, each on its first address at least.
+    assert len(dialed) >= 32
+
+
+def test_a_peer_reached_before_is_dialed_ahead_of_a_stream_of_new_keys() -> None:
+    """New keys' dials keep coming (50 a second, more than the slots serve when none
+    answers: 32 a second), each newer than the honest dial: a peer never reached waits
+    behind them. A peer this node reached before (an address of it connected once) goes
+    ahead of every such dial, and connects."""
+    took, _ = _honest_dial_beside(64, per_s=50, reached_before=True)
+    assert took is not None, "the dial of a peer reached before ended at its deadline"
+
+
+def _slot_kept(connected: bool, *, preferred: bool = False) -> tuple[bool, float]:
+    """One slot, held by an unknown peer's address (its TCP connect done or still
+    pending) for 10 s; another address waits for it from 0.1 s on. Whether the holder
+    kept its slot, and when the waiting one got it (trio's clock)."""
+    slots = DialSlots(1)
+    kept, got = True, 0.0
+
+    async def main() -> None:
+        nonlocal kept, got
+
+        async def holder() -> None:
+            nonlocal kept
+            async with slots.slot(False, 0) as attempt:
+                if connected:
+                    attempt.connecting_since = None  # upgrading (Noise, Yamux)
+                with attempt.scope:
+                    await trio.sleep(10.0)
+                kept = not attempt.preempted
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(holder)
+            await trio.sleep(0.1)
+            async with slots.slot(preferred, 0):
+                got = trio.current_time()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return kept, got
+
+
+def test_a_pending_connect_gives_its_slot_up_after_hold_s_and_an_upgrade_does_not() -> None:
+    """A connect still pending when another address waits gives its slot up once it
+    has had HOLD_S; a connection being upgraded keeps it until it is done."""
+    kept, got = _slot_kept(connected=False)
+    assert not kept and HOLD_S <= got < 10.0
+    kept, got = _slot_kept(connected=True)
+    assert kept and got >= 10.0
+
+
 # ---- real networks (namespaces) --------------------------------------------------------
 
 WHY_NOT = unavailable()
@@ -381,3 +509,59 @@ def test_the_cli_prints_every_address_the_node_advertises(hosts: NatTopology) ->
     assert f"/ip4/{nat.ip('prov')}/tcp/4001" in printed
     assert f"/ip4/{BLACKHOLE}/tcp/4001" in printed
     assert printed[-1] == "/ip4/127.0.0.1/tcp/4001"
+
+
+# ---- many keys advertising addresses that never answer ------------------------------------
+
+# Addresses of the hostile keys: four IPs on the requester's network whose packets a
+# host drops (iptables DROP), two ports each, so a dial of a key tries 8 (4 hosts x 2).
+SINKS = [f"10.78.201.{i}" for i in range(1, 5)]
+
+
+def blackholed(nat: NatTopology, role: str) -> list[str]:
+    """Addresses on ``role`` whose every packet is dropped: a dial to one waits for its
+    caller's deadline, as to a host gone or firewalled."""
+    for ip in SINKS:
+        nat.sh(role, "ip", "addr", "add", f"{ip}/16", "dev", "eth0")
+    nat.sh(role, "iptables", "-A", "INPUT", "-d", "10.78.201.0/24", "-j", "DROP")
+    return [f"/ip4/{ip}/tcp/{port}" for ip in SINKS for port in (4001, 4002)]
+
+
+@needs_netns
+def test_keys_advertising_blackholed_addresses_do_not_starve_a_dial_of_an_honest_peer(
+    hosts: NatTopology, started: list[Libp2pTransport]
+) -> None:
+    """64 keys heard (as through their signed heartbeats: the peerstore keeps them), each
+    advertising 8 addresses whose packets are dropped; py-libp2p's auto-connector dials
+    32 of them at once, each within its 10 s. Every address held a slot of the swarm's
+    32 until then, handed out first come, first served: the ping of a provider the
+    requester had not dialed yet waited behind the 224 queued and failed at its 5 s
+    (dial_timeout_s). Now it is dialed at once, or once a pending connect has had
+    HOLD_S."""
+    nat = hosts
+    sinks = blackholed(nat, "prov")
+    prov = in_ns(nat, "prov", lambda: transport([f"/ip4/{nat.ip('prov')}/tcp/4001"]))
+    req = in_ns(nat, "req", lambda: transport([f"/ip4/{nat.ip('req')}/tcp/4001"]))
+    started += [prov, req]
+    keys = [Identity.generate().peer_id for _ in range(64)]
+    req.heard = lambda: keys
+    for key in keys:
+        req.learn_addrs(key, sinks)
+    swarm = req._host.get_network()  # type: ignore[union-attr]
+    wait_for(lambda: len(swarm.peerstore.peers_with_addrs()) >= 64, 30, "the keys' addresses")
+
+    async def auto_connect() -> None:  # its cycle now, not in up to 10 s
+        req._start_soon(swarm.auto_connector.maybe_connect)
+
+    req._call(auto_connect)
+    # Every dial dispatched (50 ms apart) and on its 8 addresses (0.25 s apart).
+    time.sleep(4.0)
+    req.learn_addrs(prov.peer_id, [f"/ip4/{nat.ip('prov')}/tcp/4001"])
+    why_not = ""
+    try:
+        rtt: float | None = req.ping(prov.peer_id)
+    except NetworkError as exc:
+        rtt, why_not = None, str(exc)
+    assert rtt is not None, why_not
+    # The keys' dials were going on: their addresses gave their slots up to it.
+    assert req.refusals[PREEMPTED] > 0

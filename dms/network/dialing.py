@@ -7,8 +7,9 @@ addresses of one class (Wi-Fi and Ethernet, Docker's bridge, a VPN, IPv4 and IPv
 the first it lists need not be one this node can reach: the direct connection never
 happened. :func:`dial_peer` (installed by ``libp2p_patches.dial``) keeps
 everything else py-libp2p's does (the negative cache, a connection reused, one dial a
-peer at a time, the connection gate, its filters, the global dial limiter, each
-address's retries, the per-peer connection cap, its metrics) and dials up to
+peer at a time, the connection gate, its filters, the global bound of 32 addresses
+dialed at once (handed out fairly: ``dms.network.dialslots``), each address's retries,
+the per-peer connection cap, its metrics) and dials up to
 ``MAX_DIAL_ADDRS`` addresses (``MAX_DIAL_ADDRS_PER_HOST`` of one host), ranked by
 :func:`ranked`: the first of each transport class at once, as before, and each next one
 ``STAGGER_S`` after the one before it or as soon as a dial fails (happy eyeballs, RFC
@@ -40,6 +41,7 @@ from libp2p.utils.address_validation import (
 )
 from multiaddr import Multiaddr
 
+from dms.network.dialslots import slots_for
 from dms.network.interfaces import IPInterface, interface_networks
 
 log = logging.getLogger("dms.network")
@@ -327,11 +329,20 @@ async def _dial_staggered(
     exceptions: list[Exception] = []
     first, rest = schedule(addrs)
     failed = trio.Event()
+    slots = slots_for(swarm)
+    preferred = peer_id in worked_for(swarm) or slots.preferred(peer_id)
 
-    async def dial(addr: Multiaddr) -> None:
+    async def dial(addr: Multiaddr, nth: int) -> None:
+        connection = None
         try:
-            async with swarm._global_dial_limiter:
-                connection = await swarm._dial_with_retry(addr, peer_id)
+            async with slots.slot(preferred, nth) as attempt:
+                with attempt.scope:
+                    connection = await swarm._dial_with_retry(addr, peer_id)
+                if connection is None:  # cancelled to give its slot up (DialSlots)
+                    raise SwarmException(
+                        f"{addr}: no connection within {slots.hold_s:g} s while "
+                        "other dials waited for a slot"
+                    )
         except Exception as exc:
             exceptions.append(exc)
             log.debug("dial of %s at %s failed: %s", peer_id, addr, exc)
@@ -342,11 +353,11 @@ async def _dial_staggered(
         nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
-        for addr in first:
-            nursery.start_soon(dial, addr)
-        for addr in rest:
+        for nth, addr in enumerate(first):
+            nursery.start_soon(dial, addr, nth)
+        for nth, addr in enumerate(rest, start=len(first)):
             with trio.move_on_after(STAGGER_S):
                 await failed.wait()
             failed = trio.Event()
-            nursery.start_soon(dial, addr)
+            nursery.start_soon(dial, addr, nth)
     return connections, exceptions

@@ -44,6 +44,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from dms.actor.ratelimit import PeerRates
 from dms.actor.transport import Receiver, Undeliverable
+from dms.network import dialslots
 from dms.network.budgets import (
     Budget,
     ByteBudget,
@@ -343,6 +344,8 @@ class Libp2pTransport(Unicast, Gossip):
         # failure of the peer) forgets nothing.
         self._forget_when_unreached(swarm)
         self._dials.install(swarm)
+        # Dial slots go first to peers the node has a stake in (and those reached before).
+        dialslots.configure(swarm, lambda pid: self._has_stake(pid.to_base58()), self.refusals)
         set_buffer_budget(self.settings.max_buffered_bytes, swarm, self._window_exceeded)
         self._ping = PingService(host)
         pubsub, router = new_pubsub(
@@ -575,6 +578,11 @@ class Libp2pTransport(Unicast, Gossip):
             **self._bytes.usage(),
             **self._opens.usage(),
             **(self._dials.usage(self._host.get_network()) if self._host is not None else {}),
+            **(
+                dialslots.slots_for(self._host.get_network()).usage()
+                if self._host is not None
+                else {}
+            ),
             "idle_watched_streams": (len(self._idle), s.max_streams),
             "buffered_bytes": (BUFFERS.held, BUFFERS.limit),
             "peerstore_peers": (

@@ -1,0 +1,232 @@
+"""The swarm's dial slots: how many addresses are being dialed at once, and who waits.
+
+py-libp2p bounds the addresses a swarm dials at once with one ``trio.CapacityLimiter``
+of 32 (go-libp2p's ``DefaultMaxConcurrentDials``), first come, first served, and an
+address holds its slot until its dial connects, fails, or its caller's deadline ends
+it. An address that drops every packet (a host gone, a firewall, or a lie) neither
+connects nor fails: TCP waits about two minutes, so it holds its slot for the caller's
+whole deadline (5 s for this node's own dials, 10 s for py-libp2p's auto-connector).
+Keys cost nothing, and a key may advertise 8 such addresses that a dial tries
+(``dms.network.dialing``): a handful of them, dialed again and again (a placement
+asking the providers its peers table lists, the auto-connector, the peer book at
+start), kept every slot taken and hundreds of addresses queued, and a peer the node
+then dialed waited behind all of them past its own deadline.
+
+:class:`DialSlots` keeps the bound (the same 32 a swarm) and changes who gets a slot:
+
+- a waiting address of a *preferred* peer (one an address of which connected in this
+  process, or that the node has a stake in: ``configure``) goes before any other; then,
+  among equals, a dial's first address before any dial's second, its second before any
+  third (a dial of 8 addresses no longer queues 8 in front of the next dial), then
+  the latest first: under a backlog, the one most likely to have time left before its
+  caller's deadline (a burst of dials queued earlier no longer holds back a dial made
+  now; those left waiting end at their own deadlines, as they did);
+- when every slot is held and an address waits, the address whose TCP connect has been
+  pending the longest gives its slot up once it has had ``HOLD_S`` (1 s: a SYN
+  unanswered that long was lost, or dropped), unless it is a preferred peer's and the
+  waiting one is not: its dial counts it failed and goes on with its next address. A
+  connection being upgraded (Noise, Yamux) keeps its slot, and so does any address
+  while nothing waits: without contention a dial is as before.
+
+So a peer the node prefers is dialed within about ``HOLD_S`` whatever the rest, and any
+other dial's first address waits only behind other dials' first addresses, served at
+least ``limit / HOLD_S`` a second (32 a second) by addresses that never answer.
+See specs/security.md, "Addresses a peer advertises".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import weakref
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+# How long an address's TCP connect may hold its slot while other addresses wait.
+HOLD_S = 1.0
+# Counted in a transport's refusals each time an address gives its slot up.
+PREEMPTED = "dial_slot_preempted"
+
+
+@dataclass(eq=False)
+class Attempt:
+    """One address being dialed, or waiting to be."""
+
+    preferred: bool
+    nth: int  # its place in its dial (0: the dial's first address)
+    seq: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # When its TCP connect began (trio's clock); None while it is not connecting.
+    connecting_since: float | None = None
+    holding: bool = False  # in a slot now
+    preempted: bool = False
+    wake: trio.Event = field(default_factory=trio.Event)
+
+    def order(self) -> tuple[bool, int, int]:
+        return (not self.preferred, self.nth, -self.seq)
+
+
+# The attempt the running task dials (read by the transports' watched ``dial``).
+CURRENT: ContextVar[Attempt | None] = ContextVar("dms_dial_attempt", default=None)
+
+
+class DialSlots:
+    """At most ``limit`` addresses dialed at once, handed out as the module says. Runs
+    on the swarm's trio thread."""
+
+    def __init__(
+        self, limit: int, hold_s: float = HOLD_S, refusals: Counter[str] | None = None
+    ) -> None:
+        self.limit = limit
+        self.hold_s = hold_s
+        self.refusals: Counter[str] = refusals if refusals is not None else Counter()
+        self.preferred: Callable[[Any], bool] = lambda _peer: False
+        self._held: set[Attempt] = set()
+        self._waiting: list[Attempt] = []
+        self._releasing = 0  # attempts told to give their slot up, not yet out
+        self._seq = itertools.count()
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Slots held, and addresses waiting for one (against the same bound)."""
+        return {
+            "dial_slots": (self.held, self.limit),
+            "dial_slots_waiting": (self.waiting, self.limit),
+        }
+
+    @contextlib.asynccontextmanager
+    async def slot(self, preferred: bool, nth: int) -> AsyncIterator[Attempt]:
+        """Wait for a slot and hold it while the body runs. The body dials inside
+        ``attempt.scope``, which is cancelled if the attempt must give its slot up
+        (``attempt.preempted``)."""
+        me = Attempt(preferred, nth, next(self._seq))
+        self._waiting.append(me)
+        try:
+            await self._turn(me)
+        finally:
+            self._waiting.remove(me)
+            self._wake_first()  # the next in line: a slot may be free, or one due
+        self._held.add(me)
+        me.holding = True
+        me.connecting_since = trio.current_time()
+        token = CURRENT.set(me)
+        try:
+            yield me
+        finally:
+            CURRENT.reset(token)
+            self._held.discard(me)
+            me.holding = False
+            if me.preempted:
+                self._releasing -= 1
+            self._wake_first()
+
+    def _first(self) -> Attempt | None:
+        return min(self._waiting, key=Attempt.order, default=None)
+
+    def _wake_first(self) -> None:
+        first = self._first()
+        if first is not None:
+            first.wake.set()
+
+    async def _turn(self, me: Attempt) -> None:
+        """Return once ``me`` is first in line and a slot is free; while it is first and
+        none is, it makes one (``_make_room``) as soon as one is due."""
+        while True:
+            wake_at = math.inf
+            if self._first() is me:
+                if len(self._held) < self.limit:
+                    return
+                wake_at = self._make_room(me)
+            me.wake = trio.Event()
+            with trio.move_on_at(wake_at):
+                await me.wake.wait()
+
+    def _make_room(self, me: Attempt) -> float:
+        """Tell the attempt connecting the longest to give its slot up if it has had
+        ``hold_s`` (and ``me`` may take a slot from it); else return when one will be
+        due. A slot already being given back is waited for instead."""
+        if self._releasing:
+            return math.inf
+        victims = [
+            a
+            for a in self._held
+            if a.connecting_since is not None
+            and not a.preempted
+            and (me.preferred or not a.preferred)
+        ]
+        if not victims:
+            return math.inf
+        victim = min(victims, key=lambda a: a.connecting_since or 0.0)
+        due = (victim.connecting_since or 0.0) + self.hold_s
+        if trio.current_time() < due:
+            return due
+        victim.preempted = True
+        self._releasing += 1
+        self.refusals[PREEMPTED] += 1
+        victim.scope.cancel()
+        return math.inf
+
+
+_slots: weakref.WeakKeyDictionary[Any, DialSlots] = weakref.WeakKeyDictionary()
+
+
+def slots_for(swarm: Any) -> DialSlots:
+    """The swarm's dial slots, as many as its own limiter had (32), made at its first
+    dial: its transports' ``dial`` is watched from then on."""
+    slots = _slots.get(swarm)
+    if slots is None:
+        limiter = getattr(swarm, "_global_dial_limiter", None)
+        limit = int(limiter.total_tokens) if limiter is not None else 32
+        slots = _slots[swarm] = DialSlots(limit)
+        _watch_connects(swarm)
+    return slots
+
+
+def configure(swarm: Any, preferred: Callable[[Any], bool], refusals: Counter[str]) -> None:
+    """Which peers the swarm's dials prefer (besides those it reached in this process),
+    and where its slots count the addresses that gave theirs up."""
+    slots = slots_for(swarm)
+    slots.preferred = preferred
+    slots.refusals = refusals
+
+
+def _watch_connects(swarm: Any) -> None:
+    """Each transport's ``dial`` (the TCP connect, before the upgrade) marks the attempt
+    that runs it as connecting while it runs. A task started during an attempt (a
+    connection's own) inherits ``CURRENT``: only an attempt still in its slot is
+    marked."""
+    manager = getattr(swarm, "transport_manager", None)
+    if manager is None:
+        return
+    for transport in manager.get_transports():
+        original = transport.dial
+        if getattr(original, "dms_watched", False):
+            continue
+
+        async def dial(maddr: Any, _original: Any = original) -> Any:
+            attempt = CURRENT.get()
+            if attempt is not None and not attempt.holding:
+                attempt = None
+            if attempt is not None:
+                attempt.connecting_since = trio.current_time()
+            try:
+                return await _original(maddr)
+            finally:
+                if attempt is not None:
+                    attempt.connecting_since = None
+
+        dial.dms_watched = True  # type: ignore[attr-defined]
+        transport.dial = dial

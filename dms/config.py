@@ -410,7 +410,8 @@ class Settings(BaseSettings):
         default=10.0,
         ge=0.5,
         description="dial the bootstrap and remembered peers again this often while "
-        "disconnected from them",
+        "disconnected from them (a remembered peer whose dial failed: twice as long each "
+        "time, up to 10 min)",
     )
     heartbeat_s: float = Field(
         default=2.0, ge=0.1, le=300, description="announce this node on the heartbeat topic every"

@@ -1000,7 +1000,8 @@ class OutboundBudget:
         limit = self.settings.max_outbound_connections
         dialed = self.dialed(swarm)
         held = {pid for pid, _ in dialed}
-        if len(dialed) + sum(1 for pid in self._dialing if pid not in held) < limit:
+        in_flight = sum(1 for pid in self._dialing if pid not in held)
+        if len(dialed) + in_flight < limit:
             return None
         name = peer.to_base58()
         staked = self.stake(name)
@@ -1026,7 +1027,8 @@ class OutboundBudget:
         self.refusals[Budget.OUTBOUND_FULL] += 1
         raise NetworkError(
             f"peer {name} is not dialed: outbound_full: this node holds {len(dialed)} "
-            f"connections it dialed, the most it may (max_outbound_connections {limit})"
+            f"connections it dialed and {in_flight} dials in progress, the most it may "
+            f"(max_outbound_connections {limit})"
             + ("" if staked else ", and it has no stake in this peer")
         )
 

@@ -30,6 +30,7 @@ from dms.network.budgets import OutboundBudget
 from dms.network.dialing import ranked, worked_for
 from dms.network.interfaces import interface_networks
 from dms.network.loop import LoopBridge, NetworkError, why
+from dms.network.reconnect import Reconnects, at_once, targets
 from dms.network.relay import RelayClient, is_relayed
 from dms.network.settings import NetworkSettings, parse_multiaddr
 
@@ -230,30 +231,49 @@ class Discovery(LoopBridge):
                 await self._dht.add_peer(info.peer_id, skip_server_mode_check=True)
 
     async def _keep_connected(self) -> None:
-        """Dial bootstrap and remembered peers now, and again whenever they drop."""
-        while True:
-            targets = []
-            for text in [*self.settings.bootstrap, *self._known_addrs]:
-                try:
-                    info = info_from_p2p_addr(parse_multiaddr(text))
-                except Exception:
-                    log.warning("ignoring peer address without /p2p/: %s", text)
-                    continue
-                if info.peer_id.to_base58() == self.peer_id:
-                    continue
-                assert self._host is not None
-                if not self._host.get_network().get_connections(info.peer_id):
-                    targets.append(info)
-            async with trio.open_nursery() as nursery:
-                for info in targets:
-                    nursery.start_soon(self._connect_quietly, info)
-            await trio.sleep(self.settings.reconnect_interval_s)
+        """Dial bootstrap and remembered peers now, and again whenever they drop: at
+        most ``reconnect.at_once`` at a time, bootstrap first, a remembered peer whose
+        dial failed later each time (``dms.network.reconnect``)."""
+        assert self._host is not None
+        network = self._host.get_network()
+        peers = targets(self.settings.bootstrap, self._known_addrs, self.peer_id)
+        bootstrap = targets(self.settings.bootstrap, [], self.peer_id)
+        plan = Reconnects(self.settings, {info.peer_id for info in bootstrap})
+        limit = at_once(self.settings)
+        dialing: set[ID] = set()
+        ended = [trio.Event()]
 
-    async def _connect_quietly(self, info: PeerInfo) -> None:
+        async def dial(info: PeerInfo) -> None:
+            connected = False
+            try:
+                connected = await self._connect_quietly(info)
+            finally:
+                dialing.discard(info.peer_id)
+                plan.ended(info.peer_id, connected, trio.current_time())
+                ended[0].set()
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = trio.current_time()
+                for info in peers:
+                    if len(dialing) >= limit:
+                        break
+                    pid = info.peer_id
+                    if pid in dialing or network.get_connections(pid) or not plan.due(pid, now):
+                        continue
+                    dialing.add(pid)
+                    nursery.start_soon(dial, info)
+                ended[0] = trio.Event()
+                with trio.move_on_after(self.settings.reconnect_interval_s):
+                    await ended[0].wait()
+
+    async def _connect_quietly(self, info: PeerInfo) -> bool:
         try:
             await self._connect(info)
         except NetworkError as err:
             log.info("%s", err)
+            return False
+        return True
 
     async def _ping_peer(self, peer_id: str) -> float:
         pid = peer_id_of(peer_id)

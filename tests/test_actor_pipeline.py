@@ -404,6 +404,40 @@ def test_stopped_system_fails_pending_invokes(pair) -> None:  # type: ignore[no-
     assert code_of(future, timeout=2) == ErrorCode.STOPPED
 
 
+class SlowToStop(Actor):
+    """An actor whose stop waits for ``release``: its system's stop is held there."""
+
+    def __init__(self, context, release: threading.Event) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(context)
+        self.release = release
+
+    def stopping(self) -> None:
+        self.release.wait(30)
+
+
+def test_a_stopping_system_answers_stopped_for_the_actors_it_stopped(pair) -> None:  # type: ignore[no-untyped-def]
+    """A request to an actor its stopping node has stopped already is answered
+    'stopped', not 'unknown_actor: no actor root with that key here': a requester's
+    bid round that asked a provider in its stop took that refusal for the provider's
+    answer to the slot, and the job that timed out said so, not what it had declined
+    (tests/test_orchestrator.py, under load)."""
+    a, b = pair
+    release = threading.Event()
+    b.system.spawn(SlowToStop, release, inbox="slow")  # started after b: stops after it
+    stopper = threading.Thread(target=b.system.stop, kwargs={"timeout": 30})
+    stopper.start()
+    try:
+        wait_for(lambda: b.system.actor(ROOT_INBOX) is None, 30, "b's root stopped")
+        future = a.invoke(b.handle, "/test/echo", "anyone?")
+        with pytest.raises(RemoteError) as info:
+            future.result(30)
+        assert info.value.code == ErrorCode.STOPPED, info.value
+        assert "stopping" in info.value.reason
+    finally:
+        release.set()
+        stopper.join(30)
+
+
 def test_prefix_size_is_stable() -> None:
     # The wire format is an interface: magic + u32 header length.
     assert PREFIX_BYTES == 8

@@ -20,10 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dms.orchestrator.rounds as rounds
-from dms.actor import Outcome
+from dms.actor import Outcome, RemoteError
 from dms.jobs.spec import DeploymentSpec
 from dms.network.peertable import Heartbeat, PeerTable
-from dms.orchestrator.base import DeploymentBook, Orchestration
+from dms.orchestrator.base import LEFT_REASON, DeploymentBook, Orchestration
 from dms.orchestrator.messages import Bid, Decline, Offer
 from dms.orchestrator.records import BidRow
 from dms.orchestrator.selection import RoundRobin, select
@@ -161,6 +161,36 @@ class Round:
 
     def reasons(self, name: str) -> dict[str, str]:
         return self.book.slots[name].reasons
+
+
+@pytest.mark.parametrize(
+    ("code", "why"),
+    [
+        ("stopped", "this node is stopping (root)"),
+        ("unknown_actor", "no actor root with that key here"),
+        ("timeout", "no reply from did:key:p to /dms/deployment/request"),
+        ("unreachable", "peer p is unreachable: no known address"),
+    ],
+)
+def test_a_refusal_that_is_no_answer_of_the_peers_keeps_what_it_declined(
+    monkeypatch: pytest.MonkeyPatch, code: str, why: str
+) -> None:
+    """A round that asks a provider in its stop (it declined the round before, its
+    leave not heard yet) is refused by its node, not answered by it: that refusal
+    replaced the decline, and once the leave came the job that timed out said
+    'the provider is gone (it said it was leaving); before: unknown_actor: no actor
+    root with that key here' (tests/test_orchestrator.py, 4 workers), not why the
+    provider could not run it. It is kept after the refusal, and after 'gone'."""
+    r = Round(monkeypatch, ["p"], count=1)
+    r.bid("p", [], declines=("w",))
+    assert r.reasons("w") == {"p": "declined: full"}
+    r.rounds._round()  # the next round asks p again
+    r.messenger.asked["p"](Outcome(error=RemoteError(code, why)))
+    assert r.reasons("w") == {"p": f"{code}: {why}; before: declined: full"}
+    leaving = Heartbeat(nonce="n" * 16, seq=2, interval_s=1, deadline_s=60, leaving=True)
+    r.book.o.peer_table.observe("p", "did:key:p", leaving)
+    r.rounds._note_gone(list(r.book.slots.values()))  # as the next round starts
+    assert r.reasons("w") == {"p": f"{LEFT_REASON}; before: declined: full"}
 
 
 def test_first_offer_places_the_offers_that_came_in_first_across_twins(

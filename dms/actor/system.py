@@ -913,6 +913,8 @@ class ActorSystem:
         gone = ""
         if ref is None and local:
             ref, gone = self._stand_in_for(to)
+            if ref is None and self._stopped:  # it stopped with the others: no wrong address
+                raise Refusal(ErrorCode.STOPPED, f"this node is stopping ({to.address.inbox})")
         elif ref is not None and ref.handle.id != to.id:
             ref = None
         if ref is None:

@@ -21,7 +21,9 @@ stopped: it crashed, or the relay it was reached through died) since it
 answered is marked gone at each round, its earlier answer kept after it. A slot
 that then times out says so, not only what that peer answered to an earlier
 request (``declined: this node could never run this slot beside the ones before
-it``, once unplaceable only because its provider was gone). Likewise a peer not
+it``, once unplaceable only because its provider was gone). A refusal that is no
+answer of the peer's own (``NO_ANSWER``: unreachable, its node stopping, no reply)
+keeps that earlier answer after it, as ``gone`` does. Likewise a peer not
 asked because its last heartbeat shows it too small (``not asked: too small ...``)
 has that reason only while its latest heartbeat says so: it was kept from the first
 round on, with that round's figures, after the peer had grown and been asked again.
@@ -69,6 +71,12 @@ MAX_REASON = 512  # characters of one peer's reason kept
 NOT_ASKED = "not asked: "  # a peer's reason while its last heartbeat says it does not fit
 BEFORE = "; before: "  # what the peer itself answered last, after a reason the round gave
 UNREACHED = "unreachable: "  # a peer the round's request did not reach: no answer of its own
+# Refusals of a bid request that are no answer of the peer's own, each its reason as
+# ``code: why``: the request did not reach the peer's node (unreachable), its node actor
+# had stopped or was not there (stopped, unknown_actor: the node was stopping), or no
+# answer came (timeout). What the peer answered before is kept after it.
+NO_ANSWER = (ErrorCode.UNREACHABLE, ErrorCode.STOPPED, ErrorCode.UNKNOWN_ACTOR, ErrorCode.TIMEOUT)
+NO_ANSWER_PREFIXES = tuple(f"{code}: " for code in NO_ANSWER)
 ASKED = "asked, no answer yet"  # a peer of the round that has not answered, at the end
 BID_GRACE_S = 2.0  # after the window: how long a round with an empty slot waits for answers
 
@@ -102,8 +110,8 @@ def misfit(
 
 def own_answer(reason: str | None) -> str | None:
     """What the peer itself answered last, in its reason: one the rounds gave it (not
-    asked, unreachable, gone) carries that after ``BEFORE``."""
-    while reason and reason.startswith((NOT_ASKED, UNREACHED, GONE_PREFIX)):
+    asked, no answer of its own, gone) carries that after ``BEFORE``."""
+    while reason and reason.startswith((NOT_ASKED, GONE_PREFIX, *NO_ANSWER_PREFIXES)):
         reason = reason.partition(BEFORE)[2]
     return reason or None
 
@@ -188,7 +196,7 @@ class BidRounds:
                     continue
                 left = bool(record.history) and record.history[-1] == "left"
                 gone = LEFT_REASON if left else GONE_REASON
-                if reason.startswith(UNREACHED):  # why it was: what it answered is kept
+                if reason.startswith(NO_ANSWER_PREFIXES):  # what it answered is kept
                     reason = reason.partition(BEFORE)[2]
                 slot.reasons[peer] = (f"{gone}{BEFORE}{reason}" if reason else gone)[:MAX_REASON]
 
@@ -304,7 +312,7 @@ class BidRounds:
             except Exception as exc:
                 self.owing[peer] -= 1
                 self._answered.add(peer)
-                self._note_unreached(peer, [s.name for s in open_slots], str(exc))
+                self._note_unanswered(peer, [s.name for s in open_slots], UNREACHED + str(exc))
         if len(peers) < len(open_slots):
             # The table knows too few fitting peers: ask everyone listening, bids come back
             # point to point to this actor.
@@ -327,12 +335,11 @@ class BidRounds:
             self._answered.add(peer)
             self.book.uncertain.add(peer)  # it may have locked before the reply got lost
             assert outcome.error is not None
-            if outcome.error.code == ErrorCode.UNREACHABLE:
-                self._note_unreached(peer, list(self._offers), outcome.error.reason)
+            why = f"{outcome.error.code}: {outcome.error.reason}"
+            if outcome.error.code in NO_ANSWER:
+                self._note_unanswered(peer, list(self._offers), why)
             else:
-                self.book.note_reason(
-                    peer, list(self._offers), f"{outcome.error.code}: {outcome.error.reason}"
-                )
+                self.book.note_reason(peer, list(self._offers), why)
             self._maybe_close(rid)
             return
         try:
@@ -347,16 +354,18 @@ class BidRounds:
             return
         self._take_bid(rid, bid)
 
-    def _note_unreached(self, peer: str, slots: list[str], why: str) -> None:
-        """The request did not reach ``peer``: that is its reason for ``slots``, what it
-        answered an earlier round kept after it (a provider that declined, then left or
-        crashed before the next round, still says what it declined)."""
+    def _note_unanswered(self, peer: str, slots: list[str], why: str) -> None:
+        """The request got no answer of ``peer``'s own (``why`` starts with one of
+        ``NO_ANSWER_PREFIXES``): that is its reason for ``slots``, what it answered an
+        earlier round kept after it (a provider that declined, then left or crashed
+        before the next round, still says what it declined; likewise one asked while it
+        stopped, whose node answered ``stopped``)."""
         for name in slots:
             slot = self.book.slots.get(name)
             if slot is None:
                 continue
             answered = own_answer(slot.reasons.get(peer))
-            reason = UNREACHED + why + (BEFORE + answered if answered else "")
+            reason = why + (BEFORE + answered if answered else "")
             slot.reasons[peer] = reason[:MAX_REASON]
 
     def _bad_bid(self, rid: int, peer: str, why: str, lease_ids: list[str]) -> None:

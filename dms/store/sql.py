@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import JSON, ColumnElement, Connection, Table, Text, type_coerce
+from sqlalchemy import JSON, ColumnElement, Connection, Table, Text, cast
 from sqlalchemy.exc import DBAPIError
 
 _PARAM = re.compile(r"(?<![:\w]):(\w+)")
@@ -32,9 +32,12 @@ def as_text(table: Table, names: Iterable[str] | None = None) -> list[ColumnElem
     """``table``'s columns (those ``names``, in their order) to select, its JSON columns
     as their stored text, for the reader to parse each row's on its own: a column that
     is not JSON, read as SQLAlchemy's JSON type, raised out of the whole read
-    (``dms.orchestrator.stored``, ``dms.network.peerbook``)."""
+    (``dms.orchestrator.stored``, ``dms.network.peerbook``). A cast, not a coercion:
+    psycopg parses a PostgreSQL ``json`` column itself, and a stored string (``"42"``,
+    ``"hello"``) came back as the bare text, which :func:`json_value` then read as 42, or
+    as not JSON."""
     columns = [table.c[n] for n in names] if names is not None else list(table.c)
-    return [type_coerce(c, Text).label(c.name) if isinstance(c.type, JSON) else c for c in columns]
+    return [cast(c, Text).label(c.name) if isinstance(c.type, JSON) else c for c in columns]
 
 
 def json_value(text: Any) -> Any:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from dms.network.discovery import PeerInfoView
 from dms.network.peerbook import PeerBook
+from dms.store import LATEST_VERSION
 from dms.store.db import open_database
-from tests.clitools import Daemon, dms_many, init_home_quick
+from tests.clitools import Daemon, dms, dms_many, init_home_quick
 
 # Peer ids of nodes that do not exist (dialed, the dial fails: nothing else happens).
 NOT_JSON, NUMBER, NO_TIME = (
@@ -92,3 +93,28 @@ def test_a_ledger_row_that_holds_no_number_is_named_not_a_traceback(tmp_path: Pa
         assert code == 1 and not out, (said, out, err)
         assert err.startswith("error: the store is damaged: " + said), (said, err)
         assert "correct or delete that row" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_schema_version_that_holds_no_number_is_named_not_a_traceback(tmp_path: Path) -> None:
+    """``schema_version`` holding text where its number belongs: every open of the
+    database raised TypeError (a number compared with text) with a traceback, out of
+    ``dms resources`` and ``dms run``. With the Alembic revision there to say which
+    schema it is, the number is written again and the command works; without it, the
+    command fails in one line naming the row."""
+    home = tmp_path / "home"
+    init_home_quick(home)
+    open_database(f"sqlite:///{home / 'dms.db'}").close()  # its tables
+    with closing(sqlite3.connect(home / "dms.db")) as conn, conn:
+        conn.execute("UPDATE schema_version SET version = 'two'")
+    [(code, out, err)] = dms_many(home, [["resources", "--json"]])
+    assert code == 0 and json.loads(out)["leases"] == 0, err
+    with closing(sqlite3.connect(home / "dms.db")) as conn, conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (LATEST_VERSION,)
+        conn.execute("UPDATE schema_version SET version = 'two'")
+        conn.execute("DROP TABLE alembic_version")
+    said = "error: the store is damaged: schema_version holds 'two' where the schema's number"
+    for command in (["resources", "--json"], ["run"]):
+        done = dms(home, *command)
+        assert done.returncode == 1 and not done.stdout, (command, done.stdout, done.stderr)
+        assert done.stderr.startswith(said), (command, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, (command, done.stderr)

@@ -100,6 +100,17 @@ def migrate(conn: Connection) -> int:
     """
     _queue(conn)
     revision, legacy = current(conn)
+    if legacy is not None and not isinstance(legacy, int):
+        # Text where the number belongs (SQLite keeps what a hand edit writes): compared
+        # with a number below, it raised TypeError out of every open of the database.
+        if revision is None:
+            raise StoreError(
+                f"the store is damaged: {LEGACY_TABLE} holds {legacy!r} where the schema's "
+                "number belongs, and no Alembic revision says which it is; correct that row "
+                f"of the database (sqlite3 DMS_HOME/dms.db, {LEGACY_TABLE}.version), then "
+                "try again"
+            )
+        legacy = None  # the Alembic revision says which schema this is; _mark writes it
     if (legacy or 0) > LATEST_VERSION or (revision is not None and revision not in REVISIONS):
         found = revision if revision is not None else revision_of(legacy or 0)
         raise StoreError(

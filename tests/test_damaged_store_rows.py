@@ -118,3 +118,28 @@ def test_a_schema_version_that_holds_no_number_is_named_not_a_traceback(tmp_path
         assert done.returncode == 1 and not done.stdout, (command, done.stdout, done.stderr)
         assert done.stderr.startswith(said), (command, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1, (command, done.stderr)
+
+
+def test_dms_stop_names_a_damaged_api_file_and_how_to_stop_the_running_node(
+    tmp_path: Path,
+) -> None:
+    """A node runs, but its ``api.json`` is damaged (a hand edit, a full disk): ``dms
+    stop`` said "no node is running", of a running node. Now it says the file is damaged
+    and how to stop that node (its pid, from the home's run lock); with no node running
+    it still says that none is."""
+    home = tmp_path / "home"
+    init_home_quick(home)
+    daemon = Daemon(home)
+    try:
+        (home / "api.json").write_text('{"host": "127.0.0.1", "po')
+        refused = dms(home, "stop")
+        pid = daemon.proc.pid
+        assert refused.returncode == 1 and not refused.stdout, refused
+        said = refused.stderr.strip()
+        assert f"{home / 'api.json'} is damaged" in said and f"'kill {pid}'" in said, said
+        assert len(said.splitlines()) == 1, said
+    finally:
+        assert daemon.stop() == 0, daemon.stderr()
+    (home / "api.json").write_text("{")
+    stopped = dms(home, "stop")
+    assert stopped.returncode == 1 and "no node is running" in stopped.stderr, stopped

@@ -461,7 +461,7 @@ def stop(
 
     home = settings().home
     if running_node(home) is None:  # answers, and is this home's node (else an error)
-        raise NodeError(f"no node is running for {home}")
+        raise NodeError(_not_running(home))
     pid = ApiAddress.model_validate_json(api_file(home).read_text()).pid
     os.kill(pid, signal.SIGTERM)  # it stops cleanly: peers flushed, api.json removed
     deadline = time.monotonic() + timeout
@@ -470,6 +470,28 @@ def stop(
             raise NodeError(f"the node (pid {pid}) did not stop within {timeout:g} s")
         time.sleep(0.2)
     typer.echo(f"dms node stopped (pid {pid})")
+
+
+def _not_running(home: Path) -> str:
+    """Why ``dms stop`` cannot ask this home's node to stop: none runs, or one does but
+    its ``api.json`` is damaged (it said "no node is running" of a running node)."""
+    from dms.node.api import ApiAddress, api_file
+    from dms.node.lock import holder_of
+
+    path = api_file(home)
+    try:
+        ApiAddress.model_validate_json(path.read_text())
+    except OSError:
+        pass  # none written (or unreadable): no node answers
+    except ValueError:
+        pid = holder_of(home)
+        if pid is not None:
+            who, how = (f"pid {pid}", f"'kill {pid}'") if pid else ("its pid unknown", "kill")
+            return (
+                f"{path} is damaged, so the node running for {home} ({who}) cannot be "
+                f"asked to stop: stop it with {how} (it stops cleanly and removes the file)"
+            )
+    return f"no node is running for {home}"
 
 
 def _alive(pid: int) -> bool:

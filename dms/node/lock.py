@@ -84,6 +84,26 @@ class RunLock:
         self.release()
 
 
+def holder_of(home: Path) -> int | None:
+    """The pid of the process that holds ``home`` (0: one does, its pid unknown), or None
+    when none does: what ``dms stop`` says when the node's ``api.json`` cannot tell it.
+    The lock is tried shared and let go at once, never held."""
+    path = Path(home) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # never run here (or unreadable: nothing to say about it)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _read_pid(fd) or 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _read_pid(fd: int) -> int | None:
     try:
         text = os.pread(fd, 32, 0).decode(errors="replace").strip()

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from dms.actor import Handle
+from dms.actor import Handle, Request
 from dms.jobs.spec import DeploymentSpec
 from dms.node.daemon import Node
 from dms.orchestrator.base import allocation_handle
-from dms.orchestrator.messages import ALLOCATE
+from dms.orchestrator.messages import ALLOCATE, DEPLOYMENT_TOPIC, REQUEST, BidRequest
 from dms.orchestrator.states import DEPLOYMENT
 from dms.orchestrator.store import DeploymentStore
 from dms.orchestrator.supervision import STATUS
@@ -180,6 +180,54 @@ def test_a_round_asks_two_peers_a_slot_not_every_peer_that_fits(net: LocalCluste
     rounds = [e["what"] for e in done["events"] if e["what"].startswith("round ")]
     assert rounds == ["round 1: asking 2 peer(s) for 1 slot(s)"]
     wait_for(lambda: live_leases(peers) == 0, 30, "the losing bid's lease to be reverted")
+
+
+def sent_bid_rows(node: Node, deployment_id: str) -> list[tuple[str, str]]:
+    """The (outcome, slot) of each bid row ``node`` wrote for the deployment it bid on."""
+    assert node.db is not None
+    with node.db.transaction() as conn:
+        rows = conn.execute(
+            text("SELECT outcome, slot FROM bids WHERE direction = 'sent' AND deployment_id = :d"),
+            {"d": deployment_id},
+        )
+        return sorted((r.outcome, r.slot) for r in rows)
+
+
+def test_a_provider_asked_directly_and_on_the_topic_in_one_round_bids_once(
+    net: LocalCluster,
+) -> None:
+    """A requester that knows fewer fitting peers than open slots asks those directly
+    and publishes the same request on the deployment topic. The provider it asked hears
+    both, and answered both: a second set of leases (the one core left: a fourth lease,
+    for one of the slots, and declines for the others), held until reverted, and two
+    offers of one peer for one slot in the selection. The topic's request names the
+    peers asked directly, and those leave it to the direct one."""
+    requester, (provider,) = network(net, 1)
+    assert provider.node is not None
+    bidding = provider.node.pykka_ref.proxy().bidding.get(timeout=5)
+    heard: list[str] = []  # how each bid request reached the provider
+
+    def noted(request: Request) -> Any:
+        heard.append("topic" if request.envelope.topic else "direct")
+        return bidding.bid_request(request)
+
+    provider.node.pykka_ref.proxy().register(
+        REQUEST, noted, public=True, payload=BidRequest, topic=DEPLOYMENT_TOPIC
+    ).get(timeout=5)
+    # Three slots, one fitting peer: asked directly, and the round is published. The
+    # window is long enough for the topic's bid to be taken in the round.
+    dep = deploy(requester, spec(count=3, params={"seconds": 0}, bid_window_s=3))
+    done = wait_state(requester, dep, TERMINAL, 40)
+    assert done["state"] == "completed", done["events"]
+    rounds = [e["what"] for e in done["events"] if e["what"].startswith("round ")]
+    assert rounds == ["round 1: asking 1 peer(s) for 3 slot(s)"]
+    wait_for(lambda: len(heard) == 2, 30, "the request heard both ways")
+    assert sorted(heard) == ["direct", "topic"]
+    wait_for(lambda: live_leases([provider]) == 0, 30, "every lease to be released")
+    # Leases, released or not: one a slot; and the bid rows of one bid, an offer a slot.
+    assert lease_states(provider, dep) == ["released"] * 3
+    wait_for(lambda: sent_bid_rows(provider, dep), 30, "the provider's bid rows")
+    assert sent_bid_rows(provider, dep) == [("offer", f"w.{i}") for i in range(3)]
 
 
 def test_two_requesters_racing_for_the_last_capacity_never_double_book(

@@ -45,11 +45,19 @@ class SlotRequest(_Message):
     params: dict[str, Any] | None = None
 
 
+PeerId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
 class BidRequest(_Message):
     deployment_id: str = Field(pattern=ID_PATTERN)
     slots: list[SlotRequest] = Field(min_length=1, max_length=MAX_SLOTS)
     lease_s: float = Field(gt=0, le=600)
     reply_to: Handle | None = None  # set on gossip requests: bids go point to point
+    # On a gossip request: the peers its round also asked directly, which answer that
+    # request and not this one (one bid a peer a round). Fewer than the round's open
+    # slots (a round publishes only when it asks fewer), so at most MAX_SLOTS; sent only
+    # when it names some (absent, as before the field: none).
+    asked: list[PeerId] = Field(default_factory=list, max_length=MAX_SLOTS)
 
 
 class Offer(_Message):

@@ -1,7 +1,8 @@
 """Placing a deployment's open slots by bid rounds.
 
 One round: ask a weighted sample of the peers that the table says fit an open
-slot (and publish on the deployment topic when it knows too few), collect the
+slot (and publish on the deployment topic when it knows too few, naming the peers
+asked directly: they answer the direct request only), collect the
 bids until every asked peer answered or the window closes (``first-offer``: or
 as soon as the offers in hand place every open slot), select per slot, commit
 each winner (the slot moves to ``committing``; ``supervision.py`` takes it from
@@ -297,7 +298,8 @@ class BidRounds:
         peers = self._candidates(open_slots)
         self.book.set_state(DeploymentState.BIDDING)
         self.book.event(f"round {rid}: asking {len(peers)} peer(s) for {len(open_slots)} slot(s)")
-        payload = request.model_dump()
+        payload = request.model_dump(exclude={"asked"})
+        reached: list[str] = []  # asked, the request on its way to them
         for peer in peers:
             self._asked.add(peer)
             self.owing[peer] += 1
@@ -313,15 +315,18 @@ class BidRounds:
                 self.owing[peer] -= 1
                 self._answered.add(peer)
                 self._note_unanswered(peer, [s.name for s in open_slots], UNREACHED + str(exc))
+            else:
+                reached.append(peer)
         if len(peers) < len(open_slots):
             # The table knows too few fitting peers: ask everyone listening, bids come back
-            # point to point to this actor.
+            # point to point to this actor. The peers asked directly hear this too, and
+            # answer only the direct request (``asked``): each bid locks leases.
             self._gossiped = True
+            gossip = {**payload, "reply_to": self.messenger.handle.model_dump()}
+            if reached:  # absent otherwise: a request as before the field
+                gossip["asked"] = reached
             self.messenger.publish(
-                DEPLOYMENT_TOPIC,
-                REQUEST,
-                {**payload, "reply_to": self.messenger.handle.model_dump()},
-                ttl_s=self.book.spec.bid_window_s + 2.0,
+                DEPLOYMENT_TOPIC, REQUEST, gossip, ttl_s=self.book.spec.bid_window_s + 2.0
             )
         self.messenger.call_later(self.book.spec.bid_window_s, lambda: self._window_ends(rid))
         if not peers and not self._gossiped:

@@ -243,6 +243,10 @@ class Bidding:
         requester = request.sender.address.host
         if requester == self.node.system.peer_id:
             return None  # our own gossip request
+        if payload.reply_to is not None and self.node.system.peer_id in payload.asked:
+            # Heard on the topic, and its round asked this node directly too: that request
+            # is the one answered (one bid, one set of leases, a round).
+            return None
         _answers_to_requester(payload.reply_to, requester, "a bid request")
         cooling = self._lapses.waiting(requester)
         if cooling:

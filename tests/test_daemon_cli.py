@@ -130,6 +130,8 @@ def test_two_daemons_peers_ping_and_remote_invoke(homes: tuple[Path, Path]) -> N
         ("--listen", "not-a-multiaddr"),
         # no peer named: it was ignored at every redial, and the node never joined
         ("--bootstrap", "/ip4/127.0.0.1/tcp/4001"),
+        # no protocol at all ('--bootstrap "$UNSET"'): it was an IndexError's traceback
+        ("--bootstrap", ""),
     ],
 )
 def test_run_with_a_bad_address_is_a_one_line_error(
@@ -138,7 +140,7 @@ def test_run_with_a_bad_address_is_a_one_line_error(
     done = dms(homes[0], "run", "--api-port", "0", flag, value, timeout=30)
     assert done.returncode != 0
     assert f"bad {flag.removeprefix('--')}" in done.stderr and value in done.stderr
-    if "/tcp/" in value:
+    if "/tcp/" in value or not value:
         assert "does not end in /p2p/<peer id>" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 

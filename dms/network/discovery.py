@@ -32,7 +32,7 @@ from dms.network.interfaces import interface_networks
 from dms.network.loop import LoopBridge, NetworkError, why
 from dms.network.reconnect import Reconnects, at_once, targets
 from dms.network.relay import RelayClient, is_relayed
-from dms.network.settings import NetworkSettings, parse_multiaddr
+from dms.network.settings import NetworkSettings, no_peer_named, parse_multiaddr
 
 log = logging.getLogger("dms.network")
 
@@ -118,10 +118,7 @@ class Discovery(LoopBridge):
         try:  # py-libp2p's ValueError named its protocol codes ("P_P2P (421) instead of 6")
             info = info_from_p2p_addr(parsed)
         except Exception:
-            raise NetworkError(
-                f"{multiaddr} does not end in /p2p/<peer id>: give a whole line "
-                "'dms peers self' prints on that node"
-            ) from None
+            raise NetworkError(no_peer_named(multiaddr)) from None
         self._call(self._connect, info)
         return info.peer_id.to_base58()
 

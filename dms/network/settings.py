@@ -218,12 +218,20 @@ class NetworkSettings(BaseModel):
         every redial (a warning every ``reconnect_interval_s``) and the node, started
         fine, never joined."""
         for value in values:
-            if parse_multiaddr(value).protocols()[-1].name != "p2p":
-                raise ValueError(
-                    f"{value!r} does not end in /p2p/<peer id>: give a whole line "
-                    "'dms peers self' prints on that node"
-                )
+            protocols = parse_multiaddr(value).protocols()
+            # '' and '/' parse, to no protocol at all (``--bootstrap "$UNSET"``)
+            if not protocols or protocols[-1].name != "p2p":
+                raise ValueError(no_peer_named(repr(value)))
         return values
+
+
+def no_peer_named(address: str) -> str:
+    """What is said of an address to dial that names no peer (``dms run --bootstrap``,
+    ``dms peers connect``)."""
+    return (
+        f"{address} does not end in /p2p/<peer id>: give a whole line "
+        "'dms peers self' prints on that node"
+    )
 
 
 def parse_multiaddr(text: str) -> Multiaddr:

@@ -142,6 +142,27 @@ def test_a_refused_relay_request_is_debug_not_errors() -> None:
     assert quiet.filter(other) and other.levelname == "ERROR"
 
 
+def test_a_reservation_a_relay_refused_for_its_limits_is_still_a_warning() -> None:
+    """A relay at its max_reservations refuses with RESOURCE_LIMIT_EXCEEDED (201): the
+    refused node holds no slot there, dms says nothing of it, and py-libp2p's WARNING
+    was demoted with the routine 'not a relay' (202) one, so the node, unreachable,
+    logged nothing (three daemons, a relay with relay_max_reservations = 1 and two
+    private nodes: the relay said 'relay refused ...: 1 reservations held', the node
+    it refused not a line)."""
+    from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+
+    quiet = QuietLibp2p(logging.INFO)
+    for code, shown in ((StatusCode.RESOURCE_LIMIT_EXCEEDED, True),
+                        (StatusCode.RESERVATION_REFUSED, True),
+                        (StatusCode.PERMISSION_DENIED, False)):  # fmt: skip
+        record = logging.LogRecord(
+            "libp2p.relay.circuit_v2.transport", logging.WARNING, __file__, 1,
+            "Reservation failed with relay %s: code %s", (PEER, code), None,
+        )  # fmt: skip
+        assert quiet.filter(record) is shown, record.getMessage()
+        assert record.levelname == ("WARNING" if shown else "DEBUG")
+
+
 def test_libp2p_chatter_is_debug_and_json_lines_are_one_object() -> None:
     def record(name: str, level: int, message: str = "m") -> logging.LogRecord:
         return logging.LogRecord(name, level, __file__, 1, message, None, None)

@@ -102,25 +102,33 @@ DIAL_FAILURES = ("Failed to open TCP stream", "Unexpected error opening TCP stre
 # A relay request refused, by a node that is no relay (any node not publicly reachable)
 # or one over a budget: dms answers with the status, says so at INFO ('relay refused
 # PEER: not a relay (relay_off)') and resets the stream; py-libp2p's hop loop then reads
-# and writes the reset stream and logs three ERRORs, and the refused node's client a
-# WARNING ('Reservation failed with relay PEER: code 202'), after which dms asks another
-# relay. Three nodes on loopback logged 39 ERRORs and 32 WARNINGs each in 12 minutes.
+# and writes the reset stream and logs three ERRORs (RELAY_RESET). Three nodes on
+# loopback logged 39 ERRORs and 32 WARNINGs each in 12 minutes.
 RELAY = "libp2p.relay"
-RELAY_REFUSALS = ("stream is reset", "Reservation failed with relay")
+RELAY_RESET = "stream is reset"
+# The refused node's client says it at WARNING ('Reservation failed with relay PEER: code
+# 202'), and dms, asking another relay, says nothing: routine for 202, what a node that
+# is no relay answers (circuit v2's PERMISSION_DENIED), but for any other code (201: the
+# relay's limits are reached) the node is left without the slot it needs to be reached,
+# and that WARNING is the only line that says so: shown.
+RESERVATION_FAILED = "Reservation failed with relay"
+NOT_A_RELAY = 202
 
 
 def _relay_refusal(record: logging.LogRecord) -> bool:
     if not record.name.startswith(RELAY):
         return False
-    message = record.getMessage()
-    return any(text in message for text in RELAY_REFUSALS)
+    if str(record.msg).startswith(RESERVATION_FAILED):
+        args = record.args if isinstance(record.args, tuple) else ()
+        return bool(args) and args[-1] == NOT_A_RELAY
+    return RELAY_RESET in record.getMessage()
 
 
 class QuietLibp2p(logging.Filter):
     """Libraries' routine chatter goes to DEBUG, shown only when the daemon logs at
     DEBUG: py-libp2p's and Alembic's records below WARNING, and py-libp2p's errors for a
     dial that dms retries itself (:data:`DIAL_FAILURES`) or for a relay request refused
-    (:data:`RELAY_REFUSALS`), which dms handles and says itself."""
+    (:func:`_relay_refusal`), which dms handles and says itself."""
 
     def __init__(self, level: int) -> None:
         super().__init__()

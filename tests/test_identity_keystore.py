@@ -41,6 +41,24 @@ def test_peer_id_matches_py_libp2p() -> None:
     assert ID.from_pubkey(libp2p_key.get_public_key()).to_base58() == ident.peer_id
 
 
+def test_a_peer_id_of_any_key_type_is_one_and_a_mistyped_one_is_not() -> None:
+    """dms peers ping refused a secp256k1 peer's '16Uiu2...' id as 'not a peer id' (it
+    checked for an Ed25519 key), a py-libp2p host dms peers connect had just reached."""
+    from libp2p.crypto.ed25519 import create_new_key_pair as ed25519
+    from libp2p.crypto.rsa import create_new_key_pair as rsa
+    from libp2p.crypto.secp256k1 import create_new_key_pair as secp256k1
+    from libp2p.peer.id import ID
+
+    from dms.security.identity import is_peer_id
+
+    ids = [ID.from_pubkey(make().public_key).to_base58() for make in (ed25519, secp256k1)]
+    ids.append(ID.from_pubkey(rsa(1024).public_key).to_base58())
+    assert [i[:2] for i in ids] == ["12", "16", "Qm"], ids
+    assert all(is_peer_id(i) for i in ids), ids
+    for bad in ("garbage", "", ids[0][:-1], ids[2] + "1", "0OIl", "1" * 46):
+        assert not is_peer_id(bad), bad
+
+
 @pytest.mark.parametrize("bad", ["did:web:example.com", "did:key:zzzz", "did:key:z" + "1" * 46])
 def test_bad_dids_are_refused(bad: str) -> None:
     with pytest.raises(IdentityError):

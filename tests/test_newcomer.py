@@ -161,6 +161,10 @@ def test_mistakes_get_one_line_in_the_flags_words(lone: Daemon, tmp_path: Path) 
     )
     # a peer id mistyped: not 'peer garbage is unreachable: no known address'
     one_line_error(at_80(lone.home, "peers", "ping", "garbage"), "'garbage' is not a peer id")
+    # a peer id of another key type is one (a secp256k1 host's, which dms peers connect
+    # reaches): the node answers for it (it was 'not a peer id' too)
+    other = "16Uiu2HAmPkngQubrCsKzeg1SZefgJrGtS53feK1PVKQKGFbds5Cd"
+    one_line_error(at_80(lone.home, "peers", "ping", other), f"peer {other} is unreachable")
     # an API port in use: the hint to choose another
     busy = lone.info["api"].rsplit(":", 1)[1]
     other = tmp_path / "other"

@@ -12,7 +12,7 @@ from dms.cli.common import JsonOption, dialable, settings
 from dms.cli.output import ago, build_table, console, emit_json, emit_result, jsonable, short_peer
 from dms.node.client import NodeClient
 from dms.node.home import NodeError
-from dms.security.identity import IdentityError, public_key_from_peer_id
+from dms.security.identity import is_peer_id
 
 app = typer.Typer(help="This node's peers: list, self, ping, connect.")
 
@@ -110,12 +110,10 @@ def ping(
     json_out: JsonOption = False,
 ) -> None:
     """Round-trip time to a peer (libp2p ping)."""
-    try:
-        public_key_from_peer_id(peer_id)
-    except IdentityError:  # the node said 'peer X is unreachable: no known address'
+    if not is_peer_id(peer_id):  # the node said 'peer X is unreachable: no known address'
         raise NodeError(
             f"{peer_id!r} is not a peer id (12D3KooW..., as dms peers list --json shows them)"
-        ) from None
+        )
     _call("/dms/node/peers/ping", {"peer_id": peer_id}, timeout, json_out)
 
 

@@ -67,6 +67,26 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return base58.b58encode(multihash).decode()
 
 
+# A libp2p peer id's multihash: the key itself (identity, code 0x00: Ed25519's
+# '12D3KooW...', secp256k1's '16Uiu2...') or its SHA-256 (0x12, 32 bytes: RSA's 'Qm...').
+_IDENTITY_MULTIHASH, _SHA256_MULTIHASH = 0x00, 0x12
+_MAX_INLINE_KEY_BYTES = 42  # the spec's bound on a key kept inline (identity)
+
+
+def is_peer_id(text: str) -> bool:
+    """Whether ``text`` is a libp2p peer id of any key type (a peer dms pings or dials
+    need not be a dms node): a mistyped one is not, and a peer id is not only Ed25519."""
+    try:
+        raw = base58.b58decode(text)
+    except ValueError:
+        return False
+    if len(raw) < 2 or raw[1] != len(raw) - 2:
+        return False
+    if raw[0] == _IDENTITY_MULTIHASH:
+        return 0 < raw[1] <= _MAX_INLINE_KEY_BYTES
+    return raw[0] == _SHA256_MULTIHASH and raw[1] == 32
+
+
 @lru_cache(maxsize=4096)
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """The Ed25519 public key embedded in a ``12D3KooW...`` peer id."""

@@ -67,6 +67,16 @@ class Attempt:
     holding: bool = False  # in a slot now
     preempted: bool = False
     wake: trio.Event = field(default_factory=trio.Event)
+    # The slots it holds, told when its connect begins (``connecting``).
+    slots: DialSlots | None = None
+
+    def connecting(self) -> None:
+        """Its TCP connect begins (the transports' watched ``dial``): it may be made to
+        give its slot up ``hold_s`` from now, so the first waiting address, which may
+        have found no attempt to take a slot from, looks again."""
+        self.connecting_since = trio.current_time()
+        if self.slots is not None:
+            self.slots._wake_first()
 
     def order(self) -> tuple[bool, int, int]:
         return (not self.preferred, self.nth, -self.seq)
@@ -112,7 +122,7 @@ class DialSlots:
         """Wait for a slot and hold it while the body runs. The body dials inside
         ``attempt.scope``, which is cancelled if the attempt must give its slot up
         (``attempt.preempted``)."""
-        me = Attempt(preferred, nth, next(self._seq))
+        me = Attempt(preferred, nth, next(self._seq), slots=self)
         self._waiting.append(me)
         try:
             await self._turn(me)
@@ -221,7 +231,7 @@ def _watch_connects(swarm: Any) -> None:
             if attempt is not None and not attempt.holding:
                 attempt = None
             if attempt is not None:
-                attempt.connecting_since = trio.current_time()
+                attempt.connecting()
             try:
                 return await _original(maddr)
             finally:

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
+import trio
+import trio.testing
 from libp2p.peer.id import ID
 
+from dms.network.discovery import Discovery
 from dms.network.host import Libp2pTransport
 from dms.network.loop import NetworkError
 from dms.network.reconnect import Reconnects, at_once, targets
@@ -106,3 +110,39 @@ def test_a_peers_remembered_addresses_are_one_dial() -> None:
         "/ip4/10.0.0.1/tcp/9000",
         "/ip4/192.168.1.1/tcp/9000",
     ]
+
+
+def test_a_remembered_peer_that_came_back_is_dialed_again_as_soon_as_it_drops() -> None:
+    """A remembered peer's dials failed at 0, 10, 30 and 70 s (its next at 150 s); at
+    75 s it comes back and dials this node, and at 85 s its connection drops. Its
+    back-off outlived the connection: it was dialed again at 150 s, not as soon as it
+    dropped. A peer seen connected now has its back-off forgotten (the reconnect loop,
+    on trio's clock)."""
+    remembered = Identity.generate().peer_id
+    settings = NetworkSettings(reconnect_interval_s=10.0)
+    connected_between = (75.0, 85.0)
+    dials: list[float] = []
+
+    def get_connections(peer: ID) -> list[object]:
+        first, last = connected_between
+        return ["conn"] if first <= trio.current_time() < last else []
+
+    async def connect_quietly(info: object) -> bool:
+        dials.append(trio.current_time())
+        return False  # gone again by the time it is dialed: it counts as failed
+
+    node = SimpleNamespace(
+        _host=SimpleNamespace(get_network=lambda: SimpleNamespace(get_connections=get_connections)),
+        settings=settings,
+        _known_addrs=[f"/ip4/10.0.0.1/tcp/9000/p2p/{remembered}"],
+        peer_id=Identity.generate().peer_id,
+        _connect_quietly=connect_quietly,
+    )
+
+    async def main() -> None:
+        with trio.move_on_after(120.0):
+            await Discovery._keep_connected(node)  # type: ignore[arg-type]
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert dials[:4] == [0.0, 10.0, 30.0, 70.0]
+    assert any(85.0 <= t < 120.0 for t in dials), f"dialed at {dials}, not after it dropped"

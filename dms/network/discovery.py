@@ -256,7 +256,10 @@ class Discovery(LoopBridge):
                     if len(dialing) >= limit:
                         break
                     pid = info.peer_id
-                    if pid in dialing or network.get_connections(pid) or not plan.due(pid, now):
+                    if network.get_connections(pid):  # it dialed this node, or we it
+                        plan.connected(pid)
+                        continue
+                    if pid in dialing or not plan.due(pid, now):
                         continue
                     dialing.add(pid)
                     nursery.start_soon(dial, info)

@@ -73,12 +73,18 @@ class Reconnects:
     def due(self, peer: ID, now: float) -> bool:
         return self._due.get(peer, float("-inf")) <= now
 
+    def connected(self, peer: ID) -> None:
+        """``peer`` is connected (this node's dial, or the peer's own: a remembered
+        peer that came back and dialed this node): dialed as soon as it drops, its
+        back-off forgotten."""
+        self._failures.pop(peer, None)
+        self._due.pop(peer, None)
+
     def ended(self, peer: ID, connected: bool, now: float) -> None:
         """A dial of ``peer`` ended: connected, it may be dialed as soon as it drops;
         failed, not before its back-off."""
         if connected:
-            self._failures.pop(peer, None)
-            self._due.pop(peer, None)
+            self.connected(peer)
             return
         self._failures[peer] += 1
         interval = self.settings.reconnect_interval_s

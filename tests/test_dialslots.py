@@ -9,12 +9,20 @@ import random
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dms.network.dialslots import HOLD_S, DialSlots, _watch_connects
+from dms.network import dialslots
+from dms.network.dialslots import (
+    HOLD_S,
+    DialSlots,
+    _watch_connects,
+    connects_are_watchable,
+    slots_for,
+)
 
 # (what a TCP connect does, how long it takes): connects, is refused, or never answers.
 Connect = tuple[str, float]
@@ -157,3 +165,42 @@ def test_a_connect_begun_after_a_retry_gives_its_slot_up_after_hold_s() -> None:
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert got and got[0] < 10.0, "the waiting address waited for the holder's deadline"
+
+
+class _Swarm:
+    """As much of a swarm as ``slots_for`` reads (it keeps a swarm's slots weakly)."""
+
+    _global_dial_limiter: Any
+    transport_manager: Any
+
+
+def test_slots_are_taken_back_only_from_the_dial_they_were_written_against(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pending connect is told from an upgrade by watching a transport's ``dial``: right
+    only while py-libp2p's dial of an address connects there and upgrades after. Another
+    source (its digest differs) leaves the transports as they are and takes no slot back,
+    keeping the order."""
+
+    def swarm_made() -> tuple[DialSlots, Any, Any]:
+        async def dial(maddr: Any) -> None:
+            return None
+
+        transport = SimpleNamespace(dial=dial)
+        swarm = _Swarm()
+        swarm._global_dial_limiter = trio.CapacityLimiter(32)
+        swarm.transport_manager = SimpleNamespace(get_transports=lambda: [transport])
+        return slots_for(swarm), transport, dial
+
+    connects_are_watchable.cache_clear()
+    slots, transport, dial = swarm_made()
+    assert connects_are_watchable() and slots.hold_s == HOLD_S and slots.limit == 32
+    assert transport.dial is not dial
+    monkeypatch.setattr(dialslots, "SINGLE_ATTEMPT_SHA256", "0" * 64)
+    connects_are_watchable.cache_clear()
+    try:
+        slots, transport, dial = swarm_made()
+        assert slots.hold_s == math.inf and transport.dial is dial
+    finally:
+        monkeypatch.undo()
+        connects_are_watchable.cache_clear()

@@ -37,7 +37,9 @@ See specs/security.md, "Addresses a peer advertises".
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import logging
 import math
 import weakref
 from collections import Counter
@@ -47,6 +49,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+
+from dms.network.libp2p_patches.source import shipped_source
+
+log = logging.getLogger("dms.network")
 
 # How long an address's TCP connect may hold its slot while other addresses wait.
 HOLD_S = 1.0
@@ -192,16 +198,38 @@ class DialSlots:
 
 _slots: weakref.WeakKeyDictionary[Any, DialSlots] = weakref.WeakKeyDictionary()
 
+# The sha256 of py-libp2p's Swarm._dial_addr_single_attempt (its source, dedented) that
+# the watch of connects was written against: a transport's ``dial`` is the connect
+# alone (a raw connection), the upgrade (Noise, Yamux) after it, outside. Another
+# source may upgrade inside ``dial``, or dial some other way: a handshake would be
+# taken for a pending connect and cut at HOLD_S. Then no slot is taken back (the
+# order stays) and no transport is watched.
+SINGLE_ATTEMPT_SHA256 = "6fce315cfe43713ba40ae88f67bc2420d267b967d31643c45545540b957b2045"
+
+
+@functools.cache
+def connects_are_watchable() -> bool:
+    """Whether a swarm's dial of one address is the one the watch was written against."""
+    from libp2p.network.swarm import Swarm
+
+    return shipped_source(Swarm._dial_addr_single_attempt, SINGLE_ATTEMPT_SHA256) is not None
+
 
 def slots_for(swarm: Any) -> DialSlots:
     """The swarm's dial slots, as many as its own limiter had (32), made at its first
-    dial: its transports' ``dial`` is watched from then on."""
+    dial: its transports' ``dial`` is watched from then on, if py-libp2p's dial of an
+    address is the one written against (``connects_are_watchable``); if not, no slot
+    is taken back."""
     slots = _slots.get(swarm)
     if slots is None:
         limiter = getattr(swarm, "_global_dial_limiter", None)
         limit = int(limiter.total_tokens) if limiter is not None else 32
-        slots = _slots[swarm] = DialSlots(limit)
-        _watch_connects(swarm)
+        if connects_are_watchable():
+            slots = _slots[swarm] = DialSlots(limit)
+            _watch_connects(swarm)
+        else:
+            log.info("py-libp2p's dial of an address changed shape; no dial slot is taken back")
+            slots = _slots[swarm] = DialSlots(limit, hold_s=math.inf)
     return slots
 
 

@@ -171,3 +171,42 @@ def test_a_daemon_starts_over_unreadable_mining_sessions_and_dms_status_shows_wh
     assert "its checkpoint is not JSON" in mining["s-done"]["unreadable"], mining
     warned = [line for line in daemon.stderr().splitlines() if "s-mid cannot resume" in line]
     assert len(warned) == 1, daemon.stderr()
+
+
+def test_a_restart_keeps_a_sessions_saved_completion_and_its_progress(net: LocalCluster) -> None:
+    """Two placing sessions when the node stops (each waits for cores no provider has).
+    One's stored row then reads completed with its result, its deployment's end not
+    saved (the node stopped while its workers were told to finish); the other's holds
+    the steps it made. Both deployments are resumed, and fail: a session cannot resume.
+    Before, the resumed actor, which knows nothing of the session, wrote its own
+    progress over the stored one: the completed session read failed, its result refused
+    ('the session is failed, not completed'), and the other's steps were lost. Now the
+    completed one is left as it is, and the other fails keeping what it made."""
+    net.serve_api = True
+    requester, _ = network(net, 2)
+    completed, stepped = (mine(requester, cpu=64, timeout_s=600) for _ in range(2))
+    for waiting in (completed, stepped):
+        assert session(requester, waiting)["phase"] == "placing"
+    requester.stop()
+    steps = [{"step": 1, "change": 0.5, "slowest": None, "s": 0.1}]
+    with closing(sqlite3.connect(requester.settings.home / "dms.db")) as db, db:
+        db.execute(
+            "UPDATE mining_sessions SET phase = 'completed', progress = ?, result = ?,"
+            " labels = '[0, 1]' WHERE id = ?",
+            (json.dumps({"phase": "completed", "steps": steps}), '{"k": 3}', completed),
+        )
+        db.execute(
+            "UPDATE mining_sessions SET phase = 'mining', progress = ? WHERE id = ?",
+            (json.dumps({"phase": "mining", "steps": steps, "total_steps": 9}), stepped),
+        )
+    requester = net.restart(requester)
+    for session_id in (completed, stepped):
+        wait_state(requester, session_id, TERMINAL, 60)
+    kept = session(requester, completed)
+    assert kept["phase"] == "completed" and kept["progress"]["steps"] == steps, kept
+    result = owner(requester, "/dms/node/mining/result", {"id": completed})
+    assert result["result"] == {"k": 3} and result["labels"] == [0, 1], result
+    failed = session(requester, stepped)
+    assert failed["phase"] == "failed" and "restarted" in failed["progress"]["reason"], failed
+    assert failed["progress"]["steps"] == steps and failed["progress"]["total_steps"] == 9
+    assert failed["algorithm"] == "kmeans", failed

@@ -49,6 +49,7 @@ from dms.orchestrator.records import MiningRow
 from dms.orchestrator.slots import Slot, SlotState
 from dms.orchestrator.states import SESSION, SHARD, DeploymentState, SessionPhase, ShardState
 from dms.statemachine import Tracked
+from dms.store import STORE_ERRORS
 
 if TYPE_CHECKING:  # the drivers (NumPy, TenSEAL) load with the owner's first job
     from dms.mining.placed import Driver
@@ -268,7 +269,24 @@ class MiningSessionActor(DeploymentActor):
             self.phase = SessionPhase.FAILED
             failed = state == DeploymentState.FAILED
             self.reason = what if failed else f"the deployment ended: {what}"
-            self._progress(self.reason, save=True)
+            if self.driver is None:  # resumed after a restart: the session is only stored
+                self._fail_stored(self.reason)
+            else:
+                self._progress(self.reason, save=True)
+
+    def _fail_stored(self, reason: str) -> None:
+        """Fail the stored session of a deployment resumed after a restart, which knows
+        nothing of it: written from this actor, its empty progress (no steps, no shards)
+        replaced the stored one, and a session whose completion was saved but not its
+        deployment's end (the node stopped while its workers were told to finish) read
+        failed, its result refused. Its stored progress is kept; an ended one is left."""
+        store = self.o.store
+        try:
+            stored = store.mining(self.id)
+            if stored is not None and stored.phase not in SESSION.terminal:
+                store.fail_session(stored, reason)
+        except STORE_ERRORS as exc:  # the next start fails it (its deployment is not resumed)
+            log.warning("mining session %s: its failure not saved: %s", self.id, exc)
 
     # ---- preparing and shipping ---------------------------------------------------------
 

@@ -204,3 +204,38 @@ def test_slots_are_taken_back_only_from_the_dial_they_were_written_against(
     finally:
         monkeypatch.undo()
         connects_are_watchable.cache_clear()
+
+
+def _upgrade_kept(preferred: bool) -> float:
+    """One slot, its address connected and upgrading for 10 s (a host that accepts and
+    says nothing); an address waiting from 0.1 s on. When it got the slot."""
+    transport = _watched_transport()
+    slots = DialSlots(1)
+    got: list[float] = []
+
+    async def main() -> None:
+        async def tarpit() -> None:
+            with trio.move_on_after(10.0):
+                async with slots.slot(False, 0) as attempt:
+                    with attempt.scope:
+                        await _dial_with_retry(transport, [("ok", 0.0)], math.inf)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tarpit)
+            await trio.sleep(0.1)
+            async with slots.slot(preferred, 0):
+                got.append(trio.current_time())
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return got[0]
+
+
+def test_an_upgrade_that_never_ends_gives_its_slot_up_to_a_preferred_peer() -> None:
+    """Addresses of a host that accepts every connection and never says a word upgrade
+    (Noise) until their dials' deadlines, and an upgrade kept its slot: 32 of them
+    held every slot from a peer the node has a stake in for 10 s (the auto-connector's
+    deadline), past the preferred dial's own 5 s. Now another peer's upgrade gives its
+    slot up to a preferred peer's address once it has had UPGRADE_HOLD_S; to any other
+    address it keeps it."""
+    assert _upgrade_kept(preferred=True) < 5.0
+    assert _upgrade_kept(preferred=False) >= 10.0

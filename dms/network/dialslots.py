@@ -25,10 +25,14 @@ then dialed waited behind all of them past its own deadline.
   pending the longest gives its slot up once it has had ``HOLD_S`` (1 s: a SYN
   unanswered that long was lost, or dropped), unless it is a preferred peer's and the
   waiting one is not: its dial counts it failed and goes on with its next address. A
-  connection being upgraded (Noise, Yamux) keeps its slot, and so does any address
-  while nothing waits: without contention a dial is as before.
+  connection being upgraded (Noise, Yamux) keeps its slot, but for a preferred peer's
+  address waiting, to which an address of another peer upgraded for ``UPGRADE_HOLD_S``
+  (2 s) gives its slot up: a host that accepts every connection and says nothing (a
+  tarpit, as cheap as a dropped address) would otherwise hold a slot for the dial's
+  whole deadline. Any address keeps its slot while nothing waits: without contention
+  a dial is as before.
 
-So a peer the node prefers is dialed within about ``HOLD_S`` whatever the rest, and any
+So a peer the node prefers is dialed within about ``UPGRADE_HOLD_S`` whatever the rest, and any
 other dial's first address waits only behind other dials' first addresses, served at
 least ``limit / HOLD_S`` a second (32 a second) by addresses that never answer.
 See specs/security.md, "Addresses a peer advertises".
@@ -56,6 +60,9 @@ log = logging.getLogger("dms.network")
 
 # How long an address's TCP connect may hold its slot while other addresses wait.
 HOLD_S = 1.0
+# How long another peer's connection may hold its slot in its upgrade while a preferred
+# peer's address waits: an honest Noise and Yamux upgrade takes a few round trips.
+UPGRADE_HOLD_S = 2.0
 # Counted in a transport's refusals each time an address gives its slot up.
 PREEMPTED = "dial_slot_preempted"
 
@@ -70,6 +77,8 @@ class Attempt:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     # When its TCP connect began (trio's clock); None while it is not connecting.
     connecting_since: float | None = None
+    # When its upgrade began (its connect done); None before.
+    upgrading_since: float | None = None
     holding: bool = False  # in a slot now
     preempted: bool = False
     wake: trio.Event = field(default_factory=trio.Event)
@@ -81,6 +90,7 @@ class Attempt:
         give its slot up ``hold_s`` from now, so the first waiting address, which may
         have found no attempt to take a slot from, looks again."""
         self.connecting_since = trio.current_time()
+        self.upgrading_since = None
         if self.slots is not None:
             self.slots._wake_first()
 
@@ -97,10 +107,15 @@ class DialSlots:
     on the swarm's trio thread."""
 
     def __init__(
-        self, limit: int, hold_s: float = HOLD_S, refusals: Counter[str] | None = None
+        self,
+        limit: int,
+        hold_s: float = HOLD_S,
+        refusals: Counter[str] | None = None,
+        upgrade_hold_s: float = UPGRADE_HOLD_S,
     ) -> None:
         self.limit = limit
         self.hold_s = hold_s
+        self.upgrade_hold_s = upgrade_hold_s
         self.refusals: Counter[str] = refusals if refusals is not None else Counter()
         self.preferred: Callable[[Any], bool] = lambda _peer: False
         self._held: set[Attempt] = set()
@@ -170,23 +185,27 @@ class DialSlots:
             with trio.move_on_at(wake_at):
                 await me.wake.wait()
 
+    def _due(self, held: Attempt, me: Attempt) -> float:
+        """When ``held`` is to give its slot up to ``me``: ``hold_s`` into its connect,
+        ``upgrade_hold_s`` into its upgrade if only ``me`` is preferred; never else."""
+        if held.preempted or (held.preferred and not me.preferred):
+            return math.inf
+        if held.connecting_since is not None:
+            return held.connecting_since + self.hold_s
+        if held.upgrading_since is not None and me.preferred and not held.preferred:
+            return held.upgrading_since + self.upgrade_hold_s
+        return math.inf
+
     def _make_room(self, me: Attempt) -> float:
-        """Tell the attempt connecting the longest to give its slot up if it has had
-        ``hold_s`` (and ``me`` may take a slot from it); else return when one will be
-        due. A slot already being given back is waited for instead."""
-        if self._releasing:
+        """Tell the attempt due first (``_due``) to give its slot up if it is due; else
+        return when it will be. A slot already being given back is waited for
+        instead."""
+        if self._releasing or not self._held:
             return math.inf
-        victims = [
-            a
-            for a in self._held
-            if a.connecting_since is not None
-            and not a.preempted
-            and (me.preferred or not a.preferred)
-        ]
-        if not victims:
+        victim = min(self._held, key=lambda a: self._due(a, me))
+        due = self._due(victim, me)
+        if math.isinf(due):
             return math.inf
-        victim = min(victims, key=lambda a: a.connecting_since or 0.0)
-        due = (victim.connecting_since or 0.0) + self.hold_s
         if trio.current_time() < due:
             return due
         victim.preempted = True
@@ -229,7 +248,7 @@ def slots_for(swarm: Any) -> DialSlots:
             _watch_connects(swarm)
         else:
             log.info("py-libp2p's dial of an address changed shape; no dial slot is taken back")
-            slots = _slots[swarm] = DialSlots(limit, hold_s=math.inf)
+            slots = _slots[swarm] = DialSlots(limit, math.inf, upgrade_hold_s=math.inf)
     return slots
 
 
@@ -261,10 +280,13 @@ def _watch_connects(swarm: Any) -> None:
             if attempt is not None:
                 attempt.connecting()
             try:
-                return await _original(maddr)
+                raw = await _original(maddr)
             finally:
                 if attempt is not None:
                     attempt.connecting_since = None
+            if attempt is not None:
+                attempt.upgrading_since = trio.current_time()
+            return raw
 
         dial.dms_watched = True  # type: ignore[attr-defined]
         transport.dial = dial

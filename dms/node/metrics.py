@@ -413,20 +413,18 @@ class NodeCollector(Collector):
             outbox.pending if outbox else 0,
         )
         checks = counts.held_checks
-        asked = CounterMetricFamily(
+        yield CounterMetricFamily(
             "dms_held_check_questions",
             "Questions this node sent requesters silent on its allocations for orphan_s: "
             "which of these leases do you still hold (/dms/deployment/held).",
+            value=checks.asked if checks else 0,
         )
-        asked.add_metric([], checks.asked if checks else 0)
-        yield asked
-        let_go = CounterMetricFamily(
+        yield CounterMetricFamily(
             "dms_held_check_let_go",
             "Allocations this node stopped because their requester answered that it no "
             "longer holds them.",
+            value=checks.let_go if checks else 0,
         )
-        let_go.add_metric([], checks.let_go if checks else 0)
-        yield let_go
 
     # ---- the ledger and the store ----------------------------------------------------
 

@@ -143,3 +143,33 @@ def test_dms_stop_names_a_damaged_api_file_and_how_to_stop_the_running_node(
     (home / "api.json").write_text("{")
     stopped = dms(home, "stop")
     assert stopped.returncode == 1 and "no node is running" in stopped.stderr, stopped
+
+
+def test_a_start_that_fails_on_a_damaged_row_says_one_line_in_the_log_too(
+    tmp_path: Path,
+) -> None:
+    """The node actor's start reads the pools: on a damaged onboarding row its
+    ``on_start`` raised, and pykka logged "Unhandled exception in NodeActor" with the
+    traceback before ``dms run`` said the error (prefixed "the node actor did not
+    start"; ``--detach``: "the node did not start: the node actor did not start"). Now
+    the actor keeps the store's error for the start's handshake, which
+    raises it, and the node stops: one line, in the terminal and in the log of a
+    ``--detach``; the home is free again (the second start says the same)."""
+    home = tmp_path / "home"
+    init_home_quick(home)
+    open_database(f"sqlite:///{home / 'dms.db'}").close()  # its tables
+    with closing(sqlite3.connect(home / "dms.db")) as conn, conn:
+        conn.execute("INSERT INTO onboarding VALUES (1, 'lots', 1024, 1024, 0, 0.0, 0)")
+    said = "error: the store is damaged: the onboarding row's amounts: ('lots', 1024, 1024, 0)"
+    where = ["--listen", "/ip4/127.0.0.1/tcp/0", "--api-port", "0"]
+    for command in (["run", *where], ["run", "--detach", *where]):
+        done = dms(home, *command)
+        assert done.returncode == 1 and not done.stdout, (command, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr and "Unhandled" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, (command, done.stderr)
+        assert said.removeprefix("error: ") in done.stderr, done.stderr
+        assert "node actor" not in done.stderr, done.stderr
+    log = (home / "logs" / "dms.log").read_text()
+    assert "Traceback" not in log and "Unhandled" not in log, log
+    [logged] = [line for line in log.splitlines() if not line.startswith("--- dms run")]
+    assert logged.startswith(said), log

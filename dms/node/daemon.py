@@ -164,18 +164,20 @@ class StartWait:
             "(store_start_wait_s)", self.where, self.holder, waited, self.wait_s,
         )  # fmt: skip
 
-    def started(self, node: ActorRef, services: NodeServices) -> None:
+    def started(self, node: ActorRef) -> None:
         """Wait for the node actor's on_start (its own store work, within the same
-        deadline): one that failed, the store busy past it, fails the start."""
+        deadline): the store's error that ended it (busy past the deadline, a damaged
+        row) is raised here, in one line (the caller stops the actor); an actor whose
+        start raised anything else (a bug: its traceback logged) is dead."""
         try:
-            node.pykka_ref.ask(STARTED, timeout=self.left() + START_ASK_MARGIN_S)
+            error = node.pykka_ref.ask(STARTED, timeout=self.left() + START_ASK_MARGIN_S)
         except pykka.ActorDeadError:
-            error = services.start_error
-            if isinstance(error, StoreBusy):
-                raise error from None
-            raise NodeError(f"the node actor did not start: {error or 'see the log'}") from None
+            raise NodeError("the node actor did not start: see the log") from None
         except pykka.Timeout:  # a slow machine: the start goes on, as it did before
             log.warning("the node actor is still starting after %g s", START_ASK_MARGIN_S)
+            return
+        if error is not None:
+            raise error
 
     def refusal(self, busy: StoreBusy) -> str:
         waited = time.monotonic() - self.began
@@ -337,7 +339,7 @@ class Node:
                 self.node = self.system.spawn(
                     NodeActor, services, inbox=ROOT_INBOX, identity=self.identity
                 )
-                waiting.started(self.node, services)
+                waiting.started(self.node)
                 if serve_api:
                     self.api = LocalApi(
                         self.system,

@@ -49,8 +49,9 @@ from dms.store.retention import prune
 
 __all__ = ["BROADCAST_TOPIC", "STARTED", "NodeActor"]
 
-# Asked of the node actor (pykka's ask) by Node.start: answered once on_start is done;
-# an actor whose on_start failed is dead (its reason in ``start_error``).
+# Asked of the node actor (pykka's ask) by Node.start: answered once on_start is done,
+# with the store's error that ended it (``start_error``: Node.start raises it and stops
+# the actor), else None. An actor whose on_start raised anything else is dead.
 STARTED = "dms.node.started"
 
 log = logging.getLogger("dms.node")
@@ -138,6 +139,7 @@ class NodeActor(Actor):
             labels=s.labels,
             stake=s.stakes.__contains__,
         )
+        self._started = False  # on_start went through: peering runs (and stops at the end)
         for role in (
             self.public,
             self.caps,
@@ -179,13 +181,17 @@ class NodeActor(Actor):
                 self.collab.start()  # after the requester: a kept collaboration places again
                 self.peering.start()
         except StoreError as exc:
-            s.start_error = exc  # what Node.start says
-            raise
+            # Not raised: pykka would log it with its traceback before Node.start said it
+            # in one line. The actor waits for Node.start's stop (specs/node.md).
+            log.debug("the node actor did not start: %s", exc)
+            s.start_error = exc
+            return
+        self._started = True
         self.call_later(self.services.prune_every_s, self._prune)
 
     def on_message(self, message: Any) -> Any:
         if message == STARTED:  # Node.start asks, once on_start is done
-            return True
+            return self.services.start_error
         return super().on_message(message)
 
     def on_receive(self, message: Any) -> Any:
@@ -210,6 +216,8 @@ class NodeActor(Actor):
         ``store_wait_s`` at most, as every message does."""
         self._pool.shutdown()
         self.caps.stop()
+        if not self._started:  # its start failed: peers never heard of it
+            return
         with self._work_bound():
             self.peering.stop()
 

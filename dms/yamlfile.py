@@ -17,6 +17,9 @@ import yaml
 from dms.errors import DmsError
 
 Loc = tuple[int | str, ...]
+# pydantic's error type for a key the model does not have (``extra="forbid"``): said at
+# the key's line (``LinedYaml.line(key=True)``).
+EXTRA_KEY = "extra_forbidden"
 
 
 @dataclass(frozen=True)
@@ -27,27 +30,32 @@ class LinedYaml:
     data: Any
     tree: yaml.Node | None
 
-    def line(self, loc: Loc) -> int | None:
-        """The 1-based line of the value at ``loc`` (or of its nearest existing parent)."""
+    def line(self, loc: Loc, key: bool = False) -> int | None:
+        """The 1-based line of the value at ``loc`` (or of its nearest existing parent);
+        ``key``: of the key that names it (an unknown key: its value may start on a
+        later line, a block under it)."""
         node = self.tree
         line = node.start_mark.line + 1 if node is not None else None
         for part in loc:
+            # (the node that names the value: its key in a mapping, itself in a list; the value)
+            pair: tuple[yaml.Node, yaml.Node] | None = None
             if isinstance(node, yaml.MappingNode):
-                match = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+                pair = next(
+                    (kv for kv in node.value if getattr(kv[0], "value", None) == part), None
+                )
             elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-                match = node.value[part] if part < len(node.value) else None
-            else:
-                match = None
-            if match is None:
+                pair = (node.value[part],) * 2 if part < len(node.value) else None
+            if pair is None:
                 break
-            node = match
-            line = node.start_mark.line + 1
+            named, node = pair
+            line = (named if key else node).start_mark.line + 1
         return line
 
-    def message(self, loc: Loc, problem: str, more: int = 0) -> str:
-        """``source: field (line N): problem (and M more)``."""
+    def message(self, loc: Loc, problem: str, more: int = 0, key: bool = False) -> str:
+        """``source: field (line N): problem (and M more)``; ``key``: the line of the
+        key at ``loc``, not of its value (:meth:`line`)."""
         field = ".".join(str(p) for p in loc) or "(top level)"
-        line = self.line(loc)
+        line = self.line(loc, key)
         where = f" (line {line})" if line else ""
         extra = f" (and {more} more)" if more else ""
         return f"{self.source}: {field}{where}: {problem}{extra}"

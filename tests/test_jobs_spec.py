@@ -40,6 +40,11 @@ def test_a_good_file_expands_counts_into_named_slots() -> None:
         (("params", "parms"), "allocations.0.parms (line 8): Extra inputs are not permitted"),
         (("name: w", "name: 'w x'"), "allocations.0.name (line 4): String should match"),
         (("{cpu: 500m, ram: 256MiB}", "{cpu: 0}"), "(line 7): an allocation needs some cpu"),
+        # An unknown key with a block under it: the key's line, not the block's (said 9).
+        (
+            ("    params:", "    colour:\n      shade: blue\n    params:"),
+            "allocations.0.colour (line 8): Extra inputs are not permitted",
+        ),
     ],
 )
 def test_errors_name_the_field_and_line(change: tuple[str, str], expected: str) -> None:
@@ -74,7 +79,8 @@ def test_dms_job_validate(tmp_path: Path) -> None:
 
 def test_dms_job_validate_lists_every_problem_and_says_so_in_json(tmp_path: Path) -> None:
     """A misspelt key and a wrong strategy: validate names both (it said 'Field required
-    (and 1 more)'), and --json says {"valid": false} with them (it printed nothing)."""
+    (and 1 more)'), and --json says {"valid": false} with them (it printed nothing). The
+    misspelt key is said at its own line (3), not its list's (4: pointing past it)."""
     bad, empty = tmp_path / "bad.yaml", tmp_path / "empty.yaml"
     bad.write_text(GOOD.replace("allocations:", "allocatoins:").replace("two-choices", "best"))
     empty.write_text("")
@@ -85,7 +91,7 @@ def test_dms_job_validate_lists_every_problem_and_says_so_in_json(tmp_path: Path
     said = done.stderr.splitlines()
     assert len(said) == 3 and all(line.startswith(f"error: {bad}: ") for line in said), said
     for problem in ("allocations (line 1): Field required", "strategy (line 2): Input should",
-                    "allocatoins (line 4): Extra inputs are not permitted"):  # fmt: skip
+                    "allocatoins (line 3): Extra inputs are not permitted"):  # fmt: skip
         assert any(problem in line for line in answer["errors"]), (problem, answer)
         assert any(problem in line for line in said), (problem, said)
     done = dms(tmp_path, "job", "validate", str(empty), "--json")
@@ -93,6 +99,23 @@ def test_dms_job_validate_lists_every_problem_and_says_so_in_json(tmp_path: Path
         "valid": False,
         "errors": [f"{empty}: expected a mapping with 'allocations', got an empty file"],
     }
+
+
+def test_dms_deploy_lists_every_problem_of_its_job_file_as_validate_does(tmp_path: Path) -> None:
+    """``dms deploy`` of a file with three mistakes named the first "(and 2 more)", and
+    the user ran ``dms job validate`` to see the others; it lists them as validate does,
+    --json too, before it asks any node (none runs here)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("allocations:", "allocatoins:").replace("two-choices", "best"))
+    checked = dms(tmp_path, "job", "validate", str(bad), "--json")
+    for args in (["deploy", str(bad)], ["deploy", str(bad), "--follow"]):
+        done = dms(tmp_path, *args)
+        assert done.returncode == 1 and not done.stdout and "Traceback" not in done.stderr, done
+        assert done.stderr == checked.stderr and "more)" not in done.stderr, done.stderr
+        assert len(done.stderr.splitlines()) == 3, done.stderr
+    done = dms(tmp_path, "deploy", str(bad), "--json")
+    assert done.returncode == 1 and json.loads(done.stdout) == json.loads(checked.stdout)
+    assert json.loads(done.stdout)["valid"] is False and done.stderr == checked.stderr
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,12 @@ BAD = [
         "node names must be unique: a",
     ),
     ("nodes: [{name: a}]\nexpect: {placement_p50: 3}\n", "expect.placement_p50", "Extra inputs"),
+    # An unknown key with a block under it: the key's line, not the block's (said line 4).
+    (
+        "nodes: [{name: a}]\nexpect:\n  placement_p50:\n    - 3\n",
+        "expect.placement_p50 (line 3)",
+        "Extra inputs",
+    ),
     ("nodes: [a, b", "(line 1)", "not valid YAML"),
 ]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -27,6 +27,9 @@ from dms.cli.waiting import Waiting, placement_hint
 from dms.node.client import NodeClient
 from dms.orchestrator.states import DEPLOYMENT
 
+if TYPE_CHECKING:
+    from dms.jobs.spec import DeploymentSpec
+
 job_app = typer.Typer(help="Job files: check them before deploying.")
 deployment_app = typer.Typer(help="Deployments this node requested.")
 
@@ -40,20 +43,27 @@ def _limit(every: bool) -> int | None:
     return None if every else ROWS
 
 
-@job_app.command("validate")
-def validate(path: FileArg, json_out: JsonOption = False) -> None:
-    """Check a job file; errors name the field and the line, every one of them (with
-    --json also on stdout: {"valid": false, "errors": [...]})."""
+def _load_job(path: Path, json_out: bool) -> DeploymentSpec:
+    """The job file's spec; an invalid one fails naming every problem, each with its
+    field and line, one ``error:`` line each (with ``json_out`` also on stdout:
+    ``{"valid": false, "errors": [...]}``). ``dms job validate`` and ``dms deploy``."""
     from dms.jobs.spec import JobSpecError, load_spec  # the executors' checks: NumPy, TenSEAL
 
     try:
-        spec = load_spec(path)
+        return load_spec(path)
     except JobSpecError as exc:
         if json_out:
             emit_json({"valid": False, "errors": exc.problems})
         for problem in exc.problems[:-1]:
             error(problem)
         raise JobSpecError(exc.problems[-1]) from None
+
+
+@job_app.command("validate")
+def validate(path: FileArg, json_out: JsonOption = False) -> None:
+    """Check a job file; errors name the field and the line, every one of them (with
+    --json also on stdout: {"valid": false, "errors": [...]})."""
+    spec = _load_job(path, json_out)
     summary = {
         "valid": True,
         "name": spec.name,
@@ -115,10 +125,9 @@ def deploy(
     timeout: TimeoutOption = 10.0,
     json_out: JsonOption = False,
 ) -> None:
-    """Place a job on the network: bid request, bids, commit, allocate."""
-    from dms.jobs.spec import load_spec  # not for 'dms deployment ...': see validate
-
-    spec = load_spec(path)
+    """Place a job on the network: bid request, bids, commit, allocate. An invalid job
+    file is refused naming every problem, as 'dms job validate' does."""
+    spec = _load_job(path, json_out)
     client = _client()
     created = client.invoke(
         "/dms/node/deployment/new", {"spec": spec.model_dump(mode="json")}, timeout=timeout

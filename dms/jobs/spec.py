@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dms.errors import DmsError
 from dms.jobs.executors import ExecutorError, check_allocation
 from dms.resources import Resources
-from dms.yamlfile import LinedYaml, parse_lined
+from dms.yamlfile import EXTRA_KEY, LinedYaml, parse_lined
 
 Strategy = Literal["score", "round-robin", "two-choices", "random", "first-offer"]
 STRATEGIES: tuple[str, ...] = ("score", "round-robin", "two-choices", "random", "first-offer")
@@ -106,6 +106,7 @@ class JobProblem(NamedTuple):
 
     loc: tuple[int | str, ...]
     message: str
+    key: bool = False  # the key at ``loc`` is the problem (unknown): said at its line
 
     @property
     def field(self) -> str:
@@ -142,6 +143,7 @@ def parse_spec(text: str, source: str = "job file") -> DeploymentSpec:
             JobProblem(
                 tuple(p for p in e["loc"] if not str(p).startswith("function-")),
                 e["msg"].removeprefix("Value error, "),
+                key=e["type"] == EXTRA_KEY,
             )
             for e in exc.errors()
         ]
@@ -155,8 +157,8 @@ def parse_spec(text: str, source: str = "job file") -> DeploymentSpec:
 def _spec_error(doc: LinedYaml, problems: list[JobProblem]) -> JobSpecError:
     first = problems[0]
     return JobSpecError(
-        doc.message(first.loc, first.message, len(problems) - 1),
-        [doc.message(p.loc, p.message) for p in problems],
+        doc.message(first.loc, first.message, len(problems) - 1, first.key),
+        [doc.message(p.loc, p.message, key=p.key) for p in problems],
     )
 
 

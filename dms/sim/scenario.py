@@ -28,7 +28,7 @@ from dms.jobs.spec import DeploymentSpec, JobSpecError, Strategy, load_spec
 from dms.mining.settings import CLUSTERING, MiningSettings
 from dms.resources import Preferences
 from dms.resources.amounts import parse_cpu, parse_size
-from dms.yamlfile import data_loc, parse_lined
+from dms.yamlfile import EXTRA_KEY, data_loc, parse_lined
 
 Mode = Literal["threads", "processes", "memory", "netns"]
 MODES: tuple[str, ...] = ("threads", "processes", "memory", "netns")
@@ -549,8 +549,10 @@ def parse_scenario(
             raise ScenarioError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
         data["mode"] = mode
 
-    def fail(loc: tuple[int | str, ...], message: str, more: int = 0) -> ScenarioError:
-        return ScenarioError(doc.message(loc, message, more))
+    def fail(
+        loc: tuple[int | str, ...], message: str, more: int = 0, key: bool = False
+    ) -> ScenarioError:
+        return ScenarioError(doc.message(loc, message, more, key))
 
     try:
         scenario = Scenario.model_validate(data)
@@ -558,7 +560,7 @@ def parse_scenario(
         err = exc.errors()[0]
         loc = data_loc(data, err["loc"])
         message = err["msg"].removeprefix("Value error, ")
-        raise fail(loc, message, len(exc.errors()) - 1) from None
+        raise fail(loc, message, len(exc.errors()) - 1, err["type"] == EXTRA_KEY) from None
     found = problems(scenario)
     if found:
         raise fail(*found[0], len(found) - 1)

@@ -183,6 +183,39 @@ def test_a_database_from_a_newer_dms_is_refused(new_url: NewUrl) -> None:
     engine.dispose()
 
 
+def test_a_revision_no_dms_writes_is_damage_not_a_newer_dms(
+    new_url: NewUrl, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fresh database whose Alembic revision holds what no dms writes ('garbage': a hand
+    edit, disk trouble) was "database schema version garbage is newer than this dms
+    supports; upgrade dms", which no upgrade fixes. ``schema_version`` (kept at the same
+    revision) says which schema it is: the revision is written again from it, with a
+    warning. Without it, the open fails saying the row is damaged and what to write."""
+    url = new_url()
+    open_database(url).close()
+    engine = _engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'garbage'"))
+    open_database(url).close()
+    assert _versions(url) == (migrations.HEAD, LATEST_VERSION)
+    [warned] = [r.getMessage() for r in caplog.records if "alembic_version held" in r.getMessage()]
+    assert f"'garbage', which is no schema revision of dms: written again as {migrations.HEAD}" in (
+        warned
+    )
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'garbage'"))
+        conn.execute(text("DELETE FROM schema_version"))
+    with pytest.raises(StoreError) as refused:
+        open_database(url)
+    said = str(refused.value)
+    assert said.startswith("the store is damaged: alembic_version holds 'garbage', which is no "
+                           "schema revision of dms (this one knows 0001 to "), said  # fmt: skip
+    assert "newer" not in said and f"{migrations.HEAD} if this dms made them" in said, said
+    with engine.begin() as conn:  # refused, and untouched
+        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == "garbage"
+    engine.dispose()
+
+
 def test_a_legacy_database_from_a_newer_dms_is_refused(new_url: NewUrl) -> None:
     url = new_url()
     engine = _engine(url)

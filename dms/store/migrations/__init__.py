@@ -16,6 +16,7 @@ newer database instead of running on it.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +28,8 @@ from dms.store.errors import StoreError
 
 if TYPE_CHECKING:
     from alembic.config import Config
+
+log = logging.getLogger("dms.store")
 
 SCRIPTS = Path(__file__).parent
 VERSION_TABLE = "alembic_version"  # Alembic's own: the revision applied
@@ -111,11 +114,13 @@ def migrate(conn: Connection) -> int:
                 "try again"
             )
         legacy = None  # the Alembic revision says which schema this is; _mark writes it
+    if revision is not None and revision not in REVISIONS and not _newer(revision):
+        revision = _unknown_revision(conn, revision, legacy)
     if (legacy or 0) > LATEST_VERSION or (revision is not None and revision not in REVISIONS):
         found = revision if revision is not None else revision_of(legacy or 0)
         raise StoreError(
-            f"database schema version {number(found) if found.isdigit() else found} is newer "
-            f"than this dms supports ({LATEST_VERSION}); upgrade dms"
+            f"database schema version {number(found)} is newer than this dms supports "
+            f"({LATEST_VERSION}); upgrade dms"
         )
     if revision == HEAD and legacy == LATEST_VERSION:
         return LATEST_VERSION  # the common case: nothing to do, Alembic not even loaded
@@ -129,6 +134,32 @@ def migrate(conn: Connection) -> int:
     upgrade(conn)
     _mark(conn)
     return LATEST_VERSION
+
+
+def _newer(revision: str) -> bool:
+    """Whether ``revision`` is one a newer dms would write (ids are numbers, in one line)."""
+    return revision.isdigit() and int(revision) > LATEST_VERSION
+
+
+def _unknown_revision(conn: Connection, revision: object, legacy: int | None) -> str:
+    """The Alembic revision holds what no dms writes (a hand edit, disk trouble): it was
+    called a newer schema, and the user told to upgrade dms. ``schema_version``, kept at
+    the same revision's number, says which schema it is: written again from it, with a
+    warning. Without that, the open fails in one line naming the row."""
+    if legacy is None or not 0 < legacy <= LATEST_VERSION:
+        raise StoreError(
+            f"the store is damaged: {VERSION_TABLE} holds {revision!r}, which is no schema "
+            f"revision of dms (this one knows {REVISIONS[0]} to {HEAD}), and "
+            f"{LEGACY_TABLE} does not say which it is either; correct that row of the "
+            f"database (sqlite3 DMS_HOME/dms.db, {VERSION_TABLE}.version_num: the revision "
+            f"its tables are at, {HEAD} if this dms made them), then try again"
+        )
+    found = revision_of(legacy)
+    log.warning("the store's %s held %r, which is no schema revision of dms: written again "
+                "as %s, the revision %s says", VERSION_TABLE, revision, found,
+                LEGACY_TABLE)  # fmt: skip
+    conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = :found"), {"found": found})
+    return found
 
 
 def _queue(conn: Connection) -> None:

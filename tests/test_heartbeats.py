@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from dms.network.peertable import (
     HEARTBEAT_BEHAVIOUR,
     HEARTBEAT_TOPIC,
     HEARTBEATS_BEHAVIOUR,
+    STALE,
     Heartbeat,
     PeerTable,
 )
@@ -32,8 +34,8 @@ INTERVAL = 1.0
 WAIT_S = 30.0
 
 
-def beat(nonce: str = "aaaaaaaa", deadline_s: float = 3.0, **kw: object) -> Heartbeat:
-    return Heartbeat(nonce=nonce, seq=0, interval_s=1.0, deadline_s=deadline_s, **kw)
+def beat(nonce: str = "aaaaaaaa", deadline_s: float = 3.0, seq: int = 0, **kw: object) -> Heartbeat:
+    return Heartbeat(nonce=nonce, seq=seq, interval_s=1.0, deadline_s=deadline_s, **kw)
 
 
 class FakeClock:
@@ -58,6 +60,27 @@ def test_table_marks_deadlines_restarts_and_leaving() -> None:
     assert table.get("p1").restarts == 1 and table.get("p1").status == ALIVE
     assert table.observe("p1", "did:key:1", beat(nonce="bbbbbbbb", leaving=True)) == "left"
     assert table.get("p1").status == GONE
+
+
+def test_an_earlier_beat_of_the_same_process_that_comes_late_changes_nothing() -> None:
+    """Gossip keeps no order: a beat published before the mesh formed can come after a
+    later one. It put back the figures it carried (onboarding read as none), and it
+    revived a peer that had said it was leaving."""
+    clock = FakeClock()
+    table = PeerTable(clock=clock)
+    assert table.observe("p1", "did:key:1", beat(seq=4, onboarded={"cpu": 2.0})) == "joined"
+    deadline = table.get("p1").deadline
+    clock.now += 1.0
+    assert table.observe("p1", "did:key:1", beat(seq=3)) == STALE
+    record = table.get("p1")
+    assert record.heartbeat.onboarded == {"cpu": 2.0} and record.heartbeat.seq == 4
+    assert record.deadline == deadline  # no later deadline out of an earlier beat
+    assert table.observe("p1", "did:key:1", beat(seq=5, leaving=True)) == "left"
+    assert table.observe("p1", "did:key:1", beat(seq=4)) == STALE
+    assert table.get("p1").status == GONE
+    # A new process counts from 0 again: its first beat is news, whatever its seq.
+    assert table.observe("p1", "did:key:1", beat(nonce="bbbbbbbb", seq=0)) == "restarted"
+    assert table.get("p1").status == ALIVE
 
 
 def test_the_table_says_when_it_next_changes_and_each_deadline_a_heartbeat_sets() -> None:
@@ -269,6 +292,52 @@ def test_peers_list_shows_status_and_resources_from_heartbeats(cluster: LocalClu
     assert row["status"] == ALIVE and row["connected"] is True
     assert row["free"]["cpu"] == 1.0 and row["onboarded"]["ram_gib"] == 1.0
     assert row["last_seen_s"] < 3 * 2 * INTERVAL  # seconds ago, within its deadline
+
+
+def test_an_earlier_heartbeat_that_gossip_brings_late_keeps_the_later_figures(
+    cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider's beat from before its onboarding, come by gossip after the beat that
+    carries the onboarding (as one published before the mesh formed can, through a
+    peer's gossip window), had its peers read it as onboarding nothing until its next
+    beat: a full suite's placement test waited 30 s for it and failed."""
+    caplog.set_level(logging.DEBUG, logger="dms.node")
+    a = cluster.add("a", heartbeat_s=INTERVAL)
+    # Its beats far apart: none but those the test has it send in the test's time.
+    b = cluster.add("b", heartbeat_s=10 * WAIT_S)
+    cluster.wait_linked()
+    peering = b.node.pykka_ref.proxy().peering.get(timeout=5)
+    early = peering.heartbeat()  # what it would have said before its onboarding
+    assert not early["onboarded"].get("cpu")
+    b.ledger.onboard(Resources(cpu=1, ram=1, disk=1))
+    said = [0.0]
+
+    def onboarding_heard() -> bool:
+        record = a.peer_table.get(b.peer_id)
+        if record is not None and record.heartbeat and record.heartbeat.onboarded.get("cpu"):
+            return True
+        if time.monotonic() - said[0] >= 1.0:  # one said before the mesh formed is lost
+            peering.announce()
+            said[0] = time.monotonic()
+        return False
+
+    wait_for(onboarding_heard, WAIT_S, "b's onboarding to reach a")
+    peering.node.publish(HEARTBEAT_TOPIC, HEARTBEAT_BEHAVIOUR, early, ttl_s=WAIT_S)
+
+    def early_one_taken_or_left() -> bool:
+        record = a.peer_table.get(b.peer_id)
+        taken = record is not None and record.heartbeat is not None
+        taken = taken and not record.heartbeat.onboarded.get("cpu")
+        left = any(
+            "earlier heartbeat" in r.getMessage() and b.peer_id in r.getMessage()
+            for r in caplog.records
+        )
+        return taken or left
+
+    wait_for(early_one_taken_or_left, WAIT_S, "a to hear b's earlier beat")
+    record = a.peer_table.get(b.peer_id)
+    assert record is not None and record.heartbeat is not None
+    assert record.heartbeat.onboarded.get("cpu") == 1.0, record.heartbeat
 
 
 def test_a_newcomer_learns_the_network_from_one_peer_at_once(cluster: LocalCluster) -> None:

@@ -45,6 +45,8 @@ PEER = Machine(
     {PeerState.ALIVE: {PeerState.GONE}, PeerState.GONE: {PeerState.ALIVE}},
 )
 ALIVE, GONE = PeerState.ALIVE, PeerState.GONE
+# What ``PeerTable.observe`` says of a beat older than the one it holds.
+STALE = "stale"
 
 
 class Heartbeat(BaseModel):
@@ -130,15 +132,26 @@ class PeerTable:
 
     def observe(self, peer_id: str, did: str, beat: Heartbeat, sent_at: float | None = None) -> str:
         """Take in one heartbeat; returns what it meant: ``joined``, ``alive``,
-        ``returned`` (was gone, same process), ``restarted`` (new nonce) or ``left``.
+        ``returned`` (was gone, same process), ``restarted`` (new nonce), ``left``,
+        or ``stale``: an earlier beat of the process already heard (a lower ``seq``
+        under the same nonce), which changes nothing.
 
         ``sent_at`` (wall clock): when the peer sent a heartbeat that reaches us
         late, relayed by another peer; its deadline then runs from that time.
+
+        Gossip does not keep a publisher's messages in order: a beat published before
+        the mesh formed can come, through another peer's gossip window, after a later
+        one. Taken, it put back the figures it carried (a provider's onboarding read as
+        none until its next beat, 300 s away at most) and revived a peer that had
+        said it was leaving.
         """
         now, wall = self._clock(), self._wall()
         age = 0.0 if sent_at is None else min(max(0.0, wall - sent_at), beat.deadline_s)
         with self._lock:
             record = self._peers.get(peer_id)
+            held = record.heartbeat if record is not None else None
+            if held is not None and held.nonce == beat.nonce and beat.seq < held.seq:
+                return STALE
             if record is None:
                 record = PeerRecord(peer_id, did, beat.nonce, ALIVE, wall, wall, now)
                 self._peers[peer_id] = record

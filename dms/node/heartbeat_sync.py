@@ -29,6 +29,7 @@ from dms.network.peertable import (
     HEARTBEAT_BEHAVIOUR,
     HEARTBEAT_TOPIC,
     HEARTBEATS_BEHAVIOUR,
+    STALE,
     Heartbeat,
     PeerTable,
 )
@@ -144,6 +145,9 @@ class HeartbeatSync:
         """File a verified heartbeat: the peers table, the peer's addresses, and the
         envelope to pass on. ``via``: the peer that passed it on."""
         event = self.peer_table.observe(peer_id, did, beat, sent_at)
+        if event == STALE:  # a later beat of the same process is held: nothing new
+            log.debug("peer %s: an earlier heartbeat (seq %d) came late", peer_id, beat.seq)
+            return event
         if self.network is not None:
             if beat.leaving:  # as a fresh key now: its addresses go once it disconnects
                 self.network.unheard(peer_id)
@@ -244,7 +248,7 @@ class HeartbeatSync:
                 continue
             known = self.peer_table.get(relayed.peer_id)
             if known is None or relayed.sent_at > known.last_seen:  # news, not an echo
-                self.take_heartbeat(
+                event = self.take_heartbeat(
                     relayed.peer_id,
                     relayed.did,
                     relayed.beat,
@@ -252,5 +256,5 @@ class HeartbeatSync:
                     sent_at=relayed.sent_at,
                     via=source,
                 )
-                taken += 1
+                taken += event != STALE
         return taken

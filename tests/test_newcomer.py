@@ -176,6 +176,24 @@ def test_mistakes_get_one_line_in_the_flags_words(lone: Daemon, tmp_path: Path) 
     )
 
 
+def test_a_deployment_or_collaboration_not_here_says_where_the_ids_are(lone: Daemon) -> None:
+    """A mistyped id said "error: unknown: no deployment 'nope'" (and "unknown:
+    collaboration 'nope' is not joined here"): no meaningful code, and not what to do.
+    Each deployment command now points at 'dms deployment list'; a collaboration is
+    refused ``not_found``, saying where its id comes from."""
+    commands = [["deployment", what, "nope"] for what in ("status", "logs", "manifest")]
+    answers = dms_many(lone.home, [*commands, ["deployment", "shutdown", "nope", "--json"],
+                                   ["mine", "collab", "result", "nope"]])  # fmt: skip
+    for code, out, err in answers[:-1]:
+        assert code == 1 and not out and len(err.splitlines()) == 1, (out, err)
+        assert err == ("error: no deployment 'nope' on this node: 'dms deployment list' lists "
+                       "its deployments\n"), err  # fmt: skip
+    code, out, err = answers[-1]
+    assert code == 1 and not out and len(err.splitlines()) == 1, (out, err)
+    assert err.startswith("error: not_found: no collaboration 'nope' is joined on this node: ")
+    assert "'dms mine collab propose' printed" in err, err
+
+
 def test_what_a_placed_worker_learns_is_wrapped_between_words(
     lone: Daemon, tmp_path: Path, tmux: Tmux
 ) -> None:

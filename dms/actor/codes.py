@@ -45,6 +45,9 @@ class ErrorCode(StrEnum):
     BAD_HOST = "bad_host"
     # The local API: as many connections are open as it serves (api_max_connections).
     BUSY = "busy"
+    # What a request names is not on this node (a deployment, a collaboration): a
+    # user's mistake, said with where the right name is found.
+    NOT_FOUND = "not_found"
 
 
 class Refusal(Exception):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from dms.actor import ErrorCode, RemoteError
 from dms.cli.actor import TimeoutOption
 from dms.cli.common import JsonOption, settings
 from dms.cli.events import EventFeed
@@ -24,6 +25,7 @@ from dms.cli.output import (
     stored_state,
 )
 from dms.cli.waiting import Waiting, placement_hint
+from dms.errors import DmsError
 from dms.node.client import NodeClient
 from dms.orchestrator.states import DEPLOYMENT
 
@@ -82,10 +84,20 @@ def _client() -> NodeClient:
 
 
 def _ask(what: str, deployment_id: str, timeout: float, client: NodeClient | None = None) -> Any:
-    """``/dms/node/deployment/<what>`` for one deployment."""
-    return (client or _client()).invoke(
-        f"/dms/node/deployment/{what}", {"id": deployment_id}, timeout=timeout
-    )
+    """``/dms/node/deployment/<what>`` for one deployment; one this node does not have
+    is said with where its deployments' ids are."""
+    try:
+        return (client or _client()).invoke(
+            f"/dms/node/deployment/{what}", {"id": deployment_id}, timeout=timeout
+        )
+    except RemoteError as exc:
+        # "unknown": the requester's code for it (dms.orchestrator.requester) until it
+        # answers ErrorCode.NOT_FOUND
+        if exc.code not in (ErrorCode.NOT_FOUND, "unknown"):
+            raise
+        raise DmsError(
+            f"{exc.reason} on this node: 'dms deployment list' lists its deployments"
+        ) from None
 
 
 def _print_event(event: dict[str, Any]) -> None:

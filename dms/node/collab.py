@@ -421,7 +421,11 @@ class Collab:
         collab_id = request.payload.collab_id
         seat = self._seats.get(collab_id)
         if seat is None:
-            raise Refusal("unknown", f"collaboration {collab_id!r} is not joined here")
+            raise Refusal(
+                ErrorCode.NOT_FOUND,
+                f"no collaboration {collab_id!r} is joined on this node: its id is the one "
+                "'dms mine collab propose' printed, the proposal file's collab_id",
+            )
         owner = seat.owner
         answer: dict[str, Any] = {
             "collab_id": collab_id,

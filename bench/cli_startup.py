@@ -1,6 +1,7 @@
 """What a ``dms`` command costs to start, against the commit before lazy imports.
 
     flock /tmp/dms-heavy.lock python bench/cli_startup.py [--json] [--runs N] [--baseline REV]
+        [--only COMMAND ...]
 
 Each command runs as the tests and users run it: ``python -m dms ...`` in a subprocess,
 against a running node of a fresh home (the commands that only talk to the local API),
@@ -8,6 +9,7 @@ or as the node itself (``run``: started, until it says it is up, then stopped). 
 baseline is the same command from a git worktree of ``REV`` (default: the commit before
 this bench), in the same run, alternating with this tree so both see the same load.
 
+``--only run`` measures the node alone (``--only 'peers list'`` one command; repeatable).
 One JSON line per command (``--json``), medians over ``--runs``:
 
 - ``import_ms``: the process's imports (``python -X importtime``, the top-level modules'
@@ -119,8 +121,12 @@ def init(home: Path) -> None:
         raise SystemExit(f"dms init failed: {done.stderr}")
 
 
-def measure(base: Path, tmp: Path, runs: int) -> dict[str, dict[str, list[float]]]:
-    """Per command: import and CPU ms of this tree and of ``base``, ``runs`` each."""
+def measure(
+    base: Path, tmp: Path, runs: int, only: list[str] | None = None
+) -> dict[str, dict[str, list[float]]]:
+    """Per command (those named in ``only``, or all): import and CPU ms of this tree and
+    of ``base``, ``runs`` each."""
+    commands = [args for args in COMMANDS if only is None or " ".join(args) in only]
     home, spare = tmp / "home", tmp / "spare"
     init(home)
     init(spare)  # the homes of 'run' (another node holds 'home')
@@ -146,11 +152,12 @@ def measure(base: Path, tmp: Path, runs: int) -> dict[str, dict[str, list[float]
         for n in range(runs):
             # Alternate which tree goes first, so neither always runs on a warmer cache.
             trees = [(ROOT, ""), (base, "base_")][:: 1 if n % 2 == 0 else -1]
-            for args in COMMANDS:
+            for args in commands:
                 for tree, which in trees:
                     add(" ".join(args), which, command(tree, home, args))
-            for tree, which in trees:
-                add("run", which, node(tree, spare))
+            if only is None or "run" in only:
+                for tree, which in trees:
+                    add("run", which, node(tree, spare))
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
@@ -162,6 +169,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON line per command")
     parser.add_argument("--runs", type=int, default=5, help="runs of each command per tree")
     parser.add_argument("--baseline", default=BASELINE, help="the commit to compare with")
+    names = ["run", *(" ".join(args) for args in COMMANDS)]
+    parser.add_argument("--only", action="append", choices=names, help="this command alone")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dms-cli-startup-") as name:
         tmp = Path(name)
@@ -172,7 +181,7 @@ def main() -> None:
             capture_output=True,
         )
         try:
-            found = measure(base, tmp, args.runs)
+            found = measure(base, tmp, args.runs, args.only)
         finally:
             subprocess.run(
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from dms.cli.app import COMMANDS
-from tests.clitools import Daemon, init_home_quick
+from tests.clitools import Daemon, dms_json, init_home_quick
+from tests.conftest import wait_for
 
 # What the daemon, the store and mining need; none of it for the commands below.
 HEAVY = ("sqlalchemy", "alembic", "numpy", "tenseal", "libp2p", "trio", "dms.store", "dms.mining")
@@ -107,6 +108,79 @@ def test_a_daemon_starts_and_stops_without_numpy_or_tenseal(
     assert {"dms.node.daemon", "dms.jobs.mining", "dms.jobs.collab"} <= modules  # all seen
     for heavy in ("numpy", "tenseal"):
         assert heavy not in modules, " <- ".join(importer_chain(lines, heavy))
+
+
+# What py-libp2p and dnspython import only for what a dms host does not use unless asked
+# (dms.network.deferred): QUIC, WebSocket, AutoTLS, mDNS, secio, DNS over QUIC.
+UNUSED = (
+    "aioquic",
+    "pylsqpack",
+    "service_identity",
+    "OpenSSL",
+    "trio_websocket",
+    "wsproto",
+    "requests",
+    "httpx",
+    "urllib3",
+    "zeroconf",
+    "fastecdsa",
+)
+
+
+def imported(daemon: Daemon) -> tuple[list[str], set[str]]:
+    """The daemon's log lines and the modules its ``-X importtime`` lines name."""
+    lines = daemon.stderr().splitlines()
+    return lines, {m[2] for m in map(IMPORTED.match, lines) if m}
+
+
+def test_two_daemons_start_and_ping_without_quic_websocket_or_autotls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'dms run' imported every transport and option py-libp2p has (its QUIC and
+    WebSocket transports, AutoTLS's ACME client with requests and httpx, mDNS, secio)
+    and dnspython's DNS over QUIC, none of which a host on TCP uses: 268 of its 1,659
+    modules, about 0.6 s of CPU of every start. They load when an address or an option
+    asks for them; two daemons still start, find each other and ping."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    init_home_quick(one)
+    init_home_quick(two)
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # each import, on the daemons' logs
+    first = Daemon(one)
+    try:
+        second = Daemon(two, "--bootstrap", first.info["addrs"][0])
+        monkeypatch.delenv("PYTHONPROFILEIMPORTTIME")
+        try:
+            first_id = first.info["peer_id"]
+            wait_for(
+                lambda: any(p["peer_id"] == first_id for p in dms_json(two, "peers", "list")),
+                timeout=60,
+                what="the second daemon to list the first",
+            )
+            assert dms_json(two, "peers", "ping", first_id)["peer_id"] == first_id
+        finally:
+            assert second.stop() == 0, second.stderr()
+    finally:
+        assert first.stop() == 0, first.stderr()
+    for daemon in (first, second):
+        lines, modules = imported(daemon)
+        assert {"dms.node.daemon", "libp2p", "dns.resolver"} <= modules  # all seen
+        for name in UNUSED:
+            assert name not in modules, " <- ".join(importer_chain(lines, name))
+
+
+def test_a_daemon_listening_on_quic_loads_the_quic_transport(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QUIC listen address still gets py-libp2p's QUIC transport, loaded when the host
+    is built: the daemon listens on UDP and says so."""
+    home = tmp_path / "home"
+    init_home_quick(home)
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    daemon = Daemon(home, "--listen", "/ip4/127.0.0.1/udp/0/quic-v1")
+    assert daemon.stop() == 0, daemon.stderr()
+    assert any("/udp/" in a and "/quic-v1/" in a for a in daemon.info["addrs"]), daemon.info
+    _, modules = imported(daemon)
+    assert {"libp2p.transport.quic.transport", "aioquic.quic.connection"} <= modules
 
 
 def _switches(pid: int, tid: int) -> int:

@@ -142,6 +142,34 @@ def test_a_refused_relay_request_is_debug_not_errors() -> None:
     assert quiet.filter(other) and other.levelname == "ERROR"
 
 
+def test_a_granted_reservations_stream_end_is_debug_not_an_error(tmp_path: Path) -> None:
+    """A relay (forced public) and a node (forced private) on loopback: the node reserves
+    a slot, its client closes the hop stream, and py-libp2p's hop loop on the relay,
+    reading for another message, logged "ERROR ... Error reading from hop stream from
+    PEER: " (no reason: the stream's end) for every reservation and renewal. It is
+    DEBUG now (the relay logs at DEBUG here, to see the line come); a read that fails
+    with a reason is still an ERROR."""
+    relay, node = tmp_path / "relay", tmp_path / "node"
+    init_homes(relay, config='reachability = "public"\nrelay = true\nlog_level = "DEBUG"\n')
+    init_homes(node, config='reachability = "private"\n')
+    first = Daemon(relay)
+    second = Daemon(node, "--bootstrap", first.info["addrs"][0])
+    ended = f"Error reading from hop stream from {second.info['peer_id']}: "
+    try:
+        wait_for(lambda: ended in first.stderr(), 120, "the reservation's stream to end")
+    finally:
+        assert second.stop() == 0, second.stderr()
+        assert first.stop() == 0
+    assert "reserved a relay slot on" in second.stderr(), second.stderr()
+    said = [line for line in record_lines(first.stderr()) if line.endswith(ended)]
+    assert said and all(" DEBUG libp2p.relay" in line for line in said), said
+    quiet = QuietLibp2p(logging.INFO)
+    bad = logging.LogRecord("libp2p.relay.circuit_v2.protocol", logging.ERROR, __file__, 1,
+                            f"Error reading from hop stream from {PEER}: message too large",
+                            (), None)  # fmt: skip
+    assert quiet.filter(bad) and bad.levelname == "ERROR"
+
+
 def test_a_reservation_a_relay_refused_for_its_limits_is_still_a_warning() -> None:
     """A relay at its max_reservations refuses with RESOURCE_LIMIT_EXCEEDED (201): the
     refused node holds no slot there, dms says nothing of it, and py-libp2p's WARNING

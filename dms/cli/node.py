@@ -113,15 +113,24 @@ RELAY_RESET = "stream is reset"
 # and that WARNING is the only line that says so: shown.
 RESERVATION_FAILED = "Reservation failed with relay"
 NOT_A_RELAY = 202
+# A reservation granted: its client closes the stream (the normal end), and py-libp2p's
+# hop loop, waiting for another message on it, reads the end and logs an ERROR with no
+# reason ('Error reading from hop stream from PEER: ', the end of a stream says nothing
+# more): one on a relay for every reservation and every renewal. A message it could not
+# read (too large, not protobuf) has a reason, and is shown.
+RELAY_READ_ERROR = "Error reading from hop stream from "
 
 
 def _relay_refusal(record: logging.LogRecord) -> bool:
+    """A relay request refused, or a granted reservation's stream ended (above)."""
     if not record.name.startswith(RELAY):
         return False
     if str(record.msg).startswith(RESERVATION_FAILED):
         args = record.args if isinstance(record.args, tuple) else ()
         return bool(args) and args[-1] == NOT_A_RELAY
-    return RELAY_RESET in record.getMessage()
+    message = record.getMessage()
+    ended = message.startswith(RELAY_READ_ERROR) and message.endswith(": ")
+    return ended or RELAY_RESET in message
 
 
 class QuietLibp2p(logging.Filter):

@@ -14,12 +14,11 @@ from typing import Any
 
 import yaml
 
-from dms.errors import DmsError
+from dms.errors import EXTRA_KEY, DmsError
+
+__all__ = ["EXTRA_KEY", "LinedYaml", "data_loc", "parse_lined"]
 
 Loc = tuple[int | str, ...]
-# pydantic's error type for a key the model does not have (``extra="forbid"``): said at
-# the key's line (``LinedYaml.line(key=True)``).
-EXTRA_KEY = "extra_forbidden"
 
 
 @dataclass(frozen=True)

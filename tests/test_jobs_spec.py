@@ -142,6 +142,29 @@ def test_params_the_executor_rejects_fail_at_validate(
     assert done.returncode == 1 and expected in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("executor", "params"),
+    [
+        ("compute", ["seconds: 1"]),
+        ("mining", ["algorithm: skmeans", "scheme: ckks", "k: 3", "n: 50", "a: 8"]),
+    ],
+)
+def test_an_unknown_param_with_a_block_under_it_is_said_at_its_key(
+    executor: str, params: list[str]
+) -> None:
+    """A misspelt param, the commonest unknown key of a job file, with a block under it:
+    said at the key's line (9), as every other unknown key is, not at the block's (10:
+    c0b6dc6 left the executors' params out)."""
+    block = "".join(f"\n      {line}" for line in ["colour:", "  shade: blue", *params])
+    job = GOOD.replace("executor: compute", f"executor: {executor}")
+    job = job.replace(" {seconds: 1}", block)
+    with pytest.raises(JobSpecError) as err:
+        parse_spec(job, "job.yaml")
+    said = str(err.value)
+    assert said.startswith("job.yaml: allocations.0.params.colour (line 9): "), said
+    assert said.endswith("colour: Extra inputs are not permitted"), said
+
+
 def test_a_mining_job_too_large_for_its_ram_fails_at_validate_naming_the_ram() -> None:
     params = "{algorithm: skmeans, scheme: ckks, k: 3, n: 5000000, a: 8}"
     job = GOOD.replace("executor: compute", "executor: mining").replace("{seconds: 1}", params)

@@ -49,11 +49,13 @@ class ExecutorError(DmsError):
     """Bad executor parameters, or the workload failed.
 
     ``field``: where in the allocation the fault is, when it is in its spec
-    (``executor``, ``params.seconds``, ``resources.ram``)."""
+    (``executor``, ``params.seconds``, ``resources.ram``); ``key``: the key there is the
+    fault (unknown), said at its own line, not its value's (``LinedYaml.line``)."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None, key: bool = False) -> None:
         super().__init__(message)
         self.field = field
+        self.key = key
 
 
 class DrivenSession(Protocol):

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from dms.errors import EXTRA_KEY
 from dms.jobs.base import ExecutorError, InteractiveExecutor, Log, register_executor
 from dms.jobs.mining_params import count_objects, decode_message
 from dms.mining.collab.errors import CollabFailed
@@ -104,7 +105,9 @@ def parse_params(params: dict[str, Any]) -> CollabParams:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise ExecutorError(
-            f"collab params: {where}: {err['msg']}", field=f"params.{where}"
+            f"collab params: {where}: {err['msg']}",
+            field=f"params.{where}",
+            key=err["type"] == EXTRA_KEY,
         ) from None
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dms.errors import EXTRA_KEY
 from dms.jobs.base import ExecutorError, Log, register_executor
 from dms.resources import Resources
 
@@ -34,7 +35,9 @@ class ComputeExecutor:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
             raise ExecutorError(
-                f"compute params: {where}: {err['msg']}", field=f"params.{where}"
+                f"compute params: {where}: {err['msg']}",
+                field=f"params.{where}",
+                key=err["type"] == EXTRA_KEY,
             ) from None
 
     def check(self, params: dict[str, Any], resources: Resources | None = None) -> None:

@@ -49,6 +49,6 @@ def check_allocation(kind: str, params: dict[str, Any], resources: Resources | N
     try:
         executor.check(params, resources)
     except ExecutorError as exc:
-        raise ExecutorError(exc.message, field=exc.field or "params") from None
+        raise ExecutorError(exc.message, field=exc.field or "params", key=exc.key) from None
     except Exception as exc:  # a check that breaks on odd params still refuses, with why
         raise ExecutorError(f"{kind} params: {type(exc).__name__}: {exc}", "params") from None

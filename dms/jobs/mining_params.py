@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dms.errors import EXTRA_KEY
 from dms.jobs.base import ExecutorError
 from dms.mining.levels import BLIND_CHAIN, LEVELS
 from dms.mining.settings import resolve_protocol
@@ -236,7 +237,9 @@ def parse_params(params: dict[str, Any]) -> MiningParams:
         where = ".".join(str(p) for p in err["loc"]) or "params"
         message = err["msg"].removeprefix("Value error, ")
         field = f"params.{where}" if where != "params" else "params"
-        raise ExecutorError(f"mining params: {where}: {message}", field=field) from None
+        raise ExecutorError(
+            f"mining params: {where}: {message}", field=field, key=err["type"] == EXTRA_KEY
+        ) from None
 
 
 # ---- the provider's checks on a public context, before it is fetched or loaded ------------

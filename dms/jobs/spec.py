@@ -126,7 +126,7 @@ def executor_problems(spec: DeploymentSpec) -> list[JobProblem]:
         except ExecutorError as exc:
             parts = (exc.field or "params").split(".")
             loc = ("allocations", i, *(int(p) if p.isdigit() else p for p in parts))
-            problems.append(JobProblem(loc, f"allocation {alloc.name!r}: {exc.message}"))
+            problems.append(JobProblem(loc, f"allocation {alloc.name!r}: {exc.message}", exc.key))
     return problems
 
 

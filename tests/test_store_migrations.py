@@ -216,6 +216,22 @@ def test_a_revision_no_dms_writes_is_damage_not_a_newer_dms(
     engine.dispose()
 
 
+@pytest.mark.parametrize("garbage", ["\u00b2", "\u0660\u0660\u0660\u0667"])
+def test_a_revision_of_digits_no_dms_writes_is_damage_too(new_url: NewUrl, garbage: str) -> None:
+    """Digits that are not ASCII ('²', Arabic-Indic '٠٠٠٧') are no revision a dms writes
+    either: '²' raised ValueError out of every open (str.isdigit says yes, int() no),
+    '٠٠٠٧' was a newer dms's revision 7 ('upgrade dms'). Written again from
+    ``schema_version``, as any other garbage is."""
+    url = new_url()
+    open_database(url).close()
+    engine = _engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": garbage})
+    open_database(url).close()
+    assert _versions(url) == (migrations.HEAD, LATEST_VERSION)
+    engine.dispose()
+
+
 def test_a_legacy_database_from_a_newer_dms_is_refused(new_url: NewUrl) -> None:
     url = new_url()
     engine = _engine(url)

@@ -137,8 +137,9 @@ def migrate(conn: Connection) -> int:
 
 
 def _newer(revision: str) -> bool:
-    """Whether ``revision`` is one a newer dms would write (ids are numbers, in one line)."""
-    return revision.isdigit() and int(revision) > LATEST_VERSION
+    """Whether ``revision`` is one a newer dms would write (ids are numbers, in one line:
+    ASCII digits; ``str.isdigit`` also says yes to '²', which ``int`` refuses)."""
+    return revision.isascii() and revision.isdigit() and int(revision) > LATEST_VERSION
 
 
 def _unknown_revision(conn: Connection, revision: object, legacy: int | None) -> str:

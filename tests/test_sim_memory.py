@@ -91,3 +91,33 @@ def test_the_500_node_example_places_every_job_without_leaks(tmp_path: Path) -> 
     assert report.ok, [(c.name, c.detail) for c in report.failed]
     assert report.nodes == 500
     assert [b["completed"] for b in report.batches] == [40, 40]
+
+
+def test_a_memory_node_whose_start_fails_on_its_store_says_so(tmp_path: Path) -> None:
+    """86789ab has the node actor keep a store's error of its start for the start's
+    handshake (STARTED), no longer raising it: dms run's Node.start asks and says it,
+    but a memory node never asked, and one whose restart met a damaged row ran on
+    half-started (no heartbeat, no peering), its error at DEBUG only. It now fails the
+    restart saying why, as dms run does, and is not running."""
+    import sqlite3
+    from contextlib import closing
+
+    from dms.sim.backend import NodeSpec, SimError
+    from dms.sim.faults import FaultPlan
+    from dms.sim.memory import MemoryBackend
+    from dms.sim.scenario import NodeSettings
+
+    backend = MemoryBackend(tmp_path, [NodeSpec("a", "a")], NodeSettings(), FaultPlan())
+    backend.start(lambda _: None)
+    try:
+        backend.crash("a")
+        with closing(sqlite3.connect(backend.node("a").home / "dms.db")) as conn, conn:
+            conn.execute("INSERT INTO onboarding VALUES (1, 'lots', 1024, 1024, 0, 0.0, 0)")
+        with pytest.raises(SimError) as failed:
+            backend.restart("a")
+        said = str(failed.value)
+        assert "the store is damaged: the onboarding row's amounts" in said, said
+        assert said.startswith("a did not start: "), said
+        assert not backend.running("a")
+    finally:
+        backend.stop()

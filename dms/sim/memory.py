@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pykka
+
 from dms.actor import ROOT_INBOX, ActorRef, ActorSystem, Limits, MemoryNetwork
 from dms.node.home import NODE_KEY
-from dms.node.node import NodeActor
+from dms.node.node import STARTED, NodeActor
 from dms.node.services import NodeServices
 from dms.resources import Onboarder, OnboardRequest, ResourceLedger
 from dms.security import Identity, TrustStore
@@ -40,6 +42,8 @@ from dms.store import Database, open_database
 # Heartbeat copies a second all nodes together receive: each is a signature check on
 # the sender's thread and a turn of the receiver's mailbox.
 MEMORY_HEARTBEATS_PER_S = 400.0
+# The longest a node's start is waited for (its on_start: the store's first work).
+START_WAIT_S = 60.0
 
 
 class MemoryNode:
@@ -97,6 +101,17 @@ class MemoryNode:
         self.node = self.system.spawn(
             NodeActor, self.services, inbox=ROOT_INBOX, identity=self.identity
         )
+        # Its on_start keeps a store's error for this handshake (as dms run's Node.start
+        # asks): unasked, a node whose start failed ran on half-started, saying nothing.
+        try:
+            error = self.node.pykka_ref.ask(STARTED, timeout=START_WAIT_S)
+        except pykka.ActorDeadError:
+            error = "its node actor did not start: see the log"
+        except pykka.Timeout:  # a slow machine: it goes on starting
+            return self
+        if error is not None:
+            self.stop()
+            raise SimError(f"{self.spec.name} did not start: {error}")
         return self
 
     @property

@@ -122,6 +122,34 @@ def test_one_peer_that_dials_back_is_not_enough_to_be_public(
     assert first.serves_relay()
 
 
+def test_a_loopback_node_that_reached_a_peer_of_its_machine_at_its_lan_address_is_not_private(
+    started: list[Libp2pTransport],
+) -> None:
+    """The providers' quick start: a node on 0.0.0.0, another on 127.0.0.1 bootstrapped
+    on the first one's LAN address. The second asks for a dial-back from an address of
+    this machine, with only loopback addresses, none on that IP: it was refused ("no
+    advertised address matches the observed IP"), judged private, and asked every peer
+    for a relay slot (each refusing, "not a relay"). Its peer on the same machine does
+    reach it: the verdict is yes, and the node stays unknown (one network)."""
+    from dms.network.interfaces import interface_networks
+
+    lan = next((str(n.ip) for n in interface_networks() if n.version == 4
+                and not n.ip.is_loopback and not n.ip.is_link_local), None)  # fmt: skip
+    if lan is None:
+        pytest.skip("this machine has no IPv4 address but loopback")
+    wide = _transport("auto", ip="0.0.0.0")
+    started.append(wide)
+    loopback = _transport("auto")
+    started.append(loopback)
+    loopback.connect(next(a for a in wide.addrs() if f"/ip4/{lan}/" in a))
+    dialback = loopback._dialback
+    assert dialback is not None
+    peer = ID.from_base58(wide.peer_id)
+    wait_for(lambda: peer in dialback.verdicts, what="the first verdict")
+    assert dialback.verdicts[peer] is True
+    assert loopback.reachability() is Reachability.UNKNOWN
+
+
 def test_confirmations_are_counted_by_network_not_by_address() -> None:
     """One /24 (IPv4), one /48 (IPv6: a site's usual allocation) is one network; a
     loopback address is one of its own (tests on one machine)."""

@@ -40,6 +40,7 @@ from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from dms.network.budgets import subnet_of
+from dms.network.interfaces import interface_networks
 from dms.network.relay import relayed_conn
 
 log = logging.getLogger("dms.network")
@@ -71,6 +72,22 @@ def network_of(ip: str) -> str:
         if ipaddress.ip_address(ip).is_loopback:
             return ip
     return subnet_of(ip, V4_PREFIX, V6_PREFIX)
+
+
+def _this_machine(ip: str) -> bool:
+    """Whether ``ip`` is one of this machine's addresses (loopback included)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return address.is_loopback or any(net.ip == address for net in interface_networks())
+
+
+def _is_loopback(raw: bytes) -> bool:
+    with contextlib.suppress(Exception):
+        ip = _addr_ip(Multiaddr(raw))
+        return ip is not None and ipaddress.ip_address(ip).is_loopback
+    return False
 
 
 class Reachability(StrEnum):
@@ -112,6 +129,20 @@ class DialBack(AutoNATService):
         if confirmed < len(self.verdicts):  # a peer that could not reach it
             return Reachability.PRIVATE
         return Reachability.UNKNOWN
+
+    def _filter_by_observed_ip(  # type: ignore[override]
+        self, addrs: list[bytes], observed_ip: str | None
+    ) -> list[bytes]:
+        """The asker's addresses on the IP its request came from (py-libp2p's rule: no
+        third party is dialed), and, for a request from this very machine through another
+        of its addresses, its loopback ones: a node that listens on loopback only and
+        reached this one at its LAN address is reachable from here, and is answered as a
+        loopback asker is (``_try_dial``: no probe). It was refused, that is judged
+        private, and asked every relay for a slot it did not need."""
+        kept = AutoNATService._filter_by_observed_ip(addrs, observed_ip)
+        if kept or observed_ip is None or not _this_machine(observed_ip):
+            return kept
+        return [raw for raw in addrs if _is_loopback(raw)]
 
     async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
         for raw in addrs:

@@ -94,6 +94,63 @@ def test_bids_that_do_not_validate_or_name_another_peer_are_that_peers_reason(
     wait_for(lambda: live_leases([junk, liar, honest]) == 0, 30, "every lease given back")
 
 
+@pytest.mark.parametrize("direct_late", [False, True], ids=["direct_first", "topic_first"])
+def test_a_provider_that_answers_a_round_twice_has_its_second_offer_for_a_slot_refused(
+    net: LocalCluster, direct_late: bool
+) -> None:
+    """One offer a peer a slot a round, the first. A hostile provider asked directly
+    also answers the round's published request, though it names it in ``asked``: a
+    second lease for one slot, and declines for the slots it offered before. That
+    offer is refused at once with its reason and its lease given back; its declines
+    do not replace the offers it made; it is one offer among the slot's, not two
+    (before: the slot's choice was "best of 3" among two peers, the second offer's
+    row "lost: another offer of this peer won the slot" or a loss, and a decline row
+    for slots it had offered for). The two bids arrive in either order (``topic_first``:
+    the direct one made first, its reply held back a second): the same outcome."""
+    requester, (hostile, honest) = network(net, 2)
+    assert hostile.node is not None
+    bidding = hostile.node.pykka_ref.proxy().bidding.get(timeout=5)
+    heard: list[str] = []
+
+    def answers_both(request: Request) -> Any:
+        payload: BidRequest = request.payload
+        heard.append("topic" if request.envelope.topic else "direct")
+        request.payload = payload.model_copy(update={"asked": []})  # it ignores the list
+        bid = bidding.bid_request(request)
+        if direct_late and not request.envelope.topic:
+            responder = request.defer()
+            threading.Timer(1.0, responder.ok, args=(bid,)).start()
+        return bid
+
+    assert hostile.node is not None
+    hostile.node.pykka_ref.proxy().register(
+        REQUEST, answers_both, public=True, payload=BidRequest, topic=DEPLOYMENT_TOPIC
+    ).get(timeout=5)
+    # Three slots, two fitting peers: both asked directly, and the round published. Each
+    # provider has room for four slots of 500m. The window takes the topic's bid in.
+    dep = deploy(requester, spec(count=3, params={"seconds": 0}, bid_window_s=3))
+    done = wait_state(requester, dep, TERMINAL, 40)
+    assert done["state"] == "completed", done["events"]
+    assert sorted(heard) == ["direct", "topic"]
+    rounds = [e["what"] for e in done["events"] if e["what"].startswith("round ")]
+    assert rounds == ["round 1: asking 2 peer(s) for 3 slot(s)"]
+    bids = owner(requester, "/dms/node/deployment/manifest", {"id": dep})["bids"]
+    mine = [b for b in bids if b["peer_id"] == hostile.peer_id]
+    refused = [b for b in mine if b["reason"].startswith("refused: ")]
+    assert len(refused) == 1, mine
+    assert refused[0]["outcome"] == "lost"
+    assert refused[0]["reason"].startswith(
+        f"refused: a second offer of this peer for {refused[0]['slot']} in round 1"
+    )
+    kept = [b for b in mine if b not in refused]
+    assert sorted((b["slot"], b["outcome"] != "decline") for b in kept) == [
+        (f"w.{i}", True) for i in range(3)
+    ]
+    won = [b["reason"] for b in bids if b["outcome"] == "won"]
+    assert len(won) == 3 and all(r.endswith("best of 2") for r in won), won
+    wait_for(lambda: live_leases([hostile, honest]) == 0, 30, "every lease given back")
+
+
 def test_an_allocate_reply_without_a_handle_reopens_the_slot_with_its_reason(
     net: LocalCluster,
 ) -> None:

@@ -9,6 +9,11 @@ each winner (the slot moves to ``committing``; ``supervision.py`` takes it from
 there) and revert the losers once no allocate of the deployment is in flight
 (``DeploymentBook.give_back``).
 
+One offer a peer a slot a round: a peer's first offer for a slot is taken, a later
+one (a hostile provider answering both the direct and the published request) is
+refused at arrival with its row in the bid index and given back; a decline leaves the
+round's offer as it was, and an offer undoes the round's decline (``_take_bid``).
+
 A bid that does not validate, or that names another peer or deployment than
 the one asked, becomes that peer's reason (``bad bid: ...``) and whatever it
 offered is reverted; it never raises here. A decline marked ``permanent`` (the
@@ -166,6 +171,15 @@ class BidRounds:
         # this actor stopped is dropped with the leases it holds, so the end reverts them.
         self.owing: Counter[str] = Counter()
         self._offers: dict[str, list[Candidate]] = {}
+        # This round's offers, by (peer, slot): a peer's first offer for a slot is taken,
+        # a later one refused (``_take_bid``); the leases its kept offers hold, never
+        # given back with a refused one that names the same; and its declines, with the
+        # slot's reason and permanent decline for it from before (an offer that comes
+        # after a decline of the same round is its answer: the decline is undone).
+        self._offered: set[tuple[str, str]] = set()
+        self._kept: set[tuple[str, str]] = set()
+        self._declined: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+        self._refused_noted: set[tuple[str, str]] = set()  # a row written for each
         self._arrived = 0  # offers taken so far: each candidate's ``seq``
         self._gossiped = False
         self._closed: set[int] = set()
@@ -290,6 +304,8 @@ class BidRounds:
         rid = self.round
         self._asked, self._answered, self._gossiped = set(), set(), False
         self._offers = {s.name: [] for s in open_slots}
+        self._offered, self._kept, self._refused_noted = set(), set(), set()
+        self._declined = {}
         request = BidRequest(
             deployment_id=self.book.id,
             slots=[self._slot_request(s) for s in open_slots],
@@ -391,26 +407,100 @@ class BidRounds:
         self._take_bid(self.round, bid)
 
     def _take_bid(self, rid: int, bid: Bid) -> None:
+        """Take ``bid``'s offers and declines into round ``rid``. One offer a peer a slot
+        a round: the first that arrives. A later offer of the peer for a slot it offered
+        for (a second bid: a hostile provider answering the direct request and the
+        published one, or one bid naming a slot twice) is refused, its row in the bid
+        index saying so (``refused: ...``), and given back at once; a decline leaves an
+        offer of the round as it was, and an offer undoes a decline of the round (two
+        bids arrive in either order: the published one's may come first)."""
+        peer = bid.peer_id
         if rid != self.round or rid in self._closed or self.book.state in DEPLOYMENT.terminal:
-            self._give_back(bid.peer_id, bid.offers, rid)  # too late: the leases go back at once
+            self._give_back(peer, self._not_kept(peer, bid.offers), rid)  # too late: at once
             return
-        self._answered.add(bid.peer_id)
+        changed = peer not in self._answered
+        self._answered.add(peer)
+        back: list[Offer] = []
+        refused: list[Offer] = []
         for offer in bid.offers:
             # A peer this slot excludes (it lost the slot before, or the job excludes it)
             # may still answer a gossip request: its offer goes back.
-            if offer.slot in self._offers and not self.host.excludes(offer.slot, bid.peer_id):
+            if offer.slot not in self._offers or self.host.excludes(offer.slot, peer):
+                back.append(offer)
+            elif (peer, offer.slot) in self._offered:
+                refused.append(offer)
+            else:
+                self._offered.add((peer, offer.slot))
+                self._kept.add((peer, offer.lease_id))
+                self._undo_decline(peer, offer.slot)
                 self._arrived += 1
                 self._offers[offer.slot].append(Candidate(bid, offer, self._arrived))
-            else:
-                self._give_back(bid.peer_id, [offer], rid)
+                changed = True
         for decline in bid.declines:
             slot = self.book.slots.get(decline.slot)
             if slot is None:
                 continue
-            slot.reasons[bid.peer_id] = f"declined: {decline.reason}"
+            if (peer, decline.slot) in self._offered:
+                continue  # its offer stands
+            if decline.slot in self._offers:
+                prior = (slot.reasons.get(peer), slot.declined_for_good.get(peer))
+                self._declined.setdefault((peer, decline.slot), prior)
+            changed = True
+            slot.reasons[peer] = f"declined: {decline.reason}"
             if decline.permanent:
-                slot.declined_for_good[bid.peer_id] = decline.reason
-        self._maybe_close(rid)
+                slot.declined_for_good[peer] = decline.reason
+        if refused:
+            self._refuse(rid, peer, refused)
+        self._give_back(peer, self._not_kept(peer, back + refused), rid)
+        if changed:  # a bid that changed nothing changes no decision
+            self._maybe_close(rid)
+
+    def _undo_decline(self, peer: str, name: str) -> None:
+        """``peer`` offered for slot ``name`` after declining it this round: its reason
+        and permanent decline for the slot are again what they were before."""
+        prior = self._declined.pop((peer, name), None)
+        if prior is None:
+            return
+        slot = self.book.slots[name]
+        for where, value in ((slot.reasons, prior[0]), (slot.declined_for_good, prior[1])):
+            if value is None:
+                where.pop(peer, None)
+            else:
+                where[peer] = value
+
+    def _not_kept(self, peer: str, offers: list[Offer]) -> list[Offer]:
+        """``offers`` without those naming a lease of ``peer`` that an offer kept this
+        round or a slot holds: a bid that names it again gives back nothing of it."""
+        if not offers:
+            return []
+        held = {
+            s.lease_id for s in self.book.slots.values() if s.peer_id == peer and s.state in HELD
+        }
+        return [
+            o for o in offers if (peer, o.lease_id) not in self._kept and o.lease_id not in held
+        ]
+
+    def _refuse(self, rid: int, peer: str, offers: list[Offer]) -> None:
+        """``peer``'s later offers for slots it answered this round: each refused with
+        its row in the bid index, one a (peer, slot) a round whatever it sends."""
+        log.info(
+            "deployment %s: round %d: refused %d more offer(s) of %s: one offer a peer a slot",
+            self.book.id, rid, len(offers), peer,
+        )  # fmt: skip
+        rows = []
+        for offer in offers:
+            if (peer, offer.slot) in self._refused_noted:
+                continue
+            self._refused_noted.add((peer, offer.slot))
+            why = (
+                f"refused: a second offer of this peer for {offer.slot} in round {rid}: one "
+                "offer a peer a slot a round, its first stands; this one given back"
+            )
+            rows.append(
+                BidRow(self.book.id, "received", peer, offer.slot, "lost", why,
+                       lease_id=offer.lease_id, price=offer.price)
+            )  # fmt: skip
+        self.book.add_bids(rows)
 
     def _give_back(self, peer: str, offers: list[Offer], rid: int) -> None:
         """Revert ``peer``'s ``offers`` (made in round ``rid``); once the revert is sent

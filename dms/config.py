@@ -208,6 +208,16 @@ class Settings(BaseSettings):
         "peer it has no stake in is refused (outbound_full), one for a peer with a stake "
         "closes the idlest unknown one (outbound_evicted)",
     )
+    max_new_dials_per_s: float = Field(
+        default=16.0,
+        gt=0,
+        description="dials a second of peers this node has no stake in and never reached; "
+        "past it (and new_dial_burst at once), while every dial slot is taken, such a "
+        "dial is refused (new_dials_full)",
+    )
+    new_dial_burst: int = Field(
+        default=64, ge=1, description="such dials it may start at once above that"
+    )
     max_peerstore_peers: int = Field(
         default=1000,
         ge=10,

@@ -22,7 +22,15 @@ from multiaddr import Multiaddr
 
 from dms.network import dialing, libp2p_patches
 from dms.network.dialing import MAX_DIAL_ADDRS, ranked, reaches_this_host
-from dms.network.dialslots import HOLD_S, PREEMPTED, DialSlots
+from dms.network.dialslots import (
+    HOLD_S,
+    NEW_DIAL_BURST,
+    NEW_DIALS_FULL,
+    NEW_DIALS_PER_S,
+    PREEMPTED,
+    DialSlots,
+    slots_for,
+)
 from dms.network.host import Libp2pTransport
 from dms.network.interfaces import advertised, expanded
 from dms.network.loop import NetworkError
@@ -250,18 +258,19 @@ def test_a_peer_advertising_one_hosts_ports_is_dialed_on_two() -> None:
 
 
 def _honest_dial_beside(
-    hostile: int, *, per_s: float = 0.0, reached_before: bool = False
-) -> tuple[bool, Counter[str]]:
+    hostile: int, *, per_s: float = 0.0, reached_before: bool = False, honest_at: float = 2.005
+) -> tuple[bool, Counter[str], Counter[str]]:
     """``hostile`` keys, each advertising 8 addresses that never answer, dialed at once
     with the auto-connector's deadline (10 s), and ``per_s`` more keys' dials a second
-    from then on; 2 s in, a dial of an honest peer whose one address connects at once
-    (``reached_before``: one of its addresses connected before, in this process), within
-    this node's ``dial_timeout_s`` (5 s). Returns whether the honest dial connected
-    before that deadline (on trio's virtual clock, which jumps ahead while every task
-    waits: the machine's load does not move it) and the dials of each hostile key's
-    addresses."""
+    from then on; ``honest_at`` s in (2 s), a dial of an honest peer whose one address
+    connects at once (``reached_before``: one of its addresses connected before, in this
+    process), within this node's ``dial_timeout_s`` (5 s). Returns whether the honest
+    dial connected before that deadline (on trio's virtual clock, which jumps ahead
+    while every task waits: the machine's load does not move it), the dials of each
+    hostile key's addresses, and the dial slots' refusals."""
     libp2p_patches.apply_libp2p_patches()
     dialed: Counter[str] = Counter()
+    refusals: Counter[str] = Counter()
     connected = False
 
     async def main() -> None:
@@ -271,6 +280,7 @@ def _honest_dial_beside(
         sinks = [Multiaddr(f"/ip4/10.{i}.0.1/tcp/4001") for i in range(MAX_DIAL_ADDRS)]
         async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
             swarm = host.get_network()
+            slots_for(swarm).refusals = refusals
             store = host.get_peerstore()
 
             async def dial_with_retry(addr: Any, peer_id: Any, source: Any = None) -> Any:
@@ -301,14 +311,14 @@ def _honest_dial_beside(
                 for _ in range(hostile):
                     nursery.start_soon(auto_connect)
                 nursery.start_soon(more_keys)
-                await trio.sleep(2.005)
+                await trio.sleep(honest_at)
                 with trio.move_on_after(5.0):
                     await swarm.dial_peer(honest)
                     connected = True
                 nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.002))
-    return connected, dialed
+    return connected, dialed, refusals
 
 
 def test_a_peers_dial_is_not_queued_behind_addresses_that_never_answer() -> None:
@@ -318,7 +328,7 @@ def test_a_peers_dial_is_not_queued_behind_addresses_that_never_answer() -> None
     2 s later waited behind them all, past its own 5 s. Now a dial's first address goes
     before any dial's next ones, the latest first, and a connect pending for HOLD_S
     gives its slot up when others wait: the honest dial connects."""
-    connected, dialed = _honest_dial_beside(200)
+    connected, dialed, _ = _honest_dial_beside(200)
     assert connected, "the honest dial ended at its deadline"
     # The hostile keys' dials went on meanwhile, each on its first address at least.
     assert len(dialed) >= 32
@@ -329,8 +339,23 @@ def test_a_peer_reached_before_is_dialed_ahead_of_a_stream_of_new_keys() -> None
     answers: 32 a second), each newer than the honest dial: a peer never reached waits
     behind them. A peer this node reached before (an address of it connected once) goes
     ahead of every such dial, and connects."""
-    connected, _ = _honest_dial_beside(64, per_s=50, reached_before=True)
+    connected, _, _ = _honest_dial_beside(64, per_s=50, reached_before=True)
     assert connected, "the dial of a peer reached before ended at its deadline"
+
+
+def test_an_older_dial_of_a_peer_never_reached_is_served_beside_a_stream_of_new_keys() -> None:
+    """A peer never reached and without a stake is dialed (a provider asked for a bid)
+    while 32 keys' dials hold every slot, and new keys' dials keep coming, 50 a second:
+    more than the slots serve when none answers (32 a second), each newer than it, so
+    its first address waited behind theirs until its deadline. New keys' dials a second
+    now have a budget while the slots are contended: past it they are refused at once,
+    and the older dial is served."""
+    connected, dialed, refusals = _honest_dial_beside(32, per_s=50, honest_at=0.1)
+    assert connected, "the older dial ended at its deadline"
+    # The keys past the budget were refused and counted, none of their addresses dialed:
+    # keys dialed over the 5.1 s, at most the burst and the budget's rate.
+    assert refusals[NEW_DIALS_FULL] > 0
+    assert len(dialed) <= NEW_DIAL_BURST + NEW_DIALS_PER_S * 5.2
 
 
 def _slot_kept(connected: bool, *, preferred: bool = False) -> tuple[bool, float]:

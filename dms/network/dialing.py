@@ -64,6 +64,12 @@ WORKED_MEMO = 4096
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+
+class NotDialed(SwarmException):
+    """A dial this node refused itself before trying any address (``DialSlots.admit``):
+    the peer failed nothing (no negative cache, nothing forgotten)."""
+
+
 # Transport classes, py-libp2p's order (go-libp2p's): QUIC, WebRTC, TCP, WS, relay.
 _QUIC, _WEBRTC, _TCP, _WS, _RELAY, _OTHER = range(6)
 # Scopes, the order a dial tries them in (after the address that connected last).
@@ -293,7 +299,12 @@ async def dial_peer(self: Any, peer_id: ID) -> list[Any]:
         if len(addrs) > MAX_DIAL_ADDRS:
             log.debug("peer %s: %d addresses, dialing %d", peer_id, len(addrs), MAX_DIAL_ADDRS)
             addrs = addrs[:MAX_DIAL_ADDRS]
-        connections, exceptions = await _dial_staggered(self, peer_id, addrs)
+        slots = slots_for(self)
+        preferred = worked is not None or slots.preferred(peer_id)
+        refused = None if preferred else slots.admit()
+        if refused is not None:  # this node's own budget: nothing of the peer's failed
+            raise NotDialed(f"not dialing {peer_id}: {refused}")
+        connections, exceptions = await _dial_staggered(self, peer_id, addrs, preferred)
 
         if not connections:
             event = SwarmEvent()
@@ -321,16 +332,16 @@ async def dial_peer(self: Any, peer_id: ID) -> list[Any]:
 
 
 async def _dial_staggered(
-    swarm: Any, peer_id: ID, addrs: list[Multiaddr]
+    swarm: Any, peer_id: ID, addrs: list[Multiaddr], preferred: bool
 ) -> tuple[list[Any], list[Exception]]:
     """Dial ``addrs`` as :func:`schedule` says, each next one ``STAGGER_S`` after the one
-    before or once a dial in flight fails, until one connects; then cancel the rest."""
+    before or once a dial in flight fails, until one connects; then cancel the rest.
+    ``preferred``: its addresses go first for a slot (``DialSlots``)."""
     connections: list[Any] = []
     exceptions: list[Exception] = []
     first, rest = schedule(addrs)
     failed = trio.Event()
     slots = slots_for(swarm)
-    preferred = peer_id in worked_for(swarm) or slots.preferred(peer_id)
 
     async def dial(addr: Multiaddr, nth: int) -> None:
         connection = None

@@ -35,6 +35,16 @@ then dialed waited behind all of them past its own deadline.
 So a peer the node prefers is dialed within about ``UPGRADE_HOLD_S`` whatever the rest, and any
 other dial's first address waits only behind other dials' first addresses, served at
 least ``limit / HOLD_S`` a second (32 a second) by addresses that never answer.
+
+Served the latest first, a dial of a peer neither preferred nor reached before waited
+for ever behind new keys' dials that kept coming faster than that. Those dials have a
+budget (:meth:`DialSlots.admit`, asked by ``dialing.dial_peer`` before any address is
+dialed): ``new_per_s`` a second (16, half what the slots serve), ``new_burst`` at once
+(64: two of py-libp2p's auto-connector batches); past it, while the slots are
+contended (every one held, or an address waiting), such a dial is refused at once
+(``NEW_DIALS_FULL``), not queued. So the first addresses that wait come no faster than
+the slots serve, and one that waits is served. Uncontended, a dial is as before, and
+a preferred peer's is never counted.
 See specs/security.md, "Addresses a peer advertises".
 """
 
@@ -45,6 +55,7 @@ import functools
 import itertools
 import logging
 import math
+import time
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -65,6 +76,13 @@ HOLD_S = 1.0
 UPGRADE_HOLD_S = 2.0
 # Counted in a transport's refusals each time an address gives its slot up.
 PREEMPTED = "dial_slot_preempted"
+# Dials a second, and at once, of peers neither preferred nor reached before while the
+# slots are contended (``DialSlots.admit``): half the rate at which the slots serve
+# addresses that never answer (``limit / HOLD_S``), and two auto-connector batches.
+NEW_DIALS_PER_S = 16.0
+NEW_DIAL_BURST = 64
+# Counted in a transport's refusals for each dial refused past that budget.
+NEW_DIALS_FULL = "new_dials_full"
 
 
 @dataclass(eq=False)
@@ -112,10 +130,17 @@ class DialSlots:
         hold_s: float = HOLD_S,
         refusals: Counter[str] | None = None,
         upgrade_hold_s: float = UPGRADE_HOLD_S,
+        new_per_s: float = NEW_DIALS_PER_S,
+        new_burst: int = NEW_DIAL_BURST,
     ) -> None:
         self.limit = limit
         self.hold_s = hold_s
         self.upgrade_hold_s = upgrade_hold_s
+        self.new_per_s = new_per_s
+        self.new_burst = new_burst
+        self._tokens = float(new_burst)
+        self._stamp: float | None = None  # trio's clock at the last refill
+        self._read_at = 0.0  # and the process's (``usage`` reads it from other threads)
         self.refusals: Counter[str] = refusals if refusals is not None else Counter()
         self.preferred: Callable[[Any], bool] = lambda _peer: False
         self._held: set[Attempt] = set()
@@ -132,11 +157,44 @@ class DialSlots:
         return len(self._waiting)
 
     def usage(self) -> dict[str, tuple[int, int]]:
-        """Slots held, and addresses waiting for one (against the same bound)."""
+        """Slots held, and addresses waiting for one (against the same bound); new keys'
+        dials taken from their budget now (its burst spent, of ``new_burst``)."""
+        spent = 0
+        if self._stamp is not None:  # read from any thread: refilled as of now, not kept
+            since = time.monotonic() - self._read_at
+            spent = self.new_burst - math.floor(
+                min(self.new_burst, self._tokens + since * self.new_per_s)
+            )
         return {
             "dial_slots": (self.held, self.limit),
             "dial_slots_waiting": (self.waiting, self.limit),
+            "new_dials": (spent, self.new_burst),
         }
+
+    def _refilled(self) -> float:
+        """The new dials' budget as of now (trio's clock: the swarm's thread)."""
+        now = trio.current_time()
+        if self._stamp is not None:
+            self._tokens = min(self.new_burst, self._tokens + (now - self._stamp) * self.new_per_s)
+        self._stamp = now
+        self._read_at = time.monotonic()
+        return self._tokens
+
+    def admit(self) -> str | None:
+        """A dial of a peer neither preferred nor reached before is to start: None if it
+        may (taking one of ``new_burst``, given back at ``new_per_s``), or why not. Past
+        the budget it is refused only while the slots are contended (every one held, or
+        an address waiting): uncontended, it takes a slot at once, as before."""
+        if self._refilled() >= 1:
+            self._tokens -= 1
+            return None
+        if len(self._held) < self.limit and not self._waiting:
+            return None
+        self.refusals[NEW_DIALS_FULL] += 1
+        return (
+            f"{NEW_DIALS_FULL}: more than {self.new_per_s:g} dials a second ({self.new_burst} "
+            "at once) of peers never reached, while every dial slot is taken"
+        )
 
     @contextlib.asynccontextmanager
     async def slot(self, preferred: bool, nth: int) -> AsyncIterator[Attempt]:
@@ -252,12 +310,21 @@ def slots_for(swarm: Any) -> DialSlots:
     return slots
 
 
-def configure(swarm: Any, preferred: Callable[[Any], bool], refusals: Counter[str]) -> None:
+def configure(
+    swarm: Any,
+    preferred: Callable[[Any], bool],
+    refusals: Counter[str],
+    new_per_s: float = NEW_DIALS_PER_S,
+    new_burst: int = NEW_DIAL_BURST,
+) -> None:
     """Which peers the swarm's dials prefer (besides those it reached in this process),
-    and where its slots count the addresses that gave theirs up."""
+    where its slots count the addresses that gave theirs up and the dials refused, and
+    the budget of the other dials (``DialSlots.admit``)."""
     slots = slots_for(swarm)
     slots.preferred = preferred
     slots.refusals = refusals
+    slots.new_per_s = new_per_s
+    slots.new_burst = slots._tokens = new_burst
 
 
 def _watch_connects(swarm: Any) -> None:

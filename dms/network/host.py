@@ -58,6 +58,7 @@ from dms.network.budgets import (
 )
 from dms.network.checked import CheckedFrames
 from dms.network.closing import close_host
+from dms.network.dialing import NotDialed
 from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, Pacer, envelope_is_valid, new_pubsub, topic_budgets
 from dms.network.interfaces import advertised
@@ -345,7 +346,13 @@ class Libp2pTransport(Unicast, Gossip):
         self._forget_when_unreached(swarm)
         self._dials.install(swarm)
         # Dial slots go first to peers the node has a stake in (and those reached before).
-        dialslots.configure(swarm, lambda pid: self._has_stake(pid.to_base58()), self.refusals)
+        dialslots.configure(
+            swarm,
+            lambda pid: self._has_stake(pid.to_base58()),
+            self.refusals,
+            s.max_new_dials_per_s,
+            s.new_dial_burst,
+        )
         set_buffer_budget(self.settings.max_buffered_bytes, swarm, self._window_exceeded)
         self._ping = PingService(host)
         pubsub, router = new_pubsub(
@@ -542,6 +549,8 @@ class Libp2pTransport(Unicast, Gossip):
         async def dial_or_forget(peer_id: ID) -> Any:
             try:
                 return await dial(peer_id)
+            except NotDialed:  # this node's own dial budget: the peer was not tried
+                raise
             except BaseException:  # failed, refused, or cut short by its deadline
                 self._departed(peer_id)
                 raise

@@ -79,6 +79,8 @@ BUDGET_SETTINGS = (
     "max_unknown_new_streams_per_s",
     "unknown_new_stream_burst",
     "max_outbound_connections",
+    "max_new_dials_per_s",
+    "new_dial_burst",
     "max_peerstore_peers",
     "max_peerstore_heard_peers",
     "revocations_per_peer_per_s",
@@ -173,6 +175,10 @@ class NetworkSettings(BaseModel):
     chunk_min_bytes_per_s: int = Field(default=256 * 1024, ge=1024)
     # Connections this host dials for a frame, a ping or a chunk fetch, in all.
     max_outbound_connections: int = Field(default=256, ge=1)
+    # Dials a second, and at once, of peers neither staked nor reached before; past it,
+    # while every dial slot is taken, such a dial is refused (dms.network.dialslots).
+    max_new_dials_per_s: float = Field(default=16.0, gt=0)
+    new_dial_burst: int = Field(default=64, ge=1)
     # Peers py-libp2p's peerstore keeps (addresses, key, protocols); past it those
     # without a connection or a stake go (dms.network.peerstore).
     max_peerstore_peers: int = Field(default=1000, ge=10)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,7 +23,7 @@ from dms.network.peertable import (
     PeerTable,
 )
 from dms.node.client import root_handle
-from dms.node.heartbeat_sync import check_relayed_heartbeat
+from dms.node.heartbeat_sync import HeartbeatSync, check_relayed_heartbeat
 from dms.resources import Resources
 from dms.security import Identity
 from dms.sim.cluster import LocalCluster
@@ -399,6 +401,27 @@ def test_a_relayed_heartbeat_is_taken_only_as_its_sender_signed_it() -> None:
     frame, node = _heartbeat_frame()
     relayed = check_relayed_heartbeat(frame, Limits())
     assert (relayed.peer_id, relayed.did, relayed.beat.nonce) == (node.peer_id, node.did, "a" * 16)
+
+
+def test_a_later_beat_passed_on_is_taken_though_an_earlier_one_came_late_by_gossip() -> None:
+    """Passed on, a heartbeat was news only if issued after the table's last_seen; a beat
+    that gossip brought late (its last_seen the time it came) hid the next one of the same
+    process, issued before that but passed on after: dropped as an echo at every sync, its
+    figures (the onboarding) unread until the peer's next beat. The same process's own
+    count says which is later (f22578e's rule): it is taken."""
+    node = Identity.generate()
+    later, _ = _heartbeat_frame(payload=beat(seq=4, onboarded={"cpu": 2.0}).model_dump(),
+                                host=node)  # fmt: skip
+    table = PeerTable()
+    system = SimpleNamespace(limits=Limits(), peer_id="me", refusals=Counter())
+    sync = HeartbeatSync(SimpleNamespace(system=system), table, None)  # type: ignore[arg-type]
+    time.sleep(0.01)  # the earlier beat comes, by gossip, after the later one was issued
+    sync.take_heartbeat(node.peer_id, node.did, beat(seq=3), None)
+    assert sync._adopt([later], "relay") == 1
+    record = table.get(node.peer_id)
+    assert record is not None and record.heartbeat is not None
+    assert (record.heartbeat.seq, record.heartbeat.onboarded) == (4, {"cpu": 2.0})
+    assert sync._adopt([later], "relay") == 0  # an echo of the one held: not news
 
 
 def _tampered() -> bytes:

@@ -226,6 +226,19 @@ class HeartbeatSync:
             log.debug("no heartbeats from %s: %s", source, outcome.error or "not a list")
         self.node.call_later(SYNC_SOON_S if news else SYNC_EVERY_S, self._sync)
 
+    def _news(self, relayed: RelayedHeartbeat) -> bool:
+        """Whether a heartbeat passed on is news, not an echo of what the table holds: of
+        the held one's process, a later ``seq`` (its own count; a beat gossip brought late
+        has a late ``last_seen``, and the next one, issued before it came, was dropped at
+        every sync); else issued after the peer was last heard from."""
+        known = self.peer_table.get(relayed.peer_id)
+        if known is None:
+            return True
+        held = known.heartbeat
+        if held is not None and held.nonce == relayed.beat.nonce:
+            return relayed.beat.seq > held.seq
+        return relayed.sent_at > known.last_seen
+
     def _adopt(self, frames: list[Any], source: str, only_from: str | None = None) -> int:
         """Check each heartbeat ``source`` passed on, as gossip would be checked, and
         take it where it is newer than what this node heard itself; returns how many
@@ -246,8 +259,7 @@ class HeartbeatSync:
                 continue
             if relayed.peer_id == self.node.system.peer_id or relayed.beat.leaving:
                 continue
-            known = self.peer_table.get(relayed.peer_id)
-            if known is None or relayed.sent_at > known.last_seen:  # news, not an echo
+            if self._news(relayed):
                 event = self.take_heartbeat(
                     relayed.peer_id,
                     relayed.did,

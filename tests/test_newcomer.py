@@ -194,6 +194,19 @@ def test_a_deployment_or_collaboration_not_here_says_where_the_ids_are(lone: Dae
     assert "'dms mine collab propose' printed" in err, err
 
 
+def test_a_connect_that_fails_says_why_each_address_failed(lone: Daemon) -> None:
+    """``dms peers connect`` to a port nobody listens on said "cannot connect to PEER:
+    SwarmDialAllFailedError: unable to connect to PEER, no addresses established a
+    successful connection (with exceptions)": no reason (the refused connection was in
+    py-libp2p's exception's cause), and so did the log at every redial of a bootstrap
+    that is down. Now: "every address failed: ConnectionRefusedError: ... refused"."""
+    [port] = free_ports()
+    peer = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+    done = dms(lone.home, "peers", "connect", f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer}")
+    one_line_error(done, f"cannot connect to {peer}: every address failed:", "refused")
+    assert "with exceptions" not in done.stderr, done.stderr
+
+
 def test_what_a_placed_worker_learns_is_wrapped_between_words(
     lone: Daemon, tmp_path: Path, tmux: Tmux
 ) -> None:

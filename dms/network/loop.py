@@ -134,10 +134,47 @@ class LoopBridge:
         return True
 
 
+# A dial's failures said in one line: the first few addresses' reasons.
+SHOWN_REASONS = 3
+
+
 def why(exc: BaseException) -> str:
-    """An exception as one line: its type, and its text if it has one."""
+    """An exception as one line: its type, and its text if it has one; for a dial whose
+    every address failed, each address's own reason (:func:`dial_reasons`)."""
+    reasons = dial_reasons(exc)
+    if reasons:
+        return f"every address failed: {reasons}"
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def dial_reasons(exc: BaseException) -> str:
+    """py-libp2p's "unable to connect to PEER, no addresses established a successful
+    connection (with exceptions)" keeps why in its cause (a ``MultiError`` of each
+    address's failure) and says none of it: ``dms peers connect`` of a closed port, and
+    the log's "cannot connect to PEER" at every redial, gave no reason. The innermost
+    reason of each (``ConnectionRefusedError: [Errno 111] Error connecting to
+    ('127.0.0.1', 9): Connection refused``), the first ``SHOWN_REASONS``; "" if none."""
+    errors = getattr(exc.__cause__, "errors", None)
+    if not isinstance(errors, list) or not errors:
+        return ""
+    reasons = list(dict.fromkeys(why(innermost(e)) for e in errors))
+    more = len(reasons) - SHOWN_REASONS
+    return "; ".join(reasons[:SHOWN_REASONS]) + (f" (and {more} more)" if more > 0 else "")
+
+
+def innermost(exc: BaseException) -> BaseException:
+    """The exception at the bottom of ``exc``'s causes (a group: its first)."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            break
+    return exc
 
 
 def root_cause(exc: BaseException) -> BaseException:

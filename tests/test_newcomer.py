@@ -192,6 +192,12 @@ def test_a_deployment_or_collaboration_not_here_says_where_the_ids_are(lone: Dae
     assert code == 1 and not out and len(err.splitlines()) == 1, (out, err)
     assert err.startswith("error: not_found: no collaboration 'nope' is joined on this node: ")
     assert "'dms mine collab propose' printed" in err, err
+    # The behaviours themselves, as a script calls them: the code says what happened.
+    asked = [["actor", "cmd", f"/dms/node/{what}/status", "id=nope"]
+             for what in ("deployment", "mining")]  # fmt: skip
+    for (code, out, err), what in zip(dms_many(lone.home, asked), ("deployment", "mining session"),
+                                      strict=True):  # fmt: skip
+        assert code == 1 and err == f"error: not_found: no {what} 'nope'\n", (out, err)
 
 
 def test_a_connect_that_fails_says_why_each_address_failed(lone: Daemon) -> None:

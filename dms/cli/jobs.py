@@ -91,9 +91,7 @@ def _ask(what: str, deployment_id: str, timeout: float, client: NodeClient | Non
             f"/dms/node/deployment/{what}", {"id": deployment_id}, timeout=timeout
         )
     except RemoteError as exc:
-        # "unknown": the requester's code for it (dms.orchestrator.requester) until it
-        # answers ErrorCode.NOT_FOUND
-        if exc.code not in (ErrorCode.NOT_FOUND, "unknown"):
+        if exc.code != ErrorCode.NOT_FOUND:
             raise
         raise DmsError(
             f"{exc.reason} on this node: 'dms deployment list' lists its deployments"

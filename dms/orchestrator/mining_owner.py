@@ -261,7 +261,7 @@ class MiningOwner:
     def mining_status(self, request: Request) -> dict[str, Any]:
         row = self.sessions.orchestration().store.mining(request.payload.id)
         if row is None:
-            raise Refusal("unknown", f"no mining session {request.payload.id!r}")
+            raise Refusal(ErrorCode.NOT_FOUND, f"no mining session {request.payload.id!r}")
         return {
             "id": row.id,
             "algorithm": row.algorithm,
@@ -278,7 +278,7 @@ class MiningOwner:
         store = self.sessions.orchestration().store
         row = store.mining(request.payload.id, labels=True)
         if row is None:
-            raise Refusal("unknown", f"no mining session {request.payload.id!r}")
+            raise Refusal(ErrorCode.NOT_FOUND, f"no mining session {request.payload.id!r}")
         if row.phase != SessionPhase.COMPLETED:
             raise Refusal("not_ready", f"the session is {row.phase}, not completed")
         problems = {c: why for c, why in (row.unreadable or {}).items() if c in _RESULT}

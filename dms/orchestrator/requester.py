@@ -276,7 +276,7 @@ class Requester:
     def _row(self, deployment_id: str) -> dict[str, Any]:
         row = self.orchestration().store.get(deployment_id)
         if row is None:
-            raise Refusal("unknown", f"no deployment {deployment_id!r}")
+            raise Refusal(ErrorCode.NOT_FOUND, f"no deployment {deployment_id!r}")
         return row
 
     @behaviour("/dms/node/deployment/status", payload=DeploymentId)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from dms.network import deferred
 
@@ -124,3 +125,76 @@ def test_a_group_whose_files_changed_is_imported_as_it_is() -> None:
         "aioquic": True,
         "websocket": False,
     }
+
+
+def test_a_failed_load_raises_its_import_error_at_each_use() -> None:
+    """With aioquic not importable a TCP host still starts (nothing imports it), and each
+    QUIC listen address raises the ImportError ``import libp2p`` would have: the second
+    raised KeyError('libp2p.transport.quic.transport'), the group counted loaded."""
+    found = run(
+        "import json, sys\n"
+        "sys.modules['aioquic'] = None\n"  # as if it were not installed
+        "import dms.network.host\n"
+        "import libp2p\n"
+        "from multiaddr import Multiaddr\n"
+        "from libp2p.crypto.ed25519 import create_new_key_pair\n"
+        "raised = []\n"
+        "for _ in range(2):\n"
+        "    try:\n"
+        "        libp2p.new_host(key_pair=create_new_key_pair(),\n"
+        "            listen_addrs=[Multiaddr('/ip4/127.0.0.1/udp/0/quic-v1')])\n"
+        "    except Exception as exc:\n"
+        "        raised.append(type(exc).__name__)\n"
+        "libp2p.new_host(key_pair=create_new_key_pair(),\n"
+        "    listen_addrs=[Multiaddr('/ip4/127.0.0.1/tcp/0')])\n"
+        "print(json.dumps({'raised': raised}))\n"
+    )
+    assert found == {"raised": ["ModuleNotFoundError", "ModuleNotFoundError"]}
+
+
+# Two groups of modules made for the test below: thread A's first use of Heavy imports
+# dq_a, which needs dq_mid; thread B, importing dq_mid, uses Thing (of the other group).
+DEADLOCK_MODULES = {
+    "dq_sync.py": "import threading\na_in = threading.Event()\nb_in = threading.Event()\n",
+    "dq_a.py": "import dq_sync\ndq_sync.a_in.set()\nimport dq_mid\nHeavy = 'heavy'\n",
+    "dq_mid.py": (
+        "import dq_sync\ndq_sync.b_in.set()\ndq_sync.a_in.wait(30)\n"
+        "from dq_b import Thing\nvalue = Thing()\n"
+    ),
+    "dq_b.py": "def Thing():\n    return 'thing'\n",
+}
+
+
+def test_two_threads_loading_while_importing_do_not_deadlock(tmp_path: Path) -> None:
+    """A first use in one thread (the trio thread's QUIC transport, say) while another
+    thread imports a module that load needs and itself uses a deferred name: with the
+    imports under deferred's lock, A held the lock waiting for dq_mid's import lock and
+    B held that waiting for the lock, both for ever."""
+    for name, text in DEADLOCK_MODULES.items():
+        (tmp_path / name).write_text(text)
+    found = run(
+        "import json, os, sys, threading\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from dms.network import deferred\n"
+        "deferred.GROUPS = (deferred.Group('dq1', {'dq_a': ('Heavy',)}, ()),\n"
+        "    deferred.Group('dq2', {'dq_b': ('Thing',)}, ()))\n"
+        "deferred.defer()\n"
+        "import dq_sync\n"
+        "from dq_a import Heavy\n"
+        "got = {}\n"
+        "def b():\n"
+        "    import dq_mid\n"
+        "    got['b'] = dq_mid.value\n"
+        "def a():\n"
+        "    got['a'] = Heavy.real()\n"
+        "threads = [threading.Thread(target=b, daemon=True)]\n"
+        "threads[0].start()\n"
+        "dq_sync.b_in.wait(30)\n"
+        "threads.append(threading.Thread(target=a, daemon=True))\n"
+        "threads[1].start()\n"
+        "for thread in threads:\n"
+        "    thread.join(30)\n"
+        "print(json.dumps(got), flush=True)\n"
+        "os._exit(0)\n"  # not waiting on threads that may hang
+    )
+    assert found == {"a": "heavy", "b": "thing"}

@@ -196,6 +196,7 @@ GROUPS: tuple[Group, ...] = (
 DEFERRED: list[str] = []
 _lock = threading.RLock()
 _owner: dict[str, Group] = {}  # deferred module -> its group, while deferred
+_loaded: set[str] = set()  # the groups whose real modules are imported and put back
 
 
 def _sha256(path: Path) -> str | None:
@@ -244,25 +245,34 @@ def defer() -> list[str]:
 
 def load(group: Group) -> None:
     """Import the group's real modules; put their objects wherever a ``Deferred`` of
-    the group is, in the modules of the packages deferred from."""
+    the group is, in the modules of the packages deferred from.
+
+    Only taking the stand-ins out is done under ``_lock``: the imports are not. Python's
+    module locks order threads importing the same module (and tell a cycle); a lock of
+    ours held across them would deadlock against a thread that, in the middle of
+    importing a module these imports need, uses a ``Deferred``. An import that fails
+    (aioquic not installed) raises its ``ImportError`` here, at each use, as
+    ``import libp2p`` would have: the group is not counted loaded."""
+    if group.name in _loaded:
+        return
     with _lock:
-        if not any(_owner.get(m) is group for m in group.modules):
-            return  # loaded already (or never deferred)
         for name in group.modules:
-            del _owner[name]
-            if isinstance(sys.modules.get(name), StandIn):
-                del sys.modules[name]
-        for name in group.modules:
-            importlib.import_module(name)
-        tops = tuple({name.split(".", 1)[0] + "." for name in group.modules})
-        for module in list(sys.modules.values()):
-            name = getattr(module, "__name__", None)
-            if not isinstance(name, str) or not (name + ".").startswith(tops):
-                continue
-            found = vars(module)
-            for key, value in list(found.items()):
-                if isinstance(value, Deferred) and value._module in group.modules:
-                    found[key] = value.real()
+            if _owner.get(name) is group:
+                del _owner[name]
+                if isinstance(sys.modules.get(name), StandIn):
+                    del sys.modules[name]
+    for name in group.modules:
+        importlib.import_module(name)
+    tops = tuple({name.split(".", 1)[0] + "." for name in group.modules})
+    for module in list(sys.modules.values()):
+        name = getattr(module, "__name__", None)
+        if not isinstance(name, str) or not (name + ".").startswith(tops):
+            continue
+        found = vars(module)
+        for key, value in list(found.items()):
+            if isinstance(value, Deferred) and value._module in group.modules:
+                found[key] = getattr(sys.modules[value._module], value._name)
+    _loaded.add(group.name)
 
 
 class _Finder(importlib.abc.MetaPathFinder):

@@ -404,3 +404,31 @@ def test_first_offer_closes_early_exactly_when_select_places_every_open_slot(
             assert len(decision.winners) < len(names) or (
                 distinct and (len(set(peers)) < len(peers) or bool(set(peers) & set(holders)))
             ), decision.winners
+
+
+@pytest.mark.parametrize("strategy", ["score", "first-offer"])
+def test_a_bad_bid_after_a_peers_kept_offer_reverts_not_its_lease(
+    monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    """One offer a peer a slot a round, the first (specs/security.md). A hostile provider
+    answers the published request with a good bid, then its direct request with a bad
+    one (another deployment named) that names the same lease: before, that reverted the
+    lease its kept offer held, which then won the slot (``score``: the round closed once
+    both answered) or had won it already (``first-offer``: closed at the good bid), and
+    its reason for the slot read "bad bid: ...". A bid cannot make the requester revert
+    the lease it chose; what else the bad bid names goes back."""
+    r = Round(monkeypatch, ["p", "q"], count=1, strategy=strategy)
+    reverted: list[tuple[str, list[str]]] = []
+    r.book.o.revert = lambda peer, payload: reverted.append((peer, payload["lease_ids"]))
+    offer = Offer(slot="w", lease_id="p:w", price=0, expires_at=time.time() + 60)
+    good = Bid(deployment_id="dep1", peer_id="p", did="did:key:p", offers=[offer],
+               free={"cpu": 4}, onboarded={"cpu": 4})  # fmt: skip
+    r.rounds._take_bid(r.rounds.round, good)  # the published request's bid, first
+    other = offer.model_copy(update={"lease_id": "p:other"})
+    bad = good.model_copy(update={"deployment_id": "other", "offers": [offer, other]})
+    r.messenger.asked["p"](Outcome(result=bad.model_dump()))
+    if strategy == "score":
+        r.bid("q", [], declines=("w",))  # the last asked answers: the round closes
+    assert r.committed == {"w": "p:w"}, r.committed
+    assert reverted == [("p", ["p:other"])], reverted
+    assert r.reasons("w")["p"].startswith("won: "), r.reasons("w")

@@ -394,8 +394,11 @@ class BidRounds:
         log.info("deployment %s: bad bid from %s: %s", self.book.id, peer, why)
         self._answered.add(peer)
         self.book.uncertain.add(peer)  # whatever else it holds for us goes back at the end
-        self.book.revert(peer, lease_ids)
-        self.book.note_reason(peer, list(self._offers), f"bad bid: {why}"[:MAX_REASON])
+        # Its first answer stands: a bad one after it reverts no lease its kept offer or a
+        # slot holds, nor replaces its reason for a slot it offered for.
+        self.book.revert(peer, self._not_kept_ids(peer, lease_ids))
+        unanswered = [n for n in self._offers if (peer, n) not in self._offered]
+        self.book.note_reason(peer, unanswered, f"bad bid: {why}"[:MAX_REASON])
         self._maybe_close(rid)
 
     def bid_received(self, request: Request) -> None:
@@ -473,12 +476,18 @@ class BidRounds:
         round or a slot holds: a bid that names it again gives back nothing of it."""
         if not offers:
             return []
+        free = set(self._not_kept_ids(peer, [o.lease_id for o in offers]))
+        return [o for o in offers if o.lease_id in free]
+
+    def _not_kept_ids(self, peer: str, lease_ids: list[str]) -> list[str]:
+        """``lease_ids`` of ``peer`` without those an offer kept this round or a slot
+        holds (``_not_kept``; a bad bid's, ``_bad_bid``)."""
+        if not lease_ids:
+            return []
         held = {
             s.lease_id for s in self.book.slots.values() if s.peer_id == peer and s.state in HELD
         }
-        return [
-            o for o in offers if (peer, o.lease_id) not in self._kept and o.lease_id not in held
-        ]
+        return [i for i in lease_ids if (peer, i) not in self._kept and i not in held]
 
     def _refuse(self, rid: int, peer: str, offers: list[Offer]) -> None:
         """``peer``'s later offers for slots it answered this round: each refused with

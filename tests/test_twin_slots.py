@@ -432,3 +432,24 @@ def test_a_bad_bid_after_a_peers_kept_offer_reverts_not_its_lease(
     assert r.committed == {"w": "p:w"}, r.committed
     assert reverted == [("p", ["p:other"])], reverted
     assert r.reasons("w")["p"].startswith("won: "), r.reasons("w")
+
+
+@pytest.mark.parametrize("code", ["timeout", "unreachable", "unknown"])
+def test_a_direct_request_that_fails_after_a_peers_kept_offer_is_no_decline_of_its_slot(
+    monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    """A peer's first answer for a slot stands (specs/security.md): its published
+    request's bid came first, then its direct request failed (a hostile or old provider
+    answering both, the direct one left to time out). Before, the failure replaced its
+    reason for the slot it had offered for, and the bid index read a 'decline' row
+    'timeout: ...' beside its 'won' row for the same slot."""
+    r = Round(monkeypatch, ["p", "q"], count=2, strategy="score")
+    offer = Offer(slot="w.0", lease_id="p:w.0", price=0, expires_at=time.time() + 60)
+    good = Bid(deployment_id="dep1", peer_id="p", did="did:key:p", offers=[offer],
+               free={"cpu": 4}, onboarded={"cpu": 4})  # fmt: skip
+    r.rounds._take_bid(r.rounds.round, good)
+    r.messenger.asked["p"](Outcome(error=RemoteError(code, "no reply")))
+    r.bid("q", [], declines=("w.0", "w.1"))
+    assert r.committed == {"w.0": "p:w.0"}, r.committed
+    rows = [(b.outcome, b.reason) for b in r.store.bids if (b.peer_id, b.slot) == ("p", "w.0")]
+    assert [o for o, _ in rows] == ["won"], rows

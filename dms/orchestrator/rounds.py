@@ -357,10 +357,12 @@ class BidRounds:
             self.book.uncertain.add(peer)  # it may have locked before the reply got lost
             assert outcome.error is not None
             why = f"{outcome.error.code}: {outcome.error.reason}"
+            # Not for a slot its published request's bid offered for: that answer stands.
+            slots = self._unoffered(peer)
             if outcome.error.code in NO_ANSWER:
-                self._note_unanswered(peer, list(self._offers), why)
+                self._note_unanswered(peer, slots, why)
             else:
-                self.book.note_reason(peer, list(self._offers), why)
+                self.book.note_reason(peer, slots, why)
             self._maybe_close(rid)
             return
         try:
@@ -397,9 +399,14 @@ class BidRounds:
         # Its first answer stands: a bad one after it reverts no lease its kept offer or a
         # slot holds, nor replaces its reason for a slot it offered for.
         self.book.revert(peer, self._not_kept_ids(peer, lease_ids))
-        unanswered = [n for n in self._offers if (peer, n) not in self._offered]
-        self.book.note_reason(peer, unanswered, f"bad bid: {why}"[:MAX_REASON])
+        self.book.note_reason(peer, self._unoffered(peer), f"bad bid: {why}"[:MAX_REASON])
         self._maybe_close(rid)
+
+    def _unoffered(self, peer: str) -> list[str]:
+        """This round's slots ``peer`` has no offer taken for: a reply that is no bid
+        (an error, a bad bid) is its reason for those only, its first answer standing
+        for the others (one that came first, for the published request)."""
+        return [n for n in self._offers if (peer, n) not in self._offered]
 
     def bid_received(self, request: Request) -> None:
         """Bids answering a gossip request come here (the actor's ``BID`` behaviour),

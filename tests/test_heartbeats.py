@@ -412,10 +412,10 @@ def test_a_later_beat_passed_on_is_taken_though_an_earlier_one_came_late_by_goss
     node = Identity.generate()
     later, _ = _heartbeat_frame(payload=beat(seq=4, onboarded={"cpu": 2.0}).model_dump(),
                                 host=node)  # fmt: skip
-    table = PeerTable()
+    # The earlier beat comes, by gossip, a second after the later one was issued.
+    table = PeerTable(wall=lambda: time.time() + 1.0)
     system = SimpleNamespace(limits=Limits(), peer_id="me", refusals=Counter())
     sync = HeartbeatSync(SimpleNamespace(system=system), table, None)  # type: ignore[arg-type]
-    time.sleep(0.01)  # the earlier beat comes, by gossip, after the later one was issued
     sync.take_heartbeat(node.peer_id, node.did, beat(seq=3), None)
     assert sync._adopt([later], "relay") == 1
     record = table.get(node.peer_id)

@@ -20,7 +20,7 @@ import trio.testing
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
-from dms.network import dialing, libp2p_patches
+from dms.network import dialing, dialslots, libp2p_patches
 from dms.network.dialing import MAX_DIAL_ADDRS, ranked, reaches_this_host
 from dms.network.dialslots import (
     HOLD_S,
@@ -31,9 +31,10 @@ from dms.network.dialslots import (
     DialSlots,
     slots_for,
 )
+from dms.network.discovery import Discovery
 from dms.network.host import Libp2pTransport
 from dms.network.interfaces import advertised, expanded
-from dms.network.loop import NetworkError
+from dms.network.loop import NetworkError, why
 from dms.network.settings import NetworkSettings
 from dms.security.identity import Identity
 from dms.sim.adversary import bare_host
@@ -356,6 +357,95 @@ def test_an_older_dial_of_a_peer_never_reached_is_served_beside_a_stream_of_new_
     # keys dialed over the 5.1 s, at most the burst and the budget's rate.
     assert refusals[NEW_DIALS_FULL] > 0
     assert len(dialed) <= NEW_DIAL_BURST + NEW_DIALS_PER_S * 5.2
+
+
+class _Relays:
+    """As much of a ``RelayClient`` as a dial through a relay asks: the peers dialed
+    through one (each as if its circuit opened)."""
+
+    def __init__(self) -> None:
+        self.dialed: list[ID] = []
+
+    async def dial(self, pid: ID, circuit_addrs: list[Any]) -> Any:
+        self.dialed.append(pid)
+        return circuit_addrs[0]
+
+
+def test_a_refused_new_key_is_not_dialed_through_its_relay_instead() -> None:
+    """Every dial slot is held by addresses that never answer and the new keys' budget
+    is spent: a new key's direct dial is refused (new_dials_full). A key that also
+    advertised a relayed address was then dialed through its relay at once, and one
+    with a relayed address alone always was: a relayed dial takes no slot, so any
+    number of keys advertising a relay got dials the budget refused. Now the dial of a
+    peer is admitted once whichever way it goes: those keys are refused with the same
+    reason, counted once each, and no relay is asked; a peer with a stake and one
+    reached before are still dialed through the relay, never counted."""
+    libp2p_patches.apply_libp2p_patches()
+    relays = _Relays()
+    refusals: Counter[str] = Counter()
+    errors: dict[ID, str] = {}
+
+    def new_key(i: int, direct: bool) -> tuple[ID, list[Multiaddr]]:
+        key = ID.from_base58(Identity.generate().peer_id)
+        via = Multiaddr(f"/ip4/10.200.0.{i}/tcp/4001/p2p/{Identity.generate().peer_id}")
+        circuit = via.encapsulate(Multiaddr("/p2p-circuit"))
+        return key, [Multiaddr(f"/ip4/10.100.0.{i}/tcp/4001")] * direct + [circuit]
+
+    async def main() -> None:
+        host = bare_host(Identity.generate())
+        async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            swarm = host.get_network()
+            await swarm.auto_connector.stop()  # it would dial the keys too
+            store = host.get_peerstore()
+            slots = slots_for(swarm)
+            staked, reached = (new_key(200 + i, True) for i in range(2))
+            # The budget: what is left of it is spent by the dials holding the slots.
+            dialslots.configure(
+                swarm, lambda pid: pid == staked[0], refusals, new_per_s=1e-6, new_burst=32
+            )
+
+            async def never_answers(addr: Any, peer_id: Any, source: Any = None) -> Any:
+                await trio.sleep_forever()
+
+            swarm._dial_with_retry = never_answers  # type: ignore[method-assign]
+            node = Discovery()
+            node._host, node._dht, node._relays = host, None, relays  # type: ignore[assignment]
+
+            async def hold_a_slot(i: int) -> None:
+                holder = ID.from_base58(Identity.generate().peer_id)
+                store.add_addrs(holder, [Multiaddr(f"/ip4/10.50.{i}.1/tcp/4001")], 600)
+                with contextlib.suppress(Exception):
+                    await swarm.dial_peer(holder)
+
+            async def ensure_connected(key: ID, addrs: list[Multiaddr]) -> None:
+                store.add_addrs(key, addrs, 600)
+                try:
+                    with trio.fail_after(5.0):
+                        await node._ensure_connected(key)
+                except Exception as exc:
+                    errors[key] = why(exc)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(slots.limit):
+                    nursery.start_soon(hold_a_slot, i)
+                await trio.testing.wait_all_tasks_blocked()
+                assert slots.held == slots.limit and slots.admit() is not None
+                refusals.clear()
+                for i in range(10):
+                    await ensure_connected(*new_key(i, direct=i % 2 == 0))
+                dialing.worked_for(swarm)[reached[0]] = reached[1][0]
+                for key, addrs in (staked, reached):
+                    await ensure_connected(key, addrs)
+                nursery.cancel_scope.cancel()
+            new_keys = set(errors) - {staked[0], reached[0]}
+            assert len(new_keys) == 10
+            # Before: every one of the 10 keys too, the 5 with a relayed address alone
+            # without ever being refused.
+            assert relays.dialed == [staked[0], reached[0]], "a refused key went through a relay"
+            assert all(NEW_DIALS_FULL in errors[key] for key in new_keys), errors
+            assert refusals[NEW_DIALS_FULL] == 10
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.002))
 
 
 def _slot_kept(connected: bool, *, preferred: bool = False) -> tuple[bool, float]:

@@ -25,7 +25,8 @@ import ipaddress
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import trio
@@ -68,6 +69,39 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 class NotDialed(SwarmException):
     """A dial this node refused itself before trying any address (``DialSlots.admit``):
     the peer failed nothing (no negative cache, nothing forgotten)."""
+
+
+# The peer whose dial the running task was admitted for (:func:`admitted`): its direct
+# dial, started inside, is not counted a second time.
+ADMITTED: ContextVar[ID | None] = ContextVar("dms_dial_admitted", default=None)
+
+
+def admit(swarm: Any, peer_id: ID) -> bool:
+    """A dial of ``peer_id`` is to start: True if the peer is preferred (an address of it
+    connected in this process, directly or through a relay, or the node has a stake in
+    it), which is never counted. Else it takes one of the new keys' budget
+    (``DialSlots.admit``), once a dial whichever way it goes (direct, through a relay,
+    both: :func:`admitted`); past it, ``NotDialed`` with the reason (counted)."""
+    slots = slots_for(swarm)
+    if peer_id in worked_for(swarm) or slots.preferred(peer_id):
+        return True
+    if ADMITTED.get() != peer_id:
+        refused = slots.admit()
+        if refused is not None:  # this node's own budget: nothing of the peer's failed
+            raise NotDialed(f"not dialing {peer_id}: {refused}")
+    return False
+
+
+@contextlib.contextmanager
+def admitted(peer_id: ID) -> Iterator[None]:
+    """Inside, the dial of ``peer_id`` is admitted (:func:`admit`, asked before): a dial
+    of it the swarm makes there (the direct half of a dial that may go through a relay)
+    takes nothing more of the budget. Tasks started inside inherit it."""
+    token = ADMITTED.set(peer_id)
+    try:
+        yield
+    finally:
+        ADMITTED.reset(token)
 
 
 # Transport classes, py-libp2p's order (go-libp2p's): QUIC, WebRTC, TCP, WS, relay.
@@ -187,7 +221,9 @@ def worked_for(swarm: Any) -> OrderedDict[ID, Multiaddr]:
     return memo
 
 
-def _remember(swarm: Any, peer_id: ID, addr: Multiaddr) -> None:
+def remember(swarm: Any, peer_id: ID, addr: Multiaddr) -> None:
+    """``addr`` of ``peer_id`` connected (a direct address, or a relayed one): the peer
+    is reached, preferred from now on (:func:`admit`, ``DialSlots``)."""
     memo = worked_for(swarm)
     memo[peer_id] = addr
     memo.move_to_end(peer_id)
@@ -299,11 +335,7 @@ async def dial_peer(self: Any, peer_id: ID) -> list[Any]:
         if len(addrs) > MAX_DIAL_ADDRS:
             log.debug("peer %s: %d addresses, dialing %d", peer_id, len(addrs), MAX_DIAL_ADDRS)
             addrs = addrs[:MAX_DIAL_ADDRS]
-        slots = slots_for(self)
-        preferred = worked is not None or slots.preferred(peer_id)
-        refused = None if preferred else slots.admit()
-        if refused is not None:  # this node's own budget: nothing of the peer's failed
-            raise NotDialed(f"not dialing {peer_id}: {refused}")
+        preferred = admit(self, peer_id)
         connections, exceptions = await _dial_staggered(self, peer_id, addrs, preferred)
 
         if not connections:
@@ -360,7 +392,7 @@ async def _dial_staggered(
             failed.set()
             return
         connections.append(connection)
-        _remember(swarm, peer_id, addr)
+        remember(swarm, peer_id, addr)
         nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:

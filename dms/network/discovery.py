@@ -27,7 +27,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from dms.backoff import Backoff
 from dms.network.budgets import OutboundBudget
-from dms.network.dialing import ranked, worked_for
+from dms.network.dialing import admit, admitted, ranked, remember, worked_for
 from dms.network.interfaces import interface_networks
 from dms.network.loop import LoopBridge, NetworkError, why
 from dms.network.reconnect import Reconnects, at_once, targets
@@ -172,12 +172,20 @@ class Discovery(LoopBridge):
         if not relayed or self._relays is None:
             await self._host.connect(PeerInfo(pid, addrs))
             return
-        await self._dial_direct_or_relayed(pid, direct, relayed)
+        # One dial of the peer, whichever way it goes (direct, through a relay, both): a
+        # new key's takes one of the new keys' budget here, and past it is refused
+        # (NotDialed) as its direct dial alone is. A relayed dial takes no dial slot:
+        # asked only of the direct dial, a refusal went through the relay at once.
+        admit(self._host.get_network(), pid)
+        with admitted(pid):
+            await self._dial_direct_or_relayed(pid, direct, relayed)
 
     async def _dial_direct_or_relayed(self, pid: ID, direct: list[Any], relayed: list[Any]) -> None:
         """Direct addresses first (a peer on the same network, or whose NAT lets us in);
-        through a relay if they fail or have not connected within ``RELAY_AFTER_S``."""
+        through a relay if they fail or have not connected within ``RELAY_AFTER_S``.
+        Admitted by the caller (``admit``), once for both ways."""
         assert self._host is not None and self._relays is not None
+        swarm = self._host.get_network()
         errors: list[str] = []
         direct_over = trio.Event()
 
@@ -193,7 +201,8 @@ class Discovery(LoopBridge):
             with trio.move_on_after(RELAY_AFTER_S):
                 await direct_over.wait()
             try:
-                await self._relays.dial(pid, relayed)  # type: ignore[union-attr]
+                addr = await self._relays.dial(pid, relayed)  # type: ignore[union-attr]
+                remember(swarm, pid, addr)
                 nursery.cancel_scope.cancel()
             except Exception as exc:
                 errors.append(why(exc))

@@ -673,9 +673,9 @@ class RelayClient:
         else:
             note_refusal(self._refused, pid, time.monotonic())
 
-    async def dial(self, pid: ID, circuit_addrs: list[Any]) -> None:
-        """Connect to ``pid`` through the first relayed address that works; raise with
-        the relay's reason when none does."""
+    async def dial(self, pid: ID, circuit_addrs: list[Any]) -> multiaddr.Multiaddr:
+        """Connect to ``pid`` through the first relayed address that works and return
+        it; raise with the relay's reason when none does."""
         reasons = []
         async with self._dial_slot(pid):  # outbound_full raises here, with its reason
             for addr in circuit_addrs:
@@ -684,7 +684,7 @@ class RelayClient:
                     text = f"{text}/p2p/{pid.to_base58()}"
                 try:
                     await self._connect(multiaddr.Multiaddr(text), pid)
-                    return
+                    return addr
                 except RelayConnectionError as exc:
                     reasons.append(STATUS_REASON.get(exc.status_code, str(exc)))
                 except Exception as exc:

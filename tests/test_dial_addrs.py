@@ -18,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from dms.network import dialing, dialslots, libp2p_patches
@@ -446,6 +447,53 @@ def test_a_refused_new_key_is_not_dialed_through_its_relay_instead() -> None:
             assert refusals[NEW_DIALS_FULL] == 10
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.002))
+
+
+def test_a_peer_this_node_refused_to_dial_is_tried_at_the_auto_connectors_next_cycle() -> None:
+    """py-libp2p's auto-connector dials a peer while every dial slot is held and the new
+    keys' budget is spent: this node refuses the dial (new_dials_full) before any
+    address. The auto-connector counted it as the peer's failure and skipped the peer
+    for 5 s, 15 s, ... up to 300 s, so it was not dialed at the next cycle even once the
+    slots were free. The refusal is now no failure of the peer's: its next cycle dials
+    it, and it connects."""
+    libp2p_patches.apply_libp2p_patches()
+    refusals: Counter[str] = Counter()
+    connected = False
+
+    async def main() -> None:
+        nonlocal connected
+        host, other = bare_host(Identity.generate()), bare_host(Identity.generate())
+        loopback = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+        async with host.run(loopback), other.run(loopback):
+            swarm = host.get_network()
+            auto = swarm.auto_connector
+            # Its cycles run when the test says, not on its own timer.
+            await auto.stop()
+            await trio.testing.wait_all_tasks_blocked()
+            await auto.start()
+            dialslots.configure(swarm, lambda pid: False, refusals, new_per_s=0.0, new_burst=0)
+            slots = slots_for(swarm)
+            info = info_from_p2p_addr(other.get_addrs()[0])
+            peer = info.peer_id
+            host.get_peerstore().add_addrs(peer, info.addrs, 600)
+
+            async def hold_a_slot() -> None:
+                async with slots.slot(False, 0):
+                    await trio.sleep_forever()
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(slots.limit):
+                    nursery.start_soon(hold_a_slot)
+                await trio.testing.wait_all_tasks_blocked()
+                await auto.maybe_connect()
+                nursery.cancel_scope.cancel()
+            assert refusals[NEW_DIALS_FULL] == 1, "the dial was not refused by the budget"
+            # The slots are free: the budget refuses nothing now.
+            await auto.maybe_connect()
+            connected = bool(swarm.get_connections(peer))
+
+    trio.run(main)
+    assert connected, "the peer refused by this node's budget was skipped as a failed one"
 
 
 def _slot_kept(connected: bool, *, preferred: bool = False) -> tuple[bool, float]:

@@ -69,6 +69,7 @@ from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 
 from dms.actor.ratelimit import ShareMeter
+from dms.network.dialing import refused_here
 from dms.network.loop import NetworkError, why
 from dms.network.settings import NetworkSettings
 
@@ -1025,6 +1026,7 @@ class OutboundBudget:
                 )
                 return conn
         self.refusals[Budget.OUTBOUND_FULL] += 1
+        refused_here(peer)
         raise NetworkError(
             f"peer {name} is not dialed: outbound_full: this node holds {len(dialed)} "
             f"connections it dialed and {in_flight} dials in progress, the most it may "

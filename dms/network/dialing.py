@@ -25,7 +25,7 @@ import ipaddress
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -76,6 +76,20 @@ class NotDialed(SwarmException):
 ADMITTED: ContextVar[ID | None] = ContextVar("dms_dial_admitted", default=None)
 
 
+# Told of each dial the running task asked for that this node refused itself, before
+# any address (``libp2p_patches.autoconnect`` sets it for the auto-connector's cycle).
+ON_REFUSAL: ContextVar[Callable[[ID], None] | None] = ContextVar("dms_dial_refused", default=None)
+
+
+def refused_here(peer_id: ID) -> None:
+    """A dial of ``peer_id`` is refused by a budget of this node's own (``NotDialed``,
+    ``outbound_full``): no failure of the peer's. Whoever the running task dials for is
+    told (``ON_REFUSAL``)."""
+    seen = ON_REFUSAL.get()
+    if seen is not None:
+        seen(peer_id)
+
+
 def admit(swarm: Any, peer_id: ID) -> bool:
     """A dial of ``peer_id`` is to start: True if the peer is preferred (an address of it
     connected in this process, directly or through a relay, or the node has a stake in
@@ -88,6 +102,7 @@ def admit(swarm: Any, peer_id: ID) -> bool:
     if ADMITTED.get() != peer_id:
         refused = slots.admit()
         if refused is not None:  # this node's own budget: nothing of the peer's failed
+            refused_here(peer_id)
             raise NotDialed(f"not dialing {peer_id}: {refused}")
     return False
 

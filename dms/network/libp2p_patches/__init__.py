@@ -17,6 +17,8 @@ of the library, each saying what it changes and why:
 - :mod:`.tcp`: a TCP connection reads ahead;
 - :mod:`.noise`: a Noise message goes out whole, cancelled or not;
 - :mod:`.dial`: a dial tries every address of a peer (``dms.network.dialing``);
+- :mod:`.autoconnect`: a dial this node refused itself is no failure of the peer's
+  to the auto-connector;
 - :mod:`.records`: a peer's signed record verified once, the node's own read once
   a second;
 - :mod:`.holepunch`: DCUtR looks at each connection's addresses once;
@@ -34,6 +36,7 @@ import threading
 from collections.abc import Callable
 
 from dms.network.libp2p_patches import (
+    autoconnect,
     dial,
     gossip,
     holepunch,
@@ -74,6 +77,7 @@ PATCHES: tuple[Callable[[], bool], ...] = (
     yamux.wake_readers_on_reset,
     yamux.cheaper_yamux_reads,
     dial.dial_every_address,
+    autoconnect.local_refusals_are_no_failures,
     noise.noise_messages_go_whole,
     yamux.yamux_writes_wait_for_a_window,
 )

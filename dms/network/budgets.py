@@ -190,6 +190,9 @@ class InboundGate:
         """One inbound socket, for as long as it lives."""
         address = socket.get_remote_address() if hasattr(socket, "get_remote_address") else None
         ip = address[0] if address else "?"
+        if isinstance(socket, IMuxedConn):  # QUIC: secured and multiplexed by its transport
+            await self._multiplexed(socket, ip)
+            return
         muxed: IMuxedConn | None = None
         key = id(socket)
         with trio.CancelScope() as scope:
@@ -205,10 +208,26 @@ class InboundGate:
             return
         await self.hold(muxed, ip)
 
-    async def hold(self, muxed: IMuxedConn, ip: str) -> None:
+    async def _multiplexed(self, muxed: IMuxedConn, ip: str) -> None:
+        """An inbound connection its transport secured and multiplexed itself (QUIC: TLS
+        1.3 with the peer's libp2p key, its own streams), handed over complete: into the
+        swarm as py-libp2p puts one (no Noise and Yamux upgrade: taken for a raw socket,
+        its upgrade failed and the connection was never the swarm's, so every stream the
+        peer opened on it went unanswered), then under the budgets as any other."""
+        try:
+            conn = await self.swarm.add_conn(muxed, direction="inbound")
+        except Exception as exc:
+            log.debug("inbound connection from %s failed: %s", ip, exc)
+            with contextlib.suppress(Exception):
+                await muxed.close()
+            return
+        await self.hold(muxed, ip, getattr(conn, "event_closed", None))
+
+    async def hold(self, muxed: IMuxedConn, ip: str, closed: trio.Event | None = None) -> None:
         """Admit an inbound connection that finished its upgrade (here, or through a
         relay: ``ip`` is then the relay's) under the budgets, and hold its slot until it
-        closes; closed at once if there is no room."""
+        closes (``closed``, else the connection's own event); closed at once if there is
+        no room."""
         entry = _Inbound(ip, subnet_of(ip), muxed.peer_id, muxed, time.monotonic())
         if not await self._make_room(entry):
             self.refusals[Budget.CONNECTIONS_FULL] += 1
@@ -225,10 +244,11 @@ class InboundGate:
         self._by_ip[entry.ip] += 1
         self._by_subnet[entry.subnet] += 1
         try:
-            closed = getattr(muxed, "event_closed", None)
+            if closed is None:
+                closed = getattr(muxed, "event_closed", None)
             if closed is not None:
                 await closed.wait()
-            else:  # not Yamux: hold the slot until the host stops, as py-libp2p does
+            else:  # no event to wait on: hold the slot until the host stops, as py-libp2p does
                 await self.swarm.manager.wait_finished()
         finally:
             del self._inbound[key]
@@ -986,12 +1006,13 @@ class OutboundBudget:
 
     @staticmethod
     def dialed(swarm: Any) -> list[tuple[ID, Any]]:
-        """(peer, connection) of every open connection this host initiated."""
+        """(peer, connection) of every open connection this host initiated (told by
+        ``is_initiator``, which Yamux's and QUIC's connections both have)."""
         return [
             (pid, conn)
             for pid, conns in list(swarm.connections.items())
             for conn in conns
-            if getattr(conn.muxed_conn, "is_initiator_value", False)
+            if getattr(conn.muxed_conn, "is_initiator", False)
             and not getattr(conn.muxed_conn, "is_closed", False)
         ]
 

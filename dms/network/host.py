@@ -44,7 +44,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from dms.actor.ratelimit import PeerRates
 from dms.actor.transport import Receiver, Undeliverable
-from dms.network import dialslots
+from dms.network import dialslots, quic
 from dms.network.budgets import (
     Budget,
     ByteBudget,
@@ -330,6 +330,7 @@ class Libp2pTransport(Unicast, Gossip):
         self._host = host
         s = self.settings
         swarm = host.get_network()
+        quic.streams_wait_as_over_yamux(swarm)
         peerstore.keep = lambda pid: (
             bool(swarm.get_connections(pid)) or self._has_stake(pid.to_base58())
         )

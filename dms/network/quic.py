@@ -1,0 +1,30 @@
+"""What a dms host asks of py-libp2p's QUIC transport (built for a ``/udp/.../quic-v1``
+listen address), beside what it asks of TCP + Noise + Yamux.
+
+A QUIC connection comes secured (TLS 1.3 with the peer's libp2p key) and multiplexed
+(QUIC's own streams): the inbound gate takes it as it is (``InboundGate.handle``, no
+Noise and Yamux upgrade). Its streams gave up a read after 30 s without a byte and a
+write after 30 s without flow-control credit (``QUICTransportConfig``'s
+``STREAM_READ_TIMEOUT``, ``STREAM_WRITE_TIMEOUT``), under the node's own deadlines: a
+dms stream idle between two frames, a gossipsub stream between two messages, was
+reset with an ERROR line at each, where over Yamux it waits until the node's idle
+watch (``stream_idle_s``, ``protocol_idle_s``) or its caller's deadline ends it. Here
+they wait as long as over Yamux. See specs/network.md, "QUIC".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+QUIC_TRANSPORT = "libp2p.transport.quic.transport"
+
+
+def streams_wait_as_over_yamux(swarm: Any) -> None:
+    """The QUIC transport of ``swarm``, if it has one: its streams' reads and writes
+    wait as long as their callers do. Before its first connection (read per stream)."""
+    for transport in swarm.transport_manager.get_transports():
+        config = getattr(transport, "_config", None)
+        if type(transport).__module__ == QUIC_TRANSPORT and config is not None:
+            config.STREAM_READ_TIMEOUT = math.inf
+            config.STREAM_WRITE_TIMEOUT = math.inf

@@ -1,0 +1,111 @@
+"""dms over QUIC: two real hosts listening on QUIC addresses only (``/udp/0/quic-v1``)
+connect and carry dms frames both ways, under the same budgets as over TCP, and an
+idle dms stream stays open as over Yamux (specs/network.md, "QUIC")."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from dms.network.host import Libp2pTransport
+from dms.network.settings import NetworkSettings
+from dms.security.identity import Identity
+from tests.conftest import wait_for
+
+QUIC_LISTEN = "/ip4/127.0.0.1/udp/0/quic-v1"
+
+
+class Host:
+    """A dms transport listening on QUIC alone, with the frames it received and the
+    reasons its frames were not delivered."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, bytes]] = []
+        self.undelivered: list[str] = []
+        settings = NetworkSettings(
+            listen=[QUIC_LISTEN], dht=False, reachability="public", hole_punching=False
+        )
+        self.transport = Libp2pTransport(Identity.generate(), settings)
+        self.transport.start(
+            lambda frame, peer, *, signature_checked=False: self.received.append((peer, frame)),
+            lambda frame, reason: self.undelivered.append(reason),
+        )
+
+    @property
+    def peer_id(self) -> str:
+        return self.transport.peer_id
+
+    def used(self, budget: str) -> int:
+        return self.transport.budget_usage()[budget][0]
+
+
+@contextlib.contextmanager
+def two_hosts() -> Iterator[tuple[Host, Host]]:
+    """Two QUIC hosts, the first connected to the second."""
+    made: list[Host] = []
+    try:
+        made.append(Host())
+        made.append(Host())
+        a, b = made
+        (addr,) = b.transport.addrs()
+        assert "/udp/" in addr and "/quic-v1/" in addr
+        assert a.transport.connect(addr) == b.peer_id
+        yield a, b
+    finally:
+        for host in made:
+            host.transport.stop()
+
+
+def sent(sender: Host, receiver: Host, frame: bytes) -> None:
+    """``frame`` sent, and received (or the reason it was not, in the failure)."""
+    sender.transport.send(receiver.peer_id, frame)
+    wait_for(
+        lambda: (sender.peer_id, frame) in receiver.received or sender.undelivered,
+        what=f"{frame!r} at the receiver",
+    )
+    assert sender.undelivered == []
+
+
+def test_two_hosts_on_quic_exchange_dms_frames() -> None:
+    """Before, the connection was made but the listener's side was never the swarm's
+    (the inbound gate ran a Noise and Yamux upgrade over a connection QUIC had already
+    secured and multiplexed), so every dms stream opened on it failed (StreamFailure:
+    the protocol's negotiation unanswered). Now a frame goes each way; the connection
+    counts against the dialer's outbound budget (it did not: only Yamux said which
+    side dialed) and the listener's inbound one, which has the slot back once the
+    dialer leaves."""
+    with two_hosts() as (a, b):
+        sent(a, b, b"a dms frame over QUIC")
+        sent(b, a, b"and one back")
+        assert a.transport.path_to(b.peer_id) == "direct"
+        assert a.used("outbound_connections") == 1
+        assert b.used("inbound_connections") == 1
+        a.transport.stop()
+        wait_for(lambda: b.used("inbound_connections") == 0, what="the inbound slot back")
+
+
+def test_an_idle_dms_stream_over_quic_is_not_reset_by_quics_own_read_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """py-libp2p's QUIC streams give up a read after 30 s without a byte (1 s here,
+    to be seen quickly): a dms stream idle between two frames was reset with an ERROR
+    line, where over Yamux it stays open until the node's own idle watch
+    (``stream_idle_s``, 120 s). Now it stays open."""
+    from libp2p.transport.quic.config import QUICTransportConfig
+
+    made = QUICTransportConfig.__post_init__
+
+    def one_second_reads(config: QUICTransportConfig) -> None:
+        made(config)
+        config.STREAM_READ_TIMEOUT = 1.0
+
+    monkeypatch.setattr(QUICTransportConfig, "__post_init__", one_second_reads)
+    with two_hosts() as (a, b):
+        sent(a, b, b"a first frame")
+        wait_for(lambda: b.used("idle_watched_streams") == 1, what="a's stream at b")
+        time.sleep(3.0)  # idle: three of those read timeouts
+        assert b.used("idle_watched_streams") == 1, "the idle stream was reset"
+        sent(a, b, b"a frame after a pause")

@@ -77,7 +77,7 @@ from dms.network.relay import (
 )
 from dms.network.settings import NetworkSettings, parse_multiaddr
 from dms.network.transfer import CHUNK_PROTOCOL, Offers, TransferBudget
-from dms.network.unicast import ACTOR_PROTOCOL, Unicast, _Outbound
+from dms.network.unicast import ACTOR_PROTOCOL, Unicast, _Outbound, _Waiting
 from dms.security.identity import Identity
 
 __all__ = [
@@ -179,7 +179,9 @@ class Libp2pTransport(Unicast, Gossip):
         self._relays: RelayClient | None = None
         self._dialback: DialBack | None = None
         self._outbound: dict[str, _Outbound] = {}
-        self._dialing: dict[str, trio.Lock] = {}
+        self._waiting: dict[str, _Waiting] = {}
+        self._queued: dict[str, int] = {}
+        self._queued_lock = threading.Lock()
         self._topics: dict[str, trio.CancelScope] = {}
         self._pacers: dict[str, Pacer] = {}  # this node's own gossip on budgeted topics
         self._checked = CheckedFrames()  # gossip frames the topic validator verified
@@ -201,7 +203,6 @@ class Libp2pTransport(Unicast, Gossip):
             flood_rate=self.settings.flooder_frames_per_s,
             flood_cooldown_s=self.settings.flooder_cooldown_s,
         )
-        self._waiting: Counter[str] = Counter()
         # Budgets of what remote parties can make this host hold (dms.network.budgets).
         # ``stake(peer id)``: the node has a stake in that peer (set by the node); such
         # peers, and those this host dials at start, keep their connection slots.

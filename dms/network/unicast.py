@@ -2,7 +2,9 @@
 
 A stream carries ``u32 length | envelope`` frames (``dms.network.frames``). Each
 peer gets one outbound stream, opened on first use and written by one writer
-task that drains its outbox (``dms.network.outbox``); inbound streams are read
+task that drains its outbox (``dms.network.outbox``); frames sent while it opens
+wait in one queue per peer, in order, and go into the outbox before any frame sent
+after them (each thread's frames leave in the order it sent them); inbound streams are read
 frame by frame and every frame is handed to the actor system's receiver. Bulk
 chunks travel on streams of their own (``/dms/chunks/1.0.0``,
 ``dms.network.transfer``), never in front of control frames. See
@@ -14,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections import Counter
+import threading
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -75,6 +78,18 @@ class _Outbound:
         return not self.closed and not getattr(conn, "is_closed", False)
 
 
+@dataclass
+class _Waiting:
+    """A peer's frames waiting for its stream, in the order they were sent; one task
+    (``Unicast._open_and_drain``) opens the stream and moves them into its outbox.
+    At most ``max_outbound_frames``, as an outbox."""
+
+    frames: deque[bytes] = field(default_factory=deque)
+    bytes: int = 0
+    # The first frames are those of a stream that broke: the fresh stream is a retry.
+    retry: bool = False
+
+
 class Unicast(Discovery):
     """Sending frames to a peer, and reading the frames peers send (a transport part)."""
 
@@ -83,7 +98,12 @@ class Unicast(Discovery):
     _receiver: Receiver | None
     _undeliverable: Undeliverable | None
     _outbound: dict[str, _Outbound]
-    _dialing: dict[str, trio.Lock]
+    _waiting: dict[str, _Waiting]  # frames waiting for a stream to their peer
+    # Frames of a peer on their way to its outbox (trio's entry queue, _waiting): while
+    # any are, a frame of another thread goes after them. Read by any thread; changed
+    # under _queued_lock.
+    _queued: dict[str, int]
+    _queued_lock: threading.Lock
     offers: Offers | None
     tap: Callable[[str, bytes], None] | None
     frames_in: int
@@ -91,7 +111,6 @@ class Unicast(Discovery):
     refusals: Counter[str]
     identity: Identity
     _rates: PeerRates
-    _waiting: Counter[str]  # frames waiting for a stream to their peer
     _idle: IdleWatch
     _bytes: ByteBudget
     _opens: StreamOpens
@@ -106,19 +125,20 @@ class Unicast(Discovery):
         ``undeliverable`` callback given to :meth:`start`, which fails a pending
         invoke at once with ``unreachable`` and the reason. Raises ``Unreachable``
         only when the network is stopped.
+
+        Frames to one peer leave in the order each thread sent them: while frames of
+        the peer are on their way to its outbox (in trio's entry queue, or waiting for
+        its stream), a frame goes after them, never straight into the outbox.
         """
         data = encode_frame(frame)
-        outbound = self._outbound.get(peer_id)
         if self._on_trio_thread():
             # Refusals are sent from the receive path, which runs on the trio thread.
-            if outbound is not None and outbound.usable:
-                self._enqueue(outbound, data)
-            else:
-                self._send_soon(peer_id, data)
+            self._send_here(peer_id, data)
             return
         # The common case needs no trip through trio's entry queue: the writer task
         # wakes on the outbox's descriptor.
-        if outbound is not None and outbound.usable:
+        outbound = self._outbound.get(peer_id)
+        if outbound is not None and not self._queued.get(peer_id) and outbound.usable:
             try:
                 if outbound.outbox.put(data):
                     return
@@ -127,37 +147,94 @@ class Unicast(Discovery):
                 return
         if self._token is None or self._stopped:
             raise Unreachable("the network is stopped")
+        self._count(peer_id, 1)
         try:
-            self._token.run_sync_soon(self._start_send, peer_id, data)
+            self._token.run_sync_soon(self._send_here, peer_id, data, True)
         except trio.RunFinishedError:
+            self._count(peer_id, -1)
             raise Unreachable("the network is stopped") from None
 
-    def _start_send(self, peer_id: str, data: bytes) -> None:
+    def _count(self, peer_id: str, delta: int) -> None:
+        """``delta`` more (or fewer) frames of ``peer_id`` on their way to its outbox:
+        in trio's entry queue or waiting for its stream (``_queued``; any thread)."""
+        with self._queued_lock:
+            left = self._queued.get(peer_id, 0) + delta
+            if left > 0:
+                self._queued[peer_id] = left
+            else:
+                self._queued.pop(peer_id, None)
+
+    def _send_here(self, peer_id: str, data: bytes, counted: bool = False) -> None:
+        """On the trio thread: into the peer's outbox if its stream is open and none of
+        its frames wait for one; else behind those that wait, within the queue's bounds.
+        ``counted``: the frame came through trio's entry queue, counted in ``_queued``."""
         outbound = self._outbound.get(peer_id)
-        if outbound is not None and outbound.usable:
-            self._enqueue(outbound, data)
-        else:
-            self._send_soon(peer_id, data)
-
-    def _send_soon(self, peer_id: str, data: bytes) -> None:
-        waiting = self._waiting[peer_id]
-        if waiting >= self.settings.max_outbound_frames:
-            self._outbox_full(peer_id, data, f"{waiting} frames already wait for a stream")
-            return
-        if self._start_soon(self._send_or_report, peer_id, data):
-            self._waiting[peer_id] += 1
-        else:
+        if outbound is not None and peer_id not in self._waiting:
+            if outbound.usable:
+                self._put(outbound, data)
+                if counted:
+                    self._count(peer_id, -1)
+                return
+            self._close(outbound)
+        waiting = self._waiting_for(peer_id)
+        s = self.settings
+        if waiting is None:
             self._report([data], "the network is stopped")
-
-    def _enqueue(self, outbound: _Outbound, data: bytes) -> None:
-        if not outbound.usable:
-            if not outbound.closed:
-                self._close(outbound)
-            self._send_soon(outbound.peer_id, data)
+        elif len(waiting.frames) >= s.max_outbound_frames:
+            self._outbox_full(
+                peer_id, data, f"{len(waiting.frames)} frames already wait for a stream"
+            )
+        else:
+            waiting.frames.append(data)
+            waiting.bytes += len(data)
+            if not counted:
+                self._count(peer_id, 1)
             return
+        if counted:
+            self._count(peer_id, -1)
+
+    def _waiting_for(self, peer_id: str) -> _Waiting | None:
+        """The frames waiting for ``peer_id``'s stream, and the one task that opens it
+        started if there were none; None once the network has stopped."""
+        waiting = self._waiting.get(peer_id)
+        if waiting is None:
+            waiting = _Waiting()
+            if not self._start_soon(self._open_and_drain, peer_id, waiting):
+                return None
+            self._waiting[peer_id] = waiting
+        return waiting
+
+    async def _open_and_drain(self, peer_id: str, waiting: _Waiting) -> None:
+        """Open ``peer_id``'s stream, then move its waiting frames into the stream's
+        outbox in their order, in one step: a frame sent after that goes in behind them.
+        If the stream cannot be opened (or the host stops), they are reported
+        undeliverable with the reason."""
+        reason = "the network is stopped"
+        outbound: _Outbound | None = None
+        try:
+            outbound = await self._outbound_to(peer_id)
+        except NetworkError as err:
+            reason = str(err)
+        finally:
+            # No checkpoint from here on: no frame joins or overtakes these meanwhile.
+            if self._waiting.get(peer_id) is waiting:
+                del self._waiting[peer_id]
+            frames = list(waiting.frames)
+            waiting.frames.clear()
+            if outbound is None:
+                self._report(frames, reason)
+            else:
+                outbound.retry = outbound.retry or waiting.retry
+                for data in frames:
+                    self._put(outbound, data)
+            # Only now may other threads put straight into the outbox again.
+            self._count(peer_id, -len(frames))
+
+    def _put(self, outbound: _Outbound, data: bytes) -> None:
+        """Into an open stream's outbox, on the trio thread (never closed meanwhile)."""
         try:
             if not outbound.outbox.put(data):
-                self._send_soon(outbound.peer_id, data)
+                self._report([data], f"the stream to {outbound.peer_id} closed")
         except OutboxFull as full:
             self._outbox_full(outbound.peer_id, data, str(full))
 
@@ -172,20 +249,6 @@ class Unicast(Discovery):
             f"{self.settings.max_outbound_bytes} bytes): the peer is not reading",
         )
 
-    async def _send(self, peer_id: str, data: bytes) -> None:
-        outbound = await self._outbound_to(peer_id)
-        self._enqueue(outbound, data)
-
-    async def _send_or_report(self, peer_id: str, data: bytes) -> None:
-        try:
-            await self._send(peer_id, data)
-        except NetworkError as err:
-            self._report([data], str(err))
-        finally:
-            self._waiting[peer_id] -= 1
-            if self._waiting[peer_id] <= 0:
-                del self._waiting[peer_id]
-
     def _report(self, batch: list[bytes], reason: str) -> None:
         log.info("%d frame(s) undeliverable: %s", len(batch), reason)
         if self._undeliverable is None:
@@ -197,41 +260,33 @@ class Unicast(Discovery):
                 log.exception("undeliverable callback failed")
 
     async def _outbound_to(self, peer_id: str) -> _Outbound:
+        """``peer_id``'s open stream, opened now (dialing if needed) if it has none.
+        Only the task draining the peer's waiting frames calls it: one at a time."""
         outbound = self._outbound.get(peer_id)
         if outbound is not None and outbound.usable:
             return outbound
-        lock = self._dialing.setdefault(peer_id, trio.Lock())
+        if outbound is not None:
+            self._close(outbound)
+        pid = peer_id_of(peer_id)
+        assert self._host is not None and self._nursery is not None
         try:
-            async with lock:
-                outbound = self._outbound.get(peer_id)
-                if outbound is not None and outbound.usable:
-                    return outbound
-                if outbound is not None:
-                    self._close(outbound)
-                pid = peer_id_of(peer_id)
-                assert self._host is not None and self._nursery is not None
-                try:
-                    with trio.fail_after(self.settings.dial_timeout_s):
-                        await self._ensure_connected(pid)
-                        stream = await self._host.new_stream(pid, [ACTOR_PROTOCOL])
-                except trio.TooSlowError:
-                    raise NetworkError(
-                        f"peer {peer_id} is unreachable: no connection within "
-                        f"{self.settings.dial_timeout_s:g} s"
-                    ) from None
-                except NetworkError:
-                    raise
-                except Exception as exc:
-                    raise NetworkError(f"peer {peer_id} is unreachable: {why(exc)}") from None
-                outbox = Outbox(self.settings.max_outbound_frames, self.settings.max_outbound_bytes)
-                outbound = _Outbound(peer_id, stream, outbox)
-                self._outbound[peer_id] = outbound
-                self._nursery.start_soon(self._write_loop, outbound)
-                return outbound
-        finally:
-            # One lock per peer being dialed, not per peer id ever seen (users type ids).
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._dialing.pop(peer_id, None)
+            with trio.fail_after(self.settings.dial_timeout_s):
+                await self._ensure_connected(pid)
+                stream = await self._host.new_stream(pid, [ACTOR_PROTOCOL])
+        except trio.TooSlowError:
+            raise NetworkError(
+                f"peer {peer_id} is unreachable: no connection within "
+                f"{self.settings.dial_timeout_s:g} s"
+            ) from None
+        except NetworkError:
+            raise
+        except Exception as exc:
+            raise NetworkError(f"peer {peer_id} is unreachable: {why(exc)}") from None
+        outbox = Outbox(self.settings.max_outbound_frames, self.settings.max_outbound_bytes)
+        outbound = _Outbound(peer_id, stream, outbox)
+        self._outbound[peer_id] = outbound
+        self._nursery.start_soon(self._write_loop, outbound)
+        return outbound
 
     async def _write_loop(self, outbound: _Outbound) -> None:
         try:
@@ -268,28 +323,29 @@ class Unicast(Discovery):
                     f"{self.settings.stream_idle_s:g} s (write_stalled)"
                 )
             if failed is not None:
-                await self._write_failed(outbound, batch, failed)
+                self._write_failed(outbound, batch, failed)
         finally:
             outbound.outbox.release()
 
-    async def _write_failed(self, outbound: _Outbound, batch: list[bytes], exc: Exception) -> None:
+    def _write_failed(self, outbound: _Outbound, batch: list[bytes], exc: Exception) -> None:
         """The peer restarted or the connection dropped: retry once on a fresh stream (a
         peer that resets every stream would otherwise have the same frames redialed for
-        ever)."""
+        ever). They go first among the peer's waiting frames: every frame sent since
+        came after them."""
         self._close(outbound)
         batch += outbound.outbox.take_nowait()
         if outbound.retry:
             self._report(batch, f"the stream to {outbound.peer_id} broke again: {why(exc)}")
             return
         log.info("stream to %s broke (%s); redialing", outbound.peer_id, why(exc))
-        try:
-            fresh = await self._outbound_to(outbound.peer_id)
-        except NetworkError as err:
-            self._report(batch, str(err))
+        waiting = self._waiting_for(outbound.peer_id)
+        if waiting is None:
+            self._report(batch, "the network is stopped")
             return
-        fresh.retry = True
-        for item in batch:
-            self._enqueue(fresh, item)
+        waiting.frames.extendleft(reversed(batch))
+        waiting.bytes += sum(map(len, batch))
+        waiting.retry = True
+        self._count(outbound.peer_id, len(batch))
 
     def _close(self, outbound: _Outbound) -> None:
         outbound.outbox.close()

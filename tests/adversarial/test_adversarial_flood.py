@@ -314,7 +314,7 @@ def test_frames_waiting_for_a_stream_to_a_peer_are_bounded(monkeypatch: pytest.M
             for _ in range(40):
                 transport.send(peer, b"frame")
             await trio.testing.wait_all_tasks_blocked()
-            assert transport._waiting[peer] == 16
+            assert len(transport._waiting[peer].frames) == 16
             nursery.cancel_scope.cancel()
 
     trio.run(dialing)

@@ -82,7 +82,8 @@ class _Outbound:
 class _Waiting:
     """A peer's frames waiting for its stream, in the order they were sent; one task
     (``Unicast._open_and_drain``) opens the stream and moves them into its outbox.
-    At most ``max_outbound_frames``, as an outbox."""
+    Bounded as an outbox is: ``max_outbound_frames`` and ``max_outbound_bytes`` (one
+    larger frame alone)."""
 
     frames: deque[bytes] = field(default_factory=deque)
     bytes: int = 0
@@ -180,9 +181,14 @@ class Unicast(Discovery):
         s = self.settings
         if waiting is None:
             self._report([data], "the network is stopped")
-        elif len(waiting.frames) >= s.max_outbound_frames:
+        elif waiting.frames and (
+            len(waiting.frames) >= s.max_outbound_frames
+            or waiting.bytes + len(data) > s.max_outbound_bytes
+        ):
             self._outbox_full(
-                peer_id, data, f"{len(waiting.frames)} frames already wait for a stream"
+                peer_id,
+                data,
+                f"{len(waiting.frames)} frames already wait for a stream ({waiting.bytes} bytes)",
             )
         else:
             waiting.frames.append(data)

@@ -293,9 +293,16 @@ def test_the_queue_to_a_peer_that_does_not_read_is_bounded(frame_bytes: int, que
     assert f"the outbound queue to {peer} is full" in lost[0]
 
 
-def test_frames_waiting_for_a_stream_to_a_peer_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Frames for a peer being dialed waited in a task each, as many as were sent."""
-    settings = NetworkSettings(max_outbound_frames=16)
+@pytest.mark.parametrize(
+    ("frame_bytes", "queued"),
+    [pytest.param(5, 16, id="frames"), pytest.param(200 * 1024, 5, id="bytes")],
+)
+def test_frames_waiting_for_a_stream_to_a_peer_are_bounded(
+    monkeypatch: pytest.MonkeyPatch, frame_bytes: int, queued: int
+) -> None:
+    """Frames for a peer being dialed waited in a task each, as many as were sent; then
+    max_outbound_frames of any size (16 of 200 KiB, where an outbox holds 1 MiB)."""
+    settings = NetworkSettings(max_outbound_frames=16, max_outbound_bytes=1024 * 1024)
     transport = Libp2pTransport(Identity.generate(), settings)
     lost: list[str] = []
     transport._undeliverable = lambda frame, reason: lost.append(reason)
@@ -312,14 +319,14 @@ def test_frames_waiting_for_a_stream_to_a_peer_are_bounded(monkeypatch: pytest.M
             transport._nursery = nursery
             transport._thread_ident = threading.get_ident()
             for _ in range(40):
-                transport.send(peer, b"frame")
+                transport.send(peer, b"x" * frame_bytes)
             await trio.testing.wait_all_tasks_blocked()
-            assert len(transport._waiting[peer].frames) == 16
+            assert len(transport._waiting[peer].frames) == queued
             nursery.cancel_scope.cancel()
 
     trio.run(dialing)
-    assert transport.refusals[ErrorCode.OUTBOX_FULL] == 24
-    assert "16 frames already wait for a stream" in lost[0]
+    assert transport.refusals[ErrorCode.OUTBOX_FULL] == 40 - queued
+    assert f"{queued} frames already wait for a stream" in lost[0]
 
 
 def test_a_peer_found_flooding_keeps_a_small_rate_for_its_cooldown() -> None:

@@ -561,6 +561,57 @@ def test_the_first_beat_after_the_start_or_an_announce_is_at_a_random_point_of_t
     assert periodic()[timed_before] == pytest.approx(least)
 
 
+def test_the_next_beat_comes_within_the_interval_the_last_one_announced(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Peers hold a node gone past its last beat's deadline (DEADLINE_FACTOR times the
+    interval that beat announced), and the interval grows with the peers table. A
+    newcomer's beat announced a small network's interval, one heartbeat sync then
+    filled its table, and the next beat was timed a whole new interval later: past
+    the deadline its peers held it gone until that beat (a 40-node cluster in one
+    process: 10 peers gone and returned just after the last start). Here 40 peers
+    come into the table while a beat is sent, the random share of the interval is its
+    most: each wait is at most the interval the beat before it announced."""
+    from dms.node import peering as peering_module
+
+    monkeypatch.setattr(peering_module, "random", SimpleNamespace(uniform=lambda lo, hi: hi))
+    announced: list[float] = []
+    waits: list[tuple[int, float]] = []
+    heartbeat = peering_module.Peering.heartbeat
+    beat_soon = peering_module.Peering._beat_soon
+    publish = peering_module.Peering._publish_heartbeat
+
+    def built(self: peering_module.Peering, leaving: bool = False) -> dict:
+        beat = heartbeat(self, leaving)
+        if not leaving:
+            announced.append(beat["interval_s"])
+        return beat
+
+    def timed(self: peering_module.Peering, delay_s: float) -> None:
+        waits.append((len(announced), delay_s))
+        beat_soon(self, delay_s)
+
+    def published(self: peering_module.Peering, leaving: bool = False) -> None:
+        publish(self, leaving)
+        if len(announced) == 1:  # the peers one heartbeat sync brings, meanwhile
+            for i in range(40):
+                self.peer_table.observe(f"p{i}", f"did:key:{i}", beat(deadline_s=3600.0))
+
+    monkeypatch.setattr(peering_module.Peering, "heartbeat", built)
+    monkeypatch.setattr(peering_module.Peering, "_beat_soon", timed)
+    monkeypatch.setattr(peering_module.Peering, "_publish_heartbeat", published)
+    node = cluster.add("growing", heartbeat_s=0.5, heartbeat_budget_per_s=2.0)
+    assert node.node is not None
+    peering = node.node.pykka_ref.proxy().peering.get(timeout=5)
+    wait_for(lambda: any(n >= 2 for n, _ in waits), WAIT_S, "two beats sent, a third timed")
+    assert announced[0] == pytest.approx(0.5) and peering.heartbeat_interval() > 20.0
+    after_a_beat = [(n, wait) for n, wait in waits if n > 0]
+    assert after_a_beat and all(wait <= announced[n - 1] for n, wait in after_a_beat), (
+        announced,
+        waits,
+    )
+
+
 class _NoThreads:
     """The park, but a thread for a task of these names cannot be had the first time
     each is asked (``RuntimeError: can't start new thread``: a transient limit)."""

@@ -132,6 +132,9 @@ class Peering:
         # The next periodic beat comes at a random point of its interval (after the
         # start and each announce: DEPHASE_MIN_SHARE), not a whole interval on.
         self._dephase = True
+        # The interval the last beat announced: its peers hold this node to that beat's
+        # deadline (DEADLINE_FACTOR intervals), so the next comes within it.
+        self._announced_s: float | None = None
         # Set once the publish of the last heartbeat returned (it waits on the network
         # thread): the next is not sent while one still waits.
         self._sent = threading.Event()
@@ -183,6 +186,8 @@ class Peering:
 
     def heartbeat(self, leaving: bool = False) -> dict[str, Any]:
         interval = self.heartbeat_interval()
+        if not leaving:
+            self._announced_s = interval
         wait_s = 0.0 if leaving else interval * FIGURES_WAIT_SHARE
         beat: dict[str, Any] = {
             "nonce": self.nonce,
@@ -305,7 +310,7 @@ class Peering:
                 log.warning("heartbeat not sent: %s; tried again in an interval", exc)
                 with self._schedule_lock:
                     if not self._stopped and timing == self._timing:
-                        self._beat_soon(self.heartbeat_interval())
+                        self._beat_soon(self._interval_due())
 
         self._beat_timer = self.node.system.timers.call_later(delay_s, hand_over)
 
@@ -335,11 +340,23 @@ class Peering:
         or a random share of it for the first beat after the start or an announce. Never
         longer than the interval, so no gap nears the deadline peers hold this node to
         (DEADLINE_FACTOR intervals); an announce costs at most one beat over the budget."""
-        interval = self.heartbeat_interval()
+        interval = self._interval_due()
         if not self._dephase:
             return interval
         self._dephase = False
         return interval * random.uniform(DEPHASE_MIN_SHARE, 1.0)
+
+    def _interval_due(self) -> float:
+        """The interval as of now, but no longer than the one the last beat announced:
+        peers hold this node gone past that beat's deadline (DEADLINE_FACTOR of its
+        interval), and the interval grows with the peers table. A newcomer's beat
+        announced a small network's interval, a heartbeat sync then brought it every
+        peer, and the next beat was timed a whole new interval later, past that
+        deadline: its peers held it gone until then. The interval now grows a beat at
+        a time."""
+        interval = self.heartbeat_interval()
+        announced = self._announced_s
+        return interval if announced is None else min(interval, announced)
 
     def announce(self) -> None:
         """Send a heartbeat now (after onboarding changes), not at the next tick. The

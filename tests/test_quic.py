@@ -109,3 +109,49 @@ def test_an_idle_dms_stream_over_quic_is_not_reset_by_quics_own_read_timeout(
         time.sleep(3.0)  # idle: three of those read timeouts
         assert b.used("idle_watched_streams") == 1, "the idle stream was reset"
         sent(a, b, b"a frame after a pause")
+
+
+def test_a_quic_write_the_peer_never_acknowledges_ends_as_a_yamux_write_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write waits for the peer's flow-control credit ``YAMUX_WINDOW_WAIT_S`` (1 s
+    here), as a Yamux write waits for a window: a peer that grants none holds the
+    writer that long, not for ever (before: py-libp2p's 30 s made infinite, the write
+    still waiting at the test's 60 s deadline)."""
+    import trio
+    from libp2p.custom_types import TProtocol
+
+    from dms.network.libp2p_patches import yamux
+
+    monkeypatch.setattr(yamux, "YAMUX_WINDOW_WAIT_S", 1.0)
+    protocol = TProtocol("/dms-test/reads-nothing/1")
+    with two_hosts() as (a, b):
+        b.transport._host.set_stream_handler(protocol, lambda _stream: trio.sleep_forever())
+        # b acknowledges a's packets (the connection lives) but grants no more credit
+        # than its first window: a peer that reads nothing (py-libp2p's receiver grants
+        # credit as bytes arrive, read or not, and drops what overflows its buffer).
+        swarm, a_id = b.transport._host.get_network(), a.transport._host.get_id()
+        wait_for(lambda: swarm.get_connections(a_id), what="a's connection at b")
+        (conn,) = swarm.get_connections(a_id)
+        quic = conn.muxed_conn._quic
+        quic._write_connection_limits = lambda **_kw: None
+        quic._write_stream_limits = lambda **_kw: None
+
+        async def write_until_stuck() -> str:
+            peer = b.transport._host.get_id()
+            stream = await a.transport._host.new_stream(peer, [protocol])
+            try:
+                with trio.fail_after(60):
+                    for _ in range(64):  # 16 MB: past the stream's 1 MB window
+                        await stream.write(b"x" * (256 * 1024))
+            except trio.TooSlowError:
+                return "still waiting at the test's deadline"
+            except Exception as exc:
+                return f"ended: {type(exc).__name__}: {exc}"
+            finally:
+                with contextlib.suppress(Exception):
+                    await stream.reset()
+            return "written: the peer acknowledged all"
+
+        outcome = a.transport._call(write_until_stuck)
+        assert outcome.startswith("ended: ") and "timed out" in outcome, outcome

@@ -9,7 +9,11 @@ write after 30 s without flow-control credit (``QUICTransportConfig``'s
 dms stream idle between two frames, a gossipsub stream between two messages, was
 reset with an ERROR line at each, where over Yamux it waits until the node's idle
 watch (``stream_idle_s``, ``protocol_idle_s``) or its caller's deadline ends it. Here
-they wait as long as over Yamux. See specs/network.md, "QUIC".
+they wait as long as over Yamux: a read as long as its caller, a write for the
+peer's acknowledgements ``YAMUX_WINDOW_WAIT_S`` (120 s), as a Yamux write waits for a
+window (``libp2p_patches.yamux``), never for ever: a write of py-libp2p's own
+protocols (gossipsub's to a peer that reads nothing) has no deadline of its own. See
+specs/network.md, "QUIC".
 """
 
 from __future__ import annotations
@@ -17,14 +21,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dms.network.libp2p_patches import yamux
+
 QUIC_TRANSPORT = "libp2p.transport.quic.transport"
 
 
 def streams_wait_as_over_yamux(swarm: Any) -> None:
-    """The QUIC transport of ``swarm``, if it has one: its streams' reads and writes
-    wait as long as their callers do. Before its first connection (read per stream)."""
+    """The QUIC transport of ``swarm``, if it has one: its streams' reads wait as long
+    as their callers do, its writes as long as a Yamux write waits for a window. Before
+    its first connection (read per stream)."""
     for transport in swarm.transport_manager.get_transports():
         config = getattr(transport, "_config", None)
         if type(transport).__module__ == QUIC_TRANSPORT and config is not None:
             config.STREAM_READ_TIMEOUT = math.inf
-            config.STREAM_WRITE_TIMEOUT = math.inf
+            config.STREAM_WRITE_TIMEOUT = yamux.YAMUX_WINDOW_WAIT_S

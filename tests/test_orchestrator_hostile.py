@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dms.actor import Handle, Request
+from dms.actor import ErrorCode, Handle, Refusal, Request
 from dms.jobs.spec import AllocationSpec
 from dms.network.peertable import Heartbeat, PeerRecord, PeerTable
 from dms.node.daemon import Node
@@ -149,6 +149,60 @@ def test_a_provider_that_answers_a_round_twice_has_its_second_offer_for_a_slot_r
     won = [b["reason"] for b in bids if b["outcome"] == "won"]
     assert len(won) == 3 and all(r.endswith("best of 2") for r in won), won
     wait_for(lambda: live_leases([hostile, honest]) == 0, 30, "every lease given back")
+
+
+def test_a_bad_bid_for_an_earlier_round_is_no_reason_in_the_round_in_progress(
+    net: LocalCluster,
+) -> None:
+    """A hostile provider holds back its reply to round 1's request and sends it, a bad
+    bid (another deployment named), once round 2 has asked it again; then it answers
+    round 2 with a good bid, which wins. Before, the late reply was taken as its answer
+    in round 2: its 'bad bid: ...' became its reason there, and round 2's close wrote it
+    as a decline row beside the provider's 'won' row for the same slot. It is judged
+    against round 1: its lease is given back, and round 2 reads only the good bid."""
+    requester, (hostile, other) = network(net, 2)
+    assert hostile.node is not None and hostile.ledger is not None
+    bidding = hostile.node.pykka_ref.proxy().bidding.get(timeout=5)
+    calls: list[tuple[Any, dict[str, Any]]] = []
+    answered = threading.Event()
+
+    def answer_both() -> None:
+        try:
+            (first, old), (second, bid) = calls
+            first.ok({**old, "deployment_id": "elsewhere"})  # round 1's reply, in round 2
+            old_lease = old["offers"][0]["lease_id"]
+            assert hostile.ledger is not None
+            wait_for(lambda: old_lease not in [lease.id for lease in hostile.ledger.live()],
+                     30, "round 1's lease given back")  # fmt: skip
+            second.ok(bid)
+        finally:
+            answered.set()
+
+    def holds_back(request: Request) -> None:
+        bid = bidding.bid_request(request)
+        calls.append((request.defer(), bid))
+        if len(calls) == 2:  # round 2's request: round 1's reply goes first
+            threading.Thread(target=answer_both, daemon=True).start()
+
+    def refuses(request: Request) -> None:
+        raise Refusal(ErrorCode.FORBIDDEN, "not this time")
+
+    hostile.node.pykka_ref.proxy().register(
+        REQUEST, holds_back, public=True, payload=BidRequest
+    ).get(timeout=5)
+    replace(other, ALLOCATE, refuses)
+    # first-offer: round 1 closes at the other's offer, whose allocate is refused: the
+    # slot is placed again in round 2, which asks the hostile provider alone. A window
+    # (and so round 1's request's timeout) longer than all of it.
+    dep = deploy(requester, spec(strategy="first-offer", params={"seconds": 0}, bid_window_s=30))
+    done = wait_state(requester, dep, TERMINAL, 60)
+    assert done["state"] == "completed", done["events"]
+    assert answered.is_set() and len(calls) == 2
+    assert [s["peer_id"] for s in done["slots"]] == [hostile.peer_id]
+    bids = owner(requester, "/dms/node/deployment/manifest", {"id": dep})["bids"]
+    mine = [(b["outcome"], b["reason"]) for b in bids if b["peer_id"] == hostile.peer_id]
+    assert [outcome for outcome, _ in mine] == ["won"], mine
+    wait_for(lambda: live_leases([hostile, other]) == 0, 30, "every lease given back")
 
 
 def test_an_allocate_reply_without_a_handle_reopens_the_slot_with_its_reason(

@@ -453,3 +453,48 @@ def test_a_direct_request_that_fails_after_a_peers_kept_offer_is_no_decline_of_i
     assert r.committed == {"w.0": "p:w.0"}, r.committed
     rows = [(b.outcome, b.reason) for b in r.store.bids if (b.peer_id, b.slot) == ("p", "w.0")]
     assert [o for o, _ in rows] == ["won"], rows
+
+
+def _stale_bid(deployment: str, price: Any) -> dict[str, Any]:
+    """p's reply to round 1's request: an offer of lease ``p:old`` for w."""
+    offer = {"slot": "w", "lease_id": "p:old", "price": price, "expires_at": time.time() + 60}
+    return {"deployment_id": deployment, "peer_id": "p", "did": "did:key:p", "offers": [offer]}
+
+
+STALE = {
+    "timeout": Outcome(error=RemoteError("timeout", "no reply from did:key:p")),
+    "error": Outcome(error=RemoteError("unknown", "no such thing")),
+    "no_bid": Outcome(result=_stale_bid("dep1", "lots")),
+    "other_deployment": Outcome(result=_stale_bid("other", 0)),
+}
+
+
+@pytest.mark.parametrize("kind", list(STALE))
+def test_a_reply_to_an_earlier_rounds_request_is_nothing_of_the_round_in_progress(
+    monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Round 1's request to p is answered in round 2 (a slow or hostile provider; a
+    timeout comes as late). Before, the reply was taken as p's answer in round 2: the
+    round closed once q answered, without p's offer ('best of 1', p's offer then given
+    back as late), and its failure became p's reason and a decline row of round 2. It
+    is judged against its own round: what it offered goes back, and nothing else."""
+    r = Round(monkeypatch, ["p", "q"], count=1, strategy="score")
+    reverted: list[tuple[str, list[str]]] = []
+    r.book.o.revert = lambda peer, payload: reverted.append((peer, payload["lease_ids"]))
+    late = r.messenger.asked["p"]  # round 1's request to p: its reply comes in round 2
+    r.bid("q", [], declines=("w",))
+    r.rounds._close(1)  # the window and its grace ended: no offer, w queued
+    r.rounds._round()  # round 2 asks both again
+    assert r.rounds.round == 2
+    late(STALE[kind])
+    assert "p" not in r.reasons("w"), r.reasons("w")
+    r.bid("q", ["w"])
+    assert 2 not in r.rounds._closed, "round 2 closed without p's answer"
+    r.bid("p", ["w"])
+    assert r.rounds.round in r.rounds._closed
+    won = [(b.peer_id, b.reason) for b in r.store.bids if b.outcome == "won"]
+    assert len(won) == 1 and won[0][1].endswith("best of 2"), won
+    p_rows = [(b.outcome, b.reason) for b in r.store.bids if b.peer_id == "p"]
+    assert [o for o, _ in p_rows] == ["won" if won[0][0] == "p" else "lost"], p_rows
+    stale_leases = [i for _, ids in reverted for i in ids if i == "p:old"]
+    assert stale_leases == (["p:old"] if kind in ("no_bid", "other_deployment") else [])

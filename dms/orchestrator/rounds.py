@@ -16,11 +16,13 @@ round's offer as it was, and an offer undoes the round's decline (``_take_bid``)
 
 A bid that does not validate, or that names another peer or deployment than
 the one asked, becomes that peer's reason (``bad bid: ...``) and whatever it
-offered is reverted; it never raises here. A decline marked ``permanent`` (the
-peer has no such executor, or its executor rejects the params: nothing a retry
-changes) keeps that peer out of the slot's next rounds, and when every peer of
-the table that fits a slot has declined it for good, the deployment fails at
-once with each peer's reason instead of retrying until its deadline.
+offered is reverted; it never raises here. A reply to an earlier round's request
+(``_on_bid_reply``) is judged against that round, which is over: what it offered
+goes back, and it is no answer nor reason in the round in progress. A decline marked
+``permanent`` (the peer has no such executor, or its executor rejects the params:
+nothing a retry changes) keeps that peer out of the slot's next rounds, and when
+every peer of the table that fits a slot has declined it for good, the deployment
+fails at once with each peer's reason instead of retrying until its deadline.
 
 A peer's reason is the last word on it: one that left the table (its heartbeats
 stopped: it crashed, or the relay it was reached through died) since it
@@ -351,12 +353,21 @@ class BidRounds:
     # ---- bids ----------------------------------------------------------------------------
 
     def _on_bid_reply(self, rid: int, peer: str, outcome: Outcome) -> None:
+        """``peer``'s reply to round ``rid``'s request. A reply to an earlier round's (a
+        failure, a bad bid or a bid come late) is judged against its own round, which is
+        over: what it offered goes back, as a late bid's (``_take_bid``, ``_bad_bid``),
+        and it is neither an answer nor a reason in the round in progress (whose
+        answered peers close it, and whose reasons become its decline rows)."""
         self.owing[peer] -= 1
         if not outcome.ok:
-            self._answered.add(peer)
             self.book.uncertain.add(peer)  # it may have locked before the reply got lost
             assert outcome.error is not None
             why = f"{outcome.error.code}: {outcome.error.reason}"
+            if rid != self.round:  # an earlier round's: nothing of the one in progress
+                log.info("deployment %s: round %d's request to %s failed in round %d: %s",
+                         self.book.id, rid, peer, self.round, why)  # fmt: skip
+                return
+            self._answered.add(peer)
             # Not for a slot its published request's bid offered for: that answer stands.
             slots = self._unoffered(peer)
             if outcome.error.code in NO_ANSWER:
@@ -392,13 +403,17 @@ class BidRounds:
             slot.reasons[peer] = reason[:MAX_REASON]
 
     def _bad_bid(self, rid: int, peer: str, why: str, lease_ids: list[str]) -> None:
-        """A reply that is no bid for this request: that peer's reason for every slot."""
-        log.info("deployment %s: bad bid from %s: %s", self.book.id, peer, why)
-        self._answered.add(peer)
+        """A reply that is no bid for round ``rid``'s request: that peer's reason for every
+        slot of the round. One to an earlier round's request, come in a later round, has
+        its leases reverted and is no answer nor reason in the round in progress."""
+        log.info("deployment %s: bad bid from %s for round %d: %s", self.book.id, peer, rid, why)
         self.book.uncertain.add(peer)  # whatever else it holds for us goes back at the end
         # Its first answer stands: a bad one after it reverts no lease its kept offer or a
         # slot holds, nor replaces its reason for a slot it offered for.
         self.book.revert(peer, self._not_kept_ids(peer, lease_ids))
+        if rid != self.round:
+            return
+        self._answered.add(peer)
         self.book.note_reason(peer, self._unoffered(peer), f"bad bid: {why}"[:MAX_REASON])
         self._maybe_close(rid)
 

@@ -24,6 +24,7 @@ from dms.node.daemon import Node
 from dms.orchestrator.givenback import GivenBackBook
 from dms.orchestrator.messages import (
     ALLOCATE,
+    BID,
     DEPLOYMENT_TOPIC,
     REQUEST,
     UPDATE,
@@ -32,6 +33,7 @@ from dms.orchestrator.messages import (
     Offer,
 )
 from dms.orchestrator.rounds import misfit
+from dms.orchestrator.store import DeploymentStore
 from dms.orchestrator.supervision import STATUS
 from dms.resources import Resources
 from dms.sim.cluster import LocalCluster
@@ -148,6 +150,66 @@ def test_a_provider_that_answers_a_round_twice_has_its_second_offer_for_a_slot_r
     ]
     won = [b["reason"] for b in bids if b["outcome"] == "won"]
     assert len(won) == 3 and all(r.endswith("best of 2") for r in won), won
+    wait_for(lambda: live_leases([hostile, honest]) == 0, 30, "every lease given back")
+
+
+def test_a_provider_that_names_one_lease_for_two_slots_has_it_back_one(
+    net: LocalCluster,
+) -> None:
+    """One slot a lease. A hostile provider with room for one slot answers the direct
+    request with its real bid (one lease, declines for the other slots) and the round's
+    published request with that lease for a slot it declined. Before, both offers were
+    candidates and the lease won a slot: two 'won' rows for one lease. The later of the
+    two (they arrive in either order) is refused at arrival with its row; the lease wins
+    one slot, and every lease is committed or given back."""
+    requester = net.add()
+    (hostile,) = providers(net, 1, cpu=0.5)
+    (honest,) = providers(net, 1, cpu=1)
+    net.wait_linked()
+    wait_known(requester, [hostile, honest])
+    assert hostile.node is not None
+    bidding = hostile.node.pykka_ref.proxy().bidding.get(timeout=5)
+    direct: list[dict[str, Any]] = []
+    published: list[Handle] = []  # where the published request's bids go
+
+    def forge() -> None:
+        (real,) = direct
+        offer = real["offers"][0]
+        other = next(d["slot"] for d in real["declines"] if d["slot"] != offer["slot"])
+        forged = {**real, "offers": [{**offer, "slot": other}], "declines": []}
+        bidding.node.invoke(published[0], BID, forged, timeout=10, on_reply=lambda _: None)
+
+    def names_twice(request: Request) -> Any:
+        payload: BidRequest = request.payload
+        if request.envelope.topic:
+            assert payload.reply_to is not None
+            published.append(payload.reply_to)
+            if direct:
+                forge()
+            return None
+        bid = bidding.bid_request(request)
+        direct.append(bid)
+        if published:
+            forge()
+        return bid
+
+    hostile.node.pykka_ref.proxy().register(
+        REQUEST, names_twice, public=True, payload=BidRequest, topic=DEPLOYMENT_TOPIC
+    ).get(timeout=5)
+    # Three slots, two fitting peers: both asked directly, and the round published; room
+    # for three slots between them (two on the honest one), so the hostile's lease wins.
+    dep = deploy(requester, spec(count=3, params={"seconds": 0}, bid_window_s=3))
+    done = wait_state(requester, dep, TERMINAL, 40)
+    assert done["state"] == "completed", done["events"]
+    assert len(direct) == 1 and len(published) == 1
+    lease = direct[0]["offers"][0]["lease_id"]
+    assert requester.db is not None
+    bids = DeploymentStore(requester.db).bids(dep)  # the bid index, with the leases
+    rows = sorted((b.outcome, b.reason) for b in bids if b.lease_id == lease)
+    assert [outcome for outcome, _ in rows] == ["lost", "won"], rows
+    assert rows[0][1].startswith(f"refused: its lease {lease} stands for w."), rows
+    won = [(b.peer_id, b.lease_id) for b in bids if b.outcome == "won"]
+    assert len(won) == 3 == len(set(won)), won
     wait_for(lambda: live_leases([hostile, honest]) == 0, 30, "every lease given back")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import time
 import types
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -498,3 +499,188 @@ def test_a_reply_to_an_earlier_rounds_request_is_nothing_of_the_round_in_progres
     assert [o for o, _ in p_rows] == ["won" if won[0][0] == "p" else "lost"], p_rows
     stale_leases = [i for _, ids in reverted for i in ids if i == "p:old"]
     assert stale_leases == (["p:old"] if kind in ("no_bid", "other_deployment") else [])
+
+
+@pytest.mark.parametrize("strategy", ["score", "first-offer"])
+def test_a_lease_a_peer_names_for_two_slots_in_two_bids_backs_one(
+    monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    """One slot a lease (specs/security.md). A hostile provider answers the published
+    request with lease ``p:x`` for w.0 and its direct request with the same lease for
+    w.1. Before, both offers were candidates, and the one that won wrote a 'won' row
+    for each: two 'won' rows for one lease. The second is refused at arrival with its
+    row, and gives nothing back (the lease is w.0's offer's)."""
+    r = Round(monkeypatch, ["p", "q"], count=2, strategy=strategy)
+    reverted: list[tuple[str, list[str]]] = []
+    r.book.o.revert = lambda peer, payload: reverted.append((peer, payload["lease_ids"]))
+    offer = Offer(slot="w.0", lease_id="p:x", price=0, expires_at=time.time() + 60)
+    published = Bid(deployment_id="dep1", peer_id="p", did="did:key:p", offers=[offer],
+                    free={"cpu": 4}, onboarded={"cpu": 4})  # fmt: skip
+    r.rounds._take_bid(r.rounds.round, published)
+    r.bid("p", ["w.1"], lease="p:x")  # its direct reply: the same lease for w.1
+    r.bid("q", ["w.1"])
+    assert sorted(r.committed.values()) == ["p:x", "q:w.1"], r.committed
+    won = [(b.peer_id, b.lease_id) for b in r.store.bids if b.outcome == "won"]
+    assert sorted(won) == [("p", "p:x"), ("q", "q:w.1")], r.store.bids
+    refused = [b for b in r.store.bids if b.reason.startswith("refused: ")]
+    assert [(b.peer_id, b.slot, b.outcome, b.lease_id) for b in refused] == [
+        ("p", "w.1", "lost", "p:x")
+    ], refused
+    assert refused[0].reason.startswith("refused: its lease p:x stands for w.0 in round 1")
+    r.book.send_held(force=True)
+    assert not [i for _, ids in reverted for i in ids if i == "p:x"], reverted
+
+
+def test_a_lease_a_slot_holds_is_refused_for_another_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """w.0 holds p's lease ``p:x``; in the round that places w.1, p offers that lease
+    for w.1. Before, it was a candidate like any, won w.1 (the only offer) and was
+    committed for it too: one lease two slots. It is refused at arrival, and given
+    nothing back (w.0 holds it)."""
+    r = Round(monkeypatch, ["p", "q"], count=2, strategy="score")
+    reverted: list[tuple[str, list[str]]] = []
+    r.book.o.revert = lambda peer, payload: reverted.append((peer, payload["lease_ids"]))
+    r.bid("p", ["w.0"], lease="p:x")
+    r.bid("q", [], declines=("w.0", "w.1"))
+    assert r.committed == {"w.0": "p:x"}, r.committed  # w.1 queued
+    r.rounds._round()
+    r.bid("p", ["w.1"], lease="p:x")
+    r.bid("q", [], declines=("w.1",))
+    assert r.committed == {"w.0": "p:x"}, r.committed
+    refused = [b for b in r.store.bids if b.reason.startswith("refused: ")]
+    assert [(b.peer_id, b.slot, b.lease_id) for b in refused] == [("p", "w.1", "p:x")]
+    assert refused[0].reason.startswith("refused: its lease p:x stands for w.0 in round 2")
+    r.book.send_held(force=True)
+    assert not [i for _, ids in reverted for i in ids if i == "p:x"], reverted
+
+
+# ---- one slot a lease, and earlier rounds' replies, as a property -------------------------
+
+PLAYERS = ["a", "b", "c"]
+STRATEGIES = ["score", "first-offer", "random", "two-choices", "round-robin"]
+
+
+def _step(draw: Any, peer: str, names: list[str], stale: bool) -> dict[str, Any]:
+    """What ``peer`` sends: a bid (offers naming leases ``peer:0``-``peer:2``, a lease
+    perhaps for two slots; declines), a failure, or a bad bid. A reply to round 1's
+    request (``stale``) names leases of its own (``peer:old...``): round 1 leased them."""
+    kind = draw(st.sampled_from(["bid", "bid", "failure", "no_bid", "elsewhere"]))
+    tag = "old" if stale else ""
+    slots = draw(st.lists(st.sampled_from(names), max_size=3))
+    leases = [f"{peer}:{tag}{draw(st.integers(0, 2))}" for _ in slots]
+    declines = draw(st.lists(st.sampled_from(names), unique=True, max_size=2))
+    # A bid also comes as the published request's answer (the BID behaviour), more than
+    # once, in this round only: a reply to round 1's request is the direct one.
+    published = not stale and kind == "bid" and draw(st.booleans())
+    return {"peer": peer, "kind": kind, "offers": list(zip(slots, leases, strict=True)),
+            "declines": declines, "stale": stale, "published": published}  # fmt: skip
+
+
+def _play(
+    mp: pytest.MonkeyPatch, job: dict[str, Any], plan: list[dict[str, Any]], stale: bool
+) -> tuple[Round, list[tuple[str, str, str]]]:
+    """Round 1 asks every peer and closes unanswered; round 2 takes ``plan``'s steps (its
+    replies to round 1's request too, if ``stale``), closed at its window's end if they
+    did not close it; then what was held goes back. What was reverted and committed, in
+    order: ``("revert" | "commit", peer, lease)``."""
+    # y and z never answer: no round closes for it; as many peers as slots: no gossip.
+    r = Round(mp, [*PLAYERS, "y", "z"], **job)
+    done: list[tuple[str, str, str]] = []
+    r.book.o.revert = lambda peer, payload: done.extend(
+        ("revert", peer, i) for i in payload["lease_ids"]
+    )
+    commit = r.commit
+
+    def committed(slot: Slot) -> None:
+        done.append(("commit", slot.peer_id or "", slot.lease_id or ""))
+        commit(slot)
+
+    r.commit = committed  # type: ignore[method-assign]
+    first = dict(r.messenger.asked)
+    r.rounds._close(1)
+    r.rounds._round()
+    second = dict(r.messenger.asked)
+    for step in plan:
+        if step["stale"] and not stale:
+            continue
+        peer = step["peer"]
+        offers = [
+            {"slot": s, "lease_id": i, "price": 0, "expires_at": time.time() + 60}
+            for s, i in step["offers"]
+        ]
+        raw = {"deployment_id": "dep1", "peer_id": peer, "did": f"did:key:{peer}",
+               "offers": offers, "free": {"cpu": 4}, "onboarded": {"cpu": 4},
+               "declines": [{"slot": s, "reason": "full"} for s in step["declines"]]}  # fmt: skip
+        outcome = {
+            "bid": Outcome(result=raw),
+            "failure": Outcome(error=RemoteError("timeout", "no reply")),
+            "no_bid": Outcome(result={**raw, "price": "lots"}),
+            "elsewhere": Outcome(result={**raw, "deployment_id": "other"}),
+        }[step["kind"]]
+        if step["published"]:
+            r.rounds._take_bid(r.rounds.round, Bid.model_validate(raw))
+        else:
+            (first if step["stale"] else second)[peer](outcome)
+    if r.rounds.round not in r.rounds._closed:
+        r.rounds._close(r.rounds.round)
+    r.book.send_held(force=True)
+    return r, done
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_one_slot_a_lease_and_an_earlier_rounds_replies_change_nothing_of_the_round(
+    data: st.DataObject,
+) -> None:
+    """Random bids of round 2 (second bids, a lease named for two slots, failures, bad
+    bids) with round 1's late replies among them. Every lease named is committed or
+    given back, and none given back once committed; a lease backs one slot and has one
+    'won' row; and round 1's replies change nothing of round 2 (what is placed, every
+    reason, the bid index, the events) but give back what they named."""
+    draw = data.draw
+    allocations = [
+        {"name": name, "executor": "compute", "count": draw(st.integers(1, top), name),
+         "resources": {"cpu": "500m", "ram": "64MiB"}, "params": {"seconds": 0.2}}
+        for name, top in (("w", 3), ("v", 2))
+        if name == "w" or draw(st.booleans(), "a second allocation")
+    ]  # fmt: skip
+    job = {"allocations": allocations, "strategy": draw(st.sampled_from(STRATEGIES)),
+           "distinct_peers": draw(st.booleans(), "distinct")}  # fmt: skip
+    names = list(dict(DeploymentSpec.model_validate(spec(**job)).slots()))
+    plan = [
+        _step(draw, draw(st.sampled_from(PLAYERS)), names, draw(st.booleans(), "stale"))
+        for _ in range(draw(st.integers(1, 8), "steps"))
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        r, done = _play(mp, job, plan, stale=True)
+    with pytest.MonkeyPatch.context() as mp:
+        alone, alone_done = _play(mp, job, plan, stale=False)
+    placed = [(r.placed_on[n], lease) for n, lease in r.committed.items()]
+    assert len(set(placed)) == len(placed), r.committed  # one slot a lease
+    won = [(b.peer_id, b.lease_id) for b in r.store.bids if b.outcome == "won"]
+    assert sorted(won) == sorted(placed), r.store.bids  # one 'won' row a lease won
+    reverted = [(peer, lease) for what, peer, lease in done if what == "revert"]
+    named = {(s["peer"], i) for s in plan if s["kind"] != "failure" for _, i in s["offers"]}
+    assert named <= set(placed) | set(reverted), named - set(placed) - set(reverted)
+    # No lease committed is given back after (a lease given back, then named again and
+    # chosen, is the provider's to refuse: it released it).
+    at = {(peer, lease): n for n, (what, peer, lease) in enumerate(done) if what == "commit"}
+    late = [
+        (peer, lease)
+        for n, (what, peer, lease) in enumerate(done)
+        if what == "revert" and n > at.get((peer, lease), n)
+    ]
+    assert not late, (late, done)
+
+    def seen(x: Round) -> Any:
+        rows = [(b.peer_id, b.slot, b.outcome, b.reason, b.lease_id) for b in x.store.bids]
+        return (x.committed, x.placed_on, {n: x.reasons(n) for n in names}, rows,
+                [e["what"] for e in x.book.row.events])  # fmt: skip
+
+    assert seen(r) == seen(alone)
+    stale_named = [(s["peer"], i) for s in plan if s["stale"] and s["kind"] != "failure"
+                   for _, i in s["offers"]]  # fmt: skip
+    extra = Counter(reverted)
+    extra.subtract(Counter((peer, lease) for what, peer, lease in alone_done if what == "revert"))
+    assert +extra == Counter(stale_named) and not -extra, (extra, stale_named)

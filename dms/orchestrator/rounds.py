@@ -13,6 +13,9 @@ One offer a peer a slot a round: a peer's first offer for a slot is taken, a lat
 one (a hostile provider answering both the direct and the published request) is
 refused at arrival with its row in the bid index and given back; a decline leaves the
 round's offer as it was, and an offer undoes the round's decline (``_take_bid``).
+One slot a lease: an offer naming a lease of its peer that stands for another slot
+(an offer of the round kept for it, or a slot that holds it) is refused likewise,
+and gives nothing back (the lease is that slot's).
 
 A bid that does not validate, or that names another peer or deployment than
 the one asked, becomes that peer's reason (``bad bid: ...``) and whatever it
@@ -174,12 +177,15 @@ class BidRounds:
         self.owing: Counter[str] = Counter()
         self._offers: dict[str, list[Candidate]] = {}
         # This round's offers, by (peer, slot): a peer's first offer for a slot is taken,
-        # a later one refused (``_take_bid``); the leases its kept offers hold, never
-        # given back with a refused one that names the same; and its declines, with the
-        # slot's reason and permanent decline for it from before (an offer that comes
-        # after a decline of the same round is its answer: the decline is undone).
+        # a later one refused (``_take_bid``); the leases that stand for a slot, by (peer,
+        # lease): its kept offers', and those the slots held as the round began, each with
+        # that slot: one lease backs one slot (an offer naming it for another is refused,
+        # ``_stands_for``) and is never given back with a refused offer that names it; and
+        # its declines, with the slot's reason and permanent decline for it from before
+        # (an offer that comes after a decline of the same round is its answer: the
+        # decline is undone).
         self._offered: set[tuple[str, str]] = set()
-        self._kept: set[tuple[str, str]] = set()
+        self._kept: dict[tuple[str, str], str] = {}
         self._declined: dict[tuple[str, str], tuple[str | None, str | None]] = {}
         self._refused_noted: set[tuple[str, str]] = set()  # a row written for each
         self._arrived = 0  # offers taken so far: each candidate's ``seq``
@@ -306,7 +312,14 @@ class BidRounds:
         rid = self.round
         self._asked, self._answered, self._gossiped = set(), set(), False
         self._offers = {s.name: [] for s in open_slots}
-        self._offered, self._kept, self._refused_noted = set(), set(), set()
+        # No slot is chosen until the round closes: the leases held now are all the held
+        # ones a bid of the round can name.
+        self._kept = {
+            (s.peer_id, s.lease_id): s.name
+            for s in self.book.slots.values()
+            if s.peer_id and s.lease_id and s.state in HELD
+        }
+        self._offered, self._refused_noted = set(), set()
         self._declined = {}
         request = BidRequest(
             deployment_id=self.book.id,
@@ -438,7 +451,10 @@ class BidRounds:
         published one, or one bid naming a slot twice) is refused, its row in the bid
         index saying so (``refused: ...``), and given back at once; a decline leaves an
         offer of the round as it was, and an offer undoes a decline of the round (two
-        bids arrive in either order: the published one's may come first)."""
+        bids arrive in either order: the published one's may come first). One lease a
+        slot: an offer naming a lease of the peer that stands for another slot (its kept
+        offer's for that slot, this round, or a slot's that holds it) is refused too, and
+        gives nothing back (the lease is that slot's)."""
         peer = bid.peer_id
         if rid != self.round or rid in self._closed or self.book.state in DEPLOYMENT.terminal:
             self._give_back(peer, self._not_kept(peer, bid.offers), rid)  # too late: at once
@@ -446,17 +462,21 @@ class BidRounds:
         changed = peer not in self._answered
         self._answered.add(peer)
         back: list[Offer] = []
-        refused: list[Offer] = []
+        refused: list[tuple[Offer, str | None]] = []  # and the slot its lease stands for
         for offer in bid.offers:
             # A peer this slot excludes (it lost the slot before, or the job excludes it)
             # may still answer a gossip request: its offer goes back.
             if offer.slot not in self._offers or self.host.excludes(offer.slot, peer):
                 back.append(offer)
             elif (peer, offer.slot) in self._offered:
-                refused.append(offer)
+                refused.append((offer, None))
+            elif (peer, offer.lease_id) in self._kept and (
+                stands := self._stands_for(peer, offer.lease_id)
+            ):
+                refused.append((offer, stands))
             else:
                 self._offered.add((peer, offer.slot))
-                self._kept.add((peer, offer.lease_id))
+                self._kept[(peer, offer.lease_id)] = offer.slot
                 self._undo_decline(peer, offer.slot)
                 self._arrived += 1
                 self._offers[offer.slot].append(Candidate(bid, offer, self._arrived))
@@ -476,7 +496,8 @@ class BidRounds:
                 slot.declined_for_good[peer] = decline.reason
         if refused:
             self._refuse(rid, peer, refused)
-        self._give_back(peer, self._not_kept(peer, back + refused), rid)
+            back += [offer for offer, _ in refused]
+        self._give_back(peer, self._not_kept(peer, back), rid)
         if changed:  # a bid that changed nothing changes no decision
             self._maybe_close(rid)
 
@@ -492,6 +513,17 @@ class BidRounds:
                 where.pop(peer, None)
             else:
                 where[peer] = value
+
+    def _stands_for(self, peer: str, lease_id: str) -> str | None:
+        """The slot ``peer``'s lease ``lease_id`` stands for: the one an offer kept this
+        round names it for, or one that holds it (it did as the round began, and still
+        does); else None."""
+        name = self._kept.get((peer, lease_id))
+        if name is None or name in self._offers:
+            return name
+        slot = self.book.slots[name]
+        held = slot.state in HELD and slot.peer_id == peer and slot.lease_id == lease_id
+        return name if held else None
 
     def _not_kept(self, peer: str, offers: list[Offer]) -> list[Offer]:
         """``offers`` without those naming a lease of ``peer`` that an offer kept this
@@ -511,22 +543,31 @@ class BidRounds:
         }
         return [i for i in lease_ids if (peer, i) not in self._kept and i not in held]
 
-    def _refuse(self, rid: int, peer: str, offers: list[Offer]) -> None:
-        """``peer``'s later offers for slots it answered this round: each refused with
-        its row in the bid index, one a (peer, slot) a round whatever it sends."""
+    def _refuse(self, rid: int, peer: str, offers: list[tuple[Offer, str | None]]) -> None:
+        """``peer``'s offers refused at arrival: each a later one for a slot it answered
+        this round (``None``), or one naming a lease that stands for another slot (that
+        slot's name). Each has its row in the bid index, one a (peer, slot) a round
+        whatever it sends."""
         log.info(
-            "deployment %s: round %d: refused %d more offer(s) of %s: one offer a peer a slot",
+            "deployment %s: round %d: refused %d offer(s) of %s: one offer a peer a slot, "
+            "one slot a lease",
             self.book.id, rid, len(offers), peer,
         )  # fmt: skip
         rows = []
-        for offer in offers:
+        for offer, stands in offers:
             if (peer, offer.slot) in self._refused_noted:
                 continue
             self._refused_noted.add((peer, offer.slot))
-            why = (
-                f"refused: a second offer of this peer for {offer.slot} in round {rid}: one "
-                "offer a peer a slot a round, its first stands; this one given back"
-            )
+            if stands is None:
+                why = (
+                    f"refused: a second offer of this peer for {offer.slot} in round {rid}: "
+                    "one offer a peer a slot a round, its first stands; this one given back"
+                )
+            else:
+                why = (
+                    f"refused: its lease {offer.lease_id} stands for {stands} in round {rid}: "
+                    "one lease backs one slot; that slot keeps it"
+                )
             rows.append(
                 BidRow(self.book.id, "received", peer, offer.slot, "lost", why,
                        lease_id=offer.lease_id, price=offer.price)

@@ -180,14 +180,15 @@ def test_a_deployment_or_collaboration_not_here_says_where_the_ids_are(lone: Dae
     """A mistyped id said "error: unknown: no deployment 'nope'" (and "unknown:
     collaboration 'nope' is not joined here"): no meaningful code, and not what to do.
     Each deployment command now points at 'dms deployment list'; a collaboration is
-    refused ``not_found``, saying where its id comes from."""
+    refused ``not_found``, saying where its id comes from. Both lines keep the code
+    (the deployment commands' dropped it, where a collaboration's kept it)."""
     commands = [["deployment", what, "nope"] for what in ("status", "logs", "manifest")]
     answers = dms_many(lone.home, [*commands, ["deployment", "shutdown", "nope", "--json"],
                                    ["mine", "collab", "result", "nope"]])  # fmt: skip
     for code, out, err in answers[:-1]:
         assert code == 1 and not out and len(err.splitlines()) == 1, (out, err)
-        assert err == ("error: no deployment 'nope' on this node: 'dms deployment list' lists "
-                       "its deployments\n"), err  # fmt: skip
+        assert err == ("error: not_found: no deployment 'nope' on this node: 'dms deployment "
+                       "list' lists its deployments\n"), err  # fmt: skip
     code, out, err = answers[-1]
     assert code == 1 and not out and len(err.splitlines()) == 1, (out, err)
     assert err.startswith("error: not_found: no collaboration 'nope' is joined on this node: ")

@@ -25,7 +25,6 @@ from dms.cli.output import (
     stored_state,
 )
 from dms.cli.waiting import Waiting, placement_hint
-from dms.errors import DmsError
 from dms.node.client import NodeClient
 from dms.orchestrator.states import DEPLOYMENT
 
@@ -85,7 +84,8 @@ def _client() -> NodeClient:
 
 def _ask(what: str, deployment_id: str, timeout: float, client: NodeClient | None = None) -> Any:
     """``/dms/node/deployment/<what>`` for one deployment; one this node does not have
-    is said with where its deployments' ids are."""
+    is said with where its deployments' ids are, its code kept (``not_found: ...``, as
+    every error reply prints: scripts read it)."""
     try:
         return (client or _client()).invoke(
             f"/dms/node/deployment/{what}", {"id": deployment_id}, timeout=timeout
@@ -93,9 +93,8 @@ def _ask(what: str, deployment_id: str, timeout: float, client: NodeClient | Non
     except RemoteError as exc:
         if exc.code != ErrorCode.NOT_FOUND:
             raise
-        raise DmsError(
-            f"{exc.reason} on this node: 'dms deployment list' lists its deployments"
-        ) from None
+        where = f"{exc.reason} on this node: 'dms deployment list' lists its deployments"
+        raise RemoteError(exc.code, where, exc.rule) from None
 
 
 def _print_event(event: dict[str, Any]) -> None:

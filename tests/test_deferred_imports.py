@@ -38,6 +38,20 @@ def test_every_group_is_deferred_for_the_installed_libraries() -> None:
     assert [m for m in found["modules"] if m.startswith(BROUGHT)] == []
 
 
+def test_the_hostile_peer_imported_first_defers_them_too() -> None:
+    """``dms.sim.adversary`` imports libp2p above its ``dms`` imports (isort's order): a
+    process that imported it first (an adversarial test, ``bench/adversary.py``) loaded
+    every transport, aioquic among them, before ``dms.network`` could defer them."""
+    found = run(
+        "import json, sys\n"
+        "import dms.sim.adversary\n"
+        "from dms.network import deferred\n"
+        "print(json.dumps({'deferred': deferred.DEFERRED, 'modules': sorted(sys.modules)}))\n"
+    )
+    assert found["deferred"] == [group.name for group in deferred.GROUPS]
+    assert [m for m in found["modules"] if m.startswith(BROUGHT)] == []
+
+
 def test_a_quic_listen_address_builds_the_real_quic_transport() -> None:
     """The first use loads the real modules and puts them wherever a stand-in was: the
     host gets py-libp2p's own QUICTransport, listening on UDP, and ``libp2p`` holds the

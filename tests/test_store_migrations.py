@@ -13,7 +13,16 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Column, Connection, Integer, MetaData, create_engine, inspect, text
+from sqlalchemy import (
+    Column,
+    Connection,
+    Integer,
+    MetaData,
+    create_engine,
+    inspect,
+    make_url,
+    text,
+)
 
 from dms.store import LATEST_VERSION, StoreError, migrations, open_database
 from dms.store.db import _driver_url
@@ -211,6 +220,14 @@ def test_a_revision_no_dms_writes_is_damage_not_a_newer_dms(
     assert said.startswith("the store is damaged: alembic_version holds 'garbage', which is no "
                            "schema revision of dms (this one knows 0001 to "), said  # fmt: skip
     assert "newer" not in said and f"{migrations.HEAD} if this dms made them" in said, said
+    # The client of this backend, on this database (it said sqlite3 on PostgreSQL too).
+    given = make_url(url)
+    if given.get_backend_name() == "sqlite":
+        assert f"(sqlite3 {given.database}, alembic_version.version_num: " in said, said
+    else:
+        plain = given.set(drivername="postgresql")._replace(password=None)
+        assert f"(psql '{plain.render_as_string()}', alembic_version" in said, said
+        assert "sqlite3" not in said and given.password not in said, said
     with engine.begin() as conn:  # refused, and untouched
         assert conn.scalar(text("SELECT version_num FROM alembic_version")) == "garbage"
     engine.dispose()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+
+from sqlalchemy import URL
 from sqlalchemy.exc import SQLAlchemyError
 
 from dms.backoff import Backoff
@@ -28,3 +31,17 @@ class StoreBusy(StoreError):
 # What the store raises when it cannot serve a transaction: the driver's errors (as
 # SQLAlchemy's), or a wait past the caller's bound. ``except STORE_ERRORS``.
 STORE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, StoreBusy)
+
+
+def client_command(url: URL) -> str:
+    """The command that opens the database at ``url`` for a person to correct a row the
+    store cannot read: ``sqlite3 FILE``, ``psql URL`` (its password left out: psql asks;
+    the query kept, so a schema given by ``options=-csearch_path=...`` is the one
+    opened), else the backend's own client. Damage messages name it: they named
+    ``sqlite3 DMS_HOME/dms.db`` on PostgreSQL too."""
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return f"sqlite3 {shlex.quote(url.database or '')}"
+    plain = URL.create(backend, url.username, None, url.host, url.port, url.database, url.query)
+    shown = shlex.quote(plain.render_as_string(hide_password=False))
+    return f"psql {shown}" if backend == "postgresql" else f"the {backend} client on {shown}"

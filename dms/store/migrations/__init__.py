@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection, column, inspect, select, table, text, update
 from sqlalchemy.types import DateTime, Integer
 
-from dms.store.errors import StoreError
+from dms.store.errors import StoreError, client_command
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -110,8 +110,8 @@ def migrate(conn: Connection) -> int:
             raise StoreError(
                 f"the store is damaged: {LEGACY_TABLE} holds {legacy!r} where the schema's "
                 "number belongs, and no Alembic revision says which it is; correct that row "
-                f"of the database (sqlite3 DMS_HOME/dms.db, {LEGACY_TABLE}.version), then "
-                "try again"
+                f"of the database ({client_command(conn.engine.url)}, {LEGACY_TABLE}.version), "
+                "then try again"
             )
         legacy = None  # the Alembic revision says which schema this is; _mark writes it
     if revision is not None and revision not in REVISIONS and not _newer(revision):
@@ -152,8 +152,8 @@ def _unknown_revision(conn: Connection, revision: object, legacy: int | None) ->
             f"the store is damaged: {VERSION_TABLE} holds {revision!r}, which is no schema "
             f"revision of dms (this one knows {REVISIONS[0]} to {HEAD}), and "
             f"{LEGACY_TABLE} does not say which it is either; correct that row of the "
-            f"database (sqlite3 DMS_HOME/dms.db, {VERSION_TABLE}.version_num: the revision "
-            f"its tables are at, {HEAD} if this dms made them), then try again"
+            f"database ({client_command(conn.engine.url)}, {VERSION_TABLE}.version_num: the "
+            f"revision its tables are at, {HEAD} if this dms made them), then try again"
         )
     found = revision_of(legacy)
     log.warning("the store's %s held %r, which is no schema revision of dms: written again "

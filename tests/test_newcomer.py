@@ -240,6 +240,40 @@ def test_onboard_changes_one_amount_and_keeps_the_others(tmp_path: Path) -> None
     assert status["price"] == 2.0
 
 
+def test_onboard_fits_a_24_line_terminal_the_pools_last_in_one_order(tmp_path: Path) -> None:
+    """``dms onboard`` printed 35 lines at 80 columns: the pools (what was onboarded)
+    first, then the capability one measure a line, so a 24-line terminal showed only
+    the capability. And that capability was in measurement order without a daemon,
+    alphabetical with one (its reply's keys sorted). Now: the capability two measures a
+    row, then the pools and their price last, in 24 lines with one left for the
+    prompt, in the same order both ways."""
+    from dms.cli.resources import ABOUT_THE_RUN
+    from dms.resources.benchmark import Capability
+
+    measures = [name for name in Capability.model_fields if name not in ABOUT_THE_RUN]
+
+    def shown(done: subprocess.CompletedProcess[str], cpu: str) -> None:
+        assert done.returncode == 0, done.stderr
+        clean(done)
+        lines = done.stdout.rstrip("\n").splitlines()
+        assert len(lines) < 24, done.stdout
+        found = re.findall(r"\b(?:cpu|memory|disk|ckks|liu)_[a-z_]+\b", done.stdout)
+        assert found == measures, done.stdout  # the order they are measured in
+        assert lines[-1].startswith("price 2.0"), done.stdout
+        onboarded = re.compile(rf"│ onboarded +│ {re.escape(cpu)} +│ 0\.5 +│ 1\.0 +│")
+        assert any(onboarded.search(line) for line in lines[-8:]), done.stdout
+
+    home = tmp_path / "home"
+    assert dms(home, "init").returncode == 0
+    amounts = ["--ram", "0.5", "--disk", "1", "--price", "2"]
+    shown(at_80(home, "onboard", "--cpu", "1", *amounts), "1.0")  # the store's
+    daemon = Daemon(home)
+    try:
+        shown(at_80(home, "onboard", "--cpu", "0.5"), "0.5")  # the daemon's reply
+    finally:
+        daemon.stop()
+
+
 def leaf_commands() -> list[list[str]]:
     from typer.main import get_command
 

@@ -17,7 +17,16 @@ import typer
 
 from dms.cli.actor import TimeoutOption
 from dms.cli.common import JsonOption, settings
-from dms.cli.output import emit_json, emit_result, emit_table, jsonable, progress_bar
+from dms.cli.output import (
+    ago,
+    cell,
+    emit_json,
+    emit_result,
+    emit_table,
+    jsonable,
+    progress_bar,
+    say,
+)
 from dms.config import Settings
 from dms.node.client import NodeClient, running_node
 from dms.resources.amounts import AmountError
@@ -53,24 +62,53 @@ def _steps(update: Callable[..., None]) -> Callable[[str, int, int], None]:
     return lambda step, done, total: update(done, step, total)
 
 
+POOLS = ("onboarded", "free", "locked", "allocated")
+COUNTS = ("price", "allocations", "leases")  # said in one line under the pools
+# A capability's fields the table's title says, not its rows.
+ABOUT_THE_RUN = ("version", "measured_at", "seconds", "cores")
+
+
+def _show_capability(capability: dict[str, Any]) -> None:
+    """The registered capability in measurement order (the model's), two measures a
+    row: 5 rows, not 14 (a daemon's reply has its keys sorted: alphabetical there)."""
+    from dms.resources.benchmark import Capability
+
+    order = list(Capability.model_fields)
+    items = sorted(
+        capability.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)
+    )
+    measures = [(k, v) for k, v in items if k not in ABOUT_THE_RUN]
+    rows = [
+        [*measures[i], *(measures[i + 1] if i + 1 < len(measures) else ("", ""))]
+        for i in range(0, len(measures), 2)
+    ]
+    about = [f"{capability['cores']} cores"] if "cores" in capability else []
+    if isinstance(capability.get("measured_at"), int | float):
+        about.append(f"measured {ago(capability['measured_at'])}")
+    title = "registered capability" + (f" ({', '.join(about)})" if about else "")
+    emit_table(title, ["measure", "value", "measure", "value"], rows)
+
+
 def _show_status(status: dict[str, Any], json_out: bool, title: str) -> None:
+    """The pools last (what a person looks for, still on a 24-line screen after the
+    command): the capability, if any, then the pools' table, then one line of price
+    and counts. Each part in one order, with a daemon (its reply's keys sorted) or
+    without."""
     if json_out:
         emit_json(jsonable(status))
         return
-    pools = [k for k in ("onboarded", "free", "locked", "allocated") if k in status]
-    if pools:
-        rows = [
-            [k, v["cpu"], v["ram_gib"], v["disk_gib"], v["gpu"]]
-            for k, v in ((k, status[k]) for k in pools)
-            if isinstance(v, dict)
-        ]
-        emit_table(title, ["pool", "cpu (cores)", "ram (GiB)", "disk (GiB)", "gpu"], rows)
     capability = status.get("capability")
-    rest = {k: v for k, v in status.items() if k not in pools and k != "capability"}
-    if rest:
-        emit_result(rest, False)
     if isinstance(capability, dict):
-        emit_result(capability, False, title="registered capability")
+        _show_capability(capability)
+    pools = [k for k in POOLS if isinstance(status.get(k), dict)]
+    if pools:
+        rows = [[k, *(status[k][u] for u in ("cpu", "ram_gib", "disk_gib", "gpu"))] for k in pools]
+        emit_table(title, ["pool", "cpu (cores)", "ram (GiB)", "disk (GiB)", "gpu"], rows)
+    shown = {*POOLS, "capability"}
+    rest = [k for k in COUNTS if k in status]
+    rest += sorted(k for k in status if k not in shown.union(COUNTS))
+    if rest:
+        say(", ".join(f"{k} {cell(status[k], k)}" for k in rest))
 
 
 def _current(cfg: Settings, client: NodeClient | None, timeout: float) -> dict[str, Any]:

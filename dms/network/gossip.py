@@ -42,8 +42,14 @@ from dms.security.identity import IdentityError, public_key_from_peer_id
 log = logging.getLogger("dms.network")
 
 # Called with the forwarding peer, the message's claimed origin and the refusal
-# (``quiet``: count it, do not log it).
+# (``quiet``: count it, do not log it; ``late``: count it, log it at DEBUG).
 GossipRefused = Callable[..., None]
+# An envelope expired no longer ago than this is a late copy an honest peer may send:
+# one forwards only what it validated (so in time), and holds it a few heartbeats in
+# its message cache (what it sends a peer that joins or asks: IWANT), or up to 30 s
+# in py-libp2p's queue for a peer it is still identifying; a busy receiver adds its
+# own delay. Older, some peer forwarded what it never validated: logged at INFO.
+LATE_COPY_S = 60.0
 # Publishers whose gossip budgets are kept before the full ones are forgotten.
 MAX_PUBLISHERS = 4096
 # Where capability revocations are published (``dms.node.caps`` publishes there): a
@@ -337,6 +343,17 @@ def check_gossip(
     check_signer(env)
 
 
+def late_copy(frame: bytes, max_bytes: int, now: int | None = None) -> bool:
+    """Whether ``frame``, refused as expired, expired within :data:`LATE_COPY_S`: a late
+    copy, as gossip brings at a join (the message cache's last heartbeats, sent to a
+    peer that joins), not a replay of what no honest peer still forwards."""
+    try:
+        expiry = open_frame(frame, max_bytes).envelope.expiry
+    except Refusal:
+        return False
+    return (now_ns() if now is None else now) - expiry <= LATE_COPY_S * 1e9
+
+
 def envelope_is_valid(
     frame: bytes,
     publisher: str,
@@ -379,9 +396,17 @@ class Gossip(LoopBridge):
     _deliver: Callable[..., None]  # dms.network.unicast.Unicast._deliver
 
     def _gossip_refused(
-        self, forwarder: ID, origin: bytes, refusal: Refusal, *, quiet: bool = False
+        self,
+        forwarder: ID,
+        origin: bytes,
+        refusal: Refusal,
+        *,
+        quiet: bool = False,
+        late: bool = False,
     ) -> None:
-        """Count and log a gossip message refused here (it goes no further)."""
+        """Count and log a gossip message refused here (it goes no further): at DEBUG
+        a ``late`` copy (:func:`late_copy`: every join brought a few, each an INFO
+        line), at INFO anything else."""
         self.refusals[refusal.code] += 1
         if quiet:
             return
@@ -389,7 +414,8 @@ class Gossip(LoopBridge):
             publisher = ID(origin).to_base58()
         except Exception:
             publisher = origin.hex()
-        log.info(
+        log.log(
+            logging.DEBUG if late else logging.INFO,
             "gossip from %s (via %s) refused: %s: %s",
             publisher,
             forwarder.to_base58(),
@@ -463,7 +489,8 @@ class Gossip(LoopBridge):
                     msg.data, publisher, list(msg.topicIDs), *limits, signature_checked=own
                 )
             except Refusal as refusal:
-                self._gossip_refused(forwarder, msg.from_id, refusal)
+                late = refusal.code == ErrorCode.EXPIRED and late_copy(msg.data, limits[0])
+                self._gossip_refused(forwarder, msg.from_id, refusal, late=late)
                 return False
             if not own:
                 self._checked.remember(msg.data)

@@ -18,12 +18,14 @@ py-libp2p hosts (``tests/adversarial/bare.py``).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
@@ -164,6 +166,38 @@ def test_a_strict_sign_peer_hears_dms_broadcasts_and_its_own_reach_the_validator
     # The node stayed up.
     assert other.node is not None
     assert other.node.ask(root_handle(node.peer_id), "/public/hello")["peer_id"] == node.peer_id
+
+
+def test_a_late_gossip_copy_is_debug_and_counted_an_old_one_stays_visible(
+    cluster: LocalCluster, bare_peers: list[BarePeer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each join logged "gossip from ... refused: expired" at INFO for the copies gossip
+    brought late (a peer's message cache, sent to a peer that joins): normal, and a
+    line for each. An envelope expired a second ago is now counted and logged at DEBUG;
+    one expired an hour ago, which no honest peer still forwards, stays at INFO."""
+    caplog.set_level(logging.DEBUG, logger="dms.network")
+    [node] = cluster.start(1)
+    peer = BarePeer(node.addrs()[0], strict_signing=True)
+    bare_peers.append(peer)
+    me = Handle(id=peer.identity.public_key, address=Address(host=peer.peer_id, inbox=ROOT_INBOX))
+
+    def publish_expired(ago_s: float) -> Callable[[], None]:
+        env = make_envelope(me, peer.identity.public_key, "/broadcast/hello",
+                            {"message": "late"}, ttl_s=-ago_s, topic=BROADCAST_TOPIC)  # fmt: skip
+        return lambda: peer.publish(BROADCAST_TOPIC, seal(env, peer.identity))
+
+    def expired_lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "refused: expired" in r.getMessage()]
+
+    until(lambda: transport_refusals(node, "expired") > 0, publish_expired(1.0), "a late copy")
+    wait_for(lambda: expired_lines(), 10, "its line")
+    assert {r.levelno for r in expired_lines()} == {logging.DEBUG}, caplog.text
+    late = len(expired_lines())
+    counted = transport_refusals(node, "expired")
+    until(lambda: transport_refusals(node, "expired") > counted, publish_expired(3600.0),
+          "an hour-old copy")  # fmt: skip
+    wait_for(lambda: len(expired_lines()) > late, 10, "its line")
+    assert logging.INFO in {r.levelno for r in expired_lines()[late:]}, caplog.text
 
 
 def test_a_peer_cannot_claim_another_host_for_a_sender(

@@ -4,6 +4,7 @@ py-libp2p, and on real hosts they cost fewer frames for the same delivery."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import struct
 import threading
@@ -425,6 +426,52 @@ def test_a_pubsub_stream_opened_as_the_pubsub_stops_ends_quietly() -> None:
         await Pubsub.continuously_read_stream(pubsub, OneMessage())  # type: ignore[arg-type]
 
     trio.run(read)  # the stream ends; the message after it is never read (BUG unraised)
+
+
+def test_a_peer_not_yet_writable_keeps_its_queued_messages_with_no_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer's subscription learnt before our pubsub stream to it is registered: the
+    flush py-libp2p runs then found no stream and logged "Cannot flush pending messages
+    for PEER: no stream available" at WARNING (three at a join, one per topic), though
+    the queue was kept for the flush the registration runs. Now that flush waits for
+    the stream, silent; the registration's sends the queue, as before."""
+    import trio
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.pb import rpc_pb2
+
+    from dms.network.gossip import new_router
+    from dms.network.settings import GossipSettings
+
+    libp2p_patches.apply_libp2p_patches()
+    monkeypatch.setattr(logging.getLogger("libp2p"), "propagate", True)
+    caplog.set_level(logging.DEBUG, logger="libp2p")
+    peer = ID.from_pubkey(create_new_key_pair().public_key)
+    written: list[Any] = []
+
+    class Registering:
+        """A pubsub that knows the peer's topic, its stream to the peer not yet up."""
+
+        def __init__(self) -> None:
+            self.peers: dict[Any, str] = {}
+            self.peer_topics = {"t": {peer}}
+
+        async def write_msg(self, stream: str, rpc: Any) -> bool:
+            written.append((stream, rpc))
+            return True
+
+    router = new_router(GossipSettings())
+    pubsub = Registering()
+    router.pubsub = pubsub  # type: ignore[assignment]
+    rpc = rpc_pb2.RPC(publish=[rpc_pb2.Message(topicIDs=["t"], data=b"beat")])
+    router._pending_messages[peer].append((time.time(), rpc))
+    trio.run(router.flush_pending_messages, peer)  # at the peer's subscription
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert written == [] and len(router._pending_messages[peer]) == 1
+    pubsub.peers[peer] = "stream"
+    trio.run(router.flush_pending_messages, peer)  # once registered (_handle_new_peer)
+    assert written == [("stream", rpc)] and peer not in router._pending_messages
 
 
 def test_a_host_reads_its_own_record_once_not_for_every_rpc(

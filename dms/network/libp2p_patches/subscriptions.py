@@ -1,4 +1,5 @@
-"""A patch to py-libp2p's pubsub: subscriptions repeated to every new stream.
+"""Patches to py-libp2p's pubsub: subscriptions repeated to every new stream, and
+messages queued for a peer flushed once it is writable.
 
 **Subscriptions repeated to every new pubsub stream.** A node tells a peer
 its topics once, in the hello on its own stream to that peer, and later
@@ -8,6 +9,20 @@ path, and a peer that re-opens its stream to us (after its old one died) has
 forgotten our topics, while our stream to it, still open, will not say them
 again. Either way the two never meet on the topic. So whenever a peer opens a
 pubsub stream to us, we send it our current topics once we can write to it.
+
+**Messages queued for a peer flushed once it is writable, with no warning before.**
+A peer's subscriptions come on its stream to us, ours to it opening meanwhile;
+gossipsub queues what we publish on a topic it has said it is in until our stream
+to it is registered (``_pending_messages``), and ``Pubsub._handle_new_peer`` flushes
+that queue once it is. py-libp2p also flushes at each subscription of the peer it
+learns (``handle_subscription``): one that comes before our stream is registered
+finds no stream, keeps the queue for the flush to come, and logged "Cannot flush
+pending messages for PEER: no stream available" at WARNING: a heartbeat (or any
+message) published in the moment between the peer's first subscription and our
+stream's registration, then one warning for each subscription of the peer learnt
+in that moment (three topics, three warnings at a join), for nothing lost. That
+flush now waits for the peer's stream: nothing is tried, nothing logged; the
+registration's flush sends the queue, as it did.
 """
 
 from __future__ import annotations
@@ -17,7 +32,14 @@ from typing import Any
 
 import trio
 
+from dms.network.libp2p_patches.source import shipped_source
+
 log = logging.getLogger("dms.network")
+
+# The sources the flush patch was written against (py-libp2p 0.8.1): the flush keeps the
+# queue when the peer has no stream, and the registration flushes once it has one.
+FLUSH_SHA256 = "3543c1a7f11f7d9fed4cb700b7213c4621a34b8d4a160b57cbca16445fc4e9af"
+HANDLE_NEW_PEER_SHA256 = "80d22935f0fd60346f2c9f17ab7e177747662fb0c36aa0cc054975adb5b0d76e"
 
 
 # How long a new pubsub stream's peer may take to become writable for us.
@@ -86,4 +108,28 @@ def repeat_subscriptions_to_new_streams() -> bool:
             log.debug("pubsub stream from %s ended with the node: %s", stream, err)
 
     Pubsub.continuously_read_stream = read_stream_and_tell_topics
+    return True
+
+
+def flush_pending_messages_once_writable() -> bool:
+    from libp2p.pubsub.gossipsub import GossipSub
+    from libp2p.pubsub.pubsub import Pubsub
+
+    flush = getattr(GossipSub, "flush_pending_messages", None)
+    shaped = (
+        shipped_source(flush, FLUSH_SHA256) is not None
+        and shipped_source(Pubsub._handle_new_peer, HANDLE_NEW_PEER_SHA256) is not None
+    )
+    if flush is None or not shaped:
+        log.info("py-libp2p's pending gossip flush changed shape; it is left as it is")
+        return False
+
+    async def flush_once_writable(self: Any, peer_id: Any) -> None:
+        pubsub = self.pubsub
+        if pubsub is not None and peer_id not in pubsub.peers:
+            # Our stream to it is being registered: that flushes the queue, kept till then.
+            return
+        await flush(self, peer_id)
+
+    GossipSub.flush_pending_messages = flush_once_writable
     return True

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
@@ -728,3 +729,64 @@ def test_keys_advertising_blackholed_addresses_do_not_starve_a_dial_of_an_honest
     assert rtt is not None, why_not
     # The keys' dials were going on: their addresses gave their slots up to it.
     assert req.refusals[PREEMPTED] > 0
+
+
+def test_a_connection_made_by_a_dial_keeps_nothing_of_the_dials_context() -> None:
+    """A trio task inherits the context of the task that starts it, and a connection
+    a dial makes starts its tasks (its stream handlers', for as long as it lives) from
+    the dial's. Made inside ``dialing.admitted(x)`` (the relay's connection, dialed for
+    x) and by the auto-connector's cycle, its handlers kept both after the dial: a dial
+    of x they asked for took nothing of the new keys' budget however spent, and every
+    refusal they met was told to a cycle long over. Now both end with their block."""
+    libp2p_patches.apply_libp2p_patches()
+    refusals: Counter[str] = Counter()
+    seen: dict[str, object] = {}
+    protocol = TProtocol("/dms-test/context/1")
+    x = ID.from_base58(Identity.generate().peer_id)  # a key never reached
+
+    async def main() -> None:
+        host, relay = bare_host(Identity.generate()), bare_host(Identity.generate())
+        loopback = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+        async with host.run(loopback), relay.run(loopback):
+            swarm = host.get_network()
+            auto = swarm.auto_connector
+            await auto.stop()  # its cycle runs when the test says
+            await trio.testing.wait_all_tasks_blocked()
+            await auto.start()
+            dialslots.configure(swarm, lambda pid: False, refusals, new_per_s=0.0, new_burst=0)
+            slots = slots_for(swarm)
+            done = trio.Event()
+
+            async def handler(stream: Any) -> None:
+                told = dialing.ON_REFUSAL.get()
+                seen["refusals told to"] = getattr(told, "value", told)
+                try:
+                    dialing.admit(swarm, x)
+                    seen["dial of x"] = "not counted"
+                except dialing.NotDialed:
+                    seen["dial of x"] = "refused"
+                await stream.close()
+                done.set()
+
+            host.set_stream_handler(protocol, handler)
+            info = info_from_p2p_addr(relay.get_addrs()[0])
+            host.get_peerstore().add_addrs(info.peer_id, info.addrs, 600)
+            with dialing.admitted(x):
+                await auto.maybe_connect()
+            assert swarm.get_connections(info.peer_id), "the auto-connector did not dial"
+
+            async def hold_a_slot() -> None:
+                async with slots.slot(False, 0):
+                    await trio.sleep_forever()
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(slots.limit):  # contended, the budget spent: x is refused
+                    nursery.start_soon(hold_a_slot)
+                await trio.testing.wait_all_tasks_blocked()
+                with trio.fail_after(30):
+                    await relay.new_stream(host.get_id(), [protocol])
+                    await done.wait()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert seen == {"refusals told to": None, "dial of x": "refused"}

@@ -27,7 +27,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import trio
 from libp2p.exceptions import MultiError
@@ -64,6 +64,7 @@ STAGGER_S = 0.25
 WORKED_MEMO = 4096
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+T = TypeVar("T")
 
 
 class NotDialed(SwarmException):
@@ -71,21 +72,52 @@ class NotDialed(SwarmException):
     the peer failed nothing (no negative cache, nothing forgotten)."""
 
 
+class Scoped(Generic[T]):
+    """A context variable's value for one block and the tasks started in it, and for
+    none of them once the block has ended (:func:`scoped`). A trio task inherits the
+    context of the task that starts it: a connection a dial makes starts its tasks
+    (its stream handlers', for as long as it lives) from the dial's, and a value set
+    plainly stayed theirs after the block."""
+
+    def __init__(self, value: T) -> None:
+        self.value: T | None = value
+
+
+@contextlib.contextmanager
+def scoped(var: ContextVar[Scoped[T] | None], value: T) -> Iterator[None]:
+    """``var`` is ``value`` inside (:func:`current`), and to nobody once it ends."""
+    holder = Scoped(value)
+    token = var.set(holder)
+    try:
+        yield
+    finally:
+        holder.value = None
+        var.reset(token)
+
+
+def current(var: ContextVar[Scoped[T] | None]) -> T | None:
+    """``var``'s value, if the block that set it is still running."""
+    holder = var.get()
+    return None if holder is None else holder.value
+
+
 # The peer whose dial the running task was admitted for (:func:`admitted`): its direct
 # dial, started inside, is not counted a second time.
-ADMITTED: ContextVar[ID | None] = ContextVar("dms_dial_admitted", default=None)
+ADMITTED: ContextVar[Scoped[ID] | None] = ContextVar("dms_dial_admitted", default=None)
 
 
 # Told of each dial the running task asked for that this node refused itself, before
 # any address (``libp2p_patches.autoconnect`` sets it for the auto-connector's cycle).
-ON_REFUSAL: ContextVar[Callable[[ID], None] | None] = ContextVar("dms_dial_refused", default=None)
+ON_REFUSAL: ContextVar[Scoped[Callable[[ID], None]] | None] = ContextVar(
+    "dms_dial_refused", default=None
+)
 
 
 def refused_here(peer_id: ID) -> None:
     """A dial of ``peer_id`` is refused by a budget of this node's own (``NotDialed``,
     ``outbound_full``): no failure of the peer's. Whoever the running task dials for is
-    told (``ON_REFUSAL``)."""
-    seen = ON_REFUSAL.get()
+    told (``ON_REFUSAL``), while it does."""
+    seen = current(ON_REFUSAL)
     if seen is not None:
         seen(peer_id)
 
@@ -99,7 +131,7 @@ def admit(swarm: Any, peer_id: ID) -> bool:
     slots = slots_for(swarm)
     if peer_id in worked_for(swarm) or slots.preferred(peer_id):
         return True
-    if ADMITTED.get() != peer_id:
+    if current(ADMITTED) != peer_id:
         refused = slots.admit()
         if refused is not None:  # this node's own budget: nothing of the peer's failed
             refused_here(peer_id)
@@ -111,12 +143,11 @@ def admit(swarm: Any, peer_id: ID) -> bool:
 def admitted(peer_id: ID) -> Iterator[None]:
     """Inside, the dial of ``peer_id`` is admitted (:func:`admit`, asked before): a dial
     of it the swarm makes there (the direct half of a dial that may go through a relay)
-    takes nothing more of the budget. Tasks started inside inherit it."""
-    token = ADMITTED.set(peer_id)
-    try:
+    takes nothing more of the budget. Tasks started inside inherit it while it lasts,
+    not after (:class:`Scoped`: a connection made inside, to the peer or to a relay,
+    would have had every dial of the peer its tasks made uncounted)."""
+    with scoped(ADMITTED, peer_id):
         yield
-    finally:
-        ADMITTED.reset(token)
 
 
 # Transport classes, py-libp2p's order (go-libp2p's): QUIC, WebRTC, TCP, WS, relay.

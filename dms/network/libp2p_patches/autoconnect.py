@@ -39,7 +39,7 @@ MAYBE_CONNECT_SHA256 = "de87a7c6c19261cdb7426be62a37aa38857c0efeadab9ada133df45c
 def local_refusals_are_no_failures() -> bool:
     from libp2p.network.auto_connector import AutoConnector
 
-    from dms.network.dialing import ON_REFUSAL
+    from dms.network.dialing import ON_REFUSAL, scoped
 
     maybe_connect: Callable[[Any], Awaitable[None]] = AutoConnector.maybe_connect
     if getattr(maybe_connect, "dms_patched", False):
@@ -58,11 +58,11 @@ def local_refusals_are_no_failures() -> bool:
                 (self._failure_counts.get(peer_id), self._last_connect_attempt.get(peer_id)),
             )
 
-        token = ON_REFUSAL.set(refused)  # the cycle's dials inherit it
         try:
-            await maybe_connect(self)
+            # The cycle's dials inherit it; the connections they made do not keep it.
+            with scoped(ON_REFUSAL, refused):
+                await maybe_connect(self)
         finally:
-            ON_REFUSAL.reset(token)
             # Every dial of the cycle has ended (its nursery closed) and been counted.
             for peer_id, (count, at) in before.items():
                 _put(self._failure_counts, peer_id, count)

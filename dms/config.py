@@ -208,6 +208,13 @@ class Settings(BaseSettings):
         "peer it has no stake in is refused (outbound_full), one for a peer with a stake "
         "closes the idlest unknown one (outbound_evicted)",
     )
+    max_waiting_bytes: int = Field(
+        default=256 * MIB,
+        ge=MIB,
+        description="most bytes of frames waiting for streams to peers being dialed, all "
+        "peers together (each peer's own bound is max_outbound_bytes); more fail at once "
+        "(waiting_full)",
+    )
     max_new_dials_per_s: float = Field(
         default=16.0,
         gt=0,

@@ -94,6 +94,9 @@ class Budget(StrEnum):
     STREAM_IDLE = "stream_idle"
     # The oldest stream of an unknown peer, reset for a newcomer (PROTOCOL_SLOTS full).
     STREAM_EVICTED = "stream_evicted"
+    # A frame for a peer being dialed while max_waiting_bytes wait for streams to all
+    # peers together: it fails at once.
+    WAITING_FULL = "waiting_full"
     # A write to a peer that granted no window for stream_idle_s: the stream is broken.
     WRITE_STALLED = "write_stalled"
     # A peer sent more than a stream's receive window (or the total buffer): reset.

@@ -182,6 +182,7 @@ class Libp2pTransport(Unicast, Gossip):
         self._waiting: dict[str, _Waiting] = {}
         self._queued: dict[str, int] = {}
         self._queued_lock = threading.Lock()
+        self._waiting_bytes = 0
         self._topics: dict[str, trio.CancelScope] = {}
         self._pacers: dict[str, Pacer] = {}  # this node's own gossip on budgeted topics
         self._checked = CheckedFrames()  # gossip frames the topic validator verified

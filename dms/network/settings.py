@@ -79,6 +79,7 @@ BUDGET_SETTINGS = (
     "max_unknown_new_streams_per_s",
     "unknown_new_stream_burst",
     "max_outbound_connections",
+    "max_waiting_bytes",
     "max_new_dials_per_s",
     "new_dial_burst",
     "max_peerstore_peers",
@@ -149,6 +150,8 @@ class NetworkSettings(BaseModel):
     flooder_cooldown_s: float = Field(default=10.0, ge=0)
     max_outbound_frames: int = Field(default=10_000, ge=16)
     max_outbound_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    # Bytes of frames waiting for streams to peers being dialed, all peers together.
+    max_waiting_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
     # Budgets of what remote parties can make this node hold (dms.network.budgets;
     # specs/security.md, "Budgets and priority"). Connections accepted from others:
     max_inbound_connections: int = Field(default=250, ge=1)

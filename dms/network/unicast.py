@@ -83,7 +83,7 @@ class _Waiting:
     """A peer's frames waiting for its stream, in the order they were sent; one task
     (``Unicast._open_and_drain``) opens the stream and moves them into its outbox.
     Bounded as an outbox is: ``max_outbound_frames`` and ``max_outbound_bytes`` (one
-    larger frame alone)."""
+    larger frame alone); all peers' together, ``max_waiting_bytes``."""
 
     frames: deque[bytes] = field(default_factory=deque)
     bytes: int = 0
@@ -105,6 +105,7 @@ class Unicast(Discovery):
     # under _queued_lock.
     _queued: dict[str, int]
     _queued_lock: threading.Lock
+    _waiting_bytes: int  # bytes of all peers' waiting frames (max_waiting_bytes)
     offers: Offers | None
     tap: Callable[[str, bytes], None] | None
     frames_in: int
@@ -177,22 +178,30 @@ class Unicast(Discovery):
                     self._count(peer_id, -1)
                 return
             self._close(outbound)
-        waiting = self._waiting_for(peer_id)
         s = self.settings
-        if waiting is None:
-            self._report([data], "the network is stopped")
-        elif waiting.frames and (
-            len(waiting.frames) >= s.max_outbound_frames
-            or waiting.bytes + len(data) > s.max_outbound_bytes
+        waiting = self._waiting.get(peer_id)
+        if (
+            waiting is not None
+            and waiting.frames
+            and (
+                len(waiting.frames) >= s.max_outbound_frames
+                or waiting.bytes + len(data) > s.max_outbound_bytes
+            )
         ):
             self._outbox_full(
                 peer_id,
                 data,
                 f"{len(waiting.frames)} frames already wait for a stream ({waiting.bytes} bytes)",
             )
+        elif self._waiting_bytes and self._waiting_bytes + len(data) > s.max_waiting_bytes:
+            # Checked before a dial is started for it: a refused frame starts none.
+            self._waiting_full(data)
+        elif (waiting := self._waiting_for(peer_id)) is None:
+            self._report([data], "the network is stopped")
         else:
             waiting.frames.append(data)
             waiting.bytes += len(data)
+            self._waiting_bytes += len(data)
             if not counted:
                 self._count(peer_id, 1)
             return
@@ -227,6 +236,7 @@ class Unicast(Discovery):
                 del self._waiting[peer_id]
             frames = list(waiting.frames)
             waiting.frames.clear()
+            self._waiting_bytes -= waiting.bytes
             if outbound is None:
                 self._report(frames, reason)
             else:
@@ -253,6 +263,19 @@ class Unicast(Discovery):
             f"the outbound queue to {peer_id} is full ({why_full}; at most "
             f"{self.settings.max_outbound_frames} frames, "
             f"{self.settings.max_outbound_bytes} bytes): the peer is not reading",
+        )
+
+    def _waiting_full(self, data: bytes) -> None:
+        """The frames waiting for streams to all peers together hold ``max_waiting_bytes``:
+        the frame fails now (its invoke with ``unreachable`` and this reason), counted as
+        ``waiting_full``. Many keys can each make the node send to them; each peer's own
+        bound does not bound them all."""
+        self.refusals[Budget.WAITING_FULL] += 1
+        self._report(
+            [data],
+            f"{self._waiting_bytes} bytes already wait for streams to {len(self._waiting)} "
+            f"peers being dialed (max_waiting_bytes {self.settings.max_waiting_bytes}): "
+            "too many peers being dialed at once",
         )
 
     def _report(self, batch: list[bytes], reason: str) -> None:
@@ -349,7 +372,9 @@ class Unicast(Discovery):
             self._report(batch, "the network is stopped")
             return
         waiting.frames.extendleft(reversed(batch))
-        waiting.bytes += sum(map(len, batch))
+        retried = sum(map(len, batch))
+        waiting.bytes += retried
+        self._waiting_bytes += retried  # over the bounds if need be: they were accepted
         waiting.retry = True
         self._count(outbound.peer_id, len(batch))
 

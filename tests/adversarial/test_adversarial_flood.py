@@ -24,8 +24,10 @@ import trio.testing
 from libp2p.peer.id import ID
 
 from dms.actor import ErrorCode, RemoteError, make_envelope, seal
+from dms.network.budgets import Budget
 from dms.network.frames import encode_frame
 from dms.network.host import Libp2pTransport
+from dms.network.loop import NetworkError
 from dms.network.outbox import Outbox
 from dms.network.settings import NetworkSettings
 from dms.network.unicast import _Outbound
@@ -326,6 +328,53 @@ def test_frames_waiting_for_a_stream_to_a_peer_are_bounded(
     trio.run(dialing)
     assert transport.refusals[ErrorCode.OUTBOX_FULL] == 40 - queued
     assert f"{queued} frames already wait for a stream" in lost[0]
+
+
+def test_frames_waiting_for_streams_to_all_peers_together_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each peer's waiting frames are bounded (max_outbound_bytes), but many keys can
+    each make the node send to them (replies, bid answers): 10 peers being dialed, a
+    frame of 200 KiB each, 1 MiB for all together (max_waiting_bytes). Before, all 10
+    waited and 10 dials ran; now 5 wait, 5 fail waiting_full with no dial started, and
+    the bytes are free again once the dials end."""
+    settings = NetworkSettings(max_outbound_bytes=1024 * 1024, max_waiting_bytes=1024 * 1024)
+    transport = Libp2pTransport(Identity.generate(), settings)
+    lost: list[str] = []
+    transport._undeliverable = lambda frame, reason: lost.append(reason)
+    dialed: list[ID] = []
+    give_up = trio.Event()
+
+    async def fails_when_told(pid: ID) -> None:
+        dialed.append(pid)
+        await give_up.wait()
+        raise NetworkError(f"peer {pid} is unreachable: told so")
+
+    monkeypatch.setattr(transport, "_ensure_connected", fails_when_told)
+    transport._host = object()  # type: ignore[assignment]
+    frame = b"x" * 200 * 1024
+
+    async def dialing() -> None:
+        async with trio.open_nursery() as nursery:
+            transport._nursery = nursery
+            transport._thread_ident = threading.get_ident()
+            for _ in range(10):
+                transport.send(Identity.generate().peer_id, frame)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (len(transport._waiting), len(dialed)) == (5, 5)
+            assert transport.refusals[Budget.WAITING_FULL] == 5
+            assert lost and all("max_waiting_bytes 1048576" in why for why in lost)
+            give_up.set()  # the dials fail: their frames are reported, their bytes free
+            await trio.testing.wait_all_tasks_blocked()
+            assert (transport._waiting, transport._waiting_bytes, transport._queued) == ({}, 0, {})
+            assert len(lost) == 10 and "told so" in lost[-1]
+            transport.send(Identity.generate().peer_id, frame)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(lost) == 11 and "told so" in lost[-1]  # waited, dialed, failed
+            nursery.cancel_scope.cancel()
+
+    trio.run(dialing)
+    assert transport.refusals[Budget.WAITING_FULL] == 5
 
 
 def test_a_peer_found_flooding_keeps_a_small_rate_for_its_cooldown() -> None:

@@ -122,6 +122,7 @@ class Round:
         )
         self.committed: dict[str, str] = {}  # slot -> lease
         self.placed_on: dict[str, str] = {}  # slot -> peer
+        self.gone: list[tuple[str, str]] = []  # (peer, lease) of a slot held, then lost
         self.rounds = rounds.BidRounds(self.book, self.messenger, self)  # type: ignore[arg-type]
         self.rounds._round()
         assert set(self.messenger.asked) == set(peers)
@@ -578,18 +579,33 @@ def _step(draw: Any, peer: str, names: list[str], stale: bool) -> dict[str, Any]
 
 
 def _play(
-    mp: pytest.MonkeyPatch, job: dict[str, Any], plan: list[dict[str, Any]], stale: bool
+    mp: pytest.MonkeyPatch,
+    job: dict[str, Any],
+    plan: list[dict[str, Any]],
+    stale: bool,
+    lose_at: int | None = None,
 ) -> tuple[Round, list[tuple[str, str, str]]]:
     """Round 1 asks every peer and closes unanswered; round 2 takes ``plan``'s steps (its
     replies to round 1's request too, if ``stale``), closed at its window's end if they
-    did not close it; then what was held goes back. What was reverted and committed, in
-    order: ``("revert" | "commit", peer, lease)``."""
+    did not close it; then what was held goes back. With ``lose_at``, a holder ``h``
+    won the first slot in round 1 (its lease ``h:0``), and that slot is lost before
+    step ``lose_at`` (after the last: at the window's end), a round due at once
+    (supervision's ``lost``); the rounds that follow close unanswered, and ``r.gone``
+    lists what the lost slot held. What was reverted and committed, in order:
+    ``("revert" | "commit", peer, lease)``."""
     # y and z never answer: no round closes for it; as many peers as slots: no gossip.
-    r = Round(mp, [*PLAYERS, "y", "z"], **job)
+    r = Round(mp, [*PLAYERS, "y", "z", *(["h"] if lose_at is not None else [])], **job)
     done: list[tuple[str, str, str]] = []
     r.book.o.revert = lambda peer, payload: done.extend(
         ("revert", peer, i) for i in payload["lease_ids"]
     )
+    due: list[Any] = []  # what the actor runs next: a round due at once
+    r.messenger.call_later = lambda delay_s, fn: due.append(fn) if delay_s == 0 else None  # type: ignore[method-assign]
+
+    def run_due() -> None:
+        while due:
+            due.pop(0)()
+
     commit = r.commit
 
     def committed(slot: Slot) -> None:
@@ -598,10 +614,26 @@ def _play(
 
     r.commit = committed  # type: ignore[method-assign]
     first = dict(r.messenger.asked)
+    held = next(iter(r.book.slots))
+    if lose_at is not None:
+        offer = {"slot": held, "lease_id": "h:0", "price": 0, "expires_at": time.time() + 60}
+        first["h"](Outcome(result={"deployment_id": "dep1", "peer_id": "h",
+                                   "did": "did:key:h", "offers": [offer]}))  # fmt: skip
     r.rounds._close(1)
+    assert lose_at is None or r.committed == {held: "h:0"}, r.committed
     r.rounds._round()
     second = dict(r.messenger.asked)
-    for step in plan:
+
+    def lose() -> None:
+        slot = r.book.slots[held]
+        slot.reopen("the allocation does not answer", r.book.deadlines)
+        r.gone.append((r.placed_on.pop(held), r.committed.pop(held)))
+        r.rounds.schedule(0.0)
+        run_due()
+
+    for n, step in enumerate(plan):
+        if n == lose_at:
+            lose()
         if step["stale"] and not stale:
             continue
         peer = step["peer"]
@@ -622,8 +654,12 @@ def _play(
             r.rounds._take_bid(r.rounds.round, Bid.model_validate(raw))
         else:
             (first if step["stale"] else second)[peer](outcome)
-    if r.rounds.round not in r.rounds._closed:
+        run_due()
+    if lose_at == len(plan):
+        lose()
+    while r.rounds.round not in r.rounds._closed:  # each window ends
         r.rounds._close(r.rounds.round)
+        run_due()
     r.book.send_held(force=True)
     return r, done
 
@@ -637,7 +673,10 @@ def test_one_slot_a_lease_and_an_earlier_rounds_replies_change_nothing_of_the_ro
     bids) with round 1's late replies among them. Every lease named is committed or
     given back, and none given back once committed; a lease backs one slot and has one
     'won' row; and round 1's replies change nothing of round 2 (what is placed, every
-    reason, the bid index, the events) but give back what they named."""
+    reason, the bid index, the events) but give back what they named. Sometimes a slot
+    held as round 2 begins is lost during it, a round due at once: the next round
+    begins at round 2's close (before, at once: round 2's kept offers were neither
+    committed nor given back)."""
     draw = data.draw
     allocations = [
         {"name": name, "executor": "compute", "count": draw(st.integers(1, top), name),
@@ -652,11 +691,15 @@ def test_one_slot_a_lease_and_an_earlier_rounds_replies_change_nothing_of_the_ro
         _step(draw, draw(st.sampled_from(PLAYERS)), names, draw(st.booleans(), "stale"))
         for _ in range(draw(st.integers(1, 8), "steps"))
     ]
+    # A slot held as round 2 begins, lost during it (or at its end): a round due at once.
+    lose_at = None
+    if len(names) > 1 and draw(st.booleans(), "a held slot lost"):
+        lose_at = draw(st.integers(0, len(plan)), "lost before step")
     with pytest.MonkeyPatch.context() as mp:
-        r, done = _play(mp, job, plan, stale=True)
+        r, done = _play(mp, job, plan, stale=True, lose_at=lose_at)
     with pytest.MonkeyPatch.context() as mp:
-        alone, alone_done = _play(mp, job, plan, stale=False)
-    placed = [(r.placed_on[n], lease) for n, lease in r.committed.items()]
+        alone, alone_done = _play(mp, job, plan, stale=False, lose_at=lose_at)
+    placed = [(r.placed_on[n], lease) for n, lease in r.committed.items()] + r.gone
     assert len(set(placed)) == len(placed), r.committed  # one slot a lease
     won = [(b.peer_id, b.lease_id) for b in r.store.bids if b.outcome == "won"]
     assert sorted(won) == sorted(placed), r.store.bids  # one 'won' row a lease won
@@ -684,3 +727,45 @@ def test_one_slot_a_lease_and_an_earlier_rounds_replies_change_nothing_of_the_ro
     extra = Counter(reverted)
     extra.subtract(Counter((peer, lease) for what, peer, lease in alone_done if what == "revert"))
     assert +extra == Counter(stale_named) and not -extra, (extra, stale_named)
+
+
+def test_a_round_due_while_one_is_open_waits_for_its_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """w.0 is held on p; round 2 places w.1 and keeps p's offer ``p:w.1``, q owing its
+    answer, when w.0 is lost and a round is due at once (``schedule(0.0)``, as
+    supervision's ``lost`` does). Before, that round began at once and dropped round 2's
+    offers: ``p:w.1`` neither committed nor given back, and q's answer to round 2 was
+    stale. The open round keeps its offers and closes as it would (q's answer closes
+    it, ``p:w.1`` wins w.1); the round that places w.0 again begins at its close."""
+    r = Round(monkeypatch, ["p", "q"], count=2, strategy="score")
+    done: list[tuple[str, str, str]] = []
+    r.book.o.revert = lambda peer, payload: done.extend(
+        ("revert", peer, i) for i in payload["lease_ids"]
+    )
+    due: list[Any] = []
+    r.messenger.call_later = lambda delay_s, fn: due.append(fn) if delay_s == 0 else None
+    r.bid("p", ["w.0"])
+    r.bid("q", [], declines=("w.0", "w.1"))
+    assert r.committed == {"w.0": "p:w.0"}, r.committed  # w.1 queued
+    r.rounds._round()  # the retry: round 2 asks p and q for w.1
+    r.bid("p", ["w.1"])  # kept; q owes its answer
+    slot = r.book.slots["w.0"]
+    slot.reopen("the allocation does not answer", r.book.deadlines)  # supervision's lost
+    r.rounds.schedule(0.0)
+    while due:  # what the actor runs next
+        due.pop(0)()
+    r.bid("q", [], declines=("w.1",))  # its answer to round 2
+    while due:
+        due.pop(0)()
+    if r.rounds.round not in r.rounds._closed:
+        r.rounds._close(r.rounds.round)  # the last round's window ends
+    r.book.send_held(force=True)
+    # Every lease named is committed or given back: before, p:w.1 was neither.
+    given_back = {(peer, lease) for _, peer, lease in done}
+    assert ("p", "p:w.1") in given_back or r.committed.get("w.1") == "p:w.1", (r.committed, done)
+    # Round 2 closed at q's answer as it would have, and the next round placed w.0 again.
+    assert r.committed == {"w.0": "p:w.0", "w.1": "p:w.1"}, r.committed
+    assert r.rounds.round == 3 and list(r.rounds._offers) == ["w.0"]
+    events = [e["what"] for e in r.book.row.events if e["what"].startswith("round ")]
+    assert events[-1] == "round 3: no acceptable bid for w.0; queued", events

@@ -7,7 +7,9 @@ bids until every asked peer answered or the window closes (``first-offer``: or
 as soon as the offers in hand place every open slot), select per slot, commit
 each winner (the slot moves to ``committing``; ``supervision.py`` takes it from
 there) and revert the losers once no allocate of the deployment is in flight
-(``DeploymentBook.give_back``).
+(``DeploymentBook.give_back``). One round at a time: one that comes due while another
+is open (a held slot lost) begins at that one's close, which commits or gives back
+its offers (``_round``).
 
 One offer a peer a slot a round: a peer's first offer for a slot is taken, a later
 one (a hostile provider answering both the direct and the published request) is
@@ -195,6 +197,9 @@ class BidRounds:
         # its slot for the rounds after, and is written again only when it changes.
         self._declines_written: dict[tuple[str, str], str] = {}
         self.scheduled = False  # a round is due
+        # A round came due while one was open (a held slot lost: ``schedule(0.0)``): it
+        # begins at that round's close (``_round``).
+        self._due_at_close = False
         self._retry_s = book.o.retry_s
         # Leases given back that a peer's last heartbeat may still count as held.
         self.given_back = GivenBackBook()
@@ -296,6 +301,12 @@ class BidRounds:
     def _round(self) -> None:
         self.scheduled = False
         if self.book.state in DEPLOYMENT.terminal or self.book.state == DeploymentState.STOPPING:
+            return
+        if self.round and self.round not in self._closed:
+            # One round at a time: the open one's kept offers are its own, committed or
+            # given back at its close, which begins this one. Begun now, it dropped them
+            # (neither committed nor given back) and made its peers' answers stale.
+            self._due_at_close = True
             return
         open_slots = self._open_slots()
         if not open_slots:
@@ -741,6 +752,9 @@ class BidRounds:
         if rid != self.round or rid in self._closed or self.book.state in DEPLOYMENT.terminal:
             return
         self._closed.add(rid)
+        if self._due_at_close:  # a slot lost while it was open: the next round, once done
+            self._due_at_close = False
+            self.schedule(0.0)
         pooled = trial[0] if trial is not None else self._pooled()
         doomed = self._declined_for_good(pooled)
         if doomed:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from dms.network.budgets import Budget
 from dms.network.host import Libp2pTransport
 from dms.network.settings import NetworkSettings
 from dms.security.identity import Identity
@@ -22,11 +24,11 @@ class Host:
     """A dms transport listening on QUIC alone, with the frames it received and the
     reasons its frames were not delivered."""
 
-    def __init__(self) -> None:
+    def __init__(self, **settings_: Any) -> None:
         self.received: list[tuple[str, bytes]] = []
         self.undelivered: list[str] = []
         settings = NetworkSettings(
-            listen=[QUIC_LISTEN], dht=False, reachability="public", hole_punching=False
+            listen=[QUIC_LISTEN], dht=False, reachability="public", hole_punching=False, **settings_
         )
         self.transport = Libp2pTransport(Identity.generate(), settings)
         self.transport.start(
@@ -43,12 +45,12 @@ class Host:
 
 
 @contextlib.contextmanager
-def two_hosts() -> Iterator[tuple[Host, Host]]:
+def two_hosts(**settings: Any) -> Iterator[tuple[Host, Host]]:
     """Two QUIC hosts, the first connected to the second."""
     made: list[Host] = []
     try:
-        made.append(Host())
-        made.append(Host())
+        made.append(Host(**settings))
+        made.append(Host(**settings))
         a, b = made
         (addr,) = b.transport.addrs()
         assert "/udp/" in addr and "/quic-v1/" in addr
@@ -155,3 +157,22 @@ def test_a_quic_write_the_peer_never_acknowledges_ends_as_a_yamux_write_does(
 
         outcome = a.transport._call(write_until_stuck)
         assert outcome.startswith("ended: ") and "timed out" in outcome, outcome
+
+
+def test_a_quic_stream_reset_for_idling_ends_its_handler() -> None:
+    """The idle watch resets a dms stream with no frame for ``stream_idle_s`` (1 s
+    here); its handler, waiting in a read, must end and give its stream budget back.
+    py-libp2p's QUIC reset wakes no reader (as its Yamux reset did not:
+    ``libp2p_patches.yamux``): the read woke at its 30 s timeout, and with the read
+    made to wait as long as its caller (e4ddb7b) never, every idle stream a peer
+    opened holding its slot for good (before: the stream still counted at 30 s)."""
+    with two_hosts(stream_idle_s=1.0) as (a, b):
+        sent(a, b, b"a frame, then nothing")
+        wait_for(lambda: b.used("idle_watched_streams") == 1, what="a's stream at b")
+        held = b.used("streams")  # a's dms stream and its long-lived gossip stream
+        wait_for(lambda: b.transport.refusals[Budget.STREAM_IDLE] == 1, what="the idle reset")
+        wait_for(
+            lambda: b.used("streams") == held - 1,
+            timeout=30,
+            what="the reset stream's handler ended, its place in the budget back",
+        )

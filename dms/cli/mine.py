@@ -198,8 +198,8 @@ def _mine_on_network(
     request["settings"]["shards"] = placement.shards
     try:
         created = client.invoke("/dms/node/mining/new", request, timeout=120)
-    except RemoteError as exc:
-        raise MineError(_in_flags(exc.reason)) from None
+    except RemoteError as exc:  # its code kept, as every error reply prints it
+        raise RemoteError(exc.code, _in_flags(exc.reason), exc.rule) from None
     session = created["id"]
     if not json_out:
         console.print(

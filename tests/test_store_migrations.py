@@ -26,6 +26,7 @@ from sqlalchemy import (
 
 from dms.store import LATEST_VERSION, StoreError, migrations, open_database
 from dms.store.db import _driver_url
+from dms.store.errors import client_command
 from dms.store.models import Base, Setting
 from tests import legacy_store, pgserver
 
@@ -76,6 +77,25 @@ def _schema(conn: Connection) -> dict[str, Any]:
         for name in sorted(found.get_table_names())
         if name != migrations.VERSION_TABLE
     }
+
+
+@pytest.mark.parametrize(
+    ("url", "command"),
+    [
+        ("postgresql+psycopg://dms:s3cret@127.0.0.1:5432/dms", "psql postgresql://dms@127.0.0.1:5432/dms"),
+        # libpq takes a password from the query too (SQLAlchemy hands it the query)
+        ("postgresql://dms@/dms?host=/run/postgresql&password=s3cret",
+         "psql 'postgresql://dms@/dms?host=%2Frun%2Fpostgresql'"),
+        ("postgresql://dms:s3cret@db/dms?options=-csearch_path%3Dx&sslpassword=s3cret",
+         "psql 'postgresql://dms@db/dms?options=-csearch_path%3Dx'"),
+        ("sqlite:////tmp/a b/dms.db", "sqlite3 '/tmp/a b/dms.db'"),
+    ],
+)  # fmt: skip
+def test_the_damage_messages_client_never_shows_a_password(url: str, command: str) -> None:
+    """The client a damage message names opens that database, without its password
+    wherever the URL gives it: after the user, or in the query (it showed that one)."""
+    assert client_command(make_url(url)) == command
+    assert "s3cret" not in command
 
 
 def test_revisions_are_one_numbered_line() -> None:

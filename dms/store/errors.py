@@ -33,15 +33,21 @@ class StoreBusy(StoreError):
 STORE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, StoreBusy)
 
 
+# libpq's connection parameters that are secrets: a URL may give them in its query
+# (``?password=...``; SQLAlchemy hands the query to the driver), never shown.
+SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
 def client_command(url: URL) -> str:
     """The command that opens the database at ``url`` for a person to correct a row the
-    store cannot read: ``sqlite3 FILE``, ``psql URL`` (its password left out: psql asks;
-    the query kept, so a schema given by ``options=-csearch_path=...`` is the one
-    opened), else the backend's own client. Damage messages name it: they named
-    ``sqlite3 DMS_HOME/dms.db`` on PostgreSQL too."""
+    store cannot read: ``sqlite3 FILE``, ``psql URL`` (its password left out, after
+    the user or in the query: psql asks; the rest of the query kept, so a schema given
+    by ``options=-csearch_path=...`` is the one opened), else the backend's own client.
+    Damage messages name it: they named ``sqlite3 DMS_HOME/dms.db`` on PostgreSQL too."""
     backend = url.get_backend_name()
     if backend == "sqlite":
         return f"sqlite3 {shlex.quote(url.database or '')}"
-    plain = URL.create(backend, url.username, None, url.host, url.port, url.database, url.query)
+    query = {k: v for k, v in url.query.items() if k not in SECRET_PARAMETERS}
+    plain = URL.create(backend, url.username, None, url.host, url.port, url.database, query)
     shown = shlex.quote(plain.render_as_string(hide_password=False))
     return f"psql {shown}" if backend == "postgresql" else f"the {backend} client on {shown}"

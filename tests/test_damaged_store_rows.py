@@ -11,10 +11,13 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+from sqlalchemy import make_url
+
 from dms.network.discovery import PeerInfoView
 from dms.network.peerbook import PeerBook
 from dms.store import LATEST_VERSION
 from dms.store.db import open_database
+from dms.store.errors import client_command
 from tests.clitools import Daemon, dms, dms_many, init_home_quick
 
 # Peer ids of nodes that do not exist (dialed, the dial fails: nothing else happens).
@@ -74,7 +77,8 @@ def test_a_ledger_row_that_holds_no_number_is_named_not_a_traceback(tmp_path: Pa
     command fails, in one line naming the row and what to do."""
     home = tmp_path / "home"
     init_home_quick(home)
-    open_database(f"sqlite:///{home / 'dms.db'}").close()  # its tables
+    url = f"sqlite:///{home / 'dms.db'}"
+    open_database(url).close()  # its tables
     spoiled = {
         "the onboarding row's amounts: ('lots', 1024, 1024, 0)": (
             "INSERT INTO onboarding VALUES (1, 'lots', 1024, 1024, 0, 0.0, 0)"
@@ -93,6 +97,9 @@ def test_a_ledger_row_that_holds_no_number_is_named_not_a_traceback(tmp_path: Pa
         assert code == 1 and not out, (said, out, err)
         assert err.startswith("error: the store is damaged: " + said), (said, err)
         assert "correct or delete that row" in err and len(err.strip().splitlines()) == 1, err
+        # the client of this database, on it (it said 'sqlite3 DMS_HOME/dms.db' whatever
+        # the backend: client_command, as the schema rows' messages)
+        assert f"of the database ({client_command(make_url(url))}), then" in err, err
 
 
 def test_a_schema_version_that_holds_no_number_is_named_not_a_traceback(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ from dms.errors import DmsError
 from dms.resources.amounts import KINDS, ZERO, Resources, show
 from dms.statemachine import Machine
 from dms.store import Database, StoreError
+from dms.store.errors import client_command
 from dms.store.models import Event, Lease, Onboarding, utcnow
 from dms.store.sql import Statement, json_text
 
@@ -205,36 +206,38 @@ _EVENT = Statement("INSERT INTO events (at, kind, data) VALUES (:at, :kind, :dat
 _EVENT_AT: dict[str, Any] = {}
 
 
-def _sums(values: tuple[Any, ...], what: str = "the leases' amounts", *args: Any) -> Resources:
+def _sums(
+    conn: Connection, values: tuple[Any, ...], what: str = "the leases' amounts", *args: Any
+) -> Resources:
     """Amounts from their columns (``what.format(*args)``: whose, for the error a value
     that is no number raises; formatted only then, off the transitions' path)."""
     try:
         return Resources.of([int(v or 0) for v in values])
     except (TypeError, ValueError):
-        raise _damaged(what.format(*args), values) from None
+        raise _damaged(conn, what.format(*args), values) from None
 
 
-def _number(value: Any, what: str) -> float:
+def _number(conn: Connection, value: Any, what: str) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise _damaged(what, value) from None
+        raise _damaged(conn, what, value) from None
 
 
-def _damaged(what: str, values: Any) -> StoreError:
+def _damaged(conn: Connection, what: str, values: Any) -> StoreError:
     """A ledger row that holds what is no number where one belongs (a hand edit, disk
     trouble): each read of it raised Python's conversion error, out of the node's start
     and ``dms resources``. Nothing can be counted from it, so nothing is: the command
     or the start fails, saying which row and what to do."""
     return StoreError(
         f"the store is damaged: {what}: {values!r} where numbers belong; correct or delete "
-        "that row of the database (sqlite3 DMS_HOME/dms.db), then try again"
+        f"that row of the database ({client_command(conn.engine.url)}), then try again"
     )
 
 
-def _view(row: tuple[Any, ...]) -> LeaseView:
+def _view(conn: Connection, row: tuple[Any, ...]) -> LeaseView:
     """A lease from its row (the columns of ``_LEASE_COLUMNS``)."""
-    amounts = _sums(row[2:6], "lease {}'s amounts", row[0])
+    amounts = _sums(conn, row[2:6], "lease {}'s amounts", row[0])
     return LeaseView(row[0], LeaseState(row[1]), amounts, row[6], row[7], row[8])
 
 
@@ -359,13 +362,13 @@ class ResourceLedger:
 
     def lease(self, lease_id: str) -> LeaseView:
         with self.db.transaction() as conn:
-            return _view(self._get(conn, lease_id))
+            return _view(conn, self._get(conn, lease_id))
 
     def live(self) -> list[LeaseView]:
         """Leases that still hold resources and allocations, oldest first."""
         with self.db.snapshot() as conn:
             now = self.clock()
-            return [_view(r) for r in _LIVE_LEASES.run(conn, {"now": now}).fetchall()]
+            return [_view(conn, r) for r in _LIVE_LEASES.run(conn, {"now": now}).fetchall()]
 
     # ---- transitions -----------------------------------------------------------------
 
@@ -404,7 +407,7 @@ class ResourceLedger:
         """Withdraw from the network. Refused while anything is held, unless ``force``,
         which releases every lease and allocation (returned, so the caller can stop them)."""
         with self._writing() as (conn, now):
-            live = [_view(r) for r in _LIVE_LEASES.run(conn, {"now": now}).fetchall()]
+            live = [_view(conn, r) for r in _LIVE_LEASES.run(conn, {"now": now}).fetchall()]
             if live and not force:
                 allocs = sum(1 for r in live if r.state == ALLOCATED)
                 raise ResourceError(
@@ -509,7 +512,7 @@ class ResourceLedger:
         """Turn a live lease into an allocation (same id); ``holder``, when given, must be
         the one the lease was made for."""
         with self._writing() as (conn, now):
-            row = _view(self._get(conn, lease_id, holder))
+            row = _view(conn, self._get(conn, lease_id, holder))
             if row.state == ALLOCATED:
                 return row  # committing twice is harmless: a retried message
             if row.state != LOCKED:
@@ -559,7 +562,7 @@ class ResourceLedger:
                 lease_ids = [*lease_ids, *(i for i in found if i not in named)]
             for lease_id in lease_ids:
                 try:
-                    row = _view(self._get(conn, lease_id, holder))
+                    row = _view(conn, self._get(conn, lease_id, holder))
                 except ResourceError:
                     if strict:
                         raise
@@ -581,12 +584,12 @@ class ResourceLedger:
     def _holders(conn: Connection, now: float) -> dict[str, Held]:
         """Each holder's live leases and allocations: how many, and what they hold."""
         rows = _HOLDERS.run(conn, {"now": now}).fetchall()
-        return {str(r[0]): Held(int(r[1]), _sums(r[2:6])) for r in rows}
+        return {str(r[0]): Held(int(r[1]), _sums(conn, r[2:6])) for r in rows}
 
     @staticmethod
     def _held(conn: Connection, holder: str, now: float) -> Resources:
         """What ``holder``'s live leases and allocations hold."""
-        return _sums(_HELD.run(conn, {"now": now, "holder": holder}).fetchone())
+        return _sums(conn, _HELD.run(conn, {"now": now, "holder": holder}).fetchone())
 
     def held_by_holder(self) -> dict[str, Resources]:
         """What each holder's live leases and allocations hold (a row per holder)."""
@@ -670,7 +673,7 @@ class ResourceLedger:
         sums = {row[0]: row for row in _SUMS.run(conn, {"now": now}).fetchall()}
         locked_row = sums.get(LOCKED)
         valid_until = (
-            _number(locked_row[6], "the locked leases' expiry (expires_at)")
+            _number(conn, locked_row[6], "the locked leases' expiry (expires_at)")
             if locked_row is not None
             else math.inf
         )
@@ -679,20 +682,20 @@ class ResourceLedger:
             row = sums.get(state)
             if row is None:
                 return ZERO, 0
-            return _sums(row[1:5], "the {} leases' amounts", state), int(row[5])
+            return _sums(conn, row[1:5], "the {} leases' amounts", state), int(row[5])
 
         locked, leases = pool(LOCKED)
         allocated, allocations = pool(ALLOCATED)
         pools = Pools(
             onboarded=(
-                _sums(onboarding[:4], "the onboarding row's amounts")
+                _sums(conn, onboarding[:4], "the onboarding row's amounts")
                 if onboarding is not None
                 else ZERO
             ),
             locked=locked,
             allocated=allocated,
             price=(
-                _number(onboarding[4], "the onboarding row's price")
+                _number(conn, onboarding[4], "the onboarding row's price")
                 if onboarding is not None
                 else 0.0
             ),

@@ -86,9 +86,20 @@ class _Waiting:
     larger frame alone); all peers' together, ``max_waiting_bytes``."""
 
     frames: deque[bytes] = field(default_factory=deque)
-    bytes: int = 0
+    nbytes: int = 0
     # The first frames are those of a stream that broke: the fresh stream is a retry.
     retry: bool = False
+
+    def add(self, batch: list[bytes], front: bool = False) -> int:
+        """``batch`` behind the waiting frames, or in front of them (``front``: a broken
+        stream's frames, sent before them), in its order. Returns its bytes."""
+        if front:
+            self.frames.extendleft(reversed(batch))
+        else:
+            self.frames.extend(batch)
+        added = sum(map(len, batch))
+        self.nbytes += added
+        return added
 
 
 class Unicast(Discovery):
@@ -185,13 +196,13 @@ class Unicast(Discovery):
             and waiting.frames
             and (
                 len(waiting.frames) >= s.max_outbound_frames
-                or waiting.bytes + len(data) > s.max_outbound_bytes
+                or waiting.nbytes + len(data) > s.max_outbound_bytes
             )
         ):
             self._outbox_full(
                 peer_id,
                 data,
-                f"{len(waiting.frames)} frames already wait for a stream ({waiting.bytes} bytes)",
+                f"{len(waiting.frames)} frames already wait for a stream ({waiting.nbytes} bytes)",
             )
         elif self._waiting_bytes and self._waiting_bytes + len(data) > s.max_waiting_bytes:
             # Checked before a dial is started for it: a refused frame starts none.
@@ -199,14 +210,26 @@ class Unicast(Discovery):
         elif (waiting := self._waiting_for(peer_id)) is None:
             self._report([data], "the network is stopped")
         else:
-            waiting.frames.append(data)
-            waiting.bytes += len(data)
-            self._waiting_bytes += len(data)
-            if not counted:
-                self._count(peer_id, 1)
+            self._wait(peer_id, waiting, [data], counted=counted)
             return
         if counted:
             self._count(peer_id, -1)
+
+    def _wait(
+        self,
+        peer_id: str,
+        waiting: _Waiting,
+        batch: list[bytes],
+        *,
+        front: bool = False,
+        counted: bool = False,
+    ) -> None:
+        """``batch`` joins the frames waiting for ``peer_id``'s stream (``_Waiting.add``),
+        in the bytes of all peers' and the frames on their way to its outbox (``_queued``;
+        ``counted``: one frame that came through trio's entry queue, counted already)."""
+        self._waiting_bytes += waiting.add(batch, front)
+        if not counted:
+            self._count(peer_id, len(batch))
 
     def _waiting_for(self, peer_id: str) -> _Waiting | None:
         """The frames waiting for ``peer_id``'s stream, and the one task that opens it
@@ -236,7 +259,7 @@ class Unicast(Discovery):
                 del self._waiting[peer_id]
             frames = list(waiting.frames)
             waiting.frames.clear()
-            self._waiting_bytes -= waiting.bytes
+            self._waiting_bytes -= waiting.nbytes
             if outbound is None:
                 self._report(frames, reason)
             else:
@@ -371,12 +394,9 @@ class Unicast(Discovery):
         if waiting is None:
             self._report(batch, "the network is stopped")
             return
-        waiting.frames.extendleft(reversed(batch))
-        retried = sum(map(len, batch))
-        waiting.bytes += retried
-        self._waiting_bytes += retried  # over the bounds if need be: they were accepted
+        # Over the bounds if need be: they were accepted.
+        self._wait(outbound.peer_id, waiting, batch, front=True)
         waiting.retry = True
-        self._count(outbound.peer_id, len(batch))
 
     def _close(self, outbound: _Outbound) -> None:
         outbound.outbox.close()

@@ -215,6 +215,13 @@ class Settings(BaseSettings):
         "peers together (each peer's own bound is max_outbound_bytes); more fail at once "
         "(waiting_full)",
     )
+    max_waiting_peers: int = Field(
+        default=1024,
+        ge=1,
+        description="most peers with frames waiting for a stream at once, each a task and a "
+        "dial (a DHT lookup for an unknown key); a frame for one more fails at once, before "
+        "its dial starts (waiting_full)",
+    )
     max_new_dials_per_s: float = Field(
         default=16.0,
         gt=0,

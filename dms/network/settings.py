@@ -80,6 +80,7 @@ BUDGET_SETTINGS = (
     "unknown_new_stream_burst",
     "max_outbound_connections",
     "max_waiting_bytes",
+    "max_waiting_peers",
     "max_new_dials_per_s",
     "new_dial_burst",
     "max_peerstore_peers",
@@ -152,6 +153,12 @@ class NetworkSettings(BaseModel):
     max_outbound_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
     # Bytes of frames waiting for streams to peers being dialed, all peers together.
     max_waiting_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    # Peers with frames waiting for a stream, all together: each is a task and a dial (a
+    # DHT lookup for an unknown key) for up to dial_timeout_s, whatever its bytes. A
+    # peer's frames wait only while its stream opens, and a node dials at most
+    # max_outbound_connections (256) and holds max_connections (300): 4 x 256 leaves
+    # every peer it can reach room at once.
+    max_waiting_peers: int = Field(default=1024, ge=1)
     # Budgets of what remote parties can make this node hold (dms.network.budgets;
     # specs/security.md, "Budgets and priority"). Connections accepted from others:
     max_inbound_connections: int = Field(default=250, ge=1)

@@ -83,7 +83,8 @@ class _Waiting:
     """A peer's frames waiting for its stream, in the order they were sent; one task
     (``Unicast._open_and_drain``) opens the stream and moves them into its outbox.
     Bounded as an outbox is: ``max_outbound_frames`` and ``max_outbound_bytes`` (one
-    larger frame alone); all peers' together, ``max_waiting_bytes``."""
+    larger frame alone); all peers' together, ``max_waiting_bytes``, and at most
+    ``max_waiting_peers`` peers have frames waiting (a task and a dial each)."""
 
     frames: deque[bytes] = field(default_factory=deque)
     nbytes: int = 0
@@ -117,6 +118,7 @@ class Unicast(Discovery):
     _queued: dict[str, int]
     _queued_lock: threading.Lock
     _waiting_bytes: int  # bytes of all peers' waiting frames (max_waiting_bytes)
+    # (len(_waiting): the peers with frames waiting, max_waiting_peers)
     offers: Offers | None
     tap: Callable[[str, bytes], None] | None
     frames_in: int
@@ -204,9 +206,12 @@ class Unicast(Discovery):
                 data,
                 f"{len(waiting.frames)} frames already wait for a stream ({waiting.nbytes} bytes)",
             )
+        # Both checked before a task or a dial is started for it: a refused frame starts
+        # none.
         elif self._waiting_bytes and self._waiting_bytes + len(data) > s.max_waiting_bytes:
-            # Checked before a dial is started for it: a refused frame starts none.
-            self._waiting_full(data)
+            self._waiting_full(data, f"max_waiting_bytes {s.max_waiting_bytes}")
+        elif waiting is None and len(self._waiting) >= s.max_waiting_peers:
+            self._waiting_full(data, f"max_waiting_peers {s.max_waiting_peers}")
         elif (waiting := self._waiting_for(peer_id)) is None:
             self._report([data], "the network is stopped")
         else:
@@ -288,17 +293,17 @@ class Unicast(Discovery):
             f"{self.settings.max_outbound_bytes} bytes): the peer is not reading",
         )
 
-    def _waiting_full(self, data: bytes) -> None:
-        """The frames waiting for streams to all peers together hold ``max_waiting_bytes``:
-        the frame fails now (its invoke with ``unreachable`` and this reason), counted as
-        ``waiting_full``. Many keys can each make the node send to them; each peer's own
-        bound does not bound them all."""
+    def _waiting_full(self, data: bytes, bound: str) -> None:
+        """The frames waiting for streams to all peers together hold ``max_waiting_bytes``,
+        or ``max_waiting_peers`` peers have frames waiting (``bound``: which, and its
+        value): the frame fails now (its invoke with ``unreachable`` and this reason),
+        counted as ``waiting_full``. Many keys can each make the node send to them; each
+        peer's own bound does not bound them all, nor the bytes the tasks and dials."""
         self.refusals[Budget.WAITING_FULL] += 1
         self._report(
             [data],
             f"{self._waiting_bytes} bytes already wait for streams to {len(self._waiting)} "
-            f"peers being dialed (max_waiting_bytes {self.settings.max_waiting_bytes}): "
-            "too many peers being dialed at once",
+            f"peers being dialed ({bound}): too many peers being dialed at once",
         )
 
     def _report(self, batch: list[bytes], reason: str) -> None:
@@ -394,7 +399,7 @@ class Unicast(Discovery):
         if waiting is None:
             self._report(batch, "the network is stopped")
             return
-        # Over the bounds if need be: they were accepted.
+        # Over the bounds if need be (bytes, peers): they were accepted.
         self._wait(outbound.peer_id, waiting, batch, front=True)
         waiting.retry = True
 

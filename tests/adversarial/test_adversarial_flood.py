@@ -377,6 +377,58 @@ def test_frames_waiting_for_streams_to_all_peers_together_are_bounded(
     assert transport.refusals[Budget.WAITING_FULL] == 5
 
 
+def test_peers_with_frames_waiting_for_streams_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """max_waiting_bytes bounds bytes, not peers: each peer being dialed is a task and a
+    dial (a DHT lookup for an unknown key) for up to dial_timeout_s, and small frames
+    (bid answers) let 256 MiB hold hundreds of thousands of them. 10 peers, a small
+    frame each, max_waiting_peers 3: before, 10 waited and 10 dials ran; now 3 wait, 7
+    fail waiting_full naming the setting with no task or dial started, and a new peer's
+    frame waits again once the dials end."""
+    settings = NetworkSettings(max_waiting_peers=3)
+    transport = Libp2pTransport(Identity.generate(), settings)
+    lost: list[str] = []
+    transport._undeliverable = lambda frame, reason: lost.append(reason)
+    dialed: list[ID] = []
+    give_up = trio.Event()
+
+    async def fails_when_told(pid: ID) -> None:
+        dialed.append(pid)
+        await give_up.wait()
+        raise NetworkError(f"peer {pid} is unreachable: told so")
+
+    monkeypatch.setattr(transport, "_ensure_connected", fails_when_told)
+    transport._host = object()  # type: ignore[assignment]
+
+    async def dialing() -> None:
+        async with trio.open_nursery() as nursery:
+            transport._nursery = nursery
+            transport._thread_ident = threading.get_ident()
+            peers = [Identity.generate().peer_id for _ in range(10)]
+            for peer in peers:
+                transport.send(peer, b"bid")
+            transport.send(peers[0], b"more")  # a peer already waiting takes no more room
+            await trio.testing.wait_all_tasks_blocked()
+            assert (len(transport._waiting), len(dialed)) == (3, 3)
+            assert len(nursery.child_tasks) == 3
+            assert len(transport._waiting[peers[0]].frames) == 2
+            assert transport.refusals[Budget.WAITING_FULL] == 7
+            assert len(lost) == 7 and all("(max_waiting_peers 3)" in why for why in lost)
+            give_up.set()  # the dials fail: their frames are reported, their room free
+            await trio.testing.wait_all_tasks_blocked()
+            assert (transport._waiting, transport._waiting_bytes, transport._queued) == ({}, 0, {})
+            assert len(lost) == 11 and "told so" in lost[-1]
+            transport.send(Identity.generate().peer_id, b"bid")
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(lost) == 12 and "told so" in lost[-1]  # waited, dialed, failed
+            assert len(dialed) == 4
+            nursery.cancel_scope.cancel()
+
+    trio.run(dialing)
+    assert transport.refusals[Budget.WAITING_FULL] == 7
+
+
 def test_a_peer_found_flooding_keeps_a_small_rate_for_its_cooldown() -> None:
     """The rule (PeerRates, one clock): a peer refused is found flooding and gets
     ``flood_rate`` a second; each frame refused meanwhile extends the cooldown; once it

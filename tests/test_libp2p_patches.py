@@ -984,7 +984,7 @@ def test_a_frame_written_takes_its_writer_few_turns_not_eight(cluster: LocalClus
     assert done.wait(30)
     frames = 80  # 40 requests written by one node, 40 answers by the other
     # As shipped: 8 a frame (640). A batch of frames is one write.
-    assert steps.of("Unicast._write_loop") <= 3 * frames
+    assert steps.of("Sending._write_loop") <= 3 * frames
     # Yamux's reader: the socket's read and its turn, no lock's turn (4 a frame before).
     assert steps.of("Yamux._handle_incoming_with_ready_signal") <= 3 * frames
 

@@ -64,6 +64,7 @@ from dms.network.gossip import Gossip, Pacer, envelope_is_valid, new_pubsub, top
 from dms.network.interfaces import advertised
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause, run_loop
+from dms.network.outbound import ACTOR_PROTOCOL, _Outbound, _Waiting
 from dms.network.peerstore import CLEANUP_S as PEERSTORE_CLEANUP_S
 from dms.network.peerstore import BoundedPeerStore
 from dms.network.reachability import DialBack, Reachability
@@ -77,7 +78,7 @@ from dms.network.relay import (
 )
 from dms.network.settings import NetworkSettings, parse_multiaddr
 from dms.network.transfer import CHUNK_PROTOCOL, Offers, TransferBudget
-from dms.network.unicast import ACTOR_PROTOCOL, Unicast, _Outbound, _Waiting
+from dms.network.unicast import Unicast
 from dms.security.identity import Identity
 
 __all__ = [
@@ -134,9 +135,10 @@ class _ConnectionEvents(INotifee):
 class Libp2pTransport(Unicast, Gossip):
     """A :class:`dms.actor.Transport` over py-libp2p, plus the peer operations a node offers.
 
-    Its parts: :class:`~dms.network.unicast.Unicast` (with
-    :class:`~dms.network.discovery.Discovery`) and :class:`~dms.network.gossip.Gossip`,
-    over :class:`~dms.network.loop.LoopBridge`; this class owns the host's life.
+    Its parts: :class:`~dms.network.unicast.Unicast` (over
+    :class:`~dms.network.outbound.Sending` and :class:`~dms.network.discovery.Discovery`)
+    and :class:`~dms.network.gossip.Gossip`, over :class:`~dms.network.loop.LoopBridge`;
+    this class owns the host's life.
     """
 
     def __init__(

@@ -28,9 +28,9 @@ from dms.network.budgets import Budget
 from dms.network.frames import encode_frame
 from dms.network.host import Libp2pTransport
 from dms.network.loop import NetworkError
+from dms.network.outbound import _Outbound
 from dms.network.outbox import Outbox
 from dms.network.settings import NetworkSettings
-from dms.network.unicast import _Outbound
 from dms.node.client import root_handle
 from dms.security import Identity
 from dms.sim.cluster import LocalCluster

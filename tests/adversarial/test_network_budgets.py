@@ -1288,8 +1288,8 @@ def test_a_write_done_as_its_deadline_comes_neither_breaks_the_stream_nor_stalls
     everything was counted write_stalled, closed, and its last batch (already written)
     sent again on a fresh one."""
     from dms.network.host import Libp2pTransport
+    from dms.network.outbound import _Outbound
     from dms.network.outbox import Outbox
-    from dms.network.unicast import _Outbound
 
     idle = 0.5
     transport = Libp2pTransport(Identity.generate(), NetworkSettings(stream_idle_s=idle))

@@ -10,7 +10,7 @@ import ipaddress
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from dms.network import dialing, dialslots, libp2p_patches
+from dms.network.budgets import Budget, OutboundBudget
 from dms.network.dialing import MAX_DIAL_ADDRS, ranked, reaches_this_host
 from dms.network.dialslots import (
     HOLD_S,
@@ -37,6 +38,7 @@ from dms.network.discovery import Discovery
 from dms.network.host import Libp2pTransport
 from dms.network.interfaces import advertised, expanded
 from dms.network.loop import NetworkError, why
+from dms.network.relay import DialSlot
 from dms.network.settings import NetworkSettings
 from dms.security.identity import Identity
 from dms.sim.adversary import bare_host
@@ -361,16 +363,80 @@ def test_an_older_dial_of_a_peer_never_reached_is_served_beside_a_stream_of_new_
     assert len(dialed) <= NEW_DIAL_BURST + NEW_DIALS_PER_S * 5.2
 
 
+@contextlib.asynccontextmanager
+async def _no_slot(pid: ID) -> AsyncIterator[None]:
+    yield
+
+
 class _Relays:
     """As much of a ``RelayClient`` as a dial through a relay asks: the peers dialed
-    through one (each as if its circuit opened)."""
+    through one (each as if its circuit opened), and the outbound connection slot a
+    dial holds (``slot``: none unless given)."""
 
-    def __init__(self) -> None:
+    def __init__(self, slot: DialSlot = _no_slot) -> None:
         self.dialed: list[ID] = []
+        self.slot = slot
 
     async def dial(self, pid: ID, circuit_addrs: list[Any]) -> Any:
-        self.dialed.append(pid)
+        async with self.slot(pid):
+            self.dialed.append(pid)
         return circuit_addrs[0]
+
+
+def _relay_only_key(i: int) -> tuple[ID, list[Multiaddr]]:
+    """A new key and its one address, relayed."""
+    via = Multiaddr(f"/ip4/10.200.0.{i % 250}/tcp/4001/p2p/{Identity.generate().peer_id}")
+    circuit = via.encapsulate(Multiaddr("/p2p-circuit"))
+    return ID.from_base58(Identity.generate().peer_id), [circuit]
+
+
+def test_a_relayed_dial_refused_outbound_full_spends_nothing_of_the_new_keys_budget() -> None:
+    """Every outbound connection this node may hold is taken (a dial in flight): a new
+    key's dial through its relay is refused outbound_full. It took one of the new keys'
+    budget first (``dialing.admit``, then the relay's ``OutboundBudget.slot``), so each
+    such refusal spent the budget of a dial that never happened; the swarm's own dials
+    take the slot first. Now the relayed path does too: the refusal leaves the budget
+    whole, and the same dial with room spends one."""
+    libp2p_patches.apply_libp2p_patches()
+    refusals: Counter[str] = Counter()
+
+    async def main() -> None:
+        host = bare_host(Identity.generate())
+        async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            swarm = host.get_network()
+            await swarm.auto_connector.stop()
+            dialslots.configure(swarm, lambda pid: False, refusals, new_per_s=1e-6, new_burst=4)
+            slots = slots_for(swarm)
+            settings = NetworkSettings(max_outbound_connections=1)
+            budget = OutboundBudget(settings, refusals, lambda peer: False, lambda peer: None)
+            node = Discovery()
+            relays = _Relays(lambda pid: budget.slot(swarm, pid))
+            node._host, node._dht, node._relays = host, None, relays  # type: ignore[assignment]
+            key, addrs = _relay_only_key(1)
+            host.get_peerstore().add_addrs(key, addrs, 600)
+            holder = ID.from_base58(Identity.generate().peer_id)
+            held, release = trio.Event(), trio.Event()
+
+            async def hold_the_slot() -> None:
+                async with budget.slot(swarm, holder):
+                    held.set()
+                    await release.wait()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hold_the_slot)
+                await held.wait()
+                with pytest.raises(NetworkError, match=Budget.OUTBOUND_FULL):
+                    await node._ensure_connected(key)
+                assert refusals[Budget.OUTBOUND_FULL] == 1
+                # Before: (1, 4), a token spent on the dial refused.
+                assert slots.usage()["new_dials"] == (0, 4), "the refused dial took a token"
+                release.set()
+            with contextlib.suppress(NetworkError):  # no circuit really opened
+                await node._ensure_connected(key)
+            assert relays.dialed == [key]
+            assert slots.usage()["new_dials"] == (1, 4)
+
+    trio.run(main)
 
 
 def test_a_refused_new_key_is_not_dialed_through_its_relay_instead() -> None:

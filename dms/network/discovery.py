@@ -175,10 +175,13 @@ class Discovery(LoopBridge):
         # One dial of the peer, whichever way it goes (direct, through a relay, both): a
         # new key's takes one of the new keys' budget here, and past it is refused
         # (NotDialed) as its direct dial alone is. A relayed dial takes no dial slot:
-        # asked only of the direct dial, a refusal went through the relay at once.
-        admit(self._host.get_network(), pid)
-        with admitted(pid):
-            await self._dial_direct_or_relayed(pid, direct, relayed)
+        # asked only of the direct dial, a refusal went through the relay at once. The
+        # outbound connection slot first, as the swarm's dial_peer takes it: a dial
+        # refused outbound_full spends nothing of the new keys' budget.
+        async with self._relays.slot(pid):
+            admit(self._host.get_network(), pid)
+            with admitted(pid):
+                await self._dial_direct_or_relayed(pid, direct, relayed)
 
     async def _dial_direct_or_relayed(self, pid: ID, direct: list[Any], relayed: list[Any]) -> None:
         """Direct addresses first (a peer on the same network, or whose NAT lets us in);

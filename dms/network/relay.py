@@ -673,6 +673,11 @@ class RelayClient:
         else:
             note_refusal(self._refused, pid, time.monotonic())
 
+    def slot(self, pid: ID) -> AbstractAsyncContextManager[None]:
+        """The outbound connection slot a dial of ``pid`` holds (``dial_slot``): held
+        around a dial, the dials inside (direct, through a relay) take no other."""
+        return self._dial_slot(pid)
+
     async def dial(self, pid: ID, circuit_addrs: list[Any]) -> multiaddr.Multiaddr:
         """Connect to ``pid`` through the first relayed address that works and return
         it; raise with the relay's reason when none does."""

@@ -226,8 +226,8 @@ class Settings(BaseSettings):
         default=16.0,
         gt=0,
         description="dials a second of peers this node has no stake in and never reached; "
-        "past it (and new_dial_burst at once), while every dial slot is taken, such a "
-        "dial is refused (new_dials_full)",
+        "past it (and new_dial_burst at once), while every dial slot is taken (a dial "
+        "through a relay in flight counting as one), such a dial is refused (new_dials_full)",
     )
     new_dial_burst: int = Field(
         default=64, ge=1, description="such dials it may start at once above that"

@@ -373,13 +373,16 @@ class _Relays:
     through one (each as if its circuit opened), and the outbound connection slot a
     dial holds (``slot``: none unless given)."""
 
-    def __init__(self, slot: DialSlot = _no_slot) -> None:
+    def __init__(self, slot: DialSlot = _no_slot, *, answers: bool = True) -> None:
         self.dialed: list[ID] = []
         self.slot = slot
+        self.answers = answers  # False: a CONNECT the relay never answers
 
     async def dial(self, pid: ID, circuit_addrs: list[Any]) -> Any:
         async with self.slot(pid):
             self.dialed.append(pid)
+            if not self.answers:
+                await trio.sleep_forever()
         return circuit_addrs[0]
 
 
@@ -437,6 +440,54 @@ def test_a_relayed_dial_refused_outbound_full_spends_nothing_of_the_new_keys_bud
             assert slots.usage()["new_dials"] == (1, 4)
 
     trio.run(main)
+
+
+def test_keys_reached_through_a_relay_alone_are_refused_past_the_budget() -> None:
+    """New keys, each advertising a relayed address alone, dialed one after another,
+    their relays never answering CONNECT; no direct dial anywhere. A relayed dial takes
+    no dial slot, and the budget refused only while the slots were contended: with no
+    slot ever held, it refused none, and every key was dialed through its relay, past
+    the budget too. Now a relayed dial in flight counts as a slot held: past the burst
+    (64), with 64 such dials in flight (more than the 32 slots), the rest are refused
+    new_dials_full before any relay is asked. On trio's clock, stopped: no token comes
+    back meanwhile."""
+    libp2p_patches.apply_libp2p_patches()
+    refusals: Counter[str] = Counter()
+    errors: dict[ID, str] = {}
+    keys = [_relay_only_key(i) for i in range(NEW_DIAL_BURST + 8)]
+
+    async def main() -> None:
+        host = bare_host(Identity.generate())
+        async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            swarm = host.get_network()
+            await swarm.auto_connector.stop()  # it would dial the keys too
+            dialslots.configure(swarm, lambda pid: False, refusals)
+            slots = slots_for(swarm)
+            relays = _Relays(answers=False)
+            node = Discovery()
+            node._host, node._dht, node._relays = host, None, relays  # type: ignore[assignment]
+
+            async def ensure_connected(key: ID, addrs: list[Multiaddr]) -> None:
+                host.get_peerstore().add_addrs(key, addrs, 600)
+                try:
+                    await node._ensure_connected(key)
+                except Exception as exc:
+                    errors[key] = why(exc)
+
+            async with trio.open_nursery() as nursery:
+                for key, addrs in keys:
+                    nursery.start_soon(ensure_connected, key, addrs)
+                    await trio.testing.wait_all_tasks_blocked()
+                assert slots.held == 0 and slots.waiting == 0, "a direct dial was made"
+                nursery.cancel_scope.cancel()
+        burst, past = keys[:NEW_DIAL_BURST], keys[NEW_DIAL_BURST:]
+        # Before: all 72 dialed through their relays, none refused.
+        assert relays.dialed == [key for key, _ in burst], "a key past the budget was dialed"
+        assert set(errors) == {key for key, _ in past}
+        assert all(NEW_DIALS_FULL in error for error in errors.values()), errors
+        assert refusals[NEW_DIALS_FULL] == len(past)
+
+    trio.run(main, clock=trio.testing.MockClock())
 
 
 def test_a_refused_new_key_is_not_dialed_through_its_relay_instead() -> None:

@@ -42,10 +42,13 @@ budget (:meth:`DialSlots.admit`, asked by ``dialing.admit`` before any address i
 dialed, once a dial whether it goes direct, through a relay or both): ``new_per_s`` a
 second (16, half what the slots serve), ``new_burst`` at once (64: two of py-libp2p's
 auto-connector batches); past it, while the slots are contended (every one held, or
-an address waiting), such a dial is refused at once (``NEW_DIALS_FULL``), not queued.
-So the first addresses that wait come no faster than the slots serve, and one that
-waits is served. Uncontended, a dial is as before, and a preferred peer's is never
-counted.
+an address waiting; a dial through a relay in flight, which takes no slot, counts as
+one held: :meth:`DialSlots.relaying`), such a dial is refused at once
+(``NEW_DIALS_FULL``), not queued. So the first addresses that wait come no faster
+than the slots serve, and one that waits is served; and keys reached through a relay
+alone, whose dials never hold a slot, are refused past the budget once as many of
+their dials are in flight as there are slots. Uncontended, a dial is as before, and a
+preferred peer's is never counted.
 See specs/security.md, "Addresses a peer advertises".
 """
 
@@ -59,7 +62,7 @@ import math
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,6 +150,7 @@ class DialSlots:
         self._held: set[Attempt] = set()
         self._waiting: list[Attempt] = []
         self._releasing = 0  # attempts told to give their slot up, not yet out
+        self._relayed = 0  # dials through a relay in flight (``relaying``)
         self._seq = itertools.count()
 
     @property
@@ -184,18 +188,32 @@ class DialSlots:
     def admit(self) -> str | None:
         """A dial of a peer neither preferred nor reached before is to start: None if it
         may (taking one of ``new_burst``, given back at ``new_per_s``), or why not. Past
-        the budget it is refused only while the slots are contended (every one held, or
-        an address waiting): uncontended, it takes a slot at once, as before."""
+        the budget it is refused only while the slots are contended (every one held, a
+        dial through a relay in flight counted as one, or an address waiting):
+        uncontended, it takes a slot at once, as before."""
         if self._refilled() >= 1:
             self._tokens -= 1
             return None
-        if len(self._held) < self.limit and not self._waiting:
+        if len(self._held) + self._relayed < self.limit and not self._waiting:
             return None
         self.refusals[NEW_DIALS_FULL] += 1
         return (
             f"{NEW_DIALS_FULL}: more than {self.new_per_s:g} dials a second ({self.new_burst} "
-            "at once) of peers never reached, while every dial slot is taken"
+            "at once) of peers never reached, while every dial slot is taken (a dial "
+            "through a relay in flight counted as one)"
         )
+
+    @contextlib.contextmanager
+    def relaying(self) -> Iterator[None]:
+        """A dial through a relay runs inside: it takes no slot (its CONNECT goes on a
+        connection to the relay, whose own dial took one), and counts as one held in
+        :meth:`admit`'s contention: else any number of keys reached through a relay
+        alone were never refused, the slots never contended by their dials."""
+        self._relayed += 1
+        try:
+            yield
+        finally:
+            self._relayed -= 1
 
     @contextlib.asynccontextmanager
     async def slot(self, preferred: bool, nth: int) -> AsyncIterator[Attempt]:

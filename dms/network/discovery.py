@@ -28,6 +28,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from dms.backoff import Backoff
 from dms.network.budgets import OutboundBudget
 from dms.network.dialing import admit, admitted, ranked, remember, worked_for
+from dms.network.dialslots import slots_for
 from dms.network.interfaces import interface_networks
 from dms.network.loop import LoopBridge, NetworkError, why
 from dms.network.reconnect import Reconnects, at_once, targets
@@ -204,7 +205,8 @@ class Discovery(LoopBridge):
             with trio.move_on_after(RELAY_AFTER_S):
                 await direct_over.wait()
             try:
-                addr = await self._relays.dial(pid, relayed)  # type: ignore[union-attr]
+                with slots_for(swarm).relaying():  # contends for the new keys' budget
+                    addr = await self._relays.dial(pid, relayed)  # type: ignore[union-attr]
                 remember(swarm, pid, addr)
                 nursery.cancel_scope.cancel()
             except Exception as exc:

@@ -186,7 +186,8 @@ class NetworkSettings(BaseModel):
     # Connections this host dials for a frame, a ping or a chunk fetch, in all.
     max_outbound_connections: int = Field(default=256, ge=1)
     # Dials a second, and at once, of peers neither staked nor reached before; past it,
-    # while every dial slot is taken, such a dial is refused (dms.network.dialslots).
+    # while every dial slot is taken (a relayed dial in flight counted as one), such a
+    # dial is refused (dms.network.dialslots).
     max_new_dials_per_s: float = Field(default=16.0, gt=0)
     new_dial_burst: int = Field(default=64, ge=1)
     # Peers py-libp2p's peerstore keeps (addresses, key, protocols); past it those

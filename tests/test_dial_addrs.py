@@ -614,6 +614,57 @@ def test_a_peer_this_node_refused_to_dial_is_tried_at_the_auto_connectors_next_c
     assert connected, "the peer refused by this node's budget was skipped as a failed one"
 
 
+def test_a_peer_that_connects_during_the_cycle_that_refused_it_keeps_no_failures() -> None:
+    """The auto-connector's cycle dials a peer with two failures counted long ago, and
+    this node refuses the dial itself (``refused_here``); while the cycle's other dial
+    runs, the peer connects to this node. At the cycle's end the count and the last
+    attempt taken at the refusal were put back: a connected peer kept its two failures
+    (skipped 15 s once it drops, then longer). Now a peer connected by then has both
+    cleared, as py-libp2p clears them for a connection its own dial made."""
+    libp2p_patches.apply_libp2p_patches()
+    left: dict[str, object] = {}
+
+    async def main() -> None:
+        host, other = bare_host(Identity.generate()), bare_host(Identity.generate())
+        loopback = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+        async with host.run(loopback), other.run(loopback):
+            swarm = host.get_network()
+            auto = swarm.auto_connector
+            await auto.stop()  # its cycle runs when the test says
+            await trio.testing.wait_all_tasks_blocked()
+            await auto.start()
+            info = info_from_p2p_addr(other.get_addrs()[0])
+            peer, unanswered = info.peer_id, ID.from_base58(Identity.generate().peer_id)
+            store = host.get_peerstore()
+            store.add_addrs(peer, info.addrs, 600)
+            store.add_addrs(unanswered, [Multiaddr(f"/ip4/127.0.0.1/tcp/{closed_port()}")], 600)
+            auto._failure_counts[peer] = 2
+            auto._last_connect_attempt[peer] = time.time() - 3600.0  # its cooldown over
+            refused = trio.Event()
+
+            async def dial_peer(peer_id: ID) -> Any:
+                if peer_id == peer:
+                    dialing.refused_here(peer_id)
+                    refused.set()
+                    raise dialing.NotDialed(f"not dialing {peer_id}: refused here")
+                await refused.wait()  # the peer dials in meanwhile
+                await other.connect(info_from_p2p_addr(host.get_addrs()[0]))
+                with trio.fail_after(30):
+                    while not swarm.get_connections(peer):
+                        await trio.sleep(0.01)
+                raise ConnectionError(f"{peer_id} did not answer")
+
+            swarm.dial_peer = dial_peer  # type: ignore[method-assign]
+            await auto.maybe_connect()
+            assert swarm.get_connections(peer), "the peer did not connect during the cycle"
+            left["count"] = auto._failure_counts.get(peer)
+            left["last attempt"] = auto._last_connect_attempt.get(peer)
+
+    trio.run(main)
+    # Before: {"count": 2, "last attempt": <an hour ago>}, put back at the cycle's end.
+    assert left == {"count": None, "last attempt": None}
+
+
 def _slot_kept(connected: bool, *, preferred: bool = False) -> tuple[bool, float]:
     """One slot, held by an unknown peer's address (its TCP connect done or still
     pending) for 10 s; another address waits for it from 0.1 s on. Whether the holder

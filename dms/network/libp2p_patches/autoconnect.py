@@ -11,9 +11,12 @@ refused three times while the node was busy waited 20 s, then 40 s, for its next
 and up to 5 minutes once the budget had room again. Now the peer's count and its last
 attempt are put back as they were before the cycle's refused dial: it is tried again at
 the auto-connector's next cycle (10 s while the node is below ``min_connections``,
-30 s else), where the budget decides again. A dial that failed (an address refused,
-timed out, a handshake that went wrong) counts as before. Applied only to the
-``maybe_connect`` it was written against (its source's digest,
+30 s else), where the budget decides again; a peer connected by the cycle's end
+(inbound, or a dial of it that connected after the refusal) has both cleared instead,
+as a connection py-libp2p's dial made clears them (put back, the failures counted
+before the refusal stayed with a peer that had connected). A dial that failed (an
+address refused, timed out, a handshake that went wrong) counts as before. Applied
+only to the ``maybe_connect`` it was written against (its source's digest,
 ``MAYBE_CONNECT_SHA256``: it dials in tasks of its own nursery, within the call, and
 counts a failure there).
 """
@@ -63,8 +66,13 @@ def local_refusals_are_no_failures() -> bool:
             with scoped(ON_REFUSAL, refused):
                 await maybe_connect(self)
         finally:
-            # Every dial of the cycle has ended (its nursery closed) and been counted.
+            # Every dial of the cycle has ended (its nursery closed) and been counted. A
+            # peer connected by now (inbound, or a dial of it that connected after the
+            # refusal) has no failure to put back: its count and last attempt are
+            # cleared, as py-libp2p clears them for a connection its dial made.
             for peer_id, (count, at) in before.items():
+                if self.swarm.get_connections(peer_id):
+                    count = at = None
                 _put(self._failure_counts, peer_id, count)
                 _put(self._last_connect_attempt, peer_id, at)
 

@@ -22,7 +22,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
-from dms.network import dialing, dialslots, libp2p_patches
+from dms.network import admission, dialslots, libp2p_patches
 from dms.network.budgets import Budget, OutboundBudget
 from dms.network.dialing import MAX_DIAL_ADDRS, ranked, reaches_this_host
 from dms.network.dialslots import (
@@ -299,7 +299,7 @@ def _honest_dial_beside(
             swarm.get_connections = lambda peer_id=None: []  # type: ignore[method-assign]
             store.add_addrs(honest, [Multiaddr("/ip4/10.99.0.1/tcp/4001")], 600)
             if reached_before:
-                dialing.worked_for(swarm)[honest] = Multiaddr("/ip4/10.99.0.1/tcp/4001")
+                admission.worked_for(swarm)[honest] = Multiaddr("/ip4/10.99.0.1/tcp/4001")
 
             async def auto_connect() -> None:
                 key = ID.from_base58(Identity.generate().peer_id)
@@ -396,7 +396,7 @@ def _relay_only_key(i: int) -> tuple[ID, list[Multiaddr]]:
 def test_a_relayed_dial_refused_outbound_full_spends_nothing_of_the_new_keys_budget() -> None:
     """Every outbound connection this node may hold is taken (a dial in flight): a new
     key's dial through its relay is refused outbound_full. It took one of the new keys'
-    budget first (``dialing.admit``, then the relay's ``OutboundBudget.slot``), so each
+    budget first (``admission.admit``, then the relay's ``OutboundBudget.slot``), so each
     such refusal spent the budget of a dial that never happened; the swarm's own dials
     take the slot first. Now the relayed path does too: the refusal leaves the budget
     whole, and the same dial with room spends one."""
@@ -552,7 +552,7 @@ def test_a_refused_new_key_is_not_dialed_through_its_relay_instead() -> None:
                 refusals.clear()
                 for i in range(10):
                     await ensure_connected(*new_key(i, direct=i % 2 == 0))
-                dialing.worked_for(swarm)[reached[0]] = reached[1][0]
+                admission.worked_for(swarm)[reached[0]] = reached[1][0]
                 for key, addrs in (staked, reached):
                     await ensure_connected(key, addrs)
                 nursery.cancel_scope.cancel()
@@ -644,9 +644,9 @@ def test_a_peer_that_connects_during_the_cycle_that_refused_it_keeps_no_failures
 
             async def dial_peer(peer_id: ID) -> Any:
                 if peer_id == peer:
-                    dialing.refused_here(peer_id)
+                    admission.refused_here(peer_id)
                     refused.set()
-                    raise dialing.NotDialed(f"not dialing {peer_id}: refused here")
+                    raise admission.NotDialed(f"not dialing {peer_id}: refused here")
                 await refused.wait()  # the peer dials in meanwhile
                 await other.connect(info_from_p2p_addr(host.get_addrs()[0]))
                 with trio.fail_after(30):
@@ -746,7 +746,7 @@ def test_a_provider_whose_first_address_drops_packets_is_reached_on_its_second(
     req.learn_addrs(prov.peer_id, [f"/ip4/{BLACKHOLE}/tcp/4001", good])
     assert req.ping(prov.peer_id) > 0
     assert req.path_to(prov.peer_id) == "direct"
-    assert dialing.worked_for(req._host.get_network())[ID.from_base58(prov.peer_id)] == (
+    assert admission.worked_for(req._host.get_network())[ID.from_base58(prov.peer_id)] == (
         Multiaddr(good)
     )
 
@@ -902,7 +902,7 @@ def test_keys_advertising_blackholed_addresses_do_not_starve_a_dial_of_an_honest
 def test_a_connection_made_by_a_dial_keeps_nothing_of_the_dials_context() -> None:
     """A trio task inherits the context of the task that starts it, and a connection
     a dial makes starts its tasks (its stream handlers', for as long as it lives) from
-    the dial's. Made inside ``dialing.admitted(x)`` (the relay's connection, dialed for
+    the dial's. Made inside ``admission.admitted(x)`` (the relay's connection, dialed for
     x) and by the auto-connector's cycle, its handlers kept both after the dial: a dial
     of x they asked for took nothing of the new keys' budget however spent, and every
     refusal they met was told to a cycle long over. Now both end with their block."""
@@ -926,12 +926,12 @@ def test_a_connection_made_by_a_dial_keeps_nothing_of_the_dials_context() -> Non
             done = trio.Event()
 
             async def handler(stream: Any) -> None:
-                told = dialing.ON_REFUSAL.get()
+                told = admission.ON_REFUSAL.get()
                 seen["refusals told to"] = getattr(told, "value", told)
                 try:
-                    dialing.admit(swarm, x)
+                    admission.admit(swarm, x)
                     seen["dial of x"] = "not counted"
-                except dialing.NotDialed:
+                except admission.NotDialed:
                     seen["dial of x"] = "refused"
                 await stream.close()
                 done.set()
@@ -939,7 +939,7 @@ def test_a_connection_made_by_a_dial_keeps_nothing_of_the_dials_context() -> Non
             host.set_stream_handler(protocol, handler)
             info = info_from_p2p_addr(relay.get_addrs()[0])
             host.get_peerstore().add_addrs(info.peer_id, info.addrs, 600)
-            with dialing.admitted(x):
+            with admission.admitted(x):
                 await auto.maybe_connect()
             assert swarm.get_connections(info.peer_id), "the auto-connector did not dial"
 

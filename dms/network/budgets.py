@@ -69,7 +69,7 @@ from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 
 from dms.actor.ratelimit import ShareMeter
-from dms.network.dialing import refused_here
+from dms.network.admission import refused_here
 from dms.network.loop import NetworkError, why
 from dms.network.settings import NetworkSettings
 

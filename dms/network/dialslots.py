@@ -38,7 +38,7 @@ least ``limit / HOLD_S`` a second (32 a second) by addresses that never answer.
 
 Served the latest first, a dial of a peer neither preferred nor reached before waited
 for ever behind new keys' dials that kept coming faster than that. Those dials have a
-budget (:meth:`DialSlots.admit`, asked by ``dialing.admit`` before any address is
+budget (:meth:`DialSlots.admit`, asked by ``admission.admit`` before any address is
 dialed, once a dial whether it goes direct, through a relay or both): ``new_per_s`` a
 second (16, half what the slots serve), ``new_burst`` at once (64: two of py-libp2p's
 auto-connector batches); past it, while the slots are contended (every one held, or

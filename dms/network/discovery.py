@@ -26,8 +26,9 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from dms.backoff import Backoff
+from dms.network.admission import admit, admitted, remember, worked_for
 from dms.network.budgets import OutboundBudget
-from dms.network.dialing import admit, admitted, ranked, remember, worked_for
+from dms.network.dialing import ranked
 from dms.network.dialslots import slots_for
 from dms.network.interfaces import interface_networks
 from dms.network.loop import LoopBridge, NetworkError, why

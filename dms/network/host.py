@@ -45,6 +45,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from dms.actor.ratelimit import PeerRates
 from dms.actor.transport import Receiver, Undeliverable
 from dms.network import dialslots, quic
+from dms.network.admission import NotDialed
 from dms.network.budgets import (
     Budget,
     ByteBudget,
@@ -58,7 +59,6 @@ from dms.network.budgets import (
 )
 from dms.network.checked import CheckedFrames
 from dms.network.closing import close_host
-from dms.network.dialing import NotDialed
 from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, Pacer, envelope_is_valid, new_pubsub, topic_budgets
 from dms.network.interfaces import advertised

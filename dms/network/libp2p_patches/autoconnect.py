@@ -6,7 +6,7 @@ holds fewer connections than its watermarks ask, and counts every dial that rais
 the peer's failure: the peer is skipped for 5 s, 15 s, 20 s, 40 s ... 300 s after it
 (``_get_cooldown``). A dial refused before any address was tried, by a budget of this
 node's own (the new keys' dials a second, ``new_dials_full``; the outbound
-connections, ``outbound_full``: ``dialing.refused_here``), was counted so too: a peer
+connections, ``outbound_full``: ``admission.refused_here``), was counted so too: a peer
 refused three times while the node was busy waited 20 s, then 40 s, for its next try,
 and up to 5 minutes once the budget had room again. Now the peer's count and its last
 attempt are put back as they were before the cycle's refused dial: it is tried again at
@@ -42,7 +42,7 @@ MAYBE_CONNECT_SHA256 = "de87a7c6c19261cdb7426be62a37aa38857c0efeadab9ada133df45c
 def local_refusals_are_no_failures() -> bool:
     from libp2p.network.auto_connector import AutoConnector
 
-    from dms.network.dialing import ON_REFUSAL, scoped
+    from dms.network.admission import ON_REFUSAL, scoped
 
     maybe_connect: Callable[[Any], Awaitable[None]] = AutoConnector.maybe_connect
     if getattr(maybe_connect, "dms_patched", False):

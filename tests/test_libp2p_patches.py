@@ -66,9 +66,10 @@ def test_every_patch_applies_to_the_installed_libp2p() -> None:
     installed = tuple(int(p) for p in version("libp2p").split(".")[:3] if p.isdigit())
     assert low <= installed < high, f"libp2p {version('libp2p')} is outside >=0.8.1,<0.9"
     libp2p_patches.apply_libp2p_patches()
+    libp2p_patches.apply_quic_patches()  # when a host with a QUIC transport is built
     assert libp2p_patches.SKIPPED == []
     assert sorted(libp2p_patches.APPLIED) == sorted(
-        patch.__name__ for patch in libp2p_patches.PATCHES
+        patch.__name__ for patch in libp2p_patches.PATCHES + libp2p_patches.QUIC_PATCHES
     )
 
 

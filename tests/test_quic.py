@@ -71,6 +71,20 @@ def sent(sender: Host, receiver: Host, frame: bytes) -> None:
     assert sender.undelivered == []
 
 
+def quic_config(monkeypatch: pytest.MonkeyPatch, **values: Any) -> None:
+    """Every QUIC transport built from here on has ``values`` in its config."""
+    from libp2p.transport.quic.config import QUICTransportConfig
+
+    made = QUICTransportConfig.__post_init__
+
+    def with_values(config: QUICTransportConfig) -> None:
+        made(config)
+        for name, value in values.items():
+            setattr(config, name, value)
+
+    monkeypatch.setattr(QUICTransportConfig, "__post_init__", with_values)
+
+
 def test_two_hosts_on_quic_exchange_dms_frames() -> None:
     """Before, the connection was made but the listener's side was never the swarm's
     (the inbound gate ran a Noise and Yamux upgrade over a connection QUIC had already
@@ -96,15 +110,7 @@ def test_an_idle_dms_stream_over_quic_is_not_reset_by_quics_own_read_timeout(
     to be seen quickly): a dms stream idle between two frames was reset with an ERROR
     line, where over Yamux it stays open until the node's own idle watch
     (``stream_idle_s``, 120 s). Now it stays open."""
-    from libp2p.transport.quic.config import QUICTransportConfig
-
-    made = QUICTransportConfig.__post_init__
-
-    def one_second_reads(config: QUICTransportConfig) -> None:
-        made(config)
-        config.STREAM_READ_TIMEOUT = 1.0
-
-    monkeypatch.setattr(QUICTransportConfig, "__post_init__", one_second_reads)
+    quic_config(monkeypatch, STREAM_READ_TIMEOUT=1.0)
     with two_hosts() as (a, b):
         sent(a, b, b"a first frame")
         wait_for(lambda: b.used("idle_watched_streams") == 1, what="a's stream at b")
@@ -176,3 +182,43 @@ def test_a_quic_stream_reset_for_idling_ends_its_handler() -> None:
             timeout=30,
             what="the reset stream's handler ended, its place in the budget back",
         )
+
+
+def test_the_quic_timeouts_stay_py_libp2ps_when_the_reset_wake_does_not_apply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The read waits for ever only if a reset wakes it: with ``QUICStream.read`` (or
+    ``reset``, ``write``) not the source the wake was written against, the wake is
+    skipped (``SKIPPED``, an INFO line) and the transport keeps py-libp2p's 30 s read
+    and write timeouts (before: the wake was applied by attribute, with no digest,
+    and the read made infinite whatever the source)."""
+    from libp2p.transport.quic.stream import QUICStream
+
+    from dms.network import libp2p_patches
+    from dms.network.libp2p_patches import quic as quic_patches
+
+    shipped_read = QUICStream.read
+
+    async def read(self: Any, n: int | None = None) -> bytes:  # another source
+        return await shipped_read(self, n)
+
+    monkeypatch.setattr(QUICStream, "read", read)
+    monkeypatch.setattr(
+        QUICStream, "reset", getattr(QUICStream.reset, "__wrapped__", QUICStream.reset)
+    )
+    monkeypatch.setattr(libp2p_patches, "_quic_applied", False)
+    monkeypatch.setattr(libp2p_patches, "APPLIED", [])
+    monkeypatch.setattr(libp2p_patches, "SKIPPED", [])
+    host = Host()
+    try:
+        swarm = host.transport._host.get_network()
+        (config,) = [
+            t._config
+            for t in swarm.transport_manager.get_transports()
+            if type(t).__module__ == quic_patches.QUIC_TRANSPORT
+        ]
+        assert (config.STREAM_READ_TIMEOUT, config.STREAM_WRITE_TIMEOUT) == (30.0, 30.0)
+        assert libp2p_patches.SKIPPED == ["resets_wake_the_streams_waiters"]
+        assert not getattr(QUICStream.reset, "dms_wakes", False)
+    finally:
+        host.transport.stop()

@@ -44,7 +44,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from dms.actor.ratelimit import PeerRates
 from dms.actor.transport import Receiver, Undeliverable
-from dms.network import dialslots, quic
+from dms.network import dialslots
 from dms.network.admission import NotDialed
 from dms.network.budgets import (
     Budget,
@@ -63,6 +63,7 @@ from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, Pacer, envelope_is_valid, new_pubsub, topic_budgets
 from dms.network.interfaces import advertised
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
+from dms.network.libp2p_patches import quic as quic_patches
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause, run_loop
 from dms.network.outbound import ACTOR_PROTOCOL, _Outbound, _Waiting
 from dms.network.peerstore import CLEANUP_S as PEERSTORE_CLEANUP_S
@@ -334,7 +335,7 @@ class Libp2pTransport(Unicast, Gossip):
         self._host = host
         s = self.settings
         swarm = host.get_network()
-        quic.streams_wait_as_over_yamux(swarm)
+        quic_patches.streams_wait_as_over_yamux(swarm)
         peerstore.keep = lambda pid: (
             bool(swarm.get_connections(pid)) or self._has_stake(pid.to_base58())
         )

@@ -16,6 +16,8 @@ of the library, each saying what it changes and why:
 - :mod:`.locks`: a free lock around a frame is no schedule point, but one in 16 is;
 - :mod:`.tcp`: a TCP connection reads ahead;
 - :mod:`.noise`: a Noise message goes out whole, cancelled or not;
+- :mod:`.quic`: a QUIC stream's reset wakes its read and write, which then wait as
+  over Yamux; applied once the QUIC transport is loaded (:func:`apply_quic_patches`);
 - :mod:`.dial`: a dial tries every address of a peer (``dms.network.dialing``);
 - :mod:`.autoconnect`: a dial this node refused itself is no failure of the peer's
   to the auto-connector;
@@ -43,6 +45,7 @@ from dms.network.libp2p_patches import (
     holepunch,
     locks,
     noise,
+    quic,
     records,
     scoring,
     subscriptions,
@@ -52,9 +55,19 @@ from dms.network.libp2p_patches import (
 )
 from dms.network.libp2p_patches.windows import BUFFERS, set_buffer_budget
 
-__all__ = ["APPLIED", "BUFFERS", "PATCHES", "SKIPPED", "apply_libp2p_patches", "set_buffer_budget"]
+__all__ = [
+    "APPLIED",
+    "BUFFERS",
+    "PATCHES",
+    "QUIC_PATCHES",
+    "SKIPPED",
+    "apply_libp2p_patches",
+    "apply_quic_patches",
+    "set_buffer_budget",
+]
 
 _applied = False
+_quic_applied = False
 _lock = threading.Lock()
 # Patches this process applied, and those skipped because py-libp2p changed shape.
 APPLIED: list[str] = []
@@ -83,6 +96,9 @@ PATCHES: tuple[Callable[[], bool], ...] = (
     noise.noise_messages_go_whole,
     yamux.yamux_writes_wait_for_a_window,
 )
+# Those of py-libp2p's QUIC transport, whose modules a host imports only for a QUIC
+# listen address (``dms.network.deferred``): applied when the first such host is built.
+QUIC_PATCHES: tuple[Callable[[], bool], ...] = (quic.resets_wake_the_streams_waiters,)
 
 
 def apply_libp2p_patches() -> None:
@@ -93,4 +109,16 @@ def apply_libp2p_patches() -> None:
             return
         _applied = True
         for patch in PATCHES:
+            (APPLIED if patch() else SKIPPED).append(patch.__name__)
+
+
+def apply_quic_patches() -> None:
+    """Apply every QUIC patch this py-libp2p supports; safe to call many times. Loads
+    py-libp2p's QUIC transport."""
+    global _quic_applied
+    with _lock:
+        if _quic_applied:
+            return
+        _quic_applied = True
+        for patch in QUIC_PATCHES:
             (APPLIED if patch() else SKIPPED).append(patch.__name__)

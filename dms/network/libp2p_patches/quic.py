@@ -1,0 +1,105 @@
+"""Patches to py-libp2p's QUIC streams, and what a dms host asks of its QUIC transport
+(built for a ``/udp/.../quic-v1`` listen address) beside what it asks of TCP + Noise +
+Yamux. See specs/network.md, "QUIC".
+
+A QUIC connection comes secured (TLS 1.3 with the peer's libp2p key) and multiplexed
+(QUIC's own streams): the inbound gate takes it as it is (``InboundGate.handle``, no
+Noise and Yamux upgrade). Applied when a host with a QUIC transport is built
+(:func:`streams_wait_as_over_yamux`; the transport's modules are imported only then,
+``dms.network.deferred``), once a process (``libp2p_patches.apply_quic_patches``),
+each only to the sources it was written against (their digests):
+
+**A reset of the node's own wakes the stream's read and write.** py-libp2p's
+``QUICStream.reset`` marks the stream reset but sets neither the event a read waits on
+nor the one a write waits on (a reset from the peer sets both), so the idle watch's
+reset of an idle dms stream left its handler in its read until the read's timeout:
+each such stream held its place in the stream budgets (a peer's 64, all 4,096 with
+many keys), as Yamux's resets did before ``libp2p_patches.yamux``'s wake.
+:func:`resets_wake_the_streams_waiters` (``reset``, ``read`` and ``write`` as shipped).
+
+**Reads and writes wait as over Yamux.** Its streams gave up a read after 30 s without
+a byte and a write after 30 s without flow-control credit (``QUICTransportConfig``'s
+``STREAM_READ_TIMEOUT``, ``STREAM_WRITE_TIMEOUT``), under the node's own deadlines: a
+dms stream idle between two frames, a gossipsub stream between two messages, was reset
+with an ERROR line at each, where over Yamux it waits until the node's idle watch
+(``stream_idle_s``, ``protocol_idle_s``) or its caller's deadline ends it. Here they
+wait as long as over Yamux: a read as long as its caller, a write for the peer's
+acknowledgements ``YAMUX_WINDOW_WAIT_S`` (120 s), as a Yamux write waits for a window,
+never for ever. Only with the wake above applied: a read waiting for ever that a reset
+does not wake would hold its stream for good; without it both stay py-libp2p's 30 s.
+
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Any
+
+from dms.network.libp2p_patches import yamux
+from dms.network.libp2p_patches.source import shipped_source
+
+log = logging.getLogger("dms.network")
+
+QUIC_TRANSPORT = "libp2p.transport.quic.transport"
+
+# The sha256 of py-libp2p's QUICStream methods (their sources, dedented) the patches
+# were written against. The wake sets ``_receive_event`` and ``_backpressure_event``:
+# ``read`` waits on the first (and raises once the stream is reset), ``write`` on the
+# second, ``reset`` sets neither.
+RESET_SHA256 = "5f0c17b8c32b8472052bee914db80117a9a05e453bd804106d043b7a46678a60"
+READ_SHA256 = "786851b3f6eb9782b1be7abfa2795524c4ee27eff0ee5d36c1b1c020b07e3d60"
+WRITE_SHA256 = "2fd0aa33059731dd73bad0b9629edb9e3a26263085572b55cd8a0038fc5d6b34"
+
+
+def resets_wake_the_streams_waiters() -> bool:
+    """``QUICStream.reset`` then sets the events its reads and writes wait on, as a
+    reset from the peer does: they see the reset."""
+    from libp2p.transport.quic.stream import QUICStream
+
+    reset = QUICStream.reset
+    if getattr(reset, "dms_wakes", False):
+        return True
+    shipped = (
+        (reset, RESET_SHA256),
+        (QUICStream.read, READ_SHA256),
+        (QUICStream.write, WRITE_SHA256),
+    )
+    if any(shipped_source(fn, sha256) is None for fn, sha256 in shipped):
+        log.info(
+            "py-libp2p's QUIC stream changed shape; a reset of the node's own wakes no "
+            "read or write, which give up after py-libp2p's timeouts"
+        )
+        return False
+
+    @functools.wraps(reset)
+    async def waking(self: Any, error_code: int = 0) -> None:
+        try:
+            await reset(self, error_code)
+        finally:
+            self._receive_event.set()
+            self._backpressure_event.set()
+
+    waking.dms_wakes = True  # type: ignore[attr-defined]
+    QUICStream.reset = waking  # type: ignore[method-assign]
+    return True
+
+
+def streams_wait_as_over_yamux(swarm: Any) -> None:
+    """The QUIC transport of ``swarm``, if it has one: the QUIC patches applied (once a
+    process), then, if a reset wakes its streams' waiters, its streams' reads wait as
+    long as their callers do and its writes as long as a Yamux write waits for a
+    window. Before its first connection (read per stream)."""
+    for transport in swarm.transport_manager.get_transports():
+        if type(transport).__module__ != QUIC_TRANSPORT:
+            continue
+        from libp2p.transport.quic.stream import QUICStream  # loaded with the transport
+
+        from dms.network.libp2p_patches import apply_quic_patches
+
+        apply_quic_patches()
+        if getattr(QUICStream.reset, "dms_wakes", False):
+            config = transport._config
+            config.STREAM_READ_TIMEOUT = math.inf
+            config.STREAM_WRITE_TIMEOUT = yamux.YAMUX_WINDOW_WAIT_S

@@ -222,3 +222,43 @@ def test_the_quic_timeouts_stay_py_libp2ps_when_the_reset_wake_does_not_apply(
         assert not getattr(QUICStream.reset, "dms_wakes", False)
     finally:
         host.transport.stop()
+
+
+def test_a_quic_connection_the_swarm_never_finishes_adding_is_closed() -> None:
+    """The gate adds an inbound QUIC connection to the swarm within
+    ``handshake_timeout_s`` (0.2 s here), as it upgrades a TCP one: one whose start
+    never ends is closed and holds nothing (before: the gate waited on it for good)."""
+    from collections import Counter
+
+    import trio
+
+    from dms.network.budgets import InboundGate
+
+    class Stalling:
+        async def add_conn(self, muxed: Any, direction: str) -> Any:
+            await trio.sleep_forever()
+
+    class Connection:
+        peer_id = "a peer"
+        closed = False
+
+        async def close(self) -> None:
+            self.closed = True
+
+    gate = InboundGate(
+        Stalling(),
+        NetworkSettings(handshake_timeout_s=0.2),
+        Counter(),
+        lambda _p: False,
+        lambda _p: None,
+    )
+    conn = Connection()
+
+    async def admitted() -> bool:
+        with trio.move_on_after(20) as scope:
+            await gate._multiplexed(conn, "127.0.0.1")  # type: ignore[arg-type]
+        return not scope.cancelled_caught
+
+    assert trio.run(admitted), "the gate still waited on the connection at 20 s"
+    assert conn.closed
+    assert gate.usage()["inbound_connections"][0] == 0

@@ -216,9 +216,16 @@ class InboundGate:
         1.3 with the peer's libp2p key, its own streams), handed over complete: into the
         swarm as py-libp2p puts one (no Noise and Yamux upgrade: taken for a raw socket,
         its upgrade failed and the connection was never the swarm's, so every stream the
-        peer opened on it went unanswered), then under the budgets as any other."""
+        peer opened on it went unanswered), then under the budgets as any other. Within
+        ``handshake_timeout_s``, as an upgrade is (``add_conn`` waits for the connection
+        to start, its muxer and then the swarm's, which a peer may stall): past it the
+        connection is closed."""
+        conn: Any = None
         try:
-            conn = await self.swarm.add_conn(muxed, direction="inbound")
+            with trio.move_on_after(self.settings.handshake_timeout_s):
+                conn = await self.swarm.add_conn(muxed, direction="inbound")
+            if conn is None:
+                raise TimeoutError(f"not added within {self.settings.handshake_timeout_s:g} s")
         except Exception as exc:
             log.debug("inbound connection from %s failed: %s", ip, exc)
             with contextlib.suppress(Exception):

@@ -184,6 +184,68 @@ def test_a_quic_stream_reset_for_idling_ends_its_handler() -> None:
         )
 
 
+def test_a_quic_stream_past_its_receive_buffer_is_reset_not_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reader that stops reading (dms paces a peer over its byte budget) while the
+    writer sends more than the stream's receive buffer (``MAX_STREAM_RECEIVE_BUFFER``,
+    2 MB; 64 KiB here), then reads on: py-libp2p dropped each chunk past the buffer
+    with a warning, and the reader got bytes with a gap in them (a dms reader its next
+    length prefix from the wrong place). Now the stream is reset: the reader gets
+    what came before the overflow, as sent, then an error, never wrong bytes."""
+    import threading
+
+    import trio
+    from libp2p.custom_types import TProtocol
+
+    quic_config(monkeypatch, MAX_STREAM_RECEIVE_BUFFER=64 * 1024)
+    protocol = TProtocol("/dms-test/reads-late/1")
+    sent = bytes(i % 251 for i in range(512 * 1024))
+    half_written = threading.Event()
+    read: dict[str, Any] = {}
+
+    async def read_late(stream: Any) -> None:
+        while not half_written.is_set():  # reads nothing meanwhile
+            await trio.sleep(0.05)
+        got = bytearray()
+        try:
+            while chunk := await stream.read(65536):
+                got += chunk
+            read["end"] = "EOF"
+        except Exception as exc:
+            read["end"] = type(exc).__name__
+        read["bytes"] = bytes(got)
+        read["reset"] = stream.muxed_stream.is_reset()
+
+    with two_hosts() as (a, b):
+        b.transport._host.set_stream_handler(protocol, read_late)
+
+        async def write_all() -> str:
+            stream = await a.transport._host.new_stream(b.transport._host.get_id(), [protocol])
+            try:
+                for at in range(0, len(sent), 8192):
+                    if at == len(sent) // 2:
+                        half_written.set()  # 256 KiB: the reader drains, then keeps up
+                        await trio.sleep(0.5)
+                    await stream.write(sent[at : at + 8192])
+                    await trio.sleep(0.001)
+                await stream.close()
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+            finally:
+                half_written.set()
+            return "written"
+
+        outcome = a.transport._call(write_all)
+        wait_for(lambda: "bytes" in read, what="the reader's end")
+    got = read["bytes"]
+    assert got == sent[: len(got)], (
+        f"the reader got {len(got)} bytes, not those sent: a gap (writer: {outcome})"
+    )
+    assert len(got) < len(sent) and read["reset"], (read["end"], len(got), outcome)
+    assert "EOF" not in read["end"], read["end"]  # an error, not the end of the stream
+
+
 def test_the_quic_timeouts_stay_py_libp2ps_when_the_reset_wake_does_not_apply(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

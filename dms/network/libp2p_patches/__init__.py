@@ -17,7 +17,8 @@ of the library, each saying what it changes and why:
 - :mod:`.tcp`: a TCP connection reads ahead;
 - :mod:`.noise`: a Noise message goes out whole, cancelled or not;
 - :mod:`.quic`: a QUIC stream's reset wakes its read and write, which then wait as
-  over Yamux; applied once the QUIC transport is loaded (:func:`apply_quic_patches`);
+  over Yamux, and an overflow of its receive buffer resets it (no bytes dropped);
+  applied once the QUIC transport is loaded (:func:`apply_quic_patches`);
 - :mod:`.dial`: a dial tries every address of a peer (``dms.network.dialing``);
 - :mod:`.autoconnect`: a dial this node refused itself is no failure of the peer's
   to the auto-connector;
@@ -98,7 +99,10 @@ PATCHES: tuple[Callable[[], bool], ...] = (
 )
 # Those of py-libp2p's QUIC transport, whose modules a host imports only for a QUIC
 # listen address (``dms.network.deferred``): applied when the first such host is built.
-QUIC_PATCHES: tuple[Callable[[], bool], ...] = (quic.resets_wake_the_streams_waiters,)
+QUIC_PATCHES: tuple[Callable[[], bool], ...] = (
+    quic.resets_wake_the_streams_waiters,
+    quic.overflows_reset_the_stream,
+)
 
 
 def apply_libp2p_patches() -> None:

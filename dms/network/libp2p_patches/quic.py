@@ -28,6 +28,14 @@ acknowledgements ``YAMUX_WINDOW_WAIT_S`` (120 s), as a Yamux write waits for a w
 never for ever. Only with the wake above applied: a read waiting for ever that a reset
 does not wake would hold its stream for good; without it both stay py-libp2p's 30 s.
 
+**A receive buffer's overflow resets the stream.** py-libp2p's receiver grants QUIC
+credit as bytes arrive, read or not, and ``handle_data_received`` dropped a chunk that
+took the stream's buffer past ``MAX_STREAM_RECEIVE_BUFFER`` (2 MB) with a warning and
+nothing else: a stream read slowly (dms paces its reads of a peer over its byte
+budget) lost bytes mid-stream, and its reader took the next length prefix from the
+wrong place. Now the stream is reset instead (:func:`overflows_reset_the_stream`): its
+reader reads what came before the overflow, all of it as sent, then the reset; its
+writer sees the reset; nothing is read that was not sent.
 """
 
 from __future__ import annotations
@@ -47,10 +55,16 @@ QUIC_TRANSPORT = "libp2p.transport.quic.transport"
 # The sha256 of py-libp2p's QUICStream methods (their sources, dedented) the patches
 # were written against. The wake sets ``_receive_event`` and ``_backpressure_event``:
 # ``read`` waits on the first (and raises once the stream is reset), ``write`` on the
-# second, ``reset`` sets neither.
+# second, ``reset`` sets neither. ``handle_data_received`` drops a chunk past
+# ``MAX_RECEIVE_BUFFER_SIZE`` and does nothing on a reset stream.
 RESET_SHA256 = "5f0c17b8c32b8472052bee914db80117a9a05e453bd804106d043b7a46678a60"
 READ_SHA256 = "786851b3f6eb9782b1be7abfa2795524c4ee27eff0ee5d36c1b1c020b07e3d60"
 WRITE_SHA256 = "2fd0aa33059731dd73bad0b9629edb9e3a26263085572b55cd8a0038fc5d6b34"
+HANDLE_DATA_RECEIVED_SHA256 = "f26d840e7f1b9fccd1ef4c44ded8d9c8aae5f5acd27ebdd11ac05831e94f476f"
+
+# The application error code of a reset for an overflowing receive buffer (py-libp2p
+# resets with 1 on any error of its own).
+OVERFLOW_RESET_CODE = 1
 
 
 def resets_wake_the_streams_waiters() -> bool:
@@ -83,6 +97,49 @@ def resets_wake_the_streams_waiters() -> bool:
 
     waking.dms_wakes = True  # type: ignore[attr-defined]
     QUICStream.reset = waking  # type: ignore[method-assign]
+    return True
+
+
+def overflows_reset_the_stream() -> bool:
+    """``QUICStream.handle_data_received`` resets the stream where it dropped a chunk
+    that overflowed the receive buffer."""
+    from libp2p.transport.quic.stream import QUICStream, StreamState
+
+    handle = QUICStream.handle_data_received
+    if getattr(handle, "dms_resets", False):
+        return True
+    if shipped_source(handle, HANDLE_DATA_RECEIVED_SHA256) is None:
+        log.info(
+            "py-libp2p's QUIC stream changed shape; a chunk past its receive buffer is "
+            "left to it (0.8.1 dropped it)"
+        )
+        return False
+
+    @functools.wraps(handle)
+    async def resetting(self: Any, data: bytes, end_stream: bool) -> None:
+        # Called for one stream at a time, in the connection's order: the buffer only
+        # shrinks (a read) between this check and the one ``handle`` makes.
+        if (
+            data
+            and self._state != StreamState.RESET
+            and len(self._receive_buffer) + len(data) > self.MAX_RECEIVE_BUFFER_SIZE
+        ):
+            log.debug(
+                "QUIC stream %s reset: %d bytes unread and %d more past its %d-byte buffer",
+                self.stream_id,
+                len(self._receive_buffer),
+                len(data),
+                self.MAX_RECEIVE_BUFFER_SIZE,
+            )
+            try:
+                await self.reset(error_code=OVERFLOW_RESET_CODE)
+            finally:
+                self._receive_event.set()
+            return
+        await handle(self, data, end_stream)
+
+    resetting.dms_resets = True  # type: ignore[attr-defined]
+    QUICStream.handle_data_received = resetting  # type: ignore[method-assign]
     return True
 
 

@@ -561,25 +561,25 @@ def test_the_first_beat_after_the_start_or_an_announce_is_at_a_random_point_of_t
     assert periodic()[timed_before] == pytest.approx(least)
 
 
-def test_the_next_beat_comes_within_the_interval_the_last_one_announced(
-    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Peers hold a node gone past its last beat's deadline (DEADLINE_FACTOR times the
-    interval that beat announced), and the interval grows with the peers table. A
-    newcomer's beat announced a small network's interval, one heartbeat sync then
-    filled its table, and the next beat was timed a whole new interval later: past
-    the deadline its peers held it gone until that beat (a 40-node cluster in one
-    process: 10 peers gone and returned just after the last start). Here 40 peers
-    come into the table while a beat is sent, the random share of the interval is its
-    most: each wait is at most the interval the beat before it announced."""
+def _beats_as_the_table_grows(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch, name: str, refused: int = 0
+) -> tuple[list[float], list[tuple[int, float]], list[int]]:
+    """A node (heartbeat_s 0.5, budget 2 a second) into whose table 40 peers come while
+    its first beat is sent (the interval grows from 0.5 to 20.5 s); the random share of
+    the interval is its most. Beat number ``refused`` (1-based; 0: none) is refused by
+    the network once. Returns the intervals the beats built announced, each wait timed
+    as (beats built before it, wait), and the beats the network refused."""
+    from dms.actor.actor import Actor
     from dms.node import peering as peering_module
 
     monkeypatch.setattr(peering_module, "random", SimpleNamespace(uniform=lambda lo, hi: hi))
     announced: list[float] = []
     waits: list[tuple[int, float]] = []
+    refusals: list[int] = []
     heartbeat = peering_module.Peering.heartbeat
     beat_soon = peering_module.Peering._beat_soon
-    publish = peering_module.Peering._publish_heartbeat
+    publish_heartbeat = peering_module.Peering._publish_heartbeat
+    publish = Actor.publish
 
     def built(self: peering_module.Peering, leaving: bool = False) -> dict:
         beat = heartbeat(self, leaving)
@@ -592,21 +592,65 @@ def test_the_next_beat_comes_within_the_interval_the_last_one_announced(
         beat_soon(self, delay_s)
 
     def published(self: peering_module.Peering, leaving: bool = False) -> None:
-        publish(self, leaving)
+        publish_heartbeat(self, leaving)
         if len(announced) == 1:  # the peers one heartbeat sync brings, meanwhile
             for i in range(40):
                 self.peer_table.observe(f"p{i}", f"did:key:{i}", beat(deadline_s=3600.0))
 
+    def refusing(
+        self: Actor, topic: str, behaviour: str, payload: object = None, **kw: object
+    ) -> bytes:
+        if topic == HEARTBEAT_TOPIC and len(announced) == refused and not refusals:
+            refusals.append(refused)
+            raise RuntimeError("the network refuses")
+        return publish(self, topic, behaviour, payload, **kw)
+
     monkeypatch.setattr(peering_module.Peering, "heartbeat", built)
     monkeypatch.setattr(peering_module.Peering, "_beat_soon", timed)
     monkeypatch.setattr(peering_module.Peering, "_publish_heartbeat", published)
-    node = cluster.add("growing", heartbeat_s=0.5, heartbeat_budget_per_s=2.0)
+    monkeypatch.setattr(Actor, "publish", refusing)
+    node = cluster.add(name, heartbeat_s=0.5, heartbeat_budget_per_s=2.0)
     assert node.node is not None
     peering = node.node.pykka_ref.proxy().peering.get(timeout=5)
     wait_for(lambda: any(n >= 2 for n, _ in waits), WAIT_S, "two beats sent, a third timed")
     assert announced[0] == pytest.approx(0.5) and peering.heartbeat_interval() > 20.0
+    return announced, waits, refusals
+
+
+def test_the_next_beat_comes_within_the_interval_the_last_one_announced(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Peers hold a node gone past its last beat's deadline (DEADLINE_FACTOR times the
+    interval that beat announced), and the interval grows with the peers table. A
+    newcomer's beat announced a small network's interval, one heartbeat sync then
+    filled its table, and the next beat was timed a whole new interval later: past
+    the deadline its peers held it gone until that beat (a 40-node cluster in one
+    process: 10 peers gone and returned just after the last start). Here 40 peers
+    come into the table while a beat is sent, the random share of the interval is its
+    most: each wait is at most the interval the beat before it announced."""
+    announced, waits, _ = _beats_as_the_table_grows(cluster, monkeypatch, "growing")
     after_a_beat = [(n, wait) for n, wait in waits if n > 0]
     assert after_a_beat and all(wait <= announced[n - 1] for n, wait in after_a_beat), (
+        announced,
+        waits,
+    )
+
+
+def test_a_beat_not_published_announced_nothing(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interval a beat announces counts once the beat was published: its peers
+    never received one the network refused, and still hold this node to the deadline
+    of the beat before. The interval grew (0.5 to 20.5 s) at the second beat, whose
+    publish was refused ("heartbeat not sent"): the third was timed 20.5 s on, an
+    interval no peer received, past the 1.5 s deadline they hold. It comes within the
+    0.5 s the first beat announced."""
+    announced, waits, refusals = _beats_as_the_table_grows(
+        cluster, monkeypatch, "refused", refused=2
+    )
+    assert refusals == [2] and announced[1] > 20.0
+    after_the_refused = [wait for n, wait in waits if n == 2]
+    assert after_the_refused and all(w <= announced[0] for w in after_the_refused), (
         announced,
         waits,
     )

@@ -132,8 +132,9 @@ class Peering:
         # The next periodic beat comes at a random point of its interval (after the
         # start and each announce: DEPHASE_MIN_SHARE), not a whole interval on.
         self._dephase = True
-        # The interval the last beat announced: its peers hold this node to that beat's
-        # deadline (DEADLINE_FACTOR intervals), so the next comes within it.
+        # The interval the last beat published announced: its peers hold this node to
+        # that beat's deadline (DEADLINE_FACTOR intervals), so the next comes within it.
+        # A beat that was not published (refused, no thread) announced nothing.
         self._announced_s: float | None = None
         # Set once the publish of the last heartbeat returned (it waits on the network
         # thread): the next is not sent while one still waits.
@@ -185,9 +186,14 @@ class Peering:
         return max(self.heartbeat_s, peers / self.heartbeat_budget_per_s)
 
     def heartbeat(self, leaving: bool = False) -> dict[str, Any]:
+        """The next heartbeat: its interval and deadline as of now, and the figures it
+        carries. It records the beat count (the next one's ``seq``) and, through
+        ``_summary``, the figures read; not the interval it announces. That one is
+        recorded once the beat was published (``_publish_heartbeat_now``): peers hold
+        this node to the deadline of the last beat they received, and
+        ``_interval_due`` times the next beat by it. A beat built but not published
+        (refused, no thread) moves no deadline."""
         interval = self.heartbeat_interval()
-        if not leaving:
-            self._announced_s = interval
         wait_s = 0.0 if leaving else interval * FIGURES_WAIT_SHARE
         beat: dict[str, Any] = {
             "nonce": self.nonce,
@@ -272,6 +278,8 @@ class Peering:
         def publish() -> None:
             try:
                 frame = self.node.publish(HEARTBEAT_TOPIC, HEARTBEAT_BEHAVIOUR, beat, ttl_s=ttl_s)
+                if not leaving:  # out: its peers now hold this node to its deadline
+                    self._announced_s = beat["interval_s"]
                 env = peek(frame)
                 signed = SignedHeartbeat.of(env, frame) if env is not None else None
                 self.heartbeats.keep_own_heartbeat(None if leaving else signed)
@@ -347,13 +355,14 @@ class Peering:
         return interval * random.uniform(DEPHASE_MIN_SHARE, 1.0)
 
     def _interval_due(self) -> float:
-        """The interval as of now, but no longer than the one the last beat announced:
-        peers hold this node gone past that beat's deadline (DEADLINE_FACTOR of its
-        interval), and the interval grows with the peers table. A newcomer's beat
-        announced a small network's interval, a heartbeat sync then brought it every
-        peer, and the next beat was timed a whole new interval later, past that
+        """The interval as of now, but no longer than the one the last beat published
+        announced: peers hold this node gone past that beat's deadline (DEADLINE_FACTOR
+        of its interval), and the interval grows with the peers table. A newcomer's
+        beat announced a small network's interval, a heartbeat sync then brought it
+        every peer, and the next beat was timed a whole new interval later, past that
         deadline: its peers held it gone until then. The interval now grows a beat at
-        a time."""
+        a time. A beat that was not published counts for nothing: its peers still hold
+        the deadline of the one before."""
         interval = self.heartbeat_interval()
         announced = self._announced_s
         return interval if announced is None else min(interval, announced)

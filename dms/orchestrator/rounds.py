@@ -144,6 +144,18 @@ def offered_lease_ids(raw: Any) -> list[str]:
     return [i for i in ids if isinstance(i, str) and 0 < len(i) <= 64]
 
 
+def held_lease(slot: Slot, peer: str | None = None) -> tuple[str, str] | None:
+    """The lease ``slot`` holds, as (peer, lease id): a chosen slot (committing,
+    allocating, running) holds its peer's; None while it holds none, or none of
+    ``peer``'s when given. The one derivation of "the leases the slots hold": a round's
+    kept leases as it begins, a lease's slot, the leases never given back."""
+    if slot.state not in HELD or not slot.peer_id or not slot.lease_id:
+        return None
+    if peer is not None and slot.peer_id != peer:
+        return None
+    return slot.peer_id, slot.lease_id
+
+
 class RoundsHost(Protocol):
     """What bid rounds ask of the deployment that holds them."""
 
@@ -325,11 +337,7 @@ class BidRounds:
         self._offers = {s.name: [] for s in open_slots}
         # No slot is chosen until the round closes: the leases held now are all the held
         # ones a bid of the round can name.
-        self._kept = {
-            (s.peer_id, s.lease_id): s.name
-            for s in self.book.slots.values()
-            if s.peer_id and s.lease_id and s.state in HELD
-        }
+        self._kept = {held: s.name for s in self.book.slots.values() if (held := held_lease(s))}
         self._offered, self._refused_noted = set(), set()
         self._declined = {}
         request = BidRequest(
@@ -532,9 +540,7 @@ class BidRounds:
         name = self._kept.get((peer, lease_id))
         if name is None or name in self._offers:
             return name
-        slot = self.book.slots[name]
-        held = slot.state in HELD and slot.peer_id == peer and slot.lease_id == lease_id
-        return name if held else None
+        return name if held_lease(self.book.slots[name]) == (peer, lease_id) else None
 
     def _not_kept(self, peer: str, offers: list[Offer]) -> list[Offer]:
         """``offers`` without those naming a lease of ``peer`` that an offer kept this
@@ -550,9 +556,9 @@ class BidRounds:
         if not lease_ids:
             return []
         held = {
-            s.lease_id for s in self.book.slots.values() if s.peer_id == peer and s.state in HELD
+            lease for s in self.book.slots.values() if (lease := held_lease(s, peer)) is not None
         }
-        return [i for i in lease_ids if (peer, i) not in self._kept and i not in held]
+        return [i for i in lease_ids if (peer, i) not in self._kept and (peer, i) not in held]
 
     def _refuse(self, rid: int, peer: str, offers: list[tuple[Offer, str | None]]) -> None:
         """``peer``'s offers refused at arrival: each a later one for a slot it answered

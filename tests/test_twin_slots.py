@@ -527,7 +527,9 @@ def test_a_lease_a_peer_names_for_two_slots_in_two_bids_backs_one(
     assert [(b.peer_id, b.slot, b.outcome, b.lease_id) for b in refused] == [
         ("p", "w.1", "lost", "p:x")
     ], refused
-    assert refused[0].reason.startswith("refused: its lease p:x stands for w.0 in round 1")
+    assert refused[0].reason.startswith(
+        "refused: its lease p:x stands for w.0 (kept for it in round 1): "
+    ), refused[0].reason
     r.book.send_held(force=True)
     assert not [i for _, ids in reverted for i in ids if i == "p:x"], reverted
 
@@ -551,7 +553,9 @@ def test_a_lease_a_slot_holds_is_refused_for_another_slot(
     assert r.committed == {"w.0": "p:x"}, r.committed
     refused = [b for b in r.store.bids if b.reason.startswith("refused: ")]
     assert [(b.peer_id, b.slot, b.lease_id) for b in refused] == [("p", "w.1", "p:x")]
-    assert refused[0].reason.startswith("refused: its lease p:x stands for w.0 in round 2")
+    assert refused[0].reason.startswith(
+        "refused: its lease p:x stands for w.0 (held since round 1): "
+    ), refused[0].reason  # refused in round 2: w.0 holds it since round 1
     r.book.send_held(force=True)
     assert not [i for _, ids in reverted for i in ids if i == "p:x"], reverted
 

@@ -200,6 +200,9 @@ class BidRounds:
         # decline is undone).
         self._offered: set[tuple[str, str]] = set()
         self._kept: dict[tuple[str, str], str] = {}
+        # The round whose close chose each slot's lease (of this actor: a slot recovered
+        # holding one has none): a refusal says since when a slot holds the lease.
+        self._chosen_in: dict[str, int] = {}
         self._declined: dict[tuple[str, str], tuple[str | None, str | None]] = {}
         self._refused_noted: set[tuple[str, str]] = set()  # a row written for each
         self._arrived = 0  # offers taken so far: each candidate's ``seq``
@@ -582,14 +585,22 @@ class BidRounds:
                 )
             else:
                 why = (
-                    f"refused: its lease {offer.lease_id} stands for {stands} in round {rid}: "
-                    "one lease backs one slot; that slot keeps it"
+                    f"refused: its lease {offer.lease_id} stands for {stands} "
+                    f"({self._since(stands, rid)}): one lease backs one slot; that slot keeps it"
                 )
             rows.append(
                 BidRow(self.book.id, "received", peer, offer.slot, "lost", why,
                        lease_id=offer.lease_id, price=offer.price)
             )  # fmt: skip
         self.book.add_bids(rows)
+
+    def _since(self, name: str, rid: int) -> str:
+        """Since when a lease stands for slot ``name`` (``_stands_for``), in round ``rid``:
+        an offer of this round kept for it, or the slot holds it since an earlier one."""
+        if name in self._offers:
+            return f"kept for it in round {rid}"
+        chosen = self._chosen_in.get(name)
+        return f"held since round {chosen}" if chosen is not None else "held since before round 1"
 
     def _give_back(self, peer: str, offers: list[Offer], rid: int) -> None:
         """Revert ``peer``'s ``offers`` (made in round ``rid``); once the revert is sent
@@ -828,6 +839,7 @@ class BidRounds:
             slot = self.book.slots[name]
             why = slot.reasons[chosen.peer_id]
             slot.choose(chosen.peer_id, chosen.offer.lease_id, f"won: {why}", self.book.deadlines)
+            self._chosen_in[name] = rid
             self.book.event(f"{name}: chose {chosen.peer_id[-8:]} ({why})")
             self.host.commit(slot)
         for peer, offers in losers.items():

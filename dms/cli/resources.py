@@ -63,7 +63,8 @@ def _steps(update: Callable[..., None]) -> Callable[[str, int, int], None]:
 
 
 POOLS = ("onboarded", "free", "locked", "allocated")
-COUNTS = ("price", "allocations", "leases")  # said in one line under the pools
+# The price and the counts: said in one line under the pools, first and in this order.
+UNDER_THE_POOLS = ("price", "allocations", "leases")
 # A capability's fields the table's title says, not its rows.
 ABOUT_THE_RUN = ("version", "measured_at", "seconds", "cores")
 
@@ -105,8 +106,8 @@ def _show_status(status: dict[str, Any], json_out: bool, title: str) -> None:
         rows = [[k, *(status[k][u] for u in ("cpu", "ram_gib", "disk_gib", "gpu"))] for k in pools]
         emit_table(title, ["pool", "cpu (cores)", "ram (GiB)", "disk (GiB)", "gpu"], rows)
     shown = {*POOLS, "capability"}
-    rest = [k for k in COUNTS if k in status]
-    rest += sorted(k for k in status if k not in shown.union(COUNTS))
+    rest = [k for k in UNDER_THE_POOLS if k in status]
+    rest += sorted(k for k in status if k not in shown.union(UNDER_THE_POOLS))
     if rest:
         say(", ".join(f"{k} {cell(status[k], k)}" for k in rest))
 

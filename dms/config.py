@@ -220,7 +220,7 @@ class Settings(BaseSettings):
         ge=1,
         description="most peers with frames waiting for a stream at once, each a task and a "
         "dial (a DHT lookup for an unknown key); a frame for one more fails at once, before "
-        "its dial starts (waiting_full)",
+        "its dial starts (waiting_full), unless the node has a stake in it or it is connected",
     )
     max_new_dials_per_s: float = Field(
         default=16.0,

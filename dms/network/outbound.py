@@ -15,6 +15,7 @@ import logging
 import math
 import threading
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -103,6 +104,7 @@ class Sending(Discovery):
     _waiting_bytes: int  # bytes of all peers' waiting frames (max_waiting_bytes)
     # (len(_waiting): the peers with frames waiting, max_waiting_peers)
     refusals: Counter[str]
+    _has_stake: Callable[[str], bool]  # dms.network.host.Libp2pTransport._has_stake
 
     def send(self, peer_id: str, frame: bytes) -> None:
         """Queue a frame for ``peer_id`` without waiting: never blocks the calling actor.
@@ -183,7 +185,11 @@ class Sending(Discovery):
         # none.
         elif self._waiting_bytes and self._waiting_bytes + len(data) > s.max_waiting_bytes:
             self._waiting_full(data, f"max_waiting_bytes {s.max_waiting_bytes}")
-        elif waiting is None and len(self._waiting) >= s.max_waiting_peers:
+        elif (
+            waiting is None
+            and len(self._waiting) >= s.max_waiting_peers
+            and self._dialed_for_frames(peer_id)
+        ):
             self._waiting_full(data, f"max_waiting_peers {s.max_waiting_peers}")
         elif (waiting := self._waiting_for(peer_id)) is None:
             self._report([data], "the network is stopped")
@@ -208,6 +214,19 @@ class Sending(Discovery):
         self._waiting_bytes += waiting.add(batch, front)
         if not counted:
             self._count(peer_id, len(batch))
+
+    def _dialed_for_frames(self, peer_id: str) -> bool:
+        """Whether ``peer_id``'s waiting frames take one of ``max_waiting_peers``: not if
+        the node has a stake in it (as many as its stakes), nor if it is connected (as
+        many as its connections; its stream opens on one, no dial): else many keys that
+        never answer refused every frame to those until their dials ended."""
+        if self._has_stake(peer_id):
+            return False
+        try:
+            pid = peer_id_of(peer_id)
+        except NetworkError:
+            return True
+        return self._host is None or not self._host.get_network().get_connections(pid)
 
     def _waiting_for(self, peer_id: str) -> _Waiting | None:
         """The frames waiting for ``peer_id``'s stream, and the one task that opens it

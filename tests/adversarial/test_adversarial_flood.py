@@ -399,7 +399,7 @@ def test_peers_with_frames_waiting_for_streams_are_bounded(
         raise NetworkError(f"peer {pid} is unreachable: told so")
 
     monkeypatch.setattr(transport, "_ensure_connected", fails_when_told)
-    transport._host = object()  # type: ignore[assignment]
+    transport._host = _Connected(set())  # type: ignore[assignment]
 
     async def dialing() -> None:
         async with trio.open_nursery() as nursery:
@@ -427,6 +427,61 @@ def test_peers_with_frames_waiting_for_streams_are_bounded(
 
     trio.run(dialing)
     assert transport.refusals[Budget.WAITING_FULL] == 7
+
+
+class _Connected:
+    """A host stand-in whose swarm shows ``peers`` connected (a connection each)."""
+
+    def __init__(self, peers: set[str]) -> None:
+        self.peers = peers
+
+    def get_network(self) -> _Connected:
+        return self
+
+    def get_connections(self, pid: ID) -> list[object]:
+        return [object()] if pid.to_base58() in self.peers else []
+
+
+def test_the_waiting_peers_bound_never_refuses_a_staked_or_connected_peer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """max_waiting_peers bounds the peers dialed for frames; a frame for a peer the node
+    has a stake in (as many as its stakes) or one connected (as many as its
+    connections, its stream opened with no dial) waits past it. Before, 2 unknown keys
+    whose dials never end (max_waiting_peers 2) had the frames to the staked peer and
+    the connected one fail waiting_full; now both wait, and a third unknown key's
+    fails."""
+    settings = NetworkSettings(max_waiting_peers=2)
+    transport = Libp2pTransport(Identity.generate(), settings)
+    lost: list[str] = []
+    transport._undeliverable = lambda frame, reason: lost.append(reason)
+    staked, connected = Identity.generate().peer_id, Identity.generate().peer_id
+    transport.stake = lambda peer: peer == staked
+    never = trio.Event()
+
+    async def never_ends(pid: ID) -> None:
+        await never.wait()
+
+    monkeypatch.setattr(transport, "_ensure_connected", never_ends)
+    transport._host = _Connected({connected})  # type: ignore[assignment]
+
+    async def dialing() -> None:
+        async with trio.open_nursery() as nursery:
+            transport._nursery = nursery
+            transport._thread_ident = threading.get_ident()
+            for _ in range(2):
+                transport.send(Identity.generate().peer_id, b"bid")
+            transport.send(staked, b"bid")
+            transport.send(connected, b"bid")
+            await trio.testing.wait_all_tasks_blocked()
+            assert lost == []
+            assert {staked, connected} <= set(transport._waiting)
+            transport.send(Identity.generate().peer_id, b"bid")
+            assert len(lost) == 1 and "(max_waiting_peers 2)" in lost[0]
+            assert transport.refusals[Budget.WAITING_FULL] == 1
+            nursery.cancel_scope.cancel()
+
+    trio.run(dialing)
 
 
 def test_a_peer_found_flooding_keeps_a_small_rate_for_its_cooldown() -> None:

@@ -773,3 +773,36 @@ def test_a_round_due_while_one_is_open_waits_for_its_close(
     assert r.rounds.round == 3 and list(r.rounds._offers) == ["w.0"]
     events = [e["what"] for e in r.book.row.events if e["what"].startswith("round ")]
     assert events[-1] == "round 3: no acceptable bid for w.0; queued", events
+
+
+def test_a_lease_given_back_in_the_round_and_named_again_is_refused_not_committed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The property's counterexample, played step by step: w.0 is held on h (round 1,
+    its lease ``h:0``, its allocate in flight); in round 2 b offers ``b:0`` for w.0,
+    not open: given back, its revert held for the allocate. w.0 is lost (a round due
+    at round 2's close), then b names ``b:0`` again, for w.0 and w.1. Before, the offer
+    for w.1 was kept and won: ``b:0`` committed, then the held revert sent after it
+    (a committed lease given back). A lease given back in the round is refused when
+    named again, with its row, and goes back no second time."""
+    job = {"allocations": [{"name": "w", "executor": "compute", "count": 2,
+                            "resources": {"cpu": "500m", "ram": "64MiB"},
+                            "params": {"seconds": 0.2}}],
+           "strategy": "score", "distinct_peers": False}  # fmt: skip
+
+    def step(peer: str, offers: list[tuple[str, str]], stale: bool = False) -> dict[str, Any]:
+        return {"peer": peer, "kind": "bid", "offers": offers, "declines": [],
+                "stale": stale, "published": False}  # fmt: skip
+
+    plan = [step("a", [], stale=True), step("a", [], stale=True), step("a", []),
+            step("a", [], stale=True), step("b", [("w.0", "b:0")]), step("a", []),
+            step("b", [("w.0", "b:0"), ("w.1", "b:0")])]  # fmt: skip
+    r, done = _play(monkeypatch, job, plan, stale=True, lose_at=5)
+    commits = [(peer, lease) for what, peer, lease in done if what == "commit"]
+    assert ("b", "b:0") not in commits, done  # before: committed, then reverted
+    assert commits == [("h", "h:0")] and r.gone == [("h", "h:0")], (done, r.gone)
+    assert ("revert", "b", "b:0") in done, done
+    refused = [(b.peer_id, b.slot, b.lease_id, b.reason) for b in r.store.bids
+               if b.reason.startswith("refused: ")]  # fmt: skip
+    assert refused == [("b", "w.1", "b:0", "refused: its lease b:0 was given back in round 2: "
+                        "a lease given back is not taken again")], refused  # fmt: skip

@@ -205,6 +205,9 @@ class BidRounds:
         self._chosen_in: dict[str, int] = {}
         self._declined: dict[tuple[str, str], tuple[str | None, str | None]] = {}
         self._refused_noted: set[tuple[str, str]] = set()  # a row written for each
+        # The leases given back this round, by (peer, lease): its revert may wait for an
+        # allocate in flight, so one named again is refused, never kept (``_take_bid``).
+        self._returned: set[tuple[str, str]] = set()
         self._arrived = 0  # offers taken so far: each candidate's ``seq``
         self._gossiped = False
         self._closed: set[int] = set()
@@ -341,7 +344,7 @@ class BidRounds:
         # No slot is chosen until the round closes: the leases held now are all the held
         # ones a bid of the round can name.
         self._kept = {held: s.name for s in self.book.slots.values() if (held := held_lease(s))}
-        self._offered, self._refused_noted = set(), set()
+        self._offered, self._refused_noted, self._returned = set(), set(), set()
         self._declined = {}
         request = BidRequest(
             deployment_id=self.book.id,
@@ -445,7 +448,9 @@ class BidRounds:
         self.book.uncertain.add(peer)  # whatever else it holds for us goes back at the end
         # Its first answer stands: a bad one after it reverts no lease its kept offer or a
         # slot holds, nor replaces its reason for a slot it offered for.
-        self.book.revert(peer, self._not_kept_ids(peer, lease_ids))
+        lease_ids = self._not_kept_ids(peer, lease_ids)
+        self._returned.update((peer, i) for i in lease_ids)
+        self.book.revert(peer, lease_ids)
         if rid != self.round:
             return
         self._answered.add(peer)
@@ -476,7 +481,9 @@ class BidRounds:
         bids arrive in either order: the published one's may come first). One lease a
         slot: an offer naming a lease of the peer that stands for another slot (its kept
         offer's for that slot, this round, or a slot's that holds it) is refused too, and
-        gives nothing back (the lease is that slot's)."""
+        gives nothing back (the lease is that slot's); so is one naming a lease given back
+        this round (its revert may wait for an allocate in flight: kept, it would be
+        committed, then reverted), given back no second time."""
         peer = bid.peer_id
         if rid != self.round or rid in self._closed or self.book.state in DEPLOYMENT.terminal:
             self._give_back(peer, self._not_kept(peer, bid.offers), rid)  # too late: at once
@@ -490,8 +497,8 @@ class BidRounds:
             # may still answer a gossip request: its offer goes back.
             if offer.slot not in self._offers or self.host.excludes(offer.slot, peer):
                 back.append(offer)
-            elif (peer, offer.slot) in self._offered:
-                refused.append((offer, None))
+            elif (peer, offer.slot) in self._offered or (peer, offer.lease_id) in self._returned:
+                refused.append((offer, None))  # a second offer, or a lease given back
             elif (peer, offer.lease_id) in self._kept and (
                 stands := self._stands_for(peer, offer.lease_id)
             ):
@@ -518,7 +525,7 @@ class BidRounds:
                 slot.declined_for_good[peer] = decline.reason
         if refused:
             self._refuse(rid, peer, refused)
-            back += [offer for offer, _ in refused]
+            back += [o for o, _ in refused if (peer, o.lease_id) not in self._returned]
         self._give_back(peer, self._not_kept(peer, back), rid)
         if changed:  # a bid that changed nothing changes no decision
             self._maybe_close(rid)
@@ -566,8 +573,8 @@ class BidRounds:
     def _refuse(self, rid: int, peer: str, offers: list[tuple[Offer, str | None]]) -> None:
         """``peer``'s offers refused at arrival: each a later one for a slot it answered
         this round (``None``), or one naming a lease that stands for another slot (that
-        slot's name). Each has its row in the bid index, one a (peer, slot) a round
-        whatever it sends."""
+        slot's name); either one naming a lease given back this round says so. Each has
+        its row in the bid index, one a (peer, slot) a round whatever it sends."""
         log.info(
             "deployment %s: round %d: refused %d offer(s) of %s: one offer a peer a slot, "
             "one slot a lease",
@@ -578,7 +585,12 @@ class BidRounds:
             if (peer, offer.slot) in self._refused_noted:
                 continue
             self._refused_noted.add((peer, offer.slot))
-            if stands is None:
+            if (peer, offer.lease_id) in self._returned:
+                why = (
+                    f"refused: its lease {offer.lease_id} was given back in round {rid}: a "
+                    "lease given back is not taken again"
+                )
+            elif stands is None:
                 why = (
                     f"refused: a second offer of this peer for {offer.slot} in round {rid}: "
                     "one offer a peer a slot a round, its first stands; this one given back"
@@ -609,6 +621,7 @@ class BidRounds:
         (``GivenBackBook``, from the heartbeat heard then)."""
         if not offers:
             return
+        self._returned.update((peer, o.lease_id) for o in offers)
         amount = ZERO
         for offer in offers:
             spec = self.book.by_slot.get(offer.slot)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from dms.network import deferred
 from dms.network.libp2p_patches import (
     autoconnect,
     dial,
@@ -112,8 +113,7 @@ def apply_libp2p_patches() -> None:
         if _applied:
             return
         _applied = True
-        for patch in PATCHES:
-            (APPLIED if patch() else SKIPPED).append(patch.__name__)
+        _apply(PATCHES)
 
 
 def apply_quic_patches() -> None:
@@ -124,5 +124,16 @@ def apply_quic_patches() -> None:
         if _quic_applied:
             return
         _quic_applied = True
-        for patch in QUIC_PATCHES:
-            (APPLIED if patch() else SKIPPED).append(patch.__name__)
+        # The real QUIC modules first: patched before they load, a patch would set its
+        # wrapper on a stand-in (dms.network.deferred) and the class keep its own.
+        for group in deferred.GROUPS:
+            if group.name == "quic":
+                deferred.load(group)
+        _apply(QUIC_PATCHES)
+
+
+def _apply(patches: tuple[Callable[[], bool], ...]) -> None:
+    """Apply each patch, noting it in APPLIED or SKIPPED (its source not the one it was
+    written against). The caller holds ``_lock``."""
+    for patch in patches:
+        (APPLIED if patch() else SKIPPED).append(patch.__name__)

@@ -330,15 +330,11 @@ def test_frames_waiting_for_a_stream_to_a_peer_are_bounded(
     assert f"{queued} frames already wait for a stream" in lost[0]
 
 
-def test_frames_waiting_for_streams_to_all_peers_together_are_bounded(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Each peer's waiting frames are bounded (max_outbound_bytes), but many keys can
-    each make the node send to them (replies, bid answers): 10 peers being dialed, a
-    frame of 200 KiB each, 1 MiB for all together (max_waiting_bytes). Before, all 10
-    waited and 10 dials ran; now 5 wait, 5 fail waiting_full with no dial started, and
-    the bytes are free again once the dials end."""
-    settings = NetworkSettings(max_outbound_bytes=1024 * 1024, max_waiting_bytes=1024 * 1024)
+def _dials_that_fail_when_told(
+    monkeypatch: pytest.MonkeyPatch, settings: NetworkSettings
+) -> tuple[Libp2pTransport, list[str], list[ID], trio.Event]:
+    """A transport whose dials wait until the event is set, then fail: the frames it
+    reports undeliverable (their reasons) and the peers it dialed are listed."""
     transport = Libp2pTransport(Identity.generate(), settings)
     lost: list[str] = []
     transport._undeliverable = lambda frame, reason: lost.append(reason)
@@ -351,6 +347,19 @@ def test_frames_waiting_for_streams_to_all_peers_together_are_bounded(
         raise NetworkError(f"peer {pid} is unreachable: told so")
 
     monkeypatch.setattr(transport, "_ensure_connected", fails_when_told)
+    return transport, lost, dialed, give_up
+
+
+def test_frames_waiting_for_streams_to_all_peers_together_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each peer's waiting frames are bounded (max_outbound_bytes), but many keys can
+    each make the node send to them (replies, bid answers): 10 peers being dialed, a
+    frame of 200 KiB each, 1 MiB for all together (max_waiting_bytes). Before, all 10
+    waited and 10 dials ran; now 5 wait, 5 fail waiting_full with no dial started, and
+    the bytes are free again once the dials end."""
+    settings = NetworkSettings(max_outbound_bytes=1024 * 1024, max_waiting_bytes=1024 * 1024)
+    transport, lost, dialed, give_up = _dials_that_fail_when_told(monkeypatch, settings)
     transport._host = object()  # type: ignore[assignment]
     frame = b"x" * 200 * 1024
 
@@ -387,18 +396,7 @@ def test_peers_with_frames_waiting_for_streams_are_bounded(
     fail waiting_full naming the setting with no task or dial started, and a new peer's
     frame waits again once the dials end."""
     settings = NetworkSettings(max_waiting_peers=3)
-    transport = Libp2pTransport(Identity.generate(), settings)
-    lost: list[str] = []
-    transport._undeliverable = lambda frame, reason: lost.append(reason)
-    dialed: list[ID] = []
-    give_up = trio.Event()
-
-    async def fails_when_told(pid: ID) -> None:
-        dialed.append(pid)
-        await give_up.wait()
-        raise NetworkError(f"peer {pid} is unreachable: told so")
-
-    monkeypatch.setattr(transport, "_ensure_connected", fails_when_told)
+    transport, lost, dialed, give_up = _dials_that_fail_when_told(monkeypatch, settings)
     transport._host = _Connected(set())  # type: ignore[assignment]
 
     async def dialing() -> None:

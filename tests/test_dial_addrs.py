@@ -364,6 +364,20 @@ def test_an_older_dial_of_a_peer_never_reached_is_served_beside_a_stream_of_new_
 
 
 @contextlib.asynccontextmanager
+async def _cycles_when_told() -> AsyncIterator[tuple[Any, Any, Any]]:
+    """Two bare hosts on loopback, the first's auto-connector running its cycles when
+    the test says (``maybe_connect``), not on its own timer: (host, other, its swarm)."""
+    host, other = bare_host(Identity.generate()), bare_host(Identity.generate())
+    loopback = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    async with host.run(loopback), other.run(loopback):
+        swarm = host.get_network()
+        await swarm.auto_connector.stop()
+        await trio.testing.wait_all_tasks_blocked()
+        await swarm.auto_connector.start()
+        yield host, other, swarm
+
+
+@contextlib.asynccontextmanager
 async def _no_slot(pid: ID) -> AsyncIterator[None]:
     yield
 
@@ -580,15 +594,8 @@ def test_a_peer_this_node_refused_to_dial_is_tried_at_the_auto_connectors_next_c
 
     async def main() -> None:
         nonlocal connected
-        host, other = bare_host(Identity.generate()), bare_host(Identity.generate())
-        loopback = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
-        async with host.run(loopback), other.run(loopback):
-            swarm = host.get_network()
+        async with _cycles_when_told() as (host, other, swarm):
             auto = swarm.auto_connector
-            # Its cycles run when the test says, not on its own timer.
-            await auto.stop()
-            await trio.testing.wait_all_tasks_blocked()
-            await auto.start()
             dialslots.configure(swarm, lambda pid: False, refusals, new_per_s=0.0, new_burst=0)
             slots = slots_for(swarm)
             info = info_from_p2p_addr(other.get_addrs()[0])
@@ -625,14 +632,8 @@ def test_a_peer_that_connects_during_the_cycle_that_refused_it_keeps_no_failures
     left: dict[str, object] = {}
 
     async def main() -> None:
-        host, other = bare_host(Identity.generate()), bare_host(Identity.generate())
-        loopback = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
-        async with host.run(loopback), other.run(loopback):
-            swarm = host.get_network()
+        async with _cycles_when_told() as (host, other, swarm):
             auto = swarm.auto_connector
-            await auto.stop()  # its cycle runs when the test says
-            await trio.testing.wait_all_tasks_blocked()
-            await auto.start()
             info = info_from_p2p_addr(other.get_addrs()[0])
             peer, unanswered = info.peer_id, ID.from_base58(Identity.generate().peer_id)
             store = host.get_peerstore()
@@ -913,14 +914,8 @@ def test_a_connection_made_by_a_dial_keeps_nothing_of_the_dials_context() -> Non
     x = ID.from_base58(Identity.generate().peer_id)  # a key never reached
 
     async def main() -> None:
-        host, relay = bare_host(Identity.generate()), bare_host(Identity.generate())
-        loopback = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
-        async with host.run(loopback), relay.run(loopback):
-            swarm = host.get_network()
+        async with _cycles_when_told() as (host, relay, swarm):
             auto = swarm.auto_connector
-            await auto.stop()  # its cycle runs when the test says
-            await trio.testing.wait_all_tasks_blocked()
-            await auto.start()
             dialslots.configure(swarm, lambda pid: False, refusals, new_per_s=0.0, new_burst=0)
             slots = slots_for(swarm)
             done = trio.Event()

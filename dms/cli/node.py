@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ import typer
 
 from dms.cli.common import JsonOption, dialable, settings
 from dms.cli.output import duration, emit_fields, emit_json, say_line
+from dms.cli.signals import stop_signals
 from dms.errors import DmsError
 from dms.node.home import NODE_KEY, USER_KEY, NodeError, init_home, load_node_identity
 from dms.security import Keystore, agent
@@ -380,46 +380,46 @@ def run(
         mdns=mdns or None,
     )
     identity = load_node_identity(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    layer = None
-    if faults is not None:  # a node of 'dms sim' in processes mode (dms.sim.faults)
-        from dms.sim.faults import FaultPlan
+    # SIGINT and SIGTERM from here until the node has stopped: one during start-up
+    # stops the node as soon as it is up, one during its stop changes nothing.
+    with stop_signals() as signals:
+        layer = None
+        if faults is not None:  # a node of 'dms sim' in processes mode (dms.sim.faults)
+            from dms.sim.faults import FaultPlan
 
-        layer = FaultPlan.watching(faults).layer
-    node = Node(cfg, identity, network, api_port=api_port, layer=layer).start()
-    trimmer.start()  # a flood's freed buffers leave no RSS
-    from dms.cli import app
+            layer = FaultPlan.watching(faults).layer
+        node = Node(cfg, identity, network, api_port=api_port, layer=layer).start()
+        trimmer.start()  # a flood's freed buffers leave no RSS
+        from dms.cli import app
 
-    if app.OWN_PROCESS:  # this process is the node's: its start heap out of full collections
-        freeze_start_heap()
-    try:
-        assert node.api is not None
-        info = {
-            "peer_id": node.peer_id,
-            "did": identity.did,
-            "addrs": dialable(node.addrs()),
-            "api": f"http://127.0.0.1:{node.api.port}",
-            "home": str(cfg.home),
-        }
-        if json_out:
-            emit_json(info)
-        else:
-            # Plain lines, never wrapped: people copy them and scripts parse them.
-            typer.echo(f"dms node running (Ctrl-C to stop)\n  peer id: {info['peer_id']}")
-            typer.echo(f"  did:     {info['did']}\n  api:     {info['api']}")
-            # Each address whole on a line of its own: one is copied into --bootstrap.
-            typer.echo("  addresses (give one to --bootstrap on another node):")
-            for addr in info["addrs"]:
-                typer.echo(addr)
-        sys.stdout.flush()  # scripts wait for these lines before they go on
-        # Asleep until a signal's handler sets it (a signal interrupts the wait on
-        # POSIX): polled every 0.5 s, an idle node's main thread woke twice a second.
-        stop.wait()
-    finally:
-        trimmer.stop()
-        node.stop()
+        if app.OWN_PROCESS:  # this process is the node's: its start heap out of full collections
+            freeze_start_heap()
+        try:
+            assert node.api is not None
+            info = {
+                "peer_id": node.peer_id,
+                "did": identity.did,
+                "addrs": dialable(node.addrs()),
+                "api": f"http://127.0.0.1:{node.api.port}",
+                "home": str(cfg.home),
+            }
+            if json_out:
+                emit_json(info)
+            else:
+                # Plain lines, never wrapped: people copy them and scripts parse them.
+                typer.echo(f"dms node running (Ctrl-C to stop)\n  peer id: {info['peer_id']}")
+                typer.echo(f"  did:     {info['did']}\n  api:     {info['api']}")
+                # Each address whole on a line of its own: one is copied into --bootstrap.
+                typer.echo("  addresses (give one to --bootstrap on another node):")
+                for addr in info["addrs"]:
+                    typer.echo(addr)
+            sys.stdout.flush()  # scripts wait for these lines before they go on
+            # Asleep until a stop signal (polled every 0.5 s, an idle node's main thread
+            # woke twice a second); the handler takes no lock (dms.cli.signals).
+            signals.wait()
+        finally:
+            trimmer.stop()
+            node.stop()
     if not json_out:
         typer.echo("dms node stopped")
 

@@ -182,12 +182,11 @@ def up(
     (DMS_HOME=<its home> dms ...). Ctrl-C stops them all."""
     import os
     import secrets
-    import signal
     import tempfile
-    import threading
 
     from pydantic import ValidationError
 
+    from dms.cli.signals import stop_signals
     from dms.sim.faults import FaultPlan
     from dms.sim.runner import Runner, make_backend
     from dms.sim.scenario import Scenario, ScenarioError
@@ -216,29 +215,26 @@ def up(
     passphrase = given or secrets.token_urlsafe(12)
     work = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="dms-sim-"))
     out = err_console if json_out else console
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    faults = FaultPlan()
-    backend = make_backend(scenario, work, faults, passphrase=passphrase, serve_api=True)
-    runner = Runner(scenario, backend, faults, lambda line: out.print(line, highlight=False))
-    try:
-        with quiet_logging(work, mode):
-            runner.setup()
-            rows = [backend.describe(name) for name in backend.names]
-            if json_out:
-                emit_json(
-                    {"mode": mode, "root": str(work), "passphrase": passphrase, "nodes": rows}
-                )
-            else:
-                show_network(rows, mode, passphrase if not given else None)
-            sys.stdout.flush()  # scripts wait for these lines
-            while not stop.wait(0.5):
-                pass
-            out.print("stopping every node ...", highlight=False)
-    finally:
-        backend.stop()
-        faults.close()
+    with stop_signals() as signals:
+        faults = FaultPlan()
+        backend = make_backend(scenario, work, faults, passphrase=passphrase, serve_api=True)
+        runner = Runner(scenario, backend, faults, lambda line: out.print(line, highlight=False))
+        try:
+            with quiet_logging(work, mode):
+                runner.setup()
+                rows = [backend.describe(name) for name in backend.names]
+                if json_out:
+                    emit_json(
+                        {"mode": mode, "root": str(work), "passphrase": passphrase, "nodes": rows}
+                    )
+                else:
+                    show_network(rows, mode, passphrase if not given else None)
+                sys.stdout.flush()  # scripts wait for these lines
+                signals.wait()  # the handler takes no lock (dms.cli.signals)
+                out.print("stopping every node ...", highlight=False)
+        finally:
+            backend.stop()
+            faults.close()
     out.print(f"{len(rows)} node(s) stopped; their homes stay in {work}", highlight=False)
 
 

@@ -730,7 +730,8 @@ def test_one_slot_a_lease_and_an_earlier_rounds_replies_change_nothing_of_the_ro
                    for _, i in s["offers"]]  # fmt: skip
     extra = Counter(reverted)
     extra.subtract(Counter((peer, lease) for what, peer, lease in alone_done if what == "revert"))
-    assert +extra == Counter(stale_named) and not -extra, (extra, stale_named)
+    # Once a round each: a round due at once (``lose_at``) may begin while they come.
+    assert set(+extra) == set(stale_named) and not -extra, (extra, stale_named)
 
 
 def test_a_round_due_while_one_is_open_waits_for_its_close(
@@ -801,8 +802,35 @@ def test_a_lease_given_back_in_the_round_and_named_again_is_refused_not_committe
     commits = [(peer, lease) for what, peer, lease in done if what == "commit"]
     assert ("b", "b:0") not in commits, done  # before: committed, then reverted
     assert commits == [("h", "h:0")] and r.gone == [("h", "h:0")], (done, r.gone)
-    assert ("revert", "b", "b:0") in done, done
+    assert done.count(("revert", "b", "b:0")) == 1, done  # before: twice
     refused = [(b.peer_id, b.slot, b.lease_id, b.reason) for b in r.store.bids
                if b.reason.startswith("refused: ")]  # fmt: skip
     assert refused == [("b", "w.1", "b:0", "refused: its lease b:0 was given back in round 2: "
                         "a lease given back is not taken again")], refused  # fmt: skip
+
+
+def test_a_lease_named_again_for_a_slot_not_open_goes_back_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """w.0 is held on p (round 1, its allocate in flight); in round 2, open for w.1, p
+    names its lease ``p:x`` for w.0 twice in one bid, then once more in its answer to
+    the published request. Before, each naming gave it back: one revert naming ``p:x``
+    three times, and three give-backs of 500m counted free on p (1.5 cores it never
+    had free). A lease goes back once a round, however often it is named."""
+    r = Round(monkeypatch, ["p", "q"], count=2, strategy="score")
+    sent: list[tuple[str, list[str]]] = []
+    r.book.o.revert = lambda peer, payload: sent.append((peer, payload["lease_ids"]))
+    r.bid("p", ["w.0"])
+    r.bid("q", [], declines=("w.0", "w.1"))
+    assert r.committed == {"w.0": "p:w.0"}, r.committed  # w.1 queued
+    r.rounds._round()  # round 2: w.1
+    r.bid("p", ["w.0", "w.0"], lease="p:x")
+    again = Bid(deployment_id="dep1", peer_id="p", did="did:key:p", free={"cpu": 4},
+                onboarded={"cpu": 4}, offers=[Offer(slot="w.0", lease_id="p:x", price=0,
+                                                    expires_at=time.time() + 60)])  # fmt: skip
+    r.rounds._take_bid(r.rounds.round, again)
+    r.book.send_held(force=True)
+    assert sent == [("p", ["p:x"])], sent
+    record = r.book.o.peer_table.get("p")
+    assert record is not None
+    assert r.rounds.given_back.credit(record).human()["cpu"] == 0.5

@@ -205,8 +205,9 @@ class BidRounds:
         self._chosen_in: dict[str, int] = {}
         self._declined: dict[tuple[str, str], tuple[str | None, str | None]] = {}
         self._refused_noted: set[tuple[str, str]] = set()  # a row written for each
-        # The leases given back this round, by (peer, lease): its revert may wait for an
-        # allocate in flight, so one named again is refused, never kept (``_take_bid``).
+        # The leases given back this round, by (peer, lease): each goes back once
+        # (``_returning``); its revert may wait for an allocate in flight, so one named
+        # again is refused, never kept (``_take_bid``).
         self._returned: set[tuple[str, str]] = set()
         self._arrived = 0  # offers taken so far: each candidate's ``seq``
         self._gossiped = False
@@ -448,8 +449,7 @@ class BidRounds:
         self.book.uncertain.add(peer)  # whatever else it holds for us goes back at the end
         # Its first answer stands: a bad one after it reverts no lease its kept offer or a
         # slot holds, nor replaces its reason for a slot it offered for.
-        lease_ids = self._not_kept_ids(peer, lease_ids)
-        self._returned.update((peer, i) for i in lease_ids)
+        lease_ids = self._returning(peer, self._not_kept_ids(peer, lease_ids))
         self.book.revert(peer, lease_ids)
         if rid != self.round:
             return
@@ -525,7 +525,7 @@ class BidRounds:
                 slot.declined_for_good[peer] = decline.reason
         if refused:
             self._refuse(rid, peer, refused)
-            back += [o for o, _ in refused if (peer, o.lease_id) not in self._returned]
+            back += [o for o, _ in refused]
         self._give_back(peer, self._not_kept(peer, back), rid)
         if changed:  # a bid that changed nothing changes no decision
             self._maybe_close(rid)
@@ -618,20 +618,33 @@ class BidRounds:
         """Revert ``peer``'s ``offers`` (made in round ``rid``); once the revert is sent
         (it may wait for an allocate in flight: ``DeploymentBook.give_back``), what they
         held counts as free on it while its last heartbeat may still count them
-        (``GivenBackBook``, from the heartbeat heard then)."""
-        if not offers:
+        (``GivenBackBook``, from the heartbeat heard then). A lease goes back once a
+        round (``_returning``)."""
+        lease_ids = self._returning(peer, [o.lease_id for o in offers])
+        if not lease_ids:
             return
-        self._returned.update((peer, o.lease_id) for o in offers)
-        amount = ZERO
+        first: dict[str, Offer] = {}
         for offer in offers:
-            spec = self.book.by_slot.get(offer.slot)
+            first.setdefault(offer.lease_id, offer)
+        amount = ZERO
+        for lease_id in lease_ids:
+            spec = self.book.by_slot.get(first[lease_id].slot)
             if spec is not None:
                 amount = amount + spec.resources
 
         def credit() -> None:
             self.given_back.note(self.book.o.peer_table.get(peer), amount, rid)
 
-        self.book.give_back(peer, [o.lease_id for o in offers], credit)
+        self.book.give_back(peer, lease_ids, credit)
+
+    def _returning(self, peer: str, lease_ids: list[str]) -> list[str]:
+        """``lease_ids`` of ``peer`` to give back now: each once, and none given back
+        already this round, noted as given back. A peer may name a lease again (for a
+        slot not open, in a later bid, twice in one bid): it went back the first time,
+        and each revert of it more counted its resources free on the peer once more."""
+        fresh = [i for i in dict.fromkeys(lease_ids) if (peer, i) not in self._returned]
+        self._returned.update((peer, i) for i in fresh)
+        return fresh
 
     def _maybe_close(self, rid: int) -> None:
         if not self._gossiped and self._asked <= self._answered:

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dms.orchestrator.choosing as choosing
 import dms.orchestrator.rounds as rounds
 from dms.actor import Outcome, RemoteError
 from dms.jobs.spec import DeploymentSpec
@@ -308,8 +309,8 @@ def test_first_offer_does_not_select_at_each_bid_while_twins_lost_on_most_peers_
     for name in ("w.0", "w.1", "w.2", "w.3"):
         r.book.slots[name].excluded += [p for p in peers if p not in ("a", "b")]
     calls = []
-    real = rounds.select
-    monkeypatch.setattr(rounds, "select", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = choosing.select
+    monkeypatch.setattr(choosing, "select", lambda *a, **k: calls.append(1) or real(*a, **k))
     r.bid("a", ["w.4", "w.5", "w.6"])
     for i in range(10):  # 10 leases for w.4-w.11, more than enough
         r.bid(f"p{i}", [f"w.{4 + i % 8}"])
@@ -379,7 +380,7 @@ def test_first_offer_closes_early_exactly_when_select_places_every_open_slot(
         holders = {
             p: 1 for p in data.draw(st.lists(st.sampled_from(BIDDERS), unique=True, max_size=2))
         }
-        mp.setattr(r.rounds, "_holders", lambda: holders)
+        mp.setattr(r.rounds.chooser, "holders", lambda: holders)
         order = data.draw(st.permutations(BIDDERS), "order")
         for peer in order:
             offers = data.draw(st.lists(st.sampled_from(names), unique=True), f"{peer} offers")
@@ -399,7 +400,7 @@ def test_first_offer_closes_early_exactly_when_select_places_every_open_slot(
             # It waits only when it must: select on the offers in hand would not place
             # every slot (apart).
             decision = select(
-                "first-offer", r.rounds._pooled(), random.Random(0), RoundRobin(), holders,
+                "first-offer", r.rounds.chooser.pooled(), random.Random(0), RoundRobin(), holders,
                 distinct,
             )  # fmt: skip
             peers = [c.peer_id for c in decision.winners.values()]
@@ -771,7 +772,7 @@ def test_a_round_due_while_one_is_open_waits_for_its_close(
     assert ("p", "p:w.1") in given_back or r.committed.get("w.1") == "p:w.1", (r.committed, done)
     # Round 2 closed at q's answer as it would have, and the next round placed w.0 again.
     assert r.committed == {"w.0": "p:w.0", "w.1": "p:w.1"}, r.committed
-    assert r.rounds.round == 3 and list(r.rounds._offers) == ["w.0"]
+    assert r.rounds.round == 3 and list(r.rounds.intake.offers) == ["w.0"]
     events = [e["what"] for e in r.book.row.events if e["what"].startswith("round ")]
     assert events[-1] == "round 3: no acceptable bid for w.0; queued", events
 

@@ -15,7 +15,7 @@ run by the requester: a round-robin cursor over peer ids, the better of two
 random offers (more free cpu wins), and a uniformly random offer.
 ``first-offer`` is late binding, as Sparrow schedules: the offer that came in
 first wins, and its round closes as soon as this selection, run on the offers
-in hand, places every open slot (``rounds.py``; the peer that answers first is
+in hand, places every open slot (``choosing.py``; the peer that answers first is
 the one with time to spare now; the round does not wait for the slower one).
 """
 
@@ -36,7 +36,7 @@ class Candidate:
     bid: Bid
     offer: Offer
     # Its place in the round's arrivals: a slot's offers pooled with its twins'
-    # (``rounds.py``) are listed in arrival order by it, which ``first-offer`` goes by.
+    # (``choosing.py``) are listed in arrival order by it, which ``first-offer`` goes by.
     seq: int = 0
 
     @property
@@ -125,7 +125,7 @@ def distinct_matching(offers: dict[str, list[Candidate]], taken: set[str]) -> di
 
 
 def _one_a_peer(candidates: list[Candidate], slot: str) -> list[Candidate]:
-    """A slot's choice is among peers: an offer made for a twin (``rounds.py``) stands
+    """A slot's choice is among peers: an offer made for a twin (``choosing.py``) stands
     for its peer only where the peer has none of the slot's own, the first in list
     order (arrival). Each offer of the slot's own stays (no twins: nothing changes)."""
     own = {c.peer_id for c in candidates if c.offer.slot == slot}
@@ -168,7 +168,7 @@ def select(
     """``taken``: slots of this deployment each peer already holds (``score`` spreads
     new slots away from them too). ``distinct``: a peer that holds or wins a slot
     gets another only when no other peer offered (every strategy). An offer may be
-    listed under several slots (twins: ``rounds.py``, in arrival order): it wins one
+    listed under several slots (twins: ``choosing.py``, in arrival order): it wins one
     at most, stands for its peer only where the peer has no unused offer of the
     slot's own (``_one_a_peer``), and with ``distinct`` a slot left out of the
     matching takes no peer's last lease for the slot matched to it."""
@@ -254,7 +254,7 @@ def _complete(
     reasons: dict[tuple[str, str], str],
 ) -> None:
     """Place slots the choice slot by slot left out, by moving twins: a slot takes an
-    offer listed under it (the same one, pooled: ``rounds.py``) that a twin won, the
+    offer listed under it (the same one, pooled: ``choosing.py``) that a twin won, the
     twin one still free that it may take, or in turn one another twin won (augmenting
     paths). Twins that lost on different peers could be left one short where a
     placement of all existed: ``w.0`` lost on ``b``, ``w.1`` on ``a``, ``w.2`` on ``c``,

@@ -36,13 +36,14 @@ from dms.orchestrator.base import (
     allocation_ref,
     node_handle,
 )
+from dms.orchestrator.intake import first_error
 from dms.orchestrator.messages import (
     ALLOCATE,
     AllocateReply,
     AllocationStatus,
     AllocationUpdate,
 )
-from dms.orchestrator.rounds import BidRounds, first_error
+from dms.orchestrator.rounds import BidRounds
 from dms.orchestrator.slots import HELD, Slot, SlotState
 from dms.orchestrator.states import DEPLOYMENT, DeploymentState
 

@@ -23,7 +23,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from dms.network import admission, dialslots, libp2p_patches
-from dms.network.budgets import Budget, OutboundBudget
+from dms.network.budgets import Budget
 from dms.network.dialing import MAX_DIAL_ADDRS, ranked, reaches_this_host
 from dms.network.dialslots import (
     HOLD_S,
@@ -38,6 +38,7 @@ from dms.network.discovery import Discovery
 from dms.network.host import Libp2pTransport
 from dms.network.interfaces import advertised, expanded
 from dms.network.loop import NetworkError, why
+from dms.network.outboundbudget import OutboundBudget
 from dms.network.relay import DialSlot
 from dms.network.settings import NetworkSettings
 from dms.security.identity import Identity

@@ -297,7 +297,7 @@ def test_a_quic_connection_the_swarm_never_finishes_adding_is_closed() -> None:
 
     import trio
 
-    from dms.network.budgets import InboundGate
+    from dms.network.inboundgate import InboundGate
 
     class Stalling:
         async def add_conn(self, muxed: Any, direction: str) -> Any:

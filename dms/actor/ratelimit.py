@@ -53,7 +53,7 @@ class ShareMeter:
     decay over ``SHARE_WINDOW_S``, and its fair share is the budget's ``rate`` over
     that window divided among the peers that drew on it meanwhile. A budget uses it to
     let the peers within their share through a flood of the others (frames:
-    ``PeerRates.allow_shared``; bytes and new streams: ``dms.network.budgets``).
+    ``PeerRates.allow_shared``; bytes and new streams: ``dms.network.paced``).
     One thread uses it (no lock); a peer that has not drawn for ``SHARE_WINDOW_S`` is
     dropped, so it holds the peers of the last second only."""
 

@@ -27,11 +27,11 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from dms.backoff import Backoff
 from dms.network.admission import admit, admitted, remember, worked_for
-from dms.network.budgets import OutboundBudget
 from dms.network.dialing import ranked
 from dms.network.dialslots import slots_for
 from dms.network.interfaces import interface_networks
 from dms.network.loop import LoopBridge, NetworkError, why
+from dms.network.outboundbudget import OutboundBudget
 from dms.network.reconnect import Reconnects, at_once, targets
 from dms.network.relay import RelayClient, is_relayed
 from dms.network.settings import NetworkSettings, no_peer_named, parse_multiaddr

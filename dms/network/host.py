@@ -46,28 +46,23 @@ from dms.actor.ratelimit import PeerRates
 from dms.actor.transport import Receiver, Undeliverable
 from dms.network import dialslots
 from dms.network.admission import NotDialed
-from dms.network.budgets import (
-    Budget,
-    ByteBudget,
-    IdleWatch,
-    InboundGate,
-    OutboundBudget,
-    ProtocolStreams,
-    Stake,
-    StreamBudget,
-    StreamOpens,
-)
+from dms.network.budgets import Budget, Stake
 from dms.network.checked import CheckedFrames
 from dms.network.closing import close_host
 from dms.network.discovery import LEARNED_ADDR_TTL_S, PeerInfoView
 from dms.network.gossip import Gossip, Pacer, envelope_is_valid, new_pubsub, topic_budgets
+from dms.network.idlewatch import IdleWatch
+from dms.network.inboundgate import InboundGate
 from dms.network.interfaces import advertised
 from dms.network.libp2p_patches import BUFFERS, apply_libp2p_patches, set_buffer_budget
 from dms.network.libp2p_patches import quic as quic_patches
 from dms.network.loop import START_TIMEOUT_S, NetworkError, SharedLoop, root_cause, run_loop
 from dms.network.outbound import ACTOR_PROTOCOL, _Outbound, _Waiting
+from dms.network.outboundbudget import OutboundBudget
+from dms.network.paced import ByteBudget, StreamOpens
 from dms.network.peerstore import CLEANUP_S as PEERSTORE_CLEANUP_S
 from dms.network.peerstore import BoundedPeerStore
+from dms.network.protocolstreams import ProtocolStreams
 from dms.network.reachability import DialBack, Reachability
 from dms.network.relay import (
     HOP_PROTOCOL,
@@ -78,6 +73,7 @@ from dms.network.relay import (
     relayed_conn,
 )
 from dms.network.settings import NetworkSettings, parse_multiaddr
+from dms.network.streambudget import StreamBudget
 from dms.network.transfer import CHUNK_PROTOCOL, Offers, TransferBudget
 from dms.network.unicast import Unicast
 from dms.security.identity import Identity

@@ -39,7 +39,7 @@ from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
-from dms.network.budgets import subnet_of
+from dms.network.inboundgate import subnet_of
 from dms.network.interfaces import interface_networks
 from dms.network.relay import relayed_conn
 

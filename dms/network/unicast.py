@@ -25,11 +25,12 @@ from dms.actor.handle import ROOT_INBOX, Address, Handle
 from dms.actor.ratelimit import PeerRates
 from dms.actor.system import REFUSAL_TTL_S, reply_payload
 from dms.actor.transport import Receiver
-from dms.network.budgets import ByteBudget, IdleWatch, StreamOpens
 from dms.network.discovery import peer_id_of
 from dms.network.frames import PREFIX, FrameError, FrameReader
+from dms.network.idlewatch import IdleWatch
 from dms.network.loop import NetworkError, why
 from dms.network.outbound import Sending
+from dms.network.paced import ByteBudget, StreamOpens
 from dms.network.transfer import (
     CHUNK_PROTOCOL,
     Offers,

@@ -24,9 +24,10 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
-from dms.network.budgets import Budget, ByteBudget, PacedBudget, StreamOpens
+from dms.network.budgets import Budget
 from dms.network.host import ACTOR_PROTOCOL
 from dms.network.loop import NetworkError
+from dms.network.paced import ByteBudget, PacedBudget, StreamOpens
 from dms.network.peerbook import PeerBook
 from dms.network.settings import NetworkSettings
 from dms.network.transfer import CHUNK_PROTOCOL, Manifest

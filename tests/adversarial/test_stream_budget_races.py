@@ -25,15 +25,12 @@ import trio
 import trio.testing
 from libp2p.peer.id import ID
 
-from dms.network.budgets import (
-    PROTOCOL_SLOTS,
-    Budget,
-    IdleWatch,
-    InboundGate,
-    ProtocolStreams,
-    StreamBudget,
-)
+from dms.network.budgets import Budget
+from dms.network.idlewatch import IdleWatch
+from dms.network.inboundgate import InboundGate
+from dms.network.protocolstreams import PROTOCOL_SLOTS, ProtocolStreams
 from dms.network.settings import NetworkSettings
+from dms.network.streambudget import StreamBudget
 from dms.security import Identity
 
 KAD = "/ipfs/kad/1.0.0"

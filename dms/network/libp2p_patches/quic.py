@@ -35,11 +35,17 @@ nothing else: a stream read slowly (dms paces its reads of a peer over its byte
 budget) lost bytes mid-stream, and its reader took the next length prefix from the
 wrong place. Now the stream is reset instead (:func:`overflows_reset_the_stream`): its
 reader reads what came before the overflow, all of it as sent, then the reset; its
-writer sees the reset; nothing is read that was not sent.
+writer sees the reset; nothing is read that was not sent. The peer is asked to stop
+sending on it (STOP_SENDING), and what it sent meanwhile is dropped: py-libp2p forgets
+a stream once reset, and took each later chunk of a peer's stream for a new stream the
+peer opened (a ghost, its bytes from the middle of the old one: 11 to 25 after one
+overflow, each charged to the peer's new streams and two ERROR lines as its protocol's
+negotiation wrote to a reset stream).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -61,6 +67,12 @@ RESET_SHA256 = "5f0c17b8c32b8472052bee914db80117a9a05e453bd804106d043b7a46678a60
 READ_SHA256 = "786851b3f6eb9782b1be7abfa2795524c4ee27eff0ee5d36c1b1c020b07e3d60"
 WRITE_SHA256 = "2fd0aa33059731dd73bad0b9629edb9e3a26263085572b55cd8a0038fc5d6b34"
 HANDLE_DATA_RECEIVED_SHA256 = "f26d840e7f1b9fccd1ef4c44ded8d9c8aae5f5acd27ebdd11ac05831e94f476f"
+# QUICConnection's: each handler of a chunk takes one for a stream it does not hold
+# (``_get_stream_fast``) for a new inbound stream (``_create_inbound_stream``); a reset
+# from the peer is the stream's last event.
+HANDLE_STREAM_DATA_SHA256 = "620c7f0ee266064dd1e265d97eab091141a39c36e7b378072488fa7347a2157f"
+HANDLE_STREAM_DATA_BATCH_SHA256 = "7ad86b1e117536215c999fb30bd879d78a839f71a6a2bb0e1af5d7d055114015"
+HANDLE_STREAM_RESET_SHA256 = "50238009fe1141da62f7fdde0e360cad3e7cbb069a0fa75926870fdc72eb0217"
 
 # The application error code of a reset for an overflowing receive buffer (py-libp2p
 # resets with 1 on any error of its own).
@@ -102,13 +114,25 @@ def resets_wake_the_streams_waiters() -> bool:
 
 def overflows_reset_the_stream() -> bool:
     """``QUICStream.handle_data_received`` resets the stream where it dropped a chunk
-    that overflowed the receive buffer."""
+    that overflowed the receive buffer, asking the peer to stop sending on it; the
+    connection drops what the peer sent on it meanwhile rather than take it for a new
+    stream (``_overflowed``)."""
+    from libp2p.transport.quic.connection import QUICConnection
     from libp2p.transport.quic.stream import QUICStream, StreamState
 
     handle = QUICStream.handle_data_received
     if getattr(handle, "dms_resets", False):
         return True
-    if shipped_source(handle, HANDLE_DATA_RECEIVED_SHA256) is None:
+    data = QUICConnection._handle_stream_data
+    batch = QUICConnection._handle_stream_data_batch
+    reset = QUICConnection._handle_stream_reset
+    shipped = (
+        (handle, HANDLE_DATA_RECEIVED_SHA256),
+        (data, HANDLE_STREAM_DATA_SHA256),
+        (batch, HANDLE_STREAM_DATA_BATCH_SHA256),
+        (reset, HANDLE_STREAM_RESET_SHA256),
+    )
+    if any(shipped_source(fn, sha256) is None for fn, sha256 in shipped):
         log.info(
             "py-libp2p's QUIC stream changed shape; a chunk past its receive buffer is "
             "left to it (0.8.1 dropped it)"
@@ -131,6 +155,10 @@ def overflows_reset_the_stream() -> bool:
                 len(data),
                 self.MAX_RECEIVE_BUFFER_SIZE,
             )
+            if not end_stream:  # its last chunk otherwise: nothing comes after it
+                _overflowed(self._connection).add(self._stream_id)
+            with contextlib.suppress(Exception):  # STOP_SENDING, sent with the reset
+                self._connection._quic.stop_stream(self._stream_id, OVERFLOW_RESET_CODE)
             try:
                 await self.reset(error_code=OVERFLOW_RESET_CODE)
             finally:
@@ -138,8 +166,51 @@ def overflows_reset_the_stream() -> bool:
             return
         await handle(self, data, end_stream)
 
+    @functools.wraps(data)
+    async def data_of_streams_held(self: Any, event: Any) -> None:
+        if not _rest_of_an_overflowed(self, event):
+            await data(self, event)
+
+    @functools.wraps(batch)
+    async def batch_of_streams_held(self: Any, events_list: list[Any]) -> None:
+        await batch(self, [e for e in events_list if not _rest_of_an_overflowed(self, e)])
+
+    @functools.wraps(reset)
+    async def reset_the_last(self: Any, event: Any) -> None:
+        try:
+            await reset(self, event)
+        finally:
+            _overflowed(self).discard(event.stream_id)
+
     resetting.dms_resets = True  # type: ignore[attr-defined]
     QUICStream.handle_data_received = resetting  # type: ignore[method-assign]
+    QUICConnection._handle_stream_data = data_of_streams_held  # type: ignore[method-assign]
+    QUICConnection._handle_stream_data_batch = batch_of_streams_held  # type: ignore[method-assign]
+    QUICConnection._handle_stream_reset = reset_the_last  # type: ignore[method-assign]
+    return True
+
+
+def _overflowed(connection: Any) -> set[int]:
+    """The streams of ``connection`` reset for an overflow whose peer may still send on
+    them (until its reset or the end of the stream: QUIC never reuses a stream's id);
+    a few ints, gone with the connection."""
+    ids: set[int] | None = getattr(connection, "_dms_overflowed", None)
+    if ids is None:
+        ids = set()
+        connection._dms_overflowed = ids
+    return ids
+
+
+def _rest_of_an_overflowed(connection: Any, event: Any) -> bool:
+    """Whether ``event`` (a chunk received) is of a stream reset for an overflow: sent
+    before the peer saw the reset, dropped (the stream is no longer held; taken, it
+    would be a new inbound stream whose bytes start in the middle of this one's)."""
+    ids = getattr(connection, "_dms_overflowed", None)
+    if not ids or event.stream_id not in ids:
+        return False
+    if event.end_stream:
+        ids.discard(event.stream_id)
+    log.debug("QUIC stream %s: %d bytes after its reset dropped", event.stream_id, len(event.data))
     return True
 
 

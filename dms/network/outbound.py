@@ -34,6 +34,8 @@ from dms.network.settings import NetworkSettings
 log = logging.getLogger("dms.network")
 
 ACTOR_PROTOCOL = TProtocol("/dms/actor/1.0.0")
+# Why a frame fails once its host stops: raised by ``send``, or reported.
+STOPPED = "the network is stopped"
 
 
 @dataclass
@@ -136,13 +138,13 @@ class Sending(Discovery):
                 self._outbox_full(peer_id, data, str(full))
                 return
         if self._token is None or self._stopped:
-            raise Unreachable("the network is stopped")
+            raise Unreachable(STOPPED)
         self._count(peer_id, 1)
         try:
             self._token.run_sync_soon(self._send_here, peer_id, data, True)
         except trio.RunFinishedError:
             self._count(peer_id, -1)
-            raise Unreachable("the network is stopped") from None
+            raise Unreachable(STOPPED) from None
 
     def _count(self, peer_id: str, delta: int) -> None:
         """``delta`` more (or fewer) frames of ``peer_id`` on their way to its outbox:
@@ -192,7 +194,7 @@ class Sending(Discovery):
         ):
             self._waiting_full(data, f"max_waiting_peers {s.max_waiting_peers}")
         elif (waiting := self._waiting_for(peer_id)) is None:
-            self._report([data], "the network is stopped")
+            self._stopped_with([data])
         else:
             self._wait(peer_id, waiting, [data], counted=counted)
             return
@@ -244,7 +246,7 @@ class Sending(Discovery):
         outbox in their order, in one step: a frame sent after that goes in behind them.
         If the stream cannot be opened (or the host stops), they are reported
         undeliverable with the reason."""
-        reason = "the network is stopped"
+        reason = STOPPED
         outbound: _Outbound | None = None
         try:
             outbound = await self._outbound_to(peer_id)
@@ -298,6 +300,12 @@ class Sending(Discovery):
             f"peers being dialed ({bound}): too many peers being dialed at once",
         )
 
+    def _stopped_with(self, frames: list[bytes]) -> None:
+        """The host stopped with ``frames`` it will never write: waiting for their
+        stream, or queued in an outbox or being written when its writer ended. Each is
+        reported undeliverable, as every frame the host can no longer carry."""
+        self._report(frames, STOPPED)
+
     def _report(self, batch: list[bytes], reason: str) -> None:
         log.info("%d frame(s) undeliverable: %s", len(batch), reason)
         if self._undeliverable is None:
@@ -338,8 +346,8 @@ class Sending(Discovery):
         return outbound
 
     async def _write_loop(self, outbound: _Outbound) -> None:
+        batch: list[bytes] = []  # the frames being written (none while it waits)
         try:
-            batch: list[bytes] = []
             failed: Exception | None = None
             # A peer that grants no window holds a write for ever: past stream_idle_s
             # the stream counts as broken (retried once, below). One cancel scope for
@@ -361,6 +369,7 @@ class Sending(Discovery):
                             break
                         finally:
                             stall.deadline = math.inf
+                        batch = []
                         outbound.retry = False
                         if stall.cancel_called:
                             spent = True
@@ -373,6 +382,14 @@ class Sending(Discovery):
                 )
             if failed is not None:
                 self._write_failed(outbound, batch, failed)
+        except trio.Cancelled:
+            # The host stops (only its stop cancels its nursery). Its outbox closed
+            # first: a frame put on the fast path meanwhile is either taken here or
+            # refused (``send`` raises ``Unreachable``), never left behind unseen. The
+            # batch being written may have been read in part: it is reported whole.
+            outbound.outbox.release()
+            self._stopped_with(batch + outbound.outbox.take_nowait())
+            raise
         finally:
             outbound.outbox.release()
 
@@ -389,7 +406,7 @@ class Sending(Discovery):
         log.info("stream to %s broke (%s); redialing", outbound.peer_id, why(exc))
         waiting = self._waiting_for(outbound.peer_id)
         if waiting is None:
-            self._report(batch, "the network is stopped")
+            self._stopped_with(batch)
             return
         # Over the bounds if need be (bytes, peers): they were accepted.
         self._wait(outbound.peer_id, waiting, batch, front=True)

@@ -13,11 +13,13 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from dms.actor.codes import Unreachable
 from dms.network.host import Libp2pTransport
 from dms.network.settings import NetworkSettings
 from dms.security.identity import Identity
-from tests.conftest import wait_for
+from tests.conftest import raised_by, wait_for
 
 # Frames sent once the peer stops reading before the host is stopped (its stream's
 # window, 256 KiB, takes a few hundred of them; the rest wait in the outbox), and the
@@ -27,6 +29,8 @@ PILED = 3000
 YIELD_EVERY = 20
 PAUSE_S = 0.005
 PADDING = b"." * 512
+BIG_FRAMES = 200
+BIG = b"." * 64 * 1024
 
 
 def transport(receiver: Any = None, undeliverable: Any = None) -> Libp2pTransport:
@@ -50,20 +54,30 @@ def number(frame: bytes) -> int:
     return int(frame.split(b":", 1)[0])
 
 
+class Deaf:
+    """A receiver that holds its transport's trio thread from the first frame it reads
+    until ``hold`` is set: the transport reads nothing more, not even its sockets."""
+
+    def __init__(self) -> None:
+        self.read: set[int] = set()
+        self.hold = threading.Event()
+        self.holding = threading.Event()
+
+    def __call__(
+        self, frame: bytes, from_peer: str | None, *, signature_checked: bool = False
+    ) -> None:
+        self.read.add(number(frame))
+        if not self.hold.is_set():
+            self.holding.set()
+            self.hold.wait(120)
+
+
 def test_frames_sent_as_the_host_stops_are_carried_or_reported(
     started: list[Libp2pTransport],
 ) -> None:
-    read: set[int] = set()
-    hold = threading.Event()  # the reader holds its trio thread (reads nothing) until set
-    holding = threading.Event()
-
-    def receive(frame: bytes, from_peer: str | None, *, signature_checked: bool = False) -> None:
-        read.add(number(frame))
-        if not hold.is_set():
-            holding.set()
-            hold.wait(120)
-
-    reader = transport(receive)
+    deaf = Deaf()
+    read = deaf.read
+    reader = transport(deaf)
     started.append(reader)
     reported: set[int] = set()
     stopped: set[int] = set()  # reported as the network is stopped
@@ -97,7 +111,7 @@ def test_frames_sent_as_the_host_stops_are_carried_or_reported(
     sending = threading.Thread(target=send, daemon=True)
     try:
         sending.start()
-        assert holding.wait(60), "the reader read no frame"
+        assert deaf.holding.wait(60), "the reader read no frame"
         piled = sent + PILED
         wait_for(lambda: sent >= piled, 60, f"{PILED} more frames sent")
         # The sender goes on sending on the fast path as the host stops.
@@ -105,7 +119,7 @@ def test_frames_sent_as_the_host_stops_are_carried_or_reported(
         sending.join(60)
         assert not sending.is_alive(), "send never raised Unreachable once the host stopped"
     finally:
-        hold.set()
+        deaf.hold.set()
 
     def unaccounted() -> list[int]:
         """Frames neither read nor reported, after the first one reported stopped."""
@@ -130,3 +144,36 @@ def test_frames_sent_as_the_host_stops_are_carried_or_reported(
         f"neither read nor reported; the first: {unreported[:5]}"
     )
     assert refused == [sent]
+
+
+def test_a_host_whose_peer_stopped_reading_stops(
+    started: list[Libp2pTransport], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer that stopped reading, the host's socket to it full: its stop waited for
+    the writer's send (a Noise message is sent shielded, up to ``NOISE_SEND_LIMIT_S``;
+    made endless here), ``stop()`` returned at its own 10 s bound with the host still
+    running, its connections open (30 s with the real limit). The send is cut
+    ``CLOSE_GRACE_S`` into the stop (the stream's close, held the same way, too): the
+    host stops."""
+    from dms.network.libp2p_patches import noise as patches_noise
+
+    monkeypatch.setattr(patches_noise, "NOISE_SEND_LIMIT_S", 3600.0)
+    deaf = Deaf()
+    reader = transport(deaf)
+    started.append(reader)
+    sender = transport()
+    started.append(sender)
+    sender.learn_addrs(reader.peer_id, reader.addrs())
+    try:
+        sender.send(reader.peer_id, b"0:%s" % PADDING)
+        assert deaf.holding.wait(60), "the reader read no frame"
+        # More than the peer's window and the sockets' buffers take.
+        for n in range(1, BIG_FRAMES):
+            sender.send(reader.peer_id, b"%d:%s" % (n, BIG))
+        outbound = sender._outbound[reader.peer_id]
+        # The writer took frames: its write waits on the full socket.
+        wait_for(lambda: len(outbound.outbox) < BIG_FRAMES - 1, 60, "the writer to take frames")
+        assert raised_by(sender.stop, 60, "stop() to return") is None
+        wait_for(sender._done.is_set, 60, "the host to stop")
+    finally:
+        deaf.hold.set()

@@ -398,25 +398,30 @@ class Libp2pTransport(Unicast, Gossip):
                 self._protocols.install(
                     host, {ACTOR_PROTOCOL, CHUNK_PROTOCOL, HOP_PROTOCOL, STOP_PROTOCOL_ID}
                 )
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(self._keep_connected)
-                    # Entries whose addresses expired go (py-libp2p never starts it).
-                    nursery.start_soon(peerstore.start_cleanup_task, PEERSTORE_CLEANUP_S)
-                    nursery.start_soon(self._idle.run)
-                    nursery.start_soon(self._protocols.idle.run)
-                    nursery.start_soon(self._dialback.run, lambda: list(swarm.connections))
-                    nursery.start_soon(
-                        self._relays.keep_reservations,
-                        lambda: self.reachability() is Reachability.PRIVATE,
-                    )
-                    self._ready.set()
-                    await self._stop.wait()
-                    nursery.cancel_scope.cancel()
-                for outbound in list(self._outbound.values()):
-                    self._close(outbound)
-                    with contextlib.suppress(Exception):
-                        await outbound.stream.close()
+                # Its writers' sends held by a peer are cut a grace into the stop.
+                async with trio.open_nursery() as stopping:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        nursery.start_soon(self._keep_connected)
+                        # Entries whose addresses expired go (py-libp2p never starts it).
+                        nursery.start_soon(peerstore.start_cleanup_task, PEERSTORE_CLEANUP_S)
+                        nursery.start_soon(self._idle.run)
+                        nursery.start_soon(self._protocols.idle.run)
+                        nursery.start_soon(self._dialback.run, lambda: list(swarm.connections))
+                        nursery.start_soon(
+                            self._relays.keep_reservations,
+                            lambda: self.reachability() is Reachability.PRIVATE,
+                        )
+                        self._ready.set()
+                        await self._stop.wait()
+                        stopping.start_soon(
+                            self._cut_held,
+                            list(self._outbound.values()),
+                            lambda outbound: outbound.writing,
+                        )
+                        nursery.cancel_scope.cancel()
+                    stopping.cancel_scope.cancel()
+                await self._close_streams()
             # Close every connection now, so peers see this node leave at once.
             await close_host(host)
             self._outbound.clear()

@@ -11,6 +11,7 @@ peers send is ``dms.network.unicast``. See specs/network.md, "Unicast".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -25,6 +26,7 @@ from libp2p.custom_types import TProtocol
 from dms.actor.codes import ErrorCode, Unreachable
 from dms.actor.transport import Undeliverable
 from dms.network.budgets import Budget
+from dms.network.closing import CLOSE_GRACE_S, cut_socket
 from dms.network.discovery import Discovery, peer_id_of
 from dms.network.frames import PREFIX, encode_frame
 from dms.network.loop import NetworkError, why
@@ -52,6 +54,11 @@ class _Outbound:
     # Opened to retry frames of a stream that broke: if it breaks before a write
     # succeeds, its frames are reported, not retried again.
     retry: bool = False
+    # As the host stops: its writer still runs, its close is under way, its socket was
+    # cut (``Sending._cut_held``).
+    writing: bool = True
+    closing: bool = False
+    cut: bool = False
 
     @property
     def closed(self) -> bool:
@@ -369,6 +376,9 @@ class Sending(Discovery):
                             break
                         finally:
                             stall.deadline = math.inf
+                        if outbound.cut:  # a write on a cut socket returns, unsent
+                            self._writer_stopped(outbound, batch)
+                            return
                         batch = []
                         outbound.retry = False
                         if stall.cancel_called:
@@ -383,15 +393,20 @@ class Sending(Discovery):
             if failed is not None:
                 self._write_failed(outbound, batch, failed)
         except trio.Cancelled:
-            # The host stops (only its stop cancels its nursery). Its outbox closed
-            # first: a frame put on the fast path meanwhile is either taken here or
-            # refused (``send`` raises ``Unreachable``), never left behind unseen. The
-            # batch being written may have been read in part: it is reported whole.
-            outbound.outbox.release()
-            self._stopped_with(batch + outbound.outbox.take_nowait())
+            # The host stops (only its stop cancels its nursery).
+            self._writer_stopped(outbound, batch)
             raise
         finally:
+            outbound.writing = False
             outbound.outbox.release()
+
+    def _writer_stopped(self, outbound: _Outbound, batch: list[bytes]) -> None:
+        """The host stopped ``outbound``'s writer as it wrote ``batch`` (or waited):
+        its outbox closed first, a frame put on the fast path meanwhile is either taken
+        here or refused (``send`` raises ``Unreachable``), never left behind unseen.
+        The batch may have been read in part: it is reported whole."""
+        outbound.outbox.release()
+        self._stopped_with(batch + outbound.outbox.take_nowait())
 
     def _write_failed(self, outbound: _Outbound, batch: list[bytes], exc: Exception) -> None:
         """The peer restarted or the connection dropped: retry once on a fresh stream (a
@@ -411,6 +426,42 @@ class Sending(Discovery):
         # Over the bounds if need be (bytes, peers): they were accepted.
         self._wait(outbound.peer_id, waiting, batch, front=True)
         waiting.retry = True
+
+    async def _cut_held(
+        self, outbounds: list[_Outbound], held: Callable[[_Outbound], bool]
+    ) -> None:
+        """``CLOSE_GRACE_S`` into a step of the host's stop, each of ``outbounds`` still
+        ``held`` by its peer (its writer, or its stream's close, waits on a send the peer
+        never takes: the socket full, a Noise message sent shielded up to
+        ``NOISE_SEND_LIMIT_S``, which no deadline of the caller's ends) has its
+        connection's socket closed: the send ends at once, and the stop goes on."""
+        await trio.sleep(CLOSE_GRACE_S)
+        for outbound in outbounds:
+            if held(outbound) and cut_socket(outbound.stream.muxed_conn):
+                outbound.cut = True
+                log.info("stream to %s held the stop: its socket closed", outbound.peer_id)
+
+    async def _close_streams(self) -> None:
+        """The host stops, its writers ended: every outbound stream closed, side by
+        side; one whose close is still held ``CLOSE_GRACE_S`` in is cut (``_cut_held``)
+        and reset."""
+        outbounds = list(self._outbound.values())
+        async with trio.open_nursery() as cutter:
+            cutter.start_soon(self._cut_held, outbounds, lambda outbound: outbound.closing)
+            async with trio.open_nursery() as nursery:
+                for outbound in outbounds:
+                    self._close(outbound)
+                    outbound.closing = True
+                    nursery.start_soon(self._close_stream, outbound)
+            cutter.cancel_scope.cancel()
+
+    async def _close_stream(self, outbound: _Outbound) -> None:
+        with contextlib.suppress(Exception):
+            await outbound.stream.close()
+        outbound.closing = False
+        if outbound.cut:
+            with contextlib.suppress(Exception):
+                await outbound.stream.reset()
 
     def _close(self, outbound: _Outbound) -> None:
         outbound.outbox.close()

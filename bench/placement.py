@@ -165,7 +165,7 @@ class Work:
 
     def install(self) -> None:
         from dms.actor import envelope
-        from dms.orchestrator import rounds
+        from dms.orchestrator import choosing, rounds
         from dms.security.identity import Identity
         from dms.store.db import Database
 
@@ -173,7 +173,7 @@ class Work:
         envelope.verify_signature = self.timed("verify", envelope.verify_signature)
         for name in ("session", "transaction", "snapshot"):
             setattr(Database, name, self.timed_cm("sqlite", getattr(Database, name)))
-        rounds.select = self.timed("select", rounds.select)
+        choosing.select = self.timed("select", choosing.select)
         window_ends = rounds.BidRounds._window_ends
 
         def counted(actor: Any, rid: int) -> None:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from tests.clitools import Daemon, init_home_quick
@@ -32,8 +33,8 @@ print(json.dumps({"seen": seen}), flush=True)
 """
 
 
-def storm(proc: subprocess.Popen[str], most: int) -> int:
-    """SIGTERM to ``proc`` as fast as it goes, ``most`` at most, until it exits."""
+def storm(proc: subprocess.Popen[str], most: int, pause_s: float = 0.0) -> int:
+    """SIGTERM to ``proc``, ``pause_s`` apart, ``most`` at most, until it exits."""
     sent = 0
     while sent < most and proc.poll() is None:
         try:
@@ -41,18 +42,23 @@ def storm(proc: subprocess.Popen[str], most: int) -> int:
         except ProcessLookupError:
             break
         sent += 1
+        if pause_s:
+            time.sleep(pause_s)
     return sent
 
 
 def test_a_storm_of_stop_signals_in_and_out_of_the_wait_never_blocks_it() -> None:
-    """Before, with the Event: the waiter stuck in its own handler within the storm's
-    first thousands of signals."""
+    """Signals tens of microseconds apart, so each lands at some moment of the waiter's
+    loop. Before, with the Event: the waiter stuck in its own handler (and each signal
+    after nested another stuck handler, to a RecursionError). Not faster: a Python
+    handler, any handler, runs again inside itself for a signal come while it runs, and
+    signals sent back to back from another core nest it past the recursion limit."""
     proc = subprocess.Popen(
         [sys.executable, "-c", WAITER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
-    stormer = threading.Thread(target=storm, args=(proc, 200_000), daemon=True)
+    stormer = threading.Thread(target=storm, args=(proc, 200_000, 20e-6), daemon=True)
     stormer.start()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err

@@ -231,6 +231,54 @@ def test_without_a_running_node_placement_says_how_to_start_one(
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    ("timeout", "said"),
+    [
+        ("604801", "error: --timeout must be at most 604800 seconds (7 days), the node's limit"),
+        ("1e9", "error: --timeout must be at most 604800 seconds (7 days), the node's limit"),
+        ("0", "error: --timeout must be at least 1 second"),
+        ("-5", "error: --timeout must be at least 1 second"),
+        ("604800", "error: no node is running for"),  # the limit itself is taken
+    ],
+)
+def test_a_timeout_outside_the_nodes_limits_is_one_line_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timeout: str, said: str
+) -> None:
+    """``--timeout`` past the node's 7 days went to the node, which refused it in
+    pydantic's words ("bad_payload: timeout_s: Input should be less than or equal to
+    604800"); without a node, the mistake went unsaid behind "no node is running". 0 or
+    less was typer's boxed usage error. Now the CLI says either in one line, naming the
+    limit, the node's own (``dms.jobs.spec.MAX_DEADLINE_S``)."""
+    monkeypatch.setenv("DMS_HOME", str(tmp_path / "home"))
+    data = str(EXAMPLES / "iris-features.csv")
+    result = run_cli(
+        "mine", "skmeans", "--data", data, "--k", "3", "--out", str(tmp_path / "o"),
+        "--timeout", timeout,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(said) and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_clis_timeout_limit_is_the_one_the_node_checks() -> None:
+    """One limit: a mining request's ``timeout_s`` becomes its deployment's deadline, and
+    both are bounded by ``MAX_DEADLINE_S`` (the request's bound is written in
+    dms/orchestrator/mining_owner.py; if it changes, the CLI must say the new one)."""
+    from annotated_types import Le
+
+    from dms.jobs.spec import MAX_DEADLINE_S, DeploymentSpec
+    from dms.node.collab import ProposeRequest
+    from dms.orchestrator.mining_owner import MiningRequest
+
+    for model, field in (
+        (MiningRequest, "timeout_s"),
+        (DeploymentSpec, "deadline_s"),
+        (ProposeRequest, "timeout_s"),
+    ):
+        bounds = [m.le for m in model.model_fields[field].metadata if isinstance(m, Le)]
+        assert bounds == [MAX_DEADLINE_S], (model.__name__, field, bounds)
+
+
 def test_csv_reading_rules(tmp_path: Path) -> None:
     no_header = tmp_path / "plain.csv"
     no_header.write_text("1,2,a\n3,4,b\n")

@@ -147,12 +147,20 @@ def test_mistakes_get_one_line_in_the_flags_words(lone: Daemon, tmp_path: Path) 
     one_line_error(at_80(lone.home, *mine, "--k", "0"), "--k must be at least 1")
     one_line_error(at_80(lone.home, *mine, "--k", "0", "--local"), "--k must be at least 1")
     # one the node refuses keeps its reply's code, as every error reply does (the line
-    # had dropped it: "error: timeout_s: ...")
-    refused = at_80(lone.home, *mine, "--k", "3", "--timeout", "1e9")
+    # had dropped it: "error: --verify-fraction ..."), the settings' bound said as a flag
+    refused = at_80(lone.home, *mine, "--k", "3", "--verify-fraction", "5")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert refused.stderr.splitlines()[-1] == (
-        "error: bad_payload: timeout_s: Input should be less than or equal to 604800"
+        "error: bad_payload: --verify-fraction must be at most 1"
     ), refused.stderr
+    # past the node's limit: said here before it reaches the node, in the flag's words
+    # (the node's refusal was "error: bad_payload: timeout_s: Input should be less than
+    # or equal to 604800")
+    refused = at_80(lone.home, *mine, "--k", "3", "--timeout", "1e9")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.splitlines() == [
+        "error: --timeout must be at most 604800 seconds (7 days), the node's limit"
+    ], refused.stderr
     one_line_error(
         at_80(lone.home, *mine, "--k", "3", "--shards", "2", "--local"),
         "--shards 2",

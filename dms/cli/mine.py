@@ -63,7 +63,7 @@ MaxPriceOption = Annotated[
     float | None, typer.Option("--max-price", min=0, help="Most a worker may ask.")
 ]
 TimeoutOption = Annotated[
-    float, typer.Option("--timeout", min=1, help="Seconds to place each worker before failing.")
+    float, typer.Option("--timeout", help="Seconds to place each worker before failing.")
 ]
 LevelOption = Annotated[int, typer.Option("--level", help="Security level: 128, 192 or 256.")]
 KeysOption = Annotated[
@@ -140,10 +140,19 @@ class Placement:
         )
 
 
-def _checked(k: int, local: bool, shards: int) -> None:
+def _checked(k: int, local: bool, shards: int, timeout: float) -> None:
     """Mistakes said in the flags' own words, before anything runs."""
+    from dms.jobs.spec import MAX_DEADLINE_S  # the node's bound of the placement's deadline
+
     if k < 1:
         raise MineError("--k must be at least 1")
+    if not timeout >= 1:  # NaN too
+        raise MineError("--timeout must be at least 1 second")
+    if timeout > MAX_DEADLINE_S:
+        raise MineError(
+            f"--timeout must be at most {MAX_DEADLINE_S} seconds "
+            f"({MAX_DEADLINE_S / 86400:g} days), the node's limit"
+        )
     if local and shards != 1:
         raise MineError(
             f"--shards {shards} splits the rows across other nodes and --local runs all of "
@@ -391,7 +400,7 @@ def _clustering(algorithm: str) -> Callable[..., None]:
         from dms.mining.metrics import adjusted_rand_index, matched_agreement
 
         html: Path | None = None
-        _checked(k, local, shards)
+        _checked(k, local, shards, timeout)
         if verify not in ("sample", "replicate"):
             raise MineError(f"--verify is sample or replicate, not {verify!r}")
         if local and verify == "replicate":
@@ -498,7 +507,7 @@ def _classification(algorithm: str) -> Callable[..., None]:
         from dms.mining.metrics import accuracy
 
         html: Path | None = None
-        _checked(k, local, shards)
+        _checked(k, local, shards, timeout)
         with _mining_errors():
             metric = Distance.parse(distance)
             training = read_table(train, label=True, label_column=label_column)

@@ -24,6 +24,10 @@ from dms.yamlfile import EXTRA_KEY, LinedYaml, parse_lined
 Strategy = Literal["score", "round-robin", "two-choices", "random", "first-offer"]
 STRATEGIES: tuple[str, ...] = ("score", "round-robin", "two-choices", "random", "first-offer")
 MAX_SLOTS = 256
+# The longest a deployment may take to be running: a placed mining job's timeout_s (dms
+# mine --timeout, checked by the CLI before it sends the job) and a collaboration's are
+# its deadline.
+MAX_DEADLINE_S = 7 * 24 * 3600
 
 
 class JobSpecError(DmsError):
@@ -71,7 +75,7 @@ class DeploymentSpec(BaseModel):
     name: str = Field(default="deployment", min_length=1, max_length=128)
     allocations: list[AllocationSpec] = Field(min_length=1)
     strategy: Strategy = "score"
-    deadline_s: float = Field(default=60.0, gt=0, le=7 * 24 * 3600, description="to be running")
+    deadline_s: float = Field(default=60.0, gt=0, le=MAX_DEADLINE_S, description="to be running")
     bid_window_s: float = Field(default=0.25, gt=0, le=30, description="longest wait for bids")
     lease_s: float = Field(default=10.0, gt=0, le=600, description="how long a bid holds")
     distinct_peers: bool = Field(

@@ -32,7 +32,7 @@ from dms.errors import DmsError
 from dms.files import write_private
 from dms.jobs.collab import CollabParams, node_signed
 from dms.jobs.mining_params import count_objects
-from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
+from dms.jobs.spec import MAX_DEADLINE_S, AllocationSpec, Constraints, DeploymentSpec, Strategy
 from dms.mining.collab.messages import (
     OwnerState,
     Proposal,
@@ -75,7 +75,7 @@ class ProposeRequest(BaseModel):
     ram: str = "256MiB"
     strategy: Strategy = "score"
     max_price: float | None = Field(default=None, ge=0)
-    timeout_s: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
+    timeout_s: float = Field(default=600.0, gt=0, le=MAX_DEADLINE_S)
     owner_timeout_s: float | None = Field(
         default=None, gt=0, le=3600, description="default: the collab_owner_timeout_s setting"
     )

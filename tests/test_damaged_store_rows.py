@@ -11,13 +11,15 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from sqlalchemy import make_url
+import pytest
+from sqlalchemy import make_url, text
 
 from dms.network.discovery import PeerInfoView
 from dms.network.peerbook import PeerBook
+from dms.resources import ResourceLedger
 from dms.store import LATEST_VERSION
 from dms.store.db import open_database
-from dms.store.errors import client_command
+from dms.store.errors import StoreError, client_command
 from tests.clitools import Daemon, dms, dms_many, init_home_quick
 
 # Peer ids of nodes that do not exist (dialed, the dial fails: nothing else happens).
@@ -100,6 +102,24 @@ def test_a_ledger_row_that_holds_no_number_is_named_not_a_traceback(tmp_path: Pa
         # the client of this database, on it (it said 'sqlite3 DMS_HOME/dms.db' whatever
         # the backend: client_command, as the schema rows' messages)
         assert f"of the database ({client_command(make_url(url))}), then" in err, err
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_a_damaged_row_of_a_database_in_memory_names_no_file_to_open(url: str) -> None:
+    """A test's store in memory: its damage message named the client on an empty path,
+    "(sqlite3 ''), then try again". There is no file: it says so."""
+    db = open_database(url)
+    try:
+        with db.transaction() as conn:
+            conn.execute(text("INSERT INTO onboarding VALUES (1, 'lots', 1024, 1024, 0, 0.0, 0)"))
+        with pytest.raises(StoreError) as raised:
+            ResourceLedger(db).pools()
+    finally:
+        db.close()
+    said = str(raised.value)
+    assert said.startswith("the store is damaged: the onboarding row's amounts"), said
+    assert "''" not in said and "sqlite3" not in said, said
+    assert "(SQLite in memory: no file to open, only this process reaches it)" in said, said
 
 
 def test_a_schema_version_that_holds_no_number_is_named_not_a_traceback(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from dms.store.models import Base, Setting
 from tests import legacy_store, pgserver
 
 NewUrl = Callable[[], str]
+IN_MEMORY = "SQLite in memory: no file to open, only this process reaches it"
 
 
 @pytest.fixture(params=pgserver.BACKENDS)
@@ -89,6 +90,10 @@ def _schema(conn: Connection) -> dict[str, Any]:
         ("postgresql://dms:s3cret@db/dms?options=-csearch_path%3Dx&sslpassword=s3cret",
          "psql 'postgresql://dms@db/dms?options=-csearch_path%3Dx'"),
         ("sqlite:////tmp/a b/dms.db", "sqlite3 '/tmp/a b/dms.db'"),
+        # in memory: no file to name (it said "sqlite3 ''")
+        ("sqlite://", IN_MEMORY),
+        ("sqlite:///:memory:", IN_MEMORY),
+        ("sqlite:///file:shared?mode=memory&cache=shared&uri=true", IN_MEMORY),
     ],
 )  # fmt: skip
 def test_the_damage_messages_client_never_shows_a_password(url: str, command: str) -> None:

@@ -38,15 +38,24 @@ STORE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, StoreBusy)
 SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
 
 
+# What the damage messages say instead of a client for a SQLite database in memory.
+IN_MEMORY = "SQLite in memory: no file to open, only this process reaches it"
+
+
 def client_command(url: URL) -> str:
     """The command that opens the database at ``url`` for a person to correct a row the
     store cannot read: ``sqlite3 FILE``, ``psql URL`` (its password left out, after
     the user or in the query: psql asks; the rest of the query kept, so a schema given
     by ``options=-csearch_path=...`` is the one opened), else the backend's own client.
-    Damage messages name it: they named ``sqlite3 DMS_HOME/dms.db`` on PostgreSQL too."""
+    Damage messages name it: they named ``sqlite3 DMS_HOME/dms.db`` on PostgreSQL too.
+    A SQLite database in memory (``sqlite://``, ``:memory:``, a ``mode=memory`` URI)
+    has no file a client could open: :data:`IN_MEMORY` (it was ``sqlite3 ''``)."""
     backend = url.get_backend_name()
     if backend == "sqlite":
-        return f"sqlite3 {shlex.quote(url.database or '')}"
+        database = url.database or ""
+        if database in ("", ":memory:") or url.query.get("mode") == "memory":
+            return IN_MEMORY
+        return f"sqlite3 {shlex.quote(database)}"
     query = {k: v for k, v in url.query.items() if k not in SECRET_PARAMETERS}
     plain = URL.create(backend, url.username, None, url.host, url.port, url.database, query)
     shown = shlex.quote(plain.render_as_string(hide_password=False))

@@ -475,6 +475,42 @@ def test_a_peer_not_yet_writable_keeps_its_queued_messages_with_no_warning(
     assert written == [("stream", rpc)] and peer not in router._pending_messages
 
 
+def test_the_subscription_patches_applied_again_patch_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Applied a second time (a test applying a patch itself, as ``apply_only`` does),
+    the subscription patches wrapped their own wrappers: each new pubsub stream started
+    one more task telling the peer our topics, and the flush patch, finding its own
+    wrapper where py-libp2p's source should be, said py-libp2p had changed shape and
+    returned False (SKIPPED). Each now finds its mark and leaves the method as it is,
+    as the QUIC and auto-connector patches do."""
+    import trio
+    from libp2p.pubsub.gossipsub import GossipSub
+    from libp2p.pubsub.pubsub import Pubsub
+
+    from dms.network.libp2p_patches import subscriptions
+
+    libp2p_patches.apply_libp2p_patches()
+    read, flush = Pubsub.continuously_read_stream, GossipSub.flush_pending_messages
+    monkeypatch.setattr(Pubsub, "continuously_read_stream", read)  # put back after
+    monkeypatch.setattr(GossipSub, "flush_pending_messages", flush)
+    applied = [
+        (
+            subscriptions.repeat_subscriptions_to_new_streams(),
+            subscriptions.flush_pending_messages_once_writable(),
+        )
+        for _ in range(2)
+    ]
+    told: list[Any] = []
+    pubsub = StoppingPubsub(STOPPED, stops=True)
+    pubsub.run_task = lambda task, *args: told.append(task)  # type: ignore[method-assign]
+    trio.run(Pubsub.continuously_read_stream, pubsub, OneMessage())
+    assert told == [subscriptions.tell_topics_when_writable]  # once for the stream
+    assert applied == [(True, True), (True, True)]
+    assert Pubsub.continuously_read_stream is read
+    assert GossipSub.flush_pending_messages is flush
+
+
 def test_a_host_reads_its_own_record_once_not_for_every_rpc(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -27,6 +27,7 @@ registration's flush sends the queue, as it did.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -87,10 +88,12 @@ def repeat_subscriptions_to_new_streams() -> bool:
     if not all(hasattr(Pubsub, n) for n in needed):
         log.info("py-libp2p's pubsub changed shape; subscriptions are announced as before")
         return False
+    read_stream = Pubsub.continuously_read_stream
+    if getattr(read_stream, "dms_tells_topics", False):
+        return True  # applied already: wrapped again, each stream would tell them twice
     from libp2p.tools.anyio_service.exceptions import LifecycleError
 
-    read_stream = Pubsub.continuously_read_stream
-
+    @functools.wraps(read_stream)
     async def read_stream_and_tell_topics(self: Any, stream: Any) -> None:
         try:
             if self.manager.is_running:
@@ -107,7 +110,8 @@ def repeat_subscriptions_to_new_streams() -> bool:
                 raise
             log.debug("pubsub stream from %s ended with the node: %s", stream, err)
 
-    Pubsub.continuously_read_stream = read_stream_and_tell_topics
+    read_stream_and_tell_topics.dms_tells_topics = True  # type: ignore[attr-defined]
+    Pubsub.continuously_read_stream = read_stream_and_tell_topics  # type: ignore[method-assign]
     return True
 
 
@@ -116,6 +120,8 @@ def flush_pending_messages_once_writable() -> bool:
     from libp2p.pubsub.pubsub import Pubsub
 
     flush = getattr(GossipSub, "flush_pending_messages", None)
+    if getattr(flush, "dms_waits_for_stream", False):
+        return True  # applied already (its own wrapper is no source it knows)
     shaped = (
         shipped_source(flush, FLUSH_SHA256) is not None
         and shipped_source(Pubsub._handle_new_peer, HANDLE_NEW_PEER_SHA256) is not None
@@ -124,6 +130,7 @@ def flush_pending_messages_once_writable() -> bool:
         log.info("py-libp2p's pending gossip flush changed shape; it is left as it is")
         return False
 
+    @functools.wraps(flush)
     async def flush_once_writable(self: Any, peer_id: Any) -> None:
         pubsub = self.pubsub
         if pubsub is not None and peer_id not in pubsub.peers:
@@ -131,5 +138,6 @@ def flush_pending_messages_once_writable() -> bool:
             return
         await flush(self, peer_id)
 
-    GossipSub.flush_pending_messages = flush_once_writable
+    flush_once_writable.dms_waits_for_stream = True  # type: ignore[attr-defined]
+    GossipSub.flush_pending_messages = flush_once_writable  # type: ignore[method-assign]
     return True

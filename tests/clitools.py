@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -24,6 +26,12 @@ T = TypeVar("T")
 
 PASSPHRASE = "correct horse battery staple"
 
+
+# How long Daemon.stop waits for a daemon's exit after SIGTERM, then after SIGABRT; the
+# lines of its log before the stacks a failed stop shows.
+STOP_WAIT_S = 60.0
+ABORT_WAIT_S = 10.0
+LOG_TAIL_LINES = 30
 
 # The capability benchmark's measurements at 0.02 s each instead of 0.4 (each runs at
 # least once; `dms onboard` then takes about 1.3 s instead of 4); tests/test_onboarding.py
@@ -197,7 +205,8 @@ class Daemon:
                 "--json",
                 *extra,
             ],
-            env=env_for(home),
+            # A fatal signal's handler writes every thread's stack to the log (stop()).
+            env={**env_for(home), "PYTHONFAULTHANDLER": "1"},
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
@@ -213,13 +222,39 @@ class Daemon:
         bootstrap = first.info["addrs"][0]
         return side_by_side(lambda h=h: cls(h, "--bootstrap", bootstrap) for h in homes)
 
-    def stop(self) -> int:
+    def stop(self, wait_s: float = STOP_WAIT_S) -> int:
         """SIGTERM, and its exit code. Waited for 60 s: a daemon's own stop is bounded by
         about 20 s (its actors', then its host's, stop_timeout_s each), which a loaded
-        machine can stretch."""
+        machine can stretch. One still running then is a hung stop: it is ended with
+        SIGABRT (its threads' stacks go to its log, PYTHONFAULTHANDLER; no core file),
+        SIGKILL if even that does not end it, and the test fails with the end of its
+        log. It failed with a bare TimeoutExpired, the daemon left running."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
+        try:
+            return self.proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(OSError, AttributeError):  # prlimit: Linux
+            resource.prlimit(self.proc.pid, resource.RLIMIT_CORE, (0, 0))
+        self.proc.send_signal(signal.SIGABRT)
+        try:
+            self.proc.wait(timeout=ABORT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        raise AssertionError(
+            f"dms run (pid {self.proc.pid}, DMS_HOME {self.home}) did not stop within "
+            f"{wait_s:g} s of SIGTERM, so it was killed; the end of its log ({self.log}), "
+            f"with its threads' stacks when it could write them:\n{self._log_tail()}"
+        )
+
+    def _log_tail(self) -> str:
+        """The log from a few lines before the stacks a fatal signal had written (its
+        last 30 lines if there are none)."""
+        lines = self.stderr().splitlines()
+        dumps = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]
+        start = (dumps[-1] if dumps else len(lines)) - LOG_TAIL_LINES
+        return "\n".join(lines[max(start, 0) :])
 
     def kill(self) -> None:
         """SIGKILL: no clean-up of any kind, as after a crash or power loss."""

@@ -262,8 +262,7 @@ def test_a_timeout_outside_the_nodes_limits_is_one_line_before_anything_runs(
 
 def test_the_clis_timeout_limit_is_the_one_the_node_checks() -> None:
     """One limit: a mining request's ``timeout_s`` becomes its deployment's deadline, and
-    both are bounded by ``MAX_DEADLINE_S`` (the request's bound is written in
-    dms/orchestrator/mining_owner.py; if it changes, the CLI must say the new one)."""
+    both are bounded by ``MAX_DEADLINE_S``, which the CLI names."""
     from annotated_types import Le
 
     from dms.jobs.spec import MAX_DEADLINE_S, DeploymentSpec

@@ -20,7 +20,13 @@ from dms.actor import ErrorCode, Refusal, Request, behaviour
 from dms.actor.runtime import NodeRuntime
 from dms.errors import DmsError
 from dms.jobs.mining_params import MiningParams
-from dms.jobs.spec import AllocationSpec, Constraints, DeploymentSpec, Strategy
+from dms.jobs.spec import (
+    MAX_DEADLINE_S,
+    AllocationSpec,
+    Constraints,
+    DeploymentSpec,
+    Strategy,
+)
 from dms.mining.errors import MiningError
 from dms.mining.settings import MiningSettings
 from dms.network.host import Libp2pTransport
@@ -58,7 +64,7 @@ class MiningRequest(BaseModel):
     keys: bytes | None = None
     strategy: Strategy = "score"
     max_price: float | None = Field(default=None, ge=0)
-    timeout_s: float = Field(default=120.0, gt=0, le=7 * 24 * 3600)
+    timeout_s: float = Field(default=120.0, gt=0, le=MAX_DEADLINE_S)
     cpu: float = Field(default=1.0, gt=0, le=256)
 
 

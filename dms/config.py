@@ -430,6 +430,12 @@ class Settings(BaseSettings):
         default=8192 * MIB, ge=1024, description="bytes relayed in an hour, all peers"
     )
     dial_timeout_s: float = Field(default=5.0, gt=0, description="give up dialing a peer after")
+    connection_aim: int | None = Field(
+        default=None,
+        ge=1,
+        description="connections the node dials the peers it knows until it holds, inbound "
+        "ones counted; unset: py-libp2p's aim, 175 (midway between its 50 and 300)",
+    )
     reconnect_interval_s: float = Field(
         default=10.0,
         ge=0.5,

@@ -302,6 +302,7 @@ class Libp2pTransport(Unicast, Gossip):
         peerstore.local = ID.from_pubkey(key_pair.public_key)
         peerstore.heard = lambda: self.heard() if self.heard is not None else []
         self._peerstore = peerstore
+        floor, low, high = self.settings.connection_watermarks()  # its aim: between low, high
         host = new_host(
             key_pair=key_pair,
             peerstore_opt=peerstore,
@@ -318,9 +319,9 @@ class Libp2pTransport(Unicast, Gossip):
             addrs_factory=advertised,
             enable_mDNS=self.settings.mdns,
             connection_config=ConnectionConfig(
-                min_connections=self.settings.min_connections,
-                low_watermark=self.settings.min_connections,
-                high_watermark=self.settings.max_connections,
+                min_connections=floor,
+                low_watermark=low,
+                high_watermark=high,
                 # Inbound connections are admitted by the gate below (its budgets, with
                 # eviction): py-libp2p's own check of the total must not refuse first.
                 max_connections=self.settings.max_connections + self.settings.max_handshakes,

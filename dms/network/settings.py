@@ -130,12 +130,16 @@ class NetworkSettings(BaseModel):
     dial_timeout_s: float = Field(default=5.0, gt=0)
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     reconnect_interval_s: float = Field(default=10.0, gt=0)
-    # py-libp2p's connection manager dials known peers until it holds min_connections.
-    # Its defaults (50, at most 300) are kept: bid requests then find a connection
-    # open, where dialing on demand costs a Noise handshake (measured in
-    # bench/placement.py: 12 placements/s at 20 nodes with them, 5 with 8).
+    # py-libp2p's connection manager (its auto-connector) dials the peers it holds
+    # addresses of until the node holds its aim of connections, inbound ones counted:
+    # midway between its low and high watermarks, min_connections and max_connections,
+    # so 175 with its defaults (50, at most 300), kept for a node of its own: bid
+    # requests then find a connection open, where dialing on demand costs a Noise
+    # handshake (measured in bench/placement.py: 12 placements/s at 20 nodes with them,
+    # 5 with 8). connection_aim, when set, is the aim instead (connection_watermarks).
     min_connections: int = Field(default=50, ge=1)
     max_connections: int = Field(default=300, ge=2)
+    connection_aim: int | None = Field(default=None, ge=1)
     # Frames a second each peer may send on its streams, and at once (specs/network.md,
     # "Limits per peer"); and the most frames and bytes queued for one peer.
     max_frames_per_s: float = Field(default=2000.0, gt=0)
@@ -220,6 +224,22 @@ class NetworkSettings(BaseModel):
     # DCUtR over relayed connections (specs/network.md, "Hole punching").
     hole_punching: bool = True
     relay: RelaySettings = Field(default_factory=RelaySettings)
+
+    def aimed_connections(self) -> int:
+        """The connections py-libp2p's auto-connector dials peers until the node holds."""
+        _, low, high = self.connection_watermarks()
+        return (low + high) // 2 if high > low else low
+
+    def connection_watermarks(self) -> tuple[int, int, int]:
+        """py-libp2p's ``ConnectionConfig`` ``min_connections``, ``low_watermark`` and
+        ``high_watermark``. Its auto-connector aims midway between the watermarks, or at
+        the low one when they are equal: both at ``connection_aim`` when it is set (its
+        pruner, past the high one, closes only connections with no stream open, past
+        their first 20 s; every dms connection carries gossipsub's streams)."""
+        if self.connection_aim is None:
+            return self.min_connections, self.min_connections, self.max_connections
+        aim = min(self.connection_aim, self.max_connections)
+        return min(self.min_connections, aim), aim, aim
 
     @field_validator("listen", "bootstrap")
     @classmethod

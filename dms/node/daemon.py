@@ -60,6 +60,7 @@ def network_settings(settings: Settings, **overrides: Any) -> NetworkSettings:
         "bootstrap": settings.bootstrap,
         "mdns": settings.mdns,
         "dial_timeout_s": settings.dial_timeout_s,
+        "connection_aim": settings.connection_aim,
         "reconnect_interval_s": settings.reconnect_interval_s,
         "max_frame_bytes": settings.max_data_bytes + 1024,
         "max_frames_per_s": settings.max_frames_per_s,

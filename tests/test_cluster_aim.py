@@ -1,0 +1,62 @@
+"""How many connections a node's connection manager aims at: py-libp2p's 175 unless
+``connection_aim`` says otherwise."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from dms.config import load_settings
+from dms.node.daemon import Node, network_settings
+from dms.sim.cluster import LocalCluster
+from tests.conftest import wait_for
+
+TARGET = re.compile(r"below target \((\d+),")
+
+
+class _Targets(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = TARGET.search(record.getMessage())
+        if found:
+            self.seen.append(int(found.group(1)))
+
+
+def aimed_at(node: Node) -> int:
+    """The target py-libp2p's own auto-connector computes on the node's running swarm, as
+    it says when below it (a node alone: no connection, nobody to dial)."""
+    transport: Any = node.transport
+    swarm = transport._host.get_network()
+    targets = _Targets()
+    logger = logging.getLogger("libp2p.network.auto_connector")
+    logger.addHandler(targets)
+    try:
+
+        async def cycle() -> None:
+            await swarm.auto_connector.maybe_connect()
+
+        def said() -> bool:
+            transport._call(cycle)  # skipped while its own periodic cycle runs
+            return bool(targets.seen)
+
+        wait_for(said, timeout=30, what="the auto-connector's cycle")
+    finally:
+        logger.removeHandler(targets)
+    return targets.seen[-1]
+
+
+def test_a_node_of_its_own_keeps_py_libp2ps_aim(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path / "own", shared_loop=False) as own:
+        node = own.add(bootstrap=[])
+        assert aimed_at(node) == 175
+        settings = node.network_settings
+        assert (settings.dial_timeout_s, settings.handshake_timeout_s) == (5.0, 5.0)
+    real = network_settings(load_settings(home=tmp_path / "real"))
+    assert (real.connection_aim, real.aimed_connections()) == (None, 175)
+    mine = network_settings(load_settings(home=tmp_path / "mine", connection_aim=30))
+    assert mine.connection_watermarks() == (30, 30, 30) and mine.aimed_connections() == 30

@@ -2,13 +2,13 @@
 
 N nodes start in this process, each bootstrapping from up to three running
 ones; as real nodes do, they then dial the peers whose heartbeats name their
-addresses, up to the connection manager's minimum. Once start-up is over
-(``LocalCluster.wait_settled``: every peers table complete, connections
-stable) and every gossipsub mesh has formed (``mesh_ready_s`` from the probes'
-start; at most 30 s more for the mesh, then the broadcast goes anyway), one
-node publishes a signed envelope on a topic every node's probe actor subscribes
-to; each probe notes when its actor ran
-the behaviour. Latency is publish-call to handler, per receiving node.
+addresses, up to the connection manager's aim (a dozen, nodes sharing a loop).
+Once start-up is over (``LocalCluster.wait_settled``: every peers table
+complete, connections stable) and every gossipsub mesh has formed
+(``mesh_ready_s`` from the probes' start; at most 30 s more for the mesh, then
+the broadcast goes anyway), one node publishes a signed envelope on a topic
+every node's probe actor subscribes to; each probe notes when its actor ran the
+behaviour. Latency is publish-call to handler, per receiving node.
 Prints one JSON line with --json.
 """
 

@@ -434,7 +434,8 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         description="connections the node dials the peers it knows until it holds, inbound "
-        "ones counted; unset: py-libp2p's aim, 175 (midway between its 50 and 300)",
+        "ones counted; unset: py-libp2p's aim, 175 (midway between its 50 and 300). Nodes "
+        "sharing one process's loop (dms sim's threads mode) aim at 12",
     )
     reconnect_interval_s: float = Field(
         default=10.0,

@@ -139,6 +139,16 @@ class Discovery(LoopBridge):
     def is_connected(self, peer_id: str) -> bool:
         return any(p.peer_id == peer_id for p in self.peers())
 
+    def connection_count(self) -> int:
+        """Connections open, as py-libp2p's connection manager counts them toward its aim
+        (``NetworkSettings.aimed_connections``): two with one peer, both dialed at once,
+        count two."""
+        return self._call(self._connection_count)
+
+    async def _connection_count(self) -> int:
+        assert self._host is not None
+        return int(self._host.get_network().get_total_connections())
+
     def _on_connected(self, pid: ID) -> None:
         if self._dht is not None:
             # A connection can complete while the host shuts down (nursery closed).

@@ -136,7 +136,10 @@ class NetworkSettings(BaseModel):
     # so 175 with its defaults (50, at most 300), kept for a node of its own: bid
     # requests then find a connection open, where dialing on demand costs a Noise
     # handshake (measured in bench/placement.py: 12 placements/s at 20 nodes with them,
-    # 5 with 8). connection_aim, when set, is the aim instead (connection_watermarks).
+    # 5 with 8). connection_aim, when set, is the aim instead (connection_watermarks):
+    # nodes sharing one process's trio loop aim at a dozen (dms.sim.cluster), since
+    # below aim + 1 nodes every node dials every other at start, each dial a handshake
+    # on that one loop (specs/sim.md, "Threads mode at tens of nodes").
     min_connections: int = Field(default=50, ge=1)
     max_connections: int = Field(default=300, ge=2)
     connection_aim: int | None = Field(default=None, ge=1)

@@ -25,6 +25,17 @@ LOOPBACK_LISTEN = "/ip4/127.0.0.1/tcp/0"
 SHARED_PROCESS_HEARTBEATS_PER_S = 60.0
 # Threads that stop nodes together when a cluster ends.
 MAX_PARALLEL_STOPS = 32
+# Settings of nodes sharing one trio loop (and one GIL), under the cluster's own: every
+# node's handshakes run there. py-libp2p's aim of 175 connections had every node of a
+# cluster under 176 dial every other at start (780 handshakes at 40 nodes, p90 4.7-6.0 s,
+# 57-91 s to settle); a dozen each still joins every node to the gossip mesh
+# (specs/sim.md, "Threads mode at tens of nodes"). A handshake waits its turn behind the
+# others' on the loop, so dials and handshakes get three times a real node's 5 s.
+SHARED_LOOP_SETTINGS: dict[str, Any] = {
+    "connection_aim": 12,
+    "dial_timeout_s": 15.0,
+    "handshake_timeout_s": 15.0,
+}
 
 
 def shared_process_heartbeat_budget(
@@ -110,11 +121,12 @@ class LocalCluster:
 
         Start-up is over when every node's peers table holds every other node
         (so none is still in a newcomer's fast heartbeats), every node holds as
-        many connections as its connection manager wants (``min_connections``,
-        or every other node in a smaller cluster: it dials the peers whose
-        heartbeats named their addresses, in waves about 10 s apart, each dial
-        a Noise handshake), and no count has changed for ``quiet_s``. A burst
-        of dials or fast heartbeats would load whatever is measured next.
+        many connections as its connection manager aims at (``aimed_connections``,
+        counted as it counts them: ``connection_count``), or one with every other
+        node in a smaller cluster (it dials the peers whose heartbeats named their
+        addresses, in waves about 10 s apart, each dial a Noise handshake), and no
+        count has changed for ``quiet_s``. A burst of dials or fast heartbeats
+        would load whatever is measured next.
         """
         deadline = time.monotonic() + timeout
         last: list[int] | None = None
@@ -125,8 +137,9 @@ class LocalCluster:
             tables = all(len(n.peer_table.alive()) >= others for n, _ in running)
             counts = [len(transport.peers()) for _, transport in running]
             wanted = all(
-                count >= min(n.network_settings.min_connections, others)
-                for (n, _), count in zip(running, counts, strict=True)
+                count >= others
+                or transport.connection_count() >= n.network_settings.aimed_connections()
+                for (n, transport), count in zip(running, counts, strict=True)
             )
             if counts != last:
                 last, quiet_since = counts, time.monotonic()
@@ -164,7 +177,8 @@ class LocalCluster:
             self._loop = None
 
     def _start(self, name: str, identity: Identity, bootstrap: list[str]) -> Node:
-        overrides = {**self.settings, **self._overrides.get(name, {})}
+        shared = SHARED_LOOP_SETTINGS if self._shared else {}
+        overrides = {**shared, **self.settings, **self._overrides.get(name, {})}
         settings = load_settings(home=self.root / name, api_port=0, **overrides)
         network: NetworkSettings = network_settings(
             settings, listen=[LOOPBACK_LISTEN], bootstrap=bootstrap

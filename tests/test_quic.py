@@ -310,7 +310,8 @@ def test_the_quic_timeouts_stay_py_libp2ps_when_the_reset_wake_does_not_apply(
 def test_a_quic_connection_the_swarm_never_finishes_adding_is_closed() -> None:
     """The gate adds an inbound QUIC connection to the swarm within
     ``handshake_timeout_s`` (0.2 s here), as it upgrades a TCP one: one whose start
-    never ends is closed and holds nothing (before: the gate waited on it for good)."""
+    never ends is closed, holds nothing, and is counted ``handshake_timeout`` (before: the
+    gate waited on it for good; then it was closed but counted nothing)."""
     from collections import Counter
 
     import trio
@@ -328,10 +329,11 @@ def test_a_quic_connection_the_swarm_never_finishes_adding_is_closed() -> None:
         async def close(self) -> None:
             self.closed = True
 
+    refusals: Counter[str] = Counter()
     gate = InboundGate(
         Stalling(),
         NetworkSettings(handshake_timeout_s=0.2),
-        Counter(),
+        refusals,
         lambda _p: False,
         lambda _p: None,
     )
@@ -345,3 +347,4 @@ def test_a_quic_connection_the_swarm_never_finishes_adding_is_closed() -> None:
     assert trio.run(admitted), "the gate still waited on the connection at 20 s"
     assert conn.closed
     assert gate.usage()["inbound_connections"][0] == 0
+    assert refusals == {"handshake_timeout": 1}

@@ -136,10 +136,18 @@ class InboundGate:
         try:
             with trio.move_on_after(self.settings.handshake_timeout_s):
                 conn = await self.swarm.add_conn(muxed, direction="inbound")
-            if conn is None:
-                raise TimeoutError(f"not added within {self.settings.handshake_timeout_s:g} s")
         except Exception as exc:
             log.debug("inbound connection from %s failed: %s", ip, exc)
+        else:
+            if conn is None:  # counted and said as a TCP socket's unfinished upgrade is
+                self.refusals[Budget.HANDSHAKE_TIMEOUT] += 1
+                log.info(
+                    "QUIC connection from %s closed: handshake_timeout: not started within "
+                    "%g s (handshake_timeout_s)",
+                    ip,
+                    self.settings.handshake_timeout_s,
+                )
+        if conn is None:
             with contextlib.suppress(Exception):
                 await muxed.close()
             return

@@ -509,14 +509,17 @@ def test_connections_a_node_dials_are_capped_and_a_staked_peer_takes_an_unknown_
     unknown = [BarePeer(away) for _ in range(3)]
     staked = BarePeer(away)
     try:
-        for peer in [*unknown, staked]:
+        # Each taught just before its ping: the auto-connector (every 10 s) dials every
+        # peer it has addresses of, and could take a slot meant for another.
+        for peer in unknown[:2]:
             teach(victim, peer)
-        victim.transport.ping(unknown[0].peer_id)
-        victim.transport.ping(unknown[1].peer_id)
+            victim.transport.ping(peer.peer_id)
+        teach(victim, unknown[2])
         with pytest.raises(NetworkError, match="outbound_full"):
             victim.transport.ping(unknown[2].peer_id)
         assert refusals(victim, Budget.OUTBOUND_FULL) >= 1
         victim.transport.stake = lambda peer_id: peer_id == staked.peer_id
+        teach(victim, staked)
         victim.transport.ping(staked.peer_id)
         assert refusals(victim, Budget.OUTBOUND_EVICTED) == 1
         wait_for(

@@ -446,7 +446,12 @@ def start_threads(count: int, args: argparse.Namespace, stack: contextlib.ExitSt
     # All N nodes share this one process (and its GIL): see shared_process_heartbeat_budget.
     budget = shared_process_heartbeat_budget(count, args.heartbeat_budget)
     root = homes(stack)
-    c = stack.enter_context(LocalCluster(root, heartbeat_s=2.0, heartbeat_budget_per_s=budget))
+    # Every node aims at every other (a LocalCluster's own aim is 12): bid requests find
+    # a connection open, as they did before that aim; what is measured is placement.
+    full_mesh = {"connection_aim": max(1, count - 1)}
+    c = stack.enter_context(
+        LocalCluster(root, heartbeat_s=2.0, heartbeat_budget_per_s=budget, **full_mesh)
+    )
     say(f"starting {count} nodes")
     nodes = c.start(count)
     c.wait_linked(timeout=120)

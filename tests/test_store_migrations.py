@@ -94,6 +94,10 @@ def _schema(conn: Connection) -> dict[str, Any]:
         ("sqlite://", IN_MEMORY),
         ("sqlite:///:memory:", IN_MEMORY),
         ("sqlite:///file:shared?mode=memory&cache=shared&uri=true", IN_MEMORY),
+        ("sqlite:///file::memory:?uri=true", IN_MEMORY),  # SQLite's own URI for one
+        # without uri=true pysqlite drops the query and opens the file named: a file
+        ("sqlite:///file:x?mode=memory", "sqlite3 file:x"),
+        ("sqlite:///memory", "sqlite3 memory"),
     ],
 )  # fmt: skip
 def test_the_damage_messages_client_never_shows_a_password(url: str, command: str) -> None:

@@ -6,6 +6,7 @@ import shlex
 
 from sqlalchemy import URL
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.util import asbool
 
 from dms.backoff import Backoff
 from dms.errors import DmsError
@@ -42,6 +43,19 @@ SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
 IN_MEMORY = "SQLite in memory: no file to open, only this process reaches it"
 
 
+def sqlite_in_memory(url: URL) -> bool:
+    """Whether pysqlite opens the SQLite database at ``url`` in memory: no database
+    (``sqlite://``), ``:memory:``, or with ``uri=true`` a ``file:`` URI whose path is
+    ``:memory:`` or whose ``mode`` is ``memory``. Without ``uri=true`` the driver drops
+    the query, ``mode=memory`` with it, and opens the file named (``file:x``)."""
+    database = url.database or ""
+    if database in ("", ":memory:"):
+        return True
+    if not asbool(url.query.get("uri", False)) or not database.startswith("file:"):
+        return False  # a file name, not a URI (SQLite reads only file: ones as URIs)
+    return url.query.get("mode") == "memory" or database == "file::memory:"
+
+
 def client_command(url: URL) -> str:
     """The command that opens the database at ``url`` for a person to correct a row the
     store cannot read: ``sqlite3 FILE``, ``psql URL`` (its password left out, after
@@ -52,10 +66,9 @@ def client_command(url: URL) -> str:
     has no file a client could open: :data:`IN_MEMORY` (it was ``sqlite3 ''``)."""
     backend = url.get_backend_name()
     if backend == "sqlite":
-        database = url.database or ""
-        if database in ("", ":memory:") or url.query.get("mode") == "memory":
+        if sqlite_in_memory(url):
             return IN_MEMORY
-        return f"sqlite3 {shlex.quote(database)}"
+        return f"sqlite3 {shlex.quote(url.database or '')}"
     query = {k: v for k, v in url.query.items() if k not in SECRET_PARAMETERS}
     plain = URL.create(backend, url.username, None, url.host, url.port, url.database, query)
     shown = shlex.quote(plain.render_as_string(hide_password=False))

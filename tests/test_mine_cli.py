@@ -238,6 +238,9 @@ def test_without_a_running_node_placement_says_how_to_start_one(
         ("1e9", "error: --timeout must be at most 604800 seconds (7 days), the node's limit"),
         ("0", "error: --timeout must be at least 1 second"),
         ("-5", "error: --timeout must be at least 1 second"),
+        # float() reads both; typer's min=1 let them through to "no node is running"
+        ("inf", "error: --timeout must be at most 604800 seconds (7 days), the node's limit"),
+        ("nan", "error: --timeout must be at least 1 second"),
         ("604800", "error: no node is running for"),  # the limit itself is taken
     ],
 )

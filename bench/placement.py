@@ -85,6 +85,7 @@ import psutil
 
 from dms.actor import ROOT_INBOX, Address, Handle
 from dms.jobs.spec import DeploymentSpec
+from dms.network.settings import NetworkSettings
 from dms.node.allocator import freeze_start_heap
 from dms.node.daemon import Node
 from dms.orchestrator.states import DEPLOYMENT
@@ -448,7 +449,8 @@ def start_threads(count: int, args: argparse.Namespace, stack: contextlib.ExitSt
     root = homes(stack)
     # Every node aims at every other (a LocalCluster's own aim is 12): bid requests find
     # a connection open, as they did before that aim; what is measured is placement.
-    full_mesh = {"connection_aim": max(1, count - 1)}
+    # At most max_connections (300), the setting's own bound.
+    full_mesh = {"connection_aim": max(1, min(count - 1, NetworkSettings().max_connections))}
     c = stack.enter_context(
         LocalCluster(root, heartbeat_s=2.0, heartbeat_budget_per_s=budget, **full_mesh)
     )

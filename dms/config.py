@@ -433,9 +433,11 @@ class Settings(BaseSettings):
     connection_aim: int | None = Field(
         default=None,
         ge=1,
+        # NetworkSettings.max_connections, the high watermark: past it an aim was cut to it
+        le=300,
         description="connections the node dials the peers it knows until it holds, inbound "
-        "ones counted; unset: py-libp2p's aim, 175 (midway between its 50 and 300). Nodes "
-        "sharing one process's loop (dms sim's threads mode) aim at 12",
+        "ones counted; unset: py-libp2p's aim, 175 (midway between its 50 and 300), at "
+        "most 300. Nodes sharing one process's loop (dms sim's threads mode) aim at 12",
     )
     reconnect_interval_s: float = Field(
         default=10.0,

@@ -9,7 +9,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dms.config import load_settings
+import pytest
+
+from dms.config import ConfigError, Settings, load_settings
+from dms.network.settings import NetworkSettings
 from dms.node.daemon import Node, network_settings
 from dms.sim.cluster import LocalCluster
 from tests.conftest import wait_for
@@ -70,3 +73,14 @@ def test_a_node_of_its_own_keeps_py_libp2ps_aim(tmp_path: Path) -> None:
     assert (real.connection_aim, real.aimed_connections()) == (None, 175)
     mine = network_settings(load_settings(home=tmp_path / "mine", connection_aim=30))
     assert mine.connection_watermarks() == (30, 30, 30) and mine.aimed_connections() == 30
+
+
+def test_an_aim_past_the_most_connections_is_refused(tmp_path: Path) -> None:
+    """An aim past ``max_connections`` (py-libp2p's high watermark, 300) was taken, shown
+    by ``dms config show``, and cut to 300 without a word when the node started."""
+    most = NetworkSettings().max_connections
+    assert load_settings(home=tmp_path, connection_aim=most).connection_aim == most
+    with pytest.raises(ConfigError, match=r"connection_aim.*less than or equal to 300"):
+        load_settings(home=tmp_path, connection_aim=most + 1)
+    bound = Settings.model_fields["connection_aim"].metadata
+    assert [m.le for m in bound if hasattr(m, "le")] == [most]  # one limit, the node's

@@ -9,6 +9,11 @@ stopped reading were neither read nor reported.
 
 from __future__ import annotations
 
+import fcntl
+import select
+import socket
+import struct
+import termios
 import threading
 import time
 from typing import Any
@@ -31,6 +36,8 @@ PAUSE_S = 0.005
 PADDING = b"." * 512
 BIG_FRAMES = 200
 BIG = b"." * 64 * 1024
+# A send buffer (the kernel doubles it) far smaller than a Yamux stream's window.
+SMALL_SNDBUF = 8 * 1024
 
 
 def transport(receiver: Any = None, undeliverable: Any = None) -> Libp2pTransport:
@@ -48,6 +55,19 @@ def transport(receiver: Any = None, undeliverable: Any = None) -> Libp2pTranspor
     t = Libp2pTransport(Identity.generate(), s)
     t.start(receiver or (lambda frame, from_peer, *, signature_checked=False: None), undeliverable)
     return t
+
+
+def send_held(fd: int, settle_s: float = 0.2) -> bool:
+    """The socket ``fd`` takes nothing more: not writable, and its send queue (the
+    bytes its peer has not acknowledged, ``SIOCOUTQ``) unchanged ``settle_s`` on. A
+    send that had more to write waits on it, in trio's ``wait_writable``."""
+    queued = fcntl.ioctl(fd, termios.TIOCOUTQ, struct.pack("i", 0))
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if poller.poll(0):
+        return False
+    time.sleep(settle_s)
+    return not poller.poll(0) and fcntl.ioctl(fd, termios.TIOCOUTQ, queued) == queued
 
 
 def number(frame: bytes) -> int:
@@ -167,12 +187,19 @@ def test_a_host_whose_peer_stopped_reading_stops(
     try:
         sender.send(reader.peer_id, b"0:%s" % PADDING)
         assert deaf.holding.wait(60), "the reader read no frame"
+        outbound = sender._outbound[reader.peer_id]
+        sock = outbound.stream.muxed_conn.secured_conn.conn.read_writer.read_write_closer
+        sock = sock.stream.stream.socket
+        # The kernel grows a socket's send buffer up to 4 MiB, past the stream's Yamux
+        # window (256 KiB): the writer then waited on the window, not the socket, and
+        # stop() cancelled it there. A small fixed buffer fills first.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_SNDBUF)
         # More than the peer's window and the sockets' buffers take.
         for n in range(1, BIG_FRAMES):
             sender.send(reader.peer_id, b"%d:%s" % (n, BIG))
-        outbound = sender._outbound[reader.peer_id]
-        # The writer took frames: its write waits on the full socket.
-        wait_for(lambda: len(outbound.outbox) < BIG_FRAMES - 1, 60, "the writer to take frames")
+        # The writer's send waits on the full socket (the send queue unchanged,
+        # the socket not writable): a cancel no longer ends it.
+        wait_for(lambda: send_held(sock.fileno()), 60, "the writer's send held by the socket")
         assert raised_by(sender.stop, 60, "stop() to return") is None
         wait_for(sender._done.is_set, 60, "the host to stop")
     finally:

@@ -19,9 +19,12 @@ import time
 from typing import Any
 
 import pytest
+from libp2p.io.trio import TrioTCPStream
 
 from dms.actor.codes import Unreachable
 from dms.network.host import Libp2pTransport
+from dms.network.loop import NetworkError
+from dms.network.relay import is_relayed
 from dms.network.settings import NetworkSettings
 from dms.security.identity import Identity
 from tests.conftest import raised_by, wait_for
@@ -40,17 +43,18 @@ BIG = b"." * 64 * 1024
 SMALL_SNDBUF = 8 * 1024
 
 
-def transport(receiver: Any = None, undeliverable: Any = None) -> Libp2pTransport:
+def transport(receiver: Any = None, undeliverable: Any = None, **more: Any) -> Libp2pTransport:
     # No frame budget in the way: every frame read is delivered, none refused.
+    settings: dict[str, Any] = {"reachability": "public", **more}
     s = NetworkSettings(
         listen=["/ip4/127.0.0.1/tcp/0"],
         dht=False,
-        reachability="public",
         hole_punching=False,
         max_frames_per_s=1e9,
         frame_burst=10**9,
         max_unknown_frames_per_s=1e9,
         unknown_frame_burst=10**9,
+        **settings,
     )
     t = Libp2pTransport(Identity.generate(), s)
     t.start(receiver or (lambda frame, from_peer, *, signature_checked=False: None), undeliverable)
@@ -204,3 +208,66 @@ def test_a_host_whose_peer_stopped_reading_stops(
         wait_for(sender._done.is_set, 60, "the host to stop")
     finally:
         deaf.hold.set()
+
+
+def test_a_host_whose_relayed_peer_stopped_reading_stops(
+    started: list[Libp2pTransport], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same through a relay: the writer's send waits for the window of the sender's
+    stream to the relay (the relay forwards nothing more to a peer that reads nothing),
+    in the shielded Noise send. Its connection has no socket of its own to close: it was
+    never cut, and the host never stopped (30 s with the real limit). Its stream to the
+    relay is reset instead: the host stops, its connection to the relay kept to the
+    end (other circuits may share it)."""
+    from libp2p.stream_muxer.yamux import yamux
+
+    from dms.network.libp2p_patches import noise as patches_noise
+
+    monkeypatch.setattr(patches_noise, "NOISE_SEND_LIMIT_S", 3600.0)
+    relay = transport()
+    started.append(relay)
+    deaf = Deaf()
+    reader = transport(deaf, reachability="private", bootstrap=relay.addrs())
+    started.append(reader)
+    wait_for(lambda: [a for a in reader.addrs() if is_relayed(a)], 60, "a reservation")
+    sender = transport()
+    started.append(sender)
+    sender.learn_addrs(reader.peer_id, [a for a in reader.addrs() if is_relayed(a)])
+    try:
+        wait_for(lambda: pinged(sender, reader.peer_id), 60, "a ping through the relay")
+        # The circuit's streams to the relay are open; the stream the frames go on,
+        # opened next, gets a window larger than the two relay streams' together: the
+        # sender's stream to the relay is the one that runs out.
+        monkeypatch.setattr(yamux, "DEFAULT_WINDOW_SIZE", 64 * 1024 * 1024)
+        sender.send(reader.peer_id, b"0:%s" % PADDING)
+        assert deaf.holding.wait(60), "the reader read no frame"
+        outbound = sender._outbound[reader.peer_id]
+        raw = outbound.stream.muxed_conn.secured_conn.conn.read_writer.read_write_closer
+        to_relay = getattr(raw, "_wrapped", raw).stream
+        assert not isinstance(to_relay, TrioTCPStream), "not relayed"
+        for n in range(1, BIG_FRAMES):
+            sender.send(reader.peer_id, b"%d:%s" % (n, BIG))
+        wait_for(
+            lambda: window_shut(to_relay.muxed_stream),
+            60,
+            "the writer's send held by the window to the relay",
+        )
+        assert raised_by(sender.stop, 60, "stop() to return") is None
+        wait_for(sender._done.is_set, 60, "the host to stop")
+    finally:
+        deaf.hold.set()
+
+
+def pinged(t: Libp2pTransport, peer_id: str) -> bool:
+    try:
+        return t.ping(peer_id) > 0
+    except NetworkError:
+        return False
+
+
+def window_shut(muxed_stream: Any, settle_s: float = 0.2) -> bool:
+    """The Yamux stream grants no window, and ``settle_s`` on still none."""
+    if muxed_stream.send_window > 0:
+        return False
+    time.sleep(settle_s)
+    return muxed_stream.send_window == 0

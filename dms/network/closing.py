@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import trio
+from libp2p.io.trio import TrioTCPStream
 
 log = logging.getLogger(__name__)
 
@@ -99,25 +100,42 @@ async def close_connections(swarm: Any) -> None:
 
 
 async def _cut_sockets_after(conns: list[Any], grace_s: float) -> None:
-    """Close the socket of each of ``conns`` still open ``grace_s`` from now: a send
-    blocked on it (its peer reads nothing) then fails at once, and its close goes on."""
+    """Cut each of ``conns`` still open ``grace_s`` from now (``cut``, side by side): a
+    send blocked on it (its peer reads nothing) then ends at once, and its close goes
+    on."""
     await trio.sleep(grace_s)
-    for conn in conns:
-        if conn.event_closed.is_set() and conn.muxed_conn.is_closed:
-            continue
-        if cut_socket(conn.muxed_conn):
-            log.info("a connection's socket closed: its close waited on a send")
+    async with trio.open_nursery() as nursery:
+        for conn in conns:
+            if not (conn.event_closed.is_set() and conn.muxed_conn.is_closed):
+                nursery.start_soon(_cut_logged, conn.muxed_conn)
 
 
-def cut_socket(muxed_conn: Any) -> bool:
-    """Close the TCP socket under ``muxed_conn`` (a Yamux connection over Noise): a
-    send blocked on it, shielded or not, ends at once. False if it has none (QUIC)."""
+async def _cut_logged(muxed_conn: Any) -> None:
+    if await cut(muxed_conn):
+        log.info("a connection cut: its close waited on a send")
+
+
+async def cut(muxed_conn: Any) -> bool:
+    """End every send held on ``muxed_conn`` (a Yamux connection over Noise), shielded
+    or not, at once. Direct, its TCP socket is closed. Relayed, the stream to the relay
+    it runs over is reset (a send held there waits for that stream's Yamux window, and
+    a reset ends the wait); the relay's own connection, which other circuits share, is
+    left. False if there is neither (QUIC)."""
     try:
         raw = muxed_conn.secured_conn.conn.read_writer.read_write_closer
-        raw.stream.stream.socket.close()
-    except Exception:
+    except AttributeError:
         return False
-    return True
+    under = getattr(getattr(raw, "_wrapped", raw), "stream", None)  # a tracked circuit's
+    if isinstance(under, TrioTCPStream):
+        with contextlib.suppress(Exception):
+            under.stream.socket.close()
+        return True
+    reset = getattr(under, "reset", None)  # a stream to the relay (metered or not)
+    if callable(reset):
+        with contextlib.suppress(Exception):
+            await reset()
+        return True
+    return False
 
 
 def _no_dial() -> None:

@@ -26,7 +26,7 @@ from libp2p.custom_types import TProtocol
 from dms.actor.codes import ErrorCode, Unreachable
 from dms.actor.transport import Undeliverable
 from dms.network.budgets import Budget
-from dms.network.closing import CLOSE_GRACE_S, cut_socket
+from dms.network.closing import CLOSE_GRACE_S, cut
 from dms.network.discovery import Discovery, peer_id_of
 from dms.network.frames import PREFIX, encode_frame
 from dms.network.loop import NetworkError, why
@@ -376,7 +376,7 @@ class Sending(Discovery):
                             break
                         finally:
                             stall.deadline = math.inf
-                        if outbound.cut:  # a write on a cut socket returns, unsent
+                        if outbound.cut:  # a write on a cut connection returns, unsent
                             self._writer_stopped(outbound, batch)
                             return
                         batch = []
@@ -390,7 +390,9 @@ class Sending(Discovery):
                     f"{outbound.peer_id} read nothing for "
                     f"{self.settings.stream_idle_s:g} s (write_stalled)"
                 )
-            if failed is not None:
+            if failed is not None and outbound.cut:  # or fails (a relay stream reset)
+                self._writer_stopped(outbound, batch)
+            elif failed is not None:
                 self._write_failed(outbound, batch, failed)
         except trio.Cancelled:
             # The host stops (only its stop cancels its nursery).
@@ -434,12 +436,21 @@ class Sending(Discovery):
         ``held`` by its peer (its writer, or its stream's close, waits on a send the peer
         never takes: the socket full, a Noise message sent shielded up to
         ``NOISE_SEND_LIMIT_S``, which no deadline of the caller's ends) has its
-        connection's socket closed: the send ends at once, and the stop goes on."""
+        connection cut (``closing.cut``: its socket closed, or a relayed one's stream to
+        the relay reset): the send ends at once, and the stop goes on."""
         await trio.sleep(CLOSE_GRACE_S)
-        for outbound in outbounds:
-            if held(outbound) and cut_socket(outbound.stream.muxed_conn):
-                outbound.cut = True
-                log.info("stream to %s held the stop: its socket closed", outbound.peer_id)
+        async with trio.open_nursery() as nursery:
+            for outbound in outbounds:
+                if held(outbound):
+                    nursery.start_soon(self._cut, outbound)
+
+    async def _cut(self, outbound: _Outbound) -> None:
+        # Marked first: the send it ends returns (or fails) before ``cut`` does.
+        outbound.cut = True
+        if await cut(outbound.stream.muxed_conn):
+            log.info("stream to %s held the stop: its connection cut", outbound.peer_id)
+        else:
+            outbound.cut = False
 
     async def _close_streams(self) -> None:
         """The host stops, its writers ended: every outbound stream closed, side by

@@ -213,6 +213,10 @@ class _MeteredStream:
         self._circuits.end(self._circuit)
         await self._stream.close()
 
+    async def reset(self) -> None:
+        self._circuits.end(self._circuit)
+        await self._stream.reset()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 # A host's goodbye, all of it: connections, listeners, transports.
 CLOSE_TIMEOUT_S = 5.0
-# A connection still closing this long into its host's close has its socket closed:
+# A connection still closing this long into its host's close is cut (its socket
+# closed; a relayed one's stream to its relay reset):
 # its goodbye waits behind a send its peer never takes (a Noise message is sent
 # shielded, up to NOISE_SEND_LIMIT_S), and a closed socket ends that send at once.
 CLOSE_GRACE_S = 2.0

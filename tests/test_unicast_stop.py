@@ -23,6 +23,7 @@ import pytest
 from libp2p.io.trio import TrioTCPStream
 
 from dms.actor.codes import Unreachable
+from dms.network import outbound as outbound_module
 from dms.network.host import Libp2pTransport
 from dms.network.loop import NetworkError
 from dms.network.relay import is_relayed
@@ -247,6 +248,19 @@ def test_a_host_whose_relayed_peer_stopped_reading_stops(
         raw = outbound.stream.muxed_conn.secured_conn.conn.read_writer.read_write_closer
         to_relay = getattr(raw, "_wrapped", raw).stream
         assert not isinstance(to_relay, TrioTCPStream), "not relayed"
+        # The sender's own connection to the relay, which the cut must leave open.
+        relay_raw = to_relay.muxed_stream.muxed_conn.secured_conn.conn.read_writer
+        relay_tcp = getattr(relay_raw.read_write_closer, "_wrapped", relay_raw.read_write_closer)
+        relay_socket = relay_tcp.stream.stream.socket  # as closing.cut finds it
+        kept: list[bool] = []  # after each cut of a held send: the relay's socket open
+        real_cut = outbound_module.cut
+
+        async def cut_and_look(muxed_conn: Any) -> bool:
+            done = await real_cut(muxed_conn)
+            kept.append(relay_socket.fileno() != -1)
+            return done
+
+        monkeypatch.setattr(outbound_module, "cut", cut_and_look)
         for n in range(1, BIG_FRAMES):
             sender.send(reader.peer_id, b"%d:%s" % (n, BIG))
         wait_for(
@@ -256,6 +270,7 @@ def test_a_host_whose_relayed_peer_stopped_reading_stops(
         )
         assert raised_by(sender.stop, 60, "stop() to return") is None
         wait_for(sender._done.is_set, 60, "the host to stop")
+        assert kept and all(kept), kept  # cut, and the relay's connection kept through it
     finally:
         deaf.hold.set()
 

@@ -52,7 +52,7 @@ import math
 from typing import Any
 
 from dms.network.libp2p_patches import yamux
-from dms.network.libp2p_patches.source import shipped_source
+from dms.network.libp2p_patches.source import all_shipped
 
 log = logging.getLogger("dms.network")
 
@@ -87,12 +87,11 @@ def resets_wake_the_streams_waiters() -> bool:
     reset = QUICStream.reset
     if getattr(reset, "dms_wakes", False):
         return True
-    shipped = (
+    if not all_shipped(
         (reset, RESET_SHA256),
         (QUICStream.read, READ_SHA256),
         (QUICStream.write, WRITE_SHA256),
-    )
-    if any(shipped_source(fn, sha256) is None for fn, sha256 in shipped):
+    ):
         log.info(
             "py-libp2p's QUIC stream changed shape; a reset of the node's own wakes no "
             "read or write, which give up after py-libp2p's timeouts"
@@ -126,13 +125,12 @@ def overflows_reset_the_stream() -> bool:
     data = QUICConnection._handle_stream_data
     batch = QUICConnection._handle_stream_data_batch
     reset = QUICConnection._handle_stream_reset
-    shipped = (
+    if not all_shipped(
         (handle, HANDLE_DATA_RECEIVED_SHA256),
         (data, HANDLE_STREAM_DATA_SHA256),
         (batch, HANDLE_STREAM_DATA_BATCH_SHA256),
         (reset, HANDLE_STREAM_RESET_SHA256),
-    )
-    if any(shipped_source(fn, sha256) is None for fn, sha256 in shipped):
+    ):
         log.info(
             "py-libp2p's QUIC stream changed shape; a chunk past its receive buffer is "
             "left to it (0.8.1 dropped it)"

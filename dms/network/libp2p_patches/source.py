@@ -17,3 +17,9 @@ def shipped_source(fn: Any, sha256: str) -> str | None:
     except (AttributeError, OSError, TypeError):
         return None
     return source if hashlib.sha256(source.encode()).hexdigest() == sha256 else None
+
+
+def all_shipped(*sources: tuple[Any, str]) -> bool:
+    """Whether every ``(fn, sha256)`` pair's source is the one its patch was written
+    against (``shipped_source``)."""
+    return all(shipped_source(fn, sha256) is not None for fn, sha256 in sources)

@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from dms.network.libp2p_patches.source import shipped_source
+from dms.network.libp2p_patches.source import all_shipped
 
 log = logging.getLogger("dms.network")
 
@@ -122,10 +122,7 @@ def flush_pending_messages_once_writable() -> bool:
     flush = getattr(GossipSub, "flush_pending_messages", None)
     if getattr(flush, "dms_waits_for_stream", False):
         return True  # applied already (its own wrapper is no source it knows)
-    shaped = (
-        shipped_source(flush, FLUSH_SHA256) is not None
-        and shipped_source(Pubsub._handle_new_peer, HANDLE_NEW_PEER_SHA256) is not None
-    )
+    shaped = all_shipped((flush, FLUSH_SHA256), (Pubsub._handle_new_peer, HANDLE_NEW_PEER_SHA256))
     if flush is None or not shaped:
         log.info("py-libp2p's pending gossip flush changed shape; it is left as it is")
         return False
